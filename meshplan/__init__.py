@@ -1,0 +1,1 @@
+"""meshplan: plan, simulate and run parallel training of large transformers."""
