@@ -12,10 +12,11 @@ from pathlib import Path
 
 from meshplan.errors import PlanError
 from simulator.model_spec import ModelSpec, load_model
-from simulator.plan import AXES, DTYPES, RECOMPUTE, SCHEDULES, Cluster, Plan, load_plan
+from simulator.plan import ATTENTION, AXES, DTYPES, RECOMPUTE, SCHEDULES, Cluster, Plan, load_plan
 
 PLAN_FLAGS = ("dp", "tp", "pp", "cp", "sp", "zero", "recompute", "micro_batch", "global_batch",
-              "seq_len", "schedule", "virtual_stages", "dtype", "placement", "layer_partition")
+              "seq_len", "schedule", "virtual_stages", "dtype", "attention", "placement",
+              "layer_partition")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +49,7 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule")
     g.add_argument("--virtual-stages", type=int, help="model chunks per pipeline rank (interleaved)")
     g.add_argument("--dtype", choices=DTYPES, help="compute dtype (mixed precision, fp32 master)")
+    g.add_argument("--attention", choices=ATTENTION, help="attention kernel (default flash)")
     g.add_argument("--placement", help=f"rank order innermost-first, default {','.join(AXES)}")
     g.add_argument("--layer-partition", help="layers per (virtual) stage, comma separated")
 

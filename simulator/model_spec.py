@@ -35,6 +35,7 @@ class ModelSpec:
     position_embedding: str = "rope"
     tied_embeddings: bool = False
     bias: bool = False
+    dropout: bool = False
 
     def __post_init__(self):
         for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
@@ -115,7 +116,7 @@ def _llama(name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied=False) -
 def _gpt(name, layers, hidden, heads, vocab=51200, seq=2048) -> ModelSpec:
     return ModelSpec(name, layers, hidden, heads, heads, 4 * hidden, vocab, seq, gated_mlp=False,
                      activation="gelu", norm="layernorm", position_embedding="learned",
-                     tied_embeddings=True, bias=True)
+                     tied_embeddings=True, bias=True, dropout=True)
 
 
 # Sizes: GPT-3 from Brown et al. 2020 Table 2.1; Llama 2 from Touvron et al. 2023 and the
@@ -195,7 +196,8 @@ def from_hf_config(config: dict, name: str = "custom", source: str = "config") -
             gated_mlp=True, activation="gelu" if act.startswith("gelu") else "silu",
             norm="rmsnorm", position_embedding="rope",
             tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-            bias=bool(config.get("attention_bias", False)))
+            bias=bool(config.get("attention_bias", False)),
+            dropout=float(config.get("attention_dropout") or 0) > 0)
     if _GPT2_KEYS <= set(config):
         _check_keys(config, source, _GPT2_KEYS)
         hidden = _require_int(config, "n_embd", source)
@@ -207,7 +209,8 @@ def from_hf_config(config: dict, name: str = "custom", source: str = "config") -
             ffn_hidden_size=inner if inner is not None else 4 * hidden,  # n_inner null means 4*n_embd
             vocab_size=_require_int(config, "vocab_size", source),
             max_seq_len=config.get("n_positions") or 1024, gated_mlp=False, activation="gelu",
-            norm="layernorm", position_embedding="learned", tied_embeddings=True, bias=True)
+            norm="layernorm", position_embedding="learned", tied_embeddings=True, bias=True,
+            dropout=any(float(config.get(k) or 0) > 0 for k in ("resid_pdrop", "attn_pdrop")))
     missing = sorted(_LLAMA_KEYS - set(config)) if "hidden_size" in config else sorted(
         _GPT2_KEYS - set(config))
     raise ModelError(f"{source}:{missing[0]}", "missing key",

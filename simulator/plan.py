@@ -17,6 +17,9 @@ from simulator.model_spec import ModelSpec
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16", "fp16")
+# flash: fused attention, no s^2 tensors kept (Dao 2022); naive: explicit scores and softmax
+# as in Korthikanti et al. 2022 Table 2.
+ATTENTION = ("flash", "naive")
 AXES = ("tp", "cp", "dp", "pp")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -62,6 +65,7 @@ class Plan:
     virtual_stages: int = 1
     layer_partition: tuple[int, ...] | None = None
     dtype: str = "bf16"
+    attention: str = "flash"
     placement: tuple[str, ...] = AXES
 
     def __post_init__(self):
@@ -78,6 +82,8 @@ class Plan:
             (self.schedule in SCHEDULES, "schedule", f"unknown {self.schedule!r}",
              f"use one of {', '.join(SCHEDULES)}"),
             (self.dtype in DTYPES, "dtype", f"unknown {self.dtype!r}", f"use one of {', '.join(DTYPES)}"),
+            (self.attention in ATTENTION, "attention", f"unknown {self.attention!r}",
+             f"use one of {', '.join(ATTENTION)}"),
             (sorted(self.placement) == sorted(AXES), "placement", f"{self.placement!r} is not an "
              "order of tp, cp, dp, pp", "list each of tp, cp, dp, pp once, innermost first"),
             (not self.sp or self.tp > 1, "sp", "sequence parallel needs tensor parallel",

@@ -1,0 +1,86 @@
+"""Per-device memory: weights, gradients, optimizer states (ZeRO), activations, buffers.
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models") sec 4, generalised to GQA, gated MLPs, no-dropout models and fused
+(flash) attention; for a GPT layer with dropout and naive attention they reduce exactly to
+Table 2 (tests check each row).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulator.model_spec import ModelSpec
+from simulator.ops import Shard
+
+# Mixed-precision Adam: fp32 master weights + two fp32 moments = 12 bytes/param
+# (Rajbhandari et al. 2020, ZeRO sec 3.1, K = 12); with fp32 training the master copy is
+# the weight itself, so 8 bytes.
+OPTIMIZER_BYTES_PER_PARAM = {"fp32": 8, "bf16": 12, "fp16": 12}
+# Bytes a mixed-precision Adam step reads and writes per parameter of its shard: grad (2),
+# master, m, v read and written (24), the low-precision weight copy written (2).
+ADAM_STEP_BYTES_PER_PARAM = {"fp32": 28, "bf16": 28, "fp16": 28}
+
+
+def layer_activation_bytes(model: ModelSpec, shard: Shard, recompute: str) -> float:
+    """Bytes one layer keeps for backward, for one micro-batch, on one device.
+
+    Terms of Korthikanti et al. sec 4.1 (2 bytes per element, 1 per dropout mask), each
+    sharded over TP where Megatron shards it, and over TP too with sequence parallelism."""
+    d, h, hd = shard.dtype_bytes, model.hidden_size, model.head_dim
+    t, tok, ntok = shard.tp, shard.tokens, shard.norm_tokens
+    if recompute == "full":
+        return d * ntok * h  # only the layer input is kept (sec 4.3: 2sbh, /t with SP)
+    mask = 1 if model.dropout else 0
+    heads, kv_heads = model.num_heads // t, model.num_kv_heads // t
+    ffn = model.ffn_hidden_size // t
+    gated = 2 if model.gated_mlp else 1
+    # Replicated (or SP-sharded) region: 2 norm inputs, QKV input, MLP input, 2 dropout masks.
+    replicated = (d * 4 + mask * 2) * ntok * h
+    # TP-sharded: Q and K (for QK^T), V, attention output (out-proj input), MLP act input, down input.
+    sharded = d * tok * ((heads + kv_heads) * hd + kv_heads * hd + heads * hd + (gated + 1) * ffn)
+    if shard.flash:
+        core = 4 * shard.micro_batch * heads * shard.local_seq  # fp32 log-sum-exp per query row
+    else:
+        scores = shard.micro_batch * heads * shard.local_seq * shard.seq_len
+        core = scores * (d + mask + (d if mask else 0))  # softmax out, dropout mask, dropout out
+    if recompute == "selective":
+        core = 0.0  # the attention core is recomputed (sec 4.3)
+    return replicated + sharded + core
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Peak memory of one pipeline stage's device, in bytes."""
+
+    weights_bytes: float
+    gradients_bytes: float
+    optimizer_bytes: float
+    activations_bytes: float
+    buffers_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return (self.weights_bytes + self.gradients_bytes + self.optimizer_bytes
+                + self.activations_bytes + self.buffers_bytes)
+
+    def to_json(self) -> dict:
+        return {"weights": self.weights_bytes, "gradients": self.gradients_bytes,
+                "optimizer": self.optimizer_bytes, "activations": self.activations_bytes,
+                "buffers": self.buffers_bytes, "total": self.total_bytes}
+
+
+def model_state_bytes(params: float, dtype: str, dtype_bytes: int, zero: int,
+                      shard_degree: int) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes of `params` parameters on one device under a
+    ZeRO stage sharded over `shard_degree` ranks (Rajbhandari et al. 2020 sec 5, Fig. 1)."""
+    weights = params * dtype_bytes / (shard_degree if zero >= 3 else 1)
+    grads = params * dtype_bytes / (shard_degree if zero >= 2 else 1)
+    optimizer = params * OPTIMIZER_BYTES_PER_PARAM[dtype] / (shard_degree if zero >= 1 else 1)
+    return weights, grads, optimizer
+
+
+def memory_reserve_bytes(capacity_bytes: float) -> float:
+    """Memory held back from the plan: allocator fragmentation and the runtime's own use
+    (CUDA context, NCCL buffers). We keep 5% of the device plus 1 GiB, in line with the
+    ~1 GiB context and few-percent fragmentation PyTorch's memory docs describe."""
+    return 0.05 * capacity_bytes + 2 ** 30
