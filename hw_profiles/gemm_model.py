@@ -1,0 +1,58 @@
+"""Kernel cost models: GEMMs (roofline with a shape-dependent efficiency) and memory-bound
+operators (latency + bytes / achieved bandwidth). Pure, vectorised with numpy broadcasting."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class GemmFit:
+    """Fitted GEMM parameters of one dtype: launch latency, the efficiency of large GEMMs,
+    the size of each dimension at which it halves, and the achieved fraction of nominal HBM
+    bandwidth when the GEMM is memory-bound."""
+
+    latency_s: float
+    eff_max: float
+    m_half: float
+    n_half: float
+    k_half: float
+    hbm_eff: float
+
+
+@dataclass(frozen=True)
+class MemoryBoundFit:
+    """Fitted memory-bound operator cost: launch latency and achieved fraction of nominal
+    HBM bandwidth."""
+
+    latency_s: float
+    hbm_eff: float
+
+
+def gemm_efficiency(fit: GemmFit, m, n, k):
+    """Fraction of peak FLOP/s reached by one [m,k]@[k,n]: eff_max x prod x/(x + x_half), each
+    factor the tile-occupancy / pipeline-fill loss of a small dimension (our saturating form,
+    chosen over sum-of-overheads and power-law variants by equal-or-lower residuals on Vidur's
+    A100/H100 GEMMs; a smooth stand-in for Calculon's efficiency-by-size tables)."""
+    return fit.eff_max * (m / (m + fit.m_half)) * (n / (n + fit.n_half)) * (k / (k + fit.k_half))
+
+
+def gemm_time_s(fit: GemmFit, m, n, k, batch, peak_flops: float, memory_bytes_per_s: float,
+                dtype_bytes: int):
+    """Time (s) of batch x ([m,k] @ [k,n]): latency + max(compute, memory) (roofline,
+    Williams et al. 2009), compute = 2mnk / (peak x eff), memory = A, B and C each moved once."""
+    m, n, k, batch = (np.asarray(x, dtype=float) for x in (m, n, k, batch))
+    flops = 2.0 * m * n * k * batch
+    moved_bytes = dtype_bytes * (m * k + k * n + m * n) * batch
+    compute_s = flops / (peak_flops * gemm_efficiency(fit, m, n, k))
+    memory_s = moved_bytes / (memory_bytes_per_s * fit.hbm_eff)
+    return fit.latency_s + np.maximum(compute_s, memory_s)
+
+
+def memory_bound_time_s(fit: MemoryBoundFit, num_bytes, memory_bytes_per_s: float):
+    """Time (s) of an operator streaming num_bytes (read + write): latency + bytes / achieved
+    bandwidth (the roofline's memory term, Williams et al. 2009)."""
+    return fit.latency_s + np.asarray(num_bytes, dtype=float) / (memory_bytes_per_s * fit.hbm_eff)

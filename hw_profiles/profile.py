@@ -1,0 +1,229 @@
+"""HardwareProfile: one device type and its node, as data (nominal figures with their
+sources) plus fitted cost curves; JSON round-trip; what-if scaling."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from hw_profiles import collective_model, gemm_model
+from hw_profiles.collective_model import CollectiveFit, Curve, Line
+from hw_profiles.gemm_model import DTYPE_BYTES, GemmFit, MemoryBoundFit
+from meshplan.errors import ProfileError
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DTYPES = tuple(DTYPE_BYTES)
+REGENERATE = ("regenerate it with `python -m hw_profiles.build_stock` or "
+              "hw_profiles.calibrate.fit_profile")
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """A device type in its node. SI units: bytes, seconds, FLOP/s, bytes/s."""
+
+    name: str
+    device_name: str
+    memory_bytes: int                 # device memory capacity
+    peak_flops: dict                  # dense peak FLOP/s per dtype: fp32, tf32, bf16, fp16
+    hbm_bytes_per_s: float            # nominal device-memory bandwidth
+    gpus_per_node: int
+    nics_per_node: int
+    nic_bytes_per_s: float            # nominal, per NIC
+    intra_node_link: str              # "nvswitch", "pcie", "shared-memory", ...
+    gemm: dict                        # dtype -> GemmFit
+    memory_bound: dict                # dtype -> MemoryBoundFit
+    collectives: CollectiveFit
+    sources: tuple = ()               # where each figure came from
+    fit_report: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def _dtype(self, dtype: str) -> str:
+        if dtype not in self.gemm or dtype not in self.peak_flops:
+            raise ProfileError("dtype", f"{dtype!r} is not in profile {self.name!r}",
+                               f"use one of {sorted(self.gemm)}")
+        return dtype
+
+    def gemm_time_s(self, m, n, k, dtype: str, batch=1):
+        """Time (s) of batch x ([m,k] @ [k,n]) in `dtype`; numpy-broadcast over m, n, k, batch."""
+        dtype = self._dtype(dtype)
+        return gemm_model.gemm_time_s(self.gemm[dtype], m, n, k, batch, self.peak_flops[dtype],
+                                      self.hbm_bytes_per_s, DTYPE_BYTES[dtype])
+
+    def memory_bound_time_s(self, num_bytes, dtype: str = "bf16"):
+        """Time (s) of a memory-bound operator moving num_bytes (read + write)."""
+        if dtype not in self.memory_bound:
+            raise ProfileError("dtype", f"{dtype!r} is not in profile {self.name!r}",
+                               f"use one of {sorted(self.memory_bound)}")
+        return gemm_model.memory_bound_time_s(self.memory_bound[dtype], num_bytes,
+                                              self.hbm_bytes_per_s)
+
+    def collective_time_s(self, kind: str, message_bytes, group_size: int, ranks_per_node: int):
+        """Time (s) of one collective; message_bytes in nccl-tests' size convention."""
+        return collective_model.collective_time_s(self.collectives, kind, message_bytes,
+                                                  group_size, ranks_per_node)
+
+    def relative_error_band(self) -> tuple[float, float]:
+        """(median, 95th-percentile) relative residual over all held-out samples."""
+        band = self.fit_report.get("error_band")
+        if not band:
+            raise ProfileError("fit_report.error_band", f"profile {self.name!r} has no fit report",
+                               REGENERATE)
+        return float(band["median"]), float(band["p95"])
+
+    def scaled(self, flops: float = 1.0, hbm_bw: float = 1.0, intra_node_bw: float = 1.0,
+               inter_node_bw: float = 1.0, memory: float = 1.0) -> HardwareProfile:
+        """What-if copy: peak FLOP/s, HBM bandwidth (GEMM memory term and memory-bound ops),
+        intra- and inter-node bus bandwidth and memory capacity multiplied by the factors."""
+        factors = {"flops": flops, "hbm_bw": hbm_bw, "intra_node_bw": intra_node_bw,
+                   "inter_node_bw": inter_node_bw, "memory": memory}
+        changed = {k: v for k, v in factors.items() if v != 1.0}
+        if not changed:
+            return self
+        tag = ",".join(f"{k}={v:g}" for k, v in changed.items())
+        return replace(
+            self, name=f"{self.name}[{tag}]",
+            memory_bytes=int(self.memory_bytes * memory),
+            peak_flops={k: v * flops for k, v in self.peak_flops.items()},
+            hbm_bytes_per_s=self.hbm_bytes_per_s * hbm_bw,
+            nic_bytes_per_s=self.nic_bytes_per_s * inter_node_bw,
+            collectives=self.collectives.scaled(intra_node_bw, inter_node_bw),
+            sources=self.sources + (f"what-if copy of {self.name}: {tag}",),
+            extra={**self.extra, "what_if": changed})
+
+    def to_dict(self) -> dict:
+        def curve(c: Curve) -> dict:
+            return {"small": asdict(c.small), "large": asdict(c.large), "source": c.source}
+
+        def table(t: dict) -> dict:
+            return {kind: {str(n): curve(c) for n, c in sorted(by_n.items())}
+                    for kind, by_n in t.items()}
+        return {
+            "name": self.name, "device_name": self.device_name, "memory_bytes": self.memory_bytes,
+            "peak_flops": dict(self.peak_flops), "hbm_bytes_per_s": self.hbm_bytes_per_s,
+            "gpus_per_node": self.gpus_per_node, "nics_per_node": self.nics_per_node,
+            "nic_bytes_per_s": self.nic_bytes_per_s, "intra_node_link": self.intra_node_link,
+            "gemm": {d: asdict(f) for d, f in self.gemm.items()},
+            "memory_bound": {d: asdict(f) for d, f in self.memory_bound.items()},
+            "collectives": {"intra": table(self.collectives.intra),
+                            "inter": table(self.collectives.inter)},
+            "sources": list(self.sources), "fit_report": json.loads(json.dumps(self.fit_report)),
+            "extra": json.loads(json.dumps(self.extra)),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "profile") -> HardwareProfile:
+        """Build from to_dict()'s output; a missing or ill-typed field raises ProfileError
+        naming the field and `where` (the file)."""
+        r = _Reader(where)
+        nics = r.integer(data, "nics_per_node")
+        return cls(
+            name=r.get(data, "name", str), device_name=r.get(data, "device_name", str),
+            memory_bytes=r.integer(data, "memory_bytes"),
+            peak_flops={d: r.number(r.get(data, "peak_flops", dict), d, "peak_flops.")
+                        for d in DTYPES},
+            hbm_bytes_per_s=r.number(data, "hbm_bytes_per_s"),
+            gpus_per_node=r.integer(data, "gpus_per_node"), nics_per_node=nics,
+            nic_bytes_per_s=r.number(data, "nic_bytes_per_s"),
+            intra_node_link=r.get(data, "intra_node_link", str),
+            gemm={d: GemmFit(**r.numbers(f, GemmFit, f"gemm.{d}."))
+                  for d, f in r.get(data, "gemm", dict).items()},
+            memory_bound={d: MemoryBoundFit(**r.numbers(f, MemoryBoundFit, f"memory_bound.{d}."))
+                          for d, f in r.get(data, "memory_bound", dict).items()},
+            collectives=r.collectives(r.get(data, "collectives", dict), nics),
+            sources=tuple(r.get(data, "sources", list)),
+            fit_report=r.get(data, "fit_report", dict), extra=r.get(data, "extra", dict))
+
+    def save(self, path) -> None:
+        """Write JSON atomically (temp file in the same folder, then os.replace)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1)
+                f.write("\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class _Reader:
+    """Typed field access that names the field and the file in its ProfileError."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def get(self, data, name: str, kind: type, prefix: str = ""):
+        if not isinstance(data, dict) or name not in data:
+            raise ProfileError(prefix + name, f"missing in {self.where}", REGENERATE)
+        value = data[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ProfileError(prefix + name, f"is {type(value).__name__} in {self.where}, "
+                               f"expected {kind.__name__}", REGENERATE)
+        return value
+
+    def number(self, data, name: str, prefix: str = "") -> float:
+        if not isinstance(data, dict) or name not in data:
+            raise ProfileError(prefix + name, f"missing in {self.where}", REGENERATE)
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < 0:
+            raise ProfileError(prefix + name, f"is {value!r} in {self.where}, expected a finite "
+                               "non-negative number", REGENERATE)
+        return float(value)
+
+    def integer(self, data, name: str) -> int:
+        return self.get(data, name, int)
+
+    def numbers(self, data, cls, prefix: str) -> dict:
+        return {f: self.number(data, f, prefix) for f in cls.__dataclass_fields__}
+
+    def curve(self, data, prefix: str) -> Curve:
+        return Curve(Line(**self.numbers(self.get(data, "small", dict, prefix), Line, prefix + "small.")),
+                     Line(**self.numbers(self.get(data, "large", dict, prefix), Line, prefix + "large.")),
+                     self.get(data, "source", str, prefix))
+
+    def collectives(self, data, nics_per_node: int) -> CollectiveFit:
+        tables = {}
+        for level in ("intra", "inter"):
+            by_kind = self.get(data, level, dict, "collectives.")
+            tables[level] = {}
+            for kind in collective_model.KINDS:
+                prefix = f"collectives.{level}.{kind}."
+                by_n = self.get(by_kind, kind, dict, f"collectives.{level}.")
+                if not by_n:
+                    raise ProfileError(prefix[:-1], f"is empty in {self.where}", REGENERATE)
+                tables[level][kind] = {int(n): self.curve(c, f"{prefix}{n}.")
+                                       for n, c in by_n.items()}
+        return CollectiveFit(tables["intra"], tables["inter"], nics_per_node)
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in DATA_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str) -> HardwareProfile:
+    """A bare name loads hw_profiles/data/<name>.json; anything else is a path."""
+    text = str(name_or_path)
+    is_path = text.endswith(".json") or os.sep in text or Path(text).is_file()
+    path = Path(text) if is_path else DATA_DIR / f"{text}.json"
+    if not path.is_file():
+        if is_path:
+            raise ProfileError("hardware", f"profile file {path} does not exist",
+                               "pass an existing profile JSON or a stock name: "
+                               f"{', '.join(available_profiles())}")
+        raise ProfileError("hardware", f"no stock profile named {text!r}",
+                           f"use one of {', '.join(available_profiles())} or a path to a JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ProfileError("hardware", f"{path} is not valid JSON ({e.msg}, line {e.lineno})",
+                           REGENERATE) from None
+    if not isinstance(data, dict):
+        raise ProfileError("hardware", f"{path} holds a {type(data).__name__}, not an object",
+                           REGENERATE)
+    return HardwareProfile.from_dict(data, where=str(path))

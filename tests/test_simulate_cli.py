@@ -1,0 +1,74 @@
+"""`meshplan simulate` as a user runs it: JSON keys, trace files, one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+GPT3 = ["--model", "gpt3-175b", "--hardware", "a100-80gb", "--gpus", "1024", "--gpus-per-node", "8",
+        "--global-batch", "1536", "--seq-len", "2048", "--tp", "8", "--pp", "8", "--dp", "16",
+        "--micro-batch", "1", "--schedule", "1f1b", "--recompute", "full", "--zero", "1"]
+KEYS = {"step_time_s", "tokens_per_s", "model_tflops_per_gpu", "mfu", "peak_memory_bytes", "fits",
+        "breakdown_s", "stages", "plan"}
+BREAKDOWN = {"compute", "recompute", "tp_comm", "pp_comm", "dp_comm", "bubble", "optimizer"}
+
+
+def meshplan(*args):
+    return subprocess.run([sys.executable, "-m", "meshplan.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_json_keys_and_consistency(tmp_path):
+    trace, html = tmp_path / "t.json", tmp_path / "t.html"
+    out = meshplan("simulate", *GPT3, "--json", "--trace", str(trace), "--timeline", str(html))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert KEYS <= set(result) and BREAKDOWN <= set(result["breakdown_s"])
+    assert sum(result["breakdown_s"].values()) == pytest.approx(result["step_time_s"], rel=1e-6)
+    assert result["tokens_per_s"] == pytest.approx(1536 * 2048 / result["step_time_s"])
+    assert len(result["stages"]) == 8 and sum(s["layers"] for s in result["stages"]) == 96
+    assert result["plan"]["tp"] == 8 and result["plan"]["virtual_stages"] == 1  # defaults filled
+    assert result["peak_memory_bytes"] == max(s["memory_bytes"]["total"] for s in result["stages"])
+    assert 0.0 < result["mfu"] < 1.0
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert sum(1 for e in events if e.get("ph") == "X" and e["name"].startswith("F")) == 8 * 96
+    assert "plotly" in html.read_text()[:200000].lower()
+
+
+def test_plan_file_round_trip(tmp_path):
+    first = json.loads(meshplan("simulate", *GPT3, "--json").stdout)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(first["plan"]))
+    again = meshplan("simulate", "--model", "gpt3-175b", "--gpus", "1024", "--plan", str(plan), "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["step_time_s"] == first["step_time_s"]
+
+
+def test_human_summary():
+    out = meshplan("simulate", *GPT3)
+    assert out.returncode == 0, out.stderr
+    assert "step time" in out.stdout and "bubble" in out.stdout
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--model", "llama-2-70b", "--gpus", "8", "--tp", "3", "--global-batch", "8", "--seq-len", "512"], "--tp"),
+    (["--model", "llama-2-70b", "--tp", "8", "--global-batch", "8", "--seq-len", "512"], "--gpus"),
+    (["--model", "nope", "--gpus", "8", "--global-batch", "8", "--seq-len", "512"], "--model"),
+    (["--model", "llama-2-7b", "--hardware", "tpu-v9", "--gpus", "8", "--global-batch", "8",
+      "--seq-len", "512"], "tpu-v9"),
+    (["--model", "llama-2-7b", "--gpus", "8", "--global-batch", "9", "--seq-len", "512"], "global_batch"),
+])
+def test_bad_input_is_one_line_exit_2(args, field, tmp_path):
+    trace = tmp_path / "trace.json"
+    out = meshplan("simulate", *args, "--trace", str(trace))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in out.stderr
+    assert not trace.exists()
+
+
+def test_corrupt_model_file(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 100, "moe": 1}')
+    out = meshplan("simulate", "--model", str(bad), "--gpus", "1", "--global-batch", "1", "--seq-len", "8")
+    assert out.returncode == 2 and "moe" in out.stderr
