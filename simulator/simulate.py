@@ -14,39 +14,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hw_profiles.profile import HardwareProfile
-from simulator.cost import BlockCosts, Group, edge_costs, layer_costs, overlapped_exposed_s
+from simulator.cost import BlockCosts, edge_costs, layer_costs, overlapped_exposed_s
 from simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, StageMemory, layer_activation_bytes,
                               memory_reserve_bytes, model_state_bytes)
 from simulator.model_spec import ModelSpec
 from simulator.ops import Shard, model_flops_per_step
 from simulator.partition import balanced_partition
 from simulator.pipeline_sim import PipelineResult, simulate_pipeline
+from simulator.placement import group_of, pp_neighbour_group
 from simulator.plan import Cluster, Plan
 
 BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "pp_comm", "dp_comm",
                   "bubble", "optimizer")
-
-
-def group_of(plan: Plan, cluster: Cluster, axes: tuple[str, ...]) -> Group:
-    """The group of ranks that differ only along `axes` (rank 0's group), placed with
-    plan.placement innermost-first: its size and how many of its ranks share a node."""
-    sizes = {"tp": plan.tp, "cp": plan.cp, "dp": plan.dp, "pp": plan.pp}
-    stride, strides = 1, {}
-    for axis in plan.placement:
-        strides[axis] = stride
-        stride *= sizes[axis]
-    ranks = [sum(c * strides[a] for a, c in zip(axes, coords))
-             for coords in itertools.product(*(range(sizes[a]) for a in axes))]
-    nodes = {r // cluster.gpus_per_node for r in ranks}
-    return Group(size=len(ranks), ranks_per_node=len(ranks) // len(nodes))
-
-
-def _pp_neighbour_group(plan: Plan, cluster: Cluster) -> Group:
-    """Adjacent pipeline stages as a pair of ranks: inside one node or across two."""
-    stride = 1
-    for axis in plan.placement[:plan.placement.index("pp")]:
-        stride *= {"tp": plan.tp, "cp": plan.cp, "dp": plan.dp}[axis]
-    return Group(2, 2 if stride // cluster.gpus_per_node == 0 else 1)
 
 
 @dataclass(frozen=True)
@@ -151,7 +130,7 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
 
     tokens_mb = plan.micro_batch * shard.local_seq
     p2p_bytes = tokens_mb * model.hidden_size * plan.dtype_bytes / (plan.tp if plan.sp else 1)
-    pp_pair = _pp_neighbour_group(plan, cluster)
+    pp_pair = pp_neighbour_group(plan, cluster)
     p2p_s = hw.collective_time_s("send_recv", p2p_bytes, 2, pp_pair.ranks_per_node) if p > 1 else 0.0
 
     stage_layers = layers.sum(axis=1)
