@@ -13,8 +13,8 @@ from pathlib import Path
 
 from meshplan.errors import PlanError
 from simulator.model_spec import ModelSpec
+from simulator.schedule import SCHEDULES
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16", "fp16")
 # flash: fused attention, no s^2 tensors kept (Dao 2022); naive: explicit scores and softmax
@@ -88,9 +88,11 @@ class Plan:
              "order of tp, cp, dp, pp", "list each of tp, cp, dp, pp once, innermost first"),
             (not self.sp or self.tp > 1, "sp", "sequence parallel needs tensor parallel",
              "set tp > 1 or drop sp"),
-            ((self.virtual_stages > 1) == (self.schedule == "interleaved") or self.pp == 1,
-             "virtual_stages", f"{self.virtual_stages} virtual stages with schedule {self.schedule}",
-             "use --schedule interleaved with --virtual-stages >= 2, or 1 virtual stage otherwise"),
+            ((self.virtual_stages > 1) == (self.schedule == "interleaved" and self.pp > 1)
+             or (self.virtual_stages == 1 and self.pp == 1),
+             "virtual_stages", f"{self.virtual_stages} virtual stages with schedule {self.schedule} "
+             f"and pp {self.pp}", "use --schedule interleaved with --pp >= 2 and --virtual-stages "
+             ">= 2, or 1 virtual stage otherwise"),
             (self.global_batch % (self.micro_batch * self.dp) == 0, "global_batch",
              f"{self.global_batch} is not divisible by micro_batch*dp = {self.micro_batch * self.dp}",
              "make global batch a multiple of micro-batch x dp"),

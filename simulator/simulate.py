@@ -200,8 +200,7 @@ def _breakdown(pipe: PipelineResult, no_p2p: PipelineResult, layer: BlockCosts, 
                opt_s: np.ndarray, p: int, v: int) -> dict:
     """Where the step time goes on the critical stage (the one that finishes last); the
     terms add up to the step time."""
-    ends = [max((e.end_s for e in pipe.events if e.stage == s), default=0.0) for s in range(p)]
-    s = int(np.argmax(ends))
+    s = int(np.argmax(pipe.stage_busy_s + pipe.stage_idle_s + dp_exposed + opt_s))
     n = int(layers[s].sum())
     has_emb, has_head = s == 0, s == p - 1
     parts = [(layer, n)] + ([(emb, 1)] if has_emb else []) + ([(head, 1)] if has_head else [])

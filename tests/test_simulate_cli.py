@@ -51,7 +51,7 @@ def test_human_summary():
 
 
 @pytest.mark.parametrize("args,field", [
-    (["--model", "llama-2-70b", "--gpus", "8", "--tp", "3", "--global-batch", "8", "--seq-len", "512"], "--tp"),
+    (["--model", "llama-2-70b", "--gpus", "6", "--tp", "3", "--global-batch", "8", "--seq-len", "512"], "--tp"),
     (["--model", "llama-2-70b", "--tp", "8", "--global-batch", "8", "--seq-len", "512"], "--gpus"),
     (["--model", "nope", "--gpus", "8", "--global-batch", "8", "--seq-len", "512"], "--model"),
     (["--model", "llama-2-7b", "--hardware", "tpu-v9", "--gpus", "8", "--global-batch", "8",

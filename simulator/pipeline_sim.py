@@ -1,0 +1,194 @@
+"""Discrete-event simulation of one pipeline-parallel training step.
+
+Each rank runs its ops strictly in the schedule's order (schedule.stage_op_order); an op
+starts when its rank is free and its inputs have arrived. F of virtual stage j needs F of
+j-1, B of j needs B of j+1 (the last virtual stage: its own F), W needs its own B. Sends are
+asynchronous: data produced at time t on one rank is usable on the next at t + p2p_s.
+Instead of an event queue, a rank runs ahead until its next op's input is not yet timed,
+then waits to be woken by the op that produces it; every op is timed exactly once.
+"""
+from __future__ import annotations
+
+import gc
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator.schedule import stage_op_tuples
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineEvent:
+    """One interval on one rank. kind: F, B, W (compute), SEND (a p2p transfer, `stage` is
+    the sender) or SYNC (the rank's tail: exposed data-parallel sync and optimizer step;
+    microbatch and chunk are -1)."""
+
+    stage: int
+    kind: str
+    microbatch: int
+    chunk: int
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True, eq=False)
+class PipelineResult:
+    """What simulate_pipeline returns; per-rank arrays have one entry per pipeline rank."""
+
+    step_time_s: float              # makespan over all ranks, tails included
+    events: tuple[PipelineEvent, ...]  # empty when simulated with record_events=False
+    stage_busy_s: np.ndarray        # per rank: F + B + W time
+    stage_idle_s: np.ndarray        # per rank: idle time before its last compute op ends
+    max_in_flight: np.ndarray       # per rank: peak (micro-batch, chunk) count with F done, B not
+
+
+def _times(name: str, value, shape: tuple[int, ...] | None) -> np.ndarray:
+    arr = np.asarray(value, dtype=float)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{name}: expected shape (num_stages, num_chunks) or (num_stages,), "
+                         f"got {np.shape(value)}")
+    if shape is not None and arr.shape != shape:
+        raise ValueError(f"{name}: shape {arr.shape} differs from fwd_s's {shape}")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(f"{name}: times must be finite and >= 0")
+    return arr
+
+
+def _hop_delays_s(p2p_s, p: int, v: int) -> list[float]:
+    """Delay from virtual stage j to j+1, for j < p*v - 1; the wrap-around hop from the last
+    rank back to the first (interleaved) takes the mean of the per-boundary delays."""
+    arr = np.asarray(p2p_s, dtype=float)
+    if arr.ndim == 0:
+        per_boundary = np.full(p - 1, float(arr))
+    elif arr.shape == (p - 1,):
+        per_boundary = arr
+    else:
+        raise ValueError(f"p2p_s: expected a scalar or shape ({p - 1},), got {arr.shape}")
+    if not np.all(np.isfinite(per_boundary)) or np.any(per_boundary < 0):
+        raise ValueError("p2p_s: delays must be finite and >= 0")
+    wrap_s = float(per_boundary.mean()) if p > 1 else 0.0
+    boundary = per_boundary.tolist() + [wrap_s]
+    return [boundary[j % p] if p > 1 else 0.0 for j in range(p * v - 1)]
+
+
+@contextmanager
+def _gc_paused():
+    """Pause the cyclic garbage collector: the op tuples and events hold no reference cycles,
+    and its repeated scans over millions of them would take most of the run time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def simulate_pipeline(schedule: str, num_microbatches: int, fwd_s, bwd_s, p2p_s=0.0,
+                      wgrad_s=None, tail_s=None, record_events: bool = True) -> PipelineResult:
+    """Time one step of `schedule`. fwd_s, bwd_s (and wgrad_s for zb-h1, where bwd_s is the
+    input-gradient part only): time of one micro-batch through chunk c of rank s, shape
+    (num_stages, num_chunks) or (num_stages,). tail_s: per-rank time after its last op."""
+    fwd = _times("fwd_s", fwd_s, None)
+    bwd = _times("bwd_s", bwd_s, fwd.shape)
+    if (schedule == "zb-h1") != (wgrad_s is not None):
+        raise ValueError("wgrad_s: give it for schedule 'zb-h1' (bwd_s is then the input-gradient "
+                         "part) and only then")
+    wgrad = _times("wgrad_s", wgrad_s, fwd.shape) if wgrad_s is not None else np.zeros_like(fwd)
+    p, v = fwd.shape
+    tail = np.zeros(p) if tail_s is None else np.asarray(tail_s, dtype=float)
+    if tail.shape != (p,) or not np.all(np.isfinite(tail)) or np.any(tail < 0):
+        raise ValueError(f"tail_s: expected {p} finite times >= 0, got {np.shape(tail_s)}")
+    with _gc_paused():
+        return _simulate(schedule, num_microbatches, fwd, bwd, wgrad, _hop_delays_s(p2p_s, p, v),
+                         tail, record_events)
+
+
+def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np.ndarray,
+              hop: list[float], tail: np.ndarray, record_events: bool) -> PipelineResult:
+    p, v = fwd.shape
+    orders = stage_op_tuples(schedule, p, m, v)
+    last_j = p * v - 1
+    f_end = [[-1.0] * m for _ in range(p * v)]   # end time of F(mb) on virtual stage j; -1: not yet
+    b_end = [[-1.0] * m for _ in range(p * v)]
+    f_wait = [[-1] * m for _ in range(p * v)]    # the rank blocked until F(mb) of j ends
+    b_wait = [[-1] * m for _ in range(p * v)]
+    dur = {"F": fwd.tolist(), "B": bwd.tolist(), "W": wgrad.tolist()}
+    ptr, free_s, in_flight = [0] * p, [0.0] * p, [0] * p
+    peak, busy = [0] * p, [0.0] * p
+    done: list[list[tuple]] = [[] for _ in range(p)]
+    runnable = list(range(p - 1, -1, -1))
+    while runnable:
+        s = runnable.pop()
+        ops, i, t, n = orders[s], ptr[s], free_s[s], len(orders[s])
+        while i < n:
+            kind, mb, c = ops[i]
+            j = c * p + s
+            if kind == "F":
+                ready = 0.0
+                if j:
+                    ready = f_end[j - 1][mb]
+                    if ready < 0:
+                        f_wait[j - 1][mb] = s
+                        break
+                    ready += hop[j - 1]
+            elif kind == "B" and j != last_j:
+                ready = b_end[j + 1][mb]
+                if ready < 0:
+                    b_wait[j + 1][mb] = s
+                    break
+                ready += hop[j]
+            else:  # last virtual stage's B needs its own F, W its own B: earlier on this rank
+                ready = (f_end if kind == "B" else b_end)[j][mb]
+                if ready < 0:
+                    break
+            start = t if t > ready else ready
+            d = dur[kind][s][c]
+            t = start + d
+            busy[s] += d
+            if kind == "F":
+                f_end[j][mb] = t
+                if f_wait[j][mb] >= 0:
+                    runnable.append(f_wait[j][mb])
+                in_flight[s] += 1
+                if in_flight[s] > peak[s]:
+                    peak[s] = in_flight[s]
+            elif kind == "B":
+                b_end[j][mb] = t
+                if b_wait[j][mb] >= 0:
+                    runnable.append(b_wait[j][mb])
+                in_flight[s] -= 1
+            if record_events:
+                done[s].append((kind, mb, c, j, start, t))
+            i += 1
+        ptr[s], free_s[s] = i, t
+    if any(ptr[s] < len(orders[s]) for s in range(p)):
+        raise RuntimeError(f"schedule {schedule!r} deadlocked: ranks stuck at ops {ptr}")
+
+    last_end = np.array(free_s)
+    busy_s = np.array(busy)
+    events = _events(done, hop, last_end, tail, last_j) if record_events else ()
+    return PipelineResult(step_time_s=float(np.max(last_end + tail)), events=events,
+                          stage_busy_s=busy_s, stage_idle_s=last_end - busy_s,
+                          max_in_flight=np.array(peak))
+
+
+def _events(done: list[list[tuple]], hop: list[float], last_end: np.ndarray, tail: np.ndarray,
+            last_j: int) -> tuple[PipelineEvent, ...]:
+    """Compute ops, the sends they start (when a hop takes time) and the per-rank tails,
+    ordered by start time."""
+    rows = []
+    for s, ops in enumerate(done):
+        for kind, mb, c, j, start, end in ops:
+            rows.append((start, s, kind, mb, c, end))
+            if kind == "F" and j < last_j and hop[j] > 0:
+                rows.append((end, s, "SEND", mb, c, end + hop[j]))
+            elif kind == "B" and j > 0 and hop[j - 1] > 0:
+                rows.append((end, s, "SEND", mb, c, end + hop[j - 1]))
+        if tail[s] > 0:
+            rows.append((float(last_end[s]), s, "SYNC", -1, -1, float(last_end[s] + tail[s])))
+    rows.sort()
+    return tuple([PipelineEvent(s, kind, mb, c, start, end) for start, s, kind, mb, c, end in rows])

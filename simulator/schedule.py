@@ -1,0 +1,112 @@
+"""Pipeline schedules: the exact order in which each pipeline rank runs its micro-batch ops.
+
+An op is a forward (F), a backward (B) or, for zero-bubble schedules, a weight-gradient
+pass (W) of one micro-batch through one model chunk. With interleaving, rank s holds
+`num_chunks` chunks and chunk c is virtual stage c * num_stages + s (Megatron-LM).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+Op = tuple[str, int, int]  # (kind, microbatch, chunk): PipeOp's fields, cheap to build
+
+
+@dataclass(frozen=True)
+class PipeOp:
+    """One unit of work on one rank. kind: "F" forward, "B" backward (input gradient only
+    under zb-h1, the whole backward otherwise), "W" weight gradient (zb-h1 only)."""
+
+    kind: str
+    microbatch: int
+    chunk: int
+
+
+def _check_args(schedule: str, num_stages: int, num_microbatches: int, num_chunks: int) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: unknown {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    for name, value in (("num_stages", num_stages), ("num_microbatches", num_microbatches),
+                        ("num_chunks", num_chunks)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+    if schedule == "interleaved":
+        if num_chunks < 2:
+            raise ValueError(f"num_chunks: interleaved needs >= 2 chunks per rank, got "
+                             f"{num_chunks}; use schedule '1f1b' for one chunk")
+        if num_microbatches % num_stages:
+            raise ValueError(f"num_microbatches: interleaved 1F1B needs a multiple of "
+                             f"num_stages ({num_stages}), got {num_microbatches}; change the "
+                             "micro-batch count")
+    elif num_chunks != 1:
+        raise ValueError(f"num_chunks: schedule {schedule!r} runs one chunk per rank, got "
+                         f"{num_chunks}; use schedule 'interleaved' for several")
+
+
+def _gpipe(m: int) -> list[Op]:
+    # All forwards, then all backwards (Huang et al. 2019, GPipe sec 2.2).
+    return [("F", i, 0) for i in range(m)] + [("B", i, 0) for i in range(m)]
+
+
+def _one_f_one_b(p: int, s: int, m: int) -> list[Op]:
+    # PipeDream-Flush (Narayanan et al. 2021 sec 2.2): p-s-1 warm-up forwards, 1F1B, cool-down.
+    warmup = min(p - s - 1, m)
+    ops = [("F", i, 0) for i in range(warmup)]
+    for i in range(m - warmup):
+        ops += [("F", warmup + i, 0), ("B", i, 0)]
+    return ops + [("B", i, 0) for i in range(m - warmup, m)]
+
+
+def _zb_h1(p: int, s: int, m: int) -> list[Op]:
+    # ZB-H1 (Qi et al. 2023 sec 2.1, Fig. 3): 1F1B order of F and B, with rank s running its
+    # W passes s ops late, as the authors' generator (sail-sg/zero-bubble-pipeline-parallelism,
+    # zbpp_light auto_schedule) does; every rank then holds at most p micro-batches until W.
+    warmup = min(p - s - 1, m)
+    ops = [("F", i, 0) for i in range(warmup)]
+    w = 0
+    for i in range(m):
+        if i < m - warmup:
+            ops.append(("F", warmup + i, 0))
+        ops.append(("B", i, 0))
+        if i >= s:
+            ops.append(("W", w, 0))
+            w += 1
+    return ops + [("W", i, 0) for i in range(w, m)]
+
+
+def _interleaved(p: int, s: int, m: int, v: int) -> list[Op]:
+    # Megatron-LM forward_backward_pipelining_with_interleaving (Narayanan et al. 2021 sec 2.2):
+    # warm-up 2(p-s-1) + (v-1)p forward ops capped at m*v, then one F and one B, then cool-down.
+    # The k-th forward runs chunk (k mod pv) // p on micro-batch (k // pv) * p + k mod p; the
+    # k-th backward the same micro-batch on chunk v-1-(k mod pv) // p.
+    total = m * v
+    warmup = min(2 * (p - s - 1) + (v - 1) * p, total)
+
+    def op(kind: str, k: int) -> Op:
+        chunk = (k % (p * v)) // p
+        return kind, (k // (p * v)) * p + k % p, chunk if kind == "F" else v - 1 - chunk
+
+    ops = [op("F", k) for k in range(warmup)]
+    for k in range(total - warmup):
+        ops += [op("F", warmup + k), op("B", k)]
+    return ops + [op("B", k) for k in range(total - warmup, total)]
+
+
+def stage_op_order(schedule: str, num_stages: int, num_microbatches: int,
+                   num_chunks: int = 1) -> list[list[PipeOp]]:
+    """Per pipeline rank, the ops in the order that rank runs them."""
+    return [[PipeOp(*op) for op in ops]
+            for ops in stage_op_tuples(schedule, num_stages, num_microbatches, num_chunks)]
+
+
+def stage_op_tuples(schedule: str, num_stages: int, num_microbatches: int,
+                    num_chunks: int = 1) -> list[list[Op]]:
+    """stage_op_order as (kind, microbatch, chunk) tuples, for the simulator's inner loop."""
+    _check_args(schedule, num_stages, num_microbatches, num_chunks)
+    p, m = num_stages, num_microbatches
+    if schedule == "gpipe":
+        return [_gpipe(m) for _ in range(p)]
+    if schedule == "1f1b":
+        return [_one_f_one_b(p, s, m) for s in range(p)]
+    if schedule == "zb-h1":
+        return [_zb_h1(p, s, m) for s in range(p)]
+    return [_interleaved(p, s, m, num_chunks) for s in range(p)]

@@ -1,0 +1,60 @@
+"""Trace and Gantt writers for a simulated pipeline."""
+import json
+
+import numpy as np
+import pytest
+
+from simulator.pipeline_sim import simulate_pipeline
+from simulator.timeline import (chrome_trace, timeline_figure, write_chrome_trace,
+                                write_timeline_html)
+
+
+def _two_stage():
+    # p=2, m=1, f=1 ms, b=2 ms, no p2p: F0 on rank 0 [0,1], rank 1 [1,2]; B0 on rank 1 [2,4],
+    # rank 0 [4,6] (ms).
+    return simulate_pipeline("1f1b", 1, [1e-3, 1e-3], [2e-3, 2e-3])
+
+
+def test_chrome_trace_times_in_microseconds():
+    trace = json.loads(json.dumps(chrome_trace(_two_stage(), label="toy")))
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    got = sorted((e["tid"], e["name"], e["ts"], e["dur"]) for e in spans)
+    want = [(0, "B mb0 c0", 4000.0, 2000.0), (0, "F mb0 c0", 0.0, 1000.0),
+            (1, "B mb0 c0", 2000.0, 2000.0), (1, "F mb0 c0", 1000.0, 1000.0)]
+    assert [(t, n) for t, n, _, _ in got] == [(t, n) for t, n, _, _ in want]
+    for (_, _, ts, dur), (_, _, want_ts, want_dur) in zip(got, want):
+        assert ts == pytest.approx(want_ts) and dur == pytest.approx(want_dur)
+    assert spans[0]["args"] == {"kind": "F", "microbatch": 0, "chunk": 0}
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"]
+             if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert names[0] == "stage 0" and names[1] == "stage 1"
+
+
+def test_chrome_trace_one_span_per_compute_op(tmp_path):
+    p, m, v = 4, 8, 2
+    res = simulate_pipeline("interleaved", m, np.ones((p, v)), 2 * np.ones((p, v)), p2p_s=0.1,
+                            tail_s=np.full(p, 0.5))
+    path = tmp_path / "sub" / "trace.json"
+    write_chrome_trace(res, path, label="interleaved")
+    trace = json.loads(path.read_text())
+    kinds = [e["cat"] for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert kinds.count("F") == kinds.count("B") == p * m * v
+    # every F but the last virtual stage's and every B but the first's sends once
+    assert kinds.count("SEND") == 2 * (p * v - 1) * m
+    assert kinds.count("SYNC") == p
+    assert [f.name for f in path.parent.iterdir()] == ["trace.json"]   # no temp file left
+
+
+def test_figure_one_trace_per_kind_and_html(tmp_path):
+    p, m = 3, 6
+    res = simulate_pipeline("zb-h1", m, np.ones(p), np.ones(p), p2p_s=0.05, wgrad_s=np.ones(p),
+                            tail_s=np.full(p, 0.2))
+    fig = timeline_figure(res, title="zb")
+    assert sorted(t.name for t in fig.data) == ["B", "F", "SEND", "SYNC", "W"]
+    f_trace = next(t for t in fig.data if t.name == "F")
+    assert len(f_trace.x) == p * m
+    assert np.asarray(f_trace.x) == pytest.approx(np.full(p * m, 1e3))   # 1 s in ms
+    path = tmp_path / "timeline.html"
+    write_timeline_html(res, path, title="zb")
+    html = path.read_text()
+    assert "plotly" in html and "<script src=" not in html   # plotly.js is inlined
