@@ -65,7 +65,7 @@ class SimulationResult:
             "memory_limit_bytes": self.memory_limit_bytes, "fits": self.fits,
             "breakdown_s": dict(self.breakdown_s),
             "stages": [s.to_json() for s in self.stages],
-            "error_band": {"median_rel": self.error_band[0], "max_rel": self.error_band[1]},
+            "error_band": {"median_rel": self.error_band[0], "p95_rel": self.error_band[1]},
             "plan": self.plan.to_dict(), "model": self.model.to_dict(),
             "cluster": {"num_gpus": self.cluster.num_gpus,
                         "gpus_per_node": self.cluster.gpus_per_node},
@@ -215,4 +215,4 @@ def _breakdown(pipe: PipelineResult, no_p2p: PipelineResult, layer: BlockCosts, 
     zero3_s = max(0.0, busy - compute - recompute - tp_comm - cp_comm)
     return {"compute": compute, "recompute": recompute, "tp_comm": tp_comm, "cp_comm": cp_comm,
             "pp_comm": min(pp_comm, max(other, 0.0)), "dp_comm": float(dp_exposed[s]) + zero3_s,
-            "bubble": max(0.0, other - pp_comm), "optimizer": float(opt_s[s])}
+            "bubble": float(max(0.0, other - pp_comm)), "optimizer": float(opt_s[s])}

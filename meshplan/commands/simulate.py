@@ -66,7 +66,7 @@ def print_summary(result) -> None:
              + (f" (v={plan.virtual_stages})" if plan.virtual_stages > 1 else ""))
     lo, hi = result.error_band
     rows = (("plan", knobs),
-            ("step time", f"{result.step_time_s:.3f} s  (error band ±{lo:.0%} median, ±{hi:.0%} max)"),
+            ("step time", f"{result.step_time_s:.3f} s  (error band ±{lo:.0%} median, ±{hi:.0%} p95)"),
             ("throughput", f"{result.tokens_per_s:,.0f} tokens/s"),
             ("model TFLOP/s per GPU", f"{result.model_tflops_per_gpu:.1f}  (MFU {result.mfu:.1%})"),
             ("peak memory", f"{result.peak_memory_bytes / gib:.1f} GiB of {result.memory_limit_bytes / gib:.1f}"
