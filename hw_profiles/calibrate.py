@@ -8,6 +8,11 @@ use plain least squares, see _fit_memory_bound), on a random (1 - holdout_fracti
 points; the stored parameters are that fit (no refit on all points, so held-out residuals
 describe the stored model), and fit_report gives the relative residuals
 |pred/measured - 1| (median, p95, max) on the fitted and on the held-out points.
+
+When the samples' cross-node rows come from a cluster whose fabric is not the one the profile
+describes, `fabric` (published nccl-tests figures of the described fabric) sets the inter-node
+level instead (fabric_inter_node); the measured cross-node fit is kept as reference evidence
+in fit_report and extra, not used.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import pandas as pd
 from scipy.optimize import least_squares
 
 from hw_profiles.collective_model import KINDS, CollectiveFit, Curve, Line, bus_factor, \
-    collective_time_s, ring_steps
+    collective_time_s, intra_time_s, ring_steps
 from hw_profiles.gemm_model import DTYPE_BYTES, GemmFit, MemoryBoundFit, gemm_time_s, \
     memory_bound_time_s
 from hw_profiles.profile import HardwareProfile
@@ -36,6 +41,8 @@ DERIVE_ORDER = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_
                 "send_recv")
 TWO_REGIME_MIN_POINTS = 8
 ROBUST_SCALE = 0.05
+FABRIC_FIELDS = ("name", "allreduce_busbw_bytes_per_s", "nic_busbw_bytes_per_s", "alpha_s", "sources")
+FABRIC_CALIBRATION_BYTES = 2**30  # large enough for the bandwidth regime (nccl-tests peak busbw)
 
 
 def _stats(pred, measured) -> dict:
@@ -234,7 +241,56 @@ def _fit_inter(df: pd.DataFrame, intra: dict, nics: int, fraction: float, rng) -
     return table, report
 
 
-def _collective_fit(samples: Samples, base: dict, fraction: float, rng) -> tuple[CollectiveFit, dict, list]:
+def fabric_inter_node(intra: dict, nics: int, fabric: dict) -> tuple[dict, dict]:
+    """Inter-node curves of a rail-optimised fabric (one NIC per GPU) from published figures:
+    fabric["allreduce_busbw_bytes_per_s"], nccl-tests all_reduce busbw across nodes with `nics`
+    ranks per node; fabric["nic_busbw_bytes_per_s"], one NIC's point-to-point busbw;
+    fabric["alpha_s"], the inter-node latency.
+
+    all_reduce (reduce_scatter, all_gather, broadcast derive from it): with r ranks per node
+    NCCL's ring drives r NICs per node and its busbw is that of the bottleneck link
+    (NVIDIA/nccl-tests#160, doc/PERFORMANCE.md), so a 2-node all_reduce reaches r/nics of the
+    published busbw; the per-rank inter busbw is set so that the hierarchical composition (intra
+    fit + inter step) takes exactly that time on 1 GiB. The composition runs the NVLink and IB
+    phases one after the other where NCCL pipelines them, so at r = nics this per-rank figure
+    exceeds one NIC's. send_recv and all_to_all: each rank its own NIC at the point-to-point
+    busbw (all_to_all cannot aggregate NICs: NVIDIA/nccl-tests#267)."""
+    missing = [f for f in FABRIC_FIELDS if f not in fabric]
+    if missing:
+        raise ProfileError(f"fabric.{missing[0]}", "missing", f"give all of {list(FABRIC_FIELDS)}")
+    alpha, m = float(fabric["alpha_s"]), float(FABRIC_CALIBRATION_BYTES)
+    intra_only = CollectiveFit(intra, {}, nics)
+    source = f"published nccl-tests figures for {fabric['name']}"
+    table, report = {"all_reduce": {}}, {}
+    for r in sorted({1, nics} | {2**k for k in range(nics.bit_length()) if 2**k < nics}):
+        target = float(fabric["allreduce_busbw_bytes_per_s"]) * r / nics
+        total_s = bus_factor("all_reduce", 2 * r) * m / target
+        inter_s = total_s - alpha - float(intra_time_s(intra_only, "reduce_scatter", m, r)
+                                          + intra_time_s(intra_only, "all_gather", m, r))
+        if inter_s <= 0:
+            raise ProfileError("fabric.allreduce_busbw_bytes_per_s",
+                               f"{target / 1e9:.0f} GB/s at {r} ranks per node is faster than the "
+                               "intra-node fit alone allows", "check the figure and the intra samples")
+        line = Line(alpha, m / r / inter_s)  # inter step over 2 nodes: bus factor 2*(2-1)/2 = 1
+        table["all_reduce"][r] = Curve(line, line, source)
+        report[f"collective/inter/all_reduce/r{r}"] = {
+            "form": "hierarchical: intra fit + alpha + per-rank inter bytes/busbw, busbw set to "
+                    "reproduce the published ring busbw x r/nics on 2 nodes, 1 GiB",
+            "target_busbw_GBps": target / 1e9, "per_rank_busbw_GBps": line.busbw_bytes_per_s / 1e9,
+            "alpha_us": alpha * 1e6, "source": source}
+    nic = Line(alpha, float(fabric["nic_busbw_bytes_per_s"]))
+    for kind in ("send_recv", "all_to_all"):
+        table[kind] = {1: Curve(nic, nic, source)}
+        report[f"collective/inter/{kind}/r1"] = {
+            "form": "alpha + per-rank bytes / one NIC's point-to-point busbw",
+            "per_rank_busbw_GBps": nic.busbw_bytes_per_s / 1e9, "alpha_us": alpha * 1e6, "source": source}
+    return table, report
+
+
+def _collective_fit(samples: Samples, base: dict, fraction: float, rng,
+                    fabric: dict | None) -> tuple[CollectiveFit, dict, list, dict | None]:
+    """Intra and inter curves, report, notes, and the measured inter-node fit left unused
+    because `fabric` replaced it (None when nothing was left out)."""
     df = samples.collectives
     df = df[(df["time_s"].astype(float) > 0) & (df["group_size"].astype(int) >= 2)]
     unknown = set(df["collective"]) - set(KINDS)
@@ -250,12 +306,24 @@ def _collective_fit(samples: Samples, base: dict, fraction: float, rng) -> tuple
     notes = [f"collective intra {k}: derived from {next(d for d in DERIVE_ORDER if d in intra)} "
              "(same busbw, alpha scaled by ring steps)" for k in KINDS if k not in intra]
     intra = _derive(intra, steps=True)
+    measured, measured_report, unused = None, {}, None
     if (~within).any():
-        inter, inter_report = _fit_inter(df[~within], intra, nics, fraction, rng)
+        measured, measured_report = _fit_inter(df[~within], intra, nics, fraction, rng)
+    if fabric is not None:
+        inter, inter_report = fabric_inter_node(intra, nics, fabric)
         report.update(inter_report)
-        notes += [f"collective inter {k}: derived from {next(d for d in DERIVE_ORDER if d in inter)} "
-                  "(same per-rank NIC busbw and alpha)" for k in KINDS if k not in inter]
-        inter = _derive(inter, steps=False)
+        notes.append(f"collective inter: {fabric['name']}, from published figures (fabric_inter_node)")
+        notes += list(fabric["sources"])
+        if measured is not None:
+            unused = {"note": "measured cross-node samples, not used: the cluster they come from has "
+                              f"another fabric than the one this profile describes ({fabric['name']})",
+                      "curves": {k: {str(r): {"alpha_s": c.large.alpha_s,
+                                              "per_rank_busbw_bytes_per_s": c.large.busbw_bytes_per_s}
+                                     for r, c in sorted(by_r.items())} for k, by_r in measured.items()},
+                      "fits": measured_report}
+    elif measured is not None:
+        inter = measured
+        report.update(measured_report)
     else:
         alpha = max(c.large.alpha_s for by_n in intra.values() for c in by_n.values())
         nic = Line(alpha, float(base["nic_bytes_per_s"]))
@@ -265,7 +333,9 @@ def _collective_fit(samples: Samples, base: dict, fraction: float, rng) -> tuple
         report["collective/inter"] = {"note": "no cross-node samples: inter-node step uses the nominal "
                                               "NIC bandwidth per rank and the largest intra-node alpha"}
         notes.append("collective inter: nominal NIC figure (no cross-node samples)")
-    return CollectiveFit(intra, inter, nics), report, notes
+    notes += [f"collective inter {k}: derived from {next(d for d in DERIVE_ORDER if d in inter)} "
+              "(same per-rank NIC busbw and alpha)" for k in KINDS if k not in inter]
+    return CollectiveFit(intra, _derive(inter, steps=False), nics), report, notes, unused
 
 
 def _check_base(base: dict) -> None:
@@ -292,14 +362,19 @@ def _summary(samples: Samples) -> dict:
 
 
 def fit_profile(samples: Samples, base: dict, holdout_fraction: float = 0.2,
-                seed: int = 0) -> HardwareProfile:
+                seed: int = 0, fabric: dict | None = None) -> HardwareProfile:
     """Fit GEMM, memory-bound and collective curves to `samples`; `base` holds the non-fitted
-    device description (BASE_FIELDS, optionally "extra")."""
+    device description (BASE_FIELDS, optionally "extra"). `fabric` (FABRIC_FIELDS: published
+    figures of the inter-node fabric the profile describes) replaces the cross-node fit, which is
+    then kept in fit_report and extra under "measured_inter_node_not_used"."""
     _check_base(base)
     rng = np.random.default_rng(seed)
     gemm, mem, report, notes = _compute_fits(samples, base, holdout_fraction, rng)
-    collectives, coll_report, coll_notes = _collective_fit(samples, base, holdout_fraction, rng)
+    collectives, coll_report, coll_notes, unused = _collective_fit(samples, base, holdout_fraction,
+                                                                    rng, fabric)
     report.update(coll_report)
+    if unused:
+        report["measured_inter_node_not_used"] = {k: unused[k] for k in ("note", "fits")}
     held = [q["held_out"] for q in report.values() if q.get("held_out", {}).get("points")]
     weights = np.array([h["points"] for h in held], dtype=float)
     report["error_band"] = {
@@ -314,4 +389,6 @@ def fit_profile(samples: Samples, base: dict, holdout_fraction: float = 0.2,
         nics_per_node=int(base["nics_per_node"]), nic_bytes_per_s=float(base["nic_bytes_per_s"]),
         intra_node_link=base["intra_node_link"], gemm=gemm, memory_bound=mem, collectives=collectives,
         sources=tuple(base["sources"]) + tuple(notes + coll_notes), fit_report=report,
-        extra={**base.get("extra", {}), "samples_summary": _summary(samples)})
+        extra={**base.get("extra", {}), "samples_summary": _summary(samples),
+               **({"measured_inter_node_not_used": {k: unused[k] for k in ("note", "curves")}}
+                  if unused else {})})

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hw_profiles.calibrate import fit_profile
+from hw_profiles.calibrate import fabric_inter_node, fit_profile
 from hw_profiles.collective_model import KINDS, CollectiveFit, Curve, Line, collective_time_s
 from hw_profiles.gemm_model import GemmFit, MemoryBoundFit, gemm_time_s, memory_bound_time_s
 from hw_profiles.samples import Samples
@@ -163,3 +163,50 @@ def test_vidur_import_shapes_and_units(tmp_path):
     assert mem["attn_rope"] == 2 * 4096 * (64 + 8) // 8 * 128 * 2
     c = samples.collectives.iloc[0]
     assert (c["group_size"], c["ranks_per_node"], c["message_bytes"], c["time_s"]) == (16, 8, 2**20, 5e-4)
+
+
+FABRIC = {"name": "test fabric", "allreduce_busbw_bytes_per_s": 160 * GB, "nic_busbw_bytes_per_s": 20 * GB,
+          "alpha_s": 5 * US, "sources": ["test figures"]}
+
+
+def test_fabric_inter_node_by_hand():
+    line = Curve(Line(10 * US, 100 * GB), Line(10 * US, 100 * GB), "hand")
+    intra = {k: {2: line} for k in ("reduce_scatter", "all_gather")}
+    m = 2.0**30
+    two_nics = {**FABRIC, "allreduce_busbw_bytes_per_s": 40 * GB}
+    table, report = fabric_inter_node(intra, 2, two_nics)
+    # 1 rank per node: 2-node all_reduce busbw = one NIC's 20 GB/s = 1 x M / (alpha + M / B).
+    assert table["all_reduce"][1].large.busbw_bytes_per_s == pytest.approx(m / (m / (20 * GB) - 5 * US))
+    # 2 ranks per node: 4 ranks reach 2 NICs' 40 GB/s: 2*3/4 M / 40 GB/s = intra RS + AG over 2
+    # ranks (each 10 us + M/2 / 100 GB/s) + alpha + (M/2) / B.
+    inter_s = 1.5 * m / (40 * GB) - 2 * (10 * US + m / 2 / (100 * GB)) - 5 * US
+    assert table["all_reduce"][2].large.busbw_bytes_per_s == pytest.approx(m / 2 / inter_s)
+    assert report["collective/inter/all_reduce/r2"]["target_busbw_GBps"] == pytest.approx(40.0)
+    for kind in ("send_recv", "all_to_all"):  # each rank its own NIC
+        assert table[kind][1].large == Line(5 * US, 20 * GB)
+
+
+def test_fabric_replaces_measured_inter_node_and_keeps_it_as_reference():
+    samples = gpu_samples(np.random.default_rng(5))
+    measured = fit_profile(samples, base())
+    hw = fit_profile(samples, base(), fabric=FABRIC)
+    assert hw.collectives.intra == measured.collectives.intra
+    m = 2**30  # 16 ranks, 8 per node: the fabric's published busbw
+    assert 2 * 15 / 16 * m / hw.collective_time_s("all_reduce", m, 16, 8) == pytest.approx(160 * GB)
+    assert m / hw.collective_time_s("send_recv", m, 2, 1) == pytest.approx(20 * GB, rel=0.01)
+    ref = hw.extra["measured_inter_node_not_used"]
+    assert "not used" in ref["note"] and "test fabric" in ref["note"]
+    assert ref["curves"]["all_reduce"]["8"]["per_rank_busbw_bytes_per_s"] == pytest.approx(
+        INTER_R8.busbw_bytes_per_s, rel=0.05)
+    assert "collective/inter/all_reduce/r8" in hw.fit_report["measured_inter_node_not_used"]["fits"]
+    assert "test figures" in hw.sources
+
+
+def test_fabric_errors_name_the_field():
+    samples = gpu_samples(np.random.default_rng(6))
+    with pytest.raises(ProfileError) as err:
+        fit_profile(samples, base(), fabric={**FABRIC, "allreduce_busbw_bytes_per_s": 1e15})
+    assert err.value.field == "fabric.allreduce_busbw_bytes_per_s"
+    with pytest.raises(ProfileError) as err:
+        fit_profile(samples, base(), fabric={k: v for k, v in FABRIC.items() if k != "alpha_s"})
+    assert err.value.field == "fabric.alpha_s"

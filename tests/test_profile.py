@@ -162,3 +162,51 @@ def test_stock_a100_intra_node_all_reduce_busbw_in_published_range():
 def test_stock_error_band():
     median, p95 = load_profile("h100-80gb").relative_error_band()
     assert 0 < median < p95 < 1
+
+
+def busbw(hw, kind, n, r, size=2**30):
+    factor = {"all_reduce": 2 * (n - 1) / n, "send_recv": 1.0}[kind]  # nccl-tests PERFORMANCE.md
+    return factor * size / hw.collective_time_s(kind, size, n, r)
+
+
+# (profile, inter-node all_reduce busbw with 8 ranks/node, one NIC's busbw): DGX A100 192 GB/s
+# (NVIDIA/nccl#812), HDR NIC ~23-24 GB/s (NVIDIA/nccl#412); DGX H100 ~376 GB/s, NDR NIC
+# 46-48 GB/s (NVIDIA/nccl-tests#290).
+DGX = [("a100-80gb", 192e9, 23e9), ("h100-80gb", 376e9, 46e9)]
+
+
+@pytest.mark.parametrize("name, node_busbw, nic_busbw", DGX)
+def test_stock_inter_node_matches_published_dgx_fabric(name, node_busbw, nic_busbw):
+    hw = load_profile(name)
+    assert busbw(hw, "all_reduce", 16, 8) == pytest.approx(node_busbw, rel=0.15)
+    assert busbw(hw, "all_reduce", 128, 8) == pytest.approx(node_busbw, rel=0.20)
+    # DP group of 16 with TP8 inside each node: one rank, so one NIC, per node.
+    assert busbw(hw, "all_reduce", 16, 1) == pytest.approx(nic_busbw, rel=0.20)
+    assert busbw(hw, "send_recv", 2, 1) == pytest.approx(nic_busbw, rel=0.20)
+    # Ranks per node add NICs: 2 and 4 ranks per node reach about 2 and 4 NICs.
+    for r in (2, 4):
+        assert busbw(hw, "all_reduce", 8 * r, r) == pytest.approx(r * nic_busbw, rel=0.25)
+
+
+@pytest.mark.parametrize("name", ["a100-80gb", "h100-80gb"])
+def test_stock_collectives_monotone_in_size_and_nodes(name):
+    hw = load_profile(name)
+    sizes = 2.0 ** np.arange(3, 34, 2)
+    for kind in KINDS:
+        for n, r in ((8, 8), (16, 8), (16, 1), (64, 4), (128, 8)):
+            t = hw.collective_time_s(kind, sizes, 2 if kind == "send_recv" else n, r)
+            assert np.all(np.diff(t) > 0), (kind, n, r)
+        if kind != "send_recv":
+            for r in (1, 2, 8):
+                t = [hw.collective_time_s(kind, 2**26, r * nodes, r) for nodes in (1, 2, 4, 16, 64)]
+                # A pipelined broadcast moves the same bytes per link whatever the node count.
+                assert np.all(np.diff(t) >= 0 if kind == "broadcast" else np.diff(t) > 0), (kind, r)
+
+
+@pytest.mark.parametrize("name", ["a100-80gb", "h100-80gb"])
+def test_stock_keeps_vidur_cross_node_fit_as_unused_reference(name):
+    hw = load_profile(name)
+    ref = hw.extra["measured_inter_node_not_used"]
+    assert "not used" in ref["note"] and ref["curves"]["send_recv"]["1"]["per_rank_busbw_bytes_per_s"] > 0
+    assert hw.fit_report["measured_inter_node_not_used"]["fits"]
+    assert any("nccl" in s for s in hw.sources)
