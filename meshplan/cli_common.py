@@ -54,6 +54,39 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--layer-partition", help="layers per (virtual) stage, comma separated")
 
 
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """Serving knobs (used with --mode inference)."""
+    parser.add_argument("--mode", choices=("training", "inference"), default="training",
+                        help="plan a training step (default) or serving")
+    g = parser.add_argument_group("inference (with --mode inference)")
+    g.add_argument("--batch", type=int, help="concurrent sequences per replica")
+    g.add_argument("--prompt-len", type=int, help="prompt tokens per sequence")
+    g.add_argument("--gen-len", type=int, help="generated tokens per sequence")
+    g.add_argument("--replicas", type=int, help="model replicas (data parallel serving)")
+    g.add_argument("--kv-dtype", choices=("fp16", "bf16", "fp32", "fp8"), help="KV cache dtype")
+
+
+def inference_plan_fields(args: argparse.Namespace, cluster: Cluster) -> dict:
+    """InferencePlan fields from the flags; replicas default to GPUs / (tp*pp)."""
+    fields = {}
+    for flag, name in (("--batch", "batch"), ("--prompt-len", "prompt_len"), ("--gen-len", "gen_len")):
+        value = getattr(args, name, None)
+        if value is None:
+            raise PlanError(flag, "missing", f"pass {flag} N with --mode inference")
+        fields[name] = value
+    for name in ("tp", "pp", "replicas", "kv_dtype"):
+        if getattr(args, name, None) is not None:
+            fields[name] = getattr(args, name)
+    fields["dtype"] = args.dtype or "fp16"
+    if "replicas" not in fields:
+        per_replica = fields.get("tp", 1) * fields.get("pp", 1)
+        if cluster.num_gpus % per_replica:
+            raise PlanError("--gpus", f"{cluster.num_gpus} GPUs are not divisible by tp*pp = {per_replica}",
+                            "choose tp and pp whose product divides the GPU count")
+        fields["replicas"] = cluster.num_gpus // per_replica
+    return fields
+
+
 def user_plan_fields(args: argparse.Namespace) -> dict:
     """The plan fields the user gave, from --plan and then flags (flags win)."""
     fields = load_plan(args.plan).to_dict() if getattr(args, "plan", None) else {}

@@ -72,3 +72,22 @@ def test_corrupt_model_file(tmp_path):
     bad.write_text('{"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 100, "moe": 1}')
     out = meshplan("simulate", "--model", str(bad), "--gpus", "1", "--global-batch", "1", "--seq-len", "8")
     assert out.returncode == 2 and "moe" in out.stderr
+
+
+def test_inference_mode_json_keys():
+    out = meshplan("simulate", "--mode", "inference", "--model", "llama-2-70b", "--hardware", "a100-80gb",
+                   "--gpus", "4", "--tp", "4", "--batch", "1", "--prompt-len", "2048", "--gen-len", "128",
+                   "--dtype", "fp16", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert {"ttft_s", "tpot_s", "latency_s", "throughput_tokens_per_s", "kv_cache_bytes",
+            "peak_memory_bytes", "max_batch", "fits", "plan"} <= set(data)
+    assert data["latency_s"] == pytest.approx(data["ttft_s"] + 127 * data["tpot_s"])
+    # one replica of batch 1: generated tokens over the whole request's latency
+    assert data["throughput_tokens_per_s"] == pytest.approx(128 / data["latency_s"])
+
+
+def test_inference_mode_missing_flag():
+    out = meshplan("simulate", "--mode", "inference", "--model", "llama-2-70b", "--gpus", "4", "--tp", "4",
+                   "--prompt-len", "128", "--gen-len", "8")
+    assert out.returncode == 2 and "--batch" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -15,6 +15,7 @@ def register(subparsers) -> None:
     common.add_model_args(parser)
     common.add_cluster_args(parser)
     common.add_plan_args(parser)
+    common.add_inference_args(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--trace", help="write a Chrome/Perfetto trace of the pipeline schedule")
     parser.add_argument("--timeline", help="write a plotly Gantt chart (HTML) of the schedule")
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from simulator.simulate import simulate
     from simulator.timeline import write_chrome_trace, write_timeline_html
 
+    if args.mode == "inference":
+        return run_inference(args)
     model, plan, cluster, hw = resolve(args)
     result = simulate(model, plan, cluster, hw)
     label = f"{model.name} on {cluster.num_gpus}x {hw.name}"
@@ -49,6 +52,42 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_summary(result)
     return 0
+
+
+def run_inference(args: argparse.Namespace) -> int:
+    from hw_profiles.profile import load_profile
+    from simulator.inference import InferencePlan, simulate_inference
+
+    model = common.load_model_arg(args)
+    hw = load_profile(args.hardware)
+    cluster = common.cluster_from_args(args, hw.gpus_per_node)
+    plan = InferencePlan(**common.inference_plan_fields(args, cluster))
+    result = simulate_inference(model, plan, cluster, hw)
+    if args.json:
+        sys.stdout.write(common.dump_json(result.to_json()))
+    else:
+        print_inference_summary(result.to_json(), model.name, hw.name)
+    return 0
+
+
+def print_inference_summary(data: dict, model_name: str, hardware: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    plan = data["plan"]
+    table = Table(title=f"{model_name} serving on {hardware}", show_header=False)
+    rows = (("plan", f"tp {plan['tp']}  pp {plan['pp']}  replicas {plan['replicas']}  batch "
+                     f"{plan['batch']}  prompt {plan['prompt_len']}  gen {plan['gen_len']}  {plan['dtype']}"),
+            ("time to first token", f"{data['ttft_s'] * 1e3:.1f} ms"),
+            ("time per output token", f"{data['tpot_s'] * 1e3:.2f} ms"),
+            ("latency (prompt + all tokens)", f"{data['latency_s']:.2f} s"),
+            ("throughput", f"{data['throughput_tokens_per_s']:,.0f} generated tokens/s"),
+            ("KV cache per device", f"{data['kv_cache_bytes'] / 2**30:.2f} GiB"),
+            ("peak memory", f"{data['peak_memory_bytes'] / 2**30:.1f} GiB "
+                            f"({'fits' if data['fits'] else 'DOES NOT FIT'}); max batch {data['max_batch']}"))
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
 
 
 def print_summary(result) -> None:
