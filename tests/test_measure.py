@@ -1,0 +1,134 @@
+"""Measuring this machine: GEMM shapes and byte counts by hand, tiny in-process timings, the
+machine description, the samples file, and one real torchrun launch of 2 gloo ranks."""
+import json
+import socket
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hw_profiles.collective_model import KINDS
+from hw_profiles.measure.compute import MIN_REPEATS, GemmShape, measure_gemms, \
+    measure_memory_bound, torch_threads, transformer_gemm_shapes
+from hw_profiles.measure.machine import cpu_model, describe_machine, memory_bytes
+from hw_profiles.measure.run import MeasurePlan, _run_torchrun, load_samples, \
+    measurement_plan, save_samples
+from hw_profiles.samples import COLLECTIVE_COLUMNS, GEMM_COLUMNS, MEMORY_BOUND_COLUMNS, Samples
+from meshplan.errors import ProfileError
+
+KIB, MIB = 1024, 1024 ** 2
+
+
+def test_transformer_gemm_shapes():
+    shapes = transformer_gemm_shapes(hidden=512, heads=8, ffn_hidden=1408, token_counts=[128],
+                                     seq_lens=[256])
+    assert shapes == [GemmShape("qkv_proj", 128, 1536, 512),
+                      GemmShape("attn_out_proj", 128, 512, 512),
+                      GemmShape("mlp_up_proj", 128, 2048, 512),
+                      GemmShape("mlp_down_proj", 128, 512, 2048),
+                      GemmShape("gated_mlp_up_proj", 128, 2816, 512),
+                      GemmShape("attn_score", 256, 256, 64, 8),
+                      GemmShape("attn_value", 256, 64, 256, 8)]
+
+
+def test_measure_tiny_gemms():
+    with torch_threads(1):
+        df = measure_gemms([GemmShape("tiny", 16, 16, 16), GemmShape("small", 256, 256, 256, 2)],
+                           ["fp32"], "cpu", repeats=5, warmup=1, budget_s=0.05)
+    assert list(df.columns) == list(GEMM_COLUMNS)
+    assert df["time_s"].gt(0).all() and df["time_std_s"].ge(0).all()
+    assert df["repeats"].between(MIN_REPEATS, 5).all()
+    assert df[["op", "m", "n", "k", "batch", "dtype"]].values.tolist() == [
+        ["tiny", 16, 16, 16, 1, "fp32"], ["small", 256, 256, 256, 2, "fp32"]]
+    # 8192 times the FLOPs cannot run faster.
+    assert df["time_s"].iloc[1] > df["time_s"].iloc[0]
+
+
+def test_memory_bound_bytes_and_dtypes():
+    df = measure_memory_bound(["layer_norm", "add", "adam"], [2048], ["fp32", "bf16"], "cpu",
+                              repeats=3, warmup=1, budget_s=0.01)
+    assert list(df.columns) == list(MEMORY_BOUND_COLUMNS)
+    got = {(r.op, r.dtype): r.bytes for r in df.itertuples()}
+    # 2048 elements as [2, 1024]: layer norm reads x, weight, bias and writes y; add reads 2
+    # tensors and writes 1; Adam reads p, g, m, v and writes p, m, v; adam only in fp32.
+    assert got == {("layer_norm", "fp32"): (2 * 2048 + 2 * 1024) * 4,
+                   ("add", "fp32"): 3 * 2048 * 4, ("adam", "fp32"): 7 * 2048 * 4,
+                   ("layer_norm", "bf16"): (2 * 2048 + 2 * 1024) * 2,
+                   ("add", "bf16"): 3 * 2048 * 2}
+    assert df["time_s"].gt(0).all()
+
+
+def test_cpu_model_and_memory_parsing():
+    x86 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\n"
+           "model name\t: AMD EPYC 7763 64-Core Processor\n")
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nModel\t: Raspberry Pi 4 Model B Rev 1.4\n"
+    assert cpu_model(x86) == "AMD EPYC 7763 64-Core Processor"
+    assert cpu_model(arm) == "Raspberry Pi 4 Model B Rev 1.4"
+    assert memory_bytes("MemTotal:       24576000 kB\nMemFree: 1 kB\n") == 24576000 * 1024
+    assert memory_bytes("") is None
+
+
+def test_describe_machine_has_no_hostname():
+    desc = describe_machine()
+    assert desc["usable_cpus"] >= 1 and desc["logical_cpus"] >= desc["usable_cpus"]
+    assert desc["gpu_count"] == len(desc["gpus"])
+    assert desc["date_utc"].endswith("+00:00")
+    host = socket.gethostname()
+    text = json.dumps(desc)
+    assert len(host) < 4 or host not in text
+
+
+def test_quick_cpu_plan_covers_the_brief():
+    plan = measurement_plan(quick=True, cuda=False, cpus=2, gpus=0)
+    assert plan.device == "cpu"
+    assert [w for w, _ in plan.launches] == [2, 3, 4]  # up to 2 ranks per core, at most 4
+    assert plan.collective_sizes_bytes[0] == KIB and plan.collective_sizes_bytes[-1] == 64 * MIB
+    assert set(plan.gemm_shapes) == {"fp32", "bf16"}
+    assert [w for w, _ in measurement_plan(True, False, 1, 0).launches] == [2]
+
+
+def test_samples_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = Samples(
+        gemm=pd.DataFrame([["x", 1, 2, 3, 1, "fp32", 1.234567890123e-7, 0.0, 5]],
+                          columns=list(GEMM_COLUMNS)),
+        memory_bound=pd.DataFrame(columns=list(MEMORY_BOUND_COLUMNS)),
+        collectives=pd.DataFrame({"collective": "all_reduce", "group_size": 2, "ranks_per_node": 2,
+                                  "message_bytes": [1024, 2048], "time_s": rng.random(2),
+                                  "time_std_s": [float("nan"), 0.5], "repeats": 3}))
+    path = tmp_path / "sub" / "samples.json"
+    save_samples(samples, path, {"cpu_model": "test"})
+    assert [p.name for p in path.parent.iterdir()] == ["samples.json"]  # no temp file left
+    back = load_samples(path)
+    assert back.gemm["time_s"].iloc[0] == 1.234567890123e-7
+    pd.testing.assert_frame_equal(back.collectives, samples.collectives, check_dtype=False)
+    assert back.memory_bound.empty and list(back.memory_bound.columns) == list(MEMORY_BOUND_COLUMNS)
+    assert json.loads(path.read_text())["machine"] == {"cpu_model": "test"}
+
+
+def test_load_samples_errors(tmp_path):
+    with pytest.raises(ProfileError, match="no such"):
+        load_samples(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(ProfileError, match="not JSON"):
+        load_samples(bad)
+    bad.write_text('{"format": "meshplan-samples/1", "gemm": []}')
+    with pytest.raises(ProfileError, match="malformed"):
+        load_samples(bad)
+
+
+@pytest.mark.slow
+def test_torchrun_collectives_two_ranks():
+    plan = MeasurePlan("cpu", {}, (), (), (KIB, 4 * MIB), ((2, (2,)),), repeats=5, warmup=1,
+                       budget_s=0.05)
+    progress = []
+    df = _run_torchrun(2, (2,), plan, lambda: progress.append(1))
+    assert list(df.columns) == list(COLLECTIVE_COLUMNS)
+    assert len(df) == len(progress) == len(KINDS) * 2
+    assert set(df["collective"]) == set(KINDS)
+    assert set(df["group_size"]) == {2} and set(df["ranks_per_node"]) == {2}
+    assert df["time_s"].gt(0).all() and df["repeats"].ge(3).all()
+    assert set(df["message_bytes"]) == {KIB, 4 * MIB}  # both divide evenly over 2 ranks
+    ar = df[df["collective"] == "all_reduce"].set_index("message_bytes")["time_s"]
+    assert ar[4 * MIB] > ar[KIB]
