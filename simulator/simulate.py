@@ -88,8 +88,21 @@ def _stage_params(model: ModelSpec, plan: Plan, layers: int, first: bool, last: 
     return params
 
 
+def compute_share(hw: HardwareProfile, cluster: Cluster) -> HardwareProfile:
+    """The profile as one rank sees it when more ranks than cores share a node (CPU runs:
+    each rank gets cores/ranks of a core's compute and memory throughput); collectives were
+    measured with the same sharing and stay as fitted."""
+    cores = hw.extra.get("cores_per_node")
+    ranks = min(cluster.num_gpus, cluster.gpus_per_node)
+    if not cores or ranks <= cores:
+        return hw
+    return hw.scaled(flops=cores / ranks, hbm_bw=cores / ranks)
+
+
 def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile) -> SimulationResult:
     plan.validate(model, cluster)
+    peak_flops, hardware = hw.peak_flops[plan.dtype], hw.name
+    hw = compute_share(hw, cluster)
     p, v, m = plan.pp, plan.virtual_stages, plan.num_microbatches
     tp, cp = group_of(plan, cluster, ("tp",)), group_of(plan, cluster, ("cp",))
     dp = group_of(plan, cluster, ("dp", "cp"))  # gradients are reduced over DP x CP
@@ -188,9 +201,9 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
     model_flops = model_flops_per_step(model, plan.global_batch, plan.seq_len)
     tflops_per_gpu = model_flops / step_s / cluster.num_gpus / 1e12
     return SimulationResult(
-        model=model, plan=plan, cluster=cluster, hardware=hw.name, step_time_s=step_s,
+        model=model, plan=plan, cluster=cluster, hardware=hardware, step_time_s=step_s,
         tokens_per_s=tokens / step_s, model_tflops_per_gpu=tflops_per_gpu,
-        mfu=tflops_per_gpu * 1e12 / hw.peak_flops[plan.dtype], peak_memory_bytes=peak,
+        mfu=tflops_per_gpu * 1e12 / peak_flops, peak_memory_bytes=peak,
         memory_limit_bytes=limit, fits=bool(peak <= limit), breakdown_s=breakdown,
         stages=tuple(stages), pipeline=pipe, error_band=hw.relative_error_band())
 

@@ -63,3 +63,16 @@ def test_gemm_flops_rate_is_plausible_for_a100():
     costs = layer_costs(model, shard, A100, "bf16", "none", Group(8, 8), Group(1, 1))
     rate = costs.fwd_flops / costs.fwd_compute_s
     assert 150e12 < rate < 280e12  # dense bf16 GEMMs on A100 (312 peak) reach 60-85%
+
+
+def test_ranks_beyond_cores_share_compute():
+    from dataclasses import replace
+
+    from simulator.simulate import compute_share
+    cpu = replace(A100, extra={**A100.extra, "cores_per_node": 2})
+    assert compute_share(cpu, Cluster(2, 4)) is cpu
+    shared = compute_share(cpu, Cluster(4, 4))
+    # 4 ranks on 2 cores: each GEMM takes twice as long; collectives unchanged
+    assert shared.gemm_time_s(4096, 4096, 4096, "bf16") == pytest.approx(
+        2 * cpu.gemm_time_s(4096, 4096, 4096, "bf16"), rel=0.05)
+    assert shared.collective_time_s("all_reduce", 2 ** 20, 4, 4) == cpu.collective_time_s("all_reduce", 2 ** 20, 4, 4)
