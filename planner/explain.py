@@ -1,0 +1,168 @@
+"""Why the planner picked its plan: the winner's step-time breakdown; for the runner-up and
+for each single-knob change of the winner, how much slower it is and which breakdown term
+grows, or which limit it breaks (memory, or the legality rule, as PlanError words it); and
+the prediction's error band from the hardware profile's fit residuals."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hw_profiles.profile import HardwareProfile
+from meshplan.errors import PlanError
+from simulator.model_spec import ModelSpec
+from simulator.plan import RECOMPUTE, SCHEDULES, Cluster, Plan
+from simulator.simulate import BREAKDOWN_KEYS, SimulationResult, simulate
+
+GIB = 2 ** 30
+TIE_REL = 1e-3  # step times closer than this are reported as a tie
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Another plan against the winner: its relative slowdown and the breakdown terms that
+    grow (seconds, largest first), or the limit that rules it out."""
+
+    label: str
+    plan: dict | None = None
+    step_time_s: float | None = None
+    slower_rel: float | None = None
+    grows: tuple[tuple[str, float], ...] = ()
+    limit: str | None = None
+
+    def text(self) -> str:
+        if self.limit:
+            return f"{self.label}: ruled out ({self.limit})"
+        if abs(self.slower_rel) < TIE_REL:
+            return f"{self.label}: ties (within {TIE_REL:.1%})"
+        if self.slower_rel < 0:
+            return f"{self.label}: {-self.slower_rel:.1%} faster ({_terms(self.grows, 'shrinks')})"
+        return f"{self.label}: {self.slower_rel:.1%} slower ({_terms(self.grows, 'grows')})"
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "plan": self.plan, "step_time_s": self.step_time_s,
+                "slower_rel": self.slower_rel, "grows_s": dict(self.grows), "limit": self.limit,
+                "text": self.text()}
+
+
+def _terms(deltas, verb: str) -> str:
+    if not deltas:
+        return "no term changes by more than 1%"
+    return ", ".join(f"{k} {verb} {abs(v):.3g} s" for k, v in deltas[:2])
+
+
+def compare(winner: SimulationResult, other: SimulationResult, label: str) -> Comparison:
+    """`other` against `winner`: relative slowdown; the terms that grow when slower (or
+    shrink when faster), those moving more than 1% of the winner's step, largest first."""
+    rel = other.step_time_s / winner.step_time_s - 1.0
+    sign = 1.0 if rel >= 0 else -1.0
+    deltas = sorted(((k, other.breakdown_s[k] - winner.breakdown_s[k]) for k in BREAKDOWN_KEYS),
+                    key=lambda kv: -sign * kv[1])
+    moved = tuple((k, d) for k, d in deltas if sign * d > 0.01 * winner.step_time_s)
+    if not other.fits:
+        return Comparison(label, other.plan.to_dict(), other.step_time_s, rel, moved,
+                          f"memory: needs {other.peak_memory_bytes / GIB:.1f} GiB, "
+                          f"{other.memory_limit_bytes / GIB:.1f} GiB usable")
+    return Comparison(label, other.plan.to_dict(), other.step_time_s, rel, moved)
+
+
+def knob_changes(plan: Plan) -> list[tuple[str, str, dict | str]]:
+    """(label, knob, changed fields or why there is none) for each single-knob change of
+    `plan`; a parallel degree's change moves the factor 2 to or from data parallelism."""
+    out = []
+    for axis in ("tp", "pp"):
+        deg = getattr(plan, axis)
+        for label, new, dp in (("x2", deg * 2, plan.dp / 2), ("/2", deg / 2, plan.dp * 2)):
+            if new < 1 or new != int(new):
+                continue
+            name = f"{axis} {label} (dp {'/2' if label == 'x2' else 'x2'})"
+            if dp != int(dp):
+                out.append((name, axis, f"--gpus: dp {plan.dp} has no factor 2 to give up"))
+                continue
+            fields = {axis: int(new), "dp": int(dp)}
+            if axis == "tp" and new == 1:
+                fields["sp"] = False
+            if axis == "pp" and new == 1:
+                fields.update(schedule="1f1b", virtual_stages=1)
+            out.append((name, axis, fields))
+    mbs = [plan.micro_batch * 2] + ([plan.micro_batch // 2] if plan.micro_batch % 2 == 0 else [])
+    out += [(f"micro-batch {b}", "micro_batch", {"micro_batch": b}) for b in mbs]
+    out += [(f"zero {z}", "zero", {"zero": z}) for z in (plan.zero - 1, plan.zero + 1) if 0 <= z <= 3]
+    out += [(f"recompute {r}", "recompute", {"recompute": r}) for r in RECOMPUTE if r != plan.recompute]
+    if plan.pp > 1:
+        for s in SCHEDULES:
+            if s != plan.schedule:
+                v = 2 if s == "interleaved" else 1
+                out.append((f"schedule {s}" + (f" (v={v})" if v > 1 else ""), "schedule",
+                            {"schedule": s, "virtual_stages": v}))
+    if plan.tp > 1:
+        out.append(("sequence parallel " + ("off" if plan.sp else "on"), "sp", {"sp": not plan.sp}))
+    return out
+
+
+@dataclass(frozen=True)
+class Explanation:
+    step_time_s: float
+    breakdown_s: dict
+    error_band: tuple[float, float]
+    runner_up: Comparison | None
+    changes: tuple[Comparison, ...]
+
+    def lines(self) -> list[str]:
+        parts = ", ".join(f"{k} {v:.3g} s ({v / self.step_time_s:.0%})"
+                          for k, v in self.breakdown_s.items() if v > 1e-6 * self.step_time_s)
+        lo, hi = self.error_band
+        out = [f"winner: {self.step_time_s:.3f} s per step = {parts}",
+               f"prediction error band (profile fit residuals): ±{lo:.0%} median, ±{hi:.0%} p95"]
+        if self.runner_up is not None:
+            close = self.runner_up.slower_rel is not None and self.runner_up.slower_rel < lo
+            out.append(self.runner_up.text() + (" -- inside the median error band: a toss-up"
+                                                if close else ""))
+        out += [c.text() for c in self.changes]
+        return out
+
+    def to_json(self) -> dict:
+        return {"step_time_s": self.step_time_s, "breakdown_s": dict(self.breakdown_s),
+                "error_band": {"median_rel": self.error_band[0], "p95_rel": self.error_band[1]},
+                "runner_up": self.runner_up.to_json() if self.runner_up else None,
+                "changes": [c.to_json() for c in self.changes], "text": self.lines()}
+
+
+def try_plan(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fields: dict):
+    """simulate() the plan `fields` describe, or the PlanError that rules it out."""
+    try:
+        plan = Plan(**fields)
+        plan.validate(model, cluster)
+    except PlanError as exc:
+        return exc
+    return simulate(model, plan, cluster, hw)
+
+
+def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
+            ranked: tuple[SimulationResult, ...], fixed: dict) -> Explanation:
+    winner = ranked[0]
+    runner = compare(winner, ranked[1], "runner-up " + _describe(ranked[1].plan, winner.plan)) \
+        if len(ranked) > 1 else None
+    changes = []
+    for label, knob, fields in knob_changes(winner.plan):
+        held = f" (you fixed --{knob.replace('_', '-')})" if knob in fixed else ""
+        if isinstance(fields, str):
+            changes.append(Comparison(label + held, limit=fields))
+            continue
+        other = try_plan(model, cluster, hw, {**winner.plan.to_dict(), **fields, "layer_partition": None})
+        if isinstance(other, PlanError):
+            changes.append(Comparison(label + held, limit=f"{other.field}: {other.problem}"))
+        else:
+            changes.append(compare(winner, other, label + held))
+    return Explanation(winner.step_time_s, dict(winner.breakdown_s), winner.error_band, runner,
+                       tuple(changes))
+
+
+def _describe(plan: Plan, base: Plan) -> str:
+    """The knobs where `plan` differs from `base`, e.g. "(tp 4, dp 32, sp)"."""
+    diffs = [f"{k} {getattr(plan, k)}" for k in ("dp", "tp", "pp", "cp", "zero", "recompute",
+                                                 "micro_batch", "schedule", "virtual_stages")
+             if getattr(plan, k) != getattr(base, k)]
+    if plan.sp != base.sp:
+        diffs.append("sp" if plan.sp else "no sp")
+    if plan.placement != base.placement:
+        diffs.append("placement " + ",".join(plan.placement))
+    return f"({', '.join(diffs) or 'same knobs'})"

@@ -1,0 +1,102 @@
+"""The planner's search: build the candidate table, evaluate it with the closed forms
+(planner/analytic.py), then re-rank the best few with the exact discrete-event simulator.
+
+    table = every legal plan (planner/space.py)
+    -> memory of each, step time of the fitting ones that can still make the top
+    -> simulate() the best `des` of them and rank by its step time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from hw_profiles.profile import HardwareProfile
+from meshplan.errors import PlanError
+from planner.analytic import evaluate
+from planner.space import candidate_table, row_plan
+from simulator.model_spec import ModelSpec
+from simulator.plan import Cluster
+from simulator.simulate import SimulationResult, simulate
+
+# Plans re-ranked by the discrete-event simulation: the best by the closed forms, up to
+# DES_CANDIDATES, stopping once their pipeline ops pass DES_OPS_BUDGET (the simulation
+# costs ~6.5 us of CPU per op here, so ~1.6 s) but never below DES_MIN.
+DES_CANDIDATES, DES_MIN, DES_OPS_BUDGET = 24, 16, 250_000
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    ranked: tuple[SimulationResult, ...]  # fitting plans, fastest first (simulated)
+    candidates: int                       # legal plans in the table
+    feasible: int                         # legal plans that fit in memory
+    evaluated: int                        # plans whose step time the closed forms computed
+    simulated: int                        # plans run through simulate()
+    search_time_s: float
+
+
+def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
+           des: int = DES_CANDIDATES,
+           allowed: Callable[[pd.DataFrame], np.ndarray] | None = None) -> SearchResult:
+    """Rank the legal plans for `model` on `cluster`. `fixed`: the plan fields the user
+    gave (held); `allowed`: which candidate rows to keep (a target framework's support,
+    export.supported)."""
+    start = time.perf_counter()
+    table = candidate_table(model, cluster, fixed)
+    if allowed is not None:
+        attrs = dict(table.attrs)
+        table = table[allowed(table)].reset_index(drop=True)
+        table.attrs.update(attrs)
+        if table.empty:
+            raise PlanError("--emit", "no legal plan is one the target framework can run",
+                            "drop --emit, or fix fewer knobs")
+    ev = evaluate(table, model, hw, keep=des)
+    if not ev.fits.any():
+        raise _memory_error(ev, hw, fixed)
+    results = [simulate(model, row_plan(table, i), cluster, hw) for i in _des_rows(table, ev, des)]
+    ranked = sorted((r for r in results if r.fits), key=lambda r: (r.step_time_s, r.peak_memory_bytes))
+    if not ranked:
+        raise _memory_error(ev, hw, fixed)
+    return SearchResult(tuple(ranked), len(table), int(ev.fits.sum()),
+                        int(np.isfinite(ev.step_time_s).sum()), len(results),
+                        time.perf_counter() - start)
+
+
+def _des_rows(table, ev, des: int) -> list[int]:
+    """Rows to simulate: fastest first by the closed forms, skipping a row whose pipeline
+    and predicted time equal an earlier one's (e.g. selective vs no recompute under fused
+    attention, ZeRO-1 vs 2: same time, the earlier has less memory), within the ops budget."""
+    key = np.where(ev.fits & np.isfinite(ev.step_time_s), ev.step_time_s, np.inf)
+    order = np.lexsort((ev.peak_memory_bytes, key))[:50 * des]
+    order = order[np.isfinite(key[order])]
+    shape = table[["pp", "virtual_stages", "num_microbatches"]].to_numpy()[order]
+    zb = (table["schedule"] == "zb-h1").to_numpy()[order]
+    sched = table["schedule"].cat.codes.to_numpy()[order]
+    rows, seen, spent = [], set(), 0
+    for i, (p, v, m), z, code in zip(order, shape, zb, sched):
+        if len(rows) >= des or (spent > DES_OPS_BUDGET and len(rows) >= DES_MIN):
+            break
+        sig = (key[i], p, v, m, code)
+        if sig not in seen:
+            seen.add(sig)
+            rows.append(int(i))
+            spent += int(m * p * v * (3 if z else 2))
+    return rows
+
+
+def _memory_error(ev, hw: HardwareProfile, fixed: dict) -> PlanError:
+    """Every legal plan is over the memory limit: say by how much and what would help."""
+    held = [f"--{k.replace('_', '-')} {fixed[k]}" for k in ("recompute", "zero", "micro_batch",
+                                                            "tp", "pp", "cp") if k in fixed]
+    helps = ["add GPUs"] + [h for k, h in (("recompute", "allow recompute"), ("zero", "allow ZeRO"),
+                                         ("micro_batch", "allow smaller micro-batches"))
+                           if k in fixed]
+    return PlanError("--gpus", f"every legal plan needs more than the {ev.memory_limit_bytes / GIB:.1f} "
+                     f"GiB usable of {hw.memory_bytes / GIB:.0f} GiB per device (the smallest needs at least "
+                     f"{np.min(ev.peak_memory_bytes) / GIB:.1f} GiB)"
+                     + (f" with {', '.join(held)} held" if held else ""),
+                     " or ".join(helps) + (", or use a device with more memory" if not held else ""))

@@ -1,0 +1,192 @@
+"""The candidate table: every plan the search considers, one row each.
+
+Rows are built by joins over the knobs (pandas), each join keeping only the values legal
+for the row (the divisibility rules of simulator/plan.py), so every row is a legal plan:
+parallel degrees whose product is the GPU count, rank placements (deduplicated by the
+link levels their groups land on), micro-batch sizes dividing the per-replica batch,
+pipeline schedules with their legal virtual-stage counts, sequence parallelism, ZeRO
+stage and recompute. Knobs the user fixed take only their fixed value.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from meshplan.errors import PlanError
+from simulator.model_spec import ModelSpec
+from simulator.plan import ATTENTION, DTYPES, RECOMPUTE, SCHEDULES, Cluster, Plan
+
+# Rank orders tried, innermost first: Megatron-LM's default (tp-cp-dp-pp), its
+# --use-tp-pp-dp-mapping (tp-cp-pp-dp), data parallel inside context parallel, and data
+# parallel innermost (keeps a small DP group inside a node when TP traffic is light).
+PLACEMENTS = (("tp", "cp", "dp", "pp"), ("tp", "cp", "pp", "dp"), ("tp", "dp", "cp", "pp"),
+              ("dp", "tp", "cp", "pp"))
+ZERO_STAGES = (0, 1, 2, 3)
+GROUP_COLUMNS = ("tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn")
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def ranks_per_node(sizes: dict, placement: tuple[str, ...], axes: tuple[str, ...],
+                   gpus_per_node: int) -> int:
+    """simulator.placement.group_of's ranks_per_node, with numpy: rank 0's group along
+    `axes` under `placement`, its size over the number of nodes it touches."""
+    stride, strides = 1, {}
+    for axis in placement:
+        strides[axis] = stride
+        stride *= sizes[axis]
+    ranks = np.zeros(1, dtype=np.int64)
+    for axis in axes:
+        ranks = (ranks[:, None] + np.arange(sizes[axis]) * strides[axis]).ravel()
+    return int(ranks.size // np.unique(ranks // gpus_per_node).size)
+
+
+def pp_pair_ranks_per_node(sizes: dict, placement: tuple[str, ...], gpus_per_node: int) -> int:
+    """simulator.placement.pp_neighbour_group's ranks_per_node: 2 when adjacent stages'
+    ranks are less than a node apart, else 1."""
+    stride = int(np.prod([sizes[a] for a in placement[:placement.index("pp")]]))
+    return 2 if stride // gpus_per_node == 0 else 1
+
+
+def _axes_rows(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
+    """Parallel degrees (dp, tp, pp, cp) with product = GPUs, each legal on its own."""
+    n, seq, gb = cluster.num_gpus, fixed["seq_len"], fixed["global_batch"]
+    if seq > model.max_seq_len and model.position_embedding == "learned":
+        return pd.DataFrame(columns=["dp", "tp", "pp", "cp"])
+    rows = []
+    for tp in divisors(n):
+        if model.num_heads % tp or model.num_kv_heads % tp or model.ffn_hidden_size % tp:
+            continue
+        for cp in divisors(n // tp):
+            if cp > 1 and seq % (2 * cp):
+                continue
+            for pp in divisors(n // (tp * cp)):
+                dp = n // (tp * cp * pp)
+                if pp <= model.num_layers and gb % dp == 0:
+                    rows.append((dp, tp, pp, cp))
+    axes = pd.DataFrame(rows, columns=["dp", "tp", "pp", "cp"])
+    for knob in ("dp", "tp", "pp", "cp"):
+        if knob in fixed:
+            axes = axes[axes[knob] == fixed[knob]]
+    return axes
+
+
+def _placement_rows(axes: pd.DataFrame, cluster: Cluster, fixed: dict) -> pd.DataFrame:
+    """Each degree tuple with the placements whose group link levels differ."""
+    orders = (tuple(fixed["placement"]),) if "placement" in fixed else PLACEMENTS
+    rows = []
+    for dp, tp, pp, cp in axes[["dp", "tp", "pp", "cp"]].itertuples(index=False):
+        sizes = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
+        seen = set()
+        for order in orders:
+            g = cluster.gpus_per_node
+            sig = (ranks_per_node(sizes, order, ("tp",), g), ranks_per_node(sizes, order, ("cp",), g),
+                   ranks_per_node(sizes, order, ("dp", "cp"), g),
+                   pp_pair_ranks_per_node(sizes, order, g) if pp > 1 else 1)  # no p2p without PP
+            if sig not in seen:
+                seen.add(sig)
+                rows.append((dp, tp, pp, cp, order) + sig)
+    return pd.DataFrame(rows, columns=["dp", "tp", "pp", "cp", "placement", *GROUP_COLUMNS])
+
+
+def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str]) -> pd.DataFrame:
+    """Inner join of each row with the option tuples options(*key values) gives for it."""
+    uniq = table[keys].drop_duplicates()
+    rows = [key + tuple(opt) for key in uniq.itertuples(index=False, name=None)
+            for opt in options(*key)]
+    return table.merge(pd.DataFrame(rows, columns=keys + columns), on=keys, how="inner")
+
+
+def _schedules(model: ModelSpec, fixed: dict):
+    def options(pp: int, m: int):
+        if pp == 1:
+            opts = [(fixed.get("schedule", "1f1b"), 1)]
+        else:
+            opts = [(s, 1) for s in ("gpipe", "1f1b", "zb-h1")]
+            # Interleaving needs micro-batches in multiples of pp (Narayanan et al. 2021
+            # sec 2.2.2); we try chunk counts that split the layers evenly, as Megatron-LM's
+            # --num-layers-per-virtual-pipeline-stage and torchtitan's layers-per-stage need.
+            vs = [fixed["virtual_stages"]] if fixed.get("virtual_stages", 1) > 1 else [
+                v for v in range(2, model.num_layers // pp + 1) if model.num_layers % (pp * v) == 0]
+            if m % pp == 0:
+                opts += [("interleaved", v) for v in vs if pp * v <= model.num_layers]
+        return [o for o in opts if fixed.get("schedule", o[0]) == o[0]
+                and fixed.get("virtual_stages", o[1]) == o[1]]
+    return options
+
+
+def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
+    """All legal plans for the model on the cluster with the user's fixed knobs held.
+    Scalar settings (global batch, sequence, dtype, attention, layer partition) ride in
+    table.attrs. Raises PlanError naming the broken rule when no plan is legal."""
+    for required, flag in (("global_batch", "--global-batch"), ("seq_len", "--seq-len")):
+        if required not in fixed:
+            raise PlanError(flag, "missing", f"pass {flag} N")
+    gb, seq = fixed["global_batch"], fixed["seq_len"]
+    table = _placement_rows(_axes_rows(model, cluster, fixed), cluster, fixed)
+    if not table.empty:
+        table = _join(table, ["dp"], lambda dp: [(b,) for b in divisors(gb // dp)
+                                                 if fixed.get("micro_batch", b) == b], ["micro_batch"])
+    if not table.empty:
+        table["num_microbatches"] = gb // (table["dp"] * table["micro_batch"])
+        table = _join(table, ["pp", "num_microbatches"], _schedules(model, fixed),
+                      ["schedule", "virtual_stages"])
+    if not table.empty:
+        table = _join(table, ["tp", "cp"], lambda tp, cp: [
+            (sp,) for sp in ((False, True) if tp > 1 and (seq // cp) % tp == 0 else (False,))
+            if fixed.get("sp", sp) == sp], ["sp"])
+    if not table.empty:
+        table = _join(table, ["dp", "cp"], lambda dp, cp: [
+            (z,) for z in (ZERO_STAGES if "zero" in fixed or dp * cp > 1 else (0,))
+            if fixed.get("zero", z) == z], ["zero"])
+    if not table.empty:
+        table = _join(table, ["tp"], lambda tp: [
+            (r,) for r in RECOMPUTE if fixed.get("recompute", r) == r], ["recompute"])
+    partition = fixed.get("layer_partition")
+    if partition is not None and not table.empty:
+        table = table[table["pp"] * table["virtual_stages"] == len(partition)]
+    if table.empty:
+        raise _why_empty(model, cluster, fixed)
+    table = table.reset_index(drop=True)
+    table["schedule"] = pd.Categorical(table["schedule"], categories=SCHEDULES)
+    table["recompute"] = pd.Categorical(table["recompute"], categories=RECOMPUTE)
+    table.attrs.update(global_batch=gb, seq_len=seq, dtype=fixed.get("dtype", DTYPES[1]),
+                       attention=fixed.get("attention", ATTENTION[0]),
+                       layer_partition=tuple(partition) if partition is not None else None)
+    return table
+
+
+def row_plan(table: pd.DataFrame, i: int) -> Plan:
+    """The Plan of row i."""
+    row = table.iloc[i]
+    a = table.attrs
+    return Plan(global_batch=a["global_batch"], seq_len=a["seq_len"], dp=int(row.dp), tp=int(row.tp),
+                pp=int(row.pp), cp=int(row.cp), sp=bool(row.sp), zero=int(row.zero),
+                recompute=str(row.recompute), micro_batch=int(row.micro_batch),
+                schedule=str(row.schedule), virtual_stages=int(row.virtual_stages),
+                layer_partition=a["layer_partition"], dtype=a["dtype"], attention=a["attention"],
+                placement=tuple(row.placement))
+
+
+def _why_empty(model: ModelSpec, cluster: Cluster, fixed: dict) -> PlanError:
+    """The rule that leaves no legal plan: the first violation of the plan made of the
+    fixed knobs and defaults, or a summary when each knob is legal on its own."""
+    fields = dict(fixed)
+    if "dp" not in fields:
+        other = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)
+        if cluster.num_gpus % other:
+            return PlanError("--gpus", f"{cluster.num_gpus} GPUs are not divisible by tp*pp*cp = "
+                             f"{other}", "choose tp, pp, cp whose product divides the GPU count")
+        fields["dp"] = cluster.num_gpus // other
+    if fields.get("schedule") == "interleaved" and "virtual_stages" not in fields:
+        fields["virtual_stages"] = 2
+    try:
+        Plan(**fields).validate(model, cluster)
+    except PlanError as exc:
+        return exc
+    return PlanError("--gpus", f"no combination of dp, tp, pp, cp, micro-batch and schedule is "
+                     f"legal for {model.name} on {cluster.num_gpus} GPUs with global batch "
+                     f"{fixed['global_batch']}", "fix fewer knobs or change the GPU count or batch")

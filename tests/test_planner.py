@@ -1,0 +1,222 @@
+"""The planner: its vectorised pieces against the simulator's own functions, the closed
+forms against simulate(), hand-checked small searches, the published Megatron
+configurations (Narayanan et al. 2021 Table 1), and `meshplan plan` as a user runs it."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hw_profiles.profile import load_profile
+from meshplan.errors import PlanError
+from planner.analytic import evaluate, partition_slots
+from planner.explain import compare, explain
+from planner.search import search
+from planner.space import PLACEMENTS, candidate_table, pp_pair_ranks_per_node, ranks_per_node, row_plan
+from simulator.cost import Group, layer_costs
+from simulator.model_spec import ZOO, ModelSpec
+from simulator.ops import Shard
+from simulator.partition import balanced_partition
+from simulator.placement import group_of, pp_neighbour_group
+from simulator.plan import Cluster, Plan
+from simulator.simulate import simulate
+
+A100 = load_profile("a100-80gb")
+H100 = load_profile("h100-80gb")
+
+
+@pytest.mark.parametrize("layers", [5, 60, 105])
+def test_partition_closed_form_matches_balanced_partition(layers):
+    rng = np.random.default_rng(layers)
+    p = rng.choice([x for x in (1, 2, 3, 4, 7, 8, 16, 32, 48) if x <= layers], 250)
+    v = np.array([rng.integers(1, layers // x + 1) for x in p])
+    layer_s, last_s = rng.uniform(0.5, 2, p.size), rng.uniform(0, 8, p.size)
+    first_s = np.where(rng.random(p.size) < 0.3, 0.0, rng.uniform(0, 5, p.size))
+    slots = partition_slots(layers, p, v, layer_s, first_s, last_s)  # all cases in one call
+    for i in range(p.size):
+        ranks = np.zeros(p[i], int)
+        parts = balanced_partition(layers, int(p[i] * v[i]), layer_s[i], first_s[i], last_s[i])
+        for j, n in enumerate(parts):
+            ranks[j % p[i]] += n
+        for s, n, before in slots:
+            assert ranks[s[i]] == n[i] and ranks[:s[i]].sum() == before[i]
+        # every middle rank holding more layers than all middle ranks before it is a slot
+        middle = ranks[1:p[i] - 1]
+        records = {k + 1 for k in range(len(middle)) if middle[k] > middle[:k].max(initial=-1)}
+        assert records <= {int(s[i]) for s, _, _ in slots}
+
+
+def test_ranks_per_node_matches_group_of():
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        sizes = dict(zip(("tp", "cp", "dp", "pp"), (int(x) for x in 2 ** rng.integers(0, 4, 4))))
+        gpn = int(rng.choice([1, 2, 4, 8]))
+        order = PLACEMENTS[int(rng.integers(len(PLACEMENTS)))]
+        n = int(np.prod(list(sizes.values())))
+        if n > gpn and n % gpn:
+            continue
+        plan = Plan(global_batch=sizes["dp"], seq_len=8, placement=order, **sizes)
+        cluster = Cluster(n, gpn)
+        for axes in (("tp",), ("cp",), ("dp", "cp")):
+            assert ranks_per_node(sizes, order, axes, gpn) == group_of(plan, cluster, axes).ranks_per_node
+        assert pp_pair_ranks_per_node(sizes, order, gpn) == pp_neighbour_group(plan, cluster).ranks_per_node
+
+
+def test_table_layer_times_match_layer_costs():
+    from planner.analytic import _add_times, _basics, _take
+    model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
+    table = candidate_table(model, cluster, {"global_batch": 64, "seq_len": 4096})
+    rows = np.random.default_rng(2).choice(len(table), 40, replace=False)
+    r = _add_times(_take(_basics(table, model), rows), model, A100)
+    for k, i in enumerate(rows):
+        x = table.iloc[i]
+        shard = Shard(int(x.micro_batch), 4096, int(x.tp), int(x.cp), bool(x.sp), 2, True)
+        ref = layer_costs(model, shard, A100, "bf16", str(x.recompute), Group(int(x.tp), int(x.tp_rpn)),
+                          Group(int(x.cp), int(x.cp_rpn)))
+        assert r["l_fwd"][k] == pytest.approx(ref.fwd_s, rel=1e-12)
+        assert r["l_bwd"][k] == pytest.approx(ref.bwd_s, rel=1e-12)
+
+
+@pytest.mark.parametrize("name,gpus,per_node,batch,seq,hw", [
+    ("llama-2-13b", 64, 8, 128, 4096, A100), ("gpt3-175b", 256, 8, 512, 2048, H100)])
+def test_closed_forms_agree_with_simulate(name, gpus, per_node, batch, seq, hw):
+    """Memory is the same composition (within 0.5%); step time differs where the closed
+    forms stand in for the discrete-event pipeline (interleaved with few micro-batches per
+    stage, ZB-H1 in deep pipelines) and for the end times of ranks other than the first."""
+    model, cluster = ZOO[name], Cluster(gpus, per_node)
+    table = candidate_table(model, cluster, {"global_batch": batch, "seq_len": seq})
+    ev = evaluate(table, model, hw)
+    rng = np.random.default_rng(3)
+    time_err, mem_err = [], []
+    for schedule in ("gpipe", "1f1b", "interleaved", "zb-h1"):
+        rows = np.flatnonzero(ev.fits & (table["schedule"] == schedule).to_numpy()
+                              & (table["pp"] > 1).to_numpy())
+        for i in rng.choice(rows, 8, replace=False):
+            sim = simulate(model, row_plan(table, int(i)), cluster, hw)
+            time_err.append(abs(ev.step_time_s[i] / sim.step_time_s - 1))
+            mem_err.append(abs(ev.peak_memory_bytes[i] / sim.peak_memory_bytes - 1))
+    assert np.median(time_err) < 0.01 and np.percentile(time_err, 90) < 0.04 and max(time_err) < 0.08
+    assert max(mem_err) < 0.005
+
+
+def test_closed_forms_with_a_given_layer_partition():
+    model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
+    fixed = {"global_batch": 64, "seq_len": 4096, "pp": 4, "layer_partition": (7, 12, 12, 9)}
+    table = candidate_table(model, cluster, fixed)
+    ev = evaluate(table, model, A100)
+    for i in np.random.default_rng(4).choice(np.flatnonzero(ev.fits), 6, replace=False):
+        sim = simulate(model, row_plan(table, int(i)), cluster, A100)
+        assert sim.plan.layer_partition == (7, 12, 12, 9)
+        assert ev.peak_memory_bytes[i] == pytest.approx(sim.peak_memory_bytes, rel=0.005)
+        assert ev.step_time_s[i] == pytest.approx(sim.step_time_s, rel=0.08)
+
+
+def test_bounded_evaluation_keeps_the_same_best_rows():
+    model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
+    table = candidate_table(model, cluster, {"global_batch": 128, "seq_len": 4096})
+    full, bounded = evaluate(table, model, A100), evaluate(table, model, A100, keep=20)
+    best = lambda ev: np.sort(np.where(ev.fits, ev.step_time_s, np.inf))[:20]  # noqa: E731
+    assert np.array_equal(best(full), best(bounded))
+    assert np.array_equal(full.fits, bounded.fits)
+    assert np.isnan(bounded.step_time_s).sum() > 0.5 * len(table)  # most rows bounded out
+
+
+def test_small_model_prefers_data_parallel_over_tensor_parallel_on_slow_links():
+    # 0.9B parameters: fits one device; one GPU per node, so every link is inter-node
+    model = ModelSpec("small", 16, 2048, 16, 16, 8192, 32000, 2048)
+    cluster, hw = Cluster(16, 1), A100.scaled(inter_node_bw=0.25)
+    found = search(model, cluster, hw, {"global_batch": 64, "seq_len": 2048})
+    assert found.ranked[0].plan.tp == 1
+    tensor = simulate(model, Plan(global_batch=64, seq_len=2048, tp=16, dp=1), cluster, hw)
+    assert tensor.step_time_s > 2 * found.ranked[0].step_time_s
+    assert compare(found.ranked[0], tensor, "tp 16").grows[0][0] == "tp_comm"
+
+
+def test_too_little_memory_picks_full_recompute_or_zero3():
+    model, cluster = ZOO["llama-2-7b"], Cluster(8, 8)
+    fixed = {"global_batch": 64, "seq_len": 4096, "tp": 1, "pp": 1, "cp": 1}
+    roomy = search(model, cluster, A100, fixed).ranked[0].plan
+    tight = search(model, cluster, A100.scaled(memory=0.4), fixed).ranked[0].plan
+    assert tight.zero == 3 or tight.recompute == "full"
+    assert (tight.zero, tight.recompute) != (roomy.zero, roomy.recompute)
+
+
+def test_fixed_knobs_are_held():
+    model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
+    fixed = {"global_batch": 128, "seq_len": 4096, "tp": 4, "recompute": "selective", "schedule": "1f1b"}
+    found = search(model, cluster, A100, fixed)
+    assert all(r.plan.tp == 4 and r.plan.recompute == "selective" and r.plan.schedule == "1f1b"
+               for r in found.ranked)
+    why = explain(model, cluster, A100, found.ranked, fixed)
+    assert any("you fixed --tp" in c.label for c in why.changes)
+
+
+def test_no_plan_fits_says_which_limit():
+    with pytest.raises(PlanError, match="GiB") as err:
+        search(ZOO["llama-2-70b"], Cluster(8, 8), A100,
+               {"global_batch": 8, "seq_len": 4096, "recompute": "none", "zero": 0})
+    assert err.value.field == "--gpus" and "allow recompute" in err.value.fix
+
+
+# Narayanan et al. 2021 Table 1 (GPT, vocab 51200, seq 2048, A100 DGX): (model, t, p, GPUs, batch).
+PUBLISHED = [("megatron-gpt-39b", 8, 2, 512, 1536), ("megatron-gpt-146b", 8, 8, 1536, 2304),
+             ("megatron-gpt-1t", 8, 64, 3072, 3072)]
+
+
+@pytest.mark.parametrize("name,tp,pp,gpus,batch", PUBLISHED)
+def test_best_plan_at_least_as_fast_as_published_configuration(name, tp, pp, gpus, batch):
+    model, cluster = ZOO[name], Cluster(gpus, 8)
+    # The paper's runs: micro-batch 1, full recompute, PipeDream-Flush (1F1B), no ZeRO.
+    published = simulate(model, Plan(global_batch=batch, seq_len=2048, tp=tp, pp=pp,
+                                     dp=gpus // (tp * pp), recompute="full"), cluster, A100)
+    assert published.fits
+    best = search(model, cluster, A100, {"global_batch": batch, "seq_len": 2048}).ranked[0]
+    assert best.step_time_s <= published.step_time_s * (1 + 1e-9)
+    why = compare(best, published, "published")
+    if why.slower_rel > 1e-3:
+        assert why.grows and "slower" in why.text()
+
+
+GPT3 = ["--model", "gpt3-175b", "--hardware", "a100-80gb", "--gpus", "1024", "--gpus-per-node", "8",
+        "--global-batch", "1536", "--seq-len", "2048"]
+
+
+def meshplan(*args):
+    return subprocess.run([sys.executable, "-m", "meshplan.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_plan_json_keys():
+    out = meshplan("plan", *GPT3, "--top", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert {"evaluated", "feasible", "search_time_s", "plans", "explanation"} <= set(result)
+    assert result["evaluated"] >= result["feasible"] > 0 and len(result["plans"]) == 3
+    assert set(result["plans"][0]) >= {"step_time_s", "tokens_per_s", "mfu", "peak_memory_bytes",
+                                       "breakdown_s", "stages", "plan", "error_band"}
+    steps = [p["step_time_s"] for p in result["plans"]]
+    assert steps == sorted(steps)
+    assert result["explanation"]["changes"] and result["explanation"]["text"]
+
+
+def test_plan_text_has_ranking_and_why():
+    out = meshplan("plan", *GPT3, "--tp", "8", "--recompute", "selective", "--top", "3")
+    assert out.returncode == 0, out.stderr
+    assert "why" in out.stdout and "error band" in out.stdout and "tp8" in out.stdout
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--model", "nope", "--gpus", "8", "--global-batch", "8", "--seq-len", "512"], "--model"),
+    (["--model", "llama-2-70b", "--gpus", "6", "--tp", "3", "--global-batch", "8", "--seq-len", "512"],
+     "--tp"),
+    (["--model", "llama-2-70b", "--gpus", "8", "--global-batch", "8", "--seq-len", "4096",
+      "--recompute", "none", "--zero", "0"], "GiB"),
+    (["--model", "llama-2-7b", "--gpus", "8", "--global-batch", "8", "--seq-len", "512", "--top", "0"],
+     "--top"),
+])
+def test_plan_bad_input_is_one_line_exit_2(args, field):
+    out = meshplan("plan", *args, "--json")
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in out.stderr
