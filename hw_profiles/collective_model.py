@@ -130,11 +130,27 @@ def intra_time_s(fit: CollectiveFit, kind: str, message_bytes, group_size: int):
     return fit.intra_curve(kind, group_size).time_s(message_bytes * bus_factor(kind, group_size))
 
 
+def latency_steps(kind: str, nodes: float) -> float:
+    """Sequential inter-node hops of `kind` over `nodes` nodes: a ring all-gather /
+    reduce-scatter / broadcast takes N-1, an all-reduce the fewer of a ring's 2(N-1) and a
+    tree's 2*log2(N) (NCCL picks between them; Thakur et al. 2005 sec 4; NCCL's tuning)."""
+    if kind == "send_recv" or nodes <= 1:
+        return 1.0
+    if kind == "all_reduce":
+        return min(2.0 * (nodes - 1), 2.0 * np.ceil(np.log2(nodes)))
+    if kind == "all_to_all":
+        return 1.0  # every pair exchanges at once
+    return nodes - 1.0
+
+
 def inter_step_s(fit: CollectiveFit, kind: str, per_rank_bytes, nodes: float, ranks_per_node: int):
     """Time of the inter-node step of `kind` over `nodes` nodes, each rank moving
-    `per_rank_bytes` through its NIC (bus factor over the node count)."""
+    `per_rank_bytes` through its NIC (bus factor over the node count). The curve's latency
+    was fitted on two nodes; more nodes add latency for each further sequential hop."""
     factor = 1.0 if kind == "send_recv" else bus_factor(kind, nodes)
-    return fit.inter_curve(kind, ranks_per_node).time_s(per_rank_bytes * factor)
+    curve = fit.inter_curve(kind, ranks_per_node)
+    extra_hops = latency_steps(kind, nodes) / latency_steps(kind, 2.0) - 1.0
+    return curve.time_s(per_rank_bytes * factor) + extra_hops * curve.small.alpha_s
 
 
 def hierarchical_time_s(fit: CollectiveFit, kind: str, message_bytes, group_size: int,

@@ -210,3 +210,16 @@ def test_stock_keeps_vidur_cross_node_fit_as_unused_reference(name):
     assert "not used" in ref["note"] and ref["curves"]["send_recv"]["1"]["per_rank_busbw_bytes_per_s"] > 0
     assert hw.fit_report["measured_inter_node_not_used"]["fits"]
     assert any("nccl" in s for s in hw.sources)
+
+
+def test_inter_node_latency_grows_with_ring_hops():
+    from hw_profiles.profile import load_profile
+    hw = load_profile("a100-80gb")
+    two = hw.collective_time_s("all_gather", 1024, 16, 8)
+    # a ring all-gather over 128 nodes has 127 sequential inter-node hops instead of 1
+    alpha = hw.collective_time_s("all_gather", 1024, 32, 8) - two   # 4 nodes: 2 extra hops
+    assert hw.collective_time_s("all_gather", 1024, 1024, 8) == pytest.approx(two + 126 * alpha / 2, rel=0.05)
+    # all-reduce switches to a tree: 2*log2(128) = 14 hops against 2 on two nodes
+    ar2 = hw.collective_time_s("all_reduce", 1024, 16, 8)
+    ar128 = hw.collective_time_s("all_reduce", 1024, 1024, 8)
+    assert ar128 - ar2 == pytest.approx(6 * alpha / 2, rel=0.05)
