@@ -4,19 +4,34 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install demo test test-fast
+.PHONY: install browser demo test test-fast
 
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 
-demo: install
-	$(PYTHON) -m meshplan.cli simulate --model gpt3-175b --hardware a100-80gb --gpus 1024 \
-	  --gpus-per-node 8 --global-batch 1536 --seq-len 2048 --tp 8 --pp 8 --dp 16 \
-	  --micro-batch 1 --schedule 1f1b --recompute full --zero 1 \
-	  --trace out/gpt3-175b.trace.json --timeline out/gpt3-175b.timeline.html
+# Headless Chromium renders the what-if report in its test (Debian package `chromium`).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
-test: install
+MESHPLAN = $(PYTHON) -m meshplan.cli
+CLUSTER = --hardware a100-80gb --gpus 1024 --gpus-per-node 8 --global-batch 1536 --seq-len 2048
+
+# The main job: plan GPT-3 175B on 1024 A100s (ranked table + why), simulate the Megatron-LM
+# configuration with its pipeline timeline, write the what-if report, then run a scaled-down
+# plan on this machine's ranks with predicted vs measured.
+demo: install
+	mkdir -p out
+	$(MESHPLAN) plan --model gpt3-175b $(CLUSTER) --top 5
+	$(MESHPLAN) simulate --model gpt3-175b $(CLUSTER) --tp 8 --pp 8 --dp 16 --micro-batch 1 \
+	  --schedule 1f1b --recompute full --zero 1 \
+	  --trace out/gpt3-175b.trace.json --timeline out/gpt3-175b.timeline.html
+	$(MESHPLAN) whatif --model gpt3-175b --hardware a100-80gb,h100-80gb --gpus 256,512,1024 \
+	  --global-batch 1536 --seq-len 2048 --scale-inter-node-bw 0.5,1,2 --out out/whatif.html
+	$(MESHPLAN) run --model examples/tiny-llama/config.json --hardware local --gpus 2 --tp 2 --sp \
+	  --global-batch 8 --micro-batch 2 --seq-len 128 --steps 10
+
+test: install browser
 	$(PYTHON) -m pytest -q
 
 test-fast: install

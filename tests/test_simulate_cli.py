@@ -91,3 +91,20 @@ def test_inference_mode_missing_flag():
     out = meshplan("simulate", "--mode", "inference", "--model", "llama-2-70b", "--gpus", "4", "--tp", "4",
                    "--prompt-len", "128", "--gen-len", "8")
     assert out.returncode == 2 and "--batch" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_plan_inference_meets_slos_and_emits_vllm():
+    args = ["plan", "--mode", "inference", "--model", "llama-3-70b", "--hardware", "h100-80gb",
+            "--gpus", "8", "--prompt-len", "1024", "--gen-len", "256", "--slo-ttft-ms", "500",
+            "--slo-tpot-ms", "50"]
+    out = meshplan(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    plans = json.loads(out.stdout)["plans"]
+    assert plans and all(p["ttft_s"] <= 0.5 and p["tpot_s"] <= 0.05 for p in plans)
+    per_gpu = [p["throughput_tokens_per_s"] for p in plans]
+    assert per_gpu == sorted(per_gpu, reverse=True)  # all plans use the 8 GPUs
+    vllm = meshplan(*args, "--emit", "vllm")
+    assert vllm.returncode == 0 and vllm.stdout.startswith("vllm serve ")
+    assert f"--tensor-parallel-size {plans[0]['plan']['tp']}" in vllm.stdout
+    assert meshplan("plan", "--model", "llama-3-70b", "--gpus", "8", "--global-batch", "8",
+                    "--seq-len", "512", "--emit", "vllm").returncode == 2

@@ -23,15 +23,18 @@ def register(subparsers) -> None:
     common.add_model_args(parser)
     common.add_cluster_args(parser)
     common.add_plan_args(parser)
+    common.add_inference_args(parser)
+    parser.add_argument("--slo-ttft-ms", type=float, help="serving: time-to-first-token limit")
+    parser.add_argument("--slo-tpot-ms", type=float, help="serving: time-per-output-token limit")
     parser.add_argument("--top", type=int, default=10, help="plans to list (default 10)")
-    parser.add_argument("--objective", choices=("throughput",), default="throughput",
-                        help="what to optimise (tokens per second)")
+    parser.add_argument("--objective", choices=("throughput", "latency"), default="throughput",
+                        help="what to optimise: tokens per second (default), or serving latency")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the ranked plans and the "
                      "explanation as JSON")
-    out.add_argument("--emit", choices=TARGETS, help="print only the best plan this framework "
-                     "can run, in its format: torchtitan TOML, Megatron-LM flags, DeepSpeed "
-                     "ds_config JSON, or meshplan plan JSON")
+    out.add_argument("--emit", choices=TARGETS + ("vllm",), help="print only the best plan this "
+                     "framework can run, in its format: torchtitan TOML, Megatron-LM flags, DeepSpeed "
+                     "ds_config JSON, meshplan plan JSON, or (with --mode inference) `vllm serve` flags")
     parser.set_defaults(handler=run)
 
 
@@ -43,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise PlanError("--top", f"must be >= 1, got {args.top}", "pass --top N with N >= 1")
+    if args.mode == "inference":
+        return run_inference(args)
+    if args.emit == "vllm" or args.objective == "latency":
+        flag = "--emit vllm" if args.emit == "vllm" else "--objective latency"
+        raise PlanError(flag, "is for serving plans", "add --mode inference")
     model = common.load_model_arg(args)
     hw = load_profile(args.hardware)
     cluster = common.cluster_from_args(args, hw.gpus_per_node)
@@ -87,6 +95,56 @@ def _knobs(plan) -> str:
     if plan.placement != ("tp", "cp", "dp", "pp"):
         parts.append("order:" + ",".join(plan.placement))
     return " ".join(parts)
+
+
+def run_inference(args: argparse.Namespace) -> int:
+    """Serving: search TP, PP, replicas and batch for the best throughput per GPU (or
+    latency) that meets the SLOs."""
+    from hw_profiles.profile import load_profile
+    from planner.inference_search import emit_vllm, explain_inference, search_inference
+
+    if args.emit not in (None, "vllm"):
+        raise PlanError("--emit", f"{args.emit} is a training format", "use --emit vllm with --mode inference")
+    model = common.load_model_arg(args)
+    hw = load_profile(args.hardware)
+    cluster = common.cluster_from_args(args, hw.gpus_per_node)
+    for flag, name in (("--prompt-len", "prompt_len"), ("--gen-len", "gen_len")):
+        if getattr(args, name) is None:
+            raise PlanError(flag, "missing", f"pass {flag} N with --mode inference")
+    fixed = {k: getattr(args, k) for k in ("tp", "pp", "replicas", "batch", "kv_dtype")
+             if getattr(args, k) is not None}
+    if args.dtype:
+        fixed["dtype"] = args.dtype
+    ms = lambda v: None if v is None else v / 1e3  # noqa: E731
+    found = search_inference(model, cluster, hw, args.prompt_len, args.gen_len,
+                             slo_ttft_s=ms(args.slo_ttft_ms), slo_tpot_s=ms(args.slo_tpot_ms),
+                             objective=args.objective, fixed=fixed)
+    if args.emit == "vllm":
+        sys.stdout.write(emit_vllm(found[0][0], model, args.prompt_len, args.gen_len) + "\n")
+        return 0
+    if args.json:
+        sys.stdout.write(common.dump_json({
+            "plans": [r.to_json() for _, r in list(found)[:args.top]],
+            "explanation": explain_inference(found)}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model.name} serving on {cluster.num_gpus} x {hw.name}: prompt "
+                        f"{args.prompt_len}, generate {args.gen_len}")
+    for col in ("rank", "tp", "pp", "replicas", "batch", "TTFT ms", "TPOT ms", "tokens/s", "per GPU", "peak GiB"):
+        table.add_column(col, justify="right")
+    for i, (plan, result) in enumerate(list(found)[:args.top], 1):
+        data = result.to_json()
+        table.add_row(str(i), str(plan.tp), str(plan.pp), str(plan.replicas), str(plan.batch),
+                      f"{data['ttft_s'] * 1e3:.1f}", f"{data['tpot_s'] * 1e3:.2f}",
+                      f"{data['throughput_tokens_per_s']:,.0f}",
+                      f"{data['throughput_tokens_per_s'] / cluster.num_gpus:,.0f}",
+                      f"{data['peak_memory_bytes'] / GIB:.1f}")
+    console = Console()
+    console.print(table)
+    console.print(explain_inference(found))
+    return 0
 
 
 def print_ranking(found, why, top: int) -> None:
