@@ -1,0 +1,131 @@
+"""What a rank measures: step wall times, and memory.
+
+Memory on CUDA is the allocator's peak (torch.cuda.max_memory_allocated). On CPU there is
+no allocator to ask, so it is accounted as the simulator counts it: the bytes of this
+rank's parameter, gradient and optimizer-state shards plus the peak of the activations
+saved for backward (autograd's saved_tensors_hooks, summed over distinct storages alive at
+once). The process's peak RSS is reported beside it.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    local = _local(t)
+    return local.numel() * local.element_size()
+
+
+class ActivationMeter:
+    """Peak bytes of tensors autograd saves for backward, while active (a context manager).
+
+    Each saved tensor is wrapped in a holder whose release (when autograd frees the graph)
+    drops its storage from the live set; storages are deduplicated, and the bytes of the
+    live set are re-read at each save, so storages resized to zero (FSDP2 freeing gathered
+    weights after forward) stop counting. Parameters' own storages are excluded (counted
+    as parameters). Tensors recomputed under activation checkpointing are not seen."""
+
+    def __init__(self, excluded: set[int]):
+        self.excluded = excluded
+        self.live: dict[int, list] = {}  # storage id -> [storage, number of holders]
+        self.peak_bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.excluded:
+            return tensor
+        self.live.setdefault(key, [storage, 0])[1] += 1
+        self.peak_bytes = max(self.peak_bytes, sum(s.nbytes() for s, _ in self.live.values()))
+        return _Held(self, key, tensor)
+
+    @staticmethod
+    def _unpack(held):
+        return held.tensor if isinstance(held, _Held) else held
+
+    def release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.live[key]
+
+
+class _Held:
+    __slots__ = ("meter", "key", "tensor")
+
+    def __init__(self, meter: ActivationMeter, key: int, tensor: torch.Tensor):
+        self.meter, self.key, self.tensor = meter, key, tensor
+
+    def __del__(self):
+        self.meter.release(self.key)
+
+
+def parameter_storages(params) -> set[int]:
+    return {_local(p).untyped_storage()._cdata for p in params}
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """One rank's memory, bytes. peak_bytes: allocator peak (CUDA) or the accounted sum."""
+
+    rank: int
+    parameters_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    peak_bytes: int
+    max_rss_bytes: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def model_state_bytes(params: list[torch.Tensor], optimizer) -> tuple[int, int, int]:
+    """(parameter, gradient, optimizer-state) bytes held by this rank (local shards only).
+    ZeroRedundancyOptimizer keeps this rank's partition in its inner `optim`."""
+    param_bytes = sum(_nbytes(p) for p in params)
+    grad_bytes = sum(_nbytes(p.grad) for p in params if p.grad is not None)
+    inner = getattr(optimizer, "optim", optimizer)
+    opt_bytes = sum(_nbytes(v) for state in inner.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor))
+    return param_bytes, grad_bytes, opt_bytes
+
+
+def rank_memory(rank: int, state_bytes: tuple[int, int, int], activations_bytes: int,
+                device: torch.device) -> RankMemory:
+    params, grads, opt = state_bytes
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = params + grads + opt + activations_bytes
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return RankMemory(rank, params, grads, opt, activations_bytes, peak, rss)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Wall seconds of fn() across all ranks: barrier, run, (device sync), barrier."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+    return time.perf_counter() - start

@@ -1,0 +1,166 @@
+"""The executor's decoder: a GPT- or Llama-style transformer built from a ModelSpec, kept as
+small and plain as nanoGPT's model.py.
+
+Module names follow torchtitan's Llama (tok_embeddings, layers.<i>.attention.wq, ...,
+feed_forward.w1/w2/w3, norm, output) so the parallel plans in parallelize.py read the same.
+`layers` is a ModuleDict keyed by the global layer index, so a pipeline stage that keeps only
+some layers (and drops the embedding or the head: those attributes become None) keeps the
+parameter names of the full model.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simulator.model_spec import ModelSpec
+
+INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, device, theta: float = 10000.0):
+    """cos, sin of the rotary angles, each [seq, 1, head_dim/2] (Su et al. 2021, eq. 34)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x [batch, seq, heads, head_dim], as Meta's Llama does."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+class CausalCore(nn.Module):
+    """softmax(q k^T / sqrt(d)) v with a causal mask; its own module so that selective
+    recompute can checkpoint exactly this part."""
+
+    def forward(self, q, k, v):  # [batch, seq, heads, head_dim]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads. The head counts are read from the weight
+    shapes at run time, so the same code runs on a tensor-parallel shard of the heads."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        h, kv = spec.hidden_size, spec.kv_dim
+        self.head_dim = spec.head_dim
+        self.rope = spec.position_embedding == "rope"
+        self.wq = nn.Linear(h, h, bias=spec.bias)
+        self.wk = nn.Linear(h, kv, bias=spec.bias)
+        self.wv = nn.Linear(h, kv, bias=spec.bias)
+        self.wo = nn.Linear(h, h, bias=spec.bias)
+        self.core = CausalCore()
+
+    def forward(self, x):
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        if self.rope:
+            cos, sin = rope_cos_sin(seq, self.head_dim, x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.wo(self.core(q, k, v).flatten(2))
+
+
+class FeedForward(nn.Module):
+    """Gated (w2(act(w1 x) * w3 x), Shazeer 2020) or plain (w2(act(w1 x))) MLP."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        h, f = spec.hidden_size, spec.ffn_hidden_size
+        self.w1 = nn.Linear(h, f, bias=spec.bias)
+        self.w2 = nn.Linear(f, h, bias=spec.bias)
+        self.w3 = nn.Linear(h, f, bias=spec.bias) if spec.gated_mlp else None
+        self.act = F.silu if spec.activation == "silu" else lambda t: F.gelu(t, approximate="tanh")
+
+    def forward(self, x):
+        hidden = self.act(self.w1(x))
+        return self.w2(hidden * self.w3(x) if self.w3 is not None else hidden)
+
+
+def make_norm(spec: ModelSpec) -> nn.Module:
+    if spec.norm == "rmsnorm":
+        return nn.RMSNorm(spec.hidden_size, eps=1e-5)
+    return nn.LayerNorm(spec.hidden_size, eps=1e-5)  # weight and bias, as ModelSpec counts
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.attention_norm = make_norm(spec)
+        self.attention = Attention(spec)
+        self.ffn_norm = make_norm(spec)
+        self.feed_forward = FeedForward(spec)
+
+    def forward(self, x):
+        h = x + self.attention(self.attention_norm(x))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Tokens [batch, seq] -> logits [batch, seq, vocab]. A pipeline stage without the
+    embedding takes hidden states instead, one without the head returns hidden states."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.pos_embeddings = (nn.Embedding(spec.max_seq_len, spec.hidden_size)
+                               if spec.position_embedding == "learned" else None)
+        self.layers = nn.ModuleDict({str(i): Block(spec) for i in range(spec.num_layers)})
+        self.norm = make_norm(spec)
+        self.output = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tied_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, x):
+        if self.tok_embeddings is not None:
+            tokens = x
+            x = self.tok_embeddings(tokens)
+            if self.pos_embeddings is not None:
+                positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+                x = x + self.pos_embeddings(positions)
+        for layer in self.layers.values():
+            x = layer(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.output(x) if self.output is not None else x
+
+
+def init_weights(model: Transformer, seed: int) -> None:
+    """Deterministic initialisation from `seed`, the same whatever the plan: N(0, 0.02) for
+    matrices and embeddings, residual output projections scaled by 1/sqrt(2L) (GPT-2,
+    Radford et al. 2019 sec 2.3), norms to one, biases to zero. Parameters are visited in
+    name order, so the weights do not depend on construction order."""
+    gen = torch.Generator().manual_seed(seed)
+    residual_std = INIT_STD / math.sqrt(2 * model.spec.num_layers)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith("bias"):
+                param.zero_()
+            elif param.ndim == 1:
+                param.fill_(1.0)
+            else:
+                std = residual_std if name.endswith(("wo.weight", "w2.weight")) else INIT_STD
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def build_model(spec: ModelSpec, seed: int) -> Transformer:
+    model = Transformer(spec)
+    init_weights(model, seed)
+    return model
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every token of the batch."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

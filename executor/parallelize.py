@@ -1,0 +1,157 @@
+"""Apply a Plan to a model with PyTorch's own parallel APIs, one function per parallelism.
+
+Order (torchtitan's parallelize_llama): pipeline splitting first (pipeline.py), then on each
+stage module `apply_tp` (tensor + sequence parallel, DTensor), `apply_recompute`
+(activation checkpointing) and last `apply_dp` (DDP or FSDP2 over the dp mesh dimension),
+so that data parallelism wraps modules whose parameters are already TP-sharded.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                         checkpoint_wrapper)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                               RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
+from torch.nn.parallel import DistributedDataParallel
+
+from executor.model import Transformer
+from simulator.plan import Plan
+
+
+def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
+    """One mesh dimension per axis, outermost first (plan.placement lists them innermost
+    first), size-1 dimensions kept so every axis can be looked up by name."""
+    names = tuple(reversed(plan.placement))
+    return init_device_mesh(device_type, tuple(getattr(plan, n) for n in names),
+                            mesh_dim_names=names)
+
+
+def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Megatron-LM tensor parallelism (Shoeybi et al. 2019 sec 3): column-parallel Q/K/V and
+    MLP-in, row-parallel attention-out and MLP-down, vocab-parallel embedding and head; with
+    sequence parallelism (Korthikanti et al. 2022 sec 4.2) the norms and the residual stream
+    are sharded on the sequence dimension between the TP regions. Mirrors torchtitan's
+    apply_tp (without loss parallel: the head's logits are replicated)."""
+    seq = Shard(1) if sequence_parallel else Replicate()
+    edges = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+             "pos_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+             "output": ColwiseParallel(input_layouts=seq, output_layouts=Replicate())}
+    if sequence_parallel:
+        edges["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, {k: v for k, v in edges.items()
+                                        if getattr(model, k) is not None})
+    for layer in model.layers.values():
+        region = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
+        layer_plan = {"attention": region,
+                      "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                      "attention.wv": ColwiseParallel(),
+                      "attention.wo": RowwiseParallel(output_layouts=seq),
+                      "feed_forward": region,
+                      "feed_forward.w1": ColwiseParallel(),
+                      "feed_forward.w2": RowwiseParallel(output_layouts=seq)}
+        if layer.feed_forward.w3 is not None:
+            layer_plan["feed_forward.w3"] = ColwiseParallel()
+        if sequence_parallel:
+            layer_plan["attention_norm"] = SequenceParallel()
+            layer_plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(layer, tp_mesh, layer_plan)
+    if model.spec.tied_embeddings:  # both are vocab-sharded (Shard(0)): tie the DTensors again
+        model.output.weight = model.tok_embeddings.weight
+
+
+def apply_recompute(model: Transformer, mode: str) -> None:
+    """Activation recompute with torch.utils.checkpoint (non-reentrant): "full" checkpoints
+    each decoder layer (keeps only its input), "selective" only the attention core
+    (softmax(QK^T)V, the part Korthikanti et al. 2022 sec 5 recompute)."""
+    def wrap(module: nn.Module) -> nn.Module:
+        return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                  preserve_rng_state=False)
+
+    for key, layer in model.layers.items():
+        if mode == "full":
+            model.layers[key] = wrap(layer)
+        elif mode == "selective":
+            layer.attention.core = wrap(layer.attention.core)
+
+
+def apply_dp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
+    """ZeRO 0 and 1: DDP, bucketed all-reduce overlapped with backward (stage 1 also shards
+    the optimizer, see build_optimizer). With TP or PP, ZeRO 0 uses FSDP2's replicate
+    instead: DDP does not take TP's DTensor parameters, and under torch.distributed.pipelining
+    it leaves the last stage's gradients unreduced (torch 2.13); replicate keeps a second,
+    gathered copy of each weight from forward to backward, so DDP is preferred where it
+    works. ZeRO 2: FSDP2 keeping the gathered weights from forward to backward
+    (reshard_after_forward=False; gradients and optimizer state sharded). ZeRO 3: FSDP2
+    resharding after forward (weights sharded too). FSDP2 wraps each layer, then the root
+    (embedding, head, final norm)."""
+    if plan.zero >= 2:
+        for layer in model.layers.values():
+            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=plan.zero == 3)
+        return fully_shard(model, mesh=dp_mesh, reshard_after_forward=plan.zero == 3)
+    if plan.tp > 1 or plan.pp > 1:
+        for layer in model.layers.values():
+            replicate(layer, mesh=dp_mesh)
+        return replicate(model, mesh=dp_mesh)
+    return DistributedDataParallel(model, device_mesh=dp_mesh, gradient_as_bucket_view=True)
+
+
+def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh) -> nn.Module:
+    """TP/SP -> recompute -> DP on one (stage) module, in that order."""
+    if plan.tp > 1:
+        apply_tp(model, mesh["tp"], plan.sp)
+    if plan.recompute != "none":
+        apply_recompute(model, plan.recompute)
+    if plan.dp > 1:
+        return apply_dp(model, mesh["dp"], plan)
+    return model
+
+
+def build_optimizer(modules: list[nn.Module], plan: Plan, mesh: DeviceMesh,
+                    lr: float) -> torch.optim.Optimizer:
+    """AdamW in fp32 (the parameters are the fp32 master weights); ZeRO 1 shards its state
+    over the dp group with ZeroRedundancyOptimizer (Rajbhandari et al. 2020, P_os)."""
+    params = [p for m in modules for p in m.parameters()]
+    if plan.zero == 1 and plan.dp > 1:
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
+                                       process_group=mesh["dp"].get_group(), lr=lr)
+    return torch.optim.AdamW(params, lr=lr)
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Reduce gradients over dp in this backward (the last micro-batch) or only accumulate
+    them locally (the others): DDP's no_sync, FSDP2's set_requires_gradient_sync."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    with model.no_sync() if isinstance(model, DistributedDataParallel) and not enabled \
+            else nullcontext():
+        yield
+
+
+def parameter_name(name: str) -> str:
+    """A parameter's name in the plain model, without the DDP / checkpoint wrappers."""
+    return name.replace("_checkpoint_wrapped_module.", "").removeprefix("module.")
+
+
+def full_gradients(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Every local parameter's gradient as a whole (unsharded) CPU tensor, by plain name.
+    Collective over the TP/DP groups of this rank (DTensor.full_tensor)."""
+    grads = {}
+    for module in modules:
+        for name, param in module.named_parameters():
+            grad = param.grad
+            if grad is None:
+                continue
+            if isinstance(grad, DTensor):
+                grad = grad.full_tensor()
+            grads[parameter_name(name)] = grad.detach().cpu().clone()
+    return grads

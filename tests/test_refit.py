@@ -1,0 +1,48 @@
+"""The closed loop's refit recovers known throughput factors from synthetic measurements,
+and validation statistics are computed as defined."""
+import pytest
+
+from executor.record import RunRecord
+from executor.refit import refit
+from executor.validate import SUITE, VALIDATION_MODEL, ValidationRun, summary
+from hw_profiles.profile import load_profile
+from simulator.plan import Cluster
+from simulator.simulate import simulate
+
+BASE = load_profile("a100-80gb")
+
+
+def _record(plan, step_s, memory_bytes, prediction=None) -> RunRecord:
+    return RunRecord(model=VALIDATION_MODEL, plan=plan, dtype_requested=plan.dtype, device="cpu",
+                     world_size=plan.world_size, profile="a100-80gb", prediction=prediction,
+                     prediction_note="", losses=(1.0,) * 4, step_times_s=(step_s,) * 4, warmup=1,
+                     memory_by_rank=({"peak_bytes": memory_bytes},), seed=0, lr=1e-3, data=None)
+
+
+def test_refit_recovers_known_factors():
+    # "Measurements" made by a machine with 40% of the FLOP/s and 2x the bandwidths: the
+    # refit, seeing only step times, finds predictions matching the held-out half again.
+    truth = BASE.scaled(flops=0.4, hbm_bw=2.0, intra_node_bw=2.0)
+    names, records = [], []
+    for name, plan in SUITE:
+        cluster = Cluster(plan.world_size, plan.world_size)
+        measured = simulate(VALIDATION_MODEL, plan, cluster, truth).step_time_s
+        names.append(name)
+        records.append(_record(plan, measured, 1))
+    fitted = refit(BASE, names, records)
+    assert fitted.before["held_out"]["median_abs_error"] > 0.2
+    assert fitted.after["held_out"]["max_abs_error"] < 0.02
+    assert fitted.factors["flops"] == pytest.approx(0.4, rel=0.05)
+    assert set(fitted.train).isdisjoint(fitted.held_out) and len(fitted.train) + len(fitted.held_out) == len(SUITE)
+
+
+def test_summary_statistics():
+    plan = SUITE[0][1]
+    runs = [ValidationRun(f"r{i}", _record(plan, measured, 100,
+                                           {"step_time_s": predicted, "peak_memory_bytes": 110}))
+            for i, (predicted, measured) in enumerate([(1.1, 1.0), (1.8, 2.0), (3.3, 3.0)])]
+    stats = summary(runs)
+    assert stats["median_abs_error"] == pytest.approx(0.1)
+    assert stats["max_abs_error"] == pytest.approx(0.1)
+    assert stats["spearman"] == pytest.approx(1.0)
+    assert stats["memory_median_abs_error"] == pytest.approx(0.1)
