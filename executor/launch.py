@@ -110,7 +110,8 @@ def launch_many(jobs: list[tuple[ModelSpec, Plan]], cluster: Cluster,
     with tempfile.TemporaryDirectory(prefix="meshplan-run-") as tmp:
         run_dir = Path(options.run_dir or tmp)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "result.json").unlink(missing_ok=True)
+        for stale in (run_dir / "result.json", *run_dir.glob("grads*_rank*.pt")):
+            stale.unlink(missing_ok=True)
         run_file = run_dir / "run.json"
         run_file.write_text(json.dumps({
             "jobs": [{"model": m.to_dict(), "plan": p.to_dict()} for m, p in runnable],
@@ -148,14 +149,24 @@ def _run_torchrun(command: list[str]) -> None:
     tail: list[str] = []
     relay = threading.Thread(target=_relay, args=(proc.stdout, tail), daemon=True)
     relay.start()
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_main else None
     try:
         code = proc.wait()
     except BaseException:
         _stop(proc)
         raise
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
     relay.join(timeout=5)
     if code != 0:
         raise RunFailed(root_cause("".join(tail)) or f"torchrun exited with code {code}")
+
+
+def _terminated(signum, _frame):
+    """SIGTERM while the ranks run: unwind through _stop rather than orphan them."""
+    raise SystemExit(128 + signum)
 
 
 def _relay(stream, tail: list[str], keep_chars: int = 20000) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -171,6 +172,8 @@ def _progress(total: int, label: str, show: bool):
 @record
 def main(argv: list[str] | None = None) -> int:
     run_file = Path((argv or sys.argv[1:])[0])
+    # Our loss never modifies the logits in place, the case this FSDP2 warning is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     config = json.loads(run_file.read_text())
     device = setup_device()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",

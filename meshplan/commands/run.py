@@ -72,8 +72,10 @@ def print_summary(record) -> None:
     mib = 2 ** 20
     summary = record.summary_json()
     plan = record.plan
+    ran = plan.dtype if plan.dtype == record.dtype_requested else \
+        f"{plan.dtype}, {record.dtype_requested} requested"
     table = Table(title=f"{record.model.name}: {record.world_size} ranks on {record.device} "
-                        f"({plan.dtype}), profile {record.profile}")
+                        f"({ran}), profile {record.profile}")
     for col in ("", "predicted", "measured"):
         table.add_column(col, justify="right")
 

@@ -1,0 +1,217 @@
+"""The executor's numerics: every plan kind, run on real ranks (torchrun, gloo, CPU), gives
+the losses and first-step gradients of a plain single-process run of the same model, seed
+and data, computed here in the test process.
+
+Tolerances (fp32 throughout): loss rtol 1e-5 (observed <= 2e-7); gradients
+|g - g_ref| <= 1e-5 * max|g_ref| + 1e-4 * |g_ref| per element (observed <= 4e-7 of the
+largest gradient). The absolute part is scaled by the model's largest gradient because
+sharded and reduced sums change fp32 rounding at ~1e-7 of the magnitudes summed, and some
+gradients are zero in exact arithmetic (the key bias: softmax is shift invariant), so a
+purely relative test would compare rounding noise with rounding noise.
+
+Plans of one world size share one launch (launch_many) to keep the file fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from executor import data as batches
+from executor.launch import RunOptions, launch_many
+from executor.model import build_model, loss_fn
+from simulator.model_spec import ModelSpec
+from simulator.plan import Cluster, Plan
+
+pytestmark = pytest.mark.slow
+
+STEPS, SEED, LR = 3, 0, 1e-3
+LLAMA = ModelSpec("tiny-llama", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2,
+                  ffn_hidden_size=128, vocab_size=256, max_seq_len=64)
+GPT = ModelSpec("tiny-gpt", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+                ffn_hidden_size=256, vocab_size=256, max_seq_len=64, gated_mlp=False,
+                activation="gelu", norm="layernorm", position_embedding="learned",
+                tied_embeddings=True, bias=True)
+
+
+def plan(**fields) -> Plan:
+    return Plan(**{"global_batch": 8, "seq_len": 32, "dtype": "fp32", "micro_batch": 2, **fields})
+
+
+# (id, model, plan): every plan kind of the executor, at world size 2 and 4.
+WORLD_2 = [
+    ("ddp", LLAMA, plan(dp=2)),
+    ("zero1", LLAMA, plan(dp=2, zero=1)),
+    ("zero2", LLAMA, plan(dp=2, zero=2)),
+    ("zero3", LLAMA, plan(dp=2, zero=3)),
+    ("tp", LLAMA, plan(tp=2)),
+    ("tp-sp", LLAMA, plan(tp=2, sp=True)),
+    ("pp-gpipe", LLAMA, plan(pp=2, schedule="gpipe")),
+    ("pp-1f1b", LLAMA, plan(pp=2, schedule="1f1b")),
+    ("pp-interleaved", LLAMA, plan(pp=2, schedule="interleaved", virtual_stages=2)),
+    ("pp-zb-h1", LLAMA, plan(pp=2, schedule="zb-h1")),
+    ("recompute-full", LLAMA, plan(dp=2, recompute="full")),
+    ("recompute-selective", LLAMA, plan(dp=2, recompute="selective", micro_batch=1)),
+    ("gpt-tied-tp-sp", GPT, plan(tp=2, sp=True, micro_batch=4)),
+]
+WORLD_4 = [
+    ("dp-tp", LLAMA, plan(dp=2, tp=2)),
+    ("dp-tp-sp-zero3", LLAMA, plan(dp=2, tp=2, sp=True, zero=3)),
+    ("gpt-dp-tp-sp-zero2-full", GPT, plan(dp=2, tp=2, sp=True, zero=2, recompute="full")),
+    ("dp-pp-1f1b-zero3", LLAMA, plan(dp=2, pp=2, zero=3)),
+    ("dp-pp-interleaved", LLAMA, plan(dp=2, pp=2, schedule="interleaved", virtual_stages=2,
+                                      micro_batch=1)),
+    ("tp-sp-pp-zb-h1", LLAMA, plan(tp=2, sp=True, pp=2, schedule="zb-h1")),
+    ("tp-sp-pp-gpipe-selective", LLAMA, plan(tp=2, sp=True, pp=2, schedule="gpipe",
+                                             recompute="selective", layer_partition=(1, 3))),
+]
+
+
+def reference(model: ModelSpec, plan: Plan):
+    """Single process, whole batch at once: (losses, gradients of step 1 by name)."""
+    torch.manual_seed(SEED)
+    net = build_model(model, SEED)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=LR)
+    losses, grads = [], {}
+    for step in range(STEPS):
+        tokens = batches.global_batch(step, plan.global_batch, plan.seq_len, model.vocab_size, SEED)
+        inputs, targets = batches.split_inputs_targets(tokens)
+        loss = loss_fn(net(inputs), targets)
+        loss.backward()
+        losses.append(loss.item())
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses, grads
+
+
+def run_group(jobs, world_size: int, run_dir: Path):
+    options = RunOptions(steps=STEPS, warmup=1, seed=SEED, lr=LR, run_dir=str(run_dir),
+                         save_grads=True, progress=False)
+    records = launch_many([(m, p) for _, m, p in jobs], Cluster(world_size, world_size), options)
+    return {job_id: (i, record) for i, ((job_id, _, _), record) in enumerate(zip(jobs, records))}
+
+
+@pytest.fixture(scope="module")
+def world_2(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("world2")
+    return run_dir, run_group(WORLD_2, 2, run_dir)
+
+
+@pytest.fixture(scope="module")
+def world_4(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("world4")
+    return run_dir, run_group(WORLD_4, 4, run_dir)
+
+
+def rank_gradients(run_dir: Path, job_index: int) -> dict:
+    """Union of the ranks' gradients (pipeline stages hold disjoint parameters)."""
+    grads = {}
+    for path in sorted(run_dir.glob(f"grads{job_index}_rank*.pt")):
+        grads.update(torch.load(path))
+    return grads
+
+
+def check_against_reference(run_dir: Path, job_index: int, record) -> None:
+    ref_losses, ref_grads = reference(record.model, record.plan)
+    assert record.losses == pytest.approx(ref_losses, rel=1e-5, abs=0)
+    grads = rank_gradients(run_dir, job_index)
+    assert sorted(grads) == sorted(ref_grads)
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("job_id", [j[0] for j in WORLD_2])
+def test_world_2_matches_single_process(world_2, job_id):
+    run_dir, runs = world_2
+    index, record = runs[job_id]
+    assert record.world_size == 2 and record.plan.dtype == "fp32"
+    check_against_reference(run_dir, index, record)
+
+
+@pytest.mark.parametrize("job_id", [j[0] for j in WORLD_4])
+def test_world_4_matches_single_process(world_4, job_id):
+    run_dir, runs = world_4
+    index, record = runs[job_id]
+    assert record.world_size == 4
+    check_against_reference(run_dir, index, record)
+
+
+def test_memory_accounts_local_shards(world_2):
+    """Parameter bytes against ModelSpec's closed-form count: whole on DDP, halved (up to
+    FSDP2's padding of each tensor to a multiple of 2 rows) under ZeRO 3; optimizer state
+    (AdamW: two fp32 moments and a scalar step per tensor) halved under ZeRO 1."""
+    _, runs = world_2
+    full_bytes = LLAMA.num_params() * 4
+    ddp = runs["ddp"][1].memory_by_rank[0]
+    assert ddp["parameters_bytes"] == full_bytes
+    assert ddp["gradients_bytes"] == full_bytes
+    num_tensors = len(list(build_model(LLAMA, SEED).parameters()))
+    assert ddp["optimizer_bytes"] == 2 * full_bytes + 4 * num_tensors
+    assert ddp["activations_bytes"] > 0
+    assert ddp["peak_bytes"] == sum(ddp[k] for k in ("parameters_bytes", "gradients_bytes",
+                                                     "optimizer_bytes", "activations_bytes"))
+    zero3 = [m["parameters_bytes"] for m in runs["zero3"][1].memory_by_rank]
+    assert sum(zero3) == pytest.approx(full_bytes, rel=0.02)
+    zero1 = [m["optimizer_bytes"] for m in runs["zero1"][1].memory_by_rank]
+    assert sum(zero1) == pytest.approx(ddp["optimizer_bytes"], rel=0.02)
+    assert max(zero1) < 0.7 * ddp["optimizer_bytes"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meshplan.cli", "run", *args]
+
+
+@pytest.fixture()
+def config_json(tmp_path) -> str:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA.to_dict()))
+    return str(path)
+
+
+def test_two_nodes_with_rendezvous_match_single_process(config_json):
+    """Two torchrun agents on 127.0.0.1 (one rank each) meet through a c10d rendezvous."""
+    port = _free_port()
+    common = ("--model", config_json, "--gpus", "2", "--dp", "2", "--global-batch", "8",
+              "--micro-batch", "2", "--seq-len", "32", "--dtype", "fp32", "--steps", str(STEPS),
+              "--warmup", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--json")
+    nodes = [subprocess.Popen(_cli(*common, "--node-rank", str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    ref_losses, _ = reference(LLAMA, plan(dp=2))
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-2000:]
+        result = json.loads(out)
+        assert result["world_size"] == 2
+        assert result["losses"] == pytest.approx(ref_losses, rel=1e-5, abs=0)
+
+
+def test_dead_rank_ends_run_naming_it(config_json):
+    """Rank 1 exits abruptly after step 1: the CLI fails within 30 s and names rank 1."""
+    env = dict(os.environ, MESHPLAN_FAULT="1:1")
+    start = time.monotonic()
+    proc = subprocess.run(_cli("--model", config_json, "--gpus", "2", "--dp", "2",
+                               "--global-batch", "8", "--seq-len", "32", "--steps", "50",
+                               "--warmup", "1"),
+                          env=env, capture_output=True, text=True, timeout=60)
+    elapsed_s = time.monotonic() - start
+    assert proc.returncode == 1
+    assert elapsed_s < 30
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("meshplan run: run failed: rank 1 ")
+    assert "exit code 17" in last

@@ -1,0 +1,162 @@
+"""`meshplan run`: plans refused before anything launches (one stderr line, exit 2), the
+--json keys of a real run, and the run record."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from executor import launch as launch_module
+from executor.launch import RunOptions, executable_plan, root_cause
+from executor.record import RunRecord
+from meshplan.cli import main
+from meshplan.errors import PlanError
+from simulator.model_spec import ModelSpec
+from simulator.plan import Cluster, Plan
+
+MODEL = ModelSpec("tiny", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
+                  ffn_hidden_size=64, vocab_size=128, max_seq_len=64)
+TIED = ModelSpec("tiny-tied", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=4,
+                 ffn_hidden_size=64, vocab_size=128, max_seq_len=64, tied_embeddings=True)
+
+
+@pytest.fixture()
+def config_json(tmp_path) -> str:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(MODEL.to_dict()))
+    return str(path)
+
+
+@pytest.fixture()
+def no_launch(monkeypatch):
+    def fail(*_args, **_kwargs):
+        raise AssertionError("torchrun was started for a refused plan")
+    monkeypatch.setattr(launch_module, "_run_torchrun", fail)
+
+
+def test_illegal_plan_exits_2_with_one_line_and_launches_nothing(config_json, capsys, no_launch):
+    code = main(["run", "--model", config_json, "--gpus", "3", "--tp", "3",
+                 "--global-batch", "8", "--seq-len", "32"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith("meshplan run: error: --tp: 3 does not divide the 4 attention heads")
+
+
+@pytest.mark.parametrize("model, fields, options, field", [
+    (MODEL, dict(cp=2, dp=1), {}, "--cp"),
+    (TIED, dict(pp=2), {}, "--pp"),
+    (MODEL, dict(dp=2, tp=2, zero=1), {}, "--zero"),
+    (MODEL, dict(dp=2, pp=2, zero=1), {}, "--zero"),
+    (MODEL, dict(pp=2, global_batch=2, micro_batch=2), {}, "--global-batch"),
+    (MODEL, dict(dp=2), dict(nnodes=3), "--nnodes"),
+    (MODEL, dict(dp=2), dict(nnodes=2), "--rdzv-endpoint"),
+    (MODEL, dict(dp=2), dict(steps=3, warmup=3), "--warmup"),
+])
+def test_executor_refusals_name_the_field(model, fields, options, field):
+    plan = Plan(**{"global_batch": 8, "seq_len": 32, **fields})
+    with pytest.raises(PlanError) as err:
+        executable_plan(model, plan, Cluster(plan.world_size, plan.world_size),
+                        RunOptions(**options))
+    assert err.value.field == field
+
+
+def test_token_file_is_checked(tmp_path):
+    path = tmp_path / "tokens.npy"
+    np.save(path, np.arange(1000) % 300)  # ids beyond the 128-token vocab
+    plan = Plan(global_batch=8, seq_len=32, dp=2)
+    with pytest.raises(PlanError, match="outside the vocab"):
+        executable_plan(MODEL, plan, Cluster(2, 2), RunOptions(data=str(path)))
+
+
+def test_pipeline_partition_is_filled_in_evenly():
+    plan = Plan(global_batch=8, seq_len=32, pp=2, micro_batch=2)
+    big = ModelSpec("odd", 5, 32, 4, 4, 64, 128, 64)
+    assert executable_plan(big, plan, Cluster(2, 2), RunOptions()).layer_partition == (3, 2)
+
+
+def test_root_cause_names_the_first_failed_rank():
+    report = """Root Cause (first observed failure):
+[0]:
+  time      : 2025-01-01_00:00:00
+  host      : node7
+  rank      : 3 (local_rank: 1)
+  exitcode  : -9 (pid: 4242)
+  error_file: <N/A>
+============================================================"""
+    assert root_cause(report).startswith(
+        "rank 3 (local rank 1 on node7) failed first, with killed by signal SIGKILL")
+    assert root_cause("no report here") is None
+
+
+@pytest.mark.slow
+def test_json_keys_and_record(config_json, tmp_path):
+    record_path = tmp_path / "out" / "record.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshplan.cli", "run", "--model", config_json, "--gpus", "2",
+         "--dp", "2", "--global-batch", "4", "--micro-batch", "1", "--seq-len", "16",
+         "--steps", "4", "--warmup", "1", "--json", "--record", str(record_path)],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["plan"]["dp"] == 2 and out["world_size"] == 2
+    assert out["profile"] == "local"
+    assert out["dtype"] == "fp32"  # a bf16 plan runs its compute in fp32 on CPU
+    assert isinstance(out["measured_step_time_s"], float) and out["measured_step_time_s"] > 0
+    assert len(out["measured_step_times_s"]) == 3
+    assert isinstance(out["step_time_spread_s"], float) and out["step_time_spread_s"] >= 0
+    assert out["tokens_per_s"] == pytest.approx(4 * 16 / out["measured_step_time_s"])
+    assert len(out["losses"]) == 4 and all(isinstance(x, float) for x in out["losses"])
+    assert len(out["measured_peak_memory_by_rank_bytes"]) == 2
+    assert out["measured_peak_memory_bytes"] == max(out["measured_peak_memory_by_rank_bytes"])
+    for key in ("predicted_step_time_s", "predicted_peak_memory_bytes"):
+        assert key in out and (out[key] is None or isinstance(out[key], float))
+    if out["predicted_step_time_s"] is None:
+        assert out["prediction_note"].startswith("no prediction")
+    record = RunRecord.from_json(json.loads(record_path.read_text()))
+    assert record.losses == tuple(out["losses"])
+    assert record.dtype_requested == "bf16"
+    assert record.summary_json() == out
+
+
+def _tagged_processes(tag: str) -> list[int]:
+    """Live processes whose environment carries `tag` (the run's torchrun and ranks)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and tag.encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank(config_json):
+    tag = uuid.uuid4().hex
+    env = dict(os.environ, MESHPLAN_TEST_TAG=tag)
+    # A shell-less child may inherit SIGINT ignored; restore Python's handler as a terminal has it.
+    script = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "from meshplan.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", script, "run", "--model", config_json,
+                             "--gpus", "2", "--dp", "2", "--global-batch", "4", "--seq-len", "16",
+                             "--steps", "100000", "--warmup", "1"],
+                            stderr=subprocess.PIPE, env=env)
+    seen, deadline = b"", time.monotonic() + 120
+    while b"step/s" not in seen and time.monotonic() < deadline:
+        seen += os.read(proc.stderr.fileno(), 4096)
+    assert b"step/s" in seen, seen[-2000:]
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert time.monotonic() - start < 30
+    assert _tagged_processes(tag) == []
