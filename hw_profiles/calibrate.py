@@ -7,14 +7,20 @@ few cuBLAS kernel-selection or network outliers must not drag the curve; memory-
 use plain least squares, see _fit_memory_bound), on a random (1 - holdout_fraction) of its
 points; the stored parameters are that fit (no refit on all points, so held-out residuals
 describe the stored model), and fit_report gives the relative residuals
-|pred/measured - 1| (median, p95, max) on the fitted and on the held-out points.
+|pred/measured - 1| (median, p95, max) on the fitted and on the held-out points, and the
+positions of the held-out rows in their samples table ("held_out_rows").
 
 When the samples' cross-node rows come from a cluster whose fabric is not the one the profile
 describes, `fabric` (published nccl-tests figures of the described fabric) sets the inter-node
 level instead (fabric_inter_node); the measured cross-node fit is kept as reference evidence
 in fit_report and extra, not used.
+
+refit_collectives refits only the collectives (e.g. from nccl-tests logs) on top of an
+existing profile, keeping its device description and compute fits.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -78,9 +84,12 @@ def _fit_log(predict, p0, bounds, measured, weights=None, loss="soft_l1") -> np.
     return least_squares(residual, p0, bounds=bounds, loss=loss, f_scale=ROBUST_SCALE).x
 
 
-def _quantity_report(pred, t, train, form: str, **more) -> dict:
+def _quantity_report(pred, t, train, rows, form: str, **more) -> dict:
+    """Residuals on the fitted and held-out points; rows = the points' positions in their
+    samples table."""
     return {"form": form, "fitted": _stats(pred[train], t[train]),
-            "held_out": _stats(pred[~train], t[~train]), **more}
+            "held_out": _stats(pred[~train], t[~train]),
+            "held_out_rows": [int(i) for i in np.asarray(rows)[~train]], **more}
 
 
 def _fit_gemm(df: pd.DataFrame, peak: float, hbm: float, dtype_bytes: int, train) -> GemmFit:
@@ -120,7 +129,8 @@ def _borrow(fits: dict, what: str) -> tuple[dict, list[str]]:
 
 
 def _compute_fits(samples: Samples, base: dict, fraction: float, rng) -> tuple[dict, dict, dict, list]:
-    gemm_df = samples.gemm[samples.gemm["time_s"].astype(float) > 0]
+    gemm_df = samples.gemm.reset_index(drop=True)
+    gemm_df = gemm_df[gemm_df["time_s"].astype(float) > 0]
     if gemm_df.empty:
         raise ProfileError("samples.gemm", "has no timed GEMM rows", "measure GEMMs before fitting")
     hbm, gemm, mem, report = float(base["hbm_bytes_per_s"]), {}, {}, {}
@@ -128,23 +138,24 @@ def _compute_fits(samples: Samples, base: dict, fraction: float, rng) -> tuple[d
         if dtype not in DTYPE_BYTES:
             raise ProfileError("samples.gemm.dtype", f"{dtype!r} is unknown",
                                f"use one of {list(DTYPE_BYTES)}")
-        df = df.reset_index(drop=True)
+        rows, df = df.index, df.reset_index(drop=True)
         train = _split(len(df), fraction, rng)
         args = (float(base["peak_flops"][dtype]), hbm, DTYPE_BYTES[dtype])
         gemm[dtype] = fit = _fit_gemm(df, *args, train)
         report[f"gemm/{dtype}"] = _quantity_report(
             gemm_time_s(fit, *(df[c].to_numpy(float) for c in ("m", "n", "k", "batch")), *args),
-            df["time_s"].to_numpy(float), train,
+            df["time_s"].to_numpy(float), train, rows,
             "latency + max(2mnk/(peak*eff_max*prod x/(x+x_half)), bytes/(hbm*hbm_eff))")
-    mem_df = samples.memory_bound[samples.memory_bound["time_s"].astype(float) > 0]
+    mem_df = samples.memory_bound.reset_index(drop=True)
+    mem_df = mem_df[mem_df["time_s"].astype(float) > 0]
     for dtype, df in mem_df.groupby("dtype"):
-        df = df.reset_index(drop=True)
+        rows, df = df.index, df.reset_index(drop=True)
         train = _split(len(df), fraction, rng)
         mem[dtype] = fit = _fit_memory_bound(df, hbm, train)
         pred = memory_bound_time_s(fit, df["bytes"].to_numpy(float), hbm)
         t = df["time_s"].to_numpy(float)
         report[f"memory_bound/{dtype}"] = _quantity_report(
-            pred, t, train, "latency + bytes/(hbm*hbm_eff), ops weighted equally",
+            pred, t, train, rows, "latency + bytes/(hbm*hbm_eff), ops weighted equally",
             by_op={op: _stats(pred[(df["op"] == op).to_numpy()], t[(df["op"] == op).to_numpy()])
                    for op in sorted(df["op"].unique())})
     notes = []
@@ -195,7 +206,7 @@ def _fit_intra(df: pd.DataFrame, fraction: float, rng) -> tuple[dict, dict]:
                            train.sum() >= TWO_REGIME_MIN_POINTS)
         table.setdefault(kind, {})[n] = curve
         report[f"collective/intra/{kind}/n{n}"] = _quantity_report(
-            curve.time_s(x), t, train, "min over regimes of alpha + size*busfactor/busbw",
+            curve.time_s(x), t, train, g.index, "min over regimes of alpha + size*busfactor/busbw",
             busbw_large_GBps=curve.large.busbw_bytes_per_s / 1e9, alpha_large_us=curve.large.alpha_s * 1e6)
     return table, report
 
@@ -219,7 +230,7 @@ def _fit_inter(df: pd.DataFrame, intra: dict, nics: int, fraction: float, rng) -
     table, report = {}, {}
     for (kind, r), g in df.groupby(["collective", "ranks_per_node"]):
         r = int(r)
-        g = g.reset_index(drop=True)
+        rows, g = g.index, g.reset_index(drop=True)
         train = _split(len(g), fraction, rng)
         t = g["time_s"].to_numpy(float)
 
@@ -234,7 +245,7 @@ def _fit_inter(df: pd.DataFrame, intra: dict, nics: int, fraction: float, rng) -
         curve = _curve_fit(lambda c: predict(c, train), x, t[train], two_regimes=False)
         table.setdefault(kind, {})[r] = curve
         report[f"collective/inter/{kind}/r{r}"] = _quantity_report(
-            predict(curve, np.ones(len(g), dtype=bool)), t, train,
+            predict(curve, np.ones(len(g), dtype=bool)), t, train, rows,
             "hierarchical: intra fit + alpha + per-rank inter bytes/busbw",
             groups=sorted(int(n) for n in g["group_size"].unique()),
             per_rank_busbw_GBps=curve.large.busbw_bytes_per_s / 1e9, alpha_us=curve.large.alpha_s * 1e6)
@@ -287,17 +298,22 @@ def fabric_inter_node(intra: dict, nics: int, fabric: dict) -> tuple[dict, dict]
     return table, report
 
 
-def _collective_fit(samples: Samples, base: dict, fraction: float, rng,
-                    fabric: dict | None) -> tuple[CollectiveFit, dict, list, dict | None]:
-    """Intra and inter curves, report, notes, and the measured inter-node fit left unused
-    because `fabric` replaced it (None when nothing was left out)."""
-    df = samples.collectives
+def _usable_collectives(samples: Samples) -> tuple[pd.DataFrame, pd.Series]:
+    """The timed rows of groups of 2 or more, and which of them sit inside one node."""
+    df = samples.collectives.reset_index(drop=True)
     df = df[(df["time_s"].astype(float) > 0) & (df["group_size"].astype(int) >= 2)]
     unknown = set(df["collective"]) - set(KINDS)
     if unknown:
         raise ProfileError("samples.collectives.collective", f"unknown kinds {sorted(unknown)}",
                            f"use {list(KINDS)}")
-    within = df["ranks_per_node"].astype(int) >= df["group_size"].astype(int)
+    return df, df["ranks_per_node"].astype(int) >= df["group_size"].astype(int)
+
+
+def _collective_fit(samples: Samples, base: dict, fraction: float, rng,
+                    fabric: dict | None) -> tuple[CollectiveFit, dict, list, dict | None]:
+    """Intra and inter curves, report, notes, and the measured inter-node fit left unused
+    because `fabric` replaced it (None when nothing was left out)."""
+    df, within = _usable_collectives(samples)
     if not within.any():
         raise ProfileError("samples.collectives", "has no intra-node rows (ranks_per_node == group_size)",
                            "measure collectives over 2 or more ranks of one node")
@@ -361,6 +377,16 @@ def _summary(samples: Samples) -> dict:
                                 c.groupby(["collective", "group_size", "ranks_per_node"]).size().items()}}
 
 
+def _error_band(report: dict) -> dict:
+    held = [q["held_out"] for q in report.values() if q.get("held_out", {}).get("points")]
+    weights = np.array([h["points"] for h in held], dtype=float)
+    return {
+        "median": float(np.average([h["median"] for h in held], weights=weights)) if held else 0.0,
+        "p95": float(np.average([h["p95"] for h in held], weights=weights)) if held else 0.0,
+        "what": "held-out relative residual: point-weighted mean over fitted quantities of "
+                "their median and 95th percentile"}
+
+
 def fit_profile(samples: Samples, base: dict, holdout_fraction: float = 0.2,
                 seed: int = 0, fabric: dict | None = None) -> HardwareProfile:
     """Fit GEMM, memory-bound and collective curves to `samples`; `base` holds the non-fitted
@@ -375,13 +401,7 @@ def fit_profile(samples: Samples, base: dict, holdout_fraction: float = 0.2,
     report.update(coll_report)
     if unused:
         report["measured_inter_node_not_used"] = {k: unused[k] for k in ("note", "fits")}
-    held = [q["held_out"] for q in report.values() if q.get("held_out", {}).get("points")]
-    weights = np.array([h["points"] for h in held], dtype=float)
-    report["error_band"] = {
-        "median": float(np.average([h["median"] for h in held], weights=weights)) if held else 0.0,
-        "p95": float(np.average([h["p95"] for h in held], weights=weights)) if held else 0.0,
-        "what": "held-out relative residual: point-weighted mean over fitted quantities of "
-                "their median and 95th percentile"}
+    report["error_band"] = _error_band(report)
     return HardwareProfile(
         name=base["name"], device_name=base["device_name"], memory_bytes=int(base["memory_bytes"]),
         peak_flops={d: float(base["peak_flops"][d]) for d in DTYPE_BYTES},
@@ -392,3 +412,42 @@ def fit_profile(samples: Samples, base: dict, holdout_fraction: float = 0.2,
         extra={**base.get("extra", {}), "samples_summary": _summary(samples),
                **({"measured_inter_node_not_used": {k: unused[k] for k in ("note", "curves")}}
                   if unused else {})})
+
+
+def refit_collectives(samples: Samples, base: HardwareProfile, name: str, sources: list[str],
+                      holdout_fraction: float = 0.2, seed: int = 0) -> HardwareProfile:
+    """`base` with its collectives refitted to `samples` (e.g. nccl-tests logs); device
+    description, GEMM and memory-bound fits stay the base's. A measured intra-node (kind, group
+    size) replaces the base's curve; kinds the base derived are derived again from the merged
+    table. Cross-node rows, when there are any, replace the whole inter-node level."""
+    df, within = _usable_collectives(samples)
+    if df.empty:
+        raise ProfileError("samples.collectives", "has no timed rows of groups of 2 or more",
+                           "pass logs of collectives over 2 or more ranks")
+    rng, nics = np.random.default_rng(seed), base.nics_per_node
+    fitted, report = _fit_intra(df[within], holdout_fraction, rng) if within.any() else ({}, {})
+    merged = {k: {n: c for n, c in by_n.items() if not c.source.startswith("derived")}
+              for k, by_n in base.collectives.intra.items()}
+    for kind, by_n in fitted.items():
+        merged.setdefault(kind, {}).update(by_n)
+    intra = _derive({k: v for k, v in merged.items() if v}, steps=True)
+    logs = ", ".join(sources)
+    refitted = ", ".join(f"{k}/n{n}" for k, by_n in sorted(fitted.items()) for n in sorted(by_n))
+    notes = [f"collective intra {refitted}: refitted from {logs}"] if fitted else []
+    kept = {q: v for q, v in base.fit_report.items() if q != "error_band"}
+    extra = dict(base.extra)
+    inter = base.collectives.inter
+    if (~within).any():
+        measured, inter_report = _fit_inter(df[~within], intra, nics, holdout_fraction, rng)
+        inter = _derive(measured, steps=False)
+        kept = {q: v for q, v in kept.items() if not q.startswith(("collective/inter",
+                                                                   "measured_inter_node_not_used"))}
+        extra.pop("measured_inter_node_not_used", None)
+        report.update(inter_report)
+        notes.append(f"collective inter: replaced by the cross-node fit of {logs}")
+    report = {**kept, **report}
+    report["error_band"] = _error_band(report)
+    return replace(base, name=name, collectives=CollectiveFit(intra, inter, nics),
+                   sources=base.sources + tuple(notes), fit_report=report,
+                   extra={**extra, "collectives_refit": {"base": base.name, "logs": list(sources),
+                                                         "samples_summary": _summary(samples)}})

@@ -15,9 +15,10 @@ from hw_profiles.gemm_model import DTYPE_BYTES, GemmFit, MemoryBoundFit
 from meshplan.errors import ProfileError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+SAMPLES_SUFFIX = ".samples.json"
 DTYPES = tuple(DTYPE_BYTES)
-REGENERATE = ("regenerate it with `python -m hw_profiles.build_stock` or "
-              "hw_profiles.calibrate.fit_profile")
+REGENERATE = ("regenerate it with `meshplan profile --out FILE` (this machine) or "
+              "`python -m hw_profiles.build_stock` (stock profiles)")
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,11 @@ class HardwareProfile:
             gpus_per_node=r.integer(data, "gpus_per_node"), nics_per_node=nics,
             nic_bytes_per_s=r.number(data, "nic_bytes_per_s"),
             intra_node_link=r.get(data, "intra_node_link", str),
-            gemm={d: GemmFit(**r.numbers(f, GemmFit, f"gemm.{d}."))
-                  for d, f in r.get(data, "gemm", dict).items()},
-            memory_bound={d: MemoryBoundFit(**r.numbers(f, MemoryBoundFit, f"memory_bound.{d}."))
-                          for d, f in r.get(data, "memory_bound", dict).items()},
+            gemm={d: GemmFit(**r.numbers(r.get(r.get(data, "gemm", dict), d, dict, "gemm."),
+                                         GemmFit, f"gemm.{d}.")) for d in DTYPES},
+            memory_bound={d: MemoryBoundFit(**r.numbers(
+                r.get(r.get(data, "memory_bound", dict), d, dict, "memory_bound."), MemoryBoundFit,
+                f"memory_bound.{d}.")) for d in DTYPES},
             collectives=r.collectives(r.get(data, "collectives", dict), nics),
             sources=tuple(r.get(data, "sources", list)),
             fit_report=r.get(data, "fit_report", dict), extra=r.get(data, "extra", dict))
@@ -197,20 +199,39 @@ class _Reader:
                 by_n = self.get(by_kind, kind, dict, f"collectives.{level}.")
                 if not by_n:
                     raise ProfileError(prefix[:-1], f"is empty in {self.where}", REGENERATE)
+                if not all(n.isdigit() and int(n) > 0 for n in by_n):
+                    raise ProfileError(prefix[:-1], f"has keys {sorted(by_n)} in {self.where}, "
+                                       "expected positive integers (group sizes or ranks per node)",
+                                       REGENERATE)
                 tables[level][kind] = {int(n): self.curve(c, f"{prefix}{n}.")
                                        for n, c in by_n.items()}
         return CollectiveFit(tables["intra"], tables["inter"], nics_per_node)
 
 
 def available_profiles() -> list[str]:
-    return sorted(p.stem for p in DATA_DIR.glob("*.json"))
+    return sorted(p.stem for p in DATA_DIR.glob("*.json") if not p.name.endswith(SAMPLES_SUFFIX))
+
+
+def samples_path(profile_json) -> Path:
+    """Where the samples a profile was fitted on lie: beside it, <stem>.samples.json."""
+    path = Path(profile_json)
+    return path.with_name(path.name.removesuffix(".json") + SAMPLES_SUFFIX)
+
+
+def _is_path(text: str) -> bool:
+    return text.endswith(".json") or os.sep in text or Path(text).is_file()
+
+
+def profile_path(name_or_path: str) -> Path:
+    """A bare name is hw_profiles/data/<name>.json; anything else is a path."""
+    text = str(name_or_path)
+    return Path(text) if _is_path(text) else DATA_DIR / f"{text}.json"
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
     """A bare name loads hw_profiles/data/<name>.json; anything else is a path."""
     text = str(name_or_path)
-    is_path = text.endswith(".json") or os.sep in text or Path(text).is_file()
-    path = Path(text) if is_path else DATA_DIR / f"{text}.json"
+    path, is_path = profile_path(text), _is_path(text)
     if not path.is_file():
         if is_path:
             raise ProfileError("hardware", f"profile file {path} does not exist",

@@ -19,13 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of large transformers."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"meshplan.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"meshplan.commands.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"meshplan.commands.{name}").register(sub)
     return parser
 
 
