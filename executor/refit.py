@@ -1,9 +1,11 @@
-"""Closed loop: refit the profile's throughput parameters from measured runs.
+"""Closed loop: refit the profile's parameters from measured runs.
 
-Three factors of the profile (GEMM peak throughput, memory-bound bandwidth, intra-node
-collective bandwidth; HardwareProfile.scaled) are fitted by least squares on the log of
-predicted / measured step time over half of the runs; the other half measures whether the
-refit generalises. No torch here: it only re-simulates recorded plans."""
+Five parameters of the profile (HardwareProfile.scaled: GEMM peak throughput, memory-bound
+bandwidth, intra-node collective bandwidth and latency as factors, and a fixed cost added
+to every operator, the framework's dispatch overhead that isolated operator timings do not
+see) are fitted by least squares on the log of predicted / measured step time over half of
+the runs; the other half measures whether the refit generalises. No torch here: it only
+re-simulates recorded plans."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +18,8 @@ from hw_profiles.profile import HardwareProfile
 from simulator.plan import Cluster
 from simulator.simulate import simulate
 
-FACTORS = ("flops", "hbm_bw", "intra_node_bw")
+FACTORS = ("flops", "hbm_bw", "intra_node_bw", "collective_latency")
+OP_LATENCY_BOUNDS_S = (1e-7, 1e-3)
 
 
 def _predict_s(hw: HardwareProfile, record: RunRecord) -> float:
@@ -59,12 +62,18 @@ def refit(hw: HardwareProfile, names: list[str], records: list[RunRecord]) -> Re
     train = [records[i] for i in train_idx]
     test = [records[i] for i in test_idx]
 
-    def residuals(log_factors: np.ndarray) -> np.ndarray:
-        scaled = hw.scaled(**dict(zip(FACTORS, np.exp(log_factors))))
-        return log_errors(scaled, train)
+    def params(x: np.ndarray) -> dict:
+        return {**{k: float(v) for k, v in zip(FACTORS, np.exp(x[:-1]))},
+                "op_latency_s": float(np.exp(x[-1]))}
 
-    fit = least_squares(residuals, np.zeros(len(FACTORS)), bounds=(np.log(0.1), np.log(10.0)))
-    factors = {k: float(v) for k, v in zip(FACTORS, np.exp(fit.x))}
+    def residuals(x: np.ndarray) -> np.ndarray:
+        return log_errors(hw.scaled(**params(x)), train)
+
+    lower = [np.log(0.1)] * len(FACTORS) + [np.log(OP_LATENCY_BOUNDS_S[0])]
+    upper = [np.log(10.0)] * len(FACTORS) + [np.log(OP_LATENCY_BOUNDS_S[1])]
+    start = np.array([0.0] * len(FACTORS) + [np.log(OP_LATENCY_BOUNDS_S[0])])
+    fit = least_squares(residuals, start, bounds=(lower, upper))
+    factors = params(fit.x)
     refitted = hw.scaled(**factors)
     return Refit(profile=refitted, factors=factors,
                  train=tuple(names[i] for i in train_idx), held_out=tuple(names[i] for i in test_idx),

@@ -44,6 +44,10 @@ def setup_device() -> torch.device:
         torch.cuda.set_device(device)
         return device
     torch.set_num_threads(1)
+    # One core per rank (round robin when ranks outnumber cores), as one GPU per rank: the
+    # OS would otherwise let a rank's gloo threads and a neighbour's compute share a core.
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[int(os.environ["LOCAL_RANK"]) % len(cores)]})
     return torch.device("cpu")
 
 

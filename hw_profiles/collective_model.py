@@ -117,9 +117,10 @@ class CollectiveFit:
         share = min(1.0, self.nics_per_node / ranks_per_node) / min(1.0, self.nics_per_node / nearest)
         return curve if share == 1.0 else curve.scaled(bandwidth=share)
 
-    def scaled(self, intra_bw: float = 1.0, inter_bw: float = 1.0) -> CollectiveFit:
+    def scaled(self, intra_bw: float = 1.0, inter_bw: float = 1.0, alpha: float = 1.0) -> CollectiveFit:
         def table(t: dict[str, dict[int, Curve]], bw: float) -> dict[str, dict[int, Curve]]:
-            return {k: {n: c.scaled(bandwidth=bw) for n, c in v.items()} for k, v in t.items()}
+            return {k: {n: c.scaled(alpha=alpha, bandwidth=bw) for n, c in v.items()}
+                    for k, v in t.items()}
         return replace(self, intra=table(self.intra, intra_bw), inter=table(self.inter, inter_bw))
 
 

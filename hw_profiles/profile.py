@@ -74,13 +74,26 @@ class HardwareProfile:
                                REGENERATE)
         return float(band["median"]), float(band["p95"])
 
+    @property
+    def comm_overlaps_compute(self) -> bool:
+        """Whether collectives run beside compute. GPUs run NCCL kernels on their own SMs and
+        copy engines while other streams compute; gloo on CPU ranks reduces and copies on the
+        very cores the ranks compute on, so there every collective is exposed."""
+        return self.extra.get("measurement", {}).get("collective_backend") != "gloo"
+
     def scaled(self, flops: float = 1.0, hbm_bw: float = 1.0, intra_node_bw: float = 1.0,
-               inter_node_bw: float = 1.0, memory: float = 1.0) -> HardwareProfile:
-        """What-if copy: peak FLOP/s, HBM bandwidth (GEMM memory term and memory-bound ops),
-        intra- and inter-node bus bandwidth and memory capacity multiplied by the factors."""
+               inter_node_bw: float = 1.0, memory: float = 1.0, op_latency_s: float = 0.0,
+               collective_latency: float = 1.0) -> HardwareProfile:
+        """What-if (or refitted) copy: peak FLOP/s, HBM bandwidth (GEMM memory term and
+        memory-bound ops), intra- and inter-node bus bandwidth, memory capacity and the
+        collectives' latency multiplied by the factors; op_latency_s added to every GEMM's
+        and memory-bound op's fixed cost (framework dispatch per operator)."""
         factors = {"flops": flops, "hbm_bw": hbm_bw, "intra_node_bw": intra_node_bw,
-                   "inter_node_bw": inter_node_bw, "memory": memory}
+                   "inter_node_bw": inter_node_bw, "memory": memory,
+                   "collective_latency": collective_latency}
         changed = {k: v for k, v in factors.items() if v != 1.0}
+        if op_latency_s:
+            changed["op_latency_s"] = op_latency_s
         if not changed:
             return self
         tag = ",".join(f"{k}={v:g}" for k, v in changed.items())
@@ -90,7 +103,10 @@ class HardwareProfile:
             peak_flops={k: v * flops for k, v in self.peak_flops.items()},
             hbm_bytes_per_s=self.hbm_bytes_per_s * hbm_bw,
             nic_bytes_per_s=self.nic_bytes_per_s * inter_node_bw,
-            collectives=self.collectives.scaled(intra_node_bw, inter_node_bw),
+            gemm={d: replace(f, latency_s=f.latency_s + op_latency_s) for d, f in self.gemm.items()},
+            memory_bound={d: replace(f, latency_s=f.latency_s + op_latency_s)
+                          for d, f in self.memory_bound.items()},
+            collectives=self.collectives.scaled(intra_node_bw, inter_node_bw, collective_latency),
             sources=self.sources + (f"what-if copy of {self.name}: {tag}",),
             extra={**self.extra, "what_if": changed})
 

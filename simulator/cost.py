@@ -145,12 +145,16 @@ def edge_costs(model: ModelSpec, shard: Shard, hw: HardwareProfile, dtype: str,
                       flops_by_op=by_op)
 
 
-def overlapped_exposed_s(comm_per_item_s: float, compute_per_item_s: float, items: int) -> float:
+def overlapped_exposed_s(comm_per_item_s: float, compute_per_item_s: float, items: int,
+                         overlaps: bool = True) -> float:
     """Exposed time of `items` equal transfers on one communication stream overlapped with
     `items` equal compute blocks, each transfer waiting for (or feeding) its block, as
     bucketed DDP gradient reduction and FSDP prefetching do (Li et al. 2020, PyTorch DDP
     sec 3.2.3): the last (or first) transfer is always exposed, and when communication is
-    slower than compute the stream falls further behind with each item."""
+    slower than compute the stream falls further behind with each item. Without overlap
+    (`overlaps` False: CPU ranks, HardwareProfile.comm_overlaps_compute) all of it is exposed."""
     if items <= 0 or comm_per_item_s <= 0.0:
         return 0.0
+    if not overlaps:
+        return items * comm_per_item_s
     return comm_per_item_s + (items - 1) * max(0.0, comm_per_item_s - compute_per_item_s)

@@ -123,6 +123,7 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
     layer_param_bytes = _stage_params(model, plan, 1, False, False) * plan.dtype_bytes
     ag_s = hw.collective_time_s("all_gather", layer_param_bytes, dp.size, dp.ranks_per_node) \
         if plan.zero == 3 else 0.0
+    overlap = hw.comm_overlaps_compute
     fwd = np.zeros((p, v))
     bwd = np.zeros((p, v))
     wgrad = np.zeros((p, v))
@@ -133,8 +134,10 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
             blocks.append((emb, 1))
         if s == p - 1 and c == v - 1:
             blocks.append((head, 1))
-        fwd[s, c] = sum(b.fwd_s * k for b, k in blocks) + overlapped_exposed_s(ag_s, layer.fwd_compute_s, n)
-        bwd[s, c] = sum(b.bwd_s * k for b, k in blocks) + overlapped_exposed_s(ag_s, layer.bwd_input_s, n)
+        fwd[s, c] = (sum(b.fwd_s * k for b, k in blocks)
+                     + overlapped_exposed_s(ag_s, layer.fwd_compute_s, n, overlap))
+        bwd[s, c] = (sum(b.bwd_s * k for b, k in blocks)
+                     + overlapped_exposed_s(ag_s, layer.bwd_input_s, n, overlap))
         wgrad[s, c] = sum(b.bwd_weight_s * k for b, k in blocks)
     if plan.schedule != "zb-h1" or p == 1:
         wgrad_arg, bwd_arg = None, bwd
@@ -157,7 +160,7 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
         if dp.size > 1:
             kind = "all_reduce" if plan.zero == 0 else "reduce_scatter"
             bucket_s = hw.collective_time_s(kind, grad_bytes / n, dp.size, dp.ranks_per_node)
-            dp_exposed[s] = overlapped_exposed_s(bucket_s, layer.bwd_s, n)
+            dp_exposed[s] = overlapped_exposed_s(bucket_s, layer.bwd_s, n, overlap)
             if plan.zero in (1, 2):  # updated weights all-gathered after the step (ZeRO sec 5.2)
                 dp_exposed[s] += hw.collective_time_s("all_gather", grad_bytes, dp.size, dp.ranks_per_node)
         if model.tied_embeddings and p > 1 and s in (0, p - 1):

@@ -45,6 +45,27 @@ def test_overlap_closed_form():
     # comm slower: the stream falls 1 s further behind per bucket
     assert overlapped_exposed_s(3.0, 2.0, 10) == 3.0 + 9 * 1.0
     assert overlapped_exposed_s(0.0, 2.0, 10) == 0.0
+    # gloo on CPU ranks computes on the same cores: nothing hides
+    assert overlapped_exposed_s(1.0, 2.0, 10, overlaps=False) == 10.0
+
+
+def test_cpu_profile_exposes_data_parallel_communication():
+    from dataclasses import replace
+
+    from simulator.simulate import simulate
+    model = ZOO["llama-2-7b"]
+    plan = Plan(dp=8, global_batch=64, micro_batch=1, seq_len=2048, zero=1, dtype="bf16")
+    cluster = Cluster(8, 8)
+    gloo = replace(A100, extra={**A100.extra, "measurement": {"collective_backend": "gloo"}})
+    assert A100.comm_overlaps_compute and not gloo.comm_overlaps_compute
+    layers = model.num_layers
+    grad_bytes = model.num_params() * 2  # bf16 gradients of the whole model, one bucket per layer
+    overlapped = simulate(model, plan, cluster, A100).breakdown_s["dp_comm"]
+    exposed = simulate(model, plan, cluster, gloo).breakdown_s["dp_comm"]
+    bucket = A100.collective_time_s("reduce_scatter", grad_bytes / layers, 8, 8)
+    assert exposed > overlapped
+    gather = A100.collective_time_s("all_gather", grad_bytes, 8, 8)  # ZeRO-1 weight all-gather
+    assert exposed == pytest.approx(layers * bucket + gather, rel=1e-6)
 
 
 def test_backward_is_about_twice_forward_and_recompute_adds_forward():

@@ -36,6 +36,15 @@ def test_refit_recovers_known_factors():
     assert set(fitted.train).isdisjoint(fitted.held_out) and len(fitted.train) + len(fitted.held_out) == len(SUITE)
 
 
+def test_scaled_latencies_add_per_op_and_multiply_collective_alpha():
+    slow = BASE.scaled(op_latency_s=1e-4, collective_latency=3.0)
+    assert slow.gemm_time_s(64, 64, 64, "bf16") == pytest.approx(BASE.gemm_time_s(64, 64, 64, "bf16") + 1e-4)
+    assert slow.memory_bound_time_s(1024, "bf16") == pytest.approx(BASE.memory_bound_time_s(1024, "bf16") + 1e-4)
+    tiny = 8  # bytes: latency-bound, time ~ alpha
+    assert slow.collective_time_s("all_reduce", tiny, 8, 8) == pytest.approx(
+        3.0 * BASE.collective_time_s("all_reduce", tiny, 8, 8), rel=0.01)
+
+
 def test_summary_statistics():
     plan = SUITE[0][1]
     runs = [ValidationRun(f"r{i}", _record(plan, measured, 100,
