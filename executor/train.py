@@ -31,6 +31,7 @@ from executor.model import build_model, loss_fn
 from executor.parallelize import (build_mesh, build_optimizer, full_gradients, gradient_sync,
                                   parallelize)
 from executor.pipeline import build_schedule, split_stage, stage_indices
+from hw_profiles.measure.machine import pin_rank_to_core
 from simulator.model_spec import ModelSpec
 from simulator.plan import Plan
 
@@ -44,10 +45,7 @@ def setup_device() -> torch.device:
         torch.cuda.set_device(device)
         return device
     torch.set_num_threads(1)
-    # One core per rank (round robin when ranks outnumber cores), as one GPU per rank: the
-    # OS would otherwise let a rank's gloo threads and a neighbour's compute share a core.
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cores[int(os.environ["LOCAL_RANK"]) % len(cores)]})
+    pin_rank_to_core(int(os.environ["LOCAL_RANK"]))
     return torch.device("cpu")
 
 

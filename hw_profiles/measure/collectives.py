@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from hw_profiles.collective_model import KINDS
+from hw_profiles.measure.machine import pin_rank_to_core
 from hw_profiles.samples import COLLECTIVE_COLUMNS
 from meshplan.errors import ProfileError
 
@@ -153,6 +154,7 @@ def main(argv=None) -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        pin_rank_to_core(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         sizes = args.group_sizes or list(range(2, dist.get_world_size() + 1))
