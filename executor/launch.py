@@ -127,8 +127,10 @@ def launch_many(jobs: list[tuple[ModelSpec, Plan]], cluster: Cluster,
             for (m, p), r in zip(runnable, result["results"])]
 
 
-def torchrun_command(run_file: Path, nproc_per_node: int, options: RunOptions) -> list[str]:
-    """torchrun: --standalone on one machine, a c10d rendezvous across several."""
+def torchrun_command(run_file: Path, nproc_per_node: int, options: RunOptions,
+                     module: str = "executor.train") -> list[str]:
+    """torchrun running `python -m module RUN.json` on each rank: --standalone on one
+    machine, a c10d rendezvous across several."""
     if options.nnodes == 1:
         where = ["--standalone"]
     else:
@@ -137,7 +139,14 @@ def torchrun_command(run_file: Path, nproc_per_node: int, options: RunOptions) -
                  "--rdzv-id", "meshplan"]
     return [sys.executable, "-m", "torch.distributed.run", *where,
             "--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
-            "--monitor-interval", "0.2", "-m", "executor.train", str(run_file)]
+            "--monitor-interval", "0.2", "-m", module, str(run_file)]
+
+
+def run_ranks(module: str, run_file: Path, nproc_per_node: int) -> None:
+    """Start another per-rank entry point (executor.serve) on this machine's ranks the way
+    launch_many starts executor.train; RunFailed if a rank fails, every rank stopped on
+    Ctrl-C."""
+    _run_torchrun(torchrun_command(run_file, nproc_per_node, RunOptions(), module))
 
 
 def _run_torchrun(command: list[str]) -> None:

@@ -6,6 +6,9 @@ feed_forward.w1/w2/w3, norm, output) so the parallel plans in parallelize.py rea
 `layers` is a ModuleDict keyed by the global layer index, so a pipeline stage that keeps only
 some layers (and drops the embedding or the head: those attributes become None) keeps the
 parameter names of the full model.
+
+Generation passes a KV cache (executor/kv_cache.py) through `forward(x, cache)`; without one
+(training) every call is the plain causal forward.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from executor.kv_cache import KVCache, LayerCache
 from simulator.model_spec import ModelSpec
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
@@ -35,11 +39,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class CausalCore(nn.Module):
     """softmax(q k^T / sqrt(d)) v with a causal mask; its own module so that selective
-    recompute can checkpoint exactly this part."""
+    recompute can checkpoint exactly this part. k and v may start with `offset` cached
+    positions before the queries' own: query i then sees keys up to offset + i."""
 
     def forward(self, q, k, v):  # [batch, seq, heads, head_dim]
+        offset = k.shape[1] - q.shape[1]
+        mask = None
+        if offset and q.shape[1] > 1:
+            mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool,
+                              device=q.device).tril(offset)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=offset == 0,
                                              enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2)
 
@@ -59,14 +69,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(h, h, bias=spec.bias)
         self.core = CausalCore()
 
-    def forward(self, x):
+    def forward(self, x, cache: LayerCache | None = None):
         batch, seq, _ = x.shape
+        start = 0 if cache is None else cache.length  # position of x's first token
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         if self.rope:
-            cos, sin = rope_cos_sin(seq, self.head_dim, x.device)
+            cos, sin = rope_cos_sin(start + seq, self.head_dim, x.device)
+            cos, sin = cos[start:], sin[start:]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
         return self.wo(self.core(q, k, v).flatten(2))
 
 
@@ -102,14 +116,16 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(spec)
         self.feed_forward = FeedForward(spec)
 
-    def forward(self, x):
-        h = x + self.attention(self.attention_norm(x))
+    def forward(self, x, cache: LayerCache | None = None):
+        h = x + self.attention(self.attention_norm(x), cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
     """Tokens [batch, seq] -> logits [batch, seq, vocab]. A pipeline stage without the
-    embedding takes hidden states instead, one without the head returns hidden states."""
+    embedding takes hidden states instead, one without the head returns hidden states.
+    With a KV cache, x continues the cached positions and the head runs on the last
+    position only (logits [batch, 1, vocab]): generation needs no other."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -123,15 +139,19 @@ class Transformer(nn.Module):
         if spec.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, x):
+    def forward(self, x, cache: KVCache | None = None):
+        start = 0 if cache is None else cache.length
         if self.tok_embeddings is not None:
             tokens = x
             x = self.tok_embeddings(tokens)
             if self.pos_embeddings is not None:
-                positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+                positions = torch.arange(start, start + tokens.shape[1],
+                                         device=tokens.device).expand_as(tokens)
                 x = x + self.pos_embeddings(positions)
-        for layer in self.layers.values():
-            x = layer(x)
+        for key, layer in self.layers.items():
+            x = layer(x) if cache is None else layer(x, cache=cache.layers[key])
+        if cache is not None and self.output is not None:
+            x = x[:, -1:]
         if self.norm is not None:
             x = self.norm(x)
         return self.output(x) if self.output is not None else x

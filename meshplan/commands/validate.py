@@ -1,5 +1,6 @@
 """`meshplan validate`: run the validation suite here, predicted vs measured; `--refit`
-closes the loop by refitting the profile from half of the runs."""
+closes the loop by refitting the profile from half of the runs. `--mode inference` runs the
+serving suite instead (executor/serve_validate.py)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,9 @@ def register(subparsers) -> None:
         "validate", help="run a suite of plans on this machine: predicted vs measured",
         description="Run the validation suite on real torch.distributed ranks of this machine and "
                     "report the simulator's error: table, CSV and plotly HTML.")
+    parser.add_argument("--mode", choices=("training", "inference"), default="training",
+                        help="training steps (default) or serving: TTFT and TPOT of greedy "
+                             "generation (its own warm-up and repeats; no --steps, --refit)")
     parser.add_argument("--hardware", default="local", help="profile to predict with (default local)")
     parser.add_argument("--plans", help="comma-separated plan names of the suite (default all)")
     parser.add_argument("--steps", type=int, default=8, help="steps per plan (default 8)")
@@ -34,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from hw_profiles.profile import load_profile
     from meshplan.errors import PlanError
 
+    if args.mode == "inference":
+        return run_inference(args)
     hw = load_profile(args.hardware)
     known = [name for name, _ in SUITE]
     names = tuple(n.strip() for n in args.plans.split(",")) if args.plans else None
@@ -87,3 +93,59 @@ def print_table(result: dict) -> None:
             console.print(f"  {half}: median |error| {fit['before'][half]['median_abs_error']:.1%} -> "
                           f"{fit['after'][half]['median_abs_error']:.1%}, max "
                           f"{fit['before'][half]['max_abs_error']:.1%} -> {fit['after'][half]['max_abs_error']:.1%}")
+
+
+def run_inference(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from executor.serve_validate import SUITE, SUITE_OPTIONS, run_suite, summary
+    from executor.serve_validate_report import write_csv, write_html
+    from hw_profiles.profile import load_profile
+    from meshplan.errors import PlanError
+
+    if args.refit:
+        raise PlanError("--refit", "refits the profile from training runs only",
+                        "drop --refit with --mode inference")
+    hw = load_profile(args.hardware)
+    known = [name for name, _ in SUITE]
+    names = tuple(n.strip() for n in args.plans.split(",")) if args.plans else None
+    for name in names or ():
+        if name not in known:
+            raise PlanError("--plans", f"unknown serving suite plan {name!r}",
+                            f"use names from: {', '.join(known)}")
+    runs = run_suite(replace(SUITE_OPTIONS, profile=args.hardware, progress=not args.json),
+                     names)
+    stats = summary(runs)
+    out = Path(args.out_dir)
+    csv, html = out / "validate-inference.csv", out / "validate-inference.html"
+    write_csv(runs, csv)
+    write_html(runs, stats, hw.relative_error_band(), html,
+               f"meshplan validate --mode inference ({hw.name})")
+    result = {"runs": [r.to_json() for r in runs], **stats, "csv": str(csv), "html": str(html)}
+    if args.json:
+        sys.stdout.write(common.dump_json(result))
+    else:
+        print_inference_table(result)
+    return 0
+
+
+def print_inference_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="serving: predicted vs measured (this machine)")
+    for col in ("plan", "ranks", "pred TTFT ms", "meas TTFT ms", "error", "pred TPOT ms",
+                "meas TPOT ms", "error"):
+        table.add_column(col, justify="right" if col != "plan" else "left")
+    for r in result["runs"]:
+        table.add_row(r["name"], str(r["world_size"]), f"{r['predicted_ttft_s'] * 1e3:.2f}",
+                      f"{r['measured_ttft_s'] * 1e3:.2f}", f"{r['ttft_error']:+.1%}",
+                      f"{r['predicted_tpot_s'] * 1e3:.3f}", f"{r['measured_tpot_s'] * 1e3:.3f}",
+                      f"{r['tpot_error']:+.1%}")
+    console = Console()
+    console.print(table)
+    for key in ("ttft", "tpot"):
+        s = result[key]
+        console.print(f"{key.upper()}: median |error| {s['median_abs_error']:.1%}  max |error| "
+                      f"{s['max_abs_error']:.1%}  Spearman {s['spearman']:.2f}")
+    console.print(f"CSV: {result['csv']}  HTML: {result['html']}")

@@ -1,0 +1,114 @@
+"""Per-rank entry point of a serving run, started by torchrun (serve_launch.py):
+`python -m executor.serve RUN.json`.
+
+RUN.json holds the jobs (model + inference plan pairs of one world size, run one after the
+other in one process group) and the options (seed, warmup, repeats, timeout, progress: rank
+0 prints one line per job to stderr). Each job
+builds this rank's ServingRank (generate.py), runs `warmup` untimed generations and then
+`repeats` timed ones, each timed in two barrier-synchronised phases (measure.timed):
+TTFT = prefill of every micro-batch up to the last sequence's first token; decode = the
+gen_len - 1 decode steps. Memory is accounted as the simulator counts it: this rank's weight
+shards plus its KV cache at the end of a generation (the allocator's peak on CUDA), with the
+process's peak RSS beside it. Local rank 0 writes result.json into the run folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from statistics import median
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from executor.generate import Generation, ServingRank
+from executor.measure import timed
+from executor.train import setup_device
+from simulator.inference import InferencePlan
+from simulator.model_spec import ModelSpec
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def serving_dtype(plan: InferencePlan, device: torch.device) -> str:
+    """The plan's dtype on CUDA (weights, activations and KV cache in it); fp32 on CPU, whose
+    bf16/fp16 matmuls are far slower than fp32 (the local profile: 3 vs 90 GFLOP/s)."""
+    return plan.dtype if device.type == "cuda" else "fp32"
+
+
+@dataclass(frozen=True)
+class ServeMemory:
+    """One rank's memory, bytes. peak_bytes: allocator peak (CUDA) or weights + KV cache."""
+
+    rank: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    peak_bytes: int
+    max_rss_bytes: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def run_job(spec: ModelSpec, plan: InferencePlan, options: dict, device: torch.device) -> dict:
+    dtype = serving_dtype(plan, device)
+    rank = ServingRank(spec, plan, options["seed"], device, TORCH_DTYPES[dtype])
+    if device.type == "cuda":  # from here: the stage's weights, not the full model built first
+        torch.cuda.reset_peak_memory_stats(device)
+    ttft_s, decode_s = [], []
+    for i in range(options["warmup"] + options["repeats"]):
+        generation = Generation(rank)
+        prefill_s = timed(generation.prefill, device)
+        all_steps_s = timed(generation.decode, device)
+        if i >= options["warmup"]:
+            ttft_s.append(prefill_s)
+            decode_s.append(all_steps_s)
+    kv_bytes = sum(cache.nbytes for cache in generation.caches)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" \
+        else rank.weights_bytes + kv_bytes
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    memory = ServeMemory(dist.get_rank(), rank.weights_bytes, kv_bytes, peak, rss)
+    mine = (rank.replica, generation.tokens().tolist()) if rank.holds_tokens else None
+    replicas = sorted(r for r in _gather(mine) if r is not None)
+    if options["progress"] and dist.get_rank() == 0:
+        print(f"meshplan serve: tp {plan.tp} pp {plan.pp} replicas {plan.replicas} batch "
+              f"{plan.batch} prompt {plan.prompt_len} gen {plan.gen_len}: TTFT "
+              f"{1e3 * median(ttft_s):.1f} ms, TPOT "
+              f"{1e3 * median(decode_s) / (plan.gen_len - 1):.2f} ms",
+              file=sys.stderr, flush=True)
+    return {"ttft_s": ttft_s, "decode_s": decode_s, "dtype": dtype, "device": device.type,
+            "memory_by_rank": [m.to_json() for m in _gather(memory)],
+            "tokens": [row for _, rows in replicas for row in rows]}
+
+
+def _gather(item) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, item)
+    return out
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    run_file = Path((argv or sys.argv[1:])[0])
+    config = json.loads(run_file.read_text())
+    options = config["options"]
+    device = setup_device()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=options["timeout_s"]))
+    results = [run_job(ModelSpec.from_dict(j["model"]), InferencePlan.from_dict(j["plan"]),
+                       options, device) for j in config["jobs"]]
+    if int(os.environ["LOCAL_RANK"]) == 0:
+        tmp = run_file.parent / "result.json.tmp"
+        tmp.write_text(json.dumps({"results": results, "world_size": dist.get_world_size()}))
+        tmp.replace(run_file.parent / "result.json")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

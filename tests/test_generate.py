@@ -1,0 +1,169 @@
+"""Greedy generation with a KV cache: the single-process cached generation against a loop
+that recomputes the whole sequence for every token (no cache), and every parallel serving
+plan (TP, PP, TP x PP, replicas; real ranks through torchrun) against the single-process
+run of the same model, seed and prompts: the generated tokens must be identical. Plus the
+`run --mode inference` CLI: its --json keys, its record, and bad input refused in one line.
+
+Plans of one world size share one launch (launch_inference_many) to keep the file fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from executor import launch as launch_module
+from executor.generate import generate, greedy, prompt_tokens
+from executor.kv_cache import KVCache
+from executor.model import build_model
+from executor.serve_launch import ServeOptions, check_executable, launch_inference_many
+from executor.serve_record import ServeRecord
+from meshplan.cli import main
+from meshplan.errors import PlanError
+from simulator.inference import InferencePlan
+from simulator.model_spec import ModelSpec
+from simulator.plan import Cluster
+
+SEED, PROMPT_LEN, GEN_LEN = 0, 24, 12
+LLAMA = ModelSpec("tiny-llama", num_layers=4, hidden_size=128, num_heads=4, num_kv_heads=2,
+                  ffn_hidden_size=256, vocab_size=512, max_seq_len=128)
+GPT = ModelSpec("tiny-gpt", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+                ffn_hidden_size=256, vocab_size=256, max_seq_len=64, gated_mlp=False,
+                activation="gelu", norm="layernorm", position_embedding="learned", bias=True)
+FAST = ServeOptions(warmup=0, repeats=1, seed=SEED)
+
+
+def recompute_greedy(model, prompts: torch.Tensor, gen_len: int) -> torch.Tensor:
+    """Greedy generation without a cache: every token reruns the whole sequence so far."""
+    seq, tokens = prompts, []
+    with torch.no_grad():
+        for _ in range(gen_len):
+            tokens.append(greedy(model(seq)))
+            seq = torch.cat([seq, tokens[-1][:, None]], dim=1)
+    return torch.stack(tokens, dim=1)
+
+
+def single_process(model: ModelSpec, plan: InferencePlan) -> torch.Tensor:
+    prompts = prompt_tokens(plan.replicas * plan.batch, plan.prompt_len, model.vocab_size, SEED)
+    return generate(build_model(model, SEED).eval(), prompts, plan.gen_len)
+
+
+@pytest.mark.parametrize("model", [LLAMA, GPT], ids=lambda m: m.name)
+def test_cached_generation_equals_recompute(model):
+    net = build_model(model, SEED).eval()
+    prompts = prompt_tokens(3, PROMPT_LEN, model.vocab_size, SEED)
+    cached = generate(net, prompts, GEN_LEN)
+    assert cached.shape == (3, GEN_LEN)
+    assert torch.equal(cached, recompute_greedy(net, prompts, GEN_LEN))
+    assert len(cached.unique()) > 3  # the check is not vacuous: the tokens vary
+
+
+@pytest.mark.parametrize("model", [LLAMA, GPT], ids=lambda m: m.name)
+def test_cached_logits_equal_full_forward(model):
+    """Each decode step's logits are the full forward's logits at that position (RoPE or
+    learned positions continue from the cache; the decode query attends over every cached
+    key)."""
+    net = build_model(model, SEED).eval()
+    seq = prompt_tokens(2, PROMPT_LEN + 4, model.vocab_size, SEED)
+    cache = KVCache(net.layers, seq.shape[1])
+    with torch.no_grad():
+        full = net(seq)
+        steps = [net(seq[:, :PROMPT_LEN], cache)] + [net(seq[:, i:i + 1], cache)
+                                                     for i in range(PROMPT_LEN, seq.shape[1])]
+    assert cache.length == seq.shape[1]
+    cached = torch.cat(steps, dim=1)
+    torch.testing.assert_close(cached, full[:, PROMPT_LEN - 1:], rtol=1e-5, atol=1e-5)
+
+
+def _plan(**fields) -> InferencePlan:
+    return InferencePlan(**{"batch": 4, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN,
+                            "dtype": "fp32", **fields})
+
+
+WORLD_2 = [("tp2", _plan(tp=2)), ("pp2-uneven-microbatches", _plan(pp=2, batch=3)),
+           ("replicas2", _plan(replicas=2))]
+WORLD_4 = [("tp2-pp2", _plan(tp=2, pp=2)), ("pp2-replicas2", _plan(pp=2, replicas=2))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, jobs", [(2, WORLD_2), (4, WORLD_4)], ids=["world2", "world4"])
+def test_parallel_generation_equals_single_process(world, jobs):
+    records = launch_inference_many([(LLAMA, p) for _, p in jobs], Cluster(world, world), FAST)
+    for (name, plan), record in zip(jobs, records):
+        expected = single_process(LLAMA, plan)
+        assert torch.equal(torch.tensor(record.tokens), expected), name
+        assert record.world_size == world
+
+
+@pytest.mark.parametrize("model, fields, field", [
+    (LLAMA, dict(tp=4), "--tp"),  # divides the 4 heads, not the 2 KV heads
+    (dataclasses.replace(GPT, tied_embeddings=True), dict(pp=2), "--pp"),
+    (LLAMA, dict(gen_len=1), "--gen-len"),
+    (LLAMA, dict(tp=3), "--tp"),
+])
+def test_executor_refusals_name_the_field(model, fields, field):
+    plan = _plan(**fields)
+    with pytest.raises(PlanError) as err:
+        check_executable(model, plan, Cluster(plan.num_gpus, plan.num_gpus), FAST)
+    assert err.value.field == field
+
+
+@pytest.fixture()
+def config_json(tmp_path) -> str:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA.to_dict()))
+    return str(path)
+
+
+def test_bad_tp_exits_2_with_one_line_and_launches_nothing(config_json, capsys, monkeypatch):
+    def fail(*_args, **_kwargs):
+        raise AssertionError("torchrun was started for a refused plan")
+    monkeypatch.setattr(launch_module, "_run_torchrun", fail)
+    code = main(["run", "--mode", "inference", "--model", config_json, "--tp", "3",
+                 "--batch", "4", "--prompt-len", "16", "--gen-len", "4"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith("meshplan run: error: --tp: 3 does not divide the 4 attention heads")
+
+
+def test_validate_unknown_serving_plan_exits_2(capsys):
+    code = main(["validate", "--mode", "inference", "--plans", "nope"])
+    assert code == 2
+    assert "unknown serving suite plan 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_inference_json_keys_and_record(config_json, tmp_path):
+    record_path = tmp_path / "record.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshplan.cli", "run", "--mode", "inference", "--model",
+         config_json, "--hardware", "local", "--gpus", "2", "--tp", "2", "--batch", "4",
+         "--prompt-len", "16", "--gen-len", "6", "--warmup", "1", "--repeats", "2", "--json",
+         "--record", str(record_path)],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["plan"]["tp"] == 2 and out["plan"]["replicas"] == 1 and out["world_size"] == 2
+    assert out["dtype"] == "fp32" and out["dtype_requested"] == "fp16"  # fp32 on CPU
+    assert out["profile"] == "local" and out["device"] == "cpu"
+    for key in ("ttft_s", "tpot_s", "latency_s", "throughput_tokens_per_s", "peak_memory_bytes"):
+        assert isinstance(out[f"predicted_{key}"], float) and out[f"predicted_{key}"] > 0, key
+        assert out[f"measured_{key}"] > 0, key
+    assert len(out["measured_ttft_samples_s"]) == 2
+    assert out["measured_latency_s"] == pytest.approx(
+        out["measured_ttft_s"] + 5 * out["measured_tpot_s"])
+    assert out["measured_throughput_tokens_per_s"] == pytest.approx(
+        4 * 6 / out["measured_latency_s"])
+    # Each TP rank holds half of the 2 KV heads: 4 layers x K and V x 4 sequences x
+    # (16 + 6 - 1) positions x 1 head x 32 dims x 4 bytes.
+    assert out["measured_kv_cache_bytes"] == 4 * 2 * 4 * 21 * 1 * 32 * 4
+    assert len(out["measured_memory_by_rank"]) == 2
+    expected = single_process(LLAMA, InferencePlan(batch=4, prompt_len=16, gen_len=6))
+    assert out["generated_tokens"] == expected.tolist()
+    record = ServeRecord.from_json(json.loads(record_path.read_text()))
+    assert record.summary_json() == out
