@@ -6,7 +6,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from hw_profiles import collective_model, gemm_model
@@ -19,6 +19,42 @@ SAMPLES_SUFFIX = ".samples.json"
 DTYPES = tuple(DTYPE_BYTES)
 REGENERATE = ("regenerate it with `meshplan profile --out FILE` (this machine) or "
               "`python -m hw_profiles.build_stock` (stock profiles)")
+
+
+@dataclass(frozen=True)
+class FrameworkOverhead:
+    """Host time per decoder layer of the executor's eager PyTorch beside its operators' work
+    (module calls, dispatch, autograd, DTensor sharding propagation), per micro-batch:
+    measured by executor/overhead.py on CPU, where the host *is* the device. Zero where
+    the host runs ahead of a GPU's kernel queue (stock profiles), so it is not on the path."""
+
+    layer_forward_s: float = 0.0
+    layer_backward_s: float = 0.0
+    tp_layer_forward_s: float = 0.0       # layers under DTensor tensor parallelism
+    tp_layer_backward_s: float = 0.0
+    sp_layer_forward_s: float = 0.0       # ... with sequence parallelism
+    sp_layer_backward_s: float = 0.0
+    prefill_layer_s: float = 0.0          # inference forward of a prompt, KV cache filled
+    decode_layer_s: float = 0.0           # inference forward of one token over the cache
+    source: str = "not on the critical path: the host queues kernels ahead of the GPU"
+
+    def training_layer_s(self, tp: int, sp: bool) -> tuple[float, float]:
+        """(forward, backward) overhead of one layer."""
+        if tp == 1:
+            return self.layer_forward_s, self.layer_backward_s
+        if sp:
+            return self.sp_layer_forward_s, self.sp_layer_backward_s
+        return self.tp_layer_forward_s, self.tp_layer_backward_s
+
+    def inference_layer_s(self, tp: int, decode: bool) -> float:
+        """One layer's prompt (or one-token decode) forward; under TP plus the DTensor
+        surcharge that the training forward measured."""
+        base = self.decode_layer_s if decode else self.prefill_layer_s
+        return base + (max(0.0, self.tp_layer_forward_s - self.layer_forward_s) if tp > 1 else 0.0)
+
+    def scaled(self, factor: float) -> FrameworkOverhead:
+        return replace(self, **{f.name: getattr(self, f.name) * factor for f in fields(self)
+                                if f.name != "source"})
 
 
 @dataclass(frozen=True)
@@ -40,6 +76,7 @@ class HardwareProfile:
     sources: tuple = ()               # where each figure came from
     fit_report: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    overhead: FrameworkOverhead = FrameworkOverhead()
 
     def _dtype(self, dtype: str) -> str:
         if dtype not in self.gemm or dtype not in self.peak_flops:
@@ -128,6 +165,7 @@ class HardwareProfile:
                             "inter": table(self.collectives.inter)},
             "sources": list(self.sources), "fit_report": json.loads(json.dumps(self.fit_report)),
             "extra": json.loads(json.dumps(self.extra)),
+            "overhead": asdict(self.overhead),
         }
 
     @classmethod
@@ -152,7 +190,8 @@ class HardwareProfile:
                 f"memory_bound.{d}.")) for d in DTYPES},
             collectives=r.collectives(r.get(data, "collectives", dict), nics),
             sources=tuple(r.get(data, "sources", list)),
-            fit_report=r.get(data, "fit_report", dict), extra=r.get(data, "extra", dict))
+            fit_report=r.get(data, "fit_report", dict), extra=r.get(data, "extra", dict),
+            overhead=r.overhead(data.get("overhead", {})))
 
     def save(self, path) -> None:
         """Write JSON atomically (temp file in the same folder, then os.replace)."""
@@ -199,6 +238,18 @@ class _Reader:
 
     def numbers(self, data, cls, prefix: str) -> dict:
         return {f: self.number(data, f, prefix) for f in cls.__dataclass_fields__}
+
+    def overhead(self, data) -> FrameworkOverhead:
+        """Optional section (profiles measured before it existed have none: zeros)."""
+        if not isinstance(data, dict):
+            raise ProfileError("overhead", f"is not an object in {self.where}", REGENERATE)
+        known = [f.name for f in fields(FrameworkOverhead) if f.name != "source"]
+        unknown = sorted(set(data) - set(known) - {"source"})
+        if unknown:
+            raise ProfileError(f"overhead.{unknown[0]}", f"is unknown in {self.where}", REGENERATE)
+        values = {f: self.number(data, f, "overhead.") for f in known if f in data}
+        return FrameworkOverhead(**values, **({"source": self.get(data, "source", str, "overhead.")}
+                                              if "source" in data else {}))
 
     def curve(self, data, prefix: str) -> Curve:
         return Curve(Line(**self.numbers(self.get(data, "small", dict, prefix), Line, prefix + "small.")),

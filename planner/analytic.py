@@ -103,6 +103,8 @@ def shard_times(model: ModelSpec, hw: HardwareProfile, shards: list[Shard], dtyp
     cost.edge_costs that do not depend on recompute or on where the groups are placed)."""
     out = dict(zip(("fwd", "bwd_in", "bwd_w", "core"),
                    _block_times([layer_ops(model, s) for s in shards], hw, dtype)))
+    host = np.array([hw.overhead.training_layer_s(s.tp, s.sp) for s in shards], dtype=float)
+    out["fwd"], out["bwd_in"] = out["fwd"] + host[:, 0], out["bwd_in"] + host[:, 1]
     for name, ops in (("emb", embedding_ops), ("head", head_ops)):
         f, bi, bw, _ = _block_times([ops(model, s) for s in shards], hw, dtype)
         out.update({f"{name}_fwd": f, f"{name}_bwd": bi + bw, f"{name}_bwd_w": bw})

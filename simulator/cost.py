@@ -123,6 +123,10 @@ def layer_costs(model: ModelSpec, shard: Shard, hw: HardwareProfile, dtype: str,
                 tp: Group, cp: Group) -> BlockCosts:
     ops = layer_ops(model, shard)
     fwd, bwd_in, bwd_w, redo, flops, by_op = _blocks_costs(ops, hw, dtype, recompute, shard.flash)
+    host_fwd, host_bwd = hw.overhead.training_layer_s(shard.tp, shard.sp)
+    fwd, bwd_in = fwd + host_fwd, bwd_in + host_bwd
+    if recompute == "full":
+        redo += host_fwd
     tp_s = tp_comm_s(model, shard, hw, tp)
     attention_s = sum(_op_forward_s(op, hw, dtype) for op in ops if op.attention_core)
     cp_fwd, cp_bwd = cp_comm_s(model, shard, hw, cp, attention_s)

@@ -31,11 +31,12 @@ from simulator.model_spec import ModelSpec
 from simulator.ops import GEMM, Op, Shard, embedding_ops, head_ops, layer_ops
 from simulator.placement import group_of, pp_neighbour_group
 from simulator.plan import DTYPE_BYTES, DTYPES, Cluster, Plan
+from simulator.simulate import compute_share
 
 # KV caches may be stored in fp8 (vLLM --kv-cache-dtype fp8) while weights stay 16-bit.
 KV_DTYPE_BYTES = {**DTYPE_BYTES, "fp8": 1}
-DECODE_KEYS = ("weights_read", "kv_read", "compute", "elementwise", "tp_comm", "pp_handoff",
-               "pp_bubble")
+DECODE_KEYS = ("weights_read", "kv_read", "compute", "elementwise", "host_overhead", "tp_comm",
+               "pp_handoff", "pp_bubble")
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,8 @@ def _prefill_layer_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile)
     ops = layer_ops(model, Shard(plan.micro_batch, s, tp=plan.tp, dtype_bytes=plan.dtype_bytes))
     causal = (s + 1) / (2 * s)
     return (sum(_op_s(op, hw, plan.dtype) * (causal if op.attention_core else 1.0) for op in ops)
-            + _op_s(_kv_write(model, plan, plan.micro_batch * s), hw, plan.dtype))
+            + _op_s(_kv_write(model, plan, plan.micro_batch * s), hw, plan.dtype)
+            + hw.overhead.inference_layer_s(plan.tp, decode=False))
 
 
 def _classified_s(ops, hw: HardwareProfile, compute_hw: HardwareProfile, dtype: str) -> dict:
@@ -304,6 +306,7 @@ def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfi
     flops_s = compute_hw.gemm_time_s(g, 2 * contexts, hd, d, batch=b * kv)
     read_s = hw.memory_bound_time_s(b * contexts * 2 * kv * hd * plan.kv_dtype_bytes, d)
     parts["kv_read"] = np.where(read_s >= flops_s, read_s, 0.0)
+    parts["host_overhead"] = hw.overhead.inference_layer_s(plan.tp, decode=True)
     parts["compute"] = parts["compute"] + np.where(read_s >= flops_s, 0.0, flops_s)
     return parts
 
@@ -389,6 +392,8 @@ def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
 def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
                        hw: HardwareProfile) -> InferenceResult:
     plan.validate(model, cluster)
+    hardware = hw.name
+    hw = compute_share(hw, cluster)
     served = _served(model, plan.tp)
     at = _layout(plan, served, cluster)
     prefill = _prefill_s(served, plan, hw, at)
@@ -409,7 +414,7 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
     peak = int(np.argmax(memory))
     max_batch = min(_max_batch(limit - w, k, a, plan.pp) for w, k, a in zip(weights, kv_seq, act_seq))
     return InferenceResult(
-        plan=plan, model=model, cluster=cluster, hardware=hw.name, ttft_s=ttft, tpot_s=tpot,
+        plan=plan, model=model, cluster=cluster, hardware=hardware, ttft_s=ttft, tpot_s=tpot,
         latency_s=latency, throughput_tokens_per_s=plan.replicas * plan.batch * plan.gen_len / latency,
         decode_tokens_per_s=plan.replicas * plan.batch / tpot,
         kv_cache_bytes=float(plan.batch * kv_seq[peak]), weights_bytes=float(weights[peak]),

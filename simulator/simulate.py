@@ -9,7 +9,7 @@ not hidden behind the last micro-batch's backward is exposed) and steps the opti
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -89,14 +89,22 @@ def _stage_params(model: ModelSpec, plan: Plan, layers: int, first: bool, last: 
 
 
 def compute_share(hw: HardwareProfile, cluster: Cluster) -> HardwareProfile:
-    """The profile as one rank sees it when more ranks than cores share a node (CPU runs:
-    each rank gets cores/ranks of a core's compute and memory throughput); collectives were
-    measured with the same sharing and stay as fitted."""
+    """The profile as one rank sees it when more ranks than cores share a node (CPU runs):
+    each rank gets cores/ranks of a core's compute and memory throughput, and its host
+    overhead stretches by ranks/cores. Collectives are CPU work too: a group of n ranks was
+    measured with n ranks on the cores (max(1, n/cores) to a core), so its curve stretches
+    by the ratio of the run's sharing to that."""
     cores = hw.extra.get("cores_per_node")
     ranks = min(cluster.num_gpus, cluster.gpus_per_node)
     if not cores or ranks <= cores:
         return hw
-    return hw.scaled(flops=cores / ranks, hbm_bw=cores / ranks)
+    share = ranks / cores
+
+    def stretched(table: dict) -> dict:
+        return {kind: {n: c.scaled(alpha=share / max(1.0, n / cores), bandwidth=max(1.0, n / cores) / share)
+                       for n, c in by_n.items()} for kind, by_n in table.items()}
+    return replace(hw.scaled(flops=1 / share, hbm_bw=1 / share), overhead=hw.overhead.scaled(share),
+                   collectives=replace(hw.collectives, intra=stretched(hw.collectives.intra)))
 
 
 def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile) -> SimulationResult:

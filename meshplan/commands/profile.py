@@ -6,6 +6,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from meshplan import cli_common as common
@@ -85,6 +86,7 @@ def _save_pair(profile, samples, machine, out: Path) -> None:
 def run_measure(args: argparse.Namespace) -> int:
     import torch
 
+    from executor.overhead import measure_overhead
     from hw_profiles.calibrate import fit_profile
     from hw_profiles.local import local_base
     from hw_profiles.measure.machine import describe_machine
@@ -101,8 +103,16 @@ def run_measure(args: argparse.Namespace) -> int:
                            "from your cluster's logs with --import-nccl-tests")
     with tempfile.TemporaryDirectory(prefix="meshplan-profile-") as tmp:
         samples, machine = measure_machine(args.quick, Path(tmp) / "samples.json", progress=True)
+    # On a GPU the host queues kernels ahead of the device: its overhead is not on the path.
+    overhead = None if torch.cuda.is_available() else measure_overhead(repeats=15 if args.quick else 40)
     measured = time.perf_counter()
     profile = fit_profile(samples, local_base(samples, machine, _name(args)), args.holdout, args.seed)
+    if overhead is not None:
+        profile = replace(profile, overhead=overhead)
+        print(f"framework overhead per layer (fwd/bwd ms): plain {overhead.layer_forward_s * 1e3:.2f}/"
+              f"{overhead.layer_backward_s * 1e3:.2f}, TP {overhead.tp_layer_forward_s * 1e3:.2f}/"
+              f"{overhead.tp_layer_backward_s * 1e3:.2f}, TP+SP {overhead.sp_layer_forward_s * 1e3:.2f}/"
+              f"{overhead.sp_layer_backward_s * 1e3:.2f}; decode {overhead.decode_layer_s * 1e3:.2f}")
     _save_pair(profile, samples, machine, out)
     print_fit(profile)
     print(f"meshplan profile: wrote {out} and {out.name.removesuffix('.json')}.samples.json beside "
