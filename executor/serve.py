@@ -13,12 +13,9 @@ process's peak RSS beside it. Local rank 0 writes result.json into the run folde
 """
 from __future__ import annotations
 
-import json
-import os
 import resource
 import sys
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from statistics import median
 
@@ -28,7 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from executor.generate import Generation, ServingRank
 from executor.measure import timed
-from executor.train import setup_device
+from executor.train import run_rank_jobs
 from simulator.inference import InferencePlan
 from simulator.model_spec import ModelSpec
 
@@ -94,20 +91,8 @@ def _gather(item) -> list:
 
 @record
 def main(argv: list[str] | None = None) -> int:
-    run_file = Path((argv or sys.argv[1:])[0])
-    config = json.loads(run_file.read_text())
-    options = config["options"]
-    device = setup_device()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(seconds=options["timeout_s"]))
-    results = [run_job(ModelSpec.from_dict(j["model"]), InferencePlan.from_dict(j["plan"]),
-                       options, device) for j in config["jobs"]]
-    if int(os.environ["LOCAL_RANK"]) == 0:
-        tmp = run_file.parent / "result.json.tmp"
-        tmp.write_text(json.dumps({"results": results, "world_size": dist.get_world_size()}))
-        tmp.replace(run_file.parent / "result.json")
-    dist.destroy_process_group()
-    return 0
+    return run_rank_jobs(Path((argv or sys.argv[1:])[0]), lambda job, _i, options, device: run_job(
+        ModelSpec.from_dict(job["model"]), InferencePlan.from_dict(job["plan"]), options, device))
 
 
 if __name__ == "__main__":

@@ -171,24 +171,31 @@ def _progress(total: int, label: str, show: bool):
                 disable=not show, dynamic_ncols=True)
 
 
-@record
-def main(argv: list[str] | None = None) -> int:
-    run_file = Path((argv or sys.argv[1:])[0])
-    # Our loss never modifies the logits in place, the case this FSDP2 warning is about.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+def run_rank_jobs(run_file: Path, run_one) -> int:
+    """The body of a rank's entry point: read RUN.json, set up the device and the process
+    group, run each job through run_one(job, index, options, device), and have each node's
+    local rank 0 write result.json atomically."""
     config = json.loads(run_file.read_text())
     device = setup_device()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=timedelta(seconds=config["options"]["timeout_s"]))
-    results = [run_job(ModelSpec.from_dict(j["model"]), Plan.from_dict(j["plan"]),
-                       config["options"], device, i, run_file.parent)
-               for i, j in enumerate(config["jobs"])]
+    results = [run_one(j, i, config["options"], device) for i, j in enumerate(config["jobs"])]
     if int(os.environ["LOCAL_RANK"]) == 0:
         tmp = run_file.parent / "result.json.tmp"
         tmp.write_text(json.dumps({"results": results, "world_size": dist.get_world_size()}))
         tmp.replace(run_file.parent / "result.json")
     dist.destroy_process_group()
     return 0
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    run_file = Path((argv or sys.argv[1:])[0])
+    # Our loss never modifies the logits in place, the case this FSDP2 warning is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    return run_rank_jobs(run_file, lambda job, i, options, device: run_job(
+        ModelSpec.from_dict(job["model"]), Plan.from_dict(job["plan"]), options, device, i,
+        run_file.parent))
 
 
 if __name__ == "__main__":

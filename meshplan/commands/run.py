@@ -51,7 +51,7 @@ def resolve(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from executor.launch import RunFailed, RunOptions, launch
+    from executor.launch import RunOptions, launch
 
     if args.mode == "inference":
         return run_inference(args)
@@ -59,8 +59,16 @@ def run(args: argparse.Namespace) -> int:
     options = RunOptions(steps=args.steps, warmup=args.warmup, seed=args.seed, data=args.data,
                          profile=args.hardware, timeout_s=args.timeout_s, nnodes=args.nnodes,
                          node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint)
+    return report(args, lambda: launch(model, plan, cluster, options), print_summary)
+
+
+def report(args: argparse.Namespace, launch_run, print_table) -> int:
+    """Launch, then write the record (--record) and print the summary (--json or a table);
+    a failed run is one line on stderr and exit code 1."""
+    from executor.launch import RunFailed
+
     try:
-        record = launch(model, plan, cluster, options)
+        record = launch_run()
     except RunFailed as exc:
         print(f"meshplan run: run failed: {exc}", file=sys.stderr)
         return 1
@@ -69,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(common.dump_json(record.summary_json()))
     else:
-        print_summary(record)
+        print_table(record)
     return 0
 
 
@@ -107,7 +115,6 @@ def print_summary(record) -> None:
 
 def run_inference(args: argparse.Namespace) -> int:
     """Serve one inference plan on this machine: --gpus defaults to tp * pp * replicas."""
-    from executor.launch import RunFailed
     from executor.serve_launch import ServeOptions, launch_inference
     from meshplan.errors import PlanError
     from simulator.inference import InferencePlan
@@ -123,18 +130,8 @@ def run_inference(args: argparse.Namespace) -> int:
     plan = InferencePlan(**common.inference_plan_fields(args, cluster))
     options = ServeOptions(warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                            profile=args.hardware, timeout_s=args.timeout_s)
-    try:
-        record = launch_inference(model, plan, cluster, options)
-    except RunFailed as exc:
-        print(f"meshplan run: run failed: {exc}", file=sys.stderr)
-        return 1
-    if args.record:
-        common.write_atomic(args.record, common.dump_json(record.to_json()))
-    if args.json:
-        sys.stdout.write(common.dump_json(record.summary_json()))
-    else:
-        print_inference_summary(record)
-    return 0
+    return report(args, lambda: launch_inference(model, plan, cluster, options),
+                  print_inference_summary)
 
 
 def print_inference_summary(record) -> None:
