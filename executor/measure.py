@@ -49,7 +49,8 @@ class ActivationMeter:
         return self._hooks.__exit__(*exc)
 
     def _pack(self, tensor: torch.Tensor):
-        storage = tensor.untyped_storage()
+        # A DTensor's own storage is not its shard's: count the local shard's memory.
+        storage = _local(tensor).untyped_storage()
         key = storage._cdata
         if key in self.excluded:
             return tensor

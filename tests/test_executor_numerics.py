@@ -158,6 +158,9 @@ def test_memory_accounts_local_shards(world_2):
     num_tensors = len(list(build_model(LLAMA, SEED).parameters()))
     assert ddp["optimizer_bytes"] == 2 * full_bytes + 4 * num_tensors
     assert ddp["activations_bytes"] > 0
+    # TP shards Q/K/V and the MLP of the same micro-batch: DTensors count their local shard
+    tp = runs["tp"][1].memory_by_rank[0]
+    assert 0 < tp["activations_bytes"] < ddp["activations_bytes"]
     assert ddp["peak_bytes"] == sum(ddp[k] for k in ("parameters_bytes", "gradients_bytes",
                                                      "optimizer_bytes", "activations_bytes"))
     zero3 = [m["parameters_bytes"] for m in runs["zero3"][1].memory_by_rank]
