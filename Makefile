@@ -30,6 +30,10 @@ demo: install
 	  --global-batch 1536 --seq-len 2048 --scale-inter-node-bw 0.5,1,2 --out out/whatif.html
 	$(MESHPLAN) run --model examples/tiny-llama/config.json --hardware local --gpus 2 --tp 2 --sp \
 	  --global-batch 8 --micro-batch 2 --seq-len 128 --steps 10
+	$(MESHPLAN) plan --mode inference --model llama-3-70b --hardware h100-80gb --gpus 8 \
+	  --prompt-len 1024 --gen-len 256 --slo-ttft-ms 500 --slo-tpot-ms 50 --top 5
+	$(MESHPLAN) run --mode inference --model examples/tiny-llama/config.json --hardware local \
+	  --gpus 2 --tp 2 --batch 4 --prompt-len 64 --gen-len 32
 
 test: install browser
 	$(PYTHON) -m pytest -q
