@@ -28,8 +28,8 @@ from scipy.optimize import least_squares
 
 from hw_profiles.collective_model import KINDS, CollectiveFit, Curve, Line, bus_factor, \
     collective_time_s, intra_time_s, ring_steps
-from hw_profiles.gemm_model import DTYPE_BYTES, GemmFit, MemoryBoundFit, gemm_time_s, \
-    memory_bound_time_s
+from hw_profiles.gemm_model import DTYPE_BYTES, OP_CLASSES, GemmFit, MemoryBoundFit, \
+    gemm_time_s, memory_bound_time_s
 from hw_profiles.profile import HardwareProfile
 from hw_profiles.samples import Samples
 from meshplan.errors import ProfileError
@@ -104,15 +104,33 @@ def _fit_gemm(df: pd.DataFrame, peak: float, hbm: float, dtype_bytes: int, train
 
 
 def _fit_memory_bound(df: pd.DataFrame, hbm: float, train) -> MemoryBoundFit:
+    """One latency for every op; one efficiency overall (the fallback for unmeasured
+    classes) and one per operator class measured (OP_CLASSES), each by least squares."""
     x, t, ops = df["bytes"].to_numpy(float)[train], df["time_s"].to_numpy(float)[train], \
         df["op"].to_numpy()[train]
-    # One curve serves every op: weight each op equally, however many points it has, and use
-    # plain least squares: an op systematically off the curve is signal, not an outlier.
+    # The overall curve: weight each op equally, however many points it has, and use plain
+    # least squares: an op systematically off the curve is signal, not an outlier.
     counts = pd.Series(ops).map(pd.Series(ops).value_counts()).to_numpy(float)
     p = _fit_log(lambda p: memory_bound_time_s(MemoryBoundFit(*_exp(p)), x, hbm),
                  np.log([0.5 * t.min(), 0.8]), (np.log([1e-9, 1e-3]), np.log([1e-1, 4.0])), t,
                  weights=1.0 / np.sqrt(counts), loss="linear")
-    return MemoryBoundFit(*_exp(p))
+    latency, overall = _exp(p)
+    classes = pd.Series(ops).map(OP_CLASSES).to_numpy()
+    op_eff = {}
+    for cls in sorted({c for c in classes if isinstance(c, str)}):
+        mine = classes == cls
+        q = _fit_log(lambda q: memory_bound_time_s(MemoryBoundFit(latency, float(np.exp(q[0]))),
+                                                   x[mine], hbm),
+                     np.log([overall]), (np.log([1e-3]), np.log([4.0])), t[mine], loss="linear")
+        op_eff[cls] = float(np.exp(q[0]))
+    return MemoryBoundFit(latency, overall, op_eff)
+
+
+def _memory_bound_predictions(fit: MemoryBoundFit, df: pd.DataFrame, hbm: float) -> np.ndarray:
+    """Each row at its operator class's efficiency."""
+    classes = df["op"].map(OP_CLASSES)
+    return np.array([float(memory_bound_time_s(fit, b, hbm, c if isinstance(c, str) else None))
+                     for b, c in zip(df["bytes"].to_numpy(float), classes)])
 
 
 def _borrow(fits: dict, what: str) -> tuple[dict, list[str]]:
@@ -152,10 +170,10 @@ def _compute_fits(samples: Samples, base: dict, fraction: float, rng) -> tuple[d
         rows, df = df.index, df.reset_index(drop=True)
         train = _split(len(df), fraction, rng)
         mem[dtype] = fit = _fit_memory_bound(df, hbm, train)
-        pred = memory_bound_time_s(fit, df["bytes"].to_numpy(float), hbm)
+        pred = _memory_bound_predictions(fit, df, hbm)
         t = df["time_s"].to_numpy(float)
         report[f"memory_bound/{dtype}"] = _quantity_report(
-            pred, t, train, rows, "latency + bytes/(hbm*hbm_eff), ops weighted equally",
+            pred, t, train, rows, "latency + bytes/(hbm*eff of the op's class)",
             by_op={op: _stats(pred[(df["op"] == op).to_numpy()], t[(df["op"] == op).to_numpy()])
                    for op in sorted(df["op"].unique())})
     notes = []

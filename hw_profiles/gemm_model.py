@@ -2,7 +2,7 @@
 operators (latency + bytes / achieved bandwidth). Pure, vectorised with numpy broadcasting."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,10 +26,19 @@ class GemmFit:
 @dataclass(frozen=True)
 class MemoryBoundFit:
     """Fitted memory-bound operator cost: launch latency and achieved fraction of nominal
-    HBM bandwidth."""
+    HBM bandwidth, overall and per operator class (OP_CLASSES) where measured: on a CPU
+    core the transcendental activations and softmax run at a fifth of an add's rate."""
 
     latency_s: float
     hbm_eff: float
+    op_eff: dict = field(default_factory=dict)   # operator class -> fraction of nominal
+
+
+# Measured operator names (ours and Vidur's) -> the class whose efficiency they share.
+OP_CLASSES = {"add": "add", "layer_norm": "norm", "rms_norm": "norm", "input_layernorm": "norm",
+              "post_attention_layernorm": "norm", "gelu": "activation", "silu": "activation",
+              "mlp_act": "activation", "softmax": "softmax", "attn_rope": "rope",
+              "adam": "optimizer"}
 
 
 def gemm_efficiency(fit: GemmFit, m, n, k):
@@ -52,7 +61,10 @@ def gemm_time_s(fit: GemmFit, m, n, k, batch, peak_flops: float, memory_bytes_pe
     return fit.latency_s + np.maximum(compute_s, memory_s)
 
 
-def memory_bound_time_s(fit: MemoryBoundFit, num_bytes, memory_bytes_per_s: float):
+def memory_bound_time_s(fit: MemoryBoundFit, num_bytes, memory_bytes_per_s: float,
+                        op_class: str | None = None):
     """Time (s) of an operator streaming num_bytes (read + write): latency + bytes / achieved
-    bandwidth (the roofline's memory term, Williams et al. 2009)."""
-    return fit.latency_s + np.asarray(num_bytes, dtype=float) / (memory_bytes_per_s * fit.hbm_eff)
+    bandwidth (the roofline's memory term, Williams et al. 2009), at its class's efficiency
+    when the profile measured that class."""
+    eff = fit.op_eff.get(op_class, fit.hbm_eff)
+    return fit.latency_s + np.asarray(num_bytes, dtype=float) / (memory_bytes_per_s * eff)

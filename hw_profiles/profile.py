@@ -90,13 +90,14 @@ class HardwareProfile:
         return gemm_model.gemm_time_s(self.gemm[dtype], m, n, k, batch, self.peak_flops[dtype],
                                       self.hbm_bytes_per_s, DTYPE_BYTES[dtype])
 
-    def memory_bound_time_s(self, num_bytes, dtype: str = "bf16"):
-        """Time (s) of a memory-bound operator moving num_bytes (read + write)."""
+    def memory_bound_time_s(self, num_bytes, dtype: str = "bf16", op_class: str | None = None):
+        """Time (s) of a memory-bound operator of `op_class` (gemm_model.OP_CLASSES values;
+        None: the overall fit) moving num_bytes (read + write)."""
         if dtype not in self.memory_bound:
             raise ProfileError("dtype", f"{dtype!r} is not in profile {self.name!r}",
                                f"use one of {sorted(self.memory_bound)}")
         return gemm_model.memory_bound_time_s(self.memory_bound[dtype], num_bytes,
-                                              self.hbm_bytes_per_s)
+                                              self.hbm_bytes_per_s, op_class)
 
     def collective_time_s(self, kind: str, message_bytes, group_size: int, ranks_per_node: int):
         """Time (s) of one collective; message_bytes in nccl-tests' size convention."""
@@ -185,9 +186,9 @@ class HardwareProfile:
             intra_node_link=r.get(data, "intra_node_link", str),
             gemm={d: GemmFit(**r.numbers(r.get(r.get(data, "gemm", dict), d, dict, "gemm."),
                                          GemmFit, f"gemm.{d}.")) for d in DTYPES},
-            memory_bound={d: MemoryBoundFit(**r.numbers(
-                r.get(r.get(data, "memory_bound", dict), d, dict, "memory_bound."), MemoryBoundFit,
-                f"memory_bound.{d}.")) for d in DTYPES},
+            memory_bound={d: r.memory_bound(r.get(r.get(data, "memory_bound", dict), d, dict,
+                                                  "memory_bound."), f"memory_bound.{d}.")
+                          for d in DTYPES},
             collectives=r.collectives(r.get(data, "collectives", dict), nics),
             sources=tuple(r.get(data, "sources", list)),
             fit_report=r.get(data, "fit_report", dict), extra=r.get(data, "extra", dict),
@@ -238,6 +239,14 @@ class _Reader:
 
     def numbers(self, data, cls, prefix: str) -> dict:
         return {f: self.number(data, f, prefix) for f in cls.__dataclass_fields__}
+
+    def memory_bound(self, data, prefix: str) -> MemoryBoundFit:
+        """latency_s and hbm_eff, and op_eff (operator class -> efficiency) when present."""
+        op_eff = data.get("op_eff", {})
+        if not isinstance(op_eff, dict):
+            raise ProfileError(prefix + "op_eff", f"is not an object in {self.where}", REGENERATE)
+        return MemoryBoundFit(self.number(data, "latency_s", prefix), self.number(data, "hbm_eff", prefix),
+                              {c: self.number(op_eff, c, prefix + "op_eff.") for c in op_eff})
 
     def overhead(self, data) -> FrameworkOverhead:
         """Optional section (profiles measured before it existed have none: zeros)."""

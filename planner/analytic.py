@@ -71,12 +71,15 @@ def _block_times(op_lists: list, hw: HardwareProfile, dtype: str) -> tuple[np.nd
     core = np.array([op.attention_core for op in ops])
     fwd, bwd_in, bwd_w = np.zeros(len(ops)), np.zeros(len(ops)), np.zeros(len(ops))
     fwd[g] = hw.gemm_time_s(m[g], n[g], k[g], dtype, batch=batch[g])
-    fwd[~g] = hw.memory_bound_time_s(moved[~g], dtype)
+    classes = np.array([op.op_class or "" for op in ops])
+    for cls in np.unique(classes[~g]):
+        mine = ~g & (classes == cls)
+        fwd[mine] = hw.memory_bound_time_s(moved[mine], dtype, cls or None)
+        bwd_in[mine] = hw.memory_bound_time_s(2.0 * moved[mine], dtype, cls or None)
     dgrad = hw.gemm_time_s(m[g], k[g], n[g], dtype, batch=batch[g])
     other = hw.gemm_time_s(k[g], n[g], m[g], dtype, batch=batch[g])
     bwd_in[g] = np.where(weight, dgrad, dgrad + other)
     bwd_w[g] = np.where(weight, other, 0.0)
-    bwd_in[~g] = hw.memory_bound_time_s(2.0 * moved[~g], dtype)
     total = lambda x: np.bincount(idx, weights=x, minlength=len(op_lists))  # noqa: E731
     return total(fwd), total(bwd_in), total(bwd_w), total(np.where(core, fwd, 0.0))
 
@@ -271,8 +274,10 @@ def _add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     r["layer"] = r["l_fwd"] + r["l_bwd"]
     # ZeRO-3 gathers each layer's weights before its forward and its backward (simulate).
     r["ag"] = np.where(z == 3, _collective(hw, "all_gather", r["per_layer"] * d, r["dps"], r["dp_rpn"]), 0.0)
-    r["xf"] = np.maximum(0.0, r["ag"] - r["l_fwd_compute"])
-    r["xb"] = np.maximum(0.0, r["ag"] - r["l_bwd_in_compute"])
+    # Exposed part of each layer's gather beyond the first; all of it on CPU (gloo) ranks.
+    hidden = 1.0 if hw.comm_overlaps_compute else 0.0
+    r["xf"] = np.maximum(0.0, r["ag"] - hidden * r["l_fwd_compute"])
+    r["xb"] = np.maximum(0.0, r["ag"] - hidden * r["l_bwd_in_compute"])
     p2p_bytes = r["tokens"] * model.hidden_size * d / np.where(r["sp"], tp, 1)
     r["hop"] = np.where(p > 1, _collective(hw, "send_recv", p2p_bytes, 2, r["pp_rpn"]), 0.0)
     L = model.num_layers
@@ -364,14 +369,16 @@ def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, par
     grad_bytes, dps, rpn = params * r["d"], r["dps"], r["dp_rpn"]
     bucket = np.where(c(z == 0), _collective(hw, "all_reduce", grad_bytes / n, dps, rpn),
                       _collective(hw, "reduce_scatter", grad_bytes / n, dps, rpn))
-    tail = bucket + (n - 1) * np.maximum(0.0, bucket - c(r["l_bwd"]))
+    hidden = 1.0 if hw.comm_overlaps_compute else 0.0  # gloo on CPU ranks hides nothing
+    tail = bucket + (n - 1) * np.maximum(0.0, bucket - hidden * c(r["l_bwd"]))
     tail += c(np.isin(z, (1, 2))) * _collective(hw, "all_gather", grad_bytes, dps, rpn)
     if model.tied_embeddings:
         sync = _collective(hw, "all_reduce", model.vocab_size * model.hidden_size / tp * r["d"], 2,
                            r["pp_rpn"])
         tail += (first | last) * c(np.where(p > 1, sync, 0.0))
     opt_params = params / c(np.where(z >= 1, dps, 1))
-    tail += hw.memory_bound_time_s(ADAM_STEP_BYTES_PER_PARAM[r["dtype"]] * opt_params, "fp32")
+    tail += hw.memory_bound_time_s(ADAM_STEP_BYTES_PER_PARAM[r["dtype"]] * opt_params, "fp32",
+                                   "optimizer")
     return (end + tail).max(axis=1)
 
 

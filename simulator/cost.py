@@ -56,13 +56,13 @@ class BlockCosts:
 def _op_forward_s(op: Op, hw: HardwareProfile, dtype: str) -> float:
     if op.kind == GEMM:
         return float(hw.gemm_time_s(op.m, op.n, op.k, dtype, batch=op.batch))
-    return float(hw.memory_bound_time_s(op.bytes_moved, dtype))
+    return float(hw.memory_bound_time_s(op.bytes_moved, dtype, op.op_class))
 
 
 def _op_backward_s(op: Op, hw: HardwareProfile, dtype: str) -> tuple[float, float]:
     """(input-gradient part, weight-gradient part) of one op's backward."""
     if op.kind != GEMM:
-        return float(hw.memory_bound_time_s(2.0 * op.bytes_moved, dtype)), 0.0
+        return float(hw.memory_bound_time_s(2.0 * op.bytes_moved, dtype, op.op_class)), 0.0
     # dX = dY [m,n] x W^T [n,k]; dW = X^T [k,m] x dY [m,n]. Non-weight GEMMs (attention)
     # need gradients for both operands: two GEMMs on the input side.
     dgrad = float(hw.gemm_time_s(op.m, op.k, op.n, dtype, batch=op.batch))

@@ -228,7 +228,7 @@ def _max_batch(room_bytes: float, kv_per_seq: float, act_per_seq: float, pp: int
 def _op_s(op: Op, hw: HardwareProfile, dtype: str) -> float:
     if op.kind == GEMM:
         return float(hw.gemm_time_s(op.m, op.n, op.k, dtype, batch=op.batch))
-    return float(hw.memory_bound_time_s(op.bytes_moved, dtype))
+    return float(hw.memory_bound_time_s(op.bytes_moved, dtype, op.op_class))
 
 
 def _kv_write(model: ModelSpec, plan: InferencePlan, tokens: int) -> Op:

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 from simulator.model_spec import ModelSpec
 
 GEMM, MEMORY = "gemm", "memory"
+# Memory-bound operators -> the class of measured operators whose efficiency they run at
+# (hw_profiles.gemm_model.OP_CLASSES); copies and gathers stream like an add.
+MEMORY_CLASS = {"input_norm": "norm", "post_attention_norm": "norm", "final_norm": "norm",
+                "rope": "rope", "softmax": "softmax", "cross_entropy": "softmax",
+                "residual_add": "add", "embedding": "add", "kv_write": "add",
+                "mlp_act": "activation"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,10 @@ class Op:
     bytes_moved: float = 0.0
     weight: bool = False
     attention_core: bool = False
+
+    @property
+    def op_class(self) -> str | None:
+        return MEMORY_CLASS.get(self.name)
 
 
 def _gemm(name, m, n, k, batch=1, weight=True, core=False) -> Op:

@@ -176,7 +176,8 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
             emb_bytes = model.vocab_size * model.hidden_size / plan.tp * plan.dtype_bytes
             dp_exposed[s] += hw.collective_time_s("all_reduce", emb_bytes, 2, pp_pair.ranks_per_node)
         opt_params = stage_params[s] / (dp.size if plan.zero >= 1 else 1)
-        opt_s[s] = hw.memory_bound_time_s(ADAM_STEP_BYTES_PER_PARAM[plan.dtype] * opt_params, "fp32")
+        opt_s[s] = hw.memory_bound_time_s(ADAM_STEP_BYTES_PER_PARAM[plan.dtype] * opt_params, "fp32",
+                                         "optimizer")
 
     schedule = plan.schedule if p > 1 else "1f1b"
     tails = dp_exposed + opt_s

@@ -210,3 +210,23 @@ def test_fabric_errors_name_the_field():
     with pytest.raises(ProfileError) as err:
         fit_profile(samples, base(), fabric={k: v for k, v in FABRIC.items() if k != "alpha_s"})
     assert err.value.field == "fabric.alpha_s"
+
+
+def test_fit_recovers_per_class_memory_bound_efficiency():
+    # A CPU core streams an add near bandwidth but computes SiLU/GELU at a fifth of it: one
+    # efficiency per measured class, sharing the latency.
+    rng = np.random.default_rng(3)
+    b = np.geomspace(1e4, 1e8, 30)
+    fast, slow = MemoryBoundFit(3 * US, 0.8), MemoryBoundFit(3 * US, 0.16)
+    mem = pd.concat([pd.DataFrame({"op": op, "bytes": b, "dtype": "fp16",
+                                   "time_s": noisy(memory_bound_time_s(fit, b, HBM), rng),
+                                   "time_std_s": 0.0, "repeats": 10})
+                     for op, fit in (("add", fast), ("silu", slow), ("gelu", slow))], ignore_index=True)
+    samples = gpu_samples(np.random.default_rng(1))
+    hw = fit_profile(Samples(samples.gemm, mem, samples.collectives), base())
+    fitted = hw.memory_bound["fp16"]
+    assert fitted.op_eff["add"] == pytest.approx(0.8, rel=0.05)
+    assert fitted.op_eff["activation"] == pytest.approx(0.16, rel=0.05)
+    assert hw.memory_bound_time_s(1e8, "fp16", "activation") == pytest.approx(
+        float(memory_bound_time_s(slow, 1e8, HBM)), rel=0.05)
+    assert hw.fit_report["memory_bound/fp16"]["held_out"]["median"] < 0.05
