@@ -7,7 +7,7 @@ world size 4 (4 ranks sharing the 2 cores of this machine: the profile's cores_p
 makes the cost model divide compute among them)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -73,15 +73,24 @@ class ValidationRun:
 
 def run_suite(options: RunOptions, names: tuple[str, ...] | None = None,
               suite: tuple[tuple[str, Plan], ...] = SUITE,
-              model: ModelSpec = VALIDATION_MODEL) -> list[ValidationRun]:
-    """Run the suite's plans (or those named), one torchrun launch per world size."""
+              model: ModelSpec = VALIDATION_MODEL, rounds: int = 1) -> list[ValidationRun]:
+    """Run the suite's plans (or those named), one torchrun launch per world size and round.
+    With rounds > 1 the launches take turns (world 2, world 4, world 2, ...), each with
+    options.steps steps, and each plan's timed steps of all rounds are pooled: a slow spell of
+    the machine then falls on every plan instead of on those that happened to run in it.
+    Losses and memory are the first round's."""
     chosen = [(n, p) for n, p in suite if names is None or n in names]
-    runs: list[ValidationRun] = []
-    for world in sorted({p.world_size for _, p in chosen}):
-        group = [(n, p) for n, p in chosen if p.world_size == world]
-        records = launch_many([(model, p) for _, p in group], Cluster(world, world), options)
-        runs += [ValidationRun(n, r) for (n, _), r in zip(group, records)]
-    return runs
+    worlds = sorted({p.world_size for _, p in chosen})
+    pooled: dict[str, RunRecord] = {}
+    for _ in range(rounds):
+        for world in worlds:
+            group = [(n, p) for n, p in chosen if p.world_size == world]
+            records = launch_many([(model, p) for _, p in group], Cluster(world, world), options)
+            for (n, _), r in zip(group, records):
+                pooled[n] = r if n not in pooled else replace(
+                    pooled[n], step_times_s=pooled[n].step_times_s + r.timed_step_times_s)
+    return [ValidationRun(n, pooled[n]) for world in worlds
+            for n, p in chosen if p.world_size == world]
 
 
 def summary(runs: list[ValidationRun]) -> dict:

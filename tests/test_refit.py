@@ -55,3 +55,32 @@ def test_summary_statistics():
     assert stats["max_abs_error"] == pytest.approx(0.1)
     assert stats["spearman"] == pytest.approx(1.0)
     assert stats["memory_median_abs_error"] == pytest.approx(0.1)
+
+
+def test_rounds_take_turns_and_pool_timed_steps(monkeypatch):
+    from dataclasses import replace
+
+    import executor.validate as validate
+    from executor.launch import RunOptions
+    calls, clock = [], iter(range(1, 1000))
+
+    def fake_launch_many(jobs, cluster, options):
+        calls.append(cluster.num_gpus)
+        # warm-up step of 9 s, then one step per tick of a clock that keeps slowing down
+        return [replace(_record(plan, 0.0, 1),
+                        step_times_s=(9.0, float(next(clock)), float(next(clock))))
+                for _, plan in jobs]
+    monkeypatch.setattr(validate, "launch_many", fake_launch_many)
+    runs = validate.run_suite(RunOptions(steps=3, warmup=1), ("dp2", "dp4"), rounds=2)
+    assert calls == [2, 4, 2, 4]  # world sizes take turns
+    dp2, dp4 = (r.record for r in runs)
+    assert dp2.timed_step_times_s == (1.0, 2.0, 5.0, 6.0)  # both rounds pooled, warm-ups dropped
+    assert dp4.timed_step_times_s == (3.0, 4.0, 7.0, 8.0)
+
+
+def test_validate_cli_rejects_bad_rounds_and_plans(capsys):
+    from meshplan.cli import main
+    assert main(["validate", "--rounds", "0"]) == 2
+    assert main(["validate", "--plans", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--rounds" in err[0] and "--plans" in err[1]

@@ -22,6 +22,10 @@ def register(subparsers) -> None:
     parser.add_argument("--plans", help="comma-separated plan names of the suite (default all)")
     parser.add_argument("--steps", type=int, default=8, help="steps per plan (default 8)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (default 3)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="times the suite runs, plans taking turns; each plan's timed steps "
+                             "are pooled so that a slow spell of the machine hits every plan "
+                             "(default 2)")
     parser.add_argument("--out-dir", default="out/validate", help="where the CSV and HTML go")
     parser.add_argument("--refit", action="store_true",
                         help="refit the profile from half the runs; report before/after on the other half")
@@ -46,9 +50,11 @@ def run(args: argparse.Namespace) -> int:
     for name in names or ():
         if name not in known:
             raise PlanError("--plans", f"unknown suite plan {name!r}", f"use names from: {', '.join(known)}")
+    if args.rounds < 1:
+        raise PlanError("--rounds", f"must be at least 1, got {args.rounds}", "pass --rounds 1 or more")
     options = RunOptions(steps=args.steps, warmup=args.warmup, profile=args.hardware,
                          progress=not args.json)
-    runs = run_suite(options, names)
+    runs = run_suite(options, names, rounds=args.rounds)
     stats = summary(runs)
     out = Path(args.out_dir)
     write_csv(runs, out / "validate.csv")
