@@ -21,6 +21,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from executor.data import check_token_file
 from executor.pipeline import even_partition
@@ -107,24 +108,36 @@ def launch_many(jobs: list[tuple[ModelSpec, Plan]], cluster: Cluster,
     if len(sizes) != 1:
         raise PlanError("plan", f"jobs of world sizes {sorted(sizes)} in one launch",
                         "launch plans of one world size together")
-    with tempfile.TemporaryDirectory(prefix="meshplan-run-") as tmp:
-        run_dir = Path(options.run_dir or tmp)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (run_dir / "result.json", *run_dir.glob("grads*_rank*.pt")):
-            stale.unlink(missing_ok=True)
-        run_file = run_dir / "run.json"
-        run_file.write_text(json.dumps({
-            "jobs": [{"model": m.to_dict(), "plan": p.to_dict()} for m, p in runnable],
-            "options": {"steps": options.steps, "seed": options.seed, "lr": options.lr,
-                        "data": options.data, "timeout_s": options.timeout_s,
-                        "progress": options.progress, "grads": options.save_grads}}))
-        _run_torchrun(torchrun_command(run_file, sizes.pop() // options.nnodes, options))
-        result_file = run_dir / "result.json"
-        if not result_file.is_file():
-            raise RunFailed(f"the ranks exited without writing {result_file}")
-        result = json.loads(result_file.read_text())
+    nproc = sizes.pop() // options.nnodes
+    result = run_in_ranks(
+        runnable, {"steps": options.steps, "seed": options.seed, "lr": options.lr,
+                   "data": options.data, "timeout_s": options.timeout_s,
+                   "progress": options.progress, "grads": options.save_grads},
+        options.run_dir, lambda run_file: _run_torchrun(torchrun_command(run_file, nproc, options)))
     return [_record(m, p, cluster, options, r, result["world_size"])
             for (m, p), r in zip(runnable, result["results"])]
+
+
+def run_in_ranks(jobs: list, rank_options: dict, run_dir: str | None,
+                 start: Callable[[Path], None]) -> dict:
+    """Write RUN.json (the (model, plan) jobs and the ranks' options) into run_dir (default:
+    a temporary folder, removed), start the ranks on it, and return the result.json that
+    each node's local rank 0 writes; RunFailed if the ranks exit without one. Files a
+    previous run left in run_dir are removed first."""
+    with tempfile.TemporaryDirectory(prefix="meshplan-run-") as tmp:
+        folder = Path(run_dir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in (folder / "result.json", *folder.glob("grads*_rank*.pt")):
+            stale.unlink(missing_ok=True)
+        run_file = folder / "run.json"
+        run_file.write_text(json.dumps({
+            "jobs": [{"model": m.to_dict(), "plan": p.to_dict()} for m, p in jobs],
+            "options": rank_options}))
+        start(run_file)
+        result_file = folder / "result.json"
+        if not result_file.is_file():
+            raise RunFailed(f"the ranks exited without writing {result_file}")
+        return json.loads(result_file.read_text())
 
 
 def torchrun_command(run_file: Path, nproc_per_node: int, options: RunOptions,
@@ -233,13 +246,19 @@ def _record(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOptions,
 
 
 def predict(model: ModelSpec, plan: Plan, cluster: Cluster, profile: str) -> tuple[dict | None, str]:
-    """simulate(...).to_json() for the plan as run, or None and why (a missing profile must
-    not throw away a measured run)."""
-    try:
+    """simulate(...).to_json() for the plan as run, or None and why."""
+    def simulated() -> dict:
         from hw_profiles.profile import load_profile
         from simulator.simulate import simulate
-        hw = load_profile(profile)
-        return simulate(model, plan, cluster, hw).to_json(), ""
+        return simulate(model, plan, cluster, load_profile(profile)).to_json()
+    return prediction_or_why(simulated)
+
+
+def prediction_or_why(simulated: Callable[[], dict]) -> tuple[dict | None, str]:
+    """(simulated(), "") or (None, why): a missing profile or a simulator failure must not
+    throw away a measured run."""
+    try:
+        return simulated(), ""
     except MeshplanError as exc:
         return None, f"no prediction: {exc}"
     except (ImportError, ValueError, KeyError) as exc:

@@ -9,14 +9,11 @@ the measurement.
 from __future__ import annotations
 
 import dataclasses
-import json
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
-from executor.launch import RunFailed, run_ranks
+from executor.launch import prediction_or_why, run_in_ranks, run_ranks
 from executor.serve_record import ServeRecord
-from meshplan.errors import MeshplanError, PlanError
+from meshplan.errors import PlanError
 from simulator.inference import InferencePlan
 from simulator.model_spec import ModelSpec
 from simulator.plan import Cluster
@@ -72,21 +69,10 @@ def launch_inference_many(jobs: list[tuple[ModelSpec, InferencePlan]], cluster: 
     before anything starts."""
     for model, plan in jobs:
         check_executable(model, plan, cluster, options)
-    with tempfile.TemporaryDirectory(prefix="meshplan-serve-") as tmp:
-        run_dir = Path(options.run_dir or tmp)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        result_file = run_dir / "result.json"
-        result_file.unlink(missing_ok=True)
-        run_file = run_dir / "run.json"
-        run_file.write_text(json.dumps({
-            "jobs": [{"model": m.to_dict(), "plan": p.to_dict()} for m, p in jobs],
-            "options": {"seed": options.seed, "warmup": options.warmup,
-                        "repeats": options.repeats, "timeout_s": options.timeout_s,
-                        "progress": options.progress}}))
-        run_ranks("executor.serve", run_file, cluster.num_gpus)
-        if not result_file.is_file():
-            raise RunFailed(f"the ranks exited without writing {result_file}")
-        result = json.loads(result_file.read_text())
+    result = run_in_ranks(
+        jobs, {"seed": options.seed, "warmup": options.warmup, "repeats": options.repeats,
+               "timeout_s": options.timeout_s, "progress": options.progress},
+        options.run_dir, lambda run_file: run_ranks("executor.serve", run_file, cluster.num_gpus))
     return [_record(m, p, cluster, options, r, result["world_size"])
             for (m, p), r in zip(jobs, result["results"])]
 
@@ -106,13 +92,9 @@ def _record(model: ModelSpec, plan: InferencePlan, cluster: Cluster, options: Se
 
 def predict_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
                       profile: str) -> tuple[dict | None, str]:
-    """simulate_inference(...).to_json() for the plan as run, or None and why (a missing
-    profile must not throw away a measured run)."""
-    try:
+    """simulate_inference(...).to_json() for the plan as run, or None and why."""
+    def simulated() -> dict:
         from hw_profiles.profile import load_profile
         from simulator.inference import simulate_inference
-        return simulate_inference(model, plan, cluster, load_profile(profile)).to_json(), ""
-    except MeshplanError as exc:
-        return None, f"no prediction: {exc}"
-    except (ImportError, ValueError, KeyError) as exc:
-        return None, f"no prediction: the simulator failed ({type(exc).__name__}: {exc})"
+        return simulate_inference(model, plan, cluster, load_profile(profile)).to_json()
+    return prediction_or_why(simulated)
