@@ -113,12 +113,17 @@ def model_state_bytes(params: list[torch.Tensor], optimizer) -> tuple[int, int, 
 def rank_memory(rank: int, state_bytes: tuple[int, int, int], activations_bytes: int,
                 device: torch.device) -> RankMemory:
     params, grads, opt = state_bytes
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = params + grads + opt + activations_bytes
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return RankMemory(rank, params, grads, opt, activations_bytes, peak, rss)
+    return RankMemory(rank, params, grads, opt, activations_bytes,
+                      peak_bytes(params + grads + opt + activations_bytes, device), max_rss_bytes())
+
+
+def peak_bytes(accounted_bytes: int, device: torch.device) -> int:
+    """The allocator's peak on CUDA; on CPU, which has none to ask, the accounted bytes."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else accounted_bytes
+
+
+def max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def timed(fn, device: torch.device) -> float:

@@ -13,7 +13,6 @@ process's peak RSS beside it. Local rank 0 writes result.json into the run folde
 """
 from __future__ import annotations
 
-import resource
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from executor.generate import Generation, ServingRank
-from executor.measure import timed
-from executor.train import run_rank_jobs
+from executor.measure import max_rss_bytes, peak_bytes, timed
+from executor.train import gather_from_ranks, run_rank_jobs
 from simulator.inference import InferencePlan
 from simulator.model_spec import ModelSpec
 
@@ -66,12 +65,10 @@ def run_job(spec: ModelSpec, plan: InferencePlan, options: dict, device: torch.d
             ttft_s.append(prefill_s)
             decode_s.append(all_steps_s)
     kv_bytes = sum(cache.nbytes for cache in generation.caches)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" \
-        else rank.weights_bytes + kv_bytes
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    memory = ServeMemory(dist.get_rank(), rank.weights_bytes, kv_bytes, peak, rss)
+    memory = ServeMemory(dist.get_rank(), rank.weights_bytes, kv_bytes,
+                         peak_bytes(rank.weights_bytes + kv_bytes, device), max_rss_bytes())
     mine = (rank.replica, generation.tokens().tolist()) if rank.holds_tokens else None
-    replicas = sorted(r for r in _gather(mine) if r is not None)
+    replicas = sorted(r for r in gather_from_ranks(mine) if r is not None)
     if options["progress"] and dist.get_rank() == 0:
         print(f"meshplan serve: tp {plan.tp} pp {plan.pp} replicas {plan.replicas} batch "
               f"{plan.batch} prompt {plan.prompt_len} gen {plan.gen_len}: TTFT "
@@ -79,14 +76,8 @@ def run_job(spec: ModelSpec, plan: InferencePlan, options: dict, device: torch.d
               f"{1e3 * median(decode_s) / (plan.gen_len - 1):.2f} ms",
               file=sys.stderr, flush=True)
     return {"ttft_s": ttft_s, "decode_s": decode_s, "dtype": dtype, "device": device.type,
-            "memory_by_rank": [m.to_json() for m in _gather(memory)],
+            "memory_by_rank": [m.to_json() for m in gather_from_ranks(memory)],
             "tokens": [row for _, rows in replicas for row in rows]}
-
-
-def _gather(item) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, item)
-    return out
 
 
 @record

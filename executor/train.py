@@ -146,7 +146,7 @@ def run_job(spec: ModelSpec, plan: Plan, options: dict, device: torch.device, jo
             os._exit(FAULT_EXIT_CODE)
     bar.close()
     return {"losses": global_losses(losses, job.has_last, device), "step_times_s": times_s,
-            "memory_by_rank": [m.to_json() for m in _gather(job.memory)],
+            "memory_by_rank": [m.to_json() for m in gather_from_ranks(job.memory)],
             "dtype": job.dtype, "device": device.type}
 
 
@@ -159,7 +159,8 @@ def global_losses(losses: list[torch.Tensor], has_loss: bool, device) -> list[fl
     return (buf[:-1] / buf[-1]).tolist()
 
 
-def _gather(item):
+def gather_from_ranks(item) -> list:
+    """Every rank's `item` (a picklable object), in rank order, on every rank."""
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, item)
     return out
