@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-from scipy.stats import spearmanr
-
 from executor.serve_launch import ServeOptions, launch_inference_many
 from executor.serve_record import ServeRecord
+from executor.validate import error_stats
 from simulator.inference import InferencePlan
 from simulator.model_spec import ModelSpec
 from simulator.plan import Cluster
@@ -82,18 +80,12 @@ def run_suite(options: ServeOptions = SUITE_OPTIONS, names: tuple[str, ...] | No
     return runs
 
 
-def _stats(predicted: list[float], measured: list[float], errors: list[float]) -> dict:
-    rho = float(spearmanr(predicted, measured).statistic) if len(errors) > 2 else float("nan")
-    return {"median_abs_error": float(np.median(np.abs(errors))),
-            "max_abs_error": float(np.max(np.abs(errors))), "spearman": rho}
-
-
 def summary(runs: list[ServeValidationRun]) -> dict:
     """Median / max |error| and the Spearman rank correlation of predicted against measured,
     for TTFT and for TPOT."""
     return {
-        "ttft": _stats([r.record.predicted("ttft_s") for r in runs],
+        "ttft": error_stats([r.record.predicted("ttft_s") for r in runs],
                        [r.record.measured_ttft_s for r in runs], [r.ttft_error for r in runs]),
-        "tpot": _stats([r.record.predicted("tpot_s") for r in runs],
+        "tpot": error_stats([r.record.predicted("tpot_s") for r in runs],
                        [r.record.measured_tpot_s for r in runs], [r.tpot_error for r in runs]),
     }

@@ -93,14 +93,18 @@ def run_suite(options: RunOptions, names: tuple[str, ...] | None = None,
             for n, p in chosen if p.world_size == world]
 
 
+def error_stats(predicted: list[float], measured: list[float], errors: list[float]) -> dict:
+    """Median and max |relative error|, and the Spearman rank correlation of predicted
+    against measured (nan with fewer than 3 runs)."""
+    rho = float(spearmanr(predicted, measured).statistic) if len(errors) > 2 else float("nan")
+    return {"median_abs_error": float(np.median(np.abs(errors))),
+            "max_abs_error": float(np.max(np.abs(errors))), "spearman": rho}
+
+
 def summary(runs: list[ValidationRun]) -> dict:
-    """Median / max |error| of step time and memory, and the Spearman rank correlation of
-    predicted against measured step times."""
-    errors = np.abs([r.error for r in runs])
+    """error_stats of the step time, and median / max |error| of peak memory."""
     memory = np.abs([r.memory_error for r in runs])
-    predicted = [r.record.predicted_step_time_s for r in runs]
-    measured = [r.record.measured_step_time_s for r in runs]
-    rho = float(spearmanr(predicted, measured).statistic) if len(runs) > 2 else float("nan")
-    return {"median_abs_error": float(np.median(errors)), "max_abs_error": float(np.max(errors)),
-            "spearman": rho, "memory_median_abs_error": float(np.median(memory)),
+    return {**error_stats([r.record.predicted_step_time_s for r in runs],
+                          [r.record.measured_step_time_s for r in runs], [r.error for r in runs]),
+            "memory_median_abs_error": float(np.median(memory)),
             "memory_max_abs_error": float(np.max(memory))}

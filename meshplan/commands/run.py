@@ -81,6 +81,12 @@ def report(args: argparse.Namespace, launch_run, print_table) -> int:
     return 0
 
 
+def dtype_label(record) -> str:
+    """The dtype that ran, and the one asked for when the device changed it."""
+    ran = record.plan.dtype
+    return ran if ran == record.dtype_requested else f"{ran}, {record.dtype_requested} requested"
+
+
 def print_summary(record) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -88,8 +94,7 @@ def print_summary(record) -> None:
     mib = 2 ** 20
     summary = record.summary_json()
     plan = record.plan
-    ran = plan.dtype if plan.dtype == record.dtype_requested else \
-        f"{plan.dtype}, {record.dtype_requested} requested"
+    ran = dtype_label(record)
     table = Table(title=f"{record.model.name}: {record.world_size} ranks on {record.device} "
                         f"({ran}), profile {record.profile}")
     for col in ("", "predicted", "measured"):
@@ -141,8 +146,7 @@ def print_inference_summary(record) -> None:
     mib = 2 ** 20
     s = record.summary_json()
     plan = record.plan
-    ran = plan.dtype if plan.dtype == record.dtype_requested else \
-        f"{plan.dtype}, {record.dtype_requested} requested"
+    ran = dtype_label(record)
     table = Table(title=f"{record.model.name} serving: {record.world_size} ranks on "
                         f"{record.device} ({ran}), profile {record.profile}; tp {plan.tp} pp "
                         f"{plan.pp} replicas {plan.replicas}, batch {plan.batch}, prompt "

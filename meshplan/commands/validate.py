@@ -35,6 +35,20 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+def chosen_names(plans: str | None, suite: tuple, what: str) -> tuple[str, ...] | None:
+    """--plans as a tuple of suite names (None: all); PlanError naming an unknown one."""
+    from meshplan.errors import PlanError
+
+    if not plans:
+        return None
+    known = [name for name, _ in suite]
+    names = tuple(n.strip() for n in plans.split(","))
+    for name in names:
+        if name not in known:
+            raise PlanError("--plans", f"unknown {what} plan {name!r}", f"use names from: {', '.join(known)}")
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     from executor.launch import RunOptions
     from executor.validate import SUITE, run_suite, summary
@@ -45,11 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "inference":
         return run_inference(args)
     hw = load_profile(args.hardware)
-    known = [name for name, _ in SUITE]
-    names = tuple(n.strip() for n in args.plans.split(",")) if args.plans else None
-    for name in names or ():
-        if name not in known:
-            raise PlanError("--plans", f"unknown suite plan {name!r}", f"use names from: {', '.join(known)}")
+    names = chosen_names(args.plans, SUITE, "suite")
     if args.rounds < 1:
         raise PlanError("--rounds", f"must be at least 1, got {args.rounds}", "pass --rounds 1 or more")
     options = RunOptions(steps=args.steps, warmup=args.warmup, profile=args.hardware,
@@ -113,12 +123,7 @@ def run_inference(args: argparse.Namespace) -> int:
         raise PlanError("--refit", "refits the profile from training runs only",
                         "drop --refit with --mode inference")
     hw = load_profile(args.hardware)
-    known = [name for name, _ in SUITE]
-    names = tuple(n.strip() for n in args.plans.split(",")) if args.plans else None
-    for name in names or ():
-        if name not in known:
-            raise PlanError("--plans", f"unknown serving suite plan {name!r}",
-                            f"use names from: {', '.join(known)}")
+    names = chosen_names(args.plans, SUITE, "serving suite")
     runs = run_suite(replace(SUITE_OPTIONS, profile=args.hardware, progress=not args.json),
                      names)
     stats = summary(runs)
