@@ -1,12 +1,17 @@
 # Two entry points on a fresh machine: `make demo` (install + the main job) and
-# `make test` (install + the test suite). torch is pinned here to the CPU build; the
-# package itself accepts torch>=2.4.
-PYTHON ?= python3
+# `make test` (install + the test suite), both in the project virtualenv $(VENV) (.venv/
+# by default; system Pythons refuse `pip install` outside one, PEP 668). torch is pinned
+# here to the CPU build; the package's own lower bound is in pyproject.toml.
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
 PIP ?= $(PYTHON) -m pip
 
 .PHONY: install browser demo test test-fast
 
-install:
+$(PYTHON):
+	python3 -m venv $(VENV)
+
+install: $(PYTHON)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 
-from hw_profiles.profile import load_profile
-from planner.analytic import evaluate
-from planner.explain import explain
-from planner.search import search
-from planner.space import candidate_table
-from simulator.model_spec import ZOO
-from simulator.plan import Cluster
+from meshplan.hw_profiles.profile import load_profile
+from meshplan.planner.closed_forms import evaluate
+from meshplan.planner.explain import explain
+from meshplan.planner.search import search
+from meshplan.planner.space import candidate_table
+from meshplan.simulator.model_spec import ZOO
+from meshplan.simulator.plan import Cluster
 
 CASES = (("gpt3-175b", 1024, 1536, 2.0), ("megatron-gpt-1t", 3072, 3072, 5.0))
 REPEATS = 3

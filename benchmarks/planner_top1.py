@@ -18,11 +18,11 @@ import json
 
 from scipy.stats import spearmanr
 
-from executor.validate import SEQ_LEN, SUITE, VALIDATION_MODEL
-from hw_profiles.profile import load_profile
-from planner.search import search
-from planner.space import row_plan
-from simulator.plan import Cluster
+from meshplan.validation.suite import SEQ_LEN, SUITE, VALIDATION_MODEL
+from meshplan.hw_profiles.profile import load_profile
+from meshplan.planner.search import search
+from meshplan.planner.space import row_plan
+from meshplan.simulator.plan import Cluster
 
 TARGET_GAP = 0.03
 
@@ -32,8 +32,8 @@ def measured_times(args) -> dict[str, float]:
     if args.from_validate:
         runs = json.loads(open(args.from_validate).read())["runs"]
         return {r["name"]: r["measured_step_time_s"] for r in runs}
-    from executor.launch import RunOptions
-    from executor.validate import run_suite
+    from meshplan.executor.launch import RunOptions
+    from meshplan.validation.suite import run_suite
     options = RunOptions(steps=args.steps, warmup=args.warmup, profile=args.hardware, progress=False)
     return {r.name: r.record.measured_step_time_s for r in run_suite(options)}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from meshplan.errors import PlanError
+from meshplan.core.errors import PlanError
 
 
 def check_token_file(path: str, seq_len: int, vocab_size: int) -> None:

@@ -27,13 +27,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from executor.kv_cache import KVCache
-from executor.model import Transformer, build_model
-from executor.parallelize import apply_tp, build_mesh
-from executor.pipeline import even_partition, split_stage
-from simulator.inference import InferencePlan
-from simulator.model_spec import ModelSpec
-from simulator.plan import Plan
+from meshplan.core.mesh import Mesh
+from meshplan.executor.kv_cache import KVCache
+from meshplan.executor.model import Transformer, build_model
+from meshplan.executor.parallelize import apply_tp, build_mesh
+from meshplan.executor.pipeline import split_stage
+from meshplan.simulator.serve import InferencePlan
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.partition import even_partition
 
 
 def prompt_tokens(count: int, prompt_len: int, vocab_size: int, seed: int) -> torch.Tensor:
@@ -58,14 +59,11 @@ def generate(model: Transformer, prompts: torch.Tensor, gen_len: int) -> torch.T
     return torch.stack(tokens, dim=1)
 
 
-def serving_mesh_plan(model: ModelSpec, plan: InferencePlan) -> Plan:
-    """The deployment as a training Plan over the same ranks (replicas as dp, placement TP,
-    pipeline, replicas innermost first, as simulator/inference.py lays it out), so that
-    build_mesh and split_stage apply; layers split evenly, the first stages taking the
-    remainder as the simulator does."""
-    return Plan(global_batch=plan.replicas, seq_len=plan.context_len, dp=plan.replicas,
-                tp=plan.tp, pp=plan.pp, placement=("tp", "cp", "pp", "dp"), dtype="fp32",
-                layer_partition=even_partition(model.num_layers, plan.pp))
+def serving_mesh(plan: InferencePlan) -> Mesh:
+    """The deployment's ranks as the serving simulator places them: TP innermost, then
+    pipeline stages, replicas outermost."""
+    return Mesh.of({"tp": plan.tp, "pp": plan.pp, "dp": plan.replicas}, ("tp", "pp", "dp"),
+                   plan.num_gpus)
 
 
 class ServingRank:
@@ -76,13 +74,12 @@ class ServingRank:
     def __init__(self, spec: ModelSpec, plan: InferencePlan, seed: int, device: torch.device,
                  dtype: torch.dtype):
         self.spec, self.plan, self.device, self.dtype = spec, plan, device, dtype
-        mesh_plan = serving_mesh_plan(spec, plan)
-        self.mesh = build_mesh(mesh_plan, device.type)
+        self.mesh = build_mesh(serving_mesh(plan), device.type)
         stage = self.mesh["pp"].get_local_rank()
         stage_ranks = self.mesh["pp"].mesh.tolist()
         model = build_model(spec, seed).to(device=device, dtype=dtype)
         if plan.pp > 1:
-            model = split_stage(model, mesh_plan, stage)
+            model = split_stage(model, even_partition(spec.num_layers, plan.pp), stage)
         if plan.tp > 1:
             apply_tp(model, self.mesh["tp"], sequence_parallel=False)
         self.module = model.eval()

@@ -2,7 +2,7 @@
 rank per device through torchrun (torch.distributed.run, in a subprocess), and turn what
 the ranks wrote into run records with the simulator's prediction beside the measurement.
 
-    from executor.launch import RunOptions, launch
+    from meshplan.executor.launch import RunOptions, launch
     record = launch(model, plan, cluster, RunOptions(steps=20))   # -> RunRecord
 
 A rank that dies makes torchrun stop the others; `launch` then raises RunFailed naming the
@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from executor.data import check_token_file
-from executor.pipeline import even_partition
-from executor.record import RunRecord
-from meshplan.errors import MeshplanError, PlanError
-from simulator.model_spec import ModelSpec
-from simulator.plan import Cluster, Plan
+from meshplan.core.requirements import check_torch
+from meshplan.executor.data import check_token_file
+from meshplan.executor.records import RunRecord
+from meshplan.core.errors import MeshplanError, PlanError
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.hw_profiles.profile import load_profile
+from meshplan.simulator.plan import Cluster, Plan
+from meshplan.simulator.train import pipeline_partition, simulate
 
 STOP_GRACE_S = 20  # after Ctrl-C, how long torchrun gets to stop its ranks before SIGKILL
 
@@ -48,7 +50,7 @@ class RunOptions:
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None
-    progress: bool = True
+    progress: bool = False
     run_dir: str | None = None
     save_grads: bool = False
 
@@ -87,8 +89,9 @@ def executable_plan(model: ModelSpec, plan: Plan, cluster: Cluster, options: Run
     if options.data is not None:
         check_token_file(options.data, plan.seq_len, model.vocab_size)
     if plan.pp > 1 and plan.layer_partition is None:
-        plan = dataclasses.replace(plan, layer_partition=even_partition(model.num_layers,
-                                                                        plan.num_virtual))
+        # the split simulate prices the plan with (the balanced partition)
+        hw = load_profile(options.profile)
+        plan = dataclasses.replace(plan, layer_partition=pipeline_partition(model, plan, cluster, hw))
     return plan
 
 
@@ -124,6 +127,7 @@ def run_in_ranks(jobs: list, rank_options: dict, run_dir: str | None,
     a temporary folder, removed), start the ranks on it, and return the result.json that
     each node's local rank 0 writes; RunFailed if the ranks exit without one. Files a
     previous run left in run_dir are removed first."""
+    check_torch()
     with tempfile.TemporaryDirectory(prefix="meshplan-run-") as tmp:
         folder = Path(run_dir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -141,7 +145,7 @@ def run_in_ranks(jobs: list, rank_options: dict, run_dir: str | None,
 
 
 def torchrun_command(run_file: Path, nproc_per_node: int, options: RunOptions,
-                     module: str = "executor.train") -> list[str]:
+                     module: str = "meshplan.executor.ranks.train") -> list[str]:
     """torchrun running `python -m module RUN.json` on each rank: --standalone on one
     machine, a c10d rendezvous across several."""
     if options.nnodes == 1:
@@ -156,8 +160,8 @@ def torchrun_command(run_file: Path, nproc_per_node: int, options: RunOptions,
 
 
 def run_ranks(module: str, run_file: Path, nproc_per_node: int) -> None:
-    """Start another per-rank entry point (executor.serve) on this machine's ranks the way
-    launch_many starts executor.train; RunFailed if a rank fails, every rank stopped on
+    """Start another per-rank entry point (meshplan.executor.ranks.serve) on this machine's ranks the way
+    launch_many starts meshplan.executor.ranks.train; RunFailed if a rank fails, every rank stopped on
     Ctrl-C."""
     _run_torchrun(torchrun_command(run_file, nproc_per_node, RunOptions(), module))
 
@@ -248,18 +252,15 @@ def _record(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOptions,
 def predict(model: ModelSpec, plan: Plan, cluster: Cluster, profile: str) -> tuple[dict | None, str]:
     """simulate(...).to_json() for the plan as run, or None and why."""
     def simulated() -> dict:
-        from hw_profiles.profile import load_profile
-        from simulator.simulate import simulate
         return simulate(model, plan, cluster, load_profile(profile)).to_json()
     return prediction_or_why(simulated)
 
 
 def prediction_or_why(simulated: Callable[[], dict]) -> tuple[dict | None, str]:
-    """(simulated(), "") or (None, why): a missing profile or a simulator failure must not
-    throw away a measured run."""
+    """(simulated(), "") or (None, why): a profile that cannot be loaded, or a plan the
+    simulator refuses, must not throw away a measured run. Anything else is a bug and
+    propagates."""
     try:
         return simulated(), ""
     except MeshplanError as exc:
         return None, f"no prediction: {exc}"
-    except (ImportError, ValueError, KeyError) as exc:
-        return None, f"no prediction: the simulator failed ({type(exc).__name__}: {exc})"

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from executor.kv_cache import KVCache, LayerCache
-from simulator.model_spec import ModelSpec
+from meshplan.executor.kv_cache import KVCache, LayerCache
+from meshplan.simulator.model_spec import ModelSpec
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
 

@@ -23,16 +23,17 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                parallelize_module)
 from torch.nn.parallel import DistributedDataParallel
 
-from executor.model import Transformer
-from simulator.plan import Plan
+from meshplan.executor.model import Transformer
+from meshplan.core.mesh import Mesh
+from meshplan.simulator.plan import Plan
 
 
-def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
-    """One mesh dimension per axis, outermost first (plan.placement lists them innermost
-    first), size-1 dimensions kept so every axis can be looked up by name."""
-    names = tuple(reversed(plan.placement))
-    return init_device_mesh(device_type, tuple(getattr(plan, n) for n in names),
-                            mesh_dim_names=names)
+def build_mesh(mesh: Mesh, device_type: str) -> DeviceMesh:
+    """torch's DeviceMesh of the ranks `mesh` places: one dimension per axis, outermost
+    first (mesh.placement lists them innermost first), size-1 dimensions kept so every axis
+    can be looked up by name."""
+    names = tuple(reversed(mesh.placement))
+    return init_device_mesh(device_type, tuple(mesh.size(n) for n in names), mesh_dim_names=names)
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:

@@ -17,33 +17,27 @@ from torch.distributed.pipelining.schedules import (PipelineScheduleSingle, Sche
                                                     ScheduleGPipe, ScheduleInterleaved1F1B,
                                                     ScheduleInterleavedZeroBubble)
 
-from executor.model import Transformer
-from simulator.plan import Plan
+from meshplan.executor.model import Transformer
+from meshplan.simulator.plan import Plan
 
 # zb-h1 (Qi et al. 2024) with one chunk per rank is torch's ZB1P schedule with one local stage.
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
              "interleaved": ScheduleInterleaved1F1B, "zb-h1": ScheduleInterleavedZeroBubble}
 
 
-def even_partition(num_layers: int, num_parts: int) -> tuple[int, ...]:
-    """Layers per part, as equal as possible, the earlier parts taking the remainder (the
-    last stage also carries the LM head)."""
-    base, extra = divmod(num_layers, num_parts)
-    return tuple(base + (i < extra) for i in range(num_parts))
-
-
 def stage_indices(plan: Plan, pp_rank: int) -> list[int]:
     return list(range(pp_rank, plan.num_virtual, plan.pp))
 
 
-def split_stage(model: Transformer, plan: Plan, stage_index: int) -> Transformer:
-    """A copy of `model` keeping only what stage `stage_index` runs (parameter names kept)."""
-    bounds = [0, *itertools.accumulate(plan.layer_partition)]
+def split_stage(model: Transformer, partition: tuple[int, ...], stage_index: int) -> Transformer:
+    """A copy of `model` keeping only what (virtual) stage `stage_index` of the layer
+    partition runs (parameter names kept)."""
+    bounds = [0, *itertools.accumulate(partition)]
     first, last = bounds[stage_index], bounds[stage_index + 1]
     stage = copy.deepcopy(model)
     if stage_index > 0:
         stage.tok_embeddings = stage.pos_embeddings = None
-    if stage_index < plan.num_virtual - 1:
+    if stage_index < len(partition) - 1:
         stage.norm = stage.output = None
     for key in list(stage.layers):
         if not first <= int(key) < last:

@@ -1,9 +1,9 @@
 """Run serving plans on real processes: refuse what cannot run before anything starts, start
-one rank per device through torchrun (launch.run_ranks, entry point executor.serve) and turn
+one rank per device through torchrun (launch.run_ranks, entry point meshplan.executor.ranks.serve) and turn
 what the ranks wrote into serving records with the serving simulator's prediction beside
 the measurement.
 
-    from executor.serve_launch import ServeOptions, launch_inference
+    from meshplan.executor.serve_launch import ServeOptions, launch_inference
     record = launch_inference(model, plan, cluster, ServeOptions())   # -> ServeRecord
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from executor.launch import prediction_or_why, run_in_ranks, run_ranks
-from executor.serve_record import ServeRecord
-from meshplan.errors import PlanError
-from simulator.inference import InferencePlan
-from simulator.model_spec import ModelSpec
-from simulator.plan import Cluster
+from meshplan.executor.launch import prediction_or_why, run_in_ranks, run_ranks
+from meshplan.executor.serve_records import ServeRecord
+from meshplan.core.errors import PlanError
+from meshplan.simulator.serve import InferencePlan
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import Cluster
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ServeOptions:
     profile: str = "local"
     timeout_s: float = 60.0
     run_dir: str | None = None
-    progress: bool = True
+    progress: bool = False
 
 
 def check_executable(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
@@ -72,7 +72,7 @@ def launch_inference_many(jobs: list[tuple[ModelSpec, InferencePlan]], cluster: 
     result = run_in_ranks(
         jobs, {"seed": options.seed, "warmup": options.warmup, "repeats": options.repeats,
                "timeout_s": options.timeout_s, "progress": options.progress},
-        options.run_dir, lambda run_file: run_ranks("executor.serve", run_file, cluster.num_gpus))
+        options.run_dir, lambda run_file: run_ranks("meshplan.executor.ranks.serve", run_file, cluster.num_gpus))
     return [_record(m, p, cluster, options, r, result["world_size"])
             for (m, p), r in zip(jobs, result["results"])]
 
@@ -94,7 +94,7 @@ def predict_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
                       profile: str) -> tuple[dict | None, str]:
     """simulate_inference(...).to_json() for the plan as run, or None and why."""
     def simulated() -> dict:
-        from hw_profiles.profile import load_profile
-        from simulator.inference import simulate_inference
+        from meshplan.hw_profiles.profile import load_profile
+        from meshplan.simulator.serve import simulate_inference
         return simulate_inference(model, plan, cluster, load_profile(profile)).to_json()
     return prediction_or_why(simulated)

@@ -9,10 +9,10 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from hw_profiles import collective_model, gemm_model
-from hw_profiles.collective_model import CollectiveFit, Curve, Line
-from hw_profiles.gemm_model import DTYPE_BYTES, GemmFit, MemoryBoundFit
-from meshplan.errors import ProfileError
+from meshplan.hw_profiles import collective_model, gemm_model
+from meshplan.hw_profiles.collective_model import CollectiveFit, Curve, Line
+from meshplan.hw_profiles.gemm_model import DTYPE_BYTES, GemmFit, MemoryBoundFit
+from meshplan.core.errors import ProfileError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLES_SUFFIX = ".samples.json"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import networkx as nx
 
-from meshplan.errors import PlanError, ProfileError
+from meshplan.core.errors import PlanError, ProfileError
 
 FABRICS = ("nvswitch", "pcie", "nvlink-pairs")
 LEVELS = ("single-switch", "fat-tree", "rail-optimized")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hw_profiles.profile import HardwareProfile
-from meshplan.errors import PlanError
-from simulator.model_spec import ModelSpec
-from simulator.plan import RECOMPUTE, SCHEDULES, Cluster, Plan
-from simulator.simulate import BREAKDOWN_KEYS, SimulationResult, simulate
+from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.core.errors import PlanError
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import RECOMPUTE, SCHEDULES, Cluster, Plan
+from meshplan.simulator.train import BREAKDOWN_KEYS, SimulationResult, simulate
+from meshplan.core.units import GIB
 
-GIB = 2 ** 30
 TIE_REL = 1e-3  # step times closer than this are reported as a tie
 
 

@@ -22,10 +22,11 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from meshplan.errors import PlanError
-from simulator.model_spec import ModelSpec
-from simulator.plan import AXES, Plan
-from simulator.simulate import SimulationResult
+from meshplan.core.units import GIB
+from meshplan.core.errors import PlanError
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import AXES, Plan
+from meshplan.simulator.train import SimulationResult
 
 TARGETS = ("torchtitan", "megatron", "deepspeed", "plan")
 DEFAULT_ORDER = ",".join(AXES)
@@ -130,7 +131,7 @@ def export(target: str, model: ModelSpec, result: SimulationResult) -> str:
 
 def _header(model: ModelSpec, r: SimulationResult) -> str:
     return (f"meshplan plan: {model.name} on {r.cluster.num_gpus} x {r.hardware}, predicted "
-            f"{r.step_time_s:.3f} s/step, {r.peak_memory_bytes / 2 ** 30:.1f} GiB peak per device")
+            f"{r.step_time_s:.3f} s/step, {r.peak_memory_bytes / GIB:.1f} GiB peak per device")
 
 
 def _toml(value) -> str:

@@ -14,19 +14,19 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from hw_profiles.profile import HardwareProfile
-from meshplan.errors import PlanError
-from planner.analytic import evaluate
-from planner.space import candidate_table, row_plan
-from simulator.model_spec import ModelSpec
-from simulator.plan import Cluster
-from simulator.simulate import SimulationResult, simulate
+from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.core.errors import PlanError
+from meshplan.planner.closed_forms import evaluate
+from meshplan.planner.space import candidate_table, row_plan
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import Cluster
+from meshplan.simulator.train import SimulationResult, simulate
+from meshplan.core.units import GIB
 
 # Plans re-ranked by the discrete-event simulation: the best by the closed forms, up to
 # DES_CANDIDATES, stopping once their pipeline ops pass DES_OPS_BUDGET (the simulation
 # costs ~6.5 us of CPU per op here, so ~1.6 s) but never below DES_MIN.
 DES_CANDIDATES, DES_MIN, DES_OPS_BUDGET = 24, 16, 250_000
-GIB = 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
         if table.empty:
             raise PlanError("--emit", "no legal plan is one the target framework can run",
                             "drop --emit, or fix fewer knobs")
-    ev = evaluate(table, model, hw, keep=des)
+    ev = evaluate(table, model, hw, cluster.ranks_per_node, keep=des)
     if not ev.fits.any():
         raise _memory_error(ev, hw, fixed)
     results = [simulate(model, row_plan(table, i), cluster, hw) for i in _des_rows(table, ev, des)]

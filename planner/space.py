@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from meshplan.errors import PlanError
-from simulator.model_spec import ModelSpec
-from simulator.plan import ATTENTION, DTYPES, RECOMPUTE, SCHEDULES, Cluster, Plan
+from meshplan.core.errors import PlanError
+from meshplan.core.mesh import Mesh
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import ATTENTION, DTYPES, RECOMPUTE, SCHEDULES, Cluster, Plan
 
 # Rank orders tried, innermost first: Megatron-LM's default (tp-cp-dp-pp), its
 # --use-tp-pp-dp-mapping (tp-cp-pp-dp), data parallel inside context parallel, and data
@@ -28,27 +29,6 @@ GROUP_COLUMNS = ("tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn")
 def divisors(n: int) -> list[int]:
     small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))
-
-
-def ranks_per_node(sizes: dict, placement: tuple[str, ...], axes: tuple[str, ...],
-                   gpus_per_node: int) -> int:
-    """simulator.placement.group_of's ranks_per_node, with numpy: rank 0's group along
-    `axes` under `placement`, its size over the number of nodes it touches."""
-    stride, strides = 1, {}
-    for axis in placement:
-        strides[axis] = stride
-        stride *= sizes[axis]
-    ranks = np.zeros(1, dtype=np.int64)
-    for axis in axes:
-        ranks = (ranks[:, None] + np.arange(sizes[axis]) * strides[axis]).ravel()
-    return int(ranks.size // np.unique(ranks // gpus_per_node).size)
-
-
-def pp_pair_ranks_per_node(sizes: dict, placement: tuple[str, ...], gpus_per_node: int) -> int:
-    """simulator.placement.pp_neighbour_group's ranks_per_node: 2 when adjacent stages'
-    ranks are less than a node apart, else 1."""
-    stride = int(np.prod([sizes[a] for a in placement[:placement.index("pp")]]))
-    return 2 if stride // gpus_per_node == 0 else 1
 
 
 def _axes_rows(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
@@ -82,10 +62,10 @@ def _placement_rows(axes: pd.DataFrame, cluster: Cluster, fixed: dict) -> pd.Dat
         sizes = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
         seen = set()
         for order in orders:
-            g = cluster.gpus_per_node
-            sig = (ranks_per_node(sizes, order, ("tp",), g), ranks_per_node(sizes, order, ("cp",), g),
-                   ranks_per_node(sizes, order, ("dp", "cp"), g),
-                   pp_pair_ranks_per_node(sizes, order, g) if pp > 1 else 1)  # no p2p without PP
+            mesh = Mesh.of(sizes, order, cluster.gpus_per_node)
+            sig = (mesh.group(("tp",)).ranks_per_node, mesh.group(("cp",)).ranks_per_node,
+                   mesh.group(("dp", "cp")).ranks_per_node,
+                   mesh.neighbour_pair("pp").ranks_per_node if pp > 1 else 1)  # no p2p without PP
             if sig not in seen:
                 seen.add(sig)
                 rows.append((dp, tp, pp, cp, order) + sig)

@@ -1,5 +1,7 @@
-"""Cost model: time of each piece of a training step on one device, as pure functions of
-the model, the per-device shard and the hardware profile.
+"""Cost model: time of each piece of a training or serving step on one device, as pure
+functions of the model, the per-device shard and the hardware profile. Every function is
+vectorised over numpy arrays: `simulate` and the serving simulator call them for one plan,
+the planner for every candidate at once, so a cost term is written here once.
 
 Compute: GEMMs from the profile's fitted shape-dependent efficiency, memory-bound operators
 from bytes moved. Backward GEMMs are the input-gradient and weight-gradient GEMMs of each
@@ -11,154 +13,197 @@ becomes a reduce-scatter + all-gather of the same volume (Korthikanti et al. 202
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from hw_profiles.profile import HardwareProfile
-from simulator.model_spec import ModelSpec
-from simulator.ops import GEMM, Op, Shard, embedding_ops, head_ops, layer_ops
+import numpy as np
+
+from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.ops import GEMM, Op, Shard, embedding_ops, head_ops, layer_ops
+from meshplan.simulator.plan import RECOMPUTE
+
+NONE, SELECTIVE, FULL = (RECOMPUTE.index(r) for r in ("none", "selective", "full"))
+
+
+def per_rank_profile(hw: HardwareProfile, ranks_per_node: int) -> HardwareProfile:
+    """The profile as one rank sees it when more ranks than cores share a node (CPU runs):
+    each rank gets cores/ranks of a core's compute and memory throughput, and its host
+    overhead stretches by ranks/cores. Collectives are CPU work too: a group of n ranks was
+    measured with n ranks on the cores (max(1, n/cores) to a core), so its curve stretches
+    by the ratio of the run's sharing to that."""
+    cores = hw.extra.get("cores_per_node")
+    if not cores or ranks_per_node <= cores:
+        return hw
+    share = ranks_per_node / cores
+
+    def stretched(table: dict) -> dict:
+        return {kind: {n: c.scaled(alpha=share / max(1.0, n / cores), bandwidth=max(1.0, n / cores) / share)
+                       for n, c in by_n.items()} for kind, by_n in table.items()}
+    return replace(hw.scaled(flops=1 / share, hbm_bw=1 / share), overhead=hw.overhead.scaled(share),
+                   collectives=replace(hw.collectives, intra=stretched(hw.collectives.intra)))
 
 
 @dataclass(frozen=True)
-class Group:
-    """A communication group: its size and how many of its ranks share one node."""
+class OpTimes:
+    """Per op list (one entry each): forward, backward input-gradient and weight-gradient
+    time, the attention core's share of the forward, and the GEMM FLOPs of the forward."""
 
-    size: int
-    ranks_per_node: int
-
-
-@dataclass(frozen=True)
-class BlockCosts:
-    """Times (s) and FLOPs of a block (a layer, the embedding or the head) for one
-    micro-batch on one device."""
-
-    fwd_compute_s: float
-    bwd_input_s: float       # input-gradient GEMMs + backward of memory-bound ops
-    bwd_weight_s: float      # weight-gradient GEMMs (the W of zero-bubble schedules)
-    recompute_s: float       # forward work redone in backward under the recompute setting
-    tp_comm_fwd_s: float
-    tp_comm_bwd_s: float     # includes recomputed forward communication (full recompute)
-    cp_comm_fwd_s: float     # exposed ring-attention exchange
-    cp_comm_bwd_s: float
-    fwd_flops: float
-    flops_by_op: dict
-
-    @property
-    def fwd_s(self) -> float:
-        return self.fwd_compute_s + self.tp_comm_fwd_s + self.cp_comm_fwd_s
-
-    @property
-    def bwd_s(self) -> float:
-        """Whole backward: input and weight gradients, recompute, communication."""
-        return (self.bwd_input_s + self.bwd_weight_s + self.recompute_s + self.tp_comm_bwd_s
-                + self.cp_comm_bwd_s)
+    fwd_s: np.ndarray
+    bwd_input_s: np.ndarray
+    bwd_weight_s: np.ndarray
+    core_s: np.ndarray
+    fwd_flops: np.ndarray
 
 
-def _op_forward_s(op: Op, hw: HardwareProfile, dtype: str) -> float:
-    if op.kind == GEMM:
-        return float(hw.gemm_time_s(op.m, op.n, op.k, dtype, batch=op.batch))
-    return float(hw.memory_bound_time_s(op.bytes_moved, dtype, op.op_class))
+def forward_s(ops: list[Op], hw: HardwareProfile, dtype: str) -> np.ndarray:
+    """Forward time of each op: GEMMs from the fitted efficiency, memory-bound ops at their
+    class's bandwidth."""
+    return _op_arrays(ops, hw, dtype)[0]
 
 
-def _op_backward_s(op: Op, hw: HardwareProfile, dtype: str) -> tuple[float, float]:
-    """(input-gradient part, weight-gradient part) of one op's backward."""
-    if op.kind != GEMM:
-        return float(hw.memory_bound_time_s(2.0 * op.bytes_moved, dtype, op.op_class)), 0.0
-    # dX = dY [m,n] x W^T [n,k]; dW = X^T [k,m] x dY [m,n]. Non-weight GEMMs (attention)
-    # need gradients for both operands: two GEMMs on the input side.
-    dgrad = float(hw.gemm_time_s(op.m, op.k, op.n, dtype, batch=op.batch))
-    other = float(hw.gemm_time_s(op.k, op.n, op.m, dtype, batch=op.batch))
-    return (dgrad, other) if op.weight else (dgrad + other, 0.0)
+def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
+    """Per op: forward, backward input-gradient and weight-gradient time. dX = dY W^T,
+    dW = X^T dY; GEMMs without a weight (attention) take both operand gradients on the
+    input side; memory-bound backward moves 2x bytes."""
+    g = np.array([op.kind == GEMM for op in ops], dtype=bool)
+    m, n, k, batch, moved = (np.array([getattr(op, f) for op in ops], dtype=float)
+                             for f in ("m", "n", "k", "batch", "bytes_moved"))
+    weight = np.array([op.weight for op in ops], dtype=bool)[g]
+    fwd, bwd_in, bwd_w = np.zeros(len(ops)), np.zeros(len(ops)), np.zeros(len(ops))
+    fwd[g] = hw.gemm_time_s(m[g], n[g], k[g], dtype, batch=batch[g])
+    classes = np.array([op.op_class or "" for op in ops])
+    for cls in np.unique(classes[~g]):
+        mine = ~g & (classes == cls)
+        fwd[mine] = hw.memory_bound_time_s(moved[mine], dtype, cls or None)
+        bwd_in[mine] = hw.memory_bound_time_s(2.0 * moved[mine], dtype, cls or None)
+    dgrad = hw.gemm_time_s(m[g], k[g], n[g], dtype, batch=batch[g])
+    other = hw.gemm_time_s(k[g], n[g], m[g], dtype, batch=batch[g])
+    bwd_in[g] = np.where(weight, dgrad, dgrad + other)
+    bwd_w[g] = np.where(weight, other, 0.0)
+    return fwd, bwd_in, bwd_w, g
 
 
-def _blocks_costs(ops: tuple[Op, ...], hw: HardwareProfile, dtype: str, recompute: str,
-                  flash: bool) -> tuple[float, float, float, float, float, dict]:
-    fwd = bwd_in = bwd_w = redo = core_fwd = 0.0
-    flops_by_op: dict[str, float] = {}
-    for op in ops:
-        f = _op_forward_s(op, hw, dtype)
-        bi, bw = _op_backward_s(op, hw, dtype)
-        fwd, bwd_in, bwd_w = fwd + f, bwd_in + bi, bwd_w + bw
-        if op.attention_core:
-            core_fwd += f
-        if op.kind == GEMM:
-            flops_by_op[op.name] = flops_by_op.get(op.name, 0.0) + op.flops
-    # Fused attention recomputes its scores in backward (Dao 2022 sec 3.1); selective
-    # recompute redoes the attention core (Korthikanti sec 4.3); full redoes the whole forward.
-    redo = core_fwd if (flash or recompute == "selective") else 0.0
-    if recompute == "full":
-        redo += fwd
-    fwd_flops = sum(flops_by_op.values())
-    return fwd, bwd_in, bwd_w, redo, fwd_flops, flops_by_op
+def op_times(op_lists: list[tuple[Op, ...]], hw: HardwareProfile, dtype: str) -> OpTimes:
+    """Sums over each op list (_op_arrays per op)."""
+    ops = [op for lst in op_lists for op in lst]
+    idx = np.repeat(np.arange(len(op_lists)), [len(lst) for lst in op_lists])
+    fwd, bwd_in, bwd_w, g = _op_arrays(ops, hw, dtype)
+    core = np.array([op.attention_core for op in ops], dtype=bool)
+    flops = np.array([op.flops for op in ops], dtype=float)
+
+    def total(x):
+        return np.bincount(idx, weights=x, minlength=len(op_lists))
+    return OpTimes(total(fwd), total(bwd_in), total(bwd_w), total(np.where(core, fwd, 0.0)),
+                   total(np.where(g, flops, 0.0)))
 
 
-def tp_comm_s(model: ModelSpec, shard: Shard, hw: HardwareProfile, tp: Group) -> float:
+def collective_s(hw: HardwareProfile, kind: str, message_bytes, size, ranks_per_node) -> np.ndarray:
+    """hw.collective_time_s over arrays of messages, group sizes and ranks per node
+    (broadcast together): one profile call per distinct (size, ranks per node)."""
+    message, size, rpn = np.broadcast_arrays(np.asarray(message_bytes, dtype=float),
+                                             np.asarray(size, dtype=np.int64),
+                                             np.asarray(ranks_per_node, dtype=np.int64))
+    out = np.zeros(message.shape)
+    for group, ranks in {(int(a), int(b)) for a, b in zip(size.ravel(), rpn.ravel())}:
+        if group > 1:
+            mine = (size == group) & (rpn == ranks)
+            out[mine] = hw.collective_time_s(kind, message[mine], group, ranks)
+    return out
+
+
+def tp_comm_s(model: ModelSpec, tokens, sp, dtype_bytes, hw: HardwareProfile, tp, tp_rpn) -> np.ndarray:
     """One direction (forward or backward) of a layer's TP communication: 2 all-reduces of
     the [tokens, hidden] activation, or 2 x (reduce-scatter + all-gather) with SP."""
-    if tp.size == 1:
-        return 0.0
-    message = shard.tokens * model.hidden_size * shard.dtype_bytes
-    if shard.sp:
-        return 2.0 * (hw.collective_time_s("reduce_scatter", message, tp.size, tp.ranks_per_node)
-                      + hw.collective_time_s("all_gather", message, tp.size, tp.ranks_per_node))
-    return 2.0 * hw.collective_time_s("all_reduce", message, tp.size, tp.ranks_per_node)
+    message = np.asarray(tokens, dtype=float) * model.hidden_size * dtype_bytes
+    with_sp = 2.0 * (collective_s(hw, "reduce_scatter", message, tp, tp_rpn)
+                     + collective_s(hw, "all_gather", message, tp, tp_rpn))
+    return np.where(sp, with_sp, 2.0 * collective_s(hw, "all_reduce", message, tp, tp_rpn))
 
 
-def cp_comm_s(model: ModelSpec, shard: Shard, hw: HardwareProfile, cp: Group,
-              attention_s: float) -> tuple[float, float]:
+def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp, cp_rpn,
+              attention_s) -> tuple[np.ndarray, np.ndarray]:
     """Exposed ring-attention exchange of one layer, (forward, backward): cp-1 steps each
     passing the local K,V chunk (forward) and K,V + their gradients (backward) to the next
-    rank, overlapped with the attention of the current chunk (Liu et al. 2023 sec 3)."""
-    if cp.size == 1:
-        return 0.0, 0.0
-    kv_bytes = 2 * shard.tokens * (model.num_kv_heads // shard.tp) * model.head_dim * shard.dtype_bytes
-    step_comm_fwd = hw.collective_time_s("send_recv", kv_bytes, cp.size, cp.ranks_per_node)
-    step_comm_bwd = hw.collective_time_s("send_recv", 2 * kv_bytes, cp.size, cp.ranks_per_node)
-    step_attn = attention_s / cp.size
-    # backward attention is ~2x forward, so each backward step has 2x the compute to hide behind
-    return ((cp.size - 1) * max(0.0, step_comm_fwd - step_attn),
-            (cp.size - 1) * max(0.0, step_comm_bwd - 2.0 * step_attn))
+    rank, overlapped with the attention of the current chunk (Liu et al. 2023 sec 3);
+    backward attention is ~2x forward, so each backward step has 2x the compute to hide
+    behind."""
+    kv_bytes = 2 * np.asarray(tokens, dtype=float) * (model.num_kv_heads // tp) * model.head_dim * dtype_bytes
+    step_attention_s = attention_s / cp
+    fwd = (cp - 1) * np.maximum(0.0, collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn) - step_attention_s)
+    bwd = (cp - 1) * np.maximum(0.0, collective_s(hw, "send_recv", 2 * kv_bytes, cp, cp_rpn)
+                                - 2.0 * step_attention_s)
+    return fwd, bwd
 
 
-def layer_costs(model: ModelSpec, shard: Shard, hw: HardwareProfile, dtype: str, recompute: str,
-                tp: Group, cp: Group) -> BlockCosts:
-    ops = layer_ops(model, shard)
-    fwd, bwd_in, bwd_w, redo, flops, by_op = _blocks_costs(ops, hw, dtype, recompute, shard.flash)
-    host_fwd, host_bwd = hw.overhead.training_layer_s(shard.tp, shard.sp)
-    fwd, bwd_in = fwd + host_fwd, bwd_in + host_bwd
-    if recompute == "full":
-        redo += host_fwd
-    tp_s = tp_comm_s(model, shard, hw, tp)
-    attention_s = sum(_op_forward_s(op, hw, dtype) for op in ops if op.attention_core)
-    cp_fwd, cp_bwd = cp_comm_s(model, shard, hw, cp, attention_s)
-    return BlockCosts(
-        fwd_compute_s=fwd, bwd_input_s=bwd_in, bwd_weight_s=bwd_w, recompute_s=redo,
-        tp_comm_fwd_s=tp_s, tp_comm_bwd_s=tp_s * (2.0 if recompute == "full" else 1.0),
-        cp_comm_fwd_s=cp_fwd, cp_comm_bwd_s=cp_bwd, fwd_flops=flops, flops_by_op=by_op)
+@dataclass(frozen=True)
+class ShardTimes:
+    """Per shard: one layer's op times (host overhead of the eager executor included, the
+    profile's FrameworkOverhead), and the embedding's and the head's."""
+
+    layer: OpTimes
+    embedding: OpTimes
+    head: OpTimes
+
+    def take(self, index) -> ShardTimes:
+        def pick(t: OpTimes) -> OpTimes:
+            return OpTimes(*(getattr(t, f)[index] for f in OpTimes.__dataclass_fields__))
+        return ShardTimes(pick(self.layer), pick(self.embedding), pick(self.head))
 
 
-def edge_costs(model: ModelSpec, shard: Shard, hw: HardwareProfile, dtype: str,
-               which: str) -> BlockCosts:
-    """The embedding (`which="embedding"`, first stage) or final norm + LM head + loss
-    (`which="head"`, last stage). The vocab-parallel embedding and head all-reduce their
-    output over TP (Megatron-LM VocabParallelEmbedding); the head's loss all-reduces only
-    per-token scalars, which we neglect."""
-    ops = embedding_ops(model, shard) if which == "embedding" else head_ops(model, shard)
-    fwd, bwd_in, bwd_w, _, flops, by_op = _blocks_costs(ops, hw, dtype, "none", shard.flash)
-    return BlockCosts(fwd_compute_s=fwd, bwd_input_s=bwd_in, bwd_weight_s=bwd_w, recompute_s=0.0,
-                      tp_comm_fwd_s=0.0, tp_comm_bwd_s=0.0, cp_comm_fwd_s=0.0, cp_comm_bwd_s=0.0, fwd_flops=flops,
-                      flops_by_op=by_op)
+def shard_times(model: ModelSpec, hw: HardwareProfile, shards: list[Shard], dtype: str) -> ShardTimes:
+    layer = op_times([layer_ops(model, s) for s in shards], hw, dtype)
+    host = np.array([hw.overhead.training_layer_s(s.tp, s.sp) for s in shards], dtype=float).reshape(-1, 2)
+    layer = replace(layer, fwd_s=layer.fwd_s + host[:, 0], bwd_input_s=layer.bwd_input_s + host[:, 1])
+    return ShardTimes(layer, op_times([embedding_ops(model, s) for s in shards], hw, dtype),
+                      op_times([head_ops(model, s) for s in shards], hw, dtype))
 
 
-def overlapped_exposed_s(comm_per_item_s: float, compute_per_item_s: float, items: int,
-                         overlaps: bool = True) -> float:
+@dataclass(frozen=True)
+class LayerTimes:
+    """One decoder layer for one micro-batch on one device (arrays over plans), seconds."""
+
+    fwd_compute_s: np.ndarray
+    bwd_input_s: np.ndarray     # input-gradient GEMMs + backward of memory-bound ops
+    bwd_weight_s: np.ndarray    # weight-gradient GEMMs (the W of zero-bubble schedules)
+    recompute_s: np.ndarray     # forward work redone in backward
+    tp_fwd_s: np.ndarray
+    tp_bwd_s: np.ndarray        # includes recomputed forward communication (full recompute)
+    cp_fwd_s: np.ndarray        # exposed ring-attention exchange
+    cp_bwd_s: np.ndarray
+
+    @property
+    def fwd_s(self) -> np.ndarray:
+        return self.fwd_compute_s + self.tp_fwd_s + self.cp_fwd_s
+
+    @property
+    def bwd_s(self) -> np.ndarray:
+        """Whole backward: input and weight gradients, recompute, communication."""
+        return (self.bwd_input_s + self.bwd_weight_s + self.recompute_s + self.tp_bwd_s
+                + self.cp_bwd_s)
+
+
+def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, dtype_bytes, tp,
+                sp, cp, recompute, tp_rpn, cp_rpn, flash: bool) -> LayerTimes:
+    """Per plan (arrays; st indexed alike): the layer's times under its recompute setting
+    and the placement of its TP and CP groups. Fused attention recomputes its scores in
+    backward (Dao 2022 sec 3.1); selective recompute redoes the attention core (Korthikanti
+    et al. 2022 sec 4.3); full recompute redoes the whole forward, its TP communication too."""
+    lay = st.layer
+    tp_s = tp_comm_s(model, tokens, sp, dtype_bytes, hw, tp, tp_rpn)
+    cp_f, cp_b = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn, lay.core_s)
+    redo = lay.core_s * (flash | (recompute == SELECTIVE)) + lay.fwd_s * (recompute == FULL)
+    return LayerTimes(lay.fwd_s, lay.bwd_input_s, lay.bwd_weight_s, redo, tp_s,
+                      tp_s * (1 + (recompute == FULL)), cp_f, cp_b)
+
+
+def overlapped_exposed_s(comm_per_item_s, compute_per_item_s, items, overlaps: bool = True):
     """Exposed time of `items` equal transfers on one communication stream overlapped with
     `items` equal compute blocks, each transfer waiting for (or feeding) its block, as
     bucketed DDP gradient reduction and FSDP prefetching do (Li et al. 2020, PyTorch DDP
     sec 3.2.3): the last (or first) transfer is always exposed, and when communication is
     slower than compute the stream falls further behind with each item. Without overlap
     (`overlaps` False: CPU ranks, HardwareProfile.comm_overlaps_compute) all of it is exposed."""
-    if items <= 0 or comm_per_item_s <= 0.0:
-        return 0.0
-    if not overlaps:
-        return items * comm_per_item_s
-    return comm_per_item_s + (items - 1) * max(0.0, comm_per_item_s - compute_per_item_s)
+    comm = np.asarray(comm_per_item_s, dtype=float)
+    hidden = np.asarray(compute_per_item_s, dtype=float) if overlaps else 0.0
+    exposed = comm + (np.asarray(items) - 1) * np.maximum(0.0, comm - hidden)
+    return np.where((np.asarray(items) > 0) & (comm > 0), exposed, 0.0)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator.model_spec import ModelSpec
-from simulator.ops import Shard
+import numpy as np
+
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.ops import Shard
 
 # Mixed-precision Adam: fp32 master weights + two fp32 moments = 12 bytes/param
 # (Rajbhandari et al. 2020, ZeRO sec 3.1, K = 12); with fp32 training the master copy is
@@ -67,6 +69,17 @@ class StageMemory:
         return {"weights": self.weights_bytes, "gradients": self.gradients_bytes,
                 "optimizer": self.optimizer_bytes, "activations": self.activations_bytes,
                 "buffers": self.buffers_bytes, "total": self.total_bytes}
+
+
+def stage_params(model: ModelSpec, tp, pp, layers, first, last):
+    """Parameters held by one device of a pipeline stage of `layers` layers (numpy arrays
+    broadcast): TP shards the attention and MLP weights and the vocabulary, norms are
+    replicated (Megatron-LM, which vLLM follows); the first stage holds the embedding, the
+    last the final norm and the LM head (a synced copy of a tied embedding under PP)."""
+    per_layer = (model.attention_params() + model.mlp_params()) / tp + 2 * model.norm_params()
+    head = model.norm_params() + np.where(np.logical_not(model.tied_embeddings) | (np.asarray(pp) > 1),
+                                          model.vocab_size * model.hidden_size / tp, 0.0)
+    return layers * per_layer + first * (model.embedding_params() / tp) + last * head
 
 
 def model_state_bytes(params: float, dtype: str, dtype_bytes: int, zero: int,

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshplan.errors import ModelError
+from meshplan.core.errors import ModelError
 
 ACTIVATIONS = ("silu", "gelu")
 NORMS = ("rmsnorm", "layernorm")
@@ -209,7 +209,9 @@ def from_hf_config(config: dict, name: str = "custom", source: str = "config") -
             ffn_hidden_size=inner if inner is not None else 4 * hidden,  # n_inner null means 4*n_embd
             vocab_size=_require_int(config, "vocab_size", source),
             max_seq_len=config.get("n_positions") or 1024, gated_mlp=False, activation="gelu",
-            norm="layernorm", position_embedding="learned", tied_embeddings=True, bias=True,
+            norm="layernorm", position_embedding="learned",
+            # HF's default is tied; Megatron-LM's GPT runs are usually untied.
+            tied_embeddings=bool(config.get("tie_word_embeddings", True)), bias=True,
             dropout=any(float(config.get(k) or 0) > 0 for k in ("resid_pdrop", "attn_pdrop")))
     missing = sorted(_LLAMA_KEYS - set(config)) if "hidden_size" in config else sorted(
         _GPT2_KEYS - set(config))

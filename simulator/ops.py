@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator.model_spec import ModelSpec
+from meshplan.simulator.model_spec import ModelSpec
 
 GEMM, MEMORY = "gemm", "memory"
 # Memory-bound operators -> the class of measured operators whose efficiency they run at

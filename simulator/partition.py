@@ -1,52 +1,125 @@
-"""Pipeline layer partition: contiguous layer counts per (virtual) stage that minimise the
-slowest stage, with the embedding counted on the first stage and the LM head on the last
-(as Narayanan et al. 2021 sec 3.3 balance stages; Megatron-LM's
---decoder-first/last-pipeline-num-layers exposes the same knob by hand).
+"""Pipeline layer partitions: contiguous layer counts per (virtual) stage.
+
+Training (`simulate`, `plan` and `run` alike) uses the balanced partition: the split that
+minimises the slowest stage, with the embedding counted on the first stage and the LM head
+on the last (as Narayanan et al. 2021 sec 3.3 balance stages; Megatron-LM's
+--decoder-first/last-pipeline-num-layers and torchtitan's pipeline layer counts run such
+uneven splits). Serving uses vLLM's even split (vllm/distributed/utils.py get_pp_indices:
+equal shares, the remainder to the first stages).
+
+The balanced rule is computed for many pipelines at once (numpy arrays over candidates) and
+described by its shape: the first part holds `first` layers, the last `last`, the middle
+parts `base`, except middle parts 1..`short` which hold base - 1.
 """
 from __future__ import annotations
 
-def _capacity(budget_s: float, layer_s: float, extra_s: float) -> int:
-    """Most layers a stage with `extra_s` of fixed work can take within `budget_s`."""
-    return int((budget_s - extra_s) // layer_s + 1e-9) if budget_s >= extra_s else 0
+from dataclasses import dataclass
+
+import numpy as np
 
 
-def balanced_partition(num_layers: int, num_parts: int, layer_s: float,
-                       first_extra_s: float = 0.0, last_extra_s: float = 0.0) -> tuple[int, ...]:
-    """Layers per part (each >= 1, summing to num_layers) minimising the largest part time
-    n_i * layer_s + extra_i. With identical layers the optimal contiguous split is found
-    exactly by bisecting on the bottleneck time over its few candidate values (the same
-    optimum a dynamic program over split points finds, in O(parts * log layers))."""
-    if num_parts > num_layers:
-        raise ValueError(f"{num_layers} layers cannot fill {num_parts} stages")
-    if num_parts == 1:
-        return (num_layers,)
-    layer_s = max(layer_s, 1e-30)
-    extras = [0.0] * num_parts
-    extras[0] += first_extra_s
-    extras[-1] += last_extra_s
-    candidates = sorted({n * layer_s + e for n in range(1, num_layers + 1) for e in set(extras)})
+@dataclass(frozen=True)
+class PartitionShape:
+    """Arrays over pipelines (see the module docstring); `parts` = pp x virtual stages."""
 
-    def feasible(budget: float) -> bool:
-        caps = [_capacity(budget, layer_s, e) for e in extras]
-        return min(caps) >= 1 and sum(caps) >= num_layers
+    parts: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+    base: np.ndarray
+    short: np.ndarray
 
-    lo = _first_true(candidates, feasible)
-    caps = [_capacity(candidates[lo], layer_s, e) for e in extras]
-    excess = sum(caps) - num_layers
-    # Trim the excess from the most loaded parts first, keeping every part >= 1 layer.
-    while excess > 0:
-        i = max(range(num_parts), key=lambda j: (caps[j] * layer_s + extras[j] if caps[j] > 1 else -1, -j))
-        caps[i] -= 1
-        excess -= 1
-    return tuple(caps)
+    def layers(self, i: int = 0) -> tuple[int, ...]:
+        """The layer counts of pipeline i, in stage order."""
+        p, c0, c1 = int(self.parts[i]), int(self.first[i]), int(self.last[i])
+        if p == 1:
+            return (c0,)
+        base, short = int(self.base[i]), int(self.short[i])
+        return (c0, *(base - (j <= short) for j in range(1, p - 1)), c1)
 
 
-def _first_true(values: list[float], predicate) -> int:
-    lo, hi = 0, len(values) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if predicate(values[mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+def balanced_shape(num_layers: int, parts, layer_s, first_extra_s, last_extra_s) -> PartitionShape:
+    """The balanced partition of `num_layers` identical layers (each `layer_s`) into `parts`
+    contiguous parts (each >= 1 layer), the first carrying `first_extra_s` of fixed work and
+    the last `last_extra_s`, for arrays of pipelines.
+
+    The bottleneck time is the least n * layer_s + e (e one of the parts' extras) at which
+    every part's capacity (the layers it can take within that time) sums to at least
+    num_layers; the capacities in excess are then trimmed one layer at a time from the most
+    loaded part, ties to the lowest index, keeping each part >= 1 layer: the optimum a
+    dynamic program over split points finds, in closed form."""
+    L = int(num_layers)
+    P = np.asarray(parts, dtype=np.int64)
+    if np.any(P > L) or np.any(P < 1):
+        raise ValueError(f"{L} layers cannot fill {P.max()} stages")
+    ls = np.maximum(np.broadcast_to(np.asarray(layer_s, dtype=float), P.shape), 1e-30)
+    e0 = np.broadcast_to(np.asarray(first_extra_s, dtype=float), P.shape)
+    e1 = np.broadcast_to(np.asarray(last_extra_s, dtype=float), P.shape)
+    mids = np.maximum(P - 2, 0)
+
+    def cap(budget, extra, lay):
+        return np.where(budget >= extra, (np.floor_divide(budget - extra, lay) + 1e-9).astype(np.int64), 0)
+
+    def fits(budget, i=slice(None)):
+        c0, c1, cm = cap(budget, e0[i], ls[i]), cap(budget, e1[i], ls[i]), cap(budget, 0.0, ls[i])
+        return (np.minimum(c0, c1) >= 1) & (c0 + c1 + mids[i] * cm >= L)
+
+    def smallest_fitting(extra):  # least n with fits(n * ls + extra), or L + 1 if none
+        # caps at n*ls + extra are n + floor((extra - e_i) / ls) up to rounding: start there
+        # and step each pipeline toward the least fitting n (feasibility grows with n)
+        d0, d1, dm = (np.floor((extra - e) / ls) for e in (e0, e1, 0.0))
+        need = np.ceil((L - d0 - d1 - mids * dm) / (mids + 2))
+        n = np.clip(np.maximum.reduce([need, 1 - d0, 1 - d1]), 1, L).astype(np.int64)
+        ok = np.zeros(n.shape, bool)
+        todo = np.arange(n.size)
+        while todo.size:
+            nt, lt, xt = n[todo], ls[todo], extra[todo]
+            here = fits(nt * lt + xt, todo)
+            below = (nt > 1) & fits((nt - 1) * lt + xt, todo)
+            step = np.where(here, -below.astype(np.int64), (nt < L).astype(np.int64))
+            n[todo], ok[todo] = nt + step, here
+            todo = todo[step != 0]
+        return np.where(ok, n, L + 1)
+
+    best = np.full(ls.shape, np.inf)
+    for extra in (e0, e1, np.where(P >= 3, 0.0, e0)):
+        n = smallest_fitting(extra)
+        best = np.where(n <= L, np.minimum(best, n * ls + extra), best)
+    best = np.where(np.isfinite(best), best, 0.0)  # only one-part pipelines find none
+    c0, c1, cm = cap(best, e0, ls), cap(best, e1, ls), cap(best, 0.0, ls)
+    excess = np.where(P >= 2, c0 + c1 + mids * cm - L, 0)
+    dec = np.zeros(ls.shape, np.int64)  # middle decrements so far
+    safe_mids = np.maximum(mids, 1)
+    todo = np.flatnonzero(excess > 0)
+    while todo.size:
+        c0t, c1t, dt, mt, lt = c0[todo], c1[todo], dec[todo], safe_mids[todo], ls[todo]
+        top = cm[todo] - dt // mt
+        k0 = np.where(c0t > 1, c0t * lt + e0[todo], -1.0)
+        km = np.where((mids[todo] > 0) & (top > 1), top * lt, -1.0)
+        k1 = np.where(c1t > 1, c1t * lt + e1[todo], -1.0)
+        pick0 = (k0 >= km) & (k0 >= k1)
+        pickm = ~pick0 & (km >= k1)
+        c0[todo], dec[todo], c1[todo] = c0t - pick0, dt + pickm, c1t - (~pick0 & ~pickm)
+        excess[todo] -= 1
+        todo = todo[excess[todo] > 0]
+    base = np.where(mids > 0, cm - dec // safe_mids, 0)
+    short = np.where(mids > 0, dec % safe_mids, 0)
+    first = np.where(P == 1, L, c0)
+    return PartitionShape(P, first, np.where(P == 1, L, c1), base, short)
+
+
+def balanced_partition(num_layers: int, num_parts: int, layer_s: float, first_extra_s: float = 0.0,
+                       last_extra_s: float = 0.0) -> tuple[int, ...]:
+    """Layers per part of one pipeline under the balanced rule (balanced_shape)."""
+    return balanced_shape(num_layers, [num_parts], layer_s, first_extra_s, last_extra_s).layers(0)
+
+
+def even_partition(num_layers: int, num_parts: int) -> tuple[int, ...]:
+    """vLLM's split: equal shares, the remainder to the first parts."""
+    base, extra = divmod(num_layers, num_parts)
+    return tuple(base + (i < extra) for i in range(num_parts))
+
+
+def rank_chunks(partition: tuple[int, ...], pp: int) -> np.ndarray:
+    """Layers of each (pipeline rank, chunk): virtual stage j is chunk j // pp of rank
+    j % pp (Megatron-LM's interleaved assignment), shape (pp, len(partition) // pp)."""
+    return np.asarray(partition, dtype=np.int64).reshape(-1, pp).T

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simulator.schedule import stage_op_tuples
+from meshplan.simulator.schedule import stage_op_tuples
 
 
 @dataclass(frozen=True, slots=True)

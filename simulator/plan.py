@@ -11,9 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshplan.errors import PlanError
-from simulator.model_spec import ModelSpec
-from simulator.schedule import SCHEDULES
+from meshplan.core.errors import PlanError
+from meshplan.core.mesh import Mesh
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.schedule import SCHEDULES
 
 RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -44,6 +45,11 @@ class Cluster:
     @property
     def num_nodes(self) -> int:
         return max(1, self.num_gpus // self.gpus_per_node)
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Ranks that share one node (all of them on a cluster smaller than a node)."""
+        return min(self.num_gpus, self.gpus_per_node)
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,12 @@ class Plan:
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    def mesh(self, gpus_per_node: int) -> Mesh:
+        """The ranks of this plan on nodes of `gpus_per_node`, placed innermost-first by
+        `placement`."""
+        return Mesh.of({"tp": self.tp, "cp": self.cp, "dp": self.dp, "pp": self.pp},
+                       self.placement, gpus_per_node)
 
     def validate(self, model: ModelSpec, cluster: Cluster) -> None:
         """Legality of this plan for this model on this cluster; raises PlanError."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 Op = tuple[str, int, int]  # (kind, microbatch, chunk): PipeOp's fields, cheap to build
 
@@ -110,3 +112,15 @@ def stage_op_tuples(schedule: str, num_stages: int, num_microbatches: int,
     if schedule == "zb-h1":
         return [_zb_h1(p, s, m) for s in range(p)]
     return [_interleaved(p, s, m, num_chunks) for s in range(p)]
+
+
+def in_flight(schedule, p, v, m, s):
+    """Micro-batch chunks whose activations rank s holds at its peak (forward done, backward
+    not), from the op order alone (numpy arrays broadcast; schedule as SCHEDULES codes):
+    1F1B and ZB-H1 hold min(p - s, m) (Narayanan et al. 2021 sec 2.2), GPipe all m,
+    interleaved 1F1B Megatron's warm-up 2(p-s-1) + (v-1)p plus the one in the steady
+    state, at most m*v."""
+    one_f_one_b = np.minimum(p - s, m)
+    return np.where(schedule == SCHEDULES.index("gpipe"), m, np.where(
+        schedule == SCHEDULES.index("interleaved"),
+        np.minimum(2 * (p - s - 1) + (v - 1) * p + 1, m * v), one_f_one_b))

@@ -5,12 +5,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hw_profiles.calibrate import fabric_inter_node, fit_profile
-from hw_profiles.collective_model import KINDS, CollectiveFit, Curve, Line, collective_time_s
-from hw_profiles.gemm_model import GemmFit, MemoryBoundFit, gemm_time_s, memory_bound_time_s
-from hw_profiles.samples import Samples
-from hw_profiles.vidur_import import load_vidur_samples
-from meshplan.errors import ProfileError
+from meshplan.calibration.fit import fabric_inter_node, fit_profile
+from meshplan.hw_profiles.collective_model import KINDS, CollectiveFit, Curve, Line, collective_time_s
+from meshplan.hw_profiles.gemm_model import GemmFit, MemoryBoundFit, gemm_time_s, memory_bound_time_s
+from meshplan.calibration.samples import Samples
+from meshplan.calibration.vidur_import import load_vidur_samples
+from meshplan.core.errors import ProfileError
 
 US, GB = 1e-6, 1e9
 PEAK = {"fp32": 20e12, "tf32": 150e12, "bf16": 300e12, "fp16": 300e12}

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from executor import data as batches
-from executor.launch import RunOptions, launch_many
-from executor.model import build_model, loss_fn
-from simulator.model_spec import ModelSpec
-from simulator.plan import Cluster, Plan
+from meshplan.executor import data as batches
+from meshplan.executor.launch import RunOptions, launch_many
+from meshplan.executor.model import build_model, loss_fn
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import Cluster, Plan
 
 pytestmark = pytest.mark.slow
 

@@ -9,13 +9,13 @@ import tomllib
 import numpy as np
 import pytest
 
-from hw_profiles.profile import load_profile
-from meshplan.errors import PlanError
-from planner.export import check, export, supported
-from planner.space import candidate_table, row_plan
-from simulator.model_spec import ZOO
-from simulator.plan import Cluster, Plan
-from simulator.simulate import simulate
+from meshplan.hw_profiles.profile import load_profile
+from meshplan.core.errors import PlanError
+from meshplan.planner.export import check, export, supported
+from meshplan.planner.space import candidate_table, row_plan
+from meshplan.simulator.model_spec import ZOO
+from meshplan.simulator.plan import Cluster, Plan
+from meshplan.simulator.train import simulate
 
 A100 = load_profile("a100-80gb")
 LLAMA = ZOO["llama-2-13b"]

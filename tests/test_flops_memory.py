@@ -2,9 +2,9 @@
 Table 2; model states against the ZeRO paper's 16 bytes/param."""
 import pytest
 
-from simulator.memory import layer_activation_bytes, model_state_bytes
-from simulator.model_spec import ZOO, ModelSpec
-from simulator.ops import Shard, head_ops, layer_ops, model_flops_per_step, total_flops
+from meshplan.simulator.memory import layer_activation_bytes, model_state_bytes
+from meshplan.simulator.model_spec import ZOO, ModelSpec
+from meshplan.simulator.ops import Shard, head_ops, layer_ops, model_flops_per_step, total_flops
 
 GPT = ZOO["gpt3-175b"]
 

@@ -16,17 +16,17 @@ import sys
 import pytest
 import torch
 
-from executor import launch as launch_module
-from executor.generate import generate, greedy, prompt_tokens
-from executor.kv_cache import KVCache
-from executor.model import build_model
-from executor.serve_launch import ServeOptions, check_executable, launch_inference_many
-from executor.serve_record import ServeRecord
+from meshplan.executor import launch as launch_module
+from meshplan.executor.generate import generate, greedy, prompt_tokens
+from meshplan.executor.kv_cache import KVCache
+from meshplan.executor.model import build_model
+from meshplan.executor.serve_launch import ServeOptions, check_executable, launch_inference_many
+from meshplan.executor.serve_records import ServeRecord
 from meshplan.cli import main
-from meshplan.errors import PlanError
-from simulator.inference import InferencePlan
-from simulator.model_spec import ModelSpec
-from simulator.plan import Cluster
+from meshplan.core.errors import PlanError
+from meshplan.simulator.serve import InferencePlan
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import Cluster
 
 SEED, PROMPT_LEN, GEN_LEN = 0, 24, 12
 LLAMA = ModelSpec("tiny-llama", num_layers=4, hidden_size=128, num_heads=4, num_kv_heads=2,

@@ -2,13 +2,13 @@
 the bandwidth bound of batch-1 decode, FLOP-rate bounds of prefill, memory capacity."""
 import pytest
 
-from hw_profiles.profile import load_profile
-from meshplan.errors import PlanError
-from planner.inference_search import emit_vllm, explain_inference, search_inference
-from simulator.inference import InferencePlan, kv_bytes_per_token, simulate_inference
-from simulator.memory import memory_reserve_bytes
-from simulator.model_spec import ZOO, ModelSpec
-from simulator.plan import Cluster
+from meshplan.hw_profiles.profile import load_profile
+from meshplan.core.errors import PlanError
+from meshplan.planner.serve_search import emit_vllm, explain_inference, search_inference
+from meshplan.simulator.serve import InferencePlan, kv_bytes_per_token, simulate_inference
+from meshplan.simulator.memory import memory_reserve_bytes
+from meshplan.simulator.model_spec import ZOO, ModelSpec
+from meshplan.simulator.plan import Cluster
 
 A100 = load_profile("a100-80gb")
 L70, L7, L3_8 = ZOO["llama-2-70b"], ZOO["llama-2-7b"], ZOO["llama-3-8b"]

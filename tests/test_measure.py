@@ -7,14 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hw_profiles.collective_model import KINDS
-from hw_profiles.measure.compute import MIN_REPEATS, GemmShape, measure_gemms, \
+from meshplan.hw_profiles.collective_model import KINDS
+from meshplan.calibration.measure.compute import MIN_REPEATS, GemmShape, measure_gemms, \
     measure_memory_bound, torch_threads, transformer_gemm_shapes
-from hw_profiles.measure.machine import cpu_model, describe_machine, memory_bytes
-from hw_profiles.measure.run import MeasurePlan, _run_torchrun, load_samples, \
+from meshplan.calibration.measure.machine import cpu_model, describe_machine, memory_bytes
+from meshplan.calibration.measure.run import MeasurePlan, _run_torchrun, load_samples, \
     measurement_plan, save_samples
-from hw_profiles.samples import COLLECTIVE_COLUMNS, GEMM_COLUMNS, MEMORY_BOUND_COLUMNS, Samples
-from meshplan.errors import ProfileError
+from meshplan.calibration.samples import COLLECTIVE_COLUMNS, GEMM_COLUMNS, MEMORY_BOUND_COLUMNS, Samples
+from meshplan.core.errors import ProfileError
 
 KIB, MIB = 1024, 1024 ** 2
 

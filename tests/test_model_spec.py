@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from meshplan.errors import ModelError
-from simulator.model_spec import ZOO, ModelSpec, from_hf_config, load_model
+from meshplan.core.errors import ModelError
+from meshplan.simulator.model_spec import ZOO, ModelSpec, from_hf_config, load_model
 
 
 @pytest.mark.parametrize("name,published", [
@@ -81,3 +81,17 @@ def test_spec_json_round_trip(tmp_path):
     path.write_text(json.dumps(spec.to_dict()))
     assert load_model(str(path)) == spec
     assert ModelSpec.from_dict(spec.to_dict()) == spec
+
+
+GPT2_SMALL = {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12,
+              "vocab_size": 50257, "n_positions": 1024, "n_ctx": 1024}
+
+
+@pytest.mark.parametrize("tie, expected", [
+    (None, 124_439_808),                     # HF's default: tied (openai-community/gpt2, 124M)
+    (True, 124_439_808),
+    (False, 124_439_808 + 50257 * 768),      # Megatron's usual GPT: a separate LM head
+])
+def test_gpt2_style_honours_tie_word_embeddings(tie, expected):
+    config = dict(GPT2_SMALL, **({} if tie is None else {"tie_word_embeddings": tie}))
+    assert from_hf_config(config).num_params() == expected

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from hw_profiles.collective_model import bus_factor
-from hw_profiles.nccl_tests import parse_nccl_tests_log
-from hw_profiles.samples import COLLECTIVE_COLUMNS
-from meshplan.errors import ProfileError
+from meshplan.hw_profiles.collective_model import bus_factor
+from meshplan.calibration.nccl_tests import parse_nccl_tests_log
+from meshplan.calibration.samples import COLLECTIVE_COLUMNS
+from meshplan.core.errors import ProfileError
 
 DATA = Path(__file__).parent / "data" / "nccl"
 US = 1e-6

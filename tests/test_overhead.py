@@ -5,14 +5,13 @@ from dataclasses import replace
 
 import pytest
 
-from hw_profiles.profile import FrameworkOverhead, HardwareProfile, load_profile
-from meshplan.errors import ProfileError
-from simulator.cost import Group, layer_costs
-from simulator.inference import InferencePlan, simulate_inference
-from simulator.model_spec import ZOO
-from simulator.ops import Shard
-from simulator.plan import Cluster
-from simulator.simulate import compute_share
+from meshplan.hw_profiles.profile import FrameworkOverhead, HardwareProfile, load_profile
+from meshplan.core.errors import ProfileError
+from meshplan.simulator.cost import FULL, layer_times, per_rank_profile, shard_times
+from meshplan.simulator.serve import InferencePlan, simulate_inference
+from meshplan.simulator.model_spec import ZOO
+from meshplan.simulator.ops import Shard
+from meshplan.simulator.plan import Cluster
 
 A100 = load_profile("a100-80gb")
 OVERHEAD = FrameworkOverhead(layer_forward_s=1e-3, layer_backward_s=2e-3, tp_layer_forward_s=4e-3,
@@ -22,7 +21,7 @@ OVERHEAD = FrameworkOverhead(layer_forward_s=1e-3, layer_backward_s=2e-3, tp_lay
 
 
 def test_probe_measures_positive_overhead_and_dtensor_costs_more():
-    from executor.overhead import measure_overhead
+    from meshplan.calibration.overhead import measure_overhead
     measured = measure_overhead(repeats=8, warmup=2)
     assert 0 < measured.layer_forward_s < 0.05 and 0 < measured.decode_layer_s < 0.05
     # DTensor's sharding propagation runs on every op of a TP layer
@@ -47,9 +46,10 @@ def test_profile_round_trip_and_corrupt_field(tmp_path):
 def test_cost_model_adds_overhead_per_layer(tp, sp, expected):
     model = ZOO["llama-2-7b"]
     shard = Shard(1, 512, tp=tp, sp=sp)
-    base = layer_costs(model, shard, A100, "bf16", "full", Group(tp, tp), Group(1, 1))
-    more = layer_costs(model, shard, replace(A100, overhead=OVERHEAD), "bf16", "full",
-                       Group(tp, tp), Group(1, 1))
+    def costs(hw):
+        return layer_times(model, hw, shard_times(model, hw, [shard], "bf16"), shard.tokens, 2,
+                           tp, sp, 1, FULL, tp, 1, flash=True)
+    base, more = costs(A100), costs(replace(A100, overhead=OVERHEAD))
     assert more.fwd_compute_s - base.fwd_compute_s == pytest.approx(expected[0])
     assert more.bwd_input_s - base.bwd_input_s == pytest.approx(expected[1])
     assert more.recompute_s - base.recompute_s == pytest.approx(expected[0])  # full recompute redoes it
@@ -66,7 +66,7 @@ def test_decode_step_adds_decode_overhead_per_layer():
 
 def test_ranks_beyond_cores_stretch_overhead_and_small_group_collectives():
     cpu = replace(A100, overhead=OVERHEAD, extra={**A100.extra, "cores_per_node": 2})
-    shared = compute_share(cpu, Cluster(4, 4))
+    shared = per_rank_profile(cpu, Cluster(4, 4).ranks_per_node)
     assert shared.overhead.layer_forward_s == pytest.approx(2e-3)
     # a 2-rank group was measured with a core per rank; among 4 ranks it gets half a core
     assert shared.collective_time_s("all_reduce", 2 ** 20, 2, 2) == pytest.approx(

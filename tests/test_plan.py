@@ -4,10 +4,10 @@ import json
 import pytest
 from hypothesis import given, strategies as st
 
-from meshplan.errors import PlanError
-from simulator.model_spec import ZOO
-from simulator.partition import balanced_partition
-from simulator.plan import Cluster, Plan, load_plan
+from meshplan.core.errors import PlanError
+from meshplan.simulator.model_spec import ZOO
+from meshplan.simulator.partition import balanced_partition
+from meshplan.simulator.plan import Cluster, Plan, load_plan
 
 LLAMA70 = ZOO["llama-2-70b"]
 

@@ -2,8 +2,8 @@
 import sys
 from pathlib import Path
 
-from executor.validate import SUITE
-from hw_profiles.profile import load_profile
+from meshplan.validation.suite import SUITE
+from meshplan.hw_profiles.profile import load_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from planner_top1 import planner_ranking  # noqa: E402

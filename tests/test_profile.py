@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from hw_profiles.collective_model import KINDS, CollectiveFit, Curve, Line, collective_time_s
-from hw_profiles.gemm_model import GemmFit, MemoryBoundFit
-from hw_profiles.profile import HardwareProfile, load_profile
-from meshplan.errors import ProfileError
+from meshplan.hw_profiles.collective_model import KINDS, CollectiveFit, Curve, Line, collective_time_s
+from meshplan.hw_profiles.gemm_model import GemmFit, MemoryBoundFit
+from meshplan.hw_profiles.profile import HardwareProfile, load_profile
+from meshplan.core.errors import ProfileError
 
 US, GB = 1e-6, 1e9
 
@@ -213,7 +213,7 @@ def test_stock_keeps_vidur_cross_node_fit_as_unused_reference(name):
 
 
 def test_inter_node_latency_grows_with_ring_hops():
-    from hw_profiles.profile import load_profile
+    from meshplan.hw_profiles.profile import load_profile
     hw = load_profile("a100-80gb")
     two = hw.collective_time_s("all_gather", 1024, 16, 8)
     # a ring all-gather over 128 nodes has 127 sequential inter-node hops instead of 1

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from hw_profiles.build_stock import fit_table
-from hw_profiles.local import cpu_base, cuda_base, known_gpu
-from hw_profiles.profile import DATA_DIR, available_profiles, load_profile, samples_path
-from hw_profiles.samples import Samples
+from meshplan.calibration.build_stock import fit_table
+from meshplan.calibration.local_base import cpu_base, cuda_base, known_gpu
+from meshplan.hw_profiles.profile import DATA_DIR, available_profiles, load_profile, samples_path
+from meshplan.calibration.samples import Samples
 
 NCCL = Path(__file__).parent / "data" / "nccl"
 US = 1e-6
@@ -162,7 +162,7 @@ def test_truncated_profile_given_to_simulate_is_one_line(tmp_path):
 def _samples(gemm, memory, collectives) -> Samples:
     import pandas as pd
 
-    from hw_profiles.samples import COLLECTIVE_COLUMNS, GEMM_COLUMNS, MEMORY_BOUND_COLUMNS
+    from meshplan.calibration.samples import COLLECTIVE_COLUMNS, GEMM_COLUMNS, MEMORY_BOUND_COLUMNS
     return Samples(pd.DataFrame(gemm, columns=list(GEMM_COLUMNS)),
                    pd.DataFrame(memory, columns=list(MEMORY_BOUND_COLUMNS)),
                    pd.DataFrame(collectives, columns=list(COLLECTIVE_COLUMNS)))
@@ -216,7 +216,7 @@ def test_quick_measurement_end_to_end(tmp_path, monkeypatch):
     one 2-rank launch so that it stays under a minute on a 2-core machine."""
     from dataclasses import replace
 
-    import hw_profiles.measure.run as measure_run
+    import meshplan.calibration.measure.run as measure_run
     from meshplan.cli import main
 
     quick = measure_run.measurement_plan

@@ -2,12 +2,12 @@
 and validation statistics are computed as defined."""
 import pytest
 
-from executor.record import RunRecord
-from executor.refit import refit
-from executor.validate import SUITE, VALIDATION_MODEL, ValidationRun, summary
-from hw_profiles.profile import load_profile
-from simulator.plan import Cluster
-from simulator.simulate import simulate
+from meshplan.executor.records import RunRecord
+from meshplan.calibration.refit import refit
+from meshplan.validation.suite import SUITE, VALIDATION_MODEL, ValidationRun, summary
+from meshplan.hw_profiles.profile import load_profile
+from meshplan.simulator.plan import Cluster
+from meshplan.simulator.train import simulate
 
 BASE = load_profile("a100-80gb")
 
@@ -60,8 +60,8 @@ def test_summary_statistics():
 def test_rounds_take_turns_and_pool_timed_steps(monkeypatch):
     from dataclasses import replace
 
-    import executor.validate as validate
-    from executor.launch import RunOptions
+    import meshplan.validation.suite as validate
+    from meshplan.executor.launch import RunOptions
     calls, clock = [], iter(range(1, 1000))
 
     def fake_launch_many(jobs, cluster, options):

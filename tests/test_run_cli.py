@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -14,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from executor import launch as launch_module
-from executor.launch import RunOptions, executable_plan, root_cause
-from executor.record import RunRecord
+from meshplan.executor import launch as launch_module
+from meshplan.executor.launch import RunOptions, executable_plan, root_cause
+from meshplan.executor.records import RunRecord
 from meshplan.cli import main
-from meshplan.errors import PlanError
-from simulator.model_spec import ModelSpec
-from simulator.plan import Cluster, Plan
+from meshplan.core.errors import PlanError
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import Cluster, Plan
 
 MODEL = ModelSpec("tiny", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
                   ffn_hidden_size=64, vocab_size=128, max_seq_len=64)
@@ -106,6 +108,7 @@ def test_json_keys_and_record(config_json, tmp_path):
          "--steps", "4", "--warmup", "1", "--json", "--record", str(record_path)],
         capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "run dp2" not in proc.stderr  # no progress bar with --json or off a terminal
     out = json.loads(proc.stdout)
     assert out["plan"]["dp"] == 2 and out["world_size"] == 2
     assert out["profile"] == "local"
@@ -127,6 +130,15 @@ def test_json_keys_and_record(config_json, tmp_path):
     assert record.summary_json() == out
 
 
+def _drain(fd: int) -> None:
+    """Read a pseudo-terminal until its writers are gone, so they never block on it."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:
+        pass
+
+
 def _tagged_processes(tag: str) -> list[int]:
     """Live processes whose environment carries `tag` (the run's torchrun and ranks)."""
     pids = []
@@ -141,22 +153,28 @@ def _tagged_processes(tag: str) -> list[int]:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_rank(config_json):
+    """On a terminal the run draws its progress bar (rich, on stderr); Ctrl-C while it runs
+    stops torchrun and every rank and exits 130."""
     tag = uuid.uuid4().hex
     env = dict(os.environ, MESHPLAN_TEST_TAG=tag)
     # A shell-less child may inherit SIGINT ignored; restore Python's handler as a terminal has it.
     script = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
               "from meshplan.cli import main; sys.exit(main(sys.argv[1:]))")
+    terminal, stderr = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-c", script, "run", "--model", config_json,
                              "--gpus", "2", "--dp", "2", "--global-batch", "4", "--seq-len", "16",
                              "--steps", "100000", "--warmup", "1"],
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=stderr, env=env)
+    os.close(stderr)
     seen, deadline = b"", time.monotonic() + 120
-    while b"step/s" not in seen and time.monotonic() < deadline:
-        seen += os.read(proc.stderr.fileno(), 4096)
-    assert b"step/s" in seen, seen[-2000:]
+    while b"run dp2" not in seen and time.monotonic() < deadline:
+        seen += os.read(terminal, 4096)
+    assert b"run dp2" in seen, seen[-2000:]
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+    drain = threading.Thread(target=_drain, args=(terminal,), daemon=True)
+    drain.start()
+    proc.wait(timeout=60)
     assert proc.returncode == 130
     assert time.monotonic() - start < 30
     assert _tagged_processes(tag) == []

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.pipeline_sim import simulate_pipeline
-from simulator.schedule import SCHEDULES, PipeOp, stage_op_order
+from meshplan.simulator.pipeline_sim import simulate_pipeline
+from meshplan.simulator.schedule import SCHEDULES, PipeOp, stage_op_order
 
 F_S, B_S = 1.3, 2.1   # one micro-batch through one whole stage
 

@@ -108,3 +108,26 @@ def test_plan_inference_meets_slos_and_emits_vllm():
     assert f"--tensor-parallel-size {plans[0]['plan']['tp']}" in vllm.stdout
     assert meshplan("plan", "--model", "llama-3-70b", "--gpus", "8", "--global-batch", "8",
                     "--seq-len", "512", "--emit", "vllm").returncode == 2
+
+
+def test_sequence_parallel_is_megatrons_spelling_of_sp():
+    """--sequence-parallel (Megatron-LM) and --sp set the same field, on every command that
+    takes plan flags."""
+    from meshplan.cli import build_parser
+    parser = build_parser()
+    base = ["--model", "llama-2-7b", "--gpus", "8", "--global-batch", "8", "--seq-len", "2048",
+            "--tp", "8"]
+    for command in ("simulate", "plan", "whatif", "run"):
+        for flag, value in (("--sp", True), ("--sequence-parallel", True),
+                            ("--no-sequence-parallel", False)):
+            extra = ["--out", "report.html"] if command == "whatif" else []
+            assert parser.parse_args([command, *base, *extra, flag]).sp is value
+    longhand = json.loads(meshplan("simulate", *base, "--sequence-parallel", "--json").stdout)
+    shorthand = json.loads(meshplan("simulate", *base, "--sp", "--json").stdout)
+    assert longhand["plan"]["sp"] is True and longhand == shorthand
+
+
+def test_version():
+    from importlib.metadata import version
+    out = meshplan("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"meshplan {version('meshplan')}"

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from simulator.pipeline_sim import simulate_pipeline
-from simulator.timeline import (chrome_trace, timeline_figure, write_chrome_trace,
+from meshplan.simulator.pipeline_sim import simulate_pipeline
+from meshplan.reports.timeline import (chrome_trace, timeline_figure, write_chrome_trace,
                                 write_timeline_html)
 
 

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from hw_profiles.topology import ClusterSpec, build_graph, group_link_share, place_ranks
-from meshplan.errors import PlanError, ProfileError
+from meshplan.hw_profiles.topology import ClusterSpec, build_graph, group_link_share, place_ranks
+from meshplan.core.errors import PlanError, ProfileError
 
 GB = 1e9
 NVSWITCH_BW, NIC_BW = 300 * GB, 25 * GB

@@ -1,0 +1,208 @@
+"""Rebuild the stock profiles hw_profiles/data/{a100-80gb,h100-80gb}.json from Vidur's
+measurements and print their fit quality and a check against published nccl-tests figures.
+
+    python -m hw_profiles.build_stock [--data PATH] [--out DIR] [--inter-node {dgx,vidur}]
+
+PATH defaults to $MESHPLAN_VIDUR_DATA, else shared/data/vidur-profiles beside the repository.
+Vidur's cross-node rows were measured on a cluster whose fabric is ~10x slower than the DGX
+fabric (8 NICs per node, one per GPU) the stock profiles describe, so by default (dgx) the
+inter-node level comes from published nccl-tests figures of that fabric and Vidur's cross-node
+fit is kept as reference (extra / fit_report "measured_inter_node_not_used"); --inter-node vidur
+writes <name>-vidur-fabric.json whose inter-node level is Vidur's fit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from meshplan.calibration.fit import fit_profile
+from meshplan.hw_profiles.collective_model import bus_factor
+from meshplan.hw_profiles.profile import DATA_DIR, HardwareProfile
+from meshplan.calibration.vidur_import import load_vidur_samples
+from meshplan.core.units import GIB
+
+INTER_LATENCY = ("inter-node alpha 20 us: NVIDIA/nccl-tests#150, all_reduce_perf of 8 B over 2 "
+                 "A100 nodes (1 GPU each, HDR InfiniBand) takes 19-20 us")
+VIDUR = ("microsoft/vidur data/profiling @7d47513 (MIT): measured fp16 operator and NCCL "
+         "collective timings; GEMM, memory-bound and collective curves are fitted to them")
+STOCK = {
+    "a100-80gb": {
+        "gpu": "a100", "system": "a100_dgx",
+        "base": {
+            "name": "a100-80gb", "device_name": "NVIDIA A100-SXM4-80GB in a DGX A100",
+            "memory_bytes": 80 * GIB,
+            "peak_flops": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
+            "hbm_bytes_per_s": 2.039e12, "gpus_per_node": 8, "nics_per_node": 8,
+            "nic_bytes_per_s": 200e9 / 8, "intra_node_link": "nvswitch",
+            "sources": [
+                "peak_flops (dense), hbm_bytes_per_s (HBM2e 2,039 GB/s), memory_bytes (80 GB): "
+                "NVIDIA A100 Tensor Core GPU datasheet (2021), SXM4 80GB column",
+                "gpus_per_node, nvswitch, nics_per_node (8x ConnectX-6 HDR 200 Gb/s for compute): "
+                "NVIDIA DGX A100 datasheet / user guide",
+                VIDUR + " (compute/a100, network/a100_dgx)"]},
+        "fabric": {
+            "name": "DGX A100 fabric: 8x HDR 200 Gb/s InfiniBand per node, one NIC per GPU, "
+                    "rail-optimised",
+            "allreduce_busbw_bytes_per_s": 192e9, "nic_busbw_bytes_per_s": 24e9, "alpha_s": 20e-6,
+            "sources": [
+                "inter-node all_reduce busbw 192 GB/s, 8 ranks per node: NVIDIA/nccl#812 "
+                "(AddyLaddy: DGX A100 with 8x200 Gb/s IB measures 192 GB/s AllReduce busbw)",
+                "one HDR NIC 24 GB/s: NVIDIA/nccl#412 (sjeaugey: ~24 GB/s inter-node per HDR NIC), "
+                "NVIDIA/nccl-tests#160 (sjeaugey: 24 GB/s per NIC on good setups; ring busbw "
+                "reflects the NICs on 3+ nodes)", INTER_LATENCY]},
+        "published": {
+            "intra_allreduce_8_busbw_GBps": (232.5, "NVIDIA/nccl-tests#175: single-node 8x A100 "
+                                             "all_reduce_perf busbw 232.54 GB/s"),
+            "inter_allreduce_16_r8_busbw_GBps": (192.0, "NVIDIA/nccl#812 (AddyLaddy): DGX-A100 with "
+                                                 "8x200Gb/s IB measures 192 GB/s AllReduce BusBW"),
+            "inter_allreduce_128_r8_busbw_GBps": (192.0, "NVIDIA/nccl#812 figure; ring busbw does not "
+                                                  "depend on node count (nccl-tests#160)"),
+            "inter_allreduce_16_r1_busbw_GBps": (24.0, "one HDR NIC per node: NVIDIA/nccl#412"),
+            "inter_send_recv_2_r1_busbw_GBps": (24.0, "one HDR NIC: NVIDIA/nccl#412, nccl#1048")}},
+    "h100-80gb": {
+        "gpu": "h100", "system": "h100_dgx",
+        "base": {
+            "name": "h100-80gb", "device_name": "NVIDIA H100-SXM5-80GB in a DGX H100",
+            "memory_bytes": 80 * GIB,
+            "peak_flops": {"fp32": 67e12, "tf32": 494e12, "bf16": 989e12, "fp16": 989e12},
+            "hbm_bytes_per_s": 3.35e12, "gpus_per_node": 8, "nics_per_node": 8,
+            "nic_bytes_per_s": 400e9 / 8, "intra_node_link": "nvswitch",
+            "sources": [
+                "peak_flops (dense: half the with-sparsity figures), hbm_bytes_per_s (HBM3 "
+                "3.35 TB/s), memory_bytes (80 GB): NVIDIA H100 Tensor Core GPU datasheet, SXM5 column",
+                "gpus_per_node, nvswitch, nics_per_node (8x ConnectX-7 NDR 400 Gb/s for compute): "
+                "NVIDIA DGX H100 datasheet",
+                VIDUR + " (compute/h100, network/h100_dgx)"]},
+        "fabric": {
+            "name": "DGX H100 fabric: 8x NDR 400 Gb/s InfiniBand per node, one NIC per GPU, "
+                    "rail-optimised",
+            "allreduce_busbw_bytes_per_s": 376e9, "nic_busbw_bytes_per_s": 47e9, "alpha_s": 20e-6,
+            "sources": [
+                "one NDR NIC 47 GB/s: NVIDIA/nccl-tests#290 (AddyLaddy: 46-48 GB/s per NIC at NDR "
+                "400 Gb/s), NVIDIA/nccl-tests#267 (48-49 GB/s per CX-7 NIC)",
+                "inter-node all_reduce busbw 376 GB/s, 8 ranks per node: 8 NICs x 47 GB/s, the ring "
+                "busbw being the NICs' (NVIDIA/nccl-tests#160, #290)",
+                INTER_LATENCY + "; no H100 figure found, reused (NCCL's software path and one IB hop "
+                "dominate; Vidur's H100 cluster send_recv fit gives 19.6 us)"]},
+        "published": {
+            "intra_allreduce_8_busbw_GBps": (370.0, "NVIDIA/nccl-tests#212 (sjeaugey): effective "
+                                             "NVLink busbw ~370 GB/s without NVLS, ~480 with NVLS"),
+            "inter_allreduce_16_r8_busbw_GBps": (376.0, "NVIDIA/nccl-tests#290 (AddyLaddy): NDR "
+                                                 "400 Gb/s gives 46-48 GB/s per NIC; x 8 NICs for a ring"),
+            "inter_allreduce_128_r8_busbw_GBps": (376.0, "as above; ring busbw does not depend on node "
+                                                  "count (nccl-tests#160)"),
+            "inter_allreduce_16_r1_busbw_GBps": (47.0, "one NDR NIC per node: NVIDIA/nccl-tests#290"),
+            "inter_send_recv_2_r1_busbw_GBps": (47.0, "one NDR NIC: NVIDIA/nccl-tests#290")}},
+}
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("MESHPLAN_VIDUR_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/vidur-profiles"
+
+
+# check -> (collective, group size, ranks per node), each on 1 GiB
+CHECKS = {"intra_allreduce_8_busbw_GBps": ("all_reduce", 8, 8),
+          "inter_allreduce_16_r8_busbw_GBps": ("all_reduce", 16, 8),
+          "inter_allreduce_128_r8_busbw_GBps": ("all_reduce", 128, 8),
+          "inter_allreduce_16_r1_busbw_GBps": ("all_reduce", 16, 1),
+          "inter_send_recv_2_r1_busbw_GBps": ("send_recv", 2, 1)}
+
+
+def busbw_GBps(profile: HardwareProfile, kind: str, n: int, r: int, size: int = GIB) -> float:
+    return bus_factor(kind, n) * size / profile.collective_time_s(kind, size, n, r) / 1e9
+
+
+def published_checks(profile: HardwareProfile, published: dict,
+                     vidur_fabric: HardwareProfile) -> dict:
+    """Profile prediction vs published nccl-tests busbw for 1 GiB collectives, beside the
+    prediction with Vidur's cross-node fit."""
+    out = {}
+    for check, (value, src) in published.items():
+        predicted = busbw_GBps(profile, *CHECKS[check])
+        out[check] = {"profile": round(predicted, 1), "published": value,
+                      "ratio": round(predicted / value, 3),
+                      "vidur_fabric": round(busbw_GBps(vidur_fabric, *CHECKS[check]), 1), "source": src}
+    return out
+
+
+def fit_table(profile: HardwareProfile) -> pd.DataFrame:
+    rows = []
+    for quantity, q in profile.fit_report.items():
+        if "fitted" not in q:
+            continue
+        f, h = q["fitted"], q["held_out"]
+        rows.append({"quantity": quantity, "points": f["points"] + h["points"],
+                     "fit_median": f["median"], "fit_max": f["max"],
+                     "held_median": h.get("median"), "held_p95": h.get("p95"), "held_max": h.get("max")})
+    return pd.DataFrame(rows).set_index("quantity")
+
+
+def inter_table(profile: HardwareProfile) -> pd.DataFrame:
+    """Inter-node level per (kind, ranks per node), kinds derived from another left out: per-rank
+    busbw and alpha in use, and Vidur's cross-node fit where it was measured but not used."""
+    unused = profile.extra.get("measured_inter_node_not_used", {}).get("curves", {})
+    rows = []
+    for kind, by_r in profile.collectives.inter.items():
+        for r, curve in sorted(by_r.items()):
+            if curve.source.startswith("derived"):
+                continue
+            ref = unused.get(kind, {}).get(str(r), {})
+            rows.append({"inter_node": f"{kind}/r{r}",
+                         "per_rank_busbw_GBps": curve.large.busbw_bytes_per_s / 1e9,
+                         "alpha_us": curve.large.alpha_s * 1e6,
+                         "measured_not_used_busbw_GBps": ref.get("per_rank_busbw_bytes_per_s", np.nan) / 1e9,
+                         "measured_not_used_alpha_us": ref.get("alpha_s", np.nan) * 1e6})
+    return pd.DataFrame(rows).set_index("inter_node")
+
+
+def build(data_dir: Path, out_dir: Path, inter_node: str = "dgx") -> dict[str, HardwareProfile]:
+    """Fit and write each stock profile; inter_node "dgx" (published fabric figures) or "vidur"
+    (Vidur's cross-node fit, written as <name>-vidur-fabric)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    profiles = {}
+    for name, spec in STOCK.items():
+        samples = load_vidur_samples(data_dir, spec["gpu"], spec["system"])
+        vidur_base = {**spec["base"], "name": f"{name}-vidur-fabric",
+                      "device_name": spec["base"]["device_name"] + ", cross-node on Vidur's cluster fabric"}
+        vidur = fit_profile(samples, vidur_base)
+        profile = fit_profile(samples, spec["base"], fabric=spec["fabric"]) if inter_node == "dgx" else vidur
+        checks = published_checks(profile, spec["published"], vidur)
+        profile = HardwareProfile.from_dict({**profile.to_dict(),
+                                             "extra": {**profile.extra, "published_checks": checks}})
+        profile.save(out_dir / f"{profile.name}.json")
+        profiles[profile.name] = profile
+    return profiles
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=default_data_dir(), help="vidur-profiles folder")
+    parser.add_argument("--out", type=Path, default=DATA_DIR, help="where to write <name>.json")
+    parser.add_argument("--inter-node", choices=("dgx", "vidur"), default="dgx",
+                        help="inter-node level: published DGX fabric figures, or Vidur's cluster fit")
+    args = parser.parse_args(argv)
+    try:
+        profiles = build(args.data, args.out, args.inter_node)
+    except FileNotFoundError as e:
+        parser.error(f"{e}; pass --data or set MESHPLAN_VIDUR_DATA")
+    for name, profile in profiles.items():
+        print(f"\n== {name}: relative residual |pred/measured - 1| ({args.out / (name + '.json')})")
+        print(fit_table(profile).to_string(float_format=lambda x: f"{x:.3f}"))
+        median, p95 = profile.relative_error_band()
+        print(f"error band (held-out): median {median:.3f}, p95 {p95:.3f}")
+        checks = pd.DataFrame(profile.extra["published_checks"]).T
+        print(inter_table(profile).to_string(float_format=lambda x: f"{x:.1f}"))
+        print("1 GiB busbw (GB/s): this profile vs published vs with Vidur's cross-node fit "
+              "(16-rank rows are the fabric calibration points; 128 ranks is a prediction)")
+        print(checks[["profile", "published", "ratio", "vidur_fabric"]].to_string())
+        for check, c in profile.extra["published_checks"].items():
+            print(f"  {check}: {c['source']}")
+
+
+if __name__ == "__main__":
+    main()

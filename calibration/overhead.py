@@ -1,0 +1,121 @@
+"""Framework overhead of the executor's decoder layer: the host time eager PyTorch spends per
+layer (Python modules, operator dispatch, autograd bookkeeping, DTensor sharding
+propagation) beside the operators' own work, which isolated operator timings do not see.
+
+Measured on a layer so small that its operators' work is negligible: the time of a model of
+3 layers minus that of 1 layer, halved, is one layer's overhead, with embedding, head and
+loss cancelled out. Four variants: plain, tensor parallel through DTensor (on a one-rank
+mesh, so that sharding propagation runs but no data moves: the collectives are costed from
+their own fits), TP with sequence parallelism, and the inference forwards (prompt and
+one-token decode over a KV cache). The simulator adds these per layer (hw_profiles.profile
+.FrameworkOverhead); on a GPU, host overhead hides behind queued kernels and is not used.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from meshplan.executor.kv_cache import KVCache
+from meshplan.executor.model import build_model, loss_fn
+from meshplan.executor.parallelize import apply_tp
+from meshplan.hw_profiles.profile import FrameworkOverhead
+from meshplan.simulator.model_spec import ModelSpec
+
+PROBE_TOKENS = 8
+LAYERS = (1, 3)
+
+
+def _probe(num_layers: int) -> ModelSpec:
+    return ModelSpec(name="overhead-probe", num_layers=num_layers, hidden_size=64, num_heads=4,
+                     num_kv_heads=2, ffn_hidden_size=128, vocab_size=128, max_seq_len=64)
+
+
+def _median_s(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@contextmanager
+def _one_rank_group():
+    """A one-rank gloo process group for DTensor, unless one exists already."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _model(num_layers: int, tp: str | None):
+    model = build_model(_probe(num_layers), seed=0)
+    if tp is not None:
+        apply_tp(model, init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))["tp"],
+                 sequence_parallel=tp == "sp")
+    return model
+
+
+def _training_s(num_layers: int, tp: str | None, repeats: int, warmup: int) -> tuple[float, float]:
+    """(forward, forward + backward) seconds of the probe model."""
+    model = _model(num_layers, tp)
+    tokens = torch.randint(0, 128, (1, PROBE_TOKENS + 1), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def forward():
+        return loss_fn(model(x), y)
+
+    def step():
+        forward().backward()
+    return _median_s(forward, repeats, warmup), _median_s(step, repeats, warmup)
+
+
+@torch.no_grad()
+def _inference_s(num_layers: int, repeats: int, warmup: int) -> tuple[float, float]:
+    """(prompt forward, one-token decode forward over the cache) seconds."""
+    model = _model(num_layers, None)
+    prompt = torch.randint(0, 128, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
+    prefill = _median_s(lambda: model(prompt, KVCache(model.layers, PROBE_TOKENS + 1)),
+                        repeats, warmup)
+
+    def decode():
+        cache = KVCache(model.layers, PROBE_TOKENS + 1)
+        model(prompt, cache)
+        start = time.perf_counter()
+        model(prompt[:, :1], cache)
+        return time.perf_counter() - start
+    return prefill, statistics.median(decode() for _ in range(repeats + warmup))
+
+
+def measure_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:
+    """Per-layer framework overhead of this machine's executor (one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        per_layer = {}
+        with _one_rank_group():
+            for tp in (None, "tp", "sp"):
+                (f1, t1), (f3, t3) = (_training_s(n, tp, repeats, warmup) for n in LAYERS)
+                fwd = max(0.0, (f3 - f1) / 2)
+                per_layer[tp] = (fwd, max(0.0, (t3 - t1) / 2 - fwd))
+        (p1, d1), (p3, d3) = (_inference_s(n, repeats, warmup) for n in LAYERS)
+    finally:
+        torch.set_num_threads(before)
+    return FrameworkOverhead(
+        layer_forward_s=per_layer[None][0], layer_backward_s=per_layer[None][1],
+        tp_layer_forward_s=per_layer["tp"][0], tp_layer_backward_s=per_layer["tp"][1],
+        sp_layer_forward_s=per_layer["sp"][0], sp_layer_backward_s=per_layer["sp"][1],
+        prefill_layer_s=max(0.0, (p3 - p1) / 2), decode_layer_s=max(0.0, (d3 - d1) / 2),
+        source=f"executor/overhead.py: eager PyTorch {torch.__version__}, 1 thread, "
+               f"{LAYERS[1]}-layer minus {LAYERS[0]}-layer probe, median of {repeats}")

@@ -1,0 +1,68 @@
+"""The device mesh: the sizes of the parallel axes and the order in which consecutive ranks
+vary along them (innermost first), over nodes of `gpus_per_node` devices. From that, the
+ranks of each parallel group and how many of a group's ranks share a node (which decides
+the link level its collectives run over).
+
+Training uses the axes tp, cp, dp, pp (tp innermost by default, as Megatron-LM and
+torchtitan order ranks, so a TP group stays inside a node); serving uses tp, pp, dp
+(replicas outermost); the executor builds its torch DeviceMesh in the same order."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Group:
+    """A communication group: its size and how many of its ranks share one node."""
+
+    size: int
+    ranks_per_node: int
+
+    @property
+    def nodes(self) -> int:
+        return self.size // self.ranks_per_node
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """`placement` lists the axes innermost-first; `sizes` their degrees in that order."""
+
+    placement: tuple[str, ...]
+    sizes: tuple[int, ...]
+    gpus_per_node: int
+
+    @classmethod
+    def of(cls, sizes: dict[str, int], placement: tuple[str, ...], gpus_per_node: int) -> Mesh:
+        return cls(tuple(placement), tuple(int(sizes[a]) for a in placement), int(gpus_per_node))
+
+    @property
+    def world_size(self) -> int:
+        return prod(self.sizes)
+
+    def size(self, axis: str) -> int:
+        return self.sizes[self.placement.index(axis)]
+
+    def stride(self, axis: str) -> int:
+        """Rank distance between neighbours along `axis`."""
+        return prod(self.sizes[:self.placement.index(axis)])
+
+    def ranks(self, axes: tuple[str, ...], origin: int = 0) -> np.ndarray:
+        """The ranks that differ from `origin` only along `axes`, sorted."""
+        out = np.zeros(1, dtype=np.int64)
+        for axis in axes:
+            out = (out[:, None] + np.arange(self.size(axis)) * self.stride(axis)).ravel()
+        coords = {a: (origin // self.stride(a)) % self.size(a) for a in self.placement if a not in axes}
+        return np.sort(out + sum(c * self.stride(a) for a, c in coords.items()))
+
+    def group(self, axes: tuple[str, ...]) -> Group:
+        """Rank 0's group along `axes` (every group of a mesh is placed alike)."""
+        ranks = self.ranks(axes)
+        nodes = np.unique(ranks // self.gpus_per_node).size
+        return Group(size=int(ranks.size), ranks_per_node=int(ranks.size // nodes))
+
+    def neighbour_pair(self, axis: str) -> Group:
+        """Two ranks adjacent along `axis` (pipeline stages): inside one node or across two."""
+        return Group(2, 2 if self.stride(axis) < self.gpus_per_node else 1)

@@ -1,0 +1,198 @@
+"""Per-rank entry point, started by torchrun (launch.py): `python -m meshplan.executor.ranks.train RUN.json`.
+
+RUN.json (written by launch.py) holds the jobs (model + plan pairs of one world size, run
+one after the other in the same process group) and the run options. Each job: build the
+full model from the seed on every rank, split it into pipeline stages, parallelize each
+stage (parallelize.py), train `steps` steps on the same global batches as a single process
+would, and time and account memory (measure.py). Each node's local rank 0 writes
+result.json into the run folder; with `grads` set, every rank also saves the gradients of
+the first step (for the numerics tests).
+
+Set MESHPLAN_FAULT=RANK:STEP to make that rank exit abruptly after that step (fault tests).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from meshplan.core.progress import progress_bar
+from meshplan.executor import data as batches
+from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages,
+                              rank_memory, timed)
+from meshplan.executor.model import build_model, loss_fn
+from meshplan.executor.parallelize import (build_mesh, build_optimizer, full_gradients, gradient_sync,
+                                  parallelize)
+from meshplan.executor.pipeline import build_schedule, split_stage, stage_indices
+from meshplan.calibration.measure.machine import pin_rank_to_core
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import Plan
+
+FAULT_ENV = "MESHPLAN_FAULT"
+FAULT_EXIT_CODE = 17
+
+
+def setup_device() -> torch.device:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        return device
+    torch.set_num_threads(1)
+    pin_rank_to_core(int(os.environ["LOCAL_RANK"]))
+    return torch.device("cpu")
+
+
+def compute_dtype(plan: Plan, device: torch.device) -> str:
+    """bf16 autocast on CUDA for bf16 plans; fp32 otherwise (on CPU, and for fp16, which
+    would need loss scaling)."""
+    return "bf16" if device.type == "cuda" and plan.dtype == "bf16" else "fp32"
+
+
+class Job:
+    """One plan, parallelized on this rank: its stage modules, optimizer and step function."""
+
+    def __init__(self, spec: ModelSpec, plan: Plan, options: dict, device: torch.device):
+        self.spec, self.plan, self.options, self.device = spec, plan, options, device
+        self.mesh = build_mesh(plan.mesh(plan.world_size), device.type)
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.dtype = compute_dtype(plan, device)
+        model = build_model(spec, options["seed"]).to(device)
+        if plan.pp > 1:
+            self.indices = stage_indices(plan, self.mesh["pp"].get_local_rank())
+            stages = [split_stage(model, plan.layer_partition, i) for i in self.indices]
+            del model
+            self.modules = [parallelize(m, plan, self.mesh) for m in stages]
+            self.schedule = build_schedule(self.modules, self.indices, plan,
+                                           self.mesh["pp"].get_group(), device, loss_fn)
+            self.has_first = 0 in self.indices
+            self.has_last = plan.num_virtual - 1 in self.indices
+        else:
+            self.modules = [parallelize(model, plan, self.mesh)]
+            self.has_first = self.has_last = True
+        self.params = [p for m in self.modules for p in m.parameters()]
+        self.optimizer = build_optimizer(self.modules, plan, self.mesh, options["lr"])
+        self.memory = None
+
+    def local_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = self.plan
+        tokens = batches.global_batch(step, plan.global_batch, plan.seq_len, self.spec.vocab_size,
+                                      self.options["seed"], self.options["data"])
+        rows = batches.dp_rows(tokens, self.dp_rank, plan.dp).to(self.device)
+        return batches.split_inputs_targets(rows)
+
+    def forward_backward(self, inputs, targets) -> torch.Tensor:
+        """Loss (mean over this rank's micro-batches; 0 off the last stage) after backward."""
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) \
+            if self.dtype == "bf16" else nullcontext()
+        if self.plan.pp > 1:
+            losses: list[torch.Tensor] = []
+            with autocast:
+                self.schedule.step(*([inputs] if self.has_first else []),
+                                   target=targets if self.has_last else None,
+                                   losses=losses if self.has_last else None)
+            return torch.stack(losses).mean().detach() if losses else torch.zeros((), device=self.device)
+        model, n = self.modules[0], self.plan.num_microbatches
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(zip(inputs.chunk(n), targets.chunk(n))):
+            with gradient_sync(model, i == n - 1):
+                with autocast:
+                    loss = loss_fn(model(x), y) / n
+                loss.backward()
+            total += loss.detach()
+        return total
+
+    def train_step(self, inputs, targets, account: bool, grads_file: Path | None) -> torch.Tensor:
+        """One optimizer step. With `account`, measure this rank's memory (self.memory) and
+        save the gradients to `grads_file` if given."""
+        meter = ActivationMeter(parameter_storages(self.params)) if account else None
+        with meter or nullcontext():
+            loss = self.forward_backward(inputs, targets)
+        if grads_file is not None:
+            torch.save(full_gradients(self.modules), grads_file)
+        self.optimizer.step()
+        if meter is not None:
+            self.memory = rank_memory(dist.get_rank(), model_state_bytes(self.params, self.optimizer),
+                                      meter.peak_bytes, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+def run_job(spec: ModelSpec, plan: Plan, options: dict, device: torch.device, job_index: int,
+            run_dir: Path) -> dict:
+    """Train one plan; memory is accounted on the first step (a warm-up step, untimed in
+    the summary, when warmup >= 1)."""
+    job = Job(spec, plan, options, device)
+    rank = dist.get_rank()
+    label = f"run dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}"
+    grads_file = run_dir / f"grads{job_index}_rank{rank}.pt" if options["grads"] else None
+    fault = os.environ.get(FAULT_ENV)
+    losses, times_s = [], []
+    with progress_bar(options["steps"], label, rank == 0 and options["progress"],
+                      force_terminal=True) as bar:
+        for step in range(options["steps"]):
+            inputs, targets = job.local_batch(step)
+            first = step == 0
+            times_s.append(timed(lambda: losses.append(
+                job.train_step(inputs, targets, first, grads_file if first else None)), device))
+            bar.advance()
+            if fault == f"{rank}:{step}":
+                sys.stderr.flush()
+                os._exit(FAULT_EXIT_CODE)
+    return {"losses": global_losses(losses, job.has_last, device), "step_times_s": times_s,
+            "memory_by_rank": [m.to_json() for m in gather_from_ranks(job.memory)],
+            "dtype": job.dtype, "device": device.type}
+
+
+def global_losses(losses: list[torch.Tensor], has_loss: bool, device) -> list[float]:
+    """Per-step mean loss over the global batch, the same on every rank: ranks holding a loss
+    (the last pipeline stage) contribute theirs, averaged over how many did."""
+    local = torch.stack(losses).float() if has_loss else torch.zeros(len(losses), device=device)
+    buf = torch.cat([local, torch.tensor([float(has_loss)], device=device)])
+    dist.all_reduce(buf)
+    return (buf[:-1] / buf[-1]).tolist()
+
+
+def gather_from_ranks(item) -> list:
+    """Every rank's `item` (a picklable object), in rank order, on every rank."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, item)
+    return out
+
+
+def run_rank_jobs(run_file: Path, run_one) -> int:
+    """The body of a rank's entry point: read RUN.json, set up the device and the process
+    group, run each job through run_one(job, index, options, device), and have each node's
+    local rank 0 write result.json atomically."""
+    config = json.loads(run_file.read_text())
+    device = setup_device()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=config["options"]["timeout_s"]))
+    results = [run_one(j, i, config["options"], device) for i, j in enumerate(config["jobs"])]
+    if int(os.environ["LOCAL_RANK"]) == 0:
+        tmp = run_file.parent / "result.json.tmp"
+        tmp.write_text(json.dumps({"results": results, "world_size": dist.get_world_size()}))
+        tmp.replace(run_file.parent / "result.json")
+    dist.destroy_process_group()
+    return 0
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    run_file = Path((argv or sys.argv[1:])[0])
+    # Our loss never modifies the logits in place, the case this FSDP2 warning is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    return run_rank_jobs(run_file, lambda job, i, options, device: run_job(
+        ModelSpec.from_dict(job["model"]), Plan.from_dict(job["plan"]), options, device, i,
+        run_file.parent))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""`meshplan plan`: search the legal plans, rank them, explain the winner, or emit it for
+a training framework."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from meshplan.cli import common as common
+from meshplan.core.errors import PlanError
+from meshplan.core.units import GIB
+
+
+
+def register(subparsers) -> None:
+    from meshplan.planner.export import TARGETS
+
+    parser = subparsers.add_parser(
+        "plan", help="search for the fastest plan that fits, and explain why it wins",
+        description="Search every legal plan (DP/TP/SP/CP/PP degrees, layer partition, ZeRO "
+                    "stage, recompute, micro-batch, pipeline schedule, rank placement) for the "
+                    "model on the cluster; any plan flag given is held fixed. Prints the ranked "
+                    "plans and why the winner wins.")
+    common.add_model_args(parser)
+    common.add_cluster_args(parser)
+    common.add_plan_args(parser)
+    common.add_inference_args(parser)
+    parser.add_argument("--slo-ttft-ms", type=float, help="serving: time-to-first-token limit")
+    parser.add_argument("--slo-tpot-ms", type=float, help="serving: time-per-output-token limit")
+    parser.add_argument("--top", type=int, default=10, help="plans to list (default 10)")
+    parser.add_argument("--objective", choices=("throughput", "latency"), default="throughput",
+                        help="what to optimise: tokens per second (default), or serving latency")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the ranked plans and the "
+                     "explanation as JSON")
+    out.add_argument("--emit", choices=TARGETS + ("vllm",), help="print only the best plan this "
+                     "framework can run, in its format: torchtitan TOML, Megatron-LM flags, DeepSpeed "
+                     "ds_config JSON, meshplan plan JSON, or (with --mode inference) `vllm serve` flags")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshplan.hw_profiles.profile import load_profile
+    from meshplan.planner import export
+    from meshplan.planner.explain import explain
+    from meshplan.planner.search import search
+
+    if args.top < 1:
+        raise PlanError("--top", f"must be >= 1, got {args.top}", "pass --top N with N >= 1")
+    if args.mode == "inference":
+        return run_inference(args)
+    if args.emit == "vllm" or args.objective == "latency":
+        flag = "--emit vllm" if args.emit == "vllm" else "--objective latency"
+        raise PlanError(flag, "is for serving plans", "add --mode inference")
+    model = common.load_model_arg(args)
+    hw = load_profile(args.hardware)
+    cluster = common.cluster_from_args(args, hw.gpus_per_node)
+    fixed = common.user_plan_fields(args)
+    if args.emit:
+        try:
+            found = search(model, cluster, hw, fixed,
+                           allowed=lambda table: export.supported(args.emit, model, table))
+        except PlanError as exc:
+            if exc.field != "--emit":
+                raise
+            export.check(args.emit, model, search(model, cluster, hw, fixed).ranked[0].plan)
+            raise
+        best = found.ranked[0]
+        text = export.export(args.emit, model, best)
+        sys.stdout.write(text)
+        note = f"best of {found.candidates} legal plans that {args.emit} runs: {_knobs(best.plan)}"
+        print(f"meshplan plan: {note}", file=sys.stderr)
+        if args.emit == "deepspeed":
+            print(f"meshplan plan: {export.deepspeed_note(best.plan)}", file=sys.stderr)
+        return 0
+    found = search(model, cluster, hw, fixed)
+    why = explain(model, cluster, hw, found.ranked, fixed)
+    if args.json:
+        sys.stdout.write(common.dump_json({
+            "evaluated": found.candidates, "feasible": found.feasible,
+            "step_times_computed": found.evaluated, "simulated": found.simulated,
+            "search_time_s": found.search_time_s,
+            "plans": [r.to_json() for r in found.ranked[:args.top]],
+            "explanation": why.to_json()}))
+    else:
+        print_ranking(found, why, args.top)
+    return 0
+
+
+def _knobs(plan) -> str:
+    """A plan in one short line, e.g. "dp16 tp8+sp pp8 cp1 zero1 rc:full mb1 1f1b"."""
+    parts = [f"dp{plan.dp}", f"tp{plan.tp}{'+sp' if plan.sp else ''}", f"pp{plan.pp}",
+             f"cp{plan.cp}", f"zero{plan.zero}", f"rc:{plan.recompute}", f"mb{plan.micro_batch}"]
+    if plan.pp > 1:
+        parts.append(plan.schedule + (f"(v{plan.virtual_stages})" if plan.virtual_stages > 1 else ""))
+    if plan.placement != ("tp", "cp", "dp", "pp"):
+        parts.append("order:" + ",".join(plan.placement))
+    return " ".join(parts)
+
+
+def run_inference(args: argparse.Namespace) -> int:
+    """Serving: search TP, PP, replicas and batch for the best throughput per GPU (or
+    latency) that meets the SLOs."""
+    from meshplan.hw_profiles.profile import load_profile
+    from meshplan.planner.serve_search import emit_vllm, explain_inference, search_inference
+
+    if args.emit not in (None, "vllm"):
+        raise PlanError("--emit", f"{args.emit} is a training format", "use --emit vllm with --mode inference")
+    model = common.load_model_arg(args)
+    hw = load_profile(args.hardware)
+    cluster = common.cluster_from_args(args, hw.gpus_per_node)
+    for flag, name in (("--prompt-len", "prompt_len"), ("--gen-len", "gen_len")):
+        if getattr(args, name) is None:
+            raise PlanError(flag, "missing", f"pass {flag} N with --mode inference")
+    fixed = {k: getattr(args, k) for k in ("tp", "pp", "replicas", "batch", "kv_dtype")
+             if getattr(args, k) is not None}
+    if args.dtype:
+        fixed["dtype"] = args.dtype
+    ms = lambda v: None if v is None else v / 1e3  # noqa: E731
+    found = search_inference(model, cluster, hw, args.prompt_len, args.gen_len,
+                             slo_ttft_s=ms(args.slo_ttft_ms), slo_tpot_s=ms(args.slo_tpot_ms),
+                             objective=args.objective, fixed=fixed)
+    if args.emit == "vllm":
+        sys.stdout.write(emit_vllm(found[0][0], model, args.prompt_len, args.gen_len) + "\n")
+        return 0
+    if args.json:
+        sys.stdout.write(common.dump_json({
+            "plans": [r.to_json() for _, r in list(found)[:args.top]],
+            "explanation": explain_inference(found)}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model.name} serving on {cluster.num_gpus} x {hw.name}: prompt "
+                        f"{args.prompt_len}, generate {args.gen_len}")
+    for col in ("rank", "tp", "pp", "replicas", "batch", "TTFT ms", "TPOT ms", "tokens/s", "per GPU", "peak GiB"):
+        table.add_column(col, justify="right")
+    for i, (plan, result) in enumerate(list(found)[:args.top], 1):
+        data = result.to_json()
+        table.add_row(str(i), str(plan.tp), str(plan.pp), str(plan.replicas), str(plan.batch),
+                      f"{data['ttft_s'] * 1e3:.1f}", f"{data['tpot_s'] * 1e3:.2f}",
+                      f"{data['throughput_tokens_per_s']:,.0f}",
+                      f"{data['throughput_tokens_per_s'] / cluster.num_gpus:,.0f}",
+                      f"{data['peak_memory_bytes'] / GIB:.1f}")
+    console = Console()
+    console.print(table)
+    console.print(explain_inference(found))
+    return 0
+
+
+def print_ranking(found, why, top: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    best = found.ranked[0]
+    console = Console(width=None if sys.stdout.isatty() else 130)
+    table = Table(title=f"{best.model.name}: {best.cluster.num_gpus} x {best.hardware}, global "
+                        f"batch {best.plan.global_batch} x {best.plan.seq_len} tokens")
+    for col in ("rank", "plan", "step s", "tokens/s", "MFU", "peak GiB", "headroom GiB"):
+        table.add_column(col, justify="left" if col == "plan" else "right", no_wrap=True)
+    for i, r in enumerate(found.ranked[:top], start=1):
+        table.add_row(str(i), _knobs(r.plan), f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}",
+                      f"{r.mfu:.1%}", f"{r.peak_memory_bytes / GIB:.1f}",
+                      f"{(r.memory_limit_bytes - r.peak_memory_bytes) / GIB:.1f}")
+    console.print(table)
+    console.print("[bold]why[/bold]")
+    for line in why.lines():
+        console.print(f"  {line}", highlight=False)
+    console.print(f"searched {found.candidates:,} legal plans ({found.feasible:,} fit in memory): "
+                  f"closed-form step times for {found.evaluated:,}, discrete-event simulation of "
+                  f"the best {found.simulated}, in {found.search_time_s:.2f} s", highlight=False)

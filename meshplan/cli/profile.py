@@ -1,0 +1,168 @@
+"""`meshplan profile`: measure this machine into a hardware profile, refit a profile's
+collectives from nccl-tests logs, or write a profile's calibration report."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from meshplan.core.progress import wanted
+
+from meshplan.cli import common as common
+from meshplan.core.errors import ProfileError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "profile", help="measure this machine, import nccl-tests logs, or report a profile's fit",
+        description="Measure this machine (GEMMs, memory-bound operators, collectives over "
+                    "torchrun ranks) and fit a hardware profile, saving the samples beside it as "
+                    "<name>.samples.json; or refit a profile's collectives from nccl-tests logs "
+                    "(--import-nccl-tests); or write a profile's calibration report (--report).")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--import-nccl-tests", nargs="+", metavar="LOG",
+                      help="nccl-tests stdout logs (*_perf) whose collectives replace --base's")
+    mode.add_argument("--report", metavar="PROFILE",
+                      help="profile name or JSON: write its fitted-vs-measured HTML report to --out")
+    parser.add_argument("--out", required=True,
+                        help="profile JSON to write (a .json path), or the report's HTML with --report")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer sizes and repeats: under about a minute on CPU")
+    parser.add_argument("--name", help="profile name (default: the --out file name without .json)")
+    parser.add_argument("--base", help="with --import-nccl-tests: the profile (stock name or JSON) "
+                                       "whose device description and compute fits are kept")
+    parser.add_argument("--holdout", type=float, default=0.2,
+                        help="fraction of each quantity's samples held out of its fit (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    parser.set_defaults(handler=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.base and not args.import_nccl_tests:
+        raise ProfileError("--base", "only used with --import-nccl-tests",
+                           "drop --base, or pass --import-nccl-tests LOG...")
+    if args.import_nccl_tests and not args.base:
+        raise ProfileError("--base", "missing", "pass --base a100-80gb (or another stock name or "
+                                                "profile JSON) whose compute fits to keep")
+    if args.quick and (args.import_nccl_tests or args.report):
+        raise ProfileError("--quick", "only used when measuring this machine",
+                           "drop --quick with --import-nccl-tests or --report")
+    if not 0.0 <= args.holdout < 1.0:
+        raise ProfileError("--holdout", f"{args.holdout} is outside [0, 1)", "pass e.g. --holdout 0.2")
+    if not args.report and not args.out.endswith(".json"):
+        raise ProfileError("--out", f"{args.out!r} does not end in .json",
+                           "pass the profile's path, e.g. --out hw_profiles/local.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    if args.report:
+        return run_report(args)
+    if args.import_nccl_tests:
+        return run_import(args)
+    return run_measure(args)
+
+
+def _name(args: argparse.Namespace) -> str:
+    return args.name or Path(args.out).name.removesuffix(".json")
+
+
+def _save_pair(profile, samples, machine, out: Path) -> None:
+    """Write the profile and its samples beside it, each whole, and both or neither: temp files
+    in the target folder, renamed at the end."""
+    from meshplan.calibration.measure.run import save_samples
+    from meshplan.hw_profiles.profile import samples_path
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        tmp_samples, tmp_profile = Path(tmp) / "samples.json", Path(tmp) / "profile.json"
+        save_samples(samples, tmp_samples, machine)
+        profile.save(tmp_profile)
+        os.replace(tmp_samples, samples_path(out))
+        os.replace(tmp_profile, out)
+
+
+def run_measure(args: argparse.Namespace) -> int:
+    import torch
+
+    from meshplan.calibration.overhead import measure_overhead
+    from meshplan.calibration.fit import fit_profile
+    from meshplan.calibration.local_base import local_base
+    from meshplan.calibration.measure.machine import describe_machine
+    from meshplan.calibration.measure.run import measure_machine, measurement_plan
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    machine = describe_machine()
+    plan = measurement_plan(args.quick, torch.cuda.is_available(), machine["usable_cpus"],
+                            machine["gpu_count"])
+    if not plan.launches:
+        raise ProfileError("devices", "one CUDA device: collectives need 2 or more ranks",
+                           "run on a machine with 2 or more GPUs, or refit a stock profile "
+                           "from your cluster's logs with --import-nccl-tests")
+    with tempfile.TemporaryDirectory(prefix="meshplan-profile-") as tmp:
+        samples, machine = measure_machine(args.quick, Path(tmp) / "samples.json", progress=wanted())
+    # On a GPU the host queues kernels ahead of the device: its overhead is not on the path.
+    overhead = None if torch.cuda.is_available() else measure_overhead(repeats=15 if args.quick else 40)
+    measured = time.perf_counter()
+    profile = fit_profile(samples, local_base(samples, machine, _name(args)), args.holdout, args.seed)
+    if overhead is not None:
+        profile = replace(profile, overhead=overhead)
+        print(f"framework overhead per layer (fwd/bwd ms): plain {overhead.layer_forward_s * 1e3:.2f}/"
+              f"{overhead.layer_backward_s * 1e3:.2f}, TP {overhead.tp_layer_forward_s * 1e3:.2f}/"
+              f"{overhead.tp_layer_backward_s * 1e3:.2f}, TP+SP {overhead.sp_layer_forward_s * 1e3:.2f}/"
+              f"{overhead.sp_layer_backward_s * 1e3:.2f}; decode {overhead.decode_layer_s * 1e3:.2f}")
+    _save_pair(profile, samples, machine, out)
+    print_fit(profile)
+    print(f"meshplan profile: wrote {out} and {out.name.removesuffix('.json')}.samples.json beside "
+          f"it in {time.perf_counter() - started:.0f} s (measuring {measured - started:.0f} s, "
+          f"fitting {time.perf_counter() - measured:.1f} s)")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from meshplan.calibration.fit import refit_collectives
+    from meshplan.calibration.nccl_tests import parse_nccl_tests_log
+    from meshplan.hw_profiles.profile import load_profile
+    from meshplan.calibration.samples import Samples, empty_samples
+
+    base = load_profile(args.base)
+    tables = [parse_nccl_tests_log(Path(log)) for log in args.import_nccl_tests]
+    empty = empty_samples()
+    samples = Samples(empty.gemm, empty.memory_bound, pd.concat(tables, ignore_index=True))
+    names = [Path(log).name for log in args.import_nccl_tests]
+    profile = refit_collectives(samples, base, _name(args), [f"nccl-tests log {n}" for n in names],
+                                args.holdout, args.seed)
+    _save_pair(profile, samples, {"nccl_tests_logs": names, "base_profile": base.name}, Path(args.out))
+    print_fit(profile)
+    print(f"meshplan profile: refitted {base.name}'s collectives from {len(names)} log(s); "
+          f"wrote {args.out}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from meshplan.reports.calibration import profile_samples, report_html
+
+    profile, samples, source = profile_samples(args.report)
+    page, plotted = report_html(profile, samples, source)
+    common.write_atomic(args.out, page)
+    print(f"meshplan profile: wrote {args.out}: {len(plotted)} quantities of {profile.name} "
+          f"plotted against {source}")
+    return 0
+
+
+def print_fit(profile) -> None:
+    """The fit table: per quantity, points and the median / max relative residual on the
+    points fitted and on those held out."""
+    from meshplan.calibration.build_stock import fit_table
+
+    table = fit_table(profile)[["points", "fit_median", "fit_max", "held_median", "held_max"]]
+    print(f"{profile.name}: relative residual |predicted/measured - 1| per fitted quantity")
+    print(table.to_string(float_format=lambda x: f"{x:.1%}", na_rep="-"))
+    median, p95 = profile.relative_error_band()
+    print(f"error band (held-out, point-weighted): median {median:.1%}, p95 {p95:.1%}")

@@ -1,0 +1,178 @@
+"""`meshplan run`: run one plan on real processes (torchrun) and print predicted vs measured;
+`--mode inference` serves a batch with greedy generation instead."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from meshplan.cli import common as common
+from meshplan.core.progress import wanted
+from meshplan.simulator.plan import Cluster
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="run a plan on real ranks (torchrun) and compare with the prediction",
+        description="Train a few steps of a plan on real processes, one rank per device (on a "
+                    "CPU machine --gpus N means N ranks of one thread each), and report the "
+                    "measured step time, memory and losses beside the simulator's prediction. "
+                    "With --mode inference, generate greedily with a KV cache (prefill, then "
+                    "decode) and report TTFT, TPOT, latency, throughput and memory instead.")
+    common.add_model_args(parser)
+    common.add_cluster_args(parser, default_hardware="local")
+    common.add_plan_args(parser)
+    common.add_inference_args(parser)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed generations, after the warm-up (--mode inference; default 3)")
+    parser.add_argument("--steps", type=int, default=20, help="training steps (default 20)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="first steps (or generations) left out of the timing (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and synthetic data seed")
+    parser.add_argument("--data", help=".npy file of int token ids (default: synthetic tokens)")
+    parser.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this machine's index")
+    parser.add_argument("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (several nodes)")
+    parser.add_argument("--timeout-s", type=float, default=60.0,
+                        help="process-group timeout: a stuck collective fails after this long")
+    parser.add_argument("--json", action="store_true", help="print predicted vs measured as JSON")
+    parser.add_argument("--record", help="write the full run record (JSON) to this path")
+    parser.set_defaults(handler=run)
+
+
+def resolve(args: argparse.Namespace):
+    """(model, plan, cluster): --gpus defaults to the plan's world size; a node holds the
+    ranks of one machine."""
+    model = common.load_model_arg(args)
+    fields = common.user_plan_fields(args)
+    gpus = args.gpus or math.prod(fields.get(a, 1) for a in ("dp", "tp", "pp", "cp"))
+    per_node = args.gpus_per_node or max(1, gpus // max(1, args.nnodes))
+    cluster = Cluster(num_gpus=gpus, gpus_per_node=per_node)
+    return model, common.complete_plan(fields, cluster), cluster
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshplan.executor.launch import RunOptions, launch
+
+    if args.mode == "inference":
+        return run_inference(args)
+    model, plan, cluster = resolve(args)
+    options = RunOptions(steps=args.steps, warmup=args.warmup, seed=args.seed, data=args.data,
+                         profile=args.hardware, timeout_s=args.timeout_s, nnodes=args.nnodes,
+                         node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
+                         progress=wanted(args.json))
+    return report(args, lambda: launch(model, plan, cluster, options), print_summary)
+
+
+def report(args: argparse.Namespace, launch_run, print_table) -> int:
+    """Launch, then write the record (--record) and print the summary (--json or a table);
+    a failed run is one line on stderr and exit code 1."""
+    from meshplan.executor.launch import RunFailed
+
+    try:
+        record = launch_run()
+    except RunFailed as exc:
+        print(f"meshplan run: run failed: {exc}", file=sys.stderr)
+        return 1
+    if args.record:
+        common.write_atomic(args.record, common.dump_json(record.to_json()))
+    if args.json:
+        sys.stdout.write(common.dump_json(record.summary_json()))
+    else:
+        print_table(record)
+    return 0
+
+
+def dtype_label(record) -> str:
+    """The dtype that ran, and the one asked for when the device changed it."""
+    ran = record.plan.dtype
+    return ran if ran == record.dtype_requested else f"{ran}, {record.dtype_requested} requested"
+
+
+def print_summary(record) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    mib = 2 ** 20
+    summary = record.summary_json()
+    plan = record.plan
+    ran = dtype_label(record)
+    table = Table(title=f"{record.model.name}: {record.world_size} ranks on {record.device} "
+                        f"({ran}), profile {record.profile}")
+    for col in ("", "predicted", "measured"):
+        table.add_column(col, justify="right")
+
+    def fmt(value, unit_scale=1.0, spec=".4f"):
+        return "n/a" if value is None else format(value / unit_scale, spec)
+
+    spread = summary["step_time_spread_s"]
+    table.add_row("step time (s)", fmt(summary["predicted_step_time_s"]),
+                  f"{summary['measured_step_time_s']:.4f} (IQR {spread:.4f})")
+    predicted_tps = (plan.global_batch * plan.seq_len / summary["predicted_step_time_s"]
+                     if summary["predicted_step_time_s"] else None)
+    table.add_row("tokens/s", fmt(predicted_tps, spec=",.0f"), f"{summary['tokens_per_s']:,.0f}")
+    table.add_row("peak memory (MiB)", fmt(summary["predicted_peak_memory_bytes"], mib, ".1f"),
+                  f"{summary['measured_peak_memory_bytes'] / mib:.1f}")
+    Console().print(table)
+    losses = summary["losses"]
+    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+    if record.prediction_note:
+        print(record.prediction_note)
+
+
+def run_inference(args: argparse.Namespace) -> int:
+    """Serve one inference plan on this machine: --gpus defaults to tp * pp * replicas."""
+    from meshplan.executor.serve_launch import ServeOptions, launch_inference
+    from meshplan.core.errors import PlanError
+    from meshplan.simulator.serve import InferencePlan
+
+    if args.nnodes != 1:
+        raise PlanError("--nnodes", "inference runs on one machine", "drop --nnodes")
+    if args.data:
+        raise PlanError("--data", "serving runs generate from synthetic prompts drawn from "
+                        "--seed", "drop --data with --mode inference")
+    model = common.load_model_arg(args)
+    gpus = args.gpus or (args.tp or 1) * (args.pp or 1) * (args.replicas or 1)
+    cluster = Cluster(num_gpus=gpus, gpus_per_node=args.gpus_per_node or gpus)
+    plan = InferencePlan(**common.inference_plan_fields(args, cluster))
+    options = ServeOptions(warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+                           profile=args.hardware, timeout_s=args.timeout_s,
+                           progress=wanted(args.json))
+    return report(args, lambda: launch_inference(model, plan, cluster, options),
+                  print_inference_summary)
+
+
+def print_inference_summary(record) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    mib = 2 ** 20
+    s = record.summary_json()
+    plan = record.plan
+    ran = dtype_label(record)
+    table = Table(title=f"{record.model.name} serving: {record.world_size} ranks on "
+                        f"{record.device} ({ran}), profile {record.profile}; tp {plan.tp} pp "
+                        f"{plan.pp} replicas {plan.replicas}, batch {plan.batch}, prompt "
+                        f"{plan.prompt_len}, gen {plan.gen_len}")
+    for col in ("", "predicted", "measured"):
+        table.add_column(col, justify="right")
+
+    def fmt(value, scale=1.0, spec=".2f"):
+        return "n/a" if value is None else format(value * scale, spec)
+
+    rows = (("time to first token (ms)", "ttft_s", 1e3, ".2f"),
+            ("time per output token (ms)", "tpot_s", 1e3, ".3f"),
+            ("latency (s)", "latency_s", 1.0, ".3f"),
+            ("throughput (generated tokens/s)", "throughput_tokens_per_s", 1.0, ",.0f"),
+            ("weights per rank (MiB)", "weights_bytes", 1 / mib, ".2f"),
+            ("KV cache per rank (MiB)", "kv_cache_bytes", 1 / mib, ".2f"),
+            ("peak memory (MiB)", "peak_memory_bytes", 1 / mib, ".2f"))
+    for label, key, scale, spec in rows:
+        table.add_row(label, fmt(s[f"predicted_{key}"], scale, spec),
+                      fmt(s[f"measured_{key}"], scale, spec))
+    Console().print(table)
+    rss = max(m["max_rss_bytes"] for m in record.memory_by_rank)
+    print(f"measured memory: {s['memory_method']}; peak RSS {rss / mib:.0f} MiB")
+    print(f"first sequence's tokens: {s['generated_tokens'][0]}")
+    if record.prediction_note:
+        print(record.prediction_note)

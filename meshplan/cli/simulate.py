@@ -1,0 +1,133 @@
+"""`meshplan simulate`: predict one plan's step time, throughput and memory."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from meshplan.core.units import GIB
+from meshplan.cli import common as common
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "simulate", help="predict step time, throughput and per-device memory of one plan",
+        description="Predict one training plan on a cluster: step time, tokens/s, MFU, "
+                    "per-device memory, a time breakdown and the pipeline timeline.")
+    common.add_model_args(parser)
+    common.add_cluster_args(parser)
+    common.add_plan_args(parser)
+    common.add_inference_args(parser)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--trace", help="write a Chrome/Perfetto trace of the pipeline schedule")
+    parser.add_argument("--timeline", help="write a plotly Gantt chart (HTML) of the schedule")
+    parser.set_defaults(handler=run)
+
+
+def resolve(args: argparse.Namespace):
+    """(model, plan, cluster, hardware profile) from the shared flags."""
+    from meshplan.hw_profiles.profile import load_profile
+
+    model = common.load_model_arg(args)
+    hw = load_profile(args.hardware)
+    cluster = common.cluster_from_args(args, hw.gpus_per_node)
+    plan = common.complete_plan(common.user_plan_fields(args), cluster)
+    plan.validate(model, cluster)
+    return model, plan, cluster, hw
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshplan.simulator.train import simulate
+    from meshplan.reports.timeline import write_chrome_trace, write_timeline_html
+
+    if args.mode == "inference":
+        return run_inference(args)
+    model, plan, cluster, hw = resolve(args)
+    result = simulate(model, plan, cluster, hw)
+    label = f"{model.name} on {cluster.num_gpus}x {hw.name}"
+    if args.trace:
+        write_chrome_trace(result.pipeline, args.trace, label=label)
+    if args.timeline:
+        write_timeline_html(result.pipeline, args.timeline, title=label)
+    if args.json:
+        sys.stdout.write(common.dump_json(result.to_json()))
+    else:
+        print_summary(result)
+    return 0
+
+
+def run_inference(args: argparse.Namespace) -> int:
+    from meshplan.hw_profiles.profile import load_profile
+    from meshplan.simulator.serve import InferencePlan, simulate_inference
+
+    model = common.load_model_arg(args)
+    hw = load_profile(args.hardware)
+    cluster = common.cluster_from_args(args, hw.gpus_per_node)
+    plan = InferencePlan(**common.inference_plan_fields(args, cluster))
+    result = simulate_inference(model, plan, cluster, hw)
+    if args.json:
+        sys.stdout.write(common.dump_json(result.to_json()))
+    else:
+        print_inference_summary(result.to_json(), model.name, hw.name)
+    return 0
+
+
+def print_inference_summary(data: dict, model_name: str, hardware: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    plan = data["plan"]
+    table = Table(title=f"{model_name} serving on {hardware}", show_header=False)
+    rows = (("plan", f"tp {plan['tp']}  pp {plan['pp']}  replicas {plan['replicas']}  batch "
+                     f"{plan['batch']}  prompt {plan['prompt_len']}  gen {plan['gen_len']}  {plan['dtype']}"),
+            ("time to first token", f"{data['ttft_s'] * 1e3:.1f} ms"),
+            ("time per output token", f"{data['tpot_s'] * 1e3:.2f} ms"),
+            ("latency (prompt + all tokens)", f"{data['latency_s']:.2f} s"),
+            ("throughput", f"{data['throughput_tokens_per_s']:,.0f} generated tokens/s"),
+            ("KV cache per device", f"{data['kv_cache_bytes'] / GIB:.2f} GiB"),
+            ("peak memory", f"{data['peak_memory_bytes'] / GIB:.1f} GiB "
+                            f"({'fits' if data['fits'] else 'DOES NOT FIT'}); max batch {data['max_batch']}"))
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+def print_summary(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    gib = GIB
+    plan = result.plan
+    console = Console()
+    head = Table(title=f"{result.model.name}: {result.cluster.num_gpus} x {result.hardware}",
+                 show_header=False)
+    knobs = (f"dp {plan.dp}  tp {plan.tp}{' +sp' if plan.sp else ''}  pp {plan.pp}  cp {plan.cp}  "
+             f"zero {plan.zero}  recompute {plan.recompute}  micro-batch {plan.micro_batch} x "
+             f"{plan.num_microbatches}  schedule {plan.schedule}"
+             + (f" (v={plan.virtual_stages})" if plan.virtual_stages > 1 else ""))
+    lo, hi = result.error_band
+    rows = (("plan", knobs),
+            ("step time", f"{result.step_time_s:.3f} s  (error band ±{lo:.0%} median, ±{hi:.0%} p95)"),
+            ("throughput", f"{result.tokens_per_s:,.0f} tokens/s"),
+            ("model TFLOP/s per GPU", f"{result.model_tflops_per_gpu:.1f}  (MFU {result.mfu:.1%})"),
+            ("peak memory", f"{result.peak_memory_bytes / gib:.1f} GiB of {result.memory_limit_bytes / gib:.1f}"
+                            f" GiB usable  ({'fits' if result.fits else 'DOES NOT FIT'})"))
+    for key, value in rows:
+        head.add_row(key, value)
+    console.print(head)
+    parts = Table(title="where the step time goes (critical stage)")
+    parts.add_column("term")
+    parts.add_column("seconds", justify="right")
+    parts.add_column("share", justify="right")
+    for key, value in result.breakdown_s.items():
+        parts.add_row(key, f"{value:.4f}", f"{value / result.step_time_s:.1%}")
+    console.print(parts)
+    stages = Table(title="pipeline stages")
+    for col in ("stage", "layers", "weights", "grads", "optimizer", "activations", "buffers",
+                "total GiB", "compute s"):
+        stages.add_column(col, justify="right")
+    for i, st in enumerate(result.stages):
+        mem = st.memory
+        stages.add_row(str(i), str(st.layers), *(f"{x / gib:.2f}" for x in (
+            mem.weights_bytes, mem.gradients_bytes, mem.optimizer_bytes, mem.activations_bytes,
+            mem.buffers_bytes, mem.total_bytes)), f"{st.compute_s:.3f}")
+    console.print(stages)

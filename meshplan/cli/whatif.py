@@ -1,0 +1,68 @@
+"""`meshplan whatif`: plan a model across hardware, GPU counts and scaled resources, and
+write one self-contained HTML report."""
+from __future__ import annotations
+
+import argparse
+
+from meshplan.cli import common as common
+from meshplan.core.errors import PlanError
+
+SCALE_FLAGS = {"scale_tflops": "flops", "scale_hbm_bw": "hbm_bw",
+               "scale_intra_node_bw": "intra_node_bw", "scale_inter_node_bw": "inter_node_bw",
+               "scale_memory": "memory"}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "whatif", help="compare best plans across hardware, GPU counts and scaled resources",
+        description="Plan the model for each hardware profile and GPU count (and for each "
+                    "scaled resource), and write an HTML report: throughput and MFU against GPU "
+                    "count, the best plan's memory per stage and pipeline timeline, the top "
+                    "plans per scenario and the effect of each scaled resource.")
+    common.add_model_args(parser)
+    parser.add_argument("--hardware", default="a100-80gb",
+                        help="comma-separated stock profile names or profile JSON paths")
+    parser.add_argument("--gpus", required=True, help="comma-separated GPU counts, e.g. 256,512,1024")
+    parser.add_argument("--gpus-per-node", type=int, help="devices per node (default: each profile's)")
+    common.add_plan_args(parser)
+    for flag, resource in SCALE_FLAGS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), help=f"comma-separated factors for the "
+                            f"profile's {resource} (e.g. 0.5,1,2), planned at the largest GPU count")
+    parser.add_argument("--out", required=True, help="HTML file to write")
+    parser.set_defaults(handler=run)
+
+
+def _numbers(text: str, flag: str, kind):
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise PlanError(flag, f"{text!r} is not a comma-separated list of positive numbers",
+                        f"pass e.g. {flag} {'256,512' if kind is int else '0.5,1,2'}")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshplan.hw_profiles.profile import load_profile
+    from meshplan.reports.whatif import plan_scenarios, report_html
+
+    model = common.load_model_arg(args)
+    profiles = [load_profile(name.strip()) for name in args.hardware.split(",") if name.strip()]
+    if not profiles:
+        raise PlanError("--hardware", "no profile given", "pass e.g. --hardware a100-80gb,h100-80gb")
+    gpus = _numbers(args.gpus, "--gpus", int)
+    scales = {resource: [f for f in _numbers(getattr(args, flag), "--" + flag.replace("_", "-"), float)
+                         if f != 1.0]
+              for flag, resource in SCALE_FLAGS.items() if getattr(args, flag)}
+    fields = common.user_plan_fields(args)
+    for required, flag in (("global_batch", "--global-batch"), ("seq_len", "--seq-len")):
+        if required not in fields:
+            raise PlanError(flag, "missing", f"pass {flag} N")
+    scenarios = plan_scenarios(model, profiles, gpus, args.gpus_per_node, fields,
+                               {r: f for r, f in scales.items() if f})
+    common.write_atomic(args.out, report_html(model, scenarios))
+    solved = sum(1 for s in scenarios if s.best)
+    print(f"meshplan whatif: {solved} of {len(scenarios)} scenarios have a plan that fits; "
+          f"wrote {args.out}")
+    return 0

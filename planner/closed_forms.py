@@ -1,0 +1,199 @@
+"""Vectorised evaluation of the candidate table: the predicted step time and peak memory of
+every row, with the terms of simulator/step.py (the very functions `simulate` uses: layer
+and block times, ZeRO-3 gathers, the pipeline hop, stage parameters and memory, the tail
+after the last backward) and the balanced partition of simulator/partition.py.
+
+What is the planner's own: the pipeline makespan comes from the schedules' closed forms
+instead of the discrete-event simulation, and only a few representative pipeline ranks of
+each row are evaluated (slots, below); the end time of a rank other than the first is
+estimated from the drain. Where the closed form is exact (no pipeline, or identical stages)
+the planner and `simulate` agree exactly; elsewhere the search re-ranks its best rows with
+`simulate` (planner/search.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.simulator import step
+from meshplan.simulator.cost import per_rank_profile
+from meshplan.simulator.memory import memory_reserve_bytes
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.partition import balanced_shape
+from meshplan.simulator.plan import RECOMPUTE, SCHEDULES
+from meshplan.simulator.schedule import in_flight
+
+GPIPE, ONE_F_ONE_B, INTERLEAVED, ZB_H1 = (SCHEDULES.index(s)
+                                          for s in ("gpipe", "1f1b", "interleaved", "zb-h1"))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per row of the candidate table."""
+
+    step_time_s: np.ndarray         # NaN where not computed: does not fit, or bounded out of the top
+    peak_memory_bytes: np.ndarray   # exact where its lower bound fits, else that bound
+    fits: np.ndarray
+    memory_limit_bytes: float
+
+
+def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
+    """step.rows of the candidate table (its knob columns, scalars in table.attrs)."""
+    a = table.attrs
+    knobs = {k: table[k].to_numpy() for k in ("dp", "tp", "pp", "cp", "zero", "virtual_stages",
+                                              "num_microbatches", "micro_batch", "tp_rpn",
+                                              "cp_rpn", "dp_rpn", "pp_rpn")}
+    knobs.update(sp=table["sp"].to_numpy(bool), rc=table["recompute"].cat.codes.to_numpy(np.int64),
+                 sched=np.where(knobs["pp"] == 1, ONE_F_ONE_B,
+                                table["schedule"].cat.codes.to_numpy()))
+    return step.rows(model, knobs, a["seq_len"], a["dtype"], a["attention"])
+
+
+def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
+    """(rank, layers, layers on the ranks before it) per slot, as (rows, slots) arrays: five
+    ranks per row under the balanced partition (rank 0, rank p-1 and the middle ranks where
+    the layer count first rises: every rank's memory and time is bounded by one of them), or
+    every rank for a partition the user gave."""
+    p, v, w = r["pp"], r["virtual_stages"], model.num_layers + 1
+    if partition is None:
+        part_id, f = step.group_ids((step.combo_ids(r, step.COST_KEYS)[0] * w + p) * w + v)
+        found = _balanced_slots(model.num_layers, p[f], v[f], r["layer"][f],
+                                r["emb_fwd"][f] + r["emb_bwd"][f], r["head_fwd"][f] + r["head_bwd"][f])
+    else:
+        part_id, f = step.group_ids(p * w + v)
+        found = _fixed_slots(partition, p[f])
+    return tuple(np.stack([sl[k][part_id] for sl in found], axis=1) for k in range(3))
+
+
+def _balanced_slots(num_layers: int, p: np.ndarray, v: np.ndarray, layer_s, first_s, last_s):
+    """Slots of the balanced partition of p*v virtual stages. Virtual stage j sits on rank
+    j % p, so rank s holds v chunks of `base` layers, less one for each short middle stage
+    among them, plus the first (last) stage's difference on rank 0 (p - 1)."""
+    shape = balanced_shape(num_layers, p * v, layer_s, first_s, last_s)
+    P, base, r, c0, c1 = shape.parts, shape.base, shape.short, shape.first, shape.last
+
+    def count(s):  # short middle virtual stages j in 1..r on rank s (j = c*p + s)
+        return np.where(s == 0, r // p, np.where(r >= s, (r - s) // p + 1, 0))
+
+    def layers(s):
+        n = v * base - count(s) + (s == 0) * (c0 - base) + (s == p - 1) * (c1 - base)
+        return np.where(p == 1, num_layers, np.where(P == 2, np.where(s == 0, c0, c1), n))
+
+    q = np.maximum(r - 1, 0) // p
+    cand = [np.zeros_like(p), p - 1, np.ones_like(p), r - q * p + 1, r + 1]
+    ranks = [np.where((s >= 1) & (s <= p - 2) | (i < 2), s, 0) for i, s in enumerate(cand)]
+    n0 = layers(np.zeros_like(p))
+    out = []
+    for s in ranks:
+        before = n0 + (s - 1) * v * base - ((r // p) * (s - 1) + np.minimum(r % p, s - 1))
+        out.append((s, layers(s), np.where(s == 0, 0, np.where(s == p - 1, num_layers - layers(s), before))))
+    return out
+
+
+def _fixed_slots(partition: tuple[int, ...], p: np.ndarray):
+    """Every rank as a slot, for a layer partition the user gave."""
+    width = int(p.max())
+    rows = []
+    for pi in p:
+        ranks = np.bincount(np.arange(len(partition)) % pi, weights=partition, minlength=pi)
+        s = np.arange(width) % pi
+        rows.append((s, ranks[s], np.concatenate([[0], np.cumsum(ranks)])[s]))
+    return [tuple(np.array([r[k][i] for r in rows]).astype(np.int64) for k in range(3))
+            for i in range(width)]
+
+
+def _sums(r: dict, model: ModelSpec) -> dict:
+    """Whole-pipeline sums over all layers (one micro-batch through every stage) for the
+    closed forms and the time bound."""
+    L, p, v = model.num_layers, r["pp"], r["virtual_stages"]
+    first_last = np.ones((len(p), 1), bool)
+    fwd, bwd, wgrad = step.chunk_s(r, np.full((len(p), 1), L), (p * v)[:, None], first_last, first_last)
+    return {"sum_f": fwd[:, 0], "sum_b": bwd[:, 0], "sum_w": wgrad[:, 0],
+            "fill": fwd[:, 0] + bwd[:, 0] + 2 * (p - 1) * r["hop"]}
+
+
+def _time_bound(r: dict) -> np.ndarray:
+    """A lower bound on the closed-form step time: no rank is faster than the average."""
+    p, v, m, sched, fill = r["pp"], r["virtual_stages"], r["num_microbatches"], r["sched"], r["fill"]
+    avg = (r["sum_f"] + r["sum_b"]) / p
+    return np.select([sched == INTERLEAVED, sched == ZB_H1],
+                     [m * avg + (p - 1) * avg / v, (m - 1) * avg + fill - 2 * r["sum_w"]],
+                     (m - 1) * avg + fill)
+
+
+def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, params) -> np.ndarray:
+    """Step time: pipeline makespan by closed form, each slot's end, plus its tail."""
+    c = lambda x: x[:, None]  # noqa: E731  (per-row value against per-slot arrays)
+    p, v, m = r["pp"], r["virtual_stages"], r["num_microbatches"]
+    first, last = s == 0, s == c(p) - 1
+    fwd, bwd, wgrad = step.chunk_s(r, n, c(v), first, last)
+    fill, hop, sched = r["fill"], r["hop"], r["sched"]
+    cycle = np.maximum((fwd + bwd).max(axis=1), fill / p)  # slowest rank, or rank 0's round trip
+    # 1F1B: fill + (m-1) steady cycles (Narayanan et al. 2021 sec 2.2); GPipe: the forward
+    # and backward waves (Huang et al. 2019); interleaved: bubble (p-1)/v of a cycle (ibid.
+    # sec 2.2.2); ZB-H1: W passes fill the drain, bubble (p-1)(F+B-W) (Qi et al. 2023 sec 2.1).
+    end0 = np.select(
+        [sched == GPIPE, sched == INTERLEAVED, sched == ZB_H1],
+        [(m - 1) * (fwd.max(axis=1) + bwd.max(axis=1)) + fill,
+         m * cycle + (p - 1) * cycle / v + 2 * (p - 1) * hop,
+         (m - 1) * cycle + fill - r["sum_w"] + wgrad[:, 0] - (np.minimum(m, p) - 1) * wgrad.min(axis=1)],
+        (m - 1) * cycle + fill)
+    xb, ag = r["xb"], r["ag"]
+    drained = before * c(r["l_bwd"] + xb) + s * c(v * (ag - xb)) + (s > 0) * c(r["emb_bwd"])
+    end = c(end0) - (s > 0) * (drained / c(v) + s * c(hop))
+    dp, opt = step.rank_tail_s(r, model, hw, s, n, params)
+    return (end + dp + opt).max(axis=1)
+
+
+def _memory_bound(r: dict, model: ModelSpec) -> np.ndarray:
+    """A lower bound on peak memory without the partition: some rank holds >= ceil(L/p)
+    layers, and keeps at least the last rank's in-flight micro-batches."""
+    last = r["pp"][:, None] - 1
+    most = -(-model.num_layers // r["pp"])[:, None]
+    no_edge = np.full_like(most, -1)  # a rank without the embedding or the head
+    held = in_flight(r["sched"][:, None], r["pp"][:, None], r["virtual_stages"][:, None],
+                     r["num_microbatches"][:, None], last)
+    params = step.rank_params(r, model, no_edge, most)
+    return sum(step.rank_memory(r, model, no_edge, most, params, held).values())[:, 0]
+
+
+def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_per_node: int,
+             keep: int | None = None) -> Evaluation:
+    """Memory of every row (exact where a lower bound fits, else the bound) and the step
+    time of the fitting rows, on `hw` as each of `ranks_per_node` ranks of a node sees it.
+    With `keep`, step time is computed only where a lower bound on it beats the keep-th best
+    so far: the best `keep` rows are those of a full evaluation."""
+    hw = per_rank_profile(hw, ranks_per_node)
+    limit = hw.memory_bytes - memory_reserve_bytes(float(hw.memory_bytes))
+    r = table_rows(table, model)
+    peak, step_s = _memory_bound(r, model), np.full(len(table), np.nan)
+    maybe = np.flatnonzero(peak <= limit)
+    if not maybe.size:
+        return Evaluation(step_s, peak, peak <= limit, limit)
+    r = step.add_times(step.take(r, maybe), model, hw)
+    r.update(_sums(r, model))
+    s, n, before = slots(r, model, table.attrs["layer_partition"])
+    params = step.rank_params(r, model, s, n)
+    held = in_flight(r["sched"][:, None], r["pp"][:, None], r["virtual_stages"][:, None],
+                     r["num_microbatches"][:, None], s)
+    peak[maybe] = sum(step.rank_memory(r, model, s, n, params, held).values()).max(axis=1)
+    fit = np.flatnonzero(peak[maybe] <= limit)  # positions within `maybe`
+    time_lb = _time_bound({k: r[k][fit] for k in ("pp", "virtual_stages", "num_microbatches", "sched",
+                                                  "fill", "sum_f", "sum_b", "sum_w")})
+    order = fit[np.argsort(time_lb, kind="stable")]
+    time_lb = np.sort(time_lb, kind="stable")
+    todo = np.ones(order.size, bool)
+    batch = np.arange(order.size) if keep is None else np.arange(min(order.size, max(8 * keep, 2000)))
+    while batch.size:
+        at = order[batch]
+        step_s[maybe[at]] = _step_time(step.take(r, at), model, hw, s[at], n[at], before[at], params[at])
+        todo[batch] = False
+        known = step_s[maybe[order[~todo]]]
+        if keep is None or known.size < keep:
+            batch = np.flatnonzero(todo)
+            continue
+        batch = np.flatnonzero(todo & (time_lb < np.partition(known, keep - 1)[keep - 1]))
+    return Evaluation(step_s, peak, peak <= limit, limit)

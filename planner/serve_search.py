@@ -1,0 +1,225 @@
+"""Serving plan search: every legal (tp, pp, replicas) layout of the GPUs, batches in powers
+of two up to the largest that fits (and that largest itself), simulated with
+simulator.inference; candidates over a TTFT or TPOT SLO are cut; the rest are ranked by
+generated tokens per second per GPU ("throughput") or by request latency ("latency").
+Also: the explanation of the ranking, and the `vllm serve` command line of a plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from meshplan.core.units import GIB
+from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.core.errors import MeshplanError, PlanError
+from meshplan.simulator.serve import InferencePlan, InferenceResult, simulate_inference
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import Cluster
+
+OBJECTIVES = ("throughput", "latency")
+FIXABLE = ("tp", "pp", "replicas", "batch", "dtype", "kv_dtype")
+# Hugging Face repositories of the zoo's released models (model cards on huggingface.co).
+HF_IDS = {
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama-3-70b": "meta-llama/Meta-Llama-3-70B",
+    "llama-3-405b": "meta-llama/Llama-3.1-405B",
+}
+# vLLM --dtype spellings (vLLM engine arguments: auto, half, float16, bfloat16, float, float32).
+VLLM_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+CUT_REASONS = {"memory": "do not fit in memory", "ttft_slo": "miss the TTFT SLO",
+               "tpot_slo": "miss the TPOT SLO"}
+
+
+@dataclass(frozen=True)
+class InferenceSearch:
+    """Ranked (plan, result) pairs, best first, and the table of every simulated candidate
+    with its status ("ok" or the CUT_REASONS key that removed it). Iterates like the ranked
+    list."""
+
+    ranked: tuple
+    table: pd.DataFrame
+    objective: str
+    layouts_without_room: int
+
+    def __iter__(self):
+        return iter(self.ranked)
+
+    def __len__(self) -> int:
+        return len(self.ranked)
+
+    def __getitem__(self, i):
+        return self.ranked[i]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _batches(max_batch: int) -> list[int]:
+    powers = [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch]
+    return sorted(set(powers + [max_batch]))
+
+
+def _check_args(prompt_len, gen_len, slo_ttft_s, slo_tpot_s, objective, fixed) -> None:
+    if objective not in OBJECTIVES:
+        raise PlanError("--objective", f"unknown {objective!r}", f"use one of {', '.join(OBJECTIVES)}")
+    for flag, slo in (("--slo-ttft", slo_ttft_s), ("--slo-tpot", slo_tpot_s)):
+        if slo is not None and not (isinstance(slo, (int, float)) and slo > 0):
+            raise PlanError(flag, f"must be a positive number of seconds, got {slo!r}",
+                            f"pass {flag} S with S > 0, or leave it out")
+    unknown = sorted(set(fixed) - set(FIXABLE))
+    if unknown:
+        raise PlanError(f"--{unknown[0].replace('_', '-')}", "cannot be fixed in a serving search",
+                        f"fix only {', '.join(FIXABLE)}")
+    # the plan's constructor checks the lengths, batch and dtypes
+    InferencePlan(batch=fixed.get("batch", 1), prompt_len=prompt_len, gen_len=gen_len,
+                  dtype=fixed.get("dtype", "fp16"), kv_dtype=fixed.get("kv_dtype"))
+
+
+def _layouts(model: ModelSpec, cluster: Cluster, fixed: dict) -> list[tuple[int, int, int]]:
+    """(tp, pp, replicas) with product = GPUs, legal for the model; a fixed knob that makes
+    every layout illegal raises the PlanError of the first one tried."""
+    n = cluster.num_gpus
+    rows = [(tp, pp, n // (tp * pp)) for tp in _divisors(n) for pp in _divisors(n // tp)]
+    rows = [r for r in rows if all(fixed.get(k, v) == v for k, v in zip(("tp", "pp", "replicas"), r))]
+    legal, first_error = [], None
+    for tp, pp, replicas in rows:
+        try:
+            InferencePlan(1, 1, 1, tp=tp, pp=pp, replicas=replicas).validate(model, cluster)
+            legal.append((tp, pp, replicas))
+        except MeshplanError as exc:
+            first_error = first_error or exc
+    if not legal:
+        raise first_error or PlanError("--gpus", f"no tp x pp x replicas layout of {n} GPUs "
+                                       "matches the fixed knobs", "relax --tp, --pp or --replicas")
+    return legal
+
+
+def search_inference(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, prompt_len: int,
+                     gen_len: int, slo_ttft_s: float | None = None, slo_tpot_s: float | None = None,
+                     objective: str = "throughput", fixed: dict | None = None) -> InferenceSearch:
+    """Serving plans for `prompt_len`-token prompts generating `gen_len` tokens, ranked by
+    `objective`; raises PlanError naming the limit when no candidate survives."""
+    fixed = dict(fixed or {})
+    _check_args(prompt_len, gen_len, slo_ttft_s, slo_tpot_s, objective, fixed)
+    dtype, kv_dtype = fixed.get("dtype", "fp16"), fixed.get("kv_dtype")
+    results: list[InferenceResult] = []
+    without_room = 0
+    for tp, pp, replicas in _layouts(model, cluster, fixed):
+        def run(batch: int) -> InferenceResult:
+            return simulate_inference(model, InferencePlan(batch, prompt_len, gen_len, tp, pp, replicas,
+                                                           dtype, kv_dtype), cluster, hw)
+        if "batch" in fixed:
+            results.append(run(fixed["batch"]))
+            continue
+        probe = run(1)
+        if probe.max_batch == 0:
+            without_room += 1
+        else:
+            results += [probe if b == 1 else run(b) for b in _batches(probe.max_batch)]
+    table = pd.DataFrame([{
+        "tp": r.plan.tp, "pp": r.plan.pp, "replicas": r.plan.replicas, "batch": r.plan.batch,
+        "ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "latency_s": r.latency_s,
+        "throughput_tokens_per_s": r.throughput_tokens_per_s,
+        "throughput_per_gpu": r.throughput_tokens_per_s / r.plan.num_gpus,
+        "peak_memory_bytes": r.peak_memory_bytes, "fits": r.fits} for r in results],
+        columns=["tp", "pp", "replicas", "batch", "ttft_s", "tpot_s", "latency_s",
+                 "throughput_tokens_per_s", "throughput_per_gpu", "peak_memory_bytes", "fits"])
+    table["status"] = "ok"
+    # Later cuts overwrite earlier ones: memory is the hardest limit, so it is reported last.
+    if slo_tpot_s is not None:
+        table.loc[table.tpot_s > slo_tpot_s, "status"] = "tpot_slo"
+    if slo_ttft_s is not None:
+        table.loc[table.ttft_s > slo_ttft_s, "status"] = "ttft_slo"
+    table.loc[~table.fits.astype(bool), "status"] = "memory"
+    keys, ascending = ((["throughput_per_gpu", "latency_s"], [False, True]) if objective == "throughput"
+                       else (["latency_s", "throughput_per_gpu"], [True, False]))
+    order = table[table.status == "ok"].sort_values(keys, ascending=ascending, kind="stable").index
+    if len(order) == 0:
+        raise _nothing_left(table, model, cluster, slo_ttft_s, slo_tpot_s)
+    return InferenceSearch(ranked=tuple((results[i].plan, results[i]) for i in order),
+                           table=table, objective=objective, layouts_without_room=without_room)
+
+
+def _nothing_left(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, slo_ttft_s,
+                  slo_tpot_s) -> PlanError:
+    fitting = table[table.fits.astype(bool)]
+    if fitting.empty:
+        return PlanError("--gpus", f"{model.name} does not fit on {cluster.num_gpus} GPUs in any "
+                         "layout at this context", "add GPUs, shorten the context or use --kv-dtype fp8")
+    if slo_ttft_s is not None and (fitting.ttft_s > slo_ttft_s).all():
+        best = fitting.ttft_s.min()
+        return PlanError("--slo-ttft", f"no plan reaches TTFT <= {slo_ttft_s:g} s (best {best:.3g} s)",
+                         "relax the TTFT SLO, shorten prompts or add GPUs")
+    best = fitting[fitting.ttft_s <= (slo_ttft_s or float("inf"))].tpot_s.min()
+    return PlanError("--slo-tpot", f"no plan within the TTFT SLO reaches TPOT <= {slo_tpot_s:g} s "
+                     f"(best {best:.3g} s)", "relax the SLOs or add GPUs")
+
+
+def _describe(plan: InferencePlan, result: InferenceResult) -> str:
+    rate = result.throughput_tokens_per_s
+    return (f"tp {plan.tp} pp {plan.pp} replicas {plan.replicas} batch {plan.batch}: "
+            f"{rate:,.0f} tok/s ({rate / plan.num_gpus:,.0f}/GPU), TTFT {result.ttft_s * 1e3:,.1f} ms, "
+            f"TPOT {result.tpot_s * 1e3:.2f} ms, "
+            f"{result.peak_memory_bytes / GIB:.1f} of {result.memory_limit_bytes / GIB:.1f} GiB")
+
+
+def _shares(parts: dict, total: float) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v * 1e3:.2f} ms ({v / total:.0%})"
+                     for k, v in parts.items() if v > 0)
+
+
+def _gap(objective: str, best: InferenceResult, other: InferenceResult) -> str:
+    if objective == "throughput":
+        return f"{1 - other.throughput_tokens_per_s / best.throughput_tokens_per_s:.1%} lower throughput"
+    return f"{other.latency_s / best.latency_s - 1:.1%} higher latency"
+
+
+def explain_inference(search: InferenceSearch) -> str:
+    """Why the winner won: its time breakdown, the runner-up and how far behind it is, and
+    what cut the other candidates."""
+    plan, result = search[0]
+    lines = [f"winner ({search.objective}): {_describe(plan, result)}",
+             f"  decode step: {_shares(result.breakdown['decode_step_s'], result.tpot_s)}",
+             f"  prefill: {_shares(result.breakdown['prefill_s'], result.ttft_s)}"]
+    layout = (plan.tp, plan.pp, plan.replicas)
+    runner_up = search.ranked[1] if len(search) > 1 else None
+    other = next((c for c in search.ranked[1:] if (c[0].tp, c[0].pp, c[0].replicas) != layout), None)
+    for label, pick in (("runner-up", runner_up), ("best other layout", other)):
+        if pick is not None and (label == "runner-up" or pick is not runner_up):
+            lines.append(f"{label}: {_describe(*pick)} ({_gap(search.objective, result, pick[1])})")
+    counts = search.table.status.value_counts()
+    cuts = [f"{counts[k]} {CUT_REASONS[k]}" for k in CUT_REASONS if k in counts]
+    if search.layouts_without_room:
+        n = search.layouts_without_room
+        cuts.append(f"{n} layout{'s' if n > 1 else ''} with no room for even one sequence")
+    lines.append(f"candidates: {len(search.table)} simulated, {len(search)} kept"
+                 + (f"; cut: {'; '.join(cuts)}" if cuts else ""))
+    return "\n".join(lines)
+
+
+def emit_vllm(plan: InferencePlan, model: ModelSpec, prompt_len: int | None = None,
+              gen_len: int | None = None) -> str:
+    """`vllm serve` command line for the plan (flags from vLLM's engine arguments);
+    --max-model-len is prompt_len + gen_len (the plan's unless given)."""
+    plan.validate(model, Cluster(plan.num_gpus, plan.num_gpus))
+    max_len = (prompt_len or plan.prompt_len) + (gen_len or plan.gen_len)
+    if max_len > model.max_seq_len:
+        raise PlanError("--max-model-len", f"{max_len} exceeds the model's {model.max_seq_len} "
+                        "positions, which vLLM refuses", f"keep prompt_len + gen_len <= {model.max_seq_len}")
+    if plan.kv_dtype not in (plan.dtype, "fp8"):
+        raise PlanError("--kv-dtype", f"vLLM stores the KV cache in the model dtype or fp8, not "
+                        f"{plan.kv_dtype}", f"use --kv-dtype {plan.dtype} or fp8")
+    words = ["vllm serve", HF_IDS.get(model.name, model.name),
+             f"--tensor-parallel-size {plan.tp}", f"--pipeline-parallel-size {plan.pp}",
+             f"--max-num-seqs {plan.batch}", f"--max-model-len {max_len}",
+             f"--dtype {VLLM_DTYPES[plan.dtype]}"]
+    if plan.replicas > 1:
+        words.append(f"--data-parallel-size {plan.replicas}")
+    if plan.kv_dtype == "fp8":
+        words.append("--kv-cache-dtype fp8")
+    return " ".join(words)

@@ -1,0 +1,92 @@
+"""Writers for a simulated pipeline timeline: a Chrome trace (open it in Perfetto or
+chrome://tracing) and a plotly Gantt chart saved as a self-contained HTML page."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from meshplan.simulator.pipeline_sim import PipelineEvent, PipelineResult
+
+KIND_COLOURS = {"F": "#4c78a8", "B": "#f58518", "W": "#54a24b", "SEND": "#9d9d9d",
+                "SYNC": "#e45756"}
+_US_PER_S = 1e6
+_MS_PER_S = 1e3
+
+
+def _event_name(e: PipelineEvent) -> str:
+    return e.kind if e.kind == "SYNC" else f"{e.kind} mb{e.microbatch} c{e.chunk}"
+
+
+def chrome_trace(result: PipelineResult, label: str = "") -> dict:
+    """Trace-event JSON: one process, one thread per stage for its compute ops and tail, one
+    more per stage for its sends; complete ("X") events with times in microseconds."""
+    p = len(result.stage_busy_s)
+    meta = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0,
+             "args": {"name": label or "pipeline"}}]
+    for s in range(p):
+        meta.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": s,
+                     "args": {"name": f"stage {s}"}})
+        meta.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": s,
+                     "args": {"sort_index": 2 * s}})
+        meta.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": p + s,
+                     "args": {"name": f"stage {s} send"}})
+        meta.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": p + s,
+                     "args": {"sort_index": 2 * s + 1}})
+    spans = [{"name": _event_name(e), "cat": e.kind, "ph": "X", "pid": 0,
+              "tid": p + e.stage if e.kind == "SEND" else e.stage,
+              "ts": e.start_s * _US_PER_S, "dur": (e.end_s - e.start_s) * _US_PER_S,
+              "args": {"kind": e.kind, "microbatch": e.microbatch, "chunk": e.chunk}}
+             for e in result.events]
+    return {"traceEvents": meta + spans, "displayTimeUnit": "ms",
+            "otherData": {"label": label, "step_time_s": result.step_time_s}}
+
+
+def _write_atomic(path, text: str) -> None:
+    """The whole file or nothing: write a temp file beside it (with the umask's usual
+    permissions, unlike mkstemp's 0600), then rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_chrome_trace(result: PipelineResult, path, label: str = "") -> None:
+    _write_atomic(path, json.dumps(chrome_trace(result, label)))
+
+
+def timeline_figure(result: PipelineResult, title: str = ""):
+    """Gantt chart: one row per stage (stage 0 on top), time in ms, one bar trace per kind;
+    sends are drawn as a thin strip under their sender's row."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for kind, colour in KIND_COLOURS.items():
+        evs = [e for e in result.events if e.kind == kind]
+        if not evs:
+            continue
+        send = kind == "SEND"
+        fig.add_trace(go.Bar(
+            name=kind, orientation="h", marker_color=colour, width=0.15 if send else 0.7,
+            y=[e.stage + (0.45 if send else 0.0) for e in evs],
+            base=[e.start_s * _MS_PER_S for e in evs],
+            x=[(e.end_s - e.start_s) * _MS_PER_S for e in evs],
+            customdata=[(e.microbatch, e.chunk, e.stage) for e in evs],
+            hovertemplate=(f"{kind} stage %{{customdata[2]}} mb %{{customdata[0]}} chunk "
+                           "%{customdata[1]}<br>%{base:.3f} ms + %{x:.3f} ms<extra></extra>")))
+    p = len(result.stage_busy_s)
+    fig.update_layout(
+        title=title or f"pipeline timeline: step {result.step_time_s * _MS_PER_S:.3f} ms",
+        barmode="overlay", xaxis_title="time (ms)", legend_title="op",
+        yaxis={"tickvals": list(range(p)), "ticktext": [f"stage {s}" for s in range(p)],
+               "autorange": "reversed"})
+    return fig
+
+
+def write_timeline_html(result: PipelineResult, path, title: str = "") -> None:
+    _write_atomic(path, timeline_figure(result, title).to_html(include_plotlyjs=True))

@@ -1,0 +1,160 @@
+"""What-if report: plan each scenario (hardware x GPU count, and each scaled resource),
+then draw one self-contained HTML page (plotly.js inline): throughput and MFU against GPU
+count per hardware, the best plan's memory per stage and its pipeline timeline, the top
+plans of each scenario, and the effect of each scaled resource on throughput."""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.core.errors import PlanError
+from meshplan.planner.search import SearchResult, search
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import Cluster
+from meshplan.reports.timeline import timeline_figure
+from meshplan.core.units import GIB
+
+RESOURCES = ("flops", "hbm_bw", "intra_node_bw", "inter_node_bw", "memory")  # HardwareProfile.scaled
+TOP_PER_SCENARIO = 5
+
+
+@dataclass(frozen=True)
+class Scenario:
+    hardware: str          # the stock profile's name
+    gpus: int
+    resource: str | None   # the scaled resource, None for the profile as measured
+    factor: float
+    result: SearchResult | None
+    error: str | None      # why no plan fits, when none does
+
+    @property
+    def label(self) -> str:
+        scale = f", {self.resource} x{self.factor:g}" if self.resource else ""
+        return f"{self.hardware}, {self.gpus} GPUs{scale}"
+
+    @property
+    def best(self):
+        return self.result.ranked[0] if self.result else None
+
+
+def plan_scenarios(model: ModelSpec, profiles: list[HardwareProfile], gpu_counts: list[int],
+                   gpus_per_node: int | None, fixed: dict, scales: dict[str, list[float]]) -> list[Scenario]:
+    """Each profile at each GPU count as measured; then each scaled resource at each factor,
+    per profile at the largest GPU count (where communication weighs most)."""
+    def one(hw: HardwareProfile, base: str, gpus: int, resource=None, factor=1.0) -> Scenario:
+        try:
+            cluster = Cluster(gpus, gpus_per_node or min(hw.gpus_per_node, gpus))
+            return Scenario(base, gpus, resource, factor, search(model, cluster, hw, fixed), None)
+        except PlanError as exc:
+            return Scenario(base, gpus, resource, factor, None, str(exc))
+
+    out = [one(hw, hw.name, n) for hw in profiles for n in gpu_counts]
+    for resource, factors in scales.items():
+        if resource not in RESOURCES:
+            raise PlanError(f"--scale-{resource.replace('_', '-')}", "unknown resource",
+                            f"scale one of {', '.join(RESOURCES)}")
+        for hw in profiles:
+            for f in factors:
+                out.append(one(hw.scaled(**{resource: f}), hw.name, max(gpu_counts), resource, f))
+    return out
+
+
+def _throughput_figure(base: list[Scenario]):
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("throughput (tokens/s)", "MFU"))
+    for hw in dict.fromkeys(s.hardware for s in base):
+        pts = [s for s in base if s.hardware == hw and s.best]
+        xs = [s.gpus for s in pts]
+        fig.add_trace(go.Scatter(x=xs, y=[s.best.tokens_per_s for s in pts], name=hw,
+                                 mode="lines+markers", legendgroup=hw), row=1, col=1)
+        fig.add_trace(go.Scatter(x=xs, y=[s.best.mfu for s in pts], name=hw, mode="lines+markers",
+                                 legendgroup=hw, showlegend=False), row=1, col=2)
+    fig.update_xaxes(title_text="GPUs", type="log")
+    fig.update_yaxes(tickformat=".0%", row=1, col=2)
+    fig.update_layout(title="best plan per hardware and GPU count")
+    return fig
+
+
+def _memory_figure(s: Scenario):
+    import plotly.graph_objects as go
+
+    stages = s.best.stages
+    fig = go.Figure()
+    for part in ("weights", "gradients", "optimizer", "activations", "buffers"):
+        fig.add_trace(go.Bar(name=part, x=[f"stage {i}" for i in range(len(stages))],
+                             y=[st.memory.to_json()[part] / GIB for st in stages]))
+    fig.add_hline(y=s.best.memory_limit_bytes / GIB, line_dash="dash", annotation_text="usable")
+    fig.update_layout(barmode="stack", yaxis_title="GiB per device",
+                      title=f"memory per pipeline stage: best plan of {s.label}")
+    return fig
+
+
+def _scaling_figure(scaled: list[Scenario], base: list[Scenario]):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    largest = max(s.gpus for s in base)
+    for resource in dict.fromkeys(s.resource for s in scaled):
+        for hw in dict.fromkeys(s.hardware for s in scaled):
+            ref = [s for s in base if s.hardware == hw and s.gpus == largest and s.best]
+            pts = sorted(([(1.0, ref[0].best.tokens_per_s)] if ref else [])
+                         + [(s.factor, s.best.tokens_per_s) for s in scaled
+                            if s.resource == resource and s.hardware == hw and s.best])
+            fig.add_trace(go.Scatter(x=[f for f, _ in pts], y=[t for _, t in pts],
+                                     mode="lines+markers", name=f"{resource} ({hw})"))
+    fig.update_layout(title=f"effect of each scaled resource, {largest} GPUs (best plan replanned)",
+                      xaxis_title="scale factor", yaxis_title="tokens/s", xaxis_type="log")
+    return fig
+
+
+def _table_figure(scenarios: list[Scenario]):
+    import plotly.graph_objects as go
+
+    rows = []
+    for s in scenarios:
+        if s.result is None:
+            rows.append((s.label, "-", s.error, "", "", "", ""))
+        for i, r in enumerate(s.result.ranked[:TOP_PER_SCENARIO] if s.result else (), start=1):
+            p = r.plan
+            knobs = (f"dp{p.dp} tp{p.tp}{'+sp' if p.sp else ''} pp{p.pp} cp{p.cp} zero{p.zero} "
+                     f"{p.recompute} mb{p.micro_batch}" + (f" {p.schedule}" if p.pp > 1 else "")
+                     + (f"(v{p.virtual_stages})" if p.virtual_stages > 1 else ""))
+            rows.append((s.label, str(i), knobs, f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}",
+                         f"{r.mfu:.1%}", f"{r.peak_memory_bytes / GIB:.1f}"))
+    cols = list(zip(*rows)) if rows else [()] * 7
+    fig = go.Figure(go.Table(
+        header={"values": ["scenario", "rank", "plan", "step s", "tokens/s", "MFU", "peak GiB"]},
+        cells={"values": [list(c) for c in cols]}, columnwidth=[3, 1, 5, 1.3, 1.6, 1, 1.2]))
+    fig.update_layout(title=f"top {TOP_PER_SCENARIO} plans per scenario",
+                      height=120 + 28 * max(len(rows), 1))
+    return fig
+
+
+def report_html(model: ModelSpec, scenarios: list[Scenario]) -> str:
+    """The page as one string; plotly.js is inlined once, so it opens offline."""
+    base = [s for s in scenarios if s.resource is None]
+    scaled = [s for s in scenarios if s.resource is not None]
+    solved = [s for s in base if s.best]
+    if not solved:
+        raise PlanError("--gpus", "no scenario has a plan that fits: "
+                        + "; ".join(f"{s.label}: {s.error}" for s in base), "add GPUs or hardware")
+    top = max(solved, key=lambda s: s.best.tokens_per_s)
+    figures = [("Throughput and MFU", _throughput_figure(base)),
+               ("Memory per stage", _memory_figure(top)),
+               ("Pipeline timeline", timeline_figure(top.best.pipeline,
+                                                     f"pipeline timeline: best plan of {top.label}")),
+               ("Top plans", _table_figure(scenarios))]
+    if scaled:
+        figures.append(("Scaled resources", _scaling_figure(scaled, base)))
+    body = [f"<h1>meshplan what-if: {html.escape(model.name)}</h1>",
+            f"<p>best overall: {html.escape(top.label)}, {top.best.tokens_per_s:,.0f} tokens/s, "
+            f"MFU {top.best.mfu:.1%}, step {top.best.step_time_s:.3f} s (error band "
+            f"±{top.best.error_band[0]:.0%} median, ±{top.best.error_band[1]:.0%} p95)</p>"]
+    for i, (title, fig) in enumerate(figures):
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        body.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"chart-{i}"))
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>meshplan what-if: "
+            f"{html.escape(model.name)}</title></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

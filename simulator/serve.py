@@ -1,0 +1,403 @@
+"""Serving simulator: time to first token, time per output token, throughput and per-device
+memory of serving a decoder-only model with tensor parallelism, pipeline parallelism and
+replicas, from the same hardware profile (and operator list, simulator/ops.py) as training.
+
+Workload: a static batch of `batch` requests per replica, each with a `prompt_len`-token
+prompt and `gen_len` generated tokens. With pp stages the batch streams through the pipeline
+as min(pp, batch) micro-batches, as vLLM's pipeline-parallel engine keeps pp batches in
+flight. Definitions:
+- TTFT: prompt in, first token out: prefill of every layer, then the final norm, LM head and
+  sampler on the last position only (the other positions' logits are never computed).
+- TPOT: mean time of the gen_len - 1 decode steps; step j attends over prompt_len + j tokens.
+- latency = TTFT + (gen_len - 1) x TPOT; throughput = replicas x batch x gen_len / latency
+  (generated tokens per second over whole requests, prefill included, as the issue asks);
+  decode_tokens_per_s is the steady-state decode rate without prefill.
+Not modelled: sampling beyond a softmax over the logits, CPU scheduling, CUDA-graph launch
+savings, chunked prefill, prefix caching, continuous batching of prefill with decode.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.core.errors import PlanError
+from meshplan.core.mesh import Group, Mesh
+from meshplan.simulator.cost import forward_s, per_rank_profile, tp_comm_s
+from meshplan.simulator.memory import memory_reserve_bytes, stage_params
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.ops import GEMM, Op, Shard, embedding_ops, head_ops, layer_ops
+from meshplan.simulator.partition import even_partition
+from meshplan.simulator.plan import DTYPE_BYTES, DTYPES, Cluster
+
+# KV caches may be stored in fp8 (vLLM --kv-cache-dtype fp8) while weights stay 16-bit.
+KV_DTYPE_BYTES = {**DTYPE_BYTES, "fp8": 1}
+DECODE_KEYS = ("weights_read", "kv_read", "compute", "elementwise", "host_overhead", "tp_comm",
+               "pp_handoff", "pp_bubble")
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """How one deployment serves: `batch` concurrent sequences per replica, tp x pp GPUs per
+    replica, `replicas` independent copies (data parallel serving)."""
+
+    batch: int
+    prompt_len: int
+    gen_len: int
+    tp: int = 1
+    pp: int = 1
+    replicas: int = 1
+    dtype: str = "fp16"
+    kv_dtype: str | None = None
+
+    def __post_init__(self):
+        for field in ("batch", "prompt_len", "gen_len", "tp", "pp", "replicas"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise PlanError(f"plan.{field}", f"must be a positive integer, got {value!r}",
+                                f"set {field} to an integer >= 1")
+        if self.dtype not in DTYPES:
+            raise PlanError("plan.dtype", f"unknown {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
+        if self.kv_dtype is None:
+            object.__setattr__(self, "kv_dtype", self.dtype)
+        if self.kv_dtype not in KV_DTYPE_BYTES:
+            raise PlanError("plan.kv_dtype", f"unknown {self.kv_dtype!r}",
+                            f"use one of {', '.join(KV_DTYPE_BYTES)}")
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.pp * self.replicas
+
+    @property
+    def context_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+    @property
+    def num_microbatches(self) -> int:
+        return min(self.pp, self.batch)
+
+    @property
+    def micro_batch(self) -> int:
+        """Sequences in the largest micro-batch (it sets each stage's time)."""
+        return math.ceil(self.batch / self.pp)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def kv_dtype_bytes(self) -> int:
+        return KV_DTYPE_BYTES[self.kv_dtype]
+
+    def validate(self, model: ModelSpec, cluster: Cluster) -> None:
+        """Legality of this plan for this model on this cluster; raises PlanError."""
+        kv = model.num_kv_heads
+        checks = (
+            (self.num_gpus == cluster.num_gpus, "--gpus", f"tp*pp*replicas = {self.tp}*{self.pp}*"
+             f"{self.replicas} = {self.num_gpus} but the cluster has {cluster.num_gpus} GPUs",
+             "choose tp, pp, replicas whose product is the GPU count"),
+            (model.num_heads % self.tp == 0, "--tp", f"{self.tp} does not divide the "
+             f"{model.num_heads} attention heads", "use a TP degree that divides num_heads"),
+            # vLLM's QKVParallelLinear replicates KV heads tp/kv times when tp > kv heads.
+            (kv % self.tp == 0 or self.tp % kv == 0, "--tp", f"{self.tp} neither divides nor is a "
+             f"multiple of the {kv} KV heads", "use a TP degree that divides the KV heads, or a "
+             "multiple of them (each KV head is then replicated tp/kv times)"),
+            (model.ffn_hidden_size % self.tp == 0, "--tp", f"{self.tp} does not divide ffn size "
+             f"{model.ffn_hidden_size}", "use a TP degree that divides the MLP width"),
+            (model.position_embedding != "learned" or self.context_len <= model.max_seq_len,
+             "--prompt-len", f"prompt_len + gen_len = {self.context_len} exceeds the model's "
+             f"{model.max_seq_len} positions", f"keep prompt_len + gen_len <= {model.max_seq_len}"),
+            (model.num_layers >= self.pp, "--pp", f"{model.num_layers} layers cannot fill {self.pp} "
+             "stages", "use fewer pipeline stages"),
+        )
+        for ok, field, problem, fix in checks:
+            if not ok:
+                raise PlanError(field, problem, fix)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InferencePlan":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"plan.{unknown[0]}", "unknown inference plan key",
+                            f"use only {', '.join(sorted(known))}")
+        missing = sorted({"batch", "prompt_len", "gen_len"} - set(data))
+        if missing:
+            raise PlanError(f"plan.{missing[0]}", "missing", f"add \"{missing[0]}\" to the plan")
+        return cls(**data)
+
+
+def kv_bytes_per_token(model: ModelSpec, kv_dtype: str = "fp16", tp: int = 1) -> int:
+    """KV-cache bytes one token adds on one device, all layers: K and V of each KV head
+    (GQA/MQA: num_kv_heads, not num_heads), max(1, kv/tp) heads per device."""
+    kv_per_device = max(1, model.num_kv_heads // tp)
+    return 2 * model.num_layers * kv_per_device * model.head_dim * KV_DTYPE_BYTES[kv_dtype]
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    plan: InferencePlan
+    model: ModelSpec
+    cluster: Cluster
+    hardware: str
+    ttft_s: float
+    tpot_s: float
+    latency_s: float
+    throughput_tokens_per_s: float
+    decode_tokens_per_s: float
+    kv_cache_bytes: float
+    weights_bytes: float
+    peak_memory_bytes: float
+    memory_limit_bytes: float
+    max_batch: int
+    fits: bool
+    breakdown: dict
+    error_band: tuple[float, float] = (0.0, 0.0)
+
+    def to_json(self) -> dict:
+        return {
+            "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "latency_s": self.latency_s,
+            "throughput_tokens_per_s": self.throughput_tokens_per_s,
+            "throughput_tokens_per_s_per_gpu": self.throughput_tokens_per_s / self.plan.num_gpus,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "kv_cache_bytes": self.kv_cache_bytes, "weights_bytes": self.weights_bytes,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "memory_limit_bytes": self.memory_limit_bytes, "max_batch": self.max_batch,
+            "fits": self.fits, "breakdown": {k: dict(v) for k, v in self.breakdown.items()},
+            "error_band": {"median_rel": self.error_band[0], "p95_rel": self.error_band[1]},
+            "plan": self.plan.to_dict(), "model": self.model.to_dict(),
+            "cluster": {"num_gpus": self.cluster.num_gpus,
+                        "gpus_per_node": self.cluster.gpus_per_node},
+            "hardware": self.hardware,
+        }
+
+
+def _served(model: ModelSpec, tp: int) -> ModelSpec:
+    """The model as each TP rank sees it: with tp > KV heads, every rank holds one (replicated)
+    KV head and its K/V projection, i.e. tp KV heads in total."""
+    return dataclasses.replace(model, num_kv_heads=max(model.num_kv_heads, tp))
+
+
+def _activation_bytes_per_seq(model: ModelSpec, plan: InferencePlan, last: bool) -> float:
+    """Transient bytes of one sequence's prefill on one device: one layer's live tensors
+    (hidden state and residual, QKV, attention output, MLP up and activation outputs; layers run
+    one at a time and keep nothing for a backward) plus fp32 logits of its last position on the
+    last stage (vLLM sizes this working set with a profiling forward pass)."""
+    h, hd, t = model.hidden_size, model.head_dim, plan.tp
+    heads, kv, ffn = model.num_heads // t, model.num_kv_heads // t, model.ffn_hidden_size // t
+    gated = 2 if model.gated_mlp else 1
+    per_token = plan.dtype_bytes * (2 * h + (heads + 2 * kv) * hd + heads * hd + (gated + 1) * ffn)
+    return plan.prompt_len * per_token + (4.0 * model.vocab_size if last else 0.0)
+
+
+def _max_batch(room_bytes: float, kv_per_seq: float, act_per_seq: float, pp: int) -> int:
+    """Largest B with B*kv + ceil(B/pp)*act <= room. B_hi = room/(kv + act/pp) bounds it; with
+    q = ceil(B_hi/pp) the answer is B_hi trimmed to (room - q*act)/kv, or failing that pp*(q-1),
+    the largest B with one micro-batch row fewer (its room covers pp*(q-1) sequences)."""
+    if room_bytes <= 0:
+        return 0
+    hi = int(room_bytes // (kv_per_seq + act_per_seq / pp))
+    q = math.ceil(hi / pp)
+    return max(0, pp * (q - 1), min(hi, int((room_bytes - q * act_per_seq) // kv_per_seq)))
+
+
+def _op_s(op: Op, hw: HardwareProfile, dtype: str) -> float:
+    return float(forward_s([op], hw, dtype)[0])
+
+
+def _kv_write(model: ModelSpec, plan: InferencePlan, tokens: int) -> Op:
+    """Appending the new tokens' K and V to the cache: read at dtype, written at kv_dtype."""
+    elements = tokens * 2 * (model.num_kv_heads // plan.tp) * model.head_dim
+    return Op("kv_write", "memory", float(elements),
+              bytes_moved=float(elements) * (plan.dtype_bytes + plan.kv_dtype_bytes))
+
+
+def _edge_ops(model: ModelSpec, plan: InferencePlan, tokens: int, first: bool,
+              last: bool) -> list[Op]:
+    """Embedding of all `tokens` (first stage); final norm, LM head and a softmax over the
+    logits standing for the sampler, for the last position of each sequence (last stage)."""
+    d = plan.dtype_bytes
+    ops = list(embedding_ops(model, Shard(tokens, 1, tp=plan.tp, dtype_bytes=d))) if first else []
+    return ops + (list(head_ops(model, Shard(plan.micro_batch, 1, tp=plan.tp, dtype_bytes=d)))
+                  if last else [])
+
+
+def _edge_comm_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, tp: Group,
+                 tokens: int, first: bool, last: bool) -> float:
+    """vLLM's vocab-parallel embedding all-reduces its output over TP; the LM head's sharded
+    logits are gathered over TP."""
+    if tp.size == 1:
+        return 0.0
+    d = plan.dtype_bytes
+    comm = hw.collective_time_s("all_reduce", tokens * model.hidden_size * d, tp.size,
+                                tp.ranks_per_node) if first else 0.0
+    return comm + (hw.collective_time_s("all_gather", plan.micro_batch * model.vocab_size * d,
+                                        tp.size, tp.ranks_per_node) if last else 0.0)
+
+
+def _prefill_layer_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile) -> float:
+    """One layer's prefill of one micro-batch on one device. FlashAttention-2 skips the key
+    blocks above the causal diagonal (Dao 2023, sec 3.1.1), so the attention core does
+    (s+1)/(2s) of the full s x s work."""
+    s = plan.prompt_len
+    ops = layer_ops(model, Shard(plan.micro_batch, s, tp=plan.tp, dtype_bytes=plan.dtype_bytes))
+    causal = (s + 1) / (2 * s)
+    return (sum(_op_s(op, hw, plan.dtype) * (causal if op.attention_core else 1.0) for op in ops)
+            + _op_s(_kv_write(model, plan, plan.micro_batch * s), hw, plan.dtype)
+            + hw.overhead.inference_layer_s(plan.tp, decode=False))
+
+
+def _classified_s(ops, hw: HardwareProfile, compute_hw: HardwareProfile, dtype: str) -> dict:
+    """Decode time of ops by what bounds them: weight GEMMs whose roofline time exceeds their
+    compute time on a profile with unbounded bandwidth read their weights; the rest compute;
+    memory-bound operators are elementwise."""
+    parts = {"weights_read": 0.0, "compute": 0.0, "elementwise": 0.0}
+    for op in ops:
+        t = _op_s(op, hw, dtype)
+        if op.kind != GEMM:
+            parts["elementwise"] += t
+        else:
+            compute_bound = t <= _op_s(op, compute_hw, dtype) * (1 + 1e-9)
+            parts["compute" if compute_bound else "weights_read"] += t
+    return parts
+
+
+def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
+                        compute_hw: HardwareProfile, contexts: np.ndarray) -> dict:
+    """One layer's decode step of one micro-batch on one device by category, arrays over the
+    step's context length. Weight GEMMs have m = micro-batch, so the profile's roofline makes
+    them weight-read bound at small batch and compute bound at large. Attention reads
+    micro x context x 2 x kv_heads/tp x head_dim KV elements at the memory-bound rate, unless
+    its FLOPs take longer: scores and values of one fused kernel, counted as one [g, d] x
+    [d, 2 ctx] GEMM per KV head and sequence (g query heads share a KV head, as GQA decode
+    kernels group them)."""
+    b, d = plan.micro_batch, plan.dtype
+    ops = [op for op in layer_ops(model, Shard(b, 1, tp=plan.tp, dtype_bytes=plan.dtype_bytes))
+           if not op.attention_core] + [_kv_write(model, plan, b)]
+    parts = _classified_s(ops, hw, compute_hw, d)
+    kv, hd = model.num_kv_heads // plan.tp, model.head_dim
+    g = model.num_heads // model.num_kv_heads
+    flops_s = compute_hw.gemm_time_s(g, 2 * contexts, hd, d, batch=b * kv)
+    read_s = hw.memory_bound_time_s(b * contexts * 2 * kv * hd * plan.kv_dtype_bytes, d)
+    parts["kv_read"] = np.where(read_s >= flops_s, read_s, 0.0)
+    parts["host_overhead"] = hw.overhead.inference_layer_s(plan.tp, decode=True)
+    parts["compute"] = parts["compute"] + np.where(read_s >= flops_s, 0.0, flops_s)
+    return parts
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a replica runs: layers per pipeline stage, the TP group, the link between
+    adjacent stages."""
+
+    layers: tuple[int, ...]
+    tp: Group
+    pair: Group
+
+    @property
+    def stages(self) -> list[tuple[int, bool, bool]]:
+        """(layers, is first, is last) of each stage."""
+        p = len(self.layers)
+        return [(n, s == 0, s == p - 1) for s, n in enumerate(self.layers)]
+
+    def handoff_s(self, model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
+                  tokens: int) -> float:
+        """One stage boundary: vLLM passes the hidden states and the residual
+        (IntermediateTensors) of `tokens` tokens."""
+        if plan.pp == 1:
+            return 0.0
+        message = 2 * tokens * model.hidden_size * plan.dtype_bytes
+        return hw.collective_time_s("send_recv", message, 2, self.pair.ranks_per_node)
+
+
+def _layout(plan: InferencePlan, model: ModelSpec, cluster: Cluster) -> _Layout:
+    """Rank placement: TP innermost, then pipeline stages, replicas outermost (each replica
+    a contiguous block of tp x pp GPUs); layers split as vLLM splits them."""
+    mesh = Mesh.of({"tp": plan.tp, "pp": plan.pp, "dp": plan.replicas}, ("tp", "pp", "dp"),
+                   cluster.gpus_per_node)
+    return _Layout(even_partition(model.num_layers, plan.pp), mesh.group(("tp",)),
+                   mesh.neighbour_pair("pp"))
+
+
+def _prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, at: _Layout) -> dict:
+    """TTFT by part. The micro-batches stream through the stages: the last one's first token
+    is out after one pass through every stage plus (m - 1) slowest-stage times."""
+    b, tokens = plan.micro_batch, plan.micro_batch * plan.prompt_len
+    layer_s = _prefill_layer_s(model, plan, hw)
+    layer_comm_s = float(tp_comm_s(model, b * plan.prompt_len, False, plan.dtype_bytes, hw,
+                                   at.tp.size, at.tp.ranks_per_node))
+    compute = np.array([n * layer_s + sum(_op_s(op, hw, plan.dtype)
+                                          for op in _edge_ops(model, plan, tokens, f, la))
+                        for n, f, la in at.stages])
+    comm = np.array([n * layer_comm_s + _edge_comm_s(model, plan, hw, at.tp, tokens, f, la)
+                     for n, f, la in at.stages])
+    return {"compute": float(compute.sum()), "tp_comm": float(comm.sum()),
+            "pp_handoff": (plan.pp - 1) * at.handoff_s(model, plan, hw, tokens),
+            "other_microbatches": (plan.num_microbatches - 1) * float((compute + comm).max())}
+
+
+def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
+              at: _Layout) -> tuple[float, dict]:
+    """(TPOT, its parts). A micro-batch's step passes every stage; each stage serves all m
+    micro-batches per step; the step period is the longer of the two. Averaged over the
+    gen_len - 1 steps (one step at prompt_len + 1 when gen_len is 1)."""
+    b = plan.micro_batch
+    compute_hw = hw.scaled(hbm_bw=1e9)
+    contexts = plan.prompt_len + np.arange(1, max(plan.gen_len, 2), dtype=float)
+    layer = _decode_layer_parts(model, plan, hw, compute_hw, contexts)
+    layer["tp_comm"] = float(tp_comm_s(model, b, False, plan.dtype_bytes, hw, at.tp.size,
+                                       at.tp.ranks_per_node))
+    totals, stage_s = {k: 0.0 for k in layer}, []
+    for n, f, la in at.stages:
+        edges = _classified_s(_edge_ops(model, plan, b, f, la), hw, compute_hw, plan.dtype)
+        edges["tp_comm"] = _edge_comm_s(model, plan, hw, at.tp, b, f, la)
+        parts = {k: n * v + edges.get(k, 0.0) for k, v in layer.items()}
+        stage_s.append(sum(parts.values()))
+        totals = {k: totals[k] + parts[k] for k in totals}
+    handoffs = (plan.pp - 1) * at.handoff_s(model, plan, hw, b)
+    one_pass = np.sum(stage_s, axis=0) + handoffs
+    period = np.maximum(one_pass, plan.num_microbatches * np.max(stage_s, axis=0))
+    parts = {k: float(np.mean(totals[k])) if k in totals else 0.0 for k in DECODE_KEYS}
+    parts["pp_handoff"] = handoffs
+    parts["pp_bubble"] = float(np.mean(period - one_pass))
+    return float(np.mean(period)), parts
+
+
+def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
+                       hw: HardwareProfile) -> InferenceResult:
+    plan.validate(model, cluster)
+    hardware = hw.name
+    hw = per_rank_profile(hw, cluster.ranks_per_node)
+    served = _served(model, plan.tp)
+    at = _layout(plan, served, cluster)
+    prefill = _prefill_s(served, plan, hw, at)
+    ttft = sum(prefill.values())
+    tpot, decode = _decode_s(served, plan, hw, at)
+    latency = ttft + (plan.gen_len - 1) * tpot
+
+    # Memory per stage: weights, the KV cache of every sequence at full context, one prefill
+    # micro-batch's transient activations.
+    capacity = float(hw.memory_bytes)
+    limit = capacity - memory_reserve_bytes(capacity)
+    kv_token_layer = 2 * (served.num_kv_heads // plan.tp) * model.head_dim * plan.kv_dtype_bytes
+    weights = np.array([stage_params(served, plan.tp, plan.pp, n, f, la) * plan.dtype_bytes
+                        for n, f, la in at.stages], dtype=float)
+    kv_seq = np.array([plan.context_len * n * kv_token_layer for n in at.layers], dtype=float)
+    act_seq = np.array([_activation_bytes_per_seq(served, plan, la) for _, _, la in at.stages])
+    memory = weights + plan.batch * kv_seq + plan.micro_batch * act_seq
+    peak = int(np.argmax(memory))
+    max_batch = min(_max_batch(limit - w, k, a, plan.pp) for w, k, a in zip(weights, kv_seq, act_seq))
+    return InferenceResult(
+        plan=plan, model=model, cluster=cluster, hardware=hardware, ttft_s=ttft, tpot_s=tpot,
+        latency_s=latency, throughput_tokens_per_s=plan.replicas * plan.batch * plan.gen_len / latency,
+        decode_tokens_per_s=plan.replicas * plan.batch / tpot,
+        kv_cache_bytes=float(plan.batch * kv_seq[peak]), weights_bytes=float(weights[peak]),
+        peak_memory_bytes=float(memory[peak]), memory_limit_bytes=limit, max_batch=max_batch,
+        fits=bool(memory[peak] <= limit), error_band=hw.relative_error_band(),
+        breakdown={"prefill_s": prefill, "decode_step_s": decode})

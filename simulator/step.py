@@ -1,0 +1,182 @@
+"""The terms of a training step for rows of plans, vectorised: per-layer and per-block
+times (cost.py), the ZeRO-3 gathers, the pipeline hop, the time of a stage's chunks, the
+parameters and memory of a pipeline rank, and the tail after its last backward (exposed
+data-parallel sync and the optimizer step).
+
+`simulate` evaluates one plan (one row, every pipeline rank); the planner evaluates every
+candidate (many rows, a few representative ranks each). Both call these functions, so the
+two agree term by term; they differ only in the pipeline makespan (a discrete-event
+simulation against closed forms).
+
+Rows are a dict of arrays with one entry per plan ("r" below): the plan knobs dp, tp, pp,
+cp, sp, zero, rc (recompute code), micro_batch, sched (schedule code), virtual_stages,
+num_microbatches, the link levels of the groups (tp_rpn, cp_rpn, dp_rpn, pp_rpn: ranks of
+the group per node) and the scalars dtype, d (dtype bytes), flash. Per-rank quantities are
+(rows, ranks) arrays: rank index s, layers n on that rank.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.simulator.cost import FULL, NONE, collective_s, layer_times, shard_times
+from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, layer_activation_bytes,
+                                       model_state_bytes, stage_params)
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.ops import Shard
+from meshplan.simulator.plan import DTYPE_BYTES, RECOMPUTE, SCHEDULES
+
+SHARD_KEYS = ("tp", "sp", "cp", "micro_batch")
+COST_KEYS = SHARD_KEYS + ("rc", "tp_rpn", "cp_rpn")
+KNOBS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched", "virtual_stages",
+         "num_microbatches", "tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn")
+
+
+def group_ids(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row -> id of its key (ids in order of first appearance), and each id's first row."""
+    ids = pd.factorize(key)[0]
+    running = np.maximum.accumulate(ids)
+    return ids, np.flatnonzero(np.r_[True, running[1:] > running[:-1]])
+
+
+def combo_ids(r: dict, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """group_ids over the combination of several knob arrays."""
+    key = np.zeros(len(r["tp"]), np.int64)
+    for k in keys:
+        codes = pd.factorize(r[k])[0]
+        key = key * (int(codes.max()) + 1) + codes
+    return group_ids(key)
+
+
+def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str) -> dict:
+    """Rows of plans from their knob arrays (KNOBS), with the memory terms that need no
+    timing: each row's shard, activation bytes per layer and parameters per layer."""
+    r = {k: np.asarray(knobs[k]) for k in KNOBS}
+    r["sp"] = r["sp"].astype(bool)
+    d = DTYPE_BYTES[dtype]
+    shard_id, first = combo_ids(r, SHARD_KEYS)
+    shards = [Shard(int(r["micro_batch"][i]), seq_len, int(r["tp"][i]), int(r["cp"][i]),
+                    bool(r["sp"][i]), d, attention == "flash") for i in first]
+    act = np.array([[layer_activation_bytes(model, s, k) for k in RECOMPUTE] for s in shards])
+    r.update(shard_id=shard_id, shards=shards, d=d, dtype=dtype, flash=attention == "flash",
+             dps=r["dp"] * r["cp"], act=act[shard_id, r["rc"]], act_none=act[shard_id, NONE],
+             tokens=np.array([s.tokens for s in shards], dtype=float)[shard_id],
+             per_layer=stage_params(model, r["tp"], r["pp"], 1, False, False))
+    return r
+
+
+def take(r: dict, index) -> dict:
+    """The rows `index` of r."""
+    return {k: (x[index] if isinstance(x, np.ndarray) else x) for k, x in r.items()}
+
+
+def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
+    """r with its times, computed once per distinct shard and cost combination:
+    l_fwd / l_bwd (a layer's whole forward / backward, cost.LayerTimes), their parts
+    (l_fwd_compute, l_bwd_in, l_bwd_w, l_recompute, l_tp, l_cp), the embedding and head
+    blocks, the ZeRO-3 gather `ag` with the exposed part of each further gather (xf, xb),
+    and the pipeline hop."""
+    r = dict(r)
+    shard_id, sfirst = group_ids(r["shard_id"])
+    st = shard_times(model, hw, [r["shards"][i] for i in r["shard_id"][sfirst]], r["dtype"])
+    cost_id, cfirst = combo_ids(r, COST_KEYS)
+    c = {k: r[k][cfirst] for k in ("tp", "cp", "sp", "rc", "tp_rpn", "cp_rpn", "tokens")}
+    lt = layer_times(model, hw, st.take(shard_id[cfirst]), c["tokens"], r["d"], c["tp"], c["sp"],
+                     c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["flash"])
+    parts = {"l_fwd": lt.fwd_s, "l_bwd": lt.bwd_s, "l_recompute": lt.recompute_s,
+             "l_tp": lt.tp_fwd_s + lt.tp_bwd_s, "l_cp": lt.cp_fwd_s + lt.cp_bwd_s}
+    for k, x in parts.items():
+        r[k] = x[cost_id]
+    per_shard = {"l_fwd_compute": st.layer.fwd_s, "l_bwd_in": st.layer.bwd_input_s,
+                 "l_bwd_w": st.layer.bwd_weight_s,
+                 "emb_fwd": st.embedding.fwd_s, "emb_bwd_in": st.embedding.bwd_input_s,
+                 "emb_bwd_w": st.embedding.bwd_weight_s,
+                 "head_fwd": st.head.fwd_s, "head_bwd_in": st.head.bwd_input_s,
+                 "head_bwd_w": st.head.bwd_weight_s}
+    for k, x in per_shard.items():
+        r[k] = x[shard_id]
+    r["emb_bwd"], r["head_bwd"] = r["emb_bwd_in"] + r["emb_bwd_w"], r["head_bwd_in"] + r["head_bwd_w"]
+    r["layer"] = r["l_fwd"] + r["l_bwd"]
+    # ZeRO-3 gathers each layer's weights before its forward and before its backward; each
+    # gather beyond a chunk's first hides behind the previous layer's compute, except on
+    # CPU ranks (gloo computes on the same cores) where all of it is exposed.
+    r["ag"] = np.where(r["zero"] == 3, collective_s(hw, "all_gather", r["per_layer"] * r["d"],
+                                                    r["dps"], r["dp_rpn"]), 0.0)
+    hidden = 1.0 if hw.comm_overlaps_compute else 0.0
+    r["xf"] = np.maximum(0.0, r["ag"] - hidden * r["l_fwd_compute"])
+    r["xb"] = np.maximum(0.0, r["ag"] - hidden * r["l_bwd_in"])
+    p2p_bytes = r["tokens"] * model.hidden_size * r["d"] / np.where(r["sp"], r["tp"], 1)
+    r["hop"] = np.where(r["pp"] > 1, collective_s(hw, "send_recv", p2p_bytes, 2, r["pp_rpn"]), 0.0)
+    return r
+
+
+def _col(x):
+    """A per-row value against (rows, ranks) arrays."""
+    return np.asarray(x)[:, None]
+
+
+def chunk_s(r: dict, n, chunks, first, last) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(forward, whole backward, weight-gradient part) of one micro-batch through `chunks`
+    model chunks holding `n` layers in all, with the embedding (`first`) and the LM head
+    (`last`): each chunk's first ZeRO-3 gather is exposed, the others hide behind compute
+    (cost.overlapped_exposed_s, summed over the chunks). (rows, k) arrays."""
+    c = _col
+    fwd = (n * c(r["l_fwd"] + r["xf"]) + chunks * c(r["ag"] - r["xf"]) + first * c(r["emb_fwd"])
+           + last * c(r["head_fwd"]))
+    bwd = (n * c(r["l_bwd"] + r["xb"]) + chunks * c(r["ag"] - r["xb"]) + first * c(r["emb_bwd"])
+           + last * c(r["head_bwd"]))
+    wgrad = n * c(r["l_bwd_w"]) + first * c(r["emb_bwd_w"]) + last * c(r["head_bwd_w"])
+    return fwd, bwd, wgrad
+
+
+def rank_params(r: dict, model: ModelSpec, s, n) -> np.ndarray:
+    """Parameters on pipeline rank s holding n layers (memory.stage_params), (rows, k)."""
+    return stage_params(model, _col(r["tp"]), _col(r["pp"]), n, s == 0, s == _col(r["pp"]) - 1)
+
+
+def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
+    """Bytes on pipeline rank s (n layers, `params` parameters, `inflight` micro-batch
+    chunks of activations held at the peak): weights, gradients and Adam states under the
+    ZeRO stage (memory.model_state_bytes), activations (Korthikanti et al. 2022), and
+    buffers: the last rank's fp32 logits and their gradient for one micro-batch, one layer
+    rebuilt in backward under full recompute, and the gathered weights of the current and
+    the prefetched layer under ZeRO-3."""
+    c = _col
+    z, v = r["zero"], r["virtual_stages"]
+    states = [np.select([z == k for k in range(4)],
+                        [model_state_bytes(1.0, r["dtype"], r["d"], k, r["dps"])[i] for k in range(4)])
+              for i in range(3)]
+    buffers = ((s == c(r["pp"]) - 1) * c(2 * 4 * r["tokens"] * model.vocab_size / r["tp"])
+               + c((r["rc"] == FULL) * r["act_none"] + (z == 3) * 2 * r["per_layer"] * r["d"]))
+    return {"weights": params * c(states[0]), "gradients": params * c(states[1]),
+            "optimizer": params * c(states[2]), "activations": inflight * n / c(v) * c(r["act"]),
+            "buffers": buffers}
+
+
+def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) -> tuple[np.ndarray, np.ndarray]:
+    """(exposed data-parallel communication, optimizer step) after rank s's last backward:
+    the gradient sync bucketed per layer and overlapped with the backward (PyTorch DDP, Li
+    et al. 2020), the ZeRO-1/2 all-gather of the updated weights (Rajbhandari et al. 2020
+    sec 5.2), Megatron-LM's all-reduce of a tied embedding's gradient between the first and
+    last stage, then the Adam step over this rank's share of the parameters."""
+    c = _col
+    z, dps, rpn = r["zero"], r["dps"], r["dp_rpn"]
+    grad_bytes = params * r["d"]
+    per_layer_bytes = grad_bytes / np.maximum(n, 1)
+    bucket = np.where(c(z == 0), collective_s(hw, "all_reduce", per_layer_bytes, c(dps), c(rpn)),
+                      collective_s(hw, "reduce_scatter", per_layer_bytes, c(dps), c(rpn)))
+    hidden = 1.0 if hw.comm_overlaps_compute else 0.0
+    dp = np.where(n > 0, bucket + (n - 1) * np.maximum(0.0, bucket - hidden * c(r["l_bwd"])), 0.0)
+    dp = dp + c(np.isin(z, (1, 2))) * collective_s(hw, "all_gather", grad_bytes, c(dps), c(rpn))
+    if model.tied_embeddings:
+        sync = collective_s(hw, "all_reduce", model.vocab_size * model.hidden_size / r["tp"] * r["d"],
+                            2, r["pp_rpn"])
+        dp = dp + ((s == 0) | (s == c(r["pp"]) - 1)) * c(np.where(r["pp"] > 1, sync, 0.0))
+    opt_params = params / c(np.where(z >= 1, dps, 1))
+    opt = hw.memory_bound_time_s(ADAM_STEP_BYTES_PER_PARAM[r["dtype"]] * opt_params, "fp32", "optimizer")
+    return dp, np.asarray(opt, dtype=float)
+
+
+def schedule_codes(names) -> np.ndarray:
+    return np.array([SCHEDULES.index(str(x)) for x in np.atleast_1d(names)])

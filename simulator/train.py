@@ -1,0 +1,179 @@
+"""simulate(model, plan, cluster, hw): predicted step time, throughput, per-device memory
+and the pipeline timeline of one training plan.
+
+Order of the step (Megatron-LM / torchtitan): each pipeline rank runs its forward and
+backward micro-batch ops in the schedule's order (discrete-event simulation in
+pipeline_sim), then synchronises gradients over its data-parallel group (bucketed, the part
+not hidden behind the last micro-batch's backward is exposed) and steps the optimizer.
+Every term comes from simulator/step.py, the functions the planner evaluates its
+candidates with, for this one plan and each of its pipeline ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.simulator import step
+from meshplan.simulator.cost import per_rank_profile
+from meshplan.simulator.memory import StageMemory, memory_reserve_bytes
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.ops import model_flops_per_step
+from meshplan.simulator.partition import balanced_partition, rank_chunks
+from meshplan.simulator.pipeline_sim import PipelineResult, simulate_pipeline
+from meshplan.simulator.plan import RECOMPUTE, Cluster, Plan
+from meshplan.simulator.schedule import in_flight
+
+BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "pp_comm", "dp_comm",
+                  "bubble", "optimizer")
+
+
+@dataclass(frozen=True)
+class StageReport:
+    layers: int
+    memory: StageMemory
+    compute_s: float
+
+    def to_json(self) -> dict:
+        return {"layers": self.layers, "memory_bytes": self.memory.to_json(),
+                "compute_s": self.compute_s}
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    model: ModelSpec
+    plan: Plan
+    cluster: Cluster
+    hardware: str
+    step_time_s: float
+    tokens_per_s: float
+    model_tflops_per_gpu: float
+    mfu: float
+    peak_memory_bytes: float
+    memory_limit_bytes: float
+    fits: bool
+    breakdown_s: dict
+    stages: tuple[StageReport, ...]
+    pipeline: PipelineResult = field(repr=False)
+    error_band: tuple[float, float] = (0.0, 0.0)
+
+    def to_json(self) -> dict:
+        return {
+            "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+            "model_tflops_per_gpu": self.model_tflops_per_gpu, "mfu": self.mfu,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "memory_limit_bytes": self.memory_limit_bytes, "fits": self.fits,
+            "breakdown_s": dict(self.breakdown_s),
+            "stages": [s.to_json() for s in self.stages],
+            "error_band": {"median_rel": self.error_band[0], "p95_rel": self.error_band[1]},
+            "plan": self.plan.to_dict(), "model": self.model.to_dict(),
+            "cluster": {"num_gpus": self.cluster.num_gpus,
+                        "gpus_per_node": self.cluster.gpus_per_node},
+            "hardware": self.hardware,
+        }
+
+
+def plan_rows(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile) -> dict:
+    """The plan as one row of step.rows, with its times (step.add_times)."""
+    mesh = plan.mesh(cluster.gpus_per_node)
+    p = plan.pp
+    knobs = {"dp": plan.dp, "tp": plan.tp, "pp": p, "cp": plan.cp, "sp": plan.sp,
+             "zero": plan.zero, "rc": RECOMPUTE.index(plan.recompute),
+             "micro_batch": plan.micro_batch,
+             "sched": step.schedule_codes(plan.schedule if p > 1 else "1f1b")[0],
+             "virtual_stages": plan.virtual_stages, "num_microbatches": plan.num_microbatches,
+             "tp_rpn": mesh.group(("tp",)).ranks_per_node,
+             "cp_rpn": mesh.group(("cp",)).ranks_per_node,
+             # gradients are reduced over DP x CP
+             "dp_rpn": mesh.group(("dp", "cp")).ranks_per_node,
+             "pp_rpn": mesh.neighbour_pair("pp").ranks_per_node}
+    r = step.rows(model, {k: np.array([v]) for k, v in knobs.items()}, plan.seq_len, plan.dtype,
+                  plan.attention)
+    return step.add_times(r, model, hw)
+
+
+def layer_partition(model: ModelSpec, plan: Plan, r: dict) -> tuple[int, ...]:
+    """The plan's layers per (virtual) stage: as given, or the balanced partition."""
+    return plan.layer_partition or balanced_partition(
+        model.num_layers, plan.num_virtual, float(r["layer"][0]),
+        float(r["emb_fwd"][0] + r["emb_bwd"][0]), float(r["head_fwd"][0] + r["head_bwd"][0]))
+
+
+def pipeline_partition(model: ModelSpec, plan: Plan, cluster: Cluster,
+                       hw: HardwareProfile) -> tuple[int, ...]:
+    """The layers per (virtual) stage that `simulate` prices the plan with, for the executor
+    to run the same split."""
+    rank_hw = per_rank_profile(hw, cluster.ranks_per_node)
+    return layer_partition(model, plan, plan_rows(model, plan, cluster, rank_hw))
+
+
+def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile) -> SimulationResult:
+    plan.validate(model, cluster)
+    peak_flops, hardware = hw.peak_flops[plan.dtype], hw.name
+    hw = per_rank_profile(hw, cluster.ranks_per_node)
+    p, v, m = plan.pp, plan.virtual_stages, plan.num_microbatches
+    r = plan_rows(model, plan, cluster, hw)
+    chunks = rank_chunks(layer_partition(model, plan, r), p)            # (p, v) layers
+    ranks, chunk_of = np.indices((p, v))
+    first, last = (ranks == 0) & (chunk_of == 0), (ranks == p - 1) & (chunk_of == v - 1)
+    fwd, bwd, wgrad = (x.reshape(p, v) for x in step.chunk_s(
+        r, chunks.reshape(1, -1), 1, first.reshape(1, -1), last.reshape(1, -1)))
+    if plan.schedule != "zb-h1" or p == 1:
+        wgrad_arg, bwd_arg = None, bwd
+    else:
+        wgrad_arg, bwd_arg = wgrad, bwd - wgrad
+
+    s, n = np.arange(p)[None, :], chunks.sum(axis=1)[None, :]
+    params = step.rank_params(r, model, s, n)
+    dp_exposed, opt_s = (x[0] for x in step.rank_tail_s(r, model, hw, s, n, params))
+    hop_s = float(r["hop"][0])
+    schedule = plan.schedule if p > 1 else "1f1b"
+    tails = dp_exposed + opt_s
+    pipe = simulate_pipeline(schedule, m, fwd, bwd_arg, hop_s, wgrad_s=wgrad_arg, tail_s=tails)
+    no_p2p = simulate_pipeline(schedule, m, fwd, bwd_arg, 0.0, wgrad_s=wgrad_arg, tail_s=tails,
+                               record_events=False) if p > 1 else pipe
+    step_s = float(pipe.step_time_s)
+
+    capacity = float(hw.memory_bytes)
+    limit = capacity - memory_reserve_bytes(capacity)
+    held = in_flight(r["sched"][:, None], p, v, m, s)
+    memory = step.rank_memory(r, model, s, n, params, held)
+    stages = tuple(StageReport(int(n[0, k]), StageMemory(*(float(memory[key][0, k]) for key in (
+        "weights", "gradients", "optimizer", "activations", "buffers"))),
+        m * float(np.sum(fwd[k] + bwd[k]))) for k in range(p))
+    peak = max(st.memory.total_bytes for st in stages)
+
+    breakdown = _breakdown(r, pipe, no_p2p, chunks, m, dp_exposed, opt_s)
+    tokens = plan.global_batch * plan.seq_len
+    model_flops = model_flops_per_step(model, plan.global_batch, plan.seq_len)
+    tflops_per_gpu = model_flops / step_s / cluster.num_gpus / 1e12
+    return SimulationResult(
+        model=model, plan=plan, cluster=cluster, hardware=hardware, step_time_s=step_s,
+        tokens_per_s=tokens / step_s, model_tflops_per_gpu=tflops_per_gpu,
+        mfu=tflops_per_gpu * 1e12 / peak_flops, peak_memory_bytes=peak,
+        memory_limit_bytes=limit, fits=bool(peak <= limit), breakdown_s=breakdown,
+        stages=stages, pipeline=pipe, error_band=hw.relative_error_band())
+
+
+def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np.ndarray, m: int,
+               dp_exposed: np.ndarray, opt_s: np.ndarray) -> dict:
+    """Where the step time goes on the critical stage (the one that finishes last); the
+    terms add up to the step time."""
+    p = chunks.shape[0]
+    s = int(np.argmax(pipe.stage_busy_s + pipe.stage_idle_s + dp_exposed + opt_s))
+    n = int(chunks[s].sum())
+    x = {k: float(v[0]) for k, v in r.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
+    emb, head = float(s == 0), float(s == p - 1)
+    compute = m * (n * (x["l_fwd_compute"] + x["l_bwd_in"] + x["l_bwd_w"])
+                   + emb * (x["emb_fwd"] + x["emb_bwd"]) + head * (x["head_fwd"] + x["head_bwd"]))
+    recompute = m * n * x["l_recompute"]
+    tp_comm, cp_comm = m * n * x["l_tp"], m * n * x["l_cp"]
+    busy = float(pipe.stage_busy_s[s])
+    pp_comm = max(0.0, pipe.step_time_s - no_p2p.step_time_s)
+    other = pipe.step_time_s - dp_exposed[s] - opt_s[s] - busy
+    # ZeRO-3 gathers ride inside the op durations: count them as data-parallel communication.
+    zero3_s = max(0.0, busy - compute - recompute - tp_comm - cp_comm)
+    return {"compute": compute, "recompute": recompute, "tp_comm": tp_comm, "cp_comm": cp_comm,
+            "pp_comm": min(pp_comm, max(other, 0.0)), "dp_comm": float(dp_exposed[s]) + zero3_s,
+            "bubble": float(max(0.0, other - pp_comm)), "optimizer": float(opt_s[s])}

@@ -1,0 +1,110 @@
+"""The validation suite: run many plans on this machine, set each measured step time and
+peak memory beside the simulator's prediction, and summarise the error.
+
+The plans cover every parallelism the executor runs at world size 2 (DP with ZeRO 0-3, TP,
+TP+SP, PP with GPipe / 1F1B / interleaved and several micro-batch counts, recompute) and
+world size 4 (4 ranks sharing the 2 cores of this machine: the profile's cores_per_node
+makes the cost model divide compute among them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from meshplan.executor.launch import RunOptions, launch_many
+from meshplan.executor.records import RunRecord
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import Cluster, Plan
+
+# A Llama-style model whose step takes ~0.1-0.5 s on one thread per rank: long enough to
+# time well, short enough for the whole suite to run in a few minutes.
+VALIDATION_MODEL = ModelSpec(name="validate-llama-8m", num_layers=4, hidden_size=256, num_heads=8,
+                             num_kv_heads=4, ffn_hidden_size=704, vocab_size=4096, max_seq_len=1024)
+SEQ_LEN = 128
+
+
+def _p(**kw) -> Plan:
+    base = dict(global_batch=8, seq_len=SEQ_LEN, micro_batch=2, dtype="fp32")
+    base.update(kw)
+    return Plan(**base)
+
+
+SUITE: tuple[tuple[str, Plan], ...] = (
+    ("dp2", _p(dp=2)),
+    ("dp2 zero1", _p(dp=2, zero=1)),
+    ("dp2 zero2", _p(dp=2, zero=2)),
+    ("dp2 zero3", _p(dp=2, zero=3)),
+    ("dp2 mb1", _p(dp=2, micro_batch=1)),
+    ("dp2 recompute full", _p(dp=2, recompute="full")),
+    ("tp2", _p(tp=2)),
+    ("tp2 sp", _p(tp=2, sp=True)),
+    ("tp2 sp selective", _p(tp=2, sp=True, recompute="selective")),
+    ("pp2 gpipe m4", _p(pp=2, schedule="gpipe")),
+    ("pp2 1f1b m4", _p(pp=2, schedule="1f1b")),
+    ("pp2 1f1b m8", _p(pp=2, schedule="1f1b", micro_batch=1)),
+    ("pp2 interleaved v2 m4", _p(pp=2, schedule="interleaved", virtual_stages=2)),
+    ("dp4", _p(dp=4)),
+    ("dp2 tp2", _p(dp=2, tp=2, zero=2)),
+    ("tp2 pp2", _p(tp=2, pp=2, schedule="1f1b")),
+    ("dp2 pp2", _p(dp=2, pp=2, schedule="1f1b", micro_batch=1, zero=2)),
+)
+
+
+@dataclass(frozen=True)
+class ValidationRun:
+    name: str
+    record: RunRecord
+
+    @property
+    def error(self) -> float:
+        """Relative error of the predicted step time: predicted / measured - 1."""
+        return self.record.predicted_step_time_s / self.record.measured_step_time_s - 1.0
+
+    @property
+    def memory_error(self) -> float:
+        return (self.record.predicted_peak_memory_bytes
+                / max(self.record.measured_peak_memory_by_rank_bytes) - 1.0)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, **self.record.summary_json(), "error": self.error,
+                "memory_error": self.memory_error}
+
+
+def run_suite(options: RunOptions, names: tuple[str, ...] | None = None,
+              suite: tuple[tuple[str, Plan], ...] = SUITE,
+              model: ModelSpec = VALIDATION_MODEL, rounds: int = 1) -> list[ValidationRun]:
+    """Run the suite's plans (or those named), one torchrun launch per world size and round.
+    With rounds > 1 the launches take turns (world 2, world 4, world 2, ...), each with
+    options.steps steps, and each plan's timed steps of all rounds are pooled: a slow spell of
+    the machine then falls on every plan instead of on those that happened to run in it.
+    Losses and memory are the first round's."""
+    chosen = [(n, p) for n, p in suite if names is None or n in names]
+    worlds = sorted({p.world_size for _, p in chosen})
+    pooled: dict[str, RunRecord] = {}
+    for _ in range(rounds):
+        for world in worlds:
+            group = [(n, p) for n, p in chosen if p.world_size == world]
+            records = launch_many([(model, p) for _, p in group], Cluster(world, world), options)
+            for (n, _), r in zip(group, records):
+                pooled[n] = r if n not in pooled else replace(
+                    pooled[n], step_times_s=pooled[n].step_times_s + r.timed_step_times_s)
+    return [ValidationRun(n, pooled[n]) for world in worlds
+            for n, p in chosen if p.world_size == world]
+
+
+def error_stats(predicted: list[float], measured: list[float], errors: list[float]) -> dict:
+    """Median and max |relative error|, and the Spearman rank correlation of predicted
+    against measured (nan with fewer than 3 runs)."""
+    rho = float(spearmanr(predicted, measured).statistic) if len(errors) > 2 else float("nan")
+    return {"median_abs_error": float(np.median(np.abs(errors))),
+            "max_abs_error": float(np.max(np.abs(errors))), "spearman": rho}
+
+
+def summary(runs: list[ValidationRun]) -> dict:
+    """error_stats of the step time, and median / max |error| of peak memory."""
+    memory = np.abs([r.memory_error for r in runs])
+    return {**error_stats([r.record.predicted_step_time_s for r in runs],
+                          [r.record.measured_step_time_s for r in runs], [r.error for r in runs]),
+            "memory_median_abs_error": float(np.median(memory)),
+            "memory_max_abs_error": float(np.max(memory))}
