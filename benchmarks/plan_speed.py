@@ -36,7 +36,7 @@ def main() -> None:
         runs = []
         for _ in range(REPEATS):
             table, t_table, _ = timed(lambda: candidate_table(model, cluster, fixed))
-            _, t_eval, _ = timed(lambda: evaluate(table, model, hw, keep=24))
+            _, t_eval, _ = timed(lambda: evaluate(table, model, hw, cluster.ranks_per_node, keep=24))
             found, wall, cpu = timed(lambda: search(model, cluster, hw, fixed))
             _, t_explain, _ = timed(lambda: explain(model, cluster, hw, found.ranked, fixed))
             runs.append((wall, cpu, t_table, t_eval, t_explain, found))

@@ -32,7 +32,7 @@ def measured_times(args) -> dict[str, float]:
     if args.from_validate:
         runs = json.loads(open(args.from_validate).read())["runs"]
         return {r["name"]: r["measured_step_time_s"] for r in runs}
-    from meshplan.executor.launch import RunOptions
+    from meshplan.executor.options import RunOptions
     from meshplan.validation.suite import run_suite
     options = RunOptions(steps=args.steps, warmup=args.warmup, profile=args.hardware, progress=False)
     return {r.name: r.record.measured_step_time_s for r in run_suite(options)}

@@ -19,16 +19,16 @@ def check_token_file(path: str, seq_len: int, vocab_size: int) -> None:
     try:
         tokens = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as exc:
-        raise PlanError("--data", f"cannot read {path} ({exc})", "pass a .npy file of token ids")
+        raise PlanError("run.data", f"cannot read {path} ({exc})", "pass a .npy file of token ids")
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        raise PlanError("--data", f"{path} holds {tokens.dtype} of shape {tokens.shape}",
+        raise PlanError("run.data", f"{path} holds {tokens.dtype} of shape {tokens.shape}",
                         "save a 1-D integer array of token ids with numpy.save")
     if tokens.size < seq_len + 1:
-        raise PlanError("--data", f"{tokens.size} tokens are fewer than seq_len+1 = {seq_len + 1}",
+        raise PlanError("run.data", f"{tokens.size} tokens are fewer than seq_len+1 = {seq_len + 1}",
                         "use a longer token file or a shorter --seq-len")
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= vocab_size:
-        raise PlanError("--data", f"token ids span {low}..{high}, outside the vocab of {vocab_size}",
+        raise PlanError("run.data", f"token ids span {low}..{high}, outside the vocab of {vocab_size}",
                         "tokenize with the model's vocabulary")
 
 

@@ -62,7 +62,7 @@ def generate(model: Transformer, prompts: torch.Tensor, gen_len: int) -> torch.T
 def serving_mesh(plan: InferencePlan) -> Mesh:
     """The deployment's ranks as the serving simulator places them: TP innermost, then
     pipeline stages, replicas outermost."""
-    return Mesh.of({"tp": plan.tp, "pp": plan.pp, "dp": plan.replicas}, ("tp", "pp", "dp"),
+    return Mesh.of({"tp": plan.tp, "cp": 1, "pp": plan.pp, "dp": plan.replicas}, ("tp", "cp", "pp", "dp"),
                    plan.num_gpus)
 
 

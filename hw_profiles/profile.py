@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from meshplan.hw_profiles import collective_model, gemm_model
 from meshplan.hw_profiles.collective_model import CollectiveFit, Curve, Line
 from meshplan.hw_profiles.gemm_model import DTYPE_BYTES, GemmFit, MemoryBoundFit
 from meshplan.core.errors import ProfileError
+from meshplan.core.io import write_atomic
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLES_SUFFIX = ".samples.json"
@@ -195,18 +195,8 @@ class HardwareProfile:
             overhead=r.overhead(data.get("overhead", {})))
 
     def save(self, path) -> None:
-        """Write JSON atomically (temp file in the same folder, then os.replace)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-                f.write("\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the profile's JSON whole or not at all."""
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
 
 class _Reader:

@@ -23,7 +23,7 @@ from meshplan.simulator.cost import per_rank_profile
 from meshplan.simulator.memory import memory_reserve_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.partition import balanced_shape
-from meshplan.simulator.plan import RECOMPUTE, SCHEDULES
+from meshplan.simulator.plan import SCHEDULES
 from meshplan.simulator.schedule import in_flight
 
 GPIPE, ONE_F_ONE_B, INTERLEAVED, ZB_H1 = (SCHEDULES.index(s)

@@ -25,101 +25,37 @@ import pandas as pd
 from meshplan.core.units import GIB
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.plan import AXES, Plan
+from meshplan.simulator import rules
+from meshplan.simulator.plan import Plan
+from meshplan.simulator.rules import TORCH_SCHEDULES
 from meshplan.simulator.train import SimulationResult
 
-TARGETS = ("torchtitan", "megatron", "deepspeed", "plan")
-DEFAULT_ORDER = ",".join(AXES)
-# torch.distributed.pipelining names (get_schedule_class); torchtitan runs zero-bubble
-# schedules only with >= 2 stages per rank (InterleavedZeroBubble, ZBVZeroBubble).
-TORCH_SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
+TARGETS = tuple(rules.FRAMEWORKS)
 
 
-def _even_chunks(x, m):
-    return (x.virtual_stages == 1) | (m.num_layers % (x.pp * x.virtual_stages) == 0)
-
-
-def _rules(target: str):
-    """(knob, ok(x, model), problem(x), fix): x has the plan's fields as attributes (plain
-    values, or the candidate table's columns) with placement as "tp,cp,dp,pp" text."""
-    if target == "torchtitan":
-        return [
-            ("attention", lambda x, m: x.attention == "flash",
-             lambda x: "it runs fused attention (SDPA / flex) only", "plan with --attention flash"),
-            ("schedule", lambda x, m: (x.pp == 1) | np.isin(x.schedule, list(TORCH_SCHEDULES)),
-             lambda x: f"schedule {x.schedule} has no single-stage torchtitan schedule (its "
-                       "zero-bubble schedules need >= 2 stages per rank)",
-             "plan with --schedule 1f1b, gpipe or interleaved"),
-            ("zero", lambda x, m: x.zero != 1,
-             lambda x: "ZeRO-1 has no torchtitan form (it replicates with DDP or shards with FSDP2)",
-             "plan with --zero 0, 2 (FSDP2 without resharding after forward) or 3 (FSDP2)"),
-            ("sp", lambda x, m: (x.tp == 1) | x.sp,
-             lambda x: "its tensor parallelism always shards norms over the sequence "
-                       "(SequenceParallel)", "plan with --sp"),
-            ("placement", lambda x, m: x.placement == DEFAULT_ORDER,
-             lambda x: f"its device mesh orders ranks {DEFAULT_ORDER} innermost first, not "
-                       f"{x.placement}", f"plan with --placement {DEFAULT_ORDER}"),
-            ("virtual_stages", _even_chunks,
-             lambda x: f"pipeline_parallel_layers_per_stage needs the layers to split evenly over "
-                       f"{x.pp}x{x.virtual_stages} stages", "choose --virtual-stages dividing layers/pp"),
-            ("dtype", lambda x, m: x.dtype != "fp16", lambda x: "it trains in bf16 or fp32",
-             "plan with --dtype bf16")]
-    if target == "megatron":
-        return [
-            ("schedule", lambda x, m: (x.pp == 1) | np.isin(x.schedule, ["1f1b", "interleaved"]),
-             lambda x: f"Megatron-LM runs 1F1B or interleaved 1F1B, not {x.schedule}",
-             "plan with --schedule 1f1b or interleaved"),
-            ("zero", lambda x, m: (x.zero <= 1) | ((x.zero == 3) & (x.pp == 1)),
-             lambda x: f"ZeRO-{x.zero} has no Megatron-LM flag here (distributed optimizer = "
-                       "ZeRO-1; --use-torch-fsdp2 = ZeRO-3, and not with pipeline parallelism)",
-             "plan with --zero 0 or 1"),
-            ("placement", lambda x, m: np.isin(x.placement, [DEFAULT_ORDER, "tp,cp,pp,dp"]),
-             lambda x: f"Megatron-LM orders ranks tp-cp-dp-pp (or tp-cp-pp-dp with "
-                       f"--use-tp-pp-dp-mapping), not {x.placement}",
-             f"plan with --placement {DEFAULT_ORDER}"),
-            ("virtual_stages", _even_chunks,
-             lambda x: f"--num-layers-per-virtual-pipeline-stage needs the layers to split evenly "
-                       f"over {x.pp}x{x.virtual_stages} stages",
-             "choose --virtual-stages dividing layers/pp"),
-            ("tp", lambda x, m: m.num_kv_heads % x.tp == 0,
-             lambda x: "--tensor-model-parallel-size must divide the KV heads", "choose such a --tp")]
-    if target == "deepspeed":
-        return [
-            ("cp", lambda x, m: x.cp == 1, lambda x: "DeepSpeed has no ring context parallelism",
-             "plan with --cp 1"),
-            ("schedule", lambda x, m: (x.pp == 1) | (x.schedule == "1f1b"),
-             lambda x: "the DeepSpeed pipeline engine runs its own 1F1B schedule",
-             "plan with --schedule 1f1b"),
-            ("zero", lambda x, m: (x.pp == 1) | (x.zero <= 1),
-             lambda x: "ZeRO-2 and ZeRO-3 are incompatible with DeepSpeed pipeline parallelism",
-             "plan with --zero 0 or 1, or --pp 1"),
-            ("placement", lambda x, m: x.placement == DEFAULT_ORDER,
-             lambda x: f"its topology orders ranks model, data, pipe innermost first, not "
-                       f"{x.placement}", f"plan with --placement {DEFAULT_ORDER}")]
-    return []
+def _fields(table: pd.DataFrame) -> SimpleNamespace:
+    """The candidate table's columns as rules read them."""
+    cols = {c: table[c].to_numpy() for c in table.columns}
+    cols.update(schedule=table["schedule"].astype(str).to_numpy(),
+                placement=table["placement"].map(",".join).to_numpy(),
+                attention=table.attrs["attention"], dtype=table.attrs["dtype"],
+                layer_partition=table.attrs["layer_partition"])
+    return SimpleNamespace(**cols)
 
 
 def supported(target: str, model: ModelSpec, table: pd.DataFrame) -> np.ndarray:
     """Which candidate-table rows `target` can run (a search restriction)."""
-    cols = {c: table[c].to_numpy() for c in table.columns}
-    cols.update(schedule=table["schedule"].astype(str).to_numpy(),
-                placement=table["placement"].map(",".join).to_numpy(),
-                attention=table.attrs["attention"], dtype=table.attrs["dtype"])
-    x = SimpleNamespace(**cols)
-    mask = np.ones(len(table), bool)
-    for _, ok, _, _ in _rules(target):
-        mask &= np.broadcast_to(ok(x, model), mask.shape)
-    return mask
+    return np.broadcast_to(rules.holds(rules.FRAMEWORKS[target], _fields(table), model), len(table))
 
 
 def check(target: str, model: ModelSpec, plan: Plan) -> None:
-    """Raise PlanError naming the target and the knob if `target` cannot run `plan`."""
+    """One PlanError naming every knob of `plan` that `target` cannot run."""
     if target not in TARGETS:
-        raise PlanError("--emit", f"unknown target {target!r}", f"use one of {', '.join(TARGETS)}")
-    x = SimpleNamespace(**{**plan.to_dict(), "placement": ",".join(plan.placement)})
-    for knob, ok, problem, fix in _rules(target):
-        if not bool(ok(x, model)):
-            raise PlanError(f"--emit {target}", f"{knob}: {problem(x)}", fix)
+        raise PlanError("emit", f"unknown target {target!r}", f"use one of {', '.join(TARGETS)}")
+    issues = rules.violations(rules.FRAMEWORKS[target], plan.fields(), model)
+    if issues:
+        raise PlanError.of([(f"emit.{target}", f"{field.removeprefix('plan.')}: {problem}", fix)
+                            for field, problem, fix in issues])
 
 
 def export(target: str, model: ModelSpec, result: SimulationResult) -> str:

@@ -52,7 +52,7 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
         table = table[allowed(table)].reset_index(drop=True)
         table.attrs.update(attrs)
         if table.empty:
-            raise PlanError("--emit", "no legal plan is one the target framework can run",
+            raise PlanError("emit", "no legal plan is one the target framework can run",
                             "drop --emit, or fix fewer knobs")
     ev = evaluate(table, model, hw, cluster.ranks_per_node, keep=des)
     if not ev.fits.any():
@@ -95,7 +95,7 @@ def _memory_error(ev, hw: HardwareProfile, fixed: dict) -> PlanError:
     helps = ["add GPUs"] + [h for k, h in (("recompute", "allow recompute"), ("zero", "allow ZeRO"),
                                          ("micro_batch", "allow smaller micro-batches"))
                            if k in fixed]
-    return PlanError("--gpus", f"every legal plan needs more than the {ev.memory_limit_bytes / GIB:.1f} "
+    return PlanError("cluster.num_gpus", f"every legal plan needs more than the {ev.memory_limit_bytes / GIB:.1f} "
                      f"GiB usable of {hw.memory_bytes / GIB:.0f} GiB per device (the smallest needs at least "
                      f"{np.min(ev.peak_memory_bytes) / GIB:.1f} GiB)"
                      + (f" with {', '.join(held)} held" if held else ""),

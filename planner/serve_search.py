@@ -66,14 +66,14 @@ def _batches(max_batch: int) -> list[int]:
 
 def _check_args(prompt_len, gen_len, slo_ttft_s, slo_tpot_s, objective, fixed) -> None:
     if objective not in OBJECTIVES:
-        raise PlanError("--objective", f"unknown {objective!r}", f"use one of {', '.join(OBJECTIVES)}")
-    for flag, slo in (("--slo-ttft", slo_ttft_s), ("--slo-tpot", slo_tpot_s)):
+        raise PlanError("search.objective", f"unknown {objective!r}", f"use one of {', '.join(OBJECTIVES)}")
+    for field, slo in (("search.slo_ttft_ms", slo_ttft_s), ("search.slo_tpot_ms", slo_tpot_s)):
         if slo is not None and not (isinstance(slo, (int, float)) and slo > 0):
-            raise PlanError(flag, f"must be a positive number of seconds, got {slo!r}",
-                            f"pass {flag} S with S > 0, or leave it out")
+            raise PlanError(field, f"must be a positive time, got {slo!r}",
+                            "give a positive time, or leave it out")
     unknown = sorted(set(fixed) - set(FIXABLE))
     if unknown:
-        raise PlanError(f"--{unknown[0].replace('_', '-')}", "cannot be fixed in a serving search",
+        raise PlanError(f"plan.{unknown[0]}", "cannot be fixed in a serving search",
                         f"fix only {', '.join(FIXABLE)}")
     # the plan's constructor checks the lengths, batch and dtypes
     InferencePlan(batch=fixed.get("batch", 1), prompt_len=prompt_len, gen_len=gen_len,
@@ -94,7 +94,7 @@ def _layouts(model: ModelSpec, cluster: Cluster, fixed: dict) -> list[tuple[int,
         except MeshplanError as exc:
             first_error = first_error or exc
     if not legal:
-        raise first_error or PlanError("--gpus", f"no tp x pp x replicas layout of {n} GPUs "
+        raise first_error or PlanError("cluster.num_gpus", f"no tp x pp x replicas layout of {n} GPUs "
                                        "matches the fixed knobs", "relax --tp, --pp or --replicas")
     return legal
 
@@ -149,14 +149,14 @@ def _nothing_left(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, slo_t
                   slo_tpot_s) -> PlanError:
     fitting = table[table.fits.astype(bool)]
     if fitting.empty:
-        return PlanError("--gpus", f"{model.name} does not fit on {cluster.num_gpus} GPUs in any "
+        return PlanError("cluster.num_gpus", f"{model.name} does not fit on {cluster.num_gpus} GPUs in any "
                          "layout at this context", "add GPUs, shorten the context or use --kv-dtype fp8")
     if slo_ttft_s is not None and (fitting.ttft_s > slo_ttft_s).all():
         best = fitting.ttft_s.min()
-        return PlanError("--slo-ttft", f"no plan reaches TTFT <= {slo_ttft_s:g} s (best {best:.3g} s)",
+        return PlanError("search.slo_ttft_ms", f"no plan reaches TTFT <= {slo_ttft_s:g} s (best {best:.3g} s)",
                          "relax the TTFT SLO, shorten prompts or add GPUs")
     best = fitting[fitting.ttft_s <= (slo_ttft_s or float("inf"))].tpot_s.min()
-    return PlanError("--slo-tpot", f"no plan within the TTFT SLO reaches TPOT <= {slo_tpot_s:g} s "
+    return PlanError("search.slo_tpot_ms", f"no plan within the TTFT SLO reaches TPOT <= {slo_tpot_s:g} s "
                      f"(best {best:.3g} s)", "relax the SLOs or add GPUs")
 
 
@@ -209,10 +209,10 @@ def emit_vllm(plan: InferencePlan, model: ModelSpec, prompt_len: int | None = No
     plan.validate(model, Cluster(plan.num_gpus, plan.num_gpus))
     max_len = (prompt_len or plan.prompt_len) + (gen_len or plan.gen_len)
     if max_len > model.max_seq_len:
-        raise PlanError("--max-model-len", f"{max_len} exceeds the model's {model.max_seq_len} "
+        raise PlanError("vllm --max-model-len", f"{max_len} exceeds the model's {model.max_seq_len} "
                         "positions, which vLLM refuses", f"keep prompt_len + gen_len <= {model.max_seq_len}")
     if plan.kv_dtype not in (plan.dtype, "fp8"):
-        raise PlanError("--kv-dtype", f"vLLM stores the KV cache in the model dtype or fp8, not "
+        raise PlanError("plan.kv_dtype", f"vLLM stores the KV cache in the model dtype or fp8, not "
                         f"{plan.kv_dtype}", f"use --kv-dtype {plan.dtype} or fp8")
     words = ["vllm serve", HF_IDS.get(model.name, model.name),
              f"--tensor-parallel-size {plan.tp}", f"--pipeline-parallel-size {plan.pp}",

@@ -1,19 +1,23 @@
 """The candidate table: every plan the search considers, one row each.
 
-Rows are built by joins over the knobs (pandas), each join keeping only the values legal
-for the row (the divisibility rules of simulator/plan.py), so every row is a legal plan:
-parallel degrees whose product is the GPU count, rank placements (deduplicated by the
-link levels their groups land on), micro-batch sizes dividing the per-replica batch,
-pipeline schedules with their legal virtual-stage counts, sequence parallelism, ZeRO
-stage and recompute. Knobs the user fixed take only their fixed value.
+Rows are built by joins over the knobs (pandas): parallel degrees whose product is the GPU
+count, rank placements (deduplicated by the link levels their groups land on), micro-batch
+sizes dividing the per-replica batch, pipeline schedules with their virtual-stage counts,
+sequence parallelism, ZeRO stage and recompute. After each join the legality rules
+(simulator/rules.py, the ones Plan.validate applies) drop the illegal rows, as soon as the
+table has the fields a rule reads, so every row is a legal plan. Knobs the user fixed
+take only their fixed value.
 """
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 
 from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Mesh
+from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import ATTENTION, DTYPES, RECOMPUTE, SCHEDULES, Cluster, Plan
 
@@ -31,27 +35,30 @@ def divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
+def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
+    """The rows that break no legality rule whose fields the table has so far."""
+    if table.empty:
+        return table
+    columns = {c: table[c].to_numpy() for c in table.columns if c != "placement"}
+    if "schedule" in columns:
+        columns["schedule"] = table["schedule"].astype(str).to_numpy()
+    scalars = {"global_batch": fixed["global_batch"], "seq_len": fixed["seq_len"],
+               "layer_partition": fixed.get("layer_partition")}
+    available = set(columns) | set(scalars) - ({"layer_partition"} if "virtual_stages" not in columns else set())
+    keep = rules.holds(rules.TRAINING, SimpleNamespace(**scalars, **columns), model, cluster, available)
+    return table[np.broadcast_to(keep, len(table))]
+
+
 def _axes_rows(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
     """Parallel degrees (dp, tp, pp, cp) with product = GPUs, each legal on its own."""
-    n, seq, gb = cluster.num_gpus, fixed["seq_len"], fixed["global_batch"]
-    if seq > model.max_seq_len and model.position_embedding == "learned":
-        return pd.DataFrame(columns=["dp", "tp", "pp", "cp"])
-    rows = []
-    for tp in divisors(n):
-        if model.num_heads % tp or model.num_kv_heads % tp or model.ffn_hidden_size % tp:
-            continue
-        for cp in divisors(n // tp):
-            if cp > 1 and seq % (2 * cp):
-                continue
-            for pp in divisors(n // (tp * cp)):
-                dp = n // (tp * cp * pp)
-                if pp <= model.num_layers and gb % dp == 0:
-                    rows.append((dp, tp, pp, cp))
+    n = cluster.num_gpus
+    rows = [(n // (tp * cp * pp), tp, pp, cp) for tp in divisors(n) for cp in divisors(n // tp)
+            for pp in divisors(n // (tp * cp))]
     axes = pd.DataFrame(rows, columns=["dp", "tp", "pp", "cp"])
     for knob in ("dp", "tp", "pp", "cp"):
         if knob in fixed:
             axes = axes[axes[knob] == fixed[knob]]
-    return axes
+    return _legal(axes, model, cluster, fixed)
 
 
 def _placement_rows(axes: pd.DataFrame, cluster: Cluster, fixed: dict) -> pd.DataFrame:
@@ -91,8 +98,7 @@ def _schedules(model: ModelSpec, fixed: dict):
             # --num-layers-per-virtual-pipeline-stage and torchtitan's layers-per-stage need.
             vs = [fixed["virtual_stages"]] if fixed.get("virtual_stages", 1) > 1 else [
                 v for v in range(2, model.num_layers // pp + 1) if model.num_layers % (pp * v) == 0]
-            if m % pp == 0:
-                opts += [("interleaved", v) for v in vs if pp * v <= model.num_layers]
+            opts += [("interleaved", v) for v in vs]
         return [o for o in opts if fixed.get("schedule", o[0]) == o[0]
                 and fixed.get("virtual_stages", o[1]) == o[1]]
     return options
@@ -102,22 +108,25 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataF
     """All legal plans for the model on the cluster with the user's fixed knobs held.
     Scalar settings (global batch, sequence, dtype, attention, layer partition) ride in
     table.attrs. Raises PlanError naming the broken rule when no plan is legal."""
-    for required, flag in (("global_batch", "--global-batch"), ("seq_len", "--seq-len")):
-        if required not in fixed:
-            raise PlanError(flag, "missing", f"pass {flag} N")
+    missing = [(f"plan.{name}", "missing", "give it") for name in ("global_batch", "seq_len")
+               if name not in fixed]
+    if missing:
+        raise PlanError.of(missing)
     gb, seq = fixed["global_batch"], fixed["seq_len"]
     table = _placement_rows(_axes_rows(model, cluster, fixed), cluster, fixed)
     if not table.empty:
-        table = _join(table, ["dp"], lambda dp: [(b,) for b in divisors(gb // dp)
-                                                 if fixed.get("micro_batch", b) == b], ["micro_batch"])
+        table = _join(table, ["dp"], lambda dp: [(b,) for b in divisors(gb // dp) if gb % dp == 0
+                                                 and fixed.get("micro_batch", b) == b], ["micro_batch"])
+        table = _legal(table, model, cluster, fixed)
     if not table.empty:
         table["num_microbatches"] = gb // (table["dp"] * table["micro_batch"])
         table = _join(table, ["pp", "num_microbatches"], _schedules(model, fixed),
                       ["schedule", "virtual_stages"])
+        table = _legal(table, model, cluster, fixed)
     if not table.empty:
         table = _join(table, ["tp", "cp"], lambda tp, cp: [
-            (sp,) for sp in ((False, True) if tp > 1 and (seq // cp) % tp == 0 else (False,))
-            if fixed.get("sp", sp) == sp], ["sp"])
+            (sp,) for sp in (False, True) if fixed.get("sp", sp) == sp], ["sp"])
+        table = _legal(table, model, cluster, fixed)
     if not table.empty:
         table = _join(table, ["dp", "cp"], lambda dp, cp: [
             (z,) for z in (ZERO_STAGES if "zero" in fixed or dp * cp > 1 else (0,))
@@ -126,8 +135,6 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataF
         table = _join(table, ["tp"], lambda tp: [
             (r,) for r in RECOMPUTE if fixed.get("recompute", r) == r], ["recompute"])
     partition = fixed.get("layer_partition")
-    if partition is not None and not table.empty:
-        table = table[table["pp"] * table["virtual_stages"] == len(partition)]
     if table.empty:
         raise _why_empty(model, cluster, fixed)
     table = table.reset_index(drop=True)
@@ -158,7 +165,7 @@ def _why_empty(model: ModelSpec, cluster: Cluster, fixed: dict) -> PlanError:
     if "dp" not in fields:
         other = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)
         if cluster.num_gpus % other:
-            return PlanError("--gpus", f"{cluster.num_gpus} GPUs are not divisible by tp*pp*cp = "
+            return PlanError("cluster.num_gpus", f"{cluster.num_gpus} GPUs are not divisible by tp*pp*cp = "
                              f"{other}", "choose tp, pp, cp whose product divides the GPU count")
         fields["dp"] = cluster.num_gpus // other
     if fields.get("schedule") == "interleaved" and "virtual_stages" not in fields:
@@ -167,6 +174,6 @@ def _why_empty(model: ModelSpec, cluster: Cluster, fixed: dict) -> PlanError:
         Plan(**fields).validate(model, cluster)
     except PlanError as exc:
         return exc
-    return PlanError("--gpus", f"no combination of dp, tp, pp, cp, micro-batch and schedule is "
+    return PlanError("cluster.num_gpus", f"no combination of dp, tp, pp, cp, micro-batch and schedule is "
                      f"legal for {model.name} on {cluster.num_gpus} GPUs with global batch "
                      f"{fixed['global_batch']}", "fix fewer knobs or change the GPU count or batch")

@@ -18,6 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from meshplan.reports.page import page
 from meshplan.calibration.build_stock import STOCK, default_data_dir, fit_table
 from meshplan.hw_profiles.profile import HardwareProfile, load_profile, profile_path, samples_path
 from meshplan.calibration.samples import Samples
@@ -26,8 +27,6 @@ from meshplan.core.errors import ProfileError
 
 SPLITS = {"fitted": ("circle", "#1f77b4"), "held-out": ("x", "#d62728"),
           "split not recorded": ("circle-open", "#7f7f7f")}
-STYLE = ("table { border-collapse: collapse } td, th { padding: 2px 10px; text-align: right } "
-         "tbody th { text-align: left }")
 SIZE_LABELS = {"gemm": "FLOPs (2mnk x batch)", "memory_bound": "bytes read + written",
                "collective": "message bytes (nccl-tests size)"}
 
@@ -48,7 +47,7 @@ def profile_samples(name_or_path: str) -> tuple[HardwareProfile, Samples, str]:
         return profile, samples, f"Vidur's measurements under {data} (rebuilt by hw_profiles.vidur_import)"
     fix = ("set MESHPLAN_VIDUR_DATA to a copy of microsoft/vidur's data/profiling" if stock else
            f"measure again with `meshplan profile --out {path}`, which writes the samples beside it")
-    raise ProfileError("--report", f"{beside} does not exist (the samples {path.name} was fitted on)",
+    raise ProfileError("report", f"{beside} does not exist (the samples {path.name} was fitted on)",
                        fix)
 
 
@@ -130,8 +129,7 @@ def report_html(profile: HardwareProfile, samples: Samples,
     the quantities it plots."""
     table = fit_table(profile)
     median, p95 = profile.relative_error_band()
-    body = [f"<h1>meshplan calibration report: {html.escape(profile.name)}</h1>",
-            f"<p>{html.escape(profile.device_name)}. Samples: {html.escape(samples_source)}. "
+    body = [f"<p>{html.escape(profile.device_name)}. Samples: {html.escape(samples_source)}. "
             f"Held-out relative residual |predicted/measured - 1|: median {median:.1%}, p95 "
             f"{p95:.1%} (point-weighted over quantities).</p>",
             table.to_html(float_format=lambda x: f"{x:.1%}", na_rep="-", border=0),
@@ -149,12 +147,6 @@ def report_html(profile: HardwareProfile, samples: Samples,
             body.append(f"<p>fitted on samples not in {html.escape(samples_source)} (a fit "
                         "inherited from a base profile); see the table above.</p>")
             continue
-        fig = quantity_figure(quantity, points)
-        body.append(fig.to_html(full_html=False, include_plotlyjs=not plotted,
-                                div_id=_anchor(quantity) + "-plot"))
+        body.append((quantity_figure(quantity, points), _anchor(quantity) + "-plot"))
         plotted.append(quantity)
-    title = f"meshplan calibration report: {html.escape(profile.name)}"
-    head = f"<meta charset=\"utf-8\"><title>{title}</title>\n<style>{STYLE}</style>"
-    page = (f"<!DOCTYPE html>\n<html><head>{head}</head><body>\n" + "\n".join(body)
-            + "\n</body></html>\n")
-    return page, plotted
+    return page(f"meshplan calibration report: {profile.name}", body), plotted

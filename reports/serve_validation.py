@@ -9,8 +9,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from meshplan.reports.page import page
 from meshplan.validation.serve_suite import ServeValidationRun
-from meshplan.cli.common import write_atomic
+from meshplan.core.io import write_atomic
 
 
 def runs_table(runs: list[ServeValidationRun]) -> pd.DataFrame:
@@ -66,5 +67,4 @@ def write_html(runs: list[ServeValidationRun], summary: dict, band: tuple[float,
                       height=560)
     rows = table.assign(ttft_error_pct=table.ttft_error_pct.round(1),
                         tpot_error_pct=table.tpot_error_pct.round(1))
-    html = fig.to_html(include_plotlyjs=True, full_html=True) + rows.to_html(index=False)
-    write_atomic(path, html)
+    write_atomic(path, page(title, [fig, rows.to_html(index=False)]))

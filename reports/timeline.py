@@ -3,9 +3,9 @@ chrome://tracing) and a plotly Gantt chart saved as a self-contained HTML page."
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
+from meshplan.reports.page import page
+from meshplan.core.io import write_atomic
 from meshplan.simulator.pipeline_sim import PipelineEvent, PipelineResult
 
 KIND_COLOURS = {"F": "#4c78a8", "B": "#f58518", "W": "#54a24b", "SEND": "#9d9d9d",
@@ -42,22 +42,8 @@ def chrome_trace(result: PipelineResult, label: str = "") -> dict:
             "otherData": {"label": label, "step_time_s": result.step_time_s}}
 
 
-def _write_atomic(path, text: str) -> None:
-    """The whole file or nothing: write a temp file beside it (with the umask's usual
-    permissions, unlike mkstemp's 0600), then rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_chrome_trace(result: PipelineResult, path, label: str = "") -> None:
-    _write_atomic(path, json.dumps(chrome_trace(result, label)))
+    write_atomic(path, json.dumps(chrome_trace(result, label)))
 
 
 def timeline_figure(result: PipelineResult, title: str = ""):
@@ -89,4 +75,4 @@ def timeline_figure(result: PipelineResult, title: str = ""):
 
 
 def write_timeline_html(result: PipelineResult, path, title: str = "") -> None:
-    _write_atomic(path, timeline_figure(result, title).to_html(include_plotlyjs=True))
+    write_atomic(path, page(title or "meshplan pipeline timeline", [timeline_figure(result, title)]))

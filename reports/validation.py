@@ -8,8 +8,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from meshplan.reports.page import page
 from meshplan.validation.suite import ValidationRun
-from meshplan.cli.common import write_atomic
+from meshplan.core.io import write_atomic
 
 
 def runs_table(runs: list[ValidationRun]) -> pd.DataFrame:
@@ -58,5 +59,4 @@ def write_html(runs: list[ValidationRun], summary: dict, band: tuple[float, floa
                             f"{summary['max_abs_error']:.1%}, Spearman {summary['spearman']:.2f}",
                       height=560)
     rows = table.assign(error_pct=table.error_pct.round(1), memory_error_pct=table.memory_error_pct.round(1))
-    html = fig.to_html(include_plotlyjs=True, full_html=True) + rows.to_html(index=False)
-    write_atomic(path, html)
+    write_atomic(path, page(title, [fig, rows.to_html(index=False)]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
+from meshplan.reports.page import heading, page
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import PlanError
 from meshplan.planner.search import SearchResult, search
@@ -52,7 +53,7 @@ def plan_scenarios(model: ModelSpec, profiles: list[HardwareProfile], gpu_counts
     out = [one(hw, hw.name, n) for hw in profiles for n in gpu_counts]
     for resource, factors in scales.items():
         if resource not in RESOURCES:
-            raise PlanError(f"--scale-{resource.replace('_', '-')}", "unknown resource",
+            raise PlanError(f"whatif.scale_{resource}", "unknown resource",
                             f"scale one of {', '.join(RESOURCES)}")
         for hw in profiles:
             for f in factors:
@@ -139,7 +140,7 @@ def report_html(model: ModelSpec, scenarios: list[Scenario]) -> str:
     scaled = [s for s in scenarios if s.resource is not None]
     solved = [s for s in base if s.best]
     if not solved:
-        raise PlanError("--gpus", "no scenario has a plan that fits: "
+        raise PlanError("cluster.num_gpus", "no scenario has a plan that fits: "
                         + "; ".join(f"{s.label}: {s.error}" for s in base), "add GPUs or hardware")
     top = max(solved, key=lambda s: s.best.tokens_per_s)
     figures = [("Throughput and MFU", _throughput_figure(base)),
@@ -149,12 +150,9 @@ def report_html(model: ModelSpec, scenarios: list[Scenario]) -> str:
                ("Top plans", _table_figure(scenarios))]
     if scaled:
         figures.append(("Scaled resources", _scaling_figure(scaled, base)))
-    body = [f"<h1>meshplan what-if: {html.escape(model.name)}</h1>",
-            f"<p>best overall: {html.escape(top.label)}, {top.best.tokens_per_s:,.0f} tokens/s, "
+    body = [f"<p>best overall: {html.escape(top.label)}, {top.best.tokens_per_s:,.0f} tokens/s, "
             f"MFU {top.best.mfu:.1%}, step {top.best.step_time_s:.3f} s (error band "
             f"±{top.best.error_band[0]:.0%} median, ±{top.best.error_band[1]:.0%} p95)</p>"]
-    for i, (title, fig) in enumerate(figures):
-        body.append(f"<h2>{html.escape(title)}</h2>")
-        body.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"chart-{i}"))
-    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>meshplan what-if: "
-            f"{html.escape(model.name)}</title></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    for title, fig in figures:
+        body += [heading(title), fig]
+    return page(f"meshplan what-if: {model.name}", body)

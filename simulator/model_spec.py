@@ -226,7 +226,7 @@ def load_model(name_or_path: str) -> ModelSpec:
         return ZOO[name_or_path]
     path = Path(name_or_path)
     if not path.is_file():
-        raise ModelError("--model", f"{name_or_path!r} is neither a file nor a zoo model",
+        raise ModelError("model", f"{name_or_path!r} is neither a file nor a zoo model",
                          f"pass a config.json path or one of {', '.join(ZOO)}")
     try:
         config = json.loads(path.read_text())

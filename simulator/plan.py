@@ -10,9 +10,11 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Mesh
+from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.schedule import SCHEDULES
 
@@ -21,8 +23,15 @@ DTYPES = ("fp32", "bf16", "fp16")
 # flash: fused attention, no s^2 tensors kept (Dao 2022); naive: explicit scores and softmax
 # as in Korthikanti et al. 2022 Table 2.
 ATTENTION = ("flash", "naive")
-AXES = ("tp", "cp", "dp", "pp")
+AXES = rules.AXES
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def knob(default=dataclasses.MISSING, help: str = "", choices=None, aliases: tuple[str, ...] = ()):
+    """A plan field with what a command line needs to offer it (the CLI derives its plan
+    flags from these, so a new knob is added here only)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
+                                                        "aliases": aliases})
 
 
 @dataclass(frozen=True)
@@ -36,11 +45,11 @@ class Cluster:
         for field in ("num_gpus", "gpus_per_node"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise PlanError(f"--{field.replace('_', '-')}", f"must be a positive integer, got "
-                                f"{value!r}", f"pass --{field.replace('_', '-')} N with N >= 1")
+                raise PlanError(f"cluster.{field}", f"must be a positive integer, got {value!r}",
+                                f"set {field} to an integer >= 1")
         if self.num_gpus > self.gpus_per_node and self.num_gpus % self.gpus_per_node:
-            raise PlanError("--gpus", f"{self.num_gpus} GPUs do not fill whole nodes of "
-                            f"{self.gpus_per_node}", "use a multiple of --gpus-per-node")
+            raise PlanError("cluster.num_gpus", f"{self.num_gpus} GPUs do not fill whole nodes of "
+                            f"{self.gpus_per_node}", "use a multiple of the GPUs per node")
 
     @property
     def num_nodes(self) -> int:
@@ -57,22 +66,24 @@ class Plan:
     """A training plan. `layer_partition` gives the layers of each virtual pipeline stage in
     pipeline order (pp * virtual_stages entries); None means balanced (see partition.py)."""
 
-    global_batch: int
-    seq_len: int
-    dp: int = 1
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    sp: bool = False
-    zero: int = 0
-    recompute: str = "none"
-    micro_batch: int = 1
-    schedule: str = "1f1b"
-    virtual_stages: int = 1
-    layer_partition: tuple[int, ...] | None = None
-    dtype: str = "bf16"
-    attention: str = "flash"
-    placement: tuple[str, ...] = AXES
+    global_batch: int = knob(help="global batch size (sequences)")
+    seq_len: int = knob(help="sequence length (tokens)")
+    dp: int = knob(1, "data-parallel degree (default: GPUs / (tp*pp*cp))")
+    tp: int = knob(1, "tensor-parallel degree")
+    pp: int = knob(1, "pipeline-parallel degree")
+    cp: int = knob(1, "context-parallel degree")
+    sp: bool = knob(False, "sequence parallel (with TP; Megatron-LM's spelling too)",
+                    aliases=("--sequence-parallel",))
+    zero: int = knob(0, "ZeRO stage (3 = FSDP)", choices=(0, 1, 2, 3))
+    recompute: str = knob("none", "activation recompute", choices=RECOMPUTE)
+    micro_batch: int = knob(1, "micro-batch size (sequences)")
+    schedule: str = knob("1f1b", "pipeline schedule", choices=SCHEDULES)
+    virtual_stages: int = knob(1, "model chunks per pipeline rank (interleaved)")
+    layer_partition: tuple[int, ...] | None = knob(None, "layers per (virtual) stage, comma "
+                                                   "separated (default: balanced)")
+    dtype: str = knob("bf16", "compute dtype (mixed precision, fp32 master)", choices=DTYPES)
+    attention: str = knob("flash", "attention kernel", choices=ATTENTION)
+    placement: tuple[str, ...] = knob(AXES, f"rank order innermost-first, default {','.join(AXES)}")
 
     def __post_init__(self):
         ints = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch", "virtual_stages")
@@ -92,20 +103,13 @@ class Plan:
              f"use one of {', '.join(ATTENTION)}"),
             (sorted(self.placement) == sorted(AXES), "placement", f"{self.placement!r} is not an "
              "order of tp, cp, dp, pp", "list each of tp, cp, dp, pp once, innermost first"),
-            (not self.sp or self.tp > 1, "sp", "sequence parallel needs tensor parallel",
-             "set tp > 1 or drop sp"),
-            ((self.virtual_stages > 1) == (self.schedule == "interleaved" and self.pp > 1)
-             or (self.virtual_stages == 1 and self.pp == 1),
-             "virtual_stages", f"{self.virtual_stages} virtual stages with schedule {self.schedule} "
-             f"and pp {self.pp}", "use --schedule interleaved with --pp >= 2 and --virtual-stages "
-             ">= 2, or 1 virtual stage otherwise"),
-            (self.global_batch % (self.micro_batch * self.dp) == 0, "global_batch",
-             f"{self.global_batch} is not divisible by micro_batch*dp = {self.micro_batch * self.dp}",
-             "make global batch a multiple of micro-batch x dp"),
         )
-        for ok, field, problem, fix in checks:
-            if not ok:
-                raise PlanError(f"plan.{field}", problem, fix)
+        issues = [(f"plan.{field}", problem, fix) for ok, field, problem, fix in checks if not ok]
+        if issues:
+            raise PlanError.of(issues)
+        issues = rules.violations(rules.PLAN, self.fields(), None)
+        if issues:
+            raise PlanError.of(issues)
         if self.layer_partition is not None:
             object.__setattr__(self, "layer_partition", tuple(self.layer_partition))
         object.__setattr__(self, "placement", tuple(self.placement))
@@ -134,10 +138,16 @@ class Plan:
                        self.placement, gpus_per_node)
 
     def validate(self, model: ModelSpec, cluster: Cluster) -> None:
-        """Legality of this plan for this model on this cluster; raises PlanError."""
-        fail = _first_violation(self, model, cluster)
-        if fail:
-            raise PlanError(*fail)
+        """Legality of this plan for this model on this cluster (rules.TRAINING); one
+        PlanError naming every rule it breaks."""
+        issues = rules.violations(rules.TRAINING, self.fields(), model, cluster)
+        if issues:
+            raise PlanError.of(issues)
+
+    def fields(self) -> SimpleNamespace:
+        """The plan's fields as rules read them (placement as "tp,cp,dp,pp" text)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return SimpleNamespace(**{**values, "placement": ",".join(self.placement)})
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -157,53 +167,14 @@ class Plan:
         return cls(**data)
 
 
-def _first_violation(plan: Plan, model: ModelSpec, cluster: Cluster):
-    """The first broken rule as (field, problem, fix), or None."""
-    if plan.world_size != cluster.num_gpus:
-        return ("--gpus", f"dp*tp*pp*cp = {plan.dp}*{plan.tp}*{plan.pp}*{plan.cp} = "
-                f"{plan.world_size} but the cluster has {cluster.num_gpus} GPUs",
-                "choose dp, tp, pp, cp whose product is the GPU count")
-    if model.num_heads % plan.tp:
-        return ("--tp", f"{plan.tp} does not divide the {model.num_heads} attention heads",
-                "use a TP degree that divides num_heads")
-    if model.num_kv_heads % plan.tp:
-        return ("--tp", f"{plan.tp} does not divide the {model.num_kv_heads} KV heads",
-                "use a TP degree that divides num_key_value_heads")
-    if model.ffn_hidden_size % plan.tp:
-        return ("--tp", f"{plan.tp} does not divide ffn size {model.ffn_hidden_size}",
-                "use a TP degree that divides the MLP width")
-    if plan.seq_len > model.max_seq_len and model.position_embedding == "learned":
-        return ("--seq-len", f"{plan.seq_len} exceeds the model's {model.max_seq_len} positions",
-                f"use --seq-len <= {model.max_seq_len}")
-    if plan.seq_len % (2 * plan.cp if plan.cp > 1 else 1):
-        return ("--cp", f"seq_len {plan.seq_len} is not divisible by 2*cp = {2 * plan.cp}",
-                "load-balanced causal context parallel splits the sequence in 2*cp chunks")
-    if plan.sp and (plan.seq_len // plan.cp) % plan.tp:
-        return ("--sp", f"sequence {plan.seq_len // plan.cp} per CP rank not divisible by tp {plan.tp}",
-                "choose seq_len divisible by tp*cp, or drop --sp")
-    if model.num_layers < plan.num_virtual:
-        return ("--pp", f"{model.num_layers} layers cannot fill {plan.num_virtual} (virtual) stages",
-                "use fewer pipeline stages or virtual stages")
-    if plan.schedule == "interleaved" and plan.pp > 1 and plan.num_microbatches % plan.pp:
-        return ("--global-batch", f"interleaved 1F1B needs micro-batches ({plan.num_microbatches}) "
-                f"divisible by pp ({plan.pp})", "adjust global batch or micro-batch")
-    if plan.layer_partition is not None:
-        parts = plan.layer_partition
-        if len(parts) != plan.num_virtual or min(parts) < 1 or sum(parts) != model.num_layers:
-            return ("plan.layer_partition", f"{list(parts)} is not {plan.num_virtual} positive "
-                    f"counts summing to {model.num_layers} layers",
-                    "give one layer count per (virtual) stage, or omit it for a balanced split")
-    return None
-
-
 def load_plan(path: str) -> Plan:
     """A plan JSON file as written by `simulate --json` (its "plan" key) or `plan --emit plan`."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlanError("--plan", f"cannot read {path} ({exc})", "pass a plan JSON file")
+        raise PlanError("plan_file", f"cannot read {path} ({exc})", "pass a plan JSON file")
     if isinstance(data, dict) and isinstance(data.get("plan"), dict):
         data = data["plan"]
     if not isinstance(data, dict):
-        raise PlanError("--plan", f"{path} does not hold a JSON object", "pass a plan JSON file")
+        raise PlanError("plan_file", f"{path} does not hold a JSON object", "pass a plan JSON file")
     return Plan.from_dict(data)

@@ -28,10 +28,11 @@ from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Group, Mesh
 from meshplan.simulator.cost import forward_s, per_rank_profile, tp_comm_s
 from meshplan.simulator.memory import memory_reserve_bytes, stage_params
+from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import GEMM, Op, Shard, embedding_ops, head_ops, layer_ops
 from meshplan.simulator.partition import even_partition
-from meshplan.simulator.plan import DTYPE_BYTES, DTYPES, Cluster
+from meshplan.simulator.plan import DTYPE_BYTES, DTYPES, Cluster, knob
 
 # KV caches may be stored in fp8 (vLLM --kv-cache-dtype fp8) while weights stay 16-bit.
 KV_DTYPE_BYTES = {**DTYPE_BYTES, "fp8": 1}
@@ -44,14 +45,15 @@ class InferencePlan:
     """How one deployment serves: `batch` concurrent sequences per replica, tp x pp GPUs per
     replica, `replicas` independent copies (data parallel serving)."""
 
-    batch: int
-    prompt_len: int
-    gen_len: int
-    tp: int = 1
-    pp: int = 1
-    replicas: int = 1
-    dtype: str = "fp16"
-    kv_dtype: str | None = None
+    batch: int = knob(help="concurrent sequences per replica")
+    prompt_len: int = knob(help="prompt tokens per sequence")
+    gen_len: int = knob(help="generated tokens per sequence")
+    tp: int = knob(1, "tensor-parallel degree")
+    pp: int = knob(1, "pipeline-parallel degree")
+    replicas: int = knob(1, "model replicas (data parallel serving; default: GPUs / (tp*pp))")
+    dtype: str = knob("fp16", "weights and activations dtype", choices=DTYPES)
+    kv_dtype: str | None = knob(None, "KV cache dtype (default: dtype)",
+                                choices=tuple(KV_DTYPE_BYTES))
 
     def __post_init__(self):
         for field in ("batch", "prompt_len", "gen_len", "tp", "pp", "replicas"):
@@ -93,29 +95,11 @@ class InferencePlan:
         return KV_DTYPE_BYTES[self.kv_dtype]
 
     def validate(self, model: ModelSpec, cluster: Cluster) -> None:
-        """Legality of this plan for this model on this cluster; raises PlanError."""
-        kv = model.num_kv_heads
-        checks = (
-            (self.num_gpus == cluster.num_gpus, "--gpus", f"tp*pp*replicas = {self.tp}*{self.pp}*"
-             f"{self.replicas} = {self.num_gpus} but the cluster has {cluster.num_gpus} GPUs",
-             "choose tp, pp, replicas whose product is the GPU count"),
-            (model.num_heads % self.tp == 0, "--tp", f"{self.tp} does not divide the "
-             f"{model.num_heads} attention heads", "use a TP degree that divides num_heads"),
-            # vLLM's QKVParallelLinear replicates KV heads tp/kv times when tp > kv heads.
-            (kv % self.tp == 0 or self.tp % kv == 0, "--tp", f"{self.tp} neither divides nor is a "
-             f"multiple of the {kv} KV heads", "use a TP degree that divides the KV heads, or a "
-             "multiple of them (each KV head is then replicated tp/kv times)"),
-            (model.ffn_hidden_size % self.tp == 0, "--tp", f"{self.tp} does not divide ffn size "
-             f"{model.ffn_hidden_size}", "use a TP degree that divides the MLP width"),
-            (model.position_embedding != "learned" or self.context_len <= model.max_seq_len,
-             "--prompt-len", f"prompt_len + gen_len = {self.context_len} exceeds the model's "
-             f"{model.max_seq_len} positions", f"keep prompt_len + gen_len <= {model.max_seq_len}"),
-            (model.num_layers >= self.pp, "--pp", f"{model.num_layers} layers cannot fill {self.pp} "
-             "stages", "use fewer pipeline stages"),
-        )
-        for ok, field, problem, fix in checks:
-            if not ok:
-                raise PlanError(field, problem, fix)
+        """Legality of this plan for this model on this cluster (rules.SERVING); one
+        PlanError naming every rule it breaks."""
+        issues = rules.violations(rules.SERVING, self, model, cluster)
+        if issues:
+            raise PlanError.of(issues)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -127,7 +127,7 @@ def test_too_old_torch_is_refused_in_one_line(monkeypatch, capsys, tmp_path):
     real_version = importlib.metadata.version
     monkeypatch.setattr(requirements.importlib.metadata, "version",
                         lambda d: "2.0.1+cpu" if d == "torch" else real_version(d))
-    monkeypatch.setattr(launch, "_run_torchrun", lambda *_a, **_k: pytest.fail("ranks started"))
+    monkeypatch.setattr(launch, "torchrun", lambda *_a, **_k: pytest.fail("ranks started"))
     code = main(["run", "--model", str(ROOT / "examples/tiny-llama/config.json"), "--gpus", "1",
                  "--global-batch", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1"])
     err = capsys.readouterr().err

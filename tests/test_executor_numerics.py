@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from meshplan.executor import data as batches
-from meshplan.executor.launch import RunOptions, launch_many
+from meshplan.executor.launch import launch_train_many
+from meshplan.executor.options import RunOptions
 from meshplan.executor.model import build_model, loss_fn
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
@@ -96,7 +97,7 @@ def reference(model: ModelSpec, plan: Plan):
 def run_group(jobs, world_size: int, run_dir: Path):
     options = RunOptions(steps=STEPS, warmup=1, seed=SEED, lr=LR, run_dir=str(run_dir),
                          save_grads=True, progress=False)
-    records = launch_many([(m, p) for _, m, p in jobs], Cluster(world_size, world_size), options)
+    records = launch_train_many([(m, p) for _, m, p in jobs], Cluster(world_size, world_size), options)
     return {job_id: (i, record) for i, ((job_id, _, _), record) in enumerate(zip(jobs, records))}
 
 

@@ -132,7 +132,7 @@ def test_refusals_name_target_and_knob(target, knobs, knob):
     plan = Plan(global_batch=64, seq_len=4096, **knobs)
     with pytest.raises(PlanError) as err:
         check(target, LLAMA, plan)
-    assert err.value.field == f"--emit {target}" and err.value.problem.startswith(knob)
+    assert err.value.field == f"emit.{target}" and err.value.problem.startswith(knob)
 
 
 def test_search_restriction_agrees_with_check():

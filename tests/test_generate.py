@@ -4,7 +4,7 @@ plan (TP, PP, TP x PP, replicas; real ranks through torchrun) against the single
 run of the same model, seed and prompts: the generated tokens must be identical. Plus the
 `run --mode inference` CLI: its --json keys, its record, and bad input refused in one line.
 
-Plans of one world size share one launch (launch_inference_many) to keep the file fast.
+Plans of one world size share one launch (launch_serve_many) to keep the file fast.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from meshplan.executor import launch as launch_module
 from meshplan.executor.generate import generate, greedy, prompt_tokens
 from meshplan.executor.kv_cache import KVCache
 from meshplan.executor.model import build_model
-from meshplan.executor.serve_launch import ServeOptions, check_executable, launch_inference_many
-from meshplan.executor.serve_records import ServeRecord
+from meshplan.executor.launch import check_serve, launch_serve_many
+from meshplan.executor.options import ServeOptions
+from meshplan.executor.records import ServeRecord
 from meshplan.cli import main
 from meshplan.core.errors import PlanError
 from meshplan.simulator.serve import InferencePlan
@@ -92,7 +93,7 @@ WORLD_4 = [("tp2-pp2", _plan(tp=2, pp=2)), ("pp2-replicas2", _plan(pp=2, replica
 @pytest.mark.slow
 @pytest.mark.parametrize("world, jobs", [(2, WORLD_2), (4, WORLD_4)], ids=["world2", "world4"])
 def test_parallel_generation_equals_single_process(world, jobs):
-    records = launch_inference_many([(LLAMA, p) for _, p in jobs], Cluster(world, world), FAST)
+    records = launch_serve_many([(LLAMA, p) for _, p in jobs], Cluster(world, world), FAST)
     for (name, plan), record in zip(jobs, records):
         expected = single_process(LLAMA, plan)
         assert torch.equal(torch.tensor(record.tokens), expected), name
@@ -100,15 +101,15 @@ def test_parallel_generation_equals_single_process(world, jobs):
 
 
 @pytest.mark.parametrize("model, fields, field", [
-    (LLAMA, dict(tp=4), "--tp"),  # divides the 4 heads, not the 2 KV heads
-    (dataclasses.replace(GPT, tied_embeddings=True), dict(pp=2), "--pp"),
-    (LLAMA, dict(gen_len=1), "--gen-len"),
-    (LLAMA, dict(tp=3), "--tp"),
+    (LLAMA, dict(tp=4), "plan.tp"),  # divides the 4 heads, not the 2 KV heads
+    (dataclasses.replace(GPT, tied_embeddings=True), dict(pp=2), "plan.pp"),
+    (LLAMA, dict(gen_len=1), "plan.gen_len"),
+    (LLAMA, dict(tp=3), "plan.tp"),
 ])
 def test_executor_refusals_name_the_field(model, fields, field):
     plan = _plan(**fields)
     with pytest.raises(PlanError) as err:
-        check_executable(model, plan, Cluster(plan.num_gpus, plan.num_gpus), FAST)
+        check_serve(model, plan, Cluster(plan.num_gpus, plan.num_gpus), FAST)
     assert err.value.field == field
 
 
@@ -122,7 +123,7 @@ def config_json(tmp_path) -> str:
 def test_bad_tp_exits_2_with_one_line_and_launches_nothing(config_json, capsys, monkeypatch):
     def fail(*_args, **_kwargs):
         raise AssertionError("torchrun was started for a refused plan")
-    monkeypatch.setattr(launch_module, "_run_torchrun", fail)
+    monkeypatch.setattr(launch_module, "torchrun", fail)
     code = main(["run", "--mode", "inference", "--model", config_json, "--tp", "3",
                  "--batch", "4", "--prompt-len", "16", "--gen-len", "4"])
     err = capsys.readouterr().err

@@ -143,10 +143,10 @@ def test_slo_filtering():
     assert "winner" in text and "runner-up" in text and "miss the TPOT SLO" in text
     with pytest.raises(PlanError) as err:
         search_inference(L70, Cluster(8, 8), A100, 512, 128, slo_tpot_s=1e-3)
-    assert err.value.field == "--slo-tpot"
+    assert err.value.field == "search.slo_tpot_ms"
     with pytest.raises(PlanError) as err:
         search_inference(L70, Cluster(8, 8), A100, 512, 128, slo_ttft_s=1e-3)
-    assert err.value.field == "--slo-ttft"
+    assert err.value.field == "search.slo_ttft_ms"
 
 
 def test_search_fixed_knobs():
@@ -154,14 +154,14 @@ def test_search_fixed_knobs():
     assert {(p.tp, p.batch) for p, _ in found} == {(4, 16)}
     with pytest.raises(PlanError) as err:
         search_inference(L70, Cluster(8, 8), A100, 512, 128, fixed={"tp": 3})
-    assert err.value.field == "--gpus"
+    assert err.value.field == "cluster.num_gpus"
     with pytest.raises(PlanError):
         search_inference(L70, Cluster(8, 8), A100, 512, 128, fixed={"zero": 1})
     with pytest.raises(PlanError):
         search_inference(L70, Cluster(8, 8), A100, 512, 128, objective="cost")
     with pytest.raises(PlanError) as err:
         search_inference(L70, Cluster(1, 8), A100, 512, 128)
-    assert err.value.field == "--gpus"
+    assert err.value.field == "cluster.num_gpus"
 
 
 def test_emit_vllm():
@@ -172,10 +172,10 @@ def test_emit_vllm():
     assert emit_vllm(plan, L70, 1024, 1024).count("--max-model-len 2048") == 1
     with pytest.raises(PlanError) as err:
         emit_vllm(InferencePlan(1, 4000, 200, tp=4), L70)
-    assert err.value.field == "--max-model-len"
+    assert err.value.field == "vllm --max-model-len"
     with pytest.raises(PlanError) as err:
         emit_vllm(InferencePlan(1, 128, 128, tp=3), L70)
-    assert err.value.field == "--tp"
+    assert err.value.field == "plan.tp"
     with pytest.raises(PlanError):
         emit_vllm(InferencePlan(1, 128, 128, tp=4, kv_dtype="fp32"), L70)
 
@@ -183,11 +183,11 @@ def test_emit_vllm():
 # ---- plan validation ----
 
 @pytest.mark.parametrize("model,kw,gpus,field", [
-    (L70, {"tp": 3}, 3, "--tp"),                                   # 64 heads
-    (ModelSpec("m", 4, 3072, 48, 12, 8192, 1000, 4096), {"tp": 8}, 8, "--tp"),  # 12 KV heads
-    (L70, {"tp": 4}, 8, "--gpus"),
-    (ZOO["gpt3-175b"], {"tp": 8, "prompt_len": 2000, "gen_len": 100}, 8, "--prompt-len"),
-    (L7, {"pp": 64}, 64, "--pp"),
+    (L70, {"tp": 3}, 3, "plan.tp"),                                   # 64 heads
+    (ModelSpec("m", 4, 3072, 48, 12, 8192, 1000, 4096), {"tp": 8}, 8, "plan.tp"),  # 12 KV heads
+    (L70, {"tp": 4}, 8, "cluster.num_gpus"),
+    (ZOO["gpt3-175b"], {"tp": 8, "prompt_len": 2000, "gen_len": 100}, 8, "plan.prompt_len"),
+    (L7, {"pp": 64}, 64, "plan.pp"),
 ])
 def test_plan_errors(model, kw, gpus, field):
     with pytest.raises(PlanError) as err:

@@ -11,7 +11,7 @@ from meshplan.hw_profiles.collective_model import KINDS
 from meshplan.calibration.measure.compute import MIN_REPEATS, GemmShape, measure_gemms, \
     measure_memory_bound, torch_threads, transformer_gemm_shapes
 from meshplan.calibration.measure.machine import cpu_model, describe_machine, memory_bytes
-from meshplan.calibration.measure.run import MeasurePlan, _run_torchrun, load_samples, \
+from meshplan.calibration.measure.run import MeasurePlan, collectives_launch, load_samples, \
     measurement_plan, save_samples
 from meshplan.calibration.samples import COLLECTIVE_COLUMNS, GEMM_COLUMNS, MEMORY_BOUND_COLUMNS, Samples
 from meshplan.core.errors import ProfileError
@@ -123,7 +123,7 @@ def test_torchrun_collectives_two_ranks():
     plan = MeasurePlan("cpu", {}, (), (), (KIB, 4 * MIB), ((2, (2,)),), repeats=5, warmup=1,
                        budget_s=0.05)
     progress = []
-    df = _run_torchrun(2, (2,), plan, lambda: progress.append(1))
+    df = collectives_launch(2, (2,), plan, lambda: progress.append(1))
     assert list(df.columns) == list(COLLECTIVE_COLUMNS)
     assert len(df) == len(progress) == len(KINDS) * 2
     assert set(df["collective"]) == set(KINDS)

@@ -23,13 +23,13 @@ def test_legal_plan_validates():
 
 
 @pytest.mark.parametrize("kw,cluster,field", [
-    (dict(tp=3, dp=1, pp=1, global_batch=3), Cluster(3, 8), "--tp"),          # 64 heads
-    (dict(tp=16, dp=1, pp=4), Cluster(64, 8), "--tp"),                         # 8 KV heads
-    (dict(dp=4), Cluster(64, 8), "--gpus"),                                    # product != GPUs
+    (dict(tp=3, dp=1, pp=1, global_batch=3), Cluster(3, 8), "plan.tp"),          # 64 heads
+    (dict(tp=16, dp=1, pp=4), Cluster(64, 8), "plan.tp"),                         # 8 KV heads
+    (dict(dp=4), Cluster(64, 8), "cluster.num_gpus"),                                    # product != GPUs
     (dict(pp=80, tp=1, dp=1, global_batch=80, schedule="interleaved", virtual_stages=2),
-     Cluster(80, 8), "--pp"),                                                  # 160 > 80 layers
+     Cluster(80, 8), "plan.pp"),                                                  # 160 > 80 layers
     (dict(layer_partition=(20, 20, 20, 19)), Cluster(64, 8), "layer_partition"),
-    (dict(schedule="interleaved", virtual_stages=2, global_batch=6), Cluster(64, 8), "--global-batch"),
+    (dict(schedule="interleaved", virtual_stages=2, global_batch=6), Cluster(64, 8), "plan.global_batch"),
 ])
 def test_illegal_plans_name_the_field(kw, cluster, field):
     with pytest.raises(PlanError, match=field):
@@ -47,7 +47,7 @@ def test_malformed_plans(kw, field):
 
 
 def test_cluster_checks():
-    with pytest.raises(PlanError, match="--gpus"):
+    with pytest.raises(PlanError, match="cluster.num_gpus"):
         Cluster(12, 8)
     assert Cluster(4, 8).num_nodes == 1 and Cluster(1024, 8).num_nodes == 128
 
@@ -63,7 +63,7 @@ def test_plan_json_round_trip(tmp_path):
     with pytest.raises(PlanError, match="plan.bogus"):
         Plan.from_dict({**plan.to_dict(), "bogus": 1})
     path.write_text("{not json")
-    with pytest.raises(PlanError, match="--plan"):
+    with pytest.raises(PlanError, match="plan_file"):
         load_plan(str(path))
 
 

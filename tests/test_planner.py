@@ -138,7 +138,7 @@ def test_no_plan_fits_says_which_limit():
     with pytest.raises(PlanError, match="GiB") as err:
         search(ZOO["llama-2-70b"], Cluster(8, 8), A100,
                {"global_batch": 8, "seq_len": 4096, "recompute": "none", "zero": 0})
-    assert err.value.field == "--gpus" and "allow recompute" in err.value.fix
+    assert err.value.field == "cluster.num_gpus" and "allow recompute" in err.value.fix
 
 
 # Narayanan et al. 2021 Table 1 (GPT, vocab 51200, seq 2048, A100 DGX): (model, t, p, GPUs, batch).

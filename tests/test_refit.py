@@ -61,7 +61,7 @@ def test_rounds_take_turns_and_pool_timed_steps(monkeypatch):
     from dataclasses import replace
 
     import meshplan.validation.suite as validate
-    from meshplan.executor.launch import RunOptions
+    from meshplan.executor.options import RunOptions
     calls, clock = [], iter(range(1, 1000))
 
     def fake_launch_many(jobs, cluster, options):
@@ -70,7 +70,7 @@ def test_rounds_take_turns_and_pool_timed_steps(monkeypatch):
         return [replace(_record(plan, 0.0, 1),
                         step_times_s=(9.0, float(next(clock)), float(next(clock))))
                 for _, plan in jobs]
-    monkeypatch.setattr(validate, "launch_many", fake_launch_many)
+    monkeypatch.setattr(validate, "launch_train_many", fake_launch_many)
     runs = validate.run_suite(RunOptions(steps=3, warmup=1), ("dp2", "dp4"), rounds=2)
     assert calls == [2, 4, 2, 4]  # world sizes take turns
     dp2, dp4 = (r.record for r in runs)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from meshplan.executor import launch as launch_module
-from meshplan.executor.launch import RunOptions, executable_plan, root_cause
+from meshplan.executor.launch import check_train, root_cause
+from meshplan.executor.options import RunOptions
 from meshplan.executor.records import RunRecord
 from meshplan.cli import main
 from meshplan.core.errors import PlanError
@@ -41,7 +42,7 @@ def config_json(tmp_path) -> str:
 def no_launch(monkeypatch):
     def fail(*_args, **_kwargs):
         raise AssertionError("torchrun was started for a refused plan")
-    monkeypatch.setattr(launch_module, "_run_torchrun", fail)
+    monkeypatch.setattr(launch_module, "torchrun", fail)
 
 
 def test_illegal_plan_exits_2_with_one_line_and_launches_nothing(config_json, capsys, no_launch):
@@ -54,19 +55,19 @@ def test_illegal_plan_exits_2_with_one_line_and_launches_nothing(config_json, ca
 
 
 @pytest.mark.parametrize("model, fields, options, field", [
-    (MODEL, dict(cp=2, dp=1), {}, "--cp"),
-    (TIED, dict(pp=2), {}, "--pp"),
-    (MODEL, dict(dp=2, tp=2, zero=1), {}, "--zero"),
-    (MODEL, dict(dp=2, pp=2, zero=1), {}, "--zero"),
-    (MODEL, dict(pp=2, global_batch=2, micro_batch=2), {}, "--global-batch"),
-    (MODEL, dict(dp=2), dict(nnodes=3), "--nnodes"),
-    (MODEL, dict(dp=2), dict(nnodes=2), "--rdzv-endpoint"),
-    (MODEL, dict(dp=2), dict(steps=3, warmup=3), "--warmup"),
+    (MODEL, dict(cp=2, dp=1), {}, "plan.cp"),
+    (TIED, dict(pp=2), {}, "plan.pp"),
+    (MODEL, dict(dp=2, tp=2, zero=1), {}, "plan.zero"),
+    (MODEL, dict(dp=2, pp=2, zero=1), {}, "plan.zero"),
+    (MODEL, dict(pp=2, global_batch=2, micro_batch=2), {}, "plan.global_batch"),
+    (MODEL, dict(dp=2), dict(nnodes=3), "run.nnodes"),
+    (MODEL, dict(dp=2), dict(nnodes=2), "run.rdzv_endpoint"),
+    (MODEL, dict(dp=2), dict(steps=3, warmup=3), "run.warmup"),
 ])
 def test_executor_refusals_name_the_field(model, fields, options, field):
     plan = Plan(**{"global_batch": 8, "seq_len": 32, **fields})
     with pytest.raises(PlanError) as err:
-        executable_plan(model, plan, Cluster(plan.world_size, plan.world_size),
+        check_train(model, plan, Cluster(plan.world_size, plan.world_size),
                         RunOptions(**options))
     assert err.value.field == field
 
@@ -76,13 +77,13 @@ def test_token_file_is_checked(tmp_path):
     np.save(path, np.arange(1000) % 300)  # ids beyond the 128-token vocab
     plan = Plan(global_batch=8, seq_len=32, dp=2)
     with pytest.raises(PlanError, match="outside the vocab"):
-        executable_plan(MODEL, plan, Cluster(2, 2), RunOptions(data=str(path)))
+        check_train(MODEL, plan, Cluster(2, 2), RunOptions(data=str(path)))
 
 
 def test_pipeline_partition_is_filled_in_evenly():
     plan = Plan(global_batch=8, seq_len=32, pp=2, micro_batch=2)
     big = ModelSpec("odd", 5, 32, 4, 4, 64, 128, 64)
-    assert executable_plan(big, plan, Cluster(2, 2), RunOptions()).layer_partition == (3, 2)
+    assert check_train(big, plan, Cluster(2, 2), RunOptions()).layer_partition == (3, 2)
 
 
 def test_root_cause_names_the_first_failed_rank():

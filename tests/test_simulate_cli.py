@@ -56,7 +56,7 @@ def test_human_summary():
     (["--model", "nope", "--gpus", "8", "--global-batch", "8", "--seq-len", "512"], "--model"),
     (["--model", "llama-2-7b", "--hardware", "tpu-v9", "--gpus", "8", "--global-batch", "8",
       "--seq-len", "512"], "tpu-v9"),
-    (["--model", "llama-2-7b", "--gpus", "8", "--global-batch", "9", "--seq-len", "512"], "global_batch"),
+    (["--model", "llama-2-7b", "--gpus", "8", "--global-batch", "9", "--seq-len", "512"], "--global-batch"),
 ])
 def test_bad_input_is_one_line_exit_2(args, field, tmp_path):
     trace = tmp_path / "trace.json"

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshplan.executor.serve_launch import ServeOptions, launch_inference_many
-from meshplan.executor.serve_records import ServeRecord
+from meshplan.executor.launch import launch_serve_many
+from meshplan.executor.options import ServeOptions
+from meshplan.executor.records import ServeRecord
 from meshplan.validation.suite import error_stats
 from meshplan.simulator.serve import InferencePlan
 from meshplan.simulator.model_spec import ModelSpec
@@ -74,7 +75,7 @@ def run_suite(options: ServeOptions = SUITE_OPTIONS, names: tuple[str, ...] | No
     runs: list[ServeValidationRun] = []
     for world in sorted({p.num_gpus for _, p in chosen}):
         group = [(n, p) for n, p in chosen if p.num_gpus == world]
-        records = launch_inference_many([(model, p) for _, p in group], Cluster(world, world),
+        records = launch_serve_many([(model, p) for _, p in group], Cluster(world, world),
                                         options)
         runs += [ServeValidationRun(n, r) for (n, _), r in zip(group, records)]
     return runs

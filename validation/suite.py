@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.stats import spearmanr
 
-from meshplan.executor.launch import RunOptions, launch_many
+from meshplan.executor.launch import launch_train_many
+from meshplan.executor.options import RunOptions
 from meshplan.executor.records import RunRecord
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
@@ -85,7 +86,7 @@ def run_suite(options: RunOptions, names: tuple[str, ...] | None = None,
     for _ in range(rounds):
         for world in worlds:
             group = [(n, p) for n, p in chosen if p.world_size == world]
-            records = launch_many([(model, p) for _, p in group], Cluster(world, world), options)
+            records = launch_train_many([(model, p) for _, p in group], Cluster(world, world), options)
             for (n, _), r in zip(group, records):
                 pooled[n] = r if n not in pooled else replace(
                     pooled[n], step_times_s=pooled[n].step_times_s + r.timed_step_times_s)

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from meshplan.hw_profiles.collective_model import KINDS
-from meshplan.calibration.measure.machine import pin_rank_to_core
+from meshplan.core.io import write_atomic
+from meshplan.executor.ranks.common import pin_rank_to_core
 from meshplan.calibration.samples import COLLECTIVE_COLUMNS
 from meshplan.core.errors import ProfileError
 
@@ -109,7 +110,7 @@ def measure_collectives(kinds: list[str], group_sizes: list[int], sizes_bytes: l
     world = dist.get_world_size()
     bad = [g for g in group_sizes if not 2 <= g <= world]
     if bad:
-        raise ProfileError("--group-sizes", f"{bad} outside 2..{world} (the world size)",
+        raise ProfileError("measure.group_sizes", f"{bad} outside 2..{world} (the world size)",
                            f"pass group sizes between 2 and {world}, or launch more ranks")
     rows = []
     for g in group_sizes:
@@ -161,9 +162,7 @@ def main(argv=None) -> None:
         rows = measure_collectives(args.kinds, sizes, args.sizes, device, args.repeats,
                                    args.warmup, args.budget_s)
         if dist.get_rank() == 0:
-            tmp = args.out.with_name(args.out.name + ".tmp")
-            tmp.write_text(json.dumps(rows))
-            os.replace(tmp, args.out)
+            write_atomic(args.out, json.dumps(rows))
     finally:
         dist.destroy_process_group()
 

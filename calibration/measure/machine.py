@@ -59,13 +59,3 @@ def describe_machine() -> dict:
         "cuda": torch.version.cuda,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def pin_rank_to_core(local_rank: int) -> int:
-    """Bind this CPU rank to one core (round robin when ranks outnumber cores), as each GPU
-    rank owns one device: otherwise the OS lets a rank's gloo threads and a neighbour's
-    compute share a core. Returns the core."""
-    cores = sorted(os.sched_getaffinity(0))
-    core = cores[local_rank % len(cores)]
-    os.sched_setaffinity(0, {core})
-    return core

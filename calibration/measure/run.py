@@ -7,12 +7,7 @@ them as JSON so that hw_profiles.calibrate can refit them later.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +16,7 @@ import pandas as pd
 import torch
 
 from meshplan.hw_profiles.collective_model import KINDS
+from meshplan.core.io import write_atomic
 from meshplan.core.progress import progress_bar
 from meshplan.core.requirements import check_torch
 from meshplan.calibration.measure.compute import MEMORY_BOUND_OPS, GemmShape, measure_gemms, \
@@ -28,6 +24,7 @@ from meshplan.calibration.measure.compute import MEMORY_BOUND_OPS, GemmShape, me
 from meshplan.calibration.measure.machine import describe_machine
 from meshplan.calibration.samples import COLLECTIVE_COLUMNS, GEMM_COLUMNS, MEMORY_BOUND_COLUMNS, Samples
 from meshplan.core.errors import ProfileError
+from meshplan.executor.launch import RunFailed, torchrun
 
 FORMAT = "meshplan-samples/1"
 KIB, MIB = 1024, 1024 ** 2
@@ -104,36 +101,22 @@ def _powers(lo: int, hi: int, factor: int) -> tuple[int, ...]:
     return tuple(out if out[-1] == hi else out + [hi])
 
 
-def _run_torchrun(world: int, groups: tuple[int, ...], plan: MeasurePlan, advance) -> pd.DataFrame:
-    """Collective rows of one torchrun launch of `world` ranks; advance() per measured row."""
+def collectives_launch(world: int, groups: tuple[int, ...], plan: MeasurePlan, advance) -> pd.DataFrame:
+    """Collective rows of one torchrun launch of `world` ranks (executor.launch.torchrun, the
+    executor's launcher); advance() per measured row."""
     with tempfile.TemporaryDirectory() as tmp:
-        out, log = Path(tmp) / "rows.json", Path(tmp) / "stderr.log"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(world), "-m", "meshplan.calibration.measure.collectives",
-               "--out", str(out), "--group-sizes", *map(str, groups),
-               "--sizes", *map(str, plan.collective_sizes_bytes),
-               "--repeats", str(plan.repeats), "--warmup", str(plan.warmup),
-               "--budget-s", str(plan.budget_s)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS_PER_RANK)}
-        with open(log, "w") as err:
-            # Own session, so a hung launch can be ended with all its ranks.
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
-                                    start_new_session=True)
-            watchdog = threading.Timer(TORCHRUN_TIMEOUT_S, os.killpg, (proc.pid, signal.SIGKILL))
-            watchdog.start()
-            try:
-                for line in proc.stdout:
-                    if line.startswith("measured "):
-                        advance()
-                rc = proc.wait()
-            finally:
-                watchdog.cancel()
-        if rc != 0 or not out.exists():
-            tail = " | ".join(log.read_text().strip().splitlines()[-3:])
-            raise ProfileError("collectives", f"torchrun with {world} ranks exited {rc} (killed "
-                               f"if it ran past {TORCHRUN_TIMEOUT_S} s): {tail}",
-                               "run the command in hw_profiles/measure/collectives.py's "
-                               "docstring by hand to see the whole error")
+        out = Path(tmp) / "rows.json"
+        args = ["--out", str(out), "--group-sizes", *map(str, groups),
+                "--sizes", *map(str, plan.collective_sizes_bytes), "--repeats", str(plan.repeats),
+                "--warmup", str(plan.warmup), "--budget-s", str(plan.budget_s)]
+        try:
+            torchrun("meshplan.calibration.measure.collectives", args, world,
+                     on_line=lambda line: advance() if line.startswith("measured ") else None,
+                     timeout_s=TORCHRUN_TIMEOUT_S)
+        except RunFailed as exc:
+            raise ProfileError("collectives", f"the measurement over {world} ranks failed: {exc}",
+                               "run the command in calibration/measure/collectives.py's docstring "
+                               "by hand to see the whole error") from None
         rows = json.loads(out.read_text())
         return pd.DataFrame.from_records(rows, columns=list(COLLECTIVE_COLUMNS))
 
@@ -177,7 +160,7 @@ def measure_machine(quick: bool, out_samples_path, progress: bool = True) -> tup
                     advance(len(rows))
         for world, groups in plan.launches:
             advance(0, f"collectives, {world} ranks")
-            coll.append(_run_torchrun(world, groups, plan, advance))
+            coll.append(collectives_launch(world, groups, plan, advance))
     samples = Samples(gemm=pd.concat(gemm, ignore_index=True),
                       memory_bound=pd.concat(mem, ignore_index=True),
                       collectives=(pd.concat(coll, ignore_index=True) if coll
@@ -202,16 +185,12 @@ def _records(df: pd.DataFrame, columns) -> list[dict]:
 
 
 def save_samples(samples: Samples, path, machine: dict | None = None) -> None:
-    """Write samples (and the machine they came from) as JSON: temp file, then os.replace."""
-    path = Path(path)
+    """Write samples (and the machine they came from) as JSON, whole or not at all."""
     doc = {"format": FORMAT, "machine": machine,
            "gemm": _records(samples.gemm, GEMM_COLUMNS),
            "memory_bound": _records(samples.memory_bound, MEMORY_BOUND_COLUMNS),
            "collectives": _records(samples.collectives, COLLECTIVE_COLUMNS)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc, indent=1))
 
 
 def load_samples(path) -> Samples:

@@ -1,23 +1,22 @@
-"""Per-rank entry point, started by torchrun (launch.py): `python -m meshplan.executor.ranks.train RUN.json`.
+"""Training rank entry point, started by torchrun (executor/launch.py):
+`python -m meshplan.executor.ranks.train RUN.json`.
 
 RUN.json (written by launch.py) holds the jobs (model + plan pairs of one world size, run
-one after the other in the same process group) and the run options. Each job: build the
+one after the other in the same process group) and the TrainRankOptions. Each job: build the
 full model from the seed on every rank, split it into pipeline stages, parallelize each
 stage (parallelize.py), train `steps` steps on the same global batches as a single process
 would, and time and account memory (measure.py). Each node's local rank 0 writes
-result.json into the run folder; with `grads` set, every rank also saves the gradients of
+result.json into the run folder; with `save_grads` set, every rank also saves the gradients of
 the first step (for the numerics tests).
 
 Set MESHPLAN_FAULT=RANK:STEP to make that rank exit abruptly after that step (fault tests).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
 from contextlib import nullcontext
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -32,22 +31,14 @@ from meshplan.executor.model import build_model, loss_fn
 from meshplan.executor.parallelize import (build_mesh, build_optimizer, full_gradients, gradient_sync,
                                   parallelize)
 from meshplan.executor.pipeline import build_schedule, split_stage, stage_indices
-from meshplan.calibration.measure.machine import pin_rank_to_core
+from meshplan.executor.options import TrainRankOptions
+from meshplan.executor.records import TrainResult
+from meshplan.executor.ranks.common import gather_from_ranks, run_rank_jobs
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Plan
 
 FAULT_ENV = "MESHPLAN_FAULT"
 FAULT_EXIT_CODE = 17
-
-
-def setup_device() -> torch.device:
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        return device
-    torch.set_num_threads(1)
-    pin_rank_to_core(int(os.environ["LOCAL_RANK"]))
-    return torch.device("cpu")
 
 
 def compute_dtype(plan: Plan, device: torch.device) -> str:
@@ -59,12 +50,12 @@ def compute_dtype(plan: Plan, device: torch.device) -> str:
 class Job:
     """One plan, parallelized on this rank: its stage modules, optimizer and step function."""
 
-    def __init__(self, spec: ModelSpec, plan: Plan, options: dict, device: torch.device):
+    def __init__(self, spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torch.device):
         self.spec, self.plan, self.options, self.device = spec, plan, options, device
         self.mesh = build_mesh(plan.mesh(plan.world_size), device.type)
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dtype = compute_dtype(plan, device)
-        model = build_model(spec, options["seed"]).to(device)
+        model = build_model(spec, options.seed).to(device)
         if plan.pp > 1:
             self.indices = stage_indices(plan, self.mesh["pp"].get_local_rank())
             stages = [split_stage(model, plan.layer_partition, i) for i in self.indices]
@@ -78,13 +69,13 @@ class Job:
             self.modules = [parallelize(model, plan, self.mesh)]
             self.has_first = self.has_last = True
         self.params = [p for m in self.modules for p in m.parameters()]
-        self.optimizer = build_optimizer(self.modules, plan, self.mesh, options["lr"])
+        self.optimizer = build_optimizer(self.modules, plan, self.mesh, options.lr)
         self.memory = None
 
     def local_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self.plan
         tokens = batches.global_batch(step, plan.global_batch, plan.seq_len, self.spec.vocab_size,
-                                      self.options["seed"], self.options["data"])
+                                      self.options.seed, self.options.data)
         rows = batches.dp_rows(tokens, self.dp_rank, plan.dp).to(self.device)
         return batches.split_inputs_targets(rows)
 
@@ -125,19 +116,19 @@ class Job:
         return loss
 
 
-def run_job(spec: ModelSpec, plan: Plan, options: dict, device: torch.device, job_index: int,
-            run_dir: Path) -> dict:
+def run_job(spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torch.device,
+            job_index: int, run_dir: Path) -> dict:
     """Train one plan; memory is accounted on the first step (a warm-up step, untimed in
     the summary, when warmup >= 1)."""
     job = Job(spec, plan, options, device)
     rank = dist.get_rank()
     label = f"run dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}"
-    grads_file = run_dir / f"grads{job_index}_rank{rank}.pt" if options["grads"] else None
+    grads_file = run_dir / f"grads{job_index}_rank{rank}.pt" if options.save_grads else None
     fault = os.environ.get(FAULT_ENV)
     losses, times_s = [], []
-    with progress_bar(options["steps"], label, rank == 0 and options["progress"],
+    with progress_bar(options.steps, label, rank == 0 and options.progress,
                       force_terminal=True) as bar:
-        for step in range(options["steps"]):
+        for step in range(options.steps):
             inputs, targets = job.local_batch(step)
             first = step == 0
             times_s.append(timed(lambda: losses.append(
@@ -146,9 +137,10 @@ def run_job(spec: ModelSpec, plan: Plan, options: dict, device: torch.device, jo
             if fault == f"{rank}:{step}":
                 sys.stderr.flush()
                 os._exit(FAULT_EXIT_CODE)
-    return {"losses": global_losses(losses, job.has_last, device), "step_times_s": times_s,
-            "memory_by_rank": [m.to_json() for m in gather_from_ranks(job.memory)],
-            "dtype": job.dtype, "device": device.type}
+    return TrainResult(losses=tuple(global_losses(losses, job.has_last, device)),
+                       step_times_s=tuple(times_s),
+                       memory_by_rank=tuple(m.to_json() for m in gather_from_ranks(job.memory)),
+                       dtype=job.dtype, device=device.type).to_json()
 
 
 def global_losses(losses: list[torch.Tensor], has_loss: bool, device) -> list[float]:
@@ -160,39 +152,15 @@ def global_losses(losses: list[torch.Tensor], has_loss: bool, device) -> list[fl
     return (buf[:-1] / buf[-1]).tolist()
 
 
-def gather_from_ranks(item) -> list:
-    """Every rank's `item` (a picklable object), in rank order, on every rank."""
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, item)
-    return out
-
-
-def run_rank_jobs(run_file: Path, run_one) -> int:
-    """The body of a rank's entry point: read RUN.json, set up the device and the process
-    group, run each job through run_one(job, index, options, device), and have each node's
-    local rank 0 write result.json atomically."""
-    config = json.loads(run_file.read_text())
-    device = setup_device()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(seconds=config["options"]["timeout_s"]))
-    results = [run_one(j, i, config["options"], device) for i, j in enumerate(config["jobs"])]
-    if int(os.environ["LOCAL_RANK"]) == 0:
-        tmp = run_file.parent / "result.json.tmp"
-        tmp.write_text(json.dumps({"results": results, "world_size": dist.get_world_size()}))
-        tmp.replace(run_file.parent / "result.json")
-    dist.destroy_process_group()
-    return 0
-
-
 @record
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     run_file = Path((argv or sys.argv[1:])[0])
     # Our loss never modifies the logits in place, the case this FSDP2 warning is about.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    return run_rank_jobs(run_file, lambda job, i, options, device: run_job(
+    run_rank_jobs(run_file, lambda data: TrainRankOptions(**data), lambda job, i, options, device: run_job(
         ModelSpec.from_dict(job["model"]), Plan.from_dict(job["plan"]), options, device, i,
         run_file.parent))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -7,6 +7,7 @@ import importlib
 import importlib.metadata
 import sys
 
+from meshplan.cli.common import flag
 from meshplan.core.errors import MeshplanError
 
 # Each module in meshplan/cli registers one subcommand; imported on demand so that
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except MeshplanError as exc:
-        print(f"meshplan {args.command}: error: {exc}", file=sys.stderr)
+        print(f"meshplan {args.command}: error: {exc.render(flag)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"meshplan {args.command}: interrupted", file=sys.stderr)

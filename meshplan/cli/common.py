@@ -5,18 +5,71 @@ global-batch, recompute)."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
-from pathlib import Path
+import dataclasses
 
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import ModelSpec, load_model
-from meshplan.simulator.plan import ATTENTION, AXES, DTYPES, RECOMPUTE, SCHEDULES, Cluster, Plan, load_plan
+from meshplan.simulator.plan import Cluster, Plan, load_plan
+from meshplan.simulator.serve import InferencePlan
 
-PLAN_FLAGS = ("dp", "tp", "pp", "cp", "sp", "zero", "recompute", "micro_batch", "global_batch",
-              "seq_len", "schedule", "virtual_stages", "dtype", "attention", "placement",
-              "layer_partition")
+# Errors name fields; these are the fields whose flag is not `--` + the field's name.
+FLAG_OF = {"cluster.num_gpus": "--gpus", "cluster.gpus_per_node": "--gpus-per-node",
+           "plan_file": "--plan", "model": "--model", "hardware": "--hardware", "emit": "--emit"}
+# Inference plan fields that have no training namesake (tp, pp and dtype are shared flags).
+SERVING_ONLY = ("batch", "prompt_len", "gen_len", "replicas", "kv_dtype")
+
+
+def flag(field: str) -> str:
+    """The command-line spelling of an error's field: plan.micro_batch -> --micro-batch,
+    cluster.num_gpus -> --gpus, emit.megatron -> --emit megatron; other fields (a config
+    file's key, a profile's entry) print as they are."""
+    if field in FLAG_OF:
+        return FLAG_OF[field]
+    scope, dot, name = field.partition(".")
+    if dot and scope == "emit":
+        return f"--emit {name}"
+    if dot and scope in ("plan", "run", "search", "whatif", "measure", "serve"):
+        return "--" + name.replace("_", "-")
+    return field
+
+
+def add_dataclass_args(group, cls, names: tuple[str, ...] | None = None) -> None:
+    """One flag per field of a plan dataclass (or those in `names`), from the field's
+    metadata (plan.knob): --name-with-dashes, its aliases, help and choices; booleans get
+    --no-... forms; tuples are comma separated. Every flag defaults to None, so a caller can
+    tell which ones the user fixed."""
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        meta, kind = f.metadata, str(f.type)
+        flags = (f"--{f.name.replace('_', '-')}", *meta.get("aliases", ()))
+        if kind.startswith("bool"):
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=meta.get("help"))
+        elif kind.startswith("tuple"):
+            group.add_argument(*flags, dest=f.name, help=meta.get("help"))
+        else:
+            group.add_argument(*flags, dest=f.name, type=int if kind.startswith("int") else str,
+                               choices=meta.get("choices"), help=meta.get("help"))
+
+
+def dataclass_fields(args: argparse.Namespace, cls, names: tuple[str, ...] | None = None) -> dict:
+    """The fields of `cls` the user gave as flags, parsed (tuples from comma lists)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is None or (names is not None and f.name not in names):
+            continue
+        if str(f.type).startswith("tuple[int"):
+            try:
+                value = tuple(int(v) for v in value.split(","))
+            except ValueError:
+                raise PlanError(f"plan.{f.name}", f"{value!r} is not a list of integers",
+                                "pass integers separated by commas, e.g. 10,12,12,10") from None
+        elif str(f.type).startswith("tuple[str"):
+            value = tuple(v.strip() for v in value.split(","))
+        out[f.name] = value
+    return out
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -33,25 +86,12 @@ def add_cluster_args(parser: argparse.ArgumentParser, default_hardware: str = "a
 
 
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
-    """Plan knobs; all default to None so a caller can tell which ones the user fixed."""
+    """Plan knobs (one per Plan field); all default to None so a caller can tell which ones
+    the user fixed."""
     g = parser.add_argument_group("plan")
     g.add_argument("--plan", help="plan JSON file (from simulate --json or plan --emit plan); "
                    "flags given as well override its fields")
-    for axis in ("dp", "tp", "pp", "cp"):
-        g.add_argument(f"--{axis}", type=int, help=f"{axis.upper()} degree")
-    g.add_argument("--sp", "--sequence-parallel", dest="sp", action=argparse.BooleanOptionalAction,
-                   default=None, help="sequence parallel (with TP; Megatron-LM's spelling too)")
-    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (3 = FSDP)")
-    g.add_argument("--recompute", choices=RECOMPUTE, help="activation recompute")
-    g.add_argument("--micro-batch", type=int, help="micro-batch size (sequences)")
-    g.add_argument("--global-batch", type=int, help="global batch size (sequences)")
-    g.add_argument("--seq-len", type=int, help="sequence length (tokens)")
-    g.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule")
-    g.add_argument("--virtual-stages", type=int, help="model chunks per pipeline rank (interleaved)")
-    g.add_argument("--dtype", choices=DTYPES, help="compute dtype (mixed precision, fp32 master)")
-    g.add_argument("--attention", choices=ATTENTION, help="attention kernel (default flash)")
-    g.add_argument("--placement", help=f"rank order innermost-first, default {','.join(AXES)}")
-    g.add_argument("--layer-partition", help="layers per (virtual) stage, comma separated")
+    add_dataclass_args(g, Plan)
 
 
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
@@ -59,30 +99,21 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("training", "inference"), default="training",
                         help="plan a training step (default) or serving")
     g = parser.add_argument_group("inference (with --mode inference)")
-    g.add_argument("--batch", type=int, help="concurrent sequences per replica")
-    g.add_argument("--prompt-len", type=int, help="prompt tokens per sequence")
-    g.add_argument("--gen-len", type=int, help="generated tokens per sequence")
-    g.add_argument("--replicas", type=int, help="model replicas (data parallel serving)")
-    g.add_argument("--kv-dtype", choices=("fp16", "bf16", "fp32", "fp8"), help="KV cache dtype")
+    add_dataclass_args(g, InferencePlan, SERVING_ONLY)
 
 
 def inference_plan_fields(args: argparse.Namespace, cluster: Cluster) -> dict:
     """InferencePlan fields from the flags; replicas default to GPUs / (tp*pp)."""
-    fields = {}
-    for flag, name in (("--batch", "batch"), ("--prompt-len", "prompt_len"), ("--gen-len", "gen_len")):
-        value = getattr(args, name, None)
-        if value is None:
-            raise PlanError(flag, "missing", f"pass {flag} N with --mode inference")
-        fields[name] = value
-    for name in ("tp", "pp", "replicas", "kv_dtype"):
-        if getattr(args, name, None) is not None:
-            fields[name] = getattr(args, name)
-    fields["dtype"] = args.dtype or "fp16"
+    fields = dataclass_fields(args, InferencePlan, SERVING_ONLY + ("tp", "pp", "dtype"))
+    missing = [(f"plan.{name}", "missing", "give it with --mode inference")
+               for name in ("batch", "prompt_len", "gen_len") if name not in fields]
+    if missing:
+        raise PlanError.of(missing)
     if "replicas" not in fields:
         per_replica = fields.get("tp", 1) * fields.get("pp", 1)
         if cluster.num_gpus % per_replica:
-            raise PlanError("--gpus", f"{cluster.num_gpus} GPUs are not divisible by tp*pp = {per_replica}",
-                            "choose tp and pp whose product divides the GPU count")
+            raise PlanError("cluster.num_gpus", f"{cluster.num_gpus} GPUs are not divisible by "
+                            f"tp*pp = {per_replica}", "choose tp and pp whose product divides the GPU count")
         fields["replicas"] = cluster.num_gpus // per_replica
     return fields
 
@@ -90,25 +121,12 @@ def inference_plan_fields(args: argparse.Namespace, cluster: Cluster) -> dict:
 def user_plan_fields(args: argparse.Namespace) -> dict:
     """The plan fields the user gave, from --plan and then flags (flags win)."""
     fields = load_plan(args.plan).to_dict() if getattr(args, "plan", None) else {}
-    for name in PLAN_FLAGS:
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if name == "placement":
-            value = tuple(v.strip() for v in value.split(","))
-        elif name == "layer_partition":
-            try:
-                value = tuple(int(v) for v in value.split(","))
-            except ValueError:
-                raise PlanError("--layer-partition", f"{value!r} is not a list of integers",
-                                "pass e.g. --layer-partition 10,12,12,10")
-        fields[name] = value
-    return fields
+    return {**fields, **dataclass_fields(args, Plan)}
 
 
 def cluster_from_args(args: argparse.Namespace, default_gpus_per_node: int) -> Cluster:
     if args.gpus is None:
-        raise PlanError("--gpus", "missing GPU count", "pass --gpus N (the number of devices)")
+        raise PlanError("cluster.num_gpus", "missing GPU count", "pass --gpus N (the number of devices)")
     per_node = args.gpus_per_node or min(default_gpus_per_node, args.gpus)
     return Cluster(num_gpus=args.gpus, gpus_per_node=per_node)
 
@@ -116,14 +134,15 @@ def cluster_from_args(args: argparse.Namespace, default_gpus_per_node: int) -> C
 def complete_plan(fields: dict, cluster: Cluster) -> Plan:
     """Fill the data-parallel degree from the GPU count when it is the one axis left open."""
     fields = dict(fields)
-    for required, flag in (("global_batch", "--global-batch"), ("seq_len", "--seq-len")):
-        if required not in fields:
-            raise PlanError(flag, "missing", f"pass {flag} N (or a --plan file that has it)")
+    missing = [(f"plan.{name}", "missing", "give it as a flag (or in a --plan file)")
+               for name in ("global_batch", "seq_len") if name not in fields]
+    if missing:
+        raise PlanError.of(missing)
     if "dp" not in fields:
         other = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)
         if cluster.num_gpus % other:
-            raise PlanError("--gpus", f"{cluster.num_gpus} GPUs are not divisible by tp*pp*cp = {other}",
-                            "choose tp, pp, cp whose product divides the GPU count")
+            raise PlanError("cluster.num_gpus", f"{cluster.num_gpus} GPUs are not divisible by "
+                            f"tp*pp*cp = {other}", "choose tp, pp, cp whose product divides the GPU count")
         fields["dp"] = cluster.num_gpus // other
     if fields.get("schedule") == "interleaved" and "virtual_stages" not in fields:
         fields["virtual_stages"] = 2
@@ -132,21 +151,3 @@ def complete_plan(fields: dict, cluster: Cluster) -> Plan:
 
 def load_model_arg(args: argparse.Namespace) -> ModelSpec:
     return load_model(args.model)
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a whole file or nothing: a temp file beside it, renamed at the end."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def dump_json(data: dict) -> str:
-    return json.dumps(data, indent=2, sort_keys=False) + "\n"

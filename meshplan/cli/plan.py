@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from meshplan.cli import common as common
+from meshplan.core.io import dump_json
 from meshplan.core.errors import PlanError
 from meshplan.core.units import GIB
 
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             found = search(model, cluster, hw, fixed,
                            allowed=lambda table: export.supported(args.emit, model, table))
         except PlanError as exc:
-            if exc.field != "--emit":
+            if exc.field != "emit":
                 raise
             export.check(args.emit, model, search(model, cluster, hw, fixed).ranked[0].plan)
             raise
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     found = search(model, cluster, hw, fixed)
     why = explain(model, cluster, hw, found.ranked, fixed)
     if args.json:
-        sys.stdout.write(common.dump_json({
+        sys.stdout.write(dump_json({
             "evaluated": found.candidates, "feasible": found.feasible,
             "step_times_computed": found.evaluated, "simulated": found.simulated,
             "search_time_s": found.search_time_s,
@@ -123,7 +124,7 @@ def run_inference(args: argparse.Namespace) -> int:
         sys.stdout.write(emit_vllm(found[0][0], model, args.prompt_len, args.gen_len) + "\n")
         return 0
     if args.json:
-        sys.stdout.write(common.dump_json({
+        sys.stdout.write(dump_json({
             "plans": [r.to_json() for _, r in list(found)[:args.top]],
             "explanation": explain_inference(found)}))
         return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from meshplan.core.progress import wanted
 
 from meshplan.cli import common as common
+from meshplan.core.io import write_atomic
 from meshplan.core.errors import ProfileError
 
 
@@ -150,7 +151,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     profile, samples, source = profile_samples(args.report)
     page, plotted = report_html(profile, samples, source)
-    common.write_atomic(args.out, page)
+    write_atomic(args.out, page)
     print(f"meshplan profile: wrote {args.out}: {len(plotted)} quantities of {profile.name} "
           f"plotted against {source}")
     return 0

@@ -7,6 +7,7 @@ import math
 import sys
 
 from meshplan.cli import common as common
+from meshplan.core.io import dump_json, write_atomic
 from meshplan.core.progress import wanted
 from meshplan.simulator.plan import Cluster
 
@@ -52,7 +53,8 @@ def resolve(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshplan.executor.launch import RunOptions, launch
+    from meshplan.executor.launch import launch_train
+    from meshplan.executor.options import RunOptions
 
     if args.mode == "inference":
         return run_inference(args)
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                          profile=args.hardware, timeout_s=args.timeout_s, nnodes=args.nnodes,
                          node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
                          progress=wanted(args.json))
-    return report(args, lambda: launch(model, plan, cluster, options), print_summary)
+    return report(args, lambda: launch_train(model, plan, cluster, options), print_summary)
 
 
 def report(args: argparse.Namespace, launch_run, print_table) -> int:
@@ -75,9 +77,9 @@ def report(args: argparse.Namespace, launch_run, print_table) -> int:
         print(f"meshplan run: run failed: {exc}", file=sys.stderr)
         return 1
     if args.record:
-        common.write_atomic(args.record, common.dump_json(record.to_json()))
+        write_atomic(args.record, dump_json(record.to_json()))
     if args.json:
-        sys.stdout.write(common.dump_json(record.summary_json()))
+        sys.stdout.write(dump_json(record.summary_json()))
     else:
         print_table(record)
     return 0
@@ -122,7 +124,8 @@ def print_summary(record) -> None:
 
 def run_inference(args: argparse.Namespace) -> int:
     """Serve one inference plan on this machine: --gpus defaults to tp * pp * replicas."""
-    from meshplan.executor.serve_launch import ServeOptions, launch_inference
+    from meshplan.executor.launch import launch_serve
+    from meshplan.executor.options import ServeOptions
     from meshplan.core.errors import PlanError
     from meshplan.simulator.serve import InferencePlan
 
@@ -138,7 +141,7 @@ def run_inference(args: argparse.Namespace) -> int:
     options = ServeOptions(warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                            profile=args.hardware, timeout_s=args.timeout_s,
                            progress=wanted(args.json))
-    return report(args, lambda: launch_inference(model, plan, cluster, options),
+    return report(args, lambda: launch_serve(model, plan, cluster, options),
                   print_inference_summary)
 
 

@@ -6,6 +6,7 @@ import sys
 
 from meshplan.core.units import GIB
 from meshplan.cli import common as common
+from meshplan.core.io import dump_json
 
 
 def register(subparsers) -> None:
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.timeline:
         write_timeline_html(result.pipeline, args.timeline, title=label)
     if args.json:
-        sys.stdout.write(common.dump_json(result.to_json()))
+        sys.stdout.write(dump_json(result.to_json()))
     else:
         print_summary(result)
     return 0
@@ -65,7 +66,7 @@ def run_inference(args: argparse.Namespace) -> int:
     plan = InferencePlan(**common.inference_plan_fields(args, cluster))
     result = simulate_inference(model, plan, cluster, hw)
     if args.json:
-        sys.stdout.write(common.dump_json(result.to_json()))
+        sys.stdout.write(dump_json(result.to_json()))
     else:
         print_inference_summary(result.to_json(), model.name, hw.name)
     return 0

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from meshplan.cli import common as common
+from meshplan.core.io import dump_json
 from meshplan.core.progress import wanted
 
 
@@ -51,7 +52,7 @@ def chosen_names(plans: str | None, suite: tuple, what: str) -> tuple[str, ...] 
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshplan.executor.launch import RunOptions
+    from meshplan.executor.options import RunOptions
     from meshplan.validation.suite import SUITE, run_suite, summary
     from meshplan.reports.validation import write_csv, write_html
     from meshplan.hw_profiles.profile import load_profile
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         fitted.profile.save(args.refit_out)
         result["refit"] = {**fitted.to_json(), "profile": args.refit_out}
     if args.json:
-        sys.stdout.write(common.dump_json(result))
+        sys.stdout.write(dump_json(result))
     else:
         print_table(result)
     return 0
@@ -135,7 +136,7 @@ def run_inference(args: argparse.Namespace) -> int:
                f"meshplan validate --mode inference ({hw.name})")
     result = {"runs": [r.to_json() for r in runs], **stats, "csv": str(csv), "html": str(html)}
     if args.json:
-        sys.stdout.write(common.dump_json(result))
+        sys.stdout.write(dump_json(result))
     else:
         print_inference_table(result)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from meshplan.cli import common as common
+from meshplan.core.io import write_atomic
 from meshplan.core.errors import PlanError
 
 SCALE_FLAGS = {"scale_tflops": "flops", "scale_hbm_bw": "hbm_bw",
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise PlanError(flag, "missing", f"pass {flag} N")
     scenarios = plan_scenarios(model, profiles, gpus, args.gpus_per_node, fields,
                                {r: f for r, f in scales.items() if f})
-    common.write_atomic(args.out, report_html(model, scenarios))
+    write_atomic(args.out, report_html(model, scenarios))
     solved = sum(1 for s in scenarios if s.best)
     print(f"meshplan whatif: {solved} of {len(scenarios)} scenarios have a plan that fits; "
           f"wrote {args.out}")

@@ -1,0 +1,239 @@
+"""Legality rules, written once, in terms of plan fields: which training and serving plans
+are legal for a model on a cluster, which of them the executor can run on this backend,
+and which a target framework can run.
+
+A rule reads `x`, an object whose attributes are the plan's fields: plain values for one
+plan, or numpy arrays (the planner's candidate table) for many at once, so the same rule
+refuses one plan with a message (`violations`) and filters a search space (`holds`). Rules
+combine conditions with `&`, `|` and np.logical_not (never `not`, `and`, `or`, or `~` on a
+Python bool) so that they broadcast. `needs` lists the fields a
+rule reads, so that a search can apply each rule as soon as its table has those columns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from meshplan.core.errors import Issue
+from meshplan.simulator.model_spec import ModelSpec
+
+AXES = ("tp", "cp", "dp", "pp")
+TORCH_SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
+DEFAULT_ORDER = ",".join(AXES)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`holds(x, model, cluster)` is true where the rule is met; `problem(x, model,
+    cluster)` says what is wrong with one plan that breaks it; `fix` what would mend it.
+    The issue is reported against `field` (a plan field, or a dotted name such as
+    cluster.num_gpus)."""
+
+    field: str
+    needs: tuple[str, ...]
+    holds: Callable
+    problem: Callable
+    fix: str
+
+
+def holds(rules: tuple[Rule, ...], x, model: ModelSpec, cluster=None, available=None) -> np.ndarray:
+    """Where every rule (or, with `available`, every rule whose fields are all available)
+    holds; broadcast over x's arrays."""
+    ok = np.bool_(True)
+    for rule in rules:
+        if available is None or set(rule.needs) <= set(available):
+            ok = ok & np.asarray(rule.holds(x, model, cluster))
+    return ok
+
+
+def violations(rules: tuple[Rule, ...], x, model: ModelSpec, cluster=None) -> list[Issue]:
+    """(field, problem, fix) of every rule one plan breaks, in rule order."""
+    return [(rule.field, rule.problem(x, model, cluster), rule.fix)
+            for rule in rules if not bool(rule.holds(x, model, cluster))]
+
+
+def _rule(field, needs, holds_, problem, fix) -> Rule:
+    return Rule(field, tuple(needs.split()), holds_, problem, fix)
+
+
+def _microbatches(x):
+    return x.global_batch // (x.micro_batch * x.dp)
+
+
+# Rules within the plan alone (checked when a Plan is made).
+PLAN = (
+    _rule("plan.sp", "sp tp", lambda x, m, c: np.logical_not(x.sp) | (x.tp > 1),
+          lambda x, m, c: "sequence parallel needs tensor parallel", "set tp > 1 or drop sp"),
+    _rule("plan.virtual_stages", "virtual_stages schedule pp",
+          lambda x, m, c: ((x.virtual_stages > 1) == ((x.schedule == "interleaved") & (x.pp > 1)))
+          | ((x.virtual_stages == 1) & (x.pp == 1)),
+          lambda x, m, c: f"{x.virtual_stages} virtual stages with schedule {x.schedule} and pp {x.pp}",
+          "use the interleaved schedule with pp >= 2 and virtual_stages >= 2, or 1 virtual "
+          "stage otherwise"),
+    _rule("plan.global_batch", "global_batch micro_batch dp",
+          lambda x, m, c: x.global_batch % (x.micro_batch * x.dp) == 0,
+          lambda x, m, c: f"{x.global_batch} is not divisible by micro_batch*dp = {x.micro_batch * x.dp}",
+          "make the global batch a multiple of micro-batch x dp"),
+)
+
+# Rules of a plan for a model on a cluster.
+TRAINING = PLAN + (
+    _rule("cluster.num_gpus", "dp tp pp cp", lambda x, m, c: x.dp * x.tp * x.pp * x.cp == c.num_gpus,
+          lambda x, m, c: f"dp*tp*pp*cp = {x.dp}*{x.tp}*{x.pp}*{x.cp} = {x.dp * x.tp * x.pp * x.cp} "
+          f"but the cluster has {c.num_gpus} GPUs", "choose dp, tp, pp, cp whose product is the GPU count"),
+    _rule("plan.tp", "tp", lambda x, m, c: m.num_heads % x.tp == 0,
+          lambda x, m, c: f"{x.tp} does not divide the {m.num_heads} attention heads",
+          "use a TP degree that divides num_heads"),
+    _rule("plan.tp", "tp", lambda x, m, c: m.num_kv_heads % x.tp == 0,
+          lambda x, m, c: f"{x.tp} does not divide the {m.num_kv_heads} KV heads",
+          "use a TP degree that divides num_key_value_heads"),
+    _rule("plan.tp", "tp", lambda x, m, c: m.ffn_hidden_size % x.tp == 0,
+          lambda x, m, c: f"{x.tp} does not divide ffn size {m.ffn_hidden_size}",
+          "use a TP degree that divides the MLP width"),
+    _rule("plan.seq_len", "seq_len",
+          lambda x, m, c: (m.position_embedding != "learned") | (x.seq_len <= m.max_seq_len),
+          lambda x, m, c: f"{x.seq_len} exceeds the model's {m.max_seq_len} positions",
+          "use a sequence no longer than the model's positions"),
+    # load-balanced causal context parallelism splits the sequence in 2*cp chunks
+    _rule("plan.cp", "cp seq_len", lambda x, m, c: (x.cp == 1) | (x.seq_len % (2 * x.cp) == 0),
+          lambda x, m, c: f"seq_len {x.seq_len} is not divisible by 2*cp = {2 * x.cp}",
+          "choose cp so that 2*cp divides the sequence"),
+    _rule("plan.sp", "sp seq_len cp tp",
+          lambda x, m, c: np.logical_not(x.sp) | ((x.seq_len // x.cp) % x.tp == 0),
+          lambda x, m, c: f"sequence {x.seq_len // x.cp} per CP rank not divisible by tp {x.tp}",
+          "choose seq_len divisible by tp*cp, or drop sp"),
+    _rule("plan.pp", "pp virtual_stages", lambda x, m, c: m.num_layers >= x.pp * x.virtual_stages,
+          lambda x, m, c: f"{m.num_layers} layers cannot fill {x.pp * x.virtual_stages} (virtual) stages",
+          "use fewer pipeline stages or virtual stages"),
+    # Narayanan et al. 2021 sec 2.2.2: interleaving runs micro-batches in groups of pp
+    _rule("plan.global_batch", "schedule pp global_batch micro_batch dp",
+          lambda x, m, c: (x.schedule != "interleaved") | (x.pp == 1) | (_microbatches(x) % x.pp == 0),
+          lambda x, m, c: f"interleaved 1F1B needs micro-batches ({_microbatches(x)}) divisible by "
+          f"pp ({x.pp})", "adjust the global batch or the micro-batch"),
+    _rule("plan.layer_partition", "layer_partition pp virtual_stages",
+          lambda x, m, c: True if x.layer_partition is None else (
+              (len(x.layer_partition) == x.pp * x.virtual_stages) & (min(x.layer_partition) >= 1)
+              & (sum(x.layer_partition) == m.num_layers)),
+          lambda x, m, c: f"{list(x.layer_partition)} is not {x.pp * x.virtual_stages} positive counts "
+          f"summing to {m.num_layers} layers",
+          "give one layer count per (virtual) stage, or none for the balanced split"),
+)
+
+# What the executor cannot run on this backend (torch 2.13, gloo on CPU).
+EXECUTOR_TRAINING = (
+    _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
+          lambda x, m, c: "context parallel cannot run here: torch's ring attention has no DTensor "
+          "rule for the CPU attention kernel", "use cp 1"),
+    _rule("plan.pp", "pp", lambda x, m, c: np.logical_not(m.tied_embeddings) | (x.pp == 1),
+          lambda x, m, c: "tied embeddings would sit on the first and last pipeline stages",
+          "use pp 1 for a model with tie_word_embeddings"),
+    _rule("plan.zero", "zero dp tp pp", lambda x, m, c: np.logical_not((x.zero == 1) & (x.dp > 1) & ((x.tp > 1) | (x.pp > 1))),
+          lambda x, m, c: "ZeRO 1 runs as DDP + ZeroRedundancyOptimizer, and in torch 2.13 DDP takes "
+          "neither TP's DTensor parameters nor pipeline stages", "use ZeRO 0, 2 or 3 with tp or pp"),
+    _rule("plan.global_batch", "pp schedule global_batch micro_batch dp",
+          lambda x, m, c: (x.pp == 1) | np.logical_not(np.isin(x.schedule, ("1f1b", "zb-h1"))) | (_microbatches(x) >= x.pp),
+          lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",
+          "raise the global batch or lower the micro-batch"),
+)
+
+# A serving deployment: tp x pp GPUs per replica.
+SERVING = (
+    _rule("cluster.num_gpus", "tp pp replicas", lambda x, m, c: x.tp * x.pp * x.replicas == c.num_gpus,
+          lambda x, m, c: f"tp*pp*replicas = {x.tp}*{x.pp}*{x.replicas} = {x.tp * x.pp * x.replicas} "
+          f"but the cluster has {c.num_gpus} GPUs", "choose tp, pp, replicas whose product is the GPU count"),
+    _rule("plan.tp", "tp", lambda x, m, c: m.num_heads % x.tp == 0,
+          lambda x, m, c: f"{x.tp} does not divide the {m.num_heads} attention heads",
+          "use a TP degree that divides num_heads"),
+    # vLLM's QKVParallelLinear replicates KV heads tp/kv times when tp > KV heads
+    _rule("plan.tp", "tp", lambda x, m, c: (m.num_kv_heads % x.tp == 0) | (x.tp % m.num_kv_heads == 0),
+          lambda x, m, c: f"{x.tp} neither divides nor is a multiple of the {m.num_kv_heads} KV heads",
+          "use a TP degree that divides the KV heads, or a multiple of them (each KV head is then "
+          "replicated tp/kv times)"),
+    _rule("plan.tp", "tp", lambda x, m, c: m.ffn_hidden_size % x.tp == 0,
+          lambda x, m, c: f"{x.tp} does not divide ffn size {m.ffn_hidden_size}",
+          "use a TP degree that divides the MLP width"),
+    _rule("plan.prompt_len", "prompt_len gen_len",
+          lambda x, m, c: (m.position_embedding != "learned") | (x.prompt_len + x.gen_len <= m.max_seq_len),
+          lambda x, m, c: f"prompt_len + gen_len = {x.prompt_len + x.gen_len} exceeds the model's "
+          f"{m.max_seq_len} positions", "keep prompt_len + gen_len within the model's positions"),
+    _rule("plan.pp", "pp", lambda x, m, c: m.num_layers >= x.pp,
+          lambda x, m, c: f"{m.num_layers} layers cannot fill {x.pp} stages", "use fewer pipeline stages"),
+)
+
+EXECUTOR_SERVING = (
+    _rule("plan.tp", "tp", lambda x, m, c: m.num_kv_heads % x.tp == 0,
+          lambda x, m, c: f"{x.tp} does not divide the {m.num_kv_heads} KV heads (the executor shards "
+          "KV heads, it does not replicate them)", "use a TP degree that divides num_key_value_heads"),
+    _rule("plan.pp", "pp", lambda x, m, c: np.logical_not(m.tied_embeddings) | (x.pp == 1),
+          lambda x, m, c: "tied embeddings would sit on the first and last pipeline stages",
+          "use pp 1 for a model with tie_word_embeddings"),
+    _rule("plan.gen_len", "gen_len", lambda x, m, c: x.gen_len >= 2,
+          lambda x, m, c: "one generated token leaves no decode step to time", "generate 2 or more tokens"),
+)
+
+
+def _even_chunks(x, m, c):
+    return (x.virtual_stages == 1) | (m.num_layers % (x.pp * x.virtual_stages) == 0)
+
+
+# What each training framework can run; x.placement is the "tp,cp,dp,pp" text.
+FRAMEWORKS = {
+    "torchtitan": (
+        _rule("plan.attention", "attention", lambda x, m, c: x.attention == "flash",
+              lambda x, m, c: "torchtitan runs fused attention (SDPA / flex) only", "plan with flash attention"),
+        # torchtitan runs zero-bubble schedules only with >= 2 stages per rank
+        _rule("plan.schedule", "pp schedule",
+              lambda x, m, c: (x.pp == 1) | np.isin(x.schedule, list(TORCH_SCHEDULES)),
+              lambda x, m, c: f"torchtitan has no single-stage schedule {x.schedule} (its zero-bubble "
+              "schedules need >= 2 stages per rank)", "plan with the 1f1b, gpipe or interleaved schedule"),
+        _rule("plan.zero", "zero", lambda x, m, c: x.zero != 1,
+              lambda x, m, c: "ZeRO-1 has no torchtitan form (it replicates with DDP or shards with FSDP2)",
+              "plan with ZeRO 0, 2 (FSDP2 without resharding after forward) or 3 (FSDP2)"),
+        _rule("plan.sp", "tp sp", lambda x, m, c: (x.tp == 1) | np.asarray(x.sp),
+              lambda x, m, c: "torchtitan's tensor parallelism always shards norms over the sequence "
+              "(SequenceParallel)", "plan with sequence parallelism"),
+        _rule("plan.placement", "placement", lambda x, m, c: x.placement == DEFAULT_ORDER,
+              lambda x, m, c: f"torchtitan's device mesh orders ranks {DEFAULT_ORDER} innermost first, "
+              f"not {x.placement}", f"plan with placement {DEFAULT_ORDER}"),
+        _rule("plan.virtual_stages", "pp virtual_stages", _even_chunks,
+              lambda x, m, c: f"torchtitan's pipeline_parallel_layers_per_stage needs the layers to split "
+              f"evenly over {x.pp}x{x.virtual_stages} stages", "choose virtual stages dividing layers/pp"),
+        _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp16",
+              lambda x, m, c: "torchtitan trains in bf16 or fp32", "plan with bf16"),
+    ),
+    "megatron": (
+        _rule("plan.schedule", "pp schedule",
+              lambda x, m, c: (x.pp == 1) | np.isin(x.schedule, ["1f1b", "interleaved"]),
+              lambda x, m, c: f"Megatron-LM runs 1F1B or interleaved 1F1B, not {x.schedule}",
+              "plan with the 1f1b or interleaved schedule"),
+        _rule("plan.zero", "zero pp", lambda x, m, c: (x.zero <= 1) | ((x.zero == 3) & (x.pp == 1)),
+              lambda x, m, c: f"ZeRO-{x.zero} has no Megatron-LM flag here (distributed optimizer = "
+              "ZeRO-1; --use-torch-fsdp2 = ZeRO-3, and not with pipeline parallelism)", "plan with ZeRO 0 or 1"),
+        _rule("plan.placement", "placement",
+              lambda x, m, c: np.isin(x.placement, [DEFAULT_ORDER, "tp,cp,pp,dp"]),
+              lambda x, m, c: f"Megatron-LM orders ranks tp-cp-dp-pp (or tp-cp-pp-dp with "
+              f"--use-tp-pp-dp-mapping), not {x.placement}", f"plan with placement {DEFAULT_ORDER}"),
+        _rule("plan.virtual_stages", "pp virtual_stages", _even_chunks,
+              lambda x, m, c: f"Megatron-LM's --num-layers-per-virtual-pipeline-stage needs the layers "
+              f"to split evenly over {x.pp}x{x.virtual_stages} stages", "choose virtual stages dividing layers/pp"),
+        _rule("plan.tp", "tp", lambda x, m, c: m.num_kv_heads % x.tp == 0,
+              lambda x, m, c: "Megatron-LM's --tensor-model-parallel-size must divide the KV heads",
+              "choose such a TP degree"),
+    ),
+    "deepspeed": (
+        _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
+              lambda x, m, c: "DeepSpeed has no ring context parallelism", "plan with cp 1"),
+        _rule("plan.schedule", "pp schedule", lambda x, m, c: (x.pp == 1) | (x.schedule == "1f1b"),
+              lambda x, m, c: "the DeepSpeed pipeline engine runs its own 1F1B schedule",
+              "plan with the 1f1b schedule"),
+        _rule("plan.zero", "pp zero", lambda x, m, c: (x.pp == 1) | (x.zero <= 1),
+              lambda x, m, c: "ZeRO-2 and ZeRO-3 are incompatible with DeepSpeed pipeline parallelism",
+              "plan with ZeRO 0 or 1, or pp 1"),
+        _rule("plan.placement", "placement", lambda x, m, c: x.placement == DEFAULT_ORDER,
+              lambda x, m, c: f"DeepSpeed's topology orders ranks model, data, pipe innermost first, "
+              f"not {x.placement}", f"plan with placement {DEFAULT_ORDER}"),
+    ),
+    "plan": (),
+}
