@@ -1,6 +1,6 @@
 """Does the planner pick the plan that is really fastest on this machine?
 
-For each world size of the validation suite (executor/validate.py), the planner searches
+For each world size of the validation suite (validation/suite.py), the planner searches
 the same space `meshplan plan` does (same model, global batch, sequence length, dtype),
 kept to the suite's plans (the candidates the executor runs here), and ranks them; every
 candidate is run on real ranks, and the planner's top choice is compared with the measured

@@ -1,7 +1,7 @@
 """Rebuild the stock profiles hw_profiles/data/{a100-80gb,h100-80gb}.json from Vidur's
 measurements and print their fit quality and a check against published nccl-tests figures.
 
-    python -m hw_profiles.build_stock [--data PATH] [--out DIR] [--inter-node {dgx,vidur}]
+    python -m meshplan.calibration.build_stock [--data PATH] [--out DIR] [--inter-node {dgx,vidur}]
 
 PATH defaults to $MESHPLAN_VIDUR_DATA, else shared/data/vidur-profiles beside the repository.
 Vidur's cross-node rows were measured on a cluster whose fabric is ~10x slower than the DGX

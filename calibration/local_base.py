@@ -1,5 +1,5 @@
 """The `base` device description (calibrate.BASE_FIELDS) of a machine measured by
-hw_profiles.measure.run: what fit_profile needs beside the samples.
+calibration.measure.run: what fit_profile needs beside the samples.
 
 On CPU a "device" is one rank running one torch thread, as the executor runs it; the figures
 a datasheet would give come from the best rates measured here. On CUDA the peak figures

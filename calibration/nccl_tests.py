@@ -1,13 +1,13 @@
 """Read the tables printed by NVIDIA/nccl-tests (all_reduce_perf, all_gather_perf,
 reduce_scatter_perf, broadcast_perf, sendrecv_perf, alltoall_perf) into the `collectives`
-table of hw_profiles.samples.
+table of calibration.samples.
 
 The format (NVIDIA/nccl-tests src/common.cu): a header "# nThread T nGpus G minBytes ...
 iters: N agg iters: A ...", then "# Using devices" with one "#  Rank R Group C Pid P on HOST
 device D [bus] NAME" line per rank (older versions omit "Group C"), then a table whose rows
 are "size count type redop root" followed by "time algbw busbw #wrong" for out-of-place and
 then in-place; time is the mean over iterations in microseconds, size follows the
-convention hw_profiles.samples documents. Ranks sharing a Group value form one communicator
+convention calibration.samples documents. Ranks sharing a Group value form one communicator
 (NCCL_TESTS_SPLIT_MASK); ranks on the same HOST share a node. mpirun's "[1,0]<stdout>:"
 prefixes and interleaved NCCL INFO lines are skipped.
 """

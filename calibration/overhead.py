@@ -117,5 +117,5 @@ def measure_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:
         tp_layer_forward_s=per_layer["tp"][0], tp_layer_backward_s=per_layer["tp"][1],
         sp_layer_forward_s=per_layer["sp"][0], sp_layer_backward_s=per_layer["sp"][1],
         prefill_layer_s=max(0.0, (p3 - p1) / 2), decode_layer_s=max(0.0, (d3 - d1) / 2),
-        source=f"executor/overhead.py: eager PyTorch {torch.__version__}, 1 thread, "
+        source=f"calibration/overhead.py: eager PyTorch {torch.__version__}, 1 thread, "
                f"{LAYERS[1]}-layer minus {LAYERS[0]}-layer probe, median of {repeats}")

@@ -1,7 +1,7 @@
 """Measured samples: the file format between measuring (or importing) and fitting.
 
 Every source of measurements (this machine through torch, Vidur's CSVs, nccl-tests logs)
-produces these three tables; `hw_profiles.calibrate` fits them into a HardwareProfile.
+produces these three tables; `calibration.fit` fits them into a HardwareProfile.
 One row is one measured configuration, summarised over its repeats.
 """
 from dataclasses import dataclass

@@ -18,7 +18,7 @@ deployment of tp x pp x replicas ranks, and a Generation runs one greedy generat
   first. As in vLLM's pipeline-parallel engine, the replica's batch streams through the
   stages as min(pp, batch) micro-batches, each with its own cache, so every stage has work;
 - replicas: data-parallel copies, replica r generating prompts r*batch .. (r+1)*batch - 1.
-Ranks are placed as simulator/inference.py places them: TP innermost, then pipeline stages,
+Ranks are placed as simulator/serve.py places them: TP innermost, then pipeline stages,
 replicas outermost.
 """
 from __future__ import annotations

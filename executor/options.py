@@ -40,29 +40,14 @@ class ServeRankOptions:
         return asdict(self)
 
 
-def _launch_issues(nnodes: int, rdzv_endpoint: str | None, timeout_s: float) -> list[Issue]:
-    issues = []
-    if nnodes < 1:
-        issues.append(("run.nnodes", f"{nnodes} nodes", "use 1 or more nodes"))
-    if nnodes > 1 and not rdzv_endpoint:
-        issues.append(("run.rdzv_endpoint", "missing for a run on several nodes",
-                       "give the HOST:PORT of the c10d rendezvous, the same on every node"))
-    if not (math.isfinite(timeout_s) and timeout_s > 0):
-        issues.append(("run.timeout_s", f"{timeout_s!r} seconds", "use a positive, finite timeout"))
-    return issues
-
-
 @dataclass(frozen=True)
-class RunOptions:
-    """How to run a training plan. `run_dir`: folder for the run's files, kept (default: a
-    temporary folder, removed); `profile`: the profile the prediction (and the pipeline
-    partition) comes from."""
+class LaunchOptions:
+    """Where and how ranks start: `nnodes` machines meeting at the c10d rendezvous
+    `rdzv_endpoint` (this one is `node_rank`), the process-group `timeout_s`, `run_dir` for
+    the run's files (kept; default a temporary folder, removed), the profile the prediction
+    comes from, and whether rank 0 draws a progress bar."""
 
-    steps: int = 20
-    warmup: int = 3
     seed: int = 0
-    lr: float = 1e-3
-    data: str | None = None
     profile: str = "local"
     timeout_s: float = 60.0
     nnodes: int = 1
@@ -70,10 +55,33 @@ class RunOptions:
     rdzv_endpoint: str | None = None
     progress: bool = False
     run_dir: str | None = None
+
+    def issues(self) -> list[Issue]:
+        issues = []
+        if self.nnodes < 1:
+            issues.append(("run.nnodes", f"{self.nnodes} nodes", "use 1 or more nodes"))
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            issues.append(("run.rdzv_endpoint", "missing for a run on several nodes",
+                           "give the HOST:PORT of the c10d rendezvous, the same on every node"))
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            issues.append(("run.timeout_s", f"{self.timeout_s!r} seconds", "use a positive, finite timeout"))
+        return issues
+
+
+@dataclass(frozen=True)
+class RunOptions(LaunchOptions):
+    """How to run a training plan: `steps` steps, the first `warmup` untimed, Adam at `lr`,
+    batches from the token file `data` (default synthetic); `save_grads` keeps every rank's
+    first-step gradients in run_dir."""
+
+    steps: int = 20
+    warmup: int = 3
+    lr: float = 1e-3
+    data: str | None = None
     save_grads: bool = False
 
     def issues(self) -> list[Issue]:
-        issues = _launch_issues(self.nnodes, self.rdzv_endpoint, self.timeout_s)
+        issues = super().issues()
         if not 0 <= self.warmup < self.steps:
             issues.append(("run.warmup", f"{self.warmup} warm-up steps leave no timed step of "
                            f"{self.steps}", "use fewer warm-up steps than steps"))
@@ -86,22 +94,14 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
-class ServeOptions:
+class ServeOptions(LaunchOptions):
     """How to run a serving plan: `warmup` untimed generations, then `repeats` timed ones."""
 
     warmup: int = 1
     repeats: int = 3
-    seed: int = 0
-    profile: str = "local"
-    timeout_s: float = 60.0
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str | None = None
-    progress: bool = False
-    run_dir: str | None = None
 
     def issues(self) -> list[Issue]:
-        issues = _launch_issues(self.nnodes, self.rdzv_endpoint, self.timeout_s)
+        issues = super().issues()
         if self.warmup < 0:
             issues.append(("run.warmup", f"{self.warmup} warm-up generations", "use 0 or more"))
         if self.repeats < 1:

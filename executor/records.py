@@ -179,7 +179,7 @@ class ServeRecord:
     device: str
     world_size: int
     profile: str
-    prediction: dict | None          # simulator.inference.simulate_inference(...).to_json()
+    prediction: dict | None          # simulator.serve.simulate_inference(...).to_json()
     prediction_note: str             # why the prediction is missing, or ""
     ttft_s: tuple[float, ...]
     decode_s: tuple[float, ...]

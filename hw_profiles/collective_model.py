@@ -184,7 +184,7 @@ def hierarchical_time_s(fit: CollectiveFit, kind: str, message_bytes, group_size
 def collective_time_s(fit: CollectiveFit, kind: str, message_bytes, group_size: int,
                       ranks_per_node: int):
     """Time (s) of one collective; message_bytes in nccl-tests' size convention
-    (hw_profiles/samples.py). Vectorised over message_bytes."""
+    (calibration/samples.py). Vectorised over message_bytes."""
     if kind not in KINDS:
         raise ValueError(f"unknown collective {kind!r}; expected one of {KINDS}")
     r = min(max(int(ranks_per_node), 1), int(group_size))

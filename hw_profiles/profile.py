@@ -18,14 +18,14 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLES_SUFFIX = ".samples.json"
 DTYPES = tuple(DTYPE_BYTES)
 REGENERATE = ("regenerate it with `meshplan profile --out FILE` (this machine) or "
-              "`python -m hw_profiles.build_stock` (stock profiles)")
+              "`python -m meshplan.calibration.build_stock` (stock profiles)")
 
 
 @dataclass(frozen=True)
 class FrameworkOverhead:
     """Host time per decoder layer of the executor's eager PyTorch beside its operators' work
     (module calls, dispatch, autograd, DTensor sharding propagation), per micro-batch:
-    measured by executor/overhead.py on CPU, where the host *is* the device. Zero where
+    measured by calibration/overhead.py on CPU, where the host *is* the device. Zero where
     the host runs ahead of a GPU's kernel queue (stock profiles), so it is not on the path."""
 
     layer_forward_s: float = 0.0

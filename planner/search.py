@@ -1,5 +1,5 @@
 """The planner's search: build the candidate table, evaluate it with the closed forms
-(planner/analytic.py), then re-rank the best few with the exact discrete-event simulator.
+(planner/closed_forms.py), then re-rank the best few with the exact discrete-event simulator.
 
     table = every legal plan (planner/space.py)
     -> memory of each, step time of the fitting ones that can still make the top

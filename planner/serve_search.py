@@ -1,6 +1,6 @@
 """Serving plan search: every legal (tp, pp, replicas) layout of the GPUs, batches in powers
 of two up to the largest that fits (and that largest itself), simulated with
-simulator.inference; candidates over a TTFT or TPOT SLO are cut; the rest are ranked by
+simulator.serve; candidates over a TTFT or TPOT SLO are cut; the rest are ranked by
 generated tokens per second per GPU ("throughput") or by request latency ("latency").
 Also: the explanation of the ranking, and the `vllm serve` command line of a plan.
 """

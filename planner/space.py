@@ -19,7 +19,7 @@ from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Mesh
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.plan import ATTENTION, DTYPES, RECOMPUTE, SCHEDULES, Cluster, Plan
+from meshplan.simulator.plan import ATTENTION, DTYPES, RECOMPUTE, SCHEDULES, Cluster, Plan, complete_fields
 
 # Rank orders tried, innermost first: Megatron-LM's default (tp-cp-dp-pp), its
 # --use-tp-pp-dp-mapping (tp-cp-pp-dp), data parallel inside context parallel, and data
@@ -159,19 +159,10 @@ def row_plan(table: pd.DataFrame, i: int) -> Plan:
 
 
 def _why_empty(model: ModelSpec, cluster: Cluster, fixed: dict) -> PlanError:
-    """The rule that leaves no legal plan: the first violation of the plan made of the
-    fixed knobs and defaults, or a summary when each knob is legal on its own."""
-    fields = dict(fixed)
-    if "dp" not in fields:
-        other = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)
-        if cluster.num_gpus % other:
-            return PlanError("cluster.num_gpus", f"{cluster.num_gpus} GPUs are not divisible by tp*pp*cp = "
-                             f"{other}", "choose tp, pp, cp whose product divides the GPU count")
-        fields["dp"] = cluster.num_gpus // other
-    if fields.get("schedule") == "interleaved" and "virtual_stages" not in fields:
-        fields["virtual_stages"] = 2
+    """The rules that leave no legal plan: the violations of the plan made of the fixed
+    knobs and defaults, or a summary when each knob is legal on its own."""
     try:
-        Plan(**fields).validate(model, cluster)
+        Plan(**complete_fields(fixed, cluster.num_gpus)).validate(model, cluster)
     except PlanError as exc:
         return exc
     return PlanError("cluster.num_gpus", f"no combination of dp, tp, pp, cp, micro-batch and schedule is "

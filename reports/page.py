@@ -15,10 +15,6 @@ def heading(text: str, level: int = 2, anchor: str | None = None) -> str:
     return f"<h{level}{ident}>{html.escape(text)}</h{level}>"
 
 
-def paragraph(text: str) -> str:
-    return f"<p>{html.escape(text)}</p>"
-
-
 def page(title: str, parts: list) -> str:
     """The page: <title> and <h1> from `title`; each part either HTML text (already escaped
     where needed), a plotly figure, or (figure, element id); plotly.js is inlined with the

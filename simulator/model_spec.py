@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshplan.core.fields import from_fields
 from meshplan.core.errors import ModelError
 
 ACTIVATIONS = ("silu", "gelu")
@@ -96,18 +97,8 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ModelError(unknown[0], "unknown model field",
-                             f"use only {', '.join(sorted(known))}")
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
-        missing = sorted(required - set(data))
-        if missing:
-            raise ModelError(missing[0], "missing model field", f"add {', '.join(missing)}")
-        return cls(**data)
-
+    def from_dict(cls, data: dict) -> ModelSpec:
+        return from_fields(cls, data, "model.", ModelError, "model")
 
 def _llama(name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied=False) -> ModelSpec:
     return ModelSpec(name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied_embeddings=tied)

@@ -126,11 +126,6 @@ def total_flops(ops: tuple[Op, ...]) -> float:
     return sum(op.flops for op in ops if op.kind == GEMM)
 
 
-def layer_forward_flops(model: ModelSpec, micro_batch: int, seq_len: int) -> float:
-    """GEMM FLOPs of one layer's forward on one device without any parallelism."""
-    return total_flops(layer_ops(model, Shard(micro_batch, seq_len)))
-
-
 def model_flops_per_step(model: ModelSpec, global_batch: int, seq_len: int) -> float:
     """Model FLOPs of one training step (forward + backward = 3x forward GEMM FLOPs, no
     recompute), the numerator of MFU (Chowdhery et al. 2022 appendix B)."""

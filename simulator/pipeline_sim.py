@@ -1,6 +1,6 @@
 """Discrete-event simulation of one pipeline-parallel training step.
 
-Each rank runs its ops strictly in the schedule's order (schedule.stage_op_order); an op
+Each rank runs its ops strictly in the schedule's order (schedule.stage_op_tuples); an op
 starts when its rank is free and its inputs have arrived. F of virtual stage j needs F of
 j-1, B of j needs B of j+1 (the last virtual stage: its own F), W needs its own B. Sends are
 asynchronous: data produced at time t on one rank is usable on the next at t + p2p_s.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+from meshplan.core.fields import from_fields
 from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Mesh
 from meshplan.simulator import rules
@@ -156,15 +157,22 @@ class Plan:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise PlanError(f"plan.{unknown[0]}", "unknown plan key", f"use only {', '.join(sorted(known))}")
-        missing = sorted({"global_batch", "seq_len"} - set(data))
-        if missing:
-            raise PlanError(f"plan.{missing[0]}", "missing", f"add \"{missing[0]}\" to the plan")
-        return cls(**data)
+    def from_dict(cls, data: dict) -> Plan:
+        return from_fields(cls, data, "plan.", PlanError, "plan")
+
+def complete_fields(fields: dict, num_gpus: int) -> dict:
+    """Plan fields with the data-parallel degree filled from the GPU count when it is the one
+    axis left open, and 2 virtual stages for an interleaved schedule that names none."""
+    fields = dict(fields)
+    if "dp" not in fields:
+        other = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)
+        if num_gpus % other:
+            raise PlanError("cluster.num_gpus", f"{num_gpus} GPUs are not divisible by tp*pp*cp = "
+                            f"{other}", "choose tp, pp, cp whose product divides the GPU count")
+        fields["dp"] = num_gpus // other
+    if fields.get("schedule") == "interleaved" and "virtual_stages" not in fields:
+        fields["virtual_stages"] = 2
+    return fields
 
 
 def load_plan(path: str) -> Plan:

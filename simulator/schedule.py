@@ -6,22 +6,12 @@ pass (W) of one micro-batch through one model chunk. With interleaving, rank s h
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
-Op = tuple[str, int, int]  # (kind, microbatch, chunk): PipeOp's fields, cheap to build
-
-
-@dataclass(frozen=True)
-class PipeOp:
-    """One unit of work on one rank. kind: "F" forward, "B" backward (input gradient only
-    under zb-h1, the whole backward otherwise), "W" weight gradient (zb-h1 only)."""
-
-    kind: str
-    microbatch: int
-    chunk: int
+# (kind, microbatch, chunk): kind "F" forward, "B" backward (input gradient only under
+# zb-h1, the whole backward otherwise), "W" weight gradient (zb-h1 only).
+Op = tuple[str, int, int]
 
 
 def _check_args(schedule: str, num_stages: int, num_microbatches: int, num_chunks: int) -> None:
@@ -93,16 +83,9 @@ def _interleaved(p: int, s: int, m: int, v: int) -> list[Op]:
     return ops + [op("B", k) for k in range(total - warmup, total)]
 
 
-def stage_op_order(schedule: str, num_stages: int, num_microbatches: int,
-                   num_chunks: int = 1) -> list[list[PipeOp]]:
-    """Per pipeline rank, the ops in the order that rank runs them."""
-    return [[PipeOp(*op) for op in ops]
-            for ops in stage_op_tuples(schedule, num_stages, num_microbatches, num_chunks)]
-
-
 def stage_op_tuples(schedule: str, num_stages: int, num_microbatches: int,
                     num_chunks: int = 1) -> list[list[Op]]:
-    """stage_op_order as (kind, microbatch, chunk) tuples, for the simulator's inner loop."""
+    """Per pipeline rank, the ops (kind, microbatch, chunk) in the order that rank runs them."""
     _check_args(schedule, num_stages, num_microbatches, num_chunks)
     p, m = num_stages, num_microbatches
     if schedule == "gpipe":

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.core.fields import from_fields
 from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Group, Mesh
 from meshplan.simulator.cost import forward_s, per_rank_profile, tp_comm_s
@@ -105,17 +106,8 @@ class InferencePlan:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "InferencePlan":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise PlanError(f"plan.{unknown[0]}", "unknown inference plan key",
-                            f"use only {', '.join(sorted(known))}")
-        missing = sorted({"batch", "prompt_len", "gen_len"} - set(data))
-        if missing:
-            raise PlanError(f"plan.{missing[0]}", "missing", f"add \"{missing[0]}\" to the plan")
-        return cls(**data)
-
+    def from_dict(cls, data: dict) -> InferencePlan:
+        return from_fields(cls, data, "plan.", PlanError, "inference plan")
 
 def kv_bytes_per_token(model: ModelSpec, kv_dtype: str = "fp16", tp: int = 1) -> int:
     """KV-cache bytes one token adds on one device, all layers: K and V of each KV head
@@ -369,7 +361,7 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
     # micro-batch's transient activations.
     capacity = float(hw.memory_bytes)
     limit = capacity - memory_reserve_bytes(capacity)
-    kv_token_layer = 2 * (served.num_kv_heads // plan.tp) * model.head_dim * plan.kv_dtype_bytes
+    kv_token_layer = kv_bytes_per_token(model, plan.kv_dtype, plan.tp) / model.num_layers
     weights = np.array([stage_params(served, plan.tp, plan.pp, n, f, la) * plan.dtype_bytes
                         for n, f, la in at.stages], dtype=float)
     kv_seq = np.array([plan.context_len * n * kv_token_layer for n in at.layers], dtype=float)

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
-from meshplan.simulator.cost import FULL, NONE, collective_s, layer_times, shard_times
+from meshplan.simulator.cost import (FULL, NONE, collective_s, layer_times, overlapped_exposed_s,
+                                     shard_times)
 from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, layer_activation_bytes,
                                        model_state_bytes, stage_params)
 from meshplan.simulator.model_spec import ModelSpec
@@ -166,8 +167,7 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     per_layer_bytes = grad_bytes / np.maximum(n, 1)
     bucket = np.where(c(z == 0), collective_s(hw, "all_reduce", per_layer_bytes, c(dps), c(rpn)),
                       collective_s(hw, "reduce_scatter", per_layer_bytes, c(dps), c(rpn)))
-    hidden = 1.0 if hw.comm_overlaps_compute else 0.0
-    dp = np.where(n > 0, bucket + (n - 1) * np.maximum(0.0, bucket - hidden * c(r["l_bwd"])), 0.0)
+    dp = overlapped_exposed_s(bucket, c(r["l_bwd"]), n, hw.comm_overlaps_compute)
     dp = dp + c(np.isin(z, (1, 2))) * collective_s(hw, "all_gather", grad_bytes, c(dps), c(rpn))
     if model.tied_embeddings:
         sync = collective_s(hw, "all_reduce", model.vocab_size * model.hidden_size / r["tp"] * r["d"],

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshplan.simulator.pipeline_sim import simulate_pipeline
-from meshplan.simulator.schedule import SCHEDULES, PipeOp, stage_op_order
+from meshplan.simulator.schedule import SCHEDULES, in_flight, stage_op_tuples
 
 F_S, B_S = 1.3, 2.1   # one micro-batch through one whole stage
 
@@ -26,8 +26,8 @@ def _uniform(schedule, p, m, v=1, f=F_S, b=B_S, w=None, **kwargs):
     ("interleaved", 1, 2, 3)])
 def test_each_op_runs_once_per_stage(schedule, p, m, v):
     kinds = ("F", "B", "W") if schedule == "zb-h1" else ("F", "B")
-    want = Counter(PipeOp(k, mb, c) for k in kinds for mb in range(m) for c in range(v))
-    orders = stage_op_order(schedule, p, m, v)
+    want = Counter((k, mb, c) for k in kinds for mb in range(m) for c in range(v))
+    orders = stage_op_tuples(schedule, p, m, v)
     assert len(orders) == p
     for ops in orders:
         assert Counter(ops) == want
@@ -35,7 +35,7 @@ def test_each_op_runs_once_per_stage(schedule, p, m, v):
 
 def test_1f1b_order_is_warmup_steady_cooldown():
     # Narayanan et al. 2021 Fig. 4 (p=4): rank 1 runs 2 warm-up forwards, then 1F1B.
-    got = [f"{op.kind}{op.microbatch}" for op in stage_op_order("1f1b", 4, 5)[1]]
+    got = [f"{kind}{mb}" for kind, mb, _ in stage_op_tuples("1f1b", 4, 5)[1]]
     assert got == ["F0", "F1", "F2", "B0", "F3", "B1", "F4", "B2", "B3", "B4"]
 
 
@@ -46,7 +46,7 @@ def test_1f1b_order_is_warmup_steady_cooldown():
     (("gpipe", 2.0, 8), "num_stages")])
 def test_bad_schedule_args_name_the_field(args, field):
     with pytest.raises(ValueError, match=field):
-        stage_op_order(*args)
+        stage_op_tuples(*args)
 
 
 def test_bad_simulation_args_name_the_field():
@@ -94,6 +94,11 @@ def test_in_flight_1f1b_gpipe_zb(p, m):
     assert _uniform("1f1b", p, m).max_in_flight.tolist() == want
     assert _uniform("zb-h1", p, m, w=0.7).max_in_flight.tolist() == want
     assert _uniform("gpipe", p, m).max_in_flight.tolist() == [m] * p
+    s = np.arange(p)
+    for name, w in (("1f1b", None), ("zb-h1", 0.7), ("gpipe", None)):
+        # the closed form the simulator and planner size activations with
+        closed = in_flight(SCHEDULES.index(name), p, 1, m, s)
+        assert closed.tolist() == _uniform(name, p, m, w=w).max_in_flight.tolist()
 
 
 @pytest.mark.parametrize("p,m,v", [(4, 4, 2), (4, 8, 2), (4, 8, 4), (8, 16, 3), (2, 2, 2)])
@@ -103,6 +108,7 @@ def test_in_flight_interleaved_matches_megatron_warmup(p, m, v):
     want = [min(2 * (p - s - 1) + (v - 1) * p + 1, m * v) for s in range(p)]
     res = _uniform("interleaved", p, m, v)
     assert res.max_in_flight.tolist() == want
+    assert in_flight(SCHEDULES.index("interleaved"), p, v, m, np.arange(p)).tolist() == want
     assert want[0] == min(2 * (p - 1) + (v - 1) * p + 1, m * v)
 
 
@@ -198,9 +204,9 @@ def test_events_replay_the_op_dag(case):
     compute = [e for e in res.events if e.kind in "FBW"]
     end = {(e.kind, e.microbatch, e.chunk * p + e.stage): e.end_s for e in compute}
     last = p * v - 1
-    for s, ops in enumerate(stage_op_order(schedule, p, m, v)):
+    for s, ops in enumerate(stage_op_tuples(schedule, p, m, v)):
         mine = sorted((e for e in compute if e.stage == s), key=lambda e: e.start_s)
-        assert [PipeOp(e.kind, e.microbatch, e.chunk) for e in mine] == ops
+        assert [(e.kind, e.microbatch, e.chunk) for e in mine] == ops
         free, in_flight, peak = 0.0, 0, 0
         for e in mine:
             j = e.chunk * p + s

@@ -2,7 +2,7 @@
 the way the executor launches ranks:
 
     python -m torch.distributed.run --standalone --nproc-per-node N \\
-        -m hw_profiles.measure.collectives --out rows.json [--group-sizes 2 4] [--sizes ...]
+        -m meshplan.calibration.measure.collectives --out rows.json [--group-sizes 2 4] [--sizes ...]
 
 gloo on CPU (one torch thread per rank), NCCL on CUDA (rank i on GPU i). For each group size
 g (ranks 0..g-1, a dist.new_group), collective and message size: `warmup` untimed calls, then
@@ -12,7 +12,7 @@ as nccl-tests reports the slowest rank with -a 3). Rank 0 writes the COLLECTIVE_
 as JSON records to --out and prints one line per row on stdout (for progress bars). All
 ranks run on one machine (--standalone), so ranks_per_node is the group size.
 
-message_bytes follows nccl-tests' "size" (see hw_profiles.samples), rounded down so that the
+message_bytes follows nccl-tests' "size" (see calibration.samples), rounded down so that the
 fp32 element count splits evenly over the group where the collective needs it.
 """
 from __future__ import annotations

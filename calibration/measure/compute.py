@@ -1,5 +1,5 @@
 """Time one transformer layer's GEMMs and memory-bound operators with torch on one device,
-into the `gemm` and `memory_bound` tables of hw_profiles.samples.
+into the `gemm` and `memory_bound` tables of calibration.samples.
 
 Operators are called the way the executor calls them (functional torch ops that allocate
 their output), one call per timing. CUDA calls are timed with CUDA events and a final

@@ -1,8 +1,8 @@
 """Measure this machine into Samples: GEMMs and memory-bound operators in this process (one
 torch thread, as each executor rank runs), collectives through torchrun subprocesses; save
-them as JSON so that hw_profiles.calibrate can refit them later.
+them as JSON so that calibration.fit can refit them later.
 
-    python -c "from hw_profiles.measure.run import measure_machine; measure_machine(True, 'm.json')"
+    python -c "from meshplan.calibration.measure.run import measure_machine; measure_machine(True, 'm.json')"
 """
 from __future__ import annotations
 

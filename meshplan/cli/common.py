@@ -9,7 +9,7 @@ import dataclasses
 
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import ModelSpec, load_model
-from meshplan.simulator.plan import Cluster, Plan, load_plan
+from meshplan.simulator.plan import Cluster, Plan, complete_fields, load_plan
 from meshplan.simulator.serve import InferencePlan
 
 # Errors name fields; these are the fields whose flag is not `--` + the field's name.
@@ -72,6 +72,17 @@ def dataclass_fields(args: argparse.Namespace, cls, names: tuple[str, ...] | Non
     return out
 
 
+def plan_command(subparsers, name: str, help: str, description: str,
+                 default_hardware: str = "a100-80gb") -> argparse.ArgumentParser:
+    """A subcommand taking a model, a cluster, the plan knobs and the serving knobs."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_model_args(parser)
+    add_cluster_args(parser, default_hardware)
+    add_plan_args(parser)
+    add_inference_args(parser)
+    return parser
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="zoo name (e.g. llama-2-7b, gpt3-175b) or path to an HF config.json")
@@ -132,21 +143,12 @@ def cluster_from_args(args: argparse.Namespace, default_gpus_per_node: int) -> C
 
 
 def complete_plan(fields: dict, cluster: Cluster) -> Plan:
-    """Fill the data-parallel degree from the GPU count when it is the one axis left open."""
-    fields = dict(fields)
+    """The plan of the user's fields, dp filled from the GPU count (plan.complete_fields)."""
     missing = [(f"plan.{name}", "missing", "give it as a flag (or in a --plan file)")
                for name in ("global_batch", "seq_len") if name not in fields]
     if missing:
         raise PlanError.of(missing)
-    if "dp" not in fields:
-        other = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)
-        if cluster.num_gpus % other:
-            raise PlanError("cluster.num_gpus", f"{cluster.num_gpus} GPUs are not divisible by "
-                            f"tp*pp*cp = {other}", "choose tp, pp, cp whose product divides the GPU count")
-        fields["dp"] = cluster.num_gpus // other
-    if fields.get("schedule") == "interleaved" and "virtual_stages" not in fields:
-        fields["virtual_stages"] = 2
-    return Plan(**fields)
+    return Plan(**complete_fields(fields, cluster.num_gpus))
 
 
 def load_model_arg(args: argparse.Namespace) -> ModelSpec:

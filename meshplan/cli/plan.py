@@ -15,16 +15,12 @@ from meshplan.core.units import GIB
 def register(subparsers) -> None:
     from meshplan.planner.export import TARGETS
 
-    parser = subparsers.add_parser(
-        "plan", help="search for the fastest plan that fits, and explain why it wins",
+    parser = common.plan_command(
+        subparsers, "plan", help="search for the fastest plan that fits, and explain why it wins",
         description="Search every legal plan (DP/TP/SP/CP/PP degrees, layer partition, ZeRO "
                     "stage, recompute, micro-batch, pipeline schedule, rank placement) for the "
                     "model on the cluster; any plan flag given is held fixed. Prints the ranked "
                     "plans and why the winner wins.")
-    common.add_model_args(parser)
-    common.add_cluster_args(parser)
-    common.add_plan_args(parser)
-    common.add_inference_args(parser)
     parser.add_argument("--slo-ttft-ms", type=float, help="serving: time-to-first-token limit")
     parser.add_argument("--slo-tpot-ms", type=float, help="serving: time-per-output-token limit")
     parser.add_argument("--top", type=int, default=10, help="plans to list (default 10)")

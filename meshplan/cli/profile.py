@@ -6,7 +6,6 @@ import argparse
 import os
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from meshplan.core.progress import wanted
@@ -87,31 +86,15 @@ def _save_pair(profile, samples, machine, out: Path) -> None:
 
 
 def run_measure(args: argparse.Namespace) -> int:
-    import torch
-
-    from meshplan.calibration.overhead import measure_overhead
-    from meshplan.calibration.fit import fit_profile
-    from meshplan.calibration.local_base import local_base
-    from meshplan.calibration.measure.machine import describe_machine
-    from meshplan.calibration.measure.run import measure_machine, measurement_plan
+    from meshplan.calibration.local_profile import measure_profile
 
     started = time.perf_counter()
     out = Path(args.out)
-    machine = describe_machine()
-    plan = measurement_plan(args.quick, torch.cuda.is_available(), machine["usable_cpus"],
-                            machine["gpu_count"])
-    if not plan.launches:
-        raise ProfileError("devices", "one CUDA device: collectives need 2 or more ranks",
-                           "run on a machine with 2 or more GPUs, or refit a stock profile "
-                           "from your cluster's logs with --import-nccl-tests")
-    with tempfile.TemporaryDirectory(prefix="meshplan-profile-") as tmp:
-        samples, machine = measure_machine(args.quick, Path(tmp) / "samples.json", progress=wanted())
-    # On a GPU the host queues kernels ahead of the device: its overhead is not on the path.
-    overhead = None if torch.cuda.is_available() else measure_overhead(repeats=15 if args.quick else 40)
-    measured = time.perf_counter()
-    profile = fit_profile(samples, local_base(samples, machine, _name(args)), args.holdout, args.seed)
-    if overhead is not None:
-        profile = replace(profile, overhead=overhead)
+    profile, samples, machine, measured_s = measure_profile(args.quick, _name(args), args.holdout,
+                                                            args.seed, progress=wanted())
+    measured = started + measured_s
+    overhead = profile.overhead
+    if machine["gpu_count"] == 0:
         print(f"framework overhead per layer (fwd/bwd ms): plain {overhead.layer_forward_s * 1e3:.2f}/"
               f"{overhead.layer_backward_s * 1e3:.2f}, TP {overhead.tp_layer_forward_s * 1e3:.2f}/"
               f"{overhead.tp_layer_backward_s * 1e3:.2f}, TP+SP {overhead.sp_layer_forward_s * 1e3:.2f}/"

@@ -13,17 +13,14 @@ from meshplan.simulator.plan import Cluster
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "run", help="run a plan on real ranks (torchrun) and compare with the prediction",
+    parser = common.plan_command(
+        subparsers, "run", help="run a plan on real ranks (torchrun) and compare with the prediction",
         description="Train a few steps of a plan on real processes, one rank per device (on a "
                     "CPU machine --gpus N means N ranks of one thread each), and report the "
                     "measured step time, memory and losses beside the simulator's prediction. "
                     "With --mode inference, generate greedily with a KV cache (prefill, then "
-                    "decode) and report TTFT, TPOT, latency, throughput and memory instead.")
-    common.add_model_args(parser)
-    common.add_cluster_args(parser, default_hardware="local")
-    common.add_plan_args(parser)
-    common.add_inference_args(parser)
+                    "decode) and report TTFT, TPOT, latency, throughput and memory instead.",
+        default_hardware="local")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed generations, after the warm-up (--mode inference; default 3)")
     parser.add_argument("--steps", type=int, default=20, help="training steps (default 20)")

@@ -10,14 +10,10 @@ from meshplan.core.io import dump_json
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "simulate", help="predict step time, throughput and per-device memory of one plan",
+    parser = common.plan_command(
+        subparsers, "simulate", help="predict step time, throughput and per-device memory of one plan",
         description="Predict one training plan on a cluster: step time, tokens/s, MFU, "
                     "per-device memory, a time breakdown and the pipeline timeline.")
-    common.add_model_args(parser)
-    common.add_cluster_args(parser)
-    common.add_plan_args(parser)
-    common.add_inference_args(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--trace", help="write a Chrome/Perfetto trace of the pipeline schedule")
     parser.add_argument("--timeline", help="write a plotly Gantt chart (HTML) of the schedule")

@@ -1,6 +1,6 @@
 """`meshplan validate`: run the validation suite here, predicted vs measured; `--refit`
 closes the loop by refitting the profile from half of the runs. `--mode inference` runs the
-serving suite instead (executor/serve_validate.py)."""
+serving suite instead (validation/serve_suite.py)."""
 from __future__ import annotations
 
 import argparse

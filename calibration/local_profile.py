@@ -1,0 +1,41 @@
+"""Measure this machine into a fitted profile: samples of GEMMs, memory-bound operators and
+collectives (calibration/measure/run.py), the framework overhead of the executor's layer on
+CPU (overhead.py), and the fit (fit.py) onto the machine's base description
+(local_base.py)."""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from meshplan.calibration.fit import fit_profile
+from meshplan.calibration.local_base import local_base
+from meshplan.calibration.measure.machine import describe_machine
+from meshplan.calibration.measure.run import measure_machine, measurement_plan
+from meshplan.calibration.overhead import measure_overhead
+from meshplan.calibration.samples import Samples
+from meshplan.core.errors import ProfileError
+from meshplan.hw_profiles.profile import HardwareProfile
+
+
+def measure_profile(quick: bool, name: str, holdout: float, seed: int,
+                    progress: bool = False) -> tuple[HardwareProfile, Samples, dict, float]:
+    """(profile, samples, machine description, seconds spent measuring)."""
+    started = time.perf_counter()
+    machine = describe_machine()
+    cuda = machine["gpu_count"] > 0
+    plan = measurement_plan(quick, cuda, machine["usable_cpus"], machine["gpu_count"])
+    if not plan.launches:
+        raise ProfileError("devices", "one CUDA device: collectives need 2 or more ranks",
+                           "run on a machine with 2 or more GPUs, or refit a stock profile "
+                           "from your cluster's logs with --import-nccl-tests")
+    with tempfile.TemporaryDirectory(prefix="meshplan-profile-") as tmp:
+        samples, machine = measure_machine(quick, Path(tmp) / "samples.json", progress=progress)
+    # On a GPU the host queues kernels ahead of the device: its overhead is not on the path.
+    overhead = None if cuda else measure_overhead(repeats=15 if quick else 40)
+    measured_s = time.perf_counter() - started
+    profile = fit_profile(samples, local_base(samples, machine, name), holdout, seed)
+    if overhead is not None:
+        profile = replace(profile, overhead=overhead)
+    return profile, samples, machine, measured_s
