@@ -46,10 +46,12 @@ def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
     knobs = {k: table[k].to_numpy() for k in ("dp", "tp", "pp", "cp", "zero", "virtual_stages",
                                               "num_microbatches", "micro_batch", "tp_rpn",
                                               "cp_rpn", "dp_rpn", "pp_rpn")}
-    knobs.update(sp=table["sp"].to_numpy(bool), rc=table["recompute"].cat.codes.to_numpy(np.int64),
+    knobs.update(sp=table["sp"].to_numpy(bool), tp_overlap=table["tp_overlap"].to_numpy(bool),
+                 reshard=table["reshard_after_forward"].to_numpy(bool),
+                 rc=table["recompute"].cat.codes.to_numpy(np.int64),
                  sched=np.where(knobs["pp"] == 1, ONE_F_ONE_B,
                                 table["schedule"].cat.codes.to_numpy()))
-    return step.rows(model, knobs, a["seq_len"], a["dtype"], a["attention"])
+    return step.rows(model, knobs, a["seq_len"], a["dtype"], a["attention"], a["grad_reduce_dtype"])
 
 
 def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
@@ -144,13 +146,23 @@ def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, par
     xb, ag = r["xb"], r["ag"]
     drained = before * c(r["l_bwd"] + xb) + s * c(v * (ag - xb)) + (s > 0) * c(r["emb_bwd"])
     end = c(end0) - (s > 0) * (drained / c(v) + s * c(hop))
-    dp, opt = step.rank_tail_s(r, model, hw, s, n, params)
-    return (end + dp + opt).max(axis=1)
+    dp, contention, opt = step.rank_tail_s(r, model, hw, s, n, params)
+    return (end + dp + contention + opt).max(axis=1)
+
+
+MEMORY_KEYS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched",
+               "virtual_stages", "num_microbatches", "reshard")
 
 
 def _memory_bound(r: dict, model: ModelSpec) -> np.ndarray:
     """A lower bound on peak memory without the partition: some rank holds >= ceil(L/p)
-    layers, and keeps at least the last rank's in-flight micro-batches."""
+    layers, and keeps at least the last rank's in-flight micro-batches. Placement does not
+    enter memory: computed once per distinct set of the other knobs."""
+    ids, first = step.combo_ids(r, MEMORY_KEYS)
+    return _memory_bound_rows(step.take(r, first), model)[ids]
+
+
+def _memory_bound_rows(r: dict, model: ModelSpec) -> np.ndarray:
     last = r["pp"][:, None] - 1
     most = -(-model.num_layers // r["pp"])[:, None]
     no_edge = np.full_like(most, -1)  # a rank without the embedding or the head

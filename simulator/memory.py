@@ -83,11 +83,13 @@ def stage_params(model: ModelSpec, tp, pp, layers, first, last):
 
 
 def model_state_bytes(params: float, dtype: str, dtype_bytes: int, zero: int,
-                      shard_degree: int) -> tuple[float, float, float]:
+                      shard_degree: int, grad_bytes: int | None = None) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes of `params` parameters on one device under a
-    ZeRO stage sharded over `shard_degree` ranks (Rajbhandari et al. 2020 sec 5, Fig. 1)."""
+    ZeRO stage sharded over `shard_degree` ranks (Rajbhandari et al. 2020 sec 5, Fig. 1);
+    gradients take `grad_bytes` each (default the weights' dtype; fp32 where they are kept
+    and reduced in fp32, as Megatron-LM's main grads and torchtitan's reduce dtype)."""
     weights = params * dtype_bytes / (shard_degree if zero >= 3 else 1)
-    grads = params * dtype_bytes / (shard_degree if zero >= 2 else 1)
+    grads = params * (grad_bytes or dtype_bytes) / (shard_degree if zero >= 2 else 1)
     optimizer = params * OPTIMIZER_BYTES_PER_PARAM[dtype] / (shard_degree if zero >= 1 else 1)
     return weights, grads, optimizer
 

@@ -72,6 +72,13 @@ PLAN = (
           lambda x, m, c: f"{x.virtual_stages} virtual stages with schedule {x.schedule} and pp {x.pp}",
           "use the interleaved schedule with pp >= 2 and virtual_stages >= 2, or 1 virtual "
           "stage otherwise"),
+    _rule("plan.tp_overlap", "tp_overlap sp", lambda x, m, c: np.logical_not(x.tp_overlap) | np.asarray(x.sp),
+          lambda x, m, c: "overlapping TP communication splits the sequence-parallel collectives",
+          "turn on sp, or drop tp_overlap"),
+    _rule("plan.reshard_after_forward", "reshard_after_forward zero",
+          lambda x, m, c: np.asarray(x.reshard_after_forward) | (x.zero == 3),
+          lambda x, m, c: f"resharding after forward is a ZeRO-3 choice, not ZeRO-{x.zero}'s",
+          "keep reshard_after_forward with ZeRO 0-2"),
     _rule("plan.global_batch", "global_batch micro_batch dp",
           lambda x, m, c: x.global_batch % (x.micro_batch * x.dp) == 0,
           lambda x, m, c: f"{x.global_batch} is not divisible by micro_batch*dp = {x.micro_batch * x.dp}",

@@ -26,7 +26,7 @@ from meshplan.simulator.plan import RECOMPUTE, Cluster, Plan
 from meshplan.simulator.schedule import in_flight
 
 BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "pp_comm", "dp_comm",
-                  "bubble", "optimizer")
+                  "contention", "bubble", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,14 @@ def plan_rows(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfil
              "micro_batch": plan.micro_batch,
              "sched": step.schedule_codes(plan.schedule if p > 1 else "1f1b")[0],
              "virtual_stages": plan.virtual_stages, "num_microbatches": plan.num_microbatches,
+             "tp_overlap": plan.tp_overlap, "reshard": plan.reshard_after_forward,
              "tp_rpn": mesh.group(("tp",)).ranks_per_node,
              "cp_rpn": mesh.group(("cp",)).ranks_per_node,
              # gradients are reduced over DP x CP
              "dp_rpn": mesh.group(("dp", "cp")).ranks_per_node,
              "pp_rpn": mesh.neighbour_pair("pp").ranks_per_node}
     r = step.rows(model, {k: np.array([v]) for k, v in knobs.items()}, plan.seq_len, plan.dtype,
-                  plan.attention)
+                  plan.attention, plan.grad_reduce_dtype)
     return step.add_times(r, model, hw)
 
 
@@ -126,10 +127,10 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
 
     s, n = np.arange(p)[None, :], chunks.sum(axis=1)[None, :]
     params = step.rank_params(r, model, s, n)
-    dp_exposed, opt_s = (x[0] for x in step.rank_tail_s(r, model, hw, s, n, params))
+    dp_exposed, dp_contention, opt_s = (x[0] for x in step.rank_tail_s(r, model, hw, s, n, params))
     hop_s = float(r["hop"][0])
     schedule = plan.schedule if p > 1 else "1f1b"
-    tails = dp_exposed + opt_s
+    tails = dp_exposed + dp_contention + opt_s
     pipe = simulate_pipeline(schedule, m, fwd, bwd_arg, hop_s, wgrad_s=wgrad_arg, tail_s=tails)
     no_p2p = simulate_pipeline(schedule, m, fwd, bwd_arg, 0.0, wgrad_s=wgrad_arg, tail_s=tails,
                                record_events=False) if p > 1 else pipe
@@ -144,7 +145,7 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
         m * float(np.sum(fwd[k] + bwd[k]))) for k in range(p))
     peak = max(st.memory.total_bytes for st in stages)
 
-    breakdown = _breakdown(r, pipe, no_p2p, chunks, m, dp_exposed, opt_s)
+    breakdown = _breakdown(r, pipe, no_p2p, chunks, m, dp_exposed, dp_contention, opt_s)
     tokens = plan.global_batch * plan.seq_len
     model_flops = model_flops_per_step(model, plan.global_batch, plan.seq_len)
     tflops_per_gpu = model_flops / step_s / cluster.num_gpus / 1e12
@@ -157,23 +158,28 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
 
 
 def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np.ndarray, m: int,
-               dp_exposed: np.ndarray, opt_s: np.ndarray) -> dict:
+               dp_exposed: np.ndarray, dp_contention: np.ndarray, opt_s: np.ndarray) -> dict:
     """Where the step time goes on the critical stage (the one that finishes last); the
-    terms add up to the step time."""
-    p = chunks.shape[0]
-    s = int(np.argmax(pipe.stage_busy_s + pipe.stage_idle_s + dp_exposed + opt_s))
+    terms add up to the step time. `contention` is compute slowed by the communication that
+    overlaps it (HardwareProfile.contention)."""
+    p, v = chunks.shape
+    tails = dp_exposed + dp_contention + opt_s
+    s = int(np.argmax(pipe.stage_busy_s + pipe.stage_idle_s + tails))
     n = int(chunks[s].sum())
-    x = {k: float(v[0]) for k, v in r.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
+    x = {k: float(val[0]) for k, val in r.items() if isinstance(val, np.ndarray) and val.dtype.kind == "f"}
     emb, head = float(s == 0), float(s == p - 1)
     compute = m * (n * (x["l_fwd_compute"] + x["l_bwd_in"] + x["l_bwd_w"])
                    + emb * (x["emb_fwd"] + x["emb_bwd"]) + head * (x["head_fwd"] + x["head_bwd"]))
     recompute = m * n * x["l_recompute"]
     tp_comm, cp_comm = m * n * x["l_tp"], m * n * x["l_cp"]
+    gathers = max(n - v, 0)
+    contention = m * (n * x["l_contention"] + gathers * (x["cf"] + x["cb"]))
     busy = float(pipe.stage_busy_s[s])
     pp_comm = max(0.0, pipe.step_time_s - no_p2p.step_time_s)
-    other = pipe.step_time_s - dp_exposed[s] - opt_s[s] - busy
+    other = pipe.step_time_s - tails[s] - busy
     # ZeRO-3 gathers ride inside the op durations: count them as data-parallel communication.
-    zero3_s = max(0.0, busy - compute - recompute - tp_comm - cp_comm)
+    zero3_s = max(0.0, busy - compute - recompute - tp_comm - cp_comm - contention)
     return {"compute": compute, "recompute": recompute, "tp_comm": tp_comm, "cp_comm": cp_comm,
             "pp_comm": min(pp_comm, max(other, 0.0)), "dp_comm": float(dp_exposed[s]) + zero3_s,
+            "contention": contention + float(dp_contention[s]),
             "bubble": float(max(0.0, other - pp_comm)), "optimizer": float(opt_s[s])}
