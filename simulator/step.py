@@ -172,7 +172,8 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n,
     backward (PyTorch DDP, Li et al. 2020: each bucket hides behind the next layer's
     backward, slowing it by the contention; the last one is exposed), sharing the NIC with
     the ring-attention exchange when both cross nodes; the ZeRO-1/2 all-gather of the
-    updated weights (Rajbhandari et al. 2020 sec 5.2); Megatron-LM's all-reduce of a tied
+    updated weights (Rajbhandari et al. 2020 sec 5.2), overlapped with the next forward;
+    Megatron-LM's all-reduce of a tied
     embedding's gradient between the first and last stage; then the Adam step over this
     rank's share of the parameters."""
     c = _col
@@ -186,7 +187,13 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n,
     exposed, slowed = overlap_split(bucket, c(r["l_bwd"]), hw)
     dp = np.where(n > 0, bucket + (n - 1) * exposed, 0.0)
     contention = np.where(n > 0, (n - 1) * slowed, 0.0)
-    dp = dp + c(np.isin(z, (1, 2))) * collective_s(hw, "all_gather", params * r["d"], c(dps), c(rpn))
+    # the updated weights of ZeRO-1/2 are gathered bucket by bucket behind the next step's
+    # forward (Megatron-LM --overlap-param-gather), the first bucket exposed
+    gather = c(np.isin(z, (1, 2))) * collective_s(hw, "all_gather", params * r["d"] / np.maximum(n, 1),
+                                                   c(dps), c(rpn))
+    gather_exposed, gather_slowed = overlap_split(gather, c(r["l_fwd_compute"]), hw)
+    dp = dp + np.where(n > 0, gather + (n - 1) * gather_exposed, 0.0)
+    contention = contention + np.where(n > 0, (n - 1) * gather_slowed, 0.0)
     if model.tied_embeddings:
         sync = collective_s(hw, "all_reduce", model.vocab_size * model.hidden_size / r["tp"] * r["gd"],
                             2, r["pp_rpn"])

@@ -45,8 +45,11 @@ VARIANTS = {
     # H800 SXM: the H100 SXM with NVLink cut to 400 GB/s (from 900), DeepSeek-V3 report sec 3.1
     "h800-80gb": ("h100-80gb", {"intra_node_bw": 400 / 900}, "H800: NVLink 400 GB/s"),
 }
-KNOBS = ("tp", "pp", "dp", "cp", "zero", "recompute", "micro_batch", "schedule", "virtual_stages",
-         "sp")
+# CSV column -> plan field, for the knobs a row may publish.
+KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "zero": "zero", "recompute": "recompute",
+         "micro_batch": "micro_batch", "schedule": "schedule", "virtual_stages": "virtual_stages",
+         "sp": "sp", "tp_overlap": "tp_overlap", "fsdp_reshard_after_forward": "reshard_after_forward"}
+FLAGS = ("sp", "tp_overlap", "reshard_after_forward")
 
 
 @dataclass(frozen=True)
@@ -81,16 +84,18 @@ def _fixed(row) -> dict:
     """The plan fields the row publishes."""
     fixed = {"global_batch": _value(row, "global_batch", int), "seq_len": _value(row, "seq_len", int),
              "dtype": row["dtype"] if row["dtype"] in ("bf16", "fp16", "fp32") else "bf16"}
-    for key in KNOBS:
-        value = _value(row, key, str)
+    for column, key in KNOBS.items():
+        value = _value(row, column, str)
         if value is None:
             continue
         if key in ("recompute", "schedule"):
             fixed[key] = value
-        elif key == "sp":
+        elif key in FLAGS:
             fixed[key] = value.lower() == "true"
         else:
             fixed[key] = int(float(value))
+    if fixed.get("zero") != 3:
+        fixed.pop("reshard_after_forward", None)
     if fixed.get("pp", 1) == 1:
         fixed.pop("schedule", None)
         fixed.pop("virtual_stages", None)
