@@ -70,8 +70,13 @@ def test_cpu_profile_exposes_data_parallel_communication():
     exposed = simulate(model, plan, cluster, gloo).breakdown_s["dp_comm"]
     bucket = A100.collective_time_s("reduce_scatter", grad_bytes / layers, 8, 8)
     assert exposed > overlapped
-    gather = A100.collective_time_s("all_gather", grad_bytes / 2, 8, 8)  # ZeRO-1: bf16 weights
+    # ZeRO-1 gathers the updated bf16 weights in per-layer buckets (behind the next forward
+    # on a GPU; all exposed here)
+    gather = layers * A100.collective_time_s("all_gather", grad_bytes / 2 / layers, 8, 8)
     assert exposed == pytest.approx(layers * bucket + gather, rel=1e-6)
+    overlapped_gather = gather / layers + (layers - 1) * max(
+        0.0, gather / layers - simulate(model, plan, cluster, A100).breakdown_s["compute"])
+    assert overlapped < exposed and overlapped >= overlapped_gather
 
 
 def _layer(model, shard, recompute):
