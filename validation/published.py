@@ -44,6 +44,12 @@ VARIANTS = {
     "h200-141gb": ("h100-80gb", {"memory": 141 / 80, "hbm_bw": 4.8 / 3.35}, "H200 datasheet"),
     # H800 SXM: the H100 SXM with NVLink cut to 400 GB/s (from 900), DeepSeek-V3 report sec 3.1
     "h800-80gb": ("h100-80gb", {"intra_node_bw": 400 / 900}, "H800: NVLink 400 GB/s"),
+    # torchtitan's Grand Teton H100: 96 GB HBM2e at 500 W (its benchmark page). HBM2e H100:
+    # 2.41 TB/s (arXiv 2604.11391 sec 3); at 500 of 700 W the clock, and so the compute rate,
+    # falls as power^(1/3) (dynamic power ~ C V^2 f with V ~ f): (500/700)^(1/3) = 0.894
+    "h100-96gb-500w": ("h100-80gb", {"memory": 96 / 80, "hbm_bw": 2.41 / 3.35,
+                                     "flops": (500 / 700) ** (1 / 3)},
+                       "H100 96GB HBM2e at 500 W (torchtitan benchmark page)"),
 }
 # CSV column -> plan field, for the knobs a row may publish.
 KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "zero": "zero", "recompute": "recompute",
