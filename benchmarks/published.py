@@ -11,16 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import date
 
 import numpy as np
 
 from meshplan.core.errors import MeshplanError
+from meshplan.core.io import write_json
+from meshplan.hw_profiles.accuracy import END_TO_END
 from meshplan.validation.published import load_runs, predict, profile_for
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the per-row results here")
+    parser.add_argument("--write", action="store_true",
+                        help="record the fit and held-out figures in hw_profiles/data/end_to_end.json, "
+                             "which explanations print beside the error band")
     args = parser.parse_args(argv)
     rows, skipped = [], []
     for run in load_runs():
@@ -44,11 +50,17 @@ def main(argv=None) -> int:
         mem = f"{r['memory_error']:+.1%}" if r["memory_error"] is not None else "-"
         print(f"{r['id']:46s} {r['half']:8s} {r['measured_s']:11.3f} {r['predicted_s']:11.3f} "
               f"{r['error']:+8.1%} {mem:>8s}")
+    summary = {}
     for half in ("fit", "held-out"):
         errors = np.abs([r["error"] for r in rows if r["half"] == half])
         if errors.size:
+            summary[half.replace("-", "_")] = {"rows": int(errors.size), "median": float(np.median(errors)),
+                                               "max": float(errors.max())}
             print(f"{half}: {errors.size} rows, median |error| {np.median(errors):.1%}, "
                   f"max {errors.max():.1%}")
+    if args.write:
+        write_json(END_TO_END, {**summary, "date": date.today().isoformat(),
+                                "source": "benchmarks/published.py over benchmarks/published/training.csv"})
     print(f"not modelled ({len(skipped)}):")
     for name, why in skipped:
         print(f"  {name}: {why}")

@@ -207,9 +207,9 @@ class LayerTimes:
     cp_bwd_s: np.ndarray
     contention_fwd_s: np.ndarray  # compute slowed by overlapped TP / CP communication
     contention_bwd_s: np.ndarray
-    comm_fwd_s: np.ndarray      # TP + CP communication, whole (exposed or not)
-    comm_bwd_s: np.ndarray
-    cp_raw_bwd_s: np.ndarray    # the backward ring exchange, whole
+    tp_raw_s: np.ndarray        # TP communication of forward and backward, whole
+    cp_raw_fwd_s: np.ndarray    # the ring exchange, whole
+    cp_raw_bwd_s: np.ndarray
 
     @property
     def fwd_s(self) -> np.ndarray:
@@ -252,4 +252,4 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
         fwd_compute_s=lay.fwd_s + split_f, bwd_input_s=lay.bwd_input_s + flash_redo + split_b,
         bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * full,
         cp_fwd_s=cp_f, cp_bwd_s=cp_b, contention_fwd_s=tp_cf + cp_cf, contention_bwd_s=tp_cb + cp_cb,
-        comm_fwd_s=tp_raw + cp_raw_f, comm_bwd_s=tp_raw * (1 + full) + cp_raw_b, cp_raw_bwd_s=cp_raw_b)
+        tp_raw_s=tp_raw * (2 + full), cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b)

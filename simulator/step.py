@@ -16,6 +16,8 @@ the group per node) and the scalars dtype, d (dtype bytes), flash. Per-rank quan
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -91,8 +93,10 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     parts = {"l_fwd": lt.fwd_s, "l_bwd": lt.bwd_s, "l_recompute": lt.recompute_s,
              "l_fwd_compute": lt.fwd_compute_s, "l_bwd_in": lt.bwd_input_s, "l_bwd_w": lt.bwd_weight_s,
              "l_tp": lt.tp_fwd_s + lt.tp_bwd_s, "l_cp": lt.cp_fwd_s + lt.cp_bwd_s,
+             "l_tp_fwd": lt.tp_fwd_s, "l_cp_fwd": lt.cp_fwd_s,
              "l_contention": lt.contention_fwd_s + lt.contention_bwd_s,
-             "l_comm": lt.comm_fwd_s + lt.comm_bwd_s, "l_cp_bwd_raw": lt.cp_raw_bwd_s}
+             "l_tp_raw": lt.tp_raw_s, "l_cp_raw": lt.cp_raw_fwd_s + lt.cp_raw_bwd_s,
+             "l_cp_bwd_raw": lt.cp_raw_bwd_s}
     for k, x in parts.items():
         r[k] = x[cost_id]
     per_shard = {"emb_fwd": st.embedding.fwd_s, "emb_bwd_in": st.embedding.bwd_input_s,
@@ -164,10 +168,23 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
             "buffers": buffers}
 
 
-def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n,
-                params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(exposed data-parallel communication, the contention it causes, optimizer step) after
-    rank s's last backward:
+@dataclass(frozen=True)
+class Tail:
+    """After a pipeline rank's last backward, (rows, k) arrays: the data-parallel
+    communication exposed and whole, the contention it causes, the optimizer step."""
+
+    dp_exposed_s: np.ndarray
+    dp_total_s: np.ndarray
+    contention_s: np.ndarray
+    optimizer_s: np.ndarray
+
+    @property
+    def total_s(self) -> np.ndarray:
+        return self.dp_exposed_s + self.contention_s + self.optimizer_s
+
+
+def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) -> Tail:
+    """The Tail of rank s:
     the gradient sync (in the gradient dtype) bucketed per layer and overlapped with the
     backward (PyTorch DDP, Li et al. 2020: each bucket hides behind the next layer's
     backward, slowing it by the contention; the last one is exposed), sharing the NIC with
@@ -194,13 +211,15 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n,
     gather_exposed, gather_slowed = overlap_split(gather, c(r["l_fwd_compute"]), hw)
     dp = dp + np.where(n > 0, gather + (n - 1) * gather_exposed, 0.0)
     contention = contention + np.where(n > 0, (n - 1) * gather_slowed, 0.0)
+    total = n * (bucket + gather)
     if model.tied_embeddings:
         sync = collective_s(hw, "all_reduce", model.vocab_size * model.hidden_size / r["tp"] * r["gd"],
                             2, r["pp_rpn"])
-        dp = dp + ((s == 0) | (s == c(r["pp"]) - 1)) * c(np.where(r["pp"] > 1, sync, 0.0))
+        tied = ((s == 0) | (s == c(r["pp"]) - 1)) * c(np.where(r["pp"] > 1, sync, 0.0))
+        dp, total = dp + tied, total + tied
     opt_params = params / c(np.where(z >= 1, dps, 1))
     opt = hw.memory_bound_time_s(ADAM_STEP_BYTES_PER_PARAM[r["dtype"]] * opt_params, "fp32", "optimizer")
-    return dp, contention, np.asarray(opt, dtype=float)
+    return Tail(dp, total, contention, np.asarray(opt, dtype=float))
 
 
 def schedule_codes(names) -> np.ndarray:

@@ -40,11 +40,10 @@ def run(args: argparse.Namespace) -> int:
         return run_inference(args)
     model, plan, cluster, hw = resolve(args)
     result = simulate(model, plan, cluster, hw)
-    label = f"{model.name} on {cluster.num_gpus}x {hw.name}"
     if args.trace:
-        write_chrome_trace(result.pipeline, args.trace, label=label)
+        write_chrome_trace(result.pipeline, args.trace, label=result.label, op_comm=result.op_comm)
     if args.timeline:
-        write_timeline_html(result.pipeline, args.timeline, title=label)
+        write_timeline_html(result.pipeline, args.timeline, title=result.label, op_comm=result.op_comm)
     if args.json:
         sys.stdout.write(dump_json(result.to_json()))
     else:
@@ -92,6 +91,10 @@ def print_summary(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from meshplan.hw_profiles.accuracy import end_to_end_text
+    from meshplan.planner.explain import communication_lines
+    from meshplan.simulator.train import MFU_DEFINITION
+
     gib = GIB
     plan = result.plan
     console = Console()
@@ -118,6 +121,10 @@ def print_summary(result) -> None:
     for key, value in result.breakdown_s.items():
         parts.add_row(key, f"{value:.4f}", f"{value / result.step_time_s:.1%}")
     console.print(parts)
+    for line in [f"MFU = {MFU_DEFINITION}", *communication_lines(result.communication),
+                 f"error band: the profile's operator fits (held-out kernel and collective "
+                 f"timings), not end to end; {end_to_end_text()}"]:
+        console.print(line, highlight=False)
     stages = Table(title="pipeline stages")
     for col in ("stage", "layers", "weights", "grads", "optimizer", "activations", "buffers",
                 "total GiB", "compute s"):
