@@ -10,28 +10,32 @@ from __future__ import annotations
 
 from meshplan.core.errors import Issue, ModelError
 
-# Keys any config may carry that change no cost: bookkeeping, tokens, initialisation and
-# numerics (eps), generation defaults, training-loss knobs, RoPE frequencies and scaling
-# (they change the angles, not the work), and the checkpoint's storage precision (the
-# plan's dtype sets the precision that is simulated).
-GENERIC_IGNORED = frozenset({
+# Keys any config may carry that say nothing about the architecture: names, versions,
+# token ids, the checkpoint's dtype (the plan's dtype sets the simulated precision),
+# initialisation and norm epsilons, generation defaults, output switches. Accepted silently.
+BOOKKEEPING = frozenset({
     "_name_or_path", "architectures", "auto_map", "model_type", "torch_dtype", "dtype",
     "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
     "decoder_start_token_id", "initializer_range", "initializer_factor", "rms_norm_eps",
     "layer_norm_eps", "layer_norm_epsilon", "use_cache", "id2label", "label2id", "torchscript",
     "return_dict", "use_return_dict", "output_hidden_states", "output_attentions",
-    "output_router_logits", "router_aux_loss_coef", "router_z_loss_coef", "chunk_size_feed_forward",
-    "is_encoder_decoder", "is_decoder", "problem_type", "tokenizer_class", "prefix",
-    "task_specific_params", "finetuning_task", "tie_encoder_decoder", "pretraining_tp",
-    "rope_theta", "rope_scaling", "rope_parameters", "rope_type", "original_max_position_embeddings",
-    "quantization_config", "cache_implementation", "classifier_dropout", "max_length", "min_length",
-    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature",
-    "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
-    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
-    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "problem_type", "tokenizer_class",
+    "prefix", "task_specific_params", "finetuning_task", "tie_encoder_decoder", "max_length",
+    "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
     "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-    "begin_suppress_tokens", "pruned_heads", "tf_legacy_loss", "use_bfloat16", "cross_attention_hidden_size",
-    "add_cross_attention",
+    "begin_suppress_tokens", "pruned_heads", "tf_legacy_loss", "use_bfloat16",
+})
+# Keys any config may carry that could look like they matter but change no cost, listed as
+# ignored: auxiliary-loss knobs, RoPE frequencies and scaling (they change the angles, not
+# the work), how the checkpoint's weights are quantised (the plan's dtype sets the
+# precision), the KV-cache class, a classification head's dropout.
+NO_COST = frozenset({
+    "output_router_logits", "router_aux_loss_coef", "router_z_loss_coef", "pretraining_tp",
+    "rope_theta", "rope_scaling", "rope_parameters", "rope_type", "original_max_position_embeddings",
+    "quantization_config", "cache_implementation", "classifier_dropout",
 })
 _NO_DEFAULT = object()
 
@@ -86,14 +90,15 @@ class _Config:
         return f"{self.source}:{key}"
 
     def finish(self, ignorable: frozenset[str]) -> tuple[str, ...]:
-        """The ignored keys; raises one error with every issue and every unknown key."""
-        unknown = sorted(set(self.config) - self.read - GENERIC_IGNORED - ignorable)
+        """The keys ignored because they change no cost (bookkeeping left out); raises one
+        error with every issue and every unknown key."""
+        unknown = sorted(set(self.config) - self.read - BOOKKEEPING - NO_COST - ignorable)
         issues = self.issues + [
             (self._field(k), "unknown key: meshplan cannot tell whether it changes the cost",
              "remove it if it does not change the architecture") for k in unknown]
         if issues:
             raise ModelError.of(issues)
-        return tuple(sorted(set(self.config) - self.read))
+        return tuple(sorted(set(self.config) - self.read - BOOKKEEPING))
 
 
 def _activation(c: _Config, *keys: str) -> str:
@@ -411,6 +416,5 @@ def parse(config: dict, source: str = "config") -> tuple[dict, tuple[str, ...]]:
     # Without a model_type the architecture is guessed: no defaults stand in for missing keys.
     defaults = DEFAULTS[model_type] if config.get("model_type") else {}
     c = _Config(config, source, defaults)
-    c.read.add("model_type")
     fields = READERS[model_type](c)
     return fields, c.finish(frozenset(IGNORED.get(model_type, ())))
