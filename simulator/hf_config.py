@@ -288,16 +288,16 @@ def _deepseek_v3(c: _Config) -> dict:
     layers = fields["num_layers"]
     if c.flag("attention_bias"):
         c.refuse("attention_bias", "biases in latent attention")
-    scoring = c.get("scoring_func", "sigmoid")
-    if scoring not in ("sigmoid", "softmax"):
-        c.refuse("scoring_func", f"router scoring {scoring!r}")
+    router = c.get("scoring_func", "sigmoid")
+    if router not in ("sigmoid", "softmax"):
+        c.refuse("scoring_func", f"router scoring {router!r}")
     first, freq = c.get("first_k_dense_replace", 0), c.size("moe_layer_freq", 1)
     experts = c.get("n_routed_experts")
     moe = dict(num_experts=c.size("n_routed_experts"), experts_per_token=c.size("num_experts_per_tok"),
                moe_ffn_hidden_size=c.size("moe_intermediate_size"),
                num_shared_experts=c.get("n_shared_experts") or 0,
                shared_expert_ffn_size=c.size("moe_intermediate_size"),
-               router=scoring if scoring in ("sigmoid", "softmax") else "sigmoid",
+               router=router,
                # DeepSeek's modelling code: MoE from first_k_dense_replace on, every moe_layer_freq
                dense_layers=tuple(i for i in range(layers) if i < first or i % freq)) if experts else {}
     q_rank = c.get("q_lora_rank")

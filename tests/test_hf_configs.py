@@ -27,11 +27,23 @@ CONFIGS = Path(__file__).parent / "data" / "hf_configs"
 MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma2",
                "gemma3_text", "phi3", "deepseek_v3", "gpt2", "gpt_neox")
 REAL = sorted(p.name for p in CONFIGS.glob("*.json") if p.name != "gemma3-12b.json")
+# Variants the real configs do not exercise: MLA without the query low rank (DeepSeek-V2-Lite
+# style), dense layers inside MoE stacks by list and by step, Qwen2 sliding-window layers.
+VARIANTS = {
+    "deepseek_v3-no-q-lora": {"model_type": "deepseek_v3", "q_lora_rank": None},
+    "qwen2_moe-mlp-only-0": {"model_type": "qwen2_moe", "mlp_only_layers": [0]},
+    "qwen3_moe-sparse-step-2": {"model_type": "qwen3_moe", "decoder_sparse_step": 2},
+    "qwen2-windowed": {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 32,
+                       "max_window_layers": 1},
+}
+CASES = MODEL_TYPES + tuple(REAL) + tuple(VARIANTS)
 SEQ = 16
 
 
 def _config(which: str) -> dict:
-    return json.loads((CONFIGS / which).read_text()) if which.endswith(".json") else {"model_type": which}
+    if which.endswith(".json"):
+        return json.loads((CONFIGS / which).read_text())
+    return VARIANTS.get(which, {"model_type": which})
 
 
 def _hf_model(config: dict):
@@ -43,7 +55,7 @@ def _hf_model(config: dict):
                                                 experts_implementation="batched_mm")
 
 
-@pytest.mark.parametrize("which", MODEL_TYPES + tuple(REAL))
+@pytest.mark.parametrize("which", CASES)
 def test_parameter_count_is_exact(which):
     config = _config(which)
     model = _hf_model(config)
@@ -70,7 +82,7 @@ def _hf_flops_per_token(model) -> tuple[float, float]:
     return fwd / SEQ, (fwd + backward.get_total_flops()) / SEQ
 
 
-@pytest.mark.parametrize("which", MODEL_TYPES + tuple(REAL))
+@pytest.mark.parametrize("which", CASES)
 def test_flops_per_token_match_flop_counter(which):
     config = _first_layers(_config(which))
     spec = from_hf_config(config)

@@ -207,3 +207,14 @@ def test_inconsistent_spec_refused(change, field):
     with pytest.raises(ModelError) as err:
         ModelSpec(**{**base, **change})
     assert err.value.field == field
+
+
+@pytest.mark.parametrize("model_type", ["mistral", None])
+def test_experts_under_a_dense_model_type_are_refused_not_dropped(model_type):
+    config = json.loads((CONFIGS / "mixtral-8x7b.json").read_text())
+    config.pop("model_type")
+    if model_type:
+        config["model_type"] = model_type
+    with pytest.raises(ModelError) as err:
+        from_hf_config(config, source="c.json")
+    assert {"c.json:num_local_experts", "c.json:num_experts_per_tok"} <= {f for f, _, _ in err.value.issues}
