@@ -66,13 +66,13 @@ class ModelSpec:
     head_dim: int | None = None      # None: hidden_size / num_heads (MLA: nope + rope dims)
     qkv_bias: bool = False           # biases on Q, K and V only (Qwen2)
     out_bias: bool = False           # bias on the attention output projection
-    qk_norm: bool = False            # a norm over each query and key head (Qwen3, Gemma 3)
-    sandwich_norm: bool = False      # norms after attention and after the MLP too (Gemma 2/3)
-    parallel_residual: bool = False  # attention and MLP read the same input (GPT-NeoX)
+    qk_norm: bool = False            # a norm over each query and key head (Dehghani et al. 2023 sec 3.1)
+    sandwich_norm: bool = False      # norms after attention and after the MLP too (Gemma 2 report sec 2.2)
+    parallel_residual: bool = False  # attention and MLP read the same input (GPT-NeoX-20B paper sec 2.1)
     rotary_pct: float = 1.0          # share of each head's dimensions that RoPE rotates
     sliding_window: int | None = None
     local_layers: tuple[int, ...] = ()
-    attn_softcap: float | None = None   # tanh soft-capping of attention scores (Gemma 2)
+    attn_softcap: float | None = None   # tanh soft-capping of attention scores (Gemma 2 report sec 2.2)
     final_softcap: float | None = None  # ... and of the output logits
     num_experts: int = 0
     experts_per_token: int = 0
