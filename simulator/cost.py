@@ -69,10 +69,10 @@ def forward_s(ops: list[Op], hw: HardwareProfile, dtype: str) -> np.ndarray:
 def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     """Per op: forward, backward input-gradient and weight-gradient time. dX = dY W^T,
     dW = X^T dY; GEMMs without a weight (attention) take both operand gradients on the
-    input side; memory-bound backward moves 2x bytes."""
+    input side; memory-bound backward moves 2x bytes. An op runs op.count times."""
     g = np.array([op.kind == GEMM for op in ops], dtype=bool)
-    m, n, k, batch, moved = (np.array([getattr(op, f) for op in ops], dtype=float)
-                             for f in ("m", "n", "k", "batch", "bytes_moved"))
+    m, n, k, batch, moved, count = (np.array([getattr(op, f) for op in ops], dtype=float)
+                                    for f in ("m", "n", "k", "batch", "bytes_moved", "count"))
     weight = np.array([op.weight for op in ops], dtype=bool)[g]
     fwd, bwd_in, bwd_w = np.zeros(len(ops)), np.zeros(len(ops)), np.zeros(len(ops))
     fwd[g] = hw.gemm_time_s(m[g], n[g], k[g], dtype, batch=batch[g])
@@ -85,7 +85,7 @@ def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     other = hw.gemm_time_s(k[g], n[g], m[g], dtype, batch=batch[g])
     bwd_in[g] = np.where(weight, dgrad, dgrad + other)
     bwd_w[g] = np.where(weight, other, 0.0)
-    return fwd, bwd_in, bwd_w, g
+    return fwd * count, bwd_in * count, bwd_w * count, g
 
 
 def op_times(op_lists: list[tuple[Op, ...]], hw: HardwareProfile, dtype: str) -> OpTimes:
@@ -94,7 +94,7 @@ def op_times(op_lists: list[tuple[Op, ...]], hw: HardwareProfile, dtype: str) ->
     idx = np.repeat(np.arange(len(op_lists)), [len(lst) for lst in op_lists])
     fwd, bwd_in, bwd_w, g = _op_arrays(ops, hw, dtype)
     core = np.array([op.attention_core for op in ops], dtype=bool)
-    flops = np.array([op.flops for op in ops], dtype=float)
+    flops = np.array([op.flops * op.count for op in ops], dtype=float)
     weighted = g & np.array([op.weight for op in ops], dtype=bool)
 
     def total(x):

@@ -78,6 +78,7 @@ class SimulationResult:
     def to_json(self) -> dict:
         return {
             "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+            "params": self.model.num_params(), "active_params": self.model.num_params(active=True),
             "model_tflops_per_gpu": self.model_tflops_per_gpu, "mfu": self.mfu,
             "peak_memory_bytes": self.peak_memory_bytes,
             "memory_limit_bytes": self.memory_limit_bytes, "fits": self.fits,

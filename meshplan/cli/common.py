@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from meshplan.core.errors import PlanError
-from meshplan.simulator.model_spec import ModelSpec, load_model
+from meshplan.simulator.model_spec import ModelSpec, read_model
 from meshplan.simulator.plan import Cluster, Plan, complete_fields, load_plan
 from meshplan.simulator.serve import InferencePlan
 
@@ -152,4 +153,9 @@ def complete_plan(fields: dict, cluster: Cluster) -> Plan:
 
 
 def load_model_arg(args: argparse.Namespace) -> ModelSpec:
-    return load_model(args.model)
+    """The --model, with a note on stderr naming the config keys it ignored (they change no cost)."""
+    loaded = read_model(args.model)
+    if loaded.ignored_keys:
+        print(f"meshplan {args.command}: note: {args.model}: ignored keys (they change no cost): "
+              f"{', '.join(loaded.ignored_keys)}", file=sys.stderr)
+    return loaded.spec

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from meshplan.cli import common as common
+from meshplan.cli.simulate import params_text
 from meshplan.core.io import dump_json
 from meshplan.core.errors import PlanError
 from meshplan.core.units import GIB
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     why = explain(model, cluster, hw, found.ranked, fixed)
     if args.json:
         sys.stdout.write(dump_json({
+            "params": model.num_params(), "active_params": model.num_params(active=True),
             "evaluated": found.candidates, "feasible": found.feasible,
             "step_times_computed": found.evaluated, "simulated": found.simulated,
             "search_time_s": found.search_time_s,
@@ -121,14 +123,16 @@ def run_inference(args: argparse.Namespace) -> int:
         return 0
     if args.json:
         sys.stdout.write(dump_json({
+            "params": model.num_params(), "active_params": model.num_params(active=True),
             "plans": [r.to_json() for _, r in list(found)[:args.top]],
             "explanation": explain_inference(found)}))
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{model.name} serving on {cluster.num_gpus} x {hw.name}: prompt "
-                        f"{args.prompt_len}, generate {args.gen_len}")
+    table = Table(title=f"{model.name} ({params_text(model.num_params(), model.num_params(active=True))}) "
+                        f"serving on {cluster.num_gpus} x {hw.name}: prompt {args.prompt_len}, generate "
+                        f"{args.gen_len}")
     for col in ("rank", "tp", "pp", "replicas", "batch", "TTFT ms", "TPOT ms", "tokens/s", "per GPU", "peak GiB"):
         table.add_column(col, justify="right")
     for i, (plan, result) in enumerate(list(found)[:args.top], 1):
@@ -150,8 +154,10 @@ def print_ranking(found, why, top: int) -> None:
 
     best = found.ranked[0]
     console = Console(width=None if sys.stdout.isatty() else 130)
-    table = Table(title=f"{best.model.name}: {best.cluster.num_gpus} x {best.hardware}, global "
-                        f"batch {best.plan.global_batch} x {best.plan.seq_len} tokens")
+    model = best.model
+    table = Table(title=f"{model.name} ({params_text(model.num_params(), model.num_params(active=True))}): "
+                        f"{best.cluster.num_gpus} x {best.hardware}, global batch {best.plan.global_batch} x "
+                        f"{best.plan.seq_len} tokens")
     for col in ("rank", "plan", "step s", "tokens/s", "MFU", "peak GiB", "headroom GiB"):
         table.add_column(col, justify="left" if col == "plan" else "right", no_wrap=True)
     for i, r in enumerate(found.ranked[:top], start=1):
