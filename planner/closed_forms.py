@@ -38,6 +38,9 @@ class Evaluation:
     peak_memory_bytes: np.ndarray   # exact where its lower bound fits, else that bound
     fits: np.ndarray
     memory_limit_bytes: float
+    # where step_time_s is: a rigorous lower bound on the discrete-event step time, the
+    # busiest rank's work (every op of it runs one after another) plus its tail
+    busy_bound_s: np.ndarray | None = None
 
 
 def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
@@ -149,8 +152,9 @@ def _time_bound(r: dict) -> np.ndarray:
 
 
 def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, params,
-               largest) -> np.ndarray:
-    """Step time: pipeline makespan by closed form, each slot's end, plus its tail."""
+               largest) -> tuple[np.ndarray, np.ndarray]:
+    """Step time (pipeline makespan by closed form, each slot's end, plus its tail), and the
+    busiest slot's work plus tail (a lower bound on any schedule's step)."""
     c = lambda x: x[:, None]  # noqa: E731  (per-row value against per-slot arrays)
     p, v, m = r["pp"], r["virtual_stages"], r["num_microbatches"]
     first, last = s == 0, s == c(p) - 1
@@ -170,7 +174,8 @@ def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, par
     xb, ag = r["xb"], r["ag"]
     drained = before * c(r["l_bwd"] + xb) + s * c(v * (ag - xb)) + (s > 0) * c(r["emb_bwd"])
     end = c(end0) - (s > 0) * (drained / c(v) + s * c(hop))
-    return (end + step.rank_tail_s(r, model, hw, s, n, params).total_s).max(axis=1)
+    tail = step.rank_tail_s(r, model, hw, s, n, params).total_s
+    return (end + tail).max(axis=1), (m[:, None] * (fwd + bwd) + tail).max(axis=1)
 
 
 MEMORY_KEYS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched",
@@ -205,9 +210,10 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     limit = hw.memory_bytes - memory_reserve_bytes(float(hw.memory_bytes))
     r = table_rows(table, model)
     peak, step_s = _memory_bound(r, model), np.full(len(table), np.nan)
+    busy = np.full(len(table), np.nan)
     maybe = np.flatnonzero(peak <= limit)
     if not maybe.size:
-        return Evaluation(step_s, peak, peak <= limit, limit)
+        return Evaluation(step_s, peak, peak <= limit, limit, busy)
     r = step.add_times(step.take(r, maybe), model, hw)
     r.update(_sums(r, model))
     s, n, before, largest = slots(r, model, table.attrs["layer_partition"])
@@ -224,12 +230,12 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     batch = np.arange(order.size) if keep is None else np.arange(min(order.size, max(8 * keep, 2000)))
     while batch.size:
         at = order[batch]
-        step_s[maybe[at]] = _step_time(step.take(r, at), model, hw, s[at], n[at], before[at], params[at],
-                                       largest[at])
+        step_s[maybe[at]], busy[maybe[at]] = _step_time(step.take(r, at), model, hw, s[at], n[at],
+                                                        before[at], params[at], largest[at])
         todo[batch] = False
         known = step_s[maybe[order[~todo]]]
         if keep is None or known.size < keep:
             batch = np.flatnonzero(todo)
             continue
         batch = np.flatnonzero(todo & (time_lb < np.partition(known, keep - 1)[keep - 1]))
-    return Evaluation(step_s, peak, peak <= limit, limit)
+    return Evaluation(step_s, peak, peak <= limit, limit, busy)
