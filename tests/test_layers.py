@@ -14,7 +14,7 @@ LAYERS = {"core": 0, "hw_profiles": 1, "simulator": 2, "planner": 3, "executor":
 FOLDERS = {"core": "core", "hw_profiles": "hw_profiles", "simulator": "simulator",
            "planner": "planner", "executor": "executor", "calibration": "calibration",
            "validation": "validation", "reports": "reports", "cli": "meshplan/cli"}
-TORCH_ALLOWED = ("executor", "calibration/measure", "calibration/overhead.py")
+TORCH_ALLOWED = ("executor", "calibration/measure", "calibration/overhead.py", "calibration/probe.py")
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:
