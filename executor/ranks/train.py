@@ -31,7 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from meshplan.core.progress import progress_bar
 from meshplan.executor import data as batches
-from meshplan.executor.checkpoint import Checkpointer, CheckpointInfo
+from meshplan.executor.checkpoint import CheckpointInfo
 from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages,
                               rank_memory, timed)
 from meshplan.executor.model import build_model, loss_fn
@@ -40,6 +40,7 @@ from meshplan.executor.parallelize import (build_mesh, build_optimizer, full_gra
 from meshplan.executor.pipeline import build_schedule, split_stage, stage_indices
 from meshplan.executor.options import TrainRankOptions, compute_dtype
 from meshplan.executor.records import TrainResult
+from meshplan.executor.ranks.checkpointer import Checkpointer
 from meshplan.executor.ranks.common import gather_from_ranks, run_rank_jobs
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Plan
