@@ -206,6 +206,9 @@ def launch_train_many(jobs: list[tuple[ModelSpec, Plan]], cluster: Cluster,
                  "launch plans of one world size together")])
     nproc = sizes.pop() // options.nnodes
     results, world = run_jobs(TRAIN_RANK, runnable, options.rank_options().to_json(), nproc, options)
+    if any(not r["step_times_s"] for r in results):
+        raise RunFailed(f"every step had run before the last restart, so none was measured; the "
+                        f"losses are in the newest checkpoint of {options.checkpoint_dir}")
     return [_train_record(m, p, cluster, options, TrainResult.from_json(r), world)
             for (m, p), r in zip(runnable, results)]
 

@@ -142,6 +142,7 @@ def run_job(spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torc
              if options.checkpoint_dir else None)
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
     start, before = saver.load(options.lr) if saver and (options.resume or restarted) else (0, ())
+    every = options.checkpoint_every or options.steps
     losses, times_s = [], []
     with progress_bar(options.steps - start, label, rank == 0 and options.progress,
                       force_terminal=True) as bar:
@@ -152,21 +153,24 @@ def run_job(spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torc
                 job.train_step(inputs, targets, first, grads_file if first else None)), device))
             bar.advance()
             done = step + 1
-            if saver and (done == options.steps or done % (options.checkpoint_every or options.steps) == 0):
+            if saver and (done % every == 0 or done == options.steps):
                 so_far = (*before, *global_losses(losses, job.has_last, device))
                 saver.save(CheckpointInfo(done, spec.to_dict(), plan.to_dict(), dist.get_world_size(),
                                           options.seed, options.lr, options.data, so_far),
                            before_commit=lambda: fault_here(step, "save"))
             fault_here(step, "step")
+    # No step left (a restart after the last checkpoint): nothing was measured.
+    memory = [m.to_json() for m in gather_from_ranks(job.memory) if m is not None]
     return TrainResult(losses=(*before, *global_losses(losses, job.has_last, device)),
-                       step_times_s=tuple(times_s),
-                       memory_by_rank=tuple(m.to_json() for m in gather_from_ranks(job.memory)),
+                       step_times_s=tuple(times_s), memory_by_rank=tuple(memory),
                        dtype=job.dtype, device=device.type).to_json()
 
 
 def global_losses(losses: list[torch.Tensor], has_loss: bool, device) -> list[float]:
     """Per-step mean loss over the global batch, the same on every rank: ranks holding a loss
     (the last pipeline stage) contribute theirs, averaged over how many did."""
+    if not losses:  # no step ran, on any rank
+        return []
     local = torch.stack(losses).float() if has_loss else torch.zeros(len(losses), device=device)
     buf = torch.cat([local, torch.tensor([float(has_loss)], device=device)])
     dist.all_reduce(buf)
