@@ -66,7 +66,9 @@ def latest(folder: str | Path) -> tuple[Path, CheckpointInfo] | None:
     except (OSError, ValueError) as exc:
         raise PlanError(FIELD, f"{pointer} names {path.name}, which cannot be read ({exc})",
                         "point `latest` at a complete step-* folder, or give another folder") from None
-    if info.format != FORMAT or not (path / DCP_METADATA).is_file():
+    typed = (isinstance(info.step, int) and isinstance(info.model, dict)
+             and isinstance(info.plan, dict) and isinstance(info.losses, list))
+    if info.format != FORMAT or not typed or not (path / DCP_METADATA).is_file():
         raise PlanError(FIELD, f"{path} is not a complete {FORMAT} checkpoint",
                         "point `latest` at a complete step-* folder, or give another folder")
     return path, replace(info, losses=tuple(info.losses))
@@ -92,7 +94,7 @@ def check_resume(folder: str, model: dict, plan: dict, resume: bool, seed: int,
         return [(FIELD, f"{where} holds a checkpoint at step {info.step}",
                  "resume from it (--resume), or give an empty folder")], None
     issues = []
-    if info.model != model:
+    if _architecture(info.model) != _architecture(model):
         issues.append((FIELD, f"{where} is of model {info.model.get('name')!r} "
                        f"({_differences(info.model, model)})",
                        "resume with the model it was taken with, or give another folder"))
@@ -116,8 +118,13 @@ def check_resume(folder: str, model: dict, plan: dict, resume: bool, seed: int,
     return issues, info
 
 
+def _architecture(model: dict) -> dict:
+    """A model's fields but its name (one config may be loaded under several names)."""
+    return {k: v for k, v in model.items() if k != "name"}
+
+
 def _differences(saved: dict, wanted: dict) -> str:
-    keys = [k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k)]
+    keys = [k for k in saved.keys() | wanted.keys() if k != "name" and saved.get(k) != wanted.get(k)]
     return ", ".join(f"{k} {saved.get(k)!r} vs {wanted.get(k)!r}" for k in sorted(keys)[:4])
 
 

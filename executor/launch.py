@@ -80,17 +80,17 @@ def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOpti
     if plan.pp > 1 and plan.layer_partition is None:
         plan = dataclasses.replace(plan, layer_partition=pipeline_partition(model, plan, cluster, hw))
     ran = dataclasses.replace(plan, dtype=compute_dtype(plan.dtype, device_type()))
-    issues = memory_issues(simulate(model, ran, cluster, hw).peak_memory_bytes, hw)
+    issues, resumed = memory_issues(simulate(model, ran, cluster, hw).peak_memory_bytes, hw), None
     if options.checkpoint_dir is not None:
-        found, info = checkpoint.check_resume(
+        found, resumed = checkpoint.check_resume(
             options.checkpoint_dir, model.to_dict(), plan.to_dict(), options.resume, options.seed,
             options.data, options.steps, options.warmup)
         issues += found
-        if info is not None and not found:
-            change = checkpoint.relayout(info, plan.to_dict())
-            print(f"meshplan: resuming from step {info.step} of {options.checkpoint_dir}"
-                  + (f" (DCP reshards it: {change})" if change else ""), file=sys.stderr)
     refuse(issues)
+    if resumed is not None:
+        change = checkpoint.relayout(resumed, plan.to_dict())
+        print(f"meshplan: resuming from step {resumed.step} of {options.checkpoint_dir}"
+              + (f" (DCP reshards it: {change})" if change else ""), file=sys.stderr)
     return plan
 
 

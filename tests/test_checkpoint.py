@@ -10,6 +10,12 @@ same launch as the other plans of its world size."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,6 +32,12 @@ pytestmark = pytest.mark.slow
 STEPS = 6
 LLAMA = ModelSpec("tiny-llama", num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2,
                   ffn_hidden_size=64, vocab_size=128, max_seq_len=32)
+
+
+def config_json(folder: Path) -> str:
+    path = folder / "config.json"
+    path.write_text(json.dumps(LLAMA.to_dict()))
+    return str(path)
 
 
 def plan(**fields) -> Plan:
@@ -105,3 +117,42 @@ def test_a_run_does_not_overwrite_a_checkpoint_it_was_not_asked_to_resume(tmp_pa
     with pytest.raises(PlanError) as err:
         launch_train(LLAMA, PLANS["ddp"], Cluster(2, 2), options(tmp_path))
     assert err.value.field == "run.checkpoint_dir"
+
+
+def _rank_pids(tag: str) -> list[int]:
+    """Training ranks (not torchrun, not the launcher) whose environment carries `tag`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and tag.encode() in (proc / "environ").read_bytes()
+                    and b"meshplan.executor.ranks.train" in (proc / "cmdline").read_bytes()):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def test_sigkill_of_a_rank_mid_run_restarts_and_resumes(tmp_path):
+    """kill -9 of one rank at whatever step it has reached once a checkpoint exists: torchrun
+    restarts the ranks, which resume from the newest checkpoint; the losses are those of the
+    uninterrupted run."""
+    steps = 40
+    reference = launch_train(LLAMA, PLANS["ddp"], Cluster(2, 2), RunOptions(steps=steps, warmup=0))
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshplan.cli", "run", "--model", config_json(tmp_path),
+         "--gpus", "2", "--dp", "2", "--global-batch", "8", "--micro-batch", "2", "--seq-len", "16",
+         "--dtype", "fp32", "--steps", str(steps), "--warmup", "0", "--checkpoint-dir",
+         str(tmp_path / "ck"), "--checkpoint-every", "3", "--max-restarts", "1", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, MESHPLAN_TEST_TAG=tag))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "ck" / LATEST).exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint was written"
+        time.sleep(0.05)
+    os.kill(_rank_pids(tag)[-1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out)
+    assert result["losses"] == list(reference.losses)
+    assert len(result["measured_step_times_s"]) < steps  # the restart resumed, not restarted

@@ -234,16 +234,28 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint(tmp_path):
     assert checkpoint.latest(tmp_path)[1].step == 2
 
 
-@pytest.mark.parametrize("damage", ["pointer", "info"])
-def test_a_damaged_checkpoint_is_named(tmp_path, damage):
+@pytest.mark.parametrize("damage, problem", [
+    ("pointer", "cannot be read"), ("json", "cannot be read"), ("types", "is not a complete"),
+    ("dcp", "is not a complete")])
+def test_a_damaged_checkpoint_is_named(tmp_path, damage, problem):
     _fake_checkpoint(tmp_path)
+    info = tmp_path / checkpoint.step_name(4) / checkpoint.INFO
     if damage == "pointer":
         (tmp_path / checkpoint.LATEST).write_text("step-00000099\n")
+    elif damage == "json":
+        info.write_text("{not json")
+    elif damage == "types":
+        info.write_text(json.dumps({**json.loads(info.read_text()), "step": "four"}))
     else:
-        (tmp_path / checkpoint.step_name(4) / checkpoint.INFO).write_text("{not json")
+        (info.parent / checkpoint.DCP_METADATA).unlink()
     err = refused(checkpoint_dir=str(tmp_path), resume=True)
     assert err.field == "run.checkpoint_dir"
-    assert "cannot be read" in err.problem
+    assert problem in err.problem
+
+
+def test_the_same_model_under_another_name_resumes(tmp_path):
+    _fake_checkpoint(tmp_path, model=ModelSpec("renamed", 2, 32, 4, 2, 64, 128, 64))
+    check_train(MODEL, PLAN, CLUSTER, RunOptions(checkpoint_dir=str(tmp_path), resume=True))
 
 
 def test_checkpoint_dir_must_be_a_folder(tmp_path):
