@@ -38,6 +38,7 @@ from meshplan.calibration.measure.compute import (MEMORY_BOUND_OPS, measure_gemm
 from meshplan.calibration.measure.machine import describe_machine
 from meshplan.calibration.measure.run import THREADS_PER_RANK, measurement_plan, save_samples
 from meshplan.calibration.samples import COLLECTIVE_COLUMNS, Samples
+from meshplan.core.errors import MeshplanError
 from meshplan.core.io import write_atomic, write_json
 from meshplan.core.units import GIB, MIB
 from meshplan.executor.records import RunRecord, ServeRecord
@@ -225,31 +226,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: no CUDA device on this machine (torch {torch.__version__}, CUDA build "
               f"{torch.version.cuda or 'none'}); nothing to check", file=sys.stderr)
         return 0
+    try:
+        return check(args.out, args.device)
+    except MeshplanError as exc:
+        print(f"gpu_check: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def check(out: Path, device: str) -> int:
+    """Measure, fit, run and compare on `device`; 1 if a run failed."""
     started = time.monotonic()
-    out: Path = args.out
     machine = describe_machine()
-    print(f"gpu_check: measuring GEMMs and memory-bound operators on {args.device}", file=sys.stderr)
-    samples = measure(args.device, machine)
+    print(f"gpu_check: measuring GEMMs and memory-bound operators on {device}", file=sys.stderr)
+    samples = measure(device, machine)
+    if device == "cuda":  # hand the measurement's cached blocks back before the runs
+        torch.cuda.empty_cache()
     save_samples(samples, out / "samples.json", machine)
-    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    device_name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     stock = load_profile(stock_profile_name(device_name))
-    name = "gpu-check-" + ("cpu" if args.device == "cpu" else "-".join(device_name.lower().split()[:2]))
-    profile = fit_this_device(samples, stock, device_figures(samples, stock, args.device), name)
+    name = "gpu-check-" + ("cpu" if device == "cpu" else "-".join(device_name.lower().split()[:2]))
+    profile = fit_this_device(samples, stock, device_figures(samples, stock, device), name)
     profile.save(out / "profile.json")
     band = profile.fit_report.get("error_band", {})
     print(f"gpu_check: profile {profile.name} of {profile.device_name}; held-out fit error "
           f"median {band.get('median', float('nan')):.1%}", file=sys.stderr)
     rows, failed = [], []
-    for check in GPU_CHECKS if args.device == "cuda" else CPU_CHECKS:
+    for one in GPU_CHECKS if device == "cuda" else CPU_CHECKS:
         if time.monotonic() - started > BUDGET_S - RUN_TIMEOUT_S:
-            failed.append({"check": check.name, "error": "skipped: the time budget ran out"})
+            failed.append({"check": one.name, "error": "skipped: the time budget ran out"})
             continue
-        print(f"gpu_check: meshplan run: {check.name}", file=sys.stderr)
-        record = run_check(check, out / "profile.json", out, args.device)
+        print(f"gpu_check: meshplan run: {one.name}", file=sys.stderr)
+        record = run_check(one, out / "profile.json", out, device)
         if "error" in record:
-            failed.append({"check": check.name, "error": record["error"]})
+            failed.append({"check": one.name, "error": record["error"]})
             continue
-        rows += compare(check, record, stock)
+        rows += compare(one, record, stock)
     text = table(rows, profile.name, stock.name)
     text += "".join(f"{f['check']}: {f['error']}\n" for f in failed)
     write_atomic(out / "results.txt", text)
