@@ -27,6 +27,12 @@ from meshplan.core.units import GIB
 
 INTER_LATENCY = ("inter-node alpha 20 us: NVIDIA/nccl-tests#150, all_reduce_perf of 8 B over 2 "
                  "A100 nodes (1 GPU each, HDR InfiniBand) takes 19-20 us")
+# Overlapped communication slows the computation beside it: 18.9% on average (max 40%) over
+# GPT and Llama training kernels on 4x A100 and 4x H100 (arXiv 2507.03114, "Characterizing
+# Compute-Communication Overlap in GPU-Accelerated Distributed Deep Learning", sec. 5).
+CONTENTION = {"compute_slowdown": 0.189, "source": "arXiv 2507.03114 (2025) sec. 5: compute "
+              "slows 18.9% on average (max 40.0%) while NCCL collectives overlap it, measured "
+              "on 4x A100 and 4x H100 over GPT and Llama layers"}
 VIDUR = ("microsoft/vidur data/profiling @7d47513 (MIT): measured fp16 operator and NCCL "
          "collective timings; GEMM, memory-bound and collective curves are fitted to them")
 STOCK = {
@@ -172,7 +178,7 @@ def build(data_dir: Path, out_dir: Path, inter_node: str = "dgx") -> dict[str, H
         vidur = fit_profile(samples, vidur_base)
         profile = fit_profile(samples, spec["base"], fabric=spec["fabric"]) if inter_node == "dgx" else vidur
         checks = published_checks(profile, spec["published"], vidur)
-        profile = HardwareProfile.from_dict({**profile.to_dict(),
+        profile = HardwareProfile.from_dict({**profile.to_dict(), "contention": CONTENTION,
                                              "extra": {**profile.extra, "published_checks": checks}})
         profile.save(out_dir / f"{profile.name}.json")
         profiles[profile.name] = profile

@@ -58,6 +58,17 @@ class FrameworkOverhead:
 
 
 @dataclass(frozen=True)
+class Contention:
+    """What communication running beside compute costs the compute: the fraction of GEMM
+    and elementwise throughput lost while a collective kernel overlaps it (NCCL kernels hold
+    SMs and HBM bandwidth: e.g. 24 of an H100's 132 SMs for an all-gather). Zero where
+    collectives cannot overlap at all (gloo on CPU ranks: all exposed instead)."""
+
+    compute_slowdown: float = 0.0
+    source: str = "no overlap measured"
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     """A device type in its node. SI units: bytes, seconds, FLOP/s, bytes/s."""
 
@@ -77,6 +88,7 @@ class HardwareProfile:
     fit_report: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     overhead: FrameworkOverhead = FrameworkOverhead()
+    contention: Contention = Contention()
 
     def _dtype(self, dtype: str) -> str:
         if dtype not in self.gemm or dtype not in self.peak_flops:
@@ -167,6 +179,7 @@ class HardwareProfile:
             "sources": list(self.sources), "fit_report": json.loads(json.dumps(self.fit_report)),
             "extra": json.loads(json.dumps(self.extra)),
             "overhead": asdict(self.overhead),
+            "contention": asdict(self.contention),
         }
 
     @classmethod
@@ -192,7 +205,8 @@ class HardwareProfile:
             collectives=r.collectives(r.get(data, "collectives", dict), nics),
             sources=tuple(r.get(data, "sources", list)),
             fit_report=r.get(data, "fit_report", dict), extra=r.get(data, "extra", dict),
-            overhead=r.overhead(data.get("overhead", {})))
+            overhead=r.overhead(data.get("overhead", {})),
+            contention=r.contention(data.get("contention", {})))
 
     def save(self, path) -> None:
         """Write the profile's JSON whole or not at all."""
@@ -237,6 +251,21 @@ class _Reader:
             raise ProfileError(prefix + "op_eff", f"is not an object in {self.where}", REGENERATE)
         return MemoryBoundFit(self.number(data, "latency_s", prefix), self.number(data, "hbm_eff", prefix),
                               {c: self.number(op_eff, c, prefix + "op_eff.") for c in op_eff})
+
+    def contention(self, data) -> Contention:
+        """Optional section (profiles from before it: no contention)."""
+        if not isinstance(data, dict):
+            raise ProfileError("contention", f"is not an object in {self.where}", REGENERATE)
+        unknown = sorted(set(data) - {"compute_slowdown", "source"})
+        if unknown:
+            raise ProfileError(f"contention.{unknown[0]}", f"is unknown in {self.where}", REGENERATE)
+        if not data:
+            return Contention()
+        slowdown = self.number(data, "compute_slowdown", "contention.")
+        if slowdown >= 1:
+            raise ProfileError("contention.compute_slowdown", f"is {slowdown} in {self.where}, "
+                               "expected a fraction below 1", REGENERATE)
+        return Contention(slowdown, self.get(data, "source", str, "contention."))
 
     def overhead(self, data) -> FrameworkOverhead:
         """Optional section (profiles measured before it existed have none: zeros)."""

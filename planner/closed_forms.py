@@ -38,6 +38,9 @@ class Evaluation:
     peak_memory_bytes: np.ndarray   # exact where its lower bound fits, else that bound
     fits: np.ndarray
     memory_limit_bytes: float
+    # where step_time_s is: a rigorous lower bound on the discrete-event step time, the
+    # busiest rank's work (every op of it runs one after another) plus its tail
+    busy_bound_s: np.ndarray | None = None
 
 
 def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
@@ -46,33 +49,57 @@ def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
     knobs = {k: table[k].to_numpy() for k in ("dp", "tp", "pp", "cp", "zero", "virtual_stages",
                                               "num_microbatches", "micro_batch", "tp_rpn",
                                               "cp_rpn", "dp_rpn", "pp_rpn")}
-    knobs.update(sp=table["sp"].to_numpy(bool), rc=table["recompute"].cat.codes.to_numpy(np.int64),
+    knobs.update(sp=table["sp"].to_numpy(bool), tp_overlap=table["tp_overlap"].to_numpy(bool),
+                 reshard=table["reshard_after_forward"].to_numpy(bool),
+                 rc=table["recompute"].cat.codes.to_numpy(np.int64),
                  sched=np.where(knobs["pp"] == 1, ONE_F_ONE_B,
                                 table["schedule"].cat.codes.to_numpy()))
-    return step.rows(model, knobs, a["seq_len"], a["dtype"], a["attention"])
+    return step.rows(model, knobs, a["seq_len"], a["dtype"], a["attention"], a["grad_reduce_dtype"])
 
 
 def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
     """(rank, layers, layers on the ranks before it) per slot, as (rows, slots) arrays: five
     ranks per row under the balanced partition (rank 0, rank p-1 and the middle ranks where
     the layer count first rises: every rank's memory and time is bounded by one of them), or
-    every rank for a partition the user gave."""
+    every rank for a partition the user gave; and per row the forward + backward time of
+    the largest (virtual) stage."""
     p, v, w = r["pp"], r["virtual_stages"], model.num_layers + 1
+    first, last = r["emb_fwd"] + r["emb_bwd"], r["head_fwd"] + r["head_bwd"]
     if partition is None:
         part_id, f = step.group_ids((step.combo_ids(r, step.COST_KEYS)[0] * w + p) * w + v)
-        found = _balanced_slots(model.num_layers, p[f], v[f], r["layer"][f],
-                                r["emb_fwd"][f] + r["emb_bwd"][f], r["head_fwd"][f] + r["head_bwd"][f])
+        shape = balanced_shape(model.num_layers, p[f] * v[f], r["layer"][f], first[f], last[f])
+        found = _balanced_slots(model.num_layers, p[f], v[f], shape)
+        sizes = _stage_sizes(shape)
     else:
         part_id, f = step.group_ids(p * w + v)
         found = _fixed_slots(partition, p[f])
-    return tuple(np.stack([sl[k][part_id] for sl in found], axis=1) for k in range(3))
+        sizes = np.tile(np.asarray(partition, dtype=float), (f.size, 1))
+    return (*(np.stack([sl[k][part_id] for sl in found], axis=1) for k in range(3)),
+            _largest_s(sizes[part_id], p, v, r["layer"], first, last))
 
 
-def _balanced_slots(num_layers: int, p: np.ndarray, v: np.ndarray, layer_s, first_s, last_s):
-    """Slots of the balanced partition of p*v virtual stages. Virtual stage j sits on rank
-    j % p, so rank s holds v chunks of `base` layers, less one for each short middle stage
-    among them, plus the first (last) stage's difference on rank 0 (p - 1)."""
-    shape = balanced_shape(num_layers, p * v, layer_s, first_s, last_s)
+def _stage_sizes(shape) -> np.ndarray:
+    """Layers of every (virtual) stage of each pipeline, padded with zeros: (pipelines,
+    most parts)."""
+    j = np.arange(int(shape.parts.max()))[None, :]
+    P, base, short = shape.parts[:, None], shape.base[:, None], shape.short[:, None]
+    middle = np.where(j <= short, base - 1, base)
+    return np.where(j == 0, shape.first[:, None], np.where(j == P - 1, shape.last[:, None],
+                                                           np.where(j < P, middle, 0))).astype(float)
+
+
+def _largest_s(sizes: np.ndarray, p, v, layer_s, first_s, last_s) -> np.ndarray:
+    """Forward + backward time of the largest (virtual) stage of each pipeline."""
+    times = sizes * layer_s[:, None]
+    times[:, 0] += first_s
+    times[np.arange(len(times)), p * v - 1] += last_s
+    return times.max(axis=1)
+
+
+def _balanced_slots(num_layers: int, p: np.ndarray, v: np.ndarray, shape):
+    """Slots of the balanced partition (its PartitionShape) of p*v virtual stages. Virtual
+    stage j sits on rank j % p, so rank s holds v chunks of `base` layers, less one for each
+    short middle stage among them, plus the first (last) stage's difference on rank 0 (p-1)."""
     P, base, r, c0, c1 = shape.parts, shape.base, shape.short, shape.first, shape.last
 
     def count(s):  # short middle virtual stages j in 1..r on rank s (j = c*p + s)
@@ -124,8 +151,10 @@ def _time_bound(r: dict) -> np.ndarray:
                      (m - 1) * avg + fill)
 
 
-def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, params) -> np.ndarray:
-    """Step time: pipeline makespan by closed form, each slot's end, plus its tail."""
+def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, params,
+               largest) -> tuple[np.ndarray, np.ndarray]:
+    """Step time (pipeline makespan by closed form, each slot's end, plus its tail), and the
+    busiest slot's work plus tail (a lower bound on any schedule's step)."""
     c = lambda x: x[:, None]  # noqa: E731  (per-row value against per-slot arrays)
     p, v, m = r["pp"], r["virtual_stages"], r["num_microbatches"]
     first, last = s == 0, s == c(p) - 1
@@ -134,23 +163,34 @@ def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, par
     cycle = np.maximum((fwd + bwd).max(axis=1), fill / p)  # slowest rank, or rank 0's round trip
     # 1F1B: fill + (m-1) steady cycles (Narayanan et al. 2021 sec 2.2); GPipe: the forward
     # and backward waves (Huang et al. 2019); interleaved: bubble (p-1)/v of a cycle (ibid.
-    # sec 2.2.2); ZB-H1: W passes fill the drain, bubble (p-1)(F+B-W) (Qi et al. 2023 sec 2.1).
+    # sec 2.2.2), or (p-1) of the largest chunk where the chunks are uneven; ZB-H1: W passes
+    # fill the drain, bubble (p-1)(F+B-W) (Qi et al. 2023 sec 2.1).
     end0 = np.select(
         [sched == GPIPE, sched == INTERLEAVED, sched == ZB_H1],
         [(m - 1) * (fwd.max(axis=1) + bwd.max(axis=1)) + fill,
-         m * cycle + (p - 1) * cycle / v + 2 * (p - 1) * hop,
+         m * cycle + (p - 1) * np.maximum(cycle / v, largest) + 2 * (p - 1) * hop,
          (m - 1) * cycle + fill - r["sum_w"] + wgrad[:, 0] - (np.minimum(m, p) - 1) * wgrad.min(axis=1)],
         (m - 1) * cycle + fill)
     xb, ag = r["xb"], r["ag"]
     drained = before * c(r["l_bwd"] + xb) + s * c(v * (ag - xb)) + (s > 0) * c(r["emb_bwd"])
     end = c(end0) - (s > 0) * (drained / c(v) + s * c(hop))
-    dp, opt = step.rank_tail_s(r, model, hw, s, n, params)
-    return (end + dp + opt).max(axis=1)
+    tail = step.rank_tail_s(r, model, hw, s, n, params).total_s
+    return (end + tail).max(axis=1), (m[:, None] * (fwd + bwd) + tail).max(axis=1)
+
+
+MEMORY_KEYS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched",
+               "virtual_stages", "num_microbatches", "reshard")
 
 
 def _memory_bound(r: dict, model: ModelSpec) -> np.ndarray:
     """A lower bound on peak memory without the partition: some rank holds >= ceil(L/p)
-    layers, and keeps at least the last rank's in-flight micro-batches."""
+    layers, and keeps at least the last rank's in-flight micro-batches. Placement does not
+    enter memory: computed once per distinct set of the other knobs."""
+    ids, first = step.combo_ids(r, MEMORY_KEYS)
+    return _memory_bound_rows(step.take(r, first), model)[ids]
+
+
+def _memory_bound_rows(r: dict, model: ModelSpec) -> np.ndarray:
     last = r["pp"][:, None] - 1
     most = -(-model.num_layers // r["pp"])[:, None]
     no_edge = np.full_like(most, -1)  # a rank without the embedding or the head
@@ -170,12 +210,13 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     limit = hw.memory_bytes - memory_reserve_bytes(float(hw.memory_bytes))
     r = table_rows(table, model)
     peak, step_s = _memory_bound(r, model), np.full(len(table), np.nan)
+    busy = np.full(len(table), np.nan)
     maybe = np.flatnonzero(peak <= limit)
     if not maybe.size:
-        return Evaluation(step_s, peak, peak <= limit, limit)
+        return Evaluation(step_s, peak, peak <= limit, limit, busy)
     r = step.add_times(step.take(r, maybe), model, hw)
     r.update(_sums(r, model))
-    s, n, before = slots(r, model, table.attrs["layer_partition"])
+    s, n, before, largest = slots(r, model, table.attrs["layer_partition"])
     params = step.rank_params(r, model, s, n)
     held = in_flight(r["sched"][:, None], r["pp"][:, None], r["virtual_stages"][:, None],
                      r["num_microbatches"][:, None], s)
@@ -189,11 +230,12 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     batch = np.arange(order.size) if keep is None else np.arange(min(order.size, max(8 * keep, 2000)))
     while batch.size:
         at = order[batch]
-        step_s[maybe[at]] = _step_time(step.take(r, at), model, hw, s[at], n[at], before[at], params[at])
+        step_s[maybe[at]], busy[maybe[at]] = _step_time(step.take(r, at), model, hw, s[at], n[at],
+                                                        before[at], params[at], largest[at])
         todo[batch] = False
         known = step_s[maybe[order[~todo]]]
         if keep is None or known.size < keep:
             batch = np.flatnonzero(todo)
             continue
         batch = np.flatnonzero(todo & (time_lb < np.partition(known, keep - 1)[keep - 1]))
-    return Evaluation(step_s, peak, peak <= limit, limit)
+    return Evaluation(step_s, peak, peak <= limit, limit, busy)

@@ -10,7 +10,8 @@ from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import RECOMPUTE, SCHEDULES, Cluster, Plan
-from meshplan.simulator.train import BREAKDOWN_KEYS, SimulationResult, simulate
+from meshplan.hw_profiles.accuracy import end_to_end, end_to_end_text
+from meshplan.simulator.train import BREAKDOWN_KEYS, MFU_DEFINITION, SimulationResult, simulate
 from meshplan.core.units import GIB
 
 TIE_REL = 1e-3  # step times closer than this are reported as a tie
@@ -105,13 +106,18 @@ class Explanation:
     error_band: tuple[float, float]
     runner_up: Comparison | None
     changes: tuple[Comparison, ...]
+    communication: dict
+    mfu: float
 
     def lines(self) -> list[str]:
         parts = ", ".join(f"{k} {v:.3g} s ({v / self.step_time_s:.0%})"
                           for k, v in self.breakdown_s.items() if v > 1e-6 * self.step_time_s)
         lo, hi = self.error_band
         out = [f"winner: {self.step_time_s:.3f} s per step = {parts}",
-               f"prediction error band (profile fit residuals): ±{lo:.0%} median, ±{hi:.0%} p95"]
+               f"MFU {self.mfu:.1%} = {MFU_DEFINITION}",
+               *communication_lines(self.communication),
+               f"error band of the profile's operator fits (held-out kernel and collective timings, "
+               f"not end to end): ±{lo:.0%} median, ±{hi:.0%} p95; {end_to_end_text()}"]
         if self.runner_up is not None:
             close = self.runner_up.slower_rel is not None and self.runner_up.slower_rel < lo
             out.append(self.runner_up.text() + (" -- inside the median error band: a toss-up"
@@ -122,6 +128,7 @@ class Explanation:
     def to_json(self) -> dict:
         return {"step_time_s": self.step_time_s, "breakdown_s": dict(self.breakdown_s),
                 "error_band": {"median_rel": self.error_band[0], "p95_rel": self.error_band[1]},
+                "end_to_end": end_to_end(), "communication": self.communication,
                 "runner_up": self.runner_up.to_json() if self.runner_up else None,
                 "changes": [c.to_json() for c in self.changes], "text": self.lines()}
 
@@ -153,7 +160,22 @@ def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
         else:
             changes.append(compare(winner, other, label + held))
     return Explanation(winner.step_time_s, dict(winner.breakdown_s), winner.error_band, runner,
-                       tuple(changes))
+                       tuple(changes), winner.communication, winner.mfu)
+
+
+def communication_lines(communication: dict) -> list[str]:
+    """Each kind's communication on the critical stage, whole and exposed, and the overlap
+    and contention assumed."""
+    kinds = [f"{kind.upper()} {c['total_s']:.3g} s ({c['exposed_s']:.3g} s exposed)"
+             for kind, c in communication.items() if kind != "overlap" and c["total_s"] > 0]
+    overlap = communication.get("overlap", {})
+    if not overlap.get("overlaps_compute", True):
+        how = "collectives cannot overlap compute on this device: all of them are exposed"
+    else:
+        how = (f"overlapped communication slows the compute beside it by "
+               f"{overlap['compute_slowdown']:.1%} ({overlap['contention_s']:.3g} s: "
+               f"{overlap['source'].split(':')[0]})")
+    return [f"communication, critical stage: {', '.join(kinds) or 'none'}; {how}"]
 
 
 def _describe(plan: Plan, base: Plan) -> str:

@@ -10,6 +10,7 @@ take only their fixed value.
 """
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,6 +28,7 @@ from meshplan.simulator.plan import ATTENTION, DTYPES, RECOMPUTE, SCHEDULES, Clu
 PLACEMENTS = (("tp", "cp", "dp", "pp"), ("tp", "cp", "pp", "dp"), ("tp", "dp", "cp", "pp"),
               ("dp", "tp", "cp", "pp"))
 ZERO_STAGES = (0, 1, 2, 3)
+BUBBLE_FLOOR = 0.005  # interleaved chunk counts are tried until the bubble is below this
 GROUP_COLUMNS = ("tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn")
 
 
@@ -44,6 +46,9 @@ def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict)
         columns["schedule"] = table["schedule"].astype(str).to_numpy()
     scalars = {"global_batch": fixed["global_batch"], "seq_len": fixed["seq_len"],
                "layer_partition": fixed.get("layer_partition")}
+    for flag in ("tp_overlap", "reshard_after_forward", "sp"):
+        if flag in columns:
+            columns[flag] = columns[flag].astype(bool)
     available = set(columns) | set(scalars) - ({"layer_partition"} if "virtual_stages" not in columns else set())
     keep = rules.holds(rules.TRAINING, SimpleNamespace(**scalars, **columns), model, cluster, available)
     return table[np.broadcast_to(keep, len(table))]
@@ -93,21 +98,32 @@ def _schedules(model: ModelSpec, fixed: dict):
             opts = [(fixed.get("schedule", "1f1b"), 1)]
         else:
             opts = [(s, 1) for s in ("gpipe", "1f1b", "zb-h1")]
-            # Interleaving needs micro-batches in multiples of pp (Narayanan et al. 2021
-            # sec 2.2.2); we try chunk counts that split the layers evenly, as Megatron-LM's
-            # --num-layers-per-virtual-pipeline-stage and torchtitan's layers-per-stage need.
-            vs = [fixed["virtual_stages"]] if fixed.get("virtual_stages", 1) > 1 else [
-                v for v in range(2, model.num_layers // pp + 1) if model.num_layers % (pp * v) == 0]
+            # Chunk counts up to layers/pp: the balanced partition splits the layers unevenly
+            # where they do not divide (Megatron-LM's first/last-stage layer counts and
+            # torchtitan's per-stage layer lists run such splits). More chunks only shrink
+            # the bubble, (p-1)/(v m) of the steady state (Narayanan et al. 2021 sec 2.2.2),
+            # and add hops, first gathers and in-flight memory per chunk: past the v whose
+            # bubble is under BUBBLE_FLOOR no further chunk can gain more than that.
+            top = min(model.num_layers // pp, max(2, math.ceil((pp - 1) / (BUBBLE_FLOOR * m))))
+            vs = [fixed["virtual_stages"]] if fixed.get("virtual_stages", 1) > 1 else list(
+                range(2, top + 1))
             opts += [("interleaved", v) for v in vs]
         return [o for o in opts if fixed.get("schedule", o[0]) == o[0]
                 and fixed.get("virtual_stages", o[1]) == o[1]]
     return options
 
 
-def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
+def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict,
+                    prune_dominated: bool = True) -> pd.DataFrame:
     """All legal plans for the model on the cluster with the user's fixed knobs held.
     Scalar settings (global batch, sequence, dtype, attention, layer partition) ride in
-    table.attrs. Raises PlanError naming the broken rule when no plan is legal."""
+    table.attrs. Raises PlanError naming the broken rule when no plan is legal.
+
+    With `prune_dominated`, knob values another value beats in time and memory at once are
+    left out unless fixed: ZeRO-1 (ZeRO-2 moves the same bytes and shards the gradients
+    too) and selective recompute under fused attention (which recomputes the attention
+    core anyway). A search restricted to a framework that lacks the dominating value keeps
+    them (planner.search passes False)."""
     missing = [(f"plan.{name}", "missing", "give it") for name in ("global_batch", "seq_len")
                if name not in fixed]
     if missing:
@@ -130,10 +146,23 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataF
     if not table.empty:
         table = _join(table, ["dp", "cp"], lambda dp, cp: [
             (z,) for z in (ZERO_STAGES if "zero" in fixed or dp * cp > 1 else (0,))
+            if not (prune_dominated and z == 1 and "zero" not in fixed)
             if fixed.get("zero", z) == z], ["zero"])
     if not table.empty:
+        table = _join(table, ["sp"], lambda sp: [
+            (o,) for o in ((False, True) if sp else (False,)) if fixed.get("tp_overlap", o) == o],
+            ["tp_overlap"])
+        table = _legal(table, model, cluster, fixed)
+    if not table.empty:
+        table = _join(table, ["zero"], lambda z: [
+            (o,) for o in ((True, False) if z == 3 else (True,))
+            if fixed.get("reshard_after_forward", o) == o], ["reshard_after_forward"])
+        table = _legal(table, model, cluster, fixed)
+    if not table.empty:
         table = _join(table, ["tp"], lambda tp: [
-            (r,) for r in RECOMPUTE if fixed.get("recompute", r) == r], ["recompute"])
+            (r,) for r in RECOMPUTE if fixed.get("recompute", r) == r and not (
+                prune_dominated and r == "selective" and "recompute" not in fixed
+                and fixed.get("attention", ATTENTION[0]) == "flash")], ["recompute"])
     partition = fixed.get("layer_partition")
     if table.empty:
         raise _why_empty(model, cluster, fixed)
@@ -142,6 +171,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataF
     table["recompute"] = pd.Categorical(table["recompute"], categories=RECOMPUTE)
     table.attrs.update(global_batch=gb, seq_len=seq, dtype=fixed.get("dtype", DTYPES[1]),
                        attention=fixed.get("attention", ATTENTION[0]),
+                       grad_reduce_dtype=fixed.get("grad_reduce_dtype", "fp32"),
                        layer_partition=tuple(partition) if partition is not None else None)
     return table
 
@@ -155,7 +185,9 @@ def row_plan(table: pd.DataFrame, i: int) -> Plan:
                 recompute=str(row.recompute), micro_batch=int(row.micro_batch),
                 schedule=str(row.schedule), virtual_stages=int(row.virtual_stages),
                 layer_partition=a["layer_partition"], dtype=a["dtype"], attention=a["attention"],
-                placement=tuple(row.placement))
+                placement=tuple(row.placement), tp_overlap=bool(row.tp_overlap),
+                reshard_after_forward=bool(row.reshard_after_forward),
+                grad_reduce_dtype=a["grad_reduce_dtype"])
 
 
 def _why_empty(model: ModelSpec, cluster: Cluster, fixed: dict) -> PlanError:

@@ -145,8 +145,8 @@ def report_html(model: ModelSpec, scenarios: list[Scenario]) -> str:
     top = max(solved, key=lambda s: s.best.tokens_per_s)
     figures = [("Throughput and MFU", _throughput_figure(base)),
                ("Memory per stage", _memory_figure(top)),
-               ("Pipeline timeline", timeline_figure(top.best.pipeline,
-                                                     f"pipeline timeline: best plan of {top.label}")),
+               ("Pipeline timeline", timeline_figure(top.best.pipeline, top.best.label,
+                                                     top.best.op_comm)),
                ("Top plans", _table_figure(scenarios))]
     if scaled:
         figures.append(("Scaled resources", _scaling_figure(scaled, base)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator.model_spec import ModelSpec
@@ -46,13 +47,17 @@ def per_rank_profile(hw: HardwareProfile, ranks_per_node: int) -> HardwareProfil
 @dataclass(frozen=True)
 class OpTimes:
     """Per op list (one entry each): forward, backward input-gradient and weight-gradient
-    time, the attention core's share of the forward, and the GEMM FLOPs of the forward."""
+    time, the attention core's share of the forward, the GEMM FLOPs of the forward, and the
+    forward and backward time of the GEMMs with a weight (the ones tensor-parallel
+    communication can overlap with)."""
 
     fwd_s: np.ndarray
     bwd_input_s: np.ndarray
     bwd_weight_s: np.ndarray
     core_s: np.ndarray
     fwd_flops: np.ndarray
+    weight_fwd_s: np.ndarray
+    weight_bwd_s: np.ndarray
 
 
 def forward_s(ops: list[Op], hw: HardwareProfile, dtype: str) -> np.ndarray:
@@ -64,10 +69,10 @@ def forward_s(ops: list[Op], hw: HardwareProfile, dtype: str) -> np.ndarray:
 def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     """Per op: forward, backward input-gradient and weight-gradient time. dX = dY W^T,
     dW = X^T dY; GEMMs without a weight (attention) take both operand gradients on the
-    input side; memory-bound backward moves 2x bytes."""
+    input side; memory-bound backward moves 2x bytes. An op runs op.count times."""
     g = np.array([op.kind == GEMM for op in ops], dtype=bool)
-    m, n, k, batch, moved = (np.array([getattr(op, f) for op in ops], dtype=float)
-                             for f in ("m", "n", "k", "batch", "bytes_moved"))
+    m, n, k, batch, moved, count = (np.array([getattr(op, f) for op in ops], dtype=float)
+                                    for f in ("m", "n", "k", "batch", "bytes_moved", "count"))
     weight = np.array([op.weight for op in ops], dtype=bool)[g]
     fwd, bwd_in, bwd_w = np.zeros(len(ops)), np.zeros(len(ops)), np.zeros(len(ops))
     fwd[g] = hw.gemm_time_s(m[g], n[g], k[g], dtype, batch=batch[g])
@@ -80,7 +85,7 @@ def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     other = hw.gemm_time_s(k[g], n[g], m[g], dtype, batch=batch[g])
     bwd_in[g] = np.where(weight, dgrad, dgrad + other)
     bwd_w[g] = np.where(weight, other, 0.0)
-    return fwd, bwd_in, bwd_w, g
+    return fwd * count, bwd_in * count, bwd_w * count, g
 
 
 def op_times(op_lists: list[tuple[Op, ...]], hw: HardwareProfile, dtype: str) -> OpTimes:
@@ -89,12 +94,14 @@ def op_times(op_lists: list[tuple[Op, ...]], hw: HardwareProfile, dtype: str) ->
     idx = np.repeat(np.arange(len(op_lists)), [len(lst) for lst in op_lists])
     fwd, bwd_in, bwd_w, g = _op_arrays(ops, hw, dtype)
     core = np.array([op.attention_core for op in ops], dtype=bool)
-    flops = np.array([op.flops for op in ops], dtype=float)
+    flops = np.array([op.flops * op.count for op in ops], dtype=float)
+    weighted = g & np.array([op.weight for op in ops], dtype=bool)
 
     def total(x):
         return np.bincount(idx, weights=x, minlength=len(op_lists))
     return OpTimes(total(fwd), total(bwd_in), total(bwd_w), total(np.where(core, fwd, 0.0)),
-                   total(np.where(g, flops, 0.0)))
+                   total(np.where(g, flops, 0.0)), total(np.where(weighted, fwd, 0.0)),
+                   total(np.where(weighted, bwd_in + bwd_w, 0.0)))
 
 
 def collective_s(hw: HardwareProfile, kind: str, message_bytes, size, ranks_per_node) -> np.ndarray:
@@ -104,10 +111,16 @@ def collective_s(hw: HardwareProfile, kind: str, message_bytes, size, ranks_per_
                                              np.asarray(size, dtype=np.int64),
                                              np.asarray(ranks_per_node, dtype=np.int64))
     out = np.zeros(message.shape)
-    for group, ranks in {(int(a), int(b)) for a, b in zip(size.ravel(), rpn.ravel())}:
+    key = (size * (1 << 20) + rpn).ravel()
+    ids, groups = pd.factorize(key)
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], np.arange(len(groups) + 1))
+    flat_out, flat_message = out.reshape(-1), message.reshape(-1)
+    for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        group, ranks = divmod(int(groups[g]), 1 << 20)
         if group > 1:
-            mine = (size == group) & (rpn == ranks)
-            out[mine] = hw.collective_time_s(kind, message[mine], group, ranks)
+            rows = order[lo:hi]
+            flat_out[rows] = hw.collective_time_s(kind, flat_message[rows], group, ranks)
     return out
 
 
@@ -120,42 +133,64 @@ def tp_comm_s(model: ModelSpec, tokens, sp, dtype_bytes, hw: HardwareProfile, tp
     return np.where(sp, with_sp, 2.0 * collective_s(hw, "all_reduce", message, tp, tp_rpn))
 
 
-def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp, cp_rpn,
-              attention_s) -> tuple[np.ndarray, np.ndarray]:
-    """Exposed ring-attention exchange of one layer, (forward, backward): cp-1 steps each
+def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp, cp_rpn):
+    """Ring-attention exchange of one layer, (forward, backward), whole: cp-1 steps each
     passing the local K,V chunk (forward) and K,V + their gradients (backward) to the next
-    rank, overlapped with the attention of the current chunk (Liu et al. 2023 sec 3);
-    backward attention is ~2x forward, so each backward step has 2x the compute to hide
-    behind."""
+    rank (Liu et al. 2023 sec 3); overlap_split decides how much of it hides behind the
+    attention of the current chunk."""
     kv_bytes = 2 * np.asarray(tokens, dtype=float) * (model.num_kv_heads // tp) * model.head_dim * dtype_bytes
-    step_attention_s = attention_s / cp
-    fwd = (cp - 1) * np.maximum(0.0, collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn) - step_attention_s)
-    bwd = (cp - 1) * np.maximum(0.0, collective_s(hw, "send_recv", 2 * kv_bytes, cp, cp_rpn)
-                                - 2.0 * step_attention_s)
-    return fwd, bwd
+    return ((cp - 1) * collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn),
+            (cp - 1) * collective_s(hw, "send_recv", 2 * kv_bytes, cp, cp_rpn))
+
+
+def overlap_split(comm_s, compute_s, hw: HardwareProfile, min_exposed_s=0.0):
+    """(exposed communication, compute slowdown) of communication `comm_s` overlapped with
+    compute `compute_s` on the same device: what the compute cannot hide is exposed (never
+    less than `min_exposed_s`), and while the two run at once the compute slows by the
+    profile's contention (HardwareProfile.contention); without overlap (gloo on CPU ranks)
+    all of it is exposed."""
+    comm = np.asarray(comm_s, dtype=float)
+    if not hw.comm_overlaps_compute:
+        return comm, np.zeros_like(comm)
+    exposed = np.maximum(np.maximum(comm - compute_s, min_exposed_s), 0.0)
+    exposed = np.minimum(exposed, comm)
+    return exposed, hw.contention.compute_slowdown * (comm - exposed)
 
 
 @dataclass(frozen=True)
 class ShardTimes:
     """Per shard: one layer's op times (host overhead of the eager executor included, the
-    profile's FrameworkOverhead), and the embedding's and the head's."""
+    profile's FrameworkOverhead), the embedding's and the head's, and what splitting the
+    layer's weight GEMMs into tp pieces costs on top (forward, backward): the decomposition
+    that overlaps TP communication with them (Wang et al. 2023, ASPLOS, "Overlap
+    communication with dependent computation via decomposition")."""
 
     layer: OpTimes
     embedding: OpTimes
     head: OpTimes
+    split_fwd_s: np.ndarray
+    split_bwd_s: np.ndarray
 
     def take(self, index) -> ShardTimes:
         def pick(t: OpTimes) -> OpTimes:
             return OpTimes(*(getattr(t, f)[index] for f in OpTimes.__dataclass_fields__))
-        return ShardTimes(pick(self.layer), pick(self.embedding), pick(self.head))
+        return ShardTimes(pick(self.layer), pick(self.embedding), pick(self.head),
+                          self.split_fwd_s[index], self.split_bwd_s[index])
 
 
 def shard_times(model: ModelSpec, hw: HardwareProfile, shards: list[Shard], dtype: str) -> ShardTimes:
-    layer = op_times([layer_ops(model, s) for s in shards], hw, dtype)
+    op_lists = [layer_ops(model, s) for s in shards]
+    layer = op_times(op_lists, hw, dtype)
     host = np.array([hw.overhead.training_layer_s(s.tp, s.sp) for s in shards], dtype=float).reshape(-1, 2)
     layer = replace(layer, fwd_s=layer.fwd_s + host[:, 0], bwd_input_s=layer.bwd_input_s + host[:, 1])
+    split = [tuple(replace(op, m=max(op.m // s.tp, 1), flops=op.flops / s.tp)
+                   for op in ops if op.kind == GEMM and op.weight) for ops, s in zip(op_lists, shards)]
+    pieces = op_times(split, hw, dtype)
+    tps = np.array([s.tp for s in shards], dtype=float)
     return ShardTimes(layer, op_times([embedding_ops(model, s) for s in shards], hw, dtype),
-                      op_times([head_ops(model, s) for s in shards], hw, dtype))
+                      op_times([head_ops(model, s) for s in shards], hw, dtype),
+                      np.maximum(tps * pieces.fwd_s - layer.weight_fwd_s, 0.0),
+                      np.maximum(tps * (pieces.bwd_input_s + pieces.bwd_weight_s) - layer.weight_bwd_s, 0.0))
 
 
 @dataclass(frozen=True)
@@ -165,45 +200,56 @@ class LayerTimes:
     fwd_compute_s: np.ndarray
     bwd_input_s: np.ndarray     # input-gradient GEMMs + backward of memory-bound ops
     bwd_weight_s: np.ndarray    # weight-gradient GEMMs (the W of zero-bubble schedules)
-    recompute_s: np.ndarray     # forward work redone in backward
-    tp_fwd_s: np.ndarray
+    recompute_s: np.ndarray     # forward work redone in backward under the recompute setting
+    tp_fwd_s: np.ndarray        # exposed TP communication
     tp_bwd_s: np.ndarray        # includes recomputed forward communication (full recompute)
     cp_fwd_s: np.ndarray        # exposed ring-attention exchange
     cp_bwd_s: np.ndarray
+    contention_fwd_s: np.ndarray  # compute slowed by overlapped TP / CP communication
+    contention_bwd_s: np.ndarray
+    tp_raw_s: np.ndarray        # TP communication of forward and backward, whole
+    cp_raw_fwd_s: np.ndarray    # the ring exchange, whole
+    cp_raw_bwd_s: np.ndarray
 
     @property
     def fwd_s(self) -> np.ndarray:
-        return self.fwd_compute_s + self.tp_fwd_s + self.cp_fwd_s
+        return self.fwd_compute_s + self.tp_fwd_s + self.cp_fwd_s + self.contention_fwd_s
 
     @property
     def bwd_s(self) -> np.ndarray:
         """Whole backward: input and weight gradients, recompute, communication."""
         return (self.bwd_input_s + self.bwd_weight_s + self.recompute_s + self.tp_bwd_s
-                + self.cp_bwd_s)
+                + self.cp_bwd_s + self.contention_bwd_s)
 
 
 def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, dtype_bytes, tp,
-                sp, cp, recompute, tp_rpn, cp_rpn, flash: bool) -> LayerTimes:
-    """Per plan (arrays; st indexed alike): the layer's times under its recompute setting
-    and the placement of its TP and CP groups. Fused attention recomputes its scores in
-    backward (Dao 2022 sec 3.1); selective recompute redoes the attention core (Korthikanti
-    et al. 2022 sec 4.3); full recompute redoes the whole forward, its TP communication too."""
+                sp, cp, recompute, tp_rpn, cp_rpn, flash: bool, tp_overlap) -> LayerTimes:
+    """Per plan (arrays; st indexed alike): the layer's times under its recompute setting,
+    the placement of its TP and CP groups and TP overlap.
+
+    Fused attention recomputes its scores in backward (Dao 2022 sec 3.1): compute, not
+    recompute. Selective recompute redoes the attention core where it was kept (Korthikanti
+    et al. 2022 sec 4.3; nothing to redo under fused attention); full recompute redoes the
+    whole forward, its TP communication too. TP overlap (Megatron-LM --tp-comm-overlap,
+    torchtitan async TP) splits each TP collective and its weight GEMMs into tp pieces run
+    as a pipeline: one piece of the communication stays exposed, the rest hides behind the
+    GEMMs at the cost of the smaller GEMMs and the contention. CP's ring exchange hides
+    behind the attention of the current chunk (Liu et al. 2023 sec 3; the backward has 2x
+    the attention to hide behind)."""
     lay = st.layer
-    tp_s = tp_comm_s(model, tokens, sp, dtype_bytes, hw, tp, tp_rpn)
-    cp_f, cp_b = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn, lay.core_s)
-    redo = lay.core_s * (flash | (recompute == SELECTIVE)) + lay.fwd_s * (recompute == FULL)
-    return LayerTimes(lay.fwd_s, lay.bwd_input_s, lay.bwd_weight_s, redo, tp_s,
-                      tp_s * (1 + (recompute == FULL)), cp_f, cp_b)
-
-
-def overlapped_exposed_s(comm_per_item_s, compute_per_item_s, items, overlaps: bool = True):
-    """Exposed time of `items` equal transfers on one communication stream overlapped with
-    `items` equal compute blocks, each transfer waiting for (or feeding) its block, as
-    bucketed DDP gradient reduction and FSDP prefetching do (Li et al. 2020, PyTorch DDP
-    sec 3.2.3): the last (or first) transfer is always exposed, and when communication is
-    slower than compute the stream falls further behind with each item. Without overlap
-    (`overlaps` False: CPU ranks, HardwareProfile.comm_overlaps_compute) all of it is exposed."""
-    comm = np.asarray(comm_per_item_s, dtype=float)
-    hidden = np.asarray(compute_per_item_s, dtype=float) if overlaps else 0.0
-    exposed = comm + (np.asarray(items) - 1) * np.maximum(0.0, comm - hidden)
-    return np.where((np.asarray(items) > 0) & (comm > 0), exposed, 0.0)
+    tp_raw = tp_comm_s(model, tokens, sp, dtype_bytes, hw, tp, tp_rpn)
+    overlap = np.asarray(tp_overlap, dtype=bool) & (np.asarray(tp) > 1)
+    tp_f, tp_cf = overlap_split(tp_raw, np.where(overlap, lay.weight_fwd_s, 0.0), hw, tp_raw / tp)
+    tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)
+    split_f, split_b = np.where(overlap, st.split_fwd_s, 0.0), np.where(overlap, st.split_bwd_s, 0.0)
+    cp_raw_f, cp_raw_b = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn)
+    cp_f, cp_cf = overlap_split(cp_raw_f, (cp - 1) * lay.core_s / cp, hw)
+    cp_b, cp_cb = overlap_split(cp_raw_b, (cp - 1) * 2 * lay.core_s / cp, hw)
+    full = recompute == FULL
+    flash_redo = lay.core_s if flash else 0.0
+    redo = lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + split_f) * full
+    return LayerTimes(
+        fwd_compute_s=lay.fwd_s + split_f, bwd_input_s=lay.bwd_input_s + flash_redo + split_b,
+        bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * full,
+        cp_fwd_s=cp_f, cp_bwd_s=cp_b, contention_fwd_s=tp_cf + cp_cf, contention_bwd_s=tp_cb + cp_cb,
+        tp_raw_s=tp_raw * (2 + full), cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b)

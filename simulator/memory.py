@@ -1,9 +1,9 @@
 """Per-device memory: weights, gradients, optimizer states (ZeRO), activations, buffers.
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-Transformer Models") sec 4, generalised to GQA, gated MLPs, no-dropout models and fused
-(flash) attention; for a GPT layer with dropout and naive attention they reduce exactly to
-Table 2 (tests check each row).
+Transformer Models") sec 4, generalised to GQA, latent attention, gated MLPs, experts,
+no-dropout models and fused (flash) attention; for a GPT layer with dropout and naive
+attention they reduce exactly to Table 2 (tests check each row).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.model_spec import LayerKind, ModelSpec
 from meshplan.simulator.ops import Shard
 
 # Mixed-precision Adam: fp32 master weights + two fp32 moments = 12 bytes/param
@@ -23,31 +23,59 @@ OPTIMIZER_BYTES_PER_PARAM = {"fp32": 8, "bf16": 12, "fp16": 12}
 ADAM_STEP_BYTES_PER_PARAM = {"fp32": 28, "bf16": 28, "fp16": 28}
 
 
-def layer_activation_bytes(model: ModelSpec, shard: Shard, recompute: str) -> float:
-    """Bytes one layer keeps for backward, for one micro-batch, on one device.
+def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, kind: LayerKind) -> float:
+    """Bytes one layer of `kind` keeps for backward, for one micro-batch, on one device.
 
     Terms of Korthikanti et al. sec 4.1 (2 bytes per element, 1 per dropout mask), each
-    sharded over TP where Megatron shards it, and over TP too with sequence parallelism."""
+    sharded over TP where Megatron shards it, and over TP too with sequence parallelism.
+    Beyond the paper, by the same rule (what autograd saves for the backward GEMMs and
+    norms): QK-norm and sandwich-norm inputs, latent attention's low-rank tensors
+    (replicated over TP), and an MoE layer's router scores, permuted token copies, expert
+    activations and the expert outputs its weighted combine needs."""
     d, h, hd = shard.dtype_bytes, model.hidden_size, model.head_dim
     t, tok, ntok = shard.tp, shard.tokens, shard.norm_tokens
     if recompute == "full":
         return d * ntok * h  # only the layer input is kept (sec 4.3: 2sbh, /t with SP)
     mask = 1 if model.dropout else 0
     heads, kv_heads = model.num_heads // t, model.num_kv_heads // t
-    ffn = model.ffn_hidden_size // t
     gated = 2 if model.gated_mlp else 1
-    # Replicated (or SP-sharded) region: 2 norm inputs, QKV input, MLP input, 2 dropout masks.
-    replicated = (d * 4 + mask * 2) * ntok * h
-    # TP-sharded: Q and K (for QK^T), V, attention output (out-proj input), MLP act input, down input.
-    sharded = d * tok * ((heads + kv_heads) * hd + kv_heads * hd + heads * hd + (gated + 1) * ffn)
+    # Norm inputs (2, 4 with sandwich norms, one fewer when both blocks read the layer
+    # input), QKV input, MLP input, 2 dropout masks: replicated, or SP-sharded.
+    norms = 2 + (2 if model.sandwich_norm else 0) - (1 if model.parallel_residual else 0)
+    replicated = (d * (norms + 2) + mask * 2) * ntok * h
+    if model.kv_lora_rank:
+        q, kv, vd = model.q_lora_rank, model.kv_lora_rank, model.v_head_dim
+        # Q, K, V, attention output (out-proj input); low-rank norm inputs and up-proj inputs
+        attention = heads * (2 * hd + 2 * vd)
+        replicated += d * tok * (2 * q + 2 * kv + model.qk_rope_head_dim)
+    else:
+        # Q and K (for QK^T), V, attention output (out-proj input), QK-norm inputs
+        attention = ((heads + kv_heads) * hd * (2 if model.qk_norm else 1) + kv_heads * hd + heads * hd)
+    if kind.moe:
+        f, fs = model.moe_ffn_hidden_size // t, model.shared_ffn_size // t
+        # per routed row (experts_per_token per token): its permuted input and its output
+        # (for the weighted combine), the activation input(s) and the down-projection
+        # input; the shared experts as a dense MLP; the router's scores
+        mlp = model.experts_per_token * (2 * h + (gated + 1) * f) + (gated + 1) * fs
+        replicated += d * ntok * model.num_experts
+    else:
+        mlp = (gated + 1) * (model.ffn_hidden_size // t)  # activation input(s), down input
+    sharded = d * tok * (attention + mlp)
     if shard.flash:
         core = 4 * shard.micro_batch * heads * shard.local_seq  # fp32 log-sum-exp per query row
     else:
         scores = shard.micro_batch * heads * shard.local_seq * shard.seq_len
-        core = scores * (d + mask + (d if mask else 0))  # softmax out, dropout mask, dropout out
+        # softmax out, dropout mask, dropout out; the soft-capping tanh's input
+        core = scores * (d + mask + (d if mask else 0) + (d if model.attn_softcap else 0))
     if recompute == "selective":
         core = 0.0  # the attention core is recomputed (sec 4.3)
     return replicated + sharded + core
+
+
+def layer_activation_bytes(model: ModelSpec, shard: Shard, recompute: str) -> float:
+    """Bytes the mean layer keeps for backward (layer kinds weighted by their layers)."""
+    return sum(n * layer_kind_activation_bytes(model, shard, recompute, kind)
+               for kind, n in model.layer_kinds()) / model.num_layers
 
 
 @dataclass(frozen=True)
@@ -72,22 +100,27 @@ class StageMemory:
 
 
 def stage_params(model: ModelSpec, tp, pp, layers, first, last):
-    """Parameters held by one device of a pipeline stage of `layers` layers (numpy arrays
-    broadcast): TP shards the attention and MLP weights and the vocabulary, norms are
-    replicated (Megatron-LM, which vLLM follows); the first stage holds the embedding, the
-    last the final norm and the LM head (a synced copy of a tied embedding under PP)."""
-    per_layer = (model.attention_params() + model.mlp_params()) / tp + 2 * model.norm_params()
+    """Parameters held by one device of a pipeline stage of `layers` mean layers (numpy
+    arrays broadcast): TP shards the attention and MLP weights, every expert, and the
+    vocabulary; norms, MLA's down-projections and the router are replicated (Megatron-LM,
+    which vLLM follows; ModelSpec.layer_replicated_params); at one expert-parallel rank
+    every device holds every expert. The first stage holds the embedding, the last the final
+    norm and the LM head (a synced copy of a tied embedding under PP)."""
+    per_layer = sum(n * ((model.layer_params(k) - model.layer_replicated_params(k)) / tp
+                         + model.layer_replicated_params(k)) for k, n in model.layer_kinds()) / model.num_layers
     head = model.norm_params() + np.where(np.logical_not(model.tied_embeddings) | (np.asarray(pp) > 1),
                                           model.vocab_size * model.hidden_size / tp, 0.0)
     return layers * per_layer + first * (model.embedding_params() / tp) + last * head
 
 
 def model_state_bytes(params: float, dtype: str, dtype_bytes: int, zero: int,
-                      shard_degree: int) -> tuple[float, float, float]:
+                      shard_degree: int, grad_bytes: int | None = None) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes of `params` parameters on one device under a
-    ZeRO stage sharded over `shard_degree` ranks (Rajbhandari et al. 2020 sec 5, Fig. 1)."""
+    ZeRO stage sharded over `shard_degree` ranks (Rajbhandari et al. 2020 sec 5, Fig. 1);
+    gradients take `grad_bytes` each (default the weights' dtype; fp32 where they are kept
+    and reduced in fp32, as Megatron-LM's main grads and torchtitan's reduce dtype)."""
     weights = params * dtype_bytes / (shard_degree if zero >= 3 else 1)
-    grads = params * dtype_bytes / (shard_degree if zero >= 2 else 1)
+    grads = params * (grad_bytes or dtype_bytes) / (shard_degree if zero >= 2 else 1)
     optimizer = params * OPTIMIZER_BYTES_PER_PARAM[dtype] / (shard_degree if zero >= 1 else 1)
     return weights, grads, optimizer
 

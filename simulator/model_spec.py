@@ -1,7 +1,10 @@
 """ModelSpec: the shape of a decoder-only transformer, from an HF config.json or the zoo.
 
-Parameter counts follow the architecture exactly (so they match published counts);
-the zoo's sources are cited beside each entry.
+A model's layers may differ (dense or mixture-of-experts MLP, full or sliding-window
+attention): `layer_kinds()` says which kinds it has and how many layers of each, so that
+parameters and costs are summed per kind. Parameter counts follow the architecture exactly
+(so they match published counts and Hugging Face's models); the zoo's sources are cited
+beside each entry.
 """
 from __future__ import annotations
 
@@ -12,15 +15,38 @@ from pathlib import Path
 
 from meshplan.core.fields import from_fields
 from meshplan.core.errors import ModelError
+from meshplan.simulator import hf_config
 
 ACTIVATIONS = ("silu", "gelu")
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
+# softmax over the experts' logits (Mixtral, Qwen) or a sigmoid score per expert (DeepSeek-V3)
+ROUTERS = ("softmax", "sigmoid")
+_SIZES = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
+          "vocab_size", "max_seq_len")
+_MOE = ("experts_per_token", "moe_ffn_hidden_size")
+_MLA = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What sets a layer's cost apart from the other layers of its model."""
+
+    local: bool = False  # sliding-window attention
+    moe: bool = False    # routed experts in place of the dense MLP
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only transformer. Sizes are element counts, not bytes."""
+    """A decoder-only transformer. Sizes are element counts, not bytes.
+
+    Attention is grouped-query (num_kv_heads of head_dim each), or multi-head latent
+    attention when kv_lora_rank > 0 (DeepSeek-V2 sec 2.1: queries and keys/values
+    projected down to a low rank, then up per head). The MLP is dense, or with num_experts
+    > 0 a router choosing experts_per_token of num_experts experts of width
+    moe_ffn_hidden_size, plus num_shared_experts always-on experts of width
+    shared_expert_ffn_size, in every layer except `dense_layers` (which keep the dense MLP
+    of width ffn_hidden_size). `local_layers` attend over the last `sliding_window` keys."""
 
     name: str
     num_layers: int
@@ -35,52 +61,180 @@ class ModelSpec:
     norm: str = "rmsnorm"
     position_embedding: str = "rope"
     tied_embeddings: bool = False
-    bias: bool = False
+    bias: bool = False               # biases on every linear layer of the blocks (GPT-2, GPT-NeoX)
     dropout: bool = False
+    head_dim: int | None = None      # None: hidden_size / num_heads (MLA: nope + rope dims)
+    qkv_bias: bool = False           # biases on Q, K and V only (Qwen2)
+    out_bias: bool = False           # bias on the attention output projection
+    qk_norm: bool = False            # a norm over each query and key head (Dehghani et al. 2023 sec 3.1)
+    sandwich_norm: bool = False      # norms after attention and after the MLP too (Gemma 2 report sec 2.2)
+    parallel_residual: bool = False  # attention and MLP read the same input (GPT-NeoX-20B paper sec 2.1)
+    rotary_pct: float = 1.0          # share of each head's dimensions that RoPE rotates
+    sliding_window: int | None = None
+    local_layers: tuple[int, ...] = ()
+    attn_softcap: float | None = None   # tanh soft-capping of attention scores (Gemma 2 report sec 2.2)
+    final_softcap: float | None = None  # ... and of the output logits
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_ffn_hidden_size: int = 0
+    num_shared_experts: int = 0
+    shared_expert_ffn_size: int = 0
+    shared_expert_gate: bool = False    # a sigmoid gate on the shared experts (Qwen2-MoE)
+    router: str = "softmax"
+    dense_layers: tuple[int, ...] = ()
+    q_lora_rank: int = 0             # 0: queries projected directly, without a low rank
+    kv_lora_rank: int = 0            # > 0: multi-head latent attention
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self):
-        for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
-                      "ffn_hidden_size", "vocab_size", "max_seq_len"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ModelError(field, f"must be a positive integer, got {value!r}",
-                                 f"set {field} to a positive integer")
-        if self.hidden_size % self.num_heads:
-            raise ModelError("num_heads", f"{self.num_heads} does not divide hidden_size "
-                             f"{self.hidden_size}", "use a head count that divides hidden_size")
+        for field in ("local_layers", "dense_layers"):
+            object.__setattr__(self, field, tuple(getattr(self, field)))
+        for field in _SIZES:
+            _check_int(field, getattr(self, field), positive=True)
+        for field in ("num_experts", "num_shared_experts", "shared_expert_ffn_size", "q_lora_rank",
+                      "kv_lora_rank", *_MOE, *_MLA):
+            _check_int(field, getattr(self, field), positive=False)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self._default_head_dim())
+        _check_int("head_dim", self.head_dim, positive=True)
         if self.num_heads % self.num_kv_heads:
             raise ModelError("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads "
                              f"{self.num_heads}", "use a KV head count that divides num_heads")
         for field, allowed in (("activation", ACTIVATIONS), ("norm", NORMS),
-                               ("position_embedding", POSITIONS)):
+                               ("position_embedding", POSITIONS), ("router", ROUTERS)):
             if getattr(self, field) not in allowed:
                 raise ModelError(field, f"unknown value {getattr(self, field)!r}",
                                  f"use one of {', '.join(allowed)}")
+        if not 0 < self.rotary_pct <= 1:
+            raise ModelError("rotary_pct", f"{self.rotary_pct} is not in (0, 1]", "use a share in (0, 1]")
+        self._check_layers()
+        self._check_moe()
+        self._check_mla()
 
-    @property
-    def head_dim(self) -> int:
+    def _default_head_dim(self) -> int:
+        if self.kv_lora_rank:
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        if self.hidden_size % self.num_heads:
+            raise ModelError("num_heads", f"{self.num_heads} does not divide hidden_size "
+                             f"{self.hidden_size}", "use a head count that divides hidden_size, or "
+                             "give head_dim")
         return self.hidden_size // self.num_heads
+
+    def _check_layers(self):
+        for field in ("local_layers", "dense_layers"):
+            layers = getattr(self, field)
+            if list(layers) != sorted(set(layers)) or any(
+                    not isinstance(i, int) or not 0 <= i < self.num_layers for i in layers):
+                raise ModelError(field, f"{list(layers)} are not distinct increasing layer indices "
+                                 f"below {self.num_layers}", "list each layer index once, in order")
+        if self.local_layers and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
+            raise ModelError("sliding_window", f"{self.sliding_window!r} with local layers",
+                             "give the window (keys) of the sliding-window layers")
+
+    def _check_moe(self):
+        if not self.num_experts:
+            extra = [f for f in ("experts_per_token", "moe_ffn_hidden_size", "num_shared_experts",
+                                 "dense_layers") if getattr(self, f)]
+            if extra:
+                raise ModelError(extra[0], "set on a model without experts",
+                                 "set num_experts, or leave the expert fields out")
+            return
+        for field in _MOE:
+            _check_int(field, getattr(self, field), positive=True)
+        if self.experts_per_token > self.num_experts:
+            raise ModelError("experts_per_token", f"{self.experts_per_token} > {self.num_experts} experts",
+                             "route each token to at most num_experts experts")
+        if self.num_shared_experts and not self.shared_expert_ffn_size:
+            raise ModelError("shared_expert_ffn_size", "missing with shared experts",
+                             "give the shared experts' MLP width")
+
+    def _check_mla(self):
+        if not self.kv_lora_rank:
+            return
+        for field in _MLA:
+            _check_int(field, getattr(self, field), positive=True)
+        if self.num_kv_heads != self.num_heads:
+            raise ModelError("num_kv_heads", f"{self.num_kv_heads} != num_heads {self.num_heads} "
+                             "with latent attention", "latent attention has one key/value head per query head")
 
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim if self.kv_lora_rank else self.head_dim
+
+    @property
+    def shared_ffn_size(self) -> int:
+        """Width of the shared experts run as one MLP (as Hugging Face and Megatron-LM do)."""
+        return self.num_shared_experts * self.shared_expert_ffn_size
+
+    def layer_kind(self, index: int) -> LayerKind:
+        return LayerKind(index in self.local_layers,
+                         bool(self.num_experts) and index not in self.dense_layers)
+
+    def layer_kinds(self) -> tuple[tuple[LayerKind, int], ...]:
+        """(kind, number of layers of that kind), in order of first appearance."""
+        counts: dict[LayerKind, int] = {}
+        for i in range(self.num_layers):
+            kind = self.layer_kind(i)
+            counts[kind] = counts.get(kind, 0) + 1
+        return tuple(counts.items())
+
     # ---- parameter counts (elements) ----
     def norm_params(self) -> int:
         return self.hidden_size * (2 if self.norm == "layernorm" else 1)
 
-    def attention_params(self) -> int:
-        h, kv = self.hidden_size, self.kv_dim
-        weights = h * h + 2 * h * kv + h * h  # Q, K, V, output projections
-        return weights + ((h + 2 * kv + h) if self.bias else 0)
+    def _norm(self, width: int) -> int:
+        return width * (2 if self.norm == "layernorm" else 1)
 
-    def mlp_params(self) -> int:
-        h, f = self.hidden_size, self.ffn_hidden_size
+    def attention_params(self) -> int:
+        """Projections with their biases, plus QK-norms or MLA's latent norms."""
+        h, hd, heads = self.hidden_size, self.head_dim, self.num_heads
+        if self.kv_lora_rank:
+            rope, v, q, kv = self.qk_rope_head_dim, self.v_head_dim, self.q_lora_rank, self.kv_lora_rank
+            query = (h * q + self._norm(q) + q * heads * hd) if q else h * heads * hd
+            latent = h * (kv + rope) + self._norm(kv) + kv * heads * (self.qk_nope_head_dim + v)
+            return query + latent + heads * v * h
+        qkv = (heads + 2 * self.num_kv_heads) * hd
+        weights = h * qkv + heads * hd * h  # Q, K, V, output projections
+        biases = (qkv if self.bias or self.qkv_bias else 0) + (h if self.bias or self.out_bias else 0)
+        return weights + biases + (2 * self._norm(hd) if self.qk_norm else 0)
+
+    def mlp_params(self, ffn: int | None = None) -> int:
+        """One MLP of width `ffn` (default: the dense MLP's)."""
+        h, f = self.hidden_size, self.ffn_hidden_size if ffn is None else ffn
         mats = 3 if self.gated_mlp else 2  # gated: gate, up, down (Shazeer 2020, GLU variants)
         return mats * h * f + ((f * (mats - 1) + h) if self.bias else 0)
 
-    def layer_params(self) -> int:
-        return self.attention_params() + self.mlp_params() + 2 * self.norm_params()
+    def moe_params(self, active: bool = False) -> int:
+        """Router, experts (only the experts_per_token a token runs, if `active`) and shared
+        experts with their gate."""
+        experts = self.experts_per_token if active else self.num_experts
+        shared = self.mlp_params(self.shared_ffn_size) if self.num_shared_experts else 0
+        return (self.num_experts * self.hidden_size + experts * self.mlp_params(self.moe_ffn_hidden_size)
+                + shared + (self.hidden_size if self.shared_expert_gate else 0))
+
+    def layer_params(self, kind: LayerKind, active: bool = False) -> int:
+        mlp = self.moe_params(active) if kind.moe else self.mlp_params()
+        return self.attention_params() + mlp + (4 if self.sandwich_norm else 2) * self.norm_params()
+
+    def layer_replicated_params(self, kind: LayerKind) -> int:
+        """Parameters of a layer that tensor parallelism does not shard (Megatron-LM): the
+        norms, QK-norms, MLA's down-projections and latent norms, the router and the shared
+        experts' gate."""
+        h = self.hidden_size
+        norms = (4 if self.sandwich_norm else 2) * self.norm_params()
+        if self.kv_lora_rank:
+            q, kv = self.q_lora_rank, self.kv_lora_rank
+            norms += (h * q + self._norm(q) if q else 0) + h * (kv + self.qk_rope_head_dim) + self._norm(kv)
+        elif self.qk_norm:
+            norms += 2 * self._norm(self.head_dim)
+        router = self.num_experts * h + (h if self.shared_expert_gate else 0)
+        return norms + (router if kind.moe else 0)
 
     def embedding_params(self) -> int:
         pos = self.max_seq_len * self.hidden_size if self.position_embedding == "learned" else 0
@@ -90,8 +244,11 @@ class ModelSpec:
         """Final norm plus the LM head (zero extra weights when tied to the embedding)."""
         return self.norm_params() + (0 if self.tied_embeddings else self.vocab_size * self.hidden_size)
 
-    def num_params(self) -> int:
-        return self.embedding_params() + self.num_layers * self.layer_params() + self.head_params()
+    def num_params(self, active: bool = False) -> int:
+        """All parameters, or (`active`) those one token runs through: the experts it is
+        routed to rather than all of them."""
+        layers = sum(n * self.layer_params(kind, active) for kind, n in self.layer_kinds())
+        return self.embedding_params() + layers + self.head_params()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,6 +256,13 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
         return from_fields(cls, data, "model.", ModelError, "model")
+
+
+def _check_int(field: str, value, positive: bool) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < (1 if positive else 0):
+        bound = "a positive" if positive else "a non-negative"
+        raise ModelError(field, f"must be {bound} integer, got {value!r}", f"set {field} to {bound} integer")
+
 
 def _llama(name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied=False) -> ModelSpec:
     return ModelSpec(name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied_embeddings=tied)
@@ -133,88 +297,29 @@ ZOO: dict[str, ModelSpec] = {m.name: m for m in (
     _gpt("megatron-gpt-1t", 128, 25600, 160),
 )}
 
-_LLAMA_KEYS = {"num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-               "vocab_size"}
-_GPT2_KEYS = {"n_layer", "n_embd", "n_head", "vocab_size"}
-# Keys that HF configs carry but that do not change the cost model.
-_IGNORED_KEYS = {
-    "architectures", "model_type", "torch_dtype", "transformers_version", "bos_token_id",
-    "eos_token_id", "pad_token_id", "initializer_range", "rms_norm_eps", "layer_norm_epsilon",
-    "rope_theta", "rope_scaling", "use_cache", "pretraining_tp", "attention_dropout",
-    "attention_bias", "mlp_bias", "hidden_act", "activation_function", "resid_pdrop",
-    "embd_pdrop", "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation",
-    "summary_proj_to_labels", "summary_first_dropout", "scale_attn_weights", "n_ctx",
-    "task_specific_params", "_name_or_path", "head_dim", "tie_word_embeddings",
-    "max_position_embeddings", "num_key_value_heads", "n_inner", "n_positions",
-    "reorder_and_upcast_attn", "scale_attn_by_inverse_layer_idx", "id2label", "label2id",
-    "torchscript", "return_dict", "output_hidden_states", "output_attentions",
-}
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model as loaded, with the config keys that were read but change no cost."""
 
-def _require_int(config: dict, key: str, source: str) -> int:
-    value = config.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ModelError(f"{source}:{key}", f"expected a positive integer, got {value!r}",
-                         f"set \"{key}\" to a positive integer")
-    return value
-
-
-def _check_keys(config: dict, source: str, style_keys: set[str]) -> None:
-    unknown = sorted(set(config) - _IGNORED_KEYS - style_keys)
-    if unknown:
-        raise ModelError(f"{source}:{unknown[0]}", "unknown config key",
-                         "remove it, or use a llama-style or gpt2-style HF config.json")
+    spec: ModelSpec
+    ignored_keys: tuple[str, ...] = ()
 
 
 def from_hf_config(config: dict, name: str = "custom", source: str = "config") -> ModelSpec:
-    """Llama-style (num_hidden_layers, ...) or gpt2-style (n_layer, ...) HF config."""
-    if _LLAMA_KEYS <= set(config):
-        _check_keys(config, source, _LLAMA_KEYS)
-        heads = _require_int(config, "num_attention_heads", source)
-        kv_heads = config.get("num_key_value_heads") or heads
-        hidden = _require_int(config, "hidden_size", source)
-        head_dim = config.get("head_dim")
-        if head_dim not in (None, hidden // heads):
-            raise ModelError(f"{source}:head_dim", f"{head_dim} != hidden_size/num_attention_heads",
-                             "meshplan models head_dim = hidden_size / num_attention_heads")
-        act = str(config.get("hidden_act", "silu"))
-        return ModelSpec(
-            name=name, num_layers=_require_int(config, "num_hidden_layers", source),
-            hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
-            ffn_hidden_size=_require_int(config, "intermediate_size", source),
-            vocab_size=_require_int(config, "vocab_size", source),
-            max_seq_len=config.get("max_position_embeddings") or 4096,
-            gated_mlp=True, activation="gelu" if act.startswith("gelu") else "silu",
-            norm="rmsnorm", position_embedding="rope",
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-            bias=bool(config.get("attention_bias", False)),
-            dropout=float(config.get("attention_dropout") or 0) > 0)
-    if _GPT2_KEYS <= set(config):
-        _check_keys(config, source, _GPT2_KEYS)
-        hidden = _require_int(config, "n_embd", source)
-        inner = config.get("n_inner")
-        return ModelSpec(
-            name=name, num_layers=_require_int(config, "n_layer", source),
-            hidden_size=hidden, num_heads=_require_int(config, "n_head", source),
-            num_kv_heads=_require_int(config, "n_head", source),
-            ffn_hidden_size=inner if inner is not None else 4 * hidden,  # n_inner null means 4*n_embd
-            vocab_size=_require_int(config, "vocab_size", source),
-            max_seq_len=config.get("n_positions") or 1024, gated_mlp=False, activation="gelu",
-            norm="layernorm", position_embedding="learned",
-            # HF's default is tied; Megatron-LM's GPT runs are usually untied.
-            tied_embeddings=bool(config.get("tie_word_embeddings", True)), bias=True,
-            dropout=any(float(config.get(k) or 0) > 0 for k in ("resid_pdrop", "attn_pdrop")))
-    missing = sorted(_LLAMA_KEYS - set(config)) if "hidden_size" in config else sorted(
-        _GPT2_KEYS - set(config))
-    raise ModelError(f"{source}:{missing[0]}", "missing key",
-                     f"add {', '.join(missing)} (llama-style) or n_layer/n_embd/n_head/vocab_size "
-                     "(gpt2-style)")
+    """The ModelSpec of an HF config.json (hf_config.parse reads it)."""
+    return read_hf_config(config, name, source).spec
 
 
-def load_model(name_or_path: str) -> ModelSpec:
+def read_hf_config(config: dict, name: str = "custom", source: str = "config") -> LoadedModel:
+    fields, ignored = hf_config.parse(config, source)
+    return LoadedModel(ModelSpec(name=name, **fields), ignored)
+
+
+def read_model(name_or_path: str) -> LoadedModel:
     """A zoo name, an HF config.json path, or a ModelSpec JSON path."""
     if name_or_path in ZOO:
-        return ZOO[name_or_path]
+        return LoadedModel(ZOO[name_or_path])
     path = Path(name_or_path)
     if not path.is_file():
         raise ModelError("model", f"{name_or_path!r} is neither a file nor a zoo model",
@@ -226,6 +331,10 @@ def load_model(name_or_path: str) -> ModelSpec:
     if not isinstance(config, dict):
         raise ModelError(str(path), "top level is not a JSON object", "pass an HF-style config.json")
     if "num_layers" in config:
-        return ModelSpec.from_dict(config)
+        return LoadedModel(ModelSpec.from_dict(config))
     name = path.parent.name if path.name == "config.json" else path.stem
-    return from_hf_config(config, name=name or "custom", source=str(path))
+    return read_hf_config(config, name=name or "custom", source=str(path))
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    return read_model(name_or_path).spec

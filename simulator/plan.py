@@ -85,6 +85,12 @@ class Plan:
     dtype: str = knob("bf16", "compute dtype (mixed precision, fp32 master)", choices=DTYPES)
     attention: str = knob("flash", "attention kernel", choices=ATTENTION)
     placement: tuple[str, ...] = knob(AXES, f"rank order innermost-first, default {','.join(AXES)}")
+    tp_overlap: bool = knob(False, "overlap TP communication with the GEMMs beside it (Megatron-LM "
+                            "--tp-comm-overlap, torchtitan async TP; needs sp)")
+    reshard_after_forward: bool = knob(True, "ZeRO-3: free gathered weights after forward and "
+                                       "gather them again for backward (FSDP2)")
+    grad_reduce_dtype: str = knob("fp32", "dtype gradients are kept and reduced in (Megatron-LM "
+                                  "main grads, torchtitan's reduce dtype)", choices=("fp32", "bf16"))
 
     def __post_init__(self):
         ints = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch", "virtual_stages")
@@ -102,6 +108,8 @@ class Plan:
             (self.dtype in DTYPES, "dtype", f"unknown {self.dtype!r}", f"use one of {', '.join(DTYPES)}"),
             (self.attention in ATTENTION, "attention", f"unknown {self.attention!r}",
              f"use one of {', '.join(ATTENTION)}"),
+            (self.grad_reduce_dtype in ("fp32", "bf16"), "grad_reduce_dtype",
+             f"unknown {self.grad_reduce_dtype!r}", "use fp32 or bf16"),
             (sorted(self.placement) == sorted(AXES), "placement", f"{self.placement!r} is not an "
              "order of tp, cp, dp, pp", "list each of tp, cp, dp, pp once, innermost first"),
         )

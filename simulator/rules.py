@@ -72,6 +72,13 @@ PLAN = (
           lambda x, m, c: f"{x.virtual_stages} virtual stages with schedule {x.schedule} and pp {x.pp}",
           "use the interleaved schedule with pp >= 2 and virtual_stages >= 2, or 1 virtual "
           "stage otherwise"),
+    _rule("plan.tp_overlap", "tp_overlap sp", lambda x, m, c: np.logical_not(x.tp_overlap) | np.asarray(x.sp),
+          lambda x, m, c: "overlapping TP communication splits the sequence-parallel collectives",
+          "turn on sp, or drop tp_overlap"),
+    _rule("plan.reshard_after_forward", "reshard_after_forward zero",
+          lambda x, m, c: np.asarray(x.reshard_after_forward) | (x.zero == 3),
+          lambda x, m, c: f"resharding after forward is a ZeRO-3 choice, not ZeRO-{x.zero}'s",
+          "keep reshard_after_forward with ZeRO 0-2"),
     _rule("plan.global_batch", "global_batch micro_batch dp",
           lambda x, m, c: x.global_batch % (x.micro_batch * x.dp) == 0,
           lambda x, m, c: f"{x.global_batch} is not divisible by micro_batch*dp = {x.micro_batch * x.dp}",
@@ -92,6 +99,11 @@ TRAINING = PLAN + (
     _rule("plan.tp", "tp", lambda x, m, c: m.ffn_hidden_size % x.tp == 0,
           lambda x, m, c: f"{x.tp} does not divide ffn size {m.ffn_hidden_size}",
           "use a TP degree that divides the MLP width"),
+    _rule("plan.tp", "tp", lambda x, m, c: (m.moe_ffn_hidden_size % x.tp == 0)
+          & ((m.num_shared_experts * m.shared_expert_ffn_size) % x.tp == 0),
+          lambda x, m, c: f"{x.tp} does not divide the experts' width {m.moe_ffn_hidden_size} "
+          f"(shared: {m.num_shared_experts * m.shared_expert_ffn_size})",
+          "use a TP degree that divides the expert MLP width"),
     _rule("plan.seq_len", "seq_len",
           lambda x, m, c: (m.position_embedding != "learned") | (x.seq_len <= m.max_seq_len),
           lambda x, m, c: f"{x.seq_len} exceeds the model's {m.max_seq_len} positions",
@@ -121,8 +133,28 @@ TRAINING = PLAN + (
           "give one layer count per (virtual) stage, or none for the balanced split"),
 )
 
+def _model_features(m: ModelSpec) -> list[str]:
+    """What of the model the executor's decoder (executor/model.py: dense, full multi-head or
+    grouped-query attention, one norm before each block) does not build."""
+    checks = ((m.num_experts > 0, "mixture-of-experts"), (m.kv_lora_rank > 0, "latent attention (MLA)"),
+              (m.sliding_window is not None, "sliding-window attention"), (m.qk_norm, "QK-norm"),
+              (m.sandwich_norm, "sandwich norms"), (m.qkv_bias or m.out_bias, "attention-only biases"),
+              (m.parallel_residual, "parallel residual"), (m.rotary_pct != 1.0, "partial rotary"),
+              (m.attn_softcap is not None or m.final_softcap is not None, "soft-capping"),
+              (m.head_dim is not None and m.head_dim * m.num_heads != m.hidden_size,
+               "head_dim other than hidden/heads"))
+    return [name for present, name in checks if present]
+
+
+def _model_rule(field: str) -> Rule:
+    return _rule(field, "", lambda x, m, c: not _model_features(m),
+                 lambda x, m, c: f"the executor's decoder does not build {', '.join(_model_features(m))}",
+                 "run a dense llama- or gpt2-style model; plan and simulate take this one")
+
+
 # What the executor cannot run on this backend (torch 2.13, gloo on CPU).
 EXECUTOR_TRAINING = (
+    _model_rule("model"),
     _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
           lambda x, m, c: "context parallel cannot run here: torch's ring attention has no DTensor "
           "rule for the CPU attention kernel", "use cp 1"),
@@ -163,6 +195,7 @@ SERVING = (
 )
 
 EXECUTOR_SERVING = (
+    _model_rule("model"),
     _rule("plan.tp", "tp", lambda x, m, c: m.num_kv_heads % x.tp == 0,
           lambda x, m, c: f"{x.tp} does not divide the {m.num_kv_heads} KV heads (the executor shards "
           "KV heads, it does not replicate them)", "use a TP degree that divides num_key_value_heads"),

@@ -139,6 +139,7 @@ class InferenceResult:
     def to_json(self) -> dict:
         return {
             "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "latency_s": self.latency_s,
+            "params": self.model.num_params(), "active_params": self.model.num_params(active=True),
             "throughput_tokens_per_s": self.throughput_tokens_per_s,
             "throughput_tokens_per_s_per_gpu": self.throughput_tokens_per_s / self.plan.num_gpus,
             "decode_tokens_per_s": self.decode_tokens_per_s,

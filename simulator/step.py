@@ -16,11 +16,13 @@ the group per node) and the scalars dtype, d (dtype bytes), flash. Per-rank quan
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
-from meshplan.simulator.cost import (FULL, NONE, collective_s, layer_times, overlapped_exposed_s,
+from meshplan.simulator.cost import (FULL, NONE, collective_s, layer_times, overlap_split,
                                      shard_times)
 from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, layer_activation_bytes,
                                        model_state_bytes, stage_params)
@@ -29,9 +31,9 @@ from meshplan.simulator.ops import Shard
 from meshplan.simulator.plan import DTYPE_BYTES, RECOMPUTE, SCHEDULES
 
 SHARD_KEYS = ("tp", "sp", "cp", "micro_batch")
-COST_KEYS = SHARD_KEYS + ("rc", "tp_rpn", "cp_rpn")
+COST_KEYS = SHARD_KEYS + ("rc", "tp_overlap", "tp_rpn", "cp_rpn")
 KNOBS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched", "virtual_stages",
-         "num_microbatches", "tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn")
+         "num_microbatches", "tp_overlap", "reshard", "tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn")
 
 
 def group_ids(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -50,12 +52,15 @@ def combo_ids(r: dict, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     return group_ids(key)
 
 
-def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str) -> dict:
+def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str,
+         grad_dtype: str) -> dict:
     """Rows of plans from their knob arrays (KNOBS), with the memory terms that need no
     timing: each row's shard, activation bytes per layer and parameters per layer."""
     r = {k: np.asarray(knobs[k]) for k in KNOBS}
-    r["sp"] = r["sp"].astype(bool)
+    for flag in ("sp", "tp_overlap", "reshard"):
+        r[flag] = r[flag].astype(bool)
     d = DTYPE_BYTES[dtype]
+    r["gd"] = max(d, DTYPE_BYTES[grad_dtype])  # gradients are reduced and kept in this
     shard_id, first = combo_ids(r, SHARD_KEYS)
     shards = [Shard(int(r["micro_batch"][i]), seq_len, int(r["tp"][i]), int(r["cp"][i]),
                     bool(r["sp"][i]), d, attention == "flash") for i in first]
@@ -84,14 +89,17 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     cost_id, cfirst = combo_ids(r, COST_KEYS)
     c = {k: r[k][cfirst] for k in ("tp", "cp", "sp", "rc", "tp_rpn", "cp_rpn", "tokens")}
     lt = layer_times(model, hw, st.take(shard_id[cfirst]), c["tokens"], r["d"], c["tp"], c["sp"],
-                     c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["flash"])
+                     c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["flash"], r["tp_overlap"][cfirst])
     parts = {"l_fwd": lt.fwd_s, "l_bwd": lt.bwd_s, "l_recompute": lt.recompute_s,
-             "l_tp": lt.tp_fwd_s + lt.tp_bwd_s, "l_cp": lt.cp_fwd_s + lt.cp_bwd_s}
+             "l_fwd_compute": lt.fwd_compute_s, "l_bwd_in": lt.bwd_input_s, "l_bwd_w": lt.bwd_weight_s,
+             "l_tp": lt.tp_fwd_s + lt.tp_bwd_s, "l_cp": lt.cp_fwd_s + lt.cp_bwd_s,
+             "l_tp_fwd": lt.tp_fwd_s, "l_cp_fwd": lt.cp_fwd_s,
+             "l_contention": lt.contention_fwd_s + lt.contention_bwd_s,
+             "l_tp_raw": lt.tp_raw_s, "l_cp_raw": lt.cp_raw_fwd_s + lt.cp_raw_bwd_s,
+             "l_cp_bwd_raw": lt.cp_raw_bwd_s}
     for k, x in parts.items():
         r[k] = x[cost_id]
-    per_shard = {"l_fwd_compute": st.layer.fwd_s, "l_bwd_in": st.layer.bwd_input_s,
-                 "l_bwd_w": st.layer.bwd_weight_s,
-                 "emb_fwd": st.embedding.fwd_s, "emb_bwd_in": st.embedding.bwd_input_s,
+    per_shard = {"emb_fwd": st.embedding.fwd_s, "emb_bwd_in": st.embedding.bwd_input_s,
                  "emb_bwd_w": st.embedding.bwd_weight_s,
                  "head_fwd": st.head.fwd_s, "head_bwd_in": st.head.bwd_input_s,
                  "head_bwd_w": st.head.bwd_weight_s}
@@ -99,14 +107,15 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
         r[k] = x[shard_id]
     r["emb_bwd"], r["head_bwd"] = r["emb_bwd_in"] + r["emb_bwd_w"], r["head_bwd_in"] + r["head_bwd_w"]
     r["layer"] = r["l_fwd"] + r["l_bwd"]
-    # ZeRO-3 gathers each layer's weights before its forward and before its backward; each
-    # gather beyond a chunk's first hides behind the previous layer's compute, except on
-    # CPU ranks (gloo computes on the same cores) where all of it is exposed.
+    # ZeRO-3 gathers each layer's weights before its forward, and again before its backward
+    # when it reshards after forward (FSDP2 reshard_after_forward); each gather beyond a
+    # chunk's first hides behind the previous layer's compute (slowing it by the contention),
+    # except on CPU ranks (gloo computes on the same cores) where all of it is exposed.
     r["ag"] = np.where(r["zero"] == 3, collective_s(hw, "all_gather", r["per_layer"] * r["d"],
                                                     r["dps"], r["dp_rpn"]), 0.0)
-    hidden = 1.0 if hw.comm_overlaps_compute else 0.0
-    r["xf"] = np.maximum(0.0, r["ag"] - hidden * r["l_fwd_compute"])
-    r["xb"] = np.maximum(0.0, r["ag"] - hidden * r["l_bwd_in"])
+    r["agb"] = np.where(r["reshard"], r["ag"], 0.0)
+    r["xf"], r["cf"] = overlap_split(r["ag"], r["l_fwd_compute"], hw)
+    r["xb"], r["cb"] = overlap_split(r["agb"], r["l_bwd_in"], hw)
     p2p_bytes = r["tokens"] * model.hidden_size * r["d"] / np.where(r["sp"], r["tp"], 1)
     r["hop"] = np.where(r["pp"] > 1, collective_s(hw, "send_recv", p2p_bytes, 2, r["pp_rpn"]), 0.0)
     return r
@@ -121,11 +130,12 @@ def chunk_s(r: dict, n, chunks, first, last) -> tuple[np.ndarray, np.ndarray, np
     """(forward, whole backward, weight-gradient part) of one micro-batch through `chunks`
     model chunks holding `n` layers in all, with the embedding (`first`) and the LM head
     (`last`): each chunk's first ZeRO-3 gather is exposed, the others hide behind compute
-    (cost.overlapped_exposed_s, summed over the chunks). (rows, k) arrays."""
+    (cost.overlap_split, summed over the chunks). (rows, k) arrays."""
     c = _col
-    fwd = (n * c(r["l_fwd"] + r["xf"]) + chunks * c(r["ag"] - r["xf"]) + first * c(r["emb_fwd"])
+    hidden_f, hidden_b = r["xf"] + r["cf"], r["xb"] + r["cb"]
+    fwd = (n * c(r["l_fwd"] + hidden_f) + chunks * c(r["ag"] - hidden_f) + first * c(r["emb_fwd"])
            + last * c(r["head_fwd"]))
-    bwd = (n * c(r["l_bwd"] + r["xb"]) + chunks * c(r["ag"] - r["xb"]) + first * c(r["emb_bwd"])
+    bwd = (n * c(r["l_bwd"] + hidden_b) + chunks * c(r["agb"] - hidden_b) + first * c(r["emb_bwd"])
            + last * c(r["head_bwd"]))
     wgrad = n * c(r["l_bwd_w"]) + first * c(r["emb_bwd_w"]) + last * c(r["head_bwd_w"])
     return fwd, bwd, wgrad
@@ -146,36 +156,70 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     c = _col
     z, v = r["zero"], r["virtual_stages"]
     states = [np.select([z == k for k in range(4)],
-                        [model_state_bytes(1.0, r["dtype"], r["d"], k, r["dps"])[i] for k in range(4)])
-              for i in range(3)]
+                        [model_state_bytes(1.0, r["dtype"], r["d"], k, r["dps"], r["gd"])[i]
+                         for k in range(4)]) for i in range(3)]
+    # ZeRO-3 gathered weights: the current and the prefetched layer, or, without resharding
+    # after forward, every layer of the rank from its forward to its backward
+    gathered = np.where(c(r["reshard"]), 2, n) * c((z == 3) * r["per_layer"] * r["d"])
     buffers = ((s == c(r["pp"]) - 1) * c(2 * 4 * r["tokens"] * model.vocab_size / r["tp"])
-               + c((r["rc"] == FULL) * r["act_none"] + (z == 3) * 2 * r["per_layer"] * r["d"]))
+               + c((r["rc"] == FULL) * r["act_none"]) + gathered)
     return {"weights": params * c(states[0]), "gradients": params * c(states[1]),
             "optimizer": params * c(states[2]), "activations": inflight * n / c(v) * c(r["act"]),
             "buffers": buffers}
 
 
-def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) -> tuple[np.ndarray, np.ndarray]:
-    """(exposed data-parallel communication, optimizer step) after rank s's last backward:
-    the gradient sync bucketed per layer and overlapped with the backward (PyTorch DDP, Li
-    et al. 2020), the ZeRO-1/2 all-gather of the updated weights (Rajbhandari et al. 2020
-    sec 5.2), Megatron-LM's all-reduce of a tied embedding's gradient between the first and
-    last stage, then the Adam step over this rank's share of the parameters."""
+@dataclass(frozen=True)
+class Tail:
+    """After a pipeline rank's last backward, (rows, k) arrays: the data-parallel
+    communication exposed and whole, the contention it causes, the optimizer step."""
+
+    dp_exposed_s: np.ndarray
+    dp_total_s: np.ndarray
+    contention_s: np.ndarray
+    optimizer_s: np.ndarray
+
+    @property
+    def total_s(self) -> np.ndarray:
+        return self.dp_exposed_s + self.contention_s + self.optimizer_s
+
+
+def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) -> Tail:
+    """The Tail of rank s:
+    the gradient sync (in the gradient dtype) bucketed per layer and overlapped with the
+    backward (PyTorch DDP, Li et al. 2020: each bucket hides behind the next layer's
+    backward, slowing it by the contention; the last one is exposed), sharing the NIC with
+    the ring-attention exchange when both cross nodes; the ZeRO-1/2 all-gather of the
+    updated weights (Rajbhandari et al. 2020 sec 5.2), overlapped with the next forward;
+    Megatron-LM's all-reduce of a tied
+    embedding's gradient between the first and last stage; then the Adam step over this
+    rank's share of the parameters."""
     c = _col
     z, dps, rpn = r["zero"], r["dps"], r["dp_rpn"]
-    grad_bytes = params * r["d"]
+    grad_bytes = params * r["gd"]
     per_layer_bytes = grad_bytes / np.maximum(n, 1)
     bucket = np.where(c(z == 0), collective_s(hw, "all_reduce", per_layer_bytes, c(dps), c(rpn)),
                       collective_s(hw, "reduce_scatter", per_layer_bytes, c(dps), c(rpn)))
-    dp = overlapped_exposed_s(bucket, c(r["l_bwd"]), n, hw.comm_overlaps_compute)
-    dp = dp + c(np.isin(z, (1, 2))) * collective_s(hw, "all_gather", grad_bytes, c(dps), c(rpn))
+    both_cross = (rpn < dps) & (r["cp_rpn"] < r["cp"])
+    bucket = bucket + c(np.where(both_cross, r["l_cp_bwd_raw"], 0.0)) * (bucket > 0)
+    exposed, slowed = overlap_split(bucket, c(r["l_bwd"]), hw)
+    dp = np.where(n > 0, bucket + (n - 1) * exposed, 0.0)
+    contention = np.where(n > 0, (n - 1) * slowed, 0.0)
+    # the updated weights of ZeRO-1/2 are gathered bucket by bucket behind the next step's
+    # forward (Megatron-LM --overlap-param-gather), the first bucket exposed
+    gather = c(np.isin(z, (1, 2))) * collective_s(hw, "all_gather", params * r["d"] / np.maximum(n, 1),
+                                                   c(dps), c(rpn))
+    gather_exposed, gather_slowed = overlap_split(gather, c(r["l_fwd_compute"]), hw)
+    dp = dp + np.where(n > 0, gather + (n - 1) * gather_exposed, 0.0)
+    contention = contention + np.where(n > 0, (n - 1) * gather_slowed, 0.0)
+    total = n * (bucket + gather)
     if model.tied_embeddings:
-        sync = collective_s(hw, "all_reduce", model.vocab_size * model.hidden_size / r["tp"] * r["d"],
+        sync = collective_s(hw, "all_reduce", model.vocab_size * model.hidden_size / r["tp"] * r["gd"],
                             2, r["pp_rpn"])
-        dp = dp + ((s == 0) | (s == c(r["pp"]) - 1)) * c(np.where(r["pp"] > 1, sync, 0.0))
+        tied = ((s == 0) | (s == c(r["pp"]) - 1)) * c(np.where(r["pp"] > 1, sync, 0.0))
+        dp, total = dp + tied, total + tied
     opt_params = params / c(np.where(z >= 1, dps, 1))
     opt = hw.memory_bound_time_s(ADAM_STEP_BYTES_PER_PARAM[r["dtype"]] * opt_params, "fp32", "optimizer")
-    return dp, np.asarray(opt, dtype=float)
+    return Tail(dp, total, contention, np.asarray(opt, dtype=float))
 
 
 def schedule_codes(names) -> np.ndarray:

@@ -25,8 +25,11 @@ from meshplan.simulator.pipeline_sim import PipelineResult, simulate_pipeline
 from meshplan.simulator.plan import RECOMPUTE, Cluster, Plan
 from meshplan.simulator.schedule import in_flight
 
+MFU_DEFINITION = ("model FLOPs per step (3 x the forward GEMM FLOPs, attention included, recompute "
+                  "not counted; Chowdhery et al. 2022 app. B) / (step time x GPUs x the dtype's "
+                  "dense peak FLOP/s)")
 BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "pp_comm", "dp_comm",
-                  "bubble", "optimizer")
+                  "contention", "bubble", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -57,16 +60,32 @@ class SimulationResult:
     stages: tuple[StageReport, ...]
     pipeline: PipelineResult = field(repr=False)
     error_band: tuple[float, float] = (0.0, 0.0)
+    communication: dict = field(default_factory=dict)
+    op_comm: dict = field(default_factory=dict)   # share of F / B ops that is exposed TP, CP
+
+    @property
+    def label(self) -> str:
+        """The plan in one line, as timelines and tables title it."""
+        p = self.plan
+        parts = [f"dp{p.dp}", f"tp{p.tp}" + ("+sp" if p.sp else "") + ("+overlap" if p.tp_overlap else ""),
+                 f"pp{p.pp}", f"cp{p.cp}", f"zero{p.zero}" + ("" if p.reshard_after_forward else "-keep"),
+                 f"recompute {p.recompute}", f"mb{p.micro_batch}x{p.num_microbatches}"]
+        if p.pp > 1:
+            parts.append(p.schedule + (f"(v{p.virtual_stages})" if p.virtual_stages > 1 else ""))
+        return (f"{self.model.name} on {self.cluster.num_gpus}x {self.hardware}: {' '.join(parts)}, "
+                f"{self.step_time_s:.3f} s/step")
 
     def to_json(self) -> dict:
         return {
             "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+            "params": self.model.num_params(), "active_params": self.model.num_params(active=True),
             "model_tflops_per_gpu": self.model_tflops_per_gpu, "mfu": self.mfu,
             "peak_memory_bytes": self.peak_memory_bytes,
             "memory_limit_bytes": self.memory_limit_bytes, "fits": self.fits,
             "breakdown_s": dict(self.breakdown_s),
             "stages": [s.to_json() for s in self.stages],
             "error_band": {"median_rel": self.error_band[0], "p95_rel": self.error_band[1]},
+            "communication": self.communication, "mfu_definition": MFU_DEFINITION,
             "plan": self.plan.to_dict(), "model": self.model.to_dict(),
             "cluster": {"num_gpus": self.cluster.num_gpus,
                         "gpus_per_node": self.cluster.gpus_per_node},
@@ -83,13 +102,14 @@ def plan_rows(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfil
              "micro_batch": plan.micro_batch,
              "sched": step.schedule_codes(plan.schedule if p > 1 else "1f1b")[0],
              "virtual_stages": plan.virtual_stages, "num_microbatches": plan.num_microbatches,
+             "tp_overlap": plan.tp_overlap, "reshard": plan.reshard_after_forward,
              "tp_rpn": mesh.group(("tp",)).ranks_per_node,
              "cp_rpn": mesh.group(("cp",)).ranks_per_node,
              # gradients are reduced over DP x CP
              "dp_rpn": mesh.group(("dp", "cp")).ranks_per_node,
              "pp_rpn": mesh.neighbour_pair("pp").ranks_per_node}
     r = step.rows(model, {k: np.array([v]) for k, v in knobs.items()}, plan.seq_len, plan.dtype,
-                  plan.attention)
+                  plan.attention, plan.grad_reduce_dtype)
     return step.add_times(r, model, hw)
 
 
@@ -126,10 +146,10 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
 
     s, n = np.arange(p)[None, :], chunks.sum(axis=1)[None, :]
     params = step.rank_params(r, model, s, n)
-    dp_exposed, opt_s = (x[0] for x in step.rank_tail_s(r, model, hw, s, n, params))
+    tail = step.rank_tail_s(r, model, hw, s, n, params)
     hop_s = float(r["hop"][0])
     schedule = plan.schedule if p > 1 else "1f1b"
-    tails = dp_exposed + opt_s
+    tails = tail.total_s[0]
     pipe = simulate_pipeline(schedule, m, fwd, bwd_arg, hop_s, wgrad_s=wgrad_arg, tail_s=tails)
     no_p2p = simulate_pipeline(schedule, m, fwd, bwd_arg, 0.0, wgrad_s=wgrad_arg, tail_s=tails,
                                record_events=False) if p > 1 else pipe
@@ -144,7 +164,8 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
         m * float(np.sum(fwd[k] + bwd[k]))) for k in range(p))
     peak = max(st.memory.total_bytes for st in stages)
 
-    breakdown = _breakdown(r, pipe, no_p2p, chunks, m, dp_exposed, opt_s)
+    breakdown, critical = _breakdown(r, pipe, no_p2p, chunks, m, tail)
+    communication = _communication(r, breakdown, chunks[critical], m, tail, critical, hw)
     tokens = plan.global_batch * plan.seq_len
     model_flops = model_flops_per_step(model, plan.global_batch, plan.seq_len)
     tflops_per_gpu = model_flops / step_s / cluster.num_gpus / 1e12
@@ -153,27 +174,62 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
         tokens_per_s=tokens / step_s, model_tflops_per_gpu=tflops_per_gpu,
         mfu=tflops_per_gpu * 1e12 / peak_flops, peak_memory_bytes=peak,
         memory_limit_bytes=limit, fits=bool(peak <= limit), breakdown_s=breakdown,
-        stages=stages, pipeline=pipe, error_band=hw.relative_error_band())
+        stages=stages, pipeline=pipe, error_band=hw.relative_error_band(),
+        communication=communication, op_comm=_op_comm(r))
 
 
 def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np.ndarray, m: int,
-               dp_exposed: np.ndarray, opt_s: np.ndarray) -> dict:
-    """Where the step time goes on the critical stage (the one that finishes last); the
-    terms add up to the step time."""
-    p = chunks.shape[0]
-    s = int(np.argmax(pipe.stage_busy_s + pipe.stage_idle_s + dp_exposed + opt_s))
+               tail: step.Tail) -> tuple[dict, int]:
+    """Where the step time goes on the critical stage (the one that finishes last), and
+    which stage that is; the terms add up to the step time. `contention` is compute slowed
+    by the communication that overlaps it (HardwareProfile.contention)."""
+    p, v = chunks.shape
+    dp_exposed, dp_contention, opt_s = tail.dp_exposed_s[0], tail.contention_s[0], tail.optimizer_s[0]
+    tails = tail.total_s[0]
+    s = int(np.argmax(pipe.stage_busy_s + pipe.stage_idle_s + tails))
     n = int(chunks[s].sum())
-    x = {k: float(v[0]) for k, v in r.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
+    x = {k: float(val[0]) for k, val in r.items() if isinstance(val, np.ndarray) and val.dtype.kind == "f"}
     emb, head = float(s == 0), float(s == p - 1)
     compute = m * (n * (x["l_fwd_compute"] + x["l_bwd_in"] + x["l_bwd_w"])
                    + emb * (x["emb_fwd"] + x["emb_bwd"]) + head * (x["head_fwd"] + x["head_bwd"]))
     recompute = m * n * x["l_recompute"]
     tp_comm, cp_comm = m * n * x["l_tp"], m * n * x["l_cp"]
+    gathers = max(n - v, 0)
+    contention = m * (n * x["l_contention"] + gathers * (x["cf"] + x["cb"]))
     busy = float(pipe.stage_busy_s[s])
     pp_comm = max(0.0, pipe.step_time_s - no_p2p.step_time_s)
-    other = pipe.step_time_s - dp_exposed[s] - opt_s[s] - busy
+    other = pipe.step_time_s - tails[s] - busy
     # ZeRO-3 gathers ride inside the op durations: count them as data-parallel communication.
-    zero3_s = max(0.0, busy - compute - recompute - tp_comm - cp_comm)
+    zero3_s = max(0.0, busy - compute - recompute - tp_comm - cp_comm - contention)
     return {"compute": compute, "recompute": recompute, "tp_comm": tp_comm, "cp_comm": cp_comm,
             "pp_comm": min(pp_comm, max(other, 0.0)), "dp_comm": float(dp_exposed[s]) + zero3_s,
-            "bubble": float(max(0.0, other - pp_comm)), "optimizer": float(opt_s[s])}
+            "contention": contention + float(dp_contention[s]),
+            "bubble": float(max(0.0, other - pp_comm)), "optimizer": float(opt_s[s])}, s
+
+
+def _op_comm(r: dict) -> dict:
+    """The share of a forward (F) and a whole backward (B) op that is exposed TP and CP
+    communication, from one layer's times."""
+    x = {k: float(r[k][0]) for k in ("l_fwd", "l_bwd", "l_tp_fwd", "l_tp", "l_cp_fwd", "l_cp")}
+    return {"F": {"TP": x["l_tp_fwd"] / x["l_fwd"], "CP": x["l_cp_fwd"] / x["l_fwd"]},
+            "B": {"TP": (x["l_tp"] - x["l_tp_fwd"]) / x["l_bwd"],
+                  "CP": (x["l_cp"] - x["l_cp_fwd"]) / x["l_bwd"]}}
+
+
+def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: step.Tail, s: int,
+                   hw: HardwareProfile) -> dict:
+    """Per kind, the communication of the critical stage whole (`total_s`) and what of it is
+    on the critical path (`exposed_s`, the breakdown's term), with the overlap assumed."""
+    x = {k: float(val[0]) for k, val in r.items() if isinstance(val, np.ndarray) and val.dtype.kind == "f"}
+    n, v = int(chunks.sum()), len(chunks)
+    p = int(r["pp"][0])
+    sends = 2 * m * v - (m if s == 0 else 0) - (m if s == p - 1 else 0) if p > 1 else 0
+    gathers = m * n * (x["ag"] + x["agb"])
+    return {
+        "tp": {"total_s": m * n * x["l_tp_raw"], "exposed_s": breakdown["tp_comm"]},
+        "cp": {"total_s": m * n * x["l_cp_raw"], "exposed_s": breakdown["cp_comm"]},
+        "pp": {"total_s": sends * x["hop"], "exposed_s": breakdown["pp_comm"]},
+        "dp": {"total_s": float(tail.dp_total_s[0, s]) + gathers, "exposed_s": breakdown["dp_comm"]},
+        "overlap": {"overlaps_compute": hw.comm_overlaps_compute,
+                    "compute_slowdown": hw.contention.compute_slowdown if hw.comm_overlaps_compute else 0.0,
+                    "contention_s": breakdown["contention"], "source": hw.contention.source}}

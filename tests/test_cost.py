@@ -1,10 +1,13 @@
 """Cost-model pieces against hand computations."""
+from dataclasses import replace
+
 import pytest
 
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.core.mesh import Group
-from meshplan.simulator.cost import (FULL, NONE, layer_times, overlapped_exposed_s,
-                                     per_rank_profile, shard_times, tp_comm_s)
+from meshplan.hw_profiles.profile import Contention
+from meshplan.simulator.cost import (FULL, NONE, layer_times, overlap_split, per_rank_profile,
+                                     shard_times, tp_comm_s)
 from meshplan.simulator.model_spec import ZOO
 from meshplan.simulator.ops import Shard
 from meshplan.simulator.plan import Cluster, Plan
@@ -38,14 +41,18 @@ def test_tp_comm_is_two_all_reduces_or_rs_ag_pairs():
     assert tp_comm_s(model, 4096, False, 2, A100, 1, 1) == 0.0
 
 
-def test_overlap_closed_form():
-    # comm faster than compute: only the last bucket is exposed
-    assert overlapped_exposed_s(1.0, 2.0, 10) == 1.0
-    # comm slower: the stream falls 1 s further behind per bucket
-    assert overlapped_exposed_s(3.0, 2.0, 10) == 3.0 + 9 * 1.0
-    assert overlapped_exposed_s(0.0, 2.0, 10) == 0.0
-    # gloo on CPU ranks computes on the same cores: nothing hides
-    assert overlapped_exposed_s(1.0, 2.0, 10, overlaps=False) == 10.0
+def test_overlap_split_hides_what_compute_covers_and_charges_contention():
+    hw = replace(A100, contention=Contention(0.2, "test"))
+    # comm faster than compute: nothing exposed; the compute beside it slows by 20% of it
+    assert overlap_split(1.0, 2.0, hw) == (0.0, pytest.approx(0.2))
+    # comm slower: the excess is exposed; contention only over the overlapped second
+    exposed, slowed = overlap_split(3.0, 2.0, hw)
+    assert exposed == 1.0 and slowed == pytest.approx(0.2 * 2.0)
+    # a floor on the exposed part (TP overlap keeps one of tp pieces exposed)
+    assert overlap_split(1.0, 2.0, hw, 0.25) == (0.25, pytest.approx(0.2 * 0.75))
+    # gloo on CPU ranks computes on the same cores: nothing hides, no contention term
+    gloo = replace(hw, extra={**hw.extra, "measurement": {"collective_backend": "gloo"}})
+    assert overlap_split(1.0, 2.0, gloo) == (1.0, 0.0)
 
 
 def test_cpu_profile_exposes_data_parallel_communication():
@@ -58,19 +65,24 @@ def test_cpu_profile_exposes_data_parallel_communication():
     gloo = replace(A100, extra={**A100.extra, "measurement": {"collective_backend": "gloo"}})
     assert A100.comm_overlaps_compute and not gloo.comm_overlaps_compute
     layers = model.num_layers
-    grad_bytes = model.num_params() * 2  # bf16 gradients of the whole model, one bucket per layer
+    grad_bytes = model.num_params() * 4  # fp32 gradients (the default reduce dtype), a bucket per layer
     overlapped = simulate(model, plan, cluster, A100).breakdown_s["dp_comm"]
     exposed = simulate(model, plan, cluster, gloo).breakdown_s["dp_comm"]
     bucket = A100.collective_time_s("reduce_scatter", grad_bytes / layers, 8, 8)
     assert exposed > overlapped
-    gather = A100.collective_time_s("all_gather", grad_bytes, 8, 8)  # ZeRO-1 weight all-gather
+    # ZeRO-1 gathers the updated bf16 weights in per-layer buckets (behind the next forward
+    # on a GPU; all exposed here)
+    gather = layers * A100.collective_time_s("all_gather", grad_bytes / 2 / layers, 8, 8)
     assert exposed == pytest.approx(layers * bucket + gather, rel=1e-6)
+    overlapped_gather = gather / layers + (layers - 1) * max(
+        0.0, gather / layers - simulate(model, plan, cluster, A100).breakdown_s["compute"])
+    assert overlapped < exposed and overlapped >= overlapped_gather
 
 
 def _layer(model, shard, recompute):
     st = shard_times(model, A100, [shard], "bf16")
     return layer_times(model, A100, st, shard.tokens, 2, shard.tp, shard.sp, shard.cp, recompute,
-                       8, 1, flash=shard.flash)
+                       8, 1, flash=shard.flash, tp_overlap=False)
 
 
 def test_backward_is_about_twice_forward_and_recompute_adds_forward():

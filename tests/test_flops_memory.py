@@ -1,10 +1,14 @@
 """FLOPs against Narayanan et al. 2021 eq. 3; activations against Korthikanti et al. 2022
-Table 2; model states against the ZeRO paper's 16 bytes/param."""
+Table 2; model states against the ZeRO paper's 16 bytes/param; mixture-of-experts, latent
+and sliding-window attention against hand counts and published parameter counts."""
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
-from meshplan.simulator.memory import layer_activation_bytes, model_state_bytes
-from meshplan.simulator.model_spec import ZOO, ModelSpec
-from meshplan.simulator.ops import Shard, head_ops, layer_ops, model_flops_per_step, total_flops
+from meshplan.simulator.memory import layer_activation_bytes, model_state_bytes, stage_params
+from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
+from meshplan.simulator.ops import GEMM, Shard, head_ops, layer_ops, model_flops_per_step, total_flops
 
 GPT = ZOO["gpt3-175b"]
 
@@ -79,3 +83,83 @@ def test_zero_stages_16_bytes_per_param():
     psi, nd = 7.5e9, 64
     totals = [sum(model_state_bytes(psi, "bf16", 2, zero, nd)) / 1e9 for zero in range(4)]
     assert totals == pytest.approx([120.0, 31.4, 16.6, 1.875], rel=0.01)
+
+
+CONFIGS = Path(__file__).parent / "data" / "hf_configs"
+MIXTRAL = load_model(str(CONFIGS / "mixtral-8x7b.json"))
+DEEPSEEK = load_model(str(CONFIGS / "deepseek-v3.json"))
+
+
+def _core_flops(model: ModelSpec, shard: Shard) -> float:
+    return sum(op.flops * op.count for op in layer_ops(model, shard) if op.attention_core and op.kind == GEMM)
+
+
+@pytest.mark.parametrize("flash,keys", [(True, 4096), (False, 8192)])
+def test_sliding_window_attends_over_the_window(flash, keys):
+    # Mistral-7B, every layer local with a 4096-key window: QK^T and AV each cost
+    # 2 b H s keys hd; a fused kernel skips the blocks outside the window, an unfused one
+    # computes the whole s x s matrix and masks it
+    model = load_model(str(CONFIGS / "mistral-7b-v0.1.json"))
+    assert _core_flops(model, Shard(1, 8192, flash=flash)) == 2 * 2 * 32 * 8192 * keys * 128
+
+
+def test_alternating_local_and_global_layers_average():
+    # Gemma 2 9B: 21 local layers (4096 keys) and 21 global (8192 keys); 16 heads of 256
+    model = load_model(str(CONFIGS / "gemma2-9b.json"))
+    mean = (21 * 4096 + 21 * 8192) / 42
+    assert _core_flops(model, Shard(1, 8192)) == pytest.approx(2 * 2 * 16 * 8192 * mean * 256, rel=1e-12)
+
+
+@pytest.mark.parametrize("model,matrix_free", [
+    # parameters that are no matrix: RMSNorm weights (2 per layer and the final one) ...
+    (MIXTRAL, (2 * 32 + 1) * 4096),
+    # ... and MLA's two latent norms (q_lora_rank 1536, kv_lora_rank 512)
+    (DEEPSEEK, (2 * 61 + 1) * 7168 + 61 * (1536 + 512)),
+])
+def test_moe_forward_flops_are_twice_the_active_parameters(model, matrix_free):
+    # Kaplan et al. 2020 sec 2.1: forward ~ 2 N per token with N the weights a token
+    # multiplies by; for an MoE model N is the active parameters without the embedding
+    tokens, shard = 4096, Shard(1, 4096)
+    non_core = model.num_layers * (total_flops(layer_ops(model, shard)) - _core_flops(model, shard))
+    weights = model.num_params(active=True) - model.vocab_size * model.hidden_size - matrix_free
+    assert non_core + total_flops(head_ops(model, shard)) == pytest.approx(2 * tokens * weights, rel=1e-12)
+
+
+def test_tp_shards_experts_not_the_router():
+    # Mixtral layer: router 2 T E h FLOPs on every TP rank, the rest split over TP
+    router = 2 * 4096 * 8 * 4096
+    full = total_flops(layer_ops(MIXTRAL, Shard(1, 4096)))
+    assert total_flops(layer_ops(MIXTRAL, Shard(1, 4096, tp=8))) == pytest.approx((full - router) / 8 + router)
+
+
+def test_expert_weights_on_every_device_at_one_expert_parallel_rank():
+    # pp 1: all 46,702,792,704 parameters (transformers' count) on each device at tp 1; at
+    # tp 8 all but the replicated ones (per layer 2 RMSNorms of 4096 and the 8 x 4096 router,
+    # plus the final norm) are split 8 ways
+    assert stage_params(MIXTRAL, 1, 1, 32, True, True) == 46_702_792_704
+    replicated = 32 * (2 * 4096 + 8 * 4096) + 4096
+    assert stage_params(MIXTRAL, 8, 1, 32, True, True) == pytest.approx(
+        (46_702_792_704 - replicated) / 8 + replicated, rel=1e-12)
+
+
+def test_moe_layer_activations_by_hand():
+    # 2 layers, h 64, 4 heads of 16 (MHA), 4 experts of width 32, 2 per token; 8 tokens, bf16
+    model = ModelSpec("m", 2, 64, 4, 4, 128, 100, 64, num_experts=4, experts_per_token=2,
+                      moe_ffn_hidden_size=32)
+    shard = Shard(1, 8)
+    norms_qkv_mlp_inputs = 2 * 4 * 8 * 64          # 2 norm inputs, QKV input, MLP input
+    router_scores = 2 * 8 * 4
+    attention = 2 * 8 * (8 * 16 + 4 * 16 + 4 * 16)  # Q and K, V, attention output
+    experts = 2 * 8 * 2 * (2 * 64 + 3 * 32)         # per routed row: copy in, out; gate, up, down inputs
+    lse = 4 * 1 * 4 * 8                             # fp32 log-sum-exp per query row and head
+    assert layer_activation_bytes(model, shard, "none") == (
+        norms_qkv_mlp_inputs + router_scores + attention + experts + lse)
+    assert layer_activation_bytes(model, shard, "full") == 2 * 8 * 64
+
+
+def test_sandwich_norms_keep_two_more_inputs():
+    gemma = load_model(str(CONFIGS / "gemma2-9b.json"))
+    plain = replace(gemma, sandwich_norm=False)
+    shard = Shard(1, 512, tp=2, sp=True)
+    extra = layer_activation_bytes(gemma, shard, "none") - layer_activation_bytes(plain, shard, "none")
+    assert extra == 2 * 2 * (512 // 2) * 3584

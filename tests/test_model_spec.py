@@ -1,10 +1,13 @@
-"""Parameter counts against published counts; HF config parsing; bad input."""
+"""Parameter counts against published counts; HF config parsing (the real configs of
+tests/data/hf_configs); bad input."""
 import json
+from pathlib import Path
 
 import pytest
 
+from meshplan.cli import main
 from meshplan.core.errors import ModelError
-from meshplan.simulator.model_spec import ZOO, ModelSpec, from_hf_config, load_model
+from meshplan.simulator.model_spec import ZOO, LayerKind, ModelSpec, from_hf_config, load_model, read_model
 
 
 @pytest.mark.parametrize("name,published", [
@@ -95,3 +98,123 @@ GPT2_SMALL = {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12,
 def test_gpt2_style_honours_tie_word_embeddings(tie, expected):
     config = dict(GPT2_SMALL, **({} if tie is None else {"tie_word_embeddings": tie}))
     assert from_hf_config(config).num_params() == expected
+
+
+CONFIGS = Path(__file__).parent / "data" / "hf_configs"
+
+
+def _real(name: str) -> ModelSpec:
+    return load_model(str(CONFIGS / name))
+
+
+def test_mixtral_is_read_as_experts_never_dense():
+    # Mistral AI's Mixtral-8x7B announcement: 46.7B total, 12.9B used per token
+    model = _real("mixtral-8x7b.json")
+    assert model.num_params() / 1e9 == pytest.approx(46.7, abs=0.05)
+    assert model.num_params(active=True) / 1e9 == pytest.approx(12.9, abs=0.05)
+    assert model.layer_kinds() == ((LayerKind(moe=True), 32),)
+    assert (model.num_experts, model.experts_per_token, model.moe_ffn_hidden_size) == (8, 2, 14336)
+
+
+def test_deepseek_v3_dense_then_moe_layers_with_latent_attention():
+    # DeepSeek-V3 technical report sec 4.2: 671B total, 37B activated per token (without the
+    # multi-token-prediction module, which Hugging Face's model leaves out as well)
+    model = _real("deepseek-v3.json")
+    assert model.layer_kinds() == ((LayerKind(), 3), (LayerKind(moe=True), 58))
+    assert model.num_params() == 671_026_404_352
+    assert model.num_params(active=True) / 1e9 == pytest.approx(37.5, abs=0.1)
+    assert (model.kv_lora_rank, model.q_lora_rank, model.head_dim, model.value_head_dim) == (512, 1536, 192, 128)
+    assert (model.num_shared_experts, model.shared_expert_ffn_size, model.router) == (1, 2048, "sigmoid")
+
+
+@pytest.mark.parametrize("name,window,local", [
+    ("mistral-7b-v0.1.json", 4096, 32),   # every layer slides over 4096 keys
+    ("mistral-nemo-12b.json", None, 0),   # "sliding_window": null
+    ("qwen2-7b.json", None, 0),           # use_sliding_window false: the window is not used
+    ("phi3-mini.json", 2047, 32),
+    ("gemma2-9b.json", 4096, 21),         # even layers local, odd global
+    ("gemma3-12b-text.json", 1024, 40),   # five local layers to each global one
+])
+def test_sliding_window_layers(name, window, local):
+    model = _real(name)
+    assert model.sliding_window == window and len(model.local_layers) == local
+
+
+def test_explicit_head_dim_and_qwen_biases():
+    nemo = _real("mistral-nemo-12b.json")
+    assert nemo.head_dim == 128 and nemo.hidden_size // nemo.num_heads == 160
+    qwen2, qwen3 = _real("qwen2-7b.json"), _real("qwen3-8b.json")
+    assert qwen2.qkv_bias and not qwen2.out_bias and not qwen2.qk_norm
+    assert qwen3.qk_norm and not qwen3.qkv_bias
+
+
+def test_every_unmodelled_and_unknown_key_in_one_error():
+    config = {"model_type": "llama", "mlp_bias": True, "frobnicate": 1, "hidden_act": "relu",
+              "num_hidden_layers": 0, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    with pytest.raises(ModelError) as err:
+        from_hf_config(config, source="c.json")
+    fields = {field for field, _, _ in err.value.issues}
+    assert fields == {"c.json:mlp_bias", "c.json:frobnicate", "c.json:hidden_act", "c.json:num_hidden_layers"}
+
+
+def test_ignored_keys_are_listed_once():
+    # bookkeeping (token ids, dtype, eps, versions) is accepted silently
+    assert read_model(str(CONFIGS / "llama-3.1-8b.json")).ignored_keys == (
+        "pretraining_tp", "rope_scaling", "rope_theta")
+    assert read_model("llama-2-7b").ignored_keys == ()
+
+
+def test_cli_prints_parameters_and_the_ignored_keys_once(capsys):
+    mixtral = str(CONFIGS / "mixtral-8x7b.json")
+    flags = ["--model", mixtral, "--hardware", "h100-80gb", "--gpus", "64", "--global-batch", "256",
+             "--seq-len", "4096", "--json"]
+    assert main(["simulate", *flags, "--tp", "8", "--pp", "2", "--zero", "3"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert (result["params"], result["active_params"]) == (46_702_792_704, 12_879_925_248)
+    assert err.count("\n") == 1 and "rope_theta" in err and "router_aux_loss_coef" in err
+    assert main(["plan", *flags, "--top", "1"]) == 0
+    plans = json.loads(capsys.readouterr().out)
+    assert plans["params"] == plans["plans"][0]["params"] == 46_702_792_704
+    serve = ["--mode", "inference", "--prompt-len", "512", "--gen-len", "64"]
+    assert main(["simulate", *flags[:6], "--json", "--tp", "8", "--batch", "8", *serve]) == 0
+    assert json.loads(capsys.readouterr().out)["active_params"] == 12_879_925_248
+
+
+def test_unknown_model_type_lists_the_supported_ones():
+    with pytest.raises(ModelError, match="mixtral"):
+        from_hf_config({"model_type": "mamba", "hidden_size": 64})
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3.json", "gemma2-9b.json", "qwen2-57b-a14b.json"])
+def test_new_fields_json_round_trip(tmp_path, name):
+    spec = _real(name)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.to_dict()))
+    assert load_model(str(path)) == spec
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"local_layers": (0,)}, "sliding_window"),
+    ({"num_experts": 4, "experts_per_token": 5, "moe_ffn_hidden_size": 64}, "experts_per_token"),
+    ({"dense_layers": (0,)}, "dense_layers"),
+    ({"kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}, "num_kv_heads"),
+    ({"num_heads": 3, "num_kv_heads": 3}, "num_heads"),
+])
+def test_inconsistent_spec_refused(change, field):
+    base = dict(name="m", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
+                ffn_hidden_size=128, vocab_size=100, max_seq_len=64)
+    with pytest.raises(ModelError) as err:
+        ModelSpec(**{**base, **change})
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("model_type", ["mistral", None])
+def test_experts_under_a_dense_model_type_are_refused_not_dropped(model_type):
+    config = json.loads((CONFIGS / "mixtral-8x7b.json").read_text())
+    config.pop("model_type")
+    if model_type:
+        config["model_type"] = model_type
+    with pytest.raises(ModelError) as err:
+        from_hf_config(config, source="c.json")
+    assert {"c.json:num_local_experts", "c.json:num_experts_per_tok"} <= {f for f, _, _ in err.value.issues}

@@ -48,7 +48,7 @@ def test_cost_model_adds_overhead_per_layer(tp, sp, expected):
     shard = Shard(1, 512, tp=tp, sp=sp)
     def costs(hw):
         return layer_times(model, hw, shard_times(model, hw, [shard], "bf16"), shard.tokens, 2,
-                           tp, sp, 1, FULL, tp, 1, flash=True)
+                           tp, sp, 1, FULL, tp, 1, flash=True, tp_overlap=False)
     base, more = costs(A100), costs(replace(A100, overhead=OVERHEAD))
     assert more.fwd_compute_s - base.fwd_compute_s == pytest.approx(expected[0])
     assert more.bwd_input_s - base.bwd_input_s == pytest.approx(expected[1])

@@ -58,3 +58,20 @@ def test_figure_one_trace_per_kind_and_html(tmp_path):
     write_timeline_html(res, path, title="zb")
     html = path.read_text()
     assert "plotly" in html and "<script src=" not in html   # plotly.js is inlined
+
+
+def test_exposed_tp_and_cp_are_drawn_at_the_end_of_their_ops():
+    from meshplan.reports.timeline import comm_segments
+    res = _two_stage()   # F 1 ms, B 2 ms on each rank
+    op_comm = {"F": {"TP": 0.25, "CP": 0.0}, "B": {"TP": 0.1, "CP": 0.2}}
+    segs = comm_segments(res, op_comm)
+    f0 = next(s for s in segs if s.kind == "TP" and s.stage == 0 and s.start_s < 1e-3)
+    assert f0.end_s == pytest.approx(1e-3) and f0.end_s - f0.start_s == pytest.approx(0.25e-3)
+    b0 = [s for s in segs if s.stage == 0 and s.start_s >= 4e-3]   # rank 0's backward [4, 6] ms
+    assert {s.kind for s in b0} == {"TP", "CP"}
+    assert sum(s.end_s - s.start_s for s in b0) == pytest.approx(0.3 * 2e-3)
+    trace = chrome_trace(res, "toy", op_comm)
+    cats = [e["cat"] for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert cats.count("TP") == 4 and cats.count("CP") == 2
+    fig = timeline_figure(res, "plan title", op_comm)
+    assert {"TP", "CP"} <= {t.name for t in fig.data} and fig.layout.title.text == "plan title"

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from meshplan.core.errors import PlanError
-from meshplan.simulator.model_spec import ModelSpec, load_model
+from meshplan.simulator.model_spec import ModelSpec, read_model
 from meshplan.simulator.plan import Cluster, Plan, complete_fields, load_plan
 from meshplan.simulator.serve import InferencePlan
 
@@ -73,11 +74,12 @@ def dataclass_fields(args: argparse.Namespace, cls, names: tuple[str, ...] | Non
 
 
 def plan_command(subparsers, name: str, help: str, description: str,
-                 default_hardware: str = "a100-80gb") -> argparse.ArgumentParser:
-    """A subcommand taking a model, a cluster, the plan knobs and the serving knobs."""
+                 default_hardware: str = "a100-80gb", gpu_counts: bool = False) -> argparse.ArgumentParser:
+    """A subcommand taking a model, a cluster, the plan knobs and the serving knobs;
+    `gpu_counts`: --gpus may list or range several counts."""
     parser = subparsers.add_parser(name, help=help, description=description)
     add_model_args(parser)
-    add_cluster_args(parser, default_hardware)
+    add_cluster_args(parser, default_hardware, gpu_counts)
     add_plan_args(parser)
     add_inference_args(parser)
     return parser
@@ -88,10 +90,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="zoo name (e.g. llama-2-7b, gpt3-175b) or path to an HF config.json")
 
 
-def add_cluster_args(parser: argparse.ArgumentParser, default_hardware: str = "a100-80gb") -> None:
+def add_cluster_args(parser: argparse.ArgumentParser, default_hardware: str = "a100-80gb",
+                     gpu_counts: bool = False) -> None:
     parser.add_argument("--hardware", default=default_hardware,
                         help="stock profile name (a100-80gb, h100-80gb, local) or a profile JSON path")
-    parser.add_argument("--gpus", type=int, help="number of devices (ranks on a CPU machine)")
+    if gpu_counts:
+        parser.add_argument("--gpus", help="number of devices; with --tokens also a list (256,512) or "
+                                           "a doubling range (64-4096) of counts to choose from")
+    else:
+        parser.add_argument("--gpus", type=int, help="number of devices (ranks on a CPU machine)")
     parser.add_argument("--gpus-per-node", type=int,
                         help="devices per node (default: the profile's node size)")
 
@@ -138,8 +145,14 @@ def user_plan_fields(args: argparse.Namespace) -> dict:
 def cluster_from_args(args: argparse.Namespace, default_gpus_per_node: int) -> Cluster:
     if args.gpus is None:
         raise PlanError("cluster.num_gpus", "missing GPU count", "pass --gpus N (the number of devices)")
-    per_node = args.gpus_per_node or min(default_gpus_per_node, args.gpus)
-    return Cluster(num_gpus=args.gpus, gpus_per_node=per_node)
+    gpus = args.gpus
+    if isinstance(gpus, str):
+        if not gpus.strip().isdigit():
+            raise PlanError("cluster.num_gpus", f"{gpus!r} is not one GPU count",
+                            "pass --gpus N, or add --tokens to choose among several counts")
+        gpus = int(gpus)
+    per_node = args.gpus_per_node or min(default_gpus_per_node, gpus)
+    return Cluster(num_gpus=gpus, gpus_per_node=per_node)
 
 
 def complete_plan(fields: dict, cluster: Cluster) -> Plan:
@@ -152,4 +165,9 @@ def complete_plan(fields: dict, cluster: Cluster) -> Plan:
 
 
 def load_model_arg(args: argparse.Namespace) -> ModelSpec:
-    return load_model(args.model)
+    """The --model, with a note on stderr naming the config keys it ignored (they change no cost)."""
+    loaded = read_model(args.model)
+    if loaded.ignored_keys:
+        print(f"meshplan {args.command}: note: {args.model}: ignored keys (they change no cost): "
+              f"{', '.join(loaded.ignored_keys)}", file=sys.stderr)
+    return loaded.spec

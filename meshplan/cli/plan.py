@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from meshplan.cli import common as common
+from meshplan.cli.simulate import params_text
 from meshplan.core.io import dump_json
 from meshplan.core.errors import PlanError
 from meshplan.core.units import GIB
@@ -20,10 +21,18 @@ def register(subparsers) -> None:
         description="Search every legal plan (DP/TP/SP/CP/PP degrees, layer partition, ZeRO "
                     "stage, recompute, micro-batch, pipeline schedule, rank placement) for the "
                     "model on the cluster; any plan flag given is held fixed. Prints the ranked "
-                    "plans and why the winner wins.")
+                    "plans and why the winner wins. With --tokens, also choose the GPU count: the "
+                    "time and cost of training on each, and the smallest meeting --days.",
+        gpu_counts=True)
     parser.add_argument("--slo-ttft-ms", type=float, help="serving: time-to-first-token limit")
     parser.add_argument("--slo-tpot-ms", type=float, help="serving: time-per-output-token limit")
     parser.add_argument("--top", type=int, default=10, help="plans to list (default 10)")
+    capacity = parser.add_argument_group("how many GPUs, how long, how much")
+    capacity.add_argument("--tokens", type=float, help="tokens to train on (e.g. 2e12): also search "
+                          "the GPU count (--gpus as a list or range; default one node to 16384 GPUs)")
+    capacity.add_argument("--days", type=float, help="deadline: answer with the smallest cluster "
+                          "that trains --tokens within it")
+    capacity.add_argument("--gpu-hour-price", type=float, help="price of one GPU-hour, to cost the run")
     parser.add_argument("--objective", choices=("throughput", "latency"), default="throughput",
                         help="what to optimise: tokens per second (default), or serving latency")
     out = parser.add_mutually_exclusive_group()
@@ -45,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise PlanError("--top", f"must be >= 1, got {args.top}", "pass --top N with N >= 1")
     if args.mode == "inference":
         return run_inference(args)
+    if args.tokens is not None or args.days is not None or args.gpu_hour_price is not None:
+        return run_capacity(args)
     if args.emit == "vllm" or args.objective == "latency":
         flag = "--emit vllm" if args.emit == "vllm" else "--objective latency"
         raise PlanError(flag, "is for serving plans", "add --mode inference")
@@ -73,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     why = explain(model, cluster, hw, found.ranked, fixed)
     if args.json:
         sys.stdout.write(dump_json({
+            "params": model.num_params(), "active_params": model.num_params(active=True),
             "evaluated": found.candidates, "feasible": found.feasible,
             "step_times_computed": found.evaluated, "simulated": found.simulated,
             "search_time_s": found.search_time_s,
@@ -80,6 +92,60 @@ def run(args: argparse.Namespace) -> int:
             "explanation": why.to_json()}))
     else:
         print_ranking(found, why, args.top)
+    return 0
+
+
+def run_capacity(args: argparse.Namespace) -> int:
+    """Search the GPU count too: each count's best plan, time to train and cost."""
+    from meshplan.core.progress import wanted
+    from meshplan.hw_profiles.profile import load_profile
+    from meshplan.planner.capacity import capacity_search, gpu_counts
+
+    if args.tokens is None:
+        raise PlanError("search.tokens", "missing", "give the token budget with --tokens (e.g. 2e12)")
+    if args.emit:
+        raise PlanError("emit", "emits one plan, not a choice of cluster", "drop --tokens, or --emit")
+    model = common.load_model_arg(args)
+    hw = load_profile(args.hardware)
+    per_node = args.gpus_per_node or hw.gpus_per_node
+    counts = gpu_counts(args.gpus or f"{per_node}-16384", per_node)
+    fixed = common.user_plan_fields(args)
+    missing = [(f"plan.{k}", "missing", "give it as a flag") for k in ("global_batch", "seq_len") if k not in fixed]
+    if missing:
+        raise PlanError.of(missing)
+    found = capacity_search(model, hw, counts, per_node, fixed, args.tokens, args.days,
+                            args.gpu_hour_price, progress=wanted(args.json))
+    if args.days is not None and found.answer is None:
+        done = [o for o in found.options if o.days is not None]
+        fastest = min(done, key=lambda o: o.days) if done else None
+        raise PlanError("search.days", f"no count of {counts[0]}-{counts[-1]} GPUs trains {args.tokens:g} "
+                        f"tokens within {args.days:g} days" + (f" (fastest: {fastest.days:.1f} days on "
+                                                               f"{fastest.gpus} GPUs)" if fastest else ""),
+                        "allow more GPUs (--gpus) or more days, or a larger global batch")
+    if args.json:
+        sys.stdout.write(dump_json(found.to_json()))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model.name}: {args.tokens:g} tokens on {hw.name}, global batch "
+                        f"{fixed['global_batch']} x {fixed['seq_len']}")
+    for col in ("GPUs", "best plan", "step s", "days", "cost", ""):
+        table.add_column(col, justify="right" if col not in ("best plan", "") else "left")
+    for o in found.options:
+        mark = "<- answer" if o is found.answer else ""
+        if o.result is None:
+            table.add_row(str(o.gpus), o.why_not[:60], "-", "-", "-", "")
+            continue
+        table.add_row(str(o.gpus), _knobs(o.result.plan), f"{o.result.step_time_s:.3f}", f"{o.days:.1f}",
+                      "-" if o.cost is None else f"{o.cost:,.0f}", mark)
+    Console().print(table)
+    if found.answer is not None:
+        a = found.answer
+        cost = "" if a.cost is None else f", costing {a.cost:,.0f} at {args.gpu_hour_price:g} per GPU-hour"
+        how = f"within {args.days:g} days" if args.days is not None else "fastest"
+        print(f"answer ({how}): {a.gpus} GPUs, {a.steps:,} steps of {a.result.step_time_s:.3f} s = "
+              f"{a.days:.1f} days{cost}")
     return 0
 
 
@@ -121,14 +187,16 @@ def run_inference(args: argparse.Namespace) -> int:
         return 0
     if args.json:
         sys.stdout.write(dump_json({
+            "params": model.num_params(), "active_params": model.num_params(active=True),
             "plans": [r.to_json() for _, r in list(found)[:args.top]],
             "explanation": explain_inference(found)}))
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{model.name} serving on {cluster.num_gpus} x {hw.name}: prompt "
-                        f"{args.prompt_len}, generate {args.gen_len}")
+    table = Table(title=f"{model.name} ({params_text(model.num_params(), model.num_params(active=True))}) "
+                        f"serving on {cluster.num_gpus} x {hw.name}: prompt {args.prompt_len}, generate "
+                        f"{args.gen_len}")
     for col in ("rank", "tp", "pp", "replicas", "batch", "TTFT ms", "TPOT ms", "tokens/s", "per GPU", "peak GiB"):
         table.add_column(col, justify="right")
     for i, (plan, result) in enumerate(list(found)[:args.top], 1):
@@ -150,8 +218,10 @@ def print_ranking(found, why, top: int) -> None:
 
     best = found.ranked[0]
     console = Console(width=None if sys.stdout.isatty() else 130)
-    table = Table(title=f"{best.model.name}: {best.cluster.num_gpus} x {best.hardware}, global "
-                        f"batch {best.plan.global_batch} x {best.plan.seq_len} tokens")
+    model = best.model
+    table = Table(title=f"{model.name} ({params_text(model.num_params(), model.num_params(active=True))}): "
+                        f"{best.cluster.num_gpus} x {best.hardware}, global batch {best.plan.global_batch} x "
+                        f"{best.plan.seq_len} tokens")
     for col in ("rank", "plan", "step s", "tokens/s", "MFU", "peak GiB", "headroom GiB"):
         table.add_column(col, justify="left" if col == "plan" else "right", no_wrap=True)
     for i, r in enumerate(found.ranked[:top], start=1):

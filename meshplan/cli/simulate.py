@@ -40,11 +40,10 @@ def run(args: argparse.Namespace) -> int:
         return run_inference(args)
     model, plan, cluster, hw = resolve(args)
     result = simulate(model, plan, cluster, hw)
-    label = f"{model.name} on {cluster.num_gpus}x {hw.name}"
     if args.trace:
-        write_chrome_trace(result.pipeline, args.trace, label=label)
+        write_chrome_trace(result.pipeline, args.trace, label=result.label, op_comm=result.op_comm)
     if args.timeline:
-        write_timeline_html(result.pipeline, args.timeline, title=label)
+        write_timeline_html(result.pipeline, args.timeline, title=result.label, op_comm=result.op_comm)
     if args.json:
         sys.stdout.write(dump_json(result.to_json()))
     else:
@@ -68,13 +67,22 @@ def run_inference(args: argparse.Namespace) -> int:
     return 0
 
 
+def params_text(params: int, active_params: int) -> str:
+    """Total parameters, and the active ones per token where experts make them fewer."""
+    total = f"{params:,} ({params / 1e9:.1f}B)"
+    if active_params == params:
+        return total
+    return f"{total} total, {active_params:,} ({active_params / 1e9:.1f}B) active per token"
+
+
 def print_inference_summary(data: dict, model_name: str, hardware: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     plan = data["plan"]
     table = Table(title=f"{model_name} serving on {hardware}", show_header=False)
-    rows = (("plan", f"tp {plan['tp']}  pp {plan['pp']}  replicas {plan['replicas']}  batch "
+    rows = (("parameters", params_text(data["params"], data["active_params"])),
+            ("plan", f"tp {plan['tp']}  pp {plan['pp']}  replicas {plan['replicas']}  batch "
                      f"{plan['batch']}  prompt {plan['prompt_len']}  gen {plan['gen_len']}  {plan['dtype']}"),
             ("time to first token", f"{data['ttft_s'] * 1e3:.1f} ms"),
             ("time per output token", f"{data['tpot_s'] * 1e3:.2f} ms"),
@@ -92,6 +100,10 @@ def print_summary(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from meshplan.hw_profiles.accuracy import end_to_end_text
+    from meshplan.planner.explain import communication_lines
+    from meshplan.simulator.train import MFU_DEFINITION
+
     gib = GIB
     plan = result.plan
     console = Console()
@@ -102,7 +114,8 @@ def print_summary(result) -> None:
              f"{plan.num_microbatches}  schedule {plan.schedule}"
              + (f" (v={plan.virtual_stages})" if plan.virtual_stages > 1 else ""))
     lo, hi = result.error_band
-    rows = (("plan", knobs),
+    rows = (("parameters", params_text(result.model.num_params(), result.model.num_params(active=True))),
+            ("plan", knobs),
             ("step time", f"{result.step_time_s:.3f} s  (error band ±{lo:.0%} median, ±{hi:.0%} p95)"),
             ("throughput", f"{result.tokens_per_s:,.0f} tokens/s"),
             ("model TFLOP/s per GPU", f"{result.model_tflops_per_gpu:.1f}  (MFU {result.mfu:.1%})"),
@@ -118,6 +131,10 @@ def print_summary(result) -> None:
     for key, value in result.breakdown_s.items():
         parts.add_row(key, f"{value:.4f}", f"{value / result.step_time_s:.1%}")
     console.print(parts)
+    for line in [f"MFU = {MFU_DEFINITION}", *communication_lines(result.communication),
+                 f"error band: the profile's operator fits (held-out kernel and collective "
+                 f"timings), not end to end; {end_to_end_text()}"]:
+        console.print(line, highlight=False)
     stages = Table(title="pipeline stages")
     for col in ("stage", "layers", "weights", "grads", "optimizer", "activations", "buffers",
                 "total GiB", "compute s"):

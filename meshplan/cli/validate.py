@@ -33,6 +33,11 @@ def register(subparsers) -> None:
                         help="refit the profile from half the runs; report before/after on the other half")
     parser.add_argument("--refit-out", default="out/validate/local-refit.json",
                         help="where the refitted profile is written")
+    parser.add_argument("--no-probe", dest="probe", action="store_false",
+                        help="skip the few seconds' probe of this machine against the profile")
+    parser.add_argument("--rescale", action="store_true",
+                        help="also predict with the profile's speed terms rescaled by the probe, and "
+                             "report both")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.set_defaults(handler=run)
 
@@ -66,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
         raise PlanError("--rounds", f"must be at least 1, got {args.rounds}", "pass --rounds 1 or more")
     options = RunOptions(steps=args.steps, warmup=args.warmup, profile=args.hardware,
                          progress=wanted(args.json))
+    probed = None
+    if args.probe or args.rescale:
+        from meshplan.calibration.probe import probe
+        probed = probe(hw, collective=True)
+        print(f"meshplan validate: {probed.text()}", file=sys.stderr)
     runs = run_suite(options, names, rounds=args.rounds)
     stats = summary(runs)
     out = Path(args.out_dir)
@@ -74,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
                f"meshplan validate ({hw.name})")
     result = {"runs": [r.to_json() for r in runs], **stats,
               "csv": str(out / "validate.csv"), "html": str(out / "validate.html")}
+    if probed is not None:
+        result["probe"] = probed.to_json()
+    if args.rescale:
+        from meshplan.validation.suite import repredict
+        rescaled = repredict(runs, probed.rescaled(hw))
+        result["rescaled"] = {"runs": [r.to_json() for r in rescaled], **summary(rescaled)}
     if args.refit:
         from meshplan.calibration.refit import refit
         fitted = refit(hw, [r.name for r in runs], [r.record for r in runs])
@@ -104,6 +120,10 @@ def print_table(result: dict) -> None:
                   f"Spearman {result['spearman']:.2f}  memory median |error| "
                   f"{result['memory_median_abs_error']:.1%} (max {result['memory_max_abs_error']:.1%})")
     console.print(f"CSV: {result['csv']}  HTML: {result['html']}")
+    if "rescaled" in result:
+        r = result["rescaled"]
+        console.print(f"with the profile rescaled by the probe: median |error| {r['median_abs_error']:.1%}  "
+                      f"max |error| {r['max_abs_error']:.1%}  Spearman {r['spearman']:.2f}")
     if "refit" in result:
         fit = result["refit"]
         console.print(f"refit factors {fit['factors']} -> {fit['profile']}")

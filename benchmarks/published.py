@@ -1,0 +1,74 @@
+"""Predicted against measured for the published training runs in benchmarks/published/.
+
+    python benchmarks/published.py [--json out.json]
+
+Prints one line per row (measured and predicted step time, the error, memory where the
+source publishes it, and which half the row is in), then the median and max |error| of the
+fit half and of the held-out half separately. Rows meshplan cannot model yet are listed with
+the reason. Figures, not assertions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date
+
+import numpy as np
+
+from meshplan.core.errors import MeshplanError
+from meshplan.core.io import write_json
+from meshplan.hw_profiles.accuracy import END_TO_END
+from meshplan.validation.published import load_runs, predict, profile_for
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the per-row results here")
+    parser.add_argument("--write", action="store_true",
+                        help="record the fit and held-out figures in hw_profiles/data/end_to_end.json, "
+                             "which explanations print beside the error band")
+    args = parser.parse_args(argv)
+    rows, skipped = [], []
+    for run in load_runs():
+        if run.not_modelled:
+            skipped.append((run.id, run.not_modelled))
+            continue
+        try:
+            result = predict(run, profile_for(run.hardware))
+        except MeshplanError as exc:
+            skipped.append((run.id, f"meshplan refuses it: {exc}"))
+            continue
+        error = result.step_time_s / run.measured_step_time_s - 1
+        memory_error = (result.peak_memory_bytes / run.measured_memory_bytes - 1
+                        if run.measured_memory_bytes else None)
+        rows.append({"id": run.id, "source": run.source_id, "half": "fit" if run.fit_half else "held-out",
+                     "measured_s": run.measured_step_time_s, "predicted_s": result.step_time_s,
+                     "error": error, "memory_error": memory_error,
+                     "plan": result.plan.to_dict()})
+    print(f"{'row':46s} {'half':8s} {'measured s':>11s} {'predicted s':>11s} {'error':>8s} {'memory':>8s}")
+    for r in rows:
+        mem = f"{r['memory_error']:+.1%}" if r["memory_error"] is not None else "-"
+        print(f"{r['id']:46s} {r['half']:8s} {r['measured_s']:11.3f} {r['predicted_s']:11.3f} "
+              f"{r['error']:+8.1%} {mem:>8s}")
+    summary = {}
+    for half in ("fit", "held-out"):
+        errors = np.abs([r["error"] for r in rows if r["half"] == half])
+        if errors.size:
+            summary[half.replace("-", "_")] = {"rows": int(errors.size), "median": float(np.median(errors)),
+                                               "max": float(errors.max())}
+            print(f"{half}: {errors.size} rows, median |error| {np.median(errors):.1%}, "
+                  f"max {errors.max():.1%}")
+    if args.write:
+        write_json(END_TO_END, {**summary, "date": date.today().isoformat(),
+                                "source": "benchmarks/published.py over benchmarks/published/training.csv"})
+    print(f"not modelled ({len(skipped)}):")
+    for name, why in skipped:
+        print(f"  {name}: {why}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "skipped": skipped}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Hugging Face config.json -> ModelSpec fields, one reader per `model_type`.
+
+Each reader follows the architecture's modelling code in transformers 5.x (its config
+class's defaults fill keys a config leaves out, as `AutoConfig` does). Every key of a config
+is either read, or known to change no cost (returned as the ignored keys), or reported: keys
+that would change the cost but are not modelled, unknown keys and bad values are gathered
+into one error that names all of them.
+"""
+from __future__ import annotations
+
+from meshplan.core.errors import Issue, ModelError
+
+# Keys any config may carry that say nothing about the architecture: names, versions,
+# token ids, the checkpoint's dtype (the plan's dtype sets the simulated precision),
+# initialisation and norm epsilons, generation defaults, output switches. Accepted silently.
+BOOKKEEPING = frozenset({
+    "_name_or_path", "architectures", "auto_map", "model_type", "torch_dtype", "dtype",
+    "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
+    "decoder_start_token_id", "initializer_range", "initializer_factor", "rms_norm_eps",
+    "layer_norm_eps", "layer_norm_epsilon", "use_cache", "id2label", "label2id", "torchscript",
+    "return_dict", "use_return_dict", "output_hidden_states", "output_attentions",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "problem_type", "tokenizer_class",
+    "prefix", "task_specific_params", "finetuning_task", "tie_encoder_decoder", "max_length",
+    "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "pruned_heads", "tf_legacy_loss", "use_bfloat16",
+})
+# Keys any config may carry that could look like they matter but change no cost, listed as
+# ignored: auxiliary-loss knobs, RoPE frequencies and scaling (they change the angles, not
+# the work), how the checkpoint's weights are quantised (the plan's dtype sets the
+# precision), the KV-cache class, a classification head's dropout.
+NO_COST = frozenset({
+    "output_router_logits", "router_aux_loss_coef", "router_z_loss_coef", "pretraining_tp",
+    "rope_theta", "rope_scaling", "rope_parameters", "rope_type", "original_max_position_embeddings",
+    "quantization_config", "cache_implementation", "classifier_dropout",
+})
+_NO_DEFAULT = object()
+
+
+class _Config:
+    """One config's keys as a reader sees them: each key read is remembered, defaults (the
+    architecture's, when the config names its model_type) fill missing ones, and problems
+    are collected rather than raised one by one."""
+
+    def __init__(self, config: dict, source: str, defaults: dict):
+        self.config, self.source, self.defaults = config, source, defaults
+        self.read: set[str] = set()
+        self.issues: list[Issue] = []
+
+    def first(self, keys: tuple[str, ...], default=None):
+        """The value of the first of `keys` (aliases) the config has (an explicit null means
+        `default`), else the architecture's default of the first it has one for."""
+        self.read.update(keys)
+        for key in keys:
+            if key in self.config:
+                return default if self.config[key] is None else self.config[key]
+        return next((self.defaults[k] for k in keys if self.defaults.get(k) is not None), default)
+
+    def get(self, key: str, default=None):
+        return self.first((key,), default)
+
+    def size(self, keys: str | tuple[str, ...], default=_NO_DEFAULT) -> int:
+        """A positive integer; a missing one without a default is reported."""
+        keys = (keys,) if isinstance(keys, str) else keys
+        value = self.first(keys)
+        if value is None and default is not _NO_DEFAULT:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            problem = "missing key" if value is None else f"expected a positive integer, got {value!r}"
+            self.issues.append((self._field(keys[0]), problem, f"set \"{keys[0]}\" to a positive integer"))
+            return 1
+        return value
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        return bool(self.get(key, default))
+
+    def dropout(self, *keys: str) -> bool:
+        return any([float(self.get(k) or 0) > 0 for k in keys])
+
+    def refuse(self, key: str, problem: str,
+               fix: str = "plan a model without it (nothing else in this config stops it)") -> None:
+        """`key` would change the cost in a way meshplan does not model."""
+        self.read.add(key)
+        self.issues.append((self._field(key), f"{problem}; meshplan does not model it", fix))
+
+    def _field(self, key: str) -> str:
+        return f"{self.source}:{key}"
+
+    def finish(self, ignorable: frozenset[str]) -> tuple[str, ...]:
+        """The keys ignored because they change no cost (bookkeeping left out); raises one
+        error with every issue and every unknown key."""
+        unknown = sorted(set(self.config) - self.read - BOOKKEEPING - NO_COST - ignorable)
+        issues = self.issues + [
+            (self._field(k), "unknown key: meshplan cannot tell whether it changes the cost",
+             "remove it if it does not change the architecture") for k in unknown]
+        if issues:
+            raise ModelError.of(issues)
+        return tuple(sorted(set(self.config) - self.read - BOOKKEEPING))
+
+
+def _activation(c: _Config, *keys: str) -> str:
+    act = str(c.first(keys, "silu"))
+    if act in ("silu", "swish"):
+        return "silu"
+    if act.startswith("gelu"):
+        return "gelu"
+    c.refuse(keys[0], f"activation {act!r}")
+    return "silu"
+
+
+def _rotary_pct(c: _Config) -> float:
+    """partial_rotary_factor (top level or in rope_parameters) or GPT-NeoX's rotary_pct."""
+    keys = ("partial_rotary_factor", "rotary_pct")
+    rope = c.config.get("rope_parameters") or {}
+    if not set(keys) & set(c.config) and "partial_rotary_factor" in rope:
+        return float(rope["partial_rotary_factor"])
+    return float(c.first(keys, 1.0))
+
+
+def _local_layers(c: _Config, layers: int, window: int | None, rule) -> tuple[int, ...]:
+    """Layers with sliding-window attention: from `layer_types` when the config lists them,
+    else by the architecture's rule(i); none without a window."""
+    types = c.get("layer_types")
+    if types is not None:
+        odd = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
+        if odd or len(types) != layers:
+            c.refuse("layer_types", f"{odd or len(types)} (layers of another kind, or not one per layer)")
+        picked = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    else:
+        picked = tuple(i for i in range(layers) if rule(i))
+    return picked if window else ()
+
+
+def _attention_core(c: _Config) -> dict:
+    """Sizes every reader shares."""
+    layers = c.size("num_hidden_layers")
+    hidden = c.size("hidden_size")
+    heads = c.size("num_attention_heads")
+    fields = dict(num_layers=layers, hidden_size=hidden, num_heads=heads,
+                  num_kv_heads=c.size("num_key_value_heads", heads),
+                  ffn_hidden_size=c.size("intermediate_size"), vocab_size=c.size("vocab_size"),
+                  max_seq_len=c.size("max_position_embeddings", 4096),
+                  tied_embeddings=c.flag("tie_word_embeddings"))
+    head_dim = c.get("head_dim")
+    if head_dim is not None:
+        fields["head_dim"] = c.size("head_dim")
+    return fields
+
+
+def _window(c: _Config, key: str = "sliding_window") -> int | None:
+    value = c.get(key)
+    if value is None or value == 0:
+        return None
+    return c.size(key)
+
+
+def _qwen_window(c: _Config) -> int | None:
+    """Qwen configs carry a window that applies only with use_sliding_window."""
+    window = _window(c)
+    return window if c.flag("use_sliding_window") else None
+
+
+def _llama(c: _Config) -> dict:
+    fields = _attention_core(c)
+    attn_bias, mlp_bias = c.flag("attention_bias"), c.flag("mlp_bias")
+    if mlp_bias and not attn_bias:
+        c.refuse("mlp_bias", "MLP biases without attention biases")
+    return dict(fields, activation=_activation(c, "hidden_act"), bias=attn_bias and mlp_bias,
+                qkv_bias=attn_bias, out_bias=attn_bias, dropout=c.dropout("attention_dropout"))
+
+
+def _mistral(c: _Config) -> dict:
+    fields = _attention_core(c)
+    window = _window(c)
+    return dict(fields, activation=_activation(c, "hidden_act"), dropout=c.dropout("attention_dropout"),
+                sliding_window=window, local_layers=_local_layers(c, fields["num_layers"], window, lambda i: True))
+
+
+def _mixtral(c: _Config) -> dict:
+    fields = _mistral(c)
+    return dict(fields, num_experts=c.size(("num_local_experts", "num_experts")),
+                experts_per_token=c.size("num_experts_per_tok"),
+                moe_ffn_hidden_size=fields["ffn_hidden_size"])
+
+
+def _qwen2(c: _Config) -> dict:
+    fields = _attention_core(c)
+    window = _qwen_window(c)
+    first = c.get("max_window_layers", fields["num_layers"])
+    return dict(fields, activation=_activation(c, "hidden_act"), qkv_bias=True,
+                dropout=c.dropout("attention_dropout"), sliding_window=window,
+                local_layers=_local_layers(c, fields["num_layers"], window, lambda i: i >= first))
+
+
+def _qwen3(c: _Config) -> dict:
+    fields = _attention_core(c)
+    window = _qwen_window(c)
+    first = c.get("max_window_layers", fields["num_layers"])
+    bias = c.flag("attention_bias")
+    return dict(fields, activation=_activation(c, "hidden_act"), qkv_bias=bias, out_bias=bias,
+                qk_norm=True, dropout=c.dropout("attention_dropout"), sliding_window=window,
+                local_layers=_local_layers(c, fields["num_layers"], window, lambda i: i >= first))
+
+
+def _qwen_moe(c: _Config, layers: int) -> dict:
+    """Experts of Qwen2-MoE / Qwen3-MoE: a layer is dense when listed in mlp_only_layers or
+    off the decoder_sparse_step."""
+    step = c.size("decoder_sparse_step", 1)
+    only = set(c.get("mlp_only_layers") or ())
+    return dict(num_experts=c.size(("num_experts", "num_local_experts")),
+                experts_per_token=c.size("num_experts_per_tok"),
+                moe_ffn_hidden_size=c.size("moe_intermediate_size"),
+                dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step))
+
+
+def _qwen2_moe(c: _Config) -> dict:
+    fields = _attention_core(c)
+    layers = fields["num_layers"]
+    window = _qwen_window(c)
+    last = c.get("max_window_layers", layers)
+    shared = c.get("shared_expert_intermediate_size") or 0
+    return dict(fields, **_qwen_moe(c, layers), activation=_activation(c, "hidden_act"),
+                qkv_bias=c.flag("qkv_bias", True), dropout=c.dropout("attention_dropout"),
+                num_shared_experts=1 if shared else 0,
+                shared_expert_ffn_size=c.size("shared_expert_intermediate_size") if shared else 0,
+                shared_expert_gate=bool(shared), sliding_window=window,
+                local_layers=_local_layers(c, layers, window, lambda i: (i + 1) % 2 and i < last))
+
+
+def _qwen3_moe(c: _Config) -> dict:
+    fields = _attention_core(c)
+    layers = fields["num_layers"]
+    window = _qwen_window(c)
+    bias = c.flag("attention_bias")
+    return dict(fields, **_qwen_moe(c, layers), activation=_activation(c, "hidden_act"),
+                qkv_bias=bias, out_bias=bias, qk_norm=True, dropout=c.dropout("attention_dropout"),
+                sliding_window=window, local_layers=_local_layers(c, layers, window, lambda i: True))
+
+
+def _gemma(c: _Config, every: int) -> dict:
+    """Gemma 2 (every 2nd layer global) and Gemma 3 text (every `every`-th layer global)."""
+    fields = _attention_core(c)
+    if c.flag("use_bidirectional_attention"):
+        c.refuse("use_bidirectional_attention", "bidirectional attention")
+    window = _window(c)
+    bias = c.flag("attention_bias")
+    softcaps = {k: (float(c.get(key)) if c.get(key) else None)
+                for k, key in (("attn_softcap", "attn_logit_softcapping"),
+                               ("final_softcap", "final_logit_softcapping"))}
+    return dict(fields, **softcaps, activation=_activation(c, "hidden_activation", "hidden_act"),
+                qkv_bias=bias, out_bias=bias, sandwich_norm=True, dropout=c.dropout("attention_dropout"),
+                sliding_window=window,
+                local_layers=_local_layers(c, fields["num_layers"], window, lambda i: (i + 1) % every))
+
+
+def _gemma2(c: _Config) -> dict:
+    return _gemma(c, 2)
+
+
+def _gemma3_text(c: _Config) -> dict:
+    every = c.size("sliding_window_pattern", c.get("_sliding_window_pattern", 6))
+    return dict(_gemma(c, every), qk_norm=True)
+
+
+def _gemma3(c: _Config) -> dict:
+    c.refuse("vision_config", "the SigLIP vision tower and its projector",
+             "to plan the text decoder, save text_config as its own config.json (model_type gemma3_text)")
+    return {}
+
+
+def _phi3(c: _Config) -> dict:
+    fields = _attention_core(c)
+    if c.flag("attention_bias"):
+        c.refuse("attention_bias", "attention biases in Phi-3")
+    window = _window(c)
+    return dict(fields, activation=_activation(c, "hidden_act"), rotary_pct=_rotary_pct(c),
+                dropout=c.dropout("attention_dropout", "resid_pdrop", "embd_pdrop"), sliding_window=window,
+                local_layers=_local_layers(c, fields["num_layers"], window, lambda i: True))
+
+
+def _deepseek_v3(c: _Config) -> dict:
+    fields = _attention_core(c)
+    fields["num_kv_heads"] = fields["num_heads"]  # latent attention: one K/V head per query head
+    fields.pop("head_dim", None)                  # HF's head_dim is the RoPE part, qk_rope_head_dim
+    layers = fields["num_layers"]
+    if c.flag("attention_bias"):
+        c.refuse("attention_bias", "biases in latent attention")
+    router = c.get("scoring_func", "sigmoid")
+    if router not in ("sigmoid", "softmax"):
+        c.refuse("scoring_func", f"router scoring {router!r}")
+    first, freq = c.get("first_k_dense_replace", 0), c.size("moe_layer_freq", 1)
+    experts = c.get("n_routed_experts")
+    moe = dict(num_experts=c.size("n_routed_experts"), experts_per_token=c.size("num_experts_per_tok"),
+               moe_ffn_hidden_size=c.size("moe_intermediate_size"),
+               num_shared_experts=c.get("n_shared_experts") or 0,
+               shared_expert_ffn_size=c.size("moe_intermediate_size"),
+               router=router,
+               # DeepSeek's modelling code: MoE from first_k_dense_replace on, every moe_layer_freq
+               dense_layers=tuple(i for i in range(layers) if i < first or i % freq)) if experts else {}
+    q_rank = c.get("q_lora_rank")
+    return dict(fields, **moe, activation=_activation(c, "hidden_act"), dropout=c.dropout("attention_dropout"),
+                q_lora_rank=c.size("q_lora_rank") if q_rank else 0, kv_lora_rank=c.size("kv_lora_rank"),
+                qk_nope_head_dim=c.size("qk_nope_head_dim"), qk_rope_head_dim=c.size("qk_rope_head_dim"),
+                v_head_dim=c.size("v_head_dim"))
+
+
+def _gpt2(c: _Config) -> dict:
+    hidden = c.size("n_embd")
+    if c.flag("add_cross_attention"):
+        c.refuse("add_cross_attention", "cross-attention layers")
+    return dict(num_layers=c.size("n_layer"), hidden_size=hidden, num_heads=c.size("n_head"),
+                num_kv_heads=c.size("n_head"),
+                ffn_hidden_size=c.size("n_inner", 4 * hidden),  # n_inner null means 4 * n_embd
+                vocab_size=c.size("vocab_size"), max_seq_len=c.size("n_positions", 1024),
+                gated_mlp=False, activation=_activation(c, "activation_function"), norm="layernorm",
+                position_embedding="learned",
+                # HF's default is tied; Megatron-LM's GPT runs are usually untied.
+                tied_embeddings=c.flag("tie_word_embeddings", True), bias=True,
+                dropout=c.dropout("resid_pdrop", "attn_pdrop", "embd_pdrop"))
+
+
+def _gpt_neox(c: _Config) -> dict:
+    fields = _attention_core(c)
+    if not c.flag("attention_bias", True):
+        c.refuse("attention_bias", "GPT-NeoX attention without biases (its MLP keeps them)")
+    return dict(fields, gated_mlp=False, activation=_activation(c, "hidden_act"), norm="layernorm",
+                bias=True, rotary_pct=_rotary_pct(c), parallel_residual=c.flag("use_parallel_residual", True),
+                dropout=c.dropout("hidden_dropout", "attention_dropout", "hidden_dropout_prob",
+                                  "attention_probs_dropout_prob"))
+
+
+# transformers 5.x config class defaults of the keys the readers use (AutoConfig fills them in).
+_LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+              num_attention_heads=32, max_position_embeddings=2048)
+_QWEN = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+             num_attention_heads=32, max_position_embeddings=32768, max_window_layers=28,
+             sliding_window=4096)
+_QWEN_MOE = dict(_QWEN, hidden_size=2048, num_hidden_layers=24, decoder_sparse_step=1,
+                 num_experts_per_tok=4, num_experts=60, moe_intermediate_size=1408)
+_GEMMA = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+              num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+              sliding_window=4096, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh")
+DEFAULTS = {
+    "llama": _LLAMA,
+    "mistral": dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
+                    sliding_window=4096),
+    "mixtral": dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
+                    num_local_experts=8, num_experts_per_tok=2),
+    "qwen2": _QWEN,
+    "qwen3": dict(_QWEN, head_dim=128),
+    "qwen2_moe": dict(_QWEN_MOE, num_attention_heads=16, intermediate_size=5632,
+                      shared_expert_intermediate_size=5632),
+    "qwen3_moe": dict(_QWEN_MOE, num_key_value_heads=4, intermediate_size=6144, num_experts_per_tok=8,
+                      num_experts=128, moe_intermediate_size=768),
+    "gemma2": dict(_GEMMA, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3_text": dict(_GEMMA, vocab_size=262208, max_position_embeddings=131072),
+    "gemma3": {},
+    "phi3": dict(_LLAMA, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                 max_position_embeddings=4096),
+    "deepseek_v3": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                        num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1,
+                        n_routed_experts=256, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+                        v_head_dim=128, qk_nope_head_dim=128, num_experts_per_tok=8, first_k_dense_replace=3,
+                        max_position_embeddings=4096),
+    "gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                 activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1),
+    "gpt_neox": dict(vocab_size=50432, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
+                     intermediate_size=24576, hidden_act="gelu", max_position_embeddings=2048,
+                     partial_rotary_factor=0.25),
+}
+READERS = {"llama": _llama, "mistral": _mistral, "mixtral": _mixtral, "qwen2": _qwen2, "qwen3": _qwen3,
+           "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "gemma2": _gemma2,
+           "gemma3_text": _gemma3_text, "gemma3": _gemma3, "phi3": _phi3, "deepseek_v3": _deepseek_v3,
+           "gpt2": _gpt2, "gpt_neox": _gpt_neox}
+# Keys of each architecture that change no cost.
+_MOE_ROUTING = {"norm_topk_prob", "router_jitter_noise"}
+IGNORED = {
+    "gemma2": {"query_pre_attn_scalar", "sliding_window_size"},
+    "gemma3_text": {"query_pre_attn_scalar", "rope_local_base_freq"},
+    "gemma3": {"text_config", "boi_token_index", "eoi_token_index", "image_token_index", "mm_tokens_per_image"},
+    "qwen2": {"use_mrope"},
+    "mixtral": _MOE_ROUTING,
+    "qwen2_moe": _MOE_ROUTING,
+    "qwen3_moe": _MOE_ROUTING | {"max_window_layers"},  # Qwen3-MoE windows every layer
+    # Routing details (group-limited selection, scaling) cost nothing at one expert-parallel
+    # rank; head_dim / qk_head_dim restate the latent sizes; the multi-token-prediction
+    # module is left out, as Hugging Face's DeepseekV3ForCausalLM and inference leave it out.
+    "deepseek_v3": _MOE_ROUTING | {"n_group", "topk_group", "topk_method", "routed_scaling_factor", "ep_size",
+                                   "aux_loss_alpha", "seq_aux", "rope_interleave", "qk_head_dim",
+                                   "num_nextn_predict_layers"},
+    "gpt2": {"summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+             "summary_first_dropout", "scale_attn_weights", "n_ctx", "reorder_and_upcast_attn",
+             "scale_attn_by_inverse_layer_idx"},
+    "gpt_neox": {"rotary_emb_base"},
+}
+
+
+def _guess_type(config: dict) -> str | None:
+    """Configs without model_type: gpt2-style keys (n_layer, ...) or llama-style."""
+    if "n_layer" in config or "n_embd" in config:
+        return "gpt2"
+    if "hidden_size" in config or "num_hidden_layers" in config:
+        return "llama"
+    return None
+
+
+def parse(config: dict, source: str = "config") -> tuple[dict, tuple[str, ...]]:
+    """(ModelSpec fields, the keys read but ignored because they change no cost)."""
+    model_type = config.get("model_type") or _guess_type(config)
+    if model_type not in READERS:
+        raise ModelError(f"{source}:model_type", f"unknown model type {model_type!r}",
+                         f"use a config of one of {', '.join(READERS)}")
+    # Without a model_type the architecture is guessed: no defaults stand in for missing keys.
+    defaults = DEFAULTS[model_type] if config.get("model_type") else {}
+    c = _Config(config, source, defaults)
+    fields = READERS[model_type](c)
+    return fields, c.finish(frozenset(IGNORED.get(model_type, ())))

@@ -1,0 +1,189 @@
+"""Published training runs against the prediction: each row of
+benchmarks/published/training.csv (a measured run with its layout, cited) is read into a
+model, a cluster and a plan, its published metric is turned into a step time, and
+`simulate` predicts it.
+
+Knobs a source does not publish (micro-batch, recompute, schedule, ...) are left open and
+filled by the planner's best legal choice with the published ones held: the prediction is
+then meshplan's for that layout as a tuned run would set it. Rows are split into a fit half
+and a held-out half by a hash of their id (stable, independent of the numbers), so that any
+calibration sees at most half of them.
+
+Metrics become step times by the source's own FLOP definition (benchmarks/published/
+README.md): tokens/s/GPU -> global batch x sequence / (rate x GPUs); model TFLOP/s per GPU
+and MFU -> FLOPs per step / (rate x GPUs), with Narayanan et al. 2021's count (which includes
+the recompute forward) for that paper and model FLOPs (Chowdhery et al. 2022 appendix B, as
+Megatron-LM, Korthikanti et al. 2022, MegaScale and the Llama 3 report count them) for the
+others.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+
+from meshplan.core.errors import MeshplanError
+from meshplan.hw_profiles.profile import HardwareProfile, load_profile
+from meshplan.planner.search import search
+from meshplan.simulator.model_spec import ModelSpec, load_model
+from meshplan.simulator.ops import model_flops_per_step
+from meshplan.simulator.plan import Cluster, Plan, complete_fields
+from meshplan.simulator.train import SimulationResult, simulate
+
+DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "published"
+# Datasheet differences of the hardware variants from the stock profile they derive from.
+VARIANTS = {
+    "a100-80gb": ("a100-80gb", {}, ""),
+    "h100-80gb": ("h100-80gb", {}, ""),
+    # NVIDIA A100 datasheet (2021), 40GB SXM column: 40 GB HBM2 at 1,555 GB/s (80GB: 2,039)
+    "a100-40gb": ("a100-80gb", {"memory": 0.5, "hbm_bw": 1555 / 2039}, "A100 40GB datasheet"),
+    # NVIDIA H200 datasheet (2024): 141 GB HBM3e at 4.8 TB/s, compute as H100 SXM
+    "h200-141gb": ("h100-80gb", {"memory": 141 / 80, "hbm_bw": 4.8 / 3.35}, "H200 datasheet"),
+    # H800 SXM: the H100 SXM with NVLink cut to 400 GB/s (from 900), DeepSeek-V3 report sec 3.1
+    "h800-80gb": ("h100-80gb", {"intra_node_bw": 400 / 900}, "H800: NVLink 400 GB/s"),
+    # torchtitan's Grand Teton H100: 96 GB HBM2e at 500 W (its benchmark page). HBM2e H100:
+    # 2.41 TB/s (arXiv 2604.11391 sec 3); at 500 of 700 W the clock, and so the compute rate,
+    # falls as power^(1/3) (dynamic power ~ C V^2 f with V ~ f): (500/700)^(1/3) = 0.894
+    "h100-96gb-500w": ("h100-80gb", {"memory": 96 / 80, "hbm_bw": 2.41 / 3.35,
+                                     "flops": (500 / 700) ** (1 / 3)},
+                       "H100 96GB HBM2e at 500 W (torchtitan benchmark page)"),
+}
+# CSV column -> plan field, for the knobs a row may publish.
+KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "zero": "zero", "recompute": "recompute",
+         "micro_batch": "micro_batch", "schedule": "schedule", "virtual_stages": "virtual_stages",
+         "sp": "sp", "tp_overlap": "tp_overlap", "fsdp_reshard_after_forward": "reshard_after_forward"}
+FLAGS = ("sp", "tp_overlap", "reshard_after_forward")
+
+
+@dataclass(frozen=True)
+class PublishedRun:
+    """One row: what was run, what was measured (as a step time), and what meshplan
+    cannot model of it yet (empty when it can)."""
+
+    id: str
+    source_id: str
+    model: ModelSpec | None
+    hardware: str
+    cluster: Cluster | None
+    fixed: dict
+    measured_step_time_s: float | None
+    measured_memory_bytes: float | None
+    not_modelled: str
+
+    @property
+    def fit_half(self) -> bool:
+        """In the fit half: the first bit of sha1(id), independent of every number."""
+        return hashlib.sha1(self.id.encode()).digest()[0] % 2 == 0
+
+
+def _value(row, key, cast=float):
+    value = row[key]
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return None
+    return cast(value)
+
+
+def _fixed(row) -> dict:
+    """The plan fields the row publishes."""
+    fixed = {"global_batch": _value(row, "global_batch", int), "seq_len": _value(row, "seq_len", int),
+             "dtype": row["dtype"] if row["dtype"] in ("bf16", "fp16", "fp32") else "bf16"}
+    for column, key in KNOBS.items():
+        value = _value(row, column, str)
+        if value is None:
+            continue
+        if key in ("recompute", "schedule"):
+            fixed[key] = value
+        elif key in FLAGS:
+            fixed[key] = value.lower() == "true"
+        else:
+            fixed[key] = int(float(value))
+    if fixed.get("zero") != 3:
+        fixed.pop("reshard_after_forward", None)
+    if fixed.get("pp", 1) == 1:
+        fixed.pop("schedule", None)
+        fixed.pop("virtual_stages", None)
+    return {k: v for k, v in fixed.items() if v is not None}
+
+
+def _narayanan_flops(model: ModelSpec, batch: int, seq: int) -> float:
+    """Narayanan et al. 2021 eq. 3: 96 B s l h^2 (1 + s/6h + V/16lh), the recompute forward
+    included."""
+    h, layers, vocab = model.hidden_size, model.num_layers, model.vocab_size
+    return 96 * batch * seq * layers * h * h * (1 + seq / (6 * h) + vocab / (16 * layers * h))
+
+
+def measured_step_time_s(row, model: ModelSpec, profile: HardwareProfile) -> float | None:
+    """The row's published metric as a step time."""
+    metric, value = row["measured_metric"], float(row["measured_value"])
+    gpus, batch, seq = _value(row, "gpus", int), _value(row, "global_batch", int), _value(row, "seq_len", int)
+    if metric == "step_time_s":
+        return value
+    if None in (gpus, batch, seq):
+        return None
+    if metric == "tokens_per_s_per_gpu":
+        return batch * seq / (value * gpus)
+    flops = (_narayanan_flops(model, batch, seq) if row["source_id"] == "narayanan21"
+             else model_flops_per_step(model, batch, seq))
+    rate = value * 1e12 if metric == "model_tflops_per_gpu" else value * profile.peak_flops[
+        row["dtype"] if row["dtype"] in profile.peak_flops else "bf16"]
+    return flops / (rate * gpus)
+
+
+def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
+    rows = pd.read_csv(path)
+    runs = []
+    for row in rows.to_dict("records"):
+        reasons = []
+        model = None
+        if _value(row, "ep", int) not in (None, 1):
+            reasons.append("mixture-of-experts")
+        if row["dtype"] == "fp8":
+            reasons.append("fp8 training")
+        if row["hardware"] not in VARIANTS:
+            reasons.append(f"hardware {row['hardware']}")
+        if isinstance(row.get("schedule"), str) and row["schedule"] not in ("1f1b", "interleaved", "gpipe", "zb-h1"):
+            reasons.append(f"schedule {row['schedule']}")
+        if row["measured_metric"] == "model_tflops_per_gpu" and row["source_id"] == "opt22":
+            reasons.append("an 'up to' peak, not a step average")
+        try:
+            model = load_model(row["model"] if not row["model"].endswith(".json")
+                               else str(path.parent / row["model"]))
+        except MeshplanError as exc:
+            reasons.append(f"model: {exc.problem}")
+        gpus, per_node = _value(row, "gpus", int), _value(row, "gpus_per_node", int) or 8
+        cluster = Cluster(gpus, min(per_node, gpus)) if gpus else None
+        if cluster is None:
+            reasons.append("GPU count not published")
+        fixed = _fixed(row)
+        if fixed.get("global_batch") is None:
+            reasons.append("global batch not published")
+        measured = None
+        if model is not None and not reasons:
+            measured = measured_step_time_s(row, model, profile_for(row["hardware"]))
+        memory = _value(row, "measured_memory_gib")
+        runs.append(PublishedRun(row["id"], row["source_id"], model, row["hardware"], cluster, fixed,
+                                 measured, memory * 2 ** 30 if memory else None, "; ".join(reasons)))
+    return runs
+
+
+def profile_for(hardware: str) -> HardwareProfile:
+    base, factors, source = VARIANTS[hardware]
+    profile = load_profile(base)
+    if not factors:
+        return profile
+    return replace(profile.scaled(**factors), name=hardware,
+                   sources=profile.sources + (f"{hardware}: {source}",))
+
+
+def predict(run: PublishedRun, hw: HardwareProfile) -> SimulationResult:
+    """simulate() of the run's published layout; knobs it leaves open take the planner's
+    best legal value with the published ones held."""
+    fixed = dict(run.fixed)
+    open_knobs = {"micro_batch", "recompute", "zero"} - set(fixed) or fixed.get("pp", 1) > 1 and (
+        {"schedule", "virtual_stages"} - set(fixed))
+    if not open_knobs:
+        return simulate(run.model, Plan(**complete_fields(fixed, run.cluster.num_gpus)), run.cluster, hw)
+    return search(run.model, run.cluster, hw, fixed, des=4).ranked[0]
