@@ -80,6 +80,7 @@ def check_resume(folder: str, model: dict, plan: dict, resume: bool, seed: int,
     place, a checkpoint it would overwrite, one of another model or data stream, one already
     at the last step), and the checkpoint it resumes from. A plan that only differs in its
     parallel layout is no issue: DCP reshards the checkpoint into it."""
+    model, plan = _as_saved(model), _as_saved(plan)
     path = Path(folder)
     if path.exists() and not path.is_dir():
         return [(FIELD, f"{folder} is a file", "give a folder")], None
@@ -118,6 +119,11 @@ def check_resume(folder: str, model: dict, plan: dict, resume: bool, seed: int,
     return issues, info
 
 
+def _as_saved(fields: dict) -> dict:
+    """`fields` as they read back from meshplan.json (tuples as lists)."""
+    return json.loads(json.dumps(fields))
+
+
 def _architecture(model: dict) -> dict:
     """A model's fields but its name (one config may be loaded under several names)."""
     return {k: v for k, v in model.items() if k != "name"}
@@ -131,6 +137,7 @@ def _differences(saved: dict, wanted: dict) -> str:
 def relayout(info: CheckpointInfo, plan: dict) -> str | None:
     """How the plan's layout differs from the checkpoint's ("dp2 -> tp2"), or None."""
     keys = ("dp", "tp", "pp", "cp", "zero", "virtual_stages", "layer_partition")
+    plan = _as_saved(plan)
     if all(info.plan.get(k) == plan[k] for k in keys):
         return None
 

@@ -57,7 +57,8 @@ def resolve(args: argparse.Namespace):
     ranks of one machine."""
     model = common.load_model_arg(args)
     fields = common.user_plan_fields(args)
-    gpus = args.gpus if args.gpus is not None else math.prod(fields.get(a, 1) for a in ("dp", "tp", "pp", "cp"))
+    gpus = (args.gpus if args.gpus is not None
+            else math.prod(fields.get(a, 1) for a in ("dp", "tp", "pp", "cp")))
     per_node = args.gpus_per_node or max(1, gpus // max(1, args.nnodes))
     cluster = Cluster(num_gpus=gpus, gpus_per_node=per_node)
     return model, common.complete_plan(fields, cluster), cluster
