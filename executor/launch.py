@@ -374,23 +374,38 @@ def rendezvous_failure(torchrun_output: str, endpoint: str | None, timeout_s: fl
 
 
 def root_cause(torchrun_output: str) -> str | None:
-    """One line from torchrun's failure report: which rank failed first, and how."""
-    _, found, report = torchrun_output.rpartition("Root Cause (first observed failure)")
+    """One line from torchrun's failure report: which rank failed first, and how. torchrun
+    names the failure it timestamped first; when that is a rank it stopped itself (SIGTERM,
+    after the rank's collective broke on the dead peer), the other failure it lists is the
+    cause."""
+    report = torchrun_output.rpartition("Failures:")[2]
+    others, found, root = report.partition("Root Cause (first observed failure)")
     if not found:
         return None
-    rank = re.search(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)", report)
-    host = re.search(r"host\s*:\s*(\S+)", report)
-    code = re.search(r"exitcode\s*:\s*(-?\d+)", report)
+    blocks = [root, *re.split(r"^\[\d+\]:\s*$", others, flags=re.MULTILINE)[1:]]
+    described = [d for d in map(_failure, blocks) if d is not None]
+    if not described:
+        return None
+    cause = next((d for d in described if d[0] != -signal.SIGTERM), described[0])
+    return f"{cause[1]}; torchrun stopped the other ranks"
+
+
+def _failure(block: str) -> tuple[int | None, str] | None:
+    """(exit code, "rank R (local rank L on HOST) failed first, with HOW: ERROR") of one
+    failure in torchrun's report."""
+    rank = re.search(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)", block)
     if not rank:
         return None
-    how = f"exit code {code.group(1)}" if code else "an error"
-    if code and int(code.group(1)) < 0:
-        how = f"killed by signal {signal.Signals(-int(code.group(1))).name}"
-    error = re.findall(r"^\s*(\w+(?:Error|Exception)\b.*)$", report, re.MULTILINE)
+    host = re.search(r"host\s*:\s*(\S+)", block)
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", block)
+    exit_code = int(code.group(1)) if code else None
+    how = f"exit code {exit_code}" if code else "an error"
+    if exit_code is not None and exit_code < 0:
+        how = f"killed by signal {signal.Signals(-exit_code).name}"
+    error = re.findall(r"^\s*(\w+(?:Error|Exception)\b.*)$", block, re.MULTILINE)
     detail = f": {error[-1].strip()}" if error else ""
-    return (f"rank {rank.group(1)} (local rank {rank.group(2)}"
-            f"{' on ' + host.group(1) if host else ''}) failed first, with {how}{detail}; "
-            "torchrun stopped the other ranks")
+    return exit_code, (f"rank {rank.group(1)} (local rank {rank.group(2)}"
+                       f"{' on ' + host.group(1) if host else ''}) failed first, with {how}{detail}")
 
 
 # ---- records ----

@@ -101,6 +101,32 @@ def test_root_cause_names_the_first_failed_rank():
     assert root_cause("no report here") is None
 
 
+def test_root_cause_passes_over_a_rank_torchrun_stopped():
+    """torchrun timestamps rank 0's broken collective (it then SIGTERMs it) before it sees
+    rank 1's exit: rank 1's exit is the cause."""
+    report = """Failures:
+[1]:
+  time      : 2025-01-01_00:00:01
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : 17 (pid: 4243)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2025-01-01_00:00:01
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 4242)  (SIGTERM)
+  error_file: /tmp/error.json
+  traceback : Traceback (most recent call last):
+  RuntimeError: [pair.cc:537] Read error [127.0.0.1]:20904: Connection reset by peer.
+============================================================"""
+    assert root_cause(report) == ("rank 1 (local rank 1 on localhost) failed first, with exit "
+                                  "code 17; torchrun stopped the other ranks")
+
+
 @pytest.mark.slow
 def test_json_keys_and_record(config_json, tmp_path):
     record_path = tmp_path / "out" / "record.json"
