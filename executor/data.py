@@ -13,19 +13,29 @@ import torch
 from meshplan.core.errors import PlanError
 
 
-def check_token_file(path: str, seq_len: int, vocab_size: int) -> None:
-    """Raise PlanError unless `path` is a 1-D .npy of integer token ids < vocab_size, long
-    enough for one window."""
+def check_token_file(path: str, seq_len: int, vocab_size: int, global_batch: int) -> None:
+    """Raise PlanError (run.data) unless `path` is a 1-D .npy of integer token ids whose
+    dtype can hold the model's vocabulary, all < vocab_size, with at least one global batch
+    of distinct windows of seq_len + 1 tokens."""
     try:
         tokens = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise PlanError("run.data", f"cannot read {path} ({exc})", "pass a .npy file of token ids")
+    except (OSError, ValueError, EOFError) as exc:
+        raise PlanError("run.data", f"cannot read {path} ({exc})", "pass a .npy file of token ids") from None
+    if not isinstance(tokens, np.ndarray):  # an .npz archive
+        raise PlanError("run.data", f"{path} is an archive of arrays, not one array",
+                        "save one 1-D array of token ids with numpy.save")
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise PlanError("run.data", f"{path} holds {tokens.dtype} of shape {tokens.shape}",
                         "save a 1-D integer array of token ids with numpy.save")
-    if tokens.size < seq_len + 1:
-        raise PlanError("run.data", f"{tokens.size} tokens are fewer than seq_len+1 = {seq_len + 1}",
-                        "use a longer token file or a shorter --seq-len")
+    if np.iinfo(tokens.dtype).max < vocab_size - 1:
+        raise PlanError("run.data", f"{path} holds {tokens.dtype}, which cannot hold the ids of "
+                        f"a {vocab_size}-token vocabulary", "tokenize with the model's vocabulary "
+                        "and save the ids in a wide enough integer type (uint16 up to 65536 tokens)")
+    windows = max(tokens.size - 1, 0) // seq_len
+    if windows < global_batch:
+        raise PlanError("run.data", f"{tokens.size} tokens give {windows} windows of seq_len+1 = "
+                        f"{seq_len + 1}, fewer than the {global_batch} sequences of one global batch",
+                        "use a longer token file, a shorter --seq-len or a smaller --global-batch")
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= vocab_size:
         raise PlanError("run.data", f"token ids span {low}..{high}, outside the vocab of {vocab_size}",

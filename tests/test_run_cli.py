@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -100,6 +101,32 @@ def test_root_cause_names_the_first_failed_rank():
     assert root_cause("no report here") is None
 
 
+def test_root_cause_passes_over_a_rank_torchrun_stopped():
+    """torchrun timestamps rank 0's broken collective (it then SIGTERMs it) before it sees
+    rank 1's exit: rank 1's exit is the cause."""
+    report = """Failures:
+[1]:
+  time      : 2025-01-01_00:00:01
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : 17 (pid: 4243)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2025-01-01_00:00:01
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 4242)  (SIGTERM)
+  error_file: /tmp/error.json
+  traceback : Traceback (most recent call last):
+  RuntimeError: [pair.cc:537] Read error [127.0.0.1]:20904: Connection reset by peer.
+============================================================"""
+    assert root_cause(report) == ("rank 1 (local rank 1 on localhost) failed first, with exit "
+                                  "code 17; torchrun stopped the other ranks")
+
+
 @pytest.mark.slow
 def test_json_keys_and_record(config_json, tmp_path):
     record_path = tmp_path / "out" / "record.json"
@@ -179,3 +206,68 @@ def test_ctrl_c_stops_every_rank(config_json):
     assert proc.returncode == 130
     assert time.monotonic() - start < 30
     assert _tagged_processes(tag) == []
+
+
+def _start_long_run(config_json: str, tag: str) -> subprocess.Popen:
+    """A run of many steps, its stderr in a pipe, every process it starts tagged."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "meshplan.cli", "run", "--model", config_json, "--gpus", "2",
+         "--dp", "2", "--global-batch", "4", "--seq-len", "16", "--steps", "100000",
+         "--warmup", "1"], stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, MESHPLAN_TEST_TAG=tag))
+
+
+def _wait_for_ranks(tag: str, launcher: int, count: int = 2, timeout_s: float = 120) -> None:
+    """Until `count` ranks (tagged processes besides the launcher and torchrun) run."""
+    deadline = time.monotonic() + timeout_s
+    while len(set(_tagged_processes(tag)) - {launcher}) < count + 1:
+        assert time.monotonic() < deadline, "the ranks did not start"
+        time.sleep(0.5)
+    time.sleep(3)  # past process-group set-up, into the steps
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_like_ctrl_c(config_json):
+    """SIGTERM ends the run as Ctrl-C does: exit 130, one `interrupted` line, no traceback
+    from torchrun or the ranks, no process left."""
+    tag = uuid.uuid4().hex
+    proc = _start_long_run(config_json, tag)
+    _wait_for_ranks(tag, proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "meshplan run: interrupted"
+    assert "Traceback" not in err
+    assert _tagged_processes(tag) == []
+
+
+@pytest.mark.slow
+def test_torchrun_does_not_outlive_a_killed_launcher(config_json):
+    tag = uuid.uuid4().hex
+    proc = _start_long_run(config_json, tag)
+    _wait_for_ranks(tag, proc.pid)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _tagged_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _tagged_processes(tag) == []
+
+
+@pytest.mark.slow
+def test_a_node_that_finds_no_rendezvous_fails_with_a_message(config_json):
+    """Node 1 started alone: the run ends within the rendezvous timeout (plus torchrun's
+    start) with one line saying what to do, instead of waiting for ever."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshplan.cli", "run", "--model", config_json, "--gpus", "2",
+         "--dp", "2", "--global-batch", "4", "--seq-len", "16", "--nnodes", "2", "--node-rank", "1",
+         "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-timeout-s", "3"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert time.monotonic() - start < 60
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"meshplan run: run failed: could not reach the rendezvous at 127.0.0.1:{port} within 3 s")

@@ -24,19 +24,13 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from meshplan.core.progress import progress_bar
 from meshplan.executor.generate import Generation, ServingRank
 from meshplan.executor.measure import max_rss_bytes, peak_bytes, timed
-from meshplan.executor.options import ServeRankOptions
+from meshplan.executor.options import ServeRankOptions, serving_dtype
 from meshplan.executor.ranks.common import gather_from_ranks, run_rank_jobs
 from meshplan.executor.records import ServeResult
 from meshplan.simulator.serve import InferencePlan
 from meshplan.simulator.model_spec import ModelSpec
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def serving_dtype(plan: InferencePlan, device: torch.device) -> str:
-    """The plan's dtype on CUDA (weights, activations and KV cache in it); fp32 on CPU, whose
-    bf16/fp16 matmuls are far slower than fp32 (the local profile: 3 vs 90 GFLOP/s)."""
-    return plan.dtype if device.type == "cuda" else "fp32"
 
 
 @dataclass(frozen=True)
@@ -54,7 +48,7 @@ class ServeMemory:
 
 
 def run_job(spec: ModelSpec, plan: InferencePlan, options: ServeRankOptions, device: torch.device) -> dict:
-    dtype = serving_dtype(plan, device)
+    dtype = serving_dtype(plan.dtype, device.type)
     rank = ServingRank(spec, plan, options.seed, device, TORCH_DTYPES[dtype])
     if device.type == "cuda":  # from here: the stage's weights, not the full model built first
         torch.cuda.reset_peak_memory_stats(device)

@@ -7,9 +7,15 @@ full model from the seed on every rank, split it into pipeline stages, paralleli
 stage (parallelize.py), train `steps` steps on the same global batches as a single process
 would, and time and account memory (measure.py). Each node's local rank 0 writes
 result.json into the run folder; with `save_grads` set, every rank also saves the gradients of
-the first step (for the numerics tests).
+the first step (for the numerics tests). With a checkpoint folder, the job saves a checkpoint
+every `checkpoint_every` steps and after the last one, and starts from the newest one there
+when asked to resume or when torchrun restarts the ranks after a failure
+(executor/checkpoint.py); the losses it reports are then those of every step from 0.
 
-Set MESHPLAN_FAULT=RANK:STEP to make that rank exit abruptly after that step (fault tests).
+Set MESHPLAN_FAULT=RANK:STEP to make that rank exit abruptly after that step, or
+RANK:STEP:save in the middle of the checkpoint saved after that step (its part written, the
+checkpoint not yet complete); only in the first attempt, not after a torchrun restart (fault
+tests).
 """
 from __future__ import annotations
 
@@ -25,14 +31,16 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from meshplan.core.progress import progress_bar
 from meshplan.executor import data as batches
+from meshplan.executor.checkpoint import CheckpointInfo
 from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages,
                               rank_memory, timed)
 from meshplan.executor.model import build_model, loss_fn
 from meshplan.executor.parallelize import (build_mesh, build_optimizer, full_gradients, gradient_sync,
                                   parallelize)
 from meshplan.executor.pipeline import build_schedule, split_stage, stage_indices
-from meshplan.executor.options import TrainRankOptions
+from meshplan.executor.options import TrainRankOptions, compute_dtype
 from meshplan.executor.records import TrainResult
+from meshplan.executor.ranks.checkpointer import Checkpointer
 from meshplan.executor.ranks.common import gather_from_ranks, run_rank_jobs
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Plan
@@ -41,10 +49,16 @@ FAULT_ENV = "MESHPLAN_FAULT"
 FAULT_EXIT_CODE = 17
 
 
-def compute_dtype(plan: Plan, device: torch.device) -> str:
-    """bf16 autocast on CUDA for bf16 plans; fp32 otherwise (on CPU, and for fp16, which
-    would need loss scaling)."""
-    return "bf16" if device.type == "cuda" and plan.dtype == "bf16" else "fp32"
+def fault_here(step: int, when: str) -> None:
+    """Exit abruptly if MESHPLAN_FAULT names this rank, this step and `when` ("step": after
+    the step, "save": in the middle of its checkpoint), in the first attempt only."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    rank, _, rest = os.environ.get(FAULT_ENV, "").partition(":")
+    at, _, phase = rest.partition(":")
+    if (rank, at, phase or "step") == (str(dist.get_rank()), str(step), when):
+        sys.stderr.flush()
+        os._exit(FAULT_EXIT_CODE)
 
 
 class Job:
@@ -54,7 +68,7 @@ class Job:
         self.spec, self.plan, self.options, self.device = spec, plan, options, device
         self.mesh = build_mesh(plan.mesh(plan.world_size), device.type)
         self.dp_rank = self.mesh["dp"].get_local_rank()
-        self.dtype = compute_dtype(plan, device)
+        self.dtype = compute_dtype(plan.dtype, device.type)
         model = build_model(spec, options.seed).to(device)
         if plan.pp > 1:
             self.indices = stage_indices(plan, self.mesh["pp"].get_local_rank())
@@ -118,34 +132,45 @@ class Job:
 
 def run_job(spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torch.device,
             job_index: int, run_dir: Path) -> dict:
-    """Train one plan; memory is accounted on the first step (a warm-up step, untimed in
-    the summary, when warmup >= 1)."""
+    """Train one plan from step 0, or from its newest checkpoint; memory is accounted on the
+    first step this launch runs (a warm-up step, untimed in the summary, when warmup >= 1)."""
     job = Job(spec, plan, options, device)
     rank = dist.get_rank()
     label = f"run dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}"
     grads_file = run_dir / f"grads{job_index}_rank{rank}.pt" if options.save_grads else None
-    fault = os.environ.get(FAULT_ENV)
+    saver = (Checkpointer(options.checkpoint_dir, job.modules, job.optimizer, device)
+             if options.checkpoint_dir else None)
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    start, before = saver.load(options.lr) if saver and (options.resume or restarted) else (0, ())
+    every = options.checkpoint_every or options.steps
     losses, times_s = [], []
-    with progress_bar(options.steps, label, rank == 0 and options.progress,
+    with progress_bar(options.steps - start, label, rank == 0 and options.progress,
                       force_terminal=True) as bar:
-        for step in range(options.steps):
+        for step in range(start, options.steps):
             inputs, targets = job.local_batch(step)
-            first = step == 0
+            first = step == start
             times_s.append(timed(lambda: losses.append(
                 job.train_step(inputs, targets, first, grads_file if first else None)), device))
             bar.advance()
-            if fault == f"{rank}:{step}":
-                sys.stderr.flush()
-                os._exit(FAULT_EXIT_CODE)
-    return TrainResult(losses=tuple(global_losses(losses, job.has_last, device)),
-                       step_times_s=tuple(times_s),
-                       memory_by_rank=tuple(m.to_json() for m in gather_from_ranks(job.memory)),
+            done = step + 1
+            if saver and (done % every == 0 or done == options.steps):
+                so_far = (*before, *global_losses(losses, job.has_last, device))
+                saver.save(CheckpointInfo(done, spec.to_dict(), plan.to_dict(), dist.get_world_size(),
+                                          options.seed, options.lr, options.data, so_far),
+                           before_commit=lambda: fault_here(step, "save"))
+            fault_here(step, "step")
+    # No step left (a restart after the last checkpoint): nothing was measured.
+    memory = [m.to_json() for m in gather_from_ranks(job.memory) if m is not None]
+    return TrainResult(losses=(*before, *global_losses(losses, job.has_last, device)),
+                       step_times_s=tuple(times_s), memory_by_rank=tuple(memory),
                        dtype=job.dtype, device=device.type).to_json()
 
 
 def global_losses(losses: list[torch.Tensor], has_loss: bool, device) -> list[float]:
     """Per-step mean loss over the global batch, the same on every rank: ranks holding a loss
     (the last pipeline stage) contribute theirs, averaged over how many did."""
+    if not losses:  # no step ran, on any rank
+        return []
     local = torch.stack(losses).float() if has_loss else torch.zeros(len(losses), device=device)
     buf = torch.cat([local, torch.tensor([float(has_loss)], device=device)])
     dist.all_reduce(buf)

@@ -30,9 +30,23 @@ def register(subparsers) -> None:
     parser.add_argument("--data", help=".npy file of int token ids (default: synthetic tokens)")
     parser.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
     parser.add_argument("--node-rank", type=int, default=0, help="this machine's index")
-    parser.add_argument("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (several nodes)")
+    parser.add_argument("--rdzv-endpoint",
+                        help="HOST:PORT of the c10d rendezvous on node 0, which hosts it (several nodes)")
+    parser.add_argument("--rdzv-timeout-s", type=float, default=600.0,
+                        help="how long the nodes wait for each other at the rendezvous (default 600)")
     parser.add_argument("--timeout-s", type=float, default=60.0,
                         help="process-group timeout: a stuck collective fails after this long")
+    faults = parser.add_argument_group("checkpoints and restarts (training)")
+    faults.add_argument("--checkpoint-dir",
+                        help="folder for checkpoints (torch.distributed.checkpoint); shared by all nodes")
+    faults.add_argument("--checkpoint-every", type=int,
+                        help="save a checkpoint every N steps (default: after the last step only)")
+    faults.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in --checkpoint-dir (from step 0 "
+                             "if it has none); a changed parallel layout is resharded")
+    faults.add_argument("--max-restarts", type=int, default=0,
+                        help="torchrun restarts every rank up to N times after a failure, each "
+                             "time from the newest checkpoint (needs --checkpoint-dir)")
     parser.add_argument("--json", action="store_true", help="print predicted vs measured as JSON")
     parser.add_argument("--record", help="write the full run record (JSON) to this path")
     parser.set_defaults(handler=run)
@@ -43,7 +57,8 @@ def resolve(args: argparse.Namespace):
     ranks of one machine."""
     model = common.load_model_arg(args)
     fields = common.user_plan_fields(args)
-    gpus = args.gpus or math.prod(fields.get(a, 1) for a in ("dp", "tp", "pp", "cp"))
+    gpus = (args.gpus if args.gpus is not None
+            else math.prod(fields.get(a, 1) for a in ("dp", "tp", "pp", "cp")))
     per_node = args.gpus_per_node or max(1, gpus // max(1, args.nnodes))
     cluster = Cluster(num_gpus=gpus, gpus_per_node=per_node)
     return model, common.complete_plan(fields, cluster), cluster
@@ -59,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     options = RunOptions(steps=args.steps, warmup=args.warmup, seed=args.seed, data=args.data,
                          profile=args.hardware, timeout_s=args.timeout_s, nnodes=args.nnodes,
                          node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
-                         progress=wanted(args.json))
+                         rdzv_timeout_s=args.rdzv_timeout_s, progress=wanted(args.json),
+                         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                         resume=args.resume, max_restarts=args.max_restarts)
     return report(args, lambda: launch_train(model, plan, cluster, options), print_summary)
 
 
@@ -131,13 +148,20 @@ def run_inference(args: argparse.Namespace) -> int:
     if args.data:
         raise PlanError("--data", "serving runs generate from synthetic prompts drawn from "
                         "--seed", "drop --data with --mode inference")
+    given = [flag for flag, value in (("--checkpoint-dir", args.checkpoint_dir),
+                                      ("--checkpoint-every", args.checkpoint_every),
+                                      ("--resume", args.resume), ("--max-restarts", args.max_restarts))
+             if value]
+    if given:
+        raise PlanError(given[0], "serving runs keep no state to checkpoint or restart from",
+                        f"drop {' and '.join(given)} with --mode inference")
     model = common.load_model_arg(args)
-    gpus = args.gpus or (args.tp or 1) * (args.pp or 1) * (args.replicas or 1)
+    gpus = args.gpus if args.gpus is not None else (args.tp or 1) * (args.pp or 1) * (args.replicas or 1)
     cluster = Cluster(num_gpus=gpus, gpus_per_node=args.gpus_per_node or gpus)
     plan = InferencePlan(**common.inference_plan_fields(args, cluster))
     options = ServeOptions(warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                            profile=args.hardware, timeout_s=args.timeout_s,
-                           progress=wanted(args.json))
+                           rdzv_timeout_s=args.rdzv_timeout_s, progress=wanted(args.json))
     return report(args, lambda: launch_serve(model, plan, cluster, options),
                   print_inference_summary)
 

@@ -1,0 +1,113 @@
+"""Save and load a training job's checkpoints on the ranks with torch.distributed.checkpoint
+(DCP), in the folder layout of executor/checkpoint.py.
+
+What DCP saves, by the plain model's parameter names (get_state_dict strips the DDP and
+activation-checkpoint wrappers), so that a checkpoint loads into any plan of the same model
+and DCP reshards it (DP into TP, FSDP2 or another pipeline split):
+  model      the parameters (this rank's DTensor shards under TP, FSDP2 and replicate)
+  optim      the AdamW state, flattened by parameter name (under ZeRO-1, each rank's part)
+  progress   {"step": the next step}: the data position, as step s trains on global batch s
+  rng_rank<R>  each rank's torch RNG state (CPU; and CUDA on a GPU)
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+
+from meshplan.core.io import write_atomic, write_json
+from meshplan.executor.checkpoint import INFO, KEEP, LATEST, CheckpointInfo, latest, step_name
+
+# Optimizer state keyed by parameter name rather than position, so it reshards (torchtitan's choice).
+DCP_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def stage_view(modules: list[nn.Module]) -> nn.Module:
+    """One module holding this rank's stage modules' parts under the plain model's names
+    (tok_embeddings, layers.<i>, norm, output), for get_state_dict: several pipeline stages
+    on one rank (interleaving) then save and load as the one model they are parts of."""
+    if len(modules) == 1:
+        return modules[0]
+    view, layers = nn.Module(), nn.ModuleDict()
+    for module in modules:
+        for name, child in module.named_children():
+            if name == "layers":
+                layers.update(child)
+            else:
+                view.add_module(name, child)
+    view.add_module("layers", layers)
+    return view
+
+
+class Checkpointer:
+    """Save and load this rank's part of a training job: its stage modules and optimizer
+    (ZeroRedundancyOptimizer: its inner optimizer, this rank's partition)."""
+
+    def __init__(self, folder: str, modules: list[nn.Module], optimizer: torch.optim.Optimizer,
+                 device: torch.device):
+        self.folder, self.device = Path(folder), device
+        self.model = stage_view(modules)
+        self.optimizer = getattr(optimizer, "optim", optimizer)
+        self.rng_key = f"rng_rank{dist.get_rank()}"
+        if dist.get_rank() == 0:  # saves a crash cut short
+            for stale in self.folder.glob("step-*.tmp"):
+                shutil.rmtree(stale)
+        dist.barrier()
+
+    def _state(self, step: int) -> dict:
+        model, optim = get_state_dict(self.model, self.optimizer, options=DCP_OPTIONS)
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"model": model, "optim": optim, "progress": {"step": step}, self.rng_key: rng}
+
+    def save(self, info: CheckpointInfo, before_commit: Callable[[], None] = lambda: None) -> None:
+        """Save the checkpoint at info.step (collective over every rank). before_commit runs
+        on each rank once its part is on disk and before the checkpoint counts (fault tests)."""
+        final = self.folder / step_name(info.step)
+        tmp = final.with_name(final.name + ".tmp")
+        dcp.save(self._state(info.step), checkpoint_id=tmp)
+        before_commit()
+        if dist.get_rank() == 0:
+            write_json(tmp / INFO, info.to_json())
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            write_atomic(self.folder / LATEST, final.name + "\n")
+            done = sorted(p for p in self.folder.glob("step-*") if p.suffix != ".tmp")
+            for old in done[:-KEEP]:
+                shutil.rmtree(old)
+        dist.barrier()
+
+    def load(self, lr: float) -> tuple[int, tuple[float, ...]]:
+        """Load the newest checkpoint into the modules and optimizer, with the learning rate
+        set to `lr`; returns (the next step, the losses before it), or (0, ()) when there is
+        no checkpoint yet."""
+        found = latest(self.folder)
+        if found is None:
+            return 0, ()
+        path, info = found
+        state = self._state(0)
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        # Only the RNG states saved: a rank the checkpoint's world did not have has none, a
+        # CPU checkpoint none for CUDA.
+        rng = {k: v for k, v in state.pop(self.rng_key).items() if f"{self.rng_key}.{k}" in saved}
+        if rng:
+            state[self.rng_key] = rng
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=DCP_OPTIONS)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        return state["progress"]["step"], info.losses[:state["progress"]["step"]]
