@@ -165,3 +165,18 @@ def test_simulated_dp_comm_grows_when_dp_crosses_the_oversubscribed_uplink():
                      dataclasses.replace(hw, fabric=None))
     assert across.breakdown_s["dp_comm"] > plain.breakdown_s["dp_comm"]
     assert across.step_time_s > inside.step_time_s
+
+
+def test_whatif_replans_each_fabric_with_placement():
+    from meshplan.reports.whatif import plan_scenarios, report_html
+
+    model, fixed = ZOO["megatron-gpt-1.7b"], {"global_batch": 16, "seq_len": 1024}
+    a100 = load_profile("a100-80gb")
+    scenarios = plan_scenarios(model, [a100], [16], None, fixed, {}, ("single-switch", "fat-tree:4:1"))
+    labels = [s.label for s in scenarios]
+    assert labels == ["a100-80gb, 16 GPUs", "a100-80gb, 16 GPUs, fabric single-switch",
+                      "a100-80gb, 16 GPUs, fabric fat-tree:4:1"]
+    assert all(s.best is not None for s in scenarios)
+    # a slower fabric never makes the best plan faster
+    assert scenarios[2].best.step_time_s >= scenarios[0].best.step_time_s
+    assert "Fabric" in report_html(model, scenarios)
