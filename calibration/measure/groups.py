@@ -10,7 +10,8 @@ patterns.json lists {"name", "groups": [[rank, ...], ...], "kinds", "sizes"}; a 
 groups run the collective at the same moment (a barrier of every rank before each call;
 ranks in no group wait). A row's time is the slowest rank's median over calls, over all of
 the pattern's groups. Ranks are numbered node by node (torchrun's order), so a group's ranks
-per node come from LOCAL_WORLD_SIZE. Rank 0 writes COLLECTIVE_COLUMNS + "pattern" rows.
+per node come from LOCAL_WORLD_SIZE. gloo on CPU, NCCL on CUDA, as the single-machine
+measurement. Rank 0 writes COLLECTIVE_COLUMNS + "pattern" rows.
 """
 from __future__ import annotations
 
@@ -23,11 +24,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from meshplan.calibration.measure.collectives import ELEMENT_BYTES, _collective, _elements, _time_group
+from meshplan.calibration.measure.collectives import (ELEMENT_BYTES, _collective, _elements,
+                                                       _time_group, run_rank)
 from meshplan.calibration.samples import COLLECTIVE_COLUMNS
 from meshplan.core.errors import ProfileError
-from meshplan.core.io import write_atomic
-from meshplan.executor.ranks.common import pin_rank_to_core
 
 
 def ranks_per_node(group: list[int], local_world_size: int) -> int:
@@ -35,8 +35,8 @@ def ranks_per_node(group: list[int], local_world_size: int) -> int:
     return max(Counter(r // local_world_size for r in group).values())
 
 
-def measure_pattern(pattern: dict, local_world_size: int, repeats: int, warmup: int,
-                    budget_s: float) -> list[dict]:
+def measure_pattern(pattern: dict, local_world_size: int, device: torch.device, repeats: int,
+                    warmup: int, budget_s: float) -> list[dict]:
     """Rows of one pattern (the same on every rank)."""
     world, me = dist.get_world_size(), dist.get_rank()
     groups = [sorted(g) for g in pattern["groups"]]
@@ -57,9 +57,9 @@ def measure_pattern(pattern: dict, local_world_size: int, repeats: int, warmup: 
     for kind in pattern["kinds"]:
         for message in pattern["sizes"]:
             n = _elements(kind, int(message), size)
-            call = (_collective(kind, n, groups[mine], handles[mine], torch.device("cpu"))
+            call = (_collective(kind, n, groups[mine], handles[mine], device)
                     if mine is not None else (lambda: None))
-            t, std, k = _time_group(call, None, torch.device("cpu"), repeats, warmup, budget_s)
+            t, std, k = _time_group(call, None, device, repeats, warmup, budget_s)
             rows.append({**dict(zip(COLLECTIVE_COLUMNS, (kind, size, rpn, n * ELEMENT_BYTES, t, std, k))),
                          "pattern": pattern["name"]})
             if me == 0:
@@ -77,18 +77,11 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=4.0,
                    help="time per configuration beyond which fewer repeats are timed")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    pin_rank_to_core(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("gloo")
-    try:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-        rows = [row for pattern in json.loads(args.patterns.read_text())
-                for row in measure_pattern(pattern, local, args.repeats, args.warmup, args.budget_s)]
-        if dist.get_rank() == 0:
-            write_atomic(args.out, json.dumps(rows))
-    finally:
-        dist.destroy_process_group()
-
+    patterns = json.loads(args.patterns.read_text())
+    run_rank(args.out, lambda device: [
+        row for pattern in patterns
+        for row in measure_pattern(pattern, int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())),
+                                   device, args.repeats, args.warmup, args.budget_s)])
 
 if __name__ == "__main__":
     main()
