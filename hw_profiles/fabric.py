@@ -18,7 +18,11 @@ a group of r ranks per node runs its inter-node step as r rings over its nodes, 
 joining the j-th rank of the group on each node (the hierarchical composition of
 collective_model; NCCL likewise gives each rank's channel its own NIC), pipeline stages as a
 chain. Each stream takes its share of the most loaded edge on its path; a group's rate is
-its slowest stream's, a kind's the slowest group's (the step waits for every group).
+its slowest stream's, a kind's the slowest group's (the step waits for every group). All
+groups of a kind are taken to communicate at once: pessimistic where they are staggered
+(the DP groups of different pipeline stages finish their backward at different times).
+A profile without a fabric section (HardwareProfile.fabric None) has no contention between
+groups: every link share is 1.0 and the inter-node curves apply as measured.
 """
 from __future__ import annotations
 
@@ -34,9 +38,6 @@ from meshplan.core.mesh import Group, Mesh
 
 TOPOLOGIES = ("single-switch", "fat-tree", "rail-optimized")
 ALIASES = {"rail": "rail-optimized", "fat": "fat-tree", "single": "single-switch"}
-# What a profile without a fabric section means: every group has the network to itself, the
-# inter-node curves as measured (no contention between groups, link_share 1.0).
-NO_FABRIC = "not described: no contention between groups (link share 1.0)"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from meshplan.hw_profiles import collective_model, gemm_model
 from meshplan.hw_profiles.collective_model import CollectiveFit, Curve, Line
-from meshplan.hw_profiles.fabric import NO_FABRIC, Fabric
+from meshplan.hw_profiles.fabric import Fabric
 from meshplan.hw_profiles.gemm_model import DTYPE_BYTES, GemmFit, MemoryBoundFit
 from meshplan.core.errors import ProfileError
 from meshplan.core.io import write_atomic
@@ -121,10 +121,6 @@ class HardwareProfile:
         the group's share of the inter-node bandwidth (core.mesh.Group.link_share)."""
         return collective_model.collective_time_s(self.collectives, kind, message_bytes,
                                                   group_size, ranks_per_node, link_share)
-
-    @property
-    def fabric_label(self) -> str:
-        return self.fabric.label if self.fabric else NO_FABRIC
 
     def with_fabric(self, fabric: Fabric) -> HardwareProfile:
         """What-if copy on another fabric (same NICs, curves and compute)."""
