@@ -18,11 +18,13 @@ Then, with one torchrun node per namespace (c10d rendezvous over the emulated ne
    other (data-parallel groups inside a leaf or across the uplinks) and prints the predicted
    and measured step times, and which placement the planner prefers.
 
-Needs root, `ip` and `tc` (iproute2) with the tbf qdisc. Every namespace, veth and bridge it
-makes is removed at the end, also on failure or Ctrl-C; traffic stays inside them.
+Needs root, `ip` and `tc` (iproute2) with the tbf qdisc, `taskset` and `unshare`. Every
+namespace, veth and bridge it makes (and the /etc/netns/<namespace>/hosts files that name
+the nodes inside them) is removed at the end, also on failure, Ctrl-C or SIGTERM, and every
+process left in the namespaces is stopped; traffic stays inside them.
 
     sudo python benchmarks/emulated_cluster.py [--nodes 4] [--nodes-per-leaf 2]
-        [--oversubscription 2] [--nic-mbit 400] [--out DIR]
+        [--oversubscription 2] [--nic-mbit 200] [--out DIR]
 """
 from __future__ import annotations
 
