@@ -8,7 +8,8 @@ Vidur's cross-node rows were measured on a cluster whose fabric is ~10x slower t
 fabric (8 NICs per node, one per GPU) the stock profiles describe, so by default (dgx) the
 inter-node level comes from published nccl-tests figures of that fabric and Vidur's cross-node
 fit is kept as reference (extra / fit_report "measured_inter_node_not_used"); --inter-node vidur
-writes <name>-vidur-fabric.json whose inter-node level is Vidur's fit.
+writes <name>-vidur-fabric.json whose inter-node level is Vidur's fit. Each profile's `fabric` (how the NICs are switched) is the
+published DGX SuperPOD compute fabric (STOCK[...]["network"]).
 """
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ INTER_LATENCY = ("inter-node alpha 20 us: NVIDIA/nccl-tests#150, all_reduce_perf
 CONTENTION = {"compute_slowdown": 0.189, "source": "arXiv 2507.03114 (2025) sec. 5: compute "
               "slows 18.9% on average (max 40.0%) while NCCL collectives overlap it, measured "
               "on 4x A100 and 4x H100 over GPT and Llama layers"}
+SUPERPOD_H100 = ("NVIDIA DGX SuperPOD reference architecture, DGX H100 (RA-11333-001; docs.nvidia.com/"
+                 "dgx-superpod/reference-architecture-scalable-infrastructure-h100, Network Fabrics): "
+                 "compute fabric rail-aligned in scalable units of 32 nodes, traffic per rail one hop "
+                 "away inside an SU, between rails or SUs through the spine; Table 4 cables per SU: "
+                 "252 node-leaf, 256 leaf-spine (uplinks >= downlinks: non-blocking)")
+SUPERPOD_A100 = ("NVIDIA DGX SuperPOD reference architecture, DGX A100 (RA-09950-001, Nov 2020): "
+                 "scalable units of 20 DGX A100, one HDR 200 Gb/s NIC per GPU (1:1 GPU to NIC, "
+                 "Hot Chips 32 DGX A100 SuperPOD talk), rail-optimised compute fabric, 8 leaf "
+                 "switches per SU (one per rail), full fat tree above: non-blocking")
 VIDUR = ("microsoft/vidur data/profiling @7d47513 (MIT): measured fp16 operator and NCCL "
          "collective timings; GEMM, memory-bound and collective curves are fitted to them")
 STOCK = {
@@ -60,6 +70,8 @@ STOCK = {
                 "one HDR NIC 24 GB/s: NVIDIA/nccl#412 (sjeaugey: ~24 GB/s inter-node per HDR NIC), "
                 "NVIDIA/nccl-tests#160 (sjeaugey: 24 GB/s per NIC on good setups; ring busbw "
                 "reflects the NICs on 3+ nodes)", INTER_LATENCY]},
+        "network": {"topology": "rail-optimized", "nodes_per_leaf": 20, "oversubscription": 1.0,
+                    "source": SUPERPOD_A100},
         "published": {
             "intra_allreduce_8_busbw_GBps": (232.5, "NVIDIA/nccl-tests#175: single-node 8x A100 "
                                              "all_reduce_perf busbw 232.54 GB/s"),
@@ -94,6 +106,8 @@ STOCK = {
                 "busbw being the NICs' (NVIDIA/nccl-tests#160, #290)",
                 INTER_LATENCY + "; no H100 figure found, reused (NCCL's software path and one IB hop "
                 "dominate; Vidur's H100 cluster send_recv fit gives 19.6 us)"]},
+        "network": {"topology": "rail-optimized", "nodes_per_leaf": 32, "oversubscription": 1.0,
+                    "source": SUPERPOD_H100},
         "published": {
             "intra_allreduce_8_busbw_GBps": (370.0, "NVIDIA/nccl-tests#212 (sjeaugey): effective "
                                              "NVLink busbw ~370 GB/s without NVLS, ~480 with NVLS"),
@@ -179,6 +193,7 @@ def build(data_dir: Path, out_dir: Path, inter_node: str = "dgx") -> dict[str, H
         profile = fit_profile(samples, spec["base"], fabric=spec["fabric"]) if inter_node == "dgx" else vidur
         checks = published_checks(profile, spec["published"], vidur)
         profile = HardwareProfile.from_dict({**profile.to_dict(), "contention": CONTENTION,
+                                             "fabric": spec["network"],
                                              "extra": {**profile.extra, "published_checks": checks}})
         profile.save(out_dir / f"{profile.name}.json")
         profiles[profile.name] = profile

@@ -16,10 +16,14 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Group:
-    """A communication group: its size and how many of its ranks share one node."""
+    """A communication group: its size, how many of its ranks share one node, and the
+    fraction of the per-rank inter-node bandwidth it gets when every group of its kind
+    communicates at once (1.0: a NIC of its own and no oversubscribed uplink; computed from
+    the profile's fabric by hw_profiles/fabric.py)."""
 
     size: int
     ranks_per_node: int
+    link_share: float = 1.0
 
     @property
     def nodes(self) -> int:

@@ -15,6 +15,10 @@ nodes runs intra-node reduce-scatter / all-gather over r ranks and the inter-nod
 nodes on M/r bytes per rank (hierarchical all-reduce, Jia et al. 2018 "Highly scalable deep
 learning training system with mixed-precision"; NCCL's tree algorithms are likewise
 node-hierarchical).
+
+`link_share` (core.mesh.Group, from the profile's fabric: hw_profiles/fabric.py) scales the
+inter-node steps' bandwidth when the group shares NICs or oversubscribed uplinks with the
+other groups of its kind; their latency stays.
 """
 from __future__ import annotations
 
@@ -144,54 +148,64 @@ def latency_steps(kind: str, nodes: float) -> float:
     return nodes - 1.0
 
 
-def inter_step_s(fit: CollectiveFit, kind: str, per_rank_bytes, nodes: float, ranks_per_node: int):
-    """Time of the inter-node step of `kind` over `nodes` nodes, each rank moving
-    `per_rank_bytes` through its NIC (bus factor over the node count). The curve's latency
-    was fitted on two nodes; more nodes add latency for each further sequential hop."""
-    factor = 1.0 if kind == "send_recv" else bus_factor(kind, nodes)
+def _shared_inter_curve(fit: CollectiveFit, kind: str, ranks_per_node: int, link_share: float) -> Curve:
     curve = fit.inter_curve(kind, ranks_per_node)
+    return curve if link_share == 1.0 else curve.scaled(bandwidth=link_share)
+
+
+def inter_step_s(fit: CollectiveFit, kind: str, per_rank_bytes, nodes: float, ranks_per_node: int,
+                 link_share: float = 1.0):
+    """Time of the inter-node step of `kind` over `nodes` nodes, each rank moving
+    `per_rank_bytes` through its NIC (bus factor over the node count) at `link_share` of the
+    curve's bandwidth. The curve's latency was fitted on two nodes; more nodes add latency for
+    each further sequential hop."""
+    factor = 1.0 if kind == "send_recv" else bus_factor(kind, nodes)
+    curve = _shared_inter_curve(fit, kind, ranks_per_node, link_share)
     extra_hops = latency_steps(kind, nodes) / latency_steps(kind, 2.0) - 1.0
     return curve.time_s(per_rank_bytes * factor) + extra_hops * curve.small.alpha_s
 
 
 def hierarchical_time_s(fit: CollectiveFit, kind: str, message_bytes, group_size: int,
-                        ranks_per_node: int):
+                        ranks_per_node: int, link_share: float = 1.0):
     """Time of `kind` over a group spanning group_size / ranks_per_node nodes."""
-    r = ranks_per_node
+    r, s = ranks_per_node, link_share
     nodes = group_size / r
     m = np.asarray(message_bytes, dtype=float)
     if kind == "send_recv":
-        return inter_step_s(fit, kind, m, 2.0, r)
+        return inter_step_s(fit, kind, m, 2.0, r, s)
     if kind == "all_reduce":
-        return (intra_time_s(fit, "reduce_scatter", m, r) + inter_step_s(fit, kind, m / r, nodes, r)
+        return (intra_time_s(fit, "reduce_scatter", m, r) + inter_step_s(fit, kind, m / r, nodes, r, s)
                 + intra_time_s(fit, "all_gather", m, r))
     if kind == "reduce_scatter":
-        return intra_time_s(fit, kind, m, r) + inter_step_s(fit, kind, m / r, nodes, r)
+        return intra_time_s(fit, kind, m, r) + inter_step_s(fit, kind, m / r, nodes, r, s)
     if kind == "all_gather":
-        return inter_step_s(fit, kind, m / r, nodes, r) + intra_time_s(fit, kind, m, r)
+        return inter_step_s(fit, kind, m / r, nodes, r, s) + intra_time_s(fit, kind, m, r)
     if kind == "broadcast":
         # Root's node sends M/r through each of its r NICs, then each node all-gathers M.
-        return inter_step_s(fit, kind, m / r, nodes, r) + intra_time_s(fit, "all_gather", m, r)
+        return inter_step_s(fit, kind, m / r, nodes, r, s) + intra_time_s(fit, "all_gather", m, r)
     if kind == "all_to_all":
         # Of a rank's buffer, (n-r)/n leaves the node over its NIC while (r-1)/n moves over the
         # intra-node links at the same time; the slower of the two bounds the exchange.
-        inter = fit.inter_curve(kind, r).time_s(m * (group_size - r) / group_size)
+        inter = _shared_inter_curve(fit, kind, r, s).time_s(m * (group_size - r) / group_size)
         intra = intra_time_s(fit, kind, m * r / group_size, r)
         return np.maximum(inter, intra)
     raise ValueError(f"unknown collective {kind!r}; expected one of {KINDS}")
 
 
 def collective_time_s(fit: CollectiveFit, kind: str, message_bytes, group_size: int,
-                      ranks_per_node: int):
+                      ranks_per_node: int, link_share: float = 1.0):
     """Time (s) of one collective; message_bytes in nccl-tests' size convention
-    (calibration/samples.py). Vectorised over message_bytes."""
+    (calibration/samples.py), link_share the group's share of the inter-node bandwidth.
+    Vectorised over message_bytes."""
     if kind not in KINDS:
         raise ValueError(f"unknown collective {kind!r}; expected one of {KINDS}")
+    if not 0.0 < link_share <= 1.0:
+        raise ValueError(f"link_share {link_share!r} outside (0, 1]")
     r = min(max(int(ranks_per_node), 1), int(group_size))
     if group_size <= 1:
         t = 0.0 * np.asarray(message_bytes, dtype=float)
     elif r == group_size:
         t = intra_time_s(fit, kind, np.asarray(message_bytes, dtype=float), group_size)
     else:
-        t = hierarchical_time_s(fit, kind, message_bytes, group_size, r)
+        t = hierarchical_time_s(fit, kind, message_bytes, group_size, r, float(link_share))
     return float(t) if np.ndim(t) == 0 else t

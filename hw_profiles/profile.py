@@ -10,6 +10,7 @@ from pathlib import Path
 
 from meshplan.hw_profiles import collective_model, gemm_model
 from meshplan.hw_profiles.collective_model import CollectiveFit, Curve, Line
+from meshplan.hw_profiles.fabric import Fabric
 from meshplan.hw_profiles.gemm_model import DTYPE_BYTES, GemmFit, MemoryBoundFit
 from meshplan.core.errors import ProfileError
 from meshplan.core.io import write_atomic
@@ -89,6 +90,9 @@ class HardwareProfile:
     extra: dict = field(default_factory=dict)
     overhead: FrameworkOverhead = FrameworkOverhead()
     contention: Contention = Contention()
+    # How the NICs are switched (hw_profiles/fabric.py). None (no "fabric" in the JSON): not
+    # described, every group gets the inter-node bandwidth as measured (link share 1.0).
+    fabric: Fabric | None = None
 
     def _dtype(self, dtype: str) -> str:
         if dtype not in self.gemm or dtype not in self.peak_flops:
@@ -111,10 +115,18 @@ class HardwareProfile:
         return gemm_model.memory_bound_time_s(self.memory_bound[dtype], num_bytes,
                                               self.hbm_bytes_per_s, op_class)
 
-    def collective_time_s(self, kind: str, message_bytes, group_size: int, ranks_per_node: int):
-        """Time (s) of one collective; message_bytes in nccl-tests' size convention."""
+    def collective_time_s(self, kind: str, message_bytes, group_size: int, ranks_per_node: int,
+                          link_share: float = 1.0):
+        """Time (s) of one collective; message_bytes in nccl-tests' size convention, link_share
+        the group's share of the inter-node bandwidth (core.mesh.Group.link_share)."""
         return collective_model.collective_time_s(self.collectives, kind, message_bytes,
-                                                  group_size, ranks_per_node)
+                                                  group_size, ranks_per_node, link_share)
+
+    def with_fabric(self, fabric: Fabric) -> HardwareProfile:
+        """What-if copy on another fabric (same NICs, curves and compute)."""
+        return replace(self, name=f"{self.name}[fabric={fabric.label}]", fabric=fabric,
+                       sources=self.sources + (f"what-if copy of {self.name}: fabric {fabric.label}",),
+                       extra={**self.extra, "what_if": {"fabric": fabric.label}})
 
     def relative_error_band(self) -> tuple[float, float]:
         """(median, 95th-percentile) relative residual over all held-out samples."""
@@ -180,6 +192,7 @@ class HardwareProfile:
             "extra": json.loads(json.dumps(self.extra)),
             "overhead": asdict(self.overhead),
             "contention": asdict(self.contention),
+            **({"fabric": self.fabric.to_dict()} if self.fabric else {}),
         }
 
     @classmethod
@@ -206,7 +219,9 @@ class HardwareProfile:
             sources=tuple(r.get(data, "sources", list)),
             fit_report=r.get(data, "fit_report", dict), extra=r.get(data, "extra", dict),
             overhead=r.overhead(data.get("overhead", {})),
-            contention=r.contention(data.get("contention", {})))
+            contention=r.contention(data.get("contention", {})),
+            fabric=Fabric.from_dict(data["fabric"], where) if data.get("fabric") is not None
+            else None)
 
     def save(self, path) -> None:
         """Write the profile's JSON whole or not at all."""

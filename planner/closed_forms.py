@@ -48,7 +48,7 @@ def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
     a = table.attrs
     knobs = {k: table[k].to_numpy() for k in ("dp", "tp", "pp", "cp", "zero", "virtual_stages",
                                               "num_microbatches", "micro_batch", "tp_rpn",
-                                              "cp_rpn", "dp_rpn", "pp_rpn")}
+                                              "cp_rpn", "dp_rpn", "pp_rpn", *step.SHARES)}
     knobs.update(sp=table["sp"].to_numpy(bool), tp_overlap=table["tp_overlap"].to_numpy(bool),
                  reshard=table["reshard_after_forward"].to_numpy(bool),
                  rc=table["recompute"].cat.codes.to_numpy(np.int64),

@@ -46,7 +46,8 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     gave (held); `allowed`: which candidate rows to keep (a target framework's support,
     export.supported)."""
     start = time.perf_counter()
-    table = candidate_table(model, cluster, fixed, prune_dominated=allowed is None)
+    table = candidate_table(model, cluster, fixed, hw.fabric, hw.nics_per_node,
+                            prune_dominated=allowed is None)
     if allowed is not None:
         attrs = dict(table.attrs)
         table = table[allowed(table)].reset_index(drop=True)

@@ -17,19 +17,22 @@ import numpy as np
 import pandas as pd
 
 from meshplan.core.errors import PlanError
-from meshplan.core.mesh import Mesh
+from meshplan.core.mesh import Group, Mesh
+from meshplan.hw_profiles.fabric import Fabric, training_groups
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import ATTENTION, DTYPES, RECOMPUTE, SCHEDULES, Cluster, Plan, complete_fields
 
 # Rank orders tried, innermost first: Megatron-LM's default (tp-cp-dp-pp), its
-# --use-tp-pp-dp-mapping (tp-cp-pp-dp), data parallel inside context parallel, and data
-# parallel innermost (keeps a small DP group inside a node when TP traffic is light).
+# --use-tp-pp-dp-mapping (tp-cp-pp-dp), data parallel inside context parallel, data parallel
+# innermost (keeps a small DP group inside a node when TP traffic is light), and context
+# parallel outermost (on a fabric whose leaf uplinks are oversubscribed, the ring exchange
+# that hides behind attention crosses them instead of the DP or PP traffic).
 PLACEMENTS = (("tp", "cp", "dp", "pp"), ("tp", "cp", "pp", "dp"), ("tp", "dp", "cp", "pp"),
-              ("dp", "tp", "cp", "pp"))
+              ("dp", "tp", "cp", "pp"), ("tp", "dp", "pp", "cp"))
 ZERO_STAGES = (0, 1, 2, 3)
 BUBBLE_FLOOR = 0.005  # interleaved chunk counts are tried until the bubble is below this
-GROUP_COLUMNS = ("tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn")
+GROUP_COLUMNS = ("tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn", "tp_share", "cp_share", "dp_share", "pp_share")
 
 
 def divisors(n: int) -> list[int]:
@@ -66,18 +69,20 @@ def _axes_rows(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
     return _legal(axes, model, cluster, fixed)
 
 
-def _placement_rows(axes: pd.DataFrame, cluster: Cluster, fixed: dict) -> pd.DataFrame:
-    """Each degree tuple with the placements whose group link levels differ."""
+def _placement_rows(axes: pd.DataFrame, cluster: Cluster, fixed: dict,
+                    fabric: Fabric | None = None, nics_per_node: int = 1) -> pd.DataFrame:
+    """Each degree tuple with the placements whose groups differ in ranks per node or in
+    link share on `fabric` (hw_profiles/fabric.py; None: no contention, shares 1.0)."""
     orders = (tuple(fixed["placement"]),) if "placement" in fixed else PLACEMENTS
     rows = []
     for dp, tp, pp, cp in axes[["dp", "tp", "pp", "cp"]].itertuples(index=False):
         sizes = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
         seen = set()
         for order in orders:
-            mesh = Mesh.of(sizes, order, cluster.gpus_per_node)
-            sig = (mesh.group(("tp",)).ranks_per_node, mesh.group(("cp",)).ranks_per_node,
-                   mesh.group(("dp", "cp")).ranks_per_node,
-                   mesh.neighbour_pair("pp").ranks_per_node if pp > 1 else 1)  # no p2p without PP
+            g = training_groups(fabric, nics_per_node, Mesh.of(sizes, order, cluster.gpus_per_node))
+            if pp == 1:  # no p2p without PP
+                g["pp"] = Group(2, 1)
+            sig = tuple(g[k].ranks_per_node for k in g) + tuple(g[k].link_share for k in g)
             if sig not in seen:
                 seen.add(sig)
                 rows.append((dp, tp, pp, cp, order) + sig)
@@ -113,9 +118,10 @@ def _schedules(model: ModelSpec, fixed: dict):
     return options
 
 
-def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict,
-                    prune_dominated: bool = True) -> pd.DataFrame:
-    """All legal plans for the model on the cluster with the user's fixed knobs held.
+def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fabric | None = None,
+                    nics_per_node: int = 1, prune_dominated: bool = True) -> pd.DataFrame:
+    """All legal plans for the model on the cluster with the user's fixed knobs held, their
+    groups placed on `fabric` (the profile's; None: no contention between groups).
     Scalar settings (global batch, sequence, dtype, attention, layer partition) ride in
     table.attrs. Raises PlanError naming the broken rule when no plan is legal.
 
@@ -129,7 +135,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict,
     if missing:
         raise PlanError.of(missing)
     gb, seq = fixed["global_batch"], fixed["seq_len"]
-    table = _placement_rows(_axes_rows(model, cluster, fixed), cluster, fixed)
+    table = _placement_rows(_axes_rows(model, cluster, fixed), cluster, fixed, fabric, nics_per_node)
     if not table.empty:
         table = _join(table, ["dp"], lambda dp: [(b,) for b in divisors(gb // dp) if gb % dp == 0
                                                  and fixed.get("micro_batch", b) == b], ["micro_batch"])

@@ -1,15 +1,17 @@
-"""What-if report: plan each scenario (hardware x GPU count, and each scaled resource),
-then draw one self-contained HTML page (plotly.js inline): throughput and MFU against GPU
-count per hardware, the best plan's memory per stage and its pipeline timeline, the top
-plans of each scenario, and the effect of each scaled resource on throughput."""
+"""What-if report: plan each scenario (hardware x GPU count, each scaled resource, each
+fabric), then draw one self-contained HTML page (plotly.js inline): throughput and MFU
+against GPU count per hardware, the best plan's memory per stage and its pipeline timeline,
+the top plans of each scenario, the effect of each scaled resource on throughput, and the
+best plan (placement included) on each fabric."""
 from __future__ import annotations
 
 import html
 from dataclasses import dataclass
 
 from meshplan.reports.page import heading, page
+from meshplan.hw_profiles.fabric import parse_fabric
 from meshplan.hw_profiles.profile import HardwareProfile
-from meshplan.core.errors import PlanError
+from meshplan.core.errors import PlanError, ProfileError
 from meshplan.planner.search import SearchResult, search
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster
@@ -28,11 +30,13 @@ class Scenario:
     factor: float
     result: SearchResult | None
     error: str | None      # why no plan fits, when none does
+    fabric: str | None = None  # the what-if fabric (hw_profiles.fabric label), None: the profile's
 
     @property
     def label(self) -> str:
         scale = f", {self.resource} x{self.factor:g}" if self.resource else ""
-        return f"{self.hardware}, {self.gpus} GPUs{scale}"
+        fabric = f", fabric {self.fabric}" if self.fabric else ""
+        return f"{self.hardware}, {self.gpus} GPUs{scale}{fabric}"
 
     @property
     def best(self):
@@ -40,15 +44,17 @@ class Scenario:
 
 
 def plan_scenarios(model: ModelSpec, profiles: list[HardwareProfile], gpu_counts: list[int],
-                   gpus_per_node: int | None, fixed: dict, scales: dict[str, list[float]]) -> list[Scenario]:
+                   gpus_per_node: int | None, fixed: dict, scales: dict[str, list[float]],
+                   fabrics: tuple[str, ...] = ()) -> list[Scenario]:
     """Each profile at each GPU count as measured; then each scaled resource at each factor,
-    per profile at the largest GPU count (where communication weighs most)."""
-    def one(hw: HardwareProfile, base: str, gpus: int, resource=None, factor=1.0) -> Scenario:
+    and each fabric ("TOPOLOGY[:OVERSUBSCRIPTION[:NODES_PER_LEAF]]", hw_profiles.fabric.
+    parse_fabric), per profile at the largest GPU count (where communication weighs most)."""
+    def one(hw: HardwareProfile, base: str, gpus: int, resource=None, factor=1.0, fabric=None) -> Scenario:
         try:
             cluster = Cluster(gpus, gpus_per_node or min(hw.gpus_per_node, gpus))
-            return Scenario(base, gpus, resource, factor, search(model, cluster, hw, fixed), None)
+            return Scenario(base, gpus, resource, factor, search(model, cluster, hw, fixed), None, fabric)
         except PlanError as exc:
-            return Scenario(base, gpus, resource, factor, None, str(exc))
+            return Scenario(base, gpus, resource, factor, None, str(exc), fabric)
 
     out = [one(hw, hw.name, n) for hw in profiles for n in gpu_counts]
     for resource, factors in scales.items():
@@ -58,6 +64,14 @@ def plan_scenarios(model: ModelSpec, profiles: list[HardwareProfile], gpu_counts
         for hw in profiles:
             for f in factors:
                 out.append(one(hw.scaled(**{resource: f}), hw.name, max(gpu_counts), resource, f))
+    for spec in fabrics:
+        for hw in profiles:
+            try:
+                fabric = parse_fabric(spec, hw.fabric)
+            except ProfileError as exc:
+                where = "" if exc.field == "fabric" else f"{exc.field}: "
+                raise PlanError("whatif.fabric", where + exc.problem, exc.fix) from None
+            out.append(one(hw.with_fabric(fabric), hw.name, max(gpu_counts), fabric=fabric.label))
     return out
 
 
@@ -111,6 +125,29 @@ def _scaling_figure(scaled: list[Scenario], base: list[Scenario]):
     return fig
 
 
+def _fabric_figure(fabrics: list[Scenario], base: list[Scenario]):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    largest = max(s.gpus for s in base)
+    for hw in dict.fromkeys(s.hardware for s in fabrics):
+        ref = [s for s in base if s.hardware == hw and s.gpus == largest and s.best]
+        pts = [("the profile's", r) for r in ref] + [(s.fabric, s) for s in fabrics
+                                                     if s.hardware == hw and s.best]
+        fig.add_trace(go.Bar(name=hw, x=[f for f, _ in pts], y=[s.best.tokens_per_s for _, s in pts],
+                             text=[_knobs(s.best.plan) for _, s in pts]))
+    fig.update_layout(title=f"best plan per fabric, {largest} GPUs (replanned: placement included)",
+                      xaxis_title="fabric (topology:oversubscription:nodes per leaf)",
+                      yaxis_title="tokens/s", barmode="group")
+    return fig
+
+
+def _knobs(p) -> str:
+    return (f"dp{p.dp} tp{p.tp}{'+sp' if p.sp else ''} pp{p.pp} cp{p.cp} zero{p.zero} "
+            f"{p.recompute} mb{p.micro_batch}" + (f" {p.schedule}" if p.pp > 1 else "")
+            + (f"(v{p.virtual_stages})" if p.virtual_stages > 1 else "") + f" [{'-'.join(p.placement)}]")
+
+
 def _table_figure(scenarios: list[Scenario]):
     import plotly.graph_objects as go
 
@@ -119,11 +156,7 @@ def _table_figure(scenarios: list[Scenario]):
         if s.result is None:
             rows.append((s.label, "-", s.error, "", "", "", ""))
         for i, r in enumerate(s.result.ranked[:TOP_PER_SCENARIO] if s.result else (), start=1):
-            p = r.plan
-            knobs = (f"dp{p.dp} tp{p.tp}{'+sp' if p.sp else ''} pp{p.pp} cp{p.cp} zero{p.zero} "
-                     f"{p.recompute} mb{p.micro_batch}" + (f" {p.schedule}" if p.pp > 1 else "")
-                     + (f"(v{p.virtual_stages})" if p.virtual_stages > 1 else ""))
-            rows.append((s.label, str(i), knobs, f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}",
+            rows.append((s.label, str(i), _knobs(r.plan), f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}",
                          f"{r.mfu:.1%}", f"{r.peak_memory_bytes / GIB:.1f}"))
     cols = list(zip(*rows)) if rows else [()] * 7
     fig = go.Figure(go.Table(
@@ -136,8 +169,9 @@ def _table_figure(scenarios: list[Scenario]):
 
 def report_html(model: ModelSpec, scenarios: list[Scenario]) -> str:
     """The page as one string; plotly.js is inlined once, so it opens offline."""
-    base = [s for s in scenarios if s.resource is None]
+    base = [s for s in scenarios if s.resource is None and s.fabric is None]
     scaled = [s for s in scenarios if s.resource is not None]
+    fabrics = [s for s in scenarios if s.fabric is not None]
     solved = [s for s in base if s.best]
     if not solved:
         raise PlanError("cluster.num_gpus", "no scenario has a plan that fits: "
@@ -150,6 +184,8 @@ def report_html(model: ModelSpec, scenarios: list[Scenario]) -> str:
                ("Top plans", _table_figure(scenarios))]
     if scaled:
         figures.append(("Scaled resources", _scaling_figure(scaled, base)))
+    if fabrics:
+        figures.append(("Fabric", _fabric_figure(fabrics, base)))
     body = [f"<p>best overall: {html.escape(top.label)}, {top.best.tokens_per_s:,.0f} tokens/s, "
             f"MFU {top.best.mfu:.1%}, step {top.best.step_time_s:.3f} s (error band "
             f"±{top.best.error_band[0]:.0%} median, ±{top.best.error_band[1]:.0%} p95)</p>"]

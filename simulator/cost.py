@@ -104,43 +104,49 @@ def op_times(op_lists: list[tuple[Op, ...]], hw: HardwareProfile, dtype: str) ->
                    total(np.where(weighted, bwd_in + bwd_w, 0.0)))
 
 
-def collective_s(hw: HardwareProfile, kind: str, message_bytes, size, ranks_per_node) -> np.ndarray:
-    """hw.collective_time_s over arrays of messages, group sizes and ranks per node
-    (broadcast together): one profile call per distinct (size, ranks per node)."""
-    message, size, rpn = np.broadcast_arrays(np.asarray(message_bytes, dtype=float),
-                                             np.asarray(size, dtype=np.int64),
-                                             np.asarray(ranks_per_node, dtype=np.int64))
+def collective_s(hw: HardwareProfile, kind: str, message_bytes, size, ranks_per_node,
+                 link_share=1.0) -> np.ndarray:
+    """hw.collective_time_s over arrays of messages, group sizes, ranks per node and link
+    shares (broadcast together): one profile call per distinct (size, ranks per node, share)."""
+    message, size, rpn, share = np.broadcast_arrays(np.asarray(message_bytes, dtype=float),
+                                                    np.asarray(size, dtype=np.int64),
+                                                    np.asarray(ranks_per_node, dtype=np.int64),
+                                                    np.asarray(link_share, dtype=float))
     out = np.zeros(message.shape)
-    key = (size * (1 << 20) + rpn).ravel()
+    share_ids, shares = pd.factorize(share.ravel())
+    key = ((size * (1 << 20) + rpn).ravel()) * len(shares) + share_ids
     ids, groups = pd.factorize(key)
     order = np.argsort(ids, kind="stable")
     bounds = np.searchsorted(ids[order], np.arange(len(groups) + 1))
     flat_out, flat_message = out.reshape(-1), message.reshape(-1)
     for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        group, ranks = divmod(int(groups[g]), 1 << 20)
+        placed, s = divmod(int(groups[g]), len(shares))
+        group, ranks = divmod(placed, 1 << 20)
         if group > 1:
             rows = order[lo:hi]
-            flat_out[rows] = hw.collective_time_s(kind, flat_message[rows], group, ranks)
+            flat_out[rows] = hw.collective_time_s(kind, flat_message[rows], group, ranks, float(shares[s]))
     return out
 
 
-def tp_comm_s(model: ModelSpec, tokens, sp, dtype_bytes, hw: HardwareProfile, tp, tp_rpn) -> np.ndarray:
+def tp_comm_s(model: ModelSpec, tokens, sp, dtype_bytes, hw: HardwareProfile, tp, tp_rpn,
+              tp_share=1.0) -> np.ndarray:
     """One direction (forward or backward) of a layer's TP communication: 2 all-reduces of
     the [tokens, hidden] activation, or 2 x (reduce-scatter + all-gather) with SP."""
     message = np.asarray(tokens, dtype=float) * model.hidden_size * dtype_bytes
-    with_sp = 2.0 * (collective_s(hw, "reduce_scatter", message, tp, tp_rpn)
-                     + collective_s(hw, "all_gather", message, tp, tp_rpn))
-    return np.where(sp, with_sp, 2.0 * collective_s(hw, "all_reduce", message, tp, tp_rpn))
+    with_sp = 2.0 * (collective_s(hw, "reduce_scatter", message, tp, tp_rpn, tp_share)
+                     + collective_s(hw, "all_gather", message, tp, tp_rpn, tp_share))
+    return np.where(sp, with_sp, 2.0 * collective_s(hw, "all_reduce", message, tp, tp_rpn, tp_share))
 
 
-def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp, cp_rpn):
+def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp, cp_rpn,
+              cp_share=1.0):
     """Ring-attention exchange of one layer, (forward, backward), whole: cp-1 steps each
     passing the local K,V chunk (forward) and K,V + their gradients (backward) to the next
     rank (Liu et al. 2023 sec 3); overlap_split decides how much of it hides behind the
     attention of the current chunk."""
     kv_bytes = 2 * np.asarray(tokens, dtype=float) * (model.num_kv_heads // tp) * model.head_dim * dtype_bytes
-    return ((cp - 1) * collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn),
-            (cp - 1) * collective_s(hw, "send_recv", 2 * kv_bytes, cp, cp_rpn))
+    return ((cp - 1) * collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn, cp_share),
+            (cp - 1) * collective_s(hw, "send_recv", 2 * kv_bytes, cp, cp_rpn, cp_share))
 
 
 def overlap_split(comm_s, compute_s, hw: HardwareProfile, min_exposed_s=0.0):
@@ -223,9 +229,10 @@ class LayerTimes:
 
 
 def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, dtype_bytes, tp,
-                sp, cp, recompute, tp_rpn, cp_rpn, flash: bool, tp_overlap) -> LayerTimes:
+                sp, cp, recompute, tp_rpn, cp_rpn, flash: bool, tp_overlap, tp_share=1.0,
+                cp_share=1.0) -> LayerTimes:
     """Per plan (arrays; st indexed alike): the layer's times under its recompute setting,
-    the placement of its TP and CP groups and TP overlap.
+    the placement of its TP and CP groups (ranks per node, link share) and TP overlap.
 
     Fused attention recomputes its scores in backward (Dao 2022 sec 3.1): compute, not
     recompute. Selective recompute redoes the attention core where it was kept (Korthikanti
@@ -237,12 +244,12 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     behind the attention of the current chunk (Liu et al. 2023 sec 3; the backward has 2x
     the attention to hide behind)."""
     lay = st.layer
-    tp_raw = tp_comm_s(model, tokens, sp, dtype_bytes, hw, tp, tp_rpn)
+    tp_raw = tp_comm_s(model, tokens, sp, dtype_bytes, hw, tp, tp_rpn, tp_share)
     overlap = np.asarray(tp_overlap, dtype=bool) & (np.asarray(tp) > 1)
     tp_f, tp_cf = overlap_split(tp_raw, np.where(overlap, lay.weight_fwd_s, 0.0), hw, tp_raw / tp)
     tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)
     split_f, split_b = np.where(overlap, st.split_fwd_s, 0.0), np.where(overlap, st.split_bwd_s, 0.0)
-    cp_raw_f, cp_raw_b = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn)
+    cp_raw_f, cp_raw_b = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn, cp_share)
     cp_f, cp_cf = overlap_split(cp_raw_f, (cp - 1) * lay.core_s / cp, hw)
     cp_b, cp_cb = overlap_split(cp_raw_b, (cp - 1) * 2 * lay.core_s / cp, hw)
     full = recompute == FULL

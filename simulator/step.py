@@ -11,8 +11,9 @@ simulation against closed forms).
 Rows are a dict of arrays with one entry per plan ("r" below): the plan knobs dp, tp, pp,
 cp, sp, zero, rc (recompute code), micro_batch, sched (schedule code), virtual_stages,
 num_microbatches, the link levels of the groups (tp_rpn, cp_rpn, dp_rpn, pp_rpn: ranks of
-the group per node) and the scalars dtype, d (dtype bytes), flash. Per-rank quantities are
-(rows, ranks) arrays: rank index s, layers n on that rank.
+the group per node), their link shares (tp_share, cp_share, dp_share, pp_share:
+core.mesh.Group.link_share, 1.0 where not given) and the scalars dtype, d (dtype bytes),
+flash. Per-rank quantities are (rows, ranks) arrays: rank index s, layers n on that rank.
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ from meshplan.simulator.ops import Shard
 from meshplan.simulator.plan import DTYPE_BYTES, RECOMPUTE, SCHEDULES
 
 SHARD_KEYS = ("tp", "sp", "cp", "micro_batch")
-COST_KEYS = SHARD_KEYS + ("rc", "tp_overlap", "tp_rpn", "cp_rpn")
+COST_KEYS = SHARD_KEYS + ("rc", "tp_overlap", "tp_rpn", "cp_rpn", "tp_share", "cp_share")
 KNOBS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched", "virtual_stages",
          "num_microbatches", "tp_overlap", "reshard", "tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn")
+SHARES = ("tp_share", "cp_share", "dp_share", "pp_share")
 
 
 def group_ids(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +59,8 @@ def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str
     """Rows of plans from their knob arrays (KNOBS), with the memory terms that need no
     timing: each row's shard, activation bytes per layer and parameters per layer."""
     r = {k: np.asarray(knobs[k]) for k in KNOBS}
+    r.update({k: np.broadcast_to(np.asarray(knobs.get(k, 1.0), dtype=float), r["tp"].shape)
+              for k in SHARES})
     for flag in ("sp", "tp_overlap", "reshard"):
         r[flag] = r[flag].astype(bool)
     d = DTYPE_BYTES[dtype]
@@ -87,9 +91,11 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     shard_id, sfirst = group_ids(r["shard_id"])
     st = shard_times(model, hw, [r["shards"][i] for i in r["shard_id"][sfirst]], r["dtype"])
     cost_id, cfirst = combo_ids(r, COST_KEYS)
-    c = {k: r[k][cfirst] for k in ("tp", "cp", "sp", "rc", "tp_rpn", "cp_rpn", "tokens")}
+    c = {k: r[k][cfirst] for k in ("tp", "cp", "sp", "rc", "tp_rpn", "cp_rpn", "tp_share", "cp_share",
+                                   "tokens")}
     lt = layer_times(model, hw, st.take(shard_id[cfirst]), c["tokens"], r["d"], c["tp"], c["sp"],
-                     c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["flash"], r["tp_overlap"][cfirst])
+                     c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["flash"], r["tp_overlap"][cfirst],
+                     c["tp_share"], c["cp_share"])
     parts = {"l_fwd": lt.fwd_s, "l_bwd": lt.bwd_s, "l_recompute": lt.recompute_s,
              "l_fwd_compute": lt.fwd_compute_s, "l_bwd_in": lt.bwd_input_s, "l_bwd_w": lt.bwd_weight_s,
              "l_tp": lt.tp_fwd_s + lt.tp_bwd_s, "l_cp": lt.cp_fwd_s + lt.cp_bwd_s,
@@ -112,12 +118,13 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     # chunk's first hides behind the previous layer's compute (slowing it by the contention),
     # except on CPU ranks (gloo computes on the same cores) where all of it is exposed.
     r["ag"] = np.where(r["zero"] == 3, collective_s(hw, "all_gather", r["per_layer"] * r["d"],
-                                                    r["dps"], r["dp_rpn"]), 0.0)
+                                                    r["dps"], r["dp_rpn"], r["dp_share"]), 0.0)
     r["agb"] = np.where(r["reshard"], r["ag"], 0.0)
     r["xf"], r["cf"] = overlap_split(r["ag"], r["l_fwd_compute"], hw)
     r["xb"], r["cb"] = overlap_split(r["agb"], r["l_bwd_in"], hw)
     p2p_bytes = r["tokens"] * model.hidden_size * r["d"] / np.where(r["sp"], r["tp"], 1)
-    r["hop"] = np.where(r["pp"] > 1, collective_s(hw, "send_recv", p2p_bytes, 2, r["pp_rpn"]), 0.0)
+    r["hop"] = np.where(r["pp"] > 1, collective_s(hw, "send_recv", p2p_bytes, 2, r["pp_rpn"],
+                                                  r["pp_share"]), 0.0)
     return r
 
 
@@ -194,11 +201,11 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     embedding's gradient between the first and last stage; then the Adam step over this
     rank's share of the parameters."""
     c = _col
-    z, dps, rpn = r["zero"], r["dps"], r["dp_rpn"]
+    z, dps, rpn, share = r["zero"], r["dps"], r["dp_rpn"], r["dp_share"]
     grad_bytes = params * r["gd"]
     per_layer_bytes = grad_bytes / np.maximum(n, 1)
-    bucket = np.where(c(z == 0), collective_s(hw, "all_reduce", per_layer_bytes, c(dps), c(rpn)),
-                      collective_s(hw, "reduce_scatter", per_layer_bytes, c(dps), c(rpn)))
+    bucket = np.where(c(z == 0), collective_s(hw, "all_reduce", per_layer_bytes, c(dps), c(rpn), c(share)),
+                      collective_s(hw, "reduce_scatter", per_layer_bytes, c(dps), c(rpn), c(share)))
     both_cross = (rpn < dps) & (r["cp_rpn"] < r["cp"])
     bucket = bucket + c(np.where(both_cross, r["l_cp_bwd_raw"], 0.0)) * (bucket > 0)
     exposed, slowed = overlap_split(bucket, c(r["l_bwd"]), hw)
@@ -207,14 +214,14 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     # the updated weights of ZeRO-1/2 are gathered bucket by bucket behind the next step's
     # forward (Megatron-LM --overlap-param-gather), the first bucket exposed
     gather = c(np.isin(z, (1, 2))) * collective_s(hw, "all_gather", params * r["d"] / np.maximum(n, 1),
-                                                   c(dps), c(rpn))
+                                                   c(dps), c(rpn), c(share))
     gather_exposed, gather_slowed = overlap_split(gather, c(r["l_fwd_compute"]), hw)
     dp = dp + np.where(n > 0, gather + (n - 1) * gather_exposed, 0.0)
     contention = contention + np.where(n > 0, (n - 1) * gather_slowed, 0.0)
     total = n * (bucket + gather)
     if model.tied_embeddings:
         sync = collective_s(hw, "all_reduce", model.vocab_size * model.hidden_size / r["tp"] * r["gd"],
-                            2, r["pp_rpn"])
+                            2, r["pp_rpn"], r["pp_share"])
         tied = ((s == 0) | (s == c(r["pp"]) - 1)) * c(np.where(r["pp"] > 1, sync, 0.0))
         dp, total = dp + tied, total + tied
     opt_params = params / c(np.where(z >= 1, dps, 1))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from meshplan.hw_profiles.fabric import training_groups
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator import step
 from meshplan.simulator.cost import per_rank_profile
@@ -95,7 +96,8 @@ class SimulationResult:
 
 def plan_rows(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile) -> dict:
     """The plan as one row of step.rows, with its times (step.add_times)."""
-    mesh = plan.mesh(cluster.gpus_per_node)
+    # tp, cp, dp (gradients reduce over DP x CP) and pp groups, placed on the profile's fabric
+    groups = training_groups(hw.fabric, hw.nics_per_node, plan.mesh(cluster.gpus_per_node))
     p = plan.pp
     knobs = {"dp": plan.dp, "tp": plan.tp, "pp": p, "cp": plan.cp, "sp": plan.sp,
              "zero": plan.zero, "rc": RECOMPUTE.index(plan.recompute),
@@ -103,11 +105,8 @@ def plan_rows(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfil
              "sched": step.schedule_codes(plan.schedule if p > 1 else "1f1b")[0],
              "virtual_stages": plan.virtual_stages, "num_microbatches": plan.num_microbatches,
              "tp_overlap": plan.tp_overlap, "reshard": plan.reshard_after_forward,
-             "tp_rpn": mesh.group(("tp",)).ranks_per_node,
-             "cp_rpn": mesh.group(("cp",)).ranks_per_node,
-             # gradients are reduced over DP x CP
-             "dp_rpn": mesh.group(("dp", "cp")).ranks_per_node,
-             "pp_rpn": mesh.neighbour_pair("pp").ranks_per_node}
+             **{f"{k}_rpn": g.ranks_per_node for k, g in groups.items()},
+             **{f"{k}_share": g.link_share for k, g in groups.items()}}
     r = step.rows(model, {k: np.array([v]) for k, v in knobs.items()}, plan.seq_len, plan.dtype,
                   plan.attention, plan.grad_reduce_dtype)
     return step.add_times(r, model, hw)

@@ -146,8 +146,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = _parse_args(argv)
+def run_rank(out: Path, measure: Callable[[torch.device], list[dict]]) -> None:
+    """Start this rank (GPU i for local rank i under NCCL, else one thread pinned to one
+    core under gloo), take the rows measure(device) gives, and let rank 0 write them to out."""
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -158,13 +159,18 @@ def main(argv=None) -> None:
         pin_rank_to_core(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
-        sizes = args.group_sizes or list(range(2, dist.get_world_size() + 1))
-        rows = measure_collectives(args.kinds, sizes, args.sizes, device, args.repeats,
-                                   args.warmup, args.budget_s)
+        rows = measure(device)
         if dist.get_rank() == 0:
-            write_atomic(args.out, json.dumps(rows))
+            write_atomic(out, json.dumps(rows))
     finally:
         dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    args = _parse_args(argv)
+    run_rank(args.out, lambda device: measure_collectives(
+        args.kinds, args.group_sizes or list(range(2, dist.get_world_size() + 1)), args.sizes,
+        device, args.repeats, args.warmup, args.budget_s))
 
 
 if __name__ == "__main__":

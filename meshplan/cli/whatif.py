@@ -1,5 +1,5 @@
-"""`meshplan whatif`: plan a model across hardware, GPU counts and scaled resources, and
-write one self-contained HTML report."""
+"""`meshplan whatif`: plan a model across hardware, GPU counts, scaled resources and fabrics,
+and write one self-contained HTML report."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,10 @@ def register(subparsers) -> None:
     for flag, resource in SCALE_FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), help=f"comma-separated factors for the "
                             f"profile's {resource} (e.g. 0.5,1,2), planned at the largest GPU count")
+    parser.add_argument("--fabric", help="comma-separated fabrics TOPOLOGY[:OVERSUBSCRIPTION"
+                        "[:NODES_PER_LEAF]] (rail-optimized or rail, fat-tree, single-switch; "
+                        "nodes per leaf defaults to the profile's), e.g. rail,fat-tree:2,fat-tree:4, "
+                        "each planned at the largest GPU count with rank placement searched")
     parser.add_argument("--out", required=True, help="HTML file to write")
     parser.set_defaults(handler=run)
 
@@ -60,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
     for required, flag in (("global_batch", "--global-batch"), ("seq_len", "--seq-len")):
         if required not in fields:
             raise PlanError(flag, "missing", f"pass {flag} N")
+    fabrics = tuple(f.strip() for f in (args.fabric or "").split(",") if f.strip())
     scenarios = plan_scenarios(model, profiles, gpus, args.gpus_per_node, fields,
-                               {r: f for r, f in scales.items() if f})
+                               {r: f for r, f in scales.items() if f}, fabrics)
     write_atomic(args.out, report_html(model, scenarios))
     solved = sum(1 for s in scenarios if s.best)
     print(f"meshplan whatif: {solved} of {len(scenarios)} scenarios have a plan that fits; "

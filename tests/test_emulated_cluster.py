@@ -1,0 +1,50 @@
+"""The fabric model on an emulated cluster (benchmarks/emulated_cluster.py): four network
+namespaces behind two shaped leaf switches with 2:1 uplinks. The inter-node level is fitted
+on two-node groups alone; every other placement is predicted through the fabric graph's link
+share: in the bandwidth regime their median error must be within 15% (and a third of the
+error without the link share); and the placement the planner prefers must train faster than
+the one it rejects. Skips, saying why, without root, iproute2 or the
+tbf qdisc; leaves no namespace, veth or bridge behind."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import emulated_cluster as emulated  # noqa: E402
+
+SHAPE = emulated.Shape(nodes=4, nodes_per_leaf=2, oversubscription=2.0, nic_mbit=200.0)
+
+
+def _namespaces() -> set[str]:
+    return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+
+
+@pytest.mark.slow
+def test_fabric_predictions_on_emulated_cluster(tmp_path):
+    why = emulated.unavailable()
+    if why:
+        print(f"skipped: {why}")
+        pytest.skip(why)
+    before = _namespaces()
+    try:
+        result = emulated.run(SHAPE, 2, tmp_path)
+    except emulated.Unavailable as exc:
+        print(f"skipped: {exc}")
+        pytest.skip(str(exc))
+    finally:
+        left = {n for n in _namespaces() - before if n.startswith("mpf")}
+        assert not left, f"namespaces left behind: {left}"
+        assert not list(emulated.ETC_NETNS.glob("mpf*"))
+    print(emulated.report(result, SHAPE))
+    table = result["collectives"]
+    bandwidth = table[table["MiB"] * emulated.MIB >= emulated.BANDWIDTH_REGIME_BYTES]
+    shared = bandwidth[bandwidth["link_share"] < 1]
+    assert not shared.empty and (bandwidth["link_share"] == 1).any()
+    assert bandwidth["error"].abs().median() <= 0.15, bandwidth.to_string()
+    # the link share is what makes the contended groups right
+    assert shared["error"].abs().median() < shared["no_fabric_error"].abs().median() / 3
+    runs = result["runs"].set_index("planner")
+    assert runs.loc["preferred", "predicted_s"] < runs.loc["rejected", "predicted_s"]
+    assert runs.loc["preferred", "measured_s"] < runs.loc["rejected", "measured_s"], runs.to_string()
