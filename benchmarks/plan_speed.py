@@ -35,7 +35,7 @@ def main() -> None:
         model, cluster, fixed = ZOO[name], Cluster(gpus, 8), {"global_batch": batch, "seq_len": 2048}
         runs = []
         for _ in range(REPEATS):
-            table, t_table, _ = timed(lambda: candidate_table(model, cluster, fixed))
+            table, t_table, _ = timed(lambda: candidate_table(model, cluster, fixed, hw.fabric, hw.nics_per_node))
             _, t_eval, _ = timed(lambda: evaluate(table, model, hw, cluster.ranks_per_node, keep=24))
             found, wall, cpu = timed(lambda: search(model, cluster, hw, fixed))
             _, t_explain, _ = timed(lambda: explain(model, cluster, hw, found.ranked, fixed))

@@ -53,7 +53,7 @@ def check(name, gpus, batch, seq, hw_name, held) -> dict:
     found = search(model, cluster, hw, fixed)
     search_s = time.perf_counter() - start
     winner = found.ranked[0]
-    table = candidate_table(model, cluster, fixed, prune_dominated=False)
+    table = candidate_table(model, cluster, fixed, hw.fabric, hw.nics_per_node, prune_dominated=False)
     ev = evaluate(table, model, hw, cluster.ranks_per_node)
     rows = np.flatnonzero(ev.fits & (ev.busy_bound_s < winner.step_time_s / (1 + TOLERANCE)))
     best, best_plan = winner.step_time_s, winner.plan
