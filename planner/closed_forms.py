@@ -44,14 +44,16 @@ def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
     """step.rows of the candidate table (its knob columns, scalars in table.attrs)."""
     a = table.attrs
     knobs = {k: table[k].to_numpy() for k in ("dp", "tp", "pp", "cp", "zero", "virtual_stages",
-                                              "num_microbatches", "micro_batch", "tp_rpn",
-                                              "cp_rpn", "dp_rpn", "pp_rpn")}
+                                              "num_microbatches", "micro_batch", "ep", "etp",
+                                              "tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn", "ep_rpn",
+                                              "etp_rpn", "edp_rpn")}
     knobs.update(sp=table["sp"].to_numpy(bool), tp_overlap=table["tp_overlap"].to_numpy(bool),
                  reshard=table["reshard_after_forward"].to_numpy(bool),
                  rc=table["recompute"].cat.codes.to_numpy(np.int64),
                  sched=np.where(knobs["pp"] == 1, ONE_F_ONE_B,
                                 table["schedule"].cat.codes.to_numpy()))
-    return step.rows(model, knobs, a["seq_len"], a["dtype"], a["attention"], a["grad_reduce_dtype"])
+    return step.rows(model, knobs, a["seq_len"], a["dtype"], a["attention"], a["grad_reduce_dtype"],
+                     a["moe_capacity_factor"], a["fp8_recipe"])
 
 
 def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
@@ -174,7 +176,7 @@ def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, par
 
 
 MEMORY_KEYS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched",
-               "virtual_stages", "num_microbatches", "reshard")
+               "virtual_stages", "num_microbatches", "reshard", "ep", "etp")
 
 
 def _memory_bound(r: dict, model: ModelSpec) -> np.ndarray:

@@ -1,7 +1,9 @@
 """The candidate table: every plan the search considers, one row each.
 
 Rows are built by joins over the knobs (pandas): parallel degrees whose product is the GPU
-count, rank placements (deduplicated by the link levels their groups land on), micro-batch
+count, the expert mesh of a mixture-of-experts model (expert-parallel degrees dividing the
+experts and a pipeline stage's ranks, expert TP 1 or tp: Megatron-Core's parallel folding),
+rank placements (deduplicated by the link levels their groups land on), micro-batch
 sizes dividing the per-replica batch, pipeline schedules with their virtual-stage counts,
 sequence parallelism, ZeRO stage and recompute. After each join the legality rules
 (simulator/rules.py, the ones Plan.validate applies) drop the illegal rows, as soon as the
@@ -20,7 +22,8 @@ from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Mesh
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.plan import ATTENTION, DTYPES, RECOMPUTE, SCHEDULES, Cluster, Plan, complete_fields
+from meshplan.simulator.plan import (ATTENTION, DTYPES, FP8_RECIPES, RECOMPUTE, SCHEDULES,
+                                     Cluster, Plan, complete_fields, expert_order)
 
 # Rank orders tried, innermost first: Megatron-LM's default (tp-cp-dp-pp), its
 # --use-tp-pp-dp-mapping (tp-cp-pp-dp), data parallel inside context parallel, and data
@@ -29,7 +32,7 @@ PLACEMENTS = (("tp", "cp", "dp", "pp"), ("tp", "cp", "pp", "dp"), ("tp", "dp", "
               ("dp", "tp", "cp", "pp"))
 ZERO_STAGES = (0, 1, 2, 3)
 BUBBLE_FLOOR = 0.005  # interleaved chunk counts are tried until the bubble is below this
-GROUP_COLUMNS = ("tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn")
+GROUP_COLUMNS = ("tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn", "ep_rpn", "etp_rpn", "edp_rpn")
 
 
 def divisors(n: int) -> list[int]:
@@ -42,6 +45,8 @@ def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict)
     if table.empty:
         return table
     columns = {c: table[c].to_numpy() for c in table.columns if c != "placement"}
+    if "placement" in table.columns:
+        columns["placement"] = table["placement"].map(",".join).to_numpy().astype(str)
     if "schedule" in columns:
         columns["schedule"] = table["schedule"].astype(str).to_numpy()
     scalars = {"global_batch": fixed["global_batch"], "seq_len": fixed["seq_len"],
@@ -66,22 +71,40 @@ def _axes_rows(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
     return _legal(axes, model, cluster, fixed)
 
 
+def _expert_rows(axes: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
+    """Each degree tuple with its expert meshes: expert-parallel degrees dividing the experts
+    and the stage's tp*cp*dp ranks (with etp), expert TP 1 or tp (the two Megatron-Core
+    settings: experts whole, as its MoE guide advises for fine-grained experts, or sharded
+    like the dense MLP, its default); a dense model keeps ep 1, etp tp."""
+    def options(dp: int, tp: int, cp: int):
+        etps = sorted({1, tp} | ({fixed["etp"]} if "etp" in fixed else set())) if model.num_experts else [tp]
+        eps = divisors(model.num_experts) if model.num_experts else [1]
+        return [(ep, etp) for etp in etps for ep in eps if (tp * cp * dp) % (ep * etp) == 0
+                and fixed.get("ep", ep) == ep and fixed.get("etp", etp) == etp]
+    table = _join(axes, ["dp", "tp", "cp"], options, ["ep", "etp"])
+    return _legal(table.assign(moe=model.num_experts > 0), model, cluster, fixed)
+
+
 def _placement_rows(axes: pd.DataFrame, cluster: Cluster, fixed: dict) -> pd.DataFrame:
-    """Each degree tuple with the placements whose group link levels differ."""
+    """Each degree tuple with the placements whose group link levels differ (the expert
+    mesh's too where there are experts to place; a dense model's are never used)."""
     orders = (tuple(fixed["placement"]),) if "placement" in fixed else PLACEMENTS
     rows = []
-    for dp, tp, pp, cp in axes[["dp", "tp", "pp", "cp"]].itertuples(index=False):
+    for dp, tp, pp, cp, ep, etp, moe in axes[["dp", "tp", "pp", "cp", "ep", "etp", "moe"]].itertuples(index=False):
         sizes = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
+        expert_sizes = {"etp": etp, "ep": ep, "edp": tp * cp * dp // (ep * etp), "pp": pp}
         seen = set()
         for order in orders:
             mesh = Mesh.of(sizes, order, cluster.gpus_per_node)
+            experts = Mesh.of(expert_sizes, expert_order(order), cluster.gpus_per_node) if moe else None
             sig = (mesh.group(("tp",)).ranks_per_node, mesh.group(("cp",)).ranks_per_node,
                    mesh.group(("dp", "cp")).ranks_per_node,
-                   mesh.neighbour_pair("pp").ranks_per_node if pp > 1 else 1)  # no p2p without PP
+                   mesh.neighbour_pair("pp").ranks_per_node if pp > 1 else 1,  # no p2p without PP
+                   *(experts.group((c[:-4],)).ranks_per_node if moe else 1 for c in GROUP_COLUMNS[4:]))
             if sig not in seen:
                 seen.add(sig)
-                rows.append((dp, tp, pp, cp, order) + sig)
-    return pd.DataFrame(rows, columns=["dp", "tp", "pp", "cp", "placement", *GROUP_COLUMNS])
+                rows.append((dp, tp, pp, cp, ep, etp, order) + sig)
+    return pd.DataFrame(rows, columns=["dp", "tp", "pp", "cp", "ep", "etp", "placement", *GROUP_COLUMNS])
 
 
 def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str]) -> pd.DataFrame:
@@ -129,7 +152,9 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict,
     if missing:
         raise PlanError.of(missing)
     gb, seq = fixed["global_batch"], fixed["seq_len"]
-    table = _placement_rows(_axes_rows(model, cluster, fixed), cluster, fixed)
+    table = _placement_rows(_expert_rows(_axes_rows(model, cluster, fixed), model, cluster, fixed),
+                            cluster, fixed)
+    table = _legal(table, model, cluster, fixed)
     if not table.empty:
         table = _join(table, ["dp"], lambda dp: [(b,) for b in divisors(gb // dp) if gb % dp == 0
                                                  and fixed.get("micro_batch", b) == b], ["micro_batch"])
@@ -172,6 +197,8 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict,
     table.attrs.update(global_batch=gb, seq_len=seq, dtype=fixed.get("dtype", DTYPES[1]),
                        attention=fixed.get("attention", ATTENTION[0]),
                        grad_reduce_dtype=fixed.get("grad_reduce_dtype", "fp32"),
+                       moe_capacity_factor=float(fixed.get("moe_capacity_factor", 1.0)),
+                       fp8_recipe=fixed.get("fp8_recipe", FP8_RECIPES[0]),
                        layer_partition=tuple(partition) if partition is not None else None)
     return table
 
@@ -187,7 +214,8 @@ def row_plan(table: pd.DataFrame, i: int) -> Plan:
                 layer_partition=a["layer_partition"], dtype=a["dtype"], attention=a["attention"],
                 placement=tuple(row.placement), tp_overlap=bool(row.tp_overlap),
                 reshard_after_forward=bool(row.reshard_after_forward),
-                grad_reduce_dtype=a["grad_reduce_dtype"])
+                grad_reduce_dtype=a["grad_reduce_dtype"], ep=int(row.ep), etp=int(row.etp),
+                moe_capacity_factor=a["moe_capacity_factor"], fp8_recipe=a["fp8_recipe"])
 
 
 def _why_empty(model: ModelSpec, cluster: Cluster, fixed: dict) -> PlanError:
@@ -197,6 +225,6 @@ def _why_empty(model: ModelSpec, cluster: Cluster, fixed: dict) -> PlanError:
         Plan(**complete_fields(fixed, cluster.num_gpus)).validate(model, cluster)
     except PlanError as exc:
         return exc
-    return PlanError("cluster.num_gpus", f"no combination of dp, tp, pp, cp, micro-batch and schedule is "
+    return PlanError("cluster.num_gpus", f"no combination of dp, tp, pp, cp, ep, micro-batch and schedule is "
                      f"legal for {model.name} on {cluster.num_gpus} GPUs with global batch "
                      f"{fixed['global_batch']}", "fix fewer knobs or change the GPU count or batch")
