@@ -22,7 +22,7 @@ from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Mesh
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.plan import (ATTENTION, DTYPES, FP8_RECIPES, RECOMPUTE, SCHEDULES,
+from meshplan.simulator.plan import (ATTENTION, DTYPES, FP8_RECIPES, MOE_DISPATCHERS, RECOMPUTE, SCHEDULES,
                                      Cluster, Plan, complete_fields, expert_order)
 
 # Rank orders tried, innermost first: Megatron-LM's default (tp-cp-dp-pp), its
@@ -199,6 +199,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict,
                        grad_reduce_dtype=fixed.get("grad_reduce_dtype", "fp32"),
                        moe_capacity_factor=float(fixed.get("moe_capacity_factor", 1.0)),
                        fp8_recipe=fixed.get("fp8_recipe", FP8_RECIPES[0]),
+                       moe_dispatcher=fixed.get("moe_dispatcher", MOE_DISPATCHERS[0]),
                        layer_partition=tuple(partition) if partition is not None else None)
     return table
 
@@ -215,7 +216,8 @@ def row_plan(table: pd.DataFrame, i: int) -> Plan:
                 placement=tuple(row.placement), tp_overlap=bool(row.tp_overlap),
                 reshard_after_forward=bool(row.reshard_after_forward),
                 grad_reduce_dtype=a["grad_reduce_dtype"], ep=int(row.ep), etp=int(row.etp),
-                moe_capacity_factor=a["moe_capacity_factor"], fp8_recipe=a["fp8_recipe"])
+                moe_capacity_factor=a["moe_capacity_factor"], fp8_recipe=a["fp8_recipe"],
+                moe_dispatcher=a["moe_dispatcher"])
 
 
 def _why_empty(model: ModelSpec, cluster: Cluster, fixed: dict) -> PlanError:

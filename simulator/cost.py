@@ -147,20 +147,47 @@ def tp_comm_s(model: ModelSpec, tokens, sp, dtype_bytes, hw: HardwareProfile, tp
     return np.where(sp, with_sp, 2.0 * collective_s(hw, "all_reduce", message, tp, tp_rpn))
 
 
+def remote_nodes(model: ModelSpec, nodes) -> np.ndarray:
+    """Expected number of other nodes a token's experts_per_token distinct experts sit on,
+    the experts spread evenly over `nodes` nodes: each other node is missed with probability
+    C(E - E/N, k) / C(E, k) (hypergeometric: k experts drawn from E, none of the E/N)."""
+    e, k = model.num_experts, model.experts_per_token
+    nodes = np.asarray(nodes, dtype=float)
+    miss = np.ones_like(nodes)
+    for i in range(k):
+        miss = miss * np.maximum(e - e / nodes - i, 0.0) / (e - i)
+    return (nodes - 1.0) * (1.0 - miss)
+
+
 def ep_comm_s(model: ModelSpec, in_tokens, dtype_bytes, capacity, hw: HardwareProfile, ep, ep_rpn,
-              etp, etp_rpn) -> np.ndarray:
-    """One direction (forward or backward) of an MoE block's token exchange, Megatron-Core's
-    all-to-all token dispatcher: each rank's routed rows (experts_per_token per token of its
-    `in_tokens`, x the capacity factor on the busiest rank) dispatched and combined by an
-    all-to-all over EP (Lepikhin et al. 2021, GShard sec 2.2), and with expert TP the rows
-    received gathered over ETP before the experts and reduce-scattered after; at ep 1 the
-    tokens themselves are gathered (Megatron-Core's all-gather dispatcher)."""
+              etp, etp_rpn, dispatcher: str = "alltoall") -> np.ndarray:
+    """One direction (forward or backward) of an MoE block's token exchange: each rank's
+    routed rows (experts_per_token per token of its `in_tokens`, x the capacity factor on the
+    busiest rank) dispatched and combined over EP (Lepikhin et al. 2021, GShard sec 2.2), and
+    with expert TP the rows received gathered over ETP before the experts and
+    reduce-scattered after; at ep 1 the tokens themselves are gathered (Megatron-Core's
+    all-gather dispatcher). "alltoall": an NCCL all-to-all of every row (Megatron-Core's
+    alltoall dispatcher). "deepep": across nodes each token is sent once to each other node
+    its experts sit on, then forwarded over NVLink to the experts (DeepEP README, "normal
+    kernels": NVLink-to-RDMA forwarding; DeepSeek-V3 report sec 3.2.2), so the NICs carry
+    remote_nodes rows per token while NVLink carries all of them."""
     row_bytes = model.hidden_size * dtype_bytes
-    rows = np.asarray(in_tokens, dtype=float) * model.experts_per_token * capacity
-    a2a = 2.0 * collective_s(hw, "all_to_all", rows * row_bytes, ep, ep_rpn)
-    gathered = np.where(np.asarray(ep) > 1, rows, in_tokens) * etp * row_bytes
-    return a2a + (collective_s(hw, "all_gather", gathered, etp, etp_rpn)
-                  + collective_s(hw, "reduce_scatter", gathered, etp, etp_rpn))
+    ep, ep_rpn = np.asarray(ep), np.asarray(ep_rpn)
+    tokens = np.asarray(in_tokens, dtype=float) * capacity
+    rows = tokens * model.experts_per_token
+    a2a = collective_s(hw, "all_to_all", rows * row_bytes, ep, ep_rpn)
+    if dispatcher == "deepep":
+        across = ep_rpn < ep
+        nodes = np.where(across, ep / ep_rpn, 2)
+        # an all-to-all over EP whose NIC share is the deduplicated rows (the hierarchical
+        # all-to-all sends (n - r) / n of a rank's buffer off the node), beside NVLink's
+        nic = tokens * remote_nodes(model, nodes) * row_bytes * ep / np.where(across, ep - ep_rpn, 1)
+        deduplicated = np.maximum(collective_s(hw, "all_to_all", nic, ep, ep_rpn),
+                                  collective_s(hw, "all_to_all", rows * row_bytes, ep_rpn, ep_rpn))
+        a2a = np.where(across, deduplicated, a2a)
+    gathered = np.where(ep > 1, rows, in_tokens) * etp * row_bytes
+    return 2.0 * a2a + (collective_s(hw, "all_gather", gathered, etp, etp_rpn)
+                        + collective_s(hw, "reduce_scatter", gathered, etp, etp_rpn))
 
 
 def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp, cp_rpn):
@@ -257,7 +284,8 @@ class LayerTimes:
 @dataclass(frozen=True)
 class ExpertMesh:
     """Per plan (arrays): the expert mesh's degrees and link levels (ranks per node), the
-    capacity factor, and the tokens a device feeds its MoE blocks (ops.Shard.norm_tokens)."""
+    capacity factor, the tokens a device feeds its MoE blocks (ops.Shard.norm_tokens) and
+    the token dispatcher (plan.MOE_DISPATCHERS)."""
 
     ep: np.ndarray
     etp: np.ndarray
@@ -265,6 +293,7 @@ class ExpertMesh:
     etp_rpn: np.ndarray
     capacity: float
     in_tokens: np.ndarray
+    dispatcher: str = "alltoall"
 
 
 def moe_layer_share(model: ModelSpec) -> float:
@@ -297,7 +326,7 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     tp_raw = tp_comm_s(model, tokens, sp, dtype_bytes, hw, tp, tp_rpn) * (
         1.0 - exchanges * (0.0 if model.num_shared_experts else 0.5))
     ep_raw = exchanges * (ep_comm_s(model, em.in_tokens, dtype_bytes, em.capacity, hw, em.ep, em.ep_rpn,
-                                    em.etp, em.etp_rpn) if model.num_experts else 0.0)
+                                    em.etp, em.etp_rpn, em.dispatcher) if model.num_experts else 0.0)
     overlap = np.asarray(tp_overlap, dtype=bool) & (np.asarray(tp) > 1)
     tp_f, tp_cf = overlap_split(tp_raw, np.where(overlap, lay.weight_fwd_s, 0.0), hw, tp_raw / tp)
     tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)

@@ -32,6 +32,9 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 # Scaling of FP8 GEMM inputs: torchao's dynamic per-tensor or per-row scales (torchtitan's
 # Float8 recipes "tensorwise", "rowwise") or Transformer Engine's delayed scaling.
 FP8_RECIPES = ("tensorwise", "rowwise", "delayed")
+# MoE token dispatch: NCCL all-to-all of every routed row (Megatron-Core's alltoall
+# dispatcher), or DeepEP's node-deduplicated dispatch (its flex dispatcher; cost.ep_comm_s).
+MOE_DISPATCHERS = ("alltoall", "deepep")
 EXPERT_AXES = rules.EXPERT_AXES
 
 
@@ -105,6 +108,9 @@ class Plan:
                                       "balanced share (1: balanced routing; Megatron-LM "
                                       "--moe-expert-capacity-factor with padding)")
     fp8_recipe: str = knob("tensorwise", "FP8 scaling with dtype fp8", choices=FP8_RECIPES)
+    moe_dispatcher: str = knob("alltoall", "MoE token dispatch: NCCL all-to-all, or DeepEP (Megatron-LM "
+                               "--moe-token-dispatcher-type flex --moe-enable-deepep)",
+                               choices=MOE_DISPATCHERS)
 
     def __post_init__(self):
         if self.etp is None:
@@ -129,6 +135,8 @@ class Plan:
              f"unknown {self.grad_reduce_dtype!r}", "use fp32 or bf16"),
             (self.fp8_recipe in FP8_RECIPES, "fp8_recipe", f"unknown {self.fp8_recipe!r}",
              f"use one of {', '.join(FP8_RECIPES)}"),
+            (self.moe_dispatcher in MOE_DISPATCHERS, "moe_dispatcher", f"unknown {self.moe_dispatcher!r}",
+             f"use one of {', '.join(MOE_DISPATCHERS)}"),
             (isinstance(self.moe_capacity_factor, (int, float)) and not isinstance(self.moe_capacity_factor, bool)
              and 1.0 <= self.moe_capacity_factor < float("inf"), "moe_capacity_factor",
              f"{self.moe_capacity_factor!r} is not a factor >= 1", "give 1 for balanced routing, or more"),

@@ -56,10 +56,12 @@ def combo_ids(r: dict, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str,
-         grad_dtype: str, capacity: float = 1.0, fp8_recipe: str = "tensorwise") -> dict:
+         grad_dtype: str, capacity: float = 1.0, fp8_recipe: str = "tensorwise",
+         dispatcher: str = "alltoall") -> dict:
     """Rows of plans from their knob arrays (KNOBS), with the memory terms that need no
     timing: each row's shard, activation bytes per layer and parameters per layer (all, and
-    the routed experts'); `capacity` is the plan's moe_capacity_factor."""
+    the routed experts'); `capacity`, `fp8_recipe` and `dispatcher` are the plan's
+    moe_capacity_factor, fp8_recipe and moe_dispatcher."""
     r = {k: np.asarray(knobs[k]) for k in KNOBS}
     for flag in ("sp", "tp_overlap", "reshard"):
         r[flag] = r[flag].astype(bool)
@@ -71,7 +73,7 @@ def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str
                     capacity, fp8_recipe if dtype == "fp8" else None) for i in first]
     act = np.array([[layer_activation_bytes(model, s, k) for k in RECOMPUTE] for s in shards])
     r.update(shard_id=shard_id, shards=shards, d=d, dtype=dtype, flash=attention == "flash",
-             capacity=capacity, dps=r["dp"] * r["cp"],
+             capacity=capacity, dispatcher=dispatcher, dps=r["dp"] * r["cp"],
              edp=r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
              act=act[shard_id, r["rc"]], act_none=act[shard_id, NONE],
              tokens=np.array([s.tokens for s in shards], dtype=float)[shard_id],
@@ -98,7 +100,8 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     cost_id, cfirst = combo_ids(r, COST_KEYS)
     c = {k: r[k][cfirst] for k in ("tp", "cp", "sp", "rc", "tp_rpn", "cp_rpn", "tokens", "ep", "etp",
                                    "ep_rpn", "etp_rpn", "in_tokens")}
-    em = ExpertMesh(c["ep"], c["etp"], c["ep_rpn"], c["etp_rpn"], r["capacity"], c["in_tokens"])
+    em = ExpertMesh(c["ep"], c["etp"], c["ep_rpn"], c["etp_rpn"], r["capacity"], c["in_tokens"],
+                    r["dispatcher"])
     lt = layer_times(model, hw, st.take(shard_id[cfirst]), c["tokens"], r["d"], c["tp"], c["sp"],
                      c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["flash"], r["tp_overlap"][cfirst], em)
     parts = {"l_fwd": lt.fwd_s, "l_bwd": lt.bwd_s, "l_recompute": lt.recompute_s,
