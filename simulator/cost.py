@@ -85,11 +85,18 @@ def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     f8 = np.array([op.fp8 for op in ops], dtype=bool)[g]
     base = compute_dtype(dtype)
 
+    wb = np.array([np.nan if op.weight_bytes is None else op.weight_bytes for op in ops])[g]
+
     def gemm_s(m_, n_, k_):
         t = hw.gemm_time_s(m_, n_, k_, base, batch=batch[g])
         return np.where(f8, hw.gemm_time_s(m_, n_, k_, "fp8", batch=batch[g]), t) if f8.any() else t
     fwd, bwd_in, bwd_w = np.zeros(len(ops)), np.zeros(len(ops)), np.zeros(len(ops))
     fwd[g] = gemm_s(m[g], n[g], k[g])
+    quantized = ~np.isnan(wb)
+    if quantized.any():  # weight-only quantized serving GEMMs: narrower weights, dequantized on the CUDA cores
+        dequant = np.array([op.dequant_flops for op in ops])[g] / hw.peak_flops["fp32"]
+        fwd[g] = np.where(quantized, hw.gemm_time_s(m[g], n[g], k[g], base, batch=batch[g],
+                                                    weight_bytes=np.where(quantized, wb, 1.0)) + dequant, fwd[g])
     classes = np.array([op.op_class or "" for op in ops])
     for cls in np.unique(classes[~g]):
         mine = ~g & (classes == cls)

@@ -34,7 +34,7 @@ MEMORY_CLASS = {"input_norm": "norm", "post_attention_norm": "norm", "final_norm
                 "cross_entropy": "softmax", "router_softmax": "softmax", "residual_add": "add",
                 "embedding": "add", "kv_write": "add", "moe_permute": "add", "moe_unpermute": "add",
                 "mlp_act": "activation", "softcap": "activation", "logit_softcap": "activation",
-                "router_sigmoid": "activation", "fp8_cast": "add"}
+                "router_sigmoid": "activation", "fp8_cast": "add", "act_quant": "add"}
 # Bytes per element of casting one GEMM operand to FP8 in both layouts the forward and
 # backward GEMMs read (row-major and transposed), from bf16: Transformer Engine's fused
 # cast-transpose with delayed scaling (scale from the amax history: read 2, write 1 + 1;
@@ -66,6 +66,8 @@ class Op:
     count: float = 1.0
     fp8: bool = False                  # a GEMM run in FP8 (forward and both backward GEMMs)
     bwd_bytes: float | None = None     # memory-bound backward bytes, when not 2 x bytes_moved
+    weight_bytes: float | None = None  # bytes per weight element when stored quantized (serving)
+    dequant_flops: float = 0.0         # CUDA-core work dequantizing them (quantize.py)
 
     @property
     def op_class(self) -> str | None:

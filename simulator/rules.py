@@ -220,6 +220,8 @@ def _model_rule(field: str) -> Rule:
 # What the executor cannot run on this backend (torch 2.13, gloo on CPU).
 EXECUTOR_TRAINING = (
     _model_rule("model"),
+    _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
+          lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
     _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
           lambda x, m, c: "context parallel cannot run here: torch's ring attention has no DTensor "
           "rule for the CPU attention kernel", "use cp 1"),
@@ -257,10 +259,30 @@ SERVING = (
           f"{m.max_seq_len} positions", "keep prompt_len + gen_len within the model's positions"),
     _rule("plan.pp", "pp", lambda x, m, c: m.num_layers >= x.pp,
           lambda x, m, c: f"{m.num_layers} layers cannot fill {x.pp} stages", "use fewer pipeline stages"),
+    # AWQ/GPTQ kernels need whole groups in every TP shard's input features (vLLM's
+    # weight-only methods check input_size_per_partition % group_size)
+    _rule("plan.quant_group_size", "quantization quant_group_size tp",
+          lambda x, m, c: np.logical_not(np.isin(x.quantization, ("int8", "int4"))) | (
+              (_shard_widths(m, x.tp) % x.quant_group_size == 0).all()),
+          lambda x, m, c: f"groups of {x.quant_group_size} do not divide every weight's input features "
+          f"per TP rank ({', '.join(map(str, _shard_widths(m, x.tp)))})",
+          "use a group size dividing them (64, 32), or a smaller tp"),
 )
+
+
+def _shard_widths(m: ModelSpec, tp) -> np.ndarray:
+    """Input features of the decoder's weight GEMMs on one TP rank: the hidden size (QKV,
+    MLP up) and the sharded widths the output and down projections read."""
+    widths = [m.hidden_size, m.num_heads * m.value_head_dim // tp, m.ffn_hidden_size // tp]
+    if m.num_experts:
+        widths.append(m.moe_ffn_hidden_size // tp)
+    return np.array(widths)
 
 EXECUTOR_SERVING = (
     _model_rule("model"),
+    _rule("plan.quantization", "quantization", lambda x, m, c: x.quantization == "none",
+          lambda x, m, c: f"the executor serves unquantized weights, not {x.quantization}",
+          "use quantization none"),
     _rule("plan.tp", "tp", lambda x, m, c: m.num_kv_heads % x.tp == 0,
           lambda x, m, c: f"{x.tp} does not divide the {m.num_kv_heads} KV heads (the executor shards "
           "KV heads, it does not replicate them)", "use a TP degree that divides num_key_value_heads"),

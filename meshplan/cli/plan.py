@@ -110,8 +110,8 @@ def run_inference(args: argparse.Namespace) -> int:
     for flag, name in (("--prompt-len", "prompt_len"), ("--gen-len", "gen_len")):
         if getattr(args, name) is None:
             raise PlanError(flag, "missing", f"pass {flag} N with --mode inference")
-    fixed = {k: getattr(args, k) for k in ("tp", "pp", "replicas", "batch", "kv_dtype")
-             if getattr(args, k) is not None}
+    fixed = {k: getattr(args, k) for k in ("tp", "pp", "replicas", "batch", "kv_dtype", "quantization",
+                                           "quant_group_size") if getattr(args, k) is not None}
     if args.dtype:
         fixed["dtype"] = args.dtype
     ms = lambda v: None if v is None else v / 1e3  # noqa: E731
