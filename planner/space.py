@@ -12,6 +12,7 @@ take only their fixed value.
 """
 from __future__ import annotations
 
+import functools
 import math
 from types import SimpleNamespace
 
@@ -92,19 +93,27 @@ def _placement_rows(axes: pd.DataFrame, cluster: Cluster, fixed: dict) -> pd.Dat
     rows = []
     for dp, tp, pp, cp, ep, etp, moe in axes[["dp", "tp", "pp", "cp", "ep", "etp", "moe"]].itertuples(index=False):
         sizes = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
-        expert_sizes = {"etp": etp, "ep": ep, "edp": tp * cp * dp // (ep * etp), "pp": pp}
+        expert_sizes = {"etp": etp, "ep": ep, "edp": tp * cp * dp // (ep * etp), "pp": pp}  # expert_order's axes
         seen = set()
         for order in orders:
             mesh = Mesh.of(sizes, order, cluster.gpus_per_node)
-            experts = Mesh.of(expert_sizes, expert_order(order), cluster.gpus_per_node) if moe else None
             sig = (mesh.group(("tp",)).ranks_per_node, mesh.group(("cp",)).ranks_per_node,
                    mesh.group(("dp", "cp")).ranks_per_node,
                    mesh.neighbour_pair("pp").ranks_per_node if pp > 1 else 1,  # no p2p without PP
-                   *(experts.group((c[:-4],)).ranks_per_node if moe else 1 for c in GROUP_COLUMNS[4:]))
+                   *(_expert_rpn(tuple(expert_sizes.values()), expert_order(order), cluster.gpus_per_node)
+                     if moe else (1, 1, 1)))
             if sig not in seen:
                 seen.add(sig)
                 rows.append((dp, tp, pp, cp, ep, etp, order) + sig)
     return pd.DataFrame(rows, columns=["dp", "tp", "pp", "cp", "ep", "etp", "placement", *GROUP_COLUMNS])
+
+
+@functools.lru_cache(maxsize=4096)
+def _expert_rpn(sizes: tuple[int, ...], order: tuple[str, ...], gpus_per_node: int) -> tuple[int, ...]:
+    """Ranks per node of the expert mesh's EP, ETP and EDP groups (GROUP_COLUMNS order); many
+    attention meshes share one expert mesh, so each is placed once."""
+    mesh = Mesh.of(dict(zip(("etp", "ep", "edp", "pp"), sizes)), order, gpus_per_node)
+    return tuple(mesh.group((c[:-4],)).ranks_per_node for c in GROUP_COLUMNS[4:])
 
 
 def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str]) -> pd.DataFrame:

@@ -21,7 +21,8 @@ left out) and Megatron-Core with Transformer Engine (TE Linear layers only) run 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import copy
+from dataclasses import dataclass
 
 from meshplan.simulator.model_spec import LayerKind, ModelSpec
 
@@ -252,8 +253,16 @@ def layer_ops(model: ModelSpec, shard: Shard) -> tuple[Op, ...]:
     kinds = model.layer_kinds()
     if len(kinds) == 1:
         return layer_kind_ops(model, shard, kinds[0][0])
-    return tuple(replace(op, count=n / model.num_layers)
-                 for kind, n in kinds for op in layer_kind_ops(model, shard, kind))
+    return tuple(_counted(op, n / model.num_layers) for kind, n in kinds
+                 for op in layer_kind_ops(model, shard, kind))
+
+
+def _counted(op: Op, count: float) -> Op:
+    """op run `count` times per layer (dataclasses.replace without re-running the
+    constructor: the cost model builds these for every candidate's shard)."""
+    out = copy.copy(op)
+    object.__setattr__(out, "count", count)
+    return out
 
 
 def embedding_ops(model: ModelSpec, shard: Shard) -> tuple[Op, ...]:
