@@ -12,6 +12,10 @@ flight. Definitions:
 - latency = TTFT + (gen_len - 1) x TPOT; throughput = replicas x batch x gen_len / latency
   (generated tokens per second over whole requests, prefill included, as the issue asks);
   decode_tokens_per_s is the steady-state decode rate without prefill.
+Mixture-of-experts layers read the weights of the experts the step's tokens hit
+(ops.active_experts), latent attention caches its compressed latent (kv_elements_per_token),
+and the weights may be quantized (quantize.py). Experts are sharded over TP (vLLM's default,
+without --enable-expert-parallel).
 Not modelled: sampling beyond a softmax over the logits, CPU scheduling, CUDA-graph launch
 savings, chunked prefill, prefix caching, continuous batching of prefill with decode.
 """
