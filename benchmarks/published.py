@@ -4,9 +4,9 @@
 
 Prints one line per row (measured and predicted step time, the error, memory where the
 source publishes it, and which half the row is in), then the median and max |error| of the
-fit half and of the held-out half separately. Rows meshplan cannot model yet are listed with
-the reason, and the same figures over the mixture-of-experts rows and the dense FP8 rows.
-Figures, not assertions."""
+fit half and of the held-out half separately, and over the mixture-of-experts rows and the
+dense FP8 rows. Rows meshplan cannot model yet are listed with the reason. Figures, not
+assertions."""
 from __future__ import annotations
 
 import argparse
