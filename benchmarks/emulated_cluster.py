@@ -43,7 +43,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from meshplan.calibration.fit import refit_collectives

@@ -120,6 +120,30 @@ STOCK = {
 }
 
 
+# FP8 GEMMs, where the device has them (the A100 has none: its datasheet lists no FP8 Tensor
+# Core rate, so a100-80gb has no fp8 entry and rules.HARDWARE refuses FP8 plans on it).
+FP8 = {
+    "h100-80gb": {
+        "peak_flops": 1979e12,
+        "source": "peak_flops fp8 1,979 TFLOP/s dense (3,958 with sparsity), 2x the BF16 989: NVIDIA "
+                  "H100 Tensor Core GPU datasheet, SXM5 column. gemm.fp8 is derived, not measured "
+                  "(Vidur measured fp16 only): the bf16 fit (latency, eff_max, half-sizes, hbm_eff) at "
+                  "the fp8 peak with 1-byte operands, i.e. each shape reaches the same fraction of its "
+                  "dtype's peak, since Hopper runs FP8 MMA at 2x the BF16 rate through the same "
+                  "tile pipeline (NVIDIA H100 architecture whitepaper, 2022); benchmarks/published.py "
+                  "checks it against the published FP8 training runs"},
+}
+
+
+def with_fp8(profile: HardwareProfile, fp8: dict) -> HardwareProfile:
+    """The profile with FP8 GEMMs by FP8's derivation (the bf16 fit at the fp8 peak)."""
+    data = profile.to_dict()
+    data["peak_flops"]["fp8"] = fp8["peak_flops"]
+    data["gemm"]["fp8"] = dict(data["gemm"]["bf16"])
+    data["sources"] = data["sources"] + [fp8["source"]]
+    return HardwareProfile.from_dict(data)
+
+
 def default_data_dir() -> Path:
     env = os.environ.get("MESHPLAN_VIDUR_DATA")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/vidur-profiles"
@@ -195,6 +219,8 @@ def build(data_dir: Path, out_dir: Path, inter_node: str = "dgx") -> dict[str, H
         profile = HardwareProfile.from_dict({**profile.to_dict(), "contention": CONTENTION,
                                              "fabric": spec["network"],
                                              "extra": {**profile.extra, "published_checks": checks}})
+        if name in FP8:
+            profile = with_fp8(profile, FP8[name])
         profile.save(out_dir / f"{profile.name}.json")
         profiles[profile.name] = profile
     return profiles

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+# Dtypes a profile may lack (a device without FP8 tensor cores), with their element bytes.
+OPTIONAL_DTYPE_BYTES = {"fp8": 1}
+ELEMENT_BYTES = {**DTYPE_BYTES, **OPTIONAL_DTYPE_BYTES}
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,14 @@ def gemm_efficiency(fit: GemmFit, m, n, k):
 
 
 def gemm_time_s(fit: GemmFit, m, n, k, batch, peak_flops: float, memory_bytes_per_s: float,
-                dtype_bytes: int):
+                dtype_bytes: int, weight_bytes=None):
     """Time (s) of batch x ([m,k] @ [k,n]): latency + max(compute, memory) (roofline,
-    Williams et al. 2009), compute = 2mnk / (peak x eff), memory = A, B and C each moved once."""
+    Williams et al. 2009), compute = 2mnk / (peak x eff), memory = A, B and C each moved once,
+    B (the weight) at `weight_bytes` per element where it is stored narrower (quantized)."""
     m, n, k, batch = (np.asarray(x, dtype=float) for x in (m, n, k, batch))
     flops = 2.0 * m * n * k * batch
-    moved_bytes = dtype_bytes * (m * k + k * n + m * n) * batch
+    b_bytes = dtype_bytes if weight_bytes is None else weight_bytes
+    moved_bytes = (dtype_bytes * (m * k + m * n) + b_bytes * k * n) * batch
     compute_s = flops / (peak_flops * gemm_efficiency(fit, m, n, k))
     memory_s = moved_bytes / (memory_bytes_per_s * fit.hbm_eff)
     return fit.latency_s + np.maximum(compute_s, memory_s)

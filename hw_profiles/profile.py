@@ -11,7 +11,8 @@ from pathlib import Path
 from meshplan.hw_profiles import collective_model, gemm_model
 from meshplan.hw_profiles.collective_model import CollectiveFit, Curve, Line
 from meshplan.hw_profiles.fabric import Fabric
-from meshplan.hw_profiles.gemm_model import DTYPE_BYTES, GemmFit, MemoryBoundFit
+from meshplan.hw_profiles.gemm_model import (DTYPE_BYTES, ELEMENT_BYTES, OPTIONAL_DTYPE_BYTES, GemmFit,
+                                             MemoryBoundFit)
 from meshplan.core.errors import ProfileError
 from meshplan.core.io import write_atomic
 
@@ -76,13 +77,13 @@ class HardwareProfile:
     name: str
     device_name: str
     memory_bytes: int                 # device memory capacity
-    peak_flops: dict                  # dense peak FLOP/s per dtype: fp32, tf32, bf16, fp16
+    peak_flops: dict                  # dense peak FLOP/s per dtype: fp32, tf32, bf16, fp16 (fp8)
     hbm_bytes_per_s: float            # nominal device-memory bandwidth
     gpus_per_node: int
     nics_per_node: int
     nic_bytes_per_s: float            # nominal, per NIC
     intra_node_link: str              # "nvswitch", "pcie", "shared-memory", ...
-    gemm: dict                        # dtype -> GemmFit
+    gemm: dict                        # dtype -> GemmFit (fp8 only where the device has it)
     memory_bound: dict                # dtype -> MemoryBoundFit
     collectives: CollectiveFit
     sources: tuple = ()               # where each figure came from
@@ -100,11 +101,12 @@ class HardwareProfile:
                                f"use one of {sorted(self.gemm)}")
         return dtype
 
-    def gemm_time_s(self, m, n, k, dtype: str, batch=1):
-        """Time (s) of batch x ([m,k] @ [k,n]) in `dtype`; numpy-broadcast over m, n, k, batch."""
+    def gemm_time_s(self, m, n, k, dtype: str, batch=1, weight_bytes=None):
+        """Time (s) of batch x ([m,k] @ [k,n]) in `dtype`; numpy-broadcast over m, n, k, batch;
+        `weight_bytes` per element of [k,n] where it is stored narrower (gemm_model)."""
         dtype = self._dtype(dtype)
         return gemm_model.gemm_time_s(self.gemm[dtype], m, n, k, batch, self.peak_flops[dtype],
-                                      self.hbm_bytes_per_s, DTYPE_BYTES[dtype])
+                                      self.hbm_bytes_per_s, ELEMENT_BYTES[dtype], weight_bytes)
 
     def memory_bound_time_s(self, num_bytes, dtype: str = "bf16", op_class: str | None = None):
         """Time (s) of a memory-bound operator of `op_class` (gemm_model.OP_CLASSES values;
@@ -201,17 +203,18 @@ class HardwareProfile:
         naming the field and `where` (the file)."""
         r = _Reader(where)
         nics = r.integer(data, "nics_per_node")
+        optional = [d for d in OPTIONAL_DTYPE_BYTES if d in r.get(data, "peak_flops", dict)]
         return cls(
             name=r.get(data, "name", str), device_name=r.get(data, "device_name", str),
             memory_bytes=r.integer(data, "memory_bytes"),
             peak_flops={d: r.number(r.get(data, "peak_flops", dict), d, "peak_flops.")
-                        for d in DTYPES},
+                        for d in DTYPES + tuple(optional)},
             hbm_bytes_per_s=r.number(data, "hbm_bytes_per_s"),
             gpus_per_node=r.integer(data, "gpus_per_node"), nics_per_node=nics,
             nic_bytes_per_s=r.number(data, "nic_bytes_per_s"),
             intra_node_link=r.get(data, "intra_node_link", str),
             gemm={d: GemmFit(**r.numbers(r.get(r.get(data, "gemm", dict), d, dict, "gemm."),
-                                         GemmFit, f"gemm.{d}.")) for d in DTYPES},
+                                         GemmFit, f"gemm.{d}.")) for d in DTYPES + tuple(optional)},
             memory_bound={d: r.memory_bound(r.get(r.get(data, "memory_bound", dict), d, dict,
                                                   "memory_bound."), f"memory_bound.{d}.")
                           for d in DTYPES},

@@ -47,14 +47,16 @@ def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
     """step.rows of the candidate table (its knob columns, scalars in table.attrs)."""
     a = table.attrs
     knobs = {k: table[k].to_numpy() for k in ("dp", "tp", "pp", "cp", "zero", "virtual_stages",
-                                              "num_microbatches", "micro_batch", "tp_rpn",
-                                              "cp_rpn", "dp_rpn", "pp_rpn", *step.SHARES)}
+                                              "num_microbatches", "micro_batch", "ep", "etp",
+                                              "tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn", "ep_rpn",
+                                              "etp_rpn", "edp_rpn", *step.SHARES)}
     knobs.update(sp=table["sp"].to_numpy(bool), tp_overlap=table["tp_overlap"].to_numpy(bool),
                  reshard=table["reshard_after_forward"].to_numpy(bool),
                  rc=table["recompute"].cat.codes.to_numpy(np.int64),
                  sched=np.where(knobs["pp"] == 1, ONE_F_ONE_B,
                                 table["schedule"].cat.codes.to_numpy()))
-    return step.rows(model, knobs, a["seq_len"], a["dtype"], a["attention"], a["grad_reduce_dtype"])
+    return step.rows(model, knobs, a["seq_len"], a["dtype"], a["attention"], a["grad_reduce_dtype"],
+                     a["moe_capacity_factor"], a["fp8_recipe"], a["moe_dispatcher"])
 
 
 def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
@@ -69,23 +71,24 @@ def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
         part_id, f = step.group_ids((step.combo_ids(r, step.COST_KEYS)[0] * w + p) * w + v)
         shape = balanced_shape(model.num_layers, p[f] * v[f], r["layer"][f], first[f], last[f])
         found = _balanced_slots(model.num_layers, p[f], v[f], shape)
-        sizes = _stage_sizes(shape)
+        largest = _largest_balanced_s(shape, r["layer"][f], first[f], last[f])[part_id]
     else:
         part_id, f = step.group_ids(p * w + v)
         found = _fixed_slots(partition, p[f])
         sizes = np.tile(np.asarray(partition, dtype=float), (f.size, 1))
-    return (*(np.stack([sl[k][part_id] for sl in found], axis=1) for k in range(3)),
-            _largest_s(sizes[part_id], p, v, r["layer"], first, last))
+        largest = _largest_s(sizes[part_id], p, v, r["layer"], first, last)
+    return (*(np.stack([sl[k][part_id] for sl in found], axis=1) for k in range(3)), largest)
 
 
-def _stage_sizes(shape) -> np.ndarray:
-    """Layers of every (virtual) stage of each pipeline, padded with zeros: (pipelines,
-    most parts)."""
-    j = np.arange(int(shape.parts.max()))[None, :]
-    P, base, short = shape.parts[:, None], shape.base[:, None], shape.short[:, None]
-    middle = np.where(j <= short, base - 1, base)
-    return np.where(j == 0, shape.first[:, None], np.where(j == P - 1, shape.last[:, None],
-                                                           np.where(j < P, middle, 0))).astype(float)
+def _largest_balanced_s(shape, layer_s, first_s, last_s) -> np.ndarray:
+    """Forward + backward time of the largest (virtual) stage of each balanced partition
+    (its PartitionShape): the first and last stages with their extra work, and the middle
+    ones, of `base` layers unless all are short (base - 1)."""
+    P, c0, c1 = shape.parts, shape.first, shape.last
+    middle = np.where(shape.short < P - 2, shape.base, shape.base - 1) * layer_s
+    one = c0 * layer_s + first_s + last_s
+    edges = np.maximum(c0 * layer_s + first_s, c1 * layer_s + last_s)
+    return np.where(P == 1, one, np.where(P == 2, edges, np.maximum(edges, middle)))
 
 
 def _largest_s(sizes: np.ndarray, p, v, layer_s, first_s, last_s) -> np.ndarray:
@@ -179,7 +182,7 @@ def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, par
 
 
 MEMORY_KEYS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched",
-               "virtual_stages", "num_microbatches", "reshard")
+               "virtual_stages", "num_microbatches", "reshard", "ep", "etp")
 
 
 def _memory_bound(r: dict, model: ModelSpec) -> np.ndarray:

@@ -65,9 +65,10 @@ def compare(winner: SimulationResult, other: SimulationResult, label: str) -> Co
     return Comparison(label, other.plan.to_dict(), other.step_time_s, rel, moved)
 
 
-def knob_changes(plan: Plan) -> list[tuple[str, str, dict | str]]:
+def knob_changes(plan: Plan, experts: bool = False) -> list[tuple[str, str, dict | str]]:
     """(label, knob, changed fields or why there is none) for each single-knob change of
-    `plan`; a parallel degree's change moves the factor 2 to or from data parallelism."""
+    `plan`; a parallel degree's change moves the factor 2 to or from data parallelism (expert
+    TP following TP where it did); with `experts`, EP x2 and /2 too."""
     out = []
     for axis in ("tp", "pp"):
         deg = getattr(plan, axis)
@@ -79,11 +80,19 @@ def knob_changes(plan: Plan) -> list[tuple[str, str, dict | str]]:
                 out.append((name, axis, f"--gpus: dp {plan.dp} has no factor 2 to give up"))
                 continue
             fields = {axis: int(new), "dp": int(dp)}
+            if axis == "tp" and plan.etp == plan.tp:
+                fields["etp"] = int(new)
+            if axis == "tp" and new > 1 and plan.ep > 1:
+                fields["sp"] = True   # expert with tensor parallelism needs SP
+
             if axis == "tp" and new == 1:
                 fields["sp"] = False
             if axis == "pp" and new == 1:
                 fields.update(schedule="1f1b", virtual_stages=1)
             out.append((name, axis, fields))
+    # expert parallelism folds over the same ranks (parallel folding): the attention's mesh stays
+    out += [(f"ep {label}", "ep", {"ep": new}) for label, new in (("x2", plan.ep * 2), ("/2", plan.ep // 2))
+            if experts and new >= 1 and (label == "x2" or plan.ep % 2 == 0)]
     mbs = [plan.micro_batch * 2] + ([plan.micro_batch // 2] if plan.micro_batch % 2 == 0 else [])
     out += [(f"micro-batch {b}", "micro_batch", {"micro_batch": b}) for b in mbs]
     out += [(f"zero {z}", "zero", {"zero": z}) for z in (plan.zero - 1, plan.zero + 1) if 0 <= z <= 3]
@@ -149,7 +158,7 @@ def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
     runner = compare(winner, ranked[1], "runner-up " + _describe(ranked[1].plan, winner.plan)) \
         if len(ranked) > 1 else None
     changes = []
-    for label, knob, fields in knob_changes(winner.plan):
+    for label, knob, fields in knob_changes(winner.plan, model.num_experts > 0):
         held = f" (you fixed --{knob.replace('_', '-')})" if knob in fixed else ""
         if isinstance(fields, str):
             changes.append(Comparison(label + held, limit=fields))
@@ -180,7 +189,7 @@ def communication_lines(communication: dict) -> list[str]:
 
 def _describe(plan: Plan, base: Plan) -> str:
     """The knobs where `plan` differs from `base`, e.g. "(tp 4, dp 32, sp)"."""
-    diffs = [f"{k} {getattr(plan, k)}" for k in ("dp", "tp", "pp", "cp", "zero", "recompute",
+    diffs = [f"{k} {getattr(plan, k)}" for k in ("dp", "tp", "pp", "cp", "ep", "etp", "zero", "recompute",
                                                  "micro_batch", "schedule", "virtual_stages")
              if getattr(plan, k) != getattr(base, k)]
     if plan.sp != base.sp:

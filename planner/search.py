@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -20,7 +21,7 @@ from meshplan.planner.closed_forms import evaluate
 from meshplan.planner.space import candidate_table, row_plan
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster
-from meshplan.simulator.train import SimulationResult, simulate
+from meshplan.simulator.train import SimulationResult, check_hardware, simulate
 from meshplan.core.units import GIB
 
 # Plans re-ranked by the discrete-event simulation: the best by the closed forms, up to
@@ -46,6 +47,7 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     gave (held); `allowed`: which candidate rows to keep (a target framework's support,
     export.supported)."""
     start = time.perf_counter()
+    check_hardware(SimpleNamespace(dtype=fixed.get("dtype", "bf16")), model, hw)
     table = candidate_table(model, cluster, fixed, hw.fabric, hw.nics_per_node,
                             prune_dominated=allowed is None)
     if allowed is not None:

@@ -1,11 +1,13 @@
-"""Serving plan search: every legal (tp, pp, replicas) layout of the GPUs, batches in powers
-of two up to the largest that fits (and that largest itself), simulated with
+"""Serving plan search: every legal (tp, pp, replicas) layout of the GPUs, each weight
+quantization the device runs (none, int8, int4 weight-only, fp8 where the profile has FP8),
+batches in powers of two up to the largest that fits (and that largest itself), simulated with
 simulator.serve; candidates over a TTFT or TPOT SLO are cut; the rest are ranked by
 generated tokens per second per GPU ("throughput") or by request latency ("latency").
 Also: the explanation of the ranking, and the `vllm serve` command line of a plan.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import pandas as pd
@@ -13,12 +15,13 @@ import pandas as pd
 from meshplan.core.units import GIB
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import MeshplanError, PlanError
+from meshplan.simulator.quantize import QUANTIZATIONS
 from meshplan.simulator.serve import InferencePlan, InferenceResult, simulate_inference
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster
 
 OBJECTIVES = ("throughput", "latency")
-FIXABLE = ("tp", "pp", "replicas", "batch", "dtype", "kv_dtype")
+FIXABLE = ("tp", "pp", "replicas", "batch", "dtype", "kv_dtype", "quantization", "quant_group_size")
 # Hugging Face repositories of the zoo's released models (model cards on huggingface.co).
 HF_IDS = {
     "llama-2-7b": "meta-llama/Llama-2-7b-hf",
@@ -30,6 +33,10 @@ HF_IDS = {
 }
 # vLLM --dtype spellings (vLLM engine arguments: auto, half, float16, bfloat16, float, float32).
 VLLM_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# vLLM --quantization methods: INT4 weight-only as AWQ, INT8 weight-only as GPTQ's 8-bit
+# (both load a checkpoint quantized with that group size), FP8 quantizes a 16-bit checkpoint
+# on load with dynamic per-token activation scales (vLLM docs, "Quantization").
+VLLM_QUANTIZATION = {"int4": "awq", "int8": "gptq", "fp8": "fp8"}
 CUT_REASONS = {"memory": "do not fit in memory", "ttft_slo": "miss the TTFT SLO",
                "tpot_slo": "miss the TPOT SLO"}
 
@@ -77,20 +84,26 @@ def _check_args(prompt_len, gen_len, slo_ttft_s, slo_tpot_s, objective, fixed) -
                         f"fix only {', '.join(FIXABLE)}")
     # the plan's constructor checks the lengths, batch and dtypes
     InferencePlan(batch=fixed.get("batch", 1), prompt_len=prompt_len, gen_len=gen_len,
-                  dtype=fixed.get("dtype", "fp16"), kv_dtype=fixed.get("kv_dtype"))
+                  dtype=fixed.get("dtype", "fp16"), kv_dtype=fixed.get("kv_dtype"),
+                  quantization=fixed.get("quantization", "none"),
+                  quant_group_size=fixed.get("quant_group_size", 128))
 
 
-def _layouts(model: ModelSpec, cluster: Cluster, fixed: dict) -> list[tuple[int, int, int]]:
-    """(tp, pp, replicas) with product = GPUs, legal for the model; a fixed knob that makes
-    every layout illegal raises the PlanError of the first one tried."""
+def _layouts(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict):
+    """((tp, pp, replicas), quantization) with tp x pp x replicas = GPUs, legal for the model
+    on this hardware; a fixed knob that makes every layout illegal raises the PlanError of
+    the first one tried."""
     n = cluster.num_gpus
     rows = [(tp, pp, n // (tp * pp)) for tp in _divisors(n) for pp in _divisors(n // tp)]
     rows = [r for r in rows if all(fixed.get(k, v) == v for k, v in zip(("tp", "pp", "replicas"), r))]
     legal, first_error = [], None
-    for tp, pp, replicas in rows:
+    for (tp, pp, replicas), quantization in itertools.product(rows, QUANTIZATIONS):
+        if fixed.get("quantization", quantization) != quantization:
+            continue
         try:
-            InferencePlan(1, 1, 1, tp=tp, pp=pp, replicas=replicas).validate(model, cluster)
-            legal.append((tp, pp, replicas))
+            InferencePlan(1, 1, 1, tp=tp, pp=pp, replicas=replicas, quantization=quantization,
+                          quant_group_size=fixed.get("quant_group_size", 128)).validate(model, cluster, hw)
+            legal.append(((tp, pp, replicas), quantization))
         except MeshplanError as exc:
             first_error = first_error or exc
     if not legal:
@@ -109,10 +122,11 @@ def search_inference(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, pr
     dtype, kv_dtype = fixed.get("dtype", "fp16"), fixed.get("kv_dtype")
     results: list[InferenceResult] = []
     without_room = 0
-    for tp, pp, replicas in _layouts(model, cluster, fixed):
+    group = fixed.get("quant_group_size", 128)
+    for (tp, pp, replicas), quantization in _layouts(model, cluster, hw, fixed):
         def run(batch: int) -> InferenceResult:
             return simulate_inference(model, InferencePlan(batch, prompt_len, gen_len, tp, pp, replicas,
-                                                           dtype, kv_dtype), cluster, hw)
+                                                           dtype, kv_dtype, quantization, group), cluster, hw)
         if "batch" in fixed:
             results.append(run(fixed["batch"]))
             continue
@@ -123,11 +137,12 @@ def search_inference(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, pr
             results += [probe if b == 1 else run(b) for b in _batches(probe.max_batch)]
     table = pd.DataFrame([{
         "tp": r.plan.tp, "pp": r.plan.pp, "replicas": r.plan.replicas, "batch": r.plan.batch,
+        "quantization": r.plan.quantization,
         "ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "latency_s": r.latency_s,
         "throughput_tokens_per_s": r.throughput_tokens_per_s,
         "throughput_per_gpu": r.throughput_tokens_per_s / r.plan.num_gpus,
         "peak_memory_bytes": r.peak_memory_bytes, "fits": r.fits} for r in results],
-        columns=["tp", "pp", "replicas", "batch", "ttft_s", "tpot_s", "latency_s",
+        columns=["tp", "pp", "replicas", "batch", "quantization", "ttft_s", "tpot_s", "latency_s",
                  "throughput_tokens_per_s", "throughput_per_gpu", "peak_memory_bytes", "fits"])
     table["status"] = "ok"
     # Later cuts overwrite earlier ones: memory is the hardest limit, so it is reported last.
@@ -162,7 +177,8 @@ def _nothing_left(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, slo_t
 
 def _describe(plan: InferencePlan, result: InferenceResult) -> str:
     rate = result.throughput_tokens_per_s
-    return (f"tp {plan.tp} pp {plan.pp} replicas {plan.replicas} batch {plan.batch}: "
+    weights = "" if plan.quantization == "none" else f" {plan.quantization}"
+    return (f"tp {plan.tp} pp {plan.pp} replicas {plan.replicas} batch {plan.batch}{weights}: "
             f"{rate:,.0f} tok/s ({rate / plan.num_gpus:,.0f}/GPU), TTFT {result.ttft_s * 1e3:,.1f} ms, "
             f"TPOT {result.tpot_s * 1e3:.2f} ms, "
             f"{result.peak_memory_bytes / GIB:.1f} of {result.memory_limit_bytes / GIB:.1f} GiB")
@@ -186,9 +202,10 @@ def explain_inference(search: InferenceSearch) -> str:
     lines = [f"winner ({search.objective}): {_describe(plan, result)}",
              f"  decode step: {_shares(result.breakdown['decode_step_s'], result.tpot_s)}",
              f"  prefill: {_shares(result.breakdown['prefill_s'], result.ttft_s)}"]
-    layout = (plan.tp, plan.pp, plan.replicas)
+    layout = (plan.tp, plan.pp, plan.replicas, plan.quantization)
     runner_up = search.ranked[1] if len(search) > 1 else None
-    other = next((c for c in search.ranked[1:] if (c[0].tp, c[0].pp, c[0].replicas) != layout), None)
+    other = next((c for c in search.ranked[1:]
+                  if (c[0].tp, c[0].pp, c[0].replicas, c[0].quantization) != layout), None)
     for label, pick in (("runner-up", runner_up), ("best other layout", other)):
         if pick is not None and (label == "runner-up" or pick is not runner_up):
             lines.append(f"{label}: {_describe(*pick)} ({_gap(search.objective, result, pick[1])})")
@@ -205,7 +222,8 @@ def explain_inference(search: InferenceSearch) -> str:
 def emit_vllm(plan: InferencePlan, model: ModelSpec, prompt_len: int | None = None,
               gen_len: int | None = None) -> str:
     """`vllm serve` command line for the plan (flags from vLLM's engine arguments);
-    --max-model-len is prompt_len + gen_len (the plan's unless given)."""
+    --max-model-len is prompt_len + gen_len (the plan's unless given); --quantization awq or
+    gptq needs the repository of a checkpoint quantized so (group size quant_group_size)."""
     plan.validate(model, Cluster(plan.num_gpus, plan.num_gpus))
     max_len = (prompt_len or plan.prompt_len) + (gen_len or plan.gen_len)
     if max_len > model.max_seq_len:
@@ -222,4 +240,6 @@ def emit_vllm(plan: InferencePlan, model: ModelSpec, prompt_len: int | None = No
         words.append(f"--data-parallel-size {plan.replicas}")
     if plan.kv_dtype == "fp8":
         words.append("--kv-cache-dtype fp8")
+    if plan.quantization != "none":
+        words.append(f"--quantization {VLLM_QUANTIZATION[plan.quantization]}")
     return " ".join(words)

@@ -1,7 +1,9 @@
 """The candidate table: every plan the search considers, one row each.
 
 Rows are built by joins over the knobs (pandas): parallel degrees whose product is the GPU
-count, rank placements (deduplicated by the link levels their groups land on), micro-batch
+count, the expert mesh of a mixture-of-experts model (expert-parallel degrees dividing the
+experts and a pipeline stage's ranks, expert TP 1 or tp: Megatron-Core's parallel folding),
+rank placements (deduplicated by the link levels their groups land on), micro-batch
 sizes dividing the per-replica batch, pipeline schedules with their virtual-stage counts,
 sequence parallelism, ZeRO stage and recompute. After each join the legality rules
 (simulator/rules.py, the ones Plan.validate applies) drop the illegal rows, as soon as the
@@ -10,6 +12,7 @@ take only their fixed value.
 """
 from __future__ import annotations
 
+import functools
 import math
 from types import SimpleNamespace
 
@@ -21,7 +24,8 @@ from meshplan.core.mesh import Group, Mesh
 from meshplan.hw_profiles.fabric import Fabric, training_groups
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.plan import ATTENTION, DTYPES, RECOMPUTE, SCHEDULES, Cluster, Plan, complete_fields
+from meshplan.simulator.plan import (ATTENTION, DTYPES, FP8_RECIPES, MOE_DISPATCHERS, RECOMPUTE, SCHEDULES,
+                                     Cluster, Plan, complete_fields, expert_order)
 
 # Rank orders tried, innermost first: Megatron-LM's default (tp-cp-dp-pp), its
 # --use-tp-pp-dp-mapping (tp-cp-pp-dp), data parallel inside context parallel, data parallel
@@ -32,7 +36,9 @@ PLACEMENTS = (("tp", "cp", "dp", "pp"), ("tp", "cp", "pp", "dp"), ("tp", "dp", "
               ("dp", "tp", "cp", "pp"), ("tp", "dp", "pp", "cp"))
 ZERO_STAGES = (0, 1, 2, 3)
 BUBBLE_FLOOR = 0.005  # interleaved chunk counts are tried until the bubble is below this
-GROUP_COLUMNS = ("tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn", "tp_share", "cp_share", "dp_share", "pp_share")
+DENSE_GROUP_COLUMNS = ("tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn", "tp_share", "cp_share", "dp_share", "pp_share")
+EXPERT_GROUP_COLUMNS = ("ep_rpn", "etp_rpn", "edp_rpn")
+GROUP_COLUMNS = DENSE_GROUP_COLUMNS + EXPERT_GROUP_COLUMNS
 
 
 def divisors(n: int) -> list[int]:
@@ -45,6 +51,8 @@ def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict)
     if table.empty:
         return table
     columns = {c: table[c].to_numpy() for c in table.columns if c != "placement"}
+    if "placement" in table.columns:
+        columns["placement"] = table["placement"].map(",".join).to_numpy().astype(str)
     if "schedule" in columns:
         columns["schedule"] = table["schedule"].astype(str).to_numpy()
     scalars = {"global_batch": fixed["global_batch"], "seq_len": fixed["seq_len"],
@@ -69,24 +77,51 @@ def _axes_rows(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
     return _legal(axes, model, cluster, fixed)
 
 
+def _expert_rows(axes: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
+    """Each degree tuple with its expert meshes: expert-parallel degrees dividing the experts
+    and the stage's tp*cp*dp ranks (with etp), expert TP 1 or tp (the two Megatron-Core
+    settings: experts whole, as its MoE guide advises for fine-grained experts, or sharded
+    like the dense MLP, its default); a dense model keeps ep 1, etp tp."""
+    def options(dp: int, tp: int, cp: int):
+        etps = sorted({1, tp} | ({fixed["etp"]} if "etp" in fixed else set())) if model.num_experts else [tp]
+        eps = divisors(model.num_experts) if model.num_experts else [1]
+        return [(ep, etp) for etp in etps for ep in eps if (tp * cp * dp) % (ep * etp) == 0
+                and fixed.get("ep", ep) == ep and fixed.get("etp", etp) == etp]
+    table = _join(axes, ["dp", "tp", "cp"], options, ["ep", "etp"])
+    return _legal(table.assign(moe=model.num_experts > 0), model, cluster, fixed)
+
+
 def _placement_rows(axes: pd.DataFrame, cluster: Cluster, fixed: dict,
                     fabric: Fabric | None = None, nics_per_node: int = 1) -> pd.DataFrame:
     """Each degree tuple with the placements whose groups differ in ranks per node or in
-    link share on `fabric` (hw_profiles/fabric.py; None: no contention, shares 1.0)."""
+    link share on `fabric` (hw_profiles/fabric.py; None: no contention, shares 1.0), and in
+    the expert mesh's link levels where there are experts to place (a dense model's are
+    never used)."""
     orders = (tuple(fixed["placement"]),) if "placement" in fixed else PLACEMENTS
     rows = []
-    for dp, tp, pp, cp in axes[["dp", "tp", "pp", "cp"]].itertuples(index=False):
+    for dp, tp, pp, cp, ep, etp, moe in axes[["dp", "tp", "pp", "cp", "ep", "etp", "moe"]].itertuples(index=False):
         sizes = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
+        expert_sizes = {"etp": etp, "ep": ep, "edp": tp * cp * dp // (ep * etp), "pp": pp}  # expert_order's axes
         seen = set()
         for order in orders:
             g = training_groups(fabric, nics_per_node, Mesh.of(sizes, order, cluster.gpus_per_node))
             if pp == 1:  # no p2p without PP
                 g["pp"] = Group(2, 1)
-            sig = tuple(g[k].ranks_per_node for k in g) + tuple(g[k].link_share for k in g)
+            sig = (*(g[k].ranks_per_node for k in g), *(g[k].link_share for k in g),
+                   *(_expert_rpn(tuple(expert_sizes.values()), expert_order(order), cluster.gpus_per_node)
+                     if moe else (1, 1, 1)))
             if sig not in seen:
                 seen.add(sig)
-                rows.append((dp, tp, pp, cp, order) + sig)
-    return pd.DataFrame(rows, columns=["dp", "tp", "pp", "cp", "placement", *GROUP_COLUMNS])
+                rows.append((dp, tp, pp, cp, ep, etp, order) + sig)
+    return pd.DataFrame(rows, columns=["dp", "tp", "pp", "cp", "ep", "etp", "placement", *GROUP_COLUMNS])
+
+
+@functools.lru_cache(maxsize=4096)
+def _expert_rpn(sizes: tuple[int, ...], order: tuple[str, ...], gpus_per_node: int) -> tuple[int, ...]:
+    """Ranks per node of the expert mesh's EP, ETP and EDP groups (EXPERT_GROUP_COLUMNS order); many
+    attention meshes share one expert mesh, so each is placed once."""
+    mesh = Mesh.of(dict(zip(("etp", "ep", "edp", "pp"), sizes)), order, gpus_per_node)
+    return tuple(mesh.group((c[:-4],)).ranks_per_node for c in EXPERT_GROUP_COLUMNS)
 
 
 def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str]) -> pd.DataFrame:
@@ -135,7 +170,9 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     if missing:
         raise PlanError.of(missing)
     gb, seq = fixed["global_batch"], fixed["seq_len"]
-    table = _placement_rows(_axes_rows(model, cluster, fixed), cluster, fixed, fabric, nics_per_node)
+    table = _placement_rows(_expert_rows(_axes_rows(model, cluster, fixed), model, cluster, fixed),
+                            cluster, fixed, fabric, nics_per_node)
+    table = _legal(table, model, cluster, fixed)
     if not table.empty:
         table = _join(table, ["dp"], lambda dp: [(b,) for b in divisors(gb // dp) if gb % dp == 0
                                                  and fixed.get("micro_batch", b) == b], ["micro_batch"])
@@ -178,6 +215,9 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     table.attrs.update(global_batch=gb, seq_len=seq, dtype=fixed.get("dtype", DTYPES[1]),
                        attention=fixed.get("attention", ATTENTION[0]),
                        grad_reduce_dtype=fixed.get("grad_reduce_dtype", "fp32"),
+                       moe_capacity_factor=float(fixed.get("moe_capacity_factor", 1.0)),
+                       fp8_recipe=fixed.get("fp8_recipe", FP8_RECIPES[0]),
+                       moe_dispatcher=fixed.get("moe_dispatcher", MOE_DISPATCHERS[0]),
                        layer_partition=tuple(partition) if partition is not None else None)
     return table
 
@@ -193,7 +233,9 @@ def row_plan(table: pd.DataFrame, i: int) -> Plan:
                 layer_partition=a["layer_partition"], dtype=a["dtype"], attention=a["attention"],
                 placement=tuple(row.placement), tp_overlap=bool(row.tp_overlap),
                 reshard_after_forward=bool(row.reshard_after_forward),
-                grad_reduce_dtype=a["grad_reduce_dtype"])
+                grad_reduce_dtype=a["grad_reduce_dtype"], ep=int(row.ep), etp=int(row.etp),
+                moe_capacity_factor=a["moe_capacity_factor"], fp8_recipe=a["fp8_recipe"],
+                moe_dispatcher=a["moe_dispatcher"])
 
 
 def _why_empty(model: ModelSpec, cluster: Cluster, fixed: dict) -> PlanError:
@@ -203,6 +245,6 @@ def _why_empty(model: ModelSpec, cluster: Cluster, fixed: dict) -> PlanError:
         Plan(**complete_fields(fixed, cluster.num_gpus)).validate(model, cluster)
     except PlanError as exc:
         return exc
-    return PlanError("cluster.num_gpus", f"no combination of dp, tp, pp, cp, micro-batch and schedule is "
+    return PlanError("cluster.num_gpus", f"no combination of dp, tp, pp, cp, ep, micro-batch and schedule is "
                      f"legal for {model.name} on {cluster.num_gpus} GPUs with global batch "
                      f"{fixed['global_batch']}", "fix fewer knobs or change the GPU count or batch")

@@ -10,6 +10,7 @@ move twice the forward bytes (read saved input and incoming gradient, write the 
 Communication: Megatron-LM tensor parallelism all-reduces twice per layer in forward and
 twice in backward (Shoeybi et al. 2019 Fig. 4); with sequence parallelism each all-reduce
 becomes a reduce-scatter + all-gather of the same volume (Korthikanti et al. 2022 sec 4.2.2).
+A mixture-of-experts block exchanges its tokens over the expert mesh instead (ep_comm_s).
 """
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ class OpTimes:
     weight_bwd_s: np.ndarray
 
 
+def compute_dtype(dtype: str) -> str:
+    """The dtype a plan's non-FP8 work runs in: an FP8 plan keeps it in bf16 (ops.py)."""
+    return "bf16" if dtype == "fp8" else dtype
+
+
 def forward_s(ops: list[Op], hw: HardwareProfile, dtype: str) -> np.ndarray:
     """Forward time of each op: GEMMs from the fitted efficiency, memory-bound ops at their
     class's bandwidth."""
@@ -69,20 +75,35 @@ def forward_s(ops: list[Op], hw: HardwareProfile, dtype: str) -> np.ndarray:
 def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     """Per op: forward, backward input-gradient and weight-gradient time. dX = dY W^T,
     dW = X^T dY; GEMMs without a weight (attention) take both operand gradients on the
-    input side; memory-bound backward moves 2x bytes. An op runs op.count times."""
+    input side; memory-bound backward moves 2x bytes (or op.bwd_bytes). FP8 GEMMs (op.fp8)
+    run all three GEMMs in FP8, the rest in compute_dtype. An op runs op.count times."""
     g = np.array([op.kind == GEMM for op in ops], dtype=bool)
     m, n, k, batch, moved, count = (np.array([getattr(op, f) for op in ops], dtype=float)
                                     for f in ("m", "n", "k", "batch", "bytes_moved", "count"))
+    bwd_moved = np.array([2.0 * op.bytes_moved if op.bwd_bytes is None else op.bwd_bytes for op in ops])
     weight = np.array([op.weight for op in ops], dtype=bool)[g]
+    f8 = np.array([op.fp8 for op in ops], dtype=bool)[g]
+    base = compute_dtype(dtype)
+
+    wb = np.array([np.nan if op.weight_bytes is None else op.weight_bytes for op in ops])[g]
+
+    def gemm_s(m_, n_, k_):
+        t = hw.gemm_time_s(m_, n_, k_, base, batch=batch[g])
+        return np.where(f8, hw.gemm_time_s(m_, n_, k_, "fp8", batch=batch[g]), t) if f8.any() else t
     fwd, bwd_in, bwd_w = np.zeros(len(ops)), np.zeros(len(ops)), np.zeros(len(ops))
-    fwd[g] = hw.gemm_time_s(m[g], n[g], k[g], dtype, batch=batch[g])
+    fwd[g] = gemm_s(m[g], n[g], k[g])
+    quantized = ~np.isnan(wb)
+    if quantized.any():  # weight-only quantized serving GEMMs: narrower weights, dequantized on the CUDA cores
+        dequant = np.array([op.dequant_flops for op in ops])[g] / hw.peak_flops["fp32"]
+        fwd[g] = np.where(quantized, hw.gemm_time_s(m[g], n[g], k[g], base, batch=batch[g],
+                                                    weight_bytes=np.where(quantized, wb, 1.0)) + dequant, fwd[g])
     classes = np.array([op.op_class or "" for op in ops])
     for cls in np.unique(classes[~g]):
         mine = ~g & (classes == cls)
-        fwd[mine] = hw.memory_bound_time_s(moved[mine], dtype, cls or None)
-        bwd_in[mine] = hw.memory_bound_time_s(2.0 * moved[mine], dtype, cls or None)
-    dgrad = hw.gemm_time_s(m[g], k[g], n[g], dtype, batch=batch[g])
-    other = hw.gemm_time_s(k[g], n[g], m[g], dtype, batch=batch[g])
+        fwd[mine] = hw.memory_bound_time_s(moved[mine], base, cls or None)
+        bwd_in[mine] = hw.memory_bound_time_s(bwd_moved[mine], base, cls or None)
+    dgrad = gemm_s(m[g], k[g], n[g])
+    other = gemm_s(k[g], n[g], m[g])
     bwd_in[g] = np.where(weight, dgrad, dgrad + other)
     bwd_w[g] = np.where(weight, other, 0.0)
     return fwd * count, bwd_in * count, bwd_w * count, g
@@ -136,6 +157,49 @@ def tp_comm_s(model: ModelSpec, tokens, sp, dtype_bytes, hw: HardwareProfile, tp
     with_sp = 2.0 * (collective_s(hw, "reduce_scatter", message, tp, tp_rpn, tp_share)
                      + collective_s(hw, "all_gather", message, tp, tp_rpn, tp_share))
     return np.where(sp, with_sp, 2.0 * collective_s(hw, "all_reduce", message, tp, tp_rpn, tp_share))
+
+
+def remote_nodes(model: ModelSpec, nodes) -> np.ndarray:
+    """Expected number of other nodes a token's experts_per_token distinct experts sit on,
+    the experts spread evenly over `nodes` nodes: each other node is missed with probability
+    C(E - E/N, k) / C(E, k) (hypergeometric: k experts drawn from E, none of the E/N)."""
+    e, k = model.num_experts, model.experts_per_token
+    nodes = np.asarray(nodes, dtype=float)
+    miss = np.ones_like(nodes)
+    for i in range(k):
+        miss = miss * np.maximum(e - e / nodes - i, 0.0) / (e - i)
+    return (nodes - 1.0) * (1.0 - miss)
+
+
+def ep_comm_s(model: ModelSpec, in_tokens, dtype_bytes, capacity, hw: HardwareProfile, ep, ep_rpn,
+              etp, etp_rpn, dispatcher: str = "alltoall") -> np.ndarray:
+    """One direction (forward or backward) of an MoE block's token exchange: each rank's
+    routed rows (experts_per_token per token of its `in_tokens`, x the capacity factor on the
+    busiest rank) dispatched and combined over EP (Lepikhin et al. 2021, GShard sec 2.2), and
+    with expert TP the rows received gathered over ETP before the experts and
+    reduce-scattered after; at ep 1 the tokens themselves are gathered (Megatron-Core's
+    all-gather dispatcher). "alltoall": an NCCL all-to-all of every row (Megatron-Core's
+    alltoall dispatcher). "deepep": across nodes each token is sent once to each other node
+    its experts sit on, then forwarded over NVLink to the experts (DeepEP README, "normal
+    kernels": NVLink-to-RDMA forwarding; DeepSeek-V3 report sec 3.2.2), so the NICs carry
+    remote_nodes rows per token while NVLink carries all of them."""
+    row_bytes = model.hidden_size * dtype_bytes
+    ep, ep_rpn = np.asarray(ep), np.asarray(ep_rpn)
+    tokens = np.asarray(in_tokens, dtype=float) * capacity
+    rows = tokens * model.experts_per_token
+    a2a = collective_s(hw, "all_to_all", rows * row_bytes, ep, ep_rpn)
+    if dispatcher == "deepep":
+        across = ep_rpn < ep
+        nodes = np.where(across, ep / ep_rpn, 2)
+        # an all-to-all over EP whose NIC share is the deduplicated rows (the hierarchical
+        # all-to-all sends (n - r) / n of a rank's buffer off the node), beside NVLink's
+        nic = tokens * remote_nodes(model, nodes) * row_bytes * ep / np.where(across, ep - ep_rpn, 1)
+        deduplicated = np.maximum(collective_s(hw, "all_to_all", nic, ep, ep_rpn),
+                                  collective_s(hw, "all_to_all", rows * row_bytes, ep_rpn, ep_rpn))
+        a2a = np.where(across, deduplicated, a2a)
+    gathered = np.where(ep > 1, rows, in_tokens) * etp * row_bytes
+    return 2.0 * a2a + (collective_s(hw, "all_gather", gathered, etp, etp_rpn)
+                        + collective_s(hw, "reduce_scatter", gathered, etp, etp_rpn))
 
 
 def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp, cp_rpn,
@@ -216,21 +280,42 @@ class LayerTimes:
     tp_raw_s: np.ndarray        # TP communication of forward and backward, whole
     cp_raw_fwd_s: np.ndarray    # the ring exchange, whole
     cp_raw_bwd_s: np.ndarray
+    ep_fwd_s: np.ndarray        # MoE token dispatch and combine (exposed: nothing overlaps it)
+    ep_bwd_s: np.ndarray        # includes the recomputed forward's (full recompute)
 
     @property
     def fwd_s(self) -> np.ndarray:
-        return self.fwd_compute_s + self.tp_fwd_s + self.cp_fwd_s + self.contention_fwd_s
+        return self.fwd_compute_s + self.tp_fwd_s + self.cp_fwd_s + self.ep_fwd_s + self.contention_fwd_s
 
     @property
     def bwd_s(self) -> np.ndarray:
         """Whole backward: input and weight gradients, recompute, communication."""
         return (self.bwd_input_s + self.bwd_weight_s + self.recompute_s + self.tp_bwd_s
-                + self.cp_bwd_s + self.contention_bwd_s)
+                + self.cp_bwd_s + self.ep_bwd_s + self.contention_bwd_s)
+
+
+@dataclass(frozen=True)
+class ExpertMesh:
+    """Per plan (arrays): the expert mesh's degrees and link levels (ranks per node), the
+    capacity factor, the tokens a device feeds its MoE blocks (ops.Shard.norm_tokens) and
+    the token dispatcher (plan.MOE_DISPATCHERS)."""
+
+    ep: np.ndarray
+    etp: np.ndarray
+    ep_rpn: np.ndarray
+    etp_rpn: np.ndarray
+    capacity: float
+    in_tokens: np.ndarray
+    dispatcher: str = "alltoall"
+
+
+def moe_layer_share(model: ModelSpec) -> float:
+    return sum(n for kind, n in model.layer_kinds() if kind.moe) / model.num_layers
 
 
 def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, dtype_bytes, tp,
-                sp, cp, recompute, tp_rpn, cp_rpn, flash: bool, tp_overlap, tp_share=1.0,
-                cp_share=1.0) -> LayerTimes:
+                sp, cp, recompute, tp_rpn, cp_rpn, flash: bool, tp_overlap,
+                em: ExpertMesh | None = None, tp_share=1.0, cp_share=1.0) -> LayerTimes:
     """Per plan (arrays; st indexed alike): the layer's times under its recompute setting,
     the placement of its TP and CP groups (ranks per node, link share) and TP overlap.
 
@@ -242,9 +327,19 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     as a pipeline: one piece of the communication stays exposed, the rest hides behind the
     GEMMs at the cost of the smaller GEMMs and the contention. CP's ring exchange hides
     behind the attention of the current chunk (Liu et al. 2023 sec 3; the backward has 2x
-    the attention to hide behind)."""
+    the attention to hide behind). In the MoE layers (with SP, or without TP) the experts'
+    half of the TP communication becomes the expert mesh's exchange (ep_comm_s), except that
+    shared experts run as a TP MLP and keep theirs; nothing overlaps the exchange (schedules
+    that do, DualPipe or Megatron-Core's EP overlap, are not modelled). `em` defaults to ep 1
+    and etp = tp."""
     lay = st.layer
-    tp_raw = tp_comm_s(model, tokens, sp, dtype_bytes, hw, tp, tp_rpn, tp_share)
+    if em is None:
+        em = ExpertMesh(1, tp, 1, tp_rpn, 1.0, np.where(sp, np.asarray(tokens) // tp, tokens))
+    exchanges = moe_layer_share(model) * (np.asarray(sp) | (np.asarray(tp) == 1))
+    tp_raw = tp_comm_s(model, tokens, sp, dtype_bytes, hw, tp, tp_rpn, tp_share) * (
+        1.0 - exchanges * (0.0 if model.num_shared_experts else 0.5))
+    ep_raw = exchanges * (ep_comm_s(model, em.in_tokens, dtype_bytes, em.capacity, hw, em.ep, em.ep_rpn,
+                                    em.etp, em.etp_rpn, em.dispatcher) if model.num_experts else 0.0)
     overlap = np.asarray(tp_overlap, dtype=bool) & (np.asarray(tp) > 1)
     tp_f, tp_cf = overlap_split(tp_raw, np.where(overlap, lay.weight_fwd_s, 0.0), hw, tp_raw / tp)
     tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)
@@ -259,4 +354,5 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
         fwd_compute_s=lay.fwd_s + split_f, bwd_input_s=lay.bwd_input_s + flash_redo + split_b,
         bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * full,
         cp_fwd_s=cp_f, cp_bwd_s=cp_b, contention_fwd_s=tp_cf + cp_cf, contention_bwd_s=tp_cb + cp_cb,
-        tp_raw_s=tp_raw * (2 + full), cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b)
+        tp_raw_s=tp_raw * (2 + full), cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b,
+        ep_fwd_s=ep_raw, ep_bwd_s=ep_raw * (1 + full))

@@ -17,10 +17,12 @@ from meshplan.simulator.ops import Shard
 # Mixed-precision Adam: fp32 master weights + two fp32 moments = 12 bytes/param
 # (Rajbhandari et al. 2020, ZeRO sec 3.1, K = 12); with fp32 training the master copy is
 # the weight itself, so 8 bytes.
-OPTIMIZER_BYTES_PER_PARAM = {"fp32": 8, "bf16": 12, "fp16": 12}
+OPTIMIZER_BYTES_PER_PARAM = {"fp32": 8, "bf16": 12, "fp16": 12, "fp8": 12}
 # Bytes a mixed-precision Adam step reads and writes per parameter of its shard: grad (2),
 # master, m, v read and written (24), the low-precision weight copy written (2).
-ADAM_STEP_BYTES_PER_PARAM = {"fp32": 28, "bf16": 28, "fp16": 28}
+# FP8 training keeps bf16 weights and fp32 master weights and moments (torchao float8 and
+# Transformer Engine cast to FP8 only at the GEMMs).
+ADAM_STEP_BYTES_PER_PARAM = {"fp32": 28, "bf16": 28, "fp16": 28, "fp8": 28}
 
 
 def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, kind: LayerKind) -> float:
@@ -51,12 +53,16 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
     else:
         # Q and K (for QK^T), V, attention output (out-proj input), QK-norm inputs
         attention = ((heads + kv_heads) * hd * (2 if model.qk_norm else 1) + kv_heads * hd + heads * hd)
+    experts = 0.0
     if kind.moe:
-        f, fs = model.moe_ffn_hidden_size // t, model.shared_ffn_size // t
-        # per routed row (experts_per_token per token): its permuted input and its output
-        # (for the weighted combine), the activation input(s) and the down-projection
-        # input; the shared experts as a dense MLP; the router's scores
-        mlp = model.experts_per_token * (2 * h + (gated + 1) * f) + (gated + 1) * fs
+        # per routed row on this device (ops.Shard.expert_tokens x experts_per_token x the
+        # capacity factor): its permuted input and its output (for the weighted combine),
+        # the activation input(s) and the down-projection input of an expert of width
+        # moe_ffn / etp; the shared experts as a dense MLP; the router's scores
+        f = model.moe_ffn_hidden_size // shard.etp
+        rows = shard.expert_tokens * model.experts_per_token * shard.capacity
+        experts = d * rows * (2 * h + (gated + 1) * f)
+        mlp = (gated + 1) * (model.shared_ffn_size // t)
         replicated += d * ntok * model.num_experts
     else:
         mlp = (gated + 1) * (model.ffn_hidden_size // t)  # activation input(s), down input
@@ -69,7 +75,7 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
         core = scores * (d + mask + (d if mask else 0) + (d if model.attn_softcap else 0))
     if recompute == "selective":
         core = 0.0  # the attention core is recomputed (sec 4.3)
-    return replicated + sharded + core
+    return replicated + sharded + experts + core
 
 
 def layer_activation_bytes(model: ModelSpec, shard: Shard, recompute: str) -> float:
@@ -99,15 +105,26 @@ class StageMemory:
                 "buffers": self.buffers_bytes, "total": self.total_bytes}
 
 
-def stage_params(model: ModelSpec, tp, pp, layers, first, last):
+def expert_layer_params(model: ModelSpec, ep=1, etp=1):
+    """Routed-expert parameters of the mean layer on one device: num_experts / ep experts,
+    each sharded over etp (Megatron-Core parallel folding). Their gradients are reduced, and
+    their optimizer states sharded, over the expert data-parallel group instead of DP x CP."""
+    moe = sum(n for kind, n in model.layer_kinds() if kind.moe) / model.num_layers
+    return moe * model.num_experts * model.mlp_params(model.moe_ffn_hidden_size) / (
+        np.asarray(ep) * np.asarray(etp))
+
+
+def stage_params(model: ModelSpec, tp, pp, layers, first, last, ep=1, etp=None):
     """Parameters held by one device of a pipeline stage of `layers` mean layers (numpy
-    arrays broadcast): TP shards the attention and MLP weights, every expert, and the
+    arrays broadcast): TP shards the attention and MLP weights, the shared experts and the
     vocabulary; norms, MLA's down-projections and the router are replicated (Megatron-LM,
-    which vLLM follows; ModelSpec.layer_replicated_params); at one expert-parallel rank
-    every device holds every expert. The first stage holds the embedding, the last the final
-    norm and the LM head (a synced copy of a tied embedding under PP)."""
+    which vLLM follows; ModelSpec.layer_replicated_params); the routed experts are
+    expert_layer_params (etp default tp). The first stage holds the embedding, the last the
+    final norm and the LM head (a synced copy of a tied embedding under PP)."""
+    routed = expert_layer_params(model)
     per_layer = sum(n * ((model.layer_params(k) - model.layer_replicated_params(k)) / tp
                          + model.layer_replicated_params(k)) for k, n in model.layer_kinds()) / model.num_layers
+    per_layer = per_layer - routed / tp + expert_layer_params(model, ep, tp if etp is None else etp)
     head = model.norm_params() + np.where(np.logical_not(model.tied_embeddings) | (np.asarray(pp) > 1),
                                           model.vocab_size * model.hidden_size / tp, 0.0)
     return layers * per_layer + first * (model.embedding_params() / tp) + last * head

@@ -9,6 +9,7 @@ beside each entry.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,11 +179,7 @@ class ModelSpec:
 
     def layer_kinds(self) -> tuple[tuple[LayerKind, int], ...]:
         """(kind, number of layers of that kind), in order of first appearance."""
-        counts: dict[LayerKind, int] = {}
-        for i in range(self.num_layers):
-            kind = self.layer_kind(i)
-            counts[kind] = counts.get(kind, 0) + 1
-        return tuple(counts.items())
+        return _layer_kinds(self)
 
     # ---- parameter counts (elements) ----
     def norm_params(self) -> int:
@@ -256,6 +253,16 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
         return from_fields(cls, data, "model.", ModelError, "model")
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_kinds(model: ModelSpec) -> tuple[tuple[LayerKind, int], ...]:
+    """ModelSpec.layer_kinds, once per model (the cost model asks for it per candidate)."""
+    counts: dict[LayerKind, int] = {}
+    for i in range(model.num_layers):
+        kind = model.layer_kind(i)
+        counts[kind] = counts.get(kind, 0) + 1
+    return tuple(counts.items())
 
 
 def _check_int(field: str, value, positive: bool) -> None:

@@ -10,13 +10,19 @@ Layers of one model may differ (ModelSpec.layer_kinds): `layer_kind_ops` lists o
 operators; `layer_ops` lists the mean layer, each kind's operators counted by the kind's
 share of the layers, so that num_layers x the mean layer is the whole stack.
 
-Mixture-of-experts layers run at one expert-parallel rank: every device holds every
-expert and runs the router and the experts its tokens are routed to, each expert sharded
-over TP like the dense MLP (Megatron-Core with expert TP = TP).
+Mixture-of-experts layers run on the expert mesh of Megatron-Core's parallel folding
+(rules.EXPERT_AXES): each device holds num_experts / ep experts, each sharded over etp, and
+runs them on the routed rows that reach it (`_moe_ops`).
+
+With dtype fp8 the weight GEMMs of the decoder layers run in FP8 (`Op.fp8`) behind a cast
+of their inputs (`fp8_cast`); the attention core, norms, router, LM head and everything
+memory-bound stay in bf16, as torchtitan's Float8 (torchao float8 Linear, the output layer
+left out) and Megatron-Core with Transformer Engine (TE Linear layers only) run them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import copy
+from dataclasses import dataclass
 
 from meshplan.simulator.model_spec import LayerKind, ModelSpec
 
@@ -29,7 +35,15 @@ MEMORY_CLASS = {"input_norm": "norm", "post_attention_norm": "norm", "final_norm
                 "cross_entropy": "softmax", "router_softmax": "softmax", "residual_add": "add",
                 "embedding": "add", "kv_write": "add", "moe_permute": "add", "moe_unpermute": "add",
                 "mlp_act": "activation", "softcap": "activation", "logit_softcap": "activation",
-                "router_sigmoid": "activation"}
+                "router_sigmoid": "activation", "fp8_cast": "add", "act_quant": "add"}
+# Bytes per element of casting one GEMM operand to FP8 in both layouts the forward and
+# backward GEMMs read (row-major and transposed), from bf16: Transformer Engine's fused
+# cast-transpose with delayed scaling (scale from the amax history: read 2, write 1 + 1;
+# TE docs, "Using FP8 with Transformer Engine", delayed scaling); torchao's dynamic
+# tensorwise scaling adds a pass computing the amax (read 2 more; torchao float8 README,
+# torchtitan docs/float8.md); rowwise scales along each layout's rows, so amax and cast run
+# once per layout (2 x (2 + 2 + 1)).
+FP8_CAST_BYTES = {"delayed": 4.0, "tensorwise": 6.0, "rowwise": 10.0}
 
 
 @dataclass(frozen=True)
@@ -51,14 +65,19 @@ class Op:
     weight: bool = False
     attention_core: bool = False
     count: float = 1.0
+    fp8: bool = False                  # a GEMM run in FP8 (forward and both backward GEMMs)
+    bwd_bytes: float | None = None     # memory-bound backward bytes, when not 2 x bytes_moved
+    weight_bytes: float | None = None  # bytes per weight element when stored quantized (serving)
+    dequant_flops: float = 0.0         # CUDA-core work dequantizing them (quantize.py)
 
     @property
     def op_class(self) -> str | None:
         return MEMORY_CLASS.get(self.name)
 
 
-def _gemm(name, m, n, k, batch=1, weight=True, core=False) -> Op:
-    return Op(name, GEMM, 2.0 * batch * m * n * k, m, n, k, batch, weight=weight, attention_core=core)
+def _gemm(name, m, n, k, batch=1, weight=True, core=False, fp8=False) -> Op:
+    return Op(name, GEMM, 2.0 * batch * m * n * k, m, n, k, batch, weight=weight, attention_core=core,
+              fp8=fp8)
 
 
 def _mem(name, elements, passes, dtype_bytes, core=False) -> Op:
@@ -79,6 +98,14 @@ class Shard:
     sp: bool = False
     dtype_bytes: int = 2
     flash: bool = True
+    ep: int = 1
+    etp: int | None = None        # None: tp
+    capacity: float = 1.0         # the busiest expert-parallel rank's rows over the balanced share
+    fp8: str | None = None        # the FP8 recipe (plan.FP8_RECIPES) when the GEMMs run in FP8
+
+    def __post_init__(self):
+        if self.etp is None:
+            object.__setattr__(self, "etp", self.tp)
 
     @property
     def local_seq(self) -> int:
@@ -92,6 +119,19 @@ class Shard:
     def norm_tokens(self) -> int:
         """Tokens of the regions that sequence parallelism shards over TP."""
         return self.tokens // self.tp if self.sp else self.tokens
+
+    @property
+    def expert_tokens(self) -> int:
+        """Tokens whose routed rows this device's experts may receive from its own expert TP
+        group: its TP ranks' distinct tokens (sequence-parallel shards, or the replicated
+        tokens without SP, where etp = tp) gathered over etp."""
+        return self.norm_tokens * self.etp if (self.sp or self.tp == 1) else self.tokens
+
+    @property
+    def moe_comm(self) -> bool:
+        """Whether an MoE block exchanges its tokens over the expert mesh (dispatch and
+        combine), rather than reducing over TP as a dense MLP (tp > 1 without SP)."""
+        return self.sp or self.tp == 1
 
 
 def attended_keys(model: ModelSpec, shard: Shard, local: bool) -> int:
@@ -111,17 +151,18 @@ def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
     as multi-head attention with separate query/key and value head sizes."""
     h, hd, t, d = model.hidden_size, model.head_dim, shard.tp, shard.dtype_bytes
     heads, kv_heads = model.num_heads // t, model.num_kv_heads // t
-    tok, s, b = shard.tokens, shard.local_seq, shard.micro_batch
+    tok, s, b, f8 = shard.tokens, shard.local_seq, shard.micro_batch, shard.fp8 is not None
     if model.kv_lora_rank:
         q, kv, rope = model.q_lora_rank, model.kv_lora_rank, model.qk_rope_head_dim
         nope_v = model.qk_nope_head_dim + model.v_head_dim
-        query = ([_gemm("q_down", tok, q, h), _mem("latent_norm", tok * q, 2, d),
-                  _gemm("q_up", tok, heads * hd, q)] if q else [_gemm("q_proj", tok, heads * hd, h)])
-        ops = query + [_gemm("kv_down", tok, kv + rope, h), _mem("latent_norm", tok * kv, 2, d),
-                       _gemm("kv_up", tok, heads * nope_v, kv),
+        query = ([_gemm("q_down", tok, q, h, fp8=f8), _mem("latent_norm", tok * q, 2, d),
+                  _gemm("q_up", tok, heads * hd, q, fp8=f8)] if q
+                 else [_gemm("q_proj", tok, heads * hd, h, fp8=f8)])
+        ops = query + [_gemm("kv_down", tok, kv + rope, h, fp8=f8), _mem("latent_norm", tok * kv, 2, d),
+                       _gemm("kv_up", tok, heads * nope_v, kv, fp8=f8),
                        _mem("rope", tok * (heads + 1) * rope, 2, d)]
     else:
-        ops = [_gemm("qkv_proj", tok, (heads + 2 * kv_heads) * hd, h)]
+        ops = [_gemm("qkv_proj", tok, (heads + 2 * kv_heads) * hd, h, fp8=f8)]
         if model.qk_norm:
             ops.append(_mem("qk_norm", tok * (heads + kv_heads) * hd, 2, d))
         if model.position_embedding == "rope":
@@ -134,38 +175,59 @@ def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
             ops.append(_mem("softcap", scores, 2, d, core=True))
         ops.append(_mem("softmax", scores, 2 + (1 if model.dropout else 0), d, core=True))
     return ops + [_gemm("attn_values", s, vd, keys, batch=b * heads, weight=False, core=True),
-                  _gemm("out_proj", tok, h, heads * vd)]
+                  _gemm("out_proj", tok, h, heads * vd, fp8=f8)]
 
 
 def _mlp_ops(model: ModelSpec, shard: Shard, ffn: int, prefix: str = "mlp") -> list[Op]:
     """A (gated) MLP of width ffn on every token: up (and gate), activation, down."""
-    h, tok, d = model.hidden_size, shard.tokens, shard.dtype_bytes
+    h, tok, d, f8 = model.hidden_size, shard.tokens, shard.dtype_bytes, shard.fp8 is not None
     f, gated = ffn // shard.tp, 2 if model.gated_mlp else 1
-    return [_gemm(f"{prefix}_up", tok, gated * f, h), _mem("mlp_act", tok * f, gated + 1, d),
-            _gemm(f"{prefix}_down", tok, h, f)]
+    return [_gemm(f"{prefix}_up", tok, gated * f, h, fp8=f8), _mem("mlp_act", tok * f, gated + 1, d),
+            _gemm(f"{prefix}_down", tok, h, f, fp8=f8)]
+
+
+def active_experts(num_experts: int, per_token: int, tokens) -> float:
+    """Expected number of distinct experts that `tokens` tokens, each routed to `per_token`
+    of `num_experts` uniformly, hit: E (1 - (1 - k/E)^T), each expert missed by a token with
+    probability 1 - k/E (the occupancy expectation, Feller 1968 vol. I sec II.11)."""
+    return num_experts * (1.0 - (1.0 - per_token / num_experts) ** tokens)
 
 
 def _moe_ops(model: ModelSpec, shard: Shard) -> list[Op]:
-    """Router, token permutation, the routed experts as one grouped GEMM, the weighted
+    """Router, token permutation, the local experts as one grouped GEMM, the weighted
     combine, and the shared experts (Fedus et al. 2022 Switch Transformer sec 2; DeepSeekMoE,
     Dai et al. 2024 sec 3). The router reads the layer input where SP leaves it sharded.
-    With balanced routing the tokens x experts_per_token routed rows spread evenly over
-    min(experts, routed rows) experts."""
-    h, d, ntok, tok = model.hidden_size, shard.dtype_bytes, shard.norm_tokens, shard.tokens
-    e, f, gated = model.num_experts, model.moe_ffn_hidden_size // shard.tp, 2 if model.gated_mlp else 1
-    routed = tok * model.experts_per_token
-    active = min(e, routed)
+    The device holds num_experts / ep experts of width moe_ffn / etp and runs them on the
+    rows routed to them from the tokens of its expert-parallel group (expert_tokens x ep
+    tokens): experts_per_token rows per token, 1/ep of them its own on balanced routing,
+    times the capacity factor on the busiest rank, spread over the expected number of
+    distinct local experts those tokens hit (all of them in training, a few in decode)."""
+    h, d, ntok = model.hidden_size, shard.dtype_bytes, shard.norm_tokens
+    e, k, f8 = model.num_experts, model.experts_per_token, shard.fp8 is not None
+    f, gated = model.moe_ffn_hidden_size // shard.etp, 2 if model.gated_mlp else 1
+    routed = shard.expert_tokens * k * shard.capacity
+    active = active_experts(e, k, shard.expert_tokens * shard.ep) / shard.ep
     ops = [_gemm("router", ntok, e, h), _mem(f"router_{model.router}", ntok * e, 2, d),
            _mem("moe_permute", routed * h, 2, d),
-           _gemm("expert_up", routed / active, gated * f, h, batch=active),
+           _gemm("expert_up", routed / active, gated * f, h, batch=active, fp8=f8),
            _mem("mlp_act", routed * f, gated + 1, d),
-           _gemm("expert_down", routed / active, h, f, batch=active),
+           _gemm("expert_down", routed / active, h, f, batch=active, fp8=f8),
            _mem("moe_unpermute", routed * h, 2, d)]
     if model.num_shared_experts:
         ops += _mlp_ops(model, shard, model.shared_ffn_size, "shared")
     if model.shared_expert_gate:
         ops.append(_gemm("shared_gate", ntok, 1, h))
     return ops
+
+
+def _fp8_cast(ops: list[Op], recipe: str) -> Op:
+    """Casting the FP8 GEMMs' operands: input and weight in forward, the output gradient in
+    backward (FP8_CAST_BYTES per element; the weight cast once per micro-batch, as torchao
+    does; Transformer Engine caches it over a step's micro-batches)."""
+    fwd = sum(op.batch * (op.m * op.k + op.k * op.n) for op in ops if op.fp8)
+    bwd = sum(op.batch * op.m * op.n for op in ops if op.fp8)
+    per = FP8_CAST_BYTES[recipe]
+    return Op("fp8_cast", MEMORY, float(fwd), bytes_moved=fwd * per, bwd_bytes=bwd * per)
 
 
 def layer_kind_ops(model: ModelSpec, shard: Shard, kind: LayerKind) -> tuple[Op, ...]:
@@ -180,6 +242,8 @@ def layer_kind_ops(model: ModelSpec, shard: Shard, kind: LayerKind) -> tuple[Op,
     ops += _moe_ops(model, shard) if kind.moe else _mlp_ops(model, shard, model.ffn_hidden_size)
     if model.sandwich_norm:
         ops.append(_mem("mlp_out_norm", ntok * h, 2, d))
+    if shard.fp8 is not None:
+        ops.append(_fp8_cast(ops, shard.fp8))
     return tuple(ops + [_mem("residual_add", ntok * h, 3, d)])
 
 
@@ -189,8 +253,16 @@ def layer_ops(model: ModelSpec, shard: Shard) -> tuple[Op, ...]:
     kinds = model.layer_kinds()
     if len(kinds) == 1:
         return layer_kind_ops(model, shard, kinds[0][0])
-    return tuple(replace(op, count=n / model.num_layers)
-                 for kind, n in kinds for op in layer_kind_ops(model, shard, kind))
+    return tuple(_counted(op, n / model.num_layers) for kind, n in kinds
+                 for op in layer_kind_ops(model, shard, kind))
+
+
+def _counted(op: Op, count: float) -> Op:
+    """op run `count` times per layer (dataclasses.replace without re-running the
+    constructor: the cost model builds these for every candidate's shard)."""
+    out = copy.copy(op)
+    object.__setattr__(out, "count", count)
+    return out
 
 
 def embedding_ops(model: ModelSpec, shard: Shard) -> tuple[Op, ...]:

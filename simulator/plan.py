@@ -20,12 +20,22 @@ from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.schedule import SCHEDULES
 
 RECOMPUTE = ("none", "selective", "full")
-DTYPES = ("fp32", "bf16", "fp16")
+# fp8: the weight GEMMs of the decoder layers in FP8, everything else in bf16 (fp8.py)
+DTYPES = ("fp32", "bf16", "fp16", "fp8")
 # flash: fused attention, no s^2 tensors kept (Dao 2022); naive: explicit scores and softmax
 # as in Korthikanti et al. 2022 Table 2.
 ATTENTION = ("flash", "naive")
 AXES = rules.AXES
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# Bytes of weights, activations and communication per element: an FP8 plan keeps them in
+# bf16 and casts to FP8 only at its GEMMs' inputs (fp8.py).
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
+# Scaling of FP8 GEMM inputs: torchao's dynamic per-tensor or per-row scales (torchtitan's
+# Float8 recipes "tensorwise", "rowwise") or Transformer Engine's delayed scaling.
+FP8_RECIPES = ("tensorwise", "rowwise", "delayed")
+# MoE token dispatch: NCCL all-to-all of every routed row (Megatron-Core's alltoall
+# dispatcher), or DeepEP's node-deduplicated dispatch (its flex dispatcher; cost.ep_comm_s).
+MOE_DISPATCHERS = ("alltoall", "deepep")
+EXPERT_AXES = rules.EXPERT_AXES
 
 
 def knob(default=dataclasses.MISSING, help: str = "", choices=None, aliases: tuple[str, ...] = ()):
@@ -91,9 +101,22 @@ class Plan:
                                        "gather them again for backward (FSDP2)")
     grad_reduce_dtype: str = knob("fp32", "dtype gradients are kept and reduced in (Megatron-LM "
                                   "main grads, torchtitan's reduce dtype)", choices=("fp32", "bf16"))
+    ep: int = knob(1, "expert-parallel degree (Megatron-LM --expert-model-parallel-size)")
+    etp: int | None = knob(None, "expert tensor-parallel degree (default: tp; Megatron-LM "
+                           "--expert-tensor-parallel-size)")
+    moe_capacity_factor: float = knob(1.0, "routed rows of the busiest expert-parallel rank over the "
+                                      "balanced share (1: balanced routing; Megatron-LM "
+                                      "--moe-expert-capacity-factor with padding)")
+    fp8_recipe: str = knob("tensorwise", "FP8 scaling with dtype fp8", choices=FP8_RECIPES)
+    moe_dispatcher: str = knob("alltoall", "MoE token dispatch: NCCL all-to-all, or DeepEP (Megatron-LM "
+                               "--moe-token-dispatcher-type flex --moe-enable-deepep)",
+                               choices=MOE_DISPATCHERS)
 
     def __post_init__(self):
-        ints = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch", "virtual_stages")
+        if self.etp is None:
+            object.__setattr__(self, "etp", self.tp)
+        ints = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch", "virtual_stages",
+                "ep", "etp")
         for field in ints:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -110,6 +133,13 @@ class Plan:
              f"use one of {', '.join(ATTENTION)}"),
             (self.grad_reduce_dtype in ("fp32", "bf16"), "grad_reduce_dtype",
              f"unknown {self.grad_reduce_dtype!r}", "use fp32 or bf16"),
+            (self.fp8_recipe in FP8_RECIPES, "fp8_recipe", f"unknown {self.fp8_recipe!r}",
+             f"use one of {', '.join(FP8_RECIPES)}"),
+            (self.moe_dispatcher in MOE_DISPATCHERS, "moe_dispatcher", f"unknown {self.moe_dispatcher!r}",
+             f"use one of {', '.join(MOE_DISPATCHERS)}"),
+            (isinstance(self.moe_capacity_factor, (int, float)) and not isinstance(self.moe_capacity_factor, bool)
+             and 1.0 <= self.moe_capacity_factor < float("inf"), "moe_capacity_factor",
+             f"{self.moe_capacity_factor!r} is not a factor >= 1", "give 1 for balanced routing, or more"),
             (sorted(self.placement) == sorted(AXES), "placement", f"{self.placement!r} is not an "
              "order of tp, cp, dp, pp", "list each of tp, cp, dp, pp once, innermost first"),
         )
@@ -126,6 +156,12 @@ class Plan:
     @property
     def world_size(self) -> int:
         return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel degree: a pipeline stage's tp*cp*dp ranks over etp*ep
+        (Megatron-Core parallel folding)."""
+        return self.tp * self.cp * self.dp // (self.ep * self.etp)
 
     @property
     def num_microbatches(self) -> int:
@@ -145,6 +181,11 @@ class Plan:
         `placement`."""
         return Mesh.of({"tp": self.tp, "cp": self.cp, "dp": self.dp, "pp": self.pp},
                        self.placement, gpus_per_node)
+
+    def expert_mesh(self, gpus_per_node: int) -> Mesh:
+        """The expert layers' mesh over the same ranks (expert_order)."""
+        return Mesh.of({"etp": self.etp, "ep": self.ep, "edp": self.edp, "pp": self.pp},
+                       expert_order(self.placement), gpus_per_node)
 
     def validate(self, model: ModelSpec, cluster: Cluster) -> None:
         """Legality of this plan for this model on this cluster (rules.TRAINING); one
@@ -167,6 +208,15 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
         return from_fields(cls, data, "plan.", PlanError, "plan")
+
+def expert_order(placement) -> tuple[str, ...]:
+    """The expert mesh's axis order, innermost first: EXPERT_AXES, with pp where the
+    attention's placement has it (Megatron-Core builds both meshes from one order string;
+    rules.py requires the two to put the same ranks in each pipeline stage)."""
+    axes = list(EXPERT_AXES)
+    axes.insert(list(placement).index("pp"), "pp")
+    return tuple(axes)
+
 
 def complete_fields(fields: dict, num_gpus: int) -> dict:
     """Plan fields with the data-parallel degree filled from the GPU count when it is the one

@@ -20,6 +20,13 @@ from meshplan.core.errors import Issue
 from meshplan.simulator.model_spec import ModelSpec
 
 AXES = ("tp", "cp", "dp", "pp")
+# The expert layers' own mesh over a pipeline stage's ranks, innermost first, as
+# Megatron-Core orders it (core/parallel_state.py, the expert RankGenerator: order tp-ep-dp
+# with tp the expert TP): expert TP, expert parallel, expert data parallel. Megatron-Core's
+# "MoE parallel folding" (Liu et al. 2025, arXiv 2504.14960 sec 3): attention runs on
+# TP x CP x DP x PP, the expert layers on ETP x EP x EDP x PP over the same ranks, so
+# ETP x EP divides TP x CP x DP and EDP = TP x CP x DP / (ETP x EP).
+EXPERT_AXES = ("etp", "ep", "edp")
 TORCH_SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
 DEFAULT_ORDER = ",".join(AXES)
 
@@ -62,6 +69,25 @@ def _microbatches(x):
     return x.global_batch // (x.micro_batch * x.dp)
 
 
+def _stage_ranks(x):
+    return x.tp * x.cp * x.dp
+
+
+def _folds(x):
+    """Whether the expert mesh (EXPERT_AXES, pp at the attention placement's index of pp)
+    puts the same ranks in each pipeline stage as the attention's: the ranks placed inside
+    pp number the same in both (Megatron-Core asserts it: an order ending in pp, or equal
+    data-parallel sizes)."""
+    placement = np.asarray(x.placement, dtype=str)
+    pp_at = np.char.find(placement, "pp")
+    dense, expert = 1, 1
+    for axis in AXES[:3]:
+        dense = dense * np.where(np.char.find(placement, axis) < pp_at, getattr(x, axis), 1)
+    for i, size in enumerate((x.etp, x.ep, _stage_ranks(x) // (x.ep * x.etp))):
+        expert = expert * np.where(i < pp_at // 3, size, 1)
+    return (x.pp == 1) | (dense == expert)
+
+
 # Rules within the plan alone (checked when a Plan is made).
 PLAN = (
     _rule("plan.sp", "sp tp", lambda x, m, c: np.logical_not(x.sp) | (x.tp > 1),
@@ -83,10 +109,26 @@ PLAN = (
           lambda x, m, c: x.global_batch % (x.micro_batch * x.dp) == 0,
           lambda x, m, c: f"{x.global_batch} is not divisible by micro_batch*dp = {x.micro_batch * x.dp}",
           "make the global batch a multiple of micro-batch x dp"),
+    _rule("plan.ep", "ep etp tp cp dp", lambda x, m, c: _stage_ranks(x) % (x.ep * x.etp) == 0,
+          lambda x, m, c: f"ep*etp = {x.ep}*{x.etp} does not divide a pipeline stage's tp*cp*dp = "
+          f"{_stage_ranks(x)} ranks", "choose ep and etp whose product divides tp*cp*dp (parallel folding)"),
+    # Megatron-Core TransformerConfig: expert and tensor parallelism need sequence parallelism
+    _rule("plan.sp", "ep tp sp", lambda x, m, c: (x.ep == 1) | (x.tp == 1) | np.asarray(x.sp),
+          lambda x, m, c: "expert parallelism with tensor parallelism needs sequence parallelism",
+          "turn on sp, or use ep 1 or tp 1"),
+    # without SP every TP rank holds the same tokens, and the experts shard as the dense MLP
+    _rule("plan.etp", "etp tp sp", lambda x, m, c: (x.tp == 1) | np.asarray(x.sp) | (x.etp == x.tp),
+          lambda x, m, c: f"etp {x.etp} differs from tp {x.tp} without sequence parallelism",
+          "turn on sp, or use etp = tp"),
 )
 
 # Rules of a plan for a model on a cluster.
 TRAINING = PLAN + (
+    _rule("plan.placement", "placement ep etp tp cp dp pp",
+          lambda x, m, c: (m.num_experts == 0) | _folds(x),
+          lambda x, m, c: f"with placement {x.placement} the expert mesh (etp, ep, edp) would put other "
+          f"ranks in each pipeline stage than the attention's", "place pp outermost, or choose "
+          "etp*ep = the product of the axes placed inside pp"),
     _rule("cluster.num_gpus", "dp tp pp cp", lambda x, m, c: x.dp * x.tp * x.pp * x.cp == c.num_gpus,
           lambda x, m, c: f"dp*tp*pp*cp = {x.dp}*{x.tp}*{x.pp}*{x.cp} = {x.dp * x.tp * x.pp * x.cp} "
           f"but the cluster has {c.num_gpus} GPUs", "choose dp, tp, pp, cp whose product is the GPU count"),
@@ -99,11 +141,19 @@ TRAINING = PLAN + (
     _rule("plan.tp", "tp", lambda x, m, c: m.ffn_hidden_size % x.tp == 0,
           lambda x, m, c: f"{x.tp} does not divide ffn size {m.ffn_hidden_size}",
           "use a TP degree that divides the MLP width"),
-    _rule("plan.tp", "tp", lambda x, m, c: (m.moe_ffn_hidden_size % x.tp == 0)
-          & ((m.num_shared_experts * m.shared_expert_ffn_size) % x.tp == 0),
-          lambda x, m, c: f"{x.tp} does not divide the experts' width {m.moe_ffn_hidden_size} "
-          f"(shared: {m.num_shared_experts * m.shared_expert_ffn_size})",
-          "use a TP degree that divides the expert MLP width"),
+    _rule("plan.etp", "etp", lambda x, m, c: m.moe_ffn_hidden_size % x.etp == 0,
+          lambda x, m, c: f"{x.etp} does not divide the experts' width {m.moe_ffn_hidden_size}",
+          "use an expert TP degree that divides the expert MLP width"),
+    _rule("plan.tp", "tp", lambda x, m, c: (m.num_shared_experts * m.shared_expert_ffn_size) % x.tp == 0,
+          lambda x, m, c: f"{x.tp} does not divide the shared experts' width "
+          f"{m.num_shared_experts * m.shared_expert_ffn_size}",
+          "use a TP degree that divides the shared experts' MLP width"),
+    _rule("plan.ep", "ep etp tp", lambda x, m, c: (m.num_experts > 0) | ((x.ep == 1) & (x.etp == x.tp)),
+          lambda x, m, c: f"{m.name} has no experts to place (ep {x.ep}, etp {x.etp})",
+          "use ep 1 and leave etp to tp"),
+    _rule("plan.ep", "ep", lambda x, m, c: (m.num_experts == 0) | (m.num_experts % x.ep == 0),
+          lambda x, m, c: f"{x.ep} does not divide the {m.num_experts} experts",
+          "use an expert-parallel degree that divides num_experts"),
     _rule("plan.seq_len", "seq_len",
           lambda x, m, c: (m.position_embedding != "learned") | (x.seq_len <= m.max_seq_len),
           lambda x, m, c: f"{x.seq_len} exceeds the model's {m.max_seq_len} positions",
@@ -133,6 +183,22 @@ TRAINING = PLAN + (
           "give one layer count per (virtual) stage, or none for the balanced split"),
 )
 
+# What the device can run (`c` is the hardware profile here): FP8 GEMMs only where the
+# profile has their throughput (A100: no FP8 tensor cores, NVIDIA A100 datasheet; H100:
+# FP8 at 2x BF16, H100 datasheet).
+HARDWARE = (
+    _rule("plan.dtype", "dtype", lambda x, m, c: np.isin(x.dtype, sorted(set(c.gemm) & set(c.peak_flops))),
+          lambda x, m, c: f"{c.name} has no {x.dtype} GEMM throughput in its profile (it lists "
+          f"{', '.join(sorted(c.gemm))})", "use bf16, or hardware with FP8 tensor cores (h100-80gb)"),
+)
+SERVING_HARDWARE = (
+    _rule("plan.quantization", "quantization",
+          lambda x, m, c: (x.quantization != "fp8") | ("fp8" in c.gemm and "fp8" in c.peak_flops),
+          lambda x, m, c: f"{c.name} has no fp8 GEMM throughput in its profile",
+          "use int8 or int4 weight-only quantization, or hardware with FP8 tensor cores (h100-80gb)"),
+)
+
+
 def _model_features(m: ModelSpec) -> list[str]:
     """What of the model the executor's decoder (executor/model.py: dense, full multi-head or
     grouped-query attention, one norm before each block) does not build."""
@@ -155,6 +221,8 @@ def _model_rule(field: str) -> Rule:
 # What the executor cannot run on this backend (torch 2.13, gloo on CPU).
 EXECUTOR_TRAINING = (
     _model_rule("model"),
+    _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
+          lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
     _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
           lambda x, m, c: "context parallel cannot run here: torch's ring attention has no DTensor "
           "rule for the CPU attention kernel", "use cp 1"),
@@ -192,10 +260,30 @@ SERVING = (
           f"{m.max_seq_len} positions", "keep prompt_len + gen_len within the model's positions"),
     _rule("plan.pp", "pp", lambda x, m, c: m.num_layers >= x.pp,
           lambda x, m, c: f"{m.num_layers} layers cannot fill {x.pp} stages", "use fewer pipeline stages"),
+    # AWQ/GPTQ kernels need whole groups in every TP shard's input features (vLLM's
+    # weight-only methods check input_size_per_partition % group_size)
+    _rule("plan.quant_group_size", "quantization quant_group_size tp",
+          lambda x, m, c: np.logical_not(np.isin(x.quantization, ("int8", "int4"))) | (
+              (_shard_widths(m, x.tp) % x.quant_group_size == 0).all()),
+          lambda x, m, c: f"groups of {x.quant_group_size} do not divide every weight's input features "
+          f"per TP rank ({', '.join(map(str, _shard_widths(m, x.tp)))})",
+          "use a group size dividing them (64, 32), or a smaller tp"),
 )
+
+
+def _shard_widths(m: ModelSpec, tp) -> np.ndarray:
+    """Input features of the decoder's weight GEMMs on one TP rank: the hidden size (QKV,
+    MLP up) and the sharded widths the output and down projections read."""
+    widths = [m.hidden_size, m.num_heads * m.value_head_dim // tp, m.ffn_hidden_size // tp]
+    if m.num_experts:
+        widths.append(m.moe_ffn_hidden_size // tp)
+    return np.array(widths)
 
 EXECUTOR_SERVING = (
     _model_rule("model"),
+    _rule("plan.quantization", "quantization", lambda x, m, c: x.quantization == "none",
+          lambda x, m, c: f"the executor serves unquantized weights, not {x.quantization}",
+          "use quantization none"),
     _rule("plan.tp", "tp", lambda x, m, c: m.num_kv_heads % x.tp == 0,
           lambda x, m, c: f"{x.tp} does not divide the {m.num_kv_heads} KV heads (the executor shards "
           "KV heads, it does not replicate them)", "use a TP degree that divides num_key_value_heads"),

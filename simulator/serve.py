@@ -12,6 +12,10 @@ flight. Definitions:
 - latency = TTFT + (gen_len - 1) x TPOT; throughput = replicas x batch x gen_len / latency
   (generated tokens per second over whole requests, prefill included, as the issue asks);
   decode_tokens_per_s is the steady-state decode rate without prefill.
+Mixture-of-experts layers read the weights of the experts the step's tokens hit
+(ops.active_experts), latent attention caches its compressed latent (kv_elements_per_token),
+and the weights may be quantized (quantize.py). Experts are sharded over TP (vLLM's default,
+without --enable-expert-parallel).
 Not modelled: sampling beyond a softmax over the logits, CPU scheduling, CUDA-graph launch
 savings, chunked prefill, prefix caching, continuous batching of prefill with decode.
 """
@@ -33,10 +37,13 @@ from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import GEMM, Op, Shard, embedding_ops, head_ops, layer_ops
 from meshplan.simulator.partition import even_partition
-from meshplan.simulator.plan import DTYPE_BYTES, DTYPES, Cluster, knob
+from meshplan.simulator.plan import DTYPE_BYTES, Cluster, knob
+from meshplan.simulator.quantize import QUANTIZATIONS, quantized, quantized_weights, weight_bytes
 
+# Serving dtypes of weights and activations; FP8 serving is a quantization (quantize.py).
+DTYPES = ("fp32", "bf16", "fp16")
 # KV caches may be stored in fp8 (vLLM --kv-cache-dtype fp8) while weights stay 16-bit.
-KV_DTYPE_BYTES = {**DTYPE_BYTES, "fp8": 1}
+KV_DTYPE_BYTES = {**{d: DTYPE_BYTES[d] for d in DTYPES}, "fp8": 1}
 DECODE_KEYS = ("weights_read", "kv_read", "compute", "elementwise", "host_overhead", "tp_comm",
                "pp_handoff", "pp_bubble")
 
@@ -55,9 +62,12 @@ class InferencePlan:
     dtype: str = knob("fp16", "weights and activations dtype", choices=DTYPES)
     kv_dtype: str | None = knob(None, "KV cache dtype (default: dtype)",
                                 choices=tuple(KV_DTYPE_BYTES))
+    quantization: str = knob("none", "weights: int8 / int4 weight-only (AWQ/GPTQ-style groups) or fp8 "
+                             "weights and activations", choices=QUANTIZATIONS)
+    quant_group_size: int = knob(128, "weights per scale of int8 / int4 quantization")
 
     def __post_init__(self):
-        for field in ("batch", "prompt_len", "gen_len", "tp", "pp", "replicas"):
+        for field in ("batch", "prompt_len", "gen_len", "tp", "pp", "replicas", "quant_group_size"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise PlanError(f"plan.{field}", f"must be a positive integer, got {value!r}",
@@ -69,6 +79,9 @@ class InferencePlan:
         if self.kv_dtype not in KV_DTYPE_BYTES:
             raise PlanError("plan.kv_dtype", f"unknown {self.kv_dtype!r}",
                             f"use one of {', '.join(KV_DTYPE_BYTES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise PlanError("plan.quantization", f"unknown {self.quantization!r}",
+                            f"use one of {', '.join(QUANTIZATIONS)}")
 
     @property
     def num_gpus(self) -> int:
@@ -95,10 +108,17 @@ class InferencePlan:
     def kv_dtype_bytes(self) -> int:
         return KV_DTYPE_BYTES[self.kv_dtype]
 
-    def validate(self, model: ModelSpec, cluster: Cluster) -> None:
-        """Legality of this plan for this model on this cluster (rules.SERVING); one
-        PlanError naming every rule it breaks."""
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes per element of the quantized weights (quantize.weight_bytes)."""
+        return weight_bytes(self.quantization, self.quant_group_size, self.dtype_bytes)
+
+    def validate(self, model: ModelSpec, cluster: Cluster, hw: HardwareProfile | None = None) -> None:
+        """Legality of this plan for this model on this cluster (rules.SERVING), and on this
+        hardware (rules.SERVING_HARDWARE) when given; one PlanError naming every rule it breaks."""
         issues = rules.violations(rules.SERVING, self, model, cluster)
+        if hw is not None:
+            issues += rules.violations(rules.SERVING_HARDWARE, self, model, hw)
         if issues:
             raise PlanError.of(issues)
 
@@ -109,11 +129,20 @@ class InferencePlan:
     def from_dict(cls, data: dict) -> InferencePlan:
         return from_fields(cls, data, "plan.", PlanError, "inference plan")
 
+def kv_elements_per_token(model: ModelSpec, tp: int = 1) -> int:
+    """KV-cache elements one token adds per layer on one device: K and V of each KV head
+    (GQA/MQA: num_kv_heads, not num_heads), max(1, kv/tp) heads per device; with latent
+    attention the compressed latent and the shared RoPE key, kv_lora_rank +
+    qk_rope_head_dim, whole on every TP rank (DeepSeek-V2 sec 2.1.2; vLLM's MLA cache holds
+    [kv_lora_rank + qk_rope_head_dim] per token, replicated over TP)."""
+    if model.kv_lora_rank:
+        return model.kv_lora_rank + model.qk_rope_head_dim
+    return 2 * max(1, model.num_kv_heads // tp) * model.head_dim
+
+
 def kv_bytes_per_token(model: ModelSpec, kv_dtype: str = "fp16", tp: int = 1) -> int:
-    """KV-cache bytes one token adds on one device, all layers: K and V of each KV head
-    (GQA/MQA: num_kv_heads, not num_heads), max(1, kv/tp) heads per device."""
-    kv_per_device = max(1, model.num_kv_heads // tp)
-    return 2 * model.num_layers * kv_per_device * model.head_dim * KV_DTYPE_BYTES[kv_dtype]
+    """KV-cache bytes one token adds on one device, all layers."""
+    return model.num_layers * kv_elements_per_token(model, tp) * KV_DTYPE_BYTES[kv_dtype]
 
 
 @dataclass(frozen=True)
@@ -168,6 +197,8 @@ def _activation_bytes_per_seq(model: ModelSpec, plan: InferencePlan, last: bool)
     last stage (vLLM sizes this working set with a profiling forward pass)."""
     h, hd, t = model.hidden_size, model.head_dim, plan.tp
     heads, kv, ffn = model.num_heads // t, model.num_kv_heads // t, model.ffn_hidden_size // t
+    if model.num_experts:  # every token's experts_per_token rows, and the shared experts
+        ffn = max(ffn, (model.experts_per_token * model.moe_ffn_hidden_size + model.shared_ffn_size) // t)
     gated = 2 if model.gated_mlp else 1
     per_token = plan.dtype_bytes * (2 * h + (heads + 2 * kv) * hd + heads * hd + (gated + 1) * ffn)
     return plan.prompt_len * per_token + (4.0 * model.vocab_size if last else 0.0)
@@ -189,8 +220,9 @@ def _op_s(op: Op, hw: HardwareProfile, dtype: str) -> float:
 
 
 def _kv_write(model: ModelSpec, plan: InferencePlan, tokens: int) -> Op:
-    """Appending the new tokens' K and V to the cache: read at dtype, written at kv_dtype."""
-    elements = tokens * 2 * (model.num_kv_heads // plan.tp) * model.head_dim
+    """Appending the new tokens' K and V (or latent) to the cache: read at dtype, written at
+    kv_dtype."""
+    elements = tokens * kv_elements_per_token(model, plan.tp)
     return Op("kv_write", "memory", float(elements),
               bytes_moved=float(elements) * (plan.dtype_bytes + plan.kv_dtype_bytes))
 
@@ -223,11 +255,16 @@ def _prefill_layer_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile)
     blocks above the causal diagonal (Dao 2023, sec 3.1.1), so the attention core does
     (s+1)/(2s) of the full s x s work."""
     s = plan.prompt_len
-    ops = layer_ops(model, Shard(plan.micro_batch, s, tp=plan.tp, dtype_bytes=plan.dtype_bytes))
+    ops = _layer_ops(model, plan, Shard(plan.micro_batch, s, tp=plan.tp, dtype_bytes=plan.dtype_bytes))
     causal = (s + 1) / (2 * s)
     return (sum(_op_s(op, hw, plan.dtype) * (causal if op.attention_core else 1.0) for op in ops)
             + _op_s(_kv_write(model, plan, plan.micro_batch * s), hw, plan.dtype)
             + hw.overhead.inference_layer_s(plan.tp, decode=False))
+
+
+def _layer_ops(model: ModelSpec, plan: InferencePlan, shard: Shard) -> list[Op]:
+    """One layer's operators with the plan's weight quantization (quantize.quantized)."""
+    return quantized(layer_ops(model, shard), plan.quantization, plan.quant_group_size, plan.dtype_bytes)
 
 
 def _classified_s(ops, hw: HardwareProfile, compute_hw: HardwareProfile, dtype: str) -> dict:
@@ -255,13 +292,23 @@ def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfi
     [d, 2 ctx] GEMM per KV head and sequence (g query heads share a KV head, as GQA decode
     kernels group them)."""
     b, d = plan.micro_batch, plan.dtype
-    ops = [op for op in layer_ops(model, Shard(b, 1, tp=plan.tp, dtype_bytes=plan.dtype_bytes))
+    ops = [op for op in _layer_ops(model, plan, Shard(b, 1, tp=plan.tp, dtype_bytes=plan.dtype_bytes))
            if not op.attention_core] + [_kv_write(model, plan, b)]
     parts = _classified_s(ops, hw, compute_hw, d)
-    kv, hd = model.num_kv_heads // plan.tp, model.head_dim
-    g = model.num_heads // model.num_kv_heads
-    flops_s = compute_hw.gemm_time_s(g, 2 * contexts, hd, d, batch=b * kv)
-    read_s = hw.memory_bound_time_s(b * contexts * 2 * kv * hd * plan.kv_dtype_bytes, d)
+    if model.kv_lora_rank:
+        # latent attention decodes with the up-projections absorbed into the query and the
+        # output (DeepSeek-V2 sec 2.1.2; vLLM's MLA decode): every local head scores the
+        # latent and RoPE key ([heads, c + r] x [c + r, ctx]) and reads values from the
+        # latent ([heads, ctx] x [ctx, c]) per sequence
+        heads, c, r = model.num_heads // plan.tp, model.kv_lora_rank, model.qk_rope_head_dim
+        flops_s = (compute_hw.gemm_time_s(heads, contexts, c + r, d, batch=b)
+                   + compute_hw.gemm_time_s(heads, c, contexts, d, batch=b))
+    else:
+        kv, hd = model.num_kv_heads // plan.tp, model.head_dim
+        g = model.num_heads // model.num_kv_heads
+        flops_s = compute_hw.gemm_time_s(g, 2 * contexts, hd, d, batch=b * kv)
+    read_s = hw.memory_bound_time_s(b * contexts * kv_elements_per_token(model, plan.tp)
+                                    * plan.kv_dtype_bytes, d)
     parts["kv_read"] = np.where(read_s >= flops_s, read_s, 0.0)
     parts["host_overhead"] = hw.overhead.inference_layer_s(plan.tp, decode=True)
     parts["compute"] = parts["compute"] + np.where(read_s >= flops_s, 0.0, flops_s)
@@ -348,7 +395,7 @@ def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
 
 def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
                        hw: HardwareProfile) -> InferenceResult:
-    plan.validate(model, cluster)
+    plan.validate(model, cluster, hw)
     hardware = hw.name
     hw = per_rank_profile(hw, cluster.ranks_per_node)
     served = _served(model, plan.tp)
@@ -363,7 +410,8 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
     capacity = float(hw.memory_bytes)
     limit = capacity - memory_reserve_bytes(capacity)
     kv_token_layer = kv_bytes_per_token(model, plan.kv_dtype, plan.tp) / model.num_layers
-    weights = np.array([stage_params(served, plan.tp, plan.pp, n, f, la) * plan.dtype_bytes
+    narrowed = quantized_weights(served, plan.tp) * (plan.dtype_bytes - plan.weight_bytes)
+    weights = np.array([stage_params(served, plan.tp, plan.pp, n, f, la) * plan.dtype_bytes - n * narrowed
                         for n, f, la in at.stages], dtype=float)
     kv_seq = np.array([plan.context_len * n * kv_token_layer for n in at.layers], dtype=float)
     act_seq = np.array([_activation_bytes_per_seq(served, plan, la) for _, _, la in at.stages])

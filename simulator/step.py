@@ -10,10 +10,13 @@ simulation against closed forms).
 
 Rows are a dict of arrays with one entry per plan ("r" below): the plan knobs dp, tp, pp,
 cp, sp, zero, rc (recompute code), micro_batch, sched (schedule code), virtual_stages,
-num_microbatches, the link levels of the groups (tp_rpn, cp_rpn, dp_rpn, pp_rpn: ranks of
-the group per node), their link shares (tp_share, cp_share, dp_share, pp_share:
-core.mesh.Group.link_share, 1.0 where not given) and the scalars dtype, d (dtype bytes),
-flash. Per-rank quantities are (rows, ranks) arrays: rank index s, layers n on that rank.
+num_microbatches, ep, etp, the link levels of the groups (tp_rpn, cp_rpn, dp_rpn, pp_rpn,
+and the expert mesh's ep_rpn, etp_rpn, edp_rpn: ranks of the group per node), the link
+shares of the dense groups (tp_share, cp_share, dp_share, pp_share: core.mesh.Group
+.link_share, 1.0 where not given) and the scalars dtype, d (dtype bytes), flash. Per-rank
+quantities are (rows, ranks) arrays: rank index s, layers n on that rank. Parameters split
+into the routed experts' (reduced and sharded over the expert data-parallel group, edp
+ranks) and the rest (over DP x CP).
 """
 from __future__ import annotations
 
@@ -23,18 +26,20 @@ import numpy as np
 import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
-from meshplan.simulator.cost import (FULL, NONE, collective_s, layer_times, overlap_split,
-                                     shard_times)
-from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, layer_activation_bytes,
-                                       model_state_bytes, stage_params)
+from meshplan.simulator.cost import (FULL, NONE, ExpertMesh, collective_s, layer_times,
+                                     overlap_split, shard_times)
+from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, expert_layer_params,
+                                       layer_activation_bytes, model_state_bytes, stage_params)
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import Shard
 from meshplan.simulator.plan import DTYPE_BYTES, RECOMPUTE, SCHEDULES
 
-SHARD_KEYS = ("tp", "sp", "cp", "micro_batch")
-COST_KEYS = SHARD_KEYS + ("rc", "tp_overlap", "tp_rpn", "cp_rpn", "tp_share", "cp_share")
+SHARD_KEYS = ("tp", "sp", "cp", "micro_batch", "ep", "etp")
+COST_KEYS = SHARD_KEYS + ("rc", "tp_overlap", "tp_rpn", "cp_rpn", "ep_rpn", "etp_rpn", "tp_share",
+                          "cp_share")
 KNOBS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched", "virtual_stages",
-         "num_microbatches", "tp_overlap", "reshard", "tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn")
+         "num_microbatches", "tp_overlap", "reshard", "ep", "etp", "tp_rpn", "cp_rpn", "dp_rpn",
+         "pp_rpn", "ep_rpn", "etp_rpn", "edp_rpn")
 SHARES = ("tp_share", "cp_share", "dp_share", "pp_share")
 
 
@@ -55,9 +60,12 @@ def combo_ids(r: dict, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str,
-         grad_dtype: str) -> dict:
+         grad_dtype: str, capacity: float = 1.0, fp8_recipe: str = "tensorwise",
+         dispatcher: str = "alltoall") -> dict:
     """Rows of plans from their knob arrays (KNOBS), with the memory terms that need no
-    timing: each row's shard, activation bytes per layer and parameters per layer."""
+    timing: each row's shard, activation bytes per layer and parameters per layer (all, and
+    the routed experts'); `capacity`, `fp8_recipe` and `dispatcher` are the plan's
+    moe_capacity_factor, fp8_recipe and moe_dispatcher."""
     r = {k: np.asarray(knobs[k]) for k in KNOBS}
     r.update({k: np.broadcast_to(np.asarray(knobs.get(k, 1.0), dtype=float), r["tp"].shape)
               for k in SHARES})
@@ -67,12 +75,17 @@ def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str
     r["gd"] = max(d, DTYPE_BYTES[grad_dtype])  # gradients are reduced and kept in this
     shard_id, first = combo_ids(r, SHARD_KEYS)
     shards = [Shard(int(r["micro_batch"][i]), seq_len, int(r["tp"][i]), int(r["cp"][i]),
-                    bool(r["sp"][i]), d, attention == "flash") for i in first]
+                    bool(r["sp"][i]), d, attention == "flash", int(r["ep"][i]), int(r["etp"][i]),
+                    capacity, fp8_recipe if dtype == "fp8" else None) for i in first]
     act = np.array([[layer_activation_bytes(model, s, k) for k in RECOMPUTE] for s in shards])
     r.update(shard_id=shard_id, shards=shards, d=d, dtype=dtype, flash=attention == "flash",
-             dps=r["dp"] * r["cp"], act=act[shard_id, r["rc"]], act_none=act[shard_id, NONE],
+             capacity=capacity, dispatcher=dispatcher, dps=r["dp"] * r["cp"],
+             edp=r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
+             act=act[shard_id, r["rc"]], act_none=act[shard_id, NONE],
              tokens=np.array([s.tokens for s in shards], dtype=float)[shard_id],
-             per_layer=stage_params(model, r["tp"], r["pp"], 1, False, False))
+             in_tokens=np.array([s.norm_tokens for s in shards], dtype=float)[shard_id],
+             per_layer=stage_params(model, r["tp"], r["pp"], 1, False, False, r["ep"], r["etp"]),
+             per_layer_expert=expert_layer_params(model, r["ep"], r["etp"]) * np.ones(len(r["tp"])))
     return r
 
 
@@ -91,10 +104,12 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     shard_id, sfirst = group_ids(r["shard_id"])
     st = shard_times(model, hw, [r["shards"][i] for i in r["shard_id"][sfirst]], r["dtype"])
     cost_id, cfirst = combo_ids(r, COST_KEYS)
-    c = {k: r[k][cfirst] for k in ("tp", "cp", "sp", "rc", "tp_rpn", "cp_rpn", "tp_share", "cp_share",
-                                   "tokens")}
+    c = {k: r[k][cfirst] for k in ("tp", "cp", "sp", "rc", "tp_rpn", "cp_rpn", "tokens", "ep", "etp",
+                                   "ep_rpn", "etp_rpn", "in_tokens", "tp_share", "cp_share")}
+    em = ExpertMesh(c["ep"], c["etp"], c["ep_rpn"], c["etp_rpn"], r["capacity"], c["in_tokens"],
+                    r["dispatcher"])
     lt = layer_times(model, hw, st.take(shard_id[cfirst]), c["tokens"], r["d"], c["tp"], c["sp"],
-                     c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["flash"], r["tp_overlap"][cfirst],
+                     c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["flash"], r["tp_overlap"][cfirst], em,
                      c["tp_share"], c["cp_share"])
     parts = {"l_fwd": lt.fwd_s, "l_bwd": lt.bwd_s, "l_recompute": lt.recompute_s,
              "l_fwd_compute": lt.fwd_compute_s, "l_bwd_in": lt.bwd_input_s, "l_bwd_w": lt.bwd_weight_s,
@@ -102,7 +117,7 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
              "l_tp_fwd": lt.tp_fwd_s, "l_cp_fwd": lt.cp_fwd_s,
              "l_contention": lt.contention_fwd_s + lt.contention_bwd_s,
              "l_tp_raw": lt.tp_raw_s, "l_cp_raw": lt.cp_raw_fwd_s + lt.cp_raw_bwd_s,
-             "l_cp_bwd_raw": lt.cp_raw_bwd_s}
+             "l_cp_bwd_raw": lt.cp_raw_bwd_s, "l_ep": lt.ep_fwd_s + lt.ep_bwd_s, "l_ep_fwd": lt.ep_fwd_s}
     for k, x in parts.items():
         r[k] = x[cost_id]
     per_shard = {"emb_fwd": st.embedding.fwd_s, "emb_bwd_in": st.embedding.bwd_input_s,
@@ -117,8 +132,9 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     # when it reshards after forward (FSDP2 reshard_after_forward); each gather beyond a
     # chunk's first hides behind the previous layer's compute (slowing it by the contention),
     # except on CPU ranks (gloo computes on the same cores) where all of it is exposed.
-    r["ag"] = np.where(r["zero"] == 3, collective_s(hw, "all_gather", r["per_layer"] * r["d"],
-                                                    r["dps"], r["dp_rpn"], r["dp_share"]), 0.0)
+    r["ag"] = np.where(r["zero"] == 3, dp_collective_s(
+        hw, "all_gather", r, (r["per_layer"] - r["per_layer_expert"]) * r["d"], r["per_layer_expert"] * r["d"]),
+        0.0)
     r["agb"] = np.where(r["reshard"], r["ag"], 0.0)
     r["xf"], r["cf"] = overlap_split(r["ag"], r["l_fwd_compute"], hw)
     r["xb"], r["cb"] = overlap_split(r["agb"], r["l_bwd_in"], hw)
@@ -126,6 +142,18 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     r["hop"] = np.where(r["pp"] > 1, collective_s(hw, "send_recv", p2p_bytes, 2, r["pp_rpn"],
                                                   r["pp_share"]), 0.0)
     return r
+
+
+def dp_collective_s(hw: HardwareProfile, kind: str, r: dict, dense_bytes, expert_bytes, c=lambda x: x):
+    """A data-parallel collective of the non-expert bytes over DP x CP and of the routed
+    experts' bytes over the expert data-parallel group; one collective of both where the
+    two groups are the same ranks (ep 1, etp = tp). `c` lifts a per-row value to the shape
+    of the bytes."""
+    dps, rpn, share, edp, edp_rpn = (c(r[k]) for k in ("dps", "dp_rpn", "dp_share", "edp", "edp_rpn"))
+    apart = (np.where(dense_bytes > 0, collective_s(hw, kind, dense_bytes, dps, rpn, share), 0.0)
+             + np.where(expert_bytes > 0, collective_s(hw, kind, expert_bytes, edp, edp_rpn), 0.0))
+    return np.where((edp == dps) & (edp_rpn == rpn),
+                    collective_s(hw, kind, dense_bytes + expert_bytes, dps, rpn, share), apart)
 
 
 def _col(x):
@@ -150,7 +178,15 @@ def chunk_s(r: dict, n, chunks, first, last) -> tuple[np.ndarray, np.ndarray, np
 
 def rank_params(r: dict, model: ModelSpec, s, n) -> np.ndarray:
     """Parameters on pipeline rank s holding n layers (memory.stage_params), (rows, k)."""
-    return stage_params(model, _col(r["tp"]), _col(r["pp"]), n, s == 0, s == _col(r["pp"]) - 1)
+    return stage_params(model, _col(r["tp"]), _col(r["pp"]), n, s == 0, s == _col(r["pp"]) - 1,
+                        _col(r["ep"]), _col(r["etp"]))
+
+
+def _split(r: dict, params, n):
+    """(the rest, the routed experts) of a rank's parameters, and their data-parallel
+    degrees (DP x CP; the expert data-parallel group), (rows, k)."""
+    expert = n * _col(r["per_layer_expert"])
+    return (params - expert, expert), (_col(r["dps"]), _col(r["edp"]))
 
 
 def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
@@ -162,17 +198,18 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     the prefetched layer under ZeRO-3."""
     c = _col
     z, v = r["zero"], r["virtual_stages"]
-    states = [np.select([z == k for k in range(4)],
-                        [model_state_bytes(1.0, r["dtype"], r["d"], k, r["dps"], r["gd"])[i]
-                         for k in range(4)]) for i in range(3)]
+    parts, degrees = _split(r, params, n)
+    states = [sum(part * np.select([c(z) == k for k in range(4)],
+                                   [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["gd"])[i]
+                                    for k in range(4)]) for part, degree in zip(parts, degrees))
+              for i in range(3)]
     # ZeRO-3 gathered weights: the current and the prefetched layer, or, without resharding
     # after forward, every layer of the rank from its forward to its backward
     gathered = np.where(c(r["reshard"]), 2, n) * c((z == 3) * r["per_layer"] * r["d"])
     buffers = ((s == c(r["pp"]) - 1) * c(2 * 4 * r["tokens"] * model.vocab_size / r["tp"])
                + c((r["rc"] == FULL) * r["act_none"]) + gathered)
-    return {"weights": params * c(states[0]), "gradients": params * c(states[1]),
-            "optimizer": params * c(states[2]), "activations": inflight * n / c(v) * c(r["act"]),
-            "buffers": buffers}
+    return {"weights": states[0], "gradients": states[1], "optimizer": states[2],
+            "activations": inflight * n / c(v) * c(r["act"]), "buffers": buffers}
 
 
 @dataclass(frozen=True)
@@ -201,11 +238,13 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     embedding's gradient between the first and last stage; then the Adam step over this
     rank's share of the parameters."""
     c = _col
-    z, dps, rpn, share = r["zero"], r["dps"], r["dp_rpn"], r["dp_share"]
-    grad_bytes = params * r["gd"]
-    per_layer_bytes = grad_bytes / np.maximum(n, 1)
-    bucket = np.where(c(z == 0), collective_s(hw, "all_reduce", per_layer_bytes, c(dps), c(rpn), c(share)),
-                      collective_s(hw, "reduce_scatter", per_layer_bytes, c(dps), c(rpn), c(share)))
+    z, dps, rpn = r["zero"], r["dps"], r["dp_rpn"]
+    parts, degrees = _split(r, params, n)
+
+    def per_layer_s(kind: str, bytes_per_param):
+        """dp_collective_s of one layer's share of the gradients or weights."""
+        return dp_collective_s(hw, kind, r, *(part * bytes_per_param / np.maximum(n, 1) for part in parts), c)
+    bucket = np.where(c(z == 0), per_layer_s("all_reduce", r["gd"]), per_layer_s("reduce_scatter", r["gd"]))
     both_cross = (rpn < dps) & (r["cp_rpn"] < r["cp"])
     bucket = bucket + c(np.where(both_cross, r["l_cp_bwd_raw"], 0.0)) * (bucket > 0)
     exposed, slowed = overlap_split(bucket, c(r["l_bwd"]), hw)
@@ -213,8 +252,7 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     contention = np.where(n > 0, (n - 1) * slowed, 0.0)
     # the updated weights of ZeRO-1/2 are gathered bucket by bucket behind the next step's
     # forward (Megatron-LM --overlap-param-gather), the first bucket exposed
-    gather = c(np.isin(z, (1, 2))) * collective_s(hw, "all_gather", params * r["d"] / np.maximum(n, 1),
-                                                   c(dps), c(rpn), c(share))
+    gather = c(np.isin(z, (1, 2))) * per_layer_s("all_gather", r["d"])
     gather_exposed, gather_slowed = overlap_split(gather, c(r["l_fwd_compute"]), hw)
     dp = dp + np.where(n > 0, gather + (n - 1) * gather_exposed, 0.0)
     contention = contention + np.where(n > 0, (n - 1) * gather_slowed, 0.0)
@@ -224,7 +262,7 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
                             2, r["pp_rpn"], r["pp_share"])
         tied = ((s == 0) | (s == c(r["pp"]) - 1)) * c(np.where(r["pp"] > 1, sync, 0.0))
         dp, total = dp + tied, total + tied
-    opt_params = params / c(np.where(z >= 1, dps, 1))
+    opt_params = sum(part / np.where(c(z) >= 1, degree, 1) for part, degree in zip(parts, degrees))
     opt = hw.memory_bound_time_s(ADAM_STEP_BYTES_PER_PARAM[r["dtype"]] * opt_params, "fp32", "optimizer")
     return Tail(dp, total, contention, np.asarray(opt, dtype=float))
 

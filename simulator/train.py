@@ -23,13 +23,15 @@ from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import model_flops_per_step
 from meshplan.simulator.partition import balanced_partition, rank_chunks
 from meshplan.simulator.pipeline_sim import PipelineResult, simulate_pipeline
-from meshplan.simulator.plan import RECOMPUTE, Cluster, Plan
+from meshplan.simulator.plan import EXPERT_AXES, RECOMPUTE, Cluster, Plan
+from meshplan.simulator.rules import HARDWARE, violations
+from meshplan.core.errors import PlanError
 from meshplan.simulator.schedule import in_flight
 
 MFU_DEFINITION = ("model FLOPs per step (3 x the forward GEMM FLOPs, attention included, recompute "
                   "not counted; Chowdhery et al. 2022 app. B) / (step time x GPUs x the dtype's "
                   "dense peak FLOP/s)")
-BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "pp_comm", "dp_comm",
+BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_comm", "dp_comm",
                   "contention", "bubble", "optimizer")
 
 
@@ -69,7 +71,9 @@ class SimulationResult:
         """The plan in one line, as timelines and tables title it."""
         p = self.plan
         parts = [f"dp{p.dp}", f"tp{p.tp}" + ("+sp" if p.sp else "") + ("+overlap" if p.tp_overlap else ""),
-                 f"pp{p.pp}", f"cp{p.cp}", f"zero{p.zero}" + ("" if p.reshard_after_forward else "-keep"),
+                 f"pp{p.pp}", f"cp{p.cp}"] + ([f"ep{p.ep}" + (f"/etp{p.etp}" if p.etp != p.tp else "")]
+                                              if self.model.num_experts else []) + [
+                 f"zero{p.zero}" + ("" if p.reshard_after_forward else "-keep"),
                  f"recompute {p.recompute}", f"mb{p.micro_batch}x{p.num_microbatches}"]
         if p.pp > 1:
             parts.append(p.schedule + (f"(v{p.virtual_stages})" if p.virtual_stages > 1 else ""))
@@ -98,6 +102,7 @@ def plan_rows(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfil
     """The plan as one row of step.rows, with its times (step.add_times)."""
     # tp, cp, dp (gradients reduce over DP x CP) and pp groups, placed on the profile's fabric
     groups = training_groups(hw.fabric, hw.nics_per_node, plan.mesh(cluster.gpus_per_node))
+    experts = plan.expert_mesh(cluster.gpus_per_node)
     p = plan.pp
     knobs = {"dp": plan.dp, "tp": plan.tp, "pp": p, "cp": plan.cp, "sp": plan.sp,
              "zero": plan.zero, "rc": RECOMPUTE.index(plan.recompute),
@@ -106,10 +111,17 @@ def plan_rows(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfil
              "virtual_stages": plan.virtual_stages, "num_microbatches": plan.num_microbatches,
              "tp_overlap": plan.tp_overlap, "reshard": plan.reshard_after_forward,
              **{f"{k}_rpn": g.ranks_per_node for k, g in groups.items()},
-             **{f"{k}_share": g.link_share for k, g in groups.items()}}
+             **{f"{k}_share": g.link_share for k, g in groups.items()},
+             "ep": plan.ep, "etp": plan.etp, **expert_rpn(experts)}
     r = step.rows(model, {k: np.array([v]) for k, v in knobs.items()}, plan.seq_len, plan.dtype,
-                  plan.attention, plan.grad_reduce_dtype)
+                  plan.attention, plan.grad_reduce_dtype, plan.moe_capacity_factor, plan.fp8_recipe,
+                  plan.moe_dispatcher)
     return step.add_times(r, model, hw)
+
+
+def expert_rpn(experts) -> dict:
+    """The link levels (ranks per node) of the expert mesh's groups (Plan.expert_mesh)."""
+    return {f"{axis}_rpn": experts.group((axis,)).ranks_per_node for axis in EXPERT_AXES}
 
 
 def layer_partition(model: ModelSpec, plan: Plan, r: dict) -> tuple[int, ...]:
@@ -127,8 +139,16 @@ def pipeline_partition(model: ModelSpec, plan: Plan, cluster: Cluster,
     return layer_partition(model, plan, plan_rows(model, plan, cluster, rank_hw))
 
 
+def check_hardware(fields, model: ModelSpec, hw: HardwareProfile) -> None:
+    """What the plan asks of the device that its profile lacks (rules.HARDWARE)."""
+    issues = violations(HARDWARE, fields, model, hw)
+    if issues:
+        raise PlanError.of(issues)
+
+
 def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile) -> SimulationResult:
     plan.validate(model, cluster)
+    check_hardware(plan.fields(), model, hw)
     peak_flops, hardware = hw.peak_flops[plan.dtype], hw.name
     hw = per_rank_profile(hw, cluster.ranks_per_node)
     p, v, m = plan.pp, plan.virtual_stages, plan.num_microbatches
@@ -192,27 +212,29 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
     compute = m * (n * (x["l_fwd_compute"] + x["l_bwd_in"] + x["l_bwd_w"])
                    + emb * (x["emb_fwd"] + x["emb_bwd"]) + head * (x["head_fwd"] + x["head_bwd"]))
     recompute = m * n * x["l_recompute"]
-    tp_comm, cp_comm = m * n * x["l_tp"], m * n * x["l_cp"]
+    tp_comm, cp_comm, ep_comm = m * n * x["l_tp"], m * n * x["l_cp"], m * n * x["l_ep"]
     gathers = max(n - v, 0)
     contention = m * (n * x["l_contention"] + gathers * (x["cf"] + x["cb"]))
     busy = float(pipe.stage_busy_s[s])
     pp_comm = max(0.0, pipe.step_time_s - no_p2p.step_time_s)
     other = pipe.step_time_s - tails[s] - busy
     # ZeRO-3 gathers ride inside the op durations: count them as data-parallel communication.
-    zero3_s = max(0.0, busy - compute - recompute - tp_comm - cp_comm - contention)
+    zero3_s = max(0.0, busy - compute - recompute - tp_comm - cp_comm - ep_comm - contention)
     return {"compute": compute, "recompute": recompute, "tp_comm": tp_comm, "cp_comm": cp_comm,
+            "ep_comm": ep_comm,
             "pp_comm": min(pp_comm, max(other, 0.0)), "dp_comm": float(dp_exposed[s]) + zero3_s,
             "contention": contention + float(dp_contention[s]),
             "bubble": float(max(0.0, other - pp_comm)), "optimizer": float(opt_s[s])}, s
 
 
 def _op_comm(r: dict) -> dict:
-    """The share of a forward (F) and a whole backward (B) op that is exposed TP and CP
+    """The share of a forward (F) and a whole backward (B) op that is exposed TP, CP and EP
     communication, from one layer's times."""
-    x = {k: float(r[k][0]) for k in ("l_fwd", "l_bwd", "l_tp_fwd", "l_tp", "l_cp_fwd", "l_cp")}
-    return {"F": {"TP": x["l_tp_fwd"] / x["l_fwd"], "CP": x["l_cp_fwd"] / x["l_fwd"]},
-            "B": {"TP": (x["l_tp"] - x["l_tp_fwd"]) / x["l_bwd"],
-                  "CP": (x["l_cp"] - x["l_cp_fwd"]) / x["l_bwd"]}}
+    x = {k: float(r[k][0]) for k in ("l_fwd", "l_bwd", "l_tp_fwd", "l_tp", "l_cp_fwd", "l_cp",
+                                     "l_ep_fwd", "l_ep")}
+    kinds = ("TP", "CP", "EP")
+    return {"F": {k: x[f"l_{k.lower()}_fwd"] / x["l_fwd"] for k in kinds},
+            "B": {k: (x[f"l_{k.lower()}"] - x[f"l_{k.lower()}_fwd"]) / x["l_bwd"] for k in kinds}}
 
 
 def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: step.Tail, s: int,
@@ -227,6 +249,7 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
     return {
         "tp": {"total_s": m * n * x["l_tp_raw"], "exposed_s": breakdown["tp_comm"]},
         "cp": {"total_s": m * n * x["l_cp_raw"], "exposed_s": breakdown["cp_comm"]},
+        "ep": {"total_s": breakdown["ep_comm"], "exposed_s": breakdown["ep_comm"]},
         "pp": {"total_s": sends * x["hop"], "exposed_s": breakdown["pp_comm"]},
         "dp": {"total_s": float(tail.dp_total_s[0, s]) + gathers, "exposed_s": breakdown["dp_comm"]},
         "overlap": {"overlaps_compute": hw.comm_overlaps_compute,

@@ -3,6 +3,7 @@ forms against simulate(), hand-checked small searches, the published Megatron
 configurations (Narayanan et al. 2021 Table 1), and `meshplan plan` as a user runs it."""
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -15,7 +16,7 @@ from meshplan.simulator.partition import balanced_shape
 from meshplan.planner.explain import compare, explain
 from meshplan.planner.search import search
 from meshplan.planner.space import candidate_table, row_plan
-from meshplan.simulator.model_spec import ZOO, ModelSpec
+from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
 from meshplan.simulator.partition import balanced_partition
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
@@ -45,16 +46,30 @@ def test_planner_slots_follow_the_balanced_partition(layers):
         assert records <= {int(s[i]) for s, _, _ in slots}
 
 
+CONFIGS = Path(__file__).parent / "data" / "hf_configs"
+
+
 @pytest.mark.parametrize("name,gpus,per_node,batch,seq,hw", [
-    ("llama-2-13b", 64, 8, 128, 4096, A100), ("gpt3-175b", 256, 8, 512, 2048, H100)])
+    ("llama-2-13b", 64, 8, 128, 4096, A100), ("gpt3-175b", 256, 8, 512, 2048, H100),
+    # mixture-of-experts: top-2 of 8; shared experts with a gate; top-8 of 128 fine-grained
+    ("mixtral-8x7b.json", 64, 8, 256, 4096, H100), ("qwen2-57b-a14b.json", 32, 8, 64, 4096, H100),
+    ("qwen3-30b-a3b.json", 16, 8, 64, 4096, H100)])
 def test_planner_and_simulate_agree_exactly_without_a_pipeline(name, gpus, per_node, batch, seq, hw):
     """Without pipeline parallelism the closed form is the whole step (micro-batches back
-    to back, then the tail), so the planner's numbers are simulate's, to rounding."""
-    model, cluster = ZOO[name], Cluster(gpus, per_node)
+    to back, then the tail), so the planner's numbers are simulate's, to rounding: expert
+    meshes included (rows with ep > 1 drawn first)."""
+    model = ZOO[name] if name in ZOO else load_model(str(CONFIGS / name))
+    cluster = Cluster(gpus, per_node)
     table = candidate_table(model, cluster, {"global_batch": batch, "seq_len": seq, "pp": 1})
     ev = evaluate(table, model, hw, cluster.ranks_per_node)
-    rows = np.flatnonzero(ev.fits)
-    for i in np.random.default_rng(5).choice(rows, min(40, rows.size), replace=False):
+    rng = np.random.default_rng(5)
+    fit = np.flatnonzero(ev.fits)
+    experts = fit[(table["ep"].to_numpy()[fit] > 1)]
+    rows = np.concatenate([rng.choice(experts, min(25, experts.size), replace=False),
+                           rng.choice(fit, min(40, fit.size), replace=False)])
+    if model.num_experts:
+        assert experts.size > 0 and set(table["etp"]) > {1}
+    for i in rows:
         sim = simulate(model, row_plan(table, int(i)), cluster, hw)
         assert ev.step_time_s[i] == pytest.approx(sim.step_time_s, rel=1e-9)
         assert ev.peak_memory_bytes[i] == pytest.approx(sim.peak_memory_bytes, rel=1e-9)

@@ -30,7 +30,7 @@ from meshplan.hw_profiles.profile import HardwareProfile, load_profile
 from meshplan.planner.search import search
 from meshplan.simulator.model_spec import ModelSpec, load_model
 from meshplan.simulator.ops import model_flops_per_step
-from meshplan.simulator.plan import Cluster, Plan, complete_fields
+from meshplan.simulator.plan import DTYPES, Cluster, Plan, complete_fields
 from meshplan.simulator.train import SimulationResult, simulate
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "published"
@@ -52,9 +52,11 @@ VARIANTS = {
                        "H100 96GB HBM2e at 500 W (torchtitan benchmark page)"),
 }
 # CSV column -> plan field, for the knobs a row may publish.
-KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "zero": "zero", "recompute": "recompute",
+KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "ep": "ep", "etp": "etp", "zero": "zero",
+         "recompute": "recompute",
          "micro_batch": "micro_batch", "schedule": "schedule", "virtual_stages": "virtual_stages",
-         "sp": "sp", "tp_overlap": "tp_overlap", "fsdp_reshard_after_forward": "reshard_after_forward"}
+         "sp": "sp", "tp_overlap": "tp_overlap", "fsdp_reshard_after_forward": "reshard_after_forward",
+         "moe_dispatcher": "moe_dispatcher"}
 FLAGS = ("sp", "tp_overlap", "reshard_after_forward")
 
 
@@ -89,12 +91,12 @@ def _value(row, key, cast=float):
 def _fixed(row) -> dict:
     """The plan fields the row publishes."""
     fixed = {"global_batch": _value(row, "global_batch", int), "seq_len": _value(row, "seq_len", int),
-             "dtype": row["dtype"] if row["dtype"] in ("bf16", "fp16", "fp32") else "bf16"}
+             "dtype": row["dtype"] if row["dtype"] in DTYPES else "bf16"}
     for column, key in KNOBS.items():
         value = _value(row, column, str)
         if value is None:
             continue
-        if key in ("recompute", "schedule"):
+        if key in ("recompute", "schedule", "moe_dispatcher"):
             fixed[key] = value
         elif key in FLAGS:
             fixed[key] = value.lower() == "true"
@@ -138,10 +140,6 @@ def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
     for row in rows.to_dict("records"):
         reasons = []
         model = None
-        if _value(row, "ep", int) not in (None, 1):
-            reasons.append("mixture-of-experts")
-        if row["dtype"] == "fp8":
-            reasons.append("fp8 training")
         if row["hardware"] not in VARIANTS:
             reasons.append(f"hardware {row['hardware']}")
         if isinstance(row.get("schedule"), str) and row["schedule"] not in ("1f1b", "interleaved", "gpipe", "zb-h1"):

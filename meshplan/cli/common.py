@@ -17,7 +17,7 @@ from meshplan.simulator.serve import InferencePlan
 FLAG_OF = {"cluster.num_gpus": "--gpus", "cluster.gpus_per_node": "--gpus-per-node",
            "plan_file": "--plan", "model": "--model", "hardware": "--hardware", "emit": "--emit"}
 # Inference plan fields that have no training namesake (tp, pp and dtype are shared flags).
-SERVING_ONLY = ("batch", "prompt_len", "gen_len", "replicas", "kv_dtype")
+SERVING_ONLY = ("batch", "prompt_len", "gen_len", "replicas", "kv_dtype", "quantization", "quant_group_size")
 
 
 def flag(field: str) -> str:
@@ -50,7 +50,8 @@ def add_dataclass_args(group, cls, names: tuple[str, ...] | None = None) -> None
         elif kind.startswith("tuple"):
             group.add_argument(*flags, dest=f.name, help=meta.get("help"))
         else:
-            group.add_argument(*flags, dest=f.name, type=int if kind.startswith("int") else str,
+            types = {"int": int, "float": float}
+            group.add_argument(*flags, dest=f.name, type=types.get(kind.split(" ")[0], str),
                                choices=meta.get("choices"), help=meta.get("help"))
 
 

@@ -151,8 +151,10 @@ def run_capacity(args: argparse.Namespace) -> int:
 
 def _knobs(plan) -> str:
     """A plan in one short line, e.g. "dp16 tp8+sp pp8 cp1 zero1 rc:full mb1 1f1b"."""
-    parts = [f"dp{plan.dp}", f"tp{plan.tp}{'+sp' if plan.sp else ''}", f"pp{plan.pp}",
-             f"cp{plan.cp}", f"zero{plan.zero}", f"rc:{plan.recompute}", f"mb{plan.micro_batch}"]
+    parts = [f"dp{plan.dp}", f"tp{plan.tp}{'+sp' if plan.sp else ''}", f"pp{plan.pp}", f"cp{plan.cp}"]
+    if plan.ep > 1 or plan.etp != plan.tp:
+        parts.append(f"ep{plan.ep}" + (f"/etp{plan.etp}" if plan.etp != plan.tp else ""))
+    parts += [f"zero{plan.zero}", f"rc:{plan.recompute}", f"mb{plan.micro_batch}"]
     if plan.pp > 1:
         parts.append(plan.schedule + (f"(v{plan.virtual_stages})" if plan.virtual_stages > 1 else ""))
     if plan.placement != ("tp", "cp", "dp", "pp"):
@@ -174,8 +176,8 @@ def run_inference(args: argparse.Namespace) -> int:
     for flag, name in (("--prompt-len", "prompt_len"), ("--gen-len", "gen_len")):
         if getattr(args, name) is None:
             raise PlanError(flag, "missing", f"pass {flag} N with --mode inference")
-    fixed = {k: getattr(args, k) for k in ("tp", "pp", "replicas", "batch", "kv_dtype")
-             if getattr(args, k) is not None}
+    fixed = {k: getattr(args, k) for k in ("tp", "pp", "replicas", "batch", "kv_dtype", "quantization",
+                                           "quant_group_size") if getattr(args, k) is not None}
     if args.dtype:
         fixed["dtype"] = args.dtype
     ms = lambda v: None if v is None else v / 1e3  # noqa: E731

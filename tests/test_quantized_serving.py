@@ -1,0 +1,111 @@
+"""Serving with quantized weights, mixture-of-experts decode and latent attention's cache,
+against hand computations."""
+from pathlib import Path
+
+import pytest
+
+from meshplan.core.errors import PlanError
+from meshplan.hw_profiles.profile import load_profile
+from meshplan.planner.serve_search import emit_vllm, search_inference
+from meshplan.simulator.model_spec import ZOO, load_model
+from meshplan.simulator.ops import Shard, layer_ops
+from meshplan.simulator.plan import Cluster
+from meshplan.simulator.quantize import quantized, quantized_weights, weight_bytes
+from meshplan.simulator.serve import InferencePlan, kv_bytes_per_token, simulate_inference
+
+H100, A100 = load_profile("h100-80gb"), load_profile("a100-80gb")
+CONFIGS = Path(__file__).parent / "data" / "hf_configs"
+LLAMA = ZOO["llama-2-7b"]
+# Llama 2 7B: per layer Q, K, V, O (4 h^2) and gate, up, down (3 h f), h 4096, f 11008
+LINEAR = 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008)
+
+
+def serve(model, hw=H100, **kw):
+    plan = InferencePlan(**{"batch": 1, "prompt_len": 512, "gen_len": 64, "dtype": "fp16", **kw})
+    return simulate_inference(model, plan, Cluster(plan.num_gpus, 8), hw)
+
+
+def test_weight_bytes_per_element():
+    assert weight_bytes("int4", 128, 2) == 0.5 + 4 / 128      # 4 bits + fp16 scale and zero per 128
+    assert weight_bytes("int8", 64, 2) == 1 + 4 / 64
+    assert weight_bytes("fp8", 128, 2) == 1 and weight_bytes("none", 128, 2) == 2
+
+
+def test_quantized_weight_memory_by_hand():
+    assert quantized_weights(LLAMA, 1) * 32 == LINEAR
+    full = serve(LLAMA).weights_bytes
+    assert full == 2 * LLAMA.num_params()
+    for q, per in (("int4", 0.5 + 4 / 128), ("int8", 1 + 4 / 128), ("fp8", 1.0)):
+        assert serve(LLAMA, quantization=q).weights_bytes == pytest.approx(full - LINEAR * (2 - per))
+
+
+def test_quantized_gemm_reads_narrow_weights():
+    # one decode GEMM (one token, 4096 -> 11008) where memory binds: A and C at 2 bytes,
+    # the int4 weight at 0.53 bytes per element
+    slow = H100.scaled(hbm_bw=0.01)
+    fit, bw = slow.gemm["fp16"], slow.hbm_bytes_per_s
+    m, n, k, wb = 1, 11008, 4096, weight_bytes("int4", 128, 2)
+    expected = fit.latency_s + (2 * (m * k + m * n) + wb * k * n) / (bw * fit.hbm_eff)
+    assert slow.gemm_time_s(m, n, k, "fp16", weight_bytes=wb) == pytest.approx(expected)
+
+
+def test_quantized_ops_dequantize_and_cast():
+    ops = layer_ops(LLAMA, Shard(1, 1))
+    int4 = quantized(ops, "int4", 128, 2)
+    up = next(op for op in int4 if op.name == "mlp_up")
+    assert up.weight_bytes == weight_bytes("int4", 128, 2) and up.dequant_flops == 2 * 4096 * 2 * 11008
+    fp8 = quantized(ops, "fp8", 128, 2)
+    assert all(op.fp8 for op in fp8 if op.weight) and not any(op.fp8 for op in fp8 if op.attention_core)
+    cast = fp8[-1]
+    # dynamic per-token activation scales: amax read (2 B), cast read (2 B) and write (1 B)
+    assert cast.name == "act_quant" and cast.bytes_moved == 5 * (4096 + 4096 + 4096 + 11008)
+
+
+def test_weight_bound_decode_speeds_up_with_narrower_weights():
+    slow = H100.scaled(hbm_bw=0.05)   # every decode GEMM weight-read bound
+    base = serve(LLAMA, slow).breakdown["decode_step_s"]["weights_read"]
+    fp8 = serve(LLAMA, slow, quantization="fp8").breakdown["decode_step_s"]["weights_read"]
+    # the 4 weight GEMMs of 32 layers read half the bytes past their launch latency (the
+    # few activation bytes halve too); the LM head stays 16-bit
+    launches = 4 * 32 * slow.gemm["fp16"].latency_s
+    head = slow.gemm_time_s(1, 32000, 4096, "fp16")
+    assert fp8 - launches - head == pytest.approx((base - launches - head) / 2, rel=1e-3)
+
+
+def test_moe_decode_reads_the_experts_its_tokens_hit():
+    mixtral = load_model(str(CONFIGS / "mixtral-8x7b.json"))
+    slow = H100.scaled(hbm_bw=0.05)
+    one, many = (serve(mixtral, slow, tp=2, batch=b).breakdown["decode_step_s"]["weights_read"]
+                 for b in (1, 256))
+    # a token reads 2 of 8 experts; 256 tokens hit all 8 (8 (1 - (3/4)^256) = 8): the expert
+    # weights (45.1B of 46.7B) read grow ~4x
+    experts, rest = 32 * 8 * 3 * 4096 * 14336, 46_702_792_704 - 32 * 8 * 3 * 4096 * 14336
+    expected = (rest + experts) / (rest + experts / 4)
+    assert many / one == pytest.approx(expected, rel=0.05)
+
+
+def test_latent_attention_caches_the_compressed_latent():
+    deepseek = load_model(str(CONFIGS / "deepseek-v3.json"))
+    # 61 layers x (kv_lora_rank 512 + qk_rope_head_dim 64) x 2 bytes, whole on every TP rank
+    assert kv_bytes_per_token(deepseek, "bf16", tp=8) == 61 * (512 + 64) * 2
+    # grouped-query attention: K and V of the KV heads a rank holds
+    assert kv_bytes_per_token(LLAMA, "fp16", tp=2) == 32 * 2 * 16 * 128 * 2
+
+
+def test_fp8_serving_refused_without_fp8_hardware():
+    with pytest.raises(PlanError, match="fp8"):
+        serve(LLAMA, A100, quantization="fp8")
+
+
+def test_group_size_must_divide_the_sharded_widths():
+    with pytest.raises(PlanError, match="quant_group_size"):
+        serve(LLAMA, quantization="int4", quant_group_size=96)
+
+
+def test_serving_search_picks_quantization_under_memory_and_exports_it():
+    # Llama 2 70B on one H100: 16-bit weights (138 GB) cannot fit, int4 (~36 GB) can
+    found = search_inference(ZOO["llama-2-70b"], Cluster(1, 8), H100, 512, 64)
+    best = found[0][0]
+    assert best.quantization in ("int4", "int8", "fp8") and found[0][1].fits
+    line = emit_vllm(best, ZOO["llama-2-70b"])
+    assert "--quantization " + {"int4": "awq", "int8": "gptq", "fp8": "fp8"}[best.quantization] in line
