@@ -17,7 +17,7 @@ from meshplan.planner.exports import Export, TrainJob
 from meshplan.simulator import rules
 from meshplan.simulator.rules import TORCH_SCHEDULES
 
-RECIPES_0_3 = {"8B": "llama3_8b", "70B": "llama3_70b", "405B": "llama3_405b"}
+RECIPES_0_3 = {"8B": "llama3_8b", "70B": "llama3_70b"}
 # The last stage's output projection: torchtitan 0.3 calls it lm_head, 0.2 output.
 HEAD = {"0.3": "lm_head", "0.2": "output"}
 USER_PATHS = (("HF_ASSETS_PATH", "folder of the model's Hugging Face tokenizer and config.json"),
