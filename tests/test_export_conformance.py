@@ -247,7 +247,7 @@ def test_deepspeed_config_accepts(model_arg, gpus, p, deepspeed_comm):
     assert with_mpu.zero_optimization_stage == p.zero
     alone = ds_config.DeepSpeedConfig(config)  # no mpu: the group's one rank is all of DP
     assert alone.train_batch_size == p.micro_batch * p.num_microbatches
-    assert (config.get("activation_checkpointing") is not None) == (p.recompute != "none")
+    assert (config.get("activation_checkpointing") is not None) == (p.recompute == "full")
     assert config["optimizer"]["type"] == "AdamW"
 
 

@@ -108,8 +108,8 @@ def _fields(table: pd.DataFrame) -> SimpleNamespace:
     cols = {c: table[c].to_numpy() for c in table.columns}
     cols.update(schedule=table["schedule"].astype(str).to_numpy(),
                 placement=table["placement"].map(",".join).to_numpy(),
-                attention=table.attrs["attention"], dtype=table.attrs["dtype"],
-                layer_partition=table.attrs["layer_partition"])
+                **{k: table.attrs[k] for k in ("attention", "dtype", "layer_partition",
+                                                 "global_batch", "seq_len")})
     return SimpleNamespace(**cols)
 
 

@@ -34,7 +34,7 @@ def ds_config(job: TrainJob) -> dict:
               "gradient_clipping": 1.0, "steps_per_print": 10}
     if p.dtype in ("bf16", "fp16"):
         config[p.dtype] = {"enabled": True}
-    if p.recompute != "none":
+    if p.recompute == "full":  # deepspeed.checkpointing recomputes whole layers
         # partition_activations shards each checkpointed layer input over the TP ranks, as
         # sequence parallelism keeps it (Korthikanti et al. 2022 sec. 4.2.2)
         config["activation_checkpointing"] = {
