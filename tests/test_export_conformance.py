@@ -55,12 +55,15 @@ def filled(args) -> list[str]:
     return out
 
 
-# (model, GPUs, plan): PP, interleaved (even and uneven), CP, SP, FSDP, recompute.
-TORCHTITAN_PLANS = [
-    ("llama-3-70b", 64, plan(dp=2, tp=4, pp=8, sp=True, zero=3, recompute="full", schedule="interleaved", virtual_stages=2)),
-    ("llama-3-70b", 64, plan(dp=4, tp=8, pp=2, sp=True, zero=2, recompute="selective")),
-    ("llama-3-70b", 64, plan(dp=2, tp=4, pp=8, sp=True, zero=3, layer_partition=(9, 10, 10, 10, 10, 11, 11, 9))),
-    ("llama-3-70b", 64, plan(seq_len=8192, dp=4, tp=4, cp=4, sp=True, zero=3)),
+# Pipeline (interleaved; uneven), TP+SP with selective recompute, CP: torchtitan shards with
+# FSDP (ZeRO-3), Megatron-LM with its distributed optimizer (ZeRO-1).
+LLAMA3_70B_LAYOUTS = [
+    dict(dp=2, tp=4, pp=8, sp=True, recompute="full", schedule="interleaved", virtual_stages=2),
+    dict(dp=4, tp=8, pp=2, sp=True, recompute="selective"),
+    dict(dp=2, tp=4, pp=8, sp=True, layer_partition=(9, 10, 10, 10, 10, 11, 11, 9)),
+    dict(seq_len=8192, dp=4, tp=4, cp=4, sp=True),
+]
+TORCHTITAN_PLANS = [("llama-3-70b", 64, plan(zero=3, **knobs)) for knobs in LLAMA3_70B_LAYOUTS] + [
     ("llama-3-70b", 64, plan(dp=32, cp=2, zero=3, recompute="full")),
     ("llama-3-70b", 64, plan(dp=64, zero=0, recompute="full")),
     ("llama-3-70b", 64, plan(dp=8, tp=8, sp=True, zero=0, recompute="selective")),
@@ -73,11 +76,7 @@ TORCHTITAN_PLANS = [
                              layer_partition=(3,) * 8 + (4,) * 8 + (3,) * 8)),
     ("llama-3-8b", 16, plan(seq_len=8192, dp=2, tp=2, cp=4, sp=True, zero=3, recompute="full")),
 ]
-MEGATRON_PLANS = [
-    ("llama-3-70b", 64, plan(dp=2, tp=4, pp=8, sp=True, zero=1, recompute="full", schedule="interleaved", virtual_stages=2)),
-    ("llama-3-70b", 64, plan(dp=4, tp=8, pp=2, sp=True, zero=1, recompute="selective")),
-    ("llama-3-70b", 64, plan(dp=2, tp=4, pp=8, sp=True, zero=1, layer_partition=(9, 10, 10, 10, 10, 11, 11, 9))),
-    ("llama-3-70b", 64, plan(seq_len=8192, dp=4, tp=4, cp=4, sp=True, zero=1)),
+MEGATRON_PLANS = [("llama-3-70b", 64, plan(zero=1, **knobs)) for knobs in LLAMA3_70B_LAYOUTS] + [
     ("llama-3-70b", 64, plan(dp=32, cp=2, zero=3, recompute="full")),
     ("llama-3-70b", 64, plan(dp=64, zero=3, recompute="selective")),
     ("llama-2-13b", 64, plan(dp=8, tp=8, placement=("tp", "cp", "pp", "dp"))),
