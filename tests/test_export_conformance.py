@@ -156,12 +156,13 @@ def run_checker(code: str, path_env: str, env: dict, *argv: str) -> subprocess.C
                           text=True, timeout=300, env={**os.environ, **env})
 
 
-def checkout(path_env: str, what: str) -> None:
+def checkout(path_env: str, what: str, why: str = "no package on PyPI ships it") -> None:
     if not os.environ.get(path_env):
-        pytest.skip(f"{what}: set {path_env} to a source checkout to run this check "
-                    "(no package on PyPI ships it)")
+        pytest.skip(f"{what}: set {path_env} to run this check ({why})")
 
 
+MEGATRON_WHY = ("a Megatron-LM source checkout: PyPI's megatron-core ships megatron/core only, "
+                "not megatron/training/arguments.py")
 MEGATRON_CHECK = """
     import sys
     sys.path.insert(0, sys.argv[1])
@@ -179,7 +180,7 @@ MEGATRON_CHECK = """
 
 @pytest.mark.parametrize("model_arg,gpus,p", MEGATRON_PLANS, ids=ids(MEGATRON_PLANS))
 def test_megatron_accepts(model_arg, gpus, p):
-    checkout("MEGATRON_LM_PATH", "Megatron-LM's validate_args")
+    checkout("MEGATRON_LM_PATH", "Megatron-LM's validate_args", MEGATRON_WHY)
     e = artifact("megatron", model_arg, gpus, p)
     env = {"WORLD_SIZE": str(gpus), "RANK": "0", **dict(e.env)}
     out = run_checker(MEGATRON_CHECK, "MEGATRON_LM_PATH", env, "9", *filled(e.args))
@@ -190,7 +191,7 @@ def test_megatron_accepts(model_arg, gpus, p):
 def test_megatron_needs_the_environment_it_exports():
     """validate_args refuses a TP plan without CUDA_DEVICE_MAX_CONNECTIONS=1 (before
     Blackwell), and an FSDP plan with it."""
-    checkout("MEGATRON_LM_PATH", "Megatron-LM's validate_args")
+    checkout("MEGATRON_LM_PATH", "Megatron-LM's validate_args", MEGATRON_WHY)
     tp = artifact("megatron", "llama-3-70b", 64, plan(dp=8, tp=8, sp=True, zero=1))
     fsdp = artifact("megatron", "llama-3-70b", 64, plan(dp=64, zero=3, recompute="full"))
     assert dict(tp.env) == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} and fsdp.env == ()
@@ -280,7 +281,9 @@ TORCHTITAN_0_2_CHECK = """
 
 @pytest.mark.parametrize("model_arg,gpus,p", TORCHTITAN_PLANS, ids=ids(TORCHTITAN_PLANS))
 def test_torchtitan_0_2_accepts(model_arg, gpus, p, tmp_path):
-    checkout("TORCHTITAN_0_2_PATH", "torchtitan 0.2's config manager (an unpacked torchtitan 0.2.x wheel)")
+    checkout("TORCHTITAN_0_2_PATH", "torchtitan 0.2's config manager",
+             "an unpacked torchtitan 0.2.x wheel: the exports extra installs 0.3, and one torchtitan "
+             "installs at a time")
     if p.zero == 0 and p.dp > 1 and max(p.tp, p.pp, p.cp) > 1:
         pytest.skip("torchtitan 0.2 replicates with DDP on a 1-D mesh only (refused, see test_export)")
     e = artifact("torchtitan", model_arg, gpus, p, version="0.2")
