@@ -6,7 +6,7 @@ VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install browser demo test test-fast
+.PHONY: install install-exports browser demo test test-fast
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -14,6 +14,14 @@ $(PYTHON):
 install: $(PYTHON)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
+
+# The frameworks whose own validation checks the exports (tests/test_export_conformance.py):
+# their light dependencies through the `exports` extra, the frameworks without theirs so that
+# no other torch (or CUDA build) comes in; DeepSpeed without compiling its ops.
+install-exports: install
+	$(PIP) install -q -e ".[test,exports]"
+	$(PIP) install -q --no-deps torchtitan==0.3.0 vllm==0.33.0
+	DS_BUILD_OPS=0 $(PIP) install -q --no-deps --no-build-isolation deepspeed==0.19.8
 
 # Headless Chromium renders the what-if report in its test (Debian package `chromium`).
 browser:
@@ -40,7 +48,7 @@ demo: install
 	$(MESHPLAN) run --mode inference --model examples/tiny-llama/config.json --hardware local \
 	  --gpus 2 --tp 2 --batch 4 --prompt-len 64 --gen-len 32
 
-test: install browser
+test: install install-exports browser
 	$(PYTHON) -m pytest -q
 
 test-fast: install

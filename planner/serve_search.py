@@ -3,7 +3,7 @@ quantization the device runs (none, int8, int4 weight-only, fp8 where the profil
 batches in powers of two up to the largest that fits (and that largest itself), simulated with
 simulator.serve; candidates over a TTFT or TPOT SLO are cut; the rest are ranked by
 generated tokens per second per GPU ("throughput") or by request latency ("latency").
-Also: the explanation of the ranking, and the `vllm serve` command line of a plan.
+Also: the explanation of the ranking (planner/exports/vllm.py writes a plan's `vllm serve`).
 """
 from __future__ import annotations
 
@@ -22,21 +22,6 @@ from meshplan.simulator.plan import Cluster
 
 OBJECTIVES = ("throughput", "latency")
 FIXABLE = ("tp", "pp", "replicas", "batch", "dtype", "kv_dtype", "quantization", "quant_group_size")
-# Hugging Face repositories of the zoo's released models (model cards on huggingface.co).
-HF_IDS = {
-    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
-    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
-    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
-    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
-    "llama-3-70b": "meta-llama/Meta-Llama-3-70B",
-    "llama-3-405b": "meta-llama/Llama-3.1-405B",
-}
-# vLLM --dtype spellings (vLLM engine arguments: auto, half, float16, bfloat16, float, float32).
-VLLM_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-# vLLM --quantization methods: INT4 weight-only as AWQ, INT8 weight-only as GPTQ's 8-bit
-# (both load a checkpoint quantized with that group size), FP8 quantizes a 16-bit checkpoint
-# on load with dynamic per-token activation scales (vLLM docs, "Quantization").
-VLLM_QUANTIZATION = {"int4": "awq", "int8": "gptq", "fp8": "fp8"}
 CUT_REASONS = {"memory": "do not fit in memory", "ttft_slo": "miss the TTFT SLO",
                "tpot_slo": "miss the TPOT SLO"}
 
@@ -217,29 +202,3 @@ def explain_inference(search: InferenceSearch) -> str:
     lines.append(f"candidates: {len(search.table)} simulated, {len(search)} kept"
                  + (f"; cut: {'; '.join(cuts)}" if cuts else ""))
     return "\n".join(lines)
-
-
-def emit_vllm(plan: InferencePlan, model: ModelSpec, prompt_len: int | None = None,
-              gen_len: int | None = None) -> str:
-    """`vllm serve` command line for the plan (flags from vLLM's engine arguments);
-    --max-model-len is prompt_len + gen_len (the plan's unless given); --quantization awq or
-    gptq needs the repository of a checkpoint quantized so (group size quant_group_size)."""
-    plan.validate(model, Cluster(plan.num_gpus, plan.num_gpus))
-    max_len = (prompt_len or plan.prompt_len) + (gen_len or plan.gen_len)
-    if max_len > model.max_seq_len:
-        raise PlanError("vllm --max-model-len", f"{max_len} exceeds the model's {model.max_seq_len} "
-                        "positions, which vLLM refuses", f"keep prompt_len + gen_len <= {model.max_seq_len}")
-    if plan.kv_dtype not in (plan.dtype, "fp8"):
-        raise PlanError("plan.kv_dtype", f"vLLM stores the KV cache in the model dtype or fp8, not "
-                        f"{plan.kv_dtype}", f"use --kv-dtype {plan.dtype} or fp8")
-    words = ["vllm serve", HF_IDS.get(model.name, model.name),
-             f"--tensor-parallel-size {plan.tp}", f"--pipeline-parallel-size {plan.pp}",
-             f"--max-num-seqs {plan.batch}", f"--max-model-len {max_len}",
-             f"--dtype {VLLM_DTYPES[plan.dtype]}"]
-    if plan.replicas > 1:
-        words.append(f"--data-parallel-size {plan.replicas}")
-    if plan.kv_dtype == "fp8":
-        words.append("--kv-cache-dtype fp8")
-    if plan.quantization != "none":
-        words.append(f"--quantization {VLLM_QUANTIZATION[plan.quantization]}")
-    return " ".join(words)

@@ -295,34 +295,77 @@ EXECUTOR_SERVING = (
 )
 
 
-def _even_chunks(x, m, c):
-    return (x.virtual_stages == 1) | (m.num_layers % (x.pp * x.virtual_stages) == 0)
+# torchtitan builds models only from its registry's flavors (torchtitan/models/llama3/__init__.py):
+# (layers, hidden, heads, KV heads, MLP width, vocab, tied embeddings) of each, by version.
+_LLAMA31 = {"8B": (32, 4096, 32, 8, 14336, 128256, False), "70B": (80, 8192, 64, 8, 28672, 128256, False),
+            "405B": (126, 16384, 128, 8, 53248, 128256, False)}
+# 0.3 selects a flavor through a recipe of its config_registry: 1B and 3B have none, and the
+# 405B one (llama3_405b) converts the linear layers to float8, which no plan here describes.
+TORCHTITAN_FLAVORS = {"0.3": {k: _LLAMA31[k] for k in ("8B", "70B")}, "0.2": _LLAMA31}
+TORCHTITAN_VERSIONS = tuple(TORCHTITAN_FLAVORS)
 
 
-# What each training framework can run; x.placement is the "tp,cp,dp,pp" text.
+def torchtitan_flavor(model: ModelSpec, version: str) -> str | None:
+    """The llama3 flavor of torchtitan `version` with the model's shape, if any."""
+    shape = (model.num_layers, model.hidden_size, model.num_heads, model.num_kv_heads,
+             model.ffn_hidden_size, model.vocab_size, model.tied_embeddings)
+    return next((name for name, dims in TORCHTITAN_FLAVORS[version].items()
+                 if dims == shape and model.norm == "rmsnorm" and model.gated_mlp), None)
+
+
+def _flavor_rule(version: str) -> Rule:
+    names = ", ".join(TORCHTITAN_FLAVORS[version])
+    return _rule("model", "", lambda x, m, c: torchtitan_flavor(m, version) is not None,
+                 lambda x, m, c: f"torchtitan {version} has no llama3 flavor of this shape (it builds "
+                 f"{names} only: layers, width, heads, KV heads, MLP width, vocab and tying must match)",
+                 "plan a model of one of those shapes, or register a flavor of this shape in "
+                 "torchtitan's models/llama3 and export by hand")
+
+
+def _uniform_partition(x, m, c):
+    """The (virtual) stages hold equal layer counts (an unknown partition passes here and
+    is checked again, filled in, before export)."""
+    return (m.num_layers % (x.pp * x.virtual_stages) == 0) & (
+        True if x.layer_partition is None else len(set(x.layer_partition)) == 1)
+
+
+_TORCHTITAN = (
+    _flavor_rule("0.3"),
+    _rule("plan.attention", "attention", lambda x, m, c: x.attention == "flash",
+          lambda x, m, c: "torchtitan runs fused attention (SDPA / flex) only", "plan with flash attention"),
+    # torchtitan runs zero-bubble schedules only with >= 2 stages per rank
+    _rule("plan.schedule", "pp schedule",
+          lambda x, m, c: (x.pp == 1) | np.isin(x.schedule, list(TORCH_SCHEDULES)),
+          lambda x, m, c: f"torchtitan has no single-stage schedule {x.schedule} (its zero-bubble "
+          "schedules need >= 2 stages per rank)", "plan with the 1f1b, gpipe or interleaved schedule"),
+    _rule("plan.zero", "zero", lambda x, m, c: x.zero != 1,
+          lambda x, m, c: "ZeRO-1 has no torchtitan form (it replicates or shards with FSDP2)",
+          "plan with ZeRO 0, 2 (FSDP2 without resharding after forward) or 3 (FSDP2)"),
+    _rule("plan.sp", "tp sp", lambda x, m, c: (x.tp == 1) | np.asarray(x.sp),
+          lambda x, m, c: "torchtitan's tensor parallelism always shards norms over the sequence "
+          "(SequenceParallel)", "plan with sequence parallelism"),
+    _rule("plan.placement", "placement", lambda x, m, c: x.placement == DEFAULT_ORDER,
+          lambda x, m, c: f"torchtitan's device mesh orders ranks {DEFAULT_ORDER} innermost first, "
+          f"not {x.placement}", f"plan with placement {DEFAULT_ORDER}"),
+    _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp16",
+          lambda x, m, c: "torchtitan trains in bf16 or fp32", "plan with bf16"),
+    # torchtitan trainer.py: seq_len divisible by tp (sequence parallel) x 2 cp (load balancing)
+    _rule("plan.seq_len", "seq_len tp cp",
+          lambda x, m, c: x.seq_len % (x.tp * np.where(x.cp > 1, 2 * x.cp, 1)) == 0,
+          lambda x, m, c: f"torchtitan needs the sequence {x.seq_len} divisible by tp x 2cp",
+          "choose a sequence length divisible by tp x 2cp"),
+)
+
+# What each training framework can run; x.placement is the "tp,cp,dp,pp" text. A key with a
+# space names an older version of a target ("torchtitan 0.2"); the bare name is the newest.
 FRAMEWORKS = {
-    "torchtitan": (
-        _rule("plan.attention", "attention", lambda x, m, c: x.attention == "flash",
-              lambda x, m, c: "torchtitan runs fused attention (SDPA / flex) only", "plan with flash attention"),
-        # torchtitan runs zero-bubble schedules only with >= 2 stages per rank
-        _rule("plan.schedule", "pp schedule",
-              lambda x, m, c: (x.pp == 1) | np.isin(x.schedule, list(TORCH_SCHEDULES)),
-              lambda x, m, c: f"torchtitan has no single-stage schedule {x.schedule} (its zero-bubble "
-              "schedules need >= 2 stages per rank)", "plan with the 1f1b, gpipe or interleaved schedule"),
-        _rule("plan.zero", "zero", lambda x, m, c: x.zero != 1,
-              lambda x, m, c: "ZeRO-1 has no torchtitan form (it replicates with DDP or shards with FSDP2)",
-              "plan with ZeRO 0, 2 (FSDP2 without resharding after forward) or 3 (FSDP2)"),
-        _rule("plan.sp", "tp sp", lambda x, m, c: (x.tp == 1) | np.asarray(x.sp),
-              lambda x, m, c: "torchtitan's tensor parallelism always shards norms over the sequence "
-              "(SequenceParallel)", "plan with sequence parallelism"),
-        _rule("plan.placement", "placement", lambda x, m, c: x.placement == DEFAULT_ORDER,
-              lambda x, m, c: f"torchtitan's device mesh orders ranks {DEFAULT_ORDER} innermost first, "
-              f"not {x.placement}", f"plan with placement {DEFAULT_ORDER}"),
-        _rule("plan.virtual_stages", "pp virtual_stages", _even_chunks,
-              lambda x, m, c: f"torchtitan's pipeline_parallel_layers_per_stage needs the layers to split "
-              f"evenly over {x.pp}x{x.virtual_stages} stages", "choose virtual stages dividing layers/pp"),
-        _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp16",
-              lambda x, m, c: "torchtitan trains in bf16 or fp32", "plan with bf16"),
+    "torchtitan": _TORCHTITAN,
+    "torchtitan 0.2": (_flavor_rule("0.2"),) + _TORCHTITAN[1:] + (
+        # torchtitan 0.2 models/llama3/infra/parallelize.py: apply_ddp on a 1-D mesh only
+        _rule("plan.zero", "zero dp tp pp cp",
+              lambda x, m, c: (x.zero != 0) | (x.dp == 1) | ((x.tp == 1) & (x.pp == 1) & (x.cp == 1)),
+              lambda x, m, c: "torchtitan 0.2 replicates with DDP only when no other axis is parallel",
+              "plan with ZeRO 2 or 3, or export for torchtitan 0.3"),
     ),
     "megatron": (
         _rule("plan.schedule", "pp schedule",
@@ -331,17 +374,16 @@ FRAMEWORKS = {
               "plan with the 1f1b or interleaved schedule"),
         _rule("plan.zero", "zero pp", lambda x, m, c: (x.zero <= 1) | ((x.zero == 3) & (x.pp == 1)),
               lambda x, m, c: f"ZeRO-{x.zero} has no Megatron-LM flag here (distributed optimizer = "
-              "ZeRO-1; --use-torch-fsdp2 = ZeRO-3, and not with pipeline parallelism)", "plan with ZeRO 0 or 1"),
+              "ZeRO-1; FSDP = ZeRO-3, and not with pipeline parallelism)", "plan with ZeRO 0 or 1"),
         _rule("plan.placement", "placement",
               lambda x, m, c: np.isin(x.placement, [DEFAULT_ORDER, "tp,cp,pp,dp"]),
               lambda x, m, c: f"Megatron-LM orders ranks tp-cp-dp-pp (or tp-cp-pp-dp with "
               f"--use-tp-pp-dp-mapping), not {x.placement}", f"plan with placement {DEFAULT_ORDER}"),
-        _rule("plan.virtual_stages", "pp virtual_stages", _even_chunks,
-              lambda x, m, c: f"Megatron-LM's --num-layers-per-virtual-pipeline-stage needs the layers "
-              f"to split evenly over {x.pp}x{x.virtual_stages} stages", "choose virtual stages dividing layers/pp"),
         _rule("plan.tp", "tp", lambda x, m, c: m.num_kv_heads % x.tp == 0,
               lambda x, m, c: "Megatron-LM's --tensor-model-parallel-size must divide the KV heads",
               "choose such a TP degree"),
+        _rule("plan.dtype", "dtype zero", lambda x, m, c: (x.dtype != "fp16") | (x.zero != 3),
+              lambda x, m, c: "Megatron-LM's FSDP does not train in fp16", "plan with bf16"),
     ),
     "deepspeed": (
         _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
@@ -355,6 +397,12 @@ FRAMEWORKS = {
         _rule("plan.placement", "placement", lambda x, m, c: x.placement == DEFAULT_ORDER,
               lambda x, m, c: f"DeepSpeed's topology orders ranks model, data, pipe innermost first, "
               f"not {x.placement}", f"plan with placement {DEFAULT_ORDER}"),
+        # Megatron-DeepSpeed builds a PipelineModule with partition_method="type:transformer"
+        _rule("plan.layer_partition", "pp virtual_stages layer_partition",
+              lambda x, m, c: (x.pp == 1) | _uniform_partition(x, m, c),
+              lambda x, m, c: f"DeepSpeed's PipelineModule splits the {m.num_layers} transformer layers "
+              f"evenly over {x.pp} stages, not as {list(x.layer_partition or ())}",
+              "plan with a pp that divides the layers and --layer-partition giving equal stages"),
     ),
     "plan": (),
 }

@@ -1,152 +1,225 @@
-"""Exports: the key names each target documents, values that reproduce the plan, and the
-refusals that name the target and the knob."""
+"""Exports: the key names each target documents, values that reproduce the plan (hand-checked
+here; tests/test_export_conformance.py runs the frameworks' own validation), the pipeline
+split in each target's knobs, the checkpoint's facts, and refusals that name target and knob."""
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from meshplan.hw_profiles.profile import load_profile
 from meshplan.core.errors import PlanError
-from meshplan.planner.export import check, export, supported
+from meshplan.hw_profiles.profile import load_profile
+from meshplan.planner.exports import check, export, supported, train_job, vllm
+from meshplan.planner.exports.checkpoint import checkpoint_of
+from meshplan.planner.exports.megatron import layout
+from meshplan.planner.exports.torchtitan import stage_modules
 from meshplan.planner.space import candidate_table, row_plan
-from meshplan.simulator.model_spec import ZOO
+from meshplan.simulator.model_spec import ZOO, load_model
 from meshplan.simulator.plan import Cluster, Plan
+from meshplan.simulator.serve import InferencePlan, simulate_inference
 from meshplan.simulator.train import simulate
 
-A100 = load_profile("a100-80gb")
-LLAMA = ZOO["llama-2-13b"]
+ROOT = Path(__file__).resolve().parents[1]
+HF = ROOT / "tests/data/hf_configs"
+A100, H100 = load_profile("a100-80gb"), load_profile("h100-80gb")
+L13, L70 = ZOO["llama-2-13b"], ZOO["llama-3-70b"]
 CLUSTER = Cluster(64, 8)
 
-# pytorch/torchtitan torchtitan/config/job_config.py (TOML JobConfig) field names.
-TORCHTITAN_KEYS = {
-    "training": {"local_batch_size", "global_batch_size", "seq_len", "mixed_precision_param"},
+# pytorch/torchtitan v0.2.2 torchtitan/config/job_config.py (TOML JobConfig) field names.
+TORCHTITAN_0_2_KEYS = {
+    "job": {"description"}, "model": {"name", "flavor"},
+    "training": {"local_batch_size", "global_batch_size", "seq_len", "mixed_precision_param", "dataset"},
     "parallelism": {"data_parallel_replicate_degree", "data_parallel_shard_degree",
                     "fsdp_reshard_after_forward", "tensor_parallel_degree",
                     "enable_async_tensor_parallel", "context_parallel_degree",
                     "pipeline_parallel_degree", "pipeline_parallel_schedule",
-                    "pipeline_parallel_microbatch_size", "pipeline_parallel_layers_per_stage",
-                    "pipeline_parallel_first_stage_less_layers",
-                    "pipeline_parallel_last_stage_less_layers"},
+                    "pipeline_parallel_microbatch_size", "module_fqns_per_model_part"},
     "activation_checkpoint": {"mode", "selective_ac_option"},
 }
-# NVIDIA/Megatron-LM megatron/training/arguments.py flags.
-MEGATRON_FLAGS = {
-    "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size",
-    "--micro-batch-size", "--global-batch-size", "--seq-length", "--num-layers", "--hidden-size",
-    "--ffn-hidden-size", "--num-attention-heads", "--max-position-embeddings",
-    "--group-query-attention", "--num-query-groups", "--swiglu", "--normalization",
-    "--position-embedding-type", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
-    "--sequence-parallel", "--num-layers-per-virtual-pipeline-stage",
-    "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers",
-    "--recompute-granularity", "--recompute-method", "--recompute-num-layers",
-    "--use-distributed-optimizer", "--use-torch-fsdp2", "--use-tp-pp-dp-mapping",
-    "--use-flash-attn", "--bf16", "--fp16"}
 # deepspeed.ai/docs/config-json
-DEEPSPEED_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                  "zero_optimization", "bf16", "fp16"}
+DEEPSPEED_KEYS = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "zero_optimization",
+                  "optimizer", "gradient_clipping", "steps_per_print", "bf16", "fp16",
+                  "activation_checkpointing"}
 
 
-def result(**knobs):
-    plan = Plan(global_batch=64, seq_len=4096, **knobs)
-    return simulate(LLAMA, plan, CLUSTER, A100)
+def job(model_arg, gpus=64, version=None, seq_len=4096, **knobs):
+    model = load_model(model_arg)
+    result = simulate(model, Plan(global_batch=64, seq_len=seq_len, **knobs), Cluster(gpus, 8), A100)
+    return train_job(model, result, A100, checkpoint_of(model_arg, model), version)
 
 
-def megatron_flags(text: str) -> dict:
-    flags = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        parts = line.strip().rstrip("\\").split()
-        flags[parts[0]] = parts[1] if len(parts) > 1 else None
-    return flags
+def flags(args) -> dict:
+    """--flag value pairs of an argument list (value None for a switch)."""
+    out, key = {}, None
+    for word in args:
+        if word.startswith("--"):
+            key, out[word] = word, None
+        elif key is not None and out[key] is None:
+            out[key] = word
+    return out
 
 
-def test_torchtitan_keys_and_values():
-    r = result(dp=4, tp=4, pp=4, sp=True, zero=3, recompute="full", micro_batch=2,
-               schedule="interleaved", virtual_stages=2)
-    config = tomllib.loads(export("torchtitan", LLAMA, r))
+def test_checkpoint_facts_from_the_config_and_the_zoo():
+    llama31 = checkpoint_of(str(HF / "llama-3.1-8b.json"), load_model(str(HF / "llama-3.1-8b.json")))
+    assert (llama31.rope_theta, llama31.rope_scaling.factor, llama31.norm_eps, llama31.dtype) == \
+        (500000.0, 8.0, 1e-5, "bf16")
+    assert llama31.hf_id is None  # this config.json carries no _name_or_path
+    llama2 = checkpoint_of(str(HF / "llama-2-7b.json"), load_model(str(HF / "llama-2-7b.json")))
+    assert (llama2.hf_id, llama2.dtype, llama2.rope_theta) == ("meta-llama/Llama-2-7b-hf", "fp16", 10000.0)
+    assert checkpoint_of("llama-3-70b", L70).rope_theta == 500000.0
+    assert checkpoint_of("gpt3-175b", ZOO["gpt3-175b"]).hf_id is None
+
+
+def test_torchtitan_0_3_arguments():
+    j = job("llama-3-70b", dp=4, tp=4, pp=4, sp=True, zero=3, recompute="full", micro_batch=2,
+            schedule="interleaved", virtual_stages=2)
+    e = export("torchtitan", j)
+    f = flags(e.args)
+    assert (f["--module"], f["--config"]) == ("llama3", "llama3_70b")
+    assert (f["--parallelism.data-parallel-shard-degree"], f["--parallelism.data-parallel-replicate-degree"]) == ("4", "1")
+    assert f["--parallelism.pipeline-parallel-schedule"] == "Interleaved1F1B"
+    assert f["--training.local-batch-size"] == str(64 // 4)  # micro-batches x micro-batch size
+    assert "--training.disable-cuda-graphs" in f and "--compile.no-enable-async-tensor-parallel" in f
+    assert e.args[-1] == "activation-checkpoint:full"
+    stages = e.args[e.args.index("--parallelism.module-fqns-per-model-part") + 1:][:8]
+    assert [s.count("layers.") for s in stages] == list(j.partition) and len(j.partition) == 8
+    assert {name for name, _ in e.user_paths} == {"HF_ASSETS_PATH", "DATA_PATH"}
+
+
+def test_torchtitan_0_2_toml():
+    e = export("torchtitan", job("llama-3-70b", version="0.2", dp=4, tp=4, pp=4, sp=True, zero=2,
+                                 recompute="selective"))
+    config = tomllib.loads(dict(e.files)["torchtitan-job.toml"])
     for section, keys in config.items():
-        assert set(keys) <= TORCHTITAN_KEYS[section], section
-    par = config["parallelism"]
-    assert (par["data_parallel_shard_degree"], par["data_parallel_replicate_degree"]) == (4, 1)
-    assert (par["tensor_parallel_degree"], par["pipeline_parallel_degree"]) == (4, 4)
-    assert par["pipeline_parallel_schedule"] == "Interleaved1F1B"
-    assert par["pipeline_parallel_layers_per_stage"] * 4 * 2 == LLAMA.num_layers
-    assert par["enable_async_tensor_parallel"] is False
-    assert config["training"]["local_batch_size"] == 64 // 4  # micro-batches x micro-batch size
-    assert config["training"]["global_batch_size"] == 64
-    assert config["activation_checkpoint"]["mode"] == "full"
+        assert set(keys) <= TORCHTITAN_0_2_KEYS[section], section
+    assert config["model"] == {"name": "llama3", "flavor": "70B"}  # not the 6-layer debugmodel
+    assert config["parallelism"]["fsdp_reshard_after_forward"] == "never"
+    assert config["activation_checkpoint"] == {"mode": "selective", "selective_ac_option": "op"}
+    stages = config["parallelism"]["module_fqns_per_model_part"]
+    assert stages[0][0] == "tok_embeddings" and stages[-1][-2:] == ["norm", "output"]
 
 
-def test_torchtitan_schedule_names_are_torch_names():
-    torch_schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
-    for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
-        r = result(dp=4, tp=4, pp=4, sp=True, schedule=schedule, virtual_stages=v)
-        name = tomllib.loads(export("torchtitan", LLAMA, r))["parallelism"]["pipeline_parallel_schedule"]
-        torch_schedules.get_schedule_class(name)  # raises on an unknown name
+def test_stage_modules_and_megatron_layout_by_hand():
+    assert stage_modules((2, 1), "lm_head") == [["tok_embeddings", "layers.0", "layers.1"],
+                                               ["layers.2", "norm", "lm_head"]]
+    assert layout((9, 10, 11)) == "Et*9|t*10|t*11L"
 
 
-def test_megatron_flags_and_values():
-    r = result(dp=4, tp=4, pp=4, sp=True, zero=1, recompute="full", micro_batch=2,
-               schedule="interleaved", virtual_stages=2)
-    flags = megatron_flags(export("megatron", LLAMA, r))
-    assert set(flags) <= MEGATRON_FLAGS
-    assert flags["--tensor-model-parallel-size"] == "4" and flags["--pipeline-model-parallel-size"] == "4"
-    assert flags["--num-layers-per-virtual-pipeline-stage"] == str(LLAMA.num_layers // 8)
-    assert flags["--recompute-granularity"] == "full" and flags["--recompute-method"] == "uniform"
-    assert "--use-distributed-optimizer" in flags and "--sequence-parallel" in flags
-    assert flags["--micro-batch-size"] == "2" and flags["--global-batch-size"] == "64"
+def test_megatron_arguments_and_environment():
+    j = job("llama-3-70b", dp=2, tp=4, pp=8, sp=True, zero=1, recompute="full",
+            layer_partition=(9, 10, 10, 10, 10, 11, 11, 9))
+    e = export("megatron", j)
+    f = flags(e.args)
+    assert f["--rotary-base"] == "500000" and f["--norm-epsilon"] == "1e-05"  # Megatron's default is 10000
+    assert f["--num-query-groups"] == "8" and f["--attention-dropout"] == "0.0"
+    assert f["--pipeline-model-parallel-layout"] == "Et*9|t*10|t*10|t*10|t*10|t*11|t*11|t*9L"
+    assert "--use-distributed-optimizer" in f and "--sequence-parallel" in f
+    assert dict(e.env) == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    even = flags(export("megatron", job("llama-3-70b", dp=2, tp=4, pp=8, sp=True, schedule="interleaved",
+                                        virtual_stages=2, layer_partition=(5,) * 16)).args)
+    assert even["--num-virtual-stages-per-pipeline-rank"] == "2" and "--pipeline-model-parallel-layout" not in even
 
 
-def test_deepspeed_keys_and_values():
-    r = result(dp=8, tp=8, zero=2, micro_batch=2)
-    config = json.loads(export("deepspeed", LLAMA, r))
-    assert set(config) <= DEEPSPEED_KEYS
-    assert config["train_batch_size"] == config["train_micro_batch_size_per_gpu"] * \
-        config["gradient_accumulation_steps"] * 8
-    assert config["zero_optimization"] == {"stage": 2} and config["bf16"] == {"enabled": True}
+def test_megatron_fsdp_forms():
+    untied = export("megatron", job("llama-3-70b", dp=64, zero=3))
+    assert {"--use-torch-fsdp2", "--no-gradient-accumulation-fusion", "--untie-embeddings-and-output-weights"} \
+        <= set(flags(untied.args)) and untied.env == ()
+    tied = flags(export("megatron", job("gpt3-175b", seq_len=2048, dp=64, zero=3, recompute="full")).args)
+    assert "--use-megatron-fsdp" in tied and tied["--data-parallel-sharding-strategy"] == "optim_grads_params"
+    assert "--untie-embeddings-and-output-weights" not in tied
+
+
+def test_megatron_rope_scaling_from_a_llama_3_1_config():
+    f = flags(export("megatron", job(str(HF / "llama-3.1-8b.json"), gpus=8, dp=1, tp=8, sp=True)).args)
+    assert "--use-rope-scaling" in f and f["--rope-scaling-factor"] == "8.0"
+
+
+def test_deepspeed_config_and_command():
+    e = export("deepspeed", job("llama-2-13b", dp=4, tp=4, pp=4, sp=True, zero=1, recompute="full", micro_batch=2))
+    config = json.loads(dict(e.files)["ds_config.json"])
+    assert set(config) <= DEEPSPEED_KEYS and "train_batch_size" not in config
+    assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * 4 == 64
+    assert config["activation_checkpointing"]["partition_activations"] is True
+    assert config["optimizer"]["type"] == "AdamW"
+    f = flags(e.args)
+    assert {"--sequence-parallel", "--deepspeed", "--deepspeed-activation-checkpointing"} <= set(f)
+    assert f["--deepspeed_config"] == "ds_config.json" and f["--zero-stage"] == "1"
+    assert f["--rotary-position-embeddings-theta"] == "10000"
 
 
 def test_plan_export_round_trips():
-    r = result(dp=4, tp=4, pp=4, sp=True, schedule="zb-h1")
-    assert Plan.from_dict(json.loads(export("plan", LLAMA, r))) == r.plan
+    j = job("llama-2-13b", dp=4, tp=4, pp=4, sp=True, schedule="zb-h1")
+    assert Plan.from_dict(json.loads(dict(export("plan", j).files)["plan.json"])) == j.plan
 
 
-@pytest.mark.parametrize("target,knobs,knob", [
-    ("torchtitan", dict(dp=4, tp=4, pp=4, sp=True, schedule="zb-h1"), "schedule"),
-    ("torchtitan", dict(dp=8, tp=8, zero=1), "zero"),
-    ("torchtitan", dict(dp=8, tp=8), "sp"),
-    ("megatron", dict(dp=8, tp=4, pp=2, schedule="gpipe"), "schedule"),
-    ("megatron", dict(dp=8, tp=8, zero=2), "zero"),
-    ("megatron", dict(dp=4, tp=4, pp=4, zero=3), "zero"),
-    ("megatron", dict(dp=4, tp=4, pp=4, schedule="interleaved", virtual_stages=3), "virtual_stages"),
-    ("megatron", dict(dp=8, tp=8, placement=("dp", "tp", "cp", "pp")), "placement"),
-    ("deepspeed", dict(dp=4, tp=4, cp=4), "cp"),
-    ("deepspeed", dict(dp=4, tp=4, pp=4, zero=2), "zero"),
+@pytest.mark.parametrize("target,model,knobs,knob", [
+    ("torchtitan", L70, dict(dp=4, tp=4, pp=4, sp=True, schedule="zb-h1"), "schedule"),
+    ("torchtitan", L70, dict(dp=8, tp=8, sp=True, zero=1), "zero"),
+    ("torchtitan", L70, dict(dp=8, tp=8), "sp"),
+    ("torchtitan", L13, dict(dp=8, tp=8, sp=True), "model"),  # no llama3 flavor of this shape
+    ("megatron", L13, dict(dp=8, tp=4, pp=2, schedule="gpipe"), "schedule"),
+    ("megatron", L13, dict(dp=8, tp=8, zero=2), "zero"),
+    ("megatron", L13, dict(dp=4, tp=4, pp=4, zero=3), "zero"),
+    ("megatron", L13, dict(dp=8, tp=8, placement=("dp", "tp", "cp", "pp")), "placement"),
+    ("deepspeed", L13, dict(dp=4, tp=4, cp=4), "cp"),
+    ("deepspeed", L13, dict(dp=4, tp=4, pp=4, zero=2), "zero"),
+    ("deepspeed", L13, dict(dp=4, tp=4, pp=4, layer_partition=(9, 11, 11, 9)), "layer_partition"),
 ])
-def test_refusals_name_target_and_knob(target, knobs, knob):
-    plan = Plan(global_batch=64, seq_len=4096, **knobs)
+def test_refusals_name_target_and_knob(target, model, knobs, knob):
     with pytest.raises(PlanError) as err:
-        check(target, LLAMA, plan)
+        check(target, model, Plan(global_batch=64, seq_len=4096, **knobs))
     assert err.value.field == f"emit.{target}" and err.value.problem.startswith(knob)
 
 
+def test_version_specific_refusals():
+    plan = Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, zero=0)
+    check("torchtitan", L70, plan)  # 0.3 replicates with FSDP's replicate axis
+    with pytest.raises(PlanError) as err:
+        check("torchtitan", L70, plan, version="0.2")  # 0.2 has DDP on a 1-D mesh only
+    assert err.value.problem.startswith("zero")
+    with pytest.raises(PlanError) as err:
+        check("torchtitan", L70, plan, version="0.1")
+    assert "0.1" in err.value.problem and "0.3, 0.2" in err.value.fix
+
+
 def test_search_restriction_agrees_with_check():
-    table = candidate_table(LLAMA, CLUSTER, {"global_batch": 64, "seq_len": 4096})
+    table = candidate_table(L70, CLUSTER, {"global_batch": 64, "seq_len": 4096})
     rows = np.random.default_rng(0).choice(len(table), 300, replace=False)
-    for target in ("torchtitan", "megatron", "deepspeed"):
-        mask = supported(target, LLAMA, table)
+    for target, version in (("torchtitan", None), ("torchtitan", "0.2"), ("megatron", None), ("deepspeed", None)):
+        mask = supported(target, L70, table, version)
         for i in rows:
             try:
-                check(target, LLAMA, row_plan(table, int(i)))
+                check(target, L70, row_plan(table, int(i)), version)
                 ok = True
             except PlanError:
                 ok = False
             assert ok == mask[i], (target, row_plan(table, int(i)))
+
+
+def test_vllm_budget_dtype_and_model_id():
+    plan = InferencePlan(64, 2048, 128, tp=4, replicas=2)  # planned in fp16, the search's default
+    result = simulate_inference(L70, plan, Cluster(8, 8), H100)
+    e = vllm.export(result, L70, checkpoint_of("llama-3-70b", L70), H100)
+    f = flags(e.args)
+    assert e.args[0] == "meta-llama/Meta-Llama-3-70B"
+    assert f["--dtype"] == "bfloat16"  # the checkpoint's, not a cast to fp16
+    share = float(f["--gpu-memory-utilization"])
+    assert share * H100.memory_bytes <= result.memory_limit_bytes < (share + 0.001) * H100.memory_bytes
+    assert (f["--max-model-len"], f["--max-num-seqs"], f["--data-parallel-size"]) == ("2176", "64", "2")
+    gpt3 = ZOO["gpt3-175b"]
+    result = simulate_inference(gpt3, InferencePlan(8, 1024, 128, tp=8), Cluster(8, 8), H100)
+    with pytest.raises(PlanError) as err:
+        vllm.export(result, gpt3, checkpoint_of("gpt3-175b", gpt3), H100)
+    assert "--model-id" in err.value.fix
+    assert vllm.export(result, gpt3, checkpoint_of("gpt3-175b", gpt3), H100, "org/gpt3").args[0] == "org/gpt3"
+    with pytest.raises(PlanError):
+        vllm.export(simulate_inference(L70, InferencePlan(1, 8000, 800, tp=8), Cluster(8, 8), H100),
+                    L70, checkpoint_of("llama-3-70b", L70), H100)
 
 
 def meshplan(*args):
@@ -154,21 +227,42 @@ def meshplan(*args):
                           text=True, timeout=300)
 
 
-BASE = ["--model", "llama-2-13b", "--gpus", "64", "--global-batch", "64", "--seq-len", "4096"]
+BASE = ["--model", "llama-3-70b", "--gpus", "64", "--global-batch", "64", "--seq-len", "4096"]
 
 
-def test_cli_emit_prints_only_the_config(tmp_path):
-    out = meshplan("plan", *BASE, "--emit", "torchtitan")
-    assert out.returncode == 0, out.stderr
-    assert tomllib.loads(out.stdout)["training"]["global_batch_size"] == 64
+def args_array(script: str) -> list[str]:
+    return shlex.split(script.split("ARGS=(\n", 1)[1].split("\n)\n", 1)[0])
+
+
+def test_cli_emit_prints_a_launch_script_and_what_to_add(tmp_path):
     out = meshplan("plan", *BASE, "--emit", "megatron")
-    assert out.returncode == 0 and set(megatron_flags(out.stdout)) <= MEGATRON_FLAGS
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("#!/usr/bin/env bash") and "exec torchrun" in out.stdout
+    assert flags(args_array(out.stdout))["--global-batch-size"] == "64"
+    added = re.findall(r"add by hand: (\w+) =", out.stderr)
+    assert added == ["CHECKPOINT_PATH", "TOKENIZER_MODEL", "DATA_PATH"]
+    out = meshplan("plan", *BASE, "--emit", "torchtitan", "--target-version", "0.2", "--launch-script", "slurm")
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --nodes=8" in out.stdout and "srun" in out.stdout
+    toml = out.stdout.split("<<'MESHPLAN_EOF'\n", 1)[1].split("MESHPLAN_EOF")[0]
+    assert tomllib.loads(toml)["model"]["flavor"] == "70B"
     out = meshplan("plan", *BASE, "--emit", "plan")
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(out.stdout)
-    sim = meshplan("simulate", "--model", "llama-2-13b", "--gpus", "64", "--plan", str(plan_file), "--json")
+    sim = meshplan("simulate", "--model", "llama-3-70b", "--gpus", "64", "--plan", str(plan_file), "--json")
     assert sim.returncode == 0, sim.stderr
     assert json.loads(sim.stdout)["plan"] == json.loads(out.stdout)
+
+
+def test_cli_emit_vllm():
+    out = meshplan("plan", "--mode", "inference", "--model", "llama-3-70b", "--hardware", "h100-80gb",
+                   "--gpus", "8", "--prompt-len", "1024", "--gen-len", "256", "--emit", "vllm")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == 'exec vllm serve "${ARGS[@]}"'
+    assert args_array(out.stdout)[0] == "meta-llama/Meta-Llama-3-70B"
+    out = meshplan("plan", "--mode", "inference", "--model", "gpt3-175b", "--hardware", "h100-80gb",
+                   "--gpus", "16", "--prompt-len", "512", "--gen-len", "128", "--emit", "vllm")
+    assert out.returncode == 2 and "--model-id" in out.stderr
 
 
 def test_cli_emit_refusal_is_one_line():

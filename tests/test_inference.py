@@ -4,7 +4,7 @@ import pytest
 
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.core.errors import PlanError
-from meshplan.planner.serve_search import emit_vllm, explain_inference, search_inference
+from meshplan.planner.serve_search import explain_inference, search_inference
 from meshplan.simulator.serve import InferencePlan, kv_bytes_per_token, simulate_inference
 from meshplan.simulator.memory import memory_reserve_bytes
 from meshplan.simulator.model_spec import ZOO, ModelSpec
@@ -162,22 +162,6 @@ def test_search_fixed_knobs():
     with pytest.raises(PlanError) as err:   # 16-bit weights do not fit one device (int4 would)
         search_inference(L70, Cluster(1, 8), A100, 512, 128, fixed={"quantization": "none"})
     assert err.value.field == "cluster.num_gpus"
-
-
-def test_emit_vllm():
-    plan = InferencePlan(64, 2048, 128, tp=4, replicas=2)
-    assert emit_vllm(plan, L70) == (
-        "vllm serve meta-llama/Llama-2-70b-hf --tensor-parallel-size 4 --pipeline-parallel-size 1 "
-        "--max-num-seqs 64 --max-model-len 2176 --dtype float16 --data-parallel-size 2")
-    assert emit_vllm(plan, L70, 1024, 1024).count("--max-model-len 2048") == 1
-    with pytest.raises(PlanError) as err:
-        emit_vllm(InferencePlan(1, 4000, 200, tp=4), L70)
-    assert err.value.field == "vllm --max-model-len"
-    with pytest.raises(PlanError) as err:
-        emit_vllm(InferencePlan(1, 128, 128, tp=3), L70)
-    assert err.value.field == "plan.tp"
-    with pytest.raises(PlanError):
-        emit_vllm(InferencePlan(1, 128, 128, tp=4, kv_dtype="fp32"), L70)
 
 
 # ---- plan validation ----

@@ -6,7 +6,9 @@ import pytest
 
 from meshplan.core.errors import PlanError
 from meshplan.hw_profiles.profile import load_profile
-from meshplan.planner.serve_search import emit_vllm, search_inference
+from meshplan.planner.exports import vllm
+from meshplan.planner.exports.checkpoint import checkpoint_of
+from meshplan.planner.serve_search import search_inference
 from meshplan.simulator.model_spec import ZOO, load_model
 from meshplan.simulator.ops import Shard, layer_ops
 from meshplan.simulator.plan import Cluster
@@ -107,5 +109,11 @@ def test_serving_search_picks_quantization_under_memory_and_exports_it():
     found = search_inference(ZOO["llama-2-70b"], Cluster(1, 8), H100, 512, 64)
     best = found[0][0]
     assert best.quantization in ("int4", "int8", "fp8") and found[0][1].fits
-    line = emit_vllm(best, ZOO["llama-2-70b"])
-    assert "--quantization " + {"int4": "awq", "int8": "gptq", "fp8": "fp8"}[best.quantization] in line
+    model = ZOO["llama-2-70b"]
+    e = vllm.export(found[0][1], model, checkpoint_of("llama-2-70b", model), H100)
+    method = {"int4": "awq", "int8": "gptq", "fp8": "fp8"}[best.quantization]
+    assert e.args[e.args.index("--quantization") + 1] == method
+    if method != "fp8":  # the released 16-bit checkpoint cannot load as AWQ / GPTQ
+        assert e.args[0] == "${QUANTIZED_CHECKPOINT}" and e.user_paths[0][0] == "QUANTIZED_CHECKPOINT"
+        assert vllm.export(found[0][1], model, checkpoint_of("llama-2-70b", model), H100,
+                           "org/llama-2-70b-awq").args[0] == "org/llama-2-70b-awq"

@@ -10,11 +10,13 @@ from meshplan.cli.simulate import params_text
 from meshplan.core.io import dump_json
 from meshplan.core.errors import PlanError
 from meshplan.core.units import GIB
+from meshplan.planner import launch_scripts
 
 
 
 def register(subparsers) -> None:
-    from meshplan.planner.export import TARGETS
+    from meshplan.planner.exports import TARGETS
+    from meshplan.planner.launch_scripts import KINDS
 
     parser = common.plan_command(
         subparsers, "plan", help="search for the fastest plan that fits, and explain why it wins",
@@ -39,14 +41,22 @@ def register(subparsers) -> None:
     out.add_argument("--json", action="store_true", help="print the ranked plans and the "
                      "explanation as JSON")
     out.add_argument("--emit", choices=TARGETS + ("vllm",), help="print only the best plan this "
-                     "framework can run, in its format: torchtitan TOML, Megatron-LM flags, DeepSpeed "
-                     "ds_config JSON, meshplan plan JSON, or (with --mode inference) `vllm serve` flags")
+                     "framework can run, as a script that launches it (torchtitan, Megatron-LM, "
+                     "Megatron-DeepSpeed with its ds_config, or with --mode inference `vllm serve`) "
+                     "or as meshplan plan JSON; the paths to add by hand are listed on stderr")
+    emit = parser.add_argument_group("export (with --emit)")
+    emit.add_argument("--target-version", help="the framework version to export for (torchtitan: "
+                      "0.3, the default, or 0.2)")
+    emit.add_argument("--model-id", help="the checkpoint's Hugging Face id or folder (default: the "
+                      "config's _name_or_path, or the zoo model's released checkpoint)")
+    emit.add_argument("--launch-script", choices=KINDS, default="torchrun",
+                      help="how the script starts the job: plain torchrun run on every node "
+                      "(default), or a Slurm sbatch script (srun torchrun)")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from meshplan.hw_profiles.profile import load_profile
-    from meshplan.planner import export
     from meshplan.planner.explain import explain
     from meshplan.planner.search import search
 
@@ -64,22 +74,7 @@ def run(args: argparse.Namespace) -> int:
     cluster = common.cluster_from_args(args, hw.gpus_per_node)
     fixed = common.user_plan_fields(args)
     if args.emit:
-        try:
-            found = search(model, cluster, hw, fixed,
-                           allowed=lambda table: export.supported(args.emit, model, table))
-        except PlanError as exc:
-            if exc.field != "emit":
-                raise
-            export.check(args.emit, model, search(model, cluster, hw, fixed).ranked[0].plan)
-            raise
-        best = found.ranked[0]
-        text = export.export(args.emit, model, best)
-        sys.stdout.write(text)
-        note = f"best of {found.candidates} legal plans that {args.emit} runs: {_knobs(best.plan)}"
-        print(f"meshplan plan: {note}", file=sys.stderr)
-        if args.emit == "deepspeed":
-            print(f"meshplan plan: {export.deepspeed_note(best.plan)}", file=sys.stderr)
-        return 0
+        return emit(args, model, cluster, hw, fixed)
     found = search(model, cluster, hw, fixed)
     why = explain(model, cluster, hw, found.ranked, fixed)
     if args.json:
@@ -149,6 +144,56 @@ def run_capacity(args: argparse.Namespace) -> int:
     return 0
 
 
+def emit(args: argparse.Namespace, model, cluster, hw, fixed: dict) -> int:
+    """The fastest plan the target runs, as its launch script (or plan JSON) on stdout; what
+    the user must add by hand and what the target does differently on stderr."""
+    from meshplan.planner import exports
+    from meshplan.planner.exports.checkpoint import checkpoint_of
+    from meshplan.planner.search import search
+
+    target, version = args.emit, args.target_version
+    exports.rule_set(target, version)
+    if target == "plan" and args.launch_script != "torchrun":
+        raise PlanError("emit.plan", "a plan JSON has no launch script", "use meshplan run "
+                        "--plan FILE --launch-script, or --emit a framework")
+    try:
+        found = search(model, cluster, hw, fixed,
+                       allowed=lambda table: exports.supported(target, model, table, version))
+    except PlanError as exc:
+        if exc.field != "emit":
+            raise
+        exports.check(target, model, search(model, cluster, hw, fixed).ranked[0].plan, version)
+        raise
+    checkpoint = checkpoint_of(args.model, model)
+    artifact, first_error = None, None
+    for result in found.ranked:  # the fastest whose pipeline split the target can express
+        try:
+            artifact = exports.export(target, exports.train_job(model, result, hw, checkpoint, version))
+            break
+        except PlanError as exc:
+            first_error = first_error or exc
+    if artifact is None:
+        raise first_error
+    if target == "plan":
+        sys.stdout.write(artifact.files[0][1])
+    else:
+        launch = exports.launch(artifact, cluster.num_nodes, cluster.ranks_per_node)
+        sys.stdout.write(launch_scripts.script(args.launch_script, launch))
+    name = target + (f" {version}" if version else "")
+    print(f"meshplan plan: best of {found.candidates} legal plans that {name} runs: "
+          f"{_knobs(result.plan)}", file=sys.stderr)
+    report_export(artifact)
+    return 0
+
+
+def report_export(artifact) -> None:
+    """What the user adds by hand (the paths) and what the target does its own way."""
+    for name, what in artifact.user_paths:
+        print(f"meshplan plan: add by hand: {name} = {what}", file=sys.stderr)
+    for note in artifact.notes:
+        print(f"meshplan plan: note: {note}", file=sys.stderr)
+
+
 def _knobs(plan) -> str:
     """A plan in one short line, e.g. "dp16 tp8+sp pp8 cp1 zero1 rc:full mb1 1f1b"."""
     parts = [f"dp{plan.dp}", f"tp{plan.tp}{'+sp' if plan.sp else ''}", f"pp{plan.pp}", f"cp{plan.cp}"]
@@ -166,7 +211,10 @@ def run_inference(args: argparse.Namespace) -> int:
     """Serving: search TP, PP, replicas and batch for the best throughput per GPU (or
     latency) that meets the SLOs."""
     from meshplan.hw_profiles.profile import load_profile
-    from meshplan.planner.serve_search import emit_vllm, explain_inference, search_inference
+    from meshplan.planner import exports
+    from meshplan.planner.exports import vllm
+    from meshplan.planner.exports.checkpoint import checkpoint_of
+    from meshplan.planner.serve_search import explain_inference, search_inference
 
     if args.emit not in (None, "vllm"):
         raise PlanError("--emit", f"{args.emit} is a training format", "use --emit vllm with --mode inference")
@@ -185,7 +233,11 @@ def run_inference(args: argparse.Namespace) -> int:
                              slo_ttft_s=ms(args.slo_ttft_ms), slo_tpot_s=ms(args.slo_tpot_ms),
                              objective=args.objective, fixed=fixed)
     if args.emit == "vllm":
-        sys.stdout.write(emit_vllm(found[0][0], model, args.prompt_len, args.gen_len) + "\n")
+        artifact = vllm.export(found[0][1], model, checkpoint_of(args.model, model), hw, args.model_id)
+        per_node = cluster.ranks_per_node
+        launch = exports.launch(artifact, max(1, found[0][0].num_gpus // per_node), per_node)
+        sys.stdout.write(launch_scripts.script(args.launch_script, launch))
+        report_export(artifact)
         return 0
     if args.json:
         sys.stdout.write(dump_json({

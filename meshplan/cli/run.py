@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 from meshplan.cli import common as common
 from meshplan.core.io import dump_json, write_atomic
 from meshplan.core.progress import wanted
+from meshplan.planner import launch_scripts
 from meshplan.simulator.plan import Cluster
 
 
@@ -49,6 +51,10 @@ def register(subparsers) -> None:
                              "time from the newest checkpoint (needs --checkpoint-dir)")
     parser.add_argument("--json", action="store_true", help="print predicted vs measured as JSON")
     parser.add_argument("--record", help="write the full run record (JSON) to this path")
+    parser.add_argument("--launch-script", choices=launch_scripts.KINDS,
+                        help="print a script that runs this plan across the cluster's nodes instead "
+                        "of running it here: slurm (an sbatch script; srun starts meshplan run on "
+                        "each node) or torchrun (run the script on each node)")
     parser.set_defaults(handler=run)
 
 
@@ -71,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "inference":
         return run_inference(args)
     model, plan, cluster = resolve(args)
+    if args.launch_script:
+        sys.stdout.write(launch_scripts.script(args.launch_script, run_launch(args, model, plan, cluster)))
+        return 0
     options = RunOptions(steps=args.steps, warmup=args.warmup, seed=args.seed, data=args.data,
                          profile=args.hardware, timeout_s=args.timeout_s, nnodes=args.nnodes,
                          node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
@@ -78,6 +87,34 @@ def run(args: argparse.Namespace) -> int:
                          checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                          resume=args.resume, max_restarts=args.max_restarts)
     return report(args, lambda: launch_train(model, plan, cluster, options), print_summary)
+
+
+PLAN_FILE = "meshplan-plan.json"
+
+
+def run_launch(args: argparse.Namespace, model, plan, cluster) -> launch_scripts.Launch:
+    """This run as a launch: the plan in a file beside the script, and on each node
+    `meshplan run` with the same options, meeting the others at the first node."""
+    from meshplan.core.errors import PlanError
+
+    if plan.world_size % cluster.ranks_per_node:
+        raise PlanError("cluster.gpus_per_node", f"{plan.world_size} ranks do not fill nodes of "
+                        f"{cluster.ranks_per_node}", "use a GPU count that is a multiple of the GPUs per node")
+    def path(value):  # nodes see the same files under the same absolute paths
+        return str(Path(value).resolve()) if Path(value).exists() else value
+
+    words = ["--model", path(args.model), "--hardware", path(args.hardware),
+             "--gpus", str(plan.world_size), "--gpus-per-node", str(cluster.ranks_per_node),
+             "--plan", PLAN_FILE, "--steps", str(args.steps), "--warmup", str(args.warmup),
+             "--seed", str(args.seed), "--timeout-s", str(args.timeout_s)]
+    words += ["--data", path(args.data)] if args.data else []
+    words += ["--record", args.record] if args.record else []
+    words += ["--json"] if args.json else []
+    return launch_scripts.Launch(
+        name="meshplan-run", header=f"meshplan run: {model.name}, {plan.world_size} ranks on "
+        f"{cluster.num_nodes} node(s) of {cluster.ranks_per_node}", nnodes=cluster.num_nodes,
+        gpus_per_node=cluster.ranks_per_node, rendezvous="meshplan", program=("meshplan", "run"),
+        args=tuple(words), files=((PLAN_FILE, dump_json(plan.to_dict())),))
 
 
 def report(args: argparse.Namespace, launch_run, print_table) -> int:
@@ -145,6 +182,9 @@ def run_inference(args: argparse.Namespace) -> int:
 
     if args.nnodes != 1:
         raise PlanError("--nnodes", "inference runs on one machine", "drop --nnodes")
+    if args.launch_script:
+        raise PlanError("--launch-script", "serving runs on one machine", "drop --launch-script, "
+                        "or serve with vLLM: meshplan plan --mode inference --emit vllm")
     if args.data:
         raise PlanError("--data", "serving runs generate from synthetic prompts drawn from "
                         "--seed", "drop --data with --mode inference")

@@ -1,0 +1,87 @@
+"""What an export needs to know about the checkpoint beyond the shapes the cost model uses:
+its Hugging Face id, stored dtype, RoPE base and scaling, and norm epsilon. Read from the HF
+config.json the model came from, or, for the zoo, from the released config.json files.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshplan.core.errors import ModelError
+from meshplan.simulator.model_spec import ZOO, ModelSpec
+
+# HF config "torch_dtype" -> the plan's dtype names.
+HF_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 RoPE frequency scaling (HF rope_scaling with rope_type "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """`hf_id`: the checkpoint's Hugging Face repository (None: none is known); `dtype`: the
+    dtype its weights are stored in (plan spelling, None: unknown); `rope_theta`: RoPE base
+    (None without RoPE); `norm_eps`: epsilon of RMSNorm/LayerNorm."""
+
+    hf_id: str | None
+    dtype: str | None
+    rope_theta: float | None
+    rope_scaling: RopeScaling | None
+    norm_eps: float
+
+
+_LLAMA2 = dict(dtype="fp16", rope_theta=10000.0, rope_scaling=None, norm_eps=1e-5)
+_LLAMA3 = dict(dtype="bf16", rope_theta=500000.0, rope_scaling=None, norm_eps=1e-5)
+# Released config.json files of meta-llama/Llama-2-{7,13,70}b-hf, Meta-Llama-3-{8,70}B and
+# Llama-3.1-405B on huggingface.co (tests/data/hf_configs holds the 7B and 3.1-8B ones).
+ZOO_CHECKPOINTS = {
+    "llama-2-7b": Checkpoint("meta-llama/Llama-2-7b-hf", **_LLAMA2),
+    "llama-2-13b": Checkpoint("meta-llama/Llama-2-13b-hf", **_LLAMA2),
+    "llama-2-70b": Checkpoint("meta-llama/Llama-2-70b-hf", **_LLAMA2),
+    "llama-3-8b": Checkpoint("meta-llama/Meta-Llama-3-8B", **_LLAMA3),
+    "llama-3-70b": Checkpoint("meta-llama/Meta-Llama-3-70B", **_LLAMA3),
+    "llama-3-405b": Checkpoint("meta-llama/Llama-3.1-405B", **{
+        **_LLAMA3, "rope_scaling": RopeScaling(8.0, 1.0, 4.0, 8192)}),
+}
+
+
+def checkpoint_of(model_arg: str, model: ModelSpec) -> Checkpoint:
+    """The checkpoint facts of `--model`: a zoo name, an HF config.json, or a ModelSpec JSON
+    (which names no checkpoint). Models without one (GPT-3, Megatron's GPT family) get the
+    architecture's defaults: no id, no stored dtype, LayerNorm epsilon 1e-5."""
+    if model_arg in ZOO:
+        return ZOO_CHECKPOINTS.get(model_arg, _unreleased(model))
+    try:
+        config = json.loads(Path(model_arg).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError("model", f"cannot read {model_arg} ({exc})", "pass an HF config.json")
+    if "num_layers" in config:  # a ModelSpec JSON
+        return _unreleased(model)
+    scaling = config.get("rope_scaling") or None
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "llama3":
+        raise ModelError(f"{model_arg}:rope_scaling", f"RoPE scaling {scaling!r} has no export",
+                         "use a model without rope_scaling or with Llama 3.1's (rope_type llama3)")
+    return Checkpoint(
+        hf_id=config.get("_name_or_path") or None,
+        dtype=HF_DTYPES.get(config.get("torch_dtype") or config.get("dtype")),
+        rope_theta=(float(config.get("rope_theta", 10000.0))
+                    if model.position_embedding == "rope" else None),
+        rope_scaling=None if scaling is None else RopeScaling(
+            float(scaling["factor"]), float(scaling.get("low_freq_factor", 1.0)),
+            float(scaling.get("high_freq_factor", 4.0)),
+            int(scaling.get("original_max_position_embeddings", 8192))),
+        norm_eps=float(config.get("rms_norm_eps", config.get("layer_norm_epsilon", 1e-5))))
+
+
+def _unreleased(model: ModelSpec) -> Checkpoint:
+    return Checkpoint(hf_id=None, dtype=None,
+                      rope_theta=10000.0 if model.position_embedding == "rope" else None,
+                      rope_scaling=None, norm_eps=1e-5)

@@ -1,0 +1,111 @@
+"""Megatron-LM: pretrain_gpt.py arguments that pass its validate_args, and the environment
+the plan needs (NVIDIA/Megatron-LM megatron/training/arguments.py, checked at core_v0.16.1
+and at its 2026 head).
+
+- Every model hyperparameter that differs from Megatron-LM's defaults is given: RoPE base
+  (default 10000) and Llama 3.1 scaling, norm epsilon, dropout (default 0.1), bias, gating,
+  GQA groups, tying.
+- ZeRO-1 is the distributed optimizer; ZeRO-3 is PyTorch FSDP2 (--use-torch-fsdp2, which
+  needs untied embeddings and no gradient-accumulation fusion) or, for a model with tied
+  embeddings, Megatron-FSDP with fully sharded optimizer, gradients and parameters.
+- CUDA_DEVICE_MAX_CONNECTIONS=1 orders TP/CP communication before compute on GPUs before
+  Blackwell; FSDP needs it unset or above 1 (validate_args asserts both).
+- The pipeline split is given layer by layer (--pipeline-model-parallel-layout) unless the
+  (virtual) stages are equal.
+"""
+from __future__ import annotations
+
+from meshplan.planner.exports import Export, TrainJob
+
+USER_PATHS = (("CHECKPOINT_PATH", "Megatron checkpoint folder of the model's weights (--load)"),
+              ("TOKENIZER_MODEL", "the model's Hugging Face tokenizer (folder or name)"),
+              ("DATA_PATH", "prefix of the Megatron-indexed training data (.bin/.idx)"))
+
+
+def layout(partition: tuple[int, ...]) -> str:
+    """--pipeline-model-parallel-layout: virtual stages in pipeline order, separated by "|";
+    E the embedding, t a transformer layer, L the loss (output head)."""
+    last = len(partition) - 1
+    return "|".join(("E" if i == 0 else "") + f"t*{n}" + ("L" if i == last else "")
+                    for i, n in enumerate(partition))
+
+
+def model_args(job: TrainJob) -> list[tuple[str, object]]:
+    """The model's architecture in Megatron-LM flags (shared with Megatron-DeepSpeed,
+    whose GPT model takes the same spellings)."""
+    m, ckpt = job.model, job.checkpoint
+    flags = [("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
+             ("--ffn-hidden-size", m.ffn_hidden_size), ("--num-attention-heads", m.num_heads),
+             ("--max-position-embeddings", max(m.max_seq_len, job.plan.seq_len)),
+             ("--norm-epsilon", ckpt.norm_eps)]
+    if m.num_kv_heads != m.num_heads:
+        flags += [("--group-query-attention", None), ("--num-query-groups", m.num_kv_heads)]
+    flags += [(flag, value) for cond, flag, value in (
+        (m.gated_mlp and m.activation == "silu", "--swiglu", None),
+        (m.norm == "rmsnorm", "--normalization", "RMSNorm"),
+        (not m.tied_embeddings, "--untie-embeddings-and-output-weights", None),
+        (not m.bias, "--disable-bias-linear", None),
+        (not m.dropout, "--attention-dropout", 0.0), (not m.dropout, "--hidden-dropout", 0.0)) if cond]
+    if m.position_embedding == "rope":
+        flags += [("--position-embedding-type", "rope"), ("--rotary-base", int(ckpt.rope_theta))]
+        if ckpt.rope_scaling is not None:
+            flags += [("--use-rope-scaling", None), ("--rope-scaling-factor", ckpt.rope_scaling.factor)]
+    return flags
+
+
+def _zero3(job: TrainJob) -> list[tuple[str, object]]:
+    if job.model.tied_embeddings:  # FSDP2 refuses tied embeddings; Megatron-FSDP shards them
+        return [("--use-megatron-fsdp", None), ("--data-parallel-sharding-strategy", "optim_grads_params"),
+                ("--ckpt-format", "fsdp_dtensor"), ("--no-gradient-accumulation-fusion", None)]
+    return [("--use-torch-fsdp2", None), ("--no-gradient-accumulation-fusion", None),
+            ("--ckpt-format", "torch_dist")]
+
+
+def parallel_args(job: TrainJob) -> list[tuple[str, object]]:
+    p = job.plan
+    flags = [("--tensor-model-parallel-size", p.tp), ("--pipeline-model-parallel-size", p.pp),
+             ("--context-parallel-size", p.cp), ("--micro-batch-size", p.micro_batch),
+             ("--global-batch-size", p.global_batch), ("--seq-length", p.seq_len)]
+    if p.sp:
+        flags.append(("--sequence-parallel", None))
+    if p.pp > 1 and len(set(job.partition)) > 1:
+        flags.append(("--pipeline-model-parallel-layout", layout(job.partition)))
+    elif p.virtual_stages > 1:
+        flags.append(("--num-virtual-stages-per-pipeline-rank", p.virtual_stages))
+    if p.recompute == "full":
+        flags += [("--recompute-granularity", "full"), ("--recompute-method", "uniform"),
+                  ("--recompute-num-layers", 1)]
+    elif p.recompute == "selective":
+        flags.append(("--recompute-granularity", "selective"))
+    flags += {1: [("--use-distributed-optimizer", None)], 3: _zero3(job)}.get(p.zero, [])
+    if ",".join(p.placement) == "tp,cp,pp,dp":
+        flags.append(("--use-tp-pp-dp-mapping", None))
+    flags.append(("--attention-backend", "flash" if p.attention == "flash" else "unfused"))
+    flags += {"bf16": [("--bf16", None)], "fp16": [("--fp16", None)]}.get(p.dtype, [])
+    return flags
+
+
+def environment(job: TrainJob) -> tuple[tuple[str, str], ...]:
+    p = job.plan
+    if (p.tp > 1 or p.cp > 1) and p.zero != 3:
+        return (("CUDA_DEVICE_MAX_CONNECTIONS", "1"),)
+    return ()
+
+
+def flatten(flags: list[tuple[str, object]]) -> tuple[str, ...]:
+    args = []
+    for flag, value in flags:
+        args += [flag] if value is None else [flag, str(value)]
+    return tuple(args)
+
+
+def export(job: TrainJob) -> Export:
+    paths = [("--load", "${CHECKPOINT_PATH}"), ("--tokenizer-type", "HuggingFaceTokenizer"),
+             ("--tokenizer-model", "${TOKENIZER_MODEL}"), ("--data-path", "${DATA_PATH}")]
+    notes = ("training length, learning rate and its schedule are Megatron-LM's defaults: add "
+             "--train-iters and --lr (and --save) for your run",)
+    if job.plan.zero == 3 and (job.plan.tp > 1 or job.plan.cp > 1):
+        notes += ("TP/CP with FSDP: CUDA_DEVICE_MAX_CONNECTIONS stays unset, as FSDP requires, "
+                  "so TP/CP communication is not ordered before compute",)
+    return Export("megatron", job.header, environment(job), (), ("pretrain_gpt.py",),
+                  flatten(model_args(job) + parallel_args(job) + paths), USER_PATHS, notes)
