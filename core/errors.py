@@ -45,6 +45,10 @@ class ModelError(MeshplanError):
     """A model config or zoo name that cannot be turned into a ModelSpec."""
 
 
+class OutputError(MeshplanError):
+    """A file meshplan was asked to write that cannot be written (no folder, no permission)."""
+
+
 class PlanError(MeshplanError):
     """A parallel plan that is illegal for the model or cluster."""
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from meshplan.core.errors import Issue, PlanError
 from meshplan.core.fields import from_fields
+from meshplan.core.io import read_json
 
 FORMAT = "meshplan-checkpoint/1"
 LATEST, INFO, DCP_METADATA = "latest", "meshplan.json", ".metadata"
@@ -61,7 +62,7 @@ def latest(folder: str | Path) -> tuple[Path, CheckpointInfo] | None:
         return None
     path = Path(folder) / pointer.read_text().strip()
     try:
-        data = json.loads((path / INFO).read_text())
+        data = read_json(path / INFO)
         info = from_fields(CheckpointInfo, data, f"{path / INFO}:", PlanError, "checkpoint info")
     except (OSError, ValueError) as exc:
         raise PlanError(FIELD, f"{pointer} names {path.name}, which cannot be read ({exc})",

@@ -15,10 +15,18 @@ from meshplan.hw_profiles.gemm_model import (DTYPE_BYTES, ELEMENT_BYTES, OPTIONA
                                              MemoryBoundFit)
 from meshplan.core.errors import ProfileError
 from meshplan.core.io import write_atomic
+from meshplan.core.io import read_json
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLES_SUFFIX = ".samples.json"
 DTYPES = tuple(DTYPE_BYTES)
+# Physical ranges of a profile's figures: FLOP/s and bytes/s (1 M to 1e20), fractions of
+# nominal (up to 2: small memory-bound operators beat nominal HBM bandwidth from L2, e.g.
+# the H100's "add" at 1.2), device memory of at least 1 MiB.
+# A collective's fitted bus bandwidth may be far lower (gloo's small messages: ~3 MB/s) and
+# its latency up to seconds.
+RATE, EFFICIENCY, MIN_MEMORY_BYTES = (1e6, 1e20), (1e-6, 2.0), 2 ** 20
+BUS_RATE, LATENCY_S = (1e3, 1e20), (0.0, 10.0)
 REGENERATE = ("regenerate it with `meshplan profile --out FILE` (this machine) or "
               "`python -m meshplan.calibration.build_stock` (stock profiles)")
 
@@ -206,21 +214,21 @@ class HardwareProfile:
         optional = [d for d in OPTIONAL_DTYPE_BYTES if d in r.get(data, "peak_flops", dict)]
         return cls(
             name=r.get(data, "name", str), device_name=r.get(data, "device_name", str),
-            memory_bytes=r.integer(data, "memory_bytes"),
-            peak_flops={d: r.number(r.get(data, "peak_flops", dict), d, "peak_flops.")
+            memory_bytes=r.integer(data, "memory_bytes", MIN_MEMORY_BYTES),
+            peak_flops={d: r.bounded(r.get(data, "peak_flops", dict), d, *RATE, "peak_flops.")
                         for d in DTYPES + tuple(optional)},
-            hbm_bytes_per_s=r.number(data, "hbm_bytes_per_s"),
+            hbm_bytes_per_s=r.bounded(data, "hbm_bytes_per_s", *RATE),
             gpus_per_node=r.integer(data, "gpus_per_node"), nics_per_node=nics,
-            nic_bytes_per_s=r.number(data, "nic_bytes_per_s"),
+            nic_bytes_per_s=r.bounded(data, "nic_bytes_per_s", *RATE),
             intra_node_link=r.get(data, "intra_node_link", str),
-            gemm={d: GemmFit(**r.numbers(r.get(r.get(data, "gemm", dict), d, dict, "gemm."),
-                                         GemmFit, f"gemm.{d}.")) for d in DTYPES + tuple(optional)},
+            gemm={d: r.gemm(r.get(r.get(data, "gemm", dict), d, dict, "gemm."), f"gemm.{d}.")
+                  for d in DTYPES + tuple(optional)},
             memory_bound={d: r.memory_bound(r.get(r.get(data, "memory_bound", dict), d, dict,
                                                   "memory_bound."), f"memory_bound.{d}.")
                           for d in DTYPES},
             collectives=r.collectives(r.get(data, "collectives", dict), nics),
             sources=tuple(r.get(data, "sources", list)),
-            fit_report=r.get(data, "fit_report", dict), extra=r.get(data, "extra", dict),
+            fit_report=r.fit_report(r.get(data, "fit_report", dict)), extra=r.get(data, "extra", dict),
             overhead=r.overhead(data.get("overhead", {})),
             contention=r.contention(data.get("contention", {})),
             fabric=Fabric.from_dict(data["fabric"], where) if data.get("fabric") is not None
@@ -256,8 +264,20 @@ class _Reader:
                                "non-negative number", REGENERATE)
         return float(value)
 
-    def integer(self, data, name: str) -> int:
-        return self.get(data, name, int)
+    def bounded(self, data, name: str, low: float, high: float, prefix: str = "") -> float:
+        """A number in [low, high]: rates, capacities and efficiencies outside their physical
+        range would make every time zero, infinite or nonsense."""
+        value = self.number(data, name, prefix)
+        if not low <= value <= high:
+            raise ProfileError(prefix + name, f"is {value!r} in {self.where}, expected a number "
+                               f"from {low:g} to {high:g}", REGENERATE)
+        return value
+
+    def integer(self, data, name: str, low: int = 1) -> int:
+        value = self.get(data, name, int)
+        if value < low:
+            raise ProfileError(name, f"is {value} in {self.where}, expected at least {low}", REGENERATE)
+        return value
 
     def numbers(self, data, cls, prefix: str) -> dict:
         return {f: self.number(data, f, prefix) for f in cls.__dataclass_fields__}
@@ -267,8 +287,25 @@ class _Reader:
         op_eff = data.get("op_eff", {})
         if not isinstance(op_eff, dict):
             raise ProfileError(prefix + "op_eff", f"is not an object in {self.where}", REGENERATE)
-        return MemoryBoundFit(self.number(data, "latency_s", prefix), self.number(data, "hbm_eff", prefix),
-                              {c: self.number(op_eff, c, prefix + "op_eff.") for c in op_eff})
+        return MemoryBoundFit(self.number(data, "latency_s", prefix),
+                              self.bounded(data, "hbm_eff", *EFFICIENCY, prefix),
+                              {c: self.bounded(op_eff, c, *EFFICIENCY, prefix + "op_eff.") for c in op_eff})
+
+    def fit_report(self, data: dict) -> dict:
+        """The fit report as stored; its error band, where present, checked (the simulator's
+        predictions quote it)."""
+        if "error_band" in data:
+            band = self.get(data, "error_band", dict, "fit_report.")
+            for name in ("median", "p95"):
+                self.number(band, name, "fit_report.error_band.")
+        return data
+
+    def gemm(self, data, prefix: str) -> GemmFit:
+        """Non-negative fit parameters; the efficiencies in range (eff_max at most the peak)."""
+        values = self.numbers(data, GemmFit, prefix)
+        values["eff_max"] = self.bounded(data, "eff_max", EFFICIENCY[0], 1.0, prefix)
+        values["hbm_eff"] = self.bounded(data, "hbm_eff", *EFFICIENCY, prefix)
+        return GemmFit(**values)
 
     def contention(self, data) -> Contention:
         """Optional section (profiles from before it: no contention)."""
@@ -297,9 +334,13 @@ class _Reader:
         return FrameworkOverhead(**values, **({"source": self.get(data, "source", str, "overhead.")}
                                               if "source" in data else {}))
 
+    def line(self, data, prefix: str) -> Line:
+        return Line(self.bounded(data, "alpha_s", *LATENCY_S, prefix),
+                    self.bounded(data, "busbw_bytes_per_s", *BUS_RATE, prefix))
+
     def curve(self, data, prefix: str) -> Curve:
-        return Curve(Line(**self.numbers(self.get(data, "small", dict, prefix), Line, prefix + "small.")),
-                     Line(**self.numbers(self.get(data, "large", dict, prefix), Line, prefix + "large.")),
+        return Curve(self.line(self.get(data, "small", dict, prefix), prefix + "small."),
+                     self.line(self.get(data, "large", dict, prefix), prefix + "large."),
                      self.get(data, "source", str, prefix))
 
     def collectives(self, data, nics_per_node: int) -> CollectiveFit:
@@ -353,10 +394,9 @@ def load_profile(name_or_path: str) -> HardwareProfile:
         raise ProfileError("hardware", f"no stock profile named {text!r}",
                            f"use one of {', '.join(available_profiles())} or a path to a JSON file")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ProfileError("hardware", f"{path} is not valid JSON ({e.msg}, line {e.lineno})",
-                           REGENERATE) from None
+        data = read_json(path)
+    except ValueError as e:
+        raise ProfileError("hardware", f"{path} cannot be read ({e})", REGENERATE) from None
     if not isinstance(data, dict):
         raise ProfileError("hardware", f"{path} holds a {type(data).__name__}, not an object",
                            REGENERATE)

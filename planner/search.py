@@ -20,7 +20,7 @@ from meshplan.core.errors import PlanError
 from meshplan.planner.closed_forms import evaluate
 from meshplan.planner.space import candidate_table, row_plan
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.plan import Cluster
+from meshplan.simulator.plan import Cluster, field_issues
 from meshplan.simulator.train import SimulationResult, check_hardware, simulate
 from meshplan.core.units import GIB
 
@@ -47,6 +47,9 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     gave (held); `allowed`: which candidate rows to keep (a target framework's support,
     export.supported)."""
     start = time.perf_counter()
+    issues = field_issues(fixed)
+    if issues:
+        raise PlanError.of(issues)
     check_hardware(SimpleNamespace(dtype=fixed.get("dtype", "bf16")), model, hw)
     table = candidate_table(model, cluster, fixed, hw.fabric, hw.nics_per_node,
                             prune_dominated=allowed is None)

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from meshplan.core.errors import Issue, ModelError
 
+# Bounds on a model's sizes, far above any real model's (405B: 126 layers, 16384 wide) and
+# low enough that per-layer loops and int64 products of sizes stay bounded.
+MAX_SIZE, MAX_LAYERS = 2 ** 24, 2 ** 14
+
 # Keys any config may carry that say nothing about the architecture: names, versions,
 # token ids, the checkpoint's dtype (the plan's dtype sets the simulated precision),
 # initialisation and norm epsilons, generation defaults, output switches. Accepted silently.
@@ -68,8 +72,8 @@ class _Config:
         value = self.first(keys)
         if value is None and default is not _NO_DEFAULT:
             return default
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            problem = "missing key" if value is None else f"expected a positive integer, got {value!r}"
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
+            problem = "missing key" if value is None else f"expected a positive integer up to {MAX_SIZE}, got {value!r}"
             self.issues.append((self._field(keys[0]), problem, f"set \"{keys[0]}\" to a positive integer"))
             return 1
         return value

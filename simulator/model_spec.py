@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from meshplan.core.fields import from_fields
 from meshplan.core.errors import ModelError
 from meshplan.simulator import hf_config
+from meshplan.core.io import read_json
 
 ACTIVATIONS = ("silu", "gelu")
 NORMS = ("rmsnorm", "layernorm")
@@ -26,6 +26,7 @@ ROUTERS = ("softmax", "sigmoid")
 _SIZES = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
           "vocab_size", "max_seq_len")
 _MOE = ("experts_per_token", "moe_ffn_hidden_size")
+MAX_SIZE, MAX_LAYERS = hf_config.MAX_SIZE, hf_config.MAX_LAYERS
 _MLA = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
@@ -266,9 +267,11 @@ def _layer_kinds(model: ModelSpec) -> tuple[tuple[LayerKind, int], ...]:
 
 
 def _check_int(field: str, value, positive: bool) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < (1 if positive else 0):
+    top = MAX_LAYERS if field == "num_layers" else MAX_SIZE
+    if not isinstance(value, int) or isinstance(value, bool) or not (1 if positive else 0) <= value <= top:
         bound = "a positive" if positive else "a non-negative"
-        raise ModelError(field, f"must be {bound} integer, got {value!r}", f"set {field} to {bound} integer")
+        raise ModelError(field, f"must be {bound} integer up to {top}, got {value!r}",
+                         f"set {field} to {bound} integer up to {top}")
 
 
 def _llama(name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied=False) -> ModelSpec:
@@ -332,8 +335,8 @@ def read_model(name_or_path: str) -> LoadedModel:
         raise ModelError("model", f"{name_or_path!r} is neither a file nor a zoo model",
                          f"pass a config.json path or one of {', '.join(ZOO)}")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = read_json(path)
+    except ValueError as exc:
         raise ModelError(str(path), f"not valid JSON ({exc})", "pass an HF-style config.json")
     if not isinstance(config, dict):
         raise ModelError(str(path), "top level is not a JSON object", "pass an HF-style config.json")

@@ -7,9 +7,7 @@ as Megatron-LM and torchtitan place it, so a TP group stays inside a node).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 from meshplan.core.fields import from_fields
@@ -18,6 +16,7 @@ from meshplan.core.mesh import Mesh
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.schedule import SCHEDULES
+from meshplan.core.io import read_json
 
 RECOMPUTE = ("none", "selective", "full")
 # fp8: the weight GEMMs of the decoder layers in FP8, everything else in bf16 (fp8.py)
@@ -53,11 +52,9 @@ class Cluster:
     gpus_per_node: int
 
     def __post_init__(self):
-        for field in ("num_gpus", "gpus_per_node"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise PlanError(f"cluster.{field}", f"must be a positive integer, got {value!r}",
-                                f"set {field} to an integer >= 1")
+        issues = [_count_issue("cluster", f, getattr(self, f)) for f in ("num_gpus", "gpus_per_node")]
+        if any(issues):
+            raise PlanError.of([i for i in issues if i])
         if self.num_gpus > self.gpus_per_node and self.num_gpus % self.gpus_per_node:
             raise PlanError("cluster.num_gpus", f"{self.num_gpus} GPUs do not fill whole nodes of "
                             f"{self.gpus_per_node}", "use a multiple of the GPUs per node")
@@ -115,35 +112,7 @@ class Plan:
     def __post_init__(self):
         if self.etp is None:
             object.__setattr__(self, "etp", self.tp)
-        ints = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch", "virtual_stages",
-                "ep", "etp")
-        for field in ints:
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise PlanError(f"plan.{field}", f"must be a positive integer, got {value!r}",
-                                f"set {field} to an integer >= 1")
-        checks = (
-            (self.zero in (0, 1, 2, 3), "zero", f"unknown ZeRO stage {self.zero!r}", "use 0, 1, 2 or 3"),
-            (self.recompute in RECOMPUTE, "recompute", f"unknown {self.recompute!r}",
-             f"use one of {', '.join(RECOMPUTE)}"),
-            (self.schedule in SCHEDULES, "schedule", f"unknown {self.schedule!r}",
-             f"use one of {', '.join(SCHEDULES)}"),
-            (self.dtype in DTYPES, "dtype", f"unknown {self.dtype!r}", f"use one of {', '.join(DTYPES)}"),
-            (self.attention in ATTENTION, "attention", f"unknown {self.attention!r}",
-             f"use one of {', '.join(ATTENTION)}"),
-            (self.grad_reduce_dtype in ("fp32", "bf16"), "grad_reduce_dtype",
-             f"unknown {self.grad_reduce_dtype!r}", "use fp32 or bf16"),
-            (self.fp8_recipe in FP8_RECIPES, "fp8_recipe", f"unknown {self.fp8_recipe!r}",
-             f"use one of {', '.join(FP8_RECIPES)}"),
-            (self.moe_dispatcher in MOE_DISPATCHERS, "moe_dispatcher", f"unknown {self.moe_dispatcher!r}",
-             f"use one of {', '.join(MOE_DISPATCHERS)}"),
-            (isinstance(self.moe_capacity_factor, (int, float)) and not isinstance(self.moe_capacity_factor, bool)
-             and 1.0 <= self.moe_capacity_factor < float("inf"), "moe_capacity_factor",
-             f"{self.moe_capacity_factor!r} is not a factor >= 1", "give 1 for balanced routing, or more"),
-            (sorted(self.placement) == sorted(AXES), "placement", f"{self.placement!r} is not an "
-             "order of tp, cp, dp, pp", "list each of tp, cp, dp, pp once, innermost first"),
-        )
-        issues = [(f"plan.{field}", problem, fix) for ok, field, problem, fix in checks if not ok]
+        issues = field_issues(dataclasses.asdict(self))
         if issues:
             raise PlanError.of(issues)
         issues = rules.violations(rules.PLAN, self.fields(), None)
@@ -209,6 +178,41 @@ class Plan:
     def from_dict(cls, data: dict) -> Plan:
         return from_fields(cls, data, "plan.", PlanError, "plan")
 
+# Largest count a plan field or cluster may hold: bounds every loop over divisors and keeps
+# products of sizes inside int64 (2**24 sequences, tokens or ranks is beyond any real job).
+MAX_COUNT = 2 ** 24
+POSITIVE_INTS = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch", "virtual_stages",
+                 "ep", "etp")
+
+
+def _count_issue(scope: str, field: str, value) -> tuple[str, str, str] | None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_COUNT:
+        return (f"{scope}.{field}", f"must be a positive integer up to {MAX_COUNT}, got {value!r}",
+                f"set {field} to an integer from 1 to {MAX_COUNT}")
+    return None
+
+
+def field_issues(values: dict) -> list[tuple[str, str, str]]:
+    """The range and choice problems of whichever plan fields `values` holds (a whole plan,
+    or the knobs a user fixed before a search), each as (field, problem, fix)."""
+    issues = [_count_issue("plan", f, values[f]) for f in POSITIVE_INTS if values.get(f) is not None]
+    choices = {"zero": (0, 1, 2, 3), "recompute": RECOMPUTE, "schedule": SCHEDULES, "dtype": DTYPES,
+               "attention": ATTENTION, "grad_reduce_dtype": ("fp32", "bf16"), "fp8_recipe": FP8_RECIPES,
+               "moe_dispatcher": MOE_DISPATCHERS}
+    issues += [(f"plan.{f}", f"unknown {values[f]!r}", f"use one of {', '.join(map(str, options))}")
+               for f, options in choices.items() if f in values
+               if isinstance(values[f], (list, dict)) or values[f] not in options]
+    factor = values.get("moe_capacity_factor", 1.0)
+    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 1.0 <= factor < float("inf")):
+        issues.append(("plan.moe_capacity_factor", f"{factor!r} is not a factor >= 1",
+                       "give 1 for balanced routing, or more"))
+    placement = values.get("placement", AXES)
+    if not isinstance(placement, (list, tuple)) or sorted(map(str, placement)) != sorted(AXES):
+        issues.append(("plan.placement", f"{placement!r} is not an order of tp, cp, dp, pp",
+                       "list each of tp, cp, dp, pp once, innermost first"))
+    return [i for i in issues if i is not None]
+
+
 def expert_order(placement) -> tuple[str, ...]:
     """The expert mesh's axis order, innermost first: EXPERT_AXES, with pp where the
     attention's placement has it (Megatron-Core builds both meshes from one order string;
@@ -222,8 +226,9 @@ def complete_fields(fields: dict, num_gpus: int) -> dict:
     """Plan fields with the data-parallel degree filled from the GPU count when it is the one
     axis left open, and 2 virtual stages for an interleaved schedule that names none."""
     fields = dict(fields)
-    if "dp" not in fields:
-        other = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)
+    other = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)
+    # a degree below 1 is left for the plan's range rules to name
+    if "dp" not in fields and isinstance(other, int) and other >= 1:
         if num_gpus % other:
             raise PlanError("cluster.num_gpus", f"{num_gpus} GPUs are not divisible by tp*pp*cp = "
                             f"{other}", "choose tp, pp, cp whose product divides the GPU count")
@@ -236,8 +241,8 @@ def complete_fields(fields: dict, num_gpus: int) -> dict:
 def load_plan(path: str) -> Plan:
     """A plan JSON file as written by `simulate --json` (its "plan" key) or `plan --emit plan`."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = read_json(path)
+    except ValueError as exc:
         raise PlanError("plan_file", f"cannot read {path} ({exc})", "pass a plan JSON file")
     if isinstance(data, dict) and isinstance(data.get("plan"), dict):
         data = data["plan"]

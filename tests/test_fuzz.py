@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import signal
 import time
 
 import pytest
@@ -32,11 +33,21 @@ MAX_CASE_S = 10.0
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     start = time.monotonic()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exc:   # argparse's own usage errors exit 2 with a usage line
-            code = exc.code
+
+    def too_long(signum, frame):
+        raise TimeoutError(f"{argv} still running after {MAX_CASE_S} s")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.setitimer(signal.ITIMER_REAL, MAX_CASE_S)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:   # argparse's own usage errors exit 2 with a usage line
+                code = exc.code
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
     assert time.monotonic() - start < MAX_CASE_S, f"{argv} took too long"
     return code, out.getvalue(), err.getvalue()
 
@@ -61,13 +72,15 @@ def _flags(draw, names):
     return argv
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=2500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_simulate_with_generated_flags(data, tmp_path_factory):
     argv = ["simulate", "--model", data.draw(st.sampled_from(["llama-2-7b", "gpt3-175b", "nope"])),
             "--hardware", data.draw(st.sampled_from(["a100-80gb", "h100-80gb", "tpu"])), "--json"]
     argv += _flags(data.draw, ["gpus", "gpus-per-node", "tp", "pp", "cp", "dp", "micro-batch",
-                               "global-batch", "seq-len", "virtual-stages", "zero"])
+                               "global-batch", "seq-len", "virtual-stages", "zero", "ep", "etp"])
+    if data.draw(st.booleans()):
+        argv += ["--moe-capacity-factor", data.draw(st.sampled_from(["1", "0.5", "nan", "inf", "1e308", "2"]))]
     if data.draw(st.booleans()):
         argv += ["--placement", data.draw(st.sampled_from(["tp,cp,dp,pp", "TP,CP,DP,PP", "tp,tp,dp,pp", "x"]))]
     if data.draw(st.booleans()):
@@ -75,7 +88,7 @@ def test_simulate_with_generated_flags(data, tmp_path_factory):
     check(argv)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_plan_and_whatif_with_generated_flags(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("w") / "r.html"
@@ -87,16 +100,38 @@ def test_plan_and_whatif_with_generated_flags(data, tmp_path_factory):
         argv += ["--out", str(out)]
         if data.draw(st.booleans()):
             argv += ["--scale-memory", data.draw(st.sampled_from(["inf", "nan", "0", "-1", "2", "1e300"]))]
+        if data.draw(st.booleans()):
+            argv += ["--fabric", data.draw(st.sampled_from(["rail", "fat-tree:0", "fat-tree:nan", "fat-tree:2:0",
+                                                            "fat-tree:1e9", "mesh", "fat-tree:2:x", ","]))]
     else:
         argv.append("--json")
+        if data.draw(st.booleans()):
+            argv += ["--tokens", data.draw(st.sampled_from(["1e12", "0", "-1", "nan", "inf", "1e300", "x"])),
+                     "--gpu-hour-price", data.draw(st.sampled_from(["2", "0", "-1", "nan", "inf"]))]
     check(argv)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
-@given(field=st.sampled_from(sorted(SMALL_MODEL)), value=st.sampled_from(BAD_VALUES))
-def test_model_configs_with_bad_fields(field, value, tmp_path_factory):
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_serving_with_generated_flags(data):
+    argv = ["plan", "--mode", "inference", "--model", data.draw(st.sampled_from(["llama-2-7b", "mixtral-8x7b"])),
+            "--hardware", data.draw(st.sampled_from(["a100-80gb", "h100-80gb"])),
+            "--gpus", data.draw(st.sampled_from(["8", "0", "3", "16"])), "--json", "--top", "3"]
+    argv += _flags(data.draw, ["batch", "prompt-len", "gen-len", "tp", "pp", "slo-ttft-ms", "slo-tpot-ms"])
+    if data.draw(st.booleans()):
+        argv += ["--quantization", data.draw(st.sampled_from(["int8", "int4", "fp8", "awq", "none"]))]
+    check(argv)
+
+
+CONFIG_KEYS = sorted(SMALL_MODEL) + ["num_local_experts", "num_experts_per_tok", "head_dim",
+                                     "tie_word_embeddings", "rope_scaling", "sliding_window"]
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(edits=st.dictionaries(st.sampled_from(CONFIG_KEYS), st.sampled_from(BAD_VALUES), min_size=1, max_size=3))
+def test_model_configs_with_bad_fields(edits, tmp_path_factory):
     path = tmp_path_factory.mktemp("m") / "config.json"
-    path.write_text(json.dumps({**SMALL_MODEL, field: value}))
+    path.write_text(json.dumps({**SMALL_MODEL, **edits}))
     check(["simulate", "--model", str(path), "--gpus", "8", "--global-batch", "8", "--seq-len", "512",
            "--json"])
 
@@ -117,18 +152,43 @@ PROFILE_EDITS = [("memory_bytes", 0), ("memory_bytes", -1), ("hbm_bytes_per_s", 
                  ("memory_bound.bf16.hbm_eff", 1e-300), ("fit_report.error_band", "x")]
 
 
-@pytest.mark.parametrize("edit", PROFILE_EDITS, ids=lambda e: f"{e[0]}={e[1]!r}")
-def test_corrupt_profiles_are_refused(edit, tmp_path):
+def _edited_profile(path, key: str, value) -> None:
     from meshplan.hw_profiles.profile import profile_path
     data = json.loads(profile_path("a100-80gb").read_text())
-    key, value = edit
     target = data
     *parents, last = key.split(".")
     for part in parents:
         target = target[part]
     target[last] = value
-    path = tmp_path / "p.json"
     path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("edit", PROFILE_EDITS, ids=lambda e: f"{e[0]}={e[1]!r}")
+def test_corrupt_profiles_are_refused(edit, tmp_path):
+    path = tmp_path / "p.json"
+    _edited_profile(path, *edit)
+    check(["simulate", "--model", "llama-2-7b", "--hardware", str(path), "--gpus", "8",
+           "--global-batch", "8", "--seq-len", "512", "--json"])
+
+
+def _numeric_leaves(data, prefix=""):
+    """Dotted paths of every number in a profile (the fields a corrupt profile can break)."""
+    if isinstance(data, dict):
+        return [p for k, v in data.items() for p in _numeric_leaves(v, f"{prefix}{k}.")]
+    return [prefix[:-1]] if isinstance(data, (int, float)) and not isinstance(data, bool) else []
+
+
+def _profile_leaves():
+    from meshplan.hw_profiles.profile import profile_path
+    return sorted(_numeric_leaves(json.loads(profile_path("a100-80gb").read_text())))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(key=st.sampled_from(_profile_leaves()),
+       value=st.sampled_from([0, -1, 1e-300, 1e300, 2.0, 0.5, "1", None, [], 10 ** 30]))
+def test_profile_numbers_out_of_range(key, value, tmp_path_factory):
+    path = tmp_path_factory.mktemp("p") / "p.json"
+    _edited_profile(path, key, value)
     check(["simulate", "--model", "llama-2-7b", "--hardware", str(path), "--gpus", "8",
            "--global-batch", "8", "--seq-len", "512", "--json"])
 

@@ -8,10 +8,13 @@ import sys
 from meshplan.cli import common as common
 from meshplan.core.io import dump_json, write_atomic
 from meshplan.core.errors import PlanError
+from meshplan.simulator.plan import MAX_COUNT
 
 SCALE_FLAGS = {"scale_tflops": "flops", "scale_hbm_bw": "hbm_bw",
                "scale_intra_node_bw": "intra_node_bw", "scale_inter_node_bw": "inter_node_bw",
                "scale_memory": "memory"}
+# Largest factor a resource may be scaled by (1000x is beyond any hardware generation).
+MAX_FACTOR = 1000.0
 
 
 def register(subparsers) -> None:
@@ -46,12 +49,14 @@ def register(subparsers) -> None:
 
 
 def _numbers(text: str, flag: str, kind):
+    """Comma-separated GPU counts (1..MAX_COUNT) or resource factors (finite, 0 < f <= MAX_FACTOR)."""
+    top = MAX_COUNT if kind is int else MAX_FACTOR
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or any(v <= 0 for v in values):
-        raise PlanError(flag, f"{text!r} is not a comma-separated list of positive numbers",
+    if not values or not all(0 < v <= top for v in values):
+        raise PlanError(flag, f"{text!r} is not a comma-separated list of numbers above 0 and up to {top}",
                         f"pass e.g. {flag} {'256,512' if kind is int else '0.5,1,2'}")
     return values
 

@@ -4,12 +4,11 @@ config.json the model came from, or, for the zoo, from the released config.json 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from meshplan.core.errors import ModelError
 from meshplan.simulator.model_spec import ZOO, ModelSpec
+from meshplan.core.io import read_json
 
 # HF config "torch_dtype" -> the plan's dtype names.
 HF_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -60,8 +59,8 @@ def checkpoint_of(model_arg: str, model: ModelSpec) -> Checkpoint:
     if model_arg in ZOO:
         return ZOO_CHECKPOINTS.get(model_arg, _unreleased(model))
     try:
-        config = json.loads(Path(model_arg).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = read_json(model_arg)
+    except ValueError as exc:
         raise ModelError("model", f"cannot read {model_arg} ({exc})", "pass an HF config.json")
     if "num_layers" in config:  # a ModelSpec JSON
         return _unreleased(model)
