@@ -97,3 +97,40 @@ def test_repredicted_keeps_the_measurement():
     # compute and host overhead twice as slow, gloo collectives as profiled: between 1x and 2x
     assert record.predicted_step_time_s < again.predicted_step_time_s < 2 * record.predicted_step_time_s
     assert again.predicted_peak_memory_bytes == record.predicted_peak_memory_bytes
+
+
+def test_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, tmp_path, capsys):
+    """`meshplan validate --rescale --json` through the same check_drift / repredicted as
+    `meshplan run`: a stub measurement, two recorded runs instead of the suite."""
+    import json
+
+    from meshplan.calibration import probe as probe_module
+    from meshplan.cli import main
+    from meshplan.executor import launch
+    from meshplan.validation import suite
+    from meshplan.validation.suite import VALIDATION_MODEL, ValidationRun
+
+    def recorded(name: str, plan: Plan, step_s: float) -> ValidationRun:
+        prediction = simulate(VALIDATION_MODEL, plan, Cluster(2, 2), LOCAL).to_json()
+        return ValidationRun(name, RunRecord(
+            model=VALIDATION_MODEL, plan=plan, dtype_requested="fp32", device="cpu", world_size=2,
+            profile="local", prediction=prediction, prediction_note="", losses=(8.0,),
+            step_times_s=(step_s, step_s), warmup=1,
+            memory_by_rank=({"peak_bytes": prediction["peak_memory_bytes"]},) * 2, seed=0, lr=1e-3,
+            data=None))
+
+    runs = [recorded(name, plan, 0.3) for name, plan in suite.SUITE[:2]]
+    monkeypatch.setattr(suite, "run_suite", lambda *_a, **_k: runs)
+    monkeypatch.setattr(probe_module, "measure", stub(gemm=2.0, memory=2.0, overhead=2.0, collective=1.0))
+    monkeypatch.setattr(launch, "device_type", lambda: "cpu")
+    code = main(["validate", "--plans", "dp2,dp2 zero1", "--rescale", "--json", "--out-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert err.startswith("meshplan validate: probe (measured / profiled): GEMM x2.00")
+    result = json.loads(out)
+    assert result["probe"]["gemm"] == pytest.approx(2.0) and result["probe"]["collective"] == pytest.approx(1.0)
+    again = result["rescaled"]["runs"]
+    assert [r["profile"] for r in again] == [result["probe"]["rescaled_profile"]] * 2
+    for stock, rescaled in zip(result["runs"], again):
+        assert rescaled["measured_step_time_s"] == stock["measured_step_time_s"] == pytest.approx(0.3)
+        assert rescaled["predicted_step_time_s"] > stock["predicted_step_time_s"]
