@@ -29,6 +29,7 @@ SMALL_MODEL = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads"
                "max_position_embeddings": 2048, "model_type": "llama"}
 BAD_VALUES = [0, -1, 1.5, float("nan"), float("inf"), 10 ** 30, "12", None, True, [], {}]
 MAX_CASE_S = 10.0
+MIXTRAL = Path(__file__).parent / "data/hf_configs/mixtral-8x7b.json"
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -115,7 +116,7 @@ def test_plan_and_whatif_with_generated_flags(data, tmp_path_factory):
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_serving_with_generated_flags(data):
-    argv = ["plan", "--mode", "inference", "--model", data.draw(st.sampled_from(["llama-2-7b", "mixtral-8x7b"])),
+    argv = ["plan", "--mode", "inference", "--model", data.draw(st.sampled_from(["llama-2-7b", str(MIXTRAL)])),
             "--hardware", data.draw(st.sampled_from(["a100-80gb", "h100-80gb"])),
             "--gpus", data.draw(st.sampled_from(["8", "0", "3", "16"])), "--json", "--top", "3"]
     argv += _flags(data.draw, ["batch", "prompt-len", "gen-len", "tp", "pp", "slo-ttft-ms", "slo-tpot-ms"])
