@@ -37,7 +37,7 @@ from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import GEMM, Op, Shard, embedding_ops, head_ops, layer_ops
 from meshplan.simulator.partition import even_partition
-from meshplan.simulator.plan import DTYPE_BYTES, MAX_COUNT, Cluster, knob
+from meshplan.simulator.plan import DTYPE_BYTES, Cluster, count_issue, knob
 from meshplan.simulator.quantize import QUANTIZATIONS, quantized, quantized_weights, weight_bytes
 
 # Serving dtypes of weights and activations; FP8 serving is a quantization (quantize.py).
@@ -67,11 +67,10 @@ class InferencePlan:
     quant_group_size: int = knob(128, "weights per scale of int8 / int4 quantization")
 
     def __post_init__(self):
-        for field in ("batch", "prompt_len", "gen_len", "tp", "pp", "replicas", "quant_group_size"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_COUNT:
-                raise PlanError(f"plan.{field}", f"must be a positive integer up to {MAX_COUNT}, got {value!r}",
-                                f"set {field} to an integer from 1 to {MAX_COUNT}")
+        issues = [count_issue("plan", f, getattr(self, f))
+                  for f in ("batch", "prompt_len", "gen_len", "tp", "pp", "replicas", "quant_group_size")]
+        if any(issues):
+            raise PlanError.of([i for i in issues if i])
         if self.dtype not in DTYPES:
             raise PlanError("plan.dtype", f"unknown {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
         if self.kv_dtype is None:

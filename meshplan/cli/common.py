@@ -152,7 +152,7 @@ def cluster_from_args(args: argparse.Namespace, default_gpus_per_node: int) -> C
             raise PlanError("cluster.num_gpus", f"{gpus!r} is not one GPU count",
                             "pass --gpus N, or add --tokens to choose among several counts")
         gpus = int(gpus)
-    per_node = args.gpus_per_node or min(default_gpus_per_node, gpus)
+    per_node = args.gpus_per_node or min(default_gpus_per_node, max(gpus, 1))
     return Cluster(num_gpus=gpus, gpus_per_node=per_node)
 
 
