@@ -33,18 +33,22 @@ CLUSTER = Cluster(64, 8)
 # pytorch/torchtitan v0.2.2 torchtitan/config/job_config.py (TOML JobConfig) field names.
 TORCHTITAN_0_2_KEYS = {
     "job": {"description"}, "model": {"name", "flavor"},
-    "training": {"local_batch_size", "global_batch_size", "seq_len", "mixed_precision_param", "dataset"},
+    "training": {"local_batch_size", "global_batch_size", "seq_len", "mixed_precision_param",
+                 "mixed_precision_reduce", "dataset"},
     "parallelism": {"data_parallel_replicate_degree", "data_parallel_shard_degree",
                     "fsdp_reshard_after_forward", "tensor_parallel_degree",
                     "enable_async_tensor_parallel", "context_parallel_degree",
                     "pipeline_parallel_degree", "pipeline_parallel_schedule",
-                    "pipeline_parallel_microbatch_size", "module_fqns_per_model_part"},
+                    "pipeline_parallel_microbatch_size", "module_fqns_per_model_part",
+                    "expert_parallel_degree", "expert_tensor_parallel_degree", "expert_parallel_comm_backend"},
     "activation_checkpoint": {"mode", "selective_ac_option"},
+    "compile": {"enable", "components"},
+    "quantize": {"linear"},
 }
 # deepspeed.ai/docs/config-json
 DEEPSPEED_KEYS = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "zero_optimization",
                   "optimizer", "gradient_clipping", "steps_per_print", "bf16", "fp16",
-                  "activation_checkpointing"}
+                  "activation_checkpointing", "communication_data_type"}
 
 
 def job(model_arg, gpus=64, version=None, seq_len=4096, **knobs):
