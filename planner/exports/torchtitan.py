@@ -87,7 +87,9 @@ def export(job: TrainJob) -> Export:
     flags = [("--module", flavor.module), ("--config", flavor.recipe),
              ("--hf-assets-path", "${HF_ASSETS_PATH}"), ("--dataloader.dataset-path", "${DATA_PATH}")]
     flags += [(f"--training.{k.replace('_', '-')}", v) for k, v in _training(job).items()]
-    if job.plan.pp > 1:  # torchtitan 0.3 captures CUDA graphs only without pipelining
+    # torchtitan 0.3 captures CUDA graphs only without pipelining, and without the all-to-all
+    # token dispatch of EP, which synchronizes with the host (Trainer._validate_cuda_graphs)
+    if job.plan.pp > 1 or (job.model.num_experts and job.plan.ep > 1):
         flags.append(("--training.disable-cuda-graphs", None))
     flags += [(f"--parallelism.{k.replace('_', '-')}", v) for k, v in _parallelism(job, version).items()]
     if stages:
