@@ -502,12 +502,12 @@ FRAMEWORKS = {
               lambda x, m, c: (x.grad_reduce_dtype == "fp32") | np.isin(x.dtype, ["bf16", "fp8"]),
               lambda x, m, c: f"Megatron-LM reduces gradients in bf16 only when training in bf16, not {x.dtype}",
               "plan with grad_reduce_dtype fp32"),
-        # Megatron-FSDP (the tied-embedding ZeRO-3) keeps no gathered weights between passes
-        _rule("plan.reshard_after_forward", "reshard_after_forward",
-              lambda x, m, c: np.asarray(x.reshard_after_forward) | np.logical_not(m.tied_embeddings),
-              lambda x, m, c: "Megatron-FSDP (the ZeRO-3 of a model with tied embeddings) reshards after forward",
-              "keep reshard_after_forward, or untie the embeddings (PyTorch FSDP2 takes "
-              "--torch-fsdp2-no-reshard-after-forward)"),
+        # Megatron-FSDP (the ZeRO-3 of tied embeddings or EP, which FSDP2 refuses) always reshards
+        _rule("plan.reshard_after_forward", "reshard_after_forward ep",
+              lambda x, m, c: np.asarray(x.reshard_after_forward) | (np.logical_not(m.tied_embeddings) & (x.ep == 1)),
+              lambda x, m, c: "Megatron-FSDP (the ZeRO-3 of a model with tied embeddings or expert "
+              "parallelism) reshards after forward", "keep reshard_after_forward, or use ep 1 and untied "
+              "embeddings (PyTorch FSDP2 takes --torch-fsdp2-no-reshard-after-forward)"),
     ),
     "deepspeed": (
         _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,

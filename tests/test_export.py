@@ -324,9 +324,11 @@ def test_megatron_deepseek_shaped_experts(deepseek_shaped):
 
 
 def test_megatron_qwen3_attention_and_fsdp_without_reshard():
-    f = flags(export("megatron", job(QWEN3_MOE, dp=64, zero=3, reshard_after_forward=False, ep=8)).args)
+    f = flags(export("megatron", job(QWEN3_MOE, dp=64, zero=3, reshard_after_forward=False)).args)
     assert {"--qk-layernorm", "--use-torch-fsdp2", "--torch-fsdp2-no-reshard-after-forward"} <= set(f)
-    assert f["--kv-channels"] == "128" and f["--expert-model-parallel-size"] == "8"
+    assert f["--kv-channels"] == "128" and f["--expert-model-parallel-size"] == "1"
+    ep = flags(export("megatron", job(QWEN3_MOE, dp=64, zero=3, ep=8)).args)
+    assert "--use-megatron-fsdp" in ep and "--use-torch-fsdp2" not in ep  # FSDP2 refuses EP
 
 
 def test_torchtitan_0_3_moe_flavor_and_knobs():
@@ -393,6 +395,7 @@ def test_deepspeed_moe_command_and_reduce_dtype():
     ("megatron", str(HF / "deepseek-v3.json"), dict(dp=8, tp=8, sp=True, ep=8), "model"),  # MLA
     ("megatron", "llama-2-13b", dict(dp=8, tp=8, dtype="fp16", grad_reduce_dtype="bf16"), "grad_reduce_dtype"),
     ("megatron", "gpt3-175b", dict(dp=64, zero=3, reshard_after_forward=False), "reshard_after_forward"),
+    ("megatron", QWEN3_MOE, dict(dp=64, zero=3, ep=8, reshard_after_forward=False), "reshard_after_forward"),
     ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, dtype="fp8"), "dtype"),
     ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, sp=True, tp_overlap=True), "tp_overlap"),
     ("deepspeed", "llama-2-13b", dict(dp=64, zero=3, reshard_after_forward=False), "reshard_after_forward"),

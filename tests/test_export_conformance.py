@@ -104,7 +104,8 @@ MEGATRON_PLANS = [("llama-3-70b", 64, plan(zero=1, **knobs)) for knobs in LLAMA3
                        dtype="fp8", fp8_recipe="tensorwise", tp_overlap=True)),
     (MIXTRAL, 64, plan(dp=8, tp=8, sp=True, zero=1, ep=8, etp=1, moe_dispatcher="deepep",
                        grad_reduce_dtype="bf16")),
-    (QWEN3_MOE, 64, plan(dp=64, zero=3, ep=8, reshard_after_forward=False)),
+    (QWEN3_MOE, 64, plan(dp=64, zero=3, ep=8)),
+    (QWEN3_MOE, 64, plan(dp=64, zero=3, reshard_after_forward=False)),
 ]
 DEEPSPEED_PLANS = [
     ("llama-2-13b", 64, plan(dp=4, tp=4, pp=4, sp=True, zero=1, recompute="full")),
@@ -195,6 +196,9 @@ MEGATRON_CHECK = """
     sys.argv = ["pretrain_gpt.py"] + sys.argv[3:]
     import megatron.training.arguments as arguments
     arguments.get_device_arch_version = lambda: arch  # the GPU's, asked of CUDA: none here
+    arguments.torch.cuda.get_device_capability = lambda *a: (arch, 0)  # --moe-grouped-gemm asks it
+    import megatron.core.transformer.transformer_config as transformer_config
+    transformer_config.is_te_min_version = lambda *a, **k: True  # Transformer Engine: a GPU install's
     args = arguments.parse_args()
     arguments.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
     args.apply_rope_fusion = False  # a Transformer Engine kernel: not installed on CPU

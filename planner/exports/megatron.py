@@ -6,8 +6,12 @@ and at its 2026 head).
   (default 10000) and Llama 3.1 scaling, norm epsilon, dropout (default 0.1), bias, gating,
   GQA groups, tying.
 - ZeRO-1 is the distributed optimizer; ZeRO-3 is PyTorch FSDP2 (--use-torch-fsdp2, which
-  needs untied embeddings and no gradient-accumulation fusion) or, for a model with tied
-  embeddings, Megatron-FSDP with fully sharded optimizer, gradients and parameters.
+  needs untied embeddings, no expert parallelism and no gradient-accumulation fusion) or, for a
+  model with tied embeddings or EP, Megatron-FSDP with fully sharded optimizer, gradients and
+  parameters.
+- Experts: Megatron-Core's MoE arguments (--num-experts ... --moe-*), placed by
+  --expert-model-parallel-size / --expert-tensor-parallel-size; FP8 through Transformer Engine
+  (--fp8-format hybrid, --fp8-recipe); TP overlap through its userbuffers (--tp-comm-overlap).
 - CUDA_DEVICE_MAX_CONNECTIONS=1 orders TP/CP communication before compute on GPUs before
   Blackwell; FSDP needs it unset or above 1 (validate_args asserts both).
 - The pipeline split is given layer by layer (--pipeline-model-parallel-layout) unless the
@@ -82,7 +86,8 @@ def moe_args(job: TrainJob) -> list[tuple[str, object]]:
 
 
 def _zero3(job: TrainJob) -> list[tuple[str, object]]:
-    if job.model.tied_embeddings:  # FSDP2 refuses tied embeddings; Megatron-FSDP shards them
+    # FSDP2 refuses tied embeddings and expert parallelism; Megatron-FSDP shards both
+    if job.model.tied_embeddings or job.plan.ep > 1:
         return [("--use-megatron-fsdp", None), ("--data-parallel-sharding-strategy", "optim_grads_params"),
                 ("--ckpt-format", "fsdp_dtensor"), ("--no-gradient-accumulation-fusion", None)]
     return [("--use-torch-fsdp2", None), ("--no-gradient-accumulation-fusion", None),
