@@ -14,6 +14,7 @@
 - vLLM (PyPI, --no-deps): the `vllm serve` parser, validate_parsed_serve_args, EngineArgs and
   the ParallelConfig / CacheConfig that vLLM builds from them.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -215,6 +216,23 @@ def test_megatron_accepts(model_arg, gpus, p):
     out = run_checker(MEGATRON_CHECK, "MEGATRON_LM_PATH", env, "9", *filled(e.args))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-3:] == ["validated", str(p.dp), str(load_model(model_arg).num_layers)]
+
+
+def test_megatron_accepts_deepseek_shaped_experts(tmp_path):
+    """DeepSeek-V3's experts (3 dense layers first, one shared expert, sigmoid router) behind
+    grouped-query attention, EP 64 with the DeepEP dispatcher."""
+    checkout("MEGATRON_LM_PATH", "Megatron-LM's validate_args", MEGATRON_WHY)
+    spec = dataclasses.asdict(load_model(os.path.join(HF, "deepseek-v3.json")))
+    spec.update(name="deepseek-v3-gqa", num_kv_heads=8, head_dim=128, q_lora_rank=0, kv_lora_rank=0,
+                qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0)
+    path = tmp_path / "deepseek-v3-gqa.json"
+    path.write_text(json.dumps(spec))
+    p = plan(dp=8, tp=8, sp=True, zero=1, ep=64, etp=1, moe_dispatcher="deepep", dtype="fp8")
+    e = artifact("megatron", str(path), 64, p)
+    out = run_checker(MEGATRON_CHECK, "MEGATRON_LM_PATH", {"WORLD_SIZE": "64", "RANK": "0", **dict(e.env)},
+                      "9", *filled(e.args))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-3:] == ["validated", "8", str(spec["num_layers"])]
 
 
 def test_megatron_needs_the_environment_it_exports():
