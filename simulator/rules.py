@@ -439,9 +439,9 @@ FRAMEWORKS = {
               "recipe's model converters, which no flag reaches; llama3_405b has them)",
               "plan with fp8 (rowwise) for Llama 3.1 405B and bf16 otherwise, or export for torchtitan 0.2"),
         _rule("plan.fp8_recipe", "dtype fp8_recipe",
-              lambda x, m, c: (x.dtype != "fp8") | (x.fp8_recipe == (_float8(m, "0.3") or "rowwise")),
-              lambda x, m, c: f"torchtitan 0.3's float8 recipe here is rowwise, not {x.fp8_recipe}",
-              "plan with fp8_recipe rowwise"),
+              lambda x, m, c: (x.dtype != "fp8") | (_float8(m, "0.3") in (None, x.fp8_recipe)),
+              lambda x, m, c: f"torchtitan 0.3's recipe for this model scales float8 {_float8(m, '0.3')}, "
+              f"not {x.fp8_recipe}", "plan with the recipe's fp8_recipe (rowwise for llama3_405b)"),
         # ParallelDims 0.3: EP borrows ranks from FSDP and TP; the experts shard over TP only without EP
         _rule("plan.etp", "ep etp tp", lambda x, m, c: x.etp == np.where(x.ep > 1, 1, x.tp),
               lambda x, m, c: f"torchtitan 0.3 runs the experts with expert TP 1 under EP, else TP's "
