@@ -1,6 +1,7 @@
 """Megatron-LM: pretrain_gpt.py arguments that pass its validate_args, and the environment
 the plan needs (NVIDIA/Megatron-LM megatron/training/arguments.py, checked at core_v0.16.1
-and at its 2026 head).
+and at its 2026 head; the MoE, FP8, TP-overlap and reduce-dtype arguments at core_v0.16.1 and
+core_v0.17.1).
 
 - Every model hyperparameter that differs from Megatron-LM's defaults is given: RoPE base
   (default 10000) and Llama 3.1 scaling, norm epsilon, dropout (default 0.1), bias, gating,
