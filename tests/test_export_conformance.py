@@ -386,3 +386,23 @@ def test_vllm_accepts(model_arg, gpus, p, monkeypatch):
     assert engine.max_num_seqs == p.batch and engine.max_model_len == p.prompt_len + p.gen_len
     assert engine.model == checkpoint_of(model_arg, model).hf_id
     assert engine.dtype == {"llama-2": "float16"}.get(model_arg[:7], "bfloat16")
+
+
+def test_vllm_serves_experts_over_tp(monkeypatch):
+    """Mixtral 8x7B: the experts shard over TP as the serving plan prices them, without
+    --enable-expert-parallel (which would place whole experts over TP x DP ranks)."""
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    arg_utils = pytest.importorskip("vllm.engine.arg_utils")
+    cli_args = pytest.importorskip("vllm.entrypoints.common.cli_args")
+    argparse_utils = pytest.importorskip("vllm.utils.argparse_utils")
+    model = load_model(MIXTRAL)
+    p = InferencePlan(32, 2048, 256, tp=4, replicas=2, dtype="bf16")
+    result = simulate_inference(model, p, Cluster(8, 8), H100)
+    e = vllm.export(result, model, checkpoint_of(MIXTRAL, model), H100, "mistralai/Mixtral-8x7B-v0.1")
+    args = cli_args.make_arg_parser(argparse_utils.FlexibleArgumentParser()).parse_args(list(e.args))
+    args.model = args.model_tag
+    cli_args.validate_parsed_serve_args(args)
+    engine = arg_utils.AsyncEngineArgs.from_cli_args(args)
+    assert (engine.tensor_parallel_size, engine.data_parallel_size) == (4, 2)
+    assert engine.enable_expert_parallel is False
+
