@@ -68,7 +68,7 @@ def compare(winner: SimulationResult, other: SimulationResult, label: str) -> Co
 def knob_changes(plan: Plan, experts: bool = False) -> list[tuple[str, str, dict | str]]:
     """(label, knob, changed fields or why there is none) for each single-knob change of
     `plan`; a parallel degree's change moves the factor 2 to or from data parallelism (expert
-    TP following TP where it did); with `experts`, EP x2 and /2 too."""
+    TP following TP where it did); with `experts`, EP x2, /2 and none too."""
     out = []
     for axis in ("tp", "pp"):
         deg = getattr(plan, axis)
@@ -93,6 +93,8 @@ def knob_changes(plan: Plan, experts: bool = False) -> list[tuple[str, str, dict
     # expert parallelism folds over the same ranks (parallel folding): the attention's mesh stays
     out += [(f"ep {label}", "ep", {"ep": new}) for label, new in (("x2", plan.ep * 2), ("/2", plan.ep // 2))
             if experts and new >= 1 and (label == "x2" or plan.ep % 2 == 0)]
+    if experts and plan.ep > 2:  # what expert parallelism buys at all
+        out.append(("ep 1 (experts not spread)", "ep", {"ep": 1}))
     mbs = [plan.micro_batch * 2] + ([plan.micro_batch // 2] if plan.micro_batch % 2 == 0 else [])
     out += [(f"micro-batch {b}", "micro_batch", {"micro_batch": b}) for b in mbs]
     out += [(f"zero {z}", "zero", {"zero": z}) for z in (plan.zero - 1, plan.zero + 1) if 0 <= z <= 3]
