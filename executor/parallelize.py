@@ -1,9 +1,11 @@
 """Apply a Plan to a model with PyTorch's own parallel APIs, one function per parallelism.
 
 Order (torchtitan's parallelize_llama): pipeline splitting first (pipeline.py), then on each
-stage module `apply_tp` (tensor + sequence parallel, DTensor), `apply_recompute`
-(activation checkpointing) and last `apply_dp` (DDP or FSDP2 over the dp mesh dimension),
-so that data parallelism wraps modules whose parameters are already TP-sharded.
+stage module `apply_tp` (tensor + sequence parallel, DTensor), `apply_ep` (experts split
+over the expert mesh's ep axis, moe.py), `apply_recompute` (activation checkpointing) and
+last `apply_dp` (DDP or FSDP2 over the dp mesh dimension), so that data parallelism wraps
+modules whose parameters are already sharded; DDP leaves the EP-sharded experts to
+moe.reduce_expert_gradients over the expert mesh's edp axis.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from torch.nn.parallel import DistributedDataParallel
 
 from meshplan.executor.model import Transformer
+from meshplan.executor.moe import (ExpertSharding, MoE, gather_experts, reduce_expert_gradients,
+                                   shard_experts, sharded_experts)
 from meshplan.core.mesh import Mesh
 from meshplan.simulator.plan import Plan
 
@@ -69,6 +73,15 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
         model.output.weight = model.tok_embeddings.weight
 
 
+def apply_ep(model: Transformer, expert_mesh: DeviceMesh, dp: int) -> None:
+    """Expert parallelism: each MoE layer keeps the experts of this rank's place on the
+    expert mesh's ep axis, and routes rows to the others with all-to-all (moe.py)."""
+    sharding = ExpertSharding(expert_mesh["ep"].get_group(), expert_mesh["edp"].get_group(), dp)
+    for layer in model.layers.values():
+        if isinstance(layer.feed_forward, MoE):
+            shard_experts(layer.feed_forward, sharding)
+
+
 def apply_recompute(model: Transformer, mode: str) -> None:
     """Activation recompute with torch.utils.checkpoint (non-reentrant): "full" checkpoints
     each decoder layer (keeps only its input), "selective" only the attention core
@@ -102,13 +115,21 @@ def apply_dp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
         for layer in model.layers.values():
             replicate(layer, mesh=dp_mesh)
         return replicate(model, mesh=dp_mesh)
+    sharded = set(sharded_experts(model))
+    ignored = [f"{name}.{p}" for name, m in model.named_modules() if m in sharded
+               for p, _ in m.named_parameters()]
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     return DistributedDataParallel(model, device_mesh=dp_mesh, gradient_as_bucket_view=True)
 
 
-def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh) -> nn.Module:
-    """TP/SP -> recompute -> DP on one (stage) module, in that order."""
+def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh,
+                expert_mesh: DeviceMesh | None = None) -> nn.Module:
+    """TP/SP -> EP -> recompute -> DP on one (stage) module, in that order."""
     if plan.tp > 1:
         apply_tp(model, mesh["tp"], plan.sp)
+    if plan.ep > 1:
+        apply_ep(model, expert_mesh, plan.dp)
     if plan.recompute != "none":
         apply_recompute(model, plan.recompute)
     if plan.dp > 1:
@@ -136,6 +157,8 @@ def gradient_sync(model: nn.Module, enabled: bool):
     with model.no_sync() if isinstance(model, DistributedDataParallel) and not enabled \
             else nullcontext():
         yield
+    if enabled:
+        reduce_expert_gradients(model)
 
 
 def parameter_name(name: str) -> str:
@@ -145,14 +168,18 @@ def parameter_name(name: str) -> str:
 
 def full_gradients(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
     """Every local parameter's gradient as a whole (unsharded) CPU tensor, by plain name.
-    Collective over the TP/DP groups of this rank (DTensor.full_tensor)."""
+    Collective over the TP/DP groups of this rank (DTensor.full_tensor) and its EP group
+    (experts split by apply_ep)."""
     grads = {}
     for module in modules:
+        experts = {id(p): e.sharding for e in sharded_experts(module) for p in e.parameters()}
         for name, param in module.named_parameters():
             grad = param.grad
             if grad is None:
                 continue
             if isinstance(grad, DTensor):
                 grad = grad.full_tensor()
+            if id(param) in experts:
+                grad = gather_experts(grad, experts[id(param)])
             grads[parameter_name(name)] = grad.detach().cpu().clone()
     return grads

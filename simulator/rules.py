@@ -200,9 +200,12 @@ SERVING_HARDWARE = (
 
 
 def _model_features(m: ModelSpec) -> list[str]:
-    """What of the model the executor's decoder (executor/model.py: dense, full multi-head or
-    grouped-query attention, one norm before each block) does not build."""
-    checks = ((m.num_experts > 0, "mixture-of-experts"), (m.kv_lora_rank > 0, "latent attention (MLA)"),
+    """What of the model the executor's decoder (executor/model.py: full multi-head or
+    grouped-query attention, one norm before each block, dense or softmax-routed experts,
+    executor/moe.py) does not build."""
+    checks = ((m.num_experts > 0 and m.router != "softmax", f"{m.router}-scored expert routing"),
+              (m.num_experts > 0 and m.bias, "biases in experts"),
+              (m.kv_lora_rank > 0, "latent attention (MLA)"),
               (m.sliding_window is not None, "sliding-window attention"), (m.qk_norm, "QK-norm"),
               (m.sandwich_norm, "sandwich norms"), (m.qkv_bias or m.out_bias, "attention-only biases"),
               (m.parallel_residual, "parallel residual"), (m.rotary_pct != 1.0, "partial rotary"),
@@ -217,6 +220,14 @@ def _model_rule(field: str) -> Rule:
                  lambda x, m, c: f"the executor's decoder does not build {', '.join(_model_features(m))}",
                  "run a dense llama- or gpt2-style model; plan and simulate take this one")
 
+
+# Expert layers the executor runs without tensor parallelism (experts whole or split by
+# EP, never sharded inside); shared by training and serving.
+_EXECUTOR_MOE = (
+    _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (x.tp == 1),
+          lambda x, m, c: "the executor does not tensor-shard mixture-of-experts layers",
+          "use tp 1 for a model with experts (ep splits the experts over ranks)"),
+)
 
 # What the executor cannot run on this backend (torch 2.13, gloo on CPU).
 EXECUTOR_TRAINING = (
@@ -236,6 +247,20 @@ EXECUTOR_TRAINING = (
           lambda x, m, c: (x.pp == 1) | np.logical_not(np.isin(x.schedule, ("1f1b", "zb-h1"))) | (_microbatches(x) >= x.pp),
           lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",
           "raise the global batch or lower the micro-batch"),
+    *_EXECUTOR_MOE,
+    _rule("plan.etp", "etp", lambda x, m, c: x.etp == 1,
+          lambda x, m, c: f"the executor runs each expert whole on one rank, not over etp {x.etp}",
+          "use etp 1"),
+    _rule("plan.pp", "pp", lambda x, m, c: (m.num_experts == 0) | (x.pp == 1),
+          lambda x, m, c: "the executor does not pipeline mixture-of-experts layers",
+          "use pp 1 for a model with experts"),
+    _rule("plan.zero", "zero ep", lambda x, m, c: (x.ep == 1) | (x.zero == 0),
+          lambda x, m, c: f"ZeRO {x.zero} would shard the expert-parallel experts over dp as if "
+          "they were replicated there (the executor reduces them over edp beside DDP)",
+          "use ZeRO 0 with ep > 1"),
+    _rule("plan.moe_dispatcher", "moe_dispatcher", lambda x, m, c: x.moe_dispatcher == "alltoall",
+          lambda x, m, c: f"the executor dispatches tokens with torch's all_to_all, not {x.moe_dispatcher}",
+          "use moe_dispatcher alltoall"),
 )
 
 # A serving deployment: tp x pp GPUs per replica.
@@ -281,6 +306,7 @@ def _shard_widths(m: ModelSpec, tp) -> np.ndarray:
 
 EXECUTOR_SERVING = (
     _model_rule("model"),
+    *_EXECUTOR_MOE,
     _rule("plan.quantization", "quantization", lambda x, m, c: x.quantization == "none",
           lambda x, m, c: f"the executor serves unquantized weights, not {x.quantization}",
           "use quantization none"),

@@ -67,6 +67,7 @@ class Job:
     def __init__(self, spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torch.device):
         self.spec, self.plan, self.options, self.device = spec, plan, options, device
         self.mesh = build_mesh(plan.mesh(plan.world_size), device.type)
+        expert_mesh = build_mesh(plan.expert_mesh(plan.world_size), device.type) if plan.ep > 1 else None
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dtype = compute_dtype(plan.dtype, device.type)
         model = build_model(spec, options.seed).to(device)
@@ -80,7 +81,7 @@ class Job:
             self.has_first = 0 in self.indices
             self.has_last = plan.num_virtual - 1 in self.indices
         else:
-            self.modules = [parallelize(model, plan, self.mesh)]
+            self.modules = [parallelize(model, plan, self.mesh, expert_mesh)]
             self.has_first = self.has_last = True
         self.params = [p for m in self.modules for p in m.parameters()]
         self.optimizer = build_optimizer(self.modules, plan, self.mesh, options.lr)
@@ -136,7 +137,7 @@ def run_job(spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torc
     first step this launch runs (a warm-up step, untimed in the summary, when warmup >= 1)."""
     job = Job(spec, plan, options, device)
     rank = dist.get_rank()
-    label = f"run dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}"
+    label = f"run dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}" + (f" ep{plan.ep}" if plan.ep > 1 else "")
     grads_file = run_dir / f"grads{job_index}_rank{rank}.pt" if options.save_grads else None
     saver = (Checkpointer(options.checkpoint_dir, job.modules, job.optimizer, device)
              if options.checkpoint_dir else None)

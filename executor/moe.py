@@ -1,0 +1,166 @@
+"""The mixture-of-experts MLP of the executor's decoder (model.py), and expert parallelism.
+
+A router scores every expert, softmax over all of them, keeps each token's top k and
+renormalises their weights to sum to one (Mixtral, Jiang et al. 2024 sec 2.1; Qwen3-MoE with
+norm_topk_prob). The routed rows (token copies, one per chosen expert) are sorted by expert
+and run as grouped GEMMs over the experts' stacked weights [E, in, out] (torch._grouped_mm),
+weighted and summed back per token. Shared experts run as one dense MLP on every token,
+behind a sigmoid gate where the model has one (Qwen2-MoE).
+
+Expert parallelism (Lepikhin et al. 2020, GShard sec 2.2; Megatron-Core's all-to-all
+dispatcher): apply_ep keeps E/ep consecutive experts on each rank of an EP group; a layer
+exchanges the per-expert row counts, sends each row to the rank of its expert
+(all_to_all_single with split sizes, differentiable), runs its local experts, and sends the
+results back the same way. Expert weights then differ along EP and are replicated along
+EDP (parallel folding, Plan.expert_mesh): their gradients are summed over the EDP group
+(reduce_expert_gradients), not over DP with the dense parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import nn
+
+from meshplan.simulator.model_spec import ModelSpec
+
+
+def activation(spec: ModelSpec):
+    return F.silu if spec.activation == "silu" else lambda t: F.gelu(t, approximate="tanh")
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows offsets[i-1]:offsets[i] of x times weight[i]. torch 2.13's CPU backward of
+    _grouped_mm refuses a broadcast (stride 0) output gradient, so it is made contiguous."""
+    out = torch._grouped_mm(x, weight.to(x.dtype), offs=offsets)
+    if out.requires_grad:
+        out.register_hook(torch.Tensor.contiguous)
+    return out
+
+
+@dataclass(frozen=True)
+class ExpertSharding:
+    """Where a layer's experts live: this rank's EP group (which splits them) and EDP group
+    (which replicates them), and the data-parallel degree that the gradient mean divides by."""
+
+    ep_group: dist.ProcessGroup
+    edp_group: dist.ProcessGroup
+    dp: int
+
+
+class GroupedExperts(nn.Module):
+    """`count` MLPs of the experts' width, weights stacked per expert: w1, w3 [E, h, f], w2
+    [E, f, h]. Gated (w2(act(x w1) * x w3)) or plain, as the model's dense MLP."""
+
+    def __init__(self, spec: ModelSpec, count: int):
+        super().__init__()
+        h, f = spec.hidden_size, spec.moe_ffn_hidden_size
+        self.w1 = nn.Parameter(torch.empty(count, h, f))
+        self.w2 = nn.Parameter(torch.empty(count, f, h))
+        self.w3 = nn.Parameter(torch.empty(count, h, f)) if spec.gated_mlp else None
+        self.act = activation(spec)
+        self.sharding: ExpertSharding | None = None  # set by apply_ep
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows [n, h] sorted by expert, counts [E] rows of each expert -> [n, h]."""
+        offsets = counts.cumsum(0).to(torch.int32)
+        hidden = self.act(grouped_mm(rows, self.w1, offsets))
+        if self.w3 is not None:
+            hidden = hidden * grouped_mm(rows, self.w3, offsets)
+        return grouped_mm(hidden, self.w2, offsets)
+
+
+class MoE(nn.Module):
+    """Router, routed experts and shared experts of one layer; x [..., h] -> [..., h]."""
+
+    def __init__(self, spec: ModelSpec, shared: nn.Module | None):
+        super().__init__()
+        self.num_experts, self.top_k = spec.num_experts, spec.experts_per_token
+        self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.experts = GroupedExperts(spec, spec.num_experts)
+        self.shared_experts = shared
+        self.shared_expert_gate = (nn.Linear(spec.hidden_size, 1, bias=False)
+                                   if spec.shared_expert_gate else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        probs = self.router(tokens).float().softmax(-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(tokens.dtype)
+        order = chosen.flatten().argsort(stable=True)  # routed rows grouped by expert
+        source = order // self.top_k                      # the token of each routed row
+        counts = chosen.flatten().bincount(minlength=self.num_experts)
+        rows = tokens[source]
+        sharding = self.experts.sharding
+        out = self.experts(rows, counts) if sharding is None else \
+            expert_parallel(self.experts, rows, counts, sharding.ep_group)
+        out = out * weights.flatten()[order, None]
+        routed = tokens.new_zeros(tokens.shape).index_add(0, source, out.to(tokens.dtype))
+        if self.shared_experts is not None:
+            shared = self.shared_experts(tokens)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(tokens))
+            routed = routed + shared
+        return routed.view(x.shape)
+
+
+def expert_parallel(experts: GroupedExperts, rows: torch.Tensor, counts: torch.Tensor,
+                    group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's routed rows (sorted by global expert, counts [E]) through the experts
+    spread over `group`, each rank holding E/ep consecutive ones: rows [n, h] -> [n, h]."""
+    ep, local = dist.get_world_size(group), experts.w1.shape[0]
+    received_counts = torch.empty_like(counts)  # [source rank, local expert]
+    dist.all_to_all_single(received_counts, counts, group=group)
+    send = counts.view(ep, local).sum(1).tolist()
+    per_source = received_counts.view(ep, local)
+    receive = per_source.sum(1).tolist()
+    received = dist_fn.all_to_all_single(rows.new_empty(sum(receive), rows.shape[1]), rows.contiguous(),
+                                         receive, send, group=group)
+    # arrived grouped by source rank, then local expert: regroup by local expert
+    expert_of_row = torch.arange(local, device=rows.device).repeat(ep).repeat_interleave(
+        received_counts)
+    regroup = expert_of_row.argsort(stable=True)
+    out = experts(received[regroup], per_source.sum(0))[regroup.argsort()]
+    return dist_fn.all_to_all_single(rows.new_empty(rows.shape), out.contiguous(), send, receive,
+                                     group=group)
+
+
+def shard_experts(moe: MoE, sharding: ExpertSharding) -> None:
+    """Keep only this rank's E/ep consecutive experts of the full layer."""
+    experts = moe.experts
+    ep, rank = dist.get_world_size(sharding.ep_group), dist.get_rank(sharding.ep_group)
+    local = moe.num_experts // ep
+    for name, param in list(experts.named_parameters()):
+        part = param.detach()[rank * local:(rank + 1) * local].clone()
+        setattr(experts, name, nn.Parameter(part))
+    experts.sharding = sharding
+
+
+def sharded_experts(module: nn.Module) -> list[GroupedExperts]:
+    return [m for m in module.modules() if isinstance(m, GroupedExperts) and m.sharding is not None]
+
+
+def reduce_expert_gradients(module: nn.Module) -> None:
+    """Sum the EP-sharded experts' gradients over their EDP group and divide by DP, giving
+    the mean over the global batch as DDP gives the dense parameters': each copy's gradient
+    already sums the rows its EP group's ranks routed to it (one flat all-reduce)."""
+    groups = sharded_experts(module)
+    grads = [p.grad for experts in groups for p in experts.parameters() if p.grad is not None]
+    if not grads:
+        return
+    sharding = groups[0].sharding
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, group=sharding.edp_group)
+    flat /= sharding.dp
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(part.view_as(grad))
+
+
+def gather_experts(tensor: torch.Tensor, sharding: ExpertSharding) -> torch.Tensor:
+    """The whole [E, ...] tensor from this rank's [E/ep, ...] part (collective over EP)."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(sharding.ep_group))]
+    dist.all_gather(parts, tensor.contiguous(), group=sharding.ep_group)
+    return torch.cat(parts)
