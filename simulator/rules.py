@@ -302,14 +302,19 @@ def _shard_widths(m: ModelSpec, tp) -> np.ndarray:
     widths = [m.hidden_size, m.num_heads * m.value_head_dim // tp, m.ffn_hidden_size // tp]
     if m.num_experts:
         widths.append(m.moe_ffn_hidden_size // tp)
+    if m.num_shared_experts:
+        widths.append(m.shared_ffn_size // tp)
     return np.array(widths)
 
 EXECUTOR_SERVING = (
     _model_rule("model"),
     *_EXECUTOR_MOE,
-    _rule("plan.quantization", "quantization", lambda x, m, c: x.quantization == "none",
-          lambda x, m, c: f"the executor serves unquantized weights, not {x.quantization}",
-          "use quantization none"),
+    _rule("plan.quantization", "quantization", lambda x, m, c: np.isin(x.quantization, ("none", "int8")),
+          lambda x, m, c: f"the executor serves unquantized or int8 weights, not {x.quantization}",
+          "use quantization none or int8"),
+    _rule("plan.tp", "quantization tp", lambda x, m, c: (x.quantization == "none") | (x.tp == 1),
+          lambda x, m, c: "the executor does not tensor-shard int8 weights",
+          "use tp 1 (pp and replicas combine with int8)"),
     _rule("plan.tp", "tp", lambda x, m, c: m.num_kv_heads % x.tp == 0,
           lambda x, m, c: f"{x.tp} does not divide the {m.num_kv_heads} KV heads (the executor shards "
           "KV heads, it does not replicate them)", "use a TP degree that divides num_key_value_heads"),
