@@ -104,6 +104,18 @@ def test_executor_takes_expert_parallel_plans():
     assert rules.violations(rules.EXECUTOR_TRAINING, plan(dp=2).fields(), sigmoid)[0][0] == "model"
 
 
+def test_validation_suite_runs_expert_parallel_plans():
+    """`meshplan validate` covers EP: its MoE plans are legal, run here, and are priced."""
+    from meshplan.validation.suite import MOE_SUITE, SUITES, VALIDATION_MOE_MODEL
+    assert (VALIDATION_MOE_MODEL, MOE_SUITE) in SUITES
+    eps = set()
+    for _, p in MOE_SUITE:
+        cluster = Cluster(p.world_size, p.world_size)
+        ran = check_train(VALIDATION_MOE_MODEL, p, cluster, RunOptions(profile="local"))
+        eps.add((ran.ep, ran.edp))
+    assert {(2, 1), (2, 2)} <= eps
+
+
 WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
            ("ep2-gelu-top1-recompute", MOE_GELU, plan(dp=2, ep=2, recompute="full"))]
 WORLD_4 = [("ep2-edp2", MOE, plan(dp=4, ep=2, micro_batch=1)),
