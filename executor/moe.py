@@ -10,7 +10,8 @@ behind a sigmoid gate where the model has one (Qwen2-MoE).
 Expert parallelism (Lepikhin et al. 2020, GShard sec 2.2; Megatron-Core's all-to-all
 dispatcher): apply_ep keeps E/ep consecutive experts on each rank of an EP group; a layer
 exchanges the per-expert row counts, sends each row to the rank of its expert
-(all_to_all_single with split sizes, differentiable), runs its local experts, and sends the
+(functional all_to_all_single with split sizes, differentiable, as torchtitan's
+expert_parallel), runs its local experts, and sends the
 results back the same way. Expert weights then differ along EP and are replicated along
 EDP (parallel folding, Plan.expert_mesh): their gradients are summed over the EDP group
 (reduce_expert_gradients), not over DP with the dense parameters.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -117,15 +118,13 @@ def expert_parallel(experts: GroupedExperts, rows: torch.Tensor, counts: torch.T
     send = counts.view(ep, local).sum(1).tolist()
     per_source = received_counts.view(ep, local)
     receive = per_source.sum(1).tolist()
-    received = dist_fn.all_to_all_single(rows.new_empty(sum(receive), rows.shape[1]), rows.contiguous(),
-                                         receive, send, group=group)
+    received = funcol.wait_tensor(funcol.all_to_all_single(rows.contiguous(), receive, send, group))
     # arrived grouped by source rank, then local expert: regroup by local expert
     expert_of_row = torch.arange(local, device=rows.device).repeat(ep).repeat_interleave(
         received_counts)
     regroup = expert_of_row.argsort(stable=True)
     out = experts(received[regroup], per_source.sum(0))[regroup.argsort()]
-    return dist_fn.all_to_all_single(rows.new_empty(rows.shape), out.contiguous(), send, receive,
-                                     group=group)
+    return funcol.wait_tensor(funcol.all_to_all_single(out.contiguous(), send, receive, group))
 
 
 def shard_experts(moe: MoE, sharding: ExpertSharding) -> None:
