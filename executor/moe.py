@@ -1,8 +1,8 @@
 """The mixture-of-experts MLP of the executor's decoder (model.py), and expert parallelism.
 
-A router scores every expert, softmax over all of them, keeps each token's top k and
-renormalises their weights to sum to one (Mixtral, Jiang et al. 2024 sec 2.1; Qwen3-MoE with
-norm_topk_prob). The routed rows (token copies, one per chosen expert) are sorted by expert
+A router scores every expert, softmax over all of them, keeps each token's top k and, where
+ModelSpec.norm_topk_prob says so, renormalises their weights to sum to one (Mixtral, Jiang et
+al. 2024 sec 2.1; Qwen-MoE's norm_topk_prob). The routed rows (token copies, one per chosen expert) are sorted by expert
 and run as grouped GEMMs over the experts' stacked weights [E, in, out] (torch._grouped_mm),
 weighted and summed back per token. Shared experts run as one dense MLP on every token,
 behind a sigmoid gate where the model has one (Qwen2-MoE).
@@ -79,7 +79,7 @@ class MoE(nn.Module):
 
     def __init__(self, spec: ModelSpec, shared: nn.Module | None):
         super().__init__()
-        self.num_experts, self.top_k = spec.num_experts, spec.experts_per_token
+        self.num_experts, self.top_k, self.renormalise = spec.num_experts, spec.experts_per_token, spec.norm_topk_prob
         self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
         self.experts = GroupedExperts(spec, spec.num_experts)
         self.shared_experts = shared
@@ -90,7 +90,9 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         probs = self.router(tokens).float().softmax(-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
-        weights = (weights / weights.sum(-1, keepdim=True)).to(tokens.dtype)
+        if self.renormalise:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(tokens.dtype)
         order = chosen.flatten().argsort(stable=True)  # routed rows grouped by expert
         source = order // self.top_k                      # the token of each routed row
         counts = chosen.flatten().bincount(minlength=self.num_experts)

@@ -6,6 +6,8 @@ within 1e-5 of the largest plus 1e-4 relative).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,8 @@ MOE = ModelSpec("tiny-moe", num_layers=3, hidden_size=32, num_heads=4, num_kv_he
 MOE_GELU = ModelSpec("tiny-moe-gelu", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=4,
                      ffn_hidden_size=64, vocab_size=128, max_seq_len=64, gated_mlp=False,
                      activation="gelu", num_experts=4, experts_per_token=1, moe_ffn_hidden_size=32)
+# top-2 weights left as softmax probabilities (Qwen2-MoE's norm_topk_prob false)
+MOE_RAW = replace(MOE, name="tiny-moe-raw", norm_topk_prob=False)
 
 
 def plan(**fields) -> Plan:
@@ -42,7 +46,7 @@ def per_token(moe, tokens: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     ex = moe.experts
     for i, t in enumerate(tokens):
         weights, chosen = torch.softmax(moe.router.weight @ t, -1).topk(spec.experts_per_token)
-        for w, e in zip(weights / weights.sum(), chosen):
+        for w, e in zip(weights / weights.sum() if spec.norm_topk_prob else weights, chosen):
             hidden = act(t @ ex.w1[e]) * (t @ ex.w3[e]) if ex.w3 is not None else act(t @ ex.w1[e])
             out[i] += w * (hidden @ ex.w2[e])
         if moe.shared_experts is not None:
@@ -51,7 +55,7 @@ def per_token(moe, tokens: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("spec", [MOE, MOE_GELU], ids=["gated-shared", "gelu-top1"])
+@pytest.mark.parametrize("spec", [MOE, MOE_GELU, MOE_RAW], ids=["gated-shared", "gelu-top1", "raw"])
 def test_moe_layer_is_the_routed_sum(spec):
     model = build_model(spec, seed=0)
     kinds = [type(layer.feed_forward).__name__ for layer in model.layers.values()]
@@ -118,7 +122,7 @@ def test_validation_suite_runs_expert_parallel_plans():
 
 WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
            ("ep2-gelu-top1-recompute", MOE_GELU, plan(dp=2, ep=2, recompute="full"))]
-WORLD_4 = [("ep2-edp2", MOE, plan(dp=4, ep=2, micro_batch=1)),
+WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("ep4", MOE, plan(dp=4, ep=4))]
 
 
