@@ -106,20 +106,22 @@ def apply_dp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
     works. ZeRO 2: FSDP2 keeping the gathered weights from forward to backward
     (reshard_after_forward=False; gradients and optimizer state sharded). ZeRO 3: FSDP2
     resharding after forward (weights sharded too). FSDP2 wraps each layer, then the root
-    (embedding, head, final norm)."""
+    (embedding, head, final norm). Each leaves out the experts that apply_ep split: they
+    differ along dp, and moe.reduce_expert_gradients reduces them over edp instead."""
+    experts = {p for e in sharded_experts(model) for p in e.parameters()}
     if plan.zero >= 2:
         for layer in model.layers.values():
-            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=plan.zero == 3)
-        return fully_shard(model, mesh=dp_mesh, reshard_after_forward=plan.zero == 3)
+            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=plan.zero == 3,
+                        ignored_params=experts)
+        return fully_shard(model, mesh=dp_mesh, reshard_after_forward=plan.zero == 3,
+                           ignored_params=experts)
     if plan.tp > 1 or plan.pp > 1:
         for layer in model.layers.values():
-            replicate(layer, mesh=dp_mesh)
-        return replicate(model, mesh=dp_mesh)
-    sharded = set(sharded_experts(model))
-    ignored = [f"{name}.{p}" for name, m in model.named_modules() if m in sharded
-               for p, _ in m.named_parameters()]
-    if ignored:
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+            replicate(layer, mesh=dp_mesh, ignored_params=experts)
+        return replicate(model, mesh=dp_mesh, ignored_params=experts)
+    if experts:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [name for name, p in model.named_parameters() if p in experts])
     return DistributedDataParallel(model, device_mesh=dp_mesh, gradient_as_bucket_view=True)
 
 

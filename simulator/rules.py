@@ -254,10 +254,10 @@ EXECUTOR_TRAINING = (
     _rule("plan.pp", "pp", lambda x, m, c: (m.num_experts == 0) | (x.pp == 1),
           lambda x, m, c: "the executor does not pipeline mixture-of-experts layers",
           "use pp 1 for a model with experts"),
-    _rule("plan.zero", "zero ep", lambda x, m, c: (x.ep == 1) | (x.zero == 0),
-          lambda x, m, c: f"ZeRO {x.zero} would shard the expert-parallel experts over dp as if "
-          "they were replicated there (the executor reduces them over edp beside DDP)",
-          "use ZeRO 0 with ep > 1"),
+    _rule("plan.zero", "zero ep", lambda x, m, c: (x.ep == 1) | (x.zero != 1),
+          lambda x, m, c: "ZeRO 1's ZeroRedundancyOptimizer would shard the expert-parallel "
+          "experts' optimizer over dp as if they were replicated there",
+          "use ZeRO 0, 2 or 3 with ep > 1"),
     _rule("plan.moe_dispatcher", "moe_dispatcher", lambda x, m, c: x.moe_dispatcher == "alltoall",
           lambda x, m, c: f"the executor dispatches tokens with torch's all_to_all, not {x.moe_dispatcher}",
           "use moe_dispatcher alltoall"),
