@@ -251,9 +251,6 @@ EXECUTOR_TRAINING = (
     _rule("plan.etp", "etp", lambda x, m, c: x.etp == 1,
           lambda x, m, c: f"the executor runs each expert whole on one rank, not over etp {x.etp}",
           "use etp 1"),
-    _rule("plan.pp", "pp", lambda x, m, c: (m.num_experts == 0) | (x.pp == 1),
-          lambda x, m, c: "the executor does not pipeline mixture-of-experts layers",
-          "use pp 1 for a model with experts"),
     _rule("plan.zero", "zero ep", lambda x, m, c: (x.ep == 1) | (x.zero != 1),
           lambda x, m, c: "ZeRO 1's ZeroRedundancyOptimizer would shard the expert-parallel "
           "experts' optimizer over dp as if they were replicated there",

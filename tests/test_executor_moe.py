@@ -84,7 +84,6 @@ def test_parameter_count_matches_model_spec():
 @pytest.mark.parametrize("fields, field", [
     (dict(dp=2, tp=2, sp=True), "plan.tp"),
     (dict(dp=2, ep=2, zero=1), "plan.zero"),
-    (dict(dp=2, pp=2, global_batch=8), "plan.pp"),
     (dict(dp=2, ep=2, moe_dispatcher="deepep"), "plan.moe_dispatcher"),
 ])
 def test_executor_refuses_what_it_does_not_run(fields, field):
@@ -101,7 +100,8 @@ def test_expert_parallel_checkpoints_are_refused(tmp_path):
 
 
 def test_executor_takes_expert_parallel_plans():
-    for p in (plan(dp=2, ep=2), plan(dp=4, ep=2), plan(dp=4, ep=4, recompute="full")):
+    for p in (plan(dp=2, ep=2), plan(dp=4, ep=2, zero=3), plan(dp=4, ep=4, recompute="full"),
+              plan(dp=2, pp=2, ep=2, schedule="1f1b", micro_batch=1)):
         assert not rules.violations(rules.EXECUTOR_TRAINING, p.fields(), MOE, Cluster(4, 4))
     sigmoid = ModelSpec(**{**MOE.to_dict(), "router": "sigmoid"})
     assert rules.violations(rules.EXECUTOR_TRAINING, plan(dp=2).fields(), sigmoid)[0][0] == "model"
@@ -121,11 +121,15 @@ def test_validation_suite_runs_expert_parallel_plans():
 
 WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
            ("ep2-gelu-top1-recompute", MOE_GELU, plan(dp=2, ep=2, recompute="full")),
-           ("ep1-zero3", MOE, plan(dp=2, zero=3))]
+           ("ep1-zero3", MOE, plan(dp=2, zero=3)),
+           ("pp2-zb-h1", MOE, plan(pp=2, schedule="zb-h1")),
+           ("pp2-interleaved", replace(MOE, num_layers=4), plan(pp=2, schedule="interleaved",
+                                                                 virtual_stages=2))]
 WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("ep4", MOE, plan(dp=4, ep=4)),
            ("ep2-edp2-zero2", MOE, plan(dp=4, ep=2, zero=2)),
-           ("ep4-zero3", MOE_GELU, plan(dp=4, ep=4, zero=3))]
+           ("ep4-zero3", MOE_GELU, plan(dp=4, ep=4, zero=3)),
+           ("pp2-dp2-ep2-1f1b", MOE, plan(pp=2, dp=2, ep=2, schedule="1f1b", micro_batch=1))]
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ from meshplan.executor.checkpoint import CheckpointInfo
 from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages,
                               rank_memory, timed)
 from meshplan.executor.model import build_model, loss_fn
+from meshplan.executor.moe import reduce_expert_gradients
 from meshplan.executor.parallelize import (build_mesh, build_optimizer, full_gradients, gradient_sync,
                                   parallelize)
 from meshplan.executor.pipeline import build_schedule, split_stage, stage_indices
@@ -75,7 +76,7 @@ class Job:
             self.indices = stage_indices(plan, self.mesh["pp"].get_local_rank())
             stages = [split_stage(model, plan.layer_partition, i) for i in self.indices]
             del model
-            self.modules = [parallelize(m, plan, self.mesh) for m in stages]
+            self.modules = [parallelize(m, plan, self.mesh, expert_mesh) for m in stages]
             self.schedule = build_schedule(self.modules, self.indices, plan,
                                            self.mesh["pp"].get_group(), device, loss_fn)
             self.has_first = 0 in self.indices
@@ -104,6 +105,8 @@ class Job:
                 self.schedule.step(*([inputs] if self.has_first else []),
                                    target=targets if self.has_last else None,
                                    losses=losses if self.has_last else None)
+            for module in self.modules:
+                reduce_expert_gradients(module)
             return torch.stack(losses).mean().detach() if losses else torch.zeros((), device=self.device)
         model, n = self.modules[0], self.plan.num_microbatches
         total = torch.zeros((), device=self.device)
