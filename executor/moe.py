@@ -34,12 +34,25 @@ def activation(spec: ModelSpec):
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows offsets[i-1]:offsets[i] of x times weight[i]. torch 2.13's CPU backward of
-    _grouped_mm refuses a broadcast (stride 0) output gradient, so it is made contiguous."""
-    out = torch._grouped_mm(x, weight.to(x.dtype), offs=offsets)
+    """Rows offsets[i-1]:offsets[i] of x times weight[i], in the autocast dtype if one is
+    on. torch._grouped_mm runs any dtype on CPU, but only bf16 on CUDA (torch 2.13's
+    F.grouped_mm docs): other CUDA dtypes take one matmul per expert. Its CPU backward
+    refuses a broadcast (stride 0) output gradient, so that is made contiguous."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    weight = weight.to(x.dtype)
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+        return looped_mm(x, weight, offsets)
+    out = torch._grouped_mm(x, weight, offs=offsets)
     if out.requires_grad:
         out.register_hook(torch.Tensor.contiguous)
     return out
+
+
+def looped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """grouped_mm as one matmul per group."""
+    starts = [0, *offsets.tolist()]
+    return torch.cat([x[a:b] @ w for a, b, w in zip(starts, starts[1:], weight)])
 
 
 @dataclass(frozen=True)
