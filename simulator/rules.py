@@ -248,7 +248,7 @@ EXECUTOR_TRAINING = (
           lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",
           "raise the global batch or lower the micro-batch"),
     *_EXECUTOR_MOE,
-    _rule("plan.etp", "etp", lambda x, m, c: x.etp == 1,
+    _rule("plan.etp", "etp", lambda x, m, c: (m.num_experts == 0) | (x.etp == 1),
           lambda x, m, c: f"the executor runs each expert whole on one rank, not over etp {x.etp}",
           "use etp 1"),
     _rule("plan.zero", "zero ep", lambda x, m, c: (x.ep == 1) | (x.zero != 1),

@@ -125,6 +125,8 @@ def test_executor_takes_expert_parallel_plans():
     for p in (plan(dp=2, ep=2), plan(dp=4, ep=2, zero=3), plan(dp=4, ep=4, recompute="full"),
               plan(dp=2, pp=2, ep=2, schedule="1f1b", micro_batch=1)):
         assert not rules.violations(rules.EXECUTOR_TRAINING, p.fields(), MOE, Cluster(4, 4))
+    dense = ModelSpec("dense", 2, 32, 4, 2, 64, 128, 64)
+    assert not rules.violations(rules.EXECUTOR_TRAINING, plan(tp=2, dp=2, zero=2).fields(), dense)
     sigmoid = ModelSpec(**{**MOE.to_dict(), "router": "sigmoid"})
     assert rules.violations(rules.EXECUTOR_TRAINING, plan(dp=2).fields(), sigmoid)[0][0] == "model"
 
