@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from meshplan.simulator.model_spec import ModelSpec
 
@@ -64,6 +65,10 @@ class ExpertSharding:
     edp_group: dist.ProcessGroup
     dp: int
 
+    @property
+    def ep(self) -> int:
+        return dist.get_world_size(self.ep_group)
+
 
 class GroupedExperts(nn.Module):
     """`count` MLPs of the experts' width, weights stacked per expert: w1, w3 [E, h, f], w2
@@ -98,6 +103,9 @@ class MoE(nn.Module):
         self.shared_experts = shared
         self.shared_expert_gate = (nn.Linear(spec.hidden_size, 1, bias=False)
                                    if spec.shared_expert_gate else None)
+        # Under sequence parallelism each TP rank routes its own tokens (apply_tp): the
+        # router's and shared experts' gradients are then summed over this group.
+        self.tp_group: dist.ProcessGroup | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
@@ -111,7 +119,7 @@ class MoE(nn.Module):
         counts = chosen.flatten().bincount(minlength=self.num_experts)
         rows = tokens[source]
         sharding = self.experts.sharding
-        out = self.experts(rows, counts) if sharding is None else \
+        out = self.experts(rows, counts) if sharding is None or sharding.ep == 1 else \
             expert_parallel(self.experts, rows, counts, sharding.ep_group)
         out = out * weights.flatten()[order, None]
         routed = tokens.new_zeros(tokens.shape).index_add(0, source, out.to(tokens.dtype))
@@ -160,16 +168,29 @@ def sharded_experts(module: nn.Module) -> list[GroupedExperts]:
 def reduce_expert_gradients(module: nn.Module) -> None:
     """Sum the EP-sharded experts' gradients over their EDP group and divide by DP, giving
     the mean over the global batch as DDP gives the dense parameters': each copy's gradient
-    already sums the rows its EP group's ranks routed to it (one flat all-reduce)."""
+    already sums the rows its EP group's ranks routed to it. Under sequence parallelism,
+    also sum the router's and shared experts' gradients over TP (each TP rank saw its part
+    of the sequence; the DP wrapper has averaged them over dp)."""
     groups = sharded_experts(module)
-    grads = [p.grad for experts in groups for p in experts.parameters() if p.grad is not None]
-    if not grads:
+    if groups:
+        sharding = groups[0].sharding
+        _all_reduce([p.grad for e in groups for p in e.parameters()], sharding.edp_group, sharding.dp)
+    split = {p for e in groups for p in e.parameters()}
+    routed = [m for m in module.modules() if isinstance(m, MoE) and m.tp_group is not None]
+    if routed:
+        _all_reduce([p.grad for m in routed for p in m.parameters() if p not in split],
+                    routed[0].tp_group, 1)
+
+
+def _all_reduce(grads: list, group: dist.ProcessGroup, divide_by: int) -> None:
+    """Sum the (local parts of the) gradients over `group` in one flat all-reduce, divided."""
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads if g is not None]
+    if not local:
         return
-    sharding = groups[0].sharding
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat, group=sharding.edp_group)
-    flat /= sharding.dp
-    for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+    flat = torch.cat([g.flatten() for g in local])
+    dist.all_reduce(flat, group=group)
+    flat /= divide_by
+    for grad, part in zip(local, flat.split([g.numel() for g in local])):
         grad.copy_(part.view_as(grad))
 
 

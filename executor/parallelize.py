@@ -59,12 +59,18 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
         layer_plan = {"attention": region,
                       "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
                       "attention.wv": ColwiseParallel(),
-                      "attention.wo": RowwiseParallel(output_layouts=seq),
-                      "feed_forward": region,
-                      "feed_forward.w1": ColwiseParallel(),
-                      "feed_forward.w2": RowwiseParallel(output_layouts=seq)}
-        if layer.feed_forward.w3 is not None:
-            layer_plan["feed_forward.w3"] = ColwiseParallel()
+                      "attention.wo": RowwiseParallel(output_layouts=seq)}
+        if isinstance(layer.feed_forward, MoE):
+            # Megatron-Core's folding with etp 1: each TP rank routes its own sequence shard
+            # through whole experts (split by apply_ep), on local tensors like the residual
+            layer_plan["feed_forward"] = PrepareModuleInput(
+                input_layouts=(seq,), desired_input_layouts=(seq,), use_local_output=True)
+            layer.feed_forward.tp_group = tp_mesh.get_group()
+        else:
+            layer_plan.update({"feed_forward": region, "feed_forward.w1": ColwiseParallel(),
+                               "feed_forward.w2": RowwiseParallel(output_layouts=seq)})
+            if layer.feed_forward.w3 is not None:
+                layer_plan["feed_forward.w3"] = ColwiseParallel()
         if sequence_parallel:
             layer_plan["attention_norm"] = SequenceParallel()
             layer_plan["ffn_norm"] = SequenceParallel()
@@ -75,7 +81,9 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
 
 def apply_ep(model: Transformer, expert_mesh: DeviceMesh, dp: int) -> None:
     """Expert parallelism: each MoE layer keeps the experts of this rank's place on the
-    expert mesh's ep axis, and routes rows to the others with all-to-all (moe.py)."""
+    expert mesh's ep axis, and routes rows to the others with all-to-all (moe.py). With
+    TP (ep 1 included) the experts are replicated along edp, which then spans TP ranks
+    that saw other tokens: their gradients are reduced over edp, not by the DP wrapper."""
     sharding = ExpertSharding(expert_mesh["ep"].get_group(), expert_mesh["edp"].get_group(), dp)
     for layer in model.layers.values():
         if isinstance(layer.feed_forward, MoE):
@@ -127,10 +135,11 @@ def apply_dp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
 
 def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh,
                 expert_mesh: DeviceMesh | None = None) -> nn.Module:
-    """TP/SP -> EP -> recompute -> DP on one (stage) module, in that order."""
+    """TP/SP -> EP (with an expert mesh) -> recompute -> DP on one (stage) module, in that
+    order."""
     if plan.tp > 1:
         apply_tp(model, mesh["tp"], plan.sp)
-    if plan.ep > 1:
+    if expert_mesh is not None:
         apply_ep(model, expert_mesh, plan.dp)
     if plan.recompute != "none":
         apply_recompute(model, plan.recompute)

@@ -221,14 +221,6 @@ def _model_rule(field: str) -> Rule:
                  "run a dense llama- or gpt2-style model; plan and simulate take this one")
 
 
-# Expert layers the executor runs without tensor parallelism (experts whole or split by
-# EP, never sharded inside); shared by training and serving.
-_EXECUTOR_MOE = (
-    _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (x.tp == 1),
-          lambda x, m, c: "the executor does not tensor-shard mixture-of-experts layers",
-          "use tp 1 for a model with experts (ep splits the experts over ranks)"),
-)
-
 # What the executor cannot run on this backend (torch 2.13, gloo on CPU).
 EXECUTOR_TRAINING = (
     _model_rule("model"),
@@ -247,10 +239,9 @@ EXECUTOR_TRAINING = (
           lambda x, m, c: (x.pp == 1) | np.logical_not(np.isin(x.schedule, ("1f1b", "zb-h1"))) | (_microbatches(x) >= x.pp),
           lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",
           "raise the global batch or lower the micro-batch"),
-    *_EXECUTOR_MOE,
     _rule("plan.etp", "etp", lambda x, m, c: (m.num_experts == 0) | (x.etp == 1),
           lambda x, m, c: f"the executor runs each expert whole on one rank, not over etp {x.etp}",
-          "use etp 1"),
+          "use etp 1 (with tp > 1 that needs sp)"),
     _rule("plan.zero", "zero ep", lambda x, m, c: (x.ep == 1) | (x.zero != 1),
           lambda x, m, c: "ZeRO 1's ZeroRedundancyOptimizer would shard the expert-parallel "
           "experts' optimizer over dp as if they were replicated there",
@@ -305,7 +296,9 @@ def _shard_widths(m: ModelSpec, tp) -> np.ndarray:
 
 EXECUTOR_SERVING = (
     _model_rule("model"),
-    *_EXECUTOR_MOE,
+    _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (x.tp == 1),
+          lambda x, m, c: "the executor does not tensor-shard mixture-of-experts layers when serving",
+          "use tp 1 for a model with experts"),
     _rule("plan.quantization", "quantization", lambda x, m, c: np.isin(x.quantization, ("none", "int8")),
           lambda x, m, c: f"the executor serves unquantized or int8 weights, not {x.quantization}",
           "use quantization none or int8"),

@@ -104,7 +104,8 @@ def test_parameter_count_matches_model_spec():
 
 
 @pytest.mark.parametrize("fields, field", [
-    (dict(dp=2, tp=2, sp=True), "plan.tp"),
+    (dict(dp=2, tp=2), "plan.etp"),
+    (dict(dp=2, tp=2, sp=True, etp=2), "plan.etp"),
     (dict(dp=2, ep=2, zero=1), "plan.zero"),
     (dict(dp=2, ep=2, moe_dispatcher="deepep"), "plan.moe_dispatcher"),
 ])
@@ -148,12 +149,16 @@ WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
            ("ep1-zero3", MOE, plan(dp=2, zero=3)),
            ("pp2-zb-h1", MOE, plan(pp=2, schedule="zb-h1")),
            ("pp2-interleaved", replace(MOE, num_layers=4), plan(pp=2, schedule="interleaved",
-                                                                 virtual_stages=2))]
+                                                                 virtual_stages=2)),
+           ("tp2-sp-ep1", MOE, plan(tp=2, sp=True, etp=1)),
+           ("tp2-sp-ep2", MOE_GELU, plan(tp=2, sp=True, etp=1, ep=2))]
 WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("ep4", MOE, plan(dp=4, ep=4)),
            ("ep2-edp2-zero2", MOE, plan(dp=4, ep=2, zero=2)),
            ("ep4-zero3", MOE_GELU, plan(dp=4, ep=4, zero=3)),
-           ("pp2-dp2-ep2-1f1b", MOE, plan(pp=2, dp=2, ep=2, schedule="1f1b", micro_batch=1))]
+           ("pp2-dp2-ep2-1f1b", MOE, plan(pp=2, dp=2, ep=2, schedule="1f1b", micro_batch=1)),
+           ("dp2-tp2-sp-ep2", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=2)),
+           ("dp2-tp2-sp-ep4-zero3", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=4, zero=3))]
 
 
 @pytest.mark.slow

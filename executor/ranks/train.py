@@ -68,7 +68,9 @@ class Job:
     def __init__(self, spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torch.device):
         self.spec, self.plan, self.options, self.device = spec, plan, options, device
         self.mesh = build_mesh(plan.mesh(plan.world_size), device.type)
-        expert_mesh = build_mesh(plan.expert_mesh(plan.world_size), device.type) if plan.ep > 1 else None
+        # experts split over ep, or replicated over TP ranks that route different tokens
+        expert_mesh = (build_mesh(plan.expert_mesh(plan.world_size), device.type)
+                       if spec.num_experts and plan.ep * plan.tp > 1 else None)
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dtype = compute_dtype(plan.dtype, device.type)
         model = build_model(spec, options.seed).to(device)
