@@ -2,19 +2,22 @@
 
 A router scores every expert, softmax over all of them, keeps each token's top k and, where
 ModelSpec.norm_topk_prob says so, renormalises their weights to sum to one (Mixtral, Jiang et
-al. 2024 sec 2.1; Qwen-MoE's norm_topk_prob). The routed rows (token copies, one per chosen expert) are sorted by expert
-and run as grouped GEMMs over the experts' stacked weights [E, in, out] (torch._grouped_mm),
-weighted and summed back per token. Shared experts run as one dense MLP on every token,
-behind a sigmoid gate where the model has one (Qwen2-MoE).
+al. 2024 sec 2.1; Qwen-MoE's norm_topk_prob). The routed rows (token copies, one per chosen
+expert) are sorted by expert and run as grouped GEMMs over the experts' stacked weights
+[E, in, out] (torch._grouped_mm), weighted and summed back per token. Shared experts run as
+one dense MLP on every token, behind a sigmoid gate where the model has one (Qwen2-MoE).
+Routing is dropless: Plan.moe_capacity_factor prices imbalance, it drops no token here.
 
 Expert parallelism (Lepikhin et al. 2020, GShard sec 2.2; Megatron-Core's all-to-all
 dispatcher): apply_ep keeps E/ep consecutive experts on each rank of an EP group; a layer
-exchanges the per-expert row counts, sends each row to the rank of its expert
-(functional all_to_all_single with split sizes, differentiable, as torchtitan's
-expert_parallel), runs its local experts, and sends the
-results back the same way. Expert weights then differ along EP and are replicated along
-EDP (parallel folding, Plan.expert_mesh): their gradients are summed over the EDP group
-(reduce_expert_gradients), not over DP with the dense parameters.
+exchanges the per-expert row counts, sends each row to the rank of its expert (functional
+all_to_all_single with split sizes, differentiable, as torchtitan's expert_parallel), runs
+its local experts, and sends the results back the same way. Expert weights then differ
+along EP and are replicated along EDP (parallel folding, Plan.expert_mesh): their gradients
+are summed over the EDP group (reduce_expert_gradients), not over DP with the dense
+parameters. Under tensor parallelism with sequence parallelism (etp 1), each TP rank routes
+the tokens of its sequence shard, so the EP and EDP groups may span TP ranks, and the
+router's and shared experts' gradients are summed over TP.
 """
 from __future__ import annotations
 

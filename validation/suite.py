@@ -62,6 +62,7 @@ MOE_SUITE: tuple[tuple[str, Plan], ...] = (
     ("moe dp2 ep2", _p(dp=2, ep=2)),
     ("moe dp4 ep2", _p(dp=4, ep=2)),
     ("moe dp4 ep4", _p(dp=4, ep=4)),
+    ("moe tp2 sp ep2", _p(tp=2, sp=True, etp=1, ep=2)),
 )
 # Each suite with the model it runs.
 SUITES: tuple[tuple[ModelSpec, tuple[tuple[str, Plan], ...]], ...] = (
