@@ -352,7 +352,7 @@ def run_plans(cluster: EmulatedCluster, hw_path: Path, work: Path) -> pd.DataFra
         flags = ["--model", str(model_file), "--hardware", str(hw_path), "--gpus", str(nodes),
                  "--gpus-per-node", "1", "--placement", ",".join(placement), "--steps", "8",
                  "--warmup", "3", "--timeout-s", "300", "--json", "--nnodes", str(nodes),
-                 "--rdzv-endpoint", f"{cluster.address(0)}:{PORT}"]
+                 "--rdzv-endpoint", f"{cluster.address(0)}:{PORT}", "--no-probe"]
         for key, value in fixed.items():
             flags += [f"--{key.replace('_', '-')}", str(value)]
         outputs = cluster.launch([[sys.executable, "-m", "meshplan.cli", "run", *flags,

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from meshplan.calibration.fit import _compute_fits, _error_band
+from meshplan.calibration.fit import compute_fits, error_band
 from meshplan.calibration.local_base import best_gemm_flops, best_memory_bytes_per_s, known_gpu
 from meshplan.calibration.measure.compute import (MEMORY_BOUND_OPS, measure_gemms,
                                                   measure_memory_bound, torch_threads)
@@ -144,8 +144,8 @@ def fit_this_device(samples: Samples, stock: HardwareProfile, figures: dict,
     them); its collectives are the stock profile's. fit_profile itself needs collectives,
     which one device cannot time."""
     base = {"peak_flops": figures["peak_flops"], "hbm_bytes_per_s": figures["hbm_bytes_per_s"]}
-    gemm, memory, report, notes = _compute_fits(samples, base, HOLDOUT, np.random.default_rng(SEED))
-    report["error_band"] = _error_band(report)
+    gemm, memory, report, notes = compute_fits(samples, base, HOLDOUT, np.random.default_rng(SEED))
+    report["error_band"] = error_band(report)
     return dataclasses.replace(
         stock, name=name, gpus_per_node=1,
         device_name=figures["device_name"], memory_bytes=int(figures["memory_bytes"]),

@@ -146,7 +146,7 @@ def _borrow(fits: dict, what: str) -> tuple[dict, list[str]]:
     return full, notes
 
 
-def _compute_fits(samples: Samples, base: dict, fraction: float, rng) -> tuple[dict, dict, dict, list]:
+def compute_fits(samples: Samples, base: dict, fraction: float, rng) -> tuple[dict, dict, dict, list]:
     gemm_df = samples.gemm.reset_index(drop=True)
     gemm_df = gemm_df[gemm_df["time_s"].astype(float) > 0]
     if gemm_df.empty:
@@ -395,7 +395,7 @@ def _summary(samples: Samples) -> dict:
                                 c.groupby(["collective", "group_size", "ranks_per_node"]).size().items()}}
 
 
-def _error_band(report: dict) -> dict:
+def error_band(report: dict) -> dict:
     held = [q["held_out"] for q in report.values() if q.get("held_out", {}).get("points")]
     weights = np.array([h["points"] for h in held], dtype=float)
     return {
@@ -413,13 +413,13 @@ def fit_profile(samples: Samples, base: dict, holdout_fraction: float = 0.2,
     then kept in fit_report and extra under "measured_inter_node_not_used"."""
     _check_base(base)
     rng = np.random.default_rng(seed)
-    gemm, mem, report, notes = _compute_fits(samples, base, holdout_fraction, rng)
+    gemm, mem, report, notes = compute_fits(samples, base, holdout_fraction, rng)
     collectives, coll_report, coll_notes, unused = _collective_fit(samples, base, holdout_fraction,
                                                                     rng, fabric)
     report.update(coll_report)
     if unused:
         report["measured_inter_node_not_used"] = {k: unused[k] for k in ("note", "fits")}
-    report["error_band"] = _error_band(report)
+    report["error_band"] = error_band(report)
     return HardwareProfile(
         name=base["name"], device_name=base["device_name"], memory_bytes=int(base["memory_bytes"]),
         peak_flops={d: float(base["peak_flops"][d]) for d in DTYPE_BYTES},
@@ -464,7 +464,7 @@ def refit_collectives(samples: Samples, base: HardwareProfile, name: str, source
         report.update(inter_report)
         notes.append(f"collective inter: replaced by the cross-node fit of {logs}")
     report = {**kept, **report}
-    report["error_band"] = _error_band(report)
+    report["error_band"] = error_band(report)
     return replace(base, name=name, collectives=CollectiveFit(intra, inter, nics),
                    sources=base.sources + tuple(notes), fit_report=report,
                    extra={**extra, "collectives_refit": {"base": base.name, "logs": list(sources),

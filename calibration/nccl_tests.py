@@ -85,9 +85,10 @@ def parse_nccl_tests_log(text_or_path, collective: str | None = None) -> pd.Data
     if isinstance(text_or_path, Path) or "\n" not in str(text_or_path):
         path = Path(text_or_path)
         try:
-            text = path.read_text()
-        except OSError as e:
-            raise ProfileError(str(path), f"cannot read ({e.strerror})",
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text, byte {e.start}"
+            raise ProfileError(str(path), f"cannot read ({reason})",
                                "pass the path of an nccl-tests stdout log") from None
         name = str(path)
     else:

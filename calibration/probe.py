@@ -3,31 +3,54 @@ the rate of a GEMM and of an elementwise add at the executor's shapes, one decod
 host overhead (eager PyTorch), and optionally one collective over two ranks. Each is
 compared with what the profile predicts for the same operation; when the machine has
 drifted beyond the profile's error band, the profile's speed terms can be rescaled by the
-measured ratios (`rescaled`), so that a slow spell of the machine is not charged to the
-cost model.
+measured ratios (`Probe.rescaled`), so that a slow spell of the machine is not charged to
+the cost model. `check_drift` is the one entry point of `meshplan run` and `meshplan
+validate`; `repredicted` sets a run's prediction on the rescaled profile beside its
+measurement.
 
 Measured as the profile was measured (calibration/measure: one torch thread, the same
-timing helper); only one shape each, so that the probe takes seconds, not minutes."""
+timing helper); only one shape each, so that the probe takes seconds, not minutes. It
+times CPU ranks only: against a profile not measured on CPU, or when the ranks run on a
+CUDA device, it is skipped with a note."""
 from __future__ import annotations
 
 import json
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from meshplan.calibration.measure.compute import (GemmShape, measure_gemms, measure_memory_bound,
                                                    torch_threads)
 from meshplan.calibration.overhead import measure_overhead
-from meshplan.executor.launch import torchrun
+from meshplan.executor.launch import prediction_or_why, torchrun
+from meshplan.executor.records import RunRecord, ServeRecord
 from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.simulator.plan import Cluster
+from meshplan.simulator.serve import simulate_inference
+from meshplan.simulator.train import simulate
 
 # The validation model's MLP GEMM (validation.suite.VALIDATION_MODEL: hidden 256, ffn 704,
 # 2 x 128 tokens per micro-batch) and a 1 Mi-element add: the sizes the runs see.
 GEMM = GemmShape("probe", 256, 704, 256)
 ADD_ELEMENTS = 1 << 20
 COLLECTIVE_BYTES = 1 << 20
+COLLECTIVE_RANKS = 2
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the probe timed on this machine: GEMM (fp32, shape GEMM), an fp32 add moving
+    add_bytes, one decoder layer's forward host overhead, and (when probed) an all-reduce
+    of COLLECTIVE_BYTES over COLLECTIVE_RANKS ranks on one node."""
+
+    gemm_s: float
+    add_s: float
+    add_bytes: float
+    layer_forward_s: float
+    collective_s: float | None
 
 
 @dataclass(frozen=True)
@@ -66,38 +89,87 @@ class Probe:
         memory bandwidth, host overhead per layer and (when probed) collective bandwidth
         and latency."""
         coll = self.collective or 1.0
-        scaled = hw.scaled(flops=1 / self.gemm, hbm_bw=1 / self.memory, intra_node_bw=1 / coll,
-                           collective_latency=coll)
-        return replace(scaled, overhead=hw.overhead.scaled(self.overhead))
+        return hw.scaled(flops=1 / self.gemm, hbm_bw=1 / self.memory, intra_node_bw=1 / coll,
+                         collective_latency=coll, overhead=self.overhead)
 
 
-def _collective_s(world: int = 2) -> float:
-    """Median all-reduce time of COLLECTIVE_BYTES over `world` gloo ranks, through the
-    measurement module the profile's collectives came from."""
+def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
+    """The measurement over what `hw` predicts for the same operations."""
+    gemm = measured.gemm_s / float(hw.gemm_time_s(GEMM.m, GEMM.n, GEMM.k, "fp32", batch=GEMM.batch))
+    memory = measured.add_s / float(hw.memory_bound_time_s(measured.add_bytes, "fp32", "add"))
+    profiled = hw.overhead.layer_forward_s
+    overhead = measured.layer_forward_s / profiled if profiled > 0 else 1.0
+    collective = None
+    if measured.collective_s is not None:
+        collective = measured.collective_s / float(hw.collective_time_s(
+            "all_reduce", COLLECTIVE_BYTES, COLLECTIVE_RANKS, COLLECTIVE_RANKS))
+    return Probe(gemm, memory, overhead, collective, hw.relative_error_band()[1])
+
+
+def _collective_s() -> float:
+    """Median all-reduce time of COLLECTIVE_BYTES over COLLECTIVE_RANKS gloo ranks,
+    through the measurement module the profile's collectives came from."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         torchrun("meshplan.calibration.measure.collectives",
-                 ["--out", str(out), "--group-sizes", str(world), "--kinds", "all_reduce",
+                 ["--out", str(out), "--group-sizes", str(COLLECTIVE_RANKS), "--kinds", "all_reduce",
                   "--sizes", str(COLLECTIVE_BYTES), "--repeats", "5", "--warmup", "2"],
-                 world, on_line=lambda _line: None, timeout_s=120)
+                 COLLECTIVE_RANKS, on_line=lambda _line: None, timeout_s=120)
         return float(json.loads(out.read_text())[0]["time_s"])
 
 
-def probe(hw: HardwareProfile, collective: bool = False) -> Probe:
-    """Probe this machine (CPU, one thread, as the executor's ranks run) against `hw`."""
+def measure(collective: bool) -> Measurement:
+    """Time the probe's operations on this machine's CPU, one thread, as the executor's
+    ranks run."""
     device = torch.device("cpu")
     with torch_threads(1):
         gemm = measure_gemms([GEMM], ["fp32"], device, repeats=20, warmup=3, budget_s=0.5)
         mem = measure_memory_bound(["add"], [ADD_ELEMENTS], ["fp32"], device, repeats=20, warmup=3,
                                    budget_s=0.5)
         overhead = measure_overhead(repeats=8, warmup=2)
-    g = gemm.iloc[0]
-    gemm_ratio = float(g["time_s"]) / float(hw.gemm_time_s(g["m"], g["n"], g["k"], "fp32", batch=g["batch"]))
-    m = mem.iloc[0]
-    mem_ratio = float(m["time_s"]) / float(hw.memory_bound_time_s(float(m["bytes"]), "fp32", "add"))
-    profiled = hw.overhead.layer_forward_s
-    overhead_ratio = overhead.layer_forward_s / profiled if profiled > 0 else 1.0
-    coll_ratio = None
-    if collective:
-        coll_ratio = _collective_s() / float(hw.collective_time_s("all_reduce", COLLECTIVE_BYTES, 2, 2))
-    return Probe(gemm_ratio, mem_ratio, overhead_ratio, coll_ratio, hw.relative_error_band()[1])
+    return Measurement(float(gemm.iloc[0]["time_s"]), float(mem.iloc[0]["time_s"]),
+                       float(mem.iloc[0]["bytes"]), overhead.layer_forward_s,
+                       _collective_s() if collective else None)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """The probe against a profile: its ratios (None when skipped, `note` says why) and,
+    when asked for, the profile rescaled by them."""
+
+    probe: Probe | None
+    rescaled: HardwareProfile | None
+    note: str = ""
+
+    def text(self) -> str:
+        return self.probe.text() if self.probe is not None else self.note
+
+    def to_json(self) -> dict:
+        return {**(self.probe.to_json() if self.probe is not None else {}), "note": self.note,
+                "rescaled_profile": self.rescaled.name if self.rescaled is not None else None}
+
+
+def check_drift(hw: HardwareProfile, device: str, rescale: bool, collective: bool,
+                measured: Callable[[bool], Measurement] | None = None) -> Drift:
+    """Probe this machine (`measured`, default `measure`; one collective if asked) against
+    `hw`, whose ranks run on `device` ("cpu" or "cuda"); with `rescale` also the profile
+    rescaled by the probe. Skipped, with a note, where the probe cannot speak for the ranks: ranks on a
+    CUDA device, or a profile not measured on CPU."""
+    profiled_on = hw.extra.get("measurement", {}).get("device")
+    if device != "cpu" or profiled_on != "cpu":
+        where = (f"the ranks run on {device}" if device != "cpu" else
+                 f"profile {hw.name} was not measured on CPU ranks")
+        return Drift(None, None, f"probe skipped: {where}, and the probe times CPU ranks against "
+                                 "a CPU profile; predictions use the profile as it is")
+    probe = compare(hw, (measured or measure)(collective))
+    return Drift(probe, probe.rescaled(hw) if rescale else None)
+
+
+def repredicted(record: RunRecord | ServeRecord, cluster: Cluster,
+                hw: HardwareProfile) -> RunRecord | ServeRecord:
+    """The record with its prediction made again on `hw` (a profile rescaled by a probe),
+    the measurement kept."""
+    simulator = simulate_inference if isinstance(record, ServeRecord) else simulate
+    prediction, note = prediction_or_why(
+        lambda: simulator(record.model, record.plan, cluster, hw).to_json())
+    return replace(record, profile=hw.name, prediction=prediction, prediction_note=note)

@@ -189,17 +189,19 @@ def memory_issues(peak_bytes: float, hw: HardwareProfile) -> list[Issue]:
 
 # ---- launching ----
 
-def launch_train(model: ModelSpec, plan: Plan, cluster: Cluster,
-                 options: RunOptions = RunOptions()) -> RunRecord:
+def launch_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOptions = RunOptions(),
+                 checked: Callable[[], None] | None = None) -> RunRecord:
     """Run one training plan; see launch_train_many."""
-    return launch_train_many([(model, plan)], cluster, options)[0]
+    return launch_train_many([(model, plan)], cluster, options, checked)[0]
 
 
 def launch_train_many(jobs: list[tuple[ModelSpec, Plan]], cluster: Cluster,
-                      options: RunOptions = RunOptions()) -> list[RunRecord]:
+                      options: RunOptions = RunOptions(),
+                      checked: Callable[[], None] | None = None) -> list[RunRecord]:
     """Run several (model, plan) jobs of the same world size one after the other in one
     torchrun launch (one process group), and return one record per job. Every job is
-    checked before anything starts."""
+    checked before anything starts; `checked` is called once every check has passed, just
+    before the ranks start (a probe of the machine)."""
     if options.checkpoint_dir is not None and len(jobs) > 1:
         refuse([("run.checkpoint_dir", f"one checkpoint folder for {len(jobs)} jobs",
                  "checkpoint one job per launch")])
@@ -209,7 +211,8 @@ def launch_train_many(jobs: list[tuple[ModelSpec, Plan]], cluster: Cluster,
         refuse([("plan", f"jobs of world sizes {sorted(sizes)} in one launch",
                  "launch plans of one world size together")])
     nproc = sizes.pop() // options.nnodes
-    results, world = run_jobs(TRAIN_RANK, runnable, options.rank_options().to_json(), nproc, options)
+    results, world = run_jobs(TRAIN_RANK, runnable, options.rank_options().to_json(), nproc, options,
+                              checked)
     if any(not r["step_times_s"] for r in results):
         raise RunFailed(f"every step had run before the last restart, so none was measured; the "
                         f"losses are in the newest checkpoint of {options.checkpoint_dir}")
@@ -218,30 +221,37 @@ def launch_train_many(jobs: list[tuple[ModelSpec, Plan]], cluster: Cluster,
 
 
 def launch_serve(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
-                 options: ServeOptions = ServeOptions()) -> ServeRecord:
+                 options: ServeOptions = ServeOptions(),
+                 checked: Callable[[], None] | None = None) -> ServeRecord:
     """Run one serving plan; see launch_serve_many."""
-    return launch_serve_many([(model, plan)], cluster, options)[0]
+    return launch_serve_many([(model, plan)], cluster, options, checked)[0]
 
 
 def launch_serve_many(jobs: list[tuple[ModelSpec, InferencePlan]], cluster: Cluster,
-                      options: ServeOptions = ServeOptions()) -> list[ServeRecord]:
-    """Run several serving jobs of the same world size in one torchrun launch."""
+                      options: ServeOptions = ServeOptions(),
+                      checked: Callable[[], None] | None = None) -> list[ServeRecord]:
+    """Run several serving jobs of the same world size in one torchrun launch; `checked`
+    as in launch_train_many."""
     for model, plan in jobs:
         check_serve(model, plan, cluster, options)
     nproc = cluster.num_gpus // options.nnodes
-    results, world = run_jobs(SERVE_RANK, jobs, options.rank_options().to_json(), nproc, options)
+    results, world = run_jobs(SERVE_RANK, jobs, options.rank_options().to_json(), nproc, options,
+                              checked)
     return [_serve_record(m, p, cluster, options, ServeResult.from_json(r), world)
             for (m, p), r in zip(jobs, results)]
 
 
 def run_jobs(module: str, jobs: list, rank_options: dict, nproc_per_node: int,
-             options: RunOptions | ServeOptions) -> tuple[list[dict], int]:
+             options: RunOptions | ServeOptions,
+             checked: Callable[[], None] | None = None) -> tuple[list[dict], int]:
     """Write run.json (the (model, plan) jobs and the ranks' options) into options.run_dir
     (default: a temporary folder, removed), start the ranks of `module` on it, and return
     the per-job results and the world size from the result.json that each node's local
     rank 0 writes; RunFailed if the ranks exit without one. Files a previous run left in
-    run_dir are removed first."""
+    run_dir are removed first. `checked` runs after the torch check, before the ranks."""
     check_torch()
+    if checked is not None:
+        checked()
     with tempfile.TemporaryDirectory(prefix="meshplan-run-") as tmp:
         folder = Path(options.run_dir or tmp)
         folder.mkdir(parents=True, exist_ok=True)

@@ -155,14 +155,15 @@ class HardwareProfile:
 
     def scaled(self, flops: float = 1.0, hbm_bw: float = 1.0, intra_node_bw: float = 1.0,
                inter_node_bw: float = 1.0, memory: float = 1.0, op_latency_s: float = 0.0,
-               collective_latency: float = 1.0) -> HardwareProfile:
-        """What-if (or refitted) copy: peak FLOP/s, HBM bandwidth (GEMM memory term and
-        memory-bound ops), intra- and inter-node bus bandwidth, memory capacity and the
-        collectives' latency multiplied by the factors; op_latency_s added to every GEMM's
-        and memory-bound op's fixed cost (framework dispatch per operator)."""
+               collective_latency: float = 1.0, overhead: float = 1.0) -> HardwareProfile:
+        """What-if (or refitted, or probe-rescaled) copy: peak FLOP/s, HBM bandwidth (GEMM
+        memory term and memory-bound ops), intra- and inter-node bus bandwidth, memory
+        capacity, the collectives' latency and the host overhead per layer multiplied by the
+        factors; op_latency_s added to every GEMM's and memory-bound op's fixed cost
+        (framework dispatch per operator)."""
         factors = {"flops": flops, "hbm_bw": hbm_bw, "intra_node_bw": intra_node_bw,
                    "inter_node_bw": inter_node_bw, "memory": memory,
-                   "collective_latency": collective_latency}
+                   "collective_latency": collective_latency, "overhead": overhead}
         changed = {k: v for k, v in factors.items() if v != 1.0}
         if op_latency_s:
             changed["op_latency_s"] = op_latency_s
@@ -179,6 +180,7 @@ class HardwareProfile:
             memory_bound={d: replace(f, latency_s=f.latency_s + op_latency_s)
                           for d, f in self.memory_bound.items()},
             collectives=self.collectives.scaled(intra_node_bw, inter_node_bw, collective_latency),
+            overhead=self.overhead.scaled(overhead),
             sources=self.sources + (f"what-if copy of {self.name}: {tag}",),
             extra={**self.extra, "what_if": changed})
 

@@ -83,17 +83,48 @@ def gpu_counts(text: str, gpus_per_node: int) -> list[int]:
     return sorted(counts)
 
 
+@dataclass(frozen=True)
+class Training:
+    """Training a token budget at one plan's step time on `gpus` GPUs."""
+
+    steps: int
+    days: float
+    cost: float | None   # at the price per GPU-hour; None without a price
+
+
+def steps_to_train(tokens: float, global_batch: int, seq_len: int) -> int:
+    return math.ceil(tokens / (global_batch * seq_len))
+
+
+def training(tokens: float, global_batch: int, seq_len: int, step_time_s: float, gpus: int,
+             price: float | None = None) -> Training:
+    """ceil(tokens / (global batch x sequence)) steps x step time; GPUs x hours x price."""
+    steps = steps_to_train(tokens, global_batch, seq_len)
+    seconds = steps * step_time_s
+    cost = gpus * seconds / 3600 * price if price is not None else None
+    return Training(steps, seconds / SECONDS_PER_DAY, cost)
+
+
+def check_budget(tokens: float, deadline_days: float | None = None, price: float | None = None) -> None:
+    """PlanError naming the token budget, deadline or price that is not a usable number."""
+    if not (math.isfinite(tokens) and tokens > 0):
+        raise PlanError("search.tokens", f"{tokens!r} tokens", "give a positive token budget, e.g. 2e12")
+    if deadline_days is not None and not (math.isfinite(deadline_days) and deadline_days > 0):
+        raise PlanError("search.days", f"{deadline_days!r} days", "give a positive deadline")
+    if price is not None and not (math.isfinite(price) and price >= 0):
+        raise PlanError("search.gpu_hour_price", f"{price!r}", "give a price per GPU-hour >= 0")
+
+
 def option(model: ModelSpec, hw: HardwareProfile, cluster: Cluster, fixed: dict, tokens: float,
            price: float | None) -> Option:
     """The best plan at this GPU count and the time and cost of training `tokens` with it."""
-    steps = math.ceil(tokens / (fixed["global_batch"] * fixed["seq_len"]))
     try:
         best = search(model, cluster, hw, fixed).ranked[0]
     except MeshplanError as exc:
+        steps = steps_to_train(tokens, fixed["global_batch"], fixed["seq_len"])
         return Option(cluster.num_gpus, None, steps, None, None, exc.render())
-    seconds = steps * best.step_time_s
-    cost = cluster.num_gpus * seconds / 3600 * price if price is not None else None
-    return Option(cluster.num_gpus, best, steps, seconds / SECONDS_PER_DAY, cost)
+    t = training(tokens, fixed["global_batch"], fixed["seq_len"], best.step_time_s, cluster.num_gpus, price)
+    return Option(cluster.num_gpus, best, t.steps, t.days, t.cost)
 
 
 def capacity_search(model: ModelSpec, hw: HardwareProfile, counts: list[int], gpus_per_node: int,
@@ -101,12 +132,7 @@ def capacity_search(model: ModelSpec, hw: HardwareProfile, counts: list[int], gp
                     price: float | None = None, progress: bool = False) -> Capacity:
     """Each count's best plan from the smallest count up; with a deadline, stop at the
     first (smallest) count that meets it."""
-    if not (math.isfinite(tokens) and tokens > 0):
-        raise PlanError("search.tokens", f"{tokens!r} tokens", "give a positive token budget, e.g. 2e12")
-    if deadline_days is not None and not (math.isfinite(deadline_days) and deadline_days > 0):
-        raise PlanError("search.days", f"{deadline_days!r} days", "give a positive deadline")
-    if price is not None and not (math.isfinite(price) and price >= 0):
-        raise PlanError("search.gpu_hour_price", f"{price!r}", "give a price per GPU-hour >= 0")
+    check_budget(tokens, deadline_days, price)
     options = []
     with progress_bar(len(counts), "GPU counts", progress) as bar:
         for count in counts:

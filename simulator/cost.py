@@ -106,6 +106,7 @@ def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     other = gemm_s(k[g], n[g], m[g])
     bwd_in[g] = np.where(weight, dgrad, dgrad + other)
     bwd_w[g] = np.where(weight, other, 0.0)
+    count = count * np.array([op.executed_share for op in ops])
     return fwd * count, bwd_in * count, bwd_w * count, g
 
 

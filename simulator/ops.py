@@ -69,15 +69,16 @@ class Op:
     bwd_bytes: float | None = None     # memory-bound backward bytes, when not 2 x bytes_moved
     weight_bytes: float | None = None  # bytes per weight element when stored quantized (serving)
     dequant_flops: float = 0.0         # CUDA-core work dequantizing them (quantize.py)
+    executed_share: float = 1.0        # share of `flops` the kernel runs (causal_share); times only
 
     @property
     def op_class(self) -> str | None:
         return MEMORY_CLASS.get(self.name)
 
 
-def _gemm(name, m, n, k, batch=1, weight=True, core=False, fp8=False) -> Op:
+def _gemm(name, m, n, k, batch=1, weight=True, core=False, fp8=False, share=1.0) -> Op:
     return Op(name, GEMM, 2.0 * batch * m * n * k, m, n, k, batch, weight=weight, attention_core=core,
-              fp8=fp8)
+              fp8=fp8, executed_share=share)
 
 
 def _mem(name, elements, passes, dtype_bytes, core=False) -> Op:
@@ -144,6 +145,20 @@ def attended_keys(model: ModelSpec, shard: Shard, local: bool) -> int:
     return shard.seq_len
 
 
+def causal_share(model: ModelSpec, shard: Shard, local: bool) -> float:
+    """Share of the attended query-key pairs a fused kernel computes under the causal mask:
+    query i sees min(i+1, w) of its w attended keys, (1/S) sum_i min(i+1, w)/w =
+    1 - (w-1)/(2S) for a sequence S >= w; (S+1)/(2S) for full attention (FlashAttention-2
+    skips the key blocks above the diagonal, Dao 2023 sec 3.1.1; load-balanced ring attention
+    gives each CP rank the same share, Liu et al. 2023). Unfused attention computes every
+    score and masks it: share 1. Model FLOPs (MFU) count the full square, as Megatron-LM's
+    and PaLM's formulas do."""
+    if not shard.flash:
+        return 1.0
+    w = attended_keys(model, shard, local)
+    return 1.0 - (w - 1) / (2.0 * shard.seq_len)
+
+
 def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
     """Input projections, RoPE, the attention core and the output projection. Latent
     attention (DeepSeek-V2 sec 2.1) projects queries and keys/values down to a low rank
@@ -168,13 +183,13 @@ def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
         if model.position_embedding == "rope":
             ops.append(_mem("rope", tok * (heads + kv_heads) * hd * model.rotary_pct, 2, d))
     keys, vd = attended_keys(model, shard, local), model.value_head_dim
-    scores = b * heads * s * keys
-    ops.append(_gemm("attn_scores", s, keys, hd, batch=b * heads, weight=False, core=True))
+    scores, share = b * heads * s * keys, causal_share(model, shard, local)
+    ops.append(_gemm("attn_scores", s, keys, hd, batch=b * heads, weight=False, core=True, share=share))
     if not shard.flash:  # fused kernels cap and normalise the scores in registers
         if model.attn_softcap:
             ops.append(_mem("softcap", scores, 2, d, core=True))
         ops.append(_mem("softmax", scores, 2 + (1 if model.dropout else 0), d, core=True))
-    return ops + [_gemm("attn_values", s, vd, keys, batch=b * heads, weight=False, core=True),
+    return ops + [_gemm("attn_values", s, vd, keys, batch=b * heads, weight=False, core=True, share=share),
                   _gemm("out_proj", tok, h, heads * vd, fp8=f8)]
 
 

@@ -52,7 +52,7 @@ class Cluster:
     gpus_per_node: int
 
     def __post_init__(self):
-        issues = [_count_issue("cluster", f, getattr(self, f)) for f in ("num_gpus", "gpus_per_node")]
+        issues = [count_issue("cluster", f, getattr(self, f)) for f in ("num_gpus", "gpus_per_node")]
         if any(issues):
             raise PlanError.of([i for i in issues if i])
         if self.num_gpus > self.gpus_per_node and self.num_gpus % self.gpus_per_node:
@@ -185,17 +185,17 @@ POSITIVE_INTS = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch
                  "ep", "etp")
 
 
-def _count_issue(scope: str, field: str, value) -> tuple[str, str, str] | None:
+def count_issue(scope: str, field: str, value) -> tuple[str, str, str] | None:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_COUNT:
         return (f"{scope}.{field}", f"must be a positive integer up to {MAX_COUNT}, got {value!r}",
-                f"set {field} to an integer from 1 to {MAX_COUNT}")
+                f"give an integer from 1 to {MAX_COUNT}")
     return None
 
 
 def field_issues(values: dict) -> list[tuple[str, str, str]]:
     """The range and choice problems of whichever plan fields `values` holds (a whole plan,
     or the knobs a user fixed before a search), each as (field, problem, fix)."""
-    issues = [_count_issue("plan", f, values[f]) for f in POSITIVE_INTS if values.get(f) is not None]
+    issues = [count_issue("plan", f, values[f]) for f in POSITIVE_INTS if values.get(f) is not None]
     choices = {"zero": (0, 1, 2, 3), "recompute": RECOMPUTE, "schedule": SCHEDULES, "dtype": DTYPES,
                "attention": ATTENTION, "grad_reduce_dtype": ("fp32", "bf16"), "fp8_recipe": FP8_RECIPES,
                "moe_dispatcher": MOE_DISPATCHERS}

@@ -37,7 +37,7 @@ from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import GEMM, Op, Shard, embedding_ops, head_ops, layer_ops
 from meshplan.simulator.partition import even_partition
-from meshplan.simulator.plan import DTYPE_BYTES, Cluster, knob
+from meshplan.simulator.plan import DTYPE_BYTES, Cluster, count_issue, knob
 from meshplan.simulator.quantize import QUANTIZATIONS, quantized, quantized_weights, weight_bytes
 
 # Serving dtypes of weights and activations; FP8 serving is a quantization (quantize.py).
@@ -67,11 +67,10 @@ class InferencePlan:
     quant_group_size: int = knob(128, "weights per scale of int8 / int4 quantization")
 
     def __post_init__(self):
-        for field in ("batch", "prompt_len", "gen_len", "tp", "pp", "replicas", "quant_group_size"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise PlanError(f"plan.{field}", f"must be a positive integer, got {value!r}",
-                                f"set {field} to an integer >= 1")
+        issues = [count_issue("plan", f, getattr(self, f))
+                  for f in ("batch", "prompt_len", "gen_len", "tp", "pp", "replicas", "quant_group_size")]
+        if any(issues):
+            raise PlanError.of([i for i in issues if i])
         if self.dtype not in DTYPES:
             raise PlanError("plan.dtype", f"unknown {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
         if self.kv_dtype is None:
@@ -251,13 +250,11 @@ def _edge_comm_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, tp:
 
 
 def _prefill_layer_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile) -> float:
-    """One layer's prefill of one micro-batch on one device. FlashAttention-2 skips the key
-    blocks above the causal diagonal (Dao 2023, sec 3.1.1), so the attention core does
-    (s+1)/(2s) of the full s x s work."""
+    """One layer's prefill of one micro-batch on one device (the attention core at its
+    causal share, ops.causal_share)."""
     s = plan.prompt_len
     ops = _layer_ops(model, plan, Shard(plan.micro_batch, s, tp=plan.tp, dtype_bytes=plan.dtype_bytes))
-    causal = (s + 1) / (2 * s)
-    return (sum(_op_s(op, hw, plan.dtype) * (causal if op.attention_core else 1.0) for op in ops)
+    return (sum(_op_s(op, hw, plan.dtype) for op in ops)
             + _op_s(_kv_write(model, plan, plan.micro_batch * s), hw, plan.dtype)
             + hw.overhead.inference_layer_s(plan.tp, decode=False))
 

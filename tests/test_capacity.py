@@ -9,7 +9,7 @@ import pytest
 
 from meshplan.core.errors import PlanError
 from meshplan.hw_profiles.profile import load_profile
-from meshplan.planner.capacity import capacity_search, gpu_counts
+from meshplan.planner.capacity import capacity_search, gpu_counts, training
 from meshplan.planner.search import search
 from meshplan.simulator.model_spec import ZOO
 from meshplan.simulator.plan import Cluster
@@ -29,6 +29,15 @@ def test_gpu_counts_lists_and_doubling_ranges():
     with pytest.raises(PlanError) as err:
         gpu_counts("x,64-8", 8)                   # both wrong, both named
     assert len(err.value.issues) == 2
+
+
+def test_training_time_and_cost_by_hand():
+    # 1e9 tokens in batches of 4 x 1000 = 250,000 steps of 0.864 s = 216,000 s = 2.5 days;
+    # 64 GPUs x 60 h x 3 per GPU-hour = 11,520. A part-batch is a whole step.
+    t = training(1e9, 4, 1000, 0.864, 64, 3.0)
+    assert (t.steps, t.days, t.cost) == (250_000, pytest.approx(2.5), pytest.approx(11_520))
+    assert training(1e9 + 1, 4, 1000, 0.864, 64).steps == 250_001
+    assert training(1e9, 4, 1000, 0.864, 64).cost is None
 
 
 def test_smallest_count_meeting_the_deadline_is_the_brute_force_answer():

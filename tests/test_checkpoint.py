@@ -143,7 +143,7 @@ def test_sigkill_of_a_rank_mid_run_restarts_and_resumes(tmp_path):
         [sys.executable, "-m", "meshplan.cli", "run", "--model", config_json(tmp_path),
          "--gpus", "2", "--dp", "2", "--global-batch", "8", "--micro-batch", "2", "--seq-len", "16",
          "--dtype", "fp32", "--steps", str(steps), "--warmup", "0", "--checkpoint-dir",
-         str(tmp_path / "ck"), "--checkpoint-every", "3", "--max-restarts", "1", "--json"],
+         str(tmp_path / "ck"), "--checkpoint-every", "3", "--max-restarts", "1", "--json", "--no-probe"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, MESHPLAN_TEST_TAG=tag))
     deadline = time.monotonic() + 120

@@ -193,7 +193,8 @@ def test_two_nodes_with_rendezvous_match_single_process(config_json):
     port = _free_port()
     common = ("--model", config_json, "--gpus", "2", "--dp", "2", "--global-batch", "8",
               "--micro-batch", "2", "--seq-len", "32", "--dtype", "fp32", "--steps", str(STEPS),
-              "--warmup", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--json")
+              "--warmup", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--json",
+              "--no-probe")
     nodes = [subprocess.Popen(_cli(*common, "--node-rank", str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outputs = [node.communicate(timeout=240) for node in nodes]
@@ -211,7 +212,7 @@ def test_dead_rank_ends_run_naming_it(config_json):
     start = time.monotonic()
     proc = subprocess.run(_cli("--model", config_json, "--gpus", "2", "--dp", "2",
                                "--global-batch", "8", "--seq-len", "32", "--steps", "50",
-                               "--warmup", "1"),
+                               "--warmup", "1", "--no-probe"),
                           env=env, capture_output=True, text=True, timeout=60)
     elapsed_s = time.monotonic() - start
     assert proc.returncode == 1

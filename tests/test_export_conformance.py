@@ -99,7 +99,7 @@ DEEPSPEED_PLANS = [
     ("llama-2-7b", 16, plan(global_batch=32, dp=4, tp=2, pp=2, zero=1, dtype="fp16")),
     ("gpt3-175b", 64, plan(seq_len=2048, dp=1, tp=8, pp=8, sp=True, zero=1, dtype="fp16", recompute="full")),
     ("gpt3-175b", 64, plan(seq_len=2048, dp=64, zero=3, recompute="full")),
-    ("llama-3-70b", 64, plan(dp=4, tp=8, pp=2, sp=True, zero=1, recompute="selective")),
+    ("llama-3-70b", 64, plan(dp=4, tp=8, pp=2, sp=True, zero=1, recompute="selective", layer_partition=(40, 40))),
 ]
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,6 +29,7 @@ SMALL_MODEL = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads"
                "max_position_embeddings": 2048, "model_type": "llama"}
 BAD_VALUES = [0, -1, 1.5, float("nan"), float("inf"), 10 ** 30, "12", None, True, [], {}]
 MAX_CASE_S = 10.0
+MIXTRAL = Path(__file__).parent / "data/hf_configs/mixtral-8x7b.json"
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -114,7 +116,7 @@ def test_plan_and_whatif_with_generated_flags(data, tmp_path_factory):
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_serving_with_generated_flags(data):
-    argv = ["plan", "--mode", "inference", "--model", data.draw(st.sampled_from(["llama-2-7b", "mixtral-8x7b"])),
+    argv = ["plan", "--mode", "inference", "--model", data.draw(st.sampled_from(["llama-2-7b", str(MIXTRAL)])),
             "--hardware", data.draw(st.sampled_from(["a100-80gb", "h100-80gb"])),
             "--gpus", data.draw(st.sampled_from(["8", "0", "3", "16"])), "--json", "--top", "3"]
     argv += _flags(data.draw, ["batch", "prompt-len", "gen-len", "tp", "pp", "slo-ttft-ms", "slo-tpot-ms"])
@@ -208,3 +210,27 @@ def test_unwritable_outputs(where, tmp_path):
         target = blocker / "trace.json"
     check(["simulate", "--model", "llama-2-7b", "--gpus", "8", "--global-batch", "8", "--seq-len", "512",
            "--trace", str(target)])
+
+
+@pytest.mark.parametrize("case", ["holdout", "not-utf8-log", "gen-len", "busy-out"])
+def test_profile_and_serving_edges(case, tmp_path):
+    """--holdout beyond half, a non-UTF-8 nccl-tests log, a generation too long to bound, and a
+    second writer of one profile: each one error line, nothing written."""
+    log = tmp_path / "all_reduce_perf.txt"
+    log.write_bytes(b"\xff\xfe not a log")
+    out = tmp_path / "p.json"
+    if case == "holdout":
+        argv = ["profile", "--holdout", "0.999", "--out", str(out)]
+    elif case == "not-utf8-log":
+        argv = ["profile", "--import-nccl-tests", str(log), "--base", "a100-80gb", "--out", str(out)]
+    elif case == "gen-len":
+        argv = ["simulate", "--mode", "inference", "--model", "llama-2-7b", "--gpus", "1", "--batch", "1",
+                "--prompt-len", "128", "--gen-len", "2147483648", "--json"]
+    else:
+        import os
+        (tmp_path / ".p.json.lock").write_text(str(os.getpid()))  # a live process holds it
+        argv = ["profile", "--import-nccl-tests", str(Path(__file__).parent / "data/nccl/all_reduce_perf_8xA100.txt"),
+                "--base", "a100-80gb", "--out", str(out)]
+    code, _, err = run_cli(argv)
+    assert code == 2 and len([line for line in err.splitlines() if "error:" in line]) == 1, err
+    assert not out.exists()

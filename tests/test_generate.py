@@ -145,7 +145,7 @@ def test_run_inference_json_keys_and_record(config_json, tmp_path):
         [sys.executable, "-m", "meshplan.cli", "run", "--mode", "inference", "--model",
          config_json, "--hardware", "local", "--gpus", "2", "--tp", "2", "--batch", "4",
          "--prompt-len", "16", "--gen-len", "6", "--warmup", "1", "--repeats", "2", "--json",
-         "--record", str(record_path)],
+         "--record", str(record_path), "--no-probe"],
         capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)

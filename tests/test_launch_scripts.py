@@ -87,7 +87,7 @@ def test_slurm_script_runs_meshplan_run_through_srun(tmp_path):
     "node" on this machine, and the two ranks meet at the rendezvous the script sets up."""
     out = meshplan("run", "--model", str(TINY), "--gpus", "2", "--gpus-per-node", "1",
                    "--global-batch", "8", "--micro-batch", "2", "--seq-len", "64", "--steps", "4",
-                   "--warmup", "1", "--record", "record.json", "--launch-script", "slurm")
+                   "--warmup", "1", "--record", "record.json", "--launch-script", "slurm", "--no-probe")
     assert out.returncode == 0, out.stderr
     script = out.stdout
     assert sbatch_options(script)["nodes"] == "2" and sbatch_options(script)["gpus-per-node"] == "1"

@@ -23,6 +23,7 @@ from meshplan.executor.options import RunOptions
 from meshplan.executor.records import RunRecord
 from meshplan.cli import main
 from meshplan.core.errors import PlanError
+from meshplan.hw_profiles.profile import load_profile
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
 
@@ -133,11 +134,13 @@ def test_json_keys_and_record(config_json, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "meshplan.cli", "run", "--model", config_json, "--gpus", "2",
          "--dp", "2", "--global-batch", "4", "--micro-batch", "1", "--seq-len", "16",
-         "--steps", "4", "--warmup", "1", "--json", "--record", str(record_path)],
+         "--steps", "4", "--warmup", "1", "--json", "--record", str(record_path), "--no-probe"],
         capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "run dp2" not in proc.stderr  # no progress bar with --json or off a terminal
+    assert "probe" not in proc.stderr
     out = json.loads(proc.stdout)
+    assert "probe" not in out and "rescaled" not in out
     assert out["plan"]["dp"] == 2 and out["world_size"] == 2
     assert out["profile"] == "local"
     assert out["dtype"] == "fp32"  # a bf16 plan runs its compute in fp32 on CPU
@@ -156,6 +159,29 @@ def test_json_keys_and_record(config_json, tmp_path):
     assert record.losses == tuple(out["losses"])
     assert record.dtype_requested == "bf16"
     assert record.summary_json() == out
+
+
+@pytest.mark.slow
+def test_probe_and_rescaled_prediction(config_json):
+    """The probe (GEMM, add, layer overhead; no collective for one rank) against the local
+    profile before the run, and with --rescale the prediction on the rescaled profile beside
+    the stock one."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshplan.cli", "run", "--model", config_json, "--gpus", "1",
+         "--global-batch", "2", "--seq-len", "16", "--steps", "3", "--warmup", "1", "--json",
+         "--rescale"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "meshplan run: probe (measured / profiled): GEMM x" in proc.stderr
+    out = json.loads(proc.stdout)
+    probe = out["probe"]
+    assert all(probe[k] > 0 for k in ("gemm", "memory", "overhead")) and probe["collective"] is None
+    assert probe["band"] == pytest.approx(load_profile("local").relative_error_band()[1])
+    rescaled = out["rescaled"]
+    assert rescaled["profile"] == probe["rescaled_profile"] and rescaled["profile"].startswith("local[")
+    assert out["profile"] == "local" and out["predicted_step_time_s"] > 0
+    assert rescaled["predicted_step_time_s"] > 0
+    assert rescaled["predicted_step_time_s"] != out["predicted_step_time_s"]
+    assert rescaled["predicted_peak_memory_bytes"] == out["predicted_peak_memory_bytes"]
 
 
 def _drain(fd: int) -> None:
@@ -191,7 +217,7 @@ def test_ctrl_c_stops_every_rank(config_json):
     terminal, stderr = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-c", script, "run", "--model", config_json,
                              "--gpus", "2", "--dp", "2", "--global-batch", "4", "--seq-len", "16",
-                             "--steps", "100000", "--warmup", "1"],
+                             "--steps", "100000", "--warmup", "1", "--no-probe"],
                             stderr=stderr, env=env)
     os.close(stderr)
     seen, deadline = b"", time.monotonic() + 120
@@ -213,7 +239,7 @@ def _start_long_run(config_json: str, tag: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "meshplan.cli", "run", "--model", config_json, "--gpus", "2",
          "--dp", "2", "--global-batch", "4", "--seq-len", "16", "--steps", "100000",
-         "--warmup", "1"], stderr=subprocess.PIPE, text=True,
+         "--warmup", "1", "--no-probe"], stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, MESHPLAN_TEST_TAG=tag))
 
 
@@ -265,7 +291,7 @@ def test_a_node_that_finds_no_rendezvous_fails_with_a_message(config_json):
     proc = subprocess.run(
         [sys.executable, "-m", "meshplan.cli", "run", "--model", config_json, "--gpus", "2",
          "--dp", "2", "--global-batch", "4", "--seq-len", "16", "--nnodes", "2", "--node-rank", "1",
-         "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-timeout-s", "3"],
+         "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-timeout-s", "3", "--no-probe"],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert time.monotonic() - start < 60

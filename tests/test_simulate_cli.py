@@ -104,8 +104,9 @@ def test_plan_inference_meets_slos_and_emits_vllm():
     per_gpu = [p["throughput_tokens_per_s"] for p in plans]
     assert per_gpu == sorted(per_gpu, reverse=True)  # all plans use the 8 GPUs
     vllm = meshplan(*args, "--emit", "vllm")
-    assert vllm.returncode == 0 and vllm.stdout.startswith("vllm serve ")
-    assert f"--tensor-parallel-size {plans[0]['plan']['tp']}" in vllm.stdout
+    assert vllm.returncode == 0 and vllm.stdout.startswith("#!/usr/bin/env bash")
+    assert 'exec vllm serve "${ARGS[@]}"' in vllm.stdout
+    assert f"--tensor-parallel-size {plans[0]['plan']['tp']}\n" in vllm.stdout
     assert meshplan("plan", "--model", "llama-3-70b", "--gpus", "8", "--global-batch", "8",
                     "--seq-len", "512", "--emit", "vllm").returncode == 2
 

@@ -33,6 +33,13 @@ def test_report_is_self_contained(report):
     assert "llama-2-7b" in text
 
 
+def test_without_tokens_no_training_chart_and_the_page_says_how(report):
+    text = report.read_text()
+    assert "<h2>Time and cost to train</h2>" not in text
+    assert '"MFU","peak GiB"]}' in text        # the table's header ends before days and cost
+    assert "--tokens" in text and "--gpu-hour-price" in text
+
+
 def _chart_sections(dom: str) -> dict:
     starts = [(m.group(1), m.start()) for m in re.finditer(r'<div id="(chart-\d+)"', dom)]
     return {name: dom[start:(starts[i + 1][1] if i + 1 < len(starts) else len(dom))]

@@ -14,13 +14,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.stats import spearmanr
 
+from meshplan.calibration.probe import repredicted
 from meshplan.executor.launch import launch_train_many
 from meshplan.executor.options import RunOptions
 from meshplan.executor.records import RunRecord
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator.plan import Cluster, Plan
-from meshplan.simulator.train import simulate
 
 # A Llama-style model whose step takes ~0.1-0.5 s on one thread per rank: long enough to
 # time well, short enough for the whole suite to run in a few minutes.
@@ -114,9 +114,9 @@ def run_suite(options: RunOptions, names: tuple[str, ...] | None = None,
 def repredict(runs: list[ValidationRun], hw: HardwareProfile) -> list[ValidationRun]:
     """The runs with their predictions made again on `hw` (e.g. a profile rescaled by a
     probe of the machine), the measurements kept."""
-    return [ValidationRun(run.name, replace(run.record, profile=hw.name, prediction=simulate(
-        run.record.model, run.record.plan, Cluster(run.record.world_size, run.record.world_size),
-        hw).to_json())) for run in runs]
+    return [ValidationRun(run.name, repredicted(run.record, Cluster(run.record.world_size,
+                                                                 run.record.world_size), hw))
+            for run in runs]
 
 
 def error_stats(predicted: list[float], measured: list[float], errors: list[float]) -> dict:

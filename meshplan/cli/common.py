@@ -152,7 +152,7 @@ def cluster_from_args(args: argparse.Namespace, default_gpus_per_node: int) -> C
             raise PlanError("cluster.num_gpus", f"{gpus!r} is not one GPU count",
                             "pass --gpus N, or add --tokens to choose among several counts")
         gpus = int(gpus)
-    per_node = args.gpus_per_node or min(default_gpus_per_node, gpus)
+    per_node = args.gpus_per_node or min(default_gpus_per_node, max(gpus, 1))
     return Cluster(num_gpus=gpus, gpus_per_node=per_node)
 
 
@@ -172,3 +172,25 @@ def load_model_arg(args: argparse.Namespace) -> ModelSpec:
         print(f"meshplan {args.command}: note: {args.model}: ignored keys (they change no cost): "
               f"{', '.join(loaded.ignored_keys)}", file=sys.stderr)
     return loaded.spec
+
+
+def add_probe_args(parser: argparse.ArgumentParser) -> None:
+    """--no-probe and --rescale: the few seconds' probe of this machine before running."""
+    parser.add_argument("--no-probe", dest="probe", action="store_false",
+                        help="skip the few seconds' probe of this machine against the profile")
+    parser.add_argument("--rescale", action="store_true",
+                        help="also predict with the profile's speed terms rescaled by the probe, and "
+                             "report both")
+
+
+def probe_machine(args: argparse.Namespace, hw, collective: bool):
+    """calibration.probe.check_drift of this machine against `hw` unless --no-probe (and no
+    --rescale), its verdict on stderr; None when not probed."""
+    if not (args.probe or args.rescale):
+        return None
+    from meshplan.calibration.probe import check_drift
+    from meshplan.executor.launch import device_type
+
+    drift = check_drift(hw, device_type(), args.rescale, collective)
+    print(f"meshplan {args.command}: {drift.text()}", file=sys.stderr)
+    return drift

@@ -3,6 +3,7 @@ collectives from nccl-tests logs, or write a profile's calibration report."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -12,7 +13,7 @@ from meshplan.core.progress import wanted
 
 from meshplan.cli import common as common
 from meshplan.core.io import write_atomic
-from meshplan.core.errors import ProfileError
+from meshplan.core.errors import OutputError, ProfileError
 
 
 def register(subparsers) -> None:
@@ -50,8 +51,8 @@ def _check(args: argparse.Namespace) -> None:
     if args.quick and (args.import_nccl_tests or args.report):
         raise ProfileError("--quick", "only used when measuring this machine",
                            "drop --quick with --import-nccl-tests or --report")
-    if not 0.0 <= args.holdout < 1.0:
-        raise ProfileError("--holdout", f"{args.holdout} is outside [0, 1)", "pass e.g. --holdout 0.2")
+    if not 0.0 <= args.holdout <= 0.5:  # the fit keeps at least half of each curve's samples
+        raise ProfileError("--holdout", f"{args.holdout} is outside [0, 0.5]", "pass e.g. --holdout 0.2")
     if not args.report and not args.out.endswith(".json"):
         raise ProfileError("--out", f"{args.out!r} does not end in .json",
                            "pass the profile's path, e.g. --out hw_profiles/local.json")
@@ -61,9 +62,49 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     if args.report:
         return run_report(args)
-    if args.import_nccl_tests:
-        return run_import(args)
-    return run_measure(args)
+    with _claimed(Path(args.out)):
+        return run_import(args) if args.import_nccl_tests else run_measure(args)
+
+
+@contextlib.contextmanager
+def _claimed(out: Path):
+    """Hold `.<name>.lock` beside --out while measuring and writing, so that a second
+    `meshplan profile` writing the same profile is refused at once (a lock whose process is
+    gone is taken over); an unwritable folder is refused before any measuring."""
+    lock = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                holder = lock.read_text().strip()
+                if holder.isdigit() and _alive(int(holder)):
+                    raise ProfileError("--out", f"another meshplan profile (pid {holder}) is writing "
+                                       f"{out}", "wait for it, or write another --out") from None
+                lock.unlink(missing_ok=True)
+        else:
+            raise FileExistsError(17, f"{lock} keeps reappearing")
+    except OSError as exc:
+        raise OutputError(str(out), f"cannot be written ({exc.strerror or exc})",
+                          "give a profile path in a folder you can write") from None
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _name(args: argparse.Namespace) -> str:
@@ -76,7 +117,6 @@ def _save_pair(profile, samples, machine, out: Path) -> None:
     from meshplan.calibration.measure.run import save_samples
     from meshplan.hw_profiles.profile import samples_path
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp_samples, tmp_profile = Path(tmp) / "samples.json", Path(tmp) / "profile.json"
         save_samples(samples, tmp_samples, machine)

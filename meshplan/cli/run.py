@@ -49,6 +49,7 @@ def register(subparsers) -> None:
     faults.add_argument("--max-restarts", type=int, default=0,
                         help="torchrun restarts every rank up to N times after a failure, each "
                              "time from the newest checkpoint (needs --checkpoint-dir)")
+    common.add_probe_args(parser)
     parser.add_argument("--json", action="store_true", help="print predicted vs measured as JSON")
     parser.add_argument("--record", help="write the full run record (JSON) to this path")
     parser.add_argument("--launch-script", choices=launch_scripts.KINDS,
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
                          rdzv_timeout_s=args.rdzv_timeout_s, progress=wanted(args.json),
                          checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                          resume=args.resume, max_restarts=args.max_restarts)
-    return report(args, lambda: launch_train(model, plan, cluster, options), print_summary)
+    return report(args, cluster, lambda checked: launch_train(model, plan, cluster, options, checked),
+                  print_summary)
 
 
 PLAN_FILE = "meshplan-plan.json"
@@ -110,6 +112,8 @@ def run_launch(args: argparse.Namespace, model, plan, cluster) -> launch_scripts
     words += ["--data", path(args.data)] if args.data else []
     words += ["--record", args.record] if args.record else []
     words += ["--json"] if args.json else []
+    words += ["--no-probe"] if not args.probe else []
+    words += ["--rescale"] if args.rescale else []
     return launch_scripts.Launch(
         name="meshplan-run", header=f"meshplan run: {model.name}, {plan.world_size} ranks on "
         f"{cluster.num_nodes} node(s) of {cluster.ranks_per_node}", nnodes=cluster.num_nodes,
@@ -117,23 +121,60 @@ def run_launch(args: argparse.Namespace, model, plan, cluster) -> launch_scripts
         args=tuple(words), files=((PLAN_FILE, dump_json(plan.to_dict())),))
 
 
-def report(args: argparse.Namespace, launch_run, print_table) -> int:
-    """Launch, then write the record (--record) and print the summary (--json or a table);
-    a failed run is one line on stderr and exit code 1."""
+def report(args: argparse.Namespace, cluster: Cluster, launch_run, print_table) -> int:
+    """Launch (once the run has passed its checks, probe the machine against the profile:
+    common.probe_machine), then write the record (--record) and print the summary (--json
+    or a table), with the prediction on the rescaled profile beside the stock one under
+    --rescale; a failed run is one line on stderr and exit code 1."""
+    from meshplan.calibration.probe import repredicted
     from meshplan.executor.launch import RunFailed
+    from meshplan.hw_profiles.profile import load_profile
 
+    drifts = []
     try:
-        record = launch_run()
+        record = launch_run(lambda: drifts.append(common.probe_machine(
+            args, load_profile(args.hardware), collective=cluster.ranks_per_node > 1)))
     except RunFailed as exc:
         print(f"meshplan run: run failed: {exc}", file=sys.stderr)
         return 1
+    drift = drifts[0] if drifts else None
+    rescaled = (repredicted(record, cluster, drift.rescaled)
+                if drift is not None and drift.rescaled is not None else None)
     if args.record:
         write_atomic(args.record, dump_json(record.to_json()))
     if args.json:
-        sys.stdout.write(dump_json(record.summary_json()))
+        sys.stdout.write(dump_json(summary_json(record, drift, rescaled)))
     else:
-        print_table(record)
+        print_table(record, rescaled)
     return 0
+
+
+def summary_json(record, drift, rescaled) -> dict:
+    """What --json prints: the record's summary, the probe's ratios (with --no-probe:
+    absent) and the predictions on the rescaled profile (with --rescale)."""
+    out = record.summary_json()
+    if drift is not None:
+        out["probe"] = drift.to_json()
+    if rescaled is not None:
+        out["rescaled"] = {k: v for k, v in rescaled.summary_json().items()
+                           if k.startswith("predicted_") or k in ("profile", "prediction_note")}
+    return out
+
+
+def prediction_columns(table, rescaled) -> None:
+    """The columns of a predicted-vs-measured table: stock prediction, the rescaled one
+    (with --rescale), measurement."""
+    for col in ("", "predicted", *(("predicted, rescaled",) if rescaled else ()), "measured"):
+        table.add_column(col, justify="right")
+
+
+def show(table, rescaled) -> None:
+    """Print the table, and under it the rescaled profile's name (its factors)."""
+    from rich.console import Console
+
+    Console().print(table)
+    if rescaled is not None:
+        print(f"rescaled: profile {rescaled.profile}")
 
 
 def dtype_label(record) -> str:
@@ -142,31 +183,33 @@ def dtype_label(record) -> str:
     return ran if ran == record.dtype_requested else f"{ran}, {record.dtype_requested} requested"
 
 
-def print_summary(record) -> None:
-    from rich.console import Console
+def print_summary(record, rescaled=None) -> None:
     from rich.table import Table
 
     mib = 2 ** 20
     summary = record.summary_json()
+    predictions = [r.summary_json() for r in (record, rescaled) if r is not None]
     plan = record.plan
     ran = dtype_label(record)
     table = Table(title=f"{record.model.name}: {record.world_size} ranks on {record.device} "
                         f"({ran}), profile {record.profile}")
-    for col in ("", "predicted", "measured"):
-        table.add_column(col, justify="right")
+    prediction_columns(table, rescaled)
 
     def fmt(value, unit_scale=1.0, spec=".4f"):
         return "n/a" if value is None else format(value / unit_scale, spec)
 
+    def tokens_per_s(step_s):
+        return plan.global_batch * plan.seq_len / step_s if step_s else None
+
     spread = summary["step_time_spread_s"]
-    table.add_row("step time (s)", fmt(summary["predicted_step_time_s"]),
+    table.add_row("step time (s)", *(fmt(p["predicted_step_time_s"]) for p in predictions),
                   f"{summary['measured_step_time_s']:.4f} (IQR {spread:.4f})")
-    predicted_tps = (plan.global_batch * plan.seq_len / summary["predicted_step_time_s"]
-                     if summary["predicted_step_time_s"] else None)
-    table.add_row("tokens/s", fmt(predicted_tps, spec=",.0f"), f"{summary['tokens_per_s']:,.0f}")
-    table.add_row("peak memory (MiB)", fmt(summary["predicted_peak_memory_bytes"], mib, ".1f"),
+    table.add_row("tokens/s", *(fmt(tokens_per_s(p["predicted_step_time_s"]), spec=",.0f")
+                                for p in predictions), f"{summary['tokens_per_s']:,.0f}")
+    table.add_row("peak memory (MiB)", *(fmt(p["predicted_peak_memory_bytes"], mib, ".1f")
+                                         for p in predictions),
                   f"{summary['measured_peak_memory_bytes'] / mib:.1f}")
-    Console().print(table)
+    show(table, rescaled)
     losses = summary["losses"]
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
     if record.prediction_note:
@@ -202,24 +245,23 @@ def run_inference(args: argparse.Namespace) -> int:
     options = ServeOptions(warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                            profile=args.hardware, timeout_s=args.timeout_s,
                            rdzv_timeout_s=args.rdzv_timeout_s, progress=wanted(args.json))
-    return report(args, lambda: launch_serve(model, plan, cluster, options),
+    return report(args, cluster, lambda checked: launch_serve(model, plan, cluster, options, checked),
                   print_inference_summary)
 
 
-def print_inference_summary(record) -> None:
-    from rich.console import Console
+def print_inference_summary(record, rescaled=None) -> None:
     from rich.table import Table
 
     mib = 2 ** 20
     s = record.summary_json()
+    predictions = [r.summary_json() for r in (record, rescaled) if r is not None]
     plan = record.plan
     ran = dtype_label(record)
     table = Table(title=f"{record.model.name} serving: {record.world_size} ranks on "
                         f"{record.device} ({ran}), profile {record.profile}; tp {plan.tp} pp "
                         f"{plan.pp} replicas {plan.replicas}, batch {plan.batch}, prompt "
                         f"{plan.prompt_len}, gen {plan.gen_len}")
-    for col in ("", "predicted", "measured"):
-        table.add_column(col, justify="right")
+    prediction_columns(table, rescaled)
 
     def fmt(value, scale=1.0, spec=".2f"):
         return "n/a" if value is None else format(value * scale, spec)
@@ -232,9 +274,9 @@ def print_inference_summary(record) -> None:
             ("KV cache per rank (MiB)", "kv_cache_bytes", 1 / mib, ".2f"),
             ("peak memory (MiB)", "peak_memory_bytes", 1 / mib, ".2f"))
     for label, key, scale, spec in rows:
-        table.add_row(label, fmt(s[f"predicted_{key}"], scale, spec),
+        table.add_row(label, *(fmt(p[f"predicted_{key}"], scale, spec) for p in predictions),
                       fmt(s[f"measured_{key}"], scale, spec))
-    Console().print(table)
+    show(table, rescaled)
     rss = max(m["max_rss_bytes"] for m in record.memory_by_rank)
     print(f"measured memory: {s['memory_method']}; peak RSS {rss / mib:.0f} MiB")
     print(f"first sequence's tokens: {s['generated_tokens'][0]}")

@@ -33,11 +33,7 @@ def register(subparsers) -> None:
                         help="refit the profile from half the runs; report before/after on the other half")
     parser.add_argument("--refit-out", default="out/validate/local-refit.json",
                         help="where the refitted profile is written")
-    parser.add_argument("--no-probe", dest="probe", action="store_false",
-                        help="skip the few seconds' probe of this machine against the profile")
-    parser.add_argument("--rescale", action="store_true",
-                        help="also predict with the profile's speed terms rescaled by the probe, and "
-                             "report both")
+    common.add_probe_args(parser)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.set_defaults(handler=run)
 
@@ -71,11 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise PlanError("--rounds", f"must be at least 1, got {args.rounds}", "pass --rounds 1 or more")
     options = RunOptions(steps=args.steps, warmup=args.warmup, profile=args.hardware,
                          progress=wanted(args.json))
-    probed = None
-    if args.probe or args.rescale:
-        from meshplan.calibration.probe import probe
-        probed = probe(hw, collective=True)
-        print(f"meshplan validate: {probed.text()}", file=sys.stderr)
+    drift = common.probe_machine(args, hw, collective=True)
     runs = run_suite(options, names, rounds=args.rounds)
     stats = summary(runs)
     out = Path(args.out_dir)
@@ -84,11 +76,11 @@ def run(args: argparse.Namespace) -> int:
                f"meshplan validate ({hw.name})")
     result = {"runs": [r.to_json() for r in runs], **stats,
               "csv": str(out / "validate.csv"), "html": str(out / "validate.html")}
-    if probed is not None:
-        result["probe"] = probed.to_json()
-    if args.rescale:
+    if drift is not None:
+        result["probe"] = drift.to_json()
+    if drift is not None and drift.rescaled is not None:
         from meshplan.validation.suite import repredict
-        rescaled = repredict(runs, probed.rescaled(hw))
+        rescaled = repredict(runs, drift.rescaled)
         result["rescaled"] = {"runs": [r.to_json() for r in rescaled], **summary(rescaled)}
     if args.refit:
         from meshplan.calibration.refit import refit

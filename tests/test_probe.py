@@ -1,0 +1,136 @@
+"""The machine probe shared by `meshplan run` and `meshplan validate` (calibration/probe.py):
+a stub measurement in, ratios, drift verdict and rescaled profile out, checked by hand;
+skipped for CUDA ranks and non-CPU profiles; a run's prediction made again on the rescaled
+profile. The real measurement runs in tests/test_run_cli.py."""
+from __future__ import annotations
+
+import pytest
+
+from meshplan.calibration.probe import (ADD_ELEMENTS, COLLECTIVE_BYTES, GEMM, Measurement, Probe,
+                                        check_drift, repredicted)
+from meshplan.executor.records import RunRecord
+from meshplan.hw_profiles.profile import load_profile
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import Cluster, Plan
+from meshplan.simulator.train import simulate
+
+LOCAL = load_profile("local")
+FP32_ADD_BYTES = 3 * 4 * ADD_ELEMENTS  # two fp32 operands read, one written
+
+
+def stub(gemm: float, memory: float, overhead: float, collective: float | None):
+    """A measurement `gemm` x, `memory` x, ... what the local profile predicts."""
+    def measured(with_collective: bool) -> Measurement:
+        return Measurement(
+            gemm * float(LOCAL.gemm_time_s(GEMM.m, GEMM.n, GEMM.k, "fp32")),
+            memory * float(LOCAL.memory_bound_time_s(FP32_ADD_BYTES, "fp32", "add")), FP32_ADD_BYTES,
+            overhead * LOCAL.overhead.layer_forward_s,
+            collective * float(LOCAL.collective_time_s("all_reduce", COLLECTIVE_BYTES, 2, 2))
+            if with_collective else None)
+    return measured
+
+
+def test_ratios_verdict_and_rescaled_profile_by_hand():
+    drift = check_drift(LOCAL, "cpu", rescale=True, collective=True,
+                        measured=stub(gemm=2.0, memory=1.7, overhead=3.0, collective=0.4))
+    probe, hw = drift.probe, drift.rescaled
+    assert (probe.gemm, probe.memory, probe.overhead, probe.collective) == pytest.approx((2, 1.7, 3, 0.4))
+    assert probe.band == LOCAL.relative_error_band()[1]  # p95 0.56: each ratio is beyond it
+    assert probe.drifted == ["gemm", "memory-bound", "layer overhead", "collective"]
+    # a machine twice as slow at GEMMs: half the FLOP/s; 1.7x slower adds: bandwidth / 1.7
+    assert hw.peak_flops["fp32"] == pytest.approx(LOCAL.peak_flops["fp32"] / 2)
+    assert hw.hbm_bytes_per_s == pytest.approx(LOCAL.hbm_bytes_per_s / 1.7)
+    assert hw.overhead.layer_forward_s == pytest.approx(3 * LOCAL.overhead.layer_forward_s)
+    assert hw.overhead.decode_layer_s == pytest.approx(3 * LOCAL.overhead.decode_layer_s)
+    # collectives at 0.4x the time: latency x0.4 and bandwidth x2.5, so every time x0.4
+    for size in (1 << 10, COLLECTIVE_BYTES, 1 << 26):
+        assert float(hw.collective_time_s("all_reduce", size, 2, 2)) == pytest.approx(
+            0.4 * float(LOCAL.collective_time_s("all_reduce", size, 2, 2)))
+    assert hw.memory_bytes == LOCAL.memory_bytes
+    assert hw.name.startswith("local[") and drift.to_json()["rescaled_profile"] == hw.name
+    assert drift.to_json()["gemm"] == pytest.approx(2.0) and drift.note == ""
+    assert "drifted beyond the profile's" in drift.text()
+
+
+def test_within_the_band_and_no_collective_without_rescale():
+    drift = check_drift(LOCAL, "cpu", rescale=False, collective=False,
+                        measured=stub(gemm=1.0, memory=1.0, overhead=1.0, collective=None))
+    assert drift.rescaled is None and drift.probe.collective is None
+    assert drift.probe.drifted == [] and "within the profile's" in drift.text()
+    assert drift.to_json()["collective"] is None and drift.to_json()["rescaled_profile"] is None
+
+
+def test_band_edge():
+    probe = Probe(gemm=1.25, memory=0.85, overhead=1.0, collective=None, band=0.2)
+    assert probe.drifted == ["gemm"]
+
+
+def _never(_collective: bool) -> Measurement:
+    raise AssertionError("the probe measured where it cannot speak for the ranks")
+
+
+@pytest.mark.parametrize("hw, device, why", [
+    (LOCAL, "cuda", "the ranks run on cuda"),
+    (load_profile("a100-80gb"), "cpu", "profile a100-80gb was not measured on CPU ranks"),
+])
+def test_skipped_with_a_note(hw, device, why):
+    drift = check_drift(hw, device, rescale=True, collective=True, measured=_never)
+    assert drift.probe is None and drift.rescaled is None
+    assert drift.text().startswith(f"probe skipped: {why}")
+    assert drift.to_json() == {"note": drift.note, "rescaled_profile": None}
+
+
+def test_repredicted_keeps_the_measurement():
+    model = ModelSpec("tiny", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
+                      ffn_hidden_size=128, vocab_size=256, max_seq_len=64)
+    plan = Plan(dp=2, global_batch=4, micro_batch=1, seq_len=32, dtype="fp32")
+    cluster = Cluster(2, 2)
+    record = RunRecord(model=model, plan=plan, dtype_requested="fp32", device="cpu", world_size=2,
+                       profile="local", prediction=simulate(model, plan, cluster, LOCAL).to_json(),
+                       prediction_note="", losses=(5.0, 4.0), step_times_s=(0.2, 0.1), warmup=1,
+                       memory_by_rank=({"peak_bytes": 1},) * 2, seed=0, lr=1e-3, data=None)
+    slower = check_drift(LOCAL, "cpu", rescale=True, collective=False,
+                         measured=stub(gemm=2.0, memory=2.0, overhead=2.0, collective=None)).rescaled
+    again = repredicted(record, cluster, slower)
+    assert again.profile == slower.name and again.step_times_s == record.step_times_s
+    assert again.predicted_step_time_s == pytest.approx(simulate(model, plan, cluster, slower).step_time_s)
+    # compute and host overhead twice as slow, gloo collectives as profiled: between 1x and 2x
+    assert record.predicted_step_time_s < again.predicted_step_time_s < 2 * record.predicted_step_time_s
+    assert again.predicted_peak_memory_bytes == record.predicted_peak_memory_bytes
+
+
+def test_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, tmp_path, capsys):
+    """`meshplan validate --rescale --json` through the same check_drift / repredicted as
+    `meshplan run`: a stub measurement, two recorded runs instead of the suite."""
+    import json
+
+    from meshplan.calibration import probe as probe_module
+    from meshplan.cli import main
+    from meshplan.executor import launch
+    from meshplan.validation import suite
+    from meshplan.validation.suite import VALIDATION_MODEL, ValidationRun
+
+    def recorded(name: str, plan: Plan, step_s: float) -> ValidationRun:
+        prediction = simulate(VALIDATION_MODEL, plan, Cluster(2, 2), LOCAL).to_json()
+        return ValidationRun(name, RunRecord(
+            model=VALIDATION_MODEL, plan=plan, dtype_requested="fp32", device="cpu", world_size=2,
+            profile="local", prediction=prediction, prediction_note="", losses=(8.0,),
+            step_times_s=(step_s, step_s), warmup=1,
+            memory_by_rank=({"peak_bytes": prediction["peak_memory_bytes"]},) * 2, seed=0, lr=1e-3,
+            data=None))
+
+    runs = [recorded(name, plan, 0.3) for name, plan in suite.SUITE[:2]]
+    monkeypatch.setattr(suite, "run_suite", lambda *_a, **_k: runs)
+    monkeypatch.setattr(probe_module, "measure", stub(gemm=2.0, memory=2.0, overhead=2.0, collective=1.0))
+    monkeypatch.setattr(launch, "device_type", lambda: "cpu")
+    code = main(["validate", "--plans", "dp2,dp2 zero1", "--rescale", "--json", "--out-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert err.startswith("meshplan validate: probe (measured / profiled): GEMM x2.00")
+    result = json.loads(out)
+    assert result["probe"]["gemm"] == pytest.approx(2.0) and result["probe"]["collective"] == pytest.approx(1.0)
+    again = result["rescaled"]["runs"]
+    assert [r["profile"] for r in again] == [result["probe"]["rescaled_profile"]] * 2
+    for stock, rescaled in zip(result["runs"], again):
+        assert rescaled["measured_step_time_s"] == stock["measured_step_time_s"] == pytest.approx(0.3)
+        assert rescaled["predicted_step_time_s"] > stock["predicted_step_time_s"]
