@@ -125,7 +125,7 @@ def test_run_inference_int8_cli(tmp_path):
         [sys.executable, "-m", "meshplan.cli", "run", "--mode", "inference", "--model", str(config),
          "--hardware", "local", "--gpus", "1", "--batch", "4", "--prompt-len", "24", "--gen-len", "12",
          "--quantization", "int8", "--quant-group-size", str(GROUP), "--seed", "1", "--warmup", "0",
-         "--repeats", "1", "--json"], capture_output=True, text=True, timeout=180)
+         "--repeats", "1", "--no-probe", "--json"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["plan"]["quantization"] == "int8"
