@@ -9,7 +9,8 @@ deployment of tp x pp x replicas ranks, and a Generation runs one greedy generat
 - tensor parallel: training's apply_tp without sequence parallelism (DTensor; column-parallel
   Q/K/V, MLP up/gate, row-parallel out/down with local outputs, so attention and the KV
   cache hold this rank's heads; vocab-parallel embedding; the head's logits are gathered
-  whole, so the argmax sees the full vocabulary);
+  whole, so the argmax sees the full vocabulary; MoE layers route every token on every
+  rank through its share of each expert's width, moe.shard_expert_width);
 - pipeline parallel: each rank holds a contiguous range of layers (pipeline.split_stage) and
   passes its hidden states to the next stage with point-to-point isend / recv; the last
   stage sends each new token back to the first. torch.distributed.pipelining is not used:

@@ -109,6 +109,9 @@ class MoE(nn.Module):
         # Under sequence parallelism each TP rank routes its own tokens (apply_tp): the
         # router's and shared experts' gradients are then summed over this group.
         self.tp_group: dist.ProcessGroup | None = None
+        # Serving TP without SP: each rank holds 1/tp of every expert's width
+        # (shard_expert_width), and the routed partial sums are added over this group.
+        self.width_group: dist.ProcessGroup | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
@@ -126,6 +129,8 @@ class MoE(nn.Module):
             expert_parallel(self.experts, rows, counts, sharding.ep_group)
         out = out * weights.flatten()[order, None]
         routed = tokens.new_zeros(tokens.shape).index_add(0, source, out.to(tokens.dtype))
+        if self.width_group is not None:
+            dist.all_reduce(routed, group=self.width_group)
         if self.shared_experts is not None:
             shared = self.shared_experts(tokens)
             if self.shared_expert_gate is not None:
@@ -162,6 +167,19 @@ def shard_experts(moe: MoE, sharding: ExpertSharding) -> None:
         part = param.detach()[rank * local:(rank + 1) * local].clone()
         setattr(experts, name, nn.Parameter(part))
     experts.sharding = sharding
+
+
+def shard_expert_width(moe: MoE, group: dist.ProcessGroup) -> None:
+    """Keep this rank's 1/tp of every expert's MLP width (vLLM's FusedMoE under TP: w1, w3
+    split by output columns, w2 by input rows), for inference: the partial outputs are
+    all-reduced in MoE.forward, outside autograd."""
+    experts, tp, rank = moe.experts, dist.get_world_size(group), dist.get_rank(group)
+    for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
+        param = getattr(experts, name)
+        if param is not None:
+            setattr(experts, name, nn.Parameter(param.detach().chunk(tp, dim)[rank].clone(),
+                                                requires_grad=False))
+    moe.width_group = group
 
 
 def sharded_experts(module: nn.Module) -> list[GroupedExperts]:

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from meshplan.executor.model import Transformer
 from meshplan.executor.moe import (ExpertSharding, MoE, gather_experts, reduce_expert_gradients,
-                                   shard_experts, sharded_experts)
+                                   shard_expert_width, shard_experts, sharded_experts)
 from meshplan.core.mesh import Mesh
 from meshplan.simulator.plan import Plan
 
@@ -60,12 +60,22 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
                       "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
                       "attention.wv": ColwiseParallel(),
                       "attention.wo": RowwiseParallel(output_layouts=seq)}
-        if isinstance(layer.feed_forward, MoE):
+        moe = layer.feed_forward if isinstance(layer.feed_forward, MoE) else None
+        if moe is not None and sequence_parallel:
             # Megatron-Core's folding with etp 1: each TP rank routes its own sequence shard
             # through whole experts (split by apply_ep), on local tensors like the residual
             layer_plan["feed_forward"] = PrepareModuleInput(
                 input_layouts=(seq,), desired_input_layouts=(seq,), use_local_output=True)
-            layer.feed_forward.tp_group = tp_mesh.get_group()
+            moe.tp_group = tp_mesh.get_group()
+        elif moe is not None:
+            # serving: every rank routes every token through its share of each expert's
+            # width; shared experts as the dense MLP
+            shard_expert_width(moe, tp_mesh.get_group())
+            if moe.shared_experts is not None:
+                layer_plan.update({"feed_forward.shared_experts.w1": ColwiseParallel(),
+                                   "feed_forward.shared_experts.w2": RowwiseParallel()})
+                if moe.shared_experts.w3 is not None:
+                    layer_plan["feed_forward.shared_experts.w3"] = ColwiseParallel()
         else:
             layer_plan.update({"feed_forward": region, "feed_forward.w1": ColwiseParallel(),
                                "feed_forward.w2": RowwiseParallel(output_layouts=seq)})

@@ -296,9 +296,11 @@ def _shard_widths(m: ModelSpec, tp) -> np.ndarray:
 
 EXECUTOR_SERVING = (
     _model_rule("model"),
-    _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (x.tp == 1),
-          lambda x, m, c: "the executor does not tensor-shard mixture-of-experts layers when serving",
-          "use tp 1 for a model with experts"),
+    _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (
+              (m.moe_ffn_hidden_size % x.tp == 0) & (m.shared_ffn_size % x.tp == 0)),
+          lambda x, m, c: f"{x.tp} does not divide the experts' width {m.moe_ffn_hidden_size} and "
+          f"the shared experts' {m.shared_ffn_size} (the executor splits each expert over TP)",
+          "use a TP degree dividing both"),
     _rule("plan.quantization", "quantization", lambda x, m, c: np.isin(x.quantization, ("none", "int8")),
           lambda x, m, c: f"the executor serves unquantized or int8 weights, not {x.quantization}",
           "use quantization none or int8"),

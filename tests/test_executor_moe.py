@@ -169,3 +169,23 @@ def test_moe_plans_match_single_process(world, jobs, tmp_path):
         index, record = runs[job_id]
         assert record.world_size == world, job_id
         check_against_reference(tmp_path, index, record)
+
+
+@pytest.mark.slow
+def test_moe_serving_with_tp_matches_single_process():
+    """Serving splits each expert's width over TP (the shared expert as the dense MLP) or
+    keeps whole experts in each pipeline stage: greedy tokens equal the single-process
+    generation at tp 2 and at pp 2, and TP holds a share of the expert weights."""
+    from meshplan.executor.generate import generate, prompt_tokens
+    from meshplan.executor.launch import launch_serve_many
+    from meshplan.executor.options import ServeOptions
+    from meshplan.simulator.serve import InferencePlan
+    plans = [InferencePlan(batch=4, prompt_len=12, gen_len=8, dtype="fp32", **f)
+             for f in (dict(tp=2), dict(pp=2))]
+    records = launch_serve_many([(MOE, p) for p in plans], Cluster(2, 2),
+                                ServeOptions(warmup=0, repeats=1, seed=0))
+    expected = generate(build_model(MOE, 0).eval(), prompt_tokens(4, 12, MOE.vocab_size, 0), 8)
+    for p, record in zip(plans, records):
+        assert torch.equal(torch.tensor(record.tokens), expected), p
+    tp_weights = max(m["weights_bytes"] for m in records[0].memory_by_rank)
+    assert tp_weights < 0.75 * MOE.num_params() * 4
