@@ -100,7 +100,8 @@ class MoE(nn.Module):
 
     def __init__(self, spec: ModelSpec, shared: nn.Module | None):
         super().__init__()
-        self.num_experts, self.top_k, self.renormalise = spec.num_experts, spec.experts_per_token, spec.norm_topk_prob
+        self.num_experts, self.top_k = spec.num_experts, spec.experts_per_token
+        self.renormalise = spec.norm_topk_prob
         self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
         self.experts = GroupedExperts(spec, spec.num_experts)
         self.shared_experts = shared
