@@ -199,31 +199,42 @@ SERVING_HARDWARE = (
 )
 
 
-def _model_features(m: ModelSpec) -> list[str]:
-    """What of the model the executor's decoder (executor/model.py: full multi-head or
-    grouped-query attention, one norm before each block, dense or softmax-routed experts,
-    executor/moe.py) does not build."""
-    checks = ((m.num_experts > 0 and m.router != "softmax", f"{m.router}-scored expert routing"),
-              (m.num_experts > 0 and m.bias, "biases in experts"),
-              (m.kv_lora_rank > 0, "latent attention (MLA)"),
-              (m.sliding_window is not None, "sliding-window attention"), (m.qk_norm, "QK-norm"),
-              (m.sandwich_norm, "sandwich norms"), (m.qkv_bias or m.out_bias, "attention-only biases"),
-              (m.parallel_residual, "parallel residual"), (m.rotary_pct != 1.0, "partial rotary"),
-              (m.attn_softcap is not None or m.final_softcap is not None, "soft-capping"),
-              (m.head_dim is not None and m.head_dim * m.num_heads != m.hidden_size,
-               "head_dim other than hidden/heads"))
-    return [name for present, name in checks if present]
+def model_features(m: ModelSpec) -> dict[str, bool]:
+    """What a model has beyond a dense llama- or gpt2-style decoder (dense MLP, full multi-head
+    or grouped-query attention, one norm before each block), by name: present or not."""
+    return {"mixture-of-experts": m.num_experts > 0, "shared experts": m.num_shared_experts > 0,
+            "dense layers among the expert layers": bool(m.dense_layers),
+            "a sigmoid router": m.num_experts > 0 and m.router == "sigmoid",
+            "latent attention (MLA)": m.kv_lora_rank > 0,
+            "sliding-window attention": m.sliding_window is not None, "QK-norm": m.qk_norm,
+            "sandwich norms": m.sandwich_norm, "attention-only biases": m.qkv_bias or m.out_bias,
+            "an attention output bias": m.out_bias and not m.bias,
+            "parallel residual": m.parallel_residual, "partial rotary": m.rotary_pct != 1.0,
+            "soft-capping": m.attn_softcap is not None or m.final_softcap is not None,
+            "head_dim other than hidden/heads": m.head_dim is not None and m.head_dim * m.num_heads != m.hidden_size}
 
 
-def _model_rule(field: str) -> Rule:
-    return _rule(field, "", lambda x, m, c: not _model_features(m),
-                 lambda x, m, c: f"the executor's decoder does not build {', '.join(_model_features(m))}",
-                 "run a dense llama- or gpt2-style model; plan and simulate take this one")
+def _features_rule(field: str, who: str, builds: tuple[str, ...], fix: str) -> Rule:
+    """Refuses a model with a feature of model_features that is not in `builds`."""
+    def missing(m):
+        return [name for name, present in model_features(m).items() if present and name not in builds]
+    return _rule(field, "", lambda x, m, c: not missing(m),
+                 lambda x, m, c: f"{who} does not build {', '.join(missing(m))}", fix)
 
 
 # What the executor cannot run on this backend (torch 2.13, gloo on CPU).
+# executor/model.py builds a dense decoder, or softmax-routed experts without biases
+# (executor/moe.py) with shared experts and dense layers among them
+_EXECUTOR_MODEL = (
+    _features_rule("model", "the executor's decoder",
+                   ("mixture-of-experts", "shared experts", "dense layers among the expert layers"),
+                   "run a llama- or gpt2-style model, dense or with softmax-routed experts; plan "
+                   "and simulate take this one"),
+    _rule("model", "", lambda x, m, c: not (m.num_experts > 0 and m.bias),
+          lambda x, m, c: "the executor's experts have no biases", "run a model without biases"),
+)
 EXECUTOR_TRAINING = (
-    _model_rule("model"),
+    *_EXECUTOR_MODEL,
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
     _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
@@ -295,7 +306,7 @@ def _shard_widths(m: ModelSpec, tp) -> np.ndarray:
     return np.array(widths)
 
 EXECUTOR_SERVING = (
-    _model_rule("model"),
+    *_EXECUTOR_MODEL,
     _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (
               (m.moe_ffn_hidden_size % x.tp == 0) & (m.shared_ffn_size % x.tp == 0)),
           lambda x, m, c: f"{x.tp} does not divide the experts' width {m.moe_ffn_hidden_size} and "
@@ -318,31 +329,77 @@ EXECUTOR_SERVING = (
 )
 
 
-# torchtitan builds models only from its registry's flavors (torchtitan/models/llama3/__init__.py):
-# (layers, hidden, heads, KV heads, MLP width, vocab, tied embeddings) of each, by version.
-_LLAMA31 = {"8B": (32, 4096, 32, 8, 14336, 128256, False), "70B": (80, 8192, 64, 8, 28672, 128256, False),
-            "405B": (126, 16384, 128, 8, 53248, 128256, False)}
-# 0.3 selects a flavor through a recipe of its config_registry: 1B and 3B have none, and the
-# 405B one (llama3_405b) converts the linear layers to float8, which no plan here describes.
-TORCHTITAN_FLAVORS = {"0.3": {k: _LLAMA31[k] for k in ("8B", "70B")}, "0.2": _LLAMA31}
+@dataclass(frozen=True)
+class Flavor:
+    """A model torchtitan builds: `module` its model package (0.2 [model] name, 0.3 --module),
+    `name` the flavor, `recipe` the 0.3 config_registry function that selects it (None in 0.2),
+    `float8` the Float8 recipe that function converts the linear layers with (None: bf16),
+    `shape` as _shape gives it."""
+
+    module: str
+    name: str
+    recipe: str | None
+    float8: str | None
+    shape: tuple
+
+
+def _shape(m: ModelSpec) -> tuple:
+    """(layers, hidden, heads, KV heads, head dim, MLP width, vocab, tied, QK-norm, experts,
+    experts per token, expert width, shared experts' width, dense layers) of a pre-norm
+    RMSNorm SwiGLU decoder, as torchtitan's model registries spell their flavors."""
+    return (m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.ffn_hidden_size,
+            m.vocab_size, m.tied_embeddings, m.qk_norm, m.num_experts, m.experts_per_token,
+            m.moe_ffn_hidden_size, m.shared_ffn_size, m.dense_layers)
+
+
+# torchtitan's model registries (models/llama3/__init__.py, models/qwen3/__init__.py; 0.2 at
+# v0.2.2, 0.3 at v0.3.0). Llama 3.1 8B/70B/405B; Qwen3-30B-A3B, its MoE flavor (128 experts,
+# top 8, QK-norm). 0.3 builds a flavor through a recipe of its config_registry: Llama 1B/3B and
+# Qwen3-235B-A22B have none, and llama3_405b converts the linear layers (but lm_head) to
+# float8 with the rowwise recipe (components/quantization/float8.py: its default).
+_DENSE = (False, False, 0, 0, 0, 0, ())
+_LLAMA31 = {"8B": (32, 4096, 32, 8, 128, 14336, 128256) + _DENSE,
+            "70B": (80, 8192, 64, 8, 128, 28672, 128256) + _DENSE,
+            "405B": (126, 16384, 128, 8, 128, 53248, 128256) + _DENSE}
+_QWEN3_30B_A3B = (48, 2048, 32, 4, 128, 6144, 151936, False, True, 128, 8, 768, 0, ())
+TORCHTITAN_FLAVORS = {
+    "0.3": (Flavor("llama3", "8B", "llama3_8b", None, _LLAMA31["8B"]),
+            Flavor("llama3", "70B", "llama3_70b", None, _LLAMA31["70B"]),
+            Flavor("llama3", "405B", "llama3_405b", "rowwise", _LLAMA31["405B"]),
+            Flavor("qwen3", "30B-A3B", "qwen3_30b_a3b", None, _QWEN3_30B_A3B)),
+    "0.2": tuple(Flavor("llama3", k, None, None, v) for k, v in _LLAMA31.items())
+    + (Flavor("qwen3", "30B-A3B", None, None, _QWEN3_30B_A3B),),
+}
 TORCHTITAN_VERSIONS = tuple(TORCHTITAN_FLAVORS)
 
 
-def torchtitan_flavor(model: ModelSpec, version: str) -> str | None:
-    """The llama3 flavor of torchtitan `version` with the model's shape, if any."""
-    shape = (model.num_layers, model.hidden_size, model.num_heads, model.num_kv_heads,
-             model.ffn_hidden_size, model.vocab_size, model.tied_embeddings)
-    return next((name for name, dims in TORCHTITAN_FLAVORS[version].items()
-                 if dims == shape and model.norm == "rmsnorm" and model.gated_mlp), None)
+def torchtitan_flavor(model: ModelSpec, version: str) -> Flavor | None:
+    """The flavor of torchtitan `version` with the model's shape, if any."""
+    if model.norm != "rmsnorm" or not model.gated_mlp or model.activation != "silu" or any(
+            present for name, present in model_features(model).items()
+            if name not in ("mixture-of-experts", "QK-norm", "head_dim other than hidden/heads")):
+        return None
+    return next((f for f in TORCHTITAN_FLAVORS[version] if f.shape == _shape(model)), None)
 
 
 def _flavor_rule(version: str) -> Rule:
-    names = ", ".join(TORCHTITAN_FLAVORS[version])
+    names = ", ".join(f"{f.module} {f.name}" for f in TORCHTITAN_FLAVORS[version])
     return _rule("model", "", lambda x, m, c: torchtitan_flavor(m, version) is not None,
-                 lambda x, m, c: f"torchtitan {version} has no llama3 flavor of this shape (it builds "
-                 f"{names} only: layers, width, heads, KV heads, MLP width, vocab and tying must match)",
+                 lambda x, m, c: f"torchtitan {version} has no model flavor of this shape (it builds "
+                 f"{names} only: layers, width, heads, KV heads, head and MLP widths, vocab, tying, "
+                 "QK-norm and experts must match)",
                  "plan a model of one of those shapes, or register a flavor of this shape in "
-                 "torchtitan's models/llama3 and export by hand")
+                 "torchtitan's models and export by hand")
+
+
+def _float8(m: ModelSpec, version: str) -> str | None:
+    flavor = torchtitan_flavor(m, version)
+    return flavor.float8 if flavor else None
+
+
+def _dp_shard(x):
+    """torchtitan's data_parallel_shard_degree (ZeRO 0 replicates instead)."""
+    return np.where(x.zero == 0, 1, x.dp)
 
 
 def _uniform_partition(x, m, c):
@@ -351,6 +408,11 @@ def _uniform_partition(x, m, c):
     return (m.num_layers % (x.pp * x.virtual_stages) == 0) & (
         True if x.layer_partition is None else len(set(x.layer_partition)) == 1)
 
+
+# Of model_features, what the Megatron-LM export writes (exports/megatron.py model_args).
+_MEGATRON_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among the expert layers",
+                    "a sigmoid router", "QK-norm", "attention-only biases", "partial rotary",
+                    "head_dim other than hidden/heads")
 
 _TORCHTITAN = (
     _flavor_rule("0.3"),
@@ -377,18 +439,62 @@ _TORCHTITAN = (
           lambda x, m, c: x.seq_len % (x.tp * np.where(x.cp > 1, 2 * x.cp, 1)) == 0,
           lambda x, m, c: f"torchtitan needs the sequence {x.seq_len} divisible by tp x 2cp",
           "choose a sequence length divisible by tp x 2cp"),
+    # TrainingConfig.mixed_precision_reduce: Literal["float32"]
+    _rule("plan.grad_reduce_dtype", "grad_reduce_dtype", lambda x, m, c: x.grad_reduce_dtype == "fp32",
+          lambda x, m, c: "torchtitan reduces gradients in float32 only (mixed_precision_reduce)",
+          "plan with grad_reduce_dtype fp32"),
+    # ParallelDims: the experts' FSDP axis efsdp = dp_shard * cp * tp / (etp * ep)
+    _rule("plan.ep", "ep etp dp zero cp tp",
+          lambda x, m, c: (_dp_shard(x) * x.cp * x.tp) % (x.ep * x.etp) == 0,
+          lambda x, m, c: f"torchtitan takes expert parallelism from the sharded data-parallel, CP and "
+          f"TP ranks ({_dp_shard(x) * x.cp * x.tp}), which ep*etp = {x.ep * x.etp} does not divide",
+          "choose ep dividing dp*cp*tp with ZeRO 2 or 3 (ZeRO 0 replicates, and EP cannot span replicas)"),
+    # torchtitan's routed experts are dropless (no capacity, no padding)
+    _rule("plan.moe_capacity_factor", "moe_capacity_factor", lambda x, m, c: x.moe_capacity_factor == 1.0,
+          lambda x, m, c: f"torchtitan's experts are dropless, with no capacity factor ({x.moe_capacity_factor})",
+          "plan with moe_capacity_factor 1"),
 )
 
 # What each training framework can run; x.placement is the "tp,cp,dp,pp" text. A key with a
 # space names an older version of a target ("torchtitan 0.2"); the bare name is the newest.
 FRAMEWORKS = {
-    "torchtitan": _TORCHTITAN,
+    "torchtitan": _TORCHTITAN + (
+        # 0.3 converts to float8 in a recipe's model spec, which no flag reaches
+        _rule("plan.dtype", "dtype", lambda x, m, c: (x.dtype == "fp8") == (_float8(m, "0.3") is not None),
+              lambda x, m, c: f"torchtitan 0.3's recipe for this model trains in "
+              f"{'float8' if _float8(m, '0.3') else 'bf16'}, not {x.dtype} (float8 is set in a "
+              "recipe's model converters, which no flag reaches; llama3_405b has them)",
+              "plan with fp8 (rowwise) for Llama 3.1 405B and bf16 otherwise, or export for torchtitan 0.2"),
+        _rule("plan.fp8_recipe", "dtype fp8_recipe",
+              lambda x, m, c: (x.dtype != "fp8") | (_float8(m, "0.3") in (None, x.fp8_recipe)),
+              lambda x, m, c: f"torchtitan 0.3's recipe for this model scales float8 {_float8(m, '0.3')}, "
+              f"not {x.fp8_recipe}", "plan with the recipe's fp8_recipe (rowwise for llama3_405b)"),
+        # ParallelDims 0.3: EP borrows ranks from FSDP and TP; the experts shard over TP only without EP
+        _rule("plan.etp", "ep etp tp", lambda x, m, c: x.etp == np.where(x.ep > 1, 1, x.tp),
+              lambda x, m, c: f"torchtitan 0.3 runs the experts with expert TP 1 under EP, else TP's "
+              f"(etp {x.etp} with ep {x.ep}, tp {x.tp})", "plan with etp 1 when ep > 1, etp = tp otherwise"),
+        _rule("plan.moe_dispatcher", "moe_dispatcher", lambda x, m, c: x.moe_dispatcher == "alltoall",
+              lambda x, m, c: "torchtitan 0.3 sets DeepEP in a recipe's model (moe_comm_backend), which no "
+              "flag reaches", "plan with the alltoall dispatcher, or export for torchtitan 0.2"),
+    ),
     "torchtitan 0.2": (_flavor_rule("0.2"),) + _TORCHTITAN[1:] + (
         # torchtitan 0.2 models/llama3/infra/parallelize.py: apply_ddp on a 1-D mesh only
         _rule("plan.zero", "zero dp tp pp cp",
               lambda x, m, c: (x.zero != 0) | (x.dp == 1) | ((x.tp == 1) & (x.pp == 1) & (x.cp == 1)),
               lambda x, m, c: "torchtitan 0.2 replicates with DDP only when no other axis is parallel",
               "plan with ZeRO 2 or 3, or export for torchtitan 0.3"),
+        # job_config.py Float8Linear.recipe_name: tensorwise, rowwise, rowwise_with_gw_hp
+        _rule("plan.fp8_recipe", "dtype fp8_recipe", lambda x, m, c: (x.dtype != "fp8") | (x.fp8_recipe != "delayed"),
+              lambda x, m, c: "torchtitan 0.2's float8 (torchao) has no delayed scaling",
+              "plan with fp8_recipe tensorwise or rowwise"),
+        # the float8 grouped GEMM of the experts is a prototype there (quantize.grouped_mm.float8)
+        _rule("plan.dtype", "dtype", lambda x, m, c: (x.dtype != "fp8") | (m.num_experts == 0),
+              lambda x, m, c: "torchtitan 0.2 converts the experts' grouped GEMMs to float8 only as a "
+              "prototype", "plan a mixture-of-experts model with bf16"),
+        # ParallelDims 0.2: "Currently we only support ETP=TP or ETP=1"
+        _rule("plan.etp", "ep etp tp", lambda x, m, c: (x.etp == x.tp) | ((x.ep > 1) & (x.etp == 1)),
+              lambda x, m, c: f"torchtitan 0.2 runs the experts with TP's degree, or expert TP 1 under EP, "
+              f"not etp {x.etp} (ep {x.ep}, tp {x.tp})", "plan with etp = tp, or etp 1 with ep > 1"),
     ),
     "megatron": (
         _rule("plan.schedule", "pp schedule",
@@ -407,6 +513,28 @@ FRAMEWORKS = {
               "choose such a TP degree"),
         _rule("plan.dtype", "dtype zero", lambda x, m, c: (x.dtype != "fp16") | (x.zero != 3),
               lambda x, m, c: "Megatron-LM's FSDP does not train in fp16", "plan with bf16"),
+        _features_rule("model", "Megatron-LM's GPT model as exported here", _MEGATRON_BUILDS,
+                       "plan a model without them, or add their Megatron-LM flags by hand"),
+        # TransformerConfig.fp8_recipe: tensorwise, delayed, mxfp8, blockwise (Transformer Engine)
+        _rule("plan.fp8_recipe", "dtype fp8_recipe", lambda x, m, c: (x.dtype != "fp8") | (x.fp8_recipe != "rowwise"),
+              lambda x, m, c: "Megatron-LM's FP8 recipes (Transformer Engine) are tensorwise, delayed, "
+              "blockwise and mxfp8, not torchao's rowwise", "plan with fp8_recipe tensorwise or delayed"),
+        # TransformerConfig: the flex dispatcher with the deepep backend cannot pad to capacity
+        _rule("plan.moe_capacity_factor", "moe_capacity_factor moe_dispatcher",
+              lambda x, m, c: (x.moe_capacity_factor == 1.0) | (x.moe_dispatcher != "deepep"),
+              lambda x, m, c: "Megatron-LM's DeepEP dispatcher does not pad the experts' input to a capacity "
+              f"({x.moe_capacity_factor})", "plan DeepEP with moe_capacity_factor 1, or the alltoall dispatcher"),
+        # validate_args: --grad-reduce-in-bf16 takes effect with --bf16 only
+        _rule("plan.grad_reduce_dtype", "grad_reduce_dtype dtype",
+              lambda x, m, c: (x.grad_reduce_dtype == "fp32") | np.isin(x.dtype, ["bf16", "fp8"]),
+              lambda x, m, c: f"Megatron-LM reduces gradients in bf16 only when training in bf16, not {x.dtype}",
+              "plan with grad_reduce_dtype fp32"),
+        # Megatron-FSDP (the ZeRO-3 of tied embeddings or EP, which FSDP2 refuses) always reshards
+        _rule("plan.reshard_after_forward", "reshard_after_forward ep",
+              lambda x, m, c: np.asarray(x.reshard_after_forward) | (np.logical_not(m.tied_embeddings) & (x.ep == 1)),
+              lambda x, m, c: "Megatron-FSDP (the ZeRO-3 of a model with tied embeddings or expert "
+              "parallelism) reshards after forward", "keep reshard_after_forward, or use ep 1 and untied "
+              "embeddings (PyTorch FSDP2 takes --torch-fsdp2-no-reshard-after-forward)"),
     ),
     "deepspeed": (
         _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
@@ -426,6 +554,30 @@ FRAMEWORKS = {
               lambda x, m, c: f"DeepSpeed's PipelineModule splits the {m.num_layers} transformer layers "
               f"evenly over {x.pp} stages, not as {list(x.layer_partition or ())}",
               "plan with a pp that divides the layers and --layer-partition giving equal stages"),
+        _features_rule("model", "Megatron-DeepSpeed's GPT model", ("mixture-of-experts",),
+                       "plan a model without them, or export for megatron"),
+        _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
+              lambda x, m, c: "Megatron-DeepSpeed trains in bf16, fp16 or fp32, not FP8", "plan with bf16"),
+        _rule("plan.tp_overlap", "tp_overlap", lambda x, m, c: np.logical_not(x.tp_overlap),
+              lambda x, m, c: "Megatron-DeepSpeed does not overlap TP communication with the GEMMs",
+              "plan without tp_overlap"),
+        _rule("plan.reshard_after_forward", "reshard_after_forward", lambda x, m, c: np.asarray(x.reshard_after_forward),
+              lambda x, m, c: "DeepSpeed ZeRO-3 gathers the parameters again for backward (it has no "
+              "reshard_after_forward=False)", "keep reshard_after_forward, or plan with ZeRO 2"),
+        # DeepSpeed-MoE (deepspeed/moe/layer.py MoE, built by Megatron-DeepSpeed's ParallelTransformerLayer
+        # from --moe-expert-parallel-size): expert-parallel groups are carved out of the data-parallel
+        # ranks (deepspeed/utils/groups.py), and the experts shard over TP with
+        # --enable-expert-tensor-parallelism or not at all
+        _rule("plan.ep", "ep dp", lambda x, m, c: x.dp % x.ep == 0,
+              lambda x, m, c: f"DeepSpeed-MoE forms expert-parallel groups from the data-parallel ranks, and "
+              f"ep {x.ep} does not divide dp {x.dp}", "choose ep dividing dp"),
+        _rule("plan.etp", "etp tp", lambda x, m, c: x.etp == x.tp,
+              lambda x, m, c: f"DeepSpeed-MoE's experts under TP run on every TP rank (replicated, or "
+              f"sharded over all of them), not expert TP {x.etp} of tp {x.tp}", "plan with etp = tp"),
+        _rule("plan.zero", "zero", lambda x, m, c: (m.num_experts == 0) | (x.zero <= 2),
+              lambda x, m, c: "DeepSpeed-MoE does not run under ZeRO-3", "plan with ZeRO 0-2"),
+        _rule("plan.moe_dispatcher", "moe_dispatcher", lambda x, m, c: x.moe_dispatcher == "alltoall",
+              lambda x, m, c: "DeepSpeed-MoE dispatches with its all-to-all only", "plan with the alltoall dispatcher"),
     ),
     "plan": (),
 }

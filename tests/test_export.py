@@ -1,6 +1,7 @@
 """Exports: the key names each target documents, values that reproduce the plan (hand-checked
 here; tests/test_export_conformance.py runs the frameworks' own validation), the pipeline
 split in each target's knobs, the checkpoint's facts, and refusals that name target and knob."""
+import dataclasses
 import json
 import re
 import shlex
@@ -33,24 +34,43 @@ CLUSTER = Cluster(64, 8)
 # pytorch/torchtitan v0.2.2 torchtitan/config/job_config.py (TOML JobConfig) field names.
 TORCHTITAN_0_2_KEYS = {
     "job": {"description"}, "model": {"name", "flavor"},
-    "training": {"local_batch_size", "global_batch_size", "seq_len", "mixed_precision_param", "dataset"},
+    "training": {"local_batch_size", "global_batch_size", "seq_len", "mixed_precision_param",
+                 "mixed_precision_reduce", "dataset"},
     "parallelism": {"data_parallel_replicate_degree", "data_parallel_shard_degree",
                     "fsdp_reshard_after_forward", "tensor_parallel_degree",
                     "enable_async_tensor_parallel", "context_parallel_degree",
                     "pipeline_parallel_degree", "pipeline_parallel_schedule",
-                    "pipeline_parallel_microbatch_size", "module_fqns_per_model_part"},
+                    "pipeline_parallel_microbatch_size", "module_fqns_per_model_part",
+                    "expert_parallel_degree", "expert_tensor_parallel_degree", "expert_parallel_comm_backend"},
     "activation_checkpoint": {"mode", "selective_ac_option"},
+    "compile": {"enable", "components"},
+    "quantize": {"linear"},
 }
 # deepspeed.ai/docs/config-json
 DEEPSPEED_KEYS = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "zero_optimization",
                   "optimizer", "gradient_clipping", "steps_per_print", "bf16", "fp16",
-                  "activation_checkpointing"}
+                  "activation_checkpointing", "communication_data_type"}
 
 
-def job(model_arg, gpus=64, version=None, seq_len=4096, **knobs):
+MIXTRAL, QWEN3_MOE = str(HF / "mixtral-8x7b.json"), str(HF / "qwen3-30b-a3b.json")
+
+
+def job(model_arg, gpus=64, version=None, seq_len=4096, hw=A100, **knobs):
     model = load_model(model_arg)
-    result = simulate(model, Plan(global_batch=64, seq_len=seq_len, **knobs), Cluster(gpus, 8), A100)
-    return train_job(model, result, A100, checkpoint_of(model_arg, model), version)
+    result = simulate(model, Plan(global_batch=64, seq_len=seq_len, **knobs), Cluster(gpus, 8), hw)
+    return train_job(model, result, hw, checkpoint_of(model_arg, model), version)
+
+
+@pytest.fixture(scope="module")
+def deepseek_shaped(tmp_path_factory) -> str:
+    """DeepSeek-V3's experts (256 routed, top 8, one shared, sigmoid router, 3 dense layers
+    first) behind grouped-query attention, as a ModelSpec JSON."""
+    spec = dataclasses.asdict(load_model(str(HF / "deepseek-v3.json")))
+    spec.update(name="deepseek-v3-gqa", num_kv_heads=8, head_dim=128, q_lora_rank=0, kv_lora_rank=0,
+                qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0)
+    path = tmp_path_factory.mktemp("models") / "deepseek-v3-gqa.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
 
 
 def flags(args) -> dict:
@@ -187,14 +207,16 @@ def test_version_specific_refusals():
     assert "0.1" in err.value.problem and "0.3, 0.2" in err.value.fix
 
 
-def test_search_restriction_agrees_with_check():
-    table = candidate_table(L70, CLUSTER, {"global_batch": 64, "seq_len": 4096})
-    rows = np.random.default_rng(0).choice(len(table), 300, replace=False)
+@pytest.mark.parametrize("model_arg,samples", [("llama-3-70b", 300), (QWEN3_MOE, 200)])
+def test_search_restriction_agrees_with_check(model_arg, samples):
+    model = load_model(model_arg)
+    table = candidate_table(model, CLUSTER, {"global_batch": 64, "seq_len": 4096})
+    rows = np.random.default_rng(0).choice(len(table), samples, replace=False)
     for target, version in (("torchtitan", None), ("torchtitan", "0.2"), ("megatron", None), ("deepspeed", None)):
-        mask = supported(target, L70, table, version)
+        mask = supported(target, model, table, version)
         for i in rows:
             try:
-                check(target, L70, row_plan(table, int(i)), version)
+                check(target, model, row_plan(table, int(i)), version)
                 ok = True
             except PlanError:
                 ok = False
@@ -271,3 +293,122 @@ def test_cli_emit_refusal_is_one_line():
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "--emit megatron" in lines[0] and "schedule" in lines[0]
     assert re.search(r"1f1b|interleaved", lines[0])
+
+
+# ---- the knobs of MoE and FP8 plans ----
+
+def test_megatron_moe_fp8_and_overlap_arguments():
+    """Mixtral 8x7B on 64 H100s with EP 8: experts, placement, capacity, FP8, TP overlap."""
+    e = export("megatron", job(MIXTRAL, hw=H100, dp=8, tp=2, pp=4, sp=True, zero=1, ep=8, etp=1,
+                               moe_capacity_factor=1.25, dtype="fp8", fp8_recipe="delayed", tp_overlap=True))
+    f = flags(e.args)
+    assert (f["--num-experts"], f["--moe-router-topk"], f["--moe-ffn-hidden-size"]) == ("8", "2", "14336")
+    assert (f["--expert-model-parallel-size"], f["--expert-tensor-parallel-size"]) == ("8", "1")
+    assert f["--moe-token-dispatcher-type"] == "alltoall" and "--moe-grouped-gemm" in f
+    assert f["--moe-expert-capacity-factor"] == "1.25" and "--moe-pad-expert-input-to-capacity" in f
+    assert (f["--fp8-format"], f["--fp8-recipe"]) == ("hybrid", "delayed") and "--bf16" in f
+    assert {"--tp-comm-overlap", "--accumulate-allreduce-grads-in-fp32"} <= set(f)
+    assert f["--rotary-base"] == "1000000" and "--moe-layer-freq" not in f
+    balanced = flags(export("megatron", job(MIXTRAL, dp=8, tp=8, sp=True, ep=8, grad_reduce_dtype="bf16")).args)
+    assert "--moe-expert-capacity-factor" not in balanced and "--grad-reduce-in-bf16" in balanced
+    assert balanced["--expert-tensor-parallel-size"] == "8" and "--fp8-format" not in balanced
+
+
+def test_megatron_deepseek_shaped_experts(deepseek_shaped):
+    m = load_model(deepseek_shaped)
+    f = flags(export("megatron", job(deepseek_shaped, hw=H100, dp=8, tp=8, sp=True, zero=1, ep=64, etp=1,
+                                     moe_dispatcher="deepep")).args)
+    assert f["--moe-layer-freq"] == "[" + ",".join(["0"] * 3 + ["1"] * (m.num_layers - 3)) + "]"
+    assert f["--moe-shared-expert-intermediate-size"] == "2048" and "--moe-shared-expert-gate" not in f
+    assert f["--moe-router-score-function"] == "sigmoid" and f["--ffn-hidden-size"] == "18432"
+    assert (f["--moe-token-dispatcher-type"], f["--moe-flex-dispatcher-backend"]) == ("flex", "deepep")
+    assert f["--kv-channels"] == "128"  # 128 heads of 128 over a 7168 residual stream
+
+
+def test_megatron_qwen3_attention_and_fsdp_without_reshard():
+    f = flags(export("megatron", job(QWEN3_MOE, dp=64, zero=3, reshard_after_forward=False)).args)
+    assert {"--qk-layernorm", "--use-torch-fsdp2", "--torch-fsdp2-no-reshard-after-forward"} <= set(f)
+    assert f["--kv-channels"] == "128" and f["--expert-model-parallel-size"] == "1"
+    ep = flags(export("megatron", job(QWEN3_MOE, dp=64, zero=3, ep=8)).args)
+    assert "--use-megatron-fsdp" in ep and "--use-torch-fsdp2" not in ep  # FSDP2 refuses EP
+
+
+def test_torchtitan_0_3_moe_flavor_and_knobs():
+    e = export("torchtitan", job(QWEN3_MOE, dp=16, tp=4, sp=True, zero=3, ep=8, etp=1, tp_overlap=True,
+                                 reshard_after_forward=False))
+    f = flags(e.args)
+    assert (f["--module"], f["--config"]) == ("qwen3", "qwen3_30b_a3b")
+    assert f["--parallelism.expert-parallel-degree"] == "8"
+    assert "--parallelism.expert-tensor-parallel-degree" not in f  # 0.3 derives it from ep
+    assert f["--parallelism.fsdp-reshard-after-forward"] == "never"
+    assert {"--compile.enable", "--compile.enable-async-tensor-parallel"} <= set(f)
+    assert f["--training.mixed-precision-reduce"] == "float32"
+    resharded = flags(export("torchtitan", job("llama-3-70b", dp=8, pp=8, zero=3)).args)
+    assert resharded["--parallelism.fsdp-reshard-after-forward"] == "always"  # "default" would not under PP
+    assert "--parallelism.expert-parallel-degree" not in resharded
+
+
+def test_torchtitan_0_3_float8_is_the_405b_recipe():
+    f = flags(export("torchtitan", job("llama-3-405b", seq_len=8192, hw=H100, dp=1, tp=8, pp=8, sp=True,
+                                       zero=3, recompute="full", dtype="fp8", fp8_recipe="rowwise")).args)
+    assert f["--config"] == "llama3_405b"
+
+
+def test_torchtitan_0_2_moe_and_float8_toml():
+    e = export("torchtitan", job(QWEN3_MOE, version="0.2", dp=16, tp=4, sp=True, zero=3, ep=8, etp=4,
+                                 moe_dispatcher="deepep", tp_overlap=True))
+    config = tomllib.loads(dict(e.files)["torchtitan-job.toml"])
+    assert config["model"] == {"name": "qwen3", "flavor": "30B-A3B"}
+    par = config["parallelism"]
+    assert (par["expert_parallel_degree"], par["expert_tensor_parallel_degree"]) == (8, 4)
+    assert par["expert_parallel_comm_backend"] == "deepep" and par["enable_async_tensor_parallel"] is True
+    assert config["compile"]["enable"] is True
+    fp8 = tomllib.loads(dict(export("torchtitan", job("llama-3-70b", version="0.2", hw=H100, dp=8, tp=8, sp=True,
+                                                      zero=3, dtype="fp8")).files)["torchtitan-job.toml"])
+    assert fp8["model"]["converters"] == ["quantize.linear.float8"]
+    assert fp8["quantize"]["linear"]["float8"] == {"recipe_name": "tensorwise", "filter_fqns": ["output"]}
+    for section, keys in fp8.items():
+        assert set(keys) <= TORCHTITAN_0_2_KEYS[section] | {"converters"}, section
+
+
+def test_deepspeed_moe_command_and_reduce_dtype():
+    e = export("deepspeed", job(MIXTRAL, dp=8, tp=8, sp=True, zero=1, ep=8, moe_capacity_factor=1.5,
+                                grad_reduce_dtype="bf16"))
+    f = flags(e.args)
+    assert (f["--num-experts"], f["--topk"], f["--moe-expert-parallel-size"]) == ("8", "2", "8")
+    assert (f["--expert-interval"], f["--moe-train-capacity-factor"]) == ("1", "1.5")
+    assert {"--enable-expert-tensor-parallelism", "--create-moe-param-group"} <= set(f)
+    assert json.loads(dict(e.files)["ds_config.json"])["communication_data_type"] == "bf16"
+
+
+@pytest.mark.parametrize("target,model_arg,knobs,knob", [
+    ("torchtitan", MIXTRAL, dict(dp=64, zero=3, ep=8), "model"),  # no torchtitan flavor of Mixtral
+    ("torchtitan", "llama-3-70b", dict(dp=8, tp=8, sp=True, zero=3, grad_reduce_dtype="bf16"), "grad_reduce_dtype"),
+    ("torchtitan", "llama-3-70b", dict(dp=8, tp=8, sp=True, zero=3, dtype="fp8"), "dtype"),
+    ("torchtitan", "llama-3-405b", dict(dp=8, tp=8, sp=True, zero=3), "dtype"),  # its recipe is float8
+    ("torchtitan", "llama-3-405b", dict(dp=8, tp=8, sp=True, zero=3, dtype="fp8"), "fp8_recipe"),
+    ("torchtitan", QWEN3_MOE, dict(dp=64, zero=0, ep=8), "ep"),  # EP cannot span DDP replicas
+    ("torchtitan", QWEN3_MOE, dict(dp=16, tp=4, sp=True, zero=3, ep=8, etp=4), "etp"),
+    ("torchtitan", QWEN3_MOE, dict(dp=64, zero=3, ep=8, moe_capacity_factor=1.5), "moe_capacity_factor"),
+    ("torchtitan", QWEN3_MOE, dict(dp=64, zero=3, ep=8, moe_dispatcher="deepep"), "moe_dispatcher"),
+    ("megatron", MIXTRAL, dict(dp=8, tp=8, sp=True, ep=8, dtype="fp8", fp8_recipe="rowwise"), "fp8_recipe"),
+    ("megatron", MIXTRAL, dict(dp=8, tp=8, sp=True, ep=8, moe_dispatcher="deepep", moe_capacity_factor=1.5),
+     "moe_capacity_factor"),
+    ("megatron", str(HF / "deepseek-v3.json"), dict(dp=8, tp=8, sp=True, ep=8), "model"),  # MLA
+    ("megatron", "llama-2-13b", dict(dp=8, tp=8, dtype="fp16", grad_reduce_dtype="bf16"), "grad_reduce_dtype"),
+    ("megatron", "gpt3-175b", dict(dp=64, zero=3, reshard_after_forward=False), "reshard_after_forward"),
+    ("megatron", QWEN3_MOE, dict(dp=64, zero=3, ep=8, reshard_after_forward=False), "reshard_after_forward"),
+    ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, dtype="fp8"), "dtype"),
+    ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, sp=True, tp_overlap=True), "tp_overlap"),
+    ("deepspeed", "llama-2-13b", dict(dp=64, zero=3, reshard_after_forward=False), "reshard_after_forward"),
+    ("deepspeed", MIXTRAL, dict(dp=4, tp=16, sp=True, ep=8, etp=1), "ep"),  # EP over DP ranks only
+    ("deepspeed", MIXTRAL, dict(dp=8, tp=8, sp=True, ep=8, etp=1), "etp"),
+    ("deepspeed", MIXTRAL, dict(dp=64, zero=3, ep=8), "zero"),
+    ("deepspeed", MIXTRAL, dict(dp=64, ep=8, moe_dispatcher="deepep"), "moe_dispatcher"),
+    ("deepspeed", QWEN3_MOE, dict(dp=64, ep=8), "model"),  # QK-norm
+])
+def test_new_knob_refusals_name_target_and_knob(target, model_arg, knobs, knob):
+    with pytest.raises(PlanError) as err:
+        check(target, load_model(model_arg), Plan(global_batch=64, seq_len=4096, **knobs))
+    assert err.value.field == f"emit.{target}"
+    assert any(problem.startswith(knob) for _, problem, _ in err.value.issues), err.value.issues

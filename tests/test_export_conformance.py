@@ -14,6 +14,7 @@
 - vLLM (PyPI, --no-deps): the `vllm serve` parser, validate_parsed_serve_args, EngineArgs and
   the ParallelConfig / CacheConfig that vLLM builds from them.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -30,6 +31,8 @@ from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.serve import InferencePlan, simulate_inference
 from meshplan.simulator.train import simulate
 
+HF = os.path.join(os.path.dirname(__file__), "data", "hf_configs")
+MIXTRAL, QWEN3_MOE = os.path.join(HF, "mixtral-8x7b.json"), os.path.join(HF, "qwen3-30b-a3b.json")
 A100, H100 = load_profile("a100-80gb"), load_profile("h100-80gb")
 PATHS = {"HF_ASSETS_PATH": "/data/hf", "DATA_PATH": "/data/tokens", "CHECKPOINT_PATH": "/data/ckpt",
          "TOKENIZER_MODEL": "/data/tokenizer"}
@@ -41,8 +44,9 @@ def plan(global_batch=64, seq_len=4096, **knobs) -> Plan:
 
 def artifact(target, model_arg, gpus, p, version=None):
     model = load_model(model_arg)
-    result = simulate(model, p, Cluster(gpus, 8), A100)
-    return export(target, train_job(model, result, A100, checkpoint_of(model_arg, model), version))
+    hw = H100 if p.dtype == "fp8" else A100  # FP8 GEMMs: H100 (A100 has none)
+    result = simulate(model, p, Cluster(gpus, 8), hw)
+    return export(target, train_job(model, result, hw, checkpoint_of(model_arg, model), version))
 
 
 def filled(args) -> list[str]:
@@ -75,6 +79,15 @@ TORCHTITAN_PLANS = [("llama-3-70b", 64, plan(zero=3, **knobs)) for knobs in LLAM
                              schedule="interleaved", virtual_stages=3,
                              layer_partition=(3,) * 8 + (4,) * 8 + (3,) * 8)),
     ("llama-3-8b", 16, plan(seq_len=8192, dp=2, tp=2, cp=4, sp=True, zero=3, recompute="full")),
+    # Qwen3-30B-A3B (MoE): EP over FSDP and TP ranks, async TP, no resharding after forward
+    (QWEN3_MOE, 64, plan(dp=16, tp=4, sp=True, zero=3, ep=8, etp=1, tp_overlap=True, recompute="full")),
+    (QWEN3_MOE, 64, plan(dp=32, pp=2, zero=3, ep=16, reshard_after_forward=False)),
+    ("llama-3-70b", 64, plan(dp=8, tp=8, sp=True, zero=3, tp_overlap=True)),
+]
+# torchtitan 0.2 only: its float8 converter with tensorwise scaling, and DeepEP
+TORCHTITAN_0_2_PLANS = TORCHTITAN_PLANS + [
+    ("llama-3-70b", 64, plan(dp=8, tp=8, sp=True, zero=3, dtype="fp8")),
+    (QWEN3_MOE, 64, plan(dp=16, tp=4, sp=True, zero=3, ep=8, etp=4, moe_dispatcher="deepep")),
 ]
 MEGATRON_PLANS = [("llama-3-70b", 64, plan(zero=1, **knobs)) for knobs in LLAMA3_70B_LAYOUTS] + [
     ("llama-3-70b", 64, plan(dp=32, cp=2, zero=3, recompute="full")),
@@ -87,6 +100,13 @@ MEGATRON_PLANS = [("llama-3-70b", 64, plan(zero=1, **knobs)) for knobs in LLAMA3
     ("llama-3-405b", 64, plan(seq_len=8192, dp=1, tp=8, pp=8, sp=True, zero=1, recompute="full",
                               schedule="interleaved", virtual_stages=3, layer_partition=(5,) * 18 + (6,) * 6)),
     ("llama-3-8b", 16, plan(global_batch=32, seq_len=8192, dp=4, tp=2, pp=2, sp=True, zero=1, attention="naive")),
+    # Mixtral 8x7B with EP 8 on 64 GPUs: FP8, TP overlap, padded capacity; DeepEP; bf16 reduction
+    (MIXTRAL, 64, plan(dp=8, tp=2, pp=4, sp=True, zero=1, ep=8, etp=1, moe_capacity_factor=1.25,
+                       dtype="fp8", fp8_recipe="tensorwise", tp_overlap=True)),
+    (MIXTRAL, 64, plan(dp=8, tp=8, sp=True, zero=1, ep=8, etp=1, moe_dispatcher="deepep",
+                       grad_reduce_dtype="bf16")),
+    (QWEN3_MOE, 64, plan(dp=64, zero=3, ep=8)),
+    (QWEN3_MOE, 64, plan(dp=64, zero=3, reshard_after_forward=False)),
 ]
 DEEPSPEED_PLANS = [
     ("llama-2-13b", 64, plan(dp=4, tp=4, pp=4, sp=True, zero=1, recompute="full")),
@@ -100,12 +120,14 @@ DEEPSPEED_PLANS = [
     ("gpt3-175b", 64, plan(seq_len=2048, dp=1, tp=8, pp=8, sp=True, zero=1, dtype="fp16", recompute="full")),
     ("gpt3-175b", 64, plan(seq_len=2048, dp=64, zero=3, recompute="full")),
     ("llama-3-70b", 64, plan(dp=4, tp=8, pp=2, sp=True, zero=1, recompute="selective", layer_partition=(40, 40))),
+    (MIXTRAL, 64, plan(dp=8, tp=8, sp=True, zero=1, ep=8, moe_capacity_factor=1.25)),
+    (MIXTRAL, 64, plan(dp=64, zero=2, ep=8, grad_reduce_dtype="bf16")),
 ]
 
 
 def ids(plans):
-    return [f"{m}-dp{p.dp}-tp{p.tp}-pp{p.pp}-cp{p.cp}-z{p.zero}-{p.recompute}-v{p.virtual_stages}"
-            for m, _, p in plans]
+    return [f"{os.path.basename(m).removesuffix('.json')}-dp{p.dp}-tp{p.tp}-pp{p.pp}-cp{p.cp}-ep{p.ep}"
+            f"-z{p.zero}-{p.recompute}-v{p.virtual_stages}-{p.dtype}" for m, _, p in plans]
 
 
 # ---- torchtitan 0.3 ----
@@ -120,8 +142,13 @@ def test_torchtitan_0_3_accepts(model_arg, gpus, p):
     e = artifact("torchtitan", model_arg, gpus, p)
     config = manager.ConfigManager().parse_args(filled(e.args))
     dims = parallel_dims.ParallelDims.from_config(config.parallelism, gpus)
-    assert (dims.dp_shard * dims.dp_replicate, dims.tp, dims.pp, dims.cp) == (p.dp, p.tp, p.pp, p.cp)
-    assert config.model_spec.flavor in ("8B", "70B")
+    assert (dims.dp_shard * dims.dp_replicate, dims.tp, dims.pp, dims.cp, dims.ep) == (p.dp, p.tp, p.pp, p.cp, p.ep)
+    assert dims.dp_shard * dims.cp * dims.tp % dims.ep == 0  # the experts' FSDP axis, efsdp
+    assert config.model_spec.flavor in ("8B", "70B", "405B", "30B-A3B")
+    assert (config.compile.enable_async_tensor_parallel, config.training.mixed_precision_reduce) == \
+        (p.tp_overlap, "float32")
+    assert config.parallelism.fsdp_reshard_after_forward == (
+        "never" if p.zero == 2 or not p.reshard_after_forward else "always" if p.zero == 3 else "default")
     policy = config.activation_checkpoint  # activation-checkpoint:none leaves no policy
     assert (type(policy).__qualname__.split(".")[0] if policy else "none") == {
         "full": "FullAC", "selective": "SelectiveAC", "none": "none"}[p.recompute]
@@ -170,6 +197,9 @@ MEGATRON_CHECK = """
     sys.argv = ["pretrain_gpt.py"] + sys.argv[3:]
     import megatron.training.arguments as arguments
     arguments.get_device_arch_version = lambda: arch  # the GPU's, asked of CUDA: none here
+    arguments.torch.cuda.get_device_capability = lambda *a: (arch, 0)  # --moe-grouped-gemm asks it
+    import megatron.core.transformer.transformer_config as transformer_config
+    transformer_config.is_te_min_version = lambda *a, **k: True  # Transformer Engine: a GPU install's
     args = arguments.parse_args()
     arguments.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
     args.apply_rope_fusion = False  # a Transformer Engine kernel: not installed on CPU
@@ -186,6 +216,23 @@ def test_megatron_accepts(model_arg, gpus, p):
     out = run_checker(MEGATRON_CHECK, "MEGATRON_LM_PATH", env, "9", *filled(e.args))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-3:] == ["validated", str(p.dp), str(load_model(model_arg).num_layers)]
+
+
+def test_megatron_accepts_deepseek_shaped_experts(tmp_path):
+    """DeepSeek-V3's experts (3 dense layers first, one shared expert, sigmoid router) behind
+    grouped-query attention, EP 64 with the DeepEP dispatcher."""
+    checkout("MEGATRON_LM_PATH", "Megatron-LM's validate_args", MEGATRON_WHY)
+    spec = dataclasses.asdict(load_model(os.path.join(HF, "deepseek-v3.json")))
+    spec.update(name="deepseek-v3-gqa", num_kv_heads=8, head_dim=128, q_lora_rank=0, kv_lora_rank=0,
+                qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0)
+    path = tmp_path / "deepseek-v3-gqa.json"
+    path.write_text(json.dumps(spec))
+    p = plan(dp=8, tp=8, sp=True, zero=1, ep=64, etp=1, moe_dispatcher="deepep", dtype="fp8")
+    e = artifact("megatron", str(path), 64, p)
+    out = run_checker(MEGATRON_CHECK, "MEGATRON_LM_PATH", {"WORLD_SIZE": "64", "RANK": "0", **dict(e.env)},
+                      "9", *filled(e.args))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-3:] == ["validated", "8", str(spec["num_layers"])]
 
 
 def test_megatron_needs_the_environment_it_exports():
@@ -279,7 +326,7 @@ TORCHTITAN_0_2_CHECK = """
 """
 
 
-@pytest.mark.parametrize("model_arg,gpus,p", TORCHTITAN_PLANS, ids=ids(TORCHTITAN_PLANS))
+@pytest.mark.parametrize("model_arg,gpus,p", TORCHTITAN_0_2_PLANS, ids=ids(TORCHTITAN_0_2_PLANS))
 def test_torchtitan_0_2_accepts(model_arg, gpus, p, tmp_path):
     checkout("TORCHTITAN_0_2_PATH", "torchtitan 0.2's config manager",
              "an unpacked torchtitan 0.2.x wheel: the exports extra installs 0.3, and one torchtitan "
@@ -339,3 +386,23 @@ def test_vllm_accepts(model_arg, gpus, p, monkeypatch):
     assert engine.max_num_seqs == p.batch and engine.max_model_len == p.prompt_len + p.gen_len
     assert engine.model == checkpoint_of(model_arg, model).hf_id
     assert engine.dtype == {"llama-2": "float16"}.get(model_arg[:7], "bfloat16")
+
+
+def test_vllm_serves_experts_over_tp(monkeypatch):
+    """Mixtral 8x7B: the experts shard over TP as the serving plan prices them, without
+    --enable-expert-parallel (which would place whole experts over TP x DP ranks)."""
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    arg_utils = pytest.importorskip("vllm.engine.arg_utils")
+    cli_args = pytest.importorskip("vllm.entrypoints.common.cli_args")
+    argparse_utils = pytest.importorskip("vllm.utils.argparse_utils")
+    model = load_model(MIXTRAL)
+    p = InferencePlan(32, 2048, 256, tp=4, replicas=2, dtype="bf16")
+    result = simulate_inference(model, p, Cluster(8, 8), H100)
+    e = vllm.export(result, model, checkpoint_of(MIXTRAL, model), H100, "mistralai/Mixtral-8x7B-v0.1")
+    args = cli_args.make_arg_parser(argparse_utils.FlexibleArgumentParser()).parse_args(list(e.args))
+    args.model = args.model_tag
+    cli_args.validate_parsed_serve_args(args)
+    engine = arg_utils.AsyncEngineArgs.from_cli_args(args)
+    assert (engine.tensor_parallel_size, engine.data_parallel_size) == (4, 2)
+    assert engine.enable_expert_parallel is False
+

@@ -108,8 +108,9 @@ def _fields(table: pd.DataFrame) -> SimpleNamespace:
     cols = {c: table[c].to_numpy() for c in table.columns}
     cols.update(schedule=table["schedule"].astype(str).to_numpy(),
                 placement=table["placement"].map(",".join).to_numpy(),
-                **{k: table.attrs[k] for k in ("attention", "dtype", "layer_partition",
-                                                 "global_batch", "seq_len")})
+                **{k: table.attrs[k] for k in ("attention", "dtype", "layer_partition", "global_batch",
+                                                 "seq_len", "grad_reduce_dtype", "moe_capacity_factor",
+                                                 "fp8_recipe", "moe_dispatcher")})
     return SimpleNamespace(**cols)
 
 

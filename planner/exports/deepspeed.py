@@ -31,6 +31,8 @@ def ds_config(job: TrainJob) -> dict:
               "gradient_accumulation_steps": p.num_microbatches,
               "zero_optimization": {"stage": p.zero},
               "optimizer": {"type": "AdamW", "params": ADAM},
+              # the dtype gradients are all-reduced / reduce-scattered in
+              "communication_data_type": p.grad_reduce_dtype,
               "gradient_clipping": 1.0, "steps_per_print": 10}
     if p.dtype in ("bf16", "fp16"):
         config[p.dtype] = {"enabled": True}
@@ -49,8 +51,11 @@ def model_args(job: TrainJob) -> list[tuple[str, object]]:
     if ckpt.rope_scaling is not None:
         raise PlanError("emit.deepspeed", "Megatron-DeepSpeed has no Llama 3.1 RoPE scaling",
                         "export this model for megatron or torchtitan")
+    # an MoE model's every layer is an expert layer here (rules: no dense layers among them), whose
+    # experts are Megatron-DeepSpeed's ParallelMLP of --ffn-hidden-size
     flags = [("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
-             ("--ffn-hidden-size", m.ffn_hidden_size), ("--num-attention-heads", m.num_heads),
+             ("--ffn-hidden-size", m.moe_ffn_hidden_size if m.num_experts else m.ffn_hidden_size),
+             ("--num-attention-heads", m.num_heads),
              ("--max-position-embeddings", max(m.max_seq_len, job.plan.seq_len)),
              ("--normalization", m.norm), ("--layernorm-epsilon", ckpt.norm_eps)]
     if m.num_kv_heads != m.num_heads:
@@ -64,6 +69,20 @@ def model_args(job: TrainJob) -> list[tuple[str, object]]:
         (m.position_embedding == "rope", "--no-position-embedding", None),
         (m.position_embedding == "rope", "--rotary-position-embeddings-theta",
          int(ckpt.rope_theta or 10000))) if cond]
+    return flags + (moe_args(job) if m.num_experts else [])
+
+
+def moe_args(job: TrainJob) -> list[tuple[str, object]]:
+    """DeepSpeed-MoE layers (deepspeed.moe.layer.MoE) as Megatron-DeepSpeed builds them from its
+    arguments: every --expert-interval-th layer, top-k gating, expert parallelism over the
+    data-parallel ranks, capacity padded to the plan's factor (its gate drops rows above it)."""
+    m, p = job.model, job.plan
+    flags = [("--num-experts", m.num_experts), ("--expert-interval", 1), ("--topk", m.experts_per_token),
+             ("--moe-expert-parallel-size", p.ep), ("--moe-train-capacity-factor", p.moe_capacity_factor)]
+    if p.tp > 1:  # the experts shard over TP as the dense MLP does (rules: etp = tp)
+        flags.append(("--enable-expert-tensor-parallelism", None))
+    if p.zero:  # ZeRO partitions the experts' parameters apart from the dense ones
+        flags.append(("--create-moe-param-group", None))
     return flags
 
 

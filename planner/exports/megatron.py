@@ -1,13 +1,18 @@
 """Megatron-LM: pretrain_gpt.py arguments that pass its validate_args, and the environment
 the plan needs (NVIDIA/Megatron-LM megatron/training/arguments.py, checked at core_v0.16.1
-and at its 2026 head).
+and at its 2026 head; the MoE, FP8, TP-overlap and reduce-dtype arguments at core_v0.16.1 and
+core_v0.17.1).
 
 - Every model hyperparameter that differs from Megatron-LM's defaults is given: RoPE base
   (default 10000) and Llama 3.1 scaling, norm epsilon, dropout (default 0.1), bias, gating,
   GQA groups, tying.
 - ZeRO-1 is the distributed optimizer; ZeRO-3 is PyTorch FSDP2 (--use-torch-fsdp2, which
-  needs untied embeddings and no gradient-accumulation fusion) or, for a model with tied
-  embeddings, Megatron-FSDP with fully sharded optimizer, gradients and parameters.
+  needs untied embeddings, no expert parallelism and no gradient-accumulation fusion) or, for a
+  model with tied embeddings or EP, Megatron-FSDP with fully sharded optimizer, gradients and
+  parameters.
+- Experts: Megatron-Core's MoE arguments (--num-experts ... --moe-*), placed by
+  --expert-model-parallel-size / --expert-tensor-parallel-size; FP8 through Transformer Engine
+  (--fp8-format hybrid, --fp8-recipe); TP overlap through its userbuffers (--tp-comm-overlap).
 - CUDA_DEVICE_MAX_CONNECTIONS=1 orders TP/CP communication before compute on GPUs before
   Blackwell; FSDP needs it unset or above 1 (validate_args asserts both).
 - The pipeline split is given layer by layer (--pipeline-model-parallel-layout) unless the
@@ -50,11 +55,40 @@ def model_args(job: TrainJob) -> list[tuple[str, object]]:
         flags += [("--position-embedding-type", "rope"), ("--rotary-base", int(ckpt.rope_theta))]
         if ckpt.rope_scaling is not None:
             flags += [("--use-rope-scaling", None), ("--rope-scaling-factor", ckpt.rope_scaling.factor)]
+    flags += [(flag, value) for cond, flag, value in (
+        (m.head_dim * m.num_heads != m.hidden_size, "--kv-channels", m.head_dim),
+        (m.qk_norm, "--qk-layernorm", None), (m.qkv_bias and not m.bias, "--add-qkv-bias", None),
+        (m.rotary_pct != 1.0, "--rotary-percent", m.rotary_pct)) if cond]
+    return flags + (moe_args(job) if m.num_experts else [])
+
+
+def moe_args(job: TrainJob) -> list[tuple[str, object]]:
+    """The experts (Megatron-Core TransformerConfig moe_* fields as arguments) and how they
+    are placed, routed and dispatched."""
+    m, p = job.model, job.plan
+    flags = [("--num-experts", m.num_experts), ("--moe-router-topk", m.experts_per_token),
+             ("--moe-ffn-hidden-size", m.moe_ffn_hidden_size), ("--moe-grouped-gemm", None),
+             ("--expert-model-parallel-size", p.ep), ("--expert-tensor-parallel-size", p.etp)]
+    if m.dense_layers:  # one entry per layer: 1 an expert layer, 0 a dense one
+        flags.append(("--moe-layer-freq", "[" + ",".join(
+            "0" if i in m.dense_layers else "1" for i in range(m.num_layers)) + "]"))
+    if m.num_shared_experts:  # run as one MLP of their summed width, as Megatron-Core does
+        flags.append(("--moe-shared-expert-intermediate-size", m.shared_ffn_size))
+        if m.shared_expert_gate:
+            flags.append(("--moe-shared-expert-gate", None))
+    if m.router == "sigmoid":
+        flags.append(("--moe-router-score-function", "sigmoid"))
+    flags += ([("--moe-token-dispatcher-type", "flex"), ("--moe-flex-dispatcher-backend", "deepep")]
+              if p.moe_dispatcher == "deepep" else [("--moe-token-dispatcher-type", "alltoall")])
+    if p.moe_capacity_factor > 1:  # the busiest rank's rows over the balanced share, padded to it
+        flags += [("--moe-expert-capacity-factor", p.moe_capacity_factor),
+                  ("--moe-pad-expert-input-to-capacity", None)]
     return flags
 
 
 def _zero3(job: TrainJob) -> list[tuple[str, object]]:
-    if job.model.tied_embeddings:  # FSDP2 refuses tied embeddings; Megatron-FSDP shards them
+    # FSDP2 refuses tied embeddings and expert parallelism; Megatron-FSDP shards both
+    if job.model.tied_embeddings or job.plan.ep > 1:
         return [("--use-megatron-fsdp", None), ("--data-parallel-sharding-strategy", "optim_grads_params"),
                 ("--ckpt-format", "fsdp_dtensor"), ("--no-gradient-accumulation-fusion", None)]
     return [("--use-torch-fsdp2", None), ("--no-gradient-accumulation-fusion", None),
@@ -80,8 +114,18 @@ def parallel_args(job: TrainJob) -> list[tuple[str, object]]:
     flags += {1: [("--use-distributed-optimizer", None)], 3: _zero3(job)}.get(p.zero, [])
     if ",".join(p.placement) == "tp,cp,pp,dp":
         flags.append(("--use-tp-pp-dp-mapping", None))
+    if p.zero == 3 and not p.reshard_after_forward:
+        flags.append(("--torch-fsdp2-no-reshard-after-forward", None))
+    if p.tp_overlap:  # Transformer Engine userbuffers: TP collectives overlapped with the GEMMs
+        flags.append(("--tp-comm-overlap", None))
     flags.append(("--attention-backend", "flash" if p.attention == "flash" else "unfused"))
-    flags += {"bf16": [("--bf16", None)], "fp16": [("--fp16", None)]}.get(p.dtype, [])
+    flags += {"bf16": [("--bf16", None)], "fp16": [("--fp16", None)],
+              # hybrid: E4M3 forward, E5M2 gradients (Micikevicius et al. 2022 sec 3)
+              "fp8": [("--bf16", None), ("--fp8-format", "hybrid"), ("--fp8-recipe", p.fp8_recipe)]
+              }.get(p.dtype, [])
+    if p.dtype != "fp32":
+        flags.append(("--grad-reduce-in-bf16", None) if p.grad_reduce_dtype == "bf16"
+                     else ("--accumulate-allreduce-grads-in-fp32", None))
     return flags
 
 

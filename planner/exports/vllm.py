@@ -7,6 +7,9 @@ vllm/engine/arg_utils.py, checked at vLLM 0.33.0).
   served in bf16, not cast to fp16), else the plan's.
 - The model is the checkpoint's Hugging Face id (config.json's _name_or_path, the zoo's
   released checkpoint) or --model-id; a model with neither is refused.
+- Mixture-of-experts models serve with their experts sharded over TP, as the serving plan
+  prices them: vLLM's default. --enable-expert-parallel would spread whole experts over
+  TP x DP ranks instead, which a serving plan does not describe, so it is never given.
 - Weight-only int4 / int8 serve as --quantization awq / gptq, which load a checkpoint
   quantized so: the released 16-bit one cannot be, so its place is a path the user
   supplies unless --model-id names one; fp8 quantizes the 16-bit checkpoint on load.
