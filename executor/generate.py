@@ -9,7 +9,8 @@ deployment of tp x pp x replicas ranks, and a Generation runs one greedy generat
 - tensor parallel: training's apply_tp without sequence parallelism (DTensor; column-parallel
   Q/K/V, MLP up/gate, row-parallel out/down with local outputs, so attention and the KV
   cache hold this rank's heads; vocab-parallel embedding; the head's logits are gathered
-  whole, so the argmax sees the full vocabulary);
+  whole, so the argmax sees the full vocabulary; MoE layers route every token on every
+  rank through its share of each expert's width, moe.shard_expert_width);
 - pipeline parallel: each rank holds a contiguous range of layers (pipeline.split_stage) and
   passes its hidden states to the next stage with point-to-point isend / recv; the last
   stage sends each new token back to the first. torch.distributed.pipelining is not used:
@@ -17,7 +18,8 @@ deployment of tp x pp x replicas ranks, and a Generation runs one greedy generat
   from prefill (prompt_len tokens) to decode (1 token) and loops the last stage back to the
   first. As in vLLM's pipeline-parallel engine, the replica's batch streams through the
   stages as min(pp, batch) micro-batches, each with its own cache, so every stage has work;
-- replicas: data-parallel copies, replica r generating prompts r*batch .. (r+1)*batch - 1.
+- replicas: data-parallel copies, replica r generating prompts r*batch .. (r+1)*batch - 1;
+- int8 weights (plan.quantization): each stage's decoder weights quantized (quantize.py).
 Ranks are placed as simulator/serve.py places them: TP innermost, then pipeline stages,
 replicas outermost.
 """
@@ -32,6 +34,7 @@ from meshplan.executor.kv_cache import KVCache
 from meshplan.executor.model import Transformer, build_model
 from meshplan.executor.parallelize import apply_tp, build_mesh
 from meshplan.executor.pipeline import split_stage
+from meshplan.executor.quantize import quantize_int8
 from meshplan.simulator.serve import InferencePlan
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.partition import even_partition
@@ -80,6 +83,8 @@ class ServingRank:
         model = build_model(spec, seed).to(device=device, dtype=dtype)
         if plan.pp > 1:
             model = split_stage(model, even_partition(spec.num_layers, plan.pp), stage)
+        if plan.quantization == "int8":
+            quantize_int8(model, plan.quant_group_size)
         if plan.tp > 1:
             apply_tp(model, self.mesh["tp"], sequence_parallel=False)
         self.module = model.eval()
@@ -94,9 +99,9 @@ class ServingRank:
 
     @property
     def weights_bytes(self) -> int:
-        """Bytes of this rank's weights (its local shards)."""
+        """Bytes of this rank's weights (its local shards; int8 codes with their scales)."""
         return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes
-                   for p in self.module.parameters())
+                   for p in (*self.module.parameters(), *self.module.buffers()))
 
     @property
     def holds_tokens(self) -> bool:

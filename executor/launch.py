@@ -81,6 +81,10 @@ def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOpti
         plan = dataclasses.replace(plan, layer_partition=pipeline_partition(model, plan, cluster, hw))
     ran = dataclasses.replace(plan, dtype=compute_dtype(plan.dtype, device_type()))
     issues, resumed = memory_issues(simulate(model, ran, cluster, hw).peak_memory_bytes, hw), None
+    if options.checkpoint_dir is not None and plan.ep > 1:
+        issues.append(("run.checkpoint_dir", "the executor does not checkpoint expert-parallel "
+                       "experts (each rank holds other experts under the same names)",
+                       "train without a checkpoint folder, or with ep 1"))
     if options.checkpoint_dir is not None:
         found, resumed = checkpoint.check_resume(
             options.checkpoint_dir, model.to_dict(), plan.to_dict(), options.resume, options.seed,

@@ -7,6 +7,9 @@ feed_forward.w1/w2/w3, norm, output) so the parallel plans in parallelize.py rea
 some layers (and drops the embedding or the head: those attributes become None) keeps the
 parameter names of the full model.
 
+A layer's MLP is dense, or with experts (ModelSpec.num_experts, outside dense_layers) the
+routed and shared experts of moe.py under the same `feed_forward` name.
+
 Generation passes a KV cache (executor/kv_cache.py) through `forward(x, cache)`; without one
 (training) every call is the plain causal forward.
 """
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshplan.executor.kv_cache import KVCache, LayerCache
+from meshplan.executor.moe import MoE, activation
 from meshplan.simulator.model_spec import ModelSpec
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
@@ -85,15 +89,16 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Gated (w2(act(w1 x) * w3 x), Shazeer 2020) or plain (w2(act(w1 x))) MLP."""
+    """Gated (w2(act(w1 x) * w3 x), Shazeer 2020) or plain (w2(act(w1 x))) MLP of width
+    `ffn` (default: the model's dense MLP width)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, ffn: int | None = None):
         super().__init__()
-        h, f = spec.hidden_size, spec.ffn_hidden_size
+        h, f = spec.hidden_size, ffn or spec.ffn_hidden_size
         self.w1 = nn.Linear(h, f, bias=spec.bias)
         self.w2 = nn.Linear(f, h, bias=spec.bias)
         self.w3 = nn.Linear(h, f, bias=spec.bias) if spec.gated_mlp else None
-        self.act = F.silu if spec.activation == "silu" else lambda t: F.gelu(t, approximate="tanh")
+        self.act = activation(spec)
 
     def forward(self, x):
         hidden = self.act(self.w1(x))
@@ -106,15 +111,22 @@ def make_norm(spec: ModelSpec) -> nn.Module:
     return nn.LayerNorm(spec.hidden_size, eps=1e-5)  # weight and bias, as ModelSpec counts
 
 
+def make_mlp(spec: ModelSpec, index: int) -> nn.Module:
+    """Layer `index`'s MLP: the dense one, or routed experts (moe.py) with the shared experts."""
+    if not spec.layer_kind(index).moe:
+        return FeedForward(spec)
+    return MoE(spec, FeedForward(spec, spec.shared_ffn_size) if spec.num_shared_experts else None)
+
+
 class Block(nn.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h))."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, index: int):
         super().__init__()
         self.attention_norm = make_norm(spec)
         self.attention = Attention(spec)
         self.ffn_norm = make_norm(spec)
-        self.feed_forward = FeedForward(spec)
+        self.feed_forward = make_mlp(spec, index)
 
     def forward(self, x, cache: LayerCache | None = None):
         h = x + self.attention(self.attention_norm(x), cache=cache)
@@ -133,7 +145,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.pos_embeddings = (nn.Embedding(spec.max_seq_len, spec.hidden_size)
                                if spec.position_embedding == "learned" else None)
-        self.layers = nn.ModuleDict({str(i): Block(spec) for i in range(spec.num_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(spec, i) for i in range(spec.num_layers)})
         self.norm = make_norm(spec)
         self.output = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tied_embeddings:
@@ -161,7 +173,8 @@ def init_weights(model: Transformer, seed: int) -> None:
     """Deterministic initialisation from `seed`, the same whatever the plan: N(0, 0.02) for
     matrices and embeddings, residual output projections scaled by 1/sqrt(2L) (GPT-2,
     Radford et al. 2019 sec 2.3), norms to one, biases to zero. Parameters are visited in
-    name order, so the weights do not depend on construction order."""
+    name order, so the weights do not depend on construction order. Stacked expert weights
+    [E, in, out] are drawn whole, so every expert-parallel split cuts the same experts."""
     gen = torch.Generator().manual_seed(seed)
     residual_std = INIT_STD / math.sqrt(2 * model.spec.num_layers)
     with torch.no_grad():
@@ -171,7 +184,7 @@ def init_weights(model: Transformer, seed: int) -> None:
             elif param.ndim == 1:
                 param.fill_(1.0)
             else:
-                std = residual_std if name.endswith(("wo.weight", "w2.weight")) else INIT_STD
+                std = residual_std if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else INIT_STD
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 

@@ -1,9 +1,11 @@
 """Apply a Plan to a model with PyTorch's own parallel APIs, one function per parallelism.
 
 Order (torchtitan's parallelize_llama): pipeline splitting first (pipeline.py), then on each
-stage module `apply_tp` (tensor + sequence parallel, DTensor), `apply_recompute`
-(activation checkpointing) and last `apply_dp` (DDP or FSDP2 over the dp mesh dimension),
-so that data parallelism wraps modules whose parameters are already TP-sharded.
+stage module `apply_tp` (tensor + sequence parallel, DTensor), `apply_ep` (experts split
+over the expert mesh's ep axis, moe.py), `apply_recompute` (activation checkpointing) and
+last `apply_dp` (DDP or FSDP2 over the dp mesh dimension), so that data parallelism wraps
+modules whose parameters are already sharded; DDP leaves the EP-sharded experts to
+moe.reduce_expert_gradients over the expert mesh's edp axis.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from torch.nn.parallel import DistributedDataParallel
 
 from meshplan.executor.model import Transformer
+from meshplan.executor.moe import (ExpertSharding, MoE, gather_experts, reduce_expert_gradients,
+                                   shard_expert_width, shard_experts, sharded_experts)
 from meshplan.core.mesh import Mesh
 from meshplan.simulator.plan import Plan
 
@@ -55,18 +59,45 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
         layer_plan = {"attention": region,
                       "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
                       "attention.wv": ColwiseParallel(),
-                      "attention.wo": RowwiseParallel(output_layouts=seq),
-                      "feed_forward": region,
-                      "feed_forward.w1": ColwiseParallel(),
-                      "feed_forward.w2": RowwiseParallel(output_layouts=seq)}
-        if layer.feed_forward.w3 is not None:
-            layer_plan["feed_forward.w3"] = ColwiseParallel()
+                      "attention.wo": RowwiseParallel(output_layouts=seq)}
+        moe = layer.feed_forward if isinstance(layer.feed_forward, MoE) else None
+        if moe is not None and sequence_parallel:
+            # Megatron-Core's folding with etp 1: each TP rank routes its own sequence shard
+            # through whole experts (split by apply_ep), on local tensors like the residual
+            layer_plan["feed_forward"] = PrepareModuleInput(
+                input_layouts=(seq,), desired_input_layouts=(seq,), use_local_output=True)
+            moe.tp_group = tp_mesh.get_group()
+        elif moe is not None:
+            # serving: every rank routes every token through its share of each expert's
+            # width; shared experts as the dense MLP
+            shard_expert_width(moe, tp_mesh.get_group())
+            if moe.shared_experts is not None:
+                layer_plan.update({"feed_forward.shared_experts.w1": ColwiseParallel(),
+                                   "feed_forward.shared_experts.w2": RowwiseParallel()})
+                if moe.shared_experts.w3 is not None:
+                    layer_plan["feed_forward.shared_experts.w3"] = ColwiseParallel()
+        else:
+            layer_plan.update({"feed_forward": region, "feed_forward.w1": ColwiseParallel(),
+                               "feed_forward.w2": RowwiseParallel(output_layouts=seq)})
+            if layer.feed_forward.w3 is not None:
+                layer_plan["feed_forward.w3"] = ColwiseParallel()
         if sequence_parallel:
             layer_plan["attention_norm"] = SequenceParallel()
             layer_plan["ffn_norm"] = SequenceParallel()
         parallelize_module(layer, tp_mesh, layer_plan)
     if model.spec.tied_embeddings:  # both are vocab-sharded (Shard(0)): tie the DTensors again
         model.output.weight = model.tok_embeddings.weight
+
+
+def apply_ep(model: Transformer, expert_mesh: DeviceMesh, dp: int) -> None:
+    """Expert parallelism: each MoE layer keeps the experts of this rank's place on the
+    expert mesh's ep axis, and routes rows to the others with all-to-all (moe.py). With
+    TP (ep 1 included) the experts are replicated along edp, which then spans TP ranks
+    that saw other tokens: their gradients are reduced over edp, not by the DP wrapper."""
+    sharding = ExpertSharding(expert_mesh["ep"].get_group(), expert_mesh["edp"].get_group(), dp)
+    for layer in model.layers.values():
+        if isinstance(layer.feed_forward, MoE):
+            shard_experts(layer.feed_forward, sharding)
 
 
 def apply_recompute(model: Transformer, mode: str) -> None:
@@ -93,22 +124,33 @@ def apply_dp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
     works. ZeRO 2: FSDP2 keeping the gathered weights from forward to backward
     (reshard_after_forward=False; gradients and optimizer state sharded). ZeRO 3: FSDP2
     resharding after forward (weights sharded too). FSDP2 wraps each layer, then the root
-    (embedding, head, final norm)."""
+    (embedding, head, final norm). Each leaves out the experts that apply_ep split: they
+    differ along dp, and moe.reduce_expert_gradients reduces them over edp instead."""
+    experts = {p for e in sharded_experts(model) for p in e.parameters()}
     if plan.zero >= 2:
         for layer in model.layers.values():
-            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=plan.zero == 3)
-        return fully_shard(model, mesh=dp_mesh, reshard_after_forward=plan.zero == 3)
+            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=plan.zero == 3,
+                        ignored_params=experts)
+        return fully_shard(model, mesh=dp_mesh, reshard_after_forward=plan.zero == 3,
+                           ignored_params=experts)
     if plan.tp > 1 or plan.pp > 1:
         for layer in model.layers.values():
-            replicate(layer, mesh=dp_mesh)
-        return replicate(model, mesh=dp_mesh)
+            replicate(layer, mesh=dp_mesh, ignored_params=experts)
+        return replicate(model, mesh=dp_mesh, ignored_params=experts)
+    if experts:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [name for name, p in model.named_parameters() if p in experts])
     return DistributedDataParallel(model, device_mesh=dp_mesh, gradient_as_bucket_view=True)
 
 
-def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh) -> nn.Module:
-    """TP/SP -> recompute -> DP on one (stage) module, in that order."""
+def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh,
+                expert_mesh: DeviceMesh | None = None) -> nn.Module:
+    """TP/SP -> EP (with an expert mesh) -> recompute -> DP on one (stage) module, in that
+    order."""
     if plan.tp > 1:
         apply_tp(model, mesh["tp"], plan.sp)
+    if expert_mesh is not None:
+        apply_ep(model, expert_mesh, plan.dp)
     if plan.recompute != "none":
         apply_recompute(model, plan.recompute)
     if plan.dp > 1:
@@ -136,6 +178,8 @@ def gradient_sync(model: nn.Module, enabled: bool):
     with model.no_sync() if isinstance(model, DistributedDataParallel) and not enabled \
             else nullcontext():
         yield
+    if enabled:
+        reduce_expert_gradients(model)
 
 
 def parameter_name(name: str) -> str:
@@ -145,14 +189,18 @@ def parameter_name(name: str) -> str:
 
 def full_gradients(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
     """Every local parameter's gradient as a whole (unsharded) CPU tensor, by plain name.
-    Collective over the TP/DP groups of this rank (DTensor.full_tensor)."""
+    Collective over the TP/DP groups of this rank (DTensor.full_tensor) and its EP group
+    (experts split by apply_ep)."""
     grads = {}
     for module in modules:
+        experts = {id(p): e.sharding for e in sharded_experts(module) for p in e.parameters()}
         for name, param in module.named_parameters():
             grad = param.grad
             if grad is None:
                 continue
             if isinstance(grad, DTensor):
                 grad = grad.full_tensor()
+            if id(param) in experts:
+                grad = gather_experts(grad, experts[id(param)])
             grads[parameter_name(name)] = grad.detach().cpu().clone()
     return grads

@@ -3,8 +3,9 @@ chrome://tracing) and a plotly Gantt chart saved as a self-contained HTML page.
 
 Besides each rank's compute ops (F, B, W), its pipeline sends (SEND) and its tail (SYNC:
 exposed data-parallel communication and the optimizer step), the exposed TP and CP
-communication inside each forward and backward is drawn on a communication track, at the
-end of its op, from the share of the op it takes (SimulationResult.op_comm)."""
+communication inside each forward and backward, and the exposed EP all-to-all (MoE token
+dispatch and combine), is drawn on a communication track, at the end of its op, from the
+share of the op it takes (SimulationResult.op_comm)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ from meshplan.core.io import write_atomic
 from meshplan.simulator.pipeline_sim import PipelineEvent, PipelineResult
 
 KIND_COLOURS = {"F": "#4c78a8", "B": "#f58518", "W": "#54a24b", "SEND": "#9d9d9d",
-                "SYNC": "#e45756", "TP": "#b279a2", "CP": "#72b7b2"}
-COMM_KINDS = ("TP", "CP")
+                "SYNC": "#e45756", "TP": "#b279a2", "CP": "#72b7b2", "EP": "#eeca3b"}
+COMM_KINDS = ("TP", "CP", "EP")
 _US_PER_S = 1e6
 _MS_PER_S = 1e3
 
@@ -25,8 +26,8 @@ def _event_name(e: PipelineEvent) -> str:
 
 
 def comm_segments(result: PipelineResult, op_comm: dict | None) -> list[PipelineEvent]:
-    """The exposed TP and CP communication of each forward and backward, at its op's end:
-    op_comm[kind of op][TP or CP] is the share of the op's time it takes."""
+    """The exposed TP, CP and EP communication of each forward and backward, at its op's
+    end: op_comm[kind of op][TP, CP or EP] is the share of the op's time it takes."""
     out = []
     for e in result.events:
         shares = (op_comm or {}).get(e.kind, {})
@@ -41,7 +42,7 @@ def comm_segments(result: PipelineResult, op_comm: dict | None) -> list[Pipeline
 
 def chrome_trace(result: PipelineResult, label: str = "", op_comm: dict | None = None) -> dict:
     """Trace-event JSON: one process, one thread per stage for its compute ops and tail, one
-    more per stage for its communication (sends, exposed TP and CP); complete ("X") events
+    more per stage for its communication (sends, exposed TP, CP and EP); complete ("X") events
     with times in microseconds."""
     p = len(result.stage_busy_s)
     meta = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0,
@@ -70,7 +71,7 @@ def write_chrome_trace(result: PipelineResult, path, label: str = "", op_comm: d
 
 def timeline_figure(result: PipelineResult, title: str = "", op_comm: dict | None = None):
     """Gantt chart: one row per stage (stage 0 on top), time in ms, one bar trace per kind;
-    communication (sends, exposed TP and CP) is drawn as a thin strip under its rank's row."""
+    communication (sends, exposed TP, CP and EP) is drawn as a thin strip under its rank's row."""
     import plotly.graph_objects as go
 
     fig = go.Figure()

@@ -217,6 +217,7 @@ def _qwen_moe(c: _Config, layers: int) -> dict:
     return dict(num_experts=c.size(("num_experts", "num_local_experts")),
                 experts_per_token=c.size("num_experts_per_tok"),
                 moe_ffn_hidden_size=c.size("moe_intermediate_size"),
+                norm_topk_prob=c.flag("norm_topk_prob"),  # Qwen2MoeConfig / Qwen3MoeConfig default
                 dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step))
 
 
@@ -301,7 +302,7 @@ def _deepseek_v3(c: _Config) -> dict:
                moe_ffn_hidden_size=c.size("moe_intermediate_size"),
                num_shared_experts=c.get("n_shared_experts") or 0,
                shared_expert_ffn_size=c.size("moe_intermediate_size"),
-               router=router,
+               router=router, norm_topk_prob=c.flag("norm_topk_prob", True),  # DeepseekV3Config default
                # DeepSeek's modelling code: MoE from first_k_dense_replace on, every moe_layer_freq
                dense_layers=tuple(i for i in range(layers) if i < first or i % freq)) if experts else {}
     q_rank = c.get("q_lora_rank")
@@ -379,14 +380,15 @@ READERS = {"llama": _llama, "mistral": _mistral, "mixtral": _mixtral, "qwen2": _
            "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "gemma2": _gemma2,
            "gemma3_text": _gemma3_text, "gemma3": _gemma3, "phi3": _phi3, "deepseek_v3": _deepseek_v3,
            "gpt2": _gpt2, "gpt_neox": _gpt_neox}
-# Keys of each architecture that change no cost.
-_MOE_ROUTING = {"norm_topk_prob", "router_jitter_noise"}
+# Keys of each architecture that change no cost (Mixtral always renormalises its top-k
+# weights; the other MoE readers take norm_topk_prob into ModelSpec for the executor).
+_MOE_ROUTING = {"router_jitter_noise"}
 IGNORED = {
     "gemma2": {"query_pre_attn_scalar", "sliding_window_size"},
     "gemma3_text": {"query_pre_attn_scalar", "rope_local_base_freq"},
     "gemma3": {"text_config", "boi_token_index", "eoi_token_index", "image_token_index", "mm_tokens_per_image"},
     "qwen2": {"use_mrope"},
-    "mixtral": _MOE_ROUTING,
+    "mixtral": _MOE_ROUTING | {"norm_topk_prob"},
     "qwen2_moe": _MOE_ROUTING,
     "qwen3_moe": _MOE_ROUTING | {"max_window_layers"},  # Qwen3-MoE windows every layer
     # Routing details (group-limited selection, scaling) cost nothing at one expert-parallel

@@ -83,6 +83,7 @@ class ModelSpec:
     shared_expert_ffn_size: int = 0
     shared_expert_gate: bool = False    # a sigmoid gate on the shared experts (Qwen2-MoE)
     router: str = "softmax"
+    norm_topk_prob: bool = True         # chosen experts' weights renormalised to sum to 1 (Mixtral)
     dense_layers: tuple[int, ...] = ()
     q_lora_rank: int = 0             # 0: queries projected directly, without a low rank
     kv_lora_rank: int = 0            # > 0: multi-head latent attention

@@ -223,11 +223,18 @@ def _features_rule(field: str, who: str, builds: tuple[str, ...], fix: str) -> R
 
 
 # What the executor cannot run on this backend (torch 2.13, gloo on CPU).
-# executor/model.py builds a dense decoder only
-_EXECUTOR_MODEL = _features_rule("model", "the executor's decoder", (),
-                                 "run a dense llama- or gpt2-style model; plan and simulate take this one")
+# executor/model.py builds a dense decoder, or softmax-routed experts without biases
+# (executor/moe.py) with shared experts and dense layers among them
+_EXECUTOR_MODEL = (
+    _features_rule("model", "the executor's decoder",
+                   ("mixture-of-experts", "shared experts", "dense layers among the expert layers"),
+                   "run a llama- or gpt2-style model, dense or with softmax-routed experts; plan "
+                   "and simulate take this one"),
+    _rule("model", "", lambda x, m, c: not (m.num_experts > 0 and m.bias),
+          lambda x, m, c: "the executor's experts have no biases", "run a model without biases"),
+)
 EXECUTOR_TRAINING = (
-    _EXECUTOR_MODEL,
+    *_EXECUTOR_MODEL,
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
     _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
@@ -243,6 +250,16 @@ EXECUTOR_TRAINING = (
           lambda x, m, c: (x.pp == 1) | np.logical_not(np.isin(x.schedule, ("1f1b", "zb-h1"))) | (_microbatches(x) >= x.pp),
           lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",
           "raise the global batch or lower the micro-batch"),
+    _rule("plan.etp", "etp", lambda x, m, c: (m.num_experts == 0) | (x.etp == 1),
+          lambda x, m, c: f"the executor runs each expert whole on one rank, not over etp {x.etp}",
+          "use etp 1 (with tp > 1 that needs sp)"),
+    _rule("plan.zero", "zero ep", lambda x, m, c: (x.ep == 1) | (x.zero != 1),
+          lambda x, m, c: "ZeRO 1's ZeroRedundancyOptimizer would shard the expert-parallel "
+          "experts' optimizer over dp as if they were replicated there",
+          "use ZeRO 0, 2 or 3 with ep > 1"),
+    _rule("plan.moe_dispatcher", "moe_dispatcher", lambda x, m, c: x.moe_dispatcher == "alltoall",
+          lambda x, m, c: f"the executor dispatches tokens with torch's all_to_all, not {x.moe_dispatcher}",
+          "use moe_dispatcher alltoall"),
 )
 
 # A serving deployment: tp x pp GPUs per replica.
@@ -284,13 +301,23 @@ def _shard_widths(m: ModelSpec, tp) -> np.ndarray:
     widths = [m.hidden_size, m.num_heads * m.value_head_dim // tp, m.ffn_hidden_size // tp]
     if m.num_experts:
         widths.append(m.moe_ffn_hidden_size // tp)
+    if m.num_shared_experts:
+        widths.append(m.shared_ffn_size // tp)
     return np.array(widths)
 
 EXECUTOR_SERVING = (
-    _EXECUTOR_MODEL,
-    _rule("plan.quantization", "quantization", lambda x, m, c: x.quantization == "none",
-          lambda x, m, c: f"the executor serves unquantized weights, not {x.quantization}",
-          "use quantization none"),
+    *_EXECUTOR_MODEL,
+    _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (
+              (m.moe_ffn_hidden_size % x.tp == 0) & (m.shared_ffn_size % x.tp == 0)),
+          lambda x, m, c: f"{x.tp} does not divide the experts' width {m.moe_ffn_hidden_size} and "
+          f"the shared experts' {m.shared_ffn_size} (the executor splits each expert over TP)",
+          "use a TP degree dividing both"),
+    _rule("plan.quantization", "quantization", lambda x, m, c: np.isin(x.quantization, ("none", "int8")),
+          lambda x, m, c: f"the executor serves unquantized or int8 weights, not {x.quantization}",
+          "use quantization none or int8"),
+    _rule("plan.tp", "quantization tp", lambda x, m, c: (x.quantization == "none") | (x.tp == 1),
+          lambda x, m, c: "the executor does not tensor-shard int8 weights",
+          "use tp 1 (pp and replicas combine with int8)"),
     _rule("plan.tp", "tp", lambda x, m, c: m.num_kv_heads % x.tp == 0,
           lambda x, m, c: f"{x.tp} does not divide the {m.num_kv_heads} KV heads (the executor shards "
           "KV heads, it does not replicate them)", "use a TP degree that divides num_key_value_heads"),

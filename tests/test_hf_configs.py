@@ -102,3 +102,12 @@ def test_every_real_config_loads_by_path():
 def test_gemma3_multimodal_wrapper_names_its_vision_tower():
     with pytest.raises(ModelError, match="vision_config.*text_config"):
         load_model(str(CONFIGS / "gemma3-12b.json"))
+
+
+def test_router_renormalisation_is_read_from_the_config():
+    """norm_topk_prob as each config sets it (Qwen2-57B-A14B false, Qwen3-30B-A3B true);
+    Mixtral always renormalises its top-k weights."""
+    read = {name: load_model(str(CONFIGS / f"{name}.json")).norm_topk_prob
+            for name in ("qwen2-57b-a14b", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3")}
+    assert read == {"qwen2-57b-a14b": False, "qwen3-30b-a3b": True, "mixtral-8x7b": True,
+                    "deepseek-v3": True}

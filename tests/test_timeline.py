@@ -75,3 +75,24 @@ def test_exposed_tp_and_cp_are_drawn_at_the_end_of_their_ops():
     assert cats.count("TP") == 4 and cats.count("CP") == 2
     fig = timeline_figure(res, "plan title", op_comm)
     assert {"TP", "CP"} <= {t.name for t in fig.data} and fig.layout.title.text == "plan title"
+
+
+def test_simulated_expert_parallel_all_to_all_gets_an_ep_track():
+    """A MoE plan with ep 2 (Mixtral-style top-2 of 8): the simulator's exposed all-to-all
+    share of each op becomes EP spans on the communication track, none without experts."""
+    from meshplan.hw_profiles.profile import load_profile
+    from meshplan.reports.timeline import comm_segments
+    from meshplan.simulator.model_spec import ModelSpec
+    from meshplan.simulator.plan import Cluster, Plan
+    from meshplan.simulator.train import simulate
+    moe = ModelSpec("moe", num_layers=4, hidden_size=1024, num_heads=8, num_kv_heads=8,
+                    ffn_hidden_size=2048, vocab_size=32000, max_seq_len=2048, num_experts=8,
+                    experts_per_token=2, moe_ffn_hidden_size=2048)
+    hw, cluster = load_profile("a100-80gb"), Cluster(16, 8)
+    for ep, expected in ((4, True), (1, False)):
+        plan = Plan(global_batch=32, seq_len=1024, dp=8, pp=2, ep=ep, micro_batch=2)
+        result = simulate(moe, plan, cluster, hw)
+        segs = [s for s in comm_segments(result.pipeline, result.op_comm) if s.kind == "EP"]
+        assert bool(segs) == expected
+        trace = chrome_trace(result.pipeline, "moe", result.op_comm)
+        assert ("EP" in {e["cat"] for e in trace["traceEvents"] if e["ph"] == "X"}) == expected

@@ -4,7 +4,9 @@ peak memory beside the simulator's prediction, and summarise the error.
 The plans cover every parallelism the executor runs at world size 2 (DP with ZeRO 0-3, TP,
 TP+SP, PP with GPipe / 1F1B / interleaved and several micro-batch counts, recompute) and
 world size 4 (4 ranks sharing the 2 cores of this machine: the profile's cores_per_node
-makes the cost model divide compute among them)."""
+makes the cost model divide compute among them), and expert parallelism (all-to-all token
+dispatch, EP alone and folded with expert data parallelism) on a mixture-of-experts model
+of the same attention."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -24,6 +26,10 @@ from meshplan.simulator.plan import Cluster, Plan
 # time well, short enough for the whole suite to run in a few minutes.
 VALIDATION_MODEL = ModelSpec(name="validate-llama-8m", num_layers=4, hidden_size=256, num_heads=8,
                              num_kv_heads=4, ffn_hidden_size=704, vocab_size=4096, max_seq_len=1024)
+# The same attention, then top-2 of 4 experts of half the dense width (active MLP FLOPs
+# as the dense model's) in layers 1-3 after a dense first layer.
+VALIDATION_MOE_MODEL = replace(VALIDATION_MODEL, name="validate-moe-8m", num_experts=4,
+                               experts_per_token=2, moe_ffn_hidden_size=352, dense_layers=(0,))
 SEQ_LEN = 128
 
 
@@ -52,6 +58,15 @@ SUITE: tuple[tuple[str, Plan], ...] = (
     ("tp2 pp2", _p(tp=2, pp=2, schedule="1f1b")),
     ("dp2 pp2", _p(dp=2, pp=2, schedule="1f1b", micro_batch=1, zero=2)),
 )
+MOE_SUITE: tuple[tuple[str, Plan], ...] = (
+    ("moe dp2 ep2", _p(dp=2, ep=2)),
+    ("moe dp4 ep2", _p(dp=4, ep=2)),
+    ("moe dp4 ep4", _p(dp=4, ep=4)),
+    ("moe tp2 sp ep2", _p(tp=2, sp=True, etp=1, ep=2)),
+)
+# Each suite with the model it runs.
+SUITES: tuple[tuple[ModelSpec, tuple[tuple[str, Plan], ...]], ...] = (
+    (VALIDATION_MODEL, SUITE), (VALIDATION_MOE_MODEL, MOE_SUITE))
 
 
 @dataclass(frozen=True)
@@ -75,25 +90,25 @@ class ValidationRun:
 
 
 def run_suite(options: RunOptions, names: tuple[str, ...] | None = None,
-              suite: tuple[tuple[str, Plan], ...] = SUITE,
-              model: ModelSpec = VALIDATION_MODEL, rounds: int = 1) -> list[ValidationRun]:
-    """Run the suite's plans (or those named), one torchrun launch per world size and round.
+              suites: tuple[tuple[ModelSpec, tuple[tuple[str, Plan], ...]], ...] = SUITES,
+              rounds: int = 1) -> list[ValidationRun]:
+    """Run the suites' plans (or those named), one torchrun launch per world size and round.
     With rounds > 1 the launches take turns (world 2, world 4, world 2, ...), each with
     options.steps steps, and each plan's timed steps of all rounds are pooled: a slow spell of
     the machine then falls on every plan instead of on those that happened to run in it.
     Losses and memory are the first round's."""
-    chosen = [(n, p) for n, p in suite if names is None or n in names]
-    worlds = sorted({p.world_size for _, p in chosen})
+    chosen = [(n, m, p) for m, suite in suites for n, p in suite if names is None or n in names]
+    worlds = sorted({p.world_size for _, _, p in chosen})
     pooled: dict[str, RunRecord] = {}
     for _ in range(rounds):
         for world in worlds:
-            group = [(n, p) for n, p in chosen if p.world_size == world]
-            records = launch_train_many([(model, p) for _, p in group], Cluster(world, world), options)
-            for (n, _), r in zip(group, records):
+            group = [(n, m, p) for n, m, p in chosen if p.world_size == world]
+            records = launch_train_many([(m, p) for _, m, p in group], Cluster(world, world), options)
+            for (n, _, _), r in zip(group, records):
                 pooled[n] = r if n not in pooled else replace(
                     pooled[n], step_times_s=pooled[n].step_times_s + r.timed_step_times_s)
     return [ValidationRun(n, pooled[n]) for world in worlds
-            for n, p in chosen if p.world_size == world]
+            for n, _, p in chosen if p.world_size == world]
 
 
 def repredict(runs: list[ValidationRun], hw: HardwareProfile) -> list[ValidationRun]:

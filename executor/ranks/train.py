@@ -35,6 +35,7 @@ from meshplan.executor.checkpoint import CheckpointInfo
 from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages,
                               rank_memory, timed)
 from meshplan.executor.model import build_model, loss_fn
+from meshplan.executor.moe import reduce_expert_gradients
 from meshplan.executor.parallelize import (build_mesh, build_optimizer, full_gradients, gradient_sync,
                                   parallelize)
 from meshplan.executor.pipeline import build_schedule, split_stage, stage_indices
@@ -67,6 +68,9 @@ class Job:
     def __init__(self, spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torch.device):
         self.spec, self.plan, self.options, self.device = spec, plan, options, device
         self.mesh = build_mesh(plan.mesh(plan.world_size), device.type)
+        # experts split over ep, or replicated over TP ranks that route different tokens
+        expert_mesh = (build_mesh(plan.expert_mesh(plan.world_size), device.type)
+                       if spec.num_experts and plan.ep * plan.tp > 1 else None)
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dtype = compute_dtype(plan.dtype, device.type)
         model = build_model(spec, options.seed).to(device)
@@ -74,13 +78,13 @@ class Job:
             self.indices = stage_indices(plan, self.mesh["pp"].get_local_rank())
             stages = [split_stage(model, plan.layer_partition, i) for i in self.indices]
             del model
-            self.modules = [parallelize(m, plan, self.mesh) for m in stages]
+            self.modules = [parallelize(m, plan, self.mesh, expert_mesh) for m in stages]
             self.schedule = build_schedule(self.modules, self.indices, plan,
                                            self.mesh["pp"].get_group(), device, loss_fn)
             self.has_first = 0 in self.indices
             self.has_last = plan.num_virtual - 1 in self.indices
         else:
-            self.modules = [parallelize(model, plan, self.mesh)]
+            self.modules = [parallelize(model, plan, self.mesh, expert_mesh)]
             self.has_first = self.has_last = True
         self.params = [p for m in self.modules for p in m.parameters()]
         self.optimizer = build_optimizer(self.modules, plan, self.mesh, options.lr)
@@ -103,6 +107,8 @@ class Job:
                 self.schedule.step(*([inputs] if self.has_first else []),
                                    target=targets if self.has_last else None,
                                    losses=losses if self.has_last else None)
+            for module in self.modules:
+                reduce_expert_gradients(module)
             return torch.stack(losses).mean().detach() if losses else torch.zeros((), device=self.device)
         model, n = self.modules[0], self.plan.num_microbatches
         total = torch.zeros((), device=self.device)
@@ -136,7 +142,7 @@ def run_job(spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torc
     first step this launch runs (a warm-up step, untimed in the summary, when warmup >= 1)."""
     job = Job(spec, plan, options, device)
     rank = dist.get_rank()
-    label = f"run dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}"
+    label = f"run dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}" + (f" ep{plan.ep}" if plan.ep > 1 else "")
     grads_file = run_dir / f"grads{job_index}_rank{rank}.pt" if options.save_grads else None
     saver = (Checkpointer(options.checkpoint_dir, job.modules, job.optimizer, device)
              if options.checkpoint_dir else None)

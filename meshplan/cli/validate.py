@@ -54,7 +54,7 @@ def chosen_names(plans: str | None, suite: tuple, what: str) -> tuple[str, ...] 
 
 def run(args: argparse.Namespace) -> int:
     from meshplan.executor.options import RunOptions
-    from meshplan.validation.suite import SUITE, run_suite, summary
+    from meshplan.validation.suite import SUITES, run_suite, summary
     from meshplan.reports.validation import write_csv, write_html
     from meshplan.hw_profiles.profile import load_profile
     from meshplan.core.errors import PlanError
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "inference":
         return run_inference(args)
     hw = load_profile(args.hardware)
-    names = chosen_names(args.plans, SUITE, "suite")
+    names = chosen_names(args.plans, tuple(entry for _, suite in SUITES for entry in suite), "suite")
     if args.rounds < 1:
         raise PlanError("--rounds", f"must be at least 1, got {args.rounds}", "pass --rounds 1 or more")
     options = RunOptions(steps=args.steps, warmup=args.warmup, profile=args.hardware,

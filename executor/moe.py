@@ -1,0 +1,223 @@
+"""The mixture-of-experts MLP of the executor's decoder (model.py), and expert parallelism.
+
+A router scores every expert, softmax over all of them, keeps each token's top k and, where
+ModelSpec.norm_topk_prob says so, renormalises their weights to sum to one (Mixtral, Jiang et
+al. 2024 sec 2.1; Qwen-MoE's norm_topk_prob). The routed rows (token copies, one per chosen
+expert) are sorted by expert and run as grouped GEMMs over the experts' stacked weights
+[E, in, out] (torch._grouped_mm), weighted and summed back per token. Shared experts run as
+one dense MLP on every token, behind a sigmoid gate where the model has one (Qwen2-MoE).
+Routing is dropless: Plan.moe_capacity_factor prices imbalance, it drops no token here.
+
+Expert parallelism (Lepikhin et al. 2020, GShard sec 2.2; Megatron-Core's all-to-all
+dispatcher): apply_ep keeps E/ep consecutive experts on each rank of an EP group; a layer
+exchanges the per-expert row counts, sends each row to the rank of its expert (functional
+all_to_all_single with split sizes, differentiable, as torchtitan's expert_parallel), runs
+its local experts, and sends the results back the same way. Expert weights then differ
+along EP and are replicated along EDP (parallel folding, Plan.expert_mesh): their gradients
+are summed over the EDP group (reduce_expert_gradients), not over DP with the dense
+parameters. Under tensor parallelism with sequence parallelism (etp 1), each TP rank routes
+the tokens of its sequence shard, so the EP and EDP groups may span TP ranks, and the
+router's and shared experts' gradients are summed over TP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from meshplan.simulator.model_spec import ModelSpec
+
+
+def activation(spec: ModelSpec):
+    return F.silu if spec.activation == "silu" else lambda t: F.gelu(t, approximate="tanh")
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows offsets[i-1]:offsets[i] of x times weight[i], in the autocast dtype if one is
+    on. torch._grouped_mm runs any dtype on CPU, but only bf16 on CUDA (torch 2.13's
+    F.grouped_mm docs): other CUDA dtypes take one matmul per expert. Its CPU backward
+    refuses a broadcast (stride 0) output gradient, so that is made contiguous."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    weight = weight.to(x.dtype)
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+        return looped_mm(x, weight, offsets)
+    out = torch._grouped_mm(x, weight, offs=offsets)
+    if out.requires_grad:
+        out.register_hook(torch.Tensor.contiguous)
+    return out
+
+
+def looped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """grouped_mm as one matmul per group."""
+    starts = [0, *offsets.tolist()]
+    return torch.cat([x[a:b] @ w for a, b, w in zip(starts, starts[1:], weight)])
+
+
+@dataclass(frozen=True)
+class ExpertSharding:
+    """Where a layer's experts live: this rank's EP group (which splits them) and EDP group
+    (which replicates them), and the data-parallel degree that the gradient mean divides by."""
+
+    ep_group: dist.ProcessGroup
+    edp_group: dist.ProcessGroup
+    dp: int
+
+    @property
+    def ep(self) -> int:
+        return dist.get_world_size(self.ep_group)
+
+
+class GroupedExperts(nn.Module):
+    """`count` MLPs of the experts' width, weights stacked per expert: w1, w3 [E, h, f], w2
+    [E, f, h]. Gated (w2(act(x w1) * x w3)) or plain, as the model's dense MLP."""
+
+    def __init__(self, spec: ModelSpec, count: int):
+        super().__init__()
+        h, f = spec.hidden_size, spec.moe_ffn_hidden_size
+        self.w1 = nn.Parameter(torch.empty(count, h, f))
+        self.w2 = nn.Parameter(torch.empty(count, f, h))
+        self.w3 = nn.Parameter(torch.empty(count, h, f)) if spec.gated_mlp else None
+        self.act = activation(spec)
+        self.sharding: ExpertSharding | None = None  # set by apply_ep
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows [n, h] sorted by expert, counts [E] rows of each expert -> [n, h]."""
+        offsets = counts.cumsum(0).to(torch.int32)
+        hidden = self.act(grouped_mm(rows, self.w1, offsets))
+        if self.w3 is not None:
+            hidden = hidden * grouped_mm(rows, self.w3, offsets)
+        return grouped_mm(hidden, self.w2, offsets)
+
+
+class MoE(nn.Module):
+    """Router, routed experts and shared experts of one layer; x [..., h] -> [..., h]."""
+
+    def __init__(self, spec: ModelSpec, shared: nn.Module | None):
+        super().__init__()
+        self.num_experts, self.top_k = spec.num_experts, spec.experts_per_token
+        self.renormalise = spec.norm_topk_prob
+        self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.experts = GroupedExperts(spec, spec.num_experts)
+        self.shared_experts = shared
+        self.shared_expert_gate = (nn.Linear(spec.hidden_size, 1, bias=False)
+                                   if spec.shared_expert_gate else None)
+        # Under sequence parallelism each TP rank routes its own tokens (apply_tp): the
+        # router's and shared experts' gradients are then summed over this group.
+        self.tp_group: dist.ProcessGroup | None = None
+        # Serving TP without SP: each rank holds 1/tp of every expert's width
+        # (shard_expert_width), and the routed partial sums are added over this group.
+        self.width_group: dist.ProcessGroup | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        probs = self.router(tokens).float().softmax(-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.renormalise:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(tokens.dtype)
+        order = chosen.flatten().argsort(stable=True)  # routed rows grouped by expert
+        source = order // self.top_k                      # the token of each routed row
+        counts = chosen.flatten().bincount(minlength=self.num_experts)
+        rows = tokens[source]
+        sharding = self.experts.sharding
+        out = self.experts(rows, counts) if sharding is None or sharding.ep == 1 else \
+            expert_parallel(self.experts, rows, counts, sharding.ep_group)
+        out = out * weights.flatten()[order, None]
+        routed = tokens.new_zeros(tokens.shape).index_add(0, source, out.to(tokens.dtype))
+        if self.width_group is not None:
+            dist.all_reduce(routed, group=self.width_group)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(tokens)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(tokens))
+            routed = routed + shared
+        return routed.view(x.shape)
+
+
+def expert_parallel(experts: GroupedExperts, rows: torch.Tensor, counts: torch.Tensor,
+                    group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's routed rows (sorted by global expert, counts [E]) through the experts
+    spread over `group`, each rank holding E/ep consecutive ones: rows [n, h] -> [n, h]."""
+    ep, local = dist.get_world_size(group), experts.w1.shape[0]
+    received_counts = torch.empty_like(counts)  # [source rank, local expert]
+    dist.all_to_all_single(received_counts, counts, group=group)
+    send = counts.view(ep, local).sum(1).tolist()
+    per_source = received_counts.view(ep, local)
+    receive = per_source.sum(1).tolist()
+    received = funcol.wait_tensor(funcol.all_to_all_single(rows.contiguous(), receive, send, group))
+    # arrived grouped by source rank, then local expert: regroup by local expert
+    expert_of_row = torch.arange(local, device=rows.device).repeat(ep).repeat_interleave(
+        received_counts)
+    regroup = expert_of_row.argsort(stable=True)
+    out = experts(received[regroup], per_source.sum(0))[regroup.argsort()]
+    return funcol.wait_tensor(funcol.all_to_all_single(out.contiguous(), send, receive, group))
+
+
+def shard_experts(moe: MoE, sharding: ExpertSharding) -> None:
+    """Keep only this rank's E/ep consecutive experts of the full layer."""
+    experts = moe.experts
+    ep, rank = dist.get_world_size(sharding.ep_group), dist.get_rank(sharding.ep_group)
+    local = moe.num_experts // ep
+    for name, param in list(experts.named_parameters()):
+        part = param.detach()[rank * local:(rank + 1) * local].clone()
+        setattr(experts, name, nn.Parameter(part))
+    experts.sharding = sharding
+
+
+def shard_expert_width(moe: MoE, group: dist.ProcessGroup) -> None:
+    """Keep this rank's 1/tp of every expert's MLP width (vLLM's FusedMoE under TP: w1, w3
+    split by output columns, w2 by input rows), for inference: the partial outputs are
+    all-reduced in MoE.forward, outside autograd."""
+    experts, tp, rank = moe.experts, dist.get_world_size(group), dist.get_rank(group)
+    for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
+        param = getattr(experts, name)
+        if param is not None:
+            setattr(experts, name, nn.Parameter(param.detach().chunk(tp, dim)[rank].clone(),
+                                                requires_grad=False))
+    moe.width_group = group
+
+
+def sharded_experts(module: nn.Module) -> list[GroupedExperts]:
+    return [m for m in module.modules() if isinstance(m, GroupedExperts) and m.sharding is not None]
+
+
+def reduce_expert_gradients(module: nn.Module) -> None:
+    """Sum the EP-sharded experts' gradients over their EDP group and divide by DP, giving
+    the mean over the global batch as DDP gives the dense parameters': each copy's gradient
+    already sums the rows its EP group's ranks routed to it. Under sequence parallelism,
+    also sum the router's and shared experts' gradients over TP (each TP rank saw its part
+    of the sequence; the DP wrapper has averaged them over dp)."""
+    groups = sharded_experts(module)
+    if groups:
+        sharding = groups[0].sharding
+        _all_reduce([p.grad for e in groups for p in e.parameters()], sharding.edp_group, sharding.dp)
+    split = {p for e in groups for p in e.parameters()}
+    routed = [m for m in module.modules() if isinstance(m, MoE) and m.tp_group is not None]
+    if routed:
+        _all_reduce([p.grad for m in routed for p in m.parameters() if p not in split],
+                    routed[0].tp_group, 1)
+
+
+def _all_reduce(grads: list, group: dist.ProcessGroup, divide_by: int) -> None:
+    """Sum the (local parts of the) gradients over `group` in one flat all-reduce, divided."""
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads if g is not None]
+    if not local:
+        return
+    flat = torch.cat([g.flatten() for g in local])
+    dist.all_reduce(flat, group=group)
+    flat /= divide_by
+    for grad, part in zip(local, flat.split([g.numel() for g in local])):
+        grad.copy_(part.view_as(grad))
+
+
+def gather_experts(tensor: torch.Tensor, sharding: ExpertSharding) -> torch.Tensor:
+    """The whole [E, ...] tensor from this rank's [E/ep, ...] part (collective over EP)."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(sharding.ep_group))]
+    dist.all_gather(parts, tensor.contiguous(), group=sharding.ep_group)
+    return torch.cat(parts)
