@@ -17,7 +17,7 @@ from meshplan.core.progress import progress_bar
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.planner.search import search
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.plan import Cluster
+from meshplan.simulator.plan import Cluster, field_issues
 from meshplan.simulator.train import SimulationResult
 
 SECONDS_PER_DAY = 86400.0
@@ -133,6 +133,9 @@ def capacity_search(model: ModelSpec, hw: HardwareProfile, counts: list[int], gp
     """Each count's best plan from the smallest count up; with a deadline, stop at the
     first (smallest) count that meets it."""
     check_budget(tokens, deadline_days, price)
+    issues = field_issues(fixed)   # a count's failed search must still be able to count steps
+    if issues:
+        raise PlanError.of(issues)
     options = []
     with progress_bar(len(counts), "GPU counts", progress) as bar:
         for count in counts:
