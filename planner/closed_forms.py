@@ -68,7 +68,7 @@ def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
     p, v, w = r["pp"], r["virtual_stages"], model.num_layers + 1
     first, last = r["emb_fwd"] + r["emb_bwd"], r["head_fwd"] + r["head_bwd"]
     if partition is None:
-        part_id, f = step.group_ids((step.combo_ids(r, step.COST_KEYS)[0] * w + p) * w + v)
+        part_id, f = step.group_ids((r["cost_id"] * w + p) * w + v)
         shape = balanced_shape(model.num_layers, p[f] * v[f], r["layer"][f], first[f], last[f])
         found = _balanced_slots(model.num_layers, p[f], v[f], shape)
         largest = _largest_balanced_s(shape, r["layer"][f], first[f], last[f])[part_id]

@@ -51,11 +51,23 @@ def group_ids(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def combo_ids(r: dict, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """group_ids over the combination of several knob arrays."""
-    key = np.zeros(len(r["tp"]), np.int64)
+    """group_ids over the combination of several knob arrays: integer knobs enter a
+    mixed-radix key by their offset from the smallest value (others by their factorize
+    codes), the key renumbered whenever the next radix could overflow int64; any one-to-one
+    key gives the same ids, as they count in order of first appearance."""
+    key, span = np.zeros(len(r["tp"]), np.int64), 1
     for k in keys:
-        codes = pd.factorize(r[k])[0]
-        key = key * (int(codes.max()) + 1) + codes
+        x = np.asarray(r[k])
+        if x.dtype.kind in "biu":
+            low = int(x.min())
+            codes, size = x.astype(np.int64) - low, int(x.max()) - low + 1
+        else:
+            codes, uniq = pd.factorize(x)
+            size = len(uniq)
+        if span * size >= 2 ** 62:
+            key, uniq = pd.factorize(key)
+            span = len(uniq)
+        key, span = key * size + codes, span * size
     return group_ids(key)
 
 
@@ -95,7 +107,8 @@ def take(r: dict, index) -> dict:
 
 
 def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
-    """r with its times, computed once per distinct shard and cost combination:
+    """r with its times, computed once per distinct shard and cost combination
+(r["cost_id"], the combination of COST_KEYS of each row):
     l_fwd / l_bwd (a layer's whole forward / backward, cost.LayerTimes), their parts
     (l_fwd_compute, l_bwd_in, l_bwd_w, l_recompute, l_tp, l_cp), the embedding and head
     blocks, the ZeRO-3 gather `ag` with the exposed part of each further gather (xf, xb),
@@ -120,6 +133,7 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
              "l_cp_bwd_raw": lt.cp_raw_bwd_s, "l_ep": lt.ep_fwd_s + lt.ep_bwd_s, "l_ep_fwd": lt.ep_fwd_s}
     for k, x in parts.items():
         r[k] = x[cost_id]
+    r["cost_id"] = cost_id
     per_shard = {"emb_fwd": st.embedding.fwd_s, "emb_bwd_in": st.embedding.bwd_input_s,
                  "emb_bwd_w": st.embedding.bwd_weight_s,
                  "head_fwd": st.head.fwd_s, "head_bwd_in": st.head.bwd_input_s,
