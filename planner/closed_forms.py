@@ -63,8 +63,9 @@ def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
     """(rank, layers, layers on the ranks before it) per slot, as (rows, slots) arrays: five
     ranks per row under the balanced partition (rank 0, rank p-1 and the middle ranks where
     the layer count first rises: every rank's memory and time is bounded by one of them), or
-    every rank for a partition the user gave; and per row the forward + backward time of
-    the largest (virtual) stage."""
+    every rank for a partition the user gave; per row the forward + backward time of the
+    largest (virtual) stage, and the id of its partition (rows of one id have the same
+    slots)."""
     p, v, w = r["pp"], r["virtual_stages"], model.num_layers + 1
     first, last = r["emb_fwd"] + r["emb_bwd"], r["head_fwd"] + r["head_bwd"]
     if partition is None:
@@ -72,12 +73,18 @@ def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
         shape = balanced_shape(model.num_layers, p[f] * v[f], r["layer"][f], first[f], last[f])
         found = _balanced_slots(model.num_layers, p[f], v[f], shape)
         largest = _largest_balanced_s(shape, r["layer"][f], first[f], last[f])[part_id]
+        key = p[f] * w + v[f]
+        for x in (shape.first, shape.last, shape.base, shape.short):
+            key = key * w + x
+        layout = step.group_ids(key)[0][part_id]
     else:
         part_id, f = step.group_ids(p * w + v)
         found = _fixed_slots(partition, p[f])
         sizes = np.tile(np.asarray(partition, dtype=float), (f.size, 1))
         largest = _largest_s(sizes[part_id], p, v, r["layer"], first, last)
-    return (*(np.stack([sl[k][part_id] for sl in found], axis=1) for k in range(3)), largest)
+        layout = part_id
+    s, n, before = (np.stack([sl[k] for sl in found], axis=1)[part_id] for k in range(3))
+    return s, n, before, largest, layout
 
 
 def _largest_balanced_s(shape, layer_s, first_s, last_s) -> np.ndarray:
@@ -187,13 +194,7 @@ MEMORY_KEYS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched
 
 def _memory_bound(r: dict, model: ModelSpec) -> np.ndarray:
     """A lower bound on peak memory without the partition: some rank holds >= ceil(L/p)
-    layers, and keeps at least the last rank's in-flight micro-batches. Placement does not
-    enter memory: computed once per distinct set of the other knobs."""
-    ids, first = step.combo_ids(r, MEMORY_KEYS)
-    return _memory_bound_rows(step.take(r, first), model)[ids]
-
-
-def _memory_bound_rows(r: dict, model: ModelSpec) -> np.ndarray:
+    layers, and keeps at least the last rank's in-flight micro-batches."""
     last = r["pp"][:, None] - 1
     most = -(-model.num_layers // r["pp"])[:, None]
     no_edge = np.full_like(most, -1)  # a rank without the embedding or the head
@@ -201,6 +202,18 @@ def _memory_bound_rows(r: dict, model: ModelSpec) -> np.ndarray:
                      r["num_microbatches"][:, None], last)
     params = step.rank_params(r, model, no_edge, most)
     return sum(step.rank_memory(r, model, no_edge, most, params, held).values())[:, 0]
+
+
+def _exact_memory(r: dict, model: ModelSpec, s, n, key) -> tuple[np.ndarray, np.ndarray]:
+    """Peak memory (the busiest slot's) and the slots' parameters of each row, computed once
+    per `key`: rows that share the memory knobs and slots (rank, layers) hold the same."""
+    ids, first = step.group_ids(key)
+    u, s, n = step.take(r, first), s[first], n[first]
+    params = step.rank_params(u, model, s, n)
+    held = in_flight(u["sched"][:, None], u["pp"][:, None], u["virtual_stages"][:, None],
+                     u["num_microbatches"][:, None], s)
+    peak = sum(step.rank_memory(u, model, s, n, params, held).values()).max(axis=1)
+    return peak[ids], params[ids]
 
 
 def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_per_node: int,
@@ -212,18 +225,17 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     hw = per_rank_profile(hw, ranks_per_node)
     limit = hw.memory_bytes - memory_reserve_bytes(float(hw.memory_bytes))
     r = table_rows(table, model)
-    peak, step_s = _memory_bound(r, model), np.full(len(table), np.nan)
+    # placement does not enter memory: computed once per distinct set of the other knobs
+    mem_id, mem_first = step.combo_ids(r, MEMORY_KEYS)
+    peak, step_s = _memory_bound(step.take(r, mem_first), model)[mem_id], np.full(len(table), np.nan)
     busy = np.full(len(table), np.nan)
     maybe = np.flatnonzero(peak <= limit)
     if not maybe.size:
         return Evaluation(step_s, peak, peak <= limit, limit, busy)
     r = step.add_times(step.take(r, maybe), model, hw)
     r.update(_sums(r, model))
-    s, n, before, largest = slots(r, model, table.attrs["layer_partition"])
-    params = step.rank_params(r, model, s, n)
-    held = in_flight(r["sched"][:, None], r["pp"][:, None], r["virtual_stages"][:, None],
-                     r["num_microbatches"][:, None], s)
-    peak[maybe] = sum(step.rank_memory(r, model, s, n, params, held).values()).max(axis=1)
+    s, n, before, largest, layout = slots(r, model, table.attrs["layer_partition"])
+    peak[maybe], params = _exact_memory(r, model, s, n, mem_id[maybe] * (int(layout.max()) + 1) + layout)
     fit = np.flatnonzero(peak[maybe] <= limit)  # positions within `maybe`
     time_lb = _time_bound({k: r[k][fit] for k in ("pp", "virtual_stages", "num_microbatches", "sched",
                                                   "fill", "sum_f", "sum_b", "sum_w")})
