@@ -46,8 +46,7 @@ SHARES = ("tp_share", "cp_share", "dp_share", "pp_share")
 def group_ids(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row -> id of its key (ids in order of first appearance), and each id's first row."""
     ids = pd.factorize(key)[0]
-    running = np.maximum.accumulate(ids)
-    return ids, np.flatnonzero(np.r_[True, running[1:] > running[:-1]])
+    return ids, np.flatnonzero(np.diff(np.maximum.accumulate(ids), prepend=-1) > 0)
 
 
 def combo_ids(r: dict, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
