@@ -239,8 +239,8 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     fit = np.flatnonzero(peak[maybe] <= limit)  # positions within `maybe`
     time_lb = _time_bound({k: r[k][fit] for k in ("pp", "virtual_stages", "num_microbatches", "sched",
                                                   "fill", "sum_f", "sum_b", "sum_w")})
-    order = fit[np.argsort(time_lb, kind="stable")]
-    time_lb = np.sort(time_lb, kind="stable")
+    ranked = np.argsort(time_lb, kind="stable")
+    order, time_lb = fit[ranked], time_lb[ranked]
     todo = np.ones(order.size, bool)
     batch = np.arange(order.size) if keep is None else np.arange(min(order.size, max(8 * keep, 2000)))
     while batch.size:

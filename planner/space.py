@@ -135,9 +135,11 @@ def _expert_rpn(sizes: tuple[int, ...], order: tuple[str, ...], gpus_per_node: i
     return tuple(mesh.group((c[:-4],)).ranks_per_node for c in EXPERT_GROUP_COLUMNS)
 
 
-def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str]) -> pd.DataFrame:
+def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str],
+          categories: dict[str, tuple] | None = None) -> pd.DataFrame:
     """Inner join of each row with the option tuples options(*key values) gives for it: the
-    rows in table order, each followed by its options in the order given."""
+    rows in table order, each followed by its options in the order given. `categories`:
+    the option columns that are categorical, with their categories."""
     ids, first = _key_ids(table, keys)
     found = [options(*key) for key in table.iloc[first][keys].itertuples(index=False, name=None)]
     counts = np.array([len(opts) for opts in found], dtype=np.int64)
@@ -146,7 +148,8 @@ def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str]) -> 
     # the j-th option of a row is the option table's row start[id] + j
     start = np.cumsum(counts) - counts
     j = np.arange(left.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-    opts = pd.DataFrame([opt for opts in found for opt in opts], columns=columns)
+    opts = pd.DataFrame([opt for opts in found for opt in opts], columns=columns).astype(
+        {c: pd.CategoricalDtype(cats) for c, cats in (categories or {}).items()})
     joined = table.iloc[left].reset_index(drop=True)
     picked = opts.iloc[start[ids[left]] + j].reset_index(drop=True)
     return pd.concat([joined, picked], axis=1)
@@ -209,7 +212,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     if not table.empty:
         table["num_microbatches"] = gb // (table["dp"] * table["micro_batch"])
         table = _join(table, ["pp", "num_microbatches"], _schedules(model, fixed),
-                      ["schedule", "virtual_stages"])
+                      ["schedule", "virtual_stages"], {"schedule": SCHEDULES})
         table = _legal(table, model, cluster, fixed, ("num_microbatches", "schedule", "virtual_stages"))
     if not table.empty:
         table = _join(table, ["tp", "cp"], lambda tp, cp: [
@@ -234,13 +237,11 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
         table = _join(table, ["tp"], lambda tp: [
             (r,) for r in RECOMPUTE if fixed.get("recompute", r) == r and not (
                 prune_dominated and r == "selective" and "recompute" not in fixed
-                and fixed.get("attention", ATTENTION[0]) == "flash")], ["recompute"])
+                and fixed.get("attention", ATTENTION[0]) == "flash")], ["recompute"], {"recompute": RECOMPUTE})
     partition = fixed.get("layer_partition")
     if table.empty:
         raise _why_empty(model, cluster, fixed)
     table = table.reset_index(drop=True)
-    table["schedule"] = pd.Categorical(table["schedule"], categories=SCHEDULES)
-    table["recompute"] = pd.Categorical(table["recompute"], categories=RECOMPUTE)
     table.attrs.update(global_batch=gb, seq_len=seq, dtype=fixed.get("dtype", DTYPES[1]),
                        attention=fixed.get("attention", ATTENTION[0]),
                        grad_reduce_dtype=fixed.get("grad_reduce_dtype", "fp32"),
