@@ -60,12 +60,12 @@ def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
 
 
 def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
-    """(rank, layers, layers on the ranks before it) per slot, as (rows, slots) arrays: five
-    ranks per row under the balanced partition (rank 0, rank p-1 and the middle ranks where
-    the layer count first rises: every rank's memory and time is bounded by one of them), or
-    every rank for a partition the user gave; per row the forward + backward time of the
-    largest (virtual) stage, and the id of its partition (rows of one id have the same
-    slots)."""
+    """(rank, layers, layers on the ranks before it) per slot, as (partitions, slots) arrays:
+    five ranks per partition under the balanced partition (rank 0, rank p-1 and the middle
+    ranks where the layer count first rises: every rank's memory and time is bounded by one
+    of them), or every rank for a partition the user gave; per row the index of its
+    partition, the forward + backward time of its largest (virtual) stage, and an id of its
+    slots (rows of one id have the same)."""
     p, v, w = r["pp"], r["virtual_stages"], model.num_layers + 1
     first, last = r["emb_fwd"] + r["emb_bwd"], r["head_fwd"] + r["head_bwd"]
     if partition is None:
@@ -83,8 +83,8 @@ def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
         sizes = np.tile(np.asarray(partition, dtype=float), (f.size, 1))
         largest = _largest_s(sizes[part_id], p, v, r["layer"], first, last)
         layout = part_id
-    s, n, before = (np.stack([sl[k] for sl in found], axis=1)[part_id] for k in range(3))
-    return s, n, before, largest, layout
+    s, n, before = (np.stack([sl[k] for sl in found], axis=1) for k in range(3))
+    return s, n, before, part_id, largest, layout
 
 
 def _largest_balanced_s(shape, layer_s, first_s, last_s) -> np.ndarray:
@@ -204,16 +204,17 @@ def _memory_bound(r: dict, model: ModelSpec) -> np.ndarray:
     return sum(step.rank_memory(r, model, no_edge, most, params, held).values())[:, 0]
 
 
-def _exact_memory(r: dict, model: ModelSpec, s, n, key) -> tuple[np.ndarray, np.ndarray]:
-    """Peak memory (the busiest slot's) and the slots' parameters of each row, computed once
-    per `key`: rows that share the memory knobs and slots (rank, layers) hold the same."""
+def _exact_memory(r: dict, model: ModelSpec, s, n, part, key) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Peak memory (the busiest slot's) of each row, computed once per `key` (rows that share
+    the memory knobs and slots hold the same; s, n: slots per partition, part: each row's),
+    and the id of each row's key with the slots' parameters per id."""
     ids, first = step.group_ids(key)
-    u, s, n = step.take(r, first), s[first], n[first]
+    u, s, n = step.take(r, first), s[part[first]], n[part[first]]
     params = step.rank_params(u, model, s, n)
     held = in_flight(u["sched"][:, None], u["pp"][:, None], u["virtual_stages"][:, None],
                      u["num_microbatches"][:, None], s)
     peak = sum(step.rank_memory(u, model, s, n, params, held).values()).max(axis=1)
-    return peak[ids], params[ids]
+    return peak[ids], ids, params
 
 
 def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_per_node: int,
@@ -234,8 +235,9 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
         return Evaluation(step_s, peak, peak <= limit, limit, busy)
     r = step.add_times(step.take(r, maybe), model, hw)
     r.update(_sums(r, model))
-    s, n, before, largest, layout = slots(r, model, table.attrs["layer_partition"])
-    peak[maybe], params = _exact_memory(r, model, s, n, mem_id[maybe] * (int(layout.max()) + 1) + layout)
+    s, n, before, part, largest, layout = slots(r, model, table.attrs["layer_partition"])
+    key = mem_id[maybe] * (int(layout.max()) + 1) + layout
+    peak[maybe], mem_ids, params = _exact_memory(r, model, s, n, part, key)
     fit = np.flatnonzero(peak[maybe] <= limit)  # positions within `maybe`
     time_lb = _time_bound({k: r[k][fit] for k in ("pp", "virtual_stages", "num_microbatches", "sched",
                                                   "fill", "sum_f", "sum_b", "sum_w")})
@@ -245,8 +247,9 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     batch = np.arange(order.size) if keep is None else np.arange(min(order.size, max(8 * keep, 2000)))
     while batch.size:
         at = order[batch]
-        step_s[maybe[at]], busy[maybe[at]] = _step_time(step.take(r, at), model, hw, s[at], n[at],
-                                                        before[at], params[at], largest[at])
+        g = part[at]
+        step_s[maybe[at]], busy[maybe[at]] = _step_time(step.take(r, at), model, hw, s[g], n[g], before[g],
+                                                        params[mem_ids[at]], largest[at])
         todo[batch] = False
         known = step_s[maybe[order[~todo]]]
         if keep is None or known.size < keep:
