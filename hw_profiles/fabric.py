@@ -27,7 +27,7 @@ groups: every link share is 1.0 and the inter-node curves apply as measured.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 
 import networkx as nx
@@ -280,7 +280,12 @@ def link_share(fabric: Fabric | None, nics_per_node: int, mesh: Mesh, axes: tupl
     one node, or with a NIC of its own and no oversubscribed uplink. The mesh's nodes have
     gcd(nics_per_node, gpus_per_node) NICs (a cluster of smaller nodes than the profile's
     keeps one NIC per GPU). Cached per group structure."""
-    group = mesh.group(axes)
+    return _group_share(fabric, nics_per_node, mesh, axes, mesh.group(axes), chain)
+
+
+def _group_share(fabric: Fabric | None, nics_per_node: int, mesh: Mesh, axes: tuple[str, ...],
+                 group: Group, chain: bool) -> float:
+    """link_share of the groups along `axes`, rank 0's of which is `group`."""
     if fabric is None or group.size == group.ranks_per_node:
         return 1.0
     nics = math.gcd(nics_per_node, mesh.gpus_per_node)
@@ -294,9 +299,9 @@ def training_groups(fabric: Fabric | None, nics_per_node: int, mesh: Mesh) -> di
     """The groups a training step communicates over, with their link shares: tp, cp, dp
     (gradients reduce over dp x cp) and pp (two adjacent stages; every pipeline's stages
     send at once)."""
-    def placed(group: Group, axes: tuple[str, ...], chain: bool = False) -> Group:
-        return Group(group.size, group.ranks_per_node,
-                     link_share(fabric, nics_per_node, mesh, axes, chain))
-    return {"tp": placed(mesh.group(("tp",)), ("tp",)), "cp": placed(mesh.group(("cp",)), ("cp",)),
-            "dp": placed(mesh.group(("dp", "cp")), ("dp", "cp")),
-            "pp": placed(mesh.neighbour_pair("pp"), ("pp",), chain=True)}
+    def placed(axes: tuple[str, ...]) -> Group:
+        group = mesh.group(axes)
+        return replace(group, link_share=_group_share(fabric, nics_per_node, mesh, axes, group, False))
+    pipeline = _group_share(fabric, nics_per_node, mesh, ("pp",), mesh.group(("pp",)), True)
+    return {"tp": placed(("tp",)), "cp": placed(("cp",)), "dp": placed(("dp", "cp")),
+            "pp": replace(mesh.neighbour_pair("pp"), link_share=pipeline)}
