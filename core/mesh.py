@@ -9,7 +9,9 @@ torchtitan order ranks, so a TP group stays inside a node); serving uses tp, pp,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from math import prod
+from operator import mul
 
 import numpy as np
 
@@ -55,16 +57,18 @@ class Mesh:
 
     def ranks(self, axes: tuple[str, ...], origin: int = 0) -> np.ndarray:
         """The ranks that differ from `origin` only along `axes`, sorted."""
+        strides = dict(zip(self.placement, accumulate(self.sizes[:-1], mul, initial=1)))
+        sizes = dict(zip(self.placement, self.sizes))
         out = np.zeros(1, dtype=np.int64)
         for axis in axes:
-            out = (out[:, None] + np.arange(self.size(axis)) * self.stride(axis)).ravel()
-        coords = {a: (origin // self.stride(a)) % self.size(a) for a in self.placement if a not in axes}
-        return np.sort(out + sum(c * self.stride(a) for a, c in coords.items()))
+            out = (out[:, None] + np.arange(sizes[axis]) * strides[axis]).ravel()
+        return np.sort(out + sum((origin // strides[a]) % sizes[a] * strides[a]
+                                 for a in self.placement if a not in axes))
 
     def group(self, axes: tuple[str, ...]) -> Group:
         """Rank 0's group along `axes` (every group of a mesh is placed alike)."""
         ranks = self.ranks(axes)
-        nodes = np.unique(ranks // self.gpus_per_node).size
+        nodes = 1 + np.count_nonzero(np.diff(ranks // self.gpus_per_node))  # ranks are sorted
         return Group(size=int(ranks.size), ranks_per_node=int(ranks.size // nodes))
 
     def neighbour_pair(self, axis: str) -> Group:

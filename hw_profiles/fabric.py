@@ -27,7 +27,7 @@ groups: every link share is 1.0 and the inter-node curves apply as measured.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 
 import networkx as nx
@@ -168,7 +168,8 @@ def build_graph(fabric: Fabric, num_nodes: int, gpus_per_node: int, nics_per_nod
 class _Network:
     """The graph as arrays for routing many streams at once: directed edge ids and their
     capacities, each device's edges to and from its NIC, each NIC's to and from its leaf,
-    and the edges between two leaves (shortest path in the graph, found once per pair)."""
+    and the edges between two leaves (shortest path in the graph, found once per pair and
+    kept in a table of pair ids, leaf a * leaves + leaf b)."""
 
     def __init__(self, graph: nx.Graph, num_nodes: int, gpus_per_node: int, nics_per_node: int):
         self.graph = graph
@@ -193,15 +194,24 @@ class _Network:
         self.leaf_index = {leaf: k for k, leaf in enumerate(dict.fromkeys(
             neighbour(x, "leaf") for x in nics))}
         self.device_leaf = np.array([self.leaf_index[leaf] for leaf in self.leaf_of])
-        self._between: dict[tuple[int, int], list[int]] = {}
+        leaves = len(self.leaf_index)
+        self._routes = np.full((leaves * leaves, 0), -1)  # edge ids per leaf pair, -1 padded
+        self._known = np.zeros(leaves * leaves, bool)
 
-    def between(self, a: int, b: int) -> list[int]:
-        """Directed edge ids from leaf a to leaf b (none from a leaf to itself)."""
-        if (a, b) not in self._between:
-            names = list(self.leaf_index)
-            path = nx.shortest_path(self.graph, names[a], names[b])
-            self._between[a, b] = [self.ids[e] for e in zip(path, path[1:])]
-        return self._between[a, b]
+    def routes(self, pairs: np.ndarray) -> np.ndarray:
+        """Directed edge ids from leaf a to leaf b of each pair id (none from a leaf to
+        itself), rows padded with -1."""
+        missing = pairs[~self._known[pairs]].tolist()
+        if missing:
+            names, leaves = list(self.leaf_index), len(self.leaf_index)
+            paths = [nx.shortest_path(self.graph, names[p // leaves], names[p % leaves]) for p in missing]
+            found = [[self.ids[e] for e in zip(path, path[1:])] for path in paths]
+            width = max(self._routes.shape[1], *map(len, found))
+            self._routes = np.pad(self._routes, ((0, 0), (0, width - self._routes.shape[1])), constant_values=-1)
+            for p, route in zip(missing, found):
+                self._routes[p, :len(route)] = route
+            self._known[missing] = True
+        return self._routes[pairs]
 
     def stream_rates(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         """Rate of each stream src[k] -> dst[k] (device indices) when all run at once: its
@@ -209,11 +219,7 @@ class _Network:
         leaves = len(self.leaf_index)
         pairs, which = np.unique(self.device_leaf[src] * leaves + self.device_leaf[dst],
                                  return_inverse=True)
-        routes = [self.between(int(p) // leaves, int(p) % leaves) for p in pairs]
-        table = np.full((pairs.size, max(map(len, routes))), -1)
-        for k, route in enumerate(routes):
-            table[k, :len(route)] = route
-        spine = table[which]
+        spine = self.routes(pairs)[which]
         path = np.column_stack([self.dev_up[src], self.nic_up[src], spine,
                                 self.nic_down[dst], self.dev_down[dst]])
         load = np.bincount(path[path >= 0], minlength=self.capacity.size)
@@ -280,7 +286,12 @@ def link_share(fabric: Fabric | None, nics_per_node: int, mesh: Mesh, axes: tupl
     one node, or with a NIC of its own and no oversubscribed uplink. The mesh's nodes have
     gcd(nics_per_node, gpus_per_node) NICs (a cluster of smaller nodes than the profile's
     keeps one NIC per GPU). Cached per group structure."""
-    group = mesh.group(axes)
+    return _group_share(fabric, nics_per_node, mesh, axes, mesh.group(axes), chain)
+
+
+def _group_share(fabric: Fabric | None, nics_per_node: int, mesh: Mesh, axes: tuple[str, ...],
+                 group: Group, chain: bool) -> float:
+    """link_share of the groups along `axes`, rank 0's of which is `group`."""
     if fabric is None or group.size == group.ranks_per_node:
         return 1.0
     nics = math.gcd(nics_per_node, mesh.gpus_per_node)
@@ -294,9 +305,9 @@ def training_groups(fabric: Fabric | None, nics_per_node: int, mesh: Mesh) -> di
     """The groups a training step communicates over, with their link shares: tp, cp, dp
     (gradients reduce over dp x cp) and pp (two adjacent stages; every pipeline's stages
     send at once)."""
-    def placed(group: Group, axes: tuple[str, ...], chain: bool = False) -> Group:
-        return Group(group.size, group.ranks_per_node,
-                     link_share(fabric, nics_per_node, mesh, axes, chain))
-    return {"tp": placed(mesh.group(("tp",)), ("tp",)), "cp": placed(mesh.group(("cp",)), ("cp",)),
-            "dp": placed(mesh.group(("dp", "cp")), ("dp", "cp")),
-            "pp": placed(mesh.neighbour_pair("pp"), ("pp",), chain=True)}
+    def placed(axes: tuple[str, ...]) -> Group:
+        group = mesh.group(axes)
+        return replace(group, link_share=_group_share(fabric, nics_per_node, mesh, axes, group, False))
+    pipeline = _group_share(fabric, nics_per_node, mesh, ("pp",), mesh.group(("pp",)), True)
+    return {"tp": placed(("tp",)), "cp": placed(("cp",)), "dp": placed(("dp", "cp")),
+            "pp": replace(mesh.neighbour_pair("pp"), link_share=pipeline)}

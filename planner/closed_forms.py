@@ -60,24 +60,31 @@ def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
 
 
 def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
-    """(rank, layers, layers on the ranks before it) per slot, as (rows, slots) arrays: five
-    ranks per row under the balanced partition (rank 0, rank p-1 and the middle ranks where
-    the layer count first rises: every rank's memory and time is bounded by one of them), or
-    every rank for a partition the user gave; and per row the forward + backward time of
-    the largest (virtual) stage."""
+    """(rank, layers, layers on the ranks before it) per slot, as (partitions, slots) arrays:
+    five ranks per partition under the balanced partition (rank 0, rank p-1 and the middle
+    ranks where the layer count first rises: every rank's memory and time is bounded by one
+    of them), or every rank for a partition the user gave; per row the index of its
+    partition, the forward + backward time of its largest (virtual) stage, and an id of its
+    slots (rows of one id have the same)."""
     p, v, w = r["pp"], r["virtual_stages"], model.num_layers + 1
     first, last = r["emb_fwd"] + r["emb_bwd"], r["head_fwd"] + r["head_bwd"]
     if partition is None:
-        part_id, f = step.group_ids((step.combo_ids(r, step.COST_KEYS)[0] * w + p) * w + v)
+        part_id, f = step.group_ids((r["cost_id"] * w + p) * w + v)
         shape = balanced_shape(model.num_layers, p[f] * v[f], r["layer"][f], first[f], last[f])
         found = _balanced_slots(model.num_layers, p[f], v[f], shape)
         largest = _largest_balanced_s(shape, r["layer"][f], first[f], last[f])[part_id]
+        key = p[f] * w + v[f]
+        for x in (shape.first, shape.last, shape.base, shape.short):
+            key = key * w + x
+        layout = step.group_ids(key)[0][part_id]
     else:
         part_id, f = step.group_ids(p * w + v)
         found = _fixed_slots(partition, p[f])
         sizes = np.tile(np.asarray(partition, dtype=float), (f.size, 1))
         largest = _largest_s(sizes[part_id], p, v, r["layer"], first, last)
-    return (*(np.stack([sl[k][part_id] for sl in found], axis=1) for k in range(3)), largest)
+        layout = part_id
+    s, n, before = (np.stack([sl[k] for sl in found], axis=1) for k in range(3))
+    return s, n, before, part_id, largest, layout
 
 
 def _largest_balanced_s(shape, layer_s, first_s, last_s) -> np.ndarray:
@@ -187,13 +194,7 @@ MEMORY_KEYS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched
 
 def _memory_bound(r: dict, model: ModelSpec) -> np.ndarray:
     """A lower bound on peak memory without the partition: some rank holds >= ceil(L/p)
-    layers, and keeps at least the last rank's in-flight micro-batches. Placement does not
-    enter memory: computed once per distinct set of the other knobs."""
-    ids, first = step.combo_ids(r, MEMORY_KEYS)
-    return _memory_bound_rows(step.take(r, first), model)[ids]
-
-
-def _memory_bound_rows(r: dict, model: ModelSpec) -> np.ndarray:
+    layers, and keeps at least the last rank's in-flight micro-batches."""
     last = r["pp"][:, None] - 1
     most = -(-model.num_layers // r["pp"])[:, None]
     no_edge = np.full_like(most, -1)  # a rank without the embedding or the head
@@ -201,6 +202,19 @@ def _memory_bound_rows(r: dict, model: ModelSpec) -> np.ndarray:
                      r["num_microbatches"][:, None], last)
     params = step.rank_params(r, model, no_edge, most)
     return sum(step.rank_memory(r, model, no_edge, most, params, held).values())[:, 0]
+
+
+def _exact_memory(r: dict, model: ModelSpec, s, n, part, key) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Peak memory (the busiest slot's) of each row, computed once per `key` (rows that share
+    the memory knobs and slots hold the same; s, n: slots per partition, part: each row's),
+    and the id of each row's key with the slots' parameters per id."""
+    ids, first = step.group_ids(key)
+    u, s, n = step.take(r, first), s[part[first]], n[part[first]]
+    params = step.rank_params(u, model, s, n)
+    held = in_flight(u["sched"][:, None], u["pp"][:, None], u["virtual_stages"][:, None],
+                     u["num_microbatches"][:, None], s)
+    peak = sum(step.rank_memory(u, model, s, n, params, held).values()).max(axis=1)
+    return peak[ids], ids, params
 
 
 def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_per_node: int,
@@ -212,29 +226,30 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     hw = per_rank_profile(hw, ranks_per_node)
     limit = hw.memory_bytes - memory_reserve_bytes(float(hw.memory_bytes))
     r = table_rows(table, model)
-    peak, step_s = _memory_bound(r, model), np.full(len(table), np.nan)
+    # placement does not enter memory: computed once per distinct set of the other knobs
+    mem_id, mem_first = step.combo_ids(r, MEMORY_KEYS)
+    peak, step_s = _memory_bound(step.take(r, mem_first), model)[mem_id], np.full(len(table), np.nan)
     busy = np.full(len(table), np.nan)
     maybe = np.flatnonzero(peak <= limit)
     if not maybe.size:
         return Evaluation(step_s, peak, peak <= limit, limit, busy)
     r = step.add_times(step.take(r, maybe), model, hw)
     r.update(_sums(r, model))
-    s, n, before, largest = slots(r, model, table.attrs["layer_partition"])
-    params = step.rank_params(r, model, s, n)
-    held = in_flight(r["sched"][:, None], r["pp"][:, None], r["virtual_stages"][:, None],
-                     r["num_microbatches"][:, None], s)
-    peak[maybe] = sum(step.rank_memory(r, model, s, n, params, held).values()).max(axis=1)
+    s, n, before, part, largest, layout = slots(r, model, table.attrs["layer_partition"])
+    key = mem_id[maybe] * (int(layout.max()) + 1) + layout
+    peak[maybe], mem_ids, params = _exact_memory(r, model, s, n, part, key)
     fit = np.flatnonzero(peak[maybe] <= limit)  # positions within `maybe`
     time_lb = _time_bound({k: r[k][fit] for k in ("pp", "virtual_stages", "num_microbatches", "sched",
                                                   "fill", "sum_f", "sum_b", "sum_w")})
-    order = fit[np.argsort(time_lb, kind="stable")]
-    time_lb = np.sort(time_lb, kind="stable")
+    ranked = np.argsort(time_lb, kind="stable")
+    order, time_lb = fit[ranked], time_lb[ranked]
     todo = np.ones(order.size, bool)
     batch = np.arange(order.size) if keep is None else np.arange(min(order.size, max(8 * keep, 2000)))
     while batch.size:
         at = order[batch]
-        step_s[maybe[at]], busy[maybe[at]] = _step_time(step.take(r, at), model, hw, s[at], n[at],
-                                                        before[at], params[at], largest[at])
+        g = part[at]
+        step_s[maybe[at]], busy[maybe[at]] = _step_time(step.take(r, at), model, hw, s[g], n[g], before[g],
+                                                        params[mem_ids[at]], largest[at])
         todo[batch] = False
         known = step_s[maybe[order[~todo]]]
         if keep is None or known.size < keep:

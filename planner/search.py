@@ -76,12 +76,13 @@ def _des_rows(table, ev, des: int) -> list[int]:
     """Rows to simulate: fastest first by the closed forms, skipping a row whose pipeline
     and predicted time equal an earlier one's (e.g. selective vs no recompute under fused
     attention, ZeRO-1 vs 2: same time, the earlier has less memory), within the ops budget."""
-    key = np.where(ev.fits & np.isfinite(ev.step_time_s), ev.step_time_s, np.inf)
-    order = np.lexsort((ev.peak_memory_bytes, key))[:50 * des]
-    order = order[np.isfinite(key[order])]
-    shape = table[["pp", "virtual_stages", "num_microbatches"]].to_numpy()[order]
-    zb = (table["schedule"] == "zb-h1").to_numpy()[order]
-    sched = table["schedule"].cat.codes.to_numpy()[order]
+    timed = np.flatnonzero(ev.fits & np.isfinite(ev.step_time_s))
+    key = ev.step_time_s
+    order = timed[np.lexsort((ev.peak_memory_bytes[timed], key[timed]))][:50 * des]
+    best = table.iloc[order]
+    shape = best[["pp", "virtual_stages", "num_microbatches"]].to_numpy()
+    zb = (best["schedule"] == "zb-h1").to_numpy()
+    sched = best["schedule"].cat.codes.to_numpy()
     rows, seen, spent = [], set(), 0
     for i, (p, v, m), z, code in zip(order, shape, zb, sched):
         if len(rows) >= des or (spent > DES_OPS_BUDGET and len(rows) >= DES_MIN):

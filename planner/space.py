@@ -24,6 +24,7 @@ from meshplan.core.mesh import Group, Mesh
 from meshplan.hw_profiles.fabric import Fabric, training_groups
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.step import group_ids
 from meshplan.simulator.plan import (ATTENTION, DTYPES, FP8_RECIPES, MOE_DISPATCHERS, RECOMPUTE, SCHEDULES,
                                      Cluster, Plan, complete_fields, expert_order)
 
@@ -46,22 +47,32 @@ def divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
-def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
-    """The rows that break no legality rule whose fields the table has so far."""
+def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict,
+           new: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """The rows that break no legality rule whose fields the table has so far. `new`: the
+    columns added since the table was last checked (None: check every rule); a rule that
+    reads none of them held on the rows they were joined to, so it is not applied again."""
     if table.empty:
         return table
-    columns = {c: table[c].to_numpy() for c in table.columns if c != "placement"}
-    if "placement" in table.columns:
+    scalars = {"global_batch": fixed["global_batch"], "seq_len": fixed["seq_len"],
+               "layer_partition": fixed.get("layer_partition")}
+    available = set(table.columns) | set(scalars) - (
+        {"layer_partition"} if "virtual_stages" not in table.columns else set())
+    fresh = None if new is None else set(new) | ({"layer_partition"} if "virtual_stages" in new else set())
+    applied = tuple(rule for rule in rules.TRAINING if set(rule.needs) <= available
+                    and (fresh is None or set(rule.needs) & fresh))
+    if not applied:
+        return table
+    read = set().union(*(rule.needs for rule in applied)) & set(table.columns)
+    columns = {c: table[c].to_numpy() for c in read}
+    if "placement" in columns:
         columns["placement"] = table["placement"].map(",".join).to_numpy().astype(str)
     if "schedule" in columns:
         columns["schedule"] = table["schedule"].astype(str).to_numpy()
-    scalars = {"global_batch": fixed["global_batch"], "seq_len": fixed["seq_len"],
-               "layer_partition": fixed.get("layer_partition")}
     for flag in ("tp_overlap", "reshard_after_forward", "sp"):
         if flag in columns:
             columns[flag] = columns[flag].astype(bool)
-    available = set(columns) | set(scalars) - ({"layer_partition"} if "virtual_stages" not in columns else set())
-    keep = rules.holds(rules.TRAINING, SimpleNamespace(**scalars, **columns), model, cluster, available)
+    keep = rules.holds(applied, SimpleNamespace(**scalars, **columns), model, cluster)
     return table[np.broadcast_to(keep, len(table))]
 
 
@@ -88,7 +99,7 @@ def _expert_rows(axes: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: 
         return [(ep, etp) for etp in etps for ep in eps if (tp * cp * dp) % (ep * etp) == 0
                 and fixed.get("ep", ep) == ep and fixed.get("etp", etp) == etp]
     table = _join(axes, ["dp", "tp", "cp"], options, ["ep", "etp"])
-    return _legal(table.assign(moe=model.num_experts > 0), model, cluster, fixed)
+    return _legal(table.assign(moe=model.num_experts > 0), model, cluster, fixed, ("ep", "etp", "moe"))
 
 
 def _placement_rows(axes: pd.DataFrame, cluster: Cluster, fixed: dict,
@@ -124,12 +135,37 @@ def _expert_rpn(sizes: tuple[int, ...], order: tuple[str, ...], gpus_per_node: i
     return tuple(mesh.group((c[:-4],)).ranks_per_node for c in EXPERT_GROUP_COLUMNS)
 
 
-def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str]) -> pd.DataFrame:
-    """Inner join of each row with the option tuples options(*key values) gives for it."""
-    uniq = table[keys].drop_duplicates()
-    rows = [key + tuple(opt) for key in uniq.itertuples(index=False, name=None)
-            for opt in options(*key)]
-    return table.merge(pd.DataFrame(rows, columns=keys + columns), on=keys, how="inner")
+def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str],
+          categories: dict[str, tuple] | None = None) -> pd.DataFrame:
+    """Inner join of each row with the option tuples options(*key values) gives for it: the
+    rows in table order, each followed by its options in the order given. `categories`:
+    the option columns that are categorical, with their categories."""
+    ids, first = _key_ids(table, keys)
+    found = [options(*key) for key in table.iloc[first][keys].itertuples(index=False, name=None)]
+    counts = np.array([len(opts) for opts in found], dtype=np.int64)
+    per_row = counts[ids]
+    left = np.repeat(np.arange(len(table)), per_row)
+    # the j-th option of a row is the option table's row start[id] + j
+    start = np.cumsum(counts) - counts
+    j = np.arange(left.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    opts = pd.DataFrame([opt for opts in found for opt in opts], columns=columns).astype(
+        {c: pd.CategoricalDtype(cats) for c, cats in (categories or {}).items()})
+    # object columns (placement tuples) by numpy's take: pandas' is several times slower
+    objects = [c for c in table.columns if table[c].dtype == object]
+    joined = table.drop(columns=objects).iloc[left].reset_index(drop=True)
+    for c in objects:
+        joined.insert(table.columns.get_loc(c), c, table[c].to_numpy()[left])
+    picked = opts.iloc[start[ids[left]] + j].reset_index(drop=True)
+    return pd.concat([joined, picked], axis=1)
+
+
+def _key_ids(table: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Row -> id of its key values (ids in order of first appearance), and each id's first row."""
+    key = np.zeros(len(table), np.int64)
+    for k in keys:
+        codes, uniq = pd.factorize(table[k])
+        key = key * len(uniq) + codes
+    return group_ids(key)
 
 
 def _schedules(model: ModelSpec, fixed: dict):
@@ -172,20 +208,20 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     gb, seq = fixed["global_batch"], fixed["seq_len"]
     table = _placement_rows(_expert_rows(_axes_rows(model, cluster, fixed), model, cluster, fixed),
                             cluster, fixed, fabric, nics_per_node)
-    table = _legal(table, model, cluster, fixed)
+    table = _legal(table, model, cluster, fixed, ("placement", *GROUP_COLUMNS))
     if not table.empty:
         table = _join(table, ["dp"], lambda dp: [(b,) for b in divisors(gb // dp) if gb % dp == 0
                                                  and fixed.get("micro_batch", b) == b], ["micro_batch"])
-        table = _legal(table, model, cluster, fixed)
+        table = _legal(table, model, cluster, fixed, ("micro_batch",))
     if not table.empty:
         table["num_microbatches"] = gb // (table["dp"] * table["micro_batch"])
         table = _join(table, ["pp", "num_microbatches"], _schedules(model, fixed),
-                      ["schedule", "virtual_stages"])
-        table = _legal(table, model, cluster, fixed)
+                      ["schedule", "virtual_stages"], {"schedule": SCHEDULES})
+        table = _legal(table, model, cluster, fixed, ("num_microbatches", "schedule", "virtual_stages"))
     if not table.empty:
         table = _join(table, ["tp", "cp"], lambda tp, cp: [
             (sp,) for sp in (False, True) if fixed.get("sp", sp) == sp], ["sp"])
-        table = _legal(table, model, cluster, fixed)
+        table = _legal(table, model, cluster, fixed, ("sp",))
     if not table.empty:
         table = _join(table, ["dp", "cp"], lambda dp, cp: [
             (z,) for z in (ZERO_STAGES if "zero" in fixed or dp * cp > 1 else (0,))
@@ -195,23 +231,21 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
         table = _join(table, ["sp"], lambda sp: [
             (o,) for o in ((False, True) if sp else (False,)) if fixed.get("tp_overlap", o) == o],
             ["tp_overlap"])
-        table = _legal(table, model, cluster, fixed)
+        table = _legal(table, model, cluster, fixed, ("zero", "tp_overlap"))
     if not table.empty:
         table = _join(table, ["zero"], lambda z: [
             (o,) for o in ((True, False) if z == 3 else (True,))
             if fixed.get("reshard_after_forward", o) == o], ["reshard_after_forward"])
-        table = _legal(table, model, cluster, fixed)
+        table = _legal(table, model, cluster, fixed, ("reshard_after_forward",))
     if not table.empty:
         table = _join(table, ["tp"], lambda tp: [
             (r,) for r in RECOMPUTE if fixed.get("recompute", r) == r and not (
                 prune_dominated and r == "selective" and "recompute" not in fixed
-                and fixed.get("attention", ATTENTION[0]) == "flash")], ["recompute"])
+                and fixed.get("attention", ATTENTION[0]) == "flash")], ["recompute"], {"recompute": RECOMPUTE})
     partition = fixed.get("layer_partition")
     if table.empty:
         raise _why_empty(model, cluster, fixed)
     table = table.reset_index(drop=True)
-    table["schedule"] = pd.Categorical(table["schedule"], categories=SCHEDULES)
-    table["recompute"] = pd.Categorical(table["recompute"], categories=RECOMPUTE)
     table.attrs.update(global_batch=gb, seq_len=seq, dtype=fixed.get("dtype", DTYPES[1]),
                        attention=fixed.get("attention", ATTENTION[0]),
                        grad_reduce_dtype=fixed.get("grad_reduce_dtype", "fp32"),

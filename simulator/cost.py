@@ -77,15 +77,15 @@ def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     dW = X^T dY; GEMMs without a weight (attention) take both operand gradients on the
     input side; memory-bound backward moves 2x bytes (or op.bwd_bytes). FP8 GEMMs (op.fp8)
     run all three GEMMs in FP8, the rest in compute_dtype. An op runs op.count times."""
-    g = np.array([op.kind == GEMM for op in ops], dtype=bool)
-    m, n, k, batch, moved, count = (np.array([getattr(op, f) for op in ops], dtype=float)
-                                    for f in ("m", "n", "k", "batch", "bytes_moved", "count"))
-    bwd_moved = np.array([2.0 * op.bytes_moved if op.bwd_bytes is None else op.bwd_bytes for op in ops])
-    weight = np.array([op.weight for op in ops], dtype=bool)[g]
-    f8 = np.array([op.fp8 for op in ops], dtype=bool)[g]
+    fields = np.array([(op.kind == GEMM, op.m, op.n, op.k, op.batch, op.bytes_moved, op.count,
+                        2.0 * op.bytes_moved if op.bwd_bytes is None else op.bwd_bytes, op.weight, op.fp8,
+                        np.nan if op.weight_bytes is None else op.weight_bytes, op.executed_share)
+                       for op in ops], dtype=float).reshape(len(ops), 12)
+    g = fields[:, 0].astype(bool)
+    m, n, k, batch, moved, count, bwd_moved = np.ascontiguousarray(fields[:, 1:8].T)
+    weight, f8 = fields[g, 8].astype(bool), fields[g, 9].astype(bool)
+    wb = fields[g, 10]
     base = compute_dtype(dtype)
-
-    wb = np.array([np.nan if op.weight_bytes is None else op.weight_bytes for op in ops])[g]
 
     def gemm_s(m_, n_, k_):
         t = hw.gemm_time_s(m_, n_, k_, base, batch=batch[g])
@@ -106,7 +106,7 @@ def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     other = gemm_s(k[g], n[g], m[g])
     bwd_in[g] = np.where(weight, dgrad, dgrad + other)
     bwd_w[g] = np.where(weight, other, 0.0)
-    count = count * np.array([op.executed_share for op in ops])
+    count = count * fields[:, 11]
     return fwd * count, bwd_in * count, bwd_w * count, g
 
 

@@ -41,21 +41,33 @@ KNOBS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched", "vi
          "num_microbatches", "tp_overlap", "reshard", "ep", "etp", "tp_rpn", "cp_rpn", "dp_rpn",
          "pp_rpn", "ep_rpn", "etp_rpn", "edp_rpn")
 SHARES = ("tp_share", "cp_share", "dp_share", "pp_share")
+DP_GROUP_KEYS = ("dps", "dp_rpn", "dp_share", "edp", "edp_rpn")  # what dp_collective_s reads
 
 
 def group_ids(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row -> id of its key (ids in order of first appearance), and each id's first row."""
     ids = pd.factorize(key)[0]
-    running = np.maximum.accumulate(ids)
-    return ids, np.flatnonzero(np.r_[True, running[1:] > running[:-1]])
+    return ids, np.flatnonzero(np.diff(np.maximum.accumulate(ids), prepend=-1) > 0)
 
 
 def combo_ids(r: dict, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """group_ids over the combination of several knob arrays."""
-    key = np.zeros(len(r["tp"]), np.int64)
+    """group_ids over the combination of several knob arrays: integer knobs enter a
+    mixed-radix key by their offset from the smallest value (others by their factorize
+    codes), the key renumbered whenever the next radix could overflow int64; any one-to-one
+    key gives the same ids, as they count in order of first appearance."""
+    key, span = np.zeros(len(r["tp"]), np.int64), 1
     for k in keys:
-        codes = pd.factorize(r[k])[0]
-        key = key * (int(codes.max()) + 1) + codes
+        x = np.asarray(r[k])
+        if x.dtype.kind in "biu":
+            low = int(x.min())
+            codes, size = x.astype(np.int64) - low, int(x.max()) - low + 1
+        else:
+            codes, uniq = pd.factorize(x)
+            size = len(uniq)
+        if span * size >= 2 ** 62:
+            key, uniq = pd.factorize(key)
+            span = len(uniq)
+        key, span = key * size + codes, span * size
     return group_ids(key)
 
 
@@ -95,7 +107,8 @@ def take(r: dict, index) -> dict:
 
 
 def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
-    """r with its times, computed once per distinct shard and cost combination:
+    """r with its times, computed once per distinct shard and cost combination
+(r["cost_id"], the combination of COST_KEYS of each row):
     l_fwd / l_bwd (a layer's whole forward / backward, cost.LayerTimes), their parts
     (l_fwd_compute, l_bwd_in, l_bwd_w, l_recompute, l_tp, l_cp), the embedding and head
     blocks, the ZeRO-3 gather `ag` with the exposed part of each further gather (xf, xb),
@@ -120,6 +133,7 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
              "l_cp_bwd_raw": lt.cp_raw_bwd_s, "l_ep": lt.ep_fwd_s + lt.ep_bwd_s, "l_ep_fwd": lt.ep_fwd_s}
     for k, x in parts.items():
         r[k] = x[cost_id]
+    r["cost_id"] = cost_id
     per_shard = {"emb_fwd": st.embedding.fwd_s, "emb_bwd_in": st.embedding.bwd_input_s,
                  "emb_bwd_w": st.embedding.bwd_weight_s,
                  "head_fwd": st.head.fwd_s, "head_bwd_in": st.head.bwd_input_s,
@@ -132,15 +146,17 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     # when it reshards after forward (FSDP2 reshard_after_forward); each gather beyond a
     # chunk's first hides behind the previous layer's compute (slowing it by the contention),
     # except on CPU ranks (gloo computes on the same cores) where all of it is exposed.
-    r["ag"] = np.where(r["zero"] == 3, dp_collective_s(
-        hw, "all_gather", r, (r["per_layer"] - r["per_layer_expert"]) * r["d"], r["per_layer_expert"] * r["d"]),
-        0.0)
+    zero3 = r["zero"] == 3
+    r["ag"] = np.zeros(zero3.shape)
+    r["ag"][zero3] = dp_collective_s(hw, "all_gather", {k: r[k][zero3] for k in DP_GROUP_KEYS},
+                                     ((r["per_layer"] - r["per_layer_expert"]) * r["d"])[zero3],
+                                     (r["per_layer_expert"] * r["d"])[zero3])
     r["agb"] = np.where(r["reshard"], r["ag"], 0.0)
     r["xf"], r["cf"] = overlap_split(r["ag"], r["l_fwd_compute"], hw)
     r["xb"], r["cb"] = overlap_split(r["agb"], r["l_bwd_in"], hw)
     p2p_bytes = r["tokens"] * model.hidden_size * r["d"] / np.where(r["sp"], r["tp"], 1)
-    r["hop"] = np.where(r["pp"] > 1, collective_s(hw, "send_recv", p2p_bytes, 2, r["pp_rpn"],
-                                                  r["pp_share"]), 0.0)
+    r["hop"] = _where(r["pp"] > 1, lambda b, rpn, share: collective_s(hw, "send_recv", b, 2, rpn, share),
+                      p2p_bytes, r["pp_rpn"], r["pp_share"])
     return r
 
 
@@ -149,11 +165,23 @@ def dp_collective_s(hw: HardwareProfile, kind: str, r: dict, dense_bytes, expert
     experts' bytes over the expert data-parallel group; one collective of both where the
     two groups are the same ranks (ep 1, etp = tp). `c` lifts a per-row value to the shape
     of the bytes."""
-    dps, rpn, share, edp, edp_rpn = (c(r[k]) for k in ("dps", "dp_rpn", "dp_share", "edp", "edp_rpn"))
-    apart = (np.where(dense_bytes > 0, collective_s(hw, kind, dense_bytes, dps, rpn, share), 0.0)
-             + np.where(expert_bytes > 0, collective_s(hw, kind, expert_bytes, edp, edp_rpn), 0.0))
-    return np.where((edp == dps) & (edp_rpn == rpn),
-                    collective_s(hw, kind, dense_bytes + expert_bytes, dps, rpn, share), apart)
+    dps, rpn, share, edp, edp_rpn = (c(r[k]) for k in DP_GROUP_KEYS)
+    together = (edp == dps) & (edp_rpn == rpn)
+    apart = (_where(~together & (dense_bytes > 0), lambda b, g, n, f: collective_s(hw, kind, b, g, n, f),
+                    dense_bytes, dps, rpn, share)
+             + _where(~together & (expert_bytes > 0), lambda b, g, n: collective_s(hw, kind, b, g, n),
+                      expert_bytes, edp, edp_rpn))
+    return np.where(together, _where(together, lambda b, g, n, f: collective_s(hw, kind, b, g, n, f),
+                                     dense_bytes + expert_bytes, dps, rpn, share), apart)
+
+
+def _where(cond, fn, *args) -> np.ndarray:
+    """fn(*args) where `cond` holds, 0.0 elsewhere (all broadcast together); fn works
+    element by element and runs on those elements only."""
+    cond, *args = np.broadcast_arrays(cond, *(np.asarray(a) for a in args))
+    out = np.zeros(cond.shape)
+    out[cond] = fn(*(a[cond] for a in args))
+    return out
 
 
 def _col(x):
