@@ -14,8 +14,7 @@ from meshplan.hw_profiles.fabric import Fabric
 from meshplan.hw_profiles.gemm_model import (DTYPE_BYTES, ELEMENT_BYTES, OPTIONAL_DTYPE_BYTES, GemmFit,
                                              MemoryBoundFit)
 from meshplan.core.errors import ProfileError
-from meshplan.core.io import write_atomic
-from meshplan.core.io import read_json
+from meshplan.core.io import read_json, write_atomic
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLES_SUFFIX = ".samples.json"

@@ -26,7 +26,6 @@ ROUTERS = ("softmax", "sigmoid")
 _SIZES = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
           "vocab_size", "max_seq_len")
 _MOE = ("experts_per_token", "moe_ffn_hidden_size")
-MAX_SIZE, MAX_LAYERS = hf_config.MAX_SIZE, hf_config.MAX_LAYERS
 _MLA = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
@@ -268,7 +267,7 @@ def _layer_kinds(model: ModelSpec) -> tuple[tuple[LayerKind, int], ...]:
 
 
 def _check_int(field: str, value, positive: bool) -> None:
-    top = MAX_LAYERS if field == "num_layers" else MAX_SIZE
+    top = hf_config.MAX_LAYERS if field == "num_layers" else hf_config.MAX_SIZE
     if not isinstance(value, int) or isinstance(value, bool) or not (1 if positive else 0) <= value <= top:
         bound = "a positive" if positive else "a non-negative"
         raise ModelError(field, f"must be {bound} integer up to {top}, got {value!r}",

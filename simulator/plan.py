@@ -7,6 +7,7 @@ as Megatron-LM and torchtitan place it, so a TP group stays inside a node).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -226,9 +227,10 @@ def complete_fields(fields: dict, num_gpus: int) -> dict:
     """Plan fields with the data-parallel degree filled from the GPU count when it is the one
     axis left open, and 2 virtual stages for an interleaved schedule that names none."""
     fields = dict(fields)
-    other = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)
-    # a degree below 1 is left for the plan's range rules to name
-    if "dp" not in fields and isinstance(other, int) and other >= 1:
+    degrees = [fields.get(axis, 1) for axis in ("tp", "pp", "cp")]
+    # a degree that is not a positive integer is left for the plan's range rules to name
+    if "dp" not in fields and all(isinstance(d, int) and d >= 1 for d in degrees):
+        other = math.prod(degrees)
         if num_gpus % other:
             raise PlanError("cluster.num_gpus", f"{num_gpus} GPUs are not divisible by tp*pp*cp = "
                             f"{other}", "choose tp, pp, cp whose product divides the GPU count")
