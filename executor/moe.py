@@ -88,11 +88,18 @@ class GroupedExperts(nn.Module):
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [n, h] sorted by expert, counts [E] rows of each expert -> [n, h]."""
-        offsets = counts.cumsum(0).to(torch.int32)
-        hidden = self.act(grouped_mm(rows, self.w1, offsets))
-        if self.w3 is not None:
-            hidden = hidden * grouped_mm(rows, self.w3, offsets)
-        return grouped_mm(hidden, self.w2, offsets)
+        return expert_mlps(rows, counts, self.act, self.w1, self.w2, self.w3)
+
+
+def expert_mlps(rows: torch.Tensor, counts: torch.Tensor, act, w1: torch.Tensor, w2: torch.Tensor,
+                w3: torch.Tensor | None) -> torch.Tensor:
+    """Each expert's MLP on its rows: rows [n, h] sorted by expert, counts [E]; w1, w3
+    [E, h, f], w2 [E, f, h] (w3 None: not gated) -> [n, h]."""
+    offsets = counts.cumsum(0).to(torch.int32)
+    hidden = act(grouped_mm(rows, w1, offsets))
+    if w3 is not None:
+        hidden = hidden * grouped_mm(rows, w3, offsets)
+    return grouped_mm(hidden, w2, offsets)
 
 
 class MoE(nn.Module):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshplan.executor.moe import GroupedExperts, grouped_mm
+from meshplan.executor.moe import GroupedExperts, expert_mlps
 
 LEVELS = 255  # uint8 codes 0..255
 
@@ -66,11 +66,8 @@ class Int8Experts(nn.Module):
         self.sharding = None  # served whole: no expert parallelism
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        offsets = counts.cumsum(0).to(torch.int32)
-        hidden = self.act(grouped_mm(rows, self.w1().transpose(1, 2), offsets))
-        if self.w3 is not None:
-            hidden = hidden * grouped_mm(rows, self.w3().transpose(1, 2), offsets)
-        return grouped_mm(hidden, self.w2().transpose(1, 2), offsets)
+        w1, w2, w3 = (w().transpose(1, 2) if w is not None else None for w in (self.w1, self.w2, self.w3))
+        return expert_mlps(rows, counts, self.act, w1, w2, w3)
 
 
 # Attention and MLP projections (dense MLP, shared experts): everything simulator/quantize.py
