@@ -252,7 +252,9 @@ class ShardTimes:
 def shard_times(model: ModelSpec, hw: HardwareProfile, shards: list[Shard], dtype: str) -> ShardTimes:
     op_lists = [layer_ops(model, s) for s in shards]
     layer = op_times(op_lists, hw, dtype)
-    host = np.array([hw.overhead.training_layer_s(s.tp, s.sp) for s in shards], dtype=float).reshape(-1, 2)
+    moe = moe_layer_share(model)
+    host = np.array([hw.overhead.training_layer_s(s.tp, s.sp, moe) for s in shards],
+                    dtype=float).reshape(-1, 2)
     layer = replace(layer, fwd_s=layer.fwd_s + host[:, 0], bwd_input_s=layer.bwd_input_s + host[:, 1])
     split = [tuple(replace(op, m=max(op.m // s.tp, 1), flops=op.flops / s.tp)
                    for op in ops if op.kind == GEMM and op.weight) for ops, s in zip(op_lists, shards)]
