@@ -51,6 +51,7 @@ def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
                                               "tp_rpn", "cp_rpn", "dp_rpn", "pp_rpn", "ep_rpn",
                                               "etp_rpn", "edp_rpn", *step.SHARES)}
     knobs.update(sp=table["sp"].to_numpy(bool), tp_overlap=table["tp_overlap"].to_numpy(bool),
+                 a2a_overlap=table["moe_a2a_overlap"].to_numpy(bool),
                  reshard=table["reshard_after_forward"].to_numpy(bool),
                  rc=table["recompute"].cat.codes.to_numpy(np.int64),
                  sched=np.where(knobs["pp"] == 1, ONE_F_ONE_B,
@@ -144,18 +145,22 @@ def _fixed_slots(partition: tuple[int, ...], p: np.ndarray):
 
 def _sums(r: dict, model: ModelSpec) -> dict:
     """Whole-pipeline sums over all layers (one micro-batch through every stage) for the
-    closed forms and the time bound."""
+    closed forms and the time bound; `pair`: its forward and backward as they run in the
+    all-to-all overlap's pairs (the same without it)."""
     L, p, v = model.num_layers, r["pp"], r["virtual_stages"]
     first_last = np.ones((len(p), 1), bool)
     fwd, bwd, wgrad = step.chunk_s(r, np.full((len(p), 1), L), (p * v)[:, None], first_last, first_last)
-    return {"sum_f": fwd[:, 0], "sum_b": bwd[:, 0], "sum_w": wgrad[:, 0],
+    pair_f, pair_b, _ = step.chunk_s(r, np.full((len(p), 1), L), (p * v)[:, None], first_last, first_last,
+                                     paired=True)
+    return {"sum_w": wgrad[:, 0], "pair": pair_f[:, 0] + pair_b[:, 0],
             "fill": fwd[:, 0] + bwd[:, 0] + 2 * (p - 1) * r["hop"]}
 
 
 def _time_bound(r: dict) -> np.ndarray:
-    """A lower bound on the closed-form step time: no rank is faster than the average."""
+    """A lower bound on the closed-form step time: no rank is faster than the average (its
+    ops all paired where the all-to-all overlap pairs them)."""
     p, v, m, sched, fill = r["pp"], r["virtual_stages"], r["num_microbatches"], r["sched"], r["fill"]
-    avg = (r["sum_f"] + r["sum_b"]) / p
+    avg = r["pair"] / p
     return np.select([sched == INTERLEAVED, sched == ZB_H1],
                      [m * avg + (p - 1) * avg / v, (m - 1) * avg + fill - 2 * r["sum_w"]],
                      (m - 1) * avg + fill)
@@ -169,8 +174,13 @@ def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, par
     p, v, m = r["pp"], r["virtual_stages"], r["num_microbatches"]
     first, last = s == 0, s == c(p) - 1
     fwd, bwd, wgrad = step.chunk_s(r, n, c(v), first, last)
+    pair_f, pair_b, _ = step.chunk_s(r, n, c(v), first, last, paired=True)
     fill, hop, sched = r["fill"], r["hop"], r["sched"]
     cycle = np.maximum((fwd + bwd).max(axis=1), fill / p)  # slowest rank, or rank 0's round trip
+    # all-to-all overlap: after rank 0's warm-up forwards (schedule.warmup_ops, alone as are
+    # the cool-down backwards) a micro-batch's ops run in pairs (Megatron-Core combined 1F1B)
+    paired = np.where(r["a2a_overlap"], (pair_f + pair_b).max(axis=1), cycle)
+    alone = np.minimum(2 * (p - 1) + (v - 1) * p + r["a2a_overlap"], m * v) / v
     # 1F1B: fill + (m-1) steady cycles (Narayanan et al. 2021 sec 2.2); GPipe: the forward
     # and backward waves (Huang et al. 2019); interleaved: bubble (p-1)/v of a cycle (ibid.
     # sec 2.2.2), or (p-1) of the largest chunk where the chunks are uneven; ZB-H1: W passes
@@ -178,18 +188,18 @@ def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, par
     end0 = np.select(
         [sched == GPIPE, sched == INTERLEAVED, sched == ZB_H1],
         [(m - 1) * (fwd.max(axis=1) + bwd.max(axis=1)) + fill,
-         m * cycle + (p - 1) * np.maximum(cycle / v, largest) + 2 * (p - 1) * hop,
+         (m - alone) * paired + alone * cycle + (p - 1) * np.maximum(cycle / v, largest) + 2 * (p - 1) * hop,
          (m - 1) * cycle + fill - r["sum_w"] + wgrad[:, 0] - (np.minimum(m, p) - 1) * wgrad.min(axis=1)],
-        (m - 1) * cycle + fill)
+        (m - 1) * paired + fill)
     xb, ag = r["xb"], r["ag"]
     drained = before * c(r["l_bwd"] + xb) + s * c(v * (ag - xb)) + (s > 0) * c(r["emb_bwd"])
     end = c(end0) - (s > 0) * (drained / c(v) + s * c(hop))
     tail = step.rank_tail_s(r, model, hw, s, n, params).total_s
-    return (end + tail).max(axis=1), (m[:, None] * (fwd + bwd) + tail).max(axis=1)
+    return (end + tail).max(axis=1), (m[:, None] * (pair_f + pair_b) + tail).max(axis=1)
 
 
 MEMORY_KEYS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched",
-               "virtual_stages", "num_microbatches", "reshard", "ep", "etp")
+               "virtual_stages", "num_microbatches", "reshard", "ep", "etp", "a2a_overlap")
 
 
 def _memory_bound(r: dict, model: ModelSpec) -> np.ndarray:
@@ -199,7 +209,7 @@ def _memory_bound(r: dict, model: ModelSpec) -> np.ndarray:
     most = -(-model.num_layers // r["pp"])[:, None]
     no_edge = np.full_like(most, -1)  # a rank without the embedding or the head
     held = in_flight(r["sched"][:, None], r["pp"][:, None], r["virtual_stages"][:, None],
-                     r["num_microbatches"][:, None], last)
+                     r["num_microbatches"][:, None], last, r["a2a_overlap"][:, None])
     params = step.rank_params(r, model, no_edge, most)
     return sum(step.rank_memory(r, model, no_edge, most, params, held).values())[:, 0]
 
@@ -212,7 +222,7 @@ def _exact_memory(r: dict, model: ModelSpec, s, n, part, key) -> tuple[np.ndarra
     u, s, n = step.take(r, first), s[part[first]], n[part[first]]
     params = step.rank_params(u, model, s, n)
     held = in_flight(u["sched"][:, None], u["pp"][:, None], u["virtual_stages"][:, None],
-                     u["num_microbatches"][:, None], s)
+                     u["num_microbatches"][:, None], s, u["a2a_overlap"][:, None])
     peak = sum(step.rank_memory(u, model, s, n, params, held).values()).max(axis=1)
     return peak[ids], ids, params
 
@@ -240,7 +250,7 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     peak[maybe], mem_ids, params = _exact_memory(r, model, s, n, part, key)
     fit = np.flatnonzero(peak[maybe] <= limit)  # positions within `maybe`
     time_lb = _time_bound({k: r[k][fit] for k in ("pp", "virtual_stages", "num_microbatches", "sched",
-                                                  "fill", "sum_f", "sum_b", "sum_w")})
+                                                  "fill", "pair", "sum_w")})
     ranked = np.argsort(time_lb, kind="stable")
     order, time_lb = fit[ranked], time_lb[ranked]
     todo = np.ones(order.size, bool)

@@ -68,7 +68,8 @@ def compare(winner: SimulationResult, other: SimulationResult, label: str) -> Co
 def knob_changes(plan: Plan, experts: bool = False) -> list[tuple[str, str, dict | str]]:
     """(label, knob, changed fields or why there is none) for each single-knob change of
     `plan`; a parallel degree's change moves the factor 2 to or from data parallelism (expert
-    TP following TP where it did); with `experts`, EP x2, /2 and none too."""
+    TP following TP where it did); with `experts`, EP x2, /2 and none too, and the
+    all-to-all overlap toggled where ep > 1."""
     out = []
     for axis in ("tp", "pp"):
         deg = getattr(plan, axis)
@@ -107,6 +108,9 @@ def knob_changes(plan: Plan, experts: bool = False) -> list[tuple[str, str, dict
                             {"schedule": s, "virtual_stages": v}))
     if plan.tp > 1:
         out.append(("sequence parallel " + ("off" if plan.sp else "on"), "sp", {"sp": not plan.sp}))
+    if experts and plan.ep > 1:
+        out.append(("all-to-all overlap " + ("off" if plan.moe_a2a_overlap else "on"), "moe_a2a_overlap",
+                    {"moe_a2a_overlap": not plan.moe_a2a_overlap}))
     return out
 
 

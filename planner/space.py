@@ -5,10 +5,10 @@ count, the expert mesh of a mixture-of-experts model (expert-parallel degrees di
 experts and a pipeline stage's ranks, expert TP 1 or tp: Megatron-Core's parallel folding),
 rank placements (deduplicated by the link levels their groups land on), micro-batch
 sizes dividing the per-replica batch, pipeline schedules with their virtual-stage counts,
-sequence parallelism, ZeRO stage and recompute. After each join the legality rules
-(simulator/rules.py, the ones Plan.validate applies) drop the illegal rows, as soon as the
-table has the fields a rule reads, so every row is a legal plan. Knobs the user fixed
-take only their fixed value.
+sequence parallelism, ZeRO stage, TP and all-to-all overlap, and recompute. After each join
+the legality rules (simulator/rules.py, the ones Plan.validate applies) drop the illegal
+rows, as soon as the table has the fields a rule reads, so every row is a legal plan.
+Knobs the user fixed take only their fixed value.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict,
     if table.empty:
         return table
     scalars = {"global_batch": fixed["global_batch"], "seq_len": fixed["seq_len"],
-               "layer_partition": fixed.get("layer_partition")}
+               "layer_partition": fixed.get("layer_partition"), "dtype": fixed.get("dtype", DTYPES[1])}
     available = set(table.columns) | set(scalars) - (
         {"layer_partition"} if "virtual_stages" not in table.columns else set())
     fresh = None if new is None else set(new) | ({"layer_partition"} if "virtual_stages" in new else set())
@@ -69,7 +69,7 @@ def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict,
         columns["placement"] = table["placement"].map(",".join).to_numpy().astype(str)
     if "schedule" in columns:
         columns["schedule"] = table["schedule"].astype(str).to_numpy()
-    for flag in ("tp_overlap", "reshard_after_forward", "sp"):
+    for flag in ("tp_overlap", "reshard_after_forward", "sp", "moe_a2a_overlap"):
         if flag in columns:
             columns[flag] = columns[flag].astype(bool)
     keep = rules.holds(applied, SimpleNamespace(**scalars, **columns), model, cluster)
@@ -233,6 +233,11 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
             ["tp_overlap"])
         table = _legal(table, model, cluster, fixed, ("zero", "tp_overlap"))
     if not table.empty:
+        table = _join(table, ["ep"], lambda ep: [
+            (o,) for o in ((False, True) if ep > 1 else (False,)) if fixed.get("moe_a2a_overlap", o) == o],
+            ["moe_a2a_overlap"])
+        table = _legal(table, model, cluster, fixed, ("moe_a2a_overlap",))
+    if not table.empty:
         table = _join(table, ["zero"], lambda z: [
             (o,) for o in ((True, False) if z == 3 else (True,))
             if fixed.get("reshard_after_forward", o) == o], ["reshard_after_forward"])
@@ -242,6 +247,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
             (r,) for r in RECOMPUTE if fixed.get("recompute", r) == r and not (
                 prune_dominated and r == "selective" and "recompute" not in fixed
                 and fixed.get("attention", ATTENTION[0]) == "flash")], ["recompute"], {"recompute": RECOMPUTE})
+        table = _legal(table, model, cluster, fixed, ("recompute",))
     partition = fixed.get("layer_partition")
     if table.empty:
         raise _why_empty(model, cluster, fixed)
@@ -266,6 +272,7 @@ def row_plan(table: pd.DataFrame, i: int) -> Plan:
                 schedule=str(row.schedule), virtual_stages=int(row.virtual_stages),
                 layer_partition=a["layer_partition"], dtype=a["dtype"], attention=a["attention"],
                 placement=tuple(row.placement), tp_overlap=bool(row.tp_overlap),
+                moe_a2a_overlap=bool(row.moe_a2a_overlap),
                 reshard_after_forward=bool(row.reshard_after_forward),
                 grad_reduce_dtype=a["grad_reduce_dtype"], ep=int(row.ep), etp=int(row.etp),
                 moe_capacity_factor=a["moe_capacity_factor"], fp8_recipe=a["fp8_recipe"],

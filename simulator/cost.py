@@ -48,9 +48,10 @@ def per_rank_profile(hw: HardwareProfile, ranks_per_node: int) -> HardwareProfil
 @dataclass(frozen=True)
 class OpTimes:
     """Per op list (one entry each): forward, backward input-gradient and weight-gradient
-    time, the attention core's share of the forward, the GEMM FLOPs of the forward, and the
+    time, the attention core's share of the forward, the GEMM FLOPs of the forward, the
     forward and backward time of the GEMMs with a weight (the ones tensor-parallel
-    communication can overlap with)."""
+    communication can overlap with), and the forward and whole backward time of the ops
+    between the MoE dispatch and combine (Op.routed)."""
 
     fwd_s: np.ndarray
     bwd_input_s: np.ndarray
@@ -59,6 +60,8 @@ class OpTimes:
     fwd_flops: np.ndarray
     weight_fwd_s: np.ndarray
     weight_bwd_s: np.ndarray
+    routed_fwd_s: np.ndarray
+    routed_bwd_s: np.ndarray
 
 
 def compute_dtype(dtype: str) -> str:
@@ -118,12 +121,14 @@ def op_times(op_lists: list[tuple[Op, ...]], hw: HardwareProfile, dtype: str) ->
     core = np.array([op.attention_core for op in ops], dtype=bool)
     flops = np.array([op.flops * op.count for op in ops], dtype=float)
     weighted = g & np.array([op.weight for op in ops], dtype=bool)
+    routed = np.array([op.routed for op in ops], dtype=bool)
 
     def total(x):
         return np.bincount(idx, weights=x, minlength=len(op_lists))
     return OpTimes(total(fwd), total(bwd_in), total(bwd_w), total(np.where(core, fwd, 0.0)),
                    total(np.where(g, flops, 0.0)), total(np.where(weighted, fwd, 0.0)),
-                   total(np.where(weighted, bwd_in + bwd_w, 0.0)))
+                   total(np.where(weighted, bwd_in + bwd_w, 0.0)), total(np.where(routed, fwd, 0.0)),
+                   total(np.where(routed, bwd_in + bwd_w, 0.0)))
 
 
 def collective_s(hw: HardwareProfile, kind: str, message_bytes, size, ranks_per_node,
@@ -292,8 +297,14 @@ class LayerTimes:
     tp_raw_s: np.ndarray        # TP communication of forward and backward, whole
     cp_raw_fwd_s: np.ndarray    # the ring exchange, whole
     cp_raw_bwd_s: np.ndarray
-    ep_fwd_s: np.ndarray        # MoE dispatch and combine, counts first (exposed: nothing overlaps it)
-    ep_bwd_s: np.ndarray        # includes the recomputed forward's (full recompute)
+    ep_fwd_s: np.ndarray        # MoE dispatch and combine, counts first (exposed: nothing in the
+    ep_bwd_s: np.ndarray        # same micro-batch overlaps it); backward: includes the recomputed
+    # forward's (full recompute). Paired (all-to-all overlap): what of them the other
+    # micro-batch's compute leaves exposed, and the compute slowdown of the hidden part
+    ep_pair_fwd_s: np.ndarray
+    ep_pair_bwd_s: np.ndarray
+    contention_pair_fwd_s: np.ndarray
+    contention_pair_bwd_s: np.ndarray
 
     @property
     def fwd_s(self) -> np.ndarray:
@@ -304,6 +315,16 @@ class LayerTimes:
         """Whole backward: input and weight gradients, recompute, communication."""
         return (self.bwd_input_s + self.bwd_weight_s + self.recompute_s + self.tp_bwd_s
                 + self.cp_bwd_s + self.ep_bwd_s + self.contention_bwd_s)
+
+    @property
+    def fwd_pair_s(self) -> np.ndarray:
+        """A forward run beside another micro-batch's backward (all-to-all overlap)."""
+        return self.fwd_s - self.ep_fwd_s + self.ep_pair_fwd_s + self.contention_pair_fwd_s
+
+    @property
+    def bwd_pair_s(self) -> np.ndarray:
+        """A backward run beside another micro-batch's forward (all-to-all overlap)."""
+        return self.bwd_s - self.ep_bwd_s + self.ep_pair_bwd_s + self.contention_pair_bwd_s
 
 
 @dataclass(frozen=True)
@@ -327,7 +348,7 @@ def moe_layer_share(model: ModelSpec) -> float:
 
 def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, dtype_bytes, tp,
                 sp, cp, recompute, tp_rpn, cp_rpn, flash: bool, tp_overlap,
-                em: ExpertMesh | None = None, tp_share=1.0, cp_share=1.0) -> LayerTimes:
+                em: ExpertMesh | None = None, tp_share=1.0, cp_share=1.0, a2a_overlap=False) -> LayerTimes:
     """Per plan (arrays; st indexed alike): the layer's times under its recompute setting,
     the placement of its TP and CP groups (ranks per node, link share) and TP overlap.
 
@@ -341,9 +362,16 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     behind the attention of the current chunk (Liu et al. 2023 sec 3; the backward has 2x
     the attention to hide behind). In the MoE layers (with SP, or without TP) the experts'
     half of the TP communication becomes the expert mesh's exchange (ep_comm_s), except that
-    shared experts run as a TP MLP and keep theirs; nothing overlaps the exchange (schedules
-    that do, DualPipe or Megatron-Core's EP overlap, are not modelled). `em` defaults to ep 1
-    and etp = tp."""
+    shared experts run as a TP MLP and keep theirs; nothing in its own micro-batch overlaps
+    the exchange. With `a2a_overlap` (Megatron-Core --overlap-moe-expert-parallel-comm, ep > 1)
+    a forward F and another micro-batch's backward B run layer by layer on a communication
+    and a compute stream in four phases (combined 1F1B, Megatron-Core
+    model_chunk_schedule_plan.py TransformerLayerSchedulePlan.run; DeepSeek-V3 report sec
+    3.2.1): B's combine beside F's attention, F's dispatch beside B's routed experts, B's
+    dispatch beside F's routed experts, F's combine beside B's attention, each phase as long
+    as the longer of the two; the exchange's halves are its dispatch (with the counts) and
+    its combine. The `pair` terms are what each direction's exchange leaves exposed, and
+    the compute it slows (overlap_split). `em` defaults to ep 1 and etp = tp."""
     lay = st.layer
     if em is None:
         em = ExpertMesh(1, tp, 1, tp_rpn, 1.0, np.where(sp, np.asarray(tokens) // tp, tokens))
@@ -363,9 +391,22 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     full = recompute == FULL
     flash_redo = lay.core_s if flash else 0.0
     redo = lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + split_f) * full
+    fwd_compute, bwd_input = lay.fwd_s + split_f, lay.bwd_input_s + flash_redo + split_b
+    ep_f, ep_b = ep_raw + counts, ep_raw + (ep_raw + counts) * full
+    paired = np.asarray(a2a_overlap, dtype=bool) & (np.asarray(em.ep) > 1)
+    # the compute of the other direction beside each half (none where nothing is paired)
+    routed_f, routed_b = np.where(paired, lay.routed_fwd_s, 0.0), np.where(paired, lay.routed_bwd_s, 0.0)
+    rest_f = np.where(paired, fwd_compute, 0.0) - routed_f
+    rest_b = np.where(paired, bwd_input + lay.bwd_weight_s + redo, 0.0) - routed_b
+    dispatch_f, dispatch_b, combine = ep_raw / 2 + counts, ep_b - ep_raw / 2, ep_raw / 2
+    pair_f, pair_cf = (a + b for a, b in zip(overlap_split(dispatch_f, routed_b, hw),
+                                             overlap_split(combine, rest_b, hw)))
+    pair_b, pair_cb = (a + b for a, b in zip(overlap_split(combine, rest_f, hw),
+                                             overlap_split(dispatch_b, routed_f, hw)))
     return LayerTimes(
-        fwd_compute_s=lay.fwd_s + split_f, bwd_input_s=lay.bwd_input_s + flash_redo + split_b,
+        fwd_compute_s=fwd_compute, bwd_input_s=bwd_input,
         bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * full,
         cp_fwd_s=cp_f, cp_bwd_s=cp_b, contention_fwd_s=tp_cf + cp_cf, contention_bwd_s=tp_cb + cp_cb,
         tp_raw_s=tp_raw * (2 + full), cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b,
-        ep_fwd_s=ep_raw + counts, ep_bwd_s=ep_raw + (ep_raw + counts) * full)
+        ep_fwd_s=ep_f, ep_bwd_s=ep_b, ep_pair_fwd_s=pair_f, ep_pair_bwd_s=pair_b,
+        contention_pair_fwd_s=pair_cf, contention_pair_bwd_s=pair_cb)

@@ -22,7 +22,7 @@ left out) and Megatron-Core with Transformer Engine (TE Linear layers only) run 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshplan.simulator.model_spec import LayerKind, ModelSpec
 
@@ -70,6 +70,7 @@ class Op:
     weight_bytes: float | None = None  # bytes per weight element when stored quantized (serving)
     dequant_flops: float = 0.0         # CUDA-core work dequantizing them (quantize.py)
     executed_share: float = 1.0        # share of `flops` the kernel runs (causal_share); times only
+    routed: bool = False               # runs between the MoE dispatch and combine (routed experts)
 
     @property
     def op_class(self) -> str | None:
@@ -218,6 +219,8 @@ def _moe_ops(model: ModelSpec, shard: Shard) -> list[Op]:
     tokens): experts_per_token rows per token, 1/ep of them its own on balanced routing,
     times the capacity factor on the busiest rank, spread over the expected number of
     distinct local experts those tokens hit (all of them in training, a few in decode).
+    The routed experts and the unpermute run between the dispatch and the combine (`routed`;
+    Megatron-Core's fine-grained "mlp" node), the rest before the dispatch.
     gpt-oss's clamped SwiGLU is the same one elementwise pass (read gate and up, write their
     product; its clamps fuse into it), and biases, the router's and the experts', are added
     in the GEMM epilogues: memory-bound work of no GEMM FLOPs, as SiLU's is."""
@@ -226,12 +229,12 @@ def _moe_ops(model: ModelSpec, shard: Shard) -> list[Op]:
     f, gated = model.moe_ffn_hidden_size // shard.etp, 2 if model.gated_mlp else 1
     routed = shard.expert_tokens * k * shard.capacity
     active = active_experts(e, k, shard.expert_tokens * shard.ep) / shard.ep
+    experts = [_gemm("expert_up", routed / active, gated * f, h, batch=active, fp8=f8),
+               _mem("mlp_act", routed * f, gated + 1, d),
+               _gemm("expert_down", routed / active, h, f, batch=active, fp8=f8),
+               _mem("moe_unpermute", routed * h, 2, d)]
     ops = [_gemm("router", ntok, e, h), _mem(f"router_{model.router}", ntok * e, 2, d),
-           _mem("moe_permute", routed * h, 2, d),
-           _gemm("expert_up", routed / active, gated * f, h, batch=active, fp8=f8),
-           _mem("mlp_act", routed * f, gated + 1, d),
-           _gemm("expert_down", routed / active, h, f, batch=active, fp8=f8),
-           _mem("moe_unpermute", routed * h, 2, d)]
+           _mem("moe_permute", routed * h, 2, d), *(replace(op, routed=True) for op in experts)]
     if model.num_shared_experts:
         ops += _mlp_ops(model, shard, model.shared_ffn_size, "shared")
     if model.shared_expert_gate:

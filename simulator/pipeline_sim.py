@@ -6,6 +6,11 @@ j-1, B of j needs B of j+1 (the last virtual stage: its own F), W needs its own 
 asynchronous: data produced at time t on one rank is usable on the next at t + p2p_s.
 Instead of an event queue, a rank runs ahead until its next op's input is not yet timed,
 then waits to be woken by the op that produces it; every op is timed exactly once.
+
+With the experts' all-to-all overlap (Megatron-Core's combined 1F1B), each F, B pair of the
+steady state runs as one combined op: it starts when both inputs have arrived, and its two
+halves take their paired durations (each one's all-to-all hidden behind the other's compute,
+cost.layer_times); the warm-up forwards and cool-down backwards run alone, at full duration.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshplan.simulator.schedule import stage_op_tuples
+from meshplan.simulator.schedule import stage_op_tuples, warmup_ops
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +93,17 @@ def _gc_paused():
 
 
 def simulate_pipeline(schedule: str, num_microbatches: int, fwd_s, bwd_s, p2p_s=0.0,
-                      wgrad_s=None, tail_s=None, record_events: bool = True) -> PipelineResult:
+                      wgrad_s=None, tail_s=None, record_events: bool = True,
+                      paired_s=None) -> PipelineResult:
     """Time one step of `schedule`. fwd_s, bwd_s (and wgrad_s for zb-h1, where bwd_s is the
     input-gradient part only): time of one micro-batch through chunk c of rank s, shape
-    (num_stages, num_chunks) or (num_stages,). tail_s: per-rank time after its last op."""
+    (num_stages, num_chunks) or (num_stages,). tail_s: per-rank time after its last op.
+    paired_s: (forward, backward) times of an F and a B that run as one combined op, for
+    the all-to-all overlap's order (schedule.warmup_ops); None runs every op alone."""
     fwd = _times("fwd_s", fwd_s, None)
     bwd = _times("bwd_s", bwd_s, fwd.shape)
+    paired = None if paired_s is None else tuple(
+        _times(name, x, fwd.shape) for name, x in zip(("paired_s[0]", "paired_s[1]"), paired_s))
     if (schedule == "zb-h1") != (wgrad_s is not None):
         raise ValueError("wgrad_s: give it for schedule 'zb-h1' (bwd_s is then the input-gradient "
                          "part) and only then")
@@ -104,19 +114,46 @@ def simulate_pipeline(schedule: str, num_microbatches: int, fwd_s, bwd_s, p2p_s=
         raise ValueError(f"tail_s: expected {p} finite times >= 0, got {np.shape(tail_s)}")
     with _gc_paused():
         return _simulate(schedule, num_microbatches, fwd, bwd, wgrad, _hop_delays_s(p2p_s, p, v),
-                         tail, record_events)
+                         tail, record_events, paired)
 
 
 def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np.ndarray,
-              hop: list[float], tail: np.ndarray, record_events: bool) -> PipelineResult:
+              hop: list[float], tail: np.ndarray, record_events: bool, paired=None) -> PipelineResult:
     p, v = fwd.shape
-    orders = stage_op_tuples(schedule, p, m, v)
+    overlap = paired is not None
+    orders = stage_op_tuples(schedule, p, m, v, overlap)
+    # per rank, the op indices [lo, hi) that run as combined F, B pairs
+    lo = [warmup_ops(schedule, p, s, m, v, True) if overlap else 0 for s in range(p)]
+    hi = [lo[s] + 2 * (m * v - lo[s]) if overlap else 0 for s in range(p)]
     last_j = p * v - 1
     f_end = [[-1.0] * m for _ in range(p * v)]   # end time of F(mb) on virtual stage j; -1: not yet
     b_end = [[-1.0] * m for _ in range(p * v)]
     f_wait = [[-1] * m for _ in range(p * v)]    # the rank blocked until F(mb) of j ends
     b_wait = [[-1] * m for _ in range(p * v)]
     dur = {"F": fwd.tolist(), "B": bwd.tolist(), "W": wgrad.tolist()}
+    dur_paired = {"F": paired[0].tolist(), "B": paired[1].tolist()} if overlap else dur
+
+    def ready_s(kind: str, mb: int, c: int, s: int) -> float:
+        """When the input of op (kind, mb, c) on rank s is there; -1 when not yet timed
+        (the rank producing it is told to wake rank s)."""
+        j = c * p + s
+        if kind == "F":
+            if not j:
+                return 0.0
+            at = f_end[j - 1][mb]
+            if at < 0:
+                f_wait[j - 1][mb] = s
+                return -1.0
+            return at + hop[j - 1]
+        if kind == "B" and j != last_j:
+            at = b_end[j + 1][mb]
+            if at < 0:
+                b_wait[j + 1][mb] = s
+                return -1.0
+            return at + hop[j]
+        # last virtual stage's B needs its own F, W its own B: earlier on this rank
+        return (f_end if kind == "B" else b_end)[j][mb]
+
     ptr, free_s, in_flight = [0] * p, [0.0] * p, [0] * p
     peak, busy = [0] * p, [0.0] * p
     done: list[list[tuple]] = [[] for _ in range(p)]
@@ -127,26 +164,17 @@ def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np
         while i < n:
             kind, mb, c = ops[i]
             j = c * p + s
-            if kind == "F":
-                ready = 0.0
-                if j:
-                    ready = f_end[j - 1][mb]
-                    if ready < 0:
-                        f_wait[j - 1][mb] = s
-                        break
-                    ready += hop[j - 1]
-            elif kind == "B" and j != last_j:
-                ready = b_end[j + 1][mb]
-                if ready < 0:
-                    b_wait[j + 1][mb] = s
+            ready = ready_s(kind, mb, c, s)
+            if ready < 0:
+                break
+            in_pair = lo[s] <= i < hi[s]
+            if in_pair and kind == "F":  # the combined op waits for its backward's input too
+                partner = ready_s(*ops[i + 1], s)
+                if partner < 0:
                     break
-                ready += hop[j]
-            else:  # last virtual stage's B needs its own F, W its own B: earlier on this rank
-                ready = (f_end if kind == "B" else b_end)[j][mb]
-                if ready < 0:
-                    break
+                ready = ready if ready > partner else partner
             start = t if t > ready else ready
-            d = dur[kind][s][c]
+            d = (dur_paired if in_pair else dur)[kind][s][c]
             t = start + d
             busy[s] += d
             if kind == "F":

@@ -109,6 +109,10 @@ class Plan:
     moe_dispatcher: str = knob("alltoall", "MoE token dispatch: NCCL all-to-all, or DeepEP (Megatron-LM "
                                "--moe-token-dispatcher-type flex --moe-enable-deepep)",
                                choices=MOE_DISPATCHERS)
+    moe_a2a_overlap: bool = knob(False, "overlap the experts' all-to-all of one micro-batch's forward with "
+                                 "another's backward compute, and vice versa (Megatron-LM "
+                                 "--overlap-moe-expert-parallel-comm; needs ep > 1, and the "
+                                 "interleaved schedule with pp > 1)")
 
     def __post_init__(self):
         if self.etp is None:

@@ -116,6 +116,24 @@ PLAN = (
     _rule("plan.sp", "ep tp sp", lambda x, m, c: (x.ep == 1) | (x.tp == 1) | np.asarray(x.sp),
           lambda x, m, c: "expert parallelism with tensor parallelism needs sequence parallelism",
           "turn on sp, or use ep 1 or tp 1"),
+    # Megatron-Core TransformerConfig.__post_init__ (overlap_moe_expert_parallel_comm): expert
+    # parallelism, virtual pipeline stages when pp > 1 (its combined 1F1B pairs a forward with a
+    # backward in interleaved 1F1B or without pipelining), no full recompute, bf16 or fp16 weights
+    _rule("plan.moe_a2a_overlap", "moe_a2a_overlap ep", lambda x, m, c: np.logical_not(x.moe_a2a_overlap) | (x.ep > 1),
+          lambda x, m, c: "overlapping the experts' all-to-all needs expert parallelism (ep 1 exchanges none)",
+          "set ep > 1, or drop moe_a2a_overlap"),
+    _rule("plan.moe_a2a_overlap", "moe_a2a_overlap pp schedule",
+          lambda x, m, c: np.logical_not(x.moe_a2a_overlap) | (x.pp == 1) | (x.schedule == "interleaved"),
+          lambda x, m, c: f"the all-to-all overlap pairs micro-batches in interleaved 1F1B or without "
+          f"pipelining, not in {x.schedule} with pp {x.pp}", "use the interleaved schedule, or pp 1"),
+    _rule("plan.moe_a2a_overlap", "moe_a2a_overlap recompute",
+          lambda x, m, c: np.logical_not(x.moe_a2a_overlap) | (x.recompute != "full"),
+          lambda x, m, c: "Megatron-Core refuses full recompute with the all-to-all overlap",
+          "use recompute selective or none, or drop moe_a2a_overlap"),
+    _rule("plan.moe_a2a_overlap", "moe_a2a_overlap dtype",
+          lambda x, m, c: np.logical_not(x.moe_a2a_overlap) | (x.dtype != "fp32"),
+          lambda x, m, c: "Megatron-Core overlaps the all-to-all only in bf16 or fp16 training",
+          "train in bf16 (or fp16, fp8), or drop moe_a2a_overlap"),
     # without SP every TP rank holds the same tokens, and the experts shard as the dense MLP
     _rule("plan.etp", "etp tp sp", lambda x, m, c: (x.tp == 1) | np.asarray(x.sp) | (x.etp == x.tp),
           lambda x, m, c: f"etp {x.etp} differs from tp {x.tp} without sequence parallelism",
@@ -151,6 +169,9 @@ TRAINING = PLAN + (
     _rule("plan.ep", "ep etp tp", lambda x, m, c: (m.num_experts > 0) | ((x.ep == 1) & (x.etp == x.tp)),
           lambda x, m, c: f"{m.name} has no experts to place (ep {x.ep}, etp {x.etp})",
           "use ep 1 and leave etp to tp"),
+    _rule("plan.moe_a2a_overlap", "moe_a2a_overlap",
+          lambda x, m, c: np.logical_not(x.moe_a2a_overlap) | (m.num_experts > 0),
+          lambda x, m, c: f"{m.name} has no experts, so no all-to-all to overlap", "drop moe_a2a_overlap"),
     _rule("plan.ep", "ep", lambda x, m, c: (m.num_experts == 0) | (m.num_experts % x.ep == 0),
           lambda x, m, c: f"{x.ep} does not divide the {m.num_experts} experts",
           "use an expert-parallel degree that divides num_experts"),
@@ -262,6 +283,9 @@ EXECUTOR_TRAINING = (
     _rule("plan.moe_dispatcher", "moe_dispatcher", lambda x, m, c: x.moe_dispatcher == "alltoall",
           lambda x, m, c: f"the executor dispatches tokens with torch's all_to_all, not {x.moe_dispatcher}",
           "use moe_dispatcher alltoall"),
+    _rule("plan.moe_a2a_overlap", "moe_a2a_overlap", lambda x, m, c: np.logical_not(x.moe_a2a_overlap),
+          lambda x, m, c: "the executor runs each micro-batch's forward and backward one after the other, "
+          "so no all-to-all overlaps another micro-batch's compute", "drop moe_a2a_overlap"),
 )
 
 # A serving deployment: tp x pp GPUs per replica.
@@ -455,6 +479,11 @@ _TORCHTITAN = (
     _rule("plan.moe_capacity_factor", "moe_capacity_factor", lambda x, m, c: x.moe_capacity_factor == 1.0,
           lambda x, m, c: f"torchtitan's experts are dropless, with no capacity factor ({x.moe_capacity_factor})",
           "plan with moe_capacity_factor 1"),
+    # its pipeline schedules (torch.distributed.pipelining) run a stage's forward and backward
+    # of different micro-batches one after the other, each with its own all-to-all
+    _rule("plan.moe_a2a_overlap", "moe_a2a_overlap", lambda x, m, c: np.logical_not(x.moe_a2a_overlap),
+          lambda x, m, c: "torchtitan has no flag that overlaps one micro-batch's expert all-to-all with "
+          "another's compute (Megatron-Core's combined 1F1B)", "plan without moe_a2a_overlap, or export for megatron"),
 )
 
 # What each training framework can run; x.placement is the "tp,cp,dp,pp" text. A key with a
@@ -580,6 +609,9 @@ FRAMEWORKS = {
               lambda x, m, c: "DeepSpeed-MoE does not run under ZeRO-3", "plan with ZeRO 0-2"),
         _rule("plan.moe_dispatcher", "moe_dispatcher", lambda x, m, c: x.moe_dispatcher == "alltoall",
               lambda x, m, c: "DeepSpeed-MoE dispatches with its all-to-all only", "plan with the alltoall dispatcher"),
+        _rule("plan.moe_a2a_overlap", "moe_a2a_overlap", lambda x, m, c: np.logical_not(x.moe_a2a_overlap),
+              lambda x, m, c: "DeepSpeed-MoE runs its all-to-all inside each micro-batch's own forward and "
+              "backward, overlapped with no other micro-batch", "plan without moe_a2a_overlap, or export for megatron"),
     ),
     "plan": (),
 }

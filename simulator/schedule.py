@@ -39,9 +39,19 @@ def _gpipe(m: int) -> list[Op]:
     return [("F", i, 0) for i in range(m)] + [("B", i, 0) for i in range(m)]
 
 
-def _one_f_one_b(p: int, s: int, m: int) -> list[Op]:
+def warmup_ops(schedule: str, p: int, s: int, m: int, v: int = 1, a2a_overlap: bool = False) -> int:
+    """Forward ops rank s runs before its first backward in 1F1B and interleaved 1F1B (as
+    many backward ops close its step); the ops between alternate F, B. Megatron-Core's
+    all-to-all overlap runs one more warm-up forward, so that each F, B pair of the steady
+    state holds independent micro-batches (schedules.get_pp_rank_microbatches; without
+    pipelining its combined 1F1B runs the first forward alone)."""
+    base = 2 * (p - s - 1) + (v - 1) * p if schedule == "interleaved" else p - s - 1
+    return min(base + int(a2a_overlap), m * v)
+
+
+def _one_f_one_b(p: int, s: int, m: int, a2a_overlap: bool = False) -> list[Op]:
     # PipeDream-Flush (Narayanan et al. 2021 sec 2.2): p-s-1 warm-up forwards, 1F1B, cool-down.
-    warmup = min(p - s - 1, m)
+    warmup = warmup_ops("1f1b", p, s, m, 1, a2a_overlap)
     ops = [("F", i, 0) for i in range(warmup)]
     for i in range(m - warmup):
         ops += [("F", warmup + i, 0), ("B", i, 0)]
@@ -65,13 +75,13 @@ def _zb_h1(p: int, s: int, m: int) -> list[Op]:
     return ops + [("W", i, 0) for i in range(w, m)]
 
 
-def _interleaved(p: int, s: int, m: int, v: int) -> list[Op]:
+def _interleaved(p: int, s: int, m: int, v: int, a2a_overlap: bool = False) -> list[Op]:
     # Megatron-LM forward_backward_pipelining_with_interleaving (Narayanan et al. 2021 sec 2.2):
     # warm-up 2(p-s-1) + (v-1)p forward ops capped at m*v, then one F and one B, then cool-down.
     # The k-th forward runs chunk (k mod pv) // p on micro-batch (k // pv) * p + k mod p; the
     # k-th backward the same micro-batch on chunk v-1-(k mod pv) // p.
     total = m * v
-    warmup = min(2 * (p - s - 1) + (v - 1) * p, total)
+    warmup = warmup_ops("interleaved", p, s, m, v, a2a_overlap)
 
     def op(kind: str, k: int) -> Op:
         chunk = (k % (p * v)) // p
@@ -84,26 +94,31 @@ def _interleaved(p: int, s: int, m: int, v: int) -> list[Op]:
 
 
 def stage_op_tuples(schedule: str, num_stages: int, num_microbatches: int,
-                    num_chunks: int = 1) -> list[list[Op]]:
-    """Per pipeline rank, the ops (kind, microbatch, chunk) in the order that rank runs them."""
+                    num_chunks: int = 1, a2a_overlap: bool = False) -> list[list[Op]]:
+    """Per pipeline rank, the ops (kind, microbatch, chunk) in the order that rank runs them;
+    with `a2a_overlap`, Megatron-Core's combined 1F1B order (warmup_ops)."""
     _check_args(schedule, num_stages, num_microbatches, num_chunks)
     p, m = num_stages, num_microbatches
+    if a2a_overlap and not (schedule == "interleaved" or (schedule == "1f1b" and p == 1)):
+        raise ValueError(f"a2a_overlap: pairs micro-batches in interleaved 1F1B or on one stage, "
+                         f"not in {schedule} over {p} stages")
     if schedule == "gpipe":
         return [_gpipe(m) for _ in range(p)]
     if schedule == "1f1b":
-        return [_one_f_one_b(p, s, m) for s in range(p)]
+        return [_one_f_one_b(p, s, m, a2a_overlap) for s in range(p)]
     if schedule == "zb-h1":
         return [_zb_h1(p, s, m) for s in range(p)]
-    return [_interleaved(p, s, m, num_chunks) for s in range(p)]
+    return [_interleaved(p, s, m, num_chunks, a2a_overlap) for s in range(p)]
 
 
-def in_flight(schedule, p, v, m, s):
+def in_flight(schedule, p, v, m, s, a2a_overlap=False):
     """Micro-batch chunks whose activations rank s holds at its peak (forward done, backward
     not), from the op order alone (numpy arrays broadcast; schedule as SCHEDULES codes):
     1F1B and ZB-H1 hold min(p - s, m) (Narayanan et al. 2021 sec 2.2), GPipe all m,
     interleaved 1F1B Megatron's warm-up 2(p-s-1) + (v-1)p plus the one in the steady
-    state, at most m*v."""
-    one_f_one_b = np.minimum(p - s, m)
+    state, at most m*v; the all-to-all overlap's extra warm-up forward holds one more."""
+    extra = np.asarray(a2a_overlap, dtype=int)
+    one_f_one_b = np.minimum(p - s + extra, m)
     return np.where(schedule == SCHEDULES.index("gpipe"), m, np.where(
         schedule == SCHEDULES.index("interleaved"),
-        np.minimum(2 * (p - s - 1) + (v - 1) * p + 1, m * v), one_f_one_b))
+        np.minimum(2 * (p - s - 1) + (v - 1) * p + 1 + extra, m * v), one_f_one_b))

@@ -10,7 +10,7 @@ simulation against closed forms).
 
 Rows are a dict of arrays with one entry per plan ("r" below): the plan knobs dp, tp, pp,
 cp, sp, zero, rc (recompute code), micro_batch, sched (schedule code), virtual_stages,
-num_microbatches, ep, etp, the link levels of the groups (tp_rpn, cp_rpn, dp_rpn, pp_rpn,
+num_microbatches, ep, etp, a2a_overlap, the link levels of the groups (tp_rpn, cp_rpn, dp_rpn, pp_rpn,
 and the expert mesh's ep_rpn, etp_rpn, edp_rpn: ranks of the group per node), the link
 shares of the dense groups (tp_share, cp_share, dp_share, pp_share: core.mesh.Group
 .link_share, 1.0 where not given) and the scalars dtype, d (dtype bytes), flash. Per-rank
@@ -35,10 +35,10 @@ from meshplan.simulator.ops import Shard
 from meshplan.simulator.plan import DTYPE_BYTES, RECOMPUTE, SCHEDULES
 
 SHARD_KEYS = ("tp", "sp", "cp", "micro_batch", "ep", "etp")
-COST_KEYS = SHARD_KEYS + ("rc", "tp_overlap", "tp_rpn", "cp_rpn", "ep_rpn", "etp_rpn", "tp_share",
+COST_KEYS = SHARD_KEYS + ("rc", "tp_overlap", "a2a_overlap", "tp_rpn", "cp_rpn", "ep_rpn", "etp_rpn", "tp_share",
                           "cp_share")
 KNOBS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched", "virtual_stages",
-         "num_microbatches", "tp_overlap", "reshard", "ep", "etp", "tp_rpn", "cp_rpn", "dp_rpn",
+         "num_microbatches", "tp_overlap", "a2a_overlap", "reshard", "ep", "etp", "tp_rpn", "cp_rpn", "dp_rpn",
          "pp_rpn", "ep_rpn", "etp_rpn", "edp_rpn")
 SHARES = ("tp_share", "cp_share", "dp_share", "pp_share")
 DP_GROUP_KEYS = ("dps", "dp_rpn", "dp_share", "edp", "edp_rpn")  # what dp_collective_s reads
@@ -81,7 +81,7 @@ def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str
     r = {k: np.asarray(knobs[k]) for k in KNOBS}
     r.update({k: np.broadcast_to(np.asarray(knobs.get(k, 1.0), dtype=float), r["tp"].shape)
               for k in SHARES})
-    for flag in ("sp", "tp_overlap", "reshard"):
+    for flag in ("sp", "tp_overlap", "a2a_overlap", "reshard"):
         r[flag] = r[flag].astype(bool)
     d = DTYPE_BYTES[dtype]
     r["gd"] = max(d, DTYPE_BYTES[grad_dtype])  # gradients are reduced and kept in this
@@ -110,7 +110,9 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     """r with its times, computed once per distinct shard and cost combination
 (r["cost_id"], the combination of COST_KEYS of each row):
     l_fwd / l_bwd (a layer's whole forward / backward, cost.LayerTimes), their parts
-    (l_fwd_compute, l_bwd_in, l_bwd_w, l_recompute, l_tp, l_cp), the embedding and head
+    (l_fwd_compute, l_bwd_in, l_bwd_w, l_recompute, l_tp, l_cp), the same in an all-to-all
+    overlap pair (l_fwd_pair, l_bwd_pair, with their exposed exchange l_ep_pair_* and the
+    contention l_contention_pair_*), the embedding and head
     blocks, the ZeRO-3 gather `ag` with the exposed part of each further gather (xf, xb),
     and the pipeline hop."""
     r = dict(r)
@@ -123,14 +125,17 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
                     r["dispatcher"])
     lt = layer_times(model, hw, st.take(shard_id[cfirst]), c["tokens"], r["d"], c["tp"], c["sp"],
                      c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["flash"], r["tp_overlap"][cfirst], em,
-                     c["tp_share"], c["cp_share"])
+                     c["tp_share"], c["cp_share"], r["a2a_overlap"][cfirst])
     parts = {"l_fwd": lt.fwd_s, "l_bwd": lt.bwd_s, "l_recompute": lt.recompute_s,
              "l_fwd_compute": lt.fwd_compute_s, "l_bwd_in": lt.bwd_input_s, "l_bwd_w": lt.bwd_weight_s,
              "l_tp": lt.tp_fwd_s + lt.tp_bwd_s, "l_cp": lt.cp_fwd_s + lt.cp_bwd_s,
              "l_tp_fwd": lt.tp_fwd_s, "l_cp_fwd": lt.cp_fwd_s,
              "l_contention": lt.contention_fwd_s + lt.contention_bwd_s,
              "l_tp_raw": lt.tp_raw_s, "l_cp_raw": lt.cp_raw_fwd_s + lt.cp_raw_bwd_s,
-             "l_cp_bwd_raw": lt.cp_raw_bwd_s, "l_ep": lt.ep_fwd_s + lt.ep_bwd_s, "l_ep_fwd": lt.ep_fwd_s}
+             "l_cp_bwd_raw": lt.cp_raw_bwd_s, "l_ep": lt.ep_fwd_s + lt.ep_bwd_s, "l_ep_fwd": lt.ep_fwd_s,
+             "l_ep_bwd": lt.ep_bwd_s, "l_fwd_pair": lt.fwd_pair_s, "l_bwd_pair": lt.bwd_pair_s,
+             "l_ep_pair_fwd": lt.ep_pair_fwd_s, "l_ep_pair_bwd": lt.ep_pair_bwd_s,
+             "l_contention_pair_fwd": lt.contention_pair_fwd_s, "l_contention_pair_bwd": lt.contention_pair_bwd_s}
     for k, x in parts.items():
         r[k] = x[cost_id]
     r["cost_id"] = cost_id
@@ -189,16 +194,19 @@ def _col(x):
     return np.asarray(x)[:, None]
 
 
-def chunk_s(r: dict, n, chunks, first, last) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def chunk_s(r: dict, n, chunks, first, last, paired: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(forward, whole backward, weight-gradient part) of one micro-batch through `chunks`
     model chunks holding `n` layers in all, with the embedding (`first`) and the LM head
     (`last`): each chunk's first ZeRO-3 gather is exposed, the others hide behind compute
-    (cost.overlap_split, summed over the chunks). (rows, k) arrays."""
+    (cost.overlap_split, summed over the chunks). `paired`: the forward and backward as they
+    run in a combined F, B pair of the all-to-all overlap (the same where it is off).
+    (rows, k) arrays."""
     c = _col
     hidden_f, hidden_b = r["xf"] + r["cf"], r["xb"] + r["cb"]
-    fwd = (n * c(r["l_fwd"] + hidden_f) + chunks * c(r["ag"] - hidden_f) + first * c(r["emb_fwd"])
+    layer_f, layer_b = (r["l_fwd_pair"], r["l_bwd_pair"]) if paired else (r["l_fwd"], r["l_bwd"])
+    fwd = (n * c(layer_f + hidden_f) + chunks * c(r["ag"] - hidden_f) + first * c(r["emb_fwd"])
            + last * c(r["head_fwd"]))
-    bwd = (n * c(r["l_bwd"] + hidden_b) + chunks * c(r["agb"] - hidden_b) + first * c(r["emb_bwd"])
+    bwd = (n * c(layer_b + hidden_b) + chunks * c(r["agb"] - hidden_b) + first * c(r["emb_bwd"])
            + last * c(r["head_bwd"]))
     wgrad = n * c(r["l_bwd_w"]) + first * c(r["emb_bwd_w"]) + last * c(r["head_bwd_w"])
     return fwd, bwd, wgrad

@@ -26,7 +26,7 @@ from meshplan.simulator.pipeline_sim import PipelineResult, simulate_pipeline
 from meshplan.simulator.plan import EXPERT_AXES, RECOMPUTE, Cluster, Plan
 from meshplan.simulator.rules import HARDWARE, violations
 from meshplan.core.errors import PlanError
-from meshplan.simulator.schedule import in_flight
+from meshplan.simulator.schedule import in_flight, stage_op_tuples, warmup_ops
 
 MFU_DEFINITION = ("model FLOPs per step (3 x the forward GEMM FLOPs, attention included, recompute "
                   "not counted; Chowdhery et al. 2022 app. B) / (step time x GPUs x the dtype's "
@@ -71,7 +71,8 @@ class SimulationResult:
         """The plan in one line, as timelines and tables title it."""
         p = self.plan
         parts = [f"dp{p.dp}", f"tp{p.tp}" + ("+sp" if p.sp else "") + ("+overlap" if p.tp_overlap else ""),
-                 f"pp{p.pp}", f"cp{p.cp}"] + ([f"ep{p.ep}" + (f"/etp{p.etp}" if p.etp != p.tp else "")]
+                 f"pp{p.pp}", f"cp{p.cp}"] + ([f"ep{p.ep}" + (f"/etp{p.etp}" if p.etp != p.tp else "")
+                                               + ("+a2a-overlap" if p.moe_a2a_overlap else "")]
                                               if self.model.num_experts else []) + [
                  f"zero{p.zero}" + ("" if p.reshard_after_forward else "-keep"),
                  f"recompute {p.recompute}", f"mb{p.micro_batch}x{p.num_microbatches}"]
@@ -109,7 +110,8 @@ def plan_rows(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfil
              "micro_batch": plan.micro_batch,
              "sched": step.schedule_codes(plan.schedule if p > 1 else "1f1b")[0],
              "virtual_stages": plan.virtual_stages, "num_microbatches": plan.num_microbatches,
-             "tp_overlap": plan.tp_overlap, "reshard": plan.reshard_after_forward,
+             "tp_overlap": plan.tp_overlap, "a2a_overlap": plan.moe_a2a_overlap,
+             "reshard": plan.reshard_after_forward,
              **{f"{k}_rpn": g.ranks_per_node for k, g in groups.items()},
              **{f"{k}_share": g.link_share for k, g in groups.items()},
              "ep": plan.ep, "etp": plan.etp, **expert_rpn(experts)}
@@ -156,8 +158,10 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
     chunks = rank_chunks(layer_partition(model, plan, r), p)            # (p, v) layers
     ranks, chunk_of = np.indices((p, v))
     first, last = (ranks == 0) & (chunk_of == 0), (ranks == p - 1) & (chunk_of == v - 1)
-    fwd, bwd, wgrad = (x.reshape(p, v) for x in step.chunk_s(
-        r, chunks.reshape(1, -1), 1, first.reshape(1, -1), last.reshape(1, -1)))
+    chunk_args = (r, chunks.reshape(1, -1), 1, first.reshape(1, -1), last.reshape(1, -1))
+    fwd, bwd, wgrad = (x.reshape(p, v) for x in step.chunk_s(*chunk_args))
+    paired = tuple(x.reshape(p, v) for x in step.chunk_s(*chunk_args, paired=True)[:2]) \
+        if plan.moe_a2a_overlap else None
     if plan.schedule != "zb-h1" or p == 1:
         wgrad_arg, bwd_arg = None, bwd
     else:
@@ -169,21 +173,22 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
     hop_s = float(r["hop"][0])
     schedule = plan.schedule if p > 1 else "1f1b"
     tails = tail.total_s[0]
-    pipe = simulate_pipeline(schedule, m, fwd, bwd_arg, hop_s, wgrad_s=wgrad_arg, tail_s=tails)
+    pipe = simulate_pipeline(schedule, m, fwd, bwd_arg, hop_s, wgrad_s=wgrad_arg, tail_s=tails,
+                             paired_s=paired)
     no_p2p = simulate_pipeline(schedule, m, fwd, bwd_arg, 0.0, wgrad_s=wgrad_arg, tail_s=tails,
-                               record_events=False) if p > 1 else pipe
+                               record_events=False, paired_s=paired) if p > 1 else pipe
     step_s = float(pipe.step_time_s)
 
     capacity = float(hw.memory_bytes)
     limit = capacity - memory_reserve_bytes(capacity)
-    held = in_flight(r["sched"][:, None], p, v, m, s)
+    held = in_flight(r["sched"][:, None], p, v, m, s, plan.moe_a2a_overlap)
     memory = step.rank_memory(r, model, s, n, params, held)
     stages = tuple(StageReport(int(n[0, k]), StageMemory(*(float(memory[key][0, k]) for key in (
         "weights", "gradients", "optimizer", "activations", "buffers"))),
-        m * float(np.sum(fwd[k] + bwd[k]))) for k in range(p))
+        float(pipe.stage_busy_s[k])) for k in range(p))
     peak = max(st.memory.total_bytes for st in stages)
 
-    breakdown, critical = _breakdown(r, pipe, no_p2p, chunks, m, tail)
+    breakdown, critical = _breakdown(r, pipe, no_p2p, chunks, m, tail, _paired_layers(plan, schedule, chunks))
     communication = _communication(r, breakdown, chunks[critical], m, tail, critical, hw)
     tokens = plan.global_batch * plan.seq_len
     model_flops = model_flops_per_step(model, plan.global_batch, plan.seq_len)
@@ -197,11 +202,27 @@ def simulate(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfile
         communication=communication, op_comm=_op_comm(r))
 
 
+def _paired_layers(plan: Plan, schedule: str, chunks: np.ndarray) -> np.ndarray:
+    """Per pipeline rank, the layers its forwards and its backwards run in combined F, B
+    pairs of the all-to-all overlap (schedule.warmup_ops: the ops after the warm-up up to
+    the cool-down), (p, 2); zeros without the overlap."""
+    p, v = chunks.shape
+    out = np.zeros((p, 2))
+    if plan.moe_a2a_overlap:
+        m = plan.num_microbatches
+        for s, ops in enumerate(stage_op_tuples(schedule, p, m, v, True)):
+            lo = warmup_ops(schedule, p, s, m, v, True)
+            for kind, _, c in ops[lo:lo + 2 * (m * v - lo)]:
+                out[s, kind == "B"] += chunks[s, c]
+    return out
+
+
 def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np.ndarray, m: int,
-               tail: step.Tail) -> tuple[dict, int]:
+               tail: step.Tail, paired: np.ndarray) -> tuple[dict, int]:
     """Where the step time goes on the critical stage (the one that finishes last), and
     which stage that is; the terms add up to the step time. `contention` is compute slowed
-    by the communication that overlaps it (HardwareProfile.contention)."""
+    by the communication that overlaps it (HardwareProfile.contention); `paired`: per rank,
+    the forward and backward layers run in all-to-all overlap pairs (_paired_layers)."""
     p, v = chunks.shape
     dp_exposed, dp_contention, opt_s = tail.dp_exposed_s[0], tail.contention_s[0], tail.optimizer_s[0]
     tails = tail.total_s[0]
@@ -212,9 +233,13 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
     compute = m * (n * (x["l_fwd_compute"] + x["l_bwd_in"] + x["l_bwd_w"])
                    + emb * (x["emb_fwd"] + x["emb_bwd"]) + head * (x["head_fwd"] + x["head_bwd"]))
     recompute = m * n * x["l_recompute"]
-    tp_comm, cp_comm, ep_comm = m * n * x["l_tp"], m * n * x["l_cp"], m * n * x["l_ep"]
+    pf, pb = paired[s]
+    tp_comm, cp_comm = m * n * x["l_tp"], m * n * x["l_cp"]
+    ep_comm = float(m * n * x["l_ep"] - pf * (x["l_ep_fwd"] - x["l_ep_pair_fwd"])
+                    - pb * (x["l_ep_bwd"] - x["l_ep_pair_bwd"]))
     gathers = max(n - v, 0)
-    contention = m * (n * x["l_contention"] + gathers * (x["cf"] + x["cb"]))
+    contention = float(m * (n * x["l_contention"] + gathers * (x["cf"] + x["cb"]))
+                       + pf * x["l_contention_pair_fwd"] + pb * x["l_contention_pair_bwd"])
     busy = float(pipe.stage_busy_s[s])
     pp_comm = max(0.0, pipe.step_time_s - no_p2p.step_time_s)
     other = pipe.step_time_s - tails[s] - busy
@@ -249,7 +274,7 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
     return {
         "tp": {"total_s": m * n * x["l_tp_raw"], "exposed_s": breakdown["tp_comm"]},
         "cp": {"total_s": m * n * x["l_cp_raw"], "exposed_s": breakdown["cp_comm"]},
-        "ep": {"total_s": breakdown["ep_comm"], "exposed_s": breakdown["ep_comm"]},
+        "ep": {"total_s": m * n * x["l_ep"], "exposed_s": breakdown["ep_comm"]},
         "pp": {"total_s": sends * x["hop"], "exposed_s": breakdown["pp_comm"]},
         "dp": {"total_s": float(tail.dp_total_s[0, s]) + gathers, "exposed_s": breakdown["dp_comm"]},
         "overlap": {"overlaps_compute": hw.comm_overlaps_compute,

@@ -333,6 +333,12 @@ def test_megatron_qwen3_attention_and_fsdp_without_reshard():
     assert "--use-megatron-fsdp" in ep and "--use-torch-fsdp2" not in ep  # FSDP2 refuses EP
 
 
+def test_megatron_overlaps_the_expert_all_to_all():
+    on = flags(export("megatron", job(QWEN3_MOE, dp=64, ep=8, moe_a2a_overlap=True)).args)
+    assert "--overlap-moe-expert-parallel-comm" in on and "--delay-wgrad-compute" not in on
+    assert "--overlap-moe-expert-parallel-comm" not in flags(export("megatron", job(QWEN3_MOE, dp=64, ep=8)).args)
+
+
 def test_torchtitan_0_3_moe_flavor_and_knobs():
     e = export("torchtitan", job(QWEN3_MOE, dp=16, tp=4, sp=True, zero=3, ep=8, etp=1, tp_overlap=True,
                                  reshard_after_forward=False))
@@ -406,6 +412,8 @@ def test_deepspeed_moe_command_and_reduce_dtype():
     ("deepspeed", MIXTRAL, dict(dp=64, zero=3, ep=8), "zero"),
     ("deepspeed", MIXTRAL, dict(dp=64, ep=8, moe_dispatcher="deepep"), "moe_dispatcher"),
     ("deepspeed", QWEN3_MOE, dict(dp=64, ep=8), "model"),  # QK-norm
+    ("torchtitan", QWEN3_MOE, dict(dp=64, zero=3, ep=8, etp=1, moe_a2a_overlap=True), "moe_a2a_overlap"),
+    ("deepspeed", MIXTRAL, dict(dp=64, ep=8, moe_a2a_overlap=True), "moe_a2a_overlap"),
 ])
 def test_new_knob_refusals_name_target_and_knob(target, model_arg, knobs, knob):
     with pytest.raises(PlanError) as err:

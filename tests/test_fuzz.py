@@ -77,7 +77,7 @@ def _flags(draw, names):
 @settings(max_examples=2500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_simulate_with_generated_flags(data, tmp_path_factory):
-    argv = ["simulate", "--model", data.draw(st.sampled_from(["llama-2-7b", "gpt3-175b", "nope"])),
+    argv = ["simulate", "--model", data.draw(st.sampled_from(["llama-2-7b", "gpt3-175b", str(MIXTRAL), "nope"])),
             "--hardware", data.draw(st.sampled_from(["a100-80gb", "h100-80gb", "tpu"])), "--json"]
     argv += _flags(data.draw, ["gpus", "gpus-per-node", "tp", "pp", "cp", "dp", "micro-batch",
                                "global-batch", "seq-len", "virtual-stages", "zero", "ep", "etp"])
@@ -87,6 +87,8 @@ def test_simulate_with_generated_flags(data, tmp_path_factory):
         argv += ["--placement", data.draw(st.sampled_from(["tp,cp,dp,pp", "TP,CP,DP,PP", "tp,tp,dp,pp", "x"]))]
     if data.draw(st.booleans()):
         argv += ["--schedule", data.draw(st.sampled_from(["1f1b", "interleaved", "zb-h1", "bogus"]))]
+    if data.draw(st.booleans()):
+        argv.append(data.draw(st.sampled_from(["--moe-a2a-overlap", "--no-moe-a2a-overlap"])))
     check(argv)
 
 

@@ -56,8 +56,8 @@ KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "ep": "ep", "etp": "etp
          "recompute": "recompute",
          "micro_batch": "micro_batch", "schedule": "schedule", "virtual_stages": "virtual_stages",
          "sp": "sp", "tp_overlap": "tp_overlap", "fsdp_reshard_after_forward": "reshard_after_forward",
-         "moe_dispatcher": "moe_dispatcher"}
-FLAGS = ("sp", "tp_overlap", "reshard_after_forward")
+         "moe_dispatcher": "moe_dispatcher", "moe_a2a_overlap": "moe_a2a_overlap"}
+FLAGS = ("sp", "tp_overlap", "reshard_after_forward", "moe_a2a_overlap")
 
 
 @dataclass(frozen=True)

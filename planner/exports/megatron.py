@@ -12,7 +12,9 @@ core_v0.17.1).
   parameters.
 - Experts: Megatron-Core's MoE arguments (--num-experts ... --moe-*), placed by
   --expert-model-parallel-size / --expert-tensor-parallel-size; FP8 through Transformer Engine
-  (--fp8-format hybrid, --fp8-recipe); TP overlap through its userbuffers (--tp-comm-overlap).
+  (--fp8-format hybrid, --fp8-recipe); TP overlap through its userbuffers (--tp-comm-overlap);
+  the experts' all-to-all overlapped across micro-batches (--overlap-moe-expert-parallel-comm,
+  without --delay-wgrad-compute, which the simulator does not model).
 - CUDA_DEVICE_MAX_CONNECTIONS=1 orders TP/CP communication before compute on GPUs before
   Blackwell; FSDP needs it unset or above 1 (validate_args asserts both).
 - The pipeline split is given layer by layer (--pipeline-model-parallel-layout) unless the
@@ -83,6 +85,8 @@ def moe_args(job: TrainJob) -> list[tuple[str, object]]:
     if p.moe_capacity_factor > 1:  # the busiest rank's rows over the balanced share, padded to it
         flags += [("--moe-expert-capacity-factor", p.moe_capacity_factor),
                   ("--moe-pad-expert-input-to-capacity", None)]
+    if p.moe_a2a_overlap:  # combined 1F1B: each all-to-all beside another micro-batch's compute
+        flags.append(("--overlap-moe-expert-parallel-comm", None))
     return flags
 
 
