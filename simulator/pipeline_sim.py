@@ -132,28 +132,6 @@ def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np
     b_wait = [[-1] * m for _ in range(p * v)]
     dur = {"F": fwd.tolist(), "B": bwd.tolist(), "W": wgrad.tolist()}
     dur_paired = {"F": paired[0].tolist(), "B": paired[1].tolist()} if overlap else dur
-
-    def ready_s(kind: str, mb: int, c: int, s: int) -> float:
-        """When the input of op (kind, mb, c) on rank s is there; -1 when not yet timed
-        (the rank producing it is told to wake rank s)."""
-        j = c * p + s
-        if kind == "F":
-            if not j:
-                return 0.0
-            at = f_end[j - 1][mb]
-            if at < 0:
-                f_wait[j - 1][mb] = s
-                return -1.0
-            return at + hop[j - 1]
-        if kind == "B" and j != last_j:
-            at = b_end[j + 1][mb]
-            if at < 0:
-                b_wait[j + 1][mb] = s
-                return -1.0
-            return at + hop[j]
-        # last virtual stage's B needs its own F, W its own B: earlier on this rank
-        return (f_end if kind == "B" else b_end)[j][mb]
-
     ptr, free_s, in_flight = [0] * p, [0.0] * p, [0] * p
     peak, busy = [0] * p, [0.0] * p
     done: list[list[tuple]] = [[] for _ in range(p)]
@@ -161,20 +139,46 @@ def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np
     while runnable:
         s = runnable.pop()
         ops, i, t, n = orders[s], ptr[s], free_s[s], len(orders[s])
+        lo_s, hi_s = lo[s], hi[s]
         while i < n:
             kind, mb, c = ops[i]
             j = c * p + s
-            ready = ready_s(kind, mb, c, s)
-            if ready < 0:
-                break
-            in_pair = lo[s] <= i < hi[s]
-            if in_pair and kind == "F":  # the combined op waits for its backward's input too
-                partner = ready_s(*ops[i + 1], s)
-                if partner < 0:
+            if kind == "F":
+                ready = 0.0
+                if j:
+                    ready = f_end[j - 1][mb]
+                    if ready < 0:
+                        f_wait[j - 1][mb] = s
+                        break
+                    ready += hop[j - 1]
+            elif kind == "B" and j != last_j:
+                ready = b_end[j + 1][mb]
+                if ready < 0:
+                    b_wait[j + 1][mb] = s
                     break
-                ready = ready if ready > partner else partner
+                ready += hop[j]
+            else:  # last virtual stage's B needs its own F, W its own B: earlier on this rank
+                ready = (f_end if kind == "B" else b_end)[j][mb]
+                if ready < 0:
+                    break
+            table = dur
+            if lo_s <= i < hi_s:
+                table = dur_paired
+                if kind == "F":  # the combined op waits for its backward's input too
+                    _, pmb, pc = ops[i + 1]
+                    pj = pc * p + s
+                    if pj == last_j:  # its own forward, earlier on this rank
+                        at = f_end[pj][pmb]
+                    else:
+                        at = b_end[pj + 1][pmb]
+                        if at < 0:
+                            b_wait[pj + 1][pmb] = s
+                            break
+                        at += hop[pj]
+                    if at > ready:
+                        ready = at
             start = t if t > ready else ready
-            d = (dur_paired if in_pair else dur)[kind][s][c]
+            d = table[kind][s][c]
             t = start + d
             busy[s] += d
             if kind == "F":
