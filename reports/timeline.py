@@ -27,10 +27,11 @@ def _event_name(e: PipelineEvent) -> str:
 
 def comm_segments(result: PipelineResult, op_comm: dict | None) -> list[PipelineEvent]:
     """The exposed TP, CP and EP communication of each forward and backward, at its op's
-    end: op_comm[kind of op][TP, CP or EP] is the share of the op's time it takes."""
+    end: op_comm[kind of op][TP, CP or EP] is the share of the op's time it takes (kind
+    "F paired" or "B paired" for an op run in an all-to-all overlap pair)."""
     out = []
     for e in result.events:
-        shares = (op_comm or {}).get(e.kind, {})
+        shares = (op_comm or {}).get(e.kind + " paired" if e.paired else e.kind, {})
         end = e.end_s
         for kind in COMM_KINDS:
             length = shares.get(kind, 0.0) * (e.end_s - e.start_s)

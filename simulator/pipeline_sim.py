@@ -27,7 +27,8 @@ from meshplan.simulator.schedule import stage_op_tuples, warmup_ops
 class PipelineEvent:
     """One interval on one rank. kind: F, B, W (compute), SEND (a p2p transfer, `stage` is
     the sender) or SYNC (the rank's tail: exposed data-parallel sync and optimizer step;
-    microbatch and chunk are -1)."""
+    microbatch and chunk are -1). `paired`: an F or B run in a combined pair (all-to-all
+    overlap)."""
 
     stage: int
     kind: str
@@ -35,6 +36,7 @@ class PipelineEvent:
     chunk: int
     start_s: float
     end_s: float
+    paired: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,7 +196,7 @@ def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np
                     runnable.append(b_wait[j][mb])
                 in_flight[s] -= 1
             if record_events:
-                done[s].append((kind, mb, c, j, start, t))
+                done[s].append((kind, mb, c, j, start, t, table is not dur))
             i += 1
         ptr[s], free_s[s] = i, t
     if any(ptr[s] < len(orders[s]) for s in range(p)):
@@ -214,13 +216,14 @@ def _events(done: list[list[tuple]], hop: list[float], last_end: np.ndarray, tai
     ordered by start time."""
     rows = []
     for s, ops in enumerate(done):
-        for kind, mb, c, j, start, end in ops:
-            rows.append((start, s, kind, mb, c, end))
+        for kind, mb, c, j, start, end, paired in ops:
+            rows.append((start, s, kind, mb, c, end, paired))
             if kind == "F" and j < last_j and hop[j] > 0:
-                rows.append((end, s, "SEND", mb, c, end + hop[j]))
+                rows.append((end, s, "SEND", mb, c, end + hop[j], False))
             elif kind == "B" and j > 0 and hop[j - 1] > 0:
-                rows.append((end, s, "SEND", mb, c, end + hop[j - 1]))
+                rows.append((end, s, "SEND", mb, c, end + hop[j - 1], False))
         if tail[s] > 0:
-            rows.append((float(last_end[s]), s, "SYNC", -1, -1, float(last_end[s] + tail[s])))
+            rows.append((float(last_end[s]), s, "SYNC", -1, -1, float(last_end[s] + tail[s]), False))
     rows.sort()
-    return tuple([PipelineEvent(s, kind, mb, c, start, end) for start, s, kind, mb, c, end in rows])
+    return tuple([PipelineEvent(s, kind, mb, c, start, end, paired)
+                  for start, s, kind, mb, c, end, paired in rows])

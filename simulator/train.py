@@ -254,12 +254,17 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
 
 def _op_comm(r: dict) -> dict:
     """The share of a forward (F) and a whole backward (B) op that is exposed TP, CP and EP
-    communication, from one layer's times."""
+    communication, from one layer's times; "F paired", "B paired": the same of the ops run
+    in an all-to-all overlap pair (their exchange partly hidden)."""
     x = {k: float(r[k][0]) for k in ("l_fwd", "l_bwd", "l_tp_fwd", "l_tp", "l_cp_fwd", "l_cp",
-                                     "l_ep_fwd", "l_ep")}
-    kinds = ("TP", "CP", "EP")
-    return {"F": {k: x[f"l_{k.lower()}_fwd"] / x["l_fwd"] for k in kinds},
-            "B": {k: (x[f"l_{k.lower()}"] - x[f"l_{k.lower()}_fwd"]) / x["l_bwd"] for k in kinds}}
+                                     "l_ep_fwd", "l_ep", "l_fwd_pair", "l_bwd_pair", "l_ep_pair_fwd",
+                                     "l_ep_pair_bwd")}
+    fwd = {"TP": x["l_tp_fwd"], "CP": x["l_cp_fwd"], "EP": x["l_ep_fwd"]}
+    bwd = {"TP": x["l_tp"] - x["l_tp_fwd"], "CP": x["l_cp"] - x["l_cp_fwd"], "EP": x["l_ep"] - x["l_ep_fwd"]}
+    return {"F": {k: t / x["l_fwd"] for k, t in fwd.items()},
+            "B": {k: t / x["l_bwd"] for k, t in bwd.items()},
+            "F paired": {k: t / x["l_fwd_pair"] for k, t in {**fwd, "EP": x["l_ep_pair_fwd"]}.items()},
+            "B paired": {k: t / x["l_bwd_pair"] for k, t in {**bwd, "EP": x["l_ep_pair_bwd"]}.items()}}
 
 
 def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: step.Tail, s: int,

@@ -12,6 +12,7 @@ from meshplan.hw_profiles.profile import load_profile
 from meshplan.planner.closed_forms import evaluate
 from meshplan.planner.explain import knob_changes
 from meshplan.planner.space import candidate_table, row_plan
+from meshplan.reports.timeline import comm_segments
 from meshplan.simulator import rules
 from meshplan.simulator.cost import (ExpertMesh, OpTimes, ShardTimes, ep_comm_s, ep_counts_s,
                                      layer_times)
@@ -129,6 +130,12 @@ def test_step_exposes_pairs_partly_and_unpaired_ops_whole():
     assert on.breakdown_s["ep_comm"] == pytest.approx(n * (ef + eb) + (m - 1) * n * (pf + pb))
     saved = (m - 1) * n * ((ef - pf - cf) + (eb - pb - cb))
     assert on.step_time_s == pytest.approx(off.step_time_s - saved)
+    # the timeline's EP track draws what is exposed: pairs' part, the unpaired ops' whole (to
+    # the embedding and head, which its per-layer shares spread over)
+    for result in (on, off):
+        track = sum(e.end_s - e.start_s for e in comm_segments(result.pipeline, result.op_comm) if e.kind == "EP")
+        assert track == pytest.approx(result.breakdown_s["ep_comm"], rel=0.02)
+    assert sum(e.paired for e in on.pipeline.events) == 2 * (m - 1)
 
 
 def test_planner_searches_it_where_legal_and_prices_it_as_simulate():
