@@ -286,23 +286,41 @@ SERVING = (
           lambda x, m, c: f"{m.num_layers} layers cannot fill {x.pp} stages", "use fewer pipeline stages"),
     # AWQ/GPTQ kernels need whole groups in every TP shard's input features (vLLM's
     # weight-only methods check input_size_per_partition % group_size)
-    _rule("plan.quant_group_size", "quantization quant_group_size tp",
+    _rule("plan.quant_group_size", "quantization quant_group_size tp replicas expert_parallel",
           lambda x, m, c: np.logical_not(np.isin(x.quantization, ("int8", "int4"))) | (
-              (_shard_widths(m, x.tp) % x.quant_group_size == 0).all()),
+              (_shard_widths(m, x) % x.quant_group_size == 0).all()),
           lambda x, m, c: f"groups of {x.quant_group_size} do not divide every weight's input features "
-          f"per TP rank ({', '.join(map(str, _shard_widths(m, x.tp)))})",
-          "use a group size dividing them (64, 32), or a smaller tp"),
+          f"per rank ({', '.join(map(str, _shard_widths(m, x)))})",
+          "use a group size dividing them (64, 32), a smaller tp, or expert_parallel for "
+          "mixture-of-experts models"),
+    # vLLM's MoE layers run over tp x replicas ranks (FusedMoEParallelConfig flattens TP across DP):
+    # each expert's intermediate size split over them, or whole experts with expert parallelism
+    _rule("plan.tp", "tp replicas expert_parallel",
+          lambda x, m, c: (m.num_experts == 0) | np.asarray(x.expert_parallel)
+          | (m.moe_ffn_hidden_size % (x.tp * x.replicas) == 0),
+          lambda x, m, c: f"tp*replicas = {x.tp * x.replicas} ranks (vLLM shards the experts over all of "
+          f"them) do not divide the experts' width {m.moe_ffn_hidden_size}",
+          "choose tp and replicas whose product divides the experts' width, or set expert_parallel"),
+    _rule("plan.expert_parallel", "expert_parallel", lambda x, m, c: (m.num_experts > 0) | np.logical_not(x.expert_parallel),
+          lambda x, m, c: f"{m.name} has no experts to place", "leave expert_parallel off for a dense model"),
+    _rule("plan.expert_parallel", "expert_parallel tp replicas",
+          lambda x, m, c: np.logical_not(x.expert_parallel) | (m.num_experts == 0)
+          | ((x.tp * x.replicas > 1) & (m.num_experts % (x.tp * x.replicas) == 0)),
+          lambda x, m, c: f"expert parallelism spreads the {m.num_experts} experts over tp*replicas = "
+          f"{x.tp * x.replicas} ranks, which must be more than 1 and divide them",
+          "choose tp and replicas whose product divides num_experts, or leave expert_parallel off"),
 )
 
 
-def _shard_widths(m: ModelSpec, tp) -> np.ndarray:
-    """Input features of the decoder's weight GEMMs on one TP rank: the hidden size (QKV,
-    MLP up) and the sharded widths the output and down projections read."""
-    widths = [m.hidden_size, m.num_heads * m.value_head_dim // tp, m.ffn_hidden_size // tp]
+def _shard_widths(m: ModelSpec, x) -> np.ndarray:
+    """Input features of the decoder's weight GEMMs on one rank: the hidden size (QKV,
+    MLP up) and the widths the output and down projections read: over TP, the routed
+    experts' over tp x replicas or whole under expert parallelism."""
+    widths = [m.hidden_size, m.num_heads * m.value_head_dim // x.tp, m.ffn_hidden_size // x.tp]
     if m.num_experts:
-        widths.append(m.moe_ffn_hidden_size // tp)
+        widths.append(m.moe_ffn_hidden_size // (1 if x.expert_parallel else x.tp * x.replicas))
     if m.num_shared_experts:
-        widths.append(m.shared_ffn_size // tp)
+        widths.append(m.shared_ffn_size // x.tp)
     return np.array(widths)
 
 EXECUTOR_SERVING = (
@@ -326,6 +344,9 @@ EXECUTOR_SERVING = (
           "use pp 1 for a model with tie_word_embeddings"),
     _rule("plan.gen_len", "gen_len", lambda x, m, c: x.gen_len >= 2,
           lambda x, m, c: "one generated token leaves no decode step to time", "generate 2 or more tokens"),
+    _rule("plan.expert_parallel", "expert_parallel", lambda x, m, c: np.logical_not(x.expert_parallel),
+          lambda x, m, c: "the executor serves every expert split over TP within a replica",
+          "leave expert_parallel off"),
 )
 
 

@@ -14,8 +14,9 @@ flight. Definitions:
   decode_tokens_per_s is the steady-state decode rate without prefill.
 Mixture-of-experts layers read the weights of the experts the step's tokens hit
 (ops.active_experts), latent attention caches its compressed latent (kv_elements_per_token),
-and the weights may be quantized (quantize.py). Experts are sharded over TP (vLLM's default,
-without --enable-expert-parallel).
+and the weights may be quantized (quantize.py). The experts run over the tp x replicas ranks
+of a stage, sharded or whole (expert_parallel, vLLM's --enable-expert-parallel), with the
+replicas' tokens gathered for them (serve_experts.py).
 Not modelled: sampling beyond a softmax over the logits, CPU scheduling, CUDA-graph launch
 savings, chunked prefill, prefix caching, continuous batching of prefill with decode.
 """
@@ -31,7 +32,7 @@ from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.fields import from_fields
 from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Group, Mesh
-from meshplan.simulator.cost import forward_s, per_rank_profile, tp_comm_s
+from meshplan.simulator.cost import forward_s, moe_layer_share, per_rank_profile, tp_comm_s
 from meshplan.simulator.memory import memory_reserve_bytes, stage_params
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
@@ -39,13 +40,14 @@ from meshplan.simulator.ops import GEMM, Op, Shard, embedding_ops, head_ops, lay
 from meshplan.simulator.partition import even_partition
 from meshplan.simulator.plan import DTYPE_BYTES, Cluster, count_issue, knob
 from meshplan.simulator.quantize import QUANTIZATIONS, quantized, quantized_weights, weight_bytes
+from meshplan.simulator.serve_experts import dispatch_s, expert_degrees, expert_load
 
 # Serving dtypes of weights and activations; FP8 serving is a quantization (quantize.py).
 DTYPES = ("fp32", "bf16", "fp16")
 # KV caches may be stored in fp8 (vLLM --kv-cache-dtype fp8) while weights stay 16-bit.
 KV_DTYPE_BYTES = {**{d: DTYPE_BYTES[d] for d in DTYPES}, "fp8": 1}
 DECODE_KEYS = ("weights_read", "kv_read", "compute", "elementwise", "host_overhead", "tp_comm",
-               "pp_handoff", "pp_bubble")
+               "moe_dispatch", "pp_handoff", "pp_bubble")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,9 @@ class InferencePlan:
     quantization: str = knob("none", "weights: int8 / int4 weight-only (AWQ/GPTQ-style groups) or fp8 "
                              "weights and activations", choices=QUANTIZATIONS)
     quant_group_size: int = knob(128, "weights per scale of int8 / int4 quantization")
+    expert_parallel: bool = knob(False, "MoE: whole experts spread over the tp x replicas ranks instead of "
+                                 "every expert sharded over them (vLLM --enable-expert-parallel)",
+                                 aliases=("--enable-expert-parallel",))
 
     def __post_init__(self):
         issues = [count_issue("plan", f, getattr(self, f))
@@ -81,6 +86,9 @@ class InferencePlan:
         if self.quantization not in QUANTIZATIONS:
             raise PlanError("plan.quantization", f"unknown {self.quantization!r}",
                             f"use one of {', '.join(QUANTIZATIONS)}")
+        if not isinstance(self.expert_parallel, bool):
+            raise PlanError("plan.expert_parallel", f"{self.expert_parallel!r} is not true or false",
+                            "give true or false")
 
     @property
     def num_gpus(self) -> int:
@@ -196,8 +204,11 @@ def _activation_bytes_per_seq(model: ModelSpec, plan: InferencePlan, last: bool)
     last stage (vLLM sizes this working set with a profiling forward pass)."""
     h, hd, t = model.hidden_size, model.head_dim, plan.tp
     heads, kv, ffn = model.num_heads // t, model.num_kv_heads // t, model.ffn_hidden_size // t
-    if model.num_experts:  # every token's experts_per_token rows, and the shared experts
-        ffn = max(ffn, (model.experts_per_token * model.moe_ffn_hidden_size + model.shared_ffn_size) // t)
+    if model.num_experts:  # the rows this rank's experts run per token, and the shared experts
+        tokens = plan.micro_batch * plan.prompt_len
+        rows, _ = expert_load(model, t, plan.replicas, plan.expert_parallel, tokens)
+        etp = expert_degrees(model, t, plan.replicas, plan.expert_parallel)[1]
+        ffn = max(ffn, rows / tokens * model.moe_ffn_hidden_size / etp + model.shared_ffn_size / t)
     gated = 2 if model.gated_mlp else 1
     per_token = plan.dtype_bytes * (2 * h + (heads + 2 * kv) * hd + heads * hd + (gated + 1) * ffn)
     return plan.prompt_len * per_token + (4.0 * model.vocab_size if last else 0.0)
@@ -249,11 +260,21 @@ def _edge_comm_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, tp:
                                         tp.size, tp.ranks_per_node) if last else 0.0)
 
 
+def _shard(model: ModelSpec, plan: InferencePlan, micro_batch: int, seq_len: int) -> Shard:
+    """One device's share of a micro-batch: attention and the shared experts over TP, the
+    routed experts as vLLM lays them out and loads them (serve_experts.py)."""
+    ep, etp = expert_degrees(model, plan.tp, plan.replicas, plan.expert_parallel)
+    load = (expert_load(model, plan.tp, plan.replicas, plan.expert_parallel, micro_batch * seq_len)
+            if model.num_experts else None)
+    return Shard(micro_batch, seq_len, tp=plan.tp, dtype_bytes=plan.dtype_bytes, ep=ep, etp=etp,
+                 expert_load=load)
+
+
 def _prefill_layer_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile) -> float:
     """One layer's prefill of one micro-batch on one device (the attention core at its
     causal share, ops.causal_share)."""
     s = plan.prompt_len
-    ops = _layer_ops(model, plan, Shard(plan.micro_batch, s, tp=plan.tp, dtype_bytes=plan.dtype_bytes))
+    ops = _layer_ops(model, plan, _shard(model, plan, plan.micro_batch, s))
     return (sum(_op_s(op, hw, plan.dtype) for op in ops)
             + _op_s(_kv_write(model, plan, plan.micro_batch * s), hw, plan.dtype)
             + hw.overhead.inference_layer_s(plan.tp, decode=False))
@@ -289,8 +310,7 @@ def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfi
     [d, 2 ctx] GEMM per KV head and sequence (g query heads share a KV head, as GQA decode
     kernels group them)."""
     b, d = plan.micro_batch, plan.dtype
-    ops = [op for op in _layer_ops(model, plan, Shard(b, 1, tp=plan.tp, dtype_bytes=plan.dtype_bytes))
-           if not op.attention_core] + [_kv_write(model, plan, b)]
+    ops = [op for op in _layer_ops(model, plan, _shard(model, plan, b, 1)) if not op.attention_core] + [_kv_write(model, plan, b)]
     parts = _classified_s(ops, hw, compute_hw, d)
     if model.kv_lora_rank:
         # latent attention decodes with the up-projections absorbed into the query and the
@@ -315,11 +335,12 @@ def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfi
 @dataclass(frozen=True)
 class _Layout:
     """Where a replica runs: layers per pipeline stage, the TP group, the link between
-    adjacent stages."""
+    adjacent stages, the replicas' group that the MoE layers gather tokens over."""
 
     layers: tuple[int, ...]
     tp: Group
     pair: Group
+    dp: Group
 
     @property
     def stages(self) -> list[tuple[int, bool, bool]]:
@@ -343,7 +364,7 @@ def _layout(plan: InferencePlan, model: ModelSpec, cluster: Cluster) -> _Layout:
     mesh = Mesh.of({"tp": plan.tp, "pp": plan.pp, "dp": plan.replicas}, ("tp", "pp", "dp"),
                    cluster.gpus_per_node)
     return _Layout(even_partition(model.num_layers, plan.pp), mesh.group(("tp",)),
-                   mesh.neighbour_pair("pp"))
+                   mesh.neighbour_pair("pp"), mesh.group(("dp",)))
 
 
 def _prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, at: _Layout) -> dict:
@@ -353,14 +374,17 @@ def _prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, at: _
     layer_s = _prefill_layer_s(model, plan, hw)
     layer_comm_s = float(tp_comm_s(model, b * plan.prompt_len, False, plan.dtype_bytes, hw,
                                    at.tp.size, at.tp.ranks_per_node))
+    layer_dispatch_s = moe_layer_share(model) * dispatch_s(model, hw, at.dp, tokens, plan.dtype_bytes)
     compute = np.array([n * layer_s + sum(_op_s(op, hw, plan.dtype)
                                           for op in _edge_ops(model, plan, tokens, f, la))
                         for n, f, la in at.stages])
     comm = np.array([n * layer_comm_s + _edge_comm_s(model, plan, hw, at.tp, tokens, f, la)
                      for n, f, la in at.stages])
+    dispatch = np.array([n * layer_dispatch_s for n in at.layers])
     return {"compute": float(compute.sum()), "tp_comm": float(comm.sum()),
+            "moe_dispatch": float(dispatch.sum()),
             "pp_handoff": (plan.pp - 1) * at.handoff_s(model, plan, hw, tokens),
-            "other_microbatches": (plan.num_microbatches - 1) * float((compute + comm).max())}
+            "other_microbatches": (plan.num_microbatches - 1) * float((compute + comm + dispatch).max())}
 
 
 def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
@@ -374,6 +398,7 @@ def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
     layer = _decode_layer_parts(model, plan, hw, compute_hw, contexts)
     layer["tp_comm"] = float(tp_comm_s(model, b, False, plan.dtype_bytes, hw, at.tp.size,
                                        at.tp.ranks_per_node))
+    layer["moe_dispatch"] = moe_layer_share(model) * dispatch_s(model, hw, at.dp, b, plan.dtype_bytes)
     totals, stage_s = {k: 0.0 for k in layer}, []
     for n, f, la in at.stages:
         edges = _classified_s(_edge_ops(model, plan, b, f, la), hw, compute_hw, plan.dtype)
@@ -407,9 +432,10 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
     capacity = float(hw.memory_bytes)
     limit = capacity - memory_reserve_bytes(capacity)
     kv_token_layer = kv_bytes_per_token(model, plan.kv_dtype, plan.tp) / model.num_layers
-    narrowed = quantized_weights(served, plan.tp) * (plan.dtype_bytes - plan.weight_bytes)
-    weights = np.array([stage_params(served, plan.tp, plan.pp, n, f, la) * plan.dtype_bytes - n * narrowed
-                        for n, f, la in at.stages], dtype=float)
+    ep, etp = expert_degrees(model, plan.tp, plan.replicas, plan.expert_parallel)
+    narrowed = quantized_weights(served, plan.tp, ep, etp) * (plan.dtype_bytes - plan.weight_bytes)
+    weights = np.array([stage_params(served, plan.tp, plan.pp, n, f, la, ep, etp) * plan.dtype_bytes
+                        - n * narrowed for n, f, la in at.stages], dtype=float)
     kv_seq = np.array([plan.context_len * n * kv_token_layer for n in at.layers], dtype=float)
     act_seq = np.array([_activation_bytes_per_seq(served, plan, la) for _, _, la in at.stages])
     memory = weights + plan.batch * kv_seq + plan.micro_batch * act_seq

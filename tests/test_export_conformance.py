@@ -406,3 +406,22 @@ def test_vllm_serves_experts_over_tp(monkeypatch):
     assert (engine.tensor_parallel_size, engine.data_parallel_size) == (4, 2)
     assert engine.enable_expert_parallel is False
 
+
+def test_vllm_takes_expert_parallel_with_the_priced_backend(monkeypatch):
+    """An expert-parallel plan: vLLM parses --enable-expert-parallel, and with no backend named
+    runs the all2all backend the plan prices (serve_experts.py: allgather_reducescatter)."""
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    arg_utils = pytest.importorskip("vllm.engine.arg_utils")
+    cli_args = pytest.importorskip("vllm.entrypoints.common.cli_args")
+    argparse_utils = pytest.importorskip("vllm.utils.argparse_utils")
+    model = load_model(MIXTRAL)
+    p = InferencePlan(32, 2048, 256, tp=4, replicas=2, dtype="bf16", expert_parallel=True)
+    result = simulate_inference(model, p, Cluster(8, 8), H100)
+    e = vllm.export(result, model, checkpoint_of(MIXTRAL, model), H100, "mistralai/Mixtral-8x7B-v0.1")
+    args = cli_args.make_arg_parser(argparse_utils.FlexibleArgumentParser()).parse_args(list(e.args))
+    args.model = args.model_tag
+    cli_args.validate_parsed_serve_args(args)
+    engine = arg_utils.AsyncEngineArgs.from_cli_args(args)
+    assert engine.enable_expert_parallel is True and engine.data_parallel_size == 2
+    assert engine.all2all_backend == "allgather_reducescatter"
+
