@@ -1,9 +1,10 @@
 """Serving plan search: every legal (tp, pp, replicas) layout of the GPUs, each weight
 quantization the device runs (none, int8, int4 weight-only, fp8 where the profile has FP8),
 for a mixture-of-experts model its experts sharded over the tp x replicas ranks or whole on
-them (expert_parallel, vLLM's --enable-expert-parallel), batches in powers of two up to the largest that fits (and that largest itself), simulated with
-simulator.serve; candidates over a TTFT or TPOT SLO are cut; the rest are ranked by
-generated tokens per second per GPU ("throughput") or by request latency ("latency").
+them (expert_parallel, vLLM's --enable-expert-parallel), batches in powers of two up to the
+largest that fits (and that largest itself), simulated with simulator.serve; candidates
+over a TTFT or TPOT SLO are cut; the rest are ranked by generated tokens per second per GPU
+("throughput") or by request latency ("latency").
 Also: the explanation of the ranking (planner/exports/vllm.py writes a plan's `vllm serve`).
 """
 from __future__ import annotations

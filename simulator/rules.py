@@ -301,13 +301,16 @@ SERVING = (
           lambda x, m, c: f"tp*replicas = {x.tp * x.replicas} ranks (vLLM shards the experts over all of "
           f"them) do not divide the experts' width {m.moe_ffn_hidden_size}",
           "choose tp and replicas whose product divides the experts' width, or set expert_parallel"),
-    _rule("plan.expert_parallel", "expert_parallel", lambda x, m, c: (m.num_experts > 0) | np.logical_not(x.expert_parallel),
+    _rule("plan.expert_parallel", "expert_parallel",
+          lambda x, m, c: (m.num_experts > 0) | np.logical_not(x.expert_parallel),
           lambda x, m, c: f"{m.name} has no experts to place", "leave expert_parallel off for a dense model"),
+    # vLLM ignores the flag on one rank, and gives E mod G ranks one expert more (plans here
+    # place the experts evenly: memory and load per rank as priced)
     _rule("plan.expert_parallel", "expert_parallel tp replicas",
           lambda x, m, c: np.logical_not(x.expert_parallel) | (m.num_experts == 0)
           | ((x.tp * x.replicas > 1) & (m.num_experts % (x.tp * x.replicas) == 0)),
           lambda x, m, c: f"expert parallelism spreads the {m.num_experts} experts over tp*replicas = "
-          f"{x.tp * x.replicas} ranks, which must be more than 1 and divide them",
+          f"{x.tp * x.replicas} ranks, which must be more than 1 and divide them (an even split)",
           "choose tp and replicas whose product divides num_experts, or leave expert_parallel off"),
 )
 

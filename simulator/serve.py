@@ -225,8 +225,9 @@ def _max_batch(room_bytes: float, kv_per_seq: float, act_per_seq: float, pp: int
     return max(0, pp * (q - 1), min(hi, int((room_bytes - q * act_per_seq) // kv_per_seq)))
 
 
-def _op_s(op: Op, hw: HardwareProfile, dtype: str) -> float:
-    return float(forward_s([op], hw, dtype)[0])
+def _ops_s(ops: list[Op], hw: HardwareProfile, dtype: str) -> np.ndarray:
+    """Each op's time (cost.forward_s, one call for the list)."""
+    return forward_s(ops, hw, dtype) if ops else np.zeros(0)
 
 
 def _kv_write(model: ModelSpec, plan: InferencePlan, tokens: int) -> Op:
@@ -275,8 +276,7 @@ def _prefill_layer_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile)
     causal share, ops.causal_share)."""
     s = plan.prompt_len
     ops = _layer_ops(model, plan, _shard(model, plan, plan.micro_batch, s))
-    return (sum(_op_s(op, hw, plan.dtype) for op in ops)
-            + _op_s(_kv_write(model, plan, plan.micro_batch * s), hw, plan.dtype)
+    return (float(_ops_s(ops + [_kv_write(model, plan, plan.micro_batch * s)], hw, plan.dtype).sum())
             + hw.overhead.inference_layer_s(plan.tp, decode=False))
 
 
@@ -289,15 +289,11 @@ def _classified_s(ops, hw: HardwareProfile, compute_hw: HardwareProfile, dtype: 
     """Decode time of ops by what bounds them: weight GEMMs whose roofline time exceeds their
     compute time on a profile with unbounded bandwidth read their weights; the rest compute;
     memory-bound operators are elementwise."""
-    parts = {"weights_read": 0.0, "compute": 0.0, "elementwise": 0.0}
-    for op in ops:
-        t = _op_s(op, hw, dtype)
-        if op.kind != GEMM:
-            parts["elementwise"] += t
-        else:
-            compute_bound = t <= _op_s(op, compute_hw, dtype) * (1 + 1e-9)
-            parts["compute" if compute_bound else "weights_read"] += t
-    return parts
+    t = _ops_s(ops, hw, dtype)
+    gemm = np.array([op.kind == GEMM for op in ops], dtype=bool)
+    compute_bound = t <= _ops_s(ops, compute_hw, dtype) * (1 + 1e-9)
+    return {"weights_read": float(t[gemm & ~compute_bound].sum()),
+            "compute": float(t[gemm & compute_bound].sum()), "elementwise": float(t[~gemm].sum())}
 
 
 def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
@@ -310,7 +306,8 @@ def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfi
     [d, 2 ctx] GEMM per KV head and sequence (g query heads share a KV head, as GQA decode
     kernels group them)."""
     b, d = plan.micro_batch, plan.dtype
-    ops = [op for op in _layer_ops(model, plan, _shard(model, plan, b, 1)) if not op.attention_core] + [_kv_write(model, plan, b)]
+    ops = [op for op in _layer_ops(model, plan, _shard(model, plan, b, 1))
+           if not op.attention_core] + [_kv_write(model, plan, b)]
     parts = _classified_s(ops, hw, compute_hw, d)
     if model.kv_lora_rank:
         # latent attention decodes with the up-projections absorbed into the query and the
@@ -375,8 +372,7 @@ def _prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, at: _
     layer_comm_s = float(tp_comm_s(model, b * plan.prompt_len, False, plan.dtype_bytes, hw,
                                    at.tp.size, at.tp.ranks_per_node))
     layer_dispatch_s = moe_layer_share(model) * dispatch_s(model, hw, at.dp, tokens, plan.dtype_bytes)
-    compute = np.array([n * layer_s + sum(_op_s(op, hw, plan.dtype)
-                                          for op in _edge_ops(model, plan, tokens, f, la))
+    compute = np.array([n * layer_s + _ops_s(_edge_ops(model, plan, tokens, f, la), hw, plan.dtype).sum()
                         for n, f, la in at.stages])
     comm = np.array([n * layer_comm_s + _edge_comm_s(model, plan, hw, at.tp, tokens, f, la)
                      for n, f, la in at.stages])

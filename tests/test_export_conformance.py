@@ -388,15 +388,17 @@ def test_vllm_accepts(model_arg, gpus, p, monkeypatch):
     assert engine.dtype == {"llama-2": "float16"}.get(model_arg[:7], "bfloat16")
 
 
-def test_vllm_serves_experts_over_tp(monkeypatch):
-    """Mixtral 8x7B: the experts shard over TP as the serving plan prices them, without
-    --enable-expert-parallel (which would place whole experts over TP x DP ranks)."""
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_vllm_places_experts_as_planned(expert_parallel, monkeypatch):
+    """Mixtral 8x7B over tp 4 x 2 replicas: every expert sharded over the 8 ranks (vLLM's
+    default) or whole experts over them (--enable-expert-parallel), as the plan says; with no
+    backend named vLLM runs the all2all backend the plan prices (serve_experts.py)."""
     monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
     arg_utils = pytest.importorskip("vllm.engine.arg_utils")
     cli_args = pytest.importorskip("vllm.entrypoints.common.cli_args")
     argparse_utils = pytest.importorskip("vllm.utils.argparse_utils")
     model = load_model(MIXTRAL)
-    p = InferencePlan(32, 2048, 256, tp=4, replicas=2, dtype="bf16")
+    p = InferencePlan(32, 2048, 256, tp=4, replicas=2, dtype="bf16", expert_parallel=expert_parallel)
     result = simulate_inference(model, p, Cluster(8, 8), H100)
     e = vllm.export(result, model, checkpoint_of(MIXTRAL, model), H100, "mistralai/Mixtral-8x7B-v0.1")
     args = cli_args.make_arg_parser(argparse_utils.FlexibleArgumentParser()).parse_args(list(e.args))
@@ -404,24 +406,7 @@ def test_vllm_serves_experts_over_tp(monkeypatch):
     cli_args.validate_parsed_serve_args(args)
     engine = arg_utils.AsyncEngineArgs.from_cli_args(args)
     assert (engine.tensor_parallel_size, engine.data_parallel_size) == (4, 2)
-    assert engine.enable_expert_parallel is False
-
-
-def test_vllm_takes_expert_parallel_with_the_priced_backend(monkeypatch):
-    """An expert-parallel plan: vLLM parses --enable-expert-parallel, and with no backend named
-    runs the all2all backend the plan prices (serve_experts.py: allgather_reducescatter)."""
-    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
-    arg_utils = pytest.importorskip("vllm.engine.arg_utils")
-    cli_args = pytest.importorskip("vllm.entrypoints.common.cli_args")
-    argparse_utils = pytest.importorskip("vllm.utils.argparse_utils")
-    model = load_model(MIXTRAL)
-    p = InferencePlan(32, 2048, 256, tp=4, replicas=2, dtype="bf16", expert_parallel=True)
-    result = simulate_inference(model, p, Cluster(8, 8), H100)
-    e = vllm.export(result, model, checkpoint_of(MIXTRAL, model), H100, "mistralai/Mixtral-8x7B-v0.1")
-    args = cli_args.make_arg_parser(argparse_utils.FlexibleArgumentParser()).parse_args(list(e.args))
-    args.model = args.model_tag
-    cli_args.validate_parsed_serve_args(args)
-    engine = arg_utils.AsyncEngineArgs.from_cli_args(args)
-    assert engine.enable_expert_parallel is True and engine.data_parallel_size == 2
+    assert engine.enable_expert_parallel is expert_parallel
+    assert engine.all2all_backend == "allgather_reducescatter"
     assert engine.all2all_backend == "allgather_reducescatter"
 
