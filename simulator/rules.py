@@ -350,6 +350,11 @@ EXECUTOR_SERVING = (
     _rule("plan.expert_parallel", "expert_parallel", lambda x, m, c: np.logical_not(x.expert_parallel),
           lambda x, m, c: "the executor serves every expert split over TP within a replica",
           "leave expert_parallel off"),
+    # the plan prices vLLM's data-parallel MoE (serve_experts.py), not independent copies
+    _rule("plan.replicas", "replicas", lambda x, m, c: (m.num_experts == 0) | (x.replicas == 1),
+          lambda x, m, c: f"the executor runs {x.replicas} independent replicas, while a mixture-of-experts "
+          "serving plan prices vLLM's replicas sharing the experts over tp x replicas ranks",
+          "serve one replica of a mixture-of-experts model"),
 )
 
 

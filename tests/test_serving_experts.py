@@ -15,6 +15,7 @@ from meshplan.planner.exports.checkpoint import checkpoint_of
 from meshplan.planner.serve_search import explain_inference, search_inference
 from meshplan.simulator.memory import memory_reserve_bytes
 from meshplan.simulator.model_spec import ZOO, load_model
+from meshplan.simulator import rules
 from meshplan.simulator.plan import Cluster
 from meshplan.simulator.serve import InferencePlan, simulate_inference
 from meshplan.simulator.serve_experts import expected_max_binomial, expert_load
@@ -121,6 +122,16 @@ def test_refusals_name_the_fields(model, kw, field, words):
     with pytest.raises(PlanError) as err:
         serve(model, **kw)
     assert any(f == field and words in problem for f, problem, _ in err.value.issues)
+
+
+def test_executor_refuses_what_it_would_run_otherwise():
+    # its replicas are independent copies and its experts split over TP: neither is the
+    # data-parallel MoE the plan prices
+    def refused(model, **kw):
+        return [f for f, _, _ in rules.violations(rules.EXECUTOR_SERVING, InferencePlan(1, 16, 8, **kw), model)]
+    assert "plan.expert_parallel" in refused(MIXTRAL, tp=2, expert_parallel=True)
+    assert "plan.replicas" in refused(MIXTRAL, replicas=2)
+    assert "plan.replicas" not in refused(ZOO["llama-2-7b"], replicas=2)
 
 
 def test_whole_experts_keep_quantization_groups_legal():
