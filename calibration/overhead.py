@@ -4,10 +4,11 @@ propagation) beside the operators' own work, which isolated operator timings do 
 
 Measured on a layer so small that its operators' work is negligible: the time of a model of
 3 layers minus that of 1 layer, halved, is one layer's overhead, with embedding, head and
-loss cancelled out. Four variants: plain, tensor parallel through DTensor (on a one-rank
+loss cancelled out. Five variants: plain, tensor parallel through DTensor (on a one-rank
 mesh, so that sharding propagation runs but no data moves: the collectives are costed from
-their own fits), TP with sequence parallelism, and the inference forwards (prompt and
-one-token decode over a KV cache). The simulator adds these per layer (hw_profiles.profile
+their own fits), TP with sequence parallelism, mixture-of-experts layers (top-2 of 4
+experts in place of the MLP; less the plain layer's, what the MoE block adds), and the
+inference forwards (prompt and one-token decode over a KV cache). The simulator adds these per layer (hw_profiles.profile
 .FrameworkOverhead); on a GPU, host overhead hides behind queued kernels and is not used.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -30,9 +32,12 @@ PROBE_TOKENS = 8
 LAYERS = (1, 3)
 
 
-def _probe(num_layers: int) -> ModelSpec:
-    return ModelSpec(name="overhead-probe", num_layers=num_layers, hidden_size=64, num_heads=4,
-                     num_kv_heads=2, ffn_hidden_size=128, vocab_size=128, max_seq_len=64)
+def _probe(num_layers: int, moe: bool = False) -> ModelSpec:
+    dense = ModelSpec(name="overhead-probe", num_layers=num_layers, hidden_size=64, num_heads=4,
+                      num_kv_heads=2, ffn_hidden_size=128, vocab_size=128, max_seq_len=64)
+    # the MLP's FLOPs in top-2 of 4 experts of half its width, in every layer
+    return replace(dense, num_experts=4, experts_per_token=2, moe_ffn_hidden_size=64,
+                   dense_layers=()) if moe else dense
 
 
 def _median_s(fn, repeats: int, warmup: int) -> float:
@@ -59,17 +64,18 @@ def _one_rank_group():
         dist.destroy_process_group()
 
 
-def _model(num_layers: int, tp: str | None):
-    model = build_model(_probe(num_layers), seed=0)
+def _model(num_layers: int, tp: str | None, moe: bool = False):
+    model = build_model(_probe(num_layers, moe), seed=0)
     if tp is not None:
         apply_tp(model, init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))["tp"],
                  sequence_parallel=tp == "sp")
     return model
 
 
-def _training_s(num_layers: int, tp: str | None, repeats: int, warmup: int) -> tuple[float, float]:
+def _training_s(num_layers: int, tp: str | None, repeats: int, warmup: int,
+                moe: bool = False) -> tuple[float, float]:
     """(forward, forward + backward) seconds of the probe model."""
-    model = _model(num_layers, tp)
+    model = _model(num_layers, tp, moe)
     tokens = torch.randint(0, 128, (1, PROBE_TOKENS + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
 
@@ -105,17 +111,19 @@ def measure_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:
     try:
         per_layer = {}
         with _one_rank_group():
-            for tp in (None, "tp", "sp"):
-                (f1, t1), (f3, t3) = (_training_s(n, tp, repeats, warmup) for n in LAYERS)
+            for tp, moe in ((None, False), ("tp", False), ("sp", False), (None, True)):
+                (f1, t1), (f3, t3) = (_training_s(n, tp, repeats, warmup, moe) for n in LAYERS)
                 fwd = max(0.0, (f3 - f1) / 2)
-                per_layer[tp] = (fwd, max(0.0, (t3 - t1) / 2 - fwd))
+                per_layer[tp, moe] = (fwd, max(0.0, (t3 - t1) / 2 - fwd))
         (p1, d1), (p3, d3) = (_inference_s(n, repeats, warmup) for n in LAYERS)
+        moe = [max(0.0, m - d) for m, d in zip(per_layer[None, True], per_layer[None, False])]
     finally:
         torch.set_num_threads(before)
     return FrameworkOverhead(
-        layer_forward_s=per_layer[None][0], layer_backward_s=per_layer[None][1],
-        tp_layer_forward_s=per_layer["tp"][0], tp_layer_backward_s=per_layer["tp"][1],
-        sp_layer_forward_s=per_layer["sp"][0], sp_layer_backward_s=per_layer["sp"][1],
+        layer_forward_s=per_layer[None, False][0], layer_backward_s=per_layer[None, False][1],
+        tp_layer_forward_s=per_layer["tp", False][0], tp_layer_backward_s=per_layer["tp", False][1],
+        sp_layer_forward_s=per_layer["sp", False][0], sp_layer_backward_s=per_layer["sp", False][1],
         prefill_layer_s=max(0.0, (p3 - p1) / 2), decode_layer_s=max(0.0, (d3 - d1) / 2),
+        moe_forward_s=moe[0], moe_backward_s=moe[1],
         source=f"calibration/overhead.py: eager PyTorch {torch.__version__}, 1 thread, "
                f"{LAYERS[1]}-layer minus {LAYERS[0]}-layer probe, median of {repeats}")

@@ -426,7 +426,10 @@ def _failure(block: str) -> tuple[int | None, str] | None:
 
 def _train_record(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOptions,
                   result: TrainResult, world_size: int) -> RunRecord:
-    ran = dataclasses.replace(plan, dtype=result.dtype)
+    # the executor routes without a capacity: the plan as executed has the imbalance it ran
+    measured = ({} if result.routing_imbalance is None
+                else {"moe_capacity_factor": max(1.0, result.routing_imbalance)})
+    ran = dataclasses.replace(plan, dtype=result.dtype, **measured)
     prediction, note = prediction_or_why(
         lambda: simulate(model, ran, cluster, load_profile(options.profile)).to_json())
     return RunRecord(model=model, plan=ran, dtype_requested=plan.dtype, device=result.device,

@@ -85,6 +85,7 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(count, h, f)) if spec.gated_mlp else None
         self.act = activation(spec)
         self.sharding: ExpertSharding | None = None  # set by apply_ep
+        self.received_rows: list[int] = []  # per forward over EP: the rows this rank ran
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [n, h] sorted by expert, counts [E] rows of each expert -> [n, h]."""
@@ -157,6 +158,7 @@ def expert_parallel(experts: GroupedExperts, rows: torch.Tensor, counts: torch.T
     send = counts.view(ep, local).sum(1).tolist()
     per_source = received_counts.view(ep, local)
     receive = per_source.sum(1).tolist()
+    experts.received_rows.append(sum(receive))
     received = funcol.wait_tensor(funcol.all_to_all_single(rows.contiguous(), receive, send, group))
     # arrived grouped by source rank, then local expert: regroup by local expert
     expert_of_row = torch.arange(local, device=rows.device).repeat(ep).repeat_interleave(
@@ -192,6 +194,22 @@ def shard_expert_width(moe: MoE, group: dist.ProcessGroup) -> None:
 
 def sharded_experts(module: nn.Module) -> list[GroupedExperts]:
     return [m for m in module.modules() if isinstance(m, GroupedExperts) and m.sharding is not None]
+
+
+def routing_imbalance(modules: list[nn.Module]) -> float | None:
+    """The rows of the busiest rank of this rank's EP group over the group's mean, averaged
+    over every MoE forward so far (each waits at its all-to-all for the busiest): the plan's
+    moe_capacity_factor as this run's router routed. None without EP. Collective over the
+    EP group (its ranks run the same layers)."""
+    experts = [e for m in modules for e in sharded_experts(m) if e.sharding.ep > 1]
+    if not experts:
+        return None
+    group = experts[0].sharding.ep_group
+    rows = torch.tensor([r for e in experts for r in e.received_rows], dtype=torch.float64)
+    table = [torch.empty_like(rows) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, rows, group=group)
+    by_rank = torch.stack(table)
+    return float((by_rank.max(0).values / by_rank.mean(0).clamp_min(1.0)).mean())
 
 
 def reduce_expert_gradients(module: nn.Module) -> None:

@@ -21,13 +21,15 @@ MEMORY_METHOD = {"cuda": "allocator peak (torch.cuda.max_memory_allocated)",
 class TrainResult:
     """One training job as the ranks measured it: every step's loss (mean over the global
     batch) and wall time, each rank's memory (measure.RankMemory.to_json()), the compute
-    dtype that ran and the device type."""
+    dtype that ran, the device type, and with EP the routing's imbalance (moe
+    .routing_imbalance, the busiest EP group's)."""
 
     losses: tuple[float, ...]
     step_times_s: tuple[float, ...]
     memory_by_rank: tuple[dict, ...]
     dtype: str
     device: str
+    routing_imbalance: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -35,7 +37,7 @@ class TrainResult:
     @classmethod
     def from_json(cls, data: dict) -> TrainResult:
         return cls(tuple(data["losses"]), tuple(data["step_times_s"]), tuple(data["memory_by_rank"]),
-                   data["dtype"], data["device"])
+                   data["dtype"], data["device"], data.get("routing_imbalance"))
 
 
 @dataclass(frozen=True)

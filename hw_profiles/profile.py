@@ -46,21 +46,27 @@ class FrameworkOverhead:
     sp_layer_backward_s: float = 0.0
     prefill_layer_s: float = 0.0          # inference forward of a prompt, KV cache filled
     decode_layer_s: float = 0.0           # inference forward of one token over the cache
+    moe_forward_s: float = 0.0            # what an MoE block adds over the dense MLP it replaces
+    moe_backward_s: float = 0.0           # (router, top-k, permutation, grouped GEMM calls)
     source: str = "not on the critical path: the host queues kernels ahead of the GPU"
 
-    def training_layer_s(self, tp: int, sp: bool) -> tuple[float, float]:
-        """(forward, backward) overhead of one layer."""
+    def training_layer_s(self, tp: int, sp: bool, moe_share: float = 0.0) -> tuple[float, float]:
+        """(forward, backward) overhead of one layer, `moe_share` of the layers being MoE."""
         if tp == 1:
-            return self.layer_forward_s, self.layer_backward_s
-        if sp:
-            return self.sp_layer_forward_s, self.sp_layer_backward_s
-        return self.tp_layer_forward_s, self.tp_layer_backward_s
+            fwd, bwd = self.layer_forward_s, self.layer_backward_s
+        elif sp:
+            fwd, bwd = self.sp_layer_forward_s, self.sp_layer_backward_s
+        else:
+            fwd, bwd = self.tp_layer_forward_s, self.tp_layer_backward_s
+        return fwd + moe_share * self.moe_forward_s, bwd + moe_share * self.moe_backward_s
 
-    def inference_layer_s(self, tp: int, decode: bool) -> float:
+    def inference_layer_s(self, tp: int, decode: bool, moe_share: float = 0.0) -> float:
         """One layer's prompt (or one-token decode) forward; under TP plus the DTensor
-        surcharge that the training forward measured."""
+        surcharge that the training forward measured, and in MoE layers the MoE block's
+        (measured in the training forward: autograd's recording included)."""
         base = self.decode_layer_s if decode else self.prefill_layer_s
-        return base + (max(0.0, self.tp_layer_forward_s - self.layer_forward_s) if tp > 1 else 0.0)
+        return (base + (max(0.0, self.tp_layer_forward_s - self.layer_forward_s) if tp > 1 else 0.0)
+                + moe_share * self.moe_forward_s)
 
     def scaled(self, factor: float) -> FrameworkOverhead:
         return replace(self, **{f.name: getattr(self, f.name) * factor for f in fields(self)

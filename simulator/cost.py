@@ -203,6 +203,15 @@ def ep_comm_s(model: ModelSpec, in_tokens, dtype_bytes, capacity, hw: HardwarePr
                         + collective_s(hw, "reduce_scatter", gathered, etp, etp_rpn))
 
 
+def ep_counts_s(model: ModelSpec, hw: HardwareProfile, ep, ep_rpn) -> np.ndarray:
+    """Before an MoE block's forward dispatch the EP ranks learn how many rows each sends to
+    each expert (one int64 per expert), to size the buffers they receive into: a small
+    all-to-all, latency-bound (Megatron-Core's alltoall dispatcher gathers these counts over
+    the EP group before its all-to-all; the executor's expert_parallel). Backward reuses them."""
+    return np.where(np.asarray(ep) > 1,
+                    collective_s(hw, "all_to_all", model.num_experts * 8, ep, ep_rpn), 0.0)
+
+
 def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp, cp_rpn,
               cp_share=1.0):
     """Ring-attention exchange of one layer, (forward, backward), whole: cp-1 steps each
@@ -252,7 +261,9 @@ class ShardTimes:
 def shard_times(model: ModelSpec, hw: HardwareProfile, shards: list[Shard], dtype: str) -> ShardTimes:
     op_lists = [layer_ops(model, s) for s in shards]
     layer = op_times(op_lists, hw, dtype)
-    host = np.array([hw.overhead.training_layer_s(s.tp, s.sp) for s in shards], dtype=float).reshape(-1, 2)
+    moe = moe_layer_share(model)
+    host = np.array([hw.overhead.training_layer_s(s.tp, s.sp, moe) for s in shards],
+                    dtype=float).reshape(-1, 2)
     layer = replace(layer, fwd_s=layer.fwd_s + host[:, 0], bwd_input_s=layer.bwd_input_s + host[:, 1])
     split = [tuple(replace(op, m=max(op.m // s.tp, 1), flops=op.flops / s.tp)
                    for op in ops if op.kind == GEMM and op.weight) for ops, s in zip(op_lists, shards)]
@@ -281,7 +292,7 @@ class LayerTimes:
     tp_raw_s: np.ndarray        # TP communication of forward and backward, whole
     cp_raw_fwd_s: np.ndarray    # the ring exchange, whole
     cp_raw_bwd_s: np.ndarray
-    ep_fwd_s: np.ndarray        # MoE token dispatch and combine (exposed: nothing overlaps it)
+    ep_fwd_s: np.ndarray        # MoE dispatch and combine, counts first (exposed: nothing overlaps it)
     ep_bwd_s: np.ndarray        # includes the recomputed forward's (full recompute)
 
     @property
@@ -341,6 +352,7 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
         1.0 - exchanges * (0.0 if model.num_shared_experts else 0.5))
     ep_raw = exchanges * (ep_comm_s(model, em.in_tokens, dtype_bytes, em.capacity, hw, em.ep, em.ep_rpn,
                                     em.etp, em.etp_rpn, em.dispatcher) if model.num_experts else 0.0)
+    counts = exchanges * (ep_counts_s(model, hw, em.ep, em.ep_rpn) if model.num_experts else 0.0)
     overlap = np.asarray(tp_overlap, dtype=bool) & (np.asarray(tp) > 1)
     tp_f, tp_cf = overlap_split(tp_raw, np.where(overlap, lay.weight_fwd_s, 0.0), hw, tp_raw / tp)
     tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)
@@ -356,4 +368,4 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
         bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * full,
         cp_fwd_s=cp_f, cp_bwd_s=cp_b, contention_fwd_s=tp_cf + cp_cf, contention_bwd_s=tp_cb + cp_cb,
         tp_raw_s=tp_raw * (2 + full), cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b,
-        ep_fwd_s=ep_raw, ep_bwd_s=ep_raw * (1 + full))
+        ep_fwd_s=ep_raw + counts, ep_bwd_s=ep_raw + (ep_raw + counts) * full)

@@ -78,6 +78,17 @@ class _Config:
             return 1
         return value
 
+    def number(self, key: str) -> float | None:
+        """A positive finite number, or None when the key is missing or null."""
+        value = self.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            self.issues.append((self._field(key), f"expected a positive number, got {value!r}",
+                                f"set \"{key}\" to a positive number"))
+            return None
+        return float(value)
+
     def flag(self, key: str, default: bool = False) -> bool:
         return bool(self.get(key, default))
 
@@ -128,8 +139,12 @@ def _local_layers(c: _Config, layers: int, window: int | None, rule) -> tuple[in
     """Layers with sliding-window attention: from `layer_types` when the config lists them,
     else by the architecture's rule(i); none without a window."""
     types = c.get("layer_types")
+    if types is not None and not isinstance(types, list):
+        c.issues.append((c._field("layer_types"), f"expected a list, got {types!r}",
+                         "list \"full_attention\" or \"sliding_attention\" for each layer"))
+        return ()
     if types is not None:
-        odd = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
+        odd = sorted({str(t) for t in types if t not in ("full_attention", "sliding_attention")})
         if odd or len(types) != layers:
             c.refuse("layer_types", f"{odd or len(types)} (layers of another kind, or not one per layer)")
         picked = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
@@ -312,6 +327,30 @@ def _deepseek_v3(c: _Config) -> dict:
                 v_head_dim=c.size("v_head_dim"))
 
 
+def _deepseek_v2(c: _Config) -> dict:
+    """DeepSeek-V2 is DeepSeek-V3's shape with a softmax router (scoring, group-limited
+    selection and scaling cost nothing here) and no expert-bias correction term."""
+    if c.flag("mlp_bias"):
+        c.refuse("mlp_bias", "biases on the dense and shared-expert MLPs only")
+    return _deepseek_v3(c)
+
+
+def _gpt_oss(c: _Config) -> dict:
+    """gpt-oss: every layer's MLP is experts with biases behind a router with a bias, the
+    experts run a clamped SwiGLU, attention has biases and a sink logit per head, and the
+    layers listed sliding in layer_types (every other one by default) attend over a window."""
+    fields = _attention_core(c)
+    layers = fields["num_layers"]
+    if not c.flag("attention_bias", True):
+        c.refuse("attention_bias", "gpt-oss attention without biases (its experts keep them)")
+    window = _window(c)
+    return dict(fields, bias=True, attn_sinks=True, router_bias=True, swiglu_limit=c.number("swiglu_limit"),
+                dropout=c.dropout("attention_dropout"), num_experts=c.size(("num_local_experts", "num_experts")),
+                experts_per_token=c.size(("num_experts_per_tok", "experts_per_token")),
+                moe_ffn_hidden_size=fields["ffn_hidden_size"], sliding_window=window,
+                local_layers=_local_layers(c, layers, window, lambda i: (i + 1) % 2))
+
+
 def _gpt2(c: _Config) -> dict:
     hidden = c.size("n_embd")
     if c.flag("add_cross_attention"):
@@ -370,6 +409,14 @@ DEFAULTS = {
                         n_routed_experts=256, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
                         v_head_dim=128, qk_nope_head_dim=128, num_experts_per_tok=8, first_k_dense_replace=3,
                         max_position_embeddings=4096),
+    "deepseek_v2": dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                        num_attention_heads=32, max_position_embeddings=2048, kv_lora_rank=512, q_lora_rank=1536,
+                        n_routed_experts=64, n_shared_experts=2, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, moe_intermediate_size=1407, norm_topk_prob=False, scoring_func="softmax"),
+    "gpt_oss": dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+                    num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
+                    max_position_embeddings=131072, num_local_experts=128, num_experts_per_tok=4,
+                    swiglu_limit=7.0),
     "gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                  activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1),
     "gpt_neox": dict(vocab_size=50432, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
@@ -379,10 +426,15 @@ DEFAULTS = {
 READERS = {"llama": _llama, "mistral": _mistral, "mixtral": _mixtral, "qwen2": _qwen2, "qwen3": _qwen3,
            "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "gemma2": _gemma2,
            "gemma3_text": _gemma3_text, "gemma3": _gemma3, "phi3": _phi3, "deepseek_v3": _deepseek_v3,
-           "gpt2": _gpt2, "gpt_neox": _gpt_neox}
+           "deepseek_v2": _deepseek_v2, "gpt_oss": _gpt_oss, "gpt2": _gpt2, "gpt_neox": _gpt_neox}
 # Keys of each architecture that change no cost (Mixtral always renormalises its top-k
 # weights; the other MoE readers take norm_topk_prob into ModelSpec for the executor).
 _MOE_ROUTING = {"router_jitter_noise"}
+# Routing details (group-limited selection, scaling) cost nothing at one expert-parallel
+# rank; head_dim / qk_head_dim restate the latent sizes; the multi-token-prediction
+# module is left out, as Hugging Face's DeepseekV3ForCausalLM and inference leave it out.
+_DEEPSEEK = _MOE_ROUTING | {"n_group", "topk_group", "topk_method", "routed_scaling_factor", "ep_size",
+                            "aux_loss_alpha", "seq_aux", "rope_interleave", "qk_head_dim", "num_nextn_predict_layers"}
 IGNORED = {
     "gemma2": {"query_pre_attn_scalar", "sliding_window_size"},
     "gemma3_text": {"query_pre_attn_scalar", "rope_local_base_freq"},
@@ -391,12 +443,12 @@ IGNORED = {
     "mixtral": _MOE_ROUTING | {"norm_topk_prob"},
     "qwen2_moe": _MOE_ROUTING,
     "qwen3_moe": _MOE_ROUTING | {"max_window_layers"},  # Qwen3-MoE windows every layer
-    # Routing details (group-limited selection, scaling) cost nothing at one expert-parallel
-    # rank; head_dim / qk_head_dim restate the latent sizes; the multi-token-prediction
-    # module is left out, as Hugging Face's DeepseekV3ForCausalLM and inference leave it out.
-    "deepseek_v3": _MOE_ROUTING | {"n_group", "topk_group", "topk_method", "routed_scaling_factor", "ep_size",
-                                   "aux_loss_alpha", "seq_aux", "rope_interleave", "qk_head_dim",
-                                   "num_nextn_predict_layers"},
+    "deepseek_v3": _DEEPSEEK,
+    "deepseek_v2": _DEEPSEEK,
+    # gpt-oss's experts run their clamped SwiGLU whatever hidden_act says; swiglu_alpha is
+    # its sigmoid gain and initial_context_length YaRN's original context (elementwise /
+    # angle changes only)
+    "gpt_oss": _MOE_ROUTING | {"hidden_act", "swiglu_alpha", "initial_context_length"},
     "gpt2": {"summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
              "summary_first_dropout", "scale_attn_weights", "n_ctx", "reorder_and_upcast_attn",
              "scale_attn_by_inverse_layer_idx"},

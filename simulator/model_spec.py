@@ -47,7 +47,8 @@ class ModelSpec:
     > 0 a router choosing experts_per_token of num_experts experts of width
     moe_ffn_hidden_size, plus num_shared_experts always-on experts of width
     shared_expert_ffn_size, in every layer except `dense_layers` (which keep the dense MLP
-    of width ffn_hidden_size). `local_layers` attend over the last `sliding_window` keys."""
+    of width ffn_hidden_size). `local_layers` attend over the last `sliding_window` keys.
+    With `bias` the experts carry biases too (gpt-oss)."""
 
     name: str
     num_layers: int
@@ -75,6 +76,7 @@ class ModelSpec:
     local_layers: tuple[int, ...] = ()
     attn_softcap: float | None = None   # tanh soft-capping of attention scores (Gemma 2 report sec 2.2)
     final_softcap: float | None = None  # ... and of the output logits
+    attn_sinks: bool = False            # a learned logit per head in each softmax (gpt-oss model card sec 2)
     num_experts: int = 0
     experts_per_token: int = 0
     moe_ffn_hidden_size: int = 0
@@ -82,6 +84,10 @@ class ModelSpec:
     shared_expert_ffn_size: int = 0
     shared_expert_gate: bool = False    # a sigmoid gate on the shared experts (Qwen2-MoE)
     router: str = "softmax"
+    router_bias: bool = False           # a bias on the router's logits (gpt-oss)
+    # gpt-oss's clamped SwiGLU: gate clamped above and up both ways at this limit, then
+    # (up + 1) * gate * sigmoid(1.702 gate); None: the plain activation
+    swiglu_limit: float | None = None
     norm_topk_prob: bool = True         # chosen experts' weights renormalised to sum to 1 (Mixtral)
     dense_layers: tuple[int, ...] = ()
     q_lora_rank: int = 0             # 0: queries projected directly, without a low rank
@@ -111,6 +117,11 @@ class ModelSpec:
                                  f"use one of {', '.join(allowed)}")
         if not 0 < self.rotary_pct <= 1:
             raise ModelError("rotary_pct", f"{self.rotary_pct} is not in (0, 1]", "use a share in (0, 1]")
+        limit = self.swiglu_limit
+        if limit is not None and not (self.gated_mlp and isinstance(limit, (int, float))
+                                      and not isinstance(limit, bool) and 0 < limit < float("inf")):
+            raise ModelError("swiglu_limit", f"{self.swiglu_limit!r} (gated MLP: {self.gated_mlp})",
+                             "give a positive, finite clamp on a gated MLP, or none")
         self._check_layers()
         self._check_moe()
         self._check_mla()
@@ -138,7 +149,7 @@ class ModelSpec:
     def _check_moe(self):
         if not self.num_experts:
             extra = [f for f in ("experts_per_token", "moe_ffn_hidden_size", "num_shared_experts",
-                                 "dense_layers") if getattr(self, f)]
+                                 "dense_layers", "router_bias") if getattr(self, f)]
             if extra:
                 raise ModelError(extra[0], "set on a model without experts",
                                  "set num_experts, or leave the expert fields out")
@@ -190,7 +201,8 @@ class ModelSpec:
         return width * (2 if self.norm == "layernorm" else 1)
 
     def attention_params(self) -> int:
-        """Projections with their biases, plus QK-norms or MLA's latent norms."""
+        """Projections with their biases, plus QK-norms or MLA's latent norms, plus the
+        attention sinks."""
         h, hd, heads = self.hidden_size, self.head_dim, self.num_heads
         if self.kv_lora_rank:
             rope, v, q, kv = self.qk_rope_head_dim, self.v_head_dim, self.q_lora_rank, self.kv_lora_rank
@@ -200,7 +212,8 @@ class ModelSpec:
         qkv = (heads + 2 * self.num_kv_heads) * hd
         weights = h * qkv + heads * hd * h  # Q, K, V, output projections
         biases = (qkv if self.bias or self.qkv_bias else 0) + (h if self.bias or self.out_bias else 0)
-        return weights + biases + (2 * self._norm(hd) if self.qk_norm else 0)
+        sinks = heads if self.attn_sinks else 0
+        return weights + biases + sinks + (2 * self._norm(hd) if self.qk_norm else 0)
 
     def mlp_params(self, ffn: int | None = None) -> int:
         """One MLP of width `ffn` (default: the dense MLP's)."""
@@ -213,8 +226,11 @@ class ModelSpec:
         experts with their gate."""
         experts = self.experts_per_token if active else self.num_experts
         shared = self.mlp_params(self.shared_ffn_size) if self.num_shared_experts else 0
-        return (self.num_experts * self.hidden_size + experts * self.mlp_params(self.moe_ffn_hidden_size)
+        return (self.router_params() + experts * self.mlp_params(self.moe_ffn_hidden_size)
                 + shared + (self.hidden_size if self.shared_expert_gate else 0))
+
+    def router_params(self) -> int:
+        return self.num_experts * (self.hidden_size + (1 if self.router_bias else 0))
 
     def layer_params(self, kind: LayerKind, active: bool = False) -> int:
         mlp = self.moe_params(active) if kind.moe else self.mlp_params()
@@ -231,7 +247,7 @@ class ModelSpec:
             norms += (h * q + self._norm(q) if q else 0) + h * (kv + self.qk_rope_head_dim) + self._norm(kv)
         elif self.qk_norm:
             norms += 2 * self._norm(self.head_dim)
-        router = self.num_experts * h + (h if self.shared_expert_gate else 0)
+        router = self.router_params() + (h if self.shared_expert_gate else 0)
         return norms + (router if kind.moe else 0)
 
     def embedding_params(self) -> int:

@@ -165,7 +165,8 @@ def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
     """Input projections, RoPE, the attention core and the output projection. Latent
     attention (DeepSeek-V2 sec 2.1) projects queries and keys/values down to a low rank
     (replicated over TP, as Megatron-Core and vLLM keep them) and up per head, then attends
-    as multi-head attention with separate query/key and value head sizes."""
+    as multi-head attention with separate query/key and value head sizes. gpt-oss's
+    attention sinks add one logit per query row to the softmax: no GEMM, nothing counted."""
     h, hd, t, d = model.hidden_size, model.head_dim, shard.tp, shard.dtype_bytes
     heads, kv_heads = model.num_heads // t, model.num_kv_heads // t
     tok, s, b, f8 = shard.tokens, shard.local_seq, shard.micro_batch, shard.fp8 is not None
@@ -219,7 +220,10 @@ def _moe_ops(model: ModelSpec, shard: Shard) -> list[Op]:
     tokens): experts_per_token rows per token, 1/ep of them its own on balanced routing,
     times the capacity factor on the busiest rank, spread over the expected number of
     distinct local experts those tokens hit (all of them in training, a few in decode);
-    `shard.expert_load` gives both instead where the caller routes otherwise (serving)."""
+    `shard.expert_load` gives both instead where the caller routes otherwise (serving).
+    gpt-oss's clamped SwiGLU is the same one elementwise pass (read gate and up, write their
+    product; its clamps fuse into it), and biases, the router's and the experts', are added
+    in the GEMM epilogues: memory-bound work of no GEMM FLOPs, as SiLU's is."""
     h, d, ntok = model.hidden_size, shard.dtype_bytes, shard.norm_tokens
     e, k, f8 = model.num_experts, model.experts_per_token, shard.fp8 is not None
     f, gated = model.moe_ffn_hidden_size // shard.etp, 2 if model.gated_mlp else 1

@@ -211,6 +211,8 @@ def model_features(m: ModelSpec) -> dict[str, bool]:
             "an attention output bias": m.out_bias and not m.bias,
             "parallel residual": m.parallel_residual, "partial rotary": m.rotary_pct != 1.0,
             "soft-capping": m.attn_softcap is not None or m.final_softcap is not None,
+            "attention sinks": m.attn_sinks, "a router bias": m.router_bias,
+            "a clamped SwiGLU": m.swiglu_limit is not None,
             "head_dim other than hidden/heads": m.head_dim is not None and m.head_dim * m.num_heads != m.hidden_size}
 
 

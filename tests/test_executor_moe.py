@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from meshplan.core.errors import PlanError
+from meshplan.executor import data as batches
 from meshplan.executor.launch import check_train
-from meshplan.executor.model import build_model
+from meshplan.executor.model import build_model, loss_fn
 from meshplan.executor.moe import grouped_mm, looped_mm
 from meshplan.executor.options import RunOptions
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
-from tests.test_executor_numerics import check_against_reference, run_group
+from tests.test_executor_numerics import LR, SEED, STEPS, check_against_reference, run_group
 
 # top-2 of 4 experts, a gated shared expert, the first layer dense (as DeepSeek's first_k_dense)
 MOE = ModelSpec("tiny-moe", num_layers=3, hidden_size=32, num_heads=4, num_kv_heads=2,
@@ -161,6 +162,40 @@ WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("dp2-tp2-sp-ep4-zero3", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=4, zero=3))]
 
 
+def reference_imbalance(model: ModelSpec, p: Plan) -> float:
+    """The routing imbalance that an EP-over-all-DP-ranks run measures, found independently:
+    one process trains on the whole batch (as the numerics reference), a hook records each
+    token's top-k experts in every MoE layer, and the tokens are grouped as the EP ranks
+    see them (micro-batch j of every DP rank at once); each group's busiest EP rank's rows
+    over the mean, averaged over steps, micro-batches and layers."""
+    assert p.ep == p.dp and p.tp == p.pp == 1
+    torch.manual_seed(SEED)
+    net = build_model(model, SEED)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=LR)
+    chosen: list[torch.Tensor] = []
+    for layer in net.layers.values():
+        if hasattr(layer.feed_forward, "router"):
+            layer.feed_forward.router.register_forward_hook(
+                lambda _m, _i, logits: chosen.append(logits.detach().topk(model.experts_per_token, -1)[1]))
+    ratios = []
+    rows_per_rank, chunks = p.global_batch // p.dp, p.num_microbatches
+    for step in range(STEPS):
+        tokens = batches.global_batch(step, p.global_batch, p.seq_len, model.vocab_size, SEED)
+        inputs, targets = batches.split_inputs_targets(tokens)
+        chosen.clear()
+        loss_fn(net(inputs), targets).backward()
+        for flat in chosen:  # [sequences * positions, k]
+            experts = flat.view(inputs.shape[0], -1, model.experts_per_token)
+            for j in range(chunks):
+                group = torch.cat([experts[d * rows_per_rank:(d + 1) * rows_per_rank].chunk(chunks)[j]
+                                   for d in range(p.dp)])
+                per_rank = group.flatten().bincount(minlength=model.num_experts).view(p.ep, -1).sum(1)
+                ratios.append(per_rank.max().item() / per_rank.float().mean().item())
+        optimizer.step()
+        optimizer.zero_grad()
+    return sum(ratios) / len(ratios)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world, jobs", [(2, WORLD_2), (4, WORLD_4)], ids=["world2", "world4"])
 def test_moe_plans_match_single_process(world, jobs, tmp_path):
@@ -169,6 +204,15 @@ def test_moe_plans_match_single_process(world, jobs, tmp_path):
         index, record = runs[job_id]
         assert record.world_size == world, job_id
         check_against_reference(tmp_path, index, record)
+    # the plan as executed carries the routing imbalance the run measured, which the
+    # prediction prices; without EP the experts' work is not split and it stays as planned
+    for job_id, model, planned in jobs:
+        ran = runs[job_id][1].plan
+        if planned.ep == planned.dp > 1 and planned.tp == planned.pp == 1:
+            assert ran.moe_capacity_factor == pytest.approx(reference_imbalance(model, planned), rel=0.02)
+        if planned.ep == 1:
+            assert ran.moe_capacity_factor == planned.moe_capacity_factor, job_id
+        assert ran.moe_capacity_factor >= 1.0
 
 
 @pytest.mark.slow

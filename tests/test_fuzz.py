@@ -132,11 +132,19 @@ CONFIG_KEYS = sorted(SMALL_MODEL) + ["num_local_experts", "num_experts_per_tok",
                                      "tie_word_embeddings", "rope_scaling", "sliding_window"]
 
 
+# gpt-oss's own keys, on its real config: a clamp, per-layer attention kinds, biases
+GPT_OSS = json.loads((Path(__file__).parent / "data/hf_configs/gpt-oss-20b.json").read_text())
+GPT_OSS_KEYS = ["swiglu_limit", "layer_types", "sliding_window", "attention_bias", "num_local_experts",
+                "num_experts_per_tok", "experts_per_token", "head_dim"]
+
+
 @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
-@given(edits=st.dictionaries(st.sampled_from(CONFIG_KEYS), st.sampled_from(BAD_VALUES), min_size=1, max_size=3))
-def test_model_configs_with_bad_fields(edits, tmp_path_factory):
+@given(data=st.data())
+def test_model_configs_with_bad_fields(data, tmp_path_factory):
+    base, keys = data.draw(st.sampled_from([(SMALL_MODEL, CONFIG_KEYS), (GPT_OSS, GPT_OSS_KEYS)]))
+    edits = data.draw(st.dictionaries(st.sampled_from(keys), st.sampled_from(BAD_VALUES), min_size=1, max_size=3))
     path = tmp_path_factory.mktemp("m") / "config.json"
-    path.write_text(json.dumps({**SMALL_MODEL, **edits}))
+    path.write_text(json.dumps({**base, **edits}))
     check(["simulate", "--model", str(path), "--gpus", "8", "--global-batch", "8", "--seq-len", "512",
            "--json"])
 

@@ -7,9 +7,12 @@ token, which ours must match within 2%.
 Attention masking: transformers runs eager attention here, which computes the full s x s
 score matrix whatever the causal or sliding-window mask; our unfused count (Shard flash
 False) does the same, and the sequences (16 tokens) are shorter than every window, so a
-sliding window changes neither side. The FLOP checks keep the first layers of each model,
-enough to hold every layer kind (DeepSeek-V3's dense and MoE layers, Gemma 3's local and
-global ones), to keep the file fast: FLOPs per token are a sum over layers either way.
+sliding window changes neither side. gpt-oss's attention sinks join each softmax as one
+more logit per row (a concatenation, no matmul) and its clamped SwiGLU and biases are
+elementwise: FlopCounterMode counts none of them, nor do our GEMM FLOPs. The FLOP checks
+keep the first layers of each model, enough to hold every layer kind (DeepSeek's dense and
+MoE layers, Gemma 3's and gpt-oss's local and global ones), to keep the file fast: FLOPs
+per token are a sum over layers either way.
 """
 import json
 from pathlib import Path
@@ -25,12 +28,17 @@ from meshplan.simulator.ops import Shard, head_ops, layer_ops, model_flops_per_s
 
 CONFIGS = Path(__file__).parent / "data" / "hf_configs"
 MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma2",
-               "gemma3_text", "phi3", "deepseek_v3", "gpt2", "gpt_neox")
+               "gemma3_text", "phi3", "deepseek_v3", "gpt_oss", "gpt2", "gpt_neox")
 REAL = sorted(p.name for p in CONFIGS.glob("*.json") if p.name != "gemma3-12b.json")
 # Variants the real configs do not exercise: MLA without the query low rank (DeepSeek-V2-Lite
-# style), dense layers inside MoE stacks by list and by step, Qwen2 sliding-window layers.
+# style), dense layers inside MoE stacks by list and by step, Qwen2 sliding-window layers,
+# DeepSeek-V2's defaults (num_experts_per_tok has none, so it is given) with its query low
+# rank and group-limited routing, gpt-oss with full attention in every layer.
 VARIANTS = {
     "deepseek_v3-no-q-lora": {"model_type": "deepseek_v3", "q_lora_rank": None},
+    "deepseek_v2-group-limited": {"model_type": "deepseek_v2", "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+                                  "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3},
+    "gpt_oss-full-attention": {"model_type": "gpt_oss", "layer_types": ["full_attention"] * 36},
     "qwen2_moe-mlp-only-0": {"model_type": "qwen2_moe", "mlp_only_layers": [0]},
     "qwen3_moe-sparse-step-2": {"model_type": "qwen3_moe", "decoder_sparse_step": 2},
     "qwen2-windowed": {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 32,
@@ -66,8 +74,10 @@ def _first_layers(config: dict) -> dict:
     """The config cut to its first layers, with every layer kind still present."""
     kind = config.get("model_type")
     key = "n_layer" if kind == "gpt2" else "num_hidden_layers"
-    keep = {"gemma3_text": 6, "deepseek_v3": config.get("first_k_dense_replace", 3) + 1}.get(kind, 2)
-    return dict(config, **{key: keep})
+    keep = {"gemma3_text": 6, "deepseek_v3": config.get("first_k_dense_replace", 3) + 1,
+            "deepseek_v2": config.get("first_k_dense_replace", 0) + 1}.get(kind, 2)
+    cut = {"layer_types": config["layer_types"][:keep]} if "layer_types" in config else {}
+    return dict(config, **{key: keep}, **cut)
 
 
 def _hf_flops_per_token(model) -> tuple[float, float]:
@@ -108,6 +118,6 @@ def test_router_renormalisation_is_read_from_the_config():
     """norm_topk_prob as each config sets it (Qwen2-57B-A14B false, Qwen3-30B-A3B true);
     Mixtral always renormalises its top-k weights."""
     read = {name: load_model(str(CONFIGS / f"{name}.json")).norm_topk_prob
-            for name in ("qwen2-57b-a14b", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3")}
+            for name in ("qwen2-57b-a14b", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3", "deepseek-v2-lite")}
     assert read == {"qwen2-57b-a14b": False, "qwen3-30b-a3b": True, "mixtral-8x7b": True,
-                    "deepseek-v3": True}
+                    "deepseek-v3": True, "deepseek-v2-lite": False}

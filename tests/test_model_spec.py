@@ -127,6 +127,41 @@ def test_deepseek_v3_dense_then_moe_layers_with_latent_attention():
     assert (model.num_shared_experts, model.shared_expert_ffn_size, model.router) == (1, 2048, "sigmoid")
 
 
+def test_gpt_oss_reads_as_biased_experts_in_every_layer():
+    # gpt-oss model card (OpenAI 2025) Table 1: gpt-oss-20b has 20.91B parameters, 3.61B
+    # active per token, counting the unembedding but not the embedding
+    model = _real("gpt-oss-20b.json")
+    assert model.num_params() / 1e9 == pytest.approx(20.91, abs=0.005)
+    assert (model.num_params(active=True) - model.embedding_params()) / 1e9 == pytest.approx(3.61, abs=0.005)
+    assert model.layer_kinds() == ((LayerKind(local=True, moe=True), 12), (LayerKind(moe=True), 12))
+    assert (model.num_experts, model.experts_per_token, model.sliding_window, model.head_dim) == (32, 4, 128, 64)
+    assert model.bias and model.router_bias and model.attn_sinks and model.swiglu_limit == 7.0
+
+
+def test_deepseek_v2_lite_softmax_router_without_query_low_rank():
+    # DeepSeek-V2 paper (arXiv 2405.04434) appendix B: V2-Lite has 15.7B parameters, 2.4B activated
+    # (the embedding not counted)
+    model = _real("deepseek-v2-lite.json")
+    assert model.num_params() / 1e9 == pytest.approx(15.7, abs=0.05)
+    assert (model.num_params(active=True) - model.embedding_params()) / 1e9 == pytest.approx(2.4, abs=0.06)
+    assert model.layer_kinds() == ((LayerKind(), 1), (LayerKind(moe=True), 26))
+    assert (model.router, model.norm_topk_prob, model.q_lora_rank, model.num_shared_experts) == ("softmax", False, 0, 2)
+
+
+def test_gpt_oss_and_deepseek_v2_unmodelled_keys_in_one_error():
+    oss = {"model_type": "gpt_oss", "attention_bias": False, "swiglu_limit": "7", "frobnicate": 1,
+           "layer_types": ["sliding_attention", "chunked_attention"]}
+    with pytest.raises(ModelError) as err:
+        from_hf_config(oss, source="c.json")
+    assert {f for f, _, _ in err.value.issues} == {
+        "c.json:attention_bias", "c.json:swiglu_limit", "c.json:frobnicate", "c.json:layer_types"}
+    v2 = {"model_type": "deepseek_v2", "mlp_bias": True, "attention_bias": True}
+    with pytest.raises(ModelError) as err:  # no default for num_experts_per_tok: never read as dense
+        from_hf_config(v2, source="c.json")
+    assert {f for f, _, _ in err.value.issues} == {
+        "c.json:mlp_bias", "c.json:attention_bias", "c.json:num_experts_per_tok"}
+
+
 @pytest.mark.parametrize("name,window,local", [
     ("mistral-7b-v0.1.json", 4096, 32),   # every layer slides over 4096 keys
     ("mistral-nemo-12b.json", None, 0),   # "sliding_window": null
@@ -186,7 +221,7 @@ def test_unknown_model_type_lists_the_supported_ones():
         from_hf_config({"model_type": "mamba", "hidden_size": 64})
 
 
-@pytest.mark.parametrize("name", ["deepseek-v3.json", "gemma2-9b.json", "qwen2-57b-a14b.json"])
+@pytest.mark.parametrize("name", ["deepseek-v3.json", "gemma2-9b.json", "qwen2-57b-a14b.json", "gpt-oss-20b.json"])
 def test_new_fields_json_round_trip(tmp_path, name):
     spec = _real(name)
     path = tmp_path / "spec.json"
@@ -200,6 +235,9 @@ def test_new_fields_json_round_trip(tmp_path, name):
     ({"dense_layers": (0,)}, "dense_layers"),
     ({"kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}, "num_kv_heads"),
     ({"num_heads": 3, "num_kv_heads": 3}, "num_heads"),
+    ({"router_bias": True}, "router_bias"),
+    ({"swiglu_limit": float("nan")}, "swiglu_limit"),
+    ({"swiglu_limit": 7.0, "gated_mlp": False}, "swiglu_limit"),
 ])
 def test_inconsistent_spec_refused(change, field):
     base = dict(name="m", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,

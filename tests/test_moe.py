@@ -11,7 +11,7 @@ from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Group
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.simulator import rules
-from meshplan.simulator.cost import _op_arrays, ep_comm_s, remote_nodes
+from meshplan.simulator.cost import _op_arrays, ep_comm_s, ep_counts_s, remote_nodes
 from meshplan.simulator.memory import OPTIMIZER_BYTES_PER_PARAM, stage_params
 from meshplan.simulator.model_spec import ZOO, load_model
 from meshplan.simulator.ops import FP8_CAST_BYTES, GEMM, Shard, active_experts, layer_ops
@@ -96,6 +96,18 @@ def test_all_to_all_volume_by_hand():
     assert ep_comm_s(MIXTRAL, 4096, 2, 1.0, H100, 1, 1, 8, 8) == pytest.approx(
         H100.collective_time_s("all_gather", 8 * 4096 * 4096 * 2, 8, 8)
         + H100.collective_time_s("reduce_scatter", 8 * 4096 * 4096 * 2, 8, 8))
+
+
+def test_dispatch_counts_exchange_once_per_forward_by_hand():
+    # Mixtral on one node, dp8 ep8, 32 micro-batches of 4096 tokens through 32 MoE layers:
+    # each forward and each backward dispatches and combines 64 MiB per rank, and each
+    # forward first exchanges the 8 experts' row counts (8 x int64)
+    assert ep_counts_s(MIXTRAL, H100, 8, 8) == pytest.approx(H100.collective_time_s("all_to_all", 64, 8, 8))
+    assert ep_counts_s(MIXTRAL, H100, 1, 1) == 0.0
+    result = simulate(MIXTRAL, plan(dp=8, ep=8, micro_batch=1), Cluster(8, 8), H100)
+    a2a = H100.collective_time_s("all_to_all", 64 * 2 ** 20, 8, 8)
+    assert result.breakdown_s["ep_comm"] == pytest.approx(
+        32 * 32 * (2 * 2 * a2a + H100.collective_time_s("all_to_all", 64, 8, 8)))
 
 
 def test_deepep_sends_each_token_once_per_remote_node():

@@ -17,7 +17,8 @@ A100 = load_profile("a100-80gb")
 OVERHEAD = FrameworkOverhead(layer_forward_s=1e-3, layer_backward_s=2e-3, tp_layer_forward_s=4e-3,
                              tp_layer_backward_s=5e-3, sp_layer_forward_s=6e-3,
                              sp_layer_backward_s=7e-3, prefill_layer_s=1.5e-3,
-                             decode_layer_s=0.5e-3, source="test")
+                             decode_layer_s=0.5e-3, moe_forward_s=3e-3, moe_backward_s=8e-3,
+                             source="test")
 
 
 def test_probe_measures_positive_overhead_and_dtensor_costs_more():
@@ -26,6 +27,8 @@ def test_probe_measures_positive_overhead_and_dtensor_costs_more():
     assert 0 < measured.layer_forward_s < 0.05 and 0 < measured.decode_layer_s < 0.05
     # DTensor's sharding propagation runs on every op of a TP layer
     assert measured.tp_layer_forward_s > measured.layer_forward_s
+    # routing, permutation and the grouped GEMMs' calls: more host work than one MLP
+    assert 0 < measured.moe_forward_s < 0.05 and 0 <= measured.moe_backward_s < 0.05
 
 
 def test_profile_round_trip_and_corrupt_field(tmp_path):
@@ -53,6 +56,20 @@ def test_cost_model_adds_overhead_per_layer(tp, sp, expected):
     assert more.fwd_compute_s - base.fwd_compute_s == pytest.approx(expected[0])
     assert more.bwd_input_s - base.bwd_input_s == pytest.approx(expected[1])
     assert more.recompute_s - base.recompute_s == pytest.approx(expected[0])  # full recompute redoes it
+
+
+def test_moe_layers_add_the_moe_block_overhead():
+    # DeepSeek-V3-style: the first 3 of 6 layers dense, so half the layers carry the MoE
+    # block's surcharge (1.5 ms forward, 4 ms backward per average layer)
+    moe = replace(ZOO["llama-2-7b"], name="half-moe", num_layers=6, num_experts=8,
+                  experts_per_token=2, moe_ffn_hidden_size=1024, dense_layers=(0, 1, 2))
+    shard = Shard(1, 512)
+    def costs(hw):
+        return layer_times(moe, hw, shard_times(moe, hw, [shard], "bf16"), shard.tokens, 2,
+                           1, False, 1, FULL, 1, 1, flash=True, tp_overlap=False)
+    base, more = costs(A100), costs(replace(A100, overhead=OVERHEAD))
+    assert more.fwd_compute_s - base.fwd_compute_s == pytest.approx(1e-3 + 0.5 * 3e-3)
+    assert more.bwd_input_s - base.bwd_input_s == pytest.approx(2e-3 + 0.5 * 8e-3)
 
 
 def test_decode_step_adds_decode_overhead_per_layer():

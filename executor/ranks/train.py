@@ -35,7 +35,7 @@ from meshplan.executor.checkpoint import CheckpointInfo
 from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages,
                               rank_memory, timed)
 from meshplan.executor.model import build_model, loss_fn
-from meshplan.executor.moe import reduce_expert_gradients
+from meshplan.executor.moe import reduce_expert_gradients, routing_imbalance
 from meshplan.executor.parallelize import (build_mesh, build_optimizer, full_gradients, gradient_sync,
                                   parallelize)
 from meshplan.executor.pipeline import build_schedule, split_stage, stage_indices
@@ -167,8 +167,10 @@ def run_job(spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torc
             fault_here(step, "step")
     # No step left (a restart after the last checkpoint): nothing was measured.
     memory = [m.to_json() for m in gather_from_ranks(job.memory) if m is not None]
+    imbalance = [i for i in gather_from_ranks(routing_imbalance(job.modules)) if i is not None]
     return TrainResult(losses=(*before, *global_losses(losses, job.has_last, device)),
                        step_times_s=tuple(times_s), memory_by_rank=tuple(memory),
+                       routing_imbalance=max(imbalance) if imbalance else None,
                        dtype=job.dtype, device=device.type).to_json()
 
 
