@@ -277,7 +277,7 @@ def _prefill_layer_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile)
     s = plan.prompt_len
     ops = _layer_ops(model, plan, _shard(model, plan, plan.micro_batch, s))
     return (float(_ops_s(ops + [_kv_write(model, plan, plan.micro_batch * s)], hw, plan.dtype).sum())
-            + hw.overhead.inference_layer_s(plan.tp, decode=False))
+            + hw.overhead.inference_layer_s(plan.tp, decode=False, moe_share=moe_layer_share(model)))
 
 
 def _layer_ops(model: ModelSpec, plan: InferencePlan, shard: Shard) -> list[Op]:
@@ -324,7 +324,8 @@ def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfi
     read_s = hw.memory_bound_time_s(b * contexts * kv_elements_per_token(model, plan.tp)
                                     * plan.kv_dtype_bytes, d)
     parts["kv_read"] = np.where(read_s >= flops_s, read_s, 0.0)
-    parts["host_overhead"] = hw.overhead.inference_layer_s(plan.tp, decode=True)
+    parts["host_overhead"] = hw.overhead.inference_layer_s(plan.tp, decode=True,
+                                                           moe_share=moe_layer_share(model))
     parts["compute"] = parts["compute"] + np.where(read_s >= flops_s, 0.0, flops_s)
     return parts
 
