@@ -22,7 +22,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                RowwiseParallel, SequenceParallel,
-                                               parallelize_module)
+                                               loss_parallel, parallelize_module)
 from torch.nn.parallel import DistributedDataParallel
 
 from meshplan.executor.model import Transformer
@@ -40,16 +40,21 @@ def build_mesh(mesh: Mesh, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, tuple(mesh.size(n) for n in names), mesh_dim_names=names)
 
 
-def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
+             loss_parallel: bool = False) -> None:
     """Megatron-LM tensor parallelism (Shoeybi et al. 2019 sec 3): column-parallel Q/K/V and
     MLP-in, row-parallel attention-out and MLP-down, vocab-parallel embedding and head; with
     sequence parallelism (Korthikanti et al. 2022 sec 4.2) the norms and the residual stream
     are sharded on the sequence dimension between the TP regions. Mirrors torchtitan's
-    apply_tp (without loss parallel: the head's logits are replicated)."""
+    apply_tp: with `loss_parallel` (training) the head's logits stay a DTensor sharded on the
+    vocabulary, Shard(-1), for the cross-entropy under loss_parallel() (see
+    training_context); without (generation), they are gathered (replicated)."""
     seq = Shard(1) if sequence_parallel else Replicate()
+    head = (ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
+            if loss_parallel else ColwiseParallel(input_layouts=seq, output_layouts=Replicate()))
     edges = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
              "pos_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
-             "output": ColwiseParallel(input_layouts=seq, output_layouts=Replicate())}
+             "output": head}
     if sequence_parallel:
         edges["norm"] = SequenceParallel()
     parallelize_module(model, tp_mesh, {k: v for k, v in edges.items()
@@ -148,7 +153,7 @@ def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh,
     """TP/SP -> EP (with an expert mesh) -> recompute -> DP on one (stage) module, in that
     order."""
     if plan.tp > 1:
-        apply_tp(model, mesh["tp"], plan.sp)
+        apply_tp(model, mesh["tp"], plan.sp, loss_parallel=True)
     if expert_mesh is not None:
         apply_ep(model, expert_mesh, plan.dp)
     if plan.recompute != "none":
@@ -167,6 +172,13 @@ def build_optimizer(modules: list[nn.Module], plan: Plan, mesh: DeviceMesh,
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
                                        process_group=mesh["dp"].get_group(), lr=lr)
     return torch.optim.AdamW(params, lr=lr)
+
+
+def training_context(plan: Plan):
+    """Where a training step's forward and backward run: under loss_parallel() with TP (the
+    cross-entropy over the vocabulary-sharded logits of apply_tp, as torchtitan's
+    train_context), else nothing."""
+    return loss_parallel() if plan.tp > 1 else nullcontext()
 
 
 @contextmanager
