@@ -59,6 +59,9 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
         edges["norm"] = SequenceParallel()
     parallelize_module(model, tp_mesh, {k: v for k, v in edges.items()
                                         if getattr(model, k) is not None})
+    for embedding in (model.tok_embeddings, model.pos_embeddings):
+        if embedding is not None:
+            keep_gradient_sharded(embedding.weight)
     for layer in model.layers.values():
         region = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
         layer_plan = {"attention": region,
@@ -92,6 +95,13 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
         parallelize_module(layer, tp_mesh, layer_plan)
     if model.spec.tied_embeddings:  # both are vocab-sharded (Shard(0)): tie the DTensors again
         model.output.weight = model.tok_embeddings.weight
+
+
+def keep_gradient_sharded(weight: DTensor) -> None:
+    """Give `weight` its gradient in its own placements: DTensor's embedding backward from a
+    replicated output gradient makes a replicated (whole-vocabulary) weight gradient, which
+    would otherwise stay in .grad at tp times the shard's size (torch 2.13)."""
+    weight.register_hook(lambda grad: grad.redistribute(placements=weight.placements))
 
 
 def apply_ep(model: Transformer, expert_mesh: DeviceMesh, dp: int) -> None:
