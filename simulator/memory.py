@@ -150,13 +150,11 @@ def model_state_bytes(params: float, dtype: str, dtype_bytes: int, zero: int,
     return weights, grads, optimizer
 
 
-def loss_bytes(tokens, vocab_size: int, tp, held):
-    """Bytes of the loss on the last pipeline rank: the fp32 log-probabilities cross-entropy
-    saves for backward for each of `held` micro-batches (schedule.loss_in_flight), and the
-    gradient of one micro-batch's logits in its backward; tokens x vocab / tp each, the
-    logits sharded on the vocabulary (Megatron-LM's vocab-parallel cross-entropy, Shoeybi et
-    al. 2019 sec 3; torchtitan's loss_parallel)."""
-    return 4 * tokens * vocab_size / tp * (held + 1)
+def logits_bytes(tokens, vocab_size: int, tp):
+    """Bytes of one micro-batch's fp32 logits (or their log-probabilities, or gradient) on one
+    device: tokens x vocab / tp, sharded on the vocabulary (Megatron-LM's vocab-parallel
+    cross-entropy, Shoeybi et al. 2019 sec 3; torchtitan's loss_parallel)."""
+    return 4 * tokens * vocab_size / tp
 
 
 def memory_reserve_bytes(capacity_bytes: float) -> float:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from meshplan.hw_profiles.profile import load_profile
-from meshplan.simulator.memory import layer_activation_bytes, loss_bytes, model_state_bytes, stage_params
+from meshplan.simulator.memory import layer_activation_bytes, logits_bytes, model_state_bytes, stage_params
 from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
 from meshplan.simulator.ops import GEMM, Shard, head_ops, layer_ops, model_flops_per_step, total_flops
 from meshplan.simulator.plan import Cluster, Plan
@@ -187,12 +187,26 @@ def test_sandwich_norms_keep_two_more_inputs():
 
 
 def test_loss_keeps_sharded_log_probabilities_per_micro_batch_in_flight():
-    # fp32, 8 tokens x 1000 / TP 2 vocabulary columns: 3 saved log-probabilities, 1 gradient
-    assert loss_bytes(8, 1000, 2, 3) == 4 * 8 * 500 * (3 + 1)
-    # GPipe's last stage keeps the loss of all 4 micro-batches (2 x 16 tokens), 1F1B's one
+    # fp32, 8 tokens x 1000 / TP 2 vocabulary columns
+    assert logits_bytes(8, 1000, 2) == 4 * 8 * 500
+    # GPipe's last stage keeps the log-probabilities of all 4 micro-batches (2 x 16 tokens),
+    # 1F1B's of one; and the logits' gradient of one
     model = ModelSpec("t", 4, 64, 4, 4, 128, 1000, 64)
     logits = 4 * 2 * 16 * 1000 / 2
     for schedule, copies in (("gpipe", 4 + 1), ("1f1b", 1 + 1)):
         plan = Plan(global_batch=8, seq_len=16, micro_batch=2, tp=2, pp=2, schedule=schedule)
         last = simulate(model, plan, Cluster(4, 4), load_profile("local")).stages[-1].memory
         assert last.buffers_bytes == copies * logits
+
+
+def test_loss_is_freed_before_the_layers_backward_gathers_and_rebuilds():
+    # ZeRO-3 over 2 ranks, bf16, 2 x 16 tokens: the loss (log-probabilities and gradient of
+    # the fp32 logits) or, later, two gathered layers, whichever is larger
+    model = ModelSpec("t", 4, 64, 4, 4, 128, 1000, 64)
+    layer_params = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64  # Q, K, V, O; gated MLP; two norms
+    loss = 2 * 4 * 2 * 16 * 1000
+    for vocab in (4000, 20):  # the loss larger, then the gathered layers
+        sized = replace(model, vocab_size=vocab)
+        plan = Plan(global_batch=8, seq_len=16, micro_batch=2, dp=2, zero=3, dtype="bf16")
+        memory = simulate(sized, plan, Cluster(2, 2), load_profile("local")).stages[0].memory
+        assert memory.buffers_bytes == max(loss * vocab / 1000, 2 * layer_params * 2)
