@@ -41,17 +41,18 @@ def build_mesh(mesh: Mesh, device_type: str) -> DeviceMesh:
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
-             loss_parallel: bool = False) -> None:
+             training: bool = False) -> None:
     """Megatron-LM tensor parallelism (Shoeybi et al. 2019 sec 3): column-parallel Q/K/V and
     MLP-in, row-parallel attention-out and MLP-down, vocab-parallel embedding and head; with
     sequence parallelism (Korthikanti et al. 2022 sec 4.2) the norms and the residual stream
     are sharded on the sequence dimension between the TP regions. Mirrors torchtitan's
-    apply_tp: with `loss_parallel` (training) the head's logits stay a DTensor sharded on the
-    vocabulary, Shard(-1), for the cross-entropy under loss_parallel() (see
-    training_context); without (generation), they are gathered (replicated)."""
+    apply_tp: for `training` the head's logits stay a DTensor sharded on the vocabulary,
+    Shard(-1), for the cross-entropy under loss_parallel() (see training_context), and the
+    embeddings' gradients keep their weights' sharding; for generation the logits are
+    gathered (replicated)."""
     seq = Shard(1) if sequence_parallel else Replicate()
     head = (ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
-            if loss_parallel else ColwiseParallel(input_layouts=seq, output_layouts=Replicate()))
+            if training else ColwiseParallel(input_layouts=seq, output_layouts=Replicate()))
     edges = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
              "pos_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
              "output": head}
@@ -60,7 +61,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
     parallelize_module(model, tp_mesh, {k: v for k, v in edges.items()
                                         if getattr(model, k) is not None})
     for embedding in (model.tok_embeddings, model.pos_embeddings):
-        if embedding is not None:
+        if training and embedding is not None:
             keep_gradient_sharded(embedding.weight)
     for layer in model.layers.values():
         region = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
@@ -163,7 +164,7 @@ def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh,
     """TP/SP -> EP (with an expert mesh) -> recompute -> DP on one (stage) module, in that
     order."""
     if plan.tp > 1:
-        apply_tp(model, mesh["tp"], plan.sp, loss_parallel=True)
+        apply_tp(model, mesh["tp"], plan.sp, training=True)
     if expert_mesh is not None:
         apply_ep(model, expert_mesh, plan.dp)
     if plan.recompute != "none":
