@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from meshplan.executor.kv_cache import KVCache, LayerCache
 from meshplan.executor.moe import MoE, activation
@@ -195,5 +196,8 @@ def build_model(spec: ModelSpec, seed: int) -> Transformer:
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over every token of the batch."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    """Mean next-token cross-entropy over every token of the batch. Logits sharded on the
+    vocabulary (a DTensor, under loss_parallel()) give a replicated loss, returned as a local
+    copy (not to_local's view: the zero-bubble pipeline detaches stage outputs in place)."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return loss.to_local().clone() if isinstance(loss, DTensor) else loss

@@ -107,3 +107,11 @@ def in_flight(schedule, p, v, m, s):
     return np.where(schedule == SCHEDULES.index("gpipe"), m, np.where(
         schedule == SCHEDULES.index("interleaved"),
         np.minimum(2 * (p - s - 1) + (v - 1) * p + 1, m * v), one_f_one_b))
+
+
+def loss_in_flight(schedule, p, m):
+    """Micro-batches whose loss (the log-probabilities cross-entropy saves) the last rank
+    holds at its peak: in_flight of the last rank, whose one chunk ends in the loss (GPipe
+    all m, 1F1B and ZB-H1 one); interleaved 1F1B runs the last chunk's backward of a
+    micro-batch right after its forward (Narayanan et al. 2021 sec 2.2), so one."""
+    return np.where(schedule == SCHEDULES.index("interleaved"), 1, in_flight(schedule, p, 1, m, p - 1))

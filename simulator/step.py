@@ -29,10 +29,12 @@ from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator.cost import (FULL, NONE, ExpertMesh, collective_s, layer_times,
                                      overlap_split, shard_times)
 from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, expert_layer_params,
-                                       layer_activation_bytes, model_state_bytes, stage_params)
+                                       layer_activation_bytes, logits_bytes, model_state_bytes,
+                                       stage_params)
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import Shard
 from meshplan.simulator.plan import DTYPE_BYTES, RECOMPUTE, SCHEDULES
+from meshplan.simulator.schedule import loss_in_flight
 
 SHARD_KEYS = ("tp", "sp", "cp", "micro_batch", "ep", "etp")
 COST_KEYS = SHARD_KEYS + ("rc", "tp_overlap", "tp_rpn", "cp_rpn", "ep_rpn", "etp_rpn", "tp_share",
@@ -221,9 +223,11 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     """Bytes on pipeline rank s (n layers, `params` parameters, `inflight` micro-batch
     chunks of activations held at the peak): weights, gradients and Adam states under the
     ZeRO stage (memory.model_state_bytes), activations (Korthikanti et al. 2022), and
-    buffers: the last rank's fp32 logits and their gradient for one micro-batch, one layer
-    rebuilt in backward under full recompute, and the gathered weights of the current and
-    the prefetched layer under ZeRO-3."""
+    buffers: on the last rank the loss, the saved fp32 log-probabilities of each micro-batch
+    in flight (schedule.loss_in_flight) and in its backward the logits' gradient; one layer
+    rebuilt in backward under full recompute; the gathered weights of the current and the
+    prefetched layer under ZeRO-3. The head's backward frees the loss's two before the first
+    layer's backward rebuilds and gathers, so those take the larger of the two."""
     c = _col
     z, v = r["zero"], r["virtual_stages"]
     parts, degrees = _split(r, params, n)
@@ -231,11 +235,14 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
                                    [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["gd"])[i]
                                     for k in range(4)]) for part, degree in zip(parts, degrees))
               for i in range(3)]
-    # ZeRO-3 gathered weights: the current and the prefetched layer, or, without resharding
-    # after forward, every layer of the rank from its forward to its backward
-    gathered = np.where(c(r["reshard"]), 2, n) * c((z == 3) * r["per_layer"] * r["d"])
-    buffers = ((s == c(r["pp"]) - 1) * c(2 * 4 * r["tokens"] * model.vocab_size / r["tp"])
-               + c((r["rc"] == FULL) * r["act_none"]) + gathered)
+    # ZeRO-3 gathered weights: in backward the current and the prefetched layer, or, without
+    # resharding after forward, every layer of the rank from its forward to its backward
+    layer_bytes = c((z == 3) * r["per_layer"] * r["d"])
+    in_backward = np.where(c(r["reshard"]), 2, 0) * layer_bytes + c((r["rc"] == FULL) * r["act_none"])
+    logits = (s == c(r["pp"]) - 1) * c(logits_bytes(r["tokens"], model.vocab_size, r["tp"]))
+    held = c(loss_in_flight(r["sched"], r["pp"], r["num_microbatches"]))
+    buffers = ((held - 1) * logits + np.maximum(2 * logits, in_backward)
+               + np.where(c(r["reshard"]), 0, n) * layer_bytes)
     return {"weights": states[0], "gradients": states[1], "optimizer": states[2],
             "activations": inflight * n / c(v) * c(r["act"]), "buffers": buffers}
 
