@@ -25,12 +25,15 @@ OPTIMIZER_BYTES_PER_PARAM = {"fp32": 8, "bf16": 12, "fp16": 12, "fp8": 12}
 ADAM_STEP_BYTES_PER_PARAM = {"fp32": 28, "bf16": 28, "fp16": 28, "fp8": 28}
 
 
-def mlp_saved_widths(model: ModelSpec) -> int:
+def mlp_saved_widths(model: ModelSpec, fused: bool = True) -> int:
     """Tensors of the MLP's width that autograd saves per token: the activation's input and
-    the down-projection's input (Korthikanti et al. sec 4.1), and with a gate also the up
-    projection's output and the activation's output, the gate product's two operands (eager
-    PyTorch, as torchtitan's FeedForward and GroupedExperts: act(x W1) * (x W3))."""
-    return 4 if model.gated_mlp else 2
+    the down-projection's input (Korthikanti et al. sec 4.1); with a gate also the gate's
+    input, and in eager PyTorch the activation's output, the gate product's other operand
+    (torchtitan's FeedForward and GroupedExperts without compile: act(x W1) * (x W3)). A fused
+    activation (Megatron-LM's bias_swiglu_impl, torch.compile) saves its inputs only."""
+    if not model.gated_mlp:
+        return 2
+    return 3 if fused else 4
 
 
 def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, kind: LayerKind) -> float:
@@ -48,7 +51,7 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
         return d * ntok * h  # only the layer input is kept (sec 4.3: 2sbh, /t with SP)
     mask = 1 if model.dropout else 0
     heads, kv_heads = model.num_heads // t, model.num_kv_heads // t
-    widths = mlp_saved_widths(model)
+    widths = mlp_saved_widths(model, shard.fused_mlp)
     # Norm inputs (2, 4 with sandwich norms, one fewer when both blocks read the layer
     # input), QKV input, MLP input, 2 dropout masks: replicated, or SP-sharded.
     norms = 2 + (2 if model.sandwich_norm else 0) - (1 if model.parallel_residual else 0)

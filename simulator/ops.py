@@ -105,6 +105,7 @@ class Shard:
     fp8: str | None = None        # the FP8 recipe (plan.FP8_RECIPES) when the GEMMs run in FP8
     expert_load: tuple[float, float] | None = None  # (routed rows, distinct experts) this device's
     # experts run, where the caller knows them (serving); None: from expert_tokens (_moe_ops)
+    fused_mlp: bool = True        # plan.mlp_kernel == "fused"
 
     def __post_init__(self):
         if self.etp is None:

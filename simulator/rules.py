@@ -449,6 +449,11 @@ _TORCHTITAN = (
     _flavor_rule("0.3"),
     _rule("plan.attention", "attention", lambda x, m, c: x.attention == "flash",
           lambda x, m, c: "torchtitan runs fused attention (SDPA / flex) only", "plan with flash attention"),
+    # async TP works in a compiled model, and compiling fuses the gated MLP's activation
+    _rule("plan.mlp_kernel", "tp_overlap mlp_kernel",
+          lambda x, m, c: ~np.asarray(x.tp_overlap, dtype=bool) | (x.mlp_kernel == "fused") | (not m.gated_mlp),
+          lambda x, m, c: "torchtitan's async TP compiles the model, which fuses the MLP's activation",
+          "plan with mlp_kernel fused, or without tp_overlap"),
     # torchtitan runs zero-bubble schedules only with >= 2 stages per rank
     _rule("plan.schedule", "pp schedule",
           lambda x, m, c: (x.pp == 1) | np.isin(x.schedule, list(TORCH_SCHEDULES)),
@@ -609,6 +614,11 @@ FRAMEWORKS = {
               lambda x, m, c: "DeepSpeed-MoE does not run under ZeRO-3", "plan with ZeRO 0-2"),
         _rule("plan.moe_dispatcher", "moe_dispatcher", lambda x, m, c: x.moe_dispatcher == "alltoall",
               lambda x, m, c: "DeepSpeed-MoE dispatches with its all-to-all only", "plan with the alltoall dispatcher"),
+        # Megatron-DeepSpeed's ParallelMLP: swiglu(x) = F.silu(x[0]) * x[1], no fused kernel
+        _rule("plan.mlp_kernel", "mlp_kernel",
+              lambda x, m, c: (x.mlp_kernel == "eager") | (not m.gated_mlp),
+              lambda x, m, c: "Megatron-DeepSpeed runs its SwiGLU as eager PyTorch ops",
+              "plan with mlp_kernel eager"),
     ),
     "plan": (),
 }

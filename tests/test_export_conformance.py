@@ -109,19 +109,19 @@ MEGATRON_PLANS = [("llama-3-70b", 64, plan(zero=1, **knobs)) for knobs in LLAMA3
     (QWEN3_MOE, 64, plan(dp=64, zero=3, reshard_after_forward=False)),
 ]
 DEEPSPEED_PLANS = [
-    ("llama-2-13b", 64, plan(dp=4, tp=4, pp=4, sp=True, zero=1, recompute="full")),
-    ("llama-2-13b", 64, plan(dp=8, tp=8, sp=True, zero=1, recompute="selective")),
-    ("llama-2-13b", 64, plan(dp=64, zero=3, recompute="full")),
-    ("llama-2-13b", 64, plan(dp=16, tp=4, zero=2)),
-    ("llama-2-13b", 64, plan(dp=8, pp=8, zero=0, micro_batch=1)),
-    ("llama-2-70b", 64, plan(dp=2, tp=8, pp=4, sp=True, zero=1, recompute="full")),
-    ("llama-2-70b", 64, plan(dp=8, tp=8, sp=True, zero=3, recompute="full")),
-    ("llama-2-7b", 16, plan(global_batch=32, dp=4, tp=2, pp=2, zero=1, dtype="fp16")),
-    ("gpt3-175b", 64, plan(seq_len=2048, dp=1, tp=8, pp=8, sp=True, zero=1, dtype="fp16", recompute="full")),
-    ("gpt3-175b", 64, plan(seq_len=2048, dp=64, zero=3, recompute="full")),
-    ("llama-3-70b", 64, plan(dp=4, tp=8, pp=2, sp=True, zero=1, recompute="selective", layer_partition=(40, 40))),
-    (MIXTRAL, 64, plan(dp=8, tp=8, sp=True, zero=1, ep=8, moe_capacity_factor=1.25)),
-    (MIXTRAL, 64, plan(dp=64, zero=2, ep=8, grad_reduce_dtype="bf16")),
+    ("llama-2-13b", 64, plan(mlp_kernel="eager", dp=4, tp=4, pp=4, sp=True, zero=1, recompute="full")),
+    ("llama-2-13b", 64, plan(mlp_kernel="eager", dp=8, tp=8, sp=True, zero=1, recompute="selective")),
+    ("llama-2-13b", 64, plan(mlp_kernel="eager", dp=64, zero=3, recompute="full")),
+    ("llama-2-13b", 64, plan(mlp_kernel="eager", dp=16, tp=4, zero=2)),
+    ("llama-2-13b", 64, plan(mlp_kernel="eager", dp=8, pp=8, zero=0, micro_batch=1)),
+    ("llama-2-70b", 64, plan(mlp_kernel="eager", dp=2, tp=8, pp=4, sp=True, zero=1, recompute="full")),
+    ("llama-2-70b", 64, plan(mlp_kernel="eager", dp=8, tp=8, sp=True, zero=3, recompute="full")),
+    ("llama-2-7b", 16, plan(mlp_kernel="eager", global_batch=32, dp=4, tp=2, pp=2, zero=1, dtype="fp16")),
+    ("gpt3-175b", 64, plan(mlp_kernel="eager", seq_len=2048, dp=1, tp=8, pp=8, sp=True, zero=1, dtype="fp16", recompute="full")),
+    ("gpt3-175b", 64, plan(mlp_kernel="eager", seq_len=2048, dp=64, zero=3, recompute="full")),
+    ("llama-3-70b", 64, plan(mlp_kernel="eager", dp=4, tp=8, pp=2, sp=True, zero=1, recompute="selective", layer_partition=(40, 40))),
+    (MIXTRAL, 64, plan(mlp_kernel="eager", dp=8, tp=8, sp=True, zero=1, ep=8, moe_capacity_factor=1.25)),
+    (MIXTRAL, 64, plan(mlp_kernel="eager", dp=64, zero=2, ep=8, grad_reduce_dtype="bf16")),
 ]
 
 

@@ -153,11 +153,14 @@ def test_moe_layer_activations_by_hand():
     norms_qkv_mlp_inputs = 2 * 4 * 8 * 64          # 2 norm inputs, QKV input, MLP input
     router_scores = 2 * 8 * 4
     attention = 2 * 8 * (8 * 16 + 4 * 16 + 4 * 16)  # Q and K, V, attention output
-    # per routed row: copy in, out; gate and up outputs, the activation's output, down input
+    # per routed row: copy in, out; gate and up outputs, the activation's output (eager
+    # only), down input
     experts = 2 * 8 * 2 * (2 * 64 + 4 * 32)
     lse = 4 * 1 * 4 * 8                             # fp32 log-sum-exp per query row and head
-    assert layer_activation_bytes(model, shard, "none") == (
+    assert layer_activation_bytes(model, replace(shard, fused_mlp=False), "none") == (
         norms_qkv_mlp_inputs + router_scores + attention + experts + lse)
+    assert layer_activation_bytes(model, shard, "none") == (
+        norms_qkv_mlp_inputs + router_scores + attention + experts - 2 * 8 * 2 * 32 + lse)
     assert layer_activation_bytes(model, shard, "full") == 2 * 8 * 64
 
 
@@ -169,12 +172,15 @@ def test_dense_layer_activations_by_hand():
     norms_qkv_mlp_inputs = 2 * 4 * 8 * 64           # replicated over TP without SP
     attention = 2 * 8 * (4 * 16 + 2 * 16 + 2 * 16)  # Q and K, V, attention output: 2 heads
     lse = 4 * 1 * 2 * 8
-    # act(x W1) * (x W3): W1's output (the activation's input), the activation's output and
-    # W3's output (the product's operands), the product (W2's input)
+    # eager act(x W1) * (x W3): W1's output (the activation's input), the activation's output
+    # and W3's output (the product's operands), the product (W2's input); a fused kernel
+    # keeps its two inputs and recomputes the activation
     swiglu = 2 * 8 * 4 * 64
+    fused_swiglu = 2 * 8 * 3 * 64
     plain_mlp = 2 * 8 * 2 * 64                      # the activation's input, W2's input
     common = norms_qkv_mlp_inputs + attention + lse
-    assert layer_activation_bytes(gated, shard, "none") == common + swiglu
+    assert layer_activation_bytes(gated, replace(shard, fused_mlp=False), "none") == common + swiglu
+    assert layer_activation_bytes(gated, shard, "none") == common + fused_swiglu
     assert layer_activation_bytes(replace(gated, gated_mlp=False), shard, "none") == common + plain_mlp
 
 
