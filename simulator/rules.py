@@ -226,17 +226,21 @@ def _features_rule(field: str, who: str, builds: tuple[str, ...], fix: str) -> R
 
 # What the executor cannot run on this backend (torch 2.13, gloo on CPU).
 # executor/model.py builds a dense decoder, or softmax-routed experts without biases
-# (executor/moe.py) with shared experts and dense layers among them
-_EXECUTOR_MODEL = (
-    _features_rule("model", "the executor's decoder",
-                   ("mixture-of-experts", "shared experts", "dense layers among the expert layers"),
-                   "run a llama- or gpt2-style model, dense or with softmax-routed experts; plan "
-                   "and simulate take this one"),
-    _rule("model", "", lambda x, m, c: not (m.num_experts > 0 and m.bias),
-          lambda x, m, c: "the executor's experts have no biases", "run a model without biases"),
-)
+# (executor/moe.py) with shared experts and dense layers among them; it serves
+# sliding-window layers too (their window mask and kept window, executor/kv_cache.py)
+_EXECUTOR_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among the expert layers")
+
+
+def _executor_model(builds: tuple[str, ...]) -> tuple[Rule, ...]:
+    return (_features_rule("model", "the executor's decoder", builds,
+                           "run a llama- or gpt2-style model, dense or with softmax-routed experts; "
+                           "plan and simulate take this one"),
+            _rule("model", "", lambda x, m, c: not (m.num_experts > 0 and m.bias),
+                  lambda x, m, c: "the executor's experts have no biases", "run a model without biases"))
+
+
 EXECUTOR_TRAINING = (
-    *_EXECUTOR_MODEL,
+    *_executor_model(_EXECUTOR_BUILDS),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
     _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
@@ -329,7 +333,7 @@ def _shard_widths(m: ModelSpec, x) -> np.ndarray:
     return np.array(widths)
 
 EXECUTOR_SERVING = (
-    *_EXECUTOR_MODEL,
+    *_executor_model(_EXECUTOR_BUILDS + ("sliding-window attention",)),
     _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (
               (m.moe_ffn_hidden_size % x.tp == 0) & (m.shared_ffn_size % x.tp == 0)),
           lambda x, m, c: f"{x.tp} does not divide the experts' width {m.moe_ffn_hidden_size} and "

@@ -14,6 +14,8 @@ flight. Definitions:
   decode_tokens_per_s is the steady-state decode rate without prefill.
 Mixture-of-experts layers read the weights of the experts the step's tokens hit
 (ops.active_experts), latent attention caches its compressed latent (kv_elements_per_token),
+sliding-window layers keep and read only their window (kv_tokens_per_sequence, as vLLM's
+hybrid KV cache manager and windowed attention kernels do),
 and the weights may be quantized (quantize.py). The experts run over the tp x replicas ranks
 of a stage, sharded or whole (expert_parallel, vLLM's --enable-expert-parallel), with the
 replicas' tokens gathered for them (serve_experts.py).
@@ -46,6 +48,8 @@ from meshplan.simulator.serve_experts import dispatch_s, expert_degrees, expert_
 DTYPES = ("fp32", "bf16", "fp16")
 # KV caches may be stored in fp8 (vLLM --kv-cache-dtype fp8) while weights stay 16-bit.
 KV_DTYPE_BYTES = {**{d: DTYPE_BYTES[d] for d in DTYPES}, "fp8": 1}
+# Tokens per KV-cache block: vLLM's default --block-size (vllm/config/cache.py, DEFAULT_BLOCK_SIZE).
+KV_BLOCK_TOKENS = 16
 DECODE_KEYS = ("weights_read", "kv_read", "compute", "elementwise", "host_overhead", "tp_comm",
                "moe_dispatch", "pp_handoff", "pp_bubble")
 
@@ -148,8 +152,37 @@ def kv_elements_per_token(model: ModelSpec, tp: int = 1) -> int:
 
 
 def kv_bytes_per_token(model: ModelSpec, kv_dtype: str = "fp16", tp: int = 1) -> int:
-    """KV-cache bytes one token adds on one device, all layers."""
+    """KV-cache bytes one token adds on one device, all layers, while every layer keeps it
+    (a sliding-window layer drops it once it leaves the window: kv_tokens_per_sequence)."""
     return model.num_layers * kv_elements_per_token(model, tp) * KV_DTYPE_BYTES[kv_dtype]
+
+
+def window_kept_tokens(window: int) -> int:
+    """Token slots a sliding-window layer keeps per sequence: vLLM's SlidingWindowManager frees
+    the blocks wholly before the last window - 1 tokens (remove_skipped_blocks), keeping at
+    most ceil((window - 1) / block) + 1 blocks (SlidingWindowSpec.max_memory_usage_bytes: the
+    window need not start at a block boundary)."""
+    return KV_BLOCK_TOKENS * (math.ceil((window - 1) / KV_BLOCK_TOKENS) + 1)
+
+
+def kv_tokens_per_sequence(model: ModelSpec, prompt_len: int, context_len: int,
+                           layers: range | None = None) -> int:
+    """Cached (token, layer) pairs of one sequence at its peak over `layers` (default all): the
+    larger of its prefill, where every layer holds the whole prompt (vLLM allocates the slots
+    of every scheduled token before the step and frees a window's old blocks only at the next
+    step; one prefill pass, no chunked prefill, as the timing assumes), and its last decode
+    step, where full-attention layers hold the context and sliding-window layers
+    min(context, window_kept_tokens)."""
+    layers = range(model.num_layers) if layers is None else layers
+    local = sum(1 for i in model.local_layers if i in layers)
+    kept = min(context_len, window_kept_tokens(model.sliding_window)) if local else 0
+    return max(len(layers) * prompt_len, (len(layers) - local) * context_len + local * kept)
+
+
+def kv_bytes_per_sequence(model: ModelSpec, plan: InferencePlan, layers: range | None = None) -> int:
+    """KV-cache bytes one sequence of the plan holds on one device at its peak over `layers`."""
+    return (kv_tokens_per_sequence(model, plan.prompt_len, plan.context_len, layers)
+            * kv_elements_per_token(model, plan.tp) * plan.kv_dtype_bytes)
 
 
 @dataclass(frozen=True)
@@ -301,33 +334,49 @@ def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfi
     """One layer's decode step of one micro-batch on one device by category, arrays over the
     step's context length. Weight GEMMs have m = micro-batch, so the profile's roofline makes
     them weight-read bound at small batch and compute bound at large. Attention reads
-    micro x context x 2 x kv_heads/tp x head_dim KV elements at the memory-bound rate, unless
+    micro x keys x 2 x kv_heads/tp x head_dim KV elements at the memory-bound rate, unless
     its FLOPs take longer: scores and values of one fused kernel, counted as one [g, d] x
-    [d, 2 ctx] GEMM per KV head and sequence (g query heads share a KV head, as GQA decode
-    kernels group them)."""
+    [d, 2 keys] GEMM per KV head and sequence (g query heads share a KV head, as GQA decode
+    kernels group them). Keys are the context, or in a sliding-window layer the last
+    min(context, window) (FlashAttention's window_size skips the key blocks before it); the
+    mean layer weighs each kind by its share of the layers."""
     b, d = plan.micro_batch, plan.dtype
     ops = [op for op in _layer_ops(model, plan, _shard(model, plan, b, 1))
            if not op.attention_core] + [_kv_write(model, plan, b)]
     parts = _classified_s(ops, hw, compute_hw, d)
+    kv_read, attention = np.zeros_like(contexts), np.zeros_like(contexts)
+    for kind, n in model.layer_kinds():
+        keys = np.minimum(contexts, model.sliding_window) if kind.local else contexts
+        read_s, flops_s = _decode_attention_s(model, plan, hw, compute_hw, keys)
+        kv_read = kv_read + n / model.num_layers * np.where(read_s >= flops_s, read_s, 0.0)
+        attention = attention + n / model.num_layers * np.where(read_s >= flops_s, 0.0, flops_s)
+    parts["kv_read"] = kv_read
+    parts["host_overhead"] = hw.overhead.inference_layer_s(plan.tp, decode=True,
+                                                           moe_share=moe_layer_share(model))
+    parts["compute"] = parts["compute"] + attention
+    return parts
+
+
+def _decode_attention_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
+                        compute_hw: HardwareProfile, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(KV read time, FLOP time) of one layer's decode attention over `keys` cached tokens of
+    each sequence of the micro-batch."""
+    b, d = plan.micro_batch, plan.dtype
     if model.kv_lora_rank:
         # latent attention decodes with the up-projections absorbed into the query and the
         # output (DeepSeek-V2 sec 2.1.2; vLLM's MLA decode): every local head scores the
         # latent and RoPE key ([heads, c + r] x [c + r, ctx]) and reads values from the
         # latent ([heads, ctx] x [ctx, c]) per sequence
         heads, c, r = model.num_heads // plan.tp, model.kv_lora_rank, model.qk_rope_head_dim
-        flops_s = (compute_hw.gemm_time_s(heads, contexts, c + r, d, batch=b)
-                   + compute_hw.gemm_time_s(heads, c, contexts, d, batch=b))
+        flops_s = (compute_hw.gemm_time_s(heads, keys, c + r, d, batch=b)
+                   + compute_hw.gemm_time_s(heads, c, keys, d, batch=b))
     else:
         kv, hd = model.num_kv_heads // plan.tp, model.head_dim
         g = model.num_heads // model.num_kv_heads
-        flops_s = compute_hw.gemm_time_s(g, 2 * contexts, hd, d, batch=b * kv)
-    read_s = hw.memory_bound_time_s(b * contexts * kv_elements_per_token(model, plan.tp)
+        flops_s = compute_hw.gemm_time_s(g, 2 * keys, hd, d, batch=b * kv)
+    read_s = hw.memory_bound_time_s(b * keys * kv_elements_per_token(model, plan.tp)
                                     * plan.kv_dtype_bytes, d)
-    parts["kv_read"] = np.where(read_s >= flops_s, read_s, 0.0)
-    parts["host_overhead"] = hw.overhead.inference_layer_s(plan.tp, decode=True,
-                                                           moe_share=moe_layer_share(model))
-    parts["compute"] = parts["compute"] + np.where(read_s >= flops_s, 0.0, flops_s)
-    return parts
+    return read_s, flops_s
 
 
 @dataclass(frozen=True)
@@ -339,6 +388,12 @@ class _Layout:
     tp: Group
     pair: Group
     dp: Group
+
+    @property
+    def ranges(self) -> list[range]:
+        """The layer indices of each stage (contiguous, in order)."""
+        ends = np.cumsum(self.layers).tolist()
+        return [range(end - n, end) for n, end in zip(self.layers, ends)]
 
     @property
     def stages(self) -> list[tuple[int, bool, bool]]:
@@ -424,16 +479,16 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
     tpot, decode = _decode_s(served, plan, hw, at)
     latency = ttft + (plan.gen_len - 1) * tpot
 
-    # Memory per stage: weights, the KV cache of every sequence at full context, one prefill
-    # micro-batch's transient activations.
+    # Memory per stage: weights, the KV cache of every sequence at its peak (full context, or
+    # the window in sliding-window layers: kv_bytes_per_sequence), one prefill micro-batch's
+    # transient activations.
     capacity = float(hw.memory_bytes)
     limit = capacity - memory_reserve_bytes(capacity)
-    kv_token_layer = kv_bytes_per_token(model, plan.kv_dtype, plan.tp) / model.num_layers
     ep, etp = expert_degrees(model, plan.tp, plan.replicas, plan.expert_parallel)
     narrowed = quantized_weights(served, plan.tp, ep, etp) * (plan.dtype_bytes - plan.weight_bytes)
     weights = np.array([stage_params(served, plan.tp, plan.pp, n, f, la, ep, etp) * plan.dtype_bytes
                         - n * narrowed for n, f, la in at.stages], dtype=float)
-    kv_seq = np.array([plan.context_len * n * kv_token_layer for n in at.layers], dtype=float)
+    kv_seq = np.array([kv_bytes_per_sequence(model, plan, layers) for layers in at.ranges], dtype=float)
     act_seq = np.array([_activation_bytes_per_seq(served, plan, la) for _, _, la in at.stages])
     memory = weights + plan.batch * kv_seq + plan.micro_batch * act_seq
     peak = int(np.argmax(memory))
