@@ -140,6 +140,7 @@ class InferencePlan:
     def from_dict(cls, data: dict) -> InferencePlan:
         return from_fields(cls, data, "plan.", PlanError, "inference plan")
 
+
 def kv_elements_per_token(model: ModelSpec, tp: int = 1) -> int:
     """KV-cache elements one token adds per layer on one device: K and V of each KV head
     (GQA/MQA: num_kv_heads, not num_heads), max(1, kv/tp) heads per device; with latent
@@ -149,12 +150,6 @@ def kv_elements_per_token(model: ModelSpec, tp: int = 1) -> int:
     if model.kv_lora_rank:
         return model.kv_lora_rank + model.qk_rope_head_dim
     return 2 * max(1, model.num_kv_heads // tp) * model.head_dim
-
-
-def kv_bytes_per_token(model: ModelSpec, kv_dtype: str = "fp16", tp: int = 1) -> int:
-    """KV-cache bytes one token adds on one device, all layers, while every layer keeps it
-    (a sliding-window layer drops it once it leaves the window: kv_tokens_per_sequence)."""
-    return model.num_layers * kv_elements_per_token(model, tp) * KV_DTYPE_BYTES[kv_dtype]
 
 
 def window_kept_tokens(window: int) -> int:
