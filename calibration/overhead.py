@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from meshplan.executor.kv_cache import KVCache
 from meshplan.executor.model import build_model, loss_fn
 from meshplan.executor.parallelize import apply_tp
 from meshplan.hw_profiles.profile import FrameworkOverhead
@@ -92,11 +91,11 @@ def _inference_s(num_layers: int, repeats: int, warmup: int) -> tuple[float, flo
     """(prompt forward, one-token decode forward over the cache) seconds."""
     model = _model(num_layers, None)
     prompt = torch.randint(0, 128, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
-    prefill = _median_s(lambda: model(prompt, KVCache(model.layers, PROBE_TOKENS + 1)),
+    prefill = _median_s(lambda: model(prompt, model.new_cache(PROBE_TOKENS + 1)),
                         repeats, warmup)
 
     def decode():
-        cache = KVCache(model.layers, PROBE_TOKENS + 1)
+        cache = model.new_cache(PROBE_TOKENS + 1)
         model(prompt, cache)
         start = time.perf_counter()
         model(prompt[:, :1], cache)

@@ -30,7 +30,6 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from meshplan.core.mesh import Mesh
-from meshplan.executor.kv_cache import KVCache
 from meshplan.executor.model import Transformer, build_model
 from meshplan.executor.parallelize import apply_tp, build_mesh
 from meshplan.executor.pipeline import split_stage
@@ -55,7 +54,7 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 def generate(model: Transformer, prompts: torch.Tensor, gen_len: int) -> torch.Tensor:
     """[batch, gen_len] greedy tokens in one process: a prefill forward, then gen_len - 1
     one-token decode forwards over the KV cache."""
-    cache = KVCache(model.layers, prompts.shape[1] + gen_len - 1)
+    cache = model.new_cache(prompts.shape[1] + gen_len - 1)
     tokens = [greedy(model(prompts, cache))]
     for _ in range(gen_len - 1):
         tokens.append(greedy(model(tokens[-1][:, None], cache)))
@@ -116,7 +115,7 @@ class Generation:
     def __init__(self, rank: ServingRank):
         self.rank = rank
         plan = rank.plan
-        self.caches = [KVCache(rank.module.layers, plan.prompt_len + plan.gen_len - 1)
+        self.caches = [rank.module.new_cache(plan.prompt_len + plan.gen_len - 1)
                        for _ in rank.microbatches]
         self.generated: list[list[torch.Tensor]] = [[] for _ in rank.microbatches]
         self.sends: list[tuple[dist.Work, torch.Tensor]] = []

@@ -1,37 +1,55 @@
 """The KV cache of generation: per decoder layer, the keys and values (after RoPE) of every
-position seen so far, so a decode step computes K and V for its new token only.
+position seen so far, so a decode step computes K and V for its new token only. A
+sliding-window layer keeps only its last positions, as many as vLLM's hybrid KV cache manager
+holds for it (simulator.serve.window_kept_tokens), which the serving simulator prices.
 
 Buffers are allocated on a layer's first append with the shape of its K and V, so under
 tensor parallelism each rank's cache holds just its local KV heads.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+
+from meshplan.simulator.serve import window_kept_tokens
 
 
 class LayerCache:
-    """One layer's keys and values, [batch, max_len, kv_heads, head_dim], filled up to
-    `length` positions."""
+    """One layer's keys and values, [batch, slots, kv_heads, head_dim]: `length` positions
+    seen so far, all of them (up to max_len), or with `keep` only the last `keep`."""
 
-    def __init__(self, max_len: int):
+    def __init__(self, max_len: int, keep: int | None = None):
         self.max_len = max_len
+        self.keep = keep
         self.length = 0
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' k, v [batch, new, kv_heads, head_dim]; return the keys
-        and values of every position so far."""
+        and values of every position kept so far, the new ones included."""
         start, end = self.length, self.length + k.shape[1]
         if end > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions cannot take position {end}")
+        self.length = end
+        if self.keep is not None:
+            return self._slide(k, v)
         if self.keys is None:
             shape = (k.shape[0], self.max_len, *k.shape[2:])
             self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
         self.keys[:, start:end] = k
         self.values[:, start:end] = v
-        self.length = end
         return self.keys[:, :end], self.values[:, :end]
+
+    def _slide(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend over the kept and the new positions, then keep the last `keep` of them (a
+        prefill holds its whole prompt until it is done, as vLLM frees blocks only at the
+        next step)."""
+        if self.keys is not None:
+            k, v = torch.cat([self.keys, k], dim=1), torch.cat([self.values, v], dim=1)
+        self.keys, self.values = k[:, -self.keep:].clone(), v[:, -self.keep:].clone()
+        return k, v
 
     @property
     def nbytes(self) -> int:
@@ -41,11 +59,12 @@ class LayerCache:
 
 
 class KVCache:
-    """The caches of a model's (or a pipeline stage's) layers, by the keys of its
-    `layers` ModuleDict."""
+    """The caches of a model's (or a pipeline stage's) layers, by the keys of its `layers`
+    ModuleDict, from each layer's sliding window (None: full attention)."""
 
-    def __init__(self, layer_keys, max_len: int):
-        self.layers = {key: LayerCache(max_len) for key in layer_keys}
+    def __init__(self, windows: Mapping[str, int | None], max_len: int):
+        self.layers = {key: LayerCache(max_len, None if window is None else window_kept_tokens(window))
+                       for key, window in windows.items()}
 
     @property
     def length(self) -> int:

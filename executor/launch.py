@@ -68,7 +68,7 @@ class RunFailed(Exception):
 
 def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOptions) -> Plan:
     """The plan as it will run (pipeline partition filled in: the split `simulate` prices
-    it with), or one PlanError naming everything that makes it illegal (rules.TRAINING),
+    it with; eager MLP kernels), or one PlanError naming everything that makes it illegal (rules.TRAINING),
     that this executor cannot run (rules.EXECUTOR_TRAINING, the options, this machine), that
     would not fit in memory, or that does not fit the token file or checkpoint folder."""
     plan.validate(model, cluster)
@@ -77,6 +77,7 @@ def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOpti
     if options.data is not None:
         check_token_file(options.data, plan.seq_len, model.vocab_size, plan.global_batch)
     hw = load_profile(options.profile)
+    plan = dataclasses.replace(plan, mlp_kernel="eager")  # model.py's MLPs: one torch op each
     if plan.pp > 1 and plan.layer_partition is None:
         plan = dataclasses.replace(plan, layer_partition=pipeline_partition(model, plan, cluster, hw))
     ran = dataclasses.replace(plan, dtype=compute_dtype(plan.dtype, device_type()))

@@ -56,7 +56,11 @@ class ActivationMeter:
             return tensor
         self.live.setdefault(key, [storage, 0])[1] += 1
         self.peak_bytes = max(self.peak_bytes, sum(s.nbytes() for s, _ in self.live.values()))
-        return _Held(self, key, tensor)
+        # Hold it detached: an op that saves its own output (attention, log-softmax) would
+        # otherwise close a cycle holder -> output -> its grad_fn -> holder through C++
+        # autograd nodes, which Python's gc cannot see; a graph never run backward (the
+        # pipeline's metadata-inference forward on stage 0) then stays alive for good.
+        return _Held(self, key, tensor.detach())
 
     @staticmethod
     def _unpack(held):

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from meshplan.executor.kv_cache import KVCache, LayerCache
 from meshplan.executor.moe import MoE, activation
@@ -44,16 +45,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class CausalCore(nn.Module):
     """softmax(q k^T / sqrt(d)) v with a causal mask; its own module so that selective
     recompute can checkpoint exactly this part. k and v may start with `offset` cached
-    positions before the queries' own: query i then sees keys up to offset + i."""
+    positions before the queries' own: query i then sees keys up to offset + i, and with a
+    sliding `window` only the last `window` of them (Mistral's sliding-window attention,
+    Jiang et al. 2023 sec 2)."""
+
+    def __init__(self, window: int | None = None):
+        super().__init__()
+        self.window = window
 
     def forward(self, q, k, v):  # [batch, seq, heads, head_dim]
         offset = k.shape[1] - q.shape[1]
+        windowed = self.window is not None and k.shape[1] > self.window
         mask = None
-        if offset and q.shape[1] > 1:
+        if windowed or (offset and q.shape[1] > 1):
             mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool,
                               device=q.device).tril(offset)
+            if windowed:
+                mask = mask.triu(offset - self.window + 1)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=offset == 0,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and offset == 0,
                                              enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2)
 
@@ -62,7 +72,7 @@ class Attention(nn.Module):
     """Multi-head attention with grouped KV heads. The head counts are read from the weight
     shapes at run time, so the same code runs on a tensor-parallel shard of the heads."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, window: int | None = None):
         super().__init__()
         h, kv = spec.hidden_size, spec.kv_dim
         self.head_dim = spec.head_dim
@@ -71,7 +81,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(h, kv, bias=spec.bias)
         self.wv = nn.Linear(h, kv, bias=spec.bias)
         self.wo = nn.Linear(h, h, bias=spec.bias)
-        self.core = CausalCore()
+        self.core = CausalCore(window)
 
     def forward(self, x, cache: LayerCache | None = None):
         batch, seq, _ = x.shape
@@ -119,12 +129,13 @@ def make_mlp(spec: ModelSpec, index: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h))."""
+    """Pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h)); the attention over
+    a sliding window in the model's local layers."""
 
     def __init__(self, spec: ModelSpec, index: int):
         super().__init__()
         self.attention_norm = make_norm(spec)
-        self.attention = Attention(spec)
+        self.attention = Attention(spec, spec.sliding_window if spec.layer_kind(index).local else None)
         self.ffn_norm = make_norm(spec)
         self.feed_forward = make_mlp(spec, index)
 
@@ -150,6 +161,10 @@ class Transformer(nn.Module):
         self.output = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
+
+    def new_cache(self, max_len: int) -> KVCache:
+        """An empty KV cache of up to max_len positions for this model's (or stage's) layers."""
+        return KVCache({key: layer.attention.core.window for key, layer in self.layers.items()}, max_len)
 
     def forward(self, x, cache: KVCache | None = None):
         start = 0 if cache is None else cache.length
@@ -195,5 +210,8 @@ def build_model(spec: ModelSpec, seed: int) -> Transformer:
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over every token of the batch."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    """Mean next-token cross-entropy over every token of the batch. Logits sharded on the
+    vocabulary (a DTensor, under loss_parallel()) give a replicated loss, returned as a local
+    copy (not to_local's view: the zero-bubble pipeline detaches stage outputs in place)."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return loss.to_local().clone() if isinstance(loss, DTensor) else loss

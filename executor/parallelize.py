@@ -22,7 +22,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                RowwiseParallel, SequenceParallel,
-                                               parallelize_module)
+                                               loss_parallel, parallelize_module)
 from torch.nn.parallel import DistributedDataParallel
 
 from meshplan.executor.model import Transformer
@@ -40,20 +40,29 @@ def build_mesh(mesh: Mesh, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, tuple(mesh.size(n) for n in names), mesh_dim_names=names)
 
 
-def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
+             training: bool = False) -> None:
     """Megatron-LM tensor parallelism (Shoeybi et al. 2019 sec 3): column-parallel Q/K/V and
     MLP-in, row-parallel attention-out and MLP-down, vocab-parallel embedding and head; with
     sequence parallelism (Korthikanti et al. 2022 sec 4.2) the norms and the residual stream
     are sharded on the sequence dimension between the TP regions. Mirrors torchtitan's
-    apply_tp (without loss parallel: the head's logits are replicated)."""
+    apply_tp: for `training` the head's logits stay a DTensor sharded on the vocabulary,
+    Shard(-1), for the cross-entropy under loss_parallel() (see training_context), and the
+    embeddings' gradients keep their weights' sharding; for generation the logits are
+    gathered (replicated)."""
     seq = Shard(1) if sequence_parallel else Replicate()
+    head = (ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
+            if training else ColwiseParallel(input_layouts=seq, output_layouts=Replicate()))
     edges = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
              "pos_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
-             "output": ColwiseParallel(input_layouts=seq, output_layouts=Replicate())}
+             "output": head}
     if sequence_parallel:
         edges["norm"] = SequenceParallel()
     parallelize_module(model, tp_mesh, {k: v for k, v in edges.items()
                                         if getattr(model, k) is not None})
+    for embedding in (model.tok_embeddings, model.pos_embeddings):
+        if training and embedding is not None:
+            keep_gradient_sharded(embedding.weight)
     for layer in model.layers.values():
         region = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
         layer_plan = {"attention": region,
@@ -87,6 +96,13 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
         parallelize_module(layer, tp_mesh, layer_plan)
     if model.spec.tied_embeddings:  # both are vocab-sharded (Shard(0)): tie the DTensors again
         model.output.weight = model.tok_embeddings.weight
+
+
+def keep_gradient_sharded(weight: DTensor) -> None:
+    """Give `weight` its gradient in its own placements: DTensor's embedding backward from a
+    replicated output gradient makes a replicated (whole-vocabulary) weight gradient, which
+    would otherwise stay in .grad at tp times the shard's size (torch 2.13)."""
+    weight.register_hook(lambda grad: grad.redistribute(placements=weight.placements))
 
 
 def apply_ep(model: Transformer, expert_mesh: DeviceMesh, dp: int) -> None:
@@ -148,7 +164,7 @@ def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh,
     """TP/SP -> EP (with an expert mesh) -> recompute -> DP on one (stage) module, in that
     order."""
     if plan.tp > 1:
-        apply_tp(model, mesh["tp"], plan.sp)
+        apply_tp(model, mesh["tp"], plan.sp, training=True)
     if expert_mesh is not None:
         apply_ep(model, expert_mesh, plan.dp)
     if plan.recompute != "none":
@@ -167,6 +183,13 @@ def build_optimizer(modules: list[nn.Module], plan: Plan, mesh: DeviceMesh,
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
                                        process_group=mesh["dp"].get_group(), lr=lr)
     return torch.optim.AdamW(params, lr=lr)
+
+
+def training_context(plan: Plan):
+    """Where a training step's forward and backward run: under loss_parallel() with TP (the
+    cross-entropy over the vocabulary-sharded logits of apply_tp, as torchtitan's
+    train_context), else nothing."""
+    return loss_parallel() if plan.tp > 1 else nullcontext()
 
 
 @contextmanager

@@ -1,8 +1,10 @@
 """Serving plan search: every legal (tp, pp, replicas) layout of the GPUs, each weight
 quantization the device runs (none, int8, int4 weight-only, fp8 where the profile has FP8),
-batches in powers of two up to the largest that fits (and that largest itself), simulated with
-simulator.serve; candidates over a TTFT or TPOT SLO are cut; the rest are ranked by
-generated tokens per second per GPU ("throughput") or by request latency ("latency").
+for a mixture-of-experts model its experts sharded over the tp x replicas ranks or whole on
+them (expert_parallel, vLLM's --enable-expert-parallel), batches in powers of two up to the
+largest that fits (and that largest itself), simulated with simulator.serve; candidates
+over a TTFT or TPOT SLO are cut; the rest are ranked by generated tokens per second per GPU
+("throughput") or by request latency ("latency").
 Also: the explanation of the ranking (planner/exports/vllm.py writes a plan's `vllm serve`).
 """
 from __future__ import annotations
@@ -21,7 +23,10 @@ from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster
 
 OBJECTIVES = ("throughput", "latency")
-FIXABLE = ("tp", "pp", "replicas", "batch", "dtype", "kv_dtype", "quantization", "quant_group_size")
+FIXABLE = ("tp", "pp", "replicas", "batch", "dtype", "kv_dtype", "quantization", "quant_group_size",
+           "expert_parallel")
+# What sets a candidate's layout apart, beside its batch.
+LAYOUT = ("tp", "pp", "replicas", "quantization", "expert_parallel")
 CUT_REASONS = {"memory": "do not fit in memory", "ttft_slo": "miss the TTFT SLO",
                "tpot_slo": "miss the TPOT SLO"}
 
@@ -71,24 +76,27 @@ def _check_args(prompt_len, gen_len, slo_ttft_s, slo_tpot_s, objective, fixed) -
     InferencePlan(batch=fixed.get("batch", 1), prompt_len=prompt_len, gen_len=gen_len,
                   dtype=fixed.get("dtype", "fp16"), kv_dtype=fixed.get("kv_dtype"),
                   quantization=fixed.get("quantization", "none"),
-                  quant_group_size=fixed.get("quant_group_size", 128))
+                  quant_group_size=fixed.get("quant_group_size", 128),
+                  expert_parallel=fixed.get("expert_parallel", False))
 
 
-def _layouts(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict):
-    """((tp, pp, replicas), quantization) with tp x pp x replicas = GPUs, legal for the model
-    on this hardware; a fixed knob that makes every layout illegal raises the PlanError of
-    the first one tried."""
+def _layouts(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict) -> list[dict]:
+    """The LAYOUT knobs of every candidate layout: tp x pp x replicas = GPUs, each
+    quantization, expert parallelism off and (for a mixture-of-experts model) on, legal for
+    the model on this hardware; a fixed knob that makes every layout illegal raises the
+    PlanError of the first one tried."""
     n = cluster.num_gpus
-    rows = [(tp, pp, n // (tp * pp)) for tp in _divisors(n) for pp in _divisors(n // tp)]
-    rows = [r for r in rows if all(fixed.get(k, v) == v for k, v in zip(("tp", "pp", "replicas"), r))]
+    grid = itertools.product(((tp, pp, n // (tp * pp)) for tp in _divisors(n) for pp in _divisors(n // tp)),
+                             QUANTIZATIONS, (False, True) if model.num_experts else (False,))
+    layouts = [dict(zip(LAYOUT, (*sizes, q, ep))) for sizes, q, ep in grid]
     legal, first_error = [], None
-    for (tp, pp, replicas), quantization in itertools.product(rows, QUANTIZATIONS):
-        if fixed.get("quantization", quantization) != quantization:
+    for layout in layouts:
+        if any(fixed.get(k, v) != v for k, v in layout.items()):
             continue
         try:
-            InferencePlan(1, 1, 1, tp=tp, pp=pp, replicas=replicas, quantization=quantization,
-                          quant_group_size=fixed.get("quant_group_size", 128)).validate(model, cluster, hw)
-            legal.append(((tp, pp, replicas), quantization))
+            InferencePlan(1, 1, 1, quant_group_size=fixed.get("quant_group_size", 128),
+                          **layout).validate(model, cluster, hw)
+            legal.append(layout)
         except MeshplanError as exc:
             first_error = first_error or exc
     if not legal:
@@ -108,10 +116,11 @@ def search_inference(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, pr
     results: list[InferenceResult] = []
     without_room = 0
     group = fixed.get("quant_group_size", 128)
-    for (tp, pp, replicas), quantization in _layouts(model, cluster, hw, fixed):
+    for layout in _layouts(model, cluster, hw, fixed):
         def run(batch: int) -> InferenceResult:
-            return simulate_inference(model, InferencePlan(batch, prompt_len, gen_len, tp, pp, replicas,
-                                                           dtype, kv_dtype, quantization, group), cluster, hw)
+            return simulate_inference(model, InferencePlan(batch, prompt_len, gen_len, dtype=dtype,
+                                                           kv_dtype=kv_dtype, quant_group_size=group,
+                                                           **layout), cluster, hw)
         if "batch" in fixed:
             results.append(run(fixed["batch"]))
             continue
@@ -122,12 +131,12 @@ def search_inference(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, pr
             results += [probe if b == 1 else run(b) for b in _batches(probe.max_batch)]
     table = pd.DataFrame([{
         "tp": r.plan.tp, "pp": r.plan.pp, "replicas": r.plan.replicas, "batch": r.plan.batch,
-        "quantization": r.plan.quantization,
+        "quantization": r.plan.quantization, "expert_parallel": r.plan.expert_parallel,
         "ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "latency_s": r.latency_s,
         "throughput_tokens_per_s": r.throughput_tokens_per_s,
         "throughput_per_gpu": r.throughput_tokens_per_s / r.plan.num_gpus,
         "peak_memory_bytes": r.peak_memory_bytes, "fits": r.fits} for r in results],
-        columns=["tp", "pp", "replicas", "batch", "quantization", "ttft_s", "tpot_s", "latency_s",
+        columns=["tp", "pp", "replicas", "batch", "quantization", "expert_parallel", "ttft_s", "tpot_s", "latency_s",
                  "throughput_tokens_per_s", "throughput_per_gpu", "peak_memory_bytes", "fits"])
     table["status"] = "ok"
     # Later cuts overwrite earlier ones: memory is the hardest limit, so it is reported last.
@@ -163,7 +172,8 @@ def _nothing_left(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, slo_t
 def _describe(plan: InferencePlan, result: InferenceResult) -> str:
     rate = result.throughput_tokens_per_s
     weights = "" if plan.quantization == "none" else f" {plan.quantization}"
-    return (f"tp {plan.tp} pp {plan.pp} replicas {plan.replicas} batch {plan.batch}{weights}: "
+    experts = " expert-parallel" if plan.expert_parallel else ""
+    return (f"tp {plan.tp} pp {plan.pp} replicas {plan.replicas} batch {plan.batch}{weights}{experts}: "
             f"{rate:,.0f} tok/s ({rate / plan.num_gpus:,.0f}/GPU), TTFT {result.ttft_s * 1e3:,.1f} ms, "
             f"TPOT {result.tpot_s * 1e3:.2f} ms, "
             f"{result.peak_memory_bytes / GIB:.1f} of {result.memory_limit_bytes / GIB:.1f} GiB")
@@ -180,6 +190,25 @@ def _gap(objective: str, best: InferenceResult, other: InferenceResult) -> str:
     return f"{other.latency_s / best.latency_s - 1:.1%} higher latency"
 
 
+def _layout(plan: InferencePlan) -> tuple:
+    return tuple(getattr(plan, k) for k in LAYOUT)
+
+
+def _experts_line(search: InferenceSearch) -> str:
+    """How the winner places the experts, and the best kept plan placing them the other way."""
+    plan, result = search[0]
+    ranks = plan.tp * plan.replicas
+    per_rank = result.model.num_experts // ranks
+    chosen = (f"{per_rank} whole expert{'s' if per_rank > 1 else ''} per rank (expert parallel over {ranks})"
+              if plan.expert_parallel else f"every expert sharded over the {ranks} tp x replicas ranks")
+    other = next((c for c in search.ranked if c[0].expert_parallel != plan.expert_parallel), None)
+    if other is None:
+        return f"experts: {chosen}; no kept plan places them the other way"
+    way = "sharded" if plan.expert_parallel else "expert parallel"
+    return (f"experts: {chosen}; best {way}: {_describe(*other)} "
+            f"({_gap(search.objective, result, other[1])})")
+
+
 def explain_inference(search: InferenceSearch) -> str:
     """Why the winner won: its time breakdown, the runner-up and how far behind it is, and
     what cut the other candidates."""
@@ -187,13 +216,13 @@ def explain_inference(search: InferenceSearch) -> str:
     lines = [f"winner ({search.objective}): {_describe(plan, result)}",
              f"  decode step: {_shares(result.breakdown['decode_step_s'], result.tpot_s)}",
              f"  prefill: {_shares(result.breakdown['prefill_s'], result.ttft_s)}"]
-    layout = (plan.tp, plan.pp, plan.replicas, plan.quantization)
     runner_up = search.ranked[1] if len(search) > 1 else None
-    other = next((c for c in search.ranked[1:]
-                  if (c[0].tp, c[0].pp, c[0].replicas, c[0].quantization) != layout), None)
+    other = next((c for c in search.ranked[1:] if _layout(c[0]) != _layout(plan)), None)
     for label, pick in (("runner-up", runner_up), ("best other layout", other)):
         if pick is not None and (label == "runner-up" or pick is not runner_up):
             lines.append(f"{label}: {_describe(*pick)} ({_gap(search.objective, result, pick[1])})")
+    if result.model.num_experts:
+        lines.append(_experts_line(search))
     counts = search.table.status.value_counts()
     cuts = [f"{counts[k]} {CUT_REASONS[k]}" for k in CUT_REASONS if k in counts]
     if search.layouts_without_room:

@@ -25,8 +25,9 @@ from meshplan.hw_profiles.fabric import Fabric, training_groups
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.step import group_ids
-from meshplan.simulator.plan import (ATTENTION, DTYPES, FP8_RECIPES, MOE_DISPATCHERS, RECOMPUTE, SCHEDULES,
-                                     Cluster, Plan, complete_fields, expert_order)
+from meshplan.simulator.plan import (ATTENTION, DTYPES, FP8_RECIPES, MLP_KERNELS, MOE_DISPATCHERS,
+                                     RECOMPUTE, SCHEDULES, Cluster, Plan, complete_fields,
+                                     expert_order)
 
 # Rank orders tried, innermost first: Megatron-LM's default (tp-cp-dp-pp), its
 # --use-tp-pp-dp-mapping (tp-cp-pp-dp), data parallel inside context parallel, data parallel
@@ -254,6 +255,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     table = table.reset_index(drop=True)
     table.attrs.update(global_batch=gb, seq_len=seq, dtype=fixed.get("dtype", DTYPES[1]),
                        attention=fixed.get("attention", ATTENTION[0]),
+                       mlp_kernel=fixed.get("mlp_kernel", MLP_KERNELS[0]),
                        grad_reduce_dtype=fixed.get("grad_reduce_dtype", "fp32"),
                        moe_capacity_factor=float(fixed.get("moe_capacity_factor", 1.0)),
                        fp8_recipe=fixed.get("fp8_recipe", FP8_RECIPES[0]),
@@ -271,6 +273,7 @@ def row_plan(table: pd.DataFrame, i: int) -> Plan:
                 recompute=str(row.recompute), micro_batch=int(row.micro_batch),
                 schedule=str(row.schedule), virtual_stages=int(row.virtual_stages),
                 layer_partition=a["layer_partition"], dtype=a["dtype"], attention=a["attention"],
+                mlp_kernel=a["mlp_kernel"],
                 placement=tuple(row.placement), tp_overlap=bool(row.tp_overlap),
                 moe_a2a_overlap=bool(row.moe_a2a_overlap),
                 reshard_after_forward=bool(row.reshard_after_forward),

@@ -25,6 +25,17 @@ OPTIMIZER_BYTES_PER_PARAM = {"fp32": 8, "bf16": 12, "fp16": 12, "fp8": 12}
 ADAM_STEP_BYTES_PER_PARAM = {"fp32": 28, "bf16": 28, "fp16": 28, "fp8": 28}
 
 
+def mlp_saved_widths(model: ModelSpec, fused: bool = True) -> int:
+    """Tensors of the MLP's width that autograd saves per token: the activation's input and
+    the down-projection's input (Korthikanti et al. sec 4.1); with a gate also the gate's
+    input, and in eager PyTorch the activation's output, the gate product's other operand
+    (torchtitan's FeedForward and GroupedExperts without compile: act(x W1) * (x W3)). A fused
+    activation (Megatron-LM's bias_swiglu_impl, torch.compile) saves its inputs only."""
+    if not model.gated_mlp:
+        return 2
+    return 3 if fused else 4
+
+
 def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, kind: LayerKind) -> float:
     """Bytes one layer of `kind` keeps for backward, for one micro-batch, on one device.
 
@@ -40,7 +51,7 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
         return d * ntok * h  # only the layer input is kept (sec 4.3: 2sbh, /t with SP)
     mask = 1 if model.dropout else 0
     heads, kv_heads = model.num_heads // t, model.num_kv_heads // t
-    gated = 2 if model.gated_mlp else 1
+    widths = mlp_saved_widths(model, shard.fused_mlp)
     # Norm inputs (2, 4 with sandwich norms, one fewer when both blocks read the layer
     # input), QKV input, MLP input, 2 dropout masks: replicated, or SP-sharded.
     norms = 2 + (2 if model.sandwich_norm else 0) - (1 if model.parallel_residual else 0)
@@ -57,15 +68,15 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
     if kind.moe:
         # per routed row on this device (ops.Shard.expert_tokens x experts_per_token x the
         # capacity factor): its permuted input and its output (for the weighted combine),
-        # the activation input(s) and the down-projection input of an expert of width
-        # moe_ffn / etp; the shared experts as a dense MLP; the router's scores
+        # the MLP tensors (mlp_saved_widths) of an expert of width moe_ffn / etp; the
+        # shared experts as a dense MLP; the router's scores
         f = model.moe_ffn_hidden_size // shard.etp
         rows = shard.expert_tokens * model.experts_per_token * shard.capacity
-        experts = d * rows * (2 * h + (gated + 1) * f)
-        mlp = (gated + 1) * (model.shared_ffn_size // t)
+        experts = d * rows * (2 * h + widths * f)
+        mlp = widths * (model.shared_ffn_size // t)
         replicated += d * ntok * model.num_experts
     else:
-        mlp = (gated + 1) * (model.ffn_hidden_size // t)  # activation input(s), down input
+        mlp = widths * (model.ffn_hidden_size // t)
     sharded = d * tok * (attention + mlp)
     if shard.flash:
         core = 4 * shard.micro_batch * heads * shard.local_seq  # fp32 log-sum-exp per query row
@@ -140,6 +151,13 @@ def model_state_bytes(params: float, dtype: str, dtype_bytes: int, zero: int,
     grads = params * (grad_bytes or dtype_bytes) / (shard_degree if zero >= 2 else 1)
     optimizer = params * OPTIMIZER_BYTES_PER_PARAM[dtype] / (shard_degree if zero >= 1 else 1)
     return weights, grads, optimizer
+
+
+def logits_bytes(tokens, vocab_size: int, tp):
+    """Bytes of one micro-batch's fp32 logits (or their log-probabilities, or gradient) on one
+    device: tokens x vocab / tp, sharded on the vocabulary (Megatron-LM's vocab-parallel
+    cross-entropy, Shoeybi et al. 2019 sec 3; torchtitan's loss_parallel)."""
+    return 4 * tokens * vocab_size / tp
 
 
 def memory_reserve_bytes(capacity_bytes: float) -> float:

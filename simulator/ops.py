@@ -104,6 +104,9 @@ class Shard:
     etp: int | None = None        # None: tp
     capacity: float = 1.0         # the busiest expert-parallel rank's rows over the balanced share
     fp8: str | None = None        # the FP8 recipe (plan.FP8_RECIPES) when the GEMMs run in FP8
+    expert_load: tuple[float, float] | None = None  # (routed rows, distinct experts) this device's
+    # experts run, where the caller knows them (serving); None: from expert_tokens (_moe_ops)
+    fused_mlp: bool = True        # plan.mlp_kernel == "fused"
 
     def __post_init__(self):
         if self.etp is None:
@@ -218,7 +221,8 @@ def _moe_ops(model: ModelSpec, shard: Shard) -> list[Op]:
     rows routed to them from the tokens of its expert-parallel group (expert_tokens x ep
     tokens): experts_per_token rows per token, 1/ep of them its own on balanced routing,
     times the capacity factor on the busiest rank, spread over the expected number of
-    distinct local experts those tokens hit (all of them in training, a few in decode).
+    distinct local experts those tokens hit (all of them in training, a few in decode);
+    `shard.expert_load` gives both instead where the caller routes otherwise (serving).
     The routed experts and the unpermute run between the dispatch and the combine (`routed`;
     Megatron-Core's fine-grained "mlp" node), the rest before the dispatch.
     gpt-oss's clamped SwiGLU is the same one elementwise pass (read gate and up, write their
@@ -227,8 +231,8 @@ def _moe_ops(model: ModelSpec, shard: Shard) -> list[Op]:
     h, d, ntok = model.hidden_size, shard.dtype_bytes, shard.norm_tokens
     e, k, f8 = model.num_experts, model.experts_per_token, shard.fp8 is not None
     f, gated = model.moe_ffn_hidden_size // shard.etp, 2 if model.gated_mlp else 1
-    routed = shard.expert_tokens * k * shard.capacity
-    active = active_experts(e, k, shard.expert_tokens * shard.ep) / shard.ep
+    routed, active = shard.expert_load or (shard.expert_tokens * k * shard.capacity,
+                                           active_experts(e, k, shard.expert_tokens * shard.ep) / shard.ep)
     experts = [_gemm("expert_up", routed / active, gated * f, h, batch=active, fp8=f8),
                _mem("mlp_act", routed * f, gated + 1, d),
                _gemm("expert_down", routed / active, h, f, batch=active, fp8=f8),

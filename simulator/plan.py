@@ -25,6 +25,10 @@ DTYPES = ("fp32", "bf16", "fp16", "fp8")
 # flash: fused attention, no s^2 tensors kept (Dao 2022); naive: explicit scores and softmax
 # as in Korthikanti et al. 2022 Table 2.
 ATTENTION = ("flash", "naive")
+# fused: a gated MLP's activation and gate product in one kernel that saves only its inputs
+# (Megatron-LM's bias_swiglu fusion, Transformer Engine, torch.compile); eager: one PyTorch
+# op each, which also save the activation's output (memory.mlp_saved_widths)
+MLP_KERNELS = ("fused", "eager")
 AXES = rules.AXES
 # Bytes of weights, activations and communication per element: an FP8 plan keeps them in
 # bf16 and casts to FP8 only at its GEMMs' inputs (fp8.py).
@@ -92,6 +96,9 @@ class Plan:
                                                    "separated (default: balanced)")
     dtype: str = knob("bf16", "compute dtype (mixed precision, fp32 master)", choices=DTYPES)
     attention: str = knob("flash", "attention kernel", choices=ATTENTION)
+    mlp_kernel: str = knob("fused", "gated MLP activation: fused (Megatron-LM, Transformer Engine, "
+                           "torch.compile) or eager PyTorch ops, which keep more for backward",
+                           choices=MLP_KERNELS)
     placement: tuple[str, ...] = knob(AXES, f"rank order innermost-first, default {','.join(AXES)}")
     tp_overlap: bool = knob(False, "overlap TP communication with the GEMMs beside it (Megatron-LM "
                             "--tp-comm-overlap, torchtitan async TP; needs sp)")
@@ -203,7 +210,7 @@ def field_issues(values: dict) -> list[tuple[str, str, str]]:
     issues = [count_issue("plan", f, values[f]) for f in POSITIVE_INTS if values.get(f) is not None]
     choices = {"zero": (0, 1, 2, 3), "recompute": RECOMPUTE, "schedule": SCHEDULES, "dtype": DTYPES,
                "attention": ATTENTION, "grad_reduce_dtype": ("fp32", "bf16"), "fp8_recipe": FP8_RECIPES,
-               "moe_dispatcher": MOE_DISPATCHERS}
+               "moe_dispatcher": MOE_DISPATCHERS, "mlp_kernel": MLP_KERNELS}
     issues += [(f"plan.{f}", f"unknown {values[f]!r}", f"use one of {', '.join(map(str, options))}")
                for f, options in choices.items() if f in values
                if isinstance(values[f], (list, dict)) or values[f] not in options]

@@ -54,9 +54,10 @@ def quantized(ops: tuple[Op, ...], quantization: str, group_size: int, dtype_byt
             if q else op for op, q in zip(ops, mine)]
 
 
-def quantized_weights(model: ModelSpec, tp: int) -> float:
+def quantized_weights(model: ModelSpec, tp: int, ep: int = 1, etp: int | None = None) -> float:
     """Weights of the mean layer on one TP rank that quantization narrows: those its weight
-    GEMMs read, every expert active (a long sequence routes to all of them)."""
-    ops = layer_ops(model, Shard(1, 1 << 20, tp=tp))
+    GEMMs read, every expert it holds active (a long sequence routes to all of them): the
+    routed experts num_experts / ep, each sharded over etp (default tp)."""
+    ops = layer_ops(model, Shard(1, 1 << 20, tp=tp, ep=ep, etp=etp))
     return sum(op.batch * op.k * op.n * op.count for op in ops
                if op.kind == GEMM and op.weight and op.name not in UNQUANTIZED)

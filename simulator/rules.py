@@ -247,17 +247,21 @@ def _features_rule(field: str, who: str, builds: tuple[str, ...], fix: str) -> R
 
 # What the executor cannot run on this backend (torch 2.13, gloo on CPU).
 # executor/model.py builds a dense decoder, or softmax-routed experts without biases
-# (executor/moe.py) with shared experts and dense layers among them
-_EXECUTOR_MODEL = (
-    _features_rule("model", "the executor's decoder",
-                   ("mixture-of-experts", "shared experts", "dense layers among the expert layers"),
-                   "run a llama- or gpt2-style model, dense or with softmax-routed experts; plan "
-                   "and simulate take this one"),
-    _rule("model", "", lambda x, m, c: not (m.num_experts > 0 and m.bias),
-          lambda x, m, c: "the executor's experts have no biases", "run a model without biases"),
-)
+# (executor/moe.py) with shared experts and dense layers among them; it serves
+# sliding-window layers too (their window mask and kept window, executor/kv_cache.py)
+_EXECUTOR_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among the expert layers")
+
+
+def _executor_model(builds: tuple[str, ...]) -> tuple[Rule, ...]:
+    return (_features_rule("model", "the executor's decoder", builds,
+                           "run a llama- or gpt2-style model, dense or with softmax-routed experts; "
+                           "plan and simulate take this one"),
+            _rule("model", "", lambda x, m, c: not (m.num_experts > 0 and m.bias),
+                  lambda x, m, c: "the executor's experts have no biases", "run a model without biases"))
+
+
 EXECUTOR_TRAINING = (
-    *_EXECUTOR_MODEL,
+    *_executor_model(_EXECUTOR_BUILDS),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
     _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
@@ -312,27 +316,48 @@ SERVING = (
           lambda x, m, c: f"{m.num_layers} layers cannot fill {x.pp} stages", "use fewer pipeline stages"),
     # AWQ/GPTQ kernels need whole groups in every TP shard's input features (vLLM's
     # weight-only methods check input_size_per_partition % group_size)
-    _rule("plan.quant_group_size", "quantization quant_group_size tp",
+    _rule("plan.quant_group_size", "quantization quant_group_size tp replicas expert_parallel",
           lambda x, m, c: np.logical_not(np.isin(x.quantization, ("int8", "int4"))) | (
-              (_shard_widths(m, x.tp) % x.quant_group_size == 0).all()),
+              (_shard_widths(m, x) % x.quant_group_size == 0).all()),
           lambda x, m, c: f"groups of {x.quant_group_size} do not divide every weight's input features "
-          f"per TP rank ({', '.join(map(str, _shard_widths(m, x.tp)))})",
-          "use a group size dividing them (64, 32), or a smaller tp"),
+          f"per rank ({', '.join(map(str, _shard_widths(m, x)))})",
+          "use a group size dividing them (64, 32), a smaller tp, or expert_parallel for "
+          "mixture-of-experts models"),
+    # vLLM's MoE layers run over tp x replicas ranks (FusedMoEParallelConfig flattens TP across DP):
+    # each expert's intermediate size split over them, or whole experts with expert parallelism
+    _rule("plan.tp", "tp replicas expert_parallel",
+          lambda x, m, c: (m.num_experts == 0) | np.asarray(x.expert_parallel)
+          | (m.moe_ffn_hidden_size % (x.tp * x.replicas) == 0),
+          lambda x, m, c: f"tp*replicas = {x.tp * x.replicas} ranks (vLLM shards the experts over all of "
+          f"them) do not divide the experts' width {m.moe_ffn_hidden_size}",
+          "choose tp and replicas whose product divides the experts' width, or set expert_parallel"),
+    _rule("plan.expert_parallel", "expert_parallel",
+          lambda x, m, c: (m.num_experts > 0) | np.logical_not(x.expert_parallel),
+          lambda x, m, c: f"{m.name} has no experts to place", "leave expert_parallel off for a dense model"),
+    # vLLM ignores the flag on one rank, and gives E mod G ranks one expert more (plans here
+    # place the experts evenly: memory and load per rank as priced)
+    _rule("plan.expert_parallel", "expert_parallel tp replicas",
+          lambda x, m, c: np.logical_not(x.expert_parallel) | (m.num_experts == 0)
+          | ((x.tp * x.replicas > 1) & (m.num_experts % (x.tp * x.replicas) == 0)),
+          lambda x, m, c: f"expert parallelism spreads the {m.num_experts} experts over tp*replicas = "
+          f"{x.tp * x.replicas} ranks, which must be more than 1 and divide them (an even split)",
+          "choose tp and replicas whose product divides num_experts, or leave expert_parallel off"),
 )
 
 
-def _shard_widths(m: ModelSpec, tp) -> np.ndarray:
-    """Input features of the decoder's weight GEMMs on one TP rank: the hidden size (QKV,
-    MLP up) and the sharded widths the output and down projections read."""
-    widths = [m.hidden_size, m.num_heads * m.value_head_dim // tp, m.ffn_hidden_size // tp]
+def _shard_widths(m: ModelSpec, x) -> np.ndarray:
+    """Input features of the decoder's weight GEMMs on one rank: the hidden size (QKV,
+    MLP up) and the widths the output and down projections read: over TP, the routed
+    experts' over tp x replicas or whole under expert parallelism."""
+    widths = [m.hidden_size, m.num_heads * m.value_head_dim // x.tp, m.ffn_hidden_size // x.tp]
     if m.num_experts:
-        widths.append(m.moe_ffn_hidden_size // tp)
+        widths.append(m.moe_ffn_hidden_size // (1 if x.expert_parallel else x.tp * x.replicas))
     if m.num_shared_experts:
-        widths.append(m.shared_ffn_size // tp)
+        widths.append(m.shared_ffn_size // x.tp)
     return np.array(widths)
 
 EXECUTOR_SERVING = (
-    *_EXECUTOR_MODEL,
+    *_executor_model(_EXECUTOR_BUILDS + ("sliding-window attention",)),
     _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (
               (m.moe_ffn_hidden_size % x.tp == 0) & (m.shared_ffn_size % x.tp == 0)),
           lambda x, m, c: f"{x.tp} does not divide the experts' width {m.moe_ffn_hidden_size} and "
@@ -352,6 +377,14 @@ EXECUTOR_SERVING = (
           "use pp 1 for a model with tie_word_embeddings"),
     _rule("plan.gen_len", "gen_len", lambda x, m, c: x.gen_len >= 2,
           lambda x, m, c: "one generated token leaves no decode step to time", "generate 2 or more tokens"),
+    _rule("plan.expert_parallel", "expert_parallel", lambda x, m, c: np.logical_not(x.expert_parallel),
+          lambda x, m, c: "the executor serves every expert split over TP within a replica",
+          "leave expert_parallel off"),
+    # the plan prices vLLM's data-parallel MoE (serve_experts.py), not independent copies
+    _rule("plan.replicas", "replicas", lambda x, m, c: (m.num_experts == 0) | (x.replicas == 1),
+          lambda x, m, c: f"the executor runs {x.replicas} independent replicas, while a mixture-of-experts "
+          "serving plan prices vLLM's replicas sharing the experts over tp x replicas ranks",
+          "serve one replica of a mixture-of-experts model"),
 )
 
 
@@ -444,6 +477,11 @@ _TORCHTITAN = (
     _flavor_rule("0.3"),
     _rule("plan.attention", "attention", lambda x, m, c: x.attention == "flash",
           lambda x, m, c: "torchtitan runs fused attention (SDPA / flex) only", "plan with flash attention"),
+    # async TP works in a compiled model, and compiling fuses the gated MLP's activation
+    _rule("plan.mlp_kernel", "tp_overlap mlp_kernel",
+          lambda x, m, c: ~np.asarray(x.tp_overlap, dtype=bool) | (x.mlp_kernel == "fused") | (not m.gated_mlp),
+          lambda x, m, c: "torchtitan's async TP compiles the model, which fuses the MLP's activation",
+          "plan with mlp_kernel fused, or without tp_overlap"),
     # torchtitan runs zero-bubble schedules only with >= 2 stages per rank
     _rule("plan.schedule", "pp schedule",
           lambda x, m, c: (x.pp == 1) | np.isin(x.schedule, list(TORCH_SCHEDULES)),
@@ -612,6 +650,11 @@ FRAMEWORKS = {
         _rule("plan.moe_a2a_overlap", "moe_a2a_overlap", lambda x, m, c: np.logical_not(x.moe_a2a_overlap),
               lambda x, m, c: "DeepSpeed-MoE runs its all-to-all inside each micro-batch's own forward and "
               "backward, overlapped with no other micro-batch", "plan without moe_a2a_overlap, or export for megatron"),
+        # Megatron-DeepSpeed's ParallelMLP: swiglu(x) = F.silu(x[0]) * x[1], no fused kernel
+        _rule("plan.mlp_kernel", "mlp_kernel",
+              lambda x, m, c: (x.mlp_kernel == "eager") | (not m.gated_mlp),
+              lambda x, m, c: "Megatron-DeepSpeed runs its SwiGLU as eager PyTorch ops",
+              "plan with mlp_kernel eager"),
     ),
     "plan": (),
 }

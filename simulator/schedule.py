@@ -122,3 +122,14 @@ def in_flight(schedule, p, v, m, s, a2a_overlap=False):
     return np.where(schedule == SCHEDULES.index("gpipe"), m, np.where(
         schedule == SCHEDULES.index("interleaved"),
         np.minimum(2 * (p - s - 1) + (v - 1) * p + 1 + extra, m * v), one_f_one_b))
+
+
+def loss_in_flight(schedule, p, m, a2a_overlap=False):
+    """Micro-batches whose loss (the log-probabilities cross-entropy saves) the last rank
+    holds at its peak: in_flight of the last rank, whose one chunk ends in the loss (GPipe
+    all m, 1F1B and ZB-H1 one); interleaved 1F1B runs the last chunk's backward of a
+    micro-batch right after its forward (Narayanan et al. 2021 sec 2.2), so one. The
+    all-to-all overlap's extra warm-up forward puts one more forward before that backward."""
+    extra = np.asarray(a2a_overlap, dtype=int)
+    return np.where(schedule == SCHEDULES.index("interleaved"), np.minimum(1 + extra, m),
+                    in_flight(schedule, p, 1, m, p - 1, a2a_overlap))

@@ -14,8 +14,11 @@ flight. Definitions:
   decode_tokens_per_s is the steady-state decode rate without prefill.
 Mixture-of-experts layers read the weights of the experts the step's tokens hit
 (ops.active_experts), latent attention caches its compressed latent (kv_elements_per_token),
-and the weights may be quantized (quantize.py). Experts are sharded over TP (vLLM's default,
-without --enable-expert-parallel).
+sliding-window layers keep and read only their window (kv_tokens_per_sequence, as vLLM's
+hybrid KV cache manager and windowed attention kernels do),
+and the weights may be quantized (quantize.py). The experts run over the tp x replicas ranks
+of a stage, sharded or whole (expert_parallel, vLLM's --enable-expert-parallel), with the
+replicas' tokens gathered for them (serve_experts.py).
 Not modelled: sampling beyond a softmax over the logits, CPU scheduling, CUDA-graph launch
 savings, chunked prefill, prefix caching, continuous batching of prefill with decode.
 """
@@ -31,7 +34,7 @@ from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.fields import from_fields
 from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Group, Mesh
-from meshplan.simulator.cost import forward_s, per_rank_profile, tp_comm_s
+from meshplan.simulator.cost import forward_s, moe_layer_share, per_rank_profile, tp_comm_s
 from meshplan.simulator.memory import memory_reserve_bytes, stage_params
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
@@ -39,13 +42,16 @@ from meshplan.simulator.ops import GEMM, Op, Shard, embedding_ops, head_ops, lay
 from meshplan.simulator.partition import even_partition
 from meshplan.simulator.plan import DTYPE_BYTES, Cluster, count_issue, knob
 from meshplan.simulator.quantize import QUANTIZATIONS, quantized, quantized_weights, weight_bytes
+from meshplan.simulator.serve_experts import dispatch_s, expert_degrees, expert_load
 
 # Serving dtypes of weights and activations; FP8 serving is a quantization (quantize.py).
 DTYPES = ("fp32", "bf16", "fp16")
 # KV caches may be stored in fp8 (vLLM --kv-cache-dtype fp8) while weights stay 16-bit.
 KV_DTYPE_BYTES = {**{d: DTYPE_BYTES[d] for d in DTYPES}, "fp8": 1}
+# Tokens per KV-cache block: vLLM's default --block-size (vllm/config/cache.py, DEFAULT_BLOCK_SIZE).
+KV_BLOCK_TOKENS = 16
 DECODE_KEYS = ("weights_read", "kv_read", "compute", "elementwise", "host_overhead", "tp_comm",
-               "pp_handoff", "pp_bubble")
+               "moe_dispatch", "pp_handoff", "pp_bubble")
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,9 @@ class InferencePlan:
     quantization: str = knob("none", "weights: int8 / int4 weight-only (AWQ/GPTQ-style groups) or fp8 "
                              "weights and activations", choices=QUANTIZATIONS)
     quant_group_size: int = knob(128, "weights per scale of int8 / int4 quantization")
+    expert_parallel: bool = knob(False, "MoE: whole experts spread over the tp x replicas ranks instead of "
+                                 "every expert sharded over them (vLLM --enable-expert-parallel)",
+                                 aliases=("--enable-expert-parallel",))
 
     def __post_init__(self):
         issues = [count_issue("plan", f, getattr(self, f))
@@ -81,6 +90,9 @@ class InferencePlan:
         if self.quantization not in QUANTIZATIONS:
             raise PlanError("plan.quantization", f"unknown {self.quantization!r}",
                             f"use one of {', '.join(QUANTIZATIONS)}")
+        if not isinstance(self.expert_parallel, bool):
+            raise PlanError("plan.expert_parallel", f"{self.expert_parallel!r} is not true or false",
+                            "give true or false")
 
     @property
     def num_gpus(self) -> int:
@@ -128,6 +140,7 @@ class InferencePlan:
     def from_dict(cls, data: dict) -> InferencePlan:
         return from_fields(cls, data, "plan.", PlanError, "inference plan")
 
+
 def kv_elements_per_token(model: ModelSpec, tp: int = 1) -> int:
     """KV-cache elements one token adds per layer on one device: K and V of each KV head
     (GQA/MQA: num_kv_heads, not num_heads), max(1, kv/tp) heads per device; with latent
@@ -139,9 +152,32 @@ def kv_elements_per_token(model: ModelSpec, tp: int = 1) -> int:
     return 2 * max(1, model.num_kv_heads // tp) * model.head_dim
 
 
-def kv_bytes_per_token(model: ModelSpec, kv_dtype: str = "fp16", tp: int = 1) -> int:
-    """KV-cache bytes one token adds on one device, all layers."""
-    return model.num_layers * kv_elements_per_token(model, tp) * KV_DTYPE_BYTES[kv_dtype]
+def window_kept_tokens(window: int) -> int:
+    """Token slots a sliding-window layer keeps per sequence: vLLM's SlidingWindowManager frees
+    the blocks wholly before the last window - 1 tokens (remove_skipped_blocks), keeping at
+    most ceil((window - 1) / block) + 1 blocks (SlidingWindowSpec.max_memory_usage_bytes: the
+    window need not start at a block boundary)."""
+    return KV_BLOCK_TOKENS * (math.ceil((window - 1) / KV_BLOCK_TOKENS) + 1)
+
+
+def kv_tokens_per_sequence(model: ModelSpec, prompt_len: int, context_len: int,
+                           layers: range | None = None) -> int:
+    """Cached (token, layer) pairs of one sequence at its peak over `layers` (default all): the
+    larger of its prefill, where every layer holds the whole prompt (vLLM allocates the slots
+    of every scheduled token before the step and frees a window's old blocks only at the next
+    step; one prefill pass, no chunked prefill, as the timing assumes), and its last decode
+    step, where full-attention layers hold the context and sliding-window layers
+    min(context, window_kept_tokens)."""
+    layers = range(model.num_layers) if layers is None else layers
+    local = sum(1 for i in model.local_layers if i in layers)
+    kept = min(context_len, window_kept_tokens(model.sliding_window)) if local else 0
+    return max(len(layers) * prompt_len, (len(layers) - local) * context_len + local * kept)
+
+
+def kv_bytes_per_sequence(model: ModelSpec, plan: InferencePlan, layers: range | None = None) -> int:
+    """KV-cache bytes one sequence of the plan holds on one device at its peak over `layers`."""
+    return (kv_tokens_per_sequence(model, plan.prompt_len, plan.context_len, layers)
+            * kv_elements_per_token(model, plan.tp) * plan.kv_dtype_bytes)
 
 
 @dataclass(frozen=True)
@@ -196,8 +232,11 @@ def _activation_bytes_per_seq(model: ModelSpec, plan: InferencePlan, last: bool)
     last stage (vLLM sizes this working set with a profiling forward pass)."""
     h, hd, t = model.hidden_size, model.head_dim, plan.tp
     heads, kv, ffn = model.num_heads // t, model.num_kv_heads // t, model.ffn_hidden_size // t
-    if model.num_experts:  # every token's experts_per_token rows, and the shared experts
-        ffn = max(ffn, (model.experts_per_token * model.moe_ffn_hidden_size + model.shared_ffn_size) // t)
+    if model.num_experts:  # the rows this rank's experts run per token, and the shared experts
+        tokens = plan.micro_batch * plan.prompt_len
+        rows, _ = expert_load(model, t, plan.replicas, plan.expert_parallel, tokens)
+        etp = expert_degrees(model, t, plan.replicas, plan.expert_parallel)[1]
+        ffn = max(ffn, rows / tokens * model.moe_ffn_hidden_size / etp + model.shared_ffn_size / t)
     gated = 2 if model.gated_mlp else 1
     per_token = plan.dtype_bytes * (2 * h + (heads + 2 * kv) * hd + heads * hd + (gated + 1) * ffn)
     return plan.prompt_len * per_token + (4.0 * model.vocab_size if last else 0.0)
@@ -214,8 +253,9 @@ def _max_batch(room_bytes: float, kv_per_seq: float, act_per_seq: float, pp: int
     return max(0, pp * (q - 1), min(hi, int((room_bytes - q * act_per_seq) // kv_per_seq)))
 
 
-def _op_s(op: Op, hw: HardwareProfile, dtype: str) -> float:
-    return float(forward_s([op], hw, dtype)[0])
+def _ops_s(ops: list[Op], hw: HardwareProfile, dtype: str) -> np.ndarray:
+    """Each op's time (cost.forward_s, one call for the list)."""
+    return forward_s(ops, hw, dtype) if ops else np.zeros(0)
 
 
 def _kv_write(model: ModelSpec, plan: InferencePlan, tokens: int) -> Op:
@@ -249,14 +289,23 @@ def _edge_comm_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, tp:
                                         tp.size, tp.ranks_per_node) if last else 0.0)
 
 
+def _shard(model: ModelSpec, plan: InferencePlan, micro_batch: int, seq_len: int) -> Shard:
+    """One device's share of a micro-batch: attention and the shared experts over TP, the
+    routed experts as vLLM lays them out and loads them (serve_experts.py)."""
+    ep, etp = expert_degrees(model, plan.tp, plan.replicas, plan.expert_parallel)
+    load = (expert_load(model, plan.tp, plan.replicas, plan.expert_parallel, micro_batch * seq_len)
+            if model.num_experts else None)
+    return Shard(micro_batch, seq_len, tp=plan.tp, dtype_bytes=plan.dtype_bytes, ep=ep, etp=etp,
+                 expert_load=load)
+
+
 def _prefill_layer_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile) -> float:
     """One layer's prefill of one micro-batch on one device (the attention core at its
     causal share, ops.causal_share)."""
     s = plan.prompt_len
-    ops = _layer_ops(model, plan, Shard(plan.micro_batch, s, tp=plan.tp, dtype_bytes=plan.dtype_bytes))
-    return (sum(_op_s(op, hw, plan.dtype) for op in ops)
-            + _op_s(_kv_write(model, plan, plan.micro_batch * s), hw, plan.dtype)
-            + hw.overhead.inference_layer_s(plan.tp, decode=False))
+    ops = _layer_ops(model, plan, _shard(model, plan, plan.micro_batch, s))
+    return (float(_ops_s(ops + [_kv_write(model, plan, plan.micro_batch * s)], hw, plan.dtype).sum())
+            + hw.overhead.inference_layer_s(plan.tp, decode=False, moe_share=moe_layer_share(model)))
 
 
 def _layer_ops(model: ModelSpec, plan: InferencePlan, shard: Shard) -> list[Op]:
@@ -268,15 +317,11 @@ def _classified_s(ops, hw: HardwareProfile, compute_hw: HardwareProfile, dtype: 
     """Decode time of ops by what bounds them: weight GEMMs whose roofline time exceeds their
     compute time on a profile with unbounded bandwidth read their weights; the rest compute;
     memory-bound operators are elementwise."""
-    parts = {"weights_read": 0.0, "compute": 0.0, "elementwise": 0.0}
-    for op in ops:
-        t = _op_s(op, hw, dtype)
-        if op.kind != GEMM:
-            parts["elementwise"] += t
-        else:
-            compute_bound = t <= _op_s(op, compute_hw, dtype) * (1 + 1e-9)
-            parts["compute" if compute_bound else "weights_read"] += t
-    return parts
+    t = _ops_s(ops, hw, dtype)
+    gemm = np.array([op.kind == GEMM for op in ops], dtype=bool)
+    compute_bound = t <= _ops_s(ops, compute_hw, dtype) * (1 + 1e-9)
+    return {"weights_read": float(t[gemm & ~compute_bound].sum()),
+            "compute": float(t[gemm & compute_bound].sum()), "elementwise": float(t[~gemm].sum())}
 
 
 def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
@@ -284,42 +329,66 @@ def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfi
     """One layer's decode step of one micro-batch on one device by category, arrays over the
     step's context length. Weight GEMMs have m = micro-batch, so the profile's roofline makes
     them weight-read bound at small batch and compute bound at large. Attention reads
-    micro x context x 2 x kv_heads/tp x head_dim KV elements at the memory-bound rate, unless
+    micro x keys x 2 x kv_heads/tp x head_dim KV elements at the memory-bound rate, unless
     its FLOPs take longer: scores and values of one fused kernel, counted as one [g, d] x
-    [d, 2 ctx] GEMM per KV head and sequence (g query heads share a KV head, as GQA decode
-    kernels group them)."""
+    [d, 2 keys] GEMM per KV head and sequence (g query heads share a KV head, as GQA decode
+    kernels group them). Keys are the context, or in a sliding-window layer the last
+    min(context, window) (FlashAttention's window_size skips the key blocks before it); the
+    mean layer weighs each kind by its share of the layers."""
     b, d = plan.micro_batch, plan.dtype
-    ops = [op for op in _layer_ops(model, plan, Shard(b, 1, tp=plan.tp, dtype_bytes=plan.dtype_bytes))
+    ops = [op for op in _layer_ops(model, plan, _shard(model, plan, b, 1))
            if not op.attention_core] + [_kv_write(model, plan, b)]
     parts = _classified_s(ops, hw, compute_hw, d)
+    kv_read, attention = np.zeros_like(contexts), np.zeros_like(contexts)
+    for kind, n in model.layer_kinds():
+        keys = np.minimum(contexts, model.sliding_window) if kind.local else contexts
+        read_s, flops_s = _decode_attention_s(model, plan, hw, compute_hw, keys)
+        kv_read = kv_read + n / model.num_layers * np.where(read_s >= flops_s, read_s, 0.0)
+        attention = attention + n / model.num_layers * np.where(read_s >= flops_s, 0.0, flops_s)
+    parts["kv_read"] = kv_read
+    parts["host_overhead"] = hw.overhead.inference_layer_s(plan.tp, decode=True,
+                                                           moe_share=moe_layer_share(model))
+    parts["compute"] = parts["compute"] + attention
+    return parts
+
+
+def _decode_attention_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
+                        compute_hw: HardwareProfile, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(KV read time, FLOP time) of one layer's decode attention over `keys` cached tokens of
+    each sequence of the micro-batch."""
+    b, d = plan.micro_batch, plan.dtype
     if model.kv_lora_rank:
         # latent attention decodes with the up-projections absorbed into the query and the
         # output (DeepSeek-V2 sec 2.1.2; vLLM's MLA decode): every local head scores the
         # latent and RoPE key ([heads, c + r] x [c + r, ctx]) and reads values from the
         # latent ([heads, ctx] x [ctx, c]) per sequence
         heads, c, r = model.num_heads // plan.tp, model.kv_lora_rank, model.qk_rope_head_dim
-        flops_s = (compute_hw.gemm_time_s(heads, contexts, c + r, d, batch=b)
-                   + compute_hw.gemm_time_s(heads, c, contexts, d, batch=b))
+        flops_s = (compute_hw.gemm_time_s(heads, keys, c + r, d, batch=b)
+                   + compute_hw.gemm_time_s(heads, c, keys, d, batch=b))
     else:
         kv, hd = model.num_kv_heads // plan.tp, model.head_dim
         g = model.num_heads // model.num_kv_heads
-        flops_s = compute_hw.gemm_time_s(g, 2 * contexts, hd, d, batch=b * kv)
-    read_s = hw.memory_bound_time_s(b * contexts * kv_elements_per_token(model, plan.tp)
+        flops_s = compute_hw.gemm_time_s(g, 2 * keys, hd, d, batch=b * kv)
+    read_s = hw.memory_bound_time_s(b * keys * kv_elements_per_token(model, plan.tp)
                                     * plan.kv_dtype_bytes, d)
-    parts["kv_read"] = np.where(read_s >= flops_s, read_s, 0.0)
-    parts["host_overhead"] = hw.overhead.inference_layer_s(plan.tp, decode=True)
-    parts["compute"] = parts["compute"] + np.where(read_s >= flops_s, 0.0, flops_s)
-    return parts
+    return read_s, flops_s
 
 
 @dataclass(frozen=True)
 class _Layout:
     """Where a replica runs: layers per pipeline stage, the TP group, the link between
-    adjacent stages."""
+    adjacent stages, the replicas' group that the MoE layers gather tokens over."""
 
     layers: tuple[int, ...]
     tp: Group
     pair: Group
+    dp: Group
+
+    @property
+    def ranges(self) -> list[range]:
+        """The layer indices of each stage (contiguous, in order)."""
+        ends = np.cumsum(self.layers).tolist()
+        return [range(end - n, end) for n, end in zip(self.layers, ends)]
 
     @property
     def stages(self) -> list[tuple[int, bool, bool]]:
@@ -343,7 +412,7 @@ def _layout(plan: InferencePlan, model: ModelSpec, cluster: Cluster) -> _Layout:
     mesh = Mesh.of({"tp": plan.tp, "pp": plan.pp, "dp": plan.replicas}, ("tp", "pp", "dp"),
                    cluster.gpus_per_node)
     return _Layout(even_partition(model.num_layers, plan.pp), mesh.group(("tp",)),
-                   mesh.neighbour_pair("pp"))
+                   mesh.neighbour_pair("pp"), mesh.group(("dp",)))
 
 
 def _prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, at: _Layout) -> dict:
@@ -353,14 +422,16 @@ def _prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, at: _
     layer_s = _prefill_layer_s(model, plan, hw)
     layer_comm_s = float(tp_comm_s(model, b * plan.prompt_len, False, plan.dtype_bytes, hw,
                                    at.tp.size, at.tp.ranks_per_node))
-    compute = np.array([n * layer_s + sum(_op_s(op, hw, plan.dtype)
-                                          for op in _edge_ops(model, plan, tokens, f, la))
+    layer_dispatch_s = moe_layer_share(model) * dispatch_s(model, hw, at.dp, tokens, plan.dtype_bytes)
+    compute = np.array([n * layer_s + _ops_s(_edge_ops(model, plan, tokens, f, la), hw, plan.dtype).sum()
                         for n, f, la in at.stages])
     comm = np.array([n * layer_comm_s + _edge_comm_s(model, plan, hw, at.tp, tokens, f, la)
                      for n, f, la in at.stages])
+    dispatch = np.array([n * layer_dispatch_s for n in at.layers])
     return {"compute": float(compute.sum()), "tp_comm": float(comm.sum()),
+            "moe_dispatch": float(dispatch.sum()),
             "pp_handoff": (plan.pp - 1) * at.handoff_s(model, plan, hw, tokens),
-            "other_microbatches": (plan.num_microbatches - 1) * float((compute + comm).max())}
+            "other_microbatches": (plan.num_microbatches - 1) * float((compute + comm + dispatch).max())}
 
 
 def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
@@ -374,6 +445,7 @@ def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
     layer = _decode_layer_parts(model, plan, hw, compute_hw, contexts)
     layer["tp_comm"] = float(tp_comm_s(model, b, False, plan.dtype_bytes, hw, at.tp.size,
                                        at.tp.ranks_per_node))
+    layer["moe_dispatch"] = moe_layer_share(model) * dispatch_s(model, hw, at.dp, b, plan.dtype_bytes)
     totals, stage_s = {k: 0.0 for k in layer}, []
     for n, f, la in at.stages:
         edges = _classified_s(_edge_ops(model, plan, b, f, la), hw, compute_hw, plan.dtype)
@@ -402,15 +474,16 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
     tpot, decode = _decode_s(served, plan, hw, at)
     latency = ttft + (plan.gen_len - 1) * tpot
 
-    # Memory per stage: weights, the KV cache of every sequence at full context, one prefill
-    # micro-batch's transient activations.
+    # Memory per stage: weights, the KV cache of every sequence at its peak (full context, or
+    # the window in sliding-window layers: kv_bytes_per_sequence), one prefill micro-batch's
+    # transient activations.
     capacity = float(hw.memory_bytes)
     limit = capacity - memory_reserve_bytes(capacity)
-    kv_token_layer = kv_bytes_per_token(model, plan.kv_dtype, plan.tp) / model.num_layers
-    narrowed = quantized_weights(served, plan.tp) * (plan.dtype_bytes - plan.weight_bytes)
-    weights = np.array([stage_params(served, plan.tp, plan.pp, n, f, la) * plan.dtype_bytes - n * narrowed
-                        for n, f, la in at.stages], dtype=float)
-    kv_seq = np.array([plan.context_len * n * kv_token_layer for n in at.layers], dtype=float)
+    ep, etp = expert_degrees(model, plan.tp, plan.replicas, plan.expert_parallel)
+    narrowed = quantized_weights(served, plan.tp, ep, etp) * (plan.dtype_bytes - plan.weight_bytes)
+    weights = np.array([stage_params(served, plan.tp, plan.pp, n, f, la, ep, etp) * plan.dtype_bytes
+                        - n * narrowed for n, f, la in at.stages], dtype=float)
+    kv_seq = np.array([kv_bytes_per_sequence(model, plan, layers) for layers in at.ranges], dtype=float)
     act_seq = np.array([_activation_bytes_per_seq(served, plan, la) for _, _, la in at.stages])
     memory = weights + plan.batch * kv_seq + plan.micro_batch * act_seq
     peak = int(np.argmax(memory))

@@ -29,10 +29,12 @@ from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator.cost import (FULL, NONE, ExpertMesh, collective_s, layer_times,
                                      overlap_split, shard_times)
 from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, expert_layer_params,
-                                       layer_activation_bytes, model_state_bytes, stage_params)
+                                       layer_activation_bytes, logits_bytes, model_state_bytes,
+                                       stage_params)
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import Shard
 from meshplan.simulator.plan import DTYPE_BYTES, RECOMPUTE, SCHEDULES
+from meshplan.simulator.schedule import loss_in_flight
 
 SHARD_KEYS = ("tp", "sp", "cp", "micro_batch", "ep", "etp")
 COST_KEYS = SHARD_KEYS + ("rc", "tp_overlap", "a2a_overlap", "tp_rpn", "cp_rpn", "ep_rpn", "etp_rpn", "tp_share",
@@ -73,11 +75,11 @@ def combo_ids(r: dict, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str,
          grad_dtype: str, capacity: float = 1.0, fp8_recipe: str = "tensorwise",
-         dispatcher: str = "alltoall") -> dict:
+         dispatcher: str = "alltoall", mlp_kernel: str = "fused") -> dict:
     """Rows of plans from their knob arrays (KNOBS), with the memory terms that need no
     timing: each row's shard, activation bytes per layer and parameters per layer (all, and
     the routed experts'); `capacity`, `fp8_recipe` and `dispatcher` are the plan's
-    moe_capacity_factor, fp8_recipe and moe_dispatcher."""
+    moe_capacity_factor, fp8_recipe, moe_dispatcher (and mlp_kernel)."""
     r = {k: np.asarray(knobs[k]) for k in KNOBS}
     r.update({k: np.broadcast_to(np.asarray(knobs.get(k, 1.0), dtype=float), r["tp"].shape)
               for k in SHARES})
@@ -88,7 +90,8 @@ def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str
     shard_id, first = combo_ids(r, SHARD_KEYS)
     shards = [Shard(int(r["micro_batch"][i]), seq_len, int(r["tp"][i]), int(r["cp"][i]),
                     bool(r["sp"][i]), d, attention == "flash", int(r["ep"][i]), int(r["etp"][i]),
-                    capacity, fp8_recipe if dtype == "fp8" else None) for i in first]
+                    capacity, fp8_recipe if dtype == "fp8" else None,
+                    fused_mlp=mlp_kernel == "fused") for i in first]
     act = np.array([[layer_activation_bytes(model, s, k) for k in RECOMPUTE] for s in shards])
     r.update(shard_id=shard_id, shards=shards, d=d, dtype=dtype, flash=attention == "flash",
              capacity=capacity, dispatcher=dispatcher, dps=r["dp"] * r["cp"],
@@ -229,9 +232,11 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     """Bytes on pipeline rank s (n layers, `params` parameters, `inflight` micro-batch
     chunks of activations held at the peak): weights, gradients and Adam states under the
     ZeRO stage (memory.model_state_bytes), activations (Korthikanti et al. 2022), and
-    buffers: the last rank's fp32 logits and their gradient for one micro-batch, one layer
-    rebuilt in backward under full recompute, and the gathered weights of the current and
-    the prefetched layer under ZeRO-3."""
+    buffers: on the last rank the loss, the saved fp32 log-probabilities of each micro-batch
+    in flight (schedule.loss_in_flight) and in its backward the logits' gradient; one layer
+    rebuilt in backward under full recompute; the gathered weights of the current and the
+    prefetched layer under ZeRO-3. The head's backward frees the loss's two before the first
+    layer's backward rebuilds and gathers, so those take the larger of the two."""
     c = _col
     z, v = r["zero"], r["virtual_stages"]
     parts, degrees = _split(r, params, n)
@@ -239,11 +244,14 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
                                    [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["gd"])[i]
                                     for k in range(4)]) for part, degree in zip(parts, degrees))
               for i in range(3)]
-    # ZeRO-3 gathered weights: the current and the prefetched layer, or, without resharding
-    # after forward, every layer of the rank from its forward to its backward
-    gathered = np.where(c(r["reshard"]), 2, n) * c((z == 3) * r["per_layer"] * r["d"])
-    buffers = ((s == c(r["pp"]) - 1) * c(2 * 4 * r["tokens"] * model.vocab_size / r["tp"])
-               + c((r["rc"] == FULL) * r["act_none"]) + gathered)
+    # ZeRO-3 gathered weights: in backward the current and the prefetched layer, or, without
+    # resharding after forward, every layer of the rank from its forward to its backward
+    layer_bytes = c((z == 3) * r["per_layer"] * r["d"])
+    in_backward = np.where(c(r["reshard"]), 2, 0) * layer_bytes + c((r["rc"] == FULL) * r["act_none"])
+    logits = (s == c(r["pp"]) - 1) * c(logits_bytes(r["tokens"], model.vocab_size, r["tp"]))
+    held = c(loss_in_flight(r["sched"], r["pp"], r["num_microbatches"], r["a2a_overlap"]))
+    buffers = ((held - 1) * logits + np.maximum(2 * logits, in_backward)
+               + np.where(c(r["reshard"]), 0, n) * layer_bytes)
     return {"weights": states[0], "gradients": states[1], "optimizer": states[2],
             "activations": inflight * n / c(v) * c(r["act"]), "buffers": buffers}
 

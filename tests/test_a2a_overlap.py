@@ -19,7 +19,7 @@ from meshplan.simulator.cost import (ExpertMesh, OpTimes, ShardTimes, ep_comm_s,
 from meshplan.simulator.model_spec import ZOO, load_model
 from meshplan.simulator.pipeline_sim import simulate_pipeline
 from meshplan.simulator.plan import Cluster, Plan
-from meshplan.simulator.schedule import SCHEDULES, in_flight, stage_op_tuples, warmup_ops
+from meshplan.simulator.schedule import SCHEDULES, in_flight, loss_in_flight, stage_op_tuples, warmup_ops
 from meshplan.simulator.train import plan_rows, simulate
 
 H100 = load_profile("h100-80gb")
@@ -73,6 +73,16 @@ def test_pairs_run_as_one_op_and_the_rest_alone():
         assert res.stage_busy_s[s] == pytest.approx(w * (1 + 2) + (m * v - w) * (0.25 + 1.5))
     held = in_flight(SCHEDULES.index("interleaved"), p, v, m, np.arange(p), True)
     assert res.max_in_flight.tolist() == held.tolist()
+
+
+@pytest.mark.parametrize("schedule,p,m,v", [("1f1b", 1, 4, 1), ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 3)])
+def test_loss_in_flight_replays_the_combined_order(schedule, p, m, v):
+    held = most = 0
+    for kind, _, chunk in stage_op_tuples(schedule, p, m, v, a2a_overlap=True)[p - 1]:
+        if chunk == v - 1:
+            held += 1 if kind == "F" else -1
+            most = max(most, held)
+    assert loss_in_flight(SCHEDULES.index(schedule), p, m, True) == most == 2
 
 
 def _shard(fwd, bwd_in, bwd_w, routed_f, routed_b) -> ShardTimes:

@@ -160,7 +160,8 @@ def test_megatron_rope_scaling_from_a_llama_3_1_config():
 
 
 def test_deepspeed_config_and_command():
-    e = export("deepspeed", job("llama-2-13b", dp=4, tp=4, pp=4, sp=True, zero=1, recompute="full", micro_batch=2))
+    e = export("deepspeed", job("llama-2-13b", dp=4, tp=4, pp=4, sp=True, zero=1, recompute="full", micro_batch=2,
+                                mlp_kernel="eager"))
     config = json.loads(dict(e.files)["ds_config.json"])
     assert set(config) <= DEEPSPEED_KEYS and "train_batch_size" not in config
     assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * 4 == 64
@@ -170,6 +171,24 @@ def test_deepspeed_config_and_command():
     assert {"--sequence-parallel", "--deepspeed", "--deepspeed-activation-checkpointing"} <= set(f)
     assert f["--deepspeed_config"] == "ds_config.json" and f["--zero-stage"] == "1"
     assert f["--rotary-position-embeddings-theta"] == "10000"
+
+
+def test_mlp_kernel_reaches_each_target():
+    # Megatron-LM fuses SwiGLU unless told not to; torchtitan fuses it only when compiled;
+    # Megatron-DeepSpeed has no fused SwiGLU, so a fused plan is refused there
+    assert "--no-bias-swiglu-fusion" in flags(export("megatron", job("llama-2-13b", dp=8, tp=8, sp=True,
+                                                                      mlp_kernel="eager")).args)
+    assert "--no-bias-swiglu-fusion" not in flags(export("megatron", job("llama-2-13b", dp=8, tp=8, sp=True)).args)
+    fused = flags(export("torchtitan", job("llama-3-70b", dp=8, tp=8, sp=True)).args)
+    eager = flags(export("torchtitan", job("llama-3-70b", dp=8, tp=8, sp=True, mlp_kernel="eager")).args)
+    assert "--compile.enable" in fused and "--compile.enable" not in eager
+    with pytest.raises(PlanError) as err:
+        check("deepspeed", L13, Plan(global_batch=64, seq_len=4096, dp=8, tp=8))
+    assert err.value.problem.startswith("mlp_kernel")
+    with pytest.raises(PlanError) as err:  # async TP compiles, which fuses
+        check("torchtitan", L70, Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, tp_overlap=True,
+                                      mlp_kernel="eager"))
+    assert err.value.problem.startswith("mlp_kernel")
 
 
 def test_plan_export_round_trips():
@@ -379,7 +398,7 @@ def test_torchtitan_0_2_moe_and_float8_toml():
 
 def test_deepspeed_moe_command_and_reduce_dtype():
     e = export("deepspeed", job(MIXTRAL, dp=8, tp=8, sp=True, zero=1, ep=8, moe_capacity_factor=1.5,
-                                grad_reduce_dtype="bf16"))
+                                grad_reduce_dtype="bf16", mlp_kernel="eager"))
     f = flags(e.args)
     assert (f["--num-experts"], f["--topk"], f["--moe-expert-parallel-size"]) == ("8", "2", "8")
     assert (f["--expert-interval"], f["--moe-train-capacity-factor"]) == ("1", "1.5")

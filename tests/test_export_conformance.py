@@ -113,19 +113,19 @@ MEGATRON_PLANS = [("llama-3-70b", 64, plan(zero=1, **knobs)) for knobs in LLAMA3
     (QWEN3_MOE, 64, plan(dp=64, zero=1, ep=8, moe_a2a_overlap=True)),
 ]
 DEEPSPEED_PLANS = [
-    ("llama-2-13b", 64, plan(dp=4, tp=4, pp=4, sp=True, zero=1, recompute="full")),
-    ("llama-2-13b", 64, plan(dp=8, tp=8, sp=True, zero=1, recompute="selective")),
-    ("llama-2-13b", 64, plan(dp=64, zero=3, recompute="full")),
-    ("llama-2-13b", 64, plan(dp=16, tp=4, zero=2)),
-    ("llama-2-13b", 64, plan(dp=8, pp=8, zero=0, micro_batch=1)),
-    ("llama-2-70b", 64, plan(dp=2, tp=8, pp=4, sp=True, zero=1, recompute="full")),
-    ("llama-2-70b", 64, plan(dp=8, tp=8, sp=True, zero=3, recompute="full")),
-    ("llama-2-7b", 16, plan(global_batch=32, dp=4, tp=2, pp=2, zero=1, dtype="fp16")),
-    ("gpt3-175b", 64, plan(seq_len=2048, dp=1, tp=8, pp=8, sp=True, zero=1, dtype="fp16", recompute="full")),
-    ("gpt3-175b", 64, plan(seq_len=2048, dp=64, zero=3, recompute="full")),
-    ("llama-3-70b", 64, plan(dp=4, tp=8, pp=2, sp=True, zero=1, recompute="selective", layer_partition=(40, 40))),
-    (MIXTRAL, 64, plan(dp=8, tp=8, sp=True, zero=1, ep=8, moe_capacity_factor=1.25)),
-    (MIXTRAL, 64, plan(dp=64, zero=2, ep=8, grad_reduce_dtype="bf16")),
+    ("llama-2-13b", 64, plan(mlp_kernel="eager", dp=4, tp=4, pp=4, sp=True, zero=1, recompute="full")),
+    ("llama-2-13b", 64, plan(mlp_kernel="eager", dp=8, tp=8, sp=True, zero=1, recompute="selective")),
+    ("llama-2-13b", 64, plan(mlp_kernel="eager", dp=64, zero=3, recompute="full")),
+    ("llama-2-13b", 64, plan(mlp_kernel="eager", dp=16, tp=4, zero=2)),
+    ("llama-2-13b", 64, plan(mlp_kernel="eager", dp=8, pp=8, zero=0, micro_batch=1)),
+    ("llama-2-70b", 64, plan(mlp_kernel="eager", dp=2, tp=8, pp=4, sp=True, zero=1, recompute="full")),
+    ("llama-2-70b", 64, plan(mlp_kernel="eager", dp=8, tp=8, sp=True, zero=3, recompute="full")),
+    ("llama-2-7b", 16, plan(mlp_kernel="eager", global_batch=32, dp=4, tp=2, pp=2, zero=1, dtype="fp16")),
+    ("gpt3-175b", 64, plan(mlp_kernel="eager", seq_len=2048, dp=1, tp=8, pp=8, sp=True, zero=1, dtype="fp16", recompute="full")),
+    ("gpt3-175b", 64, plan(mlp_kernel="eager", seq_len=2048, dp=64, zero=3, recompute="full")),
+    ("llama-3-70b", 64, plan(mlp_kernel="eager", dp=4, tp=8, pp=2, sp=True, zero=1, recompute="selective", layer_partition=(40, 40))),
+    (MIXTRAL, 64, plan(mlp_kernel="eager", dp=8, tp=8, sp=True, zero=1, ep=8, moe_capacity_factor=1.25)),
+    (MIXTRAL, 64, plan(mlp_kernel="eager", dp=64, zero=2, ep=8, grad_reduce_dtype="bf16")),
 ]
 
 
@@ -392,15 +392,17 @@ def test_vllm_accepts(model_arg, gpus, p, monkeypatch):
     assert engine.dtype == {"llama-2": "float16"}.get(model_arg[:7], "bfloat16")
 
 
-def test_vllm_serves_experts_over_tp(monkeypatch):
-    """Mixtral 8x7B: the experts shard over TP as the serving plan prices them, without
-    --enable-expert-parallel (which would place whole experts over TP x DP ranks)."""
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_vllm_places_experts_as_planned(expert_parallel, monkeypatch):
+    """Mixtral 8x7B over tp 4 x 2 replicas: every expert sharded over the 8 ranks (vLLM's
+    default) or whole experts over them (--enable-expert-parallel), as the plan says; with no
+    backend named vLLM runs the all2all backend the plan prices (serve_experts.py)."""
     monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
     arg_utils = pytest.importorskip("vllm.engine.arg_utils")
     cli_args = pytest.importorskip("vllm.entrypoints.common.cli_args")
     argparse_utils = pytest.importorskip("vllm.utils.argparse_utils")
     model = load_model(MIXTRAL)
-    p = InferencePlan(32, 2048, 256, tp=4, replicas=2, dtype="bf16")
+    p = InferencePlan(32, 2048, 256, tp=4, replicas=2, dtype="bf16", expert_parallel=expert_parallel)
     result = simulate_inference(model, p, Cluster(8, 8), H100)
     e = vllm.export(result, model, checkpoint_of(MIXTRAL, model), H100, "mistralai/Mixtral-8x7B-v0.1")
     args = cli_args.make_arg_parser(argparse_utils.FlexibleArgumentParser()).parse_args(list(e.args))
@@ -408,5 +410,7 @@ def test_vllm_serves_experts_over_tp(monkeypatch):
     cli_args.validate_parsed_serve_args(args)
     engine = arg_utils.AsyncEngineArgs.from_cli_args(args)
     assert (engine.tensor_parallel_size, engine.data_parallel_size) == (4, 2)
-    assert engine.enable_expert_parallel is False
+    assert engine.enable_expert_parallel is expert_parallel
+    assert engine.all2all_backend == "allgather_reducescatter"
+    assert engine.all2all_backend == "allgather_reducescatter"
 

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from meshplan.simulator.memory import layer_activation_bytes, model_state_bytes, stage_params
+from meshplan.hw_profiles.profile import load_profile
+from meshplan.simulator.memory import layer_activation_bytes, logits_bytes, model_state_bytes, stage_params
 from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
 from meshplan.simulator.ops import GEMM, Shard, head_ops, layer_ops, model_flops_per_step, total_flops
+from meshplan.simulator.plan import Cluster, Plan
+from meshplan.simulator.train import simulate
 
 GPT = ZOO["gpt3-175b"]
 
@@ -150,11 +153,35 @@ def test_moe_layer_activations_by_hand():
     norms_qkv_mlp_inputs = 2 * 4 * 8 * 64          # 2 norm inputs, QKV input, MLP input
     router_scores = 2 * 8 * 4
     attention = 2 * 8 * (8 * 16 + 4 * 16 + 4 * 16)  # Q and K, V, attention output
-    experts = 2 * 8 * 2 * (2 * 64 + 3 * 32)         # per routed row: copy in, out; gate, up, down inputs
+    # per routed row: copy in, out; gate and up outputs, the activation's output (eager
+    # only), down input
+    experts = 2 * 8 * 2 * (2 * 64 + 4 * 32)
     lse = 4 * 1 * 4 * 8                             # fp32 log-sum-exp per query row and head
-    assert layer_activation_bytes(model, shard, "none") == (
+    assert layer_activation_bytes(model, replace(shard, fused_mlp=False), "none") == (
         norms_qkv_mlp_inputs + router_scores + attention + experts + lse)
+    assert layer_activation_bytes(model, shard, "none") == (
+        norms_qkv_mlp_inputs + router_scores + attention + experts - 2 * 8 * 2 * 32 + lse)
     assert layer_activation_bytes(model, shard, "full") == 2 * 8 * 64
+
+
+def test_dense_layer_activations_by_hand():
+    # 2 layers, h 64, 4 heads of 16 (MHA), gated MLP of width 128 (TP 2: 64 per device);
+    # 8 tokens, bf16
+    gated = ModelSpec("d", 2, 64, 4, 4, 128, 100, 64)
+    shard = Shard(1, 8, tp=2)
+    norms_qkv_mlp_inputs = 2 * 4 * 8 * 64           # replicated over TP without SP
+    attention = 2 * 8 * (4 * 16 + 2 * 16 + 2 * 16)  # Q and K, V, attention output: 2 heads
+    lse = 4 * 1 * 2 * 8
+    # eager act(x W1) * (x W3): W1's output (the activation's input), the activation's output
+    # and W3's output (the product's operands), the product (W2's input); a fused kernel
+    # keeps its two inputs and recomputes the activation
+    swiglu = 2 * 8 * 4 * 64
+    fused_swiglu = 2 * 8 * 3 * 64
+    plain_mlp = 2 * 8 * 2 * 64                      # the activation's input, W2's input
+    common = norms_qkv_mlp_inputs + attention + lse
+    assert layer_activation_bytes(gated, replace(shard, fused_mlp=False), "none") == common + swiglu
+    assert layer_activation_bytes(gated, shard, "none") == common + fused_swiglu
+    assert layer_activation_bytes(replace(gated, gated_mlp=False), shard, "none") == common + plain_mlp
 
 
 def test_sandwich_norms_keep_two_more_inputs():
@@ -163,3 +190,29 @@ def test_sandwich_norms_keep_two_more_inputs():
     shard = Shard(1, 512, tp=2, sp=True)
     extra = layer_activation_bytes(gemma, shard, "none") - layer_activation_bytes(plain, shard, "none")
     assert extra == 2 * 2 * (512 // 2) * 3584
+
+
+def test_loss_keeps_sharded_log_probabilities_per_micro_batch_in_flight():
+    # fp32, 8 tokens x 1000 / TP 2 vocabulary columns
+    assert logits_bytes(8, 1000, 2) == 4 * 8 * 500
+    # GPipe's last stage keeps the log-probabilities of all 4 micro-batches (2 x 16 tokens),
+    # 1F1B's of one; and the logits' gradient of one
+    model = ModelSpec("t", 4, 64, 4, 4, 128, 1000, 64)
+    logits = 4 * 2 * 16 * 1000 / 2
+    for schedule, copies in (("gpipe", 4 + 1), ("1f1b", 1 + 1)):
+        plan = Plan(global_batch=8, seq_len=16, micro_batch=2, tp=2, pp=2, schedule=schedule)
+        last = simulate(model, plan, Cluster(4, 4), load_profile("local")).stages[-1].memory
+        assert last.buffers_bytes == copies * logits
+
+
+def test_loss_is_freed_before_the_layers_backward_gathers_and_rebuilds():
+    # ZeRO-3 over 2 ranks, bf16, 2 x 16 tokens: the loss (log-probabilities and gradient of
+    # the fp32 logits) or, later, two gathered layers, whichever is larger
+    model = ModelSpec("t", 4, 64, 4, 4, 128, 1000, 64)
+    layer_params = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64  # Q, K, V, O; gated MLP; two norms
+    loss = 2 * 4 * 2 * 16 * 1000
+    for vocab in (4000, 20):  # the loss larger, then the gathered layers
+        sized = replace(model, vocab_size=vocab)
+        plan = Plan(global_batch=8, seq_len=16, micro_batch=2, dp=2, zero=3, dtype="bf16")
+        memory = simulate(sized, plan, Cluster(2, 2), load_profile("local")).stages[0].memory
+        assert memory.buffers_bytes == max(loss * vocab / 1000, 2 * layer_params * 2)

@@ -124,6 +124,9 @@ def test_serving_with_generated_flags(data):
     argv += _flags(data.draw, ["batch", "prompt-len", "gen-len", "tp", "pp", "slo-ttft-ms", "slo-tpot-ms"])
     if data.draw(st.booleans()):
         argv += ["--quantization", data.draw(st.sampled_from(["int8", "int4", "fp8", "awq", "none"]))]
+    if data.draw(st.booleans()):
+        argv += [data.draw(st.sampled_from(["--expert-parallel", "--no-expert-parallel",
+                                            "--enable-expert-parallel"]))]
     check(argv)
 
 

@@ -18,16 +18,16 @@ import torch
 
 from meshplan.executor import launch as launch_module
 from meshplan.executor.generate import generate, greedy, prompt_tokens
-from meshplan.executor.kv_cache import KVCache
 from meshplan.executor.model import build_model
 from meshplan.executor.launch import check_serve, launch_serve_many
 from meshplan.executor.options import ServeOptions
 from meshplan.executor.records import ServeRecord
 from meshplan.cli import main
 from meshplan.core.errors import PlanError
-from meshplan.simulator.serve import InferencePlan
+from meshplan.simulator import rules
+from meshplan.simulator.serve import InferencePlan, kv_tokens_per_sequence
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.plan import Cluster
+from meshplan.simulator.plan import Cluster, Plan
 
 SEED, PROMPT_LEN, GEN_LEN = 0, 24, 12
 LLAMA = ModelSpec("tiny-llama", num_layers=4, hidden_size=128, num_heads=4, num_kv_heads=2,
@@ -36,6 +36,10 @@ GPT = ModelSpec("tiny-gpt", num_layers=2, hidden_size=64, num_heads=4, num_kv_he
                 ffn_hidden_size=256, vocab_size=256, max_seq_len=64, gated_mlp=False,
                 activation="gelu", norm="layernorm", position_embedding="learned", bias=True)
 FAST = ServeOptions(warmup=0, repeats=1, seed=SEED)
+# Layers 0 and 2 attend over an 8-token window; their caches keep vLLM's 2 blocks of 16
+# positions (simulator.serve.window_kept_tokens), so prompts of 40 drop old positions.
+WINDOWED = dataclasses.replace(LLAMA, name="tiny-windowed", sliding_window=8, local_layers=(0, 2))
+WIN_PROMPT, WIN_GEN = 40, 16
 
 
 def recompute_greedy(model, prompts: torch.Tensor, gen_len: int) -> torch.Tensor:
@@ -70,7 +74,7 @@ def test_cached_logits_equal_full_forward(model):
     key)."""
     net = build_model(model, SEED).eval()
     seq = prompt_tokens(2, PROMPT_LEN + 4, model.vocab_size, SEED)
-    cache = KVCache(net.layers, seq.shape[1])
+    cache = net.new_cache(seq.shape[1])
     with torch.no_grad():
         full = net(seq)
         steps = [net(seq[:, :PROMPT_LEN], cache)] + [net(seq[:, i:i + 1], cache)
@@ -80,22 +84,61 @@ def test_cached_logits_equal_full_forward(model):
     torch.testing.assert_close(cached, full[:, PROMPT_LEN - 1:], rtol=1e-5, atol=1e-5)
 
 
+def test_windowed_cache_keeps_the_window_and_generates_as_recompute():
+    # the cache keeps 32 positions in the window layers; recompute attends over the whole
+    # sequence under the window mask
+    net = build_model(WINDOWED, SEED).eval()
+    prompts = prompt_tokens(3, WIN_PROMPT, WINDOWED.vocab_size, SEED)
+    cached = generate(net, prompts, WIN_GEN)
+    assert torch.equal(cached, recompute_greedy(net, prompts, WIN_GEN))
+    # the window matters: the same weights attending over every position generate otherwise
+    unwindowed = build_model(dataclasses.replace(WINDOWED, sliding_window=None, local_layers=()), SEED)
+    assert not torch.equal(cached, generate(unwindowed.eval(), prompts, WIN_GEN))
+
+
+def test_windowed_cached_logits_equal_full_forward_and_cache_holds_the_window():
+    net = build_model(WINDOWED, SEED).eval()
+    seq = prompt_tokens(2, WIN_PROMPT + WIN_GEN, WINDOWED.vocab_size, SEED)
+    cache = net.new_cache(seq.shape[1])
+    with torch.no_grad():
+        full = net(seq)
+        steps = [net(seq[:, :WIN_PROMPT], cache)] + [net(seq[:, i:i + 1], cache)
+                                                     for i in range(WIN_PROMPT, seq.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, WIN_PROMPT - 1:], rtol=1e-5, atol=1e-5)
+    # K and V x 2 sequences x 2 KV heads x 32 dims x 4 bytes per position: layers 1 and 3
+    # hold all 56 positions, layers 0 and 2 the last 32
+    assert [cache.layers[k].nbytes for k in "0123"] == [2 * 2 * 2 * 32 * 4 * n for n in (32, 56, 32, 56)]
+    # what serving predicts for a 40-token prompt and 17 generated tokens: the full layers at
+    # the context (the executor never writes the last token's K and V), the window layers 32
+    assert kv_tokens_per_sequence(WINDOWED, WIN_PROMPT, WIN_PROMPT + WIN_GEN + 1) == 2 * 57 + 2 * 32
+
+
+def test_executor_serves_sliding_windows_but_does_not_train_them():
+    plan = InferencePlan(batch=2, prompt_len=WIN_PROMPT, gen_len=WIN_GEN, tp=2)
+    assert not rules.violations(rules.EXECUTOR_SERVING, plan, WINDOWED, Cluster(2, 2))
+    train = Plan(dp=1, tp=2, micro_batch=1, global_batch=1, seq_len=64)
+    assert [f for f, _, _ in rules.violations(rules.EXECUTOR_TRAINING, train.fields(), WINDOWED,
+                                              Cluster(2, 2))] == ["model"]
+
+
 def _plan(**fields) -> InferencePlan:
     return InferencePlan(**{"batch": 4, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN,
                             "dtype": "fp32", **fields})
 
 
-WORLD_2 = [("tp2", _plan(tp=2)), ("pp2-uneven-microbatches", _plan(pp=2, batch=3)),
-           ("replicas2", _plan(replicas=2))]
-WORLD_4 = [("tp2-pp2", _plan(tp=2, pp=2)), ("pp2-replicas2", _plan(pp=2, replicas=2))]
+WORLD_2 = [("tp2", LLAMA, _plan(tp=2)), ("pp2-uneven-microbatches", LLAMA, _plan(pp=2, batch=3)),
+           ("replicas2", LLAMA, _plan(replicas=2)),
+           ("tp2-windowed", WINDOWED, _plan(tp=2, prompt_len=WIN_PROMPT, gen_len=WIN_GEN))]
+WORLD_4 = [("tp2-pp2", LLAMA, _plan(tp=2, pp=2)), ("pp2-replicas2", LLAMA, _plan(pp=2, replicas=2)),
+           ("tp2-pp2-windowed", WINDOWED, _plan(tp=2, pp=2, prompt_len=WIN_PROMPT, gen_len=WIN_GEN))]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world, jobs", [(2, WORLD_2), (4, WORLD_4)], ids=["world2", "world4"])
 def test_parallel_generation_equals_single_process(world, jobs):
-    records = launch_serve_many([(LLAMA, p) for _, p in jobs], Cluster(world, world), FAST)
-    for (name, plan), record in zip(jobs, records):
-        expected = single_process(LLAMA, plan)
+    records = launch_serve_many([(m, p) for _, m, p in jobs], Cluster(world, world), FAST)
+    for (name, model, plan), record in zip(jobs, records):
+        expected = single_process(model, plan)
         assert torch.equal(torch.tensor(record.tokens), expected), name
         assert record.world_size == world
 

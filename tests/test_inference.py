@@ -5,7 +5,7 @@ import pytest
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.core.errors import PlanError
 from meshplan.planner.serve_search import explain_inference, search_inference
-from meshplan.simulator.serve import InferencePlan, kv_bytes_per_token, simulate_inference
+from meshplan.simulator.serve import InferencePlan, kv_elements_per_token, simulate_inference
 from meshplan.simulator.memory import memory_reserve_bytes
 from meshplan.simulator.model_spec import ZOO, ModelSpec
 from meshplan.simulator.plan import Cluster
@@ -21,15 +21,14 @@ def run(model, gpus=4, **kw):
 
 # ---- KV cache ----
 
-def test_kv_bytes_per_token_gqa_and_mha():
-    assert kv_bytes_per_token(L70) == 2 * 80 * 8 * 128 * 2 == 327_680  # GQA, 8 KV heads
-    assert kv_bytes_per_token(L7) == 2 * 32 * 32 * 128 * 2 == 524_288  # MHA
-    assert kv_bytes_per_token(L70, "fp8") == 163_840
+def test_kv_elements_per_token_gqa_and_mha():
+    assert kv_elements_per_token(L70) == 2 * 8 * 128  # GQA, 8 KV heads: K and V of each
+    assert kv_elements_per_token(L7) == 2 * 32 * 128  # MHA
 
 
 def test_kv_heads_replicate_when_tp_exceeds_them():
-    assert kv_bytes_per_token(L70, tp=4) == 327_680 // 4
-    assert kv_bytes_per_token(L70, tp=8) == kv_bytes_per_token(L70, tp=16) == 2 * 80 * 1 * 128 * 2
+    assert kv_elements_per_token(L70, 4) == 2 * 2 * 128
+    assert kv_elements_per_token(L70, 8) == kv_elements_per_token(L70, 16) == 2 * 1 * 128
 
 
 def test_kv_cache_bytes_at_full_context():

@@ -79,6 +79,12 @@ def test_decode_step_adds_decode_overhead_per_layer():
     more = simulate_inference(model, plan, Cluster(1, 1), replace(A100, overhead=OVERHEAD))
     assert more.tpot_s - base.tpot_s == pytest.approx(model.num_layers * 0.5e-3, rel=1e-6)
     assert more.ttft_s - base.ttft_s == pytest.approx(model.num_layers * 1.5e-3, rel=1e-6)
+    # MoE layers add the MoE block's forward surcharge (3 ms) to both
+    moe = replace(model, name="all-moe", num_experts=8, experts_per_token=2, moe_ffn_hidden_size=5504)
+    base = simulate_inference(moe, plan, Cluster(1, 1), A100)
+    more = simulate_inference(moe, plan, Cluster(1, 1), replace(A100, overhead=OVERHEAD))
+    assert more.tpot_s - base.tpot_s == pytest.approx(moe.num_layers * 3.5e-3, rel=1e-6)
+    assert more.ttft_s - base.ttft_s == pytest.approx(moe.num_layers * 4.5e-3, rel=1e-6)
 
 
 def test_ranks_beyond_cores_stretch_overhead_and_small_group_collectives():

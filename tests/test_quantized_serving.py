@@ -13,7 +13,7 @@ from meshplan.simulator.model_spec import ZOO, load_model
 from meshplan.simulator.ops import Shard, layer_ops
 from meshplan.simulator.plan import Cluster
 from meshplan.simulator.quantize import quantized, quantized_weights, weight_bytes
-from meshplan.simulator.serve import InferencePlan, kv_bytes_per_token, simulate_inference
+from meshplan.simulator.serve import InferencePlan, kv_elements_per_token, simulate_inference
 
 H100, A100 = load_profile("h100-80gb"), load_profile("a100-80gb")
 CONFIGS = Path(__file__).parent / "data" / "hf_configs"
@@ -88,10 +88,10 @@ def test_moe_decode_reads_the_experts_its_tokens_hit():
 
 def test_latent_attention_caches_the_compressed_latent():
     deepseek = load_model(str(CONFIGS / "deepseek-v3.json"))
-    # 61 layers x (kv_lora_rank 512 + qk_rope_head_dim 64) x 2 bytes, whole on every TP rank
-    assert kv_bytes_per_token(deepseek, "bf16", tp=8) == 61 * (512 + 64) * 2
+    # kv_lora_rank 512 + qk_rope_head_dim 64 per token and layer, whole on every TP rank
+    assert kv_elements_per_token(deepseek, 8) == 512 + 64
     # grouped-query attention: K and V of the KV heads a rank holds
-    assert kv_bytes_per_token(LLAMA, "fp16", tp=2) == 32 * 2 * 16 * 128 * 2
+    assert kv_elements_per_token(LLAMA, 2) == 2 * 16 * 128
 
 
 def test_fp8_serving_refused_without_fp8_hardware():

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshplan.simulator.pipeline_sim import simulate_pipeline
-from meshplan.simulator.schedule import SCHEDULES, in_flight, stage_op_tuples
+from meshplan.simulator.schedule import SCHEDULES, in_flight, loss_in_flight, stage_op_tuples
 
 F_S, B_S = 1.3, 2.1   # one micro-batch through one whole stage
 
@@ -99,6 +99,20 @@ def test_in_flight_1f1b_gpipe_zb(p, m):
         # the closed form the simulator and planner size activations with
         closed = in_flight(SCHEDULES.index(name), p, 1, m, s)
         assert closed.tolist() == _uniform(name, p, m, w=w).max_in_flight.tolist()
+
+
+@pytest.mark.parametrize("schedule,p,m,v", [
+    ("gpipe", 3, 5, 1), ("1f1b", 4, 9, 1), ("1f1b", 2, 2, 1), ("zb-h1", 4, 6, 1),
+    ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 2), ("interleaved", 3, 6, 3)])
+def test_loss_in_flight_replays_the_last_chunk(schedule, p, m, v):
+    # the most micro-batches on the last rank whose last chunk (the one ending in the loss)
+    # ran forward and not yet backward, replayed from the op order
+    held = most = 0
+    for kind, _, chunk in stage_op_tuples(schedule, p, m, v)[p - 1]:
+        if chunk == v - 1 and kind in ("F", "B"):
+            held += 1 if kind == "F" else -1
+            most = max(most, held)
+    assert loss_in_flight(SCHEDULES.index(schedule), p, m) == most
 
 
 @pytest.mark.parametrize("p,m,v", [(4, 4, 2), (4, 8, 2), (4, 8, 4), (8, 16, 3), (2, 2, 2)])

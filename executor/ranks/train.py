@@ -37,7 +37,7 @@ from meshplan.executor.measure import (ActivationMeter, model_state_bytes, param
 from meshplan.executor.model import build_model, loss_fn
 from meshplan.executor.moe import reduce_expert_gradients, routing_imbalance
 from meshplan.executor.parallelize import (build_mesh, build_optimizer, full_gradients, gradient_sync,
-                                  parallelize)
+                                  parallelize, training_context)
 from meshplan.executor.pipeline import build_schedule, split_stage, stage_indices
 from meshplan.executor.options import TrainRankOptions, compute_dtype
 from meshplan.executor.records import TrainResult
@@ -101,6 +101,10 @@ class Job:
         """Loss (mean over this rank's micro-batches; 0 off the last stage) after backward."""
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) \
             if self.dtype == "bf16" else nullcontext()
+        with training_context(self.plan):
+            return self._forward_backward(inputs, targets, autocast)
+
+    def _forward_backward(self, inputs, targets, autocast) -> torch.Tensor:
         if self.plan.pp > 1:
             losses: list[torch.Tensor] = []
             with autocast:

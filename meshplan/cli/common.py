@@ -17,7 +17,8 @@ from meshplan.simulator.serve import InferencePlan
 FLAG_OF = {"cluster.num_gpus": "--gpus", "cluster.gpus_per_node": "--gpus-per-node",
            "plan_file": "--plan", "model": "--model", "hardware": "--hardware", "emit": "--emit"}
 # Inference plan fields that have no training namesake (tp, pp and dtype are shared flags).
-SERVING_ONLY = ("batch", "prompt_len", "gen_len", "replicas", "kv_dtype", "quantization", "quant_group_size")
+SERVING_ONLY = ("batch", "prompt_len", "gen_len", "replicas", "kv_dtype", "quantization", "quant_group_size",
+                "expert_parallel")
 
 
 def flag(field: str) -> str:

@@ -153,6 +153,7 @@ def emit(args: argparse.Namespace, model, cluster, hw, fixed: dict) -> int:
 
     target, version = args.emit, args.target_version
     exports.rule_set(target, version)
+    fixed = {**exports.DICTATED.get(target, {}), **fixed}
     if target == "plan" and args.launch_script != "torchrun":
         raise PlanError("emit.plan", "a plan JSON has no launch script", "use meshplan run "
                         "--plan FILE --launch-script, or --emit a framework")
@@ -214,7 +215,7 @@ def run_inference(args: argparse.Namespace) -> int:
     from meshplan.planner import exports
     from meshplan.planner.exports import vllm
     from meshplan.planner.exports.checkpoint import checkpoint_of
-    from meshplan.planner.serve_search import explain_inference, search_inference
+    from meshplan.planner.serve_search import FIXABLE, explain_inference, search_inference
 
     if args.emit not in (None, "vllm"):
         raise PlanError("--emit", f"{args.emit} is a training format", "use --emit vllm with --mode inference")
@@ -224,10 +225,7 @@ def run_inference(args: argparse.Namespace) -> int:
     for flag, name in (("--prompt-len", "prompt_len"), ("--gen-len", "gen_len")):
         if getattr(args, name) is None:
             raise PlanError(flag, "missing", f"pass {flag} N with --mode inference")
-    fixed = {k: getattr(args, k) for k in ("tp", "pp", "replicas", "batch", "kv_dtype", "quantization",
-                                           "quant_group_size") if getattr(args, k) is not None}
-    if args.dtype:
-        fixed["dtype"] = args.dtype
+    fixed = {k: getattr(args, k) for k in FIXABLE if getattr(args, k) is not None}
     ms = lambda v: None if v is None else v / 1e3  # noqa: E731
     found = search_inference(model, cluster, hw, args.prompt_len, args.gen_len,
                              slo_ttft_s=ms(args.slo_ttft_ms), slo_tpot_s=ms(args.slo_tpot_ms),
@@ -251,11 +249,13 @@ def run_inference(args: argparse.Namespace) -> int:
     table = Table(title=f"{model.name} ({params_text(model.num_params(), model.num_params(active=True))}) "
                         f"serving on {cluster.num_gpus} x {hw.name}: prompt {args.prompt_len}, generate "
                         f"{args.gen_len}")
-    for col in ("rank", "tp", "pp", "replicas", "batch", "TTFT ms", "TPOT ms", "tokens/s", "per GPU", "peak GiB"):
+    for col in ("rank", "tp", "pp", "replicas", "EP", "batch", "TTFT ms", "TPOT ms", "tokens/s", "per GPU",
+                "peak GiB"):
         table.add_column(col, justify="right")
     for i, (plan, result) in enumerate(list(found)[:args.top], 1):
         data = result.to_json()
-        table.add_row(str(i), str(plan.tp), str(plan.pp), str(plan.replicas), str(plan.batch),
+        table.add_row(str(i), str(plan.tp), str(plan.pp), str(plan.replicas),
+                      "yes" if plan.expert_parallel else "-", str(plan.batch),
                       f"{data['ttft_s'] * 1e3:.1f}", f"{data['tpot_s'] * 1e3:.2f}",
                       f"{data['throughput_tokens_per_s']:,.0f}",
                       f"{data['throughput_tokens_per_s'] / cluster.num_gpus:,.0f}",

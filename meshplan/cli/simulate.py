@@ -83,7 +83,8 @@ def print_inference_summary(data: dict, model_name: str, hardware: str) -> None:
     table = Table(title=f"{model_name} serving on {hardware}", show_header=False)
     rows = (("parameters", params_text(data["params"], data["active_params"])),
             ("plan", f"tp {plan['tp']}  pp {plan['pp']}  replicas {plan['replicas']}  batch "
-                     f"{plan['batch']}  prompt {plan['prompt_len']}  gen {plan['gen_len']}  {plan['dtype']}"),
+                     f"{plan['batch']}  prompt {plan['prompt_len']}  gen {plan['gen_len']}  {plan['dtype']}"
+                     + ("  expert-parallel" if plan["expert_parallel"] else "")),
             ("time to first token", f"{data['ttft_s'] * 1e3:.1f} ms"),
             ("time per output token", f"{data['tpot_s'] * 1e3:.2f} ms"),
             ("latency (prompt + all tokens)", f"{data['latency_s']:.2f} s"),

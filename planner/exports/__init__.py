@@ -90,6 +90,11 @@ def train_job(model: ModelSpec, result: SimulationResult, hw: HardwareProfile,
     return TrainJob(model, result, tuple(partition), checkpoint, version)
 
 
+# What a target runs whatever the plan says: a search for it prices that unless the user
+# fixed the field (then the target's rules refuse what it cannot run).
+DICTATED = {"deepspeed": {"mlp_kernel": "eager"}}
+
+
 def rule_set(target: str, version: str | None = None) -> str:
     """The FRAMEWORKS key of `target` at `version` (None: the newest)."""
     if target not in TARGETS and target != "vllm":
@@ -110,7 +115,7 @@ def _fields(table: pd.DataFrame) -> SimpleNamespace:
                 placement=table["placement"].map(",".join).to_numpy(),
                 **{k: table.attrs[k] for k in ("attention", "dtype", "layer_partition", "global_batch",
                                                  "seq_len", "grad_reduce_dtype", "moe_capacity_factor",
-                                                 "fp8_recipe", "moe_dispatcher")})
+                                                 "fp8_recipe", "moe_dispatcher", "mlp_kernel")})
     return SimpleNamespace(**cols)
 
 

@@ -123,6 +123,8 @@ def parallel_args(job: TrainJob) -> list[tuple[str, object]]:
     if p.tp_overlap:  # Transformer Engine userbuffers: TP collectives overlapped with the GEMMs
         flags.append(("--tp-comm-overlap", None))
     flags.append(("--attention-backend", "flash" if p.attention == "flash" else "unfused"))
+    if p.mlp_kernel == "eager" and job.model.gated_mlp:
+        flags.append(("--no-bias-swiglu-fusion", None))
     flags += {"bf16": [("--bf16", None)], "fp16": [("--fp16", None)],
               # hybrid: E4M3 forward, E5M2 gradients (Micikevicius et al. 2022 sec 3)
               "fp8": [("--bf16", None), ("--fp8-format", "hybrid"), ("--fp8-recipe", p.fp8_recipe)]

@@ -94,8 +94,10 @@ def export(job: TrainJob) -> Export:
     flags += [(f"--parallelism.{k.replace('_', '-')}", v) for k, v in _parallelism(job, version).items()]
     if stages:
         flags.append(("--parallelism.module-fqns-per-model-part", [",".join(s) for s in stages]))
-    # async TP needs the model compiled (CompileConfig.__post_init__)
-    flags += ([("--compile.enable", None), ("--compile.enable-async-tensor-parallel", None)]
+    # async TP needs the model compiled (CompileConfig.__post_init__); compiling fuses the
+    # gated MLP's activation (plan.mlp_kernel fused)
+    flags += [("--compile.enable", None)] if _compiled(job) else []
+    flags += ([("--compile.enable-async-tensor-parallel", None)]
               if job.plan.tp_overlap else [("--compile.no-enable-async-tensor-parallel", None)])
     args = []
     for flag, value in flags:
@@ -104,6 +106,10 @@ def export(job: TrainJob) -> Export:
     args.append(f"activation-checkpoint:{job.plan.recompute}")
     return Export("torchtitan", job.header, (), (), ("-m", "torchtitan.train"), tuple(args),
                   USER_PATHS, notes)
+
+
+def _compiled(job: TrainJob) -> bool:
+    return job.plan.tp_overlap or (job.plan.mlp_kernel == "fused" and job.model.gated_mlp)
 
 
 def _toml(value) -> str:
@@ -122,7 +128,7 @@ def _export_0_2(job: TrainJob, flavor, stages, notes) -> Export:
     sections = {"job": {"description": job.header}, "model": model,
                 "training": {**_training(job), "dataset": "c4"}, "parallelism": parallelism,
                 "activation_checkpoint": checkpoint}
-    if p.tp_overlap:  # async TP takes effect only in a compiled model
+    if _compiled(job):  # async TP takes effect only in a compiled model
         sections["compile"] = {"enable": True, "components": ["model", "loss"]}
     if p.dtype == "fp8":  # the decoder layers' linears; the output head stays in bf16
         model["converters"] = ["quantize.linear.float8"]

@@ -7,9 +7,10 @@ vllm/engine/arg_utils.py, checked at vLLM 0.33.0).
   served in bf16, not cast to fp16), else the plan's.
 - The model is the checkpoint's Hugging Face id (config.json's _name_or_path, the zoo's
   released checkpoint) or --model-id; a model with neither is refused.
-- Mixture-of-experts models serve with their experts sharded over TP, as the serving plan
-  prices them: vLLM's default. --enable-expert-parallel would spread whole experts over
-  TP x DP ranks instead, which a serving plan does not describe, so it is never given.
+- Mixture-of-experts models run their MoE layers over the TP x DP ranks: every expert
+  sharded over them (vLLM's default), or with --enable-expert-parallel, given when the plan
+  sets expert_parallel, whole experts spread over them. The plan prices vLLM's default
+  --all2all-backend (allgather_reducescatter), so none is named.
 - Weight-only int4 / int8 serve as --quantization awq / gptq, which load a checkpoint
   quantized so: the released 16-bit one cannot be, so its place is a path the user
   supplies unless --model-id names one; fp8 quantizes the 16-bit checkpoint on load.
@@ -70,6 +71,8 @@ def export(result: InferenceResult, model: ModelSpec, checkpoint: Checkpoint, hw
         args += ["--kv-cache-dtype", "fp8"]
     if plan.quantization != "none":
         args += ["--quantization", VLLM_QUANTIZATION[plan.quantization]]
+    if plan.expert_parallel:
+        args += ["--enable-expert-parallel"]
     header = (f"meshplan plan: {model.name} served on {plan.num_gpus} x {hw.name}: TTFT "
               f"{result.ttft_s * 1e3:.1f} ms, TPOT {result.tpot_s * 1e3:.2f} ms predicted")
     notes = (() if dtype == plan.dtype else
