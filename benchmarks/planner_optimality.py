@@ -62,8 +62,9 @@ def check(name, gpus, batch, seq, hw_name, held) -> dict:
         if result.fits and result.step_time_s < best:
             best, best_plan = result.step_time_s, result.plan
     why = explain(model, cluster, hw, found.ranked, fixed)
+    # a change of a knob the case holds is the user's constraint, not a miss of the search
     faster = [c.label for c in why.changes if c.slower_rel is not None and c.slower_rel < 0
-              and c.limit is None]
+              and c.limit is None and not c.held]
     return {"case": f"{name} on {gpus}x {hw_name}" + (f" {held}" if held else ""),
             "legal": len(table), "fit": int(ev.fits.sum()), "simulated": int(rows.size),
             "winner_s": winner.step_time_s, "optimum_s": best, "gap": winner.step_time_s / best - 1,

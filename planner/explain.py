@@ -4,7 +4,7 @@ grows, or which limit it breaks (memory, or the legality rule, as PlanError word
 the prediction's error band from the hardware profile's fit residuals."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import PlanError
@@ -20,7 +20,8 @@ TIE_REL = 1e-3  # step times closer than this are reported as a tie
 @dataclass(frozen=True)
 class Comparison:
     """Another plan against the winner: its relative slowdown and the breakdown terms that
-    grow (seconds, largest first), or the limit that rules it out."""
+    grow (seconds, largest first), or the limit that rules it out; `held` when it changes a
+    knob the user fixed (the search could not take it)."""
 
     label: str
     plan: dict | None = None
@@ -28,6 +29,7 @@ class Comparison:
     slower_rel: float | None = None
     grows: tuple[tuple[str, float], ...] = ()
     limit: str | None = None
+    held: bool = False
 
     def text(self) -> str:
         if self.limit:
@@ -167,13 +169,13 @@ def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
     for label, knob, fields in knob_changes(winner.plan, model.num_experts > 0):
         held = f" (you fixed --{knob.replace('_', '-')})" if knob in fixed else ""
         if isinstance(fields, str):
-            changes.append(Comparison(label + held, limit=fields))
+            changes.append(Comparison(label + held, limit=fields, held=bool(held)))
             continue
         other = try_plan(model, cluster, hw, {**winner.plan.to_dict(), **fields, "layer_partition": None})
         if isinstance(other, PlanError):
-            changes.append(Comparison(label + held, limit=f"{other.field}: {other.problem}"))
+            changes.append(Comparison(label + held, limit=f"{other.field}: {other.problem}", held=bool(held)))
         else:
-            changes.append(compare(winner, other, label + held))
+            changes.append(replace(compare(winner, other, label + held), held=bool(held)))
     return Explanation(winner.step_time_s, dict(winner.breakdown_s), winner.error_band, runner,
                        tuple(changes), winner.communication, winner.mfu)
 

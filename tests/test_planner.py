@@ -184,6 +184,9 @@ def test_fixed_knobs_are_held():
                for r in found.ranked)
     why = explain(model, cluster, A100, found.ranked, fixed)
     assert any("you fixed --tp" in c.label for c in why.changes)
+    # the changes of held knobs are marked, and only they
+    assert all(c.held == ("you fixed" in c.label) for c in why.changes)
+    assert any(c.held for c in why.changes) and not all(c.held for c in why.changes)
 
 
 def test_no_plan_fits_says_which_limit():
