@@ -233,7 +233,7 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     maybe = np.flatnonzero(peak <= limit)
     if not maybe.size:
         return Evaluation(step_s, peak, peak <= limit, limit, busy)
-    r = step.add_times(step.take(r, maybe), model, hw)
+    r = step.add_times(r if maybe.size == len(table) else step.take(r, maybe), model, hw)
     r.update(_sums(r, model))
     s, n, before, part, largest, layout = slots(r, model, table.attrs["layer_partition"])
     key = mem_id[maybe] * (int(layout.max()) + 1) + layout

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -37,10 +38,17 @@ class PipelineResult:
     """What simulate_pipeline returns; per-rank arrays have one entry per pipeline rank."""
 
     step_time_s: float              # makespan over all ranks, tails included
-    events: tuple[PipelineEvent, ...]  # empty when simulated with record_events=False
     stage_busy_s: np.ndarray        # per rank: F + B + W time
     stage_idle_s: np.ndarray        # per rank: idle time before its last compute op ends
     max_in_flight: np.ndarray       # per rank: peak (micro-batch, chunk) count with F done, B not
+    # the ops as run, _events' arguments (None: simulated with record_events=False)
+    ops_run: tuple | None = field(default=None, repr=False)
+
+    @cached_property
+    def events(self) -> tuple[PipelineEvent, ...]:
+        """Every interval, ordered by start time (built on first use: a search reads only the
+        step time of most of the plans it simulates); empty without record_events."""
+        return () if self.ops_run is None else _events(*self.ops_run)
 
 
 def _times(name: str, value, shape: tuple[int, ...] | None) -> np.ndarray:
@@ -170,10 +178,9 @@ def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np
 
     last_end = np.array(free_s)
     busy_s = np.array(busy)
-    events = _events(done, hop, last_end, tail, last_j) if record_events else ()
-    return PipelineResult(step_time_s=float(np.max(last_end + tail)), events=events,
-                          stage_busy_s=busy_s, stage_idle_s=last_end - busy_s,
-                          max_in_flight=np.array(peak))
+    return PipelineResult(step_time_s=float(np.max(last_end + tail)), stage_busy_s=busy_s,
+                          stage_idle_s=last_end - busy_s, max_in_flight=np.array(peak),
+                          ops_run=(done, hop, last_end, tail, last_j) if record_events else None)
 
 
 def _events(done: list[list[tuple]], hop: list[float], last_end: np.ndarray, tail: np.ndarray,
