@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -115,87 +115,121 @@ def simulate_pipeline(schedule: str, num_microbatches: int, fwd_s, bwd_s, p2p_s=
                          tail, record_events)
 
 
-def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np.ndarray,
-              hop: list[float], tail: np.ndarray, record_events: bool) -> PipelineResult:
-    p, v = fwd.shape
+@dataclass(frozen=True)
+class _OpGraph:
+    """The ops of one step of a schedule, each after the ops it waits for: per op its rank,
+    its (kind, microbatch, chunk, virtual stage), the op before it on its rank and the op
+    whose output it needs (index `none` for neither: time 0), the hop its input takes
+    (index `no_hop` for none: 0 s) and its duration's index in (F, B, W) x rank x chunk."""
+
+    ops: tuple[tuple[int, int, int, int], ...]  # (before, input, hop, duration) per op
+    what: tuple[tuple[int, str, int, int, int], ...]  # (rank, kind, microbatch, chunk, stage)
+    rank_ops: tuple[tuple[int, ...], ...]       # per rank, its ops in its order
+    peak: tuple[int, ...]                       # per rank, max_in_flight
+    none: int
+    no_hop: int
+
+
+@lru_cache(maxsize=16)
+def _op_graph(schedule: str, p: int, m: int, v: int) -> _OpGraph:
+    """Each rank runs its ops (schedule.stage_op_tuples) in order until the next one's
+    input is not yet produced, then waits to be woken by the op that produces it: the
+    order in which ops are produced, which the timing depends on only through who waits
+    for whom. Raises RuntimeError when the ranks deadlock."""
     orders = stage_op_tuples(schedule, p, m, v)
-    last_j = p * v - 1
-    f_end = [[-1.0] * m for _ in range(p * v)]   # end time of F(mb) on virtual stage j; -1: not yet
-    b_end = [[-1.0] * m for _ in range(p * v)]
-    f_wait = [[-1] * m for _ in range(p * v)]    # the rank blocked until F(mb) of j ends
+    last_j, no_hop = p * v - 1, p * v - 1
+    f_at = [[-1] * m for _ in range(p * v)]    # the op that is F(mb) on virtual stage j; -1: not yet
+    b_at = [[-1] * m for _ in range(p * v)]
+    f_wait = [[-1] * m for _ in range(p * v)]  # the rank blocked until F(mb) of j is produced
     b_wait = [[-1] * m for _ in range(p * v)]
-    dur = {"F": fwd.tolist(), "B": bwd.tolist(), "W": wgrad.tolist()}
-    ptr, free_s, in_flight = [0] * p, [0.0] * p, [0] * p
-    peak, busy = [0] * p, [0.0] * p
-    done: list[list[tuple]] = [[] for _ in range(p)]
+    none = sum(map(len, orders))
+    ptr, before, in_flight, peak = [0] * p, [none] * p, [0] * p, [0] * p
+    ops, what, rank_ops = [], [], [[] for _ in range(p)]
+    kinds = {"F": 0, "B": 1, "W": 2}
     runnable = list(range(p - 1, -1, -1))
     while runnable:
         s = runnable.pop()
-        ops, i, t, n = orders[s], ptr[s], free_s[s], len(orders[s])
+        mine, i, n = orders[s], ptr[s], len(orders[s])
         while i < n:
-            kind, mb, c = ops[i]
+            kind, mb, c = mine[i]
             j = c * p + s
             if kind == "F":
-                ready = 0.0
+                needs, hop = none, no_hop
                 if j:
-                    ready = f_end[j - 1][mb]
-                    if ready < 0:
+                    needs, hop = f_at[j - 1][mb], j - 1
+                    if needs < 0:
                         f_wait[j - 1][mb] = s
                         break
-                    ready += hop[j - 1]
             elif kind == "B" and j != last_j:
-                ready = b_end[j + 1][mb]
-                if ready < 0:
+                needs, hop = b_at[j + 1][mb], j
+                if needs < 0:
                     b_wait[j + 1][mb] = s
                     break
-                ready += hop[j]
             else:  # last virtual stage's B needs its own F, W its own B: earlier on this rank
-                ready = (f_end if kind == "B" else b_end)[j][mb]
-                if ready < 0:
+                needs, hop = (f_at if kind == "B" else b_at)[j][mb], no_hop
+                if needs < 0:
                     break
-            start = t if t > ready else ready
-            d = dur[kind][s][c]
-            t = start + d
-            busy[s] += d
+            k = len(ops)
+            ops.append((before[s], needs, hop, (kinds[kind] * p + s) * v + c))
+            what.append((s, kind, mb, c, j))
+            rank_ops[s].append(k)
+            before[s] = k
             if kind == "F":
-                f_end[j][mb] = t
+                f_at[j][mb] = k
                 if f_wait[j][mb] >= 0:
                     runnable.append(f_wait[j][mb])
                 in_flight[s] += 1
-                if in_flight[s] > peak[s]:
-                    peak[s] = in_flight[s]
+                peak[s] = max(peak[s], in_flight[s])
             elif kind == "B":
-                b_end[j][mb] = t
+                b_at[j][mb] = k
                 if b_wait[j][mb] >= 0:
                     runnable.append(b_wait[j][mb])
                 in_flight[s] -= 1
-            if record_events:
-                done[s].append((kind, mb, c, j, start, t))
             i += 1
-        ptr[s], free_s[s] = i, t
+        ptr[s] = i
     if any(ptr[s] < len(orders[s]) for s in range(p)):
         raise RuntimeError(f"schedule {schedule!r} deadlocked: ranks stuck at ops {ptr}")
+    return _OpGraph(tuple(ops), tuple(what), tuple(map(tuple, rank_ops)), tuple(peak), none, no_hop)
 
-    last_end = np.array(free_s)
+
+def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np.ndarray,
+              hop: list[float], tail: np.ndarray, record_events: bool) -> PipelineResult:
+    p, v = fwd.shape
+    graph = _op_graph(schedule, p, m, v)
+    dur = np.concatenate([fwd.ravel(), bwd.ravel(), wgrad.ravel()]).tolist()
+    hops = hop + [0.0]
+    end = [0.0] * (graph.none + 1)  # end time of each op; the last entry: `none`'s
+    start = [0.0] * graph.none
+    for k, (prev, needs, h, d) in enumerate(graph.ops):
+        t, ready = end[prev], end[needs] + hops[h]
+        start[k] = t if t > ready else ready
+        end[k] = start[k] + dur[d]
+    busy = []
+    for mine in graph.rank_ops:
+        total = 0.0
+        for k in mine:
+            total += dur[graph.ops[k][3]]
+        busy.append(total)
+    last_end = np.array([end[mine[-1]] if mine else 0.0 for mine in graph.rank_ops])
     busy_s = np.array(busy)
     return PipelineResult(step_time_s=float(np.max(last_end + tail)), stage_busy_s=busy_s,
-                          stage_idle_s=last_end - busy_s, max_in_flight=np.array(peak),
-                          ops_run=(done, hop, last_end, tail, last_j) if record_events else None)
+                          stage_idle_s=last_end - busy_s, max_in_flight=np.array(graph.peak),
+                          ops_run=(graph, start, end, hop, last_end, tail) if record_events else None)
 
 
-def _events(done: list[list[tuple]], hop: list[float], last_end: np.ndarray, tail: np.ndarray,
-            last_j: int) -> tuple[PipelineEvent, ...]:
+def _events(graph: _OpGraph, start: list[float], end: list[float], hop: list[float],
+            last_end: np.ndarray, tail: np.ndarray) -> tuple[PipelineEvent, ...]:
     """Compute ops, the sends they start (when a hop takes time) and the per-rank tails,
     ordered by start time."""
-    rows = []
-    for s, ops in enumerate(done):
-        for kind, mb, c, j, start, end in ops:
-            rows.append((start, s, kind, mb, c, end))
-            if kind == "F" and j < last_j and hop[j] > 0:
-                rows.append((end, s, "SEND", mb, c, end + hop[j]))
-            elif kind == "B" and j > 0 and hop[j - 1] > 0:
-                rows.append((end, s, "SEND", mb, c, end + hop[j - 1]))
+    rows, last_j = [], len(hop)  # hop: one per virtual stage but the last
+    for (s, kind, mb, c, j), t0, t1 in zip(graph.what, start, end):
+        rows.append((t0, s, kind, mb, c, t1))
+        if kind == "F" and j < last_j and hop[j] > 0:
+            rows.append((t1, s, "SEND", mb, c, t1 + hop[j]))
+        elif kind == "B" and j > 0 and hop[j - 1] > 0:
+            rows.append((t1, s, "SEND", mb, c, t1 + hop[j - 1]))
+    for s in range(len(tail)):
         if tail[s] > 0:
             rows.append((float(last_end[s]), s, "SYNC", -1, -1, float(last_end[s] + tail[s])))
     rows.sort()
-    return tuple([PipelineEvent(s, kind, mb, c, start, end) for start, s, kind, mb, c, end in rows])
+    return tuple([PipelineEvent(s, kind, mb, c, t0, t1) for t0, s, kind, mb, c, t1 in rows])
