@@ -4,8 +4,10 @@ Each rank runs its ops strictly in the schedule's order (schedule.stage_op_tuple
 starts when its rank is free and its inputs have arrived. F of virtual stage j needs F of
 j-1, B of j needs B of j+1 (the last virtual stage: its own F), W needs its own B. Sends are
 asynchronous: data produced at time t on one rank is usable on the next at t + p2p_s.
-Instead of an event queue, a rank runs ahead until its next op's input is not yet timed,
-then waits to be woken by the op that produces it; every op is timed exactly once.
+Instead of an event queue, the ops are put in an order where each comes after its inputs
+(a rank runs ahead until its next op's input is not yet produced, then waits to be woken by
+the op that produces it), found once per schedule shape; a simulation then times every op
+once, in that order.
 """
 from __future__ import annotations
 
