@@ -166,65 +166,47 @@ def build_graph(fabric: Fabric, num_nodes: int, gpus_per_node: int, nics_per_nod
 
 
 class _Network:
-    """The graph as arrays for routing many streams at once: directed edge ids and their
-    capacities, each device's edges to and from its NIC, each NIC's to and from its leaf,
-    and the edges between two leaves (shortest path in the graph, found once per pair and
-    kept in a table of pair ids, leaf a * leaves + leaf b)."""
+    """The graph as arrays for routing many streams at once: each device's NIC and leaf,
+    and the bandwidth (each direction) of each device's link to its NIC, each NIC's to its
+    leaf and each leaf's uplink to the spine (build_graph's leaves reach each other only
+    through it: a stream between two leaves takes the one's uplink and the other's
+    downlink)."""
 
     def __init__(self, graph: nx.Graph, num_nodes: int, gpus_per_node: int, nics_per_node: int):
-        self.graph = graph
-        self.ids: dict[tuple[str, str], int] = {}
-        capacity = []
-        for a, b, bw in graph.edges(data="bandwidth_bytes_per_s"):
-            for edge in ((a, b), (b, a)):
-                self.ids[edge] = len(capacity)
-                capacity.append(bw)
-        self.capacity = np.array(capacity, dtype=float)
-
         def neighbour(name: str, kind: str) -> str:
             return next(x for x in graph[name] if graph.nodes[x]["kind"] == kind)
+
+        def bandwidth(a: str, b: str) -> float:
+            return graph.edges[a, b]["bandwidth_bytes_per_s"] if graph.has_edge(a, b) else 0.0
         devices = [device(n, i) for n in range(num_nodes) for i in range(gpus_per_node)]
         nics = [f"n{n}/nic{j}" for n in range(num_nodes) for j in range(nics_per_node)]
         nic_of = [neighbour(d, "nic") for d in devices]
-        self.leaf_of = [neighbour(x, "leaf") for x in nic_of]
-        self.dev_up = np.array([self.ids[d, x] for d, x in zip(devices, nic_of)])
-        self.dev_down = np.array([self.ids[x, d] for d, x in zip(devices, nic_of)])
-        self.nic_up = np.array([self.ids[x, neighbour(x, "leaf")] for x in nic_of])
-        self.nic_down = np.array([self.ids[neighbour(x, "leaf"), x] for x in nic_of])
-        self.leaf_index = {leaf: k for k, leaf in enumerate(dict.fromkeys(
-            neighbour(x, "leaf") for x in nics))}
-        self.device_leaf = np.array([self.leaf_index[leaf] for leaf in self.leaf_of])
-        leaves = len(self.leaf_index)
-        self._routes = np.full((leaves * leaves, 0), -1)  # edge ids per leaf pair, -1 padded
-        self._known = np.zeros(leaves * leaves, bool)
+        leaf_of = [neighbour(x, "leaf") for x in nics]
+        leaves = list(dict.fromkeys(leaf_of))
+        self.device_nic = np.array(list(map({x: k for k, x in enumerate(nics)}.get, nic_of)))
+        self.device_leaf = np.array(list(map({x: k for k, x in enumerate(leaves)}.get, leaf_of)))[self.device_nic]
+        self.device_bw = np.array([bandwidth(d, x) for d, x in zip(devices, nic_of)])
+        self.nic_bw = np.array([bandwidth(x, leaf) for x, leaf in zip(nics, leaf_of)])
+        self.uplink_bw = np.array([bandwidth(leaf, "spine") for leaf in leaves])
 
-    def routes(self, pairs: np.ndarray) -> np.ndarray:
-        """Directed edge ids from leaf a to leaf b of each pair id (none from a leaf to
-        itself), rows padded with -1."""
-        missing = pairs[~self._known[pairs]].tolist()
-        if missing:
-            names, leaves = list(self.leaf_index), len(self.leaf_index)
-            paths = [nx.shortest_path(self.graph, names[p // leaves], names[p % leaves]) for p in missing]
-            found = [[self.ids[e] for e in zip(path, path[1:])] for path in paths]
-            width = max(self._routes.shape[1], *map(len, found))
-            self._routes = np.pad(self._routes, ((0, 0), (0, width - self._routes.shape[1])), constant_values=-1)
-            for p, route in zip(missing, found):
-                self._routes[p, :len(route)] = route
-            self._known[missing] = True
-        return self._routes[pairs]
+    def slowest_rate(self, src: np.ndarray, dst: np.ndarray) -> float:
+        """Rate of the slowest stream src[k] -> dst[k] (device indices) when all run at once,
+        each at its share of the most loaded link direction on its path: the least
+        bandwidth / streams over the link directions the streams cross."""
+        a, b = self.device_leaf[src], self.device_leaf[dst]
+        cross = a != b
+        return float(min(_least_share(self.device_bw, src), _least_share(self.device_bw, dst),
+                         _least_share(self.nic_bw, self.device_nic[src]),
+                         _least_share(self.nic_bw, self.device_nic[dst]),
+                         _least_share(self.uplink_bw, a[cross]), _least_share(self.uplink_bw, b[cross])))
 
-    def stream_rates(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-        """Rate of each stream src[k] -> dst[k] (device indices) when all run at once: its
-        share of the most loaded edge on its path."""
-        leaves = len(self.leaf_index)
-        pairs, which = np.unique(self.device_leaf[src] * leaves + self.device_leaf[dst],
-                                 return_inverse=True)
-        spine = self.routes(pairs)[which]
-        path = np.column_stack([self.dev_up[src], self.nic_up[src], spine,
-                                self.nic_down[dst], self.dev_down[dst]])
-        load = np.bincount(path[path >= 0], minlength=self.capacity.size)
-        per_stream = np.where(path >= 0, self.capacity[path] / np.maximum(load[path], 1), np.inf)
-        return per_stream.min(axis=1)
+
+def _least_share(bandwidth: np.ndarray, link: np.ndarray) -> float:
+    """The least bandwidth / streams over the links (indices into `bandwidth`) that streams
+    take, one entry in `link` per stream; inf where none is taken."""
+    load = np.bincount(link, minlength=bandwidth.size)
+    used = load > 0
+    return (bandwidth[used] / load[used]).min() if used.any() else math.inf
 
 
 @lru_cache(maxsize=16)
@@ -233,28 +215,27 @@ def _network(fabric: Fabric, num_nodes: int, gpus_per_node: int, nics_per_node: 
     return _Network(graph, num_nodes, gpus_per_node, nics_per_node)
 
 
-def _streams(groups: np.ndarray, gpus_per_node: int, chain: bool) -> tuple[np.ndarray, ...]:
-    """(group index, source rank, destination rank) of the inter-node streams of `groups`
-    (rows of ranks): ring j over the nodes of a row joins its j-th rank on each node; a chain
-    does not close the ring."""
+def _streams(groups: np.ndarray, gpus_per_node: int, chain: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(source rank, destination rank) of the inter-node streams of `groups` (rows of ranks,
+    each in increasing order): ring j over the nodes of a row joins its j-th rank on each
+    node; a chain does not close the ring."""
     rows, n = groups.shape
-    ranks = np.sort(groups, axis=1)
+    ranks = groups.ravel()
     node = ranks // gpus_per_node
-    pos = np.broadcast_to(np.arange(n), ranks.shape)
-    first = np.ones(ranks.shape, dtype=bool)
-    first[:, 1:] = node[:, 1:] != node[:, :-1]
-    slot = pos - np.maximum.accumulate(np.where(first, pos, 0), axis=1)
-    row = np.broadcast_to(np.arange(rows)[:, None], ranks.shape)
-    order = np.lexsort((node.ravel(), slot.ravel(), row.ravel()))
-    ring = (row.ravel() * n + slot.ravel())[order]     # one id per (row, slot) ring
-    src = ranks.ravel()[order]
+    pos = np.arange(ranks.size)
+    first = np.r_[True, node[1:] != node[:-1]] | (pos % n == 0)  # a row's first rank on a node
+    slot = pos - np.maximum.accumulate(np.where(first, pos, 0))
+    # a ring's ranks in node order: the row's ranks of one slot keep their (node) order
+    ring = pos - pos % n + slot
+    order = np.argsort(ring, kind="stable")
+    ring, src = ring[order], ranks[order]
     start = np.r_[True, ring[1:] != ring[:-1]]
     head = np.maximum.accumulate(np.where(start, np.arange(ring.size), 0))
     nxt = np.arange(1, ring.size + 1)
     last = np.r_[start[1:], True]
     nxt[last] = head[last]
     keep = (src // gpus_per_node != src[nxt] // gpus_per_node) & (~last if chain else True)
-    return (ring // n)[keep], src[keep], src[nxt][keep]
+    return src[keep], src[nxt][keep]
 
 
 @lru_cache(maxsize=4096)
@@ -264,18 +245,18 @@ def _share(fabric: Fabric, nics_per_node: int, gpus_per_node: int, world_size: i
     offsets = np.zeros(1, dtype=np.int64)
     for size, stride in axes:
         offsets = (offsets[:, None] + np.arange(size) * stride).ravel()
+    offsets.sort()
     r = np.arange(world_size)
     base = r[np.all([(r // stride) % size == 0 for size, stride in axes], axis=0)]
-    group, src, dst = _streams(base[:, None] + offsets[None, :], gpus_per_node, chain)
+    src, dst = _streams(base[:, None] + offsets[None, :], gpus_per_node, chain)
     if src.size == 0:
         return 1.0
     nodes = math.ceil(world_size / gpus_per_node)
-    rates = _network(fabric, nodes, gpus_per_node, nics_per_node).stream_rates(src, dst)
-    slowest = np.full(base.size, np.inf)
-    np.minimum.at(slowest, group, rates)
+    # the slowest group's rate is its slowest stream's, the slowest of all streams
+    slowest = _network(fabric, nodes, gpus_per_node, nics_per_node).slowest_rate(src, dst)
     # The inter-node curves already give each of r ranks per node min(1, nics/r) of a NIC.
     assumed = min(1.0, nics_per_node / ranks_per_node)
-    return float(min(1.0, slowest.min() / assumed))
+    return float(min(1.0, slowest / assumed))
 
 
 def link_share(fabric: Fabric | None, nics_per_node: int, mesh: Mesh, axes: tuple[str, ...],

@@ -71,7 +71,10 @@ def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
     first, last = r["emb_fwd"] + r["emb_bwd"], r["head_fwd"] + r["head_bwd"]
     if partition is None:
         part_id, f = step.group_ids((r["cost_id"] * w + p) * w + v)
-        shape = balanced_shape(model.num_layers, p[f] * v[f], r["layer"][f], first[f], last[f])
+        # the balanced partition depends on the count of stages, not on how they sit on ranks
+        stages, g = step.group_ids(r["cost_id"][f] * w + p[f] * v[f])
+        shape = balanced_shape(model.num_layers, (p * v)[f[g]], r["layer"][f[g]], first[f[g]],
+                               last[f[g]]).take(stages)
         found = _balanced_slots(model.num_layers, p[f], v[f], shape)
         largest = _largest_balanced_s(shape, r["layer"][f], first[f], last[f])[part_id]
         key = p[f] * w + v[f]
@@ -200,6 +203,14 @@ def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, par
 
 MEMORY_KEYS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched",
                "virtual_stages", "num_microbatches", "reshard", "ep", "etp", "a2a_overlap")
+# what of a row the memory terms read (step.rank_params, step.rank_memory, in_flight)
+MEMORY_READS = MEMORY_KEYS + ("dps", "edp", "per_layer", "per_layer_expert", "tokens", "act", "act_none",
+                              "dtype", "d", "gd")
+
+
+def _memory_rows(r: dict, index) -> dict:
+    """The rows `index` of r, with only what the memory terms read."""
+    return step.take({k: r[k] for k in MEMORY_READS}, index)
 
 
 def _memory_bound(r: dict, model: ModelSpec) -> np.ndarray:
@@ -219,7 +230,7 @@ def _exact_memory(r: dict, model: ModelSpec, s, n, part, key) -> tuple[np.ndarra
     the memory knobs and slots hold the same; s, n: slots per partition, part: each row's),
     and the id of each row's key with the slots' parameters per id."""
     ids, first = step.group_ids(key)
-    u, s, n = step.take(r, first), s[part[first]], n[part[first]]
+    u, s, n = _memory_rows(r, first), s[part[first]], n[part[first]]
     params = step.rank_params(u, model, s, n)
     held = in_flight(u["sched"][:, None], u["pp"][:, None], u["virtual_stages"][:, None],
                      u["num_microbatches"][:, None], s, u["a2a_overlap"][:, None])
@@ -238,12 +249,12 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     r = table_rows(table, model)
     # placement does not enter memory: computed once per distinct set of the other knobs
     mem_id, mem_first = step.combo_ids(r, MEMORY_KEYS)
-    peak, step_s = _memory_bound(step.take(r, mem_first), model)[mem_id], np.full(len(table), np.nan)
+    peak, step_s = _memory_bound(_memory_rows(r, mem_first), model)[mem_id], np.full(len(table), np.nan)
     busy = np.full(len(table), np.nan)
     maybe = np.flatnonzero(peak <= limit)
     if not maybe.size:
         return Evaluation(step_s, peak, peak <= limit, limit, busy)
-    r = step.add_times(step.take(r, maybe), model, hw)
+    r = step.add_times(r if maybe.size == len(table) else step.take(r, maybe), model, hw)
     r.update(_sums(r, model))
     s, n, before, part, largest, layout = slots(r, model, table.attrs["layer_partition"])
     key = mem_id[maybe] * (int(layout.max()) + 1) + layout

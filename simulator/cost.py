@@ -21,7 +21,7 @@ import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.ops import GEMM, Op, Shard, embedding_ops, head_ops, layer_ops
+from meshplan.simulator.ops import GEMM, Op, Shard, changed, embedding_ops, head_ops, layer_ops
 from meshplan.simulator.plan import RECOMPUTE
 
 NONE, SELECTIVE, FULL = (RECOMPUTE.index(r) for r in ("none", "selective", "full"))
@@ -270,7 +270,7 @@ def shard_times(model: ModelSpec, hw: HardwareProfile, shards: list[Shard], dtyp
     host = np.array([hw.overhead.training_layer_s(s.tp, s.sp, moe) for s in shards],
                     dtype=float).reshape(-1, 2)
     layer = replace(layer, fwd_s=layer.fwd_s + host[:, 0], bwd_input_s=layer.bwd_input_s + host[:, 1])
-    split = [tuple(replace(op, m=max(op.m // s.tp, 1), flops=op.flops / s.tp)
+    split = [tuple(changed(op, m=max(op.m // s.tp, 1), flops=op.flops / s.tp)
                    for op in ops if op.kind == GEMM and op.weight) for ops, s in zip(op_lists, shards)]
     pieces = op_times(split, hw, dtype)
     tps = np.array([s.tp for s in shards], dtype=float)

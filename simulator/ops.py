@@ -21,8 +21,7 @@ left out) and Megatron-Core with Transformer Engine (TE Linear layers only) run 
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from meshplan.simulator.model_spec import LayerKind, ModelSpec
 
@@ -238,7 +237,7 @@ def _moe_ops(model: ModelSpec, shard: Shard) -> list[Op]:
                _gemm("expert_down", routed / active, h, f, batch=active, fp8=f8),
                _mem("moe_unpermute", routed * h, 2, d)]
     ops = [_gemm("router", ntok, e, h), _mem(f"router_{model.router}", ntok * e, 2, d),
-           _mem("moe_permute", routed * h, 2, d), *(replace(op, routed=True) for op in experts)]
+           _mem("moe_permute", routed * h, 2, d), *(changed(op, routed=True) for op in experts)]
     if model.num_shared_experts:
         ops += _mlp_ops(model, shard, model.shared_ffn_size, "shared")
     if model.shared_expert_gate:
@@ -279,15 +278,15 @@ def layer_ops(model: ModelSpec, shard: Shard) -> tuple[Op, ...]:
     kinds = model.layer_kinds()
     if len(kinds) == 1:
         return layer_kind_ops(model, shard, kinds[0][0])
-    return tuple(_counted(op, n / model.num_layers) for kind, n in kinds
+    return tuple(changed(op, count=n / model.num_layers) for kind, n in kinds
                  for op in layer_kind_ops(model, shard, kind))
 
 
-def _counted(op: Op, count: float) -> Op:
-    """op run `count` times per layer (dataclasses.replace without re-running the
-    constructor: the cost model builds these for every candidate's shard)."""
-    out = copy.copy(op)
-    object.__setattr__(out, "count", count)
+def changed(op: Op, **fields) -> Op:
+    """op with `fields` changed: dataclasses.replace without re-running the constructor
+    (the cost model derives such ops for every candidate's shard)."""
+    out = object.__new__(Op)
+    out.__dict__.update(op.__dict__, **fields)
     return out
 
 

@@ -28,6 +28,11 @@ class PartitionShape:
     base: np.ndarray
     short: np.ndarray
 
+    def take(self, index) -> PartitionShape:
+        """The pipelines `index`."""
+        return PartitionShape(self.parts[index], self.first[index], self.last[index],
+                              self.base[index], self.short[index])
+
     def layers(self, i: int = 0) -> tuple[int, ...]:
         """The layer counts of pipeline i, in stage order."""
         p, c0, c1 = int(self.parts[i]), int(self.first[i]), int(self.last[i])

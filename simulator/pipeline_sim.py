@@ -4,8 +4,10 @@ Each rank runs its ops strictly in the schedule's order (schedule.stage_op_tuple
 starts when its rank is free and its inputs have arrived. F of virtual stage j needs F of
 j-1, B of j needs B of j+1 (the last virtual stage: its own F), W needs its own B. Sends are
 asynchronous: data produced at time t on one rank is usable on the next at t + p2p_s.
-Instead of an event queue, a rank runs ahead until its next op's input is not yet timed,
-then waits to be woken by the op that produces it; every op is timed exactly once.
+Instead of an event queue, the ops are put in an order where each comes after its inputs
+(a rank runs ahead until its next op's input is not yet produced, then waits to be woken by
+the op that produces it), found once per schedule shape; a simulation then times every op
+once, in that order.
 
 With the experts' all-to-all overlap (Megatron-Core's combined 1F1B), each F, B pair of the
 steady state runs as one combined op: it starts when both inputs have arrived, and its two
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -44,10 +47,17 @@ class PipelineResult:
     """What simulate_pipeline returns; per-rank arrays have one entry per pipeline rank."""
 
     step_time_s: float              # makespan over all ranks, tails included
-    events: tuple[PipelineEvent, ...]  # empty when simulated with record_events=False
     stage_busy_s: np.ndarray        # per rank: F + B + W time
     stage_idle_s: np.ndarray        # per rank: idle time before its last compute op ends
     max_in_flight: np.ndarray       # per rank: peak (micro-batch, chunk) count with F done, B not
+    # the ops as run, _events' arguments (None: simulated with record_events=False)
+    ops_run: tuple | None = field(default=None, repr=False)
+
+    @cached_property
+    def events(self) -> tuple[PipelineEvent, ...]:
+        """Every interval, ordered by start time (built on first use: a search reads only the
+        step time of most of the plans it simulates); empty without record_events."""
+        return () if self.ops_run is None else _events(*self.ops_run)
 
 
 def _times(name: str, value, shape: tuple[int, ...] | None) -> np.ndarray:
@@ -119,111 +129,144 @@ def simulate_pipeline(schedule: str, num_microbatches: int, fwd_s, bwd_s, p2p_s=
                          tail, record_events, paired)
 
 
-def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np.ndarray,
-              hop: list[float], tail: np.ndarray, record_events: bool, paired=None) -> PipelineResult:
-    p, v = fwd.shape
-    overlap = paired is not None
+@dataclass(frozen=True)
+class _OpGraph:
+    """The ops of one step of a schedule, each after the ops it waits for: per op its rank,
+    its (kind, microbatch, chunk, virtual stage), the op before it on its rank and the op
+    whose output it needs (index `none` for neither: time 0), the hop its input takes
+    (index `no_hop` for none: 0 s) and its duration's index in (F, B, W, paired F, paired B)
+    x rank x chunk. Under the all-to-all overlap the F of a combined pair also waits for its
+    B's input: `partner` maps such an F to (that input, its hop)."""
+
+    ops: tuple[tuple[int, int, int, int], ...]  # (before, input, hop, duration) per op
+    what: tuple[tuple[int, str, int, int, int, bool], ...]  # (rank, kind, mb, chunk, stage, paired)
+    rank_ops: tuple[tuple[int, ...], ...]       # per rank, its ops in its order
+    peak: tuple[int, ...]                       # per rank, max_in_flight
+    none: int
+    no_hop: int
+    partner: dict = field(default_factory=dict)
+
+
+@lru_cache(maxsize=16)
+def _op_graph(schedule: str, p: int, m: int, v: int, overlap: bool = False) -> _OpGraph:
+    """Each rank runs its ops (schedule.stage_op_tuples) in order until the next one's
+    input is not yet produced, then waits to be woken by the op that produces it: the
+    order in which ops are produced, which the timing depends on only through who waits
+    for whom. Raises RuntimeError when the ranks deadlock."""
     orders = stage_op_tuples(schedule, p, m, v, overlap)
     # per rank, the op indices [lo, hi) that run as combined F, B pairs
     lo = [warmup_ops(schedule, p, s, m, v, True) if overlap else 0 for s in range(p)]
     hi = [lo[s] + 2 * (m * v - lo[s]) if overlap else 0 for s in range(p)]
-    last_j = p * v - 1
-    f_end = [[-1.0] * m for _ in range(p * v)]   # end time of F(mb) on virtual stage j; -1: not yet
-    b_end = [[-1.0] * m for _ in range(p * v)]
-    f_wait = [[-1] * m for _ in range(p * v)]    # the rank blocked until F(mb) of j ends
+    partner = {}
+    last_j, no_hop = p * v - 1, p * v - 1
+    f_at = [[-1] * m for _ in range(p * v)]    # the op that is F(mb) on virtual stage j; -1: not yet
+    b_at = [[-1] * m for _ in range(p * v)]
+    f_wait = [[-1] * m for _ in range(p * v)]  # the rank blocked until F(mb) of j is produced
     b_wait = [[-1] * m for _ in range(p * v)]
-    dur = {"F": fwd.tolist(), "B": bwd.tolist(), "W": wgrad.tolist()}
-    dur_paired = {"F": paired[0].tolist(), "B": paired[1].tolist()} if overlap else dur
-    ptr, free_s, in_flight = [0] * p, [0.0] * p, [0] * p
-    peak, busy = [0] * p, [0.0] * p
-    done: list[list[tuple]] = [[] for _ in range(p)]
+    none = sum(map(len, orders))
+    ptr, before, in_flight, peak = [0] * p, [none] * p, [0] * p, [0] * p
+    ops, what, rank_ops = [], [], [[] for _ in range(p)]
+    kinds = {"F": 0, "B": 1, "W": 2}
     runnable = list(range(p - 1, -1, -1))
     while runnable:
         s = runnable.pop()
-        ops, i, t, n = orders[s], ptr[s], free_s[s], len(orders[s])
-        lo_s, hi_s = lo[s], hi[s]
+        mine, i, n = orders[s], ptr[s], len(orders[s])
         while i < n:
-            kind, mb, c = ops[i]
+            kind, mb, c = mine[i]
             j = c * p + s
             if kind == "F":
-                ready = 0.0
+                needs, hop = none, no_hop
                 if j:
-                    ready = f_end[j - 1][mb]
-                    if ready < 0:
+                    needs, hop = f_at[j - 1][mb], j - 1
+                    if needs < 0:
                         f_wait[j - 1][mb] = s
                         break
-                    ready += hop[j - 1]
             elif kind == "B" and j != last_j:
-                ready = b_end[j + 1][mb]
-                if ready < 0:
+                needs, hop = b_at[j + 1][mb], j
+                if needs < 0:
                     b_wait[j + 1][mb] = s
                     break
-                ready += hop[j]
             else:  # last virtual stage's B needs its own F, W its own B: earlier on this rank
-                ready = (f_end if kind == "B" else b_end)[j][mb]
-                if ready < 0:
+                needs, hop = (f_at if kind == "B" else b_at)[j][mb], no_hop
+                if needs < 0:
                     break
-            table = dur
-            if lo_s <= i < hi_s:
-                table = dur_paired
-                if kind == "F":  # the combined op waits for its backward's input too
-                    _, pmb, pc = ops[i + 1]
-                    pj = pc * p + s
-                    if pj == last_j:  # its own forward, earlier on this rank
-                        at = f_end[pj][pmb]
-                    else:
-                        at = b_end[pj + 1][pmb]
-                        if at < 0:
-                            b_wait[pj + 1][pmb] = s
-                            break
-                        at += hop[pj]
-                    if at > ready:
-                        ready = at
-            start = t if t > ready else ready
-            d = table[kind][s][c]
-            t = start + d
-            busy[s] += d
+            k, paired = len(ops), lo[s] <= i < hi[s]
+            if paired and kind == "F":  # the combined op waits for its backward's input too
+                _, pmb, pc = mine[i + 1]
+                pj = pc * p + s
+                if pj == last_j:  # its own forward, earlier on this rank
+                    partner[k] = (f_at[pj][pmb], no_hop)
+                else:
+                    if b_at[pj + 1][pmb] < 0:
+                        b_wait[pj + 1][pmb] = s
+                        break
+                    partner[k] = (b_at[pj + 1][pmb], pj)
+            ops.append((before[s], needs, hop, ((kinds[kind] + 3 * paired) * p + s) * v + c))
+            what.append((s, kind, mb, c, j, paired))
+            rank_ops[s].append(k)
+            before[s] = k
             if kind == "F":
-                f_end[j][mb] = t
+                f_at[j][mb] = k
                 if f_wait[j][mb] >= 0:
                     runnable.append(f_wait[j][mb])
                 in_flight[s] += 1
-                if in_flight[s] > peak[s]:
-                    peak[s] = in_flight[s]
+                peak[s] = max(peak[s], in_flight[s])
             elif kind == "B":
-                b_end[j][mb] = t
+                b_at[j][mb] = k
                 if b_wait[j][mb] >= 0:
                     runnable.append(b_wait[j][mb])
                 in_flight[s] -= 1
-            if record_events:
-                done[s].append((kind, mb, c, j, start, t, table is not dur))
             i += 1
-        ptr[s], free_s[s] = i, t
+        ptr[s] = i
     if any(ptr[s] < len(orders[s]) for s in range(p)):
         raise RuntimeError(f"schedule {schedule!r} deadlocked: ranks stuck at ops {ptr}")
+    return _OpGraph(tuple(ops), tuple(what), tuple(map(tuple, rank_ops)), tuple(peak), none, no_hop,
+                    partner)
 
-    last_end = np.array(free_s)
+
+def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np.ndarray,
+              hop: list[float], tail: np.ndarray, record_events: bool, paired=None) -> PipelineResult:
+    p, v = fwd.shape
+    graph = _op_graph(schedule, p, m, v, paired is not None)
+    dur = np.concatenate([fwd.ravel(), bwd.ravel(), wgrad.ravel(),
+                          *(x.ravel() for x in paired or ())]).tolist()
+    hops = hop + [0.0]
+    end = [0.0] * (graph.none + 1)  # end time of each op; the last entry: `none`'s
+    start = [0.0] * graph.none
+    partner = graph.partner
+    for k, (prev, needs, h, d) in enumerate(graph.ops):
+        t, ready = end[prev], end[needs] + hops[h]
+        if partner and k in partner:
+            other, h2 = partner[k]
+            ready = max(ready, end[other] + hops[h2])
+        start[k] = t if t > ready else ready
+        end[k] = start[k] + dur[d]
+    busy = []
+    for mine in graph.rank_ops:
+        total = 0.0
+        for k in mine:
+            total += dur[graph.ops[k][3]]
+        busy.append(total)
+    last_end = np.array([end[mine[-1]] if mine else 0.0 for mine in graph.rank_ops])
     busy_s = np.array(busy)
-    events = _events(done, hop, last_end, tail, last_j) if record_events else ()
-    return PipelineResult(step_time_s=float(np.max(last_end + tail)), events=events,
-                          stage_busy_s=busy_s, stage_idle_s=last_end - busy_s,
-                          max_in_flight=np.array(peak))
+    return PipelineResult(step_time_s=float(np.max(last_end + tail)), stage_busy_s=busy_s,
+                          stage_idle_s=last_end - busy_s, max_in_flight=np.array(graph.peak),
+                          ops_run=(graph, start, end, hop, last_end, tail) if record_events else None)
 
 
-def _events(done: list[list[tuple]], hop: list[float], last_end: np.ndarray, tail: np.ndarray,
-            last_j: int) -> tuple[PipelineEvent, ...]:
+def _events(graph: _OpGraph, start: list[float], end: list[float], hop: list[float],
+            last_end: np.ndarray, tail: np.ndarray) -> tuple[PipelineEvent, ...]:
     """Compute ops, the sends they start (when a hop takes time) and the per-rank tails,
     ordered by start time."""
-    rows = []
-    for s, ops in enumerate(done):
-        for kind, mb, c, j, start, end, paired in ops:
-            rows.append((start, s, kind, mb, c, end, paired))
-            if kind == "F" and j < last_j and hop[j] > 0:
-                rows.append((end, s, "SEND", mb, c, end + hop[j], False))
-            elif kind == "B" and j > 0 and hop[j - 1] > 0:
-                rows.append((end, s, "SEND", mb, c, end + hop[j - 1], False))
+    rows, last_j = [], len(hop)  # hop: one per virtual stage but the last
+    for (s, kind, mb, c, j, paired), t0, t1 in zip(graph.what, start, end):
+        rows.append((t0, s, kind, mb, c, t1, paired))
+        if kind == "F" and j < last_j and hop[j] > 0:
+            rows.append((t1, s, "SEND", mb, c, t1 + hop[j], False))
+        elif kind == "B" and j > 0 and hop[j - 1] > 0:
+            rows.append((t1, s, "SEND", mb, c, t1 + hop[j - 1], False))
+    for s in range(len(tail)):
         if tail[s] > 0:
             rows.append((float(last_end[s]), s, "SYNC", -1, -1, float(last_end[s] + tail[s]), False))
     rows.sort()
-    return tuple([PipelineEvent(s, kind, mb, c, start, end, paired)
-                  for start, s, kind, mb, c, end, paired in rows])
+    return tuple([PipelineEvent(s, kind, mb, c, t0, t1, paired) for t0, s, kind, mb, c, t1, paired in rows])
