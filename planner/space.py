@@ -65,16 +65,22 @@ def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict,
     if not applied:
         return table
     read = set().union(*(rule.needs for rule in applied)) & set(table.columns)
-    columns = {c: table[c].to_numpy() for c in read}
+    columns = {c: _values(table[c]) for c in read}
     if "placement" in columns:
         columns["placement"] = table["placement"].map(",".join).to_numpy().astype(str)
-    if "schedule" in columns:
-        columns["schedule"] = table["schedule"].astype(str).to_numpy()
     for flag in ("tp_overlap", "reshard_after_forward", "sp", "moe_a2a_overlap"):
         if flag in columns:
             columns[flag] = columns[flag].astype(bool)
     keep = rules.holds(applied, SimpleNamespace(**scalars, **columns), model, cluster)
     return table[np.broadcast_to(keep, len(table))]
+
+
+def _values(column: pd.Series) -> np.ndarray:
+    """A column as rules read it; a categorical's values taken from its categories by code
+    (converting each row of string categories costs a search tenths of a second)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return np.asarray(column.cat.categories, dtype=object)[column.cat.codes.to_numpy()]
+    return column.to_numpy()
 
 
 def _axes_rows(model: ModelSpec, cluster: Cluster, fixed: dict) -> pd.DataFrame:
