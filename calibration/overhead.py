@@ -8,8 +8,9 @@ loss cancelled out. Five variants: plain, tensor parallel through DTensor (on a 
 mesh, so that sharding propagation runs but no data moves: the collectives are costed from
 their own fits), TP with sequence parallelism, mixture-of-experts layers (top-2 of 4
 experts in place of the MLP; less the plain layer's, what the MoE block adds), and the
-inference forwards (prompt and one-token decode over a KV cache). The simulator adds these per layer (hw_profiles.profile
-.FrameworkOverhead); on a GPU, host overhead hides behind queued kernels and is not used.
+inference forwards (prompt and one-token decode over a KV cache). The simulator adds these
+per layer (hw_profiles.profile.FrameworkOverhead); on a GPU, host overhead hides behind
+queued kernels and is not used.
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ ranks) and the rest (over DP x CP).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -175,12 +176,10 @@ def dp_collective_s(hw: HardwareProfile, kind: str, r: dict, dense_bytes, expert
     of the bytes."""
     dps, rpn, share, edp, edp_rpn = (c(r[k]) for k in DP_GROUP_KEYS)
     together = (edp == dps) & (edp_rpn == rpn)
-    apart = (_where(~together & (dense_bytes > 0), lambda b, g, n, f: collective_s(hw, kind, b, g, n, f),
-                    dense_bytes, dps, rpn, share)
-             + _where(~together & (expert_bytes > 0), lambda b, g, n: collective_s(hw, kind, b, g, n),
-                      expert_bytes, edp, edp_rpn))
-    return np.where(together, _where(together, lambda b, g, n, f: collective_s(hw, kind, b, g, n, f),
-                                     dense_bytes + expert_bytes, dps, rpn, share), apart)
+    run = partial(collective_s, hw, kind)
+    return (_where(together, run, dense_bytes + expert_bytes, dps, rpn, share)
+            + _where(~together & (dense_bytes > 0), run, dense_bytes, dps, rpn, share)
+            + _where(~together & (expert_bytes > 0), run, expert_bytes, edp, edp_rpn))
 
 
 def _where(cond, fn, *args) -> np.ndarray:
