@@ -20,6 +20,7 @@ torchrun and every rank, and so does the launcher's own death (Linux's parent-de
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -366,15 +368,46 @@ def _relay(stream, tail: list[str], on_line, quiet: threading.Event, keep_chars:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGINT to torchrun and the ranks (its process group), SIGKILL if they linger."""
+    """SIGINT to torchrun and the ranks (its process group), and wait for the whole group:
+    torchrun may exit before a rank it signalled has, so its exit alone does not say the
+    ranks are gone. SIGKILL to the group if any of it lingers past the grace."""
     try:
         os.killpg(proc.pid, signal.SIGINT)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_GRACE_S
+    try:
         proc.wait(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
         pass
+    if not _group_gone(proc.pid, deadline):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _group_gone(proc.pid, time.monotonic() + STOP_GRACE_S)
+
+
+def _group_gone(pgid: int, deadline: float) -> bool:
+    """Whether every process of group `pgid` has ended, polling until `deadline`
+    (time.monotonic())."""
+    while _group_runs(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _group_runs(pgid: int) -> bool:
+    """Whether a process of group `pgid` runs (zombies aside: they hold nothing, and their
+    reaping is not ours)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue
+        if state != "Z" and int(group) == pgid:
+            return True
+    return False
 
 
 def rendezvous_failure(torchrun_output: str, endpoint: str | None, timeout_s: float) -> str | None:
