@@ -24,6 +24,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                RowwiseParallel, SequenceParallel,
                                                loss_parallel, parallelize_module)
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from meshplan.executor.model import Transformer
 from meshplan.executor.moe import (ExpertSharding, MoE, gather_experts, reduce_expert_gradients,
@@ -116,19 +117,48 @@ def apply_ep(model: Transformer, expert_mesh: DeviceMesh, dp: int) -> None:
             shard_experts(layer.feed_forward, sharding)
 
 
+# the matmuls per-op recompute counts, and the attention kernels whose output it keeps
+_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+_ATTENTION = tuple(getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(torch.ops.aten, name))
+
+
+def _op_policy():
+    """torchtitan's per-op selective checkpointing policy (simulator ops.op_sac): keep the
+    attention kernels' outputs and every other matmul's, counting the layer's matmuls on
+    over its calls; recompute the rest."""
+    count = {"forward": 0, "recompute": 0}
+
+    def policy(ctx, func, *args, **kwargs):
+        if func in _MATMULS:
+            mode = "recompute" if ctx.is_recompute else "forward"
+            count[mode] += 1
+            return CheckpointPolicy.MUST_SAVE if count[mode] % 2 else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if func in _ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE
+    return policy
+
+
 def apply_recompute(model: Transformer, mode: str) -> None:
     """Activation recompute with torch.utils.checkpoint (non-reentrant): "full" checkpoints
     each decoder layer (keeps only its input), "selective" only the attention core
-    (softmax(QK^T)V, the part Korthikanti et al. 2022 sec 5 recompute)."""
-    def wrap(module: nn.Module) -> nn.Module:
+    (softmax(QK^T)V, the part Korthikanti et al. 2022 sec 5 recompute), "op" each layer
+    under torchtitan's per-op policy (_op_policy)."""
+    def wrap(module: nn.Module, **kwargs) -> nn.Module:
         return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-                                  preserve_rng_state=False)
+                                  preserve_rng_state=False, **kwargs)
 
     for key, layer in model.layers.items():
         if mode == "full":
             model.layers[key] = wrap(layer)
         elif mode == "selective":
             layer.attention.core = wrap(layer.attention.core)
+        elif mode == "op":
+            policy = _op_policy()
+            # early_stop=False redoes the whole layer, as torchtitan 0.3's SelectiveAC does
+            model.layers[key] = wrap(layer, context_fn=lambda p=policy: create_selective_checkpoint_contexts(p),
+                                     early_stop=False)
 
 
 def apply_dp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan) -> nn.Module:

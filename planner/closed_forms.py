@@ -19,7 +19,7 @@ import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator import step
-from meshplan.simulator.cost import per_rank_profile
+from meshplan.simulator.cost import NONE, OP, per_rank_profile
 from meshplan.simulator.memory import memory_reserve_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.partition import balanced_shape
@@ -251,12 +251,43 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     mem_id, mem_first = step.combo_ids(r, MEMORY_KEYS)
     peak, step_s = _memory_bound(_memory_rows(r, mem_first), model)[mem_id], np.full(len(table), np.nan)
     busy = np.full(len(table), np.nan)
-    maybe = np.flatnonzero(peak <= limit)
+    # per-op recompute of a layout is never faster than none of it (it only adds recompute):
+    # with `keep`, its rows wait until none's exact memory is known, and are timed only
+    # where none does not fit
+    twin = _none_twin(table, r["rc"]) if keep is not None else np.full(len(table), -1)
+    waits = (twin >= 0) & (peak[np.maximum(twin, 0)] <= limit)
+    out = (peak, step_s, busy)
+    partition = table.attrs["layer_partition"]
+    _time_rows(r, model, hw, mem_id, np.flatnonzero((peak <= limit) & ~waits), partition, limit, keep, *out)
+    rest = waits & (peak[np.maximum(twin, 0)] > limit)
+    _time_rows(r, model, hw, mem_id, np.flatnonzero(rest & (peak <= limit)), partition, limit, keep, *out)
+    return Evaluation(step_s, peak, peak <= limit, limit, busy)
+
+
+def _none_twin(table: pd.DataFrame, rc: np.ndarray) -> np.ndarray:
+    """Per row with recompute op: the row of the same layout (space.py's layout column)
+    with recompute none, -1 where there is none (and for every other row)."""
+    twin = np.full(len(table), -1)
+    if "layout" not in table.columns or not (rc == OP).any():
+        return twin
+    layout = table["layout"].to_numpy()
+    none_row = np.full(int(layout.max()) + 1, -1)
+    none_row[layout[rc == NONE]] = np.flatnonzero(rc == NONE)
+    twin[rc == OP] = none_row[layout[rc == OP]]
+    return twin
+
+
+def _time_rows(r: dict, model: ModelSpec, hw: HardwareProfile, mem_id: np.ndarray, maybe: np.ndarray,
+               partition, limit: float, keep: int | None, peak: np.ndarray, step_s: np.ndarray,
+               busy: np.ndarray) -> None:
+    """Exact memory of the rows `maybe` (whose lower bound fits) into `peak`, and the step
+    time of those that fit into `step_s` (their busy bound into `busy`): with `keep`, only
+    where a lower bound on it beats the keep-th best known so far."""
     if not maybe.size:
-        return Evaluation(step_s, peak, peak <= limit, limit, busy)
-    r = step.add_times(r if maybe.size == len(table) else step.take(r, maybe), model, hw)
+        return
+    r = step.add_times(r if maybe.size == len(peak) else step.take(r, maybe), model, hw)
     r.update(_sums(r, model))
-    s, n, before, part, largest, layout = slots(r, model, table.attrs["layer_partition"])
+    s, n, before, part, largest, layout = slots(r, model, partition)
     key = mem_id[maybe] * (int(layout.max()) + 1) + layout
     peak[maybe], mem_ids, params = _exact_memory(r, model, s, n, part, key)
     fit = np.flatnonzero(peak[maybe] <= limit)  # positions within `maybe`
@@ -266,15 +297,17 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     order, time_lb = fit[ranked], time_lb[ranked]
     todo = np.ones(order.size, bool)
     batch = np.arange(order.size) if keep is None else np.arange(min(order.size, max(8 * keep, 2000)))
+    known = step_s[np.isfinite(step_s)]
+    if keep is not None and known.size >= keep:  # rows timed before these
+        batch = batch[time_lb[batch] < np.partition(known, keep - 1)[keep - 1]]
     while batch.size:
         at = order[batch]
         g = part[at]
         step_s[maybe[at]], busy[maybe[at]] = _step_time(step.take(r, at), model, hw, s[g], n[g], before[g],
                                                         params[mem_ids[at]], largest[at])
         todo[batch] = False
-        known = step_s[maybe[order[~todo]]]
+        known = step_s[np.isfinite(step_s)]
         if keep is None or known.size < keep:
             batch = np.flatnonzero(todo)
             continue
         batch = np.flatnonzero(todo & (time_lb < np.partition(known, keep - 1)[keep - 1]))
-    return Evaluation(step_s, peak, peak <= limit, limit, busy)

@@ -250,6 +250,8 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
             if fixed.get("reshard_after_forward", o) == o], ["reshard_after_forward"])
         table = _legal(table, model, cluster, fixed, ("reshard_after_forward",))
     if not table.empty:
+        # the layout each recompute choice is made for (closed_forms: none dominates op where it fits)
+        table["layout"] = np.arange(len(table))
         table = _join(table, ["tp"], lambda tp: [
             (r,) for r in RECOMPUTE if fixed.get("recompute", r) == r and not (
                 prune_dominated and r == "selective" and "recompute" not in fixed

@@ -24,7 +24,7 @@ from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import GEMM, Op, Shard, changed, embedding_ops, head_ops, layer_ops
 from meshplan.simulator.plan import RECOMPUTE
 
-NONE, SELECTIVE, FULL = (RECOMPUTE.index(r) for r in ("none", "selective", "full"))
+NONE, SELECTIVE, FULL, OP = (RECOMPUTE.index(r) for r in ("none", "selective", "full", "op"))
 
 
 def per_rank_profile(hw: HardwareProfile, ranks_per_node: int) -> HardwareProfile:
@@ -51,7 +51,8 @@ class OpTimes:
     time, the attention core's share of the forward, the GEMM FLOPs of the forward, the
     forward and backward time of the GEMMs with a weight (the ones tensor-parallel
     communication can overlap with), and the forward and whole backward time of the ops
-    between the MoE dispatch and combine (Op.routed)."""
+    between the MoE dispatch and combine (Op.routed), and the forward time per-op selective
+    AC redoes (Op.sac_redo)."""
 
     fwd_s: np.ndarray
     bwd_input_s: np.ndarray
@@ -62,6 +63,7 @@ class OpTimes:
     weight_bwd_s: np.ndarray
     routed_fwd_s: np.ndarray
     routed_bwd_s: np.ndarray
+    sac_redo_s: np.ndarray
 
 
 def compute_dtype(dtype: str) -> str:
@@ -122,13 +124,14 @@ def op_times(op_lists: list[tuple[Op, ...]], hw: HardwareProfile, dtype: str) ->
     flops = np.array([op.flops * op.count for op in ops], dtype=float)
     weighted = g & np.array([op.weight for op in ops], dtype=bool)
     routed = np.array([op.routed for op in ops], dtype=bool)
+    sac = np.array([op.sac_redo for op in ops], dtype=float)
 
     def total(x):
         return np.bincount(idx, weights=x, minlength=len(op_lists))
     return OpTimes(total(fwd), total(bwd_in), total(bwd_w), total(np.where(core, fwd, 0.0)),
                    total(np.where(g, flops, 0.0)), total(np.where(weighted, fwd, 0.0)),
                    total(np.where(weighted, bwd_in + bwd_w, 0.0)), total(np.where(routed, fwd, 0.0)),
-                   total(np.where(routed, bwd_in + bwd_w, 0.0)))
+                   total(np.where(routed, bwd_in + bwd_w, 0.0)), total(fwd * sac))
 
 
 def collective_s(hw: HardwareProfile, kind: str, message_bytes, size, ranks_per_node,
@@ -355,7 +358,8 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     Fused attention recomputes its scores in backward (Dao 2022 sec 3.1): compute, not
     recompute. Selective recompute redoes the attention core where it was kept (Korthikanti
     et al. 2022 sec 4.3; nothing to redo under fused attention); full recompute redoes the
-    whole forward, its TP communication too. TP overlap (Megatron-LM --tp-comm-overlap,
+    whole forward, its TP communication too; per-op selective AC (torchtitan) redoes what
+    ops.op_sac marks, and the TP collectives whose outputs it does not save. TP overlap (Megatron-LM --tp-comm-overlap,
     torchtitan async TP) splits each TP collective and its weight GEMMs into tp pieces run
     as a pipeline: one piece of the communication stays exposed, the rest hides behind the
     GEMMs at the cost of the smaller GEMMs and the contention. CP's ring exchange hides
@@ -388,9 +392,13 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     cp_raw_f, cp_raw_b = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn, cp_share)
     cp_f, cp_cf = overlap_split(cp_raw_f, (cp - 1) * lay.core_s / cp, hw)
     cp_b, cp_cb = overlap_split(cp_raw_b, (cp - 1) * 2 * lay.core_s / cp, hw)
-    full = recompute == FULL
+    full, op = recompute == FULL, recompute == OP
     flash_redo = lay.core_s if flash else 0.0
-    redo = lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + split_f) * full
+    redo = (lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + split_f) * full
+            + lay.sac_redo_s * op)
+    # per-op selective AC saves reduce-scatter outputs, so it redoes SP's all-gathers (half
+    # the layer's TP communication) or, without SP, the all-reduces
+    tp_redo = full + op * np.where(sp, 0.5, 1.0)
     fwd_compute, bwd_input = lay.fwd_s + split_f, lay.bwd_input_s + flash_redo + split_b
     ep_f, ep_b = ep_raw + counts, ep_raw + (ep_raw + counts) * full
     paired = np.asarray(a2a_overlap, dtype=bool) & (np.asarray(em.ep) > 1)
@@ -405,8 +413,8 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
                                              overlap_split(dispatch_b, routed_f, hw)))
     return LayerTimes(
         fwd_compute_s=fwd_compute, bwd_input_s=bwd_input,
-        bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * full,
+        bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * tp_redo,
         cp_fwd_s=cp_f, cp_bwd_s=cp_b, contention_fwd_s=tp_cf + cp_cf, contention_bwd_s=tp_cb + cp_cb,
-        tp_raw_s=tp_raw * (2 + full), cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b,
+        tp_raw_s=tp_raw * (2 + tp_redo), cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b,
         ep_fwd_s=ep_f, ep_bwd_s=ep_b, ep_pair_fwd_s=pair_f, ep_pair_bwd_s=pair_b,
         contention_pair_fwd_s=pair_cf, contention_pair_bwd_s=pair_cb)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meshplan.simulator.model_spec import LayerKind, ModelSpec
-from meshplan.simulator.ops import Shard
+from meshplan.simulator.ops import Shard, layer_kind_ops, op_sac
 
 # Mixed-precision Adam: fp32 master weights + two fp32 moments = 12 bytes/param
 # (Rajbhandari et al. 2020, ZeRO sec 3.1, K = 12); with fp32 training the master copy is
@@ -49,8 +49,17 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
     t, tok, ntok = shard.tp, shard.tokens, shard.norm_tokens
     if recompute == "full":
         return d * ntok * h  # only the layer input is kept (sec 4.3: 2sbh, /t with SP)
-    mask = 1 if model.dropout else 0
     heads, kv_heads = model.num_heads // t, model.num_kv_heads // t
+    if recompute == "op":
+        # the layer input, the saved matmul outputs (ops.op_sac), the attention output and
+        # its fp32 log-sum-exp, SP's two reduce-scatter outputs, the routed rows the
+        # dispatch and combine all-to-alls return
+        saved = op_sac(model, shard, list(layer_kind_ops(model, shard, kind)))[1]
+        rows = shard.expert_tokens * model.experts_per_token * shard.capacity
+        return (d * (ntok * h + saved + tok * heads * model.value_head_dim)
+                + 4 * shard.micro_batch * heads * shard.local_seq
+                + (2 * d * ntok * h if shard.sp else 0.0) + (2 * d * rows * h if kind.moe and shard.ep > 1 else 0.0))
+    mask = 1 if model.dropout else 0
     widths = mlp_saved_widths(model, shard.fused_mlp)
     # Norm inputs (2, 4 with sandwich norms, one fewer when both blocks read the layer
     # input), QKV input, MLP input, 2 dropout masks: replicated, or SP-sharded.

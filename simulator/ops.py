@@ -70,6 +70,7 @@ class Op:
     dequant_flops: float = 0.0         # CUDA-core work dequantizing them (quantize.py)
     executed_share: float = 1.0        # share of `flops` the kernel runs (causal_share); times only
     routed: bool = False               # runs between the MoE dispatch and combine (routed experts)
+    sac_redo: float = 1.0              # share of its forward per-op selective AC redoes (op_sac)
 
     @property
     def op_class(self) -> str | None:
@@ -255,10 +256,49 @@ def _fp8_cast(ops: list[Op], recipe: str) -> Op:
     return Op("fp8_cast", MEMORY, float(fwd), bytes_moved=fwd * per, bwd_bytes=bwd * per)
 
 
+def _linear_widths(model: ModelSpec, shard: Shard, op: Op) -> tuple[int, ...]:
+    """Output widths of the nn.Linear matmuls a weight GEMM stands for, in the order they
+    run: the fused QKV projection is torchtitan's (and the executor's) wq, wk, wv; a gated
+    MLP's up projection is w1 then w3."""
+    if op.name == "qkv_proj":
+        hd = model.head_dim
+        return (model.num_heads // shard.tp * hd,) + 2 * (model.num_kv_heads // shard.tp * hd,)
+    if op.name in ("mlp_up", "shared_up") and model.gated_mlp:
+        return (op.n // 2, op.n // 2)
+    return (op.n,)
+
+
+def op_sac(model: ModelSpec, shard: Shard, ops: list[Op]) -> tuple[list[Op], float]:
+    """Per-op selective activation checkpointing as torchtitan runs it (SelectiveAC,
+    torchtitan distributed/activation_checkpoint.py): the outputs of matmuls (every second
+    one recomputed, counting the layer's nn.Linear matmuls in order), attention (SDPA),
+    all-to-all and reduce-scatter are saved; everything else is recomputed in backward: the
+    norms, RoPE, activations and residual adds, the router (its shape is force-recomputed)
+    and the routed experts' grouped GEMMs (not in the save list). FP8 linears count as
+    matmuls: torchtitan's FP8 run keeps as much as its bf16 one (77.0 and 76.8 GiB, its
+    llama3_h100_202412 benchmark, Table 1). torchtitan 0.3 redoes the whole layer (no
+    early stop), so the ops after the last one backward needs are redone too. The count
+    runs on over the layer's calls, so with an odd number of matmuls the recomputed set
+    alternates between calls: each then counts half, and memory keeps the larger set.
+    Returns the ops with Op.sac_redo set, and the output elements of the saved matmuls."""
+    counted = [i for i, op in enumerate(ops) if op.kind == GEMM and op.weight and not op.routed
+               and op.name != "router"]
+    pieces = [(i, w) for i in counted for w in _linear_widths(model, shard, ops[i])]
+    redo, saved = {i: 0.0 for i in counted}, [0.0, 0.0]
+    alternating = len(pieces) % 2 == 1
+    for position, (i, width) in enumerate(pieces, start=1):
+        share = width / ops[i].n
+        redo[i] += share * (0.5 if alternating else float(position % 2 == 0))
+        saved[position % 2] += ops[i].m * ops[i].batch * width
+    out = [changed(op, sac_redo=0.0 if op.attention_core else redo.get(i, 1.0)) for i, op in enumerate(ops)]
+    return out, max(saved) if alternating else saved[1]
+
+
 def layer_kind_ops(model: ModelSpec, shard: Shard, kind: LayerKind) -> tuple[Op, ...]:
     """Forward operators of one decoder layer of `kind`, in execution order. Gemma's
     sandwich norms normalise each block's output before its residual add; a parallel
-    residual (GPT-NeoX) adds both blocks' outputs to the layer input, the same two adds."""
+    residual (GPT-NeoX) adds both blocks' outputs to the layer input, the same two adds.
+    Op.sac_redo is set for per-op selective AC (op_sac)."""
     h, d, ntok = model.hidden_size, shard.dtype_bytes, shard.norm_tokens
     ops = [_mem("input_norm", ntok * h, 2, d)] + _attention_ops(model, shard, kind.local)
     if model.sandwich_norm:
@@ -269,7 +309,7 @@ def layer_kind_ops(model: ModelSpec, shard: Shard, kind: LayerKind) -> tuple[Op,
         ops.append(_mem("mlp_out_norm", ntok * h, 2, d))
     if shard.fp8 is not None:
         ops.append(_fp8_cast(ops, shard.fp8))
-    return tuple(ops + [_mem("residual_add", ntok * h, 3, d)])
+    return tuple(op_sac(model, shard, ops + [_mem("residual_add", ntok * h, 3, d)])[0])
 
 
 def layer_ops(model: ModelSpec, shard: Shard) -> tuple[Op, ...]:

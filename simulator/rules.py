@@ -142,6 +142,10 @@ PLAN = (
 
 # Rules of a plan for a model on a cluster.
 TRAINING = PLAN + (
+    # per-op selective AC keeps the fused attention kernel's output (ops.op_sac)
+    _rule("plan.recompute", "recompute attention", lambda x, m, c: (x.recompute != "op") | (x.attention == "flash"),
+          lambda x, m, c: "per-op recompute is modelled with fused attention, whose output it keeps",
+          "plan op recompute with flash attention, or another recompute"),
     _rule("plan.placement", "placement ep etp tp cp dp pp",
           lambda x, m, c: (m.num_experts == 0) | _folds(x),
           lambda x, m, c: f"with placement {x.placement} the expert mesh (etp, ep, edp) would put other "
@@ -284,6 +288,9 @@ EXECUTOR_TRAINING = (
           lambda x, m, c: "ZeRO 1's ZeroRedundancyOptimizer would shard the expert-parallel "
           "experts' optimizer over dp as if they were replicated there",
           "use ZeRO 0, 2 or 3 with ep > 1"),
+    _rule("plan.recompute", "recompute tp", lambda x, m, c: (x.recompute != "op") | ((x.tp == 1) & (m.num_experts == 0)),
+          lambda x, m, c: "the executor's per-op recompute keeps no collective's output, so it runs on "
+          "dense models without TP only", "use recompute full or selective, or tp 1 with a dense model"),
     _rule("plan.moe_dispatcher", "moe_dispatcher", lambda x, m, c: x.moe_dispatcher == "alltoall",
           lambda x, m, c: f"the executor dispatches tokens with torch's all_to_all, not {x.moe_dispatcher}",
           "use moe_dispatcher alltoall"),
@@ -482,6 +489,10 @@ _TORCHTITAN = (
           lambda x, m, c: ~np.asarray(x.tp_overlap, dtype=bool) | (x.mlp_kernel == "fused") | (not m.gated_mlp),
           lambda x, m, c: "torchtitan's async TP compiles the model, which fuses the MLP's activation",
           "plan with mlp_kernel fused, or without tp_overlap"),
+    # its SelectiveAC is per-op (ops.op_sac); FullAC checkpoints whole blocks
+    _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "selective",
+          lambda x, m, c: "torchtitan's selective activation checkpointing is per-op (recompute op), not "
+          "Megatron-LM's attention-core recompute", "plan with recompute op, full or none"),
     # torchtitan runs zero-bubble schedules only with >= 2 stages per rank
     _rule("plan.schedule", "pp schedule",
           lambda x, m, c: (x.pp == 1) | np.isin(x.schedule, list(TORCH_SCHEDULES)),
@@ -566,6 +577,9 @@ FRAMEWORKS = {
               f"not etp {x.etp} (ep {x.ep}, tp {x.tp})", "plan with etp = tp, or etp 1 with ep > 1"),
     ),
     "megatron": (
+        _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "op",
+              lambda x, m, c: "Megatron-LM recomputes whole layers or chosen modules, not torchtitan's "
+              "per-op selection", "plan with recompute selective, full or none"),
         _rule("plan.schedule", "pp schedule",
               lambda x, m, c: (x.pp == 1) | np.isin(x.schedule, ["1f1b", "interleaved"]),
               lambda x, m, c: f"Megatron-LM runs 1F1B or interleaved 1F1B, not {x.schedule}",
@@ -606,6 +620,9 @@ FRAMEWORKS = {
               "embeddings (PyTorch FSDP2 takes --torch-fsdp2-no-reshard-after-forward)"),
     ),
     "deepspeed": (
+        _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "op",
+              lambda x, m, c: "Megatron-DeepSpeed recomputes whole layers or the attention core, not "
+              "torchtitan's per-op selection", "plan with recompute selective, full or none"),
         _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
               lambda x, m, c: "DeepSpeed has no ring context parallelism", "plan with cp 1"),
         _rule("plan.schedule", "pp schedule", lambda x, m, c: (x.pp == 1) | (x.schedule == "1f1b"),

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
-from meshplan.simulator.cost import (FULL, NONE, ExpertMesh, collective_s, layer_times,
+from meshplan.simulator.cost import (FULL, NONE, OP, ExpertMesh, collective_s, layer_times,
                                      overlap_split, shard_times)
 from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, expert_layer_params,
                                        layer_activation_bytes, logits_bytes, model_state_bytes,
@@ -233,7 +233,7 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     ZeRO stage (memory.model_state_bytes), activations (Korthikanti et al. 2022), and
     buffers: on the last rank the loss, the saved fp32 log-probabilities of each micro-batch
     in flight (schedule.loss_in_flight) and in its backward the logits' gradient; one layer
-    rebuilt in backward under full recompute; the gathered weights of the current and the
+    rebuilt in backward under full or per-op recompute; the gathered weights of the current and the
     prefetched layer under ZeRO-3. The head's backward frees the loss's two before the first
     layer's backward rebuilds and gathers, so those take the larger of the two."""
     c = _col
@@ -246,7 +246,7 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     # ZeRO-3 gathered weights: in backward the current and the prefetched layer, or, without
     # resharding after forward, every layer of the rank from its forward to its backward
     layer_bytes = c((z == 3) * r["per_layer"] * r["d"])
-    in_backward = np.where(c(r["reshard"]), 2, 0) * layer_bytes + c((r["rc"] == FULL) * r["act_none"])
+    in_backward = np.where(c(r["reshard"]), 2, 0) * layer_bytes + c(np.isin(r["rc"], (FULL, OP)) * r["act_none"])
     logits = (s == c(r["pp"]) - 1) * c(logits_bytes(r["tokens"], model.vocab_size, r["tp"]))
     held = c(loss_in_flight(r["sched"], r["pp"], r["num_microbatches"], r["a2a_overlap"]))
     buffers = ((held - 1) * logits + np.maximum(2 * logits, in_backward)

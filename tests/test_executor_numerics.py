@@ -60,6 +60,7 @@ WORLD_2 = [
     ("pp-zb-h1", LLAMA, plan(pp=2, schedule="zb-h1")),
     ("recompute-full", LLAMA, plan(dp=2, recompute="full")),
     ("recompute-selective", LLAMA, plan(dp=2, recompute="selective", micro_batch=1)),
+    ("recompute-op", LLAMA, plan(dp=2, recompute="op", micro_batch=1)),
     ("gpt-tied-tp-sp", GPT, plan(tp=2, sp=True, micro_batch=4)),
 ]
 WORLD_4 = [

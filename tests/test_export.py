@@ -113,7 +113,7 @@ def test_torchtitan_0_3_arguments():
 
 def test_torchtitan_0_2_toml():
     e = export("torchtitan", job("llama-3-70b", version="0.2", dp=4, tp=4, pp=4, sp=True, zero=2,
-                                 recompute="selective"))
+                                 recompute="op"))
     config = tomllib.loads(dict(e.files)["torchtitan-job.toml"])
     for section, keys in config.items():
         assert set(keys) <= TORCHTITAN_0_2_KEYS[section], section

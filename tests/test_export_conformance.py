@@ -67,10 +67,13 @@ LLAMA3_70B_LAYOUTS = [
     dict(dp=2, tp=4, pp=8, sp=True, layer_partition=(9, 10, 10, 10, 10, 11, 11, 9)),
     dict(seq_len=8192, dp=4, tp=4, cp=4, sp=True),
 ]
-TORCHTITAN_PLANS = [("llama-3-70b", 64, plan(zero=3, **knobs)) for knobs in LLAMA3_70B_LAYOUTS] + [
+# torchtitan's selective checkpointing is per-op (recompute op)
+TORCHTITAN_PLANS = [("llama-3-70b", 64, plan(zero=3, **{**knobs, "recompute": (
+    "op" if knobs.get("recompute") == "selective" else knobs.get("recompute", "none"))}))
+    for knobs in LLAMA3_70B_LAYOUTS] + [
     ("llama-3-70b", 64, plan(dp=32, cp=2, zero=3, recompute="full")),
     ("llama-3-70b", 64, plan(dp=64, zero=0, recompute="full")),
-    ("llama-3-70b", 64, plan(dp=8, tp=8, sp=True, zero=0, recompute="selective")),
+    ("llama-3-70b", 64, plan(dp=8, tp=8, sp=True, zero=0, recompute="op")),
     ("llama-3-8b", 16, plan(seq_len=8192, dp=4, tp=2, pp=2, sp=True, zero=3, schedule="gpipe")),
     ("llama-3-8b", 16, plan(global_batch=32, seq_len=8192, dp=2, pp=8, zero=3, schedule="interleaved",
                             virtual_stages=2, micro_batch=1)),
@@ -155,7 +158,7 @@ def test_torchtitan_0_3_accepts(model_arg, gpus, p):
         "never" if p.zero == 2 or not p.reshard_after_forward else "always" if p.zero == 3 else "default")
     policy = config.activation_checkpoint  # activation-checkpoint:none leaves no policy
     assert (type(policy).__qualname__.split(".")[0] if policy else "none") == {
-        "full": "FullAC", "selective": "SelectiveAC", "none": "none"}[p.recompute]
+        "full": "FullAC", "op": "SelectiveAC", "none": "none"}[p.recompute]
     # Trainer.__init__'s asserts (inline there): batch and sequence divisibility
     training, par = config.training, config.parallelism
     assert training.global_batch_size % (training.local_batch_size * p.dp) == 0

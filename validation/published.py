@@ -56,7 +56,8 @@ KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "ep": "ep", "etp": "etp
          "recompute": "recompute",
          "micro_batch": "micro_batch", "schedule": "schedule", "virtual_stages": "virtual_stages",
          "sp": "sp", "tp_overlap": "tp_overlap", "fsdp_reshard_after_forward": "reshard_after_forward",
-         "moe_dispatcher": "moe_dispatcher", "moe_a2a_overlap": "moe_a2a_overlap"}
+         "moe_dispatcher": "moe_dispatcher", "moe_a2a_overlap": "moe_a2a_overlap",
+         "grad_reduce_dtype": "grad_reduce_dtype"}
 FLAGS = ("sp", "tp_overlap", "reshard_after_forward", "moe_a2a_overlap")
 
 
@@ -96,7 +97,7 @@ def _fixed(row) -> dict:
         value = _value(row, column, str)
         if value is None:
             continue
-        if key in ("recompute", "schedule", "moe_dispatcher"):
+        if key in ("recompute", "schedule", "moe_dispatcher", "grad_reduce_dtype"):
             fixed[key] = value
         elif key in FLAGS:
             fixed[key] = value.lower() == "true"

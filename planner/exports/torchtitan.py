@@ -103,9 +103,13 @@ def export(job: TrainJob) -> Export:
     for flag, value in flags:
         args.append(flag)
         args += [] if value is None else value if isinstance(value, list) else [str(value)]
-    args.append(f"activation-checkpoint:{job.plan.recompute}")
+    args.append(f"activation-checkpoint:{CHECKPOINT_MODES[job.plan.recompute]}")
     return Export("torchtitan", job.header, (), (), ("-m", "torchtitan.train"), tuple(args),
                   USER_PATHS, notes)
+
+
+# plan.recompute -> torchtitan's activation checkpointing mode (its selective is per-op)
+CHECKPOINT_MODES = {"none": "none", "full": "full", "op": "selective"}
 
 
 def _compiled(job: TrainJob) -> bool:
@@ -121,8 +125,8 @@ def _export_0_2(job: TrainJob, flavor, stages, notes) -> Export:
     parallelism = {**_parallelism(job, "0.2"), "enable_async_tensor_parallel": p.tp_overlap}
     if stages:
         parallelism["module_fqns_per_model_part"] = stages
-    checkpoint = {"mode": p.recompute}
-    if p.recompute == "selective":  # per-op SAC: torchtitan's closest to Korthikanti's selective
+    checkpoint = {"mode": CHECKPOINT_MODES[p.recompute]}
+    if p.recompute == "op":
         checkpoint["selective_ac_option"] = "op"
     model = {"name": flavor.module, "flavor": flavor.name}
     sections = {"job": {"description": job.header}, "model": model,

@@ -1,0 +1,98 @@
+"""Per-op selective activation checkpointing (recompute "op", torchtitan's SelectiveAC):
+what the simulator says it keeps and redoes, checked by hand on a small layer, and what the
+executor's policy really recomputes, counted on the matmuls torch dispatches."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from meshplan.executor.model import build_model
+from meshplan.executor.parallelize import apply_recompute
+from meshplan.hw_profiles.profile import load_profile
+from meshplan.simulator.cost import forward_s, op_times
+from meshplan.simulator.memory import layer_activation_bytes
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.ops import GEMM, Shard, layer_ops
+from meshplan.simulator.plan import Cluster, Plan
+from meshplan.simulator.train import simulate
+
+# 2 layers, h 64, 4 heads of 16 (MHA), gated MLP of width 128; TP 2 gives per device
+# wq, wk, wv 32 wide, wo 64, w1, w3 64, w2 64: seven matmuls, 8 tokens, bf16
+GATED = ModelSpec("d", 2, 64, 4, 4, 128, 100, 64)
+SHARD = Shard(1, 8, tp=2)
+
+
+def test_seven_matmuls_alternate_and_the_larger_set_is_kept():
+    ops = {op.name: op for op in layer_ops(GATED, SHARD)}
+    # an odd count runs on into the next call: each matmul is redone every other call
+    for name in ("qkv_proj", "out_proj", "mlp_up", "mlp_down"):
+        assert ops[name].sac_redo == 0.5
+    assert ops["attn_scores"].sac_redo == ops["attn_values"].sac_redo == 0.0  # SDPA kept
+    for name in ("input_norm", "rope", "mlp_act", "residual_add"):
+        assert ops[name].sac_redo == 1.0
+    kept_odd = 32 + 32 + 64 + 64     # wq, wv, w1, w2 (positions 1, 3, 5, 7)
+    assert kept_odd > 32 + 64 + 64   # wk, wo, w3
+    layer_input, attention_out, lse = 2 * 8 * 64, 2 * 8 * 2 * 16, 4 * 1 * 2 * 8
+    assert layer_activation_bytes(GATED, SHARD, "op") == layer_input + 2 * 8 * kept_odd + attention_out + lse
+
+
+def test_six_matmuls_redo_the_even_ones():
+    plain = replace(GATED, gated_mlp=False)
+    ops = {op.name: op for op in layer_ops(plain, SHARD)}
+    # wq wk wv wo w1 w2: wk (a third of the QKV projection), wo and w2 are redone
+    assert ops["qkv_proj"].sac_redo == pytest.approx(1 / 3)
+    assert (ops["out_proj"].sac_redo, ops["mlp_up"].sac_redo, ops["mlp_down"].sac_redo) == (1.0, 0.0, 1.0)
+    kept = 32 + 32 + 64              # wq, wv, w1
+    assert layer_activation_bytes(plain, SHARD, "op") == 2 * 8 * (64 + kept + 32) + 4 * 2 * 8
+
+
+def test_sequence_parallel_keeps_the_reduce_scatter_outputs():
+    sp = replace(SHARD, sp=True)
+    # the layer input and the two reduce-scatter outputs are SP-sharded: 4 tokens of 64
+    assert layer_activation_bytes(GATED, sp, "op") - layer_activation_bytes(GATED, SHARD, "op") == (
+        2 * 4 * 64 - 2 * 8 * 64 + 2 * 2 * 4 * 64)
+
+
+def test_redone_time_is_the_marked_forward_and_between_selective_and_full():
+    hw = load_profile("h100-80gb")
+    ops = list(layer_ops(GATED, Shard(2, 4096, tp=2)))
+    times = forward_s(ops, hw, "bf16")
+    by_hand = sum(t * (0.5 if op.kind == GEMM and op.weight else 0.0 if op.attention_core else 1.0)
+                  for t, op in zip(times, ops))
+    assert op_times([tuple(ops)], hw, "bf16").sac_redo_s[0] == pytest.approx(by_hand)
+    cluster = Cluster(8, 8)
+    step = {rc: simulate(GATED, Plan(global_batch=16, seq_len=4096, dp=8, micro_batch=2, recompute=rc,
+                                     zero=3), cluster, hw) for rc in ("none", "op", "full")}
+    assert step["none"].step_time_s < step["op"].step_time_s < step["full"].step_time_s
+    assert step["full"].peak_memory_bytes < step["op"].peak_memory_bytes < step["none"].peak_memory_bytes
+
+
+class _Matmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_executor_policy_redoes_every_other_matmul_alternating_between_calls():
+    spec = ModelSpec("tiny", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
+                     ffn_hidden_size=64, vocab_size=64, max_seq_len=16)
+    model = build_model(spec, seed=0)
+    apply_recompute(model, "op")
+    tokens = torch.randint(0, 64, (2, 16))
+    redone = []
+    for _ in range(2):
+        logits = model(tokens)
+        with _Matmuls() as counter:
+            logits.sum().backward()
+        # backward: 2 gradient matmuls per linear (7 per layer; the head's 2) and the redone ones
+        redone.append(counter.count - 2 * (7 * 2 + 1))
+    # seven matmuls a layer: wk, wo, w3 redone in one call, wq, wv, w1, w2 in the next
+    assert redone == [3 * 2, 4 * 2]
