@@ -40,15 +40,19 @@ def _probe(num_layers: int, moe: bool = False) -> ModelSpec:
                    dense_layers=()) if moe else dense
 
 
-def _median_s(fn, repeats: int, warmup: int) -> float:
+def _median_s(fns, repeats: int, warmup: int) -> list[float]:
+    """Median seconds of each of `fns`, run in turn within every repeat, so that the
+    machine's drift over the measurement falls on all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 @contextmanager
@@ -72,9 +76,8 @@ def _model(num_layers: int, tp: str | None, moe: bool = False):
     return model
 
 
-def _training_s(num_layers: int, tp: str | None, repeats: int, warmup: int,
-                moe: bool = False) -> tuple[float, float]:
-    """(forward, forward + backward) seconds of the probe model."""
+def _training(num_layers: int, tp: str | None, moe: bool = False) -> tuple:
+    """The probe model's (forward, forward + backward) as functions to time."""
     model = _model(num_layers, tp, moe)
     tokens = torch.randint(0, 128, (1, PROBE_TOKENS + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -84,7 +87,7 @@ def _training_s(num_layers: int, tp: str | None, repeats: int, warmup: int,
 
     def step():
         forward().backward()
-    return _median_s(forward, repeats, warmup), _median_s(step, repeats, warmup)
+    return forward, step
 
 
 @torch.no_grad()
@@ -92,8 +95,7 @@ def _inference_s(num_layers: int, repeats: int, warmup: int) -> tuple[float, flo
     """(prompt forward, one-token decode forward over the cache) seconds."""
     model = _model(num_layers, None)
     prompt = torch.randint(0, 128, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
-    prefill = _median_s(lambda: model(prompt, model.new_cache(PROBE_TOKENS + 1)),
-                        repeats, warmup)
+    prefill = _median_s([lambda: model(prompt, model.new_cache(PROBE_TOKENS + 1))], repeats, warmup)[0]
 
     def decode():
         cache = model.new_cache(PROBE_TOKENS + 1)
@@ -110,11 +112,14 @@ def measure_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:
     torch.set_num_threads(1)
     try:
         per_layer = {}
+        variants = ((None, False), ("tp", False), ("sp", False), (None, True))
         with _one_rank_group():
-            for tp, moe in ((None, False), ("tp", False), ("sp", False), (None, True)):
-                (f1, t1), (f3, t3) = (_training_s(n, tp, repeats, warmup, moe) for n in LAYERS)
+            fns = [fn for tp, moe in variants for n in LAYERS for fn in _training(n, tp, moe)]
+            times = iter(_median_s(fns, repeats, warmup))
+            for variant in variants:
+                f1, t1, f3, t3 = (next(times) for _ in range(4))
                 fwd = max(0.0, (f3 - f1) / 2)
-                per_layer[tp, moe] = (fwd, max(0.0, (t3 - t1) / 2 - fwd))
+                per_layer[variant] = (fwd, max(0.0, (t3 - t1) / 2 - fwd))
         (p1, d1), (p3, d3) = (_inference_s(n, repeats, warmup) for n in LAYERS)
         moe = [max(0.0, m - d) for m, d in zip(per_layer[None, True], per_layer[None, False])]
     finally:
@@ -126,4 +131,4 @@ def measure_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:
         prefill_layer_s=max(0.0, (p3 - p1) / 2), decode_layer_s=max(0.0, (d3 - d1) / 2),
         moe_forward_s=moe[0], moe_backward_s=moe[1],
         source=f"calibration/overhead.py: eager PyTorch {torch.__version__}, 1 thread, "
-               f"{LAYERS[1]}-layer minus {LAYERS[0]}-layer probe, median of {repeats}")
+               f"{LAYERS[1]}-layer minus {LAYERS[0]}-layer probe, median of {repeats} interleaved")

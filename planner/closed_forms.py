@@ -57,7 +57,8 @@ def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
                  sched=np.where(knobs["pp"] == 1, ONE_F_ONE_B,
                                 table["schedule"].cat.codes.to_numpy()))
     return step.rows(model, knobs, a["seq_len"], a["dtype"], a["attention"], a["grad_reduce_dtype"],
-                     a["moe_capacity_factor"], a["fp8_recipe"], a["moe_dispatcher"], a["mlp_kernel"])
+                     a["moe_capacity_factor"], a["fp8_recipe"], a["moe_dispatcher"], a["mlp_kernel"],
+                     a["fp8_saved_dtype"])
 
 
 def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):

@@ -25,7 +25,7 @@ from meshplan.hw_profiles.fabric import Fabric, training_groups
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.step import group_ids
-from meshplan.simulator.plan import (ATTENTION, DTYPES, FP8_RECIPES, MLP_KERNELS, MOE_DISPATCHERS,
+from meshplan.simulator.plan import (ATTENTION, DTYPES, FP8_RECIPES, FP8_SAVED, MLP_KERNELS, MOE_DISPATCHERS,
                                      RECOMPUTE, SCHEDULES, Cluster, Plan, complete_fields,
                                      expert_order)
 
@@ -264,6 +264,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     table.attrs.update(global_batch=gb, seq_len=seq, dtype=fixed.get("dtype", DTYPES[1]),
                        attention=fixed.get("attention", ATTENTION[0]),
                        mlp_kernel=fixed.get("mlp_kernel", MLP_KERNELS[0]),
+                       fp8_saved_dtype=fixed.get("fp8_saved_dtype", FP8_SAVED[0]),
                        grad_reduce_dtype=fixed.get("grad_reduce_dtype", "fp32"),
                        moe_capacity_factor=float(fixed.get("moe_capacity_factor", 1.0)),
                        fp8_recipe=fixed.get("fp8_recipe", FP8_RECIPES[0]),
@@ -281,7 +282,7 @@ def row_plan(table: pd.DataFrame, i: int) -> Plan:
                 recompute=str(row.recompute), micro_batch=int(row.micro_batch),
                 schedule=str(row.schedule), virtual_stages=int(row.virtual_stages),
                 layer_partition=a["layer_partition"], dtype=a["dtype"], attention=a["attention"],
-                mlp_kernel=a["mlp_kernel"],
+                mlp_kernel=a["mlp_kernel"], fp8_saved_dtype=a["fp8_saved_dtype"],
                 placement=tuple(row.placement), tp_overlap=bool(row.tp_overlap),
                 moe_a2a_overlap=bool(row.moe_a2a_overlap),
                 reshard_after_forward=bool(row.reshard_after_forward),

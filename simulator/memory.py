@@ -95,7 +95,31 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
         core = scores * (d + mask + (d if mask else 0) + (d if model.attn_softcap else 0))
     if recompute == "selective":
         core = 0.0  # the attention core is recomputed (sec 4.3)
-    return replicated + sharded + experts + core
+    return replicated + sharded + experts + core - fp8_saved_savings(model, shard, kind)
+
+
+def fp8_saved_savings(model: ModelSpec, shard: Shard, kind: LayerKind) -> float:
+    """Bytes an FP8 plan's linears save by keeping their inputs for backward in FP8, 1 byte
+    for the dtype's d (Transformer Engine's Linear saves the quantized input it cast,
+    module/linear.py; ops.Shard.fp8_saved): the QKV input (and latent attention's up-
+    projection inputs), the dense MLP's input and its down projection's input, the routed
+    experts' permuted input and down-projection input; the out projection keeps its own FP8
+    copy beside the attention output the fused kernel keeps. An MoE layer's router (bf16)
+    keeps the MLP input in bf16."""
+    if shard.fp8 is None or not shard.fp8_saved:
+        return 0.0
+    d, h, t = shard.dtype_bytes, model.hidden_size, shard.tp
+    tok, ntok = shard.tokens, shard.norm_tokens
+    inputs = (1 if kind.moe else 2) * ntok * h  # elements kept in FP8 instead of the dtype
+    if model.kv_lora_rank:
+        inputs += tok * (model.q_lora_rank + model.kv_lora_rank)
+    if kind.moe:
+        rows = shard.expert_tokens * model.experts_per_token * shard.capacity
+        inputs += rows * (h + model.moe_ffn_hidden_size // shard.etp) + tok * (model.shared_ffn_size // t)
+    else:
+        inputs += tok * (model.ffn_hidden_size // t)
+    out_proj_copy = tok * (model.num_heads // t) * model.value_head_dim
+    return (d - 1) * inputs - out_proj_copy
 
 
 def layer_activation_bytes(model: ModelSpec, shard: Shard, recompute: str) -> float:

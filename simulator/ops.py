@@ -107,6 +107,7 @@ class Shard:
     expert_load: tuple[float, float] | None = None  # (routed rows, distinct experts) this device's
     # experts run, where the caller knows them (serving); None: from expert_tokens (_moe_ops)
     fused_mlp: bool = True        # plan.mlp_kernel == "fused"
+    fp8_saved: bool = True        # FP8 linears keep their input in FP8 (plan.fp8_saved_dtype)
 
     def __post_init__(self):
         if self.etp is None:

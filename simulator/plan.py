@@ -39,6 +39,10 @@ FP8_RECIPES = ("tensorwise", "rowwise", "delayed")
 # MoE token dispatch: NCCL all-to-all of every routed row (Megatron-Core's alltoall
 # dispatcher), or DeepEP's node-deduplicated dispatch (its flex dispatcher; cost.ep_comm_s).
 MOE_DISPATCHERS = ("alltoall", "deepep")
+# What an FP8 linear keeps of its input for the backward GEMMs: the FP8 copy it cast
+# (Transformer Engine's Linear saves its quantized input) or the bf16 input (torchao's
+# Float8Linear saves input_hp and casts again in backward)
+FP8_SAVED = ("fp8", "bf16")
 EXPERT_AXES = rules.EXPERT_AXES
 
 
@@ -114,6 +118,9 @@ class Plan:
                                       "balanced share (1: balanced routing; Megatron-LM "
                                       "--moe-expert-capacity-factor with padding)")
     fp8_recipe: str = knob("tensorwise", "FP8 scaling with dtype fp8", choices=FP8_RECIPES)
+    fp8_saved_dtype: str = knob("fp8", "what FP8 linears keep of their input for backward: the FP8 "
+                                "copy (Transformer Engine, Megatron-LM) or bf16 (torchao, torchtitan)",
+                                choices=FP8_SAVED)
     moe_dispatcher: str = knob("alltoall", "MoE token dispatch: NCCL all-to-all, or DeepEP (Megatron-LM "
                                "--moe-token-dispatcher-type flex --moe-enable-deepep)",
                                choices=MOE_DISPATCHERS)
@@ -211,7 +218,7 @@ def field_issues(values: dict) -> list[tuple[str, str, str]]:
     issues = [count_issue("plan", f, values[f]) for f in POSITIVE_INTS if values.get(f) is not None]
     choices = {"zero": (0, 1, 2, 3), "recompute": RECOMPUTE, "schedule": SCHEDULES, "dtype": DTYPES,
                "attention": ATTENTION, "grad_reduce_dtype": ("fp32", "bf16"), "fp8_recipe": FP8_RECIPES,
-               "moe_dispatcher": MOE_DISPATCHERS, "mlp_kernel": MLP_KERNELS}
+               "moe_dispatcher": MOE_DISPATCHERS, "mlp_kernel": MLP_KERNELS, "fp8_saved_dtype": FP8_SAVED}
     issues += [(f"plan.{f}", f"unknown {values[f]!r}", f"use one of {', '.join(map(str, options))}")
                for f, options in choices.items() if f in values
                if isinstance(values[f], (list, dict)) or values[f] not in options]

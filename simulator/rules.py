@@ -493,6 +493,10 @@ _TORCHTITAN = (
     _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "selective",
           lambda x, m, c: "torchtitan's selective activation checkpointing is per-op (recompute op), not "
           "Megatron-LM's attention-core recompute", "plan with recompute op, full or none"),
+    # torchao's Float8Linear keeps the bf16 input for backward (matmul_with_hp_or_float8_args)
+    _rule("plan.fp8_saved_dtype", "dtype fp8_saved_dtype", lambda x, m, c: (x.dtype != "fp8") | (x.fp8_saved_dtype == "bf16"),
+          lambda x, m, c: "torchtitan's float8 linears (torchao) keep their bf16 input for backward",
+          "plan with fp8_saved_dtype bf16"),
     # torchtitan runs zero-bubble schedules only with >= 2 stages per rank
     _rule("plan.schedule", "pp schedule",
           lambda x, m, c: (x.pp == 1) | np.isin(x.schedule, list(TORCH_SCHEDULES)),
@@ -580,6 +584,10 @@ FRAMEWORKS = {
         _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "op",
               lambda x, m, c: "Megatron-LM recomputes whole layers or chosen modules, not torchtitan's "
               "per-op selection", "plan with recompute selective, full or none"),
+        # Transformer Engine's Linear saves the quantized input it cast (module/linear.py)
+        _rule("plan.fp8_saved_dtype", "dtype fp8_saved_dtype", lambda x, m, c: (x.dtype != "fp8") | (x.fp8_saved_dtype == "fp8"),
+              lambda x, m, c: "Megatron-LM's FP8 linears (Transformer Engine) keep their input in FP8 for backward",
+              "plan with fp8_saved_dtype fp8"),
         _rule("plan.schedule", "pp schedule",
               lambda x, m, c: (x.pp == 1) | np.isin(x.schedule, ["1f1b", "interleaved"]),
               lambda x, m, c: f"Megatron-LM runs 1F1B or interleaved 1F1B, not {x.schedule}",

@@ -76,11 +76,11 @@ def combo_ids(r: dict, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str,
          grad_dtype: str, capacity: float = 1.0, fp8_recipe: str = "tensorwise",
-         dispatcher: str = "alltoall", mlp_kernel: str = "fused") -> dict:
+         dispatcher: str = "alltoall", mlp_kernel: str = "fused", fp8_saved_dtype: str = "fp8") -> dict:
     """Rows of plans from their knob arrays (KNOBS), with the memory terms that need no
     timing: each row's shard, activation bytes per layer and parameters per layer (all, and
     the routed experts'); `capacity`, `fp8_recipe` and `dispatcher` are the plan's
-    moe_capacity_factor, fp8_recipe, moe_dispatcher (and mlp_kernel)."""
+    moe_capacity_factor, fp8_recipe, moe_dispatcher (and mlp_kernel, fp8_saved_dtype)."""
     r = {k: np.asarray(knobs[k]) for k in KNOBS}
     r.update({k: np.broadcast_to(np.asarray(knobs.get(k, 1.0), dtype=float), r["tp"].shape)
               for k in SHARES})
@@ -92,7 +92,7 @@ def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str
     shards = [Shard(int(r["micro_batch"][i]), seq_len, int(r["tp"][i]), int(r["cp"][i]),
                     bool(r["sp"][i]), d, attention == "flash", int(r["ep"][i]), int(r["etp"][i]),
                     capacity, fp8_recipe if dtype == "fp8" else None,
-                    fused_mlp=mlp_kernel == "fused") for i in first]
+                    fused_mlp=mlp_kernel == "fused", fp8_saved=fp8_saved_dtype == "fp8") for i in first]
     act = np.array([[layer_activation_bytes(model, s, k) for k in RECOMPUTE] for s in shards])
     r.update(shard_id=shard_id, shards=shards, d=d, dtype=dtype, flash=attention == "flash",
              capacity=capacity, dispatcher=dispatcher, dps=r["dp"] * r["cp"],

@@ -117,7 +117,7 @@ def plan_rows(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfil
              "ep": plan.ep, "etp": plan.etp, **expert_rpn(experts)}
     r = step.rows(model, {k: np.array([v]) for k, v in knobs.items()}, plan.seq_len, plan.dtype,
                   plan.attention, plan.grad_reduce_dtype, plan.moe_capacity_factor, plan.fp8_recipe,
-                  plan.moe_dispatcher, plan.mlp_kernel)
+                  plan.moe_dispatcher, plan.mlp_kernel, plan.fp8_saved_dtype)
     return step.add_times(r, model, hw)
 
 

@@ -375,7 +375,8 @@ def test_torchtitan_0_3_moe_flavor_and_knobs():
 
 def test_torchtitan_0_3_float8_is_the_405b_recipe():
     f = flags(export("torchtitan", job("llama-3-405b", seq_len=8192, hw=H100, dp=1, tp=8, pp=8, sp=True,
-                                       zero=3, recompute="full", dtype="fp8", fp8_recipe="rowwise")).args)
+                                       zero=3, recompute="full", dtype="fp8", fp8_recipe="rowwise",
+                                       fp8_saved_dtype="bf16")).args)
     assert f["--config"] == "llama3_405b"
 
 
@@ -389,7 +390,8 @@ def test_torchtitan_0_2_moe_and_float8_toml():
     assert par["expert_parallel_comm_backend"] == "deepep" and par["enable_async_tensor_parallel"] is True
     assert config["compile"]["enable"] is True
     fp8 = tomllib.loads(dict(export("torchtitan", job("llama-3-70b", version="0.2", hw=H100, dp=8, tp=8, sp=True,
-                                                      zero=3, dtype="fp8")).files)["torchtitan-job.toml"])
+                                                      zero=3, dtype="fp8", fp8_saved_dtype="bf16")).files)[
+        "torchtitan-job.toml"])
     assert fp8["model"]["converters"] == ["quantize.linear.float8"]
     assert fp8["quantize"]["linear"]["float8"] == {"recipe_name": "tensorwise", "filter_fqns": ["output"]}
     for section, keys in fp8.items():

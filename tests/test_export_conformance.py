@@ -89,7 +89,7 @@ TORCHTITAN_PLANS = [("llama-3-70b", 64, plan(zero=3, **{**knobs, "recompute": (
 ]
 # torchtitan 0.2 only: its float8 converter with tensorwise scaling, and DeepEP
 TORCHTITAN_0_2_PLANS = TORCHTITAN_PLANS + [
-    ("llama-3-70b", 64, plan(dp=8, tp=8, sp=True, zero=3, dtype="fp8")),
+    ("llama-3-70b", 64, plan(dp=8, tp=8, sp=True, zero=3, dtype="fp8", fp8_saved_dtype="bf16")),
     (QWEN3_MOE, 64, plan(dp=16, tp=4, sp=True, zero=3, ep=8, etp=4, moe_dispatcher="deepep")),
 ]
 MEGATRON_PLANS = [("llama-3-70b", 64, plan(zero=1, **knobs)) for knobs in LLAMA3_70B_LAYOUTS] + [

@@ -184,6 +184,33 @@ def test_dense_layer_activations_by_hand():
     assert layer_activation_bytes(replace(gated, gated_mlp=False), shard, "none") == common + plain_mlp
 
 
+def test_fp8_linears_keeping_fp8_inputs_by_hand():
+    # the dense layer above in FP8: Transformer Engine keeps the QKV and MLP inputs (8 tokens
+    # of 64) and the down projection's input (64 wide per device) at 1 byte instead of 2, and
+    # the out projection an FP8 copy of the attention output (2 heads of 16) beside flash's
+    gated = ModelSpec("d", 2, 64, 4, 4, 128, 100, 64)
+    bf16 = Shard(1, 8, tp=2, fp8="tensorwise", fp8_saved=False)
+    te = replace(bf16, fp8_saved=True)
+    assert layer_activation_bytes(gated, bf16, "none") == layer_activation_bytes(gated, Shard(1, 8, tp=2), "none")
+    assert layer_activation_bytes(gated, bf16, "none") - layer_activation_bytes(gated, te, "none") == (
+        2 * 8 * 64 + 8 * 64 - 8 * 2 * 16)
+    assert layer_activation_bytes(gated, te, "full") == layer_activation_bytes(gated, bf16, "full")
+
+
+def test_megatron_keeps_fp8_inputs_and_torchtitan_bf16():
+    from meshplan.simulator import rules
+    llama = ZOO["llama-3-8b"]
+    fp8 = Plan(global_batch=8, seq_len=4096, dp=8, zero=3, dtype="fp8")
+    torchao = replace(fp8, fp8_saved_dtype="bf16")
+    assert not rules.violations(rules.FRAMEWORKS["megatron"], fp8.fields(), llama)
+    assert [i[0] for i in rules.violations(rules.FRAMEWORKS["megatron"], torchao.fields(), llama)] == [
+        "plan.fp8_saved_dtype"]
+    assert "plan.fp8_saved_dtype" in [i[0] for i in rules.violations(rules.FRAMEWORKS["torchtitan 0.2"],
+                                                                       fp8.fields(), llama)]
+    hw, cluster = load_profile("h100-80gb"), Cluster(8, 8)
+    assert simulate(llama, fp8, cluster, hw).peak_memory_bytes < simulate(llama, torchao, cluster, hw).peak_memory_bytes
+
+
 def test_sandwich_norms_keep_two_more_inputs():
     gemma = load_model(str(CONFIGS / "gemma2-9b.json"))
     plain = replace(gemma, sandwich_norm=False)

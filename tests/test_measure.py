@@ -130,5 +130,3 @@ def test_torchrun_collectives_two_ranks():
     assert set(df["group_size"]) == {2} and set(df["ranks_per_node"]) == {2}
     assert df["time_s"].gt(0).all() and df["repeats"].ge(3).all()
     assert set(df["message_bytes"]) == {KIB, 4 * MIB}  # both divide evenly over 2 ranks
-    ar = df[df["collective"] == "all_reduce"].set_index("message_bytes")["time_s"]
-    assert ar[4 * MIB] > ar[KIB]

@@ -92,7 +92,7 @@ def train_job(model: ModelSpec, result: SimulationResult, hw: HardwareProfile,
 
 # What a target runs whatever the plan says: a search for it prices that unless the user
 # fixed the field (then the target's rules refuse what it cannot run).
-DICTATED = {"deepspeed": {"mlp_kernel": "eager"}}
+DICTATED = {"deepspeed": {"mlp_kernel": "eager"}, "torchtitan": {"fp8_saved_dtype": "bf16"}}
 
 
 def rule_set(target: str, version: str | None = None) -> str:
@@ -115,7 +115,8 @@ def _fields(table: pd.DataFrame) -> SimpleNamespace:
                 placement=table["placement"].map(",".join).to_numpy(),
                 **{k: table.attrs[k] for k in ("attention", "dtype", "layer_partition", "global_batch",
                                                  "seq_len", "grad_reduce_dtype", "moe_capacity_factor",
-                                                 "fp8_recipe", "moe_dispatcher", "mlp_kernel")})
+                                                 "fp8_recipe", "moe_dispatcher", "mlp_kernel",
+                                                 "fp8_saved_dtype")})
     return SimpleNamespace(**cols)
 
 
