@@ -33,7 +33,9 @@ class ActivationMeter:
     drops its storage from the live set; storages are deduplicated, and the bytes of the
     live set are re-read at each save, so storages resized to zero (FSDP2 freeing gathered
     weights after forward) stop counting. Parameters' own storages are excluded (counted
-    as parameters). Tensors recomputed under activation checkpointing are not seen."""
+    as parameters). Tensors recomputed under activation checkpointing are not seen, nor the
+    outputs per-op recompute keeps (its policy caches them outside autograd's saved tensors),
+    so on CPU the memory of a plan with recompute op is undercounted."""
 
     def __init__(self, excluded: set[int]):
         self.excluded = excluded

@@ -272,7 +272,10 @@ def shard_times(model: ModelSpec, hw: HardwareProfile, shards: list[Shard], dtyp
     moe = moe_layer_share(model)
     host = np.array([hw.overhead.training_layer_s(s.tp, s.sp, moe) for s in shards],
                     dtype=float).reshape(-1, 2)
-    layer = replace(layer, fwd_s=layer.fwd_s + host[:, 0], bwd_input_s=layer.bwd_input_s + host[:, 1])
+    # per-op recompute re-runs the layer's forward, the kept ops answered from the cache:
+    # the host work is the whole forward's
+    layer = replace(layer, fwd_s=layer.fwd_s + host[:, 0], bwd_input_s=layer.bwd_input_s + host[:, 1],
+                    sac_redo_s=layer.sac_redo_s + host[:, 0])
     split = [tuple(changed(op, m=max(op.m // s.tp, 1), flops=op.flops / s.tp)
                    for op in ops if op.kind == GEMM and op.weight) for ops, s in zip(op_lists, shards)]
     pieces = op_times(split, hw, dtype)
@@ -359,8 +362,8 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     recompute. Selective recompute redoes the attention core where it was kept (Korthikanti
     et al. 2022 sec 4.3; nothing to redo under fused attention); full recompute redoes the
     whole forward, its TP communication too; per-op selective AC (torchtitan) redoes what
-    ops.op_sac marks, and the TP collectives whose outputs it does not save. TP overlap (Megatron-LM --tp-comm-overlap,
-    torchtitan async TP) splits each TP collective and its weight GEMMs into tp pieces run
+    ops.op_sac marks, and the TP collectives whose outputs it does not save. TP overlap
+    (Megatron-LM --tp-comm-overlap, torchtitan async TP) splits each TP collective and its weight GEMMs into tp pieces run
     as a pipeline: one piece of the communication stays exposed, the rest hides behind the
     GEMMs at the cost of the smaller GEMMs and the contention. CP's ring exchange hides
     behind the attention of the current chunk (Liu et al. 2023 sec 3; the backward has 2x
