@@ -93,7 +93,9 @@ def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str
                     bool(r["sp"][i]), d, attention == "flash", int(r["ep"][i]), int(r["etp"][i]),
                     capacity, fp8_recipe if dtype == "fp8" else None,
                     fused_mlp=mlp_kernel == "fused", fp8_saved=fp8_saved_dtype == "fp8") for i in first]
-    act = np.array([[layer_activation_bytes(model, s, k) for k in RECOMPUTE] for s in shards])
+    used = set(np.unique(r["rc"]).tolist()) | {NONE}  # the recompute settings the rows hold
+    act = np.array([[layer_activation_bytes(model, s, k) if i in used else np.nan
+                     for i, k in enumerate(RECOMPUTE)] for s in shards])
     r.update(shard_id=shard_id, shards=shards, d=d, dtype=dtype, flash=attention == "flash",
              capacity=capacity, dispatcher=dispatcher, dps=r["dp"] * r["cp"],
              edp=r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
