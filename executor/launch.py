@@ -79,7 +79,8 @@ def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOpti
     if options.data is not None:
         check_token_file(options.data, plan.seq_len, model.vocab_size, plan.global_batch)
     hw = load_profile(options.profile)
-    plan = dataclasses.replace(plan, mlp_kernel="eager")  # model.py's MLPs: one torch op each
+    # model.py's MLPs run one torch op each; ZeRO-1 is DDP + ZeroRedundancyOptimizer
+    plan = dataclasses.replace(plan, mlp_kernel="eager", zero1_sync="all_reduce")
     if plan.pp > 1 and plan.layer_partition is None:
         plan = dataclasses.replace(plan, layer_partition=pipeline_partition(model, plan, cluster, hw))
     ran = dataclasses.replace(plan, dtype=compute_dtype(plan.dtype, device_type()))

@@ -23,7 +23,7 @@ from meshplan.simulator.cost import NONE, OP, per_rank_profile
 from meshplan.simulator.memory import memory_reserve_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.partition import balanced_shape
-from meshplan.simulator.plan import SCHEDULES
+from meshplan.simulator.plan import PLAN_WIDE, SCHEDULES
 from meshplan.simulator.schedule import in_flight
 
 GPIPE, ONE_F_ONE_B, INTERLEAVED, ZB_H1 = (SCHEDULES.index(s)
@@ -56,9 +56,7 @@ def table_rows(table: pd.DataFrame, model: ModelSpec) -> dict:
                  rc=table["recompute"].cat.codes.to_numpy(np.int64),
                  sched=np.where(knobs["pp"] == 1, ONE_F_ONE_B,
                                 table["schedule"].cat.codes.to_numpy()))
-    return step.rows(model, knobs, a["seq_len"], a["dtype"], a["attention"], a["grad_reduce_dtype"],
-                     a["moe_capacity_factor"], a["fp8_recipe"], a["moe_dispatcher"], a["mlp_kernel"],
-                     a["fp8_saved_dtype"])
+    return step.rows(model, knobs, {k: a[k] for k in PLAN_WIDE})
 
 
 def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):

@@ -12,6 +12,7 @@ Knobs the user fixed take only their fixed value.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from types import SimpleNamespace
@@ -25,9 +26,8 @@ from meshplan.hw_profiles.fabric import Fabric, training_groups
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.step import group_ids
-from meshplan.simulator.plan import (ATTENTION, DTYPES, FP8_RECIPES, FP8_SAVED, MLP_KERNELS, MOE_DISPATCHERS,
-                                     RECOMPUTE, SCHEDULES, Cluster, Plan, complete_fields,
-                                     expert_order)
+from meshplan.simulator.plan import (ATTENTION, DTYPES, PLAN_WIDE, RECOMPUTE, SCHEDULES, Cluster, Plan,
+                                     complete_fields, expert_order)
 
 # Rank orders tried, innermost first: Megatron-LM's default (tp-cp-dp-pp), its
 # --use-tp-pp-dp-mapping (tp-cp-pp-dp), data parallel inside context parallel, data parallel
@@ -261,14 +261,10 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     if table.empty:
         raise _why_empty(model, cluster, fixed)
     table = table.reset_index(drop=True)
-    table.attrs.update(global_batch=gb, seq_len=seq, dtype=fixed.get("dtype", DTYPES[1]),
-                       attention=fixed.get("attention", ATTENTION[0]),
-                       mlp_kernel=fixed.get("mlp_kernel", MLP_KERNELS[0]),
-                       fp8_saved_dtype=fixed.get("fp8_saved_dtype", FP8_SAVED[0]),
-                       grad_reduce_dtype=fixed.get("grad_reduce_dtype", "fp32"),
-                       moe_capacity_factor=float(fixed.get("moe_capacity_factor", 1.0)),
-                       fp8_recipe=fixed.get("fp8_recipe", FP8_RECIPES[0]),
-                       moe_dispatcher=fixed.get("moe_dispatcher", MOE_DISPATCHERS[0]),
+    defaults = {f.name: f.default for f in dataclasses.fields(Plan)}
+    table.attrs.update({k: fixed.get(k, defaults[k]) for k in PLAN_WIDE if k != "seq_len"},
+                       global_batch=gb, seq_len=seq,
+                       moe_capacity_factor=float(fixed.get("moe_capacity_factor", defaults["moe_capacity_factor"])),
                        layer_partition=tuple(partition) if partition is not None else None)
     return table
 
@@ -277,18 +273,14 @@ def row_plan(table: pd.DataFrame, i: int) -> Plan:
     """The Plan of row i."""
     row = table.iloc[i]
     a = table.attrs
-    return Plan(global_batch=a["global_batch"], seq_len=a["seq_len"], dp=int(row.dp), tp=int(row.tp),
+    return Plan(global_batch=a["global_batch"], dp=int(row.dp), tp=int(row.tp),
                 pp=int(row.pp), cp=int(row.cp), sp=bool(row.sp), zero=int(row.zero),
                 recompute=str(row.recompute), micro_batch=int(row.micro_batch),
                 schedule=str(row.schedule), virtual_stages=int(row.virtual_stages),
-                layer_partition=a["layer_partition"], dtype=a["dtype"], attention=a["attention"],
-                mlp_kernel=a["mlp_kernel"], fp8_saved_dtype=a["fp8_saved_dtype"],
-                placement=tuple(row.placement), tp_overlap=bool(row.tp_overlap),
-                moe_a2a_overlap=bool(row.moe_a2a_overlap),
-                reshard_after_forward=bool(row.reshard_after_forward),
-                grad_reduce_dtype=a["grad_reduce_dtype"], ep=int(row.ep), etp=int(row.etp),
-                moe_capacity_factor=a["moe_capacity_factor"], fp8_recipe=a["fp8_recipe"],
-                moe_dispatcher=a["moe_dispatcher"])
+                layer_partition=a["layer_partition"], placement=tuple(row.placement),
+                tp_overlap=bool(row.tp_overlap), moe_a2a_overlap=bool(row.moe_a2a_overlap),
+                reshard_after_forward=bool(row.reshard_after_forward), ep=int(row.ep), etp=int(row.etp),
+                **{k: a[k] for k in PLAN_WIDE})
 
 
 def _why_empty(model: ModelSpec, cluster: Cluster, fixed: dict) -> PlanError:

@@ -43,6 +43,10 @@ MOE_DISPATCHERS = ("alltoall", "deepep")
 # (Transformer Engine's Linear saves its quantized input) or the bf16 input (torchao's
 # Float8Linear saves input_hp and casts again in backward)
 FP8_SAVED = ("fp8", "bf16")
+# ZeRO-1's gradient and weight sync: reduce-scatter the gradients and all-gather the updated
+# weights (Megatron-LM's distributed optimizer, DeepSpeed), or all-reduce the gradients and
+# broadcast each rank's updated shard (DDP with torch's ZeroRedundancyOptimizer)
+ZERO1_SYNCS = ("reduce_scatter", "all_reduce")
 EXPERT_AXES = rules.EXPERT_AXES
 
 
@@ -121,6 +125,9 @@ class Plan:
     fp8_saved_dtype: str = knob("fp8", "what FP8 linears keep of their input for backward: the FP8 "
                                 "copy (Transformer Engine, Megatron-LM) or bf16 (torchao, torchtitan)",
                                 choices=FP8_SAVED)
+    zero1_sync: str = knob("reduce_scatter", "ZeRO-1's sync: reduce-scatter gradients and all-gather "
+                           "weights (Megatron-LM's distributed optimizer), or all-reduce gradients and "
+                           "broadcast the updated shards (torch's ZeroRedundancyOptimizer)", choices=ZERO1_SYNCS)
     moe_dispatcher: str = knob("alltoall", "MoE token dispatch: NCCL all-to-all, or DeepEP (Megatron-LM "
                                "--moe-token-dispatcher-type flex --moe-enable-deepep)",
                                choices=MOE_DISPATCHERS)
@@ -205,6 +212,13 @@ POSITIVE_INTS = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch
                  "ep", "etp")
 
 
+
+# The fields a candidate table holds one value of for all its rows (planner/space.py's
+# table.attrs, with global_batch and layer_partition); step.rows reads them.
+PLAN_WIDE = ("seq_len", "dtype", "attention", "grad_reduce_dtype", "moe_capacity_factor", "fp8_recipe",
+             "moe_dispatcher", "mlp_kernel", "fp8_saved_dtype", "zero1_sync")
+
+
 def count_issue(scope: str, field: str, value) -> tuple[str, str, str] | None:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_COUNT:
         return (f"{scope}.{field}", f"must be a positive integer up to {MAX_COUNT}, got {value!r}",
@@ -218,7 +232,8 @@ def field_issues(values: dict) -> list[tuple[str, str, str]]:
     issues = [count_issue("plan", f, values[f]) for f in POSITIVE_INTS if values.get(f) is not None]
     choices = {"zero": (0, 1, 2, 3), "recompute": RECOMPUTE, "schedule": SCHEDULES, "dtype": DTYPES,
                "attention": ATTENTION, "grad_reduce_dtype": ("fp32", "bf16"), "fp8_recipe": FP8_RECIPES,
-               "moe_dispatcher": MOE_DISPATCHERS, "mlp_kernel": MLP_KERNELS, "fp8_saved_dtype": FP8_SAVED}
+               "moe_dispatcher": MOE_DISPATCHERS, "mlp_kernel": MLP_KERNELS, "fp8_saved_dtype": FP8_SAVED,
+               "zero1_sync": ZERO1_SYNCS}
     issues += [(f"plan.{f}", f"unknown {values[f]!r}", f"use one of {', '.join(map(str, options))}")
                for f, options in choices.items() if f in values
                if isinstance(values[f], (list, dict)) or values[f] not in options]

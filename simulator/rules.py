@@ -584,6 +584,9 @@ FRAMEWORKS = {
         _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "op",
               lambda x, m, c: "Megatron-LM recomputes whole layers or chosen modules, not torchtitan's "
               "per-op selection", "plan with recompute selective, full or none"),
+        _rule("plan.zero1_sync", "zero zero1_sync", lambda x, m, c: (x.zero != 1) | (x.zero1_sync == "reduce_scatter"),
+              lambda x, m, c: "Megatron-LM's distributed optimizer reduce-scatters gradients and all-gathers "
+              "the updated weights", "plan with zero1_sync reduce_scatter"),
         # Transformer Engine's Linear saves the quantized input it cast (module/linear.py)
         _rule("plan.fp8_saved_dtype", "dtype fp8_saved_dtype", lambda x, m, c: (x.dtype != "fp8") | (x.fp8_saved_dtype == "fp8"),
               lambda x, m, c: "Megatron-LM's FP8 linears (Transformer Engine) keep their input in FP8 for backward",
@@ -628,6 +631,10 @@ FRAMEWORKS = {
               "embeddings (PyTorch FSDP2 takes --torch-fsdp2-no-reshard-after-forward)"),
     ),
     "deepspeed": (
+        # zero_optimization.reduce_scatter (default true) with the partitioned weights all-gathered
+        _rule("plan.zero1_sync", "zero zero1_sync", lambda x, m, c: (x.zero != 1) | (x.zero1_sync == "reduce_scatter"),
+              lambda x, m, c: "DeepSpeed's ZeRO-1 reduce-scatters gradients and all-gathers the updated weights",
+              "plan with zero1_sync reduce_scatter"),
         _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "op",
               lambda x, m, c: "Megatron-DeepSpeed recomputes whole layers or the attention core, not "
               "torchtitan's per-op selection", "plan with recompute selective, full or none"),

@@ -74,30 +74,30 @@ def combo_ids(r: dict, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     return group_ids(key)
 
 
-def rows(model: ModelSpec, knobs: dict, seq_len: int, dtype: str, attention: str,
-         grad_dtype: str, capacity: float = 1.0, fp8_recipe: str = "tensorwise",
-         dispatcher: str = "alltoall", mlp_kernel: str = "fused", fp8_saved_dtype: str = "fp8") -> dict:
-    """Rows of plans from their knob arrays (KNOBS), with the memory terms that need no
-    timing: each row's shard, activation bytes per layer and parameters per layer (all, and
-    the routed experts'); `capacity`, `fp8_recipe` and `dispatcher` are the plan's
-    moe_capacity_factor, fp8_recipe, moe_dispatcher (and mlp_kernel, fp8_saved_dtype)."""
+def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
+    """Rows of plans from their knob arrays (KNOBS) and the fields all of them share (`wide`:
+    plan.PLAN_WIDE), with the memory terms that need no timing: each row's shard, activation
+    bytes per layer and parameters per layer (all, and the routed experts')."""
+    dtype, attention, capacity = wide["dtype"], wide["attention"], wide["moe_capacity_factor"]
     r = {k: np.asarray(knobs[k]) for k in KNOBS}
     r.update({k: np.broadcast_to(np.asarray(knobs.get(k, 1.0), dtype=float), r["tp"].shape)
               for k in SHARES})
     for flag in ("sp", "tp_overlap", "a2a_overlap", "reshard"):
         r[flag] = r[flag].astype(bool)
     d = DTYPE_BYTES[dtype]
-    r["gd"] = max(d, DTYPE_BYTES[grad_dtype])  # gradients are reduced and kept in this
+    r["gd"] = max(d, DTYPE_BYTES[wide["grad_reduce_dtype"]])  # gradients are reduced and kept in this
     shard_id, first = combo_ids(r, SHARD_KEYS)
-    shards = [Shard(int(r["micro_batch"][i]), seq_len, int(r["tp"][i]), int(r["cp"][i]),
+    shards = [Shard(int(r["micro_batch"][i]), wide["seq_len"], int(r["tp"][i]), int(r["cp"][i]),
                     bool(r["sp"][i]), d, attention == "flash", int(r["ep"][i]), int(r["etp"][i]),
-                    capacity, fp8_recipe if dtype == "fp8" else None,
-                    fused_mlp=mlp_kernel == "fused", fp8_saved=fp8_saved_dtype == "fp8") for i in first]
+                    capacity, wide["fp8_recipe"] if dtype == "fp8" else None,
+                    fused_mlp=wide["mlp_kernel"] == "fused", fp8_saved=wide["fp8_saved_dtype"] == "fp8")
+              for i in first]
     used = set(np.unique(r["rc"]).tolist()) | {NONE}  # the recompute settings the rows hold
     act = np.array([[layer_activation_bytes(model, s, k) if i in used else np.nan
                      for i, k in enumerate(RECOMPUTE)] for s in shards])
     r.update(shard_id=shard_id, shards=shards, d=d, dtype=dtype, flash=attention == "flash",
-             capacity=capacity, dispatcher=dispatcher, dps=r["dp"] * r["cp"],
+             capacity=capacity, dispatcher=wide["moe_dispatcher"], zero1_all_reduce=wide["zero1_sync"] == "all_reduce",
+             dps=r["dp"] * r["cp"],
              edp=r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
              act=act[shard_id, r["rc"]], act_none=act[shard_id, NONE],
              tokens=np.array([s.tokens for s in shards], dtype=float)[shard_id],
@@ -278,7 +278,8 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     backward (PyTorch DDP, Li et al. 2020: each bucket hides behind the next layer's
     backward, slowing it by the contention; the last one is exposed), sharing the NIC with
     the ring-attention exchange when both cross nodes; the ZeRO-1/2 all-gather of the
-    updated weights (Rajbhandari et al. 2020 sec 5.2), overlapped with the next forward;
+    updated weights (Rajbhandari et al. 2020 sec 5.2; ZeRO-1 by all-reduce broadcasts them
+    instead, plan.zero1_sync), overlapped with the next forward;
     Megatron-LM's all-reduce of a tied
     embedding's gradient between the first and last stage; then the Adam step over this
     rank's share of the parameters."""
@@ -289,7 +290,10 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     def per_layer_s(kind: str, bytes_per_param):
         """dp_collective_s of one layer's share of the gradients or weights."""
         return dp_collective_s(hw, kind, r, *(part * bytes_per_param / np.maximum(n, 1) for part in parts), c)
-    bucket = np.where(c(z == 0), per_layer_s("all_reduce", r["gd"]), per_layer_s("reduce_scatter", r["gd"]))
+    # ZeRO-1 by all-reduce (plan.zero1_sync): DDP's all-reduce, then each rank broadcasts the
+    # weights it updated (torch's ZeroRedundancyOptimizer)
+    by_all_reduce = (z == 0) | ((z == 1) & r["zero1_all_reduce"])
+    bucket = np.where(c(by_all_reduce), per_layer_s("all_reduce", r["gd"]), per_layer_s("reduce_scatter", r["gd"]))
     both_cross = (rpn < dps) & (r["cp_rpn"] < r["cp"])
     bucket = bucket + c(np.where(both_cross, r["l_cp_bwd_raw"], 0.0)) * (bucket > 0)
     exposed, slowed = overlap_split(bucket, c(r["l_bwd"]), hw)
@@ -298,6 +302,8 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     # the updated weights of ZeRO-1/2 are gathered bucket by bucket behind the next step's
     # forward (Megatron-LM --overlap-param-gather), the first bucket exposed
     gather = c(np.isin(z, (1, 2))) * per_layer_s("all_gather", r["d"])
+    if r["zero1_all_reduce"]:
+        gather = np.where(c(z == 1), per_layer_s("broadcast", r["d"]), gather)
     gather_exposed, gather_slowed = overlap_split(gather, c(r["l_fwd_compute"]), hw)
     dp = dp + np.where(n > 0, gather + (n - 1) * gather_exposed, 0.0)
     contention = contention + np.where(n > 0, (n - 1) * gather_slowed, 0.0)

@@ -23,7 +23,7 @@ from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import model_flops_per_step
 from meshplan.simulator.partition import balanced_partition, rank_chunks
 from meshplan.simulator.pipeline_sim import PipelineResult, simulate_pipeline
-from meshplan.simulator.plan import EXPERT_AXES, RECOMPUTE, Cluster, Plan
+from meshplan.simulator.plan import EXPERT_AXES, PLAN_WIDE, RECOMPUTE, Cluster, Plan
 from meshplan.simulator.rules import HARDWARE, violations
 from meshplan.core.errors import PlanError
 from meshplan.simulator.schedule import in_flight, stage_op_tuples, warmup_ops
@@ -115,9 +115,8 @@ def plan_rows(model: ModelSpec, plan: Plan, cluster: Cluster, hw: HardwareProfil
              **{f"{k}_rpn": g.ranks_per_node for k, g in groups.items()},
              **{f"{k}_share": g.link_share for k, g in groups.items()},
              "ep": plan.ep, "etp": plan.etp, **expert_rpn(experts)}
-    r = step.rows(model, {k: np.array([v]) for k, v in knobs.items()}, plan.seq_len, plan.dtype,
-                  plan.attention, plan.grad_reduce_dtype, plan.moe_capacity_factor, plan.fp8_recipe,
-                  plan.moe_dispatcher, plan.mlp_kernel, plan.fp8_saved_dtype)
+    r = step.rows(model, {k: np.array([v]) for k, v in knobs.items()},
+                  {k: getattr(plan, k) for k in PLAN_WIDE})
     return step.add_times(r, model, hw)
 
 

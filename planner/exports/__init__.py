@@ -34,7 +34,7 @@ from meshplan.planner.exports.checkpoint import Checkpoint
 from meshplan.planner.launch_scripts import Launch
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.plan import Plan
+from meshplan.simulator.plan import PLAN_WIDE, Plan
 from meshplan.simulator.train import SimulationResult, pipeline_partition
 
 TARGETS = tuple(name for name in rules.FRAMEWORKS if " " not in name)
@@ -113,10 +113,7 @@ def _fields(table: pd.DataFrame) -> SimpleNamespace:
     cols = {c: table[c].to_numpy() for c in table.columns}
     cols.update(schedule=table["schedule"].astype(str).to_numpy(),
                 placement=table["placement"].map(",".join).to_numpy(),
-                **{k: table.attrs[k] for k in ("attention", "dtype", "layer_partition", "global_batch",
-                                                 "seq_len", "grad_reduce_dtype", "moe_capacity_factor",
-                                                 "fp8_recipe", "moe_dispatcher", "mlp_kernel",
-                                                 "fp8_saved_dtype")})
+                **{k: table.attrs[k] for k in PLAN_WIDE + ("layer_partition", "global_batch")})
     return SimpleNamespace(**cols)
 
 
