@@ -230,10 +230,7 @@ def field_issues(values: dict) -> list[tuple[str, str, str]]:
     """The range and choice problems of whichever plan fields `values` holds (a whole plan,
     or the knobs a user fixed before a search), each as (field, problem, fix)."""
     issues = [count_issue("plan", f, values[f]) for f in POSITIVE_INTS if values.get(f) is not None]
-    choices = {"zero": (0, 1, 2, 3), "recompute": RECOMPUTE, "schedule": SCHEDULES, "dtype": DTYPES,
-               "attention": ATTENTION, "grad_reduce_dtype": ("fp32", "bf16"), "fp8_recipe": FP8_RECIPES,
-               "moe_dispatcher": MOE_DISPATCHERS, "mlp_kernel": MLP_KERNELS, "fp8_saved_dtype": FP8_SAVED,
-               "zero1_sync": ZERO1_SYNCS}
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(Plan) if f.metadata.get("choices")}
     issues += [(f"plan.{f}", f"unknown {values[f]!r}", f"use one of {', '.join(map(str, options))}")
                for f, options in choices.items() if f in values
                if isinstance(values[f], (list, dict)) or values[f] not in options]
