@@ -70,9 +70,10 @@ class RunFailed(Exception):
 
 def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOptions) -> Plan:
     """The plan as it will run (pipeline partition filled in: the split `simulate` prices
-    it with; eager MLP kernels), or one PlanError naming everything that makes it illegal
-    (rules.TRAINING), that this executor cannot run (rules.EXECUTOR_TRAINING, the options, this machine), that
-    would not fit in memory, or that does not fit the token file or checkpoint folder."""
+    it with; eager MLP kernels; ZeRO-1 by all-reduce), or one PlanError naming everything
+    that makes it illegal (rules.TRAINING), that this executor cannot run
+    (rules.EXECUTOR_TRAINING, the options, this machine), that would not fit in memory, or
+    that does not fit the token file or checkpoint folder."""
     plan.validate(model, cluster)
     issues = rules.violations(rules.EXECUTOR_TRAINING, plan.fields(), model, cluster)
     refuse(issues + launch_issues(plan.world_size, options) + options.issues())
