@@ -1,6 +1,6 @@
 """Predicted against measured for the published training runs in benchmarks/published/.
 
-    python benchmarks/published.py [--json out.json]
+    python benchmarks/published.py [--json out.json] [--write] [--fit-stragglers]
 
 Prints one line per row (measured and predicted step time, the error, memory where the
 source publishes it, and which half the row is in), then the median and max |error| of the
@@ -19,7 +19,8 @@ import numpy as np
 from meshplan.core.errors import MeshplanError
 from meshplan.core.io import write_json
 from meshplan.hw_profiles.accuracy import END_TO_END
-from meshplan.validation.published import load_runs, predict, profile_for
+from meshplan.validation.published import (fit_straggler_spread, load_runs, predict, profile_for,
+                                             scaling_pairs)
 
 
 def main(argv=None) -> int:
@@ -28,7 +29,17 @@ def main(argv=None) -> int:
     parser.add_argument("--write", action="store_true",
                         help="record the fit and held-out figures in hw_profiles/data/end_to_end.json, "
                              "which explanations print beside the error band")
+    parser.add_argument("--fit-stragglers", action="store_true",
+                        help="fit the straggler spread of the stock profiles (calibration/build_stock.py "
+                             "STRAGGLERS) on the fit half's weak-scaling pairs, print it and stop")
     args = parser.parse_args(argv)
+    if args.fit_stragglers:
+        spread, pairs = fit_straggler_spread(scaling_pairs(load_runs()))
+        for small, large, error, sensitivity in pairs:
+            print(f"{small:34s} -> {large:34s} log-error difference {error:+.4f}, sensitivity difference "
+                  f"{sensitivity:+.3f}")
+        print(f"straggler spread: {spread:.4f} (least squares over {len(pairs)} fit-half pairs)")
+        return 0
     rows, skipped = [], []
     for run in load_runs():
         if run.not_modelled:

@@ -34,6 +34,13 @@ INTER_LATENCY = ("inter-node alpha 20 us: NVIDIA/nccl-tests#150, all_reduce_perf
 CONTENTION = {"compute_slowdown": 0.189, "source": "arXiv 2507.03114 (2025) sec. 5: compute "
               "slows 18.9% on average (max 40.0%) while NCCL collectives overlap it, measured "
               "on 4x A100 and 4x H100 over GPT and Llama layers"}
+# Each layer of a ZeRO-3 group waits for its slowest rank (HardwareProfile.stragglers): the
+# spread fitted by `python benchmarks/published.py --fit-stragglers` (least squares over the
+# fit half's weak-scaling pairs: torchtitan Llama 3.1 8B FSDP 8 -> 128 H100, MPT-7B 8 -> 512
+# and MPT-70B 64 -> 512 H100 of llm-foundry's benchmark table).
+STRAGGLERS = {"spread": 0.0474, "source": "benchmarks/published.py --fit-stragglers: per-layer time "
+              "spread fitted on 3 weak-scaling pairs of published FSDP runs (8 to 512 H100; the fit "
+              "half of benchmarks/published/training.csv)"}
 SUPERPOD_H100 = ("NVIDIA DGX SuperPOD reference architecture, DGX H100 (RA-11333-001; docs.nvidia.com/"
                  "dgx-superpod/reference-architecture-scalable-infrastructure-h100, Network Fabrics): "
                  "compute fabric rail-aligned in scalable units of 32 nodes, traffic per rail one hop "
@@ -217,6 +224,7 @@ def build(data_dir: Path, out_dir: Path, inter_node: str = "dgx") -> dict[str, H
         profile = fit_profile(samples, spec["base"], fabric=spec["fabric"]) if inter_node == "dgx" else vidur
         checks = published_checks(profile, spec["published"], vidur)
         profile = HardwareProfile.from_dict({**profile.to_dict(), "contention": CONTENTION,
+                                             "stragglers": STRAGGLERS,
                                              "fabric": spec["network"],
                                              "extra": {**profile.extra, "published_checks": checks}})
         if name in FP8:

@@ -7,6 +7,9 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
 
 from meshplan.hw_profiles import collective_model, gemm_model
 from meshplan.hw_profiles.collective_model import CollectiveFit, Curve, Line
@@ -85,6 +88,25 @@ class Contention:
 
 
 @dataclass(frozen=True)
+class Stragglers:
+    """How far the slowest of a group of devices that synchronise every layer runs behind
+    the mean: each device's time for a layer varies with relative standard deviation
+    `spread` (devices of one SKU differ by 8% on average, up to 22%, in a fleet: Sinha et al.
+    2022, arXiv 2208.11035), and the group waits for the slowest, E[max of n standard
+    normals] standard deviations behind (Blom 1958's approximation of the expected order
+    statistic). Zero: not fitted (profiles measured on one machine)."""
+
+    spread: float = 0.0
+    source: str = "not fitted"
+
+    def wait_share(self, ranks):
+        """The slowest of `ranks` devices' lag, as a share of a layer's time; numpy-vectorised."""
+        sizes, at = np.unique(np.asarray(ranks, dtype=float), return_inverse=True)
+        z = [NormalDist().inv_cdf((n - 0.375) / (n + 0.25)) if n > 1 else 0.0 for n in sizes]
+        return (self.spread * np.asarray(z))[at].reshape(np.shape(ranks))
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     """A device type in its node. SI units: bytes, seconds, FLOP/s, bytes/s."""
 
@@ -105,6 +127,7 @@ class HardwareProfile:
     extra: dict = field(default_factory=dict)
     overhead: FrameworkOverhead = FrameworkOverhead()
     contention: Contention = Contention()
+    stragglers: Stragglers = Stragglers()
     # How the NICs are switched (hw_profiles/fabric.py). None (no "fabric" in the JSON): not
     # described, every group gets the inter-node bandwidth as measured (link share 1.0).
     fabric: Fabric | None = None
@@ -210,6 +233,7 @@ class HardwareProfile:
             "extra": json.loads(json.dumps(self.extra)),
             "overhead": asdict(self.overhead),
             "contention": asdict(self.contention),
+            "stragglers": asdict(self.stragglers),
             **({"fabric": self.fabric.to_dict()} if self.fabric else {}),
         }
 
@@ -239,6 +263,7 @@ class HardwareProfile:
             fit_report=r.fit_report(r.get(data, "fit_report", dict)), extra=r.get(data, "extra", dict),
             overhead=r.overhead(data.get("overhead", {})),
             contention=r.contention(data.get("contention", {})),
+            stragglers=r.stragglers(data.get("stragglers", {})),
             fabric=Fabric.from_dict(data["fabric"], where) if data.get("fabric") is not None
             else None)
 
@@ -329,6 +354,21 @@ class _Reader:
             raise ProfileError("contention.compute_slowdown", f"is {slowdown} in {self.where}, "
                                "expected a fraction below 1", REGENERATE)
         return Contention(slowdown, self.get(data, "source", str, "contention."))
+
+    def stragglers(self, data) -> Stragglers:
+        """Optional section (profiles without it: no straggler wait)."""
+        if not isinstance(data, dict):
+            raise ProfileError("stragglers", f"is not an object in {self.where}", REGENERATE)
+        unknown = sorted(set(data) - {"spread", "source"})
+        if unknown:
+            raise ProfileError(f"stragglers.{unknown[0]}", f"is unknown in {self.where}", REGENERATE)
+        if not data:
+            return Stragglers()
+        spread = self.number(data, "spread", "stragglers.")
+        if not 0 <= spread < 1:
+            raise ProfileError("stragglers.spread", f"is {spread} in {self.where}, "
+                               "expected a fraction in [0, 1)", REGENERATE)
+        return Stragglers(spread, self.get(data, "source", str, "stragglers."))
 
     def overhead(self, data) -> FrameworkOverhead:
         """Optional section (profiles measured before it existed have none: zeros)."""

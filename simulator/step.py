@@ -119,8 +119,8 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     (l_fwd_compute, l_bwd_in, l_bwd_w, l_recompute, l_tp, l_cp), the same in an all-to-all
     overlap pair (l_fwd_pair, l_bwd_pair, with their exposed exchange l_ep_pair_* and the
     contention l_contention_pair_*), the embedding and head
-    blocks, the ZeRO-3 gather `ag` with the exposed part of each further gather (xf, xb),
-    and the pipeline hop."""
+    blocks, the ZeRO-3 gather `ag` with the exposed part of each further gather (xf, xb)
+    and the wait for the group's straggler at each (sync_f, sync_b), and the pipeline hop."""
     r = dict(r)
     shard_id, sfirst = group_ids(r["shard_id"])
     st = shard_times(model, hw, [r["shards"][i] for i in r["shard_id"][sfirst]], r["dtype"])
@@ -163,6 +163,12 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
                                      ((r["per_layer"] - r["per_layer_expert"]) * r["d"])[zero3],
                                      (r["per_layer_expert"] * r["d"])[zero3])
     r["agb"] = np.where(r["reshard"], r["ag"], 0.0)
+    # Each of those gathers is a barrier of the DP x CP group: it completes when the slowest
+    # rank reaches it, so every layer waits out the group's straggler (HardwareProfile.
+    # stragglers). DDP and ZeRO-1/2 meet once per step, where a rank's lag is averaged over
+    # all its layers and micro-batches (spread / sqrt(their number)): not counted.
+    wait = np.where(zero3, hw.stragglers.wait_share(r["dps"]), 0.0)
+    r["sync_f"], r["sync_b"] = wait * r["l_fwd"], np.where(r["reshard"], wait * r["l_bwd"], 0.0)
     r["xf"], r["cf"] = overlap_split(r["ag"], r["l_fwd_compute"], hw)
     r["xb"], r["cb"] = overlap_split(r["agb"], r["l_bwd_in"], hw)
     p2p_bytes = r["tokens"] * model.hidden_size * r["d"] / np.where(r["sp"], r["tp"], 1)
@@ -202,15 +208,16 @@ def chunk_s(r: dict, n, chunks, first, last, paired: bool = False) -> tuple[np.n
     """(forward, whole backward, weight-gradient part) of one micro-batch through `chunks`
     model chunks holding `n` layers in all, with the embedding (`first`) and the LM head
     (`last`): each chunk's first ZeRO-3 gather is exposed, the others hide behind compute
-    (cost.overlap_split, summed over the chunks). `paired`: the forward and backward as they
+    (cost.overlap_split, summed over the chunks), and each layer waits for the ZeRO-3
+    group's straggler (sync_f, sync_b). `paired`: the forward and backward as they
     run in a combined F, B pair of the all-to-all overlap (the same where it is off).
     (rows, k) arrays."""
     c = _col
     hidden_f, hidden_b = r["xf"] + r["cf"], r["xb"] + r["cb"]
     layer_f, layer_b = (r["l_fwd_pair"], r["l_bwd_pair"]) if paired else (r["l_fwd"], r["l_bwd"])
-    fwd = (n * c(layer_f + hidden_f) + chunks * c(r["ag"] - hidden_f) + first * c(r["emb_fwd"])
+    fwd = (n * c(layer_f + hidden_f + r["sync_f"]) + chunks * c(r["ag"] - hidden_f) + first * c(r["emb_fwd"])
            + last * c(r["head_fwd"]))
-    bwd = (n * c(layer_b + hidden_b) + chunks * c(r["agb"] - hidden_b) + first * c(r["emb_bwd"])
+    bwd = (n * c(layer_b + hidden_b + r["sync_b"]) + chunks * c(r["agb"] - hidden_b) + first * c(r["emb_bwd"])
            + last * c(r["head_bwd"]))
     wgrad = n * c(r["l_bwd_w"]) + first * c(r["emb_bwd_w"]) + last * c(r["head_bwd_w"])
     return fwd, bwd, wgrad

@@ -32,7 +32,7 @@ MFU_DEFINITION = ("model FLOPs per step (3 x the forward GEMM FLOPs, attention i
                   "not counted; Chowdhery et al. 2022 app. B) / (step time x GPUs x the dtype's "
                   "dense peak FLOP/s)")
 BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_comm", "dp_comm",
-                  "contention", "bubble", "optimizer")
+                  "contention", "stragglers", "bubble", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,8 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
                tail: step.Tail, paired: np.ndarray) -> tuple[dict, int]:
     """Where the step time goes on the critical stage (the one that finishes last), and
     which stage that is; the terms add up to the step time. `contention` is compute slowed
-    by the communication that overlaps it (HardwareProfile.contention); `paired`: per rank,
+    by the communication that overlaps it (HardwareProfile.contention), `stragglers` the
+    ZeRO-3 group's wait for its slowest rank at each gather (HardwareProfile.stragglers); `paired`: per rank,
     the forward and backward layers run in all-to-all overlap pairs (_paired_layers)."""
     p, v = chunks.shape
     dp_exposed, dp_contention, opt_s = tail.dp_exposed_s[0], tail.contention_s[0], tail.optimizer_s[0]
@@ -242,12 +243,13 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
     busy = float(pipe.stage_busy_s[s])
     pp_comm = max(0.0, pipe.step_time_s - no_p2p.step_time_s)
     other = pipe.step_time_s - tails[s] - busy
+    stragglers = m * n * (x["sync_f"] + x["sync_b"])
     # ZeRO-3 gathers ride inside the op durations: count them as data-parallel communication.
-    zero3_s = max(0.0, busy - compute - recompute - tp_comm - cp_comm - ep_comm - contention)
+    zero3_s = max(0.0, busy - compute - recompute - tp_comm - cp_comm - ep_comm - contention - stragglers)
     return {"compute": compute, "recompute": recompute, "tp_comm": tp_comm, "cp_comm": cp_comm,
             "ep_comm": ep_comm,
             "pp_comm": min(pp_comm, max(other, 0.0)), "dp_comm": float(dp_exposed[s]) + zero3_s,
-            "contention": contention + float(dp_contention[s]),
+            "contention": contention + float(dp_contention[s]), "stragglers": stragglers,
             "bubble": float(max(0.0, other - pp_comm)), "optimizer": float(opt_s[s])}, s
 
 
@@ -283,4 +285,6 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
         "dp": {"total_s": float(tail.dp_total_s[0, s]) + gathers, "exposed_s": breakdown["dp_comm"]},
         "overlap": {"overlaps_compute": hw.comm_overlaps_compute,
                     "compute_slowdown": hw.contention.compute_slowdown if hw.comm_overlaps_compute else 0.0,
-                    "contention_s": breakdown["contention"], "source": hw.contention.source}}
+                    "contention_s": breakdown["contention"], "source": hw.contention.source,
+                    "straggler_spread": hw.stragglers.spread, "stragglers_s": breakdown["stragglers"],
+                    "straggler_source": hw.stragglers.source}}

@@ -19,14 +19,16 @@ others.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
+from scipy.optimize import minimize_scalar
 
 from meshplan.core.errors import MeshplanError
-from meshplan.hw_profiles.profile import HardwareProfile, load_profile
+from meshplan.hw_profiles.profile import HardwareProfile, Stragglers, load_profile
 from meshplan.planner.search import search
 from meshplan.simulator.model_spec import ModelSpec, load_model
 from meshplan.simulator.ops import model_flops_per_step
@@ -75,6 +77,7 @@ class PublishedRun:
     measured_step_time_s: float | None
     measured_memory_bytes: float | None
     not_modelled: str
+    torch_compile: str = ""  # the CSV's torch_compile ("true", "false", "" unknown): not modelled
 
     @property
     def fit_half(self) -> bool:
@@ -164,7 +167,8 @@ def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
             measured = measured_step_time_s(row, model, profile_for(row["hardware"]))
         memory = _value(row, "measured_memory_gib")
         runs.append(PublishedRun(row["id"], row["source_id"], model, row["hardware"], cluster, fixed,
-                                 measured, memory * 2 ** 30 if memory else None, "; ".join(reasons)))
+                                 measured, memory * 2 ** 30 if memory else None, "; ".join(reasons),
+                                 _value(row, "torch_compile", str) or ""))
     return runs
 
 
@@ -186,3 +190,46 @@ def predict(run: PublishedRun, hw: HardwareProfile) -> SimulationResult:
     if not open_knobs:
         return simulate(run.model, Plan(**complete_fields(fixed, run.cluster.num_gpus)), run.cluster, hw)
     return search(run.model, run.cluster, hw, fixed, des=4).ranked[0]
+
+
+def scaling_pairs(runs: list[PublishedRun]) -> list[tuple[PublishedRun, PublishedRun]]:
+    """Pairs of modelled fit-half rows of one source that differ only in their GPU count
+    (and so in DP degree and global batch): weak-scaling measurements of one setup."""
+    groups: dict[tuple, list[PublishedRun]] = {}
+    for run in runs:
+        if run.fit_half and not run.not_modelled:
+            same = {k: v for k, v in run.fixed.items() if k not in ("dp", "global_batch")}
+            key = (run.source_id, run.model, run.hardware, run.torch_compile, tuple(sorted(same.items())))
+            groups.setdefault(key, []).append(run)
+    return [(a, b) for group in groups.values()
+            for a, b in itertools.combinations(sorted(group, key=lambda x: x.cluster.num_gpus), 2)
+            if a.cluster.num_gpus < b.cluster.num_gpus]
+
+
+def fit_straggler_spread(pairs: list[tuple[PublishedRun, PublishedRun]], probe: float = 0.01) -> tuple[float, list]:
+    """Least-squares HardwareProfile.stragglers.spread from weak-scaling pairs. A row's step
+    time at spread x is T0 (1 + x g) (the wait is linear in the spread; g simulated at
+    `probe`), so the larger run's log error log(measured / T0) less the smaller one's is
+    log((1 + x g_large) / (1 + x g_small)): fitted over the pairs, an error common to both
+    runs of a pair (the level of a source's runs) does not enter. Returns the spread and per
+    pair (smaller id, larger id, error difference, g difference)."""
+    rows, terms = [], []
+    for pair in pairs:
+        errors, sensitivity = [], []
+        try:
+            for run in pair:
+                hw = profile_for(run.hardware)
+                t0 = predict(run, replace(hw, stragglers=Stragglers(0.0))).step_time_s
+                t1 = predict(run, replace(hw, stragglers=Stragglers(probe))).step_time_s
+                errors.append(math.log(run.measured_step_time_s / t0))
+                sensitivity.append((t1 / t0 - 1) / probe)
+        except MeshplanError:  # a row meshplan refuses (benchmarks/published.py lists why)
+            continue
+        rows.append((pair[0].id, pair[1].id, errors[1] - errors[0], sensitivity[1] - sensitivity[0]))
+        terms.append((errors[1] - errors[0], *sensitivity))
+    if not terms:
+        return 0.0, rows
+
+    def loss(x: float) -> float:
+        return sum((e - math.log((1 + x * large) / (1 + x * small))) ** 2 for e, small, large in terms)
+    return float(minimize_scalar(loss, bounds=(0.0, 0.5), method="bounded").x), rows
