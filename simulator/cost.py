@@ -168,16 +168,16 @@ def tp_comm_s(model: ModelSpec, tokens, sp, dtype_bytes, hw: HardwareProfile, tp
     return np.where(sp, with_sp, 2.0 * collective_s(hw, "all_reduce", message, tp, tp_rpn, tp_share))
 
 
-def remote_nodes(model: ModelSpec, nodes) -> np.ndarray:
-    """Expected number of other nodes a token's experts_per_token distinct experts sit on,
-    the experts spread evenly over `nodes` nodes: each other node is missed with probability
-    C(E - E/N, k) / C(E, k) (hypergeometric: k experts drawn from E, none of the E/N)."""
+def groups_hit(model: ModelSpec, groups) -> np.ndarray:
+    """Expected number of `groups` (ranks, nodes) a token's experts_per_token distinct
+    experts sit on, the experts spread evenly over them: each is missed with probability
+    C(E - E/G, k) / C(E, k) (hypergeometric: k experts drawn from E, none of the E/G)."""
     e, k = model.num_experts, model.experts_per_token
-    nodes = np.asarray(nodes, dtype=float)
-    miss = np.ones_like(nodes)
+    groups = np.asarray(groups, dtype=float)
+    miss = np.ones_like(groups)
     for i in range(k):
-        miss = miss * np.maximum(e - e / nodes - i, 0.0) / (e - i)
-    return (nodes - 1.0) * (1.0 - miss)
+        miss = miss * np.maximum(e - e / groups - i, 0.0) / (e - i)
+    return groups * (1.0 - miss)
 
 
 def ep_comm_s(model: ModelSpec, in_tokens, dtype_bytes, capacity, hw: HardwareProfile, ep, ep_rpn,
@@ -188,10 +188,11 @@ def ep_comm_s(model: ModelSpec, in_tokens, dtype_bytes, capacity, hw: HardwarePr
     with expert TP the rows received gathered over ETP before the experts and
     reduce-scattered after; at ep 1 the tokens themselves are gathered (Megatron-Core's
     all-gather dispatcher). "alltoall": an NCCL all-to-all of every row (Megatron-Core's
-    alltoall dispatcher). "deepep": across nodes each token is sent once to each other node
-    its experts sit on, then forwarded over NVLink to the experts (DeepEP README, "normal
-    kernels": NVLink-to-RDMA forwarding; DeepSeek-V3 report sec 3.2.2), so the NICs carry
-    remote_nodes rows per token while NVLink carries all of them."""
+    alltoall dispatcher). "deepep": each token goes once to each rank its experts sit on
+    (DeepEP's dispatch layout, is_token_in_rank [tokens, ranks]; the rank expands it to its
+    local experts), and across nodes once to each other node, then on over NVLink (DeepEP
+    README, "normal kernels": NVLink-to-RDMA forwarding; DeepSeek-V3 report sec 3.2.2): the
+    NICs carry the remote nodes' rows per token, NVLink the ranks'."""
     row_bytes = model.hidden_size * dtype_bytes
     ep, ep_rpn = np.asarray(ep), np.asarray(ep_rpn)
     tokens = np.asarray(in_tokens, dtype=float) * capacity
@@ -200,12 +201,15 @@ def ep_comm_s(model: ModelSpec, in_tokens, dtype_bytes, capacity, hw: HardwarePr
     if dispatcher == "deepep":
         across = ep_rpn < ep
         nodes = np.where(across, ep / ep_rpn, 2)
-        # an all-to-all over EP whose NIC share is the deduplicated rows (the hierarchical
-        # all-to-all sends (n - r) / n of a rank's buffer off the node), beside NVLink's
-        nic = tokens * remote_nodes(model, nodes) * row_bytes * ep / np.where(across, ep - ep_rpn, 1)
-        deduplicated = np.maximum(collective_s(hw, "all_to_all", nic, ep, ep_rpn),
-                                  collective_s(hw, "all_to_all", rows * row_bytes, ep_rpn, ep_rpn))
-        a2a = np.where(across, deduplicated, a2a)
+        per_rank = tokens * groups_hit(model, ep) * row_bytes
+        # an all-to-all over EP whose NIC share is the rows to other nodes, one per node (the
+        # hierarchical all-to-all sends (n - r) / n of a rank's buffer off the node), beside
+        # NVLink's
+        remote = groups_hit(model, nodes) * (nodes - 1) / nodes
+        nic = tokens * remote * row_bytes * ep / np.where(across, ep - ep_rpn, 1)
+        a2a = np.where(across, np.maximum(collective_s(hw, "all_to_all", nic, ep, ep_rpn),
+                                          collective_s(hw, "all_to_all", per_rank, ep_rpn, ep_rpn)),
+                       collective_s(hw, "all_to_all", per_rank, ep, ep_rpn))
     gathered = np.where(ep > 1, rows, in_tokens) * etp * row_bytes
     return 2.0 * a2a + (collective_s(hw, "all_gather", gathered, etp, etp_rpn)
                         + collective_s(hw, "reduce_scatter", gathered, etp, etp_rpn))

@@ -11,7 +11,7 @@ from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Group
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.simulator import rules
-from meshplan.simulator.cost import _op_arrays, ep_comm_s, ep_counts_s, remote_nodes
+from meshplan.simulator.cost import _op_arrays, ep_comm_s, ep_counts_s, groups_hit
 from meshplan.simulator.memory import OPTIMIZER_BYTES_PER_PARAM, stage_params
 from meshplan.simulator.model_spec import ZOO, load_model
 from meshplan.simulator.ops import FP8_CAST_BYTES, GEMM, Shard, active_experts, layer_ops
@@ -110,14 +110,18 @@ def test_dispatch_counts_exchange_once_per_forward_by_hand():
         32 * 32 * (2 * 2 * a2a + H100.collective_time_s("all_to_all", 64, 8, 8)))
 
 
-def test_deepep_sends_each_token_once_per_remote_node():
-    # 8 experts over 2 nodes (4 each), top-2: the other node is missed with probability
+def test_deepep_sends_each_token_once_per_rank_and_per_remote_node():
+    # 8 experts over 2 groups (4 each), top-2: a group is missed with probability
     # C(4,2)/C(8,2) = 6/28
-    assert remote_nodes(MIXTRAL, 2) == pytest.approx(1 - 6 / 28)
-    assert remote_nodes(MIXTRAL, 1) == 0.0
-    # inside one node DeepEP and the all-to-all move the same rows
+    assert groups_hit(MIXTRAL, 2) == pytest.approx(2 * (1 - 6 / 28))
+    assert groups_hit(MIXTRAL, 1) == pytest.approx(1.0)
+    # one expert per rank: a token's 2 experts are 2 ranks, as many rows as the all-to-all's
     assert ep_comm_s(MIXTRAL, 4096, 2, 1.0, H100, 8, 8, 1, 1, "deepep") == pytest.approx(
         ep_comm_s(MIXTRAL, 4096, 2, 1.0, H100, 8, 8, 1, 1))
+    # two experts per rank (ep 4): 4 x (1 - C(6,2)/C(8,2)) = 13/7 ranks per token, not 2 rows
+    row = 4096 * MIXTRAL.hidden_size * 2
+    assert ep_comm_s(MIXTRAL, 4096, 2, 1.0, H100, 4, 4, 1, 1, "deepep") == pytest.approx(
+        2 * H100.collective_time_s("all_to_all", 13 / 7 * row, 4, 4))
     # across 2 nodes it puts 22/28 rows per token on the NICs instead of 2 x 1/2
     assert ep_comm_s(MIXTRAL, 4096, 2, 1.0, H100, 8, 4, 1, 1, "deepep") < ep_comm_s(
         MIXTRAL, 4096, 2, 1.0, H100, 8, 4, 1, 1)
