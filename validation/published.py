@@ -59,7 +59,8 @@ KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "ep": "ep", "etp": "etp
          "micro_batch": "micro_batch", "schedule": "schedule", "virtual_stages": "virtual_stages",
          "sp": "sp", "tp_overlap": "tp_overlap", "fsdp_reshard_after_forward": "reshard_after_forward",
          "moe_dispatcher": "moe_dispatcher", "moe_a2a_overlap": "moe_a2a_overlap",
-         "grad_reduce_dtype": "grad_reduce_dtype", "fp8_saved_dtype": "fp8_saved_dtype"}
+         "grad_reduce_dtype": "grad_reduce_dtype", "fp8_saved_dtype": "fp8_saved_dtype",
+         "attention": "attention"}
 FLAGS = ("sp", "tp_overlap", "reshard_after_forward", "moe_a2a_overlap")
 
 
@@ -100,7 +101,7 @@ def _fixed(row) -> dict:
         value = _value(row, column, str)
         if value is None:
             continue
-        if key in ("recompute", "schedule", "moe_dispatcher", "grad_reduce_dtype", "fp8_saved_dtype"):
+        if key in ("recompute", "schedule", "moe_dispatcher", "grad_reduce_dtype", "fp8_saved_dtype", "attention"):
             fixed[key] = value
         elif key in FLAGS:
             fixed[key] = value.lower() == "true"
