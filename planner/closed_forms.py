@@ -19,7 +19,7 @@ import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator import step
-from meshplan.simulator.cost import NONE, OP, per_rank_profile
+from meshplan.simulator.cost import NONE, NORM_ACT, OP, per_rank_profile
 from meshplan.simulator.memory import memory_reserve_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.partition import balanced_shape
@@ -250,9 +250,9 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     mem_id, mem_first = step.combo_ids(r, MEMORY_KEYS)
     peak, step_s = _memory_bound(_memory_rows(r, mem_first), model)[mem_id], np.full(len(table), np.nan)
     busy = np.full(len(table), np.nan)
-    # per-op recompute of a layout is never faster than none of it (it only adds recompute):
-    # with `keep`, its rows wait until none's exact memory is known, and are timed only
-    # where none does not fit
+    # per-op and norm_act recompute of a layout are never faster than none of it (they only
+    # add recompute) and keep less: with `keep`, their rows wait until none's exact memory
+    # is known, and are timed only where none does not fit
     twin = _none_twin(table, r["rc"]) if keep is not None else np.full(len(table), -1)
     waits = (twin >= 0) & (peak[np.maximum(twin, 0)] <= limit)
     out = (peak, step_s, busy)
@@ -264,15 +264,16 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
 
 
 def _none_twin(table: pd.DataFrame, rc: np.ndarray) -> np.ndarray:
-    """Per row with recompute op: the row of the same layout (space.py's layout column)
-    with recompute none, -1 where there is none (and for every other row)."""
+    """Per row with recompute op or norm_act: the row of the same layout (space.py's layout
+    column) with recompute none, -1 where there is none (and for every other row)."""
     twin = np.full(len(table), -1)
-    if "layout" not in table.columns or not (rc == OP).any():
+    above = np.isin(rc, (OP, NORM_ACT))
+    if "layout" not in table.columns or not above.any():
         return twin
     layout = table["layout"].to_numpy()
     none_row = np.full(int(layout.max()) + 1, -1)
     none_row[layout[rc == NONE]] = np.flatnonzero(rc == NONE)
-    twin[rc == OP] = none_row[layout[rc == OP]]
+    twin[above] = none_row[layout[above]]
     return twin
 
 

@@ -250,12 +250,16 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
             if fixed.get("reshard_after_forward", o) == o], ["reshard_after_forward"])
         table = _legal(table, model, cluster, fixed, ("reshard_after_forward",))
     if not table.empty:
-        # the layout each recompute choice is made for (closed_forms: none dominates op where it fits)
+        # the layout each recompute choice is made for (closed_forms: none dominates op and
+        # norm_act where it fits); norm_act, which frees the norms' outputs and the routed
+        # experts' activations, is searched for models with experts (fixed, for any)
         table["layout"] = np.arange(len(table))
         table = _join(table, ["tp"], lambda tp: [
             (r,) for r in RECOMPUTE if fixed.get("recompute", r) == r and not (
                 prune_dominated and r == "selective" and "recompute" not in fixed
-                and fixed.get("attention", ATTENTION[0]) == "flash")], ["recompute"], {"recompute": RECOMPUTE})
+                and fixed.get("attention", ATTENTION[0]) == "flash")
+            and (r != "norm_act" or model.num_experts or "recompute" in fixed)],
+            ["recompute"], {"recompute": RECOMPUTE})
         table = _legal(table, model, cluster, fixed, ("recompute",))
     partition = fixed.get("layer_partition")
     if table.empty:

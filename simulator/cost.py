@@ -24,7 +24,7 @@ from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import GEMM, Op, Shard, changed, embedding_ops, head_ops, layer_ops
 from meshplan.simulator.plan import RECOMPUTE
 
-NONE, SELECTIVE, FULL, OP = (RECOMPUTE.index(r) for r in ("none", "selective", "full", "op"))
+NONE, SELECTIVE, FULL, OP, NORM_ACT = (RECOMPUTE.index(r) for r in ("none", "selective", "full", "op", "norm_act"))
 
 
 def per_rank_profile(hw: HardwareProfile, ranks_per_node: int) -> HardwareProfile:
@@ -52,7 +52,7 @@ class OpTimes:
     forward and backward time of the GEMMs with a weight (the ones tensor-parallel
     communication can overlap with), and the forward and whole backward time of the ops
     between the MoE dispatch and combine (Op.routed), and the forward time per-op selective
-    AC redoes (Op.sac_redo)."""
+    AC redoes (Op.sac_redo) and recompute norm_act redoes (Op.module_redo)."""
 
     fwd_s: np.ndarray
     bwd_input_s: np.ndarray
@@ -64,6 +64,7 @@ class OpTimes:
     routed_fwd_s: np.ndarray
     routed_bwd_s: np.ndarray
     sac_redo_s: np.ndarray
+    module_redo_s: np.ndarray
 
 
 def compute_dtype(dtype: str) -> str:
@@ -125,13 +126,15 @@ def op_times(op_lists: list[tuple[Op, ...]], hw: HardwareProfile, dtype: str) ->
     weighted = g & np.array([op.weight for op in ops], dtype=bool)
     routed = np.array([op.routed for op in ops], dtype=bool)
     sac = np.array([op.sac_redo for op in ops], dtype=float)
+    module = np.array([op.module_redo for op in ops], dtype=bool)
 
     def total(x):
         return np.bincount(idx, weights=x, minlength=len(op_lists))
     return OpTimes(total(fwd), total(bwd_in), total(bwd_w), total(np.where(core, fwd, 0.0)),
                    total(np.where(g, flops, 0.0)), total(np.where(weighted, fwd, 0.0)),
                    total(np.where(weighted, bwd_in + bwd_w, 0.0)), total(np.where(routed, fwd, 0.0)),
-                   total(np.where(routed, bwd_in + bwd_w, 0.0)), total(fwd * sac))
+                   total(np.where(routed, bwd_in + bwd_w, 0.0)), total(fwd * sac),
+                   total(np.where(module, fwd, 0.0)))
 
 
 def collective_s(hw: HardwareProfile, kind: str, message_bytes, size, ranks_per_node,
@@ -402,7 +405,7 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     full, op = recompute == FULL, recompute == OP
     flash_redo = lay.core_s if flash else 0.0
     redo = (lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + split_f) * full
-            + lay.sac_redo_s * op)
+            + lay.sac_redo_s * op + lay.module_redo_s * (recompute == NORM_ACT))
     # per-op selective AC saves reduce-scatter outputs, so it redoes SP's all-gathers (half
     # the layer's TP communication) or, without SP, the all-reduces
     tp_redo = full + op * np.where(sp, 0.5, 1.0)

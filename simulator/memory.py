@@ -95,7 +95,23 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
         core = scores * (d + mask + (d if mask else 0) + (d if model.attn_softcap else 0))
     if recompute == "selective":
         core = 0.0  # the attention core is recomputed (sec 4.3)
-    return replicated + sharded + experts + core - fp8_saved_savings(model, shard, kind)
+    kept = replicated + sharded + experts + core - fp8_saved_savings(model, shard, kind)
+    return kept - (norm_act_savings(model, shard, kind) if recompute == "norm_act" else 0.0)
+
+
+def norm_act_savings(model: ModelSpec, shard: Shard, kind: LayerKind) -> float:
+    """Bytes recompute norm_act (Megatron-LM's --recompute-modules layernorm moe_act) frees
+    of what recompute none keeps: the normalised inputs of the QKV projection and of the MLP
+    (or the router), and the routed experts' activation output (their down projection's
+    input), each rebuilt in backward from the norm's input and the activation's input, which
+    stay kept; at 1 byte where FP8 linears would have kept them in FP8 (fp8_saved_savings)."""
+    d, h, ntok = shard.dtype_bytes, model.hidden_size, shard.norm_tokens
+    kept = 1 if shard.fp8 is not None and shard.fp8_saved else d
+    freed = kept * ntok * h + (d if kind.moe else kept) * ntok * h
+    if kind.moe:
+        rows = shard.expert_tokens * model.experts_per_token * shard.capacity
+        freed += kept * rows * (model.moe_ffn_hidden_size // shard.etp)
+    return freed
 
 
 def fp8_saved_savings(model: ModelSpec, shard: Shard, kind: LayerKind) -> float:

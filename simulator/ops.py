@@ -71,10 +71,18 @@ class Op:
     executed_share: float = 1.0        # share of `flops` the kernel runs (causal_share); times only
     routed: bool = False               # runs between the MoE dispatch and combine (routed experts)
     sac_redo: float = 1.0              # share of its forward per-op selective AC redoes (op_sac)
+    module_redo: bool = False          # redone under recompute norm_act (MODULE_REDO)
 
     @property
     def op_class(self) -> str | None:
         return MEMORY_CLASS.get(self.name)
+
+
+# Megatron-LM's --recompute-modules layernorm moe_act (recompute norm_act): the two norms
+# before the attention and MLP blocks, and the routed experts' activation, redone in backward
+# from the inputs they keep (megatron/core/transformer/transformer_layer.py and
+# moe/experts.py, CheckpointWithoutOutput)
+MODULE_REDO = ("input_norm", "post_attention_norm")
 
 
 def _gemm(name, m, n, k, batch=1, weight=True, core=False, fp8=False, share=1.0) -> Op:
@@ -299,7 +307,8 @@ def layer_kind_ops(model: ModelSpec, shard: Shard, kind: LayerKind) -> tuple[Op,
     """Forward operators of one decoder layer of `kind`, in execution order. Gemma's
     sandwich norms normalise each block's output before its residual add; a parallel
     residual (GPT-NeoX) adds both blocks' outputs to the layer input, the same two adds.
-    Op.sac_redo is set for per-op selective AC (op_sac)."""
+    Op.sac_redo is set for per-op selective AC (op_sac), Op.module_redo for recompute
+    norm_act."""
     h, d, ntok = model.hidden_size, shard.dtype_bytes, shard.norm_tokens
     ops = [_mem("input_norm", ntok * h, 2, d)] + _attention_ops(model, shard, kind.local)
     if model.sandwich_norm:
@@ -310,7 +319,9 @@ def layer_kind_ops(model: ModelSpec, shard: Shard, kind: LayerKind) -> tuple[Op,
         ops.append(_mem("mlp_out_norm", ntok * h, 2, d))
     if shard.fp8 is not None:
         ops.append(_fp8_cast(ops, shard.fp8))
-    return tuple(op_sac(model, shard, ops + [_mem("residual_add", ntok * h, 3, d)])[0])
+    ops = [changed(op, module_redo=op.name in MODULE_REDO or (op.name == "mlp_act" and op.routed))
+           for op in ops + [_mem("residual_add", ntok * h, 3, d)]]
+    return tuple(op_sac(model, shard, ops)[0])
 
 
 def layer_ops(model: ModelSpec, shard: Shard) -> tuple[Op, ...]:

@@ -19,7 +19,7 @@ from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.schedule import SCHEDULES
 from meshplan.core.io import read_json
 
-RECOMPUTE = ("none", "selective", "full", "op")
+RECOMPUTE = ("none", "selective", "full", "op", "norm_act")
 # fp8: the weight GEMMs of the decoder layers in FP8, everything else in bf16 (fp8.py)
 DTYPES = ("fp32", "bf16", "fp16", "fp8")
 # flash: fused attention, no s^2 tensors kept (Dao 2022); naive: explicit scores and softmax
@@ -97,7 +97,8 @@ class Plan:
                     aliases=("--sequence-parallel",))
     zero: int = knob(0, "ZeRO stage (3 = FSDP)", choices=(0, 1, 2, 3))
     recompute: str = knob("none", "activation recompute: selective (Megatron-LM's attention core), "
-                          "full (whole layers), op (torchtitan's per-op selective AC)", choices=RECOMPUTE)
+                          "full (whole layers), op (torchtitan's per-op selective AC), norm_act "
+                          "(Megatron-LM's --recompute-modules layernorm moe_act)", choices=RECOMPUTE)
     micro_batch: int = knob(1, "micro-batch size (sequences)")
     schedule: str = knob("1f1b", "pipeline schedule", choices=SCHEDULES)
     virtual_stages: int = knob(1, "model chunks per pipeline rank (interleaved)")

@@ -291,6 +291,10 @@ EXECUTOR_TRAINING = (
     _rule("plan.recompute", "recompute tp", lambda x, m, c: (x.recompute != "op") | ((x.tp == 1) & (m.num_experts == 0)),
           lambda x, m, c: "the executor's per-op recompute keeps no collective's output, so it runs on "
           "dense models without TP only", "use recompute full or selective, or tp 1 with a dense model"),
+    _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "norm_act",
+          lambda x, m, c: "the executor checkpoints layers, the attention core or ops; Megatron-LM's module "
+          "recompute frees outputs their consumers saved (CheckpointWithoutOutput), which it does not",
+          "use recompute none, selective, full or op"),
     _rule("plan.moe_dispatcher", "moe_dispatcher", lambda x, m, c: x.moe_dispatcher == "alltoall",
           lambda x, m, c: f"the executor dispatches tokens with torch's all_to_all, not {x.moe_dispatcher}",
           "use moe_dispatcher alltoall"),
@@ -490,9 +494,9 @@ _TORCHTITAN = (
           lambda x, m, c: "torchtitan's async TP compiles the model, which fuses the MLP's activation",
           "plan with mlp_kernel fused, or without tp_overlap"),
     # its SelectiveAC is per-op (ops.op_sac); FullAC checkpoints whole blocks
-    _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "selective",
+    _rule("plan.recompute", "recompute", lambda x, m, c: (x.recompute != "selective") & (x.recompute != "norm_act"),
           lambda x, m, c: "torchtitan's selective activation checkpointing is per-op (recompute op), not "
-          "Megatron-LM's attention-core recompute", "plan with recompute op, full or none"),
+          f"Megatron-LM's module recompute ({x.recompute})", "plan with recompute op, full or none"),
     # torchao's Float8Linear keeps the bf16 input for backward (matmul_with_hp_or_float8_args)
     _rule("plan.fp8_saved_dtype", "dtype fp8_saved_dtype", lambda x, m, c: (x.dtype != "fp8") | (x.fp8_saved_dtype == "bf16"),
           lambda x, m, c: "torchtitan's float8 linears (torchao) keep their bf16 input for backward",
@@ -635,9 +639,10 @@ FRAMEWORKS = {
         _rule("plan.zero1_sync", "zero zero1_sync", lambda x, m, c: (x.zero != 1) | (x.zero1_sync == "reduce_scatter"),
               lambda x, m, c: "DeepSpeed's ZeRO-1 reduce-scatters gradients and all-gathers the updated weights",
               "plan with zero1_sync reduce_scatter"),
-        _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "op",
+        _rule("plan.recompute", "recompute", lambda x, m, c: (x.recompute != "op") & (x.recompute != "norm_act"),
               lambda x, m, c: "Megatron-DeepSpeed recomputes whole layers or the attention core, not "
-              "torchtitan's per-op selection", "plan with recompute selective, full or none"),
+              f"{'torchtitan' if x.recompute == 'op' else 'Megatron-Core'}'s {x.recompute} selection",
+              "plan with recompute selective, full or none"),
         _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
               lambda x, m, c: "DeepSpeed has no ring context parallelism", "plan with cp 1"),
         _rule("plan.schedule", "pp schedule", lambda x, m, c: (x.pp == 1) | (x.schedule == "1f1b"),

@@ -109,6 +109,7 @@ MEGATRON_PLANS = [("llama-3-70b", 64, plan(zero=1, **knobs)) for knobs in LLAMA3
     (MIXTRAL, 64, plan(dp=8, tp=8, sp=True, zero=1, ep=8, etp=1, moe_dispatcher="deepep",
                        grad_reduce_dtype="bf16")),
     (QWEN3_MOE, 64, plan(dp=64, zero=3, ep=8)),
+    (QWEN3_MOE, 64, plan(dp=64, zero=1, ep=8, recompute="norm_act")),
     (QWEN3_MOE, 64, plan(dp=64, zero=3, reshard_after_forward=False)),
     # the experts' all-to-all overlapped across micro-batches: interleaved with DeepEP, and pp 1
     (MIXTRAL, 64, plan(dp=8, tp=2, pp=4, sp=True, zero=1, ep=8, etp=1, schedule="interleaved", virtual_stages=2,

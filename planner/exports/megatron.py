@@ -115,6 +115,9 @@ def parallel_args(job: TrainJob) -> list[tuple[str, object]]:
                   ("--recompute-num-layers", 1)]
     elif p.recompute == "selective":
         flags.append(("--recompute-granularity", "selective"))
+    elif p.recompute == "norm_act":
+        flags += [("--recompute-granularity", "selective"),
+                  ("--recompute-modules", ["layernorm", "moe_act"] if job.model.num_experts else ["layernorm"])]
     flags += {1: [("--use-distributed-optimizer", None)], 3: _zero3(job)}.get(p.zero, [])
     if ",".join(p.placement) == "tp,cp,pp,dp":
         flags.append(("--use-tp-pp-dp-mapping", None))
@@ -144,8 +147,9 @@ def environment(job: TrainJob) -> tuple[tuple[str, str], ...]:
 
 def flatten(flags: list[tuple[str, object]]) -> tuple[str, ...]:
     args = []
-    for flag, value in flags:
-        args += [flag] if value is None else [flag, str(value)]
+    for flag, value in flags:  # a list value: one word each (argparse nargs)
+        args += [flag] + ([] if value is None else [str(v) for v in value] if isinstance(value, list)
+                          else [str(value)])
     return tuple(args)
 
 
