@@ -262,8 +262,8 @@ class HardwareProfile:
             sources=tuple(r.get(data, "sources", list)),
             fit_report=r.fit_report(r.get(data, "fit_report", dict)), extra=r.get(data, "extra", dict),
             overhead=r.overhead(data.get("overhead", {})),
-            contention=r.contention(data.get("contention", {})),
-            stragglers=r.stragglers(data.get("stragglers", {})),
+            contention=r.fraction(data.get("contention", {}), "contention", Contention, "compute_slowdown"),
+            stragglers=r.fraction(data.get("stragglers", {}), "stragglers", Stragglers, "spread"),
             fabric=Fabric.from_dict(data["fabric"], where) if data.get("fabric") is not None
             else None)
 
@@ -340,35 +340,21 @@ class _Reader:
         values["hbm_eff"] = self.bounded(data, "hbm_eff", *EFFICIENCY, prefix)
         return GemmFit(**values)
 
-    def contention(self, data) -> Contention:
-        """Optional section (profiles from before it: no contention)."""
+    def fraction(self, data, name: str, cls, key: str):
+        """An optional section of one fraction in [0, 1) and its source, as `cls` (profiles
+        from before the section: cls(), zero): contention, stragglers."""
         if not isinstance(data, dict):
-            raise ProfileError("contention", f"is not an object in {self.where}", REGENERATE)
-        unknown = sorted(set(data) - {"compute_slowdown", "source"})
+            raise ProfileError(name, f"is not an object in {self.where}", REGENERATE)
+        unknown = sorted(set(data) - {key, "source"})
         if unknown:
-            raise ProfileError(f"contention.{unknown[0]}", f"is unknown in {self.where}", REGENERATE)
+            raise ProfileError(f"{name}.{unknown[0]}", f"is unknown in {self.where}", REGENERATE)
         if not data:
-            return Contention()
-        slowdown = self.number(data, "compute_slowdown", "contention.")
-        if slowdown >= 1:
-            raise ProfileError("contention.compute_slowdown", f"is {slowdown} in {self.where}, "
-                               "expected a fraction below 1", REGENERATE)
-        return Contention(slowdown, self.get(data, "source", str, "contention."))
-
-    def stragglers(self, data) -> Stragglers:
-        """Optional section (profiles without it: no straggler wait)."""
-        if not isinstance(data, dict):
-            raise ProfileError("stragglers", f"is not an object in {self.where}", REGENERATE)
-        unknown = sorted(set(data) - {"spread", "source"})
-        if unknown:
-            raise ProfileError(f"stragglers.{unknown[0]}", f"is unknown in {self.where}", REGENERATE)
-        if not data:
-            return Stragglers()
-        spread = self.number(data, "spread", "stragglers.")
-        if not 0 <= spread < 1:
-            raise ProfileError("stragglers.spread", f"is {spread} in {self.where}, "
-                               "expected a fraction in [0, 1)", REGENERATE)
-        return Stragglers(spread, self.get(data, "source", str, "stragglers."))
+            return cls()
+        value = self.number(data, key, f"{name}.")
+        if not 0 <= value < 1:
+            raise ProfileError(f"{name}.{key}", f"is {value} in {self.where}, expected a fraction in [0, 1)",
+                               REGENERATE)
+        return cls(value, self.get(data, "source", str, f"{name}."))
 
     def overhead(self, data) -> FrameworkOverhead:
         """Optional section (profiles measured before it existed have none: zeros)."""
