@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -61,7 +61,8 @@ KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "ep": "ep", "etp": "etp
          "moe_dispatcher": "moe_dispatcher", "moe_a2a_overlap": "moe_a2a_overlap",
          "grad_reduce_dtype": "grad_reduce_dtype", "fp8_saved_dtype": "fp8_saved_dtype",
          "attention": "attention"}
-FLAGS = ("sp", "tp_overlap", "reshard_after_forward", "moe_a2a_overlap")
+# each knob's Plan default: its type says how a CSV cell reads (flag, choice, or count)
+PLAN_DEFAULTS = {f.name: f.default for f in fields(Plan)}
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,10 @@ def _fixed(row) -> dict:
         value = _value(row, column, str)
         if value is None:
             continue
-        if key in ("recompute", "schedule", "moe_dispatcher", "grad_reduce_dtype", "fp8_saved_dtype", "attention"):
-            fixed[key] = value
-        elif key in FLAGS:
+        if isinstance(PLAN_DEFAULTS[key], bool):
             fixed[key] = value.lower() == "true"
+        elif isinstance(PLAN_DEFAULTS[key], str):  # a choice knob: recompute, schedule, dtypes, ...
+            fixed[key] = value
         else:
             fixed[key] = int(float(value))
     if fixed.get("zero") != 3:
@@ -214,16 +215,21 @@ def fit_straggler_spread(pairs: list[tuple[PublishedRun, PublishedRun]], probe: 
     log((1 + x g_large) / (1 + x g_small)): fitted over the pairs, an error common to both
     runs of a pair (the level of a source's runs) does not enter. Returns the spread and per
     pair (smaller id, larger id, error difference, g difference)."""
+    seen: dict[str, tuple[float, float]] = {}
+
+    def error_and_sensitivity(run: PublishedRun) -> tuple[float, float]:
+        """log(measured / T0) and g of a run, simulated once whatever pairs it is in."""
+        if run.id not in seen:
+            hw = profile_for(run.hardware)
+            t0 = predict(run, replace(hw, stragglers=Stragglers(0.0))).step_time_s
+            t1 = predict(run, replace(hw, stragglers=Stragglers(probe))).step_time_s
+            seen[run.id] = (math.log(run.measured_step_time_s / t0), (t1 / t0 - 1) / probe)
+        return seen[run.id]
+
     rows, terms = [], []
     for pair in pairs:
-        errors, sensitivity = [], []
         try:
-            for run in pair:
-                hw = profile_for(run.hardware)
-                t0 = predict(run, replace(hw, stragglers=Stragglers(0.0))).step_time_s
-                t1 = predict(run, replace(hw, stragglers=Stragglers(probe))).step_time_s
-                errors.append(math.log(run.measured_step_time_s / t0))
-                sensitivity.append((t1 / t0 - 1) / probe)
+            errors, sensitivity = zip(*(error_and_sensitivity(run) for run in pair))
         except MeshplanError:  # a row meshplan refuses (benchmarks/published.py lists why)
             continue
         rows.append((pair[0].id, pair[1].id, errors[1] - errors[0], sensitivity[1] - sensitivity[0]))
