@@ -1,6 +1,6 @@
 """Predicted against measured for the published training runs in benchmarks/published/.
 
-    python benchmarks/published.py [--json out.json] [--write] [--fit-stragglers]
+    python benchmarks/published.py [--json out.json] [--write] [--fit-stragglers] [--fit-moe-gap]
 
 Prints one line per row (measured and predicted step time, the error, memory where the
 source publishes it, and which half the row is in), then the median and max |error| of the
@@ -19,8 +19,8 @@ import numpy as np
 from meshplan.core.errors import MeshplanError
 from meshplan.core.io import write_json
 from meshplan.hw_profiles.accuracy import END_TO_END
-from meshplan.validation.published import (fit_straggler_spread, load_runs, predict, profile_for,
-                                             scaling_pairs)
+from meshplan.validation.published import (fit_moe_host_gap, fit_straggler_spread, load_runs,
+                                             predict, profile_for, scaling_pairs)
 
 
 def main(argv=None) -> int:
@@ -32,7 +32,18 @@ def main(argv=None) -> int:
     parser.add_argument("--fit-stragglers", action="store_true",
                         help="fit the straggler spread of the stock profiles (calibration/build_stock.py "
                              "STRAGGLERS) on the fit half's weak-scaling pairs, print it and stop")
+    parser.add_argument("--fit-moe-gap", action="store_true",
+                        help="fit the GPU's wait for the host per MoE block of the stock profiles (calibration/"
+                             "build_stock.py MOE_OVERHEAD) on the fit half's MoE rows, print it and stop")
     args = parser.parse_args(argv)
+    if args.fit_moe_gap:
+        gap_s, terms = fit_moe_host_gap(load_runs())
+        for run_id, error, sensitivity in terms:
+            print(f"{run_id:46s} log(measured / predicted without it) {error:+.3f}, "
+                  f"sensitivity {sensitivity:.1f} per s")
+        print(f"MoE host gap: {gap_s * 1e3:.2f} ms per MoE block forward (least |log error| "
+              f"over {len(terms)} fit-half rows)")
+        return 0
     if args.fit_stragglers:
         spread, pairs = fit_straggler_spread(scaling_pairs(load_runs()))
         for small, large, error, sensitivity in pairs:

@@ -41,6 +41,15 @@ CONTENTION = {"compute_slowdown": 0.189, "source": "arXiv 2507.03114 (2025) sec.
 STRAGGLERS = {"spread": 0.0474, "source": "benchmarks/published.py --fit-stragglers: per-layer time "
               "spread fitted on 3 weak-scaling pairs of published FSDP runs (8 to 512 H100; the fit "
               "half of benchmarks/published/training.csv)"}
+# A GPU trainer's host runs ahead of its kernels except in MoE blocks, where the GPU waits
+# for it (FrameworkOverhead.moe_host_gap_s): the gap fitted by `python benchmarks/published.py
+# --fit-moe-gap` (least |log error| over the fit half's 13 MoE rows: Megatron-Bridge, the MoE
+# Model Zoo and Automodel on 16 to 1024 H100).
+MOE_OVERHEAD = {"moe_host_gap_s": 2.97e-3, "source": "benchmarks/published.py --fit-moe-gap: the "
+                "GPU waits 2.97 ms for the host per MoE block forward (its sync on the routing "
+                "counts, its kernel launches), fitted on 13 published MoE runs (16 to 1024 H100; the "
+                "fit half of benchmarks/published/training.csv); elsewhere the host queues kernels "
+                "ahead of the GPU"}
 SUPERPOD_H100 = ("NVIDIA DGX SuperPOD reference architecture, DGX H100 (RA-11333-001; docs.nvidia.com/"
                  "dgx-superpod/reference-architecture-scalable-infrastructure-h100, Network Fabrics): "
                  "compute fabric rail-aligned in scalable units of 32 nodes, traffic per rail one hop "
@@ -224,7 +233,7 @@ def build(data_dir: Path, out_dir: Path, inter_node: str = "dgx") -> dict[str, H
         profile = fit_profile(samples, spec["base"], fabric=spec["fabric"]) if inter_node == "dgx" else vidur
         checks = published_checks(profile, spec["published"], vidur)
         profile = HardwareProfile.from_dict({**profile.to_dict(), "contention": CONTENTION,
-                                             "stragglers": STRAGGLERS,
+                                             "stragglers": STRAGGLERS, "overhead": MOE_OVERHEAD,
                                              "fabric": spec["network"],
                                              "extra": {**profile.extra, "published_checks": checks}})
         if name in FP8:

@@ -39,7 +39,8 @@ class FrameworkOverhead:
     """Host time per decoder layer of the executor's eager PyTorch beside its operators' work
     (module calls, dispatch, autograd, DTensor sharding propagation), per micro-batch:
     measured by calibration/overhead.py on CPU, where the host *is* the device. Zero where
-    the host runs ahead of a GPU's kernel queue (stock profiles), so it is not on the path."""
+    the host runs ahead of a GPU's kernel queue (stock profiles), so it is not on the path,
+    except in a GPU trainer's MoE blocks (moe_host_gap_s)."""
 
     layer_forward_s: float = 0.0
     layer_backward_s: float = 0.0
@@ -51,6 +52,14 @@ class FrameworkOverhead:
     decode_layer_s: float = 0.0           # inference forward of one token over the cache
     moe_forward_s: float = 0.0            # what an MoE block adds over the dense MLP it replaces
     moe_backward_s: float = 0.0           # (router, top-k, permutation, grouped GEMM calls)
+    # A GPU trainer's MoE block leaves its GPU idle while the host catches up: the dispatcher
+    # syncs on the routing counts unless it pads to capacity (Megatron-Core token_dispatcher.py
+    # cuda_sync_point; DeepEP's normal dispatch waits on its receive counts), and the block
+    # launches many small kernels ("gaps between GPU kernels where CPU cannot launch kernels
+    # fast enough", Megatron-Core MoE README, CPU Overhead Bottleneck). Per MoE block forward,
+    # training only (servers capture routing in CUDA graphs); nothing runs in the gap, so no
+    # communication hides in it (cost.layer_times).
+    moe_host_gap_s: float = 0.0
     source: str = "not on the critical path: the host queues kernels ahead of the GPU"
 
     def training_layer_s(self, tp: int, sp: bool, moe_share: float = 0.0) -> tuple[float, float]:

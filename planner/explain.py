@@ -196,6 +196,9 @@ def communication_lines(communication: dict) -> list[str]:
         how += (f"; each ZeRO-3 gather waits for the group's slowest rank ({overlap['stragglers_s']:.3g} s; "
                 f"per-layer time spread {overlap['straggler_spread']:.1%}, "
                 f"{overlap['straggler_source'].split(':')[0]})")
+    if overlap.get("moe_host_gap_s", 0.0) > 0 and communication.get("ep", {}).get("total_s", 0.0) > 0:
+        how += (f"; each MoE block's forward waits {overlap['moe_host_gap_s'] * 1e3:.2f} ms for the host, "
+                f"in EP ({overlap['moe_gap_source'].split(':')[0]})")
     return [f"communication, critical stage: {', '.join(kinds) or 'none'}; {how}"]
 
 

@@ -395,6 +395,8 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     ep_raw = exchanges * (ep_comm_s(model, em.in_tokens, dtype_bytes, em.capacity, hw, em.ep, em.ep_rpn,
                                     em.etp, em.etp_rpn, em.dispatcher) if model.num_experts else 0.0)
     counts = exchanges * (ep_counts_s(model, hw, em.ep, em.ep_rpn) if model.num_experts else 0.0)
+    # the GPU's wait for the host in an MoE block's forward: exposed, nothing runs beside it
+    gap = moe_layer_share(model) * hw.overhead.moe_host_gap_s
     overlap = np.asarray(tp_overlap, dtype=bool) & (np.asarray(tp) > 1)
     tp_f, tp_cf = overlap_split(tp_raw, np.where(overlap, lay.weight_fwd_s, 0.0), hw, tp_raw / tp)
     tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)
@@ -410,17 +412,18 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     # the layer's TP communication) or, without SP, the all-reduces
     tp_redo = full + op * np.where(sp, 0.5, 1.0)
     fwd_compute, bwd_input = lay.fwd_s + split_f, lay.bwd_input_s + flash_redo + split_b
-    ep_f, ep_b = ep_raw + counts, ep_raw + (ep_raw + counts) * full
+    ep_f, ep_b = ep_raw + counts + gap, ep_raw + (ep_raw + counts + gap) * full
     paired = np.asarray(a2a_overlap, dtype=bool) & (np.asarray(em.ep) > 1)
     # the compute of the other direction beside each half (none where nothing is paired)
     routed_f, routed_b = np.where(paired, lay.routed_fwd_s, 0.0), np.where(paired, lay.routed_bwd_s, 0.0)
     rest_f = np.where(paired, fwd_compute, 0.0) - routed_f
     rest_b = np.where(paired, bwd_input + lay.bwd_weight_s + redo, 0.0) - routed_b
-    dispatch_f, dispatch_b, combine = ep_raw / 2 + counts, ep_b - ep_raw / 2, ep_raw / 2
+    dispatch_f, dispatch_b, combine = ep_raw / 2 + counts, ep_b - ep_raw / 2 - gap * full, ep_raw / 2
     pair_f, pair_cf = (a + b for a, b in zip(overlap_split(dispatch_f, routed_b, hw),
                                              overlap_split(combine, rest_b, hw)))
     pair_b, pair_cb = (a + b for a, b in zip(overlap_split(combine, rest_f, hw),
                                              overlap_split(dispatch_b, routed_f, hw)))
+    pair_f, pair_b = pair_f + gap, pair_b + gap * full
     return LayerTimes(
         fwd_compute_s=fwd_compute, bwd_input_s=bwd_input,
         bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * tp_redo,

@@ -287,4 +287,5 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
                     "compute_slowdown": hw.contention.compute_slowdown if hw.comm_overlaps_compute else 0.0,
                     "contention_s": breakdown["contention"], "source": hw.contention.source,
                     "straggler_spread": hw.stragglers.spread, "stragglers_s": breakdown["stragglers"],
-                    "straggler_source": hw.stragglers.source}}
+                    "straggler_source": hw.stragglers.source,
+                    "moe_host_gap_s": hw.overhead.moe_host_gap_s, "moe_gap_source": hw.overhead.source}}

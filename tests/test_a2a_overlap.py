@@ -2,6 +2,7 @@
 against hand computations: its legality, the combined 1F1B op order, the four-phase
 exposure of one F, B pair, the unpaired warm-up and cool-down ops left whole, and the
 planner, explain and executor seeing the knob."""
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,13 @@ from meshplan.simulator.cost import (ExpertMesh, OpTimes, ShardTimes, ep_comm_s,
                                      layer_times)
 from meshplan.simulator.model_spec import ZOO, load_model
 from meshplan.simulator.pipeline_sim import simulate_pipeline
-from meshplan.simulator.plan import Cluster, Plan
+from meshplan.simulator.plan import RECOMPUTE, Cluster, Plan
 from meshplan.simulator.schedule import SCHEDULES, in_flight, loss_in_flight, stage_op_tuples, warmup_ops
 from meshplan.simulator.train import plan_rows, simulate
 
 H100 = load_profile("h100-80gb")
+# the exchange's arithmetic alone, without the GPU's wait for the host in an MoE block
+NO_GAP = replace(H100, overhead=replace(H100.overhead, moe_host_gap_s=0.0))
 MIXTRAL = load_model(str(Path(__file__).parent / "data" / "hf_configs" / "mixtral-8x7b.json"))
 SLOWDOWN = H100.contention.compute_slowdown
 
@@ -105,9 +108,9 @@ def test_four_phase_exposure_by_hand():
     st = _shard(10.2 * x, 1.1 * x, 1.0 * x, 0.2 * x, 2.0 * x)
     em = ExpertMesh(np.array([ep]), np.array([1]), np.array([8]), np.array([1]), 1.0, np.array([tokens]))
 
-    def layer(overlap):
-        return layer_times(MIXTRAL, H100, st, np.array([tokens]), 2, np.array([1]), np.array([False]),
-                           np.array([1]), np.array([0]), np.array([1]), np.array([1]), True,
+    def layer(overlap, hw=NO_GAP, recompute=0):
+        return layer_times(MIXTRAL, hw, st, np.array([tokens]), 2, np.array([1]), np.array([False]),
+                           np.array([1]), np.array([recompute]), np.array([1]), np.array([1]), True,
                            np.array([False]), em, a2a_overlap=np.array([overlap]))
     on, off = layer(True), layer(False)
     dispatch_f, half = x / 2 + counts, x / 2
@@ -121,6 +124,18 @@ def test_four_phase_exposure_by_hand():
     assert on.ep_fwd_s[0] == pytest.approx(x + counts) and on.ep_bwd_s[0] == pytest.approx(x)
     assert (off.ep_pair_fwd_s[0], off.ep_pair_bwd_s[0]) == (off.ep_fwd_s[0], off.ep_bwd_s[0])
     assert off.fwd_pair_s[0] == off.fwd_s[0] and off.bwd_pair_s[0] == off.bwd_s[0]
+    # the GPU's wait for the host: whole in every forward, paired or not (nothing
+    # runs in it to hide behind), and again in a forward that full recompute redoes
+    gap = H100.overhead.moe_host_gap_s
+    assert gap > 0
+    for overlap, plain in ((True, on), (False, off)):
+        gapped = layer(overlap, H100)
+        assert gapped.ep_fwd_s[0] == pytest.approx(plain.ep_fwd_s[0] + gap)
+        assert gapped.ep_pair_fwd_s[0] == pytest.approx(plain.ep_pair_fwd_s[0] + gap)
+        assert gapped.ep_bwd_s[0] == pytest.approx(plain.ep_bwd_s[0])
+        assert gapped.contention_pair_fwd_s[0] == pytest.approx(plain.contention_pair_fwd_s[0])
+    full = RECOMPUTE.index("full")
+    assert layer(False, H100, full).ep_bwd_s[0] == pytest.approx(layer(False, NO_GAP, full).ep_bwd_s[0] + gap)
 
 
 def test_step_exposes_pairs_partly_and_unpaired_ops_whole():

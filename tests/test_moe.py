@@ -1,6 +1,7 @@
 """Mixture-of-experts parallelism and FP8 training against hand computations: the
 parallel-folding legality rules, the expert mesh's placement, the token exchange's volume,
 expert memory over EP and the expert data-parallel group, FP8 GEMM time and cast passes."""
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from meshplan.simulator.model_spec import ZOO, load_model
 from meshplan.simulator.ops import FP8_CAST_BYTES, GEMM, Shard, active_experts, layer_ops
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
+from meshplan.validation.published import PublishedRun, fit_moe_host_gap, predict
 
 H100, A100 = load_profile("h100-80gb"), load_profile("a100-80gb")
 CONFIGS = Path(__file__).parent / "data" / "hf_configs"
@@ -101,13 +103,15 @@ def test_all_to_all_volume_by_hand():
 def test_dispatch_counts_exchange_once_per_forward_by_hand():
     # Mixtral on one node, dp8 ep8, 32 micro-batches of 4096 tokens through 32 MoE layers:
     # each forward and each backward dispatches and combines 64 MiB per rank, and each
-    # forward first exchanges the 8 experts' row counts (8 x int64)
+    # forward first exchanges the 8 experts' row counts (8 x int64) and waits for the host
+    # (the MoE block's gap)
     assert ep_counts_s(MIXTRAL, H100, 8, 8) == pytest.approx(H100.collective_time_s("all_to_all", 64, 8, 8))
     assert ep_counts_s(MIXTRAL, H100, 1, 1) == 0.0
     result = simulate(MIXTRAL, plan(dp=8, ep=8, micro_batch=1), Cluster(8, 8), H100)
     a2a = H100.collective_time_s("all_to_all", 64 * 2 ** 20, 8, 8)
+    assert H100.overhead.moe_host_gap_s > 0
     assert result.breakdown_s["ep_comm"] == pytest.approx(
-        32 * 32 * (2 * 2 * a2a + H100.collective_time_s("all_to_all", 64, 8, 8)))
+        32 * 32 * (2 * 2 * a2a + H100.collective_time_s("all_to_all", 64, 8, 8) + H100.overhead.moe_host_gap_s))
 
 
 def test_deepep_sends_each_token_once_per_rank_and_per_remote_node():
@@ -165,9 +169,13 @@ def test_exchange_replaces_the_experts_half_of_tp_communication():
     # tp 2 with SP and ep 1, etp 2: the experts' gather/scatter over ETP is what the dense
     # MLP's TP all-gather/reduce-scatter was; the attention's stays TP
     base = plan(tp=2, dp=32, sp=True)
-    result = simulate(MIXTRAL, base, Cluster(64, 8), H100)
-    b = result.breakdown_s
+    no_gap = replace(H100, overhead=replace(H100.overhead, moe_host_gap_s=0.0))
+    b = simulate(MIXTRAL, base, Cluster(64, 8), no_gap).breakdown_s
     assert b["ep_comm"] > 0 and b["tp_comm"] == pytest.approx(b["ep_comm"], rel=1e-9)
+    # the GPU's wait for the host comes on top: once per MoE block forward
+    # (32 layers, 8 micro-batches), whatever the expert mesh
+    gapped = simulate(MIXTRAL, base, Cluster(64, 8), H100).breakdown_s
+    assert gapped["ep_comm"] - b["ep_comm"] == pytest.approx(32 * 8 * H100.overhead.moe_host_gap_s)
 
 
 def test_fp8_gemms_at_twice_the_bf16_rate():
@@ -216,3 +224,24 @@ def test_fp8_training_is_faster_but_not_twice():
 def test_fp8_refused_where_the_profile_has_none():
     with pytest.raises(PlanError, match="a100-80gb has no fp8"):
         simulate(ZOO["llama-2-7b"], Plan(global_batch=8, seq_len=2048, dp=8, dtype="fp8"), Cluster(8, 8), A100)
+
+
+def _moe_run(run_id: str, micro_batch: int, measured_s: float) -> PublishedRun:
+    fixed = {"global_batch": 64, "seq_len": 4096, "dp": 8, "tp": 1, "pp": 1, "cp": 1, "ep": 8, "zero": 1,
+             "micro_batch": micro_batch, "recompute": "none", "dtype": "bf16"}
+    return PublishedRun(run_id, "synthetic", MIXTRAL, "h100-80gb", Cluster(8, 8), fixed, measured_s, None, "")
+
+
+def test_the_host_gap_fit_recovers_a_known_gap_from_the_fit_half_only():
+    """Runs measured as meshplan predicts them with a 2 ms host gap per MoE block forward: the fit
+    finds 2 ms from the fit-half rows (ids hashed there) and ignores a held-out row that
+    says otherwise."""
+    truth = 2e-3
+    at_truth = replace(H100, overhead=replace(H100.overhead, moe_host_gap_s=truth))
+    runs = [_moe_run(run_id, mb, predict(_moe_run(run_id, mb, 1.0), at_truth).step_time_s)
+            for run_id, mb in (("synthetic-moe-2", 1), ("synthetic-moe-5", 2), ("synthetic-moe-6", 4))]
+    held_out = _moe_run("synthetic-moe-0", 1, 100.0)
+    assert all(run.fit_half for run in runs) and not held_out.fit_half
+    gap_s, terms = fit_moe_host_gap(runs + [held_out])
+    assert [t[0] for t in terms] == [run.id for run in runs] and all(g > 0 for *_, g in terms)
+    assert gap_s == pytest.approx(truth, rel=1e-3)

@@ -240,3 +240,28 @@ def fit_straggler_spread(pairs: list[tuple[PublishedRun, PublishedRun]], probe: 
     def loss(x: float) -> float:
         return sum((e - math.log((1 + x * large) / (1 + x * small))) ** 2 for e, small, large in terms)
     return float(minimize_scalar(loss, bounds=(0.0, 0.5), method="bounded").x), rows
+
+
+def fit_moe_host_gap(runs: list[PublishedRun], probe_s: float = 1e-3) -> tuple[float, list]:
+    """FrameworkOverhead.moe_host_gap_s from the fit half's mixture-of-experts rows. A
+    row's step time at x seconds per MoE block forward is T0 + x g (g simulated at
+    `probe_s`); x minimises the summed |log(measured / (T0 + x g))|, robust to the rows a
+    setting the source leaves unsaid puts far off. Returns x and per row (id, log(measured
+    / T0), g)."""
+    terms = []
+    for run in runs:
+        if not run.fit_half or run.not_modelled or not run.model.num_experts:
+            continue
+        hw = profile_for(run.hardware)
+        try:
+            t0, t1 = (predict(run, replace(hw, overhead=replace(hw.overhead, moe_host_gap_s=x))).step_time_s
+                      for x in (0.0, probe_s))
+        except MeshplanError:  # a row meshplan refuses (benchmarks/published.py lists why)
+            continue
+        terms.append((run.id, math.log(run.measured_step_time_s / t0), (t1 - t0) / probe_s / t0))
+    if not terms:
+        return 0.0, terms
+
+    def loss(x: float) -> float:
+        return sum(abs(error - math.log1p(x * g)) for _, error, g in terms)
+    return float(minimize_scalar(loss, bounds=(0.0, 0.05), method="bounded").x), terms
