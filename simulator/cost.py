@@ -14,6 +14,8 @@ A mixture-of-experts block exchanges its tokens over the expert mesh instead (ep
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -172,15 +174,41 @@ def tp_comm_s(model: ModelSpec, tokens, sp, dtype_bytes, hw: HardwareProfile, tp
 
 
 def groups_hit(model: ModelSpec, groups) -> np.ndarray:
-    """Expected number of `groups` (ranks, nodes) a token's experts_per_token distinct
-    experts sit on, the experts spread evenly over them: each is missed with probability
-    C(E - E/G, k) / C(E, k) (hypergeometric: k experts drawn from E, none of the E/G)."""
-    e, k = model.num_experts, model.experts_per_token
+    """Expected number of `groups` (ranks, nodes: G of them, each holding E/G consecutive
+    experts) a token's k distinct experts sit on. Each is missed with probability
+    C(E - E/G, k) / C(E, k) (hypergeometric: k experts drawn from E, none of the E/G).
+    Under group-limited routing (model.route_groups R, each of E/R consecutive experts, the
+    token's k drawn from its best route_group_topk t of them, taken as any t alike: T =
+    t E/R experts) a placement group holding R/G routing groups (G divides R) is missed with
+    C(T - j E/R, k) / C(T, k) when j of its groups were chosen (hypergeometric over the
+    groups); where R divides G only the t G/R placement groups inside the chosen routing
+    groups can be hit, each missed with C(T - E/G, k) / C(T, k); a placement that cuts
+    across the routing groups is taken as unlimited."""
+    e, k, r, t = model.num_experts, model.experts_per_token, model.route_groups, model.route_group_topk
     groups = np.asarray(groups, dtype=float)
-    miss = np.ones_like(groups)
-    for i in range(k):
-        miss = miss * np.maximum(e - e / groups - i, 0.0) / (e - i)
-    return groups * (1.0 - miss)
+    sizes, at = np.unique(groups, return_inverse=True)
+    hit = np.array([_groups_hit(e, k, r, t, g) for g in sizes])
+    return hit[at].reshape(groups.shape)
+
+
+def _none_of(drawn: int, pool: float, avoided: float) -> float:
+    """Probability that `drawn` distinct items taken from `pool` avoid `avoided` of them:
+    C(pool - avoided, drawn) / C(pool, drawn)."""
+    return float(np.prod([max(pool - avoided - i, 0.0) / (pool - i) for i in range(drawn)]))
+
+
+def _groups_hit(e: int, k: int, r: int, t: int, g: float) -> float:
+    if g <= 1:
+        return float(g)
+    if not r or (r % g and g % r):
+        return g * (1.0 - _none_of(k, e, e / g))
+    pool = t * e / r
+    if r % g == 0:  # each placement group holds r / g routing groups, j of them chosen
+        per = int(r // g)
+        miss = sum(math.comb(per, j) * math.comb(r - per, t - j) / math.comb(r, t) * _none_of(k, pool, j * e / r)
+                   for j in range(min(per, t) + 1))
+        return g * (1.0 - miss)
+    return t * g / r * (1.0 - _none_of(k, pool, e / g))
 
 
 def ep_comm_s(model: ModelSpec, in_tokens, dtype_bytes, capacity, hw: HardwareProfile, ep, ep_rpn,
@@ -395,8 +423,9 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     ep_raw = exchanges * (ep_comm_s(model, em.in_tokens, dtype_bytes, em.capacity, hw, em.ep, em.ep_rpn,
                                     em.etp, em.etp_rpn, em.dispatcher) if model.num_experts else 0.0)
     counts = exchanges * (ep_counts_s(model, hw, em.ep, em.ep_rpn) if model.num_experts else 0.0)
-    # the GPU's wait for the host in an MoE block's forward: exposed, nothing runs beside it
-    gap = moe_layer_share(model) * hw.overhead.moe_host_gap_s
+    # the GPU's wait for the host in an MoE block's forward that dispatches over EP: exposed,
+    # nothing runs beside it
+    gap = moe_layer_share(model) * hw.overhead.moe_host_gap_s * (np.asarray(em.ep) > 1)
     overlap = np.asarray(tp_overlap, dtype=bool) & (np.asarray(tp) > 1)
     tp_f, tp_cf = overlap_split(tp_raw, np.where(overlap, lay.weight_fwd_s, 0.0), hw, tp_raw / tp)
     tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)

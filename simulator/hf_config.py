@@ -301,7 +301,7 @@ def _phi3(c: _Config) -> dict:
                 local_layers=_local_layers(c, fields["num_layers"], window, lambda i: True))
 
 
-def _deepseek_v3(c: _Config) -> dict:
+def _deepseek_v3(c: _Config, method: str = "noaux_tc") -> dict:
     fields = _attention_core(c)
     fields["num_kv_heads"] = fields["num_heads"]  # latent attention: one K/V head per query head
     fields.pop("head_dim", None)                  # HF's head_dim is the RoPE part, qk_rope_head_dim
@@ -311,6 +311,14 @@ def _deepseek_v3(c: _Config) -> dict:
     router = c.get("scoring_func", "sigmoid")
     if router not in ("sigmoid", "softmax"):
         c.refuse("scoring_func", f"router scoring {router!r}")
+    # DeepSeek's modelling code: "greedy" over all experts; "group_limited_greedy" (V2) and
+    # "noaux_tc" (V3) within the best topk_group of n_group groups
+    method = c.get("topk_method", method)
+    if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        c.refuse("topk_method", f"expert selection {method!r}")
+    n_group, _ = c.get("n_group"), c.get("topk_group")
+    groups = {} if method == "greedy" or (n_group or 1) == 1 else dict(
+        route_groups=c.size("n_group"), route_group_topk=c.size("topk_group"))
     first, freq = c.get("first_k_dense_replace", 0), c.size("moe_layer_freq", 1)
     experts = c.get("n_routed_experts")
     moe = dict(num_experts=c.size("n_routed_experts"), experts_per_token=c.size("num_experts_per_tok"),
@@ -318,6 +326,7 @@ def _deepseek_v3(c: _Config) -> dict:
                num_shared_experts=c.get("n_shared_experts") or 0,
                shared_expert_ffn_size=c.size("moe_intermediate_size"),
                router=router, norm_topk_prob=c.flag("norm_topk_prob", True),  # DeepseekV3Config default
+               **groups,
                # DeepSeek's modelling code: MoE from first_k_dense_replace on, every moe_layer_freq
                dense_layers=tuple(i for i in range(layers) if i < first or i % freq)) if experts else {}
     q_rank = c.get("q_lora_rank")
@@ -328,11 +337,12 @@ def _deepseek_v3(c: _Config) -> dict:
 
 
 def _deepseek_v2(c: _Config) -> dict:
-    """DeepSeek-V2 is DeepSeek-V3's shape with a softmax router (scoring, group-limited
-    selection and scaling cost nothing here) and no expert-bias correction term."""
+    """DeepSeek-V2 is DeepSeek-V3's shape with a softmax router (scoring and scaling cost
+    nothing here), greedy selection unless its config says group-limited, and no
+    expert-bias correction term."""
     if c.flag("mlp_bias"):
         c.refuse("mlp_bias", "biases on the dense and shared-expert MLPs only")
-    return _deepseek_v3(c)
+    return _deepseek_v3(c, "greedy")
 
 
 def _gpt_oss(c: _Config) -> dict:
@@ -430,10 +440,10 @@ READERS = {"llama": _llama, "mistral": _mistral, "mixtral": _mixtral, "qwen2": _
 # Keys of each architecture that change no cost (Mixtral always renormalises its top-k
 # weights; the other MoE readers take norm_topk_prob into ModelSpec for the executor).
 _MOE_ROUTING = {"router_jitter_noise"}
-# Routing details (group-limited selection, scaling) cost nothing at one expert-parallel
-# rank; head_dim / qk_head_dim restate the latent sizes; the multi-token-prediction
-# module is left out, as Hugging Face's DeepseekV3ForCausalLM and inference leave it out.
-_DEEPSEEK = _MOE_ROUTING | {"n_group", "topk_group", "topk_method", "routed_scaling_factor", "ep_size",
+# Routing details (scaling, the balancing loss) cost nothing; head_dim / qk_head_dim
+# restate the latent sizes; the multi-token-prediction module is left out, as Hugging
+# Face's DeepseekV3ForCausalLM and inference leave it out.
+_DEEPSEEK = _MOE_ROUTING | {"routed_scaling_factor", "ep_size",
                             "aux_loss_alpha", "seq_aux", "rope_interleave", "qk_head_dim", "num_nextn_predict_layers"}
 IGNORED = {
     "gemma2": {"query_pre_attn_scalar", "sliding_window_size"},

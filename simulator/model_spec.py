@@ -89,6 +89,11 @@ class ModelSpec:
     # (up + 1) * gate * sigmoid(1.702 gate); None: the plain activation
     swiglu_limit: float | None = None
     norm_topk_prob: bool = True         # chosen experts' weights renormalised to sum to 1 (Mixtral)
+    # group-limited routing: the experts in route_groups groups of consecutive experts, each
+    # token's chosen from its best route_group_topk groups (DeepSeek-V2 sec 2.2.3 device-
+    # limited, DeepSeek-V3 sec 2.1.2 node-limited routing); 0: any expert
+    route_groups: int = 0
+    route_group_topk: int = 0
     dense_layers: tuple[int, ...] = ()
     q_lora_rank: int = 0             # 0: queries projected directly, without a low rank
     kv_lora_rank: int = 0            # > 0: multi-head latent attention
@@ -162,6 +167,14 @@ class ModelSpec:
         if self.num_shared_experts and not self.shared_expert_ffn_size:
             raise ModelError("shared_expert_ffn_size", "missing with shared experts",
                              "give the shared experts' MLP width")
+        groups, top = self.route_groups, self.route_group_topk
+        _check_int("route_groups", groups, positive=False)
+        _check_int("route_group_topk", top, positive=False)
+        if groups and not (self.num_experts % groups == 0 and 1 <= top <= groups
+                           and top * self.num_experts // groups >= self.experts_per_token):
+            raise ModelError("route_group_topk", f"{top} of {groups} groups of the {self.num_experts} experts "
+                             f"cannot hold {self.experts_per_token} experts per token",
+                             "give groups that divide the experts and keep enough of them per token")
 
     def _check_mla(self):
         if not self.kv_lora_rank:

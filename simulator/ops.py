@@ -85,6 +85,46 @@ class Op:
 MODULE_REDO = ("input_norm", "post_attention_norm")
 
 
+# The norms an eager RMSNorm runs as several kernels (eager_bytes_per_element).
+NORMS = ("input_norm", "post_attention_norm", "final_norm", "attention_out_norm", "mlp_out_norm",
+         "qk_norm", "latent_norm")
+
+
+def eager_bytes_per_element(model: ModelSpec, name: str, dtype_bytes: int) -> tuple[float, float] | None:
+    """(forward, backward) bytes moved per element by an elementwise op run as eager PyTorch,
+    one kernel per op (plan.elementwise eager), as torchtitan wrote them in 2024 (models/
+    norms.py RMSNorm, models/llama/model.py apply_rotary_emb and FeedForward);
+    None where eager runs the op as one kernel too (F.layer_norm, GELU, adds). With d-byte
+    activations (fp32 upcasts where d < 4: u = d + 4 bytes for each cast, else none):
+    RMSNorm forward x.float(), pow, mean, x * rsqrt, type_as, * weight: 2u + 20 + 2d; its
+    backward the weight's two products, the casts back, the product's two, mean's expand,
+    pow's product and the two paths' sum: 4d + 2u + 44 (fused: 2d and 4d). RoPE through
+    complex numbers: float cast, complex product, cast back, forward and backward alike:
+    2u + 8 (fused: 2d). SwiGLU silu(x W1) * (x W3): silu then the product, 5d; backward the
+    product's two and silu's, 9d (fused: 3d and 6d)."""
+    d = dtype_bytes
+    up = d + 4 if d < 4 else 0
+    if name in NORMS and model.norm == "rmsnorm":
+        return 2 * up + 20 + 2 * d, 4 * d + 2 * up + 44
+    if name == "rope":
+        return 2 * up + 8, 2 * up + 8
+    if name == "mlp_act" and model.gated_mlp:
+        return 5 * d, 9 * d
+    return None
+
+
+def _eager(model: ModelSpec, shard: Shard, ops: list[Op]) -> list[Op]:
+    """`ops` as run under shard.eager (eager_bytes_per_element); a memory-bound op's flops
+    count its elements."""
+    if not shard.eager:
+        return ops
+    out = []
+    for op in ops:
+        per = eager_bytes_per_element(model, op.name, shard.dtype_bytes)
+        out.append(op if per is None else changed(op, bytes_moved=op.flops * per[0], bwd_bytes=op.flops * per[1]))
+    return out
+
+
 def _gemm(name, m, n, k, batch=1, weight=True, core=False, fp8=False, share=1.0) -> Op:
     return Op(name, GEMM, 2.0 * batch * m * n * k, m, n, k, batch, weight=weight, attention_core=core,
               fp8=fp8, executed_share=share)
@@ -115,6 +155,7 @@ class Shard:
     expert_load: tuple[float, float] | None = None  # (routed rows, distinct experts) this device's
     # experts run, where the caller knows them (serving); None: from expert_tokens (_moe_ops)
     fused_mlp: bool = True        # plan.mlp_kernel == "fused"
+    eager: bool = False           # plan.elementwise == "eager" (eager_bytes_per_element)
     fp8_saved: bool = True        # FP8 linears keep their input in FP8 (plan.fp8_saved_dtype)
 
     def __post_init__(self):
@@ -320,7 +361,7 @@ def layer_kind_ops(model: ModelSpec, shard: Shard, kind: LayerKind) -> tuple[Op,
     if shard.fp8 is not None:
         ops.append(_fp8_cast(ops, shard.fp8))
     ops = [changed(op, module_redo=op.name in MODULE_REDO or (op.name == "mlp_act" and op.routed))
-           for op in ops + [_mem("residual_add", ntok * h, 3, d)]]
+           for op in _eager(model, shard, ops + [_mem("residual_add", ntok * h, 3, d)])]
     return tuple(op_sac(model, shard, ops)[0])
 
 
@@ -354,7 +395,7 @@ def head_ops(model: ModelSpec, shard: Shard) -> tuple[Op, ...]:
     probabilities, read again for the loss)."""
     tok, v = shard.tokens, model.vocab_size // shard.tp
     cap = (_mem("logit_softcap", tok * v, 2, 4),) if model.final_softcap else ()
-    return (_mem("final_norm", shard.norm_tokens * model.hidden_size, 2, shard.dtype_bytes),
+    return (*_eager(model, shard, [_mem("final_norm", shard.norm_tokens * model.hidden_size, 2, shard.dtype_bytes)]),
             _gemm("lm_head", tok, v, model.hidden_size), *cap, _mem("cross_entropy", tok * v, 3, 4))
 
 

@@ -29,6 +29,10 @@ ATTENTION = ("flash", "naive")
 # (Megatron-LM's bias_swiglu fusion, Transformer Engine, torch.compile); eager: one PyTorch
 # op each, which also save the activation's output (memory.mlp_saved_widths)
 MLP_KERNELS = ("fused", "eager")
+# fused: the norms, RoPE and the gated activation each one kernel over bf16 (torch.compile,
+# Transformer Engine, Megatron-LM's fusions); eager: PyTorch ops one kernel each, the norms
+# and RoPE through fp32 (torchtitan without compile: ops.eager_bytes_per_element)
+ELEMENTWISE = ("fused", "eager")
 AXES = rules.AXES
 # Bytes of weights, activations and communication per element: an FP8 plan keeps them in
 # bf16 and casts to FP8 only at its GEMMs' inputs (fp8.py).
@@ -109,6 +113,9 @@ class Plan:
     mlp_kernel: str = knob("fused", "gated MLP activation: fused (Megatron-LM, Transformer Engine, "
                            "torch.compile) or eager PyTorch ops, which keep more for backward",
                            choices=MLP_KERNELS)
+    elementwise: str = knob("fused", "norms, RoPE and the gated activation: fused kernels (torch.compile, "
+                            "Transformer Engine, Megatron-LM) or eager PyTorch ops, one kernel each "
+                            "(torchtitan without --compile.enable)", choices=ELEMENTWISE)
     placement: tuple[str, ...] = knob(AXES, f"rank order innermost-first, default {','.join(AXES)}")
     tp_overlap: bool = knob(False, "overlap TP communication with the GEMMs beside it (Megatron-LM "
                             "--tp-comm-overlap, torchtitan async TP; needs sp)")
@@ -216,7 +223,7 @@ POSITIVE_INTS = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch
 # The fields a candidate table holds one value of for all its rows (planner/space.py's
 # table.attrs, with global_batch and layer_partition); step.rows reads them.
 PLAN_WIDE = ("seq_len", "dtype", "attention", "grad_reduce_dtype", "moe_capacity_factor", "fp8_recipe",
-             "moe_dispatcher", "mlp_kernel", "fp8_saved_dtype", "zero1_sync")
+             "moe_dispatcher", "mlp_kernel", "elementwise", "fp8_saved_dtype", "zero1_sync")
 
 
 def count_issue(scope: str, field: str, value) -> tuple[str, str, str] | None:

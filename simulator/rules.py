@@ -191,6 +191,11 @@ TRAINING = PLAN + (
           lambda x, m, c: np.logical_not(x.sp) | ((x.seq_len // x.cp) % x.tp == 0),
           lambda x, m, c: f"sequence {x.seq_len // x.cp} per CP rank not divisible by tp {x.tp}",
           "choose seq_len divisible by tp*cp, or drop sp"),
+    # eager PyTorch runs the gated activation as PyTorch ops too (memory.mlp_saved_widths)
+    _rule("plan.mlp_kernel", "elementwise mlp_kernel",
+          lambda x, m, c: (x.elementwise == "fused") | (x.mlp_kernel == "eager") | (not m.gated_mlp),
+          lambda x, m, c: "eager elementwise ops run the gated MLP's activation as PyTorch ops too",
+          "plan with mlp_kernel eager, or elementwise fused"),
     _rule("plan.pp", "pp virtual_stages", lambda x, m, c: m.num_layers >= x.pp * x.virtual_stages,
           lambda x, m, c: f"{m.num_layers} layers cannot fill {x.pp * x.virtual_stages} (virtual) stages",
           "use fewer pipeline stages or virtual stages"),
@@ -230,6 +235,7 @@ def model_features(m: ModelSpec) -> dict[str, bool]:
     return {"mixture-of-experts": m.num_experts > 0, "shared experts": m.num_shared_experts > 0,
             "dense layers among the expert layers": bool(m.dense_layers),
             "a sigmoid router": m.num_experts > 0 and m.router == "sigmoid",
+            "group-limited routing": m.route_groups > 0,
             "latent attention (MLA)": m.kv_lora_rank > 0,
             "sliding-window attention": m.sliding_window is not None, "QK-norm": m.qk_norm,
             "sandwich norms": m.sandwich_norm, "attention-only biases": m.qkv_bias or m.out_bias,
@@ -481,6 +487,7 @@ def _uniform_partition(x, m, c):
 
 # Of model_features, what the Megatron-LM export writes (exports/megatron.py model_args).
 _MEGATRON_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among the expert layers",
+                    "group-limited routing",
                     "a sigmoid router", "QK-norm", "attention-only biases", "partial rotary",
                     "head_dim other than hidden/heads")
 
@@ -488,11 +495,16 @@ _TORCHTITAN = (
     _flavor_rule("0.3"),
     _rule("plan.attention", "attention", lambda x, m, c: x.attention == "flash",
           lambda x, m, c: "torchtitan runs fused attention (SDPA / flex) only", "plan with flash attention"),
-    # async TP works in a compiled model, and compiling fuses the gated MLP's activation
-    _rule("plan.mlp_kernel", "tp_overlap mlp_kernel",
-          lambda x, m, c: ~np.asarray(x.tp_overlap, dtype=bool) | (x.mlp_kernel == "fused") | (not m.gated_mlp),
-          lambda x, m, c: "torchtitan's async TP compiles the model, which fuses the MLP's activation",
-          "plan with mlp_kernel fused, or without tp_overlap"),
+    # async TP works in a compiled model; compiling fuses the elementwise ops, the gated
+    # MLP's activation with them, and nothing else does
+    _rule("plan.elementwise", "tp_overlap elementwise",
+          lambda x, m, c: ~np.asarray(x.tp_overlap, dtype=bool) | (x.elementwise == "fused"),
+          lambda x, m, c: "torchtitan's async TP compiles the model, which fuses the elementwise ops",
+          "plan with elementwise fused, or without tp_overlap"),
+    _rule("plan.mlp_kernel", "elementwise mlp_kernel",
+          lambda x, m, c: (x.mlp_kernel == "fused") | (x.elementwise == "eager") | (not m.gated_mlp),
+          lambda x, m, c: "torchtitan runs the MLP's activation eager only uncompiled, which leaves the "
+          "norms and RoPE eager too", "plan with elementwise eager too, or mlp_kernel fused"),
     # its SelectiveAC is per-op (ops.op_sac); FullAC checkpoints whole blocks
     _rule("plan.recompute", "recompute", lambda x, m, c: (x.recompute != "selective") & (x.recompute != "norm_act"),
           lambda x, m, c: "torchtitan's selective activation checkpointing is per-op (recompute op), not "
@@ -585,6 +597,10 @@ FRAMEWORKS = {
               f"not etp {x.etp} (ep {x.ep}, tp {x.tp})", "plan with etp = tp, or etp 1 with ep > 1"),
     ),
     "megatron": (
+        # Transformer Engine's LayerNorm / RMSNorm kernels and Megatron-Core's fused RoPE
+        _rule("plan.elementwise", "elementwise", lambda x, m, c: x.elementwise == "fused",
+              lambda x, m, c: "Megatron-LM runs its norms and RoPE as fused kernels",
+              "plan with elementwise fused"),
         _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "op",
               lambda x, m, c: "Megatron-LM recomputes whole layers or chosen modules, not torchtitan's "
               "per-op selection", "plan with recompute selective, full or none"),

@@ -90,7 +90,8 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     shards = [Shard(int(r["micro_batch"][i]), wide["seq_len"], int(r["tp"][i]), int(r["cp"][i]),
                     bool(r["sp"][i]), d, attention == "flash", int(r["ep"][i]), int(r["etp"][i]),
                     capacity, wide["fp8_recipe"] if dtype == "fp8" else None,
-                    fused_mlp=wide["mlp_kernel"] == "fused", fp8_saved=wide["fp8_saved_dtype"] == "fp8")
+                    fused_mlp=wide["mlp_kernel"] == "fused", fp8_saved=wide["fp8_saved_dtype"] == "fp8",
+                    eager=wide["elementwise"] == "eager")
               for i in first]
     used = set(np.unique(r["rc"]).tolist()) | {NONE}  # the recompute settings the rows hold
     act = np.array([[layer_activation_bytes(model, s, k) if i in used else np.nan

@@ -131,6 +131,10 @@ def test_executor_takes_expert_parallel_plans():
     assert not rules.violations(rules.EXECUTOR_TRAINING, plan(tp=2, dp=2, zero=2).fields(), dense)
     sigmoid = ModelSpec(**{**MOE.to_dict(), "router": "sigmoid"})
     assert rules.violations(rules.EXECUTOR_TRAINING, plan(dp=2).fields(), sigmoid)[0][0] == "model"
+    # its router takes any top-k, not the best experts of the best groups
+    grouped = ModelSpec(**{**MOE.to_dict(), "route_groups": 2, "route_group_topk": 1})
+    field, problem, _ = rules.violations(rules.EXECUTOR_TRAINING, plan(dp=2).fields(), grouped)[0]
+    assert field == "model" and "group-limited routing" in problem
 
 
 def test_validation_suite_runs_expert_parallel_plans():

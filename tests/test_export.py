@@ -63,8 +63,8 @@ def job(model_arg, gpus=64, version=None, seq_len=4096, hw=A100, **knobs):
 
 @pytest.fixture(scope="module")
 def deepseek_shaped(tmp_path_factory) -> str:
-    """DeepSeek-V3's experts (256 routed, top 8, one shared, sigmoid router, 3 dense layers
-    first) behind grouped-query attention, as a ModelSpec JSON."""
+    """DeepSeek-V3's experts (256 routed, top 8 from the best 4 of 8 groups, one shared,
+    sigmoid router, 3 dense layers first) behind grouped-query attention, as a ModelSpec JSON."""
     spec = dataclasses.asdict(load_model(str(HF / "deepseek-v3.json")))
     spec.update(name="deepseek-v3-gqa", num_kv_heads=8, head_dim=128, q_lora_rank=0, kv_lora_rank=0,
                 qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0)
@@ -173,22 +173,31 @@ def test_deepspeed_config_and_command():
     assert f["--rotary-position-embeddings-theta"] == "10000"
 
 
-def test_mlp_kernel_reaches_each_target():
-    # Megatron-LM fuses SwiGLU unless told not to; torchtitan fuses it only when compiled;
-    # Megatron-DeepSpeed has no fused SwiGLU, so a fused plan is refused there
+def test_mlp_kernel_and_elementwise_reach_each_target():
+    # Megatron-LM fuses SwiGLU unless told not to, and its norms and RoPE always; torchtitan
+    # fuses them all when compiled and none otherwise; Megatron-DeepSpeed has no fused
+    # SwiGLU, so a fused plan is refused there
     assert "--no-bias-swiglu-fusion" in flags(export("megatron", job("llama-2-13b", dp=8, tp=8, sp=True,
                                                                       mlp_kernel="eager")).args)
     assert "--no-bias-swiglu-fusion" not in flags(export("megatron", job("llama-2-13b", dp=8, tp=8, sp=True)).args)
+    with pytest.raises(PlanError) as err:
+        check("megatron", L13, Plan(global_batch=64, seq_len=4096, dp=8, tp=8, mlp_kernel="eager",
+                                    elementwise="eager"))
+    assert err.value.problem.startswith("elementwise")
     fused = flags(export("torchtitan", job("llama-3-70b", dp=8, tp=8, sp=True)).args)
-    eager = flags(export("torchtitan", job("llama-3-70b", dp=8, tp=8, sp=True, mlp_kernel="eager")).args)
+    eager = flags(export("torchtitan", job("llama-3-70b", dp=8, tp=8, sp=True, mlp_kernel="eager",
+                                           elementwise="eager")).args)
     assert "--compile.enable" in fused and "--compile.enable" not in eager
+    with pytest.raises(PlanError) as err:  # uncompiled, everything elementwise is eager
+        check("torchtitan", L70, Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, mlp_kernel="eager"))
+    assert err.value.problem.startswith("mlp_kernel")
     with pytest.raises(PlanError) as err:
         check("deepspeed", L13, Plan(global_batch=64, seq_len=4096, dp=8, tp=8))
     assert err.value.problem.startswith("mlp_kernel")
     with pytest.raises(PlanError) as err:  # async TP compiles, which fuses
         check("torchtitan", L70, Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, tp_overlap=True,
-                                      mlp_kernel="eager"))
-    assert err.value.problem.startswith("mlp_kernel")
+                                      mlp_kernel="eager", elementwise="eager"))
+    assert err.value.problem.startswith("elementwise")
 
 
 def test_plan_export_round_trips():
@@ -340,6 +349,7 @@ def test_megatron_deepseek_shaped_experts(deepseek_shaped):
     assert f["--moe-layer-freq"] == "[" + ",".join(["0"] * 3 + ["1"] * (m.num_layers - 3)) + "]"
     assert f["--moe-shared-expert-intermediate-size"] == "2048" and "--moe-shared-expert-gate" not in f
     assert f["--moe-router-score-function"] == "sigmoid" and f["--ffn-hidden-size"] == "18432"
+    assert (f["--moe-router-num-groups"], f["--moe-router-group-topk"]) == ("8", "4")
     assert (f["--moe-token-dispatcher-type"], f["--moe-flex-dispatcher-backend"]) == ("flex", "deepep")
     assert f["--kv-channels"] == "128"  # 128 heads of 128 over a 7168 residual stream
 

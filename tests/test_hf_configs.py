@@ -121,3 +121,20 @@ def test_router_renormalisation_is_read_from_the_config():
             for name in ("qwen2-57b-a14b", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3", "deepseek-v2-lite")}
     assert read == {"qwen2-57b-a14b": False, "qwen3-30b-a3b": True, "mixtral-8x7b": True,
                     "deepseek-v3": True, "deepseek-v2-lite": False}
+
+
+def test_group_limited_routing_is_read_from_the_config():
+    """n_group / topk_group where topk_method limits the groups (DeepSeek-V3's noaux_tc,
+    DeepSeek-V2's group_limited_greedy), none under greedy selection; an unknown method is
+    refused by name."""
+    read = {which: (m.route_groups, m.route_group_topk)
+            for which in ("deepseek-v3.json", "deepseek-v2-lite.json", "deepseek_v2-group-limited")
+            for m in [from_hf_config(_config(which), which)]}
+    assert read == {"deepseek-v3.json": (8, 4), "deepseek-v2-lite.json": (0, 0),
+                    "deepseek_v2-group-limited": (8, 3)}
+    with pytest.raises(ModelError) as err:
+        from_hf_config({**_config("deepseek-v3.json"), "topk_method": "sinkhorn"}, "cfg")
+    assert "topk_method" in str(err.value)
+    with pytest.raises(ModelError) as err:  # one group of 32 experts cannot hold 33 per token
+        from_hf_config({**_config("deepseek-v3.json"), "topk_group": 1, "num_experts_per_tok": 33}, "cfg")
+    assert "route_group_topk" in str(err.value)

@@ -79,7 +79,6 @@ class PublishedRun:
     measured_step_time_s: float | None
     measured_memory_bytes: float | None
     not_modelled: str
-    torch_compile: str = ""  # the CSV's torch_compile ("true", "false", "" unknown): not modelled
 
     @property
     def fit_half(self) -> bool:
@@ -108,6 +107,10 @@ def _fixed(row) -> dict:
             fixed[key] = value
         else:
             fixed[key] = int(float(value))
+    # torch.compile fuses the elementwise ops, the gated activation among them
+    compiled = _value(row, "torch_compile", str)
+    if compiled is not None:
+        fixed["elementwise"] = fixed["mlp_kernel"] = "fused" if compiled.lower() == "true" else "eager"
     if fixed.get("zero") != 3:
         fixed.pop("reshard_after_forward", None)
     if fixed.get("pp", 1) == 1:
@@ -169,8 +172,7 @@ def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
             measured = measured_step_time_s(row, model, profile_for(row["hardware"]))
         memory = _value(row, "measured_memory_gib")
         runs.append(PublishedRun(row["id"], row["source_id"], model, row["hardware"], cluster, fixed,
-                                 measured, memory * 2 ** 30 if memory else None, "; ".join(reasons),
-                                 _value(row, "torch_compile", str) or ""))
+                                 measured, memory * 2 ** 30 if memory else None, "; ".join(reasons)))
     return runs
 
 
@@ -201,7 +203,7 @@ def scaling_pairs(runs: list[PublishedRun]) -> list[tuple[PublishedRun, Publishe
     for run in runs:
         if run.fit_half and not run.not_modelled:
             same = {k: v for k, v in run.fixed.items() if k not in ("dp", "global_batch")}
-            key = (run.source_id, run.model, run.hardware, run.torch_compile, tuple(sorted(same.items())))
+            key = (run.source_id, run.model, run.hardware, tuple(sorted(same.items())))
             groups.setdefault(key, []).append(run)
     return [(a, b) for group in groups.values()
             for a, b in itertools.combinations(sorted(group, key=lambda x: x.cluster.num_gpus), 2)

@@ -80,6 +80,8 @@ def moe_args(job: TrainJob) -> list[tuple[str, object]]:
             flags.append(("--moe-shared-expert-gate", None))
     if m.router == "sigmoid":
         flags.append(("--moe-router-score-function", "sigmoid"))
+    if m.route_groups:  # Megatron-Core TransformerConfig moe_router_num_groups / _group_topk
+        flags += [("--moe-router-num-groups", m.route_groups), ("--moe-router-group-topk", m.route_group_topk)]
     flags += ([("--moe-token-dispatcher-type", "flex"), ("--moe-flex-dispatcher-backend", "deepep")]
               if p.moe_dispatcher == "deepep" else [("--moe-token-dispatcher-type", "alltoall")])
     if p.moe_capacity_factor > 1:  # the busiest rank's rows over the balanced share, padded to it

@@ -95,7 +95,7 @@ def export(job: TrainJob) -> Export:
     if stages:
         flags.append(("--parallelism.module-fqns-per-model-part", [",".join(s) for s in stages]))
     # async TP needs the model compiled (CompileConfig.__post_init__); compiling fuses the
-    # gated MLP's activation (plan.mlp_kernel fused)
+    # elementwise ops (plan.elementwise fused), the gated MLP's activation with them
     flags += [("--compile.enable", None)] if _compiled(job) else []
     flags += ([("--compile.enable-async-tensor-parallel", None)]
               if job.plan.tp_overlap else [("--compile.no-enable-async-tensor-parallel", None)])
@@ -113,7 +113,7 @@ CHECKPOINT_MODES = {"none": "none", "full": "full", "op": "selective"}
 
 
 def _compiled(job: TrainJob) -> bool:
-    return job.plan.tp_overlap or (job.plan.mlp_kernel == "fused" and job.model.gated_mlp)
+    return job.plan.elementwise == "fused"
 
 
 def _toml(value) -> str:
