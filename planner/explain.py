@@ -94,10 +94,12 @@ def knob_changes(plan: Plan, experts: bool = False) -> list[tuple[str, str, dict
                 fields.update(schedule="1f1b", virtual_stages=1)
             out.append((name, axis, fields))
     # expert parallelism folds over the same ranks (parallel folding): the attention's mesh stays
-    out += [(f"ep {label}", "ep", {"ep": new}) for label, new in (("x2", plan.ep * 2), ("/2", plan.ep // 2))
+    # at ep 1 nothing is exchanged, so nothing overlaps either
+    out += [(f"ep {label}", "ep", {"ep": new, **({"moe_a2a_overlap": False} if new == 1 else {})})
+            for label, new in (("x2", plan.ep * 2), ("/2", plan.ep // 2))
             if experts and new >= 1 and (label == "x2" or plan.ep % 2 == 0)]
     if experts and plan.ep > 2:  # what expert parallelism buys at all
-        out.append(("ep 1 (experts not spread)", "ep", {"ep": 1}))
+        out.append(("ep 1 (experts not spread)", "ep", {"ep": 1, "moe_a2a_overlap": False}))
     mbs = [plan.micro_batch * 2] + ([plan.micro_batch // 2] if plan.micro_batch % 2 == 0 else [])
     out += [(f"micro-batch {b}", "micro_batch", {"micro_batch": b}) for b in mbs]
     out += [(f"zero {z}", "zero", {"zero": z}) for z in (plan.zero - 1, plan.zero + 1) if 0 <= z <= 3]
@@ -196,9 +198,9 @@ def communication_lines(communication: dict) -> list[str]:
         how += (f"; each ZeRO-3 gather waits for the group's slowest rank ({overlap['stragglers_s']:.3g} s; "
                 f"per-layer time spread {overlap['straggler_spread']:.1%}, "
                 f"{overlap['straggler_source'].split(':')[0]})")
-    if overlap.get("moe_host_gap_s", 0.0) > 0 and communication.get("ep", {}).get("total_s", 0.0) > 0:
-        how += (f"; each MoE block's forward waits {overlap['moe_host_gap_s'] * 1e3:.2f} ms for the host, "
-                f"in EP ({overlap['moe_gap_source'].split(':')[0]})")
+    if overlap.get("host_gap_s", 0.0) > 0:
+        how += (f"; each MoE block's forward waits {overlap['moe_host_gap_s'] * 1e3:.2f} ms for the host "
+                f"({overlap['host_gap_s']:.3g} s: {overlap['moe_gap_source'].split(':')[0]})")
     return [f"communication, critical stage: {', '.join(kinds) or 'none'}; {how}"]
 
 

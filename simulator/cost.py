@@ -346,16 +346,19 @@ class LayerTimes:
     ep_pair_bwd_s: np.ndarray
     contention_pair_fwd_s: np.ndarray
     contention_pair_bwd_s: np.ndarray
+    host_gap_fwd_s: np.ndarray  # the GPU waiting for the host in the MoE block (moe_host_gap_s)
+    host_gap_bwd_s: np.ndarray  # ... in the forward that full recompute redoes
 
     @property
     def fwd_s(self) -> np.ndarray:
-        return self.fwd_compute_s + self.tp_fwd_s + self.cp_fwd_s + self.ep_fwd_s + self.contention_fwd_s
+        return (self.fwd_compute_s + self.tp_fwd_s + self.cp_fwd_s + self.ep_fwd_s + self.contention_fwd_s
+                + self.host_gap_fwd_s)
 
     @property
     def bwd_s(self) -> np.ndarray:
         """Whole backward: input and weight gradients, recompute, communication."""
         return (self.bwd_input_s + self.bwd_weight_s + self.recompute_s + self.tp_bwd_s
-                + self.cp_bwd_s + self.ep_bwd_s + self.contention_bwd_s)
+                + self.cp_bwd_s + self.ep_bwd_s + self.contention_bwd_s + self.host_gap_bwd_s)
 
     @property
     def fwd_pair_s(self) -> np.ndarray:
@@ -423,9 +426,8 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     ep_raw = exchanges * (ep_comm_s(model, em.in_tokens, dtype_bytes, em.capacity, hw, em.ep, em.ep_rpn,
                                     em.etp, em.etp_rpn, em.dispatcher) if model.num_experts else 0.0)
     counts = exchanges * (ep_counts_s(model, hw, em.ep, em.ep_rpn) if model.num_experts else 0.0)
-    # the GPU's wait for the host in an MoE block's forward that dispatches over EP: exposed,
-    # nothing runs beside it
-    gap = moe_layer_share(model) * hw.overhead.moe_host_gap_s * (np.asarray(em.ep) > 1)
+    # the GPU's wait for the host in an MoE block's forward: exposed, nothing runs beside it
+    gap = moe_layer_share(model) * hw.overhead.moe_host_gap_s
     overlap = np.asarray(tp_overlap, dtype=bool) & (np.asarray(tp) > 1)
     tp_f, tp_cf = overlap_split(tp_raw, np.where(overlap, lay.weight_fwd_s, 0.0), hw, tp_raw / tp)
     tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)
@@ -441,22 +443,22 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     # the layer's TP communication) or, without SP, the all-reduces
     tp_redo = full + op * np.where(sp, 0.5, 1.0)
     fwd_compute, bwd_input = lay.fwd_s + split_f, lay.bwd_input_s + flash_redo + split_b
-    ep_f, ep_b = ep_raw + counts + gap, ep_raw + (ep_raw + counts + gap) * full
+    ep_f, ep_b = ep_raw + counts, ep_raw + (ep_raw + counts) * full
     paired = np.asarray(a2a_overlap, dtype=bool) & (np.asarray(em.ep) > 1)
     # the compute of the other direction beside each half (none where nothing is paired)
     routed_f, routed_b = np.where(paired, lay.routed_fwd_s, 0.0), np.where(paired, lay.routed_bwd_s, 0.0)
     rest_f = np.where(paired, fwd_compute, 0.0) - routed_f
     rest_b = np.where(paired, bwd_input + lay.bwd_weight_s + redo, 0.0) - routed_b
-    dispatch_f, dispatch_b, combine = ep_raw / 2 + counts, ep_b - ep_raw / 2 - gap * full, ep_raw / 2
+    dispatch_f, dispatch_b, combine = ep_raw / 2 + counts, ep_b - ep_raw / 2, ep_raw / 2
     pair_f, pair_cf = (a + b for a, b in zip(overlap_split(dispatch_f, routed_b, hw),
                                              overlap_split(combine, rest_b, hw)))
     pair_b, pair_cb = (a + b for a, b in zip(overlap_split(combine, rest_f, hw),
                                              overlap_split(dispatch_b, routed_f, hw)))
-    pair_f, pair_b = pair_f + gap, pair_b + gap * full
     return LayerTimes(
         fwd_compute_s=fwd_compute, bwd_input_s=bwd_input,
         bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * tp_redo,
         cp_fwd_s=cp_f, cp_bwd_s=cp_b, contention_fwd_s=tp_cf + cp_cf, contention_bwd_s=tp_cb + cp_cb,
         tp_raw_s=tp_raw * (2 + tp_redo), cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b,
         ep_fwd_s=ep_f, ep_bwd_s=ep_b, ep_pair_fwd_s=pair_f, ep_pair_bwd_s=pair_b,
-        contention_pair_fwd_s=pair_cf, contention_pair_bwd_s=pair_cb)
+        contention_pair_fwd_s=pair_cf, contention_pair_bwd_s=pair_cb,
+        host_gap_fwd_s=gap * np.ones_like(ep_f), host_gap_bwd_s=gap * full)

@@ -142,7 +142,8 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
              "l_cp_bwd_raw": lt.cp_raw_bwd_s, "l_ep": lt.ep_fwd_s + lt.ep_bwd_s, "l_ep_fwd": lt.ep_fwd_s,
              "l_ep_bwd": lt.ep_bwd_s, "l_fwd_pair": lt.fwd_pair_s, "l_bwd_pair": lt.bwd_pair_s,
              "l_ep_pair_fwd": lt.ep_pair_fwd_s, "l_ep_pair_bwd": lt.ep_pair_bwd_s,
-             "l_contention_pair_fwd": lt.contention_pair_fwd_s, "l_contention_pair_bwd": lt.contention_pair_bwd_s}
+             "l_contention_pair_fwd": lt.contention_pair_fwd_s, "l_contention_pair_bwd": lt.contention_pair_bwd_s,
+             "l_host_gap": lt.host_gap_fwd_s + lt.host_gap_bwd_s}
     for k, x in parts.items():
         r[k] = x[cost_id]
     r["cost_id"] = cost_id

@@ -32,7 +32,7 @@ MFU_DEFINITION = ("model FLOPs per step (3 x the forward GEMM FLOPs, attention i
                   "not counted; Chowdhery et al. 2022 app. B) / (step time x GPUs x the dtype's "
                   "dense peak FLOP/s)")
 BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_comm", "dp_comm",
-                  "contention", "stragglers", "bubble", "optimizer")
+                  "contention", "stragglers", "host_gap", "bubble", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,8 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
     """Where the step time goes on the critical stage (the one that finishes last), and
     which stage that is; the terms add up to the step time. `contention` is compute slowed
     by the communication that overlaps it (HardwareProfile.contention), `stragglers` the
-    ZeRO-3 group's wait for its slowest rank at each gather (HardwareProfile.stragglers); `paired`: per rank,
+    ZeRO-3 group's wait for its slowest rank at each gather (HardwareProfile.stragglers),
+    `host_gap` the GPU's wait for the host in MoE blocks (FrameworkOverhead.moe_host_gap_s); `paired`: per rank,
     the forward and backward layers run in all-to-all overlap pairs (_paired_layers)."""
     p, v = chunks.shape
     dp_exposed, dp_contention, opt_s = tail.dp_exposed_s[0], tail.contention_s[0], tail.optimizer_s[0]
@@ -244,12 +245,14 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
     pp_comm = max(0.0, pipe.step_time_s - no_p2p.step_time_s)
     other = pipe.step_time_s - tails[s] - busy
     stragglers = m * n * (x["sync_f"] + x["sync_b"])
+    host_gap = m * n * x["l_host_gap"]
     # ZeRO-3 gathers ride inside the op durations: count them as data-parallel communication.
-    zero3_s = max(0.0, busy - compute - recompute - tp_comm - cp_comm - ep_comm - contention - stragglers)
+    zero3_s = max(0.0, busy - compute - recompute - tp_comm - cp_comm - ep_comm - contention - stragglers
+                  - host_gap)
     return {"compute": compute, "recompute": recompute, "tp_comm": tp_comm, "cp_comm": cp_comm,
             "ep_comm": ep_comm,
             "pp_comm": min(pp_comm, max(other, 0.0)), "dp_comm": float(dp_exposed[s]) + zero3_s,
-            "contention": contention + float(dp_contention[s]), "stragglers": stragglers,
+            "contention": contention + float(dp_contention[s]), "stragglers": stragglers, "host_gap": host_gap,
             "bubble": float(max(0.0, other - pp_comm)), "optimizer": float(opt_s[s])}, s
 
 
@@ -288,4 +291,5 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
                     "contention_s": breakdown["contention"], "source": hw.contention.source,
                     "straggler_spread": hw.stragglers.spread, "stragglers_s": breakdown["stragglers"],
                     "straggler_source": hw.stragglers.source,
-                    "moe_host_gap_s": hw.overhead.moe_host_gap_s, "moe_gap_source": hw.overhead.source}}
+                    "moe_host_gap_s": hw.overhead.moe_host_gap_s, "host_gap_s": breakdown["host_gap"],
+                    "moe_gap_source": hw.overhead.source}}

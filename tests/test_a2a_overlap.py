@@ -124,18 +124,19 @@ def test_four_phase_exposure_by_hand():
     assert on.ep_fwd_s[0] == pytest.approx(x + counts) and on.ep_bwd_s[0] == pytest.approx(x)
     assert (off.ep_pair_fwd_s[0], off.ep_pair_bwd_s[0]) == (off.ep_fwd_s[0], off.ep_bwd_s[0])
     assert off.fwd_pair_s[0] == off.fwd_s[0] and off.bwd_pair_s[0] == off.bwd_s[0]
-    # the GPU's wait for the host: whole in every forward, paired or not (nothing
-    # runs in it to hide behind), and again in a forward that full recompute redoes
+    # the GPU's wait for the host: whole in every forward, paired or not (nothing runs in
+    # it for the exchange to hide behind), and again in a forward that full recompute redoes
     gap = H100.overhead.moe_host_gap_s
     assert gap > 0
     for overlap, plain in ((True, on), (False, off)):
         gapped = layer(overlap, H100)
-        assert gapped.ep_fwd_s[0] == pytest.approx(plain.ep_fwd_s[0] + gap)
-        assert gapped.ep_pair_fwd_s[0] == pytest.approx(plain.ep_pair_fwd_s[0] + gap)
-        assert gapped.ep_bwd_s[0] == pytest.approx(plain.ep_bwd_s[0])
-        assert gapped.contention_pair_fwd_s[0] == pytest.approx(plain.contention_pair_fwd_s[0])
+        assert (gapped.host_gap_fwd_s[0], gapped.host_gap_bwd_s[0]) == (gap, 0.0)
+        assert gapped.fwd_pair_s[0] == pytest.approx(plain.fwd_pair_s[0] + gap)
+        assert gapped.fwd_s[0] == pytest.approx(plain.fwd_s[0] + gap) and gapped.bwd_s[0] == pytest.approx(plain.bwd_s[0])
+        assert (gapped.ep_pair_fwd_s[0], gapped.contention_pair_fwd_s[0]) == (plain.ep_pair_fwd_s[0],
+                                                                              plain.contention_pair_fwd_s[0])
     full = RECOMPUTE.index("full")
-    assert layer(False, H100, full).ep_bwd_s[0] == pytest.approx(layer(False, NO_GAP, full).ep_bwd_s[0] + gap)
+    assert layer(False, H100, full).bwd_s[0] == pytest.approx(layer(False, NO_GAP, full).bwd_s[0] + gap)
 
 
 def test_step_exposes_pairs_partly_and_unpaired_ops_whole():
