@@ -56,9 +56,9 @@ class FrameworkOverhead:
     # syncs on the routing counts unless it pads to capacity (Megatron-Core token_dispatcher.py
     # cuda_sync_point; DeepEP's normal dispatch waits on its receive counts), and the block
     # launches many small kernels ("gaps between GPU kernels where CPU cannot launch kernels
-    # fast enough", Megatron-Core MoE README, CPU Overhead Bottleneck). Per MoE block forward
-    # that dispatches over EP (ep > 1), training only (servers capture routing in CUDA
-    # graphs); nothing runs in the gap, so no communication hides in it (cost.layer_times).
+    # fast enough", Megatron-Core MoE README, CPU Overhead Bottleneck). Per MoE block
+    # forward, training only (servers capture routing in CUDA graphs); nothing runs in the
+    # gap, so no communication hides in it (cost.layer_times).
     moe_host_gap_s: float = 0.0
     source: str = "not on the critical path: the host queues kernels ahead of the GPU"
 

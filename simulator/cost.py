@@ -15,7 +15,6 @@ A mixture-of-experts block exchanges its tokens over the expert mesh instead (ep
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, replace
 
 import numpy as np

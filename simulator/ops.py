@@ -85,9 +85,8 @@ class Op:
 MODULE_REDO = ("input_norm", "post_attention_norm")
 
 
-# The norms an eager RMSNorm runs as several kernels (eager_bytes_per_element).
-NORMS = ("input_norm", "post_attention_norm", "final_norm", "attention_out_norm", "mlp_out_norm",
-         "qk_norm", "latent_norm")
+# The norm operators (eager_bytes_per_element: an eager RMSNorm runs as several kernels).
+NORM_OPS = tuple(name for name, cls in MEMORY_CLASS.items() if cls == "norm")
 
 
 def eager_bytes_per_element(model: ModelSpec, name: str, dtype_bytes: int) -> tuple[float, float] | None:
@@ -104,7 +103,7 @@ def eager_bytes_per_element(model: ModelSpec, name: str, dtype_bytes: int) -> tu
     product's two and silu's, 9d (fused: 3d and 6d)."""
     d = dtype_bytes
     up = d + 4 if d < 4 else 0
-    if name in NORMS and model.norm == "rmsnorm":
+    if name in NORM_OPS and model.norm == "rmsnorm":
         return 2 * up + 20 + 2 * d, 4 * d + 2 * up + 44
     if name == "rope":
         return 2 * up + 8, 2 * up + 8
