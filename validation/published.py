@@ -196,6 +196,15 @@ def predict(run: PublishedRun, hw: HardwareProfile) -> SimulationResult:
     return search(run.model, run.cluster, hw, fixed, des=4).ranked[0]
 
 
+def _error_and_sensitivity(run: PublishedRun, at, probe: float) -> tuple[float, float]:
+    """log(measured / T0) of a run, T0 its step time with a profile figure at 0, and g, its
+    step time's growth per unit of the figure relative to T0 (T = T0 (1 + x g), simulated at
+    `probe`); `at(hw, x)` is the run's profile with the figure at x."""
+    hw = profile_for(run.hardware)
+    t0, t1 = (predict(run, at(hw, x)).step_time_s for x in (0.0, probe))
+    return math.log(run.measured_step_time_s / t0), (t1 / t0 - 1) / probe
+
+
 def scaling_pairs(runs: list[PublishedRun]) -> list[tuple[PublishedRun, PublishedRun]]:
     """Pairs of modelled fit-half rows of one source that differ only in their GPU count
     (and so in DP degree and global batch): weak-scaling measurements of one setup."""
@@ -220,12 +229,9 @@ def fit_straggler_spread(pairs: list[tuple[PublishedRun, PublishedRun]], probe: 
     seen: dict[str, tuple[float, float]] = {}
 
     def error_and_sensitivity(run: PublishedRun) -> tuple[float, float]:
-        """log(measured / T0) and g of a run, simulated once whatever pairs it is in."""
+        """_error_and_sensitivity of a run, simulated once whatever pairs it is in."""
         if run.id not in seen:
-            hw = profile_for(run.hardware)
-            t0 = predict(run, replace(hw, stragglers=Stragglers(0.0))).step_time_s
-            t1 = predict(run, replace(hw, stragglers=Stragglers(probe))).step_time_s
-            seen[run.id] = (math.log(run.measured_step_time_s / t0), (t1 / t0 - 1) / probe)
+            seen[run.id] = _error_and_sensitivity(run, lambda hw, x: replace(hw, stragglers=Stragglers(x)), probe)
         return seen[run.id]
 
     rows, terms = [], []
@@ -254,13 +260,11 @@ def fit_moe_host_gap(runs: list[PublishedRun], probe_s: float = 1e-3) -> tuple[f
     for run in runs:
         if not run.fit_half or run.not_modelled or not run.model.num_experts:
             continue
-        hw = profile_for(run.hardware)
         try:
-            t0, t1 = (predict(run, replace(hw, overhead=replace(hw.overhead, moe_host_gap_s=x))).step_time_s
-                      for x in (0.0, probe_s))
+            terms.append((run.id, *_error_and_sensitivity(
+                run, lambda hw, x: replace(hw, overhead=replace(hw.overhead, moe_host_gap_s=x)), probe_s)))
         except MeshplanError:  # a row meshplan refuses (benchmarks/published.py lists why)
             continue
-        terms.append((run.id, math.log(run.measured_step_time_s / t0), (t1 - t0) / probe_s / t0))
     if not terms:
         return 0.0, terms
 
