@@ -20,7 +20,7 @@ from meshplan.core.errors import MeshplanError
 from meshplan.core.io import write_json
 from meshplan.hw_profiles.accuracy import END_TO_END
 from meshplan.validation.published import (fit_moe_host_gap, fit_straggler_spread, load_runs,
-                                             predict, profile_for, scaling_pairs)
+                                             predict, profile_for, reserved_bytes, scaling_pairs)
 
 
 def main(argv=None) -> int:
@@ -57,12 +57,13 @@ def main(argv=None) -> int:
             skipped.append((run.id, run.not_modelled))
             continue
         try:
-            result = predict(run, profile_for(run.hardware))
+            hw = profile_for(run.hardware)
+            result = predict(run, hw)
         except MeshplanError as exc:
             skipped.append((run.id, f"meshplan refuses it: {exc}"))
             continue
         error = result.step_time_s / run.measured_step_time_s - 1
-        memory_error = (result.peak_memory_bytes / run.measured_memory_bytes - 1
+        memory_error = (reserved_bytes(result, hw) / run.measured_memory_bytes - 1
                         if run.measured_memory_bytes else None)
         rows.append({"id": run.id, "source": run.source_id, "half": "fit" if run.fit_half else "held-out",
                      "measured_s": run.measured_step_time_s, "predicted_s": result.step_time_s,

@@ -223,15 +223,16 @@ def training_context(plan: Plan):
 
 
 @contextmanager
-def gradient_sync(model: nn.Module, enabled: bool):
-    """Reduce gradients over dp in this backward (the last micro-batch) or only accumulate
-    them locally (the others): DDP's no_sync, FSDP2's set_requires_gradient_sync."""
+def gradient_sync(model: nn.Module, enabled: bool, last: bool):
+    """Reduce gradients over dp in this backward or only accumulate them locally: DDP's
+    no_sync, FSDP2's set_requires_gradient_sync; after the step's last micro-batch, reduce
+    the experts' (and under SP the router's) accumulated gradients."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
     with model.no_sync() if isinstance(model, DistributedDataParallel) and not enabled \
             else nullcontext():
         yield
-    if enabled:
+    if last:
         reduce_expert_gradients(model)
 
 

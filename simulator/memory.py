@@ -8,6 +8,7 @@ attention they reduce exactly to Table 2 (tests check each row).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -138,6 +139,7 @@ def fp8_saved_savings(model: ModelSpec, shard: Shard, kind: LayerKind) -> float:
     return (d - 1) * inputs - out_proj_copy
 
 
+@lru_cache(maxsize=4096)  # the planner asks per shard in its table and again per simulated plan
 def layer_activation_bytes(model: ModelSpec, shard: Shard, recompute: str) -> float:
     """Bytes the mean layer keeps for backward (layer kinds weighted by their layers)."""
     return sum(n * layer_kind_activation_bytes(model, shard, recompute, kind)
@@ -209,8 +211,29 @@ def logits_bytes(tokens, vocab_size: int, tp):
     return 4 * tokens * vocab_size / tp
 
 
+def cross_entropy_logits(kernel: str, dtype_bytes: int) -> tuple[float, float]:
+    """(kept for backward per micro-batch in flight, held at the loss's backward peak) of a
+    cross-entropy kernel (plan.CROSS_ENTROPY), in units of fp32 logits (logits_bytes).
+    fused: the fp32 probabilities, then the gradient beside them (Megatron-LM
+    tensor_parallel/cross_entropy.py writes it into them). eager: F.cross_entropy of an fp32
+    copy keeps log_softmax's fp32 output; its backward holds that, nll_loss's dense fp32
+    gradient and log_softmax's fp32 input gradient at once (the bf16 logits are freed first,
+    torchtitan's train.py `del pred`). compiled: the graph keeps the logits in the model's
+    dtype and writes their gradient in it."""
+    if kernel == "eager":
+        return 1.0, 3.0
+    if kernel == "compiled":
+        return dtype_bytes / 4, dtype_bytes / 2
+    return 1.0, 2.0
+
+
+# Reserved-but-unused memory of the caching allocator at the peak (fragmentation), as a share
+# of the device, and the runtime's own use outside it (CUDA context, NCCL buffers): the ~1 GiB
+# context and few-percent fragmentation PyTorch's CUDA memory notes describe.
+FRAGMENTATION_SHARE = 0.05
+RUNTIME_BYTES = 2 ** 30
+
+
 def memory_reserve_bytes(capacity_bytes: float) -> float:
-    """Memory held back from the plan: allocator fragmentation and the runtime's own use
-    (CUDA context, NCCL buffers). We keep 5% of the device plus 1 GiB, in line with the
-    ~1 GiB context and few-percent fragmentation PyTorch's memory docs describe."""
-    return 0.05 * capacity_bytes + 2 ** 30
+    """Memory held back from the plan: the allocator's fragmentation and the runtime's use."""
+    return FRAGMENTATION_SHARE * capacity_bytes + RUNTIME_BYTES

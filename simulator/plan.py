@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import numpy as np
+
 from meshplan.core.fields import from_fields
 from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Mesh
@@ -33,6 +35,11 @@ MLP_KERNELS = ("fused", "eager")
 # Transformer Engine, Megatron-LM's fusions); eager: PyTorch ops one kernel each, the norms
 # and RoPE through fp32 (torchtitan without compile: ops.eager_bytes_per_element)
 ELEMENTWISE = ("fused", "eager")
+# The cross-entropy over the logits: fused (Megatron-LM's vocab-parallel cross-entropy: one
+# fp32 copy, softmax and gradient in place), eager (PyTorch's F.cross_entropy on an fp32 copy:
+# torchtitan without compiling the loss, the executor) or compiled (torch.compile of that,
+# torchtitan's --compile.components loss); memory.cross_entropy_logits
+CROSS_ENTROPY = ("fused", "eager", "compiled")
 AXES = rules.AXES
 # Bytes of weights, activations and communication per element: an FP8 plan keeps them in
 # bf16 and casts to FP8 only at its GEMMs' inputs (fp8.py).
@@ -51,7 +58,20 @@ FP8_SAVED = ("fp8", "bf16")
 # weights (Megatron-LM's distributed optimizer, DeepSpeed), or all-reduce the gradients and
 # broadcast each rank's updated shard (DDP with torch's ZeroRedundancyOptimizer)
 ZERO1_SYNCS = ("reduce_scatter", "all_reduce")
+# When sharded (ZeRO-2/3) gradients are reduced under gradient accumulation: once, in the
+# step's last micro-batch, accumulated whole until then (FSDP2's set_requires_gradient_sync
+# (False), which torch.distributed.pipelining sets for every other backward:
+# stage.backward_maybe_with_nosync), or after each micro-batch's backward, kept sharded
+# (FSDP2's and DeepSpeed ZeRO-2/3's default); "default" is the first under a pipeline, the
+# second without one.
+GRAD_SYNCS = ("default", "last", "each")
 EXPERT_AXES = rules.EXPERT_AXES
+
+
+def grad_sync_once(grad_sync: str, pp):
+    """Whether gradients are reduced only in the step's last micro-batch (GRAD_SYNCS),
+    per pipeline degree `pp` (an int or an array)."""
+    return (grad_sync == "last") | ((grad_sync == "default") & (np.asarray(pp) > 1))
 
 
 def knob(default=dataclasses.MISSING, help: str = "", choices=None, aliases: tuple[str, ...] = ()):
@@ -116,6 +136,10 @@ class Plan:
     elementwise: str = knob("fused", "norms, RoPE and the gated activation: fused kernels (torch.compile, "
                             "Transformer Engine, Megatron-LM) or eager PyTorch ops, one kernel each "
                             "(torchtitan without --compile.enable)", choices=ELEMENTWISE)
+    cross_entropy: str = knob("fused", "the loss over the logits: fused in place (Megatron-LM), eager "
+                              "PyTorch on an fp32 copy (torchtitan without compiling the loss) or "
+                              "compiled (torchtitan's compiled loss); sets the memory it holds",
+                              choices=CROSS_ENTROPY)
     placement: tuple[str, ...] = knob(AXES, f"rank order innermost-first, default {','.join(AXES)}")
     tp_overlap: bool = knob(False, "overlap TP communication with the GEMMs beside it (Megatron-LM "
                             "--tp-comm-overlap, torchtitan async TP; needs sp)")
@@ -136,6 +160,10 @@ class Plan:
     zero1_sync: str = knob("reduce_scatter", "ZeRO-1's sync: reduce-scatter gradients and all-gather "
                            "weights (Megatron-LM's distributed optimizer), or all-reduce gradients and "
                            "broadcast the updated shards (torch's ZeroRedundancyOptimizer)", choices=ZERO1_SYNCS)
+    grad_sync: str = knob("default", "ZeRO-2/3 gradients under gradient accumulation: reduced once in "
+                          "the last micro-batch, accumulated unsharded until then (last), or after "
+                          "each micro-batch (each); default: last with pp > 1 (torch.distributed."
+                          "pipelining), each without (FSDP2, DeepSpeed)", choices=GRAD_SYNCS)
     moe_dispatcher: str = knob("alltoall", "MoE token dispatch: NCCL all-to-all, or DeepEP (Megatron-LM "
                                "--moe-token-dispatcher-type flex --moe-enable-deepep)",
                                choices=MOE_DISPATCHERS)
@@ -170,6 +198,12 @@ class Plan:
     @property
     def num_microbatches(self) -> int:
         return self.global_batch // (self.micro_batch * self.dp)
+
+    @property
+    def grad_sync_once(self) -> bool:
+        """Whether gradients are reduced once per step, in the last micro-batch: ZeRO 0/1's
+        whole gradients always, ZeRO-2/3's per grad_sync_once."""
+        return self.zero < 2 or bool(grad_sync_once(self.grad_sync, self.pp))
 
     @property
     def num_virtual(self) -> int:
@@ -223,7 +257,8 @@ POSITIVE_INTS = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch
 # The fields a candidate table holds one value of for all its rows (planner/space.py's
 # table.attrs, with global_batch and layer_partition); step.rows reads them.
 PLAN_WIDE = ("seq_len", "dtype", "attention", "grad_reduce_dtype", "moe_capacity_factor", "fp8_recipe",
-             "moe_dispatcher", "mlp_kernel", "elementwise", "fp8_saved_dtype", "zero1_sync")
+             "moe_dispatcher", "mlp_kernel", "elementwise", "fp8_saved_dtype", "zero1_sync",
+             "grad_sync", "cross_entropy")
 
 
 def count_issue(scope: str, field: str, value) -> tuple[str, str, str] | None:

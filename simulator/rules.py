@@ -134,6 +134,9 @@ PLAN = (
           lambda x, m, c: np.logical_not(x.moe_a2a_overlap) | (x.dtype != "fp32"),
           lambda x, m, c: "Megatron-Core overlaps the all-to-all only in bf16 or fp16 training",
           "train in bf16 (or fp16, fp8), or drop moe_a2a_overlap"),
+    _rule("plan.grad_sync", "grad_sync zero", lambda x, m, c: (x.grad_sync != "each") | (x.zero >= 2),
+          lambda x, m, c: f"ZeRO-{x.zero} keeps whole gradients, reduced once per step (DDP's no_sync, "
+          "Megatron-LM's gradient buffer)", "use grad_sync default or last, or ZeRO 2 or 3"),
     # without SP every TP rank holds the same tokens, and the experts shard as the dense MLP
     _rule("plan.etp", "etp tp sp", lambda x, m, c: (x.tp == 1) | np.asarray(x.sp) | (x.etp == x.tp),
           lambda x, m, c: f"etp {x.etp} differs from tp {x.tp} without sequence parallelism",
@@ -270,6 +273,27 @@ def _executor_model(builds: tuple[str, ...]) -> tuple[Rule, ...]:
                   lambda x, m, c: "the executor's experts have no biases", "run a model without biases"))
 
 
+_PIPELINING_SYNC = _rule(
+    "plan.grad_sync", "grad_sync pp", lambda x, m, c: (x.pp == 1) | (x.grad_sync != "each"),
+    lambda x, m, c: "torch.distributed.pipelining reduces a stage's gradients in its last micro-batch "
+    "only (stage.backward_maybe_with_nosync)", "plan with grad_sync default or last, or pp 1")
+
+
+def _sync_each(who: str) -> Rule:
+    """`who` reduce-scatters sharded gradients after every micro-batch without a pipeline."""
+    return _rule("plan.grad_sync", "grad_sync zero pp global_batch micro_batch dp",
+                 lambda x, m, c: (x.grad_sync != "last") | (x.zero < 2) | (x.pp > 1) | (_microbatches(x) == 1),
+                 lambda x, m, c: f"{who} reduce-scatters ZeRO-{x.zero} gradients after every micro-batch",
+                 "plan with grad_sync default or each")
+
+
+def _fused_loss(who: str) -> Rule:
+    """`who` runs Megatron-LM's fused vocab-parallel cross-entropy."""
+    return _rule("plan.cross_entropy", "cross_entropy", lambda x, m, c: x.cross_entropy == "fused",
+                 lambda x, m, c: f"{who} computes the loss with Megatron-LM's fused vocab-parallel "
+                 f"cross-entropy, not {x.cross_entropy}", "plan with cross_entropy fused")
+
+
 EXECUTOR_TRAINING = (
     *_executor_model(_EXECUTOR_BUILDS),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
@@ -307,6 +331,7 @@ EXECUTOR_TRAINING = (
     _rule("plan.moe_a2a_overlap", "moe_a2a_overlap", lambda x, m, c: np.logical_not(x.moe_a2a_overlap),
           lambda x, m, c: "the executor runs each micro-batch's forward and backward one after the other, "
           "so no all-to-all overlaps another micro-batch's compute", "drop moe_a2a_overlap"),
+    _PIPELINING_SYNC,
 )
 
 # A serving deployment: tp x pp GPUs per replica.
@@ -505,6 +530,12 @@ _TORCHTITAN = (
           lambda x, m, c: (x.mlp_kernel == "fused") | (x.elementwise == "eager") | (not m.gated_mlp),
           lambda x, m, c: "torchtitan runs the MLP's activation eager only uncompiled, which leaves the "
           "norms and RoPE eager too", "plan with elementwise eager too, or mlp_kernel fused"),
+    # --compile.components model,loss (its default): the loss compiles with the model
+    _rule("plan.cross_entropy", "elementwise cross_entropy",
+          lambda x, m, c: x.cross_entropy == np.where(x.elementwise == "fused", "compiled", "eager"),
+          lambda x, m, c: f"torchtitan {'compiles' if x.elementwise == 'fused' else 'runs eager'} the loss "
+          f"with the model, not {x.cross_entropy}",
+          "plan with cross_entropy compiled (elementwise fused) or eager (elementwise eager)"),
     # its SelectiveAC is per-op (ops.op_sac); FullAC checkpoints whole blocks
     _rule("plan.recompute", "recompute", lambda x, m, c: (x.recompute != "selective") & (x.recompute != "norm_act"),
           lambda x, m, c: "torchtitan's selective activation checkpointing is per-op (recompute op), not "
@@ -521,6 +552,9 @@ _TORCHTITAN = (
     _rule("plan.zero", "zero", lambda x, m, c: x.zero != 1,
           lambda x, m, c: "ZeRO-1 has no torchtitan form (it replicates or shards with FSDP2)",
           "plan with ZeRO 0, 2 (FSDP2 without resharding after forward) or 3 (FSDP2)"),
+    _PIPELINING_SYNC,
+    # its trainer leaves FSDP2's gradient sync on through gradient accumulation (trainer.py)
+    _sync_each("torchtitan without a pipeline"),
     _rule("plan.sp", "tp sp", lambda x, m, c: (x.tp == 1) | np.asarray(x.sp),
           lambda x, m, c: "torchtitan's tensor parallelism always shards norms over the sequence "
           "(SequenceParallel)", "plan with sequence parallelism"),
@@ -643,6 +677,10 @@ FRAMEWORKS = {
               lambda x, m, c: (x.grad_reduce_dtype == "fp32") | np.isin(x.dtype, ["bf16", "fp8"]),
               lambda x, m, c: f"Megatron-LM reduces gradients in bf16 only when training in bf16, not {x.dtype}",
               "plan with grad_reduce_dtype fp32"),
+        # its FSDP2 wrapper's no_sync is the base class's no-op (data_parallel_base.py), and
+        # Megatron-FSDP syncs sharded gradients in no_sync too (megatron_fsdp.py)
+        _sync_each("Megatron-LM's FSDP"),
+        _fused_loss("Megatron-LM"),
         # Megatron-FSDP (the ZeRO-3 of tied embeddings or EP, which FSDP2 refuses) always reshards
         _rule("plan.reshard_after_forward", "reshard_after_forward ep",
               lambda x, m, c: np.asarray(x.reshard_after_forward) | (np.logical_not(m.tied_embeddings) & (x.ep == 1)),
@@ -667,6 +705,8 @@ FRAMEWORKS = {
         _rule("plan.zero", "pp zero", lambda x, m, c: (x.pp == 1) | (x.zero <= 1),
               lambda x, m, c: "ZeRO-2 and ZeRO-3 are incompatible with DeepSpeed pipeline parallelism",
               "plan with ZeRO 0 or 1, or pp 1"),
+        _sync_each("DeepSpeed"),
+        _fused_loss("Megatron-DeepSpeed"),
         _rule("plan.placement", "placement", lambda x, m, c: x.placement == DEFAULT_ORDER,
               lambda x, m, c: f"DeepSpeed's topology orders ranks model, data, pipe innermost first, "
               f"not {x.placement}", f"plan with placement {DEFAULT_ORDER}"),

@@ -29,12 +29,12 @@ import pandas as pd
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator.cost import (FULL, NONE, OP, ExpertMesh, collective_s, layer_times,
                                      overlap_split, shard_times)
-from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, expert_layer_params,
-                                       layer_activation_bytes, logits_bytes, model_state_bytes,
-                                       stage_params)
+from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, cross_entropy_logits,
+                                       expert_layer_params, layer_activation_bytes, logits_bytes,
+                                       model_state_bytes, stage_params)
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import Shard
-from meshplan.simulator.plan import DTYPE_BYTES, RECOMPUTE, SCHEDULES
+from meshplan.simulator.plan import DTYPE_BYTES, RECOMPUTE, SCHEDULES, grad_sync_once
 from meshplan.simulator.schedule import loss_in_flight
 
 SHARD_KEYS = ("tp", "sp", "cp", "micro_batch", "ep", "etp")
@@ -105,6 +105,12 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
              in_tokens=np.array([s.norm_tokens for s in shards], dtype=float)[shard_id],
              per_layer=stage_params(model, r["tp"], r["pp"], 1, False, False, r["ep"], r["etp"]),
              per_layer_expert=expert_layer_params(model, r["ep"], r["etp"]) * np.ones(len(r["tp"])))
+    # ZeRO-2/3 under gradient accumulation: whole gradients accumulated and reduced once, or
+    # a reduce-scatter after each micro-batch (plan.grad_sync)
+    accumulating = (r["zero"] >= 2) & (r["num_microbatches"] > 1)
+    r["accumulate_whole"] = accumulating & grad_sync_once(wide["grad_sync"], r["pp"])
+    r["loss_logits"] = cross_entropy_logits(wide["cross_entropy"], d)
+    r["grad_syncs"] = np.where(accumulating & ~r["accumulate_whole"], r["num_microbatches"], 1)
     return r
 
 
@@ -242,11 +248,14 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     """Bytes on pipeline rank s (n layers, `params` parameters, `inflight` micro-batch
     chunks of activations held at the peak): weights, gradients and Adam states under the
     ZeRO stage (memory.model_state_bytes), activations (Korthikanti et al. 2022), and
-    buffers: on the last rank the loss, the saved fp32 log-probabilities of each micro-batch
-    in flight (schedule.loss_in_flight) and in its backward the logits' gradient; one layer
-    rebuilt in backward under full or per-op recompute; the gathered weights of the current and the
-    prefetched layer under ZeRO-3. The head's backward frees the loss's two before the first
-    layer's backward rebuilds and gathers, so those take the larger of the two."""
+    buffers: on the last rank the loss, what the cross-entropy keeps of each micro-batch in
+    flight (schedule.loss_in_flight) and holds in its backward (memory.cross_entropy_logits);
+    one layer rebuilt in backward under full or per-op recompute; the gathered weights of the
+    current and the prefetched layer under ZeRO-3. The head's backward frees the loss's
+    before the first layer's backward rebuilds and gathers, so those take the larger.
+    ZeRO-2/3 gradients reduced once per step (plan.grad_sync last) stay whole from the first
+    backward to the last: FSDP2 accumulates them unsharded, in the reduce dtype
+    (FSDPParam.to_accumulated_grad_if_needed)."""
     c = _col
     z, v = r["zero"], r["virtual_stages"]
     parts, degrees = _split(r, params, n)
@@ -254,13 +263,15 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
                                    [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["gd"])[i]
                                     for k in range(4)]) for part, degree in zip(parts, degrees))
               for i in range(3)]
+    states[1] = np.where(c(r["accumulate_whole"]), params * r["gd"], states[1])
     # ZeRO-3 gathered weights: in backward the current and the prefetched layer, or, without
     # resharding after forward, every layer of the rank from its forward to its backward
     layer_bytes = c((z == 3) * r["per_layer"] * r["d"])
     in_backward = np.where(c(r["reshard"]), 2, 0) * layer_bytes + c(np.isin(r["rc"], (FULL, OP)) * r["act_none"])
     logits = (s == c(r["pp"]) - 1) * c(logits_bytes(r["tokens"], model.vocab_size, r["tp"]))
     held = c(loss_in_flight(r["sched"], r["pp"], r["num_microbatches"], r["a2a_overlap"]))
-    buffers = ((held - 1) * logits + np.maximum(2 * logits, in_backward)
+    kept, peak = r["loss_logits"]
+    buffers = ((held - 1) * kept * logits + np.maximum(peak * logits, in_backward)
                + np.where(c(r["reshard"]), 0, n) * layer_bytes)
     return {"weights": states[0], "gradients": states[1], "optimizer": states[2],
             "activations": inflight * n / c(v) * c(r["act"]), "buffers": buffers}
@@ -285,7 +296,8 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     """The Tail of rank s:
     the gradient sync (in the gradient dtype) bucketed per layer and overlapped with the
     backward (PyTorch DDP, Li et al. 2020: each bucket hides behind the next layer's
-    backward, slowing it by the contention; the last one is exposed), sharing the NIC with
+    backward, slowing it by the contention; the last one is exposed), once per step or, for
+    ZeRO-2/3 with plan.grad_sync each, once per micro-batch, sharing the NIC with
     the ring-attention exchange when both cross nodes; the ZeRO-1/2 all-gather of the
     updated weights (Rajbhandari et al. 2020 sec 5.2; ZeRO-1 by all-reduce broadcasts them
     instead, plan.zero1_sync), overlapped with the next forward;
@@ -306,8 +318,10 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     both_cross = (rpn < dps) & (r["cp_rpn"] < r["cp"])
     bucket = bucket + c(np.where(both_cross, r["l_cp_bwd_raw"], 0.0)) * (bucket > 0)
     exposed, slowed = overlap_split(bucket, c(r["l_bwd"]), hw)
-    dp = np.where(n > 0, bucket + (n - 1) * exposed, 0.0)
-    contention = np.where(n > 0, (n - 1) * slowed, 0.0)
+    # ZeRO-2/3 syncing after each micro-batch (plan.grad_sync each) pays this in every one
+    syncs = c(r["grad_syncs"])
+    dp = syncs * np.where(n > 0, bucket + (n - 1) * exposed, 0.0)
+    contention = syncs * np.where(n > 0, (n - 1) * slowed, 0.0)
     # the updated weights of ZeRO-1/2 are gathered bucket by bucket behind the next step's
     # forward (Megatron-LM --overlap-param-gather), the first bucket exposed
     gather = c(np.isin(z, (1, 2))) * per_layer_s("all_gather", r["d"])
@@ -316,7 +330,7 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     gather_exposed, gather_slowed = overlap_split(gather, c(r["l_fwd_compute"]), hw)
     dp = dp + np.where(n > 0, gather + (n - 1) * gather_exposed, 0.0)
     contention = contention + np.where(n > 0, (n - 1) * gather_slowed, 0.0)
-    total = n * (bucket + gather)
+    total = n * (syncs * bucket + gather)
     if model.tied_embeddings:
         sync = collective_s(hw, "all_reduce", model.vocab_size * model.hidden_size / r["tp"] * r["gd"],
                             2, r["pp_rpn"], r["pp_share"])

@@ -52,6 +52,7 @@ WORLD_2 = [
     ("zero1", LLAMA, plan(dp=2, zero=1)),
     ("zero2", LLAMA, plan(dp=2, zero=2)),
     ("zero3", LLAMA, plan(dp=2, zero=3)),
+    ("zero3-sync-last", LLAMA, plan(dp=2, zero=3, grad_sync="last")),
     ("tp", LLAMA, plan(tp=2)),
     ("tp-sp", LLAMA, plan(tp=2, sp=True)),
     ("pp-gpipe", LLAMA, plan(pp=2, schedule="gpipe")),

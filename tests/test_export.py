@@ -15,7 +15,7 @@ import pytest
 
 from meshplan.core.errors import PlanError
 from meshplan.hw_profiles.profile import load_profile
-from meshplan.planner.exports import check, export, supported, train_job, vllm
+from meshplan.planner.exports import check, dictated, export, supported, train_job, vllm
 from meshplan.planner.exports.checkpoint import checkpoint_of
 from meshplan.planner.exports.megatron import layout
 from meshplan.planner.exports.torchtitan import stage_modules
@@ -61,6 +61,11 @@ def job(model_arg, gpus=64, version=None, seq_len=4096, hw=A100, **knobs):
     return train_job(model, result, hw, checkpoint_of(model_arg, model), version)
 
 
+def titan_job(model_arg, **knobs):
+    """job() of a plan as a search for torchtitan prices it (exports.dictated: its loss compiled)."""
+    return job(model_arg, **{**dictated("torchtitan", knobs), **knobs})
+
+
 @pytest.fixture(scope="module")
 def deepseek_shaped(tmp_path_factory) -> str:
     """DeepSeek-V3's experts (256 routed, top 8 from the best 4 of 8 groups, one shared,
@@ -96,8 +101,8 @@ def test_checkpoint_facts_from_the_config_and_the_zoo():
 
 
 def test_torchtitan_0_3_arguments():
-    j = job("llama-3-70b", dp=4, tp=4, pp=4, sp=True, zero=3, recompute="full", micro_batch=2,
-            schedule="interleaved", virtual_stages=2)
+    j = titan_job("llama-3-70b", dp=4, tp=4, pp=4, sp=True, zero=3, recompute="full", micro_batch=2,
+                  schedule="interleaved", virtual_stages=2)
     e = export("torchtitan", j)
     f = flags(e.args)
     assert (f["--module"], f["--config"]) == ("llama3", "llama3_70b")
@@ -112,7 +117,7 @@ def test_torchtitan_0_3_arguments():
 
 
 def test_torchtitan_0_2_toml():
-    e = export("torchtitan", job("llama-3-70b", version="0.2", dp=4, tp=4, pp=4, sp=True, zero=2,
+    e = export("torchtitan", titan_job("llama-3-70b", version="0.2", dp=4, tp=4, pp=4, sp=True, zero=2,
                                  recompute="op"))
     config = tomllib.loads(dict(e.files)["torchtitan-job.toml"])
     for section, keys in config.items():
@@ -184,9 +189,9 @@ def test_mlp_kernel_and_elementwise_reach_each_target():
         check("megatron", L13, Plan(global_batch=64, seq_len=4096, dp=8, tp=8, mlp_kernel="eager",
                                     elementwise="eager"))
     assert err.value.problem.startswith("elementwise")
-    fused = flags(export("torchtitan", job("llama-3-70b", dp=8, tp=8, sp=True)).args)
-    eager = flags(export("torchtitan", job("llama-3-70b", dp=8, tp=8, sp=True, mlp_kernel="eager",
-                                           elementwise="eager")).args)
+    fused = flags(export("torchtitan", titan_job("llama-3-70b", dp=8, tp=8, sp=True)).args)
+    eager = flags(export("torchtitan", titan_job("llama-3-70b", dp=8, tp=8, sp=True, mlp_kernel="eager",
+                                                 elementwise="eager")).args)
     assert "--compile.enable" in fused and "--compile.enable" not in eager
     with pytest.raises(PlanError) as err:  # uncompiled, everything elementwise is eager
         check("torchtitan", L70, Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, mlp_kernel="eager"))
@@ -220,12 +225,12 @@ def test_plan_export_round_trips():
 ])
 def test_refusals_name_target_and_knob(target, model, knobs, knob):
     with pytest.raises(PlanError) as err:
-        check(target, model, Plan(global_batch=64, seq_len=4096, **knobs))
+        check(target, model, Plan(global_batch=64, seq_len=4096, **{**dictated(target, knobs), **knobs}))
     assert err.value.field == f"emit.{target}" and err.value.problem.startswith(knob)
 
 
 def test_version_specific_refusals():
-    plan = Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, zero=0)
+    plan = Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, zero=0, cross_entropy="compiled")
     check("torchtitan", L70, plan)  # 0.3 replicates with FSDP's replicate axis
     with pytest.raises(PlanError) as err:
         check("torchtitan", L70, plan, version="0.2")  # 0.2 has DDP on a 1-D mesh only
@@ -369,7 +374,7 @@ def test_megatron_overlaps_the_expert_all_to_all():
 
 
 def test_torchtitan_0_3_moe_flavor_and_knobs():
-    e = export("torchtitan", job(QWEN3_MOE, dp=16, tp=4, sp=True, zero=3, ep=8, etp=1, tp_overlap=True,
+    e = export("torchtitan", titan_job(QWEN3_MOE, dp=16, tp=4, sp=True, zero=3, ep=8, etp=1, tp_overlap=True,
                                  reshard_after_forward=False))
     f = flags(e.args)
     assert (f["--module"], f["--config"]) == ("qwen3", "qwen3_30b_a3b")
@@ -378,20 +383,20 @@ def test_torchtitan_0_3_moe_flavor_and_knobs():
     assert f["--parallelism.fsdp-reshard-after-forward"] == "never"
     assert {"--compile.enable", "--compile.enable-async-tensor-parallel"} <= set(f)
     assert f["--training.mixed-precision-reduce"] == "float32"
-    resharded = flags(export("torchtitan", job("llama-3-70b", dp=8, pp=8, zero=3)).args)
+    resharded = flags(export("torchtitan", titan_job("llama-3-70b", dp=8, pp=8, zero=3)).args)
     assert resharded["--parallelism.fsdp-reshard-after-forward"] == "always"  # "default" would not under PP
     assert "--parallelism.expert-parallel-degree" not in resharded
 
 
 def test_torchtitan_0_3_float8_is_the_405b_recipe():
-    f = flags(export("torchtitan", job("llama-3-405b", seq_len=8192, hw=H100, dp=1, tp=8, pp=8, sp=True,
+    f = flags(export("torchtitan", titan_job("llama-3-405b", seq_len=8192, hw=H100, dp=1, tp=8, pp=8, sp=True,
                                        zero=3, recompute="full", dtype="fp8", fp8_recipe="rowwise",
                                        fp8_saved_dtype="bf16")).args)
     assert f["--config"] == "llama3_405b"
 
 
 def test_torchtitan_0_2_moe_and_float8_toml():
-    e = export("torchtitan", job(QWEN3_MOE, version="0.2", dp=16, tp=4, sp=True, zero=3, ep=8, etp=4,
+    e = export("torchtitan", titan_job(QWEN3_MOE, version="0.2", dp=16, tp=4, sp=True, zero=3, ep=8, etp=4,
                                  moe_dispatcher="deepep", tp_overlap=True))
     config = tomllib.loads(dict(e.files)["torchtitan-job.toml"])
     assert config["model"] == {"name": "qwen3", "flavor": "30B-A3B"}
@@ -399,7 +404,7 @@ def test_torchtitan_0_2_moe_and_float8_toml():
     assert (par["expert_parallel_degree"], par["expert_tensor_parallel_degree"]) == (8, 4)
     assert par["expert_parallel_comm_backend"] == "deepep" and par["enable_async_tensor_parallel"] is True
     assert config["compile"]["enable"] is True
-    fp8 = tomllib.loads(dict(export("torchtitan", job("llama-3-70b", version="0.2", hw=H100, dp=8, tp=8, sp=True,
+    fp8 = tomllib.loads(dict(export("torchtitan", titan_job("llama-3-70b", version="0.2", hw=H100, dp=8, tp=8, sp=True,
                                                       zero=3, dtype="fp8", fp8_saved_dtype="bf16")).files)[
         "torchtitan-job.toml"])
     assert fp8["model"]["converters"] == ["quantize.linear.float8"]
@@ -448,6 +453,7 @@ def test_deepspeed_moe_command_and_reduce_dtype():
 ])
 def test_new_knob_refusals_name_target_and_knob(target, model_arg, knobs, knob):
     with pytest.raises(PlanError) as err:
-        check(target, load_model(model_arg), Plan(global_batch=64, seq_len=4096, **knobs))
+        check(target, load_model(model_arg),
+              Plan(global_batch=64, seq_len=4096, **{**dictated(target, knobs), **knobs}))
     assert err.value.field == f"emit.{target}"
     assert any(problem.startswith(knob) for _, problem, _ in err.value.issues), err.value.issues

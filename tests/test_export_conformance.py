@@ -24,7 +24,7 @@ import textwrap
 import pytest
 
 from meshplan.hw_profiles.profile import load_profile
-from meshplan.planner.exports import export, train_job, vllm
+from meshplan.planner.exports import dictated, export, train_job, vllm
 from meshplan.planner.exports.checkpoint import checkpoint_of
 from meshplan.simulator.model_spec import load_model
 from meshplan.simulator.plan import Cluster, Plan
@@ -92,6 +92,10 @@ TORCHTITAN_0_2_PLANS = TORCHTITAN_PLANS + [
     ("llama-3-70b", 64, plan(dp=8, tp=8, sp=True, zero=3, dtype="fp8", fp8_saved_dtype="bf16")),
     (QWEN3_MOE, 64, plan(dp=16, tp=4, sp=True, zero=3, ep=8, etp=4, moe_dispatcher="deepep")),
 ]
+# compiled, torchtitan compiles the loss with the model (what a search for it prices: exports.dictated)
+TORCHTITAN_PLANS, TORCHTITAN_0_2_PLANS = (
+    [(m, gpus, dataclasses.replace(p, **dictated("torchtitan", {}))) for m, gpus, p in plans]
+    for plans in (TORCHTITAN_PLANS, TORCHTITAN_0_2_PLANS))
 MEGATRON_PLANS = [("llama-3-70b", 64, plan(zero=1, **knobs)) for knobs in LLAMA3_70B_LAYOUTS] + [
     ("llama-3-70b", 64, plan(dp=32, cp=2, zero=3, recompute="full")),
     ("llama-3-70b", 64, plan(dp=64, zero=3, recompute="selective")),

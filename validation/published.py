@@ -30,6 +30,7 @@ from scipy.optimize import minimize_scalar
 from meshplan.core.errors import MeshplanError
 from meshplan.hw_profiles.profile import HardwareProfile, Stragglers, load_profile
 from meshplan.planner.search import search
+from meshplan.simulator.memory import FRAGMENTATION_SHARE
 from meshplan.simulator.model_spec import ModelSpec, load_model
 from meshplan.simulator.ops import model_flops_per_step
 from meshplan.simulator.plan import DTYPES, Cluster, Plan, complete_fields
@@ -59,7 +60,8 @@ KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "ep": "ep", "etp": "etp
          "micro_batch": "micro_batch", "schedule": "schedule", "virtual_stages": "virtual_stages",
          "sp": "sp", "tp_overlap": "tp_overlap", "fsdp_reshard_after_forward": "reshard_after_forward",
          "moe_dispatcher": "moe_dispatcher", "moe_a2a_overlap": "moe_a2a_overlap",
-         "grad_reduce_dtype": "grad_reduce_dtype", "fp8_saved_dtype": "fp8_saved_dtype",
+         "grad_reduce_dtype": "grad_reduce_dtype", "grad_sync": "grad_sync",
+         "cross_entropy": "cross_entropy", "fp8_saved_dtype": "fp8_saved_dtype",
          "attention": "attention"}
 # each knob's Plan default: its type says how a CSV cell reads (flag, choice, or count)
 PLAN_DEFAULTS = {f.name: f.default for f in fields(Plan)}
@@ -194,6 +196,13 @@ def predict(run: PublishedRun, hw: HardwareProfile) -> SimulationResult:
     if not open_knobs:
         return simulate(run.model, Plan(**complete_fields(fixed, run.cluster.num_gpus)), run.cluster, hw)
     return search(run.model, run.cluster, hw, fixed, des=4).ranked[0]
+
+
+def reserved_bytes(result: SimulationResult, hw: HardwareProfile) -> float:
+    """The caching allocator's peak reserved memory, what published runs log (torchtitan's
+    memory figure is torch.cuda.max_memory_reserved): the simulated (allocated) peak plus
+    the fragmentation meshplan holds back on the device (memory.FRAGMENTATION_SHARE)."""
+    return result.peak_memory_bytes + FRAGMENTATION_SHARE * hw.memory_bytes
 
 
 def _error_and_sensitivity(run: PublishedRun, at, probe: float) -> tuple[float, float]:

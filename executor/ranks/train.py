@@ -116,8 +116,9 @@ class Job:
             return torch.stack(losses).mean().detach() if losses else torch.zeros((), device=self.device)
         model, n = self.modules[0], self.plan.num_microbatches
         total = torch.zeros((), device=self.device)
+        each = not self.plan.grad_sync_once  # ZeRO-2/3 reducing after every micro-batch
         for i, (x, y) in enumerate(zip(inputs.chunk(n), targets.chunk(n))):
-            with gradient_sync(model, i == n - 1):
+            with gradient_sync(model, each or i == n - 1, i == n - 1):
                 with autocast:
                     loss = loss_fn(model(x), y) / n
                 loss.backward()

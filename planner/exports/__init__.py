@@ -90,9 +90,17 @@ def train_job(model: ModelSpec, result: SimulationResult, hw: HardwareProfile,
     return TrainJob(model, result, tuple(partition), checkpoint, version)
 
 
-# What a target runs whatever the plan says: a search for it prices that unless the user
-# fixed the field (then the target's rules refuse what it cannot run).
-DICTATED = {"deepspeed": {"mlp_kernel": "eager"}, "torchtitan": {"fp8_saved_dtype": "bf16"}}
+def dictated(target: str, fixed: dict) -> dict:
+    """What `target` runs whatever the plan says, given the user's fixed fields: a search for
+    it prices that unless the user fixed the field too (then the target's rules refuse what
+    it cannot run). torchtitan compiles its loss with the model, so an uncompiled
+    (elementwise eager) plan's loss is eager."""
+    if target == "deepspeed":
+        return {"mlp_kernel": "eager"}
+    if target == "torchtitan":
+        return {"fp8_saved_dtype": "bf16",
+                "cross_entropy": "eager" if fixed.get("elementwise") == "eager" else "compiled"}
+    return {}
 
 
 def rule_set(target: str, version: str | None = None) -> str:
