@@ -8,7 +8,6 @@ attention they reduce exactly to Table 2 (tests check each row).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -139,7 +138,6 @@ def fp8_saved_savings(model: ModelSpec, shard: Shard, kind: LayerKind) -> float:
     return (d - 1) * inputs - out_proj_copy
 
 
-@lru_cache(maxsize=4096)  # the planner asks per shard in its table and again per simulated plan
 def layer_activation_bytes(model: ModelSpec, shard: Shard, recompute: str) -> float:
     """Bytes the mean layer keeps for backward (layer kinds weighted by their layers)."""
     return sum(n * layer_kind_activation_bytes(model, shard, recompute, kind)

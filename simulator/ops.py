@@ -22,7 +22,6 @@ left out) and Megatron-Core with Transformer Engine (TE Linear layers only) run 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from meshplan.simulator.model_spec import LayerKind, ModelSpec
 
@@ -344,7 +343,6 @@ def op_sac(model: ModelSpec, shard: Shard, ops: list[Op]) -> tuple[list[Op], flo
     return out, max(saved) if alternating else saved[1]
 
 
-@lru_cache(maxsize=4096)  # the planner prices each shard in its table and again per simulated plan
 def layer_kind_ops(model: ModelSpec, shard: Shard, kind: LayerKind) -> tuple[Op, ...]:
     """Forward operators of one decoder layer of `kind`, in execution order. Gemma's
     sandwich norms normalise each block's output before its residual add; a parallel
