@@ -205,10 +205,10 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
 
     With `prune_dominated`, knob values another value beats in time and memory at once are
     left out unless fixed: ZeRO-1 (ZeRO-2 moves the same bytes and shards the gradients
-    too, or, accumulating them whole, holds as much: plan.grad_sync) and selective recompute
-    under fused attention (which recomputes the attention
-    core anyway). A search restricted to a framework that lacks the dominating value keeps
-    them (planner.search passes False)."""
+    too, or, accumulating them whole, holds as much: plan.grad_sync) and selective
+    recompute under fused attention (which recomputes the attention core anyway). A search
+    restricted to a framework that lacks the dominating value keeps them (planner.search
+    passes False)."""
     missing = [(f"plan.{name}", "missing", "give it") for name in ("global_batch", "seq_len")
                if name not in fixed]
     if missing:

@@ -252,7 +252,7 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     flight (schedule.loss_in_flight) and holds in its backward (memory.cross_entropy_logits);
     one layer rebuilt in backward under full or per-op recompute; the gathered weights of the
     current and the prefetched layer under ZeRO-3. The head's backward frees the loss's
-    before the first layer's backward rebuilds and gathers, so those take the larger.
+    tensors before the first layer's backward rebuilds and gathers: the larger of the two.
     ZeRO-2/3 gradients reduced once per step (plan.grad_sync last) stay whole from the first
     backward to the last: FSDP2 accumulates them unsharded, in the reduce dtype
     (FSDPParam.to_accumulated_grad_if_needed)."""
