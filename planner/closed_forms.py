@@ -205,7 +205,7 @@ MEMORY_KEYS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched
 # what of a row the memory terms read (step.rank_params, step.rank_memory, in_flight)
 MEMORY_READS = MEMORY_KEYS + ("dps", "edp", "per_layer", "per_layer_expert", "tokens", "act", "act_none",
                               "dtype", "d", "gd", "accumulate_whole",
-                              "loss_logits")
+                              "loss_kept", "loss_peak")
 
 
 def _memory_rows(r: dict, index) -> dict:

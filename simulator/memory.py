@@ -209,20 +209,24 @@ def logits_bytes(tokens, vocab_size: int, tp):
     return 4 * tokens * vocab_size / tp
 
 
-def cross_entropy_logits(kernel: str, dtype_bytes: int) -> tuple[float, float]:
+def cross_entropy_logits(kernel: str, dtype_bytes: int, tp) -> tuple[np.ndarray, np.ndarray]:
     """(kept for backward per micro-batch in flight, held at the loss's backward peak) of a
-    cross-entropy kernel (plan.CROSS_ENTROPY), in units of fp32 logits (logits_bytes).
+    cross-entropy kernel (plan.CROSS_ENTROPY) at TP degree `tp` (an int or an array), in
+    units of fp32 logits (logits_bytes).
     fused: the fp32 probabilities, then the gradient beside them (Megatron-LM
     tensor_parallel/cross_entropy.py writes it into them). eager: F.cross_entropy of an fp32
     copy keeps log_softmax's fp32 output; its backward holds that, nll_loss's dense fp32
     gradient and log_softmax's fp32 input gradient at once (the bf16 logits are freed first,
-    torchtitan's train.py `del pred`). compiled: the graph keeps the logits in the model's
-    dtype and writes their gradient in it."""
+    torchtitan's train.py `del pred`); over vocabulary-sharded logits (loss_parallel, tp > 1)
+    one more: its NLL backward forms (grad_input + exp(log_probs)) * grad_output, exp's
+    temporary beside the sum (torch/distributed/tensor/parallel/loss.py _nll_loss_backward).
+    compiled: the graph keeps the logits in the model's dtype and writes their gradient in it."""
+    tp = np.asarray(tp)
     if kernel == "eager":
-        return 1.0, 3.0
+        return np.ones(tp.shape), np.where(tp > 1, 4.0, 3.0)
     if kernel == "compiled":
-        return dtype_bytes / 4, dtype_bytes / 2
-    return 1.0, 2.0
+        return np.full(tp.shape, dtype_bytes / 4), np.full(tp.shape, dtype_bytes / 2)
+    return np.ones(tp.shape), np.full(tp.shape, 2.0)
 
 
 # Reserved-but-unused memory of the caching allocator at the peak (fragmentation), as a share

@@ -109,7 +109,7 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     # a reduce-scatter after each micro-batch (plan.grad_sync)
     accumulating = (r["zero"] >= 2) & (r["num_microbatches"] > 1)
     r["accumulate_whole"] = accumulating & grad_sync_once(wide["grad_sync"], r["pp"])
-    r["loss_logits"] = cross_entropy_logits(wide["cross_entropy"], d)
+    r["loss_kept"], r["loss_peak"] = cross_entropy_logits(wide["cross_entropy"], d, r["tp"])
     r["grad_syncs"] = np.where(accumulating & ~r["accumulate_whole"], r["num_microbatches"], 1)
     return r
 
@@ -270,8 +270,8 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     in_backward = np.where(c(r["reshard"]), 2, 0) * layer_bytes + c(np.isin(r["rc"], (FULL, OP)) * r["act_none"])
     logits = (s == c(r["pp"]) - 1) * c(logits_bytes(r["tokens"], model.vocab_size, r["tp"]))
     held = c(loss_in_flight(r["sched"], r["pp"], r["num_microbatches"], r["a2a_overlap"]))
-    kept, peak = r["loss_logits"]
-    buffers = ((held - 1) * kept * logits + np.maximum(peak * logits, in_backward)
+    kept, peak = c(r["loss_kept"]) * logits, c(r["loss_peak"]) * logits
+    buffers = ((held - 1) * kept + np.maximum(peak, in_backward)
                + np.where(c(r["reshard"]), 0, n) * layer_bytes)
     return {"weights": states[0], "gradients": states[1], "optimizer": states[2],
             "activations": inflight * n / c(v) * c(r["act"]), "buffers": buffers}

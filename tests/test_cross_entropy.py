@@ -29,7 +29,18 @@ def test_each_kernel_holds_its_logits_at_the_backward_peak():
     assert eager == pytest.approx(3 * fp32_logits)  # log_softmax out, nll grad, log_softmax grad
     assert compiled == pytest.approx(2 * 4096 * 128256 * 2)  # bf16 logits + their bf16 gradient
     # training in fp32 the compiled graph keeps fp32 logits
-    assert cross_entropy_logits("compiled", 4) == (1.0, 2.0)
+    assert tuple(map(float, cross_entropy_logits("compiled", 4, 1))) == (1.0, 2.0)
+
+
+def test_loss_parallel_holds_one_more_logit_tensor():
+    """Over vocabulary-sharded logits (TP 2) PyTorch's loss_parallel backward forms
+    (zeros + exp(log_probs)) * grad: four fp32 tensors of the local logits at once."""
+    local_fp32_logits = 4096 * (128256 // 2) * 4
+    plan = dict(global_batch=2, seq_len=4096, tp=2, sp=True, micro_batch=1)
+    eager = Plan(**plan, cross_entropy="eager")
+    fused = Plan(**plan)
+    memory = [simulate(LLAMA, p, Cluster(2, 8), H100).stages[0].memory.buffers_bytes for p in (eager, fused)]
+    assert memory[0] - memory[1] == pytest.approx(2 * local_fp32_logits)
 
 
 def test_micro_batches_in_flight_keep_what_each_kernel_saves():
