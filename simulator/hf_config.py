@@ -316,7 +316,8 @@ def _deepseek_v3(c: _Config, method: str = "noaux_tc") -> dict:
     method = c.get("topk_method", method)
     if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
         c.refuse("topk_method", f"expert selection {method!r}")
-    n_group, _ = c.get("n_group"), c.get("topk_group")
+    n_group = c.get("n_group")
+    c.get("topk_group")  # read either way: greedy selection leaves it unused
     groups = {} if method == "greedy" or (n_group or 1) == 1 else dict(
         route_groups=c.size("n_group"), route_group_topk=c.size("topk_group"))
     first, freq = c.get("first_k_dense_replace", 0), c.size("moe_layer_freq", 1)

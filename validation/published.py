@@ -261,8 +261,8 @@ def fit_straggler_spread(pairs: list[tuple[PublishedRun, PublishedRun]], probe: 
 
 def fit_moe_host_gap(runs: list[PublishedRun], probe_s: float = 1e-3) -> tuple[float, list]:
     """FrameworkOverhead.moe_host_gap_s from the fit half's mixture-of-experts rows. A
-    row's step time at x seconds per MoE block forward is T0 + x g (g simulated at
-    `probe_s`); x minimises the summed |log(measured / (T0 + x g))|, robust to the rows a
+    row's step time at x seconds per MoE block forward is T0 (1 + x g) (g simulated at
+    `probe_s`); x minimises the summed |log(measured / (T0 (1 + x g)))|, robust to the rows a
     setting the source leaves unsaid puts far off. Returns x and per row (id, log(measured
     / T0), g)."""
     terms = []
