@@ -7,10 +7,10 @@ Measured on a layer so small that its operators' work is negligible: the time of
 loss cancelled out. Five variants: plain, tensor parallel through DTensor (on a one-rank
 mesh, so that sharding propagation runs but no data moves: the collectives are costed from
 their own fits), TP with sequence parallelism, mixture-of-experts layers (top-2 of 4
-experts in place of the MLP; less the plain layer's, what the MoE block adds), and the
-inference forwards (prompt and one-token decode over a KV cache). The simulator adds these
-per layer (hw_profiles.profile.FrameworkOverhead); on a GPU, host overhead hides behind
-queued kernels and is not used.
+experts in place of the MLP; the 3-layer MoE model less the 3-layer plain one, per layer,
+is what the MoE block adds), and the inference forwards (prompt and one-token decode over a
+KV cache). The simulator adds these per layer (hw_profiles.profile.FrameworkOverhead); on a
+GPU, host overhead hides behind queued kernels and is not used.
 """
 from __future__ import annotations
 
@@ -106,22 +106,32 @@ def _inference_s(num_layers: int, repeats: int, warmup: int) -> tuple[float, flo
     return prefill, statistics.median(decode() for _ in range(repeats + warmup))
 
 
+def _forward_backward(forward_s: float, step_s: float, layers: int) -> tuple[float, float]:
+    """Per layer (forward, backward) seconds from the time differences of forward and of
+    forward + backward over `layers` layers; noise below zero reads as none."""
+    forward = max(0.0, forward_s / layers)
+    return forward, max(0.0, step_s / layers - forward)
+
+
 def measure_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:
     """Per-layer framework overhead of this machine's executor (one thread)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        per_layer = {}
+        per_layer, per_model = {}, {}
         variants = ((None, False), ("tp", False), ("sp", False), (None, True))
         with _one_rank_group():
             fns = [fn for tp, moe in variants for n in LAYERS for fn in _training(n, tp, moe)]
             times = iter(_median_s(fns, repeats, warmup))
             for variant in variants:
                 f1, t1, f3, t3 = (next(times) for _ in range(4))
-                fwd = max(0.0, (f3 - f1) / 2)
-                per_layer[variant] = (fwd, max(0.0, (t3 - t1) / 2 - fwd))
+                per_layer[variant] = _forward_backward(f3 - f1, t3 - t1, LAYERS[1] - LAYERS[0])
+                per_model[variant] = (f3, t3)
         (p1, d1), (p3, d3) = (_inference_s(n, repeats, warmup) for n in LAYERS)
-        moe = [max(0.0, m - d) for m, d in zip(per_layer[None, True], per_layer[None, False])]
+        # the MoE block's surcharge from the two 3-layer models, whose other parts are alike:
+        # one difference over 3 layers, steadier than two per-layer differences apart
+        (mf, mt), (df, dt) = per_model[None, True], per_model[None, False]
+        moe = _forward_backward(mf - df, mt - dt, LAYERS[1])
     finally:
         torch.set_num_threads(before)
     return FrameworkOverhead(

@@ -371,9 +371,11 @@ def _relay(stream, tail: list[str], on_line, quiet: threading.Event, keep_chars:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGINT to torchrun and the ranks (its process group), and wait for the whole group:
+    """SIGINT to torchrun and the ranks (its process group), and wait for all of them:
     torchrun may exit before a rank it signalled has, so its exit alone does not say the
-    ranks are gone. SIGKILL to the group if any of it lingers past the grace."""
+    ranks are gone. torchrun starts each rank in a session of its own, so the ranks are
+    found as its descendants, not in its group. SIGKILL to whatever lingers past the grace."""
+    tree = _descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGINT)
     except ProcessLookupError:
@@ -383,34 +385,52 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
         pass
-    if not _group_gone(proc.pid, deadline):
+    if not _all_gone(proc.pid, tree, deadline):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
-        _group_gone(proc.pid, time.monotonic() + STOP_GRACE_S)
+        _all_gone(proc.pid, tree, time.monotonic() + STOP_GRACE_S)
 
 
-def _group_gone(pgid: int, deadline: float) -> bool:
-    """Whether every process of group `pgid` has ended, polling until `deadline`
-    (time.monotonic())."""
-    while _group_runs(pgid):
+def _all_gone(pgid: int, pids: set[int], deadline: float) -> bool:
+    """Whether every process of group `pgid` and every one of `pids` has ended, polling
+    until `deadline` (time.monotonic())."""
+    while any(pgid == group or pid in pids for pid, _, group in _processes()):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
     return True
 
 
-def _group_runs(pgid: int) -> bool:
-    """Whether a process of group `pgid` runs (zombies aside: they hold nothing, and their
-    reaping is not ours)."""
+def _descendants(root: int) -> set[int]:
+    """The live processes below `root` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for pid, parent, _ in _processes():
+        children.setdefault(parent, []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every live process (zombies aside: they hold
+    nothing, and their reaping is not ours)."""
+    rows = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:  # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
-            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            state, parent, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
         except (OSError, IndexError, ValueError):
             continue
-        if state != "Z" and int(group) == pgid:
-            return True
-    return False
+        if state != "Z":
+            rows.append((int(stat.parent.name), int(parent), int(group)))
+    return rows
 
 
 def rendezvous_failure(torchrun_output: str, endpoint: str | None, timeout_s: float) -> str | None:

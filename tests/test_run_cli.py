@@ -267,6 +267,24 @@ def test_sigterm_stops_every_rank_like_ctrl_c(config_json):
     assert _tagged_processes(tag) == []
 
 
+def test_stop_kills_ranks_in_their_own_session_when_torchrun_lingers(monkeypatch):
+    """torchrun starts each rank in a session of its own; when torchrun does not stop within
+    the grace, the SIGKILL to its group alone would leave such a rank running."""
+    monkeypatch.setattr(launch_module, "STOP_GRACE_S", 1)
+    tag = uuid.uuid4().hex
+    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    child = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {stubborn + 'time.sleep(600)'!r}], start_new_session=True); "
+    parent = subprocess.Popen([sys.executable, "-c", stubborn + child + "time.sleep(600)"],
+                              start_new_session=True, env=dict(os.environ, MESHPLAN_TEST_TAG=tag))
+    deadline = time.monotonic() + 30
+    while len(_tagged_processes(tag)) < 2:
+        assert time.monotonic() < deadline, "the child did not start"
+        time.sleep(0.1)
+    launch_module._stop(parent)
+    assert parent.returncode == -signal.SIGKILL
+    assert _tagged_processes(tag) == []
+
+
 @pytest.mark.slow
 def test_torchrun_does_not_outlive_a_killed_launcher(config_json):
     tag = uuid.uuid4().hex
