@@ -300,8 +300,11 @@ class ShardTimes:
                           self.split_fwd_s[index], self.split_bwd_s[index])
 
 
-def shard_times(model: ModelSpec, hw: HardwareProfile, shards: list[Shard], dtype: str) -> ShardTimes:
-    op_lists = [layer_ops(model, s) for s in shards]
+def shard_times(model: ModelSpec, hw: HardwareProfile, shards: list[Shard], dtype: str,
+                op_lists: list[tuple[Op, ...]] | None = None) -> ShardTimes:
+    """Times of each shard's layer, embedding and head (op_lists: each shard's ops.layer_ops
+    where the caller has them)."""
+    op_lists = [layer_ops(model, s) for s in shards] if op_lists is None else op_lists
     layer = op_times(op_lists, hw, dtype)
     moe = moe_layer_share(model)
     host = np.array([hw.overhead.training_layer_s(s.tp, s.sp, moe) for s in shards],

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meshplan.simulator.model_spec import LayerKind, ModelSpec
-from meshplan.simulator.ops import Shard, layer_kind_ops, op_sac
+from meshplan.simulator.ops import Op, Shard, kinds_ops, op_sac
 
 # Mixed-precision Adam: fp32 master weights + two fp32 moments = 12 bytes/param
 # (Rajbhandari et al. 2020, ZeRO sec 3.1, K = 12); with fp32 training the master copy is
@@ -36,8 +36,10 @@ def mlp_saved_widths(model: ModelSpec, fused: bool = True) -> int:
     return 3 if fused else 4
 
 
-def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, kind: LayerKind) -> float:
-    """Bytes one layer of `kind` keeps for backward, for one micro-batch, on one device.
+def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, kind: LayerKind,
+                                ops: tuple[Op, ...] | None) -> float:
+    """Bytes one layer of `kind` keeps for backward, for one micro-batch, on one device
+    (`ops`: its operators, ops.layer_kind_ops, which recompute op reads).
 
     Terms of Korthikanti et al. sec 4.1 (2 bytes per element, 1 per dropout mask), each
     sharded over TP where Megatron shards it, and over TP too with sequence parallelism.
@@ -54,7 +56,7 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
         # the layer input, the saved matmul outputs (ops.op_sac), the attention output and
         # its fp32 log-sum-exp, SP's two reduce-scatter outputs, the routed rows the
         # dispatch and combine all-to-alls return
-        saved = op_sac(model, shard, list(layer_kind_ops(model, shard, kind)))[1]
+        saved = op_sac(model, shard, list(ops))[1]
         rows = shard.expert_tokens * model.experts_per_token * shard.capacity
         return (d * (ntok * h + saved + tok * heads * model.value_head_dim)
                 + 4 * shard.micro_batch * heads * shard.local_seq
@@ -138,10 +140,14 @@ def fp8_saved_savings(model: ModelSpec, shard: Shard, kind: LayerKind) -> float:
     return (d - 1) * inputs - out_proj_copy
 
 
-def layer_activation_bytes(model: ModelSpec, shard: Shard, recompute: str) -> float:
-    """Bytes the mean layer keeps for backward (layer kinds weighted by their layers)."""
-    return sum(n * layer_kind_activation_bytes(model, shard, recompute, kind)
-               for kind, n in model.layer_kinds()) / model.num_layers
+def layer_activation_bytes(model: ModelSpec, shard: Shard, recompute: str,
+                           kind_ops: tuple | None = None) -> float:
+    """Bytes the mean layer keeps for backward (layer kinds weighted by their layers);
+    `kind_ops`: ops.kinds_ops(model, shard) where the caller has them."""
+    kind_ops = kinds_ops(model, shard) if kind_ops is None and recompute == "op" else kind_ops
+    return sum(n * layer_kind_activation_bytes(model, shard, recompute, kind,
+                                               None if kind_ops is None else kind_ops[i])
+               for i, (kind, n) in enumerate(model.layer_kinds())) / model.num_layers
 
 
 @dataclass(frozen=True)

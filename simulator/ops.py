@@ -364,14 +364,20 @@ def layer_kind_ops(model: ModelSpec, shard: Shard, kind: LayerKind) -> tuple[Op,
     return tuple(op_sac(model, shard, ops)[0])
 
 
-def layer_ops(model: ModelSpec, shard: Shard) -> tuple[Op, ...]:
-    """Forward operators of the mean decoder layer: each layer kind's operators, run its
-    share of the layers."""
+def kinds_ops(model: ModelSpec, shard: Shard) -> tuple[tuple[Op, ...], ...]:
+    """layer_kind_ops of each of model.layer_kinds(), in that order."""
+    return tuple(layer_kind_ops(model, shard, kind) for kind, _ in model.layer_kinds())
+
+
+def layer_ops(model: ModelSpec, shard: Shard, kind_ops: tuple | None = None) -> tuple[Op, ...]:
+    """Forward operators of the mean decoder layer: each layer kind's operators (kinds_ops,
+    or `kind_ops` where the caller has them), run its share of the layers."""
     kinds = model.layer_kinds()
+    kind_ops = kinds_ops(model, shard) if kind_ops is None else kind_ops
     if len(kinds) == 1:
-        return layer_kind_ops(model, shard, kinds[0][0])
-    return tuple(changed(op, count=n / model.num_layers) for kind, n in kinds
-                 for op in layer_kind_ops(model, shard, kind))
+        return kind_ops[0]
+    return tuple(changed(op, count=n / model.num_layers) for (_, n), ops in zip(kinds, kind_ops)
+                 for op in ops)
 
 
 def changed(op: Op, **fields) -> Op:

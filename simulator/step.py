@@ -33,7 +33,7 @@ from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, cross_entropy_
                                        expert_layer_params, layer_activation_bytes, logits_bytes,
                                        model_state_bytes, stage_params)
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.ops import Shard
+from meshplan.simulator.ops import Shard, kinds_ops, layer_ops
 from meshplan.simulator.plan import DTYPE_BYTES, RECOMPUTE, SCHEDULES, grad_sync_once
 from meshplan.simulator.schedule import loss_in_flight
 
@@ -77,7 +77,8 @@ def combo_ids(r: dict, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
 def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     """Rows of plans from their knob arrays (KNOBS) and the fields all of them share (`wide`:
     plan.PLAN_WIDE), with the memory terms that need no timing: each row's shard, activation
-    bytes per layer and parameters per layer (all, and the routed experts')."""
+    bytes per layer and parameters per layer (all, and the routed experts'), and each shard's
+    layer operators (shard_ops, built once for memory and times)."""
     dtype, attention, capacity = wide["dtype"], wide["attention"], wide["moe_capacity_factor"]
     r = {k: np.asarray(knobs[k]) for k in KNOBS}
     r.update({k: np.broadcast_to(np.asarray(knobs.get(k, 1.0), dtype=float), r["tp"].shape)
@@ -94,9 +95,11 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
                     eager=wide["elementwise"] == "eager")
               for i in first]
     used = set(np.unique(r["rc"]).tolist()) | {NONE}  # the recompute settings the rows hold
-    act = np.array([[layer_activation_bytes(model, s, k) if i in used else np.nan
-                     for i, k in enumerate(RECOMPUTE)] for s in shards])
-    r.update(shard_id=shard_id, shards=shards, d=d, dtype=dtype, flash=attention == "flash",
+    kind_ops = [kinds_ops(model, s) for s in shards]
+    act = np.array([[layer_activation_bytes(model, s, k, ops) if i in used else np.nan
+                     for i, k in enumerate(RECOMPUTE)] for s, ops in zip(shards, kind_ops)])
+    r.update(shard_id=shard_id, shards=shards, d=d,
+             shard_ops=[layer_ops(model, s, ops) for s, ops in zip(shards, kind_ops)], dtype=dtype, flash=attention == "flash",
              capacity=capacity, dispatcher=wide["moe_dispatcher"], zero1_all_reduce=wide["zero1_sync"] == "all_reduce",
              dps=r["dp"] * r["cp"],
              edp=r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
@@ -130,7 +133,8 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     and the wait for the group's straggler at each (sync_f, sync_b), and the pipeline hop."""
     r = dict(r)
     shard_id, sfirst = group_ids(r["shard_id"])
-    st = shard_times(model, hw, [r["shards"][i] for i in r["shard_id"][sfirst]], r["dtype"])
+    used = r["shard_id"][sfirst]
+    st = shard_times(model, hw, [r["shards"][i] for i in used], r["dtype"], [r["shard_ops"][i] for i in used])
     cost_id, cfirst = combo_ids(r, COST_KEYS)
     c = {k: r[k][cfirst] for k in ("tp", "cp", "sp", "rc", "tp_rpn", "cp_rpn", "tokens", "ep", "etp",
                                    "ep_rpn", "etp_rpn", "in_tokens", "tp_share", "cp_share")}
