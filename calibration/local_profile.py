@@ -1,7 +1,8 @@
 """Measure this machine into a fitted profile: samples of GEMMs, memory-bound operators and
 collectives (calibration/measure/run.py), the framework overhead of the executor's layer on
 CPU (overhead.py), and the fit (fit.py) onto the machine's base description
-(local_base.py)."""
+(local_base.py), then the fused attention kernel against that fit (measure/attention.py). On CPU the drift probe's own reading (probe.py) is kept with the profile, so
+that later probes compare their reading with it, like with like."""
 from __future__ import annotations
 
 import tempfile
@@ -9,11 +10,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from meshplan.calibration.measure.attention import fit_attention
 from meshplan.calibration.fit import fit_profile
 from meshplan.calibration.local_base import local_base
 from meshplan.calibration.measure.machine import describe_machine
 from meshplan.calibration.measure.run import measure_machine, measurement_plan
 from meshplan.calibration.overhead import measure_overhead
+from meshplan.calibration.probe import REFERENCE_KEY, measure as probe
 from meshplan.calibration.samples import Samples
 from meshplan.core.errors import ProfileError
 from meshplan.hw_profiles.profile import HardwareProfile
@@ -34,8 +37,15 @@ def measure_profile(quick: bool, name: str, holdout: float, seed: int,
         samples, machine = measure_machine(quick, Path(tmp) / "samples.json", progress=progress)
     # On a GPU the host queues kernels ahead of the device: its overhead is not on the path.
     overhead = None if cuda else measure_overhead(repeats=15 if quick else 40)
+    reference = None if cuda else probe(collective=machine["usable_cpus"] >= 2)
     measured_s = time.perf_counter() - started
     profile = fit_profile(samples, local_base(samples, machine, name), holdout, seed)
+    # the executor computes in fp32 on CPU and bf16 on a GPU (executor.options.compute_dtype)
+    started = time.perf_counter()
+    profile = replace(profile, attention=fit_attention(profile, "cuda" if cuda else "cpu",
+                                                       "bf16" if cuda else "fp32"))
+    measured_s += time.perf_counter() - started
     if overhead is not None:
-        profile = replace(profile, overhead=overhead)
+        profile = replace(profile, overhead=overhead,
+                          extra={**profile.extra, REFERENCE_KEY: reference.to_json()})
     return profile, samples, machine, measured_s

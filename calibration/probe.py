@@ -4,7 +4,11 @@ host overhead (eager PyTorch), and optionally one collective over two ranks. Eac
 compared with what the profile predicts for the same operation; when the machine has
 drifted beyond the profile's error band, the profile's speed terms can be rescaled by the
 measured ratios (`Probe.rescaled`), so that a slow spell of the machine is not charged to
-the cost model. `check_drift` is the one entry point of `meshplan run` and `meshplan
+the cost model. A profile measured by `meshplan profile` keeps the probe's own reading taken
+then (extra["probe_reference"]), and the probe compares like with like: its reading now
+over its reading then. Only against a profile without one (measured before it was kept) is
+it compared with what the profile's fits predict for the same operations, which a single
+rank alone on the machine may read faster or slower than the fits' samples. `check_drift` is the one entry point of `meshplan run` and `meshplan
 validate`; `repredicted` sets a run's prediction on the rescaled profile beside its
 measurement.
 
@@ -14,9 +18,10 @@ times CPU ranks only: against a profile not measured on CPU, or when the ranks r
 CUDA device, it is skipped with a note."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +30,7 @@ import torch
 from meshplan.calibration.measure.compute import (GemmShape, measure_gemms, measure_memory_bound,
                                                    torch_threads)
 from meshplan.calibration.overhead import measure_overhead
+from meshplan.core.errors import ProfileError
 from meshplan.executor.launch import prediction_or_why, torchrun
 from meshplan.executor.records import RunRecord, ServeRecord
 from meshplan.hw_profiles.profile import HardwareProfile
@@ -52,6 +58,24 @@ class Measurement:
     layer_forward_s: float
     collective_s: float | None
 
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data, where: str) -> Measurement:
+        """From to_json's dict; ProfileError naming `where` and each bad field."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(data, dict):
+            raise ProfileError(where, f"expected an object with {', '.join(fields)}",
+                               "measure the profile again with `meshplan profile`")
+        bad = [k for k in fields if not (isinstance(data.get(k), (int, float)) and data[k] > 0
+                                         or k == "collective_s" and data.get(k) is None)]
+        bad += sorted(set(data) - set(fields))
+        if bad:
+            raise ProfileError.of([(f"{where}.{k}", "missing, not a positive number, or unknown",
+                                    "measure the profile again with `meshplan profile`") for k in bad])
+        return cls(**{k: data[k] for k in fields})
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -62,6 +86,7 @@ class Probe:
     overhead: float
     collective: float | None
     band: float
+    against: str = "fits"  # "reference": the probe's reading kept with the profile
 
     @property
     def drifted(self) -> list[str]:
@@ -78,11 +103,13 @@ class Probe:
         drift = self.drifted
         verdict = (f"drifted beyond the profile's ±{self.band:.0%} band: {', '.join(drift)}" if drift
                    else f"within the profile's ±{self.band:.0%} band")
-        return f"probe (measured / profiled): {', '.join(parts)}; {verdict}"
+        base = "its reading when profiled" if self.against == "reference" else "the profile's fits"
+        return f"probe (measured / profiled, against {base}): {', '.join(parts)}; {verdict}"
 
     def to_json(self) -> dict:
         return {"gemm": self.gemm, "memory": self.memory, "overhead": self.overhead,
-                "collective": self.collective, "band": self.band, "drifted": self.drifted}
+                "collective": self.collective, "band": self.band, "drifted": self.drifted,
+                "against": self.against}
 
     def rescaled(self, hw: HardwareProfile) -> HardwareProfile:
         """The profile with its speed terms scaled by the measured ratios: GEMM rate,
@@ -93,8 +120,26 @@ class Probe:
                          collective_latency=coll, overhead=self.overhead)
 
 
+REFERENCE_KEY = "probe_reference"
+
+
+def reference(hw: HardwareProfile) -> Measurement | None:
+    """The probe's reading kept with `hw` when it was measured, if any."""
+    if REFERENCE_KEY not in hw.extra:
+        return None
+    return Measurement.from_json(hw.extra[REFERENCE_KEY], f"extra.{REFERENCE_KEY}")
+
+
 def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
-    """The measurement over what `hw` predicts for the same operations."""
+    """The measurement over the probe's reading kept with `hw` (reference), or else over
+    what `hw`'s fits predict for the same operations."""
+    then, band = reference(hw), hw.relative_error_band()[1]
+    if then is not None:
+        collective = (measured.collective_s / then.collective_s
+                      if measured.collective_s is not None and then.collective_s is not None else None)
+        return Probe(measured.gemm_s / then.gemm_s,
+                     (measured.add_s / measured.add_bytes) / (then.add_s / then.add_bytes),
+                     measured.layer_forward_s / then.layer_forward_s, collective, band, "reference")
     gemm = measured.gemm_s / float(hw.gemm_time_s(GEMM.m, GEMM.n, GEMM.k, "fp32", batch=GEMM.batch))
     memory = measured.add_s / float(hw.memory_bound_time_s(measured.add_bytes, "fp32", "add"))
     profiled = hw.overhead.layer_forward_s
@@ -103,7 +148,7 @@ def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
     if measured.collective_s is not None:
         collective = measured.collective_s / float(hw.collective_time_s(
             "all_reduce", COLLECTIVE_BYTES, COLLECTIVE_RANKS, COLLECTIVE_RANKS))
-    return Probe(gemm, memory, overhead, collective, hw.relative_error_band()[1])
+    return Probe(gemm, memory, overhead, collective, band)
 
 
 def _collective_s() -> float:

@@ -70,19 +70,20 @@ class RunFailed(Exception):
 
 def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOptions) -> Plan:
     """The plan as it will run (pipeline partition filled in: the split `simulate` prices
-    it with; eager MLP kernels and cross-entropy; ZeRO-1 by all-reduce), or one PlanError
-    naming everything that makes it illegal (rules.TRAINING), that this executor cannot run
-    (rules.EXECUTOR_TRAINING, the options, this machine), that would not fit in memory, or
-    that does not fit the token file or checkpoint folder."""
+    it with; eager elementwise ops, MLP kernels and cross-entropy; ZeRO-1 by all-reduce), or
+    one PlanError naming everything that makes it illegal (rules.TRAINING), that this
+    executor cannot run (rules.EXECUTOR_TRAINING, the options, this machine), that would not
+    fit in memory, or that does not fit the token file or checkpoint folder."""
     plan.validate(model, cluster)
     issues = rules.violations(rules.EXECUTOR_TRAINING, plan.fields(), model, cluster)
     refuse(issues + launch_issues(plan.world_size, options) + options.issues())
     if options.data is not None:
         check_token_file(options.data, plan.seq_len, model.vocab_size, plan.global_batch)
     hw = load_profile(options.profile)
-    # model.py's MLPs run one torch op each, its loss F.cross_entropy; ZeRO-1 is DDP +
-    # ZeroRedundancyOptimizer
-    plan = dataclasses.replace(plan, mlp_kernel="eager", cross_entropy="eager", zero1_sync="all_reduce")
+    # model.py runs its norms, RoPE and MLPs as torch ops, its loss as F.cross_entropy;
+    # ZeRO-1 is DDP + ZeroRedundancyOptimizer
+    plan = dataclasses.replace(plan, elementwise="eager", mlp_kernel="eager", cross_entropy="eager",
+                               zero1_sync="all_reduce")
     if plan.pp > 1 and plan.layer_partition is None:
         plan = dataclasses.replace(plan, layer_partition=pipeline_partition(model, plan, cluster, hw))
     ran = dataclasses.replace(plan, dtype=compute_dtype(plan.dtype, device_type()))

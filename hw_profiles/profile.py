@@ -30,6 +30,7 @@ DTYPES = tuple(DTYPE_BYTES)
 # its latency up to seconds.
 RATE, EFFICIENCY, MIN_MEMORY_BYTES = (1e6, 1e20), (1e-6, 2.0), 2 ** 20
 BUS_RATE, LATENCY_S = (1e3, 1e20), (0.0, 10.0)
+ATTENTION_SCALE = (0.05, 50.0)  # fused attention against the GEMM fits: beyond this, a broken measurement
 REGENERATE = ("regenerate it with `meshplan profile --out FILE` (this machine) or "
               "`python -m meshplan.calibration.build_stock` (stock profiles)")
 
@@ -116,6 +117,21 @@ class Stragglers:
 
 
 @dataclass(frozen=True)
+class FusedAttention:
+    """The fused attention kernel (FlashAttention; scaled_dot_product_attention's fused
+    backends) against the GEMM fits' price of the two matmuls it fuses (ops.attention_core):
+    its forward, and its backward beyond the forward it redoes, take `forward_scale` and
+    `backward_scale` times that price. Measured by `meshplan profile` (calibration/measure/
+    attention.py); 1 where not measured: on the stock profiles the fits' price of causal
+    head-dim-128 attention on H100 is within 3% of FlashAttention-2's published forward
+    rate at 4K-16K (Shah et al. 2024, FlashAttention-3, Fig. 5: 319-335 TFLOPS)."""
+
+    forward_scale: float = 1.0
+    backward_scale: float = 1.0
+    source: str = "not measured: the GEMM fits' price"
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     """A device type in its node. SI units: bytes, seconds, FLOP/s, bytes/s."""
 
@@ -137,6 +153,7 @@ class HardwareProfile:
     overhead: FrameworkOverhead = FrameworkOverhead()
     contention: Contention = Contention()
     stragglers: Stragglers = Stragglers()
+    attention: FusedAttention = FusedAttention()
     # How the NICs are switched (hw_profiles/fabric.py). None (no "fabric" in the JSON): not
     # described, every group gets the inter-node bandwidth as measured (link share 1.0).
     fabric: Fabric | None = None
@@ -243,6 +260,7 @@ class HardwareProfile:
             "overhead": asdict(self.overhead),
             "contention": asdict(self.contention),
             "stragglers": asdict(self.stragglers),
+            "attention": asdict(self.attention),
             **({"fabric": self.fabric.to_dict()} if self.fabric else {}),
         }
 
@@ -273,6 +291,7 @@ class HardwareProfile:
             overhead=r.overhead(data.get("overhead", {})),
             contention=r.fraction(data.get("contention", {}), "contention", Contention, "compute_slowdown"),
             stragglers=r.fraction(data.get("stragglers", {}), "stragglers", Stragglers, "spread"),
+            attention=r.attention(data.get("attention", {})),
             fabric=Fabric.from_dict(data["fabric"], where) if data.get("fabric") is not None
             else None)
 
@@ -364,6 +383,19 @@ class _Reader:
             raise ProfileError(f"{name}.{key}", f"is {value} in {self.where}, expected a fraction in [0, 1)",
                                REGENERATE)
         return cls(value, self.get(data, "source", str, f"{name}."))
+
+    def attention(self, data) -> FusedAttention:
+        """Optional section (profiles from before it: the GEMM fits' price, scales 1)."""
+        if not isinstance(data, dict):
+            raise ProfileError("attention", f"is not an object in {self.where}", REGENERATE)
+        known = [f.name for f in fields(FusedAttention)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ProfileError(f"attention.{unknown[0]}", f"is unknown in {self.where}", REGENERATE)
+        if not data:
+            return FusedAttention()
+        return FusedAttention(*(self.bounded(data, k, *ATTENTION_SCALE, "attention.") for k in known[:2]),
+                              self.get(data, "source", str, "attention."))
 
     def overhead(self, data) -> FrameworkOverhead:
         """Optional section (profiles measured before it existed have none: zeros)."""

@@ -83,7 +83,9 @@ def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     """Per op: forward, backward input-gradient and weight-gradient time. dX = dY W^T,
     dW = X^T dY; GEMMs without a weight (attention) take both operand gradients on the
     input side; memory-bound backward moves 2x bytes (or op.bwd_bytes). FP8 GEMMs (op.fp8)
-    run all three GEMMs in FP8, the rest in compute_dtype. An op runs op.count times."""
+    run all three GEMMs in FP8, the rest in compute_dtype. The matmuls of a fused attention
+    kernel (op.fused) take the profile's FusedAttention scales of that price. An op runs
+    op.count times."""
     fields = np.array([(op.kind == GEMM, op.m, op.n, op.k, op.batch, op.bytes_moved, op.count,
                         2.0 * op.bytes_moved if op.bwd_bytes is None else op.bwd_bytes, op.weight, op.fp8,
                         np.nan if op.weight_bytes is None else op.weight_bytes, op.executed_share)
@@ -113,6 +115,10 @@ def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     other = gemm_s(k[g], n[g], m[g])
     bwd_in[g] = np.where(weight, dgrad, dgrad + other)
     bwd_w[g] = np.where(weight, other, 0.0)
+    fused = np.array([op.fused for op in ops], dtype=bool)
+    if fused.any():
+        fwd[fused] *= hw.attention.forward_scale
+        bwd_in[fused] *= hw.attention.backward_scale
     count = count * fields[:, 11]
     return fwd * count, bwd_in * count, bwd_w * count, g
 

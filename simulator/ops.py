@@ -72,6 +72,7 @@ class Op:
     routed: bool = False               # runs between the MoE dispatch and combine (routed experts)
     sac_redo: float = 1.0              # share of its forward per-op selective AC redoes (op_sac)
     module_redo: bool = False          # redone under recompute norm_act (MODULE_REDO)
+    fused: bool = False                # a matmul inside a fused attention kernel (FusedAttention)
 
     @property
     def op_class(self) -> str | None:
@@ -124,9 +125,9 @@ def _eager(model: ModelSpec, shard: Shard, ops: list[Op]) -> list[Op]:
     return out
 
 
-def _gemm(name, m, n, k, batch=1, weight=True, core=False, fp8=False, share=1.0) -> Op:
+def _gemm(name, m, n, k, batch=1, weight=True, core=False, fp8=False, share=1.0, fused=False) -> Op:
     return Op(name, GEMM, 2.0 * batch * m * n * k, m, n, k, batch, weight=weight, attention_core=core,
-              fp8=fp8, executed_share=share)
+              fp8=fp8, executed_share=share, fused=fused)
 
 
 def _mem(name, elements, passes, dtype_bytes, core=False) -> Op:
@@ -238,13 +239,24 @@ def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
             ops.append(_mem("rope", tok * (heads + kv_heads) * hd * model.rotary_pct, 2, d))
     keys, vd = attended_keys(model, shard, local), model.value_head_dim
     scores, share = b * heads * s * keys, causal_share(model, shard, local)
-    ops.append(_gemm("attn_scores", s, keys, hd, batch=b * heads, weight=False, core=True, share=share))
+    ops.append(attention_core(s, keys, hd, vd, b * heads, share, shard.flash)[0])
     if not shard.flash:  # fused kernels cap and normalise the scores in registers
         if model.attn_softcap:
             ops.append(_mem("softcap", scores, 2, d, core=True))
         ops.append(_mem("softmax", scores, 2 + (1 if model.dropout else 0), d, core=True))
-    return ops + [_gemm("attn_values", s, vd, keys, batch=b * heads, weight=False, core=True, share=share),
+    return ops + [attention_core(s, keys, hd, vd, b * heads, share, shard.flash)[1],
                   _gemm("out_proj", tok, h, heads * vd, fp8=f8)]
+
+
+def attention_core(queries: int, keys: int, head_dim: int, value_dim: int, batch_heads: int,
+                   share: float, fused: bool) -> tuple[Op, Op]:
+    """The attention core's two matmuls, Q K^T and softmax(Q K^T) V, over `batch_heads`
+    (sequences x heads), `share` of them computed (causal_share); `fused`: inside one
+    FlashAttention kernel."""
+    return (_gemm("attn_scores", queries, keys, head_dim, batch=batch_heads, weight=False, core=True,
+                  share=share, fused=fused),
+            _gemm("attn_values", queries, value_dim, keys, batch=batch_heads, weight=False, core=True,
+                  share=share, fused=fused))
 
 
 def _mlp_ops(model: ModelSpec, shard: Shard, ffn: int, prefix: str = "mlp") -> list[Op]:

@@ -331,6 +331,9 @@ EXECUTOR_TRAINING = (
     _rule("plan.moe_a2a_overlap", "moe_a2a_overlap", lambda x, m, c: np.logical_not(x.moe_a2a_overlap),
           lambda x, m, c: "the executor runs each micro-batch's forward and backward one after the other, "
           "so no all-to-all overlaps another micro-batch's compute", "drop moe_a2a_overlap"),
+    _rule("plan.tp_overlap", "tp_overlap", lambda x, m, c: np.logical_not(x.tp_overlap),
+          lambda x, m, c: "the executor runs TP's collectives between its GEMMs (no async TP)",
+          "drop tp_overlap"),
     _PIPELINING_SYNC,
 )
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from meshplan.calibration.probe import (ADD_ELEMENTS, COLLECTIVE_BYTES, GEMM, Measurement, Probe,
-                                        check_drift, repredicted)
+from dataclasses import replace
+
+from meshplan.calibration.probe import (ADD_ELEMENTS, COLLECTIVE_BYTES, GEMM, REFERENCE_KEY, Measurement,
+                                        Probe, check_drift, compare, reference, repredicted)
+from meshplan.core.errors import ProfileError
 from meshplan.executor.records import RunRecord
-from meshplan.hw_profiles.profile import load_profile
+from meshplan.hw_profiles.profile import HardwareProfile, load_profile
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
@@ -19,8 +22,15 @@ FP32_ADD_BYTES = 3 * 4 * ADD_ELEMENTS  # two fp32 operands read, one written
 
 
 def stub(gemm: float, memory: float, overhead: float, collective: float | None):
-    """A measurement `gemm` x, `memory` x, ... what the local profile predicts."""
+    """A measurement `gemm` x, `memory` x, ... what the local profile compares it with: the
+    probe's reading kept with it where it has one, else what its fits predict."""
+    then = reference(LOCAL)
+
     def measured(with_collective: bool) -> Measurement:
+        if then is not None:
+            return Measurement(gemm * then.gemm_s, memory * then.add_s, then.add_bytes,
+                               overhead * then.layer_forward_s,
+                               collective * then.collective_s if with_collective else None)
         return Measurement(
             gemm * float(LOCAL.gemm_time_s(GEMM.m, GEMM.n, GEMM.k, "fp32")),
             memory * float(LOCAL.memory_bound_time_s(FP32_ADD_BYTES, "fp32", "add")), FP32_ADD_BYTES,
@@ -30,22 +40,59 @@ def stub(gemm: float, memory: float, overhead: float, collective: float | None):
     return measured
 
 
+def _kept(hw: HardwareProfile, reading: Measurement | None) -> HardwareProfile:
+    """hw with `reading` as the probe's reading kept with it (None: without one)."""
+    extra = {k: v for k, v in hw.extra.items() if k != REFERENCE_KEY}
+    return replace(hw, extra=extra if reading is None else {**extra, REFERENCE_KEY: reading.to_json()})
+
+
+def test_against_the_kept_reading_like_with_like():
+    """Against the probe's own reading kept with the profile, not the fits' prediction: a
+    reading equal to it is no drift however far the fits are from it."""
+    then = Measurement(gemm_s=1e-4, add_s=2e-3, add_bytes=12e6, layer_forward_s=4e-4, collective_s=1e-3)
+    hw = _kept(LOCAL, then)
+    same = compare(hw, then)
+    assert (same.gemm, same.memory, same.overhead, same.collective) == (1, 1, 1, 1)
+    assert same.against == "reference" and same.drifted == []
+    # twice the GEMM time, the same add over twice the bytes (twice the bandwidth), 3x the
+    # host overhead, no collective probed
+    now = Measurement(gemm_s=2e-4, add_s=2e-3, add_bytes=24e6, layer_forward_s=12e-4, collective_s=None)
+    drift = check_drift(hw, "cpu", rescale=True, collective=False, measured=lambda _c: now)
+    probe = drift.probe
+    assert (probe.gemm, probe.memory, probe.overhead, probe.collective) == pytest.approx((2, 0.5, 3, None))
+    assert "against its reading when profiled" in drift.text() and drift.to_json()["against"] == "reference"
+    assert drift.rescaled.peak_flops["fp32"] == pytest.approx(LOCAL.peak_flops["fp32"] / 2)
+    fits = compare(_kept(LOCAL, None), then)
+    assert fits.against == "fits" and "against the profile's fits" in fits.text()
+
+
+def test_a_damaged_kept_reading_names_its_fields():
+    hw = replace(LOCAL, extra={**LOCAL.extra, REFERENCE_KEY: {"gemm_s": "fast", "add_s": 1.0, "add_bytes": 8,
+                                                              "collective_s": None, "when": "x"}})
+    with pytest.raises(ProfileError) as raised:
+        compare(hw, Measurement(1.0, 1.0, 8.0, 1.0, None))
+    text = str(raised.value)
+    for field in ("gemm_s", "layer_forward_s", "when"):
+        assert f"extra.{REFERENCE_KEY}.{field}" in text
+    assert f"extra.{REFERENCE_KEY}.add_s" not in text and f"extra.{REFERENCE_KEY}.collective_s" not in text
+
+
 def test_ratios_verdict_and_rescaled_profile_by_hand():
     drift = check_drift(LOCAL, "cpu", rescale=True, collective=True,
-                        measured=stub(gemm=2.0, memory=1.7, overhead=3.0, collective=0.4))
+                        measured=stub(gemm=2.0, memory=1.7, overhead=3.0, collective=0.3))
     probe, hw = drift.probe, drift.rescaled
-    assert (probe.gemm, probe.memory, probe.overhead, probe.collective) == pytest.approx((2, 1.7, 3, 0.4))
-    assert probe.band == LOCAL.relative_error_band()[1]  # p95 0.56: each ratio is beyond it
+    assert (probe.gemm, probe.memory, probe.overhead, probe.collective) == pytest.approx((2, 1.7, 3, 0.3))
+    assert probe.band == LOCAL.relative_error_band()[1]  # p95 0.61: each ratio is beyond it
     assert probe.drifted == ["gemm", "memory-bound", "layer overhead", "collective"]
     # a machine twice as slow at GEMMs: half the FLOP/s; 1.7x slower adds: bandwidth / 1.7
     assert hw.peak_flops["fp32"] == pytest.approx(LOCAL.peak_flops["fp32"] / 2)
     assert hw.hbm_bytes_per_s == pytest.approx(LOCAL.hbm_bytes_per_s / 1.7)
     assert hw.overhead.layer_forward_s == pytest.approx(3 * LOCAL.overhead.layer_forward_s)
     assert hw.overhead.decode_layer_s == pytest.approx(3 * LOCAL.overhead.decode_layer_s)
-    # collectives at 0.4x the time: latency x0.4 and bandwidth x2.5, so every time x0.4
+    # collectives at 0.3x the time: latency x0.3 and bandwidth x1/0.3, so every time x0.3
     for size in (1 << 10, COLLECTIVE_BYTES, 1 << 26):
         assert float(hw.collective_time_s("all_reduce", size, 2, 2)) == pytest.approx(
-            0.4 * float(LOCAL.collective_time_s("all_reduce", size, 2, 2)))
+            0.3 * float(LOCAL.collective_time_s("all_reduce", size, 2, 2)))
     assert hw.memory_bytes == LOCAL.memory_bytes
     assert hw.name.startswith("local[") and drift.to_json()["rescaled_profile"] == hw.name
     assert drift.to_json()["gemm"] == pytest.approx(2.0) and drift.note == ""
@@ -126,7 +173,7 @@ def test_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, tmp_path
     code = main(["validate", "--plans", "dp2,dp2 zero1", "--rescale", "--json", "--out-dir", str(tmp_path)])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert err.startswith("meshplan validate: probe (measured / profiled): GEMM x2.00")
+    assert err.startswith("meshplan validate: probe (measured / profiled, against ") and "GEMM x2.00" in err
     result = json.loads(out)
     assert result["probe"]["gemm"] == pytest.approx(2.0) and result["probe"]["collective"] == pytest.approx(1.0)
     again = result["rescaled"]["runs"]

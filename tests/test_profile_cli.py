@@ -10,6 +10,7 @@ import pytest
 
 from meshplan.calibration.build_stock import fit_table
 from meshplan.calibration.local_base import cpu_base, cuda_base, known_gpu
+from meshplan.calibration.probe import compare, reference
 from meshplan.hw_profiles.profile import DATA_DIR, available_profiles, load_profile, samples_path
 from meshplan.calibration.samples import Samples
 
@@ -212,8 +213,9 @@ def test_cuda_base_uses_datasheet_peaks_for_known_gpus():
 
 @pytest.mark.slow
 def test_quick_measurement_end_to_end(tmp_path, monkeypatch):
-    """The whole path (measure, torchrun collectives, fit, save) with the quick plan trimmed to
-    one 2-rank launch so that it stays under a minute on a 2-core machine."""
+    """The whole path (measure, torchrun collectives, fit, the probe's reading, save) with the
+    quick plan trimmed to one 2-rank launch so that it stays under a minute on a 2-core
+    machine."""
     from dataclasses import replace
 
     import meshplan.calibration.measure.run as measure_run
@@ -226,5 +228,10 @@ def test_quick_measurement_end_to_end(tmp_path, monkeypatch):
     assert main(["profile", "--quick", "--out", str(out)]) == 0
     hw = load_profile(str(out))
     assert hw.name == "p" and hw.gpus_per_node == 2 and hw.extra["measurement"]["quick"]
+    # the drift probe's reading kept with it: a probe reading the same finds no drift
+    then = reference(hw)
+    assert then.collective_s > 0
+    probe = compare(hw, then)
+    assert (probe.gemm, probe.memory, probe.overhead, probe.collective, probe.against) == (1, 1, 1, 1, "reference")
     assert samples_path(out).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.samples.json"]

@@ -43,8 +43,9 @@ class GemmShape:
 def transformer_gemm_shapes(hidden: int, heads: int, ffn_hidden: int,
                             token_counts: list[int], seq_lens: list[int]) -> list[GemmShape]:
     """The GEMMs of one transformer layer (Vaswani et al. 2017; Megatron-LM layout, Shoeybi et al.
-    2019 sec. 3): projections per token count, attention matmuls per sequence length with
-    batch = heads (one sequence)."""
+    2019 sec. 3) and of the LM head: projections per token count, the head over a vocabulary
+    16x the hidden size (between GPT-3's 4x and Llama 3's 31x), attention matmuls per
+    sequence length with batch = heads (one sequence)."""
     head_dim = hidden // heads
     shapes = []
     for t in token_counts:
@@ -52,7 +53,8 @@ def transformer_gemm_shapes(hidden: int, heads: int, ffn_hidden: int,
                    GemmShape("attn_out_proj", t, hidden, hidden),
                    GemmShape("mlp_up_proj", t, 4 * hidden, hidden),
                    GemmShape("mlp_down_proj", t, hidden, 4 * hidden),
-                   GemmShape("gated_mlp_up_proj", t, 2 * ffn_hidden, hidden)]
+                   GemmShape("gated_mlp_up_proj", t, 2 * ffn_hidden, hidden),
+                   GemmShape("lm_head", t, 16 * hidden, hidden)]
     for s in seq_lens:
         shapes += [GemmShape("attn_score", s, s, head_dim, heads),   # Q K^T
                    GemmShape("attn_value", s, head_dim, s, heads)]   # softmax(Q K^T) V

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.tensor.experimental import implicit_replication
 
 from meshplan.core.progress import progress_bar
 from meshplan.executor import data as batches
@@ -133,7 +134,9 @@ class Job:
             loss = self.forward_backward(inputs, targets)
         if grads_file is not None:
             torch.save(full_gradients(self.modules), grads_file)
-        self.optimizer.step()
+        # the fused AdamW's step counts are plain tensors beside the DTensor parameters
+        with implicit_replication():
+            self.optimizer.step()
         if meter is not None:
             self.memory = rank_memory(dist.get_rank(), model_state_bytes(self.params, self.optimizer),
                                       meter.peak_bytes, self.device)

@@ -1,0 +1,87 @@
+"""The fused attention kernel against the GEMM fits (hw_profiles.profile.FusedAttention).
+
+torch's scaled_dot_product_attention, causal, is timed forward and forward + backward at a
+few shapes the executor runs, and divided by what the fitted profile prices for the same
+attention core: the cost model's own ops (ops.layer_ops of a one-layer model of that shape,
+its attention-core matmuls) through its own pricing (cost.op_times). The backward is priced
+beyond the forward the kernel redoes (cost.layer_times adds that redo at the forward's
+price). The median ratio over the shapes is the profile's scale: on CPU the fused kernel
+runs far below the batched matmuls the GEMM fits measured, which nothing else would see.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from meshplan.calibration.measure.compute import DTYPES, time_call_s, torch_threads
+from meshplan.core.errors import ProfileError
+from meshplan.hw_profiles.profile import ATTENTION_SCALE, FusedAttention, HardwareProfile
+from meshplan.simulator.cost import op_times
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.ops import Shard, layer_ops
+from meshplan.simulator.plan import DTYPE_BYTES
+
+# (micro-batch, sequence, heads, head size): the executor's CPU models (head size 32-64,
+# a few hundred tokens); on a GPU, Llama-sized heads at the sequences training runs.
+CPU_SHAPES = ((2, 128, 8, 32), (1, 512, 8, 32), (2, 256, 4, 64), (1, 1024, 4, 64))
+CUDA_SHAPES = ((1, 2048, 32, 128), (1, 4096, 32, 128), (1, 8192, 16, 128))
+
+
+def _priced_s(hw: HardwareProfile, shape: tuple[int, int, int, int], dtype: str) -> tuple[float, float]:
+    """(forward, backward beyond the redone forward) of the attention core as the cost model
+    prices it on `hw` without its FusedAttention scales."""
+    batch, seq, heads, head_dim = shape
+    model = ModelSpec(name="attention-probe", num_layers=1, hidden_size=heads * head_dim, num_heads=heads,
+                      num_kv_heads=heads, ffn_hidden_size=heads * head_dim, vocab_size=128, max_seq_len=seq)
+    core = [op for op in layer_ops(model, Shard(batch, seq, dtype_bytes=DTYPE_BYTES[dtype], flash=True))
+            if op.attention_core]
+    t = op_times([tuple(core)], replace(hw, attention=FusedAttention()), dtype)
+    return float(t.fwd_s[0]), float(t.bwd_input_s[0] + t.bwd_weight_s[0])
+
+
+def _measured_s(shape: tuple[int, int, int, int], dtype: str, device: torch.device, repeats: int,
+                warmup: int, budget_s: float) -> tuple[float, float]:
+    """(forward, backward) seconds of causal scaled_dot_product_attention at `shape`."""
+    batch, seq, heads, head_dim = shape
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, dtype=DTYPES[dtype], device=device,
+                           requires_grad=True) for _ in range(3))
+    grad = torch.randn(batch, heads, seq, head_dim, dtype=DTYPES[dtype], device=device)
+
+    def forward():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def step():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+    forward_s = time_call_s(forward, device, repeats, warmup, budget_s)[0]
+    return forward_s, time_call_s(step, device, repeats, warmup, budget_s)[0] - forward_s
+
+
+def fit_attention(hw: HardwareProfile, device: str, dtype: str, repeats: int = 10, warmup: int = 2,
+                  budget_s: float = 0.5) -> FusedAttention:
+    """Measure the fused kernel on `device` (CPU: one thread, as a rank runs) in `dtype`
+    and fit its scales against `hw`'s GEMM fits."""
+    where = torch.device(device)
+    shapes = CUDA_SHAPES if where.type == "cuda" else CPU_SHAPES
+    forward, backward = [], []
+    with torch_threads(1 if where.type == "cpu" else torch.get_num_threads()):
+        for shape in shapes:
+            fwd_s, bwd_s = _measured_s(shape, dtype, where, repeats, warmup, budget_s)
+            priced_fwd_s, priced_bwd_s = _priced_s(hw, shape, dtype)
+            forward.append((fwd_s, priced_fwd_s))
+            backward.append((bwd_s, priced_fwd_s, priced_bwd_s))
+    forward_scale = statistics.median(m / p for m, p in forward)
+    backward_scale = statistics.median((m - forward_scale * f) / p for m, f, p in backward)
+    low, high = ATTENTION_SCALE
+    if not (low <= forward_scale <= high and low <= backward_scale <= high):
+        raise ProfileError("attention", f"the fused attention kernel measured {forward_scale:.3g}x "
+                           f"(forward) and {backward_scale:.3g}x (backward) the GEMM fits' price, "
+                           f"outside {low:g}-{high:g}x: a disturbed measurement",
+                           "measure the profile again on a quiet machine")
+    sizes = ", ".join(f"{b}x{s} tokens, {h} heads of {d}" for b, s, h, d in shapes)
+    return FusedAttention(forward_scale, backward_scale,
+                          f"calibration/measure/attention.py: causal scaled_dot_product_attention, {dtype}, "
+                          f"torch {torch.__version__} on {device}, median over {sizes}")
