@@ -27,6 +27,7 @@ def test_transformer_gemm_shapes():
                       GemmShape("mlp_up_proj", 128, 2048, 512),
                       GemmShape("mlp_down_proj", 128, 512, 2048),
                       GemmShape("gated_mlp_up_proj", 128, 2816, 512),
+                      GemmShape("lm_head", 128, 16 * 512, 512),
                       GemmShape("attn_score", 256, 256, 64, 8),
                       GemmShape("attn_value", 256, 64, 256, 8)]
 
