@@ -1,8 +1,9 @@
 """Measure this machine into a fitted profile: samples of GEMMs, memory-bound operators and
 collectives (calibration/measure/run.py), the framework overhead of the executor's layer on
 CPU (overhead.py), and the fit (fit.py) onto the machine's base description
-(local_base.py), then the fused attention kernel against that fit (measure/attention.py). On CPU the drift probe's own reading (probe.py) is kept with the profile, so
-that later probes compare their reading with it, like with like."""
+(local_base.py), then the fused attention kernel against that fit (measure/attention.py).
+On CPU the drift probe's own reading (probe.py) is kept with the profile, so that later
+probes compare their reading with it, like with like."""
 from __future__ import annotations
 
 import tempfile

@@ -8,7 +8,8 @@ the cost model. A profile measured by `meshplan profile` keeps the probe's own r
 then (extra["probe_reference"]), and the probe compares like with like: its reading now
 over its reading then. Only against a profile without one (measured before it was kept) is
 it compared with what the profile's fits predict for the same operations, which a single
-rank alone on the machine may read faster or slower than the fits' samples. `check_drift` is the one entry point of `meshplan run` and `meshplan
+rank alone on the machine may read faster or slower than the fits' samples.
+`check_drift` is the one entry point of `meshplan run` and `meshplan
 validate`; `repredicted` sets a run's prediction on the rescaled profile beside its
 measurement.
 

@@ -30,7 +30,8 @@ DTYPES = tuple(DTYPE_BYTES)
 # its latency up to seconds.
 RATE, EFFICIENCY, MIN_MEMORY_BYTES = (1e6, 1e20), (1e-6, 2.0), 2 ** 20
 BUS_RATE, LATENCY_S = (1e3, 1e20), (0.0, 10.0)
-ATTENTION_SCALE = (0.05, 50.0)  # fused attention against the GEMM fits: beyond this, a broken measurement
+# fused attention against the GEMM fits: beyond this range, a broken measurement
+ATTENTION_SCALE = (0.05, 50.0)
 REGENERATE = ("regenerate it with `meshplan profile --out FILE` (this machine) or "
               "`python -m meshplan.calibration.build_stock` (stock profiles)")
 

@@ -239,12 +239,13 @@ def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
             ops.append(_mem("rope", tok * (heads + kv_heads) * hd * model.rotary_pct, 2, d))
     keys, vd = attended_keys(model, shard, local), model.value_head_dim
     scores, share = b * heads * s * keys, causal_share(model, shard, local)
-    ops.append(attention_core(s, keys, hd, vd, b * heads, share, shard.flash)[0])
+    scores_op, values_op = attention_core(s, keys, hd, vd, b * heads, share, shard.flash)
+    ops.append(scores_op)
     if not shard.flash:  # fused kernels cap and normalise the scores in registers
         if model.attn_softcap:
             ops.append(_mem("softcap", scores, 2, d, core=True))
         ops.append(_mem("softmax", scores, 2 + (1 if model.dropout else 0), d, core=True))
-    return ops + [attention_core(s, keys, hd, vd, b * heads, share, shard.flash)[1],
+    return ops + [values_op,
                   _gemm("out_proj", tok, h, heads * vd, fp8=f8)]
 
 

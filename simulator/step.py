@@ -99,7 +99,8 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     act = np.array([[layer_activation_bytes(model, s, k, ops) if i in used else np.nan
                      for i, k in enumerate(RECOMPUTE)] for s, ops in zip(shards, kind_ops)])
     r.update(shard_id=shard_id, shards=shards, d=d,
-             shard_ops=[layer_ops(model, s, ops) for s, ops in zip(shards, kind_ops)], dtype=dtype, flash=attention == "flash",
+             shard_ops=[layer_ops(model, s, ops) for s, ops in zip(shards, kind_ops)],
+             dtype=dtype, flash=attention == "flash",
              capacity=capacity, dispatcher=wide["moe_dispatcher"], zero1_all_reduce=wide["zero1_sync"] == "all_reduce",
              dps=r["dp"] * r["cp"],
              edp=r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
