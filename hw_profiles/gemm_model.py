@@ -1,8 +1,10 @@
-"""Kernel cost models: GEMMs (roofline with a shape-dependent efficiency) and memory-bound
-operators (latency + bytes / achieved bandwidth). Pure, vectorised with numpy broadcasting."""
+"""Kernel cost models: GEMMs (roofline with a shape-dependent efficiency), memory-bound
+operators (latency + bytes / achieved bandwidth) and the share of a causal attention core a
+tiled fused kernel computes. Pure, vectorised with numpy broadcasting."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -73,3 +75,21 @@ def memory_bound_time_s(fit: MemoryBoundFit, num_bytes, memory_bytes_per_s: floa
     when the profile measured that class."""
     eff = fit.op_eff.get(op_class, fit.hbm_eff)
     return fit.latency_s + np.asarray(num_bytes, dtype=float) / (memory_bytes_per_s * eff)
+
+
+@lru_cache(maxsize=4096)
+def causal_tile_share(seq_len: int, keys: int, query_block: int = 1, key_block: int = 1) -> float:
+    """Share of the seq_len x keys query-key pairs a fused causal kernel computes when each
+    query attends its last `keys` positions (keys = seq_len: full causal attention; fewer:
+    a sliding window). A kernel tiled into query_block x key_block tiles computes every tile
+    that holds a needed pair, whole (FlashAttention-2, Dao 2023 sec 3.1.1: the tiles above
+    the diagonal skipped, the diagonal's computed and masked). With 1 x 1 tiles this is the
+    exact share, (1/S) sum_i min(i+1, w)/w = 1 - (w-1)/(2S) for S >= w."""
+    s, w = seq_len, min(keys, seq_len)
+    if query_block == 1 and key_block == 1:
+        return 1.0 - (w - 1) / (2.0 * s)
+    first = np.arange(0, s, query_block)
+    rows = np.minimum(first + query_block, s) - first
+    lo = np.maximum(first - w + 1, 0) // key_block * key_block
+    hi = np.minimum(-(-np.minimum(first + query_block, s) // key_block) * key_block, s)
+    return float((rows * (hi - lo)).sum() / (s * w))

@@ -122,14 +122,25 @@ class FusedAttention:
     """The fused attention kernel (FlashAttention; scaled_dot_product_attention's fused
     backends) against the GEMM fits' price of the two matmuls it fuses (ops.attention_core):
     its forward, and its backward beyond the forward it redoes, take `forward_scale` and
-    `backward_scale` times that price. Measured by `meshplan profile` (calibration/measure/
-    attention.py); 1 where not measured: on the stock profiles the fits' price of causal
-    head-dim-128 attention on H100 is within 3% of FlashAttention-2's published forward
-    rate at 4K-16K (Shah et al. 2024, FlashAttention-3, Fig. 5: 319-335 TFLOPS)."""
+    `backward_scale` times that price plus a fixed cost per call (`*_latency_s`). Measured
+    by `meshplan profile` (calibration/measure/attention.py); 1 and 0 where not measured: on
+    the stock profiles the fits' price of causal head-dim-128 attention on H100 is within 3%
+    of FlashAttention-2's published forward rate at 4K-16K (Shah et al. 2024,
+    FlashAttention-3, Fig. 5: 319-335 TFLOPS)."""
 
     forward_scale: float = 1.0
     backward_scale: float = 1.0
     source: str = "not measured: the GEMM fits' price"
+    forward_latency_s: float = 0.0
+    backward_latency_s: float = 0.0
+    # The kernel's tile (queries x keys): it computes every tile holding a needed query-key
+    # pair (gemm_model.causal_tile_share); 1 x 1: the exact causal share.
+    query_block: int = 1
+    key_block: int = 1
+
+    def causal_share(self, seq_len: int, keys: int) -> float:
+        """Share of the seq_len x keys pairs of a causal attention core this kernel computes."""
+        return gemm_model.causal_tile_share(seq_len, keys, self.query_block, self.key_block)
 
 
 @dataclass(frozen=True)
@@ -297,8 +308,11 @@ class HardwareProfile:
             else None)
 
     def save(self, path) -> None:
-        """Write the profile's JSON whole or not at all."""
-        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        """Write the profile's JSON whole or not at all, and only one its reader accepts (a
+        fit outside the physical ranges is a ProfileError naming the field, nothing written)."""
+        data = self.to_dict()
+        HardwareProfile.from_dict(data, f"the profile to be written to {path}")
+        write_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 class _Reader:
@@ -335,10 +349,11 @@ class _Reader:
                                f"from {low:g} to {high:g}", REGENERATE)
         return value
 
-    def integer(self, data, name: str, low: int = 1) -> int:
-        value = self.get(data, name, int)
+    def integer(self, data, name: str, low: int = 1, prefix: str = "") -> int:
+        value = self.get(data, name, int, prefix)
         if value < low:
-            raise ProfileError(name, f"is {value} in {self.where}, expected at least {low}", REGENERATE)
+            raise ProfileError(prefix + name, f"is {value} in {self.where}, expected at least {low}",
+                               REGENERATE)
         return value
 
     def numbers(self, data, cls, prefix: str) -> dict:
@@ -395,8 +410,13 @@ class _Reader:
             raise ProfileError(f"attention.{unknown[0]}", f"is unknown in {self.where}", REGENERATE)
         if not data:
             return FusedAttention()
-        return FusedAttention(*(self.bounded(data, k, *ATTENTION_SCALE, "attention.") for k in known[:2]),
-                              self.get(data, "source", str, "attention."))
+        p = "attention."
+        return FusedAttention(
+            *(self.bounded(data, k, *ATTENTION_SCALE, p) for k in ("forward_scale", "backward_scale")),
+            self.get(data, "source", str, p),
+            **{k: self.bounded(data, k, *LATENCY_S, p) for k in ("forward_latency_s", "backward_latency_s")
+               if k in data},
+            **{k: self.integer(data, k, 1, p) for k in ("query_block", "key_block") if k in data})
 
     def overhead(self, data) -> FrameworkOverhead:
         """Optional section (profiles measured before it existed have none: zeros)."""

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from meshplan.calibration.fit import fabric_inter_node, fit_profile
+from meshplan.calibration.fit import _curve_fit, fabric_inter_node, fit_profile
+from meshplan.hw_profiles.profile import LATENCY_S
 from meshplan.hw_profiles.collective_model import KINDS, CollectiveFit, Curve, Line, collective_time_s
 from meshplan.hw_profiles.gemm_model import GemmFit, MemoryBoundFit, gemm_time_s, memory_bound_time_s
 from meshplan.calibration.samples import Samples
@@ -85,6 +86,19 @@ def test_fit_recovers_gemm_and_memory_parameters():
     points = gemm["held_out"]["points"] + gemm["fitted"]["points"]
     assert gemm["held_out"]["points"] == pytest.approx(0.2 * points, abs=1)
     assert gemm["held_out"]["median"] < 0.03  # 2% lognormal noise: median |error| ~ 1.3%
+
+
+def test_two_regime_fit_never_leaves_the_profiles_latency_range(monkeypatch):
+    # gloo's reduce-scatter over 4 ranks on 2 cores once fitted its second regime at 16 s
+    # latency with the first one's bandwidth (a regime no size reaches), which the profile
+    # reader refuses: such a fit is the one regime it adds nothing to
+    import meshplan.calibration.fit as fit
+    landed = np.array([np.log(4e-3), np.log(4000.0), np.log(3.1e8), 0.0])
+    monkeypatch.setattr(fit, "_fit_log", lambda *args, **kwargs: landed)
+    x = 4.0 ** np.arange(5, 15)
+    curve = _curve_fit(lambda c: c.time_s(x), x, 4e-3 + x / 3.1e8, True)
+    assert curve.large == curve.small and curve.small.alpha_s == pytest.approx(4e-3)
+    assert curve.large.alpha_s <= LATENCY_S[1]
 
 
 def test_fit_recovers_collective_parameters():

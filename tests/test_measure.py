@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from meshplan.hw_profiles.collective_model import KINDS
-from meshplan.calibration.measure.compute import MIN_REPEATS, GemmShape, measure_gemms, \
-    measure_memory_bound, torch_threads, transformer_gemm_shapes
+from meshplan.calibration.measure.compute import MIN_REPEATS, GemmShape, cache_flush, \
+    last_level_cache_bytes, measure_gemms, measure_memory_bound, time_call_s, torch_threads, \
+    transformer_gemm_shapes
 from meshplan.calibration.measure.machine import cpu_model, describe_machine, memory_bytes
 from meshplan.calibration.measure.run import MeasurePlan, collectives_launch, load_samples, \
     measurement_plan, save_samples
@@ -43,6 +44,19 @@ def test_measure_tiny_gemms():
         ["tiny", 16, 16, 16, 1, "fp32"], ["small", 256, 256, 256, 2, "fp32"]]
     # 8192 times the FLOPs cannot run faster.
     assert df["time_s"].iloc[1] > df["time_s"].iloc[0]
+
+
+def test_gemms_are_timed_with_the_cache_swept_before_each_call():
+    import torch
+    order = []
+    _, _, n = time_call_s(lambda: order.append("call"), torch.device("cpu"), repeats=4, warmup=2,
+                          budget_s=1.0, before=lambda: order.append("sweep"))
+    # warm-up and sizing calls unswept, then a sweep before each of the n timed calls
+    assert order == ["call"] * 3 + ["sweep", "call"] * n and n == 4
+    size = last_level_cache_bytes(torch.device("cpu"))
+    if size:  # the sweep covers the whole last-level cache
+        flush = cache_flush(torch.device("cpu"))
+        assert flush.__self__.numel() * 4 == size
 
 
 def test_memory_bound_bytes_and_dtypes():

@@ -75,6 +75,8 @@ def test_corrupt_json(tmp_path):
     ("collectives.intra.all_reduce.4.large.alpha_s",
      lambda d: d["collectives"]["intra"]["all_reduce"]["4"]["large"].pop("alpha_s")),
     ("collectives.inter.send_recv", lambda d: d["collectives"]["inter"].pop("send_recv")),
+    ("attention.key_block", lambda d: d["attention"].update(key_block=0)),
+    ("attention.forward_latency_s", lambda d: d["attention"].update(forward_latency_s=-1e-3)),
 ])
 def test_missing_or_bad_field_names_field_and_file(tmp_path, field, edit):
     data = tiny_profile().to_dict()
@@ -85,6 +87,15 @@ def test_missing_or_bad_field_names_field_and_file(tmp_path, field, edit):
         load_profile(str(path))
     assert err.value.field == field
     assert str(path) in str(err.value)
+
+
+def test_a_profile_its_reader_refuses_is_not_written(tmp_path):
+    from dataclasses import replace
+    from meshplan.hw_profiles.profile import FusedAttention
+    path = tmp_path / "p.json"
+    with pytest.raises(ProfileError) as err:
+        replace(tiny_profile(), attention=FusedAttention(key_block=0)).save(path)
+    assert err.value.field == "attention.key_block" and not path.exists()
 
 
 def test_collective_alpha_beta_by_hand():

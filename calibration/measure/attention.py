@@ -2,17 +2,19 @@
 
 torch's scaled_dot_product_attention, causal, is timed forward and forward + backward at a
 few shapes the executor runs, and divided by what the fitted profile prices for the same
-attention core: the cost model's own ops (ops.layer_ops of a one-layer model of that shape,
-its attention-core matmuls) through its own pricing (cost.op_times). The backward is priced
+attention core at the share of it the kernel's tiles compute: the cost model's own ops
+(ops.layer_ops of a one-layer model of that shape, its attention-core matmuls) through its
+own pricing (cost.op_times). The backward is priced
 beyond the forward the kernel redoes (cost.layer_times adds that redo at the forward's
-price). The median ratio over the shapes is the profile's scale: on CPU the fused kernel
-runs far below the batched matmuls the GEMM fits measured, which nothing else would see.
+price). A line through the shapes, measured = scale x priced + a fixed cost per call, is
+the profile's fit: on CPU the fused kernel runs below the batched matmuls the GEMM fits
+measured and costs a fraction of a millisecond per call, which nothing else would see.
 """
 from __future__ import annotations
 
-import statistics
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,17 +30,24 @@ from meshplan.simulator.plan import DTYPE_BYTES
 # a few hundred tokens); on a GPU, Llama-sized heads at the sequences training runs.
 CPU_SHAPES = ((2, 128, 8, 32), (1, 512, 8, 32), (2, 256, 4, 64), (1, 1024, 4, 64))
 CUDA_SHAPES = ((1, 2048, 32, 128), (1, 4096, 32, 128), (1, 8192, 16, 128))
+# The kernels' tiles (queries x keys) for the causal share they compute: torch's CPU flash
+# kernel splits keys into blocks of 512 and queries into blocks of up to 256 (aten/src/ATen/
+# native/cpu/FlashAttentionKernel.cpp; causal costs what full attention does up to 512
+# tokens, measured here); FlashAttention-2's forward runs 128 x 64 tiles at head size 128 on
+# A100/H100 (csrc/flash_attn/src/flash_fwd_launch_template.h, run_mha_fwd_hdim128).
+CPU_TILES, CUDA_TILES = (256, 512), (128, 64)
 
 
 def _priced_s(hw: HardwareProfile, shape: tuple[int, int, int, int], dtype: str) -> tuple[float, float]:
     """(forward, backward beyond the redone forward) of the attention core as the cost model
-    prices it on `hw` without its FusedAttention scales."""
+    prices it on `hw` without its FusedAttention scales (with its tiles)."""
     batch, seq, heads, head_dim = shape
     model = ModelSpec(name="attention-probe", num_layers=1, hidden_size=heads * head_dim, num_heads=heads,
                       num_kv_heads=heads, ffn_hidden_size=heads * head_dim, vocab_size=128, max_seq_len=seq)
     core = [op for op in layer_ops(model, Shard(batch, seq, dtype_bytes=DTYPE_BYTES[dtype], flash=True))
             if op.attention_core]
-    t = op_times([tuple(core)], replace(hw, attention=FusedAttention()), dtype)
+    t = op_times([tuple(core)], replace(hw, attention=replace(hw.attention, forward_scale=1.0,
+                                                              backward_scale=1.0)), dtype)
     return float(t.fwd_s[0]), float(t.bwd_input_s[0] + t.bwd_weight_s[0])
 
 
@@ -65,7 +74,8 @@ def fit_attention(hw: HardwareProfile, device: str, dtype: str, repeats: int = 1
     """Measure the fused kernel on `device` (CPU: one thread, as a rank runs) in `dtype`
     and fit its scales against `hw`'s GEMM fits."""
     where = torch.device(device)
-    shapes = CUDA_SHAPES if where.type == "cuda" else CPU_SHAPES
+    shapes, tiles = (CUDA_SHAPES, CUDA_TILES) if where.type == "cuda" else (CPU_SHAPES, CPU_TILES)
+    hw = replace(hw, attention=FusedAttention(query_block=tiles[0], key_block=tiles[1]))
     forward, backward = [], []
     with torch_threads(1 if where.type == "cpu" else torch.get_num_threads()):
         for shape in shapes:
@@ -73,8 +83,10 @@ def fit_attention(hw: HardwareProfile, device: str, dtype: str, repeats: int = 1
             priced_fwd_s, priced_bwd_s = _priced_s(hw, shape, dtype)
             forward.append((fwd_s, priced_fwd_s))
             backward.append((bwd_s, priced_fwd_s, priced_bwd_s))
-    forward_scale = statistics.median(m / p for m, p in forward)
-    backward_scale = statistics.median((m - forward_scale * f) / p for m, f, p in backward)
+    forward_scale, forward_latency_s = _line([p for _, p in forward], [m for m, _ in forward])
+    redo = [forward_scale * f + forward_latency_s for _, f, _ in backward]
+    backward_scale, backward_latency_s = _line([p for _, _, p in backward],
+                                               [m - r for (m, _, _), r in zip(backward, redo)])
     low, high = ATTENTION_SCALE
     if not (low <= forward_scale <= high and low <= backward_scale <= high):
         raise ProfileError("attention", f"the fused attention kernel measured {forward_scale:.3g}x "
@@ -84,4 +96,17 @@ def fit_attention(hw: HardwareProfile, device: str, dtype: str, repeats: int = 1
     sizes = ", ".join(f"{b}x{s} tokens, {h} heads of {d}" for b, s, h, d in shapes)
     return FusedAttention(forward_scale, backward_scale,
                           f"calibration/measure/attention.py: causal scaled_dot_product_attention, {dtype}, "
-                          f"torch {torch.__version__} on {device}, median over {sizes}")
+                          f"torch {torch.__version__} on {device}, fitted over {sizes}; "
+                          f"{tiles[0]} x {tiles[1]} tiles", forward_latency_s, backward_latency_s, *tiles)
+
+
+def _line(priced_s: list[float], measured_s: list[float]) -> tuple[float, float]:
+    """(scale, fixed cost) of measured = scale x priced + fixed, least squares in relative
+    error (the shapes span a decade of times); through the origin if the fixed cost would be
+    negative."""
+    priced, measured = np.asarray(priced_s), np.asarray(measured_s)
+    (scale, fixed), *_ = np.linalg.lstsq(np.stack([priced / measured, 1 / measured], axis=1),
+                                         np.ones_like(measured), rcond=None)
+    if fixed >= 0:
+        return float(scale), float(fixed)
+    return float(np.sum(priced / measured) / np.sum((priced / measured) ** 2)), 0.0

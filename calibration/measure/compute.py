@@ -3,8 +3,9 @@ into the `gemm` and `memory_bound` tables of calibration.samples.
 
 Operators are called the way the executor calls them (functional torch ops that allocate
 their output), one call per timing. CUDA calls are timed with CUDA events and a final
-synchronize; CPU calls with time.perf_counter. Each configuration gets `warmup` untimed
-calls, then up to `repeats` timed calls (fewer when they would exceed `budget_s`, never fewer
+synchronize; CPU calls with time.perf_counter. GEMMs are timed cold: the last-level cache
+is swept before each timed call, as a step finds a layer's weights. Each configuration gets
+`warmup` untimed calls, then up to `repeats` timed calls (fewer when they would exceed `budget_s`, never fewer
 than MIN_REPEATS); a row stores the median, the standard deviation and the calls timed.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pandas as pd
@@ -72,9 +74,36 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The device's last-level cache: a GPU's L2 (torch's device properties), a CPU's
+    largest cache level (Linux sysfs; 0 where neither tells)."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=0)
+
+
+def cache_flush(device: torch.device) -> Callable[[], object] | None:
+    """A call that sweeps a buffer the size of the device's last-level cache out of it, so
+    that the next timed call reads its operands from memory as in a training step, where a
+    layer's weights were last touched a step before (Triton's do_bench zeroes a 256 MB buffer
+    before every timed call for the same reason, triton/testing.py); None where the cache
+    size is unknown."""
+    size = last_level_cache_bytes(device)
+    if size <= 0:
+        return None
+    buffer = torch.empty(size // 4, dtype=torch.float32, device=device)
+    return buffer.zero_
+
+
 def time_call_s(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
-                budget_s: float) -> tuple[float, float, int]:
-    """(median s, std s, calls timed) of fn() on device."""
+                budget_s: float, before: Callable[[], object] | None = None) -> tuple[float, float, int]:
+    """(median s, std s, calls timed) of fn() on device; `before` (untimed) runs before
+    each timed call."""
     for _ in range(max(warmup, 1)):
         fn()
     if device.type == "cuda":
@@ -88,6 +117,8 @@ def time_call_s(fn: Callable[[], object], device: torch.device, repeats: int, wa
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(n)]
         for begin, end in events:
+            if before is not None:
+                before()
             begin.record()
             fn()
             end.record()
@@ -96,6 +127,8 @@ def time_call_s(fn: Callable[[], object], device: torch.device, repeats: int, wa
     else:
         times = []
         for _ in range(n):
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
@@ -104,16 +137,17 @@ def time_call_s(fn: Callable[[], object], device: torch.device, repeats: int, wa
 
 def measure_gemms(shapes: list[GemmShape], dtypes: list[str], device: str | torch.device,
                   repeats: int = 10, warmup: int = 2, budget_s: float = 1.0) -> pd.DataFrame:
-    """One GEMM_COLUMNS row per (shape, dtype): torch.matmul of random operands."""
+    """One GEMM_COLUMNS row per (shape, dtype): torch.matmul of random operands, timed with
+    the last-level cache swept before each call (cache_flush)."""
     device = torch.device(device)
-    rows = []
+    rows, flush = [], cache_flush(device)
     for dtype in dtypes:
         for s in shapes:
             lead = (s.batch,) if s.batch > 1 else ()
             a = torch.randn(*lead, s.m, s.k, dtype=DTYPES[dtype], device=device)
             b = torch.randn(*lead, s.k, s.n, dtype=DTYPES[dtype], device=device)
             median_s, std_s, n = time_call_s(lambda: torch.matmul(a, b), device, repeats, warmup,
-                                             budget_s)
+                                             budget_s, flush)
             rows.append((s.op, s.m, s.n, s.k, s.batch, dtype, median_s, std_s, n))
     return pd.DataFrame(rows, columns=list(GEMM_COLUMNS))
 

@@ -1,0 +1,70 @@
+"""The fused attention kernel's price: the causal share its tiles compute (against a count of
+the tiles by brute force), the line its fit draws through measured shapes, and the cost
+model's use of both."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from meshplan.calibration.measure.attention import _line
+from meshplan.hw_profiles.gemm_model import causal_tile_share
+from meshplan.hw_profiles.profile import FusedAttention, HardwareProfile, load_profile
+from meshplan.simulator.cost import forward_s
+from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.ops import Shard, layer_ops
+
+
+def _brute_share(seq: int, keys: int, q_block: int, k_block: int) -> float:
+    """Pairs in every q_block x k_block tile that holds a pair query i needs (keys
+    i-keys+1 .. i), over seq x keys."""
+    need = np.zeros((seq, seq), dtype=bool)
+    for i in range(seq):
+        need[i, max(0, i - keys + 1):i + 1] = True
+    computed = 0
+    for q0 in range(0, seq, q_block):
+        for k0 in range(0, seq, k_block):
+            if need[q0:q0 + q_block, k0:k0 + k_block].any():
+                computed += need[q0:q0 + q_block, k0:k0 + k_block].size
+    return computed / (seq * keys)
+
+
+@pytest.mark.parametrize("seq,keys,q_block,k_block", [
+    (64, 64, 1, 1), (64, 16, 1, 1), (96, 96, 16, 32), (100, 100, 16, 32), (128, 40, 16, 8),
+    (128, 128, 256, 512), (200, 200, 32, 64), (96, 30, 8, 16)])
+def test_tile_share_counts_the_tiles_a_kernel_computes(seq, keys, q_block, k_block):
+    assert causal_tile_share(seq, keys, q_block, k_block) == pytest.approx(
+        _brute_share(seq, keys, q_block, k_block), rel=1e-12)
+
+
+def test_tiles_as_wide_as_the_sequence_compute_the_full_square():
+    # torch's CPU kernel (512-key blocks) computes causal attention over 512 tokens whole
+    assert causal_tile_share(512, 512, 256, 512) == 1.0
+    # and three quarters of it over 1024: query blocks of 256 reach 512 or 1024 keys
+    assert causal_tile_share(1024, 1024, 256, 512) == pytest.approx((2 * 512 + 2 * 1024) / (4 * 1024))
+
+
+def test_line_recovers_scale_and_fixed_cost():
+    priced = [1e-4, 5e-4, 2e-3, 6e-3]
+    assert _line(priced, [1.3 * p + 2e-4 for p in priced]) == pytest.approx((1.3, 2e-4))
+    # a negative fixed cost is no cost: the line goes through the origin
+    scale, fixed = _line(priced, [2.0 * p - 5e-5 for p in priced])
+    assert fixed == 0.0 and 1.5 < scale < 2.0
+
+
+def _core_forward_s(hw: HardwareProfile, seq: int) -> float:
+    model = ModelSpec(name="tiny", num_layers=1, hidden_size=256, num_heads=8, num_kv_heads=8,
+                      ffn_hidden_size=256, vocab_size=128, max_seq_len=seq)
+    core = [op for op in layer_ops(model, Shard(2, seq, dtype_bytes=4, flash=True)) if op.attention_core]
+    assert len(core) == 2
+    return float(forward_s(core, hw, "fp32").sum())
+
+
+def test_cost_prices_the_kernel_at_its_tiles_scale_and_fixed_cost():
+    hw = load_profile("local")
+    plain = replace(hw, attention=FusedAttention())
+    exact = _core_forward_s(plain, 256)
+    tiled = replace(hw, attention=FusedAttention(query_block=256, key_block=512))
+    # 256 tokens in one 512-key tile: the whole square, not (S+1)/(2S) of it
+    assert _core_forward_s(tiled, 256) == pytest.approx(exact / causal_tile_share(256, 256), rel=1e-9)
+    timed = replace(hw, attention=FusedAttention(1.5, 1.0, "test", 3e-4, 0.0, 256, 512))
+    assert _core_forward_s(timed, 256) == pytest.approx(1.5 * _core_forward_s(tiled, 256) + 3e-4, rel=1e-9)
