@@ -159,7 +159,7 @@ def _collective_s() -> float:
         out = Path(tmp) / "rows.json"
         torchrun("meshplan.calibration.measure.collectives",
                  ["--out", str(out), "--group-sizes", str(COLLECTIVE_RANKS), "--kinds", "all_reduce",
-                  "--sizes", str(COLLECTIVE_BYTES), "--repeats", "5", "--warmup", "2"],
+                  "--sizes", str(COLLECTIVE_BYTES), "--repeats", "30", "--warmup", "5"],
                  COLLECTIVE_RANKS, on_line=lambda _line: None, timeout_s=120)
         return float(json.loads(out.read_text())[0]["time_s"])
 
