@@ -84,13 +84,13 @@ def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     dW = X^T dY; GEMMs without a weight (attention) take both operand gradients on the
     input side; memory-bound backward moves 2x bytes (or op.bwd_bytes). FP8 GEMMs (op.fp8)
     run all three GEMMs in FP8, the rest in compute_dtype. The matmuls of a fused attention
-    kernel (op.fused) take the profile's FusedAttention scales of that price plus the
-    kernel's fixed cost, and its tiles decide the causal share they run (op.causal). An op
-    runs op.count times."""
+    kernel (op.causal) run the causal share its tiles compute and take the profile's
+    FusedAttention scales of that price plus the kernel's fixed cost. An op runs op.count
+    times."""
     fields = np.array([(op.kind == GEMM, op.m, op.n, op.k, op.batch, op.bytes_moved, op.count,
                         2.0 * op.bytes_moved if op.bwd_bytes is None else op.bwd_bytes, op.weight, op.fp8,
                         np.nan if op.weight_bytes is None else op.weight_bytes,
-                        op.executed_share if op.causal is None else hw.attention.causal_share(*op.causal))
+                        1.0 if op.causal is None else hw.attention.causal_share(*op.causal))
                        for op in ops], dtype=float).reshape(len(ops), 12)
     g = fields[:, 0].astype(bool)
     m, n, k, batch, moved, count, bwd_moved = np.ascontiguousarray(fields[:, 1:8].T)
@@ -119,7 +119,7 @@ def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     bwd_w[g] = np.where(weight, other, 0.0)
     share = fields[:, 11]
     fwd, bwd_in, bwd_w = fwd * share, bwd_in * share, bwd_w * share
-    fused = np.array([op.fused for op in ops], dtype=bool)
+    fused = np.array([op.causal is not None for op in ops], dtype=bool)
     if fused.any():  # the kernel's fixed cost split between the two matmuls it fuses
         att = hw.attention
         fwd[fused] = fwd[fused] * att.forward_scale + att.forward_latency_s / 2

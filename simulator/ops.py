@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshplan.hw_profiles.gemm_model import causal_tile_share
 from meshplan.simulator.model_spec import LayerKind, ModelSpec
 
 GEMM, MEMORY = "gemm", "memory"
@@ -69,13 +68,13 @@ class Op:
     bwd_bytes: float | None = None     # memory-bound backward bytes, when not 2 x bytes_moved
     weight_bytes: float | None = None  # bytes per weight element when stored quantized (serving)
     dequant_flops: float = 0.0         # CUDA-core work dequantizing them (quantize.py)
-    executed_share: float = 1.0        # share of `flops` the kernel runs (causal_share); times only
-    causal: tuple[int, int] | None = None  # (sequence, attended keys) of a fused causal kernel,
-    # whose executed share the profile's kernel tiles decide (FusedAttention.causal_share)
+    # (sequence, attended keys) of a matmul inside a fused causal attention kernel: it runs
+    # the share of `flops` the profile's kernel tiles compute (FusedAttention.causal_share) at
+    # the kernel's scales (cost._op_arrays); times only. None: every flop at the GEMM fits'.
+    causal: tuple[int, int] | None = None
     routed: bool = False               # runs between the MoE dispatch and combine (routed experts)
     sac_redo: float = 1.0              # share of its forward per-op selective AC redoes (op_sac)
     module_redo: bool = False          # redone under recompute norm_act (MODULE_REDO)
-    fused: bool = False                # a matmul inside a fused attention kernel (FusedAttention)
 
     @property
     def op_class(self) -> str | None:
@@ -128,10 +127,9 @@ def _eager(model: ModelSpec, shard: Shard, ops: list[Op]) -> list[Op]:
     return out
 
 
-def _gemm(name, m, n, k, batch=1, weight=True, core=False, fp8=False, share=1.0, fused=False,
-          causal=None) -> Op:
+def _gemm(name, m, n, k, batch=1, weight=True, core=False, fp8=False, causal=None) -> Op:
     return Op(name, GEMM, 2.0 * batch * m * n * k, m, n, k, batch, weight=weight, attention_core=core,
-              fp8=fp8, executed_share=share, fused=fused, causal=causal)
+              fp8=fp8, causal=causal)
 
 
 def _mem(name, elements, passes, dtype_bytes, core=False) -> Op:
@@ -203,19 +201,6 @@ def attended_keys(model: ModelSpec, shard: Shard, local: bool) -> int:
     return shard.seq_len
 
 
-def causal_share(model: ModelSpec, shard: Shard, local: bool) -> float:
-    """Share of the attended query-key pairs a fused kernel computes under the causal mask:
-    query i sees min(i+1, w) of its w attended keys, 1 - (w-1)/(2S) for a sequence S >= w
-    (gemm_model.causal_tile_share at 1 x 1 tiles; FlashAttention-2 skips the key blocks
-    above the diagonal, Dao 2023 sec 3.1.1; load-balanced ring attention gives each CP rank
-    the same share, Liu et al. 2023); a profile's kernel tiles raise it (cost._op_arrays).
-    Unfused attention computes every score and masks it: share 1. Model FLOPs (MFU) count
-    the full square, as Megatron-LM's and PaLM's formulas do."""
-    if not shard.flash:
-        return 1.0
-    return causal_tile_share(shard.seq_len, attended_keys(model, shard, local))
-
-
 def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
     """Input projections, RoPE, the attention core and the output projection. Latent
     attention (DeepSeek-V2 sec 2.1) projects queries and keys/values down to a low rank
@@ -241,9 +226,9 @@ def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
         if model.position_embedding == "rope":
             ops.append(_mem("rope", tok * (heads + kv_heads) * hd * model.rotary_pct, 2, d))
     keys, vd = attended_keys(model, shard, local), model.value_head_dim
-    scores, share = b * heads * s * keys, causal_share(model, shard, local)
+    scores = b * heads * s * keys
     causal = (shard.seq_len, keys) if shard.flash else None
-    scores_op, values_op = attention_core(s, keys, hd, vd, b * heads, share, shard.flash, causal)
+    scores_op, values_op = attention_core(s, keys, hd, vd, b * heads, causal)
     ops.append(scores_op)
     if not shard.flash:  # fused kernels cap and normalise the scores in registers
         if model.attn_softcap:
@@ -254,14 +239,17 @@ def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
 
 
 def attention_core(queries: int, keys: int, head_dim: int, value_dim: int, batch_heads: int,
-                   share: float, fused: bool, causal: tuple[int, int] | None = None) -> tuple[Op, Op]:
+                   causal: tuple[int, int] | None) -> tuple[Op, Op]:
     """The attention core's two matmuls, Q K^T and softmax(Q K^T) V, over `batch_heads`
-    (sequences x heads), `share` of them computed (causal_share); `fused`: inside one
-    FlashAttention kernel, `causal` its (sequence, attended keys) under the causal mask."""
+    (sequences x heads). `causal`: (sequence, attended keys) of one fused kernel under the
+    causal mask, which skips the key blocks above the diagonal (FlashAttention-2, Dao 2023
+    sec 3.1.1; load-balanced ring attention gives each CP rank the same share, Liu et al.
+    2023); None: unfused, every score computed and masked. Model FLOPs (MFU) count the full
+    square either way, as Megatron-LM's and PaLM's formulas do."""
     return (_gemm("attn_scores", queries, keys, head_dim, batch=batch_heads, weight=False, core=True,
-                  share=share, fused=fused, causal=causal),
+                  causal=causal),
             _gemm("attn_values", queries, value_dim, keys, batch=batch_heads, weight=False, core=True,
-                  share=share, fused=fused, causal=causal))
+                  causal=causal))
 
 
 def _mlp_ops(model: ModelSpec, shard: Shard, ffn: int, prefix: str = "mlp") -> list[Op]:

@@ -300,8 +300,8 @@ def _shard(model: ModelSpec, plan: InferencePlan, micro_batch: int, seq_len: int
 
 
 def _prefill_layer_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile) -> float:
-    """One layer's prefill of one micro-batch on one device (the attention core at its
-    causal share, ops.causal_share)."""
+    """One layer's prefill of one micro-batch on one device (the attention core at the
+    causal share its kernel computes, FusedAttention.causal_share)."""
     s = plan.prompt_len
     ops = _layer_ops(model, plan, _shard(model, plan, plan.micro_batch, s))
     return (float(_ops_s(ops + [_kv_write(model, plan, plan.micro_batch * s)], hw, plan.dtype).sum())

@@ -4,9 +4,8 @@ torch's scaled_dot_product_attention, causal, is timed forward and forward + bac
 few shapes the executor runs, and divided by what the fitted profile prices for the same
 attention core at the share of it the kernel's tiles compute: the cost model's own ops
 (ops.layer_ops of a one-layer model of that shape, its attention-core matmuls) through its
-own pricing (cost.op_times). The backward is priced
-beyond the forward the kernel redoes (cost.layer_times adds that redo at the forward's
-price). A line through the shapes, measured = scale x priced + a fixed cost per call, is
+own pricing (cost.op_times). The backward is priced beyond the forward the kernel redoes
+(cost.layer_times adds that redo at the forward's price). A line through the shapes, measured = scale x priced + a fixed cost per call, is
 the profile's fit: on CPU the fused kernel runs below the batched matmuls the GEMM fits
 measured and costs a fraction of a millisecond per call, which nothing else would see.
 """
@@ -40,14 +39,13 @@ CPU_TILES, CUDA_TILES = (256, 512), (128, 64)
 
 def _priced_s(hw: HardwareProfile, shape: tuple[int, int, int, int], dtype: str) -> tuple[float, float]:
     """(forward, backward beyond the redone forward) of the attention core as the cost model
-    prices it on `hw` without its FusedAttention scales (with its tiles)."""
+    prices it on `hw` (fit_attention gives it the kernel's tiles, no scales, no fixed cost)."""
     batch, seq, heads, head_dim = shape
     model = ModelSpec(name="attention-probe", num_layers=1, hidden_size=heads * head_dim, num_heads=heads,
                       num_kv_heads=heads, ffn_hidden_size=heads * head_dim, vocab_size=128, max_seq_len=seq)
     core = [op for op in layer_ops(model, Shard(batch, seq, dtype_bytes=DTYPE_BYTES[dtype], flash=True))
             if op.attention_core]
-    t = op_times([tuple(core)], replace(hw, attention=replace(hw.attention, forward_scale=1.0,
-                                                              backward_scale=1.0)), dtype)
+    t = op_times([tuple(core)], hw, dtype)
     return float(t.fwd_s[0]), float(t.bwd_input_s[0] + t.bwd_weight_s[0])
 
 

@@ -5,8 +5,9 @@ Operators are called the way the executor calls them (functional torch ops that 
 their output), one call per timing. CUDA calls are timed with CUDA events and a final
 synchronize; CPU calls with time.perf_counter. GEMMs are timed cold: the last-level cache
 is swept before each timed call, as a step finds a layer's weights. Each configuration gets
-`warmup` untimed calls, then up to `repeats` timed calls (fewer when they would exceed `budget_s`, never fewer
-than MIN_REPEATS); a row stores the median, the standard deviation and the calls timed.
+`warmup` untimed calls, then up to `repeats` timed calls (fewer when they would exceed
+`budget_s`, never fewer than MIN_REPEATS); a row stores the median, the standard deviation
+and the calls timed.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ MIN_REPEATS = 3
 MEMORY_BOUND_OPS = ("layer_norm", "rms_norm", "gelu", "silu", "softmax", "add", "adam")
 # Memory-bound operators run on [elements / NORM_HIDDEN, NORM_HIDDEN] activations.
 NORM_HIDDEN = 1024
+SIZE_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}  # sysfs cache sizes ("2048K")
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,7 @@ def last_level_cache_bytes(device: torch.device) -> int:
     sizes = []
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         text = entry.read_text().strip()
-        units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
-        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        sizes.append(int(text[:-1]) * SIZE_UNITS[text[-1]] if text[-1] in SIZE_UNITS else int(text))
     return max(sizes, default=0)
 
 
