@@ -73,6 +73,22 @@ RUN_PLAN = {"global_batch": 4, "seq_len": 32, "dp": 2, "pp": 2, "zero": 0, "micr
             "schedule": "1f1b", "dtype": "fp32", "recompute": "none"}
 
 
+@dataclass(frozen=True)
+class Effort:
+    """How much is timed: calls per collective configuration (after one warm-up), whether
+    the all-node groups are measured (shown, not checked), and the runs' steps."""
+
+    repeats: int
+    scaling: bool
+    steps: int
+    warmup: int
+
+
+# --quick (the test's): the checked figures at about two thirds of the time
+FULL = Effort(repeats=5, scaling=True, steps=6, warmup=2)
+QUICK = Effort(repeats=3, scaling=False, steps=4, warmup=1)
+
+
 class Unavailable(Exception):
     """Why the emulated cluster cannot be built here."""
 
@@ -252,12 +268,12 @@ def torchrun_command(cluster: EmulatedCluster, module: str, args: list[str], npr
     return [sys.executable, "-c", code, *args]
 
 
-def mesh_patterns(shape: Shape, nproc: int) -> list[dict]:
+def mesh_patterns(shape: Shape, nproc: int, scaling: bool = True) -> list[dict]:
     """Groups of ranks (numbered node by node, `nproc` to a node) to time, each with the mesh
     and axes it comes from (tp inside a node, dp over the nodes of a leaf, pp over the
     leaves). The fit set: one group alone, inside a node and over two nodes of a leaf (1 and
     `nproc` ranks per node). Held out: every group of a kind side by side, sharing NICs and
-    uplinks; and groups over all nodes ("nodes": the node-count scaling, which gloo's
+    uplinks; and with `scaling`, groups over all nodes (the node-count scaling, which gloo's
     algorithms set here, not the ring of NCCL that the collective model composes)."""
     sizes = {"tp": nproc, "dp": shape.nodes_per_leaf, "pp": shape.leaves, "cp": 1}
     order = ("tp", "dp", "pp", "cp")
@@ -279,15 +295,17 @@ def mesh_patterns(shape: Shape, nproc: int) -> list[dict]:
                 pattern(f"alone: 2 nodes, {nproc} per node", sizes, nproc, ("tp", "dp"), True, True)]
     patterns += [pattern(f"side by side: {'x'.join(axes)} of {mesh_name}", sizes, nproc, axes, False, False)
                  for axes in (("dp",), ("pp",), ("tp", "dp"), ("tp", "pp"), ("dp", "pp"))]
-    patterns += [pattern("alone: all nodes, 1 per node", one_per_node, 1, ("dp", "pp"), False, True),
-                 pattern(f"alone: all nodes, {nproc} per node", sizes, nproc, ("tp", "dp", "pp"), False, True)]
+    if scaling:
+        patterns += [pattern("alone: all nodes, 1 per node", one_per_node, 1, ("dp", "pp"), False, True),
+                     pattern(f"alone: all nodes, {nproc} per node", sizes, nproc, ("tp", "dp", "pp"), False, True)]
     return patterns
 
 
-def measure(cluster: EmulatedCluster, patterns: list[dict], nproc: int, work: Path) -> pd.DataFrame:
+def measure(cluster: EmulatedCluster, patterns: list[dict], nproc: int, work: Path,
+            effort: Effort) -> pd.DataFrame:
     spec, out = work / "patterns.json", work / "rows.json"
     spec.write_text(json.dumps([{k: p[k] for k in ("name", "groups", "kinds", "sizes")} for p in patterns]))
-    args = ["--patterns", str(spec), "--out", str(out)]
+    args = ["--patterns", str(spec), "--out", str(out), "--repeats", str(effort.repeats)]
     cluster.launch([torchrun_command(cluster, "meshplan.calibration.measure.groups", args, nproc, k)
                     for k in range(cluster.shape.nodes)], work / "measure", timeout_s=1800)
     return pd.DataFrame(json.loads(out.read_text()))
@@ -330,7 +348,7 @@ def predictions(rows: pd.DataFrame, patterns: list[dict], hw: HardwareProfile) -
 
 # ---- training steps across the namespaces ----
 
-def run_plans(cluster: EmulatedCluster, hw_path: Path, work: Path) -> pd.DataFrame:
+def run_plans(cluster: EmulatedCluster, hw_path: Path, work: Path, effort: Effort) -> pd.DataFrame:
     """`meshplan run` of RUN_PLAN (one rank per node) in the placement the planner prefers
     and the one it rejects (data-parallel groups inside a leaf, or across the uplinks), with
     the planner's verdict and each run's predicted and measured step time."""
@@ -350,8 +368,8 @@ def run_plans(cluster: EmulatedCluster, hw_path: Path, work: Path) -> pd.DataFra
     rows = []
     for verdict, placement in (("preferred", preferred), ("rejected", rejected)):
         flags = ["--model", str(model_file), "--hardware", str(hw_path), "--gpus", str(nodes),
-                 "--gpus-per-node", "1", "--placement", ",".join(placement), "--steps", "6",
-                 "--warmup", "2", "--timeout-s", "300", "--json", "--nnodes", str(nodes),
+                 "--gpus-per-node", "1", "--placement", ",".join(placement), "--steps", str(effort.steps),
+                 "--warmup", str(effort.warmup), "--timeout-s", "300", "--json", "--nnodes", str(nodes),
                  "--rdzv-endpoint", f"{cluster.address(0)}:{PORT}", "--no-probe"]
         for key, value in fixed.items():
             flags += [f"--{key.replace('_', '-')}", str(value)]
@@ -369,16 +387,16 @@ def run_plans(cluster: EmulatedCluster, hw_path: Path, work: Path) -> pd.DataFra
     return out
 
 
-def run(shape: Shape, nproc: int, work: Path, with_runs: bool = True) -> dict:
+def run(shape: Shape, nproc: int, work: Path, with_runs: bool = True, effort: Effort = FULL) -> dict:
     """Build the cluster, measure, fit, predict, run; the figures as tables."""
     with emulated_cluster(shape) as cluster:
-        patterns = mesh_patterns(shape, nproc)
-        rows = measure(cluster, patterns, nproc, work)
+        patterns = mesh_patterns(shape, nproc, scaling=effort.scaling)
+        rows = measure(cluster, patterns, nproc, work, effort)
         hw = fit_profile(rows, patterns, shape, nproc)
         hw_path = work / "emulated-cluster.json"
         hw.save(hw_path)
         table = predictions(rows, patterns, hw)
-        runs = run_plans(cluster, hw_path, work) if with_runs else pd.DataFrame()
+        runs = run_plans(cluster, hw_path, work, effort) if with_runs else pd.DataFrame()
     inter = hw.collectives.inter
     fitted = {f"{k}/r{r}": (c.large.busbw_bytes_per_s * 8 / 1e6, c.large.alpha_s * 1e3)
               for k in KINDS for r, c in sorted(inter[k].items())}
@@ -440,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks-per-node", type=int, default=2, help="ranks per node when measuring collectives")
     parser.add_argument("--delay-ms", type=float, default=0.1, help="netem delay per link where the kernel has netem")
     parser.add_argument("--no-runs", action="store_true", help="collectives only, no `meshplan run`")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 timed calls per collective (not 5), no all-node groups, 4 steps per run")
     parser.add_argument("--out", type=Path, help="folder for the profile, the rows and the logs (default: temporary)")
     args = parser.parse_args(argv)
     why = unavailable()
@@ -452,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         work = args.out or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         try:
-            result = run(shape, args.ranks_per_node, work, with_runs=not args.no_runs)
+            result = run(shape, args.ranks_per_node, work, with_runs=not args.no_runs,
+                         effort=QUICK if args.quick else FULL)
         except Unavailable as exc:
             print(f"emulated cluster skipped: {exc}")
             return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,10 +97,18 @@ def test_torchrun_restarts_resume_from_the_newest_checkpoint(reference, tmp_path
     assert len(record.step_times_s) == STEPS - 2
 
 
+@pytest.fixture(scope="module")
+def dp2_checkpoint(tmp_path_factory) -> Path:
+    """The checkpoint of the DDP plan after 3 of its steps (each test resumes a copy)."""
+    folder = tmp_path_factory.mktemp("dp2")
+    launch_train(LLAMA, PLANS["ddp"], Cluster(2, 2), options(folder, steps=3))
+    assert latest(folder)[1].step == 3
+    return folder
+
+
 @pytest.mark.parametrize("into", ["tp-sp", "fsdp2", "pp-interleaved"])
-def test_a_dp2_checkpoint_resumes_in_another_layout(reference, tmp_path, into):
-    launch_train(LLAMA, PLANS["ddp"], Cluster(2, 2), options(tmp_path, steps=3))
-    assert latest(tmp_path)[1].step == 3
+def test_a_dp2_checkpoint_resumes_in_another_layout(reference, dp2_checkpoint, tmp_path, into):
+    shutil.copytree(dp2_checkpoint, tmp_path, dirs_exist_ok=True)
     record = launch_train(LLAMA, PLANS[into], Cluster(2, 2), options(tmp_path, resume=True))
     assert record.losses[:3] == reference["ddp"][:3]
     assert record.losses == pytest.approx(reference["ddp"], rel=1e-5, abs=0)

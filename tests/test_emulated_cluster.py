@@ -1,10 +1,10 @@
-"""The fabric model on an emulated cluster (benchmarks/emulated_cluster.py): four network
-namespaces behind two shaped leaf switches with 2:1 uplinks. The inter-node level is fitted
-on two-node groups alone; every other placement is predicted through the fabric graph's link
-share: in the bandwidth regime their median error must be within 15% (and a third of the
-error without the link share); and the placement the planner prefers must train faster than
-the one it rejects. Skips, saying why, without root, iproute2 or the
-tbf qdisc; leaves no namespace, veth or bridge behind."""
+"""The fabric model on an emulated cluster (benchmarks/emulated_cluster.py, at its --quick
+effort): four network namespaces behind two shaped leaf switches with 2:1 uplinks. The
+inter-node level is fitted on two-node groups alone; every other placement is predicted
+through the fabric graph's link share: in the bandwidth regime their median error must be
+within 15% (and a third of the error without the link share); and the placement the planner
+prefers must train faster than the one it rejects. Skips, saying why, without root, iproute2
+or the tbf qdisc; leaves no namespace, veth or bridge behind."""
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +29,7 @@ def test_fabric_predictions_on_emulated_cluster(tmp_path):
         pytest.skip(why)
     before = _namespaces()
     try:
-        result = emulated.run(SHAPE, 2, tmp_path)
+        result = emulated.run(SHAPE, 2, tmp_path, effort=emulated.QUICK)
     except emulated.Unavailable as exc:
         print(f"skipped: {exc}")
         pytest.skip(str(exc))

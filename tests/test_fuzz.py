@@ -74,7 +74,7 @@ def _flags(draw, names):
     return argv
 
 
-@settings(max_examples=2500, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_simulate_with_generated_flags(data, tmp_path_factory):
     argv = ["simulate", "--model", data.draw(st.sampled_from(["llama-2-7b", "gpt3-175b", str(MIXTRAL), "nope"])),
@@ -115,7 +115,7 @@ def test_plan_and_whatif_with_generated_flags(data, tmp_path_factory):
     check(argv)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_serving_with_generated_flags(data):
     argv = ["plan", "--mode", "inference", "--model", data.draw(st.sampled_from(["llama-2-7b", str(MIXTRAL)])),
