@@ -30,7 +30,7 @@ from meshplan.hw_profiles.collective_model import KINDS, CollectiveFit, Curve, L
     collective_time_s, intra_time_s, ring_steps
 from meshplan.hw_profiles.gemm_model import DTYPE_BYTES, OP_CLASSES, GemmFit, MemoryBoundFit, \
     gemm_time_s, memory_bound_time_s
-from meshplan.hw_profiles.profile import LATENCY_S, HardwareProfile
+from meshplan.hw_profiles.profile import BUS_RATE, LATENCY_S, HardwareProfile
 from meshplan.calibration.samples import Samples
 from meshplan.core.errors import ProfileError
 
@@ -210,6 +210,8 @@ def _curve_fit(predict_with, x, t, two_regimes: bool) -> Curve:
         if cost < best_cost:
             best, best_cost = p, cost
     c = curve(best)
+    if c.small.busbw_bytes_per_s < BUS_RATE[0]:  # a flat latency regime: the min of the two only
+        c = Curve(Line(c.small.alpha_s, BUS_RATE[0]), c.large, "")  # below a few bytes either way
     if c.large.alpha_s > LATENCY_S[1]:  # a large regime no size reaches: one regime is the fit
         return Curve(c.small, c.small, "measured (one regime: the second fitted above any latency)")
     return Curve(c.small, c.large, "measured (two regimes)")

@@ -20,6 +20,7 @@ from meshplan.calibration.overhead import measure_overhead
 from meshplan.calibration.probe import REFERENCE_KEY, measure as probe
 from meshplan.calibration.samples import Samples
 from meshplan.core.errors import ProfileError
+from meshplan.core.host_memory import keep_freed_memory
 from meshplan.hw_profiles.profile import HardwareProfile
 
 
@@ -27,6 +28,7 @@ def measure_profile(quick: bool, name: str, holdout: float, seed: int,
                     progress: bool = False) -> tuple[HardwareProfile, Samples, dict, float]:
     """(profile, samples, machine description, seconds spent measuring)."""
     started = time.perf_counter()
+    keep_freed_memory()  # as the executor's ranks run (core/host_memory.py)
     machine = describe_machine()
     cuda = machine["gpu_count"] > 0
     plan = measurement_plan(quick, cuda, machine["usable_cpus"], machine["gpu_count"])

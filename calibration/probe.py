@@ -32,6 +32,7 @@ from meshplan.calibration.measure.compute import (GemmShape, measure_gemms, meas
                                                    torch_threads)
 from meshplan.calibration.overhead import measure_overhead
 from meshplan.core.errors import ProfileError
+from meshplan.core.host_memory import keep_freed_memory
 from meshplan.executor.launch import prediction_or_why, torchrun
 from meshplan.executor.records import RunRecord, ServeRecord
 from meshplan.hw_profiles.profile import HardwareProfile
@@ -166,7 +167,8 @@ def _collective_s() -> float:
 
 def measure(collective: bool) -> Measurement:
     """Time the probe's operations on this machine's CPU, one thread, as the executor's
-    ranks run."""
+    ranks run (freed memory kept, core/host_memory.py)."""
+    keep_freed_memory()
     device = torch.device("cpu")
     with torch_threads(1):
         gemm = measure_gemms([GEMM], ["fp32"], device, repeats=20, warmup=3, budget_s=0.5)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from meshplan.calibration.fit import _curve_fit, fabric_inter_node, fit_profile
-from meshplan.hw_profiles.profile import LATENCY_S
+from meshplan.hw_profiles.profile import BUS_RATE, LATENCY_S
 from meshplan.hw_profiles.collective_model import KINDS, CollectiveFit, Curve, Line, collective_time_s
 from meshplan.hw_profiles.gemm_model import GemmFit, MemoryBoundFit, gemm_time_s, memory_bound_time_s
 from meshplan.calibration.samples import Samples
@@ -99,6 +99,20 @@ def test_two_regime_fit_never_leaves_the_profiles_latency_range(monkeypatch):
     curve = _curve_fit(lambda c: c.time_s(x), x, 4e-3 + x / 3.1e8, True)
     assert curve.large == curve.small and curve.small.alpha_s == pytest.approx(4e-3)
     assert curve.large.alpha_s <= LATENCY_S[1]
+
+
+def test_a_flat_latency_regime_keeps_to_the_profiles_bandwidth_range(monkeypatch):
+    # gloo's reduce-scatter over 3 ranks once fitted its small regime at 396 B/s (flat: the
+    # large regime is the faster one from a few bytes up), below what the reader accepts
+    import meshplan.calibration.fit as fit
+    landed = np.array([np.log(2e-4), np.log(2.0), np.log(4e8), np.log(4e8 / 396)])
+    monkeypatch.setattr(fit, "_fit_log", lambda *args, **kwargs: landed)
+    x = 4.0 ** np.arange(5, 15)
+    t = np.minimum(2e-4 + x / 396, 4e-4 + x / 4e8)
+    curve = _curve_fit(lambda c: c.time_s(x), x, t, True)
+    assert curve.small.busbw_bytes_per_s == BUS_RATE[0] and curve.small.alpha_s == pytest.approx(2e-4)
+    assert curve.time_s(x) == pytest.approx(t, rel=1e-9)  # no measured size changes
+    assert curve.large.busbw_bytes_per_s == pytest.approx(4e8)
 
 
 def test_fit_recovers_collective_parameters():

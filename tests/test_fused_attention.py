@@ -49,6 +49,11 @@ def test_line_recovers_scale_and_fixed_cost():
     # a negative fixed cost is no cost: the line goes through the origin
     scale, fixed = _line(priced, [2.0 * p - 5e-5 for p in priced])
     assert fixed == 0.0 and 1.5 < scale < 2.0
+    # nor is a negative scale (the backward once read -0.07 here): the ratio through the origin
+    measured = [8e-4, 7.5e-4, 9e-4, 7e-4]
+    ratios = [p / m for p, m in zip(priced, measured)]
+    assert _line(priced, measured) == pytest.approx(
+        (sum(ratios) / sum(r * r for r in ratios), 0.0))
 
 
 def _core_forward_s(hw: HardwareProfile, seq: int) -> float:

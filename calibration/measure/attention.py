@@ -100,11 +100,11 @@ def fit_attention(hw: HardwareProfile, device: str, dtype: str, repeats: int = 1
 
 def _line(priced_s: list[float], measured_s: list[float]) -> tuple[float, float]:
     """(scale, fixed cost) of measured = scale x priced + fixed, least squares in relative
-    error (the shapes span a decade of times); through the origin if the fixed cost would be
-    negative."""
+    error (the shapes span a decade of times); through the origin if the fixed cost or the
+    scale would be negative (a time that falls as the work grows is noise, not a slope)."""
     priced, measured = np.asarray(priced_s), np.asarray(measured_s)
     (scale, fixed), *_ = np.linalg.lstsq(np.stack([priced / measured, 1 / measured], axis=1),
                                          np.ones_like(measured), rcond=None)
-    if fixed >= 0:
+    if fixed >= 0 and scale > 0:
         return float(scale), float(fixed)
     return float(np.sum(priced / measured) / np.sum((priced / measured) ** 2)), 0.0

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from meshplan.hw_profiles.collective_model import KINDS
+from meshplan.core.host_memory import keep_freed_memory
 from meshplan.core.io import write_atomic
 from meshplan.executor.ranks.common import pin_rank_to_core
 from meshplan.calibration.samples import COLLECTIVE_COLUMNS
@@ -148,7 +149,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
 
 def run_rank(out: Path, measure: Callable[[torch.device], list[dict]]) -> None:
     """Start this rank (GPU i for local rank i under NCCL, else one thread pinned to one
-    core under gloo), take the rows measure(device) gives, and let rank 0 write them to out."""
+    core under gloo, freed memory kept), take the rows measure(device) gives, and let rank 0 write them to out."""
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -156,6 +157,7 @@ def run_rank(out: Path, measure: Callable[[torch.device], list[dict]]) -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        keep_freed_memory()
         pin_rank_to_core(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     try:

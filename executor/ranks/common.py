@@ -13,6 +13,7 @@ from typing import Callable, NoReturn
 import torch
 import torch.distributed as dist
 
+from meshplan.core.host_memory import keep_freed_memory
 from meshplan.core.io import write_json
 
 
@@ -27,12 +28,14 @@ def pin_rank_to_core(local_rank: int) -> int:
 
 
 def setup_device() -> torch.device:
-    """This rank's CUDA device, or on CPU one thread pinned to one core."""
+    """This rank's CUDA device, or on CPU one thread pinned to one core, freed memory kept
+    (core/host_memory.py)."""
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         return device
     torch.set_num_threads(1)
+    keep_freed_memory()
     pin_rank_to_core(int(os.environ["LOCAL_RANK"]))
     return torch.device("cpu")
 
