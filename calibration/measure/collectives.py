@@ -149,7 +149,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
 
 def run_rank(out: Path, measure: Callable[[torch.device], list[dict]]) -> None:
     """Start this rank (GPU i for local rank i under NCCL, else one thread pinned to one
-    core under gloo, freed memory kept), take the rows measure(device) gives, and let rank 0 write them to out."""
+    core under gloo, freed memory kept), take the rows measure(device) gives, and let rank 0
+    write them to out."""
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available()
     if cuda:
