@@ -92,7 +92,7 @@ def test_simulate_with_generated_flags(data, tmp_path_factory):
     check(argv)
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_plan_and_whatif_with_generated_flags(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("w") / "r.html"
@@ -140,7 +140,7 @@ GPT_OSS_KEYS = ["swiglu_limit", "layer_types", "sliding_window", "attention_bias
                 "num_experts_per_tok", "experts_per_token", "head_dim"]
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_model_configs_with_bad_fields(data, tmp_path_factory):
     base, keys = data.draw(st.sampled_from([(SMALL_MODEL, CONFIG_KEYS), (GPT_OSS, GPT_OSS_KEYS)]))
@@ -198,7 +198,7 @@ def _profile_leaves():
     return sorted(_numeric_leaves(json.loads(profile_path("a100-80gb").read_text())))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
 @given(key=st.sampled_from(_profile_leaves()),
        value=st.sampled_from([0, -1, 1e-300, 1e300, 2.0, 0.5, "1", None, [], 10 ** 30]))
 def test_profile_numbers_out_of_range(key, value, tmp_path_factory):
