@@ -5,9 +5,10 @@ few shapes the executor runs, and divided by what the fitted profile prices for 
 attention core at the share of it the kernel's tiles compute: the cost model's own ops
 (ops.layer_ops of a one-layer model of that shape, its attention-core matmuls) through its
 own pricing (cost.op_times). The backward is priced beyond the forward the kernel redoes
-(cost.layer_times adds that redo at the forward's price). A line through the shapes, measured = scale x priced + a fixed cost per call, is
-the profile's fit: on CPU the fused kernel runs below the batched matmuls the GEMM fits
-measured and costs a fraction of a millisecond per call, which nothing else would see.
+(cost.layer_times adds that redo at the forward's price). A line through the shapes,
+measured = scale x priced + a fixed cost per call, is the profile's fit: on CPU the fused
+kernel runs below the batched matmuls the GEMM fits measured and costs a fraction of a
+millisecond per call, which nothing else would see.
 """
 from __future__ import annotations
 

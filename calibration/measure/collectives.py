@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -29,9 +28,8 @@ import torch
 import torch.distributed as dist
 
 from meshplan.hw_profiles.collective_model import KINDS
-from meshplan.core.host_memory import keep_freed_memory
 from meshplan.core.io import write_atomic
-from meshplan.executor.ranks.common import pin_rank_to_core
+from meshplan.executor.ranks.common import setup_device
 from meshplan.calibration.samples import COLLECTIVE_COLUMNS
 from meshplan.core.errors import ProfileError
 
@@ -152,15 +150,8 @@ def run_rank(out: Path, measure: Callable[[torch.device], list[dict]]) -> None:
     core under gloo, freed memory kept), take the rows measure(device) gives, and let rank 0
     write them to out."""
     torch.set_num_threads(1)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        keep_freed_memory()
-        pin_rank_to_core(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    device = setup_device()  # as the executor's ranks
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         rows = measure(device)
         if dist.get_rank() == 0:
