@@ -19,7 +19,7 @@ import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator import step
-from meshplan.simulator.cost import NONE, NORM_ACT, OP, per_rank_profile
+from meshplan.simulator.cost import FULL, NONE, NORM_ACT, OP, per_rank_profile
 from meshplan.simulator.memory import memory_reserve_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.partition import balanced_shape
@@ -251,24 +251,26 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     mem_id, mem_first = step.combo_ids(r, MEMORY_KEYS)
     peak, step_s = _memory_bound(_memory_rows(r, mem_first), model)[mem_id], np.full(len(table), np.nan)
     busy = np.full(len(table), np.nan)
-    # per-op and norm_act recompute of a layout are never faster than none of it (they only
-    # add recompute) and keep less: with `keep`, their rows wait until none's exact memory
-    # is known, and are timed only where none does not fit
+    # full, per-op and norm_act recompute of a layout are never faster than none of it (they
+    # only add recompute) and keep less: with `keep`, their rows wait until none's exact
+    # memory is known, and are timed only where none does not fit
     twin = _none_twin(table, r["rc"]) if keep is not None else np.full(len(table), -1)
     waits = (twin >= 0) & (peak[np.maximum(twin, 0)] <= limit)
     out = (peak, step_s, busy)
     partition = table.attrs["layer_partition"]
-    _time_rows(r, model, hw, mem_id, np.flatnonzero((peak <= limit) & ~waits), partition, limit, keep, *out)
+    # every row timed below is one of these (none: nothing to time)
+    st = step.rows_shard_times(r, model, hw, peak <= limit) if (peak <= limit).any() else None
+    _time_rows(r, model, hw, st, mem_id, np.flatnonzero((peak <= limit) & ~waits), partition, limit, keep, *out)
     rest = waits & (peak[np.maximum(twin, 0)] > limit)
-    _time_rows(r, model, hw, mem_id, np.flatnonzero(rest & (peak <= limit)), partition, limit, keep, *out)
+    _time_rows(r, model, hw, st, mem_id, np.flatnonzero(rest & (peak <= limit)), partition, limit, keep, *out)
     return Evaluation(step_s, peak, peak <= limit, limit, busy)
 
 
 def _none_twin(table: pd.DataFrame, rc: np.ndarray) -> np.ndarray:
-    """Per row with recompute op or norm_act: the row of the same layout (space.py's layout
-    column) with recompute none, -1 where there is none (and for every other row)."""
+    """Per row with recompute full, op or norm_act: the row of the same layout (space.py's
+    layout column) with recompute none, -1 where there is none (and for every other row)."""
     twin = np.full(len(table), -1)
-    above = np.isin(rc, (OP, NORM_ACT))
+    above = np.isin(rc, (FULL, OP, NORM_ACT))
     if "layout" not in table.columns or not above.any():
         return twin
     layout = table["layout"].to_numpy()
@@ -278,15 +280,16 @@ def _none_twin(table: pd.DataFrame, rc: np.ndarray) -> np.ndarray:
     return twin
 
 
-def _time_rows(r: dict, model: ModelSpec, hw: HardwareProfile, mem_id: np.ndarray, maybe: np.ndarray,
+def _time_rows(r: dict, model: ModelSpec, hw: HardwareProfile, st, mem_id: np.ndarray, maybe: np.ndarray,
                partition, limit: float, keep: int | None, peak: np.ndarray, step_s: np.ndarray,
                busy: np.ndarray) -> None:
     """Exact memory of the rows `maybe` (whose lower bound fits) into `peak`, and the step
     time of those that fit into `step_s` (their busy bound into `busy`): with `keep`, only
-    where a lower bound on it beats the keep-th best known so far."""
+    where a lower bound on it beats the keep-th best known so far. `st`: the shards' times
+    (step.rows_shard_times)."""
     if not maybe.size:
         return
-    r = step.add_times(r if maybe.size == len(peak) else step.take(r, maybe), model, hw)
+    r = step.add_times(r if maybe.size == len(peak) else step.take(r, maybe), model, hw, st)
     r.update(_sums(r, model))
     s, n, before, part, largest, layout = slots(r, model, partition)
     key = mem_id[maybe] * (int(layout.max()) + 1) + layout

@@ -251,8 +251,8 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
             if fixed.get("reshard_after_forward", o) == o], ["reshard_after_forward"])
         table = _legal(table, model, cluster, fixed, ("reshard_after_forward",))
     if not table.empty:
-        # the layout each recompute choice is made for (closed_forms: none dominates op and
-        # norm_act where it fits); norm_act, which frees the norms' outputs and the routed
+        # the layout each recompute choice is made for (closed_forms: none dominates full, op
+        # and norm_act where it fits); norm_act, which frees the norms' outputs and the routed
         # experts' activations, is searched for models with experts (fixed, for any)
         table["layout"] = np.arange(len(table))
         table = _join(table, ["tp"], lambda tp: [

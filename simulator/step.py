@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
-from meshplan.simulator.cost import (FULL, NONE, OP, ExpertMesh, collective_s, layer_times,
+from meshplan.simulator.cost import (FULL, NONE, OP, ExpertMesh, ShardTimes, collective_s, layer_times,
                                      overlap_split, shard_times)
 from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, cross_entropy_logits,
                                        expert_layer_params, layer_activation_bytes, logits_bytes,
@@ -123,9 +123,20 @@ def take(r: dict, index) -> dict:
     return {k: (x[index] if isinstance(x, np.ndarray) else x) for k, x in r.items()}
 
 
-def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
+def rows_shard_times(r: dict, model: ModelSpec, hw: HardwareProfile, index=slice(None)) -> ShardTimes:
+    """shard_times of every shard of r["shards"], computed for those of the rows `index`
+    only (the others' entries repeat one of those: never read for rows outside `index`)."""
+    used = np.unique(r["shard_id"][index])
+    at = np.zeros(len(r["shards"]), dtype=np.int64)
+    at[used] = np.arange(used.size)
+    return shard_times(model, hw, [r["shards"][i] for i in used], r["dtype"],
+                       [r["shard_ops"][i] for i in used]).take(at)
+
+
+def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | None = None) -> dict:
     """r with its times, computed once per distinct shard and cost combination
-(r["cost_id"], the combination of COST_KEYS of each row):
+(r["cost_id"], the combination of COST_KEYS of each row); `st`: rows_shard_times of
+    rows including these, where the caller times its rows in parts:
     l_fwd / l_bwd (a layer's whole forward / backward, cost.LayerTimes), their parts
     (l_fwd_compute, l_bwd_in, l_bwd_w, l_recompute, l_tp, l_cp), the same in an all-to-all
     overlap pair (l_fwd_pair, l_bwd_pair, with their exposed exchange l_ep_pair_* and the
@@ -133,9 +144,8 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile) -> dict:
     blocks, the ZeRO-3 gather `ag` with the exposed part of each further gather (xf, xb)
     and the wait for the group's straggler at each (sync_f, sync_b), and the pipeline hop."""
     r = dict(r)
-    shard_id, sfirst = group_ids(r["shard_id"])
-    used = r["shard_id"][sfirst]
-    st = shard_times(model, hw, [r["shards"][i] for i in used], r["dtype"], [r["shard_ops"][i] for i in used])
+    shard_id = r["shard_id"]
+    st = rows_shard_times(r, model, hw) if st is None else st
     cost_id, cfirst = combo_ids(r, COST_KEYS)
     c = {k: r[k][cfirst] for k in ("tp", "cp", "sp", "rc", "tp_rpn", "cp_rpn", "tokens", "ep", "etp",
                                    "ep_rpn", "etp_rpn", "in_tokens", "tp_share", "cp_share")}
