@@ -8,7 +8,7 @@ multi-node torchrun (c10d rendezvous):
 
 patterns.json lists {"name", "groups": [[rank, ...], ...], "kinds", "sizes"}; a pattern's
 groups run the collective at the same moment (a barrier of every rank before each call;
-ranks in no group wait). A row's time is the slowest rank's median over calls, over all of
+ranks in no group wait). A row's time is the slowest rank's mean over calls, over all of
 the pattern's groups. Ranks are numbered node by node (torchrun's order), so a group's ranks
 per node come from LOCAL_WORLD_SIZE. gloo on CPU, NCCL on CUDA, as the single-machine
 measurement. Rank 0 writes COLLECTIVE_COLUMNS + "pattern" rows.
