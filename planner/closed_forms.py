@@ -19,7 +19,7 @@ import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator import step
-from meshplan.simulator.cost import FULL, NONE, NORM_ACT, OP, per_rank_profile
+from meshplan.simulator.cost import FULL, NONE, NORM_ACT, OP, ShardTimes, per_rank_profile
 from meshplan.simulator.memory import memory_reserve_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.partition import balanced_shape
@@ -280,7 +280,8 @@ def _none_twin(table: pd.DataFrame, rc: np.ndarray) -> np.ndarray:
     return twin
 
 
-def _time_rows(r: dict, model: ModelSpec, hw: HardwareProfile, st, mem_id: np.ndarray, maybe: np.ndarray,
+def _time_rows(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | None, mem_id: np.ndarray,
+               maybe: np.ndarray,
                partition, limit: float, keep: int | None, peak: np.ndarray, step_s: np.ndarray,
                busy: np.ndarray) -> None:
     """Exact memory of the rows `maybe` (whose lower bound fits) into `peak`, and the step

@@ -322,7 +322,7 @@ def _linear_widths(model: ModelSpec, shard: Shard, op: Op) -> tuple[int, ...]:
     return (op.n,)
 
 
-def op_sac(model: ModelSpec, shard: Shard, ops: list[Op]) -> tuple[dict[int, float], float]:
+def op_sac(model: ModelSpec, shard: Shard, ops: list[Op]) -> tuple[list[float], float]:
     """Per-op selective activation checkpointing as torchtitan runs it (SelectiveAC,
     torchtitan distributed/activation_checkpoint.py): the outputs of matmuls (every second
     one recomputed, counting the layer's nn.Linear matmuls in order), attention (SDPA),
@@ -334,8 +334,8 @@ def op_sac(model: ModelSpec, shard: Shard, ops: list[Op]) -> tuple[dict[int, flo
     early stop), so the ops after the last one backward needs are redone too. The count
     runs on over the layer's calls, so with an odd number of matmuls the recomputed set
     alternates between calls: each then counts half, and memory keeps the larger set.
-    Returns the share each op's forward redoes (Op.sac_redo), by position in `ops`, and
-    the output elements of the saved matmuls."""
+    Returns the share of each op's forward it redoes (Op.sac_redo), in the order of `ops`,
+    and the output elements of the saved matmuls."""
     counted = [i for i, op in enumerate(ops) if op.kind == GEMM and op.weight and not op.routed
                and op.name != "router"]
     pieces = [(i, w) for i in counted for w in _linear_widths(model, shard, ops[i])]
@@ -345,7 +345,7 @@ def op_sac(model: ModelSpec, shard: Shard, ops: list[Op]) -> tuple[dict[int, flo
         share = width / ops[i].n
         redo[i] += share * (0.5 if alternating else float(position % 2 == 0))
         saved[position % 2] += ops[i].m * ops[i].batch * width
-    shares = {i: 0.0 if op.attention_core else redo.get(i, 1.0) for i, op in enumerate(ops)}
+    shares = [0.0 if op.attention_core else redo.get(i, 1.0) for i, op in enumerate(ops)]
     return shares, max(saved) if alternating else saved[1]
 
 
@@ -366,9 +366,8 @@ def layer_kind_ops(model: ModelSpec, shard: Shard, kind: LayerKind) -> tuple[Op,
     if shard.fp8 is not None:
         ops.append(_fp8_cast(ops, shard.fp8))
     ops = _eager(model, shard, ops + [_mem("residual_add", ntok * h, 3, d)])
-    redo = op_sac(model, shard, ops)[0]
     return tuple(changed(op, module_redo=op.name in MODULE_REDO or (op.name == "mlp_act" and op.routed),
-                         sac_redo=redo[i]) for i, op in enumerate(ops))
+                         sac_redo=share) for op, share in zip(ops, op_sac(model, shard, ops)[0]))
 
 
 def kinds_ops(model: ModelSpec, shard: Shard) -> tuple[tuple[Op, ...], ...]:
