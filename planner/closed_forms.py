@@ -281,9 +281,8 @@ def _none_twin(table: pd.DataFrame, rc: np.ndarray) -> np.ndarray:
 
 
 def _time_rows(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | None, mem_id: np.ndarray,
-               maybe: np.ndarray,
-               partition, limit: float, keep: int | None, peak: np.ndarray, step_s: np.ndarray,
-               busy: np.ndarray) -> None:
+               maybe: np.ndarray, partition, limit: float, keep: int | None, peak: np.ndarray,
+               step_s: np.ndarray, busy: np.ndarray) -> None:
     """Exact memory of the rows `maybe` (whose lower bound fits) into `peak`, and the step
     time of those that fit into `step_s` (their busy bound into `busy`): with `keep`, only
     where a lower bound on it beats the keep-th best known so far. `st`: the shards' times
