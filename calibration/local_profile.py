@@ -15,7 +15,8 @@ from meshplan.calibration.measure.attention import fit_attention
 from meshplan.calibration.fit import fit_profile
 from meshplan.calibration.local_base import local_base
 from meshplan.calibration.measure.machine import describe_machine
-from meshplan.calibration.measure.run import measure_machine, measurement_plan
+from meshplan.calibration.measure.machine_load import neighbour_slowdown
+from meshplan.calibration.measure.run import CPU_MAX_WORLD, measure_machine, measurement_plan
 from meshplan.calibration.overhead import measure_overhead
 from meshplan.calibration.probe import REFERENCE_KEY, measure as probe
 from meshplan.calibration.samples import Samples
@@ -38,11 +39,14 @@ def measure_profile(quick: bool, name: str, holdout: float, seed: int,
                            "from your cluster's logs with --import-nccl-tests")
     with tempfile.TemporaryDirectory(prefix="meshplan-profile-") as tmp:
         samples, machine = measure_machine(quick, Path(tmp) / "samples.json", progress=progress)
-    # On a GPU the host queues kernels ahead of the device: its overhead is not on the path.
-    overhead = None if cuda else measure_overhead(repeats=15 if quick else 40)
-    reference = None if cuda else probe(collective=machine["usable_cpus"] >= 2)
-    measured_s = time.perf_counter() - started
     profile = fit_profile(samples, local_base(samples, machine, name), holdout, seed)
+    # On a GPU the host queues kernels ahead of the device: its overhead is not on the path.
+    # On CPU the fitted collectives price those inside the overhead's two-rank probe.
+    overhead = None if cuda else measure_overhead(profile, repeats=15 if quick else 40)
+    reference = None if cuda else probe(collective=machine["usable_cpus"] >= 2)
+    slowdown = None if cuda else neighbour_slowdown(min(machine["usable_cpus"], CPU_MAX_WORLD),
+                                                    rounds=2 if quick else 3)
+    measured_s = time.perf_counter() - started
     # the executor computes in fp32 on CPU and bf16 on a GPU (executor.options.compute_dtype)
     started = time.perf_counter()
     profile = replace(profile, attention=fit_attention(profile, "cuda" if cuda else "cpu",
@@ -50,5 +54,6 @@ def measure_profile(quick: bool, name: str, holdout: float, seed: int,
     measured_s += time.perf_counter() - started
     if overhead is not None:
         profile = replace(profile, overhead=overhead,
-                          extra={**profile.extra, REFERENCE_KEY: reference.to_json()})
+                          extra={**profile.extra, REFERENCE_KEY: reference.to_json(),
+                                 "neighbour_slowdown": slowdown})
     return profile, samples, machine, measured_s

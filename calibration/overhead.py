@@ -1,38 +1,53 @@
 """Framework overhead of the executor's decoder layer: the host time eager PyTorch spends per
 layer (Python modules, operator dispatch, autograd bookkeeping, DTensor sharding
-propagation) beside the operators' own work, which isolated operator timings do not see.
+propagation and redistribution) beside the operators' own work and the collectives, which
+isolated operator and collective timings do not see.
 
 Measured on a layer so small that its operators' work is negligible: the time of a model of
 3 layers minus that of 1 layer, halved, is one layer's overhead, with embedding, head and
-loss cancelled out. Five variants: plain, tensor parallel through DTensor (on a one-rank
-mesh, so that sharding propagation runs but no data moves: the collectives are costed from
-their own fits), TP with sequence parallelism, mixture-of-experts layers (top-2 of 4
+loss cancelled out. In this process: plain layers, mixture-of-experts layers (top-2 of 4
 experts in place of the MLP; the 3-layer MoE model less the 3-layer plain one, per layer,
 is what the MoE block adds), and the inference forwards (prompt and one-token decode over a
-KV cache). The simulator adds these per layer (hw_profiles.profile.FrameworkOverhead); on a
-GPU, host overhead hides behind queued kernels and is not used.
+KV cache). Tensor parallelism (with and without SP) and FSDP2's ZeRO-2 and ZeRO-3 on two
+real ranks (measure/parallel_overhead.py), since a one-rank mesh skips the redistributions
+and collectives. Under TP a layer's overhead is its time less its TP collectives as the
+fitted profile prices them, and what the 1-layer model takes beyond one layer, less the
+plain model's and less the embedding's, head's and loss's collectives, is the overhead of
+TP's vocab-parallel edges per micro-batch. Under FSDP2 what a layer adds to the plain
+layer's step, less the gathers and reduce-scatters priced, is the host work of those calls
+(unsharding and resharding the parameters, the copies in and out): one gather and one
+reduce-scatter per layer under ZeRO-2, a second gather under ZeRO-3, solved for the cost of
+each call (non-negative least squares). The simulator adds these per layer, per
+micro-batch and per FSDP call (hw_profiles.profile.FrameworkOverhead); on a GPU, host
+overhead hides behind queued kernels and is not used.
 """
 from __future__ import annotations
 
+import json
 import statistics
+import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+from scipy.optimize import nnls
 
+from meshplan.core.errors import ProfileError
+from meshplan.executor.launch import RunFailed, torchrun
 from meshplan.executor.model import build_model, loss_fn
-from meshplan.executor.parallelize import apply_tp
-from meshplan.hw_profiles.profile import FrameworkOverhead
+from meshplan.hw_profiles.profile import FrameworkOverhead, HardwareProfile
+from meshplan.simulator.cost import tp_comm_s, tp_edge_comm_s
 from meshplan.simulator.model_spec import ModelSpec
 
 PROBE_TOKENS = 8
 LAYERS = (1, 3)
+VARIANTS = ("plain", "tp", "sp", "zero2", "zero3")  # of the two-rank probe
+TWO_RANK_REPEATS = 3  # times the one-process probe's
 
 
-def _probe(num_layers: int, moe: bool = False) -> ModelSpec:
+def probe_model(num_layers: int, moe: bool = False) -> ModelSpec:
     dense = ModelSpec(name="overhead-probe", num_layers=num_layers, hidden_size=64, num_heads=4,
                       num_kv_heads=2, ffn_hidden_size=128, vocab_size=128, max_seq_len=64)
     # the MLP's FLOPs in top-2 of 4 experts of half its width, in every layer
@@ -55,30 +70,9 @@ def _median_s(fns, repeats: int, warmup: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-@contextmanager
-def _one_rank_group():
-    """A one-rank gloo process group for DTensor, unless one exists already."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def _model(num_layers: int, tp: str | None, moe: bool = False):
-    model = build_model(_probe(num_layers, moe), seed=0)
-    if tp is not None:
-        apply_tp(model, init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))["tp"],
-                 sequence_parallel=tp == "sp")
-    return model
-
-
-def _training(num_layers: int, tp: str | None, moe: bool = False) -> tuple:
+def _training(num_layers: int, moe: bool = False) -> tuple:
     """The probe model's (forward, forward + backward) as functions to time."""
-    model = _model(num_layers, tp, moe)
+    model = build_model(probe_model(num_layers, moe), seed=0)
     tokens = torch.randint(0, 128, (1, PROBE_TOKENS + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
 
@@ -93,7 +87,7 @@ def _training(num_layers: int, tp: str | None, moe: bool = False) -> tuple:
 @torch.no_grad()
 def _inference_s(num_layers: int, repeats: int, warmup: int) -> tuple[float, float]:
     """(prompt forward, one-token decode forward over the cache) seconds."""
-    model = _model(num_layers, None)
+    model = build_model(probe_model(num_layers), seed=0)
     prompt = torch.randint(0, 128, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
     prefill = _median_s([lambda: model(prompt, model.new_cache(PROBE_TOKENS + 1))], repeats, warmup)[0]
 
@@ -113,32 +107,93 @@ def _forward_backward(forward_s: float, step_s: float, layers: int) -> tuple[flo
     return forward, max(0.0, step_s / layers - forward)
 
 
-def measure_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:
-    """Per-layer framework overhead of this machine's executor (one thread)."""
+def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:
+    """Per-layer overhead of this machine's executor (one thread), in this process: all but
+    the tensor-parallel fields."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        per_layer, per_model = {}, {}
-        variants = ((None, False), ("tp", False), ("sp", False), (None, True))
-        with _one_rank_group():
-            fns = [fn for tp, moe in variants for n in LAYERS for fn in _training(n, tp, moe)]
-            times = iter(_median_s(fns, repeats, warmup))
-            for variant in variants:
-                f1, t1, f3, t3 = (next(times) for _ in range(4))
-                per_layer[variant] = _forward_backward(f3 - f1, t3 - t1, LAYERS[1] - LAYERS[0])
-                per_model[variant] = (f3, t3)
+        variants = (False, True)  # dense, MoE
+        fns = [fn for moe in variants for n in LAYERS for fn in _training(n, moe)]
+        times = iter(_median_s(fns, repeats, warmup))
+        (df1, dt1, df3, dt3), (mf1, mt1, mf3, mt3) = ((next(times) for _ in range(4)) for _ in variants)
+        dense = _forward_backward(df3 - df1, dt3 - dt1, LAYERS[1] - LAYERS[0])
         (p1, d1), (p3, d3) = (_inference_s(n, repeats, warmup) for n in LAYERS)
         # the MoE block's surcharge from the two 3-layer models, whose other parts are alike:
         # one difference over 3 layers, steadier than two per-layer differences apart
-        (mf, mt), (df, dt) = per_model[None, True], per_model[None, False]
-        moe = _forward_backward(mf - df, mt - dt, LAYERS[1])
+        moe = _forward_backward(mf3 - df3, mt3 - dt3, LAYERS[1])
     finally:
         torch.set_num_threads(before)
     return FrameworkOverhead(
-        layer_forward_s=per_layer[None, False][0], layer_backward_s=per_layer[None, False][1],
-        tp_layer_forward_s=per_layer["tp", False][0], tp_layer_backward_s=per_layer["tp", False][1],
-        sp_layer_forward_s=per_layer["sp", False][0], sp_layer_backward_s=per_layer["sp", False][1],
+        layer_forward_s=dense[0], layer_backward_s=dense[1],
         prefill_layer_s=max(0.0, (p3 - p1) / 2), decode_layer_s=max(0.0, (d3 - d1) / 2),
         moe_forward_s=moe[0], moe_backward_s=moe[1],
         source=f"calibration/overhead.py: eager PyTorch {torch.__version__}, 1 thread, "
                f"{LAYERS[1]}-layer minus {LAYERS[0]}-layer probe, median of {repeats} interleaved")
+
+
+def _per_layer(t: dict, variant: str) -> tuple[float, float, float, float]:
+    """(forward, backward) per layer, then (forward, backward) of the rest of the model, of
+    `variant`'s rows."""
+    (f1, s1), (f3, s3) = t[variant, LAYERS[0]], t[variant, LAYERS[1]]
+    span = LAYERS[1] - LAYERS[0]
+    fwd, bwd = (f3 - f1) / span, (s3 - s1 - f3 + f1) / span
+    return fwd, bwd, f1 - LAYERS[0] * fwd, s1 - f1 - LAYERS[0] * bwd
+
+
+def parallel_overhead(rows: list[dict], hw: HardwareProfile) -> dict[str, float]:
+    """FrameworkOverhead's TP, SP and FSDP fields from measure/parallel_overhead.py's rows
+    (the VARIANTS of models of LAYERS layers on 2 ranks), less the collectives `hw` prices for
+    them: per layer and per micro-batch at the edges (beyond the plain model's) under TP, per
+    gather and reduce-scatter under FSDP."""
+    t = {(r["variant"], r["layers"]): (r["forward_s"], r["step_s"]) for r in rows}
+    missing = [f"{v} x{n}" for v in VARIANTS for n in LAYERS if (v, n) not in t]
+    if missing:
+        raise ProfileError("overhead.parallel", f"the two-rank probe has no rows for {', '.join(missing)}",
+                           "run `meshplan profile` again")
+    plain = _per_layer(t, "plain")
+    model, out = probe_model(LAYERS[0]), {}
+    for v in ("tp", "sp"):
+        fwd, bwd, edge_f, edge_b = _per_layer(t, v)
+        comm = float(tp_comm_s(model, PROBE_TOKENS, v == "sp", 4, hw, 2, 2))  # each direction alike
+        emb_f, emb_b, head_f, head_b = (float(x) for x in
+                                        tp_edge_comm_s(model, PROBE_TOKENS, v == "sp", 4, hw, 2, 2))
+        out[f"{v}_layer_forward_s"] = max(0.0, fwd - comm)
+        out[f"{v}_layer_backward_s"] = max(0.0, bwd - comm)
+        out[f"{v}_edge_forward_s"] = max(0.0, edge_f - plain[2] - emb_f - head_f)
+        out[f"{v}_edge_backward_s"] = max(0.0, edge_b - plain[3] - emb_b - head_b)
+    layer_bytes = model.layer_params(model.layer_kinds()[0][0]) * 4
+    gather, scatter = (float(hw.collective_time_s(k, layer_bytes, 2, 2))
+                       for k in ("all_gather", "reduce_scatter"))
+    step = {v: sum(_per_layer(t, v)[:2]) - sum(plain[:2]) for v in ("zero2", "zero3")}
+    # a layer's step: ZeRO-2 one gather and one reduce-scatter, ZeRO-3 two gathers and one
+    calls, _ = nnls(np.array([[1.0, 1.0], [2.0, 1.0]]),
+                    np.array([step["zero2"] - gather - scatter, step["zero3"] - 2 * gather - scatter]))
+    out["fsdp_gather_s"], out["fsdp_reduce_s"] = (float(x) for x in calls)
+    return out
+
+
+def _two_rank_rows(repeats: int, warmup: int) -> list[dict]:
+    """measure/parallel_overhead.py's rows, through torchrun on 2 ranks."""
+    with tempfile.TemporaryDirectory(prefix="meshplan-overhead-") as tmp:
+        out = Path(tmp) / "rows.json"
+        try:
+            torchrun("meshplan.calibration.measure.parallel_overhead",
+                     ["--out", str(out), "--repeats", str(repeats), "--warmup", str(warmup)], 2,
+                     on_line=lambda _line: None, timeout_s=600)
+        except RunFailed as exc:
+            raise ProfileError("overhead.parallel", f"the two-rank probe failed: {exc}",
+                               "run the command in calibration/measure/parallel_overhead.py's docstring "
+                               "by hand to see the whole error") from None
+        return json.loads(out.read_text())
+
+
+def measure_overhead(hw: HardwareProfile, repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:
+    """Every field of this machine's executor overhead; `hw` (the machine's fitted profile)
+    prices the collectives inside the two-rank probe."""
+    host = measure_host_overhead(repeats, warmup)
+    # means over heavy-tailed collectives inside: more calls than the medians of one process
+    return replace(host, **parallel_overhead(_two_rank_rows(TWO_RANK_REPEATS * repeats, warmup), hw),
+                   source=f"{host.source}; TP, SP and FSDP on 2 ranks (measure/parallel_overhead.py), "
+                          f"mean of {TWO_RANK_REPEATS * repeats}, "
+                          f"less the collectives {hw.name} prices")

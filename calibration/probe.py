@@ -30,7 +30,7 @@ import torch
 
 from meshplan.calibration.measure.compute import (GemmShape, measure_gemms, measure_memory_bound,
                                                    torch_threads)
-from meshplan.calibration.overhead import measure_overhead
+from meshplan.calibration.overhead import measure_host_overhead
 from meshplan.core.errors import ProfileError
 from meshplan.core.host_memory import keep_freed_memory
 from meshplan.executor.launch import prediction_or_why, torchrun
@@ -174,7 +174,7 @@ def measure(collective: bool) -> Measurement:
         gemm = measure_gemms([GEMM], ["fp32"], device, repeats=20, warmup=3, budget_s=0.5)
         mem = measure_memory_bound(["add"], [ADD_ELEMENTS], ["fp32"], device, repeats=20, warmup=3,
                                    budget_s=0.5)
-        overhead = measure_overhead(repeats=8, warmup=2)
+        overhead = measure_host_overhead(repeats=8, warmup=2)
     return Measurement(float(gemm.iloc[0]["time_s"]), float(mem.iloc[0]["time_s"]),
                        float(mem.iloc[0]["bytes"]), overhead.layer_forward_s,
                        _collective_s() if collective else None)

@@ -211,11 +211,14 @@ def build_optimizer(modules: list[nn.Module], plan: Plan, mesh: DeviceMesh,
     profile's measured `adam` (calibration/measure/compute.py) run it, not the per-tensor
     loop of one kernel per update term that PyTorch picks on CPU by default (4.5x slower
     here). ZeRO 1 shards its state over the dp group with ZeroRedundancyOptimizer
-    (Rajbhandari et al. 2020, P_os)."""
+    (Rajbhandari et al. 2020, P_os), each rank's parameters viewed in one flat bucket, so that
+    the updated weights go out in one broadcast per rank instead of one per tensor (the 8M
+    validation model on two gloo ranks here: a 9 ms step instead of 29 ms)."""
     params = [p for m in modules for p in m.parameters()]
     if plan.zero == 1 and plan.dp > 1:
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
-                                       process_group=mesh["dp"].get_group(), lr=lr, fused=True)
+                                       process_group=mesh["dp"].get_group(), lr=lr, fused=True,
+                                       parameters_as_bucket_view=True)
     return torch.optim.AdamW(params, lr=lr, fused=True)
 
 
@@ -227,12 +230,17 @@ def training_context(plan: Plan):
 
 
 @contextmanager
-def gradient_sync(model: nn.Module, enabled: bool, last: bool):
+def gradient_sync(model: nn.Module, enabled: bool, last: bool, zero: int):
     """Reduce gradients over dp in this backward or only accumulate them locally: DDP's
     no_sync, FSDP2's set_requires_gradient_sync; after the step's last micro-batch, reduce
-    the experts' (and under SP the router's) accumulated gradients."""
+    the experts' (and under SP the router's) accumulated gradients. ZeRO-2 keeps the
+    gathered weights until the step's last backward (FSDP2 set_reshard_after_backward, as
+    torch.distributed.pipelining's stages do between micro-batches): the weights are gathered
+    once per step (Rajbhandari et al. 2020, P_os+g), not again in each micro-batch's forward."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
+        if zero == 2:
+            model.set_reshard_after_backward(last)
     with model.no_sync() if isinstance(model, DistributedDataParallel) and not enabled \
             else nullcontext():
         yield

@@ -50,6 +50,16 @@ class FrameworkOverhead:
     tp_layer_backward_s: float = 0.0
     sp_layer_forward_s: float = 0.0       # ... with sequence parallelism
     sp_layer_backward_s: float = 0.0
+    # per micro-batch beyond the layers under TP (the vocab-parallel embedding, head and
+    # loss_parallel cross-entropy on DTensors), and with SP; their collectives not included
+    tp_edge_forward_s: float = 0.0
+    tp_edge_backward_s: float = 0.0
+    sp_edge_forward_s: float = 0.0
+    sp_edge_backward_s: float = 0.0
+    # per FSDP2 gather and reduce-scatter of a module's parameters (ZeRO-2/3): unsharding and
+    # resharding them, the copies in and out; the collective itself not included
+    fsdp_gather_s: float = 0.0
+    fsdp_reduce_s: float = 0.0
     prefill_layer_s: float = 0.0          # inference forward of a prompt, KV cache filled
     decode_layer_s: float = 0.0           # inference forward of one token over the cache
     moe_forward_s: float = 0.0            # what an MoE block adds over the dense MLP it replaces
@@ -73,6 +83,14 @@ class FrameworkOverhead:
         else:
             fwd, bwd = self.tp_layer_forward_s, self.tp_layer_backward_s
         return fwd + moe_share * self.moe_forward_s, bwd + moe_share * self.moe_backward_s
+
+    def training_edge_s(self, tp: int, sp: bool) -> tuple[float, float]:
+        """(forward, backward) overhead of a micro-batch's embedding, head and loss under TP
+        beyond what they cost without it."""
+        if tp == 1:
+            return 0.0, 0.0
+        return ((self.sp_edge_forward_s, self.sp_edge_backward_s) if sp
+                else (self.tp_edge_forward_s, self.tp_edge_backward_s))
 
     def inference_layer_s(self, tp: int, decode: bool, moe_share: float = 0.0) -> float:
         """One layer's prompt (or one-token decode) forward; under TP plus the DTensor

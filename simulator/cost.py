@@ -29,20 +29,28 @@ NONE, SELECTIVE, FULL, OP, NORM_ACT = (RECOMPUTE.index(r) for r in ("none", "sel
 
 
 def per_rank_profile(hw: HardwareProfile, ranks_per_node: int) -> HardwareProfile:
-    """The profile as one rank sees it when more ranks than cores share a node (CPU runs):
-    each rank gets cores/ranks of a core's compute and memory throughput, and its host
-    overhead stretches by ranks/cores. Collectives are CPU work too: a group of n ranks was
-    measured with n ranks on the cores (max(1, n/cores) to a core), so its curve stretches
-    by the ratio of the run's sharing to that."""
+    """The profile as one rank sees it beside other ranks on a node of CPU cores: slowed by
+    its busy neighbours sharing the cache and memory (extra["neighbour_slowdown"], measured
+    with every core busy by calibration/measure/machine_load.py; a share of it where fewer
+    are), and when more ranks than cores share the node each rank gets cores/ranks of a
+    core's compute and memory throughput, and its host overhead stretches by ranks/cores.
+    Collectives are CPU work too: a group of n ranks was measured with n ranks on the cores
+    (max(1, n/cores) to a core), so its curve stretches by the ratio of the run's sharing to
+    that."""
     cores = hw.extra.get("cores_per_node")
-    if not cores or ranks_per_node <= cores:
+    if not cores or ranks_per_node <= 1:
         return hw
-    share = ranks_per_node / cores
+    busy = min(ranks_per_node, cores) - 1
+    slowdown = 1.0 + (float(hw.extra.get("neighbour_slowdown", 1.0)) - 1.0) * busy / max(cores - 1, 1)
+    share = max(1.0, ranks_per_node / cores)
+    if share * slowdown == 1.0:
+        return hw
 
     def stretched(table: dict) -> dict:
         return {kind: {n: c.scaled(alpha=share / max(1.0, n / cores), bandwidth=max(1.0, n / cores) / share)
                        for n, c in by_n.items()} for kind, by_n in table.items()}
-    return replace(hw.scaled(flops=1 / share, hbm_bw=1 / share), overhead=hw.overhead.scaled(share),
+    slow = share * slowdown
+    return replace(hw.scaled(flops=1 / slow, hbm_bw=1 / slow), overhead=hw.overhead.scaled(slow),
                    collectives=replace(hw.collectives, intra=stretched(hw.collectives.intra)))
 
 
@@ -180,6 +188,24 @@ def tp_comm_s(model: ModelSpec, tokens, sp, dtype_bytes, hw: HardwareProfile, tp
     with_sp = 2.0 * (collective_s(hw, "reduce_scatter", message, tp, tp_rpn, tp_share)
                      + collective_s(hw, "all_gather", message, tp, tp_rpn, tp_share))
     return np.where(sp, with_sp, 2.0 * collective_s(hw, "all_reduce", message, tp, tp_rpn, tp_share))
+
+
+def tp_edge_comm_s(model: ModelSpec, tokens, sp, dtype_bytes, hw: HardwareProfile, tp, tp_rpn,
+                   tp_share=1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """TP communication of a micro-batch outside the layers: (embedding forward, embedding
+    backward, head forward, head backward). The vocab-parallel embedding all-reduces its
+    [tokens, hidden] output (with SP reduce-scatters it, and its backward all-gathers the
+    gradient); the column-parallel head's backward all-reduces its input's gradient (with SP
+    its forward all-gathers the input, its backward reduce-scatters the gradient); the
+    vocab-parallel cross-entropy all-reduces three fp32 values per token, the max logit, the
+    sum of exponentials and the target's logit (Megatron-LM tensor_parallel/cross_entropy.py;
+    torch.distributed.tensor.parallel.loss_parallel)."""
+    message = np.asarray(tokens, dtype=float) * model.hidden_size * dtype_bytes
+    ar = collective_s(hw, "all_reduce", message, tp, tp_rpn, tp_share)
+    rs = collective_s(hw, "reduce_scatter", message, tp, tp_rpn, tp_share)
+    ag = collective_s(hw, "all_gather", message, tp, tp_rpn, tp_share)
+    loss = 3.0 * collective_s(hw, "all_reduce", np.asarray(tokens, dtype=float) * 4, tp, tp_rpn, tp_share)
+    return np.where(sp, rs, ar), np.where(sp, ag, 0.0), np.where(sp, ag, 0.0) + loss, np.where(sp, rs, ar)
 
 
 def groups_hit(model: ModelSpec, groups) -> np.ndarray:
@@ -327,8 +353,11 @@ def shard_times(model: ModelSpec, hw: HardwareProfile, shards: list[Shard], dtyp
                    for op in ops if op.kind == GEMM and op.weight) for ops, s in zip(op_lists, shards)]
     pieces = op_times(split, hw, dtype)
     tps = np.array([s.tp for s in shards], dtype=float)
-    return ShardTimes(layer, op_times([embedding_ops(model, s) for s in shards], hw, dtype),
-                      op_times([head_ops(model, s) for s in shards], hw, dtype),
+    # the host work of TP's vocab-parallel embedding, head and loss, measured together: on the head
+    edge = np.array([hw.overhead.training_edge_s(s.tp, s.sp) for s in shards], dtype=float).reshape(-1, 2)
+    head = op_times([head_ops(model, s) for s in shards], hw, dtype)
+    head = replace(head, fwd_s=head.fwd_s + edge[:, 0], bwd_input_s=head.bwd_input_s + edge[:, 1])
+    return ShardTimes(layer, op_times([embedding_ops(model, s) for s in shards], hw, dtype), head,
                       np.maximum(tps * pieces.fwd_s - layer.weight_fwd_s, 0.0),
                       np.maximum(tps * (pieces.bwd_input_s + pieces.bwd_weight_s) - layer.weight_bwd_s, 0.0))
 

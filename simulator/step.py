@@ -28,7 +28,7 @@ import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator.cost import (FULL, NONE, OP, ExpertMesh, ShardTimes, collective_s, layer_times,
-                                     overlap_split, shard_times)
+                                     overlap_split, shard_times, tp_edge_comm_s)
 from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, cross_entropy_logits,
                                        expert_layer_params, layer_activation_bytes, logits_bytes,
                                        model_state_bytes, stage_params)
@@ -165,6 +165,8 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
              "l_ep_pair_fwd": lt.ep_pair_fwd_s, "l_ep_pair_bwd": lt.ep_pair_bwd_s,
              "l_contention_pair_fwd": lt.contention_pair_fwd_s, "l_contention_pair_bwd": lt.contention_pair_bwd_s,
              "l_host_gap": lt.host_gap_fwd_s + lt.host_gap_bwd_s}
+    edges = tp_edge_comm_s(model, c["tokens"], c["sp"], r["d"], hw, c["tp"], c["tp_rpn"], c["tp_share"])
+    parts |= dict(zip(("emb_tp_fwd", "emb_tp_bwd", "head_tp_fwd", "head_tp_bwd"), edges))
     for k, x in parts.items():
         r[k] = x[cost_id]
     r["cost_id"] = cost_id
@@ -174,6 +176,10 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
                  "head_bwd_w": st.head.bwd_weight_s}
     for k, x in per_shard.items():
         r[k] = x[shard_id]
+    # the TP communication outside the layers is on the path of the stage it runs in
+    for part, key in (("emb_fwd", "emb_tp_fwd"), ("emb_bwd_in", "emb_tp_bwd"), ("head_fwd", "head_tp_fwd"),
+                      ("head_bwd_in", "head_tp_bwd")):
+        r[part] = r[part] + r[key]
     r["emb_bwd"], r["head_bwd"] = r["emb_bwd_in"] + r["emb_bwd_w"], r["head_bwd_in"] + r["head_bwd_w"]
     r["layer"] = r["l_fwd"] + r["l_bwd"]
     # ZeRO-3 gathers each layer's weights before its forward, and again before its backward
@@ -182,10 +188,20 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     # except on CPU ranks (gloo computes on the same cores) where all of it is exposed.
     zero3 = r["zero"] == 3
     r["ag"] = np.zeros(zero3.shape)
+    # each FSDP call with its host work (FrameworkOverhead.fsdp_gather_s; zero on a GPU)
+    gather_host = hw.overhead.fsdp_gather_s
     r["ag"][zero3] = dp_collective_s(hw, "all_gather", {k: r[k][zero3] for k in DP_GROUP_KEYS},
                                      ((r["per_layer"] - r["per_layer_expert"]) * r["d"])[zero3],
-                                     (r["per_layer_expert"] * r["d"])[zero3])
+                                     (r["per_layer_expert"] * r["d"])[zero3]) + gather_host
     r["agb"] = np.where(r["reshard"], r["ag"], 0.0)
+    # ... and its root module (FSDP2's: the embedding on the first stage, the final norm and
+    # head on the last) once per micro-batch, before the forward, kept until its backward
+    # (FSDP2 does not reshard the root after forward)
+    for key, first, last in (("emb_ag", True, False), ("head_ag", False, True)):
+        root = stage_params(model, r["tp"], r["pp"], 0, first, last) * r["d"]
+        r[key] = np.zeros(zero3.shape)
+        r[key][zero3] = dp_collective_s(hw, "all_gather", {k: r[k][zero3] for k in DP_GROUP_KEYS},
+                                        root[zero3], 0.0) + gather_host
     # Each of those gathers is a barrier of the DP x CP group: it completes when the slowest
     # rank reaches it, so every layer waits out the group's straggler (HardwareProfile.
     # stragglers). DDP and ZeRO-1/2 meet once per step, where a rank's lag is averaged over
@@ -230,16 +246,16 @@ def _col(x):
 def chunk_s(r: dict, n, chunks, first, last, paired: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(forward, whole backward, weight-gradient part) of one micro-batch through `chunks`
     model chunks holding `n` layers in all, with the embedding (`first`) and the LM head
-    (`last`): each chunk's first ZeRO-3 gather is exposed, the others hide behind compute
-    (cost.overlap_split, summed over the chunks), and each layer waits for the ZeRO-3
-    group's straggler (sync_f, sync_b). `paired`: the forward and backward as they
+    (`last`), each after its ZeRO-3 root gather: each chunk's first ZeRO-3 gather is
+    exposed, the others hide behind compute (cost.overlap_split, summed over the chunks),
+    and each layer waits for the ZeRO-3 group's straggler (sync_f, sync_b). `paired`: the forward and backward as they
     run in a combined F, B pair of the all-to-all overlap (the same where it is off).
     (rows, k) arrays."""
     c = _col
     hidden_f, hidden_b = r["xf"] + r["cf"], r["xb"] + r["cb"]
     layer_f, layer_b = (r["l_fwd_pair"], r["l_bwd_pair"]) if paired else (r["l_fwd"], r["l_bwd"])
-    fwd = (n * c(layer_f + hidden_f + r["sync_f"]) + chunks * c(r["ag"] - hidden_f) + first * c(r["emb_fwd"])
-           + last * c(r["head_fwd"]))
+    fwd = (n * c(layer_f + hidden_f + r["sync_f"]) + chunks * c(r["ag"] - hidden_f)
+           + first * c(r["emb_fwd"] + r["emb_ag"]) + last * c(r["head_fwd"] + r["head_ag"]))
     bwd = (n * c(layer_b + hidden_b + r["sync_b"]) + chunks * c(r["agb"] - hidden_b) + first * c(r["emb_bwd"])
            + last * c(r["head_bwd"]))
     wgrad = n * c(r["l_bwd_w"]) + first * c(r["emb_bwd_w"]) + last * c(r["head_bwd_w"])
@@ -329,7 +345,9 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     # ZeRO-1 by all-reduce (plan.zero1_sync): DDP's all-reduce, then each rank broadcasts the
     # weights it updated (torch's ZeroRedundancyOptimizer)
     by_all_reduce = (z == 0) | ((z == 1) & r["zero1_all_reduce"])
-    bucket = np.where(c(by_all_reduce), per_layer_s("all_reduce", r["gd"]), per_layer_s("reduce_scatter", r["gd"]))
+    # FSDP2's (ZeRO-2/3) calls with their host work (FrameworkOverhead.fsdp_*; zero on a GPU)
+    bucket = np.where(c(by_all_reduce), per_layer_s("all_reduce", r["gd"]),
+                      per_layer_s("reduce_scatter", r["gd"]) + c(z >= 2) * hw.overhead.fsdp_reduce_s)
     both_cross = (rpn < dps) & (r["cp_rpn"] < r["cp"])
     bucket = bucket + c(np.where(both_cross, r["l_cp_bwd_raw"], 0.0)) * (bucket > 0)
     exposed, slowed = overlap_split(bucket, c(r["l_bwd"]), hw)
@@ -339,7 +357,7 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     contention = syncs * np.where(n > 0, (n - 1) * slowed, 0.0)
     # the updated weights of ZeRO-1/2 are gathered bucket by bucket behind the next step's
     # forward (Megatron-LM --overlap-param-gather), the first bucket exposed
-    gather = c(np.isin(z, (1, 2))) * per_layer_s("all_gather", r["d"])
+    gather = c(np.isin(z, (1, 2))) * per_layer_s("all_gather", r["d"]) + c(z == 2) * hw.overhead.fsdp_gather_s
     if r["zero1_all_reduce"]:
         gather = np.where(c(z == 1), per_layer_s("broadcast", r["d"]), gather)
     gather_exposed, gather_slowed = overlap_split(gather, c(r["l_fwd_compute"]), hw)

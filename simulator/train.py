@@ -231,11 +231,12 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
     n = int(chunks[s].sum())
     x = {k: float(val[0]) for k, val in r.items() if isinstance(val, np.ndarray) and val.dtype.kind == "f"}
     emb, head = float(s == 0), float(s == p - 1)
+    edge_tp = m * _edge_tp(x, s, p)
     compute = m * (n * (x["l_fwd_compute"] + x["l_bwd_in"] + x["l_bwd_w"])
-                   + emb * (x["emb_fwd"] + x["emb_bwd"]) + head * (x["head_fwd"] + x["head_bwd"]))
+                   + emb * (x["emb_fwd"] + x["emb_bwd"]) + head * (x["head_fwd"] + x["head_bwd"])) - edge_tp
     recompute = m * n * x["l_recompute"]
     pf, pb = paired[s]
-    tp_comm, cp_comm = m * n * x["l_tp"], m * n * x["l_cp"]
+    tp_comm, cp_comm = m * n * x["l_tp"] + edge_tp, m * n * x["l_cp"]
     ep_comm = float(m * n * x["l_ep"] - pf * (x["l_ep_fwd"] - x["l_ep_pair_fwd"])
                     - pb * (x["l_ep_bwd"] - x["l_ep_pair_bwd"]))
     gathers = max(n - v, 0)
@@ -254,6 +255,13 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
             "pp_comm": min(pp_comm, max(other, 0.0)), "dp_comm": float(dp_exposed[s]) + zero3_s,
             "contention": contention + float(dp_contention[s]), "stragglers": stragglers, "host_gap": host_gap,
             "bubble": float(max(0.0, other - pp_comm)), "optimizer": float(opt_s[s])}, s
+
+
+def _edge_tp(x: dict, s: int, p: int) -> float:
+    """A micro-batch's TP communication outside the layers on stage s of p (the embedding's
+    on the first, the head's and the loss's on the last: cost.tp_edge_comm_s)."""
+    return (float(s == 0) * (x["emb_tp_fwd"] + x["emb_tp_bwd"])
+            + float(s == p - 1) * (x["head_tp_fwd"] + x["head_tp_bwd"]))
 
 
 def _op_comm(r: dict) -> dict:
@@ -279,9 +287,9 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
     n, v = int(chunks.sum()), len(chunks)
     p = int(r["pp"][0])
     sends = 2 * m * v - (m if s == 0 else 0) - (m if s == p - 1 else 0) if p > 1 else 0
-    gathers = m * n * (x["ag"] + x["agb"])
+    gathers = m * (n * (x["ag"] + x["agb"]) + (s == 0) * x["emb_ag"] + (s == p - 1) * x["head_ag"])
     return {
-        "tp": {"total_s": m * n * x["l_tp_raw"], "exposed_s": breakdown["tp_comm"]},
+        "tp": {"total_s": m * (n * x["l_tp_raw"] + _edge_tp(x, s, p)), "exposed_s": breakdown["tp_comm"]},
         "cp": {"total_s": m * n * x["l_cp_raw"], "exposed_s": breakdown["cp_comm"]},
         "ep": {"total_s": m * n * x["l_ep"], "exposed_s": breakdown["ep_comm"]},
         "pp": {"total_s": sends * x["hop"], "exposed_s": breakdown["pp_comm"]},

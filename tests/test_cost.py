@@ -11,6 +11,7 @@ from meshplan.simulator.cost import (FULL, NONE, layer_times, overlap_split, per
 from meshplan.simulator.model_spec import ZOO
 from meshplan.simulator.ops import Shard
 from meshplan.simulator.plan import Cluster, Plan
+from meshplan.simulator.train import simulate
 
 A100 = load_profile("a100-80gb")
 
@@ -39,6 +40,24 @@ def test_tp_comm_is_two_all_reduces_or_rs_ag_pairs():
                        + A100.collective_time_s("all_gather", message, 8, 8))
     assert tp_comm_s(model, 4096, True, 2, A100, 8, 8) == pytest.approx(expected_sp)
     assert tp_comm_s(model, 4096, False, 2, A100, 1, 1) == 0.0
+
+
+def test_tp_edges_add_the_embedding_head_and_loss_collectives_to_tp_comm():
+    # Llama-2-7B, TP 8 with SP, one micro-batch of 4096 tokens, no pipeline: beyond its 32
+    # layers' 2 x (RS + AG) each way, the embedding's RS (backward AG), the head's AG
+    # (backward RS) and the vocab-parallel loss's 3 all-reduces of one fp32 per token
+    model = ZOO["llama-2-7b"]
+    plan = Plan(global_batch=1, seq_len=4096, micro_batch=1, tp=8, sp=True, dtype="bf16")
+    message = 4096 * 4096 * 2
+    rs, ag = (A100.collective_time_s(k, message, 8, 8) for k in ("reduce_scatter", "all_gather"))
+    loss = 3 * A100.collective_time_s("all_reduce", 4096 * 4, 8, 8)
+    sim = simulate(model, plan, Cluster(8, 8), A100)
+    expected = 32 * 2 * 2 * (rs + ag) + 2 * (rs + ag) + loss
+    assert sim.breakdown_s["tp_comm"] == pytest.approx(expected, rel=1e-6)
+    assert sim.communication["tp"]["total_s"] == pytest.approx(expected, rel=1e-6)
+    no_sp = simulate(model, replace(plan, sp=False), Cluster(8, 8), A100)
+    ar = A100.collective_time_s("all_reduce", message, 8, 8)
+    assert no_sp.breakdown_s["tp_comm"] == pytest.approx(32 * 2 * 2 * ar + 2 * ar + loss, rel=1e-6)
 
 
 def test_overlap_split_hides_what_compute_covers_and_charges_contention():

@@ -136,7 +136,7 @@ def test_load_samples_errors(tmp_path):
 @pytest.mark.slow
 def test_torchrun_collectives_two_ranks():
     plan = MeasurePlan("cpu", {}, (), (), (KIB, 4 * MIB), ((2, (2,)),), repeats=5, warmup=1,
-                       budget_s=0.05)
+                       budget_s=0.05, collective_repeats=5)
     progress = []
     df = collectives_launch(2, (2,), plan, lambda: progress.append(1))
     assert list(df.columns) == list(COLLECTIVE_COLUMNS)

@@ -21,14 +21,69 @@ OVERHEAD = FrameworkOverhead(layer_forward_s=1e-3, layer_backward_s=2e-3, tp_lay
                              source="test")
 
 
-def test_probe_measures_positive_overhead_and_dtensor_costs_more():
-    from meshplan.calibration.overhead import measure_overhead
-    measured = measure_overhead(repeats=8, warmup=2)
+def test_probe_measures_positive_overhead():
+    from meshplan.calibration.overhead import measure_host_overhead
+    measured = measure_host_overhead(repeats=8, warmup=2)
     assert 0 < measured.layer_forward_s < 0.05 and 0 < measured.decode_layer_s < 0.05
-    # DTensor's sharding propagation runs on every op of a TP layer
-    assert measured.tp_layer_forward_s > measured.layer_forward_s
     # routing, permutation and the grouped GEMMs' calls: more host work than one MLP
     assert 0 < measured.moe_forward_s < 0.05 and 0 <= measured.moe_backward_s < 0.05
+
+
+@pytest.mark.slow
+def test_two_rank_probe_sees_dtensor_cost_more():
+    from meshplan.calibration.overhead import measure_overhead
+    measured = measure_overhead(load_profile("local"), repeats=8, warmup=2)
+    # DTensor's sharding propagation and redistribution run on every op of a TP layer
+    assert measured.layer_forward_s < measured.tp_layer_forward_s < 0.05
+    assert measured.tp_layer_forward_s < measured.sp_layer_forward_s < 0.05
+    assert 0 <= measured.tp_edge_forward_s < 0.05 and 0 <= measured.sp_edge_backward_s < 0.05
+
+
+def test_parallel_overhead_is_the_probe_less_its_priced_collectives():
+    from meshplan.calibration.overhead import LAYERS, PROBE_TOKENS, parallel_overhead, probe_model
+    hw = load_profile("local")
+    m = probe_model(1)
+    ar, rs, ag = (hw.collective_time_s(k, PROBE_TOKENS * m.hidden_size * 4, 2, 2)
+                  for k in ("all_reduce", "reduce_scatter", "all_gather"))
+    loss = 3 * hw.collective_time_s("all_reduce", PROBE_TOKENS * 4, 2, 2)
+    layer = m.layer_params(m.layer_kinds()[0][0]) * 4
+    fsdp_ag, fsdp_rs = (hw.collective_time_s(k, layer, 2, 2) for k in ("all_gather", "reduce_scatter"))
+    # plain: 1 ms per layer forward, 2 ms backward, 3 / 4 ms the rest; the others add
+    # (layer forward, layer backward, rest forward, rest backward); FSDP's per layer what its
+    # calls cost with 0.5 ms per gather and 0.25 ms per reduce-scatter on top
+    extra = {"plain": (0.0, 0.0, 0.0, 0.0), "tp": (5e-3, 6e-3, 7e-3, 8e-3), "sp": (9e-3, 10e-3, 11e-3, 12e-3),
+             "zero2": (fsdp_ag + 0.5e-3, fsdp_rs + 0.25e-3, 0.0, 0.0),
+             "zero3": (fsdp_ag + 0.5e-3, fsdp_ag + fsdp_rs + 0.75e-3, 0.0, 0.0)}
+    rows = []
+    for v, (lf, lb, ef, eb) in extra.items():
+        for n in LAYERS:
+            fwd = 3e-3 + ef + n * (1e-3 + lf)
+            step = fwd + 4e-3 + eb + n * (2e-3 + lb)
+            rows.append({"variant": v, "layers": n, "forward_s": fwd, "step_s": step})
+    out = parallel_overhead(rows, hw)
+    # per layer: two all-reduces each way (SP: two reduce-scatters and two all-gathers)
+    assert out["tp_layer_forward_s"] == pytest.approx(1e-3 + 5e-3 - 2 * ar)
+    assert out["tp_layer_backward_s"] == pytest.approx(2e-3 + 6e-3 - 2 * ar)
+    assert out["sp_layer_backward_s"] == pytest.approx(2e-3 + 10e-3 - 2 * (rs + ag))
+    # edges: the embedding's all-reduce and the loss's three forward, the head's all-reduce backward
+    assert out["tp_edge_forward_s"] == pytest.approx(7e-3 - ar - loss)
+    assert out["tp_edge_backward_s"] == pytest.approx(8e-3 - ar)
+    # SP: the embedding's reduce-scatter, the head's all-gather and the loss forward; backward mirrored
+    assert out["sp_edge_forward_s"] == pytest.approx(11e-3 - rs - ag - loss)
+    assert out["sp_edge_backward_s"] == pytest.approx(12e-3 - ag - rs)
+    assert (out["fsdp_gather_s"], out["fsdp_reduce_s"]) == (pytest.approx(0.5e-3), pytest.approx(0.25e-3))
+    with pytest.raises(ProfileError, match="overhead.parallel"):
+        parallel_overhead(rows[:-1], hw)
+
+
+def test_tp_edge_overhead_is_added_to_the_head_once_per_micro_batch():
+    edges = replace(OVERHEAD, tp_edge_forward_s=2e-3, tp_edge_backward_s=3e-3, sp_edge_forward_s=5e-3)
+    model = ZOO["llama-2-7b"]
+    shards = [Shard(1, 512, tp=1), Shard(1, 512, tp=2), Shard(1, 512, tp=2, sp=True)]
+    base, more = (shard_times(model, hw, shards, "bf16") for hw in (A100, replace(A100, overhead=edges)))
+    assert list(more.head.fwd_s - base.head.fwd_s) == pytest.approx([0.0, 2e-3, 5e-3])
+    assert list(more.head.bwd_input_s - base.head.bwd_input_s) == pytest.approx([0.0, 3e-3, 0.0])
+    assert list(more.embedding.fwd_s - base.embedding.fwd_s) == pytest.approx([0.0] * 3)
 
 
 def test_profile_round_trip_and_corrupt_field(tmp_path):
@@ -97,3 +152,35 @@ def test_ranks_beyond_cores_stretch_overhead_and_small_group_collectives():
     # a 4-rank group was measured with the same sharing: unchanged
     assert shared.collective_time_s("all_reduce", 2 ** 20, 4, 4) == pytest.approx(
         cpu.collective_time_s("all_reduce", 2 ** 20, 4, 4), rel=1e-6)
+
+
+def test_busy_neighbours_slow_a_rank_by_the_measured_factor():
+    cpu = replace(A100, overhead=OVERHEAD,
+                  extra={**A100.extra, "cores_per_node": 2, "neighbour_slowdown": 1.1})
+    assert per_rank_profile(cpu, 1) is cpu
+    # two ranks, every core busy: the whole measured slowdown
+    assert per_rank_profile(cpu, 2).overhead.layer_forward_s == pytest.approx(1.1e-3)
+    gemm = (hw.gemm_time_s(4096, 4096, 4096, "bf16") for hw in (cpu, per_rank_profile(cpu, 2)))
+    assert next(gemm) < next(gemm)
+    # four ranks on two cores: half a core each, beside busy neighbours
+    assert per_rank_profile(cpu, 4).overhead.layer_forward_s == pytest.approx(2 * 1.1e-3)
+
+
+@pytest.mark.parametrize("zero,gathers,reduces", [(2, 4, 4), (3, 2 * 4 + 2, 4)])
+def test_fsdp_calls_add_their_host_work(zero, gathers, reduces):
+    # the 4-layer validation model, dp 2, one micro-batch on CPU ranks (every call exposed):
+    # ZeRO-2 gathers each layer's weights once and reduce-scatters each layer's gradients;
+    # ZeRO-3 gathers each layer before its forward and its backward, and the root module
+    # (embedding, head) once
+    from meshplan.validation.suite import VALIDATION_MODEL
+    from meshplan.simulator.train import simulate
+    from meshplan.simulator.plan import Plan
+    local = load_profile("local")
+    hw = replace(local, extra={k: v for k, v in local.extra.items() if k != "neighbour_slowdown"})
+    plan = Plan(global_batch=2, seq_len=128, micro_batch=1, dp=2, zero=zero, dtype="fp32")
+    def step_s(gather, reduce):
+        over = replace(hw.overhead, fsdp_gather_s=gather, fsdp_reduce_s=reduce)
+        return simulate(VALIDATION_MODEL, plan, Cluster(2, 2), replace(hw, overhead=over)).step_time_s
+    base = step_s(0.0, 0.0)
+    assert step_s(1e-3, 0.0) - base == pytest.approx(gathers * 1e-3)
+    assert step_s(0.0, 1e-3) - base == pytest.approx(reduces * 1e-3)

@@ -25,14 +25,14 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from meshplan.hw_profiles.collective_model import KINDS
 from meshplan.core.io import write_atomic
-from meshplan.executor.ranks.common import setup_device
+from meshplan.executor.ranks.common import leave, setup_device
 from meshplan.calibration.samples import COLLECTIVE_COLUMNS
 from meshplan.core.errors import ProfileError
 
@@ -148,19 +148,17 @@ def _parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_rank(out: Path, measure: Callable[[torch.device], list[dict]]) -> None:
+def run_rank(out: Path, measure: Callable[[torch.device], list[dict]]) -> NoReturn:
     """Start this rank (GPU i for local rank i under NCCL, else one thread pinned to one
-    core under gloo, freed memory kept), take the rows measure(device) gives, and let rank 0
-    write them to out."""
+    core under gloo, freed memory kept), take the rows measure(device) gives, let rank 0
+    write them to out, and leave as the executor's ranks do."""
     torch.set_num_threads(1)
     device = setup_device()  # as the executor's ranks
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        rows = measure(device)
-        if dist.get_rank() == 0:
-            write_atomic(out, json.dumps(rows))
-    finally:
-        dist.destroy_process_group()
+    rows = measure(device)
+    if dist.get_rank() == 0:
+        write_atomic(out, json.dumps(rows))
+    leave()
 
 
 def main(argv=None) -> None:

@@ -49,6 +49,9 @@ class MeasurePlan:
     repeats: int
     warmup: int
     budget_s: float
+    # gloo's calls on CPU are heavy-tailed (collectives.py): their mean needs many more calls
+    # than a GEMM's median, and small ones are cheap; budget_s still bounds the large ones
+    collective_repeats: int
 
 
 def _gated_ffn(hidden: int) -> int:
@@ -75,23 +78,23 @@ def measurement_plan(quick: bool, cuda: bool, cpus: int, gpus: int) -> MeasurePl
         top = 256 * MIB if quick else 1024 * MIB
         launches = ((gpus, tuple(range(2, gpus + 1))),) if gpus >= 2 else ()
         return MeasurePlan("cuda", gemm, memory, ("fp32", "bf16", "fp16"),
-                           _powers(KIB, top, 4 if quick else 2), launches, 20, 3, 0.5)
+                           _powers(KIB, top, 4 if quick else 2), launches, 20, 3, 0.5, 20)
     if quick:
         gemm = {"fp32": _shapes([512], 64, [64, 256, 1024], [256]),
                 "bf16": _shapes([256], 64, [64], [128])}
         memory = tuple(4 ** i for i in range(7, 12))
-        sizes, repeats, warmup, budget = _powers(KIB, 64 * MIB, 16), 5, 1, 0.1
+        sizes, repeats, warmup, budget, calls = _powers(KIB, 64 * MIB, 16), 5, 1, 0.1, 30
     else:
         gemm = {"fp32": _shapes([256, 512, 1024], 64, [32, 128, 512, 2048], [256, 1024]),
                 "bf16": _shapes([256], 64, [32, 128, 512], [128, 256])}
         memory = tuple(2 ** i for i in range(12, 23))
-        sizes, repeats, warmup, budget = _powers(KIB, 256 * MIB, 4), 10, 2, 0.3
+        sizes, repeats, warmup, budget, calls = _powers(KIB, 256 * MIB, 4), 10, 2, 0.3, 200
     # Largest CPU activation 2^22 fp32 = 16 MiB: under glibc's 32 MiB mmap threshold
     # (mallopt(3) M_MMAP_THRESHOLD), so timings exclude faulting in a fresh mapping per call.
     worlds = range(2, min(CPU_MAX_WORLD, cpus * CPU_RANKS_PER_CORE) + 1)
     # One launch per world size, measuring the whole world: every process busy, as in training.
     return MeasurePlan("cpu", gemm, memory, ("fp32", "bf16"), sizes,
-                       tuple((w, (w,)) for w in worlds), repeats, warmup, budget)
+                       tuple((w, (w,)) for w in worlds), repeats, warmup, budget, calls)
 
 
 def _powers(lo: int, hi: int, factor: int) -> tuple[int, ...]:
@@ -107,7 +110,7 @@ def collectives_launch(world: int, groups: tuple[int, ...], plan: MeasurePlan, a
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         args = ["--out", str(out), "--group-sizes", *map(str, groups),
-                "--sizes", *map(str, plan.collective_sizes_bytes), "--repeats", str(plan.repeats),
+                "--sizes", *map(str, plan.collective_sizes_bytes), "--repeats", str(plan.collective_repeats),
                 "--warmup", str(plan.warmup), "--budget-s", str(plan.budget_s)]
         try:
             torchrun("meshplan.calibration.measure.collectives", args, world,

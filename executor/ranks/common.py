@@ -62,11 +62,16 @@ def run_rank_jobs(run_file: Path, read_options: Callable[[dict], object],
     if int(os.environ["LOCAL_RANK"]) == 0:
         write_json(run_file.parent / "result.json",
                    {"results": results, "world_size": dist.get_world_size()})
+    leave()
+
+
+def leave() -> NoReturn:
+    """End a rank whose work is done and written: meet the others, tear the process group
+    down and exit without interpreter shutdown: on CPU, gloo threads of DTensor's
+    sub-groups torn down during finalisation abort the process now and then ("terminate
+    called without an active exception")."""
     dist.barrier()
     dist.destroy_process_group()
-    # Leave without interpreter shutdown: on CPU, gloo threads of DTensor's sub-groups that
-    # are torn down during finalisation abort the process now and then ("terminate called
-    # without an active exception") after all the work is done and written.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

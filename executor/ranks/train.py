@@ -119,7 +119,7 @@ class Job:
         total = torch.zeros((), device=self.device)
         each = not self.plan.grad_sync_once  # ZeRO-2/3 reducing after every micro-batch
         for i, (x, y) in enumerate(zip(inputs.chunk(n), targets.chunk(n))):
-            with gradient_sync(model, each or i == n - 1, i == n - 1):
+            with gradient_sync(model, each or i == n - 1, i == n - 1, self.plan.zero):
                 with autocast:
                     loss = loss_fn(model(x), y) / n
                 loss.backward()

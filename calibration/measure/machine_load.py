@@ -1,0 +1,107 @@
+"""How much a CPU rank's training step slows when the node's other cores run ranks too: they
+share the last-level cache and the memory bandwidth. Operators timed alone in a loop stay
+hot in the cache and barely notice a neighbour (a 256x704x256 GEMM and 4 MiB adds here
+within 4%); a whole step, streaming its weights, gradients, Adam states and activations,
+does: an 8M-parameter model's step on one core of this 2-core VM took 60-61 ms alone and
+63-67 ms beside the same step on the other core, so a profile of operators timed on an idle
+machine priced every multi-rank run 5-10% fast.
+
+Measured as the ratio of the executor's own training step (model, fused AdamW) of
+LOAD_MODEL on one core, beside the same step on every other usable core (one thread each,
+each process pinned to its core as ranks are: executor.ranks.common), to the step alone,
+in alternating rounds so that the machine's drift falls on both."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+from meshplan.simulator.model_spec import ModelSpec
+
+# A Llama-style model whose weights, gradients and Adam states (128 MB) and activations
+# stream through the cache as a training rank's do.
+LOAD_MODEL = ModelSpec(name="machine-load", num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=4,
+                       ffn_hidden_size=704, vocab_size=4096, max_seq_len=256)
+READY_TIMEOUT_S = 120
+
+
+def _training_step(seed: int):
+    """LOAD_MODEL's training step on this process's one thread, as a function."""
+    from meshplan.executor.model import build_model, loss_fn
+    model = build_model(LOAD_MODEL, seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens = torch.randint(0, LOAD_MODEL.vocab_size, (2, 129), generator=torch.Generator().manual_seed(seed))
+
+    def step():
+        loss_fn(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _train(core: int, ready, stop) -> None:
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    step = _training_step(core)
+    while not stop.is_set():
+        step()
+        ready.set()
+
+
+@contextmanager
+def _busy_neighbours(others: list[int]):
+    """Within the block each of the `others` cores trains LOAD_MODEL."""
+    context = mp.get_context("spawn")
+    stop, ready = context.Event(), [context.Event() for _ in others]
+    workers = [context.Process(target=_train, args=(core, event, stop), daemon=True)
+               for core, event in zip(others, ready)]
+    try:
+        for worker in workers:
+            worker.start()
+        for event in ready:
+            event.wait(READY_TIMEOUT_S)
+        yield
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+
+
+def neighbour_slowdown(ranks: int, rounds: int = 3, steps: int = 12) -> float:
+    """Median step time beside ranks - 1 busy cores (as many as there are) over the median
+    alone, each pooled over `rounds` alternations; 1.0 for one rank or one core."""
+    usable = os.sched_getaffinity(0)
+    cores = sorted(usable)[:max(ranks, 1)]
+    if len(cores) < 2:
+        return 1.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.sched_setaffinity(0, {cores[0]})
+    try:
+        step = _training_step(0)
+        for _ in range(3):
+            step()
+        alone, beside = [], []
+        for _ in range(rounds):
+            alone += _times(step, steps)
+            with _busy_neighbours(cores[1:]):
+                beside += _times(step, steps)
+    finally:
+        os.sched_setaffinity(0, usable)
+        torch.set_num_threads(before)
+    return statistics.median(beside) / statistics.median(alone)
+
+
+def _times(step, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - start)
+    return out
