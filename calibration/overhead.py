@@ -109,7 +109,7 @@ def _forward_backward(forward_s: float, step_s: float, layers: int) -> tuple[flo
 
 def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:
     """Per-layer overhead of this machine's executor (one thread), in this process: all but
-    the tensor-parallel fields."""
+    the fields measured on two ranks (TP, SP, FSDP)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
