@@ -8,8 +8,8 @@ Measured on a layer so small that its operators' work is negligible: the time of
 loss cancelled out. In this process: plain layers, mixture-of-experts layers (top-2 of 4
 experts in place of the MLP; the 3-layer MoE model less the 3-layer plain one, per layer,
 is what the MoE block adds), and the inference forwards (prompt and one-token decode over a
-KV cache). Tensor parallelism (with and without SP) and FSDP2's ZeRO-2 and ZeRO-3 on two
-real ranks (measure/parallel_overhead.py), since a one-rank mesh skips the redistributions
+KV cache). Tensor parallelism (with and without SP), FSDP2's ZeRO-2 and ZeRO-3 and expert
+parallelism on two real ranks (measure/parallel_overhead.py), since a one-rank mesh skips the redistributions
 and collectives. Under TP a layer's overhead is its time less its TP collectives as the
 fitted profile prices them, and what the 1-layer model takes beyond one layer, less the
 plain model's and less the embedding's, head's and loss's collectives, is the overhead of
@@ -17,7 +17,9 @@ TP's vocab-parallel edges per micro-batch. Under FSDP2 what a layer adds to the 
 layer's step, less the gathers and reduce-scatters priced, is the host work of those calls
 (unsharding and resharding the parameters, the copies in and out): one gather and one
 reduce-scatter per layer under ZeRO-2, a second gather under ZeRO-3, solved for the cost of
-each call (non-negative least squares). The simulator adds these per layer, per
+each call (non-negative least squares). Under expert parallelism what an MoE layer adds to
+the same layer on one rank, less its all-to-alls priced, is the exchange's host work. The
+simulator adds these per layer, per
 micro-batch and per FSDP call (hw_profiles.profile.FrameworkOverhead); on a GPU, host
 overhead hides behind queued kernels and is not used.
 """
@@ -38,12 +40,12 @@ from meshplan.core.errors import ProfileError
 from meshplan.executor.launch import RunFailed, torchrun
 from meshplan.executor.model import build_model, loss_fn
 from meshplan.hw_profiles.profile import FrameworkOverhead, HardwareProfile
-from meshplan.simulator.cost import tp_comm_s, tp_edge_comm_s
+from meshplan.simulator.cost import ep_comm_s, ep_counts_s, tp_comm_s, tp_edge_comm_s
 from meshplan.simulator.model_spec import ModelSpec
 
 PROBE_TOKENS = 8
 LAYERS = (1, 3)
-VARIANTS = ("plain", "tp", "sp", "zero2", "zero3")  # of the two-rank probe
+VARIANTS = ("plain", "tp", "sp", "zero2", "zero3", "moe", "moe_ep")  # of the two-rank probe
 TWO_RANK_REPEATS = 3  # times the one-process probe's
 
 
@@ -109,7 +111,7 @@ def _forward_backward(forward_s: float, step_s: float, layers: int) -> tuple[flo
 
 def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:
     """Per-layer overhead of this machine's executor (one thread), in this process: all but
-    the fields measured on two ranks (TP, SP, FSDP)."""
+    the fields measured on two ranks (TP, SP, FSDP, EP)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -142,10 +144,10 @@ def _per_layer(t: dict, variant: str) -> tuple[float, float, float, float]:
 
 
 def parallel_overhead(rows: list[dict], hw: HardwareProfile) -> dict[str, float]:
-    """FrameworkOverhead's TP, SP and FSDP fields from measure/parallel_overhead.py's rows
+    """FrameworkOverhead's TP, SP, FSDP and EP fields from measure/parallel_overhead.py's rows
     (the VARIANTS of models of LAYERS layers on 2 ranks), less the collectives `hw` prices for
     them: per layer and per micro-batch at the edges (beyond the plain model's) under TP, per
-    gather and reduce-scatter under FSDP."""
+    gather and reduce-scatter under FSDP, per MoE layer under EP (beyond the MoE model's)."""
     t = {(r["variant"], r["layers"]): (r["forward_s"], r["step_s"]) for r in rows}
     missing = [f"{v} x{n}" for v in VARIANTS for n in LAYERS if (v, n) not in t]
     if missing:
@@ -170,6 +172,13 @@ def parallel_overhead(rows: list[dict], hw: HardwareProfile) -> dict[str, float]
     calls, _ = nnls(np.array([[1.0, 1.0], [2.0, 1.0]]),
                     np.array([step["zero2"] - gather - scatter, step["zero3"] - 2 * gather - scatter]))
     out["fsdp_gather_s"], out["fsdp_reduce_s"] = (float(x) for x in calls)
+    # an MoE layer's exchange over EP: its all-to-all each way, the counts before the forward's
+    moe, moe_ep = _per_layer(t, "moe"), _per_layer(t, "moe_ep")
+    moe_model = probe_model(LAYERS[0], moe=True)
+    exchange = float(ep_comm_s(moe_model, PROBE_TOKENS, 4, 1.0, hw, 2, 2, 1, 1))
+    counts = float(ep_counts_s(moe_model, hw, 2, 2))
+    out["ep_forward_s"] = max(0.0, moe_ep[0] - moe[0] - exchange - counts)
+    out["ep_backward_s"] = max(0.0, moe_ep[1] - moe[1] - exchange)
     return out
 
 
@@ -194,6 +203,6 @@ def measure_overhead(hw: HardwareProfile, repeats: int = 40, warmup: int = 5) ->
     host = measure_host_overhead(repeats, warmup)
     # means over heavy-tailed collectives inside: more calls than the medians of one process
     return replace(host, **parallel_overhead(_two_rank_rows(TWO_RANK_REPEATS * repeats, warmup), hw),
-                   source=f"{host.source}; TP, SP and FSDP on 2 ranks (measure/parallel_overhead.py), "
+                   source=f"{host.source}; TP, SP, FSDP and EP on 2 ranks (measure/parallel_overhead.py), "
                           f"mean of {TWO_RANK_REPEATS * repeats}, "
                           f"less the collectives {hw.name} prices")

@@ -276,6 +276,10 @@ def _group_share(fabric: Fabric | None, nics_per_node: int, mesh: Mesh, axes: tu
     if fabric is None or group.size == group.ranks_per_node:
         return 1.0
     nics = math.gcd(nics_per_node, mesh.gpus_per_node)
+    if nics == mesh.gpus_per_node and fabric.oversubscription == 1:
+        # A NIC per GPU and non-blocking uplinks: each rank sends one stream and receives one
+        # (a ring or a chain), so no NIC or uplink carries more than its rate: the full rate.
+        return 1.0
     structure = tuple((mesh.size(a), mesh.stride(a)) for a in axes)
     # A chain's streams are single sends between two ranks: one rank per node each end.
     return _share(fabric, nics, mesh.gpus_per_node, mesh.world_size, structure,

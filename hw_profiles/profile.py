@@ -64,6 +64,8 @@ class FrameworkOverhead:
     decode_layer_s: float = 0.0           # inference forward of one token over the cache
     moe_forward_s: float = 0.0            # what an MoE block adds over the dense MLP it replaces
     moe_backward_s: float = 0.0           # (router, top-k, permutation, grouped GEMM calls)
+    ep_forward_s: float = 0.0             # what expert parallelism adds to an MoE block (the
+    ep_backward_s: float = 0.0            # exchange's bookkeeping), its all-to-alls not included
     # A GPU trainer's MoE block leaves its GPU idle while the host catches up: the dispatcher
     # syncs on the routing counts unless it pads to capacity (Megatron-Core token_dispatcher.py
     # cuda_sync_point; DeepEP's normal dispatch waits on its receive counts), and the block
@@ -74,15 +76,19 @@ class FrameworkOverhead:
     moe_host_gap_s: float = 0.0
     source: str = "not on the critical path: the host queues kernels ahead of the GPU"
 
-    def training_layer_s(self, tp: int, sp: bool, moe_share: float = 0.0) -> tuple[float, float]:
-        """(forward, backward) overhead of one layer, `moe_share` of the layers being MoE."""
+    def training_layer_s(self, tp: int, sp: bool, moe_share: float = 0.0,
+                         ep: int = 1) -> tuple[float, float]:
+        """(forward, backward) overhead of one layer, `moe_share` of the layers being MoE,
+        their experts split over `ep` ranks."""
         if tp == 1:
             fwd, bwd = self.layer_forward_s, self.layer_backward_s
         elif sp:
             fwd, bwd = self.sp_layer_forward_s, self.sp_layer_backward_s
         else:
             fwd, bwd = self.tp_layer_forward_s, self.tp_layer_backward_s
-        return fwd + moe_share * self.moe_forward_s, bwd + moe_share * self.moe_backward_s
+        ep_fwd, ep_bwd = (self.ep_forward_s, self.ep_backward_s) if ep > 1 else (0.0, 0.0)
+        return (fwd + moe_share * (self.moe_forward_s + ep_fwd),
+                bwd + moe_share * (self.moe_backward_s + ep_bwd))
 
     def training_edge_s(self, tp: int, sp: bool) -> tuple[float, float]:
         """(forward, backward) overhead of a micro-batch's embedding, head and loss under TP

@@ -61,6 +61,21 @@ def test_rail_optimized_dp_of_same_index_gpus_gets_full_rate():
     assert link_share(Fabric("rail-optimized", 2), 8, m, ("dp", "cp")) == 1.0
 
 
+@pytest.mark.parametrize("fabric", [Fabric("rail-optimized", 2), Fabric("fat-tree", 3),
+                                    Fabric("single-switch")])
+def test_a_nic_per_gpu_without_oversubscription_gives_every_group_the_full_rate(fabric):
+    # the shortcut against routing every group's streams over the graph
+    from meshplan.hw_profiles.fabric import _share
+    for order in (("tp", "cp", "dp", "pp"), ("dp", "tp", "pp", "cp"), ("pp", "dp", "cp", "tp")):
+        m = mesh(order, 4, tp=2, cp=2, dp=4, pp=2)
+        for axes, chain in ((("tp",), False), (("cp",), False), (("dp", "cp"), False), (("pp",), True)):
+            structure = tuple((m.size(a), m.stride(a)) for a in axes)
+            group = m.group(axes)
+            routed = _share(fabric, 4, 4, m.world_size, structure,
+                            1 if chain else group.ranks_per_node, chain)
+            assert routed == 1.0 and link_share(fabric, 4, m, axes, chain) == 1.0
+
+
 def test_single_nic_per_node_shared_by_8_dp_groups_gets_an_eighth():
     m = mesh(("tp", "cp", "dp", "pp"), 8, tp=8, dp=2)
     assert link_share(Fabric("fat-tree", 2), 1, m, ("dp", "cp")) == 1 / 8

@@ -7,7 +7,8 @@ import pytest
 
 from meshplan.hw_profiles.profile import FrameworkOverhead, HardwareProfile, load_profile
 from meshplan.core.errors import ProfileError
-from meshplan.simulator.cost import FULL, layer_times, per_rank_profile, shard_times
+from meshplan.simulator.cost import (FULL, ep_comm_s, ep_counts_s, layer_times, per_rank_profile,
+                                     shard_times)
 from meshplan.simulator.serve import InferencePlan, simulate_inference
 from meshplan.simulator.model_spec import ZOO
 from meshplan.simulator.ops import Shard
@@ -47,13 +48,17 @@ def test_parallel_overhead_is_the_probe_less_its_priced_collectives():
                   for k in ("all_reduce", "reduce_scatter", "all_gather"))
     loss = 3 * hw.collective_time_s("all_reduce", PROBE_TOKENS * 4, 2, 2)
     layer = m.layer_params(m.layer_kinds()[0][0]) * 4
+    # top-2 of 4 experts: each token's two rows of 64 fp32 out and back, over 2 ranks
+    exchange = float(ep_comm_s(probe_model(1, moe=True), PROBE_TOKENS, 4, 1.0, hw, 2, 2, 1, 1))
+    counts = float(ep_counts_s(probe_model(1, moe=True), hw, 2, 2))
     fsdp_ag, fsdp_rs = (hw.collective_time_s(k, layer, 2, 2) for k in ("all_gather", "reduce_scatter"))
     # plain: 1 ms per layer forward, 2 ms backward, 3 / 4 ms the rest; the others add
     # (layer forward, layer backward, rest forward, rest backward); FSDP's per layer what its
     # calls cost with 0.5 ms per gather and 0.25 ms per reduce-scatter on top
     extra = {"plain": (0.0, 0.0, 0.0, 0.0), "tp": (5e-3, 6e-3, 7e-3, 8e-3), "sp": (9e-3, 10e-3, 11e-3, 12e-3),
              "zero2": (fsdp_ag + 0.5e-3, fsdp_rs + 0.25e-3, 0.0, 0.0),
-             "zero3": (fsdp_ag + 0.5e-3, fsdp_ag + fsdp_rs + 0.75e-3, 0.0, 0.0)}
+             "zero3": (fsdp_ag + 0.5e-3, fsdp_ag + fsdp_rs + 0.75e-3, 0.0, 0.0),
+             "moe": (0.0, 0.0, 0.0, 0.0), "moe_ep": (exchange + counts + 0.3e-3, exchange + 0.2e-3, 0.0, 0.0)}
     rows = []
     for v, (lf, lb, ef, eb) in extra.items():
         for n in LAYERS:
@@ -72,6 +77,7 @@ def test_parallel_overhead_is_the_probe_less_its_priced_collectives():
     assert out["sp_edge_forward_s"] == pytest.approx(11e-3 - rs - ag - loss)
     assert out["sp_edge_backward_s"] == pytest.approx(12e-3 - ag - rs)
     assert (out["fsdp_gather_s"], out["fsdp_reduce_s"]) == (pytest.approx(0.5e-3), pytest.approx(0.25e-3))
+    assert (out["ep_forward_s"], out["ep_backward_s"]) == (pytest.approx(0.3e-3), pytest.approx(0.2e-3))
     with pytest.raises(ProfileError, match="overhead.parallel"):
         parallel_overhead(rows[:-1], hw)
 
@@ -125,6 +131,12 @@ def test_moe_layers_add_the_moe_block_overhead():
     base, more = costs(A100), costs(replace(A100, overhead=OVERHEAD))
     assert more.fwd_compute_s - base.fwd_compute_s == pytest.approx(1e-3 + 0.5 * 3e-3)
     assert more.bwd_input_s - base.bwd_input_s == pytest.approx(2e-3 + 0.5 * 8e-3)
+    # with the experts over 2 ranks, the exchange's host work on top in those layers
+    ep = replace(OVERHEAD, ep_forward_s=1e-3, ep_backward_s=2e-3)
+    split = Shard(1, 512, ep=2, etp=1)
+    base, more = (shard_times(moe, replace(A100, overhead=o), [split], "bf16").layer for o in (OVERHEAD, ep))
+    assert more.fwd_s - base.fwd_s == pytest.approx(0.5 * 1e-3)
+    assert more.bwd_input_s - base.bwd_input_s == pytest.approx(0.5 * 2e-3)
 
 
 def test_decode_step_adds_decode_overhead_per_layer():

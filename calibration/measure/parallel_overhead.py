@@ -1,14 +1,16 @@
 """Time the overhead probe's tiny model (calibration/overhead.py) on two real ranks, plain,
-under the executor's tensor parallelism (with and without SP) and under its FSDP2 ZeRO-2 and
-ZeRO-3 over both, as the executor's training step runs them: DTensor layers, the
-vocab-parallel head and loss_parallel cross-entropy, FSDP2's per-layer gathers and
-reduce-scatters, each collective moving data between the ranks. A one-rank mesh would skip
+under the executor's tensor parallelism (with and without SP), under its FSDP2 ZeRO-2 and
+ZeRO-3, and in its mixture-of-experts form with and without expert parallelism over both,
+as the executor's training step runs them: DTensor layers, the vocab-parallel head and
+loss_parallel cross-entropy, FSDP2's per-layer gathers and reduce-scatters, the experts'
+all-to-all exchange, each collective moving data between the ranks. A one-rank mesh would skip
 the redistributions and collectives whose host work this is meant to see.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 \\
         -m meshplan.calibration.measure.parallel_overhead --out rows.json
 
-For each variant (plain: each rank its own model, no communication; tp; sp; zero2; zero3)
+For each variant (plain and moe: each rank its own model, no communication; tp; sp; zero2;
+zero3; moe_ep)
 and layer count of overhead.LAYERS: the forward, and forward + backward, each call preceded
 by a barrier, all taking turns within every repeat (an FSDP2 model is resharded after its
 forward-only call, so that every call starts from sharded weights, as a step does); a
@@ -33,7 +35,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from meshplan.calibration.measure.collectives import run_rank
 from meshplan.calibration.overhead import LAYERS, PROBE_TOKENS, VARIANTS, probe_model
 from meshplan.executor.model import build_model, loss_fn
-from meshplan.executor.parallelize import apply_dp, apply_tp
+from meshplan.executor.parallelize import apply_dp, apply_ep, apply_tp, build_mesh
 from meshplan.simulator.plan import Plan
 
 RANKS = 2
@@ -41,11 +43,14 @@ RANKS = 2
 
 def _calls(num_layers: int, variant: str, device: torch.device) -> tuple:
     """(forward, forward + backward) of the probe model under `variant`."""
-    model = build_model(probe_model(num_layers), seed=0)
+    model = build_model(probe_model(num_layers, moe=variant.startswith("moe")), seed=0)
     mesh = init_device_mesh(device.type, (RANKS,), mesh_dim_names=("x",))["x"]
     if variant in ("tp", "sp"):
         apply_tp(model, mesh, sequence_parallel=variant == "sp", training=True)
-    elif variant != "plain":
+    elif variant == "moe_ep":
+        plan = Plan(global_batch=RANKS, seq_len=PROBE_TOKENS, dp=RANKS, ep=RANKS)
+        apply_ep(model, build_mesh(plan.expert_mesh(RANKS), device.type), plan.dp)
+    elif variant.startswith("zero"):
         model = apply_dp(model, mesh, Plan(global_batch=RANKS, seq_len=PROBE_TOKENS, dp=RANKS,
                                            zero=int(variant[-1])))
     tokens = torch.randint(0, 128, (1, PROBE_TOKENS + 1), generator=torch.Generator().manual_seed(0))
