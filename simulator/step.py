@@ -248,9 +248,9 @@ def chunk_s(r: dict, n, chunks, first, last, paired: bool = False) -> tuple[np.n
     model chunks holding `n` layers in all, with the embedding (`first`) and the LM head
     (`last`), each after its ZeRO-3 root gather: each chunk's first ZeRO-3 gather is
     exposed, the others hide behind compute (cost.overlap_split, summed over the chunks),
-    and each layer waits for the ZeRO-3 group's straggler (sync_f, sync_b). `paired`: the forward and backward as they
-    run in a combined F, B pair of the all-to-all overlap (the same where it is off).
-    (rows, k) arrays."""
+    and each layer waits for the ZeRO-3 group's straggler (sync_f, sync_b). `paired`: the
+    forward and backward as they run in a combined F, B pair of the all-to-all overlap (the
+    same where it is off). (rows, k) arrays."""
     c = _col
     hidden_f, hidden_b = r["xf"] + r["cf"], r["xb"] + r["cb"]
     layer_f, layer_b = (r["l_fwd_pair"], r["l_bwd_pair"]) if paired else (r["l_fwd"], r["l_bwd"])
