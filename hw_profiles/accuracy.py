@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 
-from meshplan.hw_profiles.profile import DATA_DIR
-
-END_TO_END = DATA_DIR / "end_to_end.json"
+from meshplan.hw_profiles.profile import END_TO_END
 
 
 def end_to_end() -> dict | None:

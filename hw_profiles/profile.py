@@ -20,6 +20,8 @@ from meshplan.core.errors import ProfileError
 from meshplan.core.io import read_json, write_atomic
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+# benchmarks/published.py's end-to-end figures (hw_profiles/accuracy.py), beside the profiles
+END_TO_END = DATA_DIR / "end_to_end.json"
 SAMPLES_SUFFIX = ".samples.json"
 DTYPES = tuple(DTYPE_BYTES)
 # Physical ranges of a profile's figures: FLOP/s and bytes/s (1 M to 1e20), fractions of
@@ -323,7 +325,8 @@ class HardwareProfile:
                           for d in DTYPES},
             collectives=r.collectives(r.get(data, "collectives", dict), nics),
             sources=tuple(r.get(data, "sources", list)),
-            fit_report=r.fit_report(r.get(data, "fit_report", dict)), extra=r.get(data, "extra", dict),
+            fit_report=r.fit_report(r.get(data, "fit_report", dict)),
+            extra=r.extra(r.get(data, "extra", dict)),
             overhead=r.overhead(data.get("overhead", {})),
             contention=r.fraction(data.get("contention", {}), "contention", Contention, "compute_slowdown"),
             stragglers=r.fraction(data.get("stragglers", {}), "stragglers", Stragglers, "spread"),
@@ -379,6 +382,15 @@ class _Reader:
             raise ProfileError(prefix + name, f"is {value} in {self.where}, expected at least {low}",
                                REGENERATE)
         return value
+
+    def extra(self, data: dict) -> dict:
+        """The free-form section, with the CPU facts the cost model reads checked
+        (cost.per_rank_profile): cores per node, and the slowdown beside busy neighbours."""
+        if "cores_per_node" in data:
+            self.integer(data, "cores_per_node", 1, "extra.")
+        if "neighbour_slowdown" in data:
+            self.bounded(data, "neighbour_slowdown", 1.0, 10.0, "extra.")
+        return data
 
     def numbers(self, data, cls, prefix: str) -> dict:
         return {f: self.number(data, f, prefix) for f in cls.__dataclass_fields__}
@@ -483,7 +495,8 @@ class _Reader:
 
 
 def available_profiles() -> list[str]:
-    return sorted(p.stem for p in DATA_DIR.glob("*.json") if not p.name.endswith(SAMPLES_SUFFIX))
+    return sorted(p.stem for p in DATA_DIR.glob("*.json")
+                  if not p.name.endswith(SAMPLES_SUFFIX) and p != END_TO_END)
 
 
 def samples_path(profile_json) -> Path:
@@ -506,7 +519,7 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     """A bare name loads hw_profiles/data/<name>.json; anything else is a path."""
     text = str(name_or_path)
     path, is_path = profile_path(text), _is_path(text)
-    if not path.is_file():
+    if not path.is_file() or (not is_path and text not in available_profiles()):
         if is_path:
             raise ProfileError("hardware", f"profile file {path} does not exist",
                                "pass an existing profile JSON or a stock name: "

@@ -8,7 +8,7 @@ import pytest
 
 from meshplan.hw_profiles.collective_model import KINDS, CollectiveFit, Curve, Line, collective_time_s
 from meshplan.hw_profiles.gemm_model import GemmFit, MemoryBoundFit
-from meshplan.hw_profiles.profile import HardwareProfile, load_profile
+from meshplan.hw_profiles.profile import HardwareProfile, available_profiles, load_profile
 from meshplan.core.errors import ProfileError
 
 US, GB = 1e-6, 1e9
@@ -57,6 +57,10 @@ def test_missing_file_and_unknown_name():
     with pytest.raises(ProfileError, match="a100-80gb") as err:
         load_profile("no-such-gpu")
     assert err.value.field == "hardware"
+    # the published figures beside the profiles are not a profile
+    assert "end_to_end" not in available_profiles()
+    with pytest.raises(ProfileError, match="no stock profile named 'end_to_end'"):
+        load_profile("end_to_end")
 
 
 def test_corrupt_json(tmp_path):
