@@ -386,8 +386,8 @@ class _Reader:
     def extra(self, data: dict) -> dict:
         """The free-form section, with the CPU facts the cost model reads checked
         (cost.per_rank_profile): cores per node, and the slowdown beside busy neighbours."""
-        if "cores_per_node" in data:
-            self.integer(data, "cores_per_node", 1, "extra.")
+        if "cores_per_node" in data:  # a fraction where emulated nodes share a core
+            self.bounded(data, "cores_per_node", 1e-3, 1e6, "extra.")
         if "neighbour_slowdown" in data:
             self.bounded(data, "neighbour_slowdown", 1.0, 10.0, "extra.")
         return data

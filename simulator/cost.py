@@ -40,7 +40,7 @@ def per_rank_profile(hw: HardwareProfile, ranks_per_node: int) -> HardwareProfil
     cores = hw.extra.get("cores_per_node")
     if not cores or ranks_per_node <= 1:
         return hw
-    busy = min(ranks_per_node, cores) - 1
+    busy = max(min(ranks_per_node, cores) - 1, 0)  # cores may be a fraction (emulated nodes)
     slowdown = 1.0 + (float(hw.extra.get("neighbour_slowdown", 1.0)) - 1.0) * busy / max(cores - 1, 1)
     share = max(1.0, ranks_per_node / cores)
     if share * slowdown == 1.0:

@@ -104,9 +104,12 @@ def test_profile_round_trip_and_corrupt_field(tmp_path):
     del data["overhead"]  # profiles from before the field: zero overhead
     assert HardwareProfile.from_dict(data).overhead == FrameworkOverhead()
     # the CPU facts per_rank_profile reads from `extra`
-    for key, bad in (("neighbour_slowdown", "slow"), ("neighbour_slowdown", 0.5), ("cores_per_node", 0)):
+    for key, bad in (("neighbour_slowdown", "slow"), ("neighbour_slowdown", 0.5), ("cores_per_node", 0),
+                     ("cores_per_node", -2)):
         with pytest.raises(ProfileError, match=f"extra.{key}"):
             HardwareProfile.from_dict({**data, "extra": {**data["extra"], key: bad}})
+    # emulated nodes may share a core: a fraction of one is a fact, not corruption
+    assert HardwareProfile.from_dict({**data, "extra": {"cores_per_node": 0.5}}).extra["cores_per_node"] == 0.5
 
 
 @pytest.mark.parametrize("tp,sp,expected", [(1, False, (1e-3, 2e-3)), (2, False, (4e-3, 5e-3)),

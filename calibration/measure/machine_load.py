@@ -75,7 +75,7 @@ def _busy_neighbours(others: list[int]):
 
 def neighbour_slowdown(ranks: int, rounds: int = 3, steps: int = 12) -> float:
     """Median step time beside ranks - 1 busy cores (as many as there are) over the median
-    alone, each pooled over `rounds` alternations; 1.0 for one rank or one core."""
+    alone, each pooled over `rounds` alternations, at least 1.0; 1.0 for one rank or one core."""
     usable = os.sched_getaffinity(0)
     cores = sorted(usable)[:max(ranks, 1)]
     if len(cores) < 2:
@@ -95,7 +95,8 @@ def neighbour_slowdown(ranks: int, rounds: int = 3, steps: int = 12) -> float:
     finally:
         os.sched_setaffinity(0, usable)
         torch.set_num_threads(before)
-    return statistics.median(beside) / statistics.median(alone)
+    # a neighbour does not speed a rank up: a ratio below 1 is noise, read as none
+    return max(1.0, statistics.median(beside) / statistics.median(alone))
 
 
 def _times(step, n: int) -> list[float]:
