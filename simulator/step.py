@@ -187,10 +187,11 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     # chunk's first hides behind the previous layer's compute (slowing it by the contention),
     # except on CPU ranks (gloo computes on the same cores) where all of it is exposed.
     zero3 = r["zero"] == 3
+    group = {k: r[k][zero3] for k in DP_GROUP_KEYS}
     r["ag"] = np.zeros(zero3.shape)
     # each FSDP call with its host work (FrameworkOverhead.fsdp_gather_s; zero on a GPU)
     gather_host = hw.overhead.fsdp_gather_s
-    r["ag"][zero3] = dp_collective_s(hw, "all_gather", {k: r[k][zero3] for k in DP_GROUP_KEYS},
+    r["ag"][zero3] = dp_collective_s(hw, "all_gather", group,
                                      ((r["per_layer"] - r["per_layer_expert"]) * r["d"])[zero3],
                                      (r["per_layer_expert"] * r["d"])[zero3]) + gather_host
     r["agb"] = np.where(r["reshard"], r["ag"], 0.0)
@@ -198,10 +199,9 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     # head on the last) once per micro-batch, before the forward, kept until its backward
     # (FSDP2 does not reshard the root after forward)
     for key, first, last in (("emb_ag", True, False), ("head_ag", False, True)):
-        root = stage_params(model, r["tp"], r["pp"], 0, first, last) * r["d"]
+        root = stage_params(model, r["tp"][zero3], r["pp"][zero3], 0, first, last) * r["d"]
         r[key] = np.zeros(zero3.shape)
-        r[key][zero3] = dp_collective_s(hw, "all_gather", {k: r[k][zero3] for k in DP_GROUP_KEYS},
-                                        root[zero3], 0.0) + gather_host
+        r[key][zero3] = dp_collective_s(hw, "all_gather", group, root, 0.0) + gather_host
     # Each of those gathers is a barrier of the DP x CP group: it completes when the slowest
     # rank reaches it, so every layer waits out the group's straggler (HardwareProfile.
     # stragglers). DDP and ZeRO-1/2 meet once per step, where a rank's lag is averaged over
