@@ -49,10 +49,12 @@ def divisors(n: int) -> list[int]:
 
 
 def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict,
-           new: tuple[str, ...] | None = None) -> pd.DataFrame:
+           new: tuple[str, ...] | None = None, checked: set[str] = frozenset()) -> pd.DataFrame:
     """The rows that break no legality rule whose fields the table has so far. `new`: the
     columns added since the table was last checked (None: check every rule); a rule that
-    reads none of them held on the rows they were joined to, so it is not applied again."""
+    reads none of them held on the rows they were joined to, so it is not applied again,
+    nor is one that reads only `checked` columns (and scalars): it held on the table the
+    new columns came from."""
     if table.empty:
         return table
     scalars = {"global_batch": fixed["global_batch"], "seq_len": fixed["seq_len"],
@@ -61,7 +63,8 @@ def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict,
         {"layer_partition"} if "virtual_stages" not in table.columns else set())
     fresh = None if new is None else set(new) | ({"layer_partition"} if "virtual_stages" in new else set())
     applied = tuple(rule for rule in rules.TRAINING if set(rule.needs) <= available
-                    and (fresh is None or set(rule.needs) & fresh))
+                    and (fresh is None or set(rule.needs) & fresh)
+                    and not set(rule.needs) <= set(checked) | set(scalars))
     if not applied:
         return table
     read = set().union(*(rule.needs for rule in applied)) & set(table.columns)
@@ -214,9 +217,9 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     if missing:
         raise PlanError.of(missing)
     gb, seq = fixed["global_batch"], fixed["seq_len"]
-    table = _placement_rows(_expert_rows(_axes_rows(model, cluster, fixed), model, cluster, fixed),
-                            cluster, fixed, fabric, nics_per_node)
-    table = _legal(table, model, cluster, fixed, ("placement", *GROUP_COLUMNS))
+    table = _expert_rows(_axes_rows(model, cluster, fixed), model, cluster, fixed)
+    placed = _legal(_placement_rows(table, cluster, fixed, fabric, nics_per_node), model, cluster, fixed,
+                    ("placement", *GROUP_COLUMNS))
     if not table.empty:
         table = _join(table, ["dp"], lambda dp: [(b,) for b in divisors(gb // dp) if gb % dp == 0
                                                  and fixed.get("micro_batch", b) == b], ["micro_batch"])
@@ -250,6 +253,15 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
             (o,) for o in ((True, False) if z == 3 else (True,))
             if fixed.get("reshard_after_forward", o) == o], ["reshard_after_forward"])
         table = _legal(table, model, cluster, fixed, ("reshard_after_forward",))
+    if not table.empty:
+        # placements join late, so the joins before them copy a table that many times smaller
+        degrees = ["dp", "tp", "pp", "cp", "ep", "etp"]
+        options = {}
+        for row in placed[degrees + ["placement", *GROUP_COLUMNS]].itertuples(index=False, name=None):
+            options.setdefault(row[:len(degrees)], []).append(row[len(degrees):])
+        table = _join(table, degrees, lambda *key: options.get(key, []), ["placement", *GROUP_COLUMNS])
+        table = _legal(table.drop(columns="moe"), model, cluster, fixed, ("placement", *GROUP_COLUMNS),
+                       checked=set(placed.columns))
     if not table.empty:
         # the layout each recompute choice is made for (closed_forms: none dominates full, op
         # and norm_act where it fits); norm_act, which frees the norms' outputs and the routed

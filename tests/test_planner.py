@@ -11,6 +11,7 @@ import pytest
 
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.core.errors import PlanError
+from meshplan.planner import closed_forms
 from meshplan.planner.closed_forms import _balanced_slots, evaluate
 from meshplan.simulator.partition import balanced_shape
 from meshplan.planner.explain import compare, explain
@@ -154,6 +155,20 @@ def test_bounded_evaluation_keeps_the_same_best_rows():
     assert np.array_equal(best(full), best(bounded))
     assert np.array_equal(full.fits, bounded.fits)
     assert np.isnan(bounded.step_time_s).sum() > 0.5 * len(table)  # most rows bounded out
+
+
+def test_evaluation_in_blocks_on_threads_matches_the_whole_table(monkeypatch):
+    model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
+    table = candidate_table(model, cluster, {"global_batch": 128, "seq_len": 4096})
+    whole, whole_kept = evaluate(table, model, A100, 8), evaluate(table, model, A100, 8, keep=20)
+    monkeypatch.setattr(closed_forms, "BLOCK_ROWS", len(table) // 5)  # six uneven blocks
+    blocks, blocks_kept = evaluate(table, model, A100, 8), evaluate(table, model, A100, 8, keep=20)
+    assert np.array_equal(whole.peak_memory_bytes, blocks.peak_memory_bytes)
+    assert np.array_equal(whole.step_time_s, blocks.step_time_s, equal_nan=True)
+    assert np.array_equal(whole.busy_bound_s, blocks.busy_bound_s, equal_nan=True)
+    best = lambda ev: np.argsort(np.where(ev.fits, ev.step_time_s, np.inf), kind="stable")[:20]  # noqa: E731
+    assert np.array_equal(best(whole_kept), best(blocks_kept))
+    assert np.array_equal(whole_kept.fits, blocks_kept.fits)
 
 
 def test_small_model_prefers_data_parallel_over_tensor_parallel_on_slow_links():
