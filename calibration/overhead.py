@@ -118,7 +118,8 @@ def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhe
         # the dense model at both depths, the MoE one at the larger only (see below)
         fns = [fn for n in LAYERS for fn in _training(n)] + list(_training(LAYERS[1], moe=True))
         df1, dt1, df3, dt3, mf3, mt3 = _median_s(fns, repeats, warmup)
-        dense = _forward_backward(df3 - df1, dt3 - dt1, LAYERS[1] - LAYERS[0])
+        span = LAYERS[1] - LAYERS[0]
+        dense = _forward_backward(df3 - df1, dt3 - dt1, span)
         (p1, d1), (p3, d3) = (_inference_s(n, repeats, warmup) for n in LAYERS)
         # the MoE block's surcharge from the two 3-layer models, whose other parts are alike:
         # one difference over 3 layers, steadier than two per-layer differences apart
@@ -127,7 +128,7 @@ def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhe
         torch.set_num_threads(before)
     return FrameworkOverhead(
         layer_forward_s=dense[0], layer_backward_s=dense[1],
-        prefill_layer_s=max(0.0, (p3 - p1) / 2), decode_layer_s=max(0.0, (d3 - d1) / 2),
+        prefill_layer_s=max(0.0, (p3 - p1) / span), decode_layer_s=max(0.0, (d3 - d1) / span),
         moe_forward_s=moe[0], moe_backward_s=moe[1],
         source=f"calibration/overhead.py: eager PyTorch {torch.__version__}, 1 thread, "
                f"{LAYERS[1]}-layer minus {LAYERS[0]}-layer probe, median of {repeats} interleaved")
