@@ -262,7 +262,8 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
             block = table.iloc[b * len(table) // count:(b + 1) * len(table) // count]
             block.attrs.update(table.attrs)
             blocks.append(block)
-        with ThreadPoolExecutor(min(count, len(os.sched_getaffinity(0)))) as pool:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        with ThreadPoolExecutor(min(count, cores)) as pool:
             parts = list(pool.map(lambda block: _evaluate_block(block, model, hw, limit, keep), blocks))
     peak, step_s, busy = (np.concatenate(column) for column in zip(*parts))
     return Evaluation(step_s, peak, peak <= limit, limit, busy)
