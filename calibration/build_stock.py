@@ -38,7 +38,7 @@ CONTENTION = {"compute_slowdown": 0.189, "source": "arXiv 2507.03114 (2025) sec.
 # spread fitted by `python benchmarks/published.py --fit-stragglers` (least squares over the
 # fit half's weak-scaling pairs: torchtitan Llama 3.1 8B FSDP 8 -> 128 H100, MPT-7B 8 -> 512
 # and MPT-70B 64 -> 512 H100 of llm-foundry's benchmark table).
-STRAGGLERS = {"spread": 0.0482, "source": "benchmarks/published.py --fit-stragglers: per-layer time "
+STRAGGLERS = {"spread": 0.0468, "source": "benchmarks/published.py --fit-stragglers: per-layer time "
               "spread fitted on 3 weak-scaling pairs of published FSDP runs (8 to 512 H100; the fit "
               "half of benchmarks/published/training.csv)"}
 # A GPU trainer's host runs ahead of its kernels except in MoE blocks, where the GPU waits
