@@ -47,6 +47,10 @@ VARIANTS = {
     "h200-141gb": ("h100-80gb", {"memory": 141 / 80, "hbm_bw": 4.8 / 3.35}, "H200 datasheet"),
     # H800 SXM: the H100 SXM with NVLink cut to 400 GB/s (from 900), DeepSeek-V3 report sec 3.1
     "h800-80gb": ("h100-80gb", {"intra_node_bw": 400 / 900}, "H800: NVLink 400 GB/s"),
+    # Jean Zay's A100 80GB nodes (BLOOM's training): 4 Omni-Path links of 100 Gb/s per node
+    # (bigscience train/tr11-176B-ml/README.md, Hardware), a quarter of DGX A100's 8 x 200 Gb/s
+    "a100-80gb-opa4": ("a100-80gb", {"inter_node_bw": 4 * 100 / (8 * 200)},
+                       "Jean Zay A100 80GB: 4 Omni-Path 100 Gb/s links per node (BLOOM tr11 README)"),
     # torchtitan's Grand Teton H100: 96 GB HBM2e at 500 W (its benchmark page). HBM2e H100:
     # 2.41 TB/s (arXiv 2604.11391 sec 3); at 500 of 700 W the clock, and so the compute rate,
     # falls as power^(1/3) (dynamic power ~ C V^2 f with V ~ f): (500/700)^(1/3) = 0.894
