@@ -25,19 +25,16 @@ overhead hides behind queued kernels and is not used.
 """
 from __future__ import annotations
 
-import json
 import statistics
-import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.optimize import nnls
 
 from meshplan.core.errors import ProfileError
-from meshplan.executor.launch import RunFailed, torchrun
+from meshplan.calibration.measure.run import launch_rows
 from meshplan.executor.model import build_model, loss_fn
 from meshplan.hw_profiles.profile import FrameworkOverhead, HardwareProfile
 from meshplan.simulator.cost import ep_comm_s, ep_counts_s, tp_comm_s, tp_edge_comm_s
@@ -184,17 +181,9 @@ def parallel_overhead(rows: list[dict], hw: HardwareProfile) -> dict[str, float]
 
 def _two_rank_rows(repeats: int, warmup: int) -> list[dict]:
     """measure/parallel_overhead.py's rows, through torchrun on 2 ranks."""
-    with tempfile.TemporaryDirectory(prefix="meshplan-overhead-") as tmp:
-        out = Path(tmp) / "rows.json"
-        try:
-            torchrun("meshplan.calibration.measure.parallel_overhead",
-                     ["--out", str(out), "--repeats", str(repeats), "--warmup", str(warmup)], 2,
-                     on_line=lambda _line: None, timeout_s=600)
-        except RunFailed as exc:
-            raise ProfileError("overhead.parallel", f"the two-rank probe failed: {exc}",
-                               "run the command in calibration/measure/parallel_overhead.py's docstring "
-                               "by hand to see the whole error") from None
-        return json.loads(out.read_text())
+    return launch_rows("meshplan.calibration.measure.parallel_overhead",
+                       ["--repeats", str(repeats), "--warmup", str(warmup)], 2, "overhead.parallel",
+                       "the two-rank probe", timeout_s=600)
 
 
 def measure_overhead(hw: HardwareProfile, repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:

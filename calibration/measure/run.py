@@ -104,24 +104,31 @@ def _powers(lo: int, hi: int, factor: int) -> tuple[int, ...]:
     return tuple(out if out[-1] == hi else out + [hi])
 
 
-def collectives_launch(world: int, groups: tuple[int, ...], plan: MeasurePlan, advance) -> pd.DataFrame:
-    """Collective rows of one torchrun launch of `world` ranks (executor.launch.torchrun, the
-    executor's launcher); advance() per measured row."""
-    with tempfile.TemporaryDirectory() as tmp:
+def launch_rows(module: str, args: list[str], world: int, field: str, what: str,
+                on_line=lambda _line: None, timeout_s: float = TORCHRUN_TIMEOUT_S) -> list[dict]:
+    """The rows rank 0 of a measurement module writes to its --out, from one torchrun launch
+    of `world` ranks (executor.launch.torchrun, the executor's launcher); a failed launch is a
+    ProfileError on `field` saying `what` failed and where the command to rerun it is."""
+    with tempfile.TemporaryDirectory(prefix="meshplan-measure-") as tmp:
         out = Path(tmp) / "rows.json"
-        args = ["--out", str(out), "--group-sizes", *map(str, groups),
-                "--sizes", *map(str, plan.collective_sizes_bytes), "--repeats", str(plan.collective_repeats),
-                "--warmup", str(plan.warmup), "--budget-s", str(plan.budget_s)]
         try:
-            torchrun("meshplan.calibration.measure.collectives", args, world,
-                     on_line=lambda line: advance() if line.startswith("measured ") else None,
-                     timeout_s=TORCHRUN_TIMEOUT_S)
+            torchrun(module, ["--out", str(out), *args], world, on_line=on_line, timeout_s=timeout_s)
         except RunFailed as exc:
-            raise ProfileError("collectives", f"the measurement over {world} ranks failed: {exc}",
-                               "run the command in calibration/measure/collectives.py's docstring "
-                               "by hand to see the whole error") from None
-        rows = json.loads(out.read_text())
-        return pd.DataFrame.from_records(rows, columns=list(COLLECTIVE_COLUMNS))
+            source = module.removeprefix("meshplan.").replace(".", "/") + ".py"
+            raise ProfileError(field, f"{what} failed: {exc}",
+                               f"run the command in {source}'s docstring by hand to see the whole error") from None
+        return json.loads(out.read_text())
+
+
+def collectives_launch(world: int, groups: tuple[int, ...], plan: MeasurePlan, advance) -> pd.DataFrame:
+    """Collective rows of one torchrun launch of `world` ranks; advance() per measured row."""
+    args = ["--group-sizes", *map(str, groups),
+            "--sizes", *map(str, plan.collective_sizes_bytes), "--repeats", str(plan.collective_repeats),
+            "--warmup", str(plan.warmup), "--budget-s", str(plan.budget_s)]
+    rows = launch_rows("meshplan.calibration.measure.collectives", args, world, "collectives",
+                       f"the measurement over {world} ranks",
+                       on_line=lambda line: advance() if line.startswith("measured ") else None)
+    return pd.DataFrame.from_records(rows, columns=list(COLLECTIVE_COLUMNS))
 
 
 def measure_machine(quick: bool, out_samples_path, progress: bool = True) -> tuple[Samples, dict]:
