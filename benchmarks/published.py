@@ -1,6 +1,7 @@
 """Predicted against measured for the published training runs in benchmarks/published/.
 
-    python benchmarks/published.py [--json out.json] [--write] [--fit-stragglers] [--fit-moe-gap]
+    python benchmarks/published.py [--json out.json] [--write] [--fit-sustained] [--fit-stragglers]
+                                   [--fit-moe-gap]
 
 Prints one line per row (measured and predicted step time, the error, memory where the
 source publishes it, and which half the row is in), then the median and max |error| of the
@@ -19,8 +20,8 @@ import numpy as np
 from meshplan.core.errors import MeshplanError
 from meshplan.core.io import write_json
 from meshplan.hw_profiles.accuracy import END_TO_END
-from meshplan.validation.published import (fit_moe_host_gap, fit_straggler_spread, load_runs,
-                                             predict, profile_for, reserved_bytes, scaling_pairs)
+from meshplan.validation.published import (fit_moe_host_gap, fit_straggler_spread, fit_sustained_loss,
+                                             load_runs, predict, profile_for, reserved_bytes, scaling_pairs)
 
 
 def main(argv=None) -> int:
@@ -29,6 +30,9 @@ def main(argv=None) -> int:
     parser.add_argument("--write", action="store_true",
                         help="record the fit and held-out figures in hw_profiles/data/end_to_end.json, "
                              "which explanations print beside the error band")
+    parser.add_argument("--fit-sustained", action="store_true",
+                        help="fit the GEMM rate lost under sustained load of each stock profile (calibration/"
+                             "build_stock.py SUSTAINED) on the fit half's dense rows, print it and stop")
     parser.add_argument("--fit-stragglers", action="store_true",
                         help="fit the straggler spread of the stock profiles (calibration/build_stock.py "
                              "STRAGGLERS) on the fit half's weak-scaling pairs, print it and stop")
@@ -36,6 +40,15 @@ def main(argv=None) -> int:
                         help="fit the GPU's wait for the host per MoE block of the stock profiles (calibration/"
                              "build_stock.py MOE_OVERHEAD) on the fit half's MoE rows, print it and stop")
     args = parser.parse_args(argv)
+    if args.fit_sustained:
+        runs = load_runs()
+        for base in ("a100-80gb", "h100-80gb"):
+            loss, terms = fit_sustained_loss(runs, base)
+            for run_id, error, sensitivity in terms:
+                print(f"{run_id:46s} log(measured / predicted without it) {error:+.3f}, sensitivity {sensitivity:.2f}")
+            print(f"{base}: the GEMMs lose {loss:.1%} of the fitted rate under sustained load (least |log "
+                  f"error| over {len(terms)} dense fit-half rows)")
+        return 0
     if args.fit_moe_gap:
         gap_s, terms = fit_moe_host_gap(load_runs())
         for run_id, error, sensitivity in terms:

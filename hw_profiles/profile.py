@@ -32,8 +32,9 @@ DTYPES = tuple(DTYPE_BYTES)
 # its latency up to seconds.
 RATE, EFFICIENCY, MIN_MEMORY_BYTES = (1e6, 1e20), (1e-6, 2.0), 2 ** 20
 BUS_RATE, LATENCY_S = (1e3, 1e20), (0.0, 10.0)
-# fused attention against the GEMM fits: beyond this range, a broken measurement
-ATTENTION_SCALE = (0.05, 50.0)
+# fused attention against the GEMM fits: beyond this range, a broken measurement; its tiles
+# at most this many queries or keys a side (kernels tile in the hundreds)
+ATTENTION_SCALE, MAX_TILE = (0.05, 50.0), 2 ** 16
 REGENERATE = ("regenerate it with `meshplan profile --out FILE` (this machine) or "
               "`python -m meshplan.calibration.build_stock` (stock profiles)")
 
@@ -144,15 +145,29 @@ class Stragglers:
 
 
 @dataclass(frozen=True)
+class Sustained:
+    """The share of the fitted GEMM rate a training step loses against the kernels' own
+    timing: the stock fits come from kernels timed in short runs (vidur's profiling), while a
+    training run holds the GPU at its power limit for hours, where the clock, and with it the
+    tensor cores' rate, settles lower (dynamic power ~ C V^2 f); fitted on published training
+    runs (benchmarks/published.py --fit-sustained), it takes in whatever else slows a step's
+    GEMMs against the microbenchmark. Zero: not fitted (a profile measured in place)."""
+
+    gemm_loss: float = 0.0
+    source: str = "not fitted"
+
+
+@dataclass(frozen=True)
 class FusedAttention:
     """The fused attention kernel (FlashAttention; scaled_dot_product_attention's fused
     backends) against the GEMM fits' price of the two matmuls it fuses (ops.attention_core):
-    its forward, and its backward beyond the forward it redoes, take `forward_scale` and
-    `backward_scale` times that price plus a fixed cost per call (`*_latency_s`). Measured
-    by `meshplan profile` (calibration/measure/attention.py); 1 and 0 where not measured: on
-    the stock profiles the fits' price of causal head-dim-128 attention on H100 is within 3%
-    of FlashAttention-2's published forward rate at 4K-16K (Shah et al. 2024,
-    FlashAttention-3, Fig. 5: 319-335 TFLOPS)."""
+    its forward, and its backward beyond the Q K^T it redoes (Op.kernel_redo), take
+    `forward_scale` and `backward_scale` times that price plus a fixed cost per call
+    (`*_latency_s`). Measured by `meshplan profile` (calibration/measure/attention.py); 1 and
+    0 where not measured: on the stock profiles the fits' price of causal head-dim-128
+    attention on H100 at 4K-16K is 317-331 TFLOPS forward and 318-332 backward, against
+    FlashAttention-2's published 319-335 and 310-322 (Shah et al. 2024, FlashAttention-3,
+    Figs. 5-6)."""
 
     forward_scale: float = 1.0
     backward_scale: float = 1.0
@@ -192,6 +207,7 @@ class HardwareProfile:
     contention: Contention = Contention()
     stragglers: Stragglers = Stragglers()
     attention: FusedAttention = FusedAttention()
+    sustained: Sustained = Sustained()
     # How the NICs are switched (hw_profiles/fabric.py). None (no "fabric" in the JSON): not
     # described, every group gets the inter-node bandwidth as measured (link share 1.0).
     fabric: Fabric | None = None
@@ -206,7 +222,8 @@ class HardwareProfile:
         """Time (s) of batch x ([m,k] @ [k,n]) in `dtype`; numpy-broadcast over m, n, k, batch;
         `weight_bytes` per element of [k,n] where it is stored narrower (gemm_model)."""
         dtype = self._dtype(dtype)
-        return gemm_model.gemm_time_s(self.gemm[dtype], m, n, k, batch, self.peak_flops[dtype],
+        return gemm_model.gemm_time_s(self.gemm[dtype], m, n, k, batch,
+                                      self.peak_flops[dtype] * (1.0 - self.sustained.gemm_loss),
                                       self.hbm_bytes_per_s, ELEMENT_BYTES[dtype], weight_bytes)
 
     def memory_bound_time_s(self, num_bytes, dtype: str = "bf16", op_class: str | None = None):
@@ -299,6 +316,7 @@ class HardwareProfile:
             "contention": asdict(self.contention),
             "stragglers": asdict(self.stragglers),
             "attention": asdict(self.attention),
+            "sustained": asdict(self.sustained),
             **({"fabric": self.fabric.to_dict()} if self.fabric else {}),
         }
 
@@ -331,6 +349,7 @@ class HardwareProfile:
             contention=r.fraction(data.get("contention", {}), "contention", Contention, "compute_slowdown"),
             stragglers=r.fraction(data.get("stragglers", {}), "stragglers", Stragglers, "spread"),
             attention=r.attention(data.get("attention", {})),
+            sustained=r.fraction(data.get("sustained", {}), "sustained", Sustained, "gemm_loss"),
             fabric=Fabric.from_dict(data["fabric"], where) if data.get("fabric") is not None
             else None)
 
@@ -376,10 +395,11 @@ class _Reader:
                                f"from {low:g} to {high:g}", REGENERATE)
         return value
 
-    def integer(self, data, name: str, low: int = 1, prefix: str = "") -> int:
+    def integer(self, data, name: str, low: int = 1, prefix: str = "", high: int | None = None) -> int:
         value = self.get(data, name, int, prefix)
-        if value < low:
-            raise ProfileError(prefix + name, f"is {value} in {self.where}, expected at least {low}",
+        if value < low or (high is not None and value > high):
+            expected = f"at least {low}" if high is None else f"{low}-{high}"
+            raise ProfileError(prefix + name, f"is {value} in {self.where}, expected {expected}",
                                REGENERATE)
         return value
 
@@ -422,7 +442,7 @@ class _Reader:
 
     def fraction(self, data, name: str, cls, key: str):
         """An optional section of one fraction in [0, 1) and its source, as `cls` (profiles
-        from before the section: cls(), zero): contention, stragglers."""
+        from before the section: cls(), zero): contention, stragglers, sustained."""
         if not isinstance(data, dict):
             raise ProfileError(name, f"is not an object in {self.where}", REGENERATE)
         unknown = sorted(set(data) - {key, "source"})
@@ -452,7 +472,7 @@ class _Reader:
             self.get(data, "source", str, p),
             **{k: self.bounded(data, k, *LATENCY_S, p) for k in ("forward_latency_s", "backward_latency_s")
                if k in data},
-            **{k: self.integer(data, k, 1, p) for k in ("query_block", "key_block") if k in data})
+            **{k: self.integer(data, k, 1, p, MAX_TILE) for k in ("query_block", "key_block") if k in data})
 
     def overhead(self, data) -> FrameworkOverhead:
         """Optional section (profiles measured before it existed have none: zeros)."""

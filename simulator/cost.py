@@ -61,7 +61,8 @@ class OpTimes:
     forward and backward time of the GEMMs with a weight (the ones tensor-parallel
     communication can overlap with), and the forward and whole backward time of the ops
     between the MoE dispatch and combine (Op.routed), and the forward time per-op selective
-    AC redoes (Op.sac_redo) and recompute norm_act redoes (Op.module_redo)."""
+    AC redoes (Op.sac_redo) and recompute norm_act redoes (Op.module_redo), and the forward
+    time the fused attention kernel's backward runs again (Op.kernel_redo)."""
 
     fwd_s: np.ndarray
     bwd_input_s: np.ndarray
@@ -74,6 +75,7 @@ class OpTimes:
     routed_bwd_s: np.ndarray
     sac_redo_s: np.ndarray
     module_redo_s: np.ndarray
+    kernel_redo_s: np.ndarray
 
 
 def compute_dtype(dtype: str) -> str:
@@ -146,6 +148,7 @@ def op_times(op_lists: list[tuple[Op, ...]], hw: HardwareProfile, dtype: str) ->
     routed = np.array([op.routed for op in ops], dtype=bool)
     sac = np.array([op.sac_redo for op in ops], dtype=float)
     module = np.array([op.module_redo for op in ops], dtype=bool)
+    kernel = np.array([op.kernel_redo for op in ops], dtype=bool)
 
     def total(x):
         return np.bincount(idx, weights=x, minlength=len(op_lists))
@@ -153,7 +156,7 @@ def op_times(op_lists: list[tuple[Op, ...]], hw: HardwareProfile, dtype: str) ->
                    total(np.where(g, flops, 0.0)), total(np.where(weighted, fwd, 0.0)),
                    total(np.where(weighted, bwd_in + bwd_w, 0.0)), total(np.where(routed, fwd, 0.0)),
                    total(np.where(routed, bwd_in + bwd_w, 0.0)), total(fwd * sac),
-                   total(np.where(module, fwd, 0.0)))
+                   total(np.where(module, fwd, 0.0)), total(np.where(kernel, fwd, 0.0)))
 
 
 def collective_s(hw: HardwareProfile, kind: str, message_bytes, size, ranks_per_node,
@@ -437,9 +440,10 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     """Per plan (arrays; st indexed alike): the layer's times under its recompute setting,
     the placement of its TP and CP groups (ranks per node, link share) and TP overlap.
 
-    Fused attention recomputes its scores in backward (Dao 2022 sec 3.1): compute, not
-    recompute. Selective recompute redoes the attention core where it was kept (Korthikanti
-    et al. 2022 sec 4.3; nothing to redo under fused attention); full recompute redoes the
+    Fused attention recomputes its scores (Q K^T) in backward (Dao 2022 sec 3.1;
+    Op.kernel_redo): compute, not recompute. Selective recompute redoes the attention core
+    where it was kept (Korthikanti et al. 2022 sec 4.3; nothing to redo under fused
+    attention); full recompute redoes the
     whole forward, its TP communication too; per-op selective AC (torchtitan) redoes what
     ops.op_sac marks, and the TP collectives whose outputs it does not save. TP overlap
     (Megatron-LM --tp-comm-overlap, torchtitan async TP) splits each TP collective and its weight GEMMs into tp pieces run
@@ -477,7 +481,7 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     cp_f, cp_cf = overlap_split(cp_raw_f, (cp - 1) * lay.core_s / cp, hw)
     cp_b, cp_cb = overlap_split(cp_raw_b, (cp - 1) * 2 * lay.core_s / cp, hw)
     full, op = recompute == FULL, recompute == OP
-    flash_redo = lay.core_s if flash else 0.0
+    flash_redo = lay.kernel_redo_s if flash else 0.0
     redo = (lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + split_f) * full
             + lay.sac_redo_s * op + lay.module_redo_s * (recompute == NORM_ACT))
     # per-op selective AC saves reduce-scatter outputs, so it redoes SP's all-gathers (half

@@ -35,6 +35,10 @@ MEMORY_CLASS = {"input_norm": "norm", "post_attention_norm": "norm", "final_norm
                 "embedding": "add", "kv_write": "add", "moe_permute": "add", "moe_unpermute": "add",
                 "mlp_act": "activation", "softcap": "activation", "logit_softcap": "activation",
                 "router_sigmoid": "activation", "fp8_cast": "add", "act_quant": "add"}
+# The class an eager op's kernels run at: each is one plain elementwise (or row-reduction)
+# kernel, as the measured activation kernel is (SiLU and the product in one pass), not the
+# fused norm or RoPE kernel its class was measured on
+EAGER_CLASS = "activation"
 # Bytes per element of casting one GEMM operand to FP8 in both layouts the forward and
 # backward GEMMs read (row-major and transposed), from bf16: Transformer Engine's fused
 # cast-transpose with delayed scaling (scale from the amax history: read 2, write 1 + 1;
@@ -75,10 +79,14 @@ class Op:
     routed: bool = False               # runs between the MoE dispatch and combine (routed experts)
     sac_redo: float = 1.0              # share of its forward per-op selective AC redoes (op_sac)
     module_redo: bool = False          # redone under recompute norm_act (MODULE_REDO)
+    # the fused attention kernel's backward runs this matmul's forward again: Q K^T, not
+    # P V (5 matmuls against the forward's 2; Dao 2023, FlashAttention-2, Algorithm 2)
+    kernel_redo: bool = False
+    eager: bool = False                # run as eager PyTorch, one plain kernel per op (_eager)
 
     @property
     def op_class(self) -> str | None:
-        return MEMORY_CLASS.get(self.name)
+        return EAGER_CLASS if self.eager else MEMORY_CLASS.get(self.name)
 
 
 # Megatron-LM's --recompute-modules layernorm moe_act (recompute norm_act): the two norms
@@ -116,14 +124,15 @@ def eager_bytes_per_element(model: ModelSpec, name: str, dtype_bytes: int) -> tu
 
 
 def _eager(model: ModelSpec, shard: Shard, ops: list[Op]) -> list[Op]:
-    """`ops` as run under shard.eager (eager_bytes_per_element); a memory-bound op's flops
-    count its elements."""
+    """`ops` as run under shard.eager (eager_bytes_per_element), at the eager kernels' class
+    (EAGER_CLASS); a memory-bound op's flops count its elements."""
     if not shard.eager:
         return ops
     out = []
     for op in ops:
         per = eager_bytes_per_element(model, op.name, shard.dtype_bytes)
-        out.append(op if per is None else changed(op, bytes_moved=op.flops * per[0], bwd_bytes=op.flops * per[1]))
+        out.append(op if per is None else changed(op, bytes_moved=op.flops * per[0], bwd_bytes=op.flops * per[1],
+                                                  eager=True))
     return out
 
 
@@ -246,8 +255,9 @@ def attention_core(queries: int, keys: int, head_dim: int, value_dim: int, batch
     sec 3.1.1; load-balanced ring attention gives each CP rank the same share, Liu et al.
     2023); None: unfused, every score computed and masked. Model FLOPs (MFU) count the full
     square either way, as Megatron-LM's and PaLM's formulas do."""
-    return (_gemm("attn_scores", queries, keys, head_dim, batch=batch_heads, weight=False, core=True,
-                  causal=causal),
+    scores = _gemm("attn_scores", queries, keys, head_dim, batch=batch_heads, weight=False, core=True,
+                   causal=causal)
+    return (changed(scores, kernel_redo=causal is not None),
             _gemm("attn_values", queries, value_dim, keys, batch=batch_heads, weight=False, core=True,
                   causal=causal))
 

@@ -44,10 +44,13 @@ def test_eager_ops_move_those_bytes_and_nothing_else_changes():
             if a.name not in ("input_norm", "post_attention_norm", "rope", "mlp_act")]
     assert all(a == b for a, b in same) and len(same) == len(layer_ops(LLAMA, fused)) - 4
     assert {op.name: op.bytes_moved for op in head_ops(LLAMA, eager)}["final_norm"] == tokens * h * 36
-    # so the layer's forward grows by those ops' time at their class's bandwidth
+    # so the layer's forward grows by those ops' time, eager as plain kernels at the
+    # activation kernel's bandwidth, fused at their class's
+    assert all(op.eager == (name in ("input_norm", "post_attention_norm", "rope", "mlp_act"))
+               for name, op in ops.items())
     eager_s, fused_s = (op_times([layer_ops(LLAMA, s)], H100, "bf16").fwd_s for s in (eager, fused))
     grown = eager_s - fused_s
-    by_hand = sum(H100.memory_bound_time_s(tokens * w * new, "bf16", cls)
+    by_hand = sum(H100.memory_bound_time_s(tokens * w * new, "bf16", "activation")
                   - H100.memory_bound_time_s(tokens * w * old, "bf16", cls)
                   for w, new, old, cls in ((h, 36, 4, "norm"), (h, 36, 4, "norm"), (2 * h, 20, 4, "rope"),
                                            (f, 10, 6, "activation")))

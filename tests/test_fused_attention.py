@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from meshplan.calibration.measure.attention import _line
+from meshplan.core.errors import ProfileError
 from meshplan.hw_profiles.gemm_model import causal_tile_share
 from meshplan.hw_profiles.profile import FusedAttention, HardwareProfile, load_profile
-from meshplan.simulator.cost import forward_s
+from meshplan.simulator.cost import forward_s, op_times
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import Shard, layer_ops
 
@@ -73,3 +74,39 @@ def test_cost_prices_the_kernel_at_its_tiles_scale_and_fixed_cost():
     assert _core_forward_s(tiled, 256) == pytest.approx(exact / causal_tile_share(256, 256), rel=1e-9)
     timed = replace(hw, attention=FusedAttention(1.5, 1.0, "test", 3e-4, 0.0, 256, 512))
     assert _core_forward_s(timed, 256) == pytest.approx(1.5 * _core_forward_s(tiled, 256) + 3e-4, rel=1e-9)
+
+
+# FlashAttention-3 (Shah et al. 2024), Fig. 5/6: FlashAttention-2 on H100 SXM, causal, head
+# size 128, sequences 4K-16K, bf16: forward 319-335 TFLOPS, backward 310-322 TFLOPS (its FLOPs
+# counted as 2.5x the forward's: five matmuls against two)
+FA2_H100_FORWARD_TFLOPS, FA2_H100_BACKWARD_TFLOPS = (319, 335), (310, 322)
+
+
+@pytest.mark.parametrize("seq", [4096, 8192, 16384])
+def test_stock_h100_prices_the_kernel_at_flashattention2s_published_rates(seq):
+    """The fits' price (no sustained loss) of the fused kernel's forward and of its backward,
+    which redoes Q K^T only (Dao 2023, Algorithm 2), within 5% of the published rates."""
+    hw = load_profile("h100-80gb")
+    hw = replace(hw, sustained=replace(hw.sustained, gemm_loss=0.0))
+    batch, heads, head_dim = 16384 // seq, 16, 128
+    model = ModelSpec(name="fa", num_layers=1, hidden_size=heads * head_dim, num_heads=heads,
+                      num_kv_heads=heads, ffn_hidden_size=heads * head_dim, vocab_size=128, max_seq_len=seq)
+    core = tuple(op for op in layer_ops(model, Shard(batch, seq, dtype_bytes=2, flash=True)) if op.attention_core)
+    assert [op.kernel_redo for op in core] == [True, False]
+    t = op_times([core], hw, "bf16")
+    forward_flops = 4 * batch * heads * seq * seq * head_dim / 2
+    backward_s = t.bwd_input_s[0] + t.bwd_weight_s[0] + t.kernel_redo_s[0]
+    assert t.kernel_redo_s[0] == pytest.approx(forward_s(core[:1], hw, "bf16").sum(), rel=1e-12)
+    low, high = FA2_H100_FORWARD_TFLOPS
+    assert 0.95 * low <= forward_flops / t.fwd_s[0] / 1e12 <= 1.05 * high
+    low, high = FA2_H100_BACKWARD_TFLOPS
+    assert 0.95 * low <= 2.5 * forward_flops / backward_s / 1e12 <= 1.05 * high
+
+
+@pytest.mark.parametrize("tile", [0, 2 ** 16 + 1, 10 ** 30])
+def test_a_tile_no_kernel_runs_is_a_profile_error(tile):
+    data = load_profile("local").to_dict()
+    data["attention"] = {**data["attention"], "key_block": tile}
+    with pytest.raises(ProfileError) as err:
+        HardwareProfile.from_dict(data)
+    assert err.value.field == "attention.key_block"

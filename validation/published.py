@@ -28,7 +28,7 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 
 from meshplan.core.errors import MeshplanError
-from meshplan.hw_profiles.profile import HardwareProfile, Stragglers, load_profile
+from meshplan.hw_profiles.profile import HardwareProfile, Stragglers, Sustained, load_profile
 from meshplan.planner.search import search
 from meshplan.simulator.memory import FRAGMENTATION_SHARE
 from meshplan.simulator.model_spec import ModelSpec, load_model
@@ -263,19 +263,18 @@ def fit_straggler_spread(pairs: list[tuple[PublishedRun, PublishedRun]], probe: 
     return float(minimize_scalar(loss, bounds=(0.0, 0.5), method="bounded").x), rows
 
 
-def fit_moe_host_gap(runs: list[PublishedRun], probe_s: float = 1e-3) -> tuple[float, list]:
-    """FrameworkOverhead.moe_host_gap_s from the fit half's mixture-of-experts rows. A
-    row's step time at x seconds per MoE block forward is T0 (1 + x g) (g simulated at
-    `probe_s`); x minimises the summed |log(measured / (T0 (1 + x g)))|, robust to the rows a
-    setting the source leaves unsaid puts far off. Returns x and per row (id, log(measured
-    / T0), g)."""
+def _fit_robust(runs: list[PublishedRun], keep, at, probe: float, bound: float) -> tuple[float, list]:
+    """A profile figure x in [0, bound] from the fit-half rows `keep(run)` accepts: a row's
+    step time at x is T0 (1 + x g) (`at(hw, x)` the row's profile with the figure at x, g
+    simulated at `probe`); x minimises the summed |log(measured / (T0 (1 + x g)))|, robust to
+    the rows a setting the source leaves unsaid puts far off. Returns x and per row (id,
+    log(measured / T0), g)."""
     terms = []
     for run in runs:
-        if not run.fit_half or run.not_modelled or not run.model.num_experts:
+        if not run.fit_half or run.not_modelled or not keep(run):
             continue
         try:
-            terms.append((run.id, *_error_and_sensitivity(
-                run, lambda hw, x: replace(hw, overhead=replace(hw.overhead, moe_host_gap_s=x)), probe_s)))
+            terms.append((run.id, *_error_and_sensitivity(run, at, probe)))
         except MeshplanError:  # a row meshplan refuses (benchmarks/published.py lists why)
             continue
     if not terms:
@@ -283,4 +282,21 @@ def fit_moe_host_gap(runs: list[PublishedRun], probe_s: float = 1e-3) -> tuple[f
 
     def loss(x: float) -> float:
         return sum(abs(error - math.log1p(x * g)) for _, error, g in terms)
-    return float(minimize_scalar(loss, bounds=(0.0, 0.05), method="bounded").x), terms
+    return float(minimize_scalar(loss, bounds=(0.0, bound), method="bounded").x), terms
+
+
+def fit_moe_host_gap(runs: list[PublishedRun], probe_s: float = 1e-3) -> tuple[float, list]:
+    """FrameworkOverhead.moe_host_gap_s from the fit half's mixture-of-experts rows
+    (_fit_robust)."""
+    return _fit_robust(runs, lambda run: run.model.num_experts,
+                       lambda hw, x: replace(hw, overhead=replace(hw.overhead, moe_host_gap_s=x)), probe_s, 0.05)
+
+
+def fit_sustained_loss(runs: list[PublishedRun], base: str, probe: float = 0.05) -> tuple[float, list]:
+    """Sustained.gemm_loss of stock profile `base` from the fit half's dense rows on it and
+    the variants derived from it (_fit_robust). The GEMMs' time grows by y = loss / (1 - loss),
+    and the step time nearly linearly in y, so y is the figure fitted. Returns the loss and
+    per row (id, log(measured / T0), g per unit of y)."""
+    y, terms = _fit_robust(runs, lambda run: not run.model.num_experts and VARIANTS[run.hardware][0] == base,
+                           lambda hw, x: replace(hw, sustained=Sustained(x / (1 + x))), probe, 0.5)
+    return y / (1 + y), terms

@@ -4,11 +4,11 @@ torch's scaled_dot_product_attention, causal, is timed forward and forward + bac
 few shapes the executor runs, and divided by what the fitted profile prices for the same
 attention core at the share of it the kernel's tiles compute: the cost model's own ops
 (ops.layer_ops of a one-layer model of that shape, its attention-core matmuls) through its
-own pricing (cost.op_times). The backward is priced beyond the forward the kernel redoes
-(cost.layer_times adds that redo at the forward's price). A line through the shapes,
-measured = scale x priced + a fixed cost per call, is the profile's fit: on CPU the fused
-kernel runs below the batched matmuls the GEMM fits measured and costs a fraction of a
-millisecond per call, which nothing else would see.
+own pricing (cost.op_times). The backward is priced beyond the scores matmul the kernel
+redoes (Op.kernel_redo; cost.layer_times adds that redo at the forward's price). A line
+through the shapes, measured = scale x priced + a fixed cost per call, is the profile's
+fit: on CPU the fused kernel runs below the batched matmuls the GEMM fits measured and
+costs a fraction of a millisecond per call, which nothing else would see.
 """
 from __future__ import annotations
 
@@ -38,16 +38,17 @@ CUDA_SHAPES = ((1, 2048, 32, 128), (1, 4096, 32, 128), (1, 8192, 16, 128))
 CPU_TILES, CUDA_TILES = (256, 512), (128, 64)
 
 
-def _priced_s(hw: HardwareProfile, shape: tuple[int, int, int, int], dtype: str) -> tuple[float, float]:
-    """(forward, backward beyond the redone forward) of the attention core as the cost model
-    prices it on `hw` (fit_attention gives it the kernel's tiles, no scales, no fixed cost)."""
+def _priced_s(hw: HardwareProfile, shape: tuple[int, int, int, int], dtype: str) -> tuple[float, float, float]:
+    """(forward, the forward the backward redoes, backward beyond it) of the attention core
+    as the cost model prices it on `hw` (fit_attention gives it the kernel's tiles, no
+    scales, no fixed cost)."""
     batch, seq, heads, head_dim = shape
     model = ModelSpec(name="attention-probe", num_layers=1, hidden_size=heads * head_dim, num_heads=heads,
                       num_kv_heads=heads, ffn_hidden_size=heads * head_dim, vocab_size=128, max_seq_len=seq)
     core = [op for op in layer_ops(model, Shard(batch, seq, dtype_bytes=DTYPE_BYTES[dtype], flash=True))
             if op.attention_core]
     t = op_times([tuple(core)], hw, dtype)
-    return float(t.fwd_s[0]), float(t.bwd_input_s[0] + t.bwd_weight_s[0])
+    return float(t.fwd_s[0]), float(t.kernel_redo_s[0]), float(t.bwd_input_s[0] + t.bwd_weight_s[0])
 
 
 def _measured_s(shape: tuple[int, int, int, int], dtype: str, device: torch.device, repeats: int,
@@ -79,11 +80,12 @@ def fit_attention(hw: HardwareProfile, device: str, dtype: str, repeats: int = 1
     with torch_threads(1 if where.type == "cpu" else torch.get_num_threads()):
         for shape in shapes:
             fwd_s, bwd_s = _measured_s(shape, dtype, where, repeats, warmup, budget_s)
-            priced_fwd_s, priced_bwd_s = _priced_s(hw, shape, dtype)
+            priced_fwd_s, priced_redo_s, priced_bwd_s = _priced_s(hw, shape, dtype)
             forward.append((fwd_s, priced_fwd_s))
-            backward.append((bwd_s, priced_fwd_s, priced_bwd_s))
+            backward.append((bwd_s, priced_redo_s, priced_bwd_s))
     forward_scale, forward_latency_s = _line([p for _, p in forward], [m for m, _ in forward])
-    redo = [forward_scale * f + forward_latency_s for _, f, _ in backward]
+    # the redone scores matmul at the forward's scale and its half of the fixed cost (cost._op_arrays)
+    redo = [forward_scale * r + forward_latency_s / 2 for _, r, _ in backward]
     backward_scale, backward_latency_s = _line([p for _, _, p in backward],
                                                [m - r for (m, _, _), r in zip(backward, redo)])
     low, high = ATTENTION_SCALE
