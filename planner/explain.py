@@ -201,6 +201,9 @@ def communication_lines(communication: dict) -> list[str]:
     if overlap.get("host_gap_s", 0.0) > 0:
         how += (f"; each MoE block's forward waits {overlap['moe_host_gap_s'] * 1e3:.2f} ms for the host "
                 f"({overlap['host_gap_s']:.3g} s: {overlap['moe_gap_source'].split(':')[0]})")
+    if overlap.get("gemm_loss", 0.0) > 0:
+        how += (f"; GEMMs at {1 - overlap['gemm_loss']:.1%} of the fitted rate, as training runs sustain "
+                f"it ({overlap['gemm_loss_source'].split(':')[0]})")
     return [f"communication, critical stage: {', '.join(kinds) or 'none'}; {how}"]
 
 

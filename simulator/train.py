@@ -300,4 +300,5 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
                     "straggler_spread": hw.stragglers.spread, "stragglers_s": breakdown["stragglers"],
                     "straggler_source": hw.stragglers.source,
                     "moe_host_gap_s": hw.overhead.moe_host_gap_s, "host_gap_s": breakdown["host_gap"],
-                    "moe_gap_source": hw.overhead.source}}
+                    "moe_gap_source": hw.overhead.source,
+                    "gemm_loss": hw.sustained.gemm_loss, "gemm_loss_source": hw.sustained.source}}

@@ -9,6 +9,8 @@ from meshplan.hw_profiles import gemm_model
 from meshplan.hw_profiles.profile import HardwareProfile, Sustained, load_profile
 from meshplan.simulator.model_spec import ZOO
 from meshplan.simulator.plan import Cluster
+from meshplan.planner.explain import explain
+from meshplan.planner.search import search
 from meshplan.validation.published import PublishedRun, fit_sustained_loss, predict
 
 H100 = load_profile("h100-80gb")
@@ -56,3 +58,14 @@ def test_the_fit_recovers_a_known_loss_from_its_profiles_fit_half_rows_only():
     loss, terms = fit_sustained_loss(runs + [held_out, elsewhere], "h100-80gb")
     assert [t[0] for t in terms] == [run.id for run in runs] and all(0.3 < g < 1 for *_, g in terms)
     assert loss == pytest.approx(0.12, abs=0.005)
+
+
+def test_the_explanation_states_the_sustained_rate_it_assumed():
+    model, cluster, fixed = ZOO["llama-3-8b"], Cluster(8, 8), {"global_batch": 16, "seq_len": 4096}
+    found = search(model, cluster, H100, fixed)
+    text = "\n".join(explain(model, cluster, H100, found.ranked, fixed).lines())
+    assert f"GEMMs at {1 - H100.sustained.gemm_loss:.1%} of the fitted rate" in text
+    assert "--fit-sustained" in text
+    a100 = load_profile("a100-80gb")
+    found = search(model, cluster, a100, fixed)
+    assert "of the fitted rate" not in "\n".join(explain(model, cluster, a100, found.ranked, fixed).lines())
