@@ -449,8 +449,8 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     (Megatron-LM --tp-comm-overlap, torchtitan async TP) splits each TP collective and its weight GEMMs into tp pieces run
     as a pipeline: one piece of the communication stays exposed, the rest hides behind the
     GEMMs at the cost of the smaller GEMMs and the contention. CP's ring exchange hides
-    behind the attention of the current chunk (Liu et al. 2023 sec 3; the backward has 2x
-    the attention to hide behind). In the MoE layers (with SP, or without TP) the experts'
+    behind the attention of the current chunk (Liu et al. 2023 sec 3; the backward has 2.5x
+    the attention to hide behind: five matmuls against two, Op.kernel_redo). In the MoE layers (with SP, or without TP) the experts'
     half of the TP communication becomes the expert mesh's exchange (ep_comm_s), except that
     shared experts run as a TP MLP and keep theirs; nothing in its own micro-batch overlaps
     the exchange. With `a2a_overlap` (Megatron-Core --overlap-moe-expert-parallel-comm, ep > 1)
@@ -479,7 +479,7 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     split_f, split_b = np.where(overlap, st.split_fwd_s, 0.0), np.where(overlap, st.split_bwd_s, 0.0)
     cp_raw_f, cp_raw_b = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn, cp_share)
     cp_f, cp_cf = overlap_split(cp_raw_f, (cp - 1) * lay.core_s / cp, hw)
-    cp_b, cp_cb = overlap_split(cp_raw_b, (cp - 1) * 2 * lay.core_s / cp, hw)
+    cp_b, cp_cb = overlap_split(cp_raw_b, (cp - 1) * 2.5 * lay.core_s / cp, hw)
     full, op = recompute == FULL, recompute == OP
     flash_redo = lay.kernel_redo_s if flash else 0.0
     redo = (lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + split_f) * full
