@@ -12,13 +12,13 @@ the planner and `simulate` agree exactly; elsewhere the search re-ranks its best
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from meshplan.core.cpus import usable_cpus
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator import step
 from meshplan.simulator.cost import FULL, NONE, NORM_ACT, OP, ShardTimes, per_rank_profile
@@ -262,8 +262,7 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
             block = table.iloc[b * len(table) // count:(b + 1) * len(table) // count]
             block.attrs.update(table.attrs)
             blocks.append(block)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        with ThreadPoolExecutor(min(count, cores)) as pool:
+        with ThreadPoolExecutor(min(count, usable_cpus())) as pool:
             parts = list(pool.map(lambda block: _evaluate_block(block, model, hw, limit, keep), blocks))
     peak, step_s, busy = (np.concatenate(column) for column in zip(*parts))
     return Evaluation(step_s, peak, peak <= limit, limit, busy)

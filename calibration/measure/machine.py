@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from meshplan.core.cpus import usable_cpus
+
 CPUINFO = Path("/proc/cpuinfo")
 MEMINFO = Path("/proc/meminfo")
 KIB = 1024
@@ -47,8 +49,7 @@ def describe_machine() -> dict:
     return {
         "cpu_model": cpu_model(_read(CPUINFO)),
         "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
+        "usable_cpus": usable_cpus(),
         "memory_bytes": memory_bytes(_read(MEMINFO)),
         "gpu_count": len(gpus),
         "gpus": gpus,
