@@ -20,7 +20,7 @@ import numpy as np
 from meshplan.core.errors import MeshplanError
 from meshplan.core.io import write_json
 from meshplan.hw_profiles.accuracy import END_TO_END
-from meshplan.validation.published import (fit_moe_host_gap, fit_straggler_spread, fit_sustained_loss,
+from meshplan.validation.published import (VARIANTS, fit_moe_host_gap, fit_straggler_spread, fit_sustained_loss,
                                              load_runs, predict, profile_for, reserved_bytes, scaling_pairs)
 
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.fit_sustained:
         runs = load_runs()
-        for base in ("a100-80gb", "h100-80gb"):
+        for base in sorted({base for base, _, _ in VARIANTS.values()}):
             loss, terms = fit_sustained_loss(runs, base)
             for run_id, error, sensitivity in terms:
                 print(f"{run_id:46s} log(measured / predicted without it) {error:+.3f}, sensitivity {sensitivity:.2f}")
