@@ -80,14 +80,16 @@ def fit_attention(hw: HardwareProfile, device: str, dtype: str, repeats: int = 1
     with torch_threads(1 if where.type == "cpu" else torch.get_num_threads()):
         for shape in shapes:
             fwd_s, bwd_s = _measured_s(shape, dtype, where, repeats, warmup, budget_s)
-            priced_fwd_s, priced_redo_s, priced_bwd_s = _priced_s(hw, shape, dtype)
+            priced_fwd_s, _, priced_bwd_s = _priced_s(hw, shape, dtype)
             forward.append((fwd_s, priced_fwd_s))
-            backward.append((bwd_s, priced_redo_s, priced_bwd_s))
+            backward.append((bwd_s, priced_bwd_s))
     forward_scale, forward_latency_s = _line([p for _, p in forward], [m for m, _ in forward])
-    # the redone scores matmul at the forward's scale and its half of the fixed cost (cost._op_arrays)
-    redo = [forward_scale * r + forward_latency_s / 2 for _, r, _ in backward]
-    backward_scale, backward_latency_s = _line([p for _, _, p in backward],
-                                               [m - r for (m, _, _), r in zip(backward, redo)])
+    # the redone scores matmul as the cost model prices it with the fitted forward
+    fitted = replace(hw, attention=replace(hw.attention, forward_scale=forward_scale,
+                                           forward_latency_s=forward_latency_s))
+    redo = [_priced_s(fitted, shape, dtype)[1] for shape in shapes]
+    backward_scale, backward_latency_s = _line([p for _, p in backward],
+                                               [m - r for (m, _), r in zip(backward, redo)])
     low, high = ATTENTION_SCALE
     if not (low <= forward_scale <= high and low <= backward_scale <= high):
         raise ProfileError("attention", f"the fused attention kernel measured {forward_scale:.3g}x "
