@@ -1,7 +1,8 @@
 """Measure this machine into a fitted profile: samples of GEMMs, memory-bound operators and
 collectives (calibration/measure/run.py), the framework overhead of the executor's layer on
 CPU (overhead.py), and the fit (fit.py) onto the machine's base description
-(local_base.py), then the fused attention kernel against that fit (measure/attention.py).
+(local_base.py), then the fused attention kernel against that fit (measure/attention.py)
+and the rate of reading weights back from the caches (measure/cached_reads.py).
 On CPU the drift probe's own reading (probe.py) is kept with the profile, so that later
 probes compare their reading with it, like with like."""
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from meshplan.calibration.measure.attention import fit_attention
+from meshplan.calibration.measure.cached_reads import measure_cached_reads
 from meshplan.calibration.fit import fit_profile
 from meshplan.calibration.local_base import local_base
 from meshplan.calibration.measure.machine import describe_machine
@@ -23,6 +25,9 @@ from meshplan.calibration.samples import Samples
 from meshplan.core.errors import ProfileError
 from meshplan.core.host_memory import keep_freed_memory
 from meshplan.hw_profiles.profile import HardwareProfile
+
+
+QUICK_CACHED_BYTES = 2 ** 28  # a quick profile's cached reads stop at 256 MiB of working set
 
 
 def measure_profile(quick: bool, name: str, holdout: float, seed: int,
@@ -49,8 +54,9 @@ def measure_profile(quick: bool, name: str, holdout: float, seed: int,
     measured_s = time.perf_counter() - started
     # the executor computes in fp32 on CPU and bf16 on a GPU (executor.options.compute_dtype)
     started = time.perf_counter()
-    profile = replace(profile, attention=fit_attention(profile, "cuda" if cuda else "cpu",
-                                                       "bf16" if cuda else "fp32"))
+    device, dtype = ("cuda", "bf16") if cuda else ("cpu", "fp32")
+    profile = replace(profile, attention=fit_attention(profile, device, dtype),
+                      cached_reads=measure_cached_reads(device, dtype, QUICK_CACHED_BYTES if quick else 0))
     measured_s += time.perf_counter() - started
     if overhead is not None:
         profile = replace(profile, overhead=overhead,

@@ -74,3 +74,8 @@ class Mesh:
     def neighbour_pair(self, axis: str) -> Group:
         """Two ranks adjacent along `axis` (pipeline stages): inside one node or across two."""
         return Group(2, 2 if self.stride(axis) < self.gpus_per_node else 1)
+
+    def end_pair(self, axis: str) -> Group:
+        """The first and the last rank along `axis` (a pipeline's first and last stage):
+        inside one node or across two."""
+        return Group(2, 2 if self.stride(axis) * (self.size(axis) - 1) < self.gpus_per_node else 1)

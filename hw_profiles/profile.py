@@ -178,10 +178,60 @@ class FusedAttention:
     # pair (gemm_model.causal_tile_share); 1 x 1: the exact causal share.
     query_block: int = 1
     key_block: int = 1
+    # One decode step's attention (one query per sequence over its cached keys and values):
+    # a fixed cost per call plus the cache's bytes at this rate; 0: not measured, priced
+    # as its matmuls or its cache read, whichever is longer (simulator/serve.py).
+    decode_latency_s: float = 0.0
+    decode_bytes_per_s: float = 0.0
 
     def causal_share(self, seq_len: int, keys: int) -> float:
         """Share of the seq_len x keys pairs of a causal attention core this kernel computes."""
         return gemm_model.causal_tile_share(seq_len, keys, self.query_block, self.key_block)
+
+
+@dataclass(frozen=True)
+class CachedReads:
+    """GEMMs whose weights the device read moments before, as a decode step finds them: it
+    re-reads its stage's weights every step and writes little, so a small model's weights
+    come back from the caches, while the GEMM fits timed them with the cache swept.
+    Measured by `meshplan profile` (calibration/measure/cached_reads.py): seconds per weight
+    byte of a GEMM with `rows` rows, by the bytes touched between two reads of one weight
+    (the working set), in `dtype`; empty where not measured (the stock profiles, whose
+    decode streams gigabytes of weights from HBM at the GEMM fits' roofline). A working set
+    between two measured ones takes the larger's row, one beyond the table the last's; rows
+    between two measured ones interpolate, beyond the last the time grows with the rows as
+    the compute does. `step_bytes` is the working set of the step being priced (set by
+    HardwareProfile.cached, never stored)."""
+
+    working_set_bytes: tuple = ()
+    rows: tuple = ()
+    seconds_per_byte: tuple = ()   # [working set][rows]
+    latency_s: float = 0.0         # fixed cost per GEMM call
+    dtype: str = "fp32"
+    source: str = "not measured"
+    step_bytes: float | None = None
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.working_set_bytes)
+
+    def to_dict(self) -> dict:
+        return {"working_set_bytes": list(self.working_set_bytes), "rows": list(self.rows),
+                "seconds_per_byte": [list(r) for r in self.seconds_per_byte],
+                "latency_s": self.latency_s, "dtype": self.dtype, "source": self.source}
+
+    def gemm_time_s(self, m, n, k, batch, dtype_bytes: int):
+        """Time (s) of batch x ([m,k] @ [k,n]) within the working set step_bytes."""
+        i = int(np.searchsorted(np.asarray(self.working_set_bytes, dtype=float), self.step_bytes))
+        per_byte = np.asarray(self.seconds_per_byte[min(i, len(self.working_set_bytes) - 1)], dtype=float)
+        m = np.asarray(m, dtype=float)
+        last = self.rows[-1]
+        per_byte = np.where(m > last, per_byte[-1] * m / last, np.interp(m, self.rows, per_byte))
+        return self.latency_s + np.asarray(batch, dtype=float) * k * n * dtype_bytes * per_byte
+
+    def scaled(self, bandwidth: float, latency_s: float) -> CachedReads:
+        return replace(self, latency_s=self.latency_s + latency_s,
+                       seconds_per_byte=tuple(tuple(t / bandwidth for t in r) for r in self.seconds_per_byte))
 
 
 @dataclass(frozen=True)
@@ -208,6 +258,7 @@ class HardwareProfile:
     stragglers: Stragglers = Stragglers()
     attention: FusedAttention = FusedAttention()
     sustained: Sustained = Sustained()
+    cached_reads: CachedReads = CachedReads()
     # How the NICs are switched (hw_profiles/fabric.py). None (no "fabric" in the JSON): not
     # described, every group gets the inter-node bandwidth as measured (link share 1.0).
     fabric: Fabric | None = None
@@ -222,9 +273,20 @@ class HardwareProfile:
         """Time (s) of batch x ([m,k] @ [k,n]) in `dtype`; numpy-broadcast over m, n, k, batch;
         `weight_bytes` per element of [k,n] where it is stored narrower (gemm_model)."""
         dtype = self._dtype(dtype)
+        reads = self.cached_reads
+        if reads.step_bytes is not None and dtype == reads.dtype and weight_bytes is None:
+            return reads.gemm_time_s(m, n, k, batch, ELEMENT_BYTES[dtype])
         return gemm_model.gemm_time_s(self.gemm[dtype], m, n, k, batch,
                                       self.peak_flops[dtype] * (1.0 - self.sustained.gemm_loss),
                                       self.hbm_bytes_per_s, ELEMENT_BYTES[dtype], weight_bytes)
+
+    def cached(self, working_set_bytes: float) -> HardwareProfile:
+        """This profile as a step that keeps `working_set_bytes` in the device's caches sees
+        it: GEMMs in the cached reads' dtype, weights unquantized, cost what CachedReads
+        measured there. Itself where the profile has no cached reads."""
+        if not self.cached_reads.measured:
+            return self
+        return replace(self, cached_reads=replace(self.cached_reads, step_bytes=float(working_set_bytes)))
 
     def memory_bound_time_s(self, num_bytes, dtype: str = "bf16", op_class: str | None = None):
         """Time (s) of a memory-bound operator of `op_class` (gemm_model.OP_CLASSES values;
@@ -289,6 +351,7 @@ class HardwareProfile:
             gemm={d: replace(f, latency_s=f.latency_s + op_latency_s) for d, f in self.gemm.items()},
             memory_bound={d: replace(f, latency_s=f.latency_s + op_latency_s)
                           for d, f in self.memory_bound.items()},
+            cached_reads=self.cached_reads.scaled(hbm_bw, op_latency_s),
             collectives=self.collectives.scaled(intra_node_bw, inter_node_bw, collective_latency),
             overhead=self.overhead.scaled(overhead),
             sources=self.sources + (f"what-if copy of {self.name}: {tag}",),
@@ -317,6 +380,7 @@ class HardwareProfile:
             "stragglers": asdict(self.stragglers),
             "attention": asdict(self.attention),
             "sustained": asdict(self.sustained),
+            **({"cached_reads": self.cached_reads.to_dict()} if self.cached_reads.measured else {}),
             **({"fabric": self.fabric.to_dict()} if self.fabric else {}),
         }
 
@@ -350,6 +414,7 @@ class HardwareProfile:
             stragglers=r.fraction(data.get("stragglers", {}), "stragglers", Stragglers, "spread"),
             attention=r.attention(data.get("attention", {})),
             sustained=r.fraction(data.get("sustained", {}), "sustained", Sustained, "gemm_loss"),
+            cached_reads=r.cached_reads(data.get("cached_reads", {})),
             fabric=Fabric.from_dict(data["fabric"], where) if data.get("fabric") is not None
             else None)
 
@@ -472,7 +537,42 @@ class _Reader:
             self.get(data, "source", str, p),
             **{k: self.bounded(data, k, *LATENCY_S, p) for k in ("forward_latency_s", "backward_latency_s")
                if k in data},
-            **{k: self.integer(data, k, 1, p, MAX_TILE) for k in ("query_block", "key_block") if k in data})
+            **{k: self.integer(data, k, 1, p, MAX_TILE) for k in ("query_block", "key_block") if k in data},
+            **{k: self.bounded(data, k, *LATENCY_S, p) for k in ("decode_latency_s",) if k in data},
+            **{k: self.bounded(data, k, *RATE, p) for k in ("decode_bytes_per_s",) if data.get(k)})
+
+    def cached_reads(self, data) -> CachedReads:
+        """Optional section (profiles from before it: not measured): working sets and rows
+        rising, a time per byte for each pair."""
+        p = "cached_reads."
+        if not isinstance(data, dict):
+            raise ProfileError("cached_reads", f"is not an object in {self.where}", REGENERATE)
+        unknown = sorted(set(data) - set(CachedReads().to_dict()))
+        if unknown:
+            raise ProfileError(p + unknown[0], f"is unknown in {self.where}", REGENERATE)
+        if not data:
+            return CachedReads()
+        sizes, rows = (self.rising(data, name, p) for name in ("working_set_bytes", "rows"))
+        table = self.get(data, "seconds_per_byte", list, p)
+        if len(table) != len(sizes) or any(not isinstance(r, list) or len(r) != len(rows) for r in table):
+            raise ProfileError(p + "seconds_per_byte", f"is not {len(sizes)} rows of {len(rows)} times "
+                               f"(one per working set and row count) in {self.where}", REGENERATE)
+        times = tuple(tuple(self.bounded({str(j): t}, str(j), 1e-18, 1e-3, f"{p}seconds_per_byte.{i}.")
+                            for j, t in enumerate(r)) for i, r in enumerate(table))
+        dtype = self.get(data, "dtype", str, p)
+        if dtype not in DTYPES:
+            raise ProfileError(p + "dtype", f"is {dtype!r} in {self.where}, expected one of {DTYPES}", REGENERATE)
+        return CachedReads(sizes, rows, times, self.bounded(data, "latency_s", *LATENCY_S, p), dtype,
+                           self.get(data, "source", str, p))
+
+    def rising(self, data, name: str, prefix: str) -> tuple:
+        """A non-empty list of positive numbers, each larger than the one before."""
+        values = self.get(data, name, list, prefix)
+        values = [self.bounded({str(i): v}, str(i), 1.0, 1e15, f"{prefix}{name}.") for i, v in enumerate(values)]
+        if not values or any(b <= a for a, b in zip(values, values[1:])):
+            raise ProfileError(prefix + name, f"is {values} in {self.where}, expected rising numbers",
+                               REGENERATE)
+        return tuple(values)
 
     def overhead(self, data) -> FrameworkOverhead:
         """Optional section (profiles measured before it existed have none: zeros)."""

@@ -19,6 +19,10 @@ hybrid KV cache manager and windowed attention kernels do),
 and the weights may be quantized (quantize.py). The experts run over the tp x replicas ranks
 of a stage, sharded or whole (expert_parallel, vLLM's --enable-expert-parallel), with the
 replicas' tokens gathered for them (serve_experts.py).
+A decode step re-reads its stage's weights and caches every step: where the profile measured
+reads from the device's caches (HardwareProfile.cached) its GEMMs cost what they measured at
+the step's working set, and where it measured the decode attention kernel, that kernel's
+fixed cost and rate (FusedAttention.decode_bytes_per_s) price the cache read.
 Not modelled: sampling beyond a softmax over the logits, CPU scheduling, CUDA-graph launch
 savings, chunked prefill, prefix caching, continuous batching of prefill with decode.
 """
@@ -355,8 +359,14 @@ def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfi
 def _decode_attention_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
                         compute_hw: HardwareProfile, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(KV read time, FLOP time) of one layer's decode attention over `keys` cached tokens of
-    each sequence of the micro-batch."""
+    each sequence of the micro-batch; where the profile measured its decode attention kernel
+    (FusedAttention.decode_bytes_per_s), that kernel's fixed cost plus the cache's bytes at
+    its rate, as the read time."""
     b, d = plan.micro_batch, plan.dtype
+    cache_bytes = b * keys * kv_elements_per_token(model, plan.tp) * plan.kv_dtype_bytes
+    kernel = hw.attention
+    if kernel.decode_bytes_per_s:
+        return kernel.decode_latency_s + cache_bytes / kernel.decode_bytes_per_s, np.zeros_like(keys)
     if model.kv_lora_rank:
         # latent attention decodes with the up-projections absorbed into the query and the
         # output (DeepSeek-V2 sec 2.1.2; vLLM's MLA decode): every local head scores the
@@ -369,20 +379,20 @@ def _decode_attention_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfi
         kv, hd = model.num_kv_heads // plan.tp, model.head_dim
         g = model.num_heads // model.num_kv_heads
         flops_s = compute_hw.gemm_time_s(g, 2 * keys, hd, d, batch=b * kv)
-    read_s = hw.memory_bound_time_s(b * keys * kv_elements_per_token(model, plan.tp)
-                                    * plan.kv_dtype_bytes, d)
-    return read_s, flops_s
+    return hw.memory_bound_time_s(cache_bytes, d), flops_s
 
 
 @dataclass(frozen=True)
 class _Layout:
     """Where a replica runs: layers per pipeline stage, the TP group, the link between
-    adjacent stages, the replicas' group that the MoE layers gather tokens over."""
+    adjacent stages and between the last and the first, the replicas' group that the MoE
+    layers gather tokens over."""
 
     layers: tuple[int, ...]
     tp: Group
     pair: Group
     dp: Group
+    loop: Group
 
     @property
     def ranges(self) -> list[range]:
@@ -405,6 +415,14 @@ class _Layout:
         message = 2 * tokens * model.hidden_size * plan.dtype_bytes
         return hw.collective_time_s("send_recv", message, 2, self.pair.ranks_per_node)
 
+    def token_return_s(self, plan: InferencePlan, hw: HardwareProfile, sequences: int) -> float:
+        """The last stage sends each sequence's new token id (int64) back to the first, which
+        embeds it for the next decode step (vLLM's sampled tokens return through its
+        scheduler; executor/generate.py sends them rank to rank)."""
+        if plan.pp == 1:
+            return 0.0
+        return hw.collective_time_s("send_recv", 8 * sequences, 2, self.loop.ranks_per_node)
+
 
 def _layout(plan: InferencePlan, model: ModelSpec, cluster: Cluster) -> _Layout:
     """Rank placement: TP innermost, then pipeline stages, replicas outermost (each replica
@@ -412,7 +430,7 @@ def _layout(plan: InferencePlan, model: ModelSpec, cluster: Cluster) -> _Layout:
     mesh = Mesh.of({"tp": plan.tp, "pp": plan.pp, "dp": plan.replicas}, ("tp", "pp", "dp"),
                    cluster.gpus_per_node)
     return _Layout(even_partition(model.num_layers, plan.pp), mesh.group(("tp",)),
-                   mesh.neighbour_pair("pp"), mesh.group(("dp",)))
+                   mesh.neighbour_pair("pp"), mesh.group(("dp",)), mesh.end_pair("pp"))
 
 
 def _prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, at: _Layout) -> dict:
@@ -436,9 +454,10 @@ def _prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, at: _
 
 def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
               at: _Layout) -> tuple[float, dict]:
-    """(TPOT, its parts). A micro-batch's step passes every stage; each stage serves all m
-    micro-batches per step; the step period is the longer of the two. Averaged over the
-    gen_len - 1 steps (one step at prompt_len + 1 when gen_len is 1)."""
+    """(TPOT, its parts). A micro-batch's step passes every stage and its new tokens return
+    to the first; each stage serves all m micro-batches per step; the step period is the
+    longer of the two. Averaged over the gen_len - 1 steps (one step at prompt_len + 1 when
+    gen_len is 1)."""
     b = plan.micro_batch
     compute_hw = hw.scaled(hbm_bw=1e9)
     contexts = plan.prompt_len + np.arange(1, max(plan.gen_len, 2), dtype=float)
@@ -453,7 +472,7 @@ def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
         parts = {k: n * v + edges.get(k, 0.0) for k, v in layer.items()}
         stage_s.append(sum(parts.values()))
         totals = {k: totals[k] + parts[k] for k in totals}
-    handoffs = (plan.pp - 1) * at.handoff_s(model, plan, hw, b)
+    handoffs = (plan.pp - 1) * at.handoff_s(model, plan, hw, b) + at.token_return_s(plan, hw, b)
     one_pass = np.sum(stage_s, axis=0) + handoffs
     period = np.maximum(one_pass, plan.num_microbatches * np.max(stage_s, axis=0))
     parts = {k: float(np.mean(totals[k])) if k in totals else 0.0 for k in DECODE_KEYS}
@@ -469,11 +488,6 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
     hw = per_rank_profile(hw, cluster.ranks_per_node)
     served = _served(model, plan.tp)
     at = _layout(plan, served, cluster)
-    prefill = _prefill_s(served, plan, hw, at)
-    ttft = sum(prefill.values())
-    tpot, decode = _decode_s(served, plan, hw, at)
-    latency = ttft + (plan.gen_len - 1) * tpot
-
     # Memory per stage: weights, the KV cache of every sequence at its peak (full context, or
     # the window in sliding-window layers: kv_bytes_per_sequence), one prefill micro-batch's
     # transient activations.
@@ -484,6 +498,13 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
     weights = np.array([stage_params(served, plan.tp, plan.pp, n, f, la, ep, etp) * plan.dtype_bytes
                         - n * narrowed for n, f, la in at.stages], dtype=float)
     kv_seq = np.array([kv_bytes_per_sequence(model, plan, layers) for layers in at.ranges], dtype=float)
+
+    prefill = _prefill_s(served, plan, hw, at)
+    ttft = sum(prefill.values())
+    # a decode step reads its stage's weights and its sequences' caches again every step,
+    # from the caches where they hold them (HardwareProfile.cached)
+    tpot, decode = _decode_s(served, plan, hw.cached(float(np.max(weights + plan.batch * kv_seq))), at)
+    latency = ttft + (plan.gen_len - 1) * tpot
     act_seq = np.array([_activation_bytes_per_seq(served, plan, la) for _, _, la in at.stages])
     memory = weights + plan.batch * kv_seq + plan.micro_batch * act_seq
     peak = int(np.argmax(memory))

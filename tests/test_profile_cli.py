@@ -233,5 +233,7 @@ def test_quick_measurement_end_to_end(tmp_path, monkeypatch):
     assert then.collective_s > 0
     probe = compare(hw, then)
     assert (probe.gemm, probe.memory, probe.overhead, probe.collective, probe.against) == (1, 1, 1, 1, "reference")
+    # decode's cached reads and attention kernel measured with it
+    assert hw.cached_reads.working_set_bytes[-1] <= 2 ** 28 and hw.attention.decode_bytes_per_s > 0
     assert samples_path(out).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.samples.json"]

@@ -9,6 +9,12 @@ redoes (Op.kernel_redo; cost.layer_times adds that redo at the forward's price).
 through the shapes, measured = scale x priced + a fixed cost per call, is the profile's
 fit: on CPU the fused kernel runs below the batched matmuls the GEMM fits measured and
 costs a fraction of a millisecond per call, which nothing else would see.
+
+Decode attention (one query per sequence over its cached keys and values, grouped query
+heads sharing a KV head, as the executor's decode calls it) is timed at a few batches and
+cache lengths and fitted as a fixed cost plus the cache's bytes at a rate: at one query per
+sequence the kernel streams the cache, and on CPU it does so far below the memory-bound
+operators' rate.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from meshplan.calibration.measure.compute import DTYPES, time_call_s, torch_threads
+from meshplan.calibration.measure.compute import DTYPES, last_level_cache_bytes, time_call_s, torch_threads
 from meshplan.core.errors import ProfileError
 from meshplan.hw_profiles.profile import ATTENTION_SCALE, FusedAttention, HardwareProfile
 from meshplan.simulator.cost import op_times
@@ -36,6 +42,9 @@ CUDA_SHAPES = ((1, 2048, 32, 128), (1, 4096, 32, 128), (1, 8192, 16, 128))
 # tokens, measured here); FlashAttention-2's forward runs 128 x 64 tiles at head size 128 on
 # A100/H100 (csrc/flash_attn/src/flash_fwd_launch_template.h, run_mha_fwd_hdim128).
 CPU_TILES, CUDA_TILES = (256, 512), (128, 64)
+# Decode: (sequences, cached tokens, query heads, KV heads, head size).
+CPU_DECODE_SHAPES = ((1, 256, 8, 4, 32), (8, 256, 8, 4, 32), (1, 1024, 8, 4, 32), (4, 1024, 8, 2, 64))
+CUDA_DECODE_SHAPES = ((1, 4096, 32, 8, 128), (16, 4096, 32, 8, 128), (64, 2048, 32, 8, 128))
 
 
 def _priced_s(hw: HardwareProfile, shape: tuple[int, int, int, int], dtype: str) -> tuple[float, float, float]:
@@ -69,6 +78,26 @@ def _measured_s(shape: tuple[int, int, int, int], dtype: str, device: torch.devi
     return forward_s, time_call_s(step, device, repeats, warmup, budget_s)[0] - forward_s
 
 
+def _decode_measured(shape: tuple[int, int, int, int, int], dtype: str, device: torch.device,
+                     repeats: int, warmup: int, budget_s: float) -> tuple[float, float]:
+    """(seconds, cache bytes read) of one decode attention call at `shape`. A decode step
+    reads a layer's cache after the other layers' weights have passed through the device's
+    private caches, so the calls take turns over distinct caches that together fill an
+    eighth of the last-level cache: past the private caches, inside the shared one."""
+    batch, keys, heads, kv_heads, head_dim = shape
+    q = torch.randn(batch, heads, 1, head_dim, dtype=DTYPES[dtype], device=device)
+    pair_bytes = 2 * batch * kv_heads * keys * head_dim * DTYPE_BYTES[dtype]
+    caches = [[torch.randn(batch, kv_heads, keys, head_dim, dtype=DTYPES[dtype], device=device) for _ in range(2)]
+              for _ in range(max(1, last_level_cache_bytes(device) // 8 // pair_bytes))]
+    turn = iter(range(1 << 62))
+
+    def decode():
+        k, v = caches[next(turn) % len(caches)]
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != heads)
+    return time_call_s(decode, device, repeats, warmup, budget_s)[0], float(pair_bytes)
+
+
 def fit_attention(hw: HardwareProfile, device: str, dtype: str, repeats: int = 10, warmup: int = 2,
                   budget_s: float = 0.5) -> FusedAttention:
     """Measure the fused kernel on `device` (CPU: one thread, as a rank runs) in `dtype`
@@ -83,6 +112,9 @@ def fit_attention(hw: HardwareProfile, device: str, dtype: str, repeats: int = 1
             priced_fwd_s, _, priced_bwd_s = _priced_s(hw, shape, dtype)
             forward.append((fwd_s, priced_fwd_s))
             backward.append((bwd_s, priced_bwd_s))
+        decode = [_decode_measured(shape, dtype, where, repeats, warmup, budget_s)
+                  for shape in (CUDA_DECODE_SHAPES if where.type == "cuda" else CPU_DECODE_SHAPES)]
+    seconds_per_byte, decode_latency_s = _line([b for _, b in decode], [t for t, _ in decode])
     forward_scale, forward_latency_s = _line([p for _, p in forward], [m for m, _ in forward])
     # the redone scores matmul as the cost model prices it with the fitted forward
     fitted = replace(hw, attention=replace(hw.attention, forward_scale=forward_scale,
@@ -100,7 +132,9 @@ def fit_attention(hw: HardwareProfile, device: str, dtype: str, repeats: int = 1
     return FusedAttention(forward_scale, backward_scale,
                           f"calibration/measure/attention.py: causal scaled_dot_product_attention, {dtype}, "
                           f"torch {torch.__version__} on {device}, fitted over {sizes}; "
-                          f"{tiles[0]} x {tiles[1]} tiles", forward_latency_s, backward_latency_s, *tiles)
+                          f"{tiles[0]} x {tiles[1]} tiles; decode over cached keys fitted as a fixed cost "
+                          f"plus the cache's bytes", forward_latency_s, backward_latency_s, *tiles,
+                          decode_latency_s, 1.0 / seconds_per_byte)
 
 
 def _line(priced_s: list[float], measured_s: list[float]) -> tuple[float, float]:

@@ -1,0 +1,84 @@
+"""GEMMs whose weights the device read moments before, by the bytes touched in between
+(hw_profiles.profile.CachedReads).
+
+A decode step reads its stage's weights, then the next step reads the same weights again;
+whether they come back from a cache or from memory depends on how many bytes the step
+touches. Measured the way a decode step reads: [rows, k] @ [k, n] GEMMs (the decode of
+`rows` sequences) over distinct weight matrices in turn, as many as make up the working set,
+the whole round repeated. The time per call, less the per-call cost of a GEMM whose operands
+sit in the first-level cache, divided by the matrix's bytes, is the time per weight byte at
+that working set and row count: the weight's read from wherever it stays, and the
+multiply-adds, which do not fully overlap it (on one CPU core 16 rows take 1.7x one row's
+time at a 16 MiB working set, where the multiply-adds alone take 1.1x). Working sets double
+from one matrix up to past the last-level cache.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from meshplan.calibration.measure.compute import DTYPES, last_level_cache_bytes, torch_threads
+from meshplan.hw_profiles.gemm_model import DTYPE_BYTES
+from meshplan.hw_profiles.profile import CachedReads
+
+SIDE = 512               # each weight matrix is SIDE x SIDE (1 MiB in fp32)
+ROWS = (1, 4, 16, 64)    # sequences per decode GEMM
+TINY = 16                # the first-level-cache GEMM whose time is the per-call cost
+ROUNDS = 5               # rounds over the working set; the median round is kept
+CALLS_PER_POINT = 64     # at least this many calls per point (small sets take more rounds)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _per_call_s(x: torch.Tensor, weights: list[torch.Tensor], device: torch.device) -> float:
+    """Median over ROUNDS of the seconds per GEMM of x @ w over every w in turn."""
+    passes = max(1, -(-CALLS_PER_POINT // len(weights)))
+    for w in weights:  # one untimed round brings them to where a step finds them
+        torch.matmul(x, w)
+    times = []
+    for _ in range(ROUNDS):
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(passes):
+            for w in weights:
+                torch.matmul(x, w)
+        _synchronize(device)
+        times.append((time.perf_counter() - start) / (passes * len(weights)))
+    return statistics.median(times)
+
+
+def measure_cached_reads(device: str | torch.device, dtype: str, max_working_set_bytes: int = 0) -> CachedReads:
+    """The device's CachedReads in `dtype` (on CPU with one thread, as a rank runs), working
+    sets from one SIDE x SIDE matrix doubling to twice the last-level cache (or to
+    `max_working_set_bytes` where given, or 256 MiB where the cache size is unknown)."""
+    device = torch.device(device)
+    with torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+        return _measure(device, dtype, max_working_set_bytes)
+
+
+def _measure(device: torch.device, dtype: str, max_working_set_bytes: int) -> CachedReads:
+    t = DTYPES[dtype]
+    matrix_bytes = SIDE * SIDE * DTYPE_BYTES[dtype]
+    top = max_working_set_bytes or 2 * last_level_cache_bytes(device) or 2 ** 28
+    inputs = [torch.randn(rows, SIDE, dtype=t, device=device) for rows in ROWS]
+    latency_s = _per_call_s(inputs[0][:, :TINY], [torch.randn(TINY, TINY, dtype=t, device=device)], device)
+    sizes, table, count = [], [], 1
+    weights = [torch.randn(SIDE, SIDE, dtype=t, device=device)]
+    while True:
+        sizes.append(float(count * matrix_bytes))
+        table.append(tuple(max(_per_call_s(x, weights, device) - latency_s, 1e-12) / matrix_bytes
+                           for x in inputs))
+        if count * matrix_bytes >= top:
+            break
+        weights += [torch.randn(SIDE, SIDE, dtype=t, device=device) for _ in range(count)]
+        count *= 2
+    return CachedReads(tuple(sizes), tuple(float(r) for r in ROWS), tuple(table), latency_s, dtype,
+                       f"calibration/measure/cached_reads.py: [{'/'.join(map(str, ROWS))}, {SIDE}] @ "
+                       f"[{SIDE}, {SIDE}] {dtype} over distinct weights, working sets "
+                       f"{sizes[0] / 2 ** 20:g}-{sizes[-1] / 2 ** 20:g} MiB, torch {torch.__version__} "
+                       f"on {device.type}")
