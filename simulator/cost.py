@@ -61,8 +61,9 @@ class OpTimes:
     forward and backward time of the GEMMs with a weight (the ones tensor-parallel
     communication can overlap with), and the forward and whole backward time of the ops
     between the MoE dispatch and combine (Op.routed), and the forward time per-op selective
-    AC redoes (Op.sac_redo) and recompute norm_act redoes (Op.module_redo), and the forward
-    time the fused attention kernel's backward runs again (Op.kernel_redo)."""
+    AC redoes (Op.sac_redo) and recompute norm_act redoes (Op.module_redo), the forward
+    time the fused attention kernel's backward runs again (Op.kernel_redo), and the
+    attention core's backward beyond that redo."""
 
     fwd_s: np.ndarray
     bwd_input_s: np.ndarray
@@ -76,6 +77,7 @@ class OpTimes:
     sac_redo_s: np.ndarray
     module_redo_s: np.ndarray
     kernel_redo_s: np.ndarray
+    core_bwd_s: np.ndarray
 
 
 def compute_dtype(dtype: str) -> str:
@@ -156,7 +158,8 @@ def op_times(op_lists: list[tuple[Op, ...]], hw: HardwareProfile, dtype: str) ->
                    total(np.where(g, flops, 0.0)), total(np.where(weighted, fwd, 0.0)),
                    total(np.where(weighted, bwd_in + bwd_w, 0.0)), total(np.where(routed, fwd, 0.0)),
                    total(np.where(routed, bwd_in + bwd_w, 0.0)), total(fwd * sac),
-                   total(np.where(module, fwd, 0.0)), total(np.where(kernel, fwd, 0.0)))
+                   total(np.where(module, fwd, 0.0)), total(np.where(kernel, fwd, 0.0)),
+                   total(np.where(core, bwd_in + bwd_w, 0.0)))
 
 
 def collective_s(hw: HardwareProfile, kind: str, message_bytes, size, ranks_per_node,
@@ -449,8 +452,9 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     (Megatron-LM --tp-comm-overlap, torchtitan async TP) splits each TP collective and its weight GEMMs into tp pieces run
     as a pipeline: one piece of the communication stays exposed, the rest hides behind the
     GEMMs at the cost of the smaller GEMMs and the contention. CP's ring exchange hides
-    behind the attention of the current chunk (Liu et al. 2023 sec 3; the backward has 2.5x
-    the attention to hide behind: five matmuls against two, Op.kernel_redo). In the MoE layers (with SP, or without TP) the experts'
+    behind the attention of the current chunk (Liu et al. 2023 sec 3), in backward behind the
+    core's backward with the scores the fused kernel redoes (five matmuls against the
+    forward's two, Op.kernel_redo). In the MoE layers (with SP, or without TP) the experts'
     half of the TP communication becomes the expert mesh's exchange (ep_comm_s), except that
     shared experts run as a TP MLP and keep theirs; nothing in its own micro-batch overlaps
     the exchange. With `a2a_overlap` (Megatron-Core --overlap-moe-expert-parallel-comm, ep > 1)
@@ -478,10 +482,10 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)
     split_f, split_b = np.where(overlap, st.split_fwd_s, 0.0), np.where(overlap, st.split_bwd_s, 0.0)
     cp_raw_f, cp_raw_b = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn, cp_share)
-    cp_f, cp_cf = overlap_split(cp_raw_f, (cp - 1) * lay.core_s / cp, hw)
-    cp_b, cp_cb = overlap_split(cp_raw_b, (cp - 1) * 2.5 * lay.core_s / cp, hw)
-    full, op = recompute == FULL, recompute == OP
     flash_redo = lay.kernel_redo_s if flash else 0.0
+    cp_f, cp_cf = overlap_split(cp_raw_f, (cp - 1) * lay.core_s / cp, hw)
+    cp_b, cp_cb = overlap_split(cp_raw_b, (cp - 1) * (lay.core_bwd_s + flash_redo) / cp, hw)
+    full, op = recompute == FULL, recompute == OP
     redo = (lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + split_f) * full
             + lay.sac_redo_s * op + lay.module_redo_s * (recompute == NORM_ACT))
     # per-op selective AC saves reduce-scatter outputs, so it redoes SP's all-gathers (half

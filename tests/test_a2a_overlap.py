@@ -92,8 +92,8 @@ def _shard(fwd, bwd_in, bwd_w, routed_f, routed_b) -> ShardTimes:
     """One layer's times by hand (no embedding, head or TP splitting)."""
     def times(*values):
         return OpTimes(*(np.array([x], dtype=float) for x in values))
-    zero = times(*[0.0] * 12)
-    return ShardTimes(times(fwd, bwd_in, bwd_w, 0, 0, 0, 0, routed_f, routed_b, 0, 0, 0), zero, zero,
+    zero = times(*[0.0] * 13)
+    return ShardTimes(times(fwd, bwd_in, bwd_w, 0, 0, 0, 0, routed_f, routed_b, 0, 0, 0, 0), zero, zero,
                       np.zeros(1), np.zeros(1))
 
 

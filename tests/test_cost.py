@@ -1,15 +1,16 @@
 """Cost-model pieces against hand computations."""
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.core.mesh import Group
 from meshplan.hw_profiles.profile import Contention
 from meshplan.simulator.cost import (FULL, NONE, layer_times, overlap_split, per_rank_profile,
-                                     shard_times, tp_comm_s)
+                                     shard_times, tp_comm_s, _op_arrays)
 from meshplan.simulator.model_spec import ZOO
-from meshplan.simulator.ops import Shard
+from meshplan.simulator.ops import Shard, layer_ops
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
 
@@ -130,3 +131,28 @@ def test_ranks_beyond_cores_share_compute():
     assert shared.gemm_time_s(4096, 4096, 4096, "bf16") == pytest.approx(
         2 * cpu.gemm_time_s(4096, 4096, 4096, "bf16"), rel=0.05)
     assert shared.collective_time_s("all_reduce", 2 ** 20, 4, 4) == cpu.collective_time_s("all_reduce", 2 ** 20, 4, 4)
+
+
+def test_ring_exchange_hides_behind_the_attention_it_runs_beside():
+    """CP's exchange per chunk hides behind the attention of the chunk in hand: in forward
+    the core's two matmuls, in backward its gradients with the scores the fused kernel
+    redoes (five matmuls against two); a slow link leaves the rest exposed."""
+    model, cp = ZOO["llama-3-8b"], 4
+    shard = Shard(1, 32768 // cp, cp=cp, flash=True)
+    st = shard_times(model, A100, [shard], "bf16")
+    core = [op for op in layer_ops(model, shard) if op.attention_core]
+    fwd, bwd_in, bwd_w, _ = _op_arrays(core, A100, "bf16")
+    redo = sum(f for op, f in zip(core, fwd) if op.kernel_redo)
+    assert st.layer.core_bwd_s[0] == pytest.approx(bwd_in.sum() + bwd_w.sum())
+    slow = replace(A100, contention=replace(A100.contention, compute_slowdown=0.0))
+    slow = slow.scaled(inter_node_bw=0.01)  # an exchange longer than the attention
+    lt = layer_times(model, slow, shard_times(model, slow, [shard], "bf16"), shard.tokens, 2, 1, False, cp,
+                     NONE, 8, 1, flash=True, tp_overlap=False)
+    hidden_f = (cp - 1) / cp * fwd.sum()
+    hidden_b = (cp - 1) / cp * (bwd_in.sum() + bwd_w.sum() + redo)
+    fwd_exposed, fwd_raw, bwd_exposed, bwd_raw = (float(np.ravel(x)[0]) for x in (
+        lt.cp_fwd_s, lt.cp_raw_fwd_s, lt.cp_bwd_s, lt.cp_raw_bwd_s))
+    assert fwd_raw > hidden_f and bwd_raw > hidden_b
+    assert fwd_exposed == pytest.approx(fwd_raw - hidden_f, rel=1e-9)
+    assert bwd_exposed == pytest.approx(bwd_raw - hidden_b, rel=1e-9)
+    assert 2.3 < hidden_b / hidden_f < 2.7  # five matmuls against two, at the kernel's scales
