@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from meshplan.core.units import GIB
+from meshplan.core.units import GIB, rate_text
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import MeshplanError, PlanError
 from meshplan.simulator.quantize import QUANTIZATIONS
@@ -174,7 +174,7 @@ def _describe(plan: InferencePlan, result: InferenceResult) -> str:
     weights = "" if plan.quantization == "none" else f" {plan.quantization}"
     experts = " expert-parallel" if plan.expert_parallel else ""
     return (f"tp {plan.tp} pp {plan.pp} replicas {plan.replicas} batch {plan.batch}{weights}{experts}: "
-            f"{rate:,.0f} tok/s ({rate / plan.num_gpus:,.0f}/GPU), TTFT {result.ttft_s * 1e3:,.1f} ms, "
+            f"{rate_text(rate)} tok/s ({rate_text(rate / plan.num_gpus)}/GPU), TTFT {result.ttft_s * 1e3:,.1f} ms, "
             f"TPOT {result.tpot_s * 1e3:.2f} ms, "
             f"{result.peak_memory_bytes / GIB:.1f} of {result.memory_limit_bytes / GIB:.1f} GiB")
 

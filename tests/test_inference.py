@@ -193,3 +193,8 @@ def test_plan_fields_and_round_trip():
     for key in ("ttft_s", "tpot_s", "latency_s", "throughput_tokens_per_s", "kv_cache_bytes",
                 "peak_memory_bytes", "max_batch", "fits", "plan", "breakdown"):
         assert key in out
+
+
+def test_slow_rates_print_with_their_digits():
+    from meshplan.core.units import rate_text
+    assert rate_text(0.3875) == "0.388" and rate_text(42.17) == "42.2" and rate_text(123456.7) == "123,457"

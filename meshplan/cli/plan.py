@@ -9,7 +9,7 @@ from meshplan.cli import common as common
 from meshplan.cli.simulate import params_text
 from meshplan.core.io import dump_json
 from meshplan.core.errors import PlanError
-from meshplan.core.units import GIB
+from meshplan.core.units import GIB, rate_text
 from meshplan.planner import launch_scripts
 
 
@@ -257,8 +257,8 @@ def run_inference(args: argparse.Namespace) -> int:
         table.add_row(str(i), str(plan.tp), str(plan.pp), str(plan.replicas),
                       "yes" if plan.expert_parallel else "-", str(plan.batch),
                       f"{data['ttft_s'] * 1e3:.1f}", f"{data['tpot_s'] * 1e3:.2f}",
-                      f"{data['throughput_tokens_per_s']:,.0f}",
-                      f"{data['throughput_tokens_per_s'] / cluster.num_gpus:,.0f}",
+                      rate_text(data['throughput_tokens_per_s']),
+                      rate_text(data['throughput_tokens_per_s'] / cluster.num_gpus),
                       f"{data['peak_memory_bytes'] / GIB:.1f}")
     console = Console()
     console.print(table)

@@ -10,6 +10,7 @@ from pathlib import Path
 from meshplan.cli import common as common
 from meshplan.core.io import dump_json, write_atomic
 from meshplan.core.progress import wanted
+from meshplan.core.units import rate_text
 from meshplan.planner import launch_scripts
 from meshplan.simulator.plan import Cluster
 
@@ -268,12 +269,14 @@ def print_inference_summary(record, rescaled=None) -> None:
     prediction_columns(table, rescaled)
 
     def fmt(value, scale=1.0, spec=".2f"):
-        return "n/a" if value is None else format(value * scale, spec)
+        if value is None:
+            return "n/a"
+        return spec(value * scale) if callable(spec) else format(value * scale, spec)
 
     rows = (("time to first token (ms)", "ttft_s", 1e3, ".2f"),
             ("time per output token (ms)", "tpot_s", 1e3, ".3f"),
             ("latency (s)", "latency_s", 1.0, ".3f"),
-            ("throughput (generated tokens/s)", "throughput_tokens_per_s", 1.0, ",.0f"),
+            ("throughput (generated tokens/s)", "throughput_tokens_per_s", 1.0, rate_text),
             ("weights per rank (MiB)", "weights_bytes", 1 / mib, ".2f"),
             ("KV cache per rank (MiB)", "kv_cache_bytes", 1 / mib, ".2f"),
             ("peak memory (MiB)", "peak_memory_bytes", 1 / mib, ".2f"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meshplan.core.units import GIB
+from meshplan.core.units import GIB, rate_text
 from meshplan.cli import common as common
 from meshplan.core.io import dump_json
 
@@ -88,7 +88,7 @@ def print_inference_summary(data: dict, model_name: str, hardware: str) -> None:
             ("time to first token", f"{data['ttft_s'] * 1e3:.1f} ms"),
             ("time per output token", f"{data['tpot_s'] * 1e3:.2f} ms"),
             ("latency (prompt + all tokens)", f"{data['latency_s']:.2f} s"),
-            ("throughput", f"{data['throughput_tokens_per_s']:,.0f} generated tokens/s"),
+            ("throughput", f"{rate_text(data['throughput_tokens_per_s'])} generated tokens/s"),
             ("KV cache per device", f"{data['kv_cache_bytes'] / GIB:.2f} GiB"),
             ("peak memory", f"{data['peak_memory_bytes'] / GIB:.1f} GiB "
                             f"({'fits' if data['fits'] else 'DOES NOT FIT'}); max batch {data['max_batch']}"))
@@ -118,7 +118,7 @@ def print_summary(result) -> None:
     rows = (("parameters", params_text(result.model.num_params(), result.model.num_params(active=True))),
             ("plan", knobs),
             ("step time", f"{result.step_time_s:.3f} s  (error band ±{lo:.0%} median, ±{hi:.0%} p95)"),
-            ("throughput", f"{result.tokens_per_s:,.0f} tokens/s"),
+            ("throughput", f"{rate_text(result.tokens_per_s)} tokens/s"),
             ("model TFLOP/s per GPU", f"{result.model_tflops_per_gpu:.1f}  (MFU {result.mfu:.1%})"),
             ("peak memory", f"{result.peak_memory_bytes / gib:.1f} GiB of {result.memory_limit_bytes / gib:.1f}"
                             f" GiB usable  ({'fits' if result.fits else 'DOES NOT FIT'})"))
