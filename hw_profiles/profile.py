@@ -329,7 +329,8 @@ class HardwareProfile:
                inter_node_bw: float = 1.0, memory: float = 1.0, op_latency_s: float = 0.0,
                collective_latency: float = 1.0, overhead: float = 1.0) -> HardwareProfile:
         """What-if (or refitted, or probe-rescaled) copy: peak FLOP/s, HBM bandwidth (GEMM
-        memory term and memory-bound ops), intra- and inter-node bus bandwidth, memory
+        memory term, memory-bound ops, cached reads, decode attention's cache read), intra-
+        and inter-node bus bandwidth, memory
         capacity, the collectives' latency and the host overhead per layer multiplied by the
         factors; op_latency_s added to every GEMM's and memory-bound op's fixed cost
         (framework dispatch per operator)."""
@@ -352,6 +353,7 @@ class HardwareProfile:
             memory_bound={d: replace(f, latency_s=f.latency_s + op_latency_s)
                           for d, f in self.memory_bound.items()},
             cached_reads=self.cached_reads.scaled(hbm_bw, op_latency_s),
+            attention=replace(self.attention, decode_bytes_per_s=self.attention.decode_bytes_per_s * hbm_bw),
             collectives=self.collectives.scaled(intra_node_bw, inter_node_bw, collective_latency),
             overhead=self.overhead.scaled(overhead),
             sources=self.sources + (f"what-if copy of {self.name}: {tag}",),

@@ -57,6 +57,7 @@ def test_cached_view_prices_only_its_dtype_and_unquantized_weights():
 def test_scaled_bandwidth_and_latency_reach_the_table():
     slow = LOCAL.scaled(hbm_bw=0.5, op_latency_s=1e-6).cached(1 * MIB)
     assert slow.gemm_time_s(1, 512, 256, "fp32") == pytest.approx(3e-6 + 256 * 512 * 4 * 2e-11)
+    assert slow.attention.decode_bytes_per_s == pytest.approx(LOCAL.attention.decode_bytes_per_s / 2)
 
 
 def test_file_round_trip_and_checks(tmp_path):
