@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from meshplan.core.units import GIB, rate_text
+from meshplan.core.units import GIB, MIB, rate_text
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import MeshplanError, PlanError
 from meshplan.simulator.quantize import QUANTIZATIONS
@@ -216,6 +216,9 @@ def explain_inference(search: InferenceSearch) -> str:
     lines = [f"winner ({search.objective}): {_describe(plan, result)}",
              f"  decode step: {_shares(result.breakdown['decode_step_s'], result.tpot_s)}",
              f"  prefill: {_shares(result.breakdown['prefill_s'], result.ttft_s)}"]
+    if result.decode_cached:
+        lines.append(f"  decode GEMMs priced as this profile measured weights read back within a "
+                     f"{result.decode_working_set_bytes / MIB:,.1f} MiB working set, the step's")
     runner_up = search.ranked[1] if len(search) > 1 else None
     other = next((c for c in search.ranked[1:] if _layout(c[0]) != _layout(plan)), None)
     for label, pick in (("runner-up", runner_up), ("best other layout", other)):

@@ -203,6 +203,10 @@ class InferenceResult:
     fits: bool
     breakdown: dict
     error_band: tuple[float, float] = (0.0, 0.0)
+    # bytes a decode step touches on its busiest device (weights and caches), and whether its
+    # GEMMs were priced as read back from the device's caches (HardwareProfile.cached)
+    decode_working_set_bytes: float = 0.0
+    decode_cached: bool = False
 
     def to_json(self) -> dict:
         return {
@@ -216,6 +220,7 @@ class InferenceResult:
             "memory_limit_bytes": self.memory_limit_bytes, "max_batch": self.max_batch,
             "fits": self.fits, "breakdown": {k: dict(v) for k, v in self.breakdown.items()},
             "error_band": {"median_rel": self.error_band[0], "p95_rel": self.error_band[1]},
+            "decode_working_set_bytes": self.decode_working_set_bytes, "decode_cached": self.decode_cached,
             "plan": self.plan.to_dict(), "model": self.model.to_dict(),
             "cluster": {"num_gpus": self.cluster.num_gpus,
                         "gpus_per_node": self.cluster.gpus_per_node},
@@ -503,7 +508,8 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
     ttft = sum(prefill.values())
     # a decode step reads its stage's weights and its sequences' caches again every step,
     # from the caches where they hold them (HardwareProfile.cached)
-    tpot, decode = _decode_s(served, plan, hw.cached(float(np.max(weights + plan.batch * kv_seq))), at)
+    working_set = float(np.max(weights + plan.batch * kv_seq))
+    tpot, decode = _decode_s(served, plan, hw.cached(working_set), at)
     latency = ttft + (plan.gen_len - 1) * tpot
     act_seq = np.array([_activation_bytes_per_seq(served, plan, la) for _, _, la in at.stages])
     memory = weights + plan.batch * kv_seq + plan.micro_batch * act_seq
@@ -516,4 +522,6 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
         kv_cache_bytes=float(plan.batch * kv_seq[peak]), weights_bytes=float(weights[peak]),
         peak_memory_bytes=float(memory[peak]), memory_limit_bytes=limit, max_batch=max_batch,
         fits=bool(memory[peak] <= limit), error_band=hw.relative_error_band(),
-        breakdown={"prefill_s": prefill, "decode_step_s": decode})
+        breakdown={"prefill_s": prefill, "decode_step_s": decode}, decode_working_set_bytes=working_set,
+        decode_cached=(hw.cached_reads.measured and plan.dtype == hw.cached_reads.dtype
+                       and plan.quantization == "none"))

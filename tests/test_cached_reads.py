@@ -118,3 +118,11 @@ def test_measurement_on_this_machine():
         assert all(t > 0 for t in row)
         assert row[-1] > row[0]  # 64 rows do 64x the multiply-adds of one over the same bytes
     HardwareProfile.from_dict({**LOCAL.to_dict(), "cached_reads": reads.to_dict()})  # a valid section
+
+
+def test_result_says_when_decode_was_priced_from_cached_reads():
+    r = simulate(LOCAL)
+    assert r.decode_cached and r.decode_working_set_bytes == pytest.approx(r.weights_bytes + r.kv_cache_bytes)
+    assert not simulate(LOCAL, dtype="bf16").decode_cached  # measured in fp32 only
+    assert not simulate(LOCAL, quantization="int8").decode_cached  # narrower weights: the GEMM fits
+    assert not simulate(STOCK).decode_cached
