@@ -7,6 +7,8 @@ collective per intra-node group size or inter-node ranks per node): measured vs 
 the points the fit used and the held-out ones ("held_out_rows" of fit_report) marked apart;
 then the fit table (build_stock.fit_table). The samples are the `.samples.json` beside the
 profile, or for a stock profile Vidur's data rebuilt through hw_profiles.vidur_import.
+Where the profile measured decode GEMMs on cached weights (CachedReads), their read rate
+against the working set, one line per row count.
 """
 from __future__ import annotations
 
@@ -119,6 +121,24 @@ def quantity_figure(quantity: str, points: pd.DataFrame) -> go.Figure:
     return fig
 
 
+CACHED_ANCHOR = "cached-reads"
+
+
+def cached_reads_figure(profile: HardwareProfile) -> go.Figure:
+    """The weight read rate of decode GEMMs of each measured row count (1 / the table's
+    seconds per byte; the per-call cost is apart), by working set."""
+    reads = profile.cached_reads
+    fig = go.Figure()
+    sizes_mib = np.asarray(reads.working_set_bytes) / 2 ** 20
+    for j, rows in enumerate(reads.rows):
+        rate = [1e-9 / row[j] for row in reads.seconds_per_byte]
+        fig.add_trace(go.Scatter(x=sizes_mib, y=rate, mode="lines+markers", name=f"{rows:g}-row GEMMs"))
+    fig.update_xaxes(type="log", title="working set (MiB)")
+    fig.update_yaxes(title="weight read (GB/s)")
+    fig.update_layout(height=380, margin=dict(t=30))
+    return fig
+
+
 def _anchor(quantity: str) -> str:
     return "q-" + re.sub(r"[^A-Za-z0-9]+", "-", quantity)
 
@@ -149,4 +169,10 @@ def report_html(profile: HardwareProfile, samples: Samples,
             continue
         body.append((quantity_figure(quantity, points), _anchor(quantity) + "-plot"))
         plotted.append(quantity)
+    reads = profile.cached_reads
+    if reads.measured:
+        body += [f'<h2 id="{CACHED_ANCHOR}">decode GEMMs on cached weights ({html.escape(reads.dtype)})</h2>',
+                 f"<p>{html.escape(reads.source)}; {reads.latency_s * 1e6:.2f} us per call besides. A "
+                 "decode step's GEMMs are priced at its working set (its weights and KV cache).</p>",
+                 (cached_reads_figure(profile), CACHED_ANCHOR + "-plot")]
     return page(f"meshplan calibration report: {profile.name}", body), plotted

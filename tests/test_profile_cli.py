@@ -106,6 +106,9 @@ def test_report_of_the_committed_local_profile(tmp_path):
         assert f'id="{anchor}"' in page and f'id="{anchor}-plot"' in page, q
     assert page.count("plotly.js v") >= 1  # the library is inlined: the page opens offline
     assert '"name":"held-out' in page.replace(" ", "") and '"name":"fitted' in page.replace(" ", "")
+    # the decode GEMMs' cached reads, one line per row count measured
+    assert 'id="cached-reads"' in page and 'id="cached-reads-plot"' in page
+    assert all(f'"name":"{rows:g}-row GEMMs"' in page for rows in hw.cached_reads.rows)
 
 
 def test_report_without_samples_names_the_missing_file(tmp_path):
