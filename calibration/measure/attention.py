@@ -18,6 +18,7 @@ operators' rate.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -89,10 +90,10 @@ def _decode_measured(shape: tuple[int, int, int, int, int], dtype: str, device: 
     pair_bytes = 2 * batch * kv_heads * keys * head_dim * DTYPE_BYTES[dtype]
     caches = [[torch.randn(batch, kv_heads, keys, head_dim, dtype=DTYPES[dtype], device=device) for _ in range(2)]
               for _ in range(max(1, last_level_cache_bytes(device) // 8 // pair_bytes))]
-    turn = iter(range(1 << 62))
+    turn = itertools.cycle(caches)
 
     def decode():
-        k, v = caches[next(turn) % len(caches)]
+        k, v = next(turn)
         with torch.no_grad():
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != heads)
     return time_call_s(decode, device, repeats, warmup, budget_s)[0], float(pair_bytes)
