@@ -24,6 +24,7 @@ from meshplan.calibration.probe import REFERENCE_KEY, measure as probe
 from meshplan.calibration.samples import Samples
 from meshplan.core.errors import ProfileError
 from meshplan.core.host_memory import keep_freed_memory
+from meshplan.core.progress import progress_bar
 from meshplan.hw_profiles.profile import HardwareProfile
 
 
@@ -45,19 +46,30 @@ def measure_profile(quick: bool, name: str, holdout: float, seed: int,
     with tempfile.TemporaryDirectory(prefix="meshplan-profile-") as tmp:
         samples, machine = measure_machine(quick, Path(tmp) / "samples.json", progress=progress)
     profile = fit_profile(samples, local_base(samples, machine, name), holdout, seed)
-    # On a GPU the host queues kernels ahead of the device: its overhead is not on the path.
-    # On CPU the fitted collectives price those inside the overhead's two-rank probe.
-    overhead = None if cuda else measure_overhead(profile, repeats=15 if quick else 40)
-    reference = None if cuda else probe(collective=machine["usable_cpus"] >= 2)
-    slowdown = None if cuda else neighbour_slowdown(min(machine["usable_cpus"], CPU_MAX_WORLD),
-                                                    rounds=2 if quick else 3)
-    measured_s = time.perf_counter() - started
+    overhead = reference = slowdown = None
     # the executor computes in fp32 on CPU and bf16 on a GPU (executor.options.compute_dtype)
-    started = time.perf_counter()
     device, dtype = ("cuda", "bf16") if cuda else ("cpu", "fp32")
-    profile = replace(profile, attention=fit_attention(profile, device, dtype),
-                      cached_reads=measure_cached_reads(device, dtype, QUICK_CACHED_BYTES if quick else 0))
-    measured_s += time.perf_counter() - started
+    with progress_bar(2 if cuda else 5, "calibrating", progress) as bar:
+        # On a GPU the host queues kernels ahead of the device: its overhead is not on the
+        # path. On CPU the fitted collectives price those inside the overhead's two-rank probe.
+        if not cuda:
+            bar.describe("calibrating: host overhead")
+            overhead = measure_overhead(profile, repeats=15 if quick else 40)
+            bar.advance()
+            bar.describe("calibrating: drift probe")
+            reference = probe(collective=machine["usable_cpus"] >= 2)
+            bar.advance()
+            bar.describe("calibrating: busy neighbours")
+            slowdown = neighbour_slowdown(min(machine["usable_cpus"], CPU_MAX_WORLD), rounds=2 if quick else 3)
+            bar.advance()
+        bar.describe("calibrating: fused attention")
+        attention = fit_attention(profile, device, dtype)
+        bar.advance()
+        bar.describe("calibrating: cached reads")
+        cached_reads = measure_cached_reads(device, dtype, QUICK_CACHED_BYTES if quick else 0)
+        bar.advance()
+    profile = replace(profile, attention=attention, cached_reads=cached_reads)
+    measured_s = time.perf_counter() - started
     if overhead is not None:
         profile = replace(profile, overhead=overhead,
                           extra={**profile.extra, REFERENCE_KEY: reference.to_json(),
