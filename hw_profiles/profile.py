@@ -215,6 +215,11 @@ class CachedReads:
     def measured(self) -> bool:
         return bool(self.working_set_bytes)
 
+    def prices(self, dtype: str, weight_bytes=None) -> bool:
+        """Whether this table prices GEMMs in `dtype` with weights stored at `weight_bytes`
+        (None: unquantized): measured, in its dtype, weights as measured."""
+        return self.measured and dtype == self.dtype and weight_bytes is None
+
     def to_dict(self) -> dict:
         return {"working_set_bytes": list(self.working_set_bytes), "rows": list(self.rows),
                 "seconds_per_byte": [list(r) for r in self.seconds_per_byte],
@@ -274,7 +279,7 @@ class HardwareProfile:
         `weight_bytes` per element of [k,n] where it is stored narrower (gemm_model)."""
         dtype = self._dtype(dtype)
         reads = self.cached_reads
-        if reads.step_bytes is not None and dtype == reads.dtype and weight_bytes is None:
+        if reads.step_bytes is not None and reads.prices(dtype, weight_bytes):
             return reads.gemm_time_s(m, n, k, batch, ELEMENT_BYTES[dtype])
         return gemm_model.gemm_time_s(self.gemm[dtype], m, n, k, batch,
                                       self.peak_flops[dtype] * (1.0 - self.sustained.gemm_loss),

@@ -523,5 +523,4 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
         peak_memory_bytes=float(memory[peak]), memory_limit_bytes=limit, max_batch=max_batch,
         fits=bool(memory[peak] <= limit), error_band=hw.relative_error_band(),
         breakdown={"prefill_s": prefill, "decode_step_s": decode}, decode_working_set_bytes=working_set,
-        decode_cached=(hw.cached_reads.measured and plan.dtype == hw.cached_reads.dtype
-                       and plan.quantization == "none"))
+        decode_cached=hw.cached_reads.prices(plan.dtype, None if plan.quantization == "none" else plan.weight_bytes))
