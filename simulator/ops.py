@@ -21,6 +21,7 @@ left out) and Megatron-Core with Transformer Engine (TE Linear layers only) run 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from meshplan.simulator.model_spec import LayerKind, ModelSpec
@@ -380,8 +381,10 @@ def layer_kind_ops(model: ModelSpec, shard: Shard, kind: LayerKind) -> tuple[Op,
                          sac_redo=share) for op, share in zip(ops, op_sac(model, shard, ops)[0]))
 
 
+@functools.lru_cache(maxsize=4096)
 def kinds_ops(model: ModelSpec, shard: Shard) -> tuple[tuple[Op, ...], ...]:
-    """layer_kind_ops of each of model.layer_kinds(), in that order."""
+    """layer_kind_ops of each of model.layer_kinds(), in that order (kept for the shards a
+    search meets again: each block of its table, the simulation of its best rows)."""
     return tuple(layer_kind_ops(model, shard, kind) for kind, _ in model.layer_kinds())
 
 

@@ -2,14 +2,21 @@
 on stderr and exit code 2."""
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.metadata
 import os
-import sys
 
-from meshplan.cli.common import flag
-from meshplan.core.errors import MeshplanError
+# Before numpy is imported, which reads it once: numpy advises transparent huge pages for
+# arrays of 4 MiB and more, and a kernel that defragments advised memory on fault (THP
+# defrag "madvise", its default) stalled the first search 0.4-0.8 s here compacting for the
+# candidate table's fresh ~0.7 GB (numpy.org/doc/stable/reference/global_state.html).
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import importlib.metadata  # noqa: E402
+import sys  # noqa: E402
+
+from meshplan.cli.common import flag  # noqa: E402
+from meshplan.core.errors import MeshplanError  # noqa: E402
 
 # Each module in meshplan/cli registers one subcommand; imported on demand so that
 # commands which do not need torch never import it.
