@@ -1,5 +1,6 @@
 """`meshplan simulate` as a user runs it: JSON keys, trace files, one-line errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -132,3 +133,14 @@ def test_version():
     from importlib.metadata import version
     out = meshplan("--version")
     assert out.returncode == 0 and out.stdout.strip() == f"meshplan {version('meshplan')}"
+
+
+def test_console_script_turns_off_numpy_huge_page_advice():
+    # set before numpy's import (which reads it once); a user's own setting wins
+    code = "import meshplan.cli, numpy; print(numpy._core.multiarray._get_madvise_hugepage())"
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**env, "NUMPY_MADVISE_HUGEPAGE": "1"})
+    assert out.stdout.strip() == "True", out.stderr
