@@ -74,8 +74,8 @@ def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict,
     for flag in ("tp_overlap", "reshard_after_forward", "sp", "moe_a2a_overlap"):
         if flag in columns:
             columns[flag] = columns[flag].astype(bool)
-    keep = rules.holds(applied, SimpleNamespace(**scalars, **columns), model, cluster)
-    return table[np.broadcast_to(keep, len(table))]
+    keep = np.broadcast_to(rules.holds(applied, SimpleNamespace(**scalars, **columns), model, cluster), len(table))
+    return table if keep.all() else table[keep]
 
 
 def _values(column: pd.Series) -> np.ndarray:
@@ -146,12 +146,17 @@ def _expert_rpn(sizes: tuple[int, ...], order: tuple[str, ...], gpus_per_node: i
 
 
 def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str],
-          categories: dict[str, tuple] | None = None) -> pd.DataFrame:
+          categories: dict[str, tuple] | None = None, legal=None) -> pd.DataFrame:
     """Inner join of each row with the option tuples options(*key values) gives for it: the
     rows in table order, each followed by its options in the order given. `categories`:
-    the option columns that are categorical, with their categories."""
+    the option columns that are categorical, with their categories. `legal`: _legal bound
+    to the search, applied to each key's options before they are copied onto its rows
+    (rules that read only the keys and the options, so the joined table needs no filtering
+    for them)."""
     ids, first = _key_ids(table, keys)
     found = [options(*key) for key in table.iloc[first][keys].itertuples(index=False, name=None)]
+    if legal is not None:
+        found = _legal_options(table.iloc[first][keys], found, columns, categories, legal)
     counts = np.array([len(opts) for opts in found], dtype=np.int64)
     per_row = counts[ids]
     left = np.repeat(np.arange(len(table)), per_row)
@@ -167,6 +172,20 @@ def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str],
         joined.insert(table.columns.get_loc(c), c, table[c].to_numpy()[left])
     picked = opts.iloc[start[ids[left]] + j].reset_index(drop=True)
     return pd.concat([joined, picked], axis=1)
+
+
+def _legal_options(keys: pd.DataFrame, found: list[list[tuple]], columns: list[str],
+                   categories: dict[str, tuple] | None, legal) -> list[list[tuple]]:
+    """Each key's options without those a rule reading only keys and options refuses."""
+    counts = [len(opts) for opts in found]
+    pairs = keys.iloc[np.repeat(np.arange(len(keys)), counts)].reset_index(drop=True)
+    opts = pd.DataFrame([opt for opts in found for opt in opts], columns=columns).astype(
+        {c: pd.CategoricalDtype(cats) for c, cats in (categories or {}).items()})
+    kept = legal(pd.concat([pairs, opts], axis=1).assign(row=np.arange(len(pairs))), tuple(columns))
+    ok = np.zeros(len(pairs), bool)
+    ok[kept["row"].to_numpy()] = True
+    bounds = np.cumsum([0] + counts)
+    return [[opt for opt, keep in zip(opts_, ok[a:b]) if keep] for opts_, a, b in zip(found, bounds, bounds[1:])]
 
 
 def _key_ids(table: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -265,14 +284,17 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     if not table.empty:
         # the layout each recompute choice is made for (closed_forms: none dominates full, op
         # and norm_act where it fits); norm_act, which frees the norms' outputs and the routed
-        # experts' activations, is searched for models with experts (fixed, for any)
+        # experts' activations, is searched for models with experts (fixed, for any). The
+        # largest join: the rules on recompute and the knobs it is keyed by are checked on
+        # each key's options, before they are copied onto the rows
         table["layout"] = np.arange(len(table))
-        table = _join(table, ["tp"], lambda tp: [
+        table = _join(table, ["tp", "moe_a2a_overlap"], lambda tp, a2a: [
             (r,) for r in RECOMPUTE if fixed.get("recompute", r) == r and not (
                 prune_dominated and r == "selective" and "recompute" not in fixed
                 and fixed.get("attention", ATTENTION[0]) == "flash")
             and (r != "norm_act" or model.num_experts or "recompute" in fixed)],
-            ["recompute"], {"recompute": RECOMPUTE})
+            ["recompute"], {"recompute": RECOMPUTE},
+            legal=lambda options, new: _legal(options, model, cluster, fixed, new))
         table = _legal(table, model, cluster, fixed, ("recompute",))
     partition = fixed.get("layer_partition")
     if table.empty:

@@ -272,3 +272,19 @@ def test_plan_bad_input_is_one_line_exit_2(args, field):
     assert out.returncode == 2 and out.stdout == ""
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and "Traceback" not in out.stderr
+
+
+def test_join_checks_rules_on_options_as_a_filter_after_it_would():
+    """The recompute join drops the options a rule on its keys and options refuses (full
+    recompute with the all-to-all overlap) before copying them onto the rows: the same
+    rows, in the same order, as filtering the joined table."""
+    from meshplan.planner import space
+    model = load_model(Path(__file__).parent / "data/hf_configs/mixtral-8x7b.json")
+    cluster, fixed = Cluster(16, 8), {"global_batch": 64, "seq_len": 1024}
+    base = candidate_table(model, cluster, {**fixed, "recompute": "none"}).drop(columns="recompute")
+    options = lambda tp, a2a: [(r,) for r in ("none", "full", "op")]  # noqa: E731
+    legal = lambda t, new: space._legal(t, model, cluster, fixed, new)  # noqa: E731
+    pruned = space._join(base, ["tp", "moe_a2a_overlap"], options, ["recompute"], legal=legal)
+    filtered = legal(space._join(base, ["tp", "moe_a2a_overlap"], options, ["recompute"]), ("recompute",))
+    assert len(filtered) < 3 * len(base) and base["moe_a2a_overlap"].any()
+    assert pruned.reset_index(drop=True).equals(filtered.reset_index(drop=True))
