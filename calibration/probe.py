@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -46,6 +47,9 @@ GEMM = GemmShape("probe", 256, 704, 256)
 ADD_ELEMENTS = 1 << 20
 COLLECTIVE_BYTES = 1 << 20
 COLLECTIVE_RANKS = 2
+# Readings of each in-process operation, taken in turn; back to back on this VM single
+# readings of the GEMM and layer overhead moved by up to 11% (2026-12-01)
+ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -160,23 +164,28 @@ def _collective_s() -> float:
         out = Path(tmp) / "rows.json"
         torchrun("meshplan.calibration.measure.collectives",
                  ["--out", str(out), "--group-sizes", str(COLLECTIVE_RANKS), "--kinds", "all_reduce",
-                  "--sizes", str(COLLECTIVE_BYTES), "--repeats", "30", "--warmup", "5"],
+                  "--sizes", str(COLLECTIVE_BYTES), "--repeats", "90", "--warmup", "5"],
                  COLLECTIVE_RANKS, on_line=lambda _line: None, timeout_s=120)
         return float(json.loads(out.read_text())[0]["time_s"])
 
 
-def measure(collective: bool) -> Measurement:
+def measure(collective: bool, rounds: int = ROUNDS) -> Measurement:
     """Time the probe's operations on this machine's CPU, one thread, as the executor's
-    ranks run (freed memory kept, core/host_memory.py)."""
+    ranks run (freed memory kept, core/host_memory.py): each the median of `rounds` readings
+    taken in turn, so that a second's swing of the machine moves one reading of each."""
     keep_freed_memory()
     device = torch.device("cpu")
+    readings = []
     with torch_threads(1):
-        gemm = measure_gemms([GEMM], ["fp32"], device, repeats=20, warmup=3, budget_s=0.5)
-        mem = measure_memory_bound(["add"], [ADD_ELEMENTS], ["fp32"], device, repeats=20, warmup=3,
-                                   budget_s=0.5)
-        overhead = measure_host_overhead(repeats=8, warmup=2)
-    return Measurement(float(gemm.iloc[0]["time_s"]), float(mem.iloc[0]["time_s"]),
-                       float(mem.iloc[0]["bytes"]), overhead.layer_forward_s,
+        for _ in range(rounds):
+            gemm = measure_gemms([GEMM], ["fp32"], device, repeats=20, warmup=3, budget_s=0.5)
+            mem = measure_memory_bound(["add"], [ADD_ELEMENTS], ["fp32"], device, repeats=20, warmup=3,
+                                       budget_s=0.5)
+            overhead = measure_host_overhead(repeats=8, warmup=2)
+            readings.append((float(gemm.iloc[0]["time_s"]), float(mem.iloc[0]["time_s"]),
+                             overhead.layer_forward_s))
+    gemm_s, add_s, layer_s = (statistics.median(column) for column in zip(*readings))
+    return Measurement(gemm_s, add_s, float(mem.iloc[0]["bytes"]), layer_s,
                        _collective_s() if collective else None)
 
 

@@ -181,3 +181,19 @@ def test_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, tmp_path
     for stock, rescaled in zip(result["runs"], again):
         assert rescaled["measured_step_time_s"] == stock["measured_step_time_s"] == pytest.approx(0.3)
         assert rescaled["predicted_step_time_s"] > stock["predicted_step_time_s"]
+
+
+def test_each_reading_is_the_median_of_its_rounds(monkeypatch):
+    """A swing of the machine in one round moves one reading of each operation, not the
+    probe's: each is the median of the rounds taken in turn."""
+    import pandas as pd
+    from meshplan.calibration import probe
+    gemm, add, layer = iter([3e-3, 1e-3, 2e-3]), iter([9e-3, 5e-3, 7e-3]), iter([4e-4, 6e-4, 5e-4])
+    monkeypatch.setattr(probe, "measure_gemms", lambda *a, **k: pd.DataFrame({"time_s": [next(gemm)]}))
+    monkeypatch.setattr(probe, "measure_memory_bound",
+                        lambda *a, **k: pd.DataFrame({"time_s": [next(add)], "bytes": [FP32_ADD_BYTES]}))
+    monkeypatch.setattr(probe, "measure_host_overhead",
+                        lambda **k: replace(LOCAL.overhead, layer_forward_s=next(layer)))
+    m = probe.measure(collective=False, rounds=3)
+    assert (m.gemm_s, m.add_s, m.layer_forward_s, m.collective_s) == (2e-3, 7e-3, 5e-4, None)
+    assert m.add_bytes == FP32_ADD_BYTES
