@@ -155,16 +155,21 @@ def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str],
     for them)."""
     ids, first = _key_ids(table, keys)
     found = [options(*key) for key in table.iloc[first][keys].itertuples(index=False, name=None)]
-    if legal is not None:
-        found = _legal_options(table.iloc[first][keys], found, columns, categories, legal)
     counts = np.array([len(opts) for opts in found], dtype=np.int64)
+    opts = pd.DataFrame([opt for opts in found for opt in opts], columns=columns).astype(
+        {c: pd.CategoricalDtype(cats) for c, cats in (categories or {}).items()})
+    if legal is not None:
+        key_of = np.repeat(np.arange(len(first)), counts)
+        pairs = table[keys].iloc[first[key_of]].reset_index(drop=True)
+        kept = legal(pd.concat([pairs, opts], axis=1).assign(row=np.arange(len(opts))), tuple(columns))
+        kept = kept["row"].to_numpy()
+        counts = np.bincount(key_of[kept], minlength=len(first)).astype(np.int64)
+        opts = opts.iloc[kept].reset_index(drop=True)
     per_row = counts[ids]
     left = np.repeat(np.arange(len(table)), per_row)
     # the j-th option of a row is the option table's row start[id] + j
     start = np.cumsum(counts) - counts
     j = np.arange(left.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-    opts = pd.DataFrame([opt for opts in found for opt in opts], columns=columns).astype(
-        {c: pd.CategoricalDtype(cats) for c, cats in (categories or {}).items()})
     # object columns (placement tuples) by numpy's take: pandas' is several times slower
     objects = [c for c in table.columns if table[c].dtype == object]
     joined = table.drop(columns=objects).iloc[left].reset_index(drop=True)
@@ -172,20 +177,6 @@ def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str],
         joined.insert(table.columns.get_loc(c), c, table[c].to_numpy()[left])
     picked = opts.iloc[start[ids[left]] + j].reset_index(drop=True)
     return pd.concat([joined, picked], axis=1)
-
-
-def _legal_options(keys: pd.DataFrame, found: list[list[tuple]], columns: list[str],
-                   categories: dict[str, tuple] | None, legal) -> list[list[tuple]]:
-    """Each key's options without those a rule reading only keys and options refuses."""
-    counts = [len(opts) for opts in found]
-    pairs = keys.iloc[np.repeat(np.arange(len(keys)), counts)].reset_index(drop=True)
-    opts = pd.DataFrame([opt for opts in found for opt in opts], columns=columns).astype(
-        {c: pd.CategoricalDtype(cats) for c, cats in (categories or {}).items()})
-    kept = legal(pd.concat([pairs, opts], axis=1).assign(row=np.arange(len(pairs))), tuple(columns))
-    ok = np.zeros(len(pairs), bool)
-    ok[kept["row"].to_numpy()] = True
-    bounds = np.cumsum([0] + counts)
-    return [[opt for opt, keep in zip(opts_, ok[a:b]) if keep] for opts_, a, b in zip(found, bounds, bounds[1:])]
 
 
 def _key_ids(table: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
