@@ -15,13 +15,10 @@ from one matrix up to past the last-level cache.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
-from meshplan.calibration.measure.compute import DTYPES, last_level_cache_bytes, torch_threads
+from meshplan.calibration.measure.compute import DTYPES, last_level_cache_bytes, time_call_s, torch_threads
 from meshplan.hw_profiles.gemm_model import DTYPE_BYTES
 from meshplan.hw_profiles.profile import CachedReads
 
@@ -32,26 +29,17 @@ ROUNDS = 5               # rounds over the working set; the median round is kept
 CALLS_PER_POINT = 64     # at least this many calls per point (small sets take more rounds)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _per_call_s(x: torch.Tensor, weights: list[torch.Tensor], device: torch.device) -> float:
-    """Median over ROUNDS of the seconds per GEMM of F.linear(x, w) over every w in turn."""
+    """Median over ROUNDS of the seconds per GEMM of F.linear(x, w) over every w in turn
+    (the untimed rounds before them bring the weights to where a step finds them)."""
     passes = max(1, -(-CALLS_PER_POINT // len(weights)))
-    for w in weights:  # one untimed round brings them to where a step finds them
-        F.linear(x, w)
-    times = []
-    for _ in range(ROUNDS):
-        _synchronize(device)
-        start = time.perf_counter()
+
+    def round_():
         for _ in range(passes):
             for w in weights:
                 F.linear(x, w)
-        _synchronize(device)
-        times.append((time.perf_counter() - start) / (passes * len(weights)))
-    return statistics.median(times)
+    # a budget no round reaches: every one of the ROUNDS is timed
+    return time_call_s(round_, device, ROUNDS, 1, budget_s=3600.0 * ROUNDS)[0] / (passes * len(weights))
 
 
 def measure_cached_reads(device: str | torch.device, dtype: str, max_working_set_bytes: int = 0) -> CachedReads:
