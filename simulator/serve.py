@@ -508,11 +508,12 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
     ttft = sum(prefill.values())
     # a decode step reads its stage's weights and its sequences' caches again every step,
     # from the caches where they hold them (HardwareProfile.cached)
-    working_set = float(np.max(weights + plan.batch * kv_seq))
+    held = weights + plan.batch * kv_seq
+    working_set = float(np.max(held))
     tpot, decode = _decode_s(served, plan, hw.cached(working_set), at)
     latency = ttft + (plan.gen_len - 1) * tpot
     act_seq = np.array([_activation_bytes_per_seq(served, plan, la) for _, _, la in at.stages])
-    memory = weights + plan.batch * kv_seq + plan.micro_batch * act_seq
+    memory = held + plan.micro_batch * act_seq
     peak = int(np.argmax(memory))
     max_batch = min(_max_batch(limit - w, k, a, plan.pp) for w, k, a in zip(weights, kv_seq, act_seq))
     return InferenceResult(
