@@ -29,17 +29,20 @@ from meshplan.simulator.model_spec import ModelSpec
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, device, theta: float = 10000.0):
-    """cos, sin of the rotary angles, each [seq, 1, head_dim/2] (Su et al. 2021, eq. 34)."""
+def rope_frequencies(seq_len: int, head_dim: int, device, theta: float = 10000.0) -> torch.Tensor:
+    """exp(i * angle) of the rotary angles, complex [seq, 1, head_dim/2] (Su et al. 2021,
+    eq. 34; Meta's Llama precompute_freqs_cis)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+    return torch.polar(torch.ones_like(angles), angles)[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of x [batch, seq, heads, head_dim], as Meta's Llama does."""
-    even, odd = x[..., 0::2], x[..., 1::2]
-    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+def apply_rope(x: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x [batch, seq, heads, head_dim] as one complex product in
+    fp32, as Meta's Llama and torchtitan's apply_rotary_emb do: the kernels the cost model
+    prices for eager RoPE (simulator/ops.eager_bytes_per_element)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * frequencies).flatten(-2).type_as(x)
 
 
 class CausalCore(nn.Module):
@@ -90,9 +93,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         if self.rope:
-            cos, sin = rope_cos_sin(start + seq, self.head_dim, x.device)
-            cos, sin = cos[start:], sin[start:]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            frequencies = rope_frequencies(start + seq, self.head_dim, x.device)[start:]
+            q, k = apply_rope(q, frequencies), apply_rope(k, frequencies)
         if cache is not None:
             k, v = cache.append(k, v)
         return self.wo(self.core(q, k, v).flatten(2))
