@@ -189,17 +189,6 @@ def measure(collective: bool, rounds: int = ROUNDS) -> Measurement:
                        _collective_s() if collective else None)
 
 
-def spanning(before: Measurement, after: Measurement) -> Measurement:
-    """The machine over the span between two readings: each quantity's geometric mean of the
-    reading before and the one after (a collective only where both timed one), so that a
-    validation whose minutes of runs the machine slowed or sped up in is rescaled by its
-    speed over those minutes, not at their start alone."""
-    def mean(a, b):
-        return (a * b) ** 0.5 if a is not None and b is not None else None
-    return Measurement(*(mean(getattr(before, f.name), getattr(after, f.name))
-                         for f in dataclasses.fields(Measurement)))
-
-
 @dataclass(frozen=True)
 class Drift:
     """The probe against a profile: its ratios (None when skipped, `note` says why) and,
@@ -208,38 +197,29 @@ class Drift:
     probe: Probe | None
     rescaled: HardwareProfile | None
     note: str = ""
-    measurement: Measurement | None = None  # this probe's own reading
-    spans: bool = False                     # probe is over the span since an earlier reading
 
     def text(self) -> str:
-        if self.probe is None:
-            return self.note
-        return ("over the runs (the probes before and after them, geometric mean): " if self.spans
-                else "") + self.probe.text()
+        return self.probe.text() if self.probe is not None else self.note
 
     def to_json(self) -> dict:
-        return {**({**self.probe.to_json(), "spans_runs": self.spans} if self.probe is not None else {}),
-                "note": self.note, "rescaled_profile": self.rescaled.name if self.rescaled is not None else None}
+        return {**(self.probe.to_json() if self.probe is not None else {}), "note": self.note,
+                "rescaled_profile": self.rescaled.name if self.rescaled is not None else None}
 
 
 def check_drift(hw: HardwareProfile, device: str, rescale: bool, collective: bool,
-                measured: Callable[[bool], Measurement] | None = None,
-                before: Drift | None = None) -> Drift:
+                measured: Callable[[bool], Measurement] | None = None) -> Drift:
     """Probe this machine (`measured`, default `measure`; one collective if asked) against
     `hw`, whose ranks run on `device` ("cpu" or "cuda"); with `rescale` also the profile
-    rescaled by the probe. Given the probe taken `before` some runs, the ratios are of the
-    span between the two readings (`spanning`). Skipped, with a note, where the probe cannot
-    speak for the ranks: ranks on a CUDA device, or a profile not measured on CPU."""
+    rescaled by the probe. Skipped, with a note, where the probe cannot speak for the ranks: ranks on a
+    CUDA device, or a profile not measured on CPU."""
     profiled_on = hw.extra.get("measurement", {}).get("device")
     if device != "cpu" or profiled_on != "cpu":
         where = (f"the ranks run on {device}" if device != "cpu" else
                  f"profile {hw.name} was not measured on CPU ranks")
         return Drift(None, None, f"probe skipped: {where}, and the probe times CPU ranks against "
                                  "a CPU profile; predictions use the profile as it is")
-    now = (measured or measure)(collective)
-    spans = before is not None and before.measurement is not None
-    probe = compare(hw, spanning(before.measurement, now) if spans else now)
-    return Drift(probe, probe.rescaled(hw) if rescale else None, measurement=now, spans=spans)
+    probe = compare(hw, (measured or measure)(collective))
+    return Drift(probe, probe.rescaled(hw) if rescale else None)
 
 
 def repredicted(record: RunRecord | ServeRecord, cluster: Cluster,

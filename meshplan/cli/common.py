@@ -184,15 +184,14 @@ def add_probe_args(parser: argparse.ArgumentParser) -> None:
                              "report both")
 
 
-def probe_machine(args: argparse.Namespace, hw, collective: bool, before=None):
+def probe_machine(args: argparse.Namespace, hw, collective: bool):
     """calibration.probe.check_drift of this machine against `hw` unless --no-probe (and no
-    --rescale), its verdict on stderr; None when not probed. `before`: the probe taken before
-    the runs, whose span this one closes."""
+    --rescale), its verdict on stderr; None when not probed."""
     if not (args.probe or args.rescale):
         return None
     from meshplan.calibration.probe import check_drift
     from meshplan.executor.launch import device_type
 
-    drift = check_drift(hw, device_type(), args.rescale, collective, before=before)
+    drift = check_drift(hw, device_type(), args.rescale, collective)
     print(f"meshplan {args.command}: {drift.text()}", file=sys.stderr)
     return drift

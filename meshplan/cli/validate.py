@@ -67,10 +67,8 @@ def run(args: argparse.Namespace) -> int:
         raise PlanError("--rounds", f"must be at least 1, got {args.rounds}", "pass --rounds 1 or more")
     options = RunOptions(steps=args.steps, warmup=args.warmup, profile=args.hardware,
                          progress=wanted(args.json))
-    # probed before and after the runs: the rescale is by the machine's speed over them
-    before = common.probe_machine(args, hw, collective=True)
+    drift = common.probe_machine(args, hw, collective=True)
     runs = run_suite(options, names, rounds=args.rounds)
-    drift = common.probe_machine(args, hw, collective=True, before=before) if before is not None else None
     stats = summary(runs)
     out = Path(args.out_dir)
     write_csv(runs, out / "validate.csv")
@@ -79,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"runs": [r.to_json() for r in runs], **stats,
               "csv": str(out / "validate.csv"), "html": str(out / "validate.html")}
     if drift is not None:
-        result["probe"], result["probe_before_runs"] = drift.to_json(), before.to_json()
+        result["probe"] = drift.to_json()
     if drift is not None and drift.rescaled is not None:
         from meshplan.validation.suite import repredict
         rescaled = repredict(runs, drift.rescaled)
@@ -116,7 +114,7 @@ def print_table(result: dict) -> None:
     console.print(f"CSV: {result['csv']}  HTML: {result['html']}")
     if "rescaled" in result:
         r = result["rescaled"]
-        console.print(f"with the profile rescaled by the probes over the runs: median |error| {r['median_abs_error']:.1%}  "
+        console.print(f"with the profile rescaled by the probe: median |error| {r['median_abs_error']:.1%}  "
                       f"max |error| {r['max_abs_error']:.1%}  Spearman {r['spearman']:.2f}")
     if "refit" in result:
         fit = result["refit"]
