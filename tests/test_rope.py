@@ -25,7 +25,7 @@ def _by_hand(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_rope_turns_each_pair_by_its_position_angle():
-    x = torch.randn(2, SEQ, HEADS, HEAD_DIM, dtype=torch.float64).float()
+    x = torch.randn(2, SEQ, HEADS, HEAD_DIM)
     torch.testing.assert_close(apply_rope(x, rope_frequencies(SEQ, HEAD_DIM, "cpu")), _by_hand(x),
                                rtol=1e-5, atol=1e-5)
 
