@@ -29,11 +29,12 @@ from meshplan.simulator.model_spec import ModelSpec
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
 
 
-def rope_frequencies(seq_len: int, head_dim: int, device, theta: float = 10000.0) -> torch.Tensor:
-    """exp(i * angle) of the rotary angles, complex [seq, 1, head_dim/2] (Su et al. 2021,
-    eq. 34; Meta's Llama precompute_freqs_cis)."""
+def rope_frequencies(start: int, seq_len: int, head_dim: int, device, theta: float = 10000.0) -> torch.Tensor:
+    """exp(i * angle) of the rotary angles at positions start .. start + seq_len - 1, complex
+    [seq_len, 1, head_dim/2] (Su et al. 2021, eq. 34; Meta's Llama precompute_freqs_cis)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    positions = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)
     return torch.polar(torch.ones_like(angles), angles)[:, None, :]
 
 
@@ -93,7 +94,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         if self.rope:
-            frequencies = rope_frequencies(start + seq, self.head_dim, x.device)[start:]
+            frequencies = rope_frequencies(start, seq, self.head_dim, x.device)
             q, k = apply_rope(q, frequencies), apply_rope(k, frequencies)
         if cache is not None:
             k, v = cache.append(k, v)
