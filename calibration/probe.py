@@ -1,11 +1,17 @@
 """A few seconds' probe of this machine against its profile, before a run or a validation:
 the rate of a GEMM and of an elementwise add at the executor's shapes, one decoder layer's
-host overhead (eager PyTorch), and optionally one collective over two ranks. Each is
-compared with what the profile predicts for the same operation; when the machine has
-drifted beyond the profile's error band, the profile's speed terms can be rescaled by the
-measured ratios (`Probe.rescaled`), so that a slow spell of the machine is not charged to
-the cost model. A profile measured by `meshplan profile` keeps the probe's own reading taken
-then (extra["probe_reference"]), and the probe compares like with like: its reading now
+host overhead (eager PyTorch), the executor's one-rank training step of the validation
+model's shape, and optionally one collective over two ranks. Each is compared with what
+the profile predicts for the same operation; when the machine has drifted beyond the
+profile's error band, the profile's speed terms can be rescaled by the measured ratios
+(`Probe.rescaled`), so that a slow spell of the machine is not charged to the cost model.
+The one-rank step is set against the cost model's own prediction of it, so its ratio is
+the machine's speed against the profile as the model prices a whole step; the rescale
+takes the compute, memory and host terms from it, and the parallel plans a validation
+runs then test the parallel terms (collectives, pipeline, sharding). A validation reads
+the step again after each of its launches (`Drift.with_step_readings`) and rescales by the
+median of all readings, since this machine's speed moves within its minutes of runs.
+A profile measured by `meshplan profile` keeps the probe's own reading taken then (extra["probe_reference"]), and the probe compares like with like: its reading now
 over its reading then. Only against a profile without one (measured before it was kept) is
 it compared with what the profile's fits predict for the same operations, which a single
 rank alone on the machine may read faster or slower than the fits' samples.
@@ -23,6 +29,7 @@ import dataclasses
 import json
 import statistics
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -31,6 +38,7 @@ import torch
 
 from meshplan.calibration.measure.compute import (GemmShape, measure_gemms, measure_memory_bound,
                                                    torch_threads)
+from meshplan.calibration.measure.machine_load import LOAD_MODEL, LOAD_PLAN, training_step
 from meshplan.calibration.overhead import measure_host_overhead
 from meshplan.core.errors import ProfileError
 from meshplan.core.host_memory import keep_freed_memory
@@ -50,19 +58,25 @@ COLLECTIVE_RANKS = 2
 # Readings of each in-process operation, taken in turn; back to back on this VM single
 # readings of the GEMM and layer overhead moved by up to 11% (2026-12-01)
 ROUNDS = 3
+# Timed one-rank steps (after STEP_WARMUP): twelve alternations with single GEMM probes
+# read the GEMM at x0.99-1.37 of its profiled time while the step stayed within 154-179 ms
+# (2026-12-02), so the step, not the GEMM, sets the rescale's compute speed
+STEP_REPEATS, STEP_WARMUP = 10, 3
 
 
 @dataclass(frozen=True)
 class Measurement:
     """What the probe timed on this machine: GEMM (fp32, shape GEMM), an fp32 add moving
-    add_bytes, one decoder layer's forward host overhead, and (when probed) an all-reduce
-    of COLLECTIVE_BYTES over COLLECTIVE_RANKS ranks on one node."""
+    add_bytes, one decoder layer's forward host overhead, (when probed) an all-reduce of
+    COLLECTIVE_BYTES over COLLECTIVE_RANKS ranks on one node, and the one-rank training step
+    of LOAD_MODEL (None in readings kept with profiles measured before it was probed)."""
 
     gemm_s: float
     add_s: float
     add_bytes: float
     layer_forward_s: float
     collective_s: float | None
+    step_s: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -74,18 +88,20 @@ class Measurement:
         if not isinstance(data, dict):
             raise ProfileError(where, f"expected an object with {', '.join(fields)}",
                                "measure the profile again with `meshplan profile`")
+        optional = ("collective_s", "step_s")
         bad = [k for k in fields if not (isinstance(data.get(k), (int, float)) and data[k] > 0
-                                         or k == "collective_s" and data.get(k) is None)]
+                                         or k in optional and data.get(k) is None)]
         bad += sorted(set(data) - set(fields))
         if bad:
             raise ProfileError.of([(f"{where}.{k}", "missing, not a positive number, or unknown",
                                     "measure the profile again with `meshplan profile`") for k in bad])
-        return cls(**{k: data[k] for k in fields})
+        return cls(**{k: data.get(k) for k in fields})
 
 
 @dataclass(frozen=True)
 class Probe:
-    """measured / predicted of each probed quantity (1.0: the machine is as profiled)."""
+    """measured / predicted of each probed quantity (1.0: the machine is as profiled); `step`
+    always against the cost model's prediction of the step."""
 
     gemm: float
     memory: float
@@ -93,12 +109,14 @@ class Probe:
     collective: float | None
     band: float
     against: str = "fits"  # "reference": the probe's reading kept with the profile
+    step: float | None = None
+    step_readings: tuple[float, ...] = ()  # when `step` is their median
 
     @property
     def drifted(self) -> list[str]:
         """The quantities off by more than the profile's p95 band."""
         ratios = {"gemm": self.gemm, "memory-bound": self.memory, "layer overhead": self.overhead,
-                  "collective": self.collective}
+                  "collective": self.collective, "one-rank step": self.step}
         return [k for k, v in ratios.items() if v is not None and abs(v - 1) > self.band]
 
     def text(self) -> str:
@@ -106,6 +124,10 @@ class Probe:
                  f"layer overhead x{self.overhead:.2f}"]
         if self.collective is not None:
             parts.append(f"collective x{self.collective:.2f}")
+        if self.step is not None:
+            spread = (f"; median of {len(self.step_readings)} readings, x{min(self.step_readings):.2f}-"
+                      f"{max(self.step_readings):.2f}" if self.step_readings else "")
+            parts.append(f"one-rank step x{self.step:.2f} (against its prediction{spread})")
         drift = self.drifted
         verdict = (f"drifted beyond the profile's ±{self.band:.0%} band: {', '.join(drift)}" if drift
                    else f"within the profile's ±{self.band:.0%} band")
@@ -114,16 +136,20 @@ class Probe:
 
     def to_json(self) -> dict:
         return {"gemm": self.gemm, "memory": self.memory, "overhead": self.overhead,
-                "collective": self.collective, "band": self.band, "drifted": self.drifted,
-                "against": self.against}
+                "collective": self.collective, "step": self.step,
+                "step_readings": list(self.step_readings), "band": self.band,
+                "drifted": self.drifted, "against": self.against}
 
     def rescaled(self, hw: HardwareProfile) -> HardwareProfile:
         """The profile with its speed terms scaled by the measured ratios: GEMM rate,
-        memory bandwidth, host overhead per layer and (when probed) collective bandwidth
-        and latency."""
+        memory bandwidth and host overhead per layer all by the one-rank step's where it
+        was probed (else each by its own), and (when probed) collective bandwidth and
+        latency."""
         coll = self.collective or 1.0
-        return hw.scaled(flops=1 / self.gemm, hbm_bw=1 / self.memory, intra_node_bw=1 / coll,
-                         collective_latency=coll, overhead=self.overhead)
+        gemm, memory, overhead = (self.step,) * 3 if self.step is not None else (
+            self.gemm, self.memory, self.overhead)
+        return hw.scaled(flops=1 / gemm, hbm_bw=1 / memory, intra_node_bw=1 / coll,
+                         collective_latency=coll, overhead=overhead)
 
 
 REFERENCE_KEY = "probe_reference"
@@ -138,14 +164,16 @@ def reference(hw: HardwareProfile) -> Measurement | None:
 
 def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
     """The measurement over the probe's reading kept with `hw` (reference), or else over
-    what `hw`'s fits predict for the same operations."""
+    what `hw`'s fits predict for the same operations; the one-rank step over its prediction
+    on `hw` either way."""
     then, band = reference(hw), hw.relative_error_band()[1]
+    step = measured.step_s / predicted_step_s(hw) if measured.step_s is not None else None
     if then is not None:
         collective = (measured.collective_s / then.collective_s
                       if measured.collective_s is not None and then.collective_s is not None else None)
         return Probe(measured.gemm_s / then.gemm_s,
                      (measured.add_s / measured.add_bytes) / (then.add_s / then.add_bytes),
-                     measured.layer_forward_s / then.layer_forward_s, collective, band, "reference")
+                     measured.layer_forward_s / then.layer_forward_s, collective, band, "reference", step)
     gemm = measured.gemm_s / float(hw.gemm_time_s(GEMM.m, GEMM.n, GEMM.k, "fp32", batch=GEMM.batch))
     memory = measured.add_s / float(hw.memory_bound_time_s(measured.add_bytes, "fp32", "add"))
     profiled = hw.overhead.layer_forward_s
@@ -154,7 +182,7 @@ def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
     if measured.collective_s is not None:
         collective = measured.collective_s / float(hw.collective_time_s(
             "all_reduce", COLLECTIVE_BYTES, COLLECTIVE_RANKS, COLLECTIVE_RANKS))
-    return Probe(gemm, memory, overhead, collective, band)
+    return Probe(gemm, memory, overhead, collective, band, step=step)
 
 
 def _collective_s() -> float:
@@ -169,10 +197,37 @@ def _collective_s() -> float:
         return float(json.loads(out.read_text())[0]["time_s"])
 
 
+def step_s() -> float:
+    """Median seconds of the executor's one-rank training step of LOAD_MODEL."""
+    step = training_step(0)
+    for _ in range(STEP_WARMUP):
+        step()
+    times = []
+    for _ in range(STEP_REPEATS):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def predicted_step_s(hw: HardwareProfile) -> float:
+    """The cost model's time on `hw` for the step `step_s` times."""
+    return simulate(LOAD_MODEL, LOAD_PLAN, Cluster(1, 1), hw).step_time_s
+
+
+def step_ratio(hw: HardwareProfile) -> float:
+    """One more reading of the one-rank step over its prediction on `hw`, measured as in
+    `measure`."""
+    keep_freed_memory()
+    with torch_threads(1):
+        return step_s() / predicted_step_s(hw)
+
+
 def measure(collective: bool, rounds: int = ROUNDS) -> Measurement:
     """Time the probe's operations on this machine's CPU, one thread, as the executor's
-    ranks run (freed memory kept, core/host_memory.py): each the median of `rounds` readings
-    taken in turn, so that a second's swing of the machine moves one reading of each."""
+    ranks run (freed memory kept, core/host_memory.py): each in-process operation the median
+    of `rounds` readings taken in turn, so that a second's swing of the machine moves one
+    reading of each; then the one-rank step."""
     keep_freed_memory()
     device = torch.device("cpu")
     readings = []
@@ -184,9 +239,10 @@ def measure(collective: bool, rounds: int = ROUNDS) -> Measurement:
             overhead = measure_host_overhead(repeats=8, warmup=2)
             readings.append((float(gemm.iloc[0]["time_s"]), float(mem.iloc[0]["time_s"]),
                              overhead.layer_forward_s))
+        one_rank_s = step_s()
     gemm_s, add_s, layer_s = (statistics.median(column) for column in zip(*readings))
     return Measurement(gemm_s, add_s, float(mem.iloc[0]["bytes"]), layer_s,
-                       _collective_s() if collective else None)
+                       _collective_s() if collective else None, one_rank_s)
 
 
 @dataclass(frozen=True)
@@ -204,6 +260,16 @@ class Drift:
     def to_json(self) -> dict:
         return {**(self.probe.to_json() if self.probe is not None else {}), "note": self.note,
                 "rescaled_profile": self.rescaled.name if self.rescaled is not None else None}
+
+    def with_step_readings(self, hw: HardwareProfile, later: list[float]) -> Drift:
+        """The drift with the one-rank step's ratio the median of the probe's reading and
+        `later` ones (step_ratio, e.g. between a validation's launches), and `hw` rescaled
+        by that; as it is where the step was not probed or nothing was read later."""
+        if self.probe is None or self.probe.step is None or not later:
+            return self
+        readings = (self.probe.step, *later)
+        probe = replace(self.probe, step=statistics.median(readings), step_readings=readings)
+        return replace(self, probe=probe, rescaled=probe.rescaled(hw) if self.rescaled is not None else None)
 
 
 def check_drift(hw: HardwareProfile, device: str, rescale: bool, collective: bool,

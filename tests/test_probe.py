@@ -8,6 +8,7 @@ import pytest
 
 from dataclasses import replace
 
+from meshplan.calibration.measure.machine_load import LOAD_MODEL, LOAD_PLAN
 from meshplan.calibration.probe import (ADD_ELEMENTS, COLLECTIVE_BYTES, GEMM, REFERENCE_KEY, Measurement,
                                         Probe, check_drift, compare, reference, repredicted)
 from meshplan.core.errors import ProfileError
@@ -21,22 +22,29 @@ LOCAL = load_profile("local")
 FP32_ADD_BYTES = 3 * 4 * ADD_ELEMENTS  # two fp32 operands read, one written
 
 
-def stub(gemm: float, memory: float, overhead: float, collective: float | None):
+def one_rank_step_s(hw: HardwareProfile) -> float:
+    """The cost model's time for the probe's one-rank step on `hw`."""
+    return simulate(LOAD_MODEL, LOAD_PLAN, Cluster(1, 1), hw).step_time_s
+
+
+def stub(gemm: float, memory: float, overhead: float, collective: float | None, step: float | None = None):
     """A measurement `gemm` x, `memory` x, ... what the local profile compares it with: the
-    probe's reading kept with it where it has one, else what its fits predict."""
+    probe's reading kept with it where it has one, else what its fits predict; the one-rank
+    step (if given) `step` x its prediction."""
     then = reference(LOCAL)
+    step_s = step * one_rank_step_s(LOCAL) if step is not None else None
 
     def measured(with_collective: bool) -> Measurement:
         if then is not None:
             return Measurement(gemm * then.gemm_s, memory * then.add_s, then.add_bytes,
                                overhead * then.layer_forward_s,
-                               collective * then.collective_s if with_collective else None)
+                               collective * then.collective_s if with_collective else None, step_s)
         return Measurement(
             gemm * float(LOCAL.gemm_time_s(GEMM.m, GEMM.n, GEMM.k, "fp32")),
             memory * float(LOCAL.memory_bound_time_s(FP32_ADD_BYTES, "fp32", "add")), FP32_ADD_BYTES,
             overhead * LOCAL.overhead.layer_forward_s,
             collective * float(LOCAL.collective_time_s("all_reduce", COLLECTIVE_BYTES, 2, 2))
-            if with_collective else None)
+            if with_collective else None, step_s)
     return measured
 
 
@@ -97,6 +105,46 @@ def test_ratios_verdict_and_rescaled_profile_by_hand():
     assert hw.name.startswith("local[") and drift.to_json()["rescaled_profile"] == hw.name
     assert drift.to_json()["gemm"] == pytest.approx(2.0) and drift.note == ""
     assert "drifted beyond the profile's" in drift.text()
+
+
+def test_the_one_rank_step_sets_the_compute_speed():
+    """With the one-rank step probed, compute, memory and host terms all take its ratio
+    (against the model's own prediction of it), whatever the single GEMM and add read; the
+    rescaled profile then predicts that step as measured."""
+    drift = check_drift(LOCAL, "cpu", rescale=True, collective=True,
+                        measured=stub(gemm=2.0, memory=1.0, overhead=1.0, collective=0.5, step=1.3))
+    probe, hw = drift.probe, drift.rescaled
+    assert probe.step == pytest.approx(1.3) and probe.gemm == pytest.approx(2.0)
+    assert probe.drifted == ["gemm", "collective"]  # 1.3 is within the p95 band, 2.0 is not
+    assert "one-rank step x1.30 (against its prediction)" in drift.text()
+    assert drift.to_json()["step"] == pytest.approx(1.3)
+    assert hw.peak_flops["fp32"] == pytest.approx(LOCAL.peak_flops["fp32"] / 1.3)
+    assert hw.hbm_bytes_per_s == pytest.approx(LOCAL.hbm_bytes_per_s / 1.3)
+    assert hw.overhead.layer_backward_s == pytest.approx(1.3 * LOCAL.overhead.layer_backward_s)
+    assert float(hw.collective_time_s("all_reduce", COLLECTIVE_BYTES, 2, 2)) == pytest.approx(
+        0.5 * float(LOCAL.collective_time_s("all_reduce", COLLECTIVE_BYTES, 2, 2)))
+    assert one_rank_step_s(hw) == pytest.approx(1.3 * one_rank_step_s(LOCAL), rel=0.01)
+
+
+def test_later_step_readings_rescale_by_their_median():
+    drift = check_drift(LOCAL, "cpu", rescale=True, collective=False,
+                        measured=stub(gemm=1.0, memory=1.0, overhead=1.0, collective=None, step=1.1))
+    again = drift.with_step_readings(LOCAL, [1.3, 1.2, 1.25, 1.4])
+    assert again.probe.step == pytest.approx(1.25) and again.probe.step_readings == (1.1, 1.3, 1.2, 1.25, 1.4)
+    assert again.rescaled.peak_flops["fp32"] == pytest.approx(LOCAL.peak_flops["fp32"] / 1.25)
+    assert "median of 5 readings, x1.10-1.40" in again.text()
+    assert drift.with_step_readings(LOCAL, []) is drift
+    unscaled = check_drift(LOCAL, "cpu", rescale=False, collective=False,
+                           measured=stub(gemm=1.0, memory=1.0, overhead=1.0, collective=None, step=1.1))
+    assert unscaled.with_step_readings(LOCAL, [1.3]).rescaled is None
+
+
+def test_a_kept_reading_without_the_step_still_loads():
+    """Profiles measured before the probe timed the step keep readings without step_s."""
+    kept = {"gemm_s": 1e-4, "add_s": 2e-3, "add_bytes": 12e6, "layer_forward_s": 4e-4, "collective_s": None}
+    assert reference(replace(LOCAL, extra={**LOCAL.extra, REFERENCE_KEY: kept})).step_s is None
+    with pytest.raises(ProfileError, match=f"extra.{REFERENCE_KEY}.step_s"):
+        reference(replace(LOCAL, extra={**LOCAL.extra, REFERENCE_KEY: {**kept, "step_s": -1.0}}))
 
 
 def test_within_the_band_and_no_collective_without_rescale():
@@ -167,8 +215,16 @@ def test_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, tmp_path
             data=None))
 
     runs = [recorded(name, plan, 0.3) for name, plan in suite.SUITE[:2]]
-    monkeypatch.setattr(suite, "run_suite", lambda *_a, **_k: runs)
-    monkeypatch.setattr(probe_module, "measure", stub(gemm=2.0, memory=2.0, overhead=2.0, collective=1.0))
+
+    def two_launches(*_args, after_launch=None, **_kwargs):
+        after_launch()
+        after_launch()
+        return runs
+    monkeypatch.setattr(suite, "run_suite", two_launches)
+    monkeypatch.setattr(probe_module, "measure", stub(gemm=2.0, memory=2.0, overhead=2.0, collective=1.0,
+                                                      step=2.0))
+    later = iter([1.5, 1.6])
+    monkeypatch.setattr(probe_module, "step_ratio", lambda hw: next(later))
     monkeypatch.setattr(launch, "device_type", lambda: "cpu")
     code = main(["validate", "--plans", "dp2,dp2 zero1", "--rescale", "--json", "--out-dir", str(tmp_path)])
     out, err = capsys.readouterr()
@@ -176,6 +232,10 @@ def test_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, tmp_path
     assert err.startswith("meshplan validate: probe (measured / profiled, against ") and "GEMM x2.00" in err
     result = json.loads(out)
     assert result["probe"]["gemm"] == pytest.approx(2.0) and result["probe"]["collective"] == pytest.approx(1.0)
+    # the one-rank step read before the runs and after each launch: their median rescales
+    assert result["probe"]["step_readings"] == pytest.approx([2.0, 1.5, 1.6])
+    assert result["probe"]["step"] == pytest.approx(1.6)
+    assert "after the runs, probe" in err and "one-rank step x1.60 (against its prediction; median of 3" in err
     again = result["rescaled"]["runs"]
     assert [r["profile"] for r in again] == [result["probe"]["rescaled_profile"]] * 2
     for stock, rescaled in zip(result["runs"], again):
@@ -194,6 +254,7 @@ def test_each_reading_is_the_median_of_its_rounds(monkeypatch):
                         lambda *a, **k: pd.DataFrame({"time_s": [next(add)], "bytes": [FP32_ADD_BYTES]}))
     monkeypatch.setattr(probe, "measure_host_overhead",
                         lambda **k: replace(LOCAL.overhead, layer_forward_s=next(layer)))
+    monkeypatch.setattr(probe, "step_s", lambda: 0.08)
     m = probe.measure(collective=False, rounds=3)
-    assert (m.gemm_s, m.add_s, m.layer_forward_s, m.collective_s) == (2e-3, 7e-3, 5e-4, None)
+    assert (m.gemm_s, m.add_s, m.layer_forward_s, m.collective_s, m.step_s) == (2e-3, 7e-3, 5e-4, None, 0.08)
     assert m.add_bytes == FP32_ADD_BYTES

@@ -57,25 +57,27 @@ def test_summary_statistics():
     assert stats["memory_median_abs_error"] == pytest.approx(0.1)
 
 
-def test_rounds_take_turns_and_pool_timed_steps(monkeypatch):
+def test_rounds_take_turns_and_each_plan_keeps_its_least_disturbed_round(monkeypatch):
     from dataclasses import replace
 
     import meshplan.validation.suite as validate
     from meshplan.executor.options import RunOptions
-    calls, clock = [], iter(range(1, 1000))
+    calls = []
+    # timed steps per launch in turn (world 2, world 4, world 2, world 4): dp2 hit by a slow
+    # spell in its first round, dp4 in its second
+    steps = iter([(5.0, 6.0), (3.0, 4.0), (1.0, 2.0), (7.0, 8.0)])
 
     def fake_launch_many(jobs, cluster, options):
         calls.append(cluster.num_gpus)
-        # warm-up step of 9 s, then one step per tick of a clock that keeps slowing down
-        return [replace(_record(plan, 0.0, 1),
-                        step_times_s=(9.0, float(next(clock)), float(next(clock))))
-                for _, plan in jobs]
+        # a warm-up step of 9 s, then the round's timed steps
+        return [replace(_record(plan, 0.0, 1), step_times_s=(9.0, *next(steps))) for _, plan in jobs]
     monkeypatch.setattr(validate, "launch_train_many", fake_launch_many)
-    runs = validate.run_suite(RunOptions(steps=3, warmup=1), ("dp2", "dp4"), rounds=2)
-    assert calls == [2, 4, 2, 4]  # world sizes take turns
+    runs = validate.run_suite(RunOptions(steps=3, warmup=1), ("dp2", "dp4"), rounds=2,
+                              after_launch=lambda: calls.append("after"))
+    assert calls == [2, "after", 4, "after", 2, "after", 4, "after"]  # world sizes take turns
     dp2, dp4 = (r.record for r in runs)
-    assert dp2.timed_step_times_s == (1.0, 2.0, 5.0, 6.0)  # both rounds pooled, warm-ups dropped
-    assert dp4.timed_step_times_s == (3.0, 4.0, 7.0, 8.0)
+    assert dp2.timed_step_times_s == (1.0, 2.0)  # its second round, warm-up dropped
+    assert dp4.timed_step_times_s == (3.0, 4.0)  # its first
 
 
 def test_validate_cli_rejects_bad_rounds_and_plans(capsys):

@@ -163,9 +163,9 @@ def test_json_keys_and_record(config_json, tmp_path):
 
 @pytest.mark.slow
 def test_probe_and_rescaled_prediction(config_json):
-    """The probe (GEMM, add, layer overhead; no collective for one rank) against the local
-    profile before the run, and with --rescale the prediction on the rescaled profile beside
-    the stock one."""
+    """The probe (GEMM, add, layer overhead, one-rank step; no collective for one rank)
+    against the local profile before the run, and with --rescale the prediction on the
+    rescaled profile beside the stock one."""
     proc = subprocess.run(
         [sys.executable, "-m", "meshplan.cli", "run", "--model", config_json, "--gpus", "1",
          "--global-batch", "2", "--seq-len", "16", "--steps", "3", "--warmup", "1", "--json",
@@ -174,7 +174,7 @@ def test_probe_and_rescaled_prediction(config_json):
     assert "meshplan run: probe (measured / profiled, against " in proc.stderr
     out = json.loads(proc.stdout)
     probe = out["probe"]
-    assert all(probe[k] > 0 for k in ("gemm", "memory", "overhead")) and probe["collective"] is None
+    assert all(probe[k] > 0 for k in ("gemm", "memory", "overhead", "step")) and probe["collective"] is None
     assert probe["band"] == pytest.approx(load_profile("local").relative_error_band()[1])
     rescaled = out["rescaled"]
     assert rescaled["profile"] == probe["rescaled_profile"] and rescaled["profile"].startswith("local[")

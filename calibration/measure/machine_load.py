@@ -21,20 +21,25 @@ from contextlib import contextmanager
 import torch
 
 from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import Plan
 
 # A Llama-style model whose weights, gradients and Adam states (128 MB) and activations
 # stream through the cache as a training rank's do.
 LOAD_MODEL = ModelSpec(name="machine-load", num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=4,
                        ffn_hidden_size=704, vocab_size=4096, max_seq_len=256)
+# What training_step runs, as the simulator prices it: one micro-batch of 2 x 128 tokens.
+LOAD_PLAN = Plan(global_batch=2, seq_len=128, micro_batch=2, dtype="fp32")
 READY_TIMEOUT_S = 120
 
 
-def _training_step(seed: int):
-    """LOAD_MODEL's training step on this process's one thread, as a function."""
+def training_step(seed: int):
+    """LOAD_MODEL's training step (LOAD_PLAN's one rank) on this process's one thread, as a
+    function."""
     from meshplan.executor.model import build_model, loss_fn
     model = build_model(LOAD_MODEL, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    tokens = torch.randint(0, LOAD_MODEL.vocab_size, (2, 129), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(0, LOAD_MODEL.vocab_size, (LOAD_PLAN.global_batch, LOAD_PLAN.seq_len + 1),
+                           generator=torch.Generator().manual_seed(seed))
 
     def step():
         loss_fn(model(tokens[:, :-1]), tokens[:, 1:]).backward()
@@ -46,7 +51,7 @@ def _training_step(seed: int):
 def _train(core: int, ready, stop) -> None:
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
-    step = _training_step(core)
+    step = training_step(core)
     while not stop.is_set():
         step()
         ready.set()
@@ -84,7 +89,7 @@ def neighbour_slowdown(ranks: int, rounds: int = 3, steps: int = 12) -> float:
     torch.set_num_threads(1)
     os.sched_setaffinity(0, {cores[0]})
     try:
-        step = _training_step(0)
+        step = training_step(0)
         for _ in range(3):
             step()
         alone, beside = [], []

@@ -25,9 +25,9 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=8, help="steps per plan (default 8)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (default 3)")
     parser.add_argument("--rounds", type=int, default=2,
-                        help="times the suite runs, plans taking turns; each plan's timed steps "
-                             "are pooled so that a slow spell of the machine hits every plan "
-                             "(default 2)")
+                        help="times the suite runs, plans taking turns; each plan keeps its "
+                             "round with the lowest median step, so that a slow spell of the "
+                             "machine costs a plan one round, not its measurement (default 2)")
     parser.add_argument("--out-dir", default="out/validate", help="where the CSV and HTML go")
     parser.add_argument("--refit", action="store_true",
                         help="refit the profile from half the runs; report before/after on the other half")
@@ -54,6 +54,7 @@ def chosen_names(plans: str | None, suite: tuple, what: str) -> tuple[str, ...] 
 
 def run(args: argparse.Namespace) -> int:
     from meshplan.executor.options import RunOptions
+    from meshplan.calibration.probe import step_ratio
     from meshplan.validation.suite import SUITES, run_suite, summary
     from meshplan.reports.validation import write_csv, write_html
     from meshplan.hw_profiles.profile import load_profile
@@ -68,7 +69,13 @@ def run(args: argparse.Namespace) -> int:
     options = RunOptions(steps=args.steps, warmup=args.warmup, profile=args.hardware,
                          progress=wanted(args.json))
     drift = common.probe_machine(args, hw, collective=True)
-    runs = run_suite(options, names, rounds=args.rounds)
+    later: list[float] = []
+    step_probed = drift is not None and drift.probe is not None and drift.probe.step is not None
+    runs = run_suite(options, names, rounds=args.rounds,
+                     after_launch=(lambda: later.append(step_ratio(hw))) if step_probed else None)
+    if later:
+        drift = drift.with_step_readings(hw, later)
+        print(f"meshplan validate: after the runs, {drift.text()}", file=sys.stderr)
     stats = summary(runs)
     out = Path(args.out_dir)
     write_csv(runs, out / "validate.csv")
