@@ -261,11 +261,16 @@ class Drift:
         return {**(self.probe.to_json() if self.probe is not None else {}), "note": self.note,
                 "rescaled_profile": self.rescaled.name if self.rescaled is not None else None}
 
+    @property
+    def timed_step(self) -> bool:
+        """Whether the probe timed the one-rank step (later readings can join it)."""
+        return self.probe is not None and self.probe.step is not None
+
     def with_step_readings(self, hw: HardwareProfile, later: list[float]) -> Drift:
         """The drift with the one-rank step's ratio the median of the probe's reading and
         `later` ones (step_ratio, e.g. between a validation's launches), and `hw` rescaled
         by that; as it is where the step was not probed or nothing was read later."""
-        if self.probe is None or self.probe.step is None or not later:
+        if not (self.timed_step and later):
             return self
         readings = (self.probe.step, *later)
         probe = replace(self.probe, step=statistics.median(readings), step_readings=readings)

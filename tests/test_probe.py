@@ -133,7 +133,10 @@ def test_later_step_readings_rescale_by_their_median():
     assert again.probe.step == pytest.approx(1.25) and again.probe.step_readings == (1.1, 1.3, 1.2, 1.25, 1.4)
     assert again.rescaled.peak_flops["fp32"] == pytest.approx(LOCAL.peak_flops["fp32"] / 1.25)
     assert "median of 5 readings, x1.10-1.40" in again.text()
-    assert drift.with_step_readings(LOCAL, []) is drift
+    assert drift.timed_step and drift.with_step_readings(LOCAL, []) is drift
+    untimed = check_drift(LOCAL, "cpu", rescale=True, collective=False,
+                          measured=stub(gemm=1.0, memory=1.0, overhead=1.0, collective=None))
+    assert not untimed.timed_step and untimed.with_step_readings(LOCAL, [1.3]) is untimed
     unscaled = check_drift(LOCAL, "cpu", rescale=False, collective=False,
                            measured=stub(gemm=1.0, memory=1.0, overhead=1.0, collective=None, step=1.1))
     assert unscaled.with_step_readings(LOCAL, [1.3]).rescaled is None

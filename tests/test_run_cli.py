@@ -175,6 +175,9 @@ def test_probe_and_rescaled_prediction(config_json):
     out = json.loads(proc.stdout)
     probe = out["probe"]
     assert all(probe[k] > 0 for k in ("gemm", "memory", "overhead", "step")) and probe["collective"] is None
+    # the step read before and after the run; the rescale takes their median
+    assert len(probe["step_readings"]) == 2 and probe["step"] == pytest.approx(sum(probe["step_readings"]) / 2)
+    assert "meshplan run: after the run, probe" in proc.stderr
     assert probe["band"] == pytest.approx(load_profile("local").relative_error_band()[1])
     rescaled = out["rescaled"]
     assert rescaled["profile"] == probe["rescaled_profile"] and rescaled["profile"].startswith("local[")

@@ -126,8 +126,10 @@ def report(args: argparse.Namespace, cluster: Cluster, launch_run, print_table) 
     """Launch (once the run has passed its checks, probe the machine against the profile:
     common.probe_machine), then write the record (--record) and print the summary (--json
     or a table), with the prediction on the rescaled profile beside the stock one under
-    --rescale; a failed run is one line on stderr and exit code 1."""
-    from meshplan.calibration.probe import repredicted
+    --rescale; a failed run is one line on stderr and exit code 1. Where the probe timed
+    the one-rank step, it is read again after the run and the two readings' median (their
+    mean) rescales, as `meshplan validate` does after each launch."""
+    from meshplan.calibration.probe import repredicted, step_ratio
     from meshplan.executor.launch import RunFailed
     from meshplan.hw_profiles.profile import load_profile
 
@@ -139,6 +141,10 @@ def report(args: argparse.Namespace, cluster: Cluster, launch_run, print_table) 
         print(f"meshplan run: run failed: {exc}", file=sys.stderr)
         return 1
     drift = drifts[0] if drifts else None
+    if drift is not None and drift.timed_step:
+        hw = load_profile(args.hardware)
+        drift = drift.with_step_readings(hw, [step_ratio(hw)])
+        print(f"meshplan run: after the run, {drift.text()}", file=sys.stderr)
     rescaled = (repredicted(record, cluster, drift.rescaled)
                 if drift is not None and drift.rescaled is not None else None)
     if args.record:

@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
                          progress=wanted(args.json))
     drift = common.probe_machine(args, hw, collective=True)
     later: list[float] = []
-    step_probed = drift is not None and drift.probe is not None and drift.probe.step is not None
     runs = run_suite(options, names, rounds=args.rounds,
-                     after_launch=(lambda: later.append(step_ratio(hw))) if step_probed else None)
+                     after_launch=(lambda: later.append(step_ratio(hw)))
+                     if drift is not None and drift.timed_step else None)
     if later:
         drift = drift.with_step_readings(hw, later)
         print(f"meshplan validate: after the runs, {drift.text()}", file=sys.stderr)
