@@ -1,7 +1,7 @@
 """A few seconds' probe of this machine against its profile, before a run or a validation:
 the rate of a GEMM and of an elementwise add at the executor's shapes, one decoder layer's
 host overhead (eager PyTorch), the executor's one-rank training step of the validation
-model's shape, and optionally one collective over two ranks. Each is compared with what
+model's shape on every core at once, and optionally one collective over two ranks. Each is compared with what
 the profile predicts for the same operation; when the machine has drifted beyond the
 profile's error band, the profile's speed terms can be rescaled by the measured ratios
 (`Probe.rescaled`), so that a slow spell of the machine is not charged to the cost model.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -38,7 +39,7 @@ import torch
 
 from meshplan.calibration.measure.compute import (GemmShape, measure_gemms, measure_memory_bound,
                                                    torch_threads)
-from meshplan.calibration.measure.machine_load import LOAD_MODEL, LOAD_PLAN, training_step
+from meshplan.calibration.measure.machine_load import LOAD_MODEL, LOAD_PLAN, step_s_by_core
 from meshplan.calibration.overhead import measure_host_overhead
 from meshplan.core.errors import ProfileError
 from meshplan.core.host_memory import keep_freed_memory
@@ -47,6 +48,7 @@ from meshplan.executor.records import RunRecord, ServeRecord
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator.plan import Cluster
 from meshplan.simulator.serve import simulate_inference
+from meshplan.simulator.cost import per_rank_profile
 from meshplan.simulator.train import simulate
 
 # The validation model's MLP GEMM (validation.suite.VALIDATION_MODEL: hidden 256, ffn 704,
@@ -58,9 +60,9 @@ COLLECTIVE_RANKS = 2
 # Readings of each in-process operation, taken in turn; back to back on this VM single
 # readings of the GEMM and layer overhead moved by up to 11% (2026-12-01)
 ROUNDS = 3
-# Timed one-rank steps (after STEP_WARMUP): twelve alternations with single GEMM probes
-# read the GEMM at x0.99-1.37 of its profiled time while the step stayed within 154-179 ms
-# (2026-12-02), so the step, not the GEMM, sets the rescale's compute speed
+# Timed one-rank steps per core (after STEP_WARMUP): twelve alternations with single GEMM
+# probes read the GEMM at x0.99-1.37 of its profiled time while the step stayed within
+# 154-179 ms (2026-12-02), so the step, not the GEMM, sets the rescale's compute speed
 STEP_REPEATS, STEP_WARMUP = 10, 3
 
 
@@ -198,29 +200,26 @@ def _collective_s() -> float:
 
 
 def step_s() -> float:
-    """Median seconds of the executor's one-rank training step of LOAD_MODEL."""
-    step = training_step(0)
-    for _ in range(STEP_WARMUP):
-        step()
-    times = []
-    for _ in range(STEP_REPEATS):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Seconds of the executor's one-rank training step of LOAD_MODEL with every usable core
+    running it at once, on the slowest core (the median of each core's steps): a run's
+    ranks fill the cores, and a step that synchronises them waits for the slowest. Both
+    move with the machine: on 2026-12-02 here the step alone went from 79-83 ms to 51 ms
+    within hours while, with both cores busy, the second core then ran 9% slower than the
+    first."""
+    return max(step_s_by_core(sorted(os.sched_getaffinity(0)), STEP_WARMUP, STEP_REPEATS).values())
 
 
 def predicted_step_s(hw: HardwareProfile) -> float:
-    """The cost model's time on `hw` for the step `step_s` times."""
-    return simulate(LOAD_MODEL, LOAD_PLAN, Cluster(1, 1), hw).step_time_s
+    """The cost model's time on `hw` for the step `step_s` times: one rank beside as many
+    busy ranks as there are other usable cores."""
+    ranks = len(os.sched_getaffinity(0))
+    return simulate(LOAD_MODEL, LOAD_PLAN, Cluster(1, 1), per_rank_profile(hw, ranks)).step_time_s
 
 
 def step_ratio(hw: HardwareProfile) -> float:
     """One more reading of the one-rank step over its prediction on `hw`, measured as in
     `measure`."""
-    keep_freed_memory()
-    with torch_threads(1):
-        return step_s() / predicted_step_s(hw)
+    return step_s() / predicted_step_s(hw)
 
 
 def measure(collective: bool, rounds: int = ROUNDS) -> Measurement:

@@ -4,6 +4,8 @@ skipped for CUDA ranks and non-CPU profiles; a run's prediction made again on th
 profile. The real measurement runs in tests/test_run_cli.py."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from dataclasses import replace
@@ -14,6 +16,7 @@ from meshplan.calibration.probe import (ADD_ELEMENTS, COLLECTIVE_BYTES, GEMM, RE
 from meshplan.core.errors import ProfileError
 from meshplan.executor.records import RunRecord
 from meshplan.hw_profiles.profile import HardwareProfile, load_profile
+from meshplan.simulator.cost import per_rank_profile
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
@@ -23,8 +26,10 @@ FP32_ADD_BYTES = 3 * 4 * ADD_ELEMENTS  # two fp32 operands read, one written
 
 
 def one_rank_step_s(hw: HardwareProfile) -> float:
-    """The cost model's time for the probe's one-rank step on `hw`."""
-    return simulate(LOAD_MODEL, LOAD_PLAN, Cluster(1, 1), hw).step_time_s
+    """The cost model's time for the probe's one-rank step on `hw`, beside busy neighbours
+    on the other usable cores, written out."""
+    ranks = len(os.sched_getaffinity(0))
+    return simulate(LOAD_MODEL, LOAD_PLAN, Cluster(1, 1), per_rank_profile(hw, ranks)).step_time_s
 
 
 def stub(gemm: float, memory: float, overhead: float, collective: float | None, step: float | None = None):

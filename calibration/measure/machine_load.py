@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
+from meshplan.core.host_memory import keep_freed_memory
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Plan
 
@@ -72,6 +73,34 @@ def _busy_neighbours(others: list[int]):
         yield
     finally:
         stop.set()
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+
+
+def _timed_steps(core: int, warmup: int, steps: int, results) -> None:
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    keep_freed_memory()  # as the executor's ranks run
+    step = training_step(core)
+    for _ in range(warmup):
+        step()
+    results.put((core, statistics.median(_times(step, steps))))
+
+
+def step_s_by_core(cores: list[int], warmup: int, steps: int) -> dict[int, float]:
+    """Median seconds of LOAD_MODEL's training step on each of `cores` at once (a process
+    pinned to each, one thread), as a run's ranks fill the cores."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_timed_steps, args=(core, warmup, steps, results), daemon=True)
+               for core in cores]
+    try:
+        for worker in workers:
+            worker.start()
+        return dict(results.get(timeout=READY_TIMEOUT_S) for _ in workers)
+    finally:
         for worker in workers:
             worker.join(timeout=30)
             if worker.is_alive():
