@@ -1,23 +1,23 @@
 """A few seconds' probe of this machine against its profile, before a run or a validation:
 the rate of a GEMM and of an elementwise add at the executor's shapes, one decoder layer's
 host overhead (eager PyTorch), the executor's one-rank training step of the validation
-model's shape on every core at once, and optionally one collective over two ranks. Each is compared with what
-the profile predicts for the same operation; when the machine has drifted beyond the
-profile's error band, the profile's speed terms can be rescaled by the measured ratios
-(`Probe.rescaled`), so that a slow spell of the machine is not charged to the cost model.
-The one-rank step is set against the cost model's own prediction of it, so its ratio is
-the machine's speed against the profile as the model prices a whole step; the rescale
-takes the compute, memory and host terms from it, and the parallel plans a validation
-runs then test the parallel terms (collectives, pipeline, sharding). A validation reads
-the step again after each of its launches (`Drift.with_step_readings`) and rescales by the
-median of all readings, since this machine's speed moves within its minutes of runs.
-A profile measured by `meshplan profile` keeps the probe's own reading taken then (extra["probe_reference"]), and the probe compares like with like: its reading now
-over its reading then. Only against a profile without one (measured before it was kept) is
-it compared with what the profile's fits predict for the same operations, which a single
-rank alone on the machine may read faster or slower than the fits' samples.
-`check_drift` is the one entry point of `meshplan run` and `meshplan
-validate`; `repredicted` sets a run's prediction on the rescaled profile beside its
-measurement.
+model's shape on every core at once, and optionally one collective over two ranks. Each
+is compared with what the profile predicts for the same operation; when the machine has
+drifted beyond the profile's error band, the profile's speed terms can be rescaled by the
+measured ratios (`Probe.rescaled`), so that a slow spell of the machine is not charged to
+the cost model. The one-rank step is set against the cost model's own prediction of it,
+so its ratio is the machine's speed against the profile as the model prices a whole step;
+the rescale takes the compute, memory and host terms from it, and the parallel plans a
+validation runs then test the parallel terms (collectives, pipeline, sharding). A
+validation reads the step again after each of its launches (`Drift.with_step_readings`)
+and rescales by the median of all readings, since this machine's speed moves within its
+minutes of runs. A profile measured by `meshplan profile` keeps the probe's own reading
+taken then (extra["probe_reference"]), and the probe compares like with like: its reading
+now over its reading then. Only against a profile without one (measured before it was
+kept) is it compared with what the profile's fits predict for the same operations, which
+a single rank alone on the machine may read faster or slower than the fits' samples.
+`check_drift` is the one entry point of `meshplan run` and `meshplan validate`;
+`repredicted` sets a run's prediction on the rescaled profile beside its measurement.
 
 Measured as the profile was measured (calibration/measure: one torch thread, the same
 timing helper); only one shape each, so that the probe takes seconds, not minutes. It
@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
