@@ -57,7 +57,7 @@ def measure_profile(quick: bool, name: str, holdout: float, seed: int,
             overhead = measure_overhead(profile, repeats=15 if quick else 40)
             bar.advance()
             bar.describe("calibrating: drift probe")
-            reference = probe(collective=machine["usable_cpus"] >= 2)
+            reference = probe(collective=machine["usable_cpus"] >= 2, step=False)
             bar.advance()
             bar.describe("calibrating: busy neighbours")
             slowdown = neighbour_slowdown(min(machine["usable_cpus"], CPU_MAX_WORLD), rounds=2 if quick else 3)

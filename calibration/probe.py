@@ -221,11 +221,12 @@ def step_ratio(hw: HardwareProfile) -> float:
     return step_s() / predicted_step_s(hw)
 
 
-def measure(collective: bool, rounds: int = ROUNDS) -> Measurement:
+def measure(collective: bool, rounds: int = ROUNDS, step: bool = True) -> Measurement:
     """Time the probe's operations on this machine's CPU, one thread, as the executor's
     ranks run (freed memory kept, core/host_memory.py): each in-process operation the median
     of `rounds` readings taken in turn, so that a second's swing of the machine moves one
-    reading of each; then the one-rank step."""
+    reading of each; then, with `step`, the one-rank step (compare sets it against the cost
+    model, never against a kept reading, so a profile keeps its reading without it)."""
     keep_freed_memory()
     device = torch.device("cpu")
     readings = []
@@ -237,7 +238,7 @@ def measure(collective: bool, rounds: int = ROUNDS) -> Measurement:
             overhead = measure_host_overhead(repeats=8, warmup=2)
             readings.append((float(gemm.iloc[0]["time_s"]), float(mem.iloc[0]["time_s"]),
                              overhead.layer_forward_s))
-        one_rank_s = step_s()
+        one_rank_s = step_s() if step else None
     gemm_s, add_s, layer_s = (statistics.median(column) for column in zip(*readings))
     return Measurement(gemm_s, add_s, float(mem.iloc[0]["bytes"]), layer_s,
                        _collective_s() if collective else None, one_rank_s)

@@ -31,6 +31,8 @@ LOAD_MODEL = ModelSpec(name="machine-load", num_layers=4, hidden_size=256, num_h
 # What training_step runs, as the simulator prices it: one micro-batch of 2 x 128 tokens.
 LOAD_PLAN = Plan(global_batch=2, seq_len=128, micro_batch=2, dtype="fp32")
 READY_TIMEOUT_S = 120
+# Workers start afresh (not forked from a process that may hold torch threads or a group).
+SPAWN = mp.get_context("spawn")
 
 
 def training_step(seed: int):
@@ -53,30 +55,39 @@ def _train(core: int, ready, stop) -> None:
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
     step = training_step(core)
+    step()
+    ready.release()
     while not stop.is_set():
         step()
-        ready.set()
+
+
+@contextmanager
+def _processes_on(cores: list[int], target, *args, stop=None):
+    """Within the block a spawned process runs target(core, *args) on each of `cores`; on
+    leaving, `stop` (an event of SPAWN, if given) is set and each process is given 30 s to
+    end, then killed."""
+    workers = [SPAWN.Process(target=target, args=(core, *args), daemon=True) for core in cores]
+    try:
+        for worker in workers:
+            worker.start()
+        yield
+    finally:
+        if stop is not None:
+            stop.set()
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
 
 
 @contextmanager
 def _busy_neighbours(others: list[int]):
     """Within the block each of the `others` cores trains LOAD_MODEL."""
-    context = mp.get_context("spawn")
-    stop, ready = context.Event(), [context.Event() for _ in others]
-    workers = [context.Process(target=_train, args=(core, event, stop), daemon=True)
-               for core, event in zip(others, ready)]
-    try:
-        for worker in workers:
-            worker.start()
-        for event in ready:
-            event.wait(READY_TIMEOUT_S)
+    stop, ready = SPAWN.Event(), SPAWN.Semaphore(0)
+    with _processes_on(others, _train, ready, stop, stop=stop):
+        for _ in others:
+            ready.acquire(timeout=READY_TIMEOUT_S)
         yield
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(timeout=30)
-            if worker.is_alive():
-                worker.kill()
 
 
 def _timed_steps(core: int, warmup: int, steps: int, results) -> None:
@@ -92,19 +103,9 @@ def _timed_steps(core: int, warmup: int, steps: int, results) -> None:
 def step_s_by_core(cores: list[int], warmup: int, steps: int) -> dict[int, float]:
     """Median seconds of LOAD_MODEL's training step on each of `cores` at once (a process
     pinned to each, one thread), as a run's ranks fill the cores."""
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    workers = [context.Process(target=_timed_steps, args=(core, warmup, steps, results), daemon=True)
-               for core in cores]
-    try:
-        for worker in workers:
-            worker.start()
-        return dict(results.get(timeout=READY_TIMEOUT_S) for _ in workers)
-    finally:
-        for worker in workers:
-            worker.join(timeout=30)
-            if worker.is_alive():
-                worker.kill()
+    results = SPAWN.Queue()
+    with _processes_on(cores, _timed_steps, warmup, steps, results):
+        return dict(results.get(timeout=READY_TIMEOUT_S) for _ in cores)
 
 
 def neighbour_slowdown(ranks: int, rounds: int = 3, steps: int = 12) -> float:
