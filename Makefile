@@ -48,8 +48,9 @@ demo: install
 	$(MESHPLAN) run --mode inference --model examples/tiny-llama/config.json --hardware local \
 	  --gpus 2 --tp 2 --batch 4 --prompt-len 64 --gen-len 32
 
+# --durations: the slowest tests, so that the suite can be kept under its 15 minutes
 test: install install-exports browser
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=25
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow"
