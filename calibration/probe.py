@@ -59,6 +59,7 @@ COLLECTIVE_RANKS = 2
 # Readings of each in-process operation, taken in turn; back to back on this VM single
 # readings of the GEMM and layer overhead moved by up to 11% (2026-12-01)
 ROUNDS = 3
+GEMM_REPEATS = 8
 # Timed one-rank steps per core (after STEP_WARMUP): twelve alternations with single GEMM
 # probes read the GEMM at x0.99-1.37 of its profiled time while the step stayed within
 # 154-179 ms (2026-12-02), so the step, not the GEMM, sets the rescale's compute speed
@@ -232,7 +233,9 @@ def measure(collective: bool, rounds: int = ROUNDS, step: bool = True) -> Measur
     readings = []
     with torch_threads(1):
         for _ in range(rounds):
-            gemm = measure_gemms([GEMM], ["fp32"], device, repeats=20, warmup=3, budget_s=0.5)
+            # each timed GEMM follows a sweep of the last-level cache (57 ms of the 480 MiB
+            # here): eight a round keep the probe near 10 s
+            gemm = measure_gemms([GEMM], ["fp32"], device, repeats=GEMM_REPEATS, warmup=3, budget_s=0.5)
             mem = measure_memory_bound(["add"], [ADD_ELEMENTS], ["fp32"], device, repeats=20, warmup=3,
                                        budget_s=0.5)
             overhead = measure_host_overhead(repeats=8, warmup=2)

@@ -102,9 +102,10 @@ def cache_flush(device: torch.device) -> Callable[[], object] | None:
 
 
 def time_call_s(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
-                budget_s: float, before: Callable[[], object] | None = None) -> tuple[float, float, int]:
-    """(median s, std s, calls timed) of fn() on device; `before` (untimed) runs before
-    each timed call."""
+                budget_s: float | None, before: Callable[[], object] | None = None) -> tuple[float, float, int]:
+    """(median s, std s, calls timed) of fn() on device: `repeats` calls, fewer where they
+    would overrun `budget_s` (never fewer than MIN_REPEATS; None: no budget, all of them);
+    `before` (untimed) runs before each timed call."""
     for _ in range(max(warmup, 1)):
         fn()
     if device.type == "cuda":
@@ -113,7 +114,8 @@ def time_call_s(fn: Callable[[], object], device: torch.device, repeats: int, wa
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    n = max(MIN_REPEATS, min(repeats, int(budget_s / max(time.perf_counter() - start, 1e-9))))
+    n = repeats if budget_s is None else max(MIN_REPEATS, min(repeats, int(budget_s / max(
+        time.perf_counter() - start, 1e-9))))
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(n)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import time
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 import torch
 
 from meshplan.core.host_memory import keep_freed_memory
+from meshplan.executor.launch import RunFailed
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Plan
 
@@ -56,21 +58,23 @@ def _train(core: int, ready, stop) -> None:
     torch.set_num_threads(1)
     step = training_step(core)
     step()
-    ready.release()
+    ready.put((core, True))
     while not stop.is_set():
         step()
 
 
 @contextmanager
 def _processes_on(cores: list[int], target, *args, stop=None):
-    """Within the block a spawned process runs target(core, *args) on each of `cores`; on
-    leaving, `stop` (an event of SPAWN, if given) is set and each process is given 30 s to
-    end, then killed."""
-    workers = [SPAWN.Process(target=target, args=(core, *args), daemon=True) for core in cores]
+    """Within the block a spawned process runs target(core, results, *args) on each of
+    `cores`, and the block gets a reader of what they put in `results` (_gather); on leaving,
+    `stop` (an event of SPAWN, if given) is set and each process is given 30 s to end, then
+    killed."""
+    results = SPAWN.Queue()
+    workers = [SPAWN.Process(target=target, args=(core, results, *args), daemon=True) for core in cores]
     try:
         for worker in workers:
             worker.start()
-        yield
+        yield lambda: _gather(results, workers)
     finally:
         if stop is not None:
             stop.set()
@@ -80,17 +84,32 @@ def _processes_on(cores: list[int], target, *args, stop=None):
                 worker.kill()
 
 
+def _gather(results, workers) -> dict:
+    """{core: value} of the (core, value) each worker puts in `results`; RunFailed as soon as
+    one has exited without putting it, or after READY_TIMEOUT_S."""
+    out, deadline = {}, time.monotonic() + READY_TIMEOUT_S
+    while len(out) < len(workers):
+        try:
+            core, value = results.get(timeout=0.5)
+            out[core] = value
+        except queue.Empty:
+            dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                raise RunFailed(f"the machine-load step's processes failed (exit codes {dead})" if dead
+                                else f"the machine-load step gave no reading within {READY_TIMEOUT_S} s") from None
+    return out
+
+
 @contextmanager
 def _busy_neighbours(others: list[int]):
-    """Within the block each of the `others` cores trains LOAD_MODEL."""
-    stop, ready = SPAWN.Event(), SPAWN.Semaphore(0)
-    with _processes_on(others, _train, ready, stop, stop=stop):
-        for _ in others:
-            ready.acquire(timeout=READY_TIMEOUT_S)
+    """Within the block each of the `others` cores trains LOAD_MODEL (from its first step on)."""
+    stop = SPAWN.Event()
+    with _processes_on(others, _train, stop, stop=stop) as gather:
+        gather()
         yield
 
 
-def _timed_steps(core: int, warmup: int, steps: int, results) -> None:
+def _timed_steps(core: int, results, warmup: int, steps: int) -> None:
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
     keep_freed_memory()  # as the executor's ranks run
@@ -103,9 +122,8 @@ def _timed_steps(core: int, warmup: int, steps: int, results) -> None:
 def step_s_by_core(cores: list[int], warmup: int, steps: int) -> dict[int, float]:
     """Median seconds of LOAD_MODEL's training step on each of `cores` at once (a process
     pinned to each, one thread), as a run's ranks fill the cores."""
-    results = SPAWN.Queue()
-    with _processes_on(cores, _timed_steps, warmup, steps, results):
-        return dict(results.get(timeout=READY_TIMEOUT_S) for _ in cores)
+    with _processes_on(cores, _timed_steps, warmup, steps) as gather:
+        return gather()
 
 
 def neighbour_slowdown(ranks: int, rounds: int = 3, steps: int = 12) -> float:
