@@ -266,3 +266,19 @@ def test_each_reading_is_the_median_of_its_rounds(monkeypatch):
     m = probe.measure(collective=False, rounds=3)
     assert (m.gemm_s, m.add_s, m.layer_forward_s, m.collective_s, m.step_s) == (2e-3, 7e-3, 5e-4, None, 0.08)
     assert m.add_bytes == FP32_ADD_BYTES
+    # the profile keeps its reading without the step, which is only ever set against the model
+    gemm, add, layer = iter([3e-3, 1e-3, 2e-3]), iter([9e-3, 5e-3, 7e-3]), iter([4e-4, 6e-4, 5e-4])
+    monkeypatch.setattr(probe, "step_s", lambda: pytest.fail("the step was timed"))
+    assert probe.measure(collective=False, rounds=3, step=False).step_s is None
+
+
+def test_a_machine_load_worker_that_dies_fails_the_probe_at_once(monkeypatch):
+    """A worker that exits without its reading (here: a target that cannot take the
+    arguments) fails with the exit codes, instead of waiting out the reading's timeout."""
+    import time
+    from meshplan.calibration.measure import machine_load
+    from meshplan.executor.launch import RunFailed
+    monkeypatch.setattr(machine_load, "READY_TIMEOUT_S", 3600)
+    with pytest.raises(RunFailed, match=r"exit codes \[1\]"):
+        with machine_load._processes_on([sorted(os.sched_getaffinity(0))[0]], time.sleep) as gather:
+            gather()

@@ -53,12 +53,12 @@ def training_step(seed: int):
     return step
 
 
-def _train(core: int, ready, stop) -> None:
+def _train(core: int, results, stop) -> None:
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
     step = training_step(core)
     step()
-    ready.put((core, True))
+    results.put((core, True))
     while not stop.is_set():
         step()
 
