@@ -62,8 +62,8 @@ def combo_ids(r: dict, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     for k in keys:
         x = np.asarray(r[k])
         if x.dtype.kind in "biu":
-            low = int(x.min())
-            codes, size = x.astype(np.int64) - low, int(x.max()) - low + 1
+            low, x = int(x.min()), x.astype(np.int64, copy=False)  # no copy of an int64 knob
+            codes, size = x - low if low else x, int(x.max()) - low + 1
         else:
             codes, uniq = pd.factorize(x)
             size = len(uniq)
@@ -290,10 +290,11 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     c = _col
     z, v = r["zero"], r["virtual_stages"]
     parts, degrees = _split(r, params, n)
-    states = [sum(part * np.select([c(z) == k for k in range(4)],
-                                   [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["gd"])[i]
-                                    for k in range(4)]) for part, degree in zip(parts, degrees))
-              for i in range(3)]
+    stage = [c(z) == k for k in range(4)]
+    states = [0.0, 0.0, 0.0]
+    for part, degree in zip(parts, degrees):
+        per_param = [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["gd"]) for k in range(4)]
+        states = [total + part * np.select(stage, [b[i] for b in per_param]) for i, total in enumerate(states)]
     states[1] = np.where(c(r["accumulate_whole"]), params * r["gd"], states[1])
     # ZeRO-3 gathered weights: in backward the current and the prefetched layer, or, without
     # resharding after forward, every layer of the rank from its forward to its backward
