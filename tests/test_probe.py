@@ -282,3 +282,54 @@ def test_a_machine_load_worker_that_dies_fails_the_probe_at_once(monkeypatch):
     with pytest.raises(RunFailed, match=r"exit codes \[1\]"):
         with machine_load._processes_on([sorted(os.sched_getaffinity(0))[0]], time.sleep) as gather:
             gather()
+
+
+def test_serving_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, tmp_path, capsys):
+    """`meshplan validate --mode inference --rescale --json` probes as the training suite does:
+    the step read again after each launch, and TTFT and TPOT predicted again on the rescaled
+    profile beside the stock ones (a stub measurement, two recorded runs instead of the suite)."""
+    import json
+
+    from meshplan.calibration import probe as probe_module
+    from meshplan.cli import main
+    from meshplan.executor import launch
+    from meshplan.executor.records import ServeRecord
+    from meshplan.simulator.serve import simulate_inference
+    from meshplan.validation import serve_suite
+    from meshplan.validation.serve_suite import SERVE_MODEL, ServeValidationRun
+
+    def recorded(name, plan) -> ServeValidationRun:
+        prediction = simulate_inference(SERVE_MODEL, plan, Cluster(plan.num_gpus, plan.num_gpus), LOCAL).to_json()
+        return ServeValidationRun(name, ServeRecord(
+            model=SERVE_MODEL, plan=plan, dtype_requested="fp32", kv_dtype_requested="fp32", device="cpu",
+            world_size=plan.num_gpus, profile="local", prediction=prediction, prediction_note="",
+            ttft_s=(0.05, 0.05), decode_s=(0.2, 0.2), warmup=1,
+            memory_by_rank=({"peak_bytes": 2 ** 20, "weights_bytes": 2 ** 19, "kv_cache_bytes": 2 ** 18},),
+            tokens=((1,),), seed=0))
+
+    runs = [recorded(name, plan) for name, plan in serve_suite.SUITE[:2]]
+
+    def one_launch(*_args, after_launch=None, **_kwargs):
+        after_launch()
+        return runs
+    monkeypatch.setattr(serve_suite, "run_suite", one_launch)
+    monkeypatch.setattr(probe_module, "measure", stub(gemm=2.0, memory=2.0, overhead=2.0, collective=1.0,
+                                                      step=2.0))
+    monkeypatch.setattr(probe_module, "step_ratio", lambda hw: 1.8)
+    monkeypatch.setattr(launch, "device_type", lambda: "cpu")
+    names = ",".join(name for name, _ in serve_suite.SUITE[:2])
+    code = main(["validate", "--mode", "inference", "--plans", names, "--rescale", "--json",
+                 "--out-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert err.startswith("meshplan validate: probe (measured / profiled, against ")
+    assert "after the runs, probe" in err and "one-rank step x1.90 (against its prediction; median of 2" in err
+    result = json.loads(out)
+    assert result["probe"]["step_readings"] == pytest.approx([2.0, 1.8])
+    again = result["rescaled"]["runs"]
+    assert [r["profile"] for r in again] == [result["probe"]["rescaled_profile"]] * 2
+    for stock, rescaled in zip(result["runs"], again):
+        assert rescaled["measured_ttft_s"] == stock["measured_ttft_s"] == pytest.approx(0.05)
+        assert rescaled["predicted_ttft_s"] > stock["predicted_ttft_s"]
+        assert rescaled["predicted_tpot_s"] > stock["predicted_tpot_s"]
+    assert set(result["rescaled"]) == {"runs", "ttft", "tpot"}

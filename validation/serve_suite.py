@@ -8,6 +8,7 @@ sharing the 2 cores of this machine)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from meshplan.executor.launch import launch_serve_many
 from meshplan.executor.options import ServeOptions
@@ -68,9 +69,10 @@ class ServeValidationRun:
 
 
 def run_suite(options: ServeOptions = SUITE_OPTIONS, names: tuple[str, ...] | None = None,
-              suite: tuple[tuple[str, InferencePlan], ...] = SUITE,
-              model: ModelSpec = SERVE_MODEL) -> list[ServeValidationRun]:
-    """Run the suite's plans (or those named), one torchrun launch per world size."""
+              suite: tuple[tuple[str, InferencePlan], ...] = SUITE, model: ModelSpec = SERVE_MODEL,
+              after_launch: Callable[[], None] | None = None) -> list[ServeValidationRun]:
+    """Run the suite's plans (or those named), one torchrun launch per world size;
+    `after_launch` (e.g. a probe reading) runs after each."""
     chosen = [(n, p) for n, p in suite if names is None or n in names]
     runs: list[ServeValidationRun] = []
     for world in sorted({p.num_gpus for _, p in chosen}):
@@ -78,6 +80,8 @@ def run_suite(options: ServeOptions = SUITE_OPTIONS, names: tuple[str, ...] | No
         records = launch_serve_many([(model, p) for _, p in group], Cluster(world, world),
                                         options)
         runs += [ServeValidationRun(n, r) for (n, _), r in zip(group, records)]
+        if after_launch is not None:
+            after_launch()
     return runs
 
 

@@ -115,11 +115,12 @@ def run_suite(options: RunOptions, names: tuple[str, ...] | None = None,
             for n, _, p in chosen if p.world_size == world]
 
 
-def repredict(runs: list[ValidationRun], hw: HardwareProfile) -> list[ValidationRun]:
-    """The runs with their predictions made again on `hw` (e.g. a profile rescaled by a
-    probe of the machine), the measurements kept."""
-    return [ValidationRun(run.name, repredicted(run.record, Cluster(run.record.world_size,
-                                                                 run.record.world_size), hw))
+def repredict(runs: list, hw: HardwareProfile) -> list:
+    """The runs (ValidationRun, or serve_suite's ServeValidationRun) with their predictions
+    made again on `hw` (e.g. a profile rescaled by a probe of the machine), the measurements
+    kept."""
+    return [replace(run, record=repredicted(run.record, Cluster(run.record.world_size, run.record.world_size),
+                                            hw))
             for run in runs]
 
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshplan.cli import common as common
 from meshplan.core.io import dump_json
 from meshplan.core.progress import wanted
+
+if TYPE_CHECKING:
+    from meshplan.calibration.probe import Drift
 
 
 def register(subparsers) -> None:
@@ -52,9 +56,38 @@ def chosen_names(plans: str | None, suite: tuple, what: str) -> tuple[str, ...] 
     return names
 
 
+def probed(args: argparse.Namespace, hw, run_suite) -> tuple[list, Drift | None]:
+    """The suite's runs (run_suite(after_launch)) and the drift probe's verdict: the machine
+    probed first (common.probe_machine), and where the probe timed the one-rank step, the
+    step read again after each launch, the readings' median rescaling (Drift.
+    with_step_readings); the drift None when not probed."""
+    from meshplan.calibration.probe import step_ratio
+
+    drift = common.probe_machine(args, hw, collective=True)
+    later: list[float] = []
+    runs = run_suite((lambda: later.append(step_ratio(hw))) if drift is not None and drift.timed_step else None)
+    if later:
+        drift = drift.with_step_readings(hw, later)
+        print(f"meshplan validate: after the runs, {drift.text()}", file=sys.stderr)
+    return runs, drift
+
+
+def with_probe(result: dict, runs: list, drift: Drift | None, summary) -> dict:
+    """`result` with the probe's verdict and, under --rescale, the runs predicted again on
+    the rescaled profile (`summary` of them beside the runs)."""
+    from meshplan.validation.suite import repredict
+
+    if drift is None:
+        return result
+    result = {**result, "probe": drift.to_json()}
+    if drift.rescaled is not None:
+        rescaled = repredict(runs, drift.rescaled)
+        result["rescaled"] = {"runs": [r.to_json() for r in rescaled], **summary(rescaled)}
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     from meshplan.executor.options import RunOptions
-    from meshplan.calibration.probe import step_ratio
     from meshplan.validation.suite import SUITES, run_suite, summary
     from meshplan.reports.validation import write_csv, write_html
     from meshplan.hw_profiles.profile import load_profile
@@ -68,27 +101,16 @@ def run(args: argparse.Namespace) -> int:
         raise PlanError("--rounds", f"must be at least 1, got {args.rounds}", "pass --rounds 1 or more")
     options = RunOptions(steps=args.steps, warmup=args.warmup, profile=args.hardware,
                          progress=wanted(args.json))
-    drift = common.probe_machine(args, hw, collective=True)
-    later: list[float] = []
-    runs = run_suite(options, names, rounds=args.rounds,
-                     after_launch=(lambda: later.append(step_ratio(hw)))
-                     if drift is not None and drift.timed_step else None)
-    if later:
-        drift = drift.with_step_readings(hw, later)
-        print(f"meshplan validate: after the runs, {drift.text()}", file=sys.stderr)
+    runs, drift = probed(args, hw, lambda after_launch: run_suite(options, names, rounds=args.rounds,
+                                                                 after_launch=after_launch))
     stats = summary(runs)
     out = Path(args.out_dir)
     write_csv(runs, out / "validate.csv")
     write_html(runs, stats, hw.relative_error_band(), out / "validate.html",
                f"meshplan validate ({hw.name})")
-    result = {"runs": [r.to_json() for r in runs], **stats,
-              "csv": str(out / "validate.csv"), "html": str(out / "validate.html")}
-    if drift is not None:
-        result["probe"] = drift.to_json()
-    if drift is not None and drift.rescaled is not None:
-        from meshplan.validation.suite import repredict
-        rescaled = repredict(runs, drift.rescaled)
-        result["rescaled"] = {"runs": [r.to_json() for r in rescaled], **summary(rescaled)}
+    result = with_probe({"runs": [r.to_json() for r in runs], **stats,
+                         "csv": str(out / "validate.csv"), "html": str(out / "validate.html")},
+                        runs, drift, summary)
     if args.refit:
         from meshplan.calibration.refit import refit
         fitted = refit(hw, [r.name for r in runs], [r.record for r in runs])
@@ -145,15 +167,16 @@ def run_inference(args: argparse.Namespace) -> int:
                         "drop --refit with --mode inference")
     hw = load_profile(args.hardware)
     names = chosen_names(args.plans, SUITE, "serving suite")
-    runs = run_suite(replace(SUITE_OPTIONS, profile=args.hardware, progress=wanted(args.json)),
-                     names)
+    options = replace(SUITE_OPTIONS, profile=args.hardware, progress=wanted(args.json))
+    runs, drift = probed(args, hw, lambda after_launch: run_suite(options, names, after_launch=after_launch))
     stats = summary(runs)
     out = Path(args.out_dir)
     csv, html = out / "validate-inference.csv", out / "validate-inference.html"
     write_csv(runs, csv)
     write_html(runs, stats, hw.relative_error_band(), html,
                f"meshplan validate --mode inference ({hw.name})")
-    result = {"runs": [r.to_json() for r in runs], **stats, "csv": str(csv), "html": str(html)}
+    result = with_probe({"runs": [r.to_json() for r in runs], **stats, "csv": str(csv), "html": str(html)},
+                        runs, drift, summary)
     if args.json:
         sys.stdout.write(dump_json(result))
     else:
@@ -181,3 +204,8 @@ def print_inference_table(result: dict) -> None:
         console.print(f"{key.upper()}: median |error| {s['median_abs_error']:.1%}  max |error| "
                       f"{s['max_abs_error']:.1%}  Spearman {s['spearman']:.2f}")
     console.print(f"CSV: {result['csv']}  HTML: {result['html']}")
+    if "rescaled" in result:
+        for key in ("ttft", "tpot"):
+            s = result["rescaled"][key]
+            console.print(f"with the profile rescaled by the probe, {key.upper()}: median |error| "
+                          f"{s['median_abs_error']:.1%}  max |error| {s['max_abs_error']:.1%}  Spearman {s['spearman']:.2f}")
