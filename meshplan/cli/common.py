@@ -195,3 +195,13 @@ def probe_machine(args: argparse.Namespace, hw, collective: bool):
     drift = check_drift(hw, device_type(), args.rescale, collective)
     print(f"meshplan {args.command}: {drift.text()}", file=sys.stderr)
     return drift
+
+
+def probe_again(args: argparse.Namespace, hw, drift, later: list[float], after: str):
+    """The drift with the one-rank step read again `later` (Drift.with_step_readings), its
+    verdict on stderr, said to come `after` what ran; as it is where nothing was read."""
+    if not later:
+        return drift
+    drift = drift.with_step_readings(hw, later)
+    print(f"meshplan {args.command}: after {after}, {drift.text()}", file=sys.stderr)
+    return drift

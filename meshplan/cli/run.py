@@ -133,18 +133,19 @@ def report(args: argparse.Namespace, cluster: Cluster, launch_run, print_table) 
     from meshplan.executor.launch import RunFailed
     from meshplan.hw_profiles.profile import load_profile
 
-    drifts = []
+    probed = []  # (profile, drift) once the run has passed its checks
+
+    def probe():
+        hw = load_profile(args.hardware)
+        probed.append((hw, common.probe_machine(args, hw, collective=cluster.ranks_per_node > 1)))
     try:
-        record = launch_run(lambda: drifts.append(common.probe_machine(
-            args, load_profile(args.hardware), collective=cluster.ranks_per_node > 1)))
+        record = launch_run(probe)
     except RunFailed as exc:
         print(f"meshplan run: run failed: {exc}", file=sys.stderr)
         return 1
-    drift = drifts[0] if drifts else None
+    hw, drift = probed[0] if probed else (None, None)
     if drift is not None and drift.timed_step:
-        hw = load_profile(args.hardware)
-        drift = drift.with_step_readings(hw, [step_ratio(hw)])
-        print(f"meshplan run: after the run, {drift.text()}", file=sys.stderr)
+        drift = common.probe_again(args, hw, drift, [step_ratio(hw)], "the run")
     rescaled = (repredicted(record, cluster, drift.rescaled)
                 if drift is not None and drift.rescaled is not None else None)
     if args.record:

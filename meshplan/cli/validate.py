@@ -66,10 +66,7 @@ def probed(args: argparse.Namespace, hw, run_suite) -> tuple[list, Drift | None]
     drift = common.probe_machine(args, hw, collective=True)
     later: list[float] = []
     runs = run_suite((lambda: later.append(step_ratio(hw))) if drift is not None and drift.timed_step else None)
-    if later:
-        drift = drift.with_step_readings(hw, later)
-        print(f"meshplan validate: after the runs, {drift.text()}", file=sys.stderr)
-    return runs, drift
+    return runs, common.probe_again(args, hw, drift, later, "the runs")
 
 
 def with_probe(result: dict, runs: list, drift: Drift | None, summary) -> dict:
