@@ -447,7 +447,7 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     Op.kernel_redo): compute, not recompute. Selective recompute redoes the attention core
     where it was kept (Korthikanti et al. 2022 sec 4.3; nothing to redo under fused
     attention); full recompute redoes the
-    whole forward, its TP communication too; per-op selective AC (torchtitan) redoes what
+    whole forward, its TP and CP communication too; per-op selective AC (torchtitan) redoes what
     ops.op_sac marks, and the TP collectives whose outputs it does not save. TP overlap
     (Megatron-LM --tp-comm-overlap, torchtitan async TP) splits each TP collective and its weight GEMMs into tp pieces run
     as a pipeline: one piece of the communication stays exposed, the rest hides behind the
@@ -486,7 +486,7 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     cp_f, cp_cf = overlap_split(cp_raw_f, (cp - 1) * lay.core_s / cp, hw)
     cp_b, cp_cb = overlap_split(cp_raw_b, (cp - 1) * (lay.core_bwd_s + flash_redo) / cp, hw)
     full, op = recompute == FULL, recompute == OP
-    redo = (lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + split_f) * full
+    redo = (lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + cp_cf + split_f) * full
             + lay.sac_redo_s * op + lay.module_redo_s * (recompute == NORM_ACT))
     # per-op selective AC saves reduce-scatter outputs, so it redoes SP's all-gathers (half
     # the layer's TP communication) or, without SP, the all-reduces
@@ -506,8 +506,8 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     return LayerTimes(
         fwd_compute_s=fwd_compute, bwd_input_s=bwd_input,
         bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * tp_redo,
-        cp_fwd_s=cp_f, cp_bwd_s=cp_b, contention_fwd_s=tp_cf + cp_cf, contention_bwd_s=tp_cb + cp_cb,
-        tp_raw_s=tp_raw * (2 + tp_redo), cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b,
+        cp_fwd_s=cp_f, cp_bwd_s=cp_b + cp_f * full, contention_fwd_s=tp_cf + cp_cf, contention_bwd_s=tp_cb + cp_cb,
+        tp_raw_s=tp_raw * (2 + tp_redo), cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b + cp_raw_f * full,
         ep_fwd_s=ep_f, ep_bwd_s=ep_b, ep_pair_fwd_s=pair_f, ep_pair_bwd_s=pair_b,
         contention_pair_fwd_s=pair_cf, contention_pair_bwd_s=pair_cb,
         host_gap_fwd_s=gap * np.ones_like(ep_f), host_gap_bwd_s=gap * full)

@@ -156,3 +156,21 @@ def test_ring_exchange_hides_behind_the_attention_it_runs_beside():
     assert fwd_exposed == pytest.approx(fwd_raw - hidden_f, rel=1e-9)
     assert bwd_exposed == pytest.approx(bwd_raw - hidden_b, rel=1e-9)
     assert 2.3 < hidden_b / hidden_f < 2.7  # five matmuls against two, at the kernel's scales
+
+
+def test_full_recompute_redoes_the_ring_exchange_of_the_forward():
+    """Full recompute runs the layer's forward again in backward, its ring exchange too:
+    the backward's exchange, exposed part and contention each gain the forward's, as the
+    TP collectives do."""
+    model, cp = ZOO["llama-3-8b"], 4
+    shard = Shard(1, 32768 // cp, cp=cp, flash=True)
+    slow = A100.scaled(inter_node_bw=0.01)  # an exchange longer than the attention
+    st = shard_times(model, slow, [shard], "bf16")
+    none, full = (layer_times(model, slow, st, shard.tokens, 2, 1, False, cp, rc, 8, 1, flash=True,
+                              tp_overlap=False) for rc in (NONE, FULL))
+    v = {k: float(np.ravel(getattr(none, k))[0]) for k in ("cp_fwd_s", "cp_bwd_s", "cp_raw_fwd_s",
+                                                             "cp_raw_bwd_s", "contention_fwd_s", "fwd_compute_s")}
+    assert v["cp_fwd_s"] > 0  # the forward's exchange is partly exposed
+    assert float(np.ravel(full.cp_bwd_s)[0]) == pytest.approx(v["cp_bwd_s"] + v["cp_fwd_s"])
+    assert float(np.ravel(full.cp_raw_bwd_s)[0]) == pytest.approx(v["cp_raw_bwd_s"] + v["cp_raw_fwd_s"])
+    assert float(np.ravel(full.recompute_s)[0]) == pytest.approx(v["fwd_compute_s"] + v["contention_fwd_s"])
