@@ -68,6 +68,49 @@ def test_bad_input_is_one_line_exit_2(args, field, tmp_path):
     assert not trace.exists()
 
 
+def test_a_plan_over_memory_is_refused_with_its_parts(tmp_path):
+    """Llama 3 70B replicated on 8 H100s (ZeRO 0): bf16 weights (2 bytes), fp32 gradients (4,
+    the default fp32 reduce) and fp32 master weights with Adam's two moments (12) are 18 bytes
+    x 70.6B parameters = 1183 GiB per device (Megatron-LM's distributed optimizer guide counts
+    the same 18). One line, exit 2, the parts as the library prices them, the knobs that
+    shrink them, no trace written."""
+    from meshplan.hw_profiles.profile import load_profile
+    from meshplan.simulator.model_spec import ZOO
+    from meshplan.simulator.plan import Cluster, Plan
+    from meshplan.simulator.train import simulate
+
+    trace = tmp_path / "trace.json"
+    out = meshplan("simulate", "--model", "llama-3-70b", "--hardware", "h100-80gb", "--gpus", "8", "--dp", "8",
+                   "--zero", "0", "--global-batch", "8", "--seq-len", "8192", "--trace", str(trace))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert not trace.exists()
+    result = simulate(ZOO["llama-3-70b"], Plan(global_batch=8, seq_len=8192, dp=8, zero=0), Cluster(8, 8),
+                      load_profile("h100-80gb"))
+    mem = result.stages[0].memory
+    states = (mem.weights_bytes + mem.gradients_bytes + mem.optimizer_bytes) / 2 ** 30
+    assert states == pytest.approx(18 * ZOO["llama-3-70b"].num_params() / 2 ** 30, rel=0.001)
+    assert f"needs {result.peak_memory_bytes / 2 ** 30:.1f} GiB" in out.stderr
+    assert f"optimizer {mem.optimizer_bytes / 2 ** 30:.1f}" in out.stderr
+    assert "--zero 3" in out.stderr and "--recompute full" in out.stderr
+
+
+def test_a_serving_plan_over_memory_names_the_largest_batch_that_fits():
+    from meshplan.hw_profiles.profile import load_profile
+    from meshplan.simulator.model_spec import ZOO
+    from meshplan.simulator.plan import Cluster
+    from meshplan.simulator.serve import InferencePlan, simulate_inference
+
+    out = meshplan("simulate", "--mode", "inference", "--model", "llama-3-8b", "--hardware", "h100-80gb",
+                   "--gpus", "1", "--batch", "400", "--prompt-len", "8192", "--gen-len", "8192", "--json")
+    assert out.returncode == 2 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1
+    fits = simulate_inference(ZOO["llama-3-8b"], InferencePlan(batch=400, prompt_len=8192, gen_len=8192),
+                              Cluster(1, 8), load_profile("h100-80gb"))
+    assert 0 < fits.max_batch < 400 and f"--batch {fits.max_batch} (the largest that fits)" in out.stderr
+    # 8B weights in bf16 (~15 GiB) and 400 x 16K tokens of KV cache (128 KiB each: 32 layers x
+    # 8 KV heads x 128 x 2 tensors x 2 bytes) = 800 GiB
+    assert "KV cache 800.0 GiB" in out.stderr
+
+
 def test_corrupt_model_file(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text('{"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 100, "moe": 1}')

@@ -113,9 +113,11 @@ def run_capacity(args: argparse.Namespace) -> int:
     if args.days is not None and found.answer is None:
         done = [o for o in found.options if o.days is not None]
         fastest = min(done, key=lambda o: o.days) if done else None
-        raise PlanError("search.days", f"no count of {counts[0]}-{counts[-1]} GPUs trains {args.tokens:g} "
-                        f"tokens within {args.days:g} days" + (f" (fastest: {fastest.days:.1f} days on "
-                                                               f"{fastest.gpus} GPUs)" if fastest else ""),
+        tried = (f"{counts[0]} GPUs do not train" if len(counts) == 1
+                 else f"no count of {counts[0]}-{counts[-1]} GPUs trains")
+        raise PlanError("search.days", f"{tried} {args.tokens:g} tokens within {args.days:g} "
+                        f"day{'' if args.days == 1 else 's'}" + (f" (fastest: {fastest.days:.1f} days on "
+                                                                 f"{fastest.gpus} GPUs)" if fastest else ""),
                         "allow more GPUs (--gpus) or more days, or a larger global batch")
     if args.json:
         sys.stdout.write(dump_json(found.to_json()))

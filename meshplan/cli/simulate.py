@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from meshplan.core.errors import PlanError
 from meshplan.core.units import GIB, rate_text
 from meshplan.cli import common as common
 from meshplan.core.io import dump_json
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         return run_inference(args)
     model, plan, cluster, hw = resolve(args)
     result = simulate(model, plan, cluster, hw)
+    if not result.fits:
+        raise _over_memory(result, hw.memory_bytes)
     if args.trace:
         write_chrome_trace(result.pipeline, args.trace, label=result.label, op_comm=result.op_comm)
     if args.timeline:
@@ -60,11 +63,42 @@ def run_inference(args: argparse.Namespace) -> int:
     cluster = common.cluster_from_args(args, hw.gpus_per_node)
     plan = InferencePlan(**common.inference_plan_fields(args, cluster))
     result = simulate_inference(model, plan, cluster, hw)
+    if not result.fits:
+        raise _over_memory_serving(result, hw.memory_bytes)
     if args.json:
         sys.stdout.write(dump_json(result.to_json()))
     else:
         print_inference_summary(result.to_json(), model.name, hw.name)
     return 0
+
+
+def _over_memory(result, capacity_bytes: float) -> PlanError:
+    """The refusal of a training plan over the device's usable memory: its fullest stage's
+    parts, and the knobs that would shrink them."""
+    i = max(range(len(result.stages)), key=lambda k: result.stages[k].memory.total_bytes)
+    mem, plan = result.stages[i].memory, result.plan
+    parts = ", ".join(f"{name} {b / GIB:.1f}" for name, b in (
+        ("weights", mem.weights_bytes), ("gradients", mem.gradients_bytes), ("optimizer", mem.optimizer_bytes),
+        ("activations", mem.activations_bytes), ("buffers", mem.buffers_bytes)))
+    helps = (["--zero 3 (shards weights, gradients and optimizer over the dp x cp ranks)"]
+             if plan.zero < 3 and plan.dp * plan.cp > 1 else []) + (
+             ["--recompute full"] if plan.recompute != "full" else []) + (
+             ["a smaller --micro-batch"] if plan.micro_batch > 1 else []) + ["more --tp or --pp", "more --gpus"]
+    return PlanError("plan", f"needs {result.peak_memory_bytes / GIB:.1f} GiB per device at its peak (stage {i}: "
+                     f"{parts} GiB), over the {result.memory_limit_bytes / GIB:.1f} GiB usable of "
+                     f"{capacity_bytes / GIB:.0f} GiB", "try " + ", ".join(helps)
+                     + "; `meshplan plan` with the knobs you want held finds the fastest plan that fits")
+
+
+def _over_memory_serving(result, capacity_bytes: float) -> PlanError:
+    """The refusal of a serving plan over the device's usable memory."""
+    batch = (f"--batch {result.max_batch} (the largest that fits), " if result.max_batch > 0 else "")
+    return PlanError("plan", f"needs {result.peak_memory_bytes / GIB:.1f} GiB per device at its peak (weights "
+                     f"{result.weights_bytes / GIB:.1f}, KV cache {result.kv_cache_bytes / GIB:.1f} GiB), over "
+                     f"the {result.memory_limit_bytes / GIB:.1f} GiB usable of {capacity_bytes / GIB:.0f} GiB"
+                     + ("" if batch else "; not even one sequence fits"),
+                     f"try {batch}more --tp or --pp, or weights quantized (--quantization int8 or int4); "
+                     "`meshplan plan --mode inference` finds the best layout that fits")
 
 
 def params_text(params: int, active_params: int) -> str:
