@@ -5,9 +5,10 @@
 
 Prints one line per row (measured and predicted step time, the error, memory where the
 source publishes it, and which half the row is in), then the median and max |error| of the
-fit half and of the held-out half separately, and over the mixture-of-experts rows and the
-dense FP8 rows. Rows meshplan cannot model yet are listed with the reason. Figures, not
-assertions."""
+fit half and of the held-out half separately, of the held-out rows by family (mixture of
+experts; dense with and without context parallelism: what explanations quote for a plan of
+that family), and over the mixture-of-experts rows and the dense FP8 rows. Rows meshplan
+cannot model yet are listed with the reason. Figures, not assertions."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ import numpy as np
 
 from meshplan.core.errors import MeshplanError
 from meshplan.core.io import write_json
-from meshplan.hw_profiles.accuracy import END_TO_END
+from meshplan.hw_profiles.accuracy import END_TO_END, KINDS, plan_kind
 from meshplan.validation.published import (VARIANTS, fit_moe_host_gap, fit_straggler_spread, fit_sustained_loss,
                                              load_runs, predict, profile_for, reserved_bytes, scaling_pairs)
 
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
         rows.append({"id": run.id, "source": run.source_id, "half": "fit" if run.fit_half else "held-out",
                      "measured_s": run.measured_step_time_s, "predicted_s": result.step_time_s,
                      "error": error, "memory_error": memory_error,
-                     "plan": result.plan.to_dict()})
+                     "kind": plan_kind(run.model.num_experts, result.plan.cp), "plan": result.plan.to_dict()})
     print(f"{'row':46s} {'half':8s} {'measured s':>11s} {'predicted s':>11s} {'error':>8s} {'memory':>8s}")
     for r in rows:
         mem = f"{r['memory_error']:+.1%}" if r["memory_error"] is not None else "-"
@@ -94,6 +95,14 @@ def main(argv=None) -> int:
             summary[half.replace("-", "_")] = {"rows": int(errors.size), "median": float(np.median(errors)),
                                                "max": float(errors.max())}
             print(f"{half}: {errors.size} rows, median |error| {np.median(errors):.1%}, "
+                  f"max {errors.max():.1%}")
+    summary["held_out_kinds"] = {}
+    for kind, label in KINDS.items():
+        errors = np.abs([r["error"] for r in rows if r["half"] == "held-out" and r["kind"] == kind])
+        if errors.size:
+            summary["held_out_kinds"][kind] = {"rows": int(errors.size), "median": float(np.median(errors)),
+                                               "max": float(errors.max())}
+            print(f"held-out, {label}: {errors.size} rows, median |error| {np.median(errors):.1%}, "
                   f"max {errors.max():.1%}")
     for label, pick in (("mixture-of-experts (ep > 1)", lambda p: p["ep"] > 1),
                         ("fp8 training, dense", lambda p: p["dtype"] == "fp8" and p["ep"] == 1)):

@@ -10,7 +10,7 @@ from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import RECOMPUTE, SCHEDULES, Cluster, Plan
-from meshplan.hw_profiles.accuracy import end_to_end, end_to_end_text
+from meshplan.hw_profiles.accuracy import end_to_end, end_to_end_text, plan_kind
 from meshplan.simulator.train import BREAKDOWN_KEYS, MFU_DEFINITION, SimulationResult, simulate
 from meshplan.core.units import GIB
 
@@ -127,6 +127,7 @@ class Explanation:
     changes: tuple[Comparison, ...]
     communication: dict
     mfu: float
+    kind: str  # the family of published runs its end-to-end error is quoted from (plan_kind)
 
     def lines(self) -> list[str]:
         parts = ", ".join(f"{k} {v:.3g} s ({v / self.step_time_s:.0%})"
@@ -136,7 +137,7 @@ class Explanation:
                f"MFU {self.mfu:.1%} = {MFU_DEFINITION}",
                *communication_lines(self.communication),
                f"error band of the profile's operator fits (held-out kernel and collective timings, "
-               f"not end to end): ±{lo:.0%} median, ±{hi:.0%} p95; {end_to_end_text()}"]
+               f"not end to end): ±{lo:.0%} median, ±{hi:.0%} p95; {end_to_end_text(self.kind)}"]
         if self.runner_up is not None:
             close = self.runner_up.slower_rel is not None and self.runner_up.slower_rel < lo
             out.append(self.runner_up.text() + (" -- inside the median error band: a toss-up"
@@ -147,7 +148,7 @@ class Explanation:
     def to_json(self) -> dict:
         return {"step_time_s": self.step_time_s, "breakdown_s": dict(self.breakdown_s),
                 "error_band": {"median_rel": self.error_band[0], "p95_rel": self.error_band[1]},
-                "end_to_end": end_to_end(), "communication": self.communication,
+                "end_to_end": end_to_end(), "kind": self.kind, "communication": self.communication,
                 "runner_up": self.runner_up.to_json() if self.runner_up else None,
                 "changes": [c.to_json() for c in self.changes], "text": self.lines()}
 
@@ -179,7 +180,8 @@ def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
         else:
             changes.append(replace(compare(winner, other, label + held), held=bool(held)))
     return Explanation(winner.step_time_s, dict(winner.breakdown_s), winner.error_band, runner,
-                       tuple(changes), winner.communication, winner.mfu)
+                       tuple(changes), winner.communication, winner.mfu,
+                       plan_kind(model.num_experts, winner.plan.cp))
 
 
 def communication_lines(communication: dict) -> list[str]:

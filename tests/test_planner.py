@@ -135,6 +135,31 @@ def test_explanation_states_what_the_numbers_are():
     assert winner.communication["overlap"]["compute_slowdown"] == pytest.approx(0.189)
 
 
+def test_explanation_quotes_the_published_runs_of_the_plans_family(tmp_path, monkeypatch):
+    """The end-to-end figure beside the error band is the held-out half's, and that of the
+    held-out runs of the winner's family (dense with or without CP, mixture of experts)."""
+    from meshplan.hw_profiles import accuracy
+    from meshplan.hw_profiles.accuracy import end_to_end_text, plan_kind
+
+    assert (plan_kind(0, 1), plan_kind(0, 4), plan_kind(128, 1), plan_kind(128, 2)) == ("dense", "cp", "moe", "moe")
+    figures = {"held_out": {"rows": 54, "median": 0.044, "max": 0.552},
+               "held_out_kinds": {"dense": {"rows": 35, "median": 0.039, "max": 0.193},
+                                  "cp": {"rows": 12, "median": 0.1, "max": 0.246}},
+               "date": "2026-12-02", "source": "test"}
+    path = tmp_path / "end_to_end.json"
+    path.write_text(json.dumps(figures))
+    monkeypatch.setattr(accuracy, "END_TO_END", path)
+    assert end_to_end_text("cp").endswith("; the 12 of them like this plan (dense, context parallel): "
+                                          "median 10%, max 25%")
+    assert end_to_end_text("moe").endswith("max 55%")  # no figure of that family: the overall one
+    model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
+    fixed = {"global_batch": 128, "seq_len": 4096, "cp": 1}
+    found = search(model, cluster, A100, fixed)
+    why = explain(model, cluster, A100, found.ranked, fixed)
+    assert why.kind == "dense" and why.to_json()["kind"] == "dense"
+    assert "the 35 of them like this plan (dense, no context parallelism): median 4%, max 19%" in " ".join(why.lines())
+
+
 def test_closed_forms_with_a_given_layer_partition():
     model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
     fixed = {"global_batch": 64, "seq_len": 4096, "pp": 4, "layer_partition": (7, 12, 12, 9)}

@@ -135,7 +135,7 @@ def print_summary(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from meshplan.hw_profiles.accuracy import end_to_end_text
+    from meshplan.hw_profiles.accuracy import end_to_end_text, plan_kind
     from meshplan.planner.explain import communication_lines
     from meshplan.simulator.train import MFU_DEFINITION
 
@@ -168,7 +168,7 @@ def print_summary(result) -> None:
     console.print(parts)
     for line in [f"MFU = {MFU_DEFINITION}", *communication_lines(result.communication),
                  f"error band: the profile's operator fits (held-out kernel and collective "
-                 f"timings), not end to end; {end_to_end_text()}"]:
+                 f"timings), not end to end; {end_to_end_text(plan_kind(result.model.num_experts, plan.cp))}"]:
         console.print(line, highlight=False)
     stages = Table(title="pipeline stages")
     for col in ("stage", "layers", "weights", "grads", "optimizer", "activations", "buffers",
