@@ -124,8 +124,8 @@ def print_inference_summary(data: dict, model_name: str, hardware: str) -> None:
             ("latency (prompt + all tokens)", f"{data['latency_s']:.2f} s"),
             ("throughput", f"{rate_text(data['throughput_tokens_per_s'])} generated tokens/s"),
             ("KV cache per device", f"{data['kv_cache_bytes'] / GIB:.2f} GiB"),
-            ("peak memory", f"{data['peak_memory_bytes'] / GIB:.1f} GiB "
-                            f"({'fits' if data['fits'] else 'DOES NOT FIT'}); max batch {data['max_batch']}"))
+            ("peak memory", f"{data['peak_memory_bytes'] / GIB:.1f} GiB of {data['memory_limit_bytes'] / GIB:.1f} "
+                            f"GiB usable; max batch {data['max_batch']}"))
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
@@ -155,7 +155,7 @@ def print_summary(result) -> None:
             ("throughput", f"{rate_text(result.tokens_per_s)} tokens/s"),
             ("model TFLOP/s per GPU", f"{result.model_tflops_per_gpu:.1f}  (MFU {result.mfu:.1%})"),
             ("peak memory", f"{result.peak_memory_bytes / gib:.1f} GiB of {result.memory_limit_bytes / gib:.1f}"
-                            f" GiB usable  ({'fits' if result.fits else 'DOES NOT FIT'})"))
+                            f" GiB usable"))
     for key, value in rows:
         head.add_row(key, value)
     console.print(head)
