@@ -25,6 +25,16 @@ from meshplan.validation.published import (VARIANTS, fit_moe_host_gap, fit_strag
                                              load_runs, predict, profile_for, reserved_bytes, scaling_pairs)
 
 
+def _figures(label: str, rows: list[dict]) -> dict | None:
+    """Print the rows' count, median and max |error| under `label` and return them (None for
+    no rows)."""
+    errors = np.abs([r["error"] for r in rows])
+    if not errors.size:
+        return None
+    print(f"{label}: {errors.size} rows, median |error| {np.median(errors):.1%}, max {errors.max():.1%}")
+    return {"rows": int(errors.size), "median": float(np.median(errors)), "max": float(errors.max())}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the per-row results here")
@@ -90,25 +100,16 @@ def main(argv=None) -> int:
               f"{r['error']:+8.1%} {mem:>8s}")
     summary = {}
     for half in ("fit", "held-out"):
-        errors = np.abs([r["error"] for r in rows if r["half"] == half])
-        if errors.size:
-            summary[half.replace("-", "_")] = {"rows": int(errors.size), "median": float(np.median(errors)),
-                                               "max": float(errors.max())}
-            print(f"{half}: {errors.size} rows, median |error| {np.median(errors):.1%}, "
-                  f"max {errors.max():.1%}")
+        figures = _figures(half, [r for r in rows if r["half"] == half])
+        if figures:
+            summary[half.replace("-", "_")] = figures
     summary["held_out_kinds"] = {}
     for kind, label in KINDS.items():
-        errors = np.abs([r["error"] for r in rows if r["half"] == "held-out" and r["kind"] == kind])
-        if errors.size:
-            summary["held_out_kinds"][kind] = {"rows": int(errors.size), "median": float(np.median(errors)),
-                                               "max": float(errors.max())}
-            print(f"held-out, {label}: {errors.size} rows, median |error| {np.median(errors):.1%}, "
-                  f"max {errors.max():.1%}")
-    for label, pick in (("mixture-of-experts (ep > 1)", lambda p: p["ep"] > 1),
-                        ("fp8 training, dense", lambda p: p["dtype"] == "fp8" and p["ep"] == 1)):
-        errors = np.abs([r["error"] for r in rows if pick(r["plan"])])
-        if errors.size:
-            print(f"{label}: {errors.size} rows, median |error| {np.median(errors):.1%}, max {errors.max():.1%}")
+        figures = _figures(f"held-out, {label}", [r for r in rows if r["half"] == "held-out" and r["kind"] == kind])
+        if figures:
+            summary["held_out_kinds"][kind] = figures
+    _figures("mixture-of-experts (ep > 1)", [r for r in rows if r["plan"]["ep"] > 1])
+    _figures("fp8 training, dense", [r for r in rows if r["plan"]["dtype"] == "fp8" and r["plan"]["ep"] == 1])
     if args.write:
         write_json(END_TO_END, {**summary, "date": date.today().isoformat(),
                                 "source": "benchmarks/published.py over benchmarks/published/training.csv"})
