@@ -274,16 +274,18 @@ class HardwareProfile:
                                f"use one of {sorted(self.gemm)}")
         return dtype
 
-    def gemm_time_s(self, m, n, k, dtype: str, batch=1, weight_bytes=None):
+    def gemm_time_s(self, m, n, k, dtype: str, batch=1, weight_bytes=None, dequant_flops=0.0):
         """Time (s) of batch x ([m,k] @ [k,n]) in `dtype`; numpy-broadcast over m, n, k, batch;
-        `weight_bytes` per element of [k,n] where it is stored narrower (gemm_model)."""
+        `weight_bytes` per element of [k,n] where it is stored narrower, dequantized by
+        `dequant_flops` on the CUDA cores (fp32 rate) inside the kernel (gemm_model)."""
         dtype = self._dtype(dtype)
         reads = self.cached_reads
         if reads.step_bytes is not None and reads.prices(dtype, weight_bytes):
             return reads.gemm_time_s(m, n, k, batch, ELEMENT_BYTES[dtype])
         return gemm_model.gemm_time_s(self.gemm[dtype], m, n, k, batch,
                                       self.peak_flops[dtype] * (1.0 - self.sustained.gemm_loss),
-                                      self.hbm_bytes_per_s, ELEMENT_BYTES[dtype], weight_bytes)
+                                      self.hbm_bytes_per_s, ELEMENT_BYTES[dtype], weight_bytes,
+                                      np.asarray(dequant_flops, dtype=float) / self.peak_flops["fp32"])
 
     def cached(self, working_set_bytes: float) -> HardwareProfile:
         """This profile as a step that keeps `working_set_bytes` in the device's caches sees

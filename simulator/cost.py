@@ -116,10 +116,11 @@ def _op_arrays(ops: list[Op], hw: HardwareProfile, dtype: str):
     fwd, bwd_in, bwd_w = np.zeros(len(ops)), np.zeros(len(ops)), np.zeros(len(ops))
     fwd[g] = gemm_s(m[g], n[g], k[g])
     quantized = ~np.isnan(wb)
-    if quantized.any():  # weight-only quantized serving GEMMs: narrower weights, dequantized on the CUDA cores
-        dequant = np.array([op.dequant_flops for op in ops])[g] / hw.peak_flops["fp32"]
+    if quantized.any():  # weight-only quantized serving GEMMs: narrower weights, dequantized in the kernel
         fwd[g] = np.where(quantized, hw.gemm_time_s(m[g], n[g], k[g], base, batch=batch[g],
-                                                    weight_bytes=np.where(quantized, wb, 1.0)) + dequant, fwd[g])
+                                                    weight_bytes=np.where(quantized, wb, 1.0),
+                                                    dequant_flops=np.array([op.dequant_flops for op in ops])[g]),
+                          fwd[g])
     classes = np.array([op.op_class or "" for op in ops])
     for cls in np.unique(classes[~g]):
         mine = ~g & (classes == cls)

@@ -1,5 +1,6 @@
 """Serving with quantized weights, mixture-of-experts decode and latent attention's cache,
 against hand computations."""
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,41 @@ def test_quantized_gemm_reads_narrow_weights():
     m, n, k, wb = 1, 11008, 4096, weight_bytes("int4", 128, 2)
     expected = fit.latency_s + (2 * (m * k + m * n) + wb * k * n) / (bw * fit.hbm_eff)
     assert slow.gemm_time_s(m, n, k, "fp16", weight_bytes=wb) == pytest.approx(expected)
+
+
+def test_weight_only_kernel_reads_at_the_memory_roof_and_computes_in_16_row_tiles():
+    # the A100's up projection of Llama 2 7B (4096 -> 11008) with int4 weights, as Marlin runs
+    # it: up to batch 32 bound by the bytes it moves, at 128 by its tensor cores over whole
+    # 16-row tiles at the fitted large-GEMM efficiency (no cuBLAS small-m loss)
+    fit, n, k, wb = A100.gemm["fp16"], 11008, 4096, weight_bytes("int4", 128, 2)
+    peak = A100.peak_flops["fp16"] * (1 - A100.sustained.gemm_loss)
+    tile_flop_s = peak * fit.eff_max * n / (n + fit.n_half) * k / (k + fit.k_half)
+    for m in (1, 7, 16, 32):
+        memory = (2 * (m * k + m * n) + wb * k * n) / (A100.hbm_bytes_per_s * fit.hbm_eff)
+        assert 2 * 16 * -(-m // 16) * n * k / tile_flop_s < memory
+        assert A100.gemm_time_s(m, n, k, "fp16", weight_bytes=wb) == pytest.approx(fit.latency_s + memory)
+    assert A100.gemm_time_s(128, n, k, "fp16", weight_bytes=wb) == pytest.approx(
+        fit.latency_s + 2 * 128 * n * k / tile_flop_s)
+    # the dequantisation overlaps the loads: it shows only where it is the longest of the three
+    slow_cores = replace(A100, peak_flops={**A100.peak_flops, "fp32": 1e9})
+    dequant = 2 * k * n
+    assert slow_cores.gemm_time_s(1, n, k, "fp16", weight_bytes=wb, dequant_flops=dequant) == pytest.approx(
+        fit.latency_s + dequant / 1e9)
+    assert A100.gemm_time_s(1, n, k, "fp16", weight_bytes=wb, dequant_flops=dequant) == pytest.approx(
+        A100.gemm_time_s(1, n, k, "fp16", weight_bytes=wb))
+
+
+def test_narrower_weights_decode_faster_at_small_batch():
+    # batch 7 on one A100: every decoder GEMM reads its weights, so int4 < int8 < fp16
+    tpot = {q: serve(LLAMA, A100, batch=7, quantization=q).tpot_s for q in ("none", "int8", "int4")}
+    assert tpot["int4"] < tpot["int8"] < tpot["none"]
+    reads = {q: serve(LLAMA, A100, batch=7, quantization=q).breakdown["decode_step_s"]["weights_read"]
+             for q in ("none", "int8", "int4")}
+    # past the 4 weight GEMMs' launches in each of 32 layers and the 16-bit LM head, the
+    # weight bytes scale (the activations' few bytes stay 16-bit)
+    fixed = 4 * 32 * A100.gemm["fp16"].latency_s + A100.gemm_time_s(7, 32000, 4096, "fp16")
+    for q in ("int8", "int4"):
+        assert (reads[q] - fixed) / (reads["none"] - fixed) == pytest.approx(weight_bytes(q, 128, 2) / 2, rel=0.01)
 
 
 def test_quantized_ops_dequantize_and_cast():
