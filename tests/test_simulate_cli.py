@@ -172,6 +172,21 @@ def test_sequence_parallel_is_megatrons_spelling_of_sp():
     assert longhand["plan"]["sp"] is True and longhand == shorthand
 
 
+def test_flags_are_never_abbreviated():
+    """whatif has no --mode: argparse's prefix matching would have read `--mode inference`
+    as `--model inference`, and dropped the mode where a later --model overrode it."""
+    from meshplan.cli import build_parser
+    parser = build_parser()
+    base = ["--model", "llama-2-7b", "--gpus", "8", "--global-batch", "8", "--seq-len", "2048"]
+    for command, extra in (("whatif", ["--out", "report.html", "--mode", "inference"]),
+                           ("plan", ["--virtual", "2"]), ("simulate", ["--gpus-per", "4"])):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args([command, *base, *extra])
+        assert exit_.value.code == 2
+    out = meshplan("whatif", "--mode", "inference", *base, "--out", "report.html")
+    assert out.returncode == 2 and "unrecognized arguments: --mode inference" in out.stderr
+
+
 def test_version():
     from importlib.metadata import version
     out = meshplan("--version")

@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import importlib  # noqa: E402
 import importlib.metadata  # noqa: E402
 import sys  # noqa: E402
@@ -24,12 +25,14 @@ COMMANDS = ("simulate", "plan", "whatif", "profile", "run", "validate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshplan", description=(
+    # No abbreviated flags: argparse would otherwise read whatif's --mode as --model
+    parser = argparse.ArgumentParser(prog="meshplan", allow_abbrev=False, description=(
         "Plan, simulate and run data/tensor/sequence/context/pipeline-parallel training "
         "of large transformers."))
     parser.add_argument("--version", action="version",
                         version=f"%(prog)s {importlib.metadata.version('meshplan')}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
     for name in COMMANDS:
         importlib.import_module(f"meshplan.cli.{name}").register(sub)
     return parser
