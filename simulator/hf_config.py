@@ -8,6 +8,8 @@ into one error that names all of them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from meshplan.core.errors import Issue, ModelError
 
 # Bounds on a model's sizes, far above any real model's (405B: 126 layers, 16384 wide) and
@@ -34,13 +36,41 @@ BOOKKEEPING = frozenset({
 })
 # Keys any config may carry that could look like they matter but change no cost, listed as
 # ignored: auxiliary-loss knobs, RoPE frequencies and scaling (they change the angles, not
-# the work), how the checkpoint's weights are quantised (the plan's dtype sets the
-# precision), the KV-cache class, a classification head's dropout.
+# the work), the KV-cache class, a classification head's dropout.
 NO_COST = frozenset({
     "output_router_logits", "router_aux_loss_coef", "router_z_loss_coef", "pretraining_tp",
     "rope_theta", "rope_scaling", "rope_parameters", "rope_type", "original_max_position_embeddings",
-    "quantization_config", "cache_implementation", "classifier_dropout",
+    "cache_implementation", "classifier_dropout",
 })
+
+
+@dataclass(frozen=True)
+class StoredWeights:
+    """How a checkpoint stores its weights (its quantization_config): the quant_method, and
+    the serving quantization it is in meshplan's terms (serve.InferencePlan.quantization,
+    with its group size where the method has groups); quantization None: a method meshplan
+    does not price (MXFP4, bitsandbytes, GPTQ without groups, ...)."""
+
+    method: str
+    quantization: str | None = None
+    group_size: int | None = None
+
+
+def stored_weights(config: dict) -> StoredWeights | None:
+    """The checkpoint's stored weights from its quantization_config (None: 16-bit). vLLM
+    serves them as stored: FP8 ones ("fp8", e.g. DeepSeek-V3's 128x128 blocks) as FP8
+    GEMMs, AWQ's 4-bit and GPTQ's 4- and 8-bit groups as weight-only kernels."""
+    q = config.get("quantization_config")
+    if not isinstance(q, dict):
+        return None
+    method = str(q.get("quant_method", "unknown"))
+    bits = q.get("bits", q.get("w_bit"))
+    group = q.get("group_size", q.get("q_group_size"))
+    if method == "fp8":
+        return StoredWeights(method, "fp8")
+    if method in ("awq", "gptq") and bits in (4, 8) and isinstance(group, int) and group > 0:
+        return StoredWeights(f"{method} {bits}-bit", f"int{bits}", group)
+    return StoredWeights(method if bits is None else f"{method} {bits}-bit")
 _NO_DEFAULT = object()
 
 
@@ -486,4 +516,5 @@ def parse(config: dict, source: str = "config") -> tuple[dict, tuple[str, ...]]:
     defaults = DEFAULTS[model_type] if config.get("model_type") else {}
     c = _Config(config, source, defaults)
     fields = READERS[model_type](c)
+    c.read.add("quantization_config")  # stored_weights reads it
     return fields, c.finish(frozenset(IGNORED.get(model_type, ())))

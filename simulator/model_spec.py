@@ -339,10 +339,12 @@ ZOO: dict[str, ModelSpec] = {m.name: m for m in (
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model as loaded, with the config keys that were read but change no cost."""
+    """A model as loaded, with the config keys that were read but change no cost and how
+    the checkpoint stores its weights (None: 16-bit, or not a checkpoint's config)."""
 
     spec: ModelSpec
     ignored_keys: tuple[str, ...] = ()
+    stored: hf_config.StoredWeights | None = None
 
 
 def from_hf_config(config: dict, name: str = "custom", source: str = "config") -> ModelSpec:
@@ -352,7 +354,7 @@ def from_hf_config(config: dict, name: str = "custom", source: str = "config") -
 
 def read_hf_config(config: dict, name: str = "custom", source: str = "config") -> LoadedModel:
     fields, ignored = hf_config.parse(config, source)
-    return LoadedModel(ModelSpec(name=name, **fields), ignored)
+    return LoadedModel(ModelSpec(name=name, **fields), ignored, hf_config.stored_weights(config))
 
 
 def read_model(name_or_path: str) -> LoadedModel:

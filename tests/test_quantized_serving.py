@@ -1,5 +1,8 @@
 """Serving with quantized weights, mixture-of-experts decode and latent attention's cache,
 against hand computations."""
+import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +13,7 @@ from meshplan.hw_profiles.profile import load_profile
 from meshplan.planner.exports import vllm
 from meshplan.planner.exports.checkpoint import checkpoint_of
 from meshplan.planner.serve_search import search_inference
-from meshplan.simulator.model_spec import ZOO, load_model
+from meshplan.simulator.model_spec import ZOO, load_model, read_hf_config
 from meshplan.simulator.ops import Shard, layer_ops
 from meshplan.simulator.plan import Cluster
 from meshplan.simulator.quantize import quantized, quantized_weights, weight_bytes
@@ -21,6 +24,11 @@ CONFIGS = Path(__file__).parent / "data" / "hf_configs"
 LLAMA = ZOO["llama-2-7b"]
 # Llama 2 7B: per layer Q, K, V, O (4 h^2) and gate, up, down (3 h f), h 4096, f 11008
 LINEAR = 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008)
+
+
+def meshplan(*args):
+    return subprocess.run([sys.executable, "-m", "meshplan.cli", *args], capture_output=True, text=True,
+                          timeout=120)
 
 
 def serve(model, hw=H100, **kw):
@@ -153,3 +161,57 @@ def test_serving_search_picks_quantization_under_memory_and_exports_it():
         assert e.args[0] == "${QUANTIZED_CHECKPOINT}" and e.user_paths[0][0] == "QUANTIZED_CHECKPOINT"
         assert vllm.export(found[0][1], model, checkpoint_of("llama-2-70b", model), H100,
                            "org/llama-2-70b-awq").args[0] == "org/llama-2-70b-awq"
+
+
+def read_model_config(config: dict):
+    return read_hf_config(config, "llama-2-7b")
+
+
+def test_stored_quantization_is_read_from_the_config():
+    base = json.loads((CONFIGS / "llama-2-7b.json").read_text())
+    cases = (({"quant_method": "fp8", "weight_block_size": [128, 128]}, ("fp8", "fp8", None)),
+             ({"quant_method": "awq", "bits": 4, "group_size": 128}, ("awq 4-bit", "int4", 128)),
+             ({"quant_method": "gptq", "bits": 8, "group_size": 64}, ("gptq 8-bit", "int8", 64)),
+             ({"quant_method": "gptq", "bits": 4, "group_size": -1}, ("gptq 4-bit", None, None)),
+             ({"quant_method": "mxfp4"}, ("mxfp4", None, None)))
+    for config, (method, quantization, group) in cases:
+        loaded = read_model_config({**base, "quantization_config": config})
+        assert (loaded.stored.method, loaded.stored.quantization, loaded.stored.group_size) == (
+            method, quantization, group)
+        assert "quantization_config" not in loaded.ignored_keys
+    assert read_model_config(base).stored is None
+
+
+def test_serving_cli_serves_a_quantized_checkpoint_as_stored(tmp_path):
+    # DeepSeek-V3's released weights are FP8 (quantization_config quant_method fp8)
+    flags = ["--mode", "inference", "--hardware", "h100-80gb", "--gpus", "16", "--gpus-per-node", "8",
+             "--tp", "8", "--pp", "2", "--batch", "8", "--prompt-len", "1000", "--gen-len", "100", "--json"]
+    v3 = str(CONFIGS / "deepseek-v3.json")
+    out = meshplan("simulate", "--model", v3, *flags)
+    assert out.returncode == 0 and json.loads(out.stdout)["plan"]["quantization"] == "fp8"
+    assert "serving the weights as stored, fp8" in out.stderr
+    sixteen = meshplan("simulate", "--model", v3, *flags, "--quantization", "none")
+    assert sixteen.returncode == 2 and "over the 75.0 GiB usable" in sixteen.stderr   # 1.3 TB of 16-bit weights
+    # gpt-oss stores its experts in MXFP4, which meshplan does not price: the user chooses
+    oss = str(CONFIGS / "gpt-oss-20b.json")
+    small = ["--mode", "inference", "--hardware", "h100-80gb", "--gpus", "1", "--batch", "8", "--prompt-len",
+             "1000", "--gen-len", "100", "--json"]
+    refused = meshplan("simulate", "--model", oss, *small)
+    assert refused.returncode == 2 and f"{oss}:quantization_config" in refused.stderr
+    assert "mxfp4" in refused.stderr and "Traceback" not in refused.stderr
+    chosen = meshplan("simulate", "--model", oss, *small, "--quantization", "int4", "--quant-group-size", "32")
+    assert chosen.returncode == 0 and "stores the weights as mxfp4; pricing --quantization int4" in chosen.stderr
+
+
+def test_vllm_export_loads_a_checkpoint_quantized_as_planned(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({
+        **json.loads((CONFIGS / "llama-2-7b.json").read_text()), "_name_or_path": "org/llama-2-7b-awq",
+        "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}))
+    model, checkpoint = load_model(str(path)), checkpoint_of(str(path), load_model(str(path)))
+    e = vllm.export(serve(model, H100, quantization="int4"), model, checkpoint, H100)
+    assert e.args[0] == "org/llama-2-7b-awq" and "--quantization" not in e.args and not e.user_paths
+    assert any("awq 4-bit weights load as stored" in note for note in e.notes)
+    # 16-bit weights priced: this checkpoint cannot give them
+    e = vllm.export(serve(model, H100), model, checkpoint, H100)
+    assert e.args[0] == "${QUANTIZED_CHECKPOINT}" and "16-bit" in e.user_paths[0][1]

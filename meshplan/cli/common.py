@@ -9,7 +9,7 @@ import dataclasses
 import sys
 
 from meshplan.core.errors import PlanError
-from meshplan.simulator.model_spec import ModelSpec, read_model
+from meshplan.simulator.model_spec import LoadedModel, ModelSpec, read_model
 from meshplan.simulator.plan import Cluster, Plan, complete_fields, load_plan
 from meshplan.simulator.serve import InferencePlan
 
@@ -167,12 +167,52 @@ def complete_plan(fields: dict, cluster: Cluster) -> Plan:
 
 
 def load_model_arg(args: argparse.Namespace) -> ModelSpec:
-    """The --model, with a note on stderr naming the config keys it ignored (they change no cost)."""
+    """The --model of a training command, with notes on stderr naming the config keys it
+    ignored (they change no cost) and the checkpoint's stored quantization (training prices
+    the plan's --dtype)."""
+    loaded = _loaded(args)
+    if loaded.stored is not None:
+        _note(args, f"{args.model}: its quantization_config stores the weights as {loaded.stored.method}; "
+                    "training prices them in the plan's --dtype")
+    return loaded.spec
+
+
+def load_serving_model(args: argparse.Namespace) -> ModelSpec:
+    """The --model of a serving command. A checkpoint stored quantized (its
+    quantization_config) is served as stored, as vLLM serves it, unless --quantization says
+    otherwise: args.quantization (and quant_group_size) are set from it, with a note; a
+    storage meshplan does not price needs --quantization to choose what is priced."""
+    loaded = _loaded(args)
+    stored = loaded.stored
+    if stored is None:
+        return loaded.spec
+    if args.quantization is not None:
+        if args.quantization != stored.quantization:
+            _note(args, f"{args.model}: its quantization_config stores the weights as {stored.method}; "
+                        f"pricing --quantization {args.quantization} (a checkpoint stored so is needed)")
+        return loaded.spec
+    if stored.quantization is None:
+        raise PlanError(f"{args.model}:quantization_config", f"the checkpoint stores its weights as "
+                        f"{stored.method}, which meshplan does not price",
+                        "pass --quantization (none, int8, int4 or fp8) to choose the weights priced")
+    args.quantization = stored.quantization
+    if stored.group_size is not None and args.quant_group_size is None:
+        args.quant_group_size = stored.group_size
+    _note(args, f"{args.model}: serving the weights as stored, {stored.method} (--quantization "
+                f"{stored.quantization}, its quantization_config); --quantization none prices 16-bit weights")
+    return loaded.spec
+
+
+def _loaded(args: argparse.Namespace) -> LoadedModel:
+    """read_model of --model, with a note naming the config keys it ignored."""
     loaded = read_model(args.model)
     if loaded.ignored_keys:
-        print(f"meshplan {args.command}: note: {args.model}: ignored keys (they change no cost): "
-              f"{', '.join(loaded.ignored_keys)}", file=sys.stderr)
-    return loaded.spec
+        _note(args, f"{args.model}: ignored keys (they change no cost): {', '.join(loaded.ignored_keys)}")
+    return loaded
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    print(f"meshplan {args.command}: note: {text}", file=sys.stderr)
 
 
 def add_probe_args(parser: argparse.ArgumentParser) -> None:

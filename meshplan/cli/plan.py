@@ -221,7 +221,7 @@ def run_inference(args: argparse.Namespace) -> int:
 
     if args.emit not in (None, "vllm"):
         raise PlanError("--emit", f"{args.emit} is a training format", "use --emit vllm with --mode inference")
-    model = common.load_model_arg(args)
+    model = common.load_serving_model(args)
     hw = load_profile(args.hardware)
     cluster = common.cluster_from_args(args, hw.gpus_per_node)
     for flag, name in (("--prompt-len", "prompt_len"), ("--gen-len", "gen_len")):

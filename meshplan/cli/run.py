@@ -250,7 +250,7 @@ def run_inference(args: argparse.Namespace) -> int:
     if given:
         raise PlanError(given[0], "serving runs keep no state to checkpoint or restart from",
                         f"drop {' and '.join(given)} with --mode inference")
-    model = common.load_model_arg(args)
+    model = common.load_serving_model(args)
     gpus = args.gpus if args.gpus is not None else (args.tp or 1) * (args.pp or 1) * (args.replicas or 1)
     cluster = Cluster(num_gpus=gpus, gpus_per_node=args.gpus_per_node or gpus)
     plan = InferencePlan(**common.inference_plan_fields(args, cluster))

@@ -58,7 +58,7 @@ def run_inference(args: argparse.Namespace) -> int:
     from meshplan.hw_profiles.profile import load_profile
     from meshplan.simulator.serve import InferencePlan, simulate_inference
 
-    model = common.load_model_arg(args)
+    model = common.load_serving_model(args)
     hw = load_profile(args.hardware)
     cluster = common.cluster_from_args(args, hw.gpus_per_node)
     plan = InferencePlan(**common.inference_plan_fields(args, cluster))
@@ -118,6 +118,7 @@ def print_inference_summary(data: dict, model_name: str, hardware: str) -> None:
     rows = (("parameters", params_text(data["params"], data["active_params"])),
             ("plan", f"tp {plan['tp']}  pp {plan['pp']}  replicas {plan['replicas']}  batch "
                      f"{plan['batch']}  prompt {plan['prompt_len']}  gen {plan['gen_len']}  {plan['dtype']}"
+                     + ("" if plan["quantization"] == "none" else f"  weights {plan['quantization']}")
                      + ("  expert-parallel" if plan["expert_parallel"] else "")),
             ("time to first token", f"{data['ttft_s'] * 1e3:.1f} ms"),
             ("time per output token", f"{data['tpot_s'] * 1e3:.2f} ms"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshplan.core.errors import ModelError
+from meshplan.simulator.hf_config import StoredWeights, stored_weights
 from meshplan.simulator.model_spec import ZOO, ModelSpec
 from meshplan.core.io import read_json
 
@@ -28,13 +29,15 @@ class RopeScaling:
 class Checkpoint:
     """`hf_id`: the checkpoint's Hugging Face repository (None: none is known); `dtype`: the
     dtype its weights are stored in (plan spelling, None: unknown); `rope_theta`: RoPE base
-    (None without RoPE); `norm_eps`: epsilon of RMSNorm/LayerNorm."""
+    (None without RoPE); `norm_eps`: epsilon of RMSNorm/LayerNorm; `stored`: how its
+    quantization_config stores the weights (None: 16-bit)."""
 
     hf_id: str | None
     dtype: str | None
     rope_theta: float | None
     rope_scaling: RopeScaling | None
     norm_eps: float
+    stored: StoredWeights | None = None
 
 
 _LLAMA2 = dict(dtype="fp16", rope_theta=10000.0, rope_scaling=None, norm_eps=1e-5)
@@ -77,7 +80,8 @@ def checkpoint_of(model_arg: str, model: ModelSpec) -> Checkpoint:
             float(scaling["factor"]), float(scaling.get("low_freq_factor", 1.0)),
             float(scaling.get("high_freq_factor", 4.0)),
             int(scaling.get("original_max_position_embeddings", 8192))),
-        norm_eps=float(config.get("rms_norm_eps", config.get("layer_norm_epsilon", 1e-5))))
+        norm_eps=float(config.get("rms_norm_eps", config.get("layer_norm_epsilon", 1e-5))),
+        stored=stored_weights(config))
 
 
 def _unreleased(model: ModelSpec) -> Checkpoint:

@@ -14,6 +14,9 @@ vllm/engine/arg_utils.py, checked at vLLM 0.33.0).
 - Weight-only int4 / int8 serve as --quantization awq / gptq, which load a checkpoint
   quantized so: the released 16-bit one cannot be, so its place is a path the user
   supplies unless --model-id names one; fp8 quantizes the 16-bit checkpoint on load.
+  A checkpoint stored quantized as the plan prices (its quantization_config) loads as it
+  is, vLLM reading the method from its config; one stored otherwise needs the weights the
+  plan prices, from --model-id or a path the user supplies.
 """
 from __future__ import annotations
 
@@ -49,11 +52,18 @@ def export(result: InferenceResult, model: ModelSpec, checkpoint: Checkpoint, hw
                         f"{plan.kv_dtype}", f"use --kv-dtype {plan.dtype} or fp8")
     name = model_id or checkpoint.hf_id
     user_paths = ()
-    if plan.quantization in PREQUANTIZED and not model_id:
-        method = VLLM_QUANTIZATION[plan.quantization]
+    kept = checkpoint.stored.quantization if checkpoint.stored else "none"
+    as_stored = plan.quantization == kept and not model_id
+    on_load = plan.quantization == "fp8" and kept == "none"  # vLLM quantizes 16-bit weights
+    if not (as_stored or on_load or model_id):
+        if plan.quantization in PREQUANTIZED:
+            method = VLLM_QUANTIZATION[plan.quantization]
+            weights = f"quantized with {method.upper()} ({plan.quantization}, group size {plan.quant_group_size})"
+        else:
+            weights = f"with {'16-bit' if plan.quantization == 'none' else plan.quantization} weights"
         name, user_paths = "${QUANTIZED_CHECKPOINT}", (("QUANTIZED_CHECKPOINT", (
-            f"Hugging Face id or folder of {model.name} quantized with {method.upper()} "
-            f"({plan.quantization}, group size {plan.quant_group_size})"),),)
+            f"Hugging Face id or folder of {model.name} {weights}"
+            + (f" (this one stores {checkpoint.stored.method})" if checkpoint.stored else "")),),)
     if not name:
         raise PlanError("emit.vllm", f"{model.name} names no checkpoint (no _name_or_path in its "
                         "config, no released weights in the zoo)", "pass --model-id with the Hugging "
@@ -69,12 +79,14 @@ def export(result: InferenceResult, model: ModelSpec, checkpoint: Checkpoint, hw
         args += ["--data-parallel-size", str(plan.replicas)]
     if plan.kv_dtype == "fp8":
         args += ["--kv-cache-dtype", "fp8"]
-    if plan.quantization != "none":
+    if plan.quantization != "none" and not as_stored:
         args += ["--quantization", VLLM_QUANTIZATION[plan.quantization]]
     if plan.expert_parallel:
         args += ["--enable-expert-parallel"]
     header = (f"meshplan plan: {model.name} served on {plan.num_gpus} x {hw.name}: TTFT "
               f"{result.ttft_s * 1e3:.1f} ms, TPOT {result.tpot_s * 1e3:.2f} ms predicted")
     notes = (() if dtype == plan.dtype else
-             (f"serving in the checkpoint's {dtype} (planned as {plan.dtype}, same width)",))
+             (f"serving in the checkpoint's {dtype} (planned as {plan.dtype}, same width)",)) + (
+        (f"the checkpoint's {checkpoint.stored.method} weights load as stored (vLLM reads its "
+         "quantization_config)",) if as_stored and checkpoint.stored else ())
     return Export("vllm", header, (), (), ("vllm", "serve"), tuple(args), user_paths, notes)
