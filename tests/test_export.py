@@ -457,3 +457,14 @@ def test_new_knob_refusals_name_target_and_knob(target, model_arg, knobs, knob):
               Plan(global_batch=64, seq_len=4096, **{**dictated(target, knobs), **knobs}))
     assert err.value.field == f"emit.{target}"
     assert any(problem.startswith(knob) for _, problem, _ in err.value.issues), err.value.issues
+
+
+def test_cli_emit_for_a_model_the_target_cannot_build_names_only_the_model():
+    # Gemma 2's sliding windows, sandwich norms and soft-capping: no plan of it runs on
+    # Megatron-LM as exported, so the unrestricted winner's knobs (its ZeRO-2) are no fix
+    gemma = str(Path(__file__).parent / "data" / "hf_configs" / "gemma2-9b.json")
+    out = meshplan("plan", "--model", gemma, "--hardware", "h100-80gb", "--gpus", "64", "--global-batch", "256",
+                   "--seq-len", "4096", "--emit", "megatron")
+    error = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "--emit megatron: model:" in error and "sliding-window" in error
+    assert "zero" not in error.lower()

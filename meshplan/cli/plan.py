@@ -165,7 +165,12 @@ def emit(args: argparse.Namespace, model, cluster, hw, fixed: dict) -> int:
     except PlanError as exc:
         if exc.field != "emit":
             raise
-        exports.check(target, model, search(model, cluster, hw, fixed).ranked[0].plan, version)
+        # why the target runs none: the model it cannot build, else the knobs of the best plan
+        try:
+            exports.check(target, model, search(model, cluster, hw, fixed).ranked[0].plan, version)
+        except PlanError as why:
+            unbuilt = [issue for issue in why.issues if issue[1].startswith("model: ")]
+            raise PlanError.of(unbuilt or list(why.issues)) from None
         raise
     checkpoint = checkpoint_of(args.model, model)
     artifact, first_error = None, None
