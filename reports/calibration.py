@@ -6,7 +6,7 @@ collective per intra-node group size or inter-node ranks per node): measured vs 
 (log-log, with the y = x line) and the relative residual predicted/measured - 1 against size,
 the points the fit used and the held-out ones ("held_out_rows" of fit_report) marked apart;
 then the fit table (build_stock.fit_table). The samples are the `.samples.json` beside the
-profile, or for a stock profile Vidur's data rebuilt through hw_profiles.vidur_import.
+profile, or for a stock profile Vidur's data rebuilt through calibration.vidur_import.
 Where the profile measured decode GEMMs on cached weights (CachedReads), their read rate
 against the working set, one line per row count.
 """
@@ -46,7 +46,7 @@ def profile_samples(name_or_path: str) -> tuple[HardwareProfile, Samples, str]:
     data = default_data_dir()
     if stock and data.is_dir():
         samples = load_vidur_samples(data, stock["gpu"], stock["system"])
-        return profile, samples, f"Vidur's measurements under {data} (rebuilt by hw_profiles.vidur_import)"
+        return profile, samples, f"Vidur's measurements under {data} (rebuilt by calibration.vidur_import)"
     fix = ("set MESHPLAN_VIDUR_DATA to a copy of microsoft/vidur's data/profiling" if stock else
            f"measure again with `meshplan profile --out {path}`, which writes the samples beside it")
     raise ProfileError("report", f"{beside} does not exist (the samples {path.name} was fitted on)",

@@ -117,7 +117,19 @@ def test_report_without_samples_names_the_missing_file(tmp_path):
     run = meshplan("profile", "--report", profile, "--out", tmp_path / "r.html")
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
     assert str(samples_path(profile)) in run.stderr and "meshplan profile --out" in run.stderr
+    assert "error: --report:" in run.stderr
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_bad_profile_argument_names_its_own_flag(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"name": "x"')
+    for args, flag in ((["--report", broken, "--out", tmp_path / "r.html"], "--report"),
+                       (["--report", "nosuch", "--out", tmp_path / "r.html"], "--report"),
+                       (["--import-nccl-tests", NCCL / "all_reduce_perf_8xA100.txt", "--base", "nosuch",
+                         "--out", tmp_path / "p.json"], "--base")):
+        run = meshplan("profile", *args)
+        assert run.returncode == 2 and f"error: {flag}:" in run.stderr and "--hardware" not in run.stderr
 
 
 def test_committed_local_profile_describes_this_kind_of_machine():

@@ -156,7 +156,7 @@ def run_import(args: argparse.Namespace) -> int:
     from meshplan.hw_profiles.profile import load_profile
     from meshplan.calibration.samples import Samples, empty_samples
 
-    base = load_profile(args.base)
+    base = _named(load_profile, args.base, "--base")
     tables = [parse_nccl_tests_log(Path(log)) for log in args.import_nccl_tests]
     empty = empty_samples()
     samples = Samples(empty.gemm, empty.memory_bound, pd.concat(tables, ignore_index=True))
@@ -173,12 +173,22 @@ def run_import(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from meshplan.reports.calibration import profile_samples, report_html
 
-    profile, samples, source = profile_samples(args.report)
+    profile, samples, source = _named(profile_samples, args.report, "--report")
     page, plotted = report_html(profile, samples, source)
     write_atomic(args.out, page)
     print(f"meshplan profile: wrote {args.out}: {len(plotted)} quantities of {profile.name} "
           f"plotted against {source}")
     return 0
+
+
+def _named(load, profile_arg: str, flag: str):
+    """load(profile_arg), its errors about the profile or its samples naming `flag` (the
+    profile loader names --hardware, the flag of every other command)."""
+    try:
+        return load(profile_arg)
+    except ProfileError as exc:
+        raise ProfileError.of([(flag if field in ("hardware", "report") else field, problem, fix)
+                               for field, problem, fix in exc.issues]) from None
 
 
 def print_fit(profile) -> None:
