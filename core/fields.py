@@ -1,5 +1,6 @@
 """Building a frozen dataclass from a JSON object: every unknown and every missing key is
-named at once, under the caller's field prefix and error type."""
+named at once, with what the known keys' own checks find, under the caller's field prefix
+and error type."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,5 +22,10 @@ def from_fields(cls, data, prefix: str, error: type[MeshplanError], what: str):
               for key in sorted(set(data) - known)]
     issues += [(prefix + key, f"missing {what} key", f"add \"{key}\"") for key in sorted(required - set(data))]
     if issues:
+        if not required - set(data):  # the keys it knows, checked too: every offending field at once
+            try:
+                cls(**{k: v for k, v in data.items() if k in known})
+            except MeshplanError as exc:
+                issues += exc.issues
         raise error.of(issues)
     return cls(**data)

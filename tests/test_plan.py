@@ -46,6 +46,13 @@ def test_malformed_plans(kw, field):
         _plan(**kw)
 
 
+def test_a_plan_file_names_unknown_keys_and_bad_values_at_once():
+    data = {**_plan().to_dict(), "tpp": 2, "dp": "x", "zero": 4}
+    with pytest.raises(PlanError) as exc:
+        Plan.from_dict(data)
+    assert [issue[0] for issue in exc.value.issues] == ["plan.tpp", "plan.dp", "plan.zero"]
+
+
 def test_cluster_checks():
     with pytest.raises(PlanError, match="cluster.num_gpus"):
         Cluster(12, 8)

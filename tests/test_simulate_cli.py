@@ -187,6 +187,22 @@ def test_flags_are_never_abbreviated():
     assert out.returncode == 2 and "unrecognized arguments: --mode inference" in out.stderr
 
 
+def test_flags_of_the_other_mode_are_refused_not_ignored(tmp_path):
+    train = ["--model", "llama-2-7b", "--gpus", "8", "--global-batch", "8", "--seq-len", "1024"]
+    out = meshplan("simulate", *train, "--batch", "4", "--kv-dtype", "fp8")
+    assert out.returncode == 2 and "--batch: is a serving knob" in out.stderr and "--kv-dtype" in out.stderr
+    serve = ["--mode", "inference", "--model", "llama-2-7b", "--gpus", "8", "--batch", "4", "--prompt-len", "64",
+             "--gen-len", "8"]
+    for command in ("simulate", "plan"):
+        out = meshplan(command, *serve, "--tp", "2", "--cp", "2", "--zero", "3")
+        assert out.returncode == 2 and out.stdout == ""
+        assert "--cp: is a training knob" in out.stderr and "--zero" in out.stderr and "--tp" not in out.stderr
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(meshplan("plan", *train, "--emit", "plan").stdout)
+    out = meshplan("simulate", *serve, "--plan", str(plan_file))
+    assert out.returncode == 2 and "--plan: holds a training plan" in out.stderr
+
+
 def test_version():
     from importlib.metadata import version
     out = meshplan("--version")

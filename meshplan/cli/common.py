@@ -122,6 +122,24 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(g, InferencePlan, SERVING_ONLY)
 
 
+def refuse_other_mode_flags(args: argparse.Namespace) -> None:
+    """One error naming every plan flag the mode does not read: a training knob (or a --plan
+    file) with --mode inference, a serving knob without it; ignoring one would answer a
+    question the user did not ask."""
+    if args.mode == "inference":
+        shared = {f.name for f in dataclasses.fields(InferencePlan)}
+        issues = [(f"plan.{name}", "is a training knob, which serving does not read", "drop it with --mode inference")
+                  for name in dataclass_fields(args, Plan) if name not in shared]
+        if getattr(args, "plan", None):
+            issues.append(("plan_file", "holds a training plan, which serving does not read",
+                           "give the serving flags instead (--tp, --pp, --batch, ...)"))
+    else:
+        issues = [(f"plan.{name}", "is a serving knob", "add --mode inference, or drop it")
+                  for name in dataclass_fields(args, InferencePlan, SERVING_ONLY)]
+    if issues:
+        raise PlanError.of(issues)
+
+
 def inference_plan_fields(args: argparse.Namespace, cluster: Cluster) -> dict:
     """InferencePlan fields from the flags; replicas default to GPUs / (tp*pp)."""
     fields = dataclass_fields(args, InferencePlan, SERVING_ONLY + ("tp", "pp", "dtype"))

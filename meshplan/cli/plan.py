@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise PlanError("--top", f"must be >= 1, got {args.top}", "pass --top N with N >= 1")
+    common.refuse_other_mode_flags(args)
     if args.mode == "inference":
         return run_inference(args)
     if args.tokens is not None or args.days is not None or args.gpu_hour_price is not None:

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from meshplan.executor.launch import launch_train
     from meshplan.executor.options import RunOptions
 
+    common.refuse_other_mode_flags(args)
     if args.mode == "inference":
         return run_inference(args)
     model, plan, cluster = resolve(args)

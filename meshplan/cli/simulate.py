@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from meshplan.simulator.train import simulate
     from meshplan.reports.timeline import write_chrome_trace, write_timeline_html
 
+    common.refuse_other_mode_flags(args)
     if args.mode == "inference":
         return run_inference(args)
     model, plan, cluster, hw = resolve(args)
