@@ -43,6 +43,11 @@ def test_plan_file_round_trip(tmp_path):
     again = meshplan("simulate", "--model", "gpt3-175b", "--gpus", "1024", "--plan", str(plan), "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["step_time_s"] == first["step_time_s"]
+    # flags win over the file; its etp, which only restated tp 8, follows --tp
+    tweaked = meshplan("simulate", "--model", "gpt3-175b", "--gpus", "1024", "--plan", str(plan), "--tp", "4",
+                       "--dp", "32", "--json")
+    assert tweaked.returncode == 0, tweaked.stderr
+    assert {k: json.loads(tweaked.stdout)["plan"][k] for k in ("tp", "etp", "dp")} == {"tp": 4, "etp": 4, "dp": 32}
 
 
 def test_human_summary():

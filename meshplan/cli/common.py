@@ -157,9 +157,13 @@ def inference_plan_fields(args: argparse.Namespace, cluster: Cluster) -> dict:
 
 
 def user_plan_fields(args: argparse.Namespace) -> dict:
-    """The plan fields the user gave, from --plan and then flags (flags win)."""
+    """The plan fields the user gave, from --plan and then flags (flags win). A file's etp
+    that only restates its tp (the default) follows a --tp flag."""
     fields = load_plan(args.plan).to_dict() if getattr(args, "plan", None) else {}
-    return {**fields, **dataclass_fields(args, Plan)}
+    flags = dataclass_fields(args, Plan)
+    if "tp" in flags and "etp" not in flags and fields.get("etp") == fields.get("tp"):
+        fields.pop("etp", None)
+    return {**fields, **flags}
 
 
 def cluster_from_args(args: argparse.Namespace, default_gpus_per_node: int) -> Cluster:
