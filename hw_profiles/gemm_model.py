@@ -53,7 +53,12 @@ def gemm_efficiency(fit: GemmFit, m, n, k):
     factor the tile-occupancy / pipeline-fill loss of a small dimension (our saturating form,
     chosen over sum-of-overheads and power-law variants by equal-or-lower residuals on Vidur's
     A100/H100 GEMMs; a smooth stand-in for Calculon's efficiency-by-size tables)."""
-    return fit.eff_max * (m / (m + fit.m_half)) * (n / (n + fit.n_half)) * (k / (k + fit.k_half))
+    return _nk_efficiency(fit, n, k) * (m / (m + fit.m_half))
+
+
+def _nk_efficiency(fit: GemmFit, n, k):
+    """gemm_efficiency without its loss to a small m: eff_max x the n and k factors."""
+    return fit.eff_max * (n / (n + fit.n_half)) * (k / (k + fit.k_half))
 
 
 def gemm_time_s(fit: GemmFit, m, n, k, batch, peak_flops: float, memory_bytes_per_s: float,
@@ -75,8 +80,7 @@ def gemm_time_s(fit: GemmFit, m, n, k, batch, peak_flops: float, memory_bytes_pe
         compute_s = 2.0 * m * n * k * batch / (peak_flops * gemm_efficiency(fit, m, n, k))
         return fit.latency_s + np.maximum(compute_s, memory_s)
     tile_rows = MMA_ROWS * np.ceil(m / MMA_ROWS)
-    compute_s = 2.0 * tile_rows * n * k * batch / (
-        peak_flops * fit.eff_max * (n / (n + fit.n_half)) * (k / (k + fit.k_half)))
+    compute_s = 2.0 * tile_rows * n * k * batch / (peak_flops * _nk_efficiency(fit, n, k))
     return fit.latency_s + np.maximum(np.maximum(compute_s, memory_s), dequant_s)
 
 

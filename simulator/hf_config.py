@@ -71,6 +71,8 @@ def stored_weights(config: dict) -> StoredWeights | None:
     if method in ("awq", "gptq") and bits in (4, 8) and isinstance(group, int) and group > 0:
         return StoredWeights(f"{method} {bits}-bit", f"int{bits}", group)
     return StoredWeights(method if bits is None else f"{method} {bits}-bit")
+
+
 _NO_DEFAULT = object()
 
 

@@ -11,6 +11,7 @@ import sys
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import LoadedModel, ModelSpec, read_model
 from meshplan.simulator.plan import Cluster, Plan, complete_fields, load_plan
+from meshplan.simulator.quantize import QUANTIZATIONS
 from meshplan.simulator.serve import InferencePlan
 
 # Errors name fields; these are the fields whose flag is not `--` + the field's name.
@@ -216,7 +217,7 @@ def load_serving_model(args: argparse.Namespace) -> ModelSpec:
     if stored.quantization is None:
         raise PlanError(f"{args.model}:quantization_config", f"the checkpoint stores its weights as "
                         f"{stored.method}, which meshplan does not price",
-                        "pass --quantization (none, int8, int4 or fp8) to choose the weights priced")
+                        f"pass --quantization ({', '.join(QUANTIZATIONS)}) to choose the weights priced")
     args.quantization = stored.quantization
     if stored.group_size is not None and args.quant_group_size is None:
         args.quant_group_size = stored.group_size
