@@ -170,13 +170,19 @@ def _join(table: pd.DataFrame, keys: list[str], options, columns: list[str],
     # the j-th option of a row is the option table's row start[id] + j
     start = np.cumsum(counts) - counts
     j = np.arange(left.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-    # object columns (placement tuples) by numpy's take: pandas' is several times slower
-    objects = [c for c in table.columns if table[c].dtype == object]
-    joined = table.drop(columns=objects).iloc[left].reset_index(drop=True)
-    for c in objects:
-        joined.insert(table.columns.get_loc(c), c, table[c].to_numpy()[left])
-    picked = opts.iloc[start[ids[left]] + j].reset_index(drop=True)
-    return pd.concat([joined, picked], axis=1)
+    # column by column with numpy's take into one frame that keeps the arrays (copy=False):
+    # pandas' take of the whole frame and a concat copied every row twice, 0.5 s of the
+    # largest join (1.8M rows) here
+    picked = start[ids[left]] + j
+    return pd.DataFrame({**{c: _take(table[c], left) for c in table.columns},
+                         **{c: _take(opts[c], picked) for c in columns}}, copy=False)
+
+
+def _take(column: pd.Series, index: np.ndarray):
+    """The column's values at `index`: a numpy array, or a categorical taken by its codes."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return pd.Categorical.from_codes(column.cat.codes.to_numpy()[index], dtype=column.dtype)
+    return column.to_numpy()[index]
 
 
 def _key_ids(table: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
