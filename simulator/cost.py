@@ -172,6 +172,14 @@ def collective_s(hw: HardwareProfile, kind: str, message_bytes, size, ranks_per_
                                                     np.asarray(ranks_per_node, dtype=np.int64),
                                                     np.asarray(link_share, dtype=float))
     out = np.zeros(message.shape)
+    if out.size == 0:
+        return out
+    if (size == size.flat[0]).all() and (rpn == rpn.flat[0]).all() and (share == share.flat[0]).all():
+        # one group shape (a simulated plan's, or a column of one): no grouping to do
+        if size.flat[0] > 1:
+            out.reshape(-1)[:] = hw.collective_time_s(kind, message.reshape(-1), int(size.flat[0]),
+                                                      int(rpn.flat[0]), float(share.flat[0]))
+        return out
     share_ids, shares = pd.factorize(share.ravel())
     key = ((size * (1 << 20) + rpn).ravel()) * len(shares) + share_ids
     ids, groups = pd.factorize(key)
