@@ -9,6 +9,7 @@ torchtitan order ranks, so a TP group stays inside a node); serving uses tp, pp,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
 from math import prod
 from operator import mul
@@ -59,17 +60,12 @@ class Mesh:
         """The ranks that differ from `origin` only along `axes`, sorted."""
         strides = dict(zip(self.placement, accumulate(self.sizes[:-1], mul, initial=1)))
         sizes = dict(zip(self.placement, self.sizes))
-        out = np.zeros(1, dtype=np.int64)
-        for axis in axes:
-            out = (out[:, None] + np.arange(sizes[axis]) * strides[axis]).ravel()
-        return np.sort(out + sum((origin // strides[a]) % sizes[a] * strides[a]
-                                 for a in self.placement if a not in axes))
+        return axis_offsets(tuple((sizes[a], strides[a]) for a in axes)) + sum(
+            (origin // strides[a]) % sizes[a] * strides[a] for a in self.placement if a not in axes)
 
     def group(self, axes: tuple[str, ...]) -> Group:
         """Rank 0's group along `axes` (every group of a mesh is placed alike)."""
-        ranks = self.ranks(axes)
-        nodes = 1 + np.count_nonzero(np.diff(ranks // self.gpus_per_node))  # ranks are sorted
-        return Group(size=int(ranks.size), ranks_per_node=int(ranks.size // nodes))
+        return _group(tuple((self.size(a), self.stride(a)) for a in axes), self.gpus_per_node)
 
     def neighbour_pair(self, axis: str) -> Group:
         """Two ranks adjacent along `axis` (pipeline stages): inside one node or across two."""
@@ -79,3 +75,21 @@ class Mesh:
         """The first and the last rank along `axis` (a pipeline's first and last stage):
         inside one node or across two."""
         return Group(2, 2 if self.stride(axis) * (self.size(axis) - 1) < self.gpus_per_node else 1)
+
+
+@lru_cache(maxsize=4096)
+def _group(axes: tuple[tuple[int, int], ...], gpus_per_node: int) -> Group:
+    """The group of rank 0 along axes given as (size, stride): meshes of different shapes
+    share it where those match (a search places thousands of meshes)."""
+    ranks = axis_offsets(axes)
+    nodes = 1 + np.count_nonzero(np.diff(ranks // gpus_per_node))  # sorted
+    return Group(size=int(ranks.size), ranks_per_node=int(ranks.size // nodes))
+
+
+def axis_offsets(axes: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Sorted rank offsets from a group's first rank along axes given as (size, stride)."""
+    offsets = np.zeros(1, dtype=np.int64)
+    for size, stride in axes:
+        offsets = (offsets[:, None] + np.arange(size) * stride).ravel()
+    offsets.sort()
+    return offsets

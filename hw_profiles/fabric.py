@@ -34,7 +34,7 @@ import networkx as nx
 import numpy as np
 
 from meshplan.core.errors import ProfileError
-from meshplan.core.mesh import Group, Mesh
+from meshplan.core.mesh import Group, Mesh, axis_offsets
 
 TOPOLOGIES = ("single-switch", "fat-tree", "rail-optimized")
 ALIASES = {"rail": "rail-optimized", "fat": "fat-tree", "single": "single-switch"}
@@ -242,10 +242,7 @@ def _streams(groups: np.ndarray, gpus_per_node: int, chain: bool) -> tuple[np.nd
 def _share(fabric: Fabric, nics_per_node: int, gpus_per_node: int, world_size: int,
            axes: tuple[tuple[int, int], ...], ranks_per_node: int, chain: bool) -> float:
     """link_share for groups given by (size, stride) per axis."""
-    offsets = np.zeros(1, dtype=np.int64)
-    for size, stride in axes:
-        offsets = (offsets[:, None] + np.arange(size) * stride).ravel()
-    offsets.sort()
+    offsets = axis_offsets(axes)
     r = np.arange(world_size)
     base = r[np.all([(r // stride) % size == 0 for size, stride in axes], axis=0)]
     src, dst = _streams(base[:, None] + offsets[None, :], gpus_per_node, chain)
