@@ -21,7 +21,7 @@ from meshplan.planner.closed_forms import evaluate
 from meshplan.planner.space import candidate_table, row_plan
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, field_issues
-from meshplan.simulator.train import SimulationResult, check_hardware, simulate
+from meshplan.simulator.train import SimulationResult, check_hardware, simulate_many
 from meshplan.core.units import GIB
 
 # Plans re-ranked by the discrete-event simulation: the best by the closed forms, up to
@@ -63,7 +63,7 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     ev = evaluate(table, model, hw, cluster.ranks_per_node, keep=des)
     if not ev.fits.any():
         raise _memory_error(ev, hw, fixed)
-    results = [simulate(model, row_plan(table, i), cluster, hw) for i in _des_rows(table, ev, des)]
+    results = simulate_many(model, [row_plan(table, i) for i in _des_rows(table, ev, des)], cluster, hw)
     ranked = sorted((r for r in results if r.fits), key=lambda r: (r.step_time_s, r.peak_memory_bytes))
     if not ranked:
         raise _memory_error(ev, hw, fixed)
