@@ -5,8 +5,6 @@ import dataclasses
 import json
 import re
 import shlex
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from meshplan.simulator.model_spec import ZOO, load_model
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.serve import InferencePlan, simulate_inference
 from meshplan.simulator.train import simulate
+from tests.cli import meshplan
 
 ROOT = Path(__file__).resolve().parents[1]
 HF = ROOT / "tests/data/hf_configs"
@@ -275,11 +274,6 @@ def test_vllm_budget_dtype_and_model_id():
     with pytest.raises(PlanError):
         vllm.export(simulate_inference(L70, InferencePlan(1, 8000, 800, tp=8), Cluster(8, 8), H100),
                     L70, checkpoint_of("llama-3-70b", L70), H100)
-
-
-def meshplan(*args):
-    return subprocess.run([sys.executable, "-m", "meshplan.cli", *args], capture_output=True,
-                          text=True, timeout=300)
 
 
 BASE = ["--model", "llama-3-70b", "--gpus", "64", "--global-batch", "64", "--seq-len", "4096"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from meshplan.planner.launch_scripts import Launch, slurm_script, torchrun_script
+from tests.cli import meshplan
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_SLURM = ROOT / "tests/data/fake_slurm"
@@ -68,11 +69,6 @@ def test_torchrun_script_defaults_to_one_node_and_runs_bash(tmp_path):
                          env={"PATH": os.environ["PATH"]})
     assert out.returncode != 0 and "set HF_ASSETS_PATH to the tokenizer folder" in out.stderr
     assert not (tmp_path / "job.toml").exists()
-
-
-def meshplan(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "meshplan.cli", *args], capture_output=True,
-                          text=True, timeout=300, **kwargs)
 
 
 def free_port() -> int:

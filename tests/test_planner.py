@@ -2,9 +2,7 @@
 forms against simulate(), hand-checked small searches, the published Megatron
 configurations (Narayanan et al. 2021 Table 1), and `meshplan plan` as a user runs it."""
 import json
-import subprocess
 from pathlib import Path
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
 from meshplan.simulator.partition import balanced_partition
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
+from tests.cli import meshplan
 
 A100 = load_profile("a100-80gb")
 H100 = load_profile("h100-80gb")
@@ -257,11 +256,6 @@ def test_best_plan_at_least_as_fast_as_published_configuration(name, tp, pp, gpu
 
 GPT3 = ["--model", "gpt3-175b", "--hardware", "a100-80gb", "--gpus", "1024", "--gpus-per-node", "8",
         "--global-batch", "1536", "--seq-len", "2048"]
-
-
-def meshplan(*args):
-    return subprocess.run([sys.executable, "-m", "meshplan.cli", *args], capture_output=True,
-                          text=True, timeout=300)
 
 
 def test_plan_json_keys():

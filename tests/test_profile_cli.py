@@ -1,9 +1,8 @@
 """`meshplan profile` as a user runs it: nccl-tests import against the logs' own numbers, the
 calibration report, the committed local profile, one-line errors that leave no output."""
+from functools import partial
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,13 @@ from meshplan.calibration.local_base import cpu_base, cuda_base, known_gpu
 from meshplan.calibration.probe import compare, reference
 from meshplan.hw_profiles.profile import DATA_DIR, available_profiles, load_profile, samples_path
 from meshplan.calibration.samples import Samples
+from tests import cli
 
 NCCL = Path(__file__).parent / "data" / "nccl"
 US = 1e-6
 
 
-def meshplan(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "meshplan.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+meshplan = partial(cli.meshplan, timeout=120)  # this file's hang guard, seconds
 
 
 def log_rows(path: Path) -> list[tuple[int, float]]:

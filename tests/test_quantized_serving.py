@@ -1,8 +1,7 @@
 """Serving with quantized weights, mixture-of-experts decode and latent attention's cache,
 against hand computations."""
+from functools import partial
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from meshplan.simulator.ops import Shard, layer_ops
 from meshplan.simulator.plan import Cluster
 from meshplan.simulator.quantize import quantized, quantized_weights, weight_bytes
 from meshplan.simulator.serve import InferencePlan, kv_elements_per_token, simulate_inference
+from tests import cli
 
 H100, A100 = load_profile("h100-80gb"), load_profile("a100-80gb")
 CONFIGS = Path(__file__).parent / "data" / "hf_configs"
@@ -26,9 +26,7 @@ LLAMA = ZOO["llama-2-7b"]
 LINEAR = 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008)
 
 
-def meshplan(*args):
-    return subprocess.run([sys.executable, "-m", "meshplan.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+meshplan = partial(cli.meshplan, timeout=120)  # this file's hang guard, seconds
 
 
 def serve(model, hw=H100, **kw):

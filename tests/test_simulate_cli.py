@@ -1,10 +1,13 @@
 """`meshplan simulate` as a user runs it: JSON keys, trace files, one-line errors."""
+from functools import partial
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from tests import cli
 
 GPT3 = ["--model", "gpt3-175b", "--hardware", "a100-80gb", "--gpus", "1024", "--gpus-per-node", "8",
         "--global-batch", "1536", "--seq-len", "2048", "--tp", "8", "--pp", "8", "--dp", "16",
@@ -14,9 +17,7 @@ KEYS = {"step_time_s", "tokens_per_s", "model_tflops_per_gpu", "mfu", "peak_memo
 BREAKDOWN = {"compute", "recompute", "tp_comm", "pp_comm", "dp_comm", "bubble", "optimizer"}
 
 
-def meshplan(*args):
-    return subprocess.run([sys.executable, "-m", "meshplan.cli", *args], capture_output=True,
-                          text=True, timeout=120)
+meshplan = partial(cli.meshplan, timeout=120)  # this file's hang guard, seconds
 
 
 def test_json_keys_and_consistency(tmp_path):

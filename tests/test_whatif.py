@@ -3,17 +3,13 @@ with data in a real browser (headless Chromium) without console errors."""
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
+from tests.cli import meshplan
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHARTS = 5  # throughput/MFU, memory per stage, timeline, top-plans table, scaled resources
-
-
-def meshplan(*args):
-    return subprocess.run([sys.executable, "-m", "meshplan.cli", *args], capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
