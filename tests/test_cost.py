@@ -7,12 +7,12 @@ import pytest
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.core.mesh import Group
 from meshplan.hw_profiles.profile import Contention
-from meshplan.simulator.cost import (FULL, NONE, layer_times, overlap_split, per_rank_profile,
-                                     shard_times, tp_comm_s, _op_arrays)
+from meshplan.simulator.cost import (FULL, NONE, collective_s, layer_times, overlap_split,
+                                     per_rank_profile, shard_times, tp_comm_s, _op_arrays)
 from meshplan.simulator.model_spec import ZOO
 from meshplan.simulator.ops import Shard, layer_ops
 from meshplan.simulator.plan import Cluster, Plan
-from meshplan.simulator.train import simulate
+from meshplan.simulator.train import simulate, simulate_many
 
 A100 = load_profile("a100-80gb")
 
@@ -78,7 +78,7 @@ def test_overlap_split_hides_what_compute_covers_and_charges_contention():
 def test_cpu_profile_exposes_data_parallel_communication():
     from dataclasses import replace
 
-    from meshplan.simulator.train import simulate
+    from meshplan.simulator.train import simulate, simulate_many
     model = ZOO["llama-2-7b"]
     plan = Plan(dp=8, global_batch=64, micro_batch=1, seq_len=2048, zero=1, dtype="bf16")
     cluster = Cluster(8, 8)
@@ -174,3 +174,29 @@ def test_full_recompute_redoes_the_ring_exchange_of_the_forward():
     assert float(np.ravel(full.cp_bwd_s)[0]) == pytest.approx(v["cp_bwd_s"] + v["cp_fwd_s"])
     assert float(np.ravel(full.cp_raw_bwd_s)[0]) == pytest.approx(v["cp_raw_bwd_s"] + v["cp_raw_fwd_s"])
     assert float(np.ravel(full.recompute_s)[0]) == pytest.approx(v["fwd_compute_s"] + v["contention_fwd_s"])
+
+
+def test_collective_over_one_group_shape_is_each_message_priced_alone():
+    messages = np.array([[1e3, 1e6], [3e7, 2e9]])
+    one = collective_s(A100, "all_reduce", messages, 16, 8, 0.5)
+    alone = [[float(A100.collective_time_s("all_reduce", m, 16, 8, 0.5)) for m in row] for row in messages]
+    assert one.shape == messages.shape
+    np.testing.assert_allclose(one, alone, rtol=1e-12)
+    # mixed shapes group by shape and price each the same; a group of one rank costs nothing
+    mixed = collective_s(A100, "all_reduce", messages.ravel(), [16, 16, 8, 1], [8, 8, 8, 1], [0.5, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(mixed[:2], one[0], rtol=1e-12)
+    assert mixed[2] == pytest.approx(float(A100.collective_time_s("all_reduce", 3e7, 8, 8, 1.0)), rel=1e-12)
+    assert mixed[3] == 0.0
+
+
+def test_simulate_many_is_simulate_of_each_plan_in_order():
+    model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
+    base = dict(global_batch=128, seq_len=4096, dp=4, tp=4, pp=4, micro_batch=1)
+    plans = [Plan(**base, schedule="interleaved", virtual_stages=2, sp=True),
+             Plan(**base, dtype="fp8"),  # another plan-wide field: built in its own pass
+             Plan(**{**base, "dp": 8, "pp": 2}, zero=3, recompute="full"),
+             Plan(**base, schedule="zb-h1")]
+    many = simulate_many(model, plans, cluster, load_profile("h100-80gb"))
+    assert [r.plan for r in many] == plans
+    for plan, result in zip(plans, many):
+        assert result.to_json() == simulate(model, plan, cluster, load_profile("h100-80gb")).to_json()
