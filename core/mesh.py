@@ -60,12 +60,16 @@ class Mesh:
         """The ranks that differ from `origin` only along `axes`, sorted."""
         strides = dict(zip(self.placement, accumulate(self.sizes[:-1], mul, initial=1)))
         sizes = dict(zip(self.placement, self.sizes))
-        return axis_offsets(tuple((sizes[a], strides[a]) for a in axes)) + sum(
+        return axis_offsets(self.strided(axes)) + sum(
             (origin // strides[a]) % sizes[a] * strides[a] for a in self.placement if a not in axes)
+
+    def strided(self, axes: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+        """(size, stride) of each of `axes`: the shape of a group along them."""
+        return tuple((self.size(a), self.stride(a)) for a in axes)
 
     def group(self, axes: tuple[str, ...]) -> Group:
         """Rank 0's group along `axes` (every group of a mesh is placed alike)."""
-        return _group(tuple((self.size(a), self.stride(a)) for a in axes), self.gpus_per_node)
+        return _group(self.strided(axes), self.gpus_per_node)
 
     def neighbour_pair(self, axis: str) -> Group:
         """Two ranks adjacent along `axis` (pipeline stages): inside one node or across two."""

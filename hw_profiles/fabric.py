@@ -277,9 +277,8 @@ def _group_share(fabric: Fabric | None, nics_per_node: int, mesh: Mesh, axes: tu
         # A NIC per GPU and non-blocking uplinks: each rank sends one stream and receives one
         # (a ring or a chain), so no NIC or uplink carries more than its rate: the full rate.
         return 1.0
-    structure = tuple((mesh.size(a), mesh.stride(a)) for a in axes)
     # A chain's streams are single sends between two ranks: one rank per node each end.
-    return _share(fabric, nics, mesh.gpus_per_node, mesh.world_size, structure,
+    return _share(fabric, nics, mesh.gpus_per_node, mesh.world_size, mesh.strided(axes),
                   1 if chain else group.ranks_per_node, chain)
 
 

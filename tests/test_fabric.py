@@ -69,7 +69,7 @@ def test_a_nic_per_gpu_without_oversubscription_gives_every_group_the_full_rate(
     for order in (("tp", "cp", "dp", "pp"), ("dp", "tp", "pp", "cp"), ("pp", "dp", "cp", "tp")):
         m = mesh(order, 4, tp=2, cp=2, dp=4, pp=2)
         for axes, chain in ((("tp",), False), (("cp",), False), (("dp", "cp"), False), (("pp",), True)):
-            structure = tuple((m.size(a), m.stride(a)) for a in axes)
+            structure = m.strided(axes)
             group = m.group(axes)
             routed = _share(fabric, 4, 4, m.world_size, structure,
                             1 if chain else group.ranks_per_node, chain)
