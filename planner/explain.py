@@ -70,8 +70,9 @@ def compare(winner: SimulationResult, other: SimulationResult, label: str) -> Co
 def knob_changes(plan: Plan, experts: bool = False) -> list[tuple[str, str, dict | str]]:
     """(label, knob, changed fields or why there is none) for each single-knob change of
     `plan`; a parallel degree's change moves the factor 2 to or from data parallelism (expert
-    TP following TP where it did); with `experts`, EP x2, /2 and none too, and the
-    all-to-all overlap toggled where ep > 1."""
+    TP following TP where it did); the TP overlap toggled where sequence parallelism is on,
+    resharding after forward where ZeRO-3 is; with `experts`, EP x2, /2 and none too, and
+    the all-to-all overlap toggled where ep > 1."""
     out = []
     for axis in ("tp", "pp"):
         deg = getattr(plan, axis)
@@ -102,7 +103,12 @@ def knob_changes(plan: Plan, experts: bool = False) -> list[tuple[str, str, dict
         out.append(("ep 1 (experts not spread)", "ep", {"ep": 1, "moe_a2a_overlap": False}))
     mbs = [plan.micro_batch * 2] + ([plan.micro_batch // 2] if plan.micro_batch % 2 == 0 else [])
     out += [(f"micro-batch {b}", "micro_batch", {"micro_batch": b}) for b in mbs]
-    out += [(f"zero {z}", "zero", {"zero": z}) for z in (plan.zero - 1, plan.zero + 1) if 0 <= z <= 3]
+    # leaving ZeRO-3 leaves its choice of keeping the weights gathered with it
+    out += [(f"zero {z}", "zero", {"zero": z, **({} if z == 3 else {"reshard_after_forward": True})})
+            for z in (plan.zero - 1, plan.zero + 1) if 0 <= z <= 3]
+    if plan.zero == 3:
+        out.append(("reshard after forward " + ("off" if plan.reshard_after_forward else "on"),
+                    "reshard_after_forward", {"reshard_after_forward": not plan.reshard_after_forward}))
     out += [(f"recompute {r}", "recompute", {"recompute": r}) for r in RECOMPUTE if r != plan.recompute]
     if plan.pp > 1:
         for s in SCHEDULES:
@@ -111,7 +117,12 @@ def knob_changes(plan: Plan, experts: bool = False) -> list[tuple[str, str, dict
                 out.append((f"schedule {s}" + (f" (v={v})" if v > 1 else ""), "schedule",
                             {"schedule": s, "virtual_stages": v}))
     if plan.tp > 1:
-        out.append(("sequence parallel " + ("off" if plan.sp else "on"), "sp", {"sp": not plan.sp}))
+        # the TP overlap splits the sequence-parallel collectives: it goes with them
+        out.append(("sequence parallel " + ("off" if plan.sp else "on"), "sp",
+                    {"sp": not plan.sp, **({"tp_overlap": False} if plan.sp else {})}))
+    if plan.tp > 1 and plan.sp:
+        out.append(("TP overlap " + ("off" if plan.tp_overlap else "on"), "tp_overlap",
+                    {"tp_overlap": not plan.tp_overlap}))
     if experts and plan.ep > 1:
         out.append(("all-to-all overlap " + ("off" if plan.moe_a2a_overlap else "on"), "moe_a2a_overlap",
                     {"moe_a2a_overlap": not plan.moe_a2a_overlap}))
@@ -214,8 +225,14 @@ def _describe(plan: Plan, base: Plan) -> str:
     diffs = [f"{k} {getattr(plan, k)}" for k in ("dp", "tp", "pp", "cp", "ep", "etp", "zero", "recompute",
                                                  "micro_batch", "schedule", "virtual_stages")
              if getattr(plan, k) != getattr(base, k)]
-    if plan.sp != base.sp:
-        diffs.append("sp" if plan.sp else "no sp")
+    for k, on, off in (("sp", "sp", "no sp"), ("tp_overlap", "TP overlap", "no TP overlap"),
+                       ("reshard_after_forward", "reshard after forward", "weights kept from forward"),
+                       ("moe_a2a_overlap", "all-to-all overlap", "no all-to-all overlap")):
+        if getattr(plan, k) != getattr(base, k):
+            diffs.append(on if getattr(plan, k) else off)
+    if plan.layer_partition != base.layer_partition:
+        diffs.append("layers " + ("balanced" if plan.layer_partition is None
+                                  else ",".join(map(str, plan.layer_partition))))
     if plan.placement != base.placement:
         diffs.append("placement " + ",".join(plan.placement))
     return f"({', '.join(diffs) or 'same knobs'})"

@@ -132,7 +132,7 @@ def _training_figure(scenarios: list[Scenario], budget: Budget):
         runs = [budget.of(s, s.best) for s in pts]
         mode = "lines+markers" if len(pts) > 1 else "markers"
         common = dict(x=[s.gpus for s in pts], mode=mode, legendgroup=series,
-                      text=[_knobs(s.best.plan) for s in pts])
+                      text=[s.best.plan.summary() for s in pts])
         fig.add_trace(go.Scatter(y=[t.days for t in runs], name=series, **common), row=1, col=1)
         if priced:
             fig.add_trace(go.Scatter(y=[t.cost for t in runs], name=series, showlegend=False,
@@ -186,17 +186,11 @@ def _fabric_figure(fabrics: list[Scenario], base: list[Scenario]):
         pts = [("the profile's", r) for r in ref] + [(s.fabric, s) for s in fabrics
                                                      if s.hardware == hw and s.best]
         fig.add_trace(go.Bar(name=hw, x=[f for f, _ in pts], y=[s.best.tokens_per_s for _, s in pts],
-                             text=[_knobs(s.best.plan) for _, s in pts]))
+                             text=[s.best.plan.summary() for _, s in pts]))
     fig.update_layout(title=f"best plan per fabric, {largest} GPUs (replanned: placement included)",
                       xaxis_title="fabric (topology:oversubscription:nodes per leaf)",
                       yaxis_title="tokens/s", barmode="group")
     return fig
-
-
-def _knobs(p) -> str:
-    return (f"dp{p.dp} tp{p.tp}{'+sp' if p.sp else ''} pp{p.pp} cp{p.cp} zero{p.zero} "
-            f"{p.recompute} mb{p.micro_batch}" + (f" {p.schedule}" if p.pp > 1 else "")
-            + (f"(v{p.virtual_stages})" if p.virtual_stages > 1 else "") + f" [{'-'.join(p.placement)}]")
 
 
 def _table_figure(scenarios: list[Scenario], budget: Budget | None):
@@ -213,7 +207,7 @@ def _table_figure(scenarios: list[Scenario], budget: Budget | None):
         if s.result is None:
             rows.append((s.label, "-", s.error) + ("",) * (len(header) - 3))
         for i, r in enumerate(s.result.ranked[:TOP_PER_SCENARIO] if s.result else (), start=1):
-            row = (s.label, str(i), _knobs(r.plan), f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}",
+            row = (s.label, str(i), r.plan.summary(), f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}",
                    f"{r.mfu:.1%}", f"{r.peak_memory_bytes / GIB:.1f}")
             if budget is not None:
                 t = budget.of(s, r)

@@ -214,6 +214,25 @@ class Plan:
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    def summary(self, experts: bool = False) -> str:
+        """The plan in one line, naming every knob the planner searches, e.g. "dp16
+        tp8+sp+overlap pp8 cp1 zero3-keep rc:full mb1x96 interleaved(v2) order:tp,dp,cp,pp"
+        (the expert degrees where the model has experts (`experts`) or they are set; "-keep":
+        ZeRO-3 keeping the weights gathered from forward to backward; the placement where it
+        is not the default)."""
+        parts = [f"dp{self.dp}", f"tp{self.tp}" + ("+sp" if self.sp else "") + ("+overlap" if self.tp_overlap else ""),
+                 f"pp{self.pp}", f"cp{self.cp}"]
+        if experts or self.ep > 1 or self.etp != self.tp:
+            parts.append(f"ep{self.ep}" + (f"/etp{self.etp}" if self.etp != self.tp else "")
+                         + ("+a2a-overlap" if self.moe_a2a_overlap else ""))
+        parts += [f"zero{self.zero}" + ("-keep" if self.zero == 3 and not self.reshard_after_forward else ""),
+                  f"rc:{self.recompute}", f"mb{self.micro_batch}x{self.num_microbatches}"]
+        if self.pp > 1:
+            parts.append(self.schedule + (f"(v{self.virtual_stages})" if self.virtual_stages > 1 else ""))
+        if self.placement != tuple(AXES):
+            parts.append("order:" + ",".join(self.placement))
+        return " ".join(parts)
+
     def mesh(self, gpus_per_node: int) -> Mesh:
         """The ranks of this plan on nodes of `gpus_per_node`, placed innermost-first by
         `placement`."""

@@ -69,17 +69,8 @@ class SimulationResult:
     @property
     def label(self) -> str:
         """The plan in one line, as timelines and tables title it."""
-        p = self.plan
-        parts = [f"dp{p.dp}", f"tp{p.tp}" + ("+sp" if p.sp else "") + ("+overlap" if p.tp_overlap else ""),
-                 f"pp{p.pp}", f"cp{p.cp}"] + ([f"ep{p.ep}" + (f"/etp{p.etp}" if p.etp != p.tp else "")
-                                               + ("+a2a-overlap" if p.moe_a2a_overlap else "")]
-                                              if self.model.num_experts else []) + [
-                 f"zero{p.zero}" + ("" if p.reshard_after_forward else "-keep"),
-                 f"recompute {p.recompute}", f"mb{p.micro_batch}x{p.num_microbatches}"]
-        if p.pp > 1:
-            parts.append(p.schedule + (f"(v{p.virtual_stages})" if p.virtual_stages > 1 else ""))
-        return (f"{self.model.name} on {self.cluster.num_gpus}x {self.hardware}: {' '.join(parts)}, "
-                f"{self.step_time_s:.3f} s/step")
+        return (f"{self.model.name} on {self.cluster.num_gpus}x {self.hardware}: "
+                f"{self.plan.summary(bool(self.model.num_experts))}, {self.step_time_s:.3f} s/step")
 
     def to_json(self) -> dict:
         return {

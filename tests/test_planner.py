@@ -307,3 +307,36 @@ def test_join_checks_rules_on_options_as_a_filter_after_it_would():
     filtered = legal(space._join(base, ["tp", "moe_a2a_overlap"], options, ["recompute"]), ("recompute",))
     assert len(filtered) < 3 * len(base) and base["moe_a2a_overlap"].any()
     assert pruned.reset_index(drop=True).equals(filtered.reset_index(drop=True))
+
+
+def test_plan_summary_names_every_searched_knob():
+    base = dict(global_batch=64, seq_len=4096, dp=2, tp=4, pp=2, micro_batch=2, sp=True)
+    assert Plan(**base).summary() == "dp2 tp4+sp pp2 cp1 zero0 rc:none mb2x16 1f1b"
+    assert (Plan(**base, tp_overlap=True, zero=3, reshard_after_forward=False, schedule="interleaved",
+                 virtual_stages=2, recompute="full", placement=("tp", "dp", "cp", "pp")).summary()
+            == "dp2 tp4+sp+overlap pp2 cp1 zero3-keep rc:full mb2x16 interleaved(v2) order:tp,dp,cp,pp")
+    assert Plan(**base, ep=2, moe_a2a_overlap=True, schedule="interleaved", virtual_stages=2).summary(
+        experts=True).split()[4] == "ep2+a2a-overlap"
+    assert Plan(**base, ep=2, etp=1).summary().split()[4] == "ep2/etp1"
+    assert "ep" not in Plan(**base).summary(experts=False) and "ep1" in Plan(**base).summary(experts=True)
+    # the ranked table of a search: rows that differ, read differently
+    model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
+    found = search(model, cluster, A100, {"global_batch": 128, "seq_len": 4096, "tp": 4, "sp": True})
+    plans = {json.dumps({**r.plan.to_dict(), "layer_partition": None}) for r in found.ranked}
+    assert len({r.plan.summary() for r in found.ranked}) == len(plans)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(zero=3, reshard_after_forward=False, tp=4, sp=True, tp_overlap=True),
+    dict(zero=3, tp=2, sp=True, pp=2, schedule="interleaved", virtual_stages=2),
+    dict(zero=2, tp=4, sp=False)])
+def test_every_single_knob_change_is_a_legal_plan(fields):
+    from meshplan.planner.explain import knob_changes
+    plan = Plan(**{"global_batch": 64, "seq_len": 4096, "dp": 4, "micro_batch": 1, **fields})
+    changes = knob_changes(plan)
+    labels = [label for label, _, _ in changes]
+    assert ("TP overlap off" in labels or "TP overlap on" in labels) == plan.sp
+    assert any(label.startswith("reshard after forward") for label in labels) == (plan.zero == 3)
+    for label, _, change in changes:
+        if isinstance(change, dict):   # legal as a plan: no field contradicts another
+            Plan(**{**plan.to_dict(), **change, "layer_partition": None})

@@ -135,7 +135,7 @@ def run_capacity(args: argparse.Namespace) -> int:
         if o.result is None:
             table.add_row(str(o.gpus), o.why_not[:60], "-", "-", "-", "")
             continue
-        table.add_row(str(o.gpus), _knobs(o.result.plan), f"{o.result.step_time_s:.3f}", f"{o.days:.1f}",
+        table.add_row(str(o.gpus), o.result.plan.summary(), f"{o.result.step_time_s:.3f}", f"{o.days:.1f}",
                       "-" if o.cost is None else f"{o.cost:,.0f}", mark)
     Console().print(table)
     if found.answer is not None:
@@ -190,7 +190,7 @@ def emit(args: argparse.Namespace, model, cluster, hw, fixed: dict) -> int:
         sys.stdout.write(launch_scripts.script(args.launch_script, launch))
     name = target + (f" {version}" if version else "")
     print(f"meshplan plan: best of {found.candidates} legal plans that {name} runs: "
-          f"{_knobs(result.plan)}", file=sys.stderr)
+          f"{result.plan.summary()}", file=sys.stderr)
     report_export(artifact)
     return 0
 
@@ -201,19 +201,6 @@ def report_export(artifact) -> None:
         print(f"meshplan plan: add by hand: {name} = {what}", file=sys.stderr)
     for note in artifact.notes:
         print(f"meshplan plan: note: {note}", file=sys.stderr)
-
-
-def _knobs(plan) -> str:
-    """A plan in one short line, e.g. "dp16 tp8+sp pp8 cp1 zero1 rc:full mb1 1f1b"."""
-    parts = [f"dp{plan.dp}", f"tp{plan.tp}{'+sp' if plan.sp else ''}", f"pp{plan.pp}", f"cp{plan.cp}"]
-    if plan.ep > 1 or plan.etp != plan.tp:
-        parts.append(f"ep{plan.ep}" + (f"/etp{plan.etp}" if plan.etp != plan.tp else ""))
-    parts += [f"zero{plan.zero}", f"rc:{plan.recompute}", f"mb{plan.micro_batch}"]
-    if plan.pp > 1:
-        parts.append(plan.schedule + (f"(v{plan.virtual_stages})" if plan.virtual_stages > 1 else ""))
-    if plan.placement != ("tp", "cp", "dp", "pp"):
-        parts.append("order:" + ",".join(plan.placement))
-    return " ".join(parts)
 
 
 def run_inference(args: argparse.Namespace) -> int:
@@ -287,7 +274,7 @@ def print_ranking(found, why, top: int) -> None:
     for col in ("rank", "plan", "step s", "tokens/s", "MFU", "peak GiB", "headroom GiB"):
         table.add_column(col, justify="left" if col == "plan" else "right", no_wrap=True)
     for i, r in enumerate(found.ranked[:top], start=1):
-        table.add_row(str(i), _knobs(r.plan), f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}",
+        table.add_row(str(i), r.plan.summary(), f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}",
                       f"{r.mfu:.1%}", f"{r.peak_memory_bytes / GIB:.1f}",
                       f"{(r.memory_limit_bytes - r.peak_memory_bytes) / GIB:.1f}")
     console.print(table)
