@@ -27,7 +27,7 @@ from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.step import group_ids
 from meshplan.simulator.plan import (ATTENTION, DTYPES, PLAN_WIDE, RECOMPUTE, SCHEDULES, Cluster, Plan,
-                                     complete_fields, expert_order)
+                                     checked_plan, expert_order)
 
 # Rank orders tried, innermost first: Megatron-LM's default (tp-cp-dp-pp), its
 # --use-tp-pp-dp-mapping (tp-cp-pp-dp), data parallel inside context parallel, data parallel
@@ -323,7 +323,7 @@ def _why_empty(model: ModelSpec, cluster: Cluster, fixed: dict) -> PlanError:
     """The rules that leave no legal plan: the violations of the plan made of the fixed
     knobs and defaults, or a summary when each knob is legal on its own."""
     try:
-        Plan(**complete_fields(fixed, cluster.num_gpus)).validate(model, cluster)
+        checked_plan(fixed, model, cluster)
     except PlanError as exc:
         return exc
     return PlanError("cluster.num_gpus", f"no combination of dp, tp, pp, cp, ep, micro-batch and schedule is "

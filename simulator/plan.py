@@ -332,6 +332,31 @@ def complete_fields(fields: dict, num_gpus: int) -> dict:
     return fields
 
 
+def checked_plan(fields: dict, model: ModelSpec, cluster: Cluster) -> Plan:
+    """The plan of the user's `fields` for `model` on `cluster`, dp filled from the GPU count
+    (complete_fields); one PlanError naming every field that is missing, out of range, or
+    breaks a legality rule (rules.TRAINING), the rules that read dp left out where the GPU
+    count leaves dp undefined."""
+    issues = [(f"plan.{name}", "missing", "give it as a flag (or in a --plan file)")
+              for name in ("global_batch", "seq_len") if name not in fields]
+    issues += field_issues(fields)
+    if issues:   # the rules cannot read a field that is absent or not a number
+        raise PlanError.of(issues)
+    try:
+        fields, open_dp = complete_fields(fields, cluster.num_gpus), False
+    except PlanError as exc:
+        issues, fields, open_dp = list(exc.issues), {**fields, "dp": 1}, True
+    values = {f.name: f.default for f in dataclasses.fields(Plan)
+              if f.default is not dataclasses.MISSING} | fields
+    values["etp"] = values["tp"] if values["etp"] is None else values["etp"]
+    x = SimpleNamespace(**{**values, "placement": ",".join(values["placement"])})
+    issues += rules.violations(tuple(r for r in rules.TRAINING if not (open_dp and "dp" in r.needs)),
+                               x, model, cluster)
+    if issues:
+        raise PlanError.of(issues)
+    return Plan(**fields)
+
+
 def load_plan(path: str) -> Plan:
     """A plan JSON file as written by `simulate --json` (its "plan" key) or `plan --emit plan`."""
     try:

@@ -74,6 +74,20 @@ def test_bad_input_is_one_line_exit_2(args, field, tmp_path):
     assert not trace.exists()
 
 
+def test_every_offending_field_is_named_at_once():
+    """Three kinds of mistake in one command: the GPU count tp*pp does not divide (which leaves
+    dp undefined), a plan field that contradicts another (resharding after forward without
+    ZeRO-3), and a degree the model refuses (TP 3 of 32 heads): one line names all three."""
+    out = meshplan("simulate", "--model", "llama-3-8b", "--hardware", "h100-80gb", "--gpus", "8", "--tp", "3",
+                   "--pp", "5", "--zero", "1", "--no-reshard-after-forward", "--global-batch", "8",
+                   "--seq-len", "512")
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "--gpus: 8 GPUs are not divisible by tp*pp*cp = 15" in line
+    assert "--reshard-after-forward: resharding after forward is a ZeRO-3 choice" in line
+    assert "--tp: 3 does not divide the 32 attention heads" in line
+
+
 def test_a_plan_over_memory_is_refused_with_its_parts(tmp_path):
     """Llama 3 70B replicated on 8 H100s (ZeRO 0): bf16 weights (2 bytes), fp32 gradients (4,
     the default fp32 reduce) and fp32 master weights with Adam's two moments (12) are 18 bytes

@@ -10,7 +10,7 @@ import sys
 
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import LoadedModel, ModelSpec, read_model
-from meshplan.simulator.plan import Cluster, Plan, complete_fields, load_plan
+from meshplan.simulator.plan import Cluster, Plan, load_plan
 from meshplan.simulator.quantize import QUANTIZATIONS
 from meshplan.simulator.serve import InferencePlan
 
@@ -178,15 +178,6 @@ def cluster_from_args(args: argparse.Namespace, default_gpus_per_node: int) -> C
         gpus = int(gpus)
     per_node = args.gpus_per_node or min(default_gpus_per_node, max(gpus, 1))
     return Cluster(num_gpus=gpus, gpus_per_node=per_node)
-
-
-def complete_plan(fields: dict, cluster: Cluster) -> Plan:
-    """The plan of the user's fields, dp filled from the GPU count (plan.complete_fields)."""
-    missing = [(f"plan.{name}", "missing", "give it as a flag (or in a --plan file)")
-               for name in ("global_batch", "seq_len") if name not in fields]
-    if missing:
-        raise PlanError.of(missing)
-    return Plan(**complete_fields(fields, cluster.num_gpus))
 
 
 def load_model_arg(args: argparse.Namespace) -> ModelSpec:

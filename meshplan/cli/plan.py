@@ -133,7 +133,7 @@ def run_capacity(args: argparse.Namespace) -> int:
     for o in found.options:
         mark = "<- answer" if o is found.answer else ""
         if o.result is None:
-            table.add_row(str(o.gpus), o.why_not[:60], "-", "-", "-", "")
+            table.add_row(str(o.gpus), o.why_not, "-", "-", "-", "")
             continue
         table.add_row(str(o.gpus), o.result.plan.summary(), f"{o.result.step_time_s:.3f}", f"{o.days:.1f}",
                       "-" if o.cost is None else f"{o.cost:,.0f}", mark)

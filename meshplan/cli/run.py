@@ -12,7 +12,7 @@ from meshplan.core.io import dump_json, write_atomic
 from meshplan.core.progress import wanted
 from meshplan.core.units import rate_text
 from meshplan.planner import launch_scripts
-from meshplan.simulator.plan import Cluster
+from meshplan.simulator.plan import Cluster, checked_plan
 
 
 def register(subparsers) -> None:
@@ -69,7 +69,7 @@ def resolve(args: argparse.Namespace):
             else math.prod(fields.get(a, 1) for a in ("dp", "tp", "pp", "cp")))
     per_node = args.gpus_per_node or max(1, gpus // max(1, args.nnodes))
     cluster = Cluster(num_gpus=gpus, gpus_per_node=per_node)
-    return model, common.complete_plan(fields, cluster), cluster
+    return model, checked_plan(fields, model, cluster), cluster
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from meshplan.core.errors import PlanError
 from meshplan.core.units import GIB, rate_text
 from meshplan.cli import common as common
 from meshplan.core.io import dump_json
+from meshplan.simulator.plan import checked_plan
 
 
 def register(subparsers) -> None:
@@ -28,8 +29,7 @@ def resolve(args: argparse.Namespace):
     model = common.load_model_arg(args)
     hw = load_profile(args.hardware)
     cluster = common.cluster_from_args(args, hw.gpus_per_node)
-    plan = common.complete_plan(common.user_plan_fields(args), cluster)
-    plan.validate(model, cluster)
+    plan = checked_plan(common.user_plan_fields(args), model, cluster)
     return model, plan, cluster, hw
 
 
