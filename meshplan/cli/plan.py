@@ -272,7 +272,7 @@ def print_ranking(found, why, top: int) -> None:
                         f"{best.cluster.num_gpus} x {best.hardware}, global batch {best.plan.global_batch} x "
                         f"{best.plan.seq_len} tokens")
     for col in ("rank", "plan", "step s", "tokens/s", "MFU", "peak GiB", "headroom GiB"):
-        table.add_column(col, justify="left" if col == "plan" else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col == "plan" else "right", no_wrap=col != "plan")
     for i, r in enumerate(found.ranked[:top], start=1):
         table.add_row(str(i), r.plan.summary(), f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}",
                       f"{r.mfu:.1%}", f"{r.peak_memory_bytes / GIB:.1f}",
