@@ -1,8 +1,9 @@
 """A few seconds' probe of this machine against its profile, before a run or a validation:
 the rate of a GEMM and of an elementwise add at the executor's shapes, one decoder layer's
 host overhead (eager PyTorch), the executor's one-rank training step of the validation
-model's shape on every core at once, and optionally one collective over two ranks. Each
-is compared with what the profile predicts for the same operation; when the machine has
+model's shape on every core at once, and optionally one all-reduce over two ranks at two
+sizes, one where the per-call latency dominates and one where the bytes weigh. Each is
+compared with what the profile predicts for the same operation; when the machine has
 drifted beyond the profile's error band, the profile's speed terms can be rescaled by the
 measured ratios (`Probe.rescaled`), so that a slow spell of the machine is not charged to
 the cost model. The one-rank step is set against the cost model's own prediction of it,
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from meshplan.calibration.measure.compute import (GemmShape, measure_gemms, measure_memory_bound,
@@ -44,6 +46,7 @@ from meshplan.core.errors import ProfileError
 from meshplan.core.host_memory import keep_freed_memory
 from meshplan.executor.launch import prediction_or_why, torchrun
 from meshplan.executor.records import RunRecord, ServeRecord
+from meshplan.hw_profiles.collective_model import bus_factor
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator.plan import Cluster
 from meshplan.simulator.serve import simulate_inference
@@ -55,6 +58,10 @@ from meshplan.simulator.train import simulate
 GEMM = GemmShape("probe", 256, 704, 256)
 ADD_ELEMENTS = 1 << 20
 COLLECTIVE_BYTES = 1 << 20
+# The latency-bound size: at 64 KiB over two gloo ranks the profile's per-call latency is
+# 93% of the time, at 1 MiB 44%; on 2026-12-02 here, with the machine drifted, 64 KiB
+# took x3.9 its profiled time and 4 MiB x1.2, so one ratio cannot rescale both
+COLLECTIVE_SMALL_BYTES = 64 << 10
 COLLECTIVE_RANKS = 2
 # Readings of each in-process operation, taken in turn; back to back on this VM single
 # readings of the GEMM and layer overhead moved by up to 11% (2026-12-01)
@@ -71,7 +78,8 @@ class Measurement:
     """What the probe timed on this machine: GEMM (fp32, shape GEMM), an fp32 add moving
     add_bytes, one decoder layer's forward host overhead, (when probed) an all-reduce of
     COLLECTIVE_BYTES over COLLECTIVE_RANKS ranks on one node, and the one-rank training step
-    of LOAD_MODEL (None in readings kept with profiles measured before it was probed)."""
+    of LOAD_MODEL and the all-reduce of COLLECTIVE_SMALL_BYTES (None in readings kept with
+    profiles measured before they were probed)."""
 
     gemm_s: float
     add_s: float
@@ -79,6 +87,7 @@ class Measurement:
     layer_forward_s: float
     collective_s: float | None
     step_s: float | None = None
+    collective_small_s: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -90,7 +99,7 @@ class Measurement:
         if not isinstance(data, dict):
             raise ProfileError(where, f"expected an object with {', '.join(fields)}",
                                "measure the profile again with `meshplan profile`")
-        optional = ("collective_s", "step_s")
+        optional = ("collective_s", "step_s", "collective_small_s")
         bad = [k for k in fields if not (isinstance(data.get(k), (int, float)) and data[k] > 0
                                          or k in optional and data.get(k) is None)]
         bad += sorted(set(data) - set(fields))
@@ -113,6 +122,10 @@ class Probe:
     against: str = "fits"  # "reference": the probe's reading kept with the profile
     step: float | None = None
     step_readings: tuple[float, ...] = ()  # when `step` is their median
+    # the collective ratio split into its per-call latency's and its per-byte time's
+    # (collective_split), where both sizes were probed
+    collective_latency: float | None = None
+    collective_per_byte: float | None = None
 
     @property
     def drifted(self) -> list[str]:
@@ -125,7 +138,9 @@ class Probe:
         parts = [f"GEMM x{self.gemm:.2f}", f"memory-bound x{self.memory:.2f}",
                  f"layer overhead x{self.overhead:.2f}"]
         if self.collective is not None:
-            parts.append(f"collective x{self.collective:.2f}")
+            parts.append(f"collective x{self.collective:.2f}" + (
+                f" (latency x{self.collective_latency:.2f}, per byte x{self.collective_per_byte:.2f})"
+                if self.collective_latency is not None else ""))
         if self.step is not None:
             spread = (f"; median of {len(self.step_readings)} readings, x{min(self.step_readings):.2f}-"
                       f"{max(self.step_readings):.2f}" if self.step_readings else "")
@@ -138,20 +153,24 @@ class Probe:
 
     def to_json(self) -> dict:
         return {"gemm": self.gemm, "memory": self.memory, "overhead": self.overhead,
-                "collective": self.collective, "step": self.step,
+                "collective": self.collective, "collective_latency": self.collective_latency,
+                "collective_per_byte": self.collective_per_byte, "step": self.step,
                 "step_readings": list(self.step_readings), "band": self.band,
                 "drifted": self.drifted, "against": self.against}
 
     def rescaled(self, hw: HardwareProfile) -> HardwareProfile:
         """The profile with its speed terms scaled by the measured ratios: GEMM rate,
         memory bandwidth and host overhead per layer all by the one-rank step's where it
-        was probed (else each by its own), and (when probed) collective bandwidth and
-        latency."""
+        was probed (else each by its own), and (when probed) the collectives' latency and
+        bandwidth: each by its own share of the ratio where two sizes split it, else both by
+        the one ratio."""
         coll = self.collective or 1.0
+        latency, per_byte = ((self.collective_latency, self.collective_per_byte)
+                             if self.collective_latency is not None else (coll, coll))
         gemm, memory, overhead = (self.step,) * 3 if self.step is not None else (
             self.gemm, self.memory, self.overhead)
-        return hw.scaled(flops=1 / gemm, hbm_bw=1 / memory, intra_node_bw=1 / coll,
-                         collective_latency=coll, overhead=overhead)
+        return hw.scaled(flops=1 / gemm, hbm_bw=1 / memory, intra_node_bw=1 / per_byte,
+                         collective_latency=latency, overhead=overhead)
 
 
 REFERENCE_KEY = "probe_reference"
@@ -164,39 +183,75 @@ def reference(hw: HardwareProfile) -> Measurement | None:
     return Measurement.from_json(hw.extra[REFERENCE_KEY], f"extra.{REFERENCE_KEY}")
 
 
+def collective_split(hw: HardwareProfile, small_s: float, large_s: float,
+                     offset: float = 1.0) -> tuple[float, float] | None:
+    """(latency, per-byte time) factors that make `hw`'s all-reduce over COLLECTIVE_RANKS
+    ranks take `small_s` at COLLECTIVE_SMALL_BYTES and `large_s` at COLLECTIVE_BYTES: the
+    alpha-beta line in force at each size (collective_model.Curve) with its alpha_s times
+    the first and its bytes / busbw times the second, two equations in two unknowns;
+    divided by `offset`, the probe's ratio to the fits when the profile's own reading was
+    taken (1: none kept). None where the readings admit no positive pair."""
+    curve = hw.collectives.intra_curve("all_reduce", COLLECTIVE_RANKS)
+    rows = []
+    for size in (COLLECTIVE_SMALL_BYTES, COLLECTIVE_BYTES):
+        bus_bytes = size * bus_factor("all_reduce", COLLECTIVE_RANKS)
+        line = curve.small if curve.small.time_s(bus_bytes) <= curve.large.time_s(bus_bytes) else curve.large
+        rows.append((line.alpha_s, bus_bytes / line.busbw_bytes_per_s))
+    try:
+        latency, per_byte = np.linalg.solve(np.array(rows), np.array([small_s, large_s])) / offset
+    except np.linalg.LinAlgError:
+        return None
+    return (float(latency), float(per_byte)) if latency > 0 and per_byte > 0 else None
+
+
+def _all_reduce_s(hw: HardwareProfile, size: int) -> float:
+    return float(hw.collective_time_s("all_reduce", size, COLLECTIVE_RANKS, COLLECTIVE_RANKS))
+
+
 def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
     """The measurement over the probe's reading kept with `hw` (reference), or else over
     what `hw`'s fits predict for the same operations; the one-rank step over its prediction
     on `hw` either way."""
     then, band = reference(hw), hw.relative_error_band()[1]
     step = measured.step_s / predicted_step_s(hw) if measured.step_s is not None else None
+    split = None
+    if measured.collective_small_s is not None and measured.collective_s is not None:
+        # the split is solved against the fits and set relative to the profile's own reading
+        offset = (then.collective_s / _all_reduce_s(hw, COLLECTIVE_BYTES)
+                  if then is not None and then.collective_s is not None else 1.0)
+        split = collective_split(hw, measured.collective_small_s, measured.collective_s, offset)
+    latency, per_byte = split if split is not None else (None, None)
     if then is not None:
         collective = (measured.collective_s / then.collective_s
                       if measured.collective_s is not None and then.collective_s is not None else None)
         return Probe(measured.gemm_s / then.gemm_s,
                      (measured.add_s / measured.add_bytes) / (then.add_s / then.add_bytes),
-                     measured.layer_forward_s / then.layer_forward_s, collective, band, "reference", step)
+                     measured.layer_forward_s / then.layer_forward_s, collective, band, "reference", step,
+                     collective_latency=latency, collective_per_byte=per_byte)
     gemm = measured.gemm_s / float(hw.gemm_time_s(GEMM.m, GEMM.n, GEMM.k, "fp32", batch=GEMM.batch))
     memory = measured.add_s / float(hw.memory_bound_time_s(measured.add_bytes, "fp32", "add"))
     profiled = hw.overhead.layer_forward_s
     overhead = measured.layer_forward_s / profiled if profiled > 0 else 1.0
     collective = None
     if measured.collective_s is not None:
-        collective = measured.collective_s / float(hw.collective_time_s(
-            "all_reduce", COLLECTIVE_BYTES, COLLECTIVE_RANKS, COLLECTIVE_RANKS))
-    return Probe(gemm, memory, overhead, collective, band, step=step)
+        collective = measured.collective_s / _all_reduce_s(hw, COLLECTIVE_BYTES)
+    return Probe(gemm, memory, overhead, collective, band, step=step, collective_latency=latency,
+                 collective_per_byte=per_byte)
 
 
-def _collective_s() -> float:
-    """Median all-reduce time of COLLECTIVE_BYTES over COLLECTIVE_RANKS gloo ranks,
-    through the measurement module the profile's collectives came from."""
+def _collective_s() -> tuple[float, float]:
+    """Median all-reduce times of COLLECTIVE_SMALL_BYTES and COLLECTIVE_BYTES over
+    COLLECTIVE_RANKS gloo ranks in one launch, through the measurement module the
+    profile's collectives came from."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         torchrun("meshplan.calibration.measure.collectives",
                  ["--out", str(out), "--group-sizes", str(COLLECTIVE_RANKS), "--kinds", "all_reduce",
-                  "--sizes", str(COLLECTIVE_BYTES), "--repeats", "90", "--warmup", "5"],
+                  "--sizes", str(COLLECTIVE_SMALL_BYTES), str(COLLECTIVE_BYTES), "--repeats", "90",
+                  "--warmup", "5"],
                  COLLECTIVE_RANKS, on_line=lambda _line: None, timeout_s=120)
-        return float(json.loads(out.read_text())[0]["time_s"])
+        times = {row["message_bytes"]: float(row["time_s"]) for row in json.loads(out.read_text())}
+        return times[COLLECTIVE_SMALL_BYTES], times[COLLECTIVE_BYTES]
 
 
 def step_s() -> float:
@@ -243,8 +298,8 @@ def measure(collective: bool, rounds: int = ROUNDS, step: bool = True) -> Measur
                              overhead.layer_forward_s))
         one_rank_s = step_s() if step else None
     gemm_s, add_s, layer_s = (statistics.median(column) for column in zip(*readings))
-    return Measurement(gemm_s, add_s, float(mem.iloc[0]["bytes"]), layer_s,
-                       _collective_s() if collective else None, one_rank_s)
+    small_s, large_s = _collective_s() if collective else (None, None)
+    return Measurement(gemm_s, add_s, float(mem.iloc[0]["bytes"]), layer_s, large_s, one_rank_s, small_s)
 
 
 @dataclass(frozen=True)
