@@ -1,8 +1,8 @@
 """A few seconds' probe of this machine against its profile, before a run or a validation:
 the rate of a GEMM and of an elementwise add at the executor's shapes, one decoder layer's
 host overhead (eager PyTorch), the executor's one-rank training step of the validation
-model's shape on every core at once, and optionally one all-reduce over two ranks at two
-sizes, one where the per-call latency dominates and one where the bytes weigh. Each is
+model's shape on every core at once, and optionally one all-reduce over two ranks at three
+sizes, from one where the per-call latency dominates to one where the bytes do. Each is
 compared with what the profile predicts for the same operation; when the machine has
 drifted beyond the profile's error band, the profile's speed terms can be rescaled by the
 measured ratios (`Probe.rescaled`), so that a slow spell of the machine is not charged to
@@ -58,10 +58,13 @@ from meshplan.simulator.train import simulate
 GEMM = GemmShape("probe", 256, 704, 256)
 ADD_ELEMENTS = 1 << 20
 COLLECTIVE_BYTES = 1 << 20
-# The latency-bound size: at 64 KiB over two gloo ranks the profile's per-call latency is
-# 93% of the time, at 1 MiB 44%; on 2026-12-02 here, with the machine drifted, 64 KiB
-# took x3.9 its profiled time and 4 MiB x1.2, so one ratio cannot rescale both
+# The latency-bound and the bandwidth-bound sizes: over two gloo ranks the profile's
+# per-call latency is 93% of a 64 KiB all-reduce, 44% at 1 MiB and 5% at 16 MiB; on
+# 2026-12-02 here, with the machine drifted, 64 KiB took x3.9 its profiled time and 4 MiB
+# x1.2, so one ratio cannot rescale both. (From 64 KiB and 1 MiB alone, a second's noise
+# read the per-byte time at x0.04.)
 COLLECTIVE_SMALL_BYTES = 64 << 10
+COLLECTIVE_LARGE_BYTES = 16 << 20
 COLLECTIVE_RANKS = 2
 # Readings of each in-process operation, taken in turn; back to back on this VM single
 # readings of the GEMM and layer overhead moved by up to 11% (2026-12-01)
@@ -78,8 +81,8 @@ class Measurement:
     """What the probe timed on this machine: GEMM (fp32, shape GEMM), an fp32 add moving
     add_bytes, one decoder layer's forward host overhead, (when probed) an all-reduce of
     COLLECTIVE_BYTES over COLLECTIVE_RANKS ranks on one node, and the one-rank training step
-    of LOAD_MODEL and the all-reduce of COLLECTIVE_SMALL_BYTES (None in readings kept with
-    profiles measured before they were probed)."""
+    of LOAD_MODEL and the all-reduces of COLLECTIVE_SMALL_BYTES and COLLECTIVE_LARGE_BYTES
+    (None in readings kept with profiles measured before they were probed)."""
 
     gemm_s: float
     add_s: float
@@ -88,6 +91,13 @@ class Measurement:
     collective_s: float | None
     step_s: float | None = None
     collective_small_s: float | None = None
+    collective_large_s: float | None = None
+
+    def collectives(self) -> dict[int, float]:
+        """The all-reduce readings by message bytes (none where not probed)."""
+        sizes = (COLLECTIVE_SMALL_BYTES, COLLECTIVE_BYTES, COLLECTIVE_LARGE_BYTES)
+        times = (self.collective_small_s, self.collective_s, self.collective_large_s)
+        return {b: t for b, t in zip(sizes, times) if t is not None}
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -99,7 +109,7 @@ class Measurement:
         if not isinstance(data, dict):
             raise ProfileError(where, f"expected an object with {', '.join(fields)}",
                                "measure the profile again with `meshplan profile`")
-        optional = ("collective_s", "step_s", "collective_small_s")
+        optional = ("collective_s", "step_s", "collective_small_s", "collective_large_s")
         bad = [k for k in fields if not (isinstance(data.get(k), (int, float)) and data[k] > 0
                                          or k in optional and data.get(k) is None)]
         bad += sorted(set(data) - set(fields))
@@ -123,7 +133,7 @@ class Probe:
     step: float | None = None
     step_readings: tuple[float, ...] = ()  # when `step` is their median
     # the collective ratio split into its per-call latency's and its per-byte time's
-    # (collective_split), where both sizes were probed
+    # (collective_split), where the three sizes were probed
     collective_latency: float | None = None
     collective_per_byte: float | None = None
 
@@ -162,7 +172,7 @@ class Probe:
         """The profile with its speed terms scaled by the measured ratios: GEMM rate,
         memory bandwidth and host overhead per layer all by the one-rank step's where it
         was probed (else each by its own), and (when probed) the collectives' latency and
-        bandwidth: each by its own share of the ratio where two sizes split it, else both by
+        bandwidth: each by its own share of the ratio where the sizes split it, else both by
         the one ratio."""
         coll = self.collective or 1.0
         latency, per_byte = ((self.collective_latency, self.collective_per_byte)
@@ -183,24 +193,25 @@ def reference(hw: HardwareProfile) -> Measurement | None:
     return Measurement.from_json(hw.extra[REFERENCE_KEY], f"extra.{REFERENCE_KEY}")
 
 
-def collective_split(hw: HardwareProfile, small_s: float, large_s: float,
+def collective_split(hw: HardwareProfile, readings: dict[int, float],
                      offset: float = 1.0) -> tuple[float, float] | None:
-    """(latency, per-byte time) factors that make `hw`'s all-reduce over COLLECTIVE_RANKS
-    ranks take `small_s` at COLLECTIVE_SMALL_BYTES and `large_s` at COLLECTIVE_BYTES: the
-    alpha-beta line in force at each size (collective_model.Curve) with its alpha_s times
-    the first and its bytes / busbw times the second, two equations in two unknowns;
-    divided by `offset`, the probe's ratio to the fits when the profile's own reading was
-    taken (1: none kept). None where the readings admit no positive pair."""
+    """(latency, per-byte time) factors under which `hw`'s all-reduce over COLLECTIVE_RANKS
+    ranks best takes the `readings` (seconds by message bytes): at each size the alpha-beta
+    line in force there (collective_model.Curve), its alpha_s times the first factor and its
+    bytes / busbw times the second, fitted by least squares of the relative errors (each
+    size weighs alike); divided by `offset`, the probe's ratio to the fits when the
+    profile's own reading was taken (1: none kept). None for fewer than two sizes or where
+    the readings admit no positive pair."""
+    if len(readings) < 2:
+        return None
     curve = hw.collectives.intra_curve("all_reduce", COLLECTIVE_RANKS)
     rows = []
-    for size in (COLLECTIVE_SMALL_BYTES, COLLECTIVE_BYTES):
+    for size, seconds in readings.items():
         bus_bytes = size * bus_factor("all_reduce", COLLECTIVE_RANKS)
         line = curve.small if curve.small.time_s(bus_bytes) <= curve.large.time_s(bus_bytes) else curve.large
-        rows.append((line.alpha_s, bus_bytes / line.busbw_bytes_per_s))
-    try:
-        latency, per_byte = np.linalg.solve(np.array(rows), np.array([small_s, large_s])) / offset
-    except np.linalg.LinAlgError:
-        return None
+        rows.append((line.alpha_s / seconds, bus_bytes / line.busbw_bytes_per_s / seconds))
+    (latency, per_byte), *_ = np.linalg.lstsq(np.array(rows), np.ones(len(rows)), rcond=None)
+    latency, per_byte = latency / offset, per_byte / offset
     return (float(latency), float(per_byte)) if latency > 0 and per_byte > 0 else None
 
 
@@ -214,13 +225,10 @@ def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
     on `hw` either way."""
     then, band = reference(hw), hw.relative_error_band()[1]
     step = measured.step_s / predicted_step_s(hw) if measured.step_s is not None else None
-    split = None
-    if measured.collective_small_s is not None and measured.collective_s is not None:
-        # the split is solved against the fits and set relative to the profile's own reading
-        offset = (then.collective_s / _all_reduce_s(hw, COLLECTIVE_BYTES)
-                  if then is not None and then.collective_s is not None else 1.0)
-        split = collective_split(hw, measured.collective_small_s, measured.collective_s, offset)
-    latency, per_byte = split if split is not None else (None, None)
+    # the split is fitted against the fits and set relative to the profile's own reading
+    offset = (then.collective_s / _all_reduce_s(hw, COLLECTIVE_BYTES)
+              if then is not None and then.collective_s is not None else 1.0)
+    latency, per_byte = collective_split(hw, measured.collectives(), offset) or (None, None)
     if then is not None:
         collective = (measured.collective_s / then.collective_s
                       if measured.collective_s is not None and then.collective_s is not None else None)
@@ -239,19 +247,19 @@ def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
                  collective_per_byte=per_byte)
 
 
-def _collective_s() -> tuple[float, float]:
-    """Median all-reduce times of COLLECTIVE_SMALL_BYTES and COLLECTIVE_BYTES over
-    COLLECTIVE_RANKS gloo ranks in one launch, through the measurement module the
-    profile's collectives came from."""
+def _collective_s() -> tuple[float, float, float]:
+    """Median all-reduce times of COLLECTIVE_SMALL_BYTES, COLLECTIVE_BYTES and
+    COLLECTIVE_LARGE_BYTES over COLLECTIVE_RANKS gloo ranks in one launch, through the
+    measurement module the profile's collectives came from."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         torchrun("meshplan.calibration.measure.collectives",
                  ["--out", str(out), "--group-sizes", str(COLLECTIVE_RANKS), "--kinds", "all_reduce",
-                  "--sizes", str(COLLECTIVE_SMALL_BYTES), str(COLLECTIVE_BYTES), "--repeats", "90",
-                  "--warmup", "5"],
+                  "--sizes", str(COLLECTIVE_SMALL_BYTES), str(COLLECTIVE_BYTES), str(COLLECTIVE_LARGE_BYTES),
+                  "--repeats", "90", "--warmup", "5"],
                  COLLECTIVE_RANKS, on_line=lambda _line: None, timeout_s=120)
         times = {row["message_bytes"]: float(row["time_s"]) for row in json.loads(out.read_text())}
-        return times[COLLECTIVE_SMALL_BYTES], times[COLLECTIVE_BYTES]
+        return times[COLLECTIVE_SMALL_BYTES], times[COLLECTIVE_BYTES], times[COLLECTIVE_LARGE_BYTES]
 
 
 def step_s() -> float:
@@ -298,8 +306,8 @@ def measure(collective: bool, rounds: int = ROUNDS, step: bool = True) -> Measur
                              overhead.layer_forward_s))
         one_rank_s = step_s() if step else None
     gemm_s, add_s, layer_s = (statistics.median(column) for column in zip(*readings))
-    small_s, large_s = _collective_s() if collective else (None, None)
-    return Measurement(gemm_s, add_s, float(mem.iloc[0]["bytes"]), layer_s, large_s, one_rank_s, small_s)
+    small_s, mid_s, large_s = _collective_s() if collective else (None, None, None)
+    return Measurement(gemm_s, add_s, float(mem.iloc[0]["bytes"]), layer_s, mid_s, one_rank_s, small_s, large_s)
 
 
 @dataclass(frozen=True)
