@@ -61,7 +61,7 @@ COLLECTIVE_BYTES = 1 << 20
 # The latency-bound and the bandwidth-bound sizes: over two gloo ranks the profile's
 # per-call latency is 93% of a 64 KiB all-reduce, 44% at 1 MiB and 5% at 16 MiB; on
 # 2026-12-02 here, with the machine drifted, 64 KiB took x3.9 its profiled time and 4 MiB
-# x1.2, so one ratio cannot rescale both. (From 64 KiB and 1 MiB alone, a second's noise
+# x1.2, so one ratio cannot rescale both. (From 64 KiB and 1 MiB alone, one run's noise
 # read the per-byte time at x0.04.)
 COLLECTIVE_SMALL_BYTES = 64 << 10
 COLLECTIVE_LARGE_BYTES = 16 << 20
