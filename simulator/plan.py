@@ -253,8 +253,7 @@ class Plan:
 
     def fields(self) -> SimpleNamespace:
         """The plan's fields as rules read them (placement as "tp,cp,dp,pp" text)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return SimpleNamespace(**{**values, "placement": ",".join(self.placement)})
+        return rule_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -332,6 +331,13 @@ def complete_fields(fields: dict, num_gpus: int) -> dict:
     return fields
 
 
+def rule_fields(values: dict) -> SimpleNamespace:
+    """A whole plan's field values as rules read them: expert TP defaulting to TP (as a Plan
+    sets it), placement as "tp,cp,dp,pp" text."""
+    etp = values["tp"] if values["etp"] is None else values["etp"]
+    return SimpleNamespace(**{**values, "etp": etp, "placement": ",".join(values["placement"])})
+
+
 def checked_plan(fields: dict, model: ModelSpec, cluster: Cluster) -> Plan:
     """The plan of the user's `fields` for `model` on `cluster`, dp filled from the GPU count
     (complete_fields); one PlanError naming every field that is missing, out of range, or
@@ -346,10 +352,8 @@ def checked_plan(fields: dict, model: ModelSpec, cluster: Cluster) -> Plan:
         fields, open_dp = complete_fields(fields, cluster.num_gpus), False
     except PlanError as exc:
         issues, fields, open_dp = list(exc.issues), {**fields, "dp": 1}, True
-    values = {f.name: f.default for f in dataclasses.fields(Plan)
-              if f.default is not dataclasses.MISSING} | fields
-    values["etp"] = values["tp"] if values["etp"] is None else values["etp"]
-    x = SimpleNamespace(**{**values, "placement": ",".join(values["placement"])})
+    x = rule_fields({f.name: f.default for f in dataclasses.fields(Plan)
+                     if f.default is not dataclasses.MISSING} | fields)
     issues += rules.violations(tuple(r for r in rules.TRAINING if not (open_dp and "dp" in r.needs)),
                                x, model, cluster)
     if issues:

@@ -12,7 +12,7 @@ from meshplan.core.errors import PlanError
 from meshplan.planner import closed_forms
 from meshplan.planner.closed_forms import _balanced_slots, evaluate
 from meshplan.simulator.partition import balanced_shape
-from meshplan.planner.explain import compare, explain
+from meshplan.planner.explain import compare, explain, knob_changes
 from meshplan.planner.search import search
 from meshplan.planner.space import candidate_table, row_plan
 from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
@@ -331,7 +331,6 @@ def test_plan_summary_names_every_searched_knob():
     dict(zero=3, tp=2, sp=True, pp=2, schedule="interleaved", virtual_stages=2),
     dict(zero=2, tp=4, sp=False)])
 def test_every_single_knob_change_is_a_legal_plan(fields):
-    from meshplan.planner.explain import knob_changes
     plan = Plan(**{"global_batch": 64, "seq_len": 4096, "dp": 4, "micro_batch": 1, **fields})
     changes = knob_changes(plan)
     labels = [label for label, _, _ in changes]
