@@ -134,7 +134,9 @@ def _placement_rows(axes: pd.DataFrame, cluster: Cluster, fixed: dict,
             if sig not in seen:
                 seen.add(sig)
                 rows.append((dp, tp, pp, cp, ep, etp, order) + sig)
-    return pd.DataFrame(rows, columns=["dp", "tp", "pp", "cp", "ep", "etp", "placement", *GROUP_COLUMNS])
+    table = pd.DataFrame(rows, columns=["dp", "tp", "pp", "cp", "ep", "etp", "placement", *GROUP_COLUMNS])
+    # categorical: a handful of values each, so the joins after copy a byte per row, not eight
+    return table.astype({c: pd.CategoricalDtype(sorted(table[c].unique())) for c in GROUP_COLUMNS})
 
 
 @functools.lru_cache(maxsize=4096)
@@ -275,7 +277,8 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
         options = {}
         for row in placed[degrees + ["placement", *GROUP_COLUMNS]].itertuples(index=False, name=None):
             options.setdefault(row[:len(degrees)], []).append(row[len(degrees):])
-        table = _join(table, degrees, lambda *key: options.get(key, []), ["placement", *GROUP_COLUMNS])
+        table = _join(table, degrees, lambda *key: options.get(key, []), ["placement", *GROUP_COLUMNS],
+                      {c: tuple(placed[c].cat.categories) for c in GROUP_COLUMNS})
         table = _legal(table.drop(columns="moe"), model, cluster, fixed, ("placement", *GROUP_COLUMNS),
                        checked=set(placed.columns))
     if not table.empty:
