@@ -244,6 +244,25 @@ def _exact_memory(r: dict, model: ModelSpec, s, n, part, key) -> tuple[np.ndarra
     return peak[ids], ids, params
 
 
+def memory_limit_bytes(hw: HardwareProfile) -> float:
+    """What a rank may hold: the device's memory less the reserve the runtime takes."""
+    return hw.memory_bytes - memory_reserve_bytes(float(hw.memory_bytes))
+
+
+def states_fit(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile) -> np.ndarray:
+    """Which rows of `table` (its columns step.STATE_KNOBS, plan-wide fields in its attrs)
+    fit the memory limit with their weights, gradients and optimizer states alone, on a
+    rank holding ceil(L/p) layers without the embedding or the head (some rank holds that
+    many): a lower bound on every plan made of the row, whatever its placement, recompute,
+    schedule and buffers. Computed once per distinct set of those columns."""
+    knobs = {k: table[k].to_numpy() for k in step.STATE_KNOBS}
+    ids, first = step.combo_ids(knobs, step.STATE_KNOBS)
+    r = step.state_rows(model, step.take(knobs, first), {k: table.attrs[k] for k in PLAN_WIDE})
+    most = -(-model.num_layers // r["pp"])[:, None]
+    params = step.rank_params(r, model, np.full_like(most, -1), most)
+    return (sum(step.model_states(r, params, most))[:, 0] <= memory_limit_bytes(hw))[ids]
+
+
 def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_per_node: int,
              keep: int | None = None) -> Evaluation:
     """Memory of every row (exact where a lower bound fits, else the bound) and the step
@@ -252,7 +271,7 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     so far: the best `keep` rows are those of a full evaluation (of each block, so of all).
     A large table is evaluated in blocks of rows, on as many threads as there are cores."""
     hw = per_rank_profile(hw, ranks_per_node)
-    limit = hw.memory_bytes - memory_reserve_bytes(float(hw.memory_bytes))
+    limit = memory_limit_bytes(hw)
     count = -(-len(table) // BLOCK_ROWS)
     if count <= 1:
         parts = [_evaluate_block(table, model, hw, limit, keep)]

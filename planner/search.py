@@ -17,7 +17,7 @@ import pandas as pd
 
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import PlanError
-from meshplan.planner.closed_forms import evaluate
+from meshplan.planner.closed_forms import evaluate, states_fit
 from meshplan.planner.space import candidate_table, row_plan
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, field_issues
@@ -38,6 +38,9 @@ class SearchResult:
     evaluated: int                        # plans whose step time the closed forms computed
     simulated: int                        # plans run through simulate()
     search_time_s: float
+    # rows of degrees, micro-batch, schedule and ZeRO stage left out before the other knobs
+    # joined them: their weights, gradients and optimizer states alone are over memory
+    over_memory: int = 0
 
 
 def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
@@ -52,7 +55,8 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
         raise PlanError.of(issues)
     check_hardware(SimpleNamespace(dtype=fixed.get("dtype", "bf16")), model, hw)
     table = candidate_table(model, cluster, fixed, hw.fabric, hw.nics_per_node,
-                            prune_dominated=allowed is None)
+                            prune_dominated=allowed is None,
+                            states_fit=lambda rows: states_fit(rows, model, hw))
     if allowed is not None:
         attrs = dict(table.attrs)
         table = table[allowed(table)].reset_index(drop=True)
@@ -69,7 +73,7 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
         raise _memory_error(ev, hw, fixed)
     return SearchResult(tuple(ranked), len(table), int(ev.fits.sum()),
                         int(np.isfinite(ev.step_time_s).sum()), len(results),
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, table.attrs["over_memory"])
 
 
 def _des_rows(table, ev, des: int) -> list[int]:

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import math
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -218,7 +219,8 @@ def _schedules(model: ModelSpec, fixed: dict):
 
 
 def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fabric | None = None,
-                    nics_per_node: int = 1, prune_dominated: bool = True) -> pd.DataFrame:
+                    nics_per_node: int = 1, prune_dominated: bool = True,
+                    states_fit: Callable[[pd.DataFrame], np.ndarray] | None = None) -> pd.DataFrame:
     """All legal plans for the model on the cluster with the user's fixed knobs held, their
     groups placed on `fabric` (the profile's; None: no contention between groups).
     Scalar settings (global batch, sequence, dtype, attention, layer partition) ride in
@@ -229,12 +231,18 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     too, or, accumulating them whole, holds as much: plan.grad_sync) and selective
     recompute under fused attention (which recomputes the attention core anyway). A search
     restricted to a framework that lacks the dominating value keeps them (planner.search
-    passes False)."""
+    passes False).
+
+    With `states_fit` (which rows' weights, gradients and optimizer states fit in memory on
+    their own, given the degrees, the ZeRO stage and the micro-batch count), a row they
+    do not fit is left out once those columns are joined, before the knobs that cannot
+    shrink them multiply it; the count left out rides in table.attrs["over_memory"]. Where
+    that would leave no row, none is, so the search can say how far over the best one is."""
     missing = [(f"plan.{name}", "missing", "give it") for name in ("global_batch", "seq_len")
                if name not in fixed]
     if missing:
         raise PlanError.of(missing)
-    gb, seq = fixed["global_batch"], fixed["seq_len"]
+    gb = fixed["global_batch"]
     table = _expert_rows(_axes_rows(model, cluster, fixed), model, cluster, fixed)
     placed = _legal(_placement_rows(table, cluster, fixed, fabric, nics_per_node), model, cluster, fixed,
                     ("placement", *GROUP_COLUMNS))
@@ -256,6 +264,13 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
             (z,) for z in (ZERO_STAGES if "zero" in fixed or dp * cp > 1 else (0,))
             if not (prune_dominated and z == 1 and "zero" not in fixed)
             if fixed.get("zero", z) == z], ["zero"])
+    over_memory = 0
+    if states_fit is not None and not table.empty:
+        table.attrs.update(_attrs(fixed))
+        fits = states_fit(table)
+        if fits.any():
+            over_memory = int((~fits).sum())
+            table = table[fits]
     if not table.empty:
         table = _join(table, ["sp"], lambda sp: [
             (o,) for o in ((False, True) if sp else (False,)) if fixed.get("tp_overlap", o) == o],
@@ -296,16 +311,21 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
             ["recompute"], {"recompute": RECOMPUTE},
             legal=lambda options, new: _legal(options, model, cluster, fixed, new))
         table = _legal(table, model, cluster, fixed, ("recompute",))
-    partition = fixed.get("layer_partition")
     if table.empty:
         raise _why_empty(model, cluster, fixed)
     table = table.reset_index(drop=True)
-    defaults = {f.name: f.default for f in dataclasses.fields(Plan)}
-    table.attrs.update({k: fixed.get(k, defaults[k]) for k in PLAN_WIDE if k != "seq_len"},
-                       global_batch=gb, seq_len=seq,
-                       moe_capacity_factor=float(fixed.get("moe_capacity_factor", defaults["moe_capacity_factor"])),
-                       layer_partition=tuple(partition) if partition is not None else None)
+    table.attrs.update(_attrs(fixed), over_memory=over_memory)
     return table
+
+
+def _attrs(fixed: dict) -> dict:
+    """The candidate table's scalars: the plan-wide settings, fixed or default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Plan)}
+    partition = fixed.get("layer_partition")
+    return {**{k: fixed.get(k, defaults[k]) for k in PLAN_WIDE if k != "seq_len"},
+            "global_batch": fixed["global_batch"], "seq_len": fixed["seq_len"],
+            "moe_capacity_factor": float(fixed.get("moe_capacity_factor", defaults["moe_capacity_factor"])),
+            "layer_partition": tuple(partition) if partition is not None else None}
 
 
 def row_plan(table: pd.DataFrame, i: int) -> Plan:

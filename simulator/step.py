@@ -44,6 +44,7 @@ KNOBS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched", "vi
          "num_microbatches", "tp_overlap", "a2a_overlap", "reshard", "ep", "etp", "tp_rpn", "cp_rpn", "dp_rpn",
          "pp_rpn", "ep_rpn", "etp_rpn", "edp_rpn")
 SHARES = ("tp_share", "cp_share", "dp_share", "pp_share")
+STATE_KNOBS = ("dp", "tp", "pp", "cp", "ep", "etp", "zero", "num_microbatches")  # what state_rows reads
 DP_GROUP_KEYS = ("dps", "dp_rpn", "dp_share", "edp", "edp_rpn")  # what dp_collective_s reads
 
 
@@ -85,8 +86,8 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
               for k in SHARES})
     for flag in ("sp", "tp_overlap", "a2a_overlap", "reshard"):
         r[flag] = r[flag].astype(bool)
-    d = DTYPE_BYTES[dtype]
-    r["gd"] = max(d, DTYPE_BYTES[wide["grad_reduce_dtype"]])  # gradients are reduced and kept in this
+    r.update(state_rows(model, r, wide))
+    d = r["d"]
     shard_id, first = combo_ids(r, SHARD_KEYS)
     shards = [Shard(int(r["micro_batch"][i]), wide["seq_len"], int(r["tp"][i]), int(r["cp"][i]),
                     bool(r["sp"][i]), d, attention == "flash", int(r["ep"][i]), int(r["etp"][i]),
@@ -98,24 +99,35 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     kind_ops = [kinds_ops(model, s) for s in shards]
     act = np.array([[layer_activation_bytes(model, s, k, ops) if i in used else np.nan
                      for i, k in enumerate(RECOMPUTE)] for s, ops in zip(shards, kind_ops)])
-    r.update(shard_id=shard_id, shards=shards, d=d,
+    r.update(shard_id=shard_id, shards=shards,
              shard_ops=[layer_ops(model, s, ops) for s, ops in zip(shards, kind_ops)],
-             dtype=dtype, flash=attention == "flash",
+             flash=attention == "flash",
              capacity=capacity, dispatcher=wide["moe_dispatcher"], zero1_all_reduce=wide["zero1_sync"] == "all_reduce",
-             dps=r["dp"] * r["cp"],
-             edp=r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
              act=act[shard_id, r["rc"]], act_none=act[shard_id, NONE],
              tokens=np.array([s.tokens for s in shards], dtype=float)[shard_id],
              in_tokens=np.array([s.norm_tokens for s in shards], dtype=float)[shard_id],
-             per_layer=stage_params(model, r["tp"], r["pp"], 1, False, False, r["ep"], r["etp"]),
-             per_layer_expert=expert_layer_params(model, r["ep"], r["etp"]) * np.ones(len(r["tp"])))
+             per_layer=stage_params(model, r["tp"], r["pp"], 1, False, False, r["ep"], r["etp"]))
+    r["loss_kept"], r["loss_peak"] = cross_entropy_logits(wide["cross_entropy"], d, r["tp"])
+    return r
+
+
+def state_rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
+    """What the model-state terms (model_states, rank_params) read of rows given by their
+    STATE_KNOBS arrays and the plan-wide fields: the dtype's bytes, the gradients' (reduced
+    and kept in the wider of it and the reduce dtype), the data-parallel and expert
+    data-parallel degrees, the routed experts' parameters per layer, and how gradients are
+    synchronised under accumulation."""
+    r = {k: np.asarray(knobs[k]) for k in STATE_KNOBS}
+    d = DTYPE_BYTES[wide["dtype"]]
     # ZeRO-2/3 under gradient accumulation: whole gradients accumulated and reduced once, or
     # a reduce-scatter after each micro-batch (plan.grad_sync)
     accumulating = (r["zero"] >= 2) & (r["num_microbatches"] > 1)
-    r["accumulate_whole"] = accumulating & grad_sync_once(wide["grad_sync"], r["pp"])
-    r["loss_kept"], r["loss_peak"] = cross_entropy_logits(wide["cross_entropy"], d, r["tp"])
-    r["grad_syncs"] = np.where(accumulating & ~r["accumulate_whole"], r["num_microbatches"], 1)
-    return r
+    whole = accumulating & grad_sync_once(wide["grad_sync"], r["pp"])
+    return {**r, "dtype": wide["dtype"], "d": d, "gd": max(d, DTYPE_BYTES[wide["grad_reduce_dtype"]]),
+            "dps": r["dp"] * r["cp"], "edp": r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
+            "per_layer_expert": expert_layer_params(model, r["ep"], r["etp"]) * np.ones(len(r["tp"])),
+            "accumulate_whole": whole,
+            "grad_syncs": np.where(accumulating & ~whole, r["num_microbatches"], 1)}
 
 
 def take(r: dict, index) -> dict:
@@ -275,6 +287,23 @@ def _split(r: dict, params, n):
     return (params - expert, expert), (_col(r["dps"]), _col(r["edp"]))
 
 
+def model_states(r: dict, params, n) -> list:
+    """(weights, gradients, Adam states) bytes of a rank holding n layers and `params`
+    parameters (rank_params), (rows, k) each, under the ZeRO stage
+    (memory.model_state_bytes): the routed experts' sharded over the expert data-parallel
+    group, the rest over DP x CP. ZeRO-2/3 gradients reduced once per step (plan.grad_sync
+    last) stay whole from the first backward to the last: FSDP2 accumulates them unsharded,
+    in the reduce dtype (FSDPParam.to_accumulated_grad_if_needed). Reads state_rows."""
+    parts, degrees = _split(r, params, n)
+    stage = [_col(r["zero"]) == k for k in range(4)]
+    states = [0.0, 0.0, 0.0]
+    for part, degree in zip(parts, degrees):
+        per_param = [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["gd"]) for k in range(4)]
+        states = [total + part * np.select(stage, [b[i] for b in per_param]) for i, total in enumerate(states)]
+    states[1] = np.where(_col(r["accumulate_whole"]), params * r["gd"], states[1])
+    return states
+
+
 def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     """Bytes on pipeline rank s (n layers, `params` parameters, `inflight` micro-batch
     chunks of activations held at the peak): weights, gradients and Adam states under the
@@ -283,19 +312,10 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     flight (schedule.loss_in_flight) and holds in its backward (memory.cross_entropy_logits);
     one layer rebuilt in backward under full or per-op recompute; the gathered weights of the
     current and the prefetched layer under ZeRO-3. The head's backward frees the loss's
-    tensors before the first layer's backward rebuilds and gathers: the larger of the two.
-    ZeRO-2/3 gradients reduced once per step (plan.grad_sync last) stay whole from the first
-    backward to the last: FSDP2 accumulates them unsharded, in the reduce dtype
-    (FSDPParam.to_accumulated_grad_if_needed)."""
+    tensors before the first layer's backward rebuilds and gathers: the larger of the two."""
     c = _col
     z, v = r["zero"], r["virtual_stages"]
-    parts, degrees = _split(r, params, n)
-    stage = [c(z) == k for k in range(4)]
-    states = [0.0, 0.0, 0.0]
-    for part, degree in zip(parts, degrees):
-        per_param = [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["gd"]) for k in range(4)]
-        states = [total + part * np.select(stage, [b[i] for b in per_param]) for i, total in enumerate(states)]
-    states[1] = np.where(c(r["accumulate_whole"]), params * r["gd"], states[1])
+    states = model_states(r, params, n)
     # ZeRO-3 gathered weights: in backward the current and the prefetched layer, or, without
     # resharding after forward, every layer of the rank from its forward to its backward
     layer_bytes = c((z == 3) * r["per_layer"] * r["d"])

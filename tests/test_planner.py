@@ -195,6 +195,27 @@ def test_evaluation_in_blocks_on_threads_matches_the_whole_table(monkeypatch):
     assert np.array_equal(whole_kept.fits, blocks_kept.fits)
 
 
+def test_model_states_bound_leaves_out_only_plans_over_memory():
+    """Llama-2-70B on 64 A100s with tp = pp = cp = 1: weights, fp32 gradients and Adam
+    states take 2 + 4 + 12 bytes per parameter (Rajbhandari et al. 2020 Fig. 1), 1.25 TB
+    whole, so only ZeRO-3 over all 64 ranks brings them under 75 GiB (18 x 69B / 64 = 19.4
+    GB); and over the whole space the plans the bound leaves out are each over memory."""
+    model, cluster = ZOO["llama-2-70b"], Cluster(64, 8)
+    bound = lambda rows: closed_forms.states_fit(rows, model, A100)  # noqa: E731
+    fixed = {"global_batch": 128, "seq_len": 4096, "tp": 1, "pp": 1, "cp": 1}
+    assert set(candidate_table(model, cluster, fixed)["zero"]) == {0, 2, 3}
+    kept = candidate_table(model, cluster, fixed, states_fit=bound)
+    assert set(kept["zero"]) == {3} and kept.attrs["over_memory"] > 0
+    full = candidate_table(model, cluster, {"global_batch": 128, "seq_len": 4096})
+    table = candidate_table(model, cluster, {"global_batch": 128, "seq_len": 4096}, states_fit=bound)
+    out = ~bound(full)
+    assert out.any() and len(table) == len(full) - out.sum()
+    ev = evaluate(full, model, A100, 8)
+    assert not ev.fits[out].any()
+    pruned = evaluate(table, model, A100, 8)
+    assert np.sort(pruned.peak_memory_bytes[pruned.fits]).tolist() == np.sort(ev.peak_memory_bytes[ev.fits]).tolist()
+
+
 def test_small_model_prefers_data_parallel_over_tensor_parallel_on_slow_links():
     # 0.9B parameters: fits one device; one GPU per node, so every link is inter-node
     model = ModelSpec("small", 16, 2048, 16, 16, 8192, 32000, 2048)

@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             "params": model.num_params(), "active_params": model.num_params(active=True),
             "evaluated": found.candidates, "feasible": found.feasible,
             "step_times_computed": found.evaluated, "simulated": found.simulated,
+            "left_out_over_memory": found.over_memory,
             "search_time_s": found.search_time_s,
             "plans": [r.to_json() for r in found.ranked[:args.top]],
             "explanation": why.to_json()}))
@@ -281,6 +282,8 @@ def print_ranking(found, why, top: int) -> None:
     console.print("[bold]why[/bold]")
     for line in why.lines():
         console.print(f"  {line}", highlight=False)
-    console.print(f"searched {found.candidates:,} legal plans ({found.feasible:,} fit in memory): "
+    console.print(f"searched {found.candidates:,} legal plans ({found.feasible:,} fit in memory; "
+                  f"{found.over_memory:,} layouts left out first, their weights, gradients and "
+                  f"optimizer states alone over it): "
                   f"closed-form step times for {found.evaluated:,}, discrete-event simulation of "
                   f"the best {found.simulated}, in {found.search_time_s:.2f} s", highlight=False)
