@@ -42,6 +42,20 @@ class PipelineEvent:
     paired: bool = False
 
 
+@dataclass(frozen=True)
+class SharedCores:
+    """Pipeline ranks that share CPU cores (the executor on CPU, more ranks than cores on a
+    node): devices[n][s] of pipeline rank s's devices are on node n, of `cores` cores. The
+    op durations given are those of every device of the node busy, each with cores/ranks
+    of a core; a rank that waits (a pipeline bubble, its input not yet sent) runs nothing,
+    and the operating system gives its share to the busy ones (processor sharing): while B
+    devices of a node are busy each runs at min(1, cores/B) of a core, and a pipeline
+    rank's op runs at the pace of its slowest node."""
+
+    devices: tuple[tuple[int, ...], ...]
+    cores: float
+
+
 @dataclass(frozen=True, eq=False)
 class PipelineResult:
     """What simulate_pipeline returns; per-rank arrays have one entry per pipeline rank."""
@@ -106,12 +120,14 @@ def _gc_paused():
 
 def simulate_pipeline(schedule: str, num_microbatches: int, fwd_s, bwd_s, p2p_s=0.0,
                       wgrad_s=None, tail_s=None, record_events: bool = True,
-                      paired_s=None) -> PipelineResult:
+                      paired_s=None, shared: SharedCores | None = None) -> PipelineResult:
     """Time one step of `schedule`. fwd_s, bwd_s (and wgrad_s for zb-h1, where bwd_s is the
     input-gradient part only): time of one micro-batch through chunk c of rank s, shape
     (num_stages, num_chunks) or (num_stages,). tail_s: per-rank time after its last op.
     paired_s: (forward, backward) times of an F and a B that run as one combined op, for
-    the all-to-all overlap's order (schedule.warmup_ops); None runs every op alone."""
+    the all-to-all overlap's order (schedule.warmup_ops); None runs every op alone.
+    shared: the ranks' devices on nodes of too few CPU cores (SharedCores), whose ops then
+    run faster while other ranks of their node wait; None: every op takes its duration."""
     fwd = _times("fwd_s", fwd_s, None)
     bwd = _times("bwd_s", bwd_s, fwd.shape)
     paired = None if paired_s is None else tuple(
@@ -126,7 +142,7 @@ def simulate_pipeline(schedule: str, num_microbatches: int, fwd_s, bwd_s, p2p_s=
         raise ValueError(f"tail_s: expected {p} finite times >= 0, got {np.shape(tail_s)}")
     with _gc_paused():
         return _simulate(schedule, num_microbatches, fwd, bwd, wgrad, _hop_delays_s(p2p_s, p, v),
-                         tail, record_events, paired)
+                         tail, record_events, paired, shared)
 
 
 @dataclass(frozen=True)
@@ -225,33 +241,94 @@ def _op_graph(schedule: str, p: int, m: int, v: int, overlap: bool = False) -> _
 
 
 def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np.ndarray,
-              hop: list[float], tail: np.ndarray, record_events: bool, paired=None) -> PipelineResult:
+              hop: list[float], tail: np.ndarray, record_events: bool, paired=None,
+              shared: SharedCores | None = None) -> PipelineResult:
     p, v = fwd.shape
     graph = _op_graph(schedule, p, m, v, paired is not None)
     dur = np.concatenate([fwd.ravel(), bwd.ravel(), wgrad.ravel(),
                           *(x.ravel() for x in paired or ())]).tolist()
     hops = hop + [0.0]
-    end = [0.0] * (graph.none + 1)  # end time of each op; the last entry: `none`'s
-    start = [0.0] * graph.none
-    partner = graph.partner
-    for k, (prev, needs, h, d) in enumerate(graph.ops):
-        t, ready = end[prev], end[needs] + hops[h]
-        if partner and k in partner:
-            other, h2 = partner[k]
-            ready = max(ready, end[other] + hops[h2])
-        start[k] = t if t > ready else ready
-        end[k] = start[k] + dur[d]
+    if shared is not None:
+        start, end = _shared_times(graph, dur, hops, shared)
+        took = [b - a for a, b in zip(start, end)]
+    else:
+        end = [0.0] * (graph.none + 1)  # end time of each op; the last entry: `none`'s
+        start = [0.0] * graph.none
+        partner = graph.partner
+        for k, (prev, needs, h, d) in enumerate(graph.ops):
+            t, ready = end[prev], end[needs] + hops[h]
+            if partner and k in partner:
+                other, h2 = partner[k]
+                ready = max(ready, end[other] + hops[h2])
+            start[k] = t if t > ready else ready
+            end[k] = start[k] + dur[d]
+        took = [dur[op[3]] for op in graph.ops]
     busy = []
     for mine in graph.rank_ops:
         total = 0.0
         for k in mine:
-            total += dur[graph.ops[k][3]]
+            total += took[k]
         busy.append(total)
     last_end = np.array([end[mine[-1]] if mine else 0.0 for mine in graph.rank_ops])
     busy_s = np.array(busy)
     return PipelineResult(step_time_s=float(np.max(last_end + tail)), stage_busy_s=busy_s,
                           stage_idle_s=last_end - busy_s, max_in_flight=np.array(graph.peak),
                           ops_run=(graph, start, end, hop, last_end, tail) if record_events else None)
+
+
+def _ready(graph: _OpGraph, k: int, end: list[float], hops: list[float]) -> float:
+    """When op k can start: its rank's previous op done and its input arrived (with the
+    all-to-all overlap, a combined pair's backward input too)."""
+    prev, needs, h, _ = graph.ops[k]
+    t = max(end[prev], end[needs] + hops[h])
+    if k in graph.partner:
+        other, h2 = graph.partner[k]
+        t = max(t, end[other] + hops[h2])
+    return t
+
+
+def _shared_times(graph: _OpGraph, dur: list[float], hops: list[float],
+                  shared: SharedCores) -> tuple[list[float], list[float]]:
+    """Start and end of each op under processor sharing (SharedCores), by events: an op
+    starting or ending changes the busy devices of its nodes and so every running op's
+    pace. A duration d is the op's time with all R devices of its node busy on C cores;
+    with B busy it runs max(1, R/C) * min(1, C/B) times as fast."""
+    devices = np.asarray(shared.devices, dtype=float)          # (nodes, p)
+    full = np.maximum(1.0, devices.sum(axis=1) / shared.cores)  # the durations' sharing
+    p, inf = devices.shape[1], float("inf")
+    end = [inf] * graph.none + [0.0]
+    start = [0.0] * graph.none
+    at = [0] * p                 # per rank, the position of its next op in rank_ops
+    left: dict[int, float] = {}  # running rank -> its op's remaining duration
+    t = 0.0
+    while True:
+        waiting = inf
+        for s in range(p):
+            if s not in left and at[s] < len(graph.rank_ops[s]):
+                k = graph.rank_ops[s][at[s]]
+                ready = _ready(graph, k, end, hops)
+                if ready <= t:
+                    start[k], left[s] = t, dur[graph.ops[k][3]]
+                else:
+                    waiting = min(waiting, ready)
+        if not left:
+            if waiting == inf:
+                return start, end
+            t = waiting
+            continue
+        running = list(left)
+        busy = devices[:, running].sum(axis=1)
+        pace = full * np.minimum(1.0, shared.cores / np.maximum(busy, 1.0))
+        speed = {s: float(pace[devices[:, s] > 0].min()) for s in running}
+        step = min(min(left[s] / speed[s] for s in running), waiting - t)
+        t += step
+        for s in running:
+            left[s] -= speed[s] * step
+            if left[s] <= 1e-12 * max(1.0, t):
+                k = graph.rank_ops[s][at[s]]
+                end[k] = t
+                at[s] += 1
+                del left[s]
 
 
 def _events(graph: _OpGraph, start: list[float], end: list[float], hop: list[float],

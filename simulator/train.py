@@ -16,13 +16,14 @@ import numpy as np
 
 from meshplan.hw_profiles.fabric import training_groups
 from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.core.mesh import Mesh
 from meshplan.simulator import step
 from meshplan.simulator.cost import per_rank_profile
 from meshplan.simulator.memory import StageMemory, memory_reserve_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import model_flops_per_step
 from meshplan.simulator.partition import balanced_partition, rank_chunks
-from meshplan.simulator.pipeline_sim import PipelineResult, simulate_pipeline
+from meshplan.simulator.pipeline_sim import PipelineResult, SharedCores, simulate_pipeline
 from meshplan.simulator.plan import EXPERT_AXES, PLAN_WIDE, RECOMPUTE, Cluster, Plan
 from meshplan.simulator.rules import HARDWARE, violations
 from meshplan.core.errors import PlanError
@@ -197,10 +198,16 @@ def _simulate_row(model: ModelSpec, plan: Plan, cluster: Cluster, device_hw: Har
     hop_s = float(r["hop"][0])
     schedule = plan.schedule if p > 1 else "1f1b"
     tails = tail.total_s[0]
+    shared = _shared_cores(plan, cluster, device_hw)
     pipe = simulate_pipeline(schedule, m, fwd, bwd_arg, hop_s, wgrad_s=wgrad_arg, tail_s=tails,
-                             paired_s=paired)
+                             paired_s=paired, shared=shared)
+    # the breakdown's terms are the ops' durations: taken from the pipeline with every
+    # device busy, then scaled to the step the shared cores give
+    even = pipe if shared is None else simulate_pipeline(
+        schedule, m, fwd, bwd_arg, hop_s, wgrad_s=wgrad_arg, tail_s=tails, record_events=False,
+        paired_s=paired)
     no_p2p = simulate_pipeline(schedule, m, fwd, bwd_arg, 0.0, wgrad_s=wgrad_arg, tail_s=tails,
-                               record_events=False, paired_s=paired) if p > 1 else pipe
+                               record_events=False, paired_s=paired) if p > 1 else even
     step_s = float(pipe.step_time_s)
 
     capacity = float(hw.memory_bytes)
@@ -212,7 +219,9 @@ def _simulate_row(model: ModelSpec, plan: Plan, cluster: Cluster, device_hw: Har
         float(pipe.stage_busy_s[k])) for k in range(p))
     peak = max(st.memory.total_bytes for st in stages)
 
-    breakdown, critical = _breakdown(r, pipe, no_p2p, chunks, m, tail, _paired_layers(plan, schedule, chunks))
+    breakdown, critical = _breakdown(r, even, no_p2p, chunks, m, tail, _paired_layers(plan, schedule, chunks))
+    if shared is not None:
+        breakdown = {k: t * step_s / even.step_time_s for k, t in breakdown.items()}
     communication = _communication(r, breakdown, chunks[critical], m, tail, critical, hw)
     tokens = plan.global_batch * plan.seq_len
     model_flops = model_flops_per_step(model, plan.global_batch, plan.seq_len)
@@ -224,6 +233,22 @@ def _simulate_row(model: ModelSpec, plan: Plan, cluster: Cluster, device_hw: Har
         memory_limit_bytes=limit, fits=bool(peak <= limit), breakdown_s=breakdown,
         stages=stages, pipeline=pipe, error_band=hw.relative_error_band(),
         communication=communication, op_comm=_op_comm(r))
+
+
+def _shared_cores(plan: Plan, cluster: Cluster, hw: HardwareProfile) -> SharedCores | None:
+    """Where the plan's pipeline ranks outnumber a node's CPU cores (the executor on CPU:
+    hw.extra["cores_per_node"]), each node's devices of each pipeline rank
+    (pipeline_sim.SharedCores); None where every device has a core, or there is one
+    pipeline rank (its devices are busy, or wait, together)."""
+    cores = hw.extra.get("cores_per_node")
+    if not cores or cluster.ranks_per_node <= cores or plan.pp == 1:
+        return None
+    mesh = Mesh.of({"dp": plan.dp, "tp": plan.tp, "pp": plan.pp, "cp": plan.cp}, plan.placement,
+                   cluster.ranks_per_node)
+    ranks = np.arange(mesh.world_size)
+    devices = np.zeros((-(-mesh.world_size // cluster.ranks_per_node), plan.pp), dtype=int)
+    np.add.at(devices, (ranks // cluster.ranks_per_node, ranks // mesh.stride("pp") % plan.pp), 1)
+    return SharedCores(tuple(map(tuple, devices.tolist())), float(cores))
 
 
 def _paired_layers(plan: Plan, schedule: str, chunks: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshplan.simulator.pipeline_sim import simulate_pipeline
+from meshplan.simulator.pipeline_sim import SharedCores, simulate_pipeline
 from meshplan.simulator.schedule import SCHEDULES, in_flight, loss_in_flight, stage_op_tuples
 
 F_S, B_S = 1.3, 2.1   # one micro-batch through one whole stage
@@ -254,3 +254,21 @@ def test_record_events_false_gives_the_same_numbers():
     assert without.step_time_s == with_events.step_time_s
     assert np.array_equal(without.stage_idle_s, with_events.stage_idle_s)
     assert np.array_equal(without.max_in_flight, with_events.max_in_flight)
+
+
+def test_shared_cores_run_a_rank_faster_while_the_other_waits():
+    """1F1B, two stages of two devices each on one node of two cores; F = 2, B = 4 with all
+    four devices busy (each at half a core), so 1 and 2 with a core each. By hand: the
+    warm-up F, stage 1's first B, its last B and stage 0's last B run alone at twice the
+    pace, every other op beside one of the other stage's: 24, against (m + p - 1)(F + B)
+    = 30 at the shared pace throughout. With a core per device, or each stage on a node of
+    its own, nothing is shared: 30."""
+    args = ("1f1b", 4, [2.0, 2.0], [4.0, 4.0])
+    assert simulate_pipeline(*args).step_time_s == 30
+    shared = simulate_pipeline(*args, shared=SharedCores(((2, 2),), 2.0))
+    assert shared.step_time_s == pytest.approx(24)
+    # stage 0 waits 3-5 and 21-22, stage 1 0-1 and ends at 22
+    assert shared.stage_busy_s.tolist() == pytest.approx([21, 21])
+    assert shared.stage_idle_s.tolist() == pytest.approx([3, 1])
+    assert simulate_pipeline(*args, shared=SharedCores(((1, 1),), 2.0)).step_time_s == pytest.approx(30)
+    assert simulate_pipeline(*args, shared=SharedCores(((2, 0), (0, 2)), 1.0)).step_time_s == pytest.approx(30)
