@@ -51,7 +51,7 @@ from meshplan.executor.options import (LaunchOptions, RunOptions, ServeOptions, 
 from meshplan.executor.records import RunRecord, ServeRecord, ServeResult, TrainResult
 from meshplan.hw_profiles.profile import HardwareProfile, load_profile
 from meshplan.simulator import rules
-from meshplan.simulator.memory import memory_reserve_bytes
+from meshplan.simulator.memory import usable_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.serve import InferencePlan, simulate_inference
@@ -184,7 +184,7 @@ def memory_issues(peak_bytes: float, hw: HardwareProfile) -> list[Issue]:
     on CPU the profile's memory per rank) less memory_reserve_bytes."""
     cuda = device_type() == "cuda"
     capacity = torch.cuda.get_device_properties(0).total_memory if cuda else hw.memory_bytes
-    limit = capacity - memory_reserve_bytes(capacity)
+    limit = usable_bytes(capacity)
     if peak_bytes <= limit:
         return []
     where = torch.cuda.get_device_name(0) if cuda else f"a rank in profile {hw.name}"

@@ -22,7 +22,7 @@ from meshplan.core.cpus import usable_cpus
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator import step
 from meshplan.simulator.cost import FULL, NONE, NORM_ACT, OP, ShardTimes, per_rank_profile
-from meshplan.simulator.memory import memory_reserve_bytes
+from meshplan.simulator.memory import usable_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.partition import balanced_shape
 from meshplan.simulator.plan import PLAN_WIDE, SCHEDULES
@@ -244,11 +244,6 @@ def _exact_memory(r: dict, model: ModelSpec, s, n, part, key) -> tuple[np.ndarra
     return peak[ids], ids, params
 
 
-def memory_limit_bytes(hw: HardwareProfile) -> float:
-    """What a rank may hold: the device's memory less the reserve the runtime takes."""
-    return hw.memory_bytes - memory_reserve_bytes(float(hw.memory_bytes))
-
-
 def states_fit(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile) -> np.ndarray:
     """Which rows of `table` (its columns step.STATE_KNOBS, plan-wide fields in its attrs)
     fit the memory limit with their weights, gradients and optimizer states alone, on a
@@ -260,7 +255,7 @@ def states_fit(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile) -> np
     r = step.state_rows(model, step.take(knobs, first), {k: table.attrs[k] for k in PLAN_WIDE})
     most = -(-model.num_layers // r["pp"])[:, None]
     params = step.rank_params(r, model, np.full_like(most, -1), most)
-    return (sum(step.model_states(r, params, most))[:, 0] <= memory_limit_bytes(hw))[ids]
+    return (sum(step.model_states(r, params, most))[:, 0] <= usable_bytes(float(hw.memory_bytes)))[ids]
 
 
 def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_per_node: int,
@@ -271,7 +266,7 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     so far: the best `keep` rows are those of a full evaluation (of each block, so of all).
     A large table is evaluated in blocks of rows, on as many threads as there are cores."""
     hw = per_rank_profile(hw, ranks_per_node)
-    limit = memory_limit_bytes(hw)
+    limit = usable_bytes(float(hw.memory_bytes))
     count = -(-len(table) // BLOCK_ROWS)
     if count <= 1:
         parts = [_evaluate_block(table, model, hw, limit, keep)]

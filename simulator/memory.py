@@ -245,3 +245,8 @@ RUNTIME_BYTES = 2 ** 30
 def memory_reserve_bytes(capacity_bytes: float) -> float:
     """Memory held back from the plan: the allocator's fragmentation and the runtime's use."""
     return FRAGMENTATION_SHARE * capacity_bytes + RUNTIME_BYTES
+
+
+def usable_bytes(capacity_bytes: float) -> float:
+    """What a plan may hold of a device's memory: its capacity less memory_reserve_bytes."""
+    return capacity_bytes - memory_reserve_bytes(capacity_bytes)

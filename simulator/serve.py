@@ -39,7 +39,7 @@ from meshplan.core.fields import from_fields
 from meshplan.core.errors import PlanError
 from meshplan.core.mesh import Group, Mesh
 from meshplan.simulator.cost import forward_s, moe_layer_share, per_rank_profile, tp_comm_s
-from meshplan.simulator.memory import memory_reserve_bytes, stage_params
+from meshplan.simulator.memory import stage_params, usable_bytes
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import GEMM, Op, Shard, embedding_ops, head_ops, layer_ops
@@ -496,8 +496,7 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
     # Memory per stage: weights, the KV cache of every sequence at its peak (full context, or
     # the window in sliding-window layers: kv_bytes_per_sequence), one prefill micro-batch's
     # transient activations.
-    capacity = float(hw.memory_bytes)
-    limit = capacity - memory_reserve_bytes(capacity)
+    limit = usable_bytes(float(hw.memory_bytes))
     ep, etp = expert_degrees(model, plan.tp, plan.replicas, plan.expert_parallel)
     narrowed = quantized_weights(served, plan.tp, ep, etp) * (plan.dtype_bytes - plan.weight_bytes)
     weights = np.array([stage_params(served, plan.tp, plan.pp, n, f, la, ep, etp) * plan.dtype_bytes

@@ -19,7 +19,7 @@ from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.mesh import Mesh
 from meshplan.simulator import step
 from meshplan.simulator.cost import per_rank_profile
-from meshplan.simulator.memory import StageMemory, memory_reserve_bytes
+from meshplan.simulator.memory import StageMemory, usable_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import model_flops_per_step
 from meshplan.simulator.partition import balanced_partition, rank_chunks
@@ -210,8 +210,7 @@ def _simulate_row(model: ModelSpec, plan: Plan, cluster: Cluster, device_hw: Har
                                record_events=False, paired_s=paired) if p > 1 else even
     step_s = float(pipe.step_time_s)
 
-    capacity = float(hw.memory_bytes)
-    limit = capacity - memory_reserve_bytes(capacity)
+    limit = usable_bytes(float(hw.memory_bytes))
     held = in_flight(r["sched"][:, None], p, v, m, s, plan.moe_a2a_overlap)
     memory = step.rank_memory(r, model, s, n, params, held)
     stages = tuple(StageReport(int(n[0, k]), StageMemory(*(float(memory[key][0, k]) for key in (
