@@ -242,7 +242,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
                if name not in fixed]
     if missing:
         raise PlanError.of(missing)
-    gb = fixed["global_batch"]
+    gb, attrs = fixed["global_batch"], _attrs(fixed)
     table = _expert_rows(_axes_rows(model, cluster, fixed), model, cluster, fixed)
     placed = _legal(_placement_rows(table, cluster, fixed, fabric, nics_per_node), model, cluster, fixed,
                     ("placement", *GROUP_COLUMNS))
@@ -266,7 +266,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
             if fixed.get("zero", z) == z], ["zero"])
     over_memory = 0
     if states_fit is not None and not table.empty:
-        table.attrs.update(_attrs(fixed))
+        table.attrs.update(attrs)
         fits = states_fit(table)
         if fits.any():
             over_memory = int((~fits).sum())
@@ -314,7 +314,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     if table.empty:
         raise _why_empty(model, cluster, fixed)
     table = table.reset_index(drop=True)
-    table.attrs.update(_attrs(fixed), over_memory=over_memory)
+    table.attrs.update(attrs, over_memory=over_memory)
     return table
 
 

@@ -250,8 +250,9 @@ def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np
     hops = hop + [0.0]
     if shared is not None:
         start, end = _shared_times(graph, dur, hops, shared)
-        took = [b - a for a, b in zip(start, end)]
+        busy = [sum(end[k] - start[k] for k in mine) for mine in graph.rank_ops]
     else:
+        # _ready's rule written inline: the loop a search's re-rank runs for every op
         end = [0.0] * (graph.none + 1)  # end time of each op; the last entry: `none`'s
         start = [0.0] * graph.none
         partner = graph.partner
@@ -262,13 +263,7 @@ def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np
                 ready = max(ready, end[other] + hops[h2])
             start[k] = t if t > ready else ready
             end[k] = start[k] + dur[d]
-        took = [dur[op[3]] for op in graph.ops]
-    busy = []
-    for mine in graph.rank_ops:
-        total = 0.0
-        for k in mine:
-            total += took[k]
-        busy.append(total)
+        busy = [sum(dur[graph.ops[k][3]] for k in mine) for mine in graph.rank_ops]
     last_end = np.array([end[mine[-1]] if mine else 0.0 for mine in graph.rank_ops])
     busy_s = np.array(busy)
     return PipelineResult(step_time_s=float(np.max(last_end + tail)), stage_busy_s=busy_s,
