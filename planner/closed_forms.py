@@ -72,7 +72,7 @@ def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
     of them), or every rank for a partition the user gave; per row the index of its
     partition, the forward + backward time of its largest (virtual) stage, and an id of its
     slots (rows of one id have the same)."""
-    p, v, w = r["pp"], r["virtual_stages"], model.num_layers + 1
+    p, v, w = r["pp"], r["virtual_stages"], model.num_layers + 3  # w above every count: stages <= L + 2
     first, last = r["emb_fwd"] + r["emb_bwd"], r["head_fwd"] + r["head_bwd"]
     if partition is None:
         part_id, f = step.group_ids((r["cost_id"] * w + p) * w + v)

@@ -203,13 +203,14 @@ def _schedules(model: ModelSpec, fixed: dict):
             opts = [(fixed.get("schedule", "1f1b"), 1)]
         else:
             opts = [(s, 1) for s in ("gpipe", "1f1b", "zb-h1")]
-            # Chunk counts up to layers/pp: the balanced partition splits the layers unevenly
-            # where they do not divide (Megatron-LM's first/last-stage layer counts and
-            # torchtitan's per-stage layer lists run such splits). More chunks only shrink
+            # Chunk counts up to (layers + 2)/pp: the balanced partition splits the layers
+            # unevenly where they do not divide, and may leave the first and the last stage
+            # the embedding or the head alone (Megatron-LM's pipeline layouts and torchtitan's
+            # per-stage module lists run such splits). More chunks only shrink
             # the bubble, (p-1)/(v m) of the steady state (Narayanan et al. 2021 sec 2.2.2),
             # and add hops, first gathers and in-flight memory per chunk: past the v whose
             # bubble is under BUBBLE_FLOOR no further chunk can gain more than that.
-            top = min(model.num_layers // pp, max(2, math.ceil((pp - 1) / (BUBBLE_FLOOR * m))))
+            top = min((model.num_layers + 2) // pp, max(2, math.ceil((pp - 1) / (BUBBLE_FLOOR * m))))
             vs = [fixed["virtual_stages"]] if fixed.get("virtual_stages", 1) > 1 else list(
                 range(2, top + 1))
             opts += [("interleaved", v) for v in vs]

@@ -44,17 +44,21 @@ class PartitionShape:
 
 def balanced_shape(num_layers: int, parts, layer_s, first_extra_s, last_extra_s) -> PartitionShape:
     """The balanced partition of `num_layers` identical layers (each `layer_s`) into `parts`
-    contiguous parts (each >= 1 layer), the first carrying `first_extra_s` of fixed work and
-    the last `last_extra_s`, for arrays of pipelines.
+    contiguous parts, the first carrying `first_extra_s` of fixed work (the embedding) and
+    the last `last_extra_s` (the head and loss), for arrays of pipelines. Middle parts hold
+    >= 1 layer; the first and the last may hold none, a stage of the embedding or the head
+    alone (Megatron-LM's --pipeline-model-parallel-layout "E|...|L"; torchtitan's
+    module_fqns_per_model_part), so up to num_layers + 2 parts.
 
     The bottleneck time is the least n * layer_s + e (e one of the parts' extras) at which
     every part's capacity (the layers it can take within that time) sums to at least
-    num_layers; the capacities in excess are then trimmed one layer at a time from the most
-    loaded part, ties to the lowest index, keeping each part >= 1 layer: the optimum a
+    num_layers, each end part running its extra and each middle part a layer within it;
+    the capacities in excess are then trimmed one layer at a time from the most loaded
+    part, ties to the lowest index, keeping each middle part >= 1 layer: the optimum a
     dynamic program over split points finds, in closed form."""
     L = int(num_layers)
     P = np.asarray(parts, dtype=np.int64)
-    if np.any(P > L) or np.any(P < 1):
+    if np.any(np.maximum(P - 2, 1) > L) or np.any(P < 1):
         raise ValueError(f"{L} layers cannot fill {P.max()} stages")
     ls = np.maximum(np.broadcast_to(np.asarray(layer_s, dtype=float), P.shape), 1e-30)
     e0 = np.broadcast_to(np.asarray(first_extra_s, dtype=float), P.shape)
@@ -66,28 +70,31 @@ def balanced_shape(num_layers: int, parts, layer_s, first_extra_s, last_extra_s)
 
     def fits(budget, i=slice(None)):
         c0, c1, cm = cap(budget, e0[i], ls[i]), cap(budget, e1[i], ls[i]), cap(budget, 0.0, ls[i])
-        return (np.minimum(c0, c1) >= 1) & (c0 + c1 + mids[i] * cm >= L)
+        return ((budget >= e0[i]) & (budget >= e1[i]) & ((mids[i] == 0) | (cm >= 1))
+                & (c0 + c1 + mids[i] * cm >= L))
 
-    def smallest_fitting(extra):  # least n with fits(n * ls + extra), or L + 1 if none
+    def smallest_fitting(extra, least):  # least n >= least with fits(n * ls + extra), or L + 1
         # caps at n*ls + extra are n + floor((extra - e_i) / ls) up to rounding: start there
         # and step each pipeline toward the least fitting n (feasibility grows with n)
         d0, d1, dm = (np.floor((extra - e) / ls) for e in (e0, e1, 0.0))
         need = np.ceil((L - d0 - d1 - mids * dm) / (mids + 2))
-        n = np.clip(np.maximum.reduce([need, 1 - d0, 1 - d1]), 1, L).astype(np.int64)
+        least = np.broadcast_to(least, P.shape)
+        n = np.clip(np.maximum.reduce([need, -d0, -d1]), least, L).astype(np.int64)
         ok = np.zeros(n.shape, bool)
         todo = np.arange(n.size)
         while todo.size:
             nt, lt, xt = n[todo], ls[todo], extra[todo]
             here = fits(nt * lt + xt, todo)
-            below = (nt > 1) & fits((nt - 1) * lt + xt, todo)
+            below = (nt > least[todo]) & fits((nt - 1) * lt + xt, todo)
             step = np.where(here, -below.astype(np.int64), (nt < L).astype(np.int64))
             n[todo], ok[todo] = nt + step, here
             todo = todo[step != 0]
         return np.where(ok, n, L + 1)
 
     best = np.full(ls.shape, np.inf)
-    for extra in (e0, e1, np.where(P >= 3, 0.0, e0)):
-        n = smallest_fitting(extra)
+    # an end part may be the bottleneck with no layer, a middle one with one at least
+    for extra, least in ((e0, 0), (e1, 0), (np.where(P >= 3, 0.0, e0), np.where(P >= 3, 1, 0))):
+        n = smallest_fitting(extra, least)
         best = np.where(n <= L, np.minimum(best, n * ls + extra), best)
     best = np.where(np.isfinite(best), best, 0.0)  # only one-part pipelines find none
     c0, c1, cm = cap(best, e0, ls), cap(best, e1, ls), cap(best, 0.0, ls)
@@ -98,9 +105,9 @@ def balanced_shape(num_layers: int, parts, layer_s, first_extra_s, last_extra_s)
     while todo.size:
         c0t, c1t, dt, mt, lt = c0[todo], c1[todo], dec[todo], safe_mids[todo], ls[todo]
         top = cm[todo] - dt // mt
-        k0 = np.where(c0t > 1, c0t * lt + e0[todo], -1.0)
+        k0 = np.where(c0t > 0, c0t * lt + e0[todo], -1.0)
         km = np.where((mids[todo] > 0) & (top > 1), top * lt, -1.0)
-        k1 = np.where(c1t > 1, c1t * lt + e1[todo], -1.0)
+        k1 = np.where(c1t > 0, c1t * lt + e1[todo], -1.0)
         pick0 = (k0 >= km) & (k0 >= k1)
         pickm = ~pick0 & (km >= k1)
         c0[todo], dec[todo], c1[todo] = c0t - pick0, dt + pickm, c1t - (~pick0 & ~pickm)

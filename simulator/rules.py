@@ -199,8 +199,11 @@ TRAINING = PLAN + (
           lambda x, m, c: (x.elementwise == "fused") | (x.mlp_kernel == "eager") | (not m.gated_mlp),
           lambda x, m, c: "eager elementwise ops run the gated MLP's activation as PyTorch ops too",
           "plan with mlp_kernel eager, or elementwise fused"),
-    _rule("plan.pp", "pp virtual_stages", lambda x, m, c: m.num_layers >= x.pp * x.virtual_stages,
-          lambda x, m, c: f"{m.num_layers} layers cannot fill {x.pp * x.virtual_stages} (virtual) stages",
+    # a layer in every (virtual) stage but the first and the last, which may hold the
+    # embedding or the head alone (partition.balanced_shape)
+    _rule("plan.pp", "pp virtual_stages", lambda x, m, c: m.num_layers + 2 >= x.pp * x.virtual_stages,
+          lambda x, m, c: f"{m.num_layers} layers cannot fill {x.pp * x.virtual_stages} (virtual) stages "
+          f"(at most {m.num_layers + 2}: a layer in each but the first and the last)",
           "use fewer pipeline stages or virtual stages"),
     # Narayanan et al. 2021 sec 2.2.2: interleaving runs micro-batches in groups of pp
     _rule("plan.global_batch", "schedule pp global_batch micro_batch dp",
@@ -209,10 +212,11 @@ TRAINING = PLAN + (
           f"pp ({x.pp})", "adjust the global batch or the micro-batch"),
     _rule("plan.layer_partition", "layer_partition pp virtual_stages",
           lambda x, m, c: True if x.layer_partition is None else (
-              (len(x.layer_partition) == x.pp * x.virtual_stages) & (min(x.layer_partition) >= 1)
-              & (sum(x.layer_partition) == m.num_layers)),
-          lambda x, m, c: f"{list(x.layer_partition)} is not {x.pp * x.virtual_stages} positive counts "
-          f"summing to {m.num_layers} layers",
+              (len(x.layer_partition) == x.pp * x.virtual_stages) & (min(x.layer_partition) >= 0)
+              & (min(x.layer_partition[1:-1], default=1) >= 1) & (sum(x.layer_partition) == m.num_layers)),
+          lambda x, m, c: f"{list(x.layer_partition)} is not {x.pp * x.virtual_stages} counts summing to "
+          f"{m.num_layers} layers, each >= 1 but the first and the last (the embedding's and the head's "
+          f"stages, which may hold none)",
           "give one layer count per (virtual) stage, or none for the balanced split"),
 )
 

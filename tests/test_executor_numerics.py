@@ -59,6 +59,9 @@ WORLD_2 = [
     ("pp-1f1b", LLAMA, plan(pp=2, schedule="1f1b")),
     ("pp-interleaved", LLAMA, plan(pp=2, schedule="interleaved", virtual_stages=2)),
     ("pp-zb-h1", LLAMA, plan(pp=2, schedule="zb-h1")),
+    # the first virtual stage the embedding alone, the last the head alone
+    ("pp-interleaved-empty-ends", LLAMA, plan(pp=2, schedule="interleaved", virtual_stages=2,
+                                              layer_partition=(0, 2, 2, 0))),
     ("recompute-full", LLAMA, plan(dp=2, recompute="full")),
     ("recompute-selective", LLAMA, plan(dp=2, recompute="selective", micro_batch=1)),
     ("recompute-op", LLAMA, plan(dp=2, recompute="op", micro_batch=1)),

@@ -132,6 +132,9 @@ def test_stage_modules_and_megatron_layout_by_hand():
     assert stage_modules((2, 1), "lm_head") == [["tok_embeddings", "layers.0", "layers.1"],
                                                ["layers.2", "norm", "lm_head"]]
     assert layout((9, 10, 11)) == "Et*9|t*10|t*11L"
+    # end stages of the embedding or the head alone (Megatron-LM's docs: "Et*3|(tt|)*29,m|L")
+    assert layout((0, 2, 2, 0)) == "E|t*2|t*2|L"
+    assert stage_modules((0, 1, 0), "output") == [["tok_embeddings"], ["layers.0"], ["norm", "output"]]
 
 
 def test_megatron_arguments_and_environment():

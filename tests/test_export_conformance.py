@@ -65,6 +65,7 @@ LLAMA3_70B_LAYOUTS = [
     dict(dp=2, tp=4, pp=8, sp=True, recompute="full", schedule="interleaved", virtual_stages=2),
     dict(dp=4, tp=8, pp=2, sp=True, recompute="selective"),
     dict(dp=2, tp=4, pp=8, sp=True, layer_partition=(9, 10, 10, 10, 10, 11, 11, 9)),
+    dict(dp=2, tp=4, pp=8, sp=True, layer_partition=(0, 13, 14, 13, 14, 13, 13, 0)),  # E and L alone
     dict(seq_len=8192, dp=4, tp=4, cp=4, sp=True),
 ]
 # torchtitan's selective checkpointing is per-op (recompute op)

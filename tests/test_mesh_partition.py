@@ -48,10 +48,14 @@ def _bottleneck(parts, layer_s, first_s, last_s):
 
 
 def _brute_force_optimum(layers, k, layer_s, first_s, last_s):
-    """Least bottleneck over every contiguous split into k parts of >= 1 layer."""
+    """Least bottleneck over every contiguous split into k parts, the middle ones of >= 1
+    layer, the first and last of >= 0 (for k > 1): the splits of layers + 2 into k parts of
+    >= 1, less one layer at each end."""
+    if k == 1:
+        return _bottleneck((layers,), layer_s, first_s, last_s)
     best = np.inf
-    for cuts in itertools.combinations(range(1, layers), k - 1):
-        parts = np.diff((0, *cuts, layers))
+    for cuts in itertools.combinations(range(1, layers + 2), k - 1):
+        parts = np.diff((0, *cuts, layers + 2)) - np.eye(k, dtype=int)[[0, -1]].sum(axis=0)
         best = min(best, _bottleneck(parts, layer_s, first_s, last_s))
     return best
 
@@ -60,10 +64,11 @@ def _brute_force_optimum(layers, k, layer_s, first_s, last_s):
 def test_balanced_partition_is_optimal(layers):
     rng = np.random.default_rng(layers)
     for _ in range(60):
-        k = int(rng.integers(1, layers + 1))
+        k = int(rng.integers(1, layers + 3))
         layer_s, first_s, last_s = rng.uniform(0.5, 2), rng.choice([0, rng.uniform(0, 5)]), rng.uniform(0, 6)
         parts = balanced_partition(layers, k, layer_s, first_s, last_s)
-        assert len(parts) == k and sum(parts) == layers and min(parts) >= 1
+        assert len(parts) == k and sum(parts) == layers and min(parts[1:-1], default=1) >= 1
+        assert min(parts) >= 0 and (k > 1 or parts == (layers,))
         assert _bottleneck(parts, layer_s, first_s, last_s) == pytest.approx(
             _brute_force_optimum(layers, k, layer_s, first_s, last_s))
 

@@ -78,13 +78,19 @@ def test_partition_hand_checked():
     assert balanced_partition(96, 8, 1.0) == (12,) * 8
     # embedding costs 3 layers, head 5: the end stages take fewer layers (max stage time 11)
     assert balanced_partition(80, 8, 1.0, 3.0, 5.0) == (8, 11, 11, 11, 11, 11, 11, 6)
+    # a head (embedding) of 3.5 layers takes a stage of its own: max stage time 3.5, not 4.5
+    assert balanced_partition(6, 4, 1.0, 0.0, 3.5) == (2, 2, 2, 0)
+    assert balanced_partition(6, 4, 1.0, 3.5, 0.0) == (0, 2, 2, 2)
+    # ... and both, with the layers between them: 4 layers in 6 stages
+    assert balanced_partition(4, 6, 1.0, 2.0, 2.0) == (0, 1, 1, 1, 1, 0)
 
 
 @given(st.integers(1, 40), st.integers(1, 12), st.floats(0.0, 10.0), st.floats(0.0, 10.0))
 def test_partition_is_optimal(layers, parts, first, last):
-    parts = min(parts, layers)
+    parts = min(parts, layers + 2)
     split = balanced_partition(layers, parts, 1.0, first, last)
-    assert sum(split) == layers and min(split) >= 1 and len(split) == parts
+    assert sum(split) == layers and min(split[1:-1], default=1) >= 1 and min(split) >= 0
+    assert len(split) == parts
     cost = max(n + (first if i == 0 else 0) + (last if i == parts - 1 else 0)
                for i, n in enumerate(split))
     # brute force lower bound: no split can beat the optimum of this tiny DP
@@ -99,6 +105,8 @@ def _brute(layers, parts, first, last):
     def go(i, left):  # part i onward with `left` layers
         if i == parts - 1:
             return left + last + (first if i == 0 else 0)
-        extra = first if i == 0 else 0
-        return min(max(n + extra, go(i + 1, left - n)) for n in range(1, left - (parts - i - 1) + 1))
+        # the first part may hold no layer; the middle ones one at least, the last none
+        extra, least = (first, 0) if i == 0 else (0, 1)
+        return min(max(n + extra, go(i + 1, left - n))
+                   for n in range(least, left - max(parts - i - 2, 0) + 1))
     return go(0, layers)

@@ -29,7 +29,7 @@ H100 = load_profile("h100-80gb")
 def test_planner_slots_follow_the_balanced_partition(layers):
     rng = np.random.default_rng(layers)
     p = rng.choice([x for x in (1, 2, 3, 4, 7, 8, 16, 32, 48) if x <= layers], 250)
-    v = np.array([rng.integers(1, layers // x + 1) for x in p])
+    v = np.array([rng.integers(1, (layers + 2) // x + 1) for x in p])  # end stages may be empty
     layer_s, last_s = rng.uniform(0.5, 2, p.size), rng.uniform(0, 8, p.size)
     first_s = np.where(rng.random(p.size) < 0.3, 0.0, rng.uniform(0, 5, p.size))
     slots = _balanced_slots(layers, p, v, balanced_shape(layers, p * v, layer_s, first_s, last_s))

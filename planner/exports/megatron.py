@@ -31,9 +31,10 @@ USER_PATHS = (("CHECKPOINT_PATH", "Megatron checkpoint folder of the model's wei
 
 def layout(partition: tuple[int, ...]) -> str:
     """--pipeline-model-parallel-layout: virtual stages in pipeline order, separated by "|";
-    E the embedding, t a transformer layer, L the loss (output head)."""
+    E the embedding, t a transformer layer, L the loss (output head); an end stage of no
+    layer holds E or L alone."""
     last = len(partition) - 1
-    return "|".join(("E" if i == 0 else "") + f"t*{n}" + ("L" if i == last else "")
+    return "|".join(("E" if i == 0 else "") + (f"t*{n}" if n else "") + ("L" if i == last else "")
                     for i, n in enumerate(partition))
 
 
