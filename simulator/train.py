@@ -38,13 +38,17 @@ BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_c
 
 @dataclass(frozen=True)
 class StageReport:
+    """One pipeline rank: its layers, and those of each of its (virtual) stages in the order
+    it runs them (stage j of the split on rank j % pp), which the split's exports write."""
+
     layers: int
     memory: StageMemory
     compute_s: float
+    chunk_layers: tuple[int, ...] = ()
 
     def to_json(self) -> dict:
-        return {"layers": self.layers, "memory_bytes": self.memory.to_json(),
-                "compute_s": self.compute_s}
+        return {"layers": self.layers, "chunk_layers": list(self.chunk_layers),
+                "memory_bytes": self.memory.to_json(), "compute_s": self.compute_s}
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,7 @@ def _simulate_row(model: ModelSpec, plan: Plan, cluster: Cluster, device_hw: Har
     memory = step.rank_memory(r, model, s, n, params, held)
     stages = tuple(StageReport(int(n[0, k]), StageMemory(*(float(memory[key][0, k]) for key in (
         "weights", "gradients", "optimizer", "activations", "buffers"))),
-        float(pipe.stage_busy_s[k])) for k in range(p))
+        float(pipe.stage_busy_s[k]), tuple(int(x) for x in chunks[k])) for k in range(p))
     peak = max(st.memory.total_bytes for st in stages)
 
     breakdown, critical = _breakdown(r, even, no_p2p, chunks, m, tail, _paired_layers(plan, schedule, chunks))

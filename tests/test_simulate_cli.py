@@ -238,3 +238,16 @@ def test_console_script_turns_off_numpy_huge_page_advice():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**env, "NUMPY_MADVISE_HUGEPAGE": "1"})
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_the_split_simulate_prices_is_printed_and_in_the_json():
+    """Llama-3 8B's head (a 128K vocabulary: about 2.4 layers of work) on 32 virtual stages
+    of 32 layers gets a stage of its own; the JSON's per-rank chunks rebuild that split."""
+    args = ["--model", "llama-3-8b", "--hardware", "h100-80gb", "--gpus", "8", "--dp", "2", "--pp", "4",
+            "--schedule", "interleaved", "--virtual-stages", "8", "--global-batch", "64", "--seq-len", "4096"]
+    stages = json.loads(meshplan("simulate", *args, "--json").stdout)["stages"]
+    split = [stages[j % 4]["chunk_layers"][j // 4] for j in range(32)]
+    assert sum(split) == 32 and split[-1] == 0 and min(split[1:-1]) >= 1
+    assert [s["layers"] for s in stages] == [sum(s["chunk_layers"]) for s in stages]
+    text = " ".join(meshplan("simulate", *args).stdout.split())
+    assert f"layers per (virtual) stage in pipeline order: {','.join(map(str, split))} (the head alone" in text
