@@ -4,6 +4,7 @@ grows, or which limit it breaks (memory, or the legality rule, as PlanError word
 the prediction's error band from the hardware profile's fit residuals."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 from meshplan.hw_profiles.profile import HardwareProfile
@@ -139,6 +140,7 @@ class Explanation:
     communication: dict
     mfu: float
     kind: str  # the family of published runs its end-to-end error is quoted from (plan_kind)
+    split: tuple[int, ...] = ()  # the winner's layers per (virtual) stage, SimulationResult.layer_split
 
     def lines(self) -> list[str]:
         parts = ", ".join(f"{k} {v:.3g} s ({v / self.step_time_s:.0%})"
@@ -146,6 +148,7 @@ class Explanation:
         lo, hi = self.error_band
         out = [f"winner: {self.step_time_s:.3f} s per step = {parts}",
                f"MFU {self.mfu:.1%} = {MFU_DEFINITION}",
+               *split_lines(self.split),
                *communication_lines(self.communication),
                f"error band of the profile's operator fits (held-out kernel and collective timings, "
                f"not end to end): ±{lo:.0%} median, ±{hi:.0%} p95; {end_to_end_text(self.kind)}"]
@@ -160,6 +163,7 @@ class Explanation:
         return {"step_time_s": self.step_time_s, "breakdown_s": dict(self.breakdown_s),
                 "error_band": {"median_rel": self.error_band[0], "p95_rel": self.error_band[1]},
                 "end_to_end": end_to_end(), "kind": self.kind, "communication": self.communication,
+                "layer_split": list(self.split),
                 "runner_up": self.runner_up.to_json() if self.runner_up else None,
                 "changes": [c.to_json() for c in self.changes], "text": self.lines()}
 
@@ -192,7 +196,25 @@ def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
             changes.append(replace(compare(winner, other, label + held), held=bool(held)))
     return Explanation(winner.step_time_s, dict(winner.breakdown_s), winner.error_band, runner,
                        tuple(changes), winner.communication, winner.mfu,
-                       plan_kind(model.num_experts, winner.plan.cp))
+                       plan_kind(model.num_experts, winner.plan.cp), winner.layer_split)
+
+
+def split_lines(split: tuple[int, ...]) -> list[str]:
+    """The pipeline split in one line (none without a pipeline), saying where the embedding
+    or the head has a stage of its own."""
+    if len(split) < 2:
+        return []
+    ends = [what for what, n in (("the embedding", split[0]), ("the head", split[-1])) if n == 0]
+    alone = (f" ({' and '.join(ends)} alone on {'its own stage' if len(ends) == 1 else 'their own stages'})"
+             if ends else "")
+    return [f"pipeline split, layers per (virtual) stage in pipeline order: {split_text(split)}{alone}"]
+
+
+def split_text(split: tuple[int, ...]) -> str:
+    """Layer counts with runs of one count written n*k, e.g. "1*30,2,0" (the repeat notation
+    of Megatron-LM's pipeline layouts)."""
+    runs = [(n, len(list(group))) for n, group in itertools.groupby(split)]
+    return ",".join(f"{n}*{k}" if k > 1 else str(n) for n, k in runs)
 
 
 def communication_lines(communication: dict) -> list[str]:
@@ -222,9 +244,11 @@ def communication_lines(communication: dict) -> list[str]:
 
 def _describe(plan: Plan, base: Plan) -> str:
     """The knobs where `plan` differs from `base`, e.g. "(tp 4, dp 32, sp)"."""
+    # expert TP that follows TP in both (every dense plan's) is not a difference of its own
+    follows = plan.etp == plan.tp and base.etp == base.tp
     diffs = [f"{k} {getattr(plan, k)}" for k in ("dp", "tp", "pp", "cp", "ep", "etp", "zero", "recompute",
                                                  "micro_batch", "schedule", "virtual_stages")
-             if getattr(plan, k) != getattr(base, k)]
+             if getattr(plan, k) != getattr(base, k) and not (k == "etp" and follows)]
     for k, on, off in (("sp", "sp", "no sp"), ("tp_overlap", "TP overlap", "no TP overlap"),
                        ("reshard_after_forward", "reshard after forward", "weights kept from forward"),
                        ("moe_a2a_overlap", "all-to-all overlap", "no all-to-all overlap")):

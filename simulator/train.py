@@ -72,6 +72,13 @@ class SimulationResult:
     op_comm: dict = field(default_factory=dict)   # share of F / B ops that is exposed TP, CP
 
     @property
+    def layer_split(self) -> tuple[int, ...]:
+        """Layers per (virtual) stage in pipeline order, as simulated (stage j is chunk
+        j // pp of rank j % pp)."""
+        p = len(self.stages)
+        return tuple(self.stages[j % p].chunk_layers[j // p] for j in range(p * len(self.stages[0].chunk_layers)))
+
+    @property
     def label(self) -> str:
         """The plan in one line, as timelines and tables title it."""
         return (f"{self.model.name} on {self.cluster.num_gpus}x {self.hardware}: "

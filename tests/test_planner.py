@@ -12,7 +12,7 @@ from meshplan.core.errors import PlanError
 from meshplan.planner import closed_forms
 from meshplan.planner.closed_forms import _balanced_slots, evaluate
 from meshplan.simulator.partition import balanced_shape
-from meshplan.planner.explain import compare, explain, knob_changes
+from meshplan.planner.explain import compare, explain, knob_changes, split_text
 from meshplan.planner.search import search
 from meshplan.planner.space import candidate_table, row_plan
 from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
@@ -360,3 +360,20 @@ def test_every_single_knob_change_is_a_legal_plan(fields):
     for label, _, change in changes:
         if isinstance(change, dict):   # legal as a plan: no field contradicts another
             Plan(**{**plan.to_dict(), **change, "layer_partition": None})
+
+
+def test_explanation_names_the_winners_pipeline_split():
+    """Llama-3 8B's head (about 2.4 layers of work) gets a stage of its own on 32 virtual
+    stages; the explanation gives the split the winner was simulated with."""
+    model, cluster = ZOO["llama-3-8b"], Cluster(8, 8)
+    plan = Plan(global_batch=64, seq_len=4096, dp=2, pp=4, schedule="interleaved", virtual_stages=8)
+    result = simulate(model, plan, cluster, A100)
+    why = explain(model, cluster, A100, (result,), {})
+    assert why.split == result.layer_split and sum(why.split) == 32 and len(why.split) == 32
+    assert why.split[-1] == 0 and min(why.split[1:-1]) >= 1
+    assert [line for line in why.lines() if line.startswith("pipeline split")] == [
+        f"pipeline split, layers per (virtual) stage in pipeline order: {split_text(why.split)} "
+        "(the head alone on its own stage)"]
+    assert split_text((0, 1, 1, 1, 2, 2, 0)) == "0,1*3,2*2,0" and split_text((1,) * 96) == "1*96"
+    flat = explain(model, cluster, A100, (simulate(model, Plan(global_batch=64, seq_len=4096, dp=8), cluster, A100),), {})
+    assert flat.split == (32,) and not any(line.startswith("pipeline split") for line in flat.lines())

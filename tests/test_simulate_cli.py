@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from meshplan.planner.explain import split_text
 from tests import cli
 
 GPT3 = ["--model", "gpt3-175b", "--hardware", "a100-80gb", "--gpus", "1024", "--gpus-per-node", "8",
@@ -250,4 +251,4 @@ def test_the_split_simulate_prices_is_printed_and_in_the_json():
     assert sum(split) == 32 and split[-1] == 0 and min(split[1:-1]) >= 1
     assert [s["layers"] for s in stages] == [sum(s["chunk_layers"]) for s in stages]
     text = " ".join(meshplan("simulate", *args).stdout.split())
-    assert f"layers per (virtual) stage in pipeline order: {','.join(map(str, split))} (the head alone" in text
+    assert f"layers per (virtual) stage in pipeline order: {split_text(tuple(split))} (the head alone" in text

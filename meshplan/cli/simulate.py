@@ -138,7 +138,7 @@ def print_summary(result) -> None:
     from rich.table import Table
 
     from meshplan.hw_profiles.accuracy import end_to_end_text, plan_kind
-    from meshplan.planner.explain import communication_lines
+    from meshplan.planner.explain import communication_lines, split_lines
     from meshplan.simulator.train import MFU_DEFINITION
 
     gib = GIB
@@ -182,10 +182,5 @@ def print_summary(result) -> None:
             mem.weights_bytes, mem.gradients_bytes, mem.optimizer_bytes, mem.activations_bytes,
             mem.buffers_bytes, mem.total_bytes)), f"{st.compute_s:.3f}")
     console.print(stages)
-    p = len(result.stages)  # virtual stage j is chunk j // p of rank j % p
-    split = [result.stages[j % p].chunk_layers[j // p] for j in range(p * len(result.stages[0].chunk_layers))]
-    if len(split) > 1:
-        ends = [what for what, n in (("the embedding", split[0]), ("the head", split[-1])) if n == 0]
-        console.print(f"pipeline split, layers per (virtual) stage in pipeline order: {','.join(map(str, split))}"
-                      + (f" ({' and '.join(ends)} alone on {'its own stage' if len(ends) == 1 else 'their own stages'})"
-                         if ends else ""), highlight=False)
+    for line in split_lines(result.layer_split):
+        console.print(line, highlight=False)
