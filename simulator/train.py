@@ -38,13 +38,13 @@ BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_c
 
 @dataclass(frozen=True)
 class StageReport:
-    """One pipeline rank: its layers, and those of each of its (virtual) stages in the order
-    it runs them (stage j of the split on rank j % pp), which the split's exports write."""
+    """One pipeline rank: its layers, memory and busy time, and the layers of each of its
+    (virtual) stages in the order it runs them (stage j of the split sits on rank j % pp)."""
 
     layers: int
     memory: StageMemory
     compute_s: float
-    chunk_layers: tuple[int, ...] = ()
+    chunk_layers: tuple[int, ...]
 
     def to_json(self) -> dict:
         return {"layers": self.layers, "chunk_layers": list(self.chunk_layers),
