@@ -47,8 +47,10 @@ def balanced_shape(num_layers: int, parts, layer_s, first_extra_s, last_extra_s)
     contiguous parts, the first carrying `first_extra_s` of fixed work (the embedding) and
     the last `last_extra_s` (the head and loss), for arrays of pipelines. Middle parts hold
     >= 1 layer; the first and the last may hold none, a stage of the embedding or the head
-    alone (Megatron-LM's --pipeline-model-parallel-layout "E|...|L"; torchtitan's
-    module_fqns_per_model_part), so up to num_layers + 2 parts.
+    alone (Llama 3's 405B pipeline, Dubey et al. 2024 sec 3.3.2: the first chunk only the
+    embedding, the last only the output projection and loss; Megatron-LM's
+    --pipeline-model-parallel-layout "E|...|L"; torchtitan's module_fqns_per_model_part),
+    so up to num_layers + 2 parts.
 
     The bottleneck time is the least n * layer_s + e (e one of the parts' extras) at which
     every part's capacity (the layers it can take within that time) sums to at least
