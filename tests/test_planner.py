@@ -120,6 +120,26 @@ def test_uneven_interleaving_against_the_discrete_event_simulation():
     assert np.median(errors) < 0.05 and max(errors) < 0.08
 
 
+def test_end_stages_of_the_embedding_and_head_alone_against_the_discrete_event_simulation():
+    """126 layers in 16 x 8 chunks, as Llama 3's 405B pipeline ran them (Dubey et al. 2024
+    sec 3.3.2): the first chunk holds only the embedding, the last only the head and loss.
+    The planner offers that layout; its closed form gives the simulation's memory exactly
+    and its step time closely."""
+    model, cluster = ZOO["llama-3-405b"], Cluster(2048, 8)
+    table = candidate_table(model, cluster, {"global_batch": 256, "seq_len": 8192, "tp": 8, "pp": 16,
+                                             "schedule": "interleaved", "virtual_stages": 8, "micro_batch": 1})
+    ev = evaluate(table, model, H100, cluster.ranks_per_node)
+    rows = np.flatnonzero(ev.fits)
+    assert rows.size
+    errors = []
+    for i in np.random.default_rng(7).choice(rows, min(8, rows.size), replace=False):
+        sim = simulate(model, row_plan(table, int(i)), cluster, H100)
+        assert sim.layer_split == (0,) + (1,) * 126 + (0,)
+        assert ev.peak_memory_bytes[i] == pytest.approx(sim.peak_memory_bytes, rel=1e-9)
+        errors.append(abs(ev.step_time_s[i] / sim.step_time_s - 1))
+    assert max(errors) < 0.02, errors  # within 0.9% here (2026-12-03)
+
+
 def test_explanation_states_what_the_numbers_are():
     model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
     fixed = {"global_batch": 128, "seq_len": 4096}
