@@ -16,7 +16,6 @@ import numpy as np
 
 from meshplan.hw_profiles.fabric import training_groups
 from meshplan.hw_profiles.profile import HardwareProfile
-from meshplan.core.mesh import Mesh
 from meshplan.simulator import step
 from meshplan.simulator.cost import per_rank_profile
 from meshplan.simulator.memory import StageMemory, usable_bytes
@@ -253,8 +252,7 @@ def _shared_cores(plan: Plan, cluster: Cluster, hw: HardwareProfile) -> SharedCo
     cores = hw.extra.get("cores_per_node")
     if not cores or cluster.ranks_per_node <= cores or plan.pp == 1:
         return None
-    mesh = Mesh.of({"dp": plan.dp, "tp": plan.tp, "pp": plan.pp, "cp": plan.cp}, plan.placement,
-                   cluster.ranks_per_node)
+    mesh = plan.mesh(cluster.ranks_per_node)
     ranks = np.arange(mesh.world_size)
     devices = np.zeros((-(-mesh.world_size // cluster.ranks_per_node), plan.pp), dtype=int)
     np.add.at(devices, (ranks // cluster.ranks_per_node, ranks // mesh.stride("pp") % plan.pp), 1)
