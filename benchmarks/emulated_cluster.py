@@ -86,7 +86,7 @@ class Effort:
 
 # --quick (the test's): the checked figures at about two thirds of the time
 FULL = Effort(repeats=5, scaling=True, steps=6, warmup=2)
-QUICK = Effort(repeats=3, scaling=False, steps=4, warmup=1)
+QUICK = Effort(repeats=3, scaling=False, steps=3, warmup=1)
 
 
 class Unavailable(Exception):
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=0.1, help="netem delay per link where the kernel has netem")
     parser.add_argument("--no-runs", action="store_true", help="collectives only, no `meshplan run`")
     parser.add_argument("--quick", action="store_true",
-                        help="3 timed calls per collective (not 5), no all-node groups, 4 steps per run")
+                        help="3 timed calls per collective (not 5), no all-node groups, 3 steps per run")
     parser.add_argument("--out", type=Path, help="folder for the profile, the rows and the logs (default: temporary)")
     args = parser.parse_args(argv)
     why = unavailable()

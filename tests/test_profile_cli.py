@@ -227,16 +227,23 @@ def test_cuda_base_uses_datasheet_peaks_for_known_gpus():
 @pytest.mark.slow
 def test_quick_measurement_end_to_end(tmp_path, monkeypatch):
     """The whole path (measure, torchrun collectives, fit, the probe's reading, save) with the
-    quick plan trimmed to one 2-rank launch so that it stays under a minute on a 2-core
-    machine."""
+    quick plan trimmed to one 2-rank launch, fewer overhead calls and one neighbour round, so
+    that it stays under a minute on a 2-core machine."""
     from dataclasses import replace
 
     import meshplan.calibration.measure.run as measure_run
     from meshplan.cli import main
 
+    import meshplan.calibration.local_profile as local_profile
+    import meshplan.calibration.overhead as overhead
+
     quick = measure_run.measurement_plan
     monkeypatch.setattr(measure_run, "measurement_plan", lambda *a: replace(
         quick(*a), launches=((2, (2,)),), collective_sizes_bytes=(1024, 2**16, 2**20, 2**22)))
+    # the two-rank overhead probe at a third of its calls, the neighbour reading in one round
+    monkeypatch.setattr(overhead, "TWO_RANK_REPEATS", 1)
+    slowdown = local_profile.neighbour_slowdown
+    monkeypatch.setattr(local_profile, "neighbour_slowdown", lambda ranks, rounds: slowdown(ranks, rounds=1))
     out = tmp_path / "p.json"
     assert main(["profile", "--quick", "--out", str(out)]) == 0
     hw = load_profile(str(out))
