@@ -11,6 +11,7 @@ from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import RECOMPUTE, SCHEDULES, Cluster, Plan
+from meshplan.simulator.rules import max_virtual_stages
 from meshplan.hw_profiles.accuracy import end_to_end, end_to_end_text, plan_kind
 from meshplan.simulator.train import BREAKDOWN_KEYS, MFU_DEFINITION, SimulationResult, simulate
 from meshplan.core.units import GIB
@@ -68,10 +69,12 @@ def compare(winner: SimulationResult, other: SimulationResult, label: str) -> Co
     return Comparison(label, other.plan.to_dict(), other.step_time_s, rel, moved)
 
 
-def knob_changes(plan: Plan, experts: bool = False) -> list[tuple[str, str, dict | str]]:
+def knob_changes(plan: Plan, experts: bool = False,
+                 num_layers: int | None = None) -> list[tuple[str, str, dict | str]]:
     """(label, knob, changed fields or why there is none) for each single-knob change of
     `plan`; a parallel degree's change moves the factor 2 to or from data parallelism (expert
-    TP following TP where it did); the TP overlap toggled where sequence parallelism is on,
+    TP following TP where it did; a deeper interleaved pipeline of `num_layers` layers down
+    to the chunks it can hold); the TP overlap toggled where sequence parallelism is on,
     resharding after forward where ZeRO-3 is; with `experts`, EP x2, /2 and none too, and
     the all-to-all overlap toggled where ep > 1."""
     out = []
@@ -94,6 +97,15 @@ def knob_changes(plan: Plan, experts: bool = False) -> list[tuple[str, str, dict
                 fields["sp"] = False
             if axis == "pp" and new == 1:
                 fields.update(schedule="1f1b", virtual_stages=1)
+            top = (max_virtual_stages(num_layers, int(new)) if axis == "pp" and num_layers is not None
+                   else plan.virtual_stages)
+            if plan.virtual_stages > top >= 2:
+                # the deeper pipeline holds fewer chunks per rank: as many as it can
+                fields["virtual_stages"] = top
+                name += f", v {plan.virtual_stages} to {top}"
+            elif plan.virtual_stages > top:
+                fields.update(schedule="1f1b", virtual_stages=1)
+                name += ", 1f1b: no two chunks per rank fit"
             out.append((name, axis, fields))
     # expert parallelism folds over the same ranks (parallel folding): the attention's mesh stays
     # at ep 1 nothing is exchanged, so nothing overlaps either
@@ -184,7 +196,7 @@ def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
     runner = compare(winner, ranked[1], "runner-up " + _describe(ranked[1].plan, winner.plan)) \
         if len(ranked) > 1 else None
     changes = []
-    for label, knob, fields in knob_changes(winner.plan, model.num_experts > 0):
+    for label, knob, fields in knob_changes(winner.plan, model.num_experts > 0, model.num_layers):
         held = f" (you fixed --{knob.replace('_', '-')})" if knob in fixed else ""
         if isinstance(fields, str):
             changes.append(Comparison(label + held, limit=fields, held=bool(held)))

@@ -65,6 +65,12 @@ def _rule(field, needs, holds_, problem, fix) -> Rule:
     return Rule(field, tuple(needs.split()), holds_, problem, fix)
 
 
+def max_virtual_stages(num_layers: int, pp):
+    """The most (virtual) stages per pipeline rank: a layer in every stage but the first and
+    the last, which may hold the embedding or the head alone (partition.balanced_shape)."""
+    return (num_layers + 2) // pp
+
+
 def _microbatches(x):
     return x.global_batch // (x.micro_batch * x.dp)
 
@@ -199,9 +205,8 @@ TRAINING = PLAN + (
           lambda x, m, c: (x.elementwise == "fused") | (x.mlp_kernel == "eager") | (not m.gated_mlp),
           lambda x, m, c: "eager elementwise ops run the gated MLP's activation as PyTorch ops too",
           "plan with mlp_kernel eager, or elementwise fused"),
-    # a layer in every (virtual) stage but the first and the last, which may hold the
-    # embedding or the head alone (partition.balanced_shape)
-    _rule("plan.pp", "pp virtual_stages", lambda x, m, c: m.num_layers + 2 >= x.pp * x.virtual_stages,
+    _rule("plan.pp", "pp virtual_stages",
+          lambda x, m, c: x.virtual_stages <= max_virtual_stages(m.num_layers, x.pp),
           lambda x, m, c: f"{m.num_layers} layers cannot fill {x.pp * x.virtual_stages} (virtual) stages "
           f"(at most {m.num_layers + 2}: a layer in each but the first and the last)",
           "use fewer pipeline stages or virtual stages"),

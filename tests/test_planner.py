@@ -1,6 +1,7 @@
 """The planner: its vectorised pieces against the simulator's own functions, the closed
 forms against simulate(), hand-checked small searches, the published Megatron
 configurations (Narayanan et al. 2021 Table 1), and `meshplan plan` as a user runs it."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -380,6 +381,26 @@ def test_every_single_knob_change_is_a_legal_plan(fields):
     for label, _, change in changes:
         if isinstance(change, dict):   # legal as a plan: no field contradicts another
             Plan(**{**plan.to_dict(), **change, "layer_partition": None})
+
+
+def test_a_deeper_pipeline_change_keeps_the_chunks_it_can_hold():
+    """pp x2 of an interleaved winner keeps its virtual stages where the deeper pipeline holds
+    them, else as many as a layer each allows ((layers + 2) / pp), else plain 1F1B; the
+    changed plan is legal for the model; tp's change leaves the pipeline alone."""
+    base = dict(global_batch=64, seq_len=4096, dp=4, micro_batch=1, schedule="interleaved")
+    cases = [(80, 4, 11, "pp x2 (dp /2), v 11 to 10", ("interleaved", 10)),
+             (80, 4, 5, "pp x2 (dp /2)", ("interleaved", 5)),
+             (6, 2, 4, "pp x2 (dp /2), v 4 to 2", ("interleaved", 2)),
+             (4, 2, 3, "pp x2 (dp /2), 1f1b: no two chunks per rank fit", ("1f1b", 1))]
+    for layers, pp, v, label, (schedule, v_after) in cases:
+        plan = Plan(**base, pp=pp, virtual_stages=v, tp=2)
+        model = dataclasses.replace(ZOO["llama-2-7b"], num_layers=layers)
+        changes = {name: fields for name, _, fields in knob_changes(plan, num_layers=layers)}
+        deeper = changes[label]
+        assert (deeper["pp"], deeper.get("schedule", "interleaved"), deeper.get("virtual_stages", v)) == (
+            2 * pp, schedule, v_after)
+        Plan(**{**plan.to_dict(), **deeper, "layer_partition": None}).validate(model, Cluster(8 * pp, 8))
+        assert "virtual_stages" not in changes["tp x2 (dp /2)"]
 
 
 def test_explanation_names_the_winners_pipeline_split():
