@@ -210,7 +210,8 @@ def _schedules(model: ModelSpec, fixed: dict):
             # the bubble, (p-1)/(v m) of the steady state (Narayanan et al. 2021 sec 2.2.2),
             # and add hops, first gathers and in-flight memory per chunk: past the v whose
             # bubble is under BUBBLE_FLOOR no further chunk can gain more than that.
-            top = min(rules.max_virtual_stages(model.num_layers, pp), max(2, math.ceil((pp - 1) / (BUBBLE_FLOOR * m))))
+            top = min(rules.max_virtual_stages(model.num_layers, pp),
+                      max(2, math.ceil((pp - 1) / (BUBBLE_FLOOR * m))))
             vs = [fixed["virtual_stages"]] if fixed.get("virtual_stages", 1) > 1 else list(
                 range(2, top + 1))
             opts += [("interleaved", v) for v in vs]
