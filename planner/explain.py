@@ -97,15 +97,15 @@ def knob_changes(plan: Plan, experts: bool = False,
                 fields["sp"] = False
             if axis == "pp" and new == 1:
                 fields.update(schedule="1f1b", virtual_stages=1)
-            top = (max_virtual_stages(num_layers, int(new)) if axis == "pp" and num_layers is not None
-                   else plan.virtual_stages)
-            if plan.virtual_stages > top >= 2:
+            top = max_virtual_stages(num_layers, int(new)) if axis == "pp" and num_layers else None
+            if top is not None and plan.virtual_stages > top:
                 # the deeper pipeline holds fewer chunks per rank: as many as it can
-                fields["virtual_stages"] = top
-                name += f", v {plan.virtual_stages} to {top}"
-            elif plan.virtual_stages > top:
-                fields.update(schedule="1f1b", virtual_stages=1)
-                name += ", 1f1b: no two chunks per rank fit"
+                if top >= 2:
+                    fields["virtual_stages"] = top
+                    name += f", v {plan.virtual_stages} to {top}"
+                else:
+                    fields.update(schedule="1f1b", virtual_stages=1)
+                    name += ", 1f1b: no two chunks per rank fit"
             out.append((name, axis, fields))
     # expert parallelism folds over the same ranks (parallel folding): the attention's mesh stays
     # at ep 1 nothing is exchanged, so nothing overlaps either
