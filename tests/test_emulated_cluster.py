@@ -22,6 +22,7 @@ def _namespaces() -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timed
 def test_fabric_predictions_on_emulated_cluster(tmp_path):
     why = emulated.unavailable()
     if why:

@@ -31,6 +31,7 @@ def test_probe_measures_positive_overhead():
 
 
 @pytest.mark.slow
+@pytest.mark.timed
 def test_two_rank_probe_sees_dtensor_cost_more():
     from meshplan.calibration.overhead import measure_overhead
     measured = measure_overhead(load_profile("local"), repeats=8, warmup=2)
