@@ -223,22 +223,35 @@ def tp_edge_comm_s(model: ModelSpec, tokens, sp, dtype_bytes, hw: HardwareProfil
     return np.where(sp, rs, ar), np.where(sp, ag, 0.0), np.where(sp, ag, 0.0) + loss, np.where(sp, rs, ar)
 
 
-def groups_hit(model: ModelSpec, groups) -> np.ndarray:
+def groups_hit(model: ModelSpec, groups, routing: str = "learned") -> np.ndarray:
     """Expected number of `groups` (ranks, nodes: G of them, each holding E/G consecutive
-    experts) a token's k distinct experts sit on. Each is missed with probability
-    C(E - E/G, k) / C(E, k) (hypergeometric: k experts drawn from E, none of the E/G).
-    Under group-limited routing (model.route_groups R, each of E/R consecutive experts, the
-    token's k drawn from its best route_group_topk t of them, taken as any t alike: T =
-    t E/R experts) a placement group holding R/G routing groups (G divides R) is missed with
-    C(T - j E/R, k) / C(T, k) when j of its groups were chosen (hypergeometric over the
-    groups); where R divides G only the t G/R placement groups inside the chosen routing
-    groups can be hit, each missed with C(T - E/G, k) / C(T, k); a placement that cuts
-    across the routing groups is taken as unlimited."""
+    experts) a token's k distinct experts sit on (plan.MOE_ROUTINGS).
+    learned: each is missed with probability C(E - E/G, k) / C(E, k) (hypergeometric: k
+    experts drawn from E, none of the E/G). Under group-limited routing (model.route_groups
+    R, each of E/R consecutive experts, the token's k drawn from its best route_group_topk t
+    of them, taken as any t alike: T = t E/R experts) a placement group holding R/G routing
+    groups (G divides R) is missed with C(T - j E/R, k) / C(T, k) when j of its groups were
+    chosen (hypergeometric over the groups); where R divides G only the t G/R placement
+    groups inside the chosen routing groups can be hit, each missed with C(T - E/G, k) /
+    C(T, k); a placement that cuts across the routing groups is taken as unlimited.
+    contiguous: token t takes experts k t .. k t + k - 1 (mod E), whatever the routing
+    groups: the mean over the E / gcd(k, E) starts it cycles through of the groups those k
+    experts span."""
     e, k, r, t = model.num_experts, model.experts_per_token, model.route_groups, model.route_group_topk
     groups = np.asarray(groups, dtype=float)
     sizes, at = np.unique(groups, return_inverse=True)
-    hit = np.array([_groups_hit(e, k, r, t, g) for g in sizes])
+    hit = np.array([_contiguous_groups_hit(e, k, g) if routing == "contiguous" else _groups_hit(e, k, r, t, g)
+                    for g in sizes])
     return hit[at].reshape(groups.shape)
+
+
+def _contiguous_groups_hit(e: int, k: int, g: float) -> float:
+    if g <= 1:
+        return float(g)
+    starts = k * np.arange(e // math.gcd(k, e))
+    experts = (starts[:, None] + np.arange(k)) % e
+    spanned = np.floor(experts * g / e)
+    return float(np.mean([len(np.unique(row)) for row in spanned]))
 
 
 def _none_of(drawn: int, pool: float, avoided: float) -> float:
@@ -262,7 +275,7 @@ def _groups_hit(e: int, k: int, r: int, t: int, g: float) -> float:
 
 
 def ep_comm_s(model: ModelSpec, in_tokens, dtype_bytes, capacity, hw: HardwareProfile, ep, ep_rpn,
-              etp, etp_rpn, dispatcher: str = "alltoall") -> np.ndarray:
+              etp, etp_rpn, dispatcher: str = "alltoall", routing: str = "learned") -> np.ndarray:
     """One direction (forward or backward) of an MoE block's token exchange: each rank's
     routed rows (experts_per_token per token of its `in_tokens`, x the capacity factor on the
     busiest rank) dispatched and combined over EP (Lepikhin et al. 2021, GShard sec 2.2), and
@@ -273,7 +286,8 @@ def ep_comm_s(model: ModelSpec, in_tokens, dtype_bytes, capacity, hw: HardwarePr
     (DeepEP's dispatch layout, is_token_in_rank [tokens, ranks]; the rank expands it to its
     local experts), and across nodes once to each other node, then on over NVLink (DeepEP
     README, "normal kernels": NVLink-to-RDMA forwarding; DeepSeek-V3 report sec 3.2.2): the
-    NICs carry the remote nodes' rows per token, NVLink the ranks'."""
+    NICs carry the remote nodes' rows per token, NVLink the ranks', as many of each as the
+    `routing` (plan.MOE_ROUTINGS) spreads a token's experts over (groups_hit)."""
     row_bytes = model.hidden_size * dtype_bytes
     ep, ep_rpn = np.asarray(ep), np.asarray(ep_rpn)
     tokens = np.asarray(in_tokens, dtype=float) * capacity
@@ -282,11 +296,11 @@ def ep_comm_s(model: ModelSpec, in_tokens, dtype_bytes, capacity, hw: HardwarePr
     if dispatcher == "deepep":
         across = ep_rpn < ep
         nodes = np.where(across, ep / ep_rpn, 2)
-        per_rank = tokens * groups_hit(model, ep) * row_bytes
+        per_rank = tokens * groups_hit(model, ep, routing) * row_bytes
         # an all-to-all over EP whose NIC share is the rows to other nodes, one per node (the
         # hierarchical all-to-all sends (n - r) / n of a rank's buffer off the node), beside
         # NVLink's
-        remote = groups_hit(model, nodes) * (nodes - 1) / nodes
+        remote = groups_hit(model, nodes, routing) * (nodes - 1) / nodes
         nic = tokens * remote * row_bytes * ep / np.where(across, ep - ep_rpn, 1)
         a2a = np.where(across, np.maximum(collective_s(hw, "all_to_all", nic, ep, ep_rpn),
                                           collective_s(hw, "all_to_all", per_rank, ep_rpn, ep_rpn)),
@@ -431,7 +445,7 @@ class LayerTimes:
 class ExpertMesh:
     """Per plan (arrays): the expert mesh's degrees and link levels (ranks per node), the
     capacity factor, the tokens a device feeds its MoE blocks (ops.Shard.norm_tokens) and
-    the token dispatcher (plan.MOE_DISPATCHERS)."""
+    the token dispatcher and routing (plan.MOE_DISPATCHERS, plan.MOE_ROUTINGS)."""
 
     ep: np.ndarray
     etp: np.ndarray
@@ -440,6 +454,7 @@ class ExpertMesh:
     capacity: float
     in_tokens: np.ndarray
     dispatcher: str = "alltoall"
+    routing: str = "learned"
 
 
 def moe_layer_share(model: ModelSpec) -> float:
@@ -482,7 +497,7 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     tp_raw = tp_comm_s(model, tokens, sp, dtype_bytes, hw, tp, tp_rpn, tp_share) * (
         1.0 - exchanges * (0.0 if model.num_shared_experts else 0.5))
     ep_raw = exchanges * (ep_comm_s(model, em.in_tokens, dtype_bytes, em.capacity, hw, em.ep, em.ep_rpn,
-                                    em.etp, em.etp_rpn, em.dispatcher) if model.num_experts else 0.0)
+                                    em.etp, em.etp_rpn, em.dispatcher, em.routing) if model.num_experts else 0.0)
     counts = exchanges * (ep_counts_s(model, hw, em.ep, em.ep_rpn) if model.num_experts else 0.0)
     # the GPU's wait for the host in an MoE block's forward: exposed, nothing runs beside it
     gap = moe_layer_share(model) * hw.overhead.moe_host_gap_s

@@ -50,6 +50,11 @@ FP8_RECIPES = ("tensorwise", "rowwise", "delayed")
 # MoE token dispatch: NCCL all-to-all of every routed row (Megatron-Core's alltoall
 # dispatcher), or DeepEP's node-deduplicated dispatch (its flex dispatcher; cost.ep_comm_s).
 MOE_DISPATCHERS = ("alltoall", "deepep")
+# Which experts a token is routed to: by the model's learned router (its top-k, taken as
+# spread uniformly over the experts), or to k consecutive experts in turn, token t to
+# experts k t .. k t + k - 1 mod E (NeMo AutoModel's fake_balanced_gate, FakeBalancedGate in
+# components/moe/layers.py, which its performance benchmarks run); cost.groups_hit.
+MOE_ROUTINGS = ("learned", "contiguous")
 # What an FP8 linear keeps of its input for the backward GEMMs: the FP8 copy it cast
 # (Transformer Engine's Linear saves its quantized input) or the bf16 input (torchao's
 # Float8Linear saves input_hp and casts again in backward)
@@ -167,6 +172,9 @@ class Plan:
     moe_dispatcher: str = knob("alltoall", "MoE token dispatch: NCCL all-to-all, or DeepEP (Megatron-LM "
                                "--moe-token-dispatcher-type flex --moe-enable-deepep)",
                                choices=MOE_DISPATCHERS)
+    moe_routing: str = knob("learned", "which experts a token is routed to: by the learned router, or to "
+                            "k consecutive experts in turn (NeMo AutoModel's fake_balanced_gate, as its "
+                            "benchmarks run)", choices=MOE_ROUTINGS)
     moe_a2a_overlap: bool = knob(False, "overlap the experts' all-to-all of one micro-batch's forward with "
                                  "another's backward compute, and vice versa (Megatron-LM "
                                  "--overlap-moe-expert-parallel-comm; needs ep > 1, and the "
@@ -275,7 +283,7 @@ POSITIVE_INTS = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch
 # The fields a candidate table holds one value of for all its rows (planner/space.py's
 # table.attrs, with global_batch and layer_partition); step.rows reads them.
 PLAN_WIDE = ("seq_len", "dtype", "attention", "grad_reduce_dtype", "moe_capacity_factor", "fp8_recipe",
-             "moe_dispatcher", "mlp_kernel", "elementwise", "fp8_saved_dtype", "zero1_sync",
+             "moe_dispatcher", "moe_routing", "mlp_kernel", "elementwise", "fp8_saved_dtype", "zero1_sync",
              "grad_sync", "cross_entropy")
 
 

@@ -303,8 +303,16 @@ def _fused_loss(who: str) -> Rule:
                  f"cross-entropy, not {x.cross_entropy}", "plan with cross_entropy fused")
 
 
+def _learned_routing(who: str) -> Rule:
+    """`who` routes tokens with the model's router (plan.MOE_ROUTINGS)."""
+    return _rule("plan.moe_routing", "moe_routing", lambda x, m, c: x.moe_routing == "learned",
+                 lambda x, m, c: f"{who} routes tokens with the model's router, not to consecutive experts "
+                 "in turn (NeMo AutoModel's fake_balanced_gate)", "plan with moe_routing learned")
+
+
 EXECUTOR_TRAINING = (
     *_executor_model(_EXECUTOR_BUILDS),
+    _learned_routing("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
     _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
@@ -530,6 +538,7 @@ _MEGATRON_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among 
 
 _TORCHTITAN = (
     _flavor_rule("0.3"),
+    _learned_routing("torchtitan"),
     _rule("plan.attention", "attention", lambda x, m, c: x.attention == "flash",
           lambda x, m, c: "torchtitan runs fused attention (SDPA / flex) only", "plan with flash attention"),
     # async TP works in a compiled model; compiling fuses the elementwise ops, the gated
@@ -643,6 +652,8 @@ FRAMEWORKS = {
               f"not etp {x.etp} (ep {x.ep}, tp {x.tp})", "plan with etp = tp, or etp 1 with ep > 1"),
     ),
     "megatron": (
+        # --moe-router-force-load-balancing draws random scores: learned-like spread, not in turn
+        _learned_routing("Megatron-LM"),
         # Transformer Engine's LayerNorm / RMSNorm kernels and Megatron-Core's fused RoPE
         _rule("plan.elementwise", "elementwise", lambda x, m, c: x.elementwise == "fused",
               lambda x, m, c: "Megatron-LM runs its norms and RoPE as fused kernels",
@@ -701,6 +712,7 @@ FRAMEWORKS = {
               "embeddings (PyTorch FSDP2 takes --torch-fsdp2-no-reshard-after-forward)"),
     ),
     "deepspeed": (
+        _learned_routing("DeepSpeed-MoE"),
         # zero_optimization.reduce_scatter (default true) with the partitioned weights all-gathered
         _rule("plan.zero1_sync", "zero zero1_sync", lambda x, m, c: (x.zero != 1) | (x.zero1_sync == "reduce_scatter"),
               lambda x, m, c: "DeepSpeed's ZeRO-1 reduce-scatters gradients and all-gathers the updated weights",

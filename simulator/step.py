@@ -102,7 +102,8 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     r.update(shard_id=shard_id, shards=shards,
              shard_ops=[layer_ops(model, s, ops) for s, ops in zip(shards, kind_ops)],
              flash=attention == "flash",
-             capacity=capacity, dispatcher=wide["moe_dispatcher"], zero1_all_reduce=wide["zero1_sync"] == "all_reduce",
+             capacity=capacity, dispatcher=wide["moe_dispatcher"], routing=wide["moe_routing"],
+             zero1_all_reduce=wide["zero1_sync"] == "all_reduce",
              act=act[shard_id, r["rc"]], act_none=act[shard_id, NONE],
              tokens=np.array([s.tokens for s in shards], dtype=float)[shard_id],
              in_tokens=np.array([s.norm_tokens for s in shards], dtype=float)[shard_id],
@@ -162,7 +163,7 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     c = {k: r[k][cfirst] for k in ("tp", "cp", "sp", "rc", "tp_rpn", "cp_rpn", "tokens", "ep", "etp",
                                    "ep_rpn", "etp_rpn", "in_tokens", "tp_share", "cp_share")}
     em = ExpertMesh(c["ep"], c["etp"], c["ep_rpn"], c["etp_rpn"], r["capacity"], c["in_tokens"],
-                    r["dispatcher"])
+                    r["dispatcher"], r["routing"])
     lt = layer_times(model, hw, st.take(shard_id[cfirst]), c["tokens"], r["d"], c["tp"], c["sp"],
                      c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["flash"], r["tp_overlap"][cfirst], em,
                      c["tp_share"], c["cp_share"], r["a2a_overlap"][cfirst])

@@ -447,6 +447,9 @@ def test_deepspeed_moe_command_and_reduce_dtype():
     ("deepspeed", QWEN3_MOE, dict(dp=64, ep=8), "model"),  # QK-norm
     ("torchtitan", QWEN3_MOE, dict(dp=64, zero=3, ep=8, etp=1, moe_a2a_overlap=True), "moe_a2a_overlap"),
     ("deepspeed", MIXTRAL, dict(dp=64, ep=8, moe_a2a_overlap=True), "moe_a2a_overlap"),
+    ("torchtitan", QWEN3_MOE, dict(dp=64, zero=3, ep=8, etp=1, moe_routing="contiguous"), "moe_routing"),
+    ("megatron", MIXTRAL, dict(dp=8, tp=8, sp=True, ep=8, moe_routing="contiguous"), "moe_routing"),
+    ("deepspeed", MIXTRAL, dict(dp=64, ep=8, moe_routing="contiguous"), "moe_routing"),
 ])
 def test_new_knob_refusals_name_target_and_knob(target, model_arg, knobs, knob):
     with pytest.raises(PlanError) as err:

@@ -150,6 +150,38 @@ def test_deepep_sends_each_token_once_per_rank_and_per_remote_node():
         MIXTRAL, 4096, 2, 1.0, H100, 8, 4, 1, 1)
 
 
+def test_contiguous_routing_spans_the_groups_its_consecutive_experts_sit_on():
+    """NeMo AutoModel's fake_balanced_gate: token t takes experts k t .. k t + k - 1 (mod E).
+    Counted token by token over a long run of tokens, against the cycle groups_hit averages."""
+    def by_tokens(e, k, g, tokens=1000):
+        return np.mean([len({((k * t + j) % e) // (e // g) for j in range(k)}) for t in range(tokens)])
+    for e, k, g in ((6, 2, 2), (128, 8, 8), (128, 4, 64), (128, 4, 8), (256, 8, 64), (12, 5, 4)):
+        model = replace(MIXTRAL, num_experts=e, experts_per_token=k)
+        assert groups_hit(model, g, "contiguous") == pytest.approx(by_tokens(e, k, g), abs=0.01), (e, k, g)
+    # by hand: 6 experts in 2 groups of 3, top-2 starts 0, 2, 4: groups {0}, {0, 1}, {1}
+    assert groups_hit(replace(MIXTRAL, num_experts=6, experts_per_token=2), 2, "contiguous") == pytest.approx(4 / 3)
+    # Qwen3-30B-A3B under EP 8: a token's 8 experts sit on one rank of 16, where learned
+    # routing reaches 8 (1 - C(112, 8) / C(128, 8)) ranks
+    qwen = replace(MIXTRAL, num_experts=128, experts_per_token=8)
+    assert groups_hit(qwen, 8, "contiguous") == 1.0 and groups_hit(qwen, 8) > 5
+    # DeepSeek-V3's routing groups do not bound the gate that ignores them
+    dsv3 = load_model(str(CONFIGS / "deepseek-v3.json"))
+    assert groups_hit(dsv3, np.array([1, 8, 64]), "contiguous") == pytest.approx([1.0, 1.0, 2.0])
+
+
+def test_contiguous_routing_shrinks_deepeps_exchange_only():
+    qwen = replace(MIXTRAL, num_experts=128, experts_per_token=8)
+    # DeepEP: one row per rank a token reaches, 1 (contiguous) against groups_hit (learned)
+    row = 4096 * qwen.hidden_size * 2
+    assert ep_comm_s(qwen, 4096, 2, 1.0, H100, 8, 8, 1, 1, "deepep", "contiguous") == pytest.approx(
+        2 * H100.collective_time_s("all_to_all", row, 8, 8))
+    assert ep_comm_s(qwen, 4096, 2, 1.0, H100, 8, 8, 1, 1, "deepep") == pytest.approx(
+        2 * H100.collective_time_s("all_to_all", float(groups_hit(qwen, 8)) * row, 8, 8))
+    # the all-to-all dispatcher sends every routed row wherever the experts sit
+    assert ep_comm_s(qwen, 4096, 2, 1.0, H100, 16, 8, 1, 1, "alltoall", "contiguous") == pytest.approx(
+        ep_comm_s(qwen, 4096, 2, 1.0, H100, 16, 8, 1, 1))
+
+
 def test_active_experts_occupancy():
     assert active_experts(8, 2, 1) == pytest.approx(2)                 # one token: its k experts
     assert active_experts(8, 2, 2) == pytest.approx(8 * (1 - 0.75 ** 2))
