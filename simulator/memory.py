@@ -25,6 +25,20 @@ OPTIMIZER_BYTES_PER_PARAM = {"fp32": 8, "bf16": 12, "fp16": 12, "fp8": 12}
 ADAM_STEP_BYTES_PER_PARAM = {"fp32": 28, "bf16": 28, "fp16": 28, "fp8": 28}
 
 
+def optimizer_bytes_per_param(dtype: str, dtype_bytes: int, master_weights) -> np.ndarray:
+    """Adam's state per parameter (plan.master_weights): OPTIMIZER_BYTES_PER_PARAM, or,
+    without a master copy, the two moments in the weights' dtype (torch.optim.Adam keeps
+    its state in each parameter's dtype: exp_avg, exp_avg_sq = zeros_like(param))."""
+    return np.where(master_weights, OPTIMIZER_BYTES_PER_PARAM[dtype], 2 * dtype_bytes)
+
+
+def adam_step_bytes_per_param(dtype: str, dtype_bytes: int, master_weights) -> np.ndarray:
+    """Bytes an Adam step reads and writes per parameter of its shard: ADAM_STEP_BYTES_PER_PARAM,
+    or, without a master copy, the gradient read and the weight and both moments read and
+    written, all in the weights' dtype (7 tensors' worth)."""
+    return np.where(master_weights, ADAM_STEP_BYTES_PER_PARAM[dtype], 7 * dtype_bytes)
+
+
 def mlp_saved_widths(model: ModelSpec, fused: bool = True) -> int:
     """Tensors of the MLP's width that autograd saves per token: the activation's input and
     the down-projection's input (Korthikanti et al. sec 4.1); with a gate also the gate's
@@ -197,14 +211,17 @@ def stage_params(model: ModelSpec, tp, pp, layers, first, last, ep=1, etp=None):
 
 
 def model_state_bytes(params: float, dtype: str, dtype_bytes: int, zero: int,
-                      shard_degree: int, grad_bytes: int | None = None) -> tuple[float, float, float]:
+                      shard_degree: int, grad_bytes: int | None = None,
+                      master_weights=True) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes of `params` parameters on one device under a
     ZeRO stage sharded over `shard_degree` ranks (Rajbhandari et al. 2020 sec 5, Fig. 1);
     gradients take `grad_bytes` each (default the weights' dtype; fp32 where they are kept
-    and reduced in fp32, as Megatron-LM's main grads and torchtitan's reduce dtype)."""
+    and reduced in fp32, as Megatron-LM's main grads and torchtitan's reduce dtype); Adam's
+    state per optimizer_bytes_per_param."""
     weights = params * dtype_bytes / (shard_degree if zero >= 3 else 1)
     grads = params * (grad_bytes or dtype_bytes) / (shard_degree if zero >= 2 else 1)
-    optimizer = params * OPTIMIZER_BYTES_PER_PARAM[dtype] / (shard_degree if zero >= 1 else 1)
+    optimizer = (params * optimizer_bytes_per_param(dtype, dtype_bytes, master_weights)
+                 / (shard_degree if zero >= 1 else 1))
     return weights, grads, optimizer
 
 

@@ -172,6 +172,10 @@ class Plan:
     moe_dispatcher: str = knob("alltoall", "MoE token dispatch: NCCL all-to-all, or DeepEP (Megatron-LM "
                                "--moe-token-dispatcher-type flex --moe-enable-deepep)",
                                choices=MOE_DISPATCHERS)
+    master_weights: bool = knob(True, "keep fp32 master weights and Adam moments beside the bf16 or fp16 "
+                                "weights (mixed precision: Megatron-LM, torchtitan, DeepSpeed), or update "
+                                "those weights in place with moments in their dtype (a bf16 model under "
+                                "torch.optim.Adam: NeMo AutoModel, torchtune)")
     moe_routing: str = knob("learned", "which experts a token is routed to: by the learned router, or to "
                             "k consecutive experts in turn (NeMo AutoModel's fake_balanced_gate, as its "
                             "benchmarks run)", choices=MOE_ROUTINGS)
@@ -282,9 +286,9 @@ POSITIVE_INTS = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch
 
 # The fields a candidate table holds one value of for all its rows (planner/space.py's
 # table.attrs, with global_batch and layer_partition); step.rows reads them.
-PLAN_WIDE = ("seq_len", "dtype", "attention", "grad_reduce_dtype", "moe_capacity_factor", "fp8_recipe",
-             "moe_dispatcher", "moe_routing", "mlp_kernel", "elementwise", "fp8_saved_dtype", "zero1_sync",
-             "grad_sync", "cross_entropy")
+PLAN_WIDE = ("seq_len", "dtype", "attention", "grad_reduce_dtype", "master_weights", "moe_capacity_factor",
+             "fp8_recipe", "moe_dispatcher", "moe_routing", "mlp_kernel", "elementwise", "fp8_saved_dtype",
+             "zero1_sync", "grad_sync", "cross_entropy")
 
 
 def count_issue(scope: str, field: str, value) -> tuple[str, str, str] | None:

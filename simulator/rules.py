@@ -147,6 +147,10 @@ PLAN = (
     _rule("plan.etp", "etp tp sp", lambda x, m, c: (x.tp == 1) | np.asarray(x.sp) | (x.etp == x.tp),
           lambda x, m, c: f"etp {x.etp} differs from tp {x.tp} without sequence parallelism",
           "turn on sp, or use etp = tp"),
+    _rule("plan.master_weights", "master_weights dtype",
+          lambda x, m, c: np.asarray(x.master_weights) | np.isin(x.dtype, ["bf16", "fp16"]),
+          lambda x, m, c: f"training without master weights updates bf16 or fp16 weights in place, not "
+          f"{x.dtype} ones", "keep master_weights, or train in bf16"),
 )
 
 # Rules of a plan for a model on a cluster.
@@ -303,6 +307,13 @@ def _fused_loss(who: str) -> Rule:
                  f"cross-entropy, not {x.cross_entropy}", "plan with cross_entropy fused")
 
 
+def _master_weights(who: str) -> Rule:
+    """`who` keeps fp32 master weights and Adam moments in mixed precision."""
+    return _rule("plan.master_weights", "master_weights", lambda x, m, c: np.asarray(x.master_weights),
+                 lambda x, m, c: f"{who} keeps fp32 master weights and Adam moments in mixed precision",
+                 "plan with master_weights")
+
+
 def _learned_routing(who: str) -> Rule:
     """`who` routes tokens with the model's router (plan.MOE_ROUTINGS)."""
     return _rule("plan.moe_routing", "moe_routing", lambda x, m, c: x.moe_routing == "learned",
@@ -313,6 +324,7 @@ def _learned_routing(who: str) -> Rule:
 EXECUTOR_TRAINING = (
     *_executor_model(_EXECUTOR_BUILDS),
     _learned_routing("the executor"),
+    _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
     _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
@@ -539,6 +551,9 @@ _MEGATRON_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among 
 _TORCHTITAN = (
     _flavor_rule("0.3"),
     _learned_routing("torchtitan"),
+    # FSDP2's MixedPrecisionPolicy keeps the sharded parameters in fp32 (torchtitan's
+    # training.mixed_precision_param is the dtype they are gathered in)
+    _master_weights("torchtitan"),
     _rule("plan.attention", "attention", lambda x, m, c: x.attention == "flash",
           lambda x, m, c: "torchtitan runs fused attention (SDPA / flex) only", "plan with flash attention"),
     # async TP works in a compiled model; compiling fuses the elementwise ops, the gated
@@ -654,6 +669,7 @@ FRAMEWORKS = {
     "megatron": (
         # --moe-router-force-load-balancing draws random scores: learned-like spread, not in turn
         _learned_routing("Megatron-LM"),
+        _master_weights("Megatron-LM's distributed optimizer"),
         # Transformer Engine's LayerNorm / RMSNorm kernels and Megatron-Core's fused RoPE
         _rule("plan.elementwise", "elementwise", lambda x, m, c: x.elementwise == "fused",
               lambda x, m, c: "Megatron-LM runs its norms and RoPE as fused kernels",
@@ -713,6 +729,7 @@ FRAMEWORKS = {
     ),
     "deepspeed": (
         _learned_routing("DeepSpeed-MoE"),
+        _master_weights("DeepSpeed's bf16 and fp16 optimizers"),
         # zero_optimization.reduce_scatter (default true) with the partitioned weights all-gathered
         _rule("plan.zero1_sync", "zero zero1_sync", lambda x, m, c: (x.zero != 1) | (x.zero1_sync == "reduce_scatter"),
               lambda x, m, c: "DeepSpeed's ZeRO-1 reduce-scatters gradients and all-gathers the updated weights",

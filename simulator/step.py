@@ -29,7 +29,7 @@ import pandas as pd
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator.cost import (FULL, NONE, OP, ExpertMesh, ShardTimes, collective_s, layer_times,
                                      overlap_split, shard_times, tp_edge_comm_s)
-from meshplan.simulator.memory import (ADAM_STEP_BYTES_PER_PARAM, cross_entropy_logits,
+from meshplan.simulator.memory import (adam_step_bytes_per_param, cross_entropy_logits,
                                        expert_layer_params, layer_activation_bytes, logits_bytes,
                                        model_state_bytes, stage_params)
 from meshplan.simulator.model_spec import ModelSpec
@@ -115,16 +115,20 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
 def state_rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     """What the model-state terms (model_states, rank_params) read of rows given by their
     STATE_KNOBS arrays and the plan-wide fields: the dtype's bytes, the gradients' (reduced
-    and kept in the wider of it and the reduce dtype), the data-parallel and expert
-    data-parallel degrees, the routed experts' parameters per layer, and how gradients are
-    synchronised under accumulation."""
+    in the wider of it and the reduce dtype, and kept so; without master weights the reduced
+    shard is cast back to the weights' dtype, as FSDP2 casts it to the sharded parameter's),
+    whether master weights are kept, the data-parallel and expert data-parallel degrees, the
+    routed experts' parameters per layer, and how gradients are synchronised under
+    accumulation."""
     r = {k: np.asarray(knobs[k]) for k in STATE_KNOBS}
     d = DTYPE_BYTES[wide["dtype"]]
     # ZeRO-2/3 under gradient accumulation: whole gradients accumulated and reduced once, or
     # a reduce-scatter after each micro-batch (plan.grad_sync)
     accumulating = (r["zero"] >= 2) & (r["num_microbatches"] > 1)
     whole = accumulating & grad_sync_once(wide["grad_sync"], r["pp"])
-    return {**r, "dtype": wide["dtype"], "d": d, "gd": max(d, DTYPE_BYTES[wide["grad_reduce_dtype"]]),
+    gd = max(d, DTYPE_BYTES[wide["grad_reduce_dtype"]])
+    return {**r, "dtype": wide["dtype"], "d": d, "gd": gd, "master": wide["master_weights"],
+            "kept_gd": gd if wide["master_weights"] else d,
             "dps": r["dp"] * r["cp"], "edp": r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
             "per_layer_expert": expert_layer_params(model, r["ep"], r["etp"]) * np.ones(len(r["tp"])),
             "accumulate_whole": whole,
@@ -299,7 +303,8 @@ def model_states(r: dict, params, n) -> list:
     stage = [_col(r["zero"]) == k for k in range(4)]
     states = [0.0, 0.0, 0.0]
     for part, degree in zip(parts, degrees):
-        per_param = [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["gd"]) for k in range(4)]
+        per_param = [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["kept_gd"], r["master"])
+                     for k in range(4)]
         states = [total + part * np.select(stage, [b[i] for b in per_param]) for i, total in enumerate(states)]
     states[1] = np.where(_col(r["accumulate_whole"]), params * r["gd"], states[1])
     return states
@@ -392,7 +397,8 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
         tied = ((s == 0) | (s == c(r["pp"]) - 1)) * c(np.where(r["pp"] > 1, sync, 0.0))
         dp, total = dp + tied, total + tied
     opt_params = sum(part / np.where(c(z) >= 1, degree, 1) for part, degree in zip(parts, degrees))
-    opt = hw.memory_bound_time_s(ADAM_STEP_BYTES_PER_PARAM[r["dtype"]] * opt_params, "fp32", "optimizer")
+    opt = hw.memory_bound_time_s(adam_step_bytes_per_param(r["dtype"], r["d"], r["master"]) * opt_params, "fp32",
+                                 "optimizer")
     return Tail(dp, total, contention, np.asarray(opt, dtype=float))
 
 

@@ -110,6 +110,7 @@ def test_parameter_count_matches_model_spec():
     (dict(dp=2, ep=2, zero=1), "plan.zero"),
     (dict(dp=2, ep=2, moe_dispatcher="deepep"), "plan.moe_dispatcher"),
     (dict(dp=2, ep=2, moe_routing="contiguous"), "plan.moe_routing"),
+    (dict(dp=2, ep=2, dtype="bf16", master_weights=False), "plan.master_weights"),
 ])
 def test_executor_refuses_what_it_does_not_run(fields, field):
     p = plan(**fields)

@@ -450,6 +450,9 @@ def test_deepspeed_moe_command_and_reduce_dtype():
     ("torchtitan", QWEN3_MOE, dict(dp=64, zero=3, ep=8, etp=1, moe_routing="contiguous"), "moe_routing"),
     ("megatron", MIXTRAL, dict(dp=8, tp=8, sp=True, ep=8, moe_routing="contiguous"), "moe_routing"),
     ("deepspeed", MIXTRAL, dict(dp=64, ep=8, moe_routing="contiguous"), "moe_routing"),
+    ("torchtitan", "llama-3-70b", dict(dp=8, tp=8, sp=True, zero=3, master_weights=False), "master_weights"),
+    ("megatron", "llama-2-13b", dict(dp=8, tp=8, master_weights=False), "master_weights"),
+    ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, master_weights=False), "master_weights"),
 ])
 def test_new_knob_refusals_name_target_and_knob(target, model_arg, knobs, knob):
     with pytest.raises(PlanError) as err:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from meshplan.core.errors import PlanError
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.simulator.memory import layer_activation_bytes, logits_bytes, model_state_bytes, stage_params
 from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
@@ -86,6 +87,36 @@ def test_zero_stages_16_bytes_per_param():
     psi, nd = 7.5e9, 64
     totals = [sum(model_state_bytes(psi, "bf16", 2, zero, nd)) / 1e9 for zero in range(4)]
     assert totals == pytest.approx([120.0, 31.4, 16.6, 1.875], rel=0.01)
+
+
+def test_without_master_weights_8_bytes_per_param():
+    # bf16 weights updated in place, bf16 gradients and torch.optim.Adam's two bf16 moments:
+    # 2 + 2 + 4 bytes, against mixed precision's 2 + 2 + 12 (ZeRO's K = 12)
+    psi, nd = 7.5e9, 64
+    totals = [sum(model_state_bytes(psi, "bf16", 2, zero, nd, master_weights=False)) / 1e9 for zero in range(4)]
+    assert totals == pytest.approx([60.0, 7.5 * (4 + 4 / 64), 7.5 * (2 + 6 / 64), 7.5 * 8 / 64], rel=1e-9)
+
+
+def test_simulated_states_without_master_weights():
+    """Llama-2-7B under FSDP over 8 GPUs, one micro-batch: with master weights the shard keeps
+    bf16 weights, fp32 reduced gradients and 12 bytes of Adam state per parameter; without,
+    bf16 gradients (FSDP2 casts the reduced shard to the parameter's dtype) and two bf16
+    moments. The optimizer step moves 14 bytes a parameter, not 28."""
+    model, hw = ZOO["llama-2-7b"], load_profile("h100-80gb")
+    base = Plan(global_batch=8, seq_len=4096, dp=8, zero=3, micro_batch=1)
+    mixed, pure = (simulate(model, replace(base, master_weights=m), Cluster(8, 8), hw) for m in (True, False))
+    shard = model.num_params() / 8
+    for result, per_param in ((mixed, (2, 4, 12)), (pure, (2, 2, 4))):
+        memory = result.stages[0].memory
+        got = (memory.weights_bytes, memory.gradients_bytes, memory.optimizer_bytes)
+        assert got == pytest.approx(tuple(b * shard for b in per_param), rel=1e-9)
+    assert pure.breakdown_s["optimizer"] == pytest.approx(mixed.breakdown_s["optimizer"] / 2, rel=0.05)
+    assert pure.peak_memory_bytes == pytest.approx(mixed.peak_memory_bytes - 10 * shard, rel=1e-9)
+    # fp32 weights are their own master copy, and FP8 training keeps one behind its casts
+    for dtype in ("fp32", "fp8"):
+        with pytest.raises(PlanError) as err:
+            replace(base, dtype=dtype, master_weights=False)
+        assert err.value.field == "plan.master_weights"
 
 
 CONFIGS = Path(__file__).parent / "data" / "hf_configs"
