@@ -216,10 +216,12 @@ def model_state_bytes(params: float, dtype: str, dtype_bytes: int, zero: int,
     """(weights, gradients, optimizer) bytes of `params` parameters on one device under a
     ZeRO stage sharded over `shard_degree` ranks (Rajbhandari et al. 2020 sec 5, Fig. 1);
     gradients take `grad_bytes` each (default the weights' dtype; fp32 where they are kept
-    and reduced in fp32, as Megatron-LM's main grads and torchtitan's reduce dtype); Adam's
-    state per optimizer_bytes_per_param."""
+    and reduced in fp32, as Megatron-LM's main grads and torchtitan's reduce dtype), and the
+    weights' dtype without master weights (the reduced shard cast back to the parameter's
+    dtype, as FSDP2 casts it); Adam's state per optimizer_bytes_per_param."""
     weights = params * dtype_bytes / (shard_degree if zero >= 3 else 1)
-    grads = params * (grad_bytes or dtype_bytes) / (shard_degree if zero >= 2 else 1)
+    grads = (params * np.where(master_weights, grad_bytes or dtype_bytes, dtype_bytes)
+             / (shard_degree if zero >= 2 else 1))
     optimizer = (params * optimizer_bytes_per_param(dtype, dtype_bytes, master_weights)
                  / (shard_degree if zero >= 1 else 1))
     return weights, grads, optimizer

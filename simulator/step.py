@@ -115,20 +115,18 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
 def state_rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     """What the model-state terms (model_states, rank_params) read of rows given by their
     STATE_KNOBS arrays and the plan-wide fields: the dtype's bytes, the gradients' (reduced
-    in the wider of it and the reduce dtype, and kept so; without master weights the reduced
-    shard is cast back to the weights' dtype, as FSDP2 casts it to the sharded parameter's),
-    whether master weights are kept, the data-parallel and expert data-parallel degrees, the
-    routed experts' parameters per layer, and how gradients are synchronised under
-    accumulation."""
+    and kept in the wider of it and the reduce dtype; memory.model_state_bytes keeps them in
+    the dtype without master weights), whether master weights are kept, the data-parallel
+    and expert data-parallel degrees, the routed experts' parameters per layer, and how
+    gradients are synchronised under accumulation."""
     r = {k: np.asarray(knobs[k]) for k in STATE_KNOBS}
     d = DTYPE_BYTES[wide["dtype"]]
     # ZeRO-2/3 under gradient accumulation: whole gradients accumulated and reduced once, or
     # a reduce-scatter after each micro-batch (plan.grad_sync)
     accumulating = (r["zero"] >= 2) & (r["num_microbatches"] > 1)
     whole = accumulating & grad_sync_once(wide["grad_sync"], r["pp"])
-    gd = max(d, DTYPE_BYTES[wide["grad_reduce_dtype"]])
-    return {**r, "dtype": wide["dtype"], "d": d, "gd": gd, "master": wide["master_weights"],
-            "kept_gd": gd if wide["master_weights"] else d,
+    return {**r, "dtype": wide["dtype"], "d": d, "gd": max(d, DTYPE_BYTES[wide["grad_reduce_dtype"]]),
+            "master": wide["master_weights"],
             "dps": r["dp"] * r["cp"], "edp": r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
             "per_layer_expert": expert_layer_params(model, r["ep"], r["etp"]) * np.ones(len(r["tp"])),
             "accumulate_whole": whole,
@@ -303,7 +301,7 @@ def model_states(r: dict, params, n) -> list:
     stage = [_col(r["zero"]) == k for k in range(4)]
     states = [0.0, 0.0, 0.0]
     for part, degree in zip(parts, degrees):
-        per_param = [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["kept_gd"], r["master"])
+        per_param = [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["gd"], r["master"])
                      for k in range(4)]
         states = [total + part * np.select(stage, [b[i] for b in per_param]) for i, total in enumerate(states)]
     states[1] = np.where(_col(r["accumulate_whole"]), params * r["gd"], states[1])
