@@ -14,29 +14,32 @@ import numpy as np
 from meshplan.simulator.model_spec import LayerKind, ModelSpec
 from meshplan.simulator.ops import Op, Shard, kinds_ops, op_sac
 
-# Mixed-precision Adam: fp32 master weights + two fp32 moments = 12 bytes/param
-# (Rajbhandari et al. 2020, ZeRO sec 3.1, K = 12); with fp32 training the master copy is
-# the weight itself, so 8 bytes.
-OPTIMIZER_BYTES_PER_PARAM = {"fp32": 8, "bf16": 12, "fp16": 12, "fp8": 12}
-# Bytes a mixed-precision Adam step reads and writes per parameter of its shard: grad (2),
-# master, m, v read and written (24), the low-precision weight copy written (2).
-# FP8 training keeps bf16 weights and fp32 master weights and moments (torchao float8 and
-# Transformer Engine cast to FP8 only at the GEMMs).
-ADAM_STEP_BYTES_PER_PARAM = {"fp32": 28, "bf16": 28, "fp16": 28, "fp8": 28}
+# Adam's state per parameter: a 4-byte master copy of the weights, unless they are fp32 and
+# their own master, and two moments; with fp32 moments 12 bytes beside bf16 weights
+# (Rajbhandari et al. 2020, ZeRO sec 3.1, K = 12), 8 beside fp32 ones. FP8 training keeps
+# bf16 weights and a fp32 master copy (torchao float8 and Transformer Engine cast to FP8
+# only at the GEMMs).
+MASTER_BYTES = 4
 
 
-def optimizer_bytes_per_param(dtype: str, dtype_bytes: int, master_weights) -> np.ndarray:
-    """Adam's state per parameter (plan.master_weights): OPTIMIZER_BYTES_PER_PARAM, or,
-    without a master copy, the two moments in the weights' dtype (torch.optim.Adam keeps
-    its state in each parameter's dtype: exp_avg, exp_avg_sq = zeros_like(param))."""
-    return np.where(master_weights, OPTIMIZER_BYTES_PER_PARAM[dtype], 2 * dtype_bytes)
+def _separate_master(dtype: str, master_weights) -> np.ndarray:
+    """Whether Adam keeps a master copy apart from the weights (plan.master_weights)."""
+    return np.logical_and(master_weights, dtype != "fp32")
 
 
-def adam_step_bytes_per_param(dtype: str, dtype_bytes: int, master_weights) -> np.ndarray:
-    """Bytes an Adam step reads and writes per parameter of its shard: ADAM_STEP_BYTES_PER_PARAM,
-    or, without a master copy, the gradient read and the weight and both moments read and
-    written, all in the weights' dtype (7 tensors' worth)."""
-    return np.where(master_weights, ADAM_STEP_BYTES_PER_PARAM[dtype], 7 * dtype_bytes)
+def optimizer_bytes_per_param(dtype: str, master_weights, moment_bytes=4) -> np.ndarray:
+    """Adam's state per parameter: the master copy, if kept apart from the weights, and the
+    two moments in `moment_bytes` each (plan.moments_dtype)."""
+    return MASTER_BYTES * _separate_master(dtype, master_weights) + 2 * np.asarray(moment_bytes)
+
+
+def adam_step_bytes_per_param(dtype: str, dtype_bytes: int, master_weights, moment_bytes=4) -> np.ndarray:
+    """Bytes an Adam step reads and writes per parameter of its shard: the gradient read; the
+    master copy read and written and the weights written (mixed precision: 2 + 8 + 2), or the
+    weights read and written in their dtype; both moments read and written. 28 bytes with
+    fp32 moments, in every training dtype."""
+    weights = np.where(_separate_master(dtype, master_weights), 2 * MASTER_BYTES + dtype_bytes, 2 * dtype_bytes)
+    return dtype_bytes + weights + 4 * np.asarray(moment_bytes)
 
 
 def mlp_saved_widths(model: ModelSpec, fused: bool = True) -> int:
@@ -212,7 +215,7 @@ def stage_params(model: ModelSpec, tp, pp, layers, first, last, ep=1, etp=None):
 
 def model_state_bytes(params: float, dtype: str, dtype_bytes: int, zero: int,
                       shard_degree: int, grad_bytes: int | None = None,
-                      master_weights=True) -> tuple[float, float, float]:
+                      master_weights=True, moment_bytes=4) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes of `params` parameters on one device under a
     ZeRO stage sharded over `shard_degree` ranks (Rajbhandari et al. 2020 sec 5, Fig. 1);
     gradients take `grad_bytes` each (default the weights' dtype; fp32 where they are kept
@@ -222,7 +225,7 @@ def model_state_bytes(params: float, dtype: str, dtype_bytes: int, zero: int,
     weights = params * dtype_bytes / (shard_degree if zero >= 3 else 1)
     grads = (params * np.where(master_weights, grad_bytes or dtype_bytes, dtype_bytes)
              / (shard_degree if zero >= 2 else 1))
-    optimizer = (params * optimizer_bytes_per_param(dtype, dtype_bytes, master_weights)
+    optimizer = (params * optimizer_bytes_per_param(dtype, master_weights, moment_bytes)
                  / (shard_degree if zero >= 1 else 1))
     return weights, grads, optimizer
 

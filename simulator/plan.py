@@ -70,6 +70,11 @@ ZERO1_SYNCS = ("reduce_scatter", "all_reduce")
 # (FSDP2's and DeepSpeed ZeRO-2/3's default); "default" is the first under a pipeline, the
 # second without one.
 GRAD_SYNCS = ("default", "last", "each")
+# The dtype of Adam's two moments: fp32 (mixed precision's, and Transformer Engine FusedAdam's
+# default), or bf16 (Megatron-LM's --use-precision-aware-optimizer --exp-avg-dtype bf16
+# --exp-avg-sq-dtype bf16; DeepSeek-V3's AdamW, arXiv 2412.19437 sec 3.3.3; torch.optim.Adam
+# over bf16 parameters, whose state takes each parameter's dtype)
+MOMENTS_DTYPES = ("fp32", "bf16")
 EXPERT_AXES = rules.EXPERT_AXES
 
 
@@ -172,10 +177,13 @@ class Plan:
     moe_dispatcher: str = knob("alltoall", "MoE token dispatch: NCCL all-to-all, or DeepEP (Megatron-LM "
                                "--moe-token-dispatcher-type flex --moe-enable-deepep)",
                                choices=MOE_DISPATCHERS)
-    master_weights: bool = knob(True, "keep fp32 master weights and Adam moments beside the bf16 or fp16 "
-                                "weights (mixed precision: Megatron-LM, torchtitan, DeepSpeed), or update "
-                                "those weights in place with moments in their dtype (a bf16 model under "
-                                "torch.optim.Adam: NeMo AutoModel, torchtune)")
+    master_weights: bool = knob(True, "keep fp32 master weights beside the bf16 or fp16 weights (mixed "
+                                "precision: Megatron-LM, torchtitan, DeepSpeed), or update those weights in "
+                                "place (a bf16 model under torch.optim.Adam: NeMo AutoModel, torchtune; "
+                                "Transformer Engine's FusedAdam by default)")
+    moments_dtype: str = knob("fp32", "dtype of Adam's two moments: fp32, or bf16 (Megatron-LM's precision-"
+                              "aware optimizer; DeepSeek-V3; torch.optim.Adam over bf16 weights)",
+                              choices=MOMENTS_DTYPES)
     moe_routing: str = knob("learned", "which experts a token is routed to: by the learned router, or to "
                             "k consecutive experts in turn (NeMo AutoModel's fake_balanced_gate, as its "
                             "benchmarks run)", choices=MOE_ROUTINGS)
@@ -286,9 +294,9 @@ POSITIVE_INTS = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch
 
 # The fields a candidate table holds one value of for all its rows (planner/space.py's
 # table.attrs, with global_batch and layer_partition); step.rows reads them.
-PLAN_WIDE = ("seq_len", "dtype", "attention", "grad_reduce_dtype", "master_weights", "moe_capacity_factor",
-             "fp8_recipe", "moe_dispatcher", "moe_routing", "mlp_kernel", "elementwise", "fp8_saved_dtype",
-             "zero1_sync", "grad_sync", "cross_entropy")
+PLAN_WIDE = ("seq_len", "dtype", "attention", "grad_reduce_dtype", "master_weights", "moments_dtype",
+             "moe_capacity_factor", "fp8_recipe", "moe_dispatcher", "moe_routing", "mlp_kernel", "elementwise",
+             "fp8_saved_dtype", "zero1_sync", "grad_sync", "cross_entropy")
 
 
 def count_issue(scope: str, field: str, value) -> tuple[str, str, str] | None:

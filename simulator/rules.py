@@ -552,8 +552,14 @@ _TORCHTITAN = (
     _flavor_rule("0.3"),
     _learned_routing("torchtitan"),
     # FSDP2's MixedPrecisionPolicy keeps the sharded parameters in fp32 (torchtitan's
-    # training.mixed_precision_param is the dtype they are gathered in)
-    _master_weights("torchtitan"),
+    # training.mixed_precision_param is the dtype they are gathered in); training.dtype
+    # bfloat16 keeps "all parameters, gradients, and optimizer states in bfloat16, without an
+    # extra copy of fp32 weights" (config/job_config.py 0.2, config/configs.py 0.3)
+    _rule("plan.master_weights", "master_weights moments_dtype dtype",
+          lambda x, m, c: np.asarray(x.master_weights) | ((x.moments_dtype == "bf16") & (x.dtype == "bf16")),
+          lambda x, m, c: "torchtitan keeps fp32 master weights, or with training.dtype bfloat16 bf16 weights, "
+          f"gradients and moments, not {x.dtype} weights with {x.moments_dtype} moments",
+          "plan with master_weights, or without them with bf16 moments in bf16"),
     _rule("plan.attention", "attention", lambda x, m, c: x.attention == "flash",
           lambda x, m, c: "torchtitan runs fused attention (SDPA / flex) only", "plan with flash attention"),
     # async TP works in a compiled model; compiling fuses the elementwise ops, the gated
@@ -648,6 +654,11 @@ FRAMEWORKS = {
               "flag reaches", "plan with the alltoall dispatcher, or export for torchtitan 0.2"),
     ),
     "torchtitan 0.2": (_flavor_rule("0.2"),) + _TORCHTITAN[1:] + (
+        # optimizer.implementation fused_opt_states_bf16 came after v0.2.2 (torchtitan #2732)
+        _rule("plan.moments_dtype", "master_weights moments_dtype",
+              lambda x, m, c: np.logical_not(x.master_weights) | (x.moments_dtype == "fp32"),
+              lambda x, m, c: "torchtitan 0.2's AdamW keeps fp32 moments beside fp32 master weights",
+              "plan with fp32 moments, or export for torchtitan 0.3"),
         # torchtitan 0.2 models/llama3/infra/parallelize.py: apply_ddp on a 1-D mesh only
         _rule("plan.zero", "zero dp tp pp cp",
               lambda x, m, c: (x.zero != 0) | (x.dp == 1) | ((x.tp == 1) & (x.pp == 1) & (x.cp == 1)),
@@ -670,6 +681,10 @@ FRAMEWORKS = {
         # --moe-router-force-load-balancing draws random scores: learned-like spread, not in turn
         _learned_routing("Megatron-LM"),
         _master_weights("Megatron-LM's distributed optimizer"),
+        # --use-precision-aware-optimizer (bf16 moments) asserts --use-distributed-optimizer
+        _rule("plan.moments_dtype", "moments_dtype zero", lambda x, m, c: (x.moments_dtype == "fp32") | (x.zero == 1),
+              lambda x, m, c: f"Megatron-LM keeps {x.moments_dtype} moments only in its distributed optimizer "
+              f"(--use-precision-aware-optimizer), not with ZeRO-{x.zero}", "plan with ZeRO 1, or fp32 moments"),
         # Transformer Engine's LayerNorm / RMSNorm kernels and Megatron-Core's fused RoPE
         _rule("plan.elementwise", "elementwise", lambda x, m, c: x.elementwise == "fused",
               lambda x, m, c: "Megatron-LM runs its norms and RoPE as fused kernels",
@@ -729,7 +744,18 @@ FRAMEWORKS = {
     ),
     "deepspeed": (
         _learned_routing("DeepSpeed-MoE"),
-        _master_weights("DeepSpeed's bf16 and fp16 optimizers"),
+        # bf16_optimizer_states asserts bf16_master_weights_and_grads, which keeps fp32 moments
+        # only offloaded to DeepSpeedCPUAdam (runtime/config.py, base_optimizer.py
+        # _configure_master_weights): two layouts on the GPU, ZeRO 1-3 for the second
+        _rule("plan.master_weights", "master_weights moments_dtype zero dtype",
+              lambda x, m, c: np.where(x.master_weights, x.moments_dtype == "fp32",
+                                       (x.moments_dtype == "bf16") & (x.zero >= 1) & (x.dtype == "bf16")),
+              lambda x, m, c: "DeepSpeed keeps fp32 master weights with fp32 moments, or bf16 weights and "
+              "gradients with bf16 moments (bf16_master_weights_and_grads, bf16_optimizer_states; ZeRO 1-3), "
+              f"not {'fp32 master weights' if x.master_weights else f'{x.dtype} weights'} with "
+              f"{x.moments_dtype} moments{' under ZeRO-0' if x.zero == 0 and not x.master_weights else ''}",
+              "plan with master_weights and fp32 moments, or without master weights with bf16 moments, "
+              "ZeRO 1-3 and bf16"),
         # zero_optimization.reduce_scatter (default true) with the partitioned weights all-gathered
         _rule("plan.zero1_sync", "zero zero1_sync", lambda x, m, c: (x.zero != 1) | (x.zero1_sync == "reduce_scatter"),
               lambda x, m, c: "DeepSpeed's ZeRO-1 reduce-scatters gradients and all-gathers the updated weights",

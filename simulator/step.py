@@ -116,9 +116,9 @@ def state_rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     """What the model-state terms (model_states, rank_params) read of rows given by their
     STATE_KNOBS arrays and the plan-wide fields: the dtype's bytes, the gradients' (reduced
     and kept in the wider of it and the reduce dtype; memory.model_state_bytes keeps them in
-    the dtype without master weights), whether master weights are kept, the data-parallel
-    and expert data-parallel degrees, the routed experts' parameters per layer, and how
-    gradients are synchronised under accumulation."""
+    the dtype without master weights), whether master weights are kept, Adam's moments'
+    bytes, the data-parallel and expert data-parallel degrees, the routed experts' parameters
+    per layer, and how gradients are synchronised under accumulation."""
     r = {k: np.asarray(knobs[k]) for k in STATE_KNOBS}
     d = DTYPE_BYTES[wide["dtype"]]
     # ZeRO-2/3 under gradient accumulation: whole gradients accumulated and reduced once, or
@@ -126,7 +126,7 @@ def state_rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     accumulating = (r["zero"] >= 2) & (r["num_microbatches"] > 1)
     whole = accumulating & grad_sync_once(wide["grad_sync"], r["pp"])
     return {**r, "dtype": wide["dtype"], "d": d, "gd": max(d, DTYPE_BYTES[wide["grad_reduce_dtype"]]),
-            "master": wide["master_weights"],
+            "master": wide["master_weights"], "mb": DTYPE_BYTES[wide["moments_dtype"]],
             "dps": r["dp"] * r["cp"], "edp": r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
             "per_layer_expert": expert_layer_params(model, r["ep"], r["etp"]) * np.ones(len(r["tp"])),
             "accumulate_whole": whole,
@@ -301,7 +301,7 @@ def model_states(r: dict, params, n) -> list:
     stage = [_col(r["zero"]) == k for k in range(4)]
     states = [0.0, 0.0, 0.0]
     for part, degree in zip(parts, degrees):
-        per_param = [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["gd"], r["master"])
+        per_param = [model_state_bytes(1.0, r["dtype"], r["d"], k, degree, r["gd"], r["master"], r["mb"])
                      for k in range(4)]
         states = [total + part * np.select(stage, [b[i] for b in per_param]) for i, total in enumerate(states)]
     states[1] = np.where(_col(r["accumulate_whole"]), params * r["gd"], states[1])
@@ -395,8 +395,8 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
         tied = ((s == 0) | (s == c(r["pp"]) - 1)) * c(np.where(r["pp"] > 1, sync, 0.0))
         dp, total = dp + tied, total + tied
     opt_params = sum(part / np.where(c(z) >= 1, degree, 1) for part, degree in zip(parts, degrees))
-    opt = hw.memory_bound_time_s(adam_step_bytes_per_param(r["dtype"], r["d"], r["master"]) * opt_params, "fp32",
-                                 "optimizer")
+    opt = hw.memory_bound_time_s(adam_step_bytes_per_param(r["dtype"], r["d"], r["master"], r["mb"]) * opt_params,
+                                 "fp32", "optimizer")
     return Tail(dp, total, contention, np.asarray(opt, dtype=float))
 
 

@@ -237,6 +237,15 @@ def test_version_specific_refusals():
     with pytest.raises(PlanError) as err:
         check("torchtitan", L70, plan, version="0.2")  # 0.2 has DDP on a 1-D mesh only
     assert err.value.problem.startswith("zero")
+    bf16_moments = Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, zero=3, moments_dtype="bf16",
+                        cross_entropy="compiled")
+    check("torchtitan", L70, bf16_moments)  # 0.3: optimizer.implementation fused_opt_states_bf16
+    with pytest.raises(PlanError) as err:
+        check("torchtitan", L70, bf16_moments, version="0.2")
+    assert err.value.problem.startswith("moments_dtype")
+    pure_bf16 = dataclasses.replace(bf16_moments, master_weights=False)  # training.dtype bfloat16 in both
+    for version in ("0.3", "0.2"):
+        check("torchtitan", L70, pure_bf16, version=version)
     with pytest.raises(PlanError) as err:
         check("torchtitan", L70, plan, version="0.1")
     assert "0.1" in err.value.problem and "0.3, 0.2" in err.value.fix
@@ -453,6 +462,10 @@ def test_deepspeed_moe_command_and_reduce_dtype():
     ("torchtitan", "llama-3-70b", dict(dp=8, tp=8, sp=True, zero=3, master_weights=False), "master_weights"),
     ("megatron", "llama-2-13b", dict(dp=8, tp=8, master_weights=False), "master_weights"),
     ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, master_weights=False), "master_weights"),
+    ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, zero=0, master_weights=False, moments_dtype="bf16"),
+     "master_weights"),
+    ("megatron", "llama-2-13b", dict(dp=8, tp=8, zero=0, moments_dtype="bf16"), "moments_dtype"),
+    ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, moments_dtype="bf16"), "master_weights"),
 ])
 def test_new_knob_refusals_name_target_and_knob(target, model_arg, knobs, knob):
     with pytest.raises(PlanError) as err:
@@ -471,3 +484,26 @@ def test_cli_emit_for_a_model_the_target_cannot_build_names_only_the_model():
     error = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2 and "--emit megatron: model:" in error and "sliding-window" in error
     assert "zero" not in error.lower()
+
+
+def test_megatron_precision_aware_optimizer_flags():
+    """bf16 moments export as Megatron-LM's precision-aware optimizer, inside its distributed
+    optimizer (ZeRO 1); fp32 moments add no flag."""
+    bf16 = export("megatron", job("llama-2-13b", gpus=64, dp=8, tp=8, zero=1, moments_dtype="bf16")).args
+    fp32 = export("megatron", job("llama-2-13b", gpus=64, dp=8, tp=8, zero=1)).args
+    at = bf16.index("--exp-avg-dtype")
+    assert "--use-distributed-optimizer" in bf16 and "--use-precision-aware-optimizer" in bf16
+    assert bf16[at:at + 4] == ("--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16")
+    assert not [a for a in fp32 if "exp-avg" in a or "precision-aware" in a]
+
+
+def test_deepspeed_bf16_weights_and_moments():
+    """Without master weights and with bf16 moments, ZeRO keeps bf16 weights, gradients and
+    Adam state (bf16_master_weights_and_grads, bf16_optimizer_states); with master weights
+    neither is set."""
+    pure = export("deepspeed", job("llama-2-13b", dp=64, zero=3, mlp_kernel="eager", master_weights=False,
+                                   moments_dtype="bf16"))
+    mixed = export("deepspeed", job("llama-2-13b", dp=64, zero=3, mlp_kernel="eager"))
+    assert json.loads(dict(pure.files)["ds_config.json"])["bf16"] == {
+        "enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    assert json.loads(dict(mixed.files)["ds_config.json"])["bf16"] == {"enabled": True}

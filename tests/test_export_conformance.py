@@ -93,6 +93,11 @@ TORCHTITAN_0_2_PLANS = TORCHTITAN_PLANS + [
     ("llama-3-70b", 64, plan(dp=8, tp=8, sp=True, zero=3, dtype="fp8", fp8_saved_dtype="bf16")),
     (QWEN3_MOE, 64, plan(dp=16, tp=4, sp=True, zero=3, ep=8, etp=4, moe_dispatcher="deepep")),
 ]
+# both: full bf16 training (training.dtype bfloat16), no fp32 master weights
+PURE_BF16 = ("llama-3-8b", 16, plan(dp=16, zero=3, master_weights=False, moments_dtype="bf16"))
+TORCHTITAN_0_2_PLANS = TORCHTITAN_0_2_PLANS + [PURE_BF16]
+# torchtitan 0.3 only: AdamW's moments in bf16 (optimizer.implementation fused_opt_states_bf16)
+TORCHTITAN_PLANS = TORCHTITAN_PLANS + [("llama-3-8b", 16, plan(dp=16, zero=3, moments_dtype="bf16")), PURE_BF16]
 # compiled, torchtitan compiles the loss with the model (what a search for it prices: exports.dictated)
 TORCHTITAN_PLANS, TORCHTITAN_0_2_PLANS = (
     [(m, gpus, dataclasses.replace(p, **dictated("torchtitan", {}))) for m, gpus, p in plans]
@@ -135,6 +140,9 @@ DEEPSPEED_PLANS = [
     ("llama-3-70b", 64, plan(mlp_kernel="eager", dp=4, tp=8, pp=2, sp=True, zero=1, recompute="selective", layer_partition=(40, 40))),
     (MIXTRAL, 64, plan(mlp_kernel="eager", dp=8, tp=8, sp=True, zero=1, ep=8, moe_capacity_factor=1.25)),
     (MIXTRAL, 64, plan(mlp_kernel="eager", dp=64, zero=2, ep=8, grad_reduce_dtype="bf16")),
+    # bf16 weights, gradients and moments: bf16_master_weights_and_grads + bf16_optimizer_states
+    ("llama-2-13b", 64, plan(mlp_kernel="eager", dp=64, zero=3, recompute="full", master_weights=False,
+                             moments_dtype="bf16")),
 ]
 
 
@@ -160,6 +168,8 @@ def test_torchtitan_0_3_accepts(model_arg, gpus, p):
     assert config.model_spec.flavor in ("8B", "70B", "405B", "30B-A3B")
     assert (config.compile.enable_async_tensor_parallel, config.training.mixed_precision_reduce) == \
         (p.tp_overlap, "float32")
+    assert (config.optimizer.implementation == "fused_opt_states_bf16") == (p.moments_dtype == "bf16" and p.master_weights)
+    assert config.training.dtype == ("float32" if p.master_weights else "bfloat16")
     assert config.parallelism.fsdp_reshard_after_forward == (
         "never" if p.zero == 2 or not p.reshard_after_forward else "always" if p.zero == 3 else "default")
     policy = config.activation_checkpoint  # activation-checkpoint:none leaves no policy
@@ -283,16 +293,23 @@ class DataParallelMPU:
 
 @pytest.fixture(scope="module")
 def deepspeed_comm():
-    """A one-rank gloo group: DeepSpeedConfig asks the mpu only once a group exists."""
+    """A one-rank gloo group: DeepSpeedConfig asks the mpu only once a group exists.
+
+    Without the shared-memory allreduce that DeepSpeed's CPU backend JIT-compiles on its first
+    init in a virtualenv (70-75 s here, 2026-12-03): reading a config never reduces anything.
+    """
     comm = pytest.importorskip("deepspeed.comm")
+    backend = pytest.importorskip("deepspeed.comm.torch")
     import socket
     import torch.distributed as dist
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
-                          init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backend, "build_shm_op", lambda: None)
+        comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
+                              init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield comm
     dist.destroy_process_group()
 
@@ -309,6 +326,8 @@ def test_deepspeed_config_accepts(model_arg, gpus, p, deepspeed_comm):
     assert alone.train_batch_size == p.micro_batch * p.num_microbatches
     assert (config.get("activation_checkpointing") is not None) == (p.recompute == "full")
     assert config["optimizer"]["type"] == "AdamW"
+    bf16 = with_mpu.bfloat16_config
+    assert (bf16.bf16_master_weights_and_grads, bf16.bf16_optimizer_states) == (not p.master_weights,) * 2
 
 
 @pytest.mark.parametrize("model_arg,gpus,p", DEEPSPEED_PLANS, ids=ids(DEEPSPEED_PLANS))

@@ -8,7 +8,8 @@ import pytest
 
 from meshplan.core.errors import PlanError
 from meshplan.hw_profiles.profile import load_profile
-from meshplan.simulator.memory import layer_activation_bytes, logits_bytes, model_state_bytes, stage_params
+from meshplan.simulator.memory import (adam_step_bytes_per_param, layer_activation_bytes, logits_bytes,
+                                       model_state_bytes, optimizer_bytes_per_param, stage_params)
 from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
 from meshplan.simulator.ops import GEMM, Shard, head_ops, layer_ops, model_flops_per_step, total_flops
 from meshplan.simulator.plan import Cluster, Plan
@@ -93,25 +94,46 @@ def test_without_master_weights_8_bytes_per_param():
     # bf16 weights updated in place, bf16 gradients and torch.optim.Adam's two bf16 moments:
     # 2 + 2 + 4 bytes, against mixed precision's 2 + 2 + 12 (ZeRO's K = 12)
     psi, nd = 7.5e9, 64
-    totals = [sum(model_state_bytes(psi, "bf16", 2, zero, nd, master_weights=False)) / 1e9 for zero in range(4)]
+    totals = [sum(model_state_bytes(psi, "bf16", 2, zero, nd, master_weights=False, moment_bytes=2)) / 1e9
+              for zero in range(4)]
     assert totals == pytest.approx([60.0, 7.5 * (4 + 4 / 64), 7.5 * (2 + 6 / 64), 7.5 * 8 / 64], rel=1e-9)
 
 
-def test_simulated_states_without_master_weights():
-    """Llama-2-7B under FSDP over 8 GPUs, one micro-batch: with master weights the shard keeps
-    bf16 weights, fp32 reduced gradients and 12 bytes of Adam state per parameter; without,
-    bf16 gradients (FSDP2 casts the reduced shard to the parameter's dtype) and two bf16
-    moments. The optimizer step moves 14 bytes a parameter, not 28."""
+@pytest.mark.parametrize("master,moment_bytes,state,step", [
+    (True, 4, 12, 28),   # fp32 master + m + v; grad 2, master/m/v read and written 24, weight written 2
+    (True, 2, 8, 20),    # Megatron-LM's precision-aware optimizer: 4 + 2 + 2; 2 + 8 + 8 + 2
+    (False, 4, 8, 22),   # Transformer Engine FusedAdam's defaults: m + v; grad 2, weight 2 + 2, m/v 16
+    (False, 2, 4, 14),   # torch.optim.Adam over bf16 weights: 2 + 2; 2 + 4 + 8
+])
+def test_adam_state_and_step_bytes_by_precision(master, moment_bytes, state, step):
+    assert optimizer_bytes_per_param("bf16", master, moment_bytes) == state
+    assert adam_step_bytes_per_param("bf16", 2, master, moment_bytes) == step
+    # fp32 training keeps no separate master copy: the two moments alone, in either dtype
+    assert optimizer_bytes_per_param("fp32", True, moment_bytes) == 2 * moment_bytes
+
+
+def test_simulated_states_by_optimizer_precision():
+    """Llama-2-7B under FSDP over 8 GPUs, one micro-batch. With master weights the shard
+    keeps bf16 weights, fp32 reduced gradients and 12 bytes of Adam state per parameter (8
+    with bf16 moments); without, bf16 gradients (FSDP2 casts the reduced shard to the
+    parameter's dtype) and the two moments alone. The optimizer step moves 28, 20, 22 and 14
+    bytes a parameter."""
     model, hw = ZOO["llama-2-7b"], load_profile("h100-80gb")
     base = Plan(global_batch=8, seq_len=4096, dp=8, zero=3, micro_batch=1)
-    mixed, pure = (simulate(model, replace(base, master_weights=m), Cluster(8, 8), hw) for m in (True, False))
     shard = model.num_params() / 8
-    for result, per_param in ((mixed, (2, 4, 12)), (pure, (2, 2, 4))):
-        memory = result.stages[0].memory
+    cases = {(True, "fp32"): ((2, 4, 12), 28), (True, "bf16"): ((2, 4, 8), 20),
+             (False, "fp32"): ((2, 2, 8), 22), (False, "bf16"): ((2, 2, 4), 14)}
+    results = {key: simulate(model, replace(base, master_weights=key[0], moments_dtype=key[1]), Cluster(8, 8), hw)
+               for key in cases}
+    mixed = results[True, "fp32"]
+    for key, (per_param, step_bytes) in cases.items():
+        memory = results[key].stages[0].memory
         got = (memory.weights_bytes, memory.gradients_bytes, memory.optimizer_bytes)
         assert got == pytest.approx(tuple(b * shard for b in per_param), rel=1e-9)
-    assert pure.breakdown_s["optimizer"] == pytest.approx(mixed.breakdown_s["optimizer"] / 2, rel=0.05)
-    assert pure.peak_memory_bytes == pytest.approx(mixed.peak_memory_bytes - 10 * shard, rel=1e-9)
+        assert results[key].peak_memory_bytes == pytest.approx(
+            mixed.peak_memory_bytes - (18 - sum(per_param)) * shard, rel=1e-9)
+        assert results[key].breakdown_s["optimizer"] == pytest.approx(
+            mixed.breakdown_s["optimizer"] * step_bytes / 28, rel=0.05)
     # fp32 weights are their own master copy, and FP8 training keeps one behind its casts
     for dtype in ("fp32", "fp8"):
         with pytest.raises(PlanError) as err:

@@ -13,7 +13,7 @@ from meshplan.core.mesh import Group
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.simulator import rules
 from meshplan.simulator.cost import _op_arrays, ep_comm_s, ep_counts_s, groups_hit, tp_edge_comm_s
-from meshplan.simulator.memory import OPTIMIZER_BYTES_PER_PARAM, stage_params
+from meshplan.simulator.memory import optimizer_bytes_per_param, stage_params
 from meshplan.simulator.model_spec import ZOO, load_model
 from meshplan.simulator.ops import FP8_CAST_BYTES, GEMM, Shard, active_experts, layer_ops
 from meshplan.simulator.plan import Cluster, Plan
@@ -200,7 +200,7 @@ def test_expert_memory_by_hand():
     result = simulate(MIXTRAL, plan(dp=64, ep=8, zero=1, recompute="full"), Cluster(64, 8), H100)
     dense, experts = TOTAL - EXPERTS, EXPERTS / 8
     assert result.stages[0].memory.optimizer_bytes == pytest.approx(
-        OPTIMIZER_BYTES_PER_PARAM["bf16"] * (dense / 64 + experts / 8))
+        optimizer_bytes_per_param("bf16", True) * (dense / 64 + experts / 8))
     assert result.stages[0].memory.weights_bytes == pytest.approx(2 * (dense + experts))
 
 

@@ -64,7 +64,8 @@ KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "ep": "ep", "etp": "etp
          "micro_batch": "micro_batch", "schedule": "schedule", "virtual_stages": "virtual_stages",
          "sp": "sp", "tp_overlap": "tp_overlap", "fsdp_reshard_after_forward": "reshard_after_forward",
          "moe_dispatcher": "moe_dispatcher", "moe_routing": "moe_routing", "moe_a2a_overlap": "moe_a2a_overlap",
-         "grad_reduce_dtype": "grad_reduce_dtype", "master_weights": "master_weights", "grad_sync": "grad_sync",
+         "grad_reduce_dtype": "grad_reduce_dtype", "master_weights": "master_weights",
+         "moments_dtype": "moments_dtype", "grad_sync": "grad_sync",
          "cross_entropy": "cross_entropy", "fp8_saved_dtype": "fp8_saved_dtype",
          "attention": "attention"}
 # each knob's Plan default: its type says how a CSV cell reads (flag, choice, or count)

@@ -20,7 +20,7 @@ from meshplan.planner.exports.megatron import flatten
 USER_PATHS = (("CHECKPOINT_PATH", "Megatron-DeepSpeed checkpoint folder of the model's weights (--load)"),
               ("TOKENIZER_MODEL", "the model's Hugging Face tokenizer (folder or name)"),
               ("DATA_PATH", "prefix of the Megatron-indexed training data (.bin/.idx)"))
-# AdamW as meshplan's executor and the simulator's optimizer state assume (fp32 master, 2 moments);
+# AdamW as meshplan's executor and the simulator's optimizer state assume (2 moments);
 # betas and epsilon of Megatron-DeepSpeed's --adam-beta1/2 and --adam-eps defaults.
 ADAM = {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
 
@@ -36,6 +36,8 @@ def ds_config(job: TrainJob) -> dict:
               "gradient_clipping": 1.0, "steps_per_print": 10}
     if p.dtype in ("bf16", "fp16"):
         config[p.dtype] = {"enabled": True}
+    if not p.master_weights:  # the bf16 weights updated in place, bf16 gradients and moments
+        config["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     if p.recompute == "full":  # deepspeed.checkpointing recomputes whole layers
         # partition_activations shards each checkpointed layer input over the TP ranks, as
         # sequence parallelism keeps it (Korthikanti et al. 2022 sec. 4.2.2)

@@ -138,6 +138,9 @@ def parallel_args(job: TrainJob) -> list[tuple[str, object]]:
     if p.dtype != "fp32":
         flags.append(("--grad-reduce-in-bf16", None) if p.grad_reduce_dtype == "bf16"
                      else ("--accumulate-allreduce-grads-in-fp32", None))
+    if p.moments_dtype != "fp32":
+        flags += [("--use-precision-aware-optimizer", None), ("--exp-avg-dtype", p.moments_dtype),
+                  ("--exp-avg-sq-dtype", p.moments_dtype)]
     return flags
 
 

@@ -71,6 +71,8 @@ def _training(job: TrainJob) -> dict:
     # torchtitan splits it into the micro-batches itself (no accumulation).
     local = p.micro_batch * (p.num_microbatches if p.pp > 1 else 1)
     return {"local_batch_size": local, "global_batch_size": p.global_batch, "seq_len": p.seq_len,
+            # bf16 weights, gradients and optimizer states, no fp32 copy (plan.master_weights off)
+            **({} if p.master_weights else {"dtype": "bfloat16"}),
             "mixed_precision_param": "float32" if p.dtype == "fp32" else "bfloat16",
             "mixed_precision_reduce": "float32"}
 
@@ -92,6 +94,8 @@ def export(job: TrainJob) -> Export:
     if job.plan.pp > 1 or (job.model.num_experts and job.plan.ep > 1):
         flags.append(("--training.disable-cuda-graphs", None))
     flags += [(f"--parallelism.{k.replace('_', '-')}", v) for k, v in _parallelism(job, version).items()]
+    if job.plan.moments_dtype == "bf16" and job.plan.master_weights:  # fused AdamW over the fp32 shards,
+        flags.append(("--optimizer.implementation", "fused_opt_states_bf16"))  # its moments in bf16
     if stages:
         flags.append(("--parallelism.module-fqns-per-model-part", [",".join(s) for s in stages]))
     # async TP needs the model compiled (CompileConfig.__post_init__); compiling fuses the
