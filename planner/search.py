@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -74,6 +75,22 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     return SearchResult(tuple(ranked), len(table), int(ev.fits.sum()),
                         int(np.isfinite(ev.step_time_s).sum()), len(results),
                         time.perf_counter() - start, table.attrs["over_memory"])
+
+
+def distinct(ranked, top: int) -> list[tuple[SimulationResult, tuple[SimulationResult, ...]]]:
+    """The table's rows: the first `top` plans of `ranked` (fastest first) that differ from
+    every faster one in more than their virtual stages, each with the slower plans of the
+    ranking that differ from it in virtual stages alone (a deeper or shallower interleave of
+    the same layout, usually within a fraction of a percent)."""
+    rows: dict[tuple, tuple[SimulationResult, list[SimulationResult]]] = {}
+    for result in ranked:
+        key = tuple(getattr(result.plan, f.name) for f in dataclasses.fields(result.plan)
+                    if f.name != "virtual_stages")
+        if key in rows:
+            rows[key][1].append(result)
+        elif len(rows) < top:
+            rows[key] = (result, [])
+    return [(best, tuple(variants)) for best, variants in rows.values()]
 
 
 def _des_rows(table, ev, des: int) -> list[int]:

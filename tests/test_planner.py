@@ -3,7 +3,9 @@ forms against simulate(), hand-checked small searches, the published Megatron
 configurations (Narayanan et al. 2021 Table 1), and `meshplan plan` as a user runs it."""
 import dataclasses
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from meshplan.planner import closed_forms
 from meshplan.planner.closed_forms import _balanced_slots, evaluate
 from meshplan.simulator.partition import balanced_shape
 from meshplan.planner.explain import compare, explain, knob_changes, split_text
-from meshplan.planner.search import search
+from meshplan.planner.search import distinct, search
 from meshplan.planner.space import candidate_table, row_plan
 from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
 from meshplan.simulator.partition import balanced_partition
@@ -317,6 +319,29 @@ def test_plan_text_has_ranking_and_why():
     out = meshplan("plan", *GPT3, "--tp", "8", "--recompute", "selective", "--top", "3")
     assert out.returncode == 0, out.stderr
     assert "why" in out.stdout and "error band" in out.stdout and "tp8" in out.stdout
+
+
+def test_the_table_folds_plans_that_differ_in_virtual_stages_alone():
+    def ranked(*plans):
+        return [SimpleNamespace(plan=Plan(**plan), step_time_s=1 + i / 100) for i, plan in enumerate(plans)]
+    base = dict(global_batch=64, seq_len=4096, dp=2, tp=8, pp=4, schedule="interleaved")
+    plans = ranked({**base, "virtual_stages": 2}, {**base, "virtual_stages": 4, "tp": 4, "dp": 4},
+                   {**base, "virtual_stages": 5}, {**base, "schedule": "1f1b"},
+                   {**base, "virtual_stages": 3, "tp": 4, "dp": 4}, {**base, "virtual_stages": 10})
+    rows = distinct(plans, 2)
+    # the 1F1B plan is a third layout, left out at top 2; v10, ranked after it, still folds
+    assert [best for best, _ in rows] == [plans[0], plans[1]]
+    assert [variants for _, variants in rows] == [(plans[2], plans[5]), (plans[4],)]
+    assert [best for best, _ in distinct(plans, 5)] == [plans[0], plans[1], plans[3]]
+
+
+def test_plan_table_lists_distinct_layouts_with_the_virtual_stages_folded():
+    out = meshplan("plan", *GPT3, "--top", "5")
+    assert out.returncode == 0, out.stderr
+    listed = re.findall(r"│\s+\d+ │ (.+?) │", out.stdout)
+    layouts = [re.sub(r"\(v\d+\)", "", plan.strip()) for plan in listed]
+    assert len(layouts) == 5 and len(set(layouts)) == 5
+    assert "other virtual-stage counts of these layouts, folded into their rows: rank " in " ".join(out.stdout.split())
 
 
 @pytest.mark.parametrize("args,field", [

@@ -262,9 +262,22 @@ def run_inference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _v_ranges(counts) -> str:
+    """Virtual-stage counts as runs, e.g. "v14-16, v18"."""
+    runs: list[list[int]] = []
+    for v in sorted(set(counts)):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(f"v{a}" if a == b else f"v{a}-{b}" for a, b in runs)
+
+
 def print_ranking(found, why, top: int) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from meshplan.planner.search import distinct
 
     best = found.ranked[0]
     console = Console(width=None if sys.stdout.isatty() else 130)
@@ -274,11 +287,18 @@ def print_ranking(found, why, top: int) -> None:
                         f"{best.plan.seq_len} tokens")
     for col in ("rank", "plan", "step s", "tokens/s", "MFU", "peak GiB", "headroom GiB"):
         table.add_column(col, justify="left" if col == "plan" else "right", no_wrap=col != "plan")
-    for i, r in enumerate(found.ranked[:top], start=1):
+    rows = distinct(found.ranked, top)
+    for i, (r, _) in enumerate(rows, start=1):
         table.add_row(str(i), r.plan.summary(), f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}",
                       f"{r.mfu:.1%}", f"{r.peak_memory_bytes / GIB:.1f}",
                       f"{(r.memory_limit_bytes - r.peak_memory_bytes) / GIB:.1f}")
     console.print(table)
+    folded = [f"rank {i}: {_v_ranges(v.plan.virtual_stages for v in variants)} (up to "
+              f"{max(v.step_time_s for v in variants) / r.step_time_s - 1:.1%} slower)"
+              for i, (r, variants) in enumerate(rows, start=1) if variants]
+    if folded:
+        console.print("other virtual-stage counts of these layouts, folded into their rows: "
+                      + "; ".join(folded), highlight=False)
     console.print("[bold]why[/bold]")
     for line in why.lines():
         console.print(f"  {line}", highlight=False)
