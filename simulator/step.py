@@ -209,20 +209,29 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     r["ag"][zero3] = dp_collective_s(hw, "all_gather", group,
                                      ((r["per_layer"] - r["per_layer_expert"]) * r["d"])[zero3],
                                      (r["per_layer_expert"] * r["d"])[zero3]) + gather_host
+    # Under a pipeline whose gradients sync once per step, weights that are not resharded
+    # after forward stay gathered from the first micro-batch to the last (torch.distributed.
+    # pipelining stage.py: FSDP2 modules set_reshard_after_backward(False) and
+    # set_requires_gradient_sync(False) until the last backward): one gather a layer a
+    # step, priced here per micro-batch as its m-th part; memory holds them all either way.
+    once = zero3 & ~r["reshard"].astype(bool) & (r["pp"] > 1) & r["accumulate_whole"]
+    per_mb = np.where(once, 1.0 / r["num_microbatches"], 1.0)
+    r["ag"] = r["ag"] * per_mb
     r["agb"] = np.where(r["reshard"], r["ag"], 0.0)
     # ... and its root module (FSDP2's: the embedding on the first stage, the final norm and
-    # head on the last) once per micro-batch, before the forward, kept until its backward
-    # (FSDP2 does not reshard the root after forward)
+    # head on the last) once per micro-batch (or step, as above), before the forward, kept
+    # until its backward (FSDP2 does not reshard the root after forward)
     for key, first, last in (("emb_ag", True, False), ("head_ag", False, True)):
         root = stage_params(model, r["tp"][zero3], r["pp"][zero3], 0, first, last) * r["d"]
         r[key] = np.zeros(zero3.shape)
         r[key][zero3] = dp_collective_s(hw, "all_gather", group, root, 0.0) + gather_host
+        r[key] = r[key] * per_mb
     # Each of those gathers is a barrier of the DP x CP group: it completes when the slowest
     # rank reaches it, so every layer waits out the group's straggler (HardwareProfile.
     # stragglers). DDP and ZeRO-1/2 meet once per step, where a rank's lag is averaged over
     # all its layers and micro-batches (spread / sqrt(their number)): not counted.
     wait = np.where(zero3, hw.stragglers.wait_share(r["dps"]), 0.0)
-    r["sync_f"], r["sync_b"] = wait * r["l_fwd"], np.where(r["reshard"], wait * r["l_bwd"], 0.0)
+    r["sync_f"], r["sync_b"] = wait * r["l_fwd"] * per_mb, np.where(r["reshard"], wait * r["l_bwd"], 0.0)
     r["xf"], r["cf"] = overlap_split(r["ag"], r["l_fwd_compute"], hw)
     r["xb"], r["cb"] = overlap_split(r["agb"], r["l_bwd_in"], hw)
     p2p_bytes = r["tokens"] * model.hidden_size * r["d"] / np.where(r["sp"], r["tp"], 1)

@@ -1,5 +1,6 @@
 """The ZeRO-3 group's wait for its slowest rank (HardwareProfile.stragglers) against hand
-computations, and the spread's fit from weak-scaling pairs against a known answer."""
+computations, and the spread's fit from weak-scaling pairs against a known answer; how often
+a pipeline's ZeRO-3 gathers (and so their waits) come."""
 import math
 from dataclasses import replace
 
@@ -45,6 +46,31 @@ def test_each_zero3_layer_waits_for_the_groups_slowest_rank():
         assert slow.breakdown_s["stragglers"] == pytest.approx(wait, rel=0.01)
         assert slow.step_time_s - steady.step_time_s == pytest.approx(wait, rel=0.01)
         assert slow.breakdown_s["dp_comm"] == pytest.approx(steady.breakdown_s["dp_comm"])
+
+
+def test_a_pipeline_keeps_unresharded_weights_gathered_for_the_whole_step():
+    """pp 2 with one gradient sync a step (torch.distributed.pipelining under FSDP2): weights
+    not resharded after forward are gathered once a step, so the data-parallel traffic and
+    the straggler waits are those of one micro-batch however many there are; resharding
+    after forward, or no pipeline, gathers them in every micro-batch."""
+    cluster, z8 = Cluster(16, 8), 1.4236  # Harter (1961): E[max of 8 normals]
+
+    def run(m, reshard=False, pp=2):
+        plan = Plan(global_batch=8 * m * (2 // pp), seq_len=4096, dp=8 * (2 // pp), pp=pp, micro_batch=1,
+                    zero=3, reshard_after_forward=reshard, schedule="1f1b")
+        return simulate(MODEL, plan, cluster, SLOW), plan_rows(MODEL, plan, cluster, SLOW)
+
+    (one, _), (four, r), (eight, _) = run(1), run(4), run(8)
+    assert one.communication["dp"]["total_s"] == pytest.approx(four.communication["dp"]["total_s"], rel=1e-9)
+    assert eight.communication["dp"]["total_s"] == pytest.approx(four.communication["dp"]["total_s"], rel=1e-9)
+    layers = MODEL.num_layers // 2  # the critical stage's
+    assert eight.breakdown_s["stragglers"] == pytest.approx(layers * SPREAD * z8 * float(r["l_fwd"][0]),
+                                                            rel=0.01)
+    assert eight.stages[0].memory == four.stages[0].memory
+    for other in ({"reshard": True}, {"pp": 1}):
+        (four, _), (eight, _) = run(4, **other), run(8, **other)
+        assert eight.communication["dp"]["total_s"] > 1.5 * four.communication["dp"]["total_s"]
+        assert eight.breakdown_s["stragglers"] == pytest.approx(2 * four.breakdown_s["stragglers"], rel=1e-6)
 
 
 def test_ranks_that_meet_once_a_step_do_not_wait_per_layer():
