@@ -361,7 +361,8 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     """The Tail of rank s:
     the gradient sync (in the gradient dtype) bucketed per layer and overlapped with the
     backward (PyTorch DDP, Li et al. 2020: each bucket hides behind the next layer's
-    backward, slowing it by the contention; the last one is exposed), once per step or, for
+    backward, slowing it by the contention; the last one is exposed; under a pipeline the
+    ZeRO-2/3 last chunk's all), once per step or, for
     ZeRO-2/3 with plan.grad_sync each, once per micro-batch, sharing the NIC with
     the ring-attention exchange when both cross nodes; the ZeRO-1/2 all-gather of the
     updated weights (Rajbhandari et al. 2020 sec 5.2; ZeRO-1 by all-reduce broadcasts them
@@ -387,8 +388,14 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     exposed, slowed = overlap_split(bucket, c(r["l_bwd"]), hw)
     # ZeRO-2/3 syncing after each micro-batch (plan.grad_sync each) pays this in every one
     syncs = c(r["grad_syncs"])
-    dp = syncs * np.where(n > 0, bucket + (n - 1) * exposed, 0.0)
-    contention = syncs * np.where(n > 0, (n - 1) * slowed, 0.0)
+    # ZeRO-2/3 under a pipeline, syncing once a step: each chunk's gradients are reduced
+    # after its last backward, not bucket by bucket inside it (torch.distributed.pipelining
+    # perform_reduce_grad runs FSDP2's post-backward then), so the last chunk's are exposed
+    # whole; the other chunks' hide behind the backward ops still to run
+    after = c((z >= 2) & (r["pp"] > 1) & (r["grad_syncs"] == 1))
+    alone = np.where(after, n / c(r["virtual_stages"]), 1.0)
+    dp = syncs * np.where(n > 0, alone * bucket + (n - alone) * exposed, 0.0)
+    contention = syncs * np.where(n > 0, (n - alone) * slowed, 0.0)
     # the updated weights of ZeRO-1/2 are gathered bucket by bucket behind the next step's
     # forward (Megatron-LM --overlap-param-gather), the first bucket exposed
     gather = c(np.isin(z, (1, 2))) * per_layer_s("all_gather", r["d"]) + c(z == 2) * hw.overhead.fsdp_gather_s

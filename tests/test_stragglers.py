@@ -4,6 +4,7 @@ a pipeline's ZeRO-3 gathers (and so their waits) come."""
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from meshplan.core.errors import ProfileError
@@ -12,6 +13,7 @@ from meshplan.planner.closed_forms import evaluate
 from meshplan.planner.space import candidate_table, row_plan
 from meshplan.simulator.model_spec import ZOO
 from meshplan.simulator.plan import Cluster, Plan
+from meshplan.simulator import step
 from meshplan.simulator.train import plan_rows, simulate
 from meshplan.validation.published import PublishedRun, fit_straggler_spread, predict
 
@@ -71,6 +73,30 @@ def test_a_pipeline_keeps_unresharded_weights_gathered_for_the_whole_step():
         (four, _), (eight, _) = run(4, **other), run(8, **other)
         assert eight.communication["dp"]["total_s"] > 1.5 * four.communication["dp"]["total_s"]
         assert eight.breakdown_s["stragglers"] == pytest.approx(2 * four.breakdown_s["stragglers"], rel=1e-6)
+
+
+def test_a_pipeline_reduces_zero3_gradients_after_the_last_backward():
+    """pp 2 syncing once a step: the gradients' reduce-scatter runs after each chunk's last
+    backward (torch.distributed.pipelining's perform_reduce_grad), so with one chunk a rank
+    all of it is exposed, with two chunks the last chunk's half and the first's behind the
+    backward still to run; without a pipeline all but one layer's bucket hide in backward."""
+    cluster = Cluster(16, 8)
+
+    def tail(pp, v=1):
+        plan = Plan(global_batch=64, seq_len=4096, dp=16 // pp, pp=pp, micro_batch=1, zero=3,
+                    reshard_after_forward=False, schedule="interleaved" if v > 1 else "1f1b",
+                    virtual_stages=v)
+        r = plan_rows(MODEL, plan, cluster, A100)
+        s, n = np.arange(pp)[None, :], np.full((1, pp), MODEL.num_layers // pp)
+        t = step.rank_tail_s(r, MODEL, A100, s, n, step.rank_params(r, MODEL, s, n))
+        return float(t.dp_exposed_s[0, 0]), float(t.dp_total_s[0, 0]), float(t.contention_s[0, 0])
+
+    exposed, total, contention = tail(2)
+    assert exposed == pytest.approx(total) and contention == 0.0
+    exposed, total, contention = tail(2, 2)
+    assert total / 2 * (1 - 1e-9) <= exposed < total and contention > 0.0
+    exposed, total, _ = tail(1)
+    assert exposed < total / 4
 
 
 def test_ranks_that_meet_once_a_step_do_not_wait_per_layer():
