@@ -292,6 +292,17 @@ _PIPELINING_SYNC = _rule(
     "only (stage.backward_maybe_with_nosync)", "plan with grad_sync default or last, or pp 1")
 
 
+# Under it, FSDP2 modules keep their gathered weights after every backward but the last
+# (set_reshard_after_backward(False)), so the next forward finds them gathered: resharding after
+# forward saves no memory there, and costs a gather a micro-batch that meshplan does not price
+_PIPELINING_RESHARD = _rule(
+    "plan.reshard_after_forward", "reshard_after_forward zero pp",
+    lambda x, m, c: np.logical_not(x.reshard_after_forward) | (x.zero != 3) | (x.pp == 1),
+    lambda x, m, c: "torch.distributed.pipelining keeps a stage's weights gathered from one backward to "
+    "the next forward (stage.backward_maybe_with_nosync), so resharding them after forward frees nothing",
+    "plan ZeRO-3 without resharding after forward (--no-reshard-after-forward), or pp 1")
+
+
 def _sync_each(who: str) -> Rule:
     """`who` reduce-scatters sharded gradients after every micro-batch without a pipeline."""
     return _rule("plan.grad_sync", "grad_sync zero pp global_batch micro_batch dp",
@@ -364,6 +375,7 @@ EXECUTOR_TRAINING = (
           lambda x, m, c: "the executor runs TP's collectives between its GEMMs (no async TP)",
           "drop tp_overlap"),
     _PIPELINING_SYNC,
+    _PIPELINING_RESHARD,
 )
 
 # A serving deployment: tp x pp GPUs per replica.
@@ -595,6 +607,7 @@ _TORCHTITAN = (
           lambda x, m, c: "ZeRO-1 has no torchtitan form (it replicates or shards with FSDP2)",
           "plan with ZeRO 0, 2 (FSDP2 without resharding after forward) or 3 (FSDP2)"),
     _PIPELINING_SYNC,
+    _PIPELINING_RESHARD,
     # its trainer leaves FSDP2's gradient sync on through gradient accumulation (trainer.py)
     _sync_each("torchtitan without a pipeline"),
     _rule("plan.sp", "tp sp", lambda x, m, c: (x.tp == 1) | np.asarray(x.sp),

@@ -77,7 +77,7 @@ WORLD_4 = [
     ("dp-tp", LLAMA, plan(dp=2, tp=2)),
     ("dp-tp-sp-zero3", LLAMA, plan(dp=2, tp=2, sp=True, zero=3)),
     ("gpt-dp-tp-sp-zero2-full", GPT, plan(dp=2, tp=2, sp=True, zero=2, recompute="full")),
-    ("dp-pp-1f1b-zero3", LLAMA, plan(dp=2, pp=2, zero=3)),
+    ("dp-pp-1f1b-zero3", LLAMA, plan(dp=2, pp=2, zero=3, reshard_after_forward=False)),
     ("dp-pp-interleaved", LLAMA, plan(dp=2, pp=2, schedule="interleaved", virtual_stages=2,
                                       micro_batch=1)),
     ("tp-sp-pp-zb-h1", LLAMA, plan(tp=2, sp=True, pp=2, schedule="zb-h1")),

@@ -101,7 +101,7 @@ def test_checkpoint_facts_from_the_config_and_the_zoo():
 
 def test_torchtitan_0_3_arguments():
     j = titan_job("llama-3-70b", dp=4, tp=4, pp=4, sp=True, zero=3, recompute="full", micro_batch=2,
-                  schedule="interleaved", virtual_stages=2)
+                  schedule="interleaved", virtual_stages=2, reshard_after_forward=False)
     e = export("torchtitan", j)
     f = flags(e.args)
     assert (f["--module"], f["--config"]) == ("llama3", "llama3_70b")
@@ -389,14 +389,17 @@ def test_torchtitan_0_3_moe_flavor_and_knobs():
     assert f["--parallelism.fsdp-reshard-after-forward"] == "never"
     assert {"--compile.enable", "--compile.enable-async-tensor-parallel"} <= set(f)
     assert f["--training.mixed-precision-reduce"] == "float32"
-    resharded = flags(export("torchtitan", titan_job("llama-3-70b", dp=8, pp=8, zero=3)).args)
-    assert resharded["--parallelism.fsdp-reshard-after-forward"] == "always"  # "default" would not under PP
+    resharded = flags(export("torchtitan", titan_job("llama-3-70b", dp=64, zero=3)).args)
+    assert resharded["--parallelism.fsdp-reshard-after-forward"] == "always"
+    with pytest.raises(PlanError, match="reshard_after_forward: torch.distributed.pipelining keeps"):
+        export("torchtitan", titan_job("llama-3-70b", dp=8, pp=8, zero=3))
     assert "--parallelism.expert-parallel-degree" not in resharded
 
 
 def test_torchtitan_0_3_float8_is_the_405b_recipe():
     f = flags(export("torchtitan", titan_job("llama-3-405b", seq_len=8192, hw=H100, dp=1, tp=8, pp=8, sp=True,
-                                       zero=3, recompute="full", dtype="fp8", fp8_recipe="rowwise",
+                                       zero=3, reshard_after_forward=False, recompute="full", dtype="fp8",
+                                       fp8_recipe="rowwise",
                                        fp8_saved_dtype="bf16")).args)
     assert f["--config"] == "llama3_405b"
 

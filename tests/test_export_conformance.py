@@ -69,18 +69,21 @@ LLAMA3_70B_LAYOUTS = [
     dict(seq_len=8192, dp=4, tp=4, cp=4, sp=True),
 ]
 # torchtitan's selective checkpointing is per-op (recompute op)
-TORCHTITAN_PLANS = [("llama-3-70b", 64, plan(zero=3, **{**knobs, "recompute": (
-    "op" if knobs.get("recompute") == "selective" else knobs.get("recompute", "none"))}))
+# torchtitan's default: no resharding after forward under a pipeline (torch.distributed.pipelining
+# keeps the weights gathered between micro-batches)
+TORCHTITAN_PLANS = [("llama-3-70b", 64, plan(zero=3, reshard_after_forward=knobs.get("pp", 1) == 1, **{
+    **knobs, "recompute": ("op" if knobs.get("recompute") == "selective" else knobs.get("recompute", "none"))}))
     for knobs in LLAMA3_70B_LAYOUTS] + [
     ("llama-3-70b", 64, plan(dp=32, cp=2, zero=3, recompute="full")),
     ("llama-3-70b", 64, plan(dp=64, zero=0, recompute="full")),
     ("llama-3-70b", 64, plan(dp=8, tp=8, sp=True, zero=0, recompute="op")),
-    ("llama-3-8b", 16, plan(seq_len=8192, dp=4, tp=2, pp=2, sp=True, zero=3, schedule="gpipe")),
+    ("llama-3-8b", 16, plan(seq_len=8192, dp=4, tp=2, pp=2, sp=True, zero=3, schedule="gpipe",
+                            reshard_after_forward=False)),
     ("llama-3-8b", 16, plan(global_batch=32, seq_len=8192, dp=2, pp=8, zero=3, schedule="interleaved",
-                            virtual_stages=2, micro_batch=1)),
+                            virtual_stages=2, micro_batch=1, reshard_after_forward=False)),
     ("llama-3-8b", 16, plan(dp=16, zero=2, micro_batch=2)),
     ("llama-3-70b", 64, plan(seq_len=8192, dp=1, tp=8, pp=8, sp=True, zero=3, recompute="full",
-                             schedule="interleaved", virtual_stages=3,
+                             reshard_after_forward=False, schedule="interleaved", virtual_stages=3,
                              layer_partition=(3,) * 8 + (4,) * 8 + (3,) * 8)),
     ("llama-3-8b", 16, plan(seq_len=8192, dp=2, tp=2, cp=4, sp=True, zero=3, recompute="full")),
     # Qwen3-30B-A3B (MoE): EP over FSDP and TP ranks, async TP, no resharding after forward

@@ -83,6 +83,17 @@ def test_each_framework_syncs_as_it_runs():
     assert "plan.grad_sync" in executor
 
 
+def test_torch_pipelining_refuses_to_reshard_zero3_weights_after_forward():
+    """Its stages keep FSDP2's gathered weights from each backward to the next forward, so a
+    plan resharding them after forward would not hold the memory it is priced at."""
+    resharded, kept = _plan(reshard_after_forward=True), _plan(reshard_after_forward=False)
+    flat = _plan(pp=1, dp=16, reshard_after_forward=True)
+    for issues in (lambda plan: _issues("torchtitan", plan),
+                   lambda plan: [f for f, *_ in rules.violations(rules.EXECUTOR_TRAINING, plan.fields(), LLAMA)]):
+        assert "plan.reshard_after_forward" in issues(resharded)
+        assert "plan.reshard_after_forward" not in issues(kept) + issues(flat)
+
+
 def test_torchtitan_pipelines_hold_the_gradients_they_publish():
     """torchtitan's 405B runs (FSDP + PP, its benchmark page's memory column) were predicted
     at half their memory when the gradients were taken as sharded."""

@@ -41,7 +41,7 @@ def stage_modules(partition: tuple[int, ...], head: str) -> list[list[str]]:
 def _reshard(p) -> str:
     """FSDP2 reshard_after_forward: ZeRO-2 keeps the gathered weights from forward to backward
     (reshard_after_forward=False), as does ZeRO-3 planned without resharding; planned ZeRO-3
-    reshards always ("default" would not under pipeline parallelism)."""
+    reshards always (without a pipeline: rules refuse it under one)."""
     if p.zero == 2 or (p.zero == 3 and not p.reshard_after_forward):
         return "never"
     return "always" if p.zero == 3 else "default"
