@@ -146,7 +146,11 @@ def main(argv=None) -> int:
                   f"{result.memory_limit_bytes / GIB:.1f} usable")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "skipped": skipped}, f, indent=1)
+            json.dump({"rows": rows, "skipped": skipped, "over_memory": [
+                {"id": run.id, "half": "fit" if run.fit_half else "held-out", "measured_s": run.measured_step_time_s,
+                 "predicted_s": result.step_time_s, "peak_memory_bytes": result.peak_memory_bytes,
+                 "memory_limit_bytes": result.memory_limit_bytes, "plan": result.plan.to_dict()}
+                for run, result in over_memory]}, f, indent=1)
     return 0
 
 

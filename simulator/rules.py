@@ -292,9 +292,10 @@ _PIPELINING_SYNC = _rule(
     "only (stage.backward_maybe_with_nosync)", "plan with grad_sync default or last, or pp 1")
 
 
-# Under it, FSDP2 modules keep their gathered weights after every backward but the last
-# (set_reshard_after_backward(False)), so the next forward finds them gathered: resharding after
-# forward saves no memory there, and costs a gather a micro-batch that meshplan does not price
+# Under torch.distributed.pipelining, FSDP2 modules keep their gathered weights after every
+# backward but the last (set_reshard_after_backward(False)), so the next forward finds them
+# gathered: resharding after forward saves no memory there, and costs a gather a micro-batch
+# that meshplan does not price
 _PIPELINING_RESHARD = _rule(
     "plan.reshard_after_forward", "reshard_after_forward zero pp",
     lambda x, m, c: np.logical_not(x.reshard_after_forward) | (x.zero != 3) | (x.pp == 1),
