@@ -28,7 +28,7 @@ from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.step import group_ids
 from meshplan.simulator.plan import (ATTENTION, DTYPES, PLAN_WIDE, RECOMPUTE, SCHEDULES, Cluster, Plan,
-                                     checked_plan, expert_order)
+                                     checked_plan, expert_order, grad_sync_once)
 
 # Rank orders tried, innermost first: Megatron-LM's default (tp-cp-dp-pp), its
 # --use-tp-pp-dp-mapping (tp-cp-pp-dp), data parallel inside context parallel, data parallel
@@ -220,6 +220,17 @@ def _schedules(model: ModelSpec, fixed: dict):
     return options
 
 
+def _dominated_zero(pp: int, fixed: dict) -> int:
+    """The ZeRO stage another beats in time and memory at once: without a pipeline ZeRO-1
+    (ZeRO-2 moves the same bytes and shards the gradients too, or, accumulating them whole,
+    holds as much: plan.grad_sync); under a pipeline that syncs once a step ZeRO-2 (it holds
+    the whole gradients as ZeRO-1 does, and reduces them after the last backward instead of
+    inside it: step.rank_tail_s)."""
+    if pp > 1 and grad_sync_once(fixed.get("grad_sync", "default"), pp):
+        return 2
+    return 1 if pp == 1 else -1
+
+
 def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fabric | None = None,
                     nics_per_node: int = 1, prune_dominated: bool = True,
                     states_fit: Callable[[pd.DataFrame], np.ndarray] | None = None) -> pd.DataFrame:
@@ -229,8 +240,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     table.attrs. Raises PlanError naming the broken rule when no plan is legal.
 
     With `prune_dominated`, knob values another value beats in time and memory at once are
-    left out unless fixed: ZeRO-1 (ZeRO-2 moves the same bytes and shards the gradients
-    too, or, accumulating them whole, holds as much: plan.grad_sync) and selective
+    left out unless fixed: one of ZeRO-1 and ZeRO-2 (_dominated_zero) and selective
     recompute under fused attention (which recomputes the attention core anyway). A search
     restricted to a framework that lacks the dominating value keeps them (planner.search
     passes False).
@@ -262,9 +272,9 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
             (sp,) for sp in (False, True) if fixed.get("sp", sp) == sp], ["sp"])
         table = _legal(table, model, cluster, fixed, ("sp",))
     if not table.empty:
-        table = _join(table, ["dp", "cp"], lambda dp, cp: [
+        table = _join(table, ["dp", "cp", "pp"], lambda dp, cp, pp: [
             (z,) for z in (ZERO_STAGES if "zero" in fixed or dp * cp > 1 else (0,))
-            if not (prune_dominated and z == 1 and "zero" not in fixed)
+            if not (prune_dominated and "zero" not in fixed and z == _dominated_zero(pp, fixed))
             if fixed.get("zero", z) == z], ["zero"])
     over_memory = 0
     if states_fit is not None and not table.empty:

@@ -393,7 +393,7 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     # perform_reduce_grad runs FSDP2's post-backward then), so the last chunk's are exposed
     # whole; the other chunks' hide behind the backward ops still to run
     after = c((z >= 2) & (r["pp"] > 1) & (r["grad_syncs"] == 1))
-    alone = np.where(after, n / c(r["virtual_stages"]), 1.0)
+    alone = np.where(after, np.maximum(n / c(r["virtual_stages"]), 1.0), 1.0)
     dp = syncs * np.where(n > 0, alone * bucket + (n - alone) * exposed, 0.0)
     contention = syncs * np.where(n > 0, (n - alone) * slowed, 0.0)
     # the updated weights of ZeRO-1/2 are gathered bucket by bucket behind the next step's

@@ -321,6 +321,23 @@ def test_plan_text_has_ranking_and_why():
     assert "why" in out.stdout and "error band" in out.stdout and "tp8" in out.stdout
 
 
+def test_the_table_leaves_out_the_zero_stage_the_other_dominates():
+    """Without a pipeline ZeRO-2 beats ZeRO-1 (same bytes, sharded gradients); under one that
+    syncs once a step ZeRO-1 beats ZeRO-2 (both hold whole gradients; ZeRO-2 reduces them
+    after the last backward); syncing every micro-batch, neither does."""
+    model, cluster, hw = ZOO["llama-2-13b"], Cluster(64, 8), A100
+    fixed = {"global_batch": 128, "seq_len": 4096}
+    table = candidate_table(model, cluster, fixed)
+    flat, piped = table[table["pp"] == 1], table[table["pp"] > 1]
+    assert 1 not in set(flat["zero"]) and 2 in set(flat["zero"])
+    assert 2 not in set(piped["zero"]) and 1 in set(piped["zero"])
+    each = candidate_table(model, cluster, {**fixed, "grad_sync": "each"})
+    assert {1, 2} <= set(each[each["pp"] > 1]["zero"])
+    base = dict(global_batch=128, seq_len=4096, dp=8, tp=4, pp=2, sp=True, micro_batch=1)
+    one, two = (simulate(model, Plan(**base, zero=z), cluster, hw) for z in (1, 2))
+    assert one.step_time_s < two.step_time_s and one.peak_memory_bytes == pytest.approx(two.peak_memory_bytes)
+
+
 def test_the_table_folds_plans_that_differ_in_virtual_stages_alone():
     def ranked(*plans):
         return [SimpleNamespace(plan=Plan(**plan), step_time_s=1 + i / 100) for i, plan in enumerate(plans)]
