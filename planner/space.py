@@ -220,15 +220,16 @@ def _schedules(model: ModelSpec, fixed: dict):
     return options
 
 
-def _dominated_zero(pp: int, fixed: dict) -> int:
+def _dominated_zero(pp: int, microbatches: int, fixed: dict) -> int | None:
     """The ZeRO stage another beats in time and memory at once: without a pipeline ZeRO-1
     (ZeRO-2 moves the same bytes and shards the gradients too, or, accumulating them whole,
-    holds as much: plan.grad_sync); under a pipeline that syncs once a step ZeRO-2 (it holds
-    the whole gradients as ZeRO-1 does, and reduces them after the last backward instead of
-    inside it: step.rank_tail_s)."""
-    if pp > 1 and grad_sync_once(fixed.get("grad_sync", "default"), pp):
-        return 2
-    return 1 if pp == 1 else -1
+    holds as much: plan.grad_sync); under a pipeline accumulating whole gradients over its
+    micro-batches ZeRO-2 (it holds them as ZeRO-1 does, and reduces them after the last
+    backward instead of inside it: step.rank_tail_s); else neither (one micro-batch, or a
+    sync after each: ZeRO-2 holds sharded gradients)."""
+    if pp == 1:
+        return 1
+    return 2 if microbatches > 1 and grad_sync_once(fixed.get("grad_sync", "default"), pp) else None
 
 
 def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fabric | None = None,
@@ -272,9 +273,9 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
             (sp,) for sp in (False, True) if fixed.get("sp", sp) == sp], ["sp"])
         table = _legal(table, model, cluster, fixed, ("sp",))
     if not table.empty:
-        table = _join(table, ["dp", "cp", "pp"], lambda dp, cp, pp: [
+        table = _join(table, ["dp", "cp", "pp", "num_microbatches"], lambda dp, cp, pp, m: [
             (z,) for z in (ZERO_STAGES if "zero" in fixed or dp * cp > 1 else (0,))
-            if not (prune_dominated and "zero" not in fixed and z == _dominated_zero(pp, fixed))
+            if not (prune_dominated and "zero" not in fixed and z == _dominated_zero(pp, m, fixed))
             if fixed.get("zero", z) == z], ["zero"])
     over_memory = 0
     if states_fit is not None and not table.empty:

@@ -324,15 +324,18 @@ def test_plan_text_has_ranking_and_why():
 def test_the_table_leaves_out_the_zero_stage_the_other_dominates():
     """Without a pipeline ZeRO-2 beats ZeRO-1 (same bytes, sharded gradients); under one that
     syncs once a step ZeRO-1 beats ZeRO-2 (both hold whole gradients; ZeRO-2 reduces them
-    after the last backward); syncing every micro-batch, neither does."""
+    after the last backward); syncing every micro-batch, or with one micro-batch, neither
+    does."""
     model, cluster, hw = ZOO["llama-2-13b"], Cluster(64, 8), A100
     fixed = {"global_batch": 128, "seq_len": 4096}
     table = candidate_table(model, cluster, fixed)
-    flat, piped = table[table["pp"] == 1], table[table["pp"] > 1]
+    flat, piped = table[table["pp"] == 1], table[(table["pp"] > 1) & (table["num_microbatches"] > 1)]
     assert 1 not in set(flat["zero"]) and 2 in set(flat["zero"])
     assert 2 not in set(piped["zero"]) and 1 in set(piped["zero"])
     each = candidate_table(model, cluster, {**fixed, "grad_sync": "each"})
     assert {1, 2} <= set(each[each["pp"] > 1]["zero"])
+    single = candidate_table(model, cluster, {**fixed, "schedule": "gpipe", "micro_batch": 4, "pp": 2})
+    assert {1, 2} <= set(single[single["num_microbatches"] == 1]["zero"])
     base = dict(global_batch=128, seq_len=4096, dp=8, tp=4, pp=2, sp=True, micro_batch=1)
     one, two = (simulate(model, Plan(**base, zero=z), cluster, hw) for z in (1, 2))
     assert one.step_time_s < two.step_time_s and one.peak_memory_bytes == pytest.approx(two.peak_memory_bytes)
