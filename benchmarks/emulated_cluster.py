@@ -63,6 +63,7 @@ MIB = 2**20
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 SIZES = (64 * 1024, 256 * 1024, MIB, 4 * MIB)
 BANDWIDTH_REGIME_BYTES = MIB  # above this the links' rate, not the software path, sets the time
+TARGET_ERROR = 0.15  # issue 12's figure for held-out inter-node collectives, bandwidth regime
 # The model `meshplan run` trains: small enough that the gradients' all-reduce, not the two
 # cores, dominates a step (about 20 M parameters, 32 tokens per micro-batch).
 RUN_MODEL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
@@ -436,7 +437,9 @@ def report(result: dict, shape: Shape) -> str:
               "model x link share of the fabric graph) vs measured",
               two.drop(columns="nodes").to_string(**fmt)]
     big = two["MiB"] * MIB >= BANDWIDTH_REGIME_BYTES
-    lines += [f"bandwidth regime (>= {BANDWIDTH_REGIME_BYTES / MIB:g} MiB): {_errors(two[big])}",
+    median = two[big]["error"].abs().median()
+    lines += [f"bandwidth regime (>= {BANDWIDTH_REGIME_BYTES / MIB:g} MiB): {_errors(two[big])}; "
+              f"target median within {TARGET_ERROR:.0%}: {'met' if median <= TARGET_ERROR else 'NOT met'}",
               f"all sizes: {_errors(two)}", ""]
     more = t[t["nodes"] > 2]
     if not more.empty:
