@@ -25,8 +25,14 @@ def runs_table(runs: list[ValidationRun]) -> pd.DataFrame:
         "memory_error_pct": 100 * r.memory_error} for r in runs])
 
 
-def write_csv(runs: list[ValidationRun], path: Path) -> None:
-    write_atomic(path, runs_table(runs).to_csv(index=False))
+def write_csv(runs: list[ValidationRun], path: Path, rescaled: list[ValidationRun] | None = None) -> None:
+    """The runs; with `rescaled` (the same runs predicted again on a probe-rescaled
+    profile), their predictions and errors beside."""
+    table = runs_table(runs)
+    if rescaled is not None:
+        table.insert(5, "rescaled_predicted_step_time_s", [r.record.predicted_step_time_s for r in rescaled])
+        table.insert(6, "rescaled_error_pct", [100 * r.error for r in rescaled])
+    write_atomic(path, table.to_csv(index=False))
 
 
 def write_html(runs: list[ValidationRun], summary: dict, band: tuple[float, float], path: Path,

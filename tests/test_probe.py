@@ -295,6 +295,12 @@ def test_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, tmp_path
     for stock, rescaled in zip(result["runs"], again):
         assert rescaled["measured_step_time_s"] == stock["measured_step_time_s"] == pytest.approx(0.3)
         assert rescaled["predicted_step_time_s"] > stock["predicted_step_time_s"]
+    # the CSV carries both predictions of each run
+    import pandas as pd
+    table = pd.read_csv(tmp_path / "validate.csv")
+    assert table["rescaled_predicted_step_time_s"].tolist() == pytest.approx([r["predicted_step_time_s"] for r in again])
+    assert table["rescaled_error_pct"].tolist() == pytest.approx(
+        [100 * (r["predicted_step_time_s"] / 0.3 - 1) for r in again])
 
 
 def test_each_reading_is_the_median_of_its_rounds(monkeypatch):

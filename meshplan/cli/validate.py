@@ -69,16 +69,19 @@ def probed(args: argparse.Namespace, hw, run_suite) -> tuple[list, Drift | None]
     return runs, common.probe_again(args, hw, drift, later, "the runs")
 
 
-def with_probe(result: dict, runs: list, drift: Drift | None, summary) -> dict:
-    """`result` with the probe's verdict and, under --rescale, the runs predicted again on
-    the rescaled profile (`summary` of them beside the runs)."""
+def rescaled_runs(runs: list, drift: Drift | None) -> list | None:
+    """Under --rescale, the runs predicted again on the rescaled profile; else None."""
     from meshplan.validation.suite import repredict
 
+    return repredict(runs, drift.rescaled) if drift is not None and drift.rescaled is not None else None
+
+
+def with_probe(result: dict, drift: Drift | None, rescaled: list | None, summary) -> dict:
+    """`result` with the probe's verdict and the rescaled runs (`summary` of them beside)."""
     if drift is None:
         return result
     result = {**result, "probe": drift.to_json()}
-    if drift.rescaled is not None:
-        rescaled = repredict(runs, drift.rescaled)
+    if rescaled is not None:
         result["rescaled"] = {"runs": [r.to_json() for r in rescaled], **summary(rescaled)}
     return result
 
@@ -100,14 +103,14 @@ def run(args: argparse.Namespace) -> int:
                          progress=wanted(args.json))
     runs, drift = probed(args, hw, lambda after_launch: run_suite(options, names, rounds=args.rounds,
                                                                  after_launch=after_launch))
-    stats = summary(runs)
+    stats, rescaled = summary(runs), rescaled_runs(runs, drift)
     out = Path(args.out_dir)
-    write_csv(runs, out / "validate.csv")
+    write_csv(runs, out / "validate.csv", rescaled)
     write_html(runs, stats, hw.relative_error_band(), out / "validate.html",
                f"meshplan validate ({hw.name})")
     result = with_probe({"runs": [r.to_json() for r in runs], **stats,
                          "csv": str(out / "validate.csv"), "html": str(out / "validate.html")},
-                        runs, drift, summary)
+                        drift, rescaled, summary)
     if args.refit:
         from meshplan.calibration.refit import refit
         fitted = refit(hw, [r.name for r in runs], [r.record for r in runs])
@@ -124,12 +127,15 @@ def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    again = result["rescaled"]["runs"] if "rescaled" in result else None
     table = Table(title="predicted vs measured (this machine)")
-    for col in ("plan", "ranks", "predicted ms", "measured ms", "error", "pred MiB", "meas MiB", "mem error"):
+    for col in ("plan", "ranks", "predicted ms", "measured ms", "error",
+                *(("rescaled ms", "rescaled error") if again else ()), "pred MiB", "meas MiB", "mem error"):
         table.add_column(col, justify="right" if col != "plan" else "left")
-    for r in result["runs"]:
+    for i, r in enumerate(result["runs"]):
+        rescaled = (f"{again[i]['predicted_step_time_s'] * 1e3:.1f}", f"{again[i]['error']:+.1%}") if again else ()
         table.add_row(r["name"], str(r["world_size"]), f"{r['predicted_step_time_s'] * 1e3:.1f}",
-                      f"{r['measured_step_time_s'] * 1e3:.1f}", f"{r['error']:+.1%}",
+                      f"{r['measured_step_time_s'] * 1e3:.1f}", f"{r['error']:+.1%}", *rescaled,
                       f"{r['predicted_peak_memory_bytes'] / 2**20:.1f}",
                       f"{r['measured_peak_memory_bytes'] / 2**20:.1f}", f"{r['memory_error']:+.1%}")
     console = Console()
@@ -173,7 +179,7 @@ def run_inference(args: argparse.Namespace) -> int:
     write_html(runs, stats, hw.relative_error_band(), html,
                f"meshplan validate --mode inference ({hw.name})")
     result = with_probe({"runs": [r.to_json() for r in runs], **stats, "csv": str(csv), "html": str(html)},
-                        runs, drift, summary)
+                        drift, rescaled_runs(runs, drift), summary)
     if args.json:
         sys.stdout.write(dump_json(result))
     else:
