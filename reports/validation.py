@@ -30,8 +30,9 @@ def write_csv(runs: list[ValidationRun], path: Path, rescaled: list[ValidationRu
     profile), their predictions and errors beside."""
     table = runs_table(runs)
     if rescaled is not None:
-        table.insert(5, "rescaled_predicted_step_time_s", [r.record.predicted_step_time_s for r in rescaled])
-        table.insert(6, "rescaled_error_pct", [100 * r.error for r in rescaled])
+        after = table.columns.get_loc("error_pct") + 1
+        table.insert(after, "rescaled_predicted_step_time_s", [r.record.predicted_step_time_s for r in rescaled])
+        table.insert(after + 1, "rescaled_error_pct", [100 * r.error for r in rescaled])
     write_atomic(path, table.to_csv(index=False))
 
 
