@@ -241,6 +241,8 @@ def communication_lines(communication: dict) -> list[str]:
         how = (f"overlapped communication slows the compute beside it by "
                f"{overlap['compute_slowdown']:.1%} ({overlap['contention_s']:.3g} s: "
                f"{overlap['source'].split(':')[0]})")
+    if overlap.get("tp_overlap"):
+        how += f"; TP communication overlaps the GEMMs beside it in the {overlap['tp_overlap']}"
     if overlap.get("stragglers_s", 0.0) > 0:
         how += (f"; each ZeRO-3 gather waits for the group's slowest rank ({overlap['stragglers_s']:.3g} s; "
                 f"per-layer time spread {overlap['straggler_spread']:.1%}, "

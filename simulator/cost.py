@@ -463,7 +463,8 @@ def moe_layer_share(model: ModelSpec) -> float:
 
 def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, dtype_bytes, tp,
                 sp, cp, recompute, tp_rpn, cp_rpn, flash: bool, tp_overlap,
-                em: ExpertMesh | None = None, tp_share=1.0, cp_share=1.0, a2a_overlap=False) -> LayerTimes:
+                em: ExpertMesh | None = None, tp_share=1.0, cp_share=1.0, a2a_overlap=False,
+                tp_overlap_bwd=True) -> LayerTimes:
     """Per plan (arrays; st indexed alike): the layer's times under its recompute setting,
     the placement of its TP and CP groups (ranks per node, link share) and TP overlap.
 
@@ -475,7 +476,9 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     ops.op_sac marks, and the TP collectives whose outputs it does not save. TP overlap
     (Megatron-LM --tp-comm-overlap, torchtitan async TP) splits each TP collective and its weight GEMMs into tp pieces run
     as a pipeline: one piece of the communication stays exposed, the rest hides behind the
-    GEMMs at the cost of the smaller GEMMs and the contention. CP's ring exchange hides
+    GEMMs at the cost of the smaller GEMMs and the contention; in backward too only with
+    `tp_overlap_bwd` (Plan.tp_overlap_scope "both"; torchtitan's async TP overlaps the
+    forward's). CP's ring exchange hides
     behind the attention of the current chunk (Liu et al. 2023 sec 3), in backward behind the
     core's backward with the scores the fused kernel redoes (five matmuls against the
     forward's two, Op.kernel_redo). In the MoE layers (with SP, or without TP) the experts'
@@ -503,8 +506,9 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     gap = moe_layer_share(model) * hw.overhead.moe_host_gap_s
     overlap = np.asarray(tp_overlap, dtype=bool) & (np.asarray(tp) > 1)
     tp_f, tp_cf = overlap_split(tp_raw, np.where(overlap, lay.weight_fwd_s, 0.0), hw, tp_raw / tp)
-    tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)
-    split_f, split_b = np.where(overlap, st.split_fwd_s, 0.0), np.where(overlap, st.split_bwd_s, 0.0)
+    overlap_b = overlap & bool(tp_overlap_bwd)
+    tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap_b, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)
+    split_f, split_b = np.where(overlap, st.split_fwd_s, 0.0), np.where(overlap_b, st.split_bwd_s, 0.0)
     cp_raw_f, cp_raw_b = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn, cp_share)
     flash_redo = lay.kernel_redo_s if flash else 0.0
     cp_f, cp_cf = overlap_split(cp_raw_f, (cp - 1) * lay.core_s / cp, hw)

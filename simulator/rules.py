@@ -581,6 +581,12 @@ _TORCHTITAN = (
           lambda x, m, c: ~np.asarray(x.tp_overlap, dtype=bool) | (x.elementwise == "fused"),
           lambda x, m, c: "torchtitan's async TP compiles the model, which fuses the elementwise ops",
           "plan with elementwise fused, or without tp_overlap"),
+    # its async TP (torch's micro-pipeline TP) speeds the forward, little of the backward
+    # (the PyTorch async-TP post: forward passes ~20-29% faster, steps ~8%)
+    _rule("plan.tp_overlap_scope", "tp_overlap tp_overlap_scope",
+          lambda x, m, c: ~np.asarray(x.tp_overlap, dtype=bool) | (x.tp_overlap_scope == "forward"),
+          lambda x, m, c: "torchtitan's async TP overlaps the forward's TP communication, not the backward's",
+          "plan with tp_overlap_scope forward, or without tp_overlap"),
     _rule("plan.mlp_kernel", "elementwise mlp_kernel",
           lambda x, m, c: (x.mlp_kernel == "fused") | (x.elementwise == "eager") | (not m.gated_mlp),
           lambda x, m, c: "torchtitan runs the MLP's activation eager only uncompiled, which leaves the "

@@ -353,6 +353,8 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
         "pp": {"total_s": sends * x["hop"], "exposed_s": breakdown["pp_comm"]},
         "dp": {"total_s": float(tail.dp_total_s[0, s]) + gathers, "exposed_s": breakdown["dp_comm"]},
         "overlap": {"overlaps_compute": hw.comm_overlaps_compute,
+                    "tp_overlap": (("forward and backward" if r["tp_overlap_bwd"] else "forward")
+                                   if bool(r["tp_overlap"][0]) and int(r["tp"][0]) > 1 else None),
                     "compute_slowdown": hw.contention.compute_slowdown if hw.comm_overlaps_compute else 0.0,
                     "contention_s": breakdown["contention"], "source": hw.contention.source,
                     "straggler_spread": hw.stragglers.spread, "stragglers_s": breakdown["stragglers"],

@@ -200,3 +200,33 @@ def test_simulate_many_is_simulate_of_each_plan_in_order():
     assert [r.plan for r in many] == plans
     for plan, result in zip(plans, many):
         assert result.to_json() == simulate(model, plan, cluster, load_profile("h100-80gb")).to_json()
+
+
+def test_forward_scoped_tp_overlap_leaves_the_backward_as_without_overlap():
+    # torchtitan's async TP (tp_overlap_scope "forward"): the forward as under Megatron-LM's
+    # overlap, the backward's TP collectives exposed whole and its GEMMs unsplit, as without
+    model = ZOO["llama-2-70b"]
+    shard = Shard(1, 4096, tp=8, sp=True)
+    st = shard_times(model, A100, [shard], "bf16")
+
+    def lt(overlap, bwd=True, recompute=NONE):
+        return layer_times(model, A100, st, shard.tokens, 2, np.array([8]), np.array([True]), 1, recompute,
+                           8, 1, flash=True, tp_overlap=np.array([overlap]), tp_overlap_bwd=bwd)
+    none, both, forward = lt(False), lt(True), lt(True, bwd=False)
+    assert both.tp_bwd_s < none.tp_bwd_s  # the overlap hides some backward communication
+    for field in ("tp_fwd_s", "fwd_compute_s", "contention_fwd_s"):
+        assert getattr(forward, field) == pytest.approx(getattr(both, field))
+    for field in ("tp_bwd_s", "bwd_input_s", "bwd_weight_s", "contention_bwd_s"):
+        assert getattr(forward, field) == pytest.approx(getattr(none, field))
+    # full recompute redoes the forward, overlapped as the forward is
+    full_both, full_forward = lt(True, recompute=FULL), lt(True, bwd=False, recompute=FULL)
+    assert full_forward.recompute_s == pytest.approx(full_both.recompute_s)
+    assert full_forward.tp_bwd_s == pytest.approx(none.tp_bwd_s + both.tp_fwd_s)
+
+
+def test_forward_scoped_tp_overlap_prices_between_none_and_both():
+    plan = Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, zero=3, tp_overlap=True)
+    model, cluster = ZOO["llama-2-70b"], Cluster(64, 8)
+    times = [simulate(model, p, cluster, A100).step_time_s
+             for p in (replace(plan, tp_overlap=False), replace(plan, tp_overlap_scope="forward"), plan)]
+    assert times[0] > times[1] > times[2]

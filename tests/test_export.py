@@ -463,6 +463,8 @@ def test_deepspeed_moe_command_and_reduce_dtype():
     ("megatron", MIXTRAL, dict(dp=8, tp=8, sp=True, ep=8, moe_routing="contiguous"), "moe_routing"),
     ("deepspeed", MIXTRAL, dict(dp=64, ep=8, moe_routing="contiguous"), "moe_routing"),
     ("torchtitan", "llama-3-70b", dict(dp=8, tp=8, sp=True, zero=3, master_weights=False), "master_weights"),
+    ("torchtitan", "llama-3-70b", dict(dp=8, tp=8, sp=True, zero=3, tp_overlap=True, tp_overlap_scope="both"),
+     "tp_overlap_scope"),
     ("megatron", "llama-2-13b", dict(dp=8, tp=8, master_weights=False), "master_weights"),
     ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, master_weights=False), "master_weights"),
     ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, zero=0, master_weights=False, moments_dtype="bf16"),

@@ -62,7 +62,7 @@ VARIANTS = {
 KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "ep": "ep", "etp": "etp", "zero": "zero",
          "recompute": "recompute",
          "micro_batch": "micro_batch", "schedule": "schedule", "virtual_stages": "virtual_stages",
-         "sp": "sp", "tp_overlap": "tp_overlap", "fsdp_reshard_after_forward": "reshard_after_forward",
+         "sp": "sp", "tp_overlap": "tp_overlap", "tp_overlap_scope": "tp_overlap_scope", "fsdp_reshard_after_forward": "reshard_after_forward",
          "moe_dispatcher": "moe_dispatcher", "moe_routing": "moe_routing", "moe_a2a_overlap": "moe_a2a_overlap",
          "grad_reduce_dtype": "grad_reduce_dtype", "master_weights": "master_weights",
          "moments_dtype": "moments_dtype", "grad_sync": "grad_sync",

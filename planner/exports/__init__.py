@@ -94,11 +94,11 @@ def dictated(target: str, fixed: dict) -> dict:
     """What `target` runs whatever the plan says, given the user's fixed fields: a search for
     it prices that unless the user fixed the field too (then the target's rules refuse what
     it cannot run). torchtitan compiles its loss with the model, so an uncompiled
-    (elementwise eager) plan's loss is eager."""
+    (elementwise eager) plan's loss is eager; its async TP overlaps the forward only."""
     if target == "deepspeed":
         return {"mlp_kernel": "eager"}
     if target == "torchtitan":
-        return {"fp8_saved_dtype": "bf16",
+        return {"fp8_saved_dtype": "bf16", "tp_overlap_scope": "forward",
                 "cross_entropy": "eager" if fixed.get("elementwise") == "eager" else "compiled"}
     return {}
 
