@@ -301,6 +301,14 @@ def test_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, tmp_path
     assert table["rescaled_predicted_step_time_s"].tolist() == pytest.approx([r["predicted_step_time_s"] for r in again])
     assert table["rescaled_error_pct"].tolist() == pytest.approx(
         [100 * (r["predicted_step_time_s"] / 0.3 - 1) for r in again])
+    # the table, written to a pipe (capsys), keeps every column whole
+    later = iter([1.5, 1.6])
+    assert main(["validate", "--plans", "dp2,dp2 zero1", "--rescale", "--out-dir", str(tmp_path)]) == 0
+    rows = {cells[1].strip(): cells for cells in (line.split("│") for line in capsys.readouterr().out.splitlines())
+            if len(cells) > 2}
+    for stock, rescaled in zip(result["runs"], again):
+        cells = [c.strip() for c in rows[stock["name"]]]
+        assert f"{stock['error']:+.1%}" in cells and f"{rescaled['error']:+.1%}" in cells
 
 
 def test_each_reading_is_the_median_of_its_rounds(monkeypatch):

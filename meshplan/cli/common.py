@@ -22,6 +22,19 @@ SERVING_ONLY = ("batch", "prompt_len", "gen_len", "replicas", "kv_dtype", "quant
                 "expert_parallel")
 
 
+# Where stdout is a file or a pipe, rich sizes its console at 80 columns (or COLUMNS),
+# which cuts a wide table's figures to "-41.…": such output gets this width.
+PIPED_WIDTH = 160
+
+
+def console():
+    """A rich Console on stdout: the terminal's width, or PIPED_WIDTH where stdout is not a
+    terminal."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
+
+
 def flag(field: str) -> str:
     """The command-line spelling of an error's field: plan.micro_batch -> --micro-batch,
     cluster.num_gpus -> --gpus, emit.megatron -> --emit megatron; other fields (a config

@@ -124,7 +124,6 @@ def run_capacity(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(dump_json(found.to_json()))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{model.name}: {args.tokens:g} tokens on {hw.name}, global batch "
@@ -138,7 +137,7 @@ def run_capacity(args: argparse.Namespace) -> int:
             continue
         table.add_row(str(o.gpus), o.result.plan.summary(), f"{o.result.step_time_s:.3f}", f"{o.days:.1f}",
                       "-" if o.cost is None else f"{o.cost:,.0f}", mark)
-    Console().print(table)
+    common.console().print(table)
     if found.answer is not None:
         a = found.answer
         cost = "" if a.cost is None else f", costing {a.cost:,.0f} at {args.gpu_hour_price:g} per GPU-hour"
@@ -239,7 +238,6 @@ def run_inference(args: argparse.Namespace) -> int:
             "plans": [r.to_json() for _, r in list(found)[:args.top]],
             "explanation": explain_inference(found)}))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{model.name} ({params_text(model.num_params(), model.num_params(active=True))}) "
@@ -256,7 +254,7 @@ def run_inference(args: argparse.Namespace) -> int:
                       rate_text(data['throughput_tokens_per_s']),
                       rate_text(data['throughput_tokens_per_s'] / cluster.num_gpus),
                       f"{data['peak_memory_bytes'] / GIB:.1f}")
-    console = Console()
+    console = common.console()
     console.print(table)
     console.print(explain_inference(found))
     return 0
@@ -274,13 +272,12 @@ def _v_ranges(counts) -> str:
 
 
 def print_ranking(found, why, top: int) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from meshplan.planner.search import distinct
 
     best = found.ranked[0]
-    console = Console(width=None if sys.stdout.isatty() else 130)
+    console = common.console()
     model = best.model
     table = Table(title=f"{model.name} ({params_text(model.num_params(), model.num_params(active=True))}): "
                         f"{best.cluster.num_gpus} x {best.hardware}, global batch {best.plan.global_batch} x "

@@ -179,9 +179,8 @@ def prediction_columns(table, rescaled) -> None:
 
 def show(table, rescaled) -> None:
     """Print the table, and under it the rescaled profile's name (its factors)."""
-    from rich.console import Console
 
-    Console().print(table)
+    common.console().print(table)
     if rescaled is not None:
         print(f"rescaled: profile {rescaled.profile}")
 

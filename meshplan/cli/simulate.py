@@ -111,7 +111,6 @@ def params_text(params: int, active_params: int) -> str:
 
 
 def print_inference_summary(data: dict, model_name: str, hardware: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     plan = data["plan"]
@@ -130,11 +129,10 @@ def print_inference_summary(data: dict, model_name: str, hardware: str) -> None:
                             f"GiB usable; max batch {data['max_batch']}"))
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
+    common.console().print(table)
 
 
 def print_summary(result) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from meshplan.hw_profiles.accuracy import end_to_end_text, plan_kind
@@ -143,7 +141,7 @@ def print_summary(result) -> None:
 
     gib = GIB
     plan = result.plan
-    console = Console()
+    console = common.console()
     head = Table(title=f"{result.model.name}: {result.cluster.num_gpus} x {result.hardware}",
                  show_header=False)
     knobs = (f"dp {plan.dp}  tp {plan.tp}{' +sp' if plan.sp else ''}  pp {plan.pp}  cp {plan.cp}  "

@@ -124,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_table(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     again = result["rescaled"]["runs"] if "rescaled" in result else None
@@ -138,7 +137,7 @@ def print_table(result: dict) -> None:
                       f"{r['measured_step_time_s'] * 1e3:.1f}", f"{r['error']:+.1%}", *rescaled,
                       f"{r['predicted_peak_memory_bytes'] / 2**20:.1f}",
                       f"{r['measured_peak_memory_bytes'] / 2**20:.1f}", f"{r['memory_error']:+.1%}")
-    console = Console()
+    console = common.console()
     console.print(table)
     console.print(f"median |error| {result['median_abs_error']:.1%}  max |error| {result['max_abs_error']:.1%}  "
                   f"Spearman {result['spearman']:.2f}  memory median |error| "
@@ -188,7 +187,6 @@ def run_inference(args: argparse.Namespace) -> int:
 
 
 def print_inference_table(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="serving: predicted vs measured (this machine)")
@@ -200,7 +198,7 @@ def print_inference_table(result: dict) -> None:
                       f"{r['measured_ttft_s'] * 1e3:.2f}", f"{r['ttft_error']:+.1%}",
                       f"{r['predicted_tpot_s'] * 1e3:.3f}", f"{r['measured_tpot_s'] * 1e3:.3f}",
                       f"{r['tpot_error']:+.1%}")
-    console = Console()
+    console = common.console()
     console.print(table)
     for key in ("ttft", "tpot"):
         s = result[key]
