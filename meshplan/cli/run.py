@@ -179,7 +179,6 @@ def prediction_columns(table, rescaled) -> None:
 
 def show(table, rescaled) -> None:
     """Print the table, and under it the rescaled profile's name (its factors)."""
-
     common.console().print(table)
     if rescaled is not None:
         print(f"rescaled: profile {rescaled.profile}")
