@@ -21,7 +21,8 @@ Then, with one torchrun node per namespace (c10d rendezvous over the emulated ne
 Needs root, `ip` and `tc` (iproute2) with the tbf qdisc, `taskset` and `unshare`. Every
 namespace, veth and bridge it makes (and the /etc/netns/<namespace>/hosts files that name
 the nodes inside them) is removed at the end, also on failure, Ctrl-C or SIGTERM, and every
-process left in the namespaces is stopped; traffic stays inside them.
+process left in the namespaces is stopped; traffic stays inside them. What a run killed
+outright (SIGKILL, a restart) left is removed by the next run.
 
     sudo python benchmarks/emulated_cluster.py [--nodes 4] [--nodes-per-leaf 2]
         [--oversubscription 2] [--nic-mbit 200] [--out DIR]
@@ -130,7 +131,7 @@ class EmulatedCluster:
 
     def __init__(self, shape: Shape):
         self.shape = shape
-        self.prefix = f"mpf{os.getpid() % 100000}"
+        self.prefix = f"mpf{os.getpid()}"
         self.switch = f"{self.prefix}sw"
         self.namespaces: list[str] = []
         self.made_etc_netns = not ETC_NETNS.exists()
@@ -248,9 +249,45 @@ class EmulatedCluster:
         return [log.with_name(f"{log.name}.node{k}.log").read_text() for k in range(len(commands))]
 
 
+# this module's namespaces: mpf<pid of the run that made it>sw, ...n<k> or mpfprobe<pid>
+OWN_NAMESPACE = re.compile(r"mpf(?:probe)?(\d+)(?:sw|n\d+)?")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale() -> list[str]:
+    """Remove the namespaces and /etc/netns entries that a run killed outright (SIGKILL, a
+    machine restart) left behind: those named for a process no longer running. Their names."""
+    listed = {line.split()[0] for line in _sh("ip", "netns", "list").stdout.splitlines() if line.strip()}
+    files = {d.name for d in ETC_NETNS.iterdir()} if ETC_NETNS.is_dir() else set()
+    stale = sorted(n for n in listed | files
+                   if (m := OWN_NAMESPACE.fullmatch(n)) and not _running(int(m.group(1))))
+    for name in stale:
+        for pid in map(int, _sh("ip", "netns", "pids", name).stdout.split()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _sh("ip", "netns", "del", name)
+        shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
+    return stale
+
+
 @contextmanager
 def emulated_cluster(shape: Shape):
-    """The built cluster; removed on exit, also when building fails half way or on SIGTERM."""
+    """The built cluster; removed on exit, also when building fails half way or on SIGTERM.
+    What earlier runs that were killed outright left behind is removed first."""
+    stale = remove_stale()
+    if stale:
+        print(f"removed namespaces left by killed runs: {', '.join(stale)}", file=sys.stderr)
     cluster = EmulatedCluster(shape)
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -406,7 +443,7 @@ def run(shape: Shape, nproc: int, work: Path, with_runs: bool = True, effort: Ef
 
 def netem_available() -> bool:
     """Whether this kernel has the netem qdisc (for link latency)."""
-    probe = f"mpfprobe{os.getpid() % 100000}"
+    probe = f"mpfprobe{os.getpid()}"
     if _sh("ip", "netns", "add", probe).returncode != 0:
         return False
     try:

@@ -6,8 +6,9 @@ on this noisy two-core machine: groups that share links are measured slower than
 prices them alone, the link share brings their predictions at least twice as close as
 without it, and the placement the planner prefers trains faster than the one it rejects.
 The accuracy figure (median |error| against the 15% target) is the benchmark's to print:
-one --quick run here gave 10.0% and another 15.05% from the same code. Skips, saying why, without root, iproute2
-or the tbf qdisc; leaves no namespace, veth or bridge behind."""
+one --quick run here gave 10.0% and another 15.05% from the same code. Skips, saying why,
+without root, iproute2 or the tbf qdisc; leaves no namespace, veth or bridge behind, and
+removes what a run killed outright left."""
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,10 @@ def _namespaces() -> set[str]:
     return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
 
 
+def _hosts_files() -> set[str]:
+    return {d.name for d in emulated.ETC_NETNS.glob("mpf*")}
+
+
 @pytest.mark.slow
 @pytest.mark.timed
 def test_fabric_predictions_on_emulated_cluster(tmp_path):
@@ -31,7 +36,12 @@ def test_fabric_predictions_on_emulated_cluster(tmp_path):
     if why:
         print(f"skipped: {why}")
         pytest.skip(why)
-    before = _namespaces()
+    # what a run killed outright would leave: a namespace and hosts file named for a dead pid
+    dead = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True).stdout.strip()
+    stale = f"mpf{dead}n0"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    (emulated.ETC_NETNS / stale).mkdir(parents=True, exist_ok=True)
+    before, hosts_before = _namespaces(), _hosts_files()
     try:
         result = emulated.run(SHAPE, 2, tmp_path, effort=emulated.QUICK)
     except emulated.Unavailable as exc:
@@ -40,7 +50,8 @@ def test_fabric_predictions_on_emulated_cluster(tmp_path):
     finally:
         left = {n for n in _namespaces() - before if n.startswith("mpf")}
         assert not left, f"namespaces left behind: {left}"
-        assert not list(emulated.ETC_NETNS.glob("mpf*"))
+        assert not _hosts_files() - hosts_before, "/etc/netns entries left behind"
+        assert stale not in _namespaces() | _hosts_files(), "a killed run's namespace was kept"
     print(emulated.report(result, SHAPE))
     table = result["collectives"]
     bandwidth = table[table["MiB"] * emulated.MIB >= emulated.BANDWIDTH_REGIME_BYTES]
