@@ -49,7 +49,7 @@ SUSTAINED = {
     "a100-80gb": {"gemm_loss": 0.0, "source": "benchmarks/published.py --fit-sustained: no GEMM rate "
                   "lost in 13 dense published A100 runs (8 to 12,288 A100; the fit half of "
                   "benchmarks/published/training.csv)"},
-    "h100-80gb": {"gemm_loss": 0.109, "source": "benchmarks/published.py --fit-sustained: 10.9% of the "
+    "h100-80gb": {"gemm_loss": 0.113, "source": "benchmarks/published.py --fit-sustained: 11.3% of the "
                   "fitted GEMM rate lost in 36 dense published H100 runs (8 to 16,384 H100; the fit half "
                   "of benchmarks/published/training.csv), the clock a training run holds at the power "
                   "limit and whatever else slows its GEMMs against the microbenchmark"},
@@ -58,11 +58,22 @@ SUSTAINED = {
 # for it (FrameworkOverhead.moe_host_gap_s): the gap fitted by `python benchmarks/published.py
 # --fit-moe-gap` (least |log error| over the fit half's 13 MoE rows: Megatron-Bridge, the MoE
 # Model Zoo and Automodel on 16 to 1024 H100).
-MOE_OVERHEAD = {"moe_host_gap_s": 4.42e-3, "source": "benchmarks/published.py --fit-moe-gap: the "
-                "GPU waits 4.42 ms for the host per MoE block forward (its sync on the routing "
+MOE_OVERHEAD = {"moe_host_gap_s": 4.73e-3, "source": "benchmarks/published.py --fit-moe-gap: the "
+                "GPU waits 4.73 ms for the host per MoE block forward (its sync on the routing "
                 "counts, its kernel launches), fitted on 13 published MoE runs (16 to 1024 H100; the "
                 "fit half of benchmarks/published/training.csv); elsewhere the host queues kernels "
                 "ahead of the GPU"}
+# cuDNN's fused attention on H100 against FlashAttention-2, whose rate the stock profiles'
+# GEMM fits give the attention matmuls (FusedAttention): causal head-dim-128 at 4K-16K, FA2
+# forward 319/333/335 TFLOPS against cuDNN's 518/529/539, backward 310/318/322 against
+# 499/518/516 (Shah et al. 2024, FlashAttention-3, Figs. 5-6): time ratios 0.622 and 0.620.
+CUDNN_ATTENTION = {
+    "h100-80gb": {"forward_scale": 0.622, "backward_scale": 0.620,
+                  "source": "Shah et al. 2024 (FlashAttention-3) Figs. 5-6, H100 SXM5, causal head dim 128, "
+                            "4K-16K: cuDNN 518-539 TFLOPS forward, 499-518 backward against FlashAttention-2's "
+                            "319-335 and 310-322, the rate the GEMM fits price; scales are the FA2/cuDNN time "
+                            "ratios (0.622, 0.620)"},
+}
 SUPERPOD_H100 = ("NVIDIA DGX SuperPOD reference architecture, DGX H100 (RA-11333-001; docs.nvidia.com/"
                  "dgx-superpod/reference-architecture-scalable-infrastructure-h100, Network Fabrics): "
                  "compute fabric rail-aligned in scalable units of 32 nodes, traffic per rail one hop "
@@ -248,6 +259,7 @@ def build(data_dir: Path, out_dir: Path, inter_node: str = "dgx") -> dict[str, H
         profile = HardwareProfile.from_dict({**profile.to_dict(), "contention": CONTENTION,
                                              "stragglers": STRAGGLERS, "overhead": MOE_OVERHEAD,
                                              "sustained": SUSTAINED[name],
+                                             "cudnn_attention": CUDNN_ATTENTION.get(name),
                                              "fabric": spec["network"],
                                              "extra": {**profile.extra, "published_checks": checks}})
         if name in FP8:

@@ -262,6 +262,9 @@ class HardwareProfile:
     contention: Contention = Contention()
     stragglers: Stragglers = Stragglers()
     attention: FusedAttention = FusedAttention()
+    # cuDNN's fused attention (Transformer Engine's FusedAttention, which Megatron-LM runs on
+    # Hopper): a plan's attention "cudnn" is priced with it; None: no figures for this device
+    cudnn_attention: FusedAttention | None = None
     sustained: Sustained = Sustained()
     cached_reads: CachedReads = CachedReads()
     # How the NICs are switched (hw_profiles/fabric.py). None (no "fabric" in the JSON): not
@@ -286,6 +289,17 @@ class HardwareProfile:
                                       self.peak_flops[dtype] * (1.0 - self.sustained.gemm_loss),
                                       self.hbm_bytes_per_s, ELEMENT_BYTES[dtype], weight_bytes,
                                       np.asarray(dequant_flops, dtype=float) / self.peak_flops["fp32"])
+
+    def attention_kernel(self, kernel: str) -> HardwareProfile:
+        """This profile as a plan with attention `kernel` prices it: "cudnn" puts the cuDNN
+        kernel's figures in place of the fused attention's; a profile without them raises."""
+        if kernel != "cudnn":
+            return self
+        if self.cudnn_attention is None:
+            raise ProfileError("cudnn_attention", f"is not in profile {self.name!r}, and a plan with "
+                               "attention cudnn is priced by it", "plan with --attention flash, or use a "
+                               "profile that has it (the stock h100-80gb)")
+        return replace(self, attention=self.cudnn_attention)
 
     def cached(self, working_set_bytes: float) -> HardwareProfile:
         """This profile as a step that keeps `working_set_bytes` in the device's caches sees
@@ -388,6 +402,7 @@ class HardwareProfile:
             "contention": asdict(self.contention),
             "stragglers": asdict(self.stragglers),
             "attention": asdict(self.attention),
+            **({"cudnn_attention": asdict(self.cudnn_attention)} if self.cudnn_attention else {}),
             "sustained": asdict(self.sustained),
             **({"cached_reads": self.cached_reads.to_dict()} if self.cached_reads.measured else {}),
             **({"fabric": self.fabric.to_dict()} if self.fabric else {}),
@@ -422,6 +437,8 @@ class HardwareProfile:
             contention=r.fraction(data.get("contention", {}), "contention", Contention, "compute_slowdown"),
             stragglers=r.fraction(data.get("stragglers", {}), "stragglers", Stragglers, "spread"),
             attention=r.attention(data.get("attention", {})),
+            cudnn_attention=r.attention(data["cudnn_attention"], "cudnn_attention")
+            if data.get("cudnn_attention") is not None else None,
             sustained=r.fraction(data.get("sustained", {}), "sustained", Sustained, "gemm_loss"),
             cached_reads=r.cached_reads(data.get("cached_reads", {})),
             fabric=Fabric.from_dict(data["fabric"], where) if data.get("fabric") is not None
@@ -530,17 +547,17 @@ class _Reader:
                                REGENERATE)
         return cls(value, self.get(data, "source", str, f"{name}."))
 
-    def attention(self, data) -> FusedAttention:
+    def attention(self, data, name: str = "attention") -> FusedAttention:
         """Optional section (profiles from before it: the GEMM fits' price, scales 1)."""
         if not isinstance(data, dict):
-            raise ProfileError("attention", f"is not an object in {self.where}", REGENERATE)
+            raise ProfileError(name, f"is not an object in {self.where}", REGENERATE)
         known = [f.name for f in fields(FusedAttention)]
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ProfileError(f"attention.{unknown[0]}", f"is unknown in {self.where}", REGENERATE)
+            raise ProfileError(f"{name}.{unknown[0]}", f"is unknown in {self.where}", REGENERATE)
         if not data:
             return FusedAttention()
-        p = "attention."
+        p = f"{name}."
         return FusedAttention(
             *(self.bounded(data, k, *ATTENTION_SCALE, p) for k in ("forward_scale", "backward_scale")),
             self.get(data, "source", str, p),

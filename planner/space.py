@@ -319,7 +319,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
         table = _join(table, ["tp", "moe_a2a_overlap"], lambda tp, a2a: [
             (r,) for r in RECOMPUTE if fixed.get("recompute", r) == r and not (
                 prune_dominated and r == "selective" and "recompute" not in fixed
-                and fixed.get("attention", ATTENTION[0]) == "flash")
+                and fixed.get("attention", ATTENTION[0]) in rules.FUSED_ATTENTION)
             and (r != "norm_act" or model.num_experts or "recompute" in fixed)],
             ["recompute"], {"recompute": RECOMPUTE},
             legal=lambda options, new: _legal(options, model, cluster, fixed, new))

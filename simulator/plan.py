@@ -24,9 +24,11 @@ from meshplan.core.io import read_json
 RECOMPUTE = ("none", "selective", "full", "op", "norm_act")
 # fp8: the weight GEMMs of the decoder layers in FP8, everything else in bf16 (fp8.py)
 DTYPES = ("fp32", "bf16", "fp16", "fp8")
-# flash: fused attention, no s^2 tensors kept (Dao 2022); naive: explicit scores and softmax
-# as in Korthikanti et al. 2022 Table 2.
-ATTENTION = ("flash", "naive")
+# flash: fused attention, no s^2 tensors kept (Dao 2022; FlashAttention-2, scaled_dot_product_
+# attention's first choice); cudnn: cuDNN's fused kernel, which Transformer Engine prefers on
+# Hopper (its get_attention_backend), priced by the profile's cudnn_attention; naive: explicit
+# scores and softmax as in Korthikanti et al. 2022 Table 2.
+ATTENTION = (*rules.FUSED_ATTENTION, "naive")
 # fused: a gated MLP's activation and gate product in one kernel that saves only its inputs
 # (Megatron-LM's bias_swiglu fusion, Transformer Engine, torch.compile); eager: one PyTorch
 # op each, which also save the activation's output (memory.mlp_saved_widths)

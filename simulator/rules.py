@@ -19,6 +19,9 @@ import numpy as np
 from meshplan.core.errors import Issue
 from meshplan.simulator.model_spec import ModelSpec
 
+# The attention kernels (plan.ATTENTION) that fuse the scores and keep no s^2 tensors
+FUSED_ATTENTION = ("flash", "cudnn")
+
 AXES = ("tp", "cp", "dp", "pp")
 # The expert layers' own mesh over a pipeline stage's ranks, innermost first, as
 # Megatron-Core orders it (core/parallel_state.py, the expert RankGenerator: order tp-ep-dp
@@ -156,9 +159,10 @@ PLAN = (
 # Rules of a plan for a model on a cluster.
 TRAINING = PLAN + (
     # per-op selective AC keeps the fused attention kernel's output (ops.op_sac)
-    _rule("plan.recompute", "recompute attention", lambda x, m, c: (x.recompute != "op") | (x.attention == "flash"),
+    _rule("plan.recompute", "recompute attention",
+          lambda x, m, c: (x.recompute != "op") | np.isin(x.attention, FUSED_ATTENTION),
           lambda x, m, c: "per-op recompute is modelled with fused attention, whose output it keeps",
-          "plan op recompute with flash attention, or another recompute"),
+          "plan op recompute with fused (flash or cudnn) attention, or another recompute"),
     _rule("plan.placement", "placement ep etp tp cp dp pp",
           lambda x, m, c: (m.num_experts == 0) | _folds(x),
           lambda x, m, c: f"with placement {x.placement} the expert mesh (etp, ep, edp) would put other "
@@ -339,6 +343,9 @@ EXECUTOR_TRAINING = (
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
+    _rule("plan.attention", "attention", lambda x, m, c: x.attention != "cudnn",
+          lambda x, m, c: "the executor runs scaled_dot_product_attention's default backend, not cuDNN's",
+          "use flash attention"),
     _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
           lambda x, m, c: "context parallel cannot run here: torch's ring attention has no DTensor "
           "rule for the CPU attention kernel", "use cp 1"),
@@ -574,7 +581,8 @@ _TORCHTITAN = (
           f"gradients and moments, not {x.dtype} weights with {x.moments_dtype} moments",
           "plan with master_weights, or without them with bf16 moments in bf16"),
     _rule("plan.attention", "attention", lambda x, m, c: x.attention == "flash",
-          lambda x, m, c: "torchtitan runs fused attention (SDPA / flex) only", "plan with flash attention"),
+          lambda x, m, c: "torchtitan runs scaled_dot_product_attention, whose first choice is its flash "
+          f"backend (or flex attention), not {x.attention} attention", "plan with flash attention"),
     # async TP works in a compiled model; compiling fuses the elementwise ops, the gated
     # MLP's activation with them, and nothing else does
     _rule("plan.elementwise", "tp_overlap elementwise",
@@ -786,6 +794,9 @@ FRAMEWORKS = {
               "plan with recompute selective, full or none"),
         _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
               lambda x, m, c: "DeepSpeed has no ring context parallelism", "plan with cp 1"),
+        # its GPT model runs FlashAttention (--use-flash-attn-v2) or the unfused core
+        _rule("plan.attention", "attention", lambda x, m, c: x.attention != "cudnn",
+              lambda x, m, c: "Megatron-DeepSpeed has no cuDNN fused attention", "plan with flash or naive attention"),
         _rule("plan.schedule", "pp schedule", lambda x, m, c: (x.pp == 1) | (x.schedule == "1f1b"),
               lambda x, m, c: "the DeepSpeed pipeline engine runs its own 1F1B schedule",
               "plan with the 1f1b schedule"),

@@ -35,6 +35,7 @@ from meshplan.simulator.memory import (adam_step_bytes_per_param, cross_entropy_
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import Shard, kinds_ops, layer_ops
 from meshplan.simulator.plan import DTYPE_BYTES, RECOMPUTE, SCHEDULES, grad_sync_once
+from meshplan.simulator.rules import FUSED_ATTENTION
 from meshplan.simulator.schedule import loss_in_flight
 
 SHARD_KEYS = ("tp", "sp", "cp", "micro_batch", "ep", "etp")
@@ -90,7 +91,7 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     d = r["d"]
     shard_id, first = combo_ids(r, SHARD_KEYS)
     shards = [Shard(int(r["micro_batch"][i]), wide["seq_len"], int(r["tp"][i]), int(r["cp"][i]),
-                    bool(r["sp"][i]), d, attention == "flash", int(r["ep"][i]), int(r["etp"][i]),
+                    bool(r["sp"][i]), d, attention in FUSED_ATTENTION, int(r["ep"][i]), int(r["etp"][i]),
                     capacity, wide["fp8_recipe"] if dtype == "fp8" else None,
                     fused_mlp=wide["mlp_kernel"] == "fused", fp8_saved=wide["fp8_saved_dtype"] == "fp8",
                     eager=wide["elementwise"] == "eager")
@@ -101,7 +102,7 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
                      for i, k in enumerate(RECOMPUTE)] for s, ops in zip(shards, kind_ops)])
     r.update(shard_id=shard_id, shards=shards,
              shard_ops=[layer_ops(model, s, ops) for s, ops in zip(shards, kind_ops)],
-             flash=attention == "flash", tp_overlap_bwd=wide["tp_overlap_scope"] == "both",
+             flash=attention in FUSED_ATTENTION, attention=attention, tp_overlap_bwd=wide["tp_overlap_scope"] == "both",
              capacity=capacity, dispatcher=wide["moe_dispatcher"], routing=wide["moe_routing"],
              zero1_all_reduce=wide["zero1_sync"] == "all_reduce",
              act=act[shard_id, r["rc"]], act_none=act[shard_id, NONE],
@@ -144,7 +145,7 @@ def rows_shard_times(r: dict, model: ModelSpec, hw: HardwareProfile, index=slice
     used = np.unique(r["shard_id"][index])
     at = np.zeros(len(r["shards"]), dtype=np.int64)
     at[used] = np.arange(used.size)
-    return shard_times(model, hw, [r["shards"][i] for i in used], r["dtype"],
+    return shard_times(model, hw.attention_kernel(r["attention"]), [r["shards"][i] for i in used], r["dtype"],
                        [r["shard_ops"][i] for i in used]).take(at)
 
 

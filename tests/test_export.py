@@ -512,3 +512,17 @@ def test_deepspeed_bf16_weights_and_moments():
     assert json.loads(dict(pure.files)["ds_config.json"])["bf16"] == {
         "enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
     assert json.loads(dict(mixed.files)["ds_config.json"])["bf16"] == {"enabled": True}
+
+
+def test_attention_kernel_per_framework():
+    """Megatron-LM names each kernel (--attention-backend flash, fused for cuDNN's, unfused);
+    Megatron-DeepSpeed and torchtitan have no cuDNN attention to run, nor the executor."""
+    backend = {kernel: flags(export("megatron", job("llama-2-13b", hw=H100, dp=8, tp=8, sp=True,
+                                                    attention=kernel)).args)["--attention-backend"]
+               for kernel in ("flash", "cudnn", "naive")}
+    assert backend == {"flash": "flash", "cudnn": "fused", "naive": "unfused"}
+    plan = Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, attention="cudnn")
+    for target, model in (("deepspeed", L13), ("torchtitan", L70)):
+        with pytest.raises(PlanError) as err:
+            check(target, model, dataclasses.replace(plan, **dictated(target, {})))
+        assert err.value.problem.startswith("attention") and "cudnn" in err.value.problem.lower()

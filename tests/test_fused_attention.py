@@ -11,8 +11,10 @@ from meshplan.core.errors import ProfileError
 from meshplan.hw_profiles.gemm_model import causal_tile_share
 from meshplan.hw_profiles.profile import FusedAttention, HardwareProfile, load_profile
 from meshplan.simulator.cost import forward_s, op_times
-from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.model_spec import ZOO, ModelSpec
 from meshplan.simulator.ops import Shard, layer_ops
+from meshplan.simulator.plan import Cluster, Plan
+from meshplan.simulator.train import simulate
 
 
 def _brute_share(seq: int, keys: int, q_block: int, k_block: int) -> float:
@@ -110,3 +112,57 @@ def test_a_tile_no_kernel_runs_is_a_profile_error(tile):
     with pytest.raises(ProfileError) as err:
         HardwareProfile.from_dict(data)
     assert err.value.field == "attention.key_block"
+
+
+# the same figures, cuDNN's bars: forward 518-539 TFLOPS, backward 499-518 TFLOPS
+CUDNN_H100_FORWARD_TFLOPS, CUDNN_H100_BACKWARD_TFLOPS = (518, 539), (499, 518)
+
+
+@pytest.mark.parametrize("seq", [4096, 8192, 16384])
+def test_stock_h100_prices_cudnn_attention_at_its_published_rates(seq):
+    """A plan's attention cudnn takes the profile's cuDNN kernel figures: within 5% of the
+    rates the same paper measured for cuDNN."""
+    hw = load_profile("h100-80gb")
+    hw = replace(hw, sustained=replace(hw.sustained, gemm_loss=0.0)).attention_kernel("cudnn")
+    batch, heads, head_dim = 16384 // seq, 16, 128
+    model = ModelSpec(name="fa", num_layers=1, hidden_size=heads * head_dim, num_heads=heads,
+                      num_kv_heads=heads, ffn_hidden_size=heads * head_dim, vocab_size=128, max_seq_len=seq)
+    core = tuple(op for op in layer_ops(model, Shard(batch, seq, dtype_bytes=2, flash=True)) if op.attention_core)
+    t = op_times([core], hw, "bf16")
+    forward_flops = 4 * batch * heads * seq * seq * head_dim / 2
+    backward_s = t.bwd_input_s[0] + t.bwd_weight_s[0] + t.kernel_redo_s[0]
+    low, high = CUDNN_H100_FORWARD_TFLOPS
+    assert 0.95 * low <= forward_flops / t.fwd_s[0] / 1e12 <= 1.05 * high
+    low, high = CUDNN_H100_BACKWARD_TFLOPS
+    assert 0.95 * low <= 2.5 * forward_flops / backward_s / 1e12 <= 1.05 * high
+
+
+def test_cudnn_attention_needs_the_profiles_figures():
+    """The stock H100 profile keeps its cuDNN figures through a save; a profile without them
+    (this machine's, the A100's) refuses a plan with attention cudnn, naming the field."""
+    hw = load_profile("h100-80gb")
+    assert HardwareProfile.from_dict(hw.to_dict()).cudnn_attention == hw.cudnn_attention is not None
+    assert hw.attention_kernel("flash") is hw
+    for name in ("local", "a100-80gb"):
+        with pytest.raises(ProfileError) as err:
+            load_profile(name).attention_kernel("cudnn")
+        assert err.value.field == "cudnn_attention"
+
+
+def test_a_plans_attention_kernel_reaches_the_step():
+    """simulate() prices a plan's attention cudnn with the profile's cuDNN figures and nothing
+    else: the same figures as the flash kernel's give the same step, the stock H100's faster
+    ones a faster step by less than the attention's whole time, and a profile without them
+    refuses the plan."""
+    model, cluster = ZOO["llama-3-8b"], Cluster(8, 8)
+    hw = load_profile("h100-80gb")
+    flash = simulate(model, Plan(global_batch=8, seq_len=16384, dp=8, zero=3), cluster, hw)
+    plan = Plan(global_batch=8, seq_len=16384, dp=8, zero=3, attention="cudnn")
+    same = simulate(model, plan, cluster, replace(hw, cudnn_attention=hw.attention))
+    assert same.step_time_s == pytest.approx(flash.step_time_s, rel=1e-12)
+    assert same.peak_memory_bytes == flash.peak_memory_bytes
+    fast = simulate(model, plan, cluster, hw)
+    assert 0.7 * flash.step_time_s < fast.step_time_s < 0.97 * flash.step_time_s
+    with pytest.raises(ProfileError) as err:
+        simulate(model, plan, cluster, replace(hw, cudnn_attention=None))
+    assert err.value.field == "cudnn_attention"

@@ -128,7 +128,8 @@ def parallel_args(job: TrainJob) -> list[tuple[str, object]]:
         flags.append(("--torch-fsdp2-no-reshard-after-forward", None))
     if p.tp_overlap:  # Transformer Engine userbuffers: TP collectives overlapped with the GEMMs
         flags.append(("--tp-comm-overlap", None))
-    flags.append(("--attention-backend", "flash" if p.attention == "flash" else "unfused"))
+    # Megatron-LM's AttnBackend: flash (FlashAttention through TE), fused (TE's cuDNN kernel), unfused
+    flags.append(("--attention-backend", {"flash": "flash", "cudnn": "fused", "naive": "unfused"}[p.attention]))
     if p.mlp_kernel == "eager" and job.model.gated_mlp:
         flags.append(("--no-bias-swiglu-fusion", None))
     flags += {"bf16": [("--bf16", None)], "fp16": [("--fp16", None)],
