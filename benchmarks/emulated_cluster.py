@@ -49,6 +49,7 @@ import pandas as pd
 from meshplan.calibration.fit import refit_collectives
 from meshplan.calibration.samples import Samples, empty_samples
 from meshplan.core.mesh import Mesh
+from meshplan.core.processes import running
 from meshplan.hw_profiles.fabric import Fabric, link_share
 from meshplan.hw_profiles.profile import HardwareProfile, load_profile
 from meshplan.planner.search import search
@@ -253,23 +254,13 @@ class EmulatedCluster:
 OWN_NAMESPACE = re.compile(r"mpf(?:probe)?(\d+)(?:sw|n\d+)?")
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale() -> list[str]:
     """Remove the namespaces and /etc/netns entries that a run killed outright (SIGKILL, a
     machine restart) left behind: those named for a process no longer running. Their names."""
     listed = {line.split()[0] for line in _sh("ip", "netns", "list").stdout.splitlines() if line.strip()}
     files = {d.name for d in ETC_NETNS.iterdir()} if ETC_NETNS.is_dir() else set()
     stale = sorted(n for n in listed | files
-                   if (m := OWN_NAMESPACE.fullmatch(n)) and not _running(int(m.group(1))))
+                   if (m := OWN_NAMESPACE.fullmatch(n)) and not running(int(m.group(1))))
     for name in stale:
         for pid in map(int, _sh("ip", "netns", "pids", name).stdout.split()):
             try:

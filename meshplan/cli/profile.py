@@ -13,6 +13,7 @@ from meshplan.core.progress import wanted
 
 from meshplan.cli import common as common
 from meshplan.core.io import write_atomic
+from meshplan.core.processes import running
 from meshplan.core.errors import OutputError, ProfileError
 
 
@@ -80,7 +81,7 @@ def _claimed(out: Path):
                 break
             except FileExistsError:
                 holder = lock.read_text().strip()
-                if holder.isdigit() and _alive(int(holder)):
+                if holder.isdigit() and running(int(holder)):
                     raise ProfileError("--out", f"another meshplan profile (pid {holder}) is writing "
                                        f"{out}", "wait for it, or write another --out") from None
                 lock.unlink(missing_ok=True)
@@ -95,16 +96,6 @@ def _claimed(out: Path):
         yield
     finally:
         lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _name(args: argparse.Namespace) -> str:
