@@ -461,6 +461,11 @@ def moe_layer_share(model: ModelSpec) -> float:
     return sum(n for kind, n in model.layer_kinds() if kind.moe) / model.num_layers
 
 
+def tp_overlapped(tp_overlap, tp):
+    """Whether a plan's TP collectives overlap its GEMMs: asked for, and TP to overlap."""
+    return np.asarray(tp_overlap, dtype=bool) & (np.asarray(tp) > 1)
+
+
 def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, dtype_bytes, tp,
                 sp, cp, recompute, tp_rpn, cp_rpn, flash: bool, tp_overlap,
                 em: ExpertMesh | None = None, tp_share=1.0, cp_share=1.0, a2a_overlap=False,
@@ -504,7 +509,7 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     counts = exchanges * (ep_counts_s(model, hw, em.ep, em.ep_rpn) if model.num_experts else 0.0)
     # the GPU's wait for the host in an MoE block's forward: exposed, nothing runs beside it
     gap = moe_layer_share(model) * hw.overhead.moe_host_gap_s
-    overlap = np.asarray(tp_overlap, dtype=bool) & (np.asarray(tp) > 1)
+    overlap = tp_overlapped(tp_overlap, tp)
     tp_f, tp_cf = overlap_split(tp_raw, np.where(overlap, lay.weight_fwd_s, 0.0), hw, tp_raw / tp)
     overlap_b = overlap & bool(tp_overlap_bwd)
     tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap_b, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)

@@ -17,7 +17,7 @@ import numpy as np
 from meshplan.hw_profiles.fabric import training_groups
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator import step
-from meshplan.simulator.cost import per_rank_profile
+from meshplan.simulator.cost import per_rank_profile, tp_overlapped
 from meshplan.simulator.memory import StageMemory, usable_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import model_flops_per_step
@@ -354,7 +354,7 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
         "dp": {"total_s": float(tail.dp_total_s[0, s]) + gathers, "exposed_s": breakdown["dp_comm"]},
         "overlap": {"overlaps_compute": hw.comm_overlaps_compute,
                     "tp_overlap": (("forward and backward" if r["tp_overlap_bwd"] else "forward")
-                                   if bool(r["tp_overlap"][0]) and int(r["tp"][0]) > 1 else None),
+                                   if tp_overlapped(r["tp_overlap"][0], r["tp"][0]) else None),
                     "compute_slowdown": hw.contention.compute_slowdown if hw.comm_overlaps_compute else 0.0,
                     "contention_s": breakdown["contention"], "source": hw.contention.source,
                     "straggler_spread": hw.stragglers.spread, "stragglers_s": breakdown["stragglers"],
