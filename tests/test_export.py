@@ -515,12 +515,21 @@ def test_deepspeed_bf16_weights_and_moments():
 
 
 def test_attention_kernel_per_framework():
-    """Megatron-LM names each kernel (--attention-backend flash, fused for cuDNN's, unfused);
-    Megatron-DeepSpeed and torchtitan have no cuDNN attention to run, nor the executor."""
+    """Megatron-LM names each kernel (--attention-backend flash, fused for cuDNN's, unfused)
+    and on Hopper runs cuDNN's unless told otherwise; Megatron-DeepSpeed and torchtitan have
+    no cuDNN attention to run."""
     backend = {kernel: flags(export("megatron", job("llama-2-13b", hw=H100, dp=8, tp=8, sp=True,
                                                     attention=kernel)).args)["--attention-backend"]
                for kernel in ("flash", "cudnn", "naive")}
     assert backend == {"flash": "flash", "cudnn": "fused", "naive": "unfused"}
+    # Megatron-LM's default backend lets Transformer Engine take cuDNN's kernel on Hopper:
+    # a search for it prices that where the profile has the kernel's figures
+    assert dictated("megatron", {}, H100) == {"attention": "cudnn"} and dictated("megatron", {}, A100) == {}
+    hopper = [*BASE, "--hardware", "h100-80gb", "--emit", "megatron"]
+    for extra, expected in (((), "fused"), (("--attention", "flash"), "flash")):
+        out = meshplan("plan", *hopper, *extra)
+        assert out.returncode == 0, out.stderr
+        assert flags(args_array(out.stdout))["--attention-backend"] == expected
     plan = Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, attention="cudnn")
     for target, model in (("deepspeed", L13), ("torchtitan", L70)):
         with pytest.raises(PlanError) as err:

@@ -156,7 +156,7 @@ def emit(args: argparse.Namespace, model, cluster, hw, fixed: dict) -> int:
 
     target, version = args.emit, args.target_version
     exports.rule_set(target, version)
-    fixed = {**exports.dictated(target, fixed), **fixed}
+    fixed = {**exports.dictated(target, fixed, hw), **fixed}
     if target == "plan" and args.launch_script != "torchrun":
         raise PlanError("emit.plan", "a plan JSON has no launch script", "use meshplan run "
                         "--plan FILE --launch-script, or --emit a framework")

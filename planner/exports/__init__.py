@@ -90,11 +90,16 @@ def train_job(model: ModelSpec, result: SimulationResult, hw: HardwareProfile,
     return TrainJob(model, result, tuple(partition), checkpoint, version)
 
 
-def dictated(target: str, fixed: dict) -> dict:
-    """What `target` runs whatever the plan says, given the user's fixed fields: a search for
-    it prices that unless the user fixed the field too (then the target's rules refuse what
-    it cannot run). torchtitan compiles its loss with the model, so an uncompiled
-    (elementwise eager) plan's loss is eager; its async TP overlaps the forward only."""
+def dictated(target: str, fixed: dict, hw: HardwareProfile | None = None) -> dict:
+    """What `target` runs whatever the plan says, or by default, given the user's fixed fields
+    and the profile: a search for it prices that unless the user fixed the field too (then
+    the target's rules refuse what it cannot run). torchtitan compiles its loss with the
+    model, so an uncompiled (elementwise eager) plan's loss is eager; its async TP overlaps
+    the forward only. Megatron-LM's default attention backend (auto) lets Transformer
+    Engine choose, which takes cuDNN's kernel on Hopper: where the profile prices that
+    kernel (its cudnn_attention), so does the search."""
+    if target == "megatron" and hw is not None and hw.cudnn_attention is not None:
+        return {"attention": "cudnn"}
     if target == "deepspeed":
         return {"mlp_kernel": "eager"}
     if target == "torchtitan":
