@@ -253,6 +253,10 @@ def communication_lines(communication: dict) -> list[str]:
     if overlap.get("gemm_loss", 0.0) > 0:
         how += (f"; GEMMs at {1 - overlap['gemm_loss']:.1%} of the fitted rate, as training runs sustain "
                 f"it ({overlap['gemm_loss_source'].split(':')[0]})")
+    if overlap.get("attention") == "cudnn":
+        forward, backward = overlap["attention_scales"]
+        how += (f"; attention on cuDNN's kernel, {forward:.2f}x / {backward:.2f}x the GEMM fits' price "
+                f"forward / backward ({overlap['attention_source'].split(':')[0]})")
     return [f"communication, critical stage: {', '.join(kinds) or 'none'}; {how}"]
 
 

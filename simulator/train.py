@@ -346,6 +346,7 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
     p = int(r["pp"][0])
     sends = 2 * m * v - (m if s == 0 else 0) - (m if s == p - 1 else 0) if p > 1 else 0
     gathers = m * (n * (x["ag"] + x["agb"]) + (s == 0) * x["emb_ag"] + (s == p - 1) * x["head_ag"])
+    kernel = hw.attention_kernel(r["attention"]).attention
     return {
         "tp": {"total_s": m * (n * x["l_tp_raw"] + _edge_tp(x, s, p)), "exposed_s": breakdown["tp_comm"]},
         "cp": {"total_s": m * n * x["l_cp_raw"], "exposed_s": breakdown["cp_comm"]},
@@ -361,4 +362,7 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
                     "straggler_source": hw.stragglers.source,
                     "moe_host_gap_s": hw.overhead.moe_host_gap_s, "host_gap_s": breakdown["host_gap"],
                     "moe_gap_source": hw.overhead.source,
-                    "gemm_loss": hw.sustained.gemm_loss, "gemm_loss_source": hw.sustained.source}}
+                    "gemm_loss": hw.sustained.gemm_loss, "gemm_loss_source": hw.sustained.source,
+                    "attention": r["attention"],
+                    "attention_scales": (kernel.forward_scale, kernel.backward_scale),
+                    "attention_source": kernel.source}}

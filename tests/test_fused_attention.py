@@ -10,6 +10,7 @@ from meshplan.calibration.measure.attention import _line
 from meshplan.core.errors import ProfileError
 from meshplan.hw_profiles.gemm_model import causal_tile_share
 from meshplan.hw_profiles.profile import FusedAttention, HardwareProfile, load_profile
+from meshplan.planner.explain import communication_lines
 from meshplan.simulator.cost import forward_s, op_times
 from meshplan.simulator.model_spec import ZOO, ModelSpec
 from meshplan.simulator.ops import Shard, layer_ops
@@ -163,6 +164,10 @@ def test_a_plans_attention_kernel_reaches_the_step():
     assert same.peak_memory_bytes == flash.peak_memory_bytes
     fast = simulate(model, plan, cluster, hw)
     assert 0.7 * flash.step_time_s < fast.step_time_s < 0.97 * flash.step_time_s
+    # the explanation names the kernel and its figures' source
+    (line,) = communication_lines(fast.communication)
+    assert "attention on cuDNN's kernel, 0.62x / 0.62x" in line and "FlashAttention-3" in line
+    assert "cuDNN" not in communication_lines(flash.communication)[0]
     with pytest.raises(ProfileError) as err:
         simulate(model, plan, cluster, replace(hw, cudnn_attention=None))
     assert err.value.field == "cudnn_attention"
