@@ -127,6 +127,15 @@ class Shape:
                       f"{self.oversubscription:g}:1 (tc tbf)")
 
 
+def _kill_inside(namespace: str) -> None:
+    """SIGKILL every process in `namespace`."""
+    for pid in map(int, _sh("ip", "netns", "pids", namespace).stdout.split()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class EmulatedCluster:
     """The namespaces, veths, bridges and qdiscs of one emulated cluster; `close` removes them."""
 
@@ -206,12 +215,7 @@ class EmulatedCluster:
     def stop_processes(self) -> None:
         """SIGKILL every process left in the nodes' namespaces (all of them started here)."""
         for ns in self.namespaces:
-            pids = _sh("ip", "netns", "pids", ns).stdout.split()
-            for pid in map(int, pids):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _kill_inside(ns)
 
     def close(self) -> None:
         self.stop_processes()
@@ -262,11 +266,7 @@ def remove_stale() -> list[str]:
     stale = sorted(n for n in listed | files
                    if (m := OWN_NAMESPACE.fullmatch(n)) and not running(int(m.group(1))))
     for name in stale:
-        for pid in map(int, _sh("ip", "netns", "pids", name).stdout.split()):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_inside(name)
         _sh("ip", "netns", "del", name)
         shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
     return stale

@@ -102,7 +102,7 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
                      for i, k in enumerate(RECOMPUTE)] for s, ops in zip(shards, kind_ops)])
     r.update(shard_id=shard_id, shards=shards,
              shard_ops=[layer_ops(model, s, ops) for s, ops in zip(shards, kind_ops)],
-             flash=attention in FUSED_ATTENTION, attention=attention, tp_overlap_bwd=wide["tp_overlap_scope"] == "both",
+             attention=attention, tp_overlap_bwd=wide["tp_overlap_scope"] == "both",
              capacity=capacity, dispatcher=wide["moe_dispatcher"], routing=wide["moe_routing"],
              zero1_all_reduce=wide["zero1_sync"] == "all_reduce",
              act=act[shard_id, r["rc"]], act_none=act[shard_id, NONE],
@@ -168,7 +168,8 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     em = ExpertMesh(c["ep"], c["etp"], c["ep_rpn"], c["etp_rpn"], r["capacity"], c["in_tokens"],
                     r["dispatcher"], r["routing"])
     lt = layer_times(model, hw, st.take(shard_id[cfirst]), c["tokens"], r["d"], c["tp"], c["sp"],
-                     c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["flash"], r["tp_overlap"][cfirst], em,
+                     c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["attention"] in FUSED_ATTENTION,
+                     r["tp_overlap"][cfirst], em,
                      c["tp_share"], c["cp_share"], r["a2a_overlap"][cfirst], r["tp_overlap_bwd"])
     parts = {"l_fwd": lt.fwd_s, "l_bwd": lt.bwd_s, "l_recompute": lt.recompute_s,
              "l_fwd_compute": lt.fwd_compute_s, "l_bwd_in": lt.bwd_input_s, "l_bwd_w": lt.bwd_weight_s,
