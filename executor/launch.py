@@ -76,6 +76,9 @@ def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOpti
     fit in memory, or that does not fit the token file or checkpoint folder."""
     plan.validate(model, cluster)
     issues = rules.violations(rules.EXECUTOR_TRAINING, plan.fields(), model, cluster)
+    if plan.attention == "cudnn" and device_type() != "cuda":
+        issues.append(("plan.attention", "cuDNN's fused attention runs on CUDA devices only, and this "
+                       "machine's ranks run on the CPU", "use --attention flash or naive"))
     refuse(issues + launch_issues(plan.world_size, options) + options.issues())
     if options.data is not None:
         check_token_file(options.data, plan.seq_len, model.vocab_size, plan.global_batch)

@@ -15,12 +15,14 @@ Generation passes a KV cache (executor/kv_cache.py) through `forward(x, cache)`;
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meshplan.executor.kv_cache import KVCache, LayerCache
 from meshplan.executor.moe import MoE, activation
@@ -46,30 +48,70 @@ def apply_rope(x: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * frequencies).flatten(-2).type_as(x)
 
 
+# scaled_dot_product_attention's backends for the fused kernels plan.attention names: flash is
+# FlashAttention-2 (on CPU torch's flash kernel), the memory-efficient kernel where a mask rules
+# it out on CUDA (fused too: no s x s tensor kept); cudnn is cuDNN's fused attention
+SDPA_BACKENDS = {"flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+                 "cudnn": [SDPBackend.CUDNN_ATTENTION]}
+
+
 class CausalCore(nn.Module):
     """softmax(q k^T / sqrt(d)) v with a causal mask; its own module so that selective
     recompute can checkpoint exactly this part. k and v may start with `offset` cached
     positions before the queries' own: query i then sees keys up to offset + i, and with a
     sliding `window` only the last `window` of them (Mistral's sliding-window attention,
-    Jiang et al. 2023 sec 2)."""
+    Jiang et al. 2023 sec 2). `kernel` is plan.attention: a fused kernel (SDPA_BACKENDS) or
+    naive (unfused_attention)."""
 
-    def __init__(self, window: int | None = None):
+    def __init__(self, window: int | None = None, kernel: str = "flash"):
         super().__init__()
-        self.window = window
+        self.window, self.kernel = window, kernel
 
     def forward(self, q, k, v):  # [batch, seq, heads, head_dim]
         offset = k.shape[1] - q.shape[1]
         windowed = self.window is not None and k.shape[1] > self.window
-        mask = None
-        if windowed or (offset and q.shape[1] > 1):
-            mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool,
-                              device=q.device).tril(offset)
-            if windowed:
-                mask = mask.triu(offset - self.window + 1)
+        causal = not windowed and offset == 0
+        masked = windowed or (offset and q.shape[1] > 1) or (causal and self.kernel == "naive")
+        mask = key_mask(q.shape[1], k.shape[1], self.window if windowed else None, q.device) if masked else None
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and offset == 0,
-                                             enable_gqa=k.shape[1] != q.shape[1])
+        if self.kernel == "naive":
+            return unfused_attention(q, k, v, mask).transpose(1, 2)
+        with sdpa_kernel(SDPA_BACKENDS[self.kernel]):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                 enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=8)
+def key_mask(queries: int, keys: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[queries, keys], True where a query sees a key: the last `queries` of `keys` positions,
+    each seeing the keys up to its own (the last `window` of them with a window); built once
+    per shape, not in every layer's forward."""
+    offset = keys - queries
+    mask = torch.ones(queries, keys, dtype=torch.bool, device=device).tril(offset)
+    return mask.triu(offset - window + 1) if window is not None else mask
+
+
+def unfused_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention as separate kernels (q, k, v [batch, heads, seq, head_dim]; `mask` as
+    key_mask's): the queries' matmul with the keys, scaled in its epilogue; the mask filled in
+    place; softmax; the matmul with the values. The scores and probabilities stay in the
+    activations' dtype, autocast left out (it would run softmax in fp32), so that the
+    probabilities are the one queries x keys tensor backward keeps (the simulator's naive
+    attention, memory.py; its eager kernels, ops.eager_bytes_per_element). Grouped KV heads
+    serve their query heads by broadcasting, not by copies."""
+    batch, heads, seq, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    rows = heads // kv_heads * seq
+    with torch.autocast(q.device.type, enabled=False):
+        grouped = q.reshape(batch * kv_heads, rows, dim)
+        scores = torch.baddbmm(q.new_empty(batch * kv_heads, rows, keys), grouped,
+                               k.reshape(batch * kv_heads, keys, dim).transpose(1, 2), beta=0, alpha=dim ** -0.5)
+        scores = scores.view(batch, heads, seq, keys)
+        if mask is not None:
+            scores.masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(batch * kv_heads, rows, keys)
+        return (probs @ v.reshape(batch * kv_heads, keys, -1)).view(batch, heads, seq, -1)
 
 
 class Attention(nn.Module):

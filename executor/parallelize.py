@@ -192,8 +192,10 @@ def apply_dp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
 
 def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh,
                 expert_mesh: DeviceMesh | None = None) -> nn.Module:
-    """TP/SP -> EP (with an expert mesh) -> recompute -> DP on one (stage) module, in that
-    order."""
+    """The plan's attention kernel, then TP/SP -> EP (with an expert mesh) -> recompute ->
+    DP on one (stage) module, in that order."""
+    for layer in model.layers.values():
+        layer.attention.core.kernel = plan.attention
     if plan.tp > 1:
         apply_tp(model, mesh["tp"], plan.sp, training=True)
     if expert_mesh is not None:

@@ -35,7 +35,7 @@ MEMORY_CLASS = {"input_norm": "norm", "post_attention_norm": "norm", "final_norm
                 "cross_entropy": "softmax", "router_softmax": "softmax", "residual_add": "add",
                 "embedding": "add", "kv_write": "add", "moe_permute": "add", "moe_unpermute": "add",
                 "mlp_act": "activation", "softcap": "activation", "logit_softcap": "activation",
-                "router_sigmoid": "activation", "fp8_cast": "add", "act_quant": "add"}
+                "router_sigmoid": "activation", "fp8_cast": "add", "act_quant": "add", "attn_mask": "add"}
 # The class an eager op's kernels run at: each is one plain elementwise (or row-reduction)
 # kernel, as the measured activation kernel is (SiLU and the product in one pass), not the
 # fused norm or RoPE kernel its class was measured on
@@ -243,6 +243,10 @@ def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
     if not shard.flash:  # fused kernels cap and normalise the scores in registers
         if model.attn_softcap:
             ops.append(_mem("softcap", scores, 2, d, core=True))
+        if shard.eager:  # eager PyTorch masks the scores in a kernel of their own (masked_fill_,
+            # reading the boolean mask too), and its backward zeroes the masked gradients alike
+            ops.append(changed(_mem("attn_mask", scores, 2, d, core=True), bytes_moved=scores * (2 * d + 1),
+                               bwd_bytes=scores * (2 * d + 1)))
         ops.append(_mem("softmax", scores, 2 + (1 if model.dropout else 0), d, core=True))
     return ops + [values_op,
                   _gemm("out_proj", tok, h, heads * vd, fp8=f8)]

@@ -150,9 +150,10 @@ class Plan:
     mlp_kernel: str = knob("fused", "gated MLP activation: fused (Megatron-LM, Transformer Engine, "
                            "torch.compile) or eager PyTorch ops, which keep more for backward",
                            choices=MLP_KERNELS)
-    elementwise: str = knob("fused", "norms, RoPE and the gated activation: fused kernels (torch.compile, "
-                            "Transformer Engine, Megatron-LM) or eager PyTorch ops, one kernel each "
-                            "(torchtitan without --compile.enable)", choices=ELEMENTWISE)
+    elementwise: str = knob("fused", "norms, RoPE, the gated activation and naive attention's masked "
+                            "softmax: fused kernels (torch.compile, Transformer Engine, Megatron-LM) or "
+                            "eager PyTorch ops, one kernel each (torchtitan without --compile.enable)",
+                            choices=ELEMENTWISE)
     cross_entropy: str = knob("fused", "the loss over the logits: fused in place (Megatron-LM), eager "
                               "PyTorch on an fp32 copy (torchtitan without compiling the loss) or "
                               "compiled (torchtitan's compiled loss); sets the memory it holds",

@@ -343,9 +343,6 @@ EXECUTOR_TRAINING = (
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
-    _rule("plan.attention", "attention", lambda x, m, c: x.attention != "cudnn",
-          lambda x, m, c: "the executor runs scaled_dot_product_attention's default backend, not cuDNN's",
-          "use flash attention"),
     _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
           lambda x, m, c: "context parallel cannot run here: torch's ring attention has no DTensor "
           "rule for the CPU attention kernel", "use cp 1"),

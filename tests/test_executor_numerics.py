@@ -67,6 +67,8 @@ WORLD_2 = [
     ("recompute-selective", LLAMA, plan(dp=2, recompute="selective", micro_batch=1)),
     ("recompute-op", LLAMA, plan(dp=2, recompute="op", micro_batch=1)),
     ("gpt-tied-tp-sp", GPT, plan(tp=2, sp=True, micro_batch=4)),
+    # the unfused attention core on head shards, against the reference's fused kernel
+    ("tp-sp-naive-attention", LLAMA, plan(tp=2, sp=True, attention="naive")),
     # Adam's moments kept in bf16 beside the fp32 weights (executor/adamw.py)
     ("ddp-bf16-moments", LLAMA, plan(dp=2, moments_dtype="bf16")),
     ("zero1-bf16-moments", LLAMA, plan(dp=2, zero=1, moments_dtype="bf16")),

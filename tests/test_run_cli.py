@@ -65,6 +65,7 @@ def test_illegal_plan_exits_2_with_one_line_and_launches_nothing(config_json, ca
     (MODEL, dict(dp=2), dict(nnodes=3), "run.nnodes"),
     (MODEL, dict(dp=2), dict(nnodes=2), "run.rdzv_endpoint"),
     (MODEL, dict(dp=2), dict(steps=3, warmup=3), "run.warmup"),
+    (MODEL, dict(dp=2, attention="cudnn"), {}, "plan.attention"),  # this machine has no CUDA device
 ])
 def test_executor_refusals_name_the_field(model, fields, options, field):
     plan = Plan(**{"global_batch": 8, "seq_len": 32, **fields})
