@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from meshplan.hw_profiles.collective_model import bus_factor
+from meshplan.hw_profiles.profile import cpu_device_name
 from meshplan.calibration.samples import Samples
 from meshplan.core.errors import ProfileError
 from meshplan.core.units import GIB, TB as TBPS, TFLOPS
@@ -133,7 +134,7 @@ def cpu_base(samples: Samples, machine: dict, name: str) -> dict:
     nic, kind = best_busbw_bytes_per_s(samples)
     measured = machine.get("measurement", {})
     return {
-        "name": name, "device_name": f"{machine['cpu_model']} (one rank = 1 torch thread)",
+        "name": name, "device_name": cpu_device_name(machine["cpu_model"]),
         "memory_bytes": int(ram // world), "peak_flops": peaks, "hbm_bytes_per_s": hbm,
         "gpus_per_node": world, "nics_per_node": 1, "nic_bytes_per_s": nic,
         "intra_node_link": "shared-memory",

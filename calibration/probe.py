@@ -42,12 +42,13 @@ from meshplan.calibration.measure.compute import (GemmShape, measure_gemms, meas
                                                    torch_threads)
 from meshplan.calibration.measure.machine_load import LOAD_MODEL, LOAD_PLAN, step_s_by_core
 from meshplan.calibration.overhead import measure_host_overhead
+from meshplan.core.cpus import this_cpu_model
 from meshplan.core.errors import ProfileError
 from meshplan.core.host_memory import keep_freed_memory
 from meshplan.executor.launch import prediction_or_why, torchrun
 from meshplan.executor.records import RunRecord, ServeRecord
 from meshplan.hw_profiles.collective_model import bus_factor
-from meshplan.hw_profiles.profile import HardwareProfile
+from meshplan.hw_profiles.profile import HardwareProfile, cpu_device_name
 from meshplan.simulator.plan import Cluster
 from meshplan.simulator.serve import simulate_inference
 from meshplan.simulator.cost import per_rank_profile
@@ -136,6 +137,8 @@ class Probe:
     # (collective_split), where the three sizes were probed
     collective_latency: float | None = None
     collective_per_byte: float | None = None
+    # this machine's CPU model where the profile was measured on another (its device_name)
+    other_cpu: str | None = None
 
     @property
     def drifted(self) -> list[str]:
@@ -159,14 +162,16 @@ class Probe:
         verdict = (f"drifted beyond the profile's ±{self.band:.0%} band: {', '.join(drift)}" if drift
                    else f"within the profile's ±{self.band:.0%} band")
         base = "its reading when profiled" if self.against == "reference" else "the profile's fits"
-        return f"probe (measured / profiled, against {base}): {', '.join(parts)}; {verdict}"
+        other = (f"; the profile was measured on another CPU than this {self.other_cpu} (`meshplan "
+                 "profile --out mine.json` measures this one)" if self.other_cpu else "")
+        return f"probe (measured / profiled, against {base}): {', '.join(parts)}; {verdict}{other}"
 
     def to_json(self) -> dict:
         return {"gemm": self.gemm, "memory": self.memory, "overhead": self.overhead,
                 "collective": self.collective, "collective_latency": self.collective_latency,
                 "collective_per_byte": self.collective_per_byte, "step": self.step,
                 "step_readings": list(self.step_readings), "band": self.band,
-                "drifted": self.drifted, "against": self.against}
+                "drifted": self.drifted, "against": self.against, "other_cpu": self.other_cpu}
 
     def rescaled(self, hw: HardwareProfile) -> HardwareProfile:
         """The profile with its speed terms scaled by the measured ratios: GEMM rate,
@@ -224,6 +229,8 @@ def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
     what `hw`'s fits predict for the same operations; the one-rank step over its prediction
     on `hw` either way."""
     then, band = reference(hw), hw.relative_error_band()[1]
+    cpu = this_cpu_model()
+    other_cpu = cpu if hw.device_name != cpu_device_name(cpu) else None
     step = measured.step_s / predicted_step_s(hw) if measured.step_s is not None else None
     # the split is fitted against the fits and set relative to the profile's own reading
     offset = (then.collective_s / _all_reduce_s(hw, COLLECTIVE_BYTES)
@@ -235,7 +242,7 @@ def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
         return Probe(measured.gemm_s / then.gemm_s,
                      (measured.add_s / measured.add_bytes) / (then.add_s / then.add_bytes),
                      measured.layer_forward_s / then.layer_forward_s, collective, band, "reference", step,
-                     collective_latency=latency, collective_per_byte=per_byte)
+                     collective_latency=latency, collective_per_byte=per_byte, other_cpu=other_cpu)
     gemm = measured.gemm_s / float(hw.gemm_time_s(GEMM.m, GEMM.n, GEMM.k, "fp32", batch=GEMM.batch))
     memory = measured.add_s / float(hw.memory_bound_time_s(measured.add_bytes, "fp32", "add"))
     profiled = hw.overhead.layer_forward_s
@@ -244,7 +251,7 @@ def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
     if measured.collective_s is not None:
         collective = measured.collective_s / _all_reduce_s(hw, COLLECTIVE_BYTES)
     return Probe(gemm, memory, overhead, collective, band, step=step, collective_latency=latency,
-                 collective_per_byte=per_byte)
+                 collective_per_byte=per_byte, other_cpu=other_cpu)
 
 
 def _collective_s() -> tuple[float, float, float]:

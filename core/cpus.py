@@ -1,7 +1,11 @@
-"""The CPUs this process may run on."""
+"""The CPUs this process may run on, and their model."""
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
+
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def usable_cpus() -> int:
@@ -10,3 +14,19 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def cpu_model(cpuinfo: str) -> str:
+    """The first 'model name' of /proc/cpuinfo text (x86), else its 'Model' / 'Hardware' line
+    (ARM), else platform.processor()."""
+    for key in ("model name", "Model", "Hardware"):
+        for line in cpuinfo.splitlines():
+            name, sep, value = line.partition(":")
+            if sep and name.strip() == key and value.strip():
+                return value.strip()
+    return platform.processor() or "unknown"
+
+
+def this_cpu_model() -> str:
+    """This machine's CPU model (cpu_model of its /proc/cpuinfo)."""
+    return cpu_model(CPUINFO.read_text() if CPUINFO.exists() else "")

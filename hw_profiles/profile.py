@@ -2,6 +2,7 @@
 sources) plus fitted cost curves; JSON round-trip; what-if scaling."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -16,10 +17,12 @@ from meshplan.hw_profiles.collective_model import CollectiveFit, Curve, Line
 from meshplan.hw_profiles.fabric import Fabric
 from meshplan.hw_profiles.gemm_model import (DTYPE_BYTES, ELEMENT_BYTES, OPTIONAL_DTYPE_BYTES, GemmFit,
                                              MemoryBoundFit)
+from meshplan.core.cpus import this_cpu_model
 from meshplan.core.errors import ProfileError
 from meshplan.core.io import read_json, write_atomic
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+LOCAL = "local"  # this machine's CPU profile (local_profile_name)
 # benchmarks/published.py's end-to-end figures (hw_profiles/accuracy.py), beside the profiles
 END_TO_END = DATA_DIR / "end_to_end.json"
 SAMPLES_SUFFIX = ".samples.json"
@@ -656,9 +659,35 @@ def _is_path(text: str) -> bool:
 
 
 def profile_path(name_or_path: str) -> Path:
-    """A bare name is hw_profiles/data/<name>.json; anything else is a path."""
+    """A bare name is hw_profiles/data/<name>.json (`local`: local_profile_name's); anything
+    else is a path."""
     text = str(name_or_path)
-    return Path(text) if _is_path(text) else DATA_DIR / f"{text}.json"
+    if _is_path(text):
+        return Path(text)
+    return DATA_DIR / f"{local_profile_name() if text == LOCAL else text}.json"
+
+
+def local_profile_name(cpu: str | None = None) -> str:
+    """The committed profile `local` stands for on a machine with `cpu` (default: this one's
+    CPU model): the CPU profile local-<model> measured on that model (its device_name), else
+    local itself, whose probe in `run` and `validate` then reports the drift. Machines of one
+    kind with different CPUs (the VMs this project runs on are Intel Xeon or AMD EPYC) each
+    get the profile of their own CPU."""
+    cpu = this_cpu_model() if cpu is None else cpu
+    for name in available_profiles():
+        if name.startswith(LOCAL + "-") and _device_name(DATA_DIR / f"{name}.json") == cpu_device_name(cpu):
+            return name
+    return LOCAL
+
+
+def cpu_device_name(cpu: str) -> str:
+    """The device_name of a CPU profile measured on a `cpu` (calibration/local_base.py)."""
+    return f"{cpu} (one rank = 1 torch thread)"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(path: Path):
+    return read_json(path).get("device_name")
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:

@@ -11,7 +11,8 @@ from meshplan.hw_profiles.collective_model import KINDS
 from meshplan.calibration.measure.compute import MIN_REPEATS, GemmShape, cache_flush, \
     last_level_cache_bytes, measure_gemms, measure_memory_bound, time_call_s, torch_threads, \
     transformer_gemm_shapes
-from meshplan.calibration.measure.machine import cpu_model, describe_machine, memory_bytes
+from meshplan.calibration.measure.machine import describe_machine, memory_bytes
+from meshplan.core.cpus import cpu_model
 from meshplan.calibration.measure.run import MeasurePlan, collectives_launch, load_samples, \
     measurement_plan, save_samples
 from meshplan.calibration.samples import COLLECTIVE_COLUMNS, GEMM_COLUMNS, MEMORY_BOUND_COLUMNS, Samples

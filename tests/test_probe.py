@@ -14,15 +14,19 @@ from meshplan.calibration.measure.machine_load import LOAD_MODEL, LOAD_PLAN
 from meshplan.calibration.probe import (ADD_ELEMENTS, COLLECTIVE_BYTES, COLLECTIVE_LARGE_BYTES,
                                         COLLECTIVE_SMALL_BYTES, GEMM, REFERENCE_KEY, Measurement, Probe,
                                         check_drift, compare, reference, repredicted)
+from meshplan.core.cpus import this_cpu_model
 from meshplan.core.errors import ProfileError
 from meshplan.executor.records import RunRecord
-from meshplan.hw_profiles.profile import HardwareProfile, load_profile
+from meshplan.hw_profiles.profile import DATA_DIR, HardwareProfile, cpu_device_name, load_profile
 from meshplan.simulator.cost import per_rank_profile
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
 
-LOCAL = load_profile("local")
+# the Intel Xeon VM's committed profile, by path (`local` is this machine's): the readings
+# below are set against its figures
+XEON = str(DATA_DIR / "local.json")
+LOCAL = load_profile(XEON)
 FP32_ADD_BYTES = 3 * 4 * ADD_ELEMENTS  # two fp32 operands read, one written
 
 
@@ -80,6 +84,17 @@ def test_against_the_kept_reading_like_with_like():
     assert fits.against == "fits" and "against the profile's fits" in fits.text()
 
 
+def test_a_profile_of_another_cpu_is_named_as_such():
+    """The probe says when the profile was measured on another CPU model than this machine's
+    (its device_name), and not when it was measured on this one."""
+    reading = Measurement(gemm_s=1e-4, add_s=2e-3, add_bytes=12e6, layer_forward_s=4e-4, collective_s=None)
+    mine = replace(_kept(LOCAL, reading), device_name=cpu_device_name(this_cpu_model()))
+    assert compare(mine, reading).other_cpu is None and "another CPU" not in compare(mine, reading).text()
+    theirs = compare(replace(mine, device_name=cpu_device_name("Another CPU")), reading)
+    assert theirs.other_cpu == this_cpu_model() and theirs.to_json()["other_cpu"] == this_cpu_model()
+    assert f"another CPU than this {this_cpu_model()}" in theirs.text()
+
+
 def test_a_damaged_kept_reading_names_its_fields():
     hw = replace(LOCAL, extra={**LOCAL.extra, REFERENCE_KEY: {"gemm_s": "fast", "add_s": 1.0, "add_bytes": 8,
                                                               "collective_s": None, "when": "x"}})
@@ -108,7 +123,7 @@ def test_ratios_verdict_and_rescaled_profile_by_hand():
         assert float(hw.collective_time_s("all_reduce", size, 2, 2)) == pytest.approx(
             0.3 * float(LOCAL.collective_time_s("all_reduce", size, 2, 2)))
     assert hw.memory_bytes == LOCAL.memory_bytes
-    assert hw.name.startswith("local[") and drift.to_json()["rescaled_profile"] == hw.name
+    assert hw.name.startswith(LOCAL.name + "[") and drift.to_json()["rescaled_profile"] == hw.name
     assert drift.to_json()["gemm"] == pytest.approx(2.0) and drift.note == ""
     assert "drifted beyond the profile's" in drift.text()
 
@@ -280,7 +295,8 @@ def test_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, tmp_path
     later = iter([1.5, 1.6])
     monkeypatch.setattr(probe_module, "step_ratio", lambda hw: next(later))
     monkeypatch.setattr(launch, "device_type", lambda: "cpu")
-    code = main(["validate", "--plans", "dp2,dp2 zero1", "--rescale", "--json", "--out-dir", str(tmp_path)])
+    code = main(["validate", "--hardware", XEON, "--plans", "dp2,dp2 zero1", "--rescale", "--json",
+                 "--out-dir", str(tmp_path)])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert err.startswith("meshplan validate: probe (measured / profiled, against ") and "GEMM x2.00" in err
@@ -303,7 +319,8 @@ def test_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, tmp_path
         [100 * (r["predicted_step_time_s"] / 0.3 - 1) for r in again])
     # the table, written to a pipe (capsys), keeps every column whole
     later = iter([1.5, 1.6])
-    assert main(["validate", "--plans", "dp2,dp2 zero1", "--rescale", "--out-dir", str(tmp_path)]) == 0
+    assert main(["validate", "--hardware", XEON, "--plans", "dp2,dp2 zero1", "--rescale",
+                 "--out-dir", str(tmp_path)]) == 0
     rows = {cells[1].strip(): cells for cells in (line.split("│") for line in capsys.readouterr().out.splitlines())
             if len(cells) > 2}
     for stock, rescaled in zip(result["runs"], again):
@@ -378,7 +395,7 @@ def test_serving_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, 
     monkeypatch.setattr(probe_module, "step_ratio", lambda hw: 1.8)
     monkeypatch.setattr(launch, "device_type", lambda: "cpu")
     names = ",".join(name for name, _ in serve_suite.SUITE[:2])
-    code = main(["validate", "--mode", "inference", "--plans", names, "--rescale", "--json",
+    code = main(["validate", "--hardware", XEON, "--mode", "inference", "--plans", names, "--rescale", "--json",
                  "--out-dir", str(tmp_path)])
     out, err = capsys.readouterr()
     assert code == 0, err

@@ -10,7 +10,8 @@ import pytest
 from meshplan.calibration.build_stock import fit_table
 from meshplan.calibration.local_base import cpu_base, cuda_base, known_gpu
 from meshplan.calibration.probe import compare, reference
-from meshplan.hw_profiles.profile import DATA_DIR, available_profiles, load_profile, samples_path
+from meshplan.hw_profiles.profile import (DATA_DIR, available_profiles, cpu_device_name, load_profile,
+                                         local_profile_name, profile_path, samples_path)
 from meshplan.calibration.samples import Samples
 from tests import cli
 
@@ -130,20 +131,34 @@ def test_a_bad_profile_argument_names_its_own_flag(tmp_path):
         assert run.returncode == 2 and f"error: {flag}:" in run.stderr and "--hardware" not in run.stderr
 
 
-def test_committed_local_profile_describes_this_kind_of_machine():
-    hw = load_profile("local")
+@pytest.mark.parametrize("name", [n for n in available_profiles() if n == "local" or n.startswith("local-")])
+def test_committed_local_profile_describes_this_kind_of_machine(name):
+    hw = load_profile(str(DATA_DIR / f"{name}.json"))  # by path: `local` is this machine's
     machine = hw.extra["machine"]
+    assert hw.device_name == cpu_device_name(machine["cpu_model"])
     assert hw.intra_node_link == "shared-memory" and hw.nics_per_node == 1
     assert hw.extra["cores_per_node"] >= 1 and hw.gpus_per_node >= 2
     assert hw.memory_bytes == machine["memory_bytes"] // hw.gpus_per_node
     assert hw.extra["measurement"]["quick"] is False
-    samples = json.loads(samples_path(DATA_DIR / "local.json").read_text())
+    samples = json.loads(samples_path(DATA_DIR / f"{name}.json").read_text())
     best_fp32 = max(2 * r["m"] * r["n"] * r["k"] * r["batch"] / r["time_s"]
                     for r in samples["gemm"] if r["dtype"] == "fp32")
     assert hw.peak_flops["fp32"] == pytest.approx(best_fp32) == hw.peak_flops["tf32"]
     median, p95 = hw.relative_error_band()
     assert 0 < median < p95
-    assert "local.samples" not in available_profiles()
+    assert f"{name}.samples" not in available_profiles()
+
+
+def test_local_is_the_profile_of_this_machines_cpu():
+    """Each committed CPU profile stands for `local` on the CPU it was measured on; an
+    unprofiled CPU gets local.json (and the probe's drift report)."""
+    committed = [n for n in available_profiles() if n.startswith("local-")]
+    assert committed  # beside local.json, at least one other CPU's
+    for name in ["local", *committed]:
+        machine = load_profile(str(DATA_DIR / f"{name}.json")).extra["machine"]
+        assert local_profile_name(machine["cpu_model"]) == name
+    assert local_profile_name("No Such CPU") == "local"
+    assert profile_path("local") == DATA_DIR / f"{local_profile_name()}.json"
 
 
 @pytest.mark.parametrize("damage,field", [

@@ -181,7 +181,7 @@ def test_probe_and_rescaled_prediction(config_json):
     assert "meshplan run: after the run, probe" in proc.stderr
     assert probe["band"] == pytest.approx(load_profile("local").relative_error_band()[1])
     rescaled = out["rescaled"]
-    assert rescaled["profile"] == probe["rescaled_profile"] and rescaled["profile"].startswith("local[")
+    assert rescaled["profile"] == probe["rescaled_profile"] and rescaled["profile"].startswith(load_profile("local").name + "[")
     assert out["profile"] == "local" and out["predicted_step_time_s"] > 0
     assert rescaled["predicted_step_time_s"] > 0
     assert rescaled["predicted_step_time_s"] != out["predicted_step_time_s"]

@@ -9,22 +9,10 @@ from pathlib import Path
 
 import torch
 
-from meshplan.core.cpus import usable_cpus
+from meshplan.core.cpus import this_cpu_model, usable_cpus
 
-CPUINFO = Path("/proc/cpuinfo")
 MEMINFO = Path("/proc/meminfo")
 KIB = 1024
-
-
-def cpu_model(cpuinfo: str) -> str:
-    """The first 'model name' of /proc/cpuinfo text (x86), else its 'Model' / 'Hardware' line
-    (ARM), else platform.processor()."""
-    for key in ("model name", "Model", "Hardware"):
-        for line in cpuinfo.splitlines():
-            name, sep, value = line.partition(":")
-            if sep and name.strip() == key and value.strip():
-                return value.strip()
-    return platform.processor() or "unknown"
 
 
 def memory_bytes(meminfo: str) -> int | None:
@@ -47,7 +35,7 @@ def describe_machine() -> dict:
             p = torch.cuda.get_device_properties(i)
             gpus.append({"name": p.name, "memory_bytes": int(p.total_memory)})
     return {
-        "cpu_model": cpu_model(_read(CPUINFO)),
+        "cpu_model": this_cpu_model(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable_cpus(),
         "memory_bytes": memory_bytes(_read(MEMINFO)),
