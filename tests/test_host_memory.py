@@ -1,4 +1,5 @@
-"""core/host_memory.py: after keep_freed_memory() a freed 16 MiB block stays in the heap for
+"""core/host_memory.py: after keep_freed_memory() a freed 64 MiB block (above glibc's largest
+mmap threshold, 32 MiB) stays in the heap for
 the next allocation (glibc's mallinfo2 counts it free); with glibc's defaults the block is
 mapped on its own and handed back to the OS when freed. Each case in a fresh interpreter,
 since malloc's settings are the process's."""
@@ -25,11 +26,11 @@ libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 libc.mallinfo2.restype = MallInfo2
 kept = sys.argv[1] == "kept" and keep_freed_memory()
-block = libc.malloc(16 << 20)
-ctypes.memset(block, 1, 16 << 20)
+block = libc.malloc(64 << 20)
+ctypes.memset(block, 1, 64 << 20)
 mapped = libc.mallinfo2().hblkhd
 libc.free(block)
-print(kept, mapped >= 16 << 20, libc.mallinfo2().fordblks >= 16 << 20)
+print(kept, mapped >= 64 << 20, libc.mallinfo2().fordblks >= 64 << 20)
 """
 
 

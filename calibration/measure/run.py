@@ -89,8 +89,8 @@ def measurement_plan(quick: bool, cuda: bool, cpus: int, gpus: int) -> MeasurePl
                 "bf16": _shapes([256], 64, [32, 128, 512], [128, 256])}
         memory = tuple(2 ** i for i in range(12, 23))
         sizes, repeats, warmup, budget, calls = _powers(KIB, 256 * MIB, 4), 10, 2, 0.3, 200
-    # Largest CPU activation 2^22 fp32 = 16 MiB: under glibc's 32 MiB mmap threshold
-    # (mallopt(3) M_MMAP_THRESHOLD), so timings exclude faulting in a fresh mapping per call.
+    # Largest CPU activation 2^22 fp32 = 16 MiB; no allocation faults in a fresh mapping per
+    # call (core/host_memory.py keeps every block in the heap).
     worlds = range(2, min(CPU_MAX_WORLD, cpus * CPU_RANKS_PER_CORE) + 1)
     # One launch per world size, measuring the whole world: every process busy, as in training.
     return MeasurePlan("cpu", gemm, memory, ("fp32", "bf16"), sizes,
