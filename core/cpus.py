@@ -1,6 +1,7 @@
 """The CPUs this process may run on, and their model."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from pathlib import Path
@@ -27,6 +28,8 @@ def cpu_model(cpuinfo: str) -> str:
     return platform.processor() or "unknown"
 
 
+@functools.cache
 def this_cpu_model() -> str:
-    """This machine's CPU model (cpu_model of its /proc/cpuinfo)."""
+    """This machine's CPU model (cpu_model of its /proc/cpuinfo), read once per process:
+    every load of the `local` profile and every probe asks for it."""
     return cpu_model(CPUINFO.read_text() if CPUINFO.exists() else "")
