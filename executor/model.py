@@ -72,10 +72,11 @@ class CausalCore(nn.Module):
         windowed = self.window is not None and k.shape[1] > self.window
         causal = not windowed and offset == 0
         masked = windowed or (offset and q.shape[1] > 1) or (causal and self.kernel == "naive")
-        mask = key_mask(q.shape[1], k.shape[1], self.window if windowed else None, q.device) if masked else None
+        shape = (q.shape[1], k.shape[1], self.window if windowed else None, q.device)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.kernel == "naive":
-            return unfused_attention(q, k, v, mask).transpose(1, 2)
+            return unfused_attention(q, k, v, hidden_keys(*shape) if masked else None).transpose(1, 2)
+        mask = key_mask(*shape) if masked else None
         with sdpa_kernel(SDPA_BACKENDS[self.kernel]):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                  enable_gqa=k.shape[1] != q.shape[1])
@@ -92,10 +93,17 @@ def key_mask(queries: int, keys: int, window: int | None, device: torch.device) 
     return mask.triu(offset - window + 1) if window is not None else mask
 
 
-def unfused_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention as separate kernels (q, k, v [batch, heads, seq, head_dim]; `mask` as
-    key_mask's): the queries' matmul with the keys, scaled in its epilogue; the mask filled in
-    place; softmax; the matmul with the values. The scores and probabilities stay in the
+@functools.lru_cache(maxsize=8)
+def hidden_keys(queries: int, keys: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """key_mask inverted, True where a query must not see a key (what the unfused core fills),
+    cached alike so that no layer inverts it again."""
+    return ~key_mask(queries, keys, window, device)
+
+
+def unfused_attention(q, k, v, hidden: torch.Tensor | None) -> torch.Tensor:
+    """Attention as separate kernels (q, k, v [batch, heads, seq, head_dim]; `hidden` as
+    hidden_keys'): the queries' matmul with the keys, scaled in its epilogue; the hidden keys
+    filled in place; softmax; the matmul with the values. The scores and probabilities stay in the
     activations' dtype, autocast left out (it would run softmax in fp32), so that the
     probabilities are the one queries x keys tensor backward keeps (the simulator's naive
     attention, memory.py; its eager kernels, ops.eager_bytes_per_element). Grouped KV heads
@@ -108,8 +116,8 @@ def unfused_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         scores = torch.baddbmm(q.new_empty(batch * kv_heads, rows, keys), grouped,
                                k.reshape(batch * kv_heads, keys, dim).transpose(1, 2), beta=0, alpha=dim ** -0.5)
         scores = scores.view(batch, heads, seq, keys)
-        if mask is not None:
-            scores.masked_fill_(~mask, float("-inf"))
+        if hidden is not None:
+            scores.masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(batch * kv_heads, rows, keys)
         return (probs @ v.reshape(batch * kv_heads, keys, -1)).view(batch, heads, seq, -1)
 
