@@ -44,6 +44,34 @@ NO_COST = frozenset({
 })
 
 
+# ModelSpec fields -> the config keys they are read from (HF's standard names and aliases),
+# so that a check on the spec names the key a user would edit.
+SPEC_KEYS = {
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "num_heads": ("num_attention_heads", "n_head"),
+    "num_kv_heads": ("num_key_value_heads", "multi_query_group_num", "num_attention_heads", "n_head"),
+    "ffn_hidden_size": ("intermediate_size", "ffn_dim", "n_inner"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "num_experts": ("num_local_experts", "n_routed_experts", "num_experts"),
+    "experts_per_token": ("num_experts_per_tok", "moe_topk", "top_k_experts"),
+    "moe_ffn_hidden_size": ("moe_intermediate_size", "intermediate_size"),
+    "route_groups": ("n_group",),
+    "route_group_topk": ("topk_group",),
+}
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """One config read into ModelSpec fields: the keys ignored because they change no cost,
+    the issues found (unknown keys, unmodelled features, bad values), and whether a bad size
+    was replaced by 1 to read on (then checks on the spec would report its consequences)."""
+
+    fields: dict
+    ignored: tuple[str, ...]
+    issues: tuple[Issue, ...]
+    substituted: bool
+
+
 @dataclass(frozen=True)
 class StoredWeights:
     """How a checkpoint stores its weights (its quantization_config): the quant_method, and
@@ -85,6 +113,7 @@ class _Config:
         self.config, self.source, self.defaults = config, source, defaults
         self.read: set[str] = set()
         self.issues: list[Issue] = []
+        self.substituted = False  # a bad size was replaced by 1 to read on
 
     def first(self, keys: tuple[str, ...], default=None):
         """The value of the first of `keys` (aliases) the config has (an explicit null means
@@ -107,6 +136,7 @@ class _Config:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
             problem = "missing key" if value is None else f"expected a positive integer up to {MAX_SIZE}, got {value!r}"
             self.issues.append((self._field(keys[0]), problem, f"set \"{keys[0]}\" to a positive integer"))
+            self.substituted = True
             return 1
         return value
 
@@ -136,16 +166,27 @@ class _Config:
     def _field(self, key: str) -> str:
         return f"{self.source}:{key}"
 
-    def finish(self, ignorable: frozenset[str]) -> tuple[str, ...]:
-        """The keys ignored because they change no cost (bookkeeping left out); raises one
-        error with every issue and every unknown key."""
+    def finish(self, fields: dict, ignorable: frozenset[str]) -> Parsed:
+        """The reading: the keys ignored because they change no cost (bookkeeping left out),
+        every issue found and every unknown key."""
         unknown = sorted(set(self.config) - self.read - BOOKKEEPING - NO_COST - ignorable)
         issues = self.issues + [
             (self._field(k), "unknown key: meshplan cannot tell whether it changes the cost",
              "remove it if it does not change the architecture") for k in unknown]
-        if issues:
-            raise ModelError.of(issues)
-        return tuple(sorted(set(self.config) - self.read - BOOKKEEPING))
+        return Parsed(fields, tuple(sorted(set(self.config) - self.read - BOOKKEEPING)), tuple(issues),
+                      self.substituted)
+
+    def spec_issues(self, issues) -> list[Issue]:
+        """ModelSpec's `issues` with the config key each field was read from where the config
+        has it (HF's standard names), those of keys already reported left out."""
+        named = {field for field, _, _ in self.issues}
+        out = []
+        for field, problem, fix in issues:
+            key = next((k for k in SPEC_KEYS.get(field, (field,)) if k in self.config), None)
+            name = self._field(key) if key else f"{self.source} (model field {field})"
+            if name not in named:
+                out.append((name, problem, fix))
+        return out
 
 
 def _activation(c: _Config, *keys: str) -> str:
@@ -508,8 +549,9 @@ def _guess_type(config: dict) -> str | None:
     return None
 
 
-def parse(config: dict, source: str = "config") -> tuple[dict, tuple[str, ...]]:
-    """(ModelSpec fields, the keys read but ignored because they change no cost)."""
+def parse(config: dict, source: str = "config") -> tuple[Parsed, _Config]:
+    """The config's reading, and the reader (whose spec_issues names a ModelSpec check's
+    fields by the config's keys)."""
     model_type = config.get("model_type") or _guess_type(config)
     if model_type not in READERS:
         raise ModelError(f"{source}:model_type", f"unknown model type {model_type!r}",
@@ -519,4 +561,4 @@ def parse(config: dict, source: str = "config") -> tuple[dict, tuple[str, ...]]:
     c = _Config(config, source, defaults)
     fields = READERS[model_type](c)
     c.read.add("quantization_config")  # stored_weights reads it
-    return fields, c.finish(frozenset(IGNORED.get(model_type, ())))
+    return c.finish(fields, frozenset(IGNORED.get(model_type, ()))), c

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshplan.core.fields import from_fields
-from meshplan.core.errors import ModelError
+from meshplan.core.errors import Issue, ModelError
 from meshplan.simulator import hf_config
 from meshplan.core.io import read_json
 
@@ -104,86 +104,81 @@ class ModelSpec:
     def __post_init__(self):
         for field in ("local_layers", "dense_layers"):
             object.__setattr__(self, field, tuple(getattr(self, field)))
-        for field in _SIZES:
-            _check_int(field, getattr(self, field), positive=True)
-        for field in ("num_experts", "num_shared_experts", "shared_expert_ffn_size", "q_lora_rank",
-                      "kv_lora_rank", *_MOE, *_MLA):
-            _check_int(field, getattr(self, field), positive=False)
-        if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self._default_head_dim())
-        _check_int("head_dim", self.head_dim, positive=True)
+        # sizes first: the other checks do arithmetic on them
+        issues = [_int_issue(f, getattr(self, f), positive=True) for f in _SIZES]
+        issues += [_int_issue(f, getattr(self, f), positive=False)
+                   for f in ("num_experts", "num_shared_experts", "shared_expert_ffn_size", "q_lora_rank",
+                             "kv_lora_rank", "route_groups", "route_group_topk", *_MOE, *_MLA)]
+        if self.head_dim is not None:
+            issues.append(_int_issue("head_dim", self.head_dim, positive=True))
+        _raise_any(issues)
+        derived = self.head_dim is None
+        if derived:
+            object.__setattr__(self, "head_dim", self.qk_nope_head_dim + self.qk_rope_head_dim
+                               if self.kv_lora_rank else max(1, self.hidden_size // self.num_heads))
+        # every other check, each issue gathered, so that one error names them all
+        _raise_any([*self._shape_issues(derived), *self._layer_issues(), *self._moe_issues(),
+                    *self._mla_issues()])
+
+    def _shape_issues(self, derived_head_dim: bool):
+        if derived_head_dim and not self.kv_lora_rank and self.hidden_size % self.num_heads:
+            yield ("num_heads", f"{self.num_heads} does not divide hidden_size {self.hidden_size}",
+                   "use a head count that divides hidden_size, or give head_dim")
         if self.num_heads % self.num_kv_heads:
-            raise ModelError("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads "
-                             f"{self.num_heads}", "use a KV head count that divides num_heads")
+            yield ("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads {self.num_heads}",
+                   "use a KV head count that divides num_heads")
         for field, allowed in (("activation", ACTIVATIONS), ("norm", NORMS),
                                ("position_embedding", POSITIONS), ("router", ROUTERS)):
             if getattr(self, field) not in allowed:
-                raise ModelError(field, f"unknown value {getattr(self, field)!r}",
-                                 f"use one of {', '.join(allowed)}")
+                yield field, f"unknown value {getattr(self, field)!r}", f"use one of {', '.join(allowed)}"
         if not 0 < self.rotary_pct <= 1:
-            raise ModelError("rotary_pct", f"{self.rotary_pct} is not in (0, 1]", "use a share in (0, 1]")
+            yield "rotary_pct", f"{self.rotary_pct} is not in (0, 1]", "use a share in (0, 1]"
         limit = self.swiglu_limit
         if limit is not None and not (self.gated_mlp and isinstance(limit, (int, float))
                                       and not isinstance(limit, bool) and 0 < limit < float("inf")):
-            raise ModelError("swiglu_limit", f"{self.swiglu_limit!r} (gated MLP: {self.gated_mlp})",
-                             "give a positive, finite clamp on a gated MLP, or none")
-        self._check_layers()
-        self._check_moe()
-        self._check_mla()
+            yield ("swiglu_limit", f"{self.swiglu_limit!r} (gated MLP: {self.gated_mlp})",
+                   "give a positive, finite clamp on a gated MLP, or none")
 
-    def _default_head_dim(self) -> int:
-        if self.kv_lora_rank:
-            return self.qk_nope_head_dim + self.qk_rope_head_dim
-        if self.hidden_size % self.num_heads:
-            raise ModelError("num_heads", f"{self.num_heads} does not divide hidden_size "
-                             f"{self.hidden_size}", "use a head count that divides hidden_size, or "
-                             "give head_dim")
-        return self.hidden_size // self.num_heads
-
-    def _check_layers(self):
+    def _layer_issues(self):
         for field in ("local_layers", "dense_layers"):
             layers = getattr(self, field)
             if list(layers) != sorted(set(layers)) or any(
                     not isinstance(i, int) or not 0 <= i < self.num_layers for i in layers):
-                raise ModelError(field, f"{list(layers)} are not distinct increasing layer indices "
-                                 f"below {self.num_layers}", "list each layer index once, in order")
+                yield (field, f"{list(layers)} are not distinct increasing layer indices below "
+                       f"{self.num_layers}", "list each layer index once, in order")
         if self.local_layers and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
-            raise ModelError("sliding_window", f"{self.sliding_window!r} with local layers",
-                             "give the window (keys) of the sliding-window layers")
+            yield ("sliding_window", f"{self.sliding_window!r} with local layers",
+                   "give the window (keys) of the sliding-window layers")
 
-    def _check_moe(self):
+    def _moe_issues(self):
         if not self.num_experts:
             extra = [f for f in ("experts_per_token", "moe_ffn_hidden_size", "num_shared_experts",
                                  "dense_layers", "router_bias") if getattr(self, f)]
-            if extra:
-                raise ModelError(extra[0], "set on a model without experts",
-                                 "set num_experts, or leave the expert fields out")
+            yield from ((f, "set on a model without experts", "set num_experts, or leave the expert fields out")
+                        for f in extra)
             return
-        for field in _MOE:
-            _check_int(field, getattr(self, field), positive=True)
+        missing = [f for f in _MOE if not getattr(self, f)]
+        yield from ((f, "missing (0) with experts", f"set {f} to a positive integer") for f in missing)
         if self.experts_per_token > self.num_experts:
-            raise ModelError("experts_per_token", f"{self.experts_per_token} > {self.num_experts} experts",
-                             "route each token to at most num_experts experts")
+            yield ("experts_per_token", f"{self.experts_per_token} > {self.num_experts} experts",
+                   "route each token to at most num_experts experts")
         if self.num_shared_experts and not self.shared_expert_ffn_size:
-            raise ModelError("shared_expert_ffn_size", "missing with shared experts",
-                             "give the shared experts' MLP width")
+            yield "shared_expert_ffn_size", "missing with shared experts", "give the shared experts' MLP width"
         groups, top = self.route_groups, self.route_group_topk
-        _check_int("route_groups", groups, positive=False)
-        _check_int("route_group_topk", top, positive=False)
         if groups and not (self.num_experts % groups == 0 and 1 <= top <= groups
                            and top * self.num_experts // groups >= self.experts_per_token):
-            raise ModelError("route_group_topk", f"{top} of {groups} groups of the {self.num_experts} experts "
-                             f"cannot hold {self.experts_per_token} experts per token",
-                             "give groups that divide the experts and keep enough of them per token")
+            yield ("route_group_topk", f"{top} of {groups} groups of the {self.num_experts} experts "
+                   f"cannot hold {self.experts_per_token} experts per token",
+                   "give groups that divide the experts and keep enough of them per token")
 
-    def _check_mla(self):
+    def _mla_issues(self):
         if not self.kv_lora_rank:
             return
-        for field in _MLA:
-            _check_int(field, getattr(self, field), positive=True)
+        yield from ((f, "missing (0) with latent attention", f"set {f} to a positive integer")
+                    for f in _MLA if not getattr(self, f))
         if self.num_kv_heads != self.num_heads:
-            raise ModelError("num_kv_heads", f"{self.num_kv_heads} != num_heads {self.num_heads} "
-                             "with latent attention", "latent attention has one key/value head per query head")
+            yield ("num_kv_heads", f"{self.num_kv_heads} != num_heads {self.num_heads} with latent attention",
+                   "latent attention has one key/value head per query head")
 
     @property
     def kv_dim(self) -> int:
@@ -295,12 +290,20 @@ def _layer_kinds(model: ModelSpec) -> tuple[tuple[LayerKind, int], ...]:
     return tuple(counts.items())
 
 
-def _check_int(field: str, value, positive: bool) -> None:
+def _int_issue(field: str, value, positive: bool) -> Issue | None:
+    """The issue with a size field that is not an integer in range, else None."""
     top = hf_config.MAX_LAYERS if field == "num_layers" else hf_config.MAX_SIZE
     if not isinstance(value, int) or isinstance(value, bool) or not (1 if positive else 0) <= value <= top:
         bound = "a positive" if positive else "a non-negative"
-        raise ModelError(field, f"must be {bound} integer up to {top}, got {value!r}",
-                         f"set {field} to {bound} integer up to {top}")
+        return field, f"must be {bound} integer up to {top}, got {value!r}", f"set {field} to {bound} integer up to {top}"
+    return None
+
+
+def _raise_any(issues: list) -> None:
+    """One ModelError naming every issue in `issues` (None entries are no issue)."""
+    found = [i for i in issues if i is not None]
+    if found:
+        raise ModelError.of(found)
 
 
 def _llama(name, layers, hidden, heads, kv_heads, ffn, vocab, seq, tied=False) -> ModelSpec:
@@ -353,8 +356,21 @@ def from_hf_config(config: dict, name: str = "custom", source: str = "config") -
 
 
 def read_hf_config(config: dict, name: str = "custom", source: str = "config") -> LoadedModel:
-    fields, ignored = hf_config.parse(config, source)
-    return LoadedModel(ModelSpec(name=name, **fields), ignored, hf_config.stored_weights(config))
+    """The config's ModelSpec; one error naming every issue of the config and of the model it
+    describes (the model's checks left out where a bad size had to be replaced to read on,
+    or where the reader stopped short of a whole model)."""
+    parsed, reader = hf_config.parse(config, source)
+    issues = list(parsed.issues)
+    spec = None
+    required = {f.name for f in dataclasses.fields(ModelSpec) if f.default is dataclasses.MISSING} - {"name"}
+    if not parsed.substituted and required <= set(parsed.fields):
+        try:
+            spec = ModelSpec(name=name, **parsed.fields)
+        except ModelError as exc:
+            issues += reader.spec_issues(exc.issues)
+    if issues:
+        raise ModelError.of(issues)
+    return LoadedModel(spec, parsed.ignored, hf_config.stored_weights(config))
 
 
 def read_model(name_or_path: str) -> LoadedModel:

@@ -247,6 +247,31 @@ def test_inconsistent_spec_refused(change, field):
     assert err.value.field == field
 
 
+
+def test_every_inconsistency_of_a_spec_in_one_error():
+    """The checks that follow the sizes report together, not the first of them alone."""
+    with pytest.raises(ModelError) as err:
+        ModelSpec("m", 2, 250, 8, 3, 128, 100, 64, activation="relu", rotary_pct=2.0, router_bias=True)
+    assert [field for field, _, _ in err.value.issues] == [
+        "num_heads", "num_kv_heads", "activation", "rotary_pct", "router_bias"]
+
+
+def test_a_configs_key_and_model_problems_in_one_error_by_its_keys():
+    """An unknown key, an unmodelled feature and KV heads that do not divide the heads: one
+    error naming the three keys of the config; a bad size alone while it stands in for 1."""
+    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+              "intermediate_size": 128, "vocab_size": 100, "num_key_value_heads": 3,
+              "frobnicate": 1, "hidden_act": "relu"}
+    with pytest.raises(ModelError) as err:
+        from_hf_config(config, source="c.json")
+    assert {field for field, _, _ in err.value.issues} == {
+        "c.json:frobnicate", "c.json:hidden_act", "c.json:num_key_value_heads"}
+    with pytest.raises(ModelError) as err:
+        from_hf_config({**config, "num_attention_heads": "four", "hidden_act": "silu", "frobnicate": None},
+                       source="c.json")
+    assert {field for field, _, _ in err.value.issues} == {"c.json:num_attention_heads", "c.json:frobnicate"}
+
+
 @pytest.mark.parametrize("model_type", ["mistral", None])
 def test_experts_under_a_dense_model_type_are_refused_not_dropped(model_type):
     config = json.loads((CONFIGS / "mixtral-8x7b.json").read_text())
