@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import ZOO
 from meshplan.simulator.partition import balanced_partition
-from meshplan.simulator.plan import Cluster, Plan, load_plan
+from meshplan.simulator.plan import Cluster, Plan, load_plan_fields
 
 LLAMA70 = ZOO["llama-2-70b"]
 
@@ -64,14 +64,18 @@ def test_plan_json_round_trip(tmp_path):
                  layer_partition=(10,) * 8)
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan.to_dict()))
-    assert load_plan(str(path)) == plan
+    assert Plan.from_dict(load_plan_fields(str(path))) == plan
     path.write_text(json.dumps({"plan": plan.to_dict(), "step_time_s": 1.0}))
-    assert load_plan(str(path)) == plan
+    assert Plan.from_dict(load_plan_fields(str(path))) == plan
     with pytest.raises(PlanError, match="plan.bogus"):
         Plan.from_dict({**plan.to_dict(), "bogus": 1})
+    path.write_text(json.dumps({"tp": 2, "bogus": 1, "tpp": 2}))
+    with pytest.raises(PlanError) as err:
+        load_plan_fields(str(path))
+    assert [field for field, _, _ in err.value.issues] == [f"{path}:bogus", f"{path}:tpp"]
     path.write_text("{not json")
     with pytest.raises(PlanError, match="plan_file"):
-        load_plan(str(path))
+        load_plan_fields(str(path))
 
 
 def test_partition_hand_checked():

@@ -252,3 +252,18 @@ def test_the_split_simulate_prices_is_printed_and_in_the_json():
     assert [s["layers"] for s in stages] == [sum(s["chunk_layers"]) for s in stages]
     text = " ".join(meshplan("simulate", *args).stdout.split())
     assert f"layers per (virtual) stage in pipeline order: {split_text(tuple(split))} (the head alone" in text
+
+
+def test_a_partial_plan_file_takes_the_rest_from_flags(tmp_path):
+    """A hand-written plan file holding some fields: flags give the rest and override it;
+    a key that is no plan field is named as the file's key."""
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"tp": 2, "zero": 1, "micro_batch": 2}))
+    run = partial(meshplan, "simulate", "--model", "llama-2-7b", "--hardware", "a100-80gb", "--gpus", "8",
+                  "--plan", str(path), "--global-batch", "16", "--seq-len", "2048", "--json")
+    plans = [json.loads(out.stdout)["plan"] for out in (run(), run("--tp", "4"))]
+    assert [(p["tp"], p["dp"], p["zero"], p["micro_batch"], p["global_batch"]) for p in plans] == [
+        (2, 4, 1, 2, 16), (4, 2, 1, 2, 16)]
+    path.write_text(json.dumps({"tp": 2, "tensor_parallel": 2}))
+    out = run()
+    assert out.returncode == 2 and f"{path}:tensor_parallel: unknown plan key" in out.stderr

@@ -10,7 +10,7 @@ import sys
 
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import LoadedModel, ModelSpec, read_model
-from meshplan.simulator.plan import Cluster, Plan, load_plan
+from meshplan.simulator.plan import Cluster, Plan, load_plan_fields
 from meshplan.simulator.quantize import QUANTIZATIONS
 from meshplan.simulator.serve import InferencePlan
 
@@ -123,8 +123,8 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
     """Plan knobs (one per Plan field); all default to None so a caller can tell which ones
     the user fixed."""
     g = parser.add_argument_group("plan")
-    g.add_argument("--plan", help="plan JSON file (from simulate --json or plan --emit plan); "
-                   "flags given as well override its fields")
+    g.add_argument("--plan", help="plan JSON file (from simulate --json or plan --emit plan, or "
+                   "some plan fields); flags given as well override its fields and fill the rest")
     add_dataclass_args(g, Plan)
 
 
@@ -173,7 +173,7 @@ def inference_plan_fields(args: argparse.Namespace, cluster: Cluster) -> dict:
 def user_plan_fields(args: argparse.Namespace) -> dict:
     """The plan fields the user gave, from --plan and then flags (flags win). A file's etp
     that only restates its tp (the default) follows a --tp flag."""
-    fields = load_plan(args.plan).to_dict() if getattr(args, "plan", None) else {}
+    fields = load_plan_fields(args.plan) if getattr(args, "plan", None) else {}
     flags = dataclass_fields(args, Plan)
     if "tp" in flags and "etp" not in flags and fields.get("etp") == fields.get("tp"):
         fields.pop("etp", None)
