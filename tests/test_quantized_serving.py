@@ -213,3 +213,17 @@ def test_vllm_export_loads_a_checkpoint_quantized_as_planned(tmp_path):
     # 16-bit weights priced: this checkpoint cannot give them
     e = vllm.export(serve(model, H100), model, checkpoint, H100)
     assert e.args[0] == "${QUANTIZED_CHECKPOINT}" and "16-bit" in e.user_paths[0][1]
+
+
+def test_serving_table_names_each_plans_weights():
+    """Plans of one layout that differ only in their weights are told apart in the table."""
+    out = meshplan("plan", "--mode", "inference", "--model", "llama-2-70b", "--hardware", "h100-80gb", "--gpus",
+                   "1", "--batch", "8", "--prompt-len", "512", "--gen-len", "64", "--top", "3")
+    assert out.returncode == 0, out.stderr
+    header = next(line for line in out.stdout.splitlines() if "weights" in line)
+    column = [c.strip() for c in header.split("┃")].index("weights")
+    rows = [[c.strip() for c in line.split("│")] for line in out.stdout.splitlines() if line.startswith("│")]
+    found = search_inference(ZOO["llama-2-70b"], Cluster(1, 8), H100, 512, 64, fixed={"batch": 8})
+    assert [row[column] for row in rows] == [p.dtype if p.quantization == "none" else p.quantization
+                                             for p, _ in list(found)[:3]]
+    assert len({row[column] for row in rows}) > 1

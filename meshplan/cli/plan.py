@@ -243,13 +243,14 @@ def run_inference(args: argparse.Namespace) -> int:
     table = Table(title=f"{model.name} ({params_text(model.num_params(), model.num_params(active=True))}) "
                         f"serving on {cluster.num_gpus} x {hw.name}: prompt {args.prompt_len}, generate "
                         f"{args.gen_len}")
-    for col in ("rank", "tp", "pp", "replicas", "EP", "batch", "TTFT ms", "TPOT ms", "tokens/s", "per GPU",
-                "peak GiB"):
+    for col in ("rank", "tp", "pp", "replicas", "EP", "weights", "batch", "TTFT ms", "TPOT ms", "tokens/s",
+                "per GPU", "peak GiB"):
         table.add_column(col, justify="right")
     for i, (plan, result) in enumerate(list(found)[:args.top], 1):
         data = result.to_json()
         table.add_row(str(i), str(plan.tp), str(plan.pp), str(plan.replicas),
-                      "yes" if plan.expert_parallel else "-", str(plan.batch),
+                      "yes" if plan.expert_parallel else "-",
+                      plan.dtype if plan.quantization == "none" else plan.quantization, str(plan.batch),
                       f"{data['ttft_s'] * 1e3:.1f}", f"{data['tpot_s'] * 1e3:.2f}",
                       rate_text(data['throughput_tokens_per_s']),
                       rate_text(data['throughput_tokens_per_s'] / cluster.num_gpus),
