@@ -194,6 +194,20 @@ def _layout(plan: InferencePlan) -> tuple:
     return tuple(getattr(plan, k) for k in LAYOUT)
 
 
+def _weights_line(search: InferenceSearch) -> str | None:
+    """Where the search quantized the winner's weights (the quantization not held): that it
+    did, what it trades, and the best plan keeping 16-bit weights."""
+    plan, result = search[0]
+    if plan.quantization == "none" or search.table.quantization.nunique() < 2:
+        return None
+    line = (f"  weights {plan.quantization}: the search's choice, trading accuracy for speed and memory; "
+            f"--quantization none holds {plan.dtype} weights")
+    keeping = next((c for c in search.ranked if c[0].quantization == "none"), None)
+    if keeping is None:
+        return line + f" (no {plan.dtype} plan is kept)"
+    return line + f" (the best: {_describe(*keeping)}, {_gap(search.objective, result, keeping[1])})"
+
+
 def _experts_line(search: InferenceSearch) -> str:
     """How the winner places the experts, and the best kept plan placing them the other way."""
     plan, result = search[0]
@@ -216,6 +230,9 @@ def explain_inference(search: InferenceSearch) -> str:
     lines = [f"winner ({search.objective}): {_describe(plan, result)}",
              f"  decode step: {_shares(result.breakdown['decode_step_s'], result.tpot_s)}",
              f"  prefill: {_shares(result.breakdown['prefill_s'], result.ttft_s)}"]
+    weights = _weights_line(search)
+    if weights:
+        lines.append(weights)
     if result.decode_cached:
         lines.append(f"  decode GEMMs priced as this profile measured weights read back within a "
                      f"{result.decode_working_set_bytes / MIB:,.1f} MiB working set, the step's")

@@ -11,7 +11,7 @@ from meshplan.core.errors import PlanError
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.planner.exports import vllm
 from meshplan.planner.exports.checkpoint import checkpoint_of
-from meshplan.planner.serve_search import search_inference
+from meshplan.planner.serve_search import explain_inference, search_inference
 from meshplan.simulator.model_spec import ZOO, load_model, read_hf_config
 from meshplan.simulator.ops import Shard, layer_ops
 from meshplan.simulator.plan import Cluster
@@ -227,3 +227,22 @@ def test_serving_table_names_each_plans_weights():
     assert [row[column] for row in rows] == [p.dtype if p.quantization == "none" else p.quantization
                                              for p, _ in list(found)[:3]]
     assert len({row[column] for row in rows}) > 1
+
+
+def test_explanation_says_when_the_search_quantized_the_weights():
+    """A winner whose weights the search quantized says so, with the best 16-bit plan kept
+    (none here: 138 GB of 16-bit weights on one H100); held weights need no such line."""
+    found = search_inference(ZOO["llama-2-70b"], Cluster(1, 8), H100, 512, 64, fixed={"batch": 8})
+    text = explain_inference(found)
+    assert f"weights {found[0][0].quantization}: the search's choice" in text and "no fp16 plan is kept" in text
+    held = search_inference(ZOO["llama-2-70b"], Cluster(1, 8), H100, 512, 64,
+                            fixed={"batch": 8, "quantization": found[0][0].quantization})
+    assert "the search's choice" not in explain_inference(held)
+    # Llama 2 7B on one H100 at batch 8: weight reads dominate decode, int4 wins; the fp16
+    # plan is named with its gap
+    small = search_inference(LLAMA, Cluster(1, 8), H100, 512, 64, fixed={"batch": 8})
+    (best, fast), (_, sixteen) = small[0], next(c for c in small if c[0].quantization == "none")
+    assert best.quantization == "int4"
+    line = next(line for line in explain_inference(small).splitlines() if "the search's choice" in line)
+    gap = 1 - sixteen.throughput_tokens_per_s / fast.throughput_tokens_per_s
+    assert line.endswith(f"{gap:.1%} lower throughput)") and "batch 8: " in line
