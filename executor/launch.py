@@ -60,6 +60,8 @@ from meshplan.simulator.train import pipeline_partition, simulate
 STOP_GRACE_S = 20  # after Ctrl-C, how long torchrun gets to stop its ranks before SIGKILL
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 TRAIN_RANK, SERVE_RANK = "meshplan.executor.ranks.train", "meshplan.executor.ranks.serve"
+# the most CPU ranks a core that `meshplan validate` runs (its 4-rank plans on the 2-core VM)
+VALIDATED_RANKS_PER_CORE = 2
 
 
 class RunFailed(Exception):
@@ -124,6 +126,17 @@ def check_serve(model: ModelSpec, plan: InferencePlan, cluster: Cluster, options
 def device_type() -> str:
     """Where the ranks will run: "cuda" when this machine has a CUDA device, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def crowding_note(ranks_per_node: int) -> str | None:
+    """Where more CPU ranks share this machine's cores than `meshplan validate` runs a core,
+    a note that the prediction, which divides the cores among them, is less certain."""
+    cores = len(os.sched_getaffinity(0))
+    if device_type() == "cuda" or ranks_per_node <= VALIDATED_RANKS_PER_CORE * cores:
+        return None
+    return (f"{ranks_per_node} ranks share this machine's {cores} cores ({ranks_per_node / cores:g} a core); "
+            f"the prediction divides the cores among them, which `meshplan validate` checks up to "
+            f"{VALIDATED_RANKS_PER_CORE} ranks a core: expect it further off")
 
 
 def launch_issues(world_size: int, options: LaunchOptions) -> list[Issue]:

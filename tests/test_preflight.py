@@ -115,6 +115,16 @@ def test_more_ranks_per_node_than_cuda_devices_is_refused(monkeypatch):
     assert "2 ranks per node, but this machine has 1 CUDA devices" in err.problem
 
 
+def test_cpu_ranks_crowding_the_cores_beyond_validate_get_a_note(monkeypatch):
+    """Up to VALIDATED_RANKS_PER_CORE CPU ranks a core run as validate runs them; beyond, a
+    note; CUDA ranks have a device each."""
+    monkeypatch.setattr(launch_module.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert launch_module.crowding_note(4) is None
+    assert launch_module.crowding_note(5).startswith("5 ranks share this machine's 2 cores (2.5 a core)")
+    monkeypatch.setattr(launch_module.torch.cuda, "is_available", lambda: True)
+    assert launch_module.crowding_note(64) is None
+
+
 # ---- rendezvous ----
 
 def _endpoint_held() -> tuple[socket.socket, str]:
