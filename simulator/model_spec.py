@@ -295,7 +295,8 @@ def _int_issue(field: str, value, positive: bool) -> Issue | None:
     top = hf_config.MAX_LAYERS if field == "num_layers" else hf_config.MAX_SIZE
     if not isinstance(value, int) or isinstance(value, bool) or not (1 if positive else 0) <= value <= top:
         bound = "a positive" if positive else "a non-negative"
-        return field, f"must be {bound} integer up to {top}, got {value!r}", f"set {field} to {bound} integer up to {top}"
+        return (field, f"must be {bound} integer up to {top}, got {value!r}",
+                f"set {field} to {bound} integer up to {top}")
     return None
 
 
