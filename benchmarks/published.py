@@ -27,7 +27,8 @@ from meshplan.core.io import write_json
 from meshplan.core.units import GIB
 from meshplan.hw_profiles.accuracy import END_TO_END, KINDS, plan_kind
 from meshplan.simulator.memory import usable_bytes
-from meshplan.validation.published import (VARIANTS, fit_moe_host_gap, fit_straggler_spread, fit_sustained_loss,
+from meshplan.hw_profiles.variants import base_of
+from meshplan.validation.published import (fit_moe_host_gap, fit_straggler_spread, fit_sustained_loss,
                                              load_runs, predict, profile_for, reserved_bytes, scaling_pairs)
 
 
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.fit_sustained:
         runs = load_runs()
-        for base in sorted({base for base, _, _ in VARIANTS.values()}):
+        for base in sorted({base_of(run.hardware) for run in runs if not run.not_modelled}):
             loss, terms = fit_sustained_loss(runs, base)
             for run_id, error, sensitivity in terms:
                 print(f"{run_id:46s} log(measured / predicted without it) {error:+.3f}, sensitivity {sensitivity:.2f}")

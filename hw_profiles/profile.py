@@ -15,6 +15,7 @@ import numpy as np
 from meshplan.hw_profiles import collective_model, gemm_model
 from meshplan.hw_profiles.collective_model import CollectiveFit, Curve, Line
 from meshplan.hw_profiles.fabric import Fabric
+from meshplan.hw_profiles.variants import VARIANTS
 from meshplan.hw_profiles.gemm_model import (DTYPE_BYTES, ELEMENT_BYTES, OPTIONAL_DTYPE_BYTES, GemmFit,
                                              MemoryBoundFit)
 from meshplan.core.cpus import this_cpu_model
@@ -644,8 +645,10 @@ class _Reader:
 
 
 def available_profiles() -> list[str]:
-    return sorted(p.stem for p in DATA_DIR.glob("*.json")
-                  if not p.name.endswith(SAMPLES_SUFFIX) and p != END_TO_END)
+    """The stock profile names: those measured (hw_profiles/data) and their datasheet
+    variants (variants.VARIANTS)."""
+    measured = {p.stem for p in DATA_DIR.glob("*.json") if not p.name.endswith(SAMPLES_SUFFIX) and p != END_TO_END}
+    return sorted(measured | set(VARIANTS))
 
 
 def samples_path(profile_json) -> Path:
@@ -691,8 +694,15 @@ def _device_name(path: Path):
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
-    """A bare name loads hw_profiles/data/<name>.json; anything else is a path."""
+    """A bare name loads hw_profiles/data/<name>.json, or builds a datasheet variant from
+    its measured base; anything else is a path."""
     text = str(name_or_path)
+    if text in VARIANTS and not _is_path(text):
+        variant = VARIANTS[text]
+        base = load_profile(variant.base)
+        return replace(base.scaled(**variant.factors), name=text, device_name=variant.device_name,
+                       sources=base.sources + (f"{text}: {base.name} scaled by {variant.source}",),
+                       extra={**base.extra, "variant_of": {"base": base.name, **variant.factors}})
     path, is_path = profile_path(text), _is_path(text)
     if not path.is_file() or (not is_path and text not in available_profiles()):
         if is_path:

@@ -51,6 +51,24 @@ def test_stock_profiles_round_trip():
         assert HardwareProfile.from_dict(hw.to_dict()) == hw
 
 
+def test_datasheet_variants_are_their_base_scaled():
+    """H200: the H100's compute with 141 GB at 4.8 TB/s; A100 40GB: half the memory at
+    1,555 GB/s; H800: NVLink at 400 of 900 GB/s; each named, sourced and round-tripping."""
+    h100, a100 = load_profile("h100-80gb"), load_profile("a100-80gb")
+    h200, a40, h800 = (load_profile(n) for n in ("h200-141gb", "a100-40gb", "h800-80gb"))
+    assert {"h200-141gb", "a100-40gb", "h800-80gb", "h100-96gb-500w"} <= set(available_profiles())
+    assert h200.name == "h200-141gb" and h200.peak_flops == h100.peak_flops
+    assert h200.memory_bytes == int(h100.memory_bytes * 141 / 80)
+    assert h200.hbm_bytes_per_s == pytest.approx(h100.hbm_bytes_per_s * 4.8 / 3.35)
+    assert a40.memory_bytes == a100.memory_bytes // 2 and a40.gemm == a100.gemm
+    assert a40.hbm_bytes_per_s == pytest.approx(a100.hbm_bytes_per_s * 1555 / 2039)
+    nvlink = lambda hw: hw.collectives.intra["all_reduce"][8].large.busbw_bytes_per_s  # noqa: E731
+    assert nvlink(h800) == pytest.approx(nvlink(h100) * 400 / 900)
+    assert h800.nic_bytes_per_s == h100.nic_bytes_per_s and h800.memory_bytes == h100.memory_bytes
+    assert any(s.startswith("h200-141gb: h100-80gb scaled by H200 datasheet") for s in h200.sources)
+    assert HardwareProfile.from_dict(h200.to_dict()) == h200
+
+
 def test_missing_file_and_unknown_name():
     with pytest.raises(ProfileError, match="does not exist"):
         load_profile("/nonexistent/x.json")

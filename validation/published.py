@@ -28,7 +28,8 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 
 from meshplan.core.errors import MeshplanError
-from meshplan.hw_profiles.profile import HardwareProfile, Stragglers, Sustained, load_profile
+from meshplan.hw_profiles.profile import HardwareProfile, Stragglers, Sustained, available_profiles, load_profile
+from meshplan.hw_profiles.variants import base_of
 from meshplan.planner.search import search
 from meshplan.simulator.memory import FRAGMENTATION_SHARE
 from meshplan.simulator.model_spec import ModelSpec, load_model
@@ -37,27 +38,6 @@ from meshplan.simulator.plan import DTYPES, Cluster, Plan, complete_fields
 from meshplan.simulator.train import SimulationResult, simulate
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "published"
-# Datasheet differences of the hardware variants from the stock profile they derive from.
-VARIANTS = {
-    "a100-80gb": ("a100-80gb", {}, ""),
-    "h100-80gb": ("h100-80gb", {}, ""),
-    # NVIDIA A100 datasheet (2021), 40GB SXM column: 40 GB HBM2 at 1,555 GB/s (80GB: 2,039)
-    "a100-40gb": ("a100-80gb", {"memory": 0.5, "hbm_bw": 1555 / 2039}, "A100 40GB datasheet"),
-    # NVIDIA H200 datasheet (2024): 141 GB HBM3e at 4.8 TB/s, compute as H100 SXM
-    "h200-141gb": ("h100-80gb", {"memory": 141 / 80, "hbm_bw": 4.8 / 3.35}, "H200 datasheet"),
-    # H800 SXM: the H100 SXM with NVLink cut to 400 GB/s (from 900), DeepSeek-V3 report sec 3.1
-    "h800-80gb": ("h100-80gb", {"intra_node_bw": 400 / 900}, "H800: NVLink 400 GB/s"),
-    # Jean Zay's A100 80GB nodes (BLOOM's training): 4 Omni-Path links of 100 Gb/s per node
-    # (bigscience train/tr11-176B-ml/README.md, Hardware), a quarter of DGX A100's 8 x 200 Gb/s
-    "a100-80gb-opa4": ("a100-80gb", {"inter_node_bw": 4 * 100 / (8 * 200)},
-                       "Jean Zay A100 80GB: 4 Omni-Path 100 Gb/s links per node (BLOOM tr11 README)"),
-    # torchtitan's Grand Teton H100: 96 GB HBM2e at 500 W (its benchmark page). HBM2e H100:
-    # 2.41 TB/s (arXiv 2604.11391 sec 3); at 500 of 700 W the clock, and so the compute rate,
-    # falls as power^(1/3) (dynamic power ~ C V^2 f with V ~ f): (500/700)^(1/3) = 0.894
-    "h100-96gb-500w": ("h100-80gb", {"memory": 96 / 80, "hbm_bw": 2.41 / 3.35,
-                                     "flops": (500 / 700) ** (1 / 3)},
-                       "H100 96GB HBM2e at 500 W (torchtitan benchmark page)"),
-}
 # CSV column -> plan field, for the knobs a row may publish.
 KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "ep": "ep", "etp": "etp", "zero": "zero",
          "recompute": "recompute",
@@ -156,7 +136,7 @@ def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
     for row in rows.to_dict("records"):
         reasons = []
         model = None
-        if row["hardware"] not in VARIANTS:
+        if row["hardware"] not in available_profiles():
             reasons.append(f"hardware {row['hardware']}")
         if isinstance(row.get("schedule"), str) and row["schedule"] not in ("1f1b", "interleaved", "gpipe", "zb-h1"):
             reasons.append(f"schedule {row['schedule']}")
@@ -184,12 +164,8 @@ def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
 
 
 def profile_for(hardware: str) -> HardwareProfile:
-    base, factors, source = VARIANTS[hardware]
-    profile = load_profile(base)
-    if not factors:
-        return profile
-    return replace(profile.scaled(**factors), name=hardware,
-                   sources=profile.sources + (f"{hardware}: {source}",))
+    """The profile a row's hardware names: a stock one or its datasheet variant."""
+    return load_profile(hardware)
 
 
 def predict(run: PublishedRun, hw: HardwareProfile) -> SimulationResult:
@@ -298,6 +274,6 @@ def fit_sustained_loss(runs: list[PublishedRun], base: str, probe: float = 0.05)
     the variants derived from it (_fit_robust). The GEMMs' time grows by y = loss / (1 - loss),
     and the step time nearly linearly in y, so y is the figure fitted. Returns the loss and
     per row (id, log(measured / T0), g per unit of y)."""
-    y, terms = _fit_robust(runs, lambda run: not run.model.num_experts and VARIANTS[run.hardware][0] == base,
+    y, terms = _fit_robust(runs, lambda run: not run.model.num_experts and base_of(run.hardware) == base,
                            lambda hw, x: replace(hw, sustained=Sustained(x / (1 + x))), probe, 0.5)
     return y / (1 + y), terms
