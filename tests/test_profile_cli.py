@@ -119,6 +119,10 @@ def test_report_without_samples_names_the_missing_file(tmp_path):
     assert "error: --report:" in run.stderr
     assert not (tmp_path / "r.html").exists()
 
+    derived = meshplan("profile", "--report", "h200-141gb", "--out", tmp_path / "r.html")
+    assert derived.returncode == 2 and "--report h100-80gb" in derived.stderr  # a datasheet variant
+    assert not (tmp_path / "r.html").exists()
+
 
 def test_a_bad_profile_argument_names_its_own_flag(tmp_path):
     broken = tmp_path / "broken.json"
