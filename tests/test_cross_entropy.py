@@ -10,7 +10,7 @@ from meshplan.simulator.memory import FRAGMENTATION_SHARE, cross_entropy_logits
 from meshplan.simulator.model_spec import ZOO
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
-from meshplan.validation.published import load_runs, predict, profile_for, reserved_bytes
+from meshplan.validation.published import load_runs, predict, reserved_bytes
 
 LLAMA = ZOO["llama-3-8b"]
 H100 = load_profile("h100-80gb")
@@ -75,7 +75,7 @@ def test_published_torchtitan_rows_name_their_loss_and_compare_reserved_memory()
     assert runs["trainy25-8b-h200-32gpu-fsdp-fp8"].fixed["cross_entropy"] == "compiled"
     assert "cross_entropy" not in runs["narayanan21-t1-1t"].fixed
     run = runs["tt24-8b-8gpu-fsdp"]
-    hw = profile_for(run.hardware)
+    hw = load_profile(run.hardware)
     result = predict(run, hw)
     assert reserved_bytes(result, hw) == result.peak_memory_bytes + FRAGMENTATION_SHARE * hw.memory_bytes
 

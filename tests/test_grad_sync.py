@@ -10,7 +10,7 @@ from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ZOO
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
-from meshplan.validation.published import load_runs, predict, profile_for
+from meshplan.validation.published import load_runs, predict
 
 LLAMA = ZOO["llama-2-7b"]
 H100 = load_profile("h100-80gb")
@@ -100,5 +100,5 @@ def test_torchtitan_pipelines_hold_the_gradients_they_publish():
     runs = {r.id: r for r in load_runs()}
     for name in ("tt24-405b-512gpu-3d-interleaved", "tt24-405b-512gpu-4d-cp1-32k"):
         run = runs[name]
-        result = predict(run, profile_for(run.hardware))
+        result = predict(run, load_profile(run.hardware))
         assert result.peak_memory_bytes / run.measured_memory_bytes == pytest.approx(1, abs=0.2)

@@ -156,16 +156,11 @@ def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
             reasons.append("global batch not published")
         measured = None
         if model is not None and not reasons:
-            measured = measured_step_time_s(row, model, profile_for(row["hardware"]))
+            measured = measured_step_time_s(row, model, load_profile(row["hardware"]))
         memory = _value(row, "measured_memory_gib")
         runs.append(PublishedRun(row["id"], row["source_id"], model, row["hardware"], cluster, fixed,
                                  measured, memory * 2 ** 30 if memory else None, "; ".join(reasons)))
     return runs
-
-
-def profile_for(hardware: str) -> HardwareProfile:
-    """The profile a row's hardware names: a stock one or its datasheet variant."""
-    return load_profile(hardware)
 
 
 def predict(run: PublishedRun, hw: HardwareProfile) -> SimulationResult:
@@ -190,7 +185,7 @@ def _error_and_sensitivity(run: PublishedRun, at, probe: float) -> tuple[float, 
     """log(measured / T0) of a run, T0 its step time with a profile figure at 0, and g, its
     step time's growth per unit of the figure relative to T0 (T = T0 (1 + x g), simulated at
     `probe`); `at(hw, x)` is the run's profile with the figure at x."""
-    hw = profile_for(run.hardware)
+    hw = load_profile(run.hardware)
     t0, t1 = (predict(run, at(hw, x)).step_time_s for x in (0.0, probe))
     return math.log(run.measured_step_time_s / t0), (t1 / t0 - 1) / probe
 
