@@ -153,6 +153,7 @@ class Explanation:
     mfu: float
     kind: str  # the family of published runs its end-to-end error is quoted from (plan_kind)
     split: tuple[int, ...] = ()  # the winner's layers per (virtual) stage, SimulationResult.layer_split
+    derived: str = ""  # how a datasheet variant's profile derives from a measured one (variant_text)
 
     def lines(self) -> list[str]:
         parts = ", ".join(f"{k} {v:.3g} s ({v / self.step_time_s:.0%})"
@@ -163,7 +164,8 @@ class Explanation:
                *split_lines(self.split),
                *communication_lines(self.communication),
                f"error band of the profile's operator fits (held-out kernel and collective timings, "
-               f"not end to end): ±{lo:.0%} median, ±{hi:.0%} p95; {end_to_end_text(self.kind)}"]
+               f"not end to end): ±{lo:.0%} median, ±{hi:.0%} p95; {end_to_end_text(self.kind)}",
+               *([self.derived] if self.derived else [])]
         if self.runner_up is not None:
             close = self.runner_up.slower_rel is not None and self.runner_up.slower_rel < lo
             out.append(self.runner_up.text() + (" -- inside the median error band: a toss-up"
@@ -175,7 +177,7 @@ class Explanation:
         return {"step_time_s": self.step_time_s, "breakdown_s": dict(self.breakdown_s),
                 "error_band": {"median_rel": self.error_band[0], "p95_rel": self.error_band[1]},
                 "end_to_end": end_to_end(), "kind": self.kind, "communication": self.communication,
-                "layer_split": list(self.split),
+                "layer_split": list(self.split), "derived_profile": self.derived or None,
                 "runner_up": self.runner_up.to_json() if self.runner_up else None,
                 "changes": [c.to_json() for c in self.changes], "text": self.lines()}
 
@@ -208,7 +210,18 @@ def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
             changes.append(replace(compare(winner, other, label + held), held=bool(held)))
     return Explanation(winner.step_time_s, dict(winner.breakdown_s), winner.error_band, runner,
                        tuple(changes), winner.communication, winner.mfu,
-                       plan_kind(model.num_experts, winner.plan.cp), winner.layer_split)
+                       plan_kind(model.num_experts, winner.plan.cp), winner.layer_split, variant_text(hw))
+
+
+def variant_text(hw: HardwareProfile) -> str:
+    """For a profile built from a measured one by datasheet ratios (variants.VARIANTS), what
+    it is: the base's fits, error band included, with the factors; else ""."""
+    variant = hw.extra.get("variant_of")
+    if not variant:
+        return ""
+    factors = ", ".join(f"{k} x{v:.3g}" for k, v in variant.items() if k != "base")
+    return (f"profile {hw.name}: not measured; {variant['base']}'s measured fits with {factors} "
+            f"(datasheet ratios, hw_profiles/variants.py), its error band {variant['base']}'s")
 
 
 def split_lines(split: tuple[int, ...]) -> list[str]:

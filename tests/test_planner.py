@@ -157,6 +157,21 @@ def test_explanation_states_what_the_numbers_are():
     assert winner.communication["overlap"]["compute_slowdown"] == pytest.approx(0.189)
 
 
+def test_explanation_says_a_variant_profile_is_its_base_scaled():
+    """An A100 40GB plan is priced with the A100 80GB's measured fits at half the memory and
+    1,555 of 2,039 GB/s; the explanation says so, and a measured profile's does not."""
+    model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
+    fixed = {"global_batch": 128, "seq_len": 4096}
+    texts = {}
+    for name in ("a100-40gb", "a100-80gb"):
+        hw = load_profile(name)
+        found = search(model, cluster, hw, fixed)
+        texts[name] = explain(model, cluster, hw, found.ranked, fixed).lines()
+    assert f"profile a100-40gb: not measured; a100-80gb's measured fits with memory x0.5, hbm_bw x{1555 / 2039:.3g}" \
+        in "\n".join(texts["a100-40gb"])
+    assert not any(line.startswith("profile ") for line in texts["a100-80gb"])
+
+
 def test_explanation_quotes_the_published_runs_of_the_plans_family(tmp_path, monkeypatch):
     """The end-to-end figure beside the error band is the held-out half's, and that of the
     held-out runs of the winner's family (dense with or without CP, mixture of experts)."""
