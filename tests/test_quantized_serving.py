@@ -246,3 +246,15 @@ def test_explanation_says_when_the_search_quantized_the_weights():
     line = next(line for line in explain_inference(small).splitlines() if "the search's choice" in line)
     gap = 1 - sixteen.throughput_tokens_per_s / fast.throughput_tokens_per_s
     assert line.endswith(f"{gap:.1%} lower throughput)") and "batch 8: " in line
+
+
+def test_serving_plan_on_a_variant_says_what_its_profile_is():
+    """H200 serving is priced with the H100's measured fits at 141 GB and 4.8 TB/s: --json
+    says so, as the training explanation does; a measured profile's says nothing."""
+    flags = ["plan", "--mode", "inference", "--model", "llama-2-7b", "--gpus", "1", "--batch", "8",
+             "--prompt-len", "512", "--gen-len", "64", "--json"]
+    derived = {hw: json.loads(meshplan(*flags, "--hardware", hw).stdout)["derived_profile"]
+               for hw in ("h200-141gb", "h100-80gb")}
+    assert derived["h200-141gb"].startswith("profile h200-141gb: not measured; h100-80gb's measured fits with "
+                                            f"memory x{141 / 80:.3g}, hbm_bw x{4.8 / 3.35:.3g}")
+    assert derived["h100-80gb"] is None

@@ -210,6 +210,7 @@ def run_inference(args: argparse.Namespace) -> int:
     from meshplan.planner import exports
     from meshplan.planner.exports import vllm
     from meshplan.planner.exports.checkpoint import checkpoint_of
+    from meshplan.planner.explain import variant_text
     from meshplan.planner.serve_search import FIXABLE, explain_inference, search_inference
 
     if args.emit not in (None, "vllm"):
@@ -236,7 +237,7 @@ def run_inference(args: argparse.Namespace) -> int:
         sys.stdout.write(dump_json({
             "params": model.num_params(), "active_params": model.num_params(active=True),
             "plans": [r.to_json() for _, r in list(found)[:args.top]],
-            "explanation": explain_inference(found)}))
+            "explanation": explain_inference(found), "derived_profile": variant_text(hw) or None}))
         return 0
     from rich.table import Table
 
@@ -258,6 +259,8 @@ def run_inference(args: argparse.Namespace) -> int:
     console = common.console()
     console.print(table)
     console.print(explain_inference(found))
+    if variant_text(hw):
+        console.print(variant_text(hw), highlight=False)
     return 0
 
 
