@@ -651,6 +651,17 @@ def available_profiles() -> list[str]:
     return sorted(measured | set(VARIANTS))
 
 
+def profile_summary(hw: HardwareProfile, name: str) -> dict:
+    """A stock profile's headline figures under the `name` it is loaded by, and what they
+    rest on: a measurement, or a measured base scaled by datasheet ratios."""
+    variant = hw.extra.get("variant_of")
+    return {"name": name, "device": hw.device_name, "memory_gib": hw.memory_bytes / 2 ** 30,
+            "bf16_tflops": hw.peak_flops.get("bf16", 0.0) / 1e12, "memory_tb_per_s": hw.hbm_bytes_per_s / 1e12,
+            "node": f"{hw.gpus_per_node} x {hw.intra_node_link}",
+            "network": f"{hw.nics_per_node} x {hw.nic_bytes_per_s * 8 / 1e9:.3g} Gb/s" if hw.nics_per_node else "-",
+            "basis": f"{variant['base']} x datasheet" if variant else "measured"}
+
+
 def samples_path(profile_json) -> Path:
     """Where the samples a profile was fitted on lie: beside it, <stem>.samples.json."""
     path = Path(profile_json)

@@ -167,8 +167,8 @@ def test_explanation_says_a_variant_profile_is_its_base_scaled():
         hw = load_profile(name)
         found = search(model, cluster, hw, fixed)
         texts[name] = explain(model, cluster, hw, found.ranked, fixed).lines()
-    assert f"profile a100-40gb: not measured; a100-80gb's measured fits with memory x0.5, hbm_bw x{1555 / 2039:.3g}" \
-        in "\n".join(texts["a100-40gb"])
+    said = f"profile a100-40gb: not measured; a100-80gb's measured fits with memory x0.5, hbm_bw x{1555 / 2039:.3g}"
+    assert said in "\n".join(texts["a100-40gb"])
     assert not any(line.startswith("profile ") for line in texts["a100-80gb"])
 
 

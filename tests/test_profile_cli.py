@@ -276,3 +276,17 @@ def test_quick_measurement_end_to_end(tmp_path, monkeypatch):
     assert hw.cached_reads.working_set_bytes[-1] <= 2 ** 28 and hw.attention.decode_bytes_per_s > 0
     assert samples_path(out).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.samples.json"]
+
+
+def test_list_names_every_stock_profile_and_what_its_figures_rest_on():
+    out = meshplan("profile", "--list", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {row["name"]: row for row in json.loads(out.stdout)}
+    assert set(rows) == set(available_profiles())
+    assert rows["h100-80gb"]["basis"] == "measured" and rows["h200-141gb"]["basis"] == "h100-80gb x datasheet"
+    assert rows["h200-141gb"]["memory_gib"] == pytest.approx(80 * 141 / 80)
+    assert rows["h200-141gb"]["bf16_tflops"] == rows["h100-80gb"]["bf16_tflops"]
+    for flags, field in ((["--list", "--out", "x.json"], "--out"), (["--json", "--out", "x.json"], "--json"),
+                         ([], "--out")):
+        refused = meshplan("profile", *flags)
+        assert refused.returncode == 2 and f"error: {field}:" in refused.stderr

@@ -23,14 +23,18 @@ def register(subparsers) -> None:
         description="Measure this machine (GEMMs, memory-bound operators, collectives over "
                     "torchrun ranks) and fit a hardware profile, saving the samples beside it as "
                     "<name>.samples.json; or refit a profile's collectives from nccl-tests logs "
-                    "(--import-nccl-tests); or write a profile's calibration report (--report).")
+                    "(--import-nccl-tests); or write a profile's calibration report (--report); or "
+                    "list the stock profiles (--list).")
     mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true",
+                      help="list the stock profiles with their figures, measured or derived (--json: as JSON)")
     mode.add_argument("--import-nccl-tests", nargs="+", metavar="LOG",
                       help="nccl-tests stdout logs (*_perf) whose collectives replace --base's")
     mode.add_argument("--report", metavar="PROFILE",
                       help="profile name or JSON: write its fitted-vs-measured HTML report to --out")
-    parser.add_argument("--out", required=True,
+    parser.add_argument("--out",
                         help="profile JSON to write (a .json path), or the report's HTML with --report")
+    parser.add_argument("--json", action="store_true", help="with --list: the list as JSON on stdout")
     parser.add_argument("--quick", action="store_true",
                         help="fewer sizes and repeats: under about a minute on CPU")
     parser.add_argument("--name", help="profile name (default: the --out file name without .json)")
@@ -52,15 +56,24 @@ def _check(args: argparse.Namespace) -> None:
     if args.quick and (args.import_nccl_tests or args.report):
         raise ProfileError("--quick", "only used when measuring this machine",
                            "drop --quick with --import-nccl-tests or --report")
+    if args.list and args.out:
+        raise ProfileError("--out", "not used with --list", "drop --out")
+    if args.json and not args.list:
+        raise ProfileError("--json", "only used with --list", "drop --json, or pass --list")
+    if not args.list and not args.out:
+        raise ProfileError("--out", "missing", "pass --out PATH: the profile JSON to write, or the "
+                           "report's HTML with --report")
     if not 0.0 <= args.holdout <= 0.5:  # the fit keeps at least half of each curve's samples
         raise ProfileError("--holdout", f"{args.holdout} is outside [0, 0.5]", "pass e.g. --holdout 0.2")
-    if not args.report and not args.out.endswith(".json"):
+    if not args.report and not args.list and not args.out.endswith(".json"):
         raise ProfileError("--out", f"{args.out!r} does not end in .json",
                            "pass the profile's path, e.g. --out hw_profiles/local.json")
 
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    if args.list:
+        return run_list(args)
     if args.report:
         return run_report(args)
     with _claimed(Path(args.out)):
@@ -158,6 +171,28 @@ def run_import(args: argparse.Namespace) -> int:
     print_fit(profile)
     print(f"meshplan profile: refitted {base.name}'s collectives from {len(names)} log(s); "
           f"wrote {args.out}")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """The stock profiles, one row each: the device, its node and what the figures rest on."""
+    from meshplan.core.io import dump_json
+    from meshplan.hw_profiles.profile import available_profiles, load_profile, profile_summary
+
+    rows = [profile_summary(load_profile(name), name) for name in available_profiles()]
+    if args.json:
+        print(dump_json(rows), end="")
+        return 0
+    from rich.table import Table
+
+    table = Table(title="stock profiles (--hardware NAME)")
+    columns = {"name": "name", "device": "device", "memory_gib": "GiB", "bf16_tflops": "bf16 TFLOP/s",
+               "memory_tb_per_s": "memory TB/s", "node": "node", "network": "network", "basis": "figures"}
+    for title in columns.values():
+        table.add_column(title, justify="right" if title in ("GiB", "bf16 TFLOP/s", "memory TB/s") else "left")
+    for row in rows:
+        table.add_row(*(f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k in columns))
+    common.console().print(table)
     return 0
 
 
