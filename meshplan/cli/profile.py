@@ -53,9 +53,9 @@ def _check(args: argparse.Namespace) -> None:
     if args.import_nccl_tests and not args.base:
         raise ProfileError("--base", "missing", "pass --base a100-80gb (or another stock name or "
                                                 "profile JSON) whose compute fits to keep")
-    if args.quick and (args.import_nccl_tests or args.report):
+    if args.quick and (args.import_nccl_tests or args.report or args.list):
         raise ProfileError("--quick", "only used when measuring this machine",
-                           "drop --quick with --import-nccl-tests or --report")
+                           "drop --quick with --import-nccl-tests, --report or --list")
     if args.list and args.out:
         raise ProfileError("--out", "not used with --list", "drop --out")
     if args.json and not args.list:
