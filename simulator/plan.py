@@ -396,8 +396,9 @@ def checked_plan(fields: dict, model: ModelSpec, cluster: Cluster) -> Plan:
 def load_plan_fields(path: str) -> dict:
     """The plan fields of a JSON file as written by `simulate --json` (its "plan" key) or
     `plan --emit plan`, or of a hand-written one holding some of them (flags or a search fill
-    the rest; checked_plan checks the whole). Keys that are not plan fields are one error
-    naming each as the file's key."""
+    the rest; checked_plan checks the whole); a null field is left to its default, as
+    `simulate --json` writes an etp that follows tp. Keys that are not plan fields are one
+    error naming each as the file's key."""
     try:
         data = read_json(path)
     except ValueError as exc:
@@ -408,7 +409,8 @@ def load_plan_fields(path: str) -> dict:
         raise PlanError("plan_file", f"{path} does not hold a JSON object", "pass a plan JSON file")
     known = {f.name for f in dataclasses.fields(Plan)}
     unknown = sorted(set(data) - known)
+    given = {k: v for k, v in data.items() if v is not None}
     if unknown:  # with the known keys' range and choice problems: every offending field at once
         raise PlanError.of([(f"{path}:{key}", "unknown plan key", f"use only {', '.join(sorted(known))}")
-                            for key in unknown] + field_issues({k: v for k, v in data.items() if k in known}))
-    return data
+                            for key in unknown] + field_issues({k: v for k, v in given.items() if k in known}))
+    return given

@@ -264,6 +264,8 @@ def test_a_partial_plan_file_takes_the_rest_from_flags(tmp_path):
     plans = [json.loads(out.stdout)["plan"] for out in (run(), run("--tp", "4"))]
     assert [(p["tp"], p["dp"], p["zero"], p["micro_batch"], p["global_batch"]) for p in plans] == [
         (2, 4, 1, 2, 16), (4, 2, 1, 2, 16)]
+    path.write_text(json.dumps({"tp": None, "zero": 1, "schedule": None}))  # null: the default
+    assert json.loads(run().stdout)["plan"]["tp"] == 1
     path.write_text(json.dumps({"tp": 2, "tensor_parallel": 2}))
     out = run()
     assert out.returncode == 2 and f"{path}:tensor_parallel: unknown plan key" in out.stderr
