@@ -40,6 +40,7 @@ from typing import Callable
 
 import torch
 
+from meshplan.core.cpus import usable_cpus
 from meshplan.core.errors import Issue, MeshplanError
 from meshplan.core.io import write_json
 from meshplan.core.requirements import check_torch
@@ -131,7 +132,7 @@ def device_type() -> str:
 def crowding_note(ranks_per_node: int) -> str | None:
     """Where more CPU ranks share this machine's cores than `meshplan validate` runs a core,
     a note that the prediction, which divides the cores among them, is less certain."""
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cpus()
     if device_type() == "cuda" or ranks_per_node <= VALIDATED_RANKS_PER_CORE * cores:
         return None
     return (f"{ranks_per_node} ranks share this machine's {cores} cores ({ranks_per_node / cores:g} a core); "

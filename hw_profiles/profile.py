@@ -15,9 +15,9 @@ import numpy as np
 from meshplan.hw_profiles import collective_model, gemm_model
 from meshplan.hw_profiles.collective_model import CollectiveFit, Curve, Line
 from meshplan.hw_profiles.fabric import Fabric
-from meshplan.hw_profiles.variants import VARIANTS
 from meshplan.hw_profiles.gemm_model import (DTYPE_BYTES, ELEMENT_BYTES, OPTIONAL_DTYPE_BYTES, GemmFit,
                                              MemoryBoundFit)
+from meshplan.hw_profiles.variants import VARIANTS
 from meshplan.core.cpus import this_cpu_model
 from meshplan.core.errors import ProfileError
 from meshplan.core.io import read_json, write_atomic

@@ -23,7 +23,6 @@ from plotly.subplots import make_subplots
 from meshplan.reports.page import page
 from meshplan.calibration.build_stock import STOCK, default_data_dir, fit_table
 from meshplan.hw_profiles.profile import HardwareProfile, load_profile, profile_path, samples_path
-from meshplan.hw_profiles.variants import VARIANTS
 from meshplan.calibration.samples import Samples
 from meshplan.calibration.vidur_import import load_vidur_samples
 from meshplan.core.errors import ProfileError
@@ -38,13 +37,13 @@ def profile_samples(name_or_path: str) -> tuple[HardwareProfile, Samples, str]:
     """The profile, the samples it was fitted on, and where those came from."""
     from meshplan.calibration.measure.run import load_samples  # imports torch
 
-    if name_or_path in VARIANTS:
-        base = VARIANTS[name_or_path].base
-        raise ProfileError("report", f"{name_or_path} is {base} scaled by datasheet ratios "
-                           "(hw_profiles/variants.py), not measured: no samples of its own",
-                           f"report the measured profile it derives from: --report {base}")
-    path = profile_path(name_or_path)
     profile = load_profile(name_or_path)
+    variant = profile.extra.get("variant_of")
+    if variant:
+        raise ProfileError("report", f"{name_or_path} is {variant['base']} scaled by datasheet ratios "
+                           "(hw_profiles/variants.py), not measured: no samples of its own",
+                           f"report the measured profile it derives from: --report {variant['base']}")
+    path = profile_path(name_or_path)
     beside = samples_path(path)
     if beside.is_file():
         return profile, load_samples(beside), str(beside)

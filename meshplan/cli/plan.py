@@ -233,11 +233,12 @@ def run_inference(args: argparse.Namespace) -> int:
         sys.stdout.write(launch_scripts.script(args.launch_script, launch))
         report_export(artifact)
         return 0
+    derived = variant_text(hw)
     if args.json:
         sys.stdout.write(dump_json({
             "params": model.num_params(), "active_params": model.num_params(active=True),
             "plans": [r.to_json() for _, r in list(found)[:args.top]],
-            "explanation": explain_inference(found), "derived_profile": variant_text(hw) or None}))
+            "explanation": explain_inference(found), "derived_profile": derived or None}))
         return 0
     from rich.table import Table
 
@@ -259,8 +260,8 @@ def run_inference(args: argparse.Namespace) -> int:
     console = common.console()
     console.print(table)
     console.print(explain_inference(found))
-    if variant_text(hw):
-        console.print(variant_text(hw), highlight=False)
+    if derived:
+        console.print(derived, highlight=False)
     return 0
 
 

@@ -126,10 +126,11 @@ def run_launch(args: argparse.Namespace, model, plan, cluster) -> launch_scripts
 def report(args: argparse.Namespace, cluster: Cluster, launch_run, print_table) -> int:
     """Launch (once the run has passed its checks, note ranks crowding the cores beyond
     what validate checks, and probe the machine against the profile: common.probe_machine),
-    then write the record (--record) and print the summary (--json or a table), with the prediction on the rescaled profile beside the stock one under
-    --rescale; a failed run is one line on stderr and exit code 1. Where the probe timed
-    the one-rank step, it is read again after the run and the two readings' median (their
-    mean) rescales, as `meshplan validate` does after each launch."""
+    then write the record (--record) and print the summary (--json or a table), with the
+    prediction on the rescaled profile beside the stock one under --rescale; a failed run is
+    one line on stderr and exit code 1. Where the probe timed the one-rank step, it is read
+    again after the run and the two readings' median (their mean) rescales, as `meshplan
+    validate` does after each launch."""
     from meshplan.calibration.probe import repredicted, step_ratio
     from meshplan.executor.launch import RunFailed, crowding_note
     from meshplan.hw_profiles.profile import load_profile
