@@ -58,6 +58,9 @@ def test_gemms_are_timed_with_the_cache_swept_before_each_call():
     if size:  # the sweep covers the whole last-level cache
         flush = cache_flush(torch.device("cpu"))
         assert flush.__self__.numel() * 4 == size
+        # one buffer for every call: a fresh one per GEMM shape grew the kept heap by the
+        # cache's size each time
+        assert cache_flush(torch.device("cpu")).__self__ is flush.__self__
 
 
 def test_memory_bound_bytes_and_dtypes():

@@ -15,6 +15,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -94,11 +95,18 @@ def cache_flush(device: torch.device) -> Callable[[], object] | None:
     layer's weights were last touched a step before (Triton's do_bench zeroes a 256 MB buffer
     before every timed call for the same reason, triton/testing.py); None where the cache
     size is unknown."""
+    buffer = _sweep_buffer(device)
+    return None if buffer is None else buffer.zero_
+
+
+@cache
+def _sweep_buffer(device: torch.device) -> torch.Tensor | None:
+    """cache_flush's buffer, made once per device and kept. With freed host memory kept in
+    the heap (core/host_memory.py), a buffer made per GEMM shape left the freed one split by
+    the small allocations between, and the heap grew by the cache's size at every shape: on a
+    VM whose L3 reads 480 MiB, `meshplan profile` was killed for memory at 24 GiB."""
     size = last_level_cache_bytes(device)
-    if size <= 0:
-        return None
-    buffer = torch.empty(size // 4, dtype=torch.float32, device=device)
-    return buffer.zero_
+    return torch.empty(size // 4, dtype=torch.float32, device=device) if size > 0 else None
 
 
 def time_call_s(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
