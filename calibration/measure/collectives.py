@@ -6,7 +6,8 @@ the way the executor launches ranks:
 
 gloo on CPU (one torch thread per rank), NCCL on CUDA (rank i on GPU i). For each group size
 g (ranks 0..g-1, a dist.new_group), collective and message size: `warmup` untimed calls, then
-timed calls each preceded by a barrier of the group; a rank's time is its mean over calls
+timed calls each preceded by a barrier of the group, the sizes of a collective taking turns
+over ROUNDS rounds; a rank's time is its mean over calls
 (nccl-tests' time is a timed loop's total over its iterations; a training step pays every
 call, the slow ones too: gloo's calls here are heavy-tailed, a 256 KiB all-reduce over two
 ranks taking 0.23 ms at the median, 0.79 ms on average and 3.2 ms at p90 of 100 calls) and
@@ -38,6 +39,7 @@ from meshplan.core.errors import ProfileError
 
 ELEMENT_BYTES = 4  # fp32, nccl-tests' default type
 MIN_REPEATS = 3
+ROUNDS = 4  # turns the message sizes of one collective take (_time_sizes)
 KIB = 1024
 
 
@@ -81,28 +83,46 @@ def _collective(kind: str, n: int, ranks: list[int], group,
     raise ValueError(f"unknown collective {kind!r}; expected one of {KINDS}")
 
 
-def _time_group(call: Callable[[], None], group, device: torch.device, repeats: int,
-                warmup: int, budget_s: float) -> tuple[float, float, int]:
-    """(max over ranks of the mean s, max over ranks of the std s, calls timed)."""
-    def timed() -> float:
-        dist.barrier(group=group)
-        t0 = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+def _timed_s(call: Callable[[], None], group, device: torch.device) -> float:
+    """One call's time on this rank, the group's ranks started together by a barrier."""
+    dist.barrier(group=group)
+    t0 = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
+
+def _calls_per_round(call: Callable[[], None], group, device: torch.device, repeats: int,
+                     warmup: int, budget_s: float) -> int:
+    """After `warmup` untimed calls, the timed calls of each of ROUNDS rounds: `repeats` in
+    all, fewer where they would overrun `budget_s` (never under MIN_REPEATS), the same on
+    every rank (the slowest rank's probe call decides)."""
     for _ in range(warmup):
-        timed()
-    # Every rank must run the same number of calls: agree on the slowest rank's probe.
-    probe = torch.tensor([timed()], dtype=torch.float64, device=device)
+        _timed_s(call, group, device)
+    probe = torch.tensor([_timed_s(call, group, device)], dtype=torch.float64, device=device)
     dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group)
     n = max(MIN_REPEATS, min(repeats, int(budget_s / max(probe.item(), 1e-9))))
-    times = [timed() for _ in range(n)]
-    stats = torch.tensor([statistics.fmean(times), statistics.pstdev(times)],
+    return -(-n // ROUNDS)
+
+
+def _time_sizes(calls: list[Callable[[], None]], group, device: torch.device, repeats: int,
+                warmup: int, budget_s: float) -> list[tuple[float, float, int]]:
+    """Per call (one per message size): (max over ranks of the mean s, max over ranks of the
+    std s, calls timed). The sizes take turns over ROUNDS rounds, so that a slow spell of
+    the machine falls on all of them alike: timed one size after another, gloo's small
+    send_recv over two ranks read 0.30, 0.95, 0.43 and 0.51 ms at 4, 16, 64 and 256 KiB
+    (means of 200; 2026-12-04, Xeon VM), a fast spell fitting half the latency of the
+    profile before."""
+    per_round = [_calls_per_round(c, group, device, repeats, warmup, budget_s) for c in calls]
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(ROUNDS):
+        for call, n, mine in zip(calls, per_round, times):
+            mine.extend(_timed_s(call, group, device) for _ in range(n))
+    stats = torch.tensor([[statistics.fmean(t), statistics.pstdev(t)] for t in times],
                          dtype=torch.float64, device=device)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
-    return stats[0].item(), stats[1].item(), n
+    return [(mean, std, len(t)) for (mean, std), t in zip(stats.tolist(), times)]
 
 
 def measure_collectives(kinds: list[str], group_sizes: list[int], sizes_bytes: list[int],
@@ -120,15 +140,16 @@ def measure_collectives(kinds: list[str], group_sizes: list[int], sizes_bytes: l
         group = dist.new_group(ranks)  # every rank must call new_group, members or not
         if dist.get_rank() in ranks:
             for kind in kinds:
-                for size in sizes_bytes:
-                    n = _elements(kind, size, g)
-                    call = _collective(kind, n, ranks, group, device)
-                    t, std, k = _time_group(call, group, device, repeats, warmup, budget_s)
+                counts = [_elements(kind, size, g) for size in sizes_bytes]
+                calls = [_collective(kind, n, ranks, group, device) for n in counts]
+                for n, (t, std, k) in zip(counts, _time_sizes(calls, group, device, repeats, warmup,
+                                                              budget_s)):
                     rows.append(dict(zip(COLLECTIVE_COLUMNS,
                                          (kind, g, g, n * ELEMENT_BYTES, t, std, k))))
                     if dist.get_rank() == 0:
                         print(f"measured {kind} group_size={g} message_bytes={n * ELEMENT_BYTES}",
                               flush=True)
+                del calls
         dist.barrier()
     return rows
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from meshplan.calibration.measure.collectives import (ELEMENT_BYTES, _collective, _elements,
-                                                       _time_group, run_rank)
+                                                       _time_sizes, run_rank)
 from meshplan.calibration.samples import COLLECTIVE_COLUMNS
 from meshplan.core.errors import ProfileError
 
@@ -55,11 +55,10 @@ def measure_pattern(pattern: dict, local_world_size: int, device: torch.device, 
     size, rpn = sizes.pop(), per_node.pop()
     rows = []
     for kind in pattern["kinds"]:
-        for message in pattern["sizes"]:
-            n = _elements(kind, int(message), size)
-            call = (_collective(kind, n, groups[mine], handles[mine], device)
-                    if mine is not None else (lambda: None))
-            t, std, k = _time_group(call, None, device, repeats, warmup, budget_s)
+        counts = [_elements(kind, int(message), size) for message in pattern["sizes"]]
+        calls = [_collective(kind, n, groups[mine], handles[mine], device) if mine is not None
+                 else (lambda: None) for n in counts]
+        for n, (t, std, k) in zip(counts, _time_sizes(calls, None, device, repeats, warmup, budget_s)):
             rows.append({**dict(zip(COLLECTIVE_COLUMNS, (kind, size, rpn, n * ELEMENT_BYTES, t, std, k))),
                          "pattern": pattern["name"]})
             if me == 0:
