@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from meshplan.calibration.measure.attention import fit_attention
-from meshplan.calibration.measure.cached_reads import measure_cached_reads
+from meshplan.calibration.measure.cached_reads import measure_cached_reads, median_reading
 from meshplan.calibration.fit import fit_profile
 from meshplan.calibration.local_base import local_base
 from meshplan.calibration.measure.machine import describe_machine
@@ -49,7 +49,16 @@ def measure_profile(quick: bool, name: str, holdout: float, seed: int,
     overhead = reference = slowdown = None
     # the executor computes in fp32 on CPU and bf16 on a GPU (executor.options.compute_dtype)
     device, dtype = ("cuda", "bf16") if cuda else ("cpu", "fp32")
-    with progress_bar(2 if cuda else 5, "calibrating", progress) as bar:
+    # a shared CPU's speed comes in spells: its cached reads are read three times, minutes
+    # apart (before, between and after the other calibrations), and the median kept
+    spaced = not cuda and not quick
+    cached_bytes = QUICK_CACHED_BYTES if quick else 0
+    readings = []
+    with progress_bar(2 if cuda else 5 + 2 * spaced, "calibrating", progress) as bar:
+        if spaced:
+            bar.describe("calibrating: cached reads (1 of 3)")
+            readings.append(measure_cached_reads(device, dtype, cached_bytes))
+            bar.advance()
         # On a GPU the host queues kernels ahead of the device: its overhead is not on the
         # path. On CPU the fitted collectives price those inside the overhead's two-rank probe.
         if not cuda:
@@ -62,13 +71,17 @@ def measure_profile(quick: bool, name: str, holdout: float, seed: int,
             bar.describe("calibrating: busy neighbours")
             slowdown = neighbour_slowdown(min(machine["usable_cpus"], CPU_MAX_WORLD), rounds=2 if quick else 3)
             bar.advance()
+        if spaced:
+            bar.describe("calibrating: cached reads (2 of 3)")
+            readings.append(measure_cached_reads(device, dtype, cached_bytes))
+            bar.advance()
         bar.describe("calibrating: fused attention")
         attention = fit_attention(profile, device, dtype)
         bar.advance()
-        bar.describe("calibrating: cached reads")
-        cached_reads = measure_cached_reads(device, dtype, QUICK_CACHED_BYTES if quick else 0)
+        bar.describe("calibrating: cached reads" + (" (3 of 3)" if spaced else ""))
+        readings.append(measure_cached_reads(device, dtype, cached_bytes))
         bar.advance()
-    profile = replace(profile, attention=attention, cached_reads=cached_reads)
+    profile = replace(profile, attention=attention, cached_reads=median_reading(readings))
     measured_s = time.perf_counter() - started
     if overhead is not None:
         profile = replace(profile, overhead=overhead,

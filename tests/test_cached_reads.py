@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from meshplan.calibration.measure.cached_reads import ROWS, measure_cached_reads
+from meshplan.calibration.measure.cached_reads import ROWS, measure_cached_reads, median_reading
 from meshplan.core.errors import ProfileError
 from meshplan.hw_profiles.profile import CachedReads, HardwareProfile, load_profile
 from meshplan.simulator.model_spec import ModelSpec
@@ -118,6 +118,17 @@ def test_measurement_on_this_machine():
         assert all(t > 0 for t in row)
         assert row[-1] > row[0]  # 64 rows do 64x the multiply-adds of one over the same bytes
     HardwareProfile.from_dict({**LOCAL.to_dict(), "cached_reads": reads.to_dict()})  # a valid section
+
+
+def test_readings_minutes_apart_keep_each_points_median():
+    fast = replace(TABLE, seconds_per_byte=((0.5e-11, 1e-11, 2e-11), (1e-11, 2e-11, 3e-11)), latency_s=1e-6)
+    slow = replace(TABLE, seconds_per_byte=((2e-11, 3e-11, 5e-11), (6e-11, 4e-11, 8e-11)), latency_s=5e-6)
+    kept = median_reading([fast, TABLE, slow])
+    # per point, not the reading with the median mean: (1, 8 MiB) x (1, 4, 16 rows)
+    assert kept.seconds_per_byte == ((1e-11, 2e-11, 4e-11), (3e-11, 4e-11, 8e-11))
+    assert kept.latency_s == 2e-6 and kept.working_set_bytes == TABLE.working_set_bytes
+    assert "median of 3 readings" in kept.source
+    assert median_reading([TABLE]) == TABLE
 
 
 def test_result_says_when_decode_was_priced_from_cached_reads():

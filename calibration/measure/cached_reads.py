@@ -15,6 +15,9 @@ from one matrix up to past the last-level cache.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,3 +74,16 @@ def _measure(device: torch.device, dtype: str, max_working_set_bytes: int) -> Ca
                        f"rows by [{SIDE}, {SIDE}] {dtype} weights, distinct, working sets "
                        f"{sizes[0] / 2 ** 20:g}-{sizes[-1] / 2 ** 20:g} MiB, torch {torch.__version__} "
                        f"on {device.type}")
+
+
+def median_reading(readings: list[CachedReads]) -> CachedReads:
+    """The per-point median of readings of one device taken minutes apart (the same working
+    sets and rows): a reading takes about 13 s on a CPU, short enough for one slow or fast
+    spell of a shared VM to cover it whole (at a 64 MiB working set one row read 25 GB/s in
+    one reading, 15 GB/s in two others that day, 2026-12-04, Xeon VM)."""
+    first = readings[0]
+    table = np.median(np.array([r.seconds_per_byte for r in readings], dtype=float), axis=0)
+    return replace(first, seconds_per_byte=tuple(tuple(float(x) for x in row) for row in table),
+                   latency_s=float(np.median([r.latency_s for r in readings])),
+                   source=f"{first.source}; the per-point median of {len(readings)} readings minutes apart"
+                   if len(readings) > 1 else first.source)
