@@ -26,6 +26,8 @@ times CPU ranks only: against a profile not measured on CPU, or when the ranks r
 CUDA device, it is skipped with a note."""
 from __future__ import annotations
 
+import itertools
+
 import dataclasses
 import json
 import os
@@ -202,20 +204,32 @@ def collective_split(hw: HardwareProfile, readings: dict[int, float],
                      offset: float = 1.0) -> tuple[float, float] | None:
     """(latency, per-byte time) factors under which `hw`'s all-reduce over COLLECTIVE_RANKS
     ranks best takes the `readings` (seconds by message bytes): at each size the alpha-beta
-    line in force there (collective_model.Curve), its alpha_s times the first factor and its
-    bytes / busbw times the second, fitted by least squares of the relative errors (each
-    size weighs alike); divided by `offset`, the probe's ratio to the fits when the
-    profile's own reading was taken (1: none kept). None for fewer than two sizes or where
-    the readings admit no positive pair."""
+    line in force there (collective_model.Curve) once scaled, its alpha_s times the first
+    factor and its bytes / busbw times the second, fitted by least squares of the relative
+    errors (each size weighs alike); divided by `offset`, the probe's ratio to the fits when
+    the profile's own reading was taken (1: none kept). The scaled lines can cross elsewhere
+    than the profile's (4x the latency at half the time per byte moves a 1 MiB all-reduce onto
+    the latency line): every choice of line per size is fitted, and the best fit whose sizes
+    sit on the lines the rescaled profile prices them by is kept. None for fewer than two sizes or where the
+    readings admit no positive pair."""
     if len(readings) < 2:
         return None
     curve = hw.collectives.intra_curve("all_reduce", COLLECTIVE_RANKS)
-    rows = []
-    for size, seconds in readings.items():
-        bus_bytes = size * bus_factor("all_reduce", COLLECTIVE_RANKS)
-        line = curve.small if curve.small.time_s(bus_bytes) <= curve.large.time_s(bus_bytes) else curve.large
-        rows.append((line.alpha_s / seconds, bus_bytes / line.busbw_bytes_per_s / seconds))
-    (latency, per_byte), *_ = np.linalg.lstsq(np.array(rows), np.ones(len(rows)), rcond=None)
+    sizes = [size * bus_factor("all_reduce", COLLECTIVE_RANKS) for size in readings]
+    best = None
+    for lines in itertools.product((curve.small, curve.large), repeat=len(sizes)):
+        rows = np.array([(ln.alpha_s / seconds, b / ln.busbw_bytes_per_s / seconds)
+                         for ln, b, seconds in zip(lines, sizes, readings.values())])
+        (latency, per_byte), *_ = np.linalg.lstsq(rows, np.ones(len(rows)), rcond=None)
+        price = lambda ln, b: latency * ln.alpha_s + per_byte * b / ln.busbw_bytes_per_s  # noqa: E731
+        held = all(price(ln, b) <= min(price(curve.small, b), price(curve.large, b)) * (1 + 1e-9)
+                   for ln, b in zip(lines, sizes))
+        residual = float(np.sum((rows @ (latency, per_byte) - 1) ** 2))
+        if held and latency > 0 and per_byte > 0 and (best is None or residual < best[0]):
+            best = (residual, latency, per_byte)
+    if best is None:
+        return None
+    _, latency, per_byte = best
     latency, per_byte = latency / offset, per_byte / offset
     return (float(latency), float(per_byte)) if latency > 0 and per_byte > 0 else None
 
