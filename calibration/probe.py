@@ -26,9 +26,8 @@ times CPU ranks only: against a profile not measured on CPU, or when the ranks r
 CUDA device, it is skipped with a note."""
 from __future__ import annotations
 
-import itertools
-
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -210,8 +209,8 @@ def collective_split(hw: HardwareProfile, readings: dict[int, float],
     the profile's own reading was taken (1: none kept). The scaled lines can cross elsewhere
     than the profile's (4x the latency at half the time per byte moves a 1 MiB all-reduce onto
     the latency line): every choice of line per size is fitted, and the best fit whose sizes
-    sit on the lines the rescaled profile prices them by is kept. None for fewer than two sizes or where the
-    readings admit no positive pair."""
+    sit on the lines the rescaled profile prices them by is kept. None for fewer than two
+    sizes or where the readings admit no positive pair."""
     if len(readings) < 2:
         return None
     curve = hw.collectives.intra_curve("all_reduce", COLLECTIVE_RANKS)
@@ -221,7 +220,9 @@ def collective_split(hw: HardwareProfile, readings: dict[int, float],
         rows = np.array([(ln.alpha_s / seconds, b / ln.busbw_bytes_per_s / seconds)
                          for ln, b, seconds in zip(lines, sizes, readings.values())])
         (latency, per_byte), *_ = np.linalg.lstsq(rows, np.ones(len(rows)), rcond=None)
-        price = lambda ln, b: latency * ln.alpha_s + per_byte * b / ln.busbw_bytes_per_s  # noqa: E731
+
+        def price(ln, b):
+            return latency * ln.alpha_s + per_byte * b / ln.busbw_bytes_per_s
         held = all(price(ln, b) <= min(price(curve.small, b), price(curve.large, b)) * (1 + 1e-9)
                    for ln, b in zip(lines, sizes))
         residual = float(np.sum((rows @ (latency, per_byte) - 1) ** 2))
