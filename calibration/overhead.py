@@ -57,16 +57,25 @@ def probe_model(num_layers: int, moe: bool = False) -> ModelSpec:
 def _median_s(fns, repeats: int, warmup: int) -> list[float]:
     """Median seconds of each of `fns`, run in turn within every repeat, so that the
     machine's drift over the measurement falls on all of them alike."""
+    def timed(fn):
+        def call() -> float:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        return call
+    return _median_timed_s([timed(fn) for fn in fns], repeats, warmup)
+
+
+def _median_timed_s(fns, repeats: int, warmup: int) -> list[float]:
+    """Median of the seconds each of `fns` returns, run in turn within every repeat (as
+    _median_s, for calls that time only part of themselves): the 1- and 3-layer inference
+    forwards take turns, as the training ones do, so that a drift between the two depths
+    cannot read as a layer's overhead (they were timed one depth after the other)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    times = [[fn() for fn in fns] for _ in range(repeats)]
+    return [statistics.median(column) for column in zip(*times)]
 
 
 def _training(num_layers: int, moe: bool = False) -> tuple:
@@ -83,20 +92,27 @@ def _training(num_layers: int, moe: bool = False) -> tuple:
     return forward, step
 
 
-@torch.no_grad()
-def _inference_s(num_layers: int, repeats: int, warmup: int) -> tuple[float, float]:
-    """(prompt forward, one-token decode forward over the cache) seconds."""
+def _inference(num_layers: int) -> tuple:
+    """The probe model's prompt forward (its cache made first, as the executor makes one per
+    generation) and one-token decode forward over that cache, as functions returning the
+    seconds they timed (the decode's prompt forward untimed)."""
     model = build_model(probe_model(num_layers), seed=0)
     prompt = torch.randint(0, 128, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
-    prefill = _median_s([lambda: model(prompt, model.new_cache(PROBE_TOKENS + 1))], repeats, warmup)[0]
 
+    @torch.no_grad()
+    def prefill():
+        start = time.perf_counter()
+        model(prompt, model.new_cache(PROBE_TOKENS + 1))
+        return time.perf_counter() - start
+
+    @torch.no_grad()
     def decode():
         cache = model.new_cache(PROBE_TOKENS + 1)
         model(prompt, cache)
         start = time.perf_counter()
         model(prompt[:, :1], cache)
         return time.perf_counter() - start
-    return prefill, statistics.median(decode() for _ in range(repeats + warmup))
+    return prefill, decode
 
 
 def _forward_backward(forward_s: float, step_s: float, layers: int) -> tuple[float, float]:
@@ -117,7 +133,7 @@ def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhe
         df1, dt1, df3, dt3, mf3, mt3 = _median_s(fns, repeats, warmup)
         span = LAYERS[1] - LAYERS[0]
         dense = _forward_backward(df3 - df1, dt3 - dt1, span)
-        (p1, d1), (p3, d3) = (_inference_s(n, repeats, warmup) for n in LAYERS)
+        p1, d1, p3, d3 = _median_timed_s([fn for n in LAYERS for fn in _inference(n)], repeats, warmup)
         # the MoE block's surcharge from the two 3-layer models, whose other parts are alike:
         # one difference over 3 layers, steadier than two per-layer differences apart
         moe = _forward_backward(mf3 - df3, mt3 - dt3, LAYERS[1])
