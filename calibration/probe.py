@@ -176,17 +176,18 @@ class Probe:
 
     def rescaled(self, hw: HardwareProfile) -> HardwareProfile:
         """The profile with its speed terms scaled by the measured ratios: GEMM rate,
-        memory bandwidth and host overhead per layer all by the one-rank step's where it
-        was probed (else each by its own), and (when probed) the collectives' latency and
-        bandwidth: each by its own share of the ratio where the sizes split it, else both by
-        the one ratio."""
+        memory bandwidth, host overhead per layer and the operators' fixed cost per call all
+        by the one-rank step's where it was probed (else each by its own, the fixed costs by
+        the overhead's: host time on CPU ranks), and (when probed) the collectives' latency
+        and bandwidth: each by its own share of the ratio where the sizes split it, else
+        both by the one ratio."""
         coll = self.collective or 1.0
         latency, per_byte = ((self.collective_latency, self.collective_per_byte)
                              if self.collective_latency is not None else (coll, coll))
         gemm, memory, overhead = (self.step,) * 3 if self.step is not None else (
             self.gemm, self.memory, self.overhead)
         return hw.scaled(flops=1 / gemm, hbm_bw=1 / memory, intra_node_bw=1 / per_byte,
-                         collective_latency=latency, overhead=overhead)
+                         collective_latency=latency, overhead=overhead, op_latency=overhead)
 
 
 REFERENCE_KEY = "probe_reference"

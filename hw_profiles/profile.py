@@ -238,8 +238,8 @@ class CachedReads:
         per_byte = np.where(m > last, per_byte[-1] * m / last, np.interp(m, self.rows, per_byte))
         return self.latency_s + np.asarray(batch, dtype=float) * k * n * dtype_bytes * per_byte
 
-    def scaled(self, bandwidth: float, latency_s: float) -> CachedReads:
-        return replace(self, latency_s=self.latency_s + latency_s,
+    def scaled(self, bandwidth: float, latency_s: float, latency: float = 1.0) -> CachedReads:
+        return replace(self, latency_s=self.latency_s * latency + latency_s,
                        seconds_per_byte=tuple(tuple(t / bandwidth for t in r) for r in self.seconds_per_byte))
 
 
@@ -352,16 +352,19 @@ class HardwareProfile:
 
     def scaled(self, flops: float = 1.0, hbm_bw: float = 1.0, intra_node_bw: float = 1.0,
                inter_node_bw: float = 1.0, memory: float = 1.0, op_latency_s: float = 0.0,
-               collective_latency: float = 1.0, overhead: float = 1.0) -> HardwareProfile:
+               collective_latency: float = 1.0, overhead: float = 1.0,
+               op_latency: float = 1.0) -> HardwareProfile:
         """What-if (or refitted, or probe-rescaled) copy: peak FLOP/s, HBM bandwidth (GEMM
         memory term, memory-bound ops, cached reads, decode attention's cache read), intra-
         and inter-node bus bandwidth, memory
-        capacity, the collectives' latency and the host overhead per layer multiplied by the
-        factors; op_latency_s added to every GEMM's and memory-bound op's fixed cost
-        (framework dispatch per operator)."""
+        capacity, the collectives' latency, the host overhead per layer and the fixed cost
+        per call of every GEMM, memory-bound op, cached read and fused attention call
+        (`op_latency`) multiplied by the factors; op_latency_s added to every GEMM's and
+        memory-bound op's fixed cost (framework dispatch per operator)."""
         factors = {"flops": flops, "hbm_bw": hbm_bw, "intra_node_bw": intra_node_bw,
                    "inter_node_bw": inter_node_bw, "memory": memory,
-                   "collective_latency": collective_latency, "overhead": overhead}
+                   "collective_latency": collective_latency, "overhead": overhead,
+                   "op_latency": op_latency}
         changed = {k: v for k, v in factors.items() if v != 1.0}
         if op_latency_s:
             changed["op_latency_s"] = op_latency_s
@@ -374,11 +377,14 @@ class HardwareProfile:
             peak_flops={k: v * flops for k, v in self.peak_flops.items()},
             hbm_bytes_per_s=self.hbm_bytes_per_s * hbm_bw,
             nic_bytes_per_s=self.nic_bytes_per_s * inter_node_bw,
-            gemm={d: replace(f, latency_s=f.latency_s + op_latency_s) for d, f in self.gemm.items()},
-            memory_bound={d: replace(f, latency_s=f.latency_s + op_latency_s)
+            gemm={d: replace(f, latency_s=f.latency_s * op_latency + op_latency_s) for d, f in self.gemm.items()},
+            memory_bound={d: replace(f, latency_s=f.latency_s * op_latency + op_latency_s)
                           for d, f in self.memory_bound.items()},
-            cached_reads=self.cached_reads.scaled(hbm_bw, op_latency_s),
-            attention=replace(self.attention, decode_bytes_per_s=self.attention.decode_bytes_per_s * hbm_bw),
+            cached_reads=self.cached_reads.scaled(hbm_bw, op_latency_s, op_latency),
+            attention=replace(self.attention, decode_bytes_per_s=self.attention.decode_bytes_per_s * hbm_bw,
+                              forward_latency_s=self.attention.forward_latency_s * op_latency,
+                              backward_latency_s=self.attention.backward_latency_s * op_latency,
+                              decode_latency_s=self.attention.decode_latency_s * op_latency),
             collectives=self.collectives.scaled(intra_node_bw, inter_node_bw, collective_latency),
             overhead=self.overhead.scaled(overhead),
             sources=self.sources + (f"what-if copy of {self.name}: {tag}",),

@@ -170,6 +170,13 @@ def test_memory_bound_and_scaled():
     assert fast.collective_time_s("send_recv", 1e6, 2, 1) == pytest.approx(50 * US + 1e6 / (40 * GB))
     assert fast.memory_bytes == 8 * 2**30 and fast.name != hw.name
     assert hw.scaled() is hw
+    # the fixed cost per call scales alone: a one-byte memory-bound op's, the measured
+    # decode attention kernel's of the local profile
+    slow = hw.scaled(op_latency=3.0)
+    assert slow.memory_bound_time_s(1.0) == pytest.approx(3 * hw.memory_bound_time_s(1.0), rel=1e-6)
+    local = load_profile("local")
+    assert local.attention.decode_latency_s > 0
+    assert local.scaled(op_latency=3.0).attention.decode_latency_s == pytest.approx(3 * local.attention.decode_latency_s)
 
 
 def test_unknown_dtype_is_a_profile_error():
