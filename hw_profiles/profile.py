@@ -27,6 +27,7 @@ LOCAL = "local"  # this machine's CPU profile (local_profile_name)
 # benchmarks/published.py's end-to-end figures (hw_profiles/accuracy.py), beside the profiles
 END_TO_END = DATA_DIR / "end_to_end.json"
 SAMPLES_SUFFIX = ".samples.json"
+VARIANT_KEY = "variant_of"  # extra's entry marking a datasheet variant (HardwareProfile.variant_of)
 DTYPES = tuple(DTYPE_BYTES)
 # Physical ranges of a profile's figures: FLOP/s and bytes/s (1 M to 1e20), fractions of
 # nominal (up to 2: small memory-bound operators beat nominal HBM bandwidth from L2, e.g.
@@ -342,6 +343,12 @@ class HardwareProfile:
             raise ProfileError("fit_report.error_band", f"profile {self.name!r} has no fit report",
                                REGENERATE)
         return float(band["median"]), float(band["p95"])
+
+    @property
+    def variant_of(self) -> dict | None:
+        """For a datasheet variant (variants.VARIANTS, built by load_profile): its measured
+        base's name ("base") and the factors it is scaled by; None for a measured profile."""
+        return self.extra.get(VARIANT_KEY)
 
     @property
     def comm_overlaps_compute(self) -> bool:
@@ -660,7 +667,7 @@ def available_profiles() -> list[str]:
 def profile_summary(hw: HardwareProfile, name: str) -> dict:
     """A stock profile's headline figures under the `name` it is loaded by, and what they
     rest on: a measurement, or a measured base scaled by datasheet ratios."""
-    variant = hw.extra.get("variant_of")
+    variant = hw.variant_of
     return {"name": name, "device": hw.device_name, "memory_gib": hw.memory_bytes / 2 ** 30,
             "bf16_tflops": hw.peak_flops.get("bf16", 0.0) / 1e12, "memory_tb_per_s": hw.hbm_bytes_per_s / 1e12,
             "node": f"{hw.gpus_per_node} x {hw.intra_node_link}",
@@ -719,7 +726,7 @@ def load_profile(name_or_path: str) -> HardwareProfile:
         base = load_profile(variant.base)
         return replace(base.scaled(**variant.factors), name=text, device_name=variant.device_name,
                        sources=base.sources + (f"{text}: {base.name} scaled by {variant.source}",),
-                       extra={**base.extra, "variant_of": {"base": base.name, **variant.factors}})
+                       extra={**base.extra, VARIANT_KEY: {"base": base.name, **variant.factors}})
     path, is_path = profile_path(text), _is_path(text)
     if not path.is_file() or (not is_path and text not in available_profiles()):
         if is_path:

@@ -216,7 +216,7 @@ def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
 def variant_text(hw: HardwareProfile) -> str:
     """For a profile built from a measured one by datasheet ratios (variants.VARIANTS), what
     it is: the base's fits, error band included, with the factors; else ""."""
-    variant = hw.extra.get("variant_of")
+    variant = hw.variant_of
     if not variant:
         return ""
     factors = ", ".join(f"{k} x{v:.3g}" for k, v in variant.items() if k != "base")

@@ -38,7 +38,7 @@ def profile_samples(name_or_path: str) -> tuple[HardwareProfile, Samples, str]:
     from meshplan.calibration.measure.run import load_samples  # imports torch
 
     profile = load_profile(name_or_path)
-    variant = profile.extra.get("variant_of")
+    variant = profile.variant_of
     if variant:
         raise ProfileError("report", f"{name_or_path} is {variant['base']} scaled by datasheet ratios "
                            "(hw_profiles/variants.py), not measured: no samples of its own",

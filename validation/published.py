@@ -133,10 +133,11 @@ def measured_step_time_s(row, model: ModelSpec, profile: HardwareProfile) -> flo
 def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
     rows = pd.read_csv(path)
     runs = []
+    stock, profiles = set(available_profiles()), {}  # each profile read once, not per row
     for row in rows.to_dict("records"):
         reasons = []
         model = None
-        if row["hardware"] not in available_profiles():
+        if row["hardware"] not in stock:
             reasons.append(f"hardware {row['hardware']}")
         if isinstance(row.get("schedule"), str) and row["schedule"] not in ("1f1b", "interleaved", "gpipe", "zb-h1"):
             reasons.append(f"schedule {row['schedule']}")
@@ -156,7 +157,9 @@ def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
             reasons.append("global batch not published")
         measured = None
         if model is not None and not reasons:
-            measured = measured_step_time_s(row, model, load_profile(row["hardware"]))
+            if row["hardware"] not in profiles:
+                profiles[row["hardware"]] = load_profile(row["hardware"])
+            measured = measured_step_time_s(row, model, profiles[row["hardware"]])
         memory = _value(row, "measured_memory_gib")
         runs.append(PublishedRun(row["id"], row["source_id"], model, row["hardware"], cluster, fixed,
                                  measured, memory * 2 ** 30 if memory else None, "; ".join(reasons)))

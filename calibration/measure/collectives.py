@@ -149,7 +149,7 @@ def measure_collectives(kinds: list[str], group_sizes: list[int], sizes_bytes: l
                     if dist.get_rank() == 0:
                         print(f"measured {kind} group_size={g} message_bytes={n * ELEMENT_BYTES}",
                               flush=True)
-                del calls
+                del calls  # this kind's buffers freed before the next kind's are made
         dist.barrier()
     return rows
 
