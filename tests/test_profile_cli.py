@@ -92,6 +92,13 @@ def test_flag_errors_are_one_line():
         assert field in run.stderr
 
 
+def test_every_conflicting_profile_flag_is_named_at_once():
+    run = meshplan("profile", "--list", "--out", "x.json", "--quick", "--holdout", "0.9")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+    for field in ("--out", "--quick", "--holdout"):
+        assert f"{field}:" in run.stderr
+
+
 def test_report_of_the_committed_local_profile(tmp_path):
     out = tmp_path / "calib.html"
     run = meshplan("profile", "--report", "local", "--out", out)

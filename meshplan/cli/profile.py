@@ -47,27 +47,31 @@ def register(subparsers) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    """Refuse the flags that do not go together, naming every one at fault at once."""
+    issues = []
     if args.base and not args.import_nccl_tests:
-        raise ProfileError("--base", "only used with --import-nccl-tests",
-                           "drop --base, or pass --import-nccl-tests LOG...")
+        issues.append(("--base", "only used with --import-nccl-tests",
+                       "drop --base, or pass --import-nccl-tests LOG..."))
     if args.import_nccl_tests and not args.base:
-        raise ProfileError("--base", "missing", "pass --base a100-80gb (or another stock name or "
-                                                "profile JSON) whose compute fits to keep")
+        issues.append(("--base", "missing", "pass --base a100-80gb (or another stock name or "
+                                            "profile JSON) whose compute fits to keep"))
     if args.quick and (args.import_nccl_tests or args.report or args.list):
-        raise ProfileError("--quick", "only used when measuring this machine",
-                           "drop --quick with --import-nccl-tests, --report or --list")
+        issues.append(("--quick", "only used when measuring this machine",
+                       "drop --quick with --import-nccl-tests, --report or --list"))
     if args.list and args.out:
-        raise ProfileError("--out", "not used with --list", "drop --out")
+        issues.append(("--out", "not used with --list", "drop --out"))
     if args.json and not args.list:
-        raise ProfileError("--json", "only used with --list", "drop --json, or pass --list")
+        issues.append(("--json", "only used with --list", "drop --json, or pass --list"))
     if not args.list and not args.out:
-        raise ProfileError("--out", "missing", "pass --out PATH: the profile JSON to write, or the "
-                           "report's HTML with --report")
+        issues.append(("--out", "missing", "pass --out PATH: the profile JSON to write, or the "
+                                           "report's HTML with --report"))
     if not 0.0 <= args.holdout <= 0.5:  # the fit keeps at least half of each curve's samples
-        raise ProfileError("--holdout", f"{args.holdout} is outside [0, 0.5]", "pass e.g. --holdout 0.2")
-    if not args.report and not args.list and not args.out.endswith(".json"):
-        raise ProfileError("--out", f"{args.out!r} does not end in .json",
-                           "pass the profile's path, e.g. --out hw_profiles/local.json")
+        issues.append(("--holdout", f"{args.holdout} is outside [0, 0.5]", "pass e.g. --holdout 0.2"))
+    if args.out and not args.report and not args.list and not args.out.endswith(".json"):
+        issues.append(("--out", f"{args.out!r} does not end in .json",
+                       "pass the profile's path, e.g. --out hw_profiles/local.json"))
+    if issues:
+        raise ProfileError.of(issues)
 
 
 def run(args: argparse.Namespace) -> int:
