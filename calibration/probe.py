@@ -9,7 +9,9 @@ measured ratios (`Probe.rescaled`), so that a slow spell of the machine is not c
 the cost model. The one-rank step is set against the cost model's own prediction of it,
 so its ratio is the machine's speed against the profile as the model prices a whole step;
 the rescale takes the compute, memory and host terms from it, and the parallel plans a
-validation runs then test the parallel terms (collectives, pipeline, sharding). A
+validation runs then test the parallel terms (collectives, pipeline, sharding). For a
+serving run it also times the one-rank decode step (machine_load.decode_step) against its
+prediction, whose ratio then scales the costs only a decode step pays. A
 validation reads the step again after each of its launches (`Drift.with_step_readings`)
 and rescales by the median of all readings, since this machine's speed moves within its
 minutes of runs. A profile measured by `meshplan profile` keeps the probe's own reading
@@ -41,7 +43,7 @@ import torch
 
 from meshplan.calibration.measure.compute import (GemmShape, measure_gemms, measure_memory_bound,
                                                    torch_threads)
-from meshplan.calibration.measure.machine_load import LOAD_MODEL, LOAD_PLAN, step_s_by_core
+from meshplan.calibration.measure.machine_load import DECODE_PLAN, LOAD_MODEL, LOAD_PLAN, step_s_by_core
 from meshplan.calibration.overhead import measure_host_overhead
 from meshplan.core.cpus import this_cpu_model
 from meshplan.core.errors import ProfileError
@@ -76,6 +78,9 @@ GEMM_REPEATS = 8
 # probes read the GEMM at x0.99-1.37 of its profiled time while the step stayed within
 # 154-179 ms (2026-12-02), so the step, not the GEMM, sets the rescale's compute speed
 STEP_REPEATS, STEP_WARMUP = 10, 3
+# Timed one-rank decode steps per core (3 ms each here): a serving validation's decode ran
+# x1.24-1.6 its prediction within minutes while the training step read x1.15 (2026-12-04)
+DECODE_REPEATS = 40
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,8 @@ class Measurement:
     add_bytes, one decoder layer's forward host overhead, (when probed) an all-reduce of
     COLLECTIVE_BYTES over COLLECTIVE_RANKS ranks on one node, and the one-rank training step
     of LOAD_MODEL and the all-reduces of COLLECTIVE_SMALL_BYTES and COLLECTIVE_LARGE_BYTES
-    (None in readings kept with profiles measured before they were probed)."""
+    (None in readings kept with profiles measured before they were probed), and (for a
+    serving run) LOAD_MODEL's one-rank decode step (machine_load.decode_step)."""
 
     gemm_s: float
     add_s: float
@@ -94,6 +100,7 @@ class Measurement:
     step_s: float | None = None
     collective_small_s: float | None = None
     collective_large_s: float | None = None
+    decode_s: float | None = None
 
     def collectives(self) -> dict[int, float]:
         """The all-reduce readings by message bytes (none where not probed)."""
@@ -111,7 +118,7 @@ class Measurement:
         if not isinstance(data, dict):
             raise ProfileError(where, f"expected an object with {', '.join(fields)}",
                                "measure the profile again with `meshplan profile`")
-        optional = ("collective_s", "step_s", "collective_small_s", "collective_large_s")
+        optional = ("collective_s", "step_s", "collective_small_s", "collective_large_s", "decode_s")
         bad = [k for k in fields if not (isinstance(data.get(k), (int, float)) and data[k] > 0
                                          or k in optional and data.get(k) is None)]
         bad += sorted(set(data) - set(fields))
@@ -124,7 +131,7 @@ class Measurement:
 @dataclass(frozen=True)
 class Probe:
     """measured / predicted of each probed quantity (1.0: the machine is as profiled); `step`
-    always against the cost model's prediction of the step."""
+    and `decode` always against the cost model's prediction of the step."""
 
     gemm: float
     memory: float
@@ -140,12 +147,17 @@ class Probe:
     collective_per_byte: float | None = None
     # this machine's CPU model where the profile was measured on another (its device_name)
     other_cpu: str | None = None
+    # the one-rank decode step's, where probed for a serving run (the median of
+    # decode_readings where read again)
+    decode: float | None = None
+    decode_readings: tuple[float, ...] = ()
 
     @property
     def drifted(self) -> list[str]:
         """The quantities off by more than the profile's p95 band."""
         ratios = {"gemm": self.gemm, "memory-bound": self.memory, "layer overhead": self.overhead,
-                  "collective": self.collective, "one-rank step": self.step}
+                  "collective": self.collective, "one-rank step": self.step,
+                  "one-rank decode step": self.decode}
         return [k for k, v in ratios.items() if v is not None and abs(v - 1) > self.band]
 
     def text(self) -> str:
@@ -159,6 +171,10 @@ class Probe:
             spread = (f"; median of {len(self.step_readings)} readings, x{min(self.step_readings):.2f}-"
                       f"{max(self.step_readings):.2f}" if self.step_readings else "")
             parts.append(f"one-rank step x{self.step:.2f} (against its prediction{spread})")
+        if self.decode is not None:
+            spread = (f"; median of {len(self.decode_readings)}, x{min(self.decode_readings):.2f}-"
+                      f"{max(self.decode_readings):.2f}" if self.decode_readings else "")
+            parts.append(f"one-rank decode step x{self.decode:.2f} (against its prediction{spread})")
         drift = self.drifted
         verdict = (f"drifted beyond the profile's ±{self.band:.0%} band: {', '.join(drift)}" if drift
                    else f"within the profile's ±{self.band:.0%} band")
@@ -172,7 +188,8 @@ class Probe:
                 "collective": self.collective, "collective_latency": self.collective_latency,
                 "collective_per_byte": self.collective_per_byte, "step": self.step,
                 "step_readings": list(self.step_readings), "band": self.band,
-                "drifted": self.drifted, "against": self.against, "other_cpu": self.other_cpu}
+                "drifted": self.drifted, "against": self.against, "other_cpu": self.other_cpu,
+                "decode": self.decode, "decode_readings": list(self.decode_readings)}
 
     def rescaled(self, hw: HardwareProfile) -> HardwareProfile:
         """The profile with its speed terms scaled by the measured ratios: GEMM rate,
@@ -180,14 +197,17 @@ class Probe:
         by the one-rank step's where it was probed (else each by its own, the fixed costs by
         the overhead's: host time on CPU ranks), and (when probed) the collectives' latency
         and bandwidth: each by its own share of the ratio where the sizes split it, else
-        both by the one ratio."""
+        both by the one ratio; where the decode step was probed with the step, the costs
+        only a decode step pays (its host time per layer, its cached reads, its attention
+        over the cache) by the decode step's ratio instead."""
         coll = self.collective or 1.0
         latency, per_byte = ((self.collective_latency, self.collective_per_byte)
                              if self.collective_latency is not None else (coll, coll))
         gemm, memory, overhead = (self.step,) * 3 if self.step is not None else (
             self.gemm, self.memory, self.overhead)
+        decode = self.decode / self.step if self.decode is not None and self.step is not None else 1.0
         return hw.scaled(flops=1 / gemm, hbm_bw=1 / memory, intra_node_bw=1 / per_byte,
-                         collective_latency=latency, overhead=overhead, op_latency=overhead)
+                         collective_latency=latency, overhead=overhead, op_latency=overhead, decode=decode)
 
 
 REFERENCE_KEY = "probe_reference"
@@ -248,6 +268,7 @@ def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
     cpu = this_cpu_model()
     other_cpu = cpu if hw.device_name != cpu_device_name(cpu) else None
     step = measured.step_s / predicted_step_s(hw) if measured.step_s is not None else None
+    decode = measured.decode_s / predicted_decode_s(hw) if measured.decode_s is not None else None
     # the split is fitted against the fits and set relative to the profile's own reading
     offset = (then.collective_s / _all_reduce_s(hw, COLLECTIVE_BYTES)
               if then is not None and then.collective_s is not None else 1.0)
@@ -258,7 +279,8 @@ def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
         return Probe(measured.gemm_s / then.gemm_s,
                      (measured.add_s / measured.add_bytes) / (then.add_s / then.add_bytes),
                      measured.layer_forward_s / then.layer_forward_s, collective, band, "reference", step,
-                     collective_latency=latency, collective_per_byte=per_byte, other_cpu=other_cpu)
+                     collective_latency=latency, collective_per_byte=per_byte, other_cpu=other_cpu,
+                     decode=decode)
     gemm = measured.gemm_s / float(hw.gemm_time_s(GEMM.m, GEMM.n, GEMM.k, "fp32", batch=GEMM.batch))
     memory = measured.add_s / float(hw.memory_bound_time_s(measured.add_bytes, "fp32", "add"))
     profiled = hw.overhead.layer_forward_s
@@ -267,7 +289,7 @@ def compare(hw: HardwareProfile, measured: Measurement) -> Probe:
     if measured.collective_s is not None:
         collective = measured.collective_s / _all_reduce_s(hw, COLLECTIVE_BYTES)
     return Probe(gemm, memory, overhead, collective, band, step=step, collective_latency=latency,
-                 collective_per_byte=per_byte, other_cpu=other_cpu)
+                 collective_per_byte=per_byte, other_cpu=other_cpu, decode=decode)
 
 
 def _collective_s() -> tuple[float, float, float]:
@@ -302,18 +324,37 @@ def predicted_step_s(hw: HardwareProfile) -> float:
     return simulate(LOAD_MODEL, LOAD_PLAN, Cluster(1, 1), per_rank_profile(hw, ranks)).step_time_s
 
 
+def decode_s() -> float:
+    """Seconds of LOAD_MODEL's one-rank decode step (machine_load.decode_step) with every
+    usable core running it at once, on the slowest core, as `step_s` times the training step."""
+    return max(step_s_by_core(sorted(os.sched_getaffinity(0)), STEP_WARMUP, DECODE_REPEATS, "decode").values())
+
+
+def predicted_decode_s(hw: HardwareProfile) -> float:
+    """The cost model's time per output token on `hw` for the step `decode_s` times, beside
+    busy ranks as `predicted_step_s`."""
+    ranks = len(os.sched_getaffinity(0))
+    return simulate_inference(LOAD_MODEL, DECODE_PLAN, Cluster(1, 1), per_rank_profile(hw, ranks)).tpot_s
+
+
+def decode_ratio(hw: HardwareProfile) -> float:
+    """One more reading of the one-rank decode step over its prediction on `hw`."""
+    return decode_s() / predicted_decode_s(hw)
+
+
 def step_ratio(hw: HardwareProfile) -> float:
     """One more reading of the one-rank step over its prediction on `hw`, measured as in
     `measure`."""
     return step_s() / predicted_step_s(hw)
 
 
-def measure(collective: bool, rounds: int = ROUNDS, step: bool = True) -> Measurement:
+def measure(collective: bool, rounds: int = ROUNDS, step: bool = True, decode_step: bool = False) -> Measurement:
     """Time the probe's operations on this machine's CPU, one thread, as the executor's
     ranks run (freed memory kept, core/host_memory.py): each in-process operation the median
     of `rounds` readings taken in turn, so that a second's swing of the machine moves one
     reading of each; then, with `step`, the one-rank step (compare sets it against the cost
-    model, never against a kept reading, so a profile keeps its reading without it)."""
+    model, never against a kept reading, so a profile keeps its reading without it), and with
+    `decode_step` the one-rank decode step after it."""
     keep_freed_memory()
     device = torch.device("cpu")
     readings = []
@@ -328,9 +369,11 @@ def measure(collective: bool, rounds: int = ROUNDS, step: bool = True) -> Measur
             readings.append((float(gemm.iloc[0]["time_s"]), float(mem.iloc[0]["time_s"]),
                              overhead.layer_forward_s))
         one_rank_s = step_s() if step else None
+        decode_step_s = decode_s() if decode_step else None
     gemm_s, add_s, layer_s = (statistics.median(column) for column in zip(*readings))
     small_s, mid_s, large_s = _collective_s() if collective else (None, None, None)
-    return Measurement(gemm_s, add_s, float(mem.iloc[0]["bytes"]), layer_s, mid_s, one_rank_s, small_s, large_s)
+    return Measurement(gemm_s, add_s, float(mem.iloc[0]["bytes"]), layer_s, mid_s, one_rank_s, small_s, large_s,
+                       decode_step_s)
 
 
 @dataclass(frozen=True)
@@ -354,22 +397,27 @@ class Drift:
         """Whether the probe timed the one-rank step (later readings can join it)."""
         return self.probe is not None and self.probe.step is not None
 
-    def with_step_readings(self, hw: HardwareProfile, later: list[float]) -> Drift:
+    def with_step_readings(self, hw: HardwareProfile, later: list[float],
+                           later_decode: list[float] = ()) -> Drift:
         """The drift with the one-rank step's ratio the median of the probe's reading and
-        `later` ones (step_ratio, e.g. between a validation's launches), and `hw` rescaled
-        by that; as it is where the step was not probed or nothing was read later."""
+        `later` ones (step_ratio, e.g. between a validation's launches), the decode step's
+        likewise with `later_decode` (decode_ratio) where it was probed, and `hw` rescaled
+        by them; as it is where the step was not probed or nothing was read later."""
         if not (self.timed_step and later):
             return self
         readings = (self.probe.step, *later)
         probe = replace(self.probe, step=statistics.median(readings), step_readings=readings)
+        if self.probe.decode is not None and later_decode:
+            decodes = (self.probe.decode, *later_decode)
+            probe = replace(probe, decode=statistics.median(decodes), decode_readings=decodes)
         return replace(self, probe=probe, rescaled=probe.rescaled(hw) if self.rescaled is not None else None)
 
 
 def check_drift(hw: HardwareProfile, device: str, rescale: bool, collective: bool,
-                measured: Callable[[bool], Measurement] | None = None) -> Drift:
-    """Probe this machine (`measured`, default `measure`; one collective if asked) against
-    `hw`, whose ranks run on `device` ("cpu" or "cuda"); with `rescale` also the profile
-    rescaled by the probe. Skipped, with a note, where the probe cannot speak for the ranks: ranks on a
+                measured: Callable[..., Measurement] | None = None, decode: bool = False) -> Drift:
+    """Probe this machine (`measured`, default `measure`, the decode step too with `decode`;
+    one collective if asked) against `hw`, whose ranks run on `device` ("cpu" or "cuda");
+    with `rescale` also the profile rescaled by the probe. Skipped, with a note, where the probe cannot speak for the ranks: ranks on a
     CUDA device, or a profile not measured on CPU."""
     profiled_on = hw.extra.get("measurement", {}).get("device")
     if device != "cpu" or profiled_on != "cpu":
@@ -377,7 +425,7 @@ def check_drift(hw: HardwareProfile, device: str, rescale: bool, collective: boo
                  f"profile {hw.name} was not measured on CPU ranks")
         return Drift(None, None, f"probe skipped: {where}, and the probe times CPU ranks against "
                                  "a CPU profile; predictions use the profile as it is")
-    probe = compare(hw, (measured or measure)(collective))
+    probe = compare(hw, (measured or measure)(collective, decode_step=decode))
     return Drift(probe, probe.rescaled(hw) if rescale else None)
 
 

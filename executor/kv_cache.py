@@ -74,3 +74,15 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(cache.nbytes for cache in self.layers.values())
+
+    def rewind(self, length: int) -> None:
+        """Forget every position from `length` on, so the next token is written there (the
+        decode probe steps again and again at one context length: calibration/measure/
+        machine_load.decode_step). Full-attention layers only: a sliding window has dropped
+        positions it cannot get back."""
+        if any(cache.keep is not None for cache in self.layers.values()):
+            raise ValueError("a sliding-window layer's cache cannot be rewound")
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a cache of {self.length} positions to {length}")
+        for cache in self.layers.values():
+            cache.length = length

@@ -360,24 +360,27 @@ class HardwareProfile:
     def scaled(self, flops: float = 1.0, hbm_bw: float = 1.0, intra_node_bw: float = 1.0,
                inter_node_bw: float = 1.0, memory: float = 1.0, op_latency_s: float = 0.0,
                collective_latency: float = 1.0, overhead: float = 1.0,
-               op_latency: float = 1.0) -> HardwareProfile:
+               op_latency: float = 1.0, decode: float = 1.0) -> HardwareProfile:
         """What-if (or refitted, or probe-rescaled) copy: peak FLOP/s, HBM bandwidth (GEMM
         memory term, memory-bound ops, cached reads, decode attention's cache read), intra-
         and inter-node bus bandwidth, memory
         capacity, the collectives' latency, the host overhead per layer and the fixed cost
         per call of every GEMM, memory-bound op, cached read and fused attention call
         (`op_latency`) multiplied by the factors; op_latency_s added to every GEMM's and
-        memory-bound op's fixed cost (framework dispatch per operator)."""
+        memory-bound op's fixed cost (framework dispatch per operator); the costs only a
+        decode step pays (its host time per layer, the cached reads, the decode attention
+        kernel) multiplied by `decode` on top."""
         factors = {"flops": flops, "hbm_bw": hbm_bw, "intra_node_bw": intra_node_bw,
                    "inter_node_bw": inter_node_bw, "memory": memory,
                    "collective_latency": collective_latency, "overhead": overhead,
-                   "op_latency": op_latency}
+                   "op_latency": op_latency, "decode": decode}
         changed = {k: v for k, v in factors.items() if v != 1.0}
         if op_latency_s:
             changed["op_latency_s"] = op_latency_s
         if not changed:
             return self
         tag = ",".join(f"{k}={v:g}" for k, v in changed.items())
+        host = self.overhead.scaled(overhead)
         return replace(
             self, name=f"{self.name}[{tag}]",
             memory_bytes=int(self.memory_bytes * memory),
@@ -387,13 +390,13 @@ class HardwareProfile:
             gemm={d: replace(f, latency_s=f.latency_s * op_latency + op_latency_s) for d, f in self.gemm.items()},
             memory_bound={d: replace(f, latency_s=f.latency_s * op_latency + op_latency_s)
                           for d, f in self.memory_bound.items()},
-            cached_reads=self.cached_reads.scaled(hbm_bw, op_latency_s, op_latency),
-            attention=replace(self.attention, decode_bytes_per_s=self.attention.decode_bytes_per_s * hbm_bw,
+            cached_reads=self.cached_reads.scaled(hbm_bw / decode, op_latency_s, op_latency * decode),
+            attention=replace(self.attention, decode_bytes_per_s=self.attention.decode_bytes_per_s * hbm_bw / decode,
                               forward_latency_s=self.attention.forward_latency_s * op_latency,
                               backward_latency_s=self.attention.backward_latency_s * op_latency,
-                              decode_latency_s=self.attention.decode_latency_s * op_latency),
+                              decode_latency_s=self.attention.decode_latency_s * op_latency * decode),
             collectives=self.collectives.scaled(intra_node_bw, inter_node_bw, collective_latency),
-            overhead=self.overhead.scaled(overhead),
+            overhead=replace(host, decode_layer_s=host.decode_layer_s * decode),
             sources=self.sources + (f"what-if copy of {self.name}: {tag}",),
             extra={**self.extra, "what_if": changed})
 

@@ -84,6 +84,29 @@ def test_cached_logits_equal_full_forward(model):
     torch.testing.assert_close(cached, full[:, PROMPT_LEN - 1:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model", [LLAMA, GPT], ids=lambda m: m.name)
+def test_a_rewound_cache_decodes_as_the_first_time(model):
+    """The decode probe's step (machine_load.decode_step) rewinds the cache to the prompt:
+    a token decoded after rewinding gets the logits of a cache that never saw the later
+    positions, and the cache holds the prompt plus that token again."""
+    net = build_model(model, SEED).eval()
+    seq = prompt_tokens(2, PROMPT_LEN + 3, model.vocab_size, SEED)
+    cache = net.new_cache(seq.shape[1])
+    with torch.no_grad():
+        net(seq[:, :PROMPT_LEN], cache)
+        first = net(seq[:, PROMPT_LEN:PROMPT_LEN + 1], cache)
+        for i in range(PROMPT_LEN + 1, seq.shape[1]):
+            net(seq[:, i:i + 1], cache)
+        cache.rewind(PROMPT_LEN)
+        again = net(seq[:, PROMPT_LEN:PROMPT_LEN + 1], cache)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert cache.length == PROMPT_LEN + 1
+    with pytest.raises(ValueError, match="cannot rewind"):
+        cache.rewind(PROMPT_LEN + 2)
+    with pytest.raises(ValueError, match="sliding-window"):
+        build_model(WINDOWED, SEED).new_cache(8).rewind(0)
+
+
 def test_windowed_cache_keeps_the_window_and_generates_as_recompute():
     # the cache keeps 32 positions in the window layers; recompute attends over the whole
     # sequence under the window mask

@@ -10,7 +10,7 @@ import pytest
 
 from dataclasses import replace
 
-from meshplan.calibration.measure.machine_load import LOAD_MODEL, LOAD_PLAN
+from meshplan.calibration.measure.machine_load import DECODE_PLAN, LOAD_MODEL, LOAD_PLAN
 from meshplan.calibration.probe import (ADD_ELEMENTS, COLLECTIVE_BYTES, COLLECTIVE_LARGE_BYTES,
                                         COLLECTIVE_SMALL_BYTES, GEMM, REFERENCE_KEY, Measurement, Probe,
                                         check_drift, compare, reference, repredicted)
@@ -21,6 +21,7 @@ from meshplan.hw_profiles.profile import DATA_DIR, HardwareProfile, cpu_device_n
 from meshplan.simulator.cost import per_rank_profile
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
+from meshplan.simulator.serve import simulate_inference
 from meshplan.simulator.train import simulate
 
 # the Intel Xeon VM's committed profile, by path (`local` is this machine's): the readings
@@ -37,24 +38,35 @@ def one_rank_step_s(hw: HardwareProfile) -> float:
     return simulate(LOAD_MODEL, LOAD_PLAN, Cluster(1, 1), per_rank_profile(hw, ranks)).step_time_s
 
 
-def stub(gemm: float, memory: float, overhead: float, collective: float | None, step: float | None = None):
+def one_rank_decode_s(hw: HardwareProfile) -> float:
+    """The cost model's time per token of the probe's one-rank decode step on `hw`, beside
+    busy neighbours, written out."""
+    ranks = len(os.sched_getaffinity(0))
+    return simulate_inference(LOAD_MODEL, DECODE_PLAN, Cluster(1, 1), per_rank_profile(hw, ranks)).tpot_s
+
+
+def stub(gemm: float, memory: float, overhead: float, collective: float | None, step: float | None = None,
+         decode: float | None = None):
     """A measurement `gemm` x, `memory` x, ... what the local profile compares it with: the
     probe's reading kept with it where it has one, else what its fits predict; the one-rank
-    step (if given) `step` x its prediction."""
+    step (if given) `step` x its prediction, and the decode step, where asked for, `decode` x
+    its."""
     then = reference(LOCAL)
     step_s = step * one_rank_step_s(LOCAL) if step is not None else None
 
-    def measured(with_collective: bool) -> Measurement:
+    def measured(with_collective: bool, decode_step: bool = False) -> Measurement:
+        decode_s = decode * one_rank_decode_s(LOCAL) if decode_step and decode is not None else None
         if then is not None:
             return Measurement(gemm * then.gemm_s, memory * then.add_s, then.add_bytes,
                                overhead * then.layer_forward_s,
-                               collective * then.collective_s if with_collective else None, step_s)
+                               collective * then.collective_s if with_collective else None, step_s,
+                               decode_s=decode_s)
         return Measurement(
             gemm * float(LOCAL.gemm_time_s(GEMM.m, GEMM.n, GEMM.k, "fp32")),
             memory * float(LOCAL.memory_bound_time_s(FP32_ADD_BYTES, "fp32", "add")), FP32_ADD_BYTES,
             overhead * LOCAL.overhead.layer_forward_s,
             collective * float(LOCAL.collective_time_s("all_reduce", COLLECTIVE_BYTES, 2, 2))
-            if with_collective else None, step_s)
+            if with_collective else None, step_s, decode_s=decode_s)
     return measured
 
 
@@ -75,7 +87,7 @@ def test_against_the_kept_reading_like_with_like():
     # twice the GEMM time, the same add over twice the bytes (twice the bandwidth), 3x the
     # host overhead, no collective probed
     now = Measurement(gemm_s=2e-4, add_s=2e-3, add_bytes=24e6, layer_forward_s=12e-4, collective_s=None)
-    drift = check_drift(hw, "cpu", rescale=True, collective=False, measured=lambda _c: now)
+    drift = check_drift(hw, "cpu", rescale=True, collective=False, measured=lambda _c, **_decode: now)
     probe = drift.probe
     assert (probe.gemm, probe.memory, probe.overhead, probe.collective) == pytest.approx((2, 0.5, 3, None))
     assert "against its reading when profiled" in drift.text() and drift.to_json()["against"] == "reference"
@@ -147,7 +159,7 @@ def test_collective_sizes_split_latency_from_bandwidth():
                           for s in (COLLECTIVE_SMALL_BYTES, COLLECTIVE_BYTES, COLLECTIVE_LARGE_BYTES))
     now = Measurement(1e-4, 2e-3, 12e6, 4e-4, collective_s=large, collective_small_s=small,
                       collective_large_s=huge)
-    drift = check_drift(hw, "cpu", rescale=True, collective=True, measured=lambda _c: now)
+    drift = check_drift(hw, "cpu", rescale=True, collective=True, measured=lambda _c, **_decode: now)
     probe = drift.probe
     assert (probe.collective_latency, probe.collective_per_byte) == pytest.approx((4.0, 0.5))
     assert probe.collective == pytest.approx(large / float(LOCAL.collective_time_s("all_reduce", COLLECTIVE_BYTES,
@@ -190,6 +202,33 @@ def test_the_one_rank_step_sets_the_compute_speed():
     assert float(hw.collective_time_s("all_reduce", COLLECTIVE_BYTES, 2, 2)) == pytest.approx(
         0.5 * float(LOCAL.collective_time_s("all_reduce", COLLECTIVE_BYTES, 2, 2)))
     assert one_rank_step_s(hw) == pytest.approx(1.3 * one_rank_step_s(LOCAL), rel=0.01)
+
+
+def test_the_decode_step_sets_the_costs_only_decode_pays():
+    """Probed for a serving run, the one-rank decode step's ratio takes the place of the
+    step's in a decode step's own costs (its host time per layer, the cached reads, the
+    decode attention kernel); the rescaled profile then predicts that decode step as
+    measured, to the share of its time in operators the step's ratio sets (elementwise)."""
+    drift = check_drift(LOCAL, "cpu", rescale=True, collective=False, decode=True,
+                        measured=stub(gemm=1.0, memory=1.0, overhead=1.0, collective=None, step=1.1, decode=1.5))
+    probe, hw = drift.probe, drift.rescaled
+    assert probe.decode == pytest.approx(1.5) and "one-rank decode step x1.50" in drift.text()
+    assert hw.overhead.decode_layer_s == pytest.approx(1.5 * LOCAL.overhead.decode_layer_s)
+    assert hw.overhead.layer_forward_s == pytest.approx(1.1 * LOCAL.overhead.layer_forward_s)
+    assert hw.attention.decode_bytes_per_s == pytest.approx(LOCAL.attention.decode_bytes_per_s / 1.5)
+    assert hw.attention.decode_latency_s == pytest.approx(1.5 * LOCAL.attention.decode_latency_s)
+    assert hw.cached_reads.latency_s == pytest.approx(1.5 * LOCAL.cached_reads.latency_s)
+    assert hw.cached_reads.seconds_per_byte[0][0] == pytest.approx(1.5 * LOCAL.cached_reads.seconds_per_byte[0][0])
+    assert hw.peak_flops["fp32"] == pytest.approx(LOCAL.peak_flops["fp32"] / 1.1)
+    assert one_rank_decode_s(hw) == pytest.approx(1.5 * one_rank_decode_s(LOCAL), rel=0.05)
+    assert one_rank_step_s(hw) == pytest.approx(1.1 * one_rank_step_s(LOCAL), rel=0.01)  # training untouched
+    again = drift.with_step_readings(LOCAL, [1.2], [1.3])
+    assert again.probe.decode_readings == (1.5, 1.3) and again.probe.decode == pytest.approx(1.4)
+    assert again.rescaled.overhead.decode_layer_s == pytest.approx(1.4 * LOCAL.overhead.decode_layer_s)
+    # a training run's probe does not time it
+    assert check_drift(LOCAL, "cpu", rescale=True, collective=False,
+                       measured=stub(gemm=1.0, memory=1.0, overhead=1.0, collective=None, step=1.1,
+                                     decode=1.5)).probe.decode is None
 
 
 def test_later_step_readings_rescale_by_their_median():
@@ -391,8 +430,9 @@ def test_serving_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, 
         return runs
     monkeypatch.setattr(serve_suite, "run_suite", one_launch)
     monkeypatch.setattr(probe_module, "measure", stub(gemm=2.0, memory=2.0, overhead=2.0, collective=1.0,
-                                                      step=2.0))
+                                                      step=2.0, decode=1.6))
     monkeypatch.setattr(probe_module, "step_ratio", lambda hw: 1.8)
+    monkeypatch.setattr(probe_module, "decode_ratio", lambda hw: 1.2)
     monkeypatch.setattr(launch, "device_type", lambda: "cpu")
     names = ",".join(name for name, _ in serve_suite.SUITE[:2])
     code = main(["validate", "--hardware", XEON, "--mode", "inference", "--plans", names, "--rescale", "--json",
@@ -403,6 +443,9 @@ def test_serving_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, 
     assert "after the runs, probe" in err and "one-rank step x1.90 (against its prediction; median of 2" in err
     result = json.loads(out)
     assert result["probe"]["step_readings"] == pytest.approx([2.0, 1.8])
+    # the decode step too, its readings' median setting the decode costs
+    assert result["probe"]["decode_readings"] == pytest.approx([1.6, 1.2])
+    assert "one-rank decode step x1.40 (against its prediction; median of 2" in err
     again = result["rescaled"]["runs"]
     assert [r["profile"] for r in again] == [result["probe"]["rescaled_profile"]] * 2
     for stock, rescaled in zip(result["runs"], again):
@@ -410,3 +453,11 @@ def test_serving_validate_reports_the_probe_and_the_rescaled_suite(monkeypatch, 
         assert rescaled["predicted_ttft_s"] > stock["predicted_ttft_s"]
         assert rescaled["predicted_tpot_s"] > stock["predicted_tpot_s"]
     assert set(result["rescaled"]) == {"runs", "ttft", "tpot"}
+    # the table shows each plan's error on the rescaled profile beside the stock one's
+    assert main(["validate", "--hardware", XEON, "--mode", "inference", "--plans", names, "--rescale",
+                 "--out-dir", str(tmp_path)]) == 0
+    rows = {cells[1].strip(): [c.strip() for c in cells]
+            for cells in (line.split("│") for line in capsys.readouterr().out.splitlines()) if len(cells) > 2}
+    for stock, rescaled in zip(result["runs"], again):
+        cells = rows[stock["name"]]
+        assert f"{rescaled['ttft_error']:+.1%}" in cells and f"{rescaled['tpot_error']:+.1%}" in cells

@@ -25,6 +25,7 @@ from meshplan.core.host_memory import keep_freed_memory
 from meshplan.executor.launch import RunFailed
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Plan
+from meshplan.simulator.serve import InferencePlan
 
 # A Llama-style model whose weights, gradients and Adam states (128 MB) and activations
 # stream through the cache as a training rank's do.
@@ -32,6 +33,9 @@ LOAD_MODEL = ModelSpec(name="machine-load", num_layers=4, hidden_size=256, num_h
                        ffn_hidden_size=704, vocab_size=4096, max_seq_len=256)
 # What training_step runs, as the simulator prices it: one micro-batch of 2 x 128 tokens.
 LOAD_PLAN = Plan(global_batch=2, seq_len=128, micro_batch=2, dtype="fp32")
+# What decode_step runs, as the serving simulator prices it: one new token for each of 4
+# sequences over a 128-token cache (the serving suite's batch and prompt).
+DECODE_PLAN = InferencePlan(batch=4, prompt_len=128, gen_len=2, dtype="fp32")
 READY_TIMEOUT_S = 120
 # Workers start afresh (not forked from a process that may hold torch threads or a group).
 SPAWN = mp.get_context("spawn")
@@ -51,6 +55,28 @@ def training_step(seed: int):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
+
+
+def decode_step(seed: int):
+    """LOAD_MODEL's one-token decode step of DECODE_PLAN's batch over a cache of its prompt,
+    the cache rewound to the prompt after each step so that every step sees one context
+    length, on this process's one thread, as a function."""
+    from meshplan.executor.generate import greedy, prompt_tokens
+    from meshplan.executor.model import build_model
+    model = build_model(LOAD_MODEL, seed=seed).eval()
+    prompts = prompt_tokens(DECODE_PLAN.batch, DECODE_PLAN.prompt_len, LOAD_MODEL.vocab_size, seed)
+    cache = model.new_cache(DECODE_PLAN.prompt_len + 1)
+    with torch.no_grad():
+        token = greedy(model(prompts, cache))[:, None]
+
+    @torch.no_grad()
+    def step():
+        greedy(model(token, cache))
+        cache.rewind(DECODE_PLAN.prompt_len)
+    return step
+
+
+STEPS = {"train": training_step, "decode": decode_step}
 
 
 def _train(core: int, results, stop) -> None:
@@ -109,20 +135,21 @@ def _busy_neighbours(others: list[int]):
         yield
 
 
-def _timed_steps(core: int, results, warmup: int, steps: int) -> None:
+def _timed_steps(core: int, results, warmup: int, steps: int, kind: str) -> None:
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
     keep_freed_memory()  # as the executor's ranks run
-    step = training_step(core)
+    step = STEPS[kind](core)
     for _ in range(warmup):
         step()
     results.put((core, statistics.median(_times(step, steps))))
 
 
-def step_s_by_core(cores: list[int], warmup: int, steps: int) -> dict[int, float]:
-    """Median seconds of LOAD_MODEL's training step on each of `cores` at once (a process
-    pinned to each, one thread), as a run's ranks fill the cores."""
-    with _processes_on(cores, _timed_steps, warmup, steps) as gather:
+def step_s_by_core(cores: list[int], warmup: int, steps: int, kind: str = "train") -> dict[int, float]:
+    """Median seconds of LOAD_MODEL's training step (or with kind "decode" its decode step,
+    decode_step) on each of `cores` at once (a process pinned to each, one thread), as a
+    run's ranks fill the cores."""
+    with _processes_on(cores, _timed_steps, warmup, steps, kind) as gather:
         return gather()
 
 

@@ -251,24 +251,27 @@ def add_probe_args(parser: argparse.ArgumentParser) -> None:
                              "report both")
 
 
-def probe_machine(args: argparse.Namespace, hw, collective: bool):
-    """calibration.probe.check_drift of this machine against `hw` unless --no-probe (and no
-    --rescale), its verdict on stderr; None when not probed."""
+def probe_machine(args: argparse.Namespace, hw, collective: bool, decode: bool = False):
+    """calibration.probe.check_drift of this machine against `hw` (the decode step too for a
+    serving run, `decode`) unless --no-probe (and no --rescale), its verdict on stderr; None
+    when not probed."""
     if not (args.probe or args.rescale):
         return None
     from meshplan.calibration.probe import check_drift
     from meshplan.executor.launch import device_type
 
-    drift = check_drift(hw, device_type(), args.rescale, collective)
+    drift = check_drift(hw, device_type(), args.rescale, collective, decode=decode)
     print(f"meshplan {args.command}: {drift.text()}", file=sys.stderr)
     return drift
 
 
-def probe_again(args: argparse.Namespace, hw, drift, later: list[float], after: str):
-    """The drift with the one-rank step read again `later` (Drift.with_step_readings), its
-    verdict on stderr, said to come `after` what ran; as it is where nothing was read."""
+def probe_again(args: argparse.Namespace, hw, drift, later: list[float], after: str,
+                later_decode: list[float] = ()):
+    """The drift with the one-rank step (and decode step) read again `later` (`later_decode`;
+    Drift.with_step_readings), its verdict on stderr, said to come `after` what ran; as it
+    is where nothing was read."""
     if not later:
         return drift
-    drift = drift.with_step_readings(hw, later)
+    drift = drift.with_step_readings(hw, later, later_decode)
     print(f"meshplan {args.command}: after {after}, {drift.text()}", file=sys.stderr)
     return drift

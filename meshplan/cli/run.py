@@ -123,15 +123,15 @@ def run_launch(args: argparse.Namespace, model, plan, cluster) -> launch_scripts
         args=tuple(words), files=((PLAN_FILE, dump_json(plan.to_dict())),))
 
 
-def report(args: argparse.Namespace, cluster: Cluster, launch_run, print_table) -> int:
+def report(args: argparse.Namespace, cluster: Cluster, launch_run, print_table, serving: bool = False) -> int:
     """Launch (once the run has passed its checks, note ranks crowding the cores beyond
     what validate checks, and probe the machine against the profile: common.probe_machine),
     then write the record (--record) and print the summary (--json or a table), with the
     prediction on the rescaled profile beside the stock one under --rescale; a failed run is
     one line on stderr and exit code 1. Where the probe timed the one-rank step, it is read
     again after the run and the two readings' median (their mean) rescales, as `meshplan
-    validate` does after each launch."""
-    from meshplan.calibration.probe import repredicted, step_ratio
+    validate` does after each launch; a `serving` run's probe times the decode step too."""
+    from meshplan.calibration.probe import decode_ratio, repredicted, step_ratio
     from meshplan.executor.launch import RunFailed, crowding_note
     from meshplan.hw_profiles.profile import load_profile
 
@@ -142,7 +142,8 @@ def report(args: argparse.Namespace, cluster: Cluster, launch_run, print_table) 
         if note:
             print(f"meshplan run: note: {note}", file=sys.stderr)
         hw = load_profile(args.hardware)
-        probed.append((hw, common.probe_machine(args, hw, collective=cluster.ranks_per_node > 1)))
+        probed.append((hw, common.probe_machine(args, hw, collective=cluster.ranks_per_node > 1,
+                                                decode=serving)))
     try:
         record = launch_run(probe)
     except RunFailed as exc:
@@ -150,7 +151,8 @@ def report(args: argparse.Namespace, cluster: Cluster, launch_run, print_table) 
         return 1
     hw, drift = probed[0] if probed else (None, None)
     if drift is not None and drift.timed_step:
-        drift = common.probe_again(args, hw, drift, [step_ratio(hw)], "the run")
+        drift = common.probe_again(args, hw, drift, [step_ratio(hw)], "the run",
+                                   [decode_ratio(hw)] if serving else [])
     rescaled = (repredicted(record, cluster, drift.rescaled)
                 if drift is not None and drift.rescaled is not None else None)
     if args.record:
@@ -261,7 +263,7 @@ def run_inference(args: argparse.Namespace) -> int:
                            profile=args.hardware, timeout_s=args.timeout_s,
                            rdzv_timeout_s=args.rdzv_timeout_s, progress=wanted(args.json))
     return report(args, cluster, lambda checked: launch_serve(model, plan, cluster, options, checked),
-                  print_inference_summary)
+                  print_inference_summary, serving=True)
 
 
 def print_inference_summary(record, rescaled=None) -> None:

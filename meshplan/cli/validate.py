@@ -56,17 +56,24 @@ def chosen_names(plans: str | None, suite: tuple, what: str) -> tuple[str, ...] 
     return names
 
 
-def probed(args: argparse.Namespace, hw, run_suite) -> tuple[list, Drift | None]:
+def probed(args: argparse.Namespace, hw, run_suite, decode: bool = False) -> tuple[list, Drift | None]:
     """The suite's runs (run_suite(after_launch)) and the drift probe's verdict: the machine
-    probed first (common.probe_machine), and where the probe timed the one-rank step, the
-    step read again after each launch, the readings' median rescaling (Drift.
-    with_step_readings); the drift None when not probed."""
-    from meshplan.calibration.probe import step_ratio
+    probed first (common.probe_machine; the decode step too with `decode`), and where the
+    probe timed the one-rank step, the step (and decode step) read again after each launch,
+    the readings' medians rescaling (Drift.with_step_readings); the drift None when not
+    probed."""
+    from meshplan.calibration.probe import decode_ratio, step_ratio
 
-    drift = common.probe_machine(args, hw, collective=True)
+    drift = common.probe_machine(args, hw, collective=True, decode=decode)
     later: list[float] = []
-    runs = run_suite((lambda: later.append(step_ratio(hw))) if drift is not None and drift.timed_step else None)
-    return runs, common.probe_again(args, hw, drift, later, "the runs")
+    later_decode: list[float] = []
+
+    def read_again():
+        later.append(step_ratio(hw))
+        if decode:
+            later_decode.append(decode_ratio(hw))
+    runs = run_suite(read_again if drift is not None and drift.timed_step else None)
+    return runs, common.probe_again(args, hw, drift, later, "the runs", later_decode)
 
 
 def rescaled_runs(runs: list, drift: Drift | None) -> list | None:
@@ -170,7 +177,8 @@ def run_inference(args: argparse.Namespace) -> int:
     hw = load_profile(args.hardware)
     names = chosen_names(args.plans, SUITE, "serving suite")
     options = replace(SUITE_OPTIONS, profile=args.hardware, progress=wanted(args.json))
-    runs, drift = probed(args, hw, lambda after_launch: run_suite(options, names, after_launch=after_launch))
+    runs, drift = probed(args, hw, lambda after_launch: run_suite(options, names, after_launch=after_launch),
+                         decode=True)
     stats = summary(runs)
     out = Path(args.out_dir)
     csv, html = out / "validate-inference.csv", out / "validate-inference.html"
@@ -189,15 +197,18 @@ def run_inference(args: argparse.Namespace) -> int:
 def print_inference_table(result: dict) -> None:
     from rich.table import Table
 
+    again = result["rescaled"]["runs"] if "rescaled" in result else None
     table = Table(title="serving: predicted vs measured (this machine)")
-    for col in ("plan", "ranks", "pred TTFT ms", "meas TTFT ms", "error", "pred TPOT ms",
-                "meas TPOT ms", "error"):
+    for col in ("plan", "ranks", "pred TTFT ms", "meas TTFT ms", "error",
+                *(("rescaled error",) if again else ()), "pred TPOT ms", "meas TPOT ms", "error",
+                *(("rescaled error",) if again else ())):
         table.add_column(col, justify="right" if col != "plan" else "left")
-    for r in result["runs"]:
+    for i, r in enumerate(result["runs"]):
+        ttft, tpot = ((f"{again[i]['ttft_error']:+.1%}",), (f"{again[i]['tpot_error']:+.1%}",)) if again else ((), ())
         table.add_row(r["name"], str(r["world_size"]), f"{r['predicted_ttft_s'] * 1e3:.2f}",
-                      f"{r['measured_ttft_s'] * 1e3:.2f}", f"{r['ttft_error']:+.1%}",
+                      f"{r['measured_ttft_s'] * 1e3:.2f}", f"{r['ttft_error']:+.1%}", *ttft,
                       f"{r['predicted_tpot_s'] * 1e3:.3f}", f"{r['measured_tpot_s'] * 1e3:.3f}",
-                      f"{r['tpot_error']:+.1%}")
+                      f"{r['tpot_error']:+.1%}", *tpot)
     console = common.console()
     console.print(table)
     for key in ("ttft", "tpot"):
