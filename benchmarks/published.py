@@ -27,10 +27,9 @@ from meshplan.core.io import write_json
 from meshplan.core.units import GIB
 from meshplan.hw_profiles.accuracy import END_TO_END, KINDS, plan_kind
 from meshplan.simulator.memory import usable_bytes
-from meshplan.hw_profiles.profile import load_profile
 from meshplan.hw_profiles.variants import base_of
 from meshplan.validation.published import (fit_moe_host_gap, fit_straggler_spread, fit_sustained_loss,
-                                             load_runs, predict, reserved_bytes, scaling_pairs)
+                                             load_runs, predict, reserved_bytes, scaling_pairs, stock_profile)
 
 
 def _figures(label: str, rows: list[dict]) -> dict | None:
@@ -100,7 +99,7 @@ def main(argv=None) -> int:
         if run.not_modelled:
             skipped.append((run.id, run.not_modelled))
             continue
-        hw = load_profile(run.hardware)
+        hw = stock_profile(run.hardware)
         try:
             result = predict(run, hw)
         except MeshplanError as exc:

@@ -18,6 +18,7 @@ others.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -130,10 +131,17 @@ def measured_step_time_s(row, model: ModelSpec, profile: HardwareProfile) -> flo
     return flops / (rate * gpus)
 
 
+@functools.cache
+def stock_profile(name: str) -> HardwareProfile:
+    """The profile a row names (its `hardware`), read once per process: every row of one
+    hardware shares it, and the fits simulate each row many times."""
+    return load_profile(name)
+
+
 def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
     rows = pd.read_csv(path)
     runs = []
-    stock, profiles = set(available_profiles()), {}  # each profile read once, not per row
+    stock = set(available_profiles())
     for row in rows.to_dict("records"):
         reasons = []
         model = None
@@ -157,9 +165,7 @@ def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
             reasons.append("global batch not published")
         measured = None
         if model is not None and not reasons:
-            if row["hardware"] not in profiles:
-                profiles[row["hardware"]] = load_profile(row["hardware"])
-            measured = measured_step_time_s(row, model, profiles[row["hardware"]])
+            measured = measured_step_time_s(row, model, stock_profile(row["hardware"]))
         memory = _value(row, "measured_memory_gib")
         runs.append(PublishedRun(row["id"], row["source_id"], model, row["hardware"], cluster, fixed,
                                  measured, memory * 2 ** 30 if memory else None, "; ".join(reasons)))
@@ -188,7 +194,7 @@ def _error_and_sensitivity(run: PublishedRun, at, probe: float) -> tuple[float, 
     """log(measured / T0) of a run, T0 its step time with a profile figure at 0, and g, its
     step time's growth per unit of the figure relative to T0 (T = T0 (1 + x g), simulated at
     `probe`); `at(hw, x)` is the run's profile with the figure at x."""
-    hw = load_profile(run.hardware)
+    hw = stock_profile(run.hardware)
     t0, t1 = (predict(run, at(hw, x)).step_time_s for x in (0.0, probe))
     return math.log(run.measured_step_time_s / t0), (t1 / t0 - 1) / probe
 

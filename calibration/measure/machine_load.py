@@ -64,15 +64,16 @@ def decode_step(seed: int):
     from meshplan.executor.generate import greedy, prompt_tokens
     from meshplan.executor.model import build_model
     model = build_model(LOAD_MODEL, seed=seed).eval()
-    prompts = prompt_tokens(DECODE_PLAN.batch, DECODE_PLAN.prompt_len, LOAD_MODEL.vocab_size, seed)
-    cache = model.new_cache(DECODE_PLAN.prompt_len + 1)
+    context = DECODE_PLAN.prompt_len
+    prompts = prompt_tokens(DECODE_PLAN.batch, context, LOAD_MODEL.vocab_size, seed)
+    cache = model.new_cache(context + 1)
     with torch.no_grad():
         token = greedy(model(prompts, cache))[:, None]
 
     @torch.no_grad()
     def step():
         greedy(model(token, cache))
-        cache.rewind(DECODE_PLAN.prompt_len)
+        cache.rewind(context)
     return step
 
 
