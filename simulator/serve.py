@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -438,9 +439,9 @@ def _layout(plan: InferencePlan, model: ModelSpec, cluster: Cluster) -> _Layout:
                    mesh.neighbour_pair("pp"), mesh.group(("dp",)), mesh.end_pair("pp"))
 
 
-def _prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, at: _Layout) -> dict:
-    """TTFT by part. The micro-batches stream through the stages: the last one's first token
-    is out after one pass through every stage plus (m - 1) slowest-stage times."""
+def _stage_prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
+                     at: _Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(compute, TP communication, MoE dispatch) of one prefill micro-batch on each stage."""
     b, tokens = plan.micro_batch, plan.micro_batch * plan.prompt_len
     layer_s = _prefill_layer_s(model, plan, hw)
     layer_comm_s = float(tp_comm_s(model, b * plan.prompt_len, False, plan.dtype_bytes, hw,
@@ -450,11 +451,26 @@ def _prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, at: _
                         for n, f, la in at.stages])
     comm = np.array([n * layer_comm_s + _edge_comm_s(model, plan, hw, at.tp, tokens, f, la)
                      for n, f, la in at.stages])
-    dispatch = np.array([n * layer_dispatch_s for n in at.layers])
-    return {"compute": float(compute.sum()), "tp_comm": float(comm.sum()),
-            "moe_dispatch": float(dispatch.sum()),
-            "pp_handoff": (plan.pp - 1) * at.handoff_s(model, plan, hw, tokens),
-            "other_microbatches": (plan.num_microbatches - 1) * float((compute + comm + dispatch).max())}
+    return compute, comm, np.array([n * layer_dispatch_s for n in at.layers])
+
+
+def _prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, at: _Layout,
+               busy: Callable[[int], HardwareProfile]) -> dict:
+    """TTFT by part. The micro-batches stream through the stages: the last one's first token
+    is out after one pass through every stage plus (m - 1) slowest-stage times. In time slot
+    t of the m + p - 1 only the stages holding a micro-batch compute (min(t + 1, p, m,
+    m + p - 1 - t) of them), each priced on `busy(k)`, the profile of a rank beside the
+    ranks of k busy stages (CPU ranks sharing cores: cost.per_rank_profile), where the
+    others wait; the hand-offs on `hw`."""
+    p, m = plan.pp, plan.num_microbatches
+    slots = m + p - 1
+    active = [min(t + 1, p, m, slots - t) for t in range(slots)]
+    parts = {k: _stage_prefill_s(model, plan, busy(k), at) for k in set(active)}
+    compute, comm, dispatch = (sum(parts[active[s]][i][s] for s in range(p)) for i in range(3))
+    later = sum(float(np.max(sum(parts[active[t]]))) for t in range(p, slots))
+    return {"compute": float(compute), "tp_comm": float(comm), "moe_dispatch": float(dispatch),
+            "pp_handoff": (p - 1) * at.handoff_s(model, plan, hw, plan.micro_batch * plan.prompt_len),
+            "other_microbatches": later}
 
 
 def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
@@ -489,7 +505,7 @@ def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
 def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
                        hw: HardwareProfile) -> InferenceResult:
     plan.validate(model, cluster, hw)
-    hardware = hw.name
+    hardware, device_hw = hw.name, hw
     hw = per_rank_profile(hw, cluster.ranks_per_node)
     served = _served(model, plan.tp)
     at = _layout(plan, served, cluster)
@@ -503,7 +519,8 @@ def simulate_inference(model: ModelSpec, plan: InferencePlan, cluster: Cluster,
                         - n * narrowed for n, f, la in at.stages], dtype=float)
     kv_seq = np.array([kv_bytes_per_sequence(model, plan, layers) for layers in at.ranges], dtype=float)
 
-    prefill = _prefill_s(served, plan, hw, at)
+    prefill = _prefill_s(served, plan, hw, at, lambda k: per_rank_profile(
+        device_hw, math.ceil(cluster.ranks_per_node * k / plan.pp)))
     ttft = sum(prefill.values())
     # a decode step reads its stage's weights and its sequences' caches again every step,
     # from the caches where they hold them (HardwareProfile.cached)

@@ -89,6 +89,31 @@ def test_replicas_multiply_throughput_and_latency_adds_up():
 
 # ---- prefill ----
 
+def test_pipeline_stages_waiting_for_a_micro_batch_leave_the_cores_to_the_busy_ones():
+    """CPU ranks beyond the cores share them (cost.per_rank_profile), but a prefill stage
+    without a micro-batch waits and takes no core: with one micro-batch only one stage of
+    pp2 computes at a time, so two ranks on one core prefill as on two cores; with two, the
+    middle slot of three has both stages busy and costs the extra of sharing there once."""
+    from dataclasses import replace
+    from meshplan.simulator.cost import per_rank_profile
+
+    def cpu(cores):
+        return replace(A100, extra={**A100.extra, "cores_per_node": cores, "neighbour_slowdown": 1.0})
+
+    def ttft(cores, batch):
+        return simulate_inference(L3_8, InferencePlan(batch=batch, prompt_len=512, gen_len=8, pp=2),
+                                  Cluster(2, 8), cpu(cores)).ttft_s
+    assert ttft(1, 1) == pytest.approx(ttft(2, 1))
+    # the extra of the busy slot: the last stage's micro-batch on a shared core, less alone
+    alone, shared = (simulate_inference(L3_8, InferencePlan(batch=1, prompt_len=512, gen_len=8),
+                                        Cluster(1, 8), per_rank_profile(cpu(1), ranks)).breakdown["prefill_s"]
+                     for ranks in (1, 2))
+    # about half the whole model's extra: the last stage holds half the layers and the head
+    extra = (shared["compute"] - alone["compute"]) / 2
+    assert ttft(1, 2) - ttft(2, 2) == pytest.approx(extra, rel=0.1)
+    assert ttft(2, 2) < ttft(1, 2) < 2 * ttft(2, 2)
+
+
 def test_ttft_superlinear_at_long_prompts():
     ttft = {s: run(L3_8, gpus=1, prompt_len=s, gen_len=1).ttft_s for s in (4096, 8192)}
     assert ttft[8192] > 2.05 * ttft[4096]
