@@ -348,7 +348,8 @@ def step_ratio(hw: HardwareProfile) -> float:
     return step_s() / predicted_step_s(hw)
 
 
-def measure(collective: bool, rounds: int = ROUNDS, step: bool = True, decode_step: bool = False) -> Measurement:
+def measure(collective: bool, rounds: int = ROUNDS, step: bool = True,
+            decode_step: bool = False) -> Measurement:
     """Time the probe's operations on this machine's CPU, one thread, as the executor's
     ranks run (freed memory kept, core/host_memory.py): each in-process operation the median
     of `rounds` readings taken in turn, so that a second's swing of the machine moves one
@@ -417,8 +418,9 @@ def check_drift(hw: HardwareProfile, device: str, rescale: bool, collective: boo
                 measured: Callable[..., Measurement] | None = None, decode: bool = False) -> Drift:
     """Probe this machine (`measured`, default `measure`, the decode step too with `decode`;
     one collective if asked) against `hw`, whose ranks run on `device` ("cpu" or "cuda");
-    with `rescale` also the profile rescaled by the probe. Skipped, with a note, where the probe cannot speak for the ranks: ranks on a
-    CUDA device, or a profile not measured on CPU."""
+    with `rescale` also the profile rescaled by the probe. Skipped, with a note, where the
+    probe cannot speak for the ranks: ranks on a CUDA device, or a profile not measured on
+    CPU."""
     profiled_on = hw.extra.get("measurement", {}).get("device")
     if device != "cpu" or profiled_on != "cpu":
         where = (f"the ranks run on {device}" if device != "cpu" else

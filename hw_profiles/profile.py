@@ -391,7 +391,8 @@ class HardwareProfile:
             memory_bound={d: replace(f, latency_s=f.latency_s * op_latency + op_latency_s)
                           for d, f in self.memory_bound.items()},
             cached_reads=self.cached_reads.scaled(hbm_bw / decode, op_latency_s, op_latency * decode),
-            attention=replace(self.attention, decode_bytes_per_s=self.attention.decode_bytes_per_s * hbm_bw / decode,
+            attention=replace(self.attention,
+                              decode_bytes_per_s=self.attention.decode_bytes_per_s * hbm_bw / decode,
                               forward_latency_s=self.attention.forward_latency_s * op_latency,
                               backward_latency_s=self.attention.backward_latency_s * op_latency,
                               decode_latency_s=self.attention.decode_latency_s * op_latency * decode),

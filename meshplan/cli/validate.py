@@ -204,7 +204,8 @@ def print_inference_table(result: dict) -> None:
                 *(("rescaled error",) if again else ())):
         table.add_column(col, justify="right" if col != "plan" else "left")
     for i, r in enumerate(result["runs"]):
-        ttft, tpot = ((f"{again[i]['ttft_error']:+.1%}",), (f"{again[i]['tpot_error']:+.1%}",)) if again else ((), ())
+        ttft, tpot = (((f"{again[i]['ttft_error']:+.1%}",), (f"{again[i]['tpot_error']:+.1%}",))
+                      if again else ((), ()))
         table.add_row(r["name"], str(r["world_size"]), f"{r['predicted_ttft_s'] * 1e3:.2f}",
                       f"{r['measured_ttft_s'] * 1e3:.2f}", f"{r['ttft_error']:+.1%}", *ttft,
                       f"{r['predicted_tpot_s'] * 1e3:.3f}", f"{r['measured_tpot_s'] * 1e3:.3f}",
