@@ -467,7 +467,8 @@ def _prefill_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile, at: _
     active = [min(t + 1, p, m, slots - t) for t in range(slots)]
     parts = {k: _stage_prefill_s(model, plan, busy(k), at) for k in set(active)}
     compute, comm, dispatch = (sum(parts[active[s]][i][s] for s in range(p)) for i in range(3))
-    later = sum(float(np.max(sum(parts[active[t]]))) for t in range(p, slots))
+    # each later slot: the slowest stage (compute + communication + dispatch) at its k
+    later = sum(float(np.max(np.sum(parts[active[t]], axis=0))) for t in range(p, slots))
     return {"compute": float(compute), "tp_comm": float(comm), "moe_dispatch": float(dispatch),
             "pp_handoff": (p - 1) * at.handoff_s(model, plan, hw, plan.micro_batch * plan.prompt_len),
             "other_microbatches": later}
