@@ -19,7 +19,7 @@ from meshplan.calibration.local_base import local_base
 from meshplan.calibration.measure.machine import describe_machine
 from meshplan.calibration.measure.machine_load import neighbour_slowdown
 from meshplan.calibration.measure.run import CPU_MAX_WORLD, measure_machine, measurement_plan
-from meshplan.calibration.overhead import measure_overhead
+from meshplan.calibration.overhead import measure_decode_overhead, measure_overhead
 from meshplan.calibration.probe import REFERENCE_KEY, measure as probe
 from meshplan.calibration.samples import Samples
 from meshplan.core.errors import ProfileError
@@ -54,7 +54,7 @@ def measure_profile(quick: bool, name: str, holdout: float, seed: int,
     spaced = not cuda and not quick
     cached_bytes = QUICK_CACHED_BYTES if quick else 0
     readings = []
-    with progress_bar(2 if cuda else 5 + 2 * spaced, "calibrating", progress) as bar:
+    with progress_bar(2 if cuda else 6 + 2 * spaced, "calibrating", progress) as bar:
         if spaced:
             bar.describe("calibrating: cached reads (1 of 3)")
             readings.append(measure_cached_reads(device, dtype, cached_bytes))
@@ -81,7 +81,14 @@ def measure_profile(quick: bool, name: str, holdout: float, seed: int,
         bar.describe("calibrating: cached reads" + (" (3 of 3)" if spaced else ""))
         readings.append(measure_cached_reads(device, dtype, cached_bytes))
         bar.advance()
-    profile = replace(profile, attention=attention, cached_reads=median_reading(readings))
+        profile = replace(profile, attention=attention, cached_reads=median_reading(readings))
+        if overhead is not None:
+            # the decode layer's time beyond the operators the profile now prices
+            bar.describe("calibrating: decode overhead")
+            layer_s, per_byte_s, edge_s = measure_decode_overhead(profile, repeats=15 if quick else 40)
+            overhead = replace(overhead, decode_layer_s=layer_s, decode_layer_per_byte_s=per_byte_s,
+                               decode_edge_s=edge_s)
+            bar.advance()
     measured_s = time.perf_counter() - started
     if overhead is not None:
         profile = replace(profile, overhead=overhead,

@@ -7,8 +7,9 @@ Measured on a layer so small that its operators' work is negligible: the time of
 3 layers minus that of 1 layer, halved, is one layer's overhead, with embedding, head and
 loss cancelled out. In this process: plain layers, mixture-of-experts layers (top-2 of 4
 experts in place of the MLP; the 3-layer MoE model less the 3-layer plain one, per layer,
-is what the MoE block adds), and the inference forwards (prompt and one-token decode over a
-KV cache). Tensor parallelism (with and without SP), FSDP2's ZeRO-2 and ZeRO-3 and expert
+is what the MoE block adds), and the inference forwards (prompt, and one-token decode over a
+KV cache, whose time beyond its priced operators grows with its layer's weights:
+measure_decode_overhead, run once the profile prices those operators). Tensor parallelism (with and without SP), FSDP2's ZeRO-2 and ZeRO-3 and expert
 parallelism on two real ranks (measure/parallel_overhead.py), since a one-rank mesh skips the redistributions
 and collectives. Under TP a layer's overhead is its time less its TP collectives as the
 fitted profile prices them, and what the 1-layer model takes beyond one layer, less the
@@ -35,13 +36,20 @@ from scipy.optimize import nnls
 
 from meshplan.core.errors import ProfileError
 from meshplan.calibration.measure.run import launch_rows
+from meshplan.executor.generate import greedy
 from meshplan.executor.model import build_model, loss_fn
 from meshplan.hw_profiles.profile import FrameworkOverhead, HardwareProfile
 from meshplan.simulator.cost import ep_comm_s, ep_counts_s, tp_comm_s, tp_edge_comm_s
 from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.plan import Cluster
+from meshplan.simulator.serve import (InferencePlan, decode_edge_weight_bytes, decode_layer_weight_bytes,
+                                      simulate_inference)
 
 PROBE_TOKENS = 8
 LAYERS = (1, 3)
+# The larger decoder layer of the decode probe (measure_decode_overhead): 9 MiB of fp32
+# weights, where the probe model's layer has 0.14
+DECODE_LARGE = dict(hidden_size=512, ffn_hidden_size=1408, num_heads=8, num_kv_heads=4)
 VARIANTS = ("plain", "tp", "sp", "zero2", "zero3", "moe", "moe_ep")  # of the two-rank probe
 TWO_RANK_REPEATS = 3  # times the one-process probe's
 
@@ -92,11 +100,12 @@ def _training(num_layers: int, moe: bool = False) -> tuple:
     return forward, step
 
 
-def _inference(num_layers: int) -> tuple:
-    """The probe model's prompt forward (its cache made first, as the executor makes one per
-    generation) and one-token decode forward over that cache, as functions returning the
-    seconds they timed (the decode's prompt forward untimed)."""
-    model = build_model(probe_model(num_layers), seed=0)
+def _inference(spec: ModelSpec) -> tuple:
+    """The model's prompt forward (its cache made first, as the executor makes one per
+    generation) and one-token decode forward over that cache with the greedy pick of the
+    next token (executor/generate.py), as functions returning the seconds they timed (the
+    decode's prompt forward untimed)."""
+    model = build_model(spec, seed=0)
     prompt = torch.randint(0, 128, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
 
     @torch.no_grad()
@@ -110,7 +119,7 @@ def _inference(num_layers: int) -> tuple:
         cache = model.new_cache(PROBE_TOKENS + 1)
         model(prompt, cache)
         start = time.perf_counter()
-        model(prompt[:, :1], cache)
+        greedy(model(prompt[:, :1], cache))
         return time.perf_counter() - start
     return prefill, decode
 
@@ -133,7 +142,7 @@ def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhe
         df1, dt1, df3, dt3, mf3, mt3 = _median_s(fns, repeats, warmup)
         span = LAYERS[1] - LAYERS[0]
         dense = _forward_backward(df3 - df1, dt3 - dt1, span)
-        p1, d1, p3, d3 = _median_timed_s([fn for n in LAYERS for fn in _inference(n)], repeats, warmup)
+        p1, p3 = _median_timed_s([_inference(probe_model(n))[0] for n in LAYERS], repeats, warmup)
         # the MoE block's surcharge from the two 3-layer models, whose other parts are alike:
         # one difference over 3 layers, steadier than two per-layer differences apart
         moe = _forward_backward(mf3 - df3, mt3 - dt3, LAYERS[1])
@@ -141,10 +150,47 @@ def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhe
         torch.set_num_threads(before)
     return FrameworkOverhead(
         layer_forward_s=dense[0], layer_backward_s=dense[1],
-        prefill_layer_s=max(0.0, (p3 - p1) / span), decode_layer_s=max(0.0, (d3 - d1) / span),
+        prefill_layer_s=max(0.0, (p3 - p1) / span),
         moe_forward_s=moe[0], moe_backward_s=moe[1],
         source=f"calibration/overhead.py: eager PyTorch {torch.__version__}, 1 thread, "
                f"{LAYERS[1]}-layer minus {LAYERS[0]}-layer probe, median of {repeats} interleaved")
+
+
+def measure_decode_overhead(hw: HardwareProfile, repeats: int = 40,
+                            warmup: int = 5) -> tuple[float, float, float]:
+    """(decode_layer_s, decode_layer_per_byte_s, decode_edge_s) of this machine's executor,
+    one thread: a decode layer's time beyond its operators as `hw` prices them (its
+    weights' cached reads, the attention over the cache, the elementwise operators), which
+    grows with the weights it streams (the host's dispatch of every operator slows as they
+    evict its code and data from the core's caches: 153 us beyond the priced operators at
+    0.14 MiB of fp32 weights a layer, 306 at 2.4 MiB, 555 at 9.0 MiB here, 2026-12-04), and
+    what the step takes beyond its layers and priced edge operators. Timed on the probe
+    model and on DECODE_LARGE, 1 and 3 layers each, in turn; each per-layer time less its
+    priced operators, the two joined by a line in the layer's weight bytes; the 1-layer
+    model less its layer and its priced operators, less the line's share of its embedding's
+    and head's weights, is the edge's (the mean of the two sizes)."""
+    specs = [probe_model(n) for n in LAYERS] + [replace(probe_model(n), **DECODE_LARGE) for n in LAYERS]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = _median_timed_s([_inference(spec)[1] for spec in specs], repeats, warmup)
+    finally:
+        torch.set_num_threads(before)
+    dtype = "fp32" if "fp32" in hw.gemm else "bf16"
+    plan = InferencePlan(batch=1, prompt_len=PROBE_TOKENS, gen_len=2, dtype=dtype)
+    bare = replace(hw, overhead=replace(hw.overhead, decode_layer_s=0.0, decode_layer_per_byte_s=0.0,
+                                        decode_edge_s=0.0))
+    span = LAYERS[1] - LAYERS[0]
+    beyond, weights, one_layer = [], [], []
+    for i in (0, 2):
+        priced = [simulate_inference(spec, plan, Cluster(1, 1), bare).tpot_s for spec in specs[i:i + 2]]
+        beyond.append(max(0.0, (times[i + 1] - times[i] - (priced[1] - priced[0])) / span))
+        weights.append(decode_layer_weight_bytes(specs[i], plan))
+        one_layer.append(times[i] - priced[0] - beyond[-1])
+    per_byte = max(0.0, (beyond[1] - beyond[0]) / (weights[1] - weights[0]))
+    edge = statistics.mean(t - per_byte * decode_edge_weight_bytes(spec, plan)
+                           for t, spec in zip(one_layer, specs[::2]))
+    return max(0.0, beyond[0] - per_byte * weights[0]), per_byte, max(0.0, edge)
 
 
 def _per_layer(t: dict, variant: str) -> tuple[float, float, float, float]:

@@ -70,6 +70,14 @@ class FrameworkOverhead:
     fsdp_reduce_s: float = 0.0
     prefill_layer_s: float = 0.0          # inference forward of a prompt, KV cache filled
     decode_layer_s: float = 0.0           # inference forward of one token over the cache
+    # ... and what it adds per byte of the layer's weights read in that forward: the host's
+    # dispatch of every operator slows as the weights it streams evict its own code and data
+    # from the core's caches (calibration/overhead.py measure_decode_overhead)
+    decode_layer_per_byte_s: float = 0.0
+    # a decode step's host time beyond its layers and its priced operators: the embedding,
+    # final norm and head's calls and the sampler's pick of the next tokens (its weights'
+    # share per byte as the layers')
+    decode_edge_s: float = 0.0
     moe_forward_s: float = 0.0            # what an MoE block adds over the dense MLP it replaces
     moe_backward_s: float = 0.0           # (router, top-k, permutation, grouped GEMM calls)
     ep_forward_s: float = 0.0             # what expert parallelism adds to an MoE block (the
@@ -106,11 +114,14 @@ class FrameworkOverhead:
         return ((self.sp_edge_forward_s, self.sp_edge_backward_s) if sp
                 else (self.tp_edge_forward_s, self.tp_edge_backward_s))
 
-    def inference_layer_s(self, tp: int, decode: bool, moe_share: float = 0.0) -> float:
-        """One layer's prompt (or one-token decode) forward; under TP plus the DTensor
-        surcharge that the training forward measured, and in MoE layers the MoE block's
-        (measured in the training forward: autograd's recording included)."""
-        base = self.decode_layer_s if decode else self.prefill_layer_s
+    def inference_layer_s(self, tp: int, decode: bool, moe_share: float = 0.0,
+                          weight_bytes: float = 0.0) -> float:
+        """One layer's prompt (or one-token decode, reading `weight_bytes` of weights on the
+        rank) forward; under TP plus the DTensor surcharge that the training forward
+        measured, and in MoE layers the MoE block's (measured in the training forward:
+        autograd's recording included)."""
+        base = (self.decode_layer_s + self.decode_layer_per_byte_s * weight_bytes if decode
+                else self.prefill_layer_s)
         return (base + (max(0.0, self.tp_layer_forward_s - self.layer_forward_s) if tp > 1 else 0.0)
                 + moe_share * self.moe_forward_s)
 
@@ -397,7 +408,9 @@ class HardwareProfile:
                               backward_latency_s=self.attention.backward_latency_s * op_latency,
                               decode_latency_s=self.attention.decode_latency_s * op_latency * decode),
             collectives=self.collectives.scaled(intra_node_bw, inter_node_bw, collective_latency),
-            overhead=replace(host, decode_layer_s=host.decode_layer_s * decode),
+            overhead=replace(host, decode_layer_s=host.decode_layer_s * decode,
+                             decode_layer_per_byte_s=host.decode_layer_per_byte_s * decode,
+                             decode_edge_s=host.decode_edge_s * decode),
             sources=self.sources + (f"what-if copy of {self.name}: {tag}",),
             extra={**self.extra, "what_if": changed})
 

@@ -334,6 +334,30 @@ def _classified_s(ops, hw: HardwareProfile, compute_hw: HardwareProfile, dtype: 
             "compute": float(t[gemm & compute_bound].sum()), "elementwise": float(t[~gemm].sum())}
 
 
+def _weights_read(ops: list[Op], plan: InferencePlan) -> float:
+    """Bytes of weights `ops` read: every weight GEMM's [k, n] per batch entry, at its
+    stored width."""
+    return float(sum(op.count * op.batch * op.n * op.k * (op.weight_bytes or plan.dtype_bytes)
+                     for op in ops if op.kind == GEMM and op.weight))
+
+
+def decode_layer_weight_bytes(model: ModelSpec, plan: InferencePlan) -> float:
+    """Bytes of weights a rank reads in one layer's one-token decode forward (the mean layer)."""
+    return _weights_read(_layer_ops(model, plan, _shard(model, plan, plan.micro_batch, 1)), plan)
+
+
+def decode_edge_weight_bytes(model: ModelSpec, plan: InferencePlan) -> float:
+    """... and in the embedding, final norm and head of one decode step (the last stage's)."""
+    return _weights_read(_edge_ops(model, plan, plan.micro_batch, True, True), plan)
+
+
+def decode_edge_host_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile) -> float:
+    """The host time of a decode step beyond its layers (FrameworkOverhead.decode_edge_s,
+    and its weights' share per byte), on the last stage."""
+    host = hw.overhead
+    return host.decode_edge_s + host.decode_layer_per_byte_s * decode_edge_weight_bytes(model, plan)
+
+
 def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
                         compute_hw: HardwareProfile, contexts: np.ndarray) -> dict:
     """One layer's decode step of one micro-batch on one device by category, arrays over the
@@ -357,7 +381,8 @@ def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfi
         attention = attention + n / model.num_layers * np.where(read_s >= flops_s, 0.0, flops_s)
     parts["kv_read"] = kv_read
     parts["host_overhead"] = hw.overhead.inference_layer_s(plan.tp, decode=True,
-                                                           moe_share=moe_layer_share(model))
+                                                           moe_share=moe_layer_share(model),
+                                                           weight_bytes=decode_layer_weight_bytes(model, plan))
     parts["compute"] = parts["compute"] + attention
     return parts
 
@@ -490,6 +515,7 @@ def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
     totals, stage_s = {k: 0.0 for k in layer}, []
     for n, f, la in at.stages:
         edges = _classified_s(_edge_ops(model, plan, b, f, la), hw, compute_hw, plan.dtype)
+        edges["host_overhead"] = decode_edge_host_s(model, plan, hw) if la else 0.0
         edges["tp_comm"] = _edge_comm_s(model, plan, hw, at.tp, b, f, la)
         parts = {k: n * v + edges.get(k, 0.0) for k, v in layer.items()}
         stage_s.append(sum(parts.values()))

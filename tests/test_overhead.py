@@ -23,11 +23,34 @@ OVERHEAD = FrameworkOverhead(layer_forward_s=1e-3, layer_backward_s=2e-3, tp_lay
 
 
 def test_probe_measures_positive_overhead():
-    from meshplan.calibration.overhead import measure_host_overhead
+    from meshplan.calibration.overhead import measure_decode_overhead, measure_host_overhead
     measured = measure_host_overhead(repeats=8, warmup=2)
-    assert 0 < measured.layer_forward_s < 0.05 and 0 < measured.decode_layer_s < 0.05
+    assert 0 < measured.layer_forward_s < 0.05 and 0 < measured.prefill_layer_s < 0.05
+    layer_s, per_byte_s, edge_s = measure_decode_overhead(load_profile("local"), repeats=4, warmup=1)
+    assert 0 < layer_s < 0.05 and 0 <= per_byte_s < 1e-8 and 0 <= edge_s < 0.05
     # routing, permutation and the grouped GEMMs' calls: more host work than one MLP
     assert 0 < measured.moe_forward_s < 0.05 and 0 <= measured.moe_backward_s < 0.05
+
+
+def test_decode_overhead_is_recovered_from_steps_priced_with_it(monkeypatch):
+    """Decode steps timed as the serving model prices them with a known host time (per
+    layer 150 us plus 40 us a MiB of its weights, 50 us a step beyond the layers) split back
+    into those three figures: the two sizes' per-layer times less their priced operators
+    make the line, the 1-layer models' remainders the edge."""
+    from meshplan.calibration import overhead
+
+    hw = load_profile("local")
+    truth = replace(hw.overhead, decode_layer_s=150e-6, decode_layer_per_byte_s=40e-6 / 2 ** 20,
+                    decode_edge_s=50e-6)
+    plan = InferencePlan(batch=1, prompt_len=overhead.PROBE_TOKENS, gen_len=2, dtype="fp32")
+    specs = [overhead.probe_model(n) for n in overhead.LAYERS] + [
+        replace(overhead.probe_model(n), **overhead.DECODE_LARGE) for n in overhead.LAYERS]
+    timed = [simulate_inference(spec, plan, Cluster(1, 1), replace(hw, overhead=truth)).tpot_s for spec in specs]
+    monkeypatch.setattr(overhead, "_inference", lambda spec: (None, None))
+    monkeypatch.setattr(overhead, "_median_timed_s", lambda fns, repeats, warmup: timed)
+    layer_s, per_byte_s, edge_s = overhead.measure_decode_overhead(hw)
+    assert layer_s == pytest.approx(150e-6) and per_byte_s == pytest.approx(40e-6 / 2 ** 20)
+    assert edge_s == pytest.approx(50e-6)
 
 
 @pytest.mark.slow
