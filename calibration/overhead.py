@@ -35,6 +35,7 @@ import torch
 from scipy.optimize import nnls
 
 from meshplan.core.errors import ProfileError
+from meshplan.calibration.measure.compute import torch_threads
 from meshplan.calibration.measure.run import launch_rows
 from meshplan.executor.generate import greedy
 from meshplan.executor.model import build_model, loss_fn
@@ -100,19 +101,28 @@ def _training(num_layers: int, moe: bool = False) -> tuple:
     return forward, step
 
 
-def _inference(spec: ModelSpec) -> tuple:
-    """The model's prompt forward (its cache made first, as the executor makes one per
-    generation) and one-token decode forward over that cache with the greedy pick of the
-    next token (executor/generate.py), as functions returning the seconds they timed (the
-    decode's prompt forward untimed)."""
-    model = build_model(spec, seed=0)
-    prompt = torch.randint(0, 128, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
+def _prompt(spec: ModelSpec) -> tuple:
+    """The model built and the probe's prompt."""
+    return build_model(spec, seed=0), torch.randint(0, 128, (1, PROBE_TOKENS),
+                                                    generator=torch.Generator().manual_seed(0))
+
+
+def _prefill(spec: ModelSpec):
+    """The model's prompt forward, its cache made first (as the executor makes one per
+    generation), as a function to time."""
+    model, prompt = _prompt(spec)
 
     @torch.no_grad()
     def prefill():
-        start = time.perf_counter()
         model(prompt, model.new_cache(PROBE_TOKENS + 1))
-        return time.perf_counter() - start
+    return prefill
+
+
+def _decode(spec: ModelSpec):
+    """The model's one-token decode forward over the cache of its prompt with the greedy
+    pick of the next token (executor/generate.py), as a function returning the seconds it
+    timed (the prompt's forward untimed)."""
+    model, prompt = _prompt(spec)
 
     @torch.no_grad()
     def decode():
@@ -121,7 +131,7 @@ def _inference(spec: ModelSpec) -> tuple:
         start = time.perf_counter()
         greedy(model(prompt[:, :1], cache))
         return time.perf_counter() - start
-    return prefill, decode
+    return decode
 
 
 def _forward_backward(forward_s: float, step_s: float, layers: int) -> tuple[float, float]:
@@ -142,7 +152,7 @@ def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhe
         df1, dt1, df3, dt3, mf3, mt3 = _median_s(fns, repeats, warmup)
         span = LAYERS[1] - LAYERS[0]
         dense = _forward_backward(df3 - df1, dt3 - dt1, span)
-        p1, p3 = _median_timed_s([_inference(probe_model(n))[0] for n in LAYERS], repeats, warmup)
+        p1, p3 = _median_s([_prefill(probe_model(n)) for n in LAYERS], repeats, warmup)
         # the MoE block's surcharge from the two 3-layer models, whose other parts are alike:
         # one difference over 3 layers, steadier than two per-layer differences apart
         moe = _forward_backward(mf3 - df3, mt3 - dt3, LAYERS[1])
@@ -170,16 +180,11 @@ def measure_decode_overhead(hw: HardwareProfile, repeats: int = 40,
     model less its layer and its priced operators, less the line's share of its embedding's
     and head's weights, is the edge's (the mean of the two sizes)."""
     specs = [probe_model(n) for n in LAYERS] + [replace(probe_model(n), **DECODE_LARGE) for n in LAYERS]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times = _median_timed_s([_inference(spec)[1] for spec in specs], repeats, warmup)
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(1):
+        times = _median_timed_s([_decode(spec) for spec in specs], repeats, warmup)
     dtype = "fp32" if "fp32" in hw.gemm else "bf16"
     plan = InferencePlan(batch=1, prompt_len=PROBE_TOKENS, gen_len=2, dtype=dtype)
-    bare = replace(hw, overhead=replace(hw.overhead, decode_layer_s=0.0, decode_layer_per_byte_s=0.0,
-                                        decode_edge_s=0.0))
+    bare = replace(hw, overhead=hw.overhead.decode_scaled(0.0))
     span = LAYERS[1] - LAYERS[0]
     beyond, weights, one_layer = [], [], []
     for i in (0, 2):

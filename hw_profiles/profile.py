@@ -129,6 +129,13 @@ class FrameworkOverhead:
         return replace(self, **{f.name: getattr(self, f.name) * factor for f in fields(self)
                                 if f.name != "source"})
 
+    def decode_scaled(self, factor: float) -> FrameworkOverhead:
+        """With what only a decode step pays (its layers' host time, fixed and per byte, and
+        its edge's) multiplied by `factor`."""
+        return replace(self, decode_layer_s=self.decode_layer_s * factor,
+                       decode_layer_per_byte_s=self.decode_layer_per_byte_s * factor,
+                       decode_edge_s=self.decode_edge_s * factor)
+
 
 @dataclass(frozen=True)
 class Contention:
@@ -391,7 +398,6 @@ class HardwareProfile:
         if not changed:
             return self
         tag = ",".join(f"{k}={v:g}" for k, v in changed.items())
-        host = self.overhead.scaled(overhead)
         return replace(
             self, name=f"{self.name}[{tag}]",
             memory_bytes=int(self.memory_bytes * memory),
@@ -408,9 +414,7 @@ class HardwareProfile:
                               backward_latency_s=self.attention.backward_latency_s * op_latency,
                               decode_latency_s=self.attention.decode_latency_s * op_latency * decode),
             collectives=self.collectives.scaled(intra_node_bw, inter_node_bw, collective_latency),
-            overhead=replace(host, decode_layer_s=host.decode_layer_s * decode,
-                             decode_layer_per_byte_s=host.decode_layer_per_byte_s * decode,
-                             decode_edge_s=host.decode_edge_s * decode),
+            overhead=self.overhead.scaled(overhead).decode_scaled(decode),
             sources=self.sources + (f"what-if copy of {self.name}: {tag}",),
             extra={**self.extra, "what_if": changed})
 

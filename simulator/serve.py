@@ -351,13 +351,6 @@ def decode_edge_weight_bytes(model: ModelSpec, plan: InferencePlan) -> float:
     return _weights_read(_edge_ops(model, plan, plan.micro_batch, True, True), plan)
 
 
-def decode_edge_host_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile) -> float:
-    """The host time of a decode step beyond its layers (FrameworkOverhead.decode_edge_s,
-    and its weights' share per byte), on the last stage."""
-    host = hw.overhead
-    return host.decode_edge_s + host.decode_layer_per_byte_s * decode_edge_weight_bytes(model, plan)
-
-
 def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
                         compute_hw: HardwareProfile, contexts: np.ndarray) -> dict:
     """One layer's decode step of one micro-batch on one device by category, arrays over the
@@ -382,7 +375,7 @@ def _decode_layer_parts(model: ModelSpec, plan: InferencePlan, hw: HardwareProfi
     parts["kv_read"] = kv_read
     parts["host_overhead"] = hw.overhead.inference_layer_s(plan.tp, decode=True,
                                                            moe_share=moe_layer_share(model),
-                                                           weight_bytes=decode_layer_weight_bytes(model, plan))
+                                                           weight_bytes=_weights_read(ops, plan))
     parts["compute"] = parts["compute"] + attention
     return parts
 
@@ -514,8 +507,11 @@ def _decode_s(model: ModelSpec, plan: InferencePlan, hw: HardwareProfile,
     layer["moe_dispatch"] = moe_layer_share(model) * dispatch_s(model, hw, at.dp, b, plan.dtype_bytes)
     totals, stage_s = {k: 0.0 for k in layer}, []
     for n, f, la in at.stages:
-        edges = _classified_s(_edge_ops(model, plan, b, f, la), hw, compute_hw, plan.dtype)
-        edges["host_overhead"] = decode_edge_host_s(model, plan, hw) if la else 0.0
+        edge_ops = _edge_ops(model, plan, b, f, la)
+        edges = _classified_s(edge_ops, hw, compute_hw, plan.dtype)
+        # the host's work beyond the layers, on the last stage (with its head's weights' share)
+        edges["host_overhead"] = (hw.overhead.decode_edge_s + hw.overhead.decode_layer_per_byte_s
+                                  * _weights_read(edge_ops, plan)) if la else 0.0
         edges["tp_comm"] = _edge_comm_s(model, plan, hw, at.tp, b, f, la)
         parts = {k: n * v + edges.get(k, 0.0) for k, v in layer.items()}
         stage_s.append(sum(parts.values()))

@@ -46,7 +46,7 @@ def test_decode_overhead_is_recovered_from_steps_priced_with_it(monkeypatch):
     specs = [overhead.probe_model(n) for n in overhead.LAYERS] + [
         replace(overhead.probe_model(n), **overhead.DECODE_LARGE) for n in overhead.LAYERS]
     timed = [simulate_inference(spec, plan, Cluster(1, 1), replace(hw, overhead=truth)).tpot_s for spec in specs]
-    monkeypatch.setattr(overhead, "_inference", lambda spec: (None, None))
+    monkeypatch.setattr(overhead, "_decode", lambda spec: None)
     monkeypatch.setattr(overhead, "_median_timed_s", lambda fns, repeats, warmup: timed)
     layer_s, per_byte_s, edge_s = overhead.measure_decode_overhead(hw)
     assert layer_s == pytest.approx(150e-6) and per_byte_s == pytest.approx(40e-6 / 2 ** 20)
