@@ -170,16 +170,18 @@ def apply_dp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
     gathered copy of each weight from forward to backward, so DDP is preferred where it
     works. ZeRO 2: FSDP2 keeping the gathered weights from forward to backward
     (reshard_after_forward=False; gradients and optimizer state sharded). ZeRO 3: FSDP2
-    resharding after forward (weights sharded too). FSDP2 wraps each layer, then the root
+    resharding after forward (weights sharded too) unless the plan keeps them
+    (Plan.reshard_after_forward, as it must under a pipeline: resharded, the stages past the
+    first of a split-backward schedule, zb-h1 or zb-v, ended torch 2.13's step with no
+    gradients). FSDP2 wraps each layer, then the root
     (embedding, head, final norm). Each leaves out the experts that apply_ep split: they
     differ along dp, and moe.reduce_expert_gradients reduces them over edp instead."""
     experts = {p for e in sharded_experts(model) for p in e.parameters()}
     if plan.zero >= 2:
+        reshard = plan.zero == 3 and plan.reshard_after_forward
         for layer in model.layers.values():
-            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=plan.zero == 3,
-                        ignored_params=experts)
-        return fully_shard(model, mesh=dp_mesh, reshard_after_forward=plan.zero == 3,
-                           ignored_params=experts)
+            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard, ignored_params=experts)
+        return fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, ignored_params=experts)
     if plan.tp > 1 or plan.pp > 1:
         for layer in model.layers.values():
             replicate(layer, mesh=dp_mesh, ignored_params=experts)

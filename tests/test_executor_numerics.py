@@ -83,6 +83,9 @@ WORLD_4 = [
     ("dp-pp-interleaved", LLAMA, plan(dp=2, pp=2, schedule="interleaved", virtual_stages=2,
                                       micro_batch=1)),
     ("tp-sp-pp-zb-h1", LLAMA, plan(tp=2, sp=True, pp=2, schedule="zb-h1")),
+    # FSDP2 under a split backward (the weights kept gathered from forward, as the plan says)
+    ("dp-pp-zb-h1-zero3", LLAMA, plan(dp=2, pp=2, zero=3, reshard_after_forward=False, schedule="zb-h1",
+                                      micro_batch=1)),
     ("tp-sp-pp-gpipe-selective", LLAMA, plan(tp=2, sp=True, pp=2, schedule="gpipe",
                                              recompute="selective", layer_partition=(1, 3))),
 ]
