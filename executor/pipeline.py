@@ -3,30 +3,38 @@ stages by the plan's layer partition, and build the plan's schedule over them.
 
 Stage j of pp * v holds layers partition[:j].sum() .. partition[:j+1].sum() and sits on
 pipeline rank j % pp (chunk j // pp), as Megatron-LM and torch's interleaved schedules
-place them; the embedding is on stage 0 and the final norm and head on the last stage.
+place them, or under zb-v on the V of torch's ScheduleZBVZeroBubble (schedule.stage_index:
+rank s holds stages s and 2 pp - 1 - s); the embedding is on stage 0 and the final norm and
+head on the last stage.
 """
 from __future__ import annotations
 
 import copy
 import itertools
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (PipelineScheduleSingle, Schedule1F1B,
                                                     ScheduleGPipe, ScheduleInterleaved1F1B,
-                                                    ScheduleInterleavedZeroBubble)
+                                                    ScheduleInterleavedZeroBubble,
+                                                    ScheduleZBVZeroBubble)
 
 from meshplan.executor.model import Transformer
 from meshplan.simulator.plan import Plan
+from meshplan.simulator.schedule import stage_index
 
 # zb-h1 (Qi et al. 2024) with one chunk per rank is torch's ZB1P schedule with one local stage.
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
-             "interleaved": ScheduleInterleaved1F1B, "zb-h1": ScheduleInterleavedZeroBubble}
+             "interleaved": ScheduleInterleaved1F1B, "zb-h1": ScheduleInterleavedZeroBubble,
+             "zb-v": ScheduleZBVZeroBubble}
 
 
 def stage_indices(plan: Plan, pp_rank: int) -> list[int]:
-    return list(range(pp_rank, plan.num_virtual, plan.pp))
+    """The (virtual) stages pipeline rank `pp_rank` holds, chunk by chunk."""
+    chunks = np.arange(plan.virtual_stages)
+    return stage_index(plan.schedule == "zb-v", plan.pp, pp_rank, chunks).tolist()
 
 
 def split_stage(model: Transformer, partition: tuple[int, ...], stage_index: int) -> Transformer:

@@ -25,15 +25,16 @@ from meshplan.simulator.cost import FULL, NONE, NORM_ACT, OP, ShardTimes, per_ra
 from meshplan.simulator.memory import usable_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.partition import balanced_shape
+from meshplan.simulator.pipeline_sim import last_ends_s
 from meshplan.simulator.plan import PLAN_WIDE, SCHEDULES
-from meshplan.simulator.schedule import in_flight
+from meshplan.simulator.schedule import in_flight, stage_index
 
 # Rows evaluated together. Blocks of about half a million rows keep the terms' temporaries
 # smaller: the GPT-3 175B table on 1024 GPUs (1.8M rows) took 1.29 s in four blocks in turn
 # against 1.42-1.65 s whole, and 0.91 s on two threads (numpy's loops release the GIL).
 BLOCK_ROWS = 1 << 19
-GPIPE, ONE_F_ONE_B, INTERLEAVED, ZB_H1 = (SCHEDULES.index(s)
-                                          for s in ("gpipe", "1f1b", "interleaved", "zb-h1"))
+GPIPE, ONE_F_ONE_B, INTERLEAVED, ZB_H1, ZB_V = (SCHEDULES.index(s)
+                                                for s in ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v"))
 
 
 @dataclass(frozen=True)
@@ -73,22 +74,25 @@ def slots(r: dict, model: ModelSpec, partition: tuple[int, ...] | None):
     partition, the forward + backward time of its largest (virtual) stage, and an id of its
     slots (rows of one id have the same)."""
     p, v, w = r["pp"], r["virtual_stages"], model.num_layers + 3  # w above every count: stages <= L + 2
+    # zb-v's V places the stages otherwise (schedule.stage_index): its slots are its own
+    vee = r["sched"] == ZB_V
     first, last = r["emb_fwd"] + r["emb_bwd"], r["head_fwd"] + r["head_bwd"]
     if partition is None:
-        part_id, f = step.group_ids((r["cost_id"] * w + p) * w + v)
+        part_id, f = step.group_ids(((r["cost_id"] * w + p) * w + v) * 2 + vee)
         # the balanced partition depends on the count of stages, not on how they sit on ranks
         stages, g = step.group_ids(r["cost_id"][f] * w + p[f] * v[f])
         shape = balanced_shape(model.num_layers, (p * v)[f[g]], r["layer"][f[g]], first[f[g]],
                                last[f[g]]).take(stages)
-        found = _balanced_slots(model.num_layers, p[f], v[f], shape)
+        found = [tuple(np.where(vee[f], a, b) for a, b in zip(x, y)) for x, y in zip(
+            _v_slots(p[f], shape), _balanced_slots(model.num_layers, p[f], v[f], shape))]
         largest = _largest_balanced_s(shape, r["layer"][f], first[f], last[f])[part_id]
-        key = p[f] * w + v[f]
+        key = (p[f] * w + v[f]) * 2 + vee[f]
         for x in (shape.first, shape.last, shape.base, shape.short):
             key = key * w + x
         layout = step.group_ids(key)[0][part_id]
     else:
-        part_id, f = step.group_ids(p * w + v)
-        found = _fixed_slots(partition, p[f])
+        part_id, f = step.group_ids((p * w + v) * 2 + vee)
+        found = _fixed_slots(partition, p[f], vee[f])
         sizes = np.tile(np.asarray(partition, dtype=float), (f.size, 1))
         largest = _largest_s(sizes[part_id], p, v, r["layer"], first, last)
         layout = part_id
@@ -139,12 +143,33 @@ def _balanced_slots(num_layers: int, p: np.ndarray, v: np.ndarray, shape):
     return out
 
 
-def _fixed_slots(partition: tuple[int, ...], p: np.ndarray):
-    """Every rank as a slot, for a layer partition the user gave."""
+def _v_slots(p: np.ndarray, shape):
+    """Slots of the balanced partition (its PartitionShape) of 2p stages in zb-v's V: rank s
+    holds stages s and 2p-1-s, so rank 0 the first and the last (c0 + c1 layers) and each
+    other rank two middle stages of `base` layers, less one for each of the first `short`
+    middle stages among them. Over ranks 1..p-1 at most two counts occur, each highest
+    (where the in-flight chunks are most, schedule.in_flight) at p-1 or at 2p-2-short;
+    with ranks 0 and 1 the slots bound every rank's memory and work. The layers before a
+    slot are not used (zb-v's step is simulated, _v_step_s): 0."""
+    base, short = shape.base, shape.short
+
+    def layers(s):
+        return np.where(s == 0, shape.first + shape.last,
+                        2 * base - (s <= short) - (2 * p - 1 - s <= short))
+
+    ranks = [np.zeros_like(p), p - 1, np.minimum(1, p - 1), np.clip(2 * p - 2 - short, 1, p - 1),
+             np.minimum(1, p - 1)]
+    return [(s, layers(s), np.zeros_like(p)) for s in ranks]
+
+
+def _fixed_slots(partition: tuple[int, ...], p: np.ndarray, vee: np.ndarray):
+    """Every rank as a slot, for a layer partition the user gave (in zb-v's V where `vee`)."""
     width = int(p.max())
     rows = []
-    for pi in p:
-        ranks = np.bincount(np.arange(len(partition)) % pi, weights=partition, minlength=pi)
+    for pi, v_shaped in zip(p, vee):
+        j = np.arange(len(partition))
+        ranks = np.bincount(np.where(v_shaped & (j >= pi), 2 * pi - 1 - j, j % pi), weights=partition,
+                            minlength=pi)
         s = np.arange(width) % pi
         rows.append((s, ranks[s], np.concatenate([[0], np.cumsum(ranks)])[s]))
     return [tuple(np.array([r[k][i] for r in rows]).astype(np.int64) for k in range(3))
@@ -169,18 +194,18 @@ def _time_bound(r: dict) -> np.ndarray:
     ops all paired where the all-to-all overlap pairs them)."""
     p, v, m, sched, fill = r["pp"], r["virtual_stages"], r["num_microbatches"], r["sched"], r["fill"]
     avg = r["pair"] / p
-    return np.select([sched == INTERLEAVED, sched == ZB_H1],
-                     [m * avg + (p - 1) * avg / v, (m - 1) * avg + fill - 2 * r["sum_w"]],
+    return np.select([sched == INTERLEAVED, sched == ZB_H1, sched == ZB_V],
+                     [m * avg + (p - 1) * avg / v, (m - 1) * avg + fill - 2 * r["sum_w"], m * avg],
                      (m - 1) * avg + fill)
 
 
 def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, params,
-               largest) -> tuple[np.ndarray, np.ndarray]:
+               largest, partition: tuple[int, ...] | None) -> tuple[np.ndarray, np.ndarray]:
     """Step time (pipeline makespan by closed form, each slot's end, plus its tail), and the
     busiest slot's work plus tail (a lower bound on any schedule's step)."""
     c = lambda x: x[:, None]  # noqa: E731  (per-row value against per-slot arrays)
     p, v, m = r["pp"], r["virtual_stages"], r["num_microbatches"]
-    first, last = s == 0, s == c(p) - 1
+    first, last = s == 0, s == step.head_rank(r)
     fwd, bwd, wgrad = step.chunk_s(r, n, c(v), first, last)
     pair_f, pair_b, _ = step.chunk_s(r, n, c(v), first, last, paired=True)
     fill, hop, sched = r["fill"], r["hop"], r["sched"]
@@ -203,7 +228,52 @@ def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, par
     drained = before * c(r["l_bwd"] + xb) + s * c(v * (ag - xb)) + (s > 0) * c(r["emb_bwd"])
     end = c(end0) - (s > 0) * (drained / c(v) + s * c(hop))
     tail = step.rank_tail_s(r, model, hw, s, n, params).total_s
-    return (end + tail).max(axis=1), (m[:, None] * (pair_f + pair_b) + tail).max(axis=1)
+    step_s = (end + tail).max(axis=1)
+    vee = np.flatnonzero(sched == ZB_V)
+    if vee.size:
+        step_s[vee] = _v_step_s(step.take(r, vee), model, hw, partition)
+    return step_s, (m[:, None] * (pair_f + pair_b) + tail).max(axis=1)
+
+
+def _v_step_s(r: dict, model: ModelSpec, hw: HardwareProfile, partition: tuple[int, ...] | None) -> np.ndarray:
+    """zb-v's step time in each row, every rank's end plus its tail as simulate() takes it:
+    its V of 2p stages (the balanced partition, or the one given) timed by the simulation
+    itself (pipeline_sim.last_ends_s) for up to 2p micro-batches. Past them each micro-batch
+    more adds to a rank's end what the 2p-th added, and no rank ends before m times its own
+    work: the W passes fill the bubble a little more with each micro-batch (Llama-2 70B pp8:
+    0.140 s added a micro-batch from 16 to 26 of them, against 0.144 s of the busiest rank's
+    work), or the added time grows to that work (Llama-2 13B pp4 with slow hops, by 3p), so
+    the estimate is within a few per cent of simulate's, and the search re-ranks its best
+    with simulate (tests/test_planner.py)."""
+    p, m = r["pp"], r["num_microbatches"]
+    out = np.zeros(len(p))
+    for width in np.unique(p):
+        rows, pp = np.flatnonzero(p == width), int(width)
+        u, j = step.take(r, rows), np.arange(2 * pp)[None, :]
+        if partition is None:
+            shape = balanced_shape(model.num_layers, np.full(len(rows), 2 * pp), u["layer"],
+                                   u["emb_fwd"] + u["emb_bwd"], u["head_fwd"] + u["head_bwd"])
+            layers = np.where(j == 0, shape.first[:, None], np.where(
+                j == 2 * pp - 1, shape.last[:, None], shape.base[:, None] - (j <= shape.short[:, None])))
+        else:
+            layers = np.tile(np.asarray(partition), (len(rows), 1))
+        fwd, bwd, wgrad = step.chunk_s(u, layers, np.ones_like(layers), j == 0, j == 2 * pp - 1)
+        # (row, rank, chunk): rank s holds stages s and 2p - 1 - s (schedule.stage_index)
+        at = stage_index(True, pp, *np.indices((pp, 2)))
+        fwd, bwd, wgrad, held = fwd[:, at], bwd[:, at], wgrad[:, at], layers[:, at].sum(axis=2)
+        ranks = np.broadcast_to(np.arange(pp), held.shape)
+        tail = step.rank_tail_s(u, model, hw, ranks, held, step.rank_params(u, model, ranks, held)).total_s
+        short, work = np.minimum(m[rows], 2 * pp), (fwd + bwd).sum(axis=2)
+        for k in np.unique(short):
+            sel = short == k
+            args = (fwd[sel], (bwd - wgrad)[sel], wgrad[sel], u["hop"][sel])
+            ends = last_ends_s("zb-v", int(k), *args)
+            more = (m[rows[sel]] - k)[:, None]
+            if (more > 0).any():
+                added = ends - last_ends_s("zb-v", int(k) - 1, *args)
+                ends = np.maximum(ends + more * added, m[rows[sel]][:, None] * work[sel])
+            out[rows[sel]] = (ends + tail[sel]).max(axis=1)
+    return out
 
 
 MEMORY_KEYS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched",
@@ -221,12 +291,15 @@ def _memory_rows(r: dict, index) -> dict:
 
 def _memory_bound(r: dict, model: ModelSpec) -> np.ndarray:
     """A lower bound on peak memory without the partition: some rank holds >= ceil(L/p)
-    layers, and keeps at least the last rank's in-flight micro-batches."""
+    layers, and keeps at least the fewest in-flight micro-batches of any rank (the last
+    rank's; in zb-v's V the first's)."""
     last = r["pp"][:, None] - 1
     most = -(-model.num_layers // r["pp"])[:, None]
     no_edge = np.full_like(most, -1)  # a rank without the embedding or the head
     held = in_flight(r["sched"][:, None], r["pp"][:, None], r["virtual_stages"][:, None],
                      r["num_microbatches"][:, None], last, r["a2a_overlap"][:, None])
+    vee = r["sched"] == ZB_V
+    held[vee] = in_flight(ZB_V, r["pp"][vee, None], 2, r["num_microbatches"][vee, None], 0)
     params = step.rank_params(r, model, no_edge, most)
     return sum(step.rank_memory(r, model, no_edge, most, params, held).values())[:, 0]
 
@@ -292,9 +365,13 @@ def _evaluate_block(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, 
     peak, step_s = _memory_bound(_memory_rows(r, mem_first), model)[mem_id], np.full(len(table), np.nan)
     busy = np.full(len(table), np.nan)
     # full, per-op and norm_act recompute of a layout are never faster than none of it (they
-    # only add recompute) and keep less: with `keep`, their rows wait until none's exact
-    # memory is known, and are timed only where none does not fit
+    # only add recompute) and, where a layer keeps no more than none's, keep less (the one
+    # layer they rebuild in backward aside): with `keep`, those rows wait until none's exact
+    # memory is known, and are timed only where none does not fit. Per-op recompute can keep
+    # more than none (the matmul outputs it saves that no backward reads, beside SP's
+    # reduce-scatter outputs): such rows are timed as any other
     twin = _none_twin(table, r["rc"]) if keep is not None else np.full(len(table), -1)
+    twin[r["act"] > r["act_none"]] = -1
     waits = (twin >= 0) & (peak[np.maximum(twin, 0)] <= limit)
     out = (peak, step_s, busy)
     partition = table.attrs["layer_partition"]
@@ -348,7 +425,7 @@ def _time_rows(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | 
         at = order[batch]
         g = part[at]
         step_s[maybe[at]], busy[maybe[at]] = _step_time(step.take(r, at), model, hw, s[g], n[g], before[g],
-                                                        params[mem_ids[at]], largest[at])
+                                                        params[mem_ids[at]], largest[at], partition)
         todo[batch] = False
         known = step_s[np.isfinite(step_s)]
         if keep is None or known.size < keep:

@@ -126,7 +126,7 @@ def knob_changes(plan: Plan, experts: bool = False,
     if plan.pp > 1:
         for s in SCHEDULES:
             if s != plan.schedule:
-                v = 2 if s == "interleaved" else 1
+                v = 2 if s in ("interleaved", "zb-v") else 1
                 out.append((f"schedule {s}" + (f" (v={v})" if v > 1 else ""), "schedule",
                             {"schedule": s, "virtual_stages": v}))
     if plan.tp > 1:

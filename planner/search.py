@@ -22,6 +22,7 @@ from meshplan.planner.closed_forms import evaluate, states_fit
 from meshplan.planner.space import candidate_table, row_plan
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, field_issues
+from meshplan.simulator.schedule import SPLIT_BACKWARD
 from meshplan.simulator.train import SimulationResult, check_hardware, simulate_many
 from meshplan.core.units import GIB
 
@@ -102,7 +103,7 @@ def _des_rows(table, ev, des: int) -> list[int]:
     order = timed[np.lexsort((ev.peak_memory_bytes[timed], key[timed]))][:50 * des]
     best = table.iloc[order]
     shape = best[["pp", "virtual_stages", "num_microbatches"]].to_numpy()
-    zb = (best["schedule"] == "zb-h1").to_numpy()
+    zb = best["schedule"].isin(SPLIT_BACKWARD).to_numpy()
     sched = best["schedule"].cat.codes.to_numpy()
     rows, seen, spent = [], set(), 0
     for i, (p, v, m), z, code in zip(order, shape, zb, sched):

@@ -215,6 +215,9 @@ def _schedules(model: ModelSpec, fixed: dict):
             vs = [fixed["virtual_stages"]] if fixed.get("virtual_stages", 1) > 1 else list(
                 range(2, top + 1))
             opts += [("interleaved", v) for v in vs]
+            # zb-v: two chunks per rank in a V (schedule.stage_index)
+            if rules.max_virtual_stages(model.num_layers, pp) >= 2:
+                opts.append(("zb-v", 2))
         return [o for o in opts if fixed.get("schedule", o[0]) == o[0]
                 and fixed.get("virtual_stages", o[1]) == o[1]]
     return options

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meshplan.simulator.schedule import stage_index
+
 
 @dataclass(frozen=True)
 class PartitionShape:
@@ -133,7 +135,10 @@ def even_partition(num_layers: int, num_parts: int) -> tuple[int, ...]:
     return tuple(base + (i < extra) for i in range(num_parts))
 
 
-def rank_chunks(partition: tuple[int, ...], pp: int) -> np.ndarray:
-    """Layers of each (pipeline rank, chunk): virtual stage j is chunk j // pp of rank
-    j % pp (Megatron-LM's interleaved assignment), shape (pp, len(partition) // pp)."""
-    return np.asarray(partition, dtype=np.int64).reshape(-1, pp).T
+def rank_chunks(partition: tuple[int, ...], pp: int, v_shaped: bool = False) -> np.ndarray:
+    """Layers of each (pipeline rank, chunk), shape (pp, len(partition) // pp): virtual
+    stage j is chunk j // pp of rank j % pp (Megatron-LM's interleaved assignment), or in a
+    V (zb-v) rank s holds stages s and 2 pp - 1 - s (schedule.stage_index)."""
+    layers = np.asarray(partition, dtype=np.int64)
+    ranks, chunks = np.indices((pp, len(layers) // pp))
+    return layers[stage_index(v_shaped, pp, ranks, chunks)]

@@ -23,7 +23,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-from meshplan.simulator.schedule import stage_op_tuples, warmup_ops
+from meshplan.simulator.schedule import SPLIT_BACKWARD, stage_index, stage_op_tuples, warmup_ops
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +88,11 @@ def _times(name: str, value, shape: tuple[int, ...] | None) -> np.ndarray:
     return arr
 
 
-def _hop_delays_s(p2p_s, p: int, v: int) -> list[float]:
+def _hop_delays_s(p2p_s, p: int, v: int, v_shaped: bool = False) -> list[float]:
     """Delay from virtual stage j to j+1, for j < p*v - 1; the wrap-around hop from the last
-    rank back to the first (interleaved) takes the mean of the per-boundary delays."""
+    rank back to the first (interleaved) takes the mean of the per-boundary delays. In a V
+    (zb-v) the hop between the two stages on rank p-1 is none, and the way back up crosses
+    the boundaries in reverse."""
     arr = np.asarray(p2p_s, dtype=float)
     if arr.ndim == 0:
         per_boundary = np.full(p - 1, float(arr))
@@ -100,6 +102,9 @@ def _hop_delays_s(p2p_s, p: int, v: int) -> list[float]:
         raise ValueError(f"p2p_s: expected a scalar or shape ({p - 1},), got {arr.shape}")
     if not np.all(np.isfinite(per_boundary)) or np.any(per_boundary < 0):
         raise ValueError("p2p_s: delays must be finite and >= 0")
+    if v_shaped:
+        down = per_boundary.tolist()
+        return down + [0.0] + down[::-1]
     wrap_s = float(per_boundary.mean()) if p > 1 else 0.0
     boundary = per_boundary.tolist() + [wrap_s]
     return [boundary[j % p] if p > 1 else 0.0 for j in range(p * v - 1)]
@@ -121,8 +126,8 @@ def _gc_paused():
 def simulate_pipeline(schedule: str, num_microbatches: int, fwd_s, bwd_s, p2p_s=0.0,
                       wgrad_s=None, tail_s=None, record_events: bool = True,
                       paired_s=None, shared: SharedCores | None = None) -> PipelineResult:
-    """Time one step of `schedule`. fwd_s, bwd_s (and wgrad_s for zb-h1, where bwd_s is the
-    input-gradient part only): time of one micro-batch through chunk c of rank s, shape
+    """Time one step of `schedule`. fwd_s, bwd_s (and wgrad_s for zb-h1 and zb-v, where bwd_s
+    is the input-gradient part only): time of one micro-batch through chunk c of rank s, shape
     (num_stages, num_chunks) or (num_stages,). tail_s: per-rank time after its last op.
     paired_s: (forward, backward) times of an F and a B that run as one combined op, for
     the all-to-all overlap's order (schedule.warmup_ops); None runs every op alone.
@@ -132,16 +137,17 @@ def simulate_pipeline(schedule: str, num_microbatches: int, fwd_s, bwd_s, p2p_s=
     bwd = _times("bwd_s", bwd_s, fwd.shape)
     paired = None if paired_s is None else tuple(
         _times(name, x, fwd.shape) for name, x in zip(("paired_s[0]", "paired_s[1]"), paired_s))
-    if (schedule == "zb-h1") != (wgrad_s is not None):
-        raise ValueError("wgrad_s: give it for schedule 'zb-h1' (bwd_s is then the input-gradient "
-                         "part) and only then")
+    if (schedule in SPLIT_BACKWARD) != (wgrad_s is not None):
+        raise ValueError(f"wgrad_s: give it for schedule {' or '.join(map(repr, SPLIT_BACKWARD))} "
+                         "(bwd_s is then the input-gradient part) and only then")
     wgrad = _times("wgrad_s", wgrad_s, fwd.shape) if wgrad_s is not None else np.zeros_like(fwd)
     p, v = fwd.shape
     tail = np.zeros(p) if tail_s is None else np.asarray(tail_s, dtype=float)
     if tail.shape != (p,) or not np.all(np.isfinite(tail)) or np.any(tail < 0):
         raise ValueError(f"tail_s: expected {p} finite times >= 0, got {np.shape(tail_s)}")
     with _gc_paused():
-        return _simulate(schedule, num_microbatches, fwd, bwd, wgrad, _hop_delays_s(p2p_s, p, v),
+        return _simulate(schedule, num_microbatches, fwd, bwd, wgrad,
+                         _hop_delays_s(p2p_s, p, v, schedule == "zb-v"),
                          tail, record_events, paired, shared)
 
 
@@ -163,13 +169,14 @@ class _OpGraph:
     partner: dict = field(default_factory=dict)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=128)
 def _op_graph(schedule: str, p: int, m: int, v: int, overlap: bool = False) -> _OpGraph:
     """Each rank runs its ops (schedule.stage_op_tuples) in order until the next one's
     input is not yet produced, then waits to be woken by the op that produces it: the
     order in which ops are produced, which the timing depends on only through who waits
     for whom. Raises RuntimeError when the ranks deadlock."""
     orders = stage_op_tuples(schedule, p, m, v, overlap)
+    stage = stage_index(schedule == "zb-v", p, *np.indices((p, v))).tolist()  # [rank][chunk]
     # per rank, the op indices [lo, hi) that run as combined F, B pairs
     lo = [warmup_ops(schedule, p, s, m, v, True) if overlap else 0 for s in range(p)]
     hi = [lo[s] + 2 * (m * v - lo[s]) if overlap else 0 for s in range(p)]
@@ -189,7 +196,7 @@ def _op_graph(schedule: str, p: int, m: int, v: int, overlap: bool = False) -> _
         mine, i, n = orders[s], ptr[s], len(orders[s])
         while i < n:
             kind, mb, c = mine[i]
-            j = c * p + s
+            j = stage[s][c]
             if kind == "F":
                 needs, hop = none, no_hop
                 if j:
@@ -209,7 +216,7 @@ def _op_graph(schedule: str, p: int, m: int, v: int, overlap: bool = False) -> _
             k, paired = len(ops), lo[s] <= i < hi[s]
             if paired and kind == "F":  # the combined op waits for its backward's input too
                 _, pmb, pc = mine[i + 1]
-                pj = pc * p + s
+                pj = stage[s][pc]
                 if pj == last_j:  # its own forward, earlier on this rank
                     partner[k] = (f_at[pj][pmb], no_hop)
                 else:
@@ -238,6 +245,67 @@ def _op_graph(schedule: str, p: int, m: int, v: int, overlap: bool = False) -> _
         raise RuntimeError(f"schedule {schedule!r} deadlocked: ranks stuck at ops {ptr}")
     return _OpGraph(tuple(ops), tuple(what), tuple(map(tuple, rank_ops)), tuple(peak), none, no_hop,
                     partner)
+
+
+def last_ends_s(schedule: str, num_microbatches: int, fwd_s, bwd_s, wgrad_s, p2p_s) -> np.ndarray:
+    """When each rank's last op ends, (pipelines, num_stages), in many pipelines of one shape
+    at once: fwd_s, bwd_s (the input-gradient part under SPLIT_BACKWARD) and wgrad_s of shape
+    (pipelines, num_stages, num_chunks), one hop p2p_s between ranks per pipeline:
+    simulate_pipeline's timing, with numpy arrays over the pipelines and over the ops of
+    one _Wave at a time."""
+    fwd = np.asarray(fwd_s, dtype=float)
+    rows, p, v = fwd.shape
+    graph, waves = _op_graph(schedule, p, num_microbatches, v), _waves(schedule, p, num_microbatches, v)
+    # durations by _op_graph's index (kind x rank x chunk), one row per pipeline
+    dur = np.concatenate([np.asarray(x, dtype=float).reshape(rows, -1) for x in (fwd, bwd_s, wgrad_s)],
+                         axis=1).T.copy()
+    hop = np.asarray(p2p_s, dtype=float)[None, :]
+    last = [ops[-1] if ops else graph.none for ops in graph.rank_ops]
+    out = np.empty((rows, p))
+    for lo in range(0, rows, WAVE_ROWS):
+        end = np.zeros((graph.none + 1, min(WAVE_ROWS, rows - lo)))
+        d, h = dur[:, lo:lo + WAVE_ROWS], hop[:, lo:lo + WAVE_ROWS]
+        for wave in waves:
+            end[wave.ops] = np.maximum(end[wave.before], end[wave.needs] + wave.crosses * h) + d[wave.dur]
+        out[lo:lo + WAVE_ROWS] = end[last].T
+    return out
+
+
+# pipelines timed together by last_ends_s: ops x rows of end times stay small (4 MB per
+# 10,000 ops)
+WAVE_ROWS = 64
+
+
+@dataclass(frozen=True)
+class _Wave:
+    """Ops of _op_graph whose inputs all end in earlier waves, so they are timed together:
+    their indices, the op before each on its rank, the op whose output it needs, whether that
+    output crosses to another rank (1.0) or not, and its duration's index."""
+
+    ops: np.ndarray
+    before: np.ndarray
+    needs: np.ndarray
+    crosses: np.ndarray   # (ops, 1)
+    dur: np.ndarray
+
+
+@lru_cache(maxsize=128)
+def _waves(schedule: str, p: int, m: int, v: int) -> tuple[_Wave, ...]:
+    """_op_graph's ops by wave: an op's wave is one past the later of its rank's previous
+    op's and its input's (a longest path in ops, about 6m + 4p for zb-v's 6pm ops)."""
+    graph = _op_graph(schedule, p, m, v)
+    crosses = [x > 0 for x in _hop_delays_s(1.0, p, v, schedule == "zb-v")] + [False]
+    level = [0] * (graph.none + 1)
+    for k, (before, needs, _, _) in enumerate(graph.ops):
+        level[k] = 1 + max(level[before], level[needs])
+    ops = np.array(graph.ops, dtype=np.int64).reshape(-1, 4)
+    order = np.argsort(level[:graph.none], kind="stable")
+    bounds = np.flatnonzero(np.diff(np.asarray(level)[order])) + 1
+    waves = []
+    for k in np.split(order, bounds):
+        waves.append(_Wave(k, ops[k, 0], ops[k, 1], np.array([crosses[h] for h in ops[k, 2]], dtype=float)[:, None],
+                           ops[k, 3]))
+    return tuple(waves)
 
 
 def _simulate(schedule: str, m: int, fwd: np.ndarray, bwd: np.ndarray, wgrad: np.ndarray,

@@ -358,7 +358,7 @@ def complete_fields(fields: dict, num_gpus: int) -> dict:
             raise PlanError("cluster.num_gpus", f"{num_gpus} GPUs are not divisible by tp*pp*cp = "
                             f"{other}", "choose tp, pp, cp whose product divides the GPU count")
         fields["dp"] = num_gpus // other
-    if fields.get("schedule") == "interleaved" and "virtual_stages" not in fields:
+    if fields.get("schedule") in ("interleaved", "zb-v") and "virtual_stages" not in fields:
         fields["virtual_stages"] = 2
     return fields
 

@@ -30,7 +30,8 @@ AXES = ("tp", "cp", "dp", "pp")
 # TP x CP x DP x PP, the expert layers on ETP x EP x EDP x PP over the same ranks, so
 # ETP x EP divides TP x CP x DP and EDP = TP x CP x DP / (ETP x EP).
 EXPERT_AXES = ("etp", "ep", "edp")
-TORCH_SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
+TORCH_SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B",
+                   "zb-v": "ZBVZeroBubble"}
 DEFAULT_ORDER = ",".join(AXES)
 
 
@@ -102,11 +103,12 @@ PLAN = (
     _rule("plan.sp", "sp tp", lambda x, m, c: np.logical_not(x.sp) | (x.tp > 1),
           lambda x, m, c: "sequence parallel needs tensor parallel", "set tp > 1 or drop sp"),
     _rule("plan.virtual_stages", "virtual_stages schedule pp",
-          lambda x, m, c: ((x.virtual_stages > 1) == ((x.schedule == "interleaved") & (x.pp > 1)))
+          lambda x, m, c: ((x.virtual_stages > 1) == (np.isin(x.schedule, ("interleaved", "zb-v")) & (x.pp > 1)))
+          & ((x.schedule != "zb-v") | (x.pp == 1) | (x.virtual_stages == 2))
           | ((x.virtual_stages == 1) & (x.pp == 1)),
           lambda x, m, c: f"{x.virtual_stages} virtual stages with schedule {x.schedule} and pp {x.pp}",
-          "use the interleaved schedule with pp >= 2 and virtual_stages >= 2, or 1 virtual "
-          "stage otherwise"),
+          "use the interleaved schedule with pp >= 2 and virtual_stages >= 2, or zb-v with 2 (its V "
+          "of two chunks per rank), or 1 virtual stage otherwise"),
     _rule("plan.tp_overlap", "tp_overlap sp", lambda x, m, c: np.logical_not(x.tp_overlap) | np.asarray(x.sp),
           lambda x, m, c: "overlapping TP communication splits the sequence-parallel collectives",
           "turn on sp, or drop tp_overlap"),
@@ -614,7 +616,7 @@ _TORCHTITAN = (
     _rule("plan.schedule", "pp schedule",
           lambda x, m, c: (x.pp == 1) | np.isin(x.schedule, list(TORCH_SCHEDULES)),
           lambda x, m, c: f"torchtitan has no single-stage schedule {x.schedule} (its zero-bubble "
-          "schedules need >= 2 stages per rank)", "plan with the 1f1b, gpipe or interleaved schedule"),
+          "schedules need >= 2 stages per rank)", "plan with the 1f1b, gpipe, interleaved or zb-v schedule"),
     _rule("plan.zero", "zero", lambda x, m, c: x.zero != 1,
           lambda x, m, c: "ZeRO-1 has no torchtitan form (it replicates or shards with FSDP2)",
           "plan with ZeRO 0, 2 (FSDP2 without resharding after forward) or 3 (FSDP2)"),

@@ -2,15 +2,18 @@
 
 An op is a forward (F), a backward (B) or, for zero-bubble schedules, a weight-gradient
 pass (W) of one micro-batch through one model chunk. With interleaving, rank s holds
-`num_chunks` chunks and chunk c is virtual stage c * num_stages + s (Megatron-LM).
+`num_chunks` chunks and chunk c is virtual stage c * num_stages + s (Megatron-LM); the
+V-shaped zb-v puts stages s and 2 * num_stages - 1 - s on rank s (stage_index).
 """
 from __future__ import annotations
 
 import numpy as np
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
+# the schedules that split the backward into its input-gradient and weight-gradient passes
+SPLIT_BACKWARD = ("zb-h1", "zb-v")
 # (kind, microbatch, chunk): kind "F" forward, "B" backward (input gradient only under
-# zb-h1, the whole backward otherwise), "W" weight gradient (zb-h1 only).
+# SPLIT_BACKWARD, the whole backward otherwise), "W" weight gradient (SPLIT_BACKWARD only).
 Op = tuple[str, int, int]
 
 
@@ -29,9 +32,21 @@ def _check_args(schedule: str, num_stages: int, num_microbatches: int, num_chunk
             raise ValueError(f"num_microbatches: interleaved 1F1B needs a multiple of "
                              f"num_stages ({num_stages}), got {num_microbatches}; change the "
                              "micro-batch count")
+    elif schedule == "zb-v":
+        if num_chunks != 2:
+            raise ValueError(f"num_chunks: zb-v runs two chunks per rank (a V), got {num_chunks}")
     elif num_chunks != 1:
         raise ValueError(f"num_chunks: schedule {schedule!r} runs one chunk per rank, got "
                          f"{num_chunks}; use schedule 'interleaved' for several")
+
+
+def stage_index(v_shaped, p, s, c):
+    """The virtual stage that chunk c of pipeline rank s holds (numpy arrays broadcast):
+    c * p + s (Megatron-LM's interleaved assignment), or where `v_shaped` (zb-v) the V of
+    Qi et al. 2024 (arXiv 2401.10241 sec 6, torch's style "v"): s going down, 2p - 1 - s
+    coming back, so the first and the last stage sit on rank 0."""
+    return np.where(np.asarray(v_shaped, dtype=bool) & (np.asarray(c) == 1),
+                    2 * np.asarray(p) - 1 - np.asarray(s), np.asarray(c) * p + np.asarray(s))
 
 
 def _gpipe(m: int) -> list[Op]:
@@ -75,6 +90,51 @@ def _zb_h1(p: int, s: int, m: int) -> list[Op]:
     return ops + [("W", i, 0) for i in range(w, m)]
 
 
+def _zb_v(p: int, s: int, m: int) -> list[Op]:
+    # ZB-V (Qi et al. 2024, arXiv 2401.10241 sec 6), as torch's ScheduleZBVZeroBubble
+    # orders it (the executor runs that class): chunk 0 goes down the ranks, chunk 1 back up.
+    # Rank s warms up with 2(p-s)-1 forwards of chunk 0, s pairs (F1, F0) and p-s triples
+    # (F1, B1, W1); the steady state runs F0 B0 W0 F1 B1 W1; the cool-down s pairs (B0, B1),
+    # p-s pairs (B0, W0), then the W passes left. The order is laid out for
+    # max(m, 2p-1) micro-batches and the ops of those past m dropped.
+    n = max(m, 2 * p - 1)
+    ops: list[Op] = []
+    f, b, w = [0, 0], [0, 0], [0, 0]
+
+    def run(kind: str, c: int) -> None:
+        count = {"F": f, "B": b, "W": w}[kind]
+        ops.append((kind, count[c], c))
+        count[c] += 1
+
+    for _ in range(2 * (p - s) - 1):
+        run("F", 0)
+    for _ in range(s):
+        run("F", 1)
+        run("F", 0)
+    for _ in range(p - s):
+        for kind in "FBW":
+            run(kind, 1)
+    while f[1] < f[0] or f[0] < n:
+        if f[0] < n:
+            run("F", 0)
+        for c in (0, 1):
+            if c:
+                run("F", 1)
+            run("B", c)
+            run("W", c)
+    for _ in range(s):
+        run("B", 0)
+        run("B", 1)
+    for _ in range(p - s):
+        run("B", 0)
+        run("W", 0)
+    while w[1] < b[1]:
+        run("W", 1)
+    while w[0] < b[0]:
+        run("W", 0)
+    return [op for op in ops if op[1] < m]
+
+
 def _interleaved(p: int, s: int, m: int, v: int, a2a_overlap: bool = False) -> list[Op]:
     # Megatron-LM forward_backward_pipelining_with_interleaving (Narayanan et al. 2021 sec 2.2):
     # warm-up 2(p-s-1) + (v-1)p forward ops capped at m*v, then one F and one B, then cool-down.
@@ -108,6 +168,8 @@ def stage_op_tuples(schedule: str, num_stages: int, num_microbatches: int,
         return [_one_f_one_b(p, s, m, a2a_overlap) for s in range(p)]
     if schedule == "zb-h1":
         return [_zb_h1(p, s, m) for s in range(p)]
+    if schedule == "zb-v":
+        return [_zb_v(p, s, m) for s in range(p)]
     return [_interleaved(p, s, m, num_chunks, a2a_overlap) for s in range(p)]
 
 
@@ -116,20 +178,32 @@ def in_flight(schedule, p, v, m, s, a2a_overlap=False):
     not), from the op order alone (numpy arrays broadcast; schedule as SCHEDULES codes):
     1F1B and ZB-H1 hold min(p - s, m) (Narayanan et al. 2021 sec 2.2), GPipe all m,
     interleaved 1F1B Megatron's warm-up 2(p-s-1) + (v-1)p plus the one in the steady
-    state, at most m*v; the all-to-all overlap's extra warm-up forward holds one more."""
+    state, at most m*v; the all-to-all overlap's extra warm-up forward holds one more.
+    ZB-V holds a chunk's activations until its weight-gradient pass (torch keeps the
+    autograd graph from the input-gradient pass to it): in _zb_v's order rank s peaks at
+    min(m + 1 + s, 2m, 2p) chunks (the order replayed in tests/test_schedule.py), 2p
+    (p whole-stage micro-batches, as 1F1B's first rank) once m >= 2p - 1."""
     extra = np.asarray(a2a_overlap, dtype=int)
     one_f_one_b = np.minimum(p - s + extra, m)
-    return np.where(schedule == SCHEDULES.index("gpipe"), m, np.where(
+    out = np.where(schedule == SCHEDULES.index("gpipe"), m, np.where(
         schedule == SCHEDULES.index("interleaved"),
         np.minimum(2 * (p - s - 1) + (v - 1) * p + 1 + extra, m * v), one_f_one_b))
+    vee = np.broadcast_to(schedule == SCHEDULES.index("zb-v"), np.shape(out))
+    if vee.any():
+        out = np.array(out, copy=True)
+        p_v, m_v, s_v = (np.broadcast_to(x, out.shape)[vee] for x in (p, m, s))
+        out[vee] = np.minimum(np.minimum(m_v + 1 + s_v, 2 * m_v), 2 * p_v)
+    return out
 
 
 def loss_in_flight(schedule, p, m, a2a_overlap=False):
     """Micro-batches whose loss (the log-probabilities cross-entropy saves) the last rank
     holds at its peak: in_flight of the last rank, whose one chunk ends in the loss (GPipe
     all m, 1F1B and ZB-H1 one); interleaved 1F1B runs the last chunk's backward of a
-    micro-batch right after its forward (Narayanan et al. 2021 sec 2.2), so one. The
+    micro-batch right after its forward (Narayanan et al. 2021 sec 2.2), so one, as does
+    ZB-V on rank 0 (its F1 B1 W1 triples and steady state). The
     all-to-all overlap's extra warm-up forward puts one more forward before that backward."""
     extra = np.asarray(a2a_overlap, dtype=int)
     return np.where(schedule == SCHEDULES.index("interleaved"), np.minimum(1 + extra, m),
-                    in_flight(schedule, p, 1, m, p - 1, a2a_overlap))
+                    np.where(schedule == SCHEDULES.index("zb-v"), 1,
+                             in_flight(schedule, p, 1, m, p - 1, a2a_overlap)))

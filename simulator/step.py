@@ -47,6 +47,7 @@ KNOBS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched", "vi
 SHARES = ("tp_share", "cp_share", "dp_share", "pp_share")
 STATE_KNOBS = ("dp", "tp", "pp", "cp", "ep", "etp", "zero", "num_microbatches")  # what state_rows reads
 DP_GROUP_KEYS = ("dps", "dp_rpn", "dp_share", "edp", "edp_rpn")  # what dp_collective_s reads
+ZB_V = SCHEDULES.index("zb-v")
 
 
 def group_ids(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -288,9 +289,17 @@ def chunk_s(r: dict, n, chunks, first, last, paired: bool = False) -> tuple[np.n
     return fwd, bwd, wgrad
 
 
+def head_rank(r: dict) -> np.ndarray:
+    """Per row, the pipeline rank that holds the final norm and the LM head: the last, or
+    rank 0 in zb-v's V (schedule.stage_index), (rows, 1). Rows without a schedule (the state
+    rows) ask only about ranks holding neither end."""
+    last = _col(r["pp"]) - 1
+    return np.where(_col(r["sched"]) == ZB_V, 0, last) if "sched" in r else last
+
+
 def rank_params(r: dict, model: ModelSpec, s, n) -> np.ndarray:
     """Parameters on pipeline rank s holding n layers (memory.stage_params), (rows, k)."""
-    return stage_params(model, _col(r["tp"]), _col(r["pp"]), n, s == 0, s == _col(r["pp"]) - 1,
+    return stage_params(model, _col(r["tp"]), _col(r["pp"]), n, s == 0, s == head_rank(r),
                         _col(r["ep"]), _col(r["etp"]))
 
 
@@ -335,7 +344,7 @@ def rank_memory(r: dict, model: ModelSpec, s, n, params, inflight) -> dict:
     # resharding after forward, every layer of the rank from its forward to its backward
     layer_bytes = c((z == 3) * r["per_layer"] * r["d"])
     in_backward = np.where(c(r["reshard"]), 2, 0) * layer_bytes + c(np.isin(r["rc"], (FULL, OP)) * r["act_none"])
-    logits = (s == c(r["pp"]) - 1) * c(logits_bytes(r["tokens"], model.vocab_size, r["tp"]))
+    logits = (s == head_rank(r)) * c(logits_bytes(r["tokens"], model.vocab_size, r["tp"]))
     held = c(loss_in_flight(r["sched"], r["pp"], r["num_microbatches"], r["a2a_overlap"]))
     kept, peak = c(r["loss_kept"]) * logits, c(r["loss_peak"]) * logits
     buffers = ((held - 1) * kept + np.maximum(peak, in_backward)
@@ -370,7 +379,8 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     updated weights (Rajbhandari et al. 2020 sec 5.2; ZeRO-1 by all-reduce broadcasts them
     instead, plan.zero1_sync), overlapped with the next forward;
     Megatron-LM's all-reduce of a tied
-    embedding's gradient between the first and last stage; then the Adam step over this
+    embedding's gradient between the first and last stage (none in zb-v's V, which holds
+    both on rank 0); then the Adam step over this
     rank's share of the parameters."""
     c = _col
     z, dps, rpn = r["zero"], r["dps"], r["dp_rpn"]
@@ -410,7 +420,7 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     if model.tied_embeddings:
         sync = collective_s(hw, "all_reduce", model.vocab_size * model.hidden_size / r["tp"] * r["gd"],
                             2, r["pp_rpn"], r["pp_share"])
-        tied = ((s == 0) | (s == c(r["pp"]) - 1)) * c(np.where(r["pp"] > 1, sync, 0.0))
+        tied = ((s == 0) | (s == head_rank(r))) * c(np.where((r["pp"] > 1) & (r["sched"] != ZB_V), sync, 0.0))
         dp, total = dp + tied, total + tied
     opt_params = sum(part / np.where(c(z) >= 1, degree, 1) for part, degree in zip(parts, degrees))
     opt = hw.memory_bound_time_s(adam_step_bytes_per_param(r["dtype"], r["d"], r["master"], r["mb"]) * opt_params,

@@ -26,7 +26,8 @@ from meshplan.simulator.pipeline_sim import PipelineResult, SharedCores, simulat
 from meshplan.simulator.plan import EXPERT_AXES, PLAN_WIDE, RECOMPUTE, Cluster, Plan
 from meshplan.simulator.rules import HARDWARE, violations
 from meshplan.core.errors import PlanError
-from meshplan.simulator.schedule import in_flight, stage_op_tuples, warmup_ops
+from meshplan.simulator.schedule import (SPLIT_BACKWARD, in_flight, stage_index, stage_op_tuples,
+                                         warmup_ops)
 
 MFU_DEFINITION = ("model FLOPs per step (3 x the forward GEMM FLOPs, attention included, recompute "
                   "not counted; Chowdhery et al. 2022 app. B) / (step time x GPUs x the dtype's "
@@ -72,10 +73,13 @@ class SimulationResult:
 
     @property
     def layer_split(self) -> tuple[int, ...]:
-        """Layers per (virtual) stage in pipeline order, as simulated (stage j is chunk
-        j // pp of rank j % pp)."""
-        p = len(self.stages)
-        return tuple(self.stages[j % p].chunk_layers[j // p] for j in range(p * len(self.stages[0].chunk_layers)))
+        """Layers per (virtual) stage in pipeline order, as simulated (schedule.stage_index
+        places them on the ranks)."""
+        p, v = len(self.stages), len(self.stages[0].chunk_layers)
+        split = [0] * (p * v)
+        for (s, c), j in np.ndenumerate(stage_index(self.plan.schedule == "zb-v" and p > 1, p, *np.indices((p, v)))):
+            split[j] = self.stages[s].chunk_layers[c]
+        return tuple(split)
 
     @property
     def label(self) -> str:
@@ -190,14 +194,15 @@ def _simulate_row(model: ModelSpec, plan: Plan, cluster: Cluster, device_hw: Har
     of a node's ranks sees it (per_rank_profile of `device_hw`)."""
     peak_flops, hardware = device_hw.peak_flops[plan.dtype], device_hw.name
     p, v, m = plan.pp, plan.virtual_stages, plan.num_microbatches
-    chunks = rank_chunks(layer_partition(model, plan, r), p)            # (p, v) layers
-    ranks, chunk_of = np.indices((p, v))
-    first, last = (ranks == 0) & (chunk_of == 0), (ranks == p - 1) & (chunk_of == v - 1)
+    v_shaped = plan.schedule == "zb-v" and p > 1
+    chunks = rank_chunks(layer_partition(model, plan, r), p, v_shaped)  # (p, v) layers
+    stage = stage_index(v_shaped, p, *np.indices((p, v)))
+    first, last = stage == 0, stage == p * v - 1
     chunk_args = (r, chunks.reshape(1, -1), 1, first.reshape(1, -1), last.reshape(1, -1))
     fwd, bwd, wgrad = (x.reshape(p, v) for x in step.chunk_s(*chunk_args))
     paired = tuple(x.reshape(p, v) for x in step.chunk_s(*chunk_args, paired=True)[:2]) \
         if plan.moe_a2a_overlap else None
-    if plan.schedule != "zb-h1" or p == 1:
+    if plan.schedule not in SPLIT_BACKWARD or p == 1:
         wgrad_arg, bwd_arg = None, bwd
     else:
         wgrad_arg, bwd_arg = wgrad, bwd - wgrad

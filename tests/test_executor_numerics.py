@@ -60,6 +60,8 @@ WORLD_2 = [
     ("pp-1f1b", LLAMA, plan(pp=2, schedule="1f1b")),
     ("pp-interleaved", LLAMA, plan(pp=2, schedule="interleaved", virtual_stages=2)),
     ("pp-zb-h1", LLAMA, plan(pp=2, schedule="zb-h1")),
+    # the V: rank 0 holds the embedding's stage and the head's, and returns the loss
+    ("pp-zb-v", LLAMA, plan(pp=2, schedule="zb-v", virtual_stages=2)),
     # the first virtual stage the embedding alone, the last the head alone
     ("pp-interleaved-empty-ends", LLAMA, plan(pp=2, schedule="interleaved", virtual_stages=2,
                                               layer_partition=(0, 2, 2, 0))),
@@ -86,6 +88,8 @@ WORLD_4 = [
     # FSDP2 under a split backward (the weights kept gathered from forward, as the plan says)
     ("dp-pp-zb-h1-zero3", LLAMA, plan(dp=2, pp=2, zero=3, reshard_after_forward=False, schedule="zb-h1",
                                       micro_batch=1)),
+    ("dp-pp-zb-v-zero3", LLAMA, plan(dp=2, pp=2, zero=3, reshard_after_forward=False, schedule="zb-v",
+                                     virtual_stages=2, micro_batch=1)),
     ("tp-sp-pp-gpipe-selective", LLAMA, plan(tp=2, sp=True, pp=2, schedule="gpipe",
                                              recompute="selective", layer_partition=(1, 3))),
 ]

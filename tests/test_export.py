@@ -218,6 +218,8 @@ def test_plan_export_round_trips():
     ("torchtitan", L70, dict(dp=8, tp=8), "sp"),
     ("torchtitan", L13, dict(dp=8, tp=8, sp=True), "model"),  # no llama3 flavor of this shape
     ("megatron", L13, dict(dp=8, tp=4, pp=2, schedule="gpipe"), "schedule"),
+    ("megatron", L13, dict(dp=8, tp=4, pp=2, schedule="zb-v", virtual_stages=2), "schedule"),
+    ("deepspeed", L13, dict(dp=8, tp=4, pp=2, schedule="zb-v", virtual_stages=2), "schedule"),
     ("megatron", L13, dict(dp=8, tp=8, zero=2), "zero"),
     ("megatron", L13, dict(dp=4, tp=4, pp=4, zero=3), "zero"),
     ("megatron", L13, dict(dp=8, tp=8, placement=("dp", "tp", "cp", "pp")), "placement"),

@@ -81,6 +81,9 @@ TORCHTITAN_PLANS = [("llama-3-70b", 64, plan(zero=3, reshard_after_forward=knobs
                             reshard_after_forward=False)),
     ("llama-3-8b", 16, plan(global_batch=32, seq_len=8192, dp=2, pp=8, zero=3, schedule="interleaved",
                             virtual_stages=2, micro_batch=1, reshard_after_forward=False)),
+    # ZB-V: torchtitan's ZBVZeroBubble places the 16 stages on the 8 ranks in a V itself
+    ("llama-3-8b", 16, plan(global_batch=32, seq_len=8192, dp=2, pp=8, zero=3, schedule="zb-v",
+                            virtual_stages=2, micro_batch=1, reshard_after_forward=False)),
     ("llama-3-8b", 16, plan(dp=16, zero=2, micro_batch=2)),
     ("llama-3-70b", 64, plan(seq_len=8192, dp=1, tp=8, pp=8, sp=True, zero=3, recompute="full",
                              reshard_after_forward=False, schedule="interleaved", virtual_stages=3,

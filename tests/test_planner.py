@@ -18,6 +18,7 @@ from meshplan.simulator.partition import balanced_shape
 from meshplan.planner.explain import compare, explain, knob_changes, split_text
 from meshplan.planner.search import distinct, search
 from meshplan.planner.space import candidate_table, row_plan
+from meshplan.simulator.memory import stage_params
 from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
 from meshplan.simulator.partition import balanced_partition
 from meshplan.simulator.plan import Cluster, Plan
@@ -90,7 +91,7 @@ def test_closed_forms_agree_with_simulate(name, gpus, per_node, batch, seq, hw):
     ev = evaluate(table, model, hw, cluster.ranks_per_node)
     rng = np.random.default_rng(3)
     time_err, mem_err = [], []
-    for schedule in ("gpipe", "1f1b", "interleaved", "zb-h1"):
+    for schedule in ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v"):
         rows = np.flatnonzero(ev.fits & (table["schedule"] == schedule).to_numpy()
                               & (table["pp"] > 1).to_numpy())
         for i in rng.choice(rows, 8, replace=False):
@@ -478,3 +479,28 @@ def test_explanation_names_the_winners_pipeline_split():
     assert split_text((0, 1, 1, 1, 2, 2, 0)) == "0,1*3,2*2,0" and split_text((1,) * 96) == "1*96"
     flat = explain(model, cluster, A100, (simulate(model, Plan(global_batch=64, seq_len=4096, dp=8), cluster, A100),), {})
     assert flat.split == (32,) and not any(line.startswith("pipeline split") for line in flat.lines())
+
+
+def test_zb_v_with_a_given_layer_partition():
+    """zb-v's V of 2p stages: the planner times it with the simulation itself (its memory
+    exactly as simulate's), rank 0 holds the first and the last stage, so the embedding,
+    the head and the loss's buffers (no fewer than the last rank's)."""
+    model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
+    split = (3, 5, 5, 5, 5, 5, 5, 7)
+    fixed = {"global_batch": 64, "seq_len": 4096, "pp": 4, "schedule": "zb-v", "layer_partition": split}
+    table = candidate_table(model, cluster, fixed)
+    assert set(table["schedule"]) == {"zb-v"} and set(table["virtual_stages"]) == {2}
+    ev = evaluate(table, model, A100, cluster.ranks_per_node)
+    for i in np.random.default_rng(5).choice(np.flatnonzero(ev.fits), 6, replace=False):
+        sim = simulate(model, row_plan(table, int(i)), cluster, A100)
+        assert sim.layer_split == split
+        assert [st.chunk_layers for st in sim.stages] == [(3, 7), (5, 5), (5, 5), (5, 5)]
+        assert ev.peak_memory_bytes[i] == pytest.approx(sim.peak_memory_bytes, rel=1e-9)
+        assert ev.step_time_s[i] == pytest.approx(sim.step_time_s, rel=0.03)
+        # both ranks hold 10 layers; rank 0 the embedding and the head too, at the same bytes
+        # per parameter, and the loss's buffers
+        middle = stage_params(model, sim.plan.tp, 4, 10, False, False)
+        ends = stage_params(model, sim.plan.tp, 4, 10, True, True) - middle
+        per_param = sim.stages[1].memory.weights_bytes / middle
+        assert sim.stages[0].memory.weights_bytes - sim.stages[1].memory.weights_bytes == pytest.approx(ends * per_param)
+        assert sim.stages[0].memory.buffers_bytes >= sim.stages[3].memory.buffers_bytes

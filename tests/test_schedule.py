@@ -1,13 +1,14 @@
 """Pipeline schedules and their simulation against closed forms and a replay of the op DAG."""
 import math
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshplan.simulator.pipeline_sim import SharedCores, simulate_pipeline
+from meshplan.simulator.pipeline_sim import SharedCores, last_ends_s, simulate_pipeline
 from meshplan.simulator.schedule import SCHEDULES, in_flight, loss_in_flight, stage_op_tuples
 
 F_S, B_S = 1.3, 2.1   # one micro-batch through one whole stage
@@ -23,9 +24,9 @@ def _uniform(schedule, p, m, v=1, f=F_S, b=B_S, w=None, **kwargs):
 @pytest.mark.parametrize("schedule,p,m,v", [
     ("gpipe", 3, 5, 1), ("1f1b", 4, 2, 1), ("1f1b", 4, 9, 1), ("zb-h1", 4, 3, 1),
     ("zb-h1", 5, 11, 1), ("interleaved", 4, 8, 2), ("interleaved", 3, 3, 4),
-    ("interleaved", 1, 2, 3)])
+    ("interleaved", 1, 2, 3), ("zb-v", 4, 2, 2), ("zb-v", 4, 13, 2), ("zb-v", 1, 3, 2)])
 def test_each_op_runs_once_per_stage(schedule, p, m, v):
-    kinds = ("F", "B", "W") if schedule == "zb-h1" else ("F", "B")
+    kinds = ("F", "B", "W") if schedule in ("zb-h1", "zb-v") else ("F", "B")
     want = Counter((k, mb, c) for k in kinds for mb in range(m) for c in range(v))
     orders = stage_op_tuples(schedule, p, m, v)
     assert len(orders) == p
@@ -188,7 +189,7 @@ def test_tail_extends_the_last_finishing_stage():
 def _cases(draw):
     schedule = draw(st.sampled_from(SCHEDULES))
     p = draw(st.integers(1, 5))
-    v = draw(st.integers(2, 3)) if schedule == "interleaved" else 1
+    v = draw(st.integers(2, 3)) if schedule == "interleaved" else 2 if schedule == "zb-v" else 1
     m = p * draw(st.integers(1, 3)) if schedule == "interleaved" else draw(st.integers(1, 9))
 
     def times():
@@ -196,7 +197,7 @@ def _cases(draw):
         return np.array(values).reshape(p, v)
 
     fwd, bwd = times(), times()
-    wgrad = times() if schedule == "zb-h1" else None
+    wgrad = times() if schedule in ("zb-h1", "zb-v") else None
     p2p = np.array(draw(st.lists(st.floats(0.0, 1.0), min_size=p - 1, max_size=p - 1)))
     tail = np.array(draw(st.lists(st.floats(0.0, 2.0), min_size=p, max_size=p)))
     return schedule, p, m, v, fwd, bwd, wgrad, p2p, tail
@@ -210,20 +211,28 @@ def test_events_replay_the_op_dag(case):
     schedule, p, m, v, fwd, bwd, wgrad, p2p, tail = case
     res = simulate_pipeline(schedule, m, fwd, bwd, p2p, wgrad_s=wgrad, tail_s=tail)
     wrap = float(p2p.mean()) if p > 1 else 0.0
+    vee = schedule == "zb-v"
+
+    def stage(s, c):  # Megatron-LM's interleaving; zb-v's V: down the ranks, then back up
+        return (2 * p - 1 - s if c else s) if vee else c * p + s
 
     def hop(j):   # virtual stage j -> j + 1
-        return 0.0 if p == 1 else (p2p[j % p] if j % p < p - 1 else wrap)
+        if p == 1 or (vee and j == p - 1):  # the V's turn stays on rank p - 1
+            return 0.0
+        if vee and j >= p:
+            return p2p[2 * p - 2 - j]
+        return p2p[j % p] if j % p < p - 1 else wrap
 
     dur = {"F": fwd, "B": bwd, "W": wgrad}
     compute = [e for e in res.events if e.kind in "FBW"]
-    end = {(e.kind, e.microbatch, e.chunk * p + e.stage): e.end_s for e in compute}
+    end = {(e.kind, e.microbatch, stage(e.stage, e.chunk)): e.end_s for e in compute}
     last = p * v - 1
     for s, ops in enumerate(stage_op_tuples(schedule, p, m, v)):
         mine = sorted((e for e in compute if e.stage == s), key=lambda e: e.start_s)
         assert [(e.kind, e.microbatch, e.chunk) for e in mine] == ops
         free, in_flight, peak = 0.0, 0, 0
         for e in mine:
-            j = e.chunk * p + s
+            j = stage(s, e.chunk)
             if e.kind == "F":
                 ready = end[("F", e.microbatch, j - 1)] + hop(j - 1) if j else 0.0
                 in_flight += 1
@@ -272,3 +281,46 @@ def test_shared_cores_run_a_rank_faster_while_the_other_waits():
     assert shared.stage_idle_s.tolist() == pytest.approx([3, 1])
     assert simulate_pipeline(*args, shared=SharedCores(((1, 1),), 2.0)).step_time_s == pytest.approx(30)
     assert simulate_pipeline(*args, shared=SharedCores(((2, 0), (0, 2)), 1.0)).step_time_s == pytest.approx(30)
+
+
+@pytest.mark.parametrize("p,m", [(1, 1), (2, 1), (2, 4), (3, 2), (4, 4), (4, 7), (4, 9), (8, 3), (8, 20)])
+def test_zb_v_order_is_torchs(p, m):
+    """zb-v runs each rank's ops in the order torch's ScheduleZBVZeroBubble computes for it
+    (the executor runs that class): its stage s on rank s is chunk 0, stage 2p-1-s chunk 1,
+    its I (input gradient) our B."""
+    from torch.distributed.pipelining.schedules import ScheduleZBVZeroBubble
+    torch_self = SimpleNamespace(pp_group_size=p, num_stages=2 * p, _n_microbatches=m)
+    kind = {"F": "F", "I": "B", "W": "W"}
+    for s, ours in enumerate(stage_op_tuples("zb-v", p, m, 2)):
+        actions = ScheduleZBVZeroBubble._calculate_single_rank_operations(torch_self, s)
+        theirs = [(kind[a.computation_type.value], a.microbatch_index, int(a.stage_index != s))
+                  for a in actions if a is not None]
+        assert ours == theirs
+
+
+def test_zb_v_in_flight_replays_its_order():
+    # activations held from a chunk's forward to its weight-gradient pass, replayed
+    for p in range(1, 9):
+        for m in range(1, 3 * p + 2):
+            for s, ops in enumerate(stage_op_tuples("zb-v", p, m, 2)):
+                held = peak = 0
+                for kind, _, _ in ops:
+                    held += (kind == "F") - (kind == "W")
+                    peak = max(peak, held)
+                assert in_flight(SCHEDULES.index("zb-v"), p, 2, m, s) == peak, (p, m, s)
+    assert loss_in_flight(SCHEDULES.index("zb-v"), 4, 8) == 1
+
+
+@pytest.mark.parametrize("schedule,p,m,v", [("1f1b", 4, 9, 1), ("gpipe", 3, 5, 1), ("zb-h1", 4, 6, 1),
+                                            ("interleaved", 4, 8, 2), ("zb-v", 4, 7, 2), ("zb-v", 3, 2, 2)])
+def test_last_ends_are_the_simulation_in_bulk(schedule, p, m, v):
+    rng = np.random.default_rng(7)
+    f, b, w = rng.uniform(0.1, 3.0, (3, 12, p, v))
+    hop = rng.uniform(0.0, 0.7, 12)
+    split = schedule in ("zb-h1", "zb-v")
+    w = w if split else np.zeros_like(w)
+    got = last_ends_s(schedule, m, f, b, w, hop)
+    for i in range(12):
+        want = simulate_pipeline(schedule, m, f[i], b[i], hop[i], wgrad_s=w[i] if split else None)
+        assert got[i] == pytest.approx(want.stage_busy_s + want.stage_idle_s, rel=1e-12)
+        assert got[i].max() == pytest.approx(want.step_time_s, rel=1e-12)

@@ -39,6 +39,8 @@ from meshplan.simulator.plan import DTYPES, Cluster, Plan, complete_fields
 from meshplan.simulator.train import SimulationResult, simulate
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "published"
+# the pipeline schedules an unpublished one is taken from (predict)
+UNNAMED_SCHEDULES = ("1f1b", "interleaved")
 # CSV column -> plan field, for the knobs a row may publish.
 KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "ep": "ep", "etp": "etp", "zero": "zero",
          "recompute": "recompute",
@@ -174,13 +176,18 @@ def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
 
 def predict(run: PublishedRun, hw: HardwareProfile) -> SimulationResult:
     """simulate() of the run's published layout; knobs it leaves open take the planner's
-    best legal value with the published ones held."""
+    best legal value with the published ones held. A pipeline schedule left unpublished is
+    one that every framework of the table runs, 1F1B or interleaved 1F1B (the rows that
+    leave it open are Megatron-LM's and MegaScale's, which run no other), not a
+    zero-bubble or V schedule, which a run would have named."""
     fixed = dict(run.fixed)
     open_knobs = {"micro_batch", "recompute", "zero"} - set(fixed) or fixed.get("pp", 1) > 1 and (
         {"schedule", "virtual_stages"} - set(fixed))
     if not open_knobs:
         return simulate(run.model, Plan(**complete_fields(fixed, run.cluster.num_gpus)), run.cluster, hw)
-    return search(run.model, run.cluster, hw, fixed, des=4).ranked[0]
+    allowed = None if "schedule" in fixed or fixed.get("pp", 1) == 1 else (
+        lambda table: table["schedule"].isin(UNNAMED_SCHEDULES).to_numpy())
+    return search(run.model, run.cluster, hw, fixed, des=4, allowed=allowed).ranked[0]
 
 
 def reserved_bytes(result: SimulationResult, hw: HardwareProfile) -> float:
