@@ -271,7 +271,7 @@ def last_ends_s(schedule: str, num_microbatches: int, fwd_s, bwd_s, wgrad_s, p2p
     return out
 
 
-# pipelines timed together by last_ends_s: ops x rows of end times stay small (4 MB per
+# pipelines timed together by last_ends_s: ops x rows of end times stay small (5 MB per
 # 10,000 ops)
 WAVE_ROWS = 64
 
