@@ -9,7 +9,11 @@ loss cancelled out. In this process: plain layers, mixture-of-experts layers (to
 experts in place of the MLP; the 3-layer MoE model less the 3-layer plain one, per layer,
 is what the MoE block adds), and the inference forwards (prompt, and one-token decode over a
 KV cache, whose time beyond its priced operators grows with its layer's weights:
-measure_decode_overhead, run once the profile prices those operators). Tensor parallelism (with and without SP), FSDP2's ZeRO-2 and ZeRO-3 and expert
+measure_decode_overhead, run once the profile prices those operators), and what splitting
+a pipeline stage's backward into torch.distributed.pipelining's input-gradient and
+weight-gradient passes (the zero-bubble schedules) adds, per layer and per stage, over its
+single backward, timed on the layers alone as a stage past the first runs them (hidden
+states in, their gradient out). Tensor parallelism (with and without SP), FSDP2's ZeRO-2 and ZeRO-3 and expert
 parallelism on two real ranks (measure/parallel_overhead.py), since a one-rank mesh skips the redistributions
 and collectives. Under TP a layer's overhead is its time less its TP collectives as the
 fitted profile prices them, and what the 1-layer model takes beyond one layer, less the
@@ -33,6 +37,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 from scipy.optimize import nnls
+from torch.distributed.pipelining._backward import stage_backward, stage_backward_input, stage_backward_weight
 
 from meshplan.core.errors import ProfileError
 from meshplan.calibration.measure.compute import torch_threads
@@ -134,6 +139,32 @@ def _decode(spec: ModelSpec):
     return decode
 
 
+def _stage(num_layers: int) -> tuple:
+    """The probe model's layers as a stage past the first: (its forward and single backward,
+    its forward and the split backward of the zero-bubble schedules) as functions to time."""
+    spec = probe_model(num_layers)
+    layers = list(build_model(spec, seed=0).layers.values())
+    params = [p for layer in layers for p in layer.parameters()]
+    hidden = torch.randn(1, PROBE_TOKENS, spec.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def forward():
+        x = hidden.clone().requires_grad_(True)
+        out = x
+        for layer in layers:
+            out = layer(out)
+        return x, out
+
+    def single():
+        x, out = forward()
+        stage_backward([out], [torch.ones_like(out)], [x])
+
+    def split():
+        x, out = forward()
+        _, groups = stage_backward_input([out], [torch.ones_like(out)], [x], iter(params))
+        stage_backward_weight(iter(params), groups)
+    return single, split
+
+
 def _forward_backward(forward_s: float, step_s: float, layers: int) -> tuple[float, float]:
     """Per layer (forward, backward) seconds from the time differences of forward and of
     forward + backward over `layers` layers; noise below zero reads as none."""
@@ -156,12 +187,16 @@ def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhe
         # the MoE block's surcharge from the two 3-layer models, whose other parts are alike:
         # one difference over 3 layers, steadier than two per-layer differences apart
         moe = _forward_backward(mf3 - df3, mt3 - dt3, LAYERS[1])
+        single1, split1, single3, split3 = _median_s([fn for n in LAYERS for fn in _stage(n)], repeats, warmup)
     finally:
         torch.set_num_threads(before)
+    split_layer = max(0.0, ((split3 - single3) - (split1 - single1)) / span)
     return FrameworkOverhead(
         layer_forward_s=dense[0], layer_backward_s=dense[1],
         prefill_layer_s=max(0.0, (p3 - p1) / span),
         moe_forward_s=moe[0], moe_backward_s=moe[1],
+        split_backward_layer_s=split_layer,
+        split_backward_stage_s=max(0.0, (split1 - single1) - split_layer),
         source=f"calibration/overhead.py: eager PyTorch {torch.__version__}, 1 thread, "
                f"{LAYERS[1]}-layer minus {LAYERS[0]}-layer probe, median of {repeats} interleaved")
 

@@ -78,6 +78,11 @@ class FrameworkOverhead:
     # final norm and head's calls and the sampler's pick of the next tokens (its weights'
     # share per byte as the layers')
     decode_edge_s: float = 0.0
+    # what splitting a pipeline stage's backward into torch's input-gradient and
+    # weight-gradient passes (zb-h1, zb-v) adds over its single backward: per layer, and
+    # per stage and micro-batch (the second autograd pass over the graph the first kept)
+    split_backward_layer_s: float = 0.0
+    split_backward_stage_s: float = 0.0
     moe_forward_s: float = 0.0            # what an MoE block adds over the dense MLP it replaces
     moe_backward_s: float = 0.0           # (router, top-k, permutation, grouped GEMM calls)
     ep_forward_s: float = 0.0             # what expert parallelism adds to an MoE block (the

@@ -36,7 +36,7 @@ from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import Shard, kinds_ops, layer_ops
 from meshplan.simulator.plan import DTYPE_BYTES, RECOMPUTE, SCHEDULES, grad_sync_once
 from meshplan.simulator.rules import FUSED_ATTENTION
-from meshplan.simulator.schedule import loss_in_flight
+from meshplan.simulator.schedule import SPLIT_BACKWARD, loss_in_flight
 
 SHARD_KEYS = ("tp", "sp", "cp", "micro_batch", "ep", "etp")
 COST_KEYS = SHARD_KEYS + ("rc", "tp_overlap", "a2a_overlap", "tp_rpn", "cp_rpn", "ep_rpn", "etp_rpn", "tp_share",
@@ -48,6 +48,7 @@ SHARES = ("tp_share", "cp_share", "dp_share", "pp_share")
 STATE_KNOBS = ("dp", "tp", "pp", "cp", "ep", "etp", "zero", "num_microbatches")  # what state_rows reads
 DP_GROUP_KEYS = ("dps", "dp_rpn", "dp_share", "edp", "edp_rpn")  # what dp_collective_s reads
 ZB_V = SCHEDULES.index("zb-v")
+SPLIT_CODES = [SCHEDULES.index(s) for s in SPLIT_BACKWARD]
 
 
 def group_ids(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,6 +189,11 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     for k, x in parts.items():
         r[k] = x[cost_id]
     r["cost_id"] = cost_id
+    # a split backward's second autograd pass (zb-h1, zb-v: the weight gradients), on the host
+    split = np.isin(r["sched"], SPLIT_CODES)
+    r["split_stage"] = split * hw.overhead.split_backward_stage_s
+    for k in ("l_bwd", "l_bwd_w", "l_bwd_pair"):
+        r[k] = r[k] + split * hw.overhead.split_backward_layer_s
     per_shard = {"emb_fwd": st.embedding.fwd_s, "emb_bwd_in": st.embedding.bwd_input_s,
                  "emb_bwd_w": st.embedding.bwd_weight_s,
                  "head_fwd": st.head.fwd_s, "head_bwd_in": st.head.bwd_input_s,
@@ -283,9 +289,10 @@ def chunk_s(r: dict, n, chunks, first, last, paired: bool = False) -> tuple[np.n
     layer_f, layer_b = (r["l_fwd_pair"], r["l_bwd_pair"]) if paired else (r["l_fwd"], r["l_bwd"])
     fwd = (n * c(layer_f + hidden_f + r["sync_f"]) + chunks * c(r["ag"] - hidden_f)
            + first * c(r["emb_fwd"] + r["emb_ag"]) + last * c(r["head_fwd"] + r["head_ag"]))
-    bwd = (n * c(layer_b + hidden_b + r["sync_b"]) + chunks * c(r["agb"] - hidden_b) + first * c(r["emb_bwd"])
-           + last * c(r["head_bwd"]))
-    wgrad = n * c(r["l_bwd_w"]) + first * c(r["emb_bwd_w"]) + last * c(r["head_bwd_w"])
+    bwd = (n * c(layer_b + hidden_b + r["sync_b"]) + chunks * c(r["agb"] - hidden_b + r["split_stage"])
+           + first * c(r["emb_bwd"]) + last * c(r["head_bwd"]))
+    wgrad = (n * c(r["l_bwd_w"]) + chunks * c(r["split_stage"]) + first * c(r["emb_bwd_w"])
+             + last * c(r["head_bwd_w"]))
     return fwd, bwd, wgrad
 
 

@@ -293,9 +293,10 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
     s = int(np.argmax(pipe.stage_busy_s + pipe.stage_idle_s + tails))
     n = int(chunks[s].sum())
     x = {k: float(val[0]) for k, val in r.items() if isinstance(val, np.ndarray) and val.dtype.kind == "f"}
-    emb, head = float(s == 0), float(s == p - 1)
-    edge_tp = m * _edge_tp(x, s, p)
-    compute = m * (n * (x["l_fwd_compute"] + x["l_bwd_in"] + x["l_bwd_w"])
+    head_at = int(step.head_rank(r)[0, 0])
+    emb, head = float(s == 0), float(s == head_at)
+    edge_tp = m * _edge_tp(x, s, head_at)
+    compute = m * (n * (x["l_fwd_compute"] + x["l_bwd_in"] + x["l_bwd_w"]) + v * x["split_stage"]
                    + emb * (x["emb_fwd"] + x["emb_bwd"]) + head * (x["head_fwd"] + x["head_bwd"])) - edge_tp
     recompute = m * n * x["l_recompute"]
     pf, pb = paired[s]
@@ -320,11 +321,12 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
             "bubble": float(max(0.0, other - pp_comm)), "optimizer": float(opt_s[s])}, s
 
 
-def _edge_tp(x: dict, s: int, p: int) -> float:
-    """A micro-batch's TP communication outside the layers on stage s of p (the embedding's
-    on the first, the head's and the loss's on the last: cost.tp_edge_comm_s)."""
+def _edge_tp(x: dict, s: int, head_at: int) -> float:
+    """A micro-batch's TP communication outside the layers on pipeline rank s (the
+    embedding's on the first, the head's and the loss's on rank `head_at`, step.head_rank:
+    cost.tp_edge_comm_s)."""
     return (float(s == 0) * (x["emb_tp_fwd"] + x["emb_tp_bwd"])
-            + float(s == p - 1) * (x["head_tp_fwd"] + x["head_tp_bwd"]))
+            + float(s == head_at) * (x["head_tp_fwd"] + x["head_tp_bwd"]))
 
 
 def _op_comm(r: dict) -> dict:
@@ -348,12 +350,15 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
     on the critical path (`exposed_s`, the breakdown's term), with the overlap assumed."""
     x = {k: float(val[0]) for k, val in r.items() if isinstance(val, np.ndarray) and val.dtype.kind == "f"}
     n, v = int(chunks.sum()), len(chunks)
-    p = int(r["pp"][0])
-    sends = 2 * m * v - (m if s == 0 else 0) - (m if s == p - 1 else 0) if p > 1 else 0
-    gathers = m * (n * (x["ag"] + x["agb"]) + (s == 0) * x["emb_ag"] + (s == p - 1) * x["head_ag"])
+    p, head_at = int(r["pp"][0]), int(step.head_rank(r)[0, 0])
+    # each chunk sends its forward's output on and its backward's input gradient back, but
+    # the first and the last stage (and, in zb-v's V, the turn on rank p-1) one of them
+    ends = (s in (0, p - 1)) * 2 * m if head_at == 0 else (m if s == 0 else 0) + (m if s == p - 1 else 0)
+    sends = 2 * m * v - ends if p > 1 else 0
+    gathers = m * (n * (x["ag"] + x["agb"]) + (s == 0) * x["emb_ag"] + (s == head_at) * x["head_ag"])
     kernel = hw.attention_kernel(r["attention"]).attention
     return {
-        "tp": {"total_s": m * (n * x["l_tp_raw"] + _edge_tp(x, s, p)), "exposed_s": breakdown["tp_comm"]},
+        "tp": {"total_s": m * (n * x["l_tp_raw"] + _edge_tp(x, s, head_at)), "exposed_s": breakdown["tp_comm"]},
         "cp": {"total_s": m * n * x["l_cp_raw"], "exposed_s": breakdown["cp_comm"]},
         "ep": {"total_s": m * n * x["l_ep"], "exposed_s": breakdown["ep_comm"]},
         "pp": {"total_s": sends * x["hop"], "exposed_s": breakdown["pp_comm"]},

@@ -30,6 +30,32 @@ def test_probe_measures_positive_overhead():
     assert 0 < layer_s < 0.05 and 0 <= per_byte_s < 1e-8 and 0 <= edge_s < 0.05
     # routing, permutation and the grouped GEMMs' calls: more host work than one MLP
     assert 0 < measured.moe_forward_s < 0.05 and 0 <= measured.moe_backward_s < 0.05
+    # a second autograd pass over each layer for the weight gradients (0.77 ms a layer and
+    # 0.47 ms a stage here, 2026-12-04)
+    assert 0 < measured.split_backward_layer_s < 0.05 and 0 <= measured.split_backward_stage_s < 0.05
+
+
+def test_split_backward_host_time_goes_to_the_weight_passes():
+    """A zero-bubble schedule's B and W ops: its W passes take the split's host time, per
+    layer and per chunk, and nothing else changes; 1F1B is untouched."""
+    from meshplan.simulator.train import simulate
+    from meshplan.simulator.plan import Plan
+    hw = load_profile("local")
+    model = replace(ZOO["llama-2-7b"], num_layers=8)
+    split = replace(hw, overhead=replace(hw.overhead, split_backward_layer_s=2e-3, split_backward_stage_s=1e-3))
+    for schedule, v in (("zb-h1", 1), ("zb-v", 2), ("1f1b", 1)):
+        plan = Plan(global_batch=8, seq_len=256, pp=2, micro_batch=1, schedule=schedule, virtual_stages=v)
+        base, more = (simulate(model, plan, Cluster(2, 2), h).pipeline for h in (hw, split))
+        w = [[e.end_s - e.start_s for e in res.events if e.kind == "W" and e.stage == 1] for res in (base, more)]
+        b = [[e.end_s - e.start_s for e in res.events if e.kind == "B" and e.stage == 1] for res in (base, more)]
+        if schedule == "1f1b":
+            assert more.step_time_s == base.step_time_s and not w[0]
+            continue
+        per_chunk = 8 // (2 * v)  # layers of each chunk on rank 1
+        seen = per_rank_profile(split, 2).overhead  # beside the other rank's busy core
+        added = per_chunk * seen.split_backward_layer_s + seen.split_backward_stage_s
+        assert w[1] == pytest.approx([x + added for x in w[0]])
+        assert b[1] == pytest.approx(b[0])
 
 
 def test_decode_overhead_is_recovered_from_steps_priced_with_it(monkeypatch):
