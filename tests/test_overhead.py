@@ -40,7 +40,8 @@ def test_split_backward_host_time_goes_to_the_weight_passes():
     layer and per chunk, and nothing else changes; 1F1B is untouched."""
     from meshplan.simulator.train import simulate
     from meshplan.simulator.plan import Plan
-    hw = load_profile("local")
+    local = load_profile("local")
+    hw = replace(local, overhead=replace(local.overhead, split_backward_layer_s=0.0, split_backward_stage_s=0.0))
     model = replace(ZOO["llama-2-7b"], num_layers=8)
     split = replace(hw, overhead=replace(hw.overhead, split_backward_layer_s=2e-3, split_backward_stage_s=1e-3))
     for schedule, v in (("zb-h1", 1), ("zb-v", 2), ("1f1b", 1)):

@@ -150,33 +150,34 @@ def _all_reduce_by_hand(size: int, latency: float, per_byte: float) -> float:
 
 
 def test_collective_sizes_split_latency_from_bandwidth():
-    """A machine whose collectives pay 4x the profiled per-call latency but move bytes in
-    half the time: the 64 KiB, 1 MiB and 16 MiB readings give back 4 and 0.5, the rescaled
+    """A machine whose collectives pay 3x the profiled per-call latency but move bytes in
+    half the time: the 64 KiB, 1 MiB and 16 MiB readings give back 3 and 0.5, the rescaled
     profile prices each size as measured, and the one ratio at 1 MiB alone would have
-    mispriced the small one."""
+    mispriced the small one (by more than 15%, either way: which depends on the profile's
+    two alpha-beta lines)."""
     hw = _kept(LOCAL, None)
-    small, large, huge = (_all_reduce_by_hand(s, 4.0, 0.5)
+    small, large, huge = (_all_reduce_by_hand(s, 3.0, 0.5)
                           for s in (COLLECTIVE_SMALL_BYTES, COLLECTIVE_BYTES, COLLECTIVE_LARGE_BYTES))
     now = Measurement(1e-4, 2e-3, 12e6, 4e-4, collective_s=large, collective_small_s=small,
                       collective_large_s=huge)
     drift = check_drift(hw, "cpu", rescale=True, collective=True, measured=lambda _c, **_decode: now)
     probe = drift.probe
-    assert (probe.collective_latency, probe.collective_per_byte) == pytest.approx((4.0, 0.5))
+    assert (probe.collective_latency, probe.collective_per_byte) == pytest.approx((3.0, 0.5))
     assert probe.collective == pytest.approx(large / float(LOCAL.collective_time_s("all_reduce", COLLECTIVE_BYTES,
                                                                                       2, 2)))
-    assert "(latency x4.00, per byte x0.50)" in drift.text()
+    assert "(latency x3.00, per byte x0.50)" in drift.text()
     for size, measured in ((COLLECTIVE_SMALL_BYTES, small), (COLLECTIVE_BYTES, large),
                            (COLLECTIVE_LARGE_BYTES, huge)):
         assert float(drift.rescaled.collective_time_s("all_reduce", size, 2, 2)) == pytest.approx(measured)
     one_ratio = replace(probe, collective_latency=None, collective_per_byte=None).rescaled(hw)
-    assert float(one_ratio.collective_time_s("all_reduce", COLLECTIVE_SMALL_BYTES, 2, 2)) < 0.7 * small
+    assert abs(float(one_ratio.collective_time_s("all_reduce", COLLECTIVE_SMALL_BYTES, 2, 2)) / small - 1) > 0.15
     # against a kept reading: the split is relative to the profile's own reading then, which
     # here read 1.3x the fits at 1 MiB
     then = replace(now, collective_s=1.3 * float(LOCAL.collective_time_s("all_reduce", COLLECTIVE_BYTES, 2, 2)),
                    collective_small_s=None)
     kept = compare(_kept(LOCAL, then), replace(now, collective_s=1.3 * large, collective_small_s=1.3 * small,
                                                collective_large_s=1.3 * huge))
-    assert (kept.collective_latency, kept.collective_per_byte) == pytest.approx((4.0, 0.5))
+    assert (kept.collective_latency, kept.collective_per_byte) == pytest.approx((3.0, 0.5))
     # readings no positive latency and per-byte pair explains, or one size alone: the one
     # ratio, as before
     assert compare(hw, replace(now, collective_small_s=None, collective_large_s=None)).collective_latency is None
