@@ -174,10 +174,9 @@ def _forward_backward(forward_s: float, step_s: float, layers: int) -> tuple[flo
 
 def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhead:
     """Per-layer overhead of this machine's executor (one thread), in this process: all but
-    the fields measured on two ranks (TP, SP, FSDP, EP)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    the fields measured on two ranks (TP, SP, FSDP, EP), the split backward's
+    (measure_split_backward) and the decode's (measure_decode_overhead)."""
+    with torch_threads(1):
         # the dense model at both depths, the MoE one at the larger only (see below)
         fns = [fn for n in LAYERS for fn in _training(n)] + list(_training(LAYERS[1], moe=True))
         df1, dt1, df3, dt3, mf3, mt3 = _median_s(fns, repeats, warmup)
@@ -187,18 +186,24 @@ def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhe
         # the MoE block's surcharge from the two 3-layer models, whose other parts are alike:
         # one difference over 3 layers, steadier than two per-layer differences apart
         moe = _forward_backward(mf3 - df3, mt3 - dt3, LAYERS[1])
-        single1, split1, single3, split3 = _median_s([fn for n in LAYERS for fn in _stage(n)], repeats, warmup)
-    finally:
-        torch.set_num_threads(before)
-    split_layer = max(0.0, ((split3 - single3) - (split1 - single1)) / span)
     return FrameworkOverhead(
         layer_forward_s=dense[0], layer_backward_s=dense[1],
         prefill_layer_s=max(0.0, (p3 - p1) / span),
         moe_forward_s=moe[0], moe_backward_s=moe[1],
-        split_backward_layer_s=split_layer,
-        split_backward_stage_s=max(0.0, (split1 - single1) - split_layer),
         source=f"calibration/overhead.py: eager PyTorch {torch.__version__}, 1 thread, "
                f"{LAYERS[1]}-layer minus {LAYERS[0]}-layer probe, median of {repeats} interleaved")
+
+
+def measure_split_backward(repeats: int = 40, warmup: int = 5) -> tuple[float, float]:
+    """(split_backward_layer_s, split_backward_stage_s) of this machine's executor, one
+    thread: what the zero-bubble schedules' split backward adds over a single one, on the
+    probe's 1- and 3-layer stages (_stage), per layer from their difference and per stage
+    from the 1-layer stage's remainder. The drift probe, which reads the layer overhead
+    alone, does not pay for it."""
+    with torch_threads(1):
+        single1, split1, single3, split3 = _median_s([fn for n in LAYERS for fn in _stage(n)], repeats, warmup)
+    layer_s = max(0.0, ((split3 - single3) - (split1 - single1)) / (LAYERS[1] - LAYERS[0]))
+    return layer_s, max(0.0, (split1 - single1) - layer_s)
 
 
 def measure_decode_overhead(hw: HardwareProfile, repeats: int = 40,
@@ -292,8 +297,10 @@ def measure_overhead(hw: HardwareProfile, repeats: int = 40, warmup: int = 5) ->
     """Every field of this machine's executor overhead; `hw` (the machine's fitted profile)
     prices the collectives inside the two-rank probe."""
     host = measure_host_overhead(repeats, warmup)
+    split_layer_s, split_stage_s = measure_split_backward(repeats, warmup)
     # means over heavy-tailed collectives inside: more calls than the medians of one process
-    return replace(host, **parallel_overhead(_two_rank_rows(TWO_RANK_REPEATS * repeats, warmup), hw),
+    return replace(host, split_backward_layer_s=split_layer_s, split_backward_stage_s=split_stage_s,
+                   **parallel_overhead(_two_rank_rows(TWO_RANK_REPEATS * repeats, warmup), hw),
                    source=f"{host.source}; TP, SP, FSDP and EP on 2 ranks (measure/parallel_overhead.py), "
                           f"mean of {TWO_RANK_REPEATS * repeats}, "
                           f"less the collectives {hw.name} prices")

@@ -23,7 +23,8 @@ OVERHEAD = FrameworkOverhead(layer_forward_s=1e-3, layer_backward_s=2e-3, tp_lay
 
 
 def test_probe_measures_positive_overhead():
-    from meshplan.calibration.overhead import measure_decode_overhead, measure_host_overhead
+    from meshplan.calibration.overhead import (measure_decode_overhead, measure_host_overhead,
+                                               measure_split_backward)
     measured = measure_host_overhead(repeats=8, warmup=2)
     assert 0 < measured.layer_forward_s < 0.05 and 0 < measured.prefill_layer_s < 0.05
     layer_s, per_byte_s, edge_s = measure_decode_overhead(load_profile("local"), repeats=4, warmup=1)
@@ -32,7 +33,8 @@ def test_probe_measures_positive_overhead():
     assert 0 < measured.moe_forward_s < 0.05 and 0 <= measured.moe_backward_s < 0.05
     # a second autograd pass over each layer for the weight gradients (0.77 ms a layer and
     # 0.47 ms a stage here, 2026-12-04)
-    assert 0 < measured.split_backward_layer_s < 0.05 and 0 <= measured.split_backward_stage_s < 0.05
+    split_layer_s, split_stage_s = measure_split_backward(repeats=8, warmup=2)
+    assert 0 < split_layer_s < 0.05 and 0 <= split_stage_s < 0.05
 
 
 def test_split_backward_host_time_goes_to_the_weight_passes():
