@@ -251,10 +251,8 @@ def _v_step_s(r: dict, model: ModelSpec, hw: HardwareProfile, partition: tuple[i
         rows, pp = np.flatnonzero(p == width), int(width)
         u, j = step.take(r, rows), np.arange(2 * pp)[None, :]
         if partition is None:
-            shape = balanced_shape(model.num_layers, np.full(len(rows), 2 * pp), u["layer"],
-                                   u["emb_fwd"] + u["emb_bwd"], u["head_fwd"] + u["head_bwd"])
-            layers = np.where(j == 0, shape.first[:, None], np.where(
-                j == 2 * pp - 1, shape.last[:, None], shape.base[:, None] - (j <= shape.short[:, None])))
+            layers = balanced_shape(model.num_layers, np.full(len(rows), 2 * pp), u["layer"],
+                                    u["emb_fwd"] + u["emb_bwd"], u["head_fwd"] + u["head_bwd"]).counts(2 * pp)
         else:
             layers = np.tile(np.asarray(partition), (len(rows), 1))
         fwd, bwd, wgrad = step.chunk_s(u, layers, np.ones_like(layers), j == 0, j == 2 * pp - 1)

@@ -37,11 +37,16 @@ class PartitionShape:
 
     def layers(self, i: int = 0) -> tuple[int, ...]:
         """The layer counts of pipeline i, in stage order."""
-        p, c0, c1 = int(self.parts[i]), int(self.first[i]), int(self.last[i])
-        if p == 1:
-            return (c0,)
-        base, short = int(self.base[i]), int(self.short[i])
-        return (c0, *(base - (j <= short) for j in range(1, p - 1)), c1)
+        p = int(self.parts[i])
+        return (int(self.first[i]),) if p == 1 else tuple(self.take([i]).counts(p)[0].tolist())
+
+    def counts(self, parts: int) -> np.ndarray:
+        """The layer counts of pipelines of `parts` >= 2 stages each, in stage order,
+        (pipelines, parts): the first and the last stage's, and `base` in the middle ones
+        less one in the first `short` of them."""
+        j = np.arange(parts)[None, :]
+        middle = self.base[:, None] - (j <= self.short[:, None])
+        return np.where(j == 0, self.first[:, None], np.where(j == parts - 1, self.last[:, None], middle))
 
 
 def balanced_shape(num_layers: int, parts, layer_s, first_extra_s, last_extra_s) -> PartitionShape:

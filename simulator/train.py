@@ -351,10 +351,14 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: s
     x = {k: float(val[0]) for k, val in r.items() if isinstance(val, np.ndarray) and val.dtype.kind == "f"}
     n, v = int(chunks.sum()), len(chunks)
     p, head_at = int(r["pp"][0]), int(step.head_rank(r)[0, 0])
-    # each chunk sends its forward's output on and its backward's input gradient back, but
-    # the first and the last stage (and, in zb-v's V, the turn on rank p-1) one of them
-    ends = (s in (0, p - 1)) * 2 * m if head_at == 0 else (m if s == 0 else 0) + (m if s == p - 1 else 0)
-    sends = 2 * m * v - ends if p > 1 else 0
+    # each chunk sends its forward's output to the next stage and its backward's input
+    # gradient to the one before, where that stage is on another rank
+    stage = stage_index(int(r["sched"][0]) == step.ZB_V, p, *np.indices((p, v)))
+    owner = np.empty(p * v, dtype=int)
+    owner[stage] = np.arange(p)[:, None]
+    ahead = np.append(owner[1:], s) != s    # stage j + 1 elsewhere (none after the last)
+    behind = np.insert(owner[:-1], 0, s) != s
+    sends = m * int(ahead[stage[s]].sum() + behind[stage[s]].sum())
     gathers = m * (n * (x["ag"] + x["agb"]) + (s == 0) * x["emb_ag"] + (s == head_at) * x["head_ag"])
     kernel = hw.attention_kernel(r["attention"]).attention
     return {
