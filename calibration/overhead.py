@@ -11,9 +11,9 @@ is what the MoE block adds), and the inference forwards (prompt, and one-token d
 KV cache, whose time beyond its priced operators grows with its layer's weights:
 measure_decode_overhead, run once the profile prices those operators), and what splitting
 a pipeline stage's backward into torch.distributed.pipelining's input-gradient and
-weight-gradient passes (the zero-bubble schedules) adds, per layer and per stage, over its
-single backward, timed on the layers alone as a stage past the first runs them (hidden
-states in, their gradient out). Tensor parallelism (with and without SP), FSDP2's ZeRO-2 and ZeRO-3 and expert
+weight-gradient passes (the zero-bubble schedules) adds over its single backward, per layer
+and per byte of its activations, timed on the layers alone as a stage between the first and
+the last runs them (hidden states in, their gradient out). Tensor parallelism (with and without SP), FSDP2's ZeRO-2 and ZeRO-3 and expert
 parallelism on two real ranks (measure/parallel_overhead.py), since a one-rank mesh skips the redistributions
 and collectives. Under TP a layer's overhead is its time less its TP collectives as the
 fitted profile prices them, and what the 1-layer model takes beyond one layer, less the
@@ -47,11 +47,14 @@ from meshplan.executor.model import build_model, loss_fn
 from meshplan.hw_profiles.profile import FrameworkOverhead, HardwareProfile
 from meshplan.simulator.cost import ep_comm_s, ep_counts_s, tp_comm_s, tp_edge_comm_s
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.plan import Cluster
+from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.serve import (InferencePlan, decode_edge_weight_bytes, decode_layer_weight_bytes,
                                       simulate_inference)
+from meshplan.simulator.train import plans_rows
 
 PROBE_TOKENS = 8
+# the split backward's larger token count (its activation bytes span the executor's small models')
+SPLIT_TOKENS = 1024
 LAYERS = (1, 3)
 # The larger decoder layer of the decode probe (measure_decode_overhead): 9 MiB of fp32
 # weights, where the probe model's layer has 0.14
@@ -139,13 +142,13 @@ def _decode(spec: ModelSpec):
     return decode
 
 
-def _stage(num_layers: int) -> tuple:
-    """The probe model's layers as a stage past the first: (its forward and single backward,
-    its forward and the split backward of the zero-bubble schedules) as functions to time."""
-    spec = probe_model(num_layers)
+def _stage(spec: ModelSpec, tokens: int) -> tuple:
+    """`spec`'s layers as a stage past the first and before the last: (its forward and
+    single backward, its forward and the split backward of the zero-bubble schedules) on
+    `tokens` tokens, as functions to time."""
     layers = list(build_model(spec, seed=0).layers.values())
     params = [p for layer in layers for p in layer.parameters()]
-    hidden = torch.randn(1, PROBE_TOKENS, spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, tokens, spec.hidden_size, generator=torch.Generator().manual_seed(0))
 
     def forward():
         x = hidden.clone().requires_grad_(True)
@@ -194,16 +197,51 @@ def measure_host_overhead(repeats: int = 40, warmup: int = 5) -> FrameworkOverhe
                f"{LAYERS[1]}-layer minus {LAYERS[0]}-layer probe, median of {repeats} interleaved")
 
 
-def measure_split_backward(repeats: int = 40, warmup: int = 5) -> tuple[float, float]:
-    """(split_backward_layer_s, split_backward_stage_s) of this machine's executor, one
-    thread: what the zero-bubble schedules' split backward adds over a single one, on the
-    probe's 1- and 3-layer stages (_stage), per layer from their difference and per stage
-    from the 1-layer stage's remainder. The drift probe, which reads the layer overhead
-    alone, does not pay for it."""
+def split_probes() -> list[tuple[ModelSpec, int]]:
+    """The (layers, tokens) the split backward is timed on: the probe's layer at
+    PROBE_TOKENS and at SPLIT_TOKENS."""
+    return [(replace(probe_model(1), max_seq_len=tokens), tokens) for tokens in (PROBE_TOKENS, SPLIT_TOKENS)]
+
+
+def split_layer_activation_bytes(spec: ModelSpec, tokens: int, hw: HardwareProfile) -> float:
+    """Activation bytes (without recompute) of one of `spec`'s layers in the executor's
+    fp32 training step over `tokens` tokens, as the simulator counts them."""
+    plan = Plan(global_batch=1, seq_len=tokens, micro_batch=1, dtype="fp32", mlp_kernel="eager",
+                elementwise="eager")
+    return float(plans_rows(spec, [plan], Cluster(1, 1), hw)["act_none"][0])
+
+
+def _median_added_s(base, variant, repeats: int, warmup: int) -> float:
+    """Median over repeats of what `variant` takes beyond `base`, the two run back to back
+    in each (steadier than the difference of two medians where the added time is a small
+    share of either)."""
+    added = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        base()
+        middle = time.perf_counter()
+        variant()
+        if i >= warmup:
+            added.append(time.perf_counter() - middle - (middle - start))
+    return statistics.median(added)
+
+
+def measure_split_backward(hw: HardwareProfile, repeats: int = 40, warmup: int = 5) -> tuple[float, float]:
+    """(split_backward_layer_s, split_backward_per_activation_byte_s) of this machine's
+    executor, one thread: what the zero-bubble schedules' split backward adds over a single
+    one per layer (from the 1- and 3-layer stages' difference) on each of split_probes,
+    joined by a line in the layer's activation bytes (split_layer_activation_bytes): it
+    grows with them (2026-12-05 here: 0.66 ms a layer at 0.03 MB, 1.2 at 2.0 MB, 2.6 at
+    3.9 MB). The drift probe, which reads the layer overhead alone, does not pay for it."""
+    span, added, sizes = LAYERS[1] - LAYERS[0], [], []
     with torch_threads(1):
-        single1, split1, single3, split3 = _median_s([fn for n in LAYERS for fn in _stage(n)], repeats, warmup)
-    layer_s = max(0.0, ((split3 - single3) - (split1 - single1)) / (LAYERS[1] - LAYERS[0]))
-    return layer_s, max(0.0, (split1 - single1) - layer_s)
+        for spec, tokens in split_probes():
+            one, three = (_median_added_s(*_stage(replace(spec, num_layers=n), tokens), repeats, warmup)
+                          for n in LAYERS)
+            added.append((three - one) / span)
+            sizes.append(split_layer_activation_bytes(spec, tokens, hw))
+    per_byte = max(0.0, (added[1] - added[0]) / (sizes[1] - sizes[0]))
+    return max(0.0, added[0] - per_byte * sizes[0]), per_byte
 
 
 def measure_decode_overhead(hw: HardwareProfile, repeats: int = 40,
@@ -297,9 +335,10 @@ def measure_overhead(hw: HardwareProfile, repeats: int = 40, warmup: int = 5) ->
     """Every field of this machine's executor overhead; `hw` (the machine's fitted profile)
     prices the collectives inside the two-rank probe."""
     host = measure_host_overhead(repeats, warmup)
-    split_layer_s, split_stage_s = measure_split_backward(repeats, warmup)
+    split_layer_s, per_activation_byte_s = measure_split_backward(hw, repeats, warmup)
     # means over heavy-tailed collectives inside: more calls than the medians of one process
-    return replace(host, split_backward_layer_s=split_layer_s, split_backward_stage_s=split_stage_s,
+    return replace(host, split_backward_layer_s=split_layer_s,
+                   split_backward_per_activation_byte_s=per_activation_byte_s,
                    **parallel_overhead(_two_rank_rows(TWO_RANK_REPEATS * repeats, warmup), hw),
                    source=f"{host.source}; TP, SP, FSDP and EP on 2 ranks (measure/parallel_overhead.py), "
                           f"mean of {TWO_RANK_REPEATS * repeats}, "

@@ -79,10 +79,13 @@ class FrameworkOverhead:
     # share per byte as the layers')
     decode_edge_s: float = 0.0
     # what splitting a pipeline stage's backward into torch's input-gradient and
-    # weight-gradient passes (zb-h1, zb-v) adds over its single backward: per layer, and
-    # per stage and micro-batch (the second autograd pass over the graph the first kept)
+    # weight-gradient passes (zb-h1, zb-v) adds over its single backward, per layer: a fixed
+    # part (the second autograd pass over the graph the first kept, its parameter groups
+    # found by walking that graph), and per byte of the layer's activations (the gradients
+    # of the intermediates that the first pass keeps for the second; the head's at that
+    # rate for what the loss keeps of its logits)
     split_backward_layer_s: float = 0.0
-    split_backward_stage_s: float = 0.0
+    split_backward_per_activation_byte_s: float = 0.0
     moe_forward_s: float = 0.0            # what an MoE block adds over the dense MLP it replaces
     moe_backward_s: float = 0.0           # (router, top-k, permutation, grouped GEMM calls)
     ep_forward_s: float = 0.0             # what expert parallelism adds to an MoE block (the
@@ -129,6 +132,11 @@ class FrameworkOverhead:
                 else self.prefill_layer_s)
         return (base + (max(0.0, self.tp_layer_forward_s - self.layer_forward_s) if tp > 1 else 0.0)
                 + moe_share * self.moe_forward_s)
+
+    def split_backward_s(self, activation_bytes):
+        """What a layer holding `activation_bytes` of activations (without recompute) adds
+        to a stage's backward when it is split."""
+        return self.split_backward_layer_s + self.split_backward_per_activation_byte_s * activation_bytes
 
     def scaled(self, factor: float) -> FrameworkOverhead:
         return replace(self, **{f.name: getattr(self, f.name) * factor for f in fields(self)

@@ -189,11 +189,13 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     for k, x in parts.items():
         r[k] = x[cost_id]
     r["cost_id"] = cost_id
-    # a split backward's second autograd pass (zb-h1, zb-v: the weight gradients), on the host
+    # a split backward's second autograd pass (zb-h1, zb-v: the weight gradients), on the
+    # host, per layer of a stage that splits it (chunk_s), and for the head by what the loss
+    # keeps of its logits
     split = np.isin(r["sched"], SPLIT_CODES)
-    r["split_stage"] = split * hw.overhead.split_backward_stage_s
-    for k in ("l_bwd", "l_bwd_w", "l_bwd_pair"):
-        r[k] = r[k] + split * hw.overhead.split_backward_layer_s
+    r["split_layer"] = split * hw.overhead.split_backward_s(r["act_none"])
+    r["split_head"] = split * hw.overhead.split_backward_per_activation_byte_s * (
+        r["loss_kept"] * logits_bytes(r["tokens"], model.vocab_size, r["tp"]))
     per_shard = {"emb_fwd": st.embedding.fwd_s, "emb_bwd_in": st.embedding.bwd_input_s,
                  "emb_bwd_w": st.embedding.bwd_weight_s,
                  "head_fwd": st.head.fwd_s, "head_bwd_in": st.head.bwd_input_s,
@@ -278,8 +280,9 @@ def _col(x):
 
 def chunk_s(r: dict, n, chunks, first, last, paired: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(forward, whole backward, weight-gradient part) of one micro-batch through `chunks`
-    model chunks holding `n` layers in all, with the embedding (`first`) and the LM head
-    (`last`), each after its ZeRO-3 root gather: each chunk's first ZeRO-3 gather is
+    model chunks holding `n` layers in all, with the embedding (`first`: the first stage,
+    whose backward is not split; so too a whole pipeline's sum, which then leaves the split
+    out) and the LM head (`last`), each after its ZeRO-3 root gather: each chunk's first ZeRO-3 gather is
     exposed, the others hide behind compute (cost.overlap_split, summed over the chunks),
     and each layer waits for the ZeRO-3 group's straggler (sync_f, sync_b). `paired`: the
     forward and backward as they run in a combined F, B pair of the all-to-all overlap (the
@@ -289,10 +292,13 @@ def chunk_s(r: dict, n, chunks, first, last, paired: bool = False) -> tuple[np.n
     layer_f, layer_b = (r["l_fwd_pair"], r["l_bwd_pair"]) if paired else (r["l_fwd"], r["l_bwd"])
     fwd = (n * c(layer_f + hidden_f + r["sync_f"]) + chunks * c(r["ag"] - hidden_f)
            + first * c(r["emb_fwd"] + r["emb_ag"]) + last * c(r["head_fwd"] + r["head_ag"]))
-    bwd = (n * c(layer_b + hidden_b + r["sync_b"]) + chunks * c(r["agb"] - hidden_b + r["split_stage"])
-           + first * c(r["emb_bwd"]) + last * c(r["head_bwd"]))
-    wgrad = (n * c(r["l_bwd_w"]) + chunks * c(r["split_stage"]) + first * c(r["emb_bwd_w"])
-             + last * c(r["head_bwd_w"]))
+    # the split backward's host time in its weight-gradient pass, but not in the first
+    # stage: torch.distributed.pipelining runs that one's backward whole in its W op, as no
+    # stage needs its input gradient (stage.py backward_one_chunk)
+    split = np.where(first, 0.0, n * c(r["split_layer"]) + last * c(r["split_head"]))
+    bwd = (n * c(layer_b + hidden_b + r["sync_b"]) + chunks * c(r["agb"] - hidden_b)
+           + first * c(r["emb_bwd"]) + last * c(r["head_bwd"]) + split)
+    wgrad = n * c(r["l_bwd_w"]) + first * c(r["emb_bwd_w"]) + last * c(r["head_bwd_w"]) + split
     return fwd, bwd, wgrad
 
 

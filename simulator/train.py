@@ -233,7 +233,8 @@ def _simulate_row(model: ModelSpec, plan: Plan, cluster: Cluster, device_hw: Har
         float(pipe.stage_busy_s[k]), tuple(int(x) for x in chunks[k])) for k in range(p))
     peak = max(st.memory.total_bytes for st in stages)
 
-    breakdown, critical = _breakdown(r, even, no_p2p, chunks, m, tail, _paired_layers(plan, schedule, chunks))
+    breakdown, critical = _breakdown(r, even, no_p2p, chunks, stage, m, tail,
+                                     _paired_layers(plan, schedule, chunks))
     if shared is not None:
         breakdown = {k: t * step_s / even.step_time_s for k, t in breakdown.items()}
     communication = _communication(r, breakdown, chunks[critical], m, tail, critical, hw)
@@ -279,14 +280,15 @@ def _paired_layers(plan: Plan, schedule: str, chunks: np.ndarray) -> np.ndarray:
     return out
 
 
-def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np.ndarray, m: int,
-               tail: step.Tail, paired: np.ndarray) -> tuple[dict, int]:
+def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np.ndarray,
+               stages: np.ndarray, m: int, tail: step.Tail, paired: np.ndarray) -> tuple[dict, int]:
     """Where the step time goes on the critical stage (the one that finishes last), and
     which stage that is; the terms add up to the step time. `contention` is compute slowed
     by the communication that overlaps it (HardwareProfile.contention), `stragglers` the
     ZeRO-3 group's wait for its slowest rank at each gather (HardwareProfile.stragglers),
     `host_gap` the GPU's wait for the host in MoE blocks (FrameworkOverhead.moe_host_gap_s); `paired`: per rank,
-    the forward and backward layers run in all-to-all overlap pairs (_paired_layers)."""
+    the forward and backward layers run in all-to-all overlap pairs (_paired_layers);
+    `stages`: the stage index of each rank's chunks (schedule.stage_index)."""
     p, v = chunks.shape
     dp_exposed, dp_contention, opt_s = tail.dp_exposed_s[0], tail.contention_s[0], tail.optimizer_s[0]
     tails = tail.total_s[0]
@@ -296,7 +298,9 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
     head_at = int(step.head_rank(r)[0, 0])
     emb, head = float(s == 0), float(s == head_at)
     edge_tp = m * _edge_tp(x, s, head_at)
-    compute = m * (n * (x["l_fwd_compute"] + x["l_bwd_in"] + x["l_bwd_w"]) + v * x["split_stage"]
+    mine = stages[s] != 0  # chunks whose backward is split (step.chunk_s)
+    split = chunks[s][mine].sum() * x["split_layer"] + (stages[s][mine] == p * v - 1).sum() * x["split_head"]
+    compute = m * (n * (x["l_fwd_compute"] + x["l_bwd_in"] + x["l_bwd_w"]) + split
                    + emb * (x["emb_fwd"] + x["emb_bwd"]) + head * (x["head_fwd"] + x["head_bwd"])) - edge_tp
     recompute = m * n * x["l_recompute"]
     pf, pb = paired[s]

@@ -149,7 +149,8 @@ def run_measure(args: argparse.Namespace) -> int:
               f"{overhead.sp_layer_backward_s * 1e3:.2f}, MoE block +{overhead.moe_forward_s * 1e3:.2f}/"
               f"{overhead.moe_backward_s * 1e3:.2f}; decode {overhead.decode_layer_s * 1e3:.2f} "
               f"+ {overhead.decode_layer_per_byte_s * 2 ** 20 * 1e3:.3f} a MiB of weights, "
-              f"{overhead.decode_edge_s * 1e3:.2f} a step")
+              f"{overhead.decode_edge_s * 1e3:.2f} a step; split backward {overhead.split_backward_layer_s * 1e3:.2f} "
+              f"+ {overhead.split_backward_per_activation_byte_s * 2 ** 20 * 1e3:.3f} a MiB of activations")
     _save_pair(profile, samples, machine, out)
     print_fit(profile)
     print(f"meshplan profile: wrote {out} and {out.name.removesuffix('.json')}.samples.json beside "
