@@ -421,8 +421,7 @@ def check_drift(hw: HardwareProfile, device: str, rescale: bool, collective: boo
     with `rescale` also the profile rescaled by the probe. Skipped, with a note, where the
     probe cannot speak for the ranks: ranks on a CUDA device, or a profile not measured on
     CPU."""
-    profiled_on = hw.extra.get("measurement", {}).get("device")
-    if device != "cpu" or profiled_on != "cpu":
+    if device != "cpu" or hw.measured_on != "cpu":
         where = (f"the ranks run on {device}" if device != "cpu" else
                  f"profile {hw.name} was not measured on CPU ranks")
         return Drift(None, None, f"probe skipped: {where}, and the probe times CPU ranks against "

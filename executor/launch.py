@@ -47,8 +47,8 @@ from meshplan.core.requirements import check_torch
 from meshplan.core.units import GIB
 from meshplan.executor import checkpoint
 from meshplan.executor.data import check_token_file
-from meshplan.executor.options import (LaunchOptions, RunOptions, ServeOptions, compute_dtype,
-                                       refuse, serving_dtype)
+from meshplan.executor.options import (EXECUTOR_KERNELS, LaunchOptions, RunOptions, ServeOptions,
+                                       compute_dtype, refuse, serving_dtype)
 from meshplan.executor.records import RunRecord, ServeRecord, ServeResult, TrainResult
 from meshplan.hw_profiles.profile import HardwareProfile, load_profile
 from meshplan.simulator import rules
@@ -86,10 +86,7 @@ def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOpti
     if options.data is not None:
         check_token_file(options.data, plan.seq_len, model.vocab_size, plan.global_batch)
     hw = load_profile(options.profile)
-    # model.py runs its norms, RoPE and MLPs as torch ops, its loss as F.cross_entropy;
-    # ZeRO-1 is DDP + ZeroRedundancyOptimizer
-    plan = dataclasses.replace(plan, elementwise="eager", mlp_kernel="eager", cross_entropy="eager",
-                               zero1_sync="all_reduce")
+    plan = dataclasses.replace(plan, **EXECUTOR_KERNELS)
     if plan.pp > 1 and plan.layer_partition is None:
         plan = dataclasses.replace(plan, layer_partition=pipeline_partition(model, plan, cluster, hw))
     ran = dataclasses.replace(plan, dtype=compute_dtype(plan.dtype, device_type()))

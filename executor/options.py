@@ -15,6 +15,18 @@ def compute_dtype(plan_dtype: str, device_type: str) -> str:
     return "bf16" if device_type == "cuda" and plan_dtype == "bf16" else "fp32"
 
 
+# What this executor runs whatever a training plan says: model.py's norms, RoPE and MLPs as
+# torch ops and its loss as F.cross_entropy; ZeRO-1 as DDP + ZeroRedundancyOptimizer
+EXECUTOR_KERNELS = {"elementwise": "eager", "mlp_kernel": "eager", "cross_entropy": "eager",
+                    "zero1_sync": "all_reduce"}
+
+
+def training_fields(plan_dtype: str, device_type: str) -> dict:
+    """The plan fields a training run on `device_type` ranks takes, for a plan asking for
+    `plan_dtype`: its kernels and the dtype it computes in."""
+    return {**EXECUTOR_KERNELS, "dtype": compute_dtype(plan_dtype, device_type)}
+
+
 def serving_dtype(plan_dtype: str, device_type: str) -> str:
     """The dtype a serving plan runs in: the plan's on CUDA (weights, activations and KV
     cache); fp32 on CPU, whose bf16/fp16 matmuls are far slower than fp32 (the local

@@ -382,6 +382,12 @@ class HardwareProfile:
         return self.extra.get(VARIANT_KEY)
 
     @property
+    def measured_on(self) -> str | None:
+        """The device kind the profile's ranks were measured on ("cpu" or "cuda"; None for
+        a profile built from published figures)."""
+        return self.extra.get("measurement", {}).get("device")
+
+    @property
     def comm_overlaps_compute(self) -> bool:
         """Whether collectives run beside compute. GPUs run NCCL kernels on their own SMs and
         copy engines while other streams compute; gloo on CPU ranks reduces and copies on the

@@ -269,3 +269,31 @@ def test_a_partial_plan_file_takes_the_rest_from_flags(tmp_path):
     path.write_text(json.dumps({"tp": 2, "tensor_parallel": 2}))
     out = run()
     assert out.returncode == 2 and f"{path}:tensor_parallel: unknown plan key" in out.stderr
+
+
+def test_plan_on_a_cpu_profile_ranks_the_plans_as_meshplan_run_runs_them():
+    """A profile measured on CPU ranks is trained on by meshplan's executor alone, which
+    runs eager kernels, fp32 there and ZeRO-1 by all-reduce whatever the plan says
+    (executor.options.training_fields): the search holds those, but not what the user
+    gave; a GPU profile's search is left alone."""
+    from meshplan.executor.options import training_fields
+    from meshplan.simulator.model_spec import load_model
+    from meshplan.simulator.plan import Cluster, Plan
+    from meshplan.simulator.train import simulate
+    from meshplan.hw_profiles.profile import load_profile
+
+    flags = ("--model", "examples/tiny-llama/config.json", "--gpus", 2, "--global-batch", 8, "--seq-len", 128,
+             "--json", "--top", 1)
+    held = training_fields("bf16", "cpu")
+    assert held["dtype"] == "fp32" and held["mlp_kernel"] == "eager"
+    out = meshplan("plan", *flags, "--hardware", "local")
+    assert out.returncode == 0, out.stderr
+    winner = json.loads(out.stdout)["plans"][0]
+    assert {k: winner["plan"][k] for k in held} == held
+    plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in winner["plan"].items()})
+    sim = simulate(load_model("examples/tiny-llama/config.json"), plan, Cluster(2, 2), load_profile("local"))
+    assert winner["step_time_s"] == pytest.approx(sim.step_time_s, rel=1e-9)
+    given = json.loads(meshplan("plan", *flags, "--hardware", "local", "--zero1-sync", "reduce_scatter").stdout)
+    assert given["plans"][0]["plan"]["zero1_sync"] == "reduce_scatter"
+    gpu = json.loads(meshplan("plan", *flags, "--hardware", "a100-80gb").stdout)["plans"][0]["plan"]
+    assert gpu["dtype"] == "bf16" and gpu["mlp_kernel"] == "fused"

@@ -10,6 +10,7 @@ from meshplan.cli.simulate import params_text
 from meshplan.core.io import dump_json
 from meshplan.core.errors import PlanError
 from meshplan.core.units import GIB, rate_text
+from meshplan.executor.options import training_fields
 from meshplan.planner import launch_scripts
 
 
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     fixed = common.user_plan_fields(args)
     if args.emit:
         return emit(args, model, cluster, hw, fixed)
+    fixed = held_fields(fixed, hw)
     found = search(model, cluster, hw, fixed)
     why = explain(model, cluster, hw, found.ranked, fixed)
     if args.json:
@@ -89,7 +91,22 @@ def run(args: argparse.Namespace) -> int:
             "explanation": why.to_json()}))
     else:
         print_ranking(found, why, args.top)
+        if hw.measured_on == "cpu":
+            held = {k: v for k, v in fixed.items() if k in training_fields("bf16", "cpu")}
+            print("planned as `meshplan run` trains on these CPU ranks: "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(held.items())))
     return 0
+
+
+def held_fields(fixed: dict, hw) -> dict:
+    """The user's plan fields, and on a profile measured on CPU ranks, where meshplan's
+    executor is what trains, what it runs whatever the plan says (its eager kernels, the
+    dtype it computes in there) unless the user gave them: the search then ranks the plans
+    as `meshplan run` will run them."""
+    if hw.measured_on != "cpu":
+        return fixed
+    given = {k: v for k, v in fixed.items() if k != "dtype"}
+    return {**training_fields(fixed.get("dtype", "bf16"), "cpu"), **given}
 
 
 def run_capacity(args: argparse.Namespace) -> int:
@@ -106,7 +123,7 @@ def run_capacity(args: argparse.Namespace) -> int:
     hw = load_profile(args.hardware)
     per_node = args.gpus_per_node or hw.gpus_per_node
     counts = gpu_counts(args.gpus or f"{per_node}-16384", per_node)
-    fixed = common.user_plan_fields(args)
+    fixed = held_fields(common.user_plan_fields(args), hw)
     missing = [(f"plan.{k}", "missing", "give it as a flag") for k in ("global_batch", "seq_len") if k not in fixed]
     if missing:
         raise PlanError.of(missing)
