@@ -297,3 +297,17 @@ def test_plan_on_a_cpu_profile_ranks_the_plans_as_meshplan_run_runs_them():
     assert given["plans"][0]["plan"]["zero1_sync"] == "reduce_scatter"
     gpu = json.loads(meshplan("plan", *flags, "--hardware", "a100-80gb").stdout)["plans"][0]["plan"]
     assert gpu["dtype"] == "bf16" and gpu["mlp_kernel"] == "fused"
+
+
+def test_serving_plan_on_a_cpu_profile_holds_the_dtype_the_executor_serves_in():
+    """On CPU ranks the executor serves weights and KV cache in fp32 whatever the plan asks
+    (executor.options.serving_dtype): the serving search holds that there."""
+    flags = ("plan", "--mode", "inference", "--model", "examples/tiny-llama/config.json", "--gpus", 2,
+             "--prompt-len", 64, "--gen-len", 32, "--json", "--top", 1)
+    for extra in ((), ("--dtype", "bf16")):
+        out = meshplan(*flags, "--hardware", "local", *extra)
+        assert out.returncode == 0, out.stderr
+        plan = json.loads(out.stdout)["plans"][0]["plan"]
+        assert (plan["dtype"], plan["kv_dtype"]) == ("fp32", "fp32")
+    gpu = json.loads(meshplan(*flags, "--hardware", "a100-80gb").stdout)["plans"][0]["plan"]
+    assert gpu["dtype"] != "fp32"

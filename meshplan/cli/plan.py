@@ -10,7 +10,7 @@ from meshplan.cli.simulate import params_text
 from meshplan.core.io import dump_json
 from meshplan.core.errors import PlanError
 from meshplan.core.units import GIB, rate_text
-from meshplan.executor.options import training_fields
+from meshplan.executor.options import serving_dtype, training_fields
 from meshplan.planner import launch_scripts
 
 
@@ -239,6 +239,10 @@ def run_inference(args: argparse.Namespace) -> int:
         if getattr(args, name) is None:
             raise PlanError(flag, "missing", f"pass {flag} N with --mode inference")
     fixed = {k: getattr(args, k) for k in FIXABLE if getattr(args, k) is not None}
+    if hw.measured_on == "cpu":
+        # meshplan's executor serves on CPU ranks, weights and KV cache in serving_dtype
+        dtype = serving_dtype(fixed.get("dtype", "fp16"), "cpu")
+        fixed = {**fixed, "dtype": dtype, "kv_dtype": dtype}
     ms = lambda v: None if v is None else v / 1e3  # noqa: E731
     found = search_inference(model, cluster, hw, args.prompt_len, args.gen_len,
                              slo_ttft_s=ms(args.slo_ttft_ms), slo_tpot_s=ms(args.slo_tpot_ms),
@@ -279,6 +283,9 @@ def run_inference(args: argparse.Namespace) -> int:
     console.print(explain_inference(found))
     if derived:
         console.print(derived, highlight=False)
+    if hw.measured_on == "cpu":
+        console.print(f"planned as `meshplan run --mode inference` serves on these CPU ranks: weights and "
+                      f"KV cache in {fixed['dtype']}", highlight=False)
     return 0
 
 
