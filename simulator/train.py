@@ -237,7 +237,7 @@ def _simulate_row(model: ModelSpec, plan: Plan, cluster: Cluster, device_hw: Har
                                      _paired_layers(plan, schedule, chunks))
     if shared is not None:
         breakdown = {k: t * step_s / even.step_time_s for k, t in breakdown.items()}
-    communication = _communication(r, breakdown, chunks[critical], m, tail, critical, hw)
+    communication = _communication(r, breakdown, chunks[critical], stage, m, tail, critical, hw)
     tokens = plan.global_batch * plan.seq_len
     model_flops = model_flops_per_step(model, plan.global_batch, plan.seq_len)
     tflops_per_gpu = model_flops / step_s / cluster.num_gpus / 1e12
@@ -348,21 +348,21 @@ def _op_comm(r: dict) -> dict:
             "B paired": {k: t / x["l_bwd_pair"] for k, t in {**bwd, "EP": x["l_ep_pair_bwd"]}.items()}}
 
 
-def _communication(r: dict, breakdown: dict, chunks: np.ndarray, m: int, tail: step.Tail, s: int,
-                   hw: HardwareProfile) -> dict:
+def _communication(r: dict, breakdown: dict, chunks: np.ndarray, stages: np.ndarray, m: int, tail: step.Tail,
+                   s: int, hw: HardwareProfile) -> dict:
     """Per kind, the communication of the critical stage whole (`total_s`) and what of it is
-    on the critical path (`exposed_s`, the breakdown's term), with the overlap assumed."""
+    on the critical path (`exposed_s`, the breakdown's term), with the overlap assumed;
+    `stages`: the stage index of each rank's chunks (schedule.stage_index)."""
     x = {k: float(val[0]) for k, val in r.items() if isinstance(val, np.ndarray) and val.dtype.kind == "f"}
     n, v = int(chunks.sum()), len(chunks)
     p, head_at = int(r["pp"][0]), int(step.head_rank(r)[0, 0])
     # each chunk sends its forward's output to the next stage and its backward's input
     # gradient to the one before, where that stage is on another rank
-    stage = stage_index(int(r["sched"][0]) == step.ZB_V, p, *np.indices((p, v)))
     owner = np.empty(p * v, dtype=int)
-    owner[stage] = np.arange(p)[:, None]
+    owner[stages] = np.arange(p)[:, None]
     ahead = np.append(owner[1:], s) != s    # stage j + 1 elsewhere (none after the last)
     behind = np.insert(owner[:-1], 0, s) != s
-    sends = m * int(ahead[stage[s]].sum() + behind[stage[s]].sum())
+    sends = m * int(ahead[stages[s]].sum() + behind[stages[s]].sum())
     gathers = m * (n * (x["ag"] + x["agb"]) + (s == 0) * x["emb_ag"] + (s == head_at) * x["head_ag"])
     kernel = hw.attention_kernel(r["attention"]).attention
     return {

@@ -10,7 +10,7 @@ from meshplan.cli.simulate import params_text
 from meshplan.core.io import dump_json
 from meshplan.core.errors import PlanError
 from meshplan.core.units import GIB, rate_text
-from meshplan.executor.options import serving_dtype, training_fields
+from meshplan.executor.options import EXECUTOR_KERNELS, serving_dtype, training_fields
 from meshplan.planner import launch_scripts
 
 
@@ -92,9 +92,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_ranking(found, why, args.top)
         if hw.measured_on == "cpu":
-            held = {k: v for k, v in fixed.items() if k in training_fields("bf16", "cpu")}
             print("planned as `meshplan run` trains on these CPU ranks: "
-                  + ", ".join(f"{k} {v}" for k, v in sorted(held.items())))
+                  + ", ".join(f"{k} {fixed[k]}" for k in sorted((*EXECUTOR_KERNELS, "dtype"))))
     return 0
 
 
