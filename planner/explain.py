@@ -242,6 +242,15 @@ def split_text(split: tuple[int, ...]) -> str:
     return ",".join(f"{n}*{k}" if k > 1 else str(n) for n, k in runs)
 
 
+# What the explanation says of each CP exchange (plan.CP_COMMS, cost.cp_comm_s)
+CP_EXCHANGES = {
+    "p2p": "CP passes K,V round a ring beside the attention of the blocks after the first",
+    "alltoall": "CP passes K,V round a ring beside the later blocks' attention, and their gradients "
+                "in fp32 after each block, the last pass exposed (torch's context_parallel)",
+    "allgather": "CP gathers K,V beside the local block's attention alone, and passes their gradients "
+                 "in fp32 after each block, the last pass exposed (torch's context_parallel)"}
+
+
 def communication_lines(communication: dict) -> list[str]:
     """Each kind's communication on the critical stage, whole and exposed, and the overlap
     and contention assumed."""
@@ -256,6 +265,8 @@ def communication_lines(communication: dict) -> list[str]:
                f"{overlap['source'].split(':')[0]})")
     if overlap.get("tp_overlap"):
         how += f"; TP communication overlaps the GEMMs beside it in the {overlap['tp_overlap']}"
+    if overlap.get("cp_comm"):
+        how += "; " + CP_EXCHANGES[overlap["cp_comm"]]
     if overlap.get("stragglers_s", 0.0) > 0:
         how += (f"; each ZeRO-3 gather waits for the group's slowest rank ({overlap['stragglers_s']:.3g} s; "
                 f"per-layer time spread {overlap['straggler_spread']:.1%}, "

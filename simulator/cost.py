@@ -319,15 +319,47 @@ def ep_counts_s(model: ModelSpec, hw: HardwareProfile, ep, ep_rpn) -> np.ndarray
                     collective_s(hw, "all_to_all", model.num_experts * 8, ep, ep_rpn), 0.0)
 
 
+@dataclass(frozen=True)
+class CPExchange:
+    """A layer's context-parallel exchange (cp_comm_s), by the attention it runs beside: the
+    local (first) block's, the later blocks', or none (after the last block)."""
+
+    fwd_first_s: np.ndarray
+    fwd_rest_s: np.ndarray
+    bwd_first_s: np.ndarray
+    bwd_rest_s: np.ndarray
+    bwd_last_s: np.ndarray
+
+    @property
+    def fwd_s(self) -> np.ndarray:
+        return self.fwd_first_s + self.fwd_rest_s
+
+    @property
+    def bwd_s(self) -> np.ndarray:
+        return self.bwd_first_s + self.bwd_rest_s + self.bwd_last_s
+
+
 def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp, cp_rpn,
-              cp_share=1.0):
-    """Ring-attention exchange of one layer, (forward, backward), whole: cp-1 steps each
-    passing the local K,V chunk (forward) and K,V + their gradients (backward) to the next
-    rank (Liu et al. 2023 sec 3); overlap_split decides how much of it hides behind the
-    attention of the current chunk."""
-    kv_bytes = 2 * np.asarray(tokens, dtype=float) * (model.num_kv_heads // tp) * model.head_dim * dtype_bytes
-    return ((cp - 1) * collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn, cp_share),
-            (cp - 1) * collective_s(hw, "send_recv", 2 * kv_bytes, cp, cp_rpn, cp_share))
+              cp_share=1.0, method="p2p", kv_repeat=False) -> CPExchange:
+    """One layer's context-parallel exchange (plan.CP_COMMS `method`), whole. p2p (Liu et al.
+    2023 sec 3): cp-1 steps each pass the local K,V chunk on beside a later block, in
+    backward with their gradients in one buffer of their dtype. alltoall: the same forward;
+    allgather: the chunks gathered at once beside the local block. In backward torch passes
+    the K,V again as in forward, and their gradients in fp32 after each of the cp blocks,
+    each beside the next but the last. K,V of the kv heads, or of the query heads where they
+    are repeated before the kernel (`kv_repeat`)."""
+    heads = (model.num_heads if kv_repeat else model.num_kv_heads) // tp
+    kv_bytes = 2 * np.asarray(tokens, dtype=float) * heads * model.head_dim * dtype_bytes
+    hop = collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn, cp_share)
+    none = np.zeros_like(hop)
+    if method == "p2p":
+        both = collective_s(hw, "send_recv", 2 * kv_bytes, cp, cp_rpn, cp_share)
+        return CPExchange(none, (cp - 1) * hop, none, (cp - 1) * both, none)
+    grads = collective_s(hw, "send_recv", kv_bytes * 4 / dtype_bytes, cp, cp_rpn, cp_share)
+    if method == "alltoall":
+        return CPExchange(none, (cp - 1) * hop, none, (cp - 1) * (hop + grads), grads)
+    gather = collective_s(hw, "all_gather", cp * kv_bytes, cp, cp_rpn, cp_share)
+    return CPExchange(gather, none, gather, (cp - 1) * grads, grads)
 
 
 def overlap_split(comm_s, compute_s, hw: HardwareProfile, min_exposed_s=0.0):
@@ -469,7 +501,7 @@ def tp_overlapped(tp_overlap, tp):
 def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, dtype_bytes, tp,
                 sp, cp, recompute, tp_rpn, cp_rpn, flash: bool, tp_overlap,
                 em: ExpertMesh | None = None, tp_share=1.0, cp_share=1.0, a2a_overlap=False,
-                tp_overlap_bwd=True) -> LayerTimes:
+                tp_overlap_bwd=True, cp_comm="p2p", kv_repeat=False) -> LayerTimes:
     """Per plan (arrays; st indexed alike): the layer's times under its recompute setting,
     the placement of its TP and CP groups (ranks per node, link share) and TP overlap.
 
@@ -483,13 +515,14 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     as a pipeline: one piece of the communication stays exposed, the rest hides behind the
     GEMMs at the cost of the smaller GEMMs and the contention; in backward too only with
     `tp_overlap_bwd` (Plan.tp_overlap_scope "both"; torchtitan's async TP overlaps the
-    forward's). CP's ring exchange hides
-    behind the attention of the current chunk (Liu et al. 2023 sec 3), in backward behind the
-    core's backward with the scores the fused kernel redoes (five matmuls against the
-    forward's two, Op.kernel_redo). In the MoE layers (with SP, or without TP) the experts'
-    half of the TP communication becomes the expert mesh's exchange (ep_comm_s), except that
-    shared experts run as a TP MLP and keep theirs; nothing in its own micro-batch overlaps
-    the exchange. With `a2a_overlap` (Megatron-Core --overlap-moe-expert-parallel-comm, ep > 1)
+    forward's). CP's exchange (`cp_comm`, cp_comm_s) hides behind the attention blocks it
+    runs beside, in backward behind the core's backward with the scores the fused kernel
+    redoes (five matmuls against the forward's two, Op.kernel_redo); torch's last pass of
+    the K,V gradients, after the last block, stays exposed. In the MoE layers (with SP, or
+    without TP) the experts' half of the TP communication becomes the expert mesh's exchange
+    (ep_comm_s), except that shared experts run as a TP MLP and keep theirs; nothing in its
+    own micro-batch overlaps the exchange.
+    With `a2a_overlap` (Megatron-Core --overlap-moe-expert-parallel-comm, ep > 1)
     a forward F and another micro-batch's backward B run layer by layer on a communication
     and a compute stream in four phases (combined 1F1B, Megatron-Core
     model_chunk_schedule_plan.py TransformerLayerSchedulePlan.run; DeepSeek-V3 report sec
@@ -514,10 +547,15 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     overlap_b = overlap & bool(tp_overlap_bwd)
     tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap_b, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)
     split_f, split_b = np.where(overlap, st.split_fwd_s, 0.0), np.where(overlap_b, st.split_bwd_s, 0.0)
-    cp_raw_f, cp_raw_b = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn, cp_share)
+    cx = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn, cp_share, cp_comm, kv_repeat)
+    cp_raw_f, cp_raw_b = cx.fwd_s, cx.bwd_s
     flash_redo = lay.kernel_redo_s if flash else 0.0
-    cp_f, cp_cf = overlap_split(cp_raw_f, (cp - 1) * lay.core_s / cp, hw)
-    cp_b, cp_cb = overlap_split(cp_raw_b, (cp - 1) * (lay.core_bwd_s + flash_redo) / cp, hw)
+    core_b = lay.core_bwd_s + flash_redo
+    cp_f, cp_cf = (a + b for a, b in zip(overlap_split(cx.fwd_first_s, lay.core_s / cp, hw),
+                                         overlap_split(cx.fwd_rest_s, (cp - 1) * lay.core_s / cp, hw)))
+    cp_b, cp_cb = (a + b for a, b in zip(overlap_split(cx.bwd_first_s, core_b / cp, hw),
+                                         overlap_split(cx.bwd_rest_s, (cp - 1) * core_b / cp, hw)))
+    cp_b = cp_b + cx.bwd_last_s
     full, op = recompute == FULL, recompute == OP
     redo = (lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + cp_cf + split_f) * full
             + lay.sac_redo_s * op + lay.module_redo_s * (recompute == NORM_ACT))

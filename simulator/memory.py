@@ -90,8 +90,10 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
         attention = heads * (2 * hd + 2 * vd)
         replicated += d * tok * (2 * q + 2 * kv + model.qk_rope_head_dim)
     else:
-        # Q and K (for QK^T), V, attention output (out-proj input), QK-norm inputs
-        attention = ((heads + kv_heads) * hd * (2 if model.qk_norm else 1) + kv_heads * hd + heads * hd)
+        # Q and K (for QK^T), V, attention output (out-proj input), QK-norm inputs; K and V
+        # as wide as the queries where they are repeated before the kernel, which keeps them
+        attention = ((heads + kv_heads) * hd * (2 if model.qk_norm else 1) + kv_heads * hd + heads * hd
+                     + (2 * (heads - kv_heads) * hd if shard.kv_repeat else 0))
     experts = 0.0
     if kind.moe:
         # per routed row on this device (ops.Shard.expert_tokens x experts_per_token x the

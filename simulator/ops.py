@@ -33,7 +33,8 @@ MEMORY_CLASS = {"input_norm": "norm", "post_attention_norm": "norm", "final_norm
                 "attention_out_norm": "norm", "mlp_out_norm": "norm", "qk_norm": "norm",
                 "latent_norm": "norm", "rope": "rope", "softmax": "softmax",
                 "cross_entropy": "softmax", "router_softmax": "softmax", "residual_add": "add",
-                "embedding": "add", "kv_write": "add", "moe_permute": "add", "moe_unpermute": "add",
+                "embedding": "add", "kv_write": "add", "kv_repeat": "add", "cp_merge": "add",
+                "moe_permute": "add", "moe_unpermute": "add",
                 "mlp_act": "activation", "softcap": "activation", "logit_softcap": "activation",
                 "router_sigmoid": "activation", "fp8_cast": "add", "act_quant": "add", "attn_mask": "add"}
 # The class an eager op's kernels run at: each is one plain elementwise (or row-reduction)
@@ -169,6 +170,8 @@ class Shard:
     fused_mlp: bool = True        # plan.mlp_kernel == "fused"
     eager: bool = False           # plan.elementwise == "eager" (eager_bytes_per_element)
     fp8_saved: bool = True        # FP8 linears keep their input in FP8 (plan.fp8_saved_dtype)
+    kv_repeat: bool = False       # K,V repeated to the query heads before the kernel (plan.kv_repeat)
+    cp_comm: str = "p2p"          # how CP exchanges K,V (plan.cp_comm; cp_merge_op)
 
     def __post_init__(self):
         if self.etp is None:
@@ -235,6 +238,12 @@ def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
             ops.append(_mem("qk_norm", tok * (heads + kv_heads) * hd, 2, d))
         if model.position_embedding == "rope":
             ops.append(_mem("rope", tok * (heads + kv_heads) * hd * model.rotary_pct, 2, d))
+        if shard.kv_repeat and heads > kv_heads:
+            # K and V copied to every query head (torchtitan's repeat_kv: expand and reshape);
+            # its backward sums each group's gradients back: read the wide, write the narrow
+            moved = 2 * tok * (heads + kv_heads) * hd * d
+            ops.append(changed(_mem("kv_repeat", 2 * tok * heads * hd, 1, d), bytes_moved=moved,
+                               bwd_bytes=moved))
     keys, vd = attended_keys(model, shard, local), model.value_head_dim
     scores = b * heads * s * keys
     causal = (shard.seq_len, keys) if shard.flash else None
@@ -248,8 +257,25 @@ def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
             ops.append(changed(_mem("attn_mask", scores, 2, d, core=True), bytes_moved=scores * (2 * d + 1),
                                bwd_bytes=scores * (2 * d + 1)))
         ops.append(_mem("softmax", scores, 2 + (1 if model.dropout else 0), d, core=True))
-    return ops + [values_op,
-                  _gemm("out_proj", tok, h, heads * vd, fp8=f8)]
+    ops.append(values_op)
+    if shard.cp > 1 and shard.cp_comm != "p2p" and not model.kv_lora_rank:
+        exchanged = heads if shard.kv_repeat else kv_heads
+        ops.append(cp_merge_op(tok * heads * vd, tok * exchanged * hd, shard.cp))
+    return ops + [_gemm("out_proj", tok, h, heads * vd, fp8=f8)]
+
+
+def cp_merge_op(out_elements: float, kv_elements: float, cp: int) -> Op:
+    """torch's ring attention joins its cp blocks in eager fp32 ops on the busiest rank (the
+    last, whose blocks all take the whole local query): forward, each block's output cast to
+    fp32 (read 2 bytes, write 4) and merged into the running one by its log-sum-exp (out -
+    sigmoid(lse_b - lse) * (out - out_b): 32 bytes), the result cast back (6); backward, the
+    gradients zeroed and accumulated in fp32 (+= of the kernel's bf16: 10 bytes; a half-chunk
+    add and a concatenation for K,V past the first block: 5 + 8), K,V's packed for the next
+    rank (8 each), cast back at the end (6). torch _SDPAMerger and
+    _templated_ring_attention_backward (_cp_options.convert_to_f32)."""
+    fwd = (12 + 38 * (cp - 1)) * out_elements
+    bwd = (10 * cp + 10) * out_elements + (42 * cp + 14) * kv_elements
+    return Op("cp_merge", MEMORY, float(out_elements), bytes_moved=float(fwd), bwd_bytes=float(bwd))
 
 
 def attention_core(queries: int, keys: int, head_dim: int, value_dim: int, batch_heads: int,

@@ -70,6 +70,15 @@ ZERO1_SYNCS = ("reduce_scatter", "all_reduce")
 # or the forward alone (torchtitan's async TP: ~20-29% faster forward passes and ~8% faster
 # steps on Llama 3 8B and 70B, the PyTorch async-TP post, dev-discuss 2024 topic 209487)
 TP_OVERLAP_SCOPES = ("both", "forward")
+# How a context-parallel group exchanges keys and values: p2p, Transformer Engine's ring
+# (Megatron-LM --cp-comm-type p2p: each step's K,V chunk sent on behind the current block's
+# attention; in backward K,V and their gradients in one buffer of their dtype); alltoall and
+# allgather, torch's context_parallel rotate methods (set_rotate_method; torchtitan 0.2's
+# context_parallel_rotate_method, allgather its and torch's default): the ring by all-to-all,
+# or all the chunks gathered once beside the local block; in backward both pass the K,V
+# gradients round the ring in fp32 (_cp_options.convert_to_f32) after each block, the last
+# pass after the last block (torch _templated_ring_attention_backward). cost.cp_comm_s.
+CP_COMMS = ("p2p", "alltoall", "allgather")
 # When sharded (ZeRO-2/3) gradients are reduced under gradient accumulation: once, in the
 # step's last micro-batch, accumulated whole until then (FSDP2's set_requires_gradient_sync
 # (False), which torch.distributed.pipelining sets for every other backward:
@@ -164,6 +173,12 @@ class Plan:
     tp_overlap_scope: str = knob("both", "the passes tp_overlap covers: forward and backward "
                                  "(Megatron-LM --tp-comm-overlap) or the forward alone (torchtitan "
                                  "async TP)", choices=TP_OVERLAP_SCOPES)
+    cp_comm: str = knob("p2p", "how CP exchanges keys and values: p2p ring (Megatron-LM --cp-comm-type "
+                        "p2p) or torch context_parallel's alltoall or allgather rotation (torchtitan)",
+                        choices=CP_COMMS)
+    kv_repeat: bool = knob(False, "keys and values repeated to the query heads before the attention "
+                           "kernel (torchtitan's Llama until 2025, Hugging Face's repeat_kv), not read "
+                           "grouped by it")
     reshard_after_forward: bool = knob(True, "ZeRO-3: free gathered weights after forward and "
                                        "gather them again for backward (FSDP2)")
     grad_reduce_dtype: str = knob("fp32", "dtype gradients are kept and reduced in (Megatron-LM "
@@ -249,11 +264,13 @@ class Plan:
         """The plan in one line, naming every knob the planner searches, e.g. "dp16
         tp8+sp+overlap pp8 cp1 zero3-keep rc:full mb1x96 interleaved(v2) order:tp,dp,cp,pp"
         (the expert degrees where the model has experts (`experts`) or they are set; "(fwd)":
-        TP overlap in the forward alone (tp_overlap_scope); "-keep":
+        TP overlap in the forward alone (tp_overlap_scope); "(allgather)": CP's exchange
+        where it is not the p2p ring (cp_comm); "-keep":
         ZeRO-3 keeping the weights gathered from forward to backward; the placement where it
         is not the default)."""
         overlap = ("+overlap" + ("(fwd)" if self.tp_overlap_scope == "forward" else "")) if self.tp_overlap else ""
-        parts = [f"dp{self.dp}", f"tp{self.tp}" + ("+sp" if self.sp else "") + overlap, f"pp{self.pp}", f"cp{self.cp}"]
+        parts = [f"dp{self.dp}", f"tp{self.tp}" + ("+sp" if self.sp else "") + overlap, f"pp{self.pp}",
+                 f"cp{self.cp}" + (f"({self.cp_comm})" if self.cp > 1 and self.cp_comm != "p2p" else "")]
         if experts or self.ep > 1 or self.etp != self.tp:
             parts.append(f"ep{self.ep}" + (f"/etp{self.etp}" if self.etp != self.tp else "")
                          + ("+a2a-overlap" if self.moe_a2a_overlap else ""))
@@ -308,7 +325,8 @@ POSITIVE_INTS = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch
 # table.attrs, with global_batch and layer_partition); step.rows reads them.
 PLAN_WIDE = ("seq_len", "dtype", "attention", "grad_reduce_dtype", "master_weights", "moments_dtype",
              "moe_capacity_factor", "fp8_recipe", "moe_dispatcher", "moe_routing", "mlp_kernel", "elementwise",
-             "fp8_saved_dtype", "zero1_sync", "grad_sync", "cross_entropy", "tp_overlap_scope")
+             "fp8_saved_dtype", "zero1_sync", "grad_sync", "cross_entropy", "tp_overlap_scope", "cp_comm",
+             "kv_repeat")
 
 
 def count_issue(scope: str, field: str, value) -> tuple[str, str, str] | None:

@@ -570,6 +570,15 @@ _MEGATRON_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among 
 _TORCHTITAN = (
     _flavor_rule("0.3"),
     _learned_routing("torchtitan"),
+    # torch's context_parallel rotates K,V by all-to-all or all-gather (set_rotate_method)
+    _rule("plan.cp_comm", "cp cp_comm", lambda x, m, c: (x.cp == 1) | (x.cp_comm != "p2p"),
+          lambda x, m, c: "torchtitan runs torch's context_parallel, whose ring rotates keys and values by "
+          "all-to-all or all-gather, not Transformer Engine's p2p ring",
+          "plan with cp_comm allgather (or alltoall for torchtitan 0.2)"),
+    # models/*/model.py since v0.2.2: scaled_dot_product_attention(..., enable_gqa=...)
+    _rule("plan.kv_repeat", "kv_repeat", lambda x, m, c: np.logical_not(x.kv_repeat),
+          lambda x, m, c: "torchtitan's attention reads grouped keys and values (enable_gqa), repeating none",
+          "plan without kv_repeat"),
     # FSDP2's MixedPrecisionPolicy keeps the sharded parameters in fp32 (torchtitan's
     # training.mixed_precision_param is the dtype they are gathered in); training.dtype
     # bfloat16 keeps "all parameters, gradients, and optimizer states in bfloat16, without an
@@ -679,6 +688,10 @@ FRAMEWORKS = {
         _rule("plan.moe_dispatcher", "moe_dispatcher", lambda x, m, c: x.moe_dispatcher == "alltoall",
               lambda x, m, c: "torchtitan 0.3 sets DeepEP in a recipe's model (moe_comm_backend), which no "
               "flag reaches", "plan with the alltoall dispatcher, or export for torchtitan 0.2"),
+        # 0.3 has no rotate-method option: torch's default, _ContextParallelOptions.rotate_method
+        _rule("plan.cp_comm", "cp cp_comm", lambda x, m, c: (x.cp == 1) | (x.cp_comm == "allgather"),
+              lambda x, m, c: f"torchtitan 0.3 rotates keys and values by torch's default all-gather, not "
+              f"{x.cp_comm}", "plan with cp_comm allgather, or export for torchtitan 0.2"),
     ),
     "torchtitan 0.2": (_flavor_rule("0.2"),) + _TORCHTITAN[1:] + (
         # optimizer.implementation fused_opt_states_bf16 came after v0.2.2 (torchtitan #2732)
@@ -707,6 +720,15 @@ FRAMEWORKS = {
     "megatron": (
         # --moe-router-force-load-balancing draws random scores: learned-like spread, not in turn
         _learned_routing("Megatron-LM"),
+        # --cp-comm-type p2p, its default; its all_gather (Transformer Engine's
+        # AttnFuncWithCPAndKVAllGather) leaves the gather exposed, which cp_comm_s does not price
+        _rule("plan.cp_comm", "cp cp_comm", lambda x, m, c: (x.cp == 1) | (x.cp_comm == "p2p"),
+              lambda x, m, c: f"Megatron-LM's context parallelism is priced as its p2p ring, not {x.cp_comm} "
+              "(torch's context_parallel)", "plan with cp_comm p2p"),
+        # Transformer Engine's DotProductAttention reads grouped K,V (num_gqa_groups)
+        _rule("plan.kv_repeat", "kv_repeat", lambda x, m, c: np.logical_not(x.kv_repeat),
+              lambda x, m, c: "Megatron-LM's attention reads grouped keys and values, repeating none",
+              "plan without kv_repeat"),
         _master_weights("Megatron-LM's distributed optimizer"),
         # --use-precision-aware-optimizer (bf16 moments) asserts --use-distributed-optimizer
         _rule("plan.moments_dtype", "moments_dtype zero", lambda x, m, c: (x.moments_dtype == "fp32") | (x.zero == 1),

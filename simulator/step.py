@@ -96,7 +96,8 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
                     bool(r["sp"][i]), d, attention in FUSED_ATTENTION, int(r["ep"][i]), int(r["etp"][i]),
                     capacity, wide["fp8_recipe"] if dtype == "fp8" else None,
                     fused_mlp=wide["mlp_kernel"] == "fused", fp8_saved=wide["fp8_saved_dtype"] == "fp8",
-                    eager=wide["elementwise"] == "eager")
+                    eager=wide["elementwise"] == "eager", kv_repeat=bool(wide["kv_repeat"]),
+                    cp_comm=wide["cp_comm"])
               for i in first]
     used = set(np.unique(r["rc"]).tolist()) | {NONE}  # the recompute settings the rows hold
     kind_ops = [kinds_ops(model, s) for s in shards]
@@ -105,6 +106,7 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     r.update(shard_id=shard_id, shards=shards,
              shard_ops=[layer_ops(model, s, ops) for s, ops in zip(shards, kind_ops)],
              attention=attention, tp_overlap_bwd=wide["tp_overlap_scope"] == "both",
+             cp_comm=wide["cp_comm"], kv_repeat=bool(wide["kv_repeat"]),
              capacity=capacity, dispatcher=wide["moe_dispatcher"], routing=wide["moe_routing"],
              zero1_all_reduce=wide["zero1_sync"] == "all_reduce",
              act=act[shard_id, r["rc"]], act_none=act[shard_id, NONE],
@@ -172,7 +174,8 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     lt = layer_times(model, hw, st.take(shard_id[cfirst]), c["tokens"], r["d"], c["tp"], c["sp"],
                      c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["attention"] in FUSED_ATTENTION,
                      r["tp_overlap"][cfirst], em,
-                     c["tp_share"], c["cp_share"], r["a2a_overlap"][cfirst], r["tp_overlap_bwd"])
+                     c["tp_share"], c["cp_share"], r["a2a_overlap"][cfirst], r["tp_overlap_bwd"],
+                     r["cp_comm"], r["kv_repeat"])
     parts = {"l_fwd": lt.fwd_s, "l_bwd": lt.bwd_s, "l_recompute": lt.recompute_s,
              "l_fwd_compute": lt.fwd_compute_s, "l_bwd_in": lt.bwd_input_s, "l_bwd_w": lt.bwd_weight_s,
              "l_tp": lt.tp_fwd_s + lt.tp_bwd_s, "l_cp": lt.cp_fwd_s + lt.cp_bwd_s,

@@ -374,6 +374,7 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, stages: np.ndar
         "overlap": {"overlaps_compute": hw.comm_overlaps_compute,
                     "tp_overlap": (("forward and backward" if r["tp_overlap_bwd"] else "forward")
                                    if tp_overlapped(r["tp_overlap"][0], r["tp"][0]) else None),
+                    "cp_comm": r["cp_comm"] if r["cp"][0] > 1 else None,
                     "compute_slowdown": hw.contention.compute_slowdown if hw.comm_overlaps_compute else 0.0,
                     "contention_s": breakdown["contention"], "source": hw.contention.source,
                     "straggler_spread": hw.stragglers.spread, "stragglers_s": breakdown["stragglers"],

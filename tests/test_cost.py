@@ -176,6 +176,66 @@ def test_full_recompute_redoes_the_ring_exchange_of_the_forward():
     assert float(np.ravel(full.recompute_s)[0]) == pytest.approx(v["fwd_compute_s"] + v["contention_fwd_s"])
 
 
+def _cp_layer(model, hw, shard, cp, method, kv_repeat=False):
+    st = shard_times(model, hw, [shard], "bf16")
+    lt = layer_times(model, hw, st, shard.tokens, 2, 1, False, cp, NONE, 8, 1, flash=True, tp_overlap=False,
+                     cp_comm=method, kv_repeat=kv_repeat)
+    return {k: float(np.ravel(getattr(lt, k))[0])
+            for k in ("cp_fwd_s", "cp_raw_fwd_s", "cp_bwd_s", "cp_raw_bwd_s")}
+
+
+def test_torch_context_parallel_exchanges_as_its_ring_attention_runs():
+    """torch's context_parallel (plan.cp_comm alltoall, allgather), by hand on a link slow
+    enough to leave some exposed: the forward K,V pass as the p2p ring's, or gathered at
+    once beside the local block alone (1/cp of the attention); in backward the K,V again,
+    and their gradients in fp32 after each of the cp blocks, beside the next block, the last
+    pass exposed."""
+    model, cp = ZOO["llama-3-8b"], 4
+    shard = Shard(1, 32768 // cp, cp=cp, flash=True)
+    hw = replace(A100, contention=replace(A100.contention, compute_slowdown=0.0)).scaled(inter_node_bw=0.05)
+    core = [op for op in layer_ops(model, shard) if op.attention_core]
+    fwd, bwd_in, bwd_w, _ = _op_arrays(core, hw, "bf16")
+    core_f = fwd.sum()
+    core_b = bwd_in.sum() + bwd_w.sum() + sum(f for op, f in zip(core, fwd) if op.kernel_redo)
+    kv = 2 * shard.tokens * model.num_kv_heads * model.head_dim * 2
+    hop, hop32 = (float(hw.collective_time_s("send_recv", b, cp, 1)) for b in (kv, 2 * kv))
+    gather = float(hw.collective_time_s("all_gather", cp * kv, cp, 1))
+    exposed = lambda comm, beside: max(comm - beside, 0.0)
+    p2p, a2a, ag = (_cp_layer(model, hw, shard, cp, m) for m in ("p2p", "alltoall", "allgather"))
+    assert a2a["cp_raw_fwd_s"] == pytest.approx(p2p["cp_raw_fwd_s"]) == pytest.approx(3 * hop)
+    assert a2a["cp_fwd_s"] == pytest.approx(p2p["cp_fwd_s"])
+    assert ag["cp_raw_fwd_s"] == pytest.approx(gather)
+    assert ag["cp_fwd_s"] == pytest.approx(exposed(gather, core_f / cp))
+    assert ag["cp_fwd_s"] > 0  # the gather outlasts the local block
+    assert a2a["cp_raw_bwd_s"] == pytest.approx(3 * hop + 4 * hop32)
+    # the ring's K,V and gradient passes share the later blocks; the last pass follows the last
+    assert a2a["cp_bwd_s"] == pytest.approx(exposed(3 * hop + 3 * hop32, 0.75 * core_b) + hop32)
+    assert ag["cp_bwd_s"] == pytest.approx(exposed(gather, core_b / cp) + exposed(3 * hop32, 0.75 * core_b)
+                                           + hop32)
+    # keys and values repeated to the 32 query heads before the kernel: 4x the 8 kv heads' bytes
+    wide = _cp_layer(model, hw, shard, cp, "allgather", kv_repeat=True)
+    assert wide["cp_raw_fwd_s"] == pytest.approx(
+        float(hw.collective_time_s("all_gather", 4 * cp * kv, cp, 1)))
+
+
+def test_torch_ring_attention_merges_its_blocks_in_fp32():
+    """torch's context_parallel joins the cp blocks of attention in eager fp32 ops (plan.cp_comm
+    alltoall/allgather; Transformer Engine's p2p ring corrects its output in its kernels):
+    counted by hand on Llama 3 8B's layer, 8K local tokens, cp 4, K,V grouped or repeated."""
+    model, cp = ZOO["llama-3-8b"], 4
+    out = 8192 * 32 * 128  # the local query rows' output: 32 heads of 128
+    for repeat, kv in ((False, 8192 * 8 * 128), (True, out)):
+        shard = Shard(1, 8192 * cp, cp=cp, cp_comm="allgather", kv_repeat=repeat)
+        merges = [op for op in layer_ops(model, shard) if op.name == "cp_merge"]
+        # forward: casts 6 + 6, three merges of 32 after a cast of 6; backward: query 10 per
+        # block + 10, K,V 20 + 26 per later block + 16 per block + 12 + 8 zeroing
+        assert len(merges) == 1 and merges[0].bytes_moved == (12 + 3 * 38) * out
+        assert merges[0].bwd_bytes == 50 * out + (20 + 3 * 26 + 4 * 16 + 12 + 8) * kv
+    for method, shard_cp in (("p2p", cp), ("allgather", 1)):
+        assert not [op for op in layer_ops(model, Shard(1, 8192 * shard_cp, cp=shard_cp, cp_comm=method))
+                    if op.name == "cp_merge"]
+
+
 def test_collective_over_one_group_shape_is_each_message_priced_alone():
     messages = np.array([[1e3, 1e6], [3e7, 2e9]])
     one = collective_s(A100, "all_reduce", messages, 16, 8, 0.5)

@@ -473,6 +473,11 @@ def test_deepspeed_moe_command_and_reduce_dtype():
      "master_weights"),
     ("megatron", "llama-2-13b", dict(dp=8, tp=8, zero=0, moments_dtype="bf16"), "moments_dtype"),
     ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, moments_dtype="bf16"), "master_weights"),
+    ("torchtitan", "llama-3-8b", dict(dp=2, cp=4, zero=3, cp_comm="p2p"), "cp_comm"),  # torch's rotation
+    ("torchtitan", "llama-3-8b", dict(dp=2, cp=4, zero=3, cp_comm="alltoall"), "cp_comm"),  # 0.3: no option
+    ("megatron", "llama-3-8b", dict(dp=2, cp=4, cp_comm="allgather"), "cp_comm"),
+    ("torchtitan", "llama-3-70b", dict(dp=8, tp=8, sp=True, zero=3, kv_repeat=True), "kv_repeat"),
+    ("megatron", "llama-3-70b", dict(dp=8, tp=8, kv_repeat=True), "kv_repeat"),
 ])
 def test_new_knob_refusals_name_target_and_knob(target, model_arg, knobs, knob):
     with pytest.raises(PlanError) as err:
@@ -491,6 +496,23 @@ def test_cli_emit_for_a_model_the_target_cannot_build_names_only_the_model():
     error = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2 and "--emit megatron: model:" in error and "sliding-window" in error
     assert "zero" not in error.lower()
+
+
+def test_context_parallel_exchange_is_exported_as_priced():
+    """The CP exchange the plan was priced with: Megatron-LM's --cp-comm-type p2p; torchtitan
+    0.2's context_parallel_rotate_method (a search for torchtitan prices torch's default
+    all-gather: exports.dictated); 0.3, which has no such option, runs that default."""
+    args = export("megatron", job("llama-3-8b", gpus=8, dp=2, cp=4)).args
+    assert args[args.index("--cp-comm-type") + 1] == "p2p"
+    assert "--cp-comm-type" not in export("megatron", job("llama-3-8b", gpus=8, dp=8)).args
+    for method in ("allgather", "alltoall"):
+        e = export("torchtitan", titan_job("llama-3-8b", gpus=8, version="0.2", dp=2, cp=4, zero=3,
+                                           cp_comm=method))
+        parallelism = tomllib.loads(dict(e.files)["torchtitan-job.toml"])["parallelism"]
+        assert parallelism["context_parallel_rotate_method"] == method
+    assert dictated("torchtitan", {})["cp_comm"] == "allgather"
+    newest = export("torchtitan", titan_job("llama-3-8b", gpus=8, dp=2, cp=4, zero=3))
+    assert not any("rotate" in a for a in newest.args)
 
 
 def test_megatron_precision_aware_optimizer_flags():

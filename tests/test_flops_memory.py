@@ -237,6 +237,28 @@ def test_dense_layer_activations_by_hand():
     assert layer_activation_bytes(replace(gated, gated_mlp=False), shard, "none") == common + plain_mlp
 
 
+def test_repeated_keys_and_values_are_kept_as_wide_as_the_queries():
+    """plan.kv_repeat: the attention kernel saves the repeated K and V for its backward, as
+    wide as the queries, in place of the grouped ones; full recompute keeps the layer input
+    alone either way, and a model without grouped heads repeats nothing."""
+    # 4 query heads of 16 over 1 kv head (TP 1), 8 tokens, bf16
+    grouped = ModelSpec("g", 2, 64, 4, 1, 128, 100, 64)
+    shard = Shard(1, 8)
+    extra = 2 * 8 * 2 * (4 - 1) * 16  # K and V: 3 more heads each, 8 tokens, 2 bytes
+    for rc in ("none", "selective"):
+        assert (layer_activation_bytes(grouped, replace(shard, kv_repeat=True), rc)
+                == layer_activation_bytes(grouped, shard, rc) + extra)
+    assert (layer_activation_bytes(grouped, replace(shard, kv_repeat=True), "full")
+            == layer_activation_bytes(grouped, shard, "full"))
+    mha = ModelSpec("m", 2, 64, 4, 4, 128, 100, 64)
+    assert (layer_activation_bytes(mha, replace(shard, kv_repeat=True), "none")
+            == layer_activation_bytes(mha, shard, "none"))
+    # the copy: K and V read grouped and written wide, the gradients summed back in backward
+    copy = [op for op in layer_ops(grouped, replace(shard, kv_repeat=True)) if op.name == "kv_repeat"]
+    assert len(copy) == 1 and copy[0].bytes_moved == copy[0].bwd_bytes == 2 * 8 * (4 + 1) * 16 * 2
+    assert not [op for op in layer_ops(mha, replace(shard, kv_repeat=True)) if op.name == "kv_repeat"]
+
+
 def test_fp8_linears_keeping_fp8_inputs_by_hand():
     # the dense layer above in FP8: Transformer Engine keeps the QKV and MLP inputs (8 tokens
     # of 64) and the down projection's input (64 wide per device) at 1 byte instead of 2, and

@@ -144,7 +144,8 @@ def print_summary(result) -> None:
     console = common.console()
     head = Table(title=f"{result.model.name}: {result.cluster.num_gpus} x {result.hardware}",
                  show_header=False)
-    knobs = (f"dp {plan.dp}  tp {plan.tp}{' +sp' if plan.sp else ''}  pp {plan.pp}  cp {plan.cp}  "
+    exchange = f" ({plan.cp_comm})" if plan.cp > 1 and plan.cp_comm != "p2p" else ""
+    knobs = (f"dp {plan.dp}  tp {plan.tp}{' +sp' if plan.sp else ''}  pp {plan.pp}  cp {plan.cp}{exchange}  "
              f"zero {plan.zero}  recompute {plan.recompute}  micro-batch {plan.micro_batch} x "
              f"{plan.num_microbatches}  schedule {plan.schedule}"
              + (f" (v={plan.virtual_stages})" if plan.virtual_stages > 1 else ""))

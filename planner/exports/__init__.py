@@ -95,7 +95,8 @@ def dictated(target: str, fixed: dict, hw: HardwareProfile | None = None) -> dic
     and the profile: a search for it prices that unless the user fixed the field too (then
     the target's rules refuse what it cannot run). torchtitan compiles its loss with the
     model, so an uncompiled (elementwise eager) plan's loss is eager; its async TP overlaps
-    the forward only. Megatron-LM's default attention backend (auto) lets Transformer
+    the forward only; its context parallelism rotates K,V by torch's default all-gather.
+    Megatron-LM's default attention backend (auto) lets Transformer
     Engine choose, which takes cuDNN's kernel on Hopper: where the profile prices that
     kernel (its cudnn_attention), so does the search."""
     if target == "megatron" and hw is not None and hw.cudnn_attention is not None:
@@ -103,7 +104,7 @@ def dictated(target: str, fixed: dict, hw: HardwareProfile | None = None) -> dic
     if target == "deepspeed":
         return {"mlp_kernel": "eager"}
     if target == "torchtitan":
-        return {"fp8_saved_dtype": "bf16", "tp_overlap_scope": "forward",
+        return {"fp8_saved_dtype": "bf16", "tp_overlap_scope": "forward", "cp_comm": "allgather",
                 "cross_entropy": "eager" if fixed.get("elementwise") == "eager" else "compiled"}
     return {}
 

@@ -107,6 +107,8 @@ def parallel_args(job: TrainJob) -> list[tuple[str, object]]:
     flags = [("--tensor-model-parallel-size", p.tp), ("--pipeline-model-parallel-size", p.pp),
              ("--context-parallel-size", p.cp), ("--micro-batch-size", p.micro_batch),
              ("--global-batch-size", p.global_batch), ("--seq-length", p.seq_len)]
+    if p.cp > 1:  # its default, written out: the ring the plan was priced as (rules)
+        flags.append(("--cp-comm-type", p.cp_comm))
     if p.sp:
         flags.append(("--sequence-parallel", None))
     if p.pp > 1 and len(set(job.partition)) > 1:

@@ -57,6 +57,8 @@ def _parallelism(job: TrainJob, version: str) -> dict:
     if p.pp > 1:
         keys.update(pipeline_parallel_schedule=TORCH_SCHEDULES[p.schedule],
                     pipeline_parallel_microbatch_size=p.micro_batch)
+    if p.cp > 1 and version == "0.2":  # 0.3 takes torch's default rotation (rules: allgather)
+        keys["context_parallel_rotate_method"] = p.cp_comm
     if job.model.num_experts:
         keys["expert_parallel_degree"] = p.ep
         if version == "0.2":  # 0.3 derives it: 1 under EP, TP's without
