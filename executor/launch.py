@@ -87,9 +87,11 @@ def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOpti
         check_token_file(options.data, plan.seq_len, model.vocab_size, plan.global_batch)
     hw = load_profile(options.profile)
     plan = dataclasses.replace(plan, **EXECUTOR_KERNELS)
-    if plan.pp > 1 and plan.layer_partition is None:
-        plan = dataclasses.replace(plan, layer_partition=pipeline_partition(model, plan, cluster, hw))
-    ran = dataclasses.replace(plan, dtype=compute_dtype(plan.dtype, device_type()))
+    dtype = compute_dtype(plan.dtype, device_type())
+    if plan.pp > 1 and plan.layer_partition is None:  # split as priced in the dtype it computes in
+        plan = dataclasses.replace(plan, layer_partition=pipeline_partition(
+            model, dataclasses.replace(plan, dtype=dtype), cluster, hw))
+    ran = dataclasses.replace(plan, dtype=dtype)
     issues, resumed = memory_issues(simulate(model, ran, cluster, hw).peak_memory_bytes, hw), None
     if options.checkpoint_dir is not None and plan.ep > 1:
         issues.append(("run.checkpoint_dir", "the executor does not checkpoint expert-parallel "

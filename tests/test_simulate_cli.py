@@ -311,3 +311,27 @@ def test_serving_plan_on_a_cpu_profile_holds_the_dtype_the_executor_serves_in():
         assert (plan["dtype"], plan["kv_dtype"]) == ("fp32", "fp32")
     gpu = json.loads(meshplan(*flags, "--hardware", "a100-80gb").stdout)["plans"][0]["plan"]
     assert gpu["dtype"] != "fp32"
+
+
+def test_simulate_on_a_cpu_profile_prices_the_plan_as_meshplan_run_runs_it():
+    """`meshplan simulate` on a profile measured on CPU ranks holds what the executor runs
+    there (executor.options.training_fields, serving_dtype) unless the user gave it, as
+    `meshplan plan` and `meshplan run` do, and says so; a GPU profile prices the plan given."""
+    from meshplan.executor.options import training_fields
+
+    flags = ("simulate", "--model", "examples/tiny-llama/config.json", "--gpus", 2, "--global-batch", 8,
+             "--seq-len", 128, "--pp", 2, "--json")
+    held = training_fields("bf16", "cpu")
+    plan = json.loads(meshplan(*flags, "--hardware", "local").stdout)["plan"]
+    assert {k: plan[k] for k in held} == held
+    given = json.loads(meshplan(*flags, "--hardware", "local", "--mlp-kernel", "fused",
+                                "--elementwise", "fused").stdout)["plan"]
+    assert (given["mlp_kernel"], given["elementwise"], given["dtype"]) == ("fused", "fused", "fp32")
+    gpu = json.loads(meshplan(*flags, "--hardware", "a100-80gb").stdout)["plan"]
+    assert (gpu["dtype"], gpu["mlp_kernel"]) == ("bf16", "fused")
+    text = meshplan(*flags[:-1], "--hardware", "local")
+    assert text.returncode == 0 and "priced as `meshplan run` trains on these CPU ranks" in text.stdout
+    serving = ("simulate", "--mode", "inference", "--model", "examples/tiny-llama/config.json", "--gpus", 2,
+               "--batch", 4, "--prompt-len", 64, "--gen-len", 32, "--json")
+    served = json.loads(meshplan(*serving, "--hardware", "local", "--dtype", "bf16").stdout)["plan"]
+    assert (served["dtype"], served["kv_dtype"]) == ("fp32", "fp32")

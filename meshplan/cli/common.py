@@ -9,6 +9,7 @@ import dataclasses
 import sys
 
 from meshplan.core.errors import PlanError
+from meshplan.executor.options import EXECUTOR_KERNELS, serving_dtype, training_fields
 from meshplan.simulator.model_spec import LoadedModel, ModelSpec, read_model
 from meshplan.simulator.plan import Cluster, Plan, load_plan_fields
 from meshplan.simulator.quantize import QUANTIZATIONS
@@ -275,3 +276,29 @@ def probe_again(args: argparse.Namespace, hw, drift, later: list[float], after: 
     drift = drift.with_step_readings(hw, later, later_decode)
     print(f"meshplan {args.command}: after {after}, {drift.text()}", file=sys.stderr)
     return drift
+
+
+def held_fields(fixed: dict, hw) -> dict:
+    """The user's plan fields, and on a profile measured on CPU ranks, where meshplan's
+    executor is what trains, what it runs whatever the plan says (its eager kernels, the
+    dtype it computes in there) unless the user gave them: plans are then priced as
+    `meshplan run` will run them."""
+    if hw.measured_on != "cpu":
+        return fixed
+    given = {k: v for k, v in fixed.items() if k != "dtype"}
+    return {**training_fields(fixed.get("dtype", "bf16"), "cpu"), **given}
+
+
+def held_note(verb: str, fixed: dict) -> str:
+    """The line under a training result on a CPU profile naming the fields held_fields held."""
+    return (f"{verb} as `meshplan run` trains on these CPU ranks: "
+            + ", ".join(f"{k} {fixed[k]}" for k in sorted((*EXECUTOR_KERNELS, "dtype"))))
+
+
+def held_serving_fields(fields: dict, hw) -> dict:
+    """Serving plan fields, on a profile measured on CPU ranks with the dtype meshplan's
+    executor serves in there (weights and KV cache: executor.options.serving_dtype)."""
+    if hw.measured_on != "cpu":
+        return fields
+    dtype = serving_dtype(fields.get("dtype", "fp16"), "cpu")
+    return {**fields, "dtype": dtype, "kv_dtype": dtype}

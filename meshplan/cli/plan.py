@@ -10,7 +10,6 @@ from meshplan.cli.simulate import params_text
 from meshplan.core.io import dump_json
 from meshplan.core.errors import PlanError
 from meshplan.core.units import GIB, rate_text
-from meshplan.executor.options import EXECUTOR_KERNELS, serving_dtype, training_fields
 from meshplan.planner import launch_scripts
 
 
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     fixed = common.user_plan_fields(args)
     if args.emit:
         return emit(args, model, cluster, hw, fixed)
-    fixed = held_fields(fixed, hw)
+    fixed = common.held_fields(fixed, hw)
     found = search(model, cluster, hw, fixed)
     why = explain(model, cluster, hw, found.ranked, fixed)
     if args.json:
@@ -92,20 +91,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_ranking(found, why, args.top)
         if hw.measured_on == "cpu":
-            print("planned as `meshplan run` trains on these CPU ranks: "
-                  + ", ".join(f"{k} {fixed[k]}" for k in sorted((*EXECUTOR_KERNELS, "dtype"))))
+            print(common.held_note("planned", fixed))
     return 0
-
-
-def held_fields(fixed: dict, hw) -> dict:
-    """The user's plan fields, and on a profile measured on CPU ranks, where meshplan's
-    executor is what trains, what it runs whatever the plan says (its eager kernels, the
-    dtype it computes in there) unless the user gave them: the search then ranks the plans
-    as `meshplan run` will run them."""
-    if hw.measured_on != "cpu":
-        return fixed
-    given = {k: v for k, v in fixed.items() if k != "dtype"}
-    return {**training_fields(fixed.get("dtype", "bf16"), "cpu"), **given}
 
 
 def run_capacity(args: argparse.Namespace) -> int:
@@ -122,7 +109,7 @@ def run_capacity(args: argparse.Namespace) -> int:
     hw = load_profile(args.hardware)
     per_node = args.gpus_per_node or hw.gpus_per_node
     counts = gpu_counts(args.gpus or f"{per_node}-16384", per_node)
-    fixed = held_fields(common.user_plan_fields(args), hw)
+    fixed = common.held_fields(common.user_plan_fields(args), hw)
     missing = [(f"plan.{k}", "missing", "give it as a flag") for k in ("global_batch", "seq_len") if k not in fixed]
     if missing:
         raise PlanError.of(missing)
@@ -238,10 +225,7 @@ def run_inference(args: argparse.Namespace) -> int:
         if getattr(args, name) is None:
             raise PlanError(flag, "missing", f"pass {flag} N with --mode inference")
     fixed = {k: getattr(args, k) for k in FIXABLE if getattr(args, k) is not None}
-    if hw.measured_on == "cpu":
-        # meshplan's executor serves on CPU ranks, weights and KV cache in serving_dtype
-        dtype = serving_dtype(fixed.get("dtype", "fp16"), "cpu")
-        fixed = {**fixed, "dtype": dtype, "kv_dtype": dtype}
+    fixed = common.held_serving_fields(fixed, hw)
     ms = lambda v: None if v is None else v / 1e3  # noqa: E731
     found = search_inference(model, cluster, hw, args.prompt_len, args.gen_len,
                              slo_ttft_s=ms(args.slo_ttft_ms), slo_tpot_s=ms(args.slo_tpot_ms),

@@ -29,7 +29,7 @@ def resolve(args: argparse.Namespace):
     model = common.load_model_arg(args)
     hw = load_profile(args.hardware)
     cluster = common.cluster_from_args(args, hw.gpus_per_node)
-    plan = checked_plan(common.user_plan_fields(args), model, cluster)
+    plan = checked_plan(common.held_fields(common.user_plan_fields(args), hw), model, cluster)
     return model, plan, cluster, hw
 
 
@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(dump_json(result.to_json()))
     else:
         print_summary(result)
+        if hw.measured_on == "cpu":
+            print(common.held_note("priced", plan.to_dict()))
     return 0
 
 
@@ -62,7 +64,7 @@ def run_inference(args: argparse.Namespace) -> int:
     model = common.load_serving_model(args)
     hw = load_profile(args.hardware)
     cluster = common.cluster_from_args(args, hw.gpus_per_node)
-    plan = InferencePlan(**common.inference_plan_fields(args, cluster))
+    plan = InferencePlan(**common.held_serving_fields(common.inference_plan_fields(args, cluster), hw))
     result = simulate_inference(model, plan, cluster, hw)
     if not result.fits:
         raise _over_memory_serving(result, hw.memory_bytes)
@@ -70,6 +72,9 @@ def run_inference(args: argparse.Namespace) -> int:
         sys.stdout.write(dump_json(result.to_json()))
     else:
         print_inference_summary(result.to_json(), model.name, hw.name)
+        if hw.measured_on == "cpu":
+            print(f"priced as `meshplan run --mode inference` serves on these CPU ranks: weights and KV cache "
+                  f"in {plan.dtype}")
     return 0
 
 
