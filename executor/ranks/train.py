@@ -109,9 +109,11 @@ class Job:
         if self.plan.pp > 1:
             losses: list[torch.Tensor] = []
             with autocast:
+                # the last stage's outputs (logits) are not wanted: without return_outputs
+                # False torch keeps every micro-batch's until the next step (output_chunks)
                 self.schedule.step(*([inputs] if self.has_first else []),
                                    target=targets if self.has_last else None,
-                                   losses=losses if self.has_last else None)
+                                   losses=losses if self.has_last else None, return_outputs=False)
             for module in self.modules:
                 reduce_expert_gradients(module)
             return torch.stack(losses).mean().detach() if losses else torch.zeros((), device=self.device)
