@@ -248,7 +248,9 @@ CP_EXCHANGES = {
     "alltoall": "CP passes K,V round a ring beside the later blocks' attention, and their gradients "
                 "in fp32 after each block, the last pass exposed (torch's context_parallel)",
     "allgather": "CP gathers K,V beside the local block's attention alone, and passes their gradients "
-                 "in fp32 after each block, the last pass exposed (torch's context_parallel)"}
+                 "in fp32 after each block, the last pass exposed (torch's context_parallel)",
+    "a2a": "CP all-to-alls Q,K,V to head shards before the attention and its output back, exposed "
+           "(Ulysses)"}
 
 
 def communication_lines(communication: dict) -> list[str]:

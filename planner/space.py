@@ -27,8 +27,8 @@ from meshplan.hw_profiles.fabric import Fabric, training_groups
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.step import group_ids
-from meshplan.simulator.plan import (ATTENTION, DTYPES, PLAN_WIDE, RECOMPUTE, SCHEDULES, Cluster, Plan,
-                                     checked_plan, expert_order, grad_sync_once)
+from meshplan.simulator.plan import (ATTENTION, CP_COMMS, DTYPES, PLAN_WIDE, RECOMPUTE, SCHEDULES, Cluster,
+                                     Plan, checked_plan, expert_order, grad_sync_once)
 
 # Rank orders tried, innermost first: Megatron-LM's default (tp-cp-dp-pp), its
 # --use-tp-pp-dp-mapping (tp-cp-pp-dp), data parallel inside context parallel, data parallel
@@ -59,7 +59,8 @@ def _legal(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict,
     if table.empty:
         return table
     scalars = {"global_batch": fixed["global_batch"], "seq_len": fixed["seq_len"],
-               "layer_partition": fixed.get("layer_partition"), "dtype": fixed.get("dtype", DTYPES[1])}
+               "layer_partition": fixed.get("layer_partition"), "dtype": fixed.get("dtype", DTYPES[1]),
+               "cp_comm": fixed.get("cp_comm", CP_COMMS[0])}
     available = set(table.columns) | set(scalars) - (
         {"layer_partition"} if "virtual_stages" not in table.columns else set())
     fresh = None if new is None else set(new) | ({"layer_partition"} if "virtual_stages" in new else set())

@@ -322,21 +322,22 @@ def ep_counts_s(model: ModelSpec, hw: HardwareProfile, ep, ep_rpn) -> np.ndarray
 @dataclass(frozen=True)
 class CPExchange:
     """A layer's context-parallel exchange (cp_comm_s), by the attention it runs beside: the
-    local (first) block's, the later blocks', or none (after the last block)."""
+    local (first) block's, the later blocks', or none (alone: exposed)."""
 
     fwd_first_s: np.ndarray
     fwd_rest_s: np.ndarray
+    fwd_alone_s: np.ndarray
     bwd_first_s: np.ndarray
     bwd_rest_s: np.ndarray
-    bwd_last_s: np.ndarray
+    bwd_alone_s: np.ndarray
 
     @property
     def fwd_s(self) -> np.ndarray:
-        return self.fwd_first_s + self.fwd_rest_s
+        return self.fwd_first_s + self.fwd_rest_s + self.fwd_alone_s
 
     @property
     def bwd_s(self) -> np.ndarray:
-        return self.bwd_first_s + self.bwd_rest_s + self.bwd_last_s
+        return self.bwd_first_s + self.bwd_rest_s + self.bwd_alone_s
 
 
 def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp, cp_rpn,
@@ -346,20 +347,30 @@ def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp
     backward with their gradients in one buffer of their dtype. alltoall: the same forward;
     allgather: the chunks gathered at once beside the local block. In backward torch passes
     the K,V again as in forward, and their gradients in fp32 after each of the cp blocks,
-    each beside the next but the last. K,V of the kv heads, or of the query heads where they
-    are repeated before the kernel (`kv_repeat`)."""
+    each beside the next but the last. a2a (DeepSpeed-Ulysses, Jacobs et al. 2023 sec 3;
+    Transformer Engine's AttnFuncWithCPAndQKVOA2A): Q,K,V all-to-all'ed from sequence to head
+    shards before the kernel and the output back after it, in backward the output and its
+    gradient in and the Q,K,V gradients back, nothing beside them. K,V of the kv heads, or
+    of the query heads where they are repeated before the kernel (`kv_repeat`)."""
     heads = (model.num_heads if kv_repeat else model.num_kv_heads) // tp
     kv_bytes = 2 * np.asarray(tokens, dtype=float) * heads * model.head_dim * dtype_bytes
     hop = collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn, cp_share)
     none = np.zeros_like(hop)
     if method == "p2p":
         both = collective_s(hw, "send_recv", 2 * kv_bytes, cp, cp_rpn, cp_share)
-        return CPExchange(none, (cp - 1) * hop, none, (cp - 1) * both, none)
+        return CPExchange(none, (cp - 1) * hop, none, none, (cp - 1) * both, none)
+    if method == "a2a":
+        per_head = np.asarray(tokens, dtype=float) * (model.num_heads // tp) * dtype_bytes
+        q_bytes, out_bytes = per_head * model.head_dim, per_head * model.value_head_dim
+        qkv = collective_s(hw, "all_to_all", q_bytes + kv_bytes, cp, cp_rpn, cp_share)
+        out = collective_s(hw, "all_to_all", out_bytes, cp, cp_rpn, cp_share)
+        outs = collective_s(hw, "all_to_all", 2 * out_bytes, cp, cp_rpn, cp_share)
+        return CPExchange(none, none, qkv + out, none, none, outs + qkv)
     grads = collective_s(hw, "send_recv", kv_bytes * 4 / dtype_bytes, cp, cp_rpn, cp_share)
     if method == "alltoall":
-        return CPExchange(none, (cp - 1) * hop, none, (cp - 1) * (hop + grads), grads)
+        return CPExchange(none, (cp - 1) * hop, none, none, (cp - 1) * (hop + grads), grads)
     gather = collective_s(hw, "all_gather", cp * kv_bytes, cp, cp_rpn, cp_share)
-    return CPExchange(gather, none, gather, (cp - 1) * grads, grads)
+    return CPExchange(gather, none, none, gather, (cp - 1) * grads, grads)
 
 
 def overlap_split(comm_s, compute_s, hw: HardwareProfile, min_exposed_s=0.0):
@@ -518,7 +529,7 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     forward's). CP's exchange (`cp_comm`, cp_comm_s) hides behind the attention blocks it
     runs beside, in backward behind the core's backward with the scores the fused kernel
     redoes (five matmuls against the forward's two, Op.kernel_redo); torch's last pass of
-    the K,V gradients, after the last block, stays exposed. In the MoE layers (with SP, or
+    the K,V gradients, after the last block, and the a2a exchange stay exposed. In the MoE layers (with SP, or
     without TP) the experts' half of the TP communication becomes the expert mesh's exchange
     (ep_comm_s), except that shared experts run as a TP MLP and keep theirs; nothing in its
     own micro-batch overlaps the exchange.
@@ -555,7 +566,7 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
                                          overlap_split(cx.fwd_rest_s, (cp - 1) * lay.core_s / cp, hw)))
     cp_b, cp_cb = (a + b for a, b in zip(overlap_split(cx.bwd_first_s, core_b / cp, hw),
                                          overlap_split(cx.bwd_rest_s, (cp - 1) * core_b / cp, hw)))
-    cp_b = cp_b + cx.bwd_last_s
+    cp_f, cp_b = cp_f + cx.fwd_alone_s, cp_b + cx.bwd_alone_s
     full, op = recompute == FULL, recompute == OP
     redo = (lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + cp_cf + split_f) * full
             + lay.sac_redo_s * op + lay.module_redo_s * (recompute == NORM_ACT))

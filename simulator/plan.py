@@ -77,8 +77,10 @@ TP_OVERLAP_SCOPES = ("both", "forward")
 # context_parallel_rotate_method, allgather its and torch's default): the ring by all-to-all,
 # or all the chunks gathered once beside the local block; in backward both pass the K,V
 # gradients round the ring in fp32 (_cp_options.convert_to_f32) after each block, the last
-# pass after the last block (torch _templated_ring_attention_backward). cost.cp_comm_s.
-CP_COMMS = ("p2p", "alltoall", "allgather")
+# pass after the last block (torch _templated_ring_attention_backward); a2a, DeepSpeed-
+# Ulysses (Megatron-LM --cp-comm-type a2a): Q,K,V all-to-all'ed to head shards of the whole
+# sequence and the output back, exposed. cost.cp_comm_s.
+CP_COMMS = ("p2p", "alltoall", "allgather", "a2a")
 # When sharded (ZeRO-2/3) gradients are reduced under gradient accumulation: once, in the
 # step's last micro-batch, accumulated whole until then (FSDP2's set_requires_gradient_sync
 # (False), which torch.distributed.pipelining sets for every other backward:
@@ -174,8 +176,8 @@ class Plan:
                                  "(Megatron-LM --tp-comm-overlap) or the forward alone (torchtitan "
                                  "async TP)", choices=TP_OVERLAP_SCOPES)
     cp_comm: str = knob("p2p", "how CP exchanges keys and values: p2p ring (Megatron-LM --cp-comm-type "
-                        "p2p) or torch context_parallel's alltoall or allgather rotation (torchtitan)",
-                        choices=CP_COMMS)
+                        "p2p), torch context_parallel's alltoall or allgather rotation (torchtitan), or "
+                        "a2a, Ulysses' all-to-all to head shards (--cp-comm-type a2a)", choices=CP_COMMS)
     kv_repeat: bool = knob(False, "keys and values repeated to the query heads before the attention "
                            "kernel (torchtitan's Llama until 2025, Hugging Face's repeat_kv), not read "
                            "grouped by it")

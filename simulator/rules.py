@@ -206,6 +206,16 @@ TRAINING = PLAN + (
     _rule("plan.cp", "cp seq_len", lambda x, m, c: (x.cp == 1) | (x.seq_len % (2 * x.cp) == 0),
           lambda x, m, c: f"seq_len {x.seq_len} is not divisible by 2*cp = {2 * x.cp}",
           "choose cp so that 2*cp divides the sequence"),
+    # Ulysses' all-to-all hands each CP rank whole heads (Transformer Engine asserts it of Q's
+    # and K's local heads) and has no latent-attention path (attn_forward_func_with_cp)
+    _rule("plan.cp_comm", "cp cp_comm tp",
+          lambda x, m, c: (x.cp == 1) | (x.cp_comm != "a2a") | (
+              (m.kv_lora_rank == 0) & ((m.num_heads // x.tp) % x.cp == 0)
+              & (np.maximum(1, m.num_kv_heads // x.tp) % x.cp == 0)),
+          lambda x, m, c: (f"{m.name}'s latent attention has no all-to-all CP" if m.kv_lora_rank else
+                           f"all-to-all CP needs cp {x.cp} to divide each TP rank's {m.num_heads // x.tp} "
+                           f"query and {max(1, m.num_kv_heads // x.tp)} key/value heads"),
+          "plan with cp_comm p2p, or a cp dividing the heads per TP rank"),
     _rule("plan.sp", "sp seq_len cp tp",
           lambda x, m, c: np.logical_not(x.sp) | ((x.seq_len // x.cp) % x.tp == 0),
           lambda x, m, c: f"sequence {x.seq_len // x.cp} per CP rank not divisible by tp {x.tp}",
@@ -571,9 +581,10 @@ _TORCHTITAN = (
     _flavor_rule("0.3"),
     _learned_routing("torchtitan"),
     # torch's context_parallel rotates K,V by all-to-all or all-gather (set_rotate_method)
-    _rule("plan.cp_comm", "cp cp_comm", lambda x, m, c: (x.cp == 1) | (x.cp_comm != "p2p"),
+    _rule("plan.cp_comm", "cp cp_comm",
+          lambda x, m, c: (x.cp == 1) | (x.cp_comm == "allgather") | (x.cp_comm == "alltoall"),
           lambda x, m, c: "torchtitan runs torch's context_parallel, whose ring rotates keys and values by "
-          "all-to-all or all-gather, not Transformer Engine's p2p ring",
+          f"all-to-all or all-gather, not {x.cp_comm}",
           "plan with cp_comm allgather (or alltoall for torchtitan 0.2)"),
     # models/*/model.py since v0.2.2: scaled_dot_product_attention(..., enable_gqa=...)
     _rule("plan.kv_repeat", "kv_repeat", lambda x, m, c: np.logical_not(x.kv_repeat),
@@ -720,11 +731,12 @@ FRAMEWORKS = {
     "megatron": (
         # --moe-router-force-load-balancing draws random scores: learned-like spread, not in turn
         _learned_routing("Megatron-LM"),
-        # --cp-comm-type p2p, its default; its all_gather (Transformer Engine's
+        # --cp-comm-type p2p (its default) or a2a; its all_gather (Transformer Engine's
         # AttnFuncWithCPAndKVAllGather) leaves the gather exposed, which cp_comm_s does not price
-        _rule("plan.cp_comm", "cp cp_comm", lambda x, m, c: (x.cp == 1) | (x.cp_comm == "p2p"),
-              lambda x, m, c: f"Megatron-LM's context parallelism is priced as its p2p ring, not {x.cp_comm} "
-              "(torch's context_parallel)", "plan with cp_comm p2p"),
+        _rule("plan.cp_comm", "cp cp_comm",
+              lambda x, m, c: (x.cp == 1) | (x.cp_comm == "p2p") | (x.cp_comm == "a2a"),
+              lambda x, m, c: f"Megatron-LM's context parallelism is priced as its p2p ring or a2a, not "
+              f"{x.cp_comm} (torch's context_parallel)", "plan with cp_comm p2p or a2a"),
         # Transformer Engine's DotProductAttention reads grouped K,V (num_gqa_groups)
         _rule("plan.kv_repeat", "kv_repeat", lambda x, m, c: np.logical_not(x.kv_repeat),
               lambda x, m, c: "Megatron-LM's attention reads grouped keys and values, repeating none",

@@ -218,6 +218,22 @@ def test_torch_context_parallel_exchanges_as_its_ring_attention_runs():
         float(hw.collective_time_s("all_gather", 4 * cp * kv, cp, 1)))
 
 
+def test_ulysses_all_to_all_is_exposed_whole():
+    """plan.cp_comm a2a (DeepSpeed-Ulysses; Transformer Engine's AttnFuncWithCPAndQKVOA2A), by
+    hand: forward Q,K,V to head shards in one all-to-all and the output back in another,
+    backward the output with its gradient in and the Q,K,V gradients back, nothing beside
+    them; no merges (one kernel over the whole sequence)."""
+    model, cp = ZOO["llama-3-8b"], 4
+    shard = Shard(1, 32768 // cp, cp=cp, flash=True)
+    tokens = shard.tokens
+    q, kv, out = (tokens * heads * 128 * 2 for heads in (32, 2 * 8, 32))
+    a2a = lambda b: float(A100.collective_time_s("all_to_all", b, cp, 1))  # noqa: E731
+    got = _cp_layer(model, A100, shard, cp, "a2a")
+    assert got["cp_fwd_s"] == pytest.approx(got["cp_raw_fwd_s"]) == pytest.approx(a2a(q + kv) + a2a(out))
+    assert got["cp_bwd_s"] == pytest.approx(got["cp_raw_bwd_s"]) == pytest.approx(a2a(2 * out) + a2a(q + kv))
+    assert not [op for op in layer_ops(model, replace(shard, cp_comm="a2a")) if op.name == "cp_merge"]
+
+
 def test_torch_ring_attention_merges_its_blocks_in_fp32():
     """torch's context_parallel joins the cp blocks of attention in eager fp32 ops (plan.cp_comm
     alltoall/allgather; Transformer Engine's p2p ring corrects its output in its kernels):

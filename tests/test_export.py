@@ -476,6 +476,7 @@ def test_deepspeed_moe_command_and_reduce_dtype():
     ("torchtitan", "llama-3-8b", dict(dp=2, cp=4, zero=3, cp_comm="p2p"), "cp_comm"),  # torch's rotation
     ("torchtitan", "llama-3-8b", dict(dp=2, cp=4, zero=3, cp_comm="alltoall"), "cp_comm"),  # 0.3: no option
     ("megatron", "llama-3-8b", dict(dp=2, cp=4, cp_comm="allgather"), "cp_comm"),
+    ("torchtitan", "llama-3-8b", dict(dp=2, cp=4, zero=3, cp_comm="a2a"), "cp_comm"),
     ("torchtitan", "llama-3-70b", dict(dp=8, tp=8, sp=True, zero=3, kv_repeat=True), "kv_repeat"),
     ("megatron", "llama-3-70b", dict(dp=8, tp=8, kv_repeat=True), "kv_repeat"),
 ])
@@ -499,11 +500,12 @@ def test_cli_emit_for_a_model_the_target_cannot_build_names_only_the_model():
 
 
 def test_context_parallel_exchange_is_exported_as_priced():
-    """The CP exchange the plan was priced with: Megatron-LM's --cp-comm-type p2p; torchtitan
+    """The CP exchange the plan was priced with: Megatron-LM's --cp-comm-type p2p or a2a; torchtitan
     0.2's context_parallel_rotate_method (a search for torchtitan prices torch's default
     all-gather: exports.dictated); 0.3, which has no such option, runs that default."""
-    args = export("megatron", job("llama-3-8b", gpus=8, dp=2, cp=4)).args
-    assert args[args.index("--cp-comm-type") + 1] == "p2p"
+    for method in ("p2p", "a2a"):
+        args = export("megatron", job("llama-3-8b", gpus=8, dp=2, cp=4, cp_comm=method)).args
+        assert args[args.index("--cp-comm-type") + 1] == method
     assert "--cp-comm-type" not in export("megatron", job("llama-3-8b", gpus=8, dp=8)).args
     for method in ("allgather", "alltoall"):
         e = export("torchtitan", titan_job("llama-3-8b", gpus=8, version="0.2", dp=2, cp=4, zero=3,

@@ -30,6 +30,8 @@ def test_legal_plan_validates():
      Cluster(80, 8), "plan.pp"),                                                  # 160 > 80 layers
     (dict(layer_partition=(20, 20, 20, 19)), Cluster(64, 8), "layer_partition"),
     (dict(schedule="interleaved", virtual_stages=2, global_batch=6), Cluster(64, 8), "plan.global_batch"),
+    # Ulysses' all-to-all: cp 16 does not divide a TP 8 rank's 8 query heads (nor its one KV head)
+    (dict(dp=1, cp=16, pp=1, global_batch=16, cp_comm="a2a"), Cluster(128, 8), "plan.cp_comm"),
 ])
 def test_illegal_plans_name_the_field(kw, cluster, field):
     with pytest.raises(PlanError, match=field):

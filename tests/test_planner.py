@@ -504,3 +504,19 @@ def test_zb_v_with_a_given_layer_partition():
         per_param = sim.stages[1].memory.weights_bytes / middle
         assert sim.stages[0].memory.weights_bytes - sim.stages[1].memory.weights_bytes == pytest.approx(ends * per_param)
         assert sim.stages[0].memory.buffers_bytes >= sim.stages[3].memory.buffers_bytes
+
+
+def test_a_search_with_ulysses_cp_keeps_only_the_layouts_it_can_run():
+    """With cp_comm a2a held, every candidate's CP degree divides the query and key/value
+    heads of its TP rank (rules: Ulysses hands each CP rank whole heads), and the table is
+    the p2p one's less exactly the rows that break that: hand-checked on Llama 3 8B (32
+    query, 8 key/value heads) over 32 GPUs."""
+    model, cluster = ZOO["llama-3-8b"], Cluster(32, 8)
+    fixed = {"global_batch": 32, "seq_len": 65536}
+    ring = candidate_table(model, cluster, fixed)
+    ulysses = candidate_table(model, cluster, {**fixed, "cp_comm": "a2a"})
+    tp, cp = ring["tp"].to_numpy(), ring["cp"].to_numpy()
+    whole = (cp == 1) | (((32 // tp) % cp == 0) & (np.maximum(1, 8 // tp) % cp == 0))
+    assert len(ulysses) == int(whole.sum()) < len(ring)
+    assert ((ulysses["cp"] == 1) | ((8 // ulysses["tp"]).clip(lower=1) % ulysses["cp"] == 0)).all()
+    assert (ulysses["cp"] > 1).any()
