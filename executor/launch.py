@@ -47,8 +47,8 @@ from meshplan.core.requirements import check_torch
 from meshplan.core.units import GIB
 from meshplan.executor import checkpoint
 from meshplan.executor.data import check_token_file
-from meshplan.executor.options import (EXECUTOR_KERNELS, LaunchOptions, RunOptions, ServeOptions,
-                                       compute_dtype, refuse, serving_dtype)
+from meshplan.executor.options import (LaunchOptions, RunOptions, ServeOptions, refuse, serving_dtype,
+                                       training_fields)
 from meshplan.executor.records import RunRecord, ServeRecord, ServeResult, TrainResult
 from meshplan.hw_profiles.profile import HardwareProfile, load_profile
 from meshplan.simulator import rules
@@ -86,12 +86,10 @@ def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOpti
     if options.data is not None:
         check_token_file(options.data, plan.seq_len, model.vocab_size, plan.global_batch)
     hw = load_profile(options.profile)
-    plan = dataclasses.replace(plan, **EXECUTOR_KERNELS)
-    dtype = compute_dtype(plan.dtype, device_type())
-    if plan.pp > 1 and plan.layer_partition is None:  # split as priced in the dtype it computes in
-        plan = dataclasses.replace(plan, layer_partition=pipeline_partition(
-            model, dataclasses.replace(plan, dtype=dtype), cluster, hw))
-    ran = dataclasses.replace(plan, dtype=dtype)
+    ran = dataclasses.replace(plan, **training_fields(plan.dtype, device_type()))
+    if ran.pp > 1 and ran.layer_partition is None:  # split as priced in the dtype it computes in
+        ran = dataclasses.replace(ran, layer_partition=pipeline_partition(model, ran, cluster, hw))
+    plan = dataclasses.replace(ran, dtype=plan.dtype)
     issues, resumed = memory_issues(simulate(model, ran, cluster, hw).peak_memory_bytes, hw), None
     if options.checkpoint_dir is not None and plan.ep > 1:
         issues.append(("run.checkpoint_dir", "the executor does not checkpoint expert-parallel "

@@ -354,9 +354,9 @@ def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp
     of the query heads where they are repeated before the kernel (`kv_repeat`)."""
     heads = (model.num_heads if kv_repeat else model.num_kv_heads) // tp
     kv_bytes = 2 * np.asarray(tokens, dtype=float) * heads * model.head_dim * dtype_bytes
-    hop = collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn, cp_share)
-    none = np.zeros_like(hop)
+    none = np.zeros(np.broadcast(kv_bytes, cp, cp_rpn, cp_share).shape)
     if method == "p2p":
+        hop = collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn, cp_share)
         both = collective_s(hw, "send_recv", 2 * kv_bytes, cp, cp_rpn, cp_share)
         return CPExchange(none, (cp - 1) * hop, none, none, (cp - 1) * both, none)
     if method == "a2a":
@@ -368,6 +368,7 @@ def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp
         return CPExchange(none, none, qkv + out, none, none, outs + qkv)
     grads = collective_s(hw, "send_recv", kv_bytes * 4 / dtype_bytes, cp, cp_rpn, cp_share)
     if method == "alltoall":
+        hop = collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn, cp_share)
         return CPExchange(none, (cp - 1) * hop, none, none, (cp - 1) * (hop + grads), grads)
     gather = collective_s(hw, "all_gather", cp * kv_bytes, cp, cp_rpn, cp_share)
     return CPExchange(gather, none, none, gather, (cp - 1) * grads, grads)

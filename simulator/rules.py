@@ -349,6 +349,20 @@ def _learned_routing(who: str) -> Rule:
                  "in turn (NeMo AutoModel's fake_balanced_gate)", "plan with moe_routing learned")
 
 
+def _grouped_kv(who: str, how: str) -> Rule:
+    """`who`'s attention reads grouped keys and values (`how`), repeating none (plan.kv_repeat)."""
+    return _rule("plan.kv_repeat", "kv_repeat", lambda x, m, c: np.logical_not(x.kv_repeat),
+                 lambda x, m, c: f"{who}'s attention reads grouped keys and values ({how}), repeating none",
+                 "plan without kv_repeat")
+
+
+def _cp_comms(who: str, runs: tuple[str, ...], fix: str) -> Rule:
+    """`who` exchanges context parallelism's keys and values only as `runs` (plan.CP_COMMS)."""
+    return _rule("plan.cp_comm", "cp cp_comm", lambda x, m, c: (x.cp == 1) | np.isin(x.cp_comm, runs),
+                 lambda x, m, c: f"{who} exchanges CP's keys and values as {' or '.join(runs)}, not "
+                 f"{x.cp_comm}", fix)
+
+
 EXECUTOR_TRAINING = (
     *_executor_model(_EXECUTOR_BUILDS),
     _learned_routing("the executor"),
@@ -581,15 +595,10 @@ _TORCHTITAN = (
     _flavor_rule("0.3"),
     _learned_routing("torchtitan"),
     # torch's context_parallel rotates K,V by all-to-all or all-gather (set_rotate_method)
-    _rule("plan.cp_comm", "cp cp_comm",
-          lambda x, m, c: (x.cp == 1) | (x.cp_comm == "allgather") | (x.cp_comm == "alltoall"),
-          lambda x, m, c: "torchtitan runs torch's context_parallel, whose ring rotates keys and values by "
-          f"all-to-all or all-gather, not {x.cp_comm}",
-          "plan with cp_comm allgather (or alltoall for torchtitan 0.2)"),
+    _cp_comms("torchtitan (torch's context_parallel)", ("allgather", "alltoall"),
+              "plan with cp_comm allgather (or alltoall for torchtitan 0.2)"),
     # models/*/model.py since v0.2.2: scaled_dot_product_attention(..., enable_gqa=...)
-    _rule("plan.kv_repeat", "kv_repeat", lambda x, m, c: np.logical_not(x.kv_repeat),
-          lambda x, m, c: "torchtitan's attention reads grouped keys and values (enable_gqa), repeating none",
-          "plan without kv_repeat"),
+    _grouped_kv("torchtitan", "enable_gqa"),
     # FSDP2's MixedPrecisionPolicy keeps the sharded parameters in fp32 (torchtitan's
     # training.mixed_precision_param is the dtype they are gathered in); training.dtype
     # bfloat16 keeps "all parameters, gradients, and optimizer states in bfloat16, without an
@@ -700,9 +709,8 @@ FRAMEWORKS = {
               lambda x, m, c: "torchtitan 0.3 sets DeepEP in a recipe's model (moe_comm_backend), which no "
               "flag reaches", "plan with the alltoall dispatcher, or export for torchtitan 0.2"),
         # 0.3 has no rotate-method option: torch's default, _ContextParallelOptions.rotate_method
-        _rule("plan.cp_comm", "cp cp_comm", lambda x, m, c: (x.cp == 1) | (x.cp_comm == "allgather"),
-              lambda x, m, c: f"torchtitan 0.3 rotates keys and values by torch's default all-gather, not "
-              f"{x.cp_comm}", "plan with cp_comm allgather, or export for torchtitan 0.2"),
+        _cp_comms("torchtitan 0.3 (torch's default rotation)", ("allgather",),
+                  "plan with cp_comm allgather, or export for torchtitan 0.2"),
     ),
     "torchtitan 0.2": (_flavor_rule("0.2"),) + _TORCHTITAN[1:] + (
         # optimizer.implementation fused_opt_states_bf16 came after v0.2.2 (torchtitan #2732)
@@ -733,14 +741,8 @@ FRAMEWORKS = {
         _learned_routing("Megatron-LM"),
         # --cp-comm-type p2p (its default) or a2a; its all_gather (Transformer Engine's
         # AttnFuncWithCPAndKVAllGather) leaves the gather exposed, which cp_comm_s does not price
-        _rule("plan.cp_comm", "cp cp_comm",
-              lambda x, m, c: (x.cp == 1) | (x.cp_comm == "p2p") | (x.cp_comm == "a2a"),
-              lambda x, m, c: f"Megatron-LM's context parallelism is priced as its p2p ring or a2a, not "
-              f"{x.cp_comm} (torch's context_parallel)", "plan with cp_comm p2p or a2a"),
-        # Transformer Engine's DotProductAttention reads grouped K,V (num_gqa_groups)
-        _rule("plan.kv_repeat", "kv_repeat", lambda x, m, c: np.logical_not(x.kv_repeat),
-              lambda x, m, c: "Megatron-LM's attention reads grouped keys and values, repeating none",
-              "plan without kv_repeat"),
+        _cp_comms("Megatron-LM (as priced)", ("p2p", "a2a"), "plan with cp_comm p2p or a2a"),
+        _grouped_kv("Megatron-LM", "Transformer Engine's num_gqa_groups"),
         _master_weights("Megatron-LM's distributed optimizer"),
         # --use-precision-aware-optimizer (bf16 moments) asserts --use-distributed-optimizer
         _rule("plan.moments_dtype", "moments_dtype zero", lambda x, m, c: (x.moments_dtype == "fp32") | (x.zero == 1),
