@@ -295,14 +295,19 @@ def chunk_s(r: dict, n, chunks, first, last, paired: bool = False) -> tuple[np.n
     layer_f, layer_b = (r["l_fwd_pair"], r["l_bwd_pair"]) if paired else (r["l_fwd"], r["l_bwd"])
     fwd = (n * c(layer_f + hidden_f + r["sync_f"]) + chunks * c(r["ag"] - hidden_f)
            + first * c(r["emb_fwd"] + r["emb_ag"]) + last * c(r["head_fwd"] + r["head_ag"]))
-    # the split backward's host time in its weight-gradient pass, but not in the first
-    # stage: torch.distributed.pipelining runs that one's backward whole in its W op, as no
-    # stage needs its input gradient (stage.py backward_one_chunk)
-    split = np.where(first, 0.0, n * c(r["split_layer"]) + last * c(r["split_head"]))
+    split = split_host_s(r, n, first, last)
     bwd = (n * c(layer_b + hidden_b + r["sync_b"]) + chunks * c(r["agb"] - hidden_b)
            + first * c(r["emb_bwd"]) + last * c(r["head_bwd"]) + split)
     wgrad = n * c(r["l_bwd_w"]) + first * c(r["emb_bwd_w"]) + last * c(r["head_bwd_w"]) + split
     return fwd, bwd, wgrad
+
+
+def split_host_s(r: dict, n, first, last) -> np.ndarray:
+    """A split backward's host time in its weight-gradient pass through chunks of `n`
+    layers, with the LM head where `last`; none in the first stage (`first`):
+    torch.distributed.pipelining runs that one's backward whole in its W op, as no stage
+    needs its input gradient (stage.py backward_one_chunk)."""
+    return np.where(first, 0.0, n * _col(r["split_layer"]) + last * _col(r["split_head"]))
 
 
 def head_rank(r: dict) -> np.ndarray:

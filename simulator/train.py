@@ -298,8 +298,7 @@ def _breakdown(r: dict, pipe: PipelineResult, no_p2p: PipelineResult, chunks: np
     head_at = int(step.head_rank(r)[0, 0])
     emb, head = float(s == 0), float(s == head_at)
     edge_tp = m * _edge_tp(x, s, head_at)
-    mine = stages[s] != 0  # chunks whose backward is split (step.chunk_s)
-    split = chunks[s][mine].sum() * x["split_layer"] + (stages[s][mine] == p * v - 1).sum() * x["split_head"]
+    split = float(step.split_host_s(r, chunks[s], stages[s] == 0, stages[s] == p * v - 1).sum())
     compute = m * (n * (x["l_fwd_compute"] + x["l_bwd_in"] + x["l_bwd_w"]) + split
                    + emb * (x["emb_fwd"] + x["emb_bwd"]) + head * (x["head_fwd"] + x["head_bwd"])) - edge_tp
     recompute = m * n * x["l_recompute"]
