@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.plan import RECOMPUTE, SCHEDULES, Cluster, Plan
+from meshplan.simulator.plan import CP_COMMS, RECOMPUTE, SCHEDULES, Cluster, Plan
 from meshplan.simulator.rules import max_virtual_stages
 from meshplan.hw_profiles.accuracy import end_to_end, end_to_end_text, plan_kind
 from meshplan.simulator.train import BREAKDOWN_KEYS, MFU_DEFINITION, SimulationResult, simulate
@@ -75,8 +75,8 @@ def knob_changes(plan: Plan, experts: bool = False,
     `plan`; a parallel degree's change moves the factor 2 to or from data parallelism (expert
     TP following TP where it did; a deeper interleaved pipeline of `num_layers` layers down
     to the chunks it can hold); the TP overlap toggled where sequence parallelism is on,
-    resharding after forward where ZeRO-3 is; with `experts`, EP x2, /2 and none too, and
-    the all-to-all overlap toggled where ep > 1."""
+    resharding after forward where ZeRO-3 is; each other CP exchange where cp > 1; with
+    `experts`, EP x2, /2 and none too, and the all-to-all overlap toggled where ep > 1."""
     out = []
     for axis in ("tp", "pp"):
         deg = getattr(plan, axis)
@@ -136,6 +136,8 @@ def knob_changes(plan: Plan, experts: bool = False,
     if plan.tp > 1 and plan.sp:
         out.append(("TP overlap " + ("off" if plan.tp_overlap else "on"), "tp_overlap",
                     {"tp_overlap": not plan.tp_overlap}))
+    if plan.cp > 1:
+        out += [(f"CP exchange {c}", "cp_comm", {"cp_comm": c}) for c in CP_COMMS if c != plan.cp_comm]
     if experts and plan.ep > 1:
         out.append(("all-to-all overlap " + ("off" if plan.moe_a2a_overlap else "on"), "moe_a2a_overlap",
                     {"moe_a2a_overlap": not plan.moe_a2a_overlap}))

@@ -19,7 +19,7 @@ import pandas as pd
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import PlanError
 from meshplan.planner.closed_forms import evaluate, states_fit
-from meshplan.planner.space import candidate_table, row_plan
+from meshplan.planner.space import candidate_table, cp_comm_variants, row_plan
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, field_issues
 from meshplan.simulator.schedule import SPLIT_BACKWARD
@@ -60,16 +60,20 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
                             prune_dominated=allowed is None,
                             states_fit=lambda rows: states_fit(rows, model, hw))
     if allowed is not None:
-        attrs = dict(table.attrs)
-        table = table[allowed(table)].reset_index(drop=True)
-        table.attrs.update(attrs)
+        table = _kept(table, allowed(table))
         if table.empty:
             raise PlanError("emit", "no legal plan is one the target framework can run",
                             "drop --emit, or fix fewer knobs")
     ev = evaluate(table, model, hw, cluster.ranks_per_node, keep=des)
     if not ev.fits.any():
         raise _memory_error(ev, hw, fixed)
-    results = simulate_many(model, [row_plan(table, i) for i in _des_rows(table, ev, des)], cluster, hw)
+    best = _kept(table, _des_rows(table, ev, des))
+    # the CP exchange is plan-wide, one per table: the table priced the held or default one,
+    # and the plans re-ranked here are tried with each other one the rules allow
+    tables = [best] + cp_comm_variants(best, model, cluster, fixed, prune_dominated=allowed is None)
+    if allowed is not None:
+        tables = [best] + [_kept(t, allowed(t)) for t in tables[1:]]
+    results = simulate_many(model, [row_plan(t, i) for t in tables for i in range(len(t))], cluster, hw)
     ranked = sorted((r for r in results if r.fits), key=lambda r: (r.step_time_s, r.peak_memory_bytes))
     if not ranked:
         raise _memory_error(ev, hw, fixed)
@@ -115,6 +119,15 @@ def _des_rows(table, ev, des: int) -> list[int]:
             rows.append(int(i))
             spent += int(m * p * v * (3 if z else 2))
     return rows
+
+
+def _kept(table: pd.DataFrame, keep) -> pd.DataFrame:
+    """The rows of `table` that `keep` selects (a mask or row positions), its attrs kept."""
+    attrs = dict(table.attrs)
+    table = (table[keep] if isinstance(keep, np.ndarray) and keep.dtype == bool
+             else table.iloc[list(keep)]).reset_index(drop=True)
+    table.attrs.update(attrs)
+    return table
 
 
 def _memory_error(ev, hw: HardwareProfile, fixed: dict) -> PlanError:

@@ -225,15 +225,18 @@ def _schedules(model: ModelSpec, fixed: dict):
 
 
 def _dominated_zero(pp: int, microbatches: int, fixed: dict) -> int | None:
-    """The ZeRO stage another beats in time and memory at once: without a pipeline ZeRO-1
+    """The ZeRO stage another beats in time and memory at once: where the gradients are
+    reduced once a step (one micro-batch, or plan.grad_sync_once), without a pipeline ZeRO-1
     (ZeRO-2 moves the same bytes and shards the gradients too, or, accumulating them whole,
-    holds as much: plan.grad_sync); under a pipeline accumulating whole gradients over its
-    micro-batches ZeRO-2 (it holds them as ZeRO-1 does, and reduces them after the last
-    backward instead of inside it: step.rank_tail_s); else neither (one micro-batch, or a
-    sync after each: ZeRO-2 holds sharded gradients)."""
+    holds as much), under a pipeline accumulating over its micro-batches ZeRO-2 (it holds
+    them as ZeRO-1 does, and reduces them after the last backward instead of inside it:
+    step.rank_tail_s); else neither (a pipeline's one micro-batch: ZeRO-2 holds sharded
+    gradients; a sync after each micro-batch: ZeRO-2 holds sharded gradients and moves them
+    once a micro-batch, ZeRO-1 once a step)."""
+    once = microbatches == 1 or bool(grad_sync_once(fixed.get("grad_sync", "default"), pp))
     if pp == 1:
-        return 1
-    return 2 if microbatches > 1 and grad_sync_once(fixed.get("grad_sync", "default"), pp) else None
+        return 1 if once else None
+    return 2 if microbatches > 1 and once else None
 
 
 def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fabric | None = None,
@@ -333,6 +336,28 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     table = table.reset_index(drop=True)
     table.attrs.update(attrs, over_memory=over_memory)
     return table
+
+
+def cp_comm_variants(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict,
+                     prune_dominated: bool = True) -> list[pd.DataFrame]:
+    """The rows of `table` with context parallelism under each other CP exchange
+    (plan.CP_COMMS) the rules allow them, a table per exchange (cp_comm is plan-wide: one
+    value per table, in its attrs); none where the user held cp_comm. With
+    `prune_dominated`, torch's alltoall rotation is left out of a table priced with the p2p
+    ring: the same K,V hops forward, in backward fp32 gradients besides them and the last
+    pass exposed, and the merges (cost.cp_comm_s, ops.cp_merge_op), at the same memory."""
+    cp_rows = table[table["cp"] > 1] if "cp_comm" not in fixed else table.iloc[:0]
+    dominated = {"alltoall"} if prune_dominated and table.attrs["cp_comm"] == "p2p" else set()
+    out = []
+    for comm in CP_COMMS:
+        if cp_rows.empty or comm == table.attrs["cp_comm"] or comm in dominated:
+            continue
+        rows = _legal(cp_rows, model, cluster, {**fixed, "cp_comm": comm}, ("cp_comm",))
+        if not rows.empty:
+            rows = rows.reset_index(drop=True)
+            rows.attrs.update(table.attrs, cp_comm=comm)
+            out.append(rows)
+    return out
 
 
 def _attrs(fixed: dict) -> dict:

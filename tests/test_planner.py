@@ -242,7 +242,7 @@ def test_model_states_bound_leaves_out_only_plans_over_memory():
     model, cluster = ZOO["llama-2-70b"], Cluster(64, 8)
     bound = lambda rows: closed_forms.states_fit(rows, model, A100)  # noqa: E731
     fixed = {"global_batch": 128, "seq_len": 4096, "tp": 1, "pp": 1, "cp": 1}
-    assert set(candidate_table(model, cluster, fixed)["zero"]) == {0, 2, 3}
+    assert set(candidate_table(model, cluster, fixed)["zero"]) == {0, 1, 2, 3}
     kept = candidate_table(model, cluster, fixed, states_fit=bound)
     assert set(kept["zero"]) == {3} and kept.attrs["over_memory"] > 0
     full = candidate_table(model, cluster, {"global_batch": 128, "seq_len": 4096})
@@ -338,15 +338,19 @@ def test_plan_text_has_ranking_and_why():
 
 
 def test_the_table_leaves_out_the_zero_stage_the_other_dominates():
-    """Without a pipeline ZeRO-2 beats ZeRO-1 (same bytes, sharded gradients); under one that
-    syncs once a step ZeRO-1 beats ZeRO-2 (both hold whole gradients; ZeRO-2 reduces them
-    after the last backward); syncing every micro-batch, or with one micro-batch, neither
-    does."""
+    """Without a pipeline, reducing once a step, ZeRO-2 beats ZeRO-1 (same bytes, sharded
+    gradients); under one that syncs once a step ZeRO-1 beats ZeRO-2 (both hold whole
+    gradients; ZeRO-2 reduces them after the last backward); syncing every micro-batch (the
+    default without a pipeline), or with one micro-batch under a pipeline, neither does."""
     model, cluster, hw = ZOO["llama-2-13b"], Cluster(64, 8), A100
     fixed = {"global_batch": 128, "seq_len": 4096}
     table = candidate_table(model, cluster, fixed)
     flat, piped = table[table["pp"] == 1], table[(table["pp"] > 1) & (table["num_microbatches"] > 1)]
-    assert 1 not in set(flat["zero"]) and 2 in set(flat["zero"])
+    once = flat[flat["num_microbatches"] == 1]
+    assert 1 not in set(once["zero"]) and 2 in set(once["zero"])
+    assert {1, 2} <= set(flat[flat["num_microbatches"] > 1]["zero"])
+    last = candidate_table(model, cluster, {**fixed, "grad_sync": "last"})
+    assert 1 not in set(last[last["pp"] == 1]["zero"])
     assert 2 not in set(piped["zero"]) and 1 in set(piped["zero"])
     each = candidate_table(model, cluster, {**fixed, "grad_sync": "each"})
     assert {1, 2} <= set(each[each["pp"] > 1]["zero"])
@@ -355,6 +359,12 @@ def test_the_table_leaves_out_the_zero_stage_the_other_dominates():
     base = dict(global_batch=128, seq_len=4096, dp=8, tp=4, pp=2, sp=True, micro_batch=1)
     one, two = (simulate(model, Plan(**base, zero=z), cluster, hw) for z in (1, 2))
     assert one.step_time_s < two.step_time_s and one.peak_memory_bytes == pytest.approx(two.peak_memory_bytes)
+    # without a pipeline, 8 micro-batches each reduced: ZeRO-2 moves its gradients 8 times
+    # where ZeRO-1 moves them once, and holds an eighth of them
+    base = dict(global_batch=64, seq_len=65536, dp=8, cp=8, micro_batch=1)
+    one, two = (simulate(ZOO["llama-2-7b"], Plan(**base, zero=z), cluster, H100) for z in (1, 2))
+    assert one.step_time_s < two.step_time_s and one.peak_memory_bytes > two.peak_memory_bytes
+    assert two.communication["dp"]["total_s"] > 4 * one.communication["dp"]["total_s"]
 
 
 def test_the_table_folds_plans_that_differ_in_virtual_stages_alone():
@@ -520,3 +530,46 @@ def test_a_search_with_ulysses_cp_keeps_only_the_layouts_it_can_run():
     assert len(ulysses) == int(whole.sum()) < len(ring)
     assert ((ulysses["cp"] == 1) | ((8 // ulysses["tp"]).clip(lower=1) % ulysses["cp"] == 0)).all()
     assert (ulysses["cp"] > 1).any()
+
+
+def test_the_search_tries_each_cp_exchange_on_the_plans_it_re_ranks():
+    """cp_comm is plan-wide, so the table prices the p2p ring; the plans the search re-ranks
+    are simulated under the other exchanges too. Llama 2 7B (MHA, 32 heads) at 32K over CP
+    16 spanning two nodes: the ring passes K,V 15 times, each hop exposed beside a block
+    of 2K queries, where Ulysses' all-to-alls move Q, K, V and the output once. The winner
+    is the fastest of the searches with each exchange held (a brute force over cp_comm)."""
+    model, cluster = ZOO["llama-2-7b"], Cluster(16, 8)
+    fixed = {"global_batch": 1, "seq_len": 32768, "cp": 16}
+    found = search(model, cluster, H100, fixed)
+    held = {}
+    for comm in ("p2p", "alltoall", "allgather", "a2a"):
+        held[comm] = search(model, cluster, H100, {**fixed, "cp_comm": comm}).ranked[0]
+        assert all(r.plan.cp_comm == comm for r in search(model, cluster, H100, {**fixed, "cp_comm": comm}).ranked)
+    assert found.ranked[0].plan.cp_comm == "a2a"
+    assert found.ranked[0].step_time_s == pytest.approx(min(r.step_time_s for r in held.values()), rel=1e-12)
+    assert held["a2a"].step_time_s < 0.5 * held["p2p"].step_time_s
+    why = explain(model, cluster, H100, found.ranked, fixed)
+    changes = {c.label: c for c in why.changes}
+    assert {"CP exchange p2p", "CP exchange alltoall", "CP exchange allgather"} <= set(changes)
+    assert all(changes[f"CP exchange {c}"].slower_rel > 0 for c in ("p2p", "alltoall", "allgather"))
+
+
+@pytest.mark.parametrize("gpus, seq, cp", [(16, 32768, 16), (8, 131072, 8), (32, 65536, 4)])
+def test_torchs_alltoall_rotation_is_never_faster_than_the_p2p_ring(gpus, seq, cp):
+    """Why the search leaves torch's alltoall rotation out where the p2p ring is legal
+    (space.cp_comm_variants): the same hops forward, in backward fp32 gradient passes beside
+    them with the last exposed, and the merges, at the same memory."""
+    model = ZOO["llama-3-8b"]
+    base = dict(global_batch=gpus // cp, seq_len=seq, dp=gpus // cp, cp=cp, micro_batch=1, recompute="full")
+    ring, rotate = (simulate(model, Plan(**base, cp_comm=c), Cluster(gpus, 8), H100) for c in ("p2p", "alltoall"))
+    assert rotate.step_time_s > ring.step_time_s
+    assert rotate.peak_memory_bytes == ring.peak_memory_bytes
+    assert rotate.communication["cp"]["total_s"] > ring.communication["cp"]["total_s"]
+
+
+def test_no_cp_exchange_change_without_context_parallelism():
+    labels = [label for label, _, _ in knob_changes(Plan(global_batch=64, seq_len=4096, dp=8))]
+    assert not any(label.startswith("CP exchange") for label in labels)
+    labels = [label for label, _, _ in knob_changes(Plan(global_batch=64, seq_len=4096, dp=4, cp=2, cp_comm="a2a"))]
+    assert [label for label in labels if label.startswith("CP exchange")] == [
+        "CP exchange p2p", "CP exchange alltoall", "CP exchange allgather"]

@@ -97,6 +97,8 @@ def _fixed(row) -> dict:
             fixed[key] = value
         else:
             fixed[key] = int(float(value))
+    # a blank cp_comm is the p2p ring (its README), not a choice left to the search
+    fixed.setdefault("cp_comm", PLAN_DEFAULTS["cp_comm"])
     # torch.compile fuses the elementwise ops, the gated activation among them
     compiled = _value(row, "torch_compile", str)
     if compiled is not None:
