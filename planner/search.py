@@ -47,10 +47,12 @@ class SearchResult:
 
 def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
            des: int = DES_CANDIDATES,
-           allowed: Callable[[pd.DataFrame], np.ndarray] | None = None) -> SearchResult:
+           allowed: Callable[[pd.DataFrame], np.ndarray] | None = None,
+           free: tuple[str, ...] = ()) -> SearchResult:
     """Rank the legal plans for `model` on `cluster`. `fixed`: the plan fields the user
     gave (held); `allowed`: which candidate rows to keep (a target framework's support,
-    export.supported)."""
+    export.supported); `free`: fields of `fixed` that are a target's defaults rather than
+    the user's, priced first but not held (cp_comm: exports.dictated)."""
     start = time.perf_counter()
     issues = field_issues(fixed)
     if issues:
@@ -70,7 +72,8 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     best = _kept(table, _des_rows(table, ev, des))
     # the CP exchange is plan-wide, one per table: the table priced the held or default one,
     # and the plans re-ranked here are tried with each other one the rules allow
-    tables = [best] + cp_comm_variants(best, model, cluster, fixed, prune_dominated=allowed is None)
+    tables = [best] + cp_comm_variants(best, model, cluster, {k: v for k, v in fixed.items() if k not in free},
+                                       prune_dominated=allowed is None)
     if allowed is not None:
         tables = [best] + [_kept(t, allowed(t)) for t in tables[1:]]
     results = simulate_many(model, [row_plan(t, i) for t in tables for i in range(len(t))], cluster, hw)

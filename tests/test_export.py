@@ -561,3 +561,26 @@ def test_attention_kernel_per_framework():
         with pytest.raises(PlanError) as err:
             check(target, model, dataclasses.replace(plan, **dictated(target, {})))
         assert err.value.problem.startswith("attention") and "cudnn" in err.value.problem.lower()
+
+
+def test_a_search_for_torchtitan_takes_the_faster_rotation_its_version_has():
+    """torch's all-gather rotation is torchtitan's default (exports.dictated), not its only
+    choice in 0.2: the search prices it first and tries all-to-all on the plans it re-ranks
+    (exports.DEFAULTS_SEARCHED); 0.3 has no option. Llama 3 70B at 64K over tp 8 cp 8:
+    the all-to-all ring hides its hops behind the later blocks, where the gather hides
+    behind the local one alone."""
+    base = ("plan", "--model", "llama-3-70b", "--hardware", "h100-80gb", "--gpus", "64", "--global-batch", "8",
+            "--seq-len", "65536", "--tp", "8", "--cp", "8", "--emit", "torchtitan")
+    toml = {}
+    for version in ("0.2", "0.3"):
+        out = meshplan(*base, "--target-version", version)
+        assert out.returncode == 0, out.stderr
+        toml[version] = out.stdout
+    assert 'context_parallel_rotate_method = "alltoall"' in toml["0.2"] and "rotate" not in toml["0.3"]
+    plan = dict(global_batch=8, seq_len=65536, tp=8, sp=True, cp=8, dp=1, micro_batch=1, zero=2,
+                recompute="none", tp_overlap=True, **dictated("torchtitan", {}))
+    gather, rotate = (simulate(ZOO["llama-3-70b"], Plan(**{**plan, "cp_comm": c}), Cluster(64, 8), H100)
+                      for c in ("allgather", "alltoall"))
+    assert rotate.step_time_s < gather.step_time_s
+    held = meshplan(*base, "--target-version", "0.2", "--cp-comm", "allgather")
+    assert 'context_parallel_rotate_method = "allgather"' in held.stdout

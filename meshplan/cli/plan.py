@@ -159,13 +159,15 @@ def emit(args: argparse.Namespace, model, cluster, hw, fixed: dict) -> int:
 
     target, version = args.emit, args.target_version
     exports.rule_set(target, version)
-    fixed = {**exports.dictated(target, fixed, hw), **fixed}
+    defaults = exports.dictated(target, fixed, hw)
+    free = tuple(k for k in exports.DEFAULTS_SEARCHED if k in defaults and k not in fixed)
+    fixed = {**defaults, **fixed}
     if target == "plan" and args.launch_script != "torchrun":
         raise PlanError("emit.plan", "a plan JSON has no launch script", "use meshplan run "
                         "--plan FILE --launch-script, or --emit a framework")
     try:
         found = search(model, cluster, hw, fixed,
-                       allowed=lambda table: exports.supported(target, model, table, version))
+                       allowed=lambda table: exports.supported(target, model, table, version), free=free)
     except PlanError as exc:
         if exc.field != "emit":
             raise

@@ -90,12 +90,18 @@ def train_job(model: ModelSpec, result: SimulationResult, hw: HardwareProfile,
     return TrainJob(model, result, tuple(partition), checkpoint, version)
 
 
+# dictated fields that are a target's default, not its only choice: a search prices the
+# default first and may take another the target's rules allow (planner.search's `free`)
+DEFAULTS_SEARCHED = ("cp_comm",)
+
+
 def dictated(target: str, fixed: dict, hw: HardwareProfile | None = None) -> dict:
     """What `target` runs whatever the plan says, or by default, given the user's fixed fields
     and the profile: a search for it prices that unless the user fixed the field too (then
     the target's rules refuse what it cannot run). torchtitan compiles its loss with the
     model, so an uncompiled (elementwise eager) plan's loss is eager; its async TP overlaps
-    the forward only; its context parallelism rotates K,V by torch's default all-gather.
+    the forward only; its context parallelism rotates K,V by torch's default all-gather
+    (0.2 can rotate by all-to-all too: DEFAULTS_SEARCHED).
     Megatron-LM's default attention backend (auto) lets Transformer
     Engine choose, which takes cuDNN's kernel on Hopper: where the profile prices that
     kernel (its cudnn_attention), so does the search."""
