@@ -1,4 +1,4 @@
-"""Is the planner's winner the fastest plan? For each case, every legal plan that fits is
+"""Is the planner's winner the fastest plan? For each case (dense and mixture-of-experts), every legal plan that fits is
 priced (those with context parallelism under each CP exchange), and every plan that could beat the winner by more than 1% is run through the
 discrete-event simulation; the winner must be the optimum within 1%, and no single-knob
 change of it may be predicted faster.
@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -24,11 +25,12 @@ from meshplan.planner.closed_forms import evaluate
 from meshplan.planner.explain import explain
 from meshplan.planner.search import search
 from meshplan.planner.space import candidate_table, cp_comm_variants, row_plan
-from meshplan.simulator.model_spec import ZOO
+from meshplan.simulator.model_spec import ZOO, read_model
 from meshplan.simulator.plan import Cluster
 from meshplan.simulator.train import simulate
 
 TOLERANCE = 0.01
+QWEN3_MOE = Path(__file__).resolve().parents[1] / "tests/data/hf_configs/qwen3-30b-a3b.json"
 # (model, GPUs, global batch, sequence, hardware, knobs held as a user would hold them)
 CASES = (
     ("llama-3-8b", 8, 64, 8192, "h100-80gb", {}),
@@ -38,6 +40,7 @@ CASES = (
     ("llama-2-70b", 256, 512, 4096, "h100-80gb", {}),
     ("llama-3-8b", 16, 4, 131072, "h100-80gb", {}),
     ("llama-2-7b", 64, 64, 65536, "h100-80gb", {}),
+    (str(QWEN3_MOE), 16, 256, 4096, "h100-80gb", {}),
     ("megatron-gpt-39b", 512, 1536, 2048, "a100-80gb", {}),
     ("gpt3-175b", 1024, 1536, 2048, "a100-80gb", {}),
     ("llama-3-70b", 2048, 1024, 8192, "h100-80gb", {}),
@@ -48,7 +51,7 @@ CASES = (
 
 
 def check(name, gpus, batch, seq, hw_name, held) -> dict:
-    model, hw = ZOO[name], load_profile(hw_name)
+    model, hw = ZOO[name] if name in ZOO else read_model(name).spec, load_profile(hw_name)
     cluster = Cluster(gpus, 8)
     fixed = {"global_batch": batch, "seq_len": seq, **held}
     start = time.perf_counter()
@@ -71,7 +74,7 @@ def check(name, gpus, batch, seq, hw_name, held) -> dict:
     # a change of a knob the case holds is the user's constraint, not a miss of the search
     faster = [c.label for c in why.changes if c.slower_rel is not None and c.slower_rel < 0
               and c.limit is None and not c.held]
-    return {"case": f"{name} on {gpus}x {hw_name}" + (f" {held}" if held else ""),
+    return {"case": f"{model.name} on {gpus}x {hw_name}" + (f" {held}" if held else ""),
             "legal": legal, "fit": fit, "simulated": simulated,
             "winner_s": winner.step_time_s, "optimum_s": best, "gap": winner.step_time_s / best - 1,
             "miss": winner.step_time_s > best * (1 + TOLERANCE) or bool(faster),
