@@ -249,7 +249,8 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
 
     With `prune_dominated`, knob values another value beats in time and memory at once are
     left out unless fixed: one of ZeRO-1 and ZeRO-2 (_dominated_zero) and selective
-    recompute under fused attention (which recomputes the attention core anyway). A search
+    recompute under fused attention (which redoes the kernel's forward to free only its fp32
+    log-sum-exp, 4 bytes a query and head, where none keeps it). A search
     restricted to a framework that lacks the dominating value keeps them (planner.search
     passes False).
 

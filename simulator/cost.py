@@ -569,7 +569,9 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
                                          overlap_split(cx.bwd_rest_s, (cp - 1) * core_b / cp, hw)))
     cp_f, cp_b = cp_f + cx.fwd_alone_s, cp_b + cx.bwd_alone_s
     full, op = recompute == FULL, recompute == OP
-    redo = (lay.core_s * ((recompute == SELECTIVE) & (not flash)) + (lay.fwd_s + tp_cf + cp_cf + split_f) * full
+    # selective redoes the attention core, a fused kernel's forward too: Megatron-Core
+    # checkpoints core attention whatever its backend (attention.py, checkpoint_core_attention)
+    redo = (lay.core_s * (recompute == SELECTIVE) + (lay.fwd_s + tp_cf + cp_cf + split_f) * full
             + lay.sac_redo_s * op + lay.module_redo_s * (recompute == NORM_ACT))
     # per-op selective AC saves reduce-scatter outputs, so it redoes SP's all-gathers (half
     # the layer's TP communication) or, without SP, the all-reduces

@@ -80,3 +80,20 @@ def test_the_search_offers_it_for_models_with_experts():
     assert "norm_act" in set(moe["recompute"]) and "norm_act" not in set(dense["recompute"])
     held = candidate_table(ZOO["llama-2-13b"], Cluster(16, 8), {**fixed, "recompute": "norm_act"})
     assert np.all(held["recompute"] == "norm_act")
+
+
+def test_selective_redoes_a_fused_attention_kernels_forward():
+    """Megatron-Core checkpoints core attention under selective recompute whatever its
+    backend (attention.py: checkpoint_core_attention), so with FlashAttention the backward
+    runs the kernel's forward again, one per layer and micro-batch: the recompute term is
+    the step's attention-core forward time, what it adds to none's step (one rank, no
+    pipeline: nothing overlaps it)."""
+    model, cluster = ZOO["llama-2-7b"], Cluster(1, 1)
+    base = dict(global_batch=4, seq_len=8192, dp=1, micro_batch=1)
+    none, selective = (simulate(model, Plan(**base, recompute=r), cluster, H100) for r in ("none", "selective"))
+    core = op_times([tuple(op for op in layer_ops(model, Shard(1, 8192)) if op.attention_core)], H100, "bf16")
+    redo = 4 * model.num_layers * float(core.fwd_s[0])
+    assert none.breakdown_s["recompute"] == 0.0
+    assert selective.breakdown_s["recompute"] == pytest.approx(redo, rel=1e-6)
+    assert selective.step_time_s - none.step_time_s == pytest.approx(redo, rel=0.01)
+    assert selective.peak_memory_bytes < none.peak_memory_bytes
