@@ -69,13 +69,19 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     ev = evaluate(table, model, hw, cluster.ranks_per_node, keep=des)
     if not ev.fits.any():
         raise _memory_error(ev, hw, fixed)
-    best = _kept(table, _des_rows(table, ev, des))
+    rows = _des_rows(table, ev, des)
+    best = _kept(table, rows)
     # the CP exchange is plan-wide, one per table: the table priced the held or default one,
-    # and the plans re-ranked here are tried with each other one the rules allow
-    tables = [best] + cp_comm_variants(best, model, cluster, {k: v for k, v in fixed.items() if k not in free},
-                                       prune_dominated=allowed is None)
-    if allowed is not None:
-        tables = [best] + [_kept(t, allowed(t)) for t in tables[1:]]
+    # and the plans re-ranked here are tried with each other one the rules allow, simulated
+    # where the closed forms put them inside the re-ranked set (as a row of the table would be)
+    cut = float(np.max(ev.step_time_s[rows]))
+    tables = [best]
+    for t in cp_comm_variants(best, model, cluster, {k: v for k, v in fixed.items() if k not in free},
+                              prune_dominated=allowed is None):
+        t = t if allowed is None else _kept(t, allowed(t))
+        if not t.empty:
+            tev = evaluate(t, model, hw, cluster.ranks_per_node)
+            tables.append(_kept(t, tev.fits & (tev.step_time_s <= cut)))
     results = simulate_many(model, [row_plan(t, i) for t in tables for i in range(len(t))], cluster, hw)
     ranked = sorted((r for r in results if r.fits), key=lambda r: (r.step_time_s, r.peak_memory_bytes))
     if not ranked:
