@@ -27,7 +27,7 @@ from meshplan.planner import exports
 from meshplan.planner.closed_forms import evaluate
 from meshplan.planner.explain import explain
 from meshplan.planner.search import search
-from meshplan.planner.space import candidate_table, cp_comm_variants, row_plan
+from meshplan.planner.space import candidate_table, cp_comm_variants, kept_rows, row_plan
 from meshplan.simulator.model_spec import ZOO, read_model
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
@@ -78,11 +78,9 @@ def check(name, gpus, batch, seq, hw_name, held, target=None, version=None) -> d
     # the CP exchange is plan-wide: the rows with cp > 1 again under each other one
     held_fixed = {k: v for k, v in fixed.items() if k not in free}
     for part in [table] + cp_comm_variants(table, model, cluster, held_fixed, prune_dominated=False):
-        keep = runs(part)
-        if not keep.any():
+        part = kept_rows(part, runs(part))
+        if part.empty:
             continue
-        attrs, part = dict(part.attrs), part[keep].reset_index(drop=True)
-        part.attrs.update(attrs)
         ev = evaluate(part, model, hw, cluster.ranks_per_node)
         rows = np.flatnonzero(ev.fits & (ev.busy_bound_s < winner.step_time_s / (1 + TOLERANCE)))
         legal, fit, simulated = legal + len(part), fit + int(ev.fits.sum()), simulated + int(rows.size)

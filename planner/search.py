@@ -19,7 +19,7 @@ import pandas as pd
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import PlanError
 from meshplan.planner.closed_forms import evaluate, states_fit
-from meshplan.planner.space import candidate_table, cp_comm_variants, row_plan
+from meshplan.planner.space import candidate_table, cp_comm_variants, kept_rows, row_plan
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, field_issues
 from meshplan.simulator.schedule import SPLIT_BACKWARD
@@ -62,7 +62,7 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
                             prune_dominated=allowed is None,
                             states_fit=lambda rows: states_fit(rows, model, hw))
     if allowed is not None:
-        table = _kept(table, allowed(table))
+        table = kept_rows(table, allowed(table))
         if table.empty:
             raise PlanError("emit", "no legal plan is one the target framework can run",
                             "drop --emit, or fix fewer knobs")
@@ -70,7 +70,7 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     if not ev.fits.any():
         raise _memory_error(ev, hw, fixed)
     rows = _des_rows(table, ev, des)
-    best = _kept(table, rows)
+    best = kept_rows(table, rows)
     # the CP exchange is plan-wide, one per table: the table priced the held or default one,
     # and the plans re-ranked here are tried with each other one the rules allow, simulated
     # where the closed forms put them inside the re-ranked set (as a row of the table would be)
@@ -78,10 +78,10 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     tables = [best]
     for t in cp_comm_variants(best, model, cluster, {k: v for k, v in fixed.items() if k not in free},
                               prune_dominated=allowed is None):
-        t = t if allowed is None else _kept(t, allowed(t))
+        t = t if allowed is None else kept_rows(t, allowed(t))
         if not t.empty:
             tev = evaluate(t, model, hw, cluster.ranks_per_node)
-            tables.append(_kept(t, tev.fits & (tev.step_time_s <= cut)))
+            tables.append(kept_rows(t, tev.fits & (tev.step_time_s <= cut)))
     results = simulate_many(model, [row_plan(t, i) for t in tables for i in range(len(t))], cluster, hw)
     ranked = sorted((r for r in results if r.fits), key=lambda r: (r.step_time_s, r.peak_memory_bytes))
     if not ranked:
@@ -128,15 +128,6 @@ def _des_rows(table, ev, des: int) -> list[int]:
             rows.append(int(i))
             spent += int(m * p * v * (3 if z else 2))
     return rows
-
-
-def _kept(table: pd.DataFrame, keep) -> pd.DataFrame:
-    """The rows of `table` that `keep` selects (a mask or row positions), its attrs kept."""
-    attrs = dict(table.attrs)
-    table = (table[keep] if isinstance(keep, np.ndarray) and keep.dtype == bool
-             else table.iloc[list(keep)]).reset_index(drop=True)
-    table.attrs.update(attrs)
-    return table
 
 
 def _memory_error(ev, hw: HardwareProfile, fixed: dict) -> PlanError:

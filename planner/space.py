@@ -339,6 +339,16 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     return table
 
 
+def kept_rows(table: pd.DataFrame, keep) -> pd.DataFrame:
+    """The rows of candidate table `table` that `keep` selects (a mask or row positions),
+    renumbered, its attrs (the plan-wide settings) kept."""
+    attrs = dict(table.attrs)
+    table = (table[keep] if isinstance(keep, np.ndarray) and keep.dtype == bool
+             else table.iloc[list(keep)]).reset_index(drop=True)
+    table.attrs.update(attrs)
+    return table
+
+
 def cp_comm_variants(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict,
                      prune_dominated: bool = True) -> list[pd.DataFrame]:
     """The rows of `table` with context parallelism under each other CP exchange
