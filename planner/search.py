@@ -19,7 +19,7 @@ import pandas as pd
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import PlanError
 from meshplan.planner.closed_forms import evaluate, states_fit
-from meshplan.planner.space import candidate_table, cp_comm_variants, kept_rows, row_plan
+from meshplan.planner.space import candidate_table, cp_comm_variants, kept_rows, row_plan, selective_twins
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, field_issues
 from meshplan.simulator.schedule import SPLIT_BACKWARD
@@ -67,15 +67,23 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
             raise PlanError("emit", "no legal plan is one the target framework can run",
                             "drop --emit, or fix fewer knobs")
     ev = evaluate(table, model, hw, cluster.ranks_per_node, keep=des)
-    if not ev.fits.any():
+    parts = [(table, ev)]
+    # the plans pruned as dominated that fit where their dominator does not (a table of
+    # their own: joining a few rows onto a large table would copy it)
+    twins = selective_twins(table, ev.peak_memory_bytes, ev.memory_limit_bytes, model, cluster, fixed,
+                            prune_dominated=allowed is None)
+    if not twins.empty:
+        parts.append((twins, evaluate(twins, model, hw, cluster.ranks_per_node)))
+    if not any(e.fits.any() for _, e in parts):
         raise _memory_error(ev, hw, fixed)
-    rows = _des_rows(table, ev, des)
-    best = kept_rows(table, rows)
+    picked = _des_rows(parts, des)
+    tables = [kept_rows(t, rows) for (t, _), rows in zip(parts, picked) if rows]
     # the CP exchange is plan-wide, one per table: the table priced the held or default one,
     # and the plans re-ranked here are tried with each other one the rules allow, simulated
     # where the closed forms put them inside the re-ranked set (as a row of the table would be)
-    cut = float(np.max(ev.step_time_s[rows]))
-    tables = [best]
+    cut = max(float(np.max(e.step_time_s[rows])) for (_, e), rows in zip(parts, picked) if rows)
+    best = tables[0] if len(tables) == 1 else pd.concat(tables, ignore_index=True)
+    best.attrs.update(table.attrs)
     for t in cp_comm_variants(best, model, cluster, {k: v for k, v in fixed.items() if k not in free},
                               prune_dominated=allowed is None):
         t = t if allowed is None else kept_rows(t, allowed(t))
@@ -86,8 +94,8 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     ranked = sorted((r for r in results if r.fits), key=lambda r: (r.step_time_s, r.peak_memory_bytes))
     if not ranked:
         raise _memory_error(ev, hw, fixed)
-    return SearchResult(tuple(ranked), len(table), int(ev.fits.sum()),
-                        int(np.isfinite(ev.step_time_s).sum()), len(results),
+    return SearchResult(tuple(ranked), sum(len(t) for t, _ in parts), sum(int(e.fits.sum()) for _, e in parts),
+                        sum(int(np.isfinite(e.step_time_s).sum()) for _, e in parts), len(results),
                         time.perf_counter() - start, table.attrs["over_memory"])
 
 
@@ -107,25 +115,31 @@ def distinct(ranked, top: int) -> list[tuple[SimulationResult, tuple[SimulationR
     return [(best, tuple(variants)) for best, variants in rows.values()]
 
 
-def _des_rows(table, ev, des: int) -> list[int]:
-    """Rows to simulate: fastest first by the closed forms, skipping a row whose pipeline
-    and predicted time equal an earlier one's (e.g. selective vs no recompute under fused
-    attention, ZeRO-1 vs 2: same time, the earlier has less memory), within the ops budget."""
-    timed = np.flatnonzero(ev.fits & np.isfinite(ev.step_time_s))
-    key = ev.step_time_s
-    order = timed[np.lexsort((ev.peak_memory_bytes[timed], key[timed]))][:50 * des]
-    best = table.iloc[order]
-    shape = best[["pp", "virtual_stages", "num_microbatches"]].to_numpy()
-    zb = best["schedule"].isin(SPLIT_BACKWARD).to_numpy()
-    sched = best["schedule"].cat.codes.to_numpy()
-    rows, seen, spent = [], set(), 0
-    for i, (p, v, m), z, code in zip(order, shape, zb, sched):
-        if len(rows) >= des or (spent > DES_OPS_BUDGET and len(rows) >= DES_MIN):
+def _des_rows(parts, des: int) -> list[list[int]]:
+    """Rows to simulate, per (table, evaluation) of `parts`: fastest first by the closed
+    forms over all of them, skipping a row whose pipeline and predicted time equal an
+    earlier one's (e.g. ZeRO-1 vs 2: same time, the earlier has less memory), within the
+    ops budget."""
+    found = []  # (step s, peak bytes, part, row, pipeline shape, split backward, schedule code)
+    for k, (table, ev) in enumerate(parts):
+        timed = np.flatnonzero(ev.fits & np.isfinite(ev.step_time_s))
+        order = timed[np.lexsort((ev.peak_memory_bytes[timed], ev.step_time_s[timed]))][:50 * des]
+        best = table.iloc[order]
+        shape = best[["pp", "virtual_stages", "num_microbatches"]].to_numpy()
+        zb = best["schedule"].isin(SPLIT_BACKWARD).to_numpy()
+        sched = best["schedule"].cat.codes.to_numpy()
+        found += [(ev.step_time_s[i], ev.peak_memory_bytes[i], k, int(i), tuple(pvm), z, c)
+                  for i, pvm, z, c in zip(order, shape, zb, sched)]
+    rows: list[list[int]] = [[] for _ in parts]
+    seen, spent, count = set(), 0, 0
+    for step_s, _, k, i, (p, v, m), z, code in sorted(found, key=lambda f: f[:2]):
+        if count >= des or (spent > DES_OPS_BUDGET and count >= DES_MIN):
             break
-        sig = (key[i], p, v, m, code)
+        sig = (step_s, p, v, m, code)
         if sig not in seen:
             seen.add(sig)
-            rows.append(int(i))
+            rows[k].append(i)
+            count += 1
             spent += int(m * p * v * (3 if z else 2))
     return rows
 

@@ -250,9 +250,9 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
     With `prune_dominated`, knob values another value beats in time and memory at once are
     left out unless fixed: one of ZeRO-1 and ZeRO-2 (_dominated_zero) and selective
     recompute under fused attention (which redoes the kernel's forward to free only its fp32
-    log-sum-exp, 4 bytes a query and head, where none keeps it). A search
-    restricted to a framework that lacks the dominating value keeps them (planner.search
-    passes False).
+    log-sum-exp, 4 bytes a query and head, where none keeps it; selective_twins brings
+    them back where none may not fit). A search restricted to a framework that lacks the
+    dominating value keeps them (planner.search passes False).
 
     With `states_fit` (which rows' weights, gradients and optimizer states fit in memory on
     their own, given the degrees, the ZeRO stage and the micro-batch count), a row they
@@ -347,6 +347,38 @@ def kept_rows(table: pd.DataFrame, keep) -> pd.DataFrame:
              else table.iloc[list(keep)]).reset_index(drop=True)
     table.attrs.update(attrs)
     return table
+
+
+def selective_twins(table: pd.DataFrame, peak_bytes: np.ndarray, limit_bytes: float, model: ModelSpec,
+                    cluster: Cluster, fixed: dict, prune_dominated: bool = True) -> pd.DataFrame:
+    """The plans candidate_table left out as dominated that may fit where their dominator
+    does not: selective recompute under fused attention frees the kernel's fp32 log-sum-exp
+    (4 bytes a query row and head of each layer, memory.layer_activation_bytes), so it fits
+    where no recompute misses the limit by less than that. The rows of `table` with
+    recompute none whose peak (`peak_bytes`, closed_forms.evaluate's: exact, or a lower
+    bound) is over `limit_bytes` by at most 4 x micro-batch x heads / tp x sequence / cp x
+    layers x micro-batches (every layer of every micro-batch in flight at once, a bound on
+    what selective frees), as selective; none where candidate_table kept selective (the
+    user held recompute, or nothing was pruned) or attention is unfused."""
+    empty = table.iloc[:0]
+    if (not prune_dominated or "recompute" in fixed
+            or table.attrs["attention"] not in rules.FUSED_ATTENTION or table.empty):
+        return empty
+    recompute = table["recompute"].cat
+    over = np.flatnonzero((recompute.codes.to_numpy() == recompute.categories.get_loc("none"))
+                          & (peak_bytes > limit_bytes))
+    column = lambda name: table[name].to_numpy()[over]  # noqa: E731
+    freed = (4.0 * column("micro_batch") * -(-model.num_heads // column("tp")) * table.attrs["seq_len"]
+             / column("cp") * model.num_layers * column("num_microbatches"))
+    near = over[peak_bytes[over] - freed <= limit_bytes]
+    if not near.size:
+        return empty
+    rows = kept_rows(table, near)
+    rows["recompute"] = pd.Categorical.from_codes(np.full(len(rows), recompute.categories.get_loc("selective")),
+                                                  dtype=table["recompute"].dtype)
+    rows = _legal(rows, model, cluster, fixed, ("recompute",)).reset_index(drop=True)
+    rows.attrs.update(table.attrs)
+    return rows
 
 
 def cp_comm_variants(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, fixed: dict,

@@ -18,7 +18,7 @@ from meshplan.simulator.partition import balanced_shape
 from meshplan.planner.explain import compare, explain, knob_changes, split_text
 from meshplan.planner.search import distinct, search
 from meshplan.planner.space import candidate_table, row_plan
-from meshplan.simulator.memory import stage_params
+from meshplan.simulator.memory import FRAGMENTATION_SHARE, RUNTIME_BYTES, stage_params
 from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
 from meshplan.simulator.partition import balanced_partition
 from meshplan.simulator.plan import Cluster, Plan
@@ -273,6 +273,27 @@ def test_too_little_memory_picks_full_recompute_or_zero3():
     tight = search(model, cluster, A100.scaled(memory=0.4), fixed).ranked[0].plan
     assert tight.zero == 3 or tight.recompute == "full"
     assert (tight.zero, tight.recompute) != (roomy.zero, roomy.recompute)
+
+
+def test_selective_recompute_pruned_as_dominated_still_wins_where_only_it_fits():
+    # under fused attention selective recompute frees only the kernel's log-sum-exp, so the
+    # table leaves it out beside no recompute; with the device's usable memory set between
+    # the two plans' peaks (hand-placed), no recompute does not fit and selective, which
+    # redoes one kernel forward a layer, beats per-op and full recompute
+    model, cluster = ZOO["llama-2-7b"], Cluster(8, 8)
+    fixed = {"global_batch": 64, "seq_len": 4096, "dp": 8, "tp": 1, "pp": 1, "cp": 1, "zero": 3,
+             "micro_batch": 4, "reshard_after_forward": True}
+    roomy = dataclasses.replace(A100, memory_bytes=4 * A100.memory_bytes)
+    none, selective = (simulate(model, Plan(**fixed, recompute=rc), cluster, roomy) for rc in ("none", "selective"))
+    assert selective.peak_memory_bytes < none.peak_memory_bytes and selective.step_time_s > none.step_time_s
+    usable = (none.peak_memory_bytes + selective.peak_memory_bytes) / 2
+    tight = dataclasses.replace(A100, memory_bytes=(usable + RUNTIME_BYTES) / (1 - FRAGMENTATION_SHARE))
+    found = search(model, cluster, tight, fixed)
+    best = found.ranked[0]
+    assert best.plan.recompute == "selective"
+    assert best.step_time_s == pytest.approx(simulate(model, best.plan, cluster, tight).step_time_s)
+    assert all(r.plan.recompute != "none" for r in found.ranked)
+    assert best.step_time_s < min(r.step_time_s for r in found.ranked if r.plan.recompute in ("op", "full"))
 
 
 def test_fixed_knobs_are_held():
