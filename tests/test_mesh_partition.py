@@ -84,3 +84,36 @@ def test_even_partition_and_chunks():
     assert even_partition(10, 4) == (3, 3, 2, 2)        # vLLM: remainder to the first stages
     # virtual stage j is chunk j // pp of rank j % pp
     assert rank_chunks((1, 2, 3, 4, 5, 6), 2).tolist() == [[1, 3, 5], [2, 4, 6]]
+
+
+def torchtitan_split(layers: int, stages: int) -> tuple[int, ...]:
+    """torchtitan's generate_split_points (Dec 2024), by its rule: the first and the last
+    stage take layers // stages, the middle ones one more while the remainder lasts."""
+    base, extra = divmod(layers, stages)
+    middle = [base + 1 if i < extra else base for i in range(stages - 2)]
+    return (base, *middle, layers - base - sum(middle))
+
+
+def megatron_split(layers: int, chunks: int, account_for_ends: bool) -> tuple[int, ...]:
+    """Megatron-Core's split: decoder layers evenly over the chunks, or with
+    account_for_embedding/loss_in_pipeline_split the embedding and the loss counted as one
+    layer each on the first and last chunk."""
+    per = (layers + 2 * account_for_ends) // chunks
+    return (per - account_for_ends, *[per] * (chunks - 2), per - account_for_ends)
+
+
+def test_published_rows_record_their_frameworks_pipeline_split():
+    from meshplan.validation.published import load_runs, partition_counts
+    assert partition_counts("2,3*30,2") == (2, *[3] * 30, 2) and partition_counts("9*4") == (9,) * 4
+    runs = {run.id: run for run in load_runs()}
+    split = {i: r.fixed["layer_partition"] for i, r in runs.items() if "layer_partition" in r.fixed}
+    for i, parts in split.items():  # one count per virtual stage, every decoder layer once
+        run = runs[i]
+        assert len(parts) == run.fixed["pp"] * run.fixed.get("virtual_stages", 1) and sum(parts) == run.model.num_layers, i
+    assert split["tt24-405b-512gpu-3d-1f1b"] == torchtitan_split(126, 8)
+    assert split["tt24-405b-512gpu-3d-interleaved"] == torchtitan_split(126, 16)
+    assert split["mbridge2604-gptoss-120b-64"] == megatron_split(36, 4, False)
+    assert split["mbridge2604-llama3-70b-64"] == megatron_split(80, 40, False)
+    assert split["mbridge2604-qwen3-235b-256"] == megatron_split(94, 32, True)
+    assert split["mbridge2604-llama31-405b-1024"] == megatron_split(126, 64, True)
+    assert split["mz-qwen3-235b-256-ep8-pp32-a2a"] == megatron_split(94, 96, True)

@@ -99,6 +99,9 @@ def _fixed(row) -> dict:
             fixed[key] = int(float(value))
     # a blank cp_comm is the p2p ring (its README), not a choice left to the search
     fixed.setdefault("cp_comm", PLAN_DEFAULTS["cp_comm"])
+    split = _value(row, "layer_partition", str)
+    if split is not None:
+        fixed["layer_partition"] = partition_counts(split)
     # torch.compile fuses the elementwise ops, the gated activation among them
     compiled = _value(row, "torch_compile", str)
     if compiled is not None:
@@ -109,6 +112,17 @@ def _fixed(row) -> dict:
         fixed.pop("schedule", None)
         fixed.pop("virtual_stages", None)
     return {k: v for k, v in fixed.items() if v is not None}
+
+
+def partition_counts(text: str) -> tuple[int, ...]:
+    """A layer_partition cell, the decoder layers of each (virtual) pipeline stage in order
+    with runs written count*repeat ("2,3*30,2": 2, thirty 3s, 2; explain.split_text's
+    notation), as a tuple."""
+    counts: list[int] = []
+    for part in text.split(","):
+        layers, _, repeat = part.strip().partition("*")
+        counts += [int(layers)] * int(repeat or 1)
+    return tuple(counts)
 
 
 def _narayanan_flops(model: ModelSpec, batch: int, seq: int) -> float:
