@@ -99,6 +99,10 @@ def _fixed(row) -> dict:
             fixed[key] = int(float(value))
     # a blank cp_comm is the p2p ring (its README), not a choice left to the search
     fixed.setdefault("cp_comm", PLAN_DEFAULTS["cp_comm"])
+    # every framework of the table orders its ranks TP innermost, then CP, DP and PP (Megatron-
+    # LM's default tp-cp-ep-dp-pp, torchtitan's device mesh, DeepSpeed's
+    # PipeModelDataParallelTopology axes pipe, data, model): not a choice left to the search
+    fixed["placement"] = PLAN_DEFAULTS["placement"]
     split = _value(row, "layer_partition", str)
     if split is not None:
         fixed["layer_partition"] = partition_counts(split)
