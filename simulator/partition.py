@@ -140,6 +140,19 @@ def even_partition(num_layers: int, num_parts: int) -> tuple[int, ...]:
     return tuple(base + (i < extra) for i in range(num_parts))
 
 
+def parse_partition(text: str) -> tuple[int, ...]:
+    """Layers per (virtual) stage written as explain.split_text prints them, counts separated
+    by commas with runs as count*repeat ("2,3*30,2": 2, thirty 3s, 2; "10,12,12,10").
+    Raises ValueError on anything else."""
+    counts: list[int] = []
+    for part in text.split(","):
+        layers, star, repeat = part.strip().partition("*")
+        if star and not repeat.strip():
+            raise ValueError(text)
+        counts += [int(layers)] * int(repeat or 1)
+    return tuple(counts)
+
+
 def rank_chunks(partition: tuple[int, ...], pp: int, v_shaped: bool = False) -> np.ndarray:
     """Layers of each (pipeline rank, chunk), shape (pp, len(partition) // pp): virtual
     stage j is chunk j // pp of rank j % pp (Megatron-LM's interleaved assignment), or in a

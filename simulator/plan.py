@@ -155,7 +155,7 @@ class Plan:
     schedule: str = knob("1f1b", "pipeline schedule", choices=SCHEDULES)
     virtual_stages: int = knob(1, "model chunks per pipeline rank (interleaved)")
     layer_partition: tuple[int, ...] | None = knob(None, "layers per (virtual) stage, comma "
-                                                   "separated (default: balanced)")
+                                                   "separated, a run as count*repeat (default: balanced)")
     dtype: str = knob("bf16", "compute dtype (mixed precision, fp32 master)", choices=DTYPES)
     attention: str = knob("flash", "attention kernel", choices=ATTENTION)
     mlp_kernel: str = knob("fused", "gated MLP activation: fused (Megatron-LM, Transformer Engine, "

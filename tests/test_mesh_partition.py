@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from meshplan.core.mesh import Group, Mesh
-from meshplan.simulator.partition import balanced_partition, balanced_shape, even_partition, rank_chunks
+from meshplan.simulator.partition import (balanced_partition, balanced_shape, even_partition, parse_partition,
+                                          rank_chunks)
+from meshplan.validation.published import load_runs
 
 AXES = ("tp", "cp", "dp", "pp")
 
@@ -103,8 +105,11 @@ def megatron_split(layers: int, chunks: int, account_for_ends: bool) -> tuple[in
 
 
 def test_published_rows_record_their_frameworks_pipeline_split():
-    from meshplan.validation.published import load_runs, partition_counts
-    assert partition_counts("2,3*30,2") == (2, *[3] * 30, 2) and partition_counts("9*4") == (9,) * 4
+    assert parse_partition("2,3*30,2") == (2, *[3] * 30, 2) and parse_partition("9*4") == (9,) * 4
+    assert parse_partition("10,12,12,10") == (10, 12, 12, 10)
+    for bad in ("2*", "a", "2,,3", "1.5"):
+        with pytest.raises(ValueError):
+            parse_partition(bad)
     runs = {run.id: run for run in load_runs()}
     split = {i: r.fixed["layer_partition"] for i, r in runs.items() if "layer_partition" in r.fixed}
     for i, parts in split.items():  # one count per virtual stage, every decoder layer once

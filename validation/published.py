@@ -35,6 +35,7 @@ from meshplan.planner.search import search
 from meshplan.simulator.memory import FRAGMENTATION_SHARE
 from meshplan.simulator.model_spec import ModelSpec, load_model
 from meshplan.simulator.ops import model_flops_per_step
+from meshplan.simulator.partition import parse_partition
 from meshplan.simulator.plan import DTYPES, Cluster, Plan, complete_fields
 from meshplan.simulator.train import SimulationResult, simulate
 
@@ -105,7 +106,7 @@ def _fixed(row) -> dict:
     fixed["placement"] = PLAN_DEFAULTS["placement"]
     split = _value(row, "layer_partition", str)
     if split is not None:
-        fixed["layer_partition"] = partition_counts(split)
+        fixed["layer_partition"] = parse_partition(split)
     # torch.compile fuses the elementwise ops, the gated activation among them
     compiled = _value(row, "torch_compile", str)
     if compiled is not None:
@@ -116,17 +117,6 @@ def _fixed(row) -> dict:
         fixed.pop("schedule", None)
         fixed.pop("virtual_stages", None)
     return {k: v for k, v in fixed.items() if v is not None}
-
-
-def partition_counts(text: str) -> tuple[int, ...]:
-    """A layer_partition cell, the decoder layers of each (virtual) pipeline stage in order
-    with runs written count*repeat ("2,3*30,2": 2, thirty 3s, 2; explain.split_text's
-    notation), as a tuple."""
-    counts: list[int] = []
-    for part in text.split(","):
-        layers, _, repeat = part.strip().partition("*")
-        counts += [int(layers)] * int(repeat or 1)
-    return tuple(counts)
 
 
 def _narayanan_flops(model: ModelSpec, batch: int, seq: int) -> float:

@@ -11,6 +11,7 @@ import sys
 from meshplan.core.errors import PlanError
 from meshplan.executor.options import EXECUTOR_KERNELS, serving_dtype, training_fields
 from meshplan.simulator.model_spec import LoadedModel, ModelSpec, read_model
+from meshplan.simulator.partition import parse_partition
 from meshplan.simulator.plan import Cluster, Plan, load_plan_fields
 from meshplan.simulator.quantize import QUANTIZATIONS
 from meshplan.simulator.serve import InferencePlan
@@ -80,10 +81,11 @@ def dataclass_fields(args: argparse.Namespace, cls, names: tuple[str, ...] | Non
             continue
         if str(f.type).startswith("tuple[int"):
             try:
-                value = tuple(int(v) for v in value.split(","))
+                value = parse_partition(value)
             except ValueError:
                 raise PlanError(f"plan.{f.name}", f"{value!r} is not a list of integers",
-                                "pass integers separated by commas, e.g. 10,12,12,10") from None
+                                "pass integers separated by commas, a run as count*repeat, e.g. "
+                                "10,12,12,10 or 1,2*38,1") from None
         elif str(f.type).startswith("tuple[str"):
             value = tuple(v.strip() for v in value.split(","))
         out[f.name] = value
