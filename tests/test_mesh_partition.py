@@ -104,6 +104,13 @@ def megatron_split(layers: int, chunks: int, account_for_ends: bool) -> tuple[in
     return (per - account_for_ends, *[per] * (chunks - 2), per - account_for_ends)
 
 
+def automodel_split(layers: int, stages: int) -> tuple[int, ...]:
+    """Automodel's generate_hf_model_split (Oct 2025): the first layers % stages stages take
+    one layer more than layers // stages."""
+    base, extra = divmod(layers, stages)
+    return tuple(base + (i < extra) for i in range(stages))
+
+
 def test_published_rows_record_their_frameworks_pipeline_split():
     assert parse_partition("2,3*30,2") == (2, *[3] * 30, 2) and parse_partition("9*4") == (9,) * 4
     assert parse_partition("10,12,12,10") == (10, 12, 12, 10)
@@ -122,3 +129,4 @@ def test_published_rows_record_their_frameworks_pipeline_split():
     assert split["mbridge2604-qwen3-235b-256"] == megatron_split(94, 32, True)
     assert split["mbridge2604-llama31-405b-1024"] == megatron_split(126, 64, True)
     assert split["mz-qwen3-235b-256-ep8-pp32-a2a"] == megatron_split(94, 96, True)
+    assert split["automodel-dsv3-256"] == automodel_split(61, 32)
