@@ -10,7 +10,7 @@ from meshplan.hw_profiles.profile import load_profile
 from meshplan.simulator.cost import op_times
 from meshplan.simulator.model_spec import ZOO
 from meshplan.simulator.ops import Shard, eager_bytes_per_element, head_ops, layer_ops
-from meshplan.simulator.plan import Cluster, Plan
+from meshplan.simulator.plan import Cluster, Plan, complete_fields
 from meshplan.simulator.train import simulate
 from meshplan.validation.published import load_runs
 
@@ -79,3 +79,15 @@ def test_published_rows_run_as_compiled_or_not():
     assert (eager.fixed["elementwise"], eager.fixed["mlp_kernel"]) == ("eager", "eager")
     assert (compiled.fixed["elementwise"], compiled.fixed["mlp_kernel"]) == ("fused", "fused")
     assert "elementwise" not in runs["narayanan21-t1-1t"].fixed
+
+
+def test_published_megatron_fp8_rows_before_its_recipe_flag_scale_by_delayed_scaling():
+    runs = {run.id: run for run in load_runs()}
+    nemo, bridge = runs["nemo2407-llama2-70b-64"], runs["mbridge2604-llama3-70b-64"]
+    assert nemo.fixed["fp8_recipe"] == "delayed" and "fp8_recipe" not in bridge.fixed  # fp8_cs: tensorwise
+    plan = Plan(**complete_fields({**nemo.fixed, "micro_batch": 1, "recompute": "none", "zero": 1},
+                                  nemo.cluster.num_gpus))
+    hw = load_profile(nemo.hardware)
+    delayed, current = (simulate(nemo.model, replace(plan, fp8_recipe=r), nemo.cluster, hw)
+                        for r in ("delayed", "tensorwise"))
+    assert delayed.step_time_s < current.step_time_s  # no amax pass before each cast
