@@ -64,9 +64,7 @@ def check(name, gpus, batch, seq, hw_name, held, target=None, version=None) -> d
     runs = lambda table: np.ones(len(table), bool)  # noqa: E731
     free: tuple[str, ...] = ()
     if target is not None:  # as meshplan plan --emit searches
-        defaults = exports.dictated(target, fixed, hw)
-        free = tuple(k for k in exports.DEFAULTS_SEARCHED if k in defaults and k not in fixed)
-        fixed = {**defaults, **fixed}
+        fixed, free = exports.target_fields(target, fixed, hw)
         runs = lambda table: exports.supported(target, model, table, version)  # noqa: E731
     start = time.perf_counter()
     found = search(model, cluster, hw, fixed, allowed=None if target is None else runs, free=free)

@@ -4,12 +4,12 @@ grows, or which limit it breaks (memory, or the legality rule, as PlanError word
 the prediction's error band from the hardware profile's fit residuals."""
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, replace
 
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.partition import split_text
 from meshplan.simulator.plan import CP_COMMS, RECOMPUTE, SCHEDULES, Cluster, Plan
 from meshplan.simulator.rules import max_virtual_stages
 from meshplan.hw_profiles.accuracy import end_to_end, end_to_end_text, plan_kind
@@ -235,13 +235,6 @@ def split_lines(split: tuple[int, ...]) -> list[str]:
     alone = (f" ({' and '.join(ends)} alone on {'its own stage' if len(ends) == 1 else 'their own stages'})"
              if ends else "")
     return [f"pipeline split, layers per (virtual) stage in pipeline order: {split_text(split)}{alone}"]
-
-
-def split_text(split: tuple[int, ...]) -> str:
-    """Layer counts with runs of one count written n*k, e.g. "1*30,2,0" (the repeat notation
-    of Megatron-LM's pipeline layouts)."""
-    runs = [(n, len(list(group))) for n, group in itertools.groupby(split)]
-    return ",".join(f"{n}*{k}" if k > 1 else str(n) for n, k in runs)
 
 
 # What the explanation says of each CP exchange (plan.CP_COMMS, cost.cp_comm_s)

@@ -13,6 +13,7 @@ parts `base`, except middle parts 1..`short` which hold base - 1.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,9 +141,16 @@ def even_partition(num_layers: int, num_parts: int) -> tuple[int, ...]:
     return tuple(base + (i < extra) for i in range(num_parts))
 
 
+def split_text(split: tuple[int, ...]) -> str:
+    """Layer counts with runs of one count written n*k, e.g. "1*30,2,0" (the repeat notation
+    of Megatron-LM's pipeline layouts); parse_partition reads it back."""
+    runs = [(n, len(list(group))) for n, group in itertools.groupby(split)]
+    return ",".join(f"{n}*{k}" if k > 1 else str(n) for n, k in runs)
+
+
 def parse_partition(text: str) -> tuple[int, ...]:
-    """Layers per (virtual) stage written as explain.split_text prints them, counts separated
-    by commas with runs as count*repeat ("2,3*30,2": 2, thirty 3s, 2; "10,12,12,10").
+    """Layers per (virtual) stage written as split_text writes them, counts separated by
+    commas with runs as count*repeat ("2,3*30,2": 2, thirty 3s, 2; "10,12,12,10").
     Raises ValueError on anything else."""
     counts: list[int] = []
     for part in text.split(","):

@@ -15,12 +15,12 @@ from meshplan.core.errors import PlanError
 from meshplan.planner import closed_forms
 from meshplan.planner.closed_forms import _balanced_slots, evaluate
 from meshplan.simulator.partition import balanced_shape
-from meshplan.planner.explain import compare, explain, knob_changes, split_text
+from meshplan.planner.explain import compare, explain, knob_changes
 from meshplan.planner.search import distinct, search
 from meshplan.planner.space import candidate_table, row_plan
 from meshplan.simulator.memory import FRAGMENTATION_SHARE, RUNTIME_BYTES, stage_params
 from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
-from meshplan.simulator.partition import balanced_partition
+from meshplan.simulator.partition import balanced_partition, split_text
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
 from tests.cli import meshplan
@@ -564,8 +564,9 @@ def test_the_search_tries_each_cp_exchange_on_the_plans_it_re_ranks():
     found = search(model, cluster, H100, fixed)
     held = {}
     for comm in ("p2p", "alltoall", "allgather", "a2a"):
-        held[comm] = search(model, cluster, H100, {**fixed, "cp_comm": comm}).ranked[0]
-        assert all(r.plan.cp_comm == comm for r in search(model, cluster, H100, {**fixed, "cp_comm": comm}).ranked)
+        ranked = search(model, cluster, H100, {**fixed, "cp_comm": comm}).ranked
+        assert all(r.plan.cp_comm == comm for r in ranked)
+        held[comm] = ranked[0]
     assert found.ranked[0].plan.cp_comm == "a2a"
     assert found.ranked[0].step_time_s == pytest.approx(min(r.step_time_s for r in held.values()), rel=1e-12)
     assert held["a2a"].step_time_s < 0.5 * held["p2p"].step_time_s

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from meshplan.planner.explain import split_text
+from meshplan.simulator.partition import split_text
 from tests import cli
 
 GPT3 = ["--model", "gpt3-175b", "--hardware", "a100-80gb", "--gpus", "1024", "--gpus-per-node", "8",

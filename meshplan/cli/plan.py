@@ -159,9 +159,7 @@ def emit(args: argparse.Namespace, model, cluster, hw, fixed: dict) -> int:
 
     target, version = args.emit, args.target_version
     exports.rule_set(target, version)
-    defaults = exports.dictated(target, fixed, hw)
-    free = tuple(k for k in exports.DEFAULTS_SEARCHED if k in defaults and k not in fixed)
-    fixed = {**defaults, **fixed}
+    fixed, free = exports.target_fields(target, fixed, hw)
     if target == "plan" and args.launch_script != "torchrun":
         raise PlanError("emit.plan", "a plan JSON has no launch script", "use meshplan run "
                         "--plan FILE --launch-script, or --emit a framework")

@@ -115,6 +115,14 @@ def dictated(target: str, fixed: dict, hw: HardwareProfile | None = None) -> dic
     return {}
 
 
+def target_fields(target: str, fixed: dict, hw: HardwareProfile | None = None) -> tuple[dict, tuple[str, ...]]:
+    """A search for `target` (planner.search's `fixed` and `free`): the user's fields over
+    what the target dictates, and those dictated ones that are its defaults rather than its
+    only choice (DEFAULTS_SEARCHED), where the user did not fix them."""
+    defaults = dictated(target, fixed, hw)
+    return {**defaults, **fixed}, tuple(k for k in DEFAULTS_SEARCHED if k in defaults and k not in fixed)
+
+
 def rule_set(target: str, version: str | None = None) -> str:
     """The FRAMEWORKS key of `target` at `version` (None: the newest)."""
     if target not in TARGETS and target != "vllm":
