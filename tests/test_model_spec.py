@@ -37,6 +37,22 @@ def test_megatron_family_matches_narayanan_closed_form(name, layers, hidden, bil
     assert ZOO[name].num_params() / 1e9 == pytest.approx(billions, rel=0.03)
 
 
+PUBLISHED_MODELS = Path(__file__).resolve().parents[1] / "benchmarks" / "published" / "models"
+
+
+@pytest.mark.parametrize("name,published", [
+    ("mpt-7b", 6_658_859_008), ("mpt-13b", 12_853_954_560), ("mpt-30b", 29_975_214_080),
+    ("mpt-70b", 64_862_437_376)])
+def test_published_mpt_configs_read_as_the_benchmarked_mptconfig(name, published):
+    # llm-foundry scripts/train/benchmarking/README.md at 5e85bd62d, NumParams at seq 2048;
+    # its pretrain YAMLs keep MPTConfig's defaults there: learned positions (alibi off),
+    # biases (no_bias False), tied embeddings, and no dropout (resid, emb and attn pdrop 0.0)
+    spec = read_model(str(PUBLISHED_MODELS / f"{name}.json")).spec
+    assert spec.num_params() == published
+    assert (spec.dropout, spec.bias, spec.position_embedding, spec.tied_embeddings) == (
+        False, True, "learned", True)
+
+
 def test_llama_config_json(tmp_path):
     config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
               "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
