@@ -338,7 +338,9 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     A large table is evaluated in blocks of rows, on as many threads as there are cores."""
     hw = per_rank_profile(hw, ranks_per_node)
     limit = usable_bytes(float(hw.memory_bytes))
-    count = -(-len(table) // BLOCK_ROWS)
+    count, threads = -(-len(table) // BLOCK_ROWS), usable_cpus()
+    if count > 1:  # a multiple of the threads, which then finish together
+        count = -(-count // threads) * threads
     if count <= 1:
         parts = [_evaluate_block(table, model, hw, limit, keep)]
     else:
@@ -347,7 +349,7 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
             block = table.iloc[b * len(table) // count:(b + 1) * len(table) // count]
             block.attrs.update(table.attrs)
             blocks.append(block)
-        with ThreadPoolExecutor(min(count, usable_cpus())) as pool:
+        with ThreadPoolExecutor(min(count, threads)) as pool:
             parts = list(pool.map(lambda block: _evaluate_block(block, model, hw, limit, keep), blocks))
     peak, step_s, busy = (np.concatenate(column) for column in zip(*parts))
     return Evaluation(step_s, peak, peak <= limit, limit, busy)
