@@ -403,32 +403,65 @@ def _time_rows(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | 
     """Exact memory of the rows `maybe` (whose lower bound fits) into `peak`, and the step
     time of those that fit into `step_s` (their busy bound into `busy`): with `keep`, only
     where a lower bound on it beats the keep-th best known so far. `st`: the shards' times
-    (step.rows_shard_times)."""
+    (step.rows_shard_times). The partition and memory need only each row's layer, embedding
+    and head times (_light_rows); a row's other terms are added (step.add_times) once a bound
+    made of those alone says it may be timed."""
     if not maybe.size:
         return
-    r = step.add_times(r if maybe.size == len(peak) else step.take(r, maybe), model, hw, st)
-    r.update(_sums(r, model))
-    s, n, before, part, largest, layout = slots(r, model, partition)
+    r = r if maybe.size == len(peak) else step.take(r, maybe)
+    costs = step.cost_times(r, model, hw, st)
+    light = _light_rows(r, model, st, *costs)
+    s, n, before, part, largest, layout = slots(light, model, partition)
     key = mem_id[maybe] * (int(layout.max()) + 1) + layout
     peak[maybe], mem_ids, params = _exact_memory(r, model, s, n, part, key)
     fit = np.flatnonzero(peak[maybe] <= limit)  # positions within `maybe`
-    time_lb = _time_bound({k: r[k][fit] for k in ("pp", "virtual_stages", "num_microbatches", "sched",
-                                                  "fill", "pair", "sum_w")})
+    time_lb = _time_bound({k: light[k][fit] for k in _BOUND_READS})
     ranked = np.argsort(time_lb, kind="stable")
     order, time_lb = fit[ranked], time_lb[ranked]
     todo = np.ones(order.size, bool)
     batch = np.arange(order.size) if keep is None else np.arange(min(order.size, max(8 * keep, 2000)))
-    known = step_s[np.isfinite(step_s)]
-    if keep is not None and known.size >= keep:  # rows timed before these
-        batch = batch[time_lb[batch] < np.partition(known, keep - 1)[keep - 1]]
-    while batch.size:
-        at = order[batch]
-        g = part[at]
-        step_s[maybe[at]], busy[maybe[at]] = _step_time(step.take(r, at), model, hw, s[g], n[g], before[g],
-                                                        params[mem_ids[at]], largest[at], partition)
+    while True:
+        kth = _kth_best(step_s, keep)  # only falls: a row bounded out stays out
+        batch = batch[time_lb[batch] < kth]
+        if not batch.size:
+            break
         todo[batch] = False
-        known = step_s[np.isfinite(step_s)]
-        if keep is None or known.size < keep:
-            batch = np.flatnonzero(todo)
-            continue
-        batch = np.flatnonzero(todo & (time_lb < np.partition(known, keep - 1)[keep - 1]))
+        at = order[batch]
+        rows = step.add_times(step.take(r, at), model, hw, st, (costs[0][at], costs[1]))
+        rows.update(_sums(rows, model))
+        timed = _time_bound(rows) < kth  # the whole bound, the terms beside the layers' added
+        at, rows = at[timed], step.take(rows, timed)
+        g = part[at]
+        step_s[maybe[at]], busy[maybe[at]] = _step_time(rows, model, hw, s[g], n[g], before[g],
+                                                        params[mem_ids[at]], largest[at], partition)
+        batch = np.flatnonzero(todo)
+
+
+def _kth_best(step_s: np.ndarray, keep: int | None) -> float:
+    """The keep-th best step time known (inf while fewer are, or without `keep`)."""
+    known = step_s[np.isfinite(step_s)]
+    return np.inf if keep is None or known.size < keep else float(np.partition(known, keep - 1)[keep - 1])
+
+
+_BOUND_READS = ("pp", "virtual_stages", "num_microbatches", "sched", "fill", "pair", "sum_w")
+
+
+def _light_rows(r: dict, model: ModelSpec, st: ShardTimes, cost_id: np.ndarray, costs: dict) -> dict:
+    """What slots reads of each row, from its cost combination's and shard's times alone
+    (step.cost_times, step.rows_shard_times): a layer's forward + backward, and the
+    embedding's and the head's blocks with the TP communication beside them (as
+    step.add_times sums them); and what the time bound reads (_sums), its fill and pair
+    without the ZeRO-3 gathers, the straggler waits and the pipeline hop, which only add
+    to them (step.chunk_s: what of a gather hides costs its contention, a share under 1),
+    so that the bound is below the whole one."""
+    shard, cost = r["shard_id"], lambda k: costs[k][cost_id]  # noqa: E731
+    emb_w, head_w = st.embedding.bwd_weight_s[shard], st.head.bwd_weight_s[shard]
+    emb_fwd, head_fwd = st.embedding.fwd_s[shard] + cost("emb_tp_fwd"), st.head.fwd_s[shard] + cost("head_tp_fwd")
+    emb_bwd = st.embedding.bwd_input_s[shard] + cost("emb_tp_bwd") + emb_w
+    head_bwd = st.head.bwd_input_s[shard] + cost("head_tp_bwd") + head_w
+    L, ends = model.num_layers, emb_fwd + emb_bwd + head_fwd + head_bwd
+    layer = cost("l_fwd") + cost("l_bwd")
+    return {**{k: r[k] for k in ("pp", "virtual_stages", "num_microbatches", "sched")}, "cost_id": cost_id,
+            "layer": layer, "emb_fwd": emb_fwd, "emb_bwd": emb_bwd, "head_fwd": head_fwd, "head_bwd": head_bwd,
+            "fill": L * layer + ends, "pair": L * (cost("l_fwd_pair") + cost("l_bwd_pair")) + ends,
+            "sum_w": L * cost("l_bwd_w") + emb_w + head_w}

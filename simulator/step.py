@@ -153,19 +153,14 @@ def rows_shard_times(r: dict, model: ModelSpec, hw: HardwareProfile, index=slice
                        [r["shard_ops"][i] for i in used]).take(at)
 
 
-def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | None = None) -> dict:
-    """r with its times, computed once per distinct shard and cost combination
-(r["cost_id"], the combination of COST_KEYS of each row); `st`: rows_shard_times of
-    rows including these, where the caller times its rows in parts:
-    l_fwd / l_bwd (a layer's whole forward / backward, cost.LayerTimes), their parts
-    (l_fwd_compute, l_bwd_in, l_bwd_w, l_recompute, l_tp, l_cp), the same in an all-to-all
-    overlap pair (l_fwd_pair, l_bwd_pair, with their exposed exchange l_ep_pair_* and the
-    contention l_contention_pair_*), the embedding and head
-    blocks, the ZeRO-3 gather `ag` with the exposed part of each further gather (xf, xb)
-    and the wait for the group's straggler at each (sync_f, sync_b), and the pipeline hop."""
-    r = dict(r)
+def cost_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes) -> tuple[np.ndarray, dict]:
+    """Per row the id of its cost combination (the COST_KEYS it has), and per combination its
+    layer's times, l_fwd / l_bwd (a layer's whole forward / backward, cost.LayerTimes), their
+    parts (l_fwd_compute, l_bwd_in, l_bwd_w, l_recompute, l_tp, l_cp), the same in an
+    all-to-all overlap pair (l_fwd_pair, l_bwd_pair, with their exposed exchange l_ep_pair_*
+    and the contention l_contention_pair_*), and the TP communication beside the embedding
+    and the head (emb_tp_*, head_tp_*). `st`: rows_shard_times of these rows or more."""
     shard_id = r["shard_id"]
-    st = rows_shard_times(r, model, hw) if st is None else st
     cost_id, cfirst = combo_ids(r, COST_KEYS)
     c = {k: r[k][cfirst] for k in ("tp", "cp", "sp", "rc", "tp_rpn", "cp_rpn", "tokens", "ep", "etp",
                                    "ep_rpn", "etp_rpn", "in_tokens", "tp_share", "cp_share")}
@@ -189,6 +184,21 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
              "l_host_gap": lt.host_gap_fwd_s + lt.host_gap_bwd_s}
     edges = tp_edge_comm_s(model, c["tokens"], c["sp"], r["d"], hw, c["tp"], c["tp_rpn"], c["tp_share"])
     parts |= dict(zip(("emb_tp_fwd", "emb_tp_bwd", "head_tp_fwd", "head_tp_bwd"), edges))
+    return cost_id, parts
+
+
+def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | None = None,
+              costs: tuple[np.ndarray, dict] | None = None) -> dict:
+    """r with its times, computed once per distinct shard and cost combination (cost_times,
+    whose parts it takes per row, with r["cost_id"]); where the caller times its rows in
+    parts, `st` is rows_shard_times and `costs` cost_times (each row's id, every id's parts)
+    of rows including these: the layer's times, the embedding and head blocks, the ZeRO-3
+    gather `ag` with the exposed part of each further gather (xf, xb) and the wait for the
+    group's straggler at each (sync_f, sync_b), and the pipeline hop."""
+    r = dict(r)
+    shard_id = r["shard_id"]
+    st = rows_shard_times(r, model, hw) if st is None else st
+    cost_id, parts = cost_times(r, model, hw, st) if costs is None else costs
     for k, x in parts.items():
         r[k] = x[cost_id]
     r["cost_id"] = cost_id

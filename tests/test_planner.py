@@ -14,6 +14,7 @@ from meshplan.hw_profiles.profile import load_profile
 from meshplan.core.errors import PlanError
 from meshplan.planner import closed_forms
 from meshplan.planner.closed_forms import _balanced_slots, evaluate
+from meshplan.simulator import step
 from meshplan.simulator.partition import balanced_shape
 from meshplan.planner.explain import compare, explain, knob_changes
 from meshplan.planner.search import distinct, search
@@ -218,6 +219,30 @@ def test_bounded_evaluation_keeps_the_same_best_rows():
     assert np.array_equal(best(full), best(bounded))
     assert np.array_equal(full.fits, bounded.fits)
     assert np.isnan(bounded.step_time_s).sum() > 0.5 * len(table)  # most rows bounded out
+
+
+def test_light_rows_bound_the_pipeline_sums_from_below():
+    """The partition and memory read a row's layer, embedding and head times alone, and the
+    time bound that decides which rows get their other terms is made of those: equal to
+    add_times' where they are the same terms, at most its sums where those add the ZeRO-3
+    gathers, the straggler waits and the hops (rows with all of them: ZeRO-3, pipelines)."""
+    model, cluster = ZOO["llama-2-13b"], Cluster(64, 8)
+    table = candidate_table(model, cluster, {"global_batch": 128, "seq_len": 4096})
+    hw = closed_forms.per_rank_profile(A100, 8)
+    r = closed_forms.table_rows(table, model)
+    st = step.rows_shard_times(r, model, hw)
+    costs = step.cost_times(r, model, hw, st)
+    light = closed_forms._light_rows(r, model, st, *costs)
+    full = step.add_times(r, model, hw, st)
+    full.update(closed_forms._sums(full, model))
+    for k in ("layer", "emb_fwd", "emb_bwd", "head_fwd", "head_bwd", "cost_id"):
+        assert np.array_equal(light[k], full[k])
+    assert np.allclose(light["sum_w"], full["sum_w"], rtol=1e-12)
+    added = (full["zero"] == 3) & (full["pp"] > 1)
+    assert added.sum() > 1000
+    for k in ("fill", "pair"):
+        assert (light[k] <= full[k] * (1 + 1e-12)).all()
+        assert (light[k][added] < full[k][added]).all()
 
 
 def test_evaluation_in_blocks_on_threads_matches_the_whole_table(monkeypatch):
