@@ -339,7 +339,7 @@ def evaluate(table: pd.DataFrame, model: ModelSpec, hw: HardwareProfile, ranks_p
     hw = per_rank_profile(hw, ranks_per_node)
     limit = usable_bytes(float(hw.memory_bytes))
     count, threads = -(-len(table) // BLOCK_ROWS), usable_cpus()
-    if count > 1:  # a multiple of the threads, which then finish together
+    if count > threads:  # more blocks than threads: a multiple of them, which then finish together
         count = -(-count // threads) * threads
     if count <= 1:
         parts = [_evaluate_block(table, model, hw, limit, keep)]
