@@ -449,19 +449,15 @@ _BOUND_READS = ("pp", "virtual_stages", "num_microbatches", "sched", "fill", "pa
 def _light_rows(r: dict, model: ModelSpec, st: ShardTimes, cost_id: np.ndarray, costs: dict) -> dict:
     """What slots reads of each row, from its cost combination's and shard's times alone
     (step.cost_times, step.rows_shard_times): a layer's forward + backward, and the
-    embedding's and the head's blocks with the TP communication beside them (as
-    step.add_times sums them); and what the time bound reads (_sums), its fill and pair
-    without the ZeRO-3 gathers, the straggler waits and the pipeline hop, which only add
-    to them (step.chunk_s: what of a gather hides costs its contention, a share under 1),
-    so that the bound is below the whole one."""
-    shard, cost = r["shard_id"], lambda k: costs[k][cost_id]  # noqa: E731
-    emb_w, head_w = st.embedding.bwd_weight_s[shard], st.head.bwd_weight_s[shard]
-    emb_fwd, head_fwd = st.embedding.fwd_s[shard] + cost("emb_tp_fwd"), st.head.fwd_s[shard] + cost("head_tp_fwd")
-    emb_bwd = st.embedding.bwd_input_s[shard] + cost("emb_tp_bwd") + emb_w
-    head_bwd = st.head.bwd_input_s[shard] + cost("head_tp_bwd") + head_w
-    L, ends = model.num_layers, emb_fwd + emb_bwd + head_fwd + head_bwd
-    layer = cost("l_fwd") + cost("l_bwd")
+    embedding's and the head's blocks with the TP communication beside them
+    (step.block_times, as add_times takes them); and what the time bound reads (_sums),
+    its fill and pair without the ZeRO-3 gathers, the straggler waits and the pipeline hop,
+    which only add to them (step.chunk_s: what of a gather hides costs its contention, a
+    share under 1), so that the bound is below the whole one."""
+    cost = lambda k: costs[k][cost_id]  # noqa: E731
+    b = step.block_times(st, r["shard_id"], cost)
+    L, ends = model.num_layers, b["emb_fwd"] + b["emb_bwd"] + b["head_fwd"] + b["head_bwd"]
     return {**{k: r[k] for k in ("pp", "virtual_stages", "num_microbatches", "sched")}, "cost_id": cost_id,
-            "layer": layer, "emb_fwd": emb_fwd, "emb_bwd": emb_bwd, "head_fwd": head_fwd, "head_bwd": head_bwd,
-            "fill": L * layer + ends, "pair": L * (cost("l_fwd_pair") + cost("l_bwd_pair")) + ends,
-            "sum_w": L * cost("l_bwd_w") + emb_w + head_w}
+            **{k: b[k] for k in ("layer", "emb_fwd", "emb_bwd", "head_fwd", "head_bwd")},
+            "fill": L * b["layer"] + ends, "pair": L * (cost("l_fwd_pair") + cost("l_bwd_pair")) + ends,
+            "sum_w": L * cost("l_bwd_w") + b["emb_bwd_w"] + b["head_bwd_w"]}

@@ -187,6 +187,21 @@ def cost_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes) -
     return cost_id, parts
 
 
+def block_times(st: ShardTimes, shard_id: np.ndarray, cost) -> dict:
+    """Per row, the embedding's and the head's blocks (forward, backward, its input- and
+    weight-gradient parts) with the TP communication beside them, which is on the path of
+    the stage they run in, and a layer's forward + backward (`layer`). `st`: the shards'
+    times; `cost(name)`: a part of cost_times per row."""
+    out = {}
+    for block, t in (("emb", st.embedding), ("head", st.head)):
+        out[f"{block}_fwd"] = t.fwd_s[shard_id] + cost(f"{block}_tp_fwd")
+        out[f"{block}_bwd_in"] = t.bwd_input_s[shard_id] + cost(f"{block}_tp_bwd")
+        out[f"{block}_bwd_w"] = t.bwd_weight_s[shard_id]
+        out[f"{block}_bwd"] = out[f"{block}_bwd_in"] + out[f"{block}_bwd_w"]
+    out["layer"] = cost("l_fwd") + cost("l_bwd")
+    return out
+
+
 def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | None = None,
               costs: tuple[np.ndarray, dict] | None = None) -> dict:
     """r with its times, computed once per distinct shard and cost combination (cost_times,
@@ -209,18 +224,7 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     r["split_layer"] = split * hw.overhead.split_backward_s(r["act_none"])
     r["split_head"] = split * hw.overhead.split_backward_per_activation_byte_s * (
         r["loss_kept"] * logits_bytes(r["tokens"], model.vocab_size, r["tp"]))
-    per_shard = {"emb_fwd": st.embedding.fwd_s, "emb_bwd_in": st.embedding.bwd_input_s,
-                 "emb_bwd_w": st.embedding.bwd_weight_s,
-                 "head_fwd": st.head.fwd_s, "head_bwd_in": st.head.bwd_input_s,
-                 "head_bwd_w": st.head.bwd_weight_s}
-    for k, x in per_shard.items():
-        r[k] = x[shard_id]
-    # the TP communication outside the layers is on the path of the stage it runs in
-    for part, key in (("emb_fwd", "emb_tp_fwd"), ("emb_bwd_in", "emb_tp_bwd"), ("head_fwd", "head_tp_fwd"),
-                      ("head_bwd_in", "head_tp_bwd")):
-        r[part] = r[part] + r[key]
-    r["emb_bwd"], r["head_bwd"] = r["emb_bwd_in"] + r["emb_bwd_w"], r["head_bwd_in"] + r["head_bwd_w"]
-    r["layer"] = r["l_fwd"] + r["l_bwd"]
+    r.update(block_times(st, shard_id, r.__getitem__))
     # ZeRO-3 gathers each layer's weights before its forward, and again before its backward
     # when it reshards after forward (FSDP2 reshard_after_forward); each gather beyond a
     # chunk's first hides behind the previous layer's compute (slowing it by the contention),
