@@ -208,6 +208,17 @@ def test_flags_are_never_abbreviated():
     assert out.returncode == 2 and "unrecognized arguments: --mode inference" in out.stderr
 
 
+def test_an_unknown_flag_is_one_line_naming_the_flags_meant():
+    out = meshplan("plan", "--model", "llama-2-7b", "--gpu", "h100-80gb", "--nodes", "2", "--global-batch", "8",
+                   "--virtual=2", "--zzz")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "meshplan plan: error: unrecognized arguments: --gpu h100-80gb --nodes 2 --virtual=2 --zzz "
+        "(--gpu: did you mean --gpus or --gpus-per-node or --gpu-hour-price?; --nodes: did you mean "
+        "--gpus-per-node?; --virtual: did you mean --virtual-stages?; --zzz: no such flag); "
+        "see meshplan plan --help"]
+
+
 def test_flags_of_the_other_mode_are_refused_not_ignored(tmp_path):
     train = ["--model", "llama-2-7b", "--gpus", "8", "--global-batch", "8", "--seq-len", "1024"]
     out = meshplan("simulate", *train, "--batch", "4", "--kv-dtype", "fp8")

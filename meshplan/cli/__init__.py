@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
 import argparse  # noqa: E402
+import difflib  # noqa: E402
 import functools  # noqa: E402
 import importlib  # noqa: E402
 import importlib.metadata  # noqa: E402
@@ -38,9 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unknown_arguments(command: argparse.ArgumentParser, extras: list[str]) -> str:
+    """The error for arguments `command` does not take: each unknown flag with the flags
+    of `command` it may have meant (those it begins, those holding its word, a close
+    spelling)."""
+    known = [o for action in command._actions for o in action.option_strings if o.startswith("--")]
+    hints = []
+    for arg in extras:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--"):
+            continue
+        word = name[2:].rstrip("s")
+        near = ([o for o in known if o.startswith(name)] or [o for o in known if word and word in o]
+                or difflib.get_close_matches(name, known, 3, 0.8))
+        hints.append(f"{name}: did you mean {' or '.join(near[:3])}?" if near else f"{name}: no such flag")
+    return (f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else "")
+            + f"; see {command.prog} --help")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # one line, naming the flags of the subcommand that were meant
+        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        print(f"{command.prog}: error: {unknown_arguments(command, extras)}", file=sys.stderr)
+        return 2
     try:
         return args.handler(args) or 0
     except MeshplanError as exc:
