@@ -847,7 +847,8 @@ FRAMEWORKS = {
         _rule("plan.layer_partition", "pp virtual_stages layer_partition",
               lambda x, m, c: (x.pp == 1) | _uniform_partition(x, m, c),
               lambda x, m, c: f"DeepSpeed's PipelineModule splits the {m.num_layers} transformer layers "
-              f"evenly over {x.pp} stages, not as {list(x.layer_partition or ())}",
+              f"evenly over {x.pp} stages, " + (f"not as {list(x.layer_partition)}" if x.layer_partition
+                                                else f"which {x.pp} does not divide"),
               "plan with a pp that divides the layers and --layer-partition giving equal stages"),
         _features_rule("model", "Megatron-DeepSpeed's GPT model", ("mixture-of-experts",),
                        "plan a model without them, or export for megatron"),

@@ -233,6 +233,15 @@ def test_refusals_name_target_and_knob(target, model, knobs, knob):
     assert err.value.field == f"emit.{target}" and err.value.problem.startswith(knob)
 
 
+def test_deepspeed_refusal_of_an_uneven_pipeline_says_why():
+    for knobs, why in ((dict(layer_partition=(9, 11, 11, 9)), "not as [9, 11, 11, 9]"),
+                       (dict(layer_partition=None), "which 3 does not divide")):
+        pp = 4 if knobs["layer_partition"] else 3
+        with pytest.raises(PlanError) as err:
+            check("deepspeed", L13, Plan(global_batch=64, seq_len=4096, dp=2, tp=4, pp=pp, **knobs))
+        assert err.value.problem.endswith(f"the 40 transformer layers evenly over {pp} stages, {why}")
+
+
 def test_version_specific_refusals():
     plan = Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, zero=0, cross_entropy="compiled")
     check("torchtitan", L70, plan)  # 0.3 replicates with FSDP's replicate axis
