@@ -1,7 +1,7 @@
 """Predicted against measured for the published training runs in benchmarks/published/.
 
     python benchmarks/published.py [--json out.json] [--write] [--fit-sustained] [--fit-stragglers]
-                                   [--fit-moe-gap]
+                                   [--fit-moe-gap] [--planner]
 
 Prints one line per row (measured and predicted step time, the error, memory where the
 source publishes it, and which half the row is in), then the median and max |error| of the
@@ -11,6 +11,10 @@ that family), and over the mixture-of-experts rows and the dense FP8 rows. Rows 
 cannot model yet are listed with the reason; a row it refuses for memory alone (the run was
 published, so meshplan's memory model is over for it) is also priced on the same device
 without the memory limit, and listed apart with the memory it needs, outside the figures.
+With --planner, each row's published layout is set against the planner's own winner for its
+model, cluster, batch and implementation (validation.published.planner_best), both
+predicted: what meshplan claims it would gain over the layout the run's authors chose, by
+source, and any fitting layout the search missed (its winner slower).
 Figures, not assertions."""
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from meshplan.hw_profiles.accuracy import END_TO_END, KINDS, plan_kind
 from meshplan.simulator.memory import usable_bytes
 from meshplan.hw_profiles.variants import base_of
 from meshplan.validation.published import (fit_moe_host_gap, fit_straggler_spread, fit_sustained_loss,
-                                             load_runs, predict, reserved_bytes, scaling_pairs, stock_profile)
+                                             load_runs, planner_best, predict, reserved_bytes, scaling_pairs,
+                                             stock_profile)
 
 
 def _figures(label: str, rows: list[dict]) -> dict | None:
@@ -54,6 +59,45 @@ def _unbounded(run, hw):
         result, memory_limit_bytes=limit, fits=False)
 
 
+def against_planner(runs) -> int:
+    """Print, per row meshplan prices, its published layout's predicted step time and the
+    planner's winner's among the plans of the row's framework (planner_best), the gain the
+    planner claims, and then per source the median and max claimed gain. A published layout
+    over the device's memory as meshplan counts it is marked so: the search does not offer
+    it. A row whose winner is more than 1% slower than a published layout that fits is a
+    search miss. Returns the misses' count."""
+    print(f"{'row':46s} {'framework':10s} {'published s':>11s} {'planner s':>10s} {'gain':>7s}  planner's winner")
+    gains: dict[str, list[float]] = {}
+    misses, skipped = 0, []
+    for run in runs:
+        if run.not_modelled:
+            continue
+        hw = stock_profile(run.hardware)
+        try:
+            published = predict(run, hw)
+        except MeshplanError:  # refused, for memory mostly: the main table lists why
+            continue
+        try:
+            best = planner_best(run, hw)
+        except MeshplanError as exc:
+            skipped.append((run.id, str(exc)))
+            continue
+        gain = 1 - best.step_time_s / published.step_time_s
+        missed = published.fits and gain < -0.01
+        misses += missed
+        gains.setdefault(f"{run.source_id}, {'MoE' if run.model.num_experts else 'dense'}", []).append(gain)
+        note = "" if published.fits else "  (the published layout is over memory as meshplan counts it)"
+        print(f"{run.id:46s} {run.framework or '-':10s} {published.step_time_s:11.3f} {best.step_time_s:10.3f} "
+              f"{gain:+7.1%}  {best.plan.summary()}{'  SEARCH MISS' if missed else note}")
+    print("the gain the planner claims over the published layouts, by source and kind (median, max):")
+    for source, values in gains.items():
+        print(f"  {source:33s} {len(values):3d} rows  median {np.median(values):+6.1%}  max {max(values):+6.1%}")
+    for name, why in skipped:
+        print(f"  {name}: no winner: {why}")
+    print(f"search misses (the winner more than 1% slower than a published layout that fits): {misses}")
+    return misses
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the per-row results here")
@@ -69,7 +113,12 @@ def main(argv=None) -> int:
     parser.add_argument("--fit-moe-gap", action="store_true",
                         help="fit the GPU's wait for the host per MoE block of the stock profiles (calibration/"
                              "build_stock.py MOE_OVERHEAD) on the fit half's MoE rows, print it and stop")
+    parser.add_argument("--planner", action="store_true",
+                        help="set each row's published layout against the planner's winner for the same run "
+                             "(what meshplan would have advised), print the gains it claims and stop")
     args = parser.parse_args(argv)
+    if args.planner:
+        return 1 if against_planner(load_runs()) else 0
     if args.fit_sustained:
         runs = load_runs()
         for base in sorted({base_of(run.hardware) for run in runs if not run.not_modelled}):

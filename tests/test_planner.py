@@ -620,3 +620,27 @@ def test_no_cp_exchange_change_without_context_parallelism():
     labels = [label for label, _, _ in knob_changes(Plan(global_batch=64, seq_len=4096, dp=4, cp=2, cp_comm="a2a"))]
     assert [label for label in labels if label.startswith("CP exchange")] == [
         "CP exchange p2p", "CP exchange alltoall", "CP exchange allgather"]
+
+
+def test_the_planner_never_loses_to_a_published_layout_and_keeps_to_its_framework():
+    """planner_best: for published runs of three frameworks' kinds, the winner (the run's
+    layout knobs left open, its framework's layout rules held) is no slower than the
+    published layout, which is in its space, holds the run's other knobs, and is a layout
+    that framework runs: NeMo's Megatron-LM no zero-bubble schedule, though the search
+    without its rules takes one."""
+    from meshplan.simulator import rules
+    from meshplan.validation.published import BATCH, LAYOUT_KNOBS, load_runs, planner_best, predict, stock_profile
+    runs = {run.id: run for run in load_runs()}
+    for name in ("nemo2407-llama2-13b-16", "tt24-8b-8gpu-fsdp", "mpt-7b-8gpu-a100-80gb"):
+        run = runs[name]
+        hw = stock_profile(run.hardware)
+        published, best = predict(run, hw), planner_best(run, hw)
+        assert published.fits and best.step_time_s <= published.step_time_s * 1.01
+        held = {k: v for k, v in run.fixed.items() if k not in LAYOUT_KNOBS | BATCH}
+        assert {k: getattr(best.plan, k) for k in held} == held
+        if run.framework:
+            layout = tuple(r for r in rules.FRAMEWORKS[run.framework] if r.needs and set(r.needs) <= LAYOUT_KNOBS | BATCH)
+            assert not rules.violations(layout, best.plan.fields(), run.model), name
+        if name.startswith("nemo"):
+            assert run.framework == "megatron" and best.plan.schedule not in ("zb-h1", "zb-v")
+            assert planner_best(dataclasses.replace(run, framework=""), hw).plan.schedule in ("zb-h1", "zb-v")

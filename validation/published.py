@@ -31,6 +31,7 @@ from scipy.optimize import minimize_scalar
 from meshplan.core.errors import MeshplanError
 from meshplan.hw_profiles.profile import HardwareProfile, Stragglers, Sustained, available_profiles, load_profile
 from meshplan.hw_profiles.variants import base_of
+from meshplan.planner import exports
 from meshplan.planner.search import search
 from meshplan.simulator.memory import FRAGMENTATION_SHARE
 from meshplan.simulator.model_spec import ModelSpec, load_model
@@ -70,6 +71,7 @@ class PublishedRun:
     measured_step_time_s: float | None
     measured_memory_bytes: float | None
     not_modelled: str
+    framework: str = ""  # the export target whose rules its runs follow (sources.csv), "" for none
 
     @property
     def fit_half(self) -> bool:
@@ -152,6 +154,7 @@ def stock_profile(name: str) -> HardwareProfile:
 
 def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
     rows = pd.read_csv(path)
+    frameworks = pd.read_csv(path.parent / "sources.csv", keep_default_na=False).set_index("source_id")["framework"]
     runs = []
     stock = set(available_profiles())
     for row in rows.to_dict("records"):
@@ -180,7 +183,8 @@ def load_runs(path: Path = DATA / "training.csv") -> list[PublishedRun]:
             measured = measured_step_time_s(row, model, stock_profile(row["hardware"]))
         memory = _value(row, "measured_memory_gib")
         runs.append(PublishedRun(row["id"], row["source_id"], model, row["hardware"], cluster, fixed,
-                                 measured, memory * 2 ** 30 if memory else None, "; ".join(reasons)))
+                                 measured, memory * 2 ** 30 if memory else None, "; ".join(reasons),
+                                 frameworks.get(row["source_id"], "")))
     return runs
 
 
@@ -198,6 +202,30 @@ def predict(run: PublishedRun, hw: HardwareProfile) -> SimulationResult:
     allowed = None if "schedule" in fixed or fixed.get("pp", 1) == 1 else (
         lambda table: table["schedule"].isin(UNNAMED_SCHEDULES).to_numpy())
     return search(run.model, run.cluster, hw, fixed, des=4, allowed=allowed).ranked[0]
+
+
+# the knobs a planner chooses for a run (degrees, sharding, recompute, batching, pipeline
+# schedule and split, rank placement, overlap); a row's others (dtype, kernels, CP's
+# exchange, the MoE dispatcher and routing, the optimizer's precision) are how its
+# framework runs, and stay
+LAYOUT_KNOBS = frozenset({"tp", "pp", "dp", "cp", "ep", "etp", "sp", "zero", "reshard_after_forward", "grad_sync",
+                          "recompute", "micro_batch", "schedule", "virtual_stages", "layer_partition",
+                          "placement", "tp_overlap", "tp_overlap_scope", "moe_a2a_overlap"})
+# what a layout is chosen for, held with the implementation
+BATCH = frozenset({"global_batch", "seq_len"})
+
+
+def planner_best(run: PublishedRun, hw: HardwareProfile) -> SimulationResult:
+    """The planner's winner for the run's model, cluster, batch and implementation (its
+    LAYOUT_KNOBS left to the search), among the layouts its framework runs where meshplan
+    exports to that framework (the export's rules on layout fields alone: Megatron-LM runs
+    no zero-bubble schedule, torchtitan no ZeRO-1, ...; its rules on kernels, dtypes and
+    models describe meshplan's export, not the framework the run had): what meshplan would
+    have advised where the run's authors chose its published layout."""
+    allowed = None if not run.framework else (
+        lambda table: exports.supported(run.framework, run.model, table, reading=LAYOUT_KNOBS | BATCH))
+    return search(run.model, run.cluster, hw, {k: v for k, v in run.fixed.items() if k not in LAYOUT_KNOBS},
+                  des=4, allowed=allowed).ranked[0]
 
 
 def reserved_bytes(result: SimulationResult, hw: HardwareProfile) -> float:

@@ -145,9 +145,14 @@ def _fields(table: pd.DataFrame) -> SimpleNamespace:
     return SimpleNamespace(**cols)
 
 
-def supported(target: str, model: ModelSpec, table: pd.DataFrame, version: str | None = None) -> np.ndarray:
-    """Which candidate-table rows `target` can run (a search restriction)."""
+def supported(target: str, model: ModelSpec, table: pd.DataFrame, version: str | None = None,
+              reading: frozenset | None = None) -> np.ndarray:
+    """Which candidate-table rows `target` can run (a search restriction); with `reading`,
+    by those of its rules that read plan fields among these and no others (what it runs of
+    a layout, whatever its kernels, dtypes and models)."""
     ruleset = rules.FRAMEWORKS[rule_set(target, version)]
+    if reading is not None:
+        ruleset = tuple(rule for rule in ruleset if rule.needs and set(rule.needs) <= reading)
     return np.broadcast_to(rules.holds(ruleset, _fields(table), model), len(table))
 
 
