@@ -145,20 +145,27 @@ def _fields(table: pd.DataFrame) -> SimpleNamespace:
     return SimpleNamespace(**cols)
 
 
+def _ruleset(target: str, version: str | None, reading: frozenset | None) -> tuple:
+    """`target`'s rules at `version`; with `reading`, those that read plan fields among these
+    and no others (what it runs of a layout, whatever its kernels, dtypes and models)."""
+    ruleset = rules.FRAMEWORKS[rule_set(target, version)]
+    if reading is None:
+        return ruleset
+    return tuple(rule for rule in ruleset if rule.needs and set(rule.needs) <= reading)
+
+
 def supported(target: str, model: ModelSpec, table: pd.DataFrame, version: str | None = None,
               reading: frozenset | None = None) -> np.ndarray:
-    """Which candidate-table rows `target` can run (a search restriction); with `reading`,
-    by those of its rules that read plan fields among these and no others (what it runs of
-    a layout, whatever its kernels, dtypes and models)."""
-    ruleset = rules.FRAMEWORKS[rule_set(target, version)]
-    if reading is not None:
-        ruleset = tuple(rule for rule in ruleset if rule.needs and set(rule.needs) <= reading)
-    return np.broadcast_to(rules.holds(ruleset, _fields(table), model), len(table))
+    """Which candidate-table rows `target` can run (a search restriction), by its rules or,
+    with `reading`, those of them that read only these fields (_ruleset)."""
+    return np.broadcast_to(rules.holds(_ruleset(target, version, reading), _fields(table), model), len(table))
 
 
-def check(target: str, model: ModelSpec, plan: Plan, version: str | None = None) -> None:
-    """One PlanError naming every knob of `plan` that `target` cannot run."""
-    issues = rules.violations(rules.FRAMEWORKS[rule_set(target, version)], plan.fields(), model)
+def check(target: str, model: ModelSpec, plan: Plan, version: str | None = None,
+          reading: frozenset | None = None) -> None:
+    """One PlanError naming every knob of `plan` that `target` cannot run (by its rules or,
+    with `reading`, those of them that read only these fields: _ruleset)."""
+    issues = rules.violations(_ruleset(target, version, reading), plan.fields(), model)
     if issues:
         raise PlanError.of([(f"emit.{target}", f"{field.removeprefix('plan.')}: {problem}", fix)
                             for field, problem, fix in issues])
