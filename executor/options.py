@@ -16,7 +16,7 @@ def compute_dtype(plan_dtype: str, device_type: str) -> str:
 
 
 # What this executor runs whatever a training plan says: model.py's norms, RoPE and MLPs as
-# torch ops and its loss as F.cross_entropy; ZeRO-1 as DDP + ZeroRedundancyOptimizer; its
+# torch ops and its loss as F.cross_entropy; ZeRO-1 by all-reduce and broadcast (zero_one.py); its
 # attention reads grouped keys and values (scaled_dot_product_attention's enable_gqa)
 EXECUTOR_KERNELS = {"elementwise": "eager", "mlp_kernel": "eager", "cross_entropy": "eager",
                     "zero1_sync": "all_reduce", "kv_repeat": False}

@@ -30,6 +30,7 @@ from meshplan.executor.adamw import MomentsAdamW
 from meshplan.executor.model import Transformer
 from meshplan.executor.moe import (ExpertSharding, MoE, gather_experts, reduce_expert_gradients,
                                    shard_expert_width, shard_experts, sharded_experts)
+from meshplan.executor.zero_one import ZeroOneOptimizer
 from meshplan.core.mesh import Mesh
 from meshplan.simulator.plan import Plan
 
@@ -96,7 +97,9 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
             layer_plan["attention_norm"] = SequenceParallel()
             layer_plan["ffn_norm"] = SequenceParallel()
         parallelize_module(layer, tp_mesh, layer_plan)
-    if model.spec.tied_embeddings:  # both are vocab-sharded (Shard(0)): tie the DTensors again
+    if model.spec.tied_embeddings and model.tok_embeddings is not None and model.output is not None:
+        # both are vocab-sharded (Shard(0)): tie the DTensors again (a pipeline's last stage
+        # keeps a copy of its own, pipeline.TiedEmbedding)
         model.output.weight = model.tok_embeddings.weight
 
 
@@ -218,10 +221,19 @@ def build_optimizer(modules: list[nn.Module], plan: Plan, mesh: DeviceMesh,
     here). ZeRO 1 shards its state over the dp group with ZeroRedundancyOptimizer
     (Rajbhandari et al. 2020, P_os), each rank's parameters viewed in one flat bucket, so that
     the updated weights go out in one broadcast per rank instead of one per tensor (the 8M
-    validation model on two gloo ranks here: a 9 ms step instead of 29 ms). Bf16 moments:
-    MomentsAdamW (optimizer_of)."""
+    validation model on two gloo ranks here: a 9 ms step instead of 29 ms); with TP or PP,
+    whose parameters it cannot bucket, or expert-parallel experts, which it would shard over
+    dp as if replicated there, ZeroOneOptimizer does the same, the experts over their EDP
+    group. Bf16 moments: MomentsAdamW (optimizer_of)."""
     params = [p for m in modules for p in m.parameters()]
     optimizer_class, options = optimizer_of(plan)
+    experts = [e for m in modules for e in sharded_experts(m)]
+    if plan.zero == 1 and plan.dp > 1 and (plan.tp > 1 or plan.pp > 1 or experts):
+        split = {p for e in experts for p in e.parameters()}
+        shards = [([p for p in params if p not in split], mesh["dp"].get_group())]
+        if experts:
+            shards.append(([p for e in experts for p in e.parameters()], experts[0].sharding.edp_group))
+        return ZeroOneOptimizer(shards, optimizer_class, options, lr)
     if plan.zero == 1 and plan.dp > 1:
         return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class,
                                        process_group=mesh["dp"].get_group(), lr=lr,
@@ -268,10 +280,11 @@ def parameter_name(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").removeprefix("module.")
 
 
-def full_gradients(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """Every local parameter's gradient as a whole (unsharded) CPU tensor, by plain name.
-    Collective over the TP/DP groups of this rank (DTensor.full_tensor) and its EP group
-    (experts split by apply_ep)."""
+def full_gradients(modules: list[nn.Module], tied: bool = False) -> dict[str, torch.Tensor]:
+    """Every local parameter's gradient as a whole (unsharded) CPU tensor, by plain name:
+    with `tied` embeddings, a pipeline's copy of the embedding as the head under the
+    embedding's name, as the plain model has it. Collective over the TP/DP groups of this rank (DTensor.full_tensor) and its EP
+    group (experts split by apply_ep)."""
     grads = {}
     for module in modules:
         experts = {id(p): e.sharding for e in sharded_experts(module) for p in e.parameters()}
@@ -283,5 +296,8 @@ def full_gradients(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
                 grad = grad.full_tensor()
             if id(param) in experts:
                 grad = gather_experts(grad, experts[id(param)])
-            grads[parameter_name(name)] = grad.detach().cpu().clone()
+            name = parameter_name(name)
+            if tied and name == "output.weight":
+                name = "tok_embeddings.weight"
+            grads[name] = grad.detach().cpu().clone()
     return grads

@@ -18,6 +18,7 @@ import numpy as np
 
 from meshplan.core.errors import Issue
 from meshplan.simulator.model_spec import ModelSpec
+from meshplan.simulator.partition import even_partition, split_text
 
 # The attention kernels (plan.ATTENTION) that fuse the scores and keep no s^2 tensors
 FUSED_ATTENTION = ("flash", "cudnn")
@@ -372,12 +373,6 @@ EXECUTOR_TRAINING = (
     _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
           lambda x, m, c: "context parallel cannot run here: torch's ring attention has no DTensor "
           "rule for the CPU attention kernel", "use cp 1"),
-    _rule("plan.pp", "pp", lambda x, m, c: np.logical_not(m.tied_embeddings) | (x.pp == 1),
-          lambda x, m, c: "tied embeddings would sit on the first and last pipeline stages",
-          "use pp 1 for a model with tie_word_embeddings"),
-    _rule("plan.zero", "zero dp tp pp", lambda x, m, c: np.logical_not((x.zero == 1) & (x.dp > 1) & ((x.tp > 1) | (x.pp > 1))),
-          lambda x, m, c: "ZeRO 1 runs as DDP + ZeroRedundancyOptimizer, and in torch 2.13 DDP takes "
-          "neither TP's DTensor parameters nor pipeline stages", "use ZeRO 0, 2 or 3 with tp or pp"),
     _rule("plan.global_batch", "pp schedule global_batch micro_batch dp",
           lambda x, m, c: (x.pp == 1) | np.logical_not(np.isin(x.schedule, ("1f1b", "zb-h1"))) | (_microbatches(x) >= x.pp),
           lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",
@@ -385,10 +380,6 @@ EXECUTOR_TRAINING = (
     _rule("plan.etp", "etp", lambda x, m, c: (m.num_experts == 0) | (x.etp == 1),
           lambda x, m, c: f"the executor runs each expert whole on one rank, not over etp {x.etp}",
           "use etp 1 (with tp > 1 that needs sp)"),
-    _rule("plan.zero", "zero ep", lambda x, m, c: (x.ep == 1) | (x.zero != 1),
-          lambda x, m, c: "ZeRO 1's ZeroRedundancyOptimizer would shard the expert-parallel "
-          "experts' optimizer over dp as if they were replicated there",
-          "use ZeRO 0, 2 or 3 with ep > 1"),
     _rule("plan.recompute", "recompute tp", lambda x, m, c: (x.recompute != "op") | ((x.tp == 1) & (m.num_experts == 0)),
           lambda x, m, c: "the executor's per-op recompute keeps no collective's output, so it runs on "
           "dense models without TP only", "use recompute full or selective, or tp 1 with a dense model"),
@@ -489,9 +480,6 @@ EXECUTOR_SERVING = (
     _rule("plan.tp", "tp", lambda x, m, c: m.num_kv_heads % x.tp == 0,
           lambda x, m, c: f"{x.tp} does not divide the {m.num_kv_heads} KV heads (the executor shards "
           "KV heads, it does not replicate them)", "use a TP degree that divides num_key_value_heads"),
-    _rule("plan.pp", "pp", lambda x, m, c: np.logical_not(m.tied_embeddings) | (x.pp == 1),
-          lambda x, m, c: "tied embeddings would sit on the first and last pipeline stages",
-          "use pp 1 for a model with tie_word_embeddings"),
     _rule("plan.gen_len", "gen_len", lambda x, m, c: x.gen_len >= 2,
           lambda x, m, c: "one generated token leaves no decode step to time", "generate 2 or more tokens"),
     _rule("plan.expert_parallel", "expert_parallel", lambda x, m, c: np.logical_not(x.expert_parallel),
@@ -578,11 +566,12 @@ def _dp_shard(x):
     return np.where(x.zero == 0, 1, x.dp)
 
 
-def _uniform_partition(x, m, c):
-    """The (virtual) stages hold equal layer counts (an unknown partition passes here and
-    is checked again, filled in, before export)."""
-    return (m.num_layers % (x.pp * x.virtual_stages) == 0) & (
-        True if x.layer_partition is None else len(set(x.layer_partition)) == 1)
+def _deepspeed_partition(x, m, c):
+    """The stages hold the layer counts DeepSpeed's split gives them (an unknown partition
+    passes where the layers divide evenly, and is checked again, filled in, before export)."""
+    if x.layer_partition is None:
+        return m.num_layers % x.pp == 0
+    return np.array([tuple(x.layer_partition) == even_partition(m.num_layers, int(p)) for p in np.atleast_1d(x.pp)])
 
 
 # Of model_features, what the Megatron-LM export writes (exports/megatron.py model_args).
@@ -843,13 +832,18 @@ FRAMEWORKS = {
         _rule("plan.placement", "placement", lambda x, m, c: x.placement == DEFAULT_ORDER,
               lambda x, m, c: f"DeepSpeed's topology orders ranks model, data, pipe innermost first, "
               f"not {x.placement}", f"plan with placement {DEFAULT_ORDER}"),
-        # Megatron-DeepSpeed builds a PipelineModule with partition_method="type:transformer"
-        _rule("plan.layer_partition", "pp virtual_stages layer_partition",
-              lambda x, m, c: (x.pp == 1) | _uniform_partition(x, m, c),
-              lambda x, m, c: f"DeepSpeed's PipelineModule splits the {m.num_layers} transformer layers "
-              f"evenly over {x.pp} stages, " + (f"not as {list(x.layer_partition)}" if x.layer_partition
-                                                else f"which {x.pp} does not divide"),
-              "plan with a pp that divides the layers and --layer-partition giving equal stages"),
+        # Megatron-DeepSpeed builds a PipelineModule with partition_method="type:transformer",
+        # whose partition_balanced (deepspeed/runtime/utils.py, a dynamic program over the layer
+        # specs weighted 1 for a transformer layer, 0 else) gives the first stages the remainder:
+        # even_partition, equal for every layer count to 96 and pp to 33 under DeepSpeed 0.19.8
+        _rule("plan.layer_partition", "pp layer_partition",
+              lambda x, m, c: (x.pp == 1) | _deepspeed_partition(x, m, c),
+              lambda x, m, c: f"DeepSpeed's PipelineModule (partition_method type:transformer) splits the "
+              f"{m.num_layers} transformer layers over {x.pp} stages as "
+              f"{split_text(even_partition(m.num_layers, x.pp))}, the remainder to the first stages, "
+              + (f"not as {split_text(x.layer_partition)}" if x.layer_partition
+                 else "where the split priced without --layer-partition balances the embedding and head"),
+              "plan with --layer-partition set to DeepSpeed's split, or a pp dividing the layers"),
         _features_rule("model", "Megatron-DeepSpeed's GPT model", ("mixture-of-experts",),
                        "plan a model without them, or export for megatron"),
         _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",

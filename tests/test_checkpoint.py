@@ -165,3 +165,33 @@ def test_sigkill_of_a_rank_mid_run_restarts_and_resumes(tmp_path):
     result = json.loads(out)
     assert result["losses"] == list(reference.losses)
     assert len(result["measured_step_times_s"]) < steps  # the restart resumed, not restarted
+
+
+TIED = ModelSpec("tiny-tied", num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2,
+                 ffn_hidden_size=64, vocab_size=128, max_seq_len=32, tied_embeddings=True)
+TIED_PLANS = {"ddp": plan(dp=2), "pp-1f1b": plan(pp=2, schedule="1f1b", micro_batch=1),
+              "pp-zb-v": plan(pp=2, schedule="zb-v", virtual_stages=2, micro_batch=1)}
+
+
+@pytest.mark.parametrize("saved, into", [("ddp", "pp-1f1b"), ("pp-1f1b", "pp-zb-v"), ("pp-zb-v", "ddp")])
+def test_a_tied_embedding_resumes_across_pipeline_layouts(tmp_path, saved, into):
+    """The head's copy of a tied embedding on the last stage (or beside it, zb-v) takes the
+    embedding's weights and optimizer state from any checkpoint: the resumed losses are the
+    uninterrupted run's."""
+    uninterrupted = launch_train(TIED, TIED_PLANS[saved], Cluster(2, 2), RunOptions(steps=STEPS, warmup=0))
+    launch_train(TIED, TIED_PLANS[saved], Cluster(2, 2), options(tmp_path, steps=3))
+    record = launch_train(TIED, TIED_PLANS[into], Cluster(2, 2), options(tmp_path, resume=True))
+    assert record.losses[:3] == uninterrupted.losses[:3]
+    assert record.losses == pytest.approx(uninterrupted.losses, rel=1e-5, abs=0)
+
+
+def test_a_zero1_checkpoint_with_tp_resumes_under_a_pipeline(tmp_path):
+    """ZeRO-1 beside TP or PP (executor/zero_one.py) saves each rank's owned parameters'
+    optimizer state by name, so it reloads into another split of the parameters over dp."""
+    saved = plan(dp=2, tp=2, sp=True, zero=1)
+    uninterrupted = launch_train(LLAMA, saved, Cluster(4, 4), RunOptions(steps=STEPS, warmup=0))
+    launch_train(LLAMA, saved, Cluster(4, 4), options(tmp_path, steps=3))
+    record = launch_train(LLAMA, plan(dp=2, pp=2, zero=1, micro_batch=1), Cluster(4, 4),
+                          options(tmp_path, resume=True))
+    assert record.losses[:3] == uninterrupted.losses[:3]
+    assert record.losses == pytest.approx(uninterrupted.losses, rel=1e-5, abs=0)

@@ -69,6 +69,10 @@ WORLD_2 = [
     ("recompute-selective", LLAMA, plan(dp=2, recompute="selective", micro_batch=1)),
     ("recompute-op", LLAMA, plan(dp=2, recompute="op", micro_batch=1)),
     ("gpt-tied-tp-sp", GPT, plan(tp=2, sp=True, micro_batch=4)),
+    # the head a copy of the embedding on the other rank, their gradients summed over the pair
+    ("gpt-tied-pp-1f1b", GPT, plan(pp=2, schedule="1f1b")),
+    # both copies on rank 0, summed there
+    ("gpt-tied-pp-zb-v", GPT, plan(pp=2, schedule="zb-v", virtual_stages=2, layer_partition=(0, 1, 1, 0))),
     # the unfused attention core on head shards, against the reference's fused kernel
     ("tp-sp-naive-attention", LLAMA, plan(tp=2, sp=True, attention="naive")),
     # Adam's moments kept in bf16 beside the fp32 weights (executor/adamw.py)
@@ -90,6 +94,16 @@ WORLD_4 = [
                                       micro_batch=1)),
     ("dp-pp-zb-v-zero3", LLAMA, plan(dp=2, pp=2, zero=3, reshard_after_forward=False, schedule="zb-v",
                                      virtual_stages=2, micro_batch=1)),
+    # the copies vocabulary-sharded over TP and the data-parallel shards of FSDP2
+    ("gpt-tied-dp-pp-interleaved-zero3", GPT, plan(dp=2, pp=2, zero=3, reshard_after_forward=False,
+                                                   schedule="interleaved", virtual_stages=2,
+                                                   layer_partition=(0, 1, 1, 0), micro_batch=1)),
+    ("gpt-tied-tp-sp-pp-1f1b", GPT, plan(tp=2, sp=True, pp=2, schedule="1f1b")),
+    # ZeRO-1 beside FSDP2's replicate: whole parameters (TP shards) owned by one dp rank each
+    ("dp-tp-sp-zero1", LLAMA, plan(dp=2, tp=2, sp=True, zero=1)),
+    # the embedding's stage alone is one parameter, which leaves one dp rank owning none
+    ("dp-pp-interleaved-zero1", LLAMA, plan(dp=2, pp=2, zero=1, schedule="interleaved", virtual_stages=2,
+                                            layer_partition=(0, 2, 2, 0), micro_batch=1)),
     ("tp-sp-pp-gpipe-selective", LLAMA, plan(tp=2, sp=True, pp=2, schedule="gpipe",
                                              recompute="selective", layer_partition=(1, 3))),
 ]

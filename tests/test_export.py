@@ -233,13 +233,19 @@ def test_refusals_name_target_and_knob(target, model, knobs, knob):
     assert err.value.field == f"emit.{target}" and err.value.problem.startswith(knob)
 
 
-def test_deepspeed_refusal_of_an_uneven_pipeline_says_why():
-    for knobs, why in ((dict(layer_partition=(9, 11, 11, 9)), "not as [9, 11, 11, 9]"),
-                       (dict(layer_partition=None), "which 3 does not divide")):
-        pp = 4 if knobs["layer_partition"] else 3
+def test_deepspeed_takes_its_own_uneven_split_and_names_it():
+    """DeepSpeed splits 40 layers over 3 stages as 14,13,13 (the remainder to the first
+    stages): that split exports, any other is refused naming it, and so is the split meshplan
+    prices by default (balanced against the embedding and head) where pp does not divide."""
+    knobs = dict(dp=2, tp=4, pp=3, layer_partition=(14, 13, 13))
+    plan = Plan(global_batch=64, seq_len=4096, **{**dictated("deepspeed", knobs), **knobs})
+    check("deepspeed", L13, plan)
+    for split, why in (((13, 14, 13), "not as 13,14,13"), (None, "where the split priced without "
+                                                                 "--layer-partition balances the embedding and head")):
         with pytest.raises(PlanError) as err:
-            check("deepspeed", L13, Plan(global_batch=64, seq_len=4096, dp=2, tp=4, pp=pp, **knobs))
-        assert err.value.problem.endswith(f"the 40 transformer layers evenly over {pp} stages, {why}")
+            check("deepspeed", L13, dataclasses.replace(plan, layer_partition=split))
+        assert err.value.problem.endswith(f"the 40 transformer layers over 3 stages as 14,13*2, the "
+                                          f"remainder to the first stages, {why}")
 
 
 def test_version_specific_refusals():

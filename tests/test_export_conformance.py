@@ -27,6 +27,7 @@ from meshplan.hw_profiles.profile import load_profile
 from meshplan.planner.exports import dictated, export, train_job, vllm
 from meshplan.planner.exports.checkpoint import checkpoint_of
 from meshplan.simulator.model_spec import load_model
+from meshplan.simulator.partition import even_partition
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.serve import InferencePlan, simulate_inference
 from meshplan.simulator.train import simulate
@@ -334,6 +335,20 @@ def test_deepspeed_config_accepts(model_arg, gpus, p, deepspeed_comm):
     assert config["optimizer"]["type"] == "AdamW"
     bf16 = with_mpu.bfloat16_config
     assert (bf16.bf16_master_weights_and_grads, bf16.bf16_optimizer_states) == (not p.master_weights,) * 2
+
+
+@pytest.mark.parametrize("layers", [30, 40, 70, 80, 96, 126])
+def test_deepspeed_splits_layers_as_the_export_rule_says(layers):
+    """The split simulator/rules.py requires of a DeepSpeed pipeline is DeepSpeed's own:
+    partition_balanced over the layer specs of Megatron-DeepSpeed's GPTModelPipe (input cast,
+    embedding, the transformer layers, final norm, head, output cast), weighted 1 for a
+    transformer layer as partition_method "type:transformer" weighs them."""
+    utils = pytest.importorskip("deepspeed.runtime.utils")
+    weights = [0, 0] + [1] * layers + [0, 0, 0]
+    for pp in range(2, 17):
+        bounds = utils.partition_balanced(weights, pp)
+        split = tuple(sum(weights[a:b]) for a, b in zip(bounds, bounds[1:]))
+        assert split == even_partition(layers, pp), pp
 
 
 @pytest.mark.parametrize("model_arg,gpus,p", DEEPSPEED_PLANS, ids=ids(DEEPSPEED_PLANS))

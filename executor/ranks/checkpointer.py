@@ -8,6 +8,10 @@ and DCP reshards it (DP into TP, FSDP2 or another pipeline split):
   optim      the AdamW state, flattened by parameter name (under ZeRO-1, each rank's part)
   progress   {"step": the next step}: the data position, as step s trains on global batch s
   rng_rank<R>  each rank's torch RNG state (CPU; and CUDA on a GPU)
+
+A tied embedding's optimizer state is the plain model's under the embedding's name; a
+pipeline's last stage, whose head is a copy of it (pipeline.TiedEmbedding), loads the copy's
+state from there, as the two take the same updates.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from meshplan.executor.checkpoint import INFO, KEEP, LATEST, CheckpointInfo, lat
 
 # Optimizer state keyed by parameter name rather than position, so it reshards (torchtitan's choice).
 DCP_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+HEAD, EMBEDDING = ".output.weight.", ".tok_embeddings.weight."  # in the flattened optimizer keys
 
 
 def stage_view(modules: list[nn.Module]) -> nn.Module:
@@ -51,8 +56,8 @@ class Checkpointer:
     (ZeroRedundancyOptimizer: its inner optimizer, this rank's partition)."""
 
     def __init__(self, folder: str, modules: list[nn.Module], optimizer: torch.optim.Optimizer,
-                 device: torch.device):
-        self.folder, self.device = Path(folder), device
+                 device: torch.device, tied: bool = False):
+        self.folder, self.device, self.tied = Path(folder), device, tied
         self.model = stage_view(modules)
         self.optimizer = getattr(optimizer, "optim", optimizer)
         self.rng_key = f"rng_rank{dist.get_rank()}"
@@ -101,7 +106,11 @@ class Checkpointer:
         rng = {k: v for k, v in state.pop(self.rng_key).items() if f"{self.rng_key}.{k}" in saved}
         if rng:
             state[self.rng_key] = rng
+        heads = self._heads_as_embedding(state["optim"])
         dcp.load(state, checkpoint_id=path)
+        for head, embedding, borrowed in heads:
+            value = state["optim"].pop(embedding) if borrowed else state["optim"][embedding]
+            state["optim"][head] = value.clone() if isinstance(value, torch.Tensor) else value
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=DCP_OPTIONS)
         for group in self.optimizer.param_groups:
@@ -111,3 +120,14 @@ class Checkpointer:
         if "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         return state["progress"]["step"], info.losses[:state["progress"]["step"]]
+
+    def _heads_as_embedding(self, optim: dict) -> list[tuple[str, str, bool]]:
+        """With tied embeddings, replace the optimizer keys of the head's copy of the
+        embedding by the embedding's, and return (head key, embedding key, whether this rank
+        borrowed the embedding key, not holding the embedding itself) for each: every
+        checkpoint of a tied model has the embedding's state, not every one the copy's."""
+        heads = [(key, key.replace(HEAD, EMBEDDING)) for key in optim if self.tied and HEAD in key]
+        borrowed = [(head, embedding, embedding not in optim) for head, embedding in heads]
+        for head, embedding in heads:
+            optim.setdefault(embedding, optim.pop(head))
+        return borrowed

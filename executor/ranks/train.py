@@ -39,7 +39,7 @@ from meshplan.executor.model import build_model, loss_fn
 from meshplan.executor.moe import reduce_expert_gradients, routing_imbalance
 from meshplan.executor.parallelize import (build_mesh, build_optimizer, full_gradients, gradient_sync,
                                   parallelize, training_context)
-from meshplan.executor.pipeline import build_schedule, split_stage, stage_indices
+from meshplan.executor.pipeline import TiedEmbedding, build_schedule, split_stage, stage_indices
 from meshplan.executor.options import TrainRankOptions, compute_dtype
 from meshplan.executor.records import TrainResult
 from meshplan.executor.ranks.checkpointer import Checkpointer
@@ -84,9 +84,11 @@ class Job:
                                            self.mesh["pp"].get_group(), device, loss_fn)
             self.has_first = 0 in self.indices
             self.has_last = plan.num_virtual - 1 in self.indices
+            self.tied = TiedEmbedding(plan, self.mesh) if spec.tied_embeddings else None
         else:
             self.modules = [parallelize(model, plan, self.mesh, expert_mesh)]
             self.has_first = self.has_last = True
+            self.tied = None
         self.params = [p for m in self.modules for p in m.parameters()]
         self.optimizer = build_optimizer(self.modules, plan, self.mesh, options.lr)
         self.memory = None
@@ -116,6 +118,8 @@ class Job:
                                    losses=losses if self.has_last else None, return_outputs=False)
             for module in self.modules:
                 reduce_expert_gradients(module)
+            if self.tied is not None:
+                self.tied.sync(self.modules)
             return torch.stack(losses).mean().detach() if losses else torch.zeros((), device=self.device)
         model, n = self.modules[0], self.plan.num_microbatches
         total = torch.zeros((), device=self.device)
@@ -135,7 +139,7 @@ class Job:
         with meter or nullcontext():
             loss = self.forward_backward(inputs, targets)
         if grads_file is not None:
-            torch.save(full_gradients(self.modules), grads_file)
+            torch.save(full_gradients(self.modules, self.spec.tied_embeddings), grads_file)
         # the fused AdamW's step counts are plain tensors beside the DTensor parameters
         with implicit_replication():
             self.optimizer.step()
@@ -154,7 +158,7 @@ def run_job(spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torc
     rank = dist.get_rank()
     label = f"run dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}" + (f" ep{plan.ep}" if plan.ep > 1 else "")
     grads_file = run_dir / f"grads{job_index}_rank{rank}.pt" if options.save_grads else None
-    saver = (Checkpointer(options.checkpoint_dir, job.modules, job.optimizer, device)
+    saver = (Checkpointer(options.checkpoint_dir, job.modules, job.optimizer, device, spec.tied_embeddings)
              if options.checkpoint_dir else None)
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
     start, before = saver.load(options.lr) if saver and (options.resume or restarted) else (0, ())
