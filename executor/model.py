@@ -11,7 +11,10 @@ A layer's MLP is dense, or with experts (ModelSpec.num_experts, outside dense_la
 routed and shared experts of moe.py under the same `feed_forward` name.
 
 Generation passes a KV cache (executor/kv_cache.py) through `forward(x, cache)`; without one
-(training) every call is the plain causal forward.
+(training) every call is the plain causal forward. Under context parallelism (`cp_group`
+set on the model and its attention modules, context_parallel.py) each rank holds one
+contiguous shard of the sequence, its positions offset accordingly, and the attention core
+runs on the whole sequence for its share of the heads.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from meshplan.executor.context_parallel import heads_from_sequence, sequence_from_heads, sequence_start
 from meshplan.executor.kv_cache import KVCache, LayerCache
 from meshplan.executor.moe import MoE, activation
 from meshplan.simulator.model_spec import ModelSpec
@@ -136,10 +140,12 @@ class Attention(nn.Module):
         self.wv = nn.Linear(h, kv, bias=spec.bias)
         self.wo = nn.Linear(h, h, bias=spec.bias)
         self.core = CausalCore(window)
+        self.cp_group = None  # context parallelism's group (training)
 
     def forward(self, x, cache: LayerCache | None = None):
         batch, seq, _ = x.shape
-        start = 0 if cache is None else cache.length  # position of x's first token
+        # position of x's first token
+        start = cache.length if cache is not None else sequence_start(seq, self.cp_group)
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
@@ -148,7 +154,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, frequencies), apply_rope(k, frequencies)
         if cache is not None:
             k, v = cache.append(k, v)
-        return self.wo(self.core(q, k, v).flatten(2))
+        if self.cp_group is None:
+            return self.wo(self.core(q, k, v).flatten(2))
+        q, k, v = heads_from_sequence((q, k, v), self.cp_group)
+        return self.wo(sequence_from_heads(self.core(q, k, v), self.cp_group).flatten(2))
 
 
 class FeedForward(nn.Module):
@@ -214,13 +223,14 @@ class Transformer(nn.Module):
         self.output = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.cp_group = None  # context parallelism's group (training)
 
     def new_cache(self, max_len: int) -> KVCache:
         """An empty KV cache of up to max_len positions for this model's (or stage's) layers."""
         return KVCache({key: layer.attention.core.window for key, layer in self.layers.items()}, max_len)
 
     def forward(self, x, cache: KVCache | None = None):
-        start = 0 if cache is None else cache.length
+        start = cache.length if cache is not None else sequence_start(x.shape[1], self.cp_group)
         if self.tok_embeddings is not None:
             tokens = x
             x = self.tok_embeddings(tokens)

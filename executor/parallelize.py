@@ -195,24 +195,39 @@ def apply_dp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
     return DistributedDataParallel(model, device_mesh=dp_mesh, gradient_as_bucket_view=True)
 
 
-def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh,
+def data_parallel_mesh(mesh: DeviceMesh, plan: Plan) -> DeviceMesh:
+    """The ranks that average the gradients and that ZeRO shards over: the dp ranks, or with
+    context parallelism the dp x cp ranks, each CP rank having seen its shard of the same
+    sequences (Megatron-LM's data-parallel group with CP, torchtitan's dp_shard_cp),
+    flattened from `mesh` so that FSDP2 can join it with the TP dimension of the same mesh.
+    Collective over every rank."""
+    if plan.cp == 1:
+        return mesh["dp"]
+    return mesh[tuple(n for n in mesh.mesh_dim_names if n in ("dp", "cp"))]._flatten("dp_cp")
+
+
+def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh, dp_mesh: DeviceMesh,
                 expert_mesh: DeviceMesh | None = None) -> nn.Module:
-    """The plan's attention kernel, then TP/SP -> EP (with an expert mesh) -> recompute ->
-    DP on one (stage) module, in that order."""
+    """The plan's attention kernel and CP group, then TP/SP -> EP (with an expert mesh) ->
+    recompute -> DP (over `dp_mesh`, data_parallel_mesh) on one (stage) module, in that
+    order."""
+    cp_group = mesh["cp"].get_group() if plan.cp > 1 else None
+    model.cp_group = cp_group
     for layer in model.layers.values():
         layer.attention.core.kernel = plan.attention
+        layer.attention.cp_group = cp_group
     if plan.tp > 1:
         apply_tp(model, mesh["tp"], plan.sp, training=True)
     if expert_mesh is not None:
-        apply_ep(model, expert_mesh, plan.dp)
+        apply_ep(model, expert_mesh, plan.dp * plan.cp)
     if plan.recompute != "none":
         apply_recompute(model, plan.recompute)
-    if plan.dp > 1:
-        return apply_dp(model, mesh["dp"], plan)
+    if plan.dp * plan.cp > 1:
+        return apply_dp(model, dp_mesh, plan)
     return model
 
 
-def build_optimizer(modules: list[nn.Module], plan: Plan, mesh: DeviceMesh,
+def build_optimizer(modules: list[nn.Module], plan: Plan, dp_mesh: DeviceMesh,
                     lr: float) -> torch.optim.Optimizer:
     """AdamW in fp32 (the parameters are the fp32 master weights), its fused kernel: one
     pass per parameter tensor, as torchtitan's default optimizer implementation and the
@@ -228,15 +243,15 @@ def build_optimizer(modules: list[nn.Module], plan: Plan, mesh: DeviceMesh,
     params = [p for m in modules for p in m.parameters()]
     optimizer_class, options = optimizer_of(plan)
     experts = [e for m in modules for e in sharded_experts(m)]
-    if plan.zero == 1 and plan.dp > 1 and (plan.tp > 1 or plan.pp > 1 or experts):
+    if plan.zero == 1 and dp_mesh.size() > 1 and (plan.tp > 1 or plan.pp > 1 or experts):
         split = {p for e in experts for p in e.parameters()}
-        shards = [([p for p in params if p not in split], mesh["dp"].get_group())]
+        shards = [([p for p in params if p not in split], dp_mesh.get_group())]
         if experts:
             shards.append(([p for e in experts for p in e.parameters()], experts[0].sharding.edp_group))
         return ZeroOneOptimizer(shards, optimizer_class, options, lr)
-    if plan.zero == 1 and plan.dp > 1:
+    if plan.zero == 1 and dp_mesh.size() > 1:
         return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class,
-                                       process_group=mesh["dp"].get_group(), lr=lr,
+                                       process_group=dp_mesh.get_group(), lr=lr,
                                        parameters_as_bucket_view=True, **options)
     return optimizer_class(params, lr=lr, **options)
 

@@ -370,9 +370,10 @@ EXECUTOR_TRAINING = (
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
-    _rule("plan.cp", "cp", lambda x, m, c: x.cp == 1,
-          lambda x, m, c: "context parallel cannot run here: torch's ring attention has no DTensor "
-          "rule for the CPU attention kernel", "use cp 1"),
+    # executor/context_parallel.py: torch's ring attention (context_parallel) dispatches only
+    # the CUDA attention kernels
+    _cp_comms("the executor (DeepSpeed-Ulysses' all-to-all, which runs on CPU ranks too)", ("a2a",),
+              "use cp_comm a2a"),
     _rule("plan.global_batch", "pp schedule global_batch micro_batch dp",
           lambda x, m, c: (x.pp == 1) | np.logical_not(np.isin(x.schedule, ("1f1b", "zb-h1"))) | (_microbatches(x) >= x.pp),
           lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",
@@ -380,9 +381,11 @@ EXECUTOR_TRAINING = (
     _rule("plan.etp", "etp", lambda x, m, c: (m.num_experts == 0) | (x.etp == 1),
           lambda x, m, c: f"the executor runs each expert whole on one rank, not over etp {x.etp}",
           "use etp 1 (with tp > 1 that needs sp)"),
-    _rule("plan.recompute", "recompute tp", lambda x, m, c: (x.recompute != "op") | ((x.tp == 1) & (m.num_experts == 0)),
+    _rule("plan.recompute", "recompute tp cp",
+          lambda x, m, c: (x.recompute != "op") | ((x.tp == 1) & (x.cp == 1) & (m.num_experts == 0)),
           lambda x, m, c: "the executor's per-op recompute keeps no collective's output, so it runs on "
-          "dense models without TP only", "use recompute full or selective, or tp 1 with a dense model"),
+          "dense models without TP or CP only", "use recompute full or selective, or tp 1 and cp 1 with a "
+          "dense model"),
     _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "norm_act",
           lambda x, m, c: "the executor checkpoints layers, the attention core or ops; Megatron-LM's module "
           "recompute frees outputs their consumers saved (CheckpointWithoutOutput), which it does not",

@@ -88,7 +88,7 @@ class _Ops(TorchDispatchMode):
 ])
 def test_a_plans_kernel_is_what_the_model_dispatches(kernel, runs, not_runs):
     plan = Plan(global_batch=2, seq_len=32, dtype="fp32", attention=kernel)
-    model = parallelize(build_model(LLAMA, 0), plan, mesh=None)
+    model = parallelize(build_model(LLAMA, 0), plan, mesh=None, dp_mesh=None)
     assert {layer.attention.core.kernel for layer in model.layers.values()} == {kernel}
     with _Ops() as ops:
         model(torch.randint(0, LLAMA.vocab_size, (2, 32)))

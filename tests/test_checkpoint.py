@@ -51,6 +51,7 @@ PLANS = {
     "fsdp2": plan(dp=2, zero=3),
     "tp-sp": plan(tp=2, sp=True),
     "pp-interleaved": plan(pp=2, schedule="interleaved", virtual_stages=2, micro_batch=1),
+    "cp-a2a": plan(cp=2, cp_comm="a2a"),
 }
 
 
@@ -106,7 +107,7 @@ def dp2_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("into", ["tp-sp", "fsdp2", "pp-interleaved"])
+@pytest.mark.parametrize("into", ["tp-sp", "fsdp2", "pp-interleaved", "cp-a2a"])
 def test_a_dp2_checkpoint_resumes_in_another_layout(reference, dp2_checkpoint, tmp_path, into):
     shutil.copytree(dp2_checkpoint, tmp_path, dirs_exist_ok=True)
     record = launch_train(LLAMA, PLANS[into], Cluster(2, 2), options(tmp_path, resume=True))

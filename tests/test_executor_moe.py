@@ -159,12 +159,15 @@ WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
            ("tp2-sp-ep1", MOE, plan(tp=2, sp=True, etp=1)),
            ("tp2-sp-ep2", MOE_GELU, plan(tp=2, sp=True, etp=1, ep=2)),
            # every expert owned by one rank (edp 1): their optimizer unsharded
-           ("ep2-zero1", MOE, plan(dp=2, ep=2, zero=1))]
+           ("ep2-zero1", MOE, plan(dp=2, ep=2, zero=1)),
+           # the experts split over the CP ranks, which route their own sequence shards
+           ("cp2-ep2", MOE, plan(cp=2, ep=2, cp_comm="a2a"))]
 WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("ep4", MOE, plan(dp=4, ep=4)),
            ("ep2-edp2-zero2", MOE, plan(dp=4, ep=2, zero=2)),
            # the dense parameters' optimizer sharded over dp 4, the experts' over edp 2
            ("ep2-edp2-zero1", MOE, plan(dp=4, ep=2, zero=1)),
+           ("dp2-cp2-ep4", MOE, plan(dp=2, cp=2, ep=4, cp_comm="a2a")),
            ("ep4-zero3", MOE_GELU, plan(dp=4, ep=4, zero=3)),
            ("pp2-dp2-ep2-1f1b", MOE, plan(pp=2, dp=2, ep=2, schedule="1f1b", micro_batch=1)),
            ("dp2-tp2-sp-ep2", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=2)),

@@ -73,6 +73,9 @@ WORLD_2 = [
     ("gpt-tied-pp-1f1b", GPT, plan(pp=2, schedule="1f1b")),
     # both copies on rank 0, summed there
     ("gpt-tied-pp-zb-v", GPT, plan(pp=2, schedule="zb-v", virtual_stages=2, layer_partition=(0, 1, 1, 0))),
+    # context parallelism, Ulysses' all-to-all: RoPE and learned positions offset per shard
+    ("cp-a2a", LLAMA, plan(cp=2, cp_comm="a2a")),
+    ("gpt-cp-a2a-selective", GPT, plan(cp=2, cp_comm="a2a", recompute="selective", micro_batch=4)),
     # the unfused attention core on head shards, against the reference's fused kernel
     ("tp-sp-naive-attention", LLAMA, plan(tp=2, sp=True, attention="naive")),
     # Adam's moments kept in bf16 beside the fp32 weights (executor/adamw.py)
@@ -104,6 +107,12 @@ WORLD_4 = [
     # the embedding's stage alone is one parameter, which leaves one dp rank owning none
     ("dp-pp-interleaved-zero1", LLAMA, plan(dp=2, pp=2, zero=1, schedule="interleaved", virtual_stages=2,
                                             layer_partition=(0, 2, 2, 0), micro_batch=1)),
+    # gradients averaged and ZeRO sharded over the dp x cp ranks
+    ("dp-cp-a2a-zero3", LLAMA, plan(dp=2, cp=2, cp_comm="a2a", zero=3)),
+    ("dp-cp-a2a-zero1", LLAMA, plan(dp=2, cp=2, cp_comm="a2a", zero=1)),
+    # the CP group's heads split further over TP; FSDP2's replicate joins dp x cp with TP
+    ("gpt-cp-tp-sp-a2a", GPT, plan(cp=2, tp=2, sp=True, cp_comm="a2a")),
+    ("cp-pp-1f1b-a2a-full", LLAMA, plan(cp=2, pp=2, cp_comm="a2a", schedule="1f1b", recompute="full")),
     ("tp-sp-pp-gpipe-selective", LLAMA, plan(tp=2, sp=True, pp=2, schedule="gpipe",
                                              recompute="selective", layer_partition=(1, 3))),
 ]

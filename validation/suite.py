@@ -2,8 +2,8 @@
 peak memory beside the simulator's prediction, and summarise the error.
 
 The plans cover every parallelism the executor runs at world size 2 (DP with ZeRO 0-3, TP,
-TP+SP, PP with GPipe / 1F1B / interleaved and several micro-batch counts, recompute) and
-world size 4 (4 ranks sharing the 2 cores of this machine: the profile's cores_per_node
+TP+SP, PP with GPipe / 1F1B / interleaved and several micro-batch counts, recompute, CP by
+Ulysses' all-to-all) and world size 4 (4 ranks sharing the 2 cores of this machine: the profile's cores_per_node
 makes the cost model divide compute among them), and expert parallelism (all-to-all token
 dispatch, EP alone and folded with expert data parallelism) on a mixture-of-experts model
 of the same attention."""
@@ -54,10 +54,12 @@ SUITE: tuple[tuple[str, Plan], ...] = (
     ("pp2 1f1b m4", _p(pp=2, schedule="1f1b")),
     ("pp2 1f1b m8", _p(pp=2, schedule="1f1b", micro_batch=1)),
     ("pp2 interleaved v2 m4", _p(pp=2, schedule="interleaved", virtual_stages=2)),
+    ("cp2 a2a", _p(cp=2, cp_comm="a2a")),
     ("dp4", _p(dp=4)),
     ("dp2 tp2", _p(dp=2, tp=2, zero=2)),
     ("tp2 pp2", _p(tp=2, pp=2, schedule="1f1b")),
     ("dp2 pp2", _p(dp=2, pp=2, schedule="1f1b", micro_batch=1, zero=2)),
+    ("dp2 cp2 a2a", _p(dp=2, cp=2, cp_comm="a2a")),
 )
 MOE_SUITE: tuple[tuple[str, Plan], ...] = (
     ("moe dp2 ep2", _p(dp=2, ep=2)),

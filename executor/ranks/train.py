@@ -33,12 +33,13 @@ from torch.distributed.tensor.experimental import implicit_replication
 from meshplan.core.progress import progress_bar
 from meshplan.executor import data as batches
 from meshplan.executor.checkpoint import CheckpointInfo
+from meshplan.executor.context_parallel import sequence_shard
 from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages,
                               rank_memory, timed)
 from meshplan.executor.model import build_model, loss_fn
 from meshplan.executor.moe import reduce_expert_gradients, routing_imbalance
-from meshplan.executor.parallelize import (build_mesh, build_optimizer, full_gradients, gradient_sync,
-                                  parallelize, training_context)
+from meshplan.executor.parallelize import (build_mesh, build_optimizer, data_parallel_mesh, full_gradients,
+                                  gradient_sync, parallelize, training_context)
 from meshplan.executor.pipeline import TiedEmbedding, build_schedule, split_stage, stage_indices
 from meshplan.executor.options import TrainRankOptions, compute_dtype
 from meshplan.executor.records import TrainResult
@@ -73,24 +74,26 @@ class Job:
         expert_mesh = (build_mesh(plan.expert_mesh(plan.world_size), device.type)
                        if spec.num_experts and plan.ep * plan.tp > 1 else None)
         self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.dp_mesh = data_parallel_mesh(self.mesh, plan)
+        self.cp_group = self.mesh["cp"].get_group() if plan.cp > 1 else None
         self.dtype = compute_dtype(plan.dtype, device.type)
         model = build_model(spec, options.seed).to(device)
         if plan.pp > 1:
             self.indices = stage_indices(plan, self.mesh["pp"].get_local_rank())
             stages = [split_stage(model, plan.layer_partition, i) for i in self.indices]
             del model
-            self.modules = [parallelize(m, plan, self.mesh, expert_mesh) for m in stages]
+            self.modules = [parallelize(m, plan, self.mesh, self.dp_mesh, expert_mesh) for m in stages]
             self.schedule = build_schedule(self.modules, self.indices, plan,
                                            self.mesh["pp"].get_group(), device, loss_fn)
             self.has_first = 0 in self.indices
             self.has_last = plan.num_virtual - 1 in self.indices
             self.tied = TiedEmbedding(plan, self.mesh) if spec.tied_embeddings else None
         else:
-            self.modules = [parallelize(model, plan, self.mesh, expert_mesh)]
+            self.modules = [parallelize(model, plan, self.mesh, self.dp_mesh, expert_mesh)]
             self.has_first = self.has_last = True
             self.tied = None
         self.params = [p for m in self.modules for p in m.parameters()]
-        self.optimizer = build_optimizer(self.modules, plan, self.mesh, options.lr)
+        self.optimizer = build_optimizer(self.modules, plan, self.dp_mesh, options.lr)
         self.memory = None
 
     def local_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +101,7 @@ class Job:
         tokens = batches.global_batch(step, plan.global_batch, plan.seq_len, self.spec.vocab_size,
                                       self.options.seed, self.options.data)
         rows = batches.dp_rows(tokens, self.dp_rank, plan.dp).to(self.device)
-        return batches.split_inputs_targets(rows)
+        return tuple(sequence_shard(t, self.cp_group) for t in batches.split_inputs_targets(rows))
 
     def forward_backward(self, inputs, targets) -> torch.Tensor:
         """Loss (mean over this rank's micro-batches; 0 off the last stage) after backward."""
