@@ -45,7 +45,7 @@ from meshplan.calibration.measure.run import launch_rows
 from meshplan.executor.generate import greedy
 from meshplan.executor.model import build_model, loss_fn
 from meshplan.hw_profiles.profile import FrameworkOverhead, HardwareProfile
-from meshplan.simulator.cost import ep_comm_s, ep_counts_s, tp_comm_s, tp_edge_comm_s
+from meshplan.simulator.cost import cp_comm_s, ep_comm_s, ep_counts_s, tp_comm_s, tp_edge_comm_s
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.serve import (InferencePlan, decode_edge_weight_bytes, decode_layer_weight_bytes,
@@ -59,7 +59,7 @@ LAYERS = (1, 3)
 # The larger decoder layer of the decode probe (measure_decode_overhead): 9 MiB of fp32
 # weights, where the probe model's layer has 0.14
 DECODE_LARGE = dict(hidden_size=512, ffn_hidden_size=1408, num_heads=8, num_kv_heads=4)
-VARIANTS = ("plain", "tp", "sp", "zero2", "zero3", "moe", "moe_ep")  # of the two-rank probe
+VARIANTS = ("plain", "tp", "sp", "zero2", "zero3", "cp", "moe", "moe_ep")  # of the two-rank probe
 TWO_RANK_REPEATS = 3  # times the one-process probe's
 
 
@@ -286,10 +286,11 @@ def _per_layer(t: dict, variant: str) -> tuple[float, float, float, float]:
 
 
 def parallel_overhead(rows: list[dict], hw: HardwareProfile) -> dict[str, float]:
-    """FrameworkOverhead's TP, SP, FSDP and EP fields from measure/parallel_overhead.py's rows
-    (the VARIANTS of models of LAYERS layers on 2 ranks), less the collectives `hw` prices for
-    them: per layer and per micro-batch at the edges (beyond the plain model's) under TP, per
-    gather and reduce-scatter under FSDP, per MoE layer under EP (beyond the MoE model's)."""
+    """FrameworkOverhead's TP, SP, FSDP, CP and EP fields from measure/parallel_overhead.py's
+    rows (the VARIANTS of models of LAYERS layers on 2 ranks), less the collectives `hw`
+    prices for them: per layer and per micro-batch at the edges (beyond the plain model's)
+    under TP, per gather and reduce-scatter under FSDP, per layer under CP (beyond the plain
+    model's), per MoE layer under EP (beyond the MoE model's)."""
     t = {(r["variant"], r["layers"]): (r["forward_s"], r["step_s"]) for r in rows}
     missing = [f"{v} x{n}" for v in VARIANTS for n in LAYERS if (v, n) not in t]
     if missing:
@@ -321,6 +322,11 @@ def parallel_overhead(rows: list[dict], hw: HardwareProfile) -> dict[str, float]
     counts = float(ep_counts_s(moe_model, hw, 2, 2))
     out["ep_forward_s"] = max(0.0, moe_ep[0] - moe[0] - exchange - counts)
     out["ep_backward_s"] = max(0.0, moe_ep[1] - moe[1] - exchange)
+    # a layer's Ulysses exchange: Q, K, V to head shards and the output back each way
+    cp = _per_layer(t, "cp")
+    a2a = cp_comm_s(model, PROBE_TOKENS, 1, 4, hw, 2, 2, method="a2a")
+    out["cp_a2a_forward_s"] = max(0.0, cp[0] - plain[0] - float(a2a.fwd_s))
+    out["cp_a2a_backward_s"] = max(0.0, cp[1] - plain[1] - float(a2a.bwd_s))
     return out
 
 

@@ -90,6 +90,9 @@ class FrameworkOverhead:
     moe_backward_s: float = 0.0           # (router, top-k, permutation, grouped GEMM calls)
     ep_forward_s: float = 0.0             # what expert parallelism adds to an MoE block (the
     ep_backward_s: float = 0.0            # exchange's bookkeeping), its all-to-alls not included
+    cp_a2a_forward_s: float = 0.0         # what Ulysses' context parallelism adds to a layer (the
+    cp_a2a_backward_s: float = 0.0        # head/sequence reshapes and the exchange's host work),
+                                          # its all-to-alls not included
     # A GPU trainer's MoE block leaves its GPU idle while the host catches up: the dispatcher
     # syncs on the routing counts unless it pads to capacity (Megatron-Core token_dispatcher.py
     # cuda_sync_point; DeepEP's normal dispatch waits on its receive counts), and the block
@@ -101,9 +104,9 @@ class FrameworkOverhead:
     source: str = "not on the critical path: the host queues kernels ahead of the GPU"
 
     def training_layer_s(self, tp: int, sp: bool, moe_share: float = 0.0,
-                         ep: int = 1) -> tuple[float, float]:
+                         ep: int = 1, cp_a2a: bool = False) -> tuple[float, float]:
         """(forward, backward) overhead of one layer, `moe_share` of the layers being MoE,
-        their experts split over `ep` ranks."""
+        their experts split over `ep` ranks, its attention under Ulysses' CP if `cp_a2a`."""
         if tp == 1:
             fwd, bwd = self.layer_forward_s, self.layer_backward_s
         elif sp:
@@ -111,8 +114,9 @@ class FrameworkOverhead:
         else:
             fwd, bwd = self.tp_layer_forward_s, self.tp_layer_backward_s
         ep_fwd, ep_bwd = (self.ep_forward_s, self.ep_backward_s) if ep > 1 else (0.0, 0.0)
-        return (fwd + moe_share * (self.moe_forward_s + ep_fwd),
-                bwd + moe_share * (self.moe_backward_s + ep_bwd))
+        cp_fwd, cp_bwd = (self.cp_a2a_forward_s, self.cp_a2a_backward_s) if cp_a2a else (0.0, 0.0)
+        return (fwd + cp_fwd + moe_share * (self.moe_forward_s + ep_fwd),
+                bwd + cp_bwd + moe_share * (self.moe_backward_s + ep_bwd))
 
     def training_edge_s(self, tp: int, sp: bool) -> tuple[float, float]:
         """(forward, backward) overhead of a micro-batch's embedding, head and loss under TP

@@ -416,7 +416,8 @@ def shard_times(model: ModelSpec, hw: HardwareProfile, shards: list[Shard], dtyp
     op_lists = [layer_ops(model, s) for s in shards] if op_lists is None else op_lists
     layer = op_times(op_lists, hw, dtype)
     moe = moe_layer_share(model)
-    host = np.array([hw.overhead.training_layer_s(s.tp, s.sp, moe, s.ep) for s in shards],
+    host = np.array([hw.overhead.training_layer_s(s.tp, s.sp, moe, s.ep, s.cp > 1 and s.cp_comm == "a2a")
+                     for s in shards],
                     dtype=float).reshape(-1, 2)
     # per-op recompute re-runs the layer's forward, the kept ops answered from the cache:
     # the host work is the whole forward's

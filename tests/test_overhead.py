@@ -121,6 +121,10 @@ def test_parallel_overhead_is_the_probe_less_its_priced_collectives():
     exchange = float(ep_comm_s(probe_model(1, moe=True), PROBE_TOKENS, 4, 1.0, hw, 2, 2, 1, 1))
     counts = float(ep_counts_s(probe_model(1, moe=True), hw, 2, 2))
     fsdp_ag, fsdp_rs = (hw.collective_time_s(k, layer, 2, 2) for k in ("all_gather", "reduce_scatter"))
+    # Ulysses: Q, K, V (4 + 2 + 2 heads of 16) out in one all-to-all and the output (4 heads) back
+    q_kv = hw.collective_time_s("all_to_all", PROBE_TOKENS * 8 * 16 * 4, 2, 2)
+    back = hw.collective_time_s("all_to_all", PROBE_TOKENS * 4 * 16 * 4, 2, 2)
+    back2 = hw.collective_time_s("all_to_all", 2 * PROBE_TOKENS * 4 * 16 * 4, 2, 2)
     # plain: 1 ms per layer forward, 2 ms backward, 3 / 4 ms the rest; the others add
     # (layer forward, layer backward, rest forward, rest backward) what their calls cost with
     # a known overhead on top: TP 5-8 ms, SP 9-12 ms, FSDP 0.5 ms per gather and 0.25 ms per
@@ -129,6 +133,7 @@ def test_parallel_overhead_is_the_probe_less_its_priced_collectives():
              "sp": (2 * (rs + ag) + 9e-3, 2 * (rs + ag) + 10e-3, rs + ag + loss + 11e-3, ag + rs + 12e-3),
              "zero2": (fsdp_ag + 0.5e-3, fsdp_rs + 0.25e-3, 0.0, 0.0),
              "zero3": (fsdp_ag + 0.5e-3, fsdp_ag + fsdp_rs + 0.75e-3, 0.0, 0.0),
+             "cp": (q_kv + back + 0.4e-3, back2 + q_kv + 0.6e-3, 0.0, 0.0),
              "moe": (0.0, 0.0, 0.0, 0.0), "moe_ep": (exchange + counts + 0.3e-3, exchange + 0.2e-3, 0.0, 0.0)}
     rows = []
     for v, (lf, lb, ef, eb) in extra.items():
@@ -149,6 +154,7 @@ def test_parallel_overhead_is_the_probe_less_its_priced_collectives():
     assert out["sp_edge_backward_s"] == pytest.approx(12e-3)
     assert (out["fsdp_gather_s"], out["fsdp_reduce_s"]) == (pytest.approx(0.5e-3), pytest.approx(0.25e-3))
     assert (out["ep_forward_s"], out["ep_backward_s"]) == (pytest.approx(0.3e-3), pytest.approx(0.2e-3))
+    assert (out["cp_a2a_forward_s"], out["cp_a2a_backward_s"]) == (pytest.approx(0.4e-3), pytest.approx(0.6e-3))
     with pytest.raises(ProfileError, match="overhead.parallel"):
         parallel_overhead(rows[:-1], hw)
 

@@ -1,16 +1,18 @@
 """Time the overhead probe's tiny model (calibration/overhead.py) on two real ranks, plain,
 under the executor's tensor parallelism (with and without SP), under its FSDP2 ZeRO-2 and
-ZeRO-3, and in its mixture-of-experts form with and without expert parallelism over both,
-as the executor's training step runs them: DTensor layers, the vocab-parallel head and
-loss_parallel cross-entropy, FSDP2's per-layer gathers and reduce-scatters, the experts'
-all-to-all exchange, each collective moving data between the ranks. A one-rank mesh would skip
+ZeRO-3, under its context parallelism (Ulysses' all-to-all, over a sequence twice as long,
+each rank's shard as long as the plain model's), and in its mixture-of-experts form with and
+without expert parallelism over both, as the executor's training step runs them: DTensor
+layers, the vocab-parallel head and loss_parallel cross-entropy, FSDP2's per-layer gathers
+and reduce-scatters, the attention's head/sequence all-to-alls, the experts' all-to-all
+exchange, each collective moving data between the ranks. A one-rank mesh would skip
 the redistributions and collectives whose host work this is meant to see.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 \\
         -m meshplan.calibration.measure.parallel_overhead --out rows.json
 
 For each variant (plain and moe: each rank its own model, no communication; tp; sp; zero2;
-zero3; moe_ep)
+zero3; cp; moe_ep)
 and layer count of overhead.LAYERS: the forward, and forward + backward, each call preceded
 by a barrier, all taking turns within every repeat (an FSDP2 model is resharded after its
 forward-only call, so that every call starts from sharded weights, as a step does); a
@@ -34,6 +36,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from meshplan.calibration.measure.collectives import run_rank
 from meshplan.calibration.overhead import LAYERS, PROBE_TOKENS, VARIANTS, probe_model
+from meshplan.executor.context_parallel import sequence_shard
 from meshplan.executor.model import build_model, loss_fn
 from meshplan.executor.parallelize import apply_dp, apply_ep, apply_tp, build_mesh
 from meshplan.simulator.plan import Plan
@@ -53,8 +56,13 @@ def _calls(num_layers: int, variant: str, device: torch.device) -> tuple:
     elif variant.startswith("zero"):
         model = apply_dp(model, mesh, Plan(global_batch=RANKS, seq_len=PROBE_TOKENS, dp=RANKS,
                                            zero=int(variant[-1])))
-    tokens = torch.randint(0, 128, (1, PROBE_TOKENS + 1), generator=torch.Generator().manual_seed(0))
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    elif variant == "cp":
+        model.cp_group = mesh.get_group()
+        for layer in model.layers.values():
+            layer.attention.cp_group = model.cp_group
+    seq = RANKS * PROBE_TOKENS if variant == "cp" else PROBE_TOKENS
+    tokens = torch.randint(0, 128, (1, seq + 1), generator=torch.Generator().manual_seed(0))
+    x, y = (sequence_shard(t, model.cp_group) for t in (tokens[:, :-1], tokens[:, 1:]))
     context = loss_parallel if variant in ("tp", "sp") else nullcontext
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
 
