@@ -199,8 +199,10 @@ def data_parallel_mesh(mesh: DeviceMesh, plan: Plan) -> DeviceMesh:
     """The ranks that average the gradients and that ZeRO shards over: the dp ranks, or with
     context parallelism the dp x cp ranks, each CP rank having seen its shard of the same
     sequences (Megatron-LM's data-parallel group with CP, torchtitan's dp_shard_cp),
-    flattened from `mesh` so that FSDP2 can join it with the TP dimension of the same mesh.
-    Collective over every rank."""
+    flattened from `mesh` so that FSDP2 can join it with the TP dimension of the same mesh
+    (DeviceMesh._flatten, as torchtitan builds dp_shard_cp: torch 2.13 has no public
+    flatten; a mesh built apart from `mesh` is refused beside TP's). Collective over every
+    rank."""
     if plan.cp == 1:
         return mesh["dp"]
     return mesh[tuple(n for n in mesh.mesh_dim_names if n in ("dp", "cp"))]._flatten("dp_cp")
@@ -298,8 +300,8 @@ def parameter_name(name: str) -> str:
 def full_gradients(modules: list[nn.Module], tied: bool = False) -> dict[str, torch.Tensor]:
     """Every local parameter's gradient as a whole (unsharded) CPU tensor, by plain name:
     with `tied` embeddings, a pipeline's copy of the embedding as the head under the
-    embedding's name, as the plain model has it. Collective over the TP/DP groups of this rank (DTensor.full_tensor) and its EP
-    group (experts split by apply_ep)."""
+    embedding's name, as the plain model has it. Collective over the TP/DP groups of this
+    rank (DTensor.full_tensor) and its EP group (experts split by apply_ep)."""
     grads = {}
     for module in modules:
         experts = {id(p): e.sharding for e in sharded_experts(module) for p in e.parameters()}
