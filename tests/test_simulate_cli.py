@@ -219,6 +219,18 @@ def test_an_unknown_flag_is_one_line_naming_the_flags_meant():
         "see meshplan plan --help"]
 
 
+def test_a_missing_or_malformed_argument_is_one_line_not_the_usage():
+    for args, error in ((("plan", "--gpus", "8"), "meshplan plan: error: the following arguments are "
+                                                  "required: --model; see meshplan plan --help"),
+                        (("simulate", "--model", "llama-2-7b", "--zero", "7"),
+                         "meshplan simulate: error: argument --zero: invalid choice: 7 (choose from 0, 1, 2, 3); "
+                         "see meshplan simulate --help"),
+                        (("frob",), "meshplan: error: argument COMMAND: invalid choice: 'frob' (choose from "
+                                    "'simulate', 'plan', 'whatif', 'profile', 'run', 'validate'); see meshplan --help")):
+        out = meshplan(*args)
+        assert (out.returncode, out.stdout, out.stderr.splitlines()) == (2, "", [error])
+
+
 def test_flags_of_the_other_mode_are_refused_not_ignored(tmp_path):
     train = ["--model", "llama-2-7b", "--gpus", "8", "--global-batch", "8", "--seq-len", "1024"]
     out = meshplan("simulate", *train, "--batch", "4", "--kv-dtype", "fp8")

@@ -25,17 +25,27 @@ from meshplan.core.errors import MeshplanError  # noqa: E402
 COMMANDS = ("simulate", "plan", "whatif", "profile", "run", "validate")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors (a missing or malformed argument) are one line on
+    stderr pointing to --help, as the CLI's other errors are, not the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviated flags: argparse would otherwise read whatif's --mode as --model
-    parser = argparse.ArgumentParser(prog="meshplan", allow_abbrev=False, description=(
+    parser = Parser(prog="meshplan", allow_abbrev=False, description=(
         "Plan, simulate and run data/tensor/sequence/context/pipeline-parallel training "
         "of large transformers."))
     parser.add_argument("--version", action="version",
                         version=f"%(prog)s {importlib.metadata.version('meshplan')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
+                                parser_class=functools.partial(Parser, allow_abbrev=False))
     for name in COMMANDS:
         importlib.import_module(f"meshplan.cli.{name}").register(sub)
+    for command in sub.choices.values():  # for unknown_arguments' hints
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -61,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # one line, naming the flags of the subcommand that were meant
-        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        command = args.command_parser
         print(f"{command.prog}: error: {unknown_arguments(command, extras)}", file=sys.stderr)
         return 2
     try:
