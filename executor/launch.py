@@ -91,10 +91,6 @@ def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOpti
         ran = dataclasses.replace(ran, layer_partition=pipeline_partition(model, ran, cluster, hw))
     plan = dataclasses.replace(ran, dtype=plan.dtype)
     issues, resumed = memory_issues(simulate(model, ran, cluster, hw).peak_memory_bytes, hw), None
-    if options.checkpoint_dir is not None and plan.ep > 1:
-        issues.append(("run.checkpoint_dir", "the executor does not checkpoint expert-parallel "
-                       "experts (each rank holds other experts under the same names)",
-                       "train without a checkpoint folder, or with ep 1"))
     if options.checkpoint_dir is not None:
         found, resumed = checkpoint.check_resume(
             options.checkpoint_dir, model.to_dict(), plan.to_dict(), options.resume, options.seed,

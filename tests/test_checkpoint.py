@@ -196,3 +196,23 @@ def test_a_zero1_checkpoint_with_tp_resumes_under_a_pipeline(tmp_path):
                           options(tmp_path, resume=True))
     assert record.losses[:3] == uninterrupted.losses[:3]
     assert record.losses == pytest.approx(uninterrupted.losses, rel=1e-5, abs=0)
+
+
+MOE = ModelSpec("tiny-moe", num_layers=3, hidden_size=32, num_heads=4, num_kv_heads=2,
+                ffn_hidden_size=64, vocab_size=128, max_seq_len=32, num_experts=4,
+                experts_per_token=2, moe_ffn_hidden_size=48, dense_layers=(0,))
+
+
+@pytest.mark.parametrize("world, saved, into", [
+    (2, plan(dp=2, ep=2), plan(dp=2)),                        # split experts into whole ones
+    (2, plan(dp=2, ep=2, zero=1), plan(dp=2, ep=2, zero=3)),  # owned shards into FSDP2 beside EP
+    (4, plan(dp=4, ep=2), plan(dp=4, ep=4)),                  # replicated over edp 2 into ep 4
+], ids=["ep2-to-ep1", "zero1-to-zero3", "ep2-edp2-to-ep4"])
+def test_expert_parallel_checkpoints_reshard_into_another_ep(tmp_path, world, saved, into):
+    """Experts split over EP are saved as DTensors sharded over ep and replicated over edp, so
+    each is written once and loads into any other expert layout."""
+    uninterrupted = launch_train(MOE, saved, Cluster(world, world), RunOptions(steps=STEPS, warmup=0))
+    launch_train(MOE, saved, Cluster(world, world), options(tmp_path, steps=3))
+    record = launch_train(MOE, into, Cluster(world, world), options(tmp_path, resume=True))
+    assert record.losses[:3] == uninterrupted.losses[:3]
+    assert record.losses == pytest.approx(uninterrupted.losses, rel=1e-5, abs=0)

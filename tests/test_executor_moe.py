@@ -118,12 +118,6 @@ def test_executor_refuses_what_it_does_not_run(fields, field):
     assert err.value.field == field
 
 
-def test_expert_parallel_checkpoints_are_refused(tmp_path):
-    with pytest.raises(PlanError) as err:
-        check_train(MOE, plan(dp=2, ep=2), Cluster(2, 2), RunOptions(checkpoint_dir=str(tmp_path)))
-    assert err.value.field == "run.checkpoint_dir"
-
-
 def test_executor_takes_expert_parallel_plans():
     for p in (plan(dp=2, ep=2), plan(dp=4, ep=2, zero=3), plan(dp=4, ep=4, recompute="full"),
               plan(dp=2, pp=2, ep=2, schedule="1f1b", micro_batch=1)):

@@ -11,7 +11,10 @@ and DCP reshards it (DP into TP, FSDP2 or another pipeline split):
 
 A tied embedding's optimizer state is the plain model's under the embedding's name; a
 pipeline's last stage, whose head is a copy of it (pipeline.TiedEmbedding), loads the copy's
-state from there, as the two take the same updates.
+state from there, as the two take the same updates. Experts split over EP ranks (each rank
+holds E/ep of them under the whole layer's names) are saved and loaded as DTensors sharded
+on the expert dimension over ep and replicated over edp, their Adam moments alike, so DCP
+writes each expert once and reshards them into another ep.
 """
 from __future__ import annotations
 
@@ -25,9 +28,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_state_dict)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.experimental import implicit_replication
 
 from meshplan.core.io import write_atomic, write_json
 from meshplan.executor.checkpoint import INFO, KEEP, LATEST, CheckpointInfo, latest, step_name
+from meshplan.executor.moe import sharded_experts
+from meshplan.executor.parallelize import parameter_name
 
 # Optimizer state keyed by parameter name rather than position, so it reshards (torchtitan's choice).
 DCP_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -56,9 +64,13 @@ class Checkpointer:
     (ZeroRedundancyOptimizer: its inner optimizer, this rank's partition)."""
 
     def __init__(self, folder: str, modules: list[nn.Module], optimizer: torch.optim.Optimizer,
-                 device: torch.device, tied: bool = False):
+                 device: torch.device, tied: bool = False, expert_mesh: DeviceMesh | None = None):
         self.folder, self.device, self.tied = Path(folder), device, tied
         self.model = stage_view(modules)
+        split = {p for m in modules for e in sharded_experts(m) for p in e.parameters()}
+        self.experts = {parameter_name(n) for m in modules for n, p in m.named_parameters() if p in split}
+        self.expert_mesh = (expert_mesh[tuple(n for n in expert_mesh.mesh_dim_names if n in ("edp", "ep"))]
+                            if self.experts else None)
         self.optimizer = getattr(optimizer, "optim", optimizer)
         self.rng_key = f"rng_rank{dist.get_rank()}"
         if dist.get_rank() == 0:  # saves a crash cut short
@@ -67,7 +79,11 @@ class Checkpointer:
         dist.barrier()
 
     def _state(self, step: int) -> dict:
-        model, optim = get_state_dict(self.model, self.optimizer, options=DCP_OPTIONS)
+        # an optimizer with no state yet takes a step of zero gradients here, which mixes the
+        # plain experts (or step counts) with DTensor parameters, as train_step's steps do
+        with implicit_replication():
+            model, optim = get_state_dict(self.model, self.optimizer, options=DCP_OPTIONS)
+        self._experts_as_dtensors(model, optim)
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -108,6 +124,8 @@ class Checkpointer:
             state[self.rng_key] = rng
         heads = self._heads_as_embedding(state["optim"])
         dcp.load(state, checkpoint_id=path)
+        for part in (state["model"], state["optim"]):  # the experts' local shards, loaded in place
+            part.update({k: v.to_local() for k, v in part.items() if isinstance(v, DTensor) and self._expert_key(k)})
         for head, embedding, borrowed in heads:
             value = state["optim"].pop(embedding) if borrowed else state["optim"][embedding]
             state["optim"][head] = value.clone() if isinstance(value, torch.Tensor) else value
@@ -120,6 +138,23 @@ class Checkpointer:
         if "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         return state["progress"]["step"], info.losses[:state["progress"]["step"]]
+
+    def _expert_key(self, key: str) -> bool:
+        """Whether `key` (of the model's state or the flattened optimizer's) is an EP-split
+        expert's weight or one of its moments (not the step count, a scalar)."""
+        name = key.removeprefix("state.").rsplit(".", 1)[0] if key.startswith("state.") else key
+        return name in self.experts
+
+    def _experts_as_dtensors(self, model: dict, optim: dict) -> None:
+        """The EP-split experts' local tensors in `model` and `optim` as DTensors over the
+        expert mesh (sharing their storage): Shard(0) on ep, replicated on edp."""
+        if self.expert_mesh is None:
+            return
+        placements = [Replicate() if n == "edp" else Shard(0) for n in self.expert_mesh.mesh_dim_names]
+        for part in (model, optim):
+            for key, value in part.items():
+                if self._expert_key(key) and isinstance(value, torch.Tensor) and value.ndim:
+                    part[key] = DTensor.from_local(value, self.expert_mesh, placements, run_check=False)
 
     def _heads_as_embedding(self, optim: dict) -> list[tuple[str, str, bool]]:
         """With tied embeddings, replace the optimizer keys of the head's copy of the

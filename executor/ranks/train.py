@@ -73,6 +73,7 @@ class Job:
         # experts split over ep, or replicated over TP ranks that route different tokens
         expert_mesh = (build_mesh(plan.expert_mesh(plan.world_size), device.type)
                        if spec.num_experts and plan.ep * plan.tp > 1 else None)
+        self.expert_mesh = expert_mesh
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dp_mesh = data_parallel_mesh(self.mesh, plan)
         self.cp_group = self.mesh["cp"].get_group() if plan.cp > 1 else None
@@ -161,8 +162,8 @@ def run_job(spec: ModelSpec, plan: Plan, options: TrainRankOptions, device: torc
     rank = dist.get_rank()
     label = f"run dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}" + (f" ep{plan.ep}" if plan.ep > 1 else "")
     grads_file = run_dir / f"grads{job_index}_rank{rank}.pt" if options.save_grads else None
-    saver = (Checkpointer(options.checkpoint_dir, job.modules, job.optimizer, device, spec.tied_embeddings)
-             if options.checkpoint_dir else None)
+    saver = (Checkpointer(options.checkpoint_dir, job.modules, job.optimizer, device, spec.tied_embeddings,
+                          job.expert_mesh) if options.checkpoint_dir else None)
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
     start, before = saver.load(options.lr) if saver and (options.resume or restarted) else (0, ())
     every = options.checkpoint_every or options.steps
