@@ -174,16 +174,23 @@ TIED_PLANS = {"ddp": plan(dp=2), "pp-1f1b": plan(pp=2, schedule="1f1b", micro_ba
               "pp-zb-v": plan(pp=2, schedule="zb-v", virtual_stages=2, micro_batch=1)}
 
 
+@pytest.fixture(scope="module")
+def tied_reference() -> dict[str, tuple[float, ...]]:
+    """Each tied plan's losses, run uninterrupted (one launch)."""
+    records = launch_train_many([(TIED, p) for p in TIED_PLANS.values()], Cluster(2, 2),
+                                RunOptions(steps=STEPS, warmup=0))
+    return {name: r.losses for name, r in zip(TIED_PLANS, records)}
+
+
 @pytest.mark.parametrize("saved, into", [("ddp", "pp-1f1b"), ("pp-1f1b", "pp-zb-v"), ("pp-zb-v", "ddp")])
-def test_a_tied_embedding_resumes_across_pipeline_layouts(tmp_path, saved, into):
+def test_a_tied_embedding_resumes_across_pipeline_layouts(tied_reference, tmp_path, saved, into):
     """The head's copy of a tied embedding on the last stage (or beside it, zb-v) takes the
     embedding's weights and optimizer state from any checkpoint: the resumed losses are the
     uninterrupted run's."""
-    uninterrupted = launch_train(TIED, TIED_PLANS[saved], Cluster(2, 2), RunOptions(steps=STEPS, warmup=0))
     launch_train(TIED, TIED_PLANS[saved], Cluster(2, 2), options(tmp_path, steps=3))
     record = launch_train(TIED, TIED_PLANS[into], Cluster(2, 2), options(tmp_path, resume=True))
-    assert record.losses[:3] == uninterrupted.losses[:3]
-    assert record.losses == pytest.approx(uninterrupted.losses, rel=1e-5, abs=0)
+    assert record.losses[:3] == tied_reference[saved][:3]
+    assert record.losses == pytest.approx(tied_reference[saved], rel=1e-5, abs=0)
 
 
 def test_a_zero1_checkpoint_with_tp_resumes_under_a_pipeline(tmp_path):
@@ -203,16 +210,34 @@ MOE = ModelSpec("tiny-moe", num_layers=3, hidden_size=32, num_heads=4, num_kv_he
                 experts_per_token=2, moe_ffn_hidden_size=48, dense_layers=(0,))
 
 
-@pytest.mark.parametrize("world, saved, into", [
-    (2, plan(dp=2, ep=2), plan(dp=2)),                        # split experts into whole ones
-    (2, plan(dp=2, ep=2, zero=1), plan(dp=2, ep=2, zero=3)),  # owned shards into FSDP2 beside EP
-    (4, plan(dp=4, ep=2), plan(dp=4, ep=4)),                  # replicated over edp 2 into ep 4
-], ids=["ep2-to-ep1", "zero1-to-zero3", "ep2-edp2-to-ep4"])
-def test_expert_parallel_checkpoints_reshard_into_another_ep(tmp_path, world, saved, into):
+EP_SAVED = {"ep2": plan(dp=2, ep=2), "ep2-zero1": plan(dp=2, ep=2, zero=1)}
+
+
+@pytest.fixture(scope="module")
+def ep_reference() -> dict[str, tuple[float, ...]]:
+    """The saved EP plans' losses at world size 2, run uninterrupted (one launch)."""
+    records = launch_train_many([(MOE, p) for p in EP_SAVED.values()], Cluster(2, 2),
+                                RunOptions(steps=STEPS, warmup=0))
+    return {name: r.losses for name, r in zip(EP_SAVED, records)}
+
+
+@pytest.mark.parametrize("saved, into", [
+    ("ep2", plan(dp=2)),                            # split experts into whole ones
+    ("ep2-zero1", plan(dp=2, ep=2, zero=3)),        # owned shards into FSDP2 beside EP
+], ids=["ep2-to-ep1", "zero1-to-zero3"])
+def test_expert_parallel_checkpoints_reshard_into_another_ep(ep_reference, tmp_path, saved, into):
     """Experts split over EP are saved as DTensors sharded over ep and replicated over edp, so
     each is written once and loads into any other expert layout."""
-    uninterrupted = launch_train(MOE, saved, Cluster(world, world), RunOptions(steps=STEPS, warmup=0))
-    launch_train(MOE, saved, Cluster(world, world), options(tmp_path, steps=3))
-    record = launch_train(MOE, into, Cluster(world, world), options(tmp_path, resume=True))
-    assert record.losses[:3] == uninterrupted.losses[:3]
+    launch_train(MOE, EP_SAVED[saved], Cluster(2, 2), options(tmp_path, steps=3))
+    record = launch_train(MOE, into, Cluster(2, 2), options(tmp_path, resume=True))
+    assert record.losses[:3] == ep_reference[saved][:3]
+    assert record.losses == pytest.approx(ep_reference[saved], rel=1e-5, abs=0)
+
+
+def test_experts_replicated_over_edp_reshard_into_a_wider_ep(tmp_path):
+    """dp4 ep2 (each expert on two ranks) into ep4: the replicas are written once."""
+    saved = plan(dp=4, ep=2)
+    uninterrupted = launch_train(MOE, saved, Cluster(4, 4), RunOptions(steps=STEPS, warmup=0))
+    launch_train(MOE, saved, Cluster(4, 4), options(tmp_path, steps=3))
+    record = launch_train(MOE, plan(dp=4, ep=4), Cluster(4, 4), options(tmp_path, resume=True))
     assert record.losses == pytest.approx(uninterrupted.losses, rel=1e-5, abs=0)
