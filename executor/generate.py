@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from meshplan.core.mesh import Mesh
+from meshplan.executor.measure import local_part
 from meshplan.executor.model import Transformer, build_model
 from meshplan.executor.parallelize import apply_tp, build_mesh
 from meshplan.executor.pipeline import split_stage
@@ -99,7 +99,7 @@ class ServingRank:
     @property
     def weights_bytes(self) -> int:
         """Bytes of this rank's weights (its local shards; int8 codes with their scales)."""
-        return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes
+        return sum(local_part(p).nbytes
                    for p in (*self.module.parameters(), *self.module.buffers()))
 
     @property

@@ -17,12 +17,13 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly DTensor) tensor, sharing its storage."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _nbytes(t: torch.Tensor) -> int:
-    local = _local(t)
+    local = local_part(t)
     return local.numel() * local.element_size()
 
 
@@ -52,7 +53,7 @@ class ActivationMeter:
 
     def _pack(self, tensor: torch.Tensor):
         # A DTensor's own storage is not its shard's: count the local shard's memory.
-        storage = _local(tensor).untyped_storage()
+        storage = local_part(tensor).untyped_storage()
         key = storage._cdata
         if key in self.excluded:
             return tensor
@@ -86,7 +87,7 @@ class _Held:
 
 
 def parameter_storages(params) -> set[int]:
-    return {_local(p).untyped_storage()._cdata for p in params}
+    return {local_part(p).untyped_storage()._cdata for p in params}
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+from meshplan.executor.measure import local_part
 from meshplan.simulator.model_spec import ModelSpec
 
 
@@ -196,6 +196,11 @@ def sharded_experts(module: nn.Module) -> list[GroupedExperts]:
     return [m for m in module.modules() if isinstance(m, GroupedExperts) and m.sharding is not None]
 
 
+def expert_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of `module`'s experts that apply_ep split (they differ along dp)."""
+    return [p for e in sharded_experts(module) for p in e.parameters()]
+
+
 def routing_imbalance(modules: list[nn.Module]) -> float | None:
     """The rows of the busiest rank of this rank's EP group over the group's mean, averaged
     over every MoE forward so far (each waits at its all-to-all for the busiest): the plan's
@@ -221,8 +226,8 @@ def reduce_expert_gradients(module: nn.Module) -> None:
     groups = sharded_experts(module)
     if groups:
         sharding = groups[0].sharding
-        _all_reduce([p.grad for e in groups for p in e.parameters()], sharding.edp_group, sharding.dp)
-    split = {p for e in groups for p in e.parameters()}
+        _all_reduce([p.grad for p in expert_parameters(module)], sharding.edp_group, sharding.dp)
+    split = set(expert_parameters(module))
     routed = [m for m in module.modules() if isinstance(m, MoE) and m.tp_group is not None]
     if routed:
         _all_reduce([p.grad for m in routed for p in m.parameters() if p not in split],
@@ -231,7 +236,7 @@ def reduce_expert_gradients(module: nn.Module) -> None:
 
 def _all_reduce(grads: list, group: dist.ProcessGroup, divide_by: int) -> None:
     """Sum the (local parts of the) gradients over `group` in one flat all-reduce, divided."""
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads if g is not None]
+    local = [local_part(g) for g in grads if g is not None]
     if not local:
         return
     flat = torch.cat([g.flatten() for g in local])

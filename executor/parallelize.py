@@ -28,8 +28,9 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from meshplan.executor.adamw import MomentsAdamW
 from meshplan.executor.model import Transformer
-from meshplan.executor.moe import (ExpertSharding, MoE, gather_experts, reduce_expert_gradients,
-                                   shard_expert_width, shard_experts, sharded_experts)
+from meshplan.executor.moe import (ExpertSharding, MoE, expert_parameters, gather_experts,
+                                   reduce_expert_gradients, shard_expert_width, shard_experts,
+                                   sharded_experts)
 from meshplan.executor.zero_one import ZeroOneOptimizer
 from meshplan.core.mesh import Mesh
 from meshplan.simulator.plan import Plan
@@ -179,7 +180,7 @@ def apply_dp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
     gradients). FSDP2 wraps each layer, then the root
     (embedding, head, final norm). Each leaves out the experts that apply_ep split: they
     differ along dp, and moe.reduce_expert_gradients reduces them over edp instead."""
-    experts = {p for e in sharded_experts(model) for p in e.parameters()}
+    experts = set(expert_parameters(model))
     if plan.zero >= 2:
         reshard = plan.zero == 3 and plan.reshard_after_forward
         for layer in model.layers.values():
@@ -246,10 +247,11 @@ def build_optimizer(modules: list[nn.Module], plan: Plan, dp_mesh: DeviceMesh,
     optimizer_class, options = optimizer_of(plan)
     experts = [e for m in modules for e in sharded_experts(m)]
     if plan.zero == 1 and dp_mesh.size() > 1 and (plan.tp > 1 or plan.pp > 1 or experts):
-        split = {p for e in experts for p in e.parameters()}
-        shards = [([p for p in params if p not in split], dp_mesh.get_group())]
+        split = [p for m in modules for p in expert_parameters(m)]
+        in_split = set(split)
+        shards = [([p for p in params if p not in in_split], dp_mesh.get_group())]
         if experts:
-            shards.append(([p for e in experts for p in e.parameters()], experts[0].sharding.edp_group))
+            shards.append((split, experts[0].sharding.edp_group))
         return ZeroOneOptimizer(shards, optimizer_class, options, lr)
     if plan.zero == 1 and dp_mesh.size() > 1:
         return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class,

@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (PipelineScheduleSingle, Schedule1F1B,
                                                     ScheduleGPipe, ScheduleInterleaved1F1B,
                                                     ScheduleInterleavedZeroBubble,
                                                     ScheduleZBVZeroBubble)
 
+from meshplan.executor.measure import local_part
 from meshplan.executor.model import Transformer
 from meshplan.simulator.plan import Plan
 from meshplan.simulator.schedule import stage_index
@@ -106,7 +106,7 @@ class TiedEmbedding:
         grads = [p.grad for p in self.copies(modules) if p.grad is not None]
         if not grads:
             return
-        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        local = [local_part(g) for g in grads]
         with torch.no_grad():
             total = torch.stack(local).sum(0) if len(local) > 1 else local[0].clone()
             if self.group is not None:

@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a (possibly DTensor) parameter, sharing its storage."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+from meshplan.executor.measure import local_part
 
 
 def partition(sizes: list[int], ranks: int) -> list[list[int]]:
@@ -44,7 +40,7 @@ class ZeroOneOptimizer:
         self.buckets = []  # (group, source rank, the parameters it updates), in one order on every rank
         mine = []
         for params, group in shards:
-            owned = partition([local(p).numel() for p in params], dist.get_world_size(group))
+            owned = partition([local_part(p).numel() for p in params], dist.get_world_size(group))
             for rank, indices in enumerate(owned):
                 if indices:
                     self.buckets.append((group, dist.get_global_rank(group, rank), [params[i] for i in indices]))
@@ -61,7 +57,7 @@ class ZeroOneOptimizer:
         self.optim.step()
         me = dist.get_rank()
         for group, source, owned in self.buckets:
-            tensors = [local(p) for p in owned]
+            tensors = [local_part(p) for p in owned]
             flat = (torch.cat([t.reshape(-1) for t in tensors]) if source == me else
                     tensors[0].new_empty(sum(t.numel() for t in tensors)))
             dist.broadcast(flat, src=source, group=group)

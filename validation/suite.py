@@ -3,10 +3,10 @@ peak memory beside the simulator's prediction, and summarise the error.
 
 The plans cover every parallelism the executor runs at world size 2 (DP with ZeRO 0-3, TP,
 TP+SP, PP with GPipe / 1F1B / interleaved and several micro-batch counts, recompute, CP by
-Ulysses' all-to-all) and world size 4 (4 ranks sharing the 2 cores of this machine: the profile's cores_per_node
-makes the cost model divide compute among them), and expert parallelism (all-to-all token
-dispatch, EP alone and folded with expert data parallelism) on a mixture-of-experts model
-of the same attention."""
+Ulysses' all-to-all) and world size 4 (4 ranks sharing the 2 cores of this machine: the
+profile's cores_per_node makes the cost model divide compute among them), and expert
+parallelism (all-to-all token dispatch, EP alone and folded with expert data parallelism)
+on a mixture-of-experts model of the same attention."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

@@ -34,7 +34,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 
 from meshplan.core.io import write_atomic, write_json
 from meshplan.executor.checkpoint import INFO, KEEP, LATEST, CheckpointInfo, latest, step_name
-from meshplan.executor.moe import sharded_experts
+from meshplan.executor.moe import expert_parameters
 from meshplan.executor.parallelize import parameter_name
 
 # Optimizer state keyed by parameter name rather than position, so it reshards (torchtitan's choice).
@@ -67,7 +67,7 @@ class Checkpointer:
                  device: torch.device, tied: bool = False, expert_mesh: DeviceMesh | None = None):
         self.folder, self.device, self.tied = Path(folder), device, tied
         self.model = stage_view(modules)
-        split = {p for m in modules for e in sharded_experts(m) for p in e.parameters()}
+        split = {p for m in modules for p in expert_parameters(m)}
         self.experts = {parameter_name(n) for m in modules for n, p in m.named_parameters() if p in split}
         self.expert_mesh = (expert_mesh[tuple(n for n in expert_mesh.mesh_dim_names if n in ("edp", "ep"))]
                             if self.experts else None)
