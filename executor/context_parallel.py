@@ -1,15 +1,37 @@
-"""Context parallelism as DeepSpeed-Ulysses runs it (Jacobs et al. 2023 sec 3; Megatron-LM
---cp-comm-type a2a, Transformer Engine's AttnFuncWithCPAndQKVOA2A; plan.cp_comm a2a): each
-rank of the CP group holds a contiguous 1/cp of every sequence everywhere but in the
-attention core, which runs on the whole sequence for 1/cp of the heads. Q, K and V go from
-sequence to head shards by one all-to-all each before the core, the output back by another
-after it; backward sends their gradients the other way (all_to_all_single's autograd).
+"""Context parallelism in the executor: each rank of the CP group holds a part of every
+sequence, and attention sees the keys of the whole sequence through the exchange
+plan.cp_comm names (cost.cp_comm_s prices each):
 
-Unlike Transformer Engine, autograd keeps the core's output in its head shards for backward
-rather than sending it again (the same bytes held), so its backward moves one output-sized
-all-to-all fewer than cost.cp_comm_s prices.
+- a2a, DeepSpeed-Ulysses (Jacobs et al. 2023 sec 3; Megatron-LM --cp-comm-type a2a,
+  Transformer Engine's AttnFuncWithCPAndQKVOA2A): a contiguous 1/cp of the sequence; Q, K and
+  V go from sequence to head shards in one all-to-all before the attention core, which runs
+  on the whole sequence for 1/cp of the heads, and its output back in another.
+- p2p, the ring (Liu et al. 2023, Ring Attention sec 3; Megatron-LM --cp-comm-type p2p): K
+  and V, in one buffer, passed on to the next rank of the group cp - 1 times, the queries
+  attending to each block as it arrives and the blocks' partial results merged by their
+  running maximum and sum (online softmax, Milakov & Gimelshein 2018); alltoall is the same
+  ring with each pass one all-to-all (torch's context_parallel, _RotateMethod.ALL_TO_ALL).
+- allgather: the K and V of the whole sequence gathered at once (Llama 3, Dubey et al. 2024
+  sec 3.3.2; torch's ALL_GATHER rotation) and attended under the mask of the tokens'
+  positions.
+
+The ring and the gather balance the causal mask's work as Megatron-LM
+(get_batch_on_this_cp_rank) and torchtitan (its head-tail load balancer) do: the sequence cut
+into 2 cp chunks, rank r holding chunks r and 2 cp - 1 - r; RoPE and learned positions are
+those of the tokens held (positions). Each runs inside the attention core (CausalCore.cp), so
+that selective recompute redoes the exchange as Megatron-LM's core-attention checkpoint does.
+Backward is autograd's: the passes' gradients go round the ring the other way, the gather's
+are reduce-scattered; the blocks are kept from forward, not passed again as torch's ring
+backward does, which cost.cp_comm_s prices.
+
+Unlike Transformer Engine, autograd keeps the Ulysses core's output in its head shards for
+backward rather than sending it again (the same bytes held), so its backward moves one
+output-sized all-to-all fewer than cost.cp_comm_s prices.
 """
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import torch
 import torch.distributed as dist
@@ -42,14 +64,225 @@ def sequence_from_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
     return parts.permute(1, 2, 0, 3, 4).reshape(batch, seq // cp, cp * heads, dim)
 
 
-def sequence_shard(tokens: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """This rank's contiguous 1/cp of the sequence dimension (1) of `tokens`."""
-    if group is None:
-        return tokens
-    cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    return tokens.chunk(cp, dim=1)[rank].contiguous()
+def _start_pass(x: torch.Tensor, group: dist.ProcessGroup, step: int, comm: str):
+    """Start sending x to the rank `step` places on in the group's ring and receiving the
+    one from `step` places back: a send and a receive (p2p) or one all-to-all carrying only
+    them. Returns (the receiving buffer, the works to wait on)."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    to, source = (rank + step) % size, (rank - step) % size
+    x = x.contiguous()
+    received = torch.empty_like(x)
+    if comm == "alltoall":
+        rows = x.shape[0]
+        return received, [dist.all_to_all_single(received, x, [rows * (r == source) for r in range(size)],
+                                                 [rows * (r == to) for r in range(size)], group=group,
+                                                 async_op=True)]
+    return received, dist.batch_isend_irecv(
+        [dist.P2POp(dist.isend, x, dist.get_global_rank(group, to), group),
+         dist.P2POp(dist.irecv, received, dist.get_global_rank(group, source), group)])
 
 
-def sequence_start(seq: int, group: dist.ProcessGroup | None) -> int:
-    """The position of the first token of this rank's sequence shard of `seq` tokens."""
-    return 0 if group is None else dist.get_rank(group) * seq
+def _finish(pending) -> torch.Tensor:
+    received, works = pending
+    for work in works:
+        work.wait()
+    return received
+
+
+def _pass_on(x: torch.Tensor, group: dist.ProcessGroup, step: int, comm: str) -> torch.Tensor:
+    """x passed `step` places on round the ring (_start_pass), the one from behind received."""
+    return _finish(_start_pass(x, group, step, comm))
+
+
+class _RingPass(torch.autograd.Function):
+    """One pass round the ring, its gradient passed back the other way."""
+
+    @staticmethod
+    def forward(ctx, x, group, comm):
+        ctx.group, ctx.comm = group, comm
+        return _pass_on(x, group, 1, comm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _pass_on(grad, ctx.group, -1, ctx.comm), None, None
+
+
+@functools.lru_cache(maxsize=32)
+def _chunk_positions(local: int, size: int, rank: int, balanced: bool, device: torch.device) -> torch.Tensor:
+    if not balanced:
+        return torch.arange(rank * local, (rank + 1) * local, device=device)
+    half = local // 2
+    return torch.cat([torch.arange(c * half, (c + 1) * half, device=device) for c in (rank, 2 * size - 1 - rank)])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ContextParallel:
+    """A CP group and its exchange (plan.cp_comm)."""
+    group: dist.ProcessGroup
+    comm: str
+
+    @property
+    def balanced(self) -> bool:
+        """Whether each rank holds two chunks of the sequence (the ring, the gather) rather
+        than one contiguous part (Ulysses)."""
+        return self.comm != "a2a"
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def shard(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the sequence dimension (1) of `tokens`."""
+        if not self.balanced:
+            return tokens.chunk(self.size, dim=1)[self.rank].contiguous()
+        chunks = tokens.chunk(2 * self.size, dim=1)
+        return torch.cat([chunks[self.rank], chunks[2 * self.size - 1 - self.rank]], dim=1)
+
+    def positions(self, local: int, device, rank: int | None = None) -> torch.Tensor:
+        """The sequence positions of the `local` tokens rank `rank` (this one) holds, in
+        their order there."""
+        return _chunk_positions(local, self.size, self.rank if rank is None else rank, self.balanced,
+                                torch.device(device))
+
+    def attend(self, q, k, v, masked_core, kernel: str) -> torch.Tensor:
+        """Causal attention of this rank's queries [batch, seq/cp, heads, dim] to the keys
+        and values of the whole sequence, by the gather (`masked_core(q, k, v, visible)`
+        runs the core under a [queries, keys] mask) or the ring: block by block with CPU
+        flash attention's kernel (_FlashRing), or with the unfused kernel's separate ops
+        for plan.attention naive."""
+        if self.comm == "allgather":
+            return self._gathered(q, k, v, masked_core)
+        if kernel == "naive":
+            return self._unfused_ring(q, k, v)
+        return _FlashRing.apply(q, k, v, self)
+
+    def _visible(self, queries: torch.Tensor, source: int, local: int) -> torch.Tensor:
+        """[queries, local] True where a query sees a key of rank `source`'s tokens."""
+        return self.positions(local, queries.device, source)[None, :] <= queries[:, None]
+
+    def _gathered(self, q, k, v, masked_core) -> torch.Tensor:
+        local = k.shape[1]
+        kv = funcol.all_gather_single_autograd(torch.stack((k, v)), 2, self.group)
+        mine = self.positions(q.shape[1], q.device)
+        visible = torch.cat([self._visible(mine, r, local) for r in range(self.size)], dim=1)
+        return masked_core(q, kv[0], kv[1], visible)
+
+    def _unfused_ring(self, q, k, v) -> torch.Tensor:
+        """Each block's scores and probabilities as separate ops, autograd's backward; the
+        blocks' partial softmax merged in fp32 by each query row's running maximum
+        (a constant of the result, so kept out of autograd) and sum. Every block leaves a row
+        its own keys or none: the rank's own block comes first, where each query sees at
+        least itself, so the running maximum is finite from the start."""
+        batch, seq, heads, dim = q.shape
+        kv_heads = k.shape[2]
+        group = heads // kv_heads
+        mine = self.positions(seq, q.device)
+        with torch.autocast(q.device.type, enabled=False):
+            # [batch, kv heads, group x seq, dim]: the query heads that share a KV head stacked
+            rows = q.float().permute(0, 2, 1, 3).reshape(batch, kv_heads, group * seq, dim) * dim ** -0.5
+            block = torch.stack((k, v))
+            top = total = out = None
+            for step in range(self.size):
+                if step:
+                    block = _RingPass.apply(block, self.group, self.comm)
+                keys, values = (t.float().permute(0, 2, 1, 3) for t in block)
+                source = (self.rank - step) % self.size
+                hidden = ~self._visible(mine, source, seq).repeat(group, 1)
+                scores = (rows @ keys.transpose(-1, -2)).masked_fill(hidden, float("-inf"))
+                peak = scores.amax(-1, keepdim=True).detach()
+                if step == 0:
+                    top = peak
+                    weights = torch.exp(scores - top)
+                    total, out = weights.sum(-1, keepdim=True), weights @ values
+                    continue
+                new_top = torch.maximum(top, peak)
+                weights, scale = torch.exp(scores - new_top), torch.exp(top - new_top)
+                total = total * scale + weights.sum(-1, keepdim=True)
+                out = out * scale + weights @ values
+                top = new_top
+            out = (out / total).reshape(batch, kv_heads, group, seq, -1)
+        return out.permute(0, 3, 1, 2, 4).reshape(batch, seq, heads, -1).to(q.dtype)
+
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _block(rank: int, source: int, half: int) -> tuple[slice, slice, bool]:
+    """(query rows, key rows, causal) where rank `rank`'s queries see rank `source`'s keys,
+    each rank holding chunks r and 2cp-1-r of its sequence: its own block under the causal
+    mask (the positions held rise with the rows); an earlier rank's first chunk, whole, to
+    every query (its second chunk is later than both of this rank's); a later rank's both
+    chunks, whole, to the second chunk's queries alone. Half of each block, so every
+    rank does the same work (Megatron-LM's and Transformer Engine's three cases)."""
+    if source == rank:
+        return slice(None), slice(None), True
+    if source < rank:
+        return slice(None), slice(0, half), False
+    return slice(half, None), slice(None), False
+
+
+class _FlashRing(torch.autograd.Function):
+    """The ring with CPU flash attention's kernel: each block's output and log-sum-exp
+    merged in fp32 (Liu et al. 2023; torch's _templated_ring_attention), the next block's
+    pass under way while the kernel runs on this one. Backward passes the K,V round the
+    ring again, each block's gradients from the kernel's backward under the merged output
+    and log-sum-exp, the K,V gradients accumulated in fp32 as they travel with their block
+    and sent home after the last, each pass beside the next block's kernel (torch's
+    _templated_ring_attention_backward). The KV heads are repeated to the query heads for
+    the kernel, as SDPA's enable_gqa does, and their gradients summed back."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cp: ContextParallel):
+        group = q.shape[2] // k.shape[2]
+        with torch.autocast(q.device.type, enabled=False):
+            rows_q = q.transpose(1, 2).contiguous()  # [batch, heads, seq, dim]
+            kv = torch.stack((k, v)).transpose(2, 3).contiguous()  # [2, batch, kv heads, seq, dim]
+            half = q.shape[1] // 2
+            out = rows_q.new_zeros(*rows_q.shape[:-1], v.shape[-1], dtype=torch.float32)
+            lse = rows_q.new_full(rows_q.shape[:-1], float("-inf"), dtype=torch.float32)
+            block = kv
+            for step in range(cp.size):
+                pending = _start_pass(block, cp.group, 1, cp.comm) if step < cp.size - 1 else None
+                rows, keys, causal = _block(cp.rank, (cp.rank - step) % cp.size, half)
+                keys_b, values_b = (t[:, :, keys].repeat_interleave(group, dim=1) for t in block)
+                part, part_lse = _flash(rows_q[:, :, rows], keys_b, values_b, 0.0, causal)
+                merged = torch.logaddexp(lse[:, :, rows], part_lse)
+                out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - merged)[..., None]
+                                   + part.float() * torch.exp(part_lse - merged)[..., None])
+                lse[:, :, rows] = merged
+                if pending is not None:
+                    block = _finish(pending)
+            out = out.to(q.dtype)
+        ctx.cp, ctx.group = cp, group
+        ctx.save_for_backward(rows_q, kv, out, lse)
+        return out.transpose(1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        cp, group = ctx.cp, ctx.group
+        rows_q, kv, out, lse = ctx.saved_tensors
+        with torch.autocast(rows_q.device.type, enabled=False):
+            grad = grad.transpose(1, 2).to(rows_q.dtype).contiguous()
+            half = rows_q.shape[2] // 2
+            dq = torch.zeros_like(rows_q, dtype=torch.float32)
+            block, gradients = kv, None  # gradients: the K,V gradients of the block before, on their way
+            for step in range(cp.size):
+                pending = _start_pass(block, cp.group, 1, cp.comm) if step < cp.size - 1 else None
+                rows, keys, causal = _block(cp.rank, (cp.rank - step) % cp.size, half)
+                keys_b, values_b = (t[:, :, keys].repeat_interleave(group, dim=1) for t in block)
+                dq_b, dk_b, dv_b = _flash_backward(grad[:, :, rows], rows_q[:, :, rows], keys_b, values_b,
+                                                   out[:, :, rows], lse[:, :, rows], 0.0, causal)
+                dq[:, :, rows] += dq_b.float()
+                dkv = torch.zeros_like(block, dtype=torch.float32) if gradients is None else _finish(gradients)
+                for i, part in enumerate((dk_b, dv_b)):
+                    dkv[i][:, :, keys] += part.float().unflatten(1, (-1, group)).sum(2)
+                gradients = _start_pass(dkv, cp.group, 1, cp.comm)
+                if pending is not None:
+                    block = _finish(pending)
+            dk, dv = _finish(gradients).to(rows_q.dtype).transpose(2, 3)
+        return dq.to(rows_q.dtype).transpose(1, 2), dk, dv, None

@@ -82,6 +82,10 @@ def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOpti
     if plan.attention == "cudnn" and device_type() != "cuda":
         issues.append(("plan.attention", "cuDNN's fused attention runs on CUDA devices only, and this "
                        "machine's ranks run on the CPU", "use --attention flash or naive"))
+    if plan.cp > 1 and plan.cp_comm in ("p2p", "alltoall") and plan.attention != "naive" and device_type() == "cuda":
+        issues.append(("plan.cp_comm", f"the executor's {plan.cp_comm} ring attends block by block with CPU flash "
+                       "attention's kernel (the one whose log-sum-exp it merges), and these ranks run on CUDA",
+                       "use --cp-comm a2a or allgather, or --attention naive"))
     refuse(issues + launch_issues(plan.world_size, options) + options.issues())
     if options.data is not None:
         check_token_file(options.data, plan.seq_len, model.vocab_size, plan.global_batch)

@@ -11,10 +11,10 @@ A layer's MLP is dense, or with experts (ModelSpec.num_experts, outside dense_la
 routed and shared experts of moe.py under the same `feed_forward` name.
 
 Generation passes a KV cache (executor/kv_cache.py) through `forward(x, cache)`; without one
-(training) every call is the plain causal forward. Under context parallelism (`cp_group`
-set on the model and its attention modules, context_parallel.py) each rank holds one
-contiguous shard of the sequence, its positions offset accordingly, and the attention core
-runs on the whole sequence for its share of the heads.
+(training) every call is the plain causal forward. Under context parallelism (`cp`, set on
+the model, its attention modules and their cores by set_context_parallel; context_parallel.py)
+each rank holds a part of every sequence, its positions those of the tokens it holds, and
+attention reaches the rest of the sequence by the plan's exchange.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from meshplan.executor.context_parallel import heads_from_sequence, sequence_from_heads, sequence_start
+from meshplan.executor.context_parallel import ContextParallel, heads_from_sequence, sequence_from_heads
 from meshplan.executor.kv_cache import KVCache, LayerCache
 from meshplan.executor.moe import MoE, activation
 from meshplan.simulator.model_spec import ModelSpec
@@ -35,12 +35,12 @@ from meshplan.simulator.model_spec import ModelSpec
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
 
 
-def rope_frequencies(start: int, seq_len: int, head_dim: int, device, theta: float = 10000.0) -> torch.Tensor:
-    """exp(i * angle) of the rotary angles at positions start .. start + seq_len - 1, complex
-    [seq_len, 1, head_dim/2] (Su et al. 2021, eq. 34; Meta's Llama precompute_freqs_cis)."""
+def rope_frequencies(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """exp(i * angle) of the rotary angles at `positions` [seq_len], complex [seq_len, 1,
+    head_dim/2] (Su et al. 2021, eq. 34; Meta's Llama precompute_freqs_cis)."""
+    device = positions.device
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    positions = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
-    angles = torch.outer(positions, inv_freq)
+    angles = torch.outer(positions.to(torch.float32), inv_freq)
     return torch.polar(torch.ones_like(angles), angles)[:, None, :]
 
 
@@ -65,22 +65,39 @@ class CausalCore(nn.Module):
     positions before the queries' own: query i then sees keys up to offset + i, and with a
     sliding `window` only the last `window` of them (Mistral's sliding-window attention,
     Jiang et al. 2023 sec 2). `kernel` is plan.attention: a fused kernel (SDPA_BACKENDS) or
-    naive (unfused_attention)."""
+    naive (unfused_attention). Under the ring's or the gather's context parallelism (`cp`)
+    the queries attend to the whole sequence through it."""
 
     def __init__(self, window: int | None = None, kernel: str = "flash"):
         super().__init__()
         self.window, self.kernel = window, kernel
+        self.cp: ContextParallel | None = None
 
     def forward(self, q, k, v):  # [batch, seq, heads, head_dim]
+        if self.cp is not None:
+            return self.cp.attend(q, k, v, self.masked, self.kernel)
         offset = k.shape[1] - q.shape[1]
         windowed = self.window is not None and k.shape[1] > self.window
         causal = not windowed and offset == 0
         masked = windowed or (offset and q.shape[1] > 1) or (causal and self.kernel == "naive")
         shape = (q.shape[1], k.shape[1], self.window if windowed else None, q.device)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.kernel == "naive":
-            return unfused_attention(q, k, v, hidden_keys(*shape) if masked else None).transpose(1, 2)
-        mask = key_mask(*shape) if masked else None
+            return self._unfused(q, k, v, hidden_keys(*shape) if masked else None)
+        return self._fused(q, k, v, key_mask(*shape) if masked else None, causal)
+
+    def masked(self, q, k, v, visible: torch.Tensor):
+        """The core under a [queries, keys] mask, True where a query sees a key."""
+        if self.kernel == "naive":
+            return self._unfused(q, k, v, ~visible)
+        return self._fused(q, k, v, visible, False)
+
+    @staticmethod
+    def _unfused(q, k, v, hidden):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return unfused_attention(q, k, v, hidden).transpose(1, 2)
+
+    def _fused(self, q, k, v, mask, causal: bool):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         with sdpa_kernel(SDPA_BACKENDS[self.kernel]):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                  enable_gqa=k.shape[1] != q.shape[1])
@@ -126,6 +143,26 @@ def unfused_attention(q, k, v, hidden: torch.Tensor | None) -> torch.Tensor:
         return (probs @ v.reshape(batch * kv_heads, keys, -1)).view(batch, heads, seq, -1)
 
 
+def token_positions(seq: int, cache: KVCache | LayerCache | None, cp: ContextParallel | None,
+                    device) -> torch.Tensor:
+    """The sequence positions of `seq` tokens: past the cached ones, those this rank holds
+    under context parallelism, or from 0."""
+    if cache is not None:
+        return torch.arange(cache.length, cache.length + seq, device=device)
+    if cp is not None:
+        return cp.positions(seq, device)
+    return torch.arange(seq, device=device)
+
+
+def set_context_parallel(model: Transformer, cp: ContextParallel | None) -> None:
+    """Context parallelism on `model` (or a stage of it): its positions, and each layer's
+    exchange, Ulysses' around the attention core, the ring or the gather inside it."""
+    model.cp = cp
+    for layer in model.layers.values():
+        layer.attention.cp = cp
+        layer.attention.core.cp = cp if cp is not None and cp.balanced else None
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads. The head counts are read from the weight
     shapes at run time, so the same code runs on a tensor-parallel shard of the heads."""
@@ -140,24 +177,22 @@ class Attention(nn.Module):
         self.wv = nn.Linear(h, kv, bias=spec.bias)
         self.wo = nn.Linear(h, h, bias=spec.bias)
         self.core = CausalCore(window)
-        self.cp_group = None  # context parallelism's group (training)
+        self.cp: ContextParallel | None = None  # context parallelism (training)
 
     def forward(self, x, cache: LayerCache | None = None):
         batch, seq, _ = x.shape
-        # position of x's first token
-        start = cache.length if cache is not None else sequence_start(seq, self.cp_group)
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         if self.rope:
-            frequencies = rope_frequencies(start, seq, self.head_dim, x.device)
+            frequencies = rope_frequencies(token_positions(seq, cache, self.cp, x.device), self.head_dim)
             q, k = apply_rope(q, frequencies), apply_rope(k, frequencies)
         if cache is not None:
             k, v = cache.append(k, v)
-        if self.cp_group is None:
+        if self.cp is None or self.cp.balanced:  # the ring and the gather run in the core
             return self.wo(self.core(q, k, v).flatten(2))
-        q, k, v = heads_from_sequence((q, k, v), self.cp_group)
-        return self.wo(sequence_from_heads(self.core(q, k, v), self.cp_group).flatten(2))
+        q, k, v = heads_from_sequence((q, k, v), self.cp.group)
+        return self.wo(sequence_from_heads(self.core(q, k, v), self.cp.group).flatten(2))
 
 
 class FeedForward(nn.Module):
@@ -223,21 +258,19 @@ class Transformer(nn.Module):
         self.output = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.cp_group = None  # context parallelism's group (training)
+        self.cp: ContextParallel | None = None  # context parallelism (training)
 
     def new_cache(self, max_len: int) -> KVCache:
         """An empty KV cache of up to max_len positions for this model's (or stage's) layers."""
         return KVCache({key: layer.attention.core.window for key, layer in self.layers.items()}, max_len)
 
     def forward(self, x, cache: KVCache | None = None):
-        start = cache.length if cache is not None else sequence_start(x.shape[1], self.cp_group)
         if self.tok_embeddings is not None:
             tokens = x
             x = self.tok_embeddings(tokens)
             if self.pos_embeddings is not None:
-                positions = torch.arange(start, start + tokens.shape[1],
-                                         device=tokens.device).expand_as(tokens)
-                x = x + self.pos_embeddings(positions)
+                positions = token_positions(tokens.shape[1], cache, self.cp, tokens.device)
+                x = x + self.pos_embeddings(positions.expand_as(tokens))
         for key, layer in self.layers.items():
             x = layer(x) if cache is None else layer(x, cache=cache.layers[key])
         if cache is not None and self.output is not None:

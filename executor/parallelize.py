@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from meshplan.executor.adamw import MomentsAdamW
-from meshplan.executor.model import Transformer
+from meshplan.executor.context_parallel import ContextParallel
+from meshplan.executor.model import Transformer, set_context_parallel
 from meshplan.executor.moe import (ExpertSharding, MoE, expert_parameters, gather_experts,
                                    reduce_expert_gradients, shard_expert_width, shard_experts,
                                    sharded_experts)
@@ -214,11 +215,9 @@ def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh, dp_mesh: Devic
     """The plan's attention kernel and CP group, then TP/SP -> EP (with an expert mesh) ->
     recompute -> DP (over `dp_mesh`, data_parallel_mesh) on one (stage) module, in that
     order."""
-    cp_group = mesh["cp"].get_group() if plan.cp > 1 else None
-    model.cp_group = cp_group
     for layer in model.layers.values():
         layer.attention.core.kernel = plan.attention
-        layer.attention.cp_group = cp_group
+    set_context_parallel(model, ContextParallel(mesh["cp"].get_group(), plan.cp_comm) if plan.cp > 1 else None)
     if plan.tp > 1:
         apply_tp(model, mesh["tp"], plan.sp, training=True)
     if expert_mesh is not None:

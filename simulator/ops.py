@@ -258,7 +258,9 @@ def _attention_ops(model: ModelSpec, shard: Shard, local: bool) -> list[Op]:
                                bwd_bytes=scores * (2 * d + 1)))
         ops.append(_mem("softmax", scores, 2 + (1 if model.dropout else 0), d, core=True))
     ops.append(values_op)
-    if shard.cp > 1 and shard.cp_comm in ("alltoall", "allgather"):
+    # torch's ring joins its blocks in eager fp32 ops, and so does an eager p2p ring (the
+    # executor's); Transformer Engine's fuses the join into its kernels
+    if shard.cp > 1 and (shard.cp_comm in ("alltoall", "allgather") or (shard.cp_comm == "p2p" and shard.eager)):
         exchanged = heads if shard.kv_repeat else kv_heads
         ops.append(cp_merge_op(tok * heads * vd, tok * exchanged * hd, shard.cp))
     return ops + [_gemm("out_proj", tok, h, heads * vd, fp8=f8)]

@@ -370,10 +370,6 @@ EXECUTOR_TRAINING = (
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
-    # executor/context_parallel.py: torch's ring attention (context_parallel) dispatches only
-    # the CUDA attention kernels
-    _cp_comms("the executor (DeepSpeed-Ulysses' all-to-all, which runs on CPU ranks too)", ("a2a",),
-              "use cp_comm a2a"),
     _rule("plan.global_batch", "pp schedule global_batch micro_batch dp",
           lambda x, m, c: (x.pp == 1) | np.logical_not(np.isin(x.schedule, ("1f1b", "zb-h1"))) | (_microbatches(x) >= x.pp),
           lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",

@@ -76,6 +76,10 @@ WORLD_2 = [
     # context parallelism, Ulysses' all-to-all: RoPE and learned positions offset per shard
     ("cp-a2a", LLAMA, plan(cp=2, cp_comm="a2a")),
     ("gpt-cp-a2a-selective", GPT, plan(cp=2, cp_comm="a2a", recompute="selective", micro_batch=4)),
+    # the ring (CPU flash attention's blocks) and the gather, on the load-balanced chunks; the
+    # selective checkpoint redoes the gather in backward
+    ("cp-p2p", LLAMA, plan(cp=2)),
+    ("gpt-cp-allgather-selective", GPT, plan(cp=2, cp_comm="allgather", recompute="selective", micro_batch=4)),
     # the unfused attention core on head shards, against the reference's fused kernel
     ("tp-sp-naive-attention", LLAMA, plan(tp=2, sp=True, attention="naive")),
     # Adam's moments kept in bf16 beside the fp32 weights (executor/adamw.py)
@@ -113,6 +117,11 @@ WORLD_4 = [
     # the CP group's heads split further over TP; FSDP2's replicate joins dp x cp with TP
     ("gpt-cp-tp-sp-a2a", GPT, plan(cp=2, tp=2, sp=True, cp_comm="a2a")),
     ("cp-pp-1f1b-a2a-full", LLAMA, plan(cp=2, pp=2, cp_comm="a2a", schedule="1f1b", recompute="full")),
+    # a ring of four: blocks from earlier and later ranks; torch's all-to-all rotation
+    ("cp4-p2p", LLAMA, plan(cp=4)),
+    ("dp-cp-alltoall-zero3", LLAMA, plan(dp=2, cp=2, cp_comm="alltoall", zero=3)),
+    # the unfused ring on TP's head shards
+    ("gpt-cp-tp-sp-p2p-naive", GPT, plan(cp=2, tp=2, sp=True, attention="naive")),
     ("tp-sp-pp-gpipe-selective", LLAMA, plan(tp=2, sp=True, pp=2, schedule="gpipe",
                                              recompute="selective", layer_partition=(1, 3))),
 ]

@@ -26,14 +26,14 @@ def _by_hand(x: torch.Tensor) -> torch.Tensor:
 
 def test_rope_turns_each_pair_by_its_position_angle():
     x = torch.randn(2, SEQ, HEADS, HEAD_DIM)
-    torch.testing.assert_close(apply_rope(x, rope_frequencies(0, SEQ, HEAD_DIM, "cpu")), _by_hand(x),
+    torch.testing.assert_close(apply_rope(x, rope_frequencies(torch.arange(SEQ), HEAD_DIM)), _by_hand(x),
                                rtol=1e-5, atol=1e-5)
 
 
 def test_rope_keeps_the_dtype_and_scores_depend_on_distance_only():
-    freqs = rope_frequencies(0, SEQ, HEAD_DIM, "cpu")
+    freqs = rope_frequencies(torch.arange(SEQ), HEAD_DIM)
     # a cached decode's positions start past the prompt: the same angles as from position 0
-    torch.testing.assert_close(rope_frequencies(4, SEQ - 4, HEAD_DIM, "cpu"), freqs[4:])
+    torch.testing.assert_close(rope_frequencies(torch.arange(4, SEQ), HEAD_DIM), freqs[4:])
     assert apply_rope(torch.randn(1, SEQ, 1, HEAD_DIM, dtype=torch.bfloat16), freqs).dtype == torch.bfloat16
     q, k = torch.randn(HEAD_DIM), torch.randn(HEAD_DIM)
     rq = apply_rope(q.expand(1, SEQ, 1, HEAD_DIM).contiguous(), freqs)[0, :, 0]

@@ -57,7 +57,6 @@ def test_illegal_plan_exits_2_with_one_line_and_launches_nothing(config_json, ca
 
 
 @pytest.mark.parametrize("model, fields, options, field", [
-    (MODEL, dict(cp=2, dp=1), {}, "plan.cp_comm"),  # the executor's CP is Ulysses' all-to-all
     (MODEL, dict(pp=2, global_batch=2, micro_batch=2), {}, "plan.global_batch"),
     (MODEL, dict(dp=2), dict(nnodes=3), "run.nnodes"),
     (MODEL, dict(dp=2), dict(nnodes=2), "run.rdzv_endpoint"),

@@ -3,7 +3,7 @@ peak memory beside the simulator's prediction, and summarise the error.
 
 The plans cover every parallelism the executor runs at world size 2 (DP with ZeRO 0-3, TP,
 TP+SP, PP with GPipe / 1F1B / interleaved and several micro-batch counts, recompute, CP by
-Ulysses' all-to-all) and world size 4 (4 ranks sharing the 2 cores of this machine: the
+Ulysses' all-to-all, the ring and the gather) and world size 4 (4 ranks sharing the 2 cores of this machine: the
 profile's cores_per_node makes the cost model divide compute among them), and expert
 parallelism (all-to-all token dispatch, EP alone and folded with expert data parallelism)
 on a mixture-of-experts model of the same attention."""
@@ -55,6 +55,8 @@ SUITE: tuple[tuple[str, Plan], ...] = (
     ("pp2 1f1b m8", _p(pp=2, schedule="1f1b", micro_batch=1)),
     ("pp2 interleaved v2 m4", _p(pp=2, schedule="interleaved", virtual_stages=2)),
     ("cp2 a2a", _p(cp=2, cp_comm="a2a")),
+    ("cp2 p2p", _p(cp=2)),
+    ("cp2 allgather", _p(cp=2, cp_comm="allgather")),
     ("dp4", _p(dp=4)),
     ("dp2 tp2", _p(dp=2, tp=2, zero=2)),
     ("tp2 pp2", _p(tp=2, pp=2, schedule="1f1b")),

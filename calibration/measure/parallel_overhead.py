@@ -36,8 +36,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from meshplan.calibration.measure.collectives import run_rank
 from meshplan.calibration.overhead import LAYERS, PROBE_TOKENS, VARIANTS, probe_model
-from meshplan.executor.context_parallel import sequence_shard
-from meshplan.executor.model import build_model, loss_fn
+from meshplan.executor.context_parallel import ContextParallel
+from meshplan.executor.model import build_model, loss_fn, set_context_parallel
 from meshplan.executor.parallelize import apply_dp, apply_ep, apply_tp, build_mesh
 from meshplan.simulator.plan import Plan
 
@@ -56,13 +56,13 @@ def _calls(num_layers: int, variant: str, device: torch.device) -> tuple:
     elif variant.startswith("zero"):
         model = apply_dp(model, mesh, Plan(global_batch=RANKS, seq_len=PROBE_TOKENS, dp=RANKS,
                                            zero=int(variant[-1])))
-    elif variant == "cp":
-        model.cp_group = mesh.get_group()
-        for layer in model.layers.values():
-            layer.attention.cp_group = model.cp_group
-    seq = RANKS * PROBE_TOKENS if variant == "cp" else PROBE_TOKENS
+    cp = ContextParallel(mesh.get_group(), "a2a") if variant == "cp" else None
+    set_context_parallel(model, cp)
+    seq = RANKS * PROBE_TOKENS if cp else PROBE_TOKENS
     tokens = torch.randint(0, 128, (1, seq + 1), generator=torch.Generator().manual_seed(0))
-    x, y = (sequence_shard(t, model.cp_group) for t in (tokens[:, :-1], tokens[:, 1:]))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    if cp is not None:
+        x, y = cp.shard(x), cp.shard(y)
     context = loss_parallel if variant in ("tp", "sp") else nullcontext
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
 

@@ -33,7 +33,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 from meshplan.core.progress import progress_bar
 from meshplan.executor import data as batches
 from meshplan.executor.checkpoint import CheckpointInfo
-from meshplan.executor.context_parallel import sequence_shard
+from meshplan.executor.context_parallel import ContextParallel
 from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages,
                               rank_memory, timed)
 from meshplan.executor.model import build_model, loss_fn
@@ -76,7 +76,7 @@ class Job:
         self.expert_mesh = expert_mesh
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dp_mesh = data_parallel_mesh(self.mesh, plan)
-        self.cp_group = self.mesh["cp"].get_group() if plan.cp > 1 else None
+        self.cp = ContextParallel(self.mesh["cp"].get_group(), plan.cp_comm) if plan.cp > 1 else None
         self.dtype = compute_dtype(plan.dtype, device.type)
         model = build_model(spec, options.seed).to(device)
         if plan.pp > 1:
@@ -102,7 +102,8 @@ class Job:
         tokens = batches.global_batch(step, plan.global_batch, plan.seq_len, self.spec.vocab_size,
                                       self.options.seed, self.options.data)
         rows = batches.dp_rows(tokens, self.dp_rank, plan.dp).to(self.device)
-        return tuple(sequence_shard(t, self.cp_group) for t in batches.split_inputs_targets(rows))
+        inputs_targets = batches.split_inputs_targets(rows)
+        return inputs_targets if self.cp is None else tuple(self.cp.shard(t) for t in inputs_targets)
 
     def forward_backward(self, inputs, targets) -> torch.Tensor:
         """Loss (mean over this rank's micro-batches; 0 off the last stage) after backward."""
