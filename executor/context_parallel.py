@@ -148,27 +148,31 @@ class ContextParallel:
         return _chunk_positions(local, self.size, self.rank if rank is None else rank, self.balanced,
                                 torch.device(device))
 
-    def attend(self, q, k, v, masked_core, kernel: str) -> torch.Tensor:
+    def attend(self, q, k, v, masked_core, kernel: str, window: int | None = None) -> torch.Tensor:
         """Causal attention of this rank's queries [batch, seq/cp, heads, dim] to the keys
-        and values of the whole sequence, by the gather (`masked_core(q, k, v, visible)`
-        runs the core under a [queries, keys] mask) or the ring: block by block with CPU
-        flash attention's kernel (_FlashRing), or with the unfused kernel's separate ops
-        for plan.attention naive."""
+        and values of the whole sequence (the last `window` of them up to each query's, for
+        the gather), by the gather (`masked_core(q, k, v, visible)` runs the core under a
+        [queries, keys] mask) or the ring: block by block with CPU flash attention's kernel
+        (_FlashRing), or with the unfused kernel's separate ops for plan.attention naive;
+        the ring takes no window (rules.EXECUTOR_TRAINING)."""
         if self.comm == "allgather":
-            return self._gathered(q, k, v, masked_core)
+            return self._gathered(q, k, v, masked_core, window)
         if kernel == "naive":
             return self._unfused_ring(q, k, v)
         return _FlashRing.apply(q, k, v, self)
 
-    def _visible(self, queries: torch.Tensor, source: int, local: int) -> torch.Tensor:
-        """[queries, local] True where a query sees a key of rank `source`'s tokens."""
-        return self.positions(local, queries.device, source)[None, :] <= queries[:, None]
+    def _visible(self, queries: torch.Tensor, source: int, local: int, window: int | None = None) -> torch.Tensor:
+        """[queries, local] True where a query (at the positions `queries`) sees a key of rank
+        `source`'s tokens: one at or before it, and within `window` of it."""
+        keys = self.positions(local, queries.device, source)[None, :]
+        visible = keys <= queries[:, None]
+        return visible if window is None else visible & (keys > queries[:, None] - window)
 
-    def _gathered(self, q, k, v, masked_core) -> torch.Tensor:
+    def _gathered(self, q, k, v, masked_core, window: int | None) -> torch.Tensor:
         local = k.shape[1]
         kv = funcol.all_gather_single_autograd(torch.stack((k, v)), 2, self.group)
         mine = self.positions(q.shape[1], q.device)
-        visible = torch.cat([self._visible(mine, r, local) for r in range(self.size)], dim=1)
+        visible = torch.cat([self._visible(mine, r, local, window) for r in range(self.size)], dim=1)
         return masked_core(q, kv[0], kv[1], visible)
 
     def _unfused_ring(self, q, k, v) -> torch.Tensor:

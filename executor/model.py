@@ -44,6 +44,13 @@ def rope_frequencies(positions: torch.Tensor, head_dim: int, theta: float = 1000
     return torch.polar(torch.ones_like(angles), angles)[:, None, :]
 
 
+def _rotate(x: torch.Tensor, frequencies: torch.Tensor, dims: int) -> torch.Tensor:
+    """apply_rope on the first `dims` of each head's dimensions, the rest as they are."""
+    if dims == x.shape[-1]:
+        return apply_rope(x, frequencies)
+    return torch.cat((apply_rope(x[..., :dims], frequencies), x[..., dims:]), dim=-1)
+
+
 def apply_rope(x: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of x [batch, seq, heads, head_dim] as one complex product in
     fp32, as Meta's Llama and torchtitan's apply_rotary_emb do: the kernels the cost model
@@ -75,7 +82,7 @@ class CausalCore(nn.Module):
 
     def forward(self, q, k, v):  # [batch, seq, heads, head_dim]
         if self.cp is not None:
-            return self.cp.attend(q, k, v, self.masked, self.kernel)
+            return self.cp.attend(q, k, v, self.masked, self.kernel, self.window)
         offset = k.shape[1] - q.shape[1]
         windowed = self.window is not None and k.shape[1] > self.window
         causal = not windowed and offset == 0
@@ -164,18 +171,26 @@ def set_context_parallel(model: Transformer, cp: ContextParallel | None) -> None
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads. The head counts are read from the weight
-    shapes at run time, so the same code runs on a tensor-parallel shard of the heads."""
+    """Multi-head attention with grouped KV heads, of the model's head width, its biases
+    (every linear's, or Q/K/V's and the output's apart: Qwen2), QK-norm (Dehghani et al. 2023
+    sec 3.1; Qwen3, Gemma 3) and RoPE over all or part of each head. The head counts are
+    read from the weight shapes at run time, so the same code runs on a tensor-parallel
+    shard of the heads."""
 
     def __init__(self, spec: ModelSpec, window: int | None = None):
         super().__init__()
-        h, kv = spec.hidden_size, spec.kv_dim
-        self.head_dim = spec.head_dim
-        self.rope = spec.position_embedding == "rope"
-        self.wq = nn.Linear(h, h, bias=spec.bias)
-        self.wk = nn.Linear(h, kv, bias=spec.bias)
-        self.wv = nn.Linear(h, kv, bias=spec.bias)
-        self.wo = nn.Linear(h, h, bias=spec.bias)
+        h, hd = spec.hidden_size, spec.head_dim
+        qkv_bias, out_bias = spec.bias or spec.qkv_bias, spec.bias or spec.out_bias
+        self.head_dim = hd
+        # RoPE turns the first rotary_pct of each head's dimensions (GPT-NeoX's rotary_ndims)
+        self.rotary_dims = (int(hd * spec.rotary_pct) // 2 * 2) if spec.position_embedding == "rope" else 0
+        self.wq = nn.Linear(h, spec.num_heads * hd, bias=qkv_bias)
+        self.wk = nn.Linear(h, spec.kv_dim, bias=qkv_bias)
+        self.wv = nn.Linear(h, spec.kv_dim, bias=qkv_bias)
+        self.wo = nn.Linear(spec.num_heads * hd, h, bias=out_bias)
+        # QK-norm: one norm over each query head and one over each key head, before RoPE
+        self.q_norm = make_norm(spec, hd) if spec.qk_norm else None
+        self.k_norm = make_norm(spec, hd) if spec.qk_norm else None
         self.core = CausalCore(window)
         self.cp: ContextParallel | None = None  # context parallelism (training)
 
@@ -184,9 +199,11 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
-        if self.rope:
-            frequencies = rope_frequencies(token_positions(seq, cache, self.cp, x.device), self.head_dim)
-            q, k = apply_rope(q, frequencies), apply_rope(k, frequencies)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary_dims:
+            frequencies = rope_frequencies(token_positions(seq, cache, self.cp, x.device), self.rotary_dims)
+            q, k = (_rotate(t, frequencies, self.rotary_dims) for t in (q, k))
         if cache is not None:
             k, v = cache.append(k, v)
         if self.cp is None or self.cp.balanced:  # the ring and the gather run in the core
@@ -212,10 +229,11 @@ class FeedForward(nn.Module):
         return self.w2(hidden * self.w3(x) if self.w3 is not None else hidden)
 
 
-def make_norm(spec: ModelSpec) -> nn.Module:
+def make_norm(spec: ModelSpec, width: int | None = None) -> nn.Module:
+    """The model's norm over `width` features (default: the hidden size)."""
     if spec.norm == "rmsnorm":
-        return nn.RMSNorm(spec.hidden_size, eps=1e-5)
-    return nn.LayerNorm(spec.hidden_size, eps=1e-5)  # weight and bias, as ModelSpec counts
+        return nn.RMSNorm(width or spec.hidden_size, eps=1e-5)
+    return nn.LayerNorm(width or spec.hidden_size, eps=1e-5)  # weight and bias, as ModelSpec counts
 
 
 def make_mlp(spec: ModelSpec, index: int) -> nn.Module:
@@ -226,8 +244,10 @@ def make_mlp(spec: ModelSpec, index: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h)); the attention over
-    a sliding window in the model's local layers."""
+    """Pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h)) (or + mlp(norm(x))
+    with a parallel residual, GPT-NeoX-20B paper sec 2.1); each block's output normed before
+    its add with sandwich norms (Gemma 2 report sec 2.2); the attention over a sliding window
+    in the model's local layers."""
 
     def __init__(self, spec: ModelSpec, index: int):
         super().__init__()
@@ -235,10 +255,21 @@ class Block(nn.Module):
         self.attention = Attention(spec, spec.sliding_window if spec.layer_kind(index).local else None)
         self.ffn_norm = make_norm(spec)
         self.feed_forward = make_mlp(spec, index)
+        # Gemma's sandwich norms on each block's output, before its residual add
+        self.attention_out_norm = make_norm(spec) if spec.sandwich_norm else None
+        self.mlp_out_norm = make_norm(spec) if spec.sandwich_norm else None
+        self.parallel_residual = spec.parallel_residual
 
     def forward(self, x, cache: LayerCache | None = None):
-        h = x + self.attention(self.attention_norm(x), cache=cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attended = self.attention(self.attention_norm(x), cache=cache)
+        if self.attention_out_norm is not None:
+            attended = self.attention_out_norm(attended)
+        h = x + attended
+        # GPT-NeoX's parallel residual: the MLP reads the layer input, not the attention's sum
+        out = self.feed_forward(self.ffn_norm(x if self.parallel_residual else h))
+        if self.mlp_out_norm is not None:
+            out = self.mlp_out_norm(out)
+        return h + out
 
 
 class Transformer(nn.Module):

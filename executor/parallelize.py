@@ -98,6 +98,15 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
         if sequence_parallel:
             layer_plan["attention_norm"] = SequenceParallel()
             layer_plan["ffn_norm"] = SequenceParallel()
+            # the sandwich norms hand their output to the residual add, a local tensor
+            layer_plan.update({name: SequenceParallel(use_local_output=True) for name in (
+                "attention_out_norm", "mlp_out_norm") if getattr(layer, name) is not None})
+        if layer.attention.q_norm is not None:
+            # one norm over the head width that every TP rank runs on its own heads: its
+            # weight replicated and its gradient summed over them, the heads' dimension (2)
+            # sharded as SP shards the sequence (torchtitan's Qwen3 plan)
+            layer_plan.update({f"attention.{name}": SequenceParallel(sequence_dim=2, use_local_output=True)
+                               for name in ("q_norm", "k_norm")})
         parallelize_module(layer, tp_mesh, layer_plan)
     if model.spec.tied_embeddings and model.tok_embeddings is not None and model.output is not None:
         # both are vocab-sharded (Shard(0)): tie the DTensors again (a pipeline's last stage

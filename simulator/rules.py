@@ -290,9 +290,14 @@ def _features_rule(field: str, who: str, builds: tuple[str, ...], fix: str) -> R
 
 # What the executor cannot run on this backend (torch 2.13, gloo on CPU).
 # executor/model.py builds a dense decoder, or softmax-routed experts without biases
-# (executor/moe.py) with shared experts and dense layers among them; it serves
-# sliding-window layers too (their window mask and kept window, executor/kv_cache.py)
-_EXECUTOR_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among the expert layers")
+# (executor/moe.py) with shared experts and dense layers among them, with QK-norm, sandwich
+# norms, a parallel residual, partial RoPE, any head width and attention-only biases, and
+# sliding-window layers (their window mask, and in serving their kept window,
+# executor/kv_cache.py)
+_EXECUTOR_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among the expert layers",
+                    "QK-norm", "sandwich norms", "parallel residual", "partial rotary",
+                    "head_dim other than hidden/heads", "attention-only biases", "an attention output bias",
+                    "sliding-window attention")
 
 
 def _executor_model(builds: tuple[str, ...]) -> tuple[Rule, ...]:
@@ -370,6 +375,10 @@ EXECUTOR_TRAINING = (
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
+    _rule("plan.cp_comm", "cp cp_comm",
+          lambda x, m, c: (x.cp == 1) | (m.sliding_window is None) | ~np.isin(x.cp_comm, ("p2p", "alltoall")),
+          lambda x, m, c: "the executor's ring attends to each block whole or under the causal mask, not "
+          "under a sliding window", "use cp_comm a2a or allgather"),
     _rule("plan.global_batch", "pp schedule global_batch micro_batch dp",
           lambda x, m, c: (x.pp == 1) | np.logical_not(np.isin(x.schedule, ("1f1b", "zb-h1"))) | (_microbatches(x) >= x.pp),
           lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",
@@ -464,7 +473,7 @@ def _shard_widths(m: ModelSpec, x) -> np.ndarray:
     return np.array(widths)
 
 EXECUTOR_SERVING = (
-    *_executor_model(_EXECUTOR_BUILDS + ("sliding-window attention",)),
+    *_executor_model(_EXECUTOR_BUILDS),
     _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (
               (m.moe_ffn_hidden_size % x.tp == 0) & (m.shared_ffn_size % x.tp == 0)),
           lambda x, m, c: f"{x.tp} does not divide the experts' width {m.moe_ffn_hidden_size} and "

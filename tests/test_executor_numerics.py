@@ -41,6 +41,13 @@ GPT = ModelSpec("tiny-gpt", num_layers=2, hidden_size=64, num_heads=4, num_kv_he
                 ffn_hidden_size=256, vocab_size=256, max_seq_len=64, gated_mlp=False,
                 activation="gelu", norm="layernorm", position_embedding="learned",
                 tied_embeddings=True, bias=True)
+# Qwen3's attention (QK-norm, a head width other than hidden/heads) with Qwen2's Q/K/V biases
+QWEN3 = ModelSpec("tiny-qwen3", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32,
+                  ffn_hidden_size=128, vocab_size=256, max_seq_len=64, qk_norm=True, qkv_bias=True)
+# Gemma's sandwich norms and a sliding-window layer, GPT-NeoX's parallel residual and partial RoPE
+SANDWICH = ModelSpec("tiny-sandwich", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+                     ffn_hidden_size=128, vocab_size=256, max_seq_len=64, sandwich_norm=True,
+                     parallel_residual=True, rotary_pct=0.5, sliding_window=8, local_layers=(0,), out_bias=True)
 
 
 def plan(**fields) -> Plan:
@@ -79,6 +86,11 @@ WORLD_2 = [
     # the ring (CPU flash attention's blocks) and the gather, on the load-balanced chunks; the
     # selective checkpoint redoes the gather in backward
     ("cp-p2p", LLAMA, plan(cp=2)),
+    # QK-norm weights replicated over TP's heads, sandwich norms sequence-parallel; the
+    # gather's mask with a sliding window
+    ("qwen3-tp-sp", QWEN3, plan(tp=2, sp=True)),
+    ("sandwich-tp-sp", SANDWICH, plan(tp=2, sp=True)),
+    ("sandwich-cp-allgather", SANDWICH, plan(cp=2, cp_comm="allgather")),
     ("gpt-cp-allgather-selective", GPT, plan(cp=2, cp_comm="allgather", recompute="selective", micro_batch=4)),
     # the unfused attention core on head shards, against the reference's fused kernel
     ("tp-sp-naive-attention", LLAMA, plan(tp=2, sp=True, attention="naive")),
@@ -119,6 +131,7 @@ WORLD_4 = [
     ("cp-pp-1f1b-a2a-full", LLAMA, plan(cp=2, pp=2, cp_comm="a2a", schedule="1f1b", recompute="full")),
     # a ring of four: blocks from earlier and later ranks; torch's all-to-all rotation
     ("cp4-p2p", LLAMA, plan(cp=4)),
+    ("qwen3-dp-tp-zero3", QWEN3, plan(dp=2, tp=2, zero=3)),
     ("dp-cp-alltoall-zero3", LLAMA, plan(dp=2, cp=2, cp_comm="alltoall", zero=3)),
     # the unfused ring on TP's head shards
     ("gpt-cp-tp-sp-p2p-naive", GPT, plan(cp=2, tp=2, sp=True, attention="naive")),

@@ -40,6 +40,10 @@ FAST = ServeOptions(warmup=0, repeats=1, seed=SEED)
 # positions (simulator.serve.window_kept_tokens), so prompts of 40 drop old positions.
 WINDOWED = dataclasses.replace(LLAMA, name="tiny-windowed", sliding_window=8, local_layers=(0, 2))
 WIN_PROMPT, WIN_GEN = 40, 16
+# QK-norm, a head width other than hidden/heads and Q/K/V biases (Qwen3, Qwen2), the keys
+# normed before they are cached
+QWEN3 = ModelSpec("tiny-qwen3", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32,
+                  ffn_hidden_size=128, vocab_size=256, max_seq_len=64, qk_norm=True, qkv_bias=True)
 
 
 def recompute_greedy(model, prompts: torch.Tensor, gen_len: int) -> torch.Tensor:
@@ -136,12 +140,15 @@ def test_windowed_cached_logits_equal_full_forward_and_cache_holds_the_window():
     assert kv_tokens_per_sequence(WINDOWED, WIN_PROMPT, WIN_PROMPT + WIN_GEN + 1) == 2 * 57 + 2 * 32
 
 
-def test_executor_serves_sliding_windows_but_does_not_train_them():
+def test_executor_serves_and_trains_sliding_windows_but_not_in_the_ring():
     plan = InferencePlan(batch=2, prompt_len=WIN_PROMPT, gen_len=WIN_GEN, tp=2)
     assert not rules.violations(rules.EXECUTOR_SERVING, plan, WINDOWED, Cluster(2, 2))
     train = Plan(dp=1, tp=2, micro_batch=1, global_batch=1, seq_len=64)
-    assert [f for f, _, _ in rules.violations(rules.EXECUTOR_TRAINING, train.fields(), WINDOWED,
-                                              Cluster(2, 2))] == ["model"]
+    assert not rules.violations(rules.EXECUTOR_TRAINING, train.fields(), WINDOWED, Cluster(2, 2))
+    for comm, refused in (("p2p", ["plan.cp_comm"]), ("alltoall", ["plan.cp_comm"]), ("allgather", []), ("a2a", [])):
+        ring = Plan(cp=2, cp_comm=comm, micro_batch=1, global_batch=1, seq_len=64)
+        assert [f for f, _, _ in rules.violations(rules.EXECUTOR_TRAINING, ring.fields(), WINDOWED,
+                                                  Cluster(2, 2))] == refused, comm
 
 
 def _plan(**fields) -> InferencePlan:
@@ -152,6 +159,7 @@ def _plan(**fields) -> InferencePlan:
 WORLD_2 = [("tp2", LLAMA, _plan(tp=2)), ("pp2-uneven-microbatches", LLAMA, _plan(pp=2, batch=3)),
            ("replicas2", LLAMA, _plan(replicas=2)),
            ("tp2-windowed", WINDOWED, _plan(tp=2, prompt_len=WIN_PROMPT, gen_len=WIN_GEN)),
+           ("tp2-qwen3", QWEN3, _plan(tp=2)),
            # the last stage's head a copy of the first stage's embedding
            ("pp2-tied", dataclasses.replace(GPT, tied_embeddings=True), _plan(pp=2))]
 WORLD_4 = [("tp2-pp2", LLAMA, _plan(tp=2, pp=2)), ("pp2-replicas2", LLAMA, _plan(pp=2, replicas=2)),

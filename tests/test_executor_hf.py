@@ -1,0 +1,112 @@
+"""The executor's decoder against Hugging Face's: a tiny config of each architecture is read
+by meshplan (model_spec.from_hf_config) and built by transformers, the transformers model's
+weights are copied into the executor's, and both give the same logits. This checks the
+features the executor builds from the reading (QK-norm, any head width, Q/K/V biases,
+sliding windows, GPT-NeoX's partial rotary, parallel residual and fused QKV) mean what the
+architecture means.
+
+RoPE: transformers rotates the two halves of each head's (rotated) dimensions against each
+other, the executor consecutive pairs (Meta's Llama); the copy permutes the query and key
+rows (and their biases and QK-norm weights) between the two, as Meta's checkpoint converter
+does, which leaves every score the same."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meshplan.executor.model import build_model
+from meshplan.simulator.model_spec import from_hf_config
+
+transformers = pytest.importorskip("transformers")
+
+SEQ, BATCH = 24, 2
+# small, and the executor's fixed RoPE base and norm epsilon
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=64, rope_theta=10000.0,
+              tie_word_embeddings=False)
+CONFIGS = {
+    "qwen3": dict(COMMON, model_type="qwen3", num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5,
+                  attention_bias=False),
+    "qwen2": dict(COMMON, model_type="qwen2", num_key_value_heads=2, rms_norm_eps=1e-5),
+    "mistral": dict(COMMON, model_type="mistral", num_key_value_heads=2, rms_norm_eps=1e-5, sliding_window=8),
+    "gpt_neox": dict(COMMON, model_type="gpt_neox", num_attention_heads=4, rotary_pct=0.5, hidden_act="gelu_new",
+                     layer_norm_eps=1e-5, use_parallel_residual=True),
+}
+
+
+def _pairs(width: int, rotated: int) -> torch.Tensor:
+    """Index of the transformers dimension for each executor dimension of one head: the
+    first `rotated` interleaved from their two halves, the rest as they are."""
+    half = rotated // 2
+    order = torch.arange(width)
+    order[:rotated] = torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten()
+    return order
+
+
+def _heads(t: torch.Tensor, width: int, order: torch.Tensor) -> torch.Tensor:
+    """Rows (or entries) of t grouped in heads of `width`, each head's permuted by `order`."""
+    return t.reshape(-1, width, *t.shape[1:])[:, order].reshape(t.shape)
+
+
+def _llama_like(hf: dict, spec) -> dict:
+    """The executor's parameters from a Llama-layout transformers state dict."""
+    order = _pairs(spec.head_dim, spec.head_dim)
+    out = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
+           "output.weight": hf["lm_head.weight"]}
+    for i in range(spec.num_layers):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        for mine, theirs, rope in (("wq", "q_proj", True), ("wk", "k_proj", True), ("wv", "v_proj", False),
+                                   ("wo", "o_proj", False)):
+            for kind in ("weight", "bias"):
+                key = f"{p}self_attn.{theirs}.{kind}"
+                if key in hf:
+                    out[f"{q}attention.{mine}.{kind}"] = _heads(hf[key], spec.head_dim, order) if rope else hf[key]
+        for norm in ("q_norm", "k_norm"):
+            if f"{p}self_attn.{norm}.weight" in hf:
+                out[f"{q}attention.{norm}.weight"] = hf[f"{p}self_attn.{norm}.weight"][order]
+        out.update({f"{q}attention_norm.weight": hf[f"{p}input_layernorm.weight"],
+                    f"{q}ffn_norm.weight": hf[f"{p}post_attention_layernorm.weight"],
+                    f"{q}feed_forward.w1.weight": hf[f"{p}mlp.gate_proj.weight"],
+                    f"{q}feed_forward.w3.weight": hf[f"{p}mlp.up_proj.weight"],
+                    f"{q}feed_forward.w2.weight": hf[f"{p}mlp.down_proj.weight"]})
+    return out
+
+
+def _gpt_neox(hf: dict, spec) -> dict:
+    """The executor's parameters from GPT-NeoX's: its fused query_key_value rows run head by
+    head, [q | k | v] of each."""
+    hd, heads = spec.head_dim, spec.num_heads
+    order = _pairs(hd, int(hd * spec.rotary_pct))
+    out = {"tok_embeddings.weight": hf["gpt_neox.embed_in.weight"], "output.weight": hf["lm_head.weight"],
+           "norm.weight": hf["gpt_neox.final_layer_norm.weight"], "norm.bias": hf["gpt_neox.final_layer_norm.bias"]}
+    for i in range(spec.num_layers):
+        p, q = f"gpt_neox.layers.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            fused = hf[f"{p}attention.query_key_value.{kind}"]
+            parts = fused.reshape(heads, 3, hd, *fused.shape[1:])
+            for j, (name, rope) in enumerate((("wq", True), ("wk", True), ("wv", False))):
+                part = parts[:, j].reshape(heads * hd, *fused.shape[1:])
+                out[f"{q}attention.{name}.{kind}"] = _heads(part, hd, order) if rope else part
+            out.update({f"{q}attention.wo.{kind}": hf[f"{p}attention.dense.{kind}"],
+                        f"{q}attention_norm.{kind}": hf[f"{p}input_layernorm.{kind}"],
+                        f"{q}ffn_norm.{kind}": hf[f"{p}post_attention_layernorm.{kind}"],
+                        f"{q}feed_forward.w1.{kind}": hf[f"{p}mlp.dense_h_to_4h.{kind}"],
+                        f"{q}feed_forward.w2.{kind}": hf[f"{p}mlp.dense_4h_to_h.{kind}"]})
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_executor_decoder_gives_transformers_logits(arch):
+    config = CONFIGS[arch]
+    spec = from_hf_config(config, name=f"tiny-{arch}")
+    hf_config = transformers.AutoConfig.for_model(**config)
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    mine = build_model(spec, seed=0).eval()
+    copy = (_gpt_neox if arch == "gpt_neox" else _llama_like)(theirs.state_dict(), spec)
+    assert sorted(copy) == sorted(dict(mine.named_parameters()))
+    mine.load_state_dict(copy)
+    tokens = torch.randint(0, config["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(mine(tokens), theirs(tokens).logits, rtol=1e-4, atol=1e-4)
