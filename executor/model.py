@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meshplan.executor.context_parallel import ContextParallel, heads_from_sequence, sequence_from_heads
@@ -104,11 +104,16 @@ class CausalCore(nn.Module):
         return unfused_attention(q, k, v, hidden).transpose(1, 2)
 
     def _fused(self, q, k, v, mask, causal: bool):
+        # FlashAttention takes one head width for Q, K and V: a narrower V (latent
+        # attention's) is padded with zeros to it, and the output cut back
+        width = v.shape[-1]
+        if width != q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - width))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         with sdpa_kernel(SDPA_BACKENDS[self.kernel]):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                  enable_gqa=k.shape[1] != q.shape[1])
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)[..., :width]
 
 
 @functools.lru_cache(maxsize=8)
@@ -212,6 +217,51 @@ class Attention(nn.Module):
         return self.wo(sequence_from_heads(self.core(q, k, v), self.cp.group).flatten(2))
 
 
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 report sec 2.1; DeepSeek-V3's): the queries
+    projected directly or through a normed low rank (wq_a, q_norm, wq_b); the keys' and
+    values' shared latent (wkv_a, with one RoPE key part for every head, k_pe) normed and
+    projected up to each head's unrotated key part and value (wkv_b). RoPE turns the
+    queries' and k_pe's rotary parts. Module names are torchtitan's DeepSeek-V3's. Under
+    tensor parallelism the up-projections and wo split by head; the down-projections and
+    latent norms stay whole on every rank (apply_tp). The latent's cache of serving is not
+    built: training only (rules.EXECUTOR_SERVING)."""
+
+    def __init__(self, spec: ModelSpec, window: int | None = None):
+        super().__init__()
+        h, heads = spec.hidden_size, spec.num_heads
+        self.nope, self.rope, self.value = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
+        self.latent, self.q_low_rank = spec.kv_lora_rank, spec.q_lora_rank > 0
+        width = self.nope + self.rope
+        if self.q_low_rank:
+            self.wq_a = nn.Linear(h, spec.q_lora_rank, bias=False)
+            self.q_norm = make_norm(spec, spec.q_lora_rank)
+            self.wq_b = nn.Linear(spec.q_lora_rank, heads * width, bias=False)
+        else:
+            self.wq = nn.Linear(h, heads * width, bias=False)
+        self.wkv_a = nn.Linear(h, self.latent + self.rope, bias=False)
+        self.kv_norm = make_norm(spec, self.latent)
+        self.wkv_b = nn.Linear(self.latent, heads * (self.nope + self.value), bias=False)
+        self.wo = nn.Linear(heads * self.value, h, bias=False)
+        self.core = CausalCore(window)
+        self.cp: ContextParallel | None = None
+
+    def forward(self, x, cache: LayerCache | None = None):
+        batch, seq, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_low_rank else self.wq(x)
+        q = q.view(batch, seq, -1, self.nope + self.rope)
+        latent, k_pe = self.wkv_a(x).split([self.latent, self.rope], dim=-1)
+        kv = self.wkv_b(self.kv_norm(latent)).view(batch, seq, -1, self.nope + self.value)
+        k_nope, v = kv.split([self.nope, self.value], dim=-1)
+        if isinstance(k_pe, DTensor):  # replicated over TP ranks whose heads each add a part of its gradient
+            k_pe = k_pe.to_local(grad_placements=[Partial()])
+        frequencies = rope_frequencies(token_positions(seq, cache, self.cp, x.device), self.rope)
+        q = torch.cat((q[..., :self.nope], apply_rope(q[..., self.nope:], frequencies)), dim=-1)
+        k_pe = apply_rope(k_pe.view(batch, seq, 1, self.rope), frequencies)
+        k = torch.cat((k_nope, k_pe.expand(-1, -1, k_nope.shape[2], -1)), dim=-1)
+        return self.wo(self.core(q, k, v).flatten(2))
+
+
 class FeedForward(nn.Module):
     """Gated (w2(act(w1 x) * w3 x), Shazeer 2020) or plain (w2(act(w1 x))) MLP of width
     `ffn` (default: the model's dense MLP width)."""
@@ -252,7 +302,8 @@ class Block(nn.Module):
     def __init__(self, spec: ModelSpec, index: int):
         super().__init__()
         self.attention_norm = make_norm(spec)
-        self.attention = Attention(spec, spec.sliding_window if spec.layer_kind(index).local else None)
+        window = spec.sliding_window if spec.layer_kind(index).local else None
+        self.attention = LatentAttention(spec, window) if spec.kv_lora_rank else Attention(spec, window)
         self.ffn_norm = make_norm(spec)
         self.feed_forward = make_mlp(spec, index)
         # Gemma's sandwich norms on each block's output, before its residual add

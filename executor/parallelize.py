@@ -19,7 +19,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (Checkpo
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                RowwiseParallel, SequenceParallel,
                                                loss_parallel, parallelize_module)
@@ -28,7 +28,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from meshplan.executor.adamw import MomentsAdamW
 from meshplan.executor.context_parallel import ContextParallel
-from meshplan.executor.model import Transformer, set_context_parallel
+from meshplan.executor.model import Attention, LatentAttention, Transformer, set_context_parallel
 from meshplan.executor.moe import (ExpertSharding, MoE, expert_parameters, gather_experts,
                                    reduce_expert_gradients, shard_expert_width, shard_experts,
                                    sharded_experts)
@@ -70,10 +70,20 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
             keep_gradient_sharded(embedding.weight)
     for layer in model.layers.values():
         region = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
-        layer_plan = {"attention": region,
-                      "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
-                      "attention.wv": ColwiseParallel(),
-                      "attention.wo": RowwiseParallel(output_layouts=seq)}
+        layer_plan = {"attention": region, "attention.wo": RowwiseParallel(output_layouts=seq)}
+        attention = layer.attention
+        if isinstance(attention, LatentAttention):
+            # the heads' up-projections split by head; the down-projections and latent norms
+            # whole on every rank, their weights replicated DTensors fed the replicated
+            # input, so that the heads' parts of their gradients are summed (torchtitan's
+            # DeepSeek-V3 plan, its NoParallel)
+            layer_plan.update({f"attention.{name}": ColwiseParallel()
+                               for name in ("wq_b" if attention.q_low_rank else "wq", "wkv_b")})
+            for name in ("wq_a", "q_norm", "wkv_a", "kv_norm"):
+                if hasattr(attention, name):
+                    distribute_module(getattr(attention, name), tp_mesh)
+        else:
+            layer_plan.update({f"attention.{name}": ColwiseParallel() for name in ("wq", "wk", "wv")})
         moe = layer.feed_forward if isinstance(layer.feed_forward, MoE) else None
         if moe is not None and sequence_parallel:
             # Megatron-Core's folding with etp 1: each TP rank routes its own sequence shard
@@ -101,7 +111,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
             # the sandwich norms hand their output to the residual add, a local tensor
             layer_plan.update({name: SequenceParallel(use_local_output=True) for name in (
                 "attention_out_norm", "mlp_out_norm") if getattr(layer, name) is not None})
-        if layer.attention.q_norm is not None:
+        if isinstance(attention, Attention) and attention.q_norm is not None:
             # one norm over the head width that every TP rank runs on its own heads: its
             # weight replicated and its gradient summed over them, the heads' dimension (2)
             # sharded as SP shards the sequence (torchtitan's Qwen3 plan)

@@ -370,7 +370,10 @@ def _cp_comms(who: str, runs: tuple[str, ...], fix: str) -> Rule:
 
 
 EXECUTOR_TRAINING = (
-    *_executor_model(_EXECUTOR_BUILDS),
+    *_executor_model(_EXECUTOR_BUILDS + ("latent attention (MLA)",)),
+    _rule("plan.cp", "cp", lambda x, m, c: (x.cp == 1) | (m.kv_lora_rank == 0),
+          lambda x, m, c: "the executor's context parallelism exchanges keys and values of one head width, "
+          "and latent attention's values are narrower", "use cp 1 with latent attention"),
     _learned_routing("the executor"),
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
@@ -387,10 +390,11 @@ EXECUTOR_TRAINING = (
           lambda x, m, c: f"the executor runs each expert whole on one rank, not over etp {x.etp}",
           "use etp 1 (with tp > 1 that needs sp)"),
     _rule("plan.recompute", "recompute tp cp",
-          lambda x, m, c: (x.recompute != "op") | ((x.tp == 1) & (x.cp == 1) & (m.num_experts == 0)),
-          lambda x, m, c: "the executor's per-op recompute keeps no collective's output, so it runs on "
-          "dense models without TP or CP only", "use recompute full or selective, or tp 1 and cp 1 with a "
-          "dense model"),
+          lambda x, m, c: (x.recompute != "op") | ((x.tp == 1) & (x.cp == 1) & (m.num_experts == 0)
+                                                   & (m.kv_lora_rank == 0)),
+          lambda x, m, c: "the executor's per-op recompute keeps no collective's output and counts the "
+          "matmuls of standard attention, so it runs on dense models without TP, CP or latent attention only",
+          "use recompute full or selective, or tp 1 and cp 1 with a dense model of standard attention"),
     _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "norm_act",
           lambda x, m, c: "the executor checkpoints layers, the attention core or ops; Megatron-LM's module "
           "recompute frees outputs their consumers saved (CheckpointWithoutOutput), which it does not",

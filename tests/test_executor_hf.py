@@ -2,8 +2,8 @@
 by meshplan (model_spec.from_hf_config) and built by transformers, the transformers model's
 weights are copied into the executor's, and both give the same logits. This checks the
 features the executor builds from the reading (QK-norm, any head width, Q/K/V biases,
-sliding windows, GPT-NeoX's partial rotary, parallel residual and fused QKV) mean what the
-architecture means.
+sliding windows, GPT-NeoX's partial rotary, parallel residual and fused QKV, DeepSeek's
+latent attention) mean what the architecture means.
 
 RoPE: transformers rotates the two halves of each head's (rotated) dimensions against each
 other, the executor consecutive pairs (Meta's Llama); the copy permutes the query and key
@@ -29,6 +29,18 @@ CONFIGS = {
                   attention_bias=False),
     "qwen2": dict(COMMON, model_type="qwen2", num_key_value_heads=2, rms_norm_eps=1e-5),
     "mistral": dict(COMMON, model_type="mistral", num_key_value_heads=2, rms_norm_eps=1e-5, sliding_window=8),
+    # latent attention, queries through a low rank or not; every layer dense (the MoE layers
+    # from first_k_dense_replace on), the router greedy softmax; RoPE interleaved as the
+    # executor's (rope_interleave)
+    "deepseek_v3": dict(COMMON, model_type="deepseek_v3", num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=2,
+                        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_group=1,
+                        topk_group=1, scoring_func="softmax", topk_method="greedy", rms_norm_eps=1e-5),
+    "deepseek_v3_direct_q": dict(COMMON, model_type="deepseek_v3", num_key_value_heads=4, q_lora_rank=None,
+                                 kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                                 first_k_dense_replace=2, n_routed_experts=8, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, n_group=1, topk_group=1, scoring_func="softmax",
+                                 topk_method="greedy", rms_norm_eps=1e-5),
     "gpt_neox": dict(COMMON, model_type="gpt_neox", num_attention_heads=4, rotary_pct=0.5, hidden_act="gelu_new",
                      layer_norm_eps=1e-5, use_parallel_residual=True),
 }
@@ -72,6 +84,19 @@ def _llama_like(hf: dict, spec) -> dict:
     return out
 
 
+def _deepseek(hf: dict, spec) -> dict:
+    """The executor's parameters from DeepSeek-V3's latent attention and dense MLPs."""
+    out = _llama_like({k: v for k, v in hf.items() if ".self_attn." not in k}, spec)
+    names = {"q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b", "q_proj": "wq",
+             "kv_a_proj_with_mqa": "wkv_a", "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo"}
+    for key, value in hf.items():
+        if ".self_attn." in key:
+            layer, _, rest = key.removeprefix("model.layers.").partition(".self_attn.")
+            theirs, _, kind = rest.partition(".")
+            out[f"layers.{layer}.attention.{names[theirs]}.{kind}"] = value
+    return out
+
+
 def _gpt_neox(hf: dict, spec) -> dict:
     """The executor's parameters from GPT-NeoX's: its fused query_key_value rows run head by
     head, [q | k | v] of each."""
@@ -104,7 +129,8 @@ def test_executor_decoder_gives_transformers_logits(arch):
     torch.manual_seed(0)
     theirs = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     mine = build_model(spec, seed=0).eval()
-    copy = (_gpt_neox if arch == "gpt_neox" else _llama_like)(theirs.state_dict(), spec)
+    copy = {"gpt_neox": _gpt_neox, "deepseek_v3": _deepseek,
+            "deepseek_v3_direct_q": _deepseek}.get(arch, _llama_like)(theirs.state_dict(), spec)
     assert sorted(copy) == sorted(dict(mine.named_parameters()))
     mine.load_state_dict(copy)
     tokens = torch.randint(0, config["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))

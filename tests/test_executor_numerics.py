@@ -44,6 +44,13 @@ GPT = ModelSpec("tiny-gpt", num_layers=2, hidden_size=64, num_heads=4, num_kv_he
 # Qwen3's attention (QK-norm, a head width other than hidden/heads) with Qwen2's Q/K/V biases
 QWEN3 = ModelSpec("tiny-qwen3", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32,
                   ffn_hidden_size=128, vocab_size=256, max_seq_len=64, qk_norm=True, qkv_bias=True)
+# DeepSeek's latent attention, its queries through a low rank (MLA) or not (MLA_DIRECT)
+MLA = ModelSpec("tiny-mla", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, ffn_hidden_size=128,
+                vocab_size=256, max_seq_len=64, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=12)
+MLA_DIRECT = ModelSpec("tiny-mla-direct", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+                       ffn_hidden_size=128, vocab_size=256, max_seq_len=64, kv_lora_rank=16, qk_nope_head_dim=16,
+                       qk_rope_head_dim=8, v_head_dim=12)
 # Gemma's sandwich norms and a sliding-window layer, GPT-NeoX's parallel residual and partial RoPE
 SANDWICH = ModelSpec("tiny-sandwich", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
                      ffn_hidden_size=128, vocab_size=256, max_seq_len=64, sandwich_norm=True,
@@ -91,6 +98,10 @@ WORLD_2 = [
     ("qwen3-tp-sp", QWEN3, plan(tp=2, sp=True)),
     ("sandwich-tp-sp", SANDWICH, plan(tp=2, sp=True)),
     ("sandwich-cp-allgather", SANDWICH, plan(cp=2, cp_comm="allgather")),
+    # latent attention: up-projections split by head, down-projections and latent norms
+    # replicated with their gradients summed over TP
+    ("mla-tp-sp", MLA, plan(tp=2, sp=True)),
+    ("mla-pp-1f1b-selective", MLA, plan(pp=2, schedule="1f1b", recompute="selective")),
     ("gpt-cp-allgather-selective", GPT, plan(cp=2, cp_comm="allgather", recompute="selective", micro_batch=4)),
     # the unfused attention core on head shards, against the reference's fused kernel
     ("tp-sp-naive-attention", LLAMA, plan(tp=2, sp=True, attention="naive")),
@@ -132,6 +143,7 @@ WORLD_4 = [
     # a ring of four: blocks from earlier and later ranks; torch's all-to-all rotation
     ("cp4-p2p", LLAMA, plan(cp=4)),
     ("qwen3-dp-tp-zero3", QWEN3, plan(dp=2, tp=2, zero=3)),
+    ("mla-direct-dp-tp-zero3", MLA_DIRECT, plan(dp=2, tp=2, zero=3)),
     ("dp-cp-alltoall-zero3", LLAMA, plan(dp=2, cp=2, cp_comm="alltoall", zero=3)),
     # the unfused ring on TP's head shards
     ("gpt-cp-tp-sp-p2p-naive", GPT, plan(cp=2, tp=2, sp=True, attention="naive")),
