@@ -1,8 +1,13 @@
 """The mixture-of-experts MLP of the executor's decoder (model.py), and expert parallelism.
 
-A router scores every expert, softmax over all of them, keeps each token's top k and, where
-ModelSpec.norm_topk_prob says so, renormalises their weights to sum to one (Mixtral, Jiang et
-al. 2024 sec 2.1; Qwen-MoE's norm_topk_prob). The routed rows (token copies, one per chosen
+A router scores every expert, softmax over all of them or a sigmoid of each (DeepSeek-V3 sec
+2.1.2), keeps each token's top k and, where ModelSpec.norm_topk_prob says so, renormalises
+their weights to sum to one (Mixtral, Jiang et al. 2024 sec 2.1; Qwen-MoE's norm_topk_prob).
+With group-limited routing the top k come from each token's best route_group_topk of the
+route_groups groups of consecutive experts, a group scored by its best expert (DeepSeek-V2
+sec 2.2.3, its softmax router) or its best two experts' sum (DeepSeek-V3 sec 2.1.2, its
+sigmoid router). DeepSeek-V3's load-balancing bias on the selection scores starts at zero
+and is updated by its trainer, not by gradients: zero here, so left out. The routed rows (token copies, one per chosen
 expert) are sorted by expert and run as grouped GEMMs over the experts' stacked weights
 [E, in, out] (torch._grouped_mm), weighted and summed back per token. Shared experts run as
 one dense MLP on every token, behind a sigmoid gate where the model has one (Qwen2-MoE).
@@ -109,8 +114,9 @@ class MoE(nn.Module):
     def __init__(self, spec: ModelSpec, shared: nn.Module | None):
         super().__init__()
         self.num_experts, self.top_k = spec.num_experts, spec.experts_per_token
-        self.renormalise = spec.norm_topk_prob
-        self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.renormalise, self.sigmoid = spec.norm_topk_prob, spec.router == "sigmoid"
+        self.groups, self.group_topk = spec.route_groups, spec.route_group_topk
+        self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=spec.router_bias)
         self.experts = GroupedExperts(spec, spec.num_experts)
         self.shared_experts = shared
         self.shared_expert_gate = (nn.Linear(spec.hidden_size, 1, bias=False)
@@ -124,8 +130,10 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
-        probs = self.router(tokens).float().softmax(-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
+        logits = self.router(tokens).float()
+        scores = logits.sigmoid() if self.sigmoid else logits.softmax(-1)
+        chosen = self._choose(scores)
+        weights = scores.gather(-1, chosen)
         if self.renormalise:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(tokens.dtype)
@@ -146,6 +154,19 @@ class MoE(nn.Module):
                 shared = shared * torch.sigmoid(self.shared_expert_gate(tokens))
             routed = routed + shared
         return routed.view(x.shape)
+
+    def _choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """Each token's top-k experts [tokens, k], from its best groups where routing is
+        group-limited."""
+        if self.groups <= 1:
+            return scores.topk(self.top_k, dim=-1).indices
+        grouped = scores.view(scores.shape[0], self.groups, -1)
+        group_scores = (grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1) if self.sigmoid
+                        else grouped.amax(-1))
+        kept = group_scores.topk(self.group_topk, dim=-1).indices
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        masked = grouped.masked_fill(~allowed[..., None], float("-inf")).view_as(scores)
+        return masked.topk(self.top_k, dim=-1).indices
 
 
 def expert_parallel(experts: GroupedExperts, rows: torch.Tensor, counts: torch.Tensor,

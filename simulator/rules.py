@@ -289,20 +289,21 @@ def _features_rule(field: str, who: str, builds: tuple[str, ...], fix: str) -> R
 
 
 # What the executor cannot run on this backend (torch 2.13, gloo on CPU).
-# executor/model.py builds a dense decoder, or softmax-routed experts without biases
-# (executor/moe.py) with shared experts and dense layers among them, with QK-norm, sandwich
+# executor/model.py builds a dense decoder, or experts without biases (executor/moe.py:
+# softmax or sigmoid routers, group-limited or not, with a bias on the router's logits or
+# not) with shared experts and dense layers among them, with QK-norm, sandwich
 # norms, a parallel residual, partial RoPE, any head width and attention-only biases, and
 # sliding-window layers (their window mask, and in serving their kept window,
 # executor/kv_cache.py)
 _EXECUTOR_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among the expert layers",
                     "QK-norm", "sandwich norms", "parallel residual", "partial rotary",
                     "head_dim other than hidden/heads", "attention-only biases", "an attention output bias",
-                    "sliding-window attention")
+                    "sliding-window attention", "a sigmoid router", "group-limited routing", "a router bias")
 
 
 def _executor_model(builds: tuple[str, ...]) -> tuple[Rule, ...]:
     return (_features_rule("model", "the executor's decoder", builds,
-                           "run a llama- or gpt2-style model, dense or with softmax-routed experts; "
+                           "run a model without these (README, meshplan run); "
                            "plan and simulate take this one"),
             _rule("model", "", lambda x, m, c: not (m.num_experts > 0 and m.bias),
                   lambda x, m, c: "the executor's experts have no biases", "run a model without biases"))

@@ -3,7 +3,7 @@ by meshplan (model_spec.from_hf_config) and built by transformers, the transform
 weights are copied into the executor's, and both give the same logits. This checks the
 features the executor builds from the reading (QK-norm, any head width, Q/K/V biases,
 sliding windows, GPT-NeoX's partial rotary, parallel residual and fused QKV, DeepSeek's
-latent attention) mean what the architecture means.
+latent attention, its sigmoid group-limited router) mean what the architecture means.
 
 RoPE: transformers rotates the two halves of each head's (rotated) dimensions against each
 other, the executor consecutive pairs (Meta's Llama); the copy permutes the query and key
@@ -41,6 +41,13 @@ CONFIGS = {
                                  first_k_dense_replace=2, n_routed_experts=8, num_experts_per_tok=2,
                                  moe_intermediate_size=32, n_group=1, topk_group=1, scoring_func="softmax",
                                  topk_method="greedy", rms_norm_eps=1e-5),
+    # DeepSeek-V3's MoE after a dense first layer: the sigmoid router choosing among the best
+    # 2 of 4 groups (each group scored by its best two experts), a shared expert
+    "deepseek_v3_moe": dict(COMMON, model_type="deepseek_v3", num_key_value_heads=4, q_lora_rank=24,
+                            kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                            first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=32, n_group=4, topk_group=2, n_shared_experts=1,
+                            routed_scaling_factor=1.0, rms_norm_eps=1e-5),
     "gpt_neox": dict(COMMON, model_type="gpt_neox", num_attention_heads=4, rotary_pct=0.5, hidden_act="gelu_new",
                      layer_norm_eps=1e-5, use_parallel_residual=True),
 }
@@ -77,10 +84,22 @@ def _llama_like(hf: dict, spec) -> dict:
             if f"{p}self_attn.{norm}.weight" in hf:
                 out[f"{q}attention.{norm}.weight"] = hf[f"{p}self_attn.{norm}.weight"][order]
         out.update({f"{q}attention_norm.weight": hf[f"{p}input_layernorm.weight"],
-                    f"{q}ffn_norm.weight": hf[f"{p}post_attention_layernorm.weight"],
-                    f"{q}feed_forward.w1.weight": hf[f"{p}mlp.gate_proj.weight"],
-                    f"{q}feed_forward.w3.weight": hf[f"{p}mlp.up_proj.weight"],
-                    f"{q}feed_forward.w2.weight": hf[f"{p}mlp.down_proj.weight"]})
+                    f"{q}ffn_norm.weight": hf[f"{p}post_attention_layernorm.weight"]})
+        out.update(_mlp(hf, f"{p}mlp.", f"{q}feed_forward."))
+    return out
+
+
+def _mlp(hf: dict, theirs: str, mine: str) -> dict:
+    """A dense MLP's weights, or a DeepSeek MoE's: router, stacked experts (gate and up in one
+    [E, 2f, h] tensor there, w1 and w3 [E, h, f] here) and shared experts."""
+    dense = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    if f"{theirs}gate_proj.weight" in hf:
+        return {f"{mine}{ours}.weight": hf[f"{theirs}{name}.weight"] for name, ours in dense.items()}
+    gate, up = hf[f"{theirs}experts.gate_up_proj"].transpose(1, 2).chunk(2, dim=-1)
+    out = {f"{mine}router.weight": hf[f"{theirs}gate.weight"], f"{mine}experts.w1": gate,
+           f"{mine}experts.w3": up, f"{mine}experts.w2": hf[f"{theirs}experts.down_proj"].transpose(1, 2)}
+    out.update({f"{mine}shared_experts.{ours}.weight": hf[f"{theirs}shared_experts.{name}.weight"]
+                for name, ours in dense.items()})
     return out
 
 
@@ -129,8 +148,12 @@ def test_executor_decoder_gives_transformers_logits(arch):
     torch.manual_seed(0)
     theirs = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     mine = build_model(spec, seed=0).eval()
-    copy = {"gpt_neox": _gpt_neox, "deepseek_v3": _deepseek,
-            "deepseek_v3_direct_q": _deepseek}.get(arch, _llama_like)(theirs.state_dict(), spec)
+    with torch.no_grad():  # DeepSeek's router starts at zero, every expert tied: spread them
+        for name, param in theirs.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 0.5)
+    hf = {k: v for k, v in theirs.state_dict().items() if not k.endswith("e_score_correction_bias")}
+    copy = (_gpt_neox if arch == "gpt_neox" else _deepseek if arch.startswith("deepseek") else _llama_like)(hf, spec)
     assert sorted(copy) == sorted(dict(mine.named_parameters()))
     mine.load_state_dict(copy)
     tokens = torch.randint(0, config["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))

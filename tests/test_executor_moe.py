@@ -34,20 +34,43 @@ MOE_GELU = ModelSpec("tiny-moe-gelu", num_layers=2, hidden_size=32, num_heads=4,
                      activation="gelu", num_experts=4, experts_per_token=1, moe_ffn_hidden_size=32)
 # top-2 weights left as softmax probabilities (Qwen2-MoE's norm_topk_prob false)
 MOE_RAW = replace(MOE, name="tiny-moe-raw", norm_topk_prob=False)
+# DeepSeek-V3's router: a sigmoid of each of 8 experts, top 2 from the best 2 of 4 groups, a
+# bias on the logits (gpt-oss's); DeepSeek-V2's: softmax, the groups scored by their best
+MOE_GROUPED = replace(MOE, name="tiny-moe-grouped", num_experts=8, router="sigmoid", route_groups=4,
+                      route_group_topk=2, router_bias=True)
+MOE_GROUPED_SOFTMAX = replace(MOE_GROUPED, name="tiny-moe-grouped-softmax", router="softmax", router_bias=False)
 
 
 def plan(**fields) -> Plan:
     return Plan(**{"global_batch": 8, "seq_len": 16, "dtype": "fp32", "micro_batch": 2, **fields})
 
 
+def _chosen(scores: torch.Tensor, spec: ModelSpec) -> list[int]:
+    """One token's top-k experts by `scores`, from its best groups where routing is
+    group-limited: each group of consecutive experts scored by its best expert (softmax
+    router) or its best two's sum (sigmoid), its experts ranked within the kept groups."""
+    if not spec.route_groups:
+        return scores.topk(spec.experts_per_token).indices.tolist()
+    size = spec.num_experts // spec.route_groups
+    groups = [scores[g * size:(g + 1) * size] for g in range(spec.route_groups)]
+    rank = [float(g.topk(2).values.sum()) if spec.router == "sigmoid" else float(g.max()) for g in groups]
+    kept = sorted(range(spec.route_groups), key=lambda g: -rank[g])[:spec.route_group_topk]
+    pool = [e for g in kept for e in range(g * size, (g + 1) * size)]
+    return sorted(pool, key=lambda e: -float(scores[e]))[:spec.experts_per_token]
+
+
 def per_token(moe, tokens: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """softmax over all experts, top k renormalised, sum of the chosen experts' MLPs weighted,
-    plus the (gated) shared experts: one token at a time."""
+    """softmax over all experts (or a sigmoid of each), top k (of the best groups)
+    renormalised, sum of the chosen experts' MLPs weighted, plus the (gated) shared experts:
+    one token at a time."""
     act = F.silu if spec.activation == "silu" else lambda t: F.gelu(t, approximate="tanh")
     out = torch.zeros_like(tokens)
     ex = moe.experts
     for i, t in enumerate(tokens):
-        weights, chosen = torch.softmax(moe.router.weight @ t, -1).topk(spec.experts_per_token)
+        logits = moe.router.weight @ t + (moe.router.bias if moe.router.bias is not None else 0)
+        scores = torch.sigmoid(logits) if spec.router == "sigmoid" else torch.softmax(logits, -1)
+        chosen = _chosen(scores, spec)
+        weights = scores[chosen]
         for w, e in zip(weights / weights.sum() if spec.norm_topk_prob else weights, chosen):
             hidden = act(t @ ex.w1[e]) * (t @ ex.w3[e]) if ex.w3 is not None else act(t @ ex.w1[e])
             out[i] += w * (hidden @ ex.w2[e])
@@ -57,7 +80,8 @@ def per_token(moe, tokens: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("spec", [MOE, MOE_GELU, MOE_RAW], ids=["gated-shared", "gelu-top1", "raw"])
+@pytest.mark.parametrize("spec", [MOE, MOE_GELU, MOE_RAW, MOE_GROUPED, MOE_GROUPED_SOFTMAX],
+                         ids=["gated-shared", "gelu-top1", "raw", "grouped-sigmoid", "grouped-softmax"])
 def test_moe_layer_is_the_routed_sum(spec):
     model = build_model(spec, seed=0)
     kinds = [type(layer.feed_forward).__name__ for layer in model.layers.values()]
@@ -100,7 +124,7 @@ def test_grouped_gemm_equals_one_matmul_per_expert():
 
 
 def test_parameter_count_matches_model_spec():
-    for spec in (MOE, MOE_GELU):
+    for spec in (MOE, MOE_GELU, MOE_GROUPED):
         assert sum(p.numel() for p in build_model(spec, 0).parameters()) == spec.num_params()
 
 
@@ -124,12 +148,12 @@ def test_executor_takes_expert_parallel_plans():
         assert not rules.violations(rules.EXECUTOR_TRAINING, p.fields(), MOE, Cluster(4, 4))
     dense = ModelSpec("dense", 2, 32, 4, 2, 64, 128, 64)
     assert not rules.violations(rules.EXECUTOR_TRAINING, plan(tp=2, dp=2, zero=2).fields(), dense)
-    sigmoid = ModelSpec(**{**MOE.to_dict(), "router": "sigmoid"})
-    assert rules.violations(rules.EXECUTOR_TRAINING, plan(dp=2).fields(), sigmoid)[0][0] == "model"
-    # its router takes any top-k, not the best experts of the best groups
-    grouped = ModelSpec(**{**MOE.to_dict(), "route_groups": 2, "route_group_topk": 1})
-    field, problem, _ = rules.violations(rules.EXECUTOR_TRAINING, plan(dp=2).fields(), grouped)[0]
-    assert field == "model" and "group-limited routing" in problem
+    for routed in (MOE_GROUPED, MOE_GROUPED_SOFTMAX):
+        assert not rules.violations(rules.EXECUTOR_TRAINING, plan(dp=2, ep=2).fields(), routed, Cluster(2, 2))
+    # gpt-oss's experts keep biases, which the grouped GEMMs do not add
+    biased = ModelSpec(**{**MOE.to_dict(), "bias": True})
+    field, problem, _ = rules.violations(rules.EXECUTOR_TRAINING, plan(dp=2).fields(), biased)[0]
+    assert field == "model" and "biases" in problem
 
 
 def test_validation_suite_runs_expert_parallel_plans():
@@ -155,7 +179,9 @@ WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
            # every expert owned by one rank (edp 1): their optimizer unsharded
            ("ep2-zero1", MOE, plan(dp=2, ep=2, zero=1)),
            # the experts split over the CP ranks, which route their own sequence shards
-           ("cp2-ep2", MOE, plan(cp=2, ep=2, cp_comm="a2a"))]
+           ("cp2-ep2", MOE, plan(cp=2, ep=2, cp_comm="a2a")),
+           # DeepSeek-V3's router: a sigmoid, the best experts of the best groups
+           ("grouped-ep2", MOE_GROUPED, plan(dp=2, ep=2))]
 WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("ep4", MOE, plan(dp=4, ep=4)),
            ("ep2-edp2-zero2", MOE, plan(dp=4, ep=2, zero=2)),
@@ -166,6 +192,14 @@ WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("pp2-dp2-ep2-1f1b", MOE, plan(pp=2, dp=2, ep=2, schedule="1f1b", micro_batch=1)),
            ("dp2-tp2-sp-ep2", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=2)),
            ("dp2-tp2-sp-ep4-zero3", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=4, zero=3))]
+
+
+def _top_experts(logits: torch.Tensor, model: ModelSpec) -> torch.Tensor:
+    """Each token's chosen experts [tokens, k] from its router logits (_chosen)."""
+    if not model.route_groups:
+        return logits.topk(model.experts_per_token, -1)[1]
+    scores = torch.sigmoid(logits) if model.router == "sigmoid" else torch.softmax(logits, -1)
+    return torch.tensor([_chosen(row, model) for row in scores])
 
 
 def reference_imbalance(model: ModelSpec, p: Plan) -> float:
@@ -182,7 +216,7 @@ def reference_imbalance(model: ModelSpec, p: Plan) -> float:
     for layer in net.layers.values():
         if hasattr(layer.feed_forward, "router"):
             layer.feed_forward.router.register_forward_hook(
-                lambda _m, _i, logits: chosen.append(logits.detach().topk(model.experts_per_token, -1)[1]))
+                lambda _m, _i, logits: chosen.append(_top_experts(logits.detach(), model)))
     ratios = []
     rows_per_rank, chunks = p.global_batch // p.dp, p.num_microbatches
     for step in range(STEPS):
