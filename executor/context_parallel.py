@@ -212,8 +212,9 @@ class ContextParallel:
         return out.permute(0, 3, 1, 2, 4).reshape(batch, seq, heads, -1).to(q.dtype)
 
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# CPU flash attention's kernel with its log-sum-exp output, and its backward given one
+cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def _block(rank: int, source: int, half: int) -> tuple[slice, slice, bool]:
@@ -254,7 +255,7 @@ class _FlashRing(torch.autograd.Function):
                 pending = _start_pass(block, cp.group, 1, cp.comm) if step < cp.size - 1 else None
                 rows, keys, causal = _block(cp.rank, (cp.rank - step) % cp.size, half)
                 keys_b, values_b = (t[:, :, keys].repeat_interleave(group, dim=1) for t in block)
-                part, part_lse = _flash(rows_q[:, :, rows], keys_b, values_b, 0.0, causal)
+                part, part_lse = cpu_flash(rows_q[:, :, rows], keys_b, values_b, 0.0, causal)
                 merged = torch.logaddexp(lse[:, :, rows], part_lse)
                 out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - merged)[..., None]
                                    + part.float() * torch.exp(part_lse - merged)[..., None])
@@ -279,7 +280,7 @@ class _FlashRing(torch.autograd.Function):
                 pending = _start_pass(block, cp.group, 1, cp.comm) if step < cp.size - 1 else None
                 rows, keys, causal = _block(cp.rank, (cp.rank - step) % cp.size, half)
                 keys_b, values_b = (t[:, :, keys].repeat_interleave(group, dim=1) for t in block)
-                dq_b, dk_b, dv_b = _flash_backward(grad[:, :, rows], rows_q[:, :, rows], keys_b, values_b,
+                dq_b, dk_b, dv_b = cpu_flash_backward(grad[:, :, rows], rows_q[:, :, rows], keys_b, values_b,
                                                    out[:, :, rows], lse[:, :, rows], 0.0, causal)
                 dq[:, :, rows] += dq_b.float()
                 dkv = torch.zeros_like(block, dtype=torch.float32) if gradients is None else _finish(gradients)

@@ -86,6 +86,9 @@ def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOpti
         issues.append(("plan.cp_comm", f"the executor's {plan.cp_comm} ring attends block by block with CPU flash "
                        "attention's kernel (the one whose log-sum-exp it merges), and these ranks run on CUDA",
                        "use --cp-comm a2a or allgather, or --attention naive"))
+    if model.attn_sinks and plan.attention != "naive" and device_type() == "cuda":
+        issues.append(("plan.attention", "the executor's attention sinks rescale CPU flash attention's output by its "
+                       "log-sum-exp, and these ranks run on CUDA", "use --attention naive"))
     refuse(issues + launch_issues(plan.world_size, options) + options.issues())
     if options.data is not None:
         check_token_file(options.data, plan.seq_len, model.vocab_size, plan.global_batch)

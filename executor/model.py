@@ -27,7 +27,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from meshplan.executor.context_parallel import ContextParallel, heads_from_sequence, sequence_from_heads
+from meshplan.executor.context_parallel import (ContextParallel, cpu_flash, cpu_flash_backward, heads_from_sequence,
+                                                 sequence_from_heads)
 from meshplan.executor.kv_cache import KVCache, LayerCache
 from meshplan.executor.moe import MoE, activation
 from meshplan.simulator.model_spec import ModelSpec
@@ -80,7 +81,7 @@ class CausalCore(nn.Module):
         self.window, self.kernel = window, kernel
         self.cp: ContextParallel | None = None
 
-    def forward(self, q, k, v):  # [batch, seq, heads, head_dim]
+    def forward(self, q, k, v, sinks=None):  # [batch, seq, heads, head_dim]; sinks [heads]
         if self.cp is not None:
             return self.cp.attend(q, k, v, self.masked, self.kernel, self.window)
         offset = k.shape[1] - q.shape[1]
@@ -89,7 +90,9 @@ class CausalCore(nn.Module):
         masked = windowed or (offset and q.shape[1] > 1) or (causal and self.kernel == "naive")
         shape = (q.shape[1], k.shape[1], self.window if windowed else None, q.device)
         if self.kernel == "naive":
-            return self._unfused(q, k, v, hidden_keys(*shape) if masked else None)
+            return self._unfused(q, k, v, hidden_keys(*shape) if masked else None, sinks)
+        if sinks is not None:
+            return _SinkAttention.apply(q, k, v, sinks, key_mask(*shape) if masked else None, causal)
         return self._fused(q, k, v, key_mask(*shape) if masked else None, causal)
 
     def masked(self, q, k, v, visible: torch.Tensor):
@@ -99,9 +102,9 @@ class CausalCore(nn.Module):
         return self._fused(q, k, v, visible, False)
 
     @staticmethod
-    def _unfused(q, k, v, hidden):
+    def _unfused(q, k, v, hidden, sinks=None):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        return unfused_attention(q, k, v, hidden).transpose(1, 2)
+        return unfused_attention(q, k, v, hidden, sinks).transpose(1, 2)
 
     def _fused(self, q, k, v, mask, causal: bool):
         # FlashAttention takes one head width for Q, K and V: a narrower V (latent
@@ -114,6 +117,41 @@ class CausalCore(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                  enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2)[..., :width]
+
+
+class _SinkAttention(torch.autograd.Function):
+    """Attention with a sink logit per head (gpt-oss) by CPU flash attention's kernel, which
+    has none: its output rescaled by the share its keys keep beside the sink, exp(lse) /
+    (exp(lse) + exp(sink)). Backward is the kernel's, given that output and the log-sum-exp
+    over keys and sink (the sink a key with no value, as a ring's block is); the sink's
+    gradient -p_sink <dO, O> summed over the rows of its head. KV heads repeated to the
+    query heads for the kernel and their gradients summed back, as SDPA's enable_gqa does."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, visible, causal: bool):
+        group = q.shape[2] // k.shape[2]
+        mask = (None if visible is None else
+                torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf")))
+        with torch.autocast(q.device.type, enabled=False):
+            q_, k_, v_ = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+            k_, v_ = (t.repeat_interleave(group, dim=1) for t in (k_, v_))
+            out, lse = cpu_flash(q_, k_, v_, 0.0, causal, attn_mask=mask)
+            total = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+            out = (out.float() * torch.exp(lse - total)[..., None]).to(q.dtype)
+        ctx.save_for_backward(q_, k_, v_, out, total, sinks, mask)
+        ctx.causal, ctx.group = causal, group
+        return out.transpose(1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_, k_, v_, out, total, sinks, mask = ctx.saved_tensors
+        with torch.autocast(q_.device.type, enabled=False):
+            grad = grad.transpose(1, 2).to(q_.dtype).contiguous()
+            dq, dk, dv = cpu_flash_backward(grad, q_, k_, v_, out, total, 0.0, ctx.causal, attn_mask=mask)
+            share = torch.exp(sinks.float().view(1, -1, 1) - total)  # the sink's probability per row
+            dsinks = -(share * (grad.float() * out.float()).sum(-1)).sum((0, 2)).to(sinks.dtype)
+            dk, dv = (t.unflatten(1, (-1, ctx.group)).sum(2) for t in (dk, dv))
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dsinks, None, None
 
 
 @functools.lru_cache(maxsize=8)
@@ -133,14 +171,15 @@ def hidden_keys(queries: int, keys: int, window: int | None, device: torch.devic
     return ~key_mask(queries, keys, window, device)
 
 
-def unfused_attention(q, k, v, hidden: torch.Tensor | None) -> torch.Tensor:
+def unfused_attention(q, k, v, hidden: torch.Tensor | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention as separate kernels (q, k, v [batch, heads, seq, head_dim]; `hidden` as
     hidden_keys'): the queries' matmul with the keys, scaled in its epilogue; the hidden keys
     filled in place; softmax; the matmul with the values. The scores and probabilities stay in the
     activations' dtype, autocast left out (it would run softmax in fp32), so that the
     probabilities are the one queries x keys tensor backward keeps (the simulator's naive
     attention, memory.py; its eager kernels, ops.eager_bytes_per_element). Grouped KV heads
-    serve their query heads by broadcasting, not by copies."""
+    serve their query heads by broadcasting, not by copies. `sinks` [heads]: a logit per head
+    in each softmax, no value (gpt-oss)."""
     batch, heads, seq, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     rows = heads // kv_heads * seq
@@ -151,7 +190,12 @@ def unfused_attention(q, k, v, hidden: torch.Tensor | None) -> torch.Tensor:
         scores = scores.view(batch, heads, seq, keys)
         if hidden is not None:
             scores.masked_fill_(hidden, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).view(batch * kv_heads, rows, keys)
+        if sinks is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:  # each head's sink logit joins its softmax as a key with no value (gpt-oss)
+            column = sinks.to(scores.dtype).view(1, heads, 1, 1).expand(batch, heads, seq, 1)
+            probs = torch.softmax(torch.cat((scores, column), dim=-1), dim=-1)[..., :keys]
+        probs = probs.reshape(batch * kv_heads, rows, keys)
         return (probs @ v.reshape(batch * kv_heads, keys, -1)).view(batch, heads, seq, -1)
 
 
@@ -196,6 +240,8 @@ class Attention(nn.Module):
         # QK-norm: one norm over each query head and one over each key head, before RoPE
         self.q_norm = make_norm(spec, hd) if spec.qk_norm else None
         self.k_norm = make_norm(spec, hd) if spec.qk_norm else None
+        # gpt-oss's sink logit per head (split by head under TP: apply_tp)
+        self.sinks = nn.Parameter(torch.zeros(spec.num_heads)) if spec.attn_sinks else None
         self.core = CausalCore(window)
         self.cp: ContextParallel | None = None  # context parallelism (training)
 
@@ -211,6 +257,9 @@ class Attention(nn.Module):
             q, k = (_rotate(t, frequencies, self.rotary_dims) for t in (q, k))
         if cache is not None:
             k, v = cache.append(k, v)
+        if self.sinks is not None:  # this rank's heads' sinks
+            sinks = self.sinks.to_local() if isinstance(self.sinks, DTensor) else self.sinks
+            return self.wo(self.core(q, k, v, sinks).flatten(2))
         if self.cp is None or self.cp.balanced:  # the ring and the gather run in the core
             return self.wo(self.core(q, k, v).flatten(2))
         q, k, v = heads_from_sequence((q, k, v), self.cp.group)
@@ -275,8 +324,7 @@ class FeedForward(nn.Module):
         self.act = activation(spec)
 
     def forward(self, x):
-        hidden = self.act(self.w1(x))
-        return self.w2(hidden * self.w3(x) if self.w3 is not None else hidden)
+        return self.w2(self.act(self.w1(x), self.w3(x) if self.w3 is not None else None))
 
 
 def make_norm(spec: ModelSpec, width: int | None = None) -> nn.Module:

@@ -39,7 +39,20 @@ from meshplan.simulator.model_spec import ModelSpec
 
 
 def activation(spec: ModelSpec):
-    return F.silu if spec.activation == "silu" else lambda t: F.gelu(t, approximate="tanh")
+    """What an MLP runs between its input and output projections, on x w1 and (gated) x w3:
+    act(x w1) * x w3 (Shazeer 2020), gpt-oss's clamped SwiGLU where the model sets a limit,
+    act(x w1) for a plain MLP (no up projection)."""
+    act = F.silu if spec.activation == "silu" else lambda t: F.gelu(t, approximate="tanh")
+    if spec.swiglu_limit is None:
+        return lambda gate, up=None: act(gate) if up is None else act(gate) * up
+    limit = spec.swiglu_limit
+
+    def clamped(gate, up):
+        # gpt-oss's modelling code: the gate clamped above and the up projection both ways at
+        # the limit, then (up + 1) * gate * sigmoid(1.702 gate)
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return (up + 1) * gate * torch.sigmoid(1.702 * gate)
+    return clamped
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -80,7 +93,8 @@ class ExpertSharding:
 
 class GroupedExperts(nn.Module):
     """`count` MLPs of the experts' width, weights stacked per expert: w1, w3 [E, h, f], w2
-    [E, f, h]. Gated (w2(act(x w1) * x w3)) or plain, as the model's dense MLP."""
+    [E, f, h], and with the model's biases (gpt-oss) w1_bias, w3_bias [E, f], w2_bias
+    [E, h]. Gated (w2(act(x w1) * x w3)) or plain, as the model's dense MLP."""
 
     def __init__(self, spec: ModelSpec, count: int):
         super().__init__()
@@ -88,24 +102,33 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(count, h, f))
         self.w2 = nn.Parameter(torch.empty(count, f, h))
         self.w3 = nn.Parameter(torch.empty(count, h, f)) if spec.gated_mlp else None
+        self.w1_bias = nn.Parameter(torch.zeros(count, f)) if spec.bias else None
+        self.w2_bias = nn.Parameter(torch.zeros(count, h)) if spec.bias else None
+        self.w3_bias = nn.Parameter(torch.zeros(count, f)) if spec.bias and spec.gated_mlp else None
         self.act = activation(spec)
         self.sharding: ExpertSharding | None = None  # set by apply_ep
         self.received_rows: list[int] = []  # per forward over EP: the rows this rank ran
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [n, h] sorted by expert, counts [E] rows of each expert -> [n, h]."""
-        return expert_mlps(rows, counts, self.act, self.w1, self.w2, self.w3)
+        return expert_mlps(rows, counts, self.act, self.w1, self.w2, self.w3,
+                           (self.w1_bias, self.w2_bias, self.w3_bias))
 
 
 def expert_mlps(rows: torch.Tensor, counts: torch.Tensor, act, w1: torch.Tensor, w2: torch.Tensor,
-                w3: torch.Tensor | None) -> torch.Tensor:
+                w3: torch.Tensor | None, biases: tuple = (None, None, None)) -> torch.Tensor:
     """Each expert's MLP on its rows: rows [n, h] sorted by expert, counts [E]; w1, w3
-    [E, h, f], w2 [E, f, h] (w3 None: not gated) -> [n, h]."""
+    [E, h, f], w2 [E, f, h] (w3 None: not gated), and their biases [E, out] or None, each
+    expert's added to its rows -> [n, h]."""
     offsets = counts.cumsum(0).to(torch.int32)
-    hidden = act(grouped_mm(rows, w1, offsets))
-    if w3 is not None:
-        hidden = hidden * grouped_mm(rows, w3, offsets)
-    return grouped_mm(hidden, w2, offsets)
+
+    def project(x, weight, bias):
+        out = grouped_mm(x, weight, offsets)
+        return out if bias is None else out + bias.to(out.dtype).repeat_interleave(counts, dim=0,
+                                                                                   output_size=x.shape[0])
+    b1, b2, b3 = biases
+    hidden = act(project(rows, w1, b1), project(rows, w3, b3) if w3 is not None else None)
+    return project(hidden, w2, b2)
 
 
 class MoE(nn.Module):
@@ -205,11 +228,13 @@ def shard_expert_width(moe: MoE, group: dist.ProcessGroup) -> None:
     split by output columns, w2 by input rows), for inference: the partial outputs are
     all-reduced in MoE.forward, outside autograd."""
     experts, tp, rank = moe.experts, dist.get_world_size(group), dist.get_rank(group)
-    for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
+    for name, dim in (("w1", 2), ("w3", 2), ("w2", 1), ("w1_bias", 1), ("w3_bias", 1)):
         param = getattr(experts, name)
         if param is not None:
             setattr(experts, name, nn.Parameter(param.detach().chunk(tp, dim)[rank].clone(),
                                                 requires_grad=False))
+    if experts.w2_bias is not None and rank:  # added once to the sum of the partial outputs
+        experts.w2_bias = nn.Parameter(torch.zeros_like(experts.w2_bias), requires_grad=False)
     moe.width_group = group
 
 

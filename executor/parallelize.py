@@ -19,7 +19,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (Checkpo
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                RowwiseParallel, SequenceParallel,
                                                loss_parallel, parallelize_module)
@@ -84,6 +84,8 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
                     distribute_module(getattr(attention, name), tp_mesh)
         else:
             layer_plan.update({f"attention.{name}": ColwiseParallel() for name in ("wq", "wk", "wv")})
+            if attention.sinks is not None:  # one per head: split as the heads are
+                attention.sinks = nn.Parameter(distribute_tensor(attention.sinks.detach(), tp_mesh, [Shard(0)]))
         moe = layer.feed_forward if isinstance(layer.feed_forward, MoE) else None
         if moe is not None and sequence_parallel:
             # Megatron-Core's folding with etp 1: each TP rank routes its own sequence shard

@@ -62,12 +62,13 @@ class Int8Experts(nn.Module):
         super().__init__()
         self.w1, self.w2 = (Int8Weight(w.transpose(1, 2), group_size) for w in (experts.w1, experts.w2))
         self.w3 = Int8Weight(experts.w3.transpose(1, 2), group_size) if experts.w3 is not None else None
+        self.biases = (experts.w1_bias, experts.w2_bias, experts.w3_bias)  # kept in full precision
         self.act = experts.act
         self.sharding = None  # served whole: no expert parallelism
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = (w().transpose(1, 2) if w is not None else None for w in (self.w1, self.w2, self.w3))
-        return expert_mlps(rows, counts, self.act, w1, w2, w3)
+        return expert_mlps(rows, counts, self.act, w1, w2, w3, self.biases)
 
 
 # Attention and MLP projections (dense MLP, shared experts): everything simulator/quantize.py

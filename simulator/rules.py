@@ -298,15 +298,13 @@ def _features_rule(field: str, who: str, builds: tuple[str, ...], fix: str) -> R
 _EXECUTOR_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among the expert layers",
                     "QK-norm", "sandwich norms", "parallel residual", "partial rotary",
                     "head_dim other than hidden/heads", "attention-only biases", "an attention output bias",
-                    "sliding-window attention", "a sigmoid router", "group-limited routing", "a router bias")
+                    "sliding-window attention", "a sigmoid router", "group-limited routing", "a router bias",
+                    "attention sinks", "a clamped SwiGLU")
 
 
-def _executor_model(builds: tuple[str, ...]) -> tuple[Rule, ...]:
-    return (_features_rule("model", "the executor's decoder", builds,
-                           "run a model without these (README, meshplan run); "
-                           "plan and simulate take this one"),
-            _rule("model", "", lambda x, m, c: not (m.num_experts > 0 and m.bias),
-                  lambda x, m, c: "the executor's experts have no biases", "run a model without biases"))
+def _executor_model(builds: tuple[str, ...]) -> Rule:
+    return _features_rule("model", "the executor's decoder", builds,
+                          "run a model without these (README, meshplan run); plan and simulate take this one")
 
 
 _PIPELINING_SYNC = _rule(
@@ -371,10 +369,13 @@ def _cp_comms(who: str, runs: tuple[str, ...], fix: str) -> Rule:
 
 
 EXECUTOR_TRAINING = (
-    *_executor_model(_EXECUTOR_BUILDS + ("latent attention (MLA)",)),
+    _executor_model(_EXECUTOR_BUILDS + ("latent attention (MLA)",)),
     _rule("plan.cp", "cp", lambda x, m, c: (x.cp == 1) | (m.kv_lora_rank == 0),
           lambda x, m, c: "the executor's context parallelism exchanges keys and values of one head width, "
           "and latent attention's values are narrower", "use cp 1 with latent attention"),
+    _rule("plan.cp", "cp", lambda x, m, c: (x.cp == 1) | np.logical_not(m.attn_sinks),
+          lambda x, m, c: "the executor's context parallelism merges no attention sinks into its exchanges",
+          "use cp 1 with attention sinks"),
     _learned_routing("the executor"),
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
@@ -478,7 +479,7 @@ def _shard_widths(m: ModelSpec, x) -> np.ndarray:
     return np.array(widths)
 
 EXECUTOR_SERVING = (
-    *_executor_model(_EXECUTOR_BUILDS),
+    _executor_model(_EXECUTOR_BUILDS),
     _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (
               (m.moe_ffn_hidden_size % x.tp == 0) & (m.shared_ffn_size % x.tp == 0)),
           lambda x, m, c: f"{x.tp} does not divide the experts' width {m.moe_ffn_hidden_size} and "

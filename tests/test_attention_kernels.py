@@ -43,6 +43,25 @@ def test_unfused_core_matches_the_fused_kernel(seq, keys, window):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("seq, keys, window", [(12, 12, None), (12, 12, 8), (12, 17, 6), (1, 17, None)])
+def test_sinks_by_the_fused_kernel_match_the_unfused_softmax(seq, keys, window):
+    """gpt-oss's sink logits: CPU flash attention's output rescaled by its log-sum-exp, and
+    the kernel's backward under the log-sum-exp with the sink, against the sink as one more
+    softmax column under autograd; outputs and the gradients of Q, K, V and the sinks."""
+    q, k, v = _qkv(seq, keys)
+    sinks = torch.randn(q.shape[2], generator=torch.Generator().manual_seed(1)).requires_grad_()
+    results = []
+    for kernel in ("flash", "naive"):
+        out = CausalCore(window, kernel)(q, k, v, sinks)
+        results.append((out, torch.autograd.grad((out ** 2).sum(), (q, k, v, sinks))))
+    (fused, fused_grads), (unfused, unfused_grads) = results
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_grads, unfused_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    plain = CausalCore(window, "flash")(q, k, v)
+    assert (plain - fused).abs().max() > 1e-3  # the sinks took a share
+
+
 def _saved_square_bytes(kernel: str, dtype: torch.dtype, seq: int = 64) -> int:
     """Bytes of the tensors of at least seq x seq elements per (sequence, head) that the core
     keeps for backward."""

@@ -3,7 +3,8 @@ by meshplan (model_spec.from_hf_config) and built by transformers, the transform
 weights are copied into the executor's, and both give the same logits. This checks the
 features the executor builds from the reading (QK-norm, any head width, Q/K/V biases,
 sliding windows, GPT-NeoX's partial rotary, parallel residual and fused QKV, DeepSeek's
-latent attention, its sigmoid group-limited router) mean what the architecture means.
+latent attention, its sigmoid group-limited router, gpt-oss's attention sinks, clamped SwiGLU
+and expert biases) mean what the architecture means.
 
 RoPE: transformers rotates the two halves of each head's (rotated) dimensions against each
 other, the executor consecutive pairs (Meta's Llama); the copy permutes the query and key
@@ -48,6 +49,11 @@ CONFIGS = {
                             first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
                             moe_intermediate_size=32, n_group=4, topk_group=2, n_shared_experts=1,
                             routed_scaling_factor=1.0, rms_norm_eps=1e-5),
+    # gpt-oss: a sink logit per head, biases everywhere, every other layer over a window, a
+    # biased router and experts with biases running the clamped SwiGLU
+    "gpt_oss": dict(COMMON, model_type="gpt_oss", intermediate_size=32, num_key_value_heads=2, head_dim=32,
+                    num_local_experts=4, num_experts_per_tok=2, sliding_window=8, rms_norm_eps=1e-5,
+                    swiglu_limit=0.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "gpt_neox": dict(COMMON, model_type="gpt_neox", num_attention_heads=4, rotary_pct=0.5, hidden_act="gelu_new",
                      layer_norm_eps=1e-5, use_parallel_residual=True),
 }
@@ -83,6 +89,8 @@ def _llama_like(hf: dict, spec) -> dict:
         for norm in ("q_norm", "k_norm"):
             if f"{p}self_attn.{norm}.weight" in hf:
                 out[f"{q}attention.{norm}.weight"] = hf[f"{p}self_attn.{norm}.weight"][order]
+        if f"{p}self_attn.sinks" in hf:
+            out[f"{q}attention.sinks"] = hf[f"{p}self_attn.sinks"]
         out.update({f"{q}attention_norm.weight": hf[f"{p}input_layernorm.weight"],
                     f"{q}ffn_norm.weight": hf[f"{p}post_attention_layernorm.weight"]})
         out.update(_mlp(hf, f"{p}mlp.", f"{q}feed_forward."))
@@ -95,6 +103,13 @@ def _mlp(hf: dict, theirs: str, mine: str) -> dict:
     dense = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
     if f"{theirs}gate_proj.weight" in hf:
         return {f"{mine}{ours}.weight": hf[f"{theirs}{name}.weight"] for name, ours in dense.items()}
+    if f"{theirs}router.weight" in hf:  # gpt-oss: [E, in, out] with biases, gate and up interleaved
+        up_gate, up_gate_bias = hf[f"{theirs}experts.gate_up_proj"], hf[f"{theirs}experts.gate_up_proj_bias"]
+        return {f"{mine}router.weight": hf[f"{theirs}router.weight"], f"{mine}router.bias": hf[f"{theirs}router.bias"],
+                f"{mine}experts.w1": up_gate[..., ::2], f"{mine}experts.w3": up_gate[..., 1::2],
+                f"{mine}experts.w1_bias": up_gate_bias[..., ::2], f"{mine}experts.w3_bias": up_gate_bias[..., 1::2],
+                f"{mine}experts.w2": hf[f"{theirs}experts.down_proj"],
+                f"{mine}experts.w2_bias": hf[f"{theirs}experts.down_proj_bias"]}
     gate, up = hf[f"{theirs}experts.gate_up_proj"].transpose(1, 2).chunk(2, dim=-1)
     out = {f"{mine}router.weight": hf[f"{theirs}gate.weight"], f"{mine}experts.w1": gate,
            f"{mine}experts.w3": up, f"{mine}experts.w2": hf[f"{theirs}experts.down_proj"].transpose(1, 2)}
@@ -150,7 +165,7 @@ def test_executor_decoder_gives_transformers_logits(arch):
     mine = build_model(spec, seed=0).eval()
     with torch.no_grad():  # DeepSeek's router starts at zero, every expert tied: spread them
         for name, param in theirs.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 param.normal_(0, 0.5)
     hf = {k: v for k, v in theirs.state_dict().items() if not k.endswith("e_score_correction_bias")}
     copy = (_gpt_neox if arch == "gpt_neox" else _deepseek if arch.startswith("deepseek") else _llama_like)(hf, spec)

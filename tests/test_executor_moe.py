@@ -39,6 +39,11 @@ MOE_RAW = replace(MOE, name="tiny-moe-raw", norm_topk_prob=False)
 MOE_GROUPED = replace(MOE, name="tiny-moe-grouped", num_experts=8, router="sigmoid", route_groups=4,
                       route_group_topk=2, router_bias=True)
 MOE_GROUPED_SOFTMAX = replace(MOE_GROUPED, name="tiny-moe-grouped-softmax", router="softmax", router_bias=False)
+# gpt-oss's: biases everywhere (the experts' too), a clamped SwiGLU, a sink logit per head
+MOE_OSS = ModelSpec("tiny-oss", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
+                    vocab_size=128, max_seq_len=64, num_experts=4, experts_per_token=2, moe_ffn_hidden_size=48,
+                    bias=True, router_bias=True, swiglu_limit=0.5, attn_sinks=True, sliding_window=8,
+                    local_layers=(0,))
 
 
 def plan(**fields) -> Plan:
@@ -64,24 +69,33 @@ def per_token(moe, tokens: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     renormalised, sum of the chosen experts' MLPs weighted, plus the (gated) shared experts:
     one token at a time."""
     act = F.silu if spec.activation == "silu" else lambda t: F.gelu(t, approximate="tanh")
+    limit = spec.swiglu_limit
     out = torch.zeros_like(tokens)
     ex = moe.experts
+    bias = {name: getattr(ex, f"{name}_bias") for name in ("w1", "w2", "w3")}
+    project = {name: (lambda t, e, n=name: t @ getattr(ex, n)[e] + (bias[n][e] if bias[n] is not None else 0))
+               for name in ("w1", "w2", "w3")}
     for i, t in enumerate(tokens):
         logits = moe.router.weight @ t + (moe.router.bias if moe.router.bias is not None else 0)
         scores = torch.sigmoid(logits) if spec.router == "sigmoid" else torch.softmax(logits, -1)
         chosen = _chosen(scores, spec)
         weights = scores[chosen]
         for w, e in zip(weights / weights.sum() if spec.norm_topk_prob else weights, chosen):
-            hidden = act(t @ ex.w1[e]) * (t @ ex.w3[e]) if ex.w3 is not None else act(t @ ex.w1[e])
-            out[i] += w * (hidden @ ex.w2[e])
+            gate = project["w1"](t, e)
+            if limit is not None:  # gpt-oss's clamped SwiGLU, by its formula
+                gate, up = gate.clamp(max=limit), project["w3"](t, e).clamp(-limit, limit)
+                hidden = (up + 1) * gate * torch.sigmoid(1.702 * gate)
+            else:
+                hidden = act(gate) * project["w3"](t, e) if ex.w3 is not None else act(gate)
+            out[i] += w * project["w2"](hidden, e)
         if moe.shared_experts is not None:
             gate = torch.sigmoid(moe.shared_expert_gate.weight @ t) if moe.shared_expert_gate else 1
             out[i] += moe.shared_experts(t) * gate
     return out
 
 
-@pytest.mark.parametrize("spec", [MOE, MOE_GELU, MOE_RAW, MOE_GROUPED, MOE_GROUPED_SOFTMAX],
-                         ids=["gated-shared", "gelu-top1", "raw", "grouped-sigmoid", "grouped-softmax"])
+@pytest.mark.parametrize("spec", [MOE, MOE_GELU, MOE_RAW, MOE_GROUPED, MOE_GROUPED_SOFTMAX, MOE_OSS],
+                         ids=["gated-shared", "gelu-top1", "raw", "grouped-sigmoid", "grouped-softmax", "oss"])
 def test_moe_layer_is_the_routed_sum(spec):
     model = build_model(spec, seed=0)
     kinds = [type(layer.feed_forward).__name__ for layer in model.layers.values()]
@@ -124,7 +138,7 @@ def test_grouped_gemm_equals_one_matmul_per_expert():
 
 
 def test_parameter_count_matches_model_spec():
-    for spec in (MOE, MOE_GELU, MOE_GROUPED):
+    for spec in (MOE, MOE_GELU, MOE_GROUPED, MOE_OSS):
         assert sum(p.numel() for p in build_model(spec, 0).parameters()) == spec.num_params()
 
 
@@ -150,10 +164,10 @@ def test_executor_takes_expert_parallel_plans():
     assert not rules.violations(rules.EXECUTOR_TRAINING, plan(tp=2, dp=2, zero=2).fields(), dense)
     for routed in (MOE_GROUPED, MOE_GROUPED_SOFTMAX):
         assert not rules.violations(rules.EXECUTOR_TRAINING, plan(dp=2, ep=2).fields(), routed, Cluster(2, 2))
-    # gpt-oss's experts keep biases, which the grouped GEMMs do not add
-    biased = ModelSpec(**{**MOE.to_dict(), "bias": True})
-    field, problem, _ = rules.violations(rules.EXECUTOR_TRAINING, plan(dp=2).fields(), biased)[0]
-    assert field == "model" and "biases" in problem
+    assert not rules.violations(rules.EXECUTOR_TRAINING, plan(dp=2, ep=2).fields(), MOE_OSS, Cluster(2, 2))
+    # its sinks join no CP exchange
+    assert [f for f, _, _ in rules.violations(rules.EXECUTOR_TRAINING, plan(cp=2, cp_comm="allgather").fields(),
+                                              MOE_OSS, Cluster(2, 2))] == ["plan.cp"]
 
 
 def test_validation_suite_runs_expert_parallel_plans():
@@ -181,7 +195,9 @@ WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
            # the experts split over the CP ranks, which route their own sequence shards
            ("cp2-ep2", MOE, plan(cp=2, ep=2, cp_comm="a2a")),
            # DeepSeek-V3's router: a sigmoid, the best experts of the best groups
-           ("grouped-ep2", MOE_GROUPED, plan(dp=2, ep=2))]
+           ("grouped-ep2", MOE_GROUPED, plan(dp=2, ep=2)),
+           # gpt-oss's: the experts' biases split with them, the sinks with TP's heads
+           ("oss-ep2", MOE_OSS, plan(dp=2, ep=2))]
 WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("ep4", MOE, plan(dp=4, ep=4)),
            ("ep2-edp2-zero2", MOE, plan(dp=4, ep=2, zero=2)),
@@ -191,7 +207,8 @@ WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("ep4-zero3", MOE_GELU, plan(dp=4, ep=4, zero=3)),
            ("pp2-dp2-ep2-1f1b", MOE, plan(pp=2, dp=2, ep=2, schedule="1f1b", micro_batch=1)),
            ("dp2-tp2-sp-ep2", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=2)),
-           ("dp2-tp2-sp-ep4-zero3", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=4, zero=3))]
+           ("dp2-tp2-sp-ep4-zero3", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=4, zero=3)),
+           ("oss-dp2-tp2-sp-ep2", MOE_OSS, plan(dp=2, tp=2, sp=True, etp=1, ep=2))]
 
 
 def _top_experts(logits: torch.Tensor, model: ModelSpec) -> torch.Tensor:

@@ -42,6 +42,11 @@ WINDOWED = dataclasses.replace(LLAMA, name="tiny-windowed", sliding_window=8, lo
 WIN_PROMPT, WIN_GEN = 40, 16
 # QK-norm, a head width other than hidden/heads and Q/K/V biases (Qwen3, Qwen2), the keys
 # normed before they are cached
+# gpt-oss's: sinks, biases everywhere (the experts' too), a clamped SwiGLU, a windowed layer
+OSS = ModelSpec("tiny-oss", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
+                vocab_size=256, max_seq_len=64, num_experts=4, experts_per_token=2, moe_ffn_hidden_size=64,
+                bias=True, router_bias=True, swiglu_limit=0.5, attn_sinks=True, sliding_window=8,
+                local_layers=(0,))
 QWEN3 = ModelSpec("tiny-qwen3", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32,
                   ffn_hidden_size=128, vocab_size=256, max_seq_len=64, qk_norm=True, qkv_bias=True)
 
@@ -160,6 +165,9 @@ WORLD_2 = [("tp2", LLAMA, _plan(tp=2)), ("pp2-uneven-microbatches", LLAMA, _plan
            ("replicas2", LLAMA, _plan(replicas=2)),
            ("tp2-windowed", WINDOWED, _plan(tp=2, prompt_len=WIN_PROMPT, gen_len=WIN_GEN)),
            ("tp2-qwen3", QWEN3, _plan(tp=2)),
+           # sinks split with the heads, each expert's width with its biases (the output's
+           # added once to the summed partial outputs)
+           ("tp2-oss", OSS, _plan(tp=2)),
            # the last stage's head a copy of the first stage's embedding
            ("pp2-tied", dataclasses.replace(GPT, tied_embeddings=True), _plan(pp=2))]
 WORLD_4 = [("tp2-pp2", LLAMA, _plan(tp=2, pp=2)), ("pp2-replicas2", LLAMA, _plan(pp=2, replicas=2)),
