@@ -76,9 +76,9 @@ class CausalCore(nn.Module):
     naive (unfused_attention). Under the ring's or the gather's context parallelism (`cp`)
     the queries attend to the whole sequence through it."""
 
-    def __init__(self, window: int | None = None, kernel: str = "flash"):
+    def __init__(self, window: int | None = None, kernel: str = "flash", softcap: float | None = None):
         super().__init__()
-        self.window, self.kernel = window, kernel
+        self.window, self.kernel, self.softcap = window, kernel, softcap  # softcap: the unfused core's only
         self.cp: ContextParallel | None = None
 
     def forward(self, q, k, v, sinks=None):  # [batch, seq, heads, head_dim]; sinks [heads]
@@ -91,6 +91,8 @@ class CausalCore(nn.Module):
         shape = (q.shape[1], k.shape[1], self.window if windowed else None, q.device)
         if self.kernel == "naive":
             return self._unfused(q, k, v, hidden_keys(*shape) if masked else None, sinks)
+        if self.softcap is not None:  # refused before a run (rules.EXECUTOR_TRAINING)
+            raise ValueError("soft-capped attention runs in the unfused core only: attention naive")
         if sinks is not None:
             return _SinkAttention.apply(q, k, v, sinks, key_mask(*shape) if masked else None, causal)
         return self._fused(q, k, v, key_mask(*shape) if masked else None, causal)
@@ -101,10 +103,9 @@ class CausalCore(nn.Module):
             return self._unfused(q, k, v, ~visible)
         return self._fused(q, k, v, visible, False)
 
-    @staticmethod
-    def _unfused(q, k, v, hidden, sinks=None):
+    def _unfused(self, q, k, v, hidden, sinks=None):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        return unfused_attention(q, k, v, hidden, sinks).transpose(1, 2)
+        return unfused_attention(q, k, v, hidden, sinks, self.softcap).transpose(1, 2)
 
     def _fused(self, q, k, v, mask, causal: bool):
         # FlashAttention takes one head width for Q, K and V: a narrower V (latent
@@ -171,7 +172,8 @@ def hidden_keys(queries: int, keys: int, window: int | None, device: torch.devic
     return ~key_mask(queries, keys, window, device)
 
 
-def unfused_attention(q, k, v, hidden: torch.Tensor | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+def unfused_attention(q, k, v, hidden: torch.Tensor | None, sinks: torch.Tensor | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
     """Attention as separate kernels (q, k, v [batch, heads, seq, head_dim]; `hidden` as
     hidden_keys'): the queries' matmul with the keys, scaled in its epilogue; the hidden keys
     filled in place; softmax; the matmul with the values. The scores and probabilities stay in the
@@ -179,7 +181,8 @@ def unfused_attention(q, k, v, hidden: torch.Tensor | None, sinks: torch.Tensor 
     probabilities are the one queries x keys tensor backward keeps (the simulator's naive
     attention, memory.py; its eager kernels, ops.eager_bytes_per_element). Grouped KV heads
     serve their query heads by broadcasting, not by copies. `sinks` [heads]: a logit per head
-    in each softmax, no value (gpt-oss)."""
+    in each softmax, no value (gpt-oss); `softcap`: the scores soft-capped before the mask
+    (Gemma 2 report sec 2.2)."""
     batch, heads, seq, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     rows = heads // kv_heads * seq
@@ -188,6 +191,8 @@ def unfused_attention(q, k, v, hidden: torch.Tensor | None, sinks: torch.Tensor 
         scores = torch.baddbmm(q.new_empty(batch * kv_heads, rows, keys), grouped,
                                k.reshape(batch * kv_heads, keys, dim).transpose(1, 2), beta=0, alpha=dim ** -0.5)
         scores = scores.view(batch, heads, seq, keys)
+        if softcap is not None:  # Gemma 2's soft-capping: softcap * tanh(scores / softcap)
+            scores = torch.tanh(scores / softcap) * softcap
         if hidden is not None:
             scores.masked_fill_(hidden, float("-inf"))
         if sinks is None:
@@ -242,7 +247,7 @@ class Attention(nn.Module):
         self.k_norm = make_norm(spec, hd) if spec.qk_norm else None
         # gpt-oss's sink logit per head (split by head under TP: apply_tp)
         self.sinks = nn.Parameter(torch.zeros(spec.num_heads)) if spec.attn_sinks else None
-        self.core = CausalCore(window)
+        self.core = CausalCore(window, softcap=spec.attn_softcap)
         self.cp: ContextParallel | None = None  # context parallelism (training)
 
     def forward(self, x, cache: LayerCache | None = None):
@@ -407,7 +412,11 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         if self.norm is not None:
             x = self.norm(x)
-        return self.output(x) if self.output is not None else x
+        if self.output is None:
+            return x
+        logits = self.output(x)
+        cap = self.spec.final_softcap  # Gemma 2's: the logits soft-capped as the scores are
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def init_weights(model: Transformer, seed: int) -> None:

@@ -43,6 +43,17 @@ def test_unfused_core_matches_the_fused_kernel(seq, keys, window):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_soft_capped_scores_are_capped_before_the_mask():
+    """Gemma 2's soft-capping in the unfused core: softmax(cap tanh(q k^T / (sqrt(d) cap)))
+    under the causal mask, by hand."""
+    q, k, v = _qkv(6, 6, heads=2, kv_heads=2)
+    cap = 0.5
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    scores = (torch.tanh(scores / cap) * cap).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    torch.testing.assert_close(CausalCore(None, "naive", softcap=cap)(q, k, v), expected)
+
+
 @pytest.mark.parametrize("seq, keys, window", [(12, 12, None), (12, 12, 8), (12, 17, 6), (1, 17, None)])
 def test_sinks_by_the_fused_kernel_match_the_unfused_softmax(seq, keys, window):
     """gpt-oss's sink logits: CPU flash attention's output rescaled by its log-sum-exp, and

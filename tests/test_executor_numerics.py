@@ -14,6 +14,7 @@ Plans of one world size share one launch (launch_many) to keep the file fast.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import socket
 import subprocess
@@ -55,6 +56,8 @@ MLA_DIRECT = ModelSpec("tiny-mla-direct", num_layers=2, hidden_size=64, num_head
 SANDWICH = ModelSpec("tiny-sandwich", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
                      ffn_hidden_size=128, vocab_size=256, max_seq_len=64, sandwich_norm=True,
                      parallel_residual=True, rotary_pct=0.5, sliding_window=8, local_layers=(0,), out_bias=True)
+# ... soft-capped (Gemma 2): the scores in the unfused core, and the logits
+SOFTCAP = replace(SANDWICH, name="tiny-softcap", attn_softcap=0.5, final_softcap=3.0)
 
 
 def plan(**fields) -> Plan:
@@ -98,6 +101,8 @@ WORLD_2 = [
     ("qwen3-tp-sp", QWEN3, plan(tp=2, sp=True)),
     ("sandwich-tp-sp", SANDWICH, plan(tp=2, sp=True)),
     ("sandwich-cp-allgather", SANDWICH, plan(cp=2, cp_comm="allgather")),
+    # Gemma 2's soft-capped scores (the unfused core) and logits (vocab-sharded under TP)
+    ("softcap-tp-sp-naive", SOFTCAP, plan(tp=2, sp=True, attention="naive")),
     # latent attention: up-projections split by head, down-projections and latent norms
     # replicated with their gradients summed over TP
     ("mla-tp-sp", MLA, plan(tp=2, sp=True)),
@@ -156,6 +161,8 @@ def reference(model: ModelSpec, plan: Plan):
     """Single process, whole batch at once: (losses, gradients of step 1 by name)."""
     torch.manual_seed(SEED)
     net = build_model(model, SEED)
+    for layer in net.layers.values():  # the plan's attention kernel (soft-capping runs unfused only)
+        layer.attention.core.kernel = plan.attention
     optimizer = (torch.optim.AdamW(net.parameters(), lr=LR) if plan.moments_dtype == "fp32"
                  else MomentsAdamW(net.parameters(), lr=LR))
     losses, grads = [], {}
