@@ -80,11 +80,14 @@ def looped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> t
 @dataclass(frozen=True)
 class ExpertSharding:
     """Where a layer's experts live: this rank's EP group (which splits them) and EDP group
-    (which replicates them), and the data-parallel degree that the gradient mean divides by."""
+    (which replicates them), the data-parallel degree that the gradient mean divides by, and
+    whether a token goes once to each rank its experts sit on (plan.moe_dispatcher deepep)
+    rather than once per expert."""
 
     ep_group: dist.ProcessGroup
     edp_group: dist.ProcessGroup
     dp: int
+    deduplicated: bool = False
 
     @property
     def ep(self) -> int:
@@ -160,23 +163,30 @@ class MoE(nn.Module):
         if self.renormalise:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(tokens.dtype)
+        sharding = self.experts.sharding
+        if sharding is not None and sharding.ep > 1 and sharding.deduplicated:
+            routed = deduplicated_expert_parallel(self.experts, tokens, chosen, weights, sharding.ep_group)
+            return self._with_shared(tokens, routed).view(x.shape)
         order = chosen.flatten().argsort(stable=True)  # routed rows grouped by expert
         source = order // self.top_k                      # the token of each routed row
         counts = chosen.flatten().bincount(minlength=self.num_experts)
         rows = tokens[source]
-        sharding = self.experts.sharding
         out = self.experts(rows, counts) if sharding is None or sharding.ep == 1 else \
             expert_parallel(self.experts, rows, counts, sharding.ep_group)
         out = out * weights.flatten()[order, None]
         routed = tokens.new_zeros(tokens.shape).index_add(0, source, out.to(tokens.dtype))
         if self.width_group is not None:
             dist.all_reduce(routed, group=self.width_group)
-        if self.shared_experts is not None:
-            shared = self.shared_experts(tokens)
-            if self.shared_expert_gate is not None:
-                shared = shared * torch.sigmoid(self.shared_expert_gate(tokens))
-            routed = routed + shared
-        return routed.view(x.shape)
+        return self._with_shared(tokens, routed).view(x.shape)
+
+    def _with_shared(self, tokens: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum plus the (gated) shared experts' output."""
+        if self.shared_experts is None:
+            return routed
+        shared = self.shared_experts(tokens)
+        if self.shared_expert_gate is not None:
+            shared = shared * torch.sigmoid(self.shared_expert_gate(tokens))
+        return routed + shared
 
     def _choose(self, scores: torch.Tensor) -> torch.Tensor:
         """Each token's top-k experts [tokens, k], from its best groups where routing is
@@ -210,6 +220,39 @@ def expert_parallel(experts: GroupedExperts, rows: torch.Tensor, counts: torch.T
     regroup = expert_of_row.argsort(stable=True)
     out = experts(received[regroup], per_source.sum(0))[regroup.argsort()]
     return funcol.wait_tensor(funcol.all_to_all_single(out.contiguous(), send, receive, group))
+
+
+def deduplicated_expert_parallel(experts: GroupedExperts, tokens: torch.Tensor, chosen: torch.Tensor,
+                                 weights: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The routed experts' weighted sum [tokens, h] for this rank's tokens, each sent once to
+    each rank of `group` its chosen experts [tokens, k] sit on, with its weights for that
+    rank's experts; the rank expands it to those experts, weights and sums their outputs, and
+    sends one row back per token (DeepEP's dispatch layout, is_token_in_rank, and its
+    combine; here over torch's all_to_all_single, differentiable: the weights' gradients
+    come back through it)."""
+    ep, local = dist.get_world_size(group), experts.w1.shape[0]
+    count, width = tokens.shape
+    on_rank = torch.zeros(count, ep, dtype=torch.bool, device=tokens.device).scatter_(1, chosen // local, True)
+    destination, token = on_rank.t().nonzero(as_tuple=True)  # rows in rank order, tokens within
+    weight = torch.zeros(count, ep * local, dtype=weights.dtype, device=tokens.device).scatter(1, chosen, weights)
+    picked = torch.zeros(count, ep * local, dtype=tokens.dtype, device=tokens.device).scatter_(1, chosen, 1.0)
+    payload = torch.cat([tokens[token], weight.view(count, ep, local)[token, destination].to(tokens.dtype),
+                         picked.view(count, ep, local)[token, destination]], dim=1)
+    send = on_rank.sum(0)
+    received_counts = torch.empty_like(send)
+    dist.all_to_all_single(received_counts, send, group=group)
+    send, receive = send.tolist(), received_counts.tolist()
+    arrived = funcol.wait_tensor(funcol.all_to_all_single(payload.contiguous(), receive, send, group))
+    rows, row_weights, row_picked = arrived.split([width, local, local], dim=1)
+    row, expert = row_picked.detach().bool().nonzero(as_tuple=True)
+    order = expert.argsort(stable=True)  # the expanded rows grouped by local expert
+    row, expert = row[order], expert[order]
+    counts = expert.bincount(minlength=local)
+    experts.received_rows.append(int(counts.sum()))
+    out = experts(rows[row], counts) * row_weights[row, expert, None]
+    combined = rows.new_zeros(rows.shape).index_add(0, row, out.to(rows.dtype))
+    back = funcol.wait_tensor(funcol.all_to_all_single(combined, send, receive, group))
+    return tokens.new_zeros(tokens.shape).index_add(0, token, back)
 
 
 def shard_experts(moe: MoE, sharding: ExpertSharding) -> None:

@@ -133,12 +133,15 @@ def keep_gradient_sharded(weight: DTensor) -> None:
     weight.register_hook(lambda grad: grad.redistribute(placements=weight.placements))
 
 
-def apply_ep(model: Transformer, expert_mesh: DeviceMesh, dp: int) -> None:
+def apply_ep(model: Transformer, expert_mesh: DeviceMesh, dp: int, dispatcher: str = "alltoall") -> None:
     """Expert parallelism: each MoE layer keeps the experts of this rank's place on the
-    expert mesh's ep axis, and routes rows to the others with all-to-all (moe.py). With
-    TP (ep 1 included) the experts are replicated along edp, which then spans TP ranks
-    that saw other tokens: their gradients are reduced over edp, not by the DP wrapper."""
-    sharding = ExpertSharding(expert_mesh["ep"].get_group(), expert_mesh["edp"].get_group(), dp)
+    expert mesh's ep axis, and routes rows to the others with all-to-all (moe.py), a row per
+    chosen expert, or with plan.moe_dispatcher deepep a row per token and rank its experts
+    sit on. With TP (ep 1 included) the experts are replicated along edp, which then spans
+    TP ranks that saw other tokens: their gradients are reduced over edp, not by the DP
+    wrapper."""
+    sharding = ExpertSharding(expert_mesh["ep"].get_group(), expert_mesh["edp"].get_group(), dp,
+                              deduplicated=dispatcher == "deepep")
     for layer in model.layers.values():
         if isinstance(layer.feed_forward, MoE):
             shard_experts(layer.feed_forward, sharding)
@@ -242,7 +245,7 @@ def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh, dp_mesh: Devic
     if plan.tp > 1:
         apply_tp(model, mesh["tp"], plan.sp, training=True)
     if expert_mesh is not None:
-        apply_ep(model, expert_mesh, plan.dp * plan.cp)
+        apply_ep(model, expert_mesh, plan.dp * plan.cp, plan.moe_dispatcher)
     if plan.recompute != "none":
         apply_recompute(model, plan.recompute)
     if plan.dp * plan.cp > 1:

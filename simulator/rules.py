@@ -408,9 +408,6 @@ EXECUTOR_TRAINING = (
           lambda x, m, c: "the executor checkpoints layers, the attention core or ops; Megatron-LM's module "
           "recompute frees outputs their consumers saved (CheckpointWithoutOutput), which it does not",
           "use recompute none, selective, full or op"),
-    _rule("plan.moe_dispatcher", "moe_dispatcher", lambda x, m, c: x.moe_dispatcher == "alltoall",
-          lambda x, m, c: f"the executor dispatches tokens with torch's all_to_all, not {x.moe_dispatcher}",
-          "use moe_dispatcher alltoall"),
     _rule("plan.moe_a2a_overlap", "moe_a2a_overlap", lambda x, m, c: np.logical_not(x.moe_a2a_overlap),
           lambda x, m, c: "the executor runs each micro-batch's forward and backward one after the other, "
           "so no all-to-all overlaps another micro-batch's compute", "drop moe_a2a_overlap"),

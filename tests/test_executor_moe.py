@@ -145,7 +145,6 @@ def test_parameter_count_matches_model_spec():
 @pytest.mark.parametrize("fields, field", [
     (dict(dp=2, tp=2), "plan.etp"),
     (dict(dp=2, tp=2, sp=True, etp=2), "plan.etp"),
-    (dict(dp=2, ep=2, moe_dispatcher="deepep"), "plan.moe_dispatcher"),
     (dict(dp=2, ep=2, moe_routing="contiguous"), "plan.moe_routing"),
     (dict(dp=2, ep=2, dtype="bf16", master_weights=False), "plan.master_weights"),
 ])
@@ -197,7 +196,9 @@ WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
            # DeepSeek-V3's router: a sigmoid, the best experts of the best groups
            ("grouped-ep2", MOE_GROUPED, plan(dp=2, ep=2)),
            # gpt-oss's: the experts' biases split with them, the sinks with TP's heads
-           ("oss-ep2", MOE_OSS, plan(dp=2, ep=2))]
+           ("oss-ep2", MOE_OSS, plan(dp=2, ep=2)),
+           # a token sent once to each rank its experts sit on, weighted and summed there
+           ("deepep-ep2", MOE_GROUPED, plan(dp=2, ep=2, moe_dispatcher="deepep"))]
 WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("ep4", MOE, plan(dp=4, ep=4)),
            ("ep2-edp2-zero2", MOE, plan(dp=4, ep=2, zero=2)),
@@ -208,7 +209,9 @@ WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("pp2-dp2-ep2-1f1b", MOE, plan(pp=2, dp=2, ep=2, schedule="1f1b", micro_batch=1)),
            ("dp2-tp2-sp-ep2", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=2)),
            ("dp2-tp2-sp-ep4-zero3", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=4, zero=3)),
-           ("oss-dp2-tp2-sp-ep2", MOE_OSS, plan(dp=2, tp=2, sp=True, etp=1, ep=2))]
+           ("oss-dp2-tp2-sp-ep2", MOE_OSS, plan(dp=2, tp=2, sp=True, etp=1, ep=2)),
+           ("deepep-ep4", MOE, plan(dp=4, ep=4, moe_dispatcher="deepep")),
+           ("deepep-dp2-tp2-sp-ep4", MOE_OSS, plan(dp=2, tp=2, sp=True, etp=1, ep=4, moe_dispatcher="deepep"))]
 
 
 def _top_experts(logits: torch.Tensor, model: ModelSpec) -> torch.Tensor:
