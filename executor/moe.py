@@ -88,10 +88,20 @@ class ExpertSharding:
     edp_group: dist.ProcessGroup
     dp: int
     deduplicated: bool = False
+    etp_group: dist.ProcessGroup | None = None  # expert TP: each expert's width split over it
 
     @property
     def ep(self) -> int:
         return dist.get_world_size(self.ep_group)
+
+    @property
+    def etp(self) -> int:
+        return 1 if self.etp_group is None else dist.get_world_size(self.etp_group)
+
+
+# The dimension of each expert weight that expert tensor parallelism splits (Megatron-Core's
+# expert TP: w1 and w3 by output columns, w2 by input rows), as vLLM's FusedMoE under TP does
+WIDTH_DIMS = {"w1": 2, "w3": 2, "w2": 1}
 
 
 class GroupedExperts(nn.Module):
@@ -114,8 +124,29 @@ class GroupedExperts(nn.Module):
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [n, h] sorted by expert, counts [E] rows of each expert -> [n, h]."""
+        if self.sharding is not None and self.sharding.etp > 1:
+            return self._tensor_parallel(rows, counts, self.sharding.etp_group)
         return expert_mlps(rows, counts, self.act, self.w1, self.w2, self.w3,
                            (self.w1_bias, self.w2_bias, self.w3_bias))
+
+    def _tensor_parallel(self, rows: torch.Tensor, counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        """Expert TP (Megatron-Core's, after the EP exchange): this rank's rows gathered
+        with every rank's of `group`, each expert's width share run on all of them, and the
+        partial outputs summed back onto the rows they came from (all-gather and
+        reduce-scatter as all-to-alls of uneven parts, differentiable). No biases
+        (rules.EXECUTOR_TRAINING)."""
+        etp, count = dist.get_world_size(group), rows.shape[0]
+        table = [torch.empty_like(counts) for _ in range(etp)]  # [source rank][local expert]
+        dist.all_gather(table, counts, group=group)
+        table = torch.stack(table)
+        sizes = table.sum(1).tolist()
+        gathered = funcol.wait_tensor(funcol.all_to_all_single(rows.repeat(etp, 1), sizes, [count] * etp, group))
+        expert = torch.arange(counts.numel(), device=rows.device).repeat(etp).repeat_interleave(table.flatten())
+        regroup = expert.argsort(stable=True)
+        partial = expert_mlps(gathered[regroup], table.sum(0), self.act, self.w1, self.w2, self.w3)
+        back = funcol.wait_tensor(funcol.all_to_all_single(partial[regroup.argsort()].contiguous(),
+                                                           [count] * etp, sizes, group))
+        return back.view(etp, count, -1).sum(0)
 
 
 def expert_mlps(rows: torch.Tensor, counts: torch.Tensor, act, w1: torch.Tensor, w2: torch.Tensor,
@@ -261,8 +292,10 @@ def shard_experts(moe: MoE, sharding: ExpertSharding) -> None:
     ep, rank = dist.get_world_size(sharding.ep_group), dist.get_rank(sharding.ep_group)
     local = moe.num_experts // ep
     for name, param in list(experts.named_parameters()):
-        part = param.detach()[rank * local:(rank + 1) * local].clone()
-        setattr(experts, name, nn.Parameter(part))
+        part = param.detach()[rank * local:(rank + 1) * local]
+        if name in WIDTH_DIMS and sharding.etp > 1:  # and this rank's share of each one's width
+            part = part.chunk(sharding.etp, WIDTH_DIMS[name])[dist.get_rank(sharding.etp_group)]
+        setattr(experts, name, nn.Parameter(part.clone()))
     experts.sharding = sharding
 
 
@@ -335,8 +368,14 @@ def _all_reduce(grads: list, group: dist.ProcessGroup, divide_by: int) -> None:
         grad.copy_(part.view_as(grad))
 
 
-def gather_experts(tensor: torch.Tensor, sharding: ExpertSharding) -> torch.Tensor:
-    """The whole [E, ...] tensor from this rank's [E/ep, ...] part (collective over EP)."""
+def gather_experts(tensor: torch.Tensor, sharding: ExpertSharding, width_dim: int | None = None) -> torch.Tensor:
+    """The whole [E, ...] tensor from this rank's [E/ep, ...] part (collective over EP),
+    and over expert TP its whole width along `width_dim` (WIDTH_DIMS)."""
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(sharding.ep_group))]
     dist.all_gather(parts, tensor.contiguous(), group=sharding.ep_group)
-    return torch.cat(parts)
+    whole = torch.cat(parts)
+    if sharding.etp == 1 or width_dim is None:
+        return whole
+    parts = [torch.empty_like(whole) for _ in range(sharding.etp)]
+    dist.all_gather(parts, whole, group=sharding.etp_group)
+    return torch.cat(parts, dim=width_dim)

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from meshplan.executor.adamw import MomentsAdamW
 from meshplan.executor.context_parallel import ContextParallel
 from meshplan.executor.model import Attention, LatentAttention, Transformer, set_context_parallel
-from meshplan.executor.moe import (ExpertSharding, MoE, expert_parameters, gather_experts,
+from meshplan.executor.moe import (WIDTH_DIMS, ExpertSharding, MoE, expert_parameters, gather_experts,
                                    reduce_expert_gradients, shard_expert_width, shard_experts,
                                    sharded_experts)
 from meshplan.executor.zero_one import ZeroOneOptimizer
@@ -141,7 +141,8 @@ def apply_ep(model: Transformer, expert_mesh: DeviceMesh, dp: int, dispatcher: s
     TP ranks that saw other tokens: their gradients are reduced over edp, not by the DP
     wrapper."""
     sharding = ExpertSharding(expert_mesh["ep"].get_group(), expert_mesh["edp"].get_group(), dp,
-                              deduplicated=dispatcher == "deepep")
+                              deduplicated=dispatcher == "deepep",
+                              etp_group=expert_mesh["etp"].get_group() if expert_mesh["etp"].size() > 1 else None)
     for layer in model.layers.values():
         if isinstance(layer.feed_forward, MoE):
             shard_experts(layer.feed_forward, sharding)
@@ -337,7 +338,7 @@ def full_gradients(modules: list[nn.Module], tied: bool = False) -> dict[str, to
             if isinstance(grad, DTensor):
                 grad = grad.full_tensor()
             if id(param) in experts:
-                grad = gather_experts(grad, experts[id(param)])
+                grad = gather_experts(grad, experts[id(param)], WIDTH_DIMS.get(name.rsplit(".", 1)[-1]))
             name = parameter_name(name)
             if tied and name == "output.weight":
                 name = "tok_embeddings.weight"

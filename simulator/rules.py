@@ -395,9 +395,11 @@ EXECUTOR_TRAINING = (
           lambda x, m, c: (x.pp == 1) | np.logical_not(np.isin(x.schedule, ("1f1b", "zb-h1"))) | (_microbatches(x) >= x.pp),
           lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",
           "raise the global batch or lower the micro-batch"),
-    _rule("plan.etp", "etp", lambda x, m, c: (m.num_experts == 0) | (x.etp == 1),
-          lambda x, m, c: f"the executor runs each expert whole on one rank, not over etp {x.etp}",
-          "use etp 1 (with tp > 1 that needs sp)"),
+    _rule("plan.etp", "etp tp sp", lambda x, m, c: (m.num_experts == 0) | (x.etp == 1) | (x.tp == 1) | np.asarray(x.sp),
+          lambda x, m, c: f"the executor's expert TP gathers each rank's own routed rows over etp {x.etp}, and "
+          "without sequence parallelism the TP ranks hold the same tokens", "turn on sp, or use etp 1"),
+    _rule("plan.etp", "etp", lambda x, m, c: (x.etp == 1) | np.logical_not(m.num_experts > 0 and m.bias),
+          lambda x, m, c: f"the executor splits no expert's biases over etp {x.etp}", "use etp 1"),
     _rule("plan.recompute", "recompute tp cp",
           lambda x, m, c: (x.recompute != "op") | ((x.tp == 1) & (x.cp == 1) & (m.num_experts == 0)
                                                    & (m.kv_lora_rank == 0)),

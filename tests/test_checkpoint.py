@@ -210,7 +210,8 @@ MOE = ModelSpec("tiny-moe", num_layers=3, hidden_size=32, num_heads=4, num_kv_he
                 experts_per_token=2, moe_ffn_hidden_size=48, dense_layers=(0,))
 
 
-EP_SAVED = {"ep2": plan(dp=2, ep=2), "ep2-zero1": plan(dp=2, ep=2, zero=1)}
+EP_SAVED = {"ep2": plan(dp=2, ep=2), "ep2-zero1": plan(dp=2, ep=2, zero=1),
+            "etp2": plan(tp=2, sp=True, etp=2)}
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +225,12 @@ def ep_reference() -> dict[str, tuple[float, ...]]:
 @pytest.mark.parametrize("saved, into", [
     ("ep2", plan(dp=2)),                            # split experts into whole ones
     ("ep2-zero1", plan(dp=2, ep=2, zero=3)),        # owned shards into FSDP2 beside EP
-], ids=["ep2-to-ep1", "zero1-to-zero3"])
+    ("etp2", plan(dp=2, ep=2)),                     # width shards (expert TP) into whole experts
+], ids=["ep2-to-ep1", "zero1-to-zero3", "etp2-to-ep2"])
 def test_expert_parallel_checkpoints_reshard_into_another_ep(ep_reference, tmp_path, saved, into):
-    """Experts split over EP are saved as DTensors sharded over ep and replicated over edp, so
-    each is written once and loads into any other expert layout."""
+    """Experts split over EP (and their width over expert TP) are saved as DTensors sharded
+    over ep (and etp) and replicated over edp, so each is written once and loads into any
+    other expert layout."""
     launch_train(MOE, EP_SAVED[saved], Cluster(2, 2), options(tmp_path, steps=3))
     record = launch_train(MOE, into, Cluster(2, 2), options(tmp_path, resume=True))
     assert record.losses[:3] == ep_reference[saved][:3]

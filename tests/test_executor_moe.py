@@ -144,7 +144,7 @@ def test_parameter_count_matches_model_spec():
 
 @pytest.mark.parametrize("fields, field", [
     (dict(dp=2, tp=2), "plan.etp"),
-    (dict(dp=2, tp=2, sp=True, etp=2), "plan.etp"),
+    (dict(dp=2, tp=2, etp=2), "plan.etp"),  # without SP the TP ranks' tokens are the same
     (dict(dp=2, ep=2, moe_routing="contiguous"), "plan.moe_routing"),
     (dict(dp=2, ep=2, dtype="bf16", master_weights=False), "plan.master_weights"),
 ])
@@ -189,6 +189,8 @@ WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
                                                                  virtual_stages=2)),
            ("tp2-sp-ep1", MOE, plan(tp=2, sp=True, etp=1)),
            ("tp2-sp-ep2", MOE_GELU, plan(tp=2, sp=True, etp=1, ep=2)),
+           # expert TP: each expert's width split over the TP ranks, which route their own rows
+           ("tp2-sp-etp2", MOE, plan(tp=2, sp=True, etp=2)),
            # every expert owned by one rank (edp 1): their optimizer unsharded
            ("ep2-zero1", MOE, plan(dp=2, ep=2, zero=1)),
            # the experts split over the CP ranks, which route their own sequence shards
@@ -211,6 +213,7 @@ WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("dp2-tp2-sp-ep4-zero3", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=4, zero=3)),
            ("oss-dp2-tp2-sp-ep2", MOE_OSS, plan(dp=2, tp=2, sp=True, etp=1, ep=2)),
            ("deepep-ep4", MOE, plan(dp=4, ep=4, moe_dispatcher="deepep")),
+           ("dp2-tp2-sp-ep2-etp2", MOE_GELU, plan(dp=2, tp=2, sp=True, ep=2, etp=2)),
            ("deepep-dp2-tp2-sp-ep4", MOE_OSS, plan(dp=2, tp=2, sp=True, etp=1, ep=4, moe_dispatcher="deepep"))]
 
 

@@ -34,7 +34,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 
 from meshplan.core.io import write_atomic, write_json
 from meshplan.executor.checkpoint import INFO, KEEP, LATEST, CheckpointInfo, latest, step_name
-from meshplan.executor.moe import expert_parameters
+from meshplan.executor.moe import WIDTH_DIMS, expert_parameters
 from meshplan.executor.parallelize import parameter_name
 
 # Optimizer state keyed by parameter name rather than position, so it reshards (torchtitan's choice).
@@ -69,7 +69,7 @@ class Checkpointer:
         self.model = stage_view(modules)
         split = {p for m in modules for p in expert_parameters(m)}
         self.experts = {parameter_name(n) for m in modules for n, p in m.named_parameters() if p in split}
-        self.expert_mesh = (expert_mesh[tuple(n for n in expert_mesh.mesh_dim_names if n in ("edp", "ep"))]
+        self.expert_mesh = (expert_mesh[tuple(n for n in expert_mesh.mesh_dim_names if n in ("edp", "ep", "etp"))]
                             if self.experts else None)
         self.optimizer = getattr(optimizer, "optim", optimizer)
         self.rng_key = f"rng_rank{dist.get_rank()}"
@@ -147,13 +147,17 @@ class Checkpointer:
 
     def _experts_as_dtensors(self, model: dict, optim: dict) -> None:
         """The EP-split experts' local tensors in `model` and `optim` as DTensors over the
-        expert mesh (sharing their storage): Shard(0) on ep, replicated on edp."""
+        expert mesh (sharing their storage): Shard(0) on ep, replicated on edp, and on etp
+        sharded along each weight's split width (moe.WIDTH_DIMS)."""
         if self.expert_mesh is None:
             return
-        placements = [Replicate() if n == "edp" else Shard(0) for n in self.expert_mesh.mesh_dim_names]
         for part in (model, optim):
             for key, value in part.items():
                 if self._expert_key(key) and isinstance(value, torch.Tensor) and value.ndim:
+                    weight = (key.removeprefix("state.").rsplit(".", 1)[0] if key.startswith("state.") else key)
+                    width = WIDTH_DIMS.get(weight.rsplit(".", 1)[-1], 0)
+                    placements = [Replicate() if n == "edp" else Shard(0) if n == "ep" else Shard(width)
+                                  for n in self.expert_mesh.mesh_dim_names]
                     part[key] = DTensor.from_local(value, self.expert_mesh, placements, run_check=False)
 
     def _heads_as_embedding(self, optim: dict) -> list[tuple[str, str, bool]]:
