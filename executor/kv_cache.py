@@ -16,8 +16,9 @@ from meshplan.simulator.serve import window_kept_tokens
 
 
 class LayerCache:
-    """One layer's keys and values, [batch, slots, kv_heads, head_dim]: `length` positions
-    seen so far, all of them (up to max_len), or with `keep` only the last `keep`."""
+    """One layer's keys and values, [batch, slots, kv_heads, head_dim] (latent attention's
+    latent and RoPE key as one key head, no values): `length` positions seen so far, all of
+    them (up to max_len), or with `keep` only the last `keep`."""
 
     def __init__(self, max_len: int, keep: int | None = None):
         self.max_len = max_len
@@ -35,9 +36,8 @@ class LayerCache:
         self.length = end
         if self.keep is not None:
             return self._slide(k, v)
-        if self.keys is None:
-            shape = (k.shape[0], self.max_len, *k.shape[2:])
-            self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
+        if self.keys is None:  # each as wide as its own (latent attention keeps no values)
+            self.keys, self.values = (t.new_empty((t.shape[0], self.max_len, *t.shape[2:])) for t in (k, v))
         self.keys[:, start:end] = k
         self.values[:, start:end] = v
         return self.keys[:, :end], self.values[:, :end]

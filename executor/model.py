@@ -278,8 +278,9 @@ class LatentAttention(nn.Module):
     projected up to each head's unrotated key part and value (wkv_b). RoPE turns the
     queries' and k_pe's rotary parts. Module names are torchtitan's DeepSeek-V3's. Under
     tensor parallelism the up-projections and wo split by head; the down-projections and
-    latent norms stay whole on every rank (apply_tp). The latent's cache of serving is not
-    built: training only (rules.EXECUTOR_SERVING)."""
+    latent norms stay whole on every rank (apply_tp). Serving caches the normed latent and
+    the RoPE key (kv_lora_rank + qk_rope_head_dim a token, as vLLM's MLA and
+    serve.kv_elements_per_token count them), decodes absorbed, prefills by decompressing."""
 
     def __init__(self, spec: ModelSpec, window: int | None = None):
         super().__init__()
@@ -305,15 +306,37 @@ class LatentAttention(nn.Module):
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_low_rank else self.wq(x)
         q = q.view(batch, seq, -1, self.nope + self.rope)
         latent, k_pe = self.wkv_a(x).split([self.latent, self.rope], dim=-1)
-        kv = self.wkv_b(self.kv_norm(latent)).view(batch, seq, -1, self.nope + self.value)
-        k_nope, v = kv.split([self.nope, self.value], dim=-1)
+        latent = self.kv_norm(latent)
         if isinstance(k_pe, DTensor):  # replicated over TP ranks whose heads each add a part of its gradient
             k_pe = k_pe.to_local(grad_placements=[Partial()])
         frequencies = rope_frequencies(token_positions(seq, cache, self.cp, x.device), self.rope)
         q = torch.cat((q[..., :self.nope], apply_rope(q[..., self.nope:], frequencies)), dim=-1)
         k_pe = apply_rope(k_pe.view(batch, seq, 1, self.rope), frequencies)
+        if cache is not None:  # the latent and the RoPE key are what the cache keeps (vLLM's MLA)
+            latent = latent.to_local() if isinstance(latent, DTensor) else latent
+            kept, _ = cache.append(torch.cat((latent[:, :, None], k_pe), dim=-1), k_pe[..., :0])
+            latent, k_pe = kept.split([self.latent, self.rope], dim=-1)
+            if seq == 1:
+                return self.wo(self._absorbed(q, latent[:, :, 0], k_pe[:, :, 0]).flatten(2))
+        kv = self.wkv_b(latent).view(batch, latent.shape[1], -1, self.nope + self.value)
+        k_nope, v = kv.split([self.nope, self.value], dim=-1)
         k = torch.cat((k_nope, k_pe.expand(-1, -1, k_nope.shape[2], -1)), dim=-1)
         return self.wo(self.core(q, k, v).flatten(2))
+
+    def _absorbed(self, q, latent, k_pe):
+        """One decode step with the key and value up-projections absorbed into the query and
+        the output (DeepSeek-V2 report sec 2.1.2; vLLM's MLA decode, which the serving
+        simulator prices): each head scores the cached latent and RoPE key and reads its
+        values from the latent. q [batch, 1, heads, nope + rope]; latent [batch, keys,
+        kv_lora_rank]; k_pe [batch, keys, rope] -> [batch, 1, heads, v_head_dim]."""
+        weight = self.wkv_b.weight
+        weight = weight.to_local() if isinstance(weight, DTensor) else weight  # this rank's heads
+        up = weight.view(-1, self.nope + self.value, self.latent)
+        q_latent = torch.einsum("bshn,hnc->bshc", q[..., :self.nope], up[:, :self.nope])
+        scores = (torch.einsum("bshc,bkc->bhsk", q_latent, latent)
+                  + torch.einsum("bshr,bkr->bhsk", q[..., self.nope:], k_pe)) * (self.nope + self.rope) ** -0.5
+        read = torch.einsum("bhsk,bkc->bshc", scores.softmax(-1), latent)
+        return torch.einsum("bshc,hvc->bshv", read, up[:, self.nope:])
 
 
 class FeedForward(nn.Module):

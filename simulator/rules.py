@@ -299,7 +299,7 @@ _EXECUTOR_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among 
                     "QK-norm", "sandwich norms", "parallel residual", "partial rotary",
                     "head_dim other than hidden/heads", "attention-only biases", "an attention output bias",
                     "sliding-window attention", "a sigmoid router", "group-limited routing", "a router bias",
-                    "attention sinks", "a clamped SwiGLU")
+                    "attention sinks", "a clamped SwiGLU", "latent attention (MLA)")
 
 
 def _executor_model(builds: tuple[str, ...]) -> Rule:
@@ -369,9 +369,8 @@ def _cp_comms(who: str, runs: tuple[str, ...], fix: str) -> Rule:
 
 
 EXECUTOR_TRAINING = (
-    # training builds latent attention (not its serving cache) and soft-capping (in the
-    # unfused core, which serving does not run)
-    _executor_model(_EXECUTOR_BUILDS + ("latent attention (MLA)", "soft-capping")),
+    # training builds soft-capping too (in the unfused core, which serving does not run)
+    _executor_model(_EXECUTOR_BUILDS + ("soft-capping",)),
     _rule("plan.cp", "cp", lambda x, m, c: (x.cp == 1) | (m.kv_lora_rank == 0),
           lambda x, m, c: "the executor's context parallelism exchanges keys and values of one head width, "
           "and latent attention's values are narrower", "use cp 1 with latent attention"),

@@ -47,6 +47,10 @@ OSS = ModelSpec("tiny-oss", num_layers=2, hidden_size=64, num_heads=4, num_kv_he
                 vocab_size=256, max_seq_len=64, num_experts=4, experts_per_token=2, moe_ffn_hidden_size=64,
                 bias=True, router_bias=True, swiglu_limit=0.5, attn_sinks=True, sliding_window=8,
                 local_layers=(0,))
+# DeepSeek's latent attention: the cache keeps the latent and the RoPE key, decode absorbed
+MLA = ModelSpec("tiny-mla", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, ffn_hidden_size=128,
+                vocab_size=256, max_seq_len=64, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=12)
 QWEN3 = ModelSpec("tiny-qwen3", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32,
                   ffn_hidden_size=128, vocab_size=256, max_seq_len=64, qk_norm=True, qkv_bias=True)
 
@@ -66,7 +70,7 @@ def single_process(model: ModelSpec, plan: InferencePlan) -> torch.Tensor:
     return generate(build_model(model, SEED).eval(), prompts, plan.gen_len)
 
 
-@pytest.mark.parametrize("model", [LLAMA, GPT], ids=lambda m: m.name)
+@pytest.mark.parametrize("model", [LLAMA, GPT, MLA], ids=lambda m: m.name)
 def test_cached_generation_equals_recompute(model):
     net = build_model(model, SEED).eval()
     prompts = prompt_tokens(3, PROMPT_LEN, model.vocab_size, SEED)
@@ -76,7 +80,7 @@ def test_cached_generation_equals_recompute(model):
     assert len(cached.unique()) > 3  # the check is not vacuous: the tokens vary
 
 
-@pytest.mark.parametrize("model", [LLAMA, GPT], ids=lambda m: m.name)
+@pytest.mark.parametrize("model", [LLAMA, GPT, MLA], ids=lambda m: m.name)
 def test_cached_logits_equal_full_forward(model):
     """Each decode step's logits are the full forward's logits at that position (RoPE or
     learned positions continue from the cache; the decode query attends over every cached
@@ -93,7 +97,7 @@ def test_cached_logits_equal_full_forward(model):
     torch.testing.assert_close(cached, full[:, PROMPT_LEN - 1:], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("model", [LLAMA, GPT], ids=lambda m: m.name)
+@pytest.mark.parametrize("model", [LLAMA, GPT, MLA], ids=lambda m: m.name)
 def test_a_rewound_cache_decodes_as_the_first_time(model):
     """The decode probe's step (machine_load.decode_step) rewinds the cache to the prompt:
     a token decoded after rewinding gets the logits of a cache that never saw the later
@@ -168,6 +172,7 @@ WORLD_2 = [("tp2", LLAMA, _plan(tp=2)), ("pp2-uneven-microbatches", LLAMA, _plan
            # sinks split with the heads, each expert's width with its biases (the output's
            # added once to the summed partial outputs)
            ("tp2-oss", OSS, _plan(tp=2)),
+           ("tp2-mla", MLA, _plan(tp=2)),
            # the last stage's head a copy of the first stage's embedding
            ("pp2-tied", dataclasses.replace(GPT, tied_embeddings=True), _plan(pp=2))]
 WORLD_4 = [("tp2-pp2", LLAMA, _plan(tp=2, pp=2)), ("pp2-replicas2", LLAMA, _plan(pp=2, replicas=2)),
