@@ -36,6 +36,7 @@ import functools
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 
 
 def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -148,18 +149,24 @@ class ContextParallel:
         return _chunk_positions(local, self.size, self.rank if rank is None else rank, self.balanced,
                                 torch.device(device))
 
-    def attend(self, q, k, v, masked_core, kernel: str, window: int | None = None) -> torch.Tensor:
+    def attend(self, q, k, v, masked_core, kernel: str, window: int | None = None, sinks=None) -> torch.Tensor:
         """Causal attention of this rank's queries [batch, seq/cp, heads, dim] to the keys
-        and values of the whole sequence (the last `window` of them up to each query's, for
-        the gather), by the gather (`masked_core(q, k, v, visible)` runs the core under a
-        [queries, keys] mask) or the ring: block by block with CPU flash attention's kernel
-        (_FlashRing), or with the unfused kernel's separate ops for plan.attention naive;
-        the ring takes no window (rules.EXECUTOR_TRAINING)."""
+        and values of the whole sequence (the last `window` of them up to each query's, and
+        each head's sink logit, for the gather), by the gather (`masked_core(q, k, v,
+        visible, sinks)` runs the core under a [queries, keys] mask) or the ring: block by
+        block with CPU flash attention's kernel (_FlashRing), or with the unfused kernel's
+        separate ops for plan.attention naive; the ring takes no window and no sinks
+        (rules.EXECUTOR_TRAINING). Values narrower than the keys (latent attention's) are
+        padded with zeros to their width for the exchange, as cost.cp_comm_s counts them,
+        and the output cut back."""
+        width = v.shape[-1]
+        if width != k.shape[-1]:
+            v = F.pad(v, (0, k.shape[-1] - width))
         if self.comm == "allgather":
-            return self._gathered(q, k, v, masked_core, window)
+            return self._gathered(q, k, v, masked_core, window, sinks)[..., :width]
         if kernel == "naive":
-            return self._unfused_ring(q, k, v)
-        return _FlashRing.apply(q, k, v, self)
+            return self._unfused_ring(q, k, v)[..., :width]
+        return _FlashRing.apply(q, k, v, self)[..., :width]
 
     def _visible(self, queries: torch.Tensor, source: int, local: int, window: int | None = None) -> torch.Tensor:
         """[queries, local] True where a query (at the positions `queries`) sees a key of rank
@@ -168,12 +175,12 @@ class ContextParallel:
         visible = keys <= queries[:, None]
         return visible if window is None else visible & (keys > queries[:, None] - window)
 
-    def _gathered(self, q, k, v, masked_core, window: int | None) -> torch.Tensor:
+    def _gathered(self, q, k, v, masked_core, window: int | None, sinks) -> torch.Tensor:
         local = k.shape[1]
         kv = funcol.all_gather_single_autograd(torch.stack((k, v)), 2, self.group)
         mine = self.positions(q.shape[1], q.device)
         visible = torch.cat([self._visible(mine, r, local, window) for r in range(self.size)], dim=1)
-        return masked_core(q, kv[0], kv[1], visible)
+        return masked_core(q, kv[0], kv[1], visible, sinks)
 
     def _unfused_ring(self, q, k, v) -> torch.Tensor:
         """Each block's scores and probabilities as separate ops, autograd's backward; the

@@ -83,7 +83,7 @@ class CausalCore(nn.Module):
 
     def forward(self, q, k, v, sinks=None):  # [batch, seq, heads, head_dim]; sinks [heads]
         if self.cp is not None:
-            return self.cp.attend(q, k, v, self.masked, self.kernel, self.window)
+            return self.cp.attend(q, k, v, self.masked, self.kernel, self.window, sinks)
         offset = k.shape[1] - q.shape[1]
         windowed = self.window is not None and k.shape[1] > self.window
         causal = not windowed and offset == 0
@@ -97,10 +97,12 @@ class CausalCore(nn.Module):
             return _SinkAttention.apply(q, k, v, sinks, key_mask(*shape) if masked else None, causal)
         return self._fused(q, k, v, key_mask(*shape) if masked else None, causal)
 
-    def masked(self, q, k, v, visible: torch.Tensor):
+    def masked(self, q, k, v, visible: torch.Tensor, sinks=None):
         """The core under a [queries, keys] mask, True where a query sees a key."""
         if self.kernel == "naive":
-            return self._unfused(q, k, v, ~visible)
+            return self._unfused(q, k, v, ~visible, sinks)
+        if sinks is not None:
+            return _SinkAttention.apply(q, k, v, sinks, visible, False)
         return self._fused(q, k, v, visible, False)
 
     def _unfused(self, q, k, v, hidden, sinks=None):
@@ -262,13 +264,13 @@ class Attention(nn.Module):
             q, k = (_rotate(t, frequencies, self.rotary_dims) for t in (q, k))
         if cache is not None:
             k, v = cache.append(k, v)
-        if self.sinks is not None:  # this rank's heads' sinks
-            sinks = self.sinks.to_local() if isinstance(self.sinks, DTensor) else self.sinks
-            return self.wo(self.core(q, k, v, sinks).flatten(2))
+        sinks = self.sinks.to_local() if isinstance(self.sinks, DTensor) else self.sinks  # this rank's heads'
         if self.cp is None or self.cp.balanced:  # the ring and the gather run in the core
-            return self.wo(self.core(q, k, v).flatten(2))
+            return self.wo(self.core(q, k, v, sinks).flatten(2))
         q, k, v = heads_from_sequence((q, k, v), self.cp.group)
-        return self.wo(sequence_from_heads(self.core(q, k, v), self.cp.group).flatten(2))
+        if sinks is not None:  # Ulysses' head shard of this CP rank
+            sinks = sinks.chunk(self.cp.size)[self.cp.rank]
+        return self.wo(sequence_from_heads(self.core(q, k, v, sinks), self.cp.group).flatten(2))
 
 
 class LatentAttention(nn.Module):

@@ -371,17 +371,15 @@ def _cp_comms(who: str, runs: tuple[str, ...], fix: str) -> Rule:
 EXECUTOR_TRAINING = (
     # training builds soft-capping too (in the unfused core, which serving does not run)
     _executor_model(_EXECUTOR_BUILDS + ("soft-capping",)),
-    _rule("plan.cp", "cp", lambda x, m, c: (x.cp == 1) | (m.kv_lora_rank == 0),
-          lambda x, m, c: "the executor's context parallelism exchanges keys and values of one head width, "
-          "and latent attention's values are narrower", "use cp 1 with latent attention"),
     _rule("plan.attention", "attention", lambda x, m, c: (m.attn_softcap is None) | (x.attention == "naive"),
           lambda x, m, c: f"the executor soft-caps attention scores in its unfused core only (SDPA's {x.attention} "
           "kernel takes no cap)", "use attention naive"),
     _rule("plan.cp", "cp", lambda x, m, c: (x.cp == 1) | (m.attn_softcap is None),
           lambda x, m, c: "the executor's context parallelism caps no attention scores", "use cp 1 with soft-capping"),
-    _rule("plan.cp", "cp", lambda x, m, c: (x.cp == 1) | np.logical_not(m.attn_sinks),
-          lambda x, m, c: "the executor's context parallelism merges no attention sinks into its exchanges",
-          "use cp 1 with attention sinks"),
+    _rule("plan.cp_comm", "cp cp_comm",
+          lambda x, m, c: (x.cp == 1) | np.logical_not(m.attn_sinks) | ~np.isin(x.cp_comm, ("p2p", "alltoall")),
+          lambda x, m, c: "the executor's ring merges its blocks without attention sinks",
+          "use cp_comm a2a or allgather"),
     _learned_routing("the executor"),
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",

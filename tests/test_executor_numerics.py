@@ -52,6 +52,9 @@ MLA = ModelSpec("tiny-mla", num_layers=2, hidden_size=64, num_heads=4, num_kv_he
 MLA_DIRECT = ModelSpec("tiny-mla-direct", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
                        ffn_hidden_size=128, vocab_size=256, max_seq_len=64, kv_lora_rank=16, qk_nope_head_dim=16,
                        qk_rope_head_dim=8, v_head_dim=12)
+# gpt-oss's attention: a sink logit per head, biases
+SINKS = ModelSpec("tiny-sinks", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
+                  vocab_size=256, max_seq_len=64, attn_sinks=True, qkv_bias=True, out_bias=True)
 # Gemma's sandwich norms and a sliding-window layer, GPT-NeoX's parallel residual and partial RoPE
 SANDWICH = ModelSpec("tiny-sandwich", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
                      ffn_hidden_size=128, vocab_size=256, max_seq_len=64, sandwich_norm=True,
@@ -107,6 +110,11 @@ WORLD_2 = [
     # replicated with their gradients summed over TP
     ("mla-tp-sp", MLA, plan(tp=2, sp=True)),
     ("mla-pp-1f1b-selective", MLA, plan(pp=2, schedule="1f1b", recompute="selective")),
+    # latent attention's narrower values padded for the ring's exchange; the sinks in the
+    # gather's core and, split by head, in Ulysses'
+    ("mla-cp-p2p", MLA, plan(cp=2)),
+    ("sinks-cp-allgather", SINKS, plan(cp=2, cp_comm="allgather")),
+    ("sinks-cp-a2a", SINKS, plan(cp=2, cp_comm="a2a")),
     ("gpt-cp-allgather-selective", GPT, plan(cp=2, cp_comm="allgather", recompute="selective", micro_batch=4)),
     # the unfused attention core on head shards, against the reference's fused kernel
     ("tp-sp-naive-attention", LLAMA, plan(tp=2, sp=True, attention="naive")),
@@ -149,6 +157,8 @@ WORLD_4 = [
     ("cp4-p2p", LLAMA, plan(cp=4)),
     ("qwen3-dp-tp-zero3", QWEN3, plan(dp=2, tp=2, zero=3)),
     ("mla-direct-dp-tp-zero3", MLA_DIRECT, plan(dp=2, tp=2, zero=3)),
+    ("mla-cp-tp-sp-allgather", MLA, plan(cp=2, tp=2, sp=True, cp_comm="allgather")),
+    ("sinks-cp-tp-sp-a2a", replace(SINKS, num_heads=8, num_kv_heads=4), plan(cp=2, tp=2, sp=True, cp_comm="a2a")),
     ("dp-cp-alltoall-zero3", LLAMA, plan(dp=2, cp=2, cp_comm="alltoall", zero=3)),
     # the unfused ring on TP's head shards
     ("gpt-cp-tp-sp-p2p-naive", GPT, plan(cp=2, tp=2, sp=True, attention="naive")),
