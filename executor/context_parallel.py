@@ -116,6 +116,15 @@ def _chunk_positions(local: int, size: int, rank: int, balanced: bool, device: t
     return torch.cat([torch.arange(c * half, (c + 1) * half, device=device) for c in (rank, 2 * size - 1 - rank)])
 
 
+@functools.lru_cache(maxsize=16)
+def _visible(local: int, size: int, rank: int, balanced: bool, window: int | None,
+             device: torch.device) -> torch.Tensor:
+    queries = _chunk_positions(local, size, rank, balanced, device)[:, None]
+    keys = torch.cat([_chunk_positions(local, size, r, balanced, device) for r in range(size)])[None, :]
+    visible = keys <= queries
+    return visible if window is None else visible & (keys > queries - window)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ContextParallel:
     """A CP group and its exchange (plan.cp_comm)."""
@@ -168,19 +177,15 @@ class ContextParallel:
             return self._unfused_ring(q, k, v)[..., :width]
         return _FlashRing.apply(q, k, v, self)[..., :width]
 
-    def _visible(self, queries: torch.Tensor, source: int, local: int, window: int | None = None) -> torch.Tensor:
-        """[queries, local] True where a query (at the positions `queries`) sees a key of rank
-        `source`'s tokens: one at or before it, and within `window` of it."""
-        keys = self.positions(local, queries.device, source)[None, :]
-        visible = keys <= queries[:, None]
-        return visible if window is None else visible & (keys > queries[:, None] - window)
+    def visible(self, local: int, device, window: int | None = None) -> torch.Tensor:
+        """[local, cp x local] True where a query of this rank's `local` tokens sees a key of
+        the whole sequence, the keys in rank order: one at or before it (within `window` of
+        it); built once per shape, not in every layer's forward (as model.key_mask)."""
+        return _visible(local, self.size, self.rank, self.balanced, window, torch.device(device))
 
     def _gathered(self, q, k, v, masked_core, window: int | None, sinks) -> torch.Tensor:
-        local = k.shape[1]
         kv = funcol.all_gather_single_autograd(torch.stack((k, v)), 2, self.group)
-        mine = self.positions(q.shape[1], q.device)
-        visible = torch.cat([self._visible(mine, r, local, window) for r in range(self.size)], dim=1)
-        return masked_core(q, kv[0], kv[1], visible, sinks)
+        return masked_core(q, kv[0], kv[1], self.visible(q.shape[1], q.device, window), sinks)
 
     def _unfused_ring(self, q, k, v) -> torch.Tensor:
         """Each block's scores and probabilities as separate ops, autograd's backward; the
@@ -191,7 +196,7 @@ class ContextParallel:
         batch, seq, heads, dim = q.shape
         kv_heads = k.shape[2]
         group = heads // kv_heads
-        mine = self.positions(seq, q.device)
+        visible = self.visible(seq, q.device)
         with torch.autocast(q.device.type, enabled=False):
             # [batch, kv heads, group x seq, dim]: the query heads that share a KV head stacked
             rows = q.float().permute(0, 2, 1, 3).reshape(batch, kv_heads, group * seq, dim) * dim ** -0.5
@@ -202,7 +207,7 @@ class ContextParallel:
                     block = _RingPass.apply(block, self.group, self.comm)
                 keys, values = (t.float().permute(0, 2, 1, 3) for t in block)
                 source = (self.rank - step) % self.size
-                hidden = ~self._visible(mine, source, seq).repeat(group, 1)
+                hidden = ~visible[:, source * seq:(source + 1) * seq].repeat(group, 1)
                 scores = (rows @ keys.transpose(-1, -2)).masked_fill(hidden, float("-inf"))
                 peak = scores.amax(-1, keepdim=True).detach()
                 if step == 0:

@@ -30,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from meshplan.executor.context_parallel import (ContextParallel, cpu_flash, cpu_flash_backward, heads_from_sequence,
                                                  sequence_from_heads)
 from meshplan.executor.kv_cache import KVCache, LayerCache
+from meshplan.executor.measure import local_part
 from meshplan.executor.moe import MoE, activation
 from meshplan.simulator.model_spec import ModelSpec
 
@@ -264,7 +265,7 @@ class Attention(nn.Module):
             q, k = (_rotate(t, frequencies, self.rotary_dims) for t in (q, k))
         if cache is not None:
             k, v = cache.append(k, v)
-        sinks = self.sinks.to_local() if isinstance(self.sinks, DTensor) else self.sinks  # this rank's heads'
+        sinks = None if self.sinks is None else local_part(self.sinks)  # this rank's heads'
         if self.cp is None or self.cp.balanced:  # the ring and the gather run in the core
             return self.wo(self.core(q, k, v, sinks).flatten(2))
         q, k, v = heads_from_sequence((q, k, v), self.cp.group)
@@ -315,7 +316,7 @@ class LatentAttention(nn.Module):
         q = torch.cat((q[..., :self.nope], apply_rope(q[..., self.nope:], frequencies)), dim=-1)
         k_pe = apply_rope(k_pe.view(batch, seq, 1, self.rope), frequencies)
         if cache is not None:  # the latent and the RoPE key are what the cache keeps (vLLM's MLA)
-            latent = latent.to_local() if isinstance(latent, DTensor) else latent
+            latent = local_part(latent)
             kept, _ = cache.append(torch.cat((latent[:, :, None], k_pe), dim=-1), k_pe[..., :0])
             latent, k_pe = kept.split([self.latent, self.rope], dim=-1)
             if seq == 1:
@@ -331,9 +332,7 @@ class LatentAttention(nn.Module):
         simulator prices): each head scores the cached latent and RoPE key and reads its
         values from the latent. q [batch, 1, heads, nope + rope]; latent [batch, keys,
         kv_lora_rank]; k_pe [batch, keys, rope] -> [batch, 1, heads, v_head_dim]."""
-        weight = self.wkv_b.weight
-        weight = weight.to_local() if isinstance(weight, DTensor) else weight  # this rank's heads
-        up = weight.view(-1, self.nope + self.value, self.latent)
+        up = local_part(self.wkv_b.weight).view(-1, self.nope + self.value, self.latent)  # this rank's heads
         q_latent = torch.einsum("bshn,hnc->bshc", q[..., :self.nope], up[:, :self.nope])
         scores = (torch.einsum("bshc,bkc->bhsk", q_latent, latent)
                   + torch.einsum("bshr,bkr->bhsk", q[..., self.nope:], k_pe)) * (self.nope + self.rope) ** -0.5

@@ -141,11 +141,8 @@ class GroupedExperts(nn.Module):
         table = torch.stack(table)
         sizes = table.sum(1).tolist()
         gathered = funcol.wait_tensor(funcol.all_to_all_single(rows.repeat(etp, 1), sizes, [count] * etp, group))
-        expert = torch.arange(counts.numel(), device=rows.device).repeat(etp).repeat_interleave(table.flatten())
-        regroup = expert.argsort(stable=True)
-        partial = expert_mlps(gathered[regroup], table.sum(0), self.act, self.w1, self.w2, self.w3)
-        back = funcol.wait_tensor(funcol.all_to_all_single(partial[regroup.argsort()].contiguous(),
-                                                           [count] * etp, sizes, group))
+        partial = _by_expert(lambda r, c: expert_mlps(r, c, self.act, self.w1, self.w2, self.w3), gathered, table)
+        back = funcol.wait_tensor(funcol.all_to_all_single(partial.contiguous(), [count] * etp, sizes, group))
         return back.view(etp, count, -1).sum(0)
 
 
@@ -245,12 +242,18 @@ def expert_parallel(experts: GroupedExperts, rows: torch.Tensor, counts: torch.T
     receive = per_source.sum(1).tolist()
     experts.received_rows.append(sum(receive))
     received = funcol.wait_tensor(funcol.all_to_all_single(rows.contiguous(), receive, send, group))
-    # arrived grouped by source rank, then local expert: regroup by local expert
-    expert_of_row = torch.arange(local, device=rows.device).repeat(ep).repeat_interleave(
-        received_counts)
-    regroup = expert_of_row.argsort(stable=True)
-    out = experts(received[regroup], per_source.sum(0))[regroup.argsort()]
+    out = _by_expert(experts, received, per_source)
     return funcol.wait_tensor(funcol.all_to_all_single(out.contiguous(), send, receive, group))
+
+
+def _by_expert(run, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """run(rows sorted by expert, rows per expert) on rows that arrived grouped by source
+    rank and within each by expert (table [sources, experts]: their counts), its output
+    [n, h] back in the order they arrived."""
+    sources, experts = table.shape
+    expert = torch.arange(experts, device=rows.device).repeat(sources).repeat_interleave(table.flatten())
+    regroup = expert.argsort(stable=True)
+    return run(rows[regroup], table.sum(0))[regroup.argsort()]
 
 
 def deduplicated_expert_parallel(experts: GroupedExperts, tokens: torch.Tensor, chosen: torch.Tensor,

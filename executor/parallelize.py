@@ -235,6 +235,11 @@ def data_parallel_mesh(mesh: DeviceMesh, plan: Plan) -> DeviceMesh:
     return mesh[tuple(n for n in mesh.mesh_dim_names if n in ("dp", "cp"))]._flatten("dp_cp")
 
 
+def context_parallel(mesh: DeviceMesh, plan: Plan) -> ContextParallel | None:
+    """The plan's CP group on `mesh` and its exchange (plan.cp_comm); None without CP."""
+    return ContextParallel(mesh["cp"].get_group(), plan.cp_comm) if plan.cp > 1 else None
+
+
 def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh, dp_mesh: DeviceMesh,
                 expert_mesh: DeviceMesh | None = None) -> nn.Module:
     """The plan's attention kernel and CP group, then TP/SP -> EP (with an expert mesh) ->
@@ -242,7 +247,7 @@ def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh, dp_mesh: Devic
     order."""
     for layer in model.layers.values():
         layer.attention.core.kernel = plan.attention
-    set_context_parallel(model, ContextParallel(mesh["cp"].get_group(), plan.cp_comm) if plan.cp > 1 else None)
+    set_context_parallel(model, context_parallel(mesh, plan))
     if plan.tp > 1:
         apply_tp(model, mesh["tp"], plan.sp, training=True)
     if expert_mesh is not None:

@@ -13,8 +13,9 @@ A tied embedding's optimizer state is the plain model's under the embedding's na
 pipeline's last stage, whose head is a copy of it (pipeline.TiedEmbedding), loads the copy's
 state from there, as the two take the same updates. Experts split over EP ranks (each rank
 holds E/ep of them under the whole layer's names) are saved and loaded as DTensors sharded
-on the expert dimension over ep and replicated over edp, their Adam moments alike, so DCP
-writes each expert once and reshards them into another ep.
+on the expert dimension over ep, on their split width over etp, and replicated over edp,
+their Adam moments alike, so DCP writes each expert once and reshards them into another
+expert layout.
 """
 from __future__ import annotations
 

@@ -33,13 +33,12 @@ from torch.distributed.tensor.experimental import implicit_replication
 from meshplan.core.progress import progress_bar
 from meshplan.executor import data as batches
 from meshplan.executor.checkpoint import CheckpointInfo
-from meshplan.executor.context_parallel import ContextParallel
 from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages,
                               rank_memory, timed)
 from meshplan.executor.model import build_model, loss_fn
 from meshplan.executor.moe import reduce_expert_gradients, routing_imbalance
-from meshplan.executor.parallelize import (build_mesh, build_optimizer, data_parallel_mesh, full_gradients,
-                                  gradient_sync, parallelize, training_context)
+from meshplan.executor.parallelize import (build_mesh, build_optimizer, context_parallel, data_parallel_mesh,
+                                  full_gradients, gradient_sync, parallelize, training_context)
 from meshplan.executor.pipeline import TiedEmbedding, build_schedule, split_stage, stage_indices
 from meshplan.executor.options import TrainRankOptions, compute_dtype
 from meshplan.executor.records import TrainResult
@@ -76,7 +75,7 @@ class Job:
         self.expert_mesh = expert_mesh
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dp_mesh = data_parallel_mesh(self.mesh, plan)
-        self.cp = ContextParallel(self.mesh["cp"].get_group(), plan.cp_comm) if plan.cp > 1 else None
+        self.cp = context_parallel(self.mesh, plan)
         self.dtype = compute_dtype(plan.dtype, device.type)
         model = build_model(spec, options.seed).to(device)
         if plan.pp > 1:
