@@ -289,17 +289,23 @@ def _features_rule(field: str, who: str, builds: tuple[str, ...], fix: str) -> R
 
 
 # What the executor cannot run on this backend (torch 2.13, gloo on CPU).
-# executor/model.py builds a dense decoder, or experts without biases (executor/moe.py:
-# softmax or sigmoid routers, group-limited or not, with a bias on the router's logits or
-# not) with shared experts and dense layers among them, with QK-norm, sandwich
-# norms, a parallel residual, partial RoPE, any head width and attention-only biases, and
-# sliding-window layers (their window mask, and in serving their kept window,
-# executor/kv_cache.py)
+# executor/model.py builds a dense decoder or experts (executor/moe.py: softmax or sigmoid
+# routers, group-limited or not, biases on the router and the experts or not, the clamped
+# SwiGLU) with shared experts and dense layers among them, standard or latent attention
+# with QK-norm, sinks, any head width and attention-only biases, sandwich norms, a parallel
+# residual, partial RoPE, and sliding-window layers (their window mask, and in serving their
+# kept window, executor/kv_cache.py)
 _EXECUTOR_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among the expert layers",
                     "QK-norm", "sandwich norms", "parallel residual", "partial rotary",
                     "head_dim other than hidden/heads", "attention-only biases", "an attention output bias",
                     "sliding-window attention", "a sigmoid router", "group-limited routing", "a router bias",
                     "attention sinks", "a clamped SwiGLU", "latent attention (MLA)")
+
+
+def _ring_lacks(m: ModelSpec) -> list[str]:
+    """What of the model the executor's CP ring (executor/context_parallel.py) does not take."""
+    return [name for name, present in (("a sliding window", m.sliding_window is not None),
+                                       ("attention sinks", m.attn_sinks)) if present]
 
 
 def _executor_model(builds: tuple[str, ...]) -> Rule:
@@ -376,18 +382,14 @@ EXECUTOR_TRAINING = (
           "kernel takes no cap)", "use attention naive"),
     _rule("plan.cp", "cp", lambda x, m, c: (x.cp == 1) | (m.attn_softcap is None),
           lambda x, m, c: "the executor's context parallelism caps no attention scores", "use cp 1 with soft-capping"),
-    _rule("plan.cp_comm", "cp cp_comm",
-          lambda x, m, c: (x.cp == 1) | np.logical_not(m.attn_sinks) | ~np.isin(x.cp_comm, ("p2p", "alltoall")),
-          lambda x, m, c: "the executor's ring merges its blocks without attention sinks",
-          "use cp_comm a2a or allgather"),
     _learned_routing("the executor"),
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
     _rule("plan.cp_comm", "cp cp_comm",
-          lambda x, m, c: (x.cp == 1) | (m.sliding_window is None) | ~np.isin(x.cp_comm, ("p2p", "alltoall")),
-          lambda x, m, c: "the executor's ring attends to each block whole or under the causal mask, not "
-          "under a sliding window", "use cp_comm a2a or allgather"),
+          lambda x, m, c: (x.cp == 1) | ~np.isin(x.cp_comm, ("p2p", "alltoall")) | (not _ring_lacks(m)),
+          lambda x, m, c: "the executor's ring attends to each block whole or under the causal mask and merges "
+          f"them without {' or '.join(_ring_lacks(m))}", "use cp_comm a2a or allgather"),
     _rule("plan.global_batch", "pp schedule global_batch micro_batch dp",
           lambda x, m, c: (x.pp == 1) | np.logical_not(np.isin(x.schedule, ("1f1b", "zb-h1"))) | (_microbatches(x) >= x.pp),
           lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",
