@@ -20,9 +20,11 @@ The ring and the gather balance the causal mask's work as Megatron-LM
 into 2 cp chunks, rank r holding chunks r and 2 cp - 1 - r; RoPE and learned positions are
 those of the tokens held (positions). Each runs inside the attention core (CausalCore.cp), so
 that selective recompute redoes the exchange as Megatron-LM's core-attention checkpoint does.
-Backward is autograd's: the passes' gradients go round the ring the other way, the gather's
-are reduce-scattered; the blocks are kept from forward, not passed again as torch's ring
-backward does, which cost.cp_comm_s prices.
+The flash ring's backward is torch's (_FlashRing: the K,V passed round again, their
+gradients in fp32 travelling with them), as cost.cp_comm_s prices an eager ring. Under
+--attention naive the ring's backward is autograd's: the passes' gradients go round the
+other way and the blocks are kept from forward. The gather's gradients are
+reduce-scattered.
 
 Unlike Transformer Engine, autograd keeps the Ulysses core's output in its head shards for
 backward rather than sending it again (the same bytes held), so its backward moves one

@@ -341,21 +341,22 @@ class CPExchange:
 
 
 def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp, cp_rpn,
-              cp_share=1.0, method="p2p", kv_repeat=False) -> CPExchange:
+              cp_share=1.0, method="p2p", kv_repeat=False, eager=False) -> CPExchange:
     """One layer's context-parallel exchange (plan.CP_COMMS `method`), whole. p2p (Liu et al.
     2023 sec 3): cp-1 steps each pass the local K,V chunk on beside a later block, in
     backward with their gradients in one buffer of their dtype. alltoall: the same forward;
     allgather: the chunks gathered at once beside the local block. In backward torch passes
     the K,V again as in forward, and their gradients in fp32 after each of the cp blocks,
-    each beside the next but the last. a2a (DeepSpeed-Ulysses, Jacobs et al. 2023 sec 3;
-    Transformer Engine's AttnFuncWithCPAndQKVOA2A): Q,K,V all-to-all'ed from sequence to head
+    each beside the next but the last; so does an `eager` p2p ring of fused kernels
+    (plan.elementwise eager: the executor's _FlashRing), by send and receive. a2a
+    (DeepSpeed-Ulysses, Jacobs et al. 2023 sec 3; Transformer Engine's AttnFuncWithCPAndQKVOA2A): Q,K,V all-to-all'ed from sequence to head
     shards before the kernel and the output back after it, in backward the output and its
     gradient in and the Q,K,V gradients back, nothing beside them. K,V of the kv heads, or
     of the query heads where they are repeated before the kernel (`kv_repeat`)."""
     heads = (model.num_heads if kv_repeat else model.num_kv_heads) // tp
     kv_bytes = 2 * np.asarray(tokens, dtype=float) * heads * model.head_dim * dtype_bytes
     none = np.zeros(np.broadcast(kv_bytes, cp, cp_rpn, cp_share).shape)
-    if method == "p2p":
+    if method == "p2p" and not eager:
         hop = collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn, cp_share)
         both = collective_s(hw, "send_recv", 2 * kv_bytes, cp, cp_rpn, cp_share)
         return CPExchange(none, (cp - 1) * hop, none, none, (cp - 1) * both, none)
@@ -367,7 +368,7 @@ def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp
         outs = collective_s(hw, "all_to_all", 2 * out_bytes, cp, cp_rpn, cp_share)
         return CPExchange(none, none, qkv + out, none, none, outs + qkv)
     grads = collective_s(hw, "send_recv", kv_bytes * 4 / dtype_bytes, cp, cp_rpn, cp_share)
-    if method == "alltoall":
+    if method in ("alltoall", "p2p"):
         hop = collective_s(hw, "send_recv", kv_bytes, cp, cp_rpn, cp_share)
         return CPExchange(none, (cp - 1) * hop, none, none, (cp - 1) * (hop + grads), grads)
     gather = collective_s(hw, "all_gather", cp * kv_bytes, cp, cp_rpn, cp_share)
@@ -514,7 +515,7 @@ def tp_overlapped(tp_overlap, tp):
 def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, dtype_bytes, tp,
                 sp, cp, recompute, tp_rpn, cp_rpn, flash: bool, tp_overlap,
                 em: ExpertMesh | None = None, tp_share=1.0, cp_share=1.0, a2a_overlap=False,
-                tp_overlap_bwd=True, cp_comm="p2p", kv_repeat=False) -> LayerTimes:
+                tp_overlap_bwd=True, cp_comm="p2p", kv_repeat=False, eager=False) -> LayerTimes:
     """Per plan (arrays; st indexed alike): the layer's times under its recompute setting,
     the placement of its TP and CP groups (ranks per node, link share) and TP overlap.
 
@@ -560,7 +561,8 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     overlap_b = overlap & bool(tp_overlap_bwd)
     tp_b, tp_cb = overlap_split(tp_raw, np.where(overlap_b, lay.weight_bwd_s, 0.0), hw, tp_raw / tp)
     split_f, split_b = np.where(overlap, st.split_fwd_s, 0.0), np.where(overlap_b, st.split_bwd_s, 0.0)
-    cx = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn, cp_share, cp_comm, kv_repeat)
+    cx = cp_comm_s(model, tokens, tp, dtype_bytes, hw, cp, cp_rpn, cp_share, cp_comm, kv_repeat,
+                   eager and flash)
     cp_raw_f, cp_raw_b = cx.fwd_s, cx.bwd_s
     flash_redo = lay.kernel_redo_s if flash else 0.0
     core_b = lay.core_bwd_s + flash_redo

@@ -106,7 +106,7 @@ def rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     r.update(shard_id=shard_id, shards=shards,
              shard_ops=[layer_ops(model, s, ops) for s, ops in zip(shards, kind_ops)],
              attention=attention, tp_overlap_bwd=wide["tp_overlap_scope"] == "both",
-             cp_comm=wide["cp_comm"], kv_repeat=bool(wide["kv_repeat"]),
+             cp_comm=wide["cp_comm"], kv_repeat=bool(wide["kv_repeat"]), eager=wide["elementwise"] == "eager",
              capacity=capacity, dispatcher=wide["moe_dispatcher"], routing=wide["moe_routing"],
              zero1_all_reduce=wide["zero1_sync"] == "all_reduce",
              act=act[shard_id, r["rc"]], act_none=act[shard_id, NONE],
@@ -170,7 +170,7 @@ def cost_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes) -
                      c["cp"], c["rc"], c["tp_rpn"], c["cp_rpn"], r["attention"] in FUSED_ATTENTION,
                      r["tp_overlap"][cfirst], em,
                      c["tp_share"], c["cp_share"], r["a2a_overlap"][cfirst], r["tp_overlap_bwd"],
-                     r["cp_comm"], r["kv_repeat"])
+                     r["cp_comm"], r["kv_repeat"], r["eager"])
     parts = {"l_fwd": lt.fwd_s, "l_bwd": lt.bwd_s, "l_recompute": lt.recompute_s,
              "l_fwd_compute": lt.fwd_compute_s, "l_bwd_in": lt.bwd_input_s, "l_bwd_w": lt.bwd_weight_s,
              "l_tp": lt.tp_fwd_s + lt.tp_bwd_s, "l_cp": lt.cp_fwd_s + lt.cp_bwd_s,

@@ -176,10 +176,10 @@ def test_full_recompute_redoes_the_ring_exchange_of_the_forward():
     assert float(np.ravel(full.recompute_s)[0]) == pytest.approx(v["fwd_compute_s"] + v["contention_fwd_s"])
 
 
-def _cp_layer(model, hw, shard, cp, method, kv_repeat=False):
+def _cp_layer(model, hw, shard, cp, method, kv_repeat=False, eager=False):
     st = shard_times(model, hw, [shard], "bf16")
     lt = layer_times(model, hw, st, shard.tokens, 2, 1, False, cp, NONE, 8, 1, flash=True, tp_overlap=False,
-                     cp_comm=method, kv_repeat=kv_repeat)
+                     cp_comm=method, kv_repeat=kv_repeat, eager=eager)
     return {k: float(np.ravel(getattr(lt, k))[0])
             for k in ("cp_fwd_s", "cp_raw_fwd_s", "cp_bwd_s", "cp_raw_bwd_s")}
 
@@ -189,7 +189,8 @@ def test_torch_context_parallel_exchanges_as_its_ring_attention_runs():
     enough to leave some exposed: the forward K,V pass as the p2p ring's, or gathered at
     once beside the local block alone (1/cp of the attention); in backward the K,V again,
     and their gradients in fp32 after each of the cp blocks, beside the next block, the last
-    pass exposed."""
+    pass exposed; so does the executor's eager p2p ring, where Transformer Engine's sends
+    the K,V gradients in their dtype once per later block."""
     model, cp = ZOO["llama-3-8b"], 4
     shard = Shard(1, 32768 // cp, cp=cp, flash=True)
     hw = replace(A100, contention=replace(A100.contention, compute_slowdown=0.0)).scaled(inter_node_bw=0.05)
@@ -212,6 +213,8 @@ def test_torch_context_parallel_exchanges_as_its_ring_attention_runs():
     assert a2a["cp_bwd_s"] == pytest.approx(exposed(3 * hop + 3 * hop32, 0.75 * core_b) + hop32)
     assert ag["cp_bwd_s"] == pytest.approx(exposed(gather, core_b / cp) + exposed(3 * hop32, 0.75 * core_b)
                                            + hop32)
+    assert p2p["cp_raw_bwd_s"] == pytest.approx(3 * hop32)  # K,V and their bf16 gradients: 2 kv a pass
+    assert _cp_layer(model, hw, shard, cp, "p2p", eager=True) == pytest.approx(a2a)
     # keys and values repeated to the 32 query heads before the kernel: 4x the 8 kv heads' bytes
     wide = _cp_layer(model, hw, shard, cp, "allgather", kv_repeat=True)
     assert wide["cp_raw_fwd_s"] == pytest.approx(
