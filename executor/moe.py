@@ -6,9 +6,12 @@ their weights to sum to one (Mixtral, Jiang et al. 2024 sec 2.1; Qwen-MoE's norm
 With group-limited routing the top k come from each token's best route_group_topk of the
 route_groups groups of consecutive experts, a group scored by its best expert (DeepSeek-V2
 sec 2.2.3, its softmax router) or its best two experts' sum (DeepSeek-V3 sec 2.1.2, its
-sigmoid router). DeepSeek-V3's load-balancing bias on the selection scores starts at zero
-and is updated by its trainer, not by gradients: zero here, so left out. The routed rows (token copies, one per chosen
-expert) are sorted by expert and run as grouped GEMMs over the experts' stacked weights
+sigmoid router). The chosen experts' weights are then scaled by ModelSpec.routed_scaling
+(DeepSeek's routed_scaling_factor). Where the model balances without an auxiliary loss
+(ModelSpec.router_choice_bias; DeepSeek-V3 sec 2.1.2) a bias per expert is added to the
+scores for choosing only, not weighting; no gradient moves it: after each optimizer step
+update_expert_bias moves it by a fixed rate against the load each expert had over the
+step. The routed rows (token copies, one per chosen expert) are sorted by expert and run as grouped GEMMs over the experts' stacked weights
 [E, in, out] (torch._grouped_mm), weighted and summed back per token. Shared experts run as
 one dense MLP on every token, behind a sigmoid gate where the model has one (Qwen2-MoE).
 Routing is dropless: Plan.moe_capacity_factor prices imbalance, it drops no token here.
@@ -26,6 +29,7 @@ router's and shared experts' gradients are summed over TP.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +40,23 @@ from torch import nn
 
 from meshplan.executor.measure import local_part
 from meshplan.simulator.model_spec import ModelSpec
+
+
+# Whether MoE forwards count their rows (the choice bias's load, the routing imbalance):
+# not in torch.distributed.pipelining's metadata inference (uncounted), which runs a stage
+# once more on the first micro-batch's shapes, past the first stage on empty tensors.
+_counting = True
+
+
+@contextmanager
+def uncounted():
+    """MoE forwards inside count no rows."""
+    global _counting
+    before, _counting = _counting, False
+    try:
+        yield
+    finally:
+        _counting = before
 
 
 def activation(spec: ModelSpec):
@@ -169,8 +190,13 @@ class MoE(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = spec.num_experts, spec.experts_per_token
         self.renormalise, self.sigmoid = spec.norm_topk_prob, spec.router == "sigmoid"
+        self.scaling = spec.routed_scaling
         self.groups, self.group_topk = spec.route_groups, spec.route_group_topk
         self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=spec.router_bias)
+        # the choice bias is state, saved with the model, but no parameter; the rows routed
+        # to each expert since its last update (from this rank's tokens) are not saved
+        self.expert_bias = nn.Buffer(torch.zeros(spec.num_experts)) if spec.router_choice_bias else None
+        self.tokens_per_expert: torch.Tensor | None = None
         self.experts = GroupedExperts(spec, spec.num_experts)
         self.shared_experts = shared
         self.shared_expert_gate = (nn.Linear(spec.hidden_size, 1, bias=False)
@@ -186,18 +212,20 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         logits = self.router(tokens).float()
         scores = logits.sigmoid() if self.sigmoid else logits.softmax(-1)
-        chosen = self._choose(scores)
+        chosen = self._choose(scores if self.expert_bias is None else scores + self.expert_bias.float())
+        counts = chosen.flatten().bincount(minlength=self.num_experts)
+        if self.expert_bias is not None and self.training and _counting:
+            self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
         weights = scores.gather(-1, chosen)
         if self.renormalise:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights.to(tokens.dtype)
+        weights = (weights * self.scaling).to(tokens.dtype)
         sharding = self.experts.sharding
         if sharding is not None and sharding.ep > 1 and sharding.deduplicated:
             routed = deduplicated_expert_parallel(self.experts, tokens, chosen, weights, sharding.ep_group)
             return self._with_shared(tokens, routed).view(x.shape)
         order = chosen.flatten().argsort(stable=True)  # routed rows grouped by expert
         source = order // self.top_k                      # the token of each routed row
-        counts = chosen.flatten().bincount(minlength=self.num_experts)
         rows = tokens[source]
         out = self.experts(rows, counts) if sharding is None or sharding.ep == 1 else \
             expert_parallel(self.experts, rows, counts, sharding.ep_group)
@@ -240,7 +268,8 @@ def expert_parallel(experts: GroupedExperts, rows: torch.Tensor, counts: torch.T
     send = counts.view(ep, local).sum(1).tolist()
     per_source = received_counts.view(ep, local)
     receive = per_source.sum(1).tolist()
-    experts.received_rows.append(sum(receive))
+    if _counting:
+        experts.received_rows.append(sum(receive))
     received = funcol.wait_tensor(funcol.all_to_all_single(rows.contiguous(), receive, send, group))
     out = _by_expert(experts, received, per_source)
     return funcol.wait_tensor(funcol.all_to_all_single(out.contiguous(), send, receive, group))
@@ -282,7 +311,8 @@ def deduplicated_expert_parallel(experts: GroupedExperts, tokens: torch.Tensor, 
     order = expert.argsort(stable=True)  # the expanded rows grouped by local expert
     row, expert = row[order], expert[order]
     counts = expert.bincount(minlength=local)
-    experts.received_rows.append(int(counts.sum()))
+    if _counting:
+        experts.received_rows.append(int(counts.sum()))
     out = experts(rows[row], counts) * row_weights[row, expert, None]
     combined = rows.new_zeros(rows.shape).index_add(0, row, out.to(rows.dtype))
     back = funcol.wait_tensor(funcol.all_to_all_single(combined, send, receive, group))
@@ -340,6 +370,33 @@ def routing_imbalance(modules: list[nn.Module]) -> float | None:
     dist.all_gather(table, rows, group=group)
     by_rank = torch.stack(table)
     return float((by_rank.max(0).values / by_rank.mean(0).clamp_min(1.0)).mean())
+
+
+# The choice bias's step per optimizer step: DeepSeek-V3's bias update speed (sec 4.2,
+# gamma = 0.001), Megatron-Core's --moe-router-bias-update-rate default.
+EXPERT_BIAS_RATE = 1e-3
+
+
+@torch.no_grad()
+def update_expert_bias(modules: list[nn.Module], group: dist.ProcessGroup | None,
+                       rate: float = EXPERT_BIAS_RATE) -> None:
+    """Auxiliary-loss-free balancing (DeepSeek-V3 sec 2.1.2), after an optimizer step: each
+    MoE layer's experts' rows over the step are summed over `group` (the ranks holding this
+    pipeline stage, which routed the other tokens of the global batch; None: this rank
+    alone), and each expert's choice bias moves by `rate` up where the expert took fewer
+    than the mean, down where it took more (Megatron-Core's get_updated_expert_bias sums over
+    its TP x CP x DP group alike). Rows counted twice, under full recompute or by TP ranks
+    routing the same tokens, are counted twice for every expert of the layer: the signs stay."""
+    layers = [m for module in modules for m in module.modules()
+              if isinstance(m, MoE) and m.expert_bias is not None and m.tokens_per_expert is not None]
+    if not layers:
+        return
+    load = torch.stack([m.tokens_per_expert for m in layers]).double()
+    if group is not None:
+        dist.all_reduce(load, group=group)
+    for m, offset in zip(layers, load.mean(-1, keepdim=True) - load):
+        m.expert_bias += rate * offset.sign().to(m.expert_bias.dtype)
+        m.tokens_per_expert = None
 
 
 def reduce_expert_gradients(module: nn.Module) -> None:

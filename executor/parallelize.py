@@ -216,9 +216,11 @@ def apply_dp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
         for layer in model.layers.values():
             replicate(layer, mesh=dp_mesh, ignored_params=experts)
         return replicate(model, mesh=dp_mesh, ignored_params=experts)
-    if experts:
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, [name for name, p in model.named_parameters() if p in experts])
+    # nor does DDP broadcast the MoE choice biases before each forward: every rank updates
+    # them alike (moe.update_expert_bias)
+    ignored = [name for name, p in model.named_parameters() if p in experts] + [n for n, _ in model.named_buffers()]
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     return DistributedDataParallel(model, device_mesh=dp_mesh, gradient_as_bucket_view=True)
 
 

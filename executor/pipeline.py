@@ -27,6 +27,7 @@ from torch.distributed.pipelining.schedules import (PipelineScheduleSingle, Sche
 
 from meshplan.executor.measure import local_part
 from meshplan.executor.model import Transformer
+from meshplan.executor.moe import uncounted
 from meshplan.simulator.plan import Plan
 from meshplan.simulator.schedule import stage_index
 
@@ -59,11 +60,21 @@ def split_stage(model: Transformer, partition: tuple[int, ...], stage_index: int
     return stage
 
 
+class _Stage(PipelineStage):
+    """torch's stage, whose metadata inference (the stage run once more on the first
+    micro-batch's shapes in the first step, past the first stage on empty tensors) the MoE
+    layers leave out of their load and imbalance counts (moe.uncounted)."""
+
+    def _forward_metadata_inference(self, *args, **kwargs):
+        with uncounted():
+            return super()._forward_metadata_inference(*args, **kwargs)
+
+
 def build_schedule(modules: list[nn.Module], indices: list[int], plan: Plan,
                    group, device: torch.device, loss_fn):
     """The plan's schedule over this rank's stages, with `plan.num_microbatches`
     micro-batches; gradients are averaged over them (scale_grads), matching a mean loss."""
-    stages = [PipelineStage(m, i, plan.num_virtual, device, group=group)
+    stages = [_Stage(m, i, plan.num_virtual, device, group=group)
               for m, i in zip(modules, indices)]
     schedule_class = SCHEDULES[plan.schedule]
     if issubclass(schedule_class, PipelineScheduleSingle):

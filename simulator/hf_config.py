@@ -399,7 +399,8 @@ def _deepseek_v3(c: _Config, method: str = "noaux_tc") -> dict:
                moe_ffn_hidden_size=c.size("moe_intermediate_size"),
                num_shared_experts=c.get("n_shared_experts") or 0,
                shared_expert_ffn_size=c.size("moe_intermediate_size"),
-               router=router, norm_topk_prob=c.flag("norm_topk_prob", True),  # DeepseekV3Config default
+               router=router, norm_topk_prob=c.flag("norm_topk_prob"),
+               routed_scaling=c.number("routed_scaling_factor") or 1.0, router_choice_bias=method == "noaux_tc",
                **groups,
                # DeepSeek's modelling code: MoE from first_k_dense_replace on, every moe_layer_freq
                dense_layers=tuple(i for i in range(layers) if i < first or i % freq)) if experts else {}
@@ -492,11 +493,13 @@ DEFAULTS = {
                         num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1,
                         n_routed_experts=256, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
                         v_head_dim=128, qk_nope_head_dim=128, num_experts_per_tok=8, first_k_dense_replace=3,
-                        max_position_embeddings=4096),
+                        max_position_embeddings=4096, norm_topk_prob=True, routed_scaling_factor=2.5, n_group=8,
+                        topk_group=4),
     "deepseek_v2": dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                         num_attention_heads=32, max_position_embeddings=2048, kv_lora_rank=512, q_lora_rank=1536,
                         n_routed_experts=64, n_shared_experts=2, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                        v_head_dim=128, moe_intermediate_size=1407, norm_topk_prob=False, scoring_func="softmax"),
+                        v_head_dim=128, moe_intermediate_size=1407, norm_topk_prob=False, scoring_func="softmax",
+                        routed_scaling_factor=1.0),
     "gpt_oss": dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
                     num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
                     max_position_embeddings=131072, num_local_experts=128, num_experts_per_tok=4,
@@ -514,10 +517,10 @@ READERS = {"llama": _llama, "mistral": _mistral, "mixtral": _mixtral, "qwen2": _
 # Keys of each architecture that change no cost (Mixtral always renormalises its top-k
 # weights; the other MoE readers take norm_topk_prob into ModelSpec for the executor).
 _MOE_ROUTING = {"router_jitter_noise"}
-# Routing details (scaling, the balancing loss) cost nothing; head_dim / qk_head_dim
+# The balancing loss and the EP size of DeepSeek's own code cost nothing; head_dim / qk_head_dim
 # restate the latent sizes; the multi-token-prediction module is left out, as Hugging
 # Face's DeepseekV3ForCausalLM and inference leave it out.
-_DEEPSEEK = _MOE_ROUTING | {"routed_scaling_factor", "ep_size",
+_DEEPSEEK = _MOE_ROUTING | {"ep_size",
                             "aux_loss_alpha", "seq_aux", "rope_interleave", "qk_head_dim", "num_nextn_predict_layers"}
 IGNORED = {
     "gemma2": {"query_pre_attn_scalar", "sliding_window_size"},

@@ -89,6 +89,11 @@ class ModelSpec:
     # (up + 1) * gate * sigmoid(1.702 gate); None: the plain activation
     swiglu_limit: float | None = None
     norm_topk_prob: bool = True         # chosen experts' weights renormalised to sum to 1 (Mixtral)
+    routed_scaling: float = 1.0         # the routed experts' weights scaled (DeepSeek's routed_scaling_factor)
+    # a bias per expert on the scores for choosing experts only (not their weights), moved
+    # after each step against the experts' load: auxiliary-loss-free balancing (DeepSeek-V3
+    # sec 2.1.2; its noaux_tc selection)
+    router_choice_bias: bool = False
     # group-limited routing: the experts in route_groups groups of consecutive experts, each
     # token's chosen from its best route_group_topk groups (DeepSeek-V2 sec 2.2.3 device-
     # limited, DeepSeek-V3 sec 2.1.2 node-limited routing); 0: any expert
@@ -133,6 +138,9 @@ class ModelSpec:
                 yield field, f"unknown value {getattr(self, field)!r}", f"use one of {', '.join(allowed)}"
         if not 0 < self.rotary_pct <= 1:
             yield "rotary_pct", f"{self.rotary_pct} is not in (0, 1]", "use a share in (0, 1]"
+        scale = self.routed_scaling
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < float("inf")):
+            yield "routed_scaling", f"{scale!r} is not a positive number", "give a positive, finite scale"
         limit = self.swiglu_limit
         if limit is not None and not (self.gated_mlp and isinstance(limit, (int, float))
                                       and not isinstance(limit, bool) and 0 < limit < float("inf")):
@@ -153,7 +161,7 @@ class ModelSpec:
     def _moe_issues(self):
         if not self.num_experts:
             extra = [f for f in ("experts_per_token", "moe_ffn_hidden_size", "num_shared_experts",
-                                 "dense_layers", "router_bias") if getattr(self, f)]
+                                 "dense_layers", "router_bias", "router_choice_bias") if getattr(self, f)]
             yield from ((f, "set on a model without experts", "set num_experts, or leave the expert fields out")
                         for f in extra)
             return

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch.distributed.checkpoint as dcp
 
 from meshplan.core.errors import PlanError
 from meshplan.executor.checkpoint import INFO, LATEST, latest
@@ -205,9 +206,11 @@ def test_a_zero1_checkpoint_with_tp_resumes_under_a_pipeline(tmp_path):
     assert record.losses == pytest.approx(uninterrupted.losses, rel=1e-5, abs=0)
 
 
+# DeepSeek-V3's router: its choice bias is saved with the model and resumed
 MOE = ModelSpec("tiny-moe", num_layers=3, hidden_size=32, num_heads=4, num_kv_heads=2,
                 ffn_hidden_size=64, vocab_size=128, max_seq_len=32, num_experts=4,
-                experts_per_token=2, moe_ffn_hidden_size=48, dense_layers=(0,))
+                experts_per_token=2, moe_ffn_hidden_size=48, dense_layers=(0,), router="sigmoid",
+                router_choice_bias=True)
 
 
 EP_SAVED = {"ep2": plan(dp=2, ep=2), "ep2-zero1": plan(dp=2, ep=2, zero=1),
@@ -232,6 +235,8 @@ def test_expert_parallel_checkpoints_reshard_into_another_ep(ep_reference, tmp_p
     over ep (and etp) and replicated over edp, so each is written once and loads into any
     other expert layout."""
     launch_train(MOE, EP_SAVED[saved], Cluster(2, 2), options(tmp_path, steps=3))
+    keys = dcp.FileSystemReader(latest(tmp_path)[0]).read_metadata().state_dict_metadata
+    assert {f"model.layers.{i}.feed_forward.expert_bias" for i in (1, 2)} <= set(keys)
     record = launch_train(MOE, into, Cluster(2, 2), options(tmp_path, resume=True))
     assert record.losses[:3] == ep_reference[saved][:3]
     assert record.losses == pytest.approx(ep_reference[saved], rel=1e-5, abs=0)

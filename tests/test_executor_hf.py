@@ -3,8 +3,8 @@ by meshplan (model_spec.from_hf_config) and built by transformers, the transform
 weights are copied into the executor's, and both give the same logits. This checks the
 features the executor builds from the reading (QK-norm, any head width, Q/K/V biases,
 sliding windows, GPT-NeoX's partial rotary, parallel residual and fused QKV, DeepSeek's
-latent attention, its sigmoid group-limited router, gpt-oss's attention sinks, clamped SwiGLU
-and expert biases) mean what the architecture means.
+latent attention, its sigmoid group-limited router with its choice bias and scaled weights,
+gpt-oss's attention sinks, clamped SwiGLU and expert biases) mean what the architecture means.
 
 RoPE: transformers rotates the two halves of each head's (rotated) dimensions against each
 other, the executor consecutive pairs (Meta's Llama); the copy permutes the query and key
@@ -43,12 +43,13 @@ CONFIGS = {
                                  moe_intermediate_size=32, n_group=1, topk_group=1, scoring_func="softmax",
                                  topk_method="greedy", rms_norm_eps=1e-5),
     # DeepSeek-V3's MoE after a dense first layer: the sigmoid router choosing among the best
-    # 2 of 4 groups (each group scored by its best two experts), a shared expert
+    # 2 of 4 groups (each group scored by its best two experts) under the choice bias, the
+    # weights scaled by the default routed_scaling_factor (2.5), a shared expert
     "deepseek_v3_moe": dict(COMMON, model_type="deepseek_v3", num_key_value_heads=4, q_lora_rank=24,
                             kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
                             first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
                             moe_intermediate_size=32, n_group=4, topk_group=2, n_shared_experts=1,
-                            routed_scaling_factor=1.0, rms_norm_eps=1e-5),
+                            rms_norm_eps=1e-5),
     # gpt-oss: a sink logit per head, biases everywhere, every other layer over a window, a
     # biased router and experts with biases running the clamped SwiGLU
     "gpt_oss": dict(COMMON, model_type="gpt_oss", intermediate_size=32, num_key_value_heads=2, head_dim=32,
@@ -112,7 +113,8 @@ def _mlp(hf: dict, theirs: str, mine: str) -> dict:
                 f"{mine}experts.w2_bias": hf[f"{theirs}experts.down_proj_bias"]}
     gate, up = hf[f"{theirs}experts.gate_up_proj"].transpose(1, 2).chunk(2, dim=-1)
     out = {f"{mine}router.weight": hf[f"{theirs}gate.weight"], f"{mine}experts.w1": gate,
-           f"{mine}experts.w3": up, f"{mine}experts.w2": hf[f"{theirs}experts.down_proj"].transpose(1, 2)}
+           f"{mine}experts.w3": up, f"{mine}experts.w2": hf[f"{theirs}experts.down_proj"].transpose(1, 2),
+           f"{mine}expert_bias": hf[f"{theirs}gate.e_score_correction_bias"]}
     out.update({f"{mine}shared_experts.{ours}.weight": hf[f"{theirs}shared_experts.{name}.weight"]
                 for name, ours in dense.items()})
     return out
@@ -163,13 +165,18 @@ def test_executor_decoder_gives_transformers_logits(arch):
     torch.manual_seed(0)
     theirs = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     mine = build_model(spec, seed=0).eval()
-    with torch.no_grad():  # DeepSeek's router starts at zero, every expert tied: spread them
+    with torch.no_grad():  # DeepSeek's router and choice bias start at zero, every expert tied: spread them
         for name, param in theirs.named_parameters():
             if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 param.normal_(0, 0.5)
-    hf = {k: v for k, v in theirs.state_dict().items() if not k.endswith("e_score_correction_bias")}
+        for name, bias in theirs.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                bias.uniform_(0.0, 0.5)
+    hf = theirs.state_dict()
+    if not spec.router_choice_bias:  # the dense-only configs' unused MoE gates
+        hf = {k: v for k, v in hf.items() if not k.endswith("e_score_correction_bias")}
     copy = (_gpt_neox if arch == "gpt_neox" else _deepseek if arch.startswith("deepseek") else _llama_like)(hf, spec)
-    assert sorted(copy) == sorted(dict(mine.named_parameters()))
+    assert sorted(copy) == sorted(mine.state_dict())
     mine.load_state_dict(copy)
     tokens = torch.randint(0, config["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

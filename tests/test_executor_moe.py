@@ -16,7 +16,7 @@ from meshplan.core.errors import PlanError
 from meshplan.executor import data as batches
 from meshplan.executor.launch import check_train
 from meshplan.executor.model import build_model, loss_fn
-from meshplan.executor.moe import grouped_mm, looped_mm
+from meshplan.executor.moe import EXPERT_BIAS_RATE, grouped_mm, looped_mm, update_expert_bias
 from meshplan.executor.options import RunOptions
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
@@ -39,6 +39,9 @@ MOE_RAW = replace(MOE, name="tiny-moe-raw", norm_topk_prob=False)
 MOE_GROUPED = replace(MOE, name="tiny-moe-grouped", num_experts=8, router="sigmoid", route_groups=4,
                       route_group_topk=2, router_bias=True)
 MOE_GROUPED_SOFTMAX = replace(MOE_GROUPED, name="tiny-moe-grouped-softmax", router="softmax", router_bias=False)
+# DeepSeek-V3's in full: its choice bias (auxiliary-loss-free balancing) and scaled weights
+MOE_FREE = replace(MOE_GROUPED, name="tiny-moe-free", router_bias=False, router_choice_bias=True,
+                   routed_scaling=2.5)
 # gpt-oss's: biases everywhere (the experts' too), a clamped SwiGLU, a sink logit per head
 MOE_OSS = ModelSpec("tiny-oss", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
                     vocab_size=128, max_seq_len=64, num_experts=4, experts_per_token=2, moe_ffn_hidden_size=48,
@@ -78,9 +81,10 @@ def per_token(moe, tokens: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     for i, t in enumerate(tokens):
         logits = moe.router.weight @ t + (moe.router.bias if moe.router.bias is not None else 0)
         scores = torch.sigmoid(logits) if spec.router == "sigmoid" else torch.softmax(logits, -1)
-        chosen = _chosen(scores, spec)
+        chosen = _chosen(scores if moe.expert_bias is None else scores + moe.expert_bias, spec)
         weights = scores[chosen]
-        for w, e in zip(weights / weights.sum() if spec.norm_topk_prob else weights, chosen):
+        weights = (weights / weights.sum() if spec.norm_topk_prob else weights) * spec.routed_scaling
+        for w, e in zip(weights, chosen):
             gate = project["w1"](t, e)
             if limit is not None:  # gpt-oss's clamped SwiGLU, by its formula
                 gate, up = gate.clamp(max=limit), project["w3"](t, e).clamp(-limit, limit)
@@ -94,8 +98,9 @@ def per_token(moe, tokens: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("spec", [MOE, MOE_GELU, MOE_RAW, MOE_GROUPED, MOE_GROUPED_SOFTMAX, MOE_OSS],
-                         ids=["gated-shared", "gelu-top1", "raw", "grouped-sigmoid", "grouped-softmax", "oss"])
+@pytest.mark.parametrize("spec", [MOE, MOE_GELU, MOE_RAW, MOE_GROUPED, MOE_GROUPED_SOFTMAX, MOE_OSS, MOE_FREE],
+                         ids=["gated-shared", "gelu-top1", "raw", "grouped-sigmoid", "grouped-softmax", "oss",
+                              "loss-free"])
 def test_moe_layer_is_the_routed_sum(spec):
     model = build_model(spec, seed=0)
     kinds = [type(layer.feed_forward).__name__ for layer in model.layers.values()]
@@ -103,8 +108,45 @@ def test_moe_layer_is_the_routed_sum(spec):
     moe = model.layers[str(spec.num_layers - 1)].feed_forward
     x = torch.randn(3, 7, spec.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
+        if moe.expert_bias is not None:  # a bias as balancing leaves it, enough to change choices
+            moe.expert_bias.uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(moe(x).reshape(-1, spec.hidden_size),
                                    per_token(moe, x.reshape(-1, spec.hidden_size), spec))
+
+
+def test_choice_bias_moves_against_each_experts_load():
+    """Auxiliary-loss-free balancing (DeepSeek-V3 sec 2.1.2): over a training step each MoE
+    layer counts the rows its router sent each expert (found here from the router's logits
+    under the bias, token by token); after it the bias moves by the rate up for the experts
+    below the mean load, down for those above, and no gradient touches it. Serving (eval)
+    counts nothing."""
+    model = build_model(MOE_FREE, seed=0)
+    moes = [layer.feed_forward for layer in model.layers.values() if hasattr(layer.feed_forward, "router")]
+    with torch.no_grad():
+        for moe in moes:
+            moe.expert_bias.uniform_(-0.05, 0.05, generator=torch.Generator().manual_seed(3))
+    before = [moe.expert_bias.clone() for moe in moes]
+    logits = []
+    for moe in moes:
+        moe.router.register_forward_hook(lambda _m, _i, out: logits.append(out.detach()))
+    tokens = batches.global_batch(0, 4, 16, MOE_FREE.vocab_size, SEED)
+    inputs, targets = batches.split_inputs_targets(tokens)
+    loss_fn(model(inputs), targets).backward()
+    assert all(moe.expert_bias.grad is None and not moe.expert_bias.requires_grad for moe in moes)
+    update_expert_bias([model], None)
+    for moe, bias, layer_logits in zip(moes, before, logits):
+        load = torch.zeros(MOE_FREE.num_experts)
+        for row in layer_logits:
+            for e in _chosen(torch.sigmoid(row) + bias, MOE_FREE):
+                load[e] += 1
+        assert load.sum() == inputs.numel() * MOE_FREE.experts_per_token
+        expected = bias + EXPERT_BIAS_RATE * torch.sign(load.mean() - load)
+        torch.testing.assert_close(moe.expert_bias, expected, rtol=0, atol=1e-9)
+        assert moe.tokens_per_expert is None
+    model.eval()
+    with torch.no_grad():
+        model(inputs)
+    assert all(moe.tokens_per_expert is None for moe in moes)
 
 
 def test_expert_with_no_rows_gets_zero_gradient():
@@ -200,7 +242,9 @@ WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
            # gpt-oss's: the experts' biases split with them, the sinks with TP's heads
            ("oss-ep2", MOE_OSS, plan(dp=2, ep=2)),
            # a token sent once to each rank its experts sit on, weighted and summed there
-           ("deepep-ep2", MOE_GROUPED, plan(dp=2, ep=2, moe_dispatcher="deepep"))]
+           ("deepep-ep2", MOE_GROUPED, plan(dp=2, ep=2, moe_dispatcher="deepep")),
+           # DeepSeek-V3's choice bias, moved by the load the two ranks' tokens gave each expert
+           ("loss-free-ep2", MOE_FREE, plan(dp=2, ep=2))]
 WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("ep4", MOE, plan(dp=4, ep=4)),
            ("ep2-edp2-zero2", MOE, plan(dp=4, ep=2, zero=2)),
@@ -214,7 +258,10 @@ WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("oss-dp2-tp2-sp-ep2", MOE_OSS, plan(dp=2, tp=2, sp=True, etp=1, ep=2)),
            ("deepep-ep4", MOE, plan(dp=4, ep=4, moe_dispatcher="deepep")),
            ("dp2-tp2-sp-ep2-etp2", MOE_GELU, plan(dp=2, tp=2, sp=True, ep=2, etp=2)),
-           ("deepep-dp2-tp2-sp-ep4", MOE_OSS, plan(dp=2, tp=2, sp=True, etp=1, ep=4, moe_dispatcher="deepep"))]
+           ("deepep-dp2-tp2-sp-ep4", MOE_OSS, plan(dp=2, tp=2, sp=True, etp=1, ep=4, moe_dispatcher="deepep")),
+           # the choice bias's load summed over each stage's dp x tp ranks, a stage apiece
+           ("loss-free-pp2-tp2-sp-ep2", MOE_FREE, plan(pp=2, tp=2, sp=True, etp=1, ep=2, schedule="1f1b",
+                                                       micro_batch=1))]
 
 
 def _top_experts(logits: torch.Tensor, model: ModelSpec) -> torch.Tensor:

@@ -30,6 +30,7 @@ from meshplan.executor.adamw import MomentsAdamW
 from meshplan.executor.launch import launch_train_many
 from meshplan.executor.options import RunOptions
 from meshplan.executor.model import build_model, loss_fn
+from meshplan.executor.moe import update_expert_bias
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
 
@@ -185,6 +186,7 @@ def reference(model: ModelSpec, plan: Plan):
         if step == 0:
             grads = {n: p.grad.clone() for n, p in net.named_parameters()}
         optimizer.step()
+        update_expert_bias([net], None)  # every token's rows counted here, as the ranks' summed
         optimizer.zero_grad()
     return losses, grads
 

@@ -138,3 +138,19 @@ def test_group_limited_routing_is_read_from_the_config():
     with pytest.raises(ModelError) as err:  # one group of 32 experts cannot hold 33 per token
         from_hf_config({**_config("deepseek-v3.json"), "topk_group": 1, "num_experts_per_tok": 33}, "cfg")
     assert err.value.field == "config:topk_group"  # the config's key, not the spec's field
+
+
+def test_routed_weights_scale_and_choice_bias_are_read_from_the_config():
+    """routed_scaling_factor as each config sets it (DeepSeek-V3 2.5, V2-Lite 1.0) or as
+    transformers defaults it (V3 2.5, V2 1.0); the choice bias where selection is noaux_tc
+    (DeepSeek-V3's), not under V2's greedy selection; a scale that is not a positive number is
+    refused by its key."""
+    read = {which: (m.routed_scaling, m.router_choice_bias)
+            for which in ("deepseek-v3.json", "deepseek-v2-lite.json", "deepseek_v3", "deepseek_v2-group-limited")
+            for m in [from_hf_config(_config(which), which)]}
+    assert read == {"deepseek-v3.json": (2.5, True), "deepseek-v2-lite.json": (1.0, False),
+                    "deepseek_v3": (2.5, True), "deepseek_v2-group-limited": (1.0, False)}
+    assert not from_hf_config({**_config("deepseek-v3.json"), "topk_method": "greedy"}, "cfg").router_choice_bias
+    with pytest.raises(ModelError) as err:
+        from_hf_config({**_config("deepseek-v3.json"), "routed_scaling_factor": -1}, "cfg")
+    assert err.value.field == "config:routed_scaling_factor"

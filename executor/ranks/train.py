@@ -36,7 +36,7 @@ from meshplan.executor.checkpoint import CheckpointInfo
 from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages,
                               rank_memory, timed)
 from meshplan.executor.model import build_model, loss_fn
-from meshplan.executor.moe import reduce_expert_gradients, routing_imbalance
+from meshplan.executor.moe import reduce_expert_gradients, routing_imbalance, update_expert_bias
 from meshplan.executor.parallelize import (build_mesh, build_optimizer, context_parallel, data_parallel_mesh,
                                   full_gradients, gradient_sync, parallelize, training_context)
 from meshplan.executor.pipeline import TiedEmbedding, build_schedule, split_stage, stage_indices
@@ -93,6 +93,10 @@ class Job:
             self.has_first = self.has_last = True
             self.tied = None
         self.params = [p for m in self.modules for p in m.parameters()]
+        # the ranks holding this pipeline stage, which sum their experts' load for the
+        # choice biases (update_expert_bias)
+        self.stage_group = (self.mesh[tuple(n for n in self.mesh.mesh_dim_names if n != "pp")]._flatten(
+            "stage").get_group() if spec.router_choice_bias and plan.world_size > plan.pp else None)
         self.optimizer = build_optimizer(self.modules, plan, self.dp_mesh, options.lr)
         self.memory = None
 
@@ -147,6 +151,7 @@ class Job:
         # the fused AdamW's step counts are plain tensors beside the DTensor parameters
         with implicit_replication():
             self.optimizer.step()
+        update_expert_bias(self.modules, self.stage_group)
         if meter is not None:
             self.memory = rank_memory(dist.get_rank(), model_state_bytes(self.params, self.optimizer),
                                       meter.peak_bytes, self.device)
