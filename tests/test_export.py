@@ -378,6 +378,12 @@ def test_megatron_deepseek_shaped_experts(deepseek_shaped):
     assert f["--moe-shared-expert-intermediate-size"] == "2048" and "--moe-shared-expert-gate" not in f
     assert f["--moe-router-score-function"] == "sigmoid" and f["--ffn-hidden-size"] == "18432"
     assert (f["--moe-router-num-groups"], f["--moe-router-group-topk"]) == ("8", "4")
+    assert f["--moe-router-topk-scaling-factor"] == "2.5" and "--moe-router-enable-expert-bias" in f
+    assert "--moe-router-pre-softmax" not in f
+    # Qwen2-57B-A14B keeps its top-k softmax weights unnormalised, and has no bias to balance
+    raw = flags(export("megatron", job(str(HF / "qwen2-57b-a14b.json"), hw=H100, dp=64, ep=8, zero=1)).args)
+    assert "--moe-router-pre-softmax" in raw and "--moe-router-enable-expert-bias" not in raw
+    assert "--moe-router-topk-scaling-factor" not in raw
     assert (f["--moe-token-dispatcher-type"], f["--moe-flex-dispatcher-backend"]) == ("flex", "deepep")
     assert f["--kv-channels"] == "128"  # 128 heads of 128 over a 7168 residual stream
 

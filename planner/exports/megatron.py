@@ -81,6 +81,12 @@ def moe_args(job: TrainJob) -> list[tuple[str, object]]:
             flags.append(("--moe-shared-expert-gate", None))
     if m.router == "sigmoid":
         flags.append(("--moe-router-score-function", "sigmoid"))
+    elif not m.norm_topk_prob:  # softmax over all experts, the top k's weights kept as they are
+        flags.append(("--moe-router-pre-softmax", None))
+    if m.routed_scaling != 1.0:  # TransformerConfig moe_router_topk_scaling_factor
+        flags.append(("--moe-router-topk-scaling-factor", m.routed_scaling))
+    if m.router_choice_bias:  # auxiliary-loss-free balancing, its update rate 1e-3 by default
+        flags.append(("--moe-router-enable-expert-bias", None))
     if m.route_groups:  # Megatron-Core TransformerConfig moe_router_num_groups / _group_topk
         flags += [("--moe-router-num-groups", m.route_groups), ("--moe-router-group-topk", m.route_group_topk)]
     flags += ([("--moe-token-dispatcher-type", "flex"), ("--moe-flex-dispatcher-backend", "deepep")]
