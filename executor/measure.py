@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
@@ -34,22 +39,68 @@ class ActivationMeter:
     drops its storage from the live set; storages are deduplicated, and the bytes of the
     live set are re-read at each save, so storages resized to zero (FSDP2 freeing gathered
     weights after forward) stop counting. Parameters' own storages are excluded (counted
-    as parameters). Tensors recomputed under activation checkpointing are not seen, nor the
-    outputs per-op recompute keeps (its policy caches them outside autograd's saved tensors),
-    so on CPU the memory of a plan with recompute op is undercounted."""
+    as parameters). Two kinds of tensors activation checkpointing holds outside autograd's
+    saved tensors are reported by its contexts (executor/parallelize.py, while a meter is
+    active) and count until their storage is freed: the outputs per-op recompute keeps in
+    forward (kept_outputs), and those a recompute in backward keeps for the backward that
+    follows it, the outputs still alive when it ends (recomputed_outputs)."""
+
+    _active: ActivationMeter | None = None
 
     def __init__(self, excluded: set[int]):
         self.excluded = excluded
         self.live: dict[int, list] = {}  # storage id -> [storage, number of holders]
+        self.kept: dict[int, tuple] = {}  # storage id -> (weak reference, bytes)
         self.peak_bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
+    @classmethod
+    def active(cls) -> ActivationMeter | None:
+        """The meter counting now, if any."""
+        return cls._active
+
     def __enter__(self):
         self._hooks.__enter__()
+        ActivationMeter._active = self
         return self
 
     def __exit__(self, *exc):
+        ActivationMeter._active = None
         return self._hooks.__exit__(*exc)
+
+    def keep(self, tensor: torch.Tensor) -> None:
+        """Count `tensor`, held elsewhere than in autograd's saved tensors, until its
+        storage is freed."""
+        key, ref, nbytes = _weakly(tensor)
+        if key not in self.excluded:
+            self.kept[key] = (ref, nbytes)
+            self._measure()
+
+    @contextmanager
+    def kept_outputs(self, keeps: Callable[[], bool]):
+        """Count the outputs of the ops run inside for which `keeps()` says so (a per-op
+        checkpoint policy's decision on the op just run), as they come."""
+        with _Outputs(lambda t: self.keep(t) if keeps() else None):
+            yield
+
+    @contextmanager
+    def recomputed_outputs(self):
+        """Count the outputs of the ops run inside (a checkpoint's recompute) that are still
+        alive when it ends, stopped early or not: what it keeps for backward."""
+        made: list = []
+        try:
+            with _Outputs(lambda t: made.append(_weakly(t))):
+                yield
+        finally:
+            self.kept.update((key, (ref, nbytes)) for key, ref, nbytes in made
+                             if key not in self.excluded and not ref.expired())
+            self._measure()
+
+    def _measure(self) -> None:
+        self.kept = {k: v for k, v in self.kept.items() if not v[0].expired()}
+        held = sum(s.nbytes() for s, _ in self.live.values())
+        self.peak_bytes = max(self.peak_bytes, held + sum(b for k, (_, b) in self.kept.items()
+                                                          if k not in self.live))
 
     def _pack(self, tensor: torch.Tensor):
         # A DTensor's own storage is not its shard's: count the local shard's memory.
@@ -58,7 +109,7 @@ class ActivationMeter:
         if key in self.excluded:
             return tensor
         self.live.setdefault(key, [storage, 0])[1] += 1
-        self.peak_bytes = max(self.peak_bytes, sum(s.nbytes() for s, _ in self.live.values()))
+        self._measure()
         # Hold it detached: an op that saves its own output (attention, log-softmax) would
         # otherwise close a cycle holder -> output -> its grad_fn -> holder through C++
         # autograd nodes, which Python's gc cannot see; a graph never run backward (the
@@ -74,6 +125,27 @@ class ActivationMeter:
         entry[1] -= 1
         if entry[1] == 0:
             del self.live[key]
+
+
+def _weakly(tensor: torch.Tensor) -> tuple[int, StorageWeakRef, int]:
+    """(id, weak reference, bytes) of the storage of this rank's part of `tensor`."""
+    storage = local_part(tensor).untyped_storage()
+    return storage._cdata, StorageWeakRef(storage), storage.nbytes()
+
+
+class _Outputs(TorchDispatchMode):
+    """Hands `seen` each tensor an op run beneath this mode returns."""
+
+    def __init__(self, seen: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.seen(t)
+        return out
 
 
 class _Held:

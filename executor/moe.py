@@ -196,7 +196,7 @@ class MoE(nn.Module):
         # the choice bias is state, saved with the model, but no parameter; the rows routed
         # to each expert since its last update (from this rank's tokens) are not saved
         self.expert_bias = nn.Buffer(torch.zeros(spec.num_experts)) if spec.router_choice_bias else None
-        self.tokens_per_expert: torch.Tensor | None = None
+        self.routed_counts: list[torch.Tensor] = []  # kept as they come: no op for recompute to redo
         self.experts = GroupedExperts(spec, spec.num_experts)
         self.shared_experts = shared
         self.shared_expert_gate = (nn.Linear(spec.hidden_size, 1, bias=False)
@@ -215,7 +215,7 @@ class MoE(nn.Module):
         chosen = self._choose(scores if self.expert_bias is None else scores + self.expert_bias.float())
         counts = chosen.flatten().bincount(minlength=self.num_experts)
         if self.expert_bias is not None and self.training and _counting:
-            self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
+            self.routed_counts.append(counts)
         weights = scores.gather(-1, chosen)
         if self.renormalise:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -386,17 +386,18 @@ def update_expert_bias(modules: list[nn.Module], group: dist.ProcessGroup | None
     alone), and each expert's choice bias moves by `rate` up where the expert took fewer
     than the mean, down where it took more (Megatron-Core's get_updated_expert_bias sums over
     its TP x CP x DP group alike). Rows counted twice, under full recompute or by TP ranks
-    routing the same tokens, are counted twice for every expert of the layer: the signs stay."""
+    routing the same tokens, are counted twice for every expert of the layer: the signs stay
+    (recompute redoes every micro-batch's forward of the layer, or none)."""
     layers = [m for module in modules for m in module.modules()
-              if isinstance(m, MoE) and m.expert_bias is not None and m.tokens_per_expert is not None]
+              if isinstance(m, MoE) and m.expert_bias is not None and m.routed_counts]
     if not layers:
         return
-    load = torch.stack([m.tokens_per_expert for m in layers]).double()
+    load = torch.stack([torch.stack(m.routed_counts).sum(0) for m in layers]).double()
     if group is not None:
         dist.all_reduce(load, group=group)
     for m, offset in zip(layers, load.mean(-1, keepdim=True) - load):
         m.expert_bias += rate * offset.sign().to(m.expert_bias.dtype)
-        m.tokens_per_expert = None
+        m.routed_counts.clear()
 
 
 def reduce_expert_gradients(module: nn.Module) -> None:

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from meshplan.executor.adamw import MomentsAdamW
 from meshplan.executor.context_parallel import ContextParallel
+from meshplan.executor.measure import ActivationMeter
 from meshplan.executor.model import Attention, LatentAttention, Transformer, set_context_parallel
 from meshplan.executor.moe import (WIDTH_DIMS, ExpertSharding, MoE, expert_parameters, gather_experts,
                                    reduce_expert_gradients, shard_expert_width, shard_experts,
@@ -148,27 +149,64 @@ def apply_ep(model: Transformer, expert_mesh: DeviceMesh, dp: int, dispatcher: s
             shard_experts(layer.feed_forward, sharding)
 
 
-# the matmuls per-op recompute counts, and the attention kernels whose output it keeps
-_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-_ATTENTION = tuple(getattr(torch.ops.aten, name).default for name in (
+# the matmuls per-op recompute counts (the weight: mm's second operand, addmm's third), and
+# the ops whose output it keeps: attention kernels, TP's reduce-scatters and EP's all-to-alls
+_MATMULS = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2}
+_KEPT = tuple(getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
-    if hasattr(torch.ops.aten, name))
+    if hasattr(torch.ops.aten, name)) + (torch.ops._c10d_functional.reduce_scatter_tensor.default,
+                                         torch.ops._c10d_functional.all_to_all_single.default)
 
 
-def _op_policy():
+def _op_policy(router_shape: tuple[int, int] | None):
     """torchtitan's per-op selective checkpointing policy (simulator ops.op_sac): keep the
-    attention kernels' outputs and every other matmul's, counting the layer's matmuls on
-    over its calls; recompute the rest."""
+    outputs of the attention kernels, the reduce-scatters and all-to-alls, and every other
+    matmul's, counting the layer's matmuls on over its calls; recompute the rest, the
+    router's matmul (its weight of `router_shape`) always and uncounted."""
     count = {"forward": 0, "recompute": 0}
 
     def policy(ctx, func, *args, **kwargs):
         if func in _MATMULS:
+            if tuple(args[_MATMULS[func]].shape) == router_shape:
+                return CheckpointPolicy.PREFER_RECOMPUTE
             mode = "recompute" if ctx.is_recompute else "forward"
             count[mode] += 1
             return CheckpointPolicy.MUST_SAVE if count[mode] % 2 else CheckpointPolicy.PREFER_RECOMPUTE
-        return CheckpointPolicy.MUST_SAVE if func in _ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if func in _KEPT else CheckpointPolicy.PREFER_RECOMPUTE
     return policy
+
+
+def _metered(forward=None, recompute=None):
+    """A checkpoint's (forward, recompute) contexts, each inside what an active activation
+    meter counts of it (measure.ActivationMeter.kept_outputs, recomputed_outputs): a
+    context_fn for torch.utils.checkpoint. `forward`: (the policy's caching context, whether
+    it keeps the op just run)."""
+    meter = ActivationMeter.active()
+    if meter is None:
+        return (forward[0] if forward else nullcontext()), (recompute or nullcontext())
+
+    @contextmanager
+    def forward_counted():
+        with meter.kept_outputs(forward[1]), forward[0]:
+            yield
+
+    @contextmanager
+    def recompute_counted():
+        with meter.recomputed_outputs(), recompute or nullcontext():
+            yield
+    return (forward_counted() if forward else nullcontext()), recompute_counted()
+
+
+def _op_contexts(policy):
+    """torch's selective-checkpoint contexts under `policy`, metered (_metered)."""
+    last: list = []
+
+    def deciding(ctx, func, *args, **kwargs):
+        last[:] = [policy(ctx, func, *args, **kwargs)]
+        return last[0]
+    forward, recompute = create_selective_checkpoint_contexts(deciding)
+    return _metered((forward, lambda: last == [CheckpointPolicy.MUST_SAVE]), recompute)
 
 
 def apply_recompute(model: Transformer, mode: str) -> None:
@@ -182,13 +220,14 @@ def apply_recompute(model: Transformer, mode: str) -> None:
 
     for key, layer in model.layers.items():
         if mode == "full":
-            model.layers[key] = wrap(layer)
+            model.layers[key] = wrap(layer, context_fn=_metered)
         elif mode == "selective":
-            layer.attention.core = wrap(layer.attention.core)
+            layer.attention.core = wrap(layer.attention.core, context_fn=_metered)
         elif mode == "op":
-            policy = _op_policy()
+            moe = layer.feed_forward
+            policy = _op_policy(tuple(moe.router.weight.t().shape) if isinstance(moe, MoE) else None)
             # early_stop=False redoes the whole layer, as torchtitan 0.3's SelectiveAC does
-            model.layers[key] = wrap(layer, context_fn=lambda p=policy: create_selective_checkpoint_contexts(p),
+            model.layers[key] = wrap(layer, context_fn=lambda p=policy: _op_contexts(p),
                                      early_stop=False)
 
 

@@ -399,12 +399,11 @@ EXECUTOR_TRAINING = (
           "without sequence parallelism the TP ranks hold the same tokens", "turn on sp, or use etp 1"),
     _rule("plan.etp", "etp", lambda x, m, c: (x.etp == 1) | np.logical_not(m.num_experts > 0 and m.bias),
           lambda x, m, c: f"the executor splits no expert's biases over etp {x.etp}", "use etp 1"),
-    _rule("plan.recompute", "recompute tp cp",
-          lambda x, m, c: (x.recompute != "op") | ((x.tp == 1) & (x.cp == 1) & (m.num_experts == 0)
-                                                   & (m.kv_lora_rank == 0)),
-          lambda x, m, c: "the executor's per-op recompute keeps no collective's output and counts the "
-          "matmuls of standard attention, so it runs on dense models without TP, CP or latent attention only",
-          "use recompute full or selective, or tp 1 and cp 1 with a dense model of standard attention"),
+    _rule("plan.recompute", "recompute cp",
+          lambda x, m, c: (x.recompute != "op") | ((x.cp == 1) & (m.kv_lora_rank == 0)),
+          lambda x, m, c: "the executor's per-op recompute keeps the attention kernel's output, which CP's "
+          "exchange wraps, and counts the matmuls of standard attention, so it runs without CP or latent "
+          "attention", "use recompute full or selective, or cp 1 with a model of standard attention"),
     _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "norm_act",
           lambda x, m, c: "the executor checkpoints layers, the attention core or ops; Megatron-LM's module "
           "recompute frees outputs their consumers saved (CheckpointWithoutOutput), which it does not",

@@ -142,11 +142,11 @@ def test_choice_bias_moves_against_each_experts_load():
         assert load.sum() == inputs.numel() * MOE_FREE.experts_per_token
         expected = bias + EXPERT_BIAS_RATE * torch.sign(load.mean() - load)
         torch.testing.assert_close(moe.expert_bias, expected, rtol=0, atol=1e-9)
-        assert moe.tokens_per_expert is None
+        assert not moe.routed_counts
     model.eval()
     with torch.no_grad():
         model(inputs)
-    assert all(moe.tokens_per_expert is None for moe in moes)
+    assert not any(moe.routed_counts for moe in moes)
 
 
 def test_expert_with_no_rows_gets_zero_gradient():
@@ -189,6 +189,7 @@ def test_parameter_count_matches_model_spec():
     (dict(dp=2, tp=2, etp=2), "plan.etp"),  # without SP the TP ranks' tokens are the same
     (dict(dp=2, ep=2, moe_routing="contiguous"), "plan.moe_routing"),
     (dict(dp=2, ep=2, dtype="bf16", master_weights=False), "plan.master_weights"),
+    (dict(cp=2, cp_comm="a2a", ep=2, recompute="op"), "plan.recompute"),  # CP's exchange wraps the kernel
 ])
 def test_executor_refuses_what_it_does_not_run(fields, field):
     p = plan(**fields)
@@ -199,7 +200,8 @@ def test_executor_refuses_what_it_does_not_run(fields, field):
 
 def test_executor_takes_expert_parallel_plans():
     for p in (plan(dp=2, ep=2), plan(dp=4, ep=2, zero=3), plan(dp=4, ep=4, recompute="full"),
-              plan(dp=2, pp=2, ep=2, schedule="1f1b", micro_batch=1)):
+              plan(dp=2, pp=2, ep=2, schedule="1f1b", micro_batch=1), plan(dp=2, tp=2, sp=True, etp=1, ep=2,
+                                                                          recompute="op")):
         assert not rules.violations(rules.EXECUTOR_TRAINING, p.fields(), MOE, Cluster(4, 4))
     dense = ModelSpec("dense", 2, 32, 4, 2, 64, 128, 64)
     assert not rules.violations(rules.EXECUTOR_TRAINING, plan(tp=2, dp=2, zero=2).fields(), dense)
@@ -244,7 +246,10 @@ WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
            # a token sent once to each rank its experts sit on, weighted and summed there
            ("deepep-ep2", MOE_GROUPED, plan(dp=2, ep=2, moe_dispatcher="deepep")),
            # DeepSeek-V3's choice bias, moved by the load the two ranks' tokens gave each expert
-           ("loss-free-ep2", MOE_FREE, plan(dp=2, ep=2))]
+           ("loss-free-ep2", MOE_FREE, plan(dp=2, ep=2)),
+           # the per-op policy keeping the all-to-alls' outputs and redoing the router and the
+           # grouped GEMMs, each micro-batch's rows counted again in the redone forward
+           ("loss-free-ep2-recompute-op", MOE_FREE, plan(dp=2, ep=2, recompute="op"))]
 WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("ep4", MOE, plan(dp=4, ep=4)),
            ("ep2-edp2-zero2", MOE, plan(dp=4, ep=2, zero=2)),
@@ -260,6 +265,7 @@ WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("dp2-tp2-sp-ep2-etp2", MOE_GELU, plan(dp=2, tp=2, sp=True, ep=2, etp=2)),
            ("deepep-dp2-tp2-sp-ep4", MOE_OSS, plan(dp=2, tp=2, sp=True, etp=1, ep=4, moe_dispatcher="deepep")),
            # the choice bias's load summed over each stage's dp x tp ranks, a stage apiece
+           ("dp2-tp2-sp-ep2-recompute-op", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=2, recompute="op")),
            ("loss-free-pp2-tp2-sp-ep2", MOE_FREE, plan(pp=2, tp=2, sp=True, etp=1, ep=2, schedule="1f1b",
                                                        micro_batch=1))]
 

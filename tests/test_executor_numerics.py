@@ -89,6 +89,10 @@ WORLD_2 = [
     ("recompute-full", LLAMA, plan(dp=2, recompute="full")),
     ("recompute-selective", LLAMA, plan(dp=2, recompute="selective", micro_batch=1)),
     ("recompute-op", LLAMA, plan(dp=2, recompute="op", micro_batch=1)),
+    # the per-op policy keeping SP's reduce-scatter outputs and redoing its all-gathers, or
+    # redoing TP's all-reduces
+    ("tp-sp-recompute-op", LLAMA, plan(tp=2, sp=True, recompute="op")),
+    ("tp-recompute-op", LLAMA, plan(tp=2, recompute="op")),
     ("gpt-tied-tp-sp", GPT, plan(tp=2, sp=True, micro_batch=4)),
     # the head a copy of the embedding on the other rank, their gradients summed over the pair
     ("gpt-tied-pp-1f1b", GPT, plan(pp=2, schedule="1f1b")),

@@ -9,13 +9,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from meshplan.executor.model import build_model
+from meshplan.executor.measure import ActivationMeter, parameter_storages
+from meshplan.executor.model import build_model, loss_fn
 from meshplan.executor.parallelize import apply_recompute
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.simulator.cost import forward_s, op_times
 from meshplan.simulator.memory import layer_activation_bytes
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.ops import GEMM, Shard, layer_ops
+from meshplan.simulator.ops import GEMM, Shard, layer_kind_ops, layer_ops
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
 
@@ -96,3 +97,71 @@ def test_executor_policy_redoes_every_other_matmul_alternating_between_calls():
         redone.append(counter.count - 2 * (7 * 2 + 1))
     # seven matmuls a layer: wk, wo, w3 redone in one call, wq, wv, w1, w2 in the next
     assert redone == [3 * 2, 4 * 2]
+
+
+def test_executor_policy_redoes_the_router_always_and_counts_the_shared_experts():
+    """An MoE layer under the per-op policy: the router's matmul is redone in every
+    backward and left out of the count (torchtitan force-recomputes it; ops.op_sac leaves it
+    out); attention's four matmuls, the shared experts' three and their gate's are counted,
+    so with eight the even ones are redone each call; the routed experts' grouped GEMMs are
+    no matmuls. The dense first layer's seven alternate as before."""
+    spec = ModelSpec("tiny-moe", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
+                     ffn_hidden_size=64, vocab_size=64, max_seq_len=16, num_experts=4, experts_per_token=2,
+                     moe_ffn_hidden_size=16, num_shared_experts=1, shared_expert_ffn_size=16,
+                     shared_expert_gate=True, dense_layers=(0,))
+    model = build_model(spec, seed=0)
+    apply_recompute(model, "op")
+    tokens = torch.randint(0, 64, (2, 16))
+    redone = []
+    for _ in range(2):
+        logits = model(tokens)
+        with _Matmuls() as counter:
+            logits.sum().backward()
+        # backward: 2 gradient matmuls per linear: the dense layer's 7, the MoE layer's
+        # attention (4), router, shared experts and gate (5), the head
+        redone.append(counter.count - 2 * (7 + 4 + 5 + 1))
+    assert redone == [3 + 4 + 1, 4 + 4 + 1]
+    # the simulator redoes the same: wk (16 of Q/K/V's 64 columns), wo, w3, the gate, the router
+    # and the routed experts
+    kind = next(k for k, _ in spec.layer_kinds() if k.moe)
+    redo = {op.name: op.sac_redo for op in layer_kind_ops(spec, Shard(2, 16), kind) if op.kind == GEMM}
+    assert redo == {"qkv_proj": 0.25, "attn_scores": 0.0, "attn_values": 0.0, "out_proj": 1.0, "router": 1.0, "expert_up": 1.0, "expert_down": 1.0,
+                    "shared_up": 0.5, "shared_down": 0.0, "shared_gate": 1.0}
+
+
+def test_activation_meter_counts_the_outputs_the_policy_keeps():
+    """The per-op policy keeps its outputs outside autograd's saved tensors; the executor's
+    meter counts them as they are kept: over the forward, against full recompute (the same
+    layer inputs and head), two layers' first call keeps wq's, wv's, w1's and w2's outputs
+    (the odd matmuls) and the attention kernel's output and log-sum-exp, fp32, counted by
+    hand."""
+    spec = ModelSpec("tiny", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
+                     ffn_hidden_size=64, vocab_size=64, max_seq_len=16)
+    batch, seq = 2, 16
+    gen = torch.Generator().manual_seed(0)
+    tokens, targets = (torch.randint(0, 64, (batch, seq), generator=gen) for _ in range(2))
+    peak = {}
+    for mode in ("full", "op"):
+        model = build_model(spec, seed=0)
+        apply_recompute(model, mode)
+        with ActivationMeter(parameter_storages(model.parameters())) as meter:
+            loss_fn(model(tokens), targets)
+        peak[mode] = meter.peak_bytes
+    rows = batch * seq
+    kept = rows * (32 + 16 + 64 + 32) + rows * 32 + batch * 4 * seq  # matmuls; attention out, lse
+    assert peak["op"] - peak["full"] == 2 * 4 * kept
+
+
+def test_activation_meter_counts_what_a_recompute_keeps_until_it_is_freed():
+    """A recompute in backward keeps some of the tensors it makes for the backward after it
+    (outside autograd's saved tensors): the meter counts those still alive when it ends,
+    not those it made and freed, and stops counting them once they are freed."""
+    with ActivationMeter(set()) as meter:
+        with meter.recomputed_outputs():
+            kept = torch.ones(1000)          # 4000 bytes, alive at the end
+            (torch.ones(5000) * 2).sum()     # freed before the end
+        assert meter.peak_bytes == 4000
+        del kept
+        small = torch.ones(10)
+        meter.keep(small)
+        assert meter.peak_bytes == 4000 and sum(b for _, b in meter.kept.values()) == small.nbytes

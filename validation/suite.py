@@ -2,7 +2,8 @@
 peak memory beside the simulator's prediction, and summarise the error.
 
 The plans cover every parallelism the executor runs at world size 2 (DP with ZeRO 0-3, TP,
-TP+SP, PP with GPipe / 1F1B / interleaved and several micro-batch counts, recompute, CP by
+TP+SP, PP with GPipe / 1F1B / interleaved and several micro-batch counts, recompute (of
+layers, of the attention core, and per op under TP), CP by
 Ulysses' all-to-all, the ring and the gather) and world size 4 (4 ranks sharing the 2 cores of this machine: the
 profile's cores_per_node makes the cost model divide compute among them), and expert
 parallelism (all-to-all token dispatch, EP alone and folded with expert data parallelism)
@@ -50,6 +51,7 @@ SUITE: tuple[tuple[str, Plan], ...] = (
     ("tp2", _p(tp=2)),
     ("tp2 sp", _p(tp=2, sp=True)),
     ("tp2 sp selective", _p(tp=2, sp=True, recompute="selective")),
+    ("tp2 sp op", _p(tp=2, sp=True, recompute="op")),
     ("pp2 gpipe m4", _p(pp=2, schedule="gpipe")),
     ("pp2 1f1b m4", _p(pp=2, schedule="1f1b")),
     ("pp2 1f1b m8", _p(pp=2, schedule="1f1b", micro_batch=1)),
