@@ -32,6 +32,7 @@ from meshplan.executor.context_parallel import (ContextParallel, cpu_flash, cpu_
 from meshplan.executor.kv_cache import KVCache, LayerCache
 from meshplan.executor.measure import local_part
 from meshplan.executor.moe import MoE, activation
+from meshplan.executor.rebuild import Rebuilt
 from meshplan.simulator.model_spec import ModelSpec
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
@@ -387,17 +388,29 @@ class Block(nn.Module):
         self.attention_out_norm = make_norm(spec) if spec.sandwich_norm else None
         self.mlp_out_norm = make_norm(spec) if spec.sandwich_norm else None
         self.parallel_residual = spec.parallel_residual
+        # recompute norm_act: the two norms' outputs freed once their consumers have run
+        # and rebuilt in backward (rebuild.Rebuilt; parallelize.apply_recompute sets it)
+        self.rebuild_norms = False
 
     def forward(self, x, cache: LayerCache | None = None):
-        attended = self.attention(self.attention_norm(x), cache=cache)
+        attended = self._normed(self.attention_norm, x, lambda normed: self.attention(normed, cache=cache))
         if self.attention_out_norm is not None:
             attended = self.attention_out_norm(attended)
         h = x + attended
         # GPT-NeoX's parallel residual: the MLP reads the layer input, not the attention's sum
-        out = self.feed_forward(self.ffn_norm(x if self.parallel_residual else h))
+        out = self._normed(self.ffn_norm, x if self.parallel_residual else h, self.feed_forward)
         if self.mlp_out_norm is not None:
             out = self.mlp_out_norm(out)
         return h + out
+
+    def _normed(self, norm: nn.Module, x, consumer):
+        """consumer(norm(x)), the normed input rebuilt in backward under rebuild_norms."""
+        if not self.rebuild_norms:
+            return consumer(norm(x))
+        normed = Rebuilt(norm, x, params=tuple(norm.parameters()))
+        out = consumer(normed.output)
+        normed.discard(out)
+        return out
 
 
 class Transformer(nn.Module):

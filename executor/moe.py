@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshplan.executor.measure import local_part
+from meshplan.executor.rebuild import Rebuilt
 from meshplan.simulator.model_spec import ModelSpec
 
 
@@ -140,7 +141,8 @@ class GroupedExperts(nn.Module):
         self.w2_bias = nn.Parameter(torch.zeros(count, h)) if spec.bias else None
         self.w3_bias = nn.Parameter(torch.zeros(count, f)) if spec.bias and spec.gated_mlp else None
         self.act = activation(spec)
-        self.sharding: ExpertSharding | None = None  # set by apply_ep
+        self.sharding: ExpertSharding | None = None
+        self.rebuild_act = False  # recompute norm_act (moe_act): expert_mlps(rebuild=True)  # set by apply_ep
         self.received_rows: list[int] = []  # per forward over EP: the rows this rank ran
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -148,7 +150,7 @@ class GroupedExperts(nn.Module):
         if self.sharding is not None and self.sharding.etp > 1:
             return self._tensor_parallel(rows, counts, self.sharding.etp_group)
         return expert_mlps(rows, counts, self.act, self.w1, self.w2, self.w3,
-                           (self.w1_bias, self.w2_bias, self.w3_bias))
+                           (self.w1_bias, self.w2_bias, self.w3_bias), self.rebuild_act)
 
     def _tensor_parallel(self, rows: torch.Tensor, counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         """Expert TP (Megatron-Core's, after the EP exchange): this rank's rows gathered
@@ -162,16 +164,18 @@ class GroupedExperts(nn.Module):
         table = torch.stack(table)
         sizes = table.sum(1).tolist()
         gathered = funcol.wait_tensor(funcol.all_to_all_single(rows.repeat(etp, 1), sizes, [count] * etp, group))
-        partial = _by_expert(lambda r, c: expert_mlps(r, c, self.act, self.w1, self.w2, self.w3), gathered, table)
+        partial = _by_expert(lambda r, c: expert_mlps(r, c, self.act, self.w1, self.w2, self.w3,
+                                                      rebuild=self.rebuild_act), gathered, table)
         back = funcol.wait_tensor(funcol.all_to_all_single(partial.contiguous(), [count] * etp, sizes, group))
         return back.view(etp, count, -1).sum(0)
 
 
 def expert_mlps(rows: torch.Tensor, counts: torch.Tensor, act, w1: torch.Tensor, w2: torch.Tensor,
-                w3: torch.Tensor | None, biases: tuple = (None, None, None)) -> torch.Tensor:
+                w3: torch.Tensor | None, biases: tuple = (None, None, None), rebuild: bool = False) -> torch.Tensor:
     """Each expert's MLP on its rows: rows [n, h] sorted by expert, counts [E]; w1, w3
     [E, h, f], w2 [E, f, h] (w3 None: not gated), and their biases [E, out] or None, each
-    expert's added to its rows -> [n, h]."""
+    expert's added to its rows -> [n, h]. `rebuild`: the activation's output freed once the
+    down projection has run, rebuilt in backward (recompute norm_act's moe_act)."""
     offsets = counts.cumsum(0).to(torch.int32)
 
     def project(x, weight, bias):
@@ -179,8 +183,14 @@ def expert_mlps(rows: torch.Tensor, counts: torch.Tensor, act, w1: torch.Tensor,
         return out if bias is None else out + bias.to(out.dtype).repeat_interleave(counts, dim=0,
                                                                                    output_size=x.shape[0])
     b1, b2, b3 = biases
-    hidden = act(project(rows, w1, b1), project(rows, w3, b3) if w3 is not None else None)
-    return project(hidden, w2, b2)
+    gate = project(rows, w1, b1)
+    up = project(rows, w3, b3) if w3 is not None else None
+    if not rebuild:
+        return project(act(gate, up), w2, b2)
+    hidden = Rebuilt(act, gate, up) if up is not None else Rebuilt(lambda g: act(g, None), gate)
+    out = project(hidden.output, w2, b2)
+    hidden.discard(out)
+    return out
 
 
 class MoE(nn.Module):

@@ -213,7 +213,8 @@ def apply_recompute(model: Transformer, mode: str) -> None:
     """Activation recompute with torch.utils.checkpoint (non-reentrant): "full" checkpoints
     each decoder layer (keeps only its input), "selective" only the attention core
     (softmax(QK^T)V, the part Korthikanti et al. 2022 sec 5 recompute), "op" each layer
-    under torchtitan's per-op policy (_op_policy)."""
+    under torchtitan's per-op policy (_op_policy); "norm_act" rebuilds the two norms' outputs
+    and the experts' activation output in backward (rebuild.Rebuilt)."""
     def wrap(module: nn.Module, **kwargs) -> nn.Module:
         return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
                                   preserve_rng_state=False, **kwargs)
@@ -223,6 +224,10 @@ def apply_recompute(model: Transformer, mode: str) -> None:
             model.layers[key] = wrap(layer, context_fn=_metered)
         elif mode == "selective":
             layer.attention.core = wrap(layer.attention.core, context_fn=_metered)
+        elif mode == "norm_act":
+            layer.rebuild_norms = True
+            if isinstance(layer.feed_forward, MoE):
+                layer.feed_forward.experts.rebuild_act = True
         elif mode == "op":
             moe = layer.feed_forward
             policy = _op_policy(tuple(moe.router.weight.t().shape) if isinstance(moe, MoE) else None)

@@ -404,10 +404,11 @@ EXECUTOR_TRAINING = (
           lambda x, m, c: "the executor's per-op recompute keeps the attention kernel's output, which CP's "
           "exchange wraps, and counts the matmuls of standard attention, so it runs without CP or latent "
           "attention", "use recompute full or selective, or cp 1 with a model of standard attention"),
-    _rule("plan.recompute", "recompute", lambda x, m, c: x.recompute != "norm_act",
-          lambda x, m, c: "the executor checkpoints layers, the attention core or ops; Megatron-LM's module "
-          "recompute frees outputs their consumers saved (CheckpointWithoutOutput), which it does not",
-          "use recompute none, selective, full or op"),
+    _rule("plan.recompute", "recompute tp sp", lambda x, m, c: (x.recompute != "norm_act") | (x.tp == 1)
+          | np.logical_not(x.sp),
+          lambda x, m, c: "under sequence parallelism the executor's column-parallel linears keep the gathered "
+          "input, not the norm's sequence shard that module recompute frees (Megatron-LM's keep the shard and "
+          "gather it again in backward)", "use recompute norm_act without sp, or selective, full or op"),
     _rule("plan.moe_a2a_overlap", "moe_a2a_overlap", lambda x, m, c: np.logical_not(x.moe_a2a_overlap),
           lambda x, m, c: "the executor runs each micro-batch's forward and backward one after the other, "
           "so no all-to-all overlaps another micro-batch's compute", "drop moe_a2a_overlap"),

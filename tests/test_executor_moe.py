@@ -190,6 +190,7 @@ def test_parameter_count_matches_model_spec():
     (dict(dp=2, ep=2, moe_routing="contiguous"), "plan.moe_routing"),
     (dict(dp=2, ep=2, dtype="bf16", master_weights=False), "plan.master_weights"),
     (dict(cp=2, cp_comm="a2a", ep=2, recompute="op"), "plan.recompute"),  # CP's exchange wraps the kernel
+    (dict(dp=2, tp=2, sp=True, etp=1, recompute="norm_act"), "plan.recompute"),  # TP keeps the gathered input
 ])
 def test_executor_refuses_what_it_does_not_run(fields, field):
     p = plan(**fields)
@@ -249,7 +250,10 @@ WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
            ("loss-free-ep2", MOE_FREE, plan(dp=2, ep=2)),
            # the per-op policy keeping the all-to-alls' outputs and redoing the router and the
            # grouped GEMMs, each micro-batch's rows counted again in the redone forward
-           ("loss-free-ep2-recompute-op", MOE_FREE, plan(dp=2, ep=2, recompute="op"))]
+           ("loss-free-ep2-recompute-op", MOE_FREE, plan(dp=2, ep=2, recompute="op")),
+           # the norms' outputs and the experts' activation output rebuilt in backward; under
+           # ZeRO-3 the norm's weight gathered again for it
+           ("oss-ep2-zero3-norm-act", MOE_OSS, plan(dp=2, ep=2, zero=3, recompute="norm_act"))]
 WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("ep4", MOE, plan(dp=4, ep=4)),
            ("ep2-edp2-zero2", MOE, plan(dp=4, ep=2, zero=2)),
@@ -266,6 +270,9 @@ WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("deepep-dp2-tp2-sp-ep4", MOE_OSS, plan(dp=2, tp=2, sp=True, etp=1, ep=4, moe_dispatcher="deepep")),
            # the choice bias's load summed over each stage's dp x tp ranks, a stage apiece
            ("dp2-tp2-sp-ep2-recompute-op", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=2, recompute="op")),
+           # the rebuild under a pipeline (its metadata inference's backward takes no gradients)
+           ("pp2-dp2-ep2-norm-act", MOE, plan(pp=2, dp=2, ep=2, schedule="1f1b", micro_batch=1,
+                                              recompute="norm_act")),
            ("loss-free-pp2-tp2-sp-ep2", MOE_FREE, plan(pp=2, tp=2, sp=True, etp=1, ep=2, schedule="1f1b",
                                                        micro_batch=1))]
 

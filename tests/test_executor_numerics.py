@@ -93,6 +93,9 @@ WORLD_2 = [
     # redoing TP's all-reduces
     ("tp-sp-recompute-op", LLAMA, plan(tp=2, sp=True, recompute="op")),
     ("tp-recompute-op", LLAMA, plan(tp=2, recompute="op")),
+    # Megatron-LM's module recompute: the norms' outputs freed and rebuilt in backward
+    ("recompute-norm-act", LLAMA, plan(dp=2, recompute="norm_act")),
+    ("tp-recompute-norm-act", LLAMA, plan(tp=2, recompute="norm_act")),
     ("gpt-tied-tp-sp", GPT, plan(tp=2, sp=True, micro_batch=4)),
     # the head a copy of the embedding on the other rank, their gradients summed over the pair
     ("gpt-tied-pp-1f1b", GPT, plan(pp=2, schedule="1f1b")),
