@@ -80,7 +80,10 @@ class CausalCore(nn.Module):
 
     def __init__(self, window: int | None = None, kernel: str = "flash", softcap: float | None = None):
         super().__init__()
-        self.window, self.kernel, self.softcap = window, kernel, softcap  # softcap: the unfused core's only
+        # soft-capping runs in the unfused core only: its default there (serving's, and
+        # training's where the plan says naive, rules.EXECUTOR_TRAINING)
+        self.window, self.softcap = window, softcap
+        self.kernel = "naive" if softcap is not None else kernel
         self.cp: ContextParallel | None = None
 
     def forward(self, q, k, v, sinks=None):  # [batch, seq, heads, head_dim]; sinks [heads]

@@ -11,8 +11,10 @@ sigmoid router). The chosen experts' weights are then scaled by ModelSpec.routed
 (ModelSpec.router_choice_bias; DeepSeek-V3 sec 2.1.2) a bias per expert is added to the
 scores for choosing only, not weighting; no gradient moves it: after each optimizer step
 update_expert_bias moves it by a fixed rate against the load each expert had over the
-step. The routed rows (token copies, one per chosen expert) are sorted by expert and run as grouped GEMMs over the experts' stacked weights
-[E, in, out] (torch._grouped_mm), weighted and summed back per token. Shared experts run as
+step. Under plan.moe_routing contiguous there is no router (route_in_turn). The routed rows
+(token copies, one per chosen expert) are sorted by expert and run as grouped GEMMs over
+the experts' stacked weights [E, in, out] (torch._grouped_mm), weighted and summed back per
+token. Shared experts run as
 one dense MLP on every token, behind a sigmoid gate where the model has one (Qwen2-MoE).
 Routing is dropless: Plan.moe_capacity_factor prices imbalance, it drops no token here.
 
@@ -141,8 +143,8 @@ class GroupedExperts(nn.Module):
         self.w2_bias = nn.Parameter(torch.zeros(count, h)) if spec.bias else None
         self.w3_bias = nn.Parameter(torch.zeros(count, f)) if spec.bias and spec.gated_mlp else None
         self.act = activation(spec)
-        self.sharding: ExpertSharding | None = None
-        self.rebuild_act = False  # recompute norm_act (moe_act): expert_mlps(rebuild=True)  # set by apply_ep
+        self.sharding: ExpertSharding | None = None  # set by apply_ep
+        self.rebuild_act = False  # recompute norm_act (moe_act): expert_mlps(rebuild=True)
         self.received_rows: list[int] = []  # per forward over EP: the rows this rank ran
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -220,16 +222,10 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
-        logits = self.router(tokens).float()
-        scores = logits.sigmoid() if self.sigmoid else logits.softmax(-1)
-        chosen = self._choose(scores if self.expert_bias is None else scores + self.expert_bias.float())
+        chosen, weights = self._route(tokens) if self.router is not None else self._in_turn(tokens)
         counts = chosen.flatten().bincount(minlength=self.num_experts)
-        if self.expert_bias is not None and self.training and _counting:
+        if self.expert_bias is not None and self.router is not None and self.training and _counting:
             self.routed_counts.append(counts)
-        weights = scores.gather(-1, chosen)
-        if self.renormalise:
-            weights = weights / weights.sum(-1, keepdim=True)
-        weights = (weights * self.scaling).to(tokens.dtype)
         sharding = self.experts.sharding
         if sharding is not None and sharding.ep > 1 and sharding.deduplicated:
             routed = deduplicated_expert_parallel(self.experts, tokens, chosen, weights, sharding.ep_group)
@@ -244,6 +240,23 @@ class MoE(nn.Module):
         if self.width_group is not None:
             dist.all_reduce(routed, group=self.width_group)
         return self._with_shared(tokens, routed).view(x.shape)
+
+    def _route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's chosen experts [tokens, k] by the router, and their weights."""
+        logits = self.router(tokens).float()
+        scores = logits.sigmoid() if self.sigmoid else logits.softmax(-1)
+        chosen = self._choose(scores if self.expert_bias is None else scores + self.expert_bias.float())
+        weights = scores.gather(-1, chosen)
+        if self.renormalise:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return chosen, (weights * self.scaling).to(tokens.dtype)
+
+    def _in_turn(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Without a router (route_in_turn): token t to experts k t .. k t + k - 1 (mod E),
+        each weighted 1/k."""
+        n = tokens.shape[0]
+        chosen = torch.arange(n * self.top_k, device=tokens.device).view(n, self.top_k) % self.num_experts
+        return chosen, tokens.new_full((n, self.top_k), 1.0 / self.top_k)
 
     def _with_shared(self, tokens: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """The routed experts' sum plus the (gated) shared experts' output."""
@@ -266,6 +279,16 @@ class MoE(nn.Module):
         allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
         masked = grouped.masked_fill(~allowed[..., None], float("-inf")).view_as(scores)
         return masked.topk(self.top_k, dim=-1).indices
+
+
+def route_in_turn(module: nn.Module) -> None:
+    """plan.moe_routing contiguous: every MoE layer of `module` drops its router and sends
+    the t-th token it sees to experts k t .. k t + k - 1 (mod E), each weighted 1/k, as NeMo
+    AutoModel's FakeBalancedGate (which has no weights) does for its benchmarks: the order
+    of a rank's tokens routes them, not the model."""
+    for m in module.modules():
+        if isinstance(m, MoE):
+            m.router = None
 
 
 def expert_parallel(experts: GroupedExperts, rows: torch.Tensor, counts: torch.Tensor,

@@ -31,8 +31,8 @@ from meshplan.executor.context_parallel import ContextParallel
 from meshplan.executor.measure import ActivationMeter
 from meshplan.executor.model import Attention, LatentAttention, Transformer, set_context_parallel
 from meshplan.executor.moe import (WIDTH_DIMS, ExpertSharding, MoE, expert_parameters, gather_experts,
-                                   reduce_expert_gradients, shard_expert_width, shard_experts,
-                                   sharded_experts)
+                                   reduce_expert_gradients, route_in_turn, shard_expert_width,
+                                   shard_experts, sharded_experts)
 from meshplan.executor.zero_one import ZeroOneOptimizer
 from meshplan.core.mesh import Mesh
 from meshplan.simulator.plan import Plan
@@ -230,7 +230,8 @@ def apply_recompute(model: Transformer, mode: str) -> None:
                 layer.feed_forward.experts.rebuild_act = True
         elif mode == "op":
             moe = layer.feed_forward
-            policy = _op_policy(tuple(moe.router.weight.t().shape) if isinstance(moe, MoE) else None)
+            routed = isinstance(moe, MoE) and moe.router is not None
+            policy = _op_policy(tuple(moe.router.weight.t().shape) if routed else None)
             # early_stop=False redoes the whole layer, as torchtitan 0.3's SelectiveAC does
             model.layers[key] = wrap(layer, context_fn=lambda p=policy: _op_contexts(p),
                                      early_stop=False)
@@ -293,6 +294,8 @@ def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh, dp_mesh: Devic
     order."""
     for layer in model.layers.values():
         layer.attention.core.kernel = plan.attention
+    if plan.moe_routing == "contiguous":
+        route_in_turn(model)
     set_context_parallel(model, context_parallel(mesh, plan))
     if plan.tp > 1:
         apply_tp(model, mesh["tp"], plan.sp, training=True)

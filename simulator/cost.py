@@ -349,10 +349,11 @@ def cp_comm_s(model: ModelSpec, tokens, tp, dtype_bytes, hw: HardwareProfile, cp
     the K,V again as in forward, and their gradients in fp32 after each of the cp blocks,
     each beside the next but the last; so does an `eager` p2p ring of fused kernels
     (plan.elementwise eager: the executor's _FlashRing), by send and receive. a2a
-    (DeepSpeed-Ulysses, Jacobs et al. 2023 sec 3; Transformer Engine's AttnFuncWithCPAndQKVOA2A): Q,K,V all-to-all'ed from sequence to head
-    shards before the kernel and the output back after it, in backward the output and its
-    gradient in and the Q,K,V gradients back, nothing beside them. K,V of the kv heads, or
-    of the query heads where they are repeated before the kernel (`kv_repeat`)."""
+    (DeepSpeed-Ulysses, Jacobs et al. 2023 sec 3; Transformer Engine's
+    AttnFuncWithCPAndQKVOA2A): Q,K,V all-to-all'ed from sequence to head shards before the
+    kernel and the output back after it, in backward the output and its gradient in and the
+    Q,K,V gradients back, nothing beside them. K,V of the kv heads, or of the query heads
+    where they are repeated before the kernel (`kv_repeat`)."""
     heads = (model.num_heads if kv_repeat else model.num_kv_heads) // tp
     kv_bytes = 2 * np.asarray(tokens, dtype=float) * heads * model.head_dim * dtype_bytes
     none = np.zeros(np.broadcast(kv_bytes, cp, cp_rpn, cp_share).shape)
@@ -535,7 +536,8 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     the K,V gradients, after the last block, and the a2a exchange stay exposed. In the MoE layers (with SP, or
     without TP) the experts' half of the TP communication becomes the expert mesh's exchange
     (ep_comm_s), except that shared experts run as a TP MLP and keep theirs; nothing in its
-    own micro-batch overlaps the exchange.
+    own micro-batch overlaps the exchange. `eager` (plan.elementwise eager) with a fused
+    kernel: the executor's ring, priced as torch's (cp_comm_s).
     With `a2a_overlap` (Megatron-Core --overlap-moe-expert-parallel-comm, ep > 1)
     a forward F and another micro-batch's backward B run layer by layer on a communication
     and a compute stream in four phases (combined 1F1B, Megatron-Core

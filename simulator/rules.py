@@ -382,7 +382,6 @@ EXECUTOR_TRAINING = (
           "kernel takes no cap)", "use attention naive"),
     _rule("plan.cp", "cp", lambda x, m, c: (x.cp == 1) | (m.attn_softcap is None),
           lambda x, m, c: "the executor's context parallelism caps no attention scores", "use cp 1 with soft-capping"),
-    _learned_routing("the executor"),
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
@@ -484,7 +483,8 @@ def _shard_widths(m: ModelSpec, x) -> np.ndarray:
     return np.array(widths)
 
 EXECUTOR_SERVING = (
-    _executor_model(_EXECUTOR_BUILDS),
+    # soft-capped attention serves in the unfused core (model.CausalCore), its cache as any other
+    _executor_model(_EXECUTOR_BUILDS + ("soft-capping",)),
     _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (
               (m.moe_ffn_hidden_size % x.tp == 0) & (m.shared_ffn_size % x.tp == 0)),
           lambda x, m, c: f"{x.tp} does not divide the experts' width {m.moe_ffn_hidden_size} and "

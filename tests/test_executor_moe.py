@@ -16,7 +16,7 @@ from meshplan.core.errors import PlanError
 from meshplan.executor import data as batches
 from meshplan.executor.launch import check_train
 from meshplan.executor.model import build_model, loss_fn
-from meshplan.executor.moe import EXPERT_BIAS_RATE, grouped_mm, looped_mm, update_expert_bias
+from meshplan.executor.moe import EXPERT_BIAS_RATE, grouped_mm, looped_mm, route_in_turn, update_expert_bias
 from meshplan.executor.options import RunOptions
 from meshplan.simulator import rules
 from meshplan.simulator.model_spec import ModelSpec
@@ -149,6 +149,25 @@ def test_choice_bias_moves_against_each_experts_load():
     assert not any(moe.routed_counts for moe in moes)
 
 
+def test_contiguous_routing_sends_tokens_to_experts_in_turn_without_a_router():
+    """plan.moe_routing contiguous (NeMo AutoModel's FakeBalancedGate): no router weights; the
+    t-th token to experts k t .. k t + k - 1 (mod E), each weighted 1/k: the routed experts'
+    sum by a token-by-token loop, with the gated shared expert on top."""
+    model = build_model(MOE, seed=0)
+    route_in_turn(model)
+    moe = model.layers["1"].feed_forward
+    assert moe.router is None and not any("router" in n for n, _ in model.named_parameters())
+    x = torch.randn(7, MOE.hidden_size, generator=torch.Generator().manual_seed(1))
+    ex, k = moe.experts, MOE.experts_per_token
+    expected = torch.zeros_like(x)
+    for t, row in enumerate(x):
+        for e in ((k * t + j) % MOE.num_experts for j in range(k)):
+            expected[t] += (F.silu(row @ ex.w1[e]) * (row @ ex.w3[e])) @ ex.w2[e] / k
+        expected[t] += moe.shared_experts(row) * torch.sigmoid(moe.shared_expert_gate.weight @ row)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), expected)
+
+
 def test_expert_with_no_rows_gets_zero_gradient():
     model = build_model(MOE, seed=0)
     experts = model.layers["1"].feed_forward.experts
@@ -187,7 +206,6 @@ def test_parameter_count_matches_model_spec():
 @pytest.mark.parametrize("fields, field", [
     (dict(dp=2, tp=2), "plan.etp"),
     (dict(dp=2, tp=2, etp=2), "plan.etp"),  # without SP the TP ranks' tokens are the same
-    (dict(dp=2, ep=2, moe_routing="contiguous"), "plan.moe_routing"),
     (dict(dp=2, ep=2, dtype="bf16", master_weights=False), "plan.master_weights"),
     (dict(cp=2, cp_comm="a2a", ep=2, recompute="op"), "plan.recompute"),  # CP's exchange wraps the kernel
     (dict(dp=2, tp=2, sp=True, etp=1, recompute="norm_act"), "plan.recompute"),  # TP keeps the gathered input
@@ -253,7 +271,9 @@ WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
            ("loss-free-ep2-recompute-op", MOE_FREE, plan(dp=2, ep=2, recompute="op")),
            # the norms' outputs and the experts' activation output rebuilt in backward; under
            # ZeRO-3 the norm's weight gathered again for it
-           ("oss-ep2-zero3-norm-act", MOE_OSS, plan(dp=2, ep=2, zero=3, recompute="norm_act"))]
+           ("oss-ep2-zero3-norm-act", MOE_OSS, plan(dp=2, ep=2, zero=3, recompute="norm_act")),
+           # AutoModel's benchmark routing: tokens to experts in turn, no router
+           ("contiguous-ep2", MOE, plan(dp=2, ep=2, moe_routing="contiguous"))]
 WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            ("ep4", MOE, plan(dp=4, ep=4)),
            ("ep2-edp2-zero2", MOE, plan(dp=4, ep=2, zero=2)),
@@ -273,6 +293,8 @@ WORLD_4 = [("ep2-edp2", MOE_RAW, plan(dp=4, ep=2, micro_batch=1)),
            # the rebuild under a pipeline (its metadata inference's backward takes no gradients)
            ("pp2-dp2-ep2-norm-act", MOE, plan(pp=2, dp=2, ep=2, schedule="1f1b", micro_batch=1,
                                               recompute="norm_act")),
+           ("contiguous-dp2-tp2-sp-ep2-deepep", MOE, plan(dp=2, tp=2, sp=True, etp=1, ep=2, moe_dispatcher="deepep",
+                                                          moe_routing="contiguous")),
            ("loss-free-pp2-tp2-sp-ep2", MOE_FREE, plan(pp=2, tp=2, sp=True, etp=1, ep=2, schedule="1f1b",
                                                        micro_batch=1))]
 
@@ -331,7 +353,9 @@ def test_moe_plans_match_single_process(world, jobs, tmp_path):
     # prediction prices; without EP the experts' work is not split and it stays as planned
     for job_id, model, planned in jobs:
         ran = runs[job_id][1].plan
-        if planned.ep == planned.dp > 1 and planned.tp == planned.pp == 1:
+        if planned.moe_routing == "contiguous":  # a micro-batch's tokens x k a multiple of E: even
+            assert ran.moe_capacity_factor == 1.0, job_id
+        elif planned.ep == planned.dp > 1 and planned.tp == planned.pp == 1:
             assert ran.moe_capacity_factor == pytest.approx(reference_imbalance(model, planned), rel=0.02)
         if planned.ep == 1:
             assert ran.moe_capacity_factor == planned.moe_capacity_factor, job_id

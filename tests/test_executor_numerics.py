@@ -30,7 +30,7 @@ from meshplan.executor.adamw import MomentsAdamW
 from meshplan.executor.launch import launch_train_many
 from meshplan.executor.options import RunOptions
 from meshplan.executor.model import build_model, loss_fn
-from meshplan.executor.moe import update_expert_bias
+from meshplan.executor.moe import route_in_turn, update_expert_bias
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
 
@@ -181,6 +181,8 @@ def reference(model: ModelSpec, plan: Plan):
     net = build_model(model, SEED)
     for layer in net.layers.values():  # the plan's attention kernel (soft-capping runs unfused only)
         layer.attention.core.kernel = plan.attention
+    if plan.moe_routing == "contiguous":  # each rank's micro-batches of whole multiples of E / k tokens
+        route_in_turn(net)
     optimizer = (torch.optim.AdamW(net.parameters(), lr=LR) if plan.moments_dtype == "fp32"
                  else MomentsAdamW(net.parameters(), lr=LR))
     losses, grads = [], {}

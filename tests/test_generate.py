@@ -51,6 +51,8 @@ OSS = ModelSpec("tiny-oss", num_layers=2, hidden_size=64, num_heads=4, num_kv_he
 MLA = ModelSpec("tiny-mla", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, ffn_hidden_size=128,
                 vocab_size=256, max_seq_len=64, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
                 qk_rope_head_dim=8, v_head_dim=12)
+# Gemma 2's: scores and logits soft-capped, sandwich norms, every other layer over a window
+GEMMA2 = dataclasses.replace(WINDOWED, name="tiny-gemma2", attn_softcap=2.0, final_softcap=5.0, sandwich_norm=True)
 QWEN3 = ModelSpec("tiny-qwen3", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32,
                   ffn_hidden_size=128, vocab_size=256, max_seq_len=64, qk_norm=True, qkv_bias=True)
 
@@ -70,7 +72,7 @@ def single_process(model: ModelSpec, plan: InferencePlan) -> torch.Tensor:
     return generate(build_model(model, SEED).eval(), prompts, plan.gen_len)
 
 
-@pytest.mark.parametrize("model", [LLAMA, GPT, MLA], ids=lambda m: m.name)
+@pytest.mark.parametrize("model", [LLAMA, GPT, MLA, GEMMA2], ids=lambda m: m.name)
 def test_cached_generation_equals_recompute(model):
     net = build_model(model, SEED).eval()
     prompts = prompt_tokens(3, PROMPT_LEN, model.vocab_size, SEED)
@@ -80,7 +82,7 @@ def test_cached_generation_equals_recompute(model):
     assert len(cached.unique()) > 3  # the check is not vacuous: the tokens vary
 
 
-@pytest.mark.parametrize("model", [LLAMA, GPT, MLA], ids=lambda m: m.name)
+@pytest.mark.parametrize("model", [LLAMA, GPT, MLA, GEMMA2], ids=lambda m: m.name)
 def test_cached_logits_equal_full_forward(model):
     """Each decode step's logits are the full forward's logits at that position (RoPE or
     learned positions continue from the cache; the decode query attends over every cached
@@ -173,6 +175,7 @@ WORLD_2 = [("tp2", LLAMA, _plan(tp=2)), ("pp2-uneven-microbatches", LLAMA, _plan
            # added once to the summed partial outputs)
            ("tp2-oss", OSS, _plan(tp=2)),
            ("tp2-mla", MLA, _plan(tp=2)),
+           ("tp2-gemma2", GEMMA2, _plan(tp=2, prompt_len=WIN_PROMPT, gen_len=WIN_GEN)),
            # the last stage's head a copy of the first stage's embedding
            ("pp2-tied", dataclasses.replace(GPT, tied_embeddings=True), _plan(pp=2))]
 WORLD_4 = [("tp2-pp2", LLAMA, _plan(tp=2, pp=2)), ("pp2-replicas2", LLAMA, _plan(pp=2, replicas=2)),

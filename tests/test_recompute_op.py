@@ -82,19 +82,25 @@ class _Matmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_executor_policy_redoes_every_other_matmul_alternating_between_calls():
-    spec = ModelSpec("tiny", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
-                     ffn_hidden_size=64, vocab_size=64, max_seq_len=16)
+def _backward_matmuls(spec: ModelSpec, calls: int = 2) -> list[int]:
+    """The matmuls each of `calls` backward passes runs under the per-op policy."""
     model = build_model(spec, seed=0)
     apply_recompute(model, "op")
     tokens = torch.randint(0, 64, (2, 16))
-    redone = []
-    for _ in range(2):
+    counts = []
+    for _ in range(calls):
         logits = model(tokens)
         with _Matmuls() as counter:
             logits.sum().backward()
-        # backward: 2 gradient matmuls per linear (7 per layer; the head's 2) and the redone ones
-        redone.append(counter.count - 2 * (7 * 2 + 1))
+        counts.append(counter.count)
+    return counts
+
+
+def test_executor_policy_redoes_every_other_matmul_alternating_between_calls():
+    spec = ModelSpec("tiny", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
+                     ffn_hidden_size=64, vocab_size=64, max_seq_len=16)
+    # backward: 2 gradient matmuls per linear (7 per layer; the head's 2) and the redone ones
+    redone = [count - 2 * (7 * 2 + 1) for count in _backward_matmuls(spec)]
     # seven matmuls a layer: wk, wo, w3 redone in one call, wq, wv, w1, w2 in the next
     assert redone == [3 * 2, 4 * 2]
 
@@ -109,17 +115,9 @@ def test_executor_policy_redoes_the_router_always_and_counts_the_shared_experts(
                      ffn_hidden_size=64, vocab_size=64, max_seq_len=16, num_experts=4, experts_per_token=2,
                      moe_ffn_hidden_size=16, num_shared_experts=1, shared_expert_ffn_size=16,
                      shared_expert_gate=True, dense_layers=(0,))
-    model = build_model(spec, seed=0)
-    apply_recompute(model, "op")
-    tokens = torch.randint(0, 64, (2, 16))
-    redone = []
-    for _ in range(2):
-        logits = model(tokens)
-        with _Matmuls() as counter:
-            logits.sum().backward()
-        # backward: 2 gradient matmuls per linear: the dense layer's 7, the MoE layer's
-        # attention (4), router, shared experts and gate (5), the head
-        redone.append(counter.count - 2 * (7 + 4 + 5 + 1))
+    # backward: 2 gradient matmuls per linear: the dense layer's 7, the MoE layer's
+    # attention (4), router, shared experts and gate (5), the head
+    redone = [count - 2 * (7 + 4 + 5 + 1) for count in _backward_matmuls(spec)]
     assert redone == [3 + 4 + 1, 4 + 4 + 1]
     # the simulator redoes the same: wk (16 of Q/K/V's 64 columns), wo, w3, the gate, the router
     # and the routed experts
