@@ -398,11 +398,9 @@ EXECUTOR_TRAINING = (
           "without sequence parallelism the TP ranks hold the same tokens", "turn on sp, or use etp 1"),
     _rule("plan.etp", "etp", lambda x, m, c: (x.etp == 1) | np.logical_not(m.num_experts > 0 and m.bias),
           lambda x, m, c: f"the executor splits no expert's biases over etp {x.etp}", "use etp 1"),
-    _rule("plan.recompute", "recompute cp",
-          lambda x, m, c: (x.recompute != "op") | ((x.cp == 1) & (m.kv_lora_rank == 0)),
+    _rule("plan.recompute", "recompute cp", lambda x, m, c: (x.recompute != "op") | (x.cp == 1),
           lambda x, m, c: "the executor's per-op recompute keeps the attention kernel's output, which CP's "
-          "exchange wraps, and counts the matmuls of standard attention, so it runs without CP or latent "
-          "attention", "use recompute full or selective, or cp 1 with a model of standard attention"),
+          "exchange wraps", "use recompute full or selective under CP, or cp 1"),
     _rule("plan.recompute", "recompute tp sp", lambda x, m, c: (x.recompute != "norm_act") | (x.tp == 1)
           | np.logical_not(x.sp),
           lambda x, m, c: "under sequence parallelism the executor's column-parallel linears keep the gathered "

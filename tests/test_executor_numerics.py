@@ -93,6 +93,7 @@ WORLD_2 = [
     # redoing TP's all-reduces
     ("tp-sp-recompute-op", LLAMA, plan(tp=2, sp=True, recompute="op")),
     ("tp-recompute-op", LLAMA, plan(tp=2, recompute="op")),
+    ("mla-tp-recompute-op", MLA, plan(tp=2, recompute="op")),
     # Megatron-LM's module recompute: the norms' outputs freed and rebuilt in backward
     ("recompute-norm-act", LLAMA, plan(dp=2, recompute="norm_act")),
     ("tp-recompute-norm-act", LLAMA, plan(tp=2, recompute="norm_act")),

@@ -127,6 +127,21 @@ def test_executor_policy_redoes_the_router_always_and_counts_the_shared_experts(
                     "shared_up": 0.5, "shared_down": 0.0, "shared_gate": 1.0}
 
 
+def test_executor_policy_counts_latent_attentions_matmuls_as_the_simulator():
+    """Latent attention under the per-op policy: wq_a, wq_b, wkv_a, wkv_b and wo, then the
+    MLP's three, eight matmuls a layer, the even ones redone each call (wq_b, wkv_b, w3, w2),
+    as ops.op_sac marks the same layer (q_up, kv_up, half of mlp_up, mlp_down)."""
+    spec = ModelSpec("tiny-mla", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, ffn_hidden_size=128,
+                     vocab_size=64, max_seq_len=16, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
+                     qk_rope_head_dim=8, v_head_dim=12)
+    redone = [count - 2 * (8 * 2 + 1) for count in _backward_matmuls(spec)]
+    assert redone == [4 * 2, 4 * 2]
+    kind = spec.layer_kinds()[0][0]
+    redo = {op.name: op.sac_redo for op in layer_kind_ops(spec, Shard(2, 16), kind) if op.kind == GEMM and op.weight}
+    assert redo == {"q_down": 0.0, "q_up": 1.0, "kv_down": 0.0, "kv_up": 1.0, "out_proj": 0.0, "mlp_up": 0.5,
+                    "mlp_down": 1.0}
+
+
 def test_activation_meter_counts_the_outputs_the_policy_keeps():
     """The per-op policy keeps its outputs outside autograd's saved tensors; the executor's
     meter counts them as they are kept: over the forward, against full recompute (the same
