@@ -380,8 +380,10 @@ EXECUTOR_TRAINING = (
     _rule("plan.attention", "attention", lambda x, m, c: (m.attn_softcap is None) | (x.attention == "naive"),
           lambda x, m, c: f"the executor soft-caps attention scores in its unfused core only (SDPA's {x.attention} "
           "kernel takes no cap)", "use attention naive"),
-    _rule("plan.cp", "cp", lambda x, m, c: (x.cp == 1) | (m.attn_softcap is None),
-          lambda x, m, c: "the executor's context parallelism caps no attention scores", "use cp 1 with soft-capping"),
+    _rule("plan.cp_comm", "cp cp_comm", lambda x, m, c: (x.cp == 1) | (m.attn_softcap is None)
+          | np.isin(x.cp_comm, ("a2a", "allgather")),
+          lambda x, m, c: "the executor's ring merges blocks of uncapped scores", "use cp_comm a2a or allgather "
+          "with soft-capping (their cores cap the scores), or cp 1"),
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),

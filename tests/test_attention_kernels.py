@@ -12,7 +12,8 @@ from meshplan.executor.parallelize import parallelize
 from meshplan.simulator.memory import layer_activation_bytes
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.ops import Shard, layer_ops
-from meshplan.simulator.plan import Plan
+from meshplan.simulator import rules
+from meshplan.simulator.plan import Cluster, Plan
 
 LLAMA = ModelSpec("tiny-llama", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
                   ffn_hidden_size=128, vocab_size=256, max_seq_len=64)
@@ -52,6 +53,13 @@ def test_soft_capped_scores_are_capped_before_the_mask():
     scores = (torch.tanh(scores / cap) * cap).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
     expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
     torch.testing.assert_close(CausalCore(None, "naive", softcap=cap)(q, k, v), expected)
+    # under CP the executor caps them in the gather's and Ulysses' cores, not in the ring's merges
+    gemma = ModelSpec("tiny-gemma", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
+                      vocab_size=64, max_seq_len=64, attn_softcap=cap)
+    refused = {comm: [f for f, *_ in rules.violations(rules.EXECUTOR_TRAINING, Plan(
+        global_batch=4, seq_len=32, cp=2, cp_comm=comm, attention="naive").fields(), gemma, Cluster(2, 2))]
+        for comm in ("a2a", "allgather", "p2p", "alltoall")}
+    assert refused == {"a2a": [], "allgather": [], "p2p": ["plan.cp_comm"], "alltoall": ["plan.cp_comm"]}
 
 
 @pytest.mark.parametrize("seq, keys, window", [(12, 12, None), (12, 12, 8), (12, 17, 6), (1, 17, None)])

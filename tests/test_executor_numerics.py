@@ -115,6 +115,9 @@ WORLD_2 = [
     ("sandwich-cp-allgather", SANDWICH, plan(cp=2, cp_comm="allgather")),
     # Gemma 2's soft-capped scores (the unfused core) and logits (vocab-sharded under TP)
     ("softcap-tp-sp-naive", SOFTCAP, plan(tp=2, sp=True, attention="naive")),
+    # the scores capped in the gather's and Ulysses' cores
+    ("softcap-cp-allgather-naive", SOFTCAP, plan(cp=2, cp_comm="allgather", attention="naive")),
+    ("softcap-cp-a2a-naive", SOFTCAP, plan(cp=2, cp_comm="a2a", attention="naive")),
     # latent attention: up-projections split by head, down-projections and latent norms
     # replicated with their gradients summed over TP
     ("mla-tp-sp", MLA, plan(tp=2, sp=True)),
