@@ -177,25 +177,27 @@ def _op_policy(router_shape: tuple[int, int] | None):
     return policy
 
 
-def _metered(forward=None, recompute=None):
-    """A checkpoint's (forward, recompute) contexts, each inside what an active activation
-    meter counts of it (measure.ActivationMeter.kept_outputs, recomputed_outputs): a
-    context_fn for torch.utils.checkpoint. `forward`: (the policy's caching context, whether
-    it keeps the op just run)."""
+def _metered(forward=None, recompute=None, keeps=None):
+    """A checkpoint's (forward, recompute) contexts (a per-op policy's caching ones, or
+    none), each inside what an active activation meter counts of it: in forward the outputs
+    for which `keeps()` says the policy keeps them (measure.ActivationMeter.kept_outputs), in
+    the recompute those it keeps for backward (recomputed_outputs). A context_fn for
+    torch.utils.checkpoint."""
+    forward, recompute = forward or nullcontext(), recompute or nullcontext()
     meter = ActivationMeter.active()
     if meter is None:
-        return (forward[0] if forward else nullcontext()), (recompute or nullcontext())
+        return forward, recompute
 
     @contextmanager
     def forward_counted():
-        with meter.kept_outputs(forward[1]), forward[0]:
+        with meter.kept_outputs(keeps) if keeps else nullcontext(), forward:
             yield
 
     @contextmanager
     def recompute_counted():
-        with meter.recomputed_outputs(), recompute or nullcontext():
+        with meter.recomputed_outputs(), recompute:
             yield
-    return (forward_counted() if forward else nullcontext()), recompute_counted()
+    return forward_counted(), recompute_counted()
 
 
 def _op_contexts(policy):
@@ -206,7 +208,7 @@ def _op_contexts(policy):
         last[:] = [policy(ctx, func, *args, **kwargs)]
         return last[0]
     forward, recompute = create_selective_checkpoint_contexts(deciding)
-    return _metered((forward, lambda: last == [CheckpointPolicy.MUST_SAVE]), recompute)
+    return _metered(forward, recompute, lambda: last == [CheckpointPolicy.MUST_SAVE])
 
 
 def apply_recompute(model: Transformer, mode: str) -> None:

@@ -138,12 +138,10 @@ class ModelSpec:
                 yield field, f"unknown value {getattr(self, field)!r}", f"use one of {', '.join(allowed)}"
         if not 0 < self.rotary_pct <= 1:
             yield "rotary_pct", f"{self.rotary_pct} is not in (0, 1]", "use a share in (0, 1]"
-        scale = self.routed_scaling
-        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < float("inf")):
-            yield "routed_scaling", f"{scale!r} is not a positive number", "give a positive, finite scale"
+        if not _positive_number(self.routed_scaling):
+            yield "routed_scaling", f"{self.routed_scaling!r} is not a positive number", "give a positive, finite scale"
         limit = self.swiglu_limit
-        if limit is not None and not (self.gated_mlp and isinstance(limit, (int, float))
-                                      and not isinstance(limit, bool) and 0 < limit < float("inf")):
+        if limit is not None and not (self.gated_mlp and _positive_number(limit)):
             yield ("swiglu_limit", f"{self.swiglu_limit!r} (gated MLP: {self.gated_mlp})",
                    "give a positive, finite clamp on a gated MLP, or none")
 
@@ -286,6 +284,11 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
         return from_fields(cls, data, "model.", ModelError, "model")
+
+
+def _positive_number(value) -> bool:
+    """A positive, finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 @functools.lru_cache(maxsize=64)

@@ -292,20 +292,21 @@ def _features_rule(field: str, who: str, builds: tuple[str, ...], fix: str) -> R
 # executor/model.py builds a dense decoder or experts (executor/moe.py: softmax or sigmoid
 # routers, group-limited or not, biases on the router and the experts or not, the clamped
 # SwiGLU) with shared experts and dense layers among them, standard or latent attention
-# with QK-norm, sinks, any head width and attention-only biases, sandwich norms, a parallel
-# residual, partial RoPE, and sliding-window layers (their window mask, and in serving their
-# kept window, executor/kv_cache.py)
+# with QK-norm, sinks, soft-capping (in its unfused core), any head width and attention-only
+# biases, sandwich norms, a parallel residual, partial RoPE, and sliding-window layers (their
+# window mask, and in serving their kept window, executor/kv_cache.py)
 _EXECUTOR_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among the expert layers",
                     "QK-norm", "sandwich norms", "parallel residual", "partial rotary",
                     "head_dim other than hidden/heads", "attention-only biases", "an attention output bias",
                     "sliding-window attention", "a sigmoid router", "group-limited routing", "a router bias",
-                    "attention sinks", "a clamped SwiGLU", "latent attention (MLA)")
+                    "attention sinks", "a clamped SwiGLU", "latent attention (MLA)", "soft-capping")
 
 
 def _ring_lacks(m: ModelSpec) -> list[str]:
     """What of the model the executor's CP ring (executor/context_parallel.py) does not take."""
     return [name for name, present in (("a sliding window", m.sliding_window is not None),
-                                       ("attention sinks", m.attn_sinks)) if present]
+                                       ("attention sinks", m.attn_sinks),
+                                       ("soft-capping", m.attn_softcap is not None)) if present]
 
 
 def _executor_model(builds: tuple[str, ...]) -> Rule:
@@ -375,15 +376,10 @@ def _cp_comms(who: str, runs: tuple[str, ...], fix: str) -> Rule:
 
 
 EXECUTOR_TRAINING = (
-    # training builds soft-capping too (in the unfused core, which serving does not run)
-    _executor_model(_EXECUTOR_BUILDS + ("soft-capping",)),
+    _executor_model(_EXECUTOR_BUILDS),
     _rule("plan.attention", "attention", lambda x, m, c: (m.attn_softcap is None) | (x.attention == "naive"),
           lambda x, m, c: f"the executor soft-caps attention scores in its unfused core only (SDPA's {x.attention} "
           "kernel takes no cap)", "use attention naive"),
-    _rule("plan.cp_comm", "cp cp_comm", lambda x, m, c: (x.cp == 1) | (m.attn_softcap is None)
-          | np.isin(x.cp_comm, ("a2a", "allgather")),
-          lambda x, m, c: "the executor's ring merges blocks of uncapped scores", "use cp_comm a2a or allgather "
-          "with soft-capping (their cores cap the scores), or cp 1"),
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
@@ -483,8 +479,7 @@ def _shard_widths(m: ModelSpec, x) -> np.ndarray:
     return np.array(widths)
 
 EXECUTOR_SERVING = (
-    # soft-capped attention serves in the unfused core (model.CausalCore), its cache as any other
-    _executor_model(_EXECUTOR_BUILDS + ("soft-capping",)),
+    _executor_model(_EXECUTOR_BUILDS),
     _rule("plan.tp", "tp", lambda x, m, c: (m.num_experts == 0) | (
               (m.moe_ffn_hidden_size % x.tp == 0) & (m.shared_ffn_size % x.tp == 0)),
           lambda x, m, c: f"{x.tp} does not divide the experts' width {m.moe_ffn_hidden_size} and "

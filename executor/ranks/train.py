@@ -151,7 +151,8 @@ class Job:
         # the fused AdamW's step counts are plain tensors beside the DTensor parameters
         with implicit_replication():
             self.optimizer.step()
-        update_expert_bias(self.modules, self.stage_group)
+        if self.spec.router_choice_bias:
+            update_expert_bias(self.modules, self.stage_group)
         if meter is not None:
             self.memory = rank_memory(dist.get_rank(), model_state_bytes(self.params, self.optimizer),
                                       meter.peak_bytes, self.device)
