@@ -43,7 +43,8 @@ from meshplan.core.errors import ProfileError
 from meshplan.calibration.measure.compute import torch_threads
 from meshplan.calibration.measure.run import launch_rows
 from meshplan.executor.generate import greedy
-from meshplan.executor.model import build_model, loss_fn
+from meshplan.executor.loss import fused_cross_entropy
+from meshplan.executor.model import build_model
 from meshplan.hw_profiles.profile import FrameworkOverhead, HardwareProfile
 from meshplan.simulator.cost import cp_comm_s, ep_comm_s, ep_counts_s, tp_comm_s, tp_edge_comm_s
 from meshplan.simulator.model_spec import ModelSpec
@@ -102,7 +103,7 @@ def _training(num_layers: int, moe: bool = False) -> tuple:
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def forward():
-        return loss_fn(model(x), y)
+        return fused_cross_entropy(model(x), y)
 
     def step():
         forward().backward()

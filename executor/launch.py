@@ -93,7 +93,7 @@ def check_train(model: ModelSpec, plan: Plan, cluster: Cluster, options: RunOpti
     if options.data is not None:
         check_token_file(options.data, plan.seq_len, model.vocab_size, plan.global_batch)
     hw = load_profile(options.profile)
-    ran = dataclasses.replace(plan, **training_fields(plan.dtype, device_type()))
+    ran = dataclasses.replace(plan, **training_fields(plan.dtype, device_type(), plan.cross_entropy))
     if ran.pp > 1 and ran.layer_partition is None:  # split as priced in the dtype it computes in
         ran = dataclasses.replace(ran, layer_partition=pipeline_partition(model, ran, cluster, hw))
     plan = dataclasses.replace(ran, dtype=plan.dtype)

@@ -1,10 +1,12 @@
 """What a rank measures: step wall times, and memory.
 
 Memory on CUDA is the allocator's peak (torch.cuda.max_memory_allocated). On CPU there is
-no allocator to ask, so it is accounted as the simulator counts it: the bytes of this
+no peak statistics to ask, so it is accounted as the simulator counts it: the bytes of this
 rank's parameter, gradient and optimizer-state shards plus the peak of the activations
 saved for backward (autograd's saved_tensors_hooks, summed over distinct storages alive at
-once). The process's peak RSS is reported beside it.
+once, and the tensors the executor's own code reports alive beside them at its peak
+moments: the fused loss's logits and probabilities). The process's peak RSS is reported
+beside it.
 """
 from __future__ import annotations
 
@@ -96,11 +98,18 @@ class ActivationMeter:
                              if key not in self.excluded and not ref.expired())
             self._measure()
 
-    def _measure(self) -> None:
+    def hold(self, *tensors: torch.Tensor) -> None:
+        """Count `tensors`, alive now beside what is saved and kept, at this moment only
+        (the fused loss's logits and probabilities, executor/loss.py)."""
+        now = {key: nbytes for key, _, nbytes in map(_weakly, tensors)}
+        self._measure(sum(b for k, b in now.items() if k not in self.excluded and k not in self.live
+                          and k not in self.kept))
+
+    def _measure(self, moment_bytes: int = 0) -> None:
         self.kept = {k: v for k, v in self.kept.items() if not v[0].expired()}
         held = sum(s.nbytes() for s, _ in self.live.values())
-        self.peak_bytes = max(self.peak_bytes, held + sum(b for k, (_, b) in self.kept.items()
-                                                          if k not in self.live))
+        self.peak_bytes = max(self.peak_bytes, moment_bytes + held
+                              + sum(b for k, (_, b) in self.kept.items() if k not in self.live))
 
     def _pack(self, tensor: torch.Tensor):
         # A DTensor's own storage is not its shard's: count the local shard's memory.

@@ -482,11 +482,3 @@ def build_model(spec: ModelSpec, seed: int) -> Transformer:
     model = Transformer(spec)
     init_weights(model, seed)
     return model
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over every token of the batch. Logits sharded on the
-    vocabulary (a DTensor, under loss_parallel()) give a replicated loss, returned as a local
-    copy (not to_local's view: the zero-bubble pipeline detaches stage outputs in place)."""
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    return loss.to_local().clone() if isinstance(loss, DTensor) else loss

@@ -16,16 +16,17 @@ def compute_dtype(plan_dtype: str, device_type: str) -> str:
 
 
 # What this executor runs whatever a training plan says: model.py's norms, RoPE and MLPs as
-# torch ops and its loss as F.cross_entropy; ZeRO-1 by all-reduce and broadcast (zero_one.py); its
-# attention reads grouped keys and values (scaled_dot_product_attention's enable_gqa)
-EXECUTOR_KERNELS = {"elementwise": "eager", "mlp_kernel": "eager", "cross_entropy": "eager",
-                    "zero1_sync": "all_reduce", "kv_repeat": False}
+# torch ops; ZeRO-1 by all-reduce and broadcast (zero_one.py); its attention reads grouped keys
+# and values (scaled_dot_product_attention's enable_gqa)
+EXECUTOR_KERNELS = {"elementwise": "eager", "mlp_kernel": "eager", "zero1_sync": "all_reduce", "kv_repeat": False}
 
 
-def training_fields(plan_dtype: str, device_type: str) -> dict:
+def training_fields(plan_dtype: str, device_type: str, cross_entropy: str) -> dict:
     """The plan fields a training run on `device_type` ranks takes, for a plan asking for
-    `plan_dtype`: its kernels and the dtype it computes in."""
-    return {**EXECUTOR_KERNELS, "dtype": compute_dtype(plan_dtype, device_type)}
+    `plan_dtype` and the `cross_entropy` kernel: its kernels, the dtype it computes in, and
+    the loss (executor/loss.py runs fused and eager; a compiled loss runs eager, uncompiled)."""
+    return {**EXECUTOR_KERNELS, "dtype": compute_dtype(plan_dtype, device_type),
+            "cross_entropy": "eager" if cross_entropy == "compiled" else cross_entropy}
 
 
 def serving_dtype(plan_dtype: str, device_type: str) -> str:

@@ -53,7 +53,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
     sequence parallelism (Korthikanti et al. 2022 sec 4.2) the norms and the residual stream
     are sharded on the sequence dimension between the TP regions. Mirrors torchtitan's
     apply_tp: for `training` the head's logits stay a DTensor sharded on the vocabulary,
-    Shard(-1), for the cross-entropy under loss_parallel() (see training_context), and the
+    Shard(-1), for the vocab-parallel cross-entropy (executor/loss.py), and the
     embeddings' gradients keep their weights' sharding; for generation the logits are
     gathered (replicated)."""
     seq = Shard(1) if sequence_parallel else Replicate()
@@ -349,10 +349,10 @@ def optimizer_of(plan: Plan) -> tuple[type, dict]:
 
 
 def training_context(plan: Plan):
-    """Where a training step's forward and backward run: under loss_parallel() with TP (the
-    cross-entropy over the vocabulary-sharded logits of apply_tp, as torchtitan's
-    train_context), else nothing."""
-    return loss_parallel() if plan.tp > 1 else nullcontext()
+    """Where a training step's forward and backward run: under loss_parallel() with TP and
+    the eager loss (F.cross_entropy over the vocabulary-sharded logits of apply_tp, as
+    torchtitan's train_context), else nothing."""
+    return loss_parallel() if plan.tp > 1 and plan.cross_entropy == "eager" else nullcontext()
 
 
 @contextmanager

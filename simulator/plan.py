@@ -39,7 +39,7 @@ MLP_KERNELS = ("fused", "eager")
 ELEMENTWISE = ("fused", "eager")
 # The cross-entropy over the logits: fused (Megatron-LM's vocab-parallel cross-entropy: one
 # fp32 copy, softmax and gradient in place), eager (PyTorch's F.cross_entropy on an fp32 copy:
-# torchtitan without compiling the loss, the executor) or compiled (torch.compile of that,
+# torchtitan without compiling the loss) or compiled (torch.compile of that,
 # torchtitan's --compile.components loss); memory.cross_entropy_logits
 CROSS_ENTROPY = ("fused", "eager", "compiled")
 AXES = rules.AXES

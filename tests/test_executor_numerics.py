@@ -28,8 +28,9 @@ import torch
 from meshplan.executor import data as batches
 from meshplan.executor.adamw import MomentsAdamW
 from meshplan.executor.launch import launch_train_many
+from meshplan.executor.loss import eager_cross_entropy as loss_fn
 from meshplan.executor.options import RunOptions
-from meshplan.executor.model import build_model, loss_fn
+from meshplan.executor.model import build_model
 from meshplan.executor.moe import route_in_turn, update_expert_bias
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan

@@ -75,7 +75,7 @@ def _profile_with_memory(tmp_path: Path, memory_bytes: int) -> str:
 def test_memory_is_checked_against_the_profile_less_the_reserve(tmp_path):
     """The reserve is 5% of the device plus 1 GiB (simulator/memory.py): a rank needing P
     bytes fits a device of (P + 1 GiB) / 0.95 bytes and not one a few bytes smaller."""
-    peak = simulate(MODEL, replace(PLAN, mlp_kernel="eager", cross_entropy="eager"), CLUSTER,
+    peak = simulate(MODEL, replace(PLAN, mlp_kernel="eager"), CLUSTER,
                     load_profile("local")).peak_memory_bytes
     enough = math.ceil((peak + GIB) / 0.95) + 1
     check_train(MODEL, PLAN, CLUSTER, RunOptions(profile=_profile_with_memory(tmp_path, enough)))
@@ -143,9 +143,8 @@ def test_a_busy_rendezvous_port_is_named_on_node_0(capsys, config_json):
         # node 1 only joins: the port being held (by node 0's store) is expected there
         plan = check_train(MODEL, PLAN, CLUSTER, RunOptions(nnodes=2, node_rank=1,
                                                             rdzv_endpoint=endpoint))
-        # the executor's MLP, and its ZeRO-1 (DDP + ZeroRedundancyOptimizer)
-        assert plan == replace(PLAN, elementwise="eager", mlp_kernel="eager", cross_entropy="eager",
-                                zero1_sync="all_reduce")
+        # the executor's MLP, and its ZeRO-1 (DDP + ZeroRedundancyOptimizer); the plan's loss
+        assert plan == replace(PLAN, elementwise="eager", mlp_kernel="eager", zero1_sync="all_reduce")
 
 
 @pytest.mark.parametrize("endpoint, problem", [

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from meshplan.core.errors import PlanError
+from meshplan.executor.loss import eager_cross_entropy as loss_fn
 from meshplan.executor.measure import ActivationMeter, parameter_storages
-from meshplan.executor.model import build_model, loss_fn
+from meshplan.executor.model import build_model
 from meshplan.executor.parallelize import apply_recompute
 from meshplan.executor.rebuild import Rebuilt
 from meshplan.hw_profiles.profile import load_profile

@@ -99,7 +99,7 @@ def test_pipeline_partition_is_priced_as_the_ranks_compute():
     plan = Plan(global_batch=8, seq_len=128, pp=2, schedule="zb-h1")
     cluster, hw = Cluster(2, 2), load_profile("local")
     chosen = check_train(tiny, plan, cluster, RunOptions()).layer_partition
-    ran = dataclasses.replace(plan, **training_fields(plan.dtype, "cpu"))
+    ran = dataclasses.replace(plan, **training_fields(plan.dtype, "cpu", plan.cross_entropy))
     assert chosen == pipeline_partition(tiny, ran, cluster, hw)
     assert chosen != pipeline_partition(tiny, dataclasses.replace(ran, dtype="bf16"), cluster, hw)
 

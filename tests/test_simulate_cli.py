@@ -307,7 +307,7 @@ def test_plan_on_a_cpu_profile_ranks_the_plans_as_meshplan_run_runs_them():
 
     flags = ("--model", "examples/tiny-llama/config.json", "--gpus", 2, "--global-batch", 8, "--seq-len", 128,
              "--json", "--top", 1)
-    held = training_fields("bf16", "cpu")
+    held = training_fields("bf16", "cpu", "fused")
     assert held["dtype"] == "fp32" and held["mlp_kernel"] == "eager"
     out = meshplan("plan", *flags, "--hardware", "local")
     assert out.returncode == 0, out.stderr
@@ -344,7 +344,7 @@ def test_simulate_on_a_cpu_profile_prices_the_plan_as_meshplan_run_runs_it():
 
     flags = ("simulate", "--model", "examples/tiny-llama/config.json", "--gpus", 2, "--global-batch", 8,
              "--seq-len", 128, "--pp", 2, "--json")
-    held = training_fields("bf16", "cpu")
+    held = training_fields("bf16", "cpu", "fused")
     plan = json.loads(meshplan(*flags, "--hardware", "local").stdout)["plan"]
     assert {k: plan[k] for k in held} == held
     given = json.loads(meshplan(*flags, "--hardware", "local", "--mlp-kernel", "fused",

@@ -44,14 +44,15 @@ SPAWN = mp.get_context("spawn")
 def training_step(seed: int):
     """LOAD_MODEL's training step (LOAD_PLAN's one rank) on this process's one thread, as a
     function."""
-    from meshplan.executor.model import build_model, loss_fn
+    from meshplan.executor.loss import fused_cross_entropy
+    from meshplan.executor.model import build_model
     model = build_model(LOAD_MODEL, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, LOAD_MODEL.vocab_size, (LOAD_PLAN.global_batch, LOAD_PLAN.seq_len + 1),
                            generator=torch.Generator().manual_seed(seed))
 
     def step():
-        loss_fn(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        fused_cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step

@@ -3,7 +3,7 @@ under the executor's tensor parallelism (with and without SP), under its FSDP2 Z
 ZeRO-3, under its context parallelism (Ulysses' all-to-all, over a sequence twice as long,
 each rank's shard as long as the plain model's), and in its mixture-of-experts form with and
 without expert parallelism over both, as the executor's training step runs them: DTensor
-layers, the vocab-parallel head and loss_parallel cross-entropy, FSDP2's per-layer gathers
+layers, the vocab-parallel head and the fused vocab-parallel cross-entropy, FSDP2's per-layer gathers
 and reduce-scatters, the attention's head/sequence all-to-alls, the experts' all-to-all
 exchange, each collective moving data between the ranks. A one-rank mesh would skip
 the redistributions and collectives whose host work this is meant to see.
@@ -25,19 +25,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor.parallel import loss_parallel
 
 from meshplan.calibration.measure.collectives import run_rank
 from meshplan.calibration.overhead import LAYERS, PROBE_TOKENS, VARIANTS, probe_model
 from meshplan.executor.context_parallel import ContextParallel
-from meshplan.executor.model import build_model, loss_fn, set_context_parallel
+from meshplan.executor.loss import fused_cross_entropy
+from meshplan.executor.model import build_model, set_context_parallel
 from meshplan.executor.parallelize import apply_dp, apply_ep, apply_tp, build_mesh
 from meshplan.simulator.plan import Plan
 
@@ -63,18 +62,15 @@ def _calls(num_layers: int, variant: str, device: torch.device) -> tuple:
     x, y = tokens[:, :-1], tokens[:, 1:]
     if cp is not None:
         x, y = cp.shard(x), cp.shard(y)
-    context = loss_parallel if variant in ("tp", "sp") else nullcontext
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
 
     def forward():
-        with context():
-            loss_fn(model(x), y)
+        fused_cross_entropy(model(x), y)
         for module in sharded:
             module.reshard()
 
     def step():
-        with context():
-            loss_fn(model(x), y).backward()
+        fused_cross_entropy(model(x), y).backward()
     return forward, step
 
 

@@ -35,7 +35,8 @@ from meshplan.executor import data as batches
 from meshplan.executor.checkpoint import CheckpointInfo
 from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages,
                               rank_memory, timed)
-from meshplan.executor.model import build_model, loss_fn
+from meshplan.executor.loss import LOSSES
+from meshplan.executor.model import build_model
 from meshplan.executor.moe import reduce_expert_gradients, routing_imbalance, update_expert_bias
 from meshplan.executor.parallelize import (build_mesh, build_optimizer, context_parallel, data_parallel_mesh,
                                   full_gradients, gradient_sync, parallelize, training_context)
@@ -84,7 +85,8 @@ class Job:
             del model
             self.modules = [parallelize(m, plan, self.mesh, self.dp_mesh, expert_mesh) for m in stages]
             self.schedule = build_schedule(self.modules, self.indices, plan,
-                                           self.mesh["pp"].get_group(), device, loss_fn)
+                                           self.mesh["pp"].get_group(), device,
+                                           LOSSES[plan.cross_entropy])
             self.has_first = 0 in self.indices
             self.has_last = plan.num_virtual - 1 in self.indices
             self.tied = TiedEmbedding(plan, self.mesh) if spec.tied_embeddings else None
@@ -135,7 +137,7 @@ class Job:
         for i, (x, y) in enumerate(zip(inputs.chunk(n), targets.chunk(n))):
             with gradient_sync(model, each or i == n - 1, i == n - 1, self.plan.zero):
                 with autocast:
-                    loss = loss_fn(model(x), y) / n
+                    loss = LOSSES[self.plan.cross_entropy](model(x), y) / n
                 loss.backward()
             total += loss.detach()
         return total

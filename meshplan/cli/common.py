@@ -288,7 +288,7 @@ def held_fields(fixed: dict, hw) -> dict:
     if hw.measured_on != "cpu":
         return fixed
     given = {k: v for k, v in fixed.items() if k != "dtype"}
-    return {**training_fields(fixed.get("dtype", "bf16"), "cpu"), **given}
+    return {**training_fields(fixed.get("dtype", "bf16"), "cpu", fixed.get("cross_entropy", "fused")), **given}
 
 
 def held_note(verb: str, fixed: dict) -> str:
