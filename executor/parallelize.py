@@ -374,6 +374,21 @@ def gradient_sync(model: nn.Module, enabled: bool, last: bool, zero: int):
         reduce_expert_gradients(model)
 
 
+def clear_gradients(optimizer, modules: list[nn.Module]) -> None:
+    """After the optimizer step. DDP's gradients are views of its all-reduce buckets
+    (gradient_as_bucket_view): zeroed in place they stay so, and the next step's micro-batches
+    accumulate into the buckets under no_sync; set to None, the first micro-batch's backward
+    would allocate a second copy of every gradient beside the buckets, held until the last
+    micro-batch's reduction copies it in (torch's Reducer). Other gradients are freed (the
+    experts', which DDP ignores: a zero gradient would still decay an expert no token reached)."""
+    buckets = {p: p.grad for m in modules if isinstance(m, DistributedDataParallel)
+               for name, p in m.module.named_parameters() if name not in m.parameters_to_ignore}
+    optimizer.zero_grad(set_to_none=True)
+    for param, grad in buckets.items():
+        if grad is not None:
+            param.grad = grad.zero_()
+
+
 def parameter_name(name: str) -> str:
     """A parameter's name in the plain model, without the DDP / checkpoint wrappers."""
     return name.replace("_checkpoint_wrapped_module.", "").removeprefix("module.")

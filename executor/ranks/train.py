@@ -33,13 +33,14 @@ from torch.distributed.tensor.experimental import implicit_replication
 from meshplan.core.progress import progress_bar
 from meshplan.executor import data as batches
 from meshplan.executor.checkpoint import CheckpointInfo
-from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages,
-                              rank_memory, timed)
 from meshplan.executor.loss import LOSSES
+from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages, rank_memory,
+                                       timed)
 from meshplan.executor.model import build_model
 from meshplan.executor.moe import reduce_expert_gradients, routing_imbalance, update_expert_bias
-from meshplan.executor.parallelize import (build_mesh, build_optimizer, context_parallel, data_parallel_mesh,
-                                  full_gradients, gradient_sync, parallelize, training_context)
+from meshplan.executor.parallelize import (build_mesh, build_optimizer, clear_gradients, context_parallel,
+                                           data_parallel_mesh, full_gradients, gradient_sync, parallelize,
+                                           training_context)
 from meshplan.executor.pipeline import TiedEmbedding, build_schedule, split_stage, stage_indices
 from meshplan.executor.options import TrainRankOptions, compute_dtype
 from meshplan.executor.records import TrainResult
@@ -158,7 +159,7 @@ class Job:
         if meter is not None:
             self.memory = rank_memory(dist.get_rank(), model_state_bytes(self.params, self.optimizer),
                                       meter.peak_bytes, self.device)
-        self.optimizer.zero_grad(set_to_none=True)
+        clear_gradients(self.optimizer, self.modules)
         return loss
 
 
