@@ -1,12 +1,13 @@
 """What a rank measures: step wall times, and memory.
 
-Memory on CUDA is the allocator's peak (torch.cuda.max_memory_allocated). On CPU there is
-no peak statistics to ask, so it is accounted as the simulator counts it: the bytes of this
-rank's parameter, gradient and optimizer-state shards plus the peak of the activations
-saved for backward (autograd's saved_tensors_hooks, summed over distinct storages alive at
-once, and the tensors the executor's own code reports alive beside them at its peak
-moments: the fused loss's logits and probabilities). The process's peak RSS is reported
-beside it.
+Memory on CUDA is the allocator's peak (torch.cuda.max_memory_allocated). On CPU torch
+keeps no allocator statistics, so it is accounted as the simulator counts it: the bytes of
+this rank's parameter, gradient and optimizer-state shards (the gradients the larger of the
+shards' after the step and the unsharded ones FSDP2 accumulated during it) plus the peak of
+the activations saved for backward (autograd's saved_tensors_hooks, summed over distinct
+storages alive at once, and the tensors the executor's own code reports alive beside them
+at its peak moments: the fused loss's logits and probabilities). The process's peak RSS is
+reported beside it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,11 +51,15 @@ class ActivationMeter:
 
     _active: ActivationMeter | None = None
 
-    def __init__(self, excluded: set[int]):
+    def __init__(self, excluded: set[int], gradients: Callable[[], int] = lambda: 0):
         self.excluded = excluded
         self.live: dict[int, list] = {}  # storage id -> [storage, number of holders]
         self.kept: dict[int, tuple] = {}  # storage id -> (weak reference, bytes)
         self.peak_bytes = 0
+        # the most bytes `gradients()` reported at a save: gradients held outside the
+        # parameters' own (unsharded_gradients)
+        self.gradients = gradients
+        self.gradients_peak_bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     @classmethod
@@ -110,6 +116,7 @@ class ActivationMeter:
         held = sum(s.nbytes() for s, _ in self.live.values())
         self.peak_bytes = max(self.peak_bytes, moment_bytes + held
                               + sum(b for k, (_, b) in self.kept.items() if k not in self.live))
+        self.gradients_peak_bytes = max(self.gradients_peak_bytes, self.gradients())
 
     def _pack(self, tensor: torch.Tensor):
         # A DTensor's own storage is not its shard's: count the local shard's memory.
@@ -134,6 +141,27 @@ class ActivationMeter:
         entry[1] -= 1
         if entry[1] == 0:
             del self.live[key]
+
+
+def unsharded_gradients(modules: list[torch.nn.Module]) -> Callable[[], int]:
+    """A function giving the bytes of the gradients FSDP2 holds now on its all-gathered
+    parameters: accumulated there over micro-batches when the step reduces once (plan.grad_sync
+    last), until reduce-scattered into the shards' gradients. Reads FSDPParam (torch 2.13's
+    private fully_shard internals)."""
+    held = [fp for module in modules for m in module.modules() if isinstance(m, FSDPModule)
+            for group in [m._get_fsdp_state()._fsdp_param_group] if group is not None
+            for fp in group.fsdp_params]
+
+    def gradient_bytes() -> int:
+        storages = {}
+        for fp in held:
+            param = getattr(fp, "_unsharded_param", None)  # made at the first all-gather
+            for grad in (param.grad if param is not None else None, fp.unsharded_accumulated_grad):
+                if grad is not None:
+                    key, _, nbytes = _weakly(grad)
+                    storages[key] = nbytes
+        return sum(storages.values())
+    return gradient_bytes
 
 
 def _weakly(tensor: torch.Tensor) -> tuple[int, StorageWeakRef, int]:
@@ -198,9 +226,12 @@ def model_state_bytes(params: list[torch.Tensor], optimizer) -> tuple[int, int, 
     return param_bytes, grad_bytes, opt_bytes
 
 
-def rank_memory(rank: int, state_bytes: tuple[int, int, int], activations_bytes: int,
+def rank_memory(rank: int, state_bytes: tuple[int, int, int], meter: ActivationMeter,
                 device: torch.device) -> RankMemory:
+    """`state_bytes` after the step; the gradients the larger of the shards' and the most the
+    meter saw held unsharded during it."""
     params, grads, opt = state_bytes
+    grads, activations_bytes = max(grads, meter.gradients_peak_bytes), meter.peak_bytes
     return RankMemory(rank, params, grads, opt, activations_bytes,
                       peak_bytes(params + grads + opt + activations_bytes, device), max_rss_bytes())
 

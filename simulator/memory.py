@@ -223,8 +223,13 @@ def model_state_bytes(params: float, dtype: str, dtype_bytes: int, zero: int,
     gradients take `grad_bytes` each (default the weights' dtype; fp32 where they are kept
     and reduced in fp32, as Megatron-LM's main grads and torchtitan's reduce dtype), and the
     weights' dtype without master weights (the reduced shard cast back to the parameter's
-    dtype, as FSDP2 casts it); Adam's state per optimizer_bytes_per_param."""
-    weights = params * dtype_bytes / (shard_degree if zero >= 3 else 1)
+    dtype, as FSDP2 casts it); Adam's state per optimizer_bytes_per_param. ZeRO-2 keeps the
+    weights whole beside the shard the optimizer updates, which is the master copy where one
+    is kept apart (mixed precision) and else one more in the weights' dtype (FSDP2's sharded
+    parameters, all-gathered for the step under reshard_after_forward=False; DeepSpeed's
+    fp32 partition of stage 1/2)."""
+    whole_beside_shard = (zero == 2) & np.logical_not(_separate_master(dtype, master_weights))
+    weights = params * dtype_bytes * (1 / (shard_degree if zero >= 3 else 1) + whole_beside_shard / shard_degree)
     grads = (params * np.where(master_weights, grad_bytes or dtype_bytes, dtype_bytes)
              / (shard_degree if zero >= 2 else 1))
     optimizer = (params * optimizer_bytes_per_param(dtype, master_weights, moment_bytes)

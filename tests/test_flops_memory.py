@@ -92,11 +92,23 @@ def test_zero_stages_16_bytes_per_param():
 
 def test_without_master_weights_8_bytes_per_param():
     # bf16 weights updated in place, bf16 gradients and torch.optim.Adam's two bf16 moments:
-    # 2 + 2 + 4 bytes, against mixed precision's 2 + 2 + 12 (ZeRO's K = 12)
+    # 2 + 2 + 4 bytes, against mixed precision's 2 + 2 + 12 (ZeRO's K = 12); ZeRO-2 keeps
+    # the optimizer's bf16 shard beside the whole weights
     psi, nd = 7.5e9, 64
     totals = [sum(model_state_bytes(psi, "bf16", 2, zero, nd, master_weights=False, moment_bytes=2)) / 1e9
               for zero in range(4)]
-    assert totals == pytest.approx([60.0, 7.5 * (4 + 4 / 64), 7.5 * (2 + 6 / 64), 7.5 * 8 / 64], rel=1e-9)
+    assert totals == pytest.approx([60.0, 7.5 * (4 + 4 / 64), 7.5 * (2 + 8 / 64), 7.5 * 8 / 64], rel=1e-9)
+
+
+def test_zero2_keeps_the_shard_beside_the_whole_weights():
+    # FSDP2 without resharding after forward: the fp32 shard the optimizer updates stays, and
+    # the all-gathered weights beside it for the step; with mixed precision that shard is
+    # the master copy already counted in the optimizer's 12 bytes
+    psi, nd = 1e9, 8
+    assert model_state_bytes(psi, "fp32", 4, 2, nd)[0] == pytest.approx(psi * (4 + 4 / nd))
+    assert model_state_bytes(psi, "fp32", 4, 1, nd)[0] == model_state_bytes(psi, "fp32", 4, 0, nd)[0] == psi * 4
+    assert model_state_bytes(psi, "fp32", 4, 3, nd)[0] == psi * 4 / nd
+    assert model_state_bytes(psi, "bf16", 2, 2, nd)[0] == psi * 2
 
 
 @pytest.mark.parametrize("master,moment_bytes,state,step", [

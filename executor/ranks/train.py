@@ -35,7 +35,7 @@ from meshplan.executor import data as batches
 from meshplan.executor.checkpoint import CheckpointInfo
 from meshplan.executor.loss import LOSSES
 from meshplan.executor.measure import (ActivationMeter, model_state_bytes, parameter_storages, rank_memory,
-                                       timed)
+                                       timed, unsharded_gradients)
 from meshplan.executor.model import build_model
 from meshplan.executor.moe import reduce_expert_gradients, routing_imbalance, update_expert_bias
 from meshplan.executor.parallelize import (build_mesh, build_optimizer, clear_gradients, context_parallel,
@@ -146,7 +146,8 @@ class Job:
     def train_step(self, inputs, targets, account: bool, grads_file: Path | None) -> torch.Tensor:
         """One optimizer step. With `account`, measure this rank's memory (self.memory) and
         save the gradients to `grads_file` if given."""
-        meter = ActivationMeter(parameter_storages(self.params)) if account else None
+        meter = ActivationMeter(parameter_storages(self.params), unsharded_gradients(self.modules)) \
+            if account else None
         with meter or nullcontext():
             loss = self.forward_backward(inputs, targets)
         if grads_file is not None:
@@ -158,7 +159,7 @@ class Job:
             update_expert_bias(self.modules, self.stage_group)
         if meter is not None:
             self.memory = rank_memory(dist.get_rank(), model_state_bytes(self.params, self.optimizer),
-                                      meter.peak_bytes, self.device)
+                                      meter, self.device)
         clear_gradients(self.optimizer, self.modules)
         return loss
 
