@@ -15,6 +15,12 @@ from meshplan.simulator.serve import InferencePlan
 MEMORY_METHOD = {"cuda": "allocator peak (torch.cuda.max_memory_allocated)",
                  "cpu": "weights (local shards) + KV cache, counted; transient activations "
                         "not counted"}
+# ... of a training rank (executor/measure.py)
+TRAIN_MEMORY_METHOD = {"cuda": MEMORY_METHOD["cuda"],
+                       "cpu": "counted: parameters, gradients (the shards' or FSDP2's unsharded, the "
+                              "larger) and optimizer state, local shards, + the peak of saved "
+                              "activations, checkpoint-kept outputs and the fused loss's logits and "
+                              "probabilities; an eager backward's transient tensors not counted"}
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,7 @@ class RunRecord:
             "predicted_peak_memory_bytes": self.predicted_peak_memory_bytes,
             "measured_peak_memory_bytes": max(self.measured_peak_memory_by_rank_bytes),
             "measured_peak_memory_by_rank_bytes": self.measured_peak_memory_by_rank_bytes,
+            "memory_method": TRAIN_MEMORY_METHOD[self.device],
             "prediction_note": self.prediction_note,
         }
 
@@ -146,10 +153,7 @@ class RunRecord:
                 "step_time_spread_s": self.step_time_spread_s, "tokens_per_s": self.tokens_per_s,
                 "memory_by_rank": list(self.memory_by_rank),
                 "peak_memory_bytes": max(self.measured_peak_memory_by_rank_bytes),
-                "memory_method": ("allocator peak (torch.cuda.max_memory_allocated)"
-                                  if self.device == "cuda" else
-                                  "parameters + gradients + optimizer state (local shards) + "
-                                  "peak saved activations (saved_tensors_hooks)"),
+                "memory_method": TRAIN_MEMORY_METHOD[self.device],
             },
             "run": {"seed": self.seed, "lr": self.lr, "data": self.data or "synthetic"},
         }

@@ -167,6 +167,7 @@ def test_json_keys_and_record(config_json, tmp_path):
     assert len(out["losses"]) == 4 and all(isinstance(x, float) for x in out["losses"])
     assert len(out["measured_peak_memory_by_rank_bytes"]) == 2
     assert out["measured_peak_memory_bytes"] == max(out["measured_peak_memory_by_rank_bytes"])
+    assert out["memory_method"].startswith("counted: ")  # CPU ranks: no allocator statistics
     for key in ("predicted_step_time_s", "predicted_peak_memory_bytes"):
         assert key in out and (out[key] is None or isinstance(out[key], float))
     if out["predicted_step_time_s"] is None:

@@ -225,6 +225,7 @@ def print_summary(record, rescaled=None) -> None:
     show(table, rescaled)
     losses = summary["losses"]
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+    print(f"measured memory: {summary['memory_method']}")
     if plan.ep > 1:
         print(f"routing measured: the busiest expert-parallel rank ran {plan.moe_capacity_factor:.2f}x "
               f"the balanced share of rows (averaged over MoE forwards); predicted with that "
