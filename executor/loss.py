@@ -33,13 +33,14 @@ def fused_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     """The same mean by the vocab-parallel kernel: over the shard's group when `logits` is a
     DTensor sharded on the vocabulary, else over the whole vocabulary here."""
     group, first = None, 0
-    if isinstance(logits, DTensor) and len(logits.placements) == 1 and _on_last_dim(logits):
-        # torch.chunk's split, as DTensor shards: every shard before this one is full
-        mesh = logits.device_mesh
-        group = mesh.get_group()
-        first = mesh.get_local_rank() * -(-logits.shape[-1] // mesh.size())
-    local = logits.to_local() if isinstance(logits, DTensor) else logits
-    return _VocabParallelCrossEntropy.apply(local.flatten(0, 1), targets.flatten(), group, first)
+    if isinstance(logits, DTensor):
+        if len(logits.placements) == 1 and _on_last_dim(logits):
+            # torch.chunk's split, as DTensor shards: every shard before this one is full
+            mesh = logits.device_mesh
+            group = mesh.get_group()
+            first = mesh.get_local_rank() * -(-logits.shape[-1] // mesh.size())
+        logits = logits.to_local()
+    return _VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), group, first)
 
 
 def _on_last_dim(logits: DTensor) -> bool:

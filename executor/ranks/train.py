@@ -79,6 +79,7 @@ class Job:
         self.dp_mesh = data_parallel_mesh(self.mesh, plan)
         self.cp = context_parallel(self.mesh, plan)
         self.dtype = compute_dtype(plan.dtype, device.type)
+        self.loss_fn = LOSSES[plan.cross_entropy]
         model = build_model(spec, options.seed).to(device)
         if plan.pp > 1:
             self.indices = stage_indices(plan, self.mesh["pp"].get_local_rank())
@@ -86,8 +87,7 @@ class Job:
             del model
             self.modules = [parallelize(m, plan, self.mesh, self.dp_mesh, expert_mesh) for m in stages]
             self.schedule = build_schedule(self.modules, self.indices, plan,
-                                           self.mesh["pp"].get_group(), device,
-                                           LOSSES[plan.cross_entropy])
+                                           self.mesh["pp"].get_group(), device, self.loss_fn)
             self.has_first = 0 in self.indices
             self.has_last = plan.num_virtual - 1 in self.indices
             self.tied = TiedEmbedding(plan, self.mesh) if spec.tied_embeddings else None
@@ -138,7 +138,7 @@ class Job:
         for i, (x, y) in enumerate(zip(inputs.chunk(n), targets.chunk(n))):
             with gradient_sync(model, each or i == n - 1, i == n - 1, self.plan.zero):
                 with autocast:
-                    loss = LOSSES[self.plan.cross_entropy](model(x), y) / n
+                    loss = self.loss_fn(model(x), y) / n
                 loss.backward()
             total += loss.detach()
         return total
