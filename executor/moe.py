@@ -124,8 +124,9 @@ class ExpertSharding:
 
 
 # The dimension of each expert weight that expert tensor parallelism splits (Megatron-Core's
-# expert TP: w1 and w3 by output columns, w2 by input rows), as vLLM's FusedMoE under TP does
-WIDTH_DIMS = {"w1": 2, "w3": 2, "w2": 1}
+# expert TP: w1 and w3 by output columns, their biases with them, w2 by input rows; w2's
+# bias stays whole, added once after the sum), as vLLM's FusedMoE under TP does
+WIDTH_DIMS = {"w1": 2, "w3": 2, "w2": 1, "w1_bias": 1, "w3_bias": 1}
 
 
 class GroupedExperts(nn.Module):
@@ -158,8 +159,10 @@ class GroupedExperts(nn.Module):
         """Expert TP (Megatron-Core's, after the EP exchange): this rank's rows gathered
         with every rank's of `group`, each expert's width share run on all of them, and the
         partial outputs summed back onto the rows they came from (all-gather and
-        reduce-scatter as all-to-alls of uneven parts, differentiable). No biases
-        (rules.EXECUTOR_TRAINING)."""
+        reduce-scatter as all-to-alls of uneven parts, differentiable). The up projections'
+        biases are split with their columns; the down projection's, whole on every rank, is
+        added to the rank's own rows after the sum, its gradient summed over `group`
+        (Megatron-Core's RowParallelLinear adds its bias after the reduction alike)."""
         etp, count = dist.get_world_size(group), rows.shape[0]
         table = [torch.empty_like(counts) for _ in range(etp)]  # [source rank][local expert]
         dist.all_gather(table, counts, group=group)
@@ -167,9 +170,31 @@ class GroupedExperts(nn.Module):
         sizes = table.sum(1).tolist()
         gathered = funcol.wait_tensor(funcol.all_to_all_single(rows.repeat(etp, 1), sizes, [count] * etp, group))
         partial = _by_expert(lambda r, c: expert_mlps(r, c, self.act, self.w1, self.w2, self.w3,
-                                                      rebuild=self.rebuild_act), gathered, table)
+                                                      (self.w1_bias, None, self.w3_bias), self.rebuild_act),
+                             gathered, table)
         back = funcol.wait_tensor(funcol.all_to_all_single(partial.contiguous(), [count] * etp, sizes, group))
-        return back.view(etp, count, -1).sum(0)
+        out = back.view(etp, count, -1).sum(0)
+        if self.w2_bias is None:
+            return out
+        bias = _SumGradient.apply(self.w2_bias, group)
+        return out + bias.to(out.dtype).repeat_interleave(counts, dim=0, output_size=count)
+
+
+class _SumGradient(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over `group`: a parameter replicated
+    over ranks that each use it on their own rows (Megatron-Core's
+    copy_to_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def expert_mlps(rows: torch.Tensor, counts: torch.Tensor, act, w1: torch.Tensor, w2: torch.Tensor,

@@ -394,8 +394,6 @@ EXECUTOR_TRAINING = (
     _rule("plan.etp", "etp tp sp", lambda x, m, c: (m.num_experts == 0) | (x.etp == 1) | (x.tp == 1) | np.asarray(x.sp),
           lambda x, m, c: f"the executor's expert TP gathers each rank's own routed rows over etp {x.etp}, and "
           "without sequence parallelism the TP ranks hold the same tokens", "turn on sp, or use etp 1"),
-    _rule("plan.etp", "etp", lambda x, m, c: (x.etp == 1) | np.logical_not(m.num_experts > 0 and m.bias),
-          lambda x, m, c: f"the executor splits no expert's biases over etp {x.etp}", "use etp 1"),
     _rule("plan.recompute", "recompute cp", lambda x, m, c: (x.recompute != "op") | (x.cp == 1),
           lambda x, m, c: "the executor's per-op recompute keeps the attention kernel's output, which CP's "
           "exchange wraps", "use recompute full or selective under CP, or cp 1"),

@@ -206,11 +206,12 @@ def test_a_zero1_checkpoint_with_tp_resumes_under_a_pipeline(tmp_path):
     assert record.losses == pytest.approx(uninterrupted.losses, rel=1e-5, abs=0)
 
 
-# DeepSeek-V3's router: its choice bias is saved with the model and resumed
+# DeepSeek-V3's router: its choice bias is saved with the model and resumed; biases (as
+# gpt-oss's experts have) split with the experts' width under expert TP, or whole
 MOE = ModelSpec("tiny-moe", num_layers=3, hidden_size=32, num_heads=4, num_kv_heads=2,
                 ffn_hidden_size=64, vocab_size=128, max_seq_len=32, num_experts=4,
                 experts_per_token=2, moe_ffn_hidden_size=48, dense_layers=(0,), router="sigmoid",
-                router_choice_bias=True)
+                router_choice_bias=True, bias=True)
 
 
 EP_SAVED = {"ep2": plan(dp=2, ep=2), "ep2-zero1": plan(dp=2, ep=2, zero=1),

@@ -253,8 +253,10 @@ WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
                                                                  virtual_stages=2)),
            ("tp2-sp-ep1", MOE, plan(tp=2, sp=True, etp=1)),
            ("tp2-sp-ep2", MOE_GELU, plan(tp=2, sp=True, etp=1, ep=2)),
-           # expert TP: each expert's width split over the TP ranks, which route their own rows
-           ("tp2-sp-etp2", MOE, plan(tp=2, sp=True, etp=2)),
+           # expert TP: each expert's width split over the TP ranks, which route their own rows;
+           # gpt-oss's up-projection biases split with the width, the down projection's added
+           # after the sum on each rank's rows, its gradient summed over the two
+           ("oss-tp2-sp-etp2", MOE_OSS, plan(tp=2, sp=True, etp=2)),
            # every expert owned by one rank (edp 1): their optimizer unsharded
            ("ep2-zero1", MOE, plan(dp=2, ep=2, zero=1)),
            # the experts split over the CP ranks, which route their own sequence shards

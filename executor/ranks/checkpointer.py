@@ -149,16 +149,17 @@ class Checkpointer:
     def _experts_as_dtensors(self, model: dict, optim: dict) -> None:
         """The EP-split experts' local tensors in `model` and `optim` as DTensors over the
         expert mesh (sharing their storage): Shard(0) on ep, replicated on edp, and on etp
-        sharded along each weight's split width (moe.WIDTH_DIMS)."""
+        sharded along each weight's split width (moe.WIDTH_DIMS), replicated where it has
+        none (the down projection's bias)."""
         if self.expert_mesh is None:
             return
         for part in (model, optim):
             for key, value in part.items():
                 if self._expert_key(key) and isinstance(value, torch.Tensor) and value.ndim:
                     weight = (key.removeprefix("state.").rsplit(".", 1)[0] if key.startswith("state.") else key)
-                    width = WIDTH_DIMS.get(weight.rsplit(".", 1)[-1], 0)
-                    placements = [Replicate() if n == "edp" else Shard(0) if n == "ep" else Shard(width)
-                                  for n in self.expert_mesh.mesh_dim_names]
+                    width = WIDTH_DIMS.get(weight.rsplit(".", 1)[-1])
+                    placements = [Shard(0) if n == "ep" else Replicate() if n == "edp" or width is None
+                                  else Shard(width) for n in self.expert_mesh.mesh_dim_names]
                     part[key] = DTensor.from_local(value, self.expert_mesh, placements, run_check=False)
 
     def _heads_as_embedding(self, optim: dict) -> list[tuple[str, str, bool]]:
