@@ -160,24 +160,25 @@ class ContextParallel:
         return _chunk_positions(local, self.size, self.rank if rank is None else rank, self.balanced,
                                 torch.device(device))
 
-    def attend(self, q, k, v, masked_core, kernel: str, window: int | None = None, sinks=None) -> torch.Tensor:
+    def attend(self, q, k, v, masked_core, kernel: str, window: int | None = None, sinks=None,
+               softcap: float | None = None) -> torch.Tensor:
         """Causal attention of this rank's queries [batch, seq/cp, heads, dim] to the keys
-        and values of the whole sequence (the last `window` of them up to each query's, and
-        each head's sink logit, for the gather), by the gather (`masked_core(q, k, v,
-        visible, sinks)` runs the core under a [queries, keys] mask) or the ring: block by
-        block with CPU flash attention's kernel (_FlashRing), or with the unfused kernel's
-        separate ops for plan.attention naive; the ring takes no window and no sinks
-        (rules.EXECUTOR_TRAINING). Values narrower than the keys (latent attention's) are
-        padded with zeros to their width for the exchange, as cost.cp_comm_s counts them,
-        and the output cut back."""
+        and values of the whole sequence (the last `window` of them up to each query's),
+        each head's `sinks` logit in its softmax (gpt-oss), by the gather (`masked_core(q,
+        k, v, visible, sinks)` runs the core under a [queries, keys] mask) or the ring:
+        block by block with CPU flash attention's kernel (_FlashRing), or with the unfused
+        kernel's separate ops for plan.attention naive, which alone soft-caps the scores
+        (`softcap`, as the unfused core; the gather's core caps its own). Values narrower
+        than the keys (latent attention's) are padded with zeros to their width for the
+        exchange, as cost.cp_comm_s counts them, and the output cut back."""
         width = v.shape[-1]
         if width != k.shape[-1]:
             v = F.pad(v, (0, k.shape[-1] - width))
         if self.comm == "allgather":
             return self._gathered(q, k, v, masked_core, window, sinks)[..., :width]
         if kernel == "naive":
-            return self._unfused_ring(q, k, v)[..., :width]
-        return _FlashRing.apply(q, k, v, self)[..., :width]
+            return self._unfused_ring(q, k, v, window, sinks, softcap)[..., :width]
+        return _FlashRing.apply(q, k, v, sinks, self, window)[..., :width]
 
     def visible(self, local: int, device, window: int | None = None) -> torch.Tensor:
         """[local, cp x local] True where a query of this rank's `local` tokens sees a key of
@@ -189,16 +190,18 @@ class ContextParallel:
         kv = funcol.all_gather_single_autograd(torch.stack((k, v)), 2, self.group)
         return masked_core(q, kv[0], kv[1], self.visible(q.shape[1], q.device, window), sinks)
 
-    def _unfused_ring(self, q, k, v) -> torch.Tensor:
-        """Each block's scores and probabilities as separate ops, autograd's backward; the
-        blocks' partial softmax merged in fp32 by each query row's running maximum
-        (a constant of the result, so kept out of autograd) and sum. Every block leaves a row
-        its own keys or none: the rank's own block comes first, where each query sees at
-        least itself, so the running maximum is finite from the start."""
+    def _unfused_ring(self, q, k, v, window: int | None = None, sinks=None, softcap: float | None = None):
+        """Each block's scores (soft-capped before the mask, Gemma 2 report sec 2.2) and
+        probabilities as separate ops, autograd's backward; the blocks' partial softmax
+        merged in fp32 by each query row's running maximum (a constant of the result, so
+        kept out of autograd) and sum, each head's sink logit joining the sum last as a key
+        with no value. Every block leaves a row its own keys or none (the keys past its
+        window hidden): the rank's own block comes first, where each query sees at least
+        itself, so the running maximum is finite from the start."""
         batch, seq, heads, dim = q.shape
         kv_heads = k.shape[2]
         group = heads // kv_heads
-        visible = self.visible(seq, q.device)
+        visible = self.visible(seq, q.device, window)
         with torch.autocast(q.device.type, enabled=False):
             # [batch, kv heads, group x seq, dim]: the query heads that share a KV head stacked
             rows = q.float().permute(0, 2, 1, 3).reshape(batch, kv_heads, group * seq, dim) * dim ** -0.5
@@ -210,7 +213,10 @@ class ContextParallel:
                 keys, values = (t.float().permute(0, 2, 1, 3) for t in block)
                 source = (self.rank - step) % self.size
                 hidden = ~visible[:, source * seq:(source + 1) * seq].repeat(group, 1)
-                scores = (rows @ keys.transpose(-1, -2)).masked_fill(hidden, float("-inf"))
+                scores = rows @ keys.transpose(-1, -2)
+                if softcap is not None:
+                    scores = torch.tanh(scores / softcap) * softcap
+                scores = scores.masked_fill(hidden, float("-inf"))
                 peak = scores.amax(-1, keepdim=True).detach()
                 if step == 0:
                     top = peak
@@ -222,6 +228,12 @@ class ContextParallel:
                 total = total * scale + weights.sum(-1, keepdim=True)
                 out = out * scale + weights @ values
                 top = new_top
+            if sinks is not None:  # [kv heads, group x seq, 1], as the rows are stacked
+                sink = sinks.float().view(kv_heads, group, 1).expand(kv_heads, group, seq).reshape(
+                    1, kv_heads, group * seq, 1)
+                new_top = torch.maximum(top, sink.detach())
+                scale = torch.exp(top - new_top)
+                total, out = total * scale + torch.exp(sink - new_top), out * scale
             out = (out / total).reshape(batch, kv_heads, group, seq, -1)
         return out.permute(0, 3, 1, 2, 4).reshape(batch, seq, heads, -1).to(q.dtype)
 
@@ -245,63 +257,115 @@ def _block(rank: int, source: int, half: int) -> tuple[slice, slice, bool]:
     return slice(half, None), slice(None), False
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _RingBlock:
+    """What one ring step computes: the query and key rows of the block (_block), whether
+    under the causal mask, else an additive mask where a sliding window hides part of it,
+    and the query rows that see none of its keys (whose log-sum-exp the kernel gives as 0,
+    not -inf: set to -inf, so the merge takes nothing from them)."""
+    rows: slice
+    keys: slice
+    causal: bool
+    mask: torch.Tensor | None = None
+    blind: torch.Tensor | None = None
+
+
+def _ring_blocks(cp: ContextParallel, local: int, device, dtype, window: int | None) -> list[_RingBlock | None]:
+    """Per ring step, the block of rank (rank - step)'s keys this rank's `local` queries
+    attend to; None where a sliding `window` hides it whole (its K,V still pass on)."""
+    half = local // 2
+    visible = None if window is None else cp.visible(local, device, window)
+    blocks = []
+    for step in range(cp.size):
+        source = (cp.rank - step) % cp.size
+        rows, keys, causal = _block(cp.rank, source, half)
+        if visible is None:
+            blocks.append(_RingBlock(rows, keys, causal))
+            continue
+        seen = visible[rows, source * local:(source + 1) * local][:, keys]
+        if not seen.any():
+            blocks.append(None)
+        elif seen.all():
+            blocks.append(_RingBlock(rows, keys, False))
+        else:
+            blind = ~seen.any(-1)
+            blocks.append(_RingBlock(rows, keys, False, torch.zeros(seen.shape, dtype=dtype, device=device)
+                                     .masked_fill(~seen, float("-inf")), blind if blind.any() else None))
+    return blocks
+
+
 class _FlashRing(torch.autograd.Function):
     """The ring with CPU flash attention's kernel: each block's output and log-sum-exp
     merged in fp32 (Liu et al. 2023; torch's _templated_ring_attention), the next block's
-    pass under way while the kernel runs on this one. Backward passes the K,V round the
-    ring again, each block's gradients from the kernel's backward under the merged output
-    and log-sum-exp, the K,V gradients accumulated in fp32 as they travel with their block
-    and sent home after the last, each pass beside the next block's kernel (torch's
-    _templated_ring_attention_backward). The KV heads are repeated to the query heads for
-    the kernel, as SDPA's enable_gqa does, and their gradients summed back."""
+    pass under way while the kernel runs on this one; under a sliding window the blocks
+    it hides whole skipped, the others' hidden keys masked (_ring_blocks). Each head's sink
+    logit joins the merged log-sum-exp last, the output rescaled by the share its keys keep
+    (model._SinkAttention's rule). Backward passes the K,V round the ring again, each
+    block's gradients from the kernel's backward under the merged output and log-sum-exp
+    (the sink a key with no value), the K,V gradients accumulated in fp32 as they travel
+    with their block and sent home after the last, each pass beside the next block's
+    kernel (torch's _templated_ring_attention_backward); the sink's gradient -p_sink <dO, O>
+    over this rank's rows. The KV heads are repeated to the query heads for the kernel, as
+    SDPA's enable_gqa does, and their gradients summed back."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cp: ContextParallel):
+    def forward(ctx, q, k, v, sinks, cp: ContextParallel, window: int | None):
         group = q.shape[2] // k.shape[2]
+        blocks = _ring_blocks(cp, q.shape[1], q.device, q.dtype, window)
         with torch.autocast(q.device.type, enabled=False):
             rows_q = q.transpose(1, 2).contiguous()  # [batch, heads, seq, dim]
             kv = torch.stack((k, v)).transpose(2, 3).contiguous()  # [2, batch, kv heads, seq, dim]
-            half = q.shape[1] // 2
             out = rows_q.new_zeros(*rows_q.shape[:-1], v.shape[-1], dtype=torch.float32)
             lse = rows_q.new_full(rows_q.shape[:-1], float("-inf"), dtype=torch.float32)
             block = kv
-            for step in range(cp.size):
+            for step, b in enumerate(blocks):
                 pending = _start_pass(block, cp.group, 1, cp.comm) if step < cp.size - 1 else None
-                rows, keys, causal = _block(cp.rank, (cp.rank - step) % cp.size, half)
-                keys_b, values_b = (t[:, :, keys].repeat_interleave(group, dim=1) for t in block)
-                part, part_lse = cpu_flash(rows_q[:, :, rows], keys_b, values_b, 0.0, causal)
-                merged = torch.logaddexp(lse[:, :, rows], part_lse)
-                out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - merged)[..., None]
-                                   + part.float() * torch.exp(part_lse - merged)[..., None])
-                lse[:, :, rows] = merged
+                if b is not None:
+                    keys_b, values_b = (t[:, :, b.keys].repeat_interleave(group, dim=1) for t in block)
+                    part, part_lse = cpu_flash(rows_q[:, :, b.rows], keys_b, values_b, 0.0, b.causal,
+                                               attn_mask=b.mask)
+                    if b.blind is not None:
+                        part_lse = part_lse.masked_fill(b.blind, float("-inf"))
+                    merged = torch.logaddexp(lse[:, :, b.rows], part_lse)
+                    out[:, :, b.rows] = (out[:, :, b.rows] * torch.exp(lse[:, :, b.rows] - merged)[..., None]
+                                         + part.float() * torch.exp(part_lse - merged)[..., None])
+                    lse[:, :, b.rows] = merged
                 if pending is not None:
                     block = _finish(pending)
+            if sinks is not None:
+                total = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+                out, lse = out * torch.exp(lse - total)[..., None], total
             out = out.to(q.dtype)
-        ctx.cp, ctx.group = cp, group
-        ctx.save_for_backward(rows_q, kv, out, lse)
+        ctx.cp, ctx.group, ctx.window = cp, group, window
+        ctx.save_for_backward(rows_q, kv, out, lse, sinks)
         return out.transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
         cp, group = ctx.cp, ctx.group
-        rows_q, kv, out, lse = ctx.saved_tensors
+        rows_q, kv, out, lse, sinks = ctx.saved_tensors
+        blocks = _ring_blocks(cp, rows_q.shape[2], rows_q.device, rows_q.dtype, ctx.window)
         with torch.autocast(rows_q.device.type, enabled=False):
             grad = grad.transpose(1, 2).to(rows_q.dtype).contiguous()
-            half = rows_q.shape[2] // 2
             dq = torch.zeros_like(rows_q, dtype=torch.float32)
             block, gradients = kv, None  # gradients: the K,V gradients of the block before, on their way
-            for step in range(cp.size):
+            for step, b in enumerate(blocks):
                 pending = _start_pass(block, cp.group, 1, cp.comm) if step < cp.size - 1 else None
-                rows, keys, causal = _block(cp.rank, (cp.rank - step) % cp.size, half)
-                keys_b, values_b = (t[:, :, keys].repeat_interleave(group, dim=1) for t in block)
-                dq_b, dk_b, dv_b = cpu_flash_backward(grad[:, :, rows], rows_q[:, :, rows], keys_b, values_b,
-                                                   out[:, :, rows], lse[:, :, rows], 0.0, causal)
-                dq[:, :, rows] += dq_b.float()
                 dkv = torch.zeros_like(block, dtype=torch.float32) if gradients is None else _finish(gradients)
-                for i, part in enumerate((dk_b, dv_b)):
-                    dkv[i][:, :, keys] += part.float().unflatten(1, (-1, group)).sum(2)
+                if b is not None:
+                    keys_b, values_b = (t[:, :, b.keys].repeat_interleave(group, dim=1) for t in block)
+                    dq_b, dk_b, dv_b = cpu_flash_backward(grad[:, :, b.rows], rows_q[:, :, b.rows], keys_b,
+                                                       values_b, out[:, :, b.rows], lse[:, :, b.rows], 0.0,
+                                                       b.causal, attn_mask=b.mask)
+                    dq[:, :, b.rows] += dq_b.float()
+                    for i, part in enumerate((dk_b, dv_b)):
+                        dkv[i][:, :, b.keys] += part.float().unflatten(1, (-1, group)).sum(2)
                 gradients = _start_pass(dkv, cp.group, 1, cp.comm)
                 if pending is not None:
                     block = _finish(pending)
             dk, dv = _finish(gradients).to(rows_q.dtype).transpose(2, 3)
-        return dq.to(rows_q.dtype).transpose(1, 2), dk, dv, None
+            dsinks = None
+            if sinks is not None:
+                share = torch.exp(sinks.float().view(1, -1, 1) - lse)  # the sink's probability per row
+                dsinks = -(share * (grad.float() * out.float()).sum(-1)).sum((0, 2)).to(sinks.dtype)
+        return dq.to(rows_q.dtype).transpose(1, 2), dk, dv, dsinks, None, None

@@ -88,7 +88,7 @@ class CausalCore(nn.Module):
 
     def forward(self, q, k, v, sinks=None):  # [batch, seq, heads, head_dim]; sinks [heads]
         if self.cp is not None:
-            return self.cp.attend(q, k, v, self.masked, self.kernel, self.window, sinks)
+            return self.cp.attend(q, k, v, self.masked, self.kernel, self.window, sinks, self.softcap)
         offset = k.shape[1] - q.shape[1]
         windowed = self.window is not None and k.shape[1] > self.window
         causal = not windowed and offset == 0

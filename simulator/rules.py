@@ -302,13 +302,6 @@ _EXECUTOR_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among 
                     "attention sinks", "a clamped SwiGLU", "latent attention (MLA)", "soft-capping")
 
 
-def _ring_lacks(m: ModelSpec) -> list[str]:
-    """What of the model the executor's CP ring (executor/context_parallel.py) does not take."""
-    return [name for name, present in (("a sliding window", m.sliding_window is not None),
-                                       ("attention sinks", m.attn_sinks),
-                                       ("soft-capping", m.attn_softcap is not None)) if present]
-
-
 def _executor_model(builds: tuple[str, ...]) -> Rule:
     return _features_rule("model", "the executor's decoder", builds,
                           "run a model without these (README, meshplan run); plan and simulate take this one")
@@ -383,10 +376,6 @@ EXECUTOR_TRAINING = (
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
-    _rule("plan.cp_comm", "cp cp_comm",
-          lambda x, m, c: (x.cp == 1) | ~np.isin(x.cp_comm, ("p2p", "alltoall")) | (not _ring_lacks(m)),
-          lambda x, m, c: "the executor's ring attends to each block whole or under the causal mask and merges "
-          f"them without {' or '.join(_ring_lacks(m))}", "use cp_comm a2a or allgather"),
     _rule("plan.global_batch", "pp schedule global_batch micro_batch dp",
           lambda x, m, c: (x.pp == 1) | np.logical_not(np.isin(x.schedule, ("1f1b", "zb-h1"))) | (_microbatches(x) >= x.pp),
           lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",

@@ -53,13 +53,15 @@ def test_soft_capped_scores_are_capped_before_the_mask():
     scores = (torch.tanh(scores / cap) * cap).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
     expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
     torch.testing.assert_close(CausalCore(None, "naive", softcap=cap)(q, k, v), expected)
-    # under CP the executor caps them in the gather's and Ulysses' cores, not in the ring's merges
+    # under CP the executor caps them in every exchange's core (the unfused ring's blocks:
+    # tests/test_ring_attention.py), and only there: a fused kernel takes no cap
     gemma = ModelSpec("tiny-gemma", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
-                      vocab_size=64, max_seq_len=64, attn_softcap=cap)
-    refused = {comm: [f for f, *_ in rules.violations(rules.EXECUTOR_TRAINING, Plan(
-        global_batch=4, seq_len=32, cp=2, cp_comm=comm, attention="naive").fields(), gemma, Cluster(2, 2))]
-        for comm in ("a2a", "allgather", "p2p", "alltoall")}
-    assert refused == {"a2a": [], "allgather": [], "p2p": ["plan.cp_comm"], "alltoall": ["plan.cp_comm"]}
+                      vocab_size=64, max_seq_len=64, attn_softcap=cap, sliding_window=8, local_layers=(0,))
+    refused = {(comm, kernel): [f for f, *_ in rules.violations(rules.EXECUTOR_TRAINING, Plan(
+        global_batch=4, seq_len=32, cp=2, cp_comm=comm, attention=kernel).fields(), gemma, Cluster(2, 2))]
+        for comm in ("a2a", "allgather", "p2p", "alltoall") for kernel in ("naive", "flash")}
+    assert refused == {(comm, kernel): [] if kernel == "naive" else ["plan.attention"]
+                       for comm, kernel in refused}
 
 
 @pytest.mark.parametrize("seq, keys, window", [(12, 12, None), (12, 12, 8), (12, 17, 6), (1, 17, None)])
