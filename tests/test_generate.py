@@ -151,15 +151,15 @@ def test_windowed_cached_logits_equal_full_forward_and_cache_holds_the_window():
     assert kv_tokens_per_sequence(WINDOWED, WIN_PROMPT, WIN_PROMPT + WIN_GEN + 1) == 2 * 57 + 2 * 32
 
 
-def test_executor_serves_and_trains_sliding_windows_but_not_in_the_ring():
+def test_executor_serves_and_trains_sliding_windows():
     plan = InferencePlan(batch=2, prompt_len=WIN_PROMPT, gen_len=WIN_GEN, tp=2)
     assert not rules.violations(rules.EXECUTOR_SERVING, plan, WINDOWED, Cluster(2, 2))
     train = Plan(dp=1, tp=2, micro_batch=1, global_batch=1, seq_len=64)
     assert not rules.violations(rules.EXECUTOR_TRAINING, train.fields(), WINDOWED, Cluster(2, 2))
-    for comm, refused in (("p2p", ["plan.cp_comm"]), ("alltoall", ["plan.cp_comm"]), ("allgather", []), ("a2a", [])):
+    # under every CP exchange, the ring's blocks too (tests/test_ring_attention.py)
+    for comm in ("p2p", "alltoall", "allgather", "a2a"):
         ring = Plan(cp=2, cp_comm=comm, micro_batch=1, global_batch=1, seq_len=64)
-        assert [f for f, _, _ in rules.violations(rules.EXECUTOR_TRAINING, ring.fields(), WINDOWED,
-                                                  Cluster(2, 2))] == refused, comm
+        assert not rules.violations(rules.EXECUTOR_TRAINING, ring.fields(), WINDOWED, Cluster(2, 2)), comm
 
 
 def _plan(**fields) -> InferencePlan:
