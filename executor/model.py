@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meshplan.executor.context_parallel import (ContextParallel, cpu_flash, cpu_flash_backward, heads_from_sequence,
@@ -394,23 +394,34 @@ class Block(nn.Module):
         # recompute norm_act: the two norms' outputs freed once their consumers have run
         # and rebuilt in backward (rebuild.Rebuilt; parallelize.apply_recompute sets it)
         self.rebuild_norms = False
+        # under sequence parallelism, whether the attention and the MLP gather the norms'
+        # sequence shards before their column-parallel linears (parallelize.apply_tp; routed
+        # experts take the shards)
+        self.sp_gathers = (False, False)
 
     def forward(self, x, cache: LayerCache | None = None):
-        attended = self._normed(self.attention_norm, x, lambda normed: self.attention(normed, cache=cache))
+        attended = self._normed(self.attention_norm, x, lambda normed: self.attention(normed, cache=cache),
+                                self.sp_gathers[0])
         if self.attention_out_norm is not None:
             attended = self.attention_out_norm(attended)
         h = x + attended
         # GPT-NeoX's parallel residual: the MLP reads the layer input, not the attention's sum
-        out = self._normed(self.ffn_norm, x if self.parallel_residual else h, self.feed_forward)
+        out = self._normed(self.ffn_norm, x if self.parallel_residual else h, self.feed_forward,
+                           self.sp_gathers[1])
         if self.mlp_out_norm is not None:
             out = self.mlp_out_norm(out)
         return h + out
 
-    def _normed(self, norm: nn.Module, x, consumer):
-        """consumer(norm(x)), the normed input rebuilt in backward under rebuild_norms."""
+    def _normed(self, norm: nn.Module, x, consumer, gathers: bool = False):
+        """consumer(norm(x)), the normed input rebuilt in backward under rebuild_norms. Where
+        the consumer `gathers` the sequence shards (SP), the gather is rebuilt with the
+        norm, so that its linears keep no gathered copy: the norm's input alone stays, the
+        norm and the all-gather run again in backward (Megatron-LM's column-parallel
+        linears under SP keep the shard and gather it again in backward)."""
         if not self.rebuild_norms:
             return consumer(norm(x))
-        normed = Rebuilt(norm, x, params=tuple(norm.parameters()))
+        fn = (lambda t: norm(t).redistribute(placements=[Replicate()])) if gathers else norm
+        normed = Rebuilt(fn, x, params=tuple(norm.parameters()))
         out = consumer(normed.output)
         normed.discard(out)
         return out

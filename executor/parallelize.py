@@ -111,6 +111,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
         if sequence_parallel:
             layer_plan["attention_norm"] = SequenceParallel()
             layer_plan["ffn_norm"] = SequenceParallel()
+            layer.sp_gathers = (True, moe is None)
             # the sandwich norms hand their output to the residual add, a local tensor
             layer_plan.update({name: SequenceParallel(use_local_output=True) for name in (
                 "attention_out_norm", "mlp_out_norm") if getattr(layer, name) is not None})

@@ -581,6 +581,13 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     # per-op selective AC saves reduce-scatter outputs, so it redoes SP's all-gathers (half
     # the layer's TP communication) or, without SP, the all-reduces
     tp_redo = full + op * np.where(sp, 0.5, 1.0)
+    # norm_act under SP rebuilds the norms' gathered outputs: their all-gathers (half the
+    # layer's TP communication) run again in backward beside the input-gradient GEMMs, as
+    # Megatron-LM's column-parallel linears gather their input again under SP, overlapped
+    # with that GEMM (LinearWithGradAccumulationAndAsyncCommunication); exposed where
+    # collectives overlap nothing (gloo: the executor's rebuild, model.Block._normed)
+    regather = tp_raw * 0.5 * ((recompute == NORM_ACT) & np.asarray(sp, dtype=bool))
+    rg_b, rg_cb = overlap_split(regather, lay.bwd_input_s, hw)
     fwd_compute, bwd_input = lay.fwd_s + split_f, lay.bwd_input_s + flash_redo + split_b
     ep_f, ep_b = ep_raw + counts, ep_raw + (ep_raw + counts) * full
     paired = np.asarray(a2a_overlap, dtype=bool) & (np.asarray(em.ep) > 1)
@@ -595,9 +602,9 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
                                              overlap_split(dispatch_b, routed_f, hw)))
     return LayerTimes(
         fwd_compute_s=fwd_compute, bwd_input_s=bwd_input,
-        bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * tp_redo,
-        cp_fwd_s=cp_f, cp_bwd_s=cp_b + cp_f * full, contention_fwd_s=tp_cf + cp_cf, contention_bwd_s=tp_cb + cp_cb,
-        tp_raw_s=tp_raw * (2 + tp_redo), cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b + cp_raw_f * full,
+        bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * tp_redo + rg_b,
+        cp_fwd_s=cp_f, cp_bwd_s=cp_b + cp_f * full, contention_fwd_s=tp_cf + cp_cf,
+        contention_bwd_s=tp_cb + cp_cb + rg_cb, tp_raw_s=tp_raw * (2 + tp_redo) + regather, cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b + cp_raw_f * full,
         ep_fwd_s=ep_f, ep_bwd_s=ep_b, ep_pair_fwd_s=pair_f, ep_pair_bwd_s=pair_b,
         contention_pair_fwd_s=pair_cf, contention_pair_bwd_s=pair_cb,
         host_gap_fwd_s=gap * np.ones_like(ep_f), host_gap_bwd_s=gap * full)

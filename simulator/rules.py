@@ -386,11 +386,6 @@ EXECUTOR_TRAINING = (
     _rule("plan.recompute", "recompute cp", lambda x, m, c: (x.recompute != "op") | (x.cp == 1),
           lambda x, m, c: "the executor's per-op recompute keeps the attention kernel's output, which CP's "
           "exchange wraps", "use recompute full or selective under CP, or cp 1"),
-    _rule("plan.recompute", "recompute tp sp", lambda x, m, c: (x.recompute != "norm_act") | (x.tp == 1)
-          | np.logical_not(x.sp),
-          lambda x, m, c: "under sequence parallelism the executor's column-parallel linears keep the gathered "
-          "input, not the norm's sequence shard that module recompute frees (Megatron-LM's keep the shard and "
-          "gather it again in backward)", "use recompute norm_act without sp, or selective, full or op"),
     _rule("plan.moe_a2a_overlap", "moe_a2a_overlap", lambda x, m, c: np.logical_not(x.moe_a2a_overlap),
           lambda x, m, c: "the executor runs each micro-batch's forward and backward one after the other, "
           "so no all-to-all overlaps another micro-batch's compute", "drop moe_a2a_overlap"),

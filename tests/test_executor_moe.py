@@ -209,7 +209,6 @@ def test_parameter_count_matches_model_spec():
     (dict(dp=2, tp=2, etp=2), "plan.etp"),  # without SP the TP ranks' tokens are the same
     (dict(dp=2, ep=2, dtype="bf16", master_weights=False), "plan.master_weights"),
     (dict(cp=2, cp_comm="a2a", ep=2, recompute="op"), "plan.recompute"),  # CP's exchange wraps the kernel
-    (dict(dp=2, tp=2, sp=True, etp=1, recompute="norm_act"), "plan.recompute"),  # TP keeps the gathered input
 ])
 def test_executor_refuses_what_it_does_not_run(fields, field):
     p = plan(**fields)
@@ -254,6 +253,8 @@ WORLD_2 = [("ep2", MOE, plan(dp=2, ep=2)),
                                                                  virtual_stages=2)),
            ("tp2-sp-ep1", MOE, plan(tp=2, sp=True, etp=1)),
            ("tp2-sp-ep2", MOE_GELU, plan(tp=2, sp=True, etp=1, ep=2)),
+           # the attention norm's gather rebuilt with it; the routed experts take the shards
+           ("tp2-sp-ep2-norm-act", MOE, plan(tp=2, sp=True, etp=1, ep=2, recompute="norm_act")),
            # expert TP: each expert's width split over the TP ranks, which route their own rows;
            # gpt-oss's up-projection biases split with the width, the down projection's added
            # after the sum on each rank's rows, its gradient summed over the two

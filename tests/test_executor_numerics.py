@@ -98,6 +98,8 @@ WORLD_2 = [
     # Megatron-LM's module recompute: the norms' outputs freed and rebuilt in backward
     ("recompute-norm-act", LLAMA, plan(dp=2, recompute="norm_act")),
     ("tp-recompute-norm-act", LLAMA, plan(tp=2, recompute="norm_act")),
+    # ... under SP the norms' gathers rebuilt with them, the sequence shards gathered again
+    ("tp-sp-recompute-norm-act", LLAMA, plan(tp=2, sp=True, recompute="norm_act")),
     ("gpt-tied-tp-sp", GPT, plan(tp=2, sp=True, micro_batch=4)),
     # the head a copy of the embedding on the other rank, their gradients summed over the pair
     ("gpt-tied-pp-1f1b", GPT, plan(pp=2, schedule="1f1b")),
@@ -287,6 +289,13 @@ def test_memory_accounts_local_shards(world_2):
     assert max(zero1) < 0.7 * ddp["optimizer_bytes"]
     # bf16 moments: two bytes each, the step counts as before
     assert runs["ddp-bf16-moments"][1].memory_by_rank[0]["optimizer_bytes"] == full_bytes + 4 * num_tensors
+    # recompute norm_act under SP rebuilds the norms' gathers: the attention's and the MLP's
+    # linears keep no gathered input (micro-batch 2 x 32 tokens, fp32), and the norms keep no
+    # normed shard, so each layer keeps at least two whole inputs fewer (rebuilding the norm
+    # alone frees its shards only)
+    kept = {name: runs[name][1].memory_by_rank[0]["activations_bytes"] for name in ("tp-sp", "tp-sp-recompute-norm-act")}
+    gathered = 2 * 32 * LLAMA.hidden_size * 4
+    assert kept["tp-sp"] - kept["tp-sp-recompute-norm-act"] >= LLAMA.num_layers * 2 * gathered
 
 
 def _free_port() -> int:

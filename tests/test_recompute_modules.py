@@ -20,7 +20,7 @@ from meshplan.hw_profiles.profile import load_profile
 from meshplan.planner.exports import check, export, train_job
 from meshplan.planner.exports.checkpoint import checkpoint_of
 from meshplan.planner.space import candidate_table
-from meshplan.simulator.cost import op_times
+from meshplan.simulator.cost import op_times, tp_comm_s
 from meshplan.simulator.memory import layer_activation_bytes
 from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
 from meshplan.simulator.ops import Shard, layer_ops
@@ -75,7 +75,8 @@ def test_megatron_exports_it_and_the_others_refuse_it():
         with pytest.raises(PlanError) as err:
             check(target, MIXTRAL, plan)
         assert "recompute" in str(err.value)
-    assert any(field == "plan.recompute" for field, *_ in violations(EXECUTOR_TRAINING, plan.fields(), MIXTRAL))
+    # meshplan run takes it under SP too (the gather rebuilt with the norm: model.Block._normed)
+    assert not any(field == "plan.recompute" for field, *_ in violations(EXECUTOR_TRAINING, plan.fields(), MIXTRAL))
     dense = Plan(global_batch=64, seq_len=4096, dp=8, tp=8, sp=True, zero=1, recompute="norm_act")
     llama = ZOO["llama-3-70b"]
     job = train_job(llama, simulate(llama, dense, Cluster(64, 8), H100), H100, checkpoint_of("llama-3-70b", llama))
@@ -157,3 +158,27 @@ def test_norm_act_gives_the_same_gradients_and_frees_the_norms_and_the_expert_ac
         for name, grad in plain.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
         assert plain_peak - peak == freed
+
+
+def test_under_sp_it_gathers_the_norms_outputs_again_in_backward():
+    """norm_act under SP rebuilds the norms' gathered outputs: their all-gathers, half of a
+    dense layer's TP communication in one direction, run again in backward. On gloo
+    (nothing overlaps) the step's TP communication grows by that; on a GPU the all-gathers hide behind the input-gradient GEMMs, slowing them by the
+    profile's contention, and the exposed TP communication stays; without SP nothing is
+    gathered."""
+    llama = ZOO["llama-2-7b"]
+    gloo = replace(H100, extra={**H100.extra, "measurement": {"collective_backend": "gloo"}})
+    base = Plan(global_batch=8, seq_len=4096, tp=8, sp=True, zero=1, micro_batch=1)
+    rebuilt = Plan(**{**base.to_dict(), "recompute": "norm_act"})
+    cluster = Cluster(8, 8)
+    none, modules = (simulate(llama, p, cluster, gloo) for p in (base, rebuilt))
+    # half a layer's TP communication of one direction (its two all-gathers), per layer and
+    # micro-batch (8 of 4096 tokens in bf16, tp 8 on one node)
+    layer_s = float(tp_comm_s(llama, 4096, True, 2, gloo, 8, 8))
+    added = modules.breakdown_s["tp_comm"] - none.breakdown_s["tp_comm"]
+    assert added == pytest.approx(8 * llama.num_layers * layer_s / 2, rel=1e-9)
+    none, modules = (simulate(llama, p, cluster, H100) for p in (base, rebuilt))
+    assert modules.breakdown_s["tp_comm"] == pytest.approx(none.breakdown_s["tp_comm"], rel=1e-9)
+    assert modules.breakdown_s["contention"] > none.breakdown_s["contention"]
+    no_sp = [simulate(llama, Plan(**{**p.to_dict(), "sp": False}), cluster, gloo) for p in (base, rebuilt)]
+    assert no_sp[1].breakdown_s["tp_comm"] == pytest.approx(no_sp[0].breakdown_s["tp_comm"], rel=1e-9)
