@@ -45,13 +45,14 @@ from meshplan.calibration.measure.run import launch_rows
 from meshplan.executor.generate import greedy
 from meshplan.executor.loss import fused_cross_entropy
 from meshplan.executor.model import build_model
+from meshplan.executor.parallelize import apply_recompute
 from meshplan.hw_profiles.profile import FrameworkOverhead, HardwareProfile
 from meshplan.simulator.cost import cp_comm_s, ep_comm_s, ep_counts_s, tp_comm_s, tp_edge_comm_s
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.serve import (InferencePlan, decode_edge_weight_bytes, decode_layer_weight_bytes,
                                       simulate_inference)
-from meshplan.simulator.train import plans_rows
+from meshplan.simulator.train import plans_rows, simulate
 
 PROBE_TOKENS = 8
 # the split backward's larger token count (its activation bytes span the executor's small models')
@@ -245,6 +246,54 @@ def measure_split_backward(hw: HardwareProfile, repeats: int = 40, warmup: int =
     return max(0.0, added[0] - per_byte * sizes[0]), per_byte
 
 
+RECOMPUTE_MODES = ("selective", "full", "op", "norm_act")
+
+
+def _recompute_step(num_layers: int, mode: str | None):
+    """The probe model's forward and backward under recompute `mode` (None: none)."""
+    model = build_model(probe_model(num_layers), seed=0)
+    if mode is not None:
+        apply_recompute(model, mode)
+    tokens = torch.randint(0, 128, (1, PROBE_TOKENS + 1), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        fused_cross_entropy(model(x), y).backward()
+    return step
+
+
+def _priced_added_s(hw: HardwareProfile, mode: str) -> float:
+    """What `hw` prices recompute `mode` to add to the probe model's step, per layer (its
+    1- and 3-layer steps' difference), with the profile's recompute overhead left out."""
+    bare = replace(hw, overhead=replace(hw.overhead, **{f"{m}_recompute_layer_s": 0.0 for m in RECOMPUTE_MODES}))
+    added = []
+    for n in LAYERS:
+        none, redone = (simulate(probe_model(n), Plan(global_batch=1, seq_len=PROBE_TOKENS, micro_batch=1,
+                                                       dtype="fp32", mlp_kernel="eager", elementwise="eager",
+                                                       recompute=r), Cluster(1, 1), bare).step_time_s
+                        for r in ("none", mode))
+        added.append(redone - none)
+    return (added[1] - added[0]) / (LAYERS[1] - LAYERS[0])
+
+
+def measure_recompute_overhead(hw: HardwareProfile, repeats: int = 40, warmup: int = 5) -> dict[str, float]:
+    """FrameworkOverhead's {mode}_recompute_layer_s of this machine's executor, one thread:
+    per recompute mode, what it adds to a layer over recompute none (the 1- and 3-layer
+    probe's difference, each mode timed back to back with none, _median_added_s) beyond what
+    `hw` prices it to add, the work it redoes. Four runs here (2026-12-06), per layer:
+    selective 0.29-0.36 ms, norm_act 0.34-0.41, full 0.60-0.74 (beyond the forward's own
+    host work, which the redone forward is priced with), op 2.6-2.7 (its recompute
+    dispatches every operator again, the policy deciding each in both passes)."""
+    out = {}
+    with torch_threads(1):
+        for mode in RECOMPUTE_MODES:
+            one, three = (_median_added_s(_recompute_step(n, None), _recompute_step(n, mode), repeats, warmup)
+                          for n in LAYERS)
+            measured = (three - one) / (LAYERS[1] - LAYERS[0])
+            out[f"{mode}_recompute_layer_s"] = max(0.0, measured - _priced_added_s(hw, mode))
+    return out
+
+
 def measure_decode_overhead(hw: HardwareProfile, repeats: int = 40,
                             warmup: int = 5) -> tuple[float, float, float]:
     """(decode_layer_s, decode_layer_per_byte_s, decode_edge_s) of this machine's executor,
@@ -346,6 +395,7 @@ def measure_overhead(hw: HardwareProfile, repeats: int = 40, warmup: int = 5) ->
     # means over heavy-tailed collectives inside: more calls than the medians of one process
     return replace(host, split_backward_layer_s=split_layer_s,
                    split_backward_per_activation_byte_s=per_activation_byte_s,
+                   **measure_recompute_overhead(hw, repeats, warmup),
                    **parallel_overhead(_two_rank_rows(TWO_RANK_REPEATS * repeats, warmup), hw),
                    source=f"{host.source}; TP, SP, FSDP and EP on 2 ranks (measure/parallel_overhead.py), "
                           f"mean of {TWO_RANK_REPEATS * repeats}, "

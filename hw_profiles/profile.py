@@ -90,6 +90,15 @@ class FrameworkOverhead:
     moe_backward_s: float = 0.0           # (router, top-k, permutation, grouped GEMM calls)
     ep_forward_s: float = 0.0             # what expert parallelism adds to an MoE block (the
     ep_backward_s: float = 0.0            # exchange's bookkeeping), its all-to-alls not included
+    # what each recompute mode adds to a layer's micro-batch beyond the work the cost model
+    # says it redoes: torch.utils.checkpoint's saved-tensor hooks and bookkeeping, the
+    # per-op policy's call on every operator of the forward and of the recompute (which
+    # dispatches every operator again, keeping what it cached), the rebuilt norms' second
+    # run through autograd.grad (calibration/overhead.py measure_recompute_overhead)
+    selective_recompute_layer_s: float = 0.0
+    full_recompute_layer_s: float = 0.0
+    op_recompute_layer_s: float = 0.0
+    norm_act_recompute_layer_s: float = 0.0
     cp_a2a_forward_s: float = 0.0         # what Ulysses' context parallelism adds to a layer (the
     cp_a2a_backward_s: float = 0.0        # head/sequence reshapes and the exchange's host work),
                                           # its all-to-alls not included

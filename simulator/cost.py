@@ -576,8 +576,13 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     full, op = recompute == FULL, recompute == OP
     # selective redoes the attention core, a fused kernel's forward too: Megatron-Core
     # checkpoints core attention whatever its backend (attention.py, checkpoint_core_attention)
+    ov = hw.overhead
     redo = (lay.core_s * (recompute == SELECTIVE) + (lay.fwd_s + tp_cf + cp_cf + split_f) * full
-            + lay.sac_redo_s * op + lay.module_redo_s * (recompute == NORM_ACT))
+            + lay.sac_redo_s * op + lay.module_redo_s * (recompute == NORM_ACT)
+            # the checkpoint's own host work (FrameworkOverhead.*_recompute_layer_s; zero on a GPU)
+            + np.select([recompute == SELECTIVE, full, op, recompute == NORM_ACT],
+                        [ov.selective_recompute_layer_s, ov.full_recompute_layer_s, ov.op_recompute_layer_s,
+                         ov.norm_act_recompute_layer_s], 0.0))
     # per-op selective AC saves reduce-scatter outputs, so it redoes SP's all-gathers (half
     # the layer's TP communication) or, without SP, the all-reduces
     tp_redo = full + op * np.where(sp, 0.5, 1.0)

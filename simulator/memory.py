@@ -72,10 +72,14 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
     if recompute == "op":
         # the layer input, the saved matmul outputs (ops.op_sac), the attention output and
         # its fp32 log-sum-exp, SP's two reduce-scatter outputs, the routed rows the
-        # dispatch and combine all-to-alls return
+        # dispatch and combine all-to-alls return, and Ulysses' (cp_comm a2a): Q, K, V in
+        # head shards and the core's output back in sequence shards, as large as before
         saved = op_sac(model, shard, list(ops))[1]
         rows = shard.expert_tokens * model.experts_per_token * shard.capacity
-        return (d * (ntok * h + saved + tok * heads * model.value_head_dim)
+        kv = heads if shard.kv_repeat else kv_heads
+        ulysses = ((heads + kv) * hd + (kv + heads) * model.value_head_dim
+                   if shard.cp > 1 and shard.cp_comm == "a2a" else 0)
+        return (d * (ntok * h + saved + tok * heads * model.value_head_dim + tok * ulysses)
                 + 4 * shard.micro_batch * heads * shard.local_seq
                 + (2 * d * ntok * h if shard.sp else 0.0) + (2 * d * rows * h if kind.moe and shard.ep > 1 else 0.0))
     mask = 1 if model.dropout else 0

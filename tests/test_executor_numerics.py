@@ -108,6 +108,8 @@ WORLD_2 = [
     # context parallelism, Ulysses' all-to-all: RoPE and learned positions offset per shard
     ("cp-a2a", LLAMA, plan(cp=2, cp_comm="a2a")),
     ("gpt-cp-a2a-selective", GPT, plan(cp=2, cp_comm="a2a", recompute="selective", micro_batch=4)),
+    # the per-op policy keeping Ulysses' all-to-alls' outputs
+    ("cp-a2a-recompute-op", LLAMA, plan(cp=2, cp_comm="a2a", recompute="op")),
     # the ring (CPU flash attention's blocks) and the gather, on the load-balanced chunks; the
     # selective checkpoint redoes the gather in backward
     ("cp-p2p", LLAMA, plan(cp=2)),

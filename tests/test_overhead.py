@@ -24,7 +24,7 @@ OVERHEAD = FrameworkOverhead(layer_forward_s=1e-3, layer_backward_s=2e-3, tp_lay
 
 def test_probe_measures_positive_overhead():
     from meshplan.calibration.overhead import (measure_decode_overhead, measure_host_overhead,
-                                               measure_split_backward)
+                                               measure_recompute_overhead, measure_split_backward)
     measured = measure_host_overhead(repeats=8, warmup=2)
     assert 0 < measured.layer_forward_s < 0.05 and 0 < measured.prefill_layer_s < 0.05
     layer_s, per_byte_s, edge_s = measure_decode_overhead(load_profile("local"), repeats=4, warmup=1)
@@ -35,6 +35,48 @@ def test_probe_measures_positive_overhead():
     # 0.59 ms a MB of its activations here, 2026-12-05)
     split_layer_s, per_byte_s = measure_split_backward(load_profile("local"), repeats=8, warmup=2)
     assert 0 < split_layer_s < 0.05 and 0 <= per_byte_s < 1e-7
+    # the checkpoint's own host work: the per-op policy decides every operator of the
+    # forward and of the recompute, which dispatches them all again (2.4 ms a layer here,
+    # 2026-12-06, against selective's 0.3)
+    recompute = measure_recompute_overhead(load_profile("local"), repeats=8, warmup=2)
+    assert all(0 <= v < 0.05 for v in recompute.values())
+    assert recompute["op_recompute_layer_s"] > recompute["selective_recompute_layer_s"]
+
+
+def test_recompute_overhead_is_recovered_from_steps_priced_with_it(monkeypatch):
+    """Steps timed as the cost model prices them with a known host time per recompute mode
+    give that time back: the added time over recompute none, per layer (1- and 3-layer
+    probes), less what the profile without it prices the mode to add."""
+    from meshplan.calibration import overhead
+    from meshplan.simulator.plan import Plan
+    from meshplan.simulator.train import simulate
+
+    hw = load_profile("local")
+    truth = {f"{m}_recompute_layer_s": t for m, t in zip(overhead.RECOMPUTE_MODES, (1e-4, 7e-4, 3e-3, 4e-4))}
+    known = replace(hw, overhead=replace(hw.overhead, **truth))
+
+    def step_s(layers: int, mode: str | None) -> float:
+        plan = Plan(global_batch=1, seq_len=overhead.PROBE_TOKENS, micro_batch=1, dtype="fp32", mlp_kernel="eager",
+                    elementwise="eager", recompute=mode or "none")
+        return simulate(overhead.probe_model(layers), plan, Cluster(1, 1), known).step_time_s
+    monkeypatch.setattr(overhead, "_recompute_step", lambda layers, mode: (layers, mode))
+    monkeypatch.setattr(overhead, "_median_added_s", lambda base, variant, repeats, warmup:
+                        step_s(*variant) - step_s(*base))
+    assert overhead.measure_recompute_overhead(hw) == pytest.approx(truth)
+
+
+def test_recompute_adds_its_host_work_per_layer():
+    """Each recompute mode's host time joins the step once per layer and micro-batch (one
+    rank: nothing overlaps it), in the breakdown's recompute."""
+    from meshplan.simulator.plan import Plan
+    from meshplan.simulator.train import simulate
+    model = replace(ZOO["llama-2-7b"], num_layers=4)
+    for mode in ("selective", "full", "op", "norm_act"):
+        plan = Plan(global_batch=4, seq_len=512, micro_batch=1, recompute=mode)
+        more = replace(A100, overhead=replace(A100.overhead, **{f"{mode}_recompute_layer_s": 2e-3}))
+        base, added = (simulate(model, plan, Cluster(1, 1), h) for h in (A100, more))
+        assert added.step_time_s - base.step_time_s == pytest.approx(4 * 4 * 2e-3)
+        assert added.breakdown_s["recompute"] - base.breakdown_s["recompute"] == pytest.approx(4 * 4 * 2e-3)
 
 
 def test_split_backward_host_time_goes_to_the_weight_passes():

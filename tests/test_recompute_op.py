@@ -51,6 +51,18 @@ def test_six_matmuls_redo_the_even_ones():
     assert layer_activation_bytes(plain, SHARD, "op") == 2 * 8 * (64 + kept + 32) + 4 * 2 * 8
 
 
+def test_ulysses_keeps_its_all_to_alls_outputs():
+    """Under cp 2 by Ulysses' all-to-all the policy also keeps the exchange's outputs: Q, K
+    and V in head shards before the kernel and its output back in sequence shards, each as
+    large as on this rank before it: at tp 2, 2 query heads, 1 key and 1 value head and the
+    output's 2, of 16, for the 4 tokens of the rank's half of 8, bf16; the ring's exchange
+    runs inside the kernel (the executor refuses it with per-op recompute)."""
+    gqa = replace(GATED, num_kv_heads=2)
+    ring, ulysses = (replace(SHARD, cp=2, cp_comm=comm) for comm in ("p2p", "a2a"))
+    assert layer_activation_bytes(gqa, ulysses, "op") - layer_activation_bytes(gqa, ring, "op") == (
+        2 * 4 * (2 + 1 + 1 + 2) * 16)
+
+
 def test_sequence_parallel_keeps_the_reduce_scatter_outputs():
     sp = replace(SHARD, sp=True)
     # the layer input and the two reduce-scatter outputs are SP-sharded: 4 tokens of 64
