@@ -4,12 +4,11 @@ no second copy of the gradients, and train as freed gradients would."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from meshplan.executor.parallelize import clear_gradients, gradient_sync
+from tests.gloo import spawn_gloo
 
 
 def _net() -> nn.Module:
@@ -33,25 +32,21 @@ def _train(model: nn.Module, params, clear, seen: list | None) -> list[torch.Ten
     return [p.detach().clone() for p in params]
 
 
-def _ddp(rank: int, path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=1)
-    try:
-        plain = _net()
-        want = _train(plain, list(plain.parameters()), lambda o: o.zero_grad(set_to_none=True), None)
-        for keep in (True, False):
-            model = DistributedDataParallel(_net(), gradient_as_bucket_view=True)
-            params = list(model.parameters())
-            seen: list = []
-            clear = (lambda o: clear_gradients(o, [model])) if keep else (lambda o: o.zero_grad(set_to_none=True))
-            got = _train(model, params, clear, seen)
-            assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
-            first, in_bucket = seen  # after the sync the gradients are views of the bucket
-            assert len(set(in_bucket)) == 1  # one bucket holds these few
-            # freed, the first micro-batch's gradients are new tensors beside the bucket
-            assert (first == in_bucket) == keep
-    finally:
-        dist.destroy_process_group()
+def _ddp(rank: int) -> None:
+    plain = _net()
+    want = _train(plain, list(plain.parameters()), lambda o: o.zero_grad(set_to_none=True), None)
+    for keep in (True, False):
+        model = DistributedDataParallel(_net(), gradient_as_bucket_view=True)
+        params = list(model.parameters())
+        seen: list = []
+        clear = (lambda o: clear_gradients(o, [model])) if keep else (lambda o: o.zero_grad(set_to_none=True))
+        got = _train(model, params, clear, seen)
+        assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
+        first, in_bucket = seen  # after the sync the gradients are views of the bucket
+        assert len(set(in_bucket)) == 1  # one bucket holds these few
+        # freed, the first micro-batch's gradients are new tensors beside the bucket
+        assert (first == in_bucket) == keep
 
 
 def test_ddp_gradients_accumulate_in_their_buckets_across_steps(tmp_path):
-    mp.spawn(_ddp, args=(str(tmp_path / "store"),), nprocs=1, join=True)
+    spawn_gloo(_ddp, 1, tmp_path)

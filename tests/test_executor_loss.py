@@ -5,8 +5,6 @@ by hand."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
@@ -14,6 +12,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from meshplan.executor.loss import fused_cross_entropy
 from meshplan.executor.measure import ActivationMeter
 from meshplan.executor.options import training_fields
+from tests.gloo import spawn_gloo
 
 VOCAB = 11  # two ranks hold 6 and 5 of it
 
@@ -66,26 +65,22 @@ def test_meter_sees_the_logits_and_probabilities_at_once():
     assert meter.peak_bytes == 2 * unit
 
 
-def _vocab_parallel(rank: int, path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
-        logits, targets = _batch()
-        want_loss, want_grad = _reference(logits, targets)
-        mesh = init_device_mesh("cpu", (2,))
-        sharded = distribute_tensor(logits, mesh, [Shard(2)]).requires_grad_()
-        loss = fused_cross_entropy(sharded, targets)
-        loss.backward()
-        assert torch.allclose(loss, want_loss, atol=1e-6)
-        shard = want_grad.tensor_split((6,), dim=-1)[rank]
-        assert sharded.grad.to_local().shape[-1] == (6, 5)[rank]
-        assert torch.allclose(sharded.grad.to_local(), shard, atol=1e-6)
-    finally:
-        dist.destroy_process_group()
+def _vocab_parallel(rank: int) -> None:
+    torch.set_num_threads(1)
+    logits, targets = _batch()
+    want_loss, want_grad = _reference(logits, targets)
+    mesh = init_device_mesh("cpu", (2,))
+    sharded = distribute_tensor(logits, mesh, [Shard(2)]).requires_grad_()
+    loss = fused_cross_entropy(sharded, targets)
+    loss.backward()
+    assert torch.allclose(loss, want_loss, atol=1e-6)
+    shard = want_grad.tensor_split((6,), dim=-1)[rank]
+    assert sharded.grad.to_local().shape[-1] == (6, 5)[rank]
+    assert torch.allclose(sharded.grad.to_local(), shard, atol=1e-6)
 
 
 def test_vocab_parallel_over_two_ranks_matches_one_process(tmp_path):
-    mp.spawn(_vocab_parallel, args=(str(tmp_path / "store"),), nprocs=2, join=True)
+    spawn_gloo(_vocab_parallel, 2, tmp_path)
 
 
 def test_a_compiled_loss_runs_eager_and_the_others_as_planned():

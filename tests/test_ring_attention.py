@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from meshplan.executor.context_parallel import ContextParallel
 from meshplan.executor.model import CausalCore
+from tests.gloo import spawn_gloo
 
 SEQ, HEADS, KV_HEADS, DIM = 32, 4, 2, 8
 # (kernel, window, sinks, softcap): a window of 6 leaves query rows blind to part of a
@@ -35,28 +36,24 @@ def _attend(core: CausalCore, q, k, v, sinks, seen):
     return out.detach(), torch.autograd.grad((out * seen).sum(), leaves)
 
 
-def _ring(rank: int, path: str, comm: str, size: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=size)
-    try:
-        cp = ContextParallel(dist.group.WORLD, comm)
-        q, k, v, sinks, seen = _inputs()
-        positions = cp.positions(SEQ // size, "cpu")
-        mine = []
-        for kernel, window, with_sinks, softcap in CASES:
-            core = CausalCore(window, kernel, softcap)
-            core.cp = cp
-            out, grads = _attend(core, *(cp.shard(t) for t in (q, k, v)), sinks if with_sinks else None,
-                                 cp.shard(seen))
-            mine.append((positions, out, grads))
-        results[rank] = mine
-    finally:
-        dist.destroy_process_group()
+def _ring(rank: int, comm: str, size: int, results) -> None:
+    cp = ContextParallel(dist.group.WORLD, comm)
+    q, k, v, sinks, seen = _inputs()
+    positions = cp.positions(SEQ // size, "cpu")
+    mine = []
+    for kernel, window, with_sinks, softcap in CASES:
+        core = CausalCore(window, kernel, softcap)
+        core.cp = cp
+        out, grads = _attend(core, *(cp.shard(t) for t in (q, k, v)), sinks if with_sinks else None,
+                             cp.shard(seen))
+        mine.append((positions, out, grads))
+    results[rank] = mine
 
 
 @pytest.mark.parametrize("comm, size", [("p2p", 4), ("alltoall", 2)])
 def test_ring_matches_one_process(tmp_path, comm, size):
     results = mp.Manager().dict()
-    mp.spawn(_ring, args=(str(tmp_path / "store"), comm, size, results), nprocs=size, join=True)
+    spawn_gloo(_ring, size, tmp_path, comm, size, results)
     q, k, v, sinks, seen = _inputs()
     for i, (kernel, window, with_sinks, softcap) in enumerate(CASES):
         # the reference: one process, the whole sequence, the unfused core (no CP)
