@@ -132,10 +132,9 @@ WORLD_2 = [
     ("mla-cp-p2p", MLA, plan(cp=2)),
     ("sinks-cp-allgather", SINKS, plan(cp=2, cp_comm="allgather")),
     ("sinks-cp-a2a", SINKS, plan(cp=2, cp_comm="a2a")),
-    # the ring's blocks under a sliding window, the sinks joining its merge, and the
-    # unfused ring's scores soft-capped
+    # the ring's blocks under a sliding window and the sinks joining its merge (the rings'
+    # soft-capping and the other cases: tests/test_ring_attention.py)
     ("sinks-window-cp-p2p", replace(SINKS, sliding_window=8, local_layers=(0,)), plan(cp=2)),
-    ("softcap-cp-p2p-naive", SOFTCAP, plan(cp=2, attention="naive")),
     ("gpt-cp-allgather-selective", GPT, plan(cp=2, cp_comm="allgather", recompute="selective", micro_batch=4)),
     # the unfused attention core on head shards, against the reference's fused kernel
     ("tp-sp-naive-attention", LLAMA, plan(tp=2, sp=True, attention="naive")),
