@@ -609,7 +609,8 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
         fwd_compute_s=fwd_compute, bwd_input_s=bwd_input,
         bwd_weight_s=lay.bwd_weight_s, recompute_s=redo, tp_fwd_s=tp_f, tp_bwd_s=tp_b + tp_f * tp_redo + rg_b,
         cp_fwd_s=cp_f, cp_bwd_s=cp_b + cp_f * full, contention_fwd_s=tp_cf + cp_cf,
-        contention_bwd_s=tp_cb + cp_cb + rg_cb, tp_raw_s=tp_raw * (2 + tp_redo) + regather, cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b + cp_raw_f * full,
+        contention_bwd_s=tp_cb + cp_cb + rg_cb, tp_raw_s=tp_raw * (2 + tp_redo) + regather,
+        cp_raw_fwd_s=cp_raw_f, cp_raw_bwd_s=cp_raw_b + cp_raw_f * full,
         ep_fwd_s=ep_f, ep_bwd_s=ep_b, ep_pair_fwd_s=pair_f, ep_pair_bwd_s=pair_b,
         contention_pair_fwd_s=pair_cf, contention_pair_bwd_s=pair_cb,
         host_gap_fwd_s=gap * np.ones_like(ep_f), host_gap_bwd_s=gap * full)

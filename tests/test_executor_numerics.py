@@ -294,7 +294,8 @@ def test_memory_accounts_local_shards(world_2):
     # linears keep no gathered input (micro-batch 2 x 32 tokens, fp32), and the norms keep no
     # normed shard, so each layer keeps at least two whole inputs fewer (rebuilding the norm
     # alone frees its shards only)
-    kept = {name: runs[name][1].memory_by_rank[0]["activations_bytes"] for name in ("tp-sp", "tp-sp-recompute-norm-act")}
+    kept = {name: runs[name][1].memory_by_rank[0]["activations_bytes"]
+            for name in ("tp-sp", "tp-sp-recompute-norm-act")}
     gathered = 2 * 32 * LLAMA.hidden_size * 4
     assert kept["tp-sp"] - kept["tp-sp-recompute-norm-act"] >= LLAMA.num_layers * 2 * gathered
 

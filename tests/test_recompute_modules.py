@@ -163,9 +163,9 @@ def test_norm_act_gives_the_same_gradients_and_frees_the_norms_and_the_expert_ac
 def test_under_sp_it_gathers_the_norms_outputs_again_in_backward():
     """norm_act under SP rebuilds the norms' gathered outputs: their all-gathers, half of a
     dense layer's TP communication in one direction, run again in backward. On gloo
-    (nothing overlaps) the step's TP communication grows by that; on a GPU the all-gathers hide behind the input-gradient GEMMs, slowing them by the
-    profile's contention, and the exposed TP communication stays; without SP nothing is
-    gathered."""
+    (nothing overlaps) the step's TP communication grows by that; on a GPU the all-gathers
+    hide behind the input-gradient GEMMs, slowing them by the profile's contention, and the
+    exposed TP communication stays; without SP nothing is gathered."""
     llama = ZOO["llama-2-7b"]
     gloo = replace(H100, extra={**H100.extra, "measurement": {"collective_backend": "gloo"}})
     base = Plan(global_batch=8, seq_len=4096, tp=8, sp=True, zero=1, micro_batch=1)
