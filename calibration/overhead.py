@@ -45,6 +45,7 @@ from meshplan.calibration.measure.run import launch_rows
 from meshplan.executor.generate import greedy
 from meshplan.executor.loss import fused_cross_entropy
 from meshplan.executor.model import build_model
+from meshplan.executor.options import training_fields
 from meshplan.executor.parallelize import apply_recompute
 from meshplan.hw_profiles.profile import FrameworkOverhead, HardwareProfile
 from meshplan.simulator.cost import cp_comm_s, ep_comm_s, ep_counts_s, tp_comm_s, tp_edge_comm_s
@@ -97,9 +98,12 @@ def _median_timed_s(fns, repeats: int, warmup: int) -> list[float]:
     return [statistics.median(column) for column in zip(*times)]
 
 
-def _training(num_layers: int, moe: bool = False) -> tuple:
-    """The probe model's (forward, forward + backward) as functions to time."""
+def _training(num_layers: int, moe: bool = False, recompute: str | None = None) -> tuple:
+    """The probe model's (forward, forward + backward) as functions to time, under
+    `recompute` (parallelize.apply_recompute's modes; None: none)."""
     model = build_model(probe_model(num_layers, moe), seed=0)
+    if recompute is not None:
+        apply_recompute(model, recompute)
     tokens = torch.randint(0, 128, (1, PROBE_TOKENS + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
 
@@ -205,12 +209,16 @@ def split_probes() -> list[tuple[ModelSpec, int]]:
     return [(replace(probe_model(1), max_seq_len=tokens), tokens) for tokens in (PROBE_TOKENS, SPLIT_TOKENS)]
 
 
+def _one_rank_plan(tokens: int, **fields) -> Plan:
+    """A one-sequence plan of `tokens` tokens as the executor runs it on one CPU rank
+    (options.training_fields: fp32, eager elementwise and MLP, the fused loss)."""
+    return Plan(global_batch=1, seq_len=tokens, micro_batch=1, **training_fields("fp32", "cpu", "fused"), **fields)
+
+
 def split_layer_activation_bytes(spec: ModelSpec, tokens: int, hw: HardwareProfile) -> float:
     """Activation bytes (without recompute) of one of `spec`'s layers in the executor's
     fp32 training step over `tokens` tokens, as the simulator counts them."""
-    plan = Plan(global_batch=1, seq_len=tokens, micro_batch=1, dtype="fp32", mlp_kernel="eager",
-                elementwise="eager")
-    return float(plans_rows(spec, [plan], Cluster(1, 1), hw)["act_none"][0])
+    return float(plans_rows(spec, [_one_rank_plan(tokens)], Cluster(1, 1), hw)["act_none"][0])
 
 
 def _median_added_s(base, variant, repeats: int, warmup: int) -> float:
@@ -249,29 +257,14 @@ def measure_split_backward(hw: HardwareProfile, repeats: int = 40, warmup: int =
 RECOMPUTE_MODES = ("selective", "full", "op", "norm_act")
 
 
-def _recompute_step(num_layers: int, mode: str | None):
-    """The probe model's forward and backward under recompute `mode` (None: none)."""
-    model = build_model(probe_model(num_layers), seed=0)
-    if mode is not None:
-        apply_recompute(model, mode)
-    tokens = torch.randint(0, 128, (1, PROBE_TOKENS + 1), generator=torch.Generator().manual_seed(0))
-    x, y = tokens[:, :-1], tokens[:, 1:]
-
-    def step():
-        fused_cross_entropy(model(x), y).backward()
-    return step
-
-
 def _priced_added_s(hw: HardwareProfile, mode: str) -> float:
     """What `hw` prices recompute `mode` to add to the probe model's step, per layer (its
     1- and 3-layer steps' difference), with the profile's recompute overhead left out."""
     bare = replace(hw, overhead=replace(hw.overhead, **{f"{m}_recompute_layer_s": 0.0 for m in RECOMPUTE_MODES}))
     added = []
     for n in LAYERS:
-        none, redone = (simulate(probe_model(n), Plan(global_batch=1, seq_len=PROBE_TOKENS, micro_batch=1,
-                                                       dtype="fp32", mlp_kernel="eager", elementwise="eager",
-                                                       recompute=r), Cluster(1, 1), bare).step_time_s
-                        for r in ("none", mode))
+        none, redone = (simulate(probe_model(n), _one_rank_plan(PROBE_TOKENS, recompute=r), Cluster(1, 1),
+                                 bare).step_time_s for r in ("none", mode))
         added.append(redone - none)
     return (added[1] - added[0]) / (LAYERS[1] - LAYERS[0])
 
@@ -287,7 +280,7 @@ def measure_recompute_overhead(hw: HardwareProfile, repeats: int = 40, warmup: i
     out = {}
     with torch_threads(1):
         for mode in RECOMPUTE_MODES:
-            one, three = (_median_added_s(_recompute_step(n, None), _recompute_step(n, mode), repeats, warmup)
+            one, three = (_median_added_s(_training(n)[1], _training(n, recompute=mode)[1], repeats, warmup)
                           for n in LAYERS)
             measured = (three - one) / (LAYERS[1] - LAYERS[0])
             out[f"{mode}_recompute_layer_s"] = max(0.0, measured - _priced_added_s(hw, mode))

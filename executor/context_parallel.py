@@ -336,15 +336,14 @@ class _FlashRing(torch.autograd.Function):
                 total = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
                 out, lse = out * torch.exp(lse - total)[..., None], total
             out = out.to(q.dtype)
-        ctx.cp, ctx.group, ctx.window = cp, group, window
+        ctx.cp, ctx.group, ctx.blocks = cp, group, blocks
         ctx.save_for_backward(rows_q, kv, out, lse, sinks)
         return out.transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
-        cp, group = ctx.cp, ctx.group
+        cp, group, blocks = ctx.cp, ctx.group, ctx.blocks
         rows_q, kv, out, lse, sinks = ctx.saved_tensors
-        blocks = _ring_blocks(cp, rows_q.shape[2], rows_q.device, rows_q.dtype, ctx.window)
         with torch.autocast(rows_q.device.type, enabled=False):
             grad = grad.transpose(1, 2).to(rows_q.dtype).contiguous()
             dq = torch.zeros_like(rows_q, dtype=torch.float32)

@@ -573,14 +573,14 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     cp_b, cp_cb = (a + b for a, b in zip(overlap_split(cx.bwd_first_s, core_b / cp, hw),
                                          overlap_split(cx.bwd_rest_s, (cp - 1) * core_b / cp, hw)))
     cp_f, cp_b = cp_f + cx.fwd_alone_s, cp_b + cx.bwd_alone_s
-    full, op = recompute == FULL, recompute == OP
+    selective, full, op, norm_act = (recompute == r for r in (SELECTIVE, FULL, OP, NORM_ACT))
     # selective redoes the attention core, a fused kernel's forward too: Megatron-Core
     # checkpoints core attention whatever its backend (attention.py, checkpoint_core_attention)
     ov = hw.overhead
-    redo = (lay.core_s * (recompute == SELECTIVE) + (lay.fwd_s + tp_cf + cp_cf + split_f) * full
-            + lay.sac_redo_s * op + lay.module_redo_s * (recompute == NORM_ACT)
+    redo = (lay.core_s * selective + (lay.fwd_s + tp_cf + cp_cf + split_f) * full
+            + lay.sac_redo_s * op + lay.module_redo_s * norm_act
             # the checkpoint's own host work (FrameworkOverhead.*_recompute_layer_s; zero on a GPU)
-            + np.select([recompute == SELECTIVE, full, op, recompute == NORM_ACT],
+            + np.select([selective, full, op, norm_act],
                         [ov.selective_recompute_layer_s, ov.full_recompute_layer_s, ov.op_recompute_layer_s,
                          ov.norm_act_recompute_layer_s], 0.0))
     # per-op selective AC saves reduce-scatter outputs, so it redoes SP's all-gathers (half
@@ -591,7 +591,7 @@ def layer_times(model: ModelSpec, hw: HardwareProfile, st: ShardTimes, tokens, d
     # Megatron-LM's column-parallel linears gather their input again under SP, overlapped
     # with that GEMM (LinearWithGradAccumulationAndAsyncCommunication); exposed where
     # collectives overlap nothing (gloo: the executor's rebuild, model.Block._normed)
-    regather = tp_raw * 0.5 * ((recompute == NORM_ACT) & np.asarray(sp, dtype=bool))
+    regather = tp_raw * 0.5 * (norm_act & np.asarray(sp, dtype=bool))
     rg_b, rg_cb = overlap_split(regather, lay.bwd_input_s, hw)
     fwd_compute, bwd_input = lay.fwd_s + split_f, lay.bwd_input_s + flash_redo + split_b
     ep_f, ep_b = ep_raw + counts, ep_raw + (ep_raw + counts) * full

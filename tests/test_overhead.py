@@ -59,7 +59,7 @@ def test_recompute_overhead_is_recovered_from_steps_priced_with_it(monkeypatch):
         plan = Plan(global_batch=1, seq_len=overhead.PROBE_TOKENS, micro_batch=1, dtype="fp32", mlp_kernel="eager",
                     elementwise="eager", recompute=mode or "none")
         return simulate(overhead.probe_model(layers), plan, Cluster(1, 1), known).step_time_s
-    monkeypatch.setattr(overhead, "_recompute_step", lambda layers, mode: (layers, mode))
+    monkeypatch.setattr(overhead, "_training", lambda layers, moe=False, recompute=None: (None, (layers, recompute)))
     monkeypatch.setattr(overhead, "_median_added_s", lambda base, variant, repeats, warmup:
                         step_s(*variant) - step_s(*base))
     assert overhead.measure_recompute_overhead(hw) == pytest.approx(truth)
