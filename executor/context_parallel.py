@@ -20,7 +20,7 @@ The ring and the gather balance the causal mask's work as Megatron-LM
 into 2 cp chunks, rank r holding chunks r and 2 cp - 1 - r; RoPE and learned positions are
 those of the tokens held (positions). Each runs inside the attention core (CausalCore.cp), so
 that selective recompute redoes the exchange as Megatron-LM's core-attention checkpoint does.
-The flash ring's backward is torch's (_FlashRing: the K,V passed round again, their
+The flash ring's backward is torch's (flash_ring: the K,V passed round again, their
 gradients in fp32 travelling with them), as cost.cp_comm_s prices an eager ring. Under
 --attention naive the ring's backward is autograd's: the passes' gradients go round the
 other way and the blocks are kept from forward. The gather's gradients are
@@ -127,11 +127,23 @@ def _visible(local: int, size: int, rank: int, balanced: bool, window: int | Non
     return visible if window is None else visible & (keys > queries - window)
 
 
+# the CP groups made, by name: flash_ring, an operator, takes only tensors and plain values
+_GROUPS: dict[str, dist.ProcessGroup] = {}
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ContextParallel:
     """A CP group and its exchange (plan.cp_comm)."""
     group: dist.ProcessGroup
     comm: str
+
+    def __post_init__(self):
+        _GROUPS[self.group.group_name] = self.group
+
+    @staticmethod
+    def by_name(group: str, comm: str) -> ContextParallel:
+        """The CP group named `group` (one made before) with exchange `comm`."""
+        return ContextParallel(_GROUPS[group], comm)
 
     @property
     def balanced(self) -> bool:
@@ -166,7 +178,7 @@ class ContextParallel:
         and values of the whole sequence (the last `window` of them up to each query's),
         each head's `sinks` logit in its softmax (gpt-oss), by the gather (`masked_core(q,
         k, v, visible, sinks)` runs the core under a [queries, keys] mask) or the ring:
-        block by block with CPU flash attention's kernel (_FlashRing), or with the unfused
+        block by block with CPU flash attention's kernel (flash_ring), or with the unfused
         kernel's separate ops for plan.attention naive, which alone soft-caps the scores
         (`softcap`, as the unfused core; the gather's core caps its own). Values narrower
         than the keys (latent attention's) are padded with zeros to their width for the
@@ -178,7 +190,10 @@ class ContextParallel:
             return self._gathered(q, k, v, masked_core, window, sinks)[..., :width]
         if kernel == "naive":
             return self._unfused_ring(q, k, v, window, sinks, softcap)[..., :width]
-        return _FlashRing.apply(q, k, v, sinks, self, window)[..., :width]
+        rows_q = q.transpose(1, 2).contiguous()  # [batch, heads, seq, dim]
+        kv = torch.stack((k, v)).transpose(2, 3).contiguous()  # [2, batch, kv heads, seq, dim]
+        out, _ = flash_ring(rows_q, kv, sinks, self.group.group_name, self.comm, window)
+        return out.transpose(1, 2)[..., :width]
 
     def visible(self, local: int, device, window: int | None = None) -> torch.Tensor:
         """[local, cp x local] True where a query of this rank's `local` tokens sees a key of
@@ -270,15 +285,18 @@ class _RingBlock:
     blind: torch.Tensor | None = None
 
 
-def _ring_blocks(cp: ContextParallel, local: int, device, dtype, window: int | None) -> list[_RingBlock | None]:
-    """Per ring step, the block of rank (rank - step)'s keys this rank's `local` queries
-    attend to; None where a sliding `window` hides it whole (its K,V still pass on)."""
+@functools.lru_cache(maxsize=16)
+def _ring_blocks(size: int, rank: int, local: int, device: torch.device, dtype, window: int | None
+                 ) -> list[_RingBlock | None]:
+    """Per ring step, the block of rank (rank - step)'s keys rank `rank`'s `local` queries
+    attend to; None where a sliding `window` hides it whole (its K,V still pass on). Built
+    once per shape, for forward and backward alike."""
     half = local // 2
-    visible = None if window is None else cp.visible(local, device, window)
+    visible = None if window is None else _visible(local, size, rank, True, window, device)
     blocks = []
-    for step in range(cp.size):
-        source = (cp.rank - step) % cp.size
-        rows, keys, causal = _block(cp.rank, source, half)
+    for step in range(size):
+        source = (rank - step) % size
+        rows, keys, causal = _block(rank, source, half)
         if visible is None:
             blocks.append(_RingBlock(rows, keys, causal))
             continue
@@ -294,77 +312,91 @@ def _ring_blocks(cp: ContextParallel, local: int, device, dtype, window: int | N
     return blocks
 
 
-class _FlashRing(torch.autograd.Function):
-    """The ring with CPU flash attention's kernel: each block's output and log-sum-exp
-    merged in fp32 (Liu et al. 2023; torch's _templated_ring_attention), the next block's
-    pass under way while the kernel runs on this one; under a sliding window the blocks
-    it hides whole skipped, the others' hidden keys masked (_ring_blocks). Each head's sink
-    logit joins the merged log-sum-exp last, the output rescaled by the share its keys keep
-    (model._SinkAttention's rule). Backward passes the K,V round the ring again, each
-    block's gradients from the kernel's backward under the merged output and log-sum-exp
-    (the sink a key with no value), the K,V gradients accumulated in fp32 as they travel
-    with their block and sent home after the last, each pass beside the next block's
-    kernel (torch's _templated_ring_attention_backward); the sink's gradient -p_sink <dO, O>
-    over this rank's rows. The KV heads are repeated to the query heads for the kernel, as
-    SDPA's enable_gqa does, and their gradients summed back."""
+@torch.library.custom_op("meshplan::flash_ring", mutates_args=(),
+                         schema="(Tensor rows_q, Tensor kv, Tensor? sinks, str group, str comm, int? window)"
+                                " -> (Tensor, Tensor)")
+def flash_ring(rows_q, kv, sinks, group, comm, window):
+    """The ring with CPU flash attention's kernel, as one operator: the queries [batch,
+    heads, seq/cp, dim] of this rank of CP group `group` (by name, ContextParallel.by_name)
+    attend to the K,V [2, batch, kv heads, seq/cp, dim] of every rank as they pass round
+    (`comm`: _start_pass), each block's output and log-sum-exp merged in fp32 (Liu et al.
+    2023; torch's _templated_ring_attention), the next block's pass under way while the
+    kernel runs on this one; under a sliding window the blocks it hides whole skipped, the
+    others' hidden keys masked (_ring_blocks). Each head's sink logit joins the merged
+    log-sum-exp last, the output rescaled by the share its keys keep (model._SinkAttention's
+    rule). Returns the output [batch, heads, seq/cp, value dim] and the fp32 log-sum-exp.
+    One operator, as torch's ring is one under SDPA's, so that a per-op checkpoint policy
+    keeps its output whole and its recompute runs no exchange (parallelize._KEPT)."""
+    cp = ContextParallel.by_name(group, comm)
+    group_size = rows_q.shape[1] // kv.shape[2]
+    blocks = _ring_blocks(cp.size, cp.rank, rows_q.shape[2], rows_q.device, rows_q.dtype, window)
+    with torch.autocast(rows_q.device.type, enabled=False):
+        out = rows_q.new_zeros(*rows_q.shape[:-1], kv.shape[-1], dtype=torch.float32)
+        lse = rows_q.new_full(rows_q.shape[:-1], float("-inf"), dtype=torch.float32)
+        block = kv
+        for step, b in enumerate(blocks):
+            pending = _start_pass(block, cp.group, 1, comm) if step < cp.size - 1 else None
+            if b is not None:
+                keys_b, values_b = (t[:, :, b.keys].repeat_interleave(group_size, dim=1) for t in block)
+                part, part_lse = cpu_flash(rows_q[:, :, b.rows], keys_b, values_b, 0.0, b.causal,
+                                           attn_mask=b.mask)
+                if b.blind is not None:
+                    part_lse = part_lse.masked_fill(b.blind, float("-inf"))
+                merged = torch.logaddexp(lse[:, :, b.rows], part_lse)
+                out[:, :, b.rows] = (out[:, :, b.rows] * torch.exp(lse[:, :, b.rows] - merged)[..., None]
+                                     + part.float() * torch.exp(part_lse - merged)[..., None])
+                lse[:, :, b.rows] = merged
+            if pending is not None:
+                block = _finish(pending)
+        if sinks is not None:
+            total = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+            out, lse = out * torch.exp(lse - total)[..., None], total
+    return out.to(rows_q.dtype), lse
 
-    @staticmethod
-    def forward(ctx, q, k, v, sinks, cp: ContextParallel, window: int | None):
-        group = q.shape[2] // k.shape[2]
-        blocks = _ring_blocks(cp, q.shape[1], q.device, q.dtype, window)
-        with torch.autocast(q.device.type, enabled=False):
-            rows_q = q.transpose(1, 2).contiguous()  # [batch, heads, seq, dim]
-            kv = torch.stack((k, v)).transpose(2, 3).contiguous()  # [2, batch, kv heads, seq, dim]
-            out = rows_q.new_zeros(*rows_q.shape[:-1], v.shape[-1], dtype=torch.float32)
-            lse = rows_q.new_full(rows_q.shape[:-1], float("-inf"), dtype=torch.float32)
-            block = kv
-            for step, b in enumerate(blocks):
-                pending = _start_pass(block, cp.group, 1, cp.comm) if step < cp.size - 1 else None
-                if b is not None:
-                    keys_b, values_b = (t[:, :, b.keys].repeat_interleave(group, dim=1) for t in block)
-                    part, part_lse = cpu_flash(rows_q[:, :, b.rows], keys_b, values_b, 0.0, b.causal,
-                                               attn_mask=b.mask)
-                    if b.blind is not None:
-                        part_lse = part_lse.masked_fill(b.blind, float("-inf"))
-                    merged = torch.logaddexp(lse[:, :, b.rows], part_lse)
-                    out[:, :, b.rows] = (out[:, :, b.rows] * torch.exp(lse[:, :, b.rows] - merged)[..., None]
-                                         + part.float() * torch.exp(part_lse - merged)[..., None])
-                    lse[:, :, b.rows] = merged
-                if pending is not None:
-                    block = _finish(pending)
-            if sinks is not None:
-                total = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
-                out, lse = out * torch.exp(lse - total)[..., None], total
-            out = out.to(q.dtype)
-        ctx.cp, ctx.group, ctx.blocks = cp, group, blocks
-        ctx.save_for_backward(rows_q, kv, out, lse, sinks)
-        return out.transpose(1, 2).contiguous()
 
-    @staticmethod
-    def backward(ctx, grad):
-        cp, group, blocks = ctx.cp, ctx.group, ctx.blocks
-        rows_q, kv, out, lse, sinks = ctx.saved_tensors
-        with torch.autocast(rows_q.device.type, enabled=False):
-            grad = grad.transpose(1, 2).to(rows_q.dtype).contiguous()
-            dq = torch.zeros_like(rows_q, dtype=torch.float32)
-            block, gradients = kv, None  # gradients: the K,V gradients of the block before, on their way
-            for step, b in enumerate(blocks):
-                pending = _start_pass(block, cp.group, 1, cp.comm) if step < cp.size - 1 else None
-                dkv = torch.zeros_like(block, dtype=torch.float32) if gradients is None else _finish(gradients)
-                if b is not None:
-                    keys_b, values_b = (t[:, :, b.keys].repeat_interleave(group, dim=1) for t in block)
-                    dq_b, dk_b, dv_b = cpu_flash_backward(grad[:, :, b.rows], rows_q[:, :, b.rows], keys_b,
-                                                       values_b, out[:, :, b.rows], lse[:, :, b.rows], 0.0,
-                                                       b.causal, attn_mask=b.mask)
-                    dq[:, :, b.rows] += dq_b.float()
-                    for i, part in enumerate((dk_b, dv_b)):
-                        dkv[i][:, :, b.keys] += part.float().unflatten(1, (-1, group)).sum(2)
-                gradients = _start_pass(dkv, cp.group, 1, cp.comm)
-                if pending is not None:
-                    block = _finish(pending)
-            dk, dv = _finish(gradients).to(rows_q.dtype).transpose(2, 3)
-            dsinks = None
-            if sinks is not None:
-                share = torch.exp(sinks.float().view(1, -1, 1) - lse)  # the sink's probability per row
-                dsinks = -(share * (grad.float() * out.float()).sum(-1)).sum((0, 2)).to(sinks.dtype)
-        return dq.to(rows_q.dtype).transpose(1, 2), dk, dv, dsinks, None, None
+def _flash_ring_context(ctx, inputs, output):
+    rows_q, kv, sinks, group, comm, window = inputs
+    ctx.ring = (group, comm, window)
+    ctx.save_for_backward(rows_q, kv, sinks, *output)
+
+
+def _flash_ring_backward(ctx, grad, _):
+    """flash_ring's backward: the K,V passed round the ring again, each block's gradients
+    from the kernel's backward under the merged output and log-sum-exp (the sink a key with
+    no value), the K,V gradients accumulated in fp32 as they travel with their block and
+    sent home after the last, each pass beside the next block's kernel (torch's
+    _templated_ring_attention_backward); the sink's gradient -p_sink <dO, O> over this
+    rank's rows. The KV heads are repeated to the query heads for the kernel, as SDPA's
+    enable_gqa does, and their gradients summed back."""
+    group_name, comm, window = ctx.ring
+    rows_q, kv, sinks, out, lse = ctx.saved_tensors
+    cp = ContextParallel.by_name(group_name, comm)
+    group = rows_q.shape[1] // kv.shape[2]
+    blocks = _ring_blocks(cp.size, cp.rank, rows_q.shape[2], rows_q.device, rows_q.dtype, window)
+    with torch.autocast(rows_q.device.type, enabled=False):
+        grad = grad.to(rows_q.dtype).contiguous()
+        dq = torch.zeros_like(rows_q, dtype=torch.float32)
+        block, gradients = kv, None  # gradients: the K,V gradients of the block before, on their way
+        for step, b in enumerate(blocks):
+            pending = _start_pass(block, cp.group, 1, comm) if step < cp.size - 1 else None
+            dkv = torch.zeros_like(block, dtype=torch.float32) if gradients is None else _finish(gradients)
+            if b is not None:
+                keys_b, values_b = (t[:, :, b.keys].repeat_interleave(group, dim=1) for t in block)
+                dq_b, dk_b, dv_b = cpu_flash_backward(grad[:, :, b.rows], rows_q[:, :, b.rows], keys_b,
+                                                   values_b, out[:, :, b.rows], lse[:, :, b.rows], 0.0,
+                                                   b.causal, attn_mask=b.mask)
+                dq[:, :, b.rows] += dq_b.float()
+                for i, part in enumerate((dk_b, dv_b)):
+                    dkv[i][:, :, b.keys] += part.float().unflatten(1, (-1, group)).sum(2)
+            gradients = _start_pass(dkv, cp.group, 1, comm)
+            if pending is not None:
+                block = _finish(pending)
+        dkv = _finish(gradients).to(kv.dtype)
+        dsinks = None
+        if sinks is not None:
+            share = torch.exp(sinks.float().view(1, -1, 1) - lse)  # the sink's probability per row
+            dsinks = -(share * (grad.float() * out.float()).sum(-1)).sum((0, 2)).to(sinks.dtype)
+    return dq.to(rows_q.dtype), dkv, dsinks, None, None, None
+
+
+torch.library.register_autograd("meshplan::flash_ring", _flash_ring_backward, setup_context=_flash_ring_context)

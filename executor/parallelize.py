@@ -157,12 +157,14 @@ _KEPT = tuple(getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
     if hasattr(torch.ops.aten, name)) + (torch.ops._c10d_functional.reduce_scatter_tensor.default,
-                                         torch.ops._c10d_functional.all_to_all_single.default)
+                                         torch.ops._c10d_functional.all_to_all_single.default,
+                                         torch.ops.meshplan.flash_ring.default)
 
 
 def _op_policy(router_shape: tuple[int, int] | None):
     """torchtitan's per-op selective checkpointing policy (simulator ops.op_sac): keep the
-    outputs of the attention kernels, the reduce-scatters and all-to-alls, and every other
+    outputs of the attention kernels (the CP ring's whole, as torch's ring runs under one
+    SDPA operator), the reduce-scatters and all-to-alls, and every other
     matmul's, counting the layer's matmuls on over its calls; recompute the rest, the
     router's matmul (its weight of `router_shape`) always and uncounted."""
     count = {"forward": 0, "recompute": 0}

@@ -368,8 +368,9 @@ def _linear_widths(model: ModelSpec, shard: Shard, op: Op) -> tuple[int, ...]:
 def op_sac(model: ModelSpec, shard: Shard, ops: list[Op]) -> tuple[list[float], float]:
     """Per-op selective activation checkpointing as torchtitan runs it (SelectiveAC,
     torchtitan distributed/activation_checkpoint.py): the outputs of matmuls (every second
-    one recomputed, counting the layer's nn.Linear matmuls in order), attention (SDPA),
-    all-to-all and reduce-scatter are saved; everything else is recomputed in backward: the
+    one recomputed, counting the layer's nn.Linear matmuls in order), attention (SDPA, and
+    under CP torch's ring with its merge, which runs inside that operator), all-to-all and
+    reduce-scatter are saved; everything else is recomputed in backward: the
     norms, RoPE, activations and residual adds, the router (its shape is force-recomputed)
     and the routed experts' grouped GEMMs (not in the save list). FP8 linears count as
     matmuls: torchtitan's FP8 run keeps as much as its bf16 one (77.0 and 76.8 GiB, its
@@ -388,7 +389,7 @@ def op_sac(model: ModelSpec, shard: Shard, ops: list[Op]) -> tuple[list[float], 
         share = width / ops[i].n
         redo[i] += share * (0.5 if alternating else float(position % 2 == 0))
         saved[position % 2] += ops[i].m * ops[i].batch * width
-    shares = [0.0 if op.attention_core else redo.get(i, 1.0) for i, op in enumerate(ops)]
+    shares = [0.0 if op.attention_core or op.name == "cp_merge" else redo.get(i, 1.0) for i, op in enumerate(ops)]
     return shares, max(saved) if alternating else saved[1]
 
 

@@ -111,8 +111,9 @@ WORLD_2 = [
     # the per-op policy keeping Ulysses' all-to-alls' outputs
     ("cp-a2a-recompute-op", LLAMA, plan(cp=2, cp_comm="a2a", recompute="op")),
     # the ring (CPU flash attention's blocks) and the gather, on the load-balanced chunks; the
-    # selective checkpoint redoes the gather in backward
-    ("cp-p2p", LLAMA, plan(cp=2)),
+    # selective checkpoint redoes the gather in backward; the per-op policy keeps the ring's
+    # output and redoes no exchange
+    ("cp-p2p-recompute-op", LLAMA, plan(cp=2, recompute="op")),
     # QK-norm weights replicated over TP's heads, sandwich norms sequence-parallel; the
     # gather's mask with a sliding window
     ("qwen3-tp-sp", QWEN3, plan(tp=2, sp=True)),

@@ -17,7 +17,7 @@ from meshplan.hw_profiles.profile import load_profile
 from meshplan.simulator.cost import forward_s, op_times
 from meshplan.simulator.memory import layer_activation_bytes
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.ops import GEMM, Shard, layer_kind_ops, layer_ops
+from meshplan.simulator.ops import GEMM, Shard, layer_kind_ops, layer_ops, op_sac
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
 
@@ -56,11 +56,20 @@ def test_ulysses_keeps_its_all_to_alls_outputs():
     and V in head shards before the kernel and its output back in sequence shards, each as
     large as on this rank before it: at tp 2, 2 query heads, 1 key and 1 value head and the
     output's 2, of 16, for the 4 tokens of the rank's half of 8, bf16; the ring's exchange
-    runs inside the kernel (the executor refuses it with per-op recompute)."""
+    runs inside the kernel, whose output the policy keeps whole."""
     gqa = replace(GATED, num_kv_heads=2)
     ring, ulysses = (replace(SHARD, cp=2, cp_comm=comm) for comm in ("p2p", "a2a"))
     assert layer_activation_bytes(gqa, ulysses, "op") - layer_activation_bytes(gqa, ring, "op") == (
         2 * 4 * (2 + 1 + 1 + 2) * 16)
+
+
+def test_torchs_ring_merge_is_kept_with_the_attention():
+    """torch's ring (cp_comm alltoall) joins its blocks in eager ops inside the SDPA operator
+    the policy keeps: the merge is not redone, the matmuls' halves and the rest are."""
+    shard = replace(SHARD, cp=2, cp_comm="alltoall")
+    ops = list(layer_ops(GATED, shard))
+    shares = dict(zip((op.name for op in ops), op_sac(GATED, shard, ops)[0]))
+    assert shares["cp_merge"] == 0.0 and shares["input_norm"] == 1.0
 
 
 def test_sequence_parallel_keeps_the_reduce_scatter_outputs():
