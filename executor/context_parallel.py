@@ -19,7 +19,9 @@ The ring and the gather balance the causal mask's work as Megatron-LM
 (get_batch_on_this_cp_rank) and torchtitan (its head-tail load balancer) do: the sequence cut
 into 2 cp chunks, rank r holding chunks r and 2 cp - 1 - r; RoPE and learned positions are
 those of the tokens held (positions). Each runs inside the attention core (CausalCore.cp), so
-that selective recompute redoes the exchange as Megatron-LM's core-attention checkpoint does.
+that selective recompute redoes the exchange as Megatron-LM's core-attention checkpoint does;
+the per-op policy keeps the ring's output (one operator, flash_ring) and gathers again in its
+recompute, where torch's gather gathers again in backward.
 The flash ring's backward is torch's (flash_ring: the K,V passed round again, their
 gradients in fp32 travelling with them), as cost.cp_comm_s prices an eager ring. Under
 --attention naive the ring's backward is autograd's: the passes' gradients go round the

@@ -383,11 +383,6 @@ EXECUTOR_TRAINING = (
     _rule("plan.etp", "etp tp sp", lambda x, m, c: (m.num_experts == 0) | (x.etp == 1) | (x.tp == 1) | np.asarray(x.sp),
           lambda x, m, c: f"the executor's expert TP gathers each rank's own routed rows over etp {x.etp}, and "
           "without sequence parallelism the TP ranks hold the same tokens", "turn on sp, or use etp 1"),
-    _rule("plan.recompute", "recompute cp cp_comm",
-          lambda x, m, c: (x.recompute != "op") | (x.cp == 1) | (x.cp_comm != "allgather"),
-          lambda x, m, c: "the executor's per-op recompute would gather the K,V again in backward: its policy "
-          "keeps the ring's output whole and Ulysses' all-to-alls, not the gather's",
-          "use cp_comm p2p or a2a, or recompute full or selective under the gather"),
     _rule("plan.moe_a2a_overlap", "moe_a2a_overlap", lambda x, m, c: np.logical_not(x.moe_a2a_overlap),
           lambda x, m, c: "the executor runs each micro-batch's forward and backward one after the other, "
           "so no all-to-all overlaps another micro-batch's compute", "drop moe_a2a_overlap"),

@@ -208,7 +208,6 @@ def test_parameter_count_matches_model_spec():
     (dict(dp=2, tp=2), "plan.etp"),
     (dict(dp=2, tp=2, etp=2), "plan.etp"),  # without SP the TP ranks' tokens are the same
     (dict(dp=2, ep=2, dtype="bf16", master_weights=False), "plan.master_weights"),
-    (dict(cp=2, cp_comm="allgather", ep=2, recompute="op"), "plan.recompute"),  # the gather is not kept
 ])
 def test_executor_refuses_what_it_does_not_run(fields, field):
     p = plan(**fields)

@@ -129,9 +129,10 @@ WORLD_2 = [
     ("mla-tp-sp", MLA, plan(tp=2, sp=True)),
     ("mla-pp-1f1b-selective", MLA, plan(pp=2, schedule="1f1b", recompute="selective")),
     # latent attention's narrower values padded for the ring's exchange; the sinks in the
-    # gather's core and, split by head, in Ulysses'
+    # gather's core (under the per-op policy, which gathers again in its recompute) and,
+    # split by head, in Ulysses'
     ("mla-cp-p2p", MLA, plan(cp=2)),
-    ("sinks-cp-allgather", SINKS, plan(cp=2, cp_comm="allgather")),
+    ("sinks-cp-allgather-recompute-op", SINKS, plan(cp=2, cp_comm="allgather", recompute="op")),
     ("sinks-cp-a2a", SINKS, plan(cp=2, cp_comm="a2a")),
     # the ring's blocks under a sliding window and the sinks joining its merge (the rings'
     # soft-capping and the other cases: tests/test_ring_attention.py)
