@@ -91,6 +91,13 @@ class CausalCore(nn.Module):
             return self.cp.attend(q, k, v, self.masked, self.kernel, self.window, sinks, self.softcap)
         offset = k.shape[1] - q.shape[1]
         windowed = self.window is not None and k.shape[1] > self.window
+        if windowed and self.kernel != "naive":
+            if offset == 0 and q.device.type == "cpu":
+                width = v.shape[-1]  # a narrower V (latent attention's) padded to the kernel's width
+                v = F.pad(v, (0, q.shape[-1] - width)) if width != q.shape[-1] else v
+                return _BandedAttention.apply(q, k, v, sinks, self.window)[..., :width]
+            if q.shape[1] == 1:  # a decode step sees the last `window` keys alone
+                k, v, offset, windowed = k[:, -self.window:], v[:, -self.window:], self.window - 1, False
         causal = not windowed and offset == 0
         masked = windowed or (offset and q.shape[1] > 1) or (causal and self.kernel == "naive")
         shape = (q.shape[1], k.shape[1], self.window if windowed else None, q.device)
@@ -125,6 +132,71 @@ class CausalCore(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                  enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2)[..., :width]
+
+
+@functools.lru_cache(maxsize=8)
+def _bands(seq: int, window: int, dtype: torch.dtype, device: torch.device) -> list[tuple[slice, slice, torch.Tensor]]:
+    """(query rows, key rows, additive mask) of each block of _BandedAttention: half a window
+    of queries, over the keys from the window's start for its first row to its last row, the
+    keys outside each row's window masked; built once per shape."""
+    rows = max(window // 2, 1)
+    bands = []
+    for start in range(0, seq, rows):
+        stop, first = min(start + rows, seq), max(start - window + 1, 0)
+        hidden = ~key_mask(stop - start, stop - first, window, device)
+        bands.append((slice(start, stop), slice(first, stop),
+                      torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))))
+    return bands
+
+
+class _BandedAttention(torch.autograd.Function):
+    """A sliding window on CPU by blocks of half a window of queries, each through CPU flash
+    attention's kernel over only the keys its rows see (_bands): at most 1.5 windows of keys
+    per query, where a kernel that skips the tiles a window hides computes about one
+    (FlashAttention-2's window_size; ops.attended_keys prices one), not the whole sequence
+    masked. The blocks write one output and one log-sum-exp, kept for backward as the whole
+    kernel's are; each head's sink logit joins its rows' log-sum-exp as in _SinkAttention.
+    KV heads repeated to the query heads block by block, their gradients summed back."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, window: int):
+        batch, seq, heads, _ = q.shape
+        group = heads // k.shape[2]
+        with torch.autocast(q.device.type, enabled=False):
+            # laid out [batch, seq, heads, dim], as the kernel's own, so that the heads' join is a view
+            out = q.new_empty(batch, seq, heads, v.shape[-1]).transpose(1, 2)
+            lse = q.new_empty(batch, heads, seq, dtype=torch.float32)
+            for rows, keys, mask in _bands(seq, window, q.dtype, q.device):
+                k_, v_ = (t[:, keys].transpose(1, 2).repeat_interleave(group, dim=1) for t in (k, v))
+                out[:, :, rows], lse[:, :, rows] = cpu_flash(q[:, rows].transpose(1, 2), k_, v_, 0.0, False,
+                                                             attn_mask=mask)
+            if sinks is not None:
+                total = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+                out.copy_(out.float() * torch.exp(lse - total)[..., None])
+                lse = total
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.window = window
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        group = q.shape[2] // k.shape[2]
+        with torch.autocast(q.device.type, enabled=False):
+            grad = grad.transpose(1, 2).to(q.dtype)
+            dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            for rows, keys, mask in _bands(q.shape[1], ctx.window, q.dtype, q.device):
+                k_, v_ = (t[:, keys].transpose(1, 2).repeat_interleave(group, dim=1) for t in (k, v))
+                dq_, dk_, dv_ = cpu_flash_backward(grad[:, :, rows].contiguous(), q[:, rows].transpose(1, 2), k_, v_,
+                                                   out[:, :, rows], lse[:, :, rows], 0.0, False, attn_mask=mask)
+                dq[:, rows] = dq_.transpose(1, 2)
+                dk[:, keys] += dk_.unflatten(1, (-1, group)).sum(2).transpose(1, 2)
+                dv[:, keys] += dv_.unflatten(1, (-1, group)).sum(2).transpose(1, 2)
+            dsinks = None
+            if sinks is not None:
+                share = torch.exp(sinks.float().view(1, -1, 1) - lse)  # the sink's probability per row
+                dsinks = -(share * (grad.float() * out.float()).sum(-1)).sum((0, 2)).to(sinks.dtype)
+        return dq, dk, dv, dsinks, None
 
 
 class _SinkAttention(torch.autograd.Function):

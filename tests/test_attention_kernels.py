@@ -1,6 +1,8 @@
 """The executor's attention kernels (plan.attention): the unfused core gives the fused
 kernel's results, keeps the one queries x keys tensor the memory model counts for naive
-attention, and is what a naive plan dispatches; its eager mask pass is priced by hand."""
+attention, and is what a naive plan dispatches; its eager mask pass is priced by hand. A
+sliding window runs in bands: no kernel call sees more than 1.5 windows of keys, and the
+core keeps what the whole kernel keeps."""
 from __future__ import annotations
 
 import pytest
@@ -28,6 +30,7 @@ def _qkv(seq, keys, heads=8, kv_heads=2, dim=16, dtype=torch.float32):
 @pytest.mark.parametrize("seq, keys, window", [
     (12, 12, None),   # causal
     (12, 12, 8),      # sliding window
+    (40, 40, 10),     # ... in bands of half a window, the last one short
     (12, 17, None),   # queries after 5 cached positions
     (12, 17, 6),      # both
     (1, 17, None),    # one decode step over the cache
@@ -64,7 +67,7 @@ def test_soft_capped_scores_are_capped_before_the_mask():
                        for comm, kernel in refused}
 
 
-@pytest.mark.parametrize("seq, keys, window", [(12, 12, None), (12, 12, 8), (12, 17, 6), (1, 17, None)])
+@pytest.mark.parametrize("seq, keys, window", [(12, 12, None), (12, 12, 8), (40, 40, 10), (12, 17, 6), (1, 17, None)])
 def test_sinks_by_the_fused_kernel_match_the_unfused_softmax(seq, keys, window):
     """gpt-oss's sink logits: CPU flash attention's output rescaled by its log-sum-exp, and
     the kernel's backward under the log-sum-exp with the sink, against the sink as one more
@@ -81,6 +84,40 @@ def test_sinks_by_the_fused_kernel_match_the_unfused_softmax(seq, keys, window):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     plain = CausalCore(window, "flash")(q, k, v)
     assert (plain - fused).abs().max() > 1e-3  # the sinks took a share
+
+
+class _KernelKeys(TorchDispatchMode):
+    """The key count of every CPU flash attention call."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default):
+            self.keys.append(args[1 if "backward" not in str(func) else 2].shape[-2])
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_sliding_window_runs_in_bands_keeping_what_the_whole_kernel_keeps():
+    """Window 32 over 256 queries: forward and backward see at most 32 + 16 - 1 keys a call
+    (the mask would take all 256); the core keeps Q, K, V, the output and the log-sum-exp,
+    the bytes of the causal kernel over the whole sequence (no mask or band copies)."""
+    q, k, v = _qkv(256, 256)
+    kept = {}
+    for window in (None, 32):
+        saved = {}
+
+        def pack(t, saved=saved):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with _KernelKeys() as calls, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = CausalCore(window, "flash")(q, k, v)
+            out.sum().backward()
+        kept[window] = sum(saved.values())
+    assert kept[32] == kept[None]
+    assert calls.keys and max(calls.keys) == 32 + 16 - 1
 
 
 def _saved_square_bytes(kernel: str, dtype: torch.dtype, seq: int = 64) -> int:

@@ -133,7 +133,8 @@ WORLD_2 = [
     # split by head, in Ulysses'
     ("mla-cp-p2p", MLA, plan(cp=2)),
     ("sinks-cp-allgather-recompute-op", SINKS, plan(cp=2, cp_comm="allgather", recompute="op")),
-    ("sinks-cp-a2a", SINKS, plan(cp=2, cp_comm="a2a")),
+    # ... and Ulysses' core on whole sequences, a sliding window's bands with the sinks
+    ("sinks-window-cp-a2a", replace(SINKS, sliding_window=8, local_layers=(0,)), plan(cp=2, cp_comm="a2a")),
     # the ring's blocks under a sliding window and the sinks joining its merge (the rings'
     # soft-capping and the other cases: tests/test_ring_attention.py)
     ("sinks-window-cp-p2p", replace(SINKS, sliding_window=8, local_layers=(0,)), plan(cp=2)),
