@@ -87,7 +87,7 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
     # Norm inputs (2, 4 with sandwich norms, one fewer when both blocks read the layer
     # input), QKV input, MLP input, 2 dropout masks: replicated, or SP-sharded.
     norms = 2 + (2 if model.sandwich_norm else 0) - (1 if model.parallel_residual else 0)
-    replicated = (d * (norms + 2) + mask * 2) * ntok * h
+    replicated = (d * (norms + 2) + mask * 2) * ntok * h + eager_norm_bytes(model, shard)
     if model.kv_lora_rank:
         q, kv, vd = model.q_lora_rank, model.kv_lora_rank, model.v_head_dim
         # Q, K, V, attention output (out-proj input); low-rank norm inputs and up-proj inputs
@@ -124,6 +124,28 @@ def layer_kind_activation_bytes(model: ModelSpec, shard: Shard, recompute: str, 
     return kept - (norm_act_savings(model, shard, kind) if recompute == "norm_act" else 0.0)
 
 
+def eager_norm_bytes(model: ModelSpec, shard: Shard, rebuilt_only: bool = False) -> float:
+    """What an eager RMSNorm (plan.elementwise eager: torch's RMSNorm decomposed into its
+    ops, as the executor runs it on CPU; torchtitan's 2024 RMSNorm, which normalises the
+    input upcast to fp32) keeps beyond a fused kernel's input and statistics: the normalised
+    tensor for the weight's gradient (with torchtitan's, the fp32 copy of the input in the
+    input's place): 4 bytes an element, per norm of the layer (the QK-norms' and latent
+    norms' too), or only of the two that recompute norm_act rebuilds (`rebuilt_only`).
+    LayerNorm runs as one kernel, eager or not."""
+    if not shard.eager or model.norm != "rmsnorm":
+        return 0.0
+    h, tok, ntok = model.hidden_size, shard.tokens, shard.norm_tokens
+    if rebuilt_only:
+        return 4.0 * 2 * ntok * h
+    t = shard.tp
+    elements = (2 + (2 if model.sandwich_norm else 0)) * ntok * h
+    if model.qk_norm:
+        elements += tok * (model.num_heads + model.num_kv_heads) // t * model.head_dim
+    if model.kv_lora_rank:
+        elements += tok * (model.q_lora_rank + model.kv_lora_rank)
+    return 4.0 * elements
+
+
 def norm_act_savings(model: ModelSpec, shard: Shard, kind: LayerKind) -> float:
     """Bytes recompute norm_act (Megatron-LM's --recompute-modules layernorm moe_act) frees
     of what recompute none keeps: the normalised inputs of the QKV projection and of the MLP
@@ -136,7 +158,7 @@ def norm_act_savings(model: ModelSpec, shard: Shard, kind: LayerKind) -> float:
     if kind.moe:
         rows = shard.expert_tokens * model.experts_per_token * shard.capacity
         freed += kept * rows * (model.moe_ffn_hidden_size // shard.etp)
-    return freed
+    return freed + eager_norm_bytes(model, shard, rebuilt_only=True)
 
 
 def fp8_saved_savings(model: ModelSpec, shard: Shard, kind: LayerKind) -> float:

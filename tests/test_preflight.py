@@ -19,7 +19,7 @@ from meshplan.core.units import GIB
 from meshplan.executor import checkpoint
 from meshplan.executor import launch as launch_module
 from meshplan.executor.launch import check_serve, check_train
-from meshplan.executor.options import RunOptions, ServeOptions
+from meshplan.executor.options import RunOptions, ServeOptions, training_fields
 from meshplan.hw_profiles.profile import load_profile, profile_path
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
@@ -75,8 +75,8 @@ def _profile_with_memory(tmp_path: Path, memory_bytes: int) -> str:
 def test_memory_is_checked_against_the_profile_less_the_reserve(tmp_path):
     """The reserve is 5% of the device plus 1 GiB (simulator/memory.py): a rank needing P
     bytes fits a device of (P + 1 GiB) / 0.95 bytes and not one a few bytes smaller."""
-    peak = simulate(MODEL, replace(PLAN, mlp_kernel="eager"), CLUSTER,
-                    load_profile("local")).peak_memory_bytes
+    ran = replace(PLAN, **training_fields(PLAN.dtype, "cpu", PLAN.cross_entropy))  # the executor's kernels
+    peak = simulate(MODEL, ran, CLUSTER, load_profile("local")).peak_memory_bytes
     enough = math.ceil((peak + GIB) / 0.95) + 1
     check_train(MODEL, PLAN, CLUSTER, RunOptions(profile=_profile_with_memory(tmp_path, enough)))
     err = refused(profile=_profile_with_memory(tmp_path, enough - 64))
