@@ -260,6 +260,27 @@ cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+def additive_mask(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's attn_mask for boolean `hidden` (True where a query must not see a key):
+    0 where it sees, -inf where it does not."""
+    return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
+
+
+def with_sinks(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Each query row's log-sum-exp [batch, heads, rows] with its head's sink logit joined,
+    the sink a key with no value (gpt-oss); the kernel's output is rescaled by exp(lse -
+    that) and its backward runs under it."""
+    return torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+
+
+def sink_gradient(sinks: torch.Tensor, total: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The sink logits' gradient, -p_sink <dO, O> summed over each head's rows (p_sink =
+    exp(sink - total), total: with_sinks' log-sum-exp; grad and out [batch, heads, rows,
+    dim])."""
+    share = torch.exp(sinks.float().view(1, -1, 1) - total)
+    return -(share * (grad.float() * out.float()).sum(-1)).sum((0, 2)).to(sinks.dtype)
+
+
 def _block(rank: int, source: int, half: int) -> tuple[slice, slice, bool]:
     """(query rows, key rows, causal) where rank `rank`'s queries see rank `source`'s keys,
     each rank holding chunks r and 2cp-1-r of its sequence: its own block under the causal
@@ -309,8 +330,7 @@ def _ring_blocks(size: int, rank: int, local: int, device: torch.device, dtype, 
             blocks.append(_RingBlock(rows, keys, False))
         else:
             blind = ~seen.any(-1)
-            blocks.append(_RingBlock(rows, keys, False, torch.zeros(seen.shape, dtype=dtype, device=device)
-                                     .masked_fill(~seen, float("-inf")), blind if blind.any() else None))
+            blocks.append(_RingBlock(rows, keys, False, additive_mask(~seen, dtype), blind if blind.any() else None))
     return blocks
 
 
@@ -351,7 +371,7 @@ def flash_ring(rows_q, kv, sinks, group, comm, window):
             if pending is not None:
                 block = _finish(pending)
         if sinks is not None:
-            total = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+            total = with_sinks(lse, sinks)
             out, lse = out * torch.exp(lse - total)[..., None], total
     return out.to(rows_q.dtype), lse
 
@@ -394,10 +414,7 @@ def _flash_ring_backward(ctx, grad, _):
             if pending is not None:
                 block = _finish(pending)
         dkv = _finish(gradients).to(kv.dtype)
-        dsinks = None
-        if sinks is not None:
-            share = torch.exp(sinks.float().view(1, -1, 1) - lse)  # the sink's probability per row
-            dsinks = -(share * (grad.float() * out.float()).sum(-1)).sum((0, 2)).to(sinks.dtype)
+        dsinks = None if sinks is None else sink_gradient(sinks, lse, grad, out)
     return dq.to(rows_q.dtype), dkv, dsinks, None, None, None
 
 

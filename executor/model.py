@@ -27,8 +27,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from meshplan.executor.context_parallel import (ContextParallel, cpu_flash, cpu_flash_backward, heads_from_sequence,
-                                                 sequence_from_heads)
+from meshplan.executor.context_parallel import (ContextParallel, additive_mask, cpu_flash, cpu_flash_backward,
+                                                 heads_from_sequence, sequence_from_heads, sink_gradient, with_sinks)
 from meshplan.executor.kv_cache import KVCache, LayerCache
 from meshplan.executor.measure import local_part
 from meshplan.executor.moe import MoE, activation
@@ -144,8 +144,7 @@ def _bands(seq: int, window: int, dtype: torch.dtype, device: torch.device) -> l
     for start in range(0, seq, rows):
         stop, first = min(start + rows, seq), max(start - window + 1, 0)
         hidden = ~key_mask(stop - start, stop - first, window, device)
-        bands.append((slice(start, stop), slice(first, stop),
-                      torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))))
+        bands.append((slice(start, stop), slice(first, stop), additive_mask(hidden, dtype)))
     return bands
 
 
@@ -171,7 +170,7 @@ class _BandedAttention(torch.autograd.Function):
                 out[:, :, rows], lse[:, :, rows] = cpu_flash(q[:, rows].transpose(1, 2), k_, v_, 0.0, False,
                                                              attn_mask=mask)
             if sinks is not None:
-                total = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+                total = with_sinks(lse, sinks)
                 out.copy_(out.float() * torch.exp(lse - total)[..., None])
                 lse = total
         ctx.save_for_backward(q, k, v, out, lse, sinks)
@@ -192,10 +191,7 @@ class _BandedAttention(torch.autograd.Function):
                 dq[:, rows] = dq_.transpose(1, 2)
                 dk[:, keys] += dk_.unflatten(1, (-1, group)).sum(2).transpose(1, 2)
                 dv[:, keys] += dv_.unflatten(1, (-1, group)).sum(2).transpose(1, 2)
-            dsinks = None
-            if sinks is not None:
-                share = torch.exp(sinks.float().view(1, -1, 1) - lse)  # the sink's probability per row
-                dsinks = -(share * (grad.float() * out.float()).sum(-1)).sum((0, 2)).to(sinks.dtype)
+            dsinks = None if sinks is None else sink_gradient(sinks, lse, grad, out)
         return dq, dk, dv, dsinks, None
 
 
@@ -210,13 +206,12 @@ class _SinkAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, visible, causal: bool):
         group = q.shape[2] // k.shape[2]
-        mask = (None if visible is None else
-                torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf")))
+        mask = None if visible is None else additive_mask(~visible, q.dtype)
         with torch.autocast(q.device.type, enabled=False):
             q_, k_, v_ = (t.transpose(1, 2).contiguous() for t in (q, k, v))
             k_, v_ = (t.repeat_interleave(group, dim=1) for t in (k_, v_))
             out, lse = cpu_flash(q_, k_, v_, 0.0, causal, attn_mask=mask)
-            total = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+            total = with_sinks(lse, sinks)
             out = (out.float() * torch.exp(lse - total)[..., None]).to(q.dtype)
         ctx.save_for_backward(q_, k_, v_, out, total, sinks, mask)
         ctx.causal, ctx.group = causal, group
@@ -228,8 +223,7 @@ class _SinkAttention(torch.autograd.Function):
         with torch.autocast(q_.device.type, enabled=False):
             grad = grad.transpose(1, 2).to(q_.dtype).contiguous()
             dq, dk, dv = cpu_flash_backward(grad, q_, k_, v_, out, total, 0.0, ctx.causal, attn_mask=mask)
-            share = torch.exp(sinks.float().view(1, -1, 1) - total)  # the sink's probability per row
-            dsinks = -(share * (grad.float() * out.float()).sum(-1)).sum((0, 2)).to(sinks.dtype)
+            dsinks = sink_gradient(sinks, total, grad, out)
             dk, dv = (t.unflatten(1, (-1, ctx.group)).sum(2) for t in (dk, dv))
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dsinks, None, None
 
