@@ -38,7 +38,7 @@ CONTENTION = {"compute_slowdown": 0.189, "source": "arXiv 2507.03114 (2025) sec.
 # spread fitted by `python benchmarks/published.py --fit-stragglers` (least squares over the
 # fit half's weak-scaling pairs: torchtitan Llama 3.1 8B FSDP 8 -> 128 H100, MPT-7B 8 -> 512
 # and MPT-70B 64 -> 512 H100 of llm-foundry's benchmark table).
-STRAGGLERS = {"spread": 0.0477, "source": "benchmarks/published.py --fit-stragglers: per-layer time "
+STRAGGLERS = {"spread": 0.0482, "source": "benchmarks/published.py --fit-stragglers: per-layer time "
               "spread fitted on 3 weak-scaling pairs of published FSDP runs (8 to 512 H100; the fit "
               "half of benchmarks/published/training.csv)"}
 # The GEMM rate a training step sustains against the kernels' own timing (HardwareProfile.
@@ -49,7 +49,7 @@ SUSTAINED = {
     "a100-80gb": {"gemm_loss": 0.0, "source": "benchmarks/published.py --fit-sustained: no GEMM rate "
                   "lost in 13 dense published A100 runs (8 to 12,288 A100; the fit half of "
                   "benchmarks/published/training.csv)"},
-    "h100-80gb": {"gemm_loss": 0.111, "source": "benchmarks/published.py --fit-sustained: 11.1% of the "
+    "h100-80gb": {"gemm_loss": 0.108, "source": "benchmarks/published.py --fit-sustained: 10.8% of the "
                   "fitted GEMM rate lost in 36 dense published H100 runs (8 to 16,384 H100; the fit half "
                   "of benchmarks/published/training.csv), the clock a training run holds at the power "
                   "limit and whatever else slows its GEMMs against the microbenchmark"},
@@ -58,8 +58,8 @@ SUSTAINED = {
 # for it (FrameworkOverhead.moe_host_gap_s): the gap fitted by `python benchmarks/published.py
 # --fit-moe-gap` (least |log error| over the fit half's 13 MoE rows: Megatron-Bridge, the MoE
 # Model Zoo and Automodel on 16 to 1024 H100).
-MOE_OVERHEAD = {"moe_host_gap_s": 4.73e-3, "source": "benchmarks/published.py --fit-moe-gap: the "
-                "GPU waits 4.73 ms for the host per MoE block forward (its sync on the routing "
+MOE_OVERHEAD = {"moe_host_gap_s": 4.74e-3, "source": "benchmarks/published.py --fit-moe-gap: the "
+                "GPU waits 4.74 ms for the host per MoE block forward (its sync on the routing "
                 "counts, its kernel launches), fitted on 13 published MoE runs (16 to 1024 H100; the "
                 "fit half of benchmarks/published/training.csv); elsewhere the host queues kernels "
                 "ahead of the GPU"}

@@ -88,6 +88,12 @@ CP_COMMS = ("p2p", "alltoall", "allgather", "a2a")
 # (FSDP2's and DeepSpeed ZeRO-2/3's default); "default" is the first under a pipeline, the
 # second without one.
 GRAD_SYNCS = ("default", "last", "each")
+# How ZeRO-2/3 hold the weights their collectives move: FSDP2's per-parameter shards, copied
+# into each all-gather's input and out of its output, and the gradients into each
+# reduce-scatter's input (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py), or flat
+# buffers that the collectives read and fill in place, the parameters views into them
+# (FSDP1's FlatParameter; Megatron-FSDP's DataParallelBuffer buckets)
+FSDP_LAYOUTS = ("per_param", "flat")
 # The dtype of Adam's two moments: fp32 (mixed precision's, and Transformer Engine FusedAdam's
 # default), or bf16 (Megatron-LM's --use-precision-aware-optimizer --exp-avg-dtype bf16
 # --exp-avg-sq-dtype bf16; DeepSeek-V3's AdamW, arXiv 2412.19437 sec 3.3.3; torch.optim.Adam
@@ -202,6 +208,9 @@ class Plan:
                           "the last micro-batch, accumulated unsharded until then (last), or after "
                           "each micro-batch (each); default: last with pp > 1 (torch.distributed."
                           "pipelining), each without (FSDP2, DeepSpeed)", choices=GRAD_SYNCS)
+    fsdp_layout: str = knob("per_param", "ZeRO-2/3's weights: FSDP2's per-parameter shards, copied in and "
+                            "out of each collective's buffer (torchtitan), or flat buffers the collectives "
+                            "fill in place (FSDP1's FlatParameter, Megatron-FSDP)", choices=FSDP_LAYOUTS)
     moe_dispatcher: str = knob("alltoall", "MoE token dispatch: NCCL all-to-all, or DeepEP (Megatron-LM "
                                "--moe-token-dispatcher-type flex --moe-enable-deepep)",
                                choices=MOE_DISPATCHERS)
@@ -328,7 +337,7 @@ POSITIVE_INTS = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch
 PLAN_WIDE = ("seq_len", "dtype", "attention", "grad_reduce_dtype", "master_weights", "moments_dtype",
              "moe_capacity_factor", "fp8_recipe", "moe_dispatcher", "moe_routing", "mlp_kernel", "elementwise",
              "fp8_saved_dtype", "zero1_sync", "grad_sync", "cross_entropy", "tp_overlap_scope", "cp_comm",
-             "kv_repeat")
+             "kv_repeat", "fsdp_layout")
 
 
 def count_issue(scope: str, field: str, value) -> tuple[str, str, str] | None:

@@ -386,6 +386,8 @@ EXECUTOR_TRAINING = (
     _rule("plan.moe_a2a_overlap", "moe_a2a_overlap", lambda x, m, c: np.logical_not(x.moe_a2a_overlap),
           lambda x, m, c: "the executor runs each micro-batch's forward and backward one after the other, "
           "so no all-to-all overlaps another micro-batch's compute", "drop moe_a2a_overlap"),
+    _rule("plan.fsdp_layout", "fsdp_layout", lambda x, m, c: x.fsdp_layout == "per_param",
+          lambda x, m, c: "the executor shards ZeRO-2/3 weights per parameter (FSDP2)", "drop fsdp_layout flat"),
     _rule("plan.tp_overlap", "tp_overlap", lambda x, m, c: np.logical_not(x.tp_overlap),
           lambda x, m, c: "the executor runs TP's collectives between its GEMMs (no async TP)",
           "drop tp_overlap"),
@@ -581,6 +583,8 @@ _TORCHTITAN = (
               "plan with cp_comm allgather (or alltoall for torchtitan 0.2)"),
     # models/*/model.py since v0.2.2: scaled_dot_product_attention(..., enable_gqa=...)
     _grouped_kv("torchtitan", "enable_gqa"),
+    _rule("plan.fsdp_layout", "fsdp_layout zero", lambda x, m, c: (x.fsdp_layout == "per_param") | (x.zero < 2),
+          lambda x, m, c: "torchtitan shards ZeRO-2/3 weights per parameter (FSDP2)", "plan with fsdp_layout per_param"),
     # FSDP2's MixedPrecisionPolicy keeps the sharded parameters in fp32 (torchtitan's
     # training.mixed_precision_param is the dtype they are gathered in); training.dtype
     # bfloat16 keeps "all parameters, gradients, and optimizer states in bfloat16, without an
@@ -780,12 +784,18 @@ FRAMEWORKS = {
         # Megatron-FSDP syncs sharded gradients in no_sync too (megatron_fsdp.py)
         _sync_each("Megatron-LM's FSDP"),
         _fused_loss("Megatron-LM"),
-        # Megatron-FSDP (the ZeRO-3 of tied embeddings or EP, which FSDP2 refuses) always reshards
-        _rule("plan.reshard_after_forward", "reshard_after_forward ep",
-              lambda x, m, c: np.asarray(x.reshard_after_forward) | (np.logical_not(m.tied_embeddings) & (x.ep == 1)),
-              lambda x, m, c: "Megatron-FSDP (the ZeRO-3 of a model with tied embeddings or expert "
-              "parallelism) reshards after forward", "keep reshard_after_forward, or use ep 1 and untied "
-              "embeddings (PyTorch FSDP2 takes --torch-fsdp2-no-reshard-after-forward)"),
+        # ZeRO-3 by PyTorch FSDP2 (--use-torch-fsdp2: per-parameter shards), which refuses tied
+        # embeddings and expert parallelism, or by Megatron-FSDP (flat buckets), which shards both
+        _rule("plan.fsdp_layout", "fsdp_layout zero ep",
+              lambda x, m, c: (x.zero < 3) | (x.fsdp_layout == "flat") | (np.logical_not(m.tied_embeddings) & (x.ep == 1)),
+              lambda x, m, c: "Megatron-LM's per-parameter ZeRO-3 (PyTorch FSDP2) refuses tied embeddings and "
+              "expert parallelism", "plan with fsdp_layout flat (Megatron-FSDP)"),
+        # Megatron-FSDP always reshards
+        _rule("plan.reshard_after_forward", "reshard_after_forward fsdp_layout zero",
+              lambda x, m, c: np.asarray(x.reshard_after_forward) | (x.fsdp_layout == "per_param") | (x.zero < 3),
+              lambda x, m, c: "Megatron-FSDP (ZeRO-3 in flat buffers) reshards after forward",
+              "keep reshard_after_forward, or plan with fsdp_layout per_param (PyTorch FSDP2 takes "
+              "--torch-fsdp2-no-reshard-after-forward)"),
     ),
     "deepspeed": (
         _learned_routing("DeepSpeed-MoE"),

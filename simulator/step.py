@@ -132,6 +132,7 @@ def state_rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     whole = accumulating & grad_sync_once(wide["grad_sync"], r["pp"])
     return {**r, "dtype": wide["dtype"], "d": d, "gd": max(d, DTYPE_BYTES[wide["grad_reduce_dtype"]]),
             "master": wide["master_weights"], "mb": DTYPE_BYTES[wide["moments_dtype"]],
+            "fsdp_copies": wide["fsdp_layout"] == "per_param",
             "dps": r["dp"] * r["cp"], "edp": r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
             "per_layer_expert": expert_layer_params(model, r["ep"], r["etp"]) * np.ones(len(r["tp"])),
             "accumulate_whole": whole,
@@ -233,10 +234,15 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     group = {k: r[k][zero3] for k in DP_GROUP_KEYS}
     r["ag"] = np.zeros(zero3.shape)
     # each FSDP call with its host work (FrameworkOverhead.fsdp_gather_s; zero on a GPU)
-    gather_host = hw.overhead.fsdp_gather_s
-    r["ag"][zero3] = dp_collective_s(hw, "all_gather", group,
-                                     ((r["per_layer"] - r["per_layer_expert"]) * r["d"])[zero3],
-                                     (r["per_layer_expert"] * r["d"])[zero3]) + gather_host
+    # and its copy-in of the local shard (fsdp_copy_s)
+    gather_host, copies = hw.overhead.fsdp_gather_s, r["fsdp_copies"]
+    dense_bytes, expert_bytes = (r["per_layer"] - r["per_layer_expert"]) * r["d"], r["per_layer_expert"] * r["d"]
+    shard_bytes = dense_bytes / r["dps"] + expert_bytes / r["edp"]
+    r["ag"][zero3] = (dp_collective_s(hw, "all_gather", group, dense_bytes[zero3], expert_bytes[zero3])
+                      + gather_host + fsdp_copy_s(hw, 2 * shard_bytes[zero3], copies))
+    # ... and its copy-out into the unsharded weights, on the compute stream after the
+    # gather: exposed wherever the gather itself hides
+    r["agc"] = np.where(zero3, fsdp_copy_s(hw, 2 * r["per_layer"] * r["d"], copies), 0.0)
     # Under a pipeline whose gradients sync once per step, weights that are not resharded
     # after forward stay gathered from the first micro-batch to the last (torch.distributed.
     # pipelining stage.py: FSDP2 modules set_reshard_after_backward(False) and
@@ -244,15 +250,16 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     # step, priced here per micro-batch as its m-th part; memory holds them all either way.
     once = zero3 & ~r["reshard"].astype(bool) & (r["pp"] > 1) & r["accumulate_whole"]
     per_mb = np.where(once, 1.0 / r["num_microbatches"], 1.0)
-    r["ag"] = r["ag"] * per_mb
-    r["agb"] = np.where(r["reshard"], r["ag"], 0.0)
+    r["ag"], r["agc"] = r["ag"] * per_mb, r["agc"] * per_mb
+    r["agb"], r["agcb"] = np.where(r["reshard"], r["ag"], 0.0), np.where(r["reshard"], r["agc"], 0.0)
     # ... and its root module (FSDP2's: the embedding on the first stage, the final norm and
     # head on the last) once per micro-batch (or step, as above), before the forward, kept
     # until its backward (FSDP2 does not reshard the root after forward)
     for key, first, last in (("emb_ag", True, False), ("head_ag", False, True)):
         root = stage_params(model, r["tp"][zero3], r["pp"][zero3], 0, first, last) * r["d"]
         r[key] = np.zeros(zero3.shape)
-        r[key][zero3] = dp_collective_s(hw, "all_gather", group, root, 0.0) + gather_host
+        r[key][zero3] = (dp_collective_s(hw, "all_gather", group, root, 0.0) + gather_host
+                         + fsdp_copy_s(hw, 2 * root / group["dps"], copies) + fsdp_copy_s(hw, 2 * root, copies))
         r[key] = r[key] * per_mb
     # Each of those gathers is a barrier of the DP x CP group: it completes when the slowest
     # rank reaches it, so every layer waits out the group's straggler (HardwareProfile.
@@ -266,6 +273,17 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     r["hop"] = _where(r["pp"] > 1, lambda b, rpn, share: collective_s(hw, "send_recv", b, 2, rpn, share),
                       p2p_bytes, r["pp_rpn"], r["pp_share"])
     return r
+
+
+def fsdp_copy_s(hw: HardwareProfile, num_bytes, copies=True) -> np.ndarray:
+    """FSDP2's copies around its collectives (plan.fsdp_layout per_param), moving `num_bytes`
+    (read + write) at the profile's memory-bound rate: the shard into the all-gather's input,
+    the gathered buffer out into the unsharded weights, the gradients into the reduce-scatter's
+    input in the reduce dtype (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py:
+    all_gather_copy_in, split_with_sizes_copy, _chunk_cat); none where `copies` is false (flat
+    buffers) or no bytes move."""
+    num_bytes = np.asarray(num_bytes, dtype=float) * copies
+    return np.where(num_bytes > 0, hw.memory_bound_time_s(num_bytes, "fp32"), 0.0)
 
 
 def dp_collective_s(hw: HardwareProfile, kind: str, r: dict, dense_bytes, expert_bytes, c=lambda x: x):
@@ -307,10 +325,10 @@ def chunk_s(r: dict, n, chunks, first, last, paired: bool = False) -> tuple[np.n
     c = _col
     hidden_f, hidden_b = r["xf"] + r["cf"], r["xb"] + r["cb"]
     layer_f, layer_b = (r["l_fwd_pair"], r["l_bwd_pair"]) if paired else (r["l_fwd"], r["l_bwd"])
-    fwd = (n * c(layer_f + hidden_f + r["sync_f"]) + chunks * c(r["ag"] - hidden_f)
+    fwd = (n * c(layer_f + hidden_f + r["sync_f"] + r["agc"]) + chunks * c(r["ag"] - hidden_f)
            + first * c(r["emb_fwd"] + r["emb_ag"]) + last * c(r["head_fwd"] + r["head_ag"]))
     split = split_host_s(r, n, first, last)
-    bwd = (n * c(layer_b + hidden_b + r["sync_b"]) + chunks * c(r["agb"] - hidden_b)
+    bwd = (n * c(layer_b + hidden_b + r["sync_b"] + r["agcb"]) + chunks * c(r["agb"] - hidden_b)
            + first * c(r["emb_bwd"]) + last * c(r["head_bwd"]) + split)
     wgrad = n * c(r["l_bwd_w"]) + first * c(r["emb_bwd_w"]) + last * c(r["head_bwd_w"]) + split
     return fwd, bwd, wgrad
@@ -427,9 +445,13 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     # ZeRO-1 by all-reduce (plan.zero1_sync): DDP's all-reduce, then each rank broadcasts the
     # weights it updated (torch's ZeroRedundancyOptimizer)
     by_all_reduce = (z == 0) | ((z == 1) & r["zero1_all_reduce"])
-    # FSDP2's (ZeRO-2/3) calls with their host work (FrameworkOverhead.fsdp_*; zero on a GPU)
+    # FSDP2's (ZeRO-2/3) calls with their host work (FrameworkOverhead.fsdp_*; zero on a GPU),
+    # the reduce-scatter after copying the layer's gradients into its input in the reduce
+    # dtype, the gather with its copies in and out (fsdp_copy_s)
+    layer_params, copies = sum(parts) / np.maximum(n, 1), r["fsdp_copies"]
     bucket = np.where(c(by_all_reduce), per_layer_s("all_reduce", r["gd"]),
-                      per_layer_s("reduce_scatter", r["gd"]) + c(z >= 2) * hw.overhead.fsdp_reduce_s)
+                      per_layer_s("reduce_scatter", r["gd"]) + c(z >= 2) * (
+                          hw.overhead.fsdp_reduce_s + fsdp_copy_s(hw, layer_params * (r["d"] + r["gd"]), copies)))
     both_cross = (rpn < dps) & (r["cp_rpn"] < r["cp"])
     bucket = bucket + c(np.where(both_cross, r["l_cp_bwd_raw"], 0.0)) * (bucket > 0)
     exposed, slowed = overlap_split(bucket, c(r["l_bwd"]), hw)
@@ -445,7 +467,8 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     contention = syncs * np.where(n > 0, (n - alone) * slowed, 0.0)
     # the updated weights of ZeRO-1/2 are gathered bucket by bucket behind the next step's
     # forward (Megatron-LM --overlap-param-gather), the first bucket exposed
-    gather = c(np.isin(z, (1, 2))) * per_layer_s("all_gather", r["d"]) + c(z == 2) * hw.overhead.fsdp_gather_s
+    gather = c(np.isin(z, (1, 2))) * per_layer_s("all_gather", r["d"]) + c(z == 2) * (
+        hw.overhead.fsdp_gather_s + fsdp_copy_s(hw, 2 * layer_params * r["d"] * (1 + 1 / c(dps)), copies))
     if r["zero1_all_reduce"]:
         gather = np.where(c(z == 1), per_layer_s("broadcast", r["d"]), gather)
     gather_exposed, gather_slowed = overlap_split(gather, c(r["l_fwd_compute"]), hw)

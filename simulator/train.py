@@ -362,7 +362,8 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, stages: np.ndar
     ahead = np.append(owner[1:], s) != s    # stage j + 1 elsewhere (none after the last)
     behind = np.insert(owner[:-1], 0, s) != s
     sends = m * int(ahead[stages[s]].sum() + behind[stages[s]].sum())
-    gathers = m * (n * (x["ag"] + x["agb"]) + (s == 0) * x["emb_ag"] + (s == head_at) * x["head_ag"])
+    gathers = m * (n * (x["ag"] + x["agb"] + x["agc"] + x["agcb"]) + (s == 0) * x["emb_ag"]
+                   + (s == head_at) * x["head_ag"])
     kernel = hw.attention_kernel(r["attention"]).attention
     return {
         "tp": {"total_s": m * (n * x["l_tp_raw"] + _edge_tp(x, s, head_at)), "exposed_s": breakdown["tp_comm"]},

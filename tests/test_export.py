@@ -156,9 +156,13 @@ def test_megatron_fsdp_forms():
     untied = export("megatron", job("llama-3-70b", dp=64, zero=3))
     assert {"--use-torch-fsdp2", "--no-gradient-accumulation-fusion", "--untie-embeddings-and-output-weights"} \
         <= set(flags(untied.args)) and untied.env == ()
-    tied = flags(export("megatron", job("gpt3-175b", seq_len=2048, dp=64, zero=3, recompute="full")).args)
+    # flat buffers are Megatron-FSDP, which shards tied embeddings; FSDP2's per-parameter shards refuse them
+    tied = flags(export("megatron", job("gpt3-175b", seq_len=2048, dp=64, zero=3, recompute="full",
+                                        fsdp_layout="flat")).args)
     assert "--use-megatron-fsdp" in tied and tied["--data-parallel-sharding-strategy"] == "optim_grads_params"
     assert "--untie-embeddings-and-output-weights" not in tied
+    with pytest.raises(PlanError, match="fsdp_layout flat"):
+        export("megatron", job("gpt3-175b", seq_len=2048, dp=64, zero=3, recompute="full"))
 
 
 def test_megatron_rope_scaling_from_a_llama_3_1_config():
@@ -392,8 +396,10 @@ def test_megatron_qwen3_attention_and_fsdp_without_reshard():
     f = flags(export("megatron", job(QWEN3_MOE, dp=64, zero=3, reshard_after_forward=False)).args)
     assert {"--qk-layernorm", "--use-torch-fsdp2", "--torch-fsdp2-no-reshard-after-forward"} <= set(f)
     assert f["--kv-channels"] == "128" and f["--expert-model-parallel-size"] == "1"
-    ep = flags(export("megatron", job(QWEN3_MOE, dp=64, zero=3, ep=8)).args)
-    assert "--use-megatron-fsdp" in ep and "--use-torch-fsdp2" not in ep  # FSDP2 refuses EP
+    ep = flags(export("megatron", job(QWEN3_MOE, dp=64, zero=3, ep=8, fsdp_layout="flat")).args)
+    assert "--use-megatron-fsdp" in ep and "--use-torch-fsdp2" not in ep
+    with pytest.raises(PlanError, match="fsdp_layout flat"):  # FSDP2 refuses EP
+        export("megatron", job(QWEN3_MOE, dp=64, zero=3, ep=8))
 
 
 def test_megatron_overlaps_the_expert_all_to_all():
@@ -470,8 +476,12 @@ def test_deepspeed_moe_command_and_reduce_dtype():
      "moe_capacity_factor"),
     ("megatron", str(HF / "deepseek-v3.json"), dict(dp=8, tp=8, sp=True, ep=8), "model"),  # MLA
     ("megatron", "llama-2-13b", dict(dp=8, tp=8, dtype="fp16", grad_reduce_dtype="bf16"), "grad_reduce_dtype"),
-    ("megatron", "gpt3-175b", dict(dp=64, zero=3, reshard_after_forward=False), "reshard_after_forward"),
-    ("megatron", QWEN3_MOE, dict(dp=64, zero=3, ep=8, reshard_after_forward=False), "reshard_after_forward"),
+    ("megatron", "gpt3-175b", dict(dp=64, zero=3, fsdp_layout="flat", reshard_after_forward=False),
+     "reshard_after_forward"),
+    ("megatron", QWEN3_MOE, dict(dp=64, zero=3, ep=8, fsdp_layout="flat", reshard_after_forward=False),
+     "reshard_after_forward"),
+    ("megatron", QWEN3_MOE, dict(dp=64, zero=3, ep=8), "fsdp_layout"),
+    ("torchtitan", "llama-3-70b", dict(dp=64, zero=3, fsdp_layout="flat"), "fsdp_layout"),
     ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, dtype="fp8"), "dtype"),
     ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, sp=True, tp_overlap=True), "tp_overlap"),
     ("deepspeed", "llama-2-13b", dict(dp=64, zero=3, reshard_after_forward=False), "reshard_after_forward"),

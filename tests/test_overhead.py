@@ -162,7 +162,12 @@ def test_parallel_overhead_is_the_probe_less_its_priced_collectives():
     # top-2 of 4 experts: each token's two rows of 64 fp32 out and back, over 2 ranks
     exchange = float(ep_comm_s(probe_model(1, moe=True), PROBE_TOKENS, 4, 1.0, hw, 2, 2, 1, 1))
     counts = float(ep_counts_s(probe_model(1, moe=True), hw, 2, 2))
-    fsdp_ag, fsdp_rs = (hw.collective_time_s(k, layer, 2, 2) for k in ("all_gather", "reduce_scatter"))
+    # FSDP2's copies at the profile's memory-bound rate (read + write): the half-layer shard into
+    # the all-gather's input, the gathered layer out; the fp32 gradients into the reduce-scatter's
+    def copy(nbytes):
+        return hw.memory_bound_time_s(nbytes, "fp32")
+    fsdp_ag = hw.collective_time_s("all_gather", layer, 2, 2) + copy(layer) + copy(2 * layer)
+    fsdp_rs = hw.collective_time_s("reduce_scatter", layer, 2, 2) + copy(2 * layer)
     # Ulysses: Q, K, V (4 + 2 + 2 heads of 16) out in one all-to-all and the output (4 heads) back
     q_kv = hw.collective_time_s("all_to_all", PROBE_TOKENS * 8 * 16 * 4, 2, 2)
     back = hw.collective_time_s("all_to_all", PROBE_TOKENS * 4 * 16 * 4, 2, 2)
@@ -322,3 +327,35 @@ def test_fsdp_calls_add_their_host_work(zero, gathers, reduces):
     base = step_s(0.0, 0.0)
     assert step_s(1e-3, 0.0) - base == pytest.approx(gathers * 1e-3)
     assert step_s(0.0, 1e-3) - base == pytest.approx(reduces * 1e-3)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_fsdp2_copies_move_each_layers_bytes(zero):
+    # the 4-layer validation model, dp 2, one micro-batch on CPU ranks (every call exposed):
+    # per-parameter shards (FSDP2) against flat buffers is FSDP2's copies alone, each at the
+    # memory-bound rate over the bytes it reads and writes. A ZeRO-3 gather copies the half
+    # shard in (2 x bytes / 2) and the whole layer out (2 x bytes), each layer's before its
+    # forward and its backward, the embedding's and the norm and head's once; ZeRO-2 gathers
+    # each layer once, in and out in one call; each reduce-scatter first copies its share of
+    # the fp32 gradients in (read 4 bytes a parameter, write 4)
+    from meshplan.validation.suite import VALIDATION_MODEL as model
+    from meshplan.simulator.train import simulate
+    from meshplan.simulator.plan import Plan
+    local = load_profile("local")
+    hw = replace(local, extra={k: v for k, v in local.extra.items() if k != "neighbour_slowdown"})
+
+    def step_s(layout):
+        plan = Plan(global_batch=2, seq_len=128, micro_batch=1, dp=2, zero=zero, dtype="fp32", fsdp_layout=layout)
+        return simulate(model, plan, Cluster(2, 2), hw).step_time_s
+
+    def copy(nbytes):
+        return hw.memory_bound_time_s(nbytes, "fp32")
+    n = model.num_layers
+    layer = model.layer_params(model.layer_kinds()[0][0]) * 4
+    embedding = model.embedding_params() * 4
+    head = (model.vocab_size + 1) * model.hidden_size * 4  # the LM head and the final norm
+    total = n * layer + embedding + head
+    scatters = n * copy(2 * total / n)  # the root's gradients ride in the layers' buckets
+    gathers = (sum(k * (copy(b) + copy(2 * b)) for k, b in ((2 * n, layer), (1, embedding), (1, head)))
+               if zero == 3 else n * copy(total / n + 2 * total / n))
+    assert step_s("per_param") - step_s("flat") == pytest.approx(gathers + scatters, rel=1e-9)

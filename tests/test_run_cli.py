@@ -62,6 +62,7 @@ def test_illegal_plan_exits_2_with_one_line_and_launches_nothing(config_json, ca
     (MODEL, dict(dp=2), dict(nnodes=2), "run.rdzv_endpoint"),
     (MODEL, dict(dp=2), dict(steps=3, warmup=3), "run.warmup"),
     (MODEL, dict(dp=2, attention="cudnn"), {}, "plan.attention"),  # this machine has no CUDA device
+    (MODEL, dict(dp=2, zero=3, fsdp_layout="flat"), {}, "plan.fsdp_layout"),  # its ZeRO-3 is FSDP2's
 ])
 def test_executor_refusals_name_the_field(model, fields, options, field):
     plan = Plan(**{"global_batch": 8, "seq_len": 32, **fields})

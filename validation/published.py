@@ -50,7 +50,7 @@ KNOBS = {"tp": "tp", "pp": "pp", "dp": "dp", "cp": "cp", "ep": "ep", "etp": "etp
          "sp": "sp", "tp_overlap": "tp_overlap", "tp_overlap_scope": "tp_overlap_scope", "fsdp_reshard_after_forward": "reshard_after_forward",
          "moe_dispatcher": "moe_dispatcher", "moe_routing": "moe_routing", "moe_a2a_overlap": "moe_a2a_overlap",
          "grad_reduce_dtype": "grad_reduce_dtype", "master_weights": "master_weights",
-         "moments_dtype": "moments_dtype", "grad_sync": "grad_sync",
+         "moments_dtype": "moments_dtype", "grad_sync": "grad_sync", "fsdp_layout": "fsdp_layout",
          "cross_entropy": "cross_entropy", "fp8_saved_dtype": "fp8_saved_dtype", "fp8_recipe": "fp8_recipe",
          "attention": "attention", "cp_comm": "cp_comm", "kv_repeat": "kv_repeat"}
 # each knob's Plan default: its type says how a CSV cell reads (flag, choice, or count)

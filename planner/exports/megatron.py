@@ -6,10 +6,10 @@ core_v0.17.1).
 - Every model hyperparameter that differs from Megatron-LM's defaults is given: RoPE base
   (default 10000) and Llama 3.1 scaling, norm epsilon, dropout (default 0.1), bias, gating,
   GQA groups, tying.
-- ZeRO-1 is the distributed optimizer; ZeRO-3 is PyTorch FSDP2 (--use-torch-fsdp2, which
-  needs untied embeddings, no expert parallelism and no gradient-accumulation fusion) or, for a
-  model with tied embeddings or EP, Megatron-FSDP with fully sharded optimizer, gradients and
-  parameters.
+- ZeRO-1 is the distributed optimizer; ZeRO-3 with per-parameter shards is PyTorch FSDP2
+  (--use-torch-fsdp2, which needs untied embeddings, no expert parallelism and no
+  gradient-accumulation fusion), in flat buffers Megatron-FSDP with fully sharded optimizer,
+  gradients and parameters (plan.fsdp_layout).
 - Experts: Megatron-Core's MoE arguments (--num-experts ... --moe-*), placed by
   --expert-model-parallel-size / --expert-tensor-parallel-size; FP8 through Transformer Engine
   (--fp8-format hybrid, --fp8-recipe); TP overlap through its userbuffers (--tp-comm-overlap);
@@ -100,8 +100,9 @@ def moe_args(job: TrainJob) -> list[tuple[str, object]]:
 
 
 def _zero3(job: TrainJob) -> list[tuple[str, object]]:
-    # FSDP2 refuses tied embeddings and expert parallelism; Megatron-FSDP shards both
-    if job.model.tied_embeddings or job.plan.ep > 1:
+    # FSDP2 shards per parameter; Megatron-FSDP in flat buckets (and shards tied embeddings and
+    # experts, which FSDP2 refuses: rules.FRAMEWORKS)
+    if job.plan.fsdp_layout == "flat":
         return [("--use-megatron-fsdp", None), ("--data-parallel-sharding-strategy", "optim_grads_params"),
                 ("--ckpt-format", "fsdp_dtensor"), ("--no-gradient-accumulation-fusion", None)]
     return [("--use-torch-fsdp2", None), ("--no-gradient-accumulation-fusion", None),
