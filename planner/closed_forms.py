@@ -225,7 +225,7 @@ def _step_time(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, before, par
          (m - 1) * cycle + fill - r["sum_w"] + wgrad[:, 0] - (np.minimum(m, p) - 1) * wgrad.min(axis=1)],
         (m - 1) * paired + fill)
     xb, ag = r["xb"], r["ag"]
-    drained = before * c(r["l_bwd"] + xb) + s * c(v * (ag - xb)) + (s > 0) * c(r["emb_bwd"])
+    drained = before * c(r["l_bwd"] + xb + r["agcb"]) + s * c(v * (ag - xb)) + (s > 0) * c(r["emb_bwd"])
     end = c(end0) - (s > 0) * (drained / c(v) + s * c(hop))
     tail = step.rank_tail_s(r, model, hw, s, n, params).total_s
     step_s = (end + tail).max(axis=1)
