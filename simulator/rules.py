@@ -584,7 +584,8 @@ _TORCHTITAN = (
     # models/*/model.py since v0.2.2: scaled_dot_product_attention(..., enable_gqa=...)
     _grouped_kv("torchtitan", "enable_gqa"),
     _rule("plan.fsdp_layout", "fsdp_layout zero", lambda x, m, c: (x.fsdp_layout == "per_param") | (x.zero < 2),
-          lambda x, m, c: "torchtitan shards ZeRO-2/3 weights per parameter (FSDP2)", "plan with fsdp_layout per_param"),
+          lambda x, m, c: "torchtitan shards ZeRO-2/3 weights per parameter (FSDP2)",
+          "plan with fsdp_layout per_param"),
     # FSDP2's MixedPrecisionPolicy keeps the sharded parameters in fp32 (torchtitan's
     # training.mixed_precision_param is the dtype they are gathered in); training.dtype
     # bfloat16 keeps "all parameters, gradients, and optimizer states in bfloat16, without an
@@ -787,7 +788,8 @@ FRAMEWORKS = {
         # ZeRO-3 by PyTorch FSDP2 (--use-torch-fsdp2: per-parameter shards), which refuses tied
         # embeddings and expert parallelism, or by Megatron-FSDP (flat buckets), which shards both
         _rule("plan.fsdp_layout", "fsdp_layout zero ep",
-              lambda x, m, c: (x.zero < 3) | (x.fsdp_layout == "flat") | (np.logical_not(m.tied_embeddings) & (x.ep == 1)),
+              lambda x, m, c: ((x.zero < 3) | (x.fsdp_layout == "flat")
+                               | (np.logical_not(m.tied_embeddings) & (x.ep == 1))),
               lambda x, m, c: "Megatron-LM's per-parameter ZeRO-3 (PyTorch FSDP2) refuses tied embeddings and "
               "expert parallelism", "plan with fsdp_layout flat (Megatron-FSDP)"),
         # Megatron-FSDP always reshards
