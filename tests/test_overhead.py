@@ -163,7 +163,7 @@ def test_parallel_overhead_is_the_probe_less_its_priced_collectives():
     exchange = float(ep_comm_s(probe_model(1, moe=True), PROBE_TOKENS, 4, 1.0, hw, 2, 2, 1, 1))
     counts = float(ep_counts_s(probe_model(1, moe=True), hw, 2, 2))
     # FSDP2's copies at the profile's memory-bound rate (read + write): the half-layer shard into
-    # the all-gather's input, the gathered layer out; the fp32 gradients into the reduce-scatter's
+    # the all-gather's input, the gathered layer out; the fp32 gradients into the reduce-scatter's input
     def copy(nbytes):
         return hw.memory_bound_time_s(nbytes, "fp32")
     fsdp_ag = hw.collective_time_s("all_gather", layer, 2, 2) + copy(layer) + copy(2 * layer)
