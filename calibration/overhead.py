@@ -54,7 +54,7 @@ from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.serve import (InferencePlan, decode_edge_weight_bytes, decode_layer_weight_bytes,
                                       simulate_inference)
 from meshplan.simulator.train import plans_rows, simulate
-from meshplan.simulator.step import fsdp_copy_s
+from meshplan.simulator.step import fsdp_gather_copies_s, fsdp_reduce_copy_s
 
 PROBE_TOKENS = 8
 # the split backward's larger token count (its activation bytes span the executor's small models')
@@ -351,11 +351,13 @@ def parallel_overhead(rows: list[dict], hw: HardwareProfile) -> dict[str, float]
         out[f"{v}_layer_backward_s"] = max(0.0, bwd - comm)
         out[f"{v}_edge_forward_s"] = max(0.0, edge_f - plain[2] - emb_f - head_f)
         out[f"{v}_edge_backward_s"] = max(0.0, edge_b - plain[3] - emb_b - head_b)
-    layer_bytes = model.layer_params(model.layer_kinds()[0][0]) * 4
+    layer_params = model.layer_params(model.layer_kinds()[0][0])
+    layer_bytes = layer_params * 4
     # FSDP2's calls with their copies: the shard in and the layer out, the fp32 gradients in
-    gather = float(hw.collective_time_s("all_gather", layer_bytes, 2, 2) + fsdp_copy_s(hw, layer_bytes)
-                   + fsdp_copy_s(hw, 2 * layer_bytes))
-    scatter = float(hw.collective_time_s("reduce_scatter", layer_bytes, 2, 2) + fsdp_copy_s(hw, 2 * layer_bytes))
+    gather = float(hw.collective_time_s("all_gather", layer_bytes, 2, 2)
+                   + sum(fsdp_gather_copies_s(hw, layer_bytes, layer_bytes / 2)))
+    scatter = float(hw.collective_time_s("reduce_scatter", layer_bytes, 2, 2)
+                    + fsdp_reduce_copy_s(hw, layer_params, 4, 4))
     step = {v: sum(_per_layer(t, v)[:2]) - sum(plain[:2]) for v in ("zero2", "zero3")}
     # a layer's step: ZeRO-2 one gather and one reduce-scatter, ZeRO-3 two gathers and one
     calls, _ = nnls(np.array([[1.0, 1.0], [2.0, 1.0]]),

@@ -234,15 +234,16 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
     group = {k: r[k][zero3] for k in DP_GROUP_KEYS}
     r["ag"] = np.zeros(zero3.shape)
     # each FSDP call with its host work (FrameworkOverhead.fsdp_gather_s; zero on a GPU)
-    # and its copy-in of the local shard (fsdp_copy_s)
+    # and its copy-in of the local shard (fsdp_gather_copies_s)
     gather_host, copies = hw.overhead.fsdp_gather_s, r["fsdp_copies"]
     dense_bytes, expert_bytes = (r["per_layer"] - r["per_layer_expert"]) * r["d"], r["per_layer_expert"] * r["d"]
     shard_bytes = dense_bytes / r["dps"] + expert_bytes / r["edp"]
+    copy_in, copy_out = fsdp_gather_copies_s(hw, r["per_layer"] * r["d"], shard_bytes, copies)
     r["ag"][zero3] = (dp_collective_s(hw, "all_gather", group, dense_bytes[zero3], expert_bytes[zero3])
-                      + gather_host + fsdp_copy_s(hw, 2 * shard_bytes[zero3], copies))
+                      + gather_host + copy_in[zero3])
     # ... and its copy-out into the unsharded weights, on the compute stream after the
     # gather: exposed wherever the gather itself hides
-    r["agc"] = np.where(zero3, fsdp_copy_s(hw, 2 * r["per_layer"] * r["d"], copies), 0.0)
+    r["agc"] = np.where(zero3, copy_out, 0.0)
     # Under a pipeline whose gradients sync once per step, weights that are not resharded
     # after forward stay gathered from the first micro-batch to the last (torch.distributed.
     # pipelining stage.py: FSDP2 modules set_reshard_after_backward(False) and
@@ -259,7 +260,7 @@ def add_times(r: dict, model: ModelSpec, hw: HardwareProfile, st: ShardTimes | N
         root = stage_params(model, r["tp"][zero3], r["pp"][zero3], 0, first, last) * r["d"]
         r[key] = np.zeros(zero3.shape)
         r[key][zero3] = (dp_collective_s(hw, "all_gather", group, root, 0.0) + gather_host
-                         + fsdp_copy_s(hw, 2 * root / group["dps"], copies) + fsdp_copy_s(hw, 2 * root, copies))
+                         + sum(fsdp_gather_copies_s(hw, root, root / group["dps"], copies)))
         r[key] = r[key] * per_mb
     # Each of those gathers is a barrier of the DP x CP group: it completes when the slowest
     # rank reaches it, so every layer waits out the group's straggler (HardwareProfile.
@@ -284,6 +285,18 @@ def fsdp_copy_s(hw: HardwareProfile, num_bytes, copies=True) -> np.ndarray:
     buffers) or no bytes move."""
     num_bytes = np.asarray(num_bytes, dtype=float) * copies
     return np.where(num_bytes > 0, hw.memory_bound_time_s(num_bytes, "fp32"), 0.0)
+
+
+def fsdp_gather_copies_s(hw: HardwareProfile, gathered_bytes, shard_bytes, copies=True):
+    """(copy-in, copy-out) of one FSDP2 all-gather (fsdp_copy_s): the rank's `shard_bytes`
+    read and written into the gather's input, the `gathered_bytes` read and written out."""
+    return fsdp_copy_s(hw, 2 * shard_bytes, copies), fsdp_copy_s(hw, 2 * gathered_bytes, copies)
+
+
+def fsdp_reduce_copy_s(hw: HardwareProfile, params, param_bytes, reduce_bytes, copies=True) -> np.ndarray:
+    """The copy-in of one FSDP2 reduce-scatter (fsdp_copy_s): `params` gradients read at
+    `param_bytes` each and written in the reduce dtype, `reduce_bytes` each."""
+    return fsdp_copy_s(hw, params * (param_bytes + reduce_bytes), copies)
 
 
 def dp_collective_s(hw: HardwareProfile, kind: str, r: dict, dense_bytes, expert_bytes, c=lambda x: x):
@@ -451,7 +464,7 @@ def rank_tail_s(r: dict, model: ModelSpec, hw: HardwareProfile, s, n, params) ->
     layer_params, copies = sum(parts) / np.maximum(n, 1), r["fsdp_copies"]
     bucket = np.where(c(by_all_reduce), per_layer_s("all_reduce", r["gd"]),
                       per_layer_s("reduce_scatter", r["gd"]) + c(z >= 2) * (
-                          hw.overhead.fsdp_reduce_s + fsdp_copy_s(hw, layer_params * (r["d"] + r["gd"]), copies)))
+                          hw.overhead.fsdp_reduce_s + fsdp_reduce_copy_s(hw, layer_params, r["d"], r["gd"], copies)))
     both_cross = (rpn < dps) & (r["cp_rpn"] < r["cp"])
     bucket = bucket + c(np.where(both_cross, r["l_cp_bwd_raw"], 0.0)) * (bucket > 0)
     exposed, slowed = overlap_split(bucket, c(r["l_bwd"]), hw)
