@@ -859,6 +859,13 @@ FRAMEWORKS = {
         _rule("plan.reshard_after_forward", "reshard_after_forward", lambda x, m, c: np.asarray(x.reshard_after_forward),
               lambda x, m, c: "DeepSpeed ZeRO-3 gathers the parameters again for backward (it has no "
               "reshard_after_forward=False)", "keep reshard_after_forward, or plan with ZeRO 2"),
+        # ZeRO-3 copies each bucket's shards into the gather's input (torch.cat out= its partition),
+        # the gathered partitions out into each parameter (AllGatherCoalescedHandle.wait's
+        # torch.cat) and the gradients into the reduce-scatter's input (reduce_scatter_coalesced):
+        # FSDP2's copies (partition_parameters.py, comm/coalesced_collectives.py)
+        _rule("plan.fsdp_layout", "fsdp_layout zero", lambda x, m, c: (x.fsdp_layout == "per_param") | (x.zero < 3),
+              lambda x, m, c: "DeepSpeed ZeRO-3 copies each parameter's shard into the all-gather and out of "
+              "it, as FSDP2 does, not into flat buffers", "plan with fsdp_layout per_param"),
         # DeepSpeed-MoE (deepspeed/moe/layer.py MoE, built by Megatron-DeepSpeed's ParallelTransformerLayer
         # from --moe-expert-parallel-size): expert-parallel groups are carved out of the data-parallel
         # ranks (deepspeed/utils/groups.py), and the experts shard over TP with

@@ -485,6 +485,7 @@ def test_deepspeed_moe_command_and_reduce_dtype():
     ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, dtype="fp8"), "dtype"),
     ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, sp=True, tp_overlap=True), "tp_overlap"),
     ("deepspeed", "llama-2-13b", dict(dp=64, zero=3, reshard_after_forward=False), "reshard_after_forward"),
+    ("deepspeed", "llama-2-13b", dict(dp=64, zero=3, fsdp_layout="flat"), "fsdp_layout"),
     ("deepspeed", MIXTRAL, dict(dp=4, tp=16, sp=True, ep=8, etp=1), "ep"),  # EP over DP ranks only
     ("deepspeed", MIXTRAL, dict(dp=8, tp=8, sp=True, ep=8, etp=1), "etp"),
     ("deepspeed", MIXTRAL, dict(dp=64, zero=3, ep=8), "zero"),
