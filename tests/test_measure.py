@@ -13,7 +13,7 @@ from meshplan.calibration.measure.compute import MIN_REPEATS, GemmShape, cache_f
     transformer_gemm_shapes
 from meshplan.calibration.measure.machine import describe_machine, memory_bytes
 from meshplan.core.cpus import cpu_model
-from meshplan.calibration.measure.run import MeasurePlan, collectives_launch, load_samples, \
+from meshplan.calibration.measure.run import MeasurePlan, collectives_launch, launch_rows, load_samples, \
     measurement_plan, save_samples
 from meshplan.calibration.samples import COLLECTIVE_COLUMNS, GEMM_COLUMNS, MEMORY_BOUND_COLUMNS, Samples
 from meshplan.core.errors import ProfileError
@@ -149,3 +149,32 @@ def test_torchrun_collectives_two_ranks():
     assert set(df["group_size"]) == {2} and set(df["ranks_per_node"]) == {2}
     assert df["time_s"].gt(0).all() and df["repeats"].ge(3).all()
     assert set(df["message_bytes"]) == {KIB, 4 * MIB}  # both divide evenly over 2 ranks
+
+
+# a measurement module whose rank 0 dies as glibc's heap check kills it (SIGABRT) in the
+# launches listed in $ABORT_IN (torchrun's restart counts), and otherwise writes its rows
+FLAKY = """
+import argparse, json, os
+p = argparse.ArgumentParser()
+p.add_argument("--out")
+args = p.parse_args()
+attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+if os.environ["RANK"] == "0":
+    if attempt in os.environ["ABORT_IN"].split(","):
+        os.abort()
+    with open(args.out, "w") as f:
+        json.dump([{"attempt": int(attempt)}], f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("abort_in, rows", [("0", [{"attempt": 1}]), ("0,1", None)])
+def test_a_measurement_launch_that_dies_is_started_again_once(tmp_path, monkeypatch, abort_in, rows):
+    (tmp_path / "flaky_rows.py").write_text(FLAKY)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("ABORT_IN", abort_in)
+    if rows is not None:
+        assert launch_rows("flaky_rows", [], 2, "overhead.parallel", "the probe") == rows
+        return
+    with pytest.raises(ProfileError, match=r"overhead.parallel: the probe failed: rank 0 .* SIGABRT"):
+        launch_rows("flaky_rows", [], 2, "overhead.parallel", "the probe")

@@ -25,6 +25,7 @@ import argparse
 import json
 import statistics
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -41,6 +42,9 @@ ELEMENT_BYTES = 4  # fp32, nccl-tests' default type
 MIN_REPEATS = 3
 ROUNDS = 4  # turns the message sizes of one collective take (_time_sizes)
 KIB = 1024
+# a collective of a measurement waiting longer than this has lost its peer (no timed call
+# takes a second): the rank fails, for launch_rows to start the launch again
+RANK_TIMEOUT_S = 300
 
 
 def _elements(kind: str, message_bytes: int, group_size: int) -> int:
@@ -175,7 +179,8 @@ def run_rank(out: Path, measure: Callable[[torch.device], list[dict]]) -> NoRetu
     write them to out, and leave as the executor's ranks do."""
     torch.set_num_threads(1)
     device = setup_device()  # as the executor's ranks
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=RANK_TIMEOUT_S))
     rows = measure(device)
     if dist.get_rank() == 0:
         write_atomic(out, json.dumps(rows))

@@ -33,6 +33,11 @@ THREADS_PER_RANK = 1
 CPU_RANKS_PER_CORE = 2
 CPU_MAX_WORLD = 4
 TORCHRUN_TIMEOUT_S = 1800  # a launch killed after this is reported as hung
+# Measurements are repeatable, and a launch that fails is started again once (torchrun
+# --max-restarts): one two-rank probe in about a hundred here died of a glibc heap check
+# ("malloc(): unaligned tcache chunk detected") in a DTensor collective's wait, and one in
+# CI hung; neither came back when run again
+RESTARTS = 1
 
 
 @dataclass(frozen=True)
@@ -107,12 +112,14 @@ def _powers(lo: int, hi: int, factor: int) -> tuple[int, ...]:
 def launch_rows(module: str, args: list[str], world: int, field: str, what: str,
                 on_line=lambda _line: None, timeout_s: float = TORCHRUN_TIMEOUT_S) -> list[dict]:
     """The rows rank 0 of a measurement module writes to its --out, from one torchrun launch
-    of `world` ranks (executor.launch.torchrun, the executor's launcher); a failed launch is a
-    ProfileError on `field` saying `what` failed and where the command to rerun it is."""
+    of `world` ranks (executor.launch.torchrun, the executor's launcher), started again once
+    if it fails (RESTARTS); a launch failing twice is a ProfileError on `field` saying `what`
+    failed and where the command to rerun it is."""
     with tempfile.TemporaryDirectory(prefix="meshplan-measure-") as tmp:
         out = Path(tmp) / "rows.json"
         try:
-            torchrun(module, ["--out", str(out), *args], world, on_line=on_line, timeout_s=timeout_s)
+            torchrun(module, ["--out", str(out), *args], world, on_line=on_line, timeout_s=timeout_s,
+                     max_restarts=RESTARTS)
         except RunFailed as exc:
             source = module.removeprefix("meshplan.").replace(".", "/") + ".py"
             raise ProfileError(field, f"{what} failed: {exc}",
