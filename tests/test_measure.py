@@ -1,5 +1,6 @@
 """Measuring this machine: GEMM shapes and byte counts by hand, tiny in-process timings, the
-machine description, the samples file, and one real torchrun launch of 2 gloo ranks."""
+machine description, the samples file, a real torchrun launch of 2 gloo ranks, and the
+launch started again when a rank dies."""
 import json
 import socket
 
