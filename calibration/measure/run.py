@@ -128,13 +128,19 @@ def launch_rows(module: str, args: list[str], world: int, field: str, what: str,
 
 
 def collectives_launch(world: int, groups: tuple[int, ...], plan: MeasurePlan, advance) -> pd.DataFrame:
-    """Collective rows of one torchrun launch of `world` ranks; advance() per measured row."""
+    """Collective rows of one torchrun launch of `world` ranks; advance() per measured row
+    (once per row: a launch started again prints its rows again)."""
     args = ["--group-sizes", *map(str, groups),
             "--sizes", *map(str, plan.collective_sizes_bytes), "--repeats", str(plan.collective_repeats),
             "--warmup", str(plan.warmup), "--budget-s", str(plan.budget_s)]
+    seen: set[str] = set()
+
+    def on_line(line: str) -> None:
+        if line.startswith("measured ") and line not in seen:
+            seen.add(line)
+            advance()
     rows = launch_rows("meshplan.calibration.measure.collectives", args, world, "collectives",
-                       f"the measurement over {world} ranks",
-                       on_line=lambda line: advance() if line.startswith("measured ") else None)
+                       f"the measurement over {world} ranks", on_line=on_line)
     return pd.DataFrame.from_records(rows, columns=list(COLLECTIVE_COLUMNS))
 
 
