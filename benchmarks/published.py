@@ -181,6 +181,11 @@ def main(argv=None) -> int:
             summary["held_out_kinds"][kind] = figures
     _figures("mixture-of-experts (ep > 1)", [r for r in rows if r["plan"]["ep"] > 1])
     _figures("fp8 training, dense", [r for r in rows if r["plan"]["dtype"] == "fp8" and r["plan"]["ep"] == 1])
+    print("by source (both halves; bias: the median signed error, + where meshplan predicts slower):")
+    for source in dict.fromkeys(r["source"] for r in rows):
+        errors = np.array([r["error"] for r in rows if r["source"] == source])
+        print(f"  {source:24s} {errors.size:3d} rows, median |error| {np.median(np.abs(errors)):5.1%}, "
+              f"max {np.abs(errors).max():5.1%}, bias {np.median(errors):+6.1%}")
     if args.write:
         write_json(END_TO_END, {**summary, "date": date.today().isoformat(),
                                 "source": "benchmarks/published.py over benchmarks/published/training.csv"})
