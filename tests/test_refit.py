@@ -80,6 +80,31 @@ def test_rounds_take_turns_and_each_plan_keeps_its_least_disturbed_round(monkeyp
     assert dp4.timed_step_times_s == (3.0, 4.0)  # its first
 
 
+def test_a_failed_suite_launch_is_started_once_more(monkeypatch):
+    from dataclasses import replace
+
+    import meshplan.validation.suite as validate
+    from meshplan.executor.launch import RunFailed
+    from meshplan.executor.options import RunOptions
+    attempts = []
+
+    def dies_first(fails):
+        def launch(jobs, cluster, options):
+            attempts.append(cluster.num_gpus)
+            if len(attempts) <= fails:
+                raise RunFailed("rank 0 (local rank 0) failed first, with killed by signal SIGABRT")
+            return [replace(_record(plan, 0.0, 1), step_times_s=(9.0, 1.0, 2.0)) for _, plan in jobs]
+        return launch
+    monkeypatch.setattr(validate, "launch_train_many", dies_first(1))
+    runs = validate.run_suite(RunOptions(steps=3, warmup=1), ("dp2",))
+    assert attempts == [2, 2] and runs[0].record.timed_step_times_s == (1.0, 2.0)
+    attempts.clear()
+    monkeypatch.setattr(validate, "launch_train_many", dies_first(2))
+    with pytest.raises(RunFailed, match="SIGABRT"):  # a second failure is the run's
+        validate.run_suite(RunOptions(steps=3, warmup=1), ("dp2",))
+    assert attempts == [2, 2]
+
+
 def test_validate_cli_rejects_bad_rounds_and_plans(capsys):
     from meshplan.cli import main
     assert main(["validate", "--rounds", "0"]) == 2

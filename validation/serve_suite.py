@@ -13,7 +13,7 @@ from typing import Callable
 from meshplan.executor.launch import launch_serve_many
 from meshplan.executor.options import ServeOptions
 from meshplan.executor.records import ServeRecord
-from meshplan.validation.suite import error_stats
+from meshplan.validation.suite import error_stats, launched_again_if_failed
 from meshplan.simulator.serve import InferencePlan
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster
@@ -71,14 +71,15 @@ class ServeValidationRun:
 def run_suite(options: ServeOptions = SUITE_OPTIONS, names: tuple[str, ...] | None = None,
               suite: tuple[tuple[str, InferencePlan], ...] = SUITE, model: ModelSpec = SERVE_MODEL,
               after_launch: Callable[[], None] | None = None) -> list[ServeValidationRun]:
-    """Run the suite's plans (or those named), one torchrun launch per world size;
+    """Run the suite's plans (or those named), one torchrun launch per world size
+    (suite.launched_again_if_failed);
     `after_launch` (e.g. a probe reading) runs after each."""
     chosen = [(n, p) for n, p in suite if names is None or n in names]
     runs: list[ServeValidationRun] = []
     for world in sorted({p.num_gpus for _, p in chosen}):
         group = [(n, p) for n, p in chosen if p.num_gpus == world]
-        records = launch_serve_many([(model, p) for _, p in group], Cluster(world, world),
-                                        options)
+        records = launched_again_if_failed(launch_serve_many, [(model, p) for _, p in group],
+                                           Cluster(world, world), options)
         runs += [ServeValidationRun(n, r) for (n, _), r in zip(group, records)]
         if after_launch is not None:
             after_launch()

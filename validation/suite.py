@@ -17,7 +17,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from meshplan.calibration.probe import repredicted
-from meshplan.executor.launch import launch_train_many
+from meshplan.executor.launch import RunFailed, launch_train_many
 from meshplan.executor.options import RunOptions
 from meshplan.executor.records import RunRecord
 from meshplan.simulator.model_spec import ModelSpec
@@ -96,10 +96,23 @@ class ValidationRun:
                 "memory_error": self.memory_error}
 
 
+def launched_again_if_failed(launch: Callable, *args):
+    """launch(*args) (a torchrun launch of a suite's plans), started once more if its ranks
+    fail: a measurement repeats, and one launch in about a hundred of the two-rank overhead
+    probe, on the same DTensor and gloo code, died of glibc's heap check
+    (calibration/measure/run.py RESTARTS). The first failure's output is on stderr, as the
+    ranks' output is; a second failure raises."""
+    try:
+        return launch(*args)
+    except RunFailed:
+        return launch(*args)
+
+
 def run_suite(options: RunOptions, names: tuple[str, ...] | None = None,
               suites: tuple[tuple[ModelSpec, tuple[tuple[str, Plan], ...]], ...] = SUITES,
               rounds: int = 1, after_launch: Callable[[], None] | None = None) -> list[ValidationRun]:
-    """Run the suites' plans (or those named), one torchrun launch per world size and round.
+    """Run the suites' plans (or those named), one torchrun launch per world size and round
+    (launched_again_if_failed).
     With rounds > 1 the launches take turns (world 2, world 4, world 2, ...), each with
     options.steps steps, and each plan keeps its least disturbed round (the lowest median
     step): a slow spell of the machine then costs a plan one round, not its measurement (on
@@ -111,7 +124,8 @@ def run_suite(options: RunOptions, names: tuple[str, ...] | None = None,
     for _ in range(rounds):
         for world in worlds:
             group = [(n, m, p) for n, m, p in chosen if p.world_size == world]
-            records = launch_train_many([(m, p) for _, m, p in group], Cluster(world, world), options)
+            records = launched_again_if_failed(launch_train_many, [(m, p) for _, m, p in group],
+                                               Cluster(world, world), options)
             if after_launch is not None:
                 after_launch()
             for (n, _, _), r in zip(group, records):
