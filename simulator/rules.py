@@ -354,6 +354,14 @@ def _learned_routing(who: str) -> Rule:
                  "in turn (NeMo AutoModel's fake_balanced_gate)", "plan with moe_routing learned")
 
 
+def _per_param_shards(zero_from: int, why: str) -> Rule:
+    """A framework whose ZeRO from stage `zero_from` up copies each parameter's shard into and
+    out of its collectives (plan.fsdp_layout per_param), `why`."""
+    return _rule("plan.fsdp_layout", "fsdp_layout zero",
+                 lambda x, m, c: (x.fsdp_layout == "per_param") | (x.zero < zero_from),
+                 lambda x, m, c: why, "plan with fsdp_layout per_param")
+
+
 def _grouped_kv(who: str, how: str) -> Rule:
     """`who`'s attention reads grouped keys and values (`how`), repeating none (plan.kv_repeat)."""
     return _rule("plan.kv_repeat", "kv_repeat", lambda x, m, c: np.logical_not(x.kv_repeat),
@@ -583,9 +591,7 @@ _TORCHTITAN = (
               "plan with cp_comm allgather (or alltoall for torchtitan 0.2)"),
     # models/*/model.py since v0.2.2: scaled_dot_product_attention(..., enable_gqa=...)
     _grouped_kv("torchtitan", "enable_gqa"),
-    _rule("plan.fsdp_layout", "fsdp_layout zero", lambda x, m, c: (x.fsdp_layout == "per_param") | (x.zero < 2),
-          lambda x, m, c: "torchtitan shards ZeRO-2/3 weights per parameter (FSDP2)",
-          "plan with fsdp_layout per_param"),
+    _per_param_shards(2, "torchtitan shards ZeRO-2/3 weights per parameter (FSDP2)"),
     # FSDP2's MixedPrecisionPolicy keeps the sharded parameters in fp32 (torchtitan's
     # training.mixed_precision_param is the dtype they are gathered in); training.dtype
     # bfloat16 keeps "all parameters, gradients, and optimizer states in bfloat16, without an
@@ -863,9 +869,8 @@ FRAMEWORKS = {
         # the gathered partitions out into each parameter (AllGatherCoalescedHandle.wait's
         # torch.cat) and the gradients into the reduce-scatter's input (reduce_scatter_coalesced):
         # FSDP2's copies (partition_parameters.py, comm/coalesced_collectives.py)
-        _rule("plan.fsdp_layout", "fsdp_layout zero", lambda x, m, c: (x.fsdp_layout == "per_param") | (x.zero < 3),
-              lambda x, m, c: "DeepSpeed ZeRO-3 copies each parameter's shard into the all-gather and out of "
-              "it, as FSDP2 does, not into flat buffers", "plan with fsdp_layout per_param"),
+        _per_param_shards(3, "DeepSpeed ZeRO-3 copies each parameter's shard into the all-gather and out of "
+                          "it, as FSDP2 does, not into flat buffers"),
         # DeepSpeed-MoE (deepspeed/moe/layer.py MoE, built by Megatron-DeepSpeed's ParallelTransformerLayer
         # from --moe-expert-parallel-size): expert-parallel groups are carved out of the data-parallel
         # ranks (deepspeed/utils/groups.py), and the experts shard over TP with
