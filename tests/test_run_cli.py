@@ -89,17 +89,21 @@ def test_pipeline_partition_is_filled_in_evenly():
 def test_pipeline_partition_is_priced_as_the_ranks_compute():
     """The split check_train fills in is the one the simulator picks for the plan as it runs
     (fp32 on CPU ranks, whatever dtype the plan asked), not for the asked dtype. tiny-llama's
-    4 layers under zb-h1 on this machine's profile: (3, 1) in fp32, where bf16 prices (2, 2);
-    interleaved runs of both measured 170-173 ms against 198-208 ms (2026-12-05)."""
+    4 layers under zb-h1 on the Xeon VM's profile (local.json, named by path: `local` is the
+    profile of the CPU the test runs on, and the EPYC's prices (3, 1) in both): (3, 1) in
+    fp32, where bf16 prices (2, 2); interleaved runs of both measured 170-173 ms against
+    198-208 ms (2026-12-05)."""
     import dataclasses
 
+    from meshplan.hw_profiles.profile import DATA_DIR
     from meshplan.simulator.model_spec import load_model
     from meshplan.simulator.train import pipeline_partition
 
     tiny = load_model("examples/tiny-llama/config.json")
     plan = Plan(global_batch=8, seq_len=128, pp=2, schedule="zb-h1")
-    cluster, hw = Cluster(2, 2), load_profile("local")
-    chosen = check_train(tiny, plan, cluster, RunOptions()).layer_partition
+    xeon = str(DATA_DIR / "local.json")
+    cluster, hw = Cluster(2, 2), load_profile(xeon)
+    chosen = check_train(tiny, plan, cluster, RunOptions(profile=xeon)).layer_partition
     ran = dataclasses.replace(plan, **training_fields(plan.dtype, "cpu", plan.cross_entropy))
     assert chosen == pipeline_partition(tiny, ran, cluster, hw)
     assert chosen != pipeline_partition(tiny, dataclasses.replace(ran, dtype="bf16"), cluster, hw)
