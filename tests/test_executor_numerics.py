@@ -13,6 +13,7 @@ Plans of one world size share one launch (launch_many) to keep the file fast.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 import json
 from dataclasses import replace
 import os
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -31,7 +33,7 @@ from meshplan.executor.launch import launch_train_many
 from meshplan.executor.loss import eager_cross_entropy as loss_fn
 from meshplan.executor.options import RunOptions
 from meshplan.executor.model import build_model
-from meshplan.executor.moe import route_in_turn, update_expert_bias
+from meshplan.executor.moe import MoE, route_in_turn, update_expert_bias
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.plan import Cluster, Plan
 
@@ -190,8 +192,22 @@ WORLD_4 = [
 ]
 
 
-def reference(model: ModelSpec, plan: Plan):
-    """Single process, whole batch at once: (losses, gradients of step 1 by name)."""
+@contextmanager
+def routing_scores(seen: list):
+    """Appends to `seen` the scores of every routing decision made inside (MoE._choose's
+    input: [tokens, experts])."""
+    choose = MoE._choose
+
+    def recorded(self, scores):
+        seen.append(scores.detach().clone())
+        return choose(self, scores)
+    with patch.object(MoE, "_choose", recorded):
+        yield
+
+
+def _train(model: ModelSpec, plan: Plan, chunks: int = 1):
+    """Single process on each step's whole batch, its loss summed over `chunks` equal slices
+    of it: (losses, gradients of step 1 by name, each step's routing scores per MoE layer)."""
     torch.manual_seed(SEED)
     net = build_model(model, SEED)
     for layer in net.layers.values():  # the plan's attention kernel (soft-capping runs unfused only)
@@ -200,11 +216,15 @@ def reference(model: ModelSpec, plan: Plan):
         route_in_turn(net)
     optimizer = (torch.optim.AdamW(net.parameters(), lr=LR) if plan.moments_dtype == "fp32"
                  else MomentsAdamW(net.parameters(), lr=LR))
-    losses, grads = [], {}
+    losses, grads, step_scores = [], {}, []
     for step in range(STEPS):
         tokens = batches.global_batch(step, plan.global_batch, plan.seq_len, model.vocab_size, SEED)
         inputs, targets = batches.split_inputs_targets(tokens)
-        loss = loss_fn(net(inputs), targets)
+        seen = []
+        with routing_scores(seen):
+            loss = sum(loss_fn(net(x), y) for x, y in zip(inputs.chunk(chunks), targets.chunk(chunks))) / chunks
+        layers = len(seen) // chunks  # chunk c's decisions, layer by layer, then chunk c + 1's
+        step_scores.append([torch.cat(seen[j::layers]) for j in range(layers)])
         loss.backward()
         losses.append(loss.item())
         if step == 0:
@@ -212,7 +232,33 @@ def reference(model: ModelSpec, plan: Plan):
         optimizer.step()
         update_expert_bias([net], None)  # every token's rows counted here, as the ranks' summed
         optimizer.zero_grad()
-    return losses, grads
+    return losses, grads, step_scores
+
+
+def first_near_tie(scores: list, reordered: list, top_k: int) -> int:
+    """The first step after an update whose routing a distributed run may decide otherwise:
+    some token's k-th and (k+1)-th best scores closer than twice the largest score the same
+    training moves when its gradients are only summed in another order (a run's ranks sum
+    them in yet another). Adam's normalised update carries that rounding to every weight:
+    tiny-moe-gelu's scores move by up to 2.4e-5 after one step, tiny-moe's by 3e-8, and a
+    token of the former at a gap of 6.6e-6 (dp2 tp2 sp ep2 etp2) routed the other way on an
+    AMD EPYC VM and not on a Xeon one. len(scores) where there is none."""
+    for step in range(1, len(scores)):
+        for mine, other in zip(scores[step], reordered[step]):
+            best = mine.topk(top_k + 1, dim=-1).values
+            if (best[:, -2] - best[:, -1]).min() < 2 * (mine - other).abs().max():
+                return step
+    return len(scores)
+
+
+def reference(model: ModelSpec, plan: Plan):
+    """Single process, whole batch at once: (losses, gradients of step 1 by name, the first
+    step whose routing is a near tie: first_near_tie)."""
+    losses, grads, scores = _train(model, plan)
+    if not scores[0] or model.num_experts <= model.experts_per_token:
+        return losses, grads, len(losses)
+    _, _, reordered = _train(model, plan, chunks=4)
+    return losses, grads, first_near_tie(scores, reordered, model.experts_per_token)
 
 
 def run_group(jobs, world_size: int, run_dir: Path):
@@ -243,8 +289,12 @@ def rank_gradients(run_dir: Path, job_index: int) -> dict:
 
 
 def check_against_reference(run_dir: Path, job_index: int, record) -> None:
-    ref_losses, ref_grads = reference(record.model, record.plan)
-    assert record.losses == pytest.approx(ref_losses, rel=1e-5, abs=0)
+    """The run's losses and step-1 gradients against the single process's. From the first step
+    whose routing is a near tie (first_near_tie) the losses are held to 1e-3: a token routed
+    the other way moves the loss by about 1e-4 of itself."""
+    ref_losses, ref_grads, tied = reference(record.model, record.plan)
+    assert record.losses[:tied] == pytest.approx(ref_losses[:tied], rel=1e-5, abs=0)
+    assert record.losses[tied:] == pytest.approx(ref_losses[tied:], rel=1e-3, abs=0)
     grads = rank_gradients(run_dir, job_index)
     assert sorted(grads) == sorted(ref_grads)
     scale = max(g.abs().max().item() for g in ref_grads.values())
@@ -330,7 +380,7 @@ def test_two_nodes_with_rendezvous_match_single_process(config_json):
     nodes = [subprocess.Popen(_cli(*common, "--node-rank", str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outputs = [node.communicate(timeout=240) for node in nodes]
-    ref_losses, _ = reference(LLAMA, plan(dp=2))
+    ref_losses, _, _ = reference(LLAMA, plan(dp=2))
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, err[-2000:]
         result = json.loads(out)
