@@ -13,7 +13,7 @@ from meshplan.simulator.partition import split_text
 from meshplan.simulator.plan import CP_COMMS, RECOMPUTE, SCHEDULES, Cluster, Plan
 from meshplan.simulator.rules import max_virtual_stages
 from meshplan.hw_profiles.accuracy import end_to_end, end_to_end_text, plan_kind
-from meshplan.simulator.train import BREAKDOWN_KEYS, MFU_DEFINITION, SimulationResult, simulate
+from meshplan.simulator.train import BREAKDOWN_KEYS, SimulationResult, mfu_text, simulate
 from meshplan.core.units import GIB
 
 TIE_REL = 1e-3  # step times closer than this are reported as a tie
@@ -153,6 +153,7 @@ class Explanation:
     changes: tuple[Comparison, ...]
     communication: dict
     mfu: float
+    mfu_causal: float
     kind: str  # the family of published runs its end-to-end error is quoted from (plan_kind)
     split: tuple[int, ...] = ()  # the winner's layers per (virtual) stage, SimulationResult.layer_split
     derived: str = ""  # how a datasheet variant's profile derives from a measured one (variant_text)
@@ -162,7 +163,7 @@ class Explanation:
                           for k, v in self.breakdown_s.items() if v > 1e-6 * self.step_time_s)
         lo, hi = self.error_band
         out = [f"winner: {self.step_time_s:.3f} s per step = {parts}",
-               f"MFU {self.mfu:.1%} = {MFU_DEFINITION}",
+               mfu_text(self.mfu, self.mfu_causal),
                *split_lines(self.split),
                *communication_lines(self.communication),
                f"error band of the profile's operator fits (held-out kernel and collective timings, "
@@ -211,7 +212,7 @@ def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
         else:
             changes.append(replace(compare(winner, other, label + held), held=bool(held)))
     return Explanation(winner.step_time_s, dict(winner.breakdown_s), winner.error_band, runner,
-                       tuple(changes), winner.communication, winner.mfu,
+                       tuple(changes), winner.communication, winner.mfu, winner.mfu_causal,
                        plan_kind(model.num_experts, winner.plan.cp), winner.layer_split, variant_text(hw))
 
 

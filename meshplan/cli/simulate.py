@@ -142,7 +142,7 @@ def print_summary(result) -> None:
 
     from meshplan.hw_profiles.accuracy import end_to_end_text, plan_kind
     from meshplan.planner.explain import communication_lines, split_lines
-    from meshplan.simulator.train import MFU_DEFINITION
+    from meshplan.simulator.train import mfu_text
 
     gib = GIB
     plan = result.plan
@@ -159,7 +159,8 @@ def print_summary(result) -> None:
             ("plan", knobs),
             ("step time", f"{result.step_time_s:.3f} s  (error band ±{lo:.0%} median, ±{hi:.0%} p95)"),
             ("throughput", f"{rate_text(result.tokens_per_s)} tokens/s"),
-            ("model TFLOP/s per GPU", f"{result.model_tflops_per_gpu:.1f}  (MFU {result.mfu:.1%})"),
+            ("model TFLOP/s per GPU", f"{result.model_tflops_per_gpu:.1f}  (MFU {result.mfu:.1%}; "
+                                      f"{result.mfu_causal:.1%} causal)"),
             ("peak memory", f"{result.peak_memory_bytes / gib:.1f} GiB of {result.memory_limit_bytes / gib:.1f}"
                             f" GiB usable"))
     for key, value in rows:
@@ -172,7 +173,7 @@ def print_summary(result) -> None:
     for key, value in result.breakdown_s.items():
         parts.add_row(key, f"{value:.4f}", f"{value / result.step_time_s:.1%}")
     console.print(parts)
-    for line in [f"MFU = {MFU_DEFINITION}", *communication_lines(result.communication),
+    for line in [mfu_text(result.mfu, result.mfu_causal), *communication_lines(result.communication),
                  f"error band: the profile's operator fits (held-out kernel and collective "
                  f"timings), not end to end; {end_to_end_text(plan_kind(result.model.num_experts, plan.cp))}"]:
         console.print(line, highlight=False)
