@@ -419,8 +419,11 @@ SERVING = (
     _rule("plan.tp", "tp", lambda x, m, c: m.ffn_hidden_size % x.tp == 0,
           lambda x, m, c: f"{x.tp} does not divide ffn size {m.ffn_hidden_size}",
           "use a TP degree that divides the MLP width"),
+    # a served model stays within the positions it was trained for, RoPE or learned (vLLM
+    # refuses a --max-model-len past them: vllm/config/model.py _get_and_verify_max_len); training
+    # may extend a RoPE model's context, serving only the extended checkpoint
     _rule("plan.prompt_len", "prompt_len gen_len",
-          lambda x, m, c: (m.position_embedding != "learned") | (x.prompt_len + x.gen_len <= m.max_seq_len),
+          lambda x, m, c: x.prompt_len + x.gen_len <= m.max_seq_len,
           lambda x, m, c: f"prompt_len + gen_len = {x.prompt_len + x.gen_len} exceeds the model's "
           f"{m.max_seq_len} positions", "keep prompt_len + gen_len within the model's positions"),
     _rule("plan.pp", "pp", lambda x, m, c: m.num_layers >= x.pp,

@@ -298,6 +298,7 @@ def test_vllm_budget_dtype_and_model_id():
     share = float(f["--gpu-memory-utilization"])
     assert share * H100.memory_bytes <= result.memory_limit_bytes < (share + 0.001) * H100.memory_bytes
     assert (f["--max-model-len"], f["--max-num-seqs"], f["--data-parallel-size"]) == ("2176", "64", "2")
+    assert f["--max-num-batched-tokens"] == str(64 * 2048)  # the batch's prompts, prefilled in one pass
     gpt3 = ZOO["gpt3-175b"]
     result = simulate_inference(gpt3, InferencePlan(8, 1024, 128, tp=8), Cluster(8, 8), H100)
     with pytest.raises(PlanError) as err:
@@ -307,6 +308,33 @@ def test_vllm_budget_dtype_and_model_id():
     with pytest.raises(PlanError):
         vllm.export(simulate_inference(L70, InferencePlan(1, 8000, 800, tp=8), Cluster(8, 8), H100),
                     L70, checkpoint_of("llama-3-70b", L70), H100)
+
+
+def test_rope_scaling_only_the_frameworks_carry(tmp_path):
+    """Llama 3.1's RoPE scaling, read from rope_scaling or transformers 5's rope_parameters,
+    exports; another (yarn here) is refused by the training frameworks only: the plan JSON
+    has no RoPE, and vLLM reads the checkpoint's own config."""
+    config = json.loads((HF / "llama-3.1-8b.json").read_text())
+    llama31 = checkpoint_of(str(HF / "llama-3.1-8b.json"), load_model(str(HF / "llama-3.1-8b.json")))
+    assert (llama31.rope_scaling.rope_type, llama31.rope_scaling.factor, llama31.rope_theta) == ("llama3", 8.0, 5e5)
+    v5 = {k: v for k, v in config.items() if k not in ("rope_scaling", "rope_theta")}
+    v5["rope_parameters"] = {**config["rope_scaling"], "rope_theta": config["rope_theta"]}
+    (tmp_path / "v5.json").write_text(json.dumps(v5))
+    assert checkpoint_of(str(tmp_path / "v5.json"), load_model(str(tmp_path / "v5.json"))) == llama31
+    yarn = {**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    (tmp_path / "yarn.json").write_text(json.dumps(yarn))
+    model = load_model(str(tmp_path / "yarn.json"))
+    ckpt = checkpoint_of(str(tmp_path / "yarn.json"), model)
+    for target in ("megatron", "torchtitan", "deepspeed"):
+        plan = Plan(global_batch=8, seq_len=4096, dp=8, zero=3 if target == "torchtitan" else 1,
+                    **dictated(target, {}, H100))
+        job = train_job(model, simulate(model, plan, Cluster(8, 8), H100), H100, ckpt)
+        with pytest.raises(PlanError) as err:
+            export(target, job)
+        assert err.value.field == "model.rope_scaling" and "yarn" in err.value.problem, target
+    assert json.loads(export("plan", job).files[0][1])["dp"] == 8
+    served = simulate_inference(model, InferencePlan(8, 2048, 128, tp=1, replicas=8), Cluster(8, 8), H100)
+    assert vllm.export(served, model, ckpt, H100, "org/llama-yarn").args[0] == "org/llama-yarn"
 
 
 BASE = ["--model", "llama-3-70b", "--gpus", "64", "--global-batch", "64", "--seq-len", "4096"]

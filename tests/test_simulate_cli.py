@@ -122,14 +122,14 @@ def test_a_serving_plan_over_memory_names_the_largest_batch_that_fits():
     from meshplan.simulator.serve import InferencePlan, simulate_inference
 
     out = meshplan("simulate", "--mode", "inference", "--model", "llama-3-8b", "--hardware", "h100-80gb",
-                   "--gpus", "1", "--batch", "400", "--prompt-len", "8192", "--gen-len", "8192", "--json")
+                   "--gpus", "1", "--batch", "400", "--prompt-len", "4096", "--gen-len", "4096", "--json")
     assert out.returncode == 2 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1
-    fits = simulate_inference(ZOO["llama-3-8b"], InferencePlan(batch=400, prompt_len=8192, gen_len=8192),
+    fits = simulate_inference(ZOO["llama-3-8b"], InferencePlan(batch=400, prompt_len=4096, gen_len=4096),
                               Cluster(1, 8), load_profile("h100-80gb"))
     assert 0 < fits.max_batch < 400 and f"--batch {fits.max_batch} (the largest that fits)" in out.stderr
-    # 8B weights in bf16 (~15 GiB) and 400 x 16K tokens of KV cache (128 KiB each: 32 layers x
-    # 8 KV heads x 128 x 2 tensors x 2 bytes) = 800 GiB
-    assert "KV cache 800.0 GiB" in out.stderr
+    # 8B weights in bf16 (~15 GiB) and 400 x 8K tokens (the model's positions) of KV cache
+    # (128 KiB each: 32 layers x 8 KV heads x 128 x 2 tensors x 2 bytes) = 400 GiB
+    assert "KV cache 400.0 GiB" in out.stderr
 
 
 def test_corrupt_model_file(tmp_path):

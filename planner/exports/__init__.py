@@ -172,7 +172,9 @@ def check(target: str, model: ModelSpec, plan: Plan, version: str | None = None,
 
 
 def export(target: str, job: TrainJob) -> Export:
-    """The plan of `job` in `target`'s terms, checked first with its pipeline split filled in."""
+    """The plan of `job` in `target`'s terms, checked first with its pipeline split filled in;
+    a framework is refused a checkpoint whose RoPE scaling none of them carries but Llama
+    3.1's (the plan JSON and vLLM read no RoPE)."""
     import importlib
 
     plan = dataclasses.replace(job.plan, layer_partition=job.partition if job.plan.pp > 1 else None)
@@ -180,6 +182,11 @@ def export(target: str, job: TrainJob) -> Export:
     if target == "plan":
         return Export("plan", job.header, (), (("plan.json", json.dumps(job.plan.to_dict(), indent=2) + "\n"),),
                       (), (), ())
+    scaling = job.checkpoint.rope_scaling
+    if scaling is not None and scaling.rope_type != "llama3":
+        raise PlanError("model.rope_scaling", f"RoPE scaling {scaling.rope_type} (factor {scaling.factor:g}) "
+                        f"has no {target} export", "use a model without rope_scaling or with Llama 3.1's "
+                        "(rope_type llama3), or --emit plan")
     return importlib.import_module(f"meshplan.planner.exports.{target}").export(job)
 
 

@@ -17,12 +17,14 @@ HF_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1 RoPE frequency scaling (HF rope_scaling with rope_type "llama3")."""
+    """HF rope_scaling (rope_parameters from transformers 5): its rope_type and factor, and
+    the band of Llama 3.1's ("llama3"), the one scaling the training exports carry."""
 
+    rope_type: str
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ ZOO_CHECKPOINTS = {
     "llama-3-8b": Checkpoint("meta-llama/Meta-Llama-3-8B", **_LLAMA3),
     "llama-3-70b": Checkpoint("meta-llama/Meta-Llama-3-70B", **_LLAMA3),
     "llama-3-405b": Checkpoint("meta-llama/Llama-3.1-405B", **{
-        **_LLAMA3, "rope_scaling": RopeScaling(8.0, 1.0, 4.0, 8192)}),
+        **_LLAMA3, "rope_scaling": RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)}),
 }
 
 
@@ -67,17 +69,21 @@ def checkpoint_of(model_arg: str, model: ModelSpec) -> Checkpoint:
         raise ModelError("model", f"cannot read {model_arg} ({exc})", "pass an HF config.json")
     if "num_layers" in config:  # a ModelSpec JSON
         return _unreleased(model)
-    scaling = config.get("rope_scaling") or None
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "llama3":
-        raise ModelError(f"{model_arg}:rope_scaling", f"RoPE scaling {scaling!r} has no export",
-                         "use a model without rope_scaling or with Llama 3.1's (rope_type llama3)")
+    # transformers 5 writes rope_parameters (rope_theta inside, rope_type "default": unscaled),
+    # Gemma 3's per layer type: the scaled one stands for them
+    parameters = config.get("rope_parameters") or {}
+    per_type = [v for v in parameters.values() if isinstance(v, dict)]
+    if per_type:
+        parameters = next((v for v in per_type if v.get("rope_type", "default") != "default"), per_type[0])
+    scaling = config.get("rope_scaling") or parameters or None
+    kind = scaling and scaling.get("rope_type", scaling.get("type", "default"))
     return Checkpoint(
         hf_id=config.get("_name_or_path") or None,
         dtype=HF_DTYPES.get(config.get("torch_dtype") or config.get("dtype")),
-        rope_theta=(float(config.get("rope_theta", 10000.0))
+        rope_theta=(float(config.get("rope_theta", parameters.get("rope_theta", 10000.0)))
                     if model.position_embedding == "rope" else None),
-        rope_scaling=None if scaling is None else RopeScaling(
-            float(scaling["factor"]), float(scaling.get("low_freq_factor", 1.0)),
+        rope_scaling=None if kind in (None, "default") else RopeScaling(
+            kind, float(scaling.get("factor", 1.0)), float(scaling.get("low_freq_factor", 1.0)),
             float(scaling.get("high_freq_factor", 4.0)),
             int(scaling.get("original_max_position_embeddings", 8192))),
         norm_eps=float(config.get("rms_norm_eps", config.get("layer_norm_epsilon", 1e-5))),

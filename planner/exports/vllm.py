@@ -3,6 +3,10 @@ vllm/engine/arg_utils.py, checked at vLLM 0.33.0).
 
 - --gpu-memory-utilization is the planner's budget: the memory limit it planned within, as a
   share of the device (vLLM's default of 0.92 would plan a different KV cache).
+- --max-num-batched-tokens lets one scheduler step hold a pipeline micro-batch's whole
+  prompts: the planner priced each micro-batch's prefill as one pass, and its activations
+  as vLLM's profiling pass at that size sizes them; vLLM would otherwise chunk prefills to
+  its default budget.
 - --dtype is the checkpoint's own dtype when it has the plan's width (a bf16 checkpoint is
   served in bf16, not cast to fp16), else the plan's.
 - The model is the checkpoint's Hugging Face id (config.json's _name_or_path, the zoo's
@@ -43,10 +47,7 @@ def export(result: InferenceResult, model: ModelSpec, checkpoint: Checkpoint, hw
     """`vllm serve` for the plan of `result`; --max-model-len is prompt_len + gen_len."""
     plan = result.plan
     plan.validate(model, Cluster(plan.num_gpus, plan.num_gpus))
-    max_len = plan.prompt_len + plan.gen_len
-    if max_len > model.max_seq_len:
-        raise PlanError("emit.vllm", f"--max-model-len {max_len} exceeds the model's {model.max_seq_len} "
-                        "positions, which vLLM refuses", f"keep prompt_len + gen_len <= {model.max_seq_len}")
+    max_len = plan.prompt_len + plan.gen_len  # within the model's positions (rules.SERVING)
     if plan.kv_dtype not in (plan.dtype, "fp8"):
         raise PlanError("plan.kv_dtype", f"vLLM stores the KV cache in the model dtype or fp8, not "
                         f"{plan.kv_dtype}", f"use --kv-dtype {plan.dtype} or fp8")
@@ -74,6 +75,7 @@ def export(result: InferenceResult, model: ModelSpec, checkpoint: Checkpoint, hw
     share = math.floor(result.memory_limit_bytes / hw.memory_bytes * 1000) / 1000
     args = [name, "--tensor-parallel-size", str(plan.tp), "--pipeline-parallel-size", str(plan.pp),
             "--max-num-seqs", str(plan.batch), "--max-model-len", str(max_len),
+            "--max-num-batched-tokens", str(max(plan.micro_batch * plan.prompt_len, plan.batch)),
             "--dtype", VLLM_DTYPES[dtype], "--gpu-memory-utilization", f"{share:g}"]
     if plan.replicas > 1:
         args += ["--data-parallel-size", str(plan.replicas)]
