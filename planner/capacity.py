@@ -74,12 +74,11 @@ def gpu_counts(text: str, gpus_per_node: int) -> list[int]:
             if not dash:
                 break
             count *= 2
+    issues += [("cluster.num_gpus", f"{count} GPUs do not fill whole nodes of {gpus_per_node}",
+                "use multiples of the GPUs per node")
+               for count in sorted(counts) if count > gpus_per_node and count % gpus_per_node]
     if issues:
         raise PlanError.of(issues)
-    for count in counts:
-        if count > gpus_per_node and count % gpus_per_node:
-            raise PlanError("cluster.num_gpus", f"{count} GPUs do not fill whole nodes of {gpus_per_node}",
-                            "use multiples of the GPUs per node")
     return sorted(counts)
 
 
@@ -106,13 +105,17 @@ def training(tokens: float, global_batch: int, seq_len: int, step_time_s: float,
 
 
 def check_budget(tokens: float, deadline_days: float | None = None, price: float | None = None) -> None:
-    """PlanError naming the token budget, deadline or price that is not a usable number."""
+    """One PlanError naming each of the token budget, deadline and price that is not a
+    usable number."""
+    issues = []
     if not (math.isfinite(tokens) and tokens > 0):
-        raise PlanError("search.tokens", f"{tokens!r} tokens", "give a positive token budget, e.g. 2e12")
+        issues.append(("search.tokens", f"{tokens!r} tokens", "give a positive token budget, e.g. 2e12"))
     if deadline_days is not None and not (math.isfinite(deadline_days) and deadline_days > 0):
-        raise PlanError("search.days", f"{deadline_days!r} days", "give a positive deadline")
+        issues.append(("search.days", f"{deadline_days!r} days", "give a positive deadline"))
     if price is not None and not (math.isfinite(price) and price >= 0):
-        raise PlanError("search.gpu_hour_price", f"{price!r}", "give a price per GPU-hour >= 0")
+        issues.append(("search.gpu_hour_price", f"{price!r}", "give a price per GPU-hour >= 0"))
+    if issues:
+        raise PlanError.of(issues)
 
 
 def option(model: ModelSpec, hw: HardwareProfile, cluster: Cluster, fixed: dict, tokens: float,

@@ -93,8 +93,8 @@ def knob_changes(plan: Plan, experts: bool = False,
             if axis == "tp" and new > 1 and plan.ep > 1:
                 fields["sp"] = True   # expert with tensor parallelism needs SP
 
-            if axis == "tp" and new == 1:
-                fields["sp"] = False
+            if axis == "tp" and new == 1:  # no sequence parallelism, nor its overlap, without TP
+                fields.update(sp=False, tp_overlap=False)
             if axis == "pp" and new == 1:
                 fields.update(schedule="1f1b", virtual_stages=1)
             top = max_virtual_stages(num_layers, int(new)) if axis == "pp" and num_layers else None

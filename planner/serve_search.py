@@ -62,22 +62,28 @@ def _batches(max_batch: int) -> list[int]:
 
 
 def _check_args(prompt_len, gen_len, slo_ttft_s, slo_tpot_s, objective, fixed) -> None:
+    """One PlanError naming every argument the search cannot take."""
+    issues = []
     if objective not in OBJECTIVES:
-        raise PlanError("search.objective", f"unknown {objective!r}", f"use one of {', '.join(OBJECTIVES)}")
+        issues.append(("search.objective", f"unknown {objective!r}", f"use one of {', '.join(OBJECTIVES)}"))
     for field, slo in (("search.slo_ttft_ms", slo_ttft_s), ("search.slo_tpot_ms", slo_tpot_s)):
         if slo is not None and not (isinstance(slo, (int, float)) and slo > 0):
-            raise PlanError(field, f"must be a positive time, got {slo!r}",
-                            "give a positive time, or leave it out")
-    unknown = sorted(set(fixed) - set(FIXABLE))
-    if unknown:
-        raise PlanError(f"plan.{unknown[0]}", "cannot be fixed in a serving search",
-                        f"fix only {', '.join(FIXABLE)}")
-    # the plan's constructor checks the lengths, batch and dtypes
-    InferencePlan(batch=fixed.get("batch", 1), prompt_len=prompt_len, gen_len=gen_len,
-                  dtype=fixed.get("dtype", "fp16"), kv_dtype=fixed.get("kv_dtype"),
-                  quantization=fixed.get("quantization", "none"),
-                  quant_group_size=fixed.get("quant_group_size", 128),
-                  expert_parallel=fixed.get("expert_parallel", False))
+            issues.append((field, f"must be a positive time, got {slo!r}", "give a positive time, or leave it out"))
+    if slo_tpot_s is not None and gen_len == 1:
+        issues.append(("search.slo_tpot_ms", "one generated token has no time per output token after it",
+                       "drop the TPOT SLO, or generate more than one token"))
+    issues += [(f"plan.{name}", "cannot be fixed in a serving search", f"fix only {', '.join(FIXABLE)}")
+               for name in sorted(set(fixed) - set(FIXABLE))]
+    try:  # the plan's constructor checks the lengths, batch and dtypes
+        InferencePlan(batch=fixed.get("batch", 1), prompt_len=prompt_len, gen_len=gen_len,
+                      dtype=fixed.get("dtype", "fp16"), kv_dtype=fixed.get("kv_dtype"),
+                      quantization=fixed.get("quantization", "none"),
+                      quant_group_size=fixed.get("quant_group_size", 128),
+                      expert_parallel=fixed.get("expert_parallel", False))
+    except PlanError as exc:
+        issues += exc.issues
+    if issues:
+        raise PlanError.of(issues)
 
 
 def _layouts(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict) -> list[dict]:
@@ -100,9 +106,23 @@ def _layouts(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dic
         except MeshplanError as exc:
             first_error = first_error or exc
     if not legal:
-        raise first_error or PlanError("cluster.num_gpus", f"no tp x pp x replicas layout of {n} GPUs "
-                                       "matches the fixed knobs", "relax --tp, --pp or --replicas")
+        raise first_error or _why_no_layout(model, cluster, hw, fixed)
     return legal
+
+
+def _why_no_layout(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict) -> PlanError:
+    """Why no layout has the fixed knobs: the rules the plan they make breaks (a TP degree
+    that divides neither the GPUs nor the heads, experts on a dense model, ...)."""
+    tp, pp = fixed.get("tp", 1), fixed.get("pp", 1)
+    replicas = fixed.get("replicas", max(1, cluster.num_gpus // (tp * pp)))
+    try:
+        InferencePlan(1, 1, 1, quant_group_size=fixed.get("quant_group_size", 128),
+                      **{**{k: fixed[k] for k in LAYOUT if k in fixed}, "tp": tp, "pp": pp,
+                         "replicas": replicas}).validate(model, cluster, hw)
+    except MeshplanError as exc:
+        return exc
+    return PlanError("cluster.num_gpus", f"no tp x pp x replicas layout of {cluster.num_gpus} GPUs "
+                     "matches the fixed knobs", "relax --tp, --pp or --replicas")
 
 
 def search_inference(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, prompt_len: int,
@@ -135,9 +155,9 @@ def search_inference(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, pr
         "ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "latency_s": r.latency_s,
         "throughput_tokens_per_s": r.throughput_tokens_per_s,
         "throughput_per_gpu": r.throughput_tokens_per_s / r.plan.num_gpus,
-        "peak_memory_bytes": r.peak_memory_bytes, "fits": r.fits} for r in results],
+        "peak_memory_bytes": r.peak_memory_bytes, "fits": r.fits, "max_batch": r.max_batch} for r in results],
         columns=["tp", "pp", "replicas", "batch", "quantization", "expert_parallel", "ttft_s", "tpot_s", "latency_s",
-                 "throughput_tokens_per_s", "throughput_per_gpu", "peak_memory_bytes", "fits"])
+                 "throughput_tokens_per_s", "throughput_per_gpu", "peak_memory_bytes", "fits", "max_batch"])
     table["status"] = "ok"
     # Later cuts overwrite earlier ones: memory is the hardest limit, so it is reported last.
     if slo_tpot_s is not None:
@@ -157,6 +177,11 @@ def search_inference(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, pr
 def _nothing_left(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, slo_ttft_s,
                   slo_tpot_s) -> PlanError:
     fitting = table[table.fits.astype(bool)]
+    if fitting.empty and len(table) and table.max_batch.max() > 0:  # a fixed batch over every layout's room
+        best = table.loc[table.max_batch.idxmax()]
+        return PlanError("plan.batch", f"{int(table.batch.iloc[0])} sequences fit no layout of "
+                         f"{cluster.num_gpus} GPUs (the most: {int(best.max_batch)}, at tp {best.tp} pp "
+                         f"{best.pp})", f"use --batch {int(best.max_batch)} or fewer, or add GPUs")
     if fitting.empty:
         return PlanError("cluster.num_gpus", f"{model.name} does not fit on {cluster.num_gpus} GPUs in any "
                          "layout at this context", "add GPUs, shorten the context or use --kv-dtype fp8")
@@ -165,7 +190,8 @@ def _nothing_left(table: pd.DataFrame, model: ModelSpec, cluster: Cluster, slo_t
         return PlanError("search.slo_ttft_ms", f"no plan reaches TTFT <= {slo_ttft_s:g} s (best {best:.3g} s)",
                          "relax the TTFT SLO, shorten prompts or add GPUs")
     best = fitting[fitting.ttft_s <= (slo_ttft_s or float("inf"))].tpot_s.min()
-    return PlanError("search.slo_tpot_ms", f"no plan within the TTFT SLO reaches TPOT <= {slo_tpot_s:g} s "
+    within = " within the TTFT SLO" if slo_ttft_s is not None else ""
+    return PlanError("search.slo_tpot_ms", f"no plan{within} reaches TPOT <= {slo_tpot_s:g} s "
                      f"(best {best:.3g} s)", "relax the SLOs or add GPUs")
 
 

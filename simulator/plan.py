@@ -377,7 +377,8 @@ def expert_order(placement) -> tuple[str, ...]:
 
 def complete_fields(fields: dict, num_gpus: int) -> dict:
     """Plan fields with the data-parallel degree filled from the GPU count when it is the one
-    axis left open, and 2 virtual stages for an interleaved schedule that names none."""
+    axis left open, and 2 virtual stages for an interleaved schedule of a pipeline that names
+    none."""
     fields = dict(fields)
     degrees = [fields.get(axis, 1) for axis in ("tp", "pp", "cp")]
     # a degree that is not a positive integer is left for the plan's range rules to name
@@ -387,7 +388,8 @@ def complete_fields(fields: dict, num_gpus: int) -> dict:
             raise PlanError("cluster.num_gpus", f"{num_gpus} GPUs are not divisible by tp*pp*cp = "
                             f"{other}", "choose tp, pp, cp whose product divides the GPU count")
         fields["dp"] = num_gpus // other
-    if fields.get("schedule") in ("interleaved", "zb-v") and "virtual_stages" not in fields:
+    if (fields.get("schedule") in ("interleaved", "zb-v") and "virtual_stages" not in fields
+            and fields.get("pp", 1) != 1):
         fields["virtual_stages"] = 2
     return fields
 
@@ -423,15 +425,17 @@ def checked_plan(fields: dict, model: ModelSpec, cluster: Cluster) -> Plan:
 
 
 def load_plan_fields(path: str) -> dict:
-    """The plan fields of a JSON file as written by `simulate --json` (its "plan" key) or
-    `plan --emit plan`, or of a hand-written one holding some of them (flags or a search fill
-    the rest; checked_plan checks the whole); a null field is left to its default, as
-    `simulate --json` writes an etp that follows tp. Keys that are not plan fields are one
-    error naming each as the file's key."""
+    """The plan fields of a JSON file as written by `simulate --json` (its "plan" key),
+    `plan --json` (its winner's) or `plan --emit plan`, or of a hand-written one holding some
+    of them (flags or a search fill the rest; checked_plan checks the whole); a null field is
+    left to its default, as `simulate --json` writes an etp that follows tp. Keys that are
+    not plan fields are one error naming each as the file's key."""
     try:
         data = read_json(path)
     except ValueError as exc:
         raise PlanError("plan_file", f"cannot read {path} ({exc})", "pass a plan JSON file")
+    if isinstance(data, dict) and isinstance(data.get("plans"), list) and data["plans"]:
+        data = data["plans"][0]  # plan --json: the ranked plans, the winner first
     if isinstance(data, dict) and isinstance(data.get("plan"), dict):
         data = data["plan"]
     if not isinstance(data, dict):
@@ -440,6 +444,7 @@ def load_plan_fields(path: str) -> dict:
     unknown = sorted(set(data) - known)
     given = {k: v for k, v in data.items() if v is not None}
     if unknown:  # with the known keys' range and choice problems: every offending field at once
-        raise PlanError.of([(f"{path}:{key}", "unknown plan key", f"use only {', '.join(sorted(known))}")
-                            for key in unknown] + field_issues({k: v for k, v in given.items() if k in known}))
+        raise PlanError.of([(f"{path}:{key}", "unknown plan key", "drop it" + (
+            f"; a plan file holds only {', '.join(sorted(known))}" if key == unknown[-1] else ""))
+            for key in unknown] + field_issues({k: v for k, v in given.items() if k in known}))
     return given

@@ -110,6 +110,11 @@ PLAN = (
           lambda x, m, c: f"{x.virtual_stages} virtual stages with schedule {x.schedule} and pp {x.pp}",
           "use the interleaved schedule with pp >= 2 and virtual_stages >= 2, or zb-v with 2 (its V "
           "of two chunks per rank), or 1 virtual stage otherwise"),
+    # a held interleaving schedule asks for a pipeline (a search holding it ranks pp >= 2 alone)
+    _rule("plan.schedule", "schedule pp",
+          lambda x, m, c: ~np.isin(x.schedule, ("interleaved", "zb-v")) | (x.pp > 1),
+          lambda x, m, c: f"schedule {x.schedule} interleaves the stages of a pipeline, and pp is 1",
+          "use pp >= 2, or the 1f1b schedule"),
     _rule("plan.tp_overlap", "tp_overlap sp", lambda x, m, c: np.logical_not(x.tp_overlap) | np.asarray(x.sp),
           lambda x, m, c: "overlapping TP communication splits the sequence-parallel collectives",
           "turn on sp, or drop tp_overlap"),

@@ -171,14 +171,30 @@ def test_slo_filtering():
     with pytest.raises(PlanError) as err:
         search_inference(L70, Cluster(8, 8), A100, 512, 128, slo_ttft_s=1e-3)
     assert err.value.field == "search.slo_ttft_ms"
+    with pytest.raises(PlanError) as err:  # every bad argument at once
+        search_inference(L70, Cluster(8, 8), A100, -5, 0, slo_ttft_s=-1.0, slo_tpot_s=0.0)
+    assert {f for f, _, _ in err.value.issues} == {"search.slo_ttft_ms", "search.slo_tpot_ms",
+                                                  "plan.prompt_len", "plan.gen_len"}
+    with pytest.raises(PlanError) as err:  # one generated token has no TPOT to hold
+        search_inference(L70, Cluster(8, 8), A100, 512, 1, slo_tpot_s=0.05)
+    assert err.value.field == "search.slo_tpot_ms" and "one generated token" in err.value.problem
 
 
 def test_search_fixed_knobs():
     found = search_inference(L70, Cluster(8, 8), A100, 512, 128, fixed={"tp": 4, "batch": 16})
     assert {(p.tp, p.batch) for p, _ in found} == {(4, 16)}
-    with pytest.raises(PlanError) as err:
+    with pytest.raises(PlanError) as err:  # the rules a held knob breaks, each named
         search_inference(L70, Cluster(8, 8), A100, 512, 128, fixed={"tp": 3})
-    assert err.value.field == "cluster.num_gpus"
+    assert err.value.field == "cluster.num_gpus" and "plan.tp" in {f for f, _, _ in err.value.issues}
+    with pytest.raises(PlanError) as err:
+        search_inference(L70, Cluster(8, 8), A100, 512, 128, fixed={"expert_parallel": True})
+    assert err.value.field == "plan.expert_parallel"
+    # a held batch over every layout's room names the batch and the most that fits, which does
+    edge = max(r.max_batch for _, r in search_inference(L70, Cluster(8, 8), A100, 512, 128, fixed={"batch": 1}))
+    with pytest.raises(PlanError) as err:
+        search_inference(L70, Cluster(8, 8), A100, 512, 128, fixed={"batch": 4 * edge})
+    assert err.value.field == "plan.batch" and f"--batch {edge} or fewer" in err.value.fix
+    assert search_inference(L70, Cluster(8, 8), A100, 512, 128, fixed={"batch": edge})
     with pytest.raises(PlanError):
         search_inference(L70, Cluster(8, 8), A100, 512, 128, fixed={"zero": 1})
     with pytest.raises(PlanError):

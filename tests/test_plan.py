@@ -42,6 +42,7 @@ def test_illegal_plans_name_the_field(kw, cluster, field):
     (dict(global_batch=63), "global_batch"), (dict(sp=True, tp=1, dp=16), "sp"),
     (dict(zero=4), "zero"), (dict(schedule="pipedream"), "schedule"),
     (dict(virtual_stages=2), "virtual_stages"), (dict(placement=("tp", "dp", "pp")), "placement"),
+    (dict(pp=1, dp=64, schedule="zb-v"), "schedule"),  # an interleaving schedule needs a pipeline
     (dict(micro_batch=0), "micro_batch")])
 def test_malformed_plans(kw, field):
     with pytest.raises(PlanError, match=field):

@@ -247,6 +247,50 @@ def test_flags_of_the_other_mode_are_refused_not_ignored(tmp_path):
     assert out.returncode == 2 and "--plan: holds a training plan" in out.stderr
 
 
+def test_options_of_the_other_mode_and_independent_mistakes_are_named_at_once(tmp_path):
+    """A subcommand's own options that one mode alone reads (capacity, SLOs, traces, export
+    versions) are refused in the other, all in one line; so are a wrong model and a wrong
+    profile together, each budget figure, and a node size below one."""
+    serve = ["--mode", "inference", "--model", "llama-3-8b", "--hardware", "h100-80gb", "--gpus", "8",
+             "--prompt-len", "1000", "--gen-len", "100"]
+    out = meshplan("plan", *serve, "--tokens", "1e9", "--gpu-hour-price", "2", "--target-version", "0.2")
+    assert out.returncode == 2 and out.stdout == ""
+    (line,) = out.stderr.strip().splitlines()
+    assert "--tokens: " in line and "--gpu-hour-price: " in line and "--target-version: " in line
+    trace = tmp_path / "t.json"
+    out = meshplan("simulate", *serve, "--batch", "4", "--trace", str(trace))
+    assert out.returncode == 2 and "--trace: a serving plan has no pipeline schedule" in out.stderr
+    assert not trace.exists()
+    train = ["--model", "llama-3-8b", "--hardware", "h100-80gb", "--gpus", "8", "--global-batch", "64",
+             "--seq-len", "4096"]
+    out = meshplan("plan", *train, "--slo-ttft-ms", "100", "--objective", "latency")
+    assert out.returncode == 2 and "--slo-ttft-ms: is for serving plans" in out.stderr and "--objective" in out.stderr
+    out = meshplan("plan", "--model", "nosuch", "--hardware", "nosuch", "--gpus", "8", "--global-batch", "8",
+                   "--seq-len", "512")
+    assert out.returncode == 2 and "--model: " in out.stderr and "--hardware: " in out.stderr
+    out = meshplan("plan", *train[:4], "--global-batch", "64", "--seq-len", "4096", "--tokens", "1e11",
+                   "--days", "-1", "--gpu-hour-price", "-2")
+    assert out.returncode == 2 and "--days: " in out.stderr and "--gpu-hour-price: " in out.stderr
+    out = meshplan("simulate", *train, "--gpus-per-node", "0")
+    assert out.returncode == 2 and "--gpus-per-node: must be a positive integer" in out.stderr
+
+
+def test_a_held_schedule_asks_for_a_pipeline_and_plan_json_feeds_simulate(tmp_path):
+    train = ["--model", "llama-3-8b", "--hardware", "h100-80gb", "--gpus", "64", "--global-batch", "512",
+             "--seq-len", "8192"]
+    out = meshplan("plan", *train, "--schedule", "zb-v", "--json")
+    assert out.returncode == 0, out.stderr
+    ranked = json.loads(out.stdout)["plans"]
+    assert all(r["plan"]["pp"] >= 2 and r["plan"]["schedule"] == "zb-v" for r in ranked)
+    (tmp_path / "ranked.json").write_text(out.stdout)  # plan --json: simulate reads its winner
+    sim = meshplan("simulate", "--model", "llama-3-8b", "--hardware", "h100-80gb", "--gpus", "64",
+                   "--plan", str(tmp_path / "ranked.json"), "--json")
+    assert sim.returncode == 0, sim.stderr
+    assert json.loads(sim.stdout)["step_time_s"] == pytest.approx(ranked[0]["step_time_s"], rel=1e-9)
+    out = meshplan("simulate", *train, "--dp", "32", "--cp", "2", "--schedule", "zb-v")
+    assert out.returncode == 2 and "--schedule: schedule zb-v interleaves the stages of a pipeline" in out.stderr
+
+
 def test_version():
     from importlib.metadata import version
     out = meshplan("--version")

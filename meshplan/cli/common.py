@@ -8,11 +8,11 @@ import argparse
 import dataclasses
 import sys
 
-from meshplan.core.errors import PlanError
+from meshplan.core.errors import MeshplanError, PlanError
 from meshplan.executor.options import EXECUTOR_KERNELS, serving_dtype, training_fields
 from meshplan.simulator.model_spec import LoadedModel, ModelSpec, read_model
 from meshplan.simulator.partition import parse_partition
-from meshplan.simulator.plan import Cluster, Plan, load_plan_fields
+from meshplan.simulator.plan import Cluster, Plan, count_issue, load_plan_fields
 from meshplan.simulator.quantize import QUANTIZATIONS
 from meshplan.simulator.serve import InferencePlan
 
@@ -139,11 +139,21 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(g, InferencePlan, SERVING_ONLY)
 
 
+def mode_only(parser: argparse.ArgumentParser, training: dict[str, str], inference: dict[str, str]) -> None:
+    """Records the subcommand's own options that one mode alone reads (dest: why the other
+    mode has no use for it) with their defaults, for refuse_other_mode_flags; call it once
+    every option is added."""
+    parser.set_defaults(mode_only={mode: {dest: (why, parser.get_default(dest)) for dest, why in options.items()}
+                                   for mode, options in (("training", training), ("inference", inference))})
+
+
 def refuse_other_mode_flags(args: argparse.Namespace) -> None:
-    """One error naming every plan flag the mode does not read: a training knob (or a --plan
-    file) with --mode inference, a serving knob without it; ignoring one would answer a
+    """One error naming every flag the mode does not read: a training knob (or a --plan
+    file) with --mode inference, a serving knob without it, and the subcommand's options of
+    the other mode (mode_only) given other than their defaults; ignoring one would answer a
     question the user did not ask."""
-    if args.mode == "inference":
+    serving = args.mode == "inference"
+    if serving:
         shared = {f.name for f in dataclasses.fields(InferencePlan)}
         issues = [(f"plan.{name}", "is a training knob, which serving does not read", "drop it with --mode inference")
                   for name in dataclass_fields(args, Plan) if name not in shared]
@@ -153,6 +163,10 @@ def refuse_other_mode_flags(args: argparse.Namespace) -> None:
     else:
         issues = [(f"plan.{name}", "is a serving knob", "add --mode inference, or drop it")
                   for name in dataclass_fields(args, InferencePlan, SERVING_ONLY)]
+    other = getattr(args, "mode_only", {}).get("training" if serving else "inference", {})
+    issues += [("--" + dest.replace("_", "-"), why, "drop it with --mode inference" if serving
+                else "add --mode inference, or drop it")
+               for dest, (why, default) in other.items() if getattr(args, dest) != default]
     if issues:
         raise PlanError.of(issues)
 
@@ -183,6 +197,40 @@ def user_plan_fields(args: argparse.Namespace) -> dict:
     return {**fields, **flags}
 
 
+def gathered(*checks):
+    """Each check's result, in order; where some raise, one error naming every issue they
+    raised (the first one's kind), so that independent mistakes are all reported at once."""
+    results, issues, kind = [], [], None
+    for check in checks:
+        try:
+            results.append(check())
+        except MeshplanError as exc:
+            issues += exc.issues
+            kind = kind or type(exc)
+    if issues:
+        raise kind.of(issues)
+    return results
+
+
+def model_and_profile(args: argparse.Namespace, serving: bool = False):
+    """(--model as the mode reads it, the --hardware profile), one error naming both where
+    both are wrong."""
+    from meshplan.hw_profiles.profile import load_profile
+
+    return gathered(lambda: (load_serving_model if serving else load_model_arg)(args),
+                    lambda: load_profile(args.hardware))
+
+
+def gpus_per_node(args: argparse.Namespace, default: int) -> int:
+    """--gpus-per-node, or `default` where it is not given; a count below 1 is refused."""
+    if args.gpus_per_node is None:
+        return default
+    issue = count_issue("cluster", "gpus_per_node", args.gpus_per_node)
+    if issue:
+        raise PlanError(*issue)
+    return args.gpus_per_node
+
+
 def cluster_from_args(args: argparse.Namespace, default_gpus_per_node: int) -> Cluster:
     if args.gpus is None:
         raise PlanError("cluster.num_gpus", "missing GPU count", "pass --gpus N (the number of devices)")
@@ -192,8 +240,7 @@ def cluster_from_args(args: argparse.Namespace, default_gpus_per_node: int) -> C
             raise PlanError("cluster.num_gpus", f"{gpus!r} is not one GPU count",
                             "pass --gpus N, or add --tokens to choose among several counts")
         gpus = int(gpus)
-    per_node = args.gpus_per_node or min(default_gpus_per_node, max(gpus, 1))
-    return Cluster(num_gpus=gpus, gpus_per_node=per_node)
+    return Cluster(num_gpus=gpus, gpus_per_node=gpus_per_node(args, min(default_gpus_per_node, max(gpus, 1))))
 
 
 def load_model_arg(args: argparse.Namespace) -> ModelSpec:

@@ -52,26 +52,33 @@ def register(subparsers) -> None:
     emit.add_argument("--launch-script", choices=KINDS, default="torchrun",
                       help="how the script starts the job: plain torchrun run on every node "
                       "(default), or a Slurm sbatch script (srun torchrun)")
+    capacity_only = "is for training runs: serving is sized by its load, not a token budget"
+    serving_only = "is for serving plans"
+    common.mode_only(parser, training={
+        "tokens": capacity_only, "days": capacity_only, "gpu_hour_price": capacity_only,
+        "target_version": "is for the training frameworks' exports (vLLM's is 0.33)"},
+        inference={"slo_ttft_ms": serving_only, "slo_tpot_ms": serving_only, "objective": serving_only,
+                   "model_id": "names the checkpoint that --emit vllm serves"})
     parser.set_defaults(handler=run)
 
 
+def _check_top(top: int) -> None:
+    if top < 1:
+        raise PlanError("--top", f"must be >= 1, got {top}", "pass --top N with N >= 1")
+
+
 def run(args: argparse.Namespace) -> int:
-    from meshplan.hw_profiles.profile import load_profile
     from meshplan.planner.explain import explain
     from meshplan.planner.search import search
 
-    if args.top < 1:
-        raise PlanError("--top", f"must be >= 1, got {args.top}", "pass --top N with N >= 1")
-    common.refuse_other_mode_flags(args)
+    common.gathered(lambda: _check_top(args.top), lambda: common.refuse_other_mode_flags(args))
     if args.mode == "inference":
         return run_inference(args)
     if args.tokens is not None or args.days is not None or args.gpu_hour_price is not None:
         return run_capacity(args)
-    if args.emit == "vllm" or args.objective == "latency":
-        flag = "--emit vllm" if args.emit == "vllm" else "--objective latency"
-        raise PlanError(flag, "is for serving plans", "add --mode inference")
-    model = common.load_model_arg(args)
-    hw = load_profile(args.hardware)
+    if args.emit == "vllm":
+        raise PlanError("--emit vllm", "is for serving plans", "add --mode inference")
+    model, hw = common.model_and_profile(args)
     cluster = common.cluster_from_args(args, hw.gpus_per_node)
     fixed = common.user_plan_fields(args)
     if args.emit:
@@ -98,16 +105,15 @@ def run(args: argparse.Namespace) -> int:
 def run_capacity(args: argparse.Namespace) -> int:
     """Search the GPU count too: each count's best plan, time to train and cost."""
     from meshplan.core.progress import wanted
-    from meshplan.hw_profiles.profile import load_profile
-    from meshplan.planner.capacity import capacity_search, gpu_counts
+    from meshplan.planner.capacity import capacity_search, check_budget, gpu_counts
 
     if args.tokens is None:
         raise PlanError("search.tokens", "missing", "give the token budget with --tokens (e.g. 2e12)")
     if args.emit:
         raise PlanError("emit", "emits one plan, not a choice of cluster", "drop --tokens, or --emit")
-    model = common.load_model_arg(args)
-    hw = load_profile(args.hardware)
-    per_node = args.gpus_per_node or hw.gpus_per_node
+    (model, hw), _ = common.gathered(lambda: common.model_and_profile(args),
+                                     lambda: check_budget(args.tokens, args.days, args.gpu_hour_price))
+    per_node = common.gpus_per_node(args, hw.gpus_per_node)
     counts = gpu_counts(args.gpus or f"{per_node}-16384", per_node)
     fixed = common.held_fields(common.user_plan_fields(args), hw)
     missing = [(f"plan.{k}", "missing", "give it as a flag") for k in ("global_batch", "seq_len") if k not in fixed]
@@ -159,6 +165,7 @@ def emit(args: argparse.Namespace, model, cluster, hw, fixed: dict) -> int:
 
     target, version = args.emit, args.target_version
     exports.rule_set(target, version)
+    dictated = {k: v for k, v in exports.dictated(target, fixed, hw).items() if k not in fixed}
     fixed, free = exports.target_fields(target, fixed, hw)
     if target == "plan" and args.launch_script != "torchrun":
         raise PlanError("emit.plan", "a plan JSON has no launch script", "use meshplan run "
@@ -192,8 +199,11 @@ def emit(args: argparse.Namespace, model, cluster, hw, fixed: dict) -> int:
         launch = exports.launch(artifact, cluster.num_nodes, cluster.ranks_per_node)
         sys.stdout.write(launch_scripts.script(args.launch_script, launch))
     name = target + (f" {version}" if version else "")
-    print(f"meshplan plan: best of {found.candidates} legal plans that {name} runs: "
-          f"{result.plan.summary()}", file=sys.stderr)
+    print(f"meshplan plan: best of {found.candidates:,} legal plans that {name} runs (none left out as "
+          f"dominated: {name} may refuse the plan that dominates one): "
+          f"{result.plan.summary()}" + (f"; priced with what {name} runs: " + ", ".join(
+              f"{k.replace('_', ' ')} {getattr(result.plan, k)}" for k in dictated) if dictated else ""),
+          file=sys.stderr)
     report_export(artifact)
     return 0
 
@@ -209,7 +219,6 @@ def report_export(artifact) -> None:
 def run_inference(args: argparse.Namespace) -> int:
     """Serving: search TP, PP, replicas and batch for the best throughput per GPU (or
     latency) that meets the SLOs."""
-    from meshplan.hw_profiles.profile import load_profile
     from meshplan.planner import exports
     from meshplan.planner.exports import vllm
     from meshplan.planner.exports.checkpoint import checkpoint_of
@@ -218,12 +227,13 @@ def run_inference(args: argparse.Namespace) -> int:
 
     if args.emit not in (None, "vllm"):
         raise PlanError("--emit", f"{args.emit} is a training format", "use --emit vllm with --mode inference")
-    model = common.load_serving_model(args)
-    hw = load_profile(args.hardware)
+    model, hw = common.model_and_profile(args, serving=True)
     cluster = common.cluster_from_args(args, hw.gpus_per_node)
-    for flag, name in (("--prompt-len", "prompt_len"), ("--gen-len", "gen_len")):
-        if getattr(args, name) is None:
-            raise PlanError(flag, "missing", f"pass {flag} N with --mode inference")
+    missing = [(flag, "missing", f"pass {flag} N with --mode inference")
+               for flag, name in (("--prompt-len", "prompt_len"), ("--gen-len", "gen_len"))
+               if getattr(args, name) is None]
+    if missing:
+        raise PlanError.of(missing)
     fixed = {k: getattr(args, k) for k in FIXABLE if getattr(args, k) is not None}
     fixed = common.held_serving_fields(fixed, hw)
     ms = lambda v: None if v is None else v / 1e3  # noqa: E731
@@ -311,7 +321,8 @@ def print_ranking(found, why, top: int) -> None:
     console.print("[bold]why[/bold]")
     for line in why.lines():
         console.print(f"  {line}", highlight=False)
-    console.print(f"searched {found.candidates:,} legal plans ({found.feasible:,} fit in memory; "
+    console.print(f"searched {found.candidates:,} legal plans, those another beats in time and memory at "
+                  f"once left out ({found.feasible:,} fit in memory; "
                   f"{found.over_memory:,} layouts left out first, their weights, gradients and "
                   f"optimizer states alone over it): "
                   f"closed-form step times for {found.evaluated:,}, discrete-event simulation of "

@@ -57,6 +57,16 @@ def register(subparsers) -> None:
                         help="print a script that runs this plan across the cluster's nodes instead "
                         "of running it here: slurm (an sbatch script; srun starts meshplan run on "
                         "each node) or torchrun (run the script on each node)")
+    stateless = "serving runs keep no state to checkpoint or restart from"
+    common.mode_only(parser, training={
+        "steps": "serving runs generate (--repeats times), they take no steps",
+        "nnodes": "serving runs on one machine", "rdzv_endpoint": "serving runs on one machine",
+        "node_rank": "serving runs on one machine",
+        "launch_script": "serving runs on one machine (vLLM serves across machines: meshplan plan "
+                         "--mode inference --emit vllm)",
+        "data": "serving runs generate from synthetic prompts drawn from --seed",
+        "checkpoint_dir": stateless, "checkpoint_every": stateless, "resume": stateless,
+        "max_restarts": stateless}, inference={"repeats": "training times its --steps"})
     parser.set_defaults(handler=run)
 
 
@@ -67,7 +77,7 @@ def resolve(args: argparse.Namespace):
     fields = common.user_plan_fields(args)
     gpus = (args.gpus if args.gpus is not None
             else math.prod(fields.get(a, 1) for a in ("dp", "tp", "pp", "cp")))
-    per_node = args.gpus_per_node or max(1, gpus // max(1, args.nnodes))
+    per_node = common.gpus_per_node(args, max(1, gpus // max(1, args.nnodes)))
     cluster = Cluster(num_gpus=gpus, gpus_per_node=per_node)
     return model, checked_plan(fields, model, cluster), cluster
 
@@ -238,27 +248,11 @@ def run_inference(args: argparse.Namespace) -> int:
     """Serve one inference plan on this machine: --gpus defaults to tp * pp * replicas."""
     from meshplan.executor.launch import launch_serve
     from meshplan.executor.options import ServeOptions
-    from meshplan.core.errors import PlanError
     from meshplan.simulator.serve import InferencePlan
 
-    if args.nnodes != 1:
-        raise PlanError("--nnodes", "inference runs on one machine", "drop --nnodes")
-    if args.launch_script:
-        raise PlanError("--launch-script", "serving runs on one machine", "drop --launch-script, "
-                        "or serve with vLLM: meshplan plan --mode inference --emit vllm")
-    if args.data:
-        raise PlanError("--data", "serving runs generate from synthetic prompts drawn from "
-                        "--seed", "drop --data with --mode inference")
-    given = [flag for flag, value in (("--checkpoint-dir", args.checkpoint_dir),
-                                      ("--checkpoint-every", args.checkpoint_every),
-                                      ("--resume", args.resume), ("--max-restarts", args.max_restarts))
-             if value]
-    if given:
-        raise PlanError(given[0], "serving runs keep no state to checkpoint or restart from",
-                        f"drop {' and '.join(given)} with --mode inference")
     model = common.load_serving_model(args)
     gpus = args.gpus if args.gpus is not None else (args.tp or 1) * (args.pp or 1) * (args.replicas or 1)
-    cluster = Cluster(num_gpus=gpus, gpus_per_node=args.gpus_per_node or gpus)
+    cluster = Cluster(num_gpus=gpus, gpus_per_node=common.gpus_per_node(args, gpus))
     plan = InferencePlan(**common.inference_plan_fields(args, cluster))
     options = ServeOptions(warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                            profile=args.hardware, timeout_s=args.timeout_s,

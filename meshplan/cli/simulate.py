@@ -19,15 +19,14 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--trace", help="write a Chrome/Perfetto trace of the pipeline schedule")
     parser.add_argument("--timeline", help="write a plotly Gantt chart (HTML) of the schedule")
+    schedule = "a serving plan has no pipeline schedule to draw"
+    common.mode_only(parser, training={"trace": schedule, "timeline": schedule}, inference={})
     parser.set_defaults(handler=run)
 
 
 def resolve(args: argparse.Namespace):
     """(model, plan, cluster, hardware profile) from the shared flags."""
-    from meshplan.hw_profiles.profile import load_profile
-
-    model = common.load_model_arg(args)
-    hw = load_profile(args.hardware)
+    model, hw = common.model_and_profile(args)
     cluster = common.cluster_from_args(args, hw.gpus_per_node)
     plan = checked_plan(common.held_fields(common.user_plan_fields(args), hw), model, cluster)
     return model, plan, cluster, hw
@@ -58,11 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_inference(args: argparse.Namespace) -> int:
-    from meshplan.hw_profiles.profile import load_profile
     from meshplan.simulator.serve import InferencePlan, simulate_inference
 
-    model = common.load_serving_model(args)
-    hw = load_profile(args.hardware)
+    model, hw = common.model_and_profile(args, serving=True)
     cluster = common.cluster_from_args(args, hw.gpus_per_node)
     plan = InferencePlan(**common.held_serving_fields(common.inference_plan_fields(args, cluster), hw))
     result = simulate_inference(model, plan, cluster, hw)
