@@ -64,12 +64,14 @@ SPEC_KEYS = {
 class Parsed:
     """One config read into ModelSpec fields: the keys ignored because they change no cost,
     the issues found (unknown keys, unmodelled features, bad values), and whether a bad size
-    was replaced by 1 to read on (then checks on the spec would report its consequences)."""
+    was replaced by 1 to read on (then checks on the spec would report its consequences), and
+    the sizes the config leaves out that its architecture's defaults gave (key, value)."""
 
     fields: dict
     ignored: tuple[str, ...]
     issues: tuple[Issue, ...]
     substituted: bool
+    defaulted: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class _Config:
         self.read: set[str] = set()
         self.issues: list[Issue] = []
         self.substituted = False  # a bad size was replaced by 1 to read on
+        self.defaulted: dict[str, int] = {}  # sizes the architecture's defaults gave
 
     def first(self, keys: tuple[str, ...], default=None):
         """The value of the first of `keys` (aliases) the config has (an explicit null means
@@ -133,6 +136,8 @@ class _Config:
         value = self.first(keys)
         if value is None and default is not _NO_DEFAULT:
             return default
+        if value is not None and not any(k in self.config for k in keys):
+            self.defaulted[keys[0]] = value
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
             problem = "missing key" if value is None else f"expected a positive integer up to {MAX_SIZE}, got {value!r}"
             self.issues.append((self._field(keys[0]), problem, f"set \"{keys[0]}\" to a positive integer"))
@@ -174,7 +179,7 @@ class _Config:
             (self._field(k), "unknown key: meshplan cannot tell whether it changes the cost",
              "remove it if it does not change the architecture") for k in unknown]
         return Parsed(fields, tuple(sorted(set(self.config) - self.read - BOOKKEEPING)), tuple(issues),
-                      self.substituted)
+                      self.substituted, tuple(sorted(self.defaulted.items())))
 
     def spec_issues(self, issues) -> list[Issue]:
         """ModelSpec's `issues` with the config key each field was read from where the config

@@ -354,12 +354,15 @@ ZOO: dict[str, ModelSpec] = {m.name: m for m in (
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model as loaded, with the config keys that were read but change no cost and how
-    the checkpoint stores its weights (None: 16-bit, or not a checkpoint's config)."""
+    """A model as loaded, with the config keys that were read but change no cost, how the
+    checkpoint stores its weights (None: 16-bit, or not a checkpoint's config) and the sizes
+    it leaves out that its architecture's defaults gave, as transformers' AutoConfig fills
+    them ((key, value))."""
 
     spec: ModelSpec
     ignored_keys: tuple[str, ...] = ()
     stored: hf_config.StoredWeights | None = None
+    defaulted: tuple[tuple[str, int], ...] = ()
 
 
 def from_hf_config(config: dict, name: str = "custom", source: str = "config") -> ModelSpec:
@@ -382,7 +385,7 @@ def read_hf_config(config: dict, name: str = "custom", source: str = "config") -
             issues += reader.spec_issues(exc.issues)
     if issues:
         raise ModelError.of(issues)
-    return LoadedModel(spec, parsed.ignored, hf_config.stored_weights(config))
+    return LoadedModel(spec, parsed.ignored, hf_config.stored_weights(config), parsed.defaulted)
 
 
 def read_model(name_or_path: str) -> LoadedModel:

@@ -215,6 +215,22 @@ def test_ignored_keys_are_listed_once():
     assert read_model("llama-2-7b").ignored_keys == ()
 
 
+def test_sizes_a_config_leaves_out_are_its_architectures_defaults_and_said(tmp_path, capsys):
+    """transformers fills a key a config leaves out from the model type's config class, and
+    so does meshplan, saying which sizes it took so (a released config that has them all
+    gets no such note)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4, "num_attention_heads": 8}))
+    loaded = read_model(str(path))
+    assert dict(loaded.defaulted) == {"hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32000,
+                                      "max_position_embeddings": 2048}
+    assert (loaded.spec.hidden_size, loaded.spec.ffn_hidden_size, loaded.spec.vocab_size) == (4096, 11008, 32000)
+    assert read_model(str(CONFIGS / "llama-3.1-8b.json")).defaulted == ()
+    assert main(["simulate", "--model", str(path), "--gpus", "1", "--global-batch", "1", "--seq-len", "128",
+                 "--json"]) == 0
+    assert "hidden_size 4096, intermediate_size 11008, max_position_embeddings 2048" in capsys.readouterr().err
+
+
 def test_cli_prints_parameters_and_the_ignored_keys_once(capsys):
     mixtral = str(CONFIGS / "mixtral-8x7b.json")
     flags = ["--model", mixtral, "--hardware", "h100-80gb", "--gpus", "64", "--global-batch", "256",

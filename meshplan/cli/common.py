@@ -281,10 +281,14 @@ def load_serving_model(args: argparse.Namespace) -> ModelSpec:
 
 
 def _loaded(args: argparse.Namespace) -> LoadedModel:
-    """read_model of --model, with a note naming the config keys it ignored."""
+    """read_model of --model, with notes naming the config keys it ignored and the sizes its
+    architecture's defaults gave."""
     loaded = read_model(args.model)
     if loaded.ignored_keys:
         _note(args, f"{args.model}: ignored keys (they change no cost): {', '.join(loaded.ignored_keys)}")
+    if loaded.defaulted:
+        _note(args, f"{args.model}: sizes it leaves out, read as its model_type's defaults (as transformers "
+                    f"reads them): {', '.join(f'{k} {v}' for k, v in loaded.defaulted)}")
     return loaded
 
 
