@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from meshplan.hw_profiles.profile import load_profile
-from meshplan.core.errors import PlanError
 from meshplan.planner import exports
 from meshplan.planner.closed_forms import evaluate
 from meshplan.planner.explain import explain
@@ -67,7 +66,8 @@ def check(name, gpus, batch, seq, hw_name, held, target=None, version=None) -> d
         fixed, free = exports.target_fields(target, fixed, hw)
         runs = lambda table: exports.supported(target, model, table, version)  # noqa: E731
     start = time.perf_counter()
-    found = search(model, cluster, hw, fixed, allowed=None if target is None else runs, free=free)
+    found = search(model, cluster, hw, fixed, allowed=None if target is None else runs, free=free,
+                   admits=None if target is None else lambda plan: exports.runs(target, model, plan, version))
     search_s = time.perf_counter() - start
     winner = found.ranked[0]
     table = candidate_table(model, cluster, fixed, hw.fabric, hw.nics_per_node, prune_dominated=False)
@@ -90,7 +90,7 @@ def check(name, gpus, batch, seq, hw_name, held, target=None, version=None) -> d
     # a change of a knob the case holds is the user's constraint, not a miss of the search;
     # nor is one the target cannot run
     faster = [c.label for c in why.changes if c.slower_rel is not None and c.slower_rel < 0
-              and c.limit is None and not c.held and (target is None or _runs(target, model, c.plan, version))]
+              and c.limit is None and not c.held and (target is None or exports.runs(target, model, Plan(**{**c.plan, "layer_partition": None}), version))]
     return {"case": f"{model.name} on {gpus}x {hw_name}" + (f" {held}" if held else "")
             + (f" --emit {target}" + (f" {version}" if version else "") if target else ""),
             "legal": legal, "fit": fit, "simulated": simulated,
@@ -98,15 +98,6 @@ def check(name, gpus, batch, seq, hw_name, held, target=None, version=None) -> d
             "miss": winner.step_time_s > best * (1 + TOLERANCE) or bool(faster),
             "faster_single_knob_changes": faster, "search_s": search_s,
             "winner": winner.plan.to_dict(), "optimum": best_plan.to_dict()}
-
-
-def _runs(target: str, model, plan: dict, version: str | None) -> bool:
-    """Whether `target` can run the plan `plan` (its fields)."""
-    try:
-        exports.check(target, model, Plan(**{**plan, "layer_partition": None}), version)
-    except PlanError:
-        return False
-    return True
 
 
 def main(argv=None) -> int:

@@ -48,7 +48,8 @@ def planner_ranking(world: int, hw) -> list[tuple[str, float]]:
 
     def allowed(table):
         return [row_plan(table, i) in names for i in range(len(table))]
-    found = search(VALIDATION_MODEL, Cluster(world, world), hw, fixed, des=len(names), allowed=allowed)
+    found = search(VALIDATION_MODEL, Cluster(world, world), hw, fixed, des=len(names), allowed=allowed,
+                   admits=lambda plan: plan in names)
     return [(names[r.plan], r.step_time_s) for r in found.ranked]
 
 

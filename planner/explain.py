@@ -10,10 +10,11 @@ from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.core.errors import PlanError
 from meshplan.simulator.model_spec import ModelSpec
 from meshplan.simulator.partition import split_text
-from meshplan.simulator.plan import CP_COMMS, RECOMPUTE, SCHEDULES, Cluster, Plan
-from meshplan.simulator.rules import max_virtual_stages
+from meshplan.planner.neighbours import knob_changes, try_plan
+from meshplan.planner.search import distinct
+from meshplan.simulator.plan import Cluster, Plan
 from meshplan.hw_profiles.accuracy import end_to_end, end_to_end_text, plan_kind
-from meshplan.simulator.train import BREAKDOWN_KEYS, SimulationResult, mfu_text, simulate
+from meshplan.simulator.train import BREAKDOWN_KEYS, SimulationResult, mfu_text
 from meshplan.core.units import GIB
 
 TIE_REL = 1e-3  # step times closer than this are reported as a tie
@@ -32,20 +33,26 @@ class Comparison:
     grows: tuple[tuple[str, float], ...] = ()
     limit: str | None = None
     held: bool = False
+    # terms that move the other way by more than 1% (a critical stage of other layers: its
+    # compute shrinks as the wait for the others, the bubble, grows), largest first
+    offsets: tuple[tuple[str, float], ...] = ()
 
     def text(self) -> str:
         if self.limit:
             return f"{self.label}: ruled out ({self.limit})"
         if abs(self.slower_rel) < TIE_REL:
             return f"{self.label}: ties (within {TIE_REL:.1%})"
-        if self.slower_rel < 0:
-            return f"{self.label}: {-self.slower_rel:.1%} faster ({_terms(self.grows, 'shrinks')})"
-        return f"{self.label}: {self.slower_rel:.1%} slower ({_terms(self.grows, 'grows')})"
+        faster = self.slower_rel < 0
+        terms = _terms(self.grows, "shrinks" if faster else "grows")
+        if self.offsets:
+            k, v = self.offsets[0]
+            terms += f"; {k} {'grows' if faster else 'shrinks'} {abs(v):.3g} s"
+        return f"{self.label}: {abs(self.slower_rel):.1%} {'faster' if faster else 'slower'} ({terms})"
 
     def to_json(self) -> dict:
         return {"label": self.label, "plan": self.plan, "step_time_s": self.step_time_s,
-                "slower_rel": self.slower_rel, "grows_s": dict(self.grows), "limit": self.limit,
-                "text": self.text()}
+                "slower_rel": self.slower_rel, "grows_s": dict(self.grows), "offsets_s": dict(self.offsets),
+                "limit": self.limit, "text": self.text()}
 
 
 def _terms(deltas, verb: str) -> str:
@@ -56,92 +63,19 @@ def _terms(deltas, verb: str) -> str:
 
 def compare(winner: SimulationResult, other: SimulationResult, label: str) -> Comparison:
     """`other` against `winner`: relative slowdown; the terms that grow when slower (or
-    shrink when faster), those moving more than 1% of the winner's step, largest first."""
+    shrink when faster), and those that move the other way, each moving more than 1% of the
+    winner's step, largest first."""
     rel = other.step_time_s / winner.step_time_s - 1.0
     sign = 1.0 if rel >= 0 else -1.0
     deltas = sorted(((k, other.breakdown_s[k] - winner.breakdown_s[k]) for k in BREAKDOWN_KEYS),
                     key=lambda kv: -sign * kv[1])
     moved = tuple((k, d) for k, d in deltas if sign * d > 0.01 * winner.step_time_s)
+    offsets = tuple((k, d) for k, d in reversed(deltas) if -sign * d > 0.01 * winner.step_time_s)
     if not other.fits:
         return Comparison(label, other.plan.to_dict(), other.step_time_s, rel, moved,
                           f"memory: needs {other.peak_memory_bytes / GIB:.1f} GiB, "
                           f"{other.memory_limit_bytes / GIB:.1f} GiB usable")
-    return Comparison(label, other.plan.to_dict(), other.step_time_s, rel, moved)
-
-
-def knob_changes(plan: Plan, experts: bool = False,
-                 num_layers: int | None = None) -> list[tuple[str, str, dict | str]]:
-    """(label, knob, changed fields or why there is none) for each single-knob change of
-    `plan`; a parallel degree's change moves the factor 2 to or from data parallelism (expert
-    TP following TP where it did; a deeper interleaved pipeline of `num_layers` layers down
-    to the chunks it can hold); the TP overlap toggled where sequence parallelism is on,
-    resharding after forward where ZeRO-3 is; each other CP exchange where cp > 1; with
-    `experts`, EP x2, /2 and none too, and the all-to-all overlap toggled where ep > 1."""
-    out = []
-    for axis in ("tp", "pp"):
-        deg = getattr(plan, axis)
-        for label, new, dp in (("x2", deg * 2, plan.dp / 2), ("/2", deg / 2, plan.dp * 2)):
-            if new < 1 or new != int(new):
-                continue
-            name = f"{axis} {label} (dp {'/2' if label == 'x2' else 'x2'})"
-            if dp != int(dp):
-                out.append((name, axis, f"--gpus: dp {plan.dp} has no factor 2 to give up"))
-                continue
-            fields = {axis: int(new), "dp": int(dp)}
-            if axis == "tp" and plan.etp == plan.tp:
-                fields["etp"] = int(new)
-            if axis == "tp" and new > 1 and plan.ep > 1:
-                fields["sp"] = True   # expert with tensor parallelism needs SP
-
-            if axis == "tp" and new == 1:  # no sequence parallelism, nor its overlap, without TP
-                fields.update(sp=False, tp_overlap=False)
-            if axis == "pp" and new == 1:
-                fields.update(schedule="1f1b", virtual_stages=1)
-            top = max_virtual_stages(num_layers, int(new)) if axis == "pp" and num_layers else None
-            if top is not None and plan.virtual_stages > top:
-                # the deeper pipeline holds fewer chunks per rank: as many as it can
-                if top >= 2:
-                    fields["virtual_stages"] = top
-                    name += f", v {plan.virtual_stages} to {top}"
-                else:
-                    fields.update(schedule="1f1b", virtual_stages=1)
-                    name += ", 1f1b: no two chunks per rank fit"
-            out.append((name, axis, fields))
-    # expert parallelism folds over the same ranks (parallel folding): the attention's mesh stays
-    # at ep 1 nothing is exchanged, so nothing overlaps either
-    out += [(f"ep {label}", "ep", {"ep": new, **({"moe_a2a_overlap": False} if new == 1 else {})})
-            for label, new in (("x2", plan.ep * 2), ("/2", plan.ep // 2))
-            if experts and new >= 1 and (label == "x2" or plan.ep % 2 == 0)]
-    if experts and plan.ep > 2:  # what expert parallelism buys at all
-        out.append(("ep 1 (experts not spread)", "ep", {"ep": 1, "moe_a2a_overlap": False}))
-    mbs = [plan.micro_batch * 2] + ([plan.micro_batch // 2] if plan.micro_batch % 2 == 0 else [])
-    out += [(f"micro-batch {b}", "micro_batch", {"micro_batch": b}) for b in mbs]
-    # leaving ZeRO-3 leaves its choice of keeping the weights gathered with it
-    out += [(f"zero {z}", "zero", {"zero": z, **({} if z == 3 else {"reshard_after_forward": True})})
-            for z in (plan.zero - 1, plan.zero + 1) if 0 <= z <= 3]
-    if plan.zero == 3:
-        out.append(("reshard after forward " + ("off" if plan.reshard_after_forward else "on"),
-                    "reshard_after_forward", {"reshard_after_forward": not plan.reshard_after_forward}))
-    out += [(f"recompute {r}", "recompute", {"recompute": r}) for r in RECOMPUTE if r != plan.recompute]
-    if plan.pp > 1:
-        for s in SCHEDULES:
-            if s != plan.schedule:
-                v = 2 if s in ("interleaved", "zb-v") else 1
-                out.append((f"schedule {s}" + (f" (v={v})" if v > 1 else ""), "schedule",
-                            {"schedule": s, "virtual_stages": v}))
-    if plan.tp > 1:
-        # the TP overlap splits the sequence-parallel collectives: it goes with them
-        out.append(("sequence parallel " + ("off" if plan.sp else "on"), "sp",
-                    {"sp": not plan.sp, **({"tp_overlap": False} if plan.sp else {})}))
-    if plan.tp > 1 and plan.sp:
-        out.append(("TP overlap " + ("off" if plan.tp_overlap else "on"), "tp_overlap",
-                    {"tp_overlap": not plan.tp_overlap}))
-    if plan.cp > 1:
-        out += [(f"CP exchange {c}", "cp_comm", {"cp_comm": c}) for c in CP_COMMS if c != plan.cp_comm]
-    if experts and plan.ep > 1:
-        out.append(("all-to-all overlap " + ("off" if plan.moe_a2a_overlap else "on"), "moe_a2a_overlap",
-                    {"moe_a2a_overlap": not plan.moe_a2a_overlap}))
-    return out
+    return Comparison(label, other.plan.to_dict(), other.step_time_s, rel, moved, offsets=offsets)
 
 
 @dataclass(frozen=True)
@@ -185,21 +119,12 @@ class Explanation:
                 "changes": [c.to_json() for c in self.changes], "text": self.lines()}
 
 
-def try_plan(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fields: dict):
-    """simulate() the plan `fields` describe, or the PlanError that rules it out."""
-    try:
-        plan = Plan(**fields)
-        plan.validate(model, cluster)
-    except PlanError as exc:
-        return exc
-    return simulate(model, plan, cluster, hw)
-
-
 def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
             ranked: tuple[SimulationResult, ...], fixed: dict) -> Explanation:
     winner = ranked[0]
-    runner = compare(winner, ranked[1], "runner-up " + _describe(ranked[1].plan, winner.plan)) \
-        if len(ranked) > 1 else None
+    rows = distinct(ranked, 2)  # the table's runner-up: another interleave of the winner is no rival
+    second = rows[1][0] if len(rows) > 1 else (ranked[1] if len(ranked) > 1 else None)
+    runner = compare(winner, second, "runner-up " + _describe(second.plan, winner.plan)) if second else None
     changes = []
     for label, knob, fields in knob_changes(winner.plan, model.num_experts > 0, model.num_layers):
         held = f" (you fixed --{knob.replace('_', '-')})" if knob in fixed else ""
@@ -250,9 +175,12 @@ CP_EXCHANGES = {
 
 
 def communication_lines(communication: dict) -> list[str]:
-    """Each kind's communication on the critical stage, whole and exposed, and the overlap
-    and contention assumed."""
-    kinds = [f"{kind.upper()} {c['total_s']:.3g} s ({c['exposed_s']:.3g} s exposed)"
+    """Each kind's communication on the critical stage (the pipeline's sends on every stage,
+    which its fill and drain wait on), whole and exposed, and the overlap and contention
+    assumed."""
+    kinds = [f"{kind.upper()} {c['total_s']:.3g} s" + (f" over every stage, {c['stage_s']:.3g} s the critical "
+                                                      "stage's" if "stage_s" in c else "")
+             + f" ({c['exposed_s']:.3g} s exposed)"
              for kind, c in communication.items() if kind != "overlap" and c["total_s"] > 0]
     overlap = communication.get("overlap", {})
     if not overlap.get("overlaps_compute", True):

@@ -239,6 +239,13 @@ def _dominated_zero(pp: int, microbatches: int, fixed: dict) -> int | None:
     return 2 if microbatches > 1 and once else None
 
 
+def searched(model: ModelSpec, fields: dict, fixed: dict) -> bool:
+    """Whether the search's space holds plans with these field values: the norms' recompute
+    (norm_act, Megatron-LM's --recompute-modules layernorm moe_act) for a model with experts,
+    whose routed activations it frees too, or where the user fixed it."""
+    return fields.get("recompute") != "norm_act" or bool(model.num_experts) or "recompute" in fixed
+
+
 def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fabric | None = None,
                     nics_per_node: int = 1, prune_dominated: bool = True,
                     states_fit: Callable[[pd.DataFrame], np.ndarray] | None = None) -> pd.DataFrame:
@@ -328,7 +335,7 @@ def candidate_table(model: ModelSpec, cluster: Cluster, fixed: dict, fabric: Fab
             (r,) for r in RECOMPUTE if fixed.get("recompute", r) == r and not (
                 prune_dominated and r == "selective" and "recompute" not in fixed
                 and fixed.get("attention", ATTENTION[0]) in rules.FUSED_ATTENTION)
-            and (r != "norm_act" or model.num_experts or "recompute" in fixed)],
+            and searched(model, {"recompute": r}, fixed)],
             ["recompute"], {"recompute": RECOMPUTE},
             legal=lambda options, new: _legal(options, model, cluster, fixed, new))
         table = _legal(table, model, cluster, fixed, ("recompute",))

@@ -362,7 +362,9 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, stages: np.ndar
                    s: int, hw: HardwareProfile) -> dict:
     """Per kind, the communication of the critical stage whole (`total_s`) and what of it is
     on the critical path (`exposed_s`, the breakdown's term), with the overlap assumed;
-    `stages`: the stage index of each rank's chunks (schedule.stage_index)."""
+    `stages`: the stage index of each rank's chunks (schedule.stage_index). The pipeline's
+    sends are those of every stage: the step waits on the hops before and after the critical
+    stage too (the fill and the drain), so its own sends can be fewer than the exposed."""
     x = {k: float(val[0]) for k, val in r.items() if isinstance(val, np.ndarray) and val.dtype.kind == "f"}
     n, v = int(chunks.sum()), len(chunks)
     p, head_at = int(r["pp"][0]), int(step.head_rank(r)[0, 0])
@@ -372,7 +374,7 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, stages: np.ndar
     owner[stages] = np.arange(p)[:, None]
     ahead = np.append(owner[1:], s) != s    # stage j + 1 elsewhere (none after the last)
     behind = np.insert(owner[:-1], 0, s) != s
-    sends = m * int(ahead[stages[s]].sum() + behind[stages[s]].sum())
+    sends, own = m * int(ahead.sum() + behind.sum()), m * int(ahead[stages[s]].sum() + behind[stages[s]].sum())
     gathers = m * (n * (x["ag"] + x["agb"] + x["agc"] + x["agcb"]) + (s == 0) * x["emb_ag"]
                    + (s == head_at) * x["head_ag"])
     kernel = hw.attention_kernel(r["attention"]).attention
@@ -380,7 +382,7 @@ def _communication(r: dict, breakdown: dict, chunks: np.ndarray, stages: np.ndar
         "tp": {"total_s": m * (n * x["l_tp_raw"] + _edge_tp(x, s, head_at)), "exposed_s": breakdown["tp_comm"]},
         "cp": {"total_s": m * n * x["l_cp_raw"], "exposed_s": breakdown["cp_comm"]},
         "ep": {"total_s": m * n * x["l_ep"], "exposed_s": breakdown["ep_comm"]},
-        "pp": {"total_s": sends * x["hop"], "exposed_s": breakdown["pp_comm"]},
+        "pp": {"total_s": sends * x["hop"], "stage_s": own * x["hop"], "exposed_s": breakdown["pp_comm"]},
         "dp": {"total_s": float(tail.dp_total_s[0, s]) + gathers, "exposed_s": breakdown["dp_comm"]},
         "overlap": {"overlaps_compute": hw.comm_overlaps_compute,
                     "tp_overlap": (("forward and backward" if r["tp_overlap_bwd"] else "forward")

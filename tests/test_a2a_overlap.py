@@ -11,7 +11,7 @@ import pytest
 from meshplan.core.errors import PlanError
 from meshplan.hw_profiles.profile import load_profile
 from meshplan.planner.closed_forms import evaluate
-from meshplan.planner.explain import knob_changes
+from meshplan.planner.neighbours import knob_changes
 from meshplan.planner.space import candidate_table, row_plan
 from meshplan.reports.timeline import comm_segments
 from meshplan.simulator import rules

@@ -199,9 +199,10 @@ def predict(run: PublishedRun, hw: HardwareProfile) -> SimulationResult:
         {"schedule", "virtual_stages"} - set(fixed))
     if not open_knobs:
         return simulate(run.model, Plan(**complete_fields(fixed, run.cluster.num_gpus)), run.cluster, hw)
-    allowed = None if "schedule" in fixed or fixed.get("pp", 1) == 1 else (
-        lambda table: table["schedule"].isin(UNNAMED_SCHEDULES).to_numpy())
-    return search(run.model, run.cluster, hw, fixed, des=4, allowed=allowed).ranked[0]
+    unnamed = "schedule" not in fixed and fixed.get("pp", 1) > 1
+    allowed = (lambda table: table["schedule"].isin(UNNAMED_SCHEDULES).to_numpy()) if unnamed else None
+    admits = (lambda plan: plan.schedule in UNNAMED_SCHEDULES) if unnamed else None
+    return search(run.model, run.cluster, hw, fixed, des=4, allowed=allowed, admits=admits).ranked[0]
 
 
 # the knobs a planner chooses for a run (degrees, sharding, recompute, batching, pipeline
@@ -222,10 +223,14 @@ def planner_best(run: PublishedRun, hw: HardwareProfile) -> SimulationResult:
     no zero-bubble schedule, torchtitan no ZeRO-1, ...; its rules on kernels, dtypes and
     models describe meshplan's export, not the framework the run had): what meshplan would
     have advised where the run's authors chose its published layout."""
-    allowed = None if not run.framework else (
-        lambda table: exports.supported(run.framework, run.model, table, reading=LAYOUT_KNOBS | BATCH))
+    allowed = admits = None
+    if run.framework:
+        allowed = lambda table: exports.supported(run.framework, run.model, table,  # noqa: E731
+                                                  reading=LAYOUT_KNOBS | BATCH)
+        admits = lambda plan: exports.runs(run.framework, run.model, plan,  # noqa: E731
+                                           reading=LAYOUT_KNOBS | BATCH)
     return search(run.model, run.cluster, hw, {k: v for k, v in run.fixed.items() if k not in LAYOUT_KNOBS},
-                  des=4, allowed=allowed).ranked[0]
+                  des=4, allowed=allowed, admits=admits).ranked[0]
 
 
 def reserved_bytes(result: SimulationResult, hw: HardwareProfile) -> float:

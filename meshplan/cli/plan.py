@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(dump_json({
             "params": model.num_params(), "active_params": model.num_params(active=True),
-            "evaluated": found.candidates, "feasible": found.feasible,
+            "legal_plans": found.candidates, "feasible": found.feasible,
             "step_times_computed": found.evaluated, "simulated": found.simulated,
             "left_out_over_memory": found.over_memory,
             "search_time_s": found.search_time_s,
@@ -172,7 +172,8 @@ def emit(args: argparse.Namespace, model, cluster, hw, fixed: dict) -> int:
                         "--plan FILE --launch-script, or --emit a framework")
     try:
         found = search(model, cluster, hw, fixed,
-                       allowed=lambda table: exports.supported(target, model, table, version), free=free)
+                       allowed=lambda table: exports.supported(target, model, table, version), free=free,
+                       admits=lambda plan: exports.runs(target, model, plan, version))
     except PlanError as exc:
         if exc.field != "emit":
             raise

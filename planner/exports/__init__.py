@@ -171,6 +171,12 @@ def check(target: str, model: ModelSpec, plan: Plan, version: str | None = None,
                             for field, problem, fix in issues])
 
 
+def runs(target: str, model: ModelSpec, plan: Plan, version: str | None = None,
+         reading: frozenset | None = None) -> bool:
+    """Whether `target` can run `plan` (check's verdict, without its error)."""
+    return not rules.violations(_ruleset(target, version, reading), plan.fields(), model)
+
+
 def export(target: str, job: TrainJob) -> Export:
     """The plan of `job` in `target`'s terms, checked first with its pipeline split filled in;
     a framework is refused a checkpoint whose RoPE scaling none of them carries but Llama
