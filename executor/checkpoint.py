@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -86,8 +87,10 @@ def check_resume(folder: str, model: dict, plan: dict, resume: bool, seed: int,
     if path.exists() and not path.is_dir():
         return [(FIELD, f"{folder} is a file", "give a folder")], None
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [(FIELD, f"{existing} is not writable", "give a folder this user can write")], None
+    try:  # a folder made and removed there: permissions alone pass root on /proc or a read-only mount
+        os.rmdir(tempfile.mkdtemp(prefix=".meshplan-", dir=existing))
+    except OSError as exc:
+        return [(FIELD, f"{existing} is not writable ({exc.strerror})", "give a folder this user can write")], None
     found = latest(path) if path.is_dir() else None
     if found is None:
         return [], None

@@ -18,7 +18,8 @@ def compute_dtype(plan_dtype: str, device_type: str) -> str:
 # What this executor runs whatever a training plan says: model.py's norms, RoPE and MLPs as
 # torch ops; ZeRO-1 by all-reduce and broadcast (zero_one.py); its attention reads grouped keys
 # and values (scaled_dot_product_attention's enable_gqa)
-EXECUTOR_KERNELS = {"elementwise": "eager", "mlp_kernel": "eager", "zero1_sync": "all_reduce", "kv_repeat": False}
+EXECUTOR_KERNELS = {"elementwise": "eager", "mlp_kernel": "eager", "zero1_sync": "all_reduce", "kv_repeat": False,
+                    "ddp_impl": "replicate"}
 
 
 def training_fields(plan_dtype: str, device_type: str, cross_entropy: str) -> dict:
@@ -104,8 +105,9 @@ class LaunchOptions:
             issues.append(("run.rdzv_endpoint", "missing for a run on several nodes",
                            "give the HOST:PORT of the c10d rendezvous on node 0, the same on every node"))
         for field, value in (("timeout_s", self.timeout_s), ("rdzv_timeout_s", self.rdzv_timeout_s)):
-            if not (math.isfinite(value) and value > 0):
-                issues.append((f"run.{field}", f"{value!r} seconds", "use a positive, finite timeout"))
+            # below a second, starting the process group alone outlasts it
+            if not (math.isfinite(value) and value >= 1):
+                issues.append((f"run.{field}", f"{value!r} seconds", "use a finite timeout of 1 second or more"))
         if self.max_restarts < 0:
             issues.append(("run.max_restarts", f"{self.max_restarts} restarts", "use 0 or more"))
         return issues
@@ -132,7 +134,9 @@ class RunOptions(LaunchOptions):
         issues = super().issues()
         if self.steps < 1:
             issues.append(("run.steps", f"{self.steps} steps", "use 1 or more"))
-        elif not 0 <= self.warmup < self.steps:
+        elif self.warmup < 0:
+            issues.append(("run.warmup", f"{self.warmup} warm-up steps", "use 0 or more"))
+        elif self.warmup >= self.steps:
             issues.append(("run.warmup", f"{self.warmup} warm-up steps leave no timed step of "
                            f"{self.steps}", "use fewer warm-up steps than steps"))
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -140,7 +144,7 @@ class RunOptions(LaunchOptions):
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             issues.append(("run.checkpoint_every", f"{self.checkpoint_every} steps",
                            "checkpoint every 1 or more steps"))
-        no_folder = "give the folder the checkpoints go to (run.checkpoint_dir)"
+        no_folder = "give a checkpoint folder"
         if self.checkpoint_dir is None:
             for field, given, why in (
                     ("checkpoint_every", self.checkpoint_every is not None, "has no folder to save to"),

@@ -278,7 +278,7 @@ MEMORY_KEYS = ("dp", "tp", "pp", "cp", "sp", "zero", "rc", "micro_batch", "sched
                "virtual_stages", "num_microbatches", "reshard", "ep", "etp", "a2a_overlap")
 # what of a row the memory terms read (step.rank_params, step.rank_memory, in_flight)
 MEMORY_READS = MEMORY_KEYS + ("dps", "edp", "per_layer", "per_layer_expert", "tokens", "act", "act_none",
-                              "dtype", "d", "gd", "master", "mb", "accumulate_whole",
+                              "dtype", "d", "gd", "master", "mb", "accumulate_whole", "replicate_copy",
                               "loss_kept", "loss_peak")
 
 

@@ -94,6 +94,12 @@ GRAD_SYNCS = ("default", "last", "each")
 # buffers that the collectives read and fill in place, the parameters views into them
 # (FSDP1's FlatParameter; Megatron-FSDP's DataParallelBuffer buckets)
 FSDP_LAYOUTS = ("per_param", "flat")
+# ZeRO-0/1 data parallelism beside TP or PP: DDP's gradient buckets over the weights (PyTorch
+# DDP, Megatron-LM's DistributedDataParallel), or FSDP2's replicate, whose unsharded weights
+# are a second copy, gathered from the replicated ones at each forward and kept to the
+# backward (torch/distributed/_composable/replicate_with_fsdp.py: no post-forward reshard);
+# meshplan's executor takes replicate there (executor/parallelize.py apply_dp)
+DDP_IMPLS = ("ddp", "replicate")
 # The dtype of Adam's two moments: fp32 (mixed precision's, and Transformer Engine FusedAdam's
 # default), or bf16 (Megatron-LM's --use-precision-aware-optimizer --exp-avg-dtype bf16
 # --exp-avg-sq-dtype bf16; DeepSeek-V3's AdamW, arXiv 2412.19437 sec 3.3.3; torch.optim.Adam
@@ -208,6 +214,9 @@ class Plan:
                           "the last micro-batch, accumulated unsharded until then (last), or after "
                           "each micro-batch (each); default: last with pp > 1 (torch.distributed."
                           "pipelining), each without (FSDP2, DeepSpeed)", choices=GRAD_SYNCS)
+    ddp_impl: str = knob("ddp", "ZeRO-0/1 data parallelism beside TP or PP: DDP, or FSDP2's replicate, which "
+                         "keeps a second copy of the weights from forward to backward (meshplan's "
+                         "executor)", choices=DDP_IMPLS)
     fsdp_layout: str = knob("per_param", "ZeRO-2/3's weights: FSDP2's per-parameter shards, copied in and "
                             "out of each collective's buffer (torchtitan), or flat buffers the collectives "
                             "fill in place (FSDP1's FlatParameter, Megatron-FSDP)", choices=FSDP_LAYOUTS)
@@ -337,7 +346,7 @@ POSITIVE_INTS = ("global_batch", "seq_len", "dp", "tp", "pp", "cp", "micro_batch
 PLAN_WIDE = ("seq_len", "dtype", "attention", "grad_reduce_dtype", "master_weights", "moments_dtype",
              "moe_capacity_factor", "fp8_recipe", "moe_dispatcher", "moe_routing", "mlp_kernel", "elementwise",
              "fp8_saved_dtype", "zero1_sync", "grad_sync", "cross_entropy", "tp_overlap_scope", "cp_comm",
-             "kv_repeat", "fsdp_layout")
+             "kv_repeat", "fsdp_layout", "ddp_impl")
 
 
 def count_issue(scope: str, field: str, value) -> tuple[str, str, str] | None:
@@ -401,11 +410,12 @@ def rule_fields(values: dict) -> SimpleNamespace:
     return SimpleNamespace(**{**values, "etp": etp, "placement": ",".join(values["placement"])})
 
 
-def checked_plan(fields: dict, model: ModelSpec, cluster: Cluster) -> Plan:
+def checked_plan(fields: dict, model: ModelSpec, cluster: Cluster, also: tuple = ()) -> Plan:
     """The plan of the user's `fields` for `model` on `cluster`, dp filled from the GPU count
     (complete_fields); one PlanError naming every field that is missing, out of range, or
-    breaks a legality rule (rules.TRAINING), the rules that read dp left out where the GPU
-    count leaves dp undefined."""
+    breaks a legality rule (rules.TRAINING, and the rules `also` holds: what the executor
+    runs, for `meshplan run`), the rules that read dp left out where the GPU count leaves dp
+    undefined."""
     issues = [(f"plan.{name}", "missing", "give it as a flag (or in a --plan file)")
               for name in ("global_batch", "seq_len") if name not in fields]
     issues += field_issues(fields)
@@ -417,7 +427,7 @@ def checked_plan(fields: dict, model: ModelSpec, cluster: Cluster) -> Plan:
         issues, fields, open_dp = list(exc.issues), {**fields, "dp": 1}, True
     x = rule_fields({f.name: f.default for f in dataclasses.fields(Plan)
                      if f.default is not dataclasses.MISSING} | fields)
-    issues += rules.violations(tuple(r for r in rules.TRAINING if not (open_dp and "dp" in r.needs)),
+    issues += rules.violations(tuple(r for r in rules.TRAINING + also if not (open_dp and "dp" in r.needs)),
                                x, model, cluster)
     if issues:
         raise PlanError.of(issues)

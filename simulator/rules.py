@@ -389,13 +389,19 @@ EXECUTOR_TRAINING = (
     _master_weights("the executor"),
     _rule("plan.dtype", "dtype", lambda x, m, c: x.dtype != "fp8",
           lambda x, m, c: "the executor runs no FP8 GEMMs", "use bf16"),
+    # its experts are dropless: the run prices the imbalance it measures in the factor's place
+    _rule("plan.moe_capacity_factor", "moe_capacity_factor", lambda x, m, c: x.moe_capacity_factor == 1.0,
+          lambda x, m, c: f"the executor's experts take every routed row, with no capacity to pad to "
+          f"({x.moe_capacity_factor}); a run prices the routing imbalance it measures instead",
+          "drop moe_capacity_factor"),
     _rule("plan.global_batch", "pp schedule global_batch micro_batch dp",
           lambda x, m, c: (x.pp == 1) | np.logical_not(np.isin(x.schedule, ("1f1b", "zb-h1"))) | (_microbatches(x) >= x.pp),
           lambda x, m, c: f"{x.schedule} needs at least pp = {x.pp} micro-batches, got {_microbatches(x)}",
           "raise the global batch or lower the micro-batch"),
-    _rule("plan.etp", "etp tp sp", lambda x, m, c: (m.num_experts == 0) | (x.etp == 1) | (x.tp == 1) | np.asarray(x.sp),
+    # (with tp > 1 and no SP, etp must also be tp (TRAINING), so sp is the one way out)
+    _rule("plan.sp", "etp tp sp", lambda x, m, c: (m.num_experts == 0) | (x.etp == 1) | (x.tp == 1) | np.asarray(x.sp),
           lambda x, m, c: f"the executor's expert TP gathers each rank's own routed rows over etp {x.etp}, and "
-          "without sequence parallelism the TP ranks hold the same tokens", "turn on sp, or use etp 1"),
+          "without sequence parallelism the TP ranks hold the same tokens", "turn on sp"),
     _rule("plan.moe_a2a_overlap", "moe_a2a_overlap", lambda x, m, c: np.logical_not(x.moe_a2a_overlap),
           lambda x, m, c: "the executor runs each micro-batch's forward and backward one after the other, "
           "so no all-to-all overlaps another micro-batch's compute", "drop moe_a2a_overlap"),
@@ -591,8 +597,14 @@ _MEGATRON_BUILDS = ("mixture-of-experts", "shared experts", "dense layers among 
                     "a sigmoid router", "QK-norm", "attention-only biases", "partial rotary",
                     "head_dim other than hidden/heads")
 
+# The frameworks' ZeRO-0/1 data parallelism is DDP's (FSDP2's replicate is the executor's)
+_DDP = _rule("plan.ddp_impl", "ddp_impl", lambda x, m, c: x.ddp_impl == "ddp",
+             lambda x, m, c: "FSDP2's replicate beside TP or PP is meshplan's executor's data parallelism",
+             "plan with ddp_impl ddp")
+
 _TORCHTITAN = (
     _flavor_rule("0.3"),
+    _DDP,
     _learned_routing("torchtitan"),
     # torch's context_parallel rotates K,V by all-to-all or all-gather (set_rotate_method)
     _cp_comms("torchtitan (torch's context_parallel)", ("allgather", "alltoall"),
@@ -738,6 +750,7 @@ FRAMEWORKS = {
               f"not etp {x.etp} (ep {x.ep}, tp {x.tp})", "plan with etp = tp, or etp 1 with ep > 1"),
     ),
     "megatron": (
+        _DDP,
         # --moe-router-force-load-balancing draws random scores: learned-like spread, not in turn
         _learned_routing("Megatron-LM"),
         # --cp-comm-type p2p (its default) or a2a; its all_gather (Transformer Engine's
@@ -814,6 +827,7 @@ FRAMEWORKS = {
               "--torch-fsdp2-no-reshard-after-forward)"),
     ),
     "deepspeed": (
+        _DDP,
         _learned_routing("DeepSpeed-MoE"),
         # bf16_optimizer_states asserts bf16_master_weights_and_grads, which keeps fp32 moments
         # only offloaded to DeepSpeedCPUAdam (runtime/config.py, base_optimizer.py

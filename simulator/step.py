@@ -133,6 +133,9 @@ def state_rows(model: ModelSpec, knobs: dict, wide: dict) -> dict:
     return {**r, "dtype": wide["dtype"], "d": d, "gd": max(d, DTYPE_BYTES[wide["grad_reduce_dtype"]]),
             "master": wide["master_weights"], "mb": DTYPE_BYTES[wide["moments_dtype"]],
             "fsdp_copies": wide["fsdp_layout"] == "per_param",
+            # FSDP2's replicate (plan.ddp_impl) keeps a second copy of the weights it replicates
+            "replicate_copy": ((wide["ddp_impl"] == "replicate") & (r["zero"] < 2) & ((r["tp"] > 1) | (r["pp"] > 1))
+                               & (r["dp"] * r["cp"] > 1)),
             "dps": r["dp"] * r["cp"], "edp": r["dp"] * r["cp"] * r["tp"] // (r["ep"] * r["etp"]),
             "per_layer_expert": expert_layer_params(model, r["ep"], r["etp"]) * np.ones(len(r["tp"])),
             "accumulate_whole": whole,
@@ -382,7 +385,8 @@ def model_states(r: dict, params, n) -> list:
     (memory.model_state_bytes): the routed experts' sharded over the expert data-parallel
     group, the rest over DP x CP. ZeRO-2/3 gradients reduced once per step (plan.grad_sync
     last) stay whole from the first backward to the last: FSDP2 accumulates them unsharded,
-    in the reduce dtype (FSDPParam.to_accumulated_grad_if_needed). Reads state_rows."""
+    in the reduce dtype (FSDPParam.to_accumulated_grad_if_needed). FSDP2's replicate
+    (plan.ddp_impl) holds the rest's weights twice. Reads state_rows."""
     parts, degrees = _split(r, params, n)
     stage = [_col(r["zero"]) == k for k in range(4)]
     states = [0.0, 0.0, 0.0]
@@ -391,6 +395,8 @@ def model_states(r: dict, params, n) -> list:
                      for k in range(4)]
         states = [total + part * np.select(stage, [b[i] for b in per_param]) for i, total in enumerate(states)]
     states[1] = np.where(_col(r["accumulate_whole"]), params * r["gd"], states[1])
+    # the copy FSDP2's replicate gathers, of the weights it manages: all but the routed experts
+    states[0] = states[0] + _col(r["replicate_copy"]) * parts[0] * r["d"]
     return states
 
 

@@ -205,8 +205,8 @@ def test_parameter_count_matches_model_spec():
 
 
 @pytest.mark.parametrize("fields, field", [
-    (dict(dp=2, tp=2), "plan.etp"),
-    (dict(dp=2, tp=2, etp=2), "plan.etp"),  # without SP the TP ranks' tokens are the same
+    (dict(dp=2, tp=2), "plan.sp"),
+    (dict(dp=2, tp=2, etp=2), "plan.sp"),  # without SP the TP ranks' tokens are the same
     (dict(dp=2, ep=2, dtype="bf16", master_weights=False), "plan.master_weights"),
 ])
 def test_executor_refuses_what_it_does_not_run(fields, field):

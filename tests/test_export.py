@@ -509,6 +509,7 @@ def test_deepspeed_moe_command_and_reduce_dtype():
     ("megatron", QWEN3_MOE, dict(dp=64, zero=3, ep=8, fsdp_layout="flat", reshard_after_forward=False),
      "reshard_after_forward"),
     ("megatron", QWEN3_MOE, dict(dp=64, zero=3, ep=8), "fsdp_layout"),
+    ("megatron", "llama-2-13b", dict(dp=8, tp=8, ddp_impl="replicate"), "ddp_impl"),  # the executor's
     ("torchtitan", "llama-3-70b", dict(dp=64, zero=3, fsdp_layout="flat"), "fsdp_layout"),
     ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, dtype="fp8"), "dtype"),
     ("deepspeed", "llama-2-13b", dict(dp=8, tp=8, sp=True, tp_overlap=True), "tp_overlap"),

@@ -78,6 +78,23 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+def test_a_run_script_carries_the_checkpoints_restarts_and_rendezvous_wait(tmp_path):
+    """Each node's `meshplan run` gets the run's checkpoint folder (one absolute path, as on a
+    shared file system), how often to save, to resume, its restarts and how long to wait at
+    the rendezvous: a script that dropped them would train a cluster job unprotected."""
+    folder = tmp_path / "ck"
+    out = meshplan("run", "--model", str(TINY), "--gpus", "2", "--gpus-per-node", "1", "--global-batch", "8",
+                   "--seq-len", "64", "--steps", "6", "--checkpoint-dir", str(folder), "--checkpoint-every", "2",
+                   "--resume", "--max-restarts", "2", "--rdzv-timeout-s", "900", "--launch-script", "torchrun",
+                   "--no-probe")
+    assert out.returncode == 0, out.stderr
+    words = out.stdout.split("ARGS=(\n", 1)[1].split("\n)\n", 1)[0].split()
+    pairs = dict(zip(words, words[1:]))
+    assert pairs["--checkpoint-dir"] == str(folder.resolve()) and pairs["--checkpoint-every"] == "2"
+    assert pairs["--max-restarts"] == "2" and pairs["--rdzv-timeout-s"] == "900.0" and "--resume" in words
+    assert not folder.exists()  # nothing written before the job runs
+
+
 def test_slurm_script_runs_meshplan_run_through_srun(tmp_path):
     """sbatch's environment, srun and scontrol stand-ins: srun starts one `meshplan run` per
     "node" on this machine, and the two ranks meet at the rendezvous the script sets up."""

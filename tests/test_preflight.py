@@ -143,8 +143,10 @@ def test_a_busy_rendezvous_port_is_named_on_node_0(capsys, config_json):
         # node 1 only joins: the port being held (by node 0's store) is expected there
         plan = check_train(MODEL, PLAN, CLUSTER, RunOptions(nnodes=2, node_rank=1,
                                                             rdzv_endpoint=endpoint))
-        # the executor's MLP, and its ZeRO-1 (DDP + ZeroRedundancyOptimizer); the plan's loss
-        assert plan == replace(PLAN, elementwise="eager", mlp_kernel="eager", zero1_sync="all_reduce")
+        # the executor's MLP, its ZeRO-1 (DDP + ZeroRedundancyOptimizer) and its data
+        # parallelism beside TP or PP (FSDP2's replicate); the plan's loss
+        assert plan == replace(PLAN, elementwise="eager", mlp_kernel="eager", zero1_sync="all_reduce",
+                               ddp_impl="replicate")
 
 
 @pytest.mark.parametrize("endpoint, problem", [
@@ -294,10 +296,27 @@ def test_resume_with_an_empty_folder_starts_at_step_0(tmp_path, capsys):
     (("--max-restarts", "-1", "--checkpoint-dir", "ck"), "--max-restarts: -1 restarts"),
     (("--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:1"),
      "--node-rank: node 2 of 2"),
+    (("--timeout-s", "0.01"), "--timeout-s: 0.01 seconds"),
+    (("--warmup", "-1"), "--warmup: -1 warm-up steps; use 0 or more"),
+    (("--rescale", "--no-probe"), "--rescale: rescales the prediction by the probe"),
+    (("--moe-capacity-factor", "1.5"), "--moe-capacity-factor: the executor's experts take every routed row"),
+    (("--checkpoint-dir", "/proc/meshplan-ck"), "--checkpoint-dir: /proc is not writable"),
 ])
 def test_bad_run_options_are_one_line(capsys, config_json, tmp_path, monkeypatch, flags, problem):
     monkeypatch.chdir(tmp_path)
     assert cli(capsys, config_json, *flags).startswith(f"meshplan run: error: {problem}")
+
+
+def test_the_plans_and_the_options_mistakes_are_one_line(capsys, config_json, tmp_path, monkeypatch):
+    """A plan the rules refuse, one the executor cannot run and bad run options: each named
+    in the same line, before any rank starts."""
+    monkeypatch.chdir(tmp_path)
+    err = cli(capsys, config_json, "--dtype", "fp8", "--fsdp-layout", "flat", "--zero", "2", "--tp-overlap",
+              "--steps", "2", "--checkpoint-every", "0")
+    for problem in ("--tp-overlap: overlapping TP communication", "--dtype: the executor runs no FP8 GEMMs",
+                    "--fsdp-layout: the executor shards", "--warmup: 3 warm-up steps leave no timed step of 2",
+                    "--checkpoint-every: 0 steps"):
+        assert problem in err, err
 
 
 def test_serving_refuses_checkpoint_flags(capsys, config_json):

@@ -7,11 +7,13 @@ import math
 import sys
 from pathlib import Path
 
-from meshplan.cli import common as common
+from meshplan.cli import common
+from meshplan.core.errors import PlanError
 from meshplan.core.io import dump_json, write_atomic
 from meshplan.core.progress import wanted
 from meshplan.core.units import rate_text
 from meshplan.planner import launch_scripts
+from meshplan.simulator import rules
 from meshplan.simulator.plan import Cluster, checked_plan
 
 
@@ -79,26 +81,27 @@ def resolve(args: argparse.Namespace):
             else math.prod(fields.get(a, 1) for a in ("dp", "tp", "pp", "cp")))
     per_node = common.gpus_per_node(args, max(1, gpus // max(1, args.nnodes)))
     cluster = Cluster(num_gpus=gpus, gpus_per_node=per_node)
-    return model, checked_plan(fields, model, cluster), cluster
+    return model, checked_plan(fields, model, cluster, also=rules.EXECUTOR_TRAINING), cluster
 
 
 def run(args: argparse.Namespace) -> int:
     from meshplan.executor.launch import launch_train
-    from meshplan.executor.options import RunOptions
+    from meshplan.executor.options import RunOptions, refuse
 
-    common.refuse_other_mode_flags(args)
+    common.gathered(lambda: common.refuse_other_mode_flags(args), lambda: _refuse_probe_flags(args))
     if args.mode == "inference":
         return run_inference(args)
-    model, plan, cluster = resolve(args)
-    if args.launch_script:
-        sys.stdout.write(launch_scripts.script(args.launch_script, run_launch(args, model, plan, cluster)))
-        return 0
     options = RunOptions(steps=args.steps, warmup=args.warmup, seed=args.seed, data=args.data,
                          profile=args.hardware, timeout_s=args.timeout_s, nnodes=args.nnodes,
                          node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
                          rdzv_timeout_s=args.rdzv_timeout_s, progress=wanted(args.json),
                          checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                          resume=args.resume, max_restarts=args.max_restarts)
+    # the plan's and the options' mistakes in one line (a script carries the options to each node)
+    (model, plan, cluster), _ = common.gathered(lambda: resolve(args), lambda: refuse(options.issues()))
+    if args.launch_script:
+        sys.stdout.write(launch_scripts.script(args.launch_script, run_launch(args, model, plan, cluster)))
+        return 0
     return report(args, cluster, lambda checked: launch_train(model, plan, cluster, options, checked),
                   print_summary)
 
@@ -106,11 +109,16 @@ def run(args: argparse.Namespace) -> int:
 PLAN_FILE = "meshplan-plan.json"
 
 
+def _refuse_probe_flags(args: argparse.Namespace) -> None:
+    """--rescale rescales by the probe, which --no-probe turns off."""
+    if args.rescale and not args.probe:
+        raise PlanError("--rescale", "rescales the prediction by the probe, which --no-probe skips",
+                        "drop --no-probe, or --rescale")
+
+
 def run_launch(args: argparse.Namespace, model, plan, cluster) -> launch_scripts.Launch:
     """This run as a launch: the plan in a file beside the script, and on each node
     `meshplan run` with the same options, meeting the others at the first node."""
-    from meshplan.core.errors import PlanError
-
     if plan.world_size % cluster.ranks_per_node:
         raise PlanError("cluster.gpus_per_node", f"{plan.world_size} ranks do not fill nodes of "
                         f"{cluster.ranks_per_node}", "use a GPU count that is a multiple of the GPUs per node")
@@ -122,6 +130,12 @@ def run_launch(args: argparse.Namespace, model, plan, cluster) -> launch_scripts
              "--plan", PLAN_FILE, "--steps", str(args.steps), "--warmup", str(args.warmup),
              "--seed", str(args.seed), "--timeout-s", str(args.timeout_s)]
     words += ["--data", path(args.data)] if args.data else []
+    words += ["--rdzv-timeout-s", str(args.rdzv_timeout_s)]
+    # checkpoints are saved and read by every node under one path (a shared file system)
+    words += ["--checkpoint-dir", str(Path(args.checkpoint_dir).resolve())] if args.checkpoint_dir else []
+    words += ["--checkpoint-every", str(args.checkpoint_every)] if args.checkpoint_every else []
+    words += ["--resume"] if args.resume else []
+    words += ["--max-restarts", str(args.max_restarts)] if args.max_restarts else []
     words += ["--record", args.record] if args.record else []
     words += ["--json"] if args.json else []
     words += ["--no-probe"] if not args.probe else []
@@ -269,6 +283,9 @@ def print_inference_summary(record, rescaled=None) -> None:
     predictions = [r.summary_json() for r in (record, rescaled) if r is not None]
     plan = record.plan
     ran = dtype_label(record)
+    requested_kv = record.kv_dtype_requested
+    if requested_kv not in (None, plan.kv_dtype):  # the device's dtype holds the cache too
+        ran += f"; KV cache {plan.kv_dtype}, {requested_kv} requested"
     table = Table(title=f"{record.model.name} serving: {record.world_size} ranks on "
                         f"{record.device} ({ran}), profile {record.profile}; tp {plan.tp} pp "
                         f"{plan.pp} replicas {plan.replicas}, batch {plan.batch}, prompt "
