@@ -70,6 +70,12 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     table = candidate_table(model, cluster, fixed, hw.fabric, hw.nics_per_node,
                             prune_dominated=allowed is None,
                             states_fit=lambda rows: states_fit(rows, model, hw))
+    held = {k: v for k, v in fixed.items() if k not in free}
+    if _asks_for_cp(held):
+        table = kept_rows(table, table["cp"].to_numpy() > 1)
+        if table.empty:
+            raise PlanError("plan.cp_comm", "holds a context-parallel exchange, and no plan with cp > 1 is legal "
+                            "here", "drop --cp-comm, or allow context parallelism (more GPUs, a longer sequence)")
     if allowed is not None:
         table = kept_rows(table, allowed(table))
         if table.empty:
@@ -93,7 +99,7 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     cut = max(float(np.max(e.step_time_s[rows])) for (_, e), rows in zip(parts, picked) if rows)
     best = tables[0] if len(tables) == 1 else pd.concat(tables, ignore_index=True)
     best.attrs.update(table.attrs)
-    for t in cp_comm_variants(best, model, cluster, {k: v for k, v in fixed.items() if k not in free},
+    for t in cp_comm_variants(best, model, cluster, held,
                               prune_dominated=allowed is None):
         t = t if allowed is None else kept_rows(t, allowed(t))
         if not t.empty:
@@ -103,10 +109,16 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     ranked = sorted((r for r in results if r.fits), key=_rank)
     if not ranked:
         raise _memory_error(ev, hw, fixed)
-    ranked, climbed = _climb(model, cluster, hw, ranked, {k: v for k, v in fixed.items() if k not in free}, admits)
+    ranked, climbed = _climb(model, cluster, hw, ranked, held, admits)
     return SearchResult(tuple(ranked), sum(len(t) for t, _ in parts), sum(int(e.fits.sum()) for _, e in parts),
                         sum(int(np.isfinite(e.step_time_s).sum()) for _, e in parts), len(results) + climbed,
                         time.perf_counter() - start, table.attrs["over_memory"])
+
+
+def _asks_for_cp(held: dict) -> bool:
+    """A CP exchange the user held asks for context parallelism (a plan without it exchanges
+    nothing), unless the CP degree is held too."""
+    return "cp_comm" in held and "cp" not in held
 
 
 def _rank(result: SimulationResult) -> tuple[float, float]:
@@ -130,7 +142,8 @@ def _climb(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, ranked: list
                 continue
             other = try_plan(model, cluster, hw, {**winner.plan.to_dict(), **fields,
                                                   "layer_partition": held.get("layer_partition")})
-            if isinstance(other, PlanError) or dataclasses.astuple(other.plan) in seen:
+            if (isinstance(other, PlanError) or dataclasses.astuple(other.plan) in seen
+                    or (_asks_for_cp(held) and other.plan.cp == 1)):
                 continue
             seen.add(dataclasses.astuple(other.plan))
             simulated += 1

@@ -289,6 +289,10 @@ def test_a_held_schedule_asks_for_a_pipeline_and_plan_json_feeds_simulate(tmp_pa
     assert json.loads(sim.stdout)["step_time_s"] == pytest.approx(ranked[0]["step_time_s"], rel=1e-9)
     out = meshplan("simulate", *train, "--dp", "32", "--cp", "2", "--schedule", "zb-v")
     assert out.returncode == 2 and "--schedule: schedule zb-v interleaves the stages of a pipeline" in out.stderr
+    # so does a held CP exchange ask for context parallelism
+    out = meshplan("plan", *train, "--cp-comm", "a2a", "--json")
+    assert out.returncode == 0, out.stderr
+    assert all(r["plan"]["cp"] > 1 and r["plan"]["cp_comm"] == "a2a" for r in json.loads(out.stdout)["plans"])
 
 
 def test_version():
