@@ -166,6 +166,7 @@ def emit(args: argparse.Namespace, model, cluster, hw, fixed: dict) -> int:
     target, version = args.emit, args.target_version
     exports.rule_set(target, version)
     dictated = {k: v for k, v in exports.dictated(target, fixed, hw).items() if k not in fixed}
+    user = set(fixed)
     fixed, free = exports.target_fields(target, fixed, hw)
     if target == "plan" and args.launch_script != "torchrun":
         raise PlanError("emit.plan", "a plan JSON has no launch script", "use meshplan run "
@@ -178,11 +179,13 @@ def emit(args: argparse.Namespace, model, cluster, hw, fixed: dict) -> int:
         if exc.field != "emit":
             raise
         # why the target runs none: the model it cannot build, else the knobs of the best plan
+        # that the user held (the search was free to change the others), else all of them
         try:
             exports.check(target, model, search(model, cluster, hw, fixed).ranked[0].plan, version)
         except PlanError as why:
             unbuilt = [issue for issue in why.issues if issue[1].startswith("model: ")]
-            raise PlanError.of(unbuilt or list(why.issues)) from None
+            held = [issue for issue in why.issues if issue[1].split(":")[0] in user]
+            raise PlanError.of(unbuilt or held or list(why.issues)) from None
         raise
     checkpoint = checkpoint_of(args.model, model)
     artifact, first_error = None, None
