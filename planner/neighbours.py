@@ -34,7 +34,6 @@ def knob_changes(plan: Plan, experts: bool = False,
                 fields["etp"] = int(new)
             if axis == "tp" and new > 1 and plan.ep > 1:
                 fields["sp"] = True   # expert with tensor parallelism needs SP
-
             if axis == "tp" and new == 1:  # no sequence parallelism, nor its overlap, without TP
                 fields.update(sp=False, tp_overlap=False)
             if axis == "pp" and new == 1:
