@@ -77,7 +77,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_a_run_script_carries_the_checkpoints_restarts_and_rendezvous_wait(tmp_path):
     """Each node's `meshplan run` gets the run's checkpoint folder (one absolute path, as on a
     shared file system), how often to save, to resume, its restarts and how long to wait at
@@ -95,6 +94,7 @@ def test_a_run_script_carries_the_checkpoints_restarts_and_rendezvous_wait(tmp_p
     assert not folder.exists()  # nothing written before the job runs
 
 
+@pytest.mark.slow
 def test_slurm_script_runs_meshplan_run_through_srun(tmp_path):
     """sbatch's environment, srun and scontrol stand-ins: srun starts one `meshplan run` per
     "node" on this machine, and the two ranks meet at the rendezvous the script sets up."""
