@@ -34,8 +34,8 @@ from meshplan.core.units import GIB
 # DES_CANDIDATES, stopping once their pipeline ops pass DES_OPS_BUDGET (the simulation
 # costs ~6.5 us of CPU per op here, so ~1.6 s) but never below DES_MIN. The closed forms
 # misrank pipeline plans by a few percent (Llama 3 8B on 2048 H100s behind a 2:1 fat tree:
-# the best of 24 took 0.3155 s, a plan beyond them 0.3092 s), which 64 of them take in.
-DES_CANDIDATES, DES_MIN, DES_OPS_BUDGET = 64, 16, 250_000
+# the best of 24 took 0.3155 s, a plan beyond them 0.3103 s), which 40 of them take in.
+DES_CANDIDATES, DES_MIN, DES_OPS_BUDGET = 40, 16, 250_000
 # Rounds of taking the winner's fastest single-knob change (_climb) before stopping anyway.
 CLIMB_ROUNDS = 8
 
