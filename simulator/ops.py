@@ -469,11 +469,11 @@ def model_flops_per_step(model: ModelSpec, global_batch: int, seq_len: int) -> f
     return 3.0 * fwd
 
 
-def causal_model_flops_per_step(model: ModelSpec, global_batch: int, seq_len: int) -> float:
-    """model_flops_per_step with the attention matmuls over only the query-key pairs the
-    causal mask (and a sliding window) keeps: the FLOPs a causal model needs, as the
-    FlashAttention papers count them (Dao 2023, FlashAttention-2, sec 4.1: causal FLOPs
+def masked_attention_flops_per_step(model: ModelSpec, global_batch: int, seq_len: int) -> float:
+    """Of model_flops_per_step, the attention matmuls' FLOPs over the query-key pairs the
+    causal mask (and a sliding window) drops: without them, the FLOPs a causal model needs, as
+    the FlashAttention papers count them (Dao 2023, FlashAttention-2, sec 4.1: causal FLOPs
     halved)."""
     masked = sum(op.flops * op.count * (1.0 - causal_tile_share(*op.causal))
                  for op in layer_ops(model, Shard(global_batch, seq_len)) if op.kind == GEMM and op.causal)
-    return model_flops_per_step(model, global_batch, seq_len) - 3.0 * model.num_layers * masked
+    return 3.0 * model.num_layers * masked

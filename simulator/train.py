@@ -20,7 +20,7 @@ from meshplan.simulator import step
 from meshplan.simulator.cost import per_rank_profile, tp_overlapped
 from meshplan.simulator.memory import StageMemory, usable_bytes
 from meshplan.simulator.model_spec import ModelSpec
-from meshplan.simulator.ops import causal_model_flops_per_step, model_flops_per_step
+from meshplan.simulator.ops import masked_attention_flops_per_step, model_flops_per_step
 from meshplan.simulator.partition import balanced_partition, rank_chunks
 from meshplan.simulator.pipeline_sim import PipelineResult, SharedCores, simulate_pipeline
 from meshplan.simulator.plan import EXPERT_AXES, PLAN_WIDE, RECOMPUTE, Cluster, Plan
@@ -39,6 +39,8 @@ def mfu_text(mfu: float, mfu_causal: float) -> str:
     (at long sequences the masked half of the square is much of the model FLOPs)."""
     return (f"MFU {mfu:.1%} = {MFU_DEFINITION}; {mfu_causal:.1%} with attention counted over the "
             "query-key pairs the causal mask keeps (as Dao 2023, FlashAttention-2 sec 4.1)")
+
+
 BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_comm", "dp_comm",
                   "contention", "stragglers", "host_gap", "bubble", "optimizer")
 
@@ -68,7 +70,7 @@ class SimulationResult:
     tokens_per_s: float
     model_tflops_per_gpu: float
     mfu: float
-    mfu_causal: float  # mfu over causal_model_flops_per_step
+    mfu_causal: float  # without the attention the causal mask drops (masked_attention_flops_per_step)
     peak_memory_bytes: float
     memory_limit_bytes: float
     fits: bool
@@ -254,8 +256,8 @@ def _simulate_row(model: ModelSpec, plan: Plan, cluster: Cluster, device_hw: Har
         model=model, plan=plan, cluster=cluster, hardware=hardware, step_time_s=step_s,
         tokens_per_s=tokens / step_s, model_tflops_per_gpu=tflops_per_gpu,
         mfu=tflops_per_gpu * 1e12 / peak_flops,
-        mfu_causal=causal_model_flops_per_step(model, plan.global_batch, plan.seq_len) / step_s
-        / cluster.num_gpus / peak_flops, peak_memory_bytes=peak,
+        mfu_causal=(model_flops - masked_attention_flops_per_step(model, plan.global_batch, plan.seq_len))
+        / step_s / cluster.num_gpus / peak_flops, peak_memory_bytes=peak,
         memory_limit_bytes=limit, fits=bool(peak <= limit), breakdown_s=breakdown,
         stages=stages, pipeline=pipe, error_band=hw.relative_error_band(),
         communication=communication, op_comm=_op_comm(r))

@@ -13,7 +13,7 @@ from meshplan.hw_profiles.profile import load_profile
 from meshplan.simulator.memory import (adam_step_bytes_per_param, layer_activation_bytes, logits_bytes,
                                        model_state_bytes, optimizer_bytes_per_param, stage_params)
 from meshplan.simulator.model_spec import ZOO, ModelSpec, load_model
-from meshplan.simulator.ops import (GEMM, Shard, causal_model_flops_per_step, head_ops, layer_ops,
+from meshplan.simulator.ops import (GEMM, Shard, head_ops, layer_ops, masked_attention_flops_per_step,
                                    model_flops_per_step, total_flops)
 from meshplan.simulator.plan import Cluster, Plan
 from meshplan.simulator.train import simulate
@@ -51,12 +51,14 @@ def test_causal_model_flops_count_the_kept_pairs():
     model, batch, s = GPT, 8, 2048
     l, h, V = model.num_layers, model.hidden_size, model.vocab_size
     expected = 72 * batch * s * l * h * h * (1 + (s + 1) / (12 * h) + V / (12 * l * h))
-    assert causal_model_flops_per_step(model, batch, s) == pytest.approx(expected, rel=1e-12)
+    causal = model_flops_per_step(model, batch, s) - masked_attention_flops_per_step(model, batch, s)
+    assert causal == pytest.approx(expected, rel=1e-12)
     # a sliding window of w keys keeps 1 - (w-1)/(2s) of each local layer's s x w pairs
     w = 256
     windowed = replace(model, sliding_window=w, local_layers=tuple(range(l)))
     attention = 3 * 4 * batch * s * h * (l * w * (1 - (w - 1) / (2 * s)))
-    assert causal_model_flops_per_step(windowed, batch, s) == pytest.approx(
+    causal = model_flops_per_step(windowed, batch, s) - masked_attention_flops_per_step(windowed, batch, s)
+    assert causal == pytest.approx(
         72 * batch * s * l * h * h * (1 + V / (12 * l * h)) + attention, rel=1e-12)
 
 
