@@ -99,15 +99,24 @@ def _layouts(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dic
     for layout in layouts:
         if any(fixed.get(k, v) != v for k, v in layout.items()):
             continue
-        try:
-            InferencePlan(1, 1, 1, quant_group_size=fixed.get("quant_group_size", 128),
-                          **layout).validate(model, cluster, hw)
+        error = _layout_error(model, cluster, hw, fixed, layout)
+        if error is None:
             legal.append(layout)
-        except MeshplanError as exc:
-            first_error = first_error or exc
+        first_error = first_error or error
     if not legal:
         raise first_error or _why_no_layout(model, cluster, hw, fixed)
     return legal
+
+
+def _layout_error(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
+                  layout: dict) -> MeshplanError | None:
+    """The rules the serving plan of `layout` (LAYOUT knobs) breaks on this hardware, or None."""
+    try:
+        InferencePlan(1, 1, 1, quant_group_size=fixed.get("quant_group_size", 128),
+                      **layout).validate(model, cluster, hw)
+    except MeshplanError as exc:
+        return exc
+    return None
 
 
 def _why_no_layout(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict) -> PlanError:
@@ -115,14 +124,10 @@ def _why_no_layout(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixe
     that divides neither the GPUs nor the heads, experts on a dense model, ...)."""
     tp, pp = fixed.get("tp", 1), fixed.get("pp", 1)
     replicas = fixed.get("replicas", max(1, cluster.num_gpus // (tp * pp)))
-    try:
-        InferencePlan(1, 1, 1, quant_group_size=fixed.get("quant_group_size", 128),
-                      **{**{k: fixed[k] for k in LAYOUT if k in fixed}, "tp": tp, "pp": pp,
-                         "replicas": replicas}).validate(model, cluster, hw)
-    except MeshplanError as exc:
-        return exc
-    return PlanError("cluster.num_gpus", f"no tp x pp x replicas layout of {cluster.num_gpus} GPUs "
-                     "matches the fixed knobs", "relax --tp, --pp or --replicas")
+    layout = {**{k: fixed[k] for k in LAYOUT if k in fixed}, "tp": tp, "pp": pp, "replicas": replicas}
+    return _layout_error(model, cluster, hw, fixed, layout) or PlanError(
+        "cluster.num_gpus", f"no tp x pp x replicas layout of {cluster.num_gpus} GPUs matches the fixed knobs",
+        "relax --tp, --pp or --replicas")
 
 
 def search_inference(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, prompt_len: int,
