@@ -60,7 +60,7 @@ def main() -> None:
             found, wall, cpu = timed(lambda: search(model, cluster, hw, fixed))
             table, t_table, _ = timed(lambda: candidate_table(model, cluster, fixed, hw.fabric, hw.nics_per_node))
             _, t_eval, _ = timed(lambda: evaluate(table, model, hw, cluster.ranks_per_node, keep=24))
-            _, t_explain, _ = timed(lambda: explain(model, cluster, hw, found.ranked, fixed))
+            _, t_explain, _ = timed(lambda: explain(model, cluster, hw, found.ranked, fixed, found.tried))
             runs.append((wall, cpu, t_table, t_eval, t_explain, found))
         cli_s = statistics.median(cli_search_s(name, hardware, gpus, batch, seq) for _ in range(REPEATS))
         wall, cpu, t_table, t_eval, t_explain, found = min(runs, key=lambda r: r[0])

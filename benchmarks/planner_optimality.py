@@ -86,7 +86,7 @@ def check(name, gpus, batch, seq, hw_name, held, target=None, version=None) -> d
             result = simulate(model, row_plan(part, int(i)), cluster, hw)
             if result.fits and result.step_time_s < best:
                 best, best_plan = result.step_time_s, result.plan
-    why = explain(model, cluster, hw, found.ranked, held_fixed)
+    why = explain(model, cluster, hw, found.ranked, held_fixed, found.tried)
     # a change of a knob the case holds is the user's constraint, not a miss of the search;
     # nor is one the target cannot run
     faster = [c.label for c in why.changes if c.slower_rel is not None and c.slower_rel < 0

@@ -120,7 +120,9 @@ class Explanation:
 
 
 def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
-            ranked: tuple[SimulationResult, ...], fixed: dict) -> Explanation:
+            ranked: tuple[SimulationResult, ...], fixed: dict, tried: dict | None = None) -> Explanation:
+    """The winner of `ranked` explained against its runner-up and its single-knob changes
+    (those the search already tried, kept in `tried`, not simulated again)."""
     winner = ranked[0]
     rows = distinct(ranked, 2)  # the table's runner-up: another interleave of the winner is no rival
     second = rows[1][0] if len(rows) > 1 else (ranked[1] if len(ranked) > 1 else None)
@@ -131,7 +133,7 @@ def explain(model: ModelSpec, cluster: Cluster, hw: HardwareProfile,
         if isinstance(fields, str):
             changes.append(Comparison(label + held, limit=fields, held=bool(held)))
             continue
-        other = try_plan(model, cluster, hw, {**winner.plan.to_dict(), **fields, "layer_partition": None})
+        other = try_plan(model, cluster, hw, {**winner.plan.to_dict(), **fields, "layer_partition": None}, tried)
         if isinstance(other, PlanError):
             changes.append(Comparison(label + held, limit=f"{other.field}: {other.problem}", held=bool(held)))
         else:

@@ -3,6 +3,8 @@ fits for its winner until none is (planner.search), and the explanation prices e
 the winner (planner.explain)."""
 from __future__ import annotations
 
+import json
+
 from meshplan.core.errors import PlanError
 from meshplan.hw_profiles.profile import HardwareProfile
 from meshplan.simulator.model_spec import ModelSpec
@@ -85,11 +87,19 @@ def knob_changes(plan: Plan, experts: bool = False,
     return out
 
 
-def try_plan(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fields: dict):
-    """simulate() the plan `fields` describe, or the PlanError that rules it out."""
+def try_plan(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fields: dict, tried: dict | None = None):
+    """simulate() the plan `fields` describe, or the PlanError that rules it out; with
+    `tried`, each outcome is kept there by its fields, and a plan tried before is not
+    simulated again (the search's climb and the explanation try the same changes)."""
+    key = json.dumps(fields, sort_keys=True)  # a tuple and its list are one plan's field
+    if tried is not None and key in tried:
+        return tried[key]
     try:
         plan = Plan(**fields)
         plan.validate(model, cluster)
+        outcome = simulate(model, plan, cluster, hw)
     except PlanError as exc:
-        return exc
-    return simulate(model, plan, cluster, hw)
+        outcome = exc
+    if tried is not None:
+        tried[key] = outcome
+    return outcome

@@ -51,6 +51,8 @@ class SearchResult:
     # rows of degrees, micro-batch, schedule and ZeRO stage left out before the other knobs
     # joined them: their weights, gradients and optimizer states alone are over memory
     over_memory: int = 0
+    # the climb's single-knob changes by their fields (neighbours.try_plan), for the explanation
+    tried: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
 def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
@@ -109,10 +111,11 @@ def search(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict,
     ranked = sorted((r for r in results if r.fits), key=_rank)
     if not ranked:
         raise _memory_error(ev, hw, fixed)
-    ranked, climbed = _climb(model, cluster, hw, ranked, held, admits)
+    tried: dict = {}
+    ranked, climbed = _climb(model, cluster, hw, ranked, held, admits, tried)
     return SearchResult(tuple(ranked), sum(len(t) for t, _ in parts), sum(int(e.fits.sum()) for _, e in parts),
                         sum(int(np.isfinite(e.step_time_s).sum()) for _, e in parts), len(results) + climbed,
-                        time.perf_counter() - start, table.attrs["over_memory"])
+                        time.perf_counter() - start, table.attrs["over_memory"], tried)
 
 
 def _asks_for_cp(held: dict) -> bool:
@@ -126,24 +129,27 @@ def _rank(result: SimulationResult) -> tuple[float, float]:
 
 
 def _climb(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, ranked: list[SimulationResult],
-           held: dict, admits: Callable[[Plan], bool] | None) -> tuple[list[SimulationResult], int]:
+           held: dict, admits: Callable[[Plan], bool] | None, tried: dict) -> tuple[list[SimulationResult], int]:
     """The ranking with the winner's single-knob changes (knob_changes) simulated and ranked
     in, those that change a `held` field, leave the search's space or that `admits` refuses
-    left out, repeated from each
-    new winner (at most CLIMB_ROUNDS times) until none of its changes is faster; and how many
-    plans that simulated."""
+    left out, repeated from each new winner (at most CLIMB_ROUNDS times) until none of its
+    changes is faster; and how many plans that simulated (each kept in `tried`)."""
     seen = {dataclasses.astuple(r.plan) for r in ranked}
     simulated = 0
     for _ in range(CLIMB_ROUNDS):
         winner = ranked[0]
-        for _, _, fields in knob_changes(winner.plan, model.num_experts > 0, model.num_layers):
-            if (isinstance(fields, str) or any(k in held and held[k] != v for k, v in fields.items())
-                    or not searched(model, fields, held)):
+        for _, _, change in knob_changes(winner.plan, model.num_experts > 0, model.num_layers):
+            if (isinstance(change, str) or any(k in held and held[k] != v for k, v in change.items())
+                    or not searched(model, change, held)):
                 continue
-            other = try_plan(model, cluster, hw, {**winner.plan.to_dict(), **fields,
-                                                  "layer_partition": held.get("layer_partition")})
-            if (isinstance(other, PlanError) or dataclasses.astuple(other.plan) in seen
-                    or (_asks_for_cp(held) and other.plan.cp == 1)):
+            fields = {**winner.plan.to_dict(), **change, "layer_partition": held.get("layer_partition")}
+            try:  # a plan already ranked is not simulated again
+                if dataclasses.astuple(Plan(**fields)) in seen:
+                    continue
+            except PlanError:
+                continue
+            other = try_plan(model, cluster, hw, fields, tried)
+            if isinstance(other, PlanError) or (_asks_for_cp(held) and other.plan.cp == 1):
                 continue
             seen.add(dataclasses.astuple(other.plan))
             simulated += 1

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         return emit(args, model, cluster, hw, fixed)
     fixed = common.held_fields(fixed, hw)
     found = search(model, cluster, hw, fixed)
-    why = explain(model, cluster, hw, found.ranked, fixed)
+    why = explain(model, cluster, hw, found.ranked, fixed, found.tried)
     if args.json:
         sys.stdout.write(dump_json({
             "params": model.num_params(), "active_params": model.num_params(active=True),
