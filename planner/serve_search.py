@@ -122,8 +122,8 @@ def _layout_error(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed
 def _why_no_layout(model: ModelSpec, cluster: Cluster, hw: HardwareProfile, fixed: dict) -> PlanError:
     """Why no layout has the fixed knobs: the rules the plan they make breaks (a TP degree
     that divides neither the GPUs nor the heads, experts on a dense model, ...)."""
-    tp, pp = fixed.get("tp", 1), fixed.get("pp", 1)
-    replicas = fixed.get("replicas", max(1, cluster.num_gpus // (tp * pp)))
+    tp, pp = fixed.get("tp", 1), fixed.get("pp", 1)  # a degree below 1 is the plan's to refuse
+    replicas = fixed.get("replicas", max(1, cluster.num_gpus // (tp * pp)) if tp * pp > 0 else 1)
     layout = {**{k: fixed[k] for k in LAYOUT if k in fixed}, "tp": tp, "pp": pp, "replicas": replicas}
     return _layout_error(model, cluster, hw, fixed, layout) or PlanError(
         "cluster.num_gpus", f"no tp x pp x replicas layout of {cluster.num_gpus} GPUs matches the fixed knobs",
